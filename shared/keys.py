@@ -1,0 +1,66 @@
+"""The etcd key layout, in one place.
+
+Every key hapair reads or writes lives under ``/hapair/v1``; the functions below are
+the only place that spells a key, so a reader can see the whole layout at a glance.
+Keys and values are bytes on the wire (aetcd refuses ``str``).
+"""
+
+from __future__ import annotations
+
+PREFIX = "/hapair/v1"
+
+TOPOLOGY = f"{PREFIX}/topology/site"
+EVENTS_PREFIX = f"{PREFIX}/events/"
+ENDPOINTS_PREFIX = f"{PREFIX}/endpoints/"
+NODES_PREFIX = f"{PREFIX}/nodes/"
+PAIRS_PREFIX = f"{PREFIX}/pairs/"
+
+
+def leader(pair: str) -> str:
+    return f"{PAIRS_PREFIX}{pair}/leader"
+
+
+def paused(pair: str) -> str:
+    return f"{PAIRS_PREFIX}{pair}/paused"
+
+
+def switchover(pair: str) -> str:
+    return f"{PAIRS_PREFIX}{pair}/commands/switchover"
+
+
+def handover(pair: str) -> str:
+    """Written by an active that hands its pair to a named node (planned switchover)."""
+    return f"{PAIRS_PREFIX}{pair}/commands/handover"
+
+
+def recovery(pair: str) -> str:
+    return f"{PAIRS_PREFIX}{pair}/recovery"
+
+
+def node_status(node: str) -> str:
+    return f"{NODES_PREFIX}{node}/status"
+
+
+def drained(node: str) -> str:
+    return f"{NODES_PREFIX}{node}/drained"
+
+
+def endpoint(service: str) -> str:
+    return f"{ENDPOINTS_PREFIX}{service}"
+
+
+def event(stamp_ns: int, node: str) -> str:
+    """Events sort by wall-clock stamp; the node name keeps concurrent writers apart."""
+    return f"{EVENTS_PREFIX}{stamp_ns:020d}-{node}"
+
+
+def b(key: str) -> bytes:
+    return key.encode()
+
+
+def split(key: bytes | str) -> list[str]:
+    """Parts below the prefix: ``/hapair/v1/pairs/asm/leader`` -> ``[pairs, asm, leader]``."""
+    text = key.decode() if isinstance(key, bytes) else key
+    if not text.startswith(PREFIX + "/"):
+        return []
+    return text[len(PREFIX) + 1 :].split("/")

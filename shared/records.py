@@ -1,0 +1,141 @@
+"""Values stored in etcd, one frozen model per key kind.
+
+Everything read back from etcd goes through :func:`decode`, which names the key and
+the field when a value is garbage; the reader then logs it and treats the key as
+absent instead of acting on it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.topology import Name, format_errors
+
+Role = Literal["active", "standby", "starting", "stopping", "fenced", "idle"]
+ServiceState = Literal["stopped", "starting", "running", "unhealthy", "restarting", "failed"]
+
+
+class RecordError(ValueError):
+    def __init__(self, key: str, problems: list[str]) -> None:
+        self.key = key
+        self.problems = problems
+        super().__init__(f"invalid value at {key}: " + "; ".join(problems))
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    def encode(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+def now_wall() -> float:
+    return time.time()
+
+
+class Leader(Record):
+    """``/pairs/{pair}/leader``. The epoch is the key's create_revision, not a field."""
+
+    node: Name
+    since: float = Field(default_factory=now_wall)
+
+
+class Endpoint(Record):
+    service: str
+    pair: Name
+    node: Name
+    host: str
+    port: int = Field(ge=1, le=65535)
+    protocol: str
+    epoch: int = Field(ge=1)
+
+
+class ServiceStatus(Record):
+    name: Name
+    placement: Literal["active", "all"]
+    state: ServiceState
+    restarts: int = 0
+    pid: int | None = None
+    detail: str | None = None
+
+
+class NodeStatus(Record):
+    node: Name
+    pair: Name
+    address: str
+    role: Role
+    epoch: int | None = None
+    healthy: bool = True
+    problems: list[str] = Field(default_factory=list)
+    services: list[ServiceStatus] = Field(default_factory=list)
+    pid: int = 0
+    updated: float = Field(default_factory=now_wall)
+
+
+class Paused(Record):
+    by: str
+    at: float = Field(default_factory=now_wall)
+    reason: str = ""
+
+
+class Drained(Record):
+    by: str
+    at: float = Field(default_factory=now_wall)
+    reason: str = ""
+
+
+class Switchover(Record):
+    """An operator's request, written by the CLI or the registry, read by the active."""
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+    to: Name | None = None
+    by: str = "operator"
+    at: float = Field(default_factory=now_wall)
+    reason: str = ""
+
+
+class Handover(Record):
+    """Written by the active as it steps down: only ``to`` may campaign for a while."""
+
+    from_node: Name
+    to: Name
+    epoch: int
+    request: str | None = None
+    at: float = Field(default_factory=now_wall)
+
+
+class Event(Record):
+    kind: str
+    pair: str | None = None
+    node: str | None = None
+    epoch: int | None = None
+    reason: str = ""
+    at: float = Field(default_factory=now_wall)
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class TopologyDoc(Record):
+    """``/topology/site``: the validated site as applied, with who applied it."""
+
+    site: dict[str, Any]
+    applied_by: str = "operator"
+    applied_at: float = Field(default_factory=now_wall)
+
+
+R = TypeVar("R", bound=Record)
+
+
+def decode(model: type[R], raw: bytes, key: str) -> R:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RecordError(key, [f"not JSON ({err})"]) from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise RecordError(key, format_errors(err)) from None

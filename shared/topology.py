@@ -1,0 +1,291 @@
+"""The site file: workshops, pairs, nodes and services, validated at the boundary.
+
+A site file is parsed once into frozen pydantic models. Every error names the field
+path (``workshops[0].pairs[1].nodes[0].address``) and what is wrong with it; nothing
+downstream ever sees an unvalidated value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+PLACEHOLDERS = frozenset({"node.name", "node.address", "pair.name", "epoch"})
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
+
+
+class TopologyError(ValueError):
+    """A site file or stored topology is invalid; ``problems`` lists ``path: message``."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: invalid topology\n" + "\n".join(f"  {p}" for p in problems))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def placeholders_in(text: str) -> set[str]:
+    return set(_PLACEHOLDER.findall(text))
+
+
+def expand(text: str, values: Mapping[str, str]) -> str:
+    """Replace ``{node.name}``-style placeholders; unknown names were refused at validation."""
+    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), text)
+
+
+def _check_placeholders(texts: Iterator[str], allowed: frozenset[str]) -> None:
+    for text in texts:
+        unknown = placeholders_in(text) - allowed
+        if unknown:
+            names = ", ".join("{" + u + "}" for u in sorted(unknown))
+            raise ValueError(
+                f"unknown placeholder {names} in {text!r}; known: "
+                + ", ".join("{" + p + "}" for p in sorted(allowed))
+            )
+
+
+class Node(_Model):
+    name: Name
+    address: str
+    no_failover: bool = False
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            if re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", value):
+                return value
+            raise ValueError(f"{value!r} is neither an IP address nor a host name") from None
+
+
+class Failover(_Model):
+    lease_ttl_s: float = Field(2.0, ge=2.0, le=60.0)
+    fence_margin_s: float = Field(0.5, gt=0.0)
+    failback: Literal["manual", "auto"] = "manual"
+    failback_after_s: float = Field(60.0, gt=0.0)
+    campaign_delay_s: float = Field(0.2, ge=0.0, le=10.0)
+
+    @model_validator(mode="after")
+    def _timing(self) -> Failover:
+        # Keepalives go out every ttl/4; the fence point must leave room for at least two
+        # of them, or one slow round trip would fence a healthy active.
+        if self.fence_margin_s > self.lease_ttl_s / 2:
+            raise ValueError(
+                f"fence_margin_s ({self.fence_margin_s}) must be at most half of "
+                f"lease_ttl_s ({self.lease_ttl_s})"
+            )
+        return self
+
+    @property
+    def keepalive_interval_s(self) -> float:
+        return self.lease_ttl_s / 4
+
+    @property
+    def fence_after_s(self) -> float:
+        """Time from the send of the last acknowledged keepalive to self-fencing."""
+        return self.lease_ttl_s - self.fence_margin_s
+
+
+class Restart(_Model):
+    max_restarts: int = Field(3, ge=0)
+    window_s: float = Field(60.0, gt=0.0)
+    backoff_s: float = Field(0.2, ge=0.0)
+
+
+class Health(_Model):
+    tcp: str | None = None
+    http: str | None = None
+    command: list[str] | None = None
+    interval_s: float = Field(1.0, gt=0.0)
+    timeout_s: float = Field(1.0, gt=0.0)
+    failures: int = Field(3, ge=1, description="consecutive failed checks before unhealthy")
+    start_period_s: float = Field(30.0, gt=0.0, description="time allowed to become ready")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Health:
+        kinds = [k for k in ("tcp", "http", "command") if getattr(self, k) is not None]
+        if len(kinds) > 1:
+            raise ValueError(f"give one of tcp, http or command, not {' and '.join(kinds)}")
+        if self.tcp is not None and not re.fullmatch(r".+:\d{1,5}", self.tcp):
+            raise ValueError(f"tcp must be HOST:PORT, got {self.tcp!r}")
+        if self.http is not None and not self.http.startswith(("http://", "https://")):
+            raise ValueError(f"http must be an http:// or https:// URL, got {self.http!r}")
+        if self.command is not None and not self.command:
+            raise ValueError("command must not be empty")
+        return self
+
+    @property
+    def kind(self) -> str:
+        for k in ("tcp", "http", "command"):
+            if getattr(self, k) is not None:
+                return k
+        return "process"
+
+    def texts(self) -> Iterator[str]:
+        yield from (t for t in (self.tcp, self.http) if t is not None)
+        yield from self.command or []
+
+
+class Endpoint(_Model):
+    port: int = Field(ge=1, le=65535)
+    protocol: Annotated[str, Field(pattern=r"^[a-z][a-z0-9+.-]{0,31}$")] = "tcp"
+    host: str | None = Field(None, description="defaults to the node's address")
+
+
+class Service(_Model):
+    name: Name
+    command: list[str] = Field(min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    placement: Literal["active", "all"] = "active"
+    critical: bool = False
+    restart: Restart = Field(default_factory=Restart)
+    health: Health | None = None
+    endpoint: Endpoint | None = None
+    stop_grace_s: float = Field(5.0, ge=0.0, le=300.0)
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> Service:
+        # A service on every node starts before any epoch exists, so {epoch} means nothing.
+        allowed = PLACEHOLDERS if self.placement == "active" else PLACEHOLDERS - {"epoch"}
+        texts = [*self.command, *self.env.values(), *(self.health.texts() if self.health else [])]
+        if self.cwd:
+            texts.append(self.cwd)
+        _check_placeholders(iter(texts), allowed)
+        return self
+
+
+class Pair(_Model):
+    name: Name
+    nodes: list[Node] = Field(min_length=2)
+    failover: Failover = Field(default_factory=Failover)
+    services: list[Service] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Pair:
+        _unique_names("nodes", [n.name for n in self.nodes])
+        _unique_names("node addresses", [n.address for n in self.nodes])
+        _unique_names("services", [s.name for s in self.services])
+        ports = [s.endpoint.port for s in self.services if s.endpoint and not s.endpoint.host]
+        _unique_names("endpoint ports", [str(p) for p in ports])
+        return self
+
+    def node(self, name: str) -> Node | None:
+        return next((n for n in self.nodes if n.name == name), None)
+
+    def rank(self, name: str) -> int:
+        """Priority rank of a node: 0 for the main server."""
+        return next(i for i, n in enumerate(self.nodes) if n.name == name)
+
+
+class Workshop(_Model):
+    name: Name
+    pairs: list[Pair] = Field(default_factory=list)
+
+
+class Site(_Model):
+    site: Name
+    workshops: list[Workshop] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Site:
+        _unique_names("workshops", [w.name for w in self.workshops])
+        _unique_names("pairs", [p.name for p in self.pairs()])
+        _unique_names("nodes", [n.name for p in self.pairs() for n in p.nodes])
+        _unique_names("services", [s.name for p in self.pairs() for s in p.services])
+        return self
+
+    def pairs(self) -> Iterator[Pair]:
+        for w in self.workshops:
+            yield from w.pairs
+
+    def pair(self, name: str) -> Pair | None:
+        return next((p for p in self.pairs() if p.name == name), None)
+
+    def workshop_of(self, pair: str) -> str | None:
+        return next((w.name for w in self.workshops for p in w.pairs if p.name == pair), None)
+
+    def pair_of_node(self, node: str) -> Pair | None:
+        return next((p for p in self.pairs() if p.node(node) is not None), None)
+
+    def pair_of_service(self, service: str) -> tuple[Pair, Service] | None:
+        for p in self.pairs():
+            for s in p.services:
+                if s.name == service:
+                    return p, s
+        return None
+
+
+def _unique_names(what: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    dups = sorted({n for n in names if n in seen or seen.add(n)})  # type: ignore[func-returns-value]
+    if dups:
+        raise ValueError(f"duplicate {what}: {', '.join(dups)}")
+
+
+def format_errors(err: ValidationError) -> list[str]:
+    """``workshops[0].pairs[0].nodes[1].address: value is not ...`` for each error."""
+    problems = []
+    for e in err.errors():
+        path = ""
+        for part in e["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        message = e["msg"].removeprefix("Value error, ")
+        problems.append(f"{path or '(top level)'}: {message}")
+    return problems
+
+
+def parse_site(data: object, source: str) -> Site:
+    try:
+        return Site.model_validate(data)
+    except ValidationError as err:
+        raise TopologyError(source, format_errors(err)) from None
+
+
+def loads(text: str, source: str = "<text>") -> Site:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise TopologyError(source, [f"{where}YAML syntax error: {problem}"]) from None
+    if not isinstance(data, dict):
+        raise TopologyError(source, ["(top level): expected a mapping with site and workshops"])
+    return parse_site(data, source)
+
+
+def load(path: str | Path) -> Site:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise TopologyError(str(p), [f"cannot read file: {err.strerror}"]) from None
+    return loads(text, str(p))
+
+
+def placeholder_values(pair: Pair, node: Node, epoch: int | None) -> dict[str, str]:
+    values = {"node.name": node.name, "node.address": node.address, "pair.name": pair.name}
+    if epoch is not None:
+        values["epoch"] = str(epoch)
+    return values

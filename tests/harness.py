@@ -1,0 +1,116 @@
+"""Real servers for tests: etcd on free ports, processes stopped by PID."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ETCD = shutil.which("etcd") or "/usr/bin/etcd"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], object], timeout: float, what: str, step: float = 0.02) -> object:
+    """Poll ``cond`` until it is truthy; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_err: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = cond()
+            if value:
+                return value
+        except Exception as err:  # the condition may race with a starting server
+            last_err = err
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}"
+                         + (f" (last error: {last_err})" if last_err else ""))
+
+
+def port_open(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+        return True
+    return False
+
+
+def stop_pid(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 5.0) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGCONT)
+        os.kill(proc.pid, sig)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+@dataclass
+class Etcd:
+    host: str = "127.0.0.1"
+    client_port: int = field(default_factory=free_port)
+    peer_port: int = field(default_factory=free_port)
+    data_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="hapair-etcd-"))
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.client_port}"
+
+    def start(self) -> Etcd:
+        peer = f"http://{self.host}:{self.peer_port}"
+        self.proc = subprocess.Popen(
+            [ETCD, "--name", "n1", "--data-dir", self.data_dir, "--logger", "zap",
+             "--log-level", "error", "--listen-client-urls", self.url,
+             "--advertise-client-urls", self.url, "--listen-peer-urls", peer,
+             "--initial-advertise-peer-urls", peer, "--initial-cluster", f"n1={peer}",
+             "--initial-cluster-state", "new"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: port_open(self.host, self.client_port), 10, f"etcd on {self.url}")
+        # The port opens a moment before the member accepts requests.
+        wait_for(self._ready, 10, "etcd ready")
+        return self
+
+    def _ready(self) -> bool:
+        out = subprocess.run(["etcdctl", f"--endpoints={self.url}", "endpoint", "health"],
+                             capture_output=True, env={**os.environ, "ETCDCTL_API": "3"},
+                             timeout=5)
+        return out.returncode == 0
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_pid(self.proc)
+            self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_etcd() -> Iterator[Etcd]:
+    etcd = Etcd().start()
+    try:
+        yield etcd
+    finally:
+        etcd.cleanup()
+
+
+PYTHON = sys.executable

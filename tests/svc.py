@@ -1,0 +1,78 @@
+"""A test service: answers HTTP with its node and epoch, and records when it ran.
+
+Each run writes ``<record-dir>/<pid>.log``: ``start``, a ``hb`` line every 20 ms and
+``end`` on SIGTERM, all on the machine-wide monotonic clock, so a checker can prove
+that no two nodes of a pair ever ran the service at the same time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+HEARTBEAT_S = 0.02
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--service", required=True)
+    p.add_argument("--pair", required=True)
+    p.add_argument("--node", required=True)
+    p.add_argument("--epoch", default="")
+    p.add_argument("--bind", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--record", required=True)
+    args = p.parse_args()
+
+    started = time.monotonic()
+    path = os.path.join(args.record, f"{os.getpid()}.log")
+    out = open(path, "a", buffering=1)  # noqa: SIM115
+    out.write(json.dumps({"start": started, "service": args.service, "pair": args.pair,
+                          "node": args.node, "epoch": args.epoch, "pid": os.getpid()}) + "\n")
+    lock = threading.Lock()
+
+    def stop(_sig: int, _frame: object) -> None:
+        with lock:
+            out.write(json.dumps({"end": time.monotonic()}) + "\n")
+            out.flush()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+
+    def heartbeat() -> None:
+        while True:
+            with lock:
+                out.write(json.dumps({"hb": time.monotonic()}) + "\n")
+            time.sleep(HEARTBEAT_S)
+
+    threading.Thread(target=heartbeat, daemon=True).start()
+    body = json.dumps({"service": args.service, "node": args.node,
+                       "epoch": args.epoch}).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer((args.bind, args.port), Handler)
+    server.daemon_threads = True
+    try:
+        server.serve_forever()
+    finally:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,479 @@
+"""The agent's loop: observe, decide, act; plus the fence timer that never waits.
+
+Everything that can stall (etcd calls, stopping services) happens here, outside the
+pure decision. The fence timer and the watchdog do not depend on this loop making
+progress: they stop the services at the fence point whatever the loop is doing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import signal
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from shared import keys
+from shared.log import EventLog
+from shared.records import Endpoint, Event, NodeStatus, Role, TopologyDoc, decode
+from shared.store import Mirror, Store, StoreError
+from shared.topology import Node, Pair, Site, TopologyError, parse_site
+from workshop_agent import decide as d
+from workshop_agent.election import Election, Session
+from workshop_agent.observe import PairObserver, PairState
+from workshop_agent.settings import AgentSettings
+from workshop_agent.supervisor import Supervisor
+from workshop_agent.watchdog import WatchdogLink
+
+TICK_S = 0.1
+
+
+class AgentError(Exception):
+    """The agent cannot run at all (for example another agent holds this node)."""
+
+
+def lock_node(state_dir: Path, node: str) -> int:
+    """Hold ``{state_dir}/{node}.lock`` for the agent's life (and its watchdog's)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / f"{node}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            # A previous run's watchdog may still be killing its services: give it a moment.
+            if time.monotonic() > deadline:
+                holder = path.read_text().strip() or "unknown"
+                os.close(fd)
+                raise AgentError(f"another hapair-agent runs for node {node} "
+                                 f"(pid {holder}, lock {path})") from None
+            time.sleep(0.05)
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.me = settings.node
+        self.log = EventLog("hapair.agent", node=self.me)
+        self.store = Store(settings.etcd, timeout=settings.etcd_timeout_s)
+        self.clock = time.monotonic
+        self.started_at = self.clock()
+        self._wake = asyncio.Event()
+        self._dirty = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self.topology = Mirror(self.store, keys.PREFIX + "/topology/", self._changed)
+        self.pairs = Mirror(self.store, keys.PAIRS_PREFIX, self._changed)
+        self.nodes = Mirror(self.store, keys.NODES_PREFIX, self._changed)
+        self.observer = PairObserver(self.me, self.log)
+        self.site: Site | None = None
+        self.pair: Pair | None = None
+        self.node: Node | None = None
+        self._topology_rev = -1
+        self.term: int | None = None
+        self.holdoff_until = 0.0
+        self.last_leader: str | None = None
+        self._last_reason = ""
+        self._published: dict[str, bytes] = {}
+        self._last_status: bytes = b""
+        self._fence_timer: asyncio.TimerHandle | None = None
+        self._state: PairState | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.session: Session | None = None
+        self.election: Election | None = None
+        self.supervisor: Supervisor | None = None
+        self.watchdog: WatchdogLink | None = None
+
+    # -- plumbing ---------------------------------------------------------------------
+    def _changed(self, _: object = None) -> None:
+        self._wake.set()
+        self._dirty.set()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and not self._stopping.is_set():
+            self.log.error("internal task failed", task=task.get_name(),
+                           error=repr(task.exception()))
+
+    def event(self, kind: str, reason: str = "", **details: object) -> None:
+        pair = self.pair.name if self.pair else None
+        record = Event(kind=kind, pair=pair, node=self.me, epoch=self.term, reason=reason,
+                       details=details)
+
+        async def write() -> None:
+            with contextlib.suppress(StoreError):
+                await self.store.put(keys.event(time.time_ns(), self.me), record.encode())
+        self._spawn(write(), f"event-{kind}")
+
+    # -- run --------------------------------------------------------------------------
+    async def run(self) -> None:
+        lock_fd = lock_node(self.settings.state_dir, self.me)
+        self.watchdog = WatchdogLink(keep_fds=(lock_fd,))
+        self.watchdog.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        self.log.info("agent starting", etcd=self.store.describe, pid=os.getpid(),
+                      state_dir=str(self.settings.state_dir))
+        for mirror, name in ((self.topology, "topology"), (self.pairs, "pairs"),
+                             (self.nodes, "nodes")):
+            self._spawn(mirror.run(), f"mirror-{name}")
+        try:
+            await self._until_stopped(self._wait_for_topology())
+            if not self._stopping.is_set():
+                self._spawn(self._publisher(), "publisher")
+                await self._until_stopped(self._loop())
+        finally:
+            await self._shutdown()
+            self.watchdog.close()
+            os.close(lock_fd)
+
+    async def _until_stopped(self, coro: Coroutine[Any, Any, None]) -> None:
+        work = asyncio.ensure_future(coro)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait([work, stop], return_when=asyncio.FIRST_COMPLETED)
+        for t in (work, stop):
+            if not t.done():
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+        if work.done() and not work.cancelled():
+            work.result()
+
+    async def _wait_for_topology(self) -> None:
+        said = ""
+        while self.pair is None:
+            self._load_topology()
+            if self.pair is not None:
+                break
+            if self.topology.error is not None:
+                why = f"waiting for etcd at {self.store.describe}: {self.topology.error}"
+            elif not self.topology.synced.is_set():
+                why = "connecting to etcd"
+            elif self.site is None:
+                why = "waiting for a valid topology (apply one with: hapair topology apply)"
+            else:
+                why = f"node {self.me} is not in the applied topology; waiting"
+            if why != said:
+                self.log.warning(why)
+                said = why
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+            self._wake.clear()
+        self._begin()
+
+    def _load_topology(self) -> None:
+        """Parse the topology key when it changed; an invalid one is reported and ignored."""
+        kv = self.topology.items.get(keys.TOPOLOGY)
+        rev = kv.mod_revision if kv else 0
+        if rev == self._topology_rev:
+            return
+        self._topology_rev = rev
+        if kv is None:
+            return
+        try:
+            doc = decode(TopologyDoc, kv.value, kv.key)
+            site = parse_site(doc.site, keys.TOPOLOGY)
+        except (TopologyError, ValueError) as err:
+            self.log.error("invalid topology in etcd; keeping the last valid one",
+                           problem=str(err).replace("\n", " "))
+            return
+        self.site = site
+        pair = site.pair_of_node(self.me)
+        if pair is None:
+            if self.pair is not None:
+                self.log.warning("node removed from the topology")
+            self.pair, self.node = None, None
+            return
+        node = pair.node(self.me)
+        assert node is not None
+        if self.supervisor is not None and (pair != self.pair or node != self.node):
+            self.log.info("topology changed; reconciling services")
+            self._spawn(self.supervisor.update(pair, node), "reconcile")
+            assert self.session is not None
+            self.session.retune(pair.failover.lease_ttl_s, pair.failover.fence_after_s)
+        self.pair, self.node = pair, node
+        self.log.bind(pair=pair.name)
+
+    def _begin(self) -> None:
+        assert self.pair is not None and self.node is not None and self.watchdog is not None
+        f = self.pair.failover
+        self.session = Session(self.store, f.lease_ttl_s, f.fence_after_s, self.log,
+                               self.clock, self._lease_changed)
+        self.election = Election(self.store, self.pair.name, self.me)
+        env = {"HAPAIR_NODE": self.me, "HAPAIR_PAIR": self.pair.name,
+               "HAPAIR_ETCD": self.settings.etcd}
+        self.supervisor = Supervisor(
+            self.pair, self.node, self.log, self.watchdog, self._may_run,
+            lambda: self._pair_state_paused(), self._changed, self.settings.state_dir, env,
+            self.clock)
+        self.supervisor.start_shared()
+        self._spawn(self.session.run(), "session")
+
+    def _pair_state_paused(self) -> bool:
+        return self.pair is not None and keys.paused(self.pair.name) in self.pairs.items
+
+    def _may_run(self) -> bool:
+        """Checked right before any active-only service is spawned."""
+        return (self.session is not None and self.term is not None
+                and self.session.valid(self.clock()))
+
+    # -- the fence timer --------------------------------------------------------------
+    def _lease_changed(self) -> None:
+        assert self.session is not None and self.watchdog is not None and self.pair is not None
+        deadline = self.session.fence_deadline
+        if self._fence_timer is not None:
+            self._fence_timer.cancel()
+            self._fence_timer = None
+        margin = self.pair.failover.fence_margin_s
+        self.watchdog.deadline(deadline + margin / 2)
+        if deadline > -float("inf"):
+            self._fence_timer = asyncio.get_running_loop().call_later(
+                max(0.0, deadline - self.clock()), self._fence_due)
+        if self.session.lease is None:
+            self._fence_due()
+        self._changed()
+
+    def _fence_due(self) -> None:
+        assert self.session is not None
+        if self.session.valid(self.clock()):
+            return
+        if self.term is not None or (self.supervisor and self.supervisor.active_up()):
+            self._fence("lease not confirmed before the fence point")
+
+    def _fence(self, reason: str) -> None:
+        assert self.supervisor is not None and self.pair is not None
+        was = self.term
+        self.supervisor.kill_active(self.pair.failover.fence_margin_s / 2)
+        self.term = None
+        self.log.warning("fenced", reason=reason, epoch=was)
+        self.log.bind(epoch=None)
+        self.event("fence", reason, epoch=was)
+        self._changed()
+
+    # -- the loop ---------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), TICK_S)
+            self._wake.clear()
+            self._load_topology()
+            if self.pair is None:
+                await self._leave_pair()
+                continue
+            decision = d.decide(self._observe())
+            if decision.reason != self._last_reason:
+                self.log.info(decision.reason)
+                self._last_reason = decision.reason
+            for action in decision.actions:
+                try:
+                    await self._act(action)
+                except StoreError as err:
+                    self.log.warning("etcd request failed", action=type(action).__name__,
+                                     error=str(err))
+                    break
+
+    def _observe(self) -> d.Observation:
+        assert self.pair is not None and self.session is not None and self.supervisor
+        now = self.clock()
+        st = self.observer.observe(self.pair, self.pairs.items, self.nodes.items, now)
+        if st.leader is not None:
+            self.last_leader = st.leader.node
+        self._state = st
+        healthy, _ = self.supervisor.healthy()
+        return d.Observation(
+            now=now, me=self.me, pair=self.pair,
+            synced=self.pairs.synced.is_set() and self.nodes.synced.is_set(),
+            lease=self.session.lease, lease_ok=self.session.valid(now),
+            leader=st.leader, leader_absent_since=st.leader_absent_since,
+            term=self.term, services_up=self.supervisor.active_up(),
+            failure=self.supervisor.failure, healthy=healthy,
+            holdoff_until=self.holdoff_until, started_at=self.started_at,
+            peers=st.peers, paused=st.paused, drained=st.drained,
+            switchover=st.switchover, handover=st.handover)
+
+    async def _act(self, action: d.Action) -> None:
+        assert self.session is not None and self.election is not None
+        assert self.supervisor is not None and self.pair is not None
+        match action:
+            case d.Fence(reason):
+                self._fence(reason)
+            case d.StartServices(epoch):
+                if self.term == epoch and self.session.valid(self.clock()):
+                    self.supervisor.activate(epoch)
+            case d.Campaign(stale):
+                await self._campaign(stale)
+            case d.Adopt(epoch):
+                self._take_term(epoch, "took up its own leader key")
+            case d.Reclaim(lease):
+                self.log.warning("revoking the lease of this node's previous run",
+                                 lease=f"{lease:x}")
+                await self.election.reclaim(lease)
+                self.event("reclaim", "agent restarted on the active node", lease=f"{lease:x}")
+            case d.Resign(reason):
+                await self._step_down(reason, None, None)
+            case d.Handover(to, request, reason):
+                await self._step_down(reason, to, request)
+            case d.RejectSwitchover(request, reason):
+                raw = self._state.switchover_raw if self._state else None
+                if raw is not None:
+                    await self.election.drop_switchover(raw)
+                self.log.warning("switchover refused", request=request, reason=reason)
+                self.event("switchover_rejected", reason, request=request)
+
+    async def _campaign(self, stale: int | None) -> None:
+        assert self.session is not None and self.election is not None
+        lease = self.session.lease
+        if lease is None:
+            return
+        handover = self._state.handover if self._state else None
+        target = handover is not None and handover.to == self.me
+        epoch = await self.election.campaign(lease, stale, target)
+        if epoch is None:
+            return
+        previous = self.last_leader
+        if target:
+            cause = "planned switchover"
+        elif previous is not None and previous != self.me:
+            cause = f"failover from {previous}"
+        else:
+            cause = "election"
+        self._take_term(epoch, cause)
+        self.event("election", cause, previous=previous, planned=target)
+
+    def _take_term(self, epoch: int, cause: str) -> None:
+        assert self.session is not None and self.supervisor is not None
+        if not self.session.valid(self.clock()):
+            return
+        self.term = epoch
+        self.log.bind(epoch=epoch)
+        self.log.info("became active", cause=cause)
+        self.supervisor.activate(epoch)
+        self._changed()
+
+    async def _step_down(self, reason: str, to: str | None, request: str | None) -> None:
+        """Stop services first, then give the key away: never two actives."""
+        assert self.supervisor is not None and self.election is not None
+        assert self.pair is not None
+        epoch = self.term
+        if epoch is None:
+            return
+        started = self.clock()
+        await self.supervisor.deactivate()
+        for key, value in list(self._published.items()):
+            await self.election.delete_if(key, value)
+            self._published.pop(key, None)
+        if self.term != epoch:
+            return  # fenced while stopping
+        if to is None:
+            ok = await self.election.resign(epoch)
+            kind = "resign"
+        else:
+            ok = await self.election.handover(epoch, to, request)
+            kind = "switchover"
+        self.term = None
+        self.log.bind(epoch=None)
+        self.holdoff_until = self.clock() + self.pair.failover.lease_ttl_s
+        stopped_ms = round((self.clock() - started) * 1000)
+        self.log.info("stepped down", reason=reason, to=to, ok=ok, stop_ms=stopped_ms,
+                      epoch=epoch)
+        self.event(kind, reason, to=to, request=request, epoch=epoch)
+        self._changed()
+
+    async def _leave_pair(self) -> None:
+        if self.term is not None:
+            await self._step_down("node removed from the topology", None, None)
+        if self.supervisor is not None and self.supervisor.active_up():
+            await self.supervisor.deactivate()
+
+    # -- publishing -------------------------------------------------------------------
+    async def _publisher(self) -> None:
+        """Keep the node status and this node's endpoints in etcd in line with reality."""
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await self._publish()
+            except StoreError as err:
+                self.log.debug("publish failed", error=str(err))
+                await asyncio.sleep(TICK_S)
+                self._dirty.set()
+
+    async def _publish(self) -> None:
+        session, sup, pair, node = self.session, self.supervisor, self.pair, self.node
+        if session is None or sup is None or pair is None or node is None:
+            return
+        lease = session.lease
+        if lease is None:
+            self._published.clear()
+            self._last_status = b""
+            return
+        healthy, problems = sup.healthy()
+        if self.clock() < self.holdoff_until:
+            healthy = False
+            problems = [*problems, "stepped down after a failure; holding off"]
+        role: Role = "standby"
+        if self.term is not None:
+            active_states = [r.state for r in sup.runners.values() if r.active_only]
+            role = "active" if all(s == "running" for s in active_states) else "starting"
+        status = NodeStatus(node=self.me, pair=pair.name, address=node.address, role=role,
+                            epoch=self.term, healthy=healthy, problems=problems,
+                            services=sup.statuses(), pid=os.getpid())
+        raw = status.model_copy(update={"updated": 0.0}).encode()
+        if raw != self._last_status:
+            await self.store.put(keys.node_status(self.me), status.encode(), lease=lease)
+            self._last_status = raw
+        await self._publish_endpoints(pair, node, lease)
+
+    async def _publish_endpoints(self, pair: Pair, node: Node, lease: int) -> None:
+        assert self.supervisor is not None and self.election is not None
+        epoch = self.term
+        wanted: dict[str, bytes] = {}
+        if epoch is not None:
+            for spec in self.supervisor.running_with_endpoint():
+                assert spec.endpoint is not None
+                wanted[keys.endpoint(spec.name)] = Endpoint(
+                    service=spec.name, pair=pair.name, node=self.me,
+                    host=spec.endpoint.host or node.address, port=spec.endpoint.port,
+                    protocol=spec.endpoint.protocol, epoch=epoch).encode()
+        for key, value in wanted.items():
+            if self._published.get(key) != value:
+                assert epoch is not None
+                if await self.election.put_guarded(epoch, key, value, lease):
+                    self._published[key] = value
+                    self.log.info("endpoint published", endpoint=key.rsplit("/", 1)[-1])
+        for key in set(self._published) - set(wanted):
+            await self.election.delete_if(key, self._published.pop(key))
+
+    # -- shutdown ---------------------------------------------------------------------
+    async def _shutdown(self) -> None:
+        self.log.info("agent stopping")
+        if self.term is not None:
+            with contextlib.suppress(StoreError):
+                await self._step_down("agent shutting down", None, None)
+        if self.supervisor is not None:
+            await self.supervisor.stop_all()
+        if self._fence_timer is not None:
+            self._fence_timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.session is not None:
+            await self.session.close()
+        await self.store.close()
+

@@ -1,0 +1,282 @@
+"""The HA decision: a pure function from what the agent observes to what it must do.
+
+No I/O, no awaiting, no clock reads: the loop in ``agent.py`` gathers an
+:class:`Observation`, calls :func:`decide`, logs the decision's reason and carries out
+its actions. Safety rules live here, where tables of cases and property tests can
+reach them:
+
+- services are started only with a live lease and a leader key that is ours;
+- an active that cannot prove its lease, or sees the leader key name anyone else,
+  stops its services at once (fences);
+- an active steps down by stopping its services first and deleting its key after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from shared.topology import Pair
+
+# ---- what the agent observes ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderView:
+    node: str
+    epoch: int
+    lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerView:
+    """Another node of the pair, from its status record (absent = agent down)."""
+
+    role: str
+    healthy: bool
+    healthy_since: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchoverView:
+    request: str
+    to: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class HandoverView:
+    to: str
+    revision: int
+    seen_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    now: float
+    me: str
+    pair: Pair
+    synced: bool
+    lease: int | None
+    lease_ok: bool
+    leader: LeaderView | None
+    leader_absent_since: float | None
+    term: int | None
+    services_up: bool
+    failure: str | None
+    healthy: bool
+    holdoff_until: float
+    started_at: float
+    peers: Mapping[str, PeerView] = field(default_factory=dict)
+    paused: bool = False
+    drained: frozenset[str] = frozenset()
+    switchover: SwitchoverView | None = None
+    handover: HandoverView | None = None
+
+    @property
+    def lease_ttl(self) -> float:
+        return self.pair.failover.lease_ttl_s
+
+
+# ---- what it must do --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """Stop active-only services at once (the lease or the leader key is not ours)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StartServices:
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Campaign:
+    """Create the leader key if absent; ``handover_revision`` is the stale handover we
+    may ignore (the campaign fails if the handover record changed since)."""
+
+    handover_revision: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Adopt:
+    """The leader key is ours on our live lease but we hold no term: take it up."""
+
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reclaim:
+    """The leader key names this node on a lease of an earlier run: revoke that lease."""
+
+    lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class Resign:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Handover:
+    to: str
+    request: str | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RejectSwitchover:
+    request: str
+    reason: str
+
+
+Action = Fence | StartServices | Campaign | Adopt | Reclaim | Resign | Handover | RejectSwitchover
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    reason: str
+    actions: tuple[Action, ...] = ()
+
+
+# ---- the decision -----------------------------------------------------------------
+
+
+def decide(o: Observation) -> Decision:
+    if not o.lease_ok:
+        if o.term is not None or o.services_up:
+            return Decision("lease not confirmed in time: fencing",
+                            (Fence("lease not confirmed before the fence point"),))
+        return Decision("waiting for a lease")
+    if o.term is not None:
+        return _as_active(o, o.term)
+    return _as_standby(o)
+
+
+def _as_active(o: Observation, term: int) -> Decision:
+    leader = o.leader
+    if leader is None or (leader.node, leader.epoch, leader.lease) != (o.me, term, o.lease):
+        held = "nobody" if leader is None else f"{leader.node} epoch {leader.epoch}"
+        return Decision(f"leader key now held by {held}: fencing",
+                        (Fence(f"leadership lost (leader key: {held})"),))
+    if o.failure is not None and not o.paused:
+        return Decision(f"resigning: {o.failure}", (Resign(o.failure),))
+    if o.switchover is not None:
+        return _switchover(o, o.switchover)
+    if o.me in o.drained and not o.paused:
+        target = best_standby(o)
+        if target is not None:
+            return Decision(f"node drained: handing over to {target}",
+                            (Handover(target, None, "node drained"),))
+    failback = _failback_target(o)
+    if failback is not None:
+        return Decision(f"failback to {failback}", (Handover(failback, None, "failback"),))
+    if not o.services_up:
+        return Decision(f"active at epoch {term}: starting services", (StartServices(term),))
+    return Decision(f"active at epoch {term}")
+
+
+def _switchover(o: Observation, cmd: SwitchoverView) -> Decision:
+    if o.paused:
+        return _reject(cmd, "pair is paused; resume it first")
+    if cmd.to is None:
+        target = best_standby(o)
+        if target is None:
+            return _reject(cmd, "no standby is up, healthy and not drained")
+        return Decision(f"switchover to {target}", (Handover(target, cmd.request, "switchover"),))
+    if o.pair.node(cmd.to) is None:
+        return _reject(cmd, f"{cmd.to} is not a node of pair {o.pair.name}")
+    if cmd.to == o.me:
+        return _reject(cmd, f"{cmd.to} is already active")
+    if cmd.to in o.drained:
+        return _reject(cmd, f"{cmd.to} is drained")
+    peer = o.peers.get(cmd.to)
+    if peer is None:
+        return _reject(cmd, f"{cmd.to} is down (no agent status)")
+    if not peer.healthy:
+        return _reject(cmd, f"{cmd.to} is not healthy")
+    return Decision(f"switchover to {cmd.to}", (Handover(cmd.to, cmd.request, "switchover"),))
+
+
+def _reject(cmd: SwitchoverView, reason: str) -> Decision:
+    return Decision(f"switchover refused: {reason}", (RejectSwitchover(cmd.request, reason),))
+
+
+def _eligible_peer(o: Observation, name: str) -> bool:
+    peer = o.peers.get(name)
+    node = o.pair.node(name)
+    return (peer is not None and node is not None and peer.healthy
+            and not node.no_failover and name not in o.drained)
+
+
+def best_standby(o: Observation) -> str | None:
+    """The first node in priority order that could take over now."""
+    return next((n.name for n in o.pair.nodes if n.name != o.me and _eligible_peer(o, n.name)),
+                None)
+
+
+def _failback_target(o: Observation) -> str | None:
+    policy = o.pair.failover
+    if policy.failback != "auto" or o.paused:
+        return None
+    main = o.pair.nodes[0].name
+    if main == o.me or not _eligible_peer(o, main):
+        return None
+    since = o.peers[main].healthy_since
+    if since is None or o.now - since < policy.failback_after_s:
+        return None
+    return main
+
+
+def _as_standby(o: Observation) -> Decision:
+    if o.services_up:
+        return Decision("services running without a term: fencing",
+                        (Fence("active services running without a term"),))
+    leader = o.leader
+    if leader is not None:
+        if leader.node == o.me and leader.lease == o.lease:
+            return Decision(f"leader key is ours (epoch {leader.epoch}): taking it up",
+                            (Adopt(leader.epoch),))
+        if leader.node == o.me:
+            return Decision("leader key left by an earlier run of this node: reclaiming",
+                            (Reclaim(leader.lease),))
+        return Decision(f"standby, {leader.node} active at epoch {leader.epoch}")
+    return _campaign(o)
+
+
+def _campaign(o: Observation) -> Decision:
+    if not o.synced:
+        return Decision("no active node, but the view of etcd is not current: waiting")
+    if o.paused:
+        return Decision("no active node; pair paused: no automatic failover")
+    handover = o.handover
+    handover_live = handover is not None and o.now - handover.seen_at < o.lease_ttl
+    if handover is not None and handover_live:
+        if handover.to != o.me:
+            return Decision(f"handover to {handover.to} in progress: waiting")
+        if not o.healthy:
+            return Decision("handover to this node, but it is not healthy: waiting")
+        return Decision("handover to this node: campaigning", (Campaign(),))
+    node = o.pair.node(o.me)
+    if node is None:
+        return Decision("not a node of the pair")
+    if node.no_failover:
+        return Decision("no active node; this node is tagged no_failover")
+    if o.me in o.drained:
+        return Decision("no active node; this node is drained")
+    if not o.healthy:
+        return Decision("no active node; this node is not healthy")
+    if o.now < o.holdoff_until:
+        return Decision("no active node; holding off after stepping down")
+    rank = o.pair.rank(o.me)
+    if rank > 0 and o.now - o.started_at < o.lease_ttl:
+        return Decision("no active node; giving the main server time to start")
+    ahead = sum(1 for n in o.pair.nodes[:rank] if _eligible_peer(o, n.name))
+    delay = ahead * o.pair.failover.campaign_delay_s
+    absent_since = o.leader_absent_since if o.leader_absent_since is not None else o.now
+    if o.now - absent_since < delay:
+        return Decision(f"no active node; {ahead} preferred node(s) may campaign first")
+    stale = handover.revision if handover is not None else None
+    return Decision("no active node: campaigning", (Campaign(stale),))

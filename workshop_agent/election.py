@@ -1,0 +1,167 @@
+"""The lease session and the pair election, shaped like etcd's own concurrency API.
+
+:class:`Session` owns the agent's lease and knows, on the monotonic clock, until when
+the agent may still act as active: the *fence point*, measured from the moment the
+last acknowledged keepalive was **sent** (etcd restarts its TTL when it receives it,
+which is later, so the agent always stops first).
+
+:class:`Election` holds every write that changes who is active. Each is one etcd
+transaction guarded by the leader key's create_revision (the epoch), so a stale agent
+can never move the pair.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from shared import keys
+from shared.log import EventLog
+from shared.records import Handover, Leader
+from shared.store import Store, StoreError
+
+Clock = Callable[[], float]
+
+
+class Session:
+    """The agent's lease. ``valid(now)`` is the one test of whether it may act."""
+
+    def __init__(self, store: Store, ttl: float, fence_after: float, log: EventLog,
+                 clock: Clock = time.monotonic,
+                 on_change: Callable[[], None] = lambda: None) -> None:
+        self.store = store
+        self.ttl = ttl
+        self.fence_after = fence_after
+        self.log = log
+        self.clock = clock
+        self.on_change = on_change
+        self.lease: int | None = None
+        self.acked_send: float | None = None
+        self.renewed = asyncio.Event()
+
+    @property
+    def interval(self) -> float:
+        return self.ttl / 4
+
+    def valid(self, now: float) -> bool:
+        return self.lease is not None and self.acked_send is not None and (
+            now < self.acked_send + self.fence_after)
+
+    @property
+    def fence_deadline(self) -> float:
+        """When the agent must have stopped its services (``-inf`` without a lease)."""
+        return -float("inf") if self.acked_send is None else self.acked_send + self.fence_after
+
+    def retune(self, ttl: float, fence_after: float) -> None:
+        """New timings apply from the next grant; a shorter fence point applies at once."""
+        self.ttl, self.fence_after = ttl, fence_after
+
+    async def run(self) -> None:
+        failing: str | None = None
+        while True:
+            sent = self.clock()
+            try:
+                if self.lease is None:
+                    self.lease = await self.store.grant(self.ttl)
+                    self._acked(sent)
+                    self.log.info("lease granted", lease=f"{self.lease:x}", ttl=self.ttl)
+                else:
+                    granted = await self.store.keepalive(self.lease)
+                    if granted <= 0:
+                        self.log.warning("lease lost", lease=f"{self.lease:x}")
+                        self.lease, self.acked_send = None, None
+                        self.on_change()
+                        continue
+                    self._acked(sent)
+                if failing:
+                    self.log.info("etcd reachable again")
+                    failing = None
+            except StoreError as err:
+                if failing != str(err):
+                    self.log.warning("lease keepalive failed", error=str(err))
+                failing = str(err)
+            await asyncio.sleep(max(0.0, sent + self.interval - self.clock()))
+
+    def _acked(self, sent: float) -> None:
+        if self.acked_send is None or sent > self.acked_send:
+            self.acked_send = sent
+        self.renewed.set()
+        self.on_change()
+
+    async def close(self) -> None:
+        lease, self.lease, self.acked_send = self.lease, None, None
+        if lease is not None:
+            # If revoking takes longer than the TTL, the lease has expired anyway.
+            try:
+                await self.store.revoke(lease)
+            except StoreError as err:
+                self.log.warning("lease revoke failed", error=str(err))
+
+
+class Election:
+    """Every ownership change of one pair, each a transaction on the leader key."""
+
+    def __init__(self, store: Store, pair: str, node: str) -> None:
+        self.store = store
+        self.pair = pair
+        self.node = node
+        self.key = keys.b(keys.leader(pair))
+        self.handover_key = keys.b(keys.handover(pair))
+        self.switchover_key = keys.b(keys.switchover(pair))
+
+    async def campaign(self, lease: int, handover_revision: int | None = None,
+                       target: bool = False) -> int | None:
+        """Take the leader key if nobody holds it; the new epoch, or None if we lost.
+
+        Unless this node is the named handover target, a live handover record blocks
+        the campaign; a stale one (seen at ``handover_revision``) does not.
+        """
+        tx = self.store.tx
+        compare = [tx.create(self.key) == 0]
+        if not target:
+            compare.append(tx.mod(self.handover_key) == handover_revision
+                           if handover_revision is not None
+                           else tx.version(self.handover_key) == 0)
+        ok, resp = await self.store.txn(
+            compare,
+            [tx.put(self.key, Leader(node=self.node).encode(), lease=lease),
+             tx.delete(self.handover_key)],
+        )
+        return int(resp[0].response_put.header.revision) if ok else None
+
+    async def resign(self, epoch: int) -> bool:
+        tx = self.store.tx
+        ok, _ = await self.store.txn([tx.create(self.key) == epoch], [tx.delete(self.key)])
+        return ok
+
+    async def handover(self, epoch: int, to: str, request: str | None) -> bool:
+        """Step down in favour of ``to``: only it may campaign until the record is stale."""
+        tx = self.store.tx
+        record = Handover(from_node=self.node, to=to, epoch=epoch, request=request)
+        ok, _ = await self.store.txn(
+            [tx.create(self.key) == epoch],
+            [tx.delete(self.key), tx.delete(self.switchover_key),
+             tx.put(self.handover_key, record.encode())],
+        )
+        return ok
+
+    async def drop_switchover(self, raw: bytes) -> None:
+        """Delete a switchover request, only if it is still the one we judged."""
+        tx = self.store.tx
+        await self.store.txn([tx.value(self.switchover_key) == raw],
+                             [tx.delete(self.switchover_key)])
+
+    async def reclaim(self, lease: int) -> None:
+        await self.store.revoke(lease)
+
+    async def put_guarded(self, epoch: int, key: str, value: bytes, lease: int) -> bool:
+        """Write ``key`` only while ``epoch`` is still the current term."""
+        tx = self.store.tx
+        ok, _ = await self.store.txn([tx.create(self.key) == epoch],
+                                     [tx.put(keys.b(key), value, lease=lease)])
+        return ok
+
+    async def delete_if(self, key: str, value: bytes) -> None:
+        tx = self.store.tx
+        await self.store.txn([tx.value(keys.b(key)) == value], [tx.delete(keys.b(key))])

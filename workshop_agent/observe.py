@@ -1,0 +1,112 @@
+"""Turn the mirrored etcd keys into the decision's view of one pair.
+
+The only state kept here is *when* things were first seen on the local monotonic clock
+(leader gone since, handover seen at, peer healthy since): the decision compares those
+times with its own delays, and clocks of other servers are never compared with ours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from shared import keys
+from shared.log import EventLog
+from shared.records import Handover, Leader, NodeStatus, R, RecordError, Switchover, decode
+from shared.store import Kv
+from shared.topology import Pair
+from workshop_agent.decide import HandoverView, LeaderView, PeerView, SwitchoverView
+
+INVALID = "<invalid value>"
+
+
+@dataclass(frozen=True, slots=True)
+class PairState:
+    leader: LeaderView | None
+    leader_absent_since: float | None
+    peers: dict[str, PeerView]
+    paused: bool
+    drained: frozenset[str]
+    switchover: SwitchoverView | None
+    switchover_raw: bytes | None
+    handover: HandoverView | None
+
+
+class PairObserver:
+    def __init__(self, me: str, log: EventLog) -> None:
+        self.me = me
+        self.log = log
+        self._absent_since: float | None = None
+        self._handover_seen: tuple[int, float] | None = None
+        self._healthy_since: dict[str, float] = {}
+        self._warned: set[tuple[str, int]] = set()
+
+    def _decode(self, model: type[R], kv: Kv) -> R | None:
+        try:
+            return decode(model, kv.value, kv.key)
+        except RecordError as err:
+            if (kv.key, kv.mod_revision) not in self._warned:
+                self._warned.add((kv.key, kv.mod_revision))
+                self.log.warning("ignoring invalid value in etcd", key=kv.key,
+                                 problem="; ".join(err.problems))
+            return None
+
+    def observe(self, pair: Pair, pairs: Mapping[str, Kv], nodes: Mapping[str, Kv],
+                now: float) -> PairState:
+        leader = self._leader(pairs.get(keys.leader(pair.name)))
+        if leader is None:
+            self._absent_since = self._absent_since if self._absent_since is not None else now
+        else:
+            self._absent_since = None
+        peers = {}
+        for n in pair.nodes:
+            kv = nodes.get(keys.node_status(n.name))
+            status = self._decode(NodeStatus, kv) if kv is not None else None
+            if n.name == self.me or status is None:
+                self._healthy_since.pop(n.name, None)
+                continue
+            if status.healthy and status.role == "standby":
+                self._healthy_since.setdefault(n.name, now)
+            else:
+                self._healthy_since.pop(n.name, None)
+            peers[n.name] = PeerView(status.role, status.healthy,
+                                     self._healthy_since.get(n.name))
+        drained = frozenset(n.name for n in pair.nodes if keys.drained(n.name) in nodes)
+        switchover, raw = self._switchover(pairs.get(keys.switchover(pair.name)))
+        return PairState(
+            leader=leader,
+            leader_absent_since=self._absent_since,
+            peers=peers,
+            # A paused key we cannot read still means an operator asked for a pause.
+            paused=keys.paused(pair.name) in pairs,
+            drained=drained,
+            switchover=switchover,
+            switchover_raw=raw,
+            handover=self._handover(pairs.get(keys.handover(pair.name)), now),
+        )
+
+    def _leader(self, kv: Kv | None) -> LeaderView | None:
+        if kv is None:
+            return None
+        record = self._decode(Leader, kv)
+        # Garbage in the leader key still holds the key: nobody may campaign over it.
+        node = record.node if record is not None else INVALID
+        return LeaderView(node, kv.create_revision, kv.lease)
+
+    def _switchover(self, kv: Kv | None) -> tuple[SwitchoverView | None, bytes | None]:
+        if kv is None:
+            return None, None
+        record = self._decode(Switchover, kv)
+        if record is None:
+            return SwitchoverView(INVALID, INVALID), kv.value
+        return SwitchoverView(record.id, record.to), kv.value
+
+    def _handover(self, kv: Kv | None, now: float) -> HandoverView | None:
+        if kv is None:
+            self._handover_seen = None
+            return None
+        if self._handover_seen is None or self._handover_seen[0] != kv.mod_revision:
+            self._handover_seen = (kv.mod_revision, now)
+        record = self._decode(Handover, kv)
+        to = record.to if record is not None else INVALID
+        return HandoverView(to, kv.mod_revision, self._handover_seen[1])

@@ -1,0 +1,383 @@
+"""Service supervision: start, watch, restart and stop the pair's service processes.
+
+Each service runs in its own process group (so a stop reaches its children too) under
+``setpriv --pdeathsig KILL`` (so it dies with the agent), and active-only services are
+registered with the watchdog. A service is restarted in place within its budget; a
+critical one, or one whose budget is spent, becomes the node's ``failure``, which the
+decision turns into a resignation. Nothing is started unless ``may_run()`` says the
+lease and the term are still good at that very moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from shared.log import EventLog
+from shared.records import ServiceState, ServiceStatus
+from shared.topology import Health, Node, Pair, Service, expand, placeholder_values
+from workshop_agent.health import probe
+from workshop_agent.watchdog import WatchdogLink
+
+SETPRIV = shutil.which("setpriv")
+READY_POLL_S = 0.02
+
+
+class RestartBudget:
+    """At most ``max_restarts`` restarts in any ``window_s`` seconds."""
+
+    def __init__(self, max_restarts: int, window_s: float) -> None:
+        self.max_restarts = max_restarts
+        self.window_s = window_s
+        self.times: deque[float] = deque()
+
+    def allow(self, now: float) -> bool:
+        while self.times and now - self.times[0] >= self.window_s:
+            self.times.popleft()
+        if len(self.times) >= self.max_restarts:
+            return False
+        self.times.append(now)
+        return True
+
+
+@dataclass(eq=False)
+class Runner:
+    spec: Service
+    budget: RestartBudget
+    state: ServiceState = "stopped"
+    restarts: int = 0
+    detail: str | None = None
+    proc: asyncio.subprocess.Process | None = None
+    task: asyncio.Task[None] | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def active_only(self) -> bool:
+        return self.spec.placement == "active"
+
+    def alive(self) -> bool:
+        task_alive = self.task is not None and not self.task.done()
+        return task_alive or (self.proc is not None and self.proc.returncode is None)
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+def _killpg(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+class Supervisor:
+    def __init__(self, pair: Pair, node: Node, log: EventLog, watchdog: WatchdogLink,
+                 may_run: Callable[[], bool], paused: Callable[[], bool],
+                 on_change: Callable[[], None], state_dir: Path,
+                 env: dict[str, str], clock: Callable[[], float] = time.monotonic) -> None:
+        self.pair, self.node = pair, node
+        self.log = log
+        self.watchdog = watchdog
+        self.may_run = may_run
+        self.paused = paused
+        self.on_change = on_change
+        self.env = env
+        self.clock = clock
+        self.log_dir = state_dir / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.epoch: int | None = None
+        self.failure: str | None = None
+        self.runners: dict[str, Runner] = {}
+        self._activation: asyncio.Task[None] | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._cleanups: set[asyncio.Task[None]] = set()
+        self._sync_runners(pair)
+
+    # -- views ------------------------------------------------------------------------
+    def active_up(self) -> bool:
+        return (self._activation is not None and not self._activation.done()) or any(
+            r.alive() for r in self.runners.values() if r.active_only)
+
+    def healthy(self) -> tuple[bool, list[str]]:
+        """A node is healthy when every service that runs on every node is running."""
+        problems = [f"{r.spec.name}: {r.state}" + (f" ({r.detail})" if r.detail else "")
+                    for r in self.runners.values()
+                    if not r.active_only and r.state not in ("running", "unhealthy")]
+        return not problems, problems
+
+    def running_with_endpoint(self) -> list[Service]:
+        return [r.spec for r in self.runners.values()
+                if r.spec.endpoint is not None and r.state in ("running", "unhealthy")
+                and (not r.active_only or self.epoch is not None)]
+
+    def statuses(self) -> list[ServiceStatus]:
+        return [ServiceStatus(name=r.spec.name, placement=r.spec.placement, state=r.state,
+                              restarts=r.restarts, pid=r.proc.pid if r.proc else None,
+                              detail=r.detail) for r in self.runners.values()]
+
+    # -- lifecycle --------------------------------------------------------------------
+    def _sync_runners(self, pair: Pair) -> None:
+        self.pair = pair
+        for spec in pair.services:
+            old = self.runners.get(spec.name)
+            if old is None:
+                self.runners[spec.name] = Runner(spec, RestartBudget(
+                    spec.restart.max_restarts, spec.restart.window_s))
+            else:
+                old.spec = spec
+        for name in set(self.runners) - {s.name for s in pair.services}:
+            del self.runners[name]
+
+    async def update(self, pair: Pair, node: Node) -> None:
+        """Reconcile with a new topology: stop removed or changed services, start the rest."""
+        new = {s.name: s for s in pair.services}
+        changed = [r for name, r in self.runners.items()
+                   if new.get(name) != r.spec or node != self.node]
+        for r in changed:
+            await self._stop(r, r.spec.stop_grace_s)
+        self.node = node
+        self._sync_runners(pair)
+        self.start_shared()
+        if self.epoch is not None:
+            self.activate(self.epoch)
+        self.on_change()
+
+    def start_shared(self) -> None:
+        for r in self.runners.values():
+            if not r.active_only and not r.alive():
+                r.task = asyncio.create_task(self._run(r, None))
+
+    def activate(self, epoch: int) -> None:
+        """Start the active-only services in order (each waits for the previous one)."""
+        if self._activation is not None and not self._activation.done():
+            return
+        self.epoch = epoch
+        self.failure = None
+        self._activation = asyncio.create_task(self._start_in_order(epoch))
+
+    async def _start_in_order(self, epoch: int) -> None:
+        for r in [r for r in self.runners.values() if r.active_only]:
+            if r.alive():
+                continue
+            if not self.may_run() or self.epoch != epoch:
+                return
+            r.ready.clear()
+            r.budget.times.clear()
+            r.task = asyncio.create_task(self._run(r, epoch))
+            limit = r.spec.health.start_period_s if r.spec.health else 5.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(r.ready.wait(), limit)
+
+    async def deactivate(self) -> None:
+        """Planned stop of the active-only services, last started first."""
+        self.epoch = None
+        await self._cancel_activation()
+        for r in reversed([r for r in self.runners.values() if r.active_only]):
+            await self._stop(r, r.spec.stop_grace_s)
+        self.on_change()
+
+    def kill_active(self, grace: float) -> None:
+        """Fence: signal every active-only service now, SIGKILL after ``grace``.
+
+        Synchronous on purpose: it runs from a timer even while the loop is busy."""
+        self.epoch = None
+        if self._activation is not None:
+            self._activation.cancel()
+        loop = asyncio.get_running_loop()
+        for r in self.runners.values():
+            if not r.active_only or not r.alive():
+                continue
+            if r.task is not None:
+                r.task.cancel()
+            proc = r.proc
+            if proc is not None and proc.returncode is None:
+                _killpg(proc.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
+                loop.call_later(grace, _killpg, proc.pid, signal.SIGKILL)
+            cleanup = asyncio.create_task(self._stop(r, grace))
+            self._cleanups.add(cleanup)
+            cleanup.add_done_callback(self._cleanups.discard)
+        self.on_change()
+
+    async def stop_all(self) -> None:
+        await self.deactivate()
+        for r in self.runners.values():
+            await self._stop(r, r.spec.stop_grace_s)
+        if self._http is not None:
+            await self._http.close()
+
+    async def _cancel_activation(self) -> None:
+        if self._activation is not None:
+            self._activation.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._activation
+            self._activation = None
+
+    async def _stop(self, r: Runner, grace: float) -> None:
+        if r.task is not None:
+            r.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await r.task
+            r.task = None
+        await self._terminate(r, grace)
+        r.state, r.detail = "stopped", None
+        r.ready.set()
+
+    async def _terminate(self, r: Runner, grace: float) -> None:
+        proc = r.proc
+        if proc is None:
+            return
+        if proc.returncode is None:
+            _killpg(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.shield(proc.wait()), grace)
+            except TimeoutError:
+                _killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        # The leader of the group is gone; its children must not outlive it.
+        _killpg(proc.pid, signal.SIGKILL)
+        if r.active_only:
+            self.watchdog.remove(proc.pid)
+        r.proc = None
+
+    # -- one service ------------------------------------------------------------------
+    async def _run(self, r: Runner, epoch: int | None) -> None:
+        while True:
+            if r.active_only and (not self.may_run() or self.epoch != epoch):
+                r.state = "stopped"
+                r.ready.set()
+                self.on_change()
+                return
+            r.state = "starting"
+            self.on_change()
+            outcome = await self._spawn_and_watch(r, epoch)
+            await self._terminate(r, min(r.spec.stop_grace_s, 2.0))
+            r.detail = outcome
+            self.log.warning("service failed", service=r.spec.name, reason=outcome,
+                             restarts=r.restarts)
+            backoff = self._restart_backoff(r)
+            if backoff is None:
+                r.state = "failed"
+                if r.active_only or self.epoch is not None:
+                    kind = "critical service" if r.spec.critical else "service"
+                    self.failure = f"{kind} {r.spec.name} {outcome}"
+                r.ready.set()
+                self.on_change()
+                return
+            r.restarts += 1
+            r.state = "restarting"
+            self.on_change()
+            await asyncio.sleep(backoff)
+
+    def _restart_backoff(self, r: Runner) -> float | None:
+        """Seconds to wait before a restart, or None: this failure moves the pair."""
+        base = r.spec.restart.backoff_s
+        on_active = r.active_only or self.epoch is not None
+        if on_active and self.paused():
+            return max(base, 1.0)  # paused: never move the pair, keep trying in place
+        if on_active and r.spec.critical:
+            return None
+        if r.budget.allow(self.clock()):
+            return base
+        # A standby cannot resign; it keeps trying, slowly, and reports itself unhealthy.
+        return None if on_active else max(base, 5.0)
+
+    async def _spawn_and_watch(self, r: Runner, epoch: int | None) -> str:
+        values = placeholder_values(self.pair, self.node, epoch)
+        argv = [expand(a, values) for a in r.spec.command]
+        exe = argv[0] if "/" in argv[0] else shutil.which(argv[0])
+        if exe is None or not os.access(exe, os.X_OK):
+            return f"could not start: command not found: {argv[0]}"
+        env = {**os.environ, **self.env, "HAPAIR_SERVICE": r.spec.name,
+               "HAPAIR_EPOCH": "" if epoch is None else str(epoch),
+               **{k: expand(v, values) for k, v in r.spec.env.items()}}
+        prefix = [SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV else []
+        logfile = (self.log_dir / f"{r.spec.name}.log").open("ab")
+        try:
+            # Shielded so a cancel cannot lose the handle of a process already forked.
+            r.proc = await asyncio.shield(asyncio.create_subprocess_exec(
+                *prefix, exe, *argv[1:], stdin=asyncio.subprocess.DEVNULL, stdout=logfile,
+                stderr=asyncio.subprocess.STDOUT, env=env,
+                cwd=expand(r.spec.cwd, values) if r.spec.cwd else None,
+                start_new_session=True))
+        except OSError as err:
+            return f"could not start: {err}"
+        finally:
+            logfile.close()
+        if r.active_only:
+            self.watchdog.add(r.proc.pid)
+        self.log.info("service started", service=r.spec.name, pid=r.proc.pid)
+        return await self._watch(r, r.proc, values)
+
+    async def _watch(self, r: Runner, proc: asyncio.subprocess.Process,
+                     values: dict[str, str]) -> str:
+        exited = asyncio.ensure_future(proc.wait())
+        health = r.spec.health
+        if health is None:
+            self._set_state(r, "running", None)
+            return _describe_exit(await exited)
+        deadline = self.clock() + health.start_period_s
+        while True:
+            problem = await self._race(exited, self._probe(health, values))
+            if exited.done():
+                return _describe_exit(exited.result())
+            if problem is None:
+                break
+            if self.clock() > deadline:
+                return f"not ready within {health.start_period_s}s: {problem}"
+            await asyncio.wait([exited], timeout=READY_POLL_S)
+        self._set_state(r, "running", None)
+        failures = 0
+        while True:
+            await asyncio.wait([exited], timeout=health.interval_s)
+            if exited.done():
+                return _describe_exit(exited.result())
+            problem = await self._race(exited, self._probe(health, values))
+            if exited.done():
+                return _describe_exit(exited.result())
+            if problem is None:
+                failures = 0
+                if r.state != "running":
+                    self._set_state(r, "running", None)
+                continue
+            failures += 1
+            self._set_state(r, "unhealthy", problem)
+            if failures >= health.failures:
+                return f"failed {failures} health checks: {problem}"
+
+    async def _race(self, exited: asyncio.Future[int], check: Awaitable[str | None]) -> str | None:
+        """Run a probe, but give up on it the moment the process exits."""
+        task = asyncio.ensure_future(check)
+        await asyncio.wait([exited, task], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return "process exited"
+        return task.result()
+
+    async def _probe(self, health: Health, values: dict[str, str]) -> str | None:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None),
+                connector=aiohttp.TCPConnector(force_close=True))
+        return await probe(health, values, self._http)
+
+    def _set_state(self, r: Runner, state: ServiceState, detail: str | None) -> None:
+        if r.state != state:
+            self.log.info("service " + state, service=r.spec.name, detail=detail)
+        r.state, r.detail = state, detail
+        if state == "running":
+            r.ready.set()
+        self.on_change()
