@@ -210,12 +210,14 @@ class Mirror:
         self.error: str | None = None
         self._on_change = on_change
         self._retry_s = retry_s
+        self._local: dict[str, int] = {}
 
     async def run(self) -> None:
         while True:
             try:
                 kvs, revision = await self.store.get_prefix(self.prefix)
                 self.items = {kv.key: kv for kv in kvs}
+                self._local.clear()
                 self.revision = revision
                 self.error = None
                 self.synced.set()
@@ -232,8 +234,28 @@ class Mirror:
                     self._on_change(None)
                 await asyncio.sleep(self._retry_s)
 
+    def apply_local(self, key: str, kv: Kv | None, revision: int) -> None:
+        """Record our own write at ``revision`` before its watch event comes back.
+
+        A writer must see its own writes at once (a leader that resigned must not read
+        its old key back from a lagging watch); events at or before ``revision`` for
+        that key are then old news and skipped.
+        """
+        current = self.items.get(key)
+        if current is not None and current.mod_revision > revision:
+            return
+        if kv is None:
+            self.items.pop(key, None)
+        else:
+            self.items[key] = kv
+        self._local[key] = max(revision, self._local.get(key, 0))
+        if self._on_change:
+            self._on_change(None)
+
     def _apply(self, change: Change) -> None:
         self.revision = max(self.revision, change.kv.mod_revision)
+        if change.kv.mod_revision <= self._local.get(change.kv.key, 0):
+            return
         if change.deleted:
             self.items.pop(change.kv.key, None)
         else:

@@ -19,8 +19,8 @@ from typing import Any
 
 from shared import keys
 from shared.log import EventLog
-from shared.records import Endpoint, Event, NodeStatus, Role, TopologyDoc, decode
-from shared.store import Mirror, Store, StoreError
+from shared.records import Endpoint, Event, Leader, NodeStatus, Role, TopologyDoc, decode
+from shared.store import Kv, Mirror, Store, StoreError
 from shared.topology import Node, Pair, Site, TopologyError, parse_site
 from workshop_agent import decide as d
 from workshop_agent.election import Election, Session
@@ -318,11 +318,13 @@ class Agent:
                 await self._campaign(stale)
             case d.Adopt(epoch):
                 self._take_term(epoch, "took up its own leader key")
-            case d.Reclaim(lease):
-                self.log.warning("revoking the lease of this node's previous run",
-                                 lease=f"{lease:x}")
-                await self.election.reclaim(lease)
-                self.event("reclaim", "agent restarted on the active node", lease=f"{lease:x}")
+            case d.Reclaim(epoch, lease):
+                self.log.warning("taking back the leader key of this node's previous run",
+                                 old_epoch=epoch, lease=f"{lease:x}")
+                revision = await self.election.reclaim(epoch, lease)
+                if revision is not None:
+                    self.pairs.apply_local(keys.leader(self.pair.name), None, revision)
+                    self.event("reclaim", "agent restarted on the active node", old_epoch=epoch)
             case d.Resign(reason):
                 await self._step_down(reason, None, None)
             case d.Handover(to, request, reason):
@@ -344,6 +346,10 @@ class Agent:
         epoch = await self.election.campaign(lease, stale, target)
         if epoch is None:
             return
+        assert self.pair is not None
+        key = keys.leader(self.pair.name)
+        self.pairs.apply_local(key, Kv(key, Leader(node=self.me).encode(), epoch, epoch, lease),
+                               epoch)
         previous = self.last_leader
         if target:
             cause = "planned switchover"
@@ -379,11 +385,14 @@ class Agent:
         if self.term != epoch:
             return  # fenced while stopping
         if to is None:
-            ok = await self.election.resign(epoch)
+            revision = await self.election.resign(epoch)
             kind = "resign"
         else:
-            ok = await self.election.handover(epoch, to, request)
+            revision = await self.election.handover(epoch, to, request)
             kind = "switchover"
+        ok = revision is not None
+        if revision is not None:
+            self.pairs.apply_local(keys.leader(self.pair.name), None, revision)
         self.term = None
         self.log.bind(epoch=None)
         self.holdoff_until = self.clock() + self.pair.failover.lease_ttl_s

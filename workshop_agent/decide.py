@@ -109,8 +109,9 @@ class Adopt:
 
 @dataclass(frozen=True, slots=True)
 class Reclaim:
-    """The leader key names this node on a lease of an earlier run: revoke that lease."""
+    """The leader key names this node on a lease of an earlier run: take it back."""
 
+    epoch: int
     lease: int
 
 
@@ -241,7 +242,7 @@ def _as_standby(o: Observation) -> Decision:
                             (Adopt(leader.epoch),))
         if leader.node == o.me:
             return Decision("leader key left by an earlier run of this node: reclaiming",
-                            (Reclaim(leader.lease),))
+                            (Reclaim(leader.epoch, leader.lease),))
         return Decision(f"standby, {leader.node} active at epoch {leader.epoch}")
     return _campaign(o)
 
@@ -249,8 +250,8 @@ def _as_standby(o: Observation) -> Decision:
 def _campaign(o: Observation) -> Decision:
     if not o.synced:
         return Decision("no active node, but the view of etcd is not current: waiting")
-    if o.paused:
-        return Decision("no active node; pair paused: no automatic failover")
+    # A live handover finishes even in a paused pair: it is an operator's switchover
+    # or this node's own restart, not an automatic failover.
     handover = o.handover
     handover_live = handover is not None and o.now - handover.seen_at < o.lease_ttl
     if handover is not None and handover_live:
@@ -259,6 +260,8 @@ def _campaign(o: Observation) -> Decision:
         if not o.healthy:
             return Decision("handover to this node, but it is not healthy: waiting")
         return Decision("handover to this node: campaigning", (Campaign(),))
+    if o.paused:
+        return Decision("no active node; pair paused: no automatic failover")
     node = o.pair.node(o.me)
     if node is None:
         return Decision("not a node of the pair")

@@ -130,21 +130,22 @@ class Election:
         )
         return int(resp[0].response_put.header.revision) if ok else None
 
-    async def resign(self, epoch: int) -> bool:
+    async def resign(self, epoch: int) -> int | None:
+        """Delete our leader key; the revision of the delete, or None if it was not ours."""
         tx = self.store.tx
-        ok, _ = await self.store.txn([tx.create(self.key) == epoch], [tx.delete(self.key)])
-        return ok
+        ok, resp = await self.store.txn([tx.create(self.key) == epoch], [tx.delete(self.key)])
+        return int(resp[0].response_delete_range.header.revision) if ok else None
 
-    async def handover(self, epoch: int, to: str, request: str | None) -> bool:
+    async def handover(self, epoch: int, to: str, request: str | None) -> int | None:
         """Step down in favour of ``to``: only it may campaign until the record is stale."""
         tx = self.store.tx
         record = Handover(from_node=self.node, to=to, epoch=epoch, request=request)
-        ok, _ = await self.store.txn(
+        ok, resp = await self.store.txn(
             [tx.create(self.key) == epoch],
             [tx.delete(self.key), tx.delete(self.switchover_key),
              tx.put(self.handover_key, record.encode())],
         )
-        return ok
+        return int(resp[0].response_delete_range.header.revision) if ok else None
 
     async def drop_switchover(self, raw: bytes) -> None:
         """Delete a switchover request, only if it is still the one we judged."""
@@ -152,8 +153,20 @@ class Election:
         await self.store.txn([tx.value(self.switchover_key) == raw],
                              [tx.delete(self.switchover_key)])
 
-    async def reclaim(self, lease: int) -> None:
+    async def reclaim(self, epoch: int, lease: int) -> int | None:
+        """Take back a leader key left by an earlier run of this node.
+
+        The key is deleted together with a handover to ourselves, so the standbys wait
+        while we campaign again; the old lease (with the old status and endpoints) goes.
+        """
+        tx = self.store.tx
+        record = Handover(from_node=self.node, to=self.node, epoch=epoch, request="reclaim")
+        ok, resp = await self.store.txn(
+            [tx.create(self.key) == epoch],
+            [tx.delete(self.key), tx.put(self.handover_key, record.encode())],
+        )
         await self.store.revoke(lease)
+        return int(resp[0].response_delete_range.header.revision) if ok else None
 
     async def put_guarded(self, epoch: int, key: str, value: bytes, lease: int) -> bool:
         """Write ``key`` only while ``epoch`` is still the current term."""

@@ -59,6 +59,7 @@ class Runner:
     detail: str | None = None
     proc: asyncio.subprocess.Process | None = None
     task: asyncio.Task[None] | None = None
+    spawning: asyncio.Task[None] | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -66,7 +67,7 @@ class Runner:
         return self.spec.placement == "active"
 
     def alive(self) -> bool:
-        task_alive = self.task is not None and not self.task.done()
+        task_alive = any(t is not None and not t.done() for t in (self.task, self.spawning))
         return task_alive or (self.proc is not None and self.proc.returncode is None)
 
 
@@ -235,6 +236,10 @@ class Supervisor:
         r.ready.set()
 
     async def _terminate(self, r: Runner, grace: float) -> None:
+        if r.spawning is not None:
+            # A fork in flight finishes first, so its process is known and stopped too.
+            await asyncio.wait([r.spawning])
+            r.spawning = None
         proc = r.proc
         if proc is None:
             return
@@ -302,23 +307,27 @@ class Supervisor:
         env = {**os.environ, **self.env, "HAPAIR_SERVICE": r.spec.name,
                "HAPAIR_EPOCH": "" if epoch is None else str(epoch),
                **{k: expand(v, values) for k, v in r.spec.env.items()}}
-        prefix = [SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV else []
-        logfile = (self.log_dir / f"{r.spec.name}.log").open("ab")
+        cwd = expand(r.spec.cwd, values) if r.spec.cwd else None
+        # A task of its own, shielded: a cancel (fence, stop) must never lose the handle
+        # of a process already forked; _terminate waits for it.
+        r.spawning = asyncio.create_task(self._fork(r, [exe, *argv[1:]], env, cwd))
         try:
-            # Shielded so a cancel cannot lose the handle of a process already forked.
-            r.proc = await asyncio.shield(asyncio.create_subprocess_exec(
-                *prefix, exe, *argv[1:], stdin=asyncio.subprocess.DEVNULL, stdout=logfile,
-                stderr=asyncio.subprocess.STDOUT, env=env,
-                cwd=expand(r.spec.cwd, values) if r.spec.cwd else None,
-                start_new_session=True))
+            await asyncio.shield(r.spawning)
         except OSError as err:
             return f"could not start: {err}"
-        finally:
-            logfile.close()
-        if r.active_only:
-            self.watchdog.add(r.proc.pid)
+        assert r.proc is not None
         self.log.info("service started", service=r.spec.name, pid=r.proc.pid)
         return await self._watch(r, r.proc, values)
+
+    async def _fork(self, r: Runner, argv: list[str], env: dict[str, str],
+                    cwd: str | None) -> None:
+        prefix = [SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV else []
+        with (self.log_dir / f"{r.spec.name}.log").open("ab") as logfile:
+            r.proc = await asyncio.create_subprocess_exec(
+                *prefix, *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logfile,
+                stderr=asyncio.subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+        if r.active_only:
+            self.watchdog.add(r.proc.pid)
 
     async def _watch(self, r: Runner, proc: asyncio.subprocess.Process,
                      values: dict[str, str]) -> str:

@@ -1,0 +1,202 @@
+"""A site under test: real etcd, real agent processes, a recording test service."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from shared import keys
+from shared.records import Endpoint, Leader, NodeStatus, TopologyDoc, decode
+from shared.store import Store
+from shared.topology import parse_site
+from harness import PYTHON, ROOT, Etcd, stop_pid
+
+T = TypeVar("T")
+SVC = str(ROOT / "tests" / "svc.py")
+AGENT = [PYTHON, "-m", "workshop_agent.main"]
+
+
+async def until(cond: Callable[[], Awaitable[T | None]], timeout: float, what: str,
+                step: float = 0.02) -> T:
+    """Await ``cond`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            value = await cond()
+            if value:
+                return value
+            last = value
+        except Exception as err:  # a server may be starting
+            last = err
+        await asyncio.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def recording_service(name: str, port: int, record: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "command": [PYTHON, SVC, "--service", name, "--pair", "{pair.name}",
+                    "--node", "{node.name}", "--epoch", "{epoch}", "--bind", "{node.address}",
+                    "--port", str(port), "--record", str(record)],
+        "health": {"http": f"http://{{node.address}}:{port}/", "interval_s": 0.2,
+                   "timeout_s": 0.5, "failures": 2},
+        "endpoint": {"port": port, "protocol": "http"},
+        **extra,
+    }
+
+
+def descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    kids = [int(c) for c in f.read().split()]
+                found.extend(kids)
+                todo.extend(kids)
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@dataclass
+class Cluster:
+    etcd: Etcd
+    tmp: Path
+    store: Store = field(init=False)
+    agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    record: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.store = Store(self.etcd.url, timeout=2.0)
+        self.record = self.tmp / "record"
+        self.record.mkdir(exist_ok=True)
+
+    # -- topology ---------------------------------------------------------------------
+    async def apply(self, site: dict[str, Any]) -> None:
+        parsed = parse_site(site, "test site")
+        await self.store.put(keys.TOPOLOGY,
+                             TopologyDoc(site=parsed.model_dump(mode="json")).encode())
+
+    @staticmethod
+    def site(pairs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"site": "test", "workshops": [{"name": "w1", "pairs": pairs}]}
+
+    @staticmethod
+    def load_yaml(text: str) -> dict[str, Any]:
+        data: dict[str, Any] = yaml.safe_load(text)
+        return data
+
+    # -- agents -----------------------------------------------------------------------
+    def start(self, node: str, *extra: str) -> subprocess.Popen[bytes]:
+        log = (self.tmp / f"agent-{node}.log").open("ab")
+        proc = subprocess.Popen(
+            [*AGENT, "--node", node, "--etcd", self.etcd.url,
+             "--state-dir", str(self.tmp / f"state-{node}"), *extra],
+            cwd=ROOT, stdout=log, stderr=log, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        log.close()
+        self.agents[node] = proc
+        return proc
+
+    def signal(self, node: str, sig: int) -> None:
+        os.kill(self.agents[node].pid, sig)
+
+    def crash(self, node: str) -> list[int]:
+        """A server crash: the agent and everything it started die at the same instant."""
+        agent = self.agents[node].pid
+        pids = [agent, *descendants(agent)]
+        for pid in pids:  # freeze first, so nobody reacts to the others dying
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.agents[node].wait(5)
+        return pids
+
+    def log(self, node: str) -> str:
+        return (self.tmp / f"agent-{node}.log").read_text(errors="replace")
+
+    async def stop_all(self) -> None:
+        for proc in self.agents.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
+        await asyncio.gather(*(asyncio.to_thread(stop_pid, p, signal.SIGTERM, 10.0)
+                               for p in self.agents.values()))
+        await self.store.close()
+
+    # -- etcd views -------------------------------------------------------------------
+    async def leader(self, pair: str) -> tuple[str, int] | None:
+        kv = await self.store.get(keys.leader(pair))
+        if kv is None:
+            return None
+        return decode(Leader, kv.value, kv.key).node, kv.create_revision
+
+    async def status(self, node: str) -> NodeStatus | None:
+        kv = await self.store.get(keys.node_status(node))
+        return None if kv is None else decode(NodeStatus, kv.value, kv.key)
+
+    async def endpoint(self, service: str) -> Endpoint | None:
+        kv = await self.store.get(keys.endpoint(service))
+        return None if kv is None else decode(Endpoint, kv.value, kv.key)
+
+    async def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        kvs, _ = await self.store.get_prefix(keys.EVENTS_PREFIX)
+        out = [json.loads(kv.value) for kv in kvs]
+        return [e for e in out if kind is None or e["kind"] == kind]
+
+    async def active(self, pair: str, not_epoch: int = 0, node: str | None = None,
+                     timeout: float = 10.0) -> tuple[str, int]:
+        """Wait until a node is active (services running, endpoint published)."""
+        async def ready() -> tuple[str, int] | None:
+            lead = await self.leader(pair)
+            if lead is None or lead[1] <= not_epoch or (node and lead[0] != node):
+                return None
+            st = await self.status(lead[0])
+            return lead if st is not None and st.role == "active" else None
+        return await until(ready, timeout, f"an active node in {pair} after epoch {not_epoch}")
+
+    # -- the services' own record -----------------------------------------------------
+    def intervals(self) -> list[dict[str, Any]]:
+        """Every run of the test services: node, epoch, start, end (a bound when killed)."""
+        runs = []
+        for path in sorted(self.record.glob("*.log")):
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line]
+            head = lines[0]
+            ends = [x["end"] for x in lines if "end" in x]
+            beats = [x["hb"] for x in lines if "hb" in x]
+            # Killed: it ran at most one heartbeat period (plus scheduling) past its last beat.
+            end = ends[0] if ends else max(beats, default=head["start"]) + 0.05
+            runs.append({**head, "end": end, "killed": not ends})
+        return runs
+
+    def assert_no_overlap(self) -> int:
+        """No two runs of one pair's service on different nodes ever overlapped."""
+        runs = self.intervals()
+        for i, a in enumerate(runs):
+            for b in runs[i + 1 :]:
+                if a["service"] != b["service"] or a["pid"] == b["pid"]:
+                    continue
+                if a["start"] < b["end"] and b["start"] < a["end"]:
+                    raise AssertionError(f"two runs of {a['service']} overlapped: {a} and {b}")
+        return len(runs)

@@ -1,0 +1,276 @@
+"""End to end: real etcd, real agent processes, real services, real signals.
+
+Every test ends by proving, from the services' own record, that no two nodes of the
+pair ever ran the service at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cluster import Cluster, pid_alive, recording_service, until
+from harness import Etcd, free_port
+
+from shared import keys
+from shared.records import Drained, Paused, Switchover, TopologyDoc
+
+pytestmark = pytest.mark.e2e
+
+
+def pair(name: str, nodes: list[str], net: int, port: int, record: Path,
+         services: list[dict[str, Any]] | None = None, **failover: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "nodes": [{"name": n, "address": f"127.0.{net}.{i + 1}"} for i, n in enumerate(nodes)],
+        "failover": failover,
+        "services": services if services is not None
+        else [recording_service(f"{name}-svc", port, record, critical=True)],
+    }
+
+
+@pytest.fixture
+async def cluster(etcd: Etcd, store: object, tmp_path: Path) -> AsyncIterator[Cluster]:
+    c = Cluster(etcd, tmp_path)
+    try:
+        yield c
+    finally:
+        await c.stop_all()
+    # Checked after every agent stopped, so the last runs are complete too.
+    c.assert_no_overlap()
+
+
+async def two_nodes(c: Cluster, net: int, **kw: Any) -> tuple[str, int]:
+    await c.apply(c.site([pair("p", ["a", "b"], net, free_port(), c.record, **kw)]))
+    c.start("a")
+    c.start("b")
+    return await c.active("p", node="a")
+
+
+async def service_pid(c: Cluster, node: str, service: str = "p-svc") -> int:
+    async def pid() -> int | None:
+        st = await c.status(node)
+        svc = next((s for s in st.services if s.name == service), None) if st else None
+        return svc.pid if svc is not None and svc.state == "running" else None
+    return await until(pid, 10, f"{service} running on {node}")
+
+
+async def test_main_wins_when_both_start_together(cluster: Cluster) -> None:
+    await cluster.apply(cluster.site([pair("p", ["a", "b"], 10, free_port(), cluster.record)]))
+    cluster.start("b")  # the secondary even starts first
+    cluster.start("a")
+    node, epoch = await cluster.active("p")
+    assert node == "a"
+    endpoint = await until(lambda: cluster.endpoint("p-svc"), 5, "endpoint published")
+    assert (endpoint.node, endpoint.host, endpoint.epoch) == ("a", "127.0.10.1", epoch)
+    standby = await until(lambda: cluster.status("b"), 5, "status of b")
+    assert standby.role == "standby" and standby.epoch is None
+    elections = await cluster.events("election")
+    assert [e["node"] for e in elections] == ["a"]
+
+
+async def test_agent_kill9_kills_its_services_and_standby_takes_over(cluster: Cluster) -> None:
+    _, epoch = await two_nodes(cluster, 11)
+    svc = await service_pid(cluster, "a")
+    cluster.signal("a", signal.SIGKILL)
+    await until(lambda: asyncio.sleep(0, not pid_alive(svc)), 1.0, "service dead with agent")
+    node, new_epoch = await cluster.active("p", not_epoch=epoch)
+    assert node == "b" and new_epoch > epoch
+    endpoint = await until(lambda: cluster.endpoint("p-svc"), 5, "endpoint of b")
+    assert (endpoint.node, endpoint.epoch) == ("b", new_epoch)
+
+
+async def test_server_crash_takeover_after_lease_expiry(cluster: Cluster) -> None:
+    _, epoch = await two_nodes(cluster, 12)
+    crashed_at = time.monotonic()
+    for pid in cluster.crash("a"):
+        assert not pid_alive(pid)
+    node, new_epoch = await cluster.active("p", not_epoch=epoch)
+    took = time.monotonic() - crashed_at
+    assert node == "b" and new_epoch > epoch
+    # The lease (TTL 2 s, renewed every 0.5 s) had to expire first: nobody may take over
+    # earlier, and etcd drops it within TTL + its 0.5 s expiry tick.
+    assert 1.4 < took < 4.0, took
+    endpoint = await until(lambda: cluster.endpoint("p-svc"), 5, "endpoint of b")
+    assert endpoint.epoch == new_epoch
+
+
+async def test_frozen_active_is_fenced_before_the_standby_starts(cluster: Cluster) -> None:
+    _, epoch = await two_nodes(cluster, 13)
+    svc = await service_pid(cluster, "a")
+    cluster.signal("a", signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    node, _ = await cluster.active("p", not_epoch=epoch)
+    assert node == "b"
+    assert not pid_alive(svc), "the frozen agent's service still ran when b took over"
+    # The watchdog, not the frozen agent, stopped it.
+    assert "agent did not confirm its lease" in cluster.log("a")
+    cluster.signal("a", signal.SIGCONT)
+    back = await until(lambda: cluster.status("a"), 10, "a back with a status")
+    assert back.role == "standby"
+    assert time.monotonic() - frozen_at > 2.0
+    runs = [r for r in cluster.intervals() if r["node"] == "a"]
+    assert len(runs) == 1, "a must not restart its service after waking up"
+    assert (await cluster.leader("p")) is not None and (await cluster.leader("p"))[0] == "b"  # type: ignore[index]
+    assert "fenced" in cluster.log("a")
+
+
+async def test_critical_service_exit_moves_the_pair(cluster: Cluster) -> None:
+    _, epoch = await two_nodes(cluster, 14)
+    os.kill(await service_pid(cluster, "a"), signal.SIGKILL)
+    node, _ = await cluster.active("p", not_epoch=epoch)
+    assert node == "b"
+    resign = await until(lambda: cluster.events("resign"), 5, "resign event")
+    assert "critical service p-svc" in resign[0]["reason"]
+    assert len([r for r in cluster.intervals() if r["node"] == "a"]) == 1  # no restart
+
+
+async def test_non_critical_service_restarts_in_place_then_moves(cluster: Cluster) -> None:
+    svc = recording_service("p-svc", free_port(), cluster.record,
+                       restart={"max_restarts": 2, "window_s": 60, "backoff_s": 0.05})
+    _, epoch = await two_nodes(cluster, 15, services=[svc])
+    for restarts in (1, 2):
+        os.kill(await service_pid(cluster, "a"), signal.SIGKILL)
+
+        async def restarted(n: int = restarts) -> bool:
+            st = await cluster.status("a")
+            s = st.services[0] if st else None
+            return s is not None and s.restarts == n and s.state == "running"
+        await until(restarted, 10, f"restart {restarts} in place")
+        assert await cluster.leader("p") == ("a", epoch)
+    os.kill(await service_pid(cluster, "a"), signal.SIGKILL)
+    node, _ = await cluster.active("p", not_epoch=epoch)
+    assert node == "b"
+    resign = await until(lambda: cluster.events("resign"), 5, "resign event")
+    assert "service p-svc" in resign[0]["reason"]
+
+
+async def test_planned_switchover(cluster: Cluster) -> None:
+    _, epoch = await two_nodes(cluster, 16)
+    request = Switchover(by="test")
+    await cluster.store.put(keys.switchover("p"), request.encode())
+    node, new_epoch = await cluster.active("p", not_epoch=epoch)
+    assert node == "b"
+    events = await until(lambda: cluster.events("switchover"), 5, "switchover event")
+    assert events[0]["details"]["request"] == request.id
+    election = [e for e in await cluster.events("election") if e["node"] == "b"]
+    assert election[0]["details"]["planned"] is True
+    assert await cluster.store.get(keys.switchover("p")) is None
+    assert await cluster.store.get(keys.handover("p")) is None
+    endpoint = await until(lambda: cluster.endpoint("p-svc"), 5, "endpoint of b")
+    assert (endpoint.node, endpoint.epoch) == ("b", new_epoch)
+
+
+async def test_switchover_to_a_named_secondary_of_three(cluster: Cluster) -> None:
+    await cluster.apply(cluster.site(
+        [pair("p", ["a", "b", "c"], 17, free_port(), cluster.record)]))
+    for n in ("a", "b", "c"):
+        cluster.start(n)
+    _, epoch = await cluster.active("p", node="a")
+    await until(lambda: cluster.status("c"), 5, "c up")
+    await cluster.store.put(keys.switchover("p"), Switchover(to="c").encode())
+    node, _ = await cluster.active("p", not_epoch=epoch)
+    assert node == "c"
+
+
+async def test_switchover_to_an_unknown_node_is_refused(cluster: Cluster) -> None:
+    _, epoch = await two_nodes(cluster, 18)
+    request = Switchover(to="zz")
+    await cluster.store.put(keys.switchover("p"), request.encode())
+    rejected = await until(lambda: cluster.events("switchover_rejected"), 5, "rejection")
+    assert rejected[0]["details"]["request"] == request.id
+    assert "zz is not a node of pair p" in rejected[0]["reason"]
+    assert await cluster.leader("p") == ("a", epoch)
+    assert await cluster.store.get(keys.switchover("p")) is None
+
+
+async def test_pause_blocks_failover_until_resume(cluster: Cluster) -> None:
+    _, epoch = await two_nodes(cluster, 19)
+    await cluster.store.put(keys.paused("p"), Paused(by="test").encode())
+    cluster.crash("a")
+    # The lease expires within 2.5 s; after that, b must still not take over.
+    gone = await until(lambda: _no_leader(cluster), 5, "a's lease expired")
+    assert gone
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        assert await cluster.leader("p") is None, "b took over a paused pair"
+        await asyncio.sleep(0.1)
+    assert "pair paused" in cluster.log("b")
+    await cluster.store.delete(keys.paused("p"))
+    node, new_epoch = await cluster.active("p", not_epoch=epoch)
+    assert node == "b" and new_epoch > epoch
+
+
+async def _no_leader(c: Cluster) -> bool:
+    return await c.leader("p") is None
+
+
+async def test_drain_moves_the_active_away_and_keeps_the_node_out(cluster: Cluster) -> None:
+    _, epoch = await two_nodes(cluster, 20)
+    await cluster.store.put(keys.drained("a"), Drained(by="test").encode())
+    node, epoch2 = await cluster.active("p", not_epoch=epoch)
+    assert node == "b"
+    cluster.signal("b", signal.SIGTERM)  # b resigns on a clean stop
+    gone = await until(lambda: _no_leader(cluster), 5, "b resigned")
+    assert gone
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        assert await cluster.leader("p") is None, "a drained node took over"
+        await asyncio.sleep(0.1)
+    await cluster.store.delete(keys.drained("a"))
+    node, _ = await cluster.active("p", not_epoch=epoch2)
+    assert node == "a"
+
+
+async def test_invalid_topology_in_etcd_changes_nothing(cluster: Cluster) -> None:
+    _, epoch = await two_nodes(cluster, 21)
+    kv = await cluster.store.get(keys.TOPOLOGY)
+    assert kv is not None
+    doc = TopologyDoc.model_validate_json(kv.value)
+    bad = dict(doc.site)
+    bad["workshops"][0]["pairs"][0]["failover"]["lease_ttl_s"] = 1
+    await cluster.store.put(keys.TOPOLOGY, TopologyDoc(site=bad).encode())
+    await until(lambda: asyncio.sleep(0, "failover.lease_ttl_s" in cluster.log("a")), 5,
+                "the agent names the bad field")
+    assert await cluster.leader("p") == ("a", epoch)
+    st = await cluster.status("a")
+    assert st is not None and st.role == "active"
+
+
+async def test_agent_waits_for_etcd_at_start(tmp_path: Path) -> None:
+    etcd = Etcd()  # not started yet
+    c = Cluster(etcd, tmp_path)
+    try:
+        c.start("a")
+        await until(lambda: asyncio.sleep(0, "waiting for etcd" in c.log("a")), 10,
+                    "the agent says etcd is unreachable")
+        assert c.agents["a"].poll() is None
+        assert not list(c.record.glob("*.log"))
+        etcd.start()
+        await c.apply(c.site([pair("p", ["a", "b"], 22, free_port(), c.record)]))
+        node, _ = await c.active("p", timeout=15)
+        assert node == "a"
+    finally:
+        await c.stop_all()
+        etcd.cleanup()
+
+
+async def test_restarted_agent_takes_its_pair_back_at_once(cluster: Cluster) -> None:
+    _, epoch = await two_nodes(cluster, 23)
+    svc = await service_pid(cluster, "a")
+    cluster.signal("a", signal.SIGKILL)
+    cluster.agents["a"].wait(5)
+    await until(lambda: asyncio.sleep(0, not pid_alive(svc)), 1.0, "service dead with agent")
+    restarted_at = time.monotonic()
+    cluster.start("a")
+    node, new_epoch = await cluster.active("p", not_epoch=epoch)
+    assert node == "a" and new_epoch > epoch
+    # Well before the old lease (TTL 2 s) could have expired on its own.
+    assert time.monotonic() - restarted_at < 1.8
+    assert await cluster.events("reclaim")
