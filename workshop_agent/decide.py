@@ -206,9 +206,11 @@ def _reject(cmd: SwitchoverView, reason: str) -> Decision:
 
 
 def _eligible_peer(o: Observation, name: str) -> bool:
+    """A standby that could take over. A peer still reporting itself active is the one
+    stepping down (its status lags its leader key): it is never waited for."""
     peer = o.peers.get(name)
     node = o.pair.node(name)
-    return (peer is not None and node is not None and peer.healthy
+    return (peer is not None and node is not None and peer.healthy and peer.role == "standby"
             and not node.no_failover and name not in o.drained)
 
 

@@ -1,0 +1,124 @@
+"""Failover times with the default lease (TTL 2 s), against real etcd and processes.
+
+Measured from the fault to the service answering HTTP on the other node:
+  crash       the active server dies (agent, watchdog and services frozen then killed)
+  critical    the critical service on the active exits (SIGKILL)
+  switchover  an operator asks for a planned switchover
+
+Prints median, min, max over several runs of each. Usage:
+  python bench/bench_failover.py [--runs 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from cluster import Cluster, recording_service, until  # noqa: E402
+from harness import Etcd, free_port  # noqa: E402
+
+from shared import keys  # noqa: E402
+from shared.records import Switchover  # noqa: E402
+
+TARGETS = {"crash": (2.2, 2.8), "critical": (0.2, None), "switchover": (0.2, None)}
+ADDRESS = {"a": "127.0.80.1", "b": "127.0.80.2"}
+
+
+def answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.05) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            s.settimeout(0.5)
+            return s.recv(12).startswith(b"HTTP/1.0 200")
+    except OSError:
+        return False
+
+
+async def until_answers(host: str, port: int, limit: float = 10.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        if await asyncio.to_thread(answers, host, port):
+            return time.monotonic()
+        await asyncio.sleep(0.002)
+    raise RuntimeError(f"{host}:{port} did not answer within {limit}s")
+
+
+async def ready_standby(c: Cluster, node: str) -> None:
+    async def ok() -> bool:
+        st = await c.status(node)
+        return st is not None and st.role == "standby" and st.healthy
+    await until(ok, 15, f"{node} healthy standby")
+
+
+async def main(runs: int) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="hapair-bench-"))
+    etcd = Etcd().start()
+    c = Cluster(etcd, tmp)
+    port = free_port()
+    svc = recording_service("bench-svc", port, c.record, critical=True)
+    await c.apply(c.site([{
+        "name": "p",
+        "nodes": [{"name": n, "address": a} for n, a in ADDRESS.items()],
+        "services": [svc],
+    }]))
+    results: dict[str, list[float]] = {k: [] for k in TARGETS}
+    try:
+        c.start("a")
+        c.start("b")
+        active, _ = await c.active("p", node="a", timeout=20)
+        await ready_standby(c, "b")
+        for kind in ("switchover", "critical", "crash"):
+            for _ in range(runs):
+                standby = "b" if active == "a" else "a"
+                await until_answers(ADDRESS[active], port)
+                _, epoch = await c.active("p", node=active)
+                if kind == "crash":
+                    t0 = time.monotonic()
+                    c.crash(active)
+                elif kind == "critical":
+                    st = await c.status(active)
+                    assert st is not None
+                    pid = st.services[0].pid
+                    assert pid is not None
+                    t0 = time.monotonic()
+                    os.kill(pid, signal.SIGKILL)
+                else:
+                    t0 = time.monotonic()
+                    await c.store.put(keys.switchover("p"), Switchover(to=standby).encode())
+                t1 = await until_answers(ADDRESS[standby], port)
+                results[kind].append(t1 - t0)
+                print(f"  {kind:<10} {active} -> {standby}: {t1 - t0:.3f} s", flush=True)
+                await c.active("p", not_epoch=epoch, node=standby)
+                if kind == "crash":
+                    c.start(active)
+                await ready_standby(c, active)
+                active = standby
+    finally:
+        await c.stop_all()
+        etcd.cleanup()
+    runs_checked = c.assert_no_overlap()
+    print(f"\nno overlap across {runs_checked} service runs\n")
+    print(f"{'case':<11} {'runs':>4} {'median':>8} {'min':>7} {'max':>7}  target")
+    for kind, values in results.items():
+        med_target, max_target = TARGETS[kind]
+        target = f"median <= {med_target} s" + (f", max <= {max_target} s" if max_target else "")
+        print(f"{kind:<11} {len(values):>4} {statistics.median(values):>8.3f} "
+              f"{min(values):>7.3f} {max(values):>7.3f}  {target}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=7)
+    asyncio.run(main(parser.parse_args().runs))
