@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from harness import PYTHON, ROOT, Etcd, stop_pid
 
 from shared import keys
 from shared.records import Endpoint, Leader, NodeStatus, TopologyDoc, decode
 from shared.store import Store
 from shared.topology import parse_site
-from harness import PYTHON, ROOT, Etcd, stop_pid
 
 T = TypeVar("T")
 SVC = str(ROOT / "tests" / "svc.py")

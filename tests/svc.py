@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--bind", required=True)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--record", required=True)
+    p.add_argument("--sick-flag", help="while this file exists, answer 500")
     args = p.parse_args()
 
     started = time.monotonic()
@@ -56,7 +57,12 @@ def main() -> None:
                        "epoch": args.epoch}).encode()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
+            if args.sick_flag and os.path.exists(args.sick_flag):
+                self.send_response(500)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))

@@ -274,3 +274,52 @@ async def test_restarted_agent_takes_its_pair_back_at_once(cluster: Cluster) -> 
     # Well before the old lease (TTL 2 s) could have expired on its own.
     assert time.monotonic() - restarted_at < 1.8
     assert await cluster.events("reclaim")
+
+
+async def test_failed_health_checks_move_a_critical_service(cluster: Cluster) -> None:
+    sick = cluster.tmp / "sick-{node.name}"
+    svc = recording_service("p-svc", free_port(), cluster.record, critical=True)
+    svc["command"] += ["--sick-flag", str(sick)]
+    _, epoch = await two_nodes(cluster, 24, services=[svc])
+    (cluster.tmp / "sick-a").touch()
+    node, _ = await cluster.active("p", not_epoch=epoch)
+    assert node == "b"
+    resign = await until(lambda: cluster.events("resign"), 5, "resign event")
+    assert "failed 2 health checks" in resign[0]["reason"]
+    assert "status 500" in resign[0]["reason"]
+
+
+async def test_service_on_every_node_runs_everywhere_and_publishes_from_the_active(
+        cluster: Cluster) -> None:
+    port = free_port()
+    svc = recording_service("p-all", port, cluster.record, placement="all")
+    svc["command"] = [a if a != "{epoch}" else "-" for a in svc["command"]]
+    _, epoch = await two_nodes(cluster, 25, services=[svc])
+
+    async def running_on(node: str) -> bool:
+        st = await cluster.status(node)
+        return st is not None and st.services[0].state == "running"
+    await until(lambda: running_on("b"), 10, "p-all running on the standby")
+    endpoint = await until(lambda: cluster.endpoint("p-all"), 5, "endpoint")
+    assert (endpoint.node, endpoint.epoch) == ("a", epoch)
+    await cluster.store.put(keys.switchover("p"), Switchover().encode())
+    _, new_epoch = await cluster.active("p", not_epoch=epoch)
+
+    async def moved() -> bool:
+        e = await cluster.endpoint("p-all")
+        return e is not None and (e.node, e.epoch) == ("b", new_epoch)
+    await until(moved, 5, "endpoint follows the active")
+    # It kept running on both nodes through the switchover: one run per node.
+    assert sorted(r["node"] for r in cluster.intervals()) == ["a", "b"]
+    cluster.record = cluster.tmp / "none"  # runs on every node overlap by design
+    cluster.record.mkdir()
+
+
+async def test_failback_auto_returns_to_the_main(cluster: Cluster) -> None:
+    _, epoch = await two_nodes(cluster, 26, failback="auto", failback_after_s=1.0)
+    cluster.crash("a")
+    _, epoch2 = await cluster.active("p", not_epoch=epoch, node="b")
+    cluster.start("a")
+    node, _ = await cluster.active("p", not_epoch=epoch2, node="a")
+    assert node == "a"
+    assert any(e["reason"] == "failback" for e in await cluster.events("switchover"))
