@@ -1,0 +1,111 @@
+"""Registry lookups per second and p99 latency, load from a second process (wrk).
+
+One registry process against a real etcd holding a published endpoint; wrk (one
+thread, 50 connections) asks GET /v1/endpoints/{service} for 8 s, several times.
+Target on this 2-core machine: >= 15,000 lookups/s with p99 <= 5 ms (medians).
+Usage: python bench/bench_registry.py [--runs 5] [--seconds 8] [--connections 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from cluster import Cluster, until  # noqa: E402
+from harness import Etcd, free_port, stop_pid  # noqa: E402
+
+from shared import keys  # noqa: E402
+from shared.records import Endpoint, Leader  # noqa: E402
+
+SERVICE = "mes-api"
+
+
+def parse_wrk(text: str) -> tuple[float, float]:
+    """(requests per second, p99 in ms) from wrk --latency output."""
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
+    value, unit = re.search(r"99%\s+([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    p99 = float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    return rps, p99
+
+
+async def seed(c: Cluster) -> None:
+    await c.apply(c.site([{
+        "name": "asm",
+        "nodes": [{"name": "asm-a", "address": "127.0.0.11"},
+                  {"name": "asm-b", "address": "127.0.0.12"}],
+        "services": [{"name": SERVICE, "command": ["true"],
+                      "endpoint": {"port": 8080, "protocol": "http"}}],
+    }]))
+    lease = await c.store.grant(600)
+    epoch = await c.store.put(keys.leader("asm"), Leader(node="asm-a").encode(), lease=lease)
+    await c.store.put(keys.endpoint(SERVICE), Endpoint(
+        service=SERVICE, pair="asm", node="asm-a", host="127.0.0.11", port=8080,
+        protocol="http", epoch=epoch).encode(), lease=lease)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--connections", type=int, default=50)
+    args = parser.parse_args()
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        sys.exit("wrk is missing: apt-get install wrk (make bench installs it)")
+    tmp = Path(tempfile.mkdtemp(prefix="hapair-bench-"))
+    etcd = Etcd().start()
+    c = Cluster(etcd, tmp)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1/endpoints/{SERVICE}"
+    registry = None
+    try:
+        asyncio.run(seed(c))
+        registry = subprocess.Popen(
+            [sys.executable, "-m", "registry.main", "--etcd", etcd.url,
+             "--listen", f"127.0.0.1:{port}"], cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=(tmp / "registry.log").open("w"),
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+        async def answers() -> bool:
+            def get() -> bool:
+                with urllib.request.urlopen(url, timeout=1) as r:
+                    return r.status == 200
+            return await asyncio.to_thread(get)
+        asyncio.run(until(answers, 15, "the registry answering the lookup"))
+        subprocess.run([wrk, "-t1", "-c10", "-d2s", url], capture_output=True, check=True)
+        results = []
+        for i in range(args.runs):
+            out = subprocess.run(
+                [wrk, "-t1", f"-c{args.connections}", f"-d{args.seconds}s", "--latency", url],
+                capture_output=True, text=True, check=True).stdout
+            rps, p99 = parse_wrk(out)
+            results.append((rps, p99))
+            print(f"  run {i + 1}: {rps:,.0f} lookups/s, p99 {p99:.2f} ms", flush=True)
+    finally:
+        if registry is not None:
+            stop_pid(registry)
+        asyncio.run(c.stop_all())
+        etcd.cleanup()
+    rps_all = [r for r, _ in results]
+    p99_all = [p for _, p in results]
+    print(f"\nlookups/s  median {statistics.median(rps_all):,.0f}  "
+          f"min {min(rps_all):,.0f}  max {max(rps_all):,.0f}   target >= 15,000")
+    print(f"p99 (ms)   median {statistics.median(p99_all):.2f}  "
+          f"min {min(p99_all):.2f}  max {max(p99_all):.2f}   target <= 5")
+
+
+if __name__ == "__main__":
+    main()
