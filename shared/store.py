@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -83,7 +84,9 @@ def _client(endpoints: list[tuple[str, int]], timeout: float) -> aetcd.Client:
         return aetcd.Client(host, port, timeout=timeout)
     # aetcd joins host and port into one gRPC target; gRPC's ipv4: scheme takes a list of
     # addresses and fails over between them by itself.
-    *first, (last_host, last_port) = endpoints
+    # The scheme takes addresses only, so host names are resolved here, once.
+    resolved = [(socket.gethostbyname(h), p) for h, p in endpoints]
+    *first, (last_host, last_port) = resolved
     host = "ipv4:" + ",".join(f"{h}:{p}" for h, p in first) + "," + last_host
     return aetcd.Client(host, last_port, timeout=timeout)
 

@@ -53,6 +53,9 @@ def expand(text: str, values: Mapping[str, str]) -> str:
 
 def _check_placeholders(texts: Iterator[str], allowed: frozenset[str]) -> None:
     for text in texts:
+        if "epoch" in placeholders_in(text) and "epoch" not in allowed:
+            raise ValueError(f"{{epoch}} in {text!r} is not available for placement: all "
+                             "(such a service starts before any term exists)")
         unknown = placeholders_in(text) - allowed
         if unknown:
             names = ", ".join("{" + u + "}" for u in sorted(unknown))
@@ -73,7 +76,9 @@ class Node(_Model):
         try:
             return str(ipaddress.ip_address(value))
         except ValueError:
-            if re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", value):
+            dotted_numbers = re.fullmatch(r"[\d.]+", value) is not None
+            if not dotted_numbers and re.fullmatch(
+                    r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", value):
                 return value
             raise ValueError(f"{value!r} is neither an IP address nor a host name") from None
 
@@ -126,8 +131,8 @@ class Health(_Model):
         kinds = [k for k in ("tcp", "http", "command") if getattr(self, k) is not None]
         if len(kinds) > 1:
             raise ValueError(f"give one of tcp, http or command, not {' and '.join(kinds)}")
-        if self.tcp is not None and not re.fullmatch(r".+:\d{1,5}", self.tcp):
-            raise ValueError(f"tcp must be HOST:PORT, got {self.tcp!r}")
+        if self.tcp is not None and not _host_port(self.tcp):
+            raise ValueError(f"tcp must be HOST:PORT with a port from 1 to 65535, got {self.tcp!r}")
         if self.http is not None and not self.http.startswith(("http://", "https://")):
             raise ValueError(f"http must be an http:// or https:// URL, got {self.http!r}")
         if self.command is not None and not self.command:
@@ -144,6 +149,12 @@ class Health(_Model):
     def texts(self) -> Iterator[str]:
         yield from (t for t in (self.tcp, self.http) if t is not None)
         yield from self.command or []
+
+
+def _host_port(text: str) -> bool:
+    match = re.fullmatch(r".+:(\d{1,5}|\{[a-z.]+\})", text)
+    return match is not None and (not match.group(1).isdigit()
+                                  or 1 <= int(match.group(1)) <= 65535)
 
 
 class Endpoint(_Model):
@@ -183,11 +194,16 @@ class Pair(_Model):
 
     @model_validator(mode="after")
     def _unique(self) -> Pair:
-        _unique_names("nodes", [n.name for n in self.nodes])
-        _unique_names("node addresses", [n.address for n in self.nodes])
-        _unique_names("services", [s.name for s in self.services])
-        ports = [s.endpoint.port for s in self.services if s.endpoint and not s.endpoint.host]
-        _unique_names("endpoint ports", [str(p) for p in ports])
+        _check_unique([
+            ("node name", [(n.name, f"nodes[{i}].name") for i, n in enumerate(self.nodes)]),
+            ("node address",
+             [(n.address, f"nodes[{i}].address") for i, n in enumerate(self.nodes)]),
+            ("service name",
+             [(s.name, f"services[{i}].name") for i, s in enumerate(self.services)]),
+            ("endpoint port", [(str(s.endpoint.port), f"services[{i}].endpoint.port")
+                               for i, s in enumerate(self.services)
+                               if s.endpoint and not s.endpoint.host]),
+        ])
         return self
 
     def node(self, name: str) -> Node | None:
@@ -209,10 +225,20 @@ class Site(_Model):
 
     @model_validator(mode="after")
     def _unique(self) -> Site:
-        _unique_names("workshops", [w.name for w in self.workshops])
-        _unique_names("pairs", [p.name for p in self.pairs()])
-        _unique_names("nodes", [n.name for p in self.pairs() for n in p.nodes])
-        _unique_names("services", [s.name for p in self.pairs() for s in p.services])
+        pairs = [(f"workshops[{w}].pairs[{i}]", p) for w, ws in enumerate(self.workshops)
+                 for i, p in enumerate(ws.pairs)]
+        _check_unique([
+            ("workshop name",
+             [(w.name, f"workshops[{i}].name") for i, w in enumerate(self.workshops)]),
+            ("pair name", [(p.name, f"{at}.name") for at, p in pairs]),
+            ("node name", [(n.name, f"{at}.nodes[{i}].name")
+                           for at, p in pairs for i, n in enumerate(p.nodes)]),
+            # One server, one pair: an address in two pairs is a typo or a second agent.
+            ("node address", [(n.address, f"{at}.nodes[{i}].address")
+                              for at, p in pairs for i, n in enumerate(p.nodes)]),
+            ("service name", [(s.name, f"{at}.services[{i}].name")
+                              for at, p in pairs for i, s in enumerate(p.services)]),
+        ])
         return self
 
     def pairs(self) -> Iterator[Pair]:
@@ -236,11 +262,17 @@ class Site(_Model):
         return None
 
 
-def _unique_names(what: str, names: list[str]) -> None:
-    seen: set[str] = set()
-    dups = sorted({n for n in names if n in seen or seen.add(n)})  # type: ignore[func-returns-value]
-    if dups:
-        raise ValueError(f"duplicate {what}: {', '.join(dups)}")
+def _check_unique(groups: list[tuple[str, list[tuple[str, str]]]]) -> None:
+    """Refuse duplicates, naming every place each duplicate value appears."""
+    problems = []
+    for what, items in groups:
+        where: dict[str, list[str]] = {}
+        for value, path in items:
+            where.setdefault(value, []).append(path)
+        problems += [f"duplicate {what} {value!r} at {', '.join(paths)}"
+                     for value, paths in where.items() if len(paths) > 1]
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def format_errors(err: ValidationError) -> list[str]:
@@ -262,9 +294,19 @@ def parse_site(data: object, source: str) -> Site:
         raise TopologyError(source, format_errors(err)) from None
 
 
+class _Loader(yaml.SafeLoader):
+    """Safe YAML without the date type: a site file has no dates, only strings."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def loads(text: str, source: str = "<text>") -> Site:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
@@ -278,9 +320,12 @@ def loads(text: str, source: str = "<text>") -> Site:
 def load(path: str | Path) -> Site:
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as err:
         raise TopologyError(str(p), [f"cannot read file: {err.strerror}"]) from None
+    except UnicodeDecodeError as err:
+        raise TopologyError(str(p), [f"cannot read file: not UTF-8 text (byte {err.start})"]
+                            ) from None
     return loads(text, str(p))
 
 

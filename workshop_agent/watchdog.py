@@ -13,6 +13,7 @@ back before this process has finished killing the previous run's services.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import selectors
 import signal
@@ -59,7 +60,11 @@ def serve(stream: IO[bytes]) -> None:
             buffer += chunk
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
-                deadline = _apply(line.decode(errors="replace").split(), groups, deadline)
+                words = line.decode(errors="replace").split()
+                try:
+                    deadline = _apply(words, groups, deadline)
+                except ValueError:
+                    _log(f"ignored bad command {' '.join(words)!r}")
         if time.monotonic() >= deadline:
             _kill_all(groups, "agent did not confirm its lease before the fence point")
             deadline = float("inf")
@@ -68,7 +73,10 @@ def serve(stream: IO[bytes]) -> None:
 def _apply(words: list[str], groups: set[int], deadline: float) -> float:
     match words:
         case ["deadline", value]:
-            return float(value)
+            at = float(value)
+            if math.isnan(at):
+                raise ValueError(value)
+            return at
         case ["add", pgid]:
             groups.add(int(pgid))
         case ["del", pgid]:
