@@ -41,6 +41,15 @@ def node_status(node: str) -> str:
     return f"{NODES_PREFIX}{node}/status"
 
 
+def reports_prefix(node: str) -> str:
+    return f"{NODES_PREFIX}{node}/reports/"
+
+
+def report(node: str, service: str) -> str:
+    """What a service of this node reports about resources it needs (PLCs, database)."""
+    return f"{reports_prefix(node)}{service}"
+
+
 def drained(node: str) -> str:
     return f"{NODES_PREFIX}{node}/drained"
 

@@ -77,6 +77,26 @@ class NodeStatus(Record):
     updated: float = Field(default_factory=now_wall)
 
 
+class Resource(Record):
+    """One resource a service needs, as the service sees it from its node."""
+
+    ok: bool
+    critical: bool = False
+    grace_s: float = Field(5.0, ge=0.0, description="lost this long on the active: move")
+    detail: str = ""
+
+
+class ServiceReport(Record):
+    """``/nodes/{node}/reports/{service}``, bound to the reporting service's own lease.
+
+    This is how an application forces a switch: a critical resource lost on the active
+    while a standby still reaches it moves the pair to that standby."""
+
+    service: Name
+    resources: dict[str, Resource] = Field(default_factory=dict)
+    at: float = Field(default_factory=now_wall)
+
+
 class Paused(Record):
     by: str
     at: float = Field(default_factory=now_wall)

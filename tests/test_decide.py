@@ -18,6 +18,7 @@ from workshop_agent.decide import (
     Handover,
     HandoverView,
     LeaderView,
+    Lost,
     Observation,
     PeerView,
     Reclaim,
@@ -106,6 +107,20 @@ UP = {"b": PeerView("standby", True), "c": PeerView("standby", True)}
 ])
 def test_decision_table(case: str, o: Observation, expected: list[type]) -> None:
     assert kinds(decide(o)) == expected, case
+
+
+def test_a_critical_resource_lost_on_the_active_moves_to_a_standby_that_reaches_it() -> None:
+    lost = {"plc:press-1": Lost(since=95.0, grace_s=2.0)}
+    peers = {"b": PeerView("standby", True), "c": PeerView("standby", True,
+                                                            reaches=frozenset({"plc:press-1"}))}
+    o = obs(term=5, leader=MINE, services_up=True, peers=peers, lost=lost)
+    assert decide(o).actions == (Handover("c", None, "plc:press-1 lost on the active"),)
+    # Still within its grace time: stay.
+    assert decide(replace(o, lost={"plc:press-1": Lost(99.0, 2.0)})).actions == ()
+    # Nobody reaches it: the fault is the PLC's, nobody moves.
+    assert decide(replace(o, peers={"b": PeerView("standby", True)})).actions == ()
+    # Paused: nobody moves either.
+    assert decide(replace(o, paused=True)).actions == ()
 
 
 def test_switchover_picks_the_first_eligible_in_priority_order() -> None:

@@ -19,7 +19,7 @@ from cluster import Cluster, pid_alive, recording_service, until
 from harness import Etcd, free_port
 
 from shared import keys
-from shared.records import Drained, Paused, Switchover, TopologyDoc
+from shared.records import Drained, Paused, Resource, ServiceReport, Switchover, TopologyDoc
 
 pytestmark = pytest.mark.e2e
 
@@ -323,3 +323,35 @@ async def test_failback_auto_returns_to_the_main(cluster: Cluster) -> None:
     node, _ = await cluster.active("p", not_epoch=epoch2, node="a")
     assert node == "a"
     assert any(e["reason"] == "failback" for e in await cluster.events("switchover"))
+
+
+async def report(c: Cluster, node: str, ok: bool) -> None:
+    lease = await c.store.grant(30)
+    await c.store.put(keys.report(node, "comm"), ServiceReport(service="comm", resources={
+        "plc:press-1": Resource(ok=ok, critical=True, grace_s=0.5)}).encode(), lease=lease)
+
+
+async def test_application_forces_the_switch_to_a_standby_that_reaches_the_plc(
+        cluster: Cluster) -> None:
+    _, epoch = await two_nodes(cluster, 27)
+    await report(cluster, "b", ok=True)
+    await report(cluster, "a", ok=False)
+    node, _ = await cluster.active("p", not_epoch=epoch)
+    assert node == "b"
+    moves = await until(lambda: cluster.events("switchover"), 5, "switchover event")
+    assert moves[0]["reason"] == "plc:press-1 lost on the active"
+
+
+async def test_nobody_moves_when_no_node_reaches_the_plc(cluster: Cluster) -> None:
+    _, epoch = await two_nodes(cluster, 28)
+    await report(cluster, "b", ok=False)
+    await report(cluster, "a", ok=False)
+
+    async def alarm() -> bool:
+        st = await cluster.status("a")
+        return st is not None and "critical resource plc:press-1 lost" in st.problems
+    await until(alarm, 5, "the alarm in a's status")
+    deadline = time.monotonic() + 1.5  # three grace times
+    while time.monotonic() < deadline:
+        assert await cluster.leader("p") == ("a", epoch)
+        await asyncio.sleep(0.1)

@@ -303,7 +303,7 @@ class Agent:
             failure=self.supervisor.failure, healthy=healthy,
             holdoff_until=self.holdoff_until, started_at=self.started_at,
             peers=st.peers, paused=st.paused, drained=st.drained,
-            switchover=st.switchover, handover=st.handover)
+            switchover=st.switchover, handover=st.handover, lost=st.lost)
 
     async def _act(self, action: d.Action) -> None:
         assert self.session is not None and self.election is not None
@@ -434,6 +434,8 @@ class Agent:
         if self.clock() < self.holdoff_until:
             healthy = False
             problems = [*problems, "stepped down after a failure; holding off"]
+        if self._state is not None:
+            problems += [f"critical resource {name} lost" for name in sorted(self._state.lost)]
         role: Role = "standby"
         if self.term is not None:
             active_states = [r.state for r in sup.runners.values() if r.active_only]

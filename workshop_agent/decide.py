@@ -35,6 +35,15 @@ class PeerView:
     role: str
     healthy: bool
     healthy_since: float | None = None
+    reaches: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """A critical resource (a PLC, the database) this node's services cannot reach."""
+
+    since: float
+    grace_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +80,7 @@ class Observation:
     drained: frozenset[str] = frozenset()
     switchover: SwitchoverView | None = None
     handover: HandoverView | None = None
+    lost: Mapping[str, Lost] = field(default_factory=dict)
 
     @property
     def lease_ttl(self) -> float:
@@ -171,6 +181,9 @@ def _as_active(o: Observation, term: int) -> Decision:
         if target is not None:
             return Decision(f"node drained: handing over to {target}",
                             (Handover(target, None, "node drained"),))
+    forced = _forced_switch(o)
+    if forced is not None:
+        return forced
     failback = _failback_target(o)
     if failback is not None:
         return Decision(f"failback to {failback}", (Handover(failback, None, "failback"),))
@@ -218,6 +231,24 @@ def best_standby(o: Observation) -> str | None:
     """The first node in priority order that could take over now."""
     return next((n.name for n in o.pair.nodes if n.name != o.me and _eligible_peer(o, n.name)),
                 None)
+
+
+def _forced_switch(o: Observation) -> Decision | None:
+    """The application forces the switch: a critical resource lost here for its grace
+    time moves the pair to the first standby that still reaches it. If none does, the
+    fault is the resource's, not this node's: nobody moves."""
+    if o.paused:
+        return None
+    for name, lost in sorted(o.lost.items()):
+        if o.now - lost.since < lost.grace_s:
+            continue
+        target = next((n.name for n in o.pair.nodes if n.name != o.me
+                       and _eligible_peer(o, n.name) and name in o.peers[n.name].reaches),
+                      None)
+        if target is not None:
+            return Decision(f"{name} lost on this node, {target} reaches it: handing over",
+                            (Handover(target, None, f"{name} lost on the active"),))
+    return None
 
 
 def _failback_target(o: Observation) -> str | None:

@@ -12,10 +12,19 @@ from dataclasses import dataclass
 
 from shared import keys
 from shared.log import EventLog
-from shared.records import Handover, Leader, NodeStatus, R, RecordError, Switchover, decode
+from shared.records import (
+    Handover,
+    Leader,
+    NodeStatus,
+    R,
+    RecordError,
+    ServiceReport,
+    Switchover,
+    decode,
+)
 from shared.store import Kv
 from shared.topology import Pair
-from workshop_agent.decide import HandoverView, LeaderView, PeerView, SwitchoverView
+from workshop_agent.decide import HandoverView, LeaderView, Lost, PeerView, SwitchoverView
 
 INVALID = "<invalid value>"
 
@@ -30,6 +39,7 @@ class PairState:
     switchover: SwitchoverView | None
     switchover_raw: bytes | None
     handover: HandoverView | None
+    lost: dict[str, Lost]
 
 
 class PairObserver:
@@ -40,6 +50,7 @@ class PairObserver:
         self._handover_seen: tuple[int, float] | None = None
         self._healthy_since: dict[str, float] = {}
         self._warned: set[tuple[str, int]] = set()
+        self._lost_since: dict[str, float] = {}
 
     def _decode(self, model: type[R], kv: Kv) -> R | None:
         try:
@@ -69,8 +80,10 @@ class PairObserver:
                 self._healthy_since.setdefault(n.name, now)
             else:
                 self._healthy_since.pop(n.name, None)
+            reaches = frozenset(name for report in self._reports(n.name, nodes)
+                                for name, r in report.resources.items() if r.ok)
             peers[n.name] = PeerView(status.role, status.healthy,
-                                     self._healthy_since.get(n.name))
+                                     self._healthy_since.get(n.name), reaches)
         drained = frozenset(n.name for n in pair.nodes if keys.drained(n.name) in nodes)
         switchover, raw = self._switchover(pairs.get(keys.switchover(pair.name)))
         return PairState(
@@ -83,7 +96,22 @@ class PairObserver:
             switchover=switchover,
             switchover_raw=raw,
             handover=self._handover(pairs.get(keys.handover(pair.name)), now),
+            lost=self._lost(nodes, now),
         )
+
+    def _reports(self, node: str, nodes: Mapping[str, Kv]) -> list[ServiceReport]:
+        prefix = keys.reports_prefix(node)
+        found = (self._decode(ServiceReport, kv) for key, kv in nodes.items()
+                 if key.startswith(prefix))
+        return [r for r in found if r is not None]
+
+    def _lost(self, nodes: Mapping[str, Kv], now: float) -> dict[str, Lost]:
+        grace = {name: r.grace_s for report in self._reports(self.me, nodes)
+                 for name, r in report.resources.items() if r.critical and not r.ok}
+        for name in set(self._lost_since) - set(grace):
+            del self._lost_since[name]
+        return {name: Lost(self._lost_since.setdefault(name, now), g)
+                for name, g in grace.items()}
 
     def _leader(self, kv: Kv | None) -> LeaderView | None:
         if kv is None:
