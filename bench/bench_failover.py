@@ -58,6 +58,7 @@ async def ready_standby(c: Cluster, node: str) -> None:
     async def ok() -> bool:
         st = await c.status(node)
         return st is not None and st.role == "standby" and st.healthy
+
     await until(ok, 15, f"{node} healthy standby")
 
 
@@ -67,11 +68,17 @@ async def main(runs: int) -> None:
     c = Cluster(etcd, tmp)
     port = free_port()
     svc = recording_service("bench-svc", port, c.record, critical=True)
-    await c.apply(c.site([{
-        "name": "p",
-        "nodes": [{"name": n, "address": a} for n, a in ADDRESS.items()],
-        "services": [svc],
-    }]))
+    await c.apply(
+        c.site(
+            [
+                {
+                    "name": "p",
+                    "nodes": [{"name": n, "address": a} for n, a in ADDRESS.items()],
+                    "services": [svc],
+                }
+            ]
+        )
+    )
     results: dict[str, list[float]] = {k: [] for k in TARGETS}
     try:
         c.start("a")
@@ -113,12 +120,15 @@ async def main(runs: int) -> None:
     for kind, values in results.items():
         med_target, max_target = TARGETS[kind]
         target = f"median <= {med_target} s" + (f", max <= {max_target} s" if max_target else "")
-        print(f"{kind:<11} {len(values):>4} {statistics.median(values):>8.3f} "
-              f"{min(values):>7.3f} {max(values):>7.3f}  {target}")
+        print(
+            f"{kind:<11} {len(values):>4} {statistics.median(values):>8.3f} "
+            f"{min(values):>7.3f} {max(values):>7.3f}  {target}"
+        )
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=7)
     asyncio.run(main(parser.parse_args().runs))

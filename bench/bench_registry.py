@@ -41,23 +41,47 @@ def parse_wrk(text: str) -> tuple[float, float]:
 
 
 async def seed(c: Cluster) -> None:
-    await c.apply(c.site([{
-        "name": "asm",
-        "nodes": [{"name": "asm-a", "address": "127.0.0.11"},
-                  {"name": "asm-b", "address": "127.0.0.12"}],
-        "services": [{"name": SERVICE, "command": ["true"],
-                      "endpoint": {"port": 8080, "protocol": "http"}}],
-    }]))
+    await c.apply(
+        c.site(
+            [
+                {
+                    "name": "asm",
+                    "nodes": [
+                        {"name": "asm-a", "address": "127.0.0.11"},
+                        {"name": "asm-b", "address": "127.0.0.12"},
+                    ],
+                    "services": [
+                        {
+                            "name": SERVICE,
+                            "command": ["true"],
+                            "endpoint": {"port": 8080, "protocol": "http"},
+                        }
+                    ],
+                }
+            ]
+        )
+    )
     lease = await c.store.grant(600)
     epoch = await c.store.put(keys.leader("asm"), Leader(node="asm-a").encode(), lease=lease)
-    await c.store.put(keys.endpoint(SERVICE), Endpoint(
-        service=SERVICE, pair="asm", node="asm-a", host="127.0.0.11", port=8080,
-        protocol="http", epoch=epoch).encode(), lease=lease)
+    await c.store.put(
+        keys.endpoint(SERVICE),
+        Endpoint(
+            service=SERVICE,
+            pair="asm",
+            node="asm-a",
+            host="127.0.0.11",
+            port=8080,
+            protocol="http",
+            epoch=epoch,
+        ).encode(),
+        lease=lease,
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--connections", type=int, default=50)
@@ -74,23 +98,38 @@ def main() -> None:
     try:
         asyncio.run(seed(c))
         registry = subprocess.Popen(
-            [sys.executable, "-m", "registry.main", "--etcd", etcd.url,
-             "--listen", f"127.0.0.1:{port}"], cwd=ROOT,
-            stdout=subprocess.DEVNULL, stderr=(tmp / "registry.log").open("w"),
-            env={**os.environ, "PYTHONPATH": str(ROOT)})
+            [
+                sys.executable,
+                "-m",
+                "registry.main",
+                "--etcd",
+                etcd.url,
+                "--listen",
+                f"127.0.0.1:{port}",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=(tmp / "registry.log").open("w"),
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
 
         async def answers() -> bool:
             def get() -> bool:
                 with urllib.request.urlopen(url, timeout=1) as r:
                     return r.status == 200
+
             return await asyncio.to_thread(get)
+
         asyncio.run(until(answers, 15, "the registry answering the lookup"))
         subprocess.run([wrk, "-t1", "-c10", "-d2s", url], capture_output=True, check=True)
         results = []
         for i in range(args.runs):
             out = subprocess.run(
                 [wrk, "-t1", f"-c{args.connections}", f"-d{args.seconds}s", "--latency", url],
-                capture_output=True, text=True, check=True).stdout
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             rps, p99 = parse_wrk(out)
             results.append((rps, p99))
             print(f"  run {i + 1}: {rps:,.0f} lookups/s, p99 {p99:.2f} ms", flush=True)
@@ -101,10 +140,14 @@ def main() -> None:
         etcd.cleanup()
     rps_all = [r for r, _ in results]
     p99_all = [p for _, p in results]
-    print(f"\nlookups/s  median {statistics.median(rps_all):,.0f}  "
-          f"min {min(rps_all):,.0f}  max {max(rps_all):,.0f}   target >= 15,000")
-    print(f"p99 (ms)   median {statistics.median(p99_all):.2f}  "
-          f"min {min(p99_all):.2f}  max {max(p99_all):.2f}   target <= 5")
+    print(
+        f"\nlookups/s  median {statistics.median(rps_all):,.0f}  "
+        f"min {min(rps_all):,.0f}  max {max(rps_all):,.0f}   target >= 15,000"
+    )
+    print(
+        f"p99 (ms)   median {statistics.median(p99_all):.2f}  "
+        f"min {min(p99_all):.2f}  max {max(p99_all):.2f}   target <= 5"
+    )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,11 @@ class LogfmtFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
         fields: dict[str, Any] = getattr(record, "fields", {})
-        parts = [f"ts={stamp}.{int(record.msecs):03d}", f"level={record.levelname.lower()}",
-                 f"logger={record.name}"]
+        parts = [
+            f"ts={stamp}.{int(record.msecs):03d}",
+            f"level={record.levelname.lower()}",
+            f"logger={record.name}",
+        ]
         if fields:
             parts.append(f"event={_quote(record.getMessage())}")
             parts.extend(f"{k}={_quote(v)}" for k, v in fields.items() if v is not None)

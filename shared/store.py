@@ -120,8 +120,11 @@ class Store:
 
     async def get(self, key: str) -> Kv | None:
         got = await self.call(lambda: self.client.get(key.encode()))
-        return None if got is None else Kv(key, bytes(got.value), got.create_revision,
-                                           got.mod_revision, got.lease)
+        return (
+            None
+            if got is None
+            else Kv(key, bytes(got.value), got.create_revision, got.mod_revision, got.lease)
+        )
 
     async def get_prefix(self, prefix: str) -> tuple[list[Kv], int]:
         """Every key under ``prefix`` and the store revision they were read at."""
@@ -136,8 +139,9 @@ class Store:
         result = await self.call(lambda: self.client.delete(key.encode()))
         return bool(result.deleted)
 
-    async def txn(self, compare: list[Any], success: list[Any],
-                  failure: list[Any] | None = None) -> tuple[bool, list[Any]]:
+    async def txn(
+        self, compare: list[Any], success: list[Any], failure: list[Any] | None = None
+    ) -> tuple[bool, list[Any]]:
         ok, resp = await self.call(lambda: self.client.transaction(compare, success, failure or []))
         return bool(ok), list(resp)
 
@@ -164,8 +168,9 @@ class Store:
         stream breaks (etcd down, compaction): the caller reloads and watches again."""
         try:
             watch = await asyncio.wait_for(
-                self.client.watch(prefix.encode(), range_end=_prefix_end(prefix),
-                                  start_revision=start_revision),
+                self.client.watch(
+                    prefix.encode(), range_end=_prefix_end(prefix), start_revision=start_revision
+                ),
                 self.timeout,
             )
         except TimeoutError:
@@ -202,9 +207,13 @@ class Mirror:
     is False; it reloads and resumes by itself.
     """
 
-    def __init__(self, store: Store, prefix: str,
-                 on_change: Callable[[Change | None], None] | None = None,
-                 retry_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        store: Store,
+        prefix: str,
+        on_change: Callable[[Change | None], None] | None = None,
+        retry_s: float = 0.25,
+    ) -> None:
         self.store = store
         self.prefix = prefix
         self.items: dict[str, Kv] = {}
@@ -230,7 +239,7 @@ class Mirror:
                     self._apply(change)
             except StoreError as err:
                 if self.error != str(err):
-                    log.warning("watch lost: %s; retrying", err)
+                    log.warning("watch of %s lost: %s; retrying", self.prefix, err)
                 self.error = str(err)
                 self.synced.clear()
                 if self._on_change:

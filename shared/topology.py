@@ -54,8 +54,10 @@ def expand(text: str, values: Mapping[str, str]) -> str:
 def _check_placeholders(texts: Iterator[str], allowed: frozenset[str]) -> None:
     for text in texts:
         if "epoch" in placeholders_in(text) and "epoch" not in allowed:
-            raise ValueError(f"{{epoch}} in {text!r} is not available for placement: all "
-                             "(such a service starts before any term exists)")
+            raise ValueError(
+                f"{{epoch}} in {text!r} is not available for placement: all "
+                "(such a service starts before any term exists)"
+            )
         unknown = placeholders_in(text) - allowed
         if unknown:
             names = ", ".join("{" + u + "}" for u in sorted(unknown))
@@ -78,7 +80,8 @@ class Node(_Model):
         except ValueError:
             dotted_numbers = re.fullmatch(r"[\d.]+", value) is not None
             if not dotted_numbers and re.fullmatch(
-                    r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", value):
+                r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", value
+            ):
                 return value
             raise ValueError(f"{value!r} is neither an IP address nor a host name") from None
 
@@ -153,8 +156,7 @@ class Health(_Model):
 
 def _host_port(text: str) -> bool:
     match = re.fullmatch(r".+:(\d{1,5}|\{[a-z.]+\})", text)
-    return match is not None and (not match.group(1).isdigit()
-                                  or 1 <= int(match.group(1)) <= 65535)
+    return match is not None and (not match.group(1).isdigit() or 1 <= int(match.group(1)) <= 65535)
 
 
 class Endpoint(_Model):
@@ -194,16 +196,27 @@ class Pair(_Model):
 
     @model_validator(mode="after")
     def _unique(self) -> Pair:
-        _check_unique([
-            ("node name", [(n.name, f"nodes[{i}].name") for i, n in enumerate(self.nodes)]),
-            ("node address",
-             [(n.address, f"nodes[{i}].address") for i, n in enumerate(self.nodes)]),
-            ("service name",
-             [(s.name, f"services[{i}].name") for i, s in enumerate(self.services)]),
-            ("endpoint port", [(str(s.endpoint.port), f"services[{i}].endpoint.port")
-                               for i, s in enumerate(self.services)
-                               if s.endpoint and not s.endpoint.host]),
-        ])
+        _check_unique(
+            [
+                ("node name", [(n.name, f"nodes[{i}].name") for i, n in enumerate(self.nodes)]),
+                (
+                    "node address",
+                    [(n.address, f"nodes[{i}].address") for i, n in enumerate(self.nodes)],
+                ),
+                (
+                    "service name",
+                    [(s.name, f"services[{i}].name") for i, s in enumerate(self.services)],
+                ),
+                (
+                    "endpoint port",
+                    [
+                        (str(s.endpoint.port), f"services[{i}].endpoint.port")
+                        for i, s in enumerate(self.services)
+                        if s.endpoint and not s.endpoint.host
+                    ],
+                ),
+            ]
+        )
         return self
 
     def node(self, name: str) -> Node | None:
@@ -225,20 +238,45 @@ class Site(_Model):
 
     @model_validator(mode="after")
     def _unique(self) -> Site:
-        pairs = [(f"workshops[{w}].pairs[{i}]", p) for w, ws in enumerate(self.workshops)
-                 for i, p in enumerate(ws.pairs)]
-        _check_unique([
-            ("workshop name",
-             [(w.name, f"workshops[{i}].name") for i, w in enumerate(self.workshops)]),
-            ("pair name", [(p.name, f"{at}.name") for at, p in pairs]),
-            ("node name", [(n.name, f"{at}.nodes[{i}].name")
-                           for at, p in pairs for i, n in enumerate(p.nodes)]),
-            # One server, one pair: an address in two pairs is a typo or a second agent.
-            ("node address", [(n.address, f"{at}.nodes[{i}].address")
-                              for at, p in pairs for i, n in enumerate(p.nodes)]),
-            ("service name", [(s.name, f"{at}.services[{i}].name")
-                              for at, p in pairs for i, s in enumerate(p.services)]),
-        ])
+        pairs = [
+            (f"workshops[{w}].pairs[{i}]", p)
+            for w, ws in enumerate(self.workshops)
+            for i, p in enumerate(ws.pairs)
+        ]
+        _check_unique(
+            [
+                (
+                    "workshop name",
+                    [(w.name, f"workshops[{i}].name") for i, w in enumerate(self.workshops)],
+                ),
+                ("pair name", [(p.name, f"{at}.name") for at, p in pairs]),
+                (
+                    "node name",
+                    [
+                        (n.name, f"{at}.nodes[{i}].name")
+                        for at, p in pairs
+                        for i, n in enumerate(p.nodes)
+                    ],
+                ),
+                # One server, one pair: an address in two pairs is a typo or a second agent.
+                (
+                    "node address",
+                    [
+                        (n.address, f"{at}.nodes[{i}].address")
+                        for at, p in pairs
+                        for i, n in enumerate(p.nodes)
+                    ],
+                ),
+                (
+                    "service name",
+                    [
+                        (s.name, f"{at}.services[{i}].name")
+                        for at, p in pairs
+                        for i, s in enumerate(p.services)
+                    ],
+                ),
+            ]
+        )
         return self
 
     def pairs(self) -> Iterator[Pair]:
@@ -269,8 +307,11 @@ def _check_unique(groups: list[tuple[str, list[tuple[str, str]]]]) -> None:
         where: dict[str, list[str]] = {}
         for value, path in items:
             where.setdefault(value, []).append(path)
-        problems += [f"duplicate {what} {value!r} at {', '.join(paths)}"
-                     for value, paths in where.items() if len(paths) > 1]
+        problems += [
+            f"duplicate {what} {value!r} at {', '.join(paths)}"
+            for value, paths in where.items()
+            if len(paths) > 1
+        ]
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -324,8 +365,9 @@ def load(path: str | Path) -> Site:
     except OSError as err:
         raise TopologyError(str(p), [f"cannot read file: {err.strerror}"]) from None
     except UnicodeDecodeError as err:
-        raise TopologyError(str(p), [f"cannot read file: not UTF-8 text (byte {err.start})"]
-                            ) from None
+        raise TopologyError(
+            str(p), [f"cannot read file: not UTF-8 text (byte {err.start})"]
+        ) from None
     return loads(text, str(p))
 
 

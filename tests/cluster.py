@@ -27,8 +27,9 @@ SVC = str(ROOT / "tests" / "svc.py")
 AGENT = [PYTHON, "-m", "workshop_agent.main"]
 
 
-async def until(cond: Callable[[], Awaitable[T | None]], timeout: float, what: str,
-                step: float = 0.02) -> T:
+async def until(
+    cond: Callable[[], Awaitable[T | None]], timeout: float, what: str, step: float = 0.02
+) -> T:
     """Await ``cond`` until it returns something truthy; fail naming ``what``."""
     deadline = time.monotonic() + timeout
     last: object = None
@@ -47,11 +48,30 @@ async def until(cond: Callable[[], Awaitable[T | None]], timeout: float, what: s
 def recording_service(name: str, port: int, record: Path, **extra: Any) -> dict[str, Any]:
     return {
         "name": name,
-        "command": [PYTHON, SVC, "--service", name, "--pair", "{pair.name}",
-                    "--node", "{node.name}", "--epoch", "{epoch}", "--bind", "{node.address}",
-                    "--port", str(port), "--record", str(record)],
-        "health": {"http": f"http://{{node.address}}:{port}/", "interval_s": 0.2,
-                   "timeout_s": 0.5, "failures": 2},
+        "command": [
+            PYTHON,
+            SVC,
+            "--service",
+            name,
+            "--pair",
+            "{pair.name}",
+            "--node",
+            "{node.name}",
+            "--epoch",
+            "{epoch}",
+            "--bind",
+            "{node.address}",
+            "--port",
+            str(port),
+            "--record",
+            str(record),
+        ],
+        "health": {
+            "http": f"http://{{node.address}}:{port}/",
+            "interval_s": 0.2,
+            "timeout_s": 1.0,
+            "failures": 2,
+        },
         "endpoint": {"port": port, "protocol": "http"},
         **extra,
     }
@@ -95,8 +115,9 @@ class Cluster:
     # -- topology ---------------------------------------------------------------------
     async def apply(self, site: dict[str, Any]) -> None:
         parsed = parse_site(site, "test site")
-        await self.store.put(keys.TOPOLOGY,
-                             TopologyDoc(site=parsed.model_dump(mode="json")).encode())
+        await self.store.put(
+            keys.TOPOLOGY, TopologyDoc(site=parsed.model_dump(mode="json")).encode()
+        )
 
     @staticmethod
     def site(pairs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -111,9 +132,21 @@ class Cluster:
     def start(self, node: str, *extra: str) -> subprocess.Popen[bytes]:
         log = (self.tmp / f"agent-{node}.log").open("ab")
         proc = subprocess.Popen(
-            [*AGENT, "--node", node, "--etcd", self.etcd.url,
-             "--state-dir", str(self.tmp / f"state-{node}"), *extra],
-            cwd=ROOT, stdout=log, stderr=log, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            [
+                *AGENT,
+                "--node",
+                node,
+                "--etcd",
+                self.etcd.url,
+                "--state-dir",
+                str(self.tmp / f"state-{node}"),
+                *extra,
+            ],
+            cwd=ROOT,
+            stdout=log,
+            stderr=log,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         log.close()
         self.agents[node] = proc
         return proc
@@ -141,8 +174,9 @@ class Cluster:
         for proc in self.agents.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGCONT)
-        await asyncio.gather(*(asyncio.to_thread(stop_pid, p, signal.SIGTERM, 10.0)
-                               for p in self.agents.values()))
+        await asyncio.gather(
+            *(asyncio.to_thread(stop_pid, p, signal.SIGTERM, 10.0) for p in self.agents.values())
+        )
         await self.store.close()
 
     # -- etcd views -------------------------------------------------------------------
@@ -165,15 +199,18 @@ class Cluster:
         out = [json.loads(kv.value) for kv in kvs]
         return [e for e in out if kind is None or e["kind"] == kind]
 
-    async def active(self, pair: str, not_epoch: int = 0, node: str | None = None,
-                     timeout: float = 10.0) -> tuple[str, int]:
+    async def active(
+        self, pair: str, not_epoch: int = 0, node: str | None = None, timeout: float = 10.0
+    ) -> tuple[str, int]:
         """Wait until a node is active (services running, endpoint published)."""
+
         async def ready() -> tuple[str, int] | None:
             lead = await self.leader(pair)
             if lead is None or lead[1] <= not_epoch or (node and lead[0] != node):
                 return None
             st = await self.status(lead[0])
             return lead if st is not None and st.role == "active" else None
+
         return await until(ready, timeout, f"an active node in {pair} after epoch {not_epoch}")
 
     # -- the services' own record -----------------------------------------------------

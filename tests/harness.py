@@ -37,8 +37,10 @@ def wait_for(cond: Callable[[], object], timeout: float, what: str, step: float 
         except Exception as err:  # the condition may race with a starting server
             last_err = err
         time.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}"
-                         + (f" (last error: {last_err})" if last_err else ""))
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what}"
+        + (f" (last error: {last_err})" if last_err else "")
+    )
 
 
 def port_open(host: str, port: int) -> bool:
@@ -76,12 +78,31 @@ class Etcd:
     def start(self) -> Etcd:
         peer = f"http://{self.host}:{self.peer_port}"
         self.proc = subprocess.Popen(
-            [ETCD, "--name", "n1", "--data-dir", self.data_dir, "--logger", "zap",
-             "--log-level", "error", "--listen-client-urls", self.url,
-             "--advertise-client-urls", self.url, "--listen-peer-urls", peer,
-             "--initial-advertise-peer-urls", peer, "--initial-cluster", f"n1={peer}",
-             "--initial-cluster-state", "new"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                ETCD,
+                "--name",
+                "n1",
+                "--data-dir",
+                self.data_dir,
+                "--logger",
+                "zap",
+                "--log-level",
+                "error",
+                "--listen-client-urls",
+                self.url,
+                "--advertise-client-urls",
+                self.url,
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                f"n1={peer}",
+                "--initial-cluster-state",
+                "new",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_for(lambda: port_open(self.host, self.client_port), 10, f"etcd on {self.url}")
         # The port opens a moment before the member accepts requests.
@@ -89,9 +110,12 @@ class Etcd:
         return self
 
     def _ready(self) -> bool:
-        out = subprocess.run(["etcdctl", f"--endpoints={self.url}", "endpoint", "health"],
-                             capture_output=True, env={**os.environ, "ETCDCTL_API": "3"},
-                             timeout=5)
+        out = subprocess.run(
+            ["etcdctl", f"--endpoints={self.url}", "endpoint", "health"],
+            capture_output=True,
+            env={**os.environ, "ETCDCTL_API": "3"},
+            timeout=5,
+        )
         return out.returncode == 0
 
     def stop(self) -> None:

@@ -34,8 +34,19 @@ def main() -> None:
     started = time.monotonic()
     path = os.path.join(args.record, f"{os.getpid()}.log")
     out = open(path, "a", buffering=1)  # noqa: SIM115
-    out.write(json.dumps({"start": started, "service": args.service, "pair": args.pair,
-                          "node": args.node, "epoch": args.epoch, "pid": os.getpid()}) + "\n")
+    out.write(
+        json.dumps(
+            {
+                "start": started,
+                "service": args.service,
+                "pair": args.pair,
+                "node": args.node,
+                "epoch": args.epoch,
+                "pid": os.getpid(),
+            }
+        )
+        + "\n"
+    )
     lock = threading.Lock()
 
     def stop(_sig: int, _frame: object) -> None:
@@ -53,8 +64,7 @@ def main() -> None:
             time.sleep(HEARTBEAT_S)
 
     threading.Thread(target=heartbeat, daemon=True).start()
-    body = json.dumps({"service": args.service, "node": args.node,
-                       "epoch": args.epoch}).encode()
+    body = json.dumps({"service": args.service, "node": args.node, "epoch": args.epoch}).encode()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:

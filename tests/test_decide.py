@@ -29,18 +29,36 @@ from workshop_agent.decide import (
     decide,
 )
 
-PAIR = Pair.model_validate({
-    "name": "p",
-    "nodes": [{"name": "a", "address": "127.0.0.1"}, {"name": "b", "address": "127.0.0.2"},
-              {"name": "c", "address": "127.0.0.3"}],
-})
+PAIR = Pair.model_validate(
+    {
+        "name": "p",
+        "nodes": [
+            {"name": "a", "address": "127.0.0.1"},
+            {"name": "b", "address": "127.0.0.2"},
+            {"name": "c", "address": "127.0.0.3"},
+        ],
+    }
+)
 LEASE = 7
 
 
 def obs(me: str = "a", **kw: Any) -> Observation:
-    base = Observation(now=100.0, me=me, pair=PAIR, synced=True, lease=LEASE, lease_ok=True,
-                       leader=None, leader_absent_since=100.0, term=None, services_up=False,
-                       failure=None, healthy=True, holdoff_until=0.0, started_at=0.0)
+    base = Observation(
+        now=100.0,
+        me=me,
+        pair=PAIR,
+        synced=True,
+        lease=LEASE,
+        lease_ok=True,
+        leader=None,
+        leader_absent_since=100.0,
+        term=None,
+        services_up=False,
+        failure=None,
+        healthy=True,
+        holdoff_until=0.0,
+        started_at=0.0,
+    )
     return replace(base, **kw)
 
 
@@ -52,67 +70,139 @@ MINE = LeaderView("a", 5, LEASE)
 UP = {"b": PeerView("standby", True), "c": PeerView("standby", True)}
 
 
-@pytest.mark.parametrize(("case", "o", "expected"), [
-    ("main campaigns at once", obs(), [Campaign]),
-    ("no lease: nothing", obs(lease=None, lease_ok=False), []),
-    ("lease unconfirmed while active: fence",
-     obs(lease_ok=False, term=5, leader=MINE, services_up=True), [Fence]),
-    ("won: start services", obs(term=5, leader=MINE), [StartServices]),
-    ("running: nothing", obs(term=5, leader=MINE, services_up=True), []),
-    ("key now someone else's: fence",
-     obs(term=5, leader=LeaderView("b", 9, 3), services_up=True), [Fence]),
-    ("key gone: fence", obs(term=5, leader=None, services_up=True), [Fence]),
-    ("services without a term: fence", obs(services_up=True), [Fence]),
-    ("critical failure: resign", obs(term=5, leader=MINE, failure="x died"), [Resign]),
-    ("critical failure while paused: stay",
-     obs(term=5, leader=MINE, failure="x died", paused=True, services_up=True), []),
-    ("own key on our lease: adopt", obs(leader=MINE), [Adopt]),
-    ("own key from an earlier run: reclaim", obs(leader=LeaderView("a", 5, 99)), [Reclaim]),
-    ("another active: standby", obs(me="b", leader=MINE), []),
-    ("paused: no campaign", obs(me="b", paused=True, peers={}), []),
-    ("view not synced: no campaign", obs(synced=False), []),
-    ("drained: no campaign", obs(drained=frozenset({"a"})), []),
-    ("unhealthy: no campaign", obs(healthy=False), []),
-    ("no_failover node: no campaign", obs(me="b", pair=PAIR.model_copy(update={"nodes": [
-        PAIR.nodes[0], PAIR.nodes[1].model_copy(update={"no_failover": True}), PAIR.nodes[2]]})),
-     []),
-    ("holding off: no campaign", obs(holdoff_until=101.0), []),
-    ("secondary right after start waits for the main", obs(me="b", started_at=99.5), []),
-    ("secondary with the main down campaigns", obs(me="b", peers={}), [Campaign]),
-    ("secondary waits while a preferred node is up",
-     obs(me="c", peers={"a": PeerView("standby", True)}, leader_absent_since=99.9), []),
-    ("... and campaigns after its delay",
-     obs(me="c", peers={"a": PeerView("standby", True)}, leader_absent_since=99.0),
-     [Campaign]),
-    ("handover to someone else: wait",
-     obs(me="c", handover=HandoverView("b", 40, 99.9)), []),
-    ("handover to me: campaign", obs(me="b", handover=HandoverView("b", 40, 99.9)), [Campaign]),
-    ("handover to me while paused: campaign",
-     obs(me="b", paused=True, handover=HandoverView("b", 40, 99.9)), [Campaign]),
-    ("stale handover: anyone", obs(me="c", peers={}, handover=HandoverView("b", 40, 90.0)),
-     [Campaign]),
-    ("switchover: hand over to the best standby",
-     obs(term=5, leader=MINE, services_up=True, peers=UP, switchover=SwitchoverView("r", None)),
-     [Handover]),
-    ("switchover to a down node: refuse",
-     obs(term=5, leader=MINE, services_up=True, peers={}, switchover=SwitchoverView("r", "b")),
-     [RejectSwitchover]),
-    ("switchover while paused: refuse",
-     obs(term=5, leader=MINE, services_up=True, peers=UP, paused=True,
-         switchover=SwitchoverView("r", "b")), [RejectSwitchover]),
-    ("drained active hands over", obs(term=5, leader=MINE, services_up=True, peers=UP,
-                                      drained=frozenset({"a"})), [Handover]),
-    ("drained active with nobody to take over stays",
-     obs(term=5, leader=MINE, services_up=True, drained=frozenset({"a"})), []),
-])
+@pytest.mark.parametrize(
+    ("case", "o", "expected"),
+    [
+        ("main campaigns at once", obs(), [Campaign]),
+        ("no lease: nothing", obs(lease=None, lease_ok=False), []),
+        (
+            "lease unconfirmed while active: fence",
+            obs(lease_ok=False, term=5, leader=MINE, services_up=True),
+            [Fence],
+        ),
+        ("won: start services", obs(term=5, leader=MINE), [StartServices]),
+        ("running: nothing", obs(term=5, leader=MINE, services_up=True), []),
+        (
+            "key now someone else's: fence",
+            obs(term=5, leader=LeaderView("b", 9, 3), services_up=True),
+            [Fence],
+        ),
+        ("key gone: fence", obs(term=5, leader=None, services_up=True), [Fence]),
+        ("services without a term: fence", obs(services_up=True), [Fence]),
+        ("critical failure: resign", obs(term=5, leader=MINE, failure="x died"), [Resign]),
+        (
+            "critical failure while paused: stay",
+            obs(term=5, leader=MINE, failure="x died", paused=True, services_up=True),
+            [],
+        ),
+        ("own key on our lease: adopt", obs(leader=MINE), [Adopt]),
+        ("own key from an earlier run: reclaim", obs(leader=LeaderView("a", 5, 99)), [Reclaim]),
+        ("another active: standby", obs(me="b", leader=MINE), []),
+        ("paused: no campaign", obs(me="b", paused=True, peers={}), []),
+        ("view not synced: no campaign", obs(synced=False), []),
+        ("drained: no campaign", obs(drained=frozenset({"a"})), []),
+        ("unhealthy: no campaign", obs(healthy=False), []),
+        (
+            "no_failover node: no campaign",
+            obs(
+                me="b",
+                pair=PAIR.model_copy(
+                    update={
+                        "nodes": [
+                            PAIR.nodes[0],
+                            PAIR.nodes[1].model_copy(update={"no_failover": True}),
+                            PAIR.nodes[2],
+                        ]
+                    }
+                ),
+            ),
+            [],
+        ),
+        ("holding off: no campaign", obs(holdoff_until=101.0), []),
+        ("secondary right after start waits for the main", obs(me="b", started_at=99.5), []),
+        ("secondary with the main down campaigns", obs(me="b", peers={}), [Campaign]),
+        (
+            "secondary waits while a preferred node is up",
+            obs(me="c", peers={"a": PeerView("standby", True)}, leader_absent_since=99.9),
+            [],
+        ),
+        (
+            "... and campaigns after its delay",
+            obs(me="c", peers={"a": PeerView("standby", True)}, leader_absent_since=99.0),
+            [Campaign],
+        ),
+        (
+            "handover to someone else: wait",
+            obs(me="c", handover=HandoverView("b", "a", 40, 99.9)),
+            [],
+        ),
+        (
+            "handover to me: campaign",
+            obs(me="b", handover=HandoverView("b", "a", 40, 99.9)),
+            [Campaign],
+        ),
+        (
+            "handover to me while paused: campaign",
+            obs(me="b", paused=True, handover=HandoverView("b", "a", 40, 99.9)),
+            [Campaign],
+        ),
+        (
+            "stale handover: anyone",
+            obs(me="c", peers={}, handover=HandoverView("b", "a", 40, 90.0)),
+            [Campaign],
+        ),
+        (
+            "switchover: hand over to the best standby",
+            obs(
+                term=5,
+                leader=MINE,
+                services_up=True,
+                peers=UP,
+                switchover=SwitchoverView("r", None),
+            ),
+            [Handover],
+        ),
+        (
+            "switchover to a down node: refuse",
+            obs(
+                term=5, leader=MINE, services_up=True, peers={}, switchover=SwitchoverView("r", "b")
+            ),
+            [RejectSwitchover],
+        ),
+        (
+            "switchover while paused: refuse",
+            obs(
+                term=5,
+                leader=MINE,
+                services_up=True,
+                peers=UP,
+                paused=True,
+                switchover=SwitchoverView("r", "b"),
+            ),
+            [RejectSwitchover],
+        ),
+        (
+            "drained active hands over",
+            obs(term=5, leader=MINE, services_up=True, peers=UP, drained=frozenset({"a"})),
+            [Handover],
+        ),
+        (
+            "drained active with nobody to take over stays",
+            obs(term=5, leader=MINE, services_up=True, drained=frozenset({"a"})),
+            [],
+        ),
+    ],
+)
 def test_decision_table(case: str, o: Observation, expected: list[type]) -> None:
     assert kinds(decide(o)) == expected, case
 
 
 def test_a_critical_resource_lost_on_the_active_moves_to_a_standby_that_reaches_it() -> None:
     lost = {"plc:press-1": Lost(since=95.0, grace_s=2.0)}
-    peers = {"b": PeerView("standby", True), "c": PeerView("standby", True,
-                                                            reaches=frozenset({"plc:press-1"}))}
+    peers = {
+        "b": PeerView("standby", True),
+        "c": PeerView("standby", True, reaches=frozenset({"plc:press-1"})),
+    }
     o = obs(term=5, leader=MINE, services_up=True, peers=peers, lost=lost)
     assert decide(o).actions == (Handover("c", None, "plc:press-1 lost on the active"),)
     # Still within its grace time: stay.
@@ -124,17 +214,33 @@ def test_a_critical_resource_lost_on_the_active_moves_to_a_standby_that_reaches_
 
 
 def test_switchover_picks_the_first_eligible_in_priority_order() -> None:
-    o = obs(term=5, leader=MINE, services_up=True, switchover=SwitchoverView("r", None),
-            peers={"b": PeerView("standby", False), "c": PeerView("standby", True)})
+    o = obs(
+        term=5,
+        leader=MINE,
+        services_up=True,
+        switchover=SwitchoverView("r", None),
+        peers={"b": PeerView("standby", False), "c": PeerView("standby", True)},
+    )
     assert decide(o).actions == (Handover("c", "r", "switchover"),)
 
 
 def test_failback_auto_waits_for_the_main_to_be_healthy_long_enough() -> None:
-    auto = PAIR.model_copy(update={"failover": PAIR.failover.model_copy(
-        update={"failback": "auto", "failback_after_s": 30.0})})
+    auto = PAIR.model_copy(
+        update={
+            "failover": PAIR.failover.model_copy(
+                update={"failback": "auto", "failback_after_s": 30.0}
+            )
+        }
+    )
     leader = LeaderView("b", 5, LEASE)
-    early = obs(me="b", pair=auto, term=5, leader=leader, services_up=True,
-                peers={"a": PeerView("standby", True, healthy_since=80.0)})
+    early = obs(
+        me="b",
+        pair=auto,
+        term=5,
+        leader=leader,
+        services_up=True,
+        peers={"a": PeerView("standby", True, healthy_since=80.0)},
+    )
     assert decide(early).actions == ()
     late = replace(early, peers={"a": PeerView("standby", True, healthy_since=60.0)})
     assert decide(late).actions == (Handover("a", None, "failback"),)
@@ -142,8 +248,15 @@ def test_failback_auto_waits_for_the_main_to_be_healthy_long_enough() -> None:
 
 # ---- properties ---------------------------------------------------------------------
 
-leaders = st.one_of(st.none(), st.builds(LeaderView, st.sampled_from(["a", "b", "c", "?"]),
-                                         st.integers(1, 50), st.sampled_from([LEASE, 3, 99])))
+leaders = st.one_of(
+    st.none(),
+    st.builds(
+        LeaderView,
+        st.sampled_from(["a", "b", "c", "?"]),
+        st.integers(1, 50),
+        st.sampled_from([LEASE, 3, 99]),
+    ),
+)
 observations = st.builds(
     obs,
     me=st.sampled_from(["a", "b", "c"]),
@@ -158,13 +271,24 @@ observations = st.builds(
     healthy=st.booleans(),
     paused=st.booleans(),
     drained=st.frozensets(st.sampled_from(["a", "b", "c"])),
-    peers=st.dictionaries(st.sampled_from(["a", "b", "c"]),
-                          st.builds(PeerView, st.sampled_from(["active", "standby"]),
-                                    st.booleans())),
-    switchover=st.one_of(st.none(), st.builds(SwitchoverView, st.just("r"),
-                                              st.sampled_from([None, "a", "b", "c", "z"]))),
-    handover=st.one_of(st.none(), st.builds(HandoverView, st.sampled_from(["a", "b", "c"]),
-                                            st.integers(1, 50), st.floats(0, 1000))),
+    peers=st.dictionaries(
+        st.sampled_from(["a", "b", "c"]),
+        st.builds(PeerView, st.sampled_from(["active", "standby"]), st.booleans()),
+    ),
+    switchover=st.one_of(
+        st.none(),
+        st.builds(SwitchoverView, st.just("r"), st.sampled_from([None, "a", "b", "c", "z"])),
+    ),
+    handover=st.one_of(
+        st.none(),
+        st.builds(
+            HandoverView,
+            st.sampled_from(["a", "b", "c"]),
+            st.just("a"),
+            st.integers(1, 50),
+            st.floats(0, 1000),
+        ),
+    ),
 )
 
 
@@ -182,7 +306,10 @@ def test_never_starts_services_without_a_live_lease_and_our_key(o: Observation) 
 @settings(max_examples=3000)
 def test_fences_whenever_it_cannot_prove_it_is_the_active(o: Observation) -> None:
     ours = o.leader is not None and (o.leader.node, o.leader.epoch, o.leader.lease) == (
-        o.me, o.term, o.lease)
+        o.me,
+        o.term,
+        o.lease,
+    )
     must_fence = (o.services_up or o.term is not None) and (not o.lease_ok or not ours)
     assert (Fence in kinds(decide(o))) == must_fence
 
@@ -200,7 +327,8 @@ def test_campaigns_only_for_a_free_key_with_a_live_lease(o: Observation) -> None
 @given(st.lists(st.tuples(st.booleans(), leaders, st.booleans()), min_size=1, max_size=60))
 @settings(max_examples=500)
 def test_any_sequence_keeps_services_within_a_live_lease(
-        steps: list[tuple[bool, LeaderView | None, bool]]) -> None:
+    steps: list[tuple[bool, LeaderView | None, bool]],
+) -> None:
     """Drive a model agent with random lease states, leader keys and campaign outcomes,
     carrying out each decision; services may run only while the lease is live."""
     term: int | None = None

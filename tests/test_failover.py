@@ -24,13 +24,21 @@ from shared.records import Drained, Paused, Resource, ServiceReport, Switchover,
 pytestmark = pytest.mark.e2e
 
 
-def pair(name: str, nodes: list[str], net: int, port: int, record: Path,
-         services: list[dict[str, Any]] | None = None, **failover: Any) -> dict[str, Any]:
+def pair(
+    name: str,
+    nodes: list[str],
+    net: int,
+    port: int,
+    record: Path,
+    services: list[dict[str, Any]] | None = None,
+    **failover: Any,
+) -> dict[str, Any]:
     return {
         "name": name,
         "nodes": [{"name": n, "address": f"127.0.{net}.{i + 1}"} for i, n in enumerate(nodes)],
         "failover": failover,
-        "services": services if services is not None
+        "services": services
+        if services is not None
         else [recording_service(f"{name}-svc", port, record, critical=True)],
     }
 
@@ -58,6 +66,7 @@ async def service_pid(c: Cluster, node: str, service: str = "p-svc") -> int:
         st = await c.status(node)
         svc = next((s for s in st.services if s.name == service), None) if st else None
         return svc.pid if svc is not None and svc.state == "running" else None
+
     return await until(pid, 10, f"{service} running on {node}")
 
 
@@ -132,8 +141,12 @@ async def test_critical_service_exit_moves_the_pair(cluster: Cluster) -> None:
 
 
 async def test_non_critical_service_restarts_in_place_then_moves(cluster: Cluster) -> None:
-    svc = recording_service("p-svc", free_port(), cluster.record,
-                       restart={"max_restarts": 2, "window_s": 60, "backoff_s": 0.05})
+    svc = recording_service(
+        "p-svc",
+        free_port(),
+        cluster.record,
+        restart={"max_restarts": 2, "window_s": 60, "backoff_s": 0.05},
+    )
     _, epoch = await two_nodes(cluster, 15, services=[svc])
     for restarts in (1, 2):
         os.kill(await service_pid(cluster, "a"), signal.SIGKILL)
@@ -142,6 +155,7 @@ async def test_non_critical_service_restarts_in_place_then_moves(cluster: Cluste
             st = await cluster.status("a")
             s = st.services[0] if st else None
             return s is not None and s.restarts == n and s.state == "running"
+
         await until(restarted, 10, f"restart {restarts} in place")
         assert await cluster.leader("p") == ("a", epoch)
     os.kill(await service_pid(cluster, "a"), signal.SIGKILL)
@@ -168,8 +182,7 @@ async def test_planned_switchover(cluster: Cluster) -> None:
 
 
 async def test_switchover_to_a_named_secondary_of_three(cluster: Cluster) -> None:
-    await cluster.apply(cluster.site(
-        [pair("p", ["a", "b", "c"], 17, free_port(), cluster.record)]))
+    await cluster.apply(cluster.site([pair("p", ["a", "b", "c"], 17, free_port(), cluster.record)]))
     for n in ("a", "b", "c"):
         cluster.start(n)
     _, epoch = await cluster.active("p", node="a")
@@ -236,8 +249,11 @@ async def test_invalid_topology_in_etcd_changes_nothing(cluster: Cluster) -> Non
     bad = dict(doc.site)
     bad["workshops"][0]["pairs"][0]["failover"]["lease_ttl_s"] = 1
     await cluster.store.put(keys.TOPOLOGY, TopologyDoc(site=bad).encode())
-    await until(lambda: asyncio.sleep(0, "failover.lease_ttl_s" in cluster.log("a")), 5,
-                "the agent names the bad field")
+    await until(
+        lambda: asyncio.sleep(0, "failover.lease_ttl_s" in cluster.log("a")),
+        5,
+        "the agent names the bad field",
+    )
     assert await cluster.leader("p") == ("a", epoch)
     st = await cluster.status("a")
     assert st is not None and st.role == "active"
@@ -248,8 +264,11 @@ async def test_agent_waits_for_etcd_at_start(tmp_path: Path) -> None:
     c = Cluster(etcd, tmp_path)
     try:
         c.start("a")
-        await until(lambda: asyncio.sleep(0, "waiting for etcd" in c.log("a")), 10,
-                    "the agent says etcd is unreachable")
+        await until(
+            lambda: asyncio.sleep(0, "waiting for etcd" in c.log("a")),
+            10,
+            "the agent says etcd is unreachable",
+        )
         assert c.agents["a"].poll() is None
         assert not list(c.record.glob("*.log"))
         etcd.start()
@@ -290,7 +309,8 @@ async def test_failed_health_checks_move_a_critical_service(cluster: Cluster) ->
 
 
 async def test_service_on_every_node_runs_everywhere_and_publishes_from_the_active(
-        cluster: Cluster) -> None:
+    cluster: Cluster,
+) -> None:
     port = free_port()
     svc = recording_service("p-all", port, cluster.record, placement="all")
     svc["command"] = [a if a != "{epoch}" else "-" for a in svc["command"]]
@@ -299,6 +319,7 @@ async def test_service_on_every_node_runs_everywhere_and_publishes_from_the_acti
     async def running_on(node: str) -> bool:
         st = await cluster.status(node)
         return st is not None and st.services[0].state == "running"
+
     await until(lambda: running_on("b"), 10, "p-all running on the standby")
     endpoint = await until(lambda: cluster.endpoint("p-all"), 5, "endpoint")
     assert (endpoint.node, endpoint.epoch) == ("a", epoch)
@@ -308,6 +329,7 @@ async def test_service_on_every_node_runs_everywhere_and_publishes_from_the_acti
     async def moved() -> bool:
         e = await cluster.endpoint("p-all")
         return e is not None and (e.node, e.epoch) == ("b", new_epoch)
+
     await until(moved, 5, "endpoint follows the active")
     # It kept running on both nodes through the switchover: one run per node.
     assert sorted(r["node"] for r in cluster.intervals()) == ["a", "b"]
@@ -327,12 +349,18 @@ async def test_failback_auto_returns_to_the_main(cluster: Cluster) -> None:
 
 async def report(c: Cluster, node: str, ok: bool) -> None:
     lease = await c.store.grant(30)
-    await c.store.put(keys.report(node, "comm"), ServiceReport(service="comm", resources={
-        "plc:press-1": Resource(ok=ok, critical=True, grace_s=0.5)}).encode(), lease=lease)
+    await c.store.put(
+        keys.report(node, "comm"),
+        ServiceReport(
+            service="comm", resources={"plc:press-1": Resource(ok=ok, critical=True, grace_s=0.5)}
+        ).encode(),
+        lease=lease,
+    )
 
 
 async def test_application_forces_the_switch_to_a_standby_that_reaches_the_plc(
-        cluster: Cluster) -> None:
+    cluster: Cluster,
+) -> None:
     _, epoch = await two_nodes(cluster, 27)
     await report(cluster, "b", ok=True)
     await report(cluster, "a", ok=False)
@@ -350,6 +378,7 @@ async def test_nobody_moves_when_no_node_reaches_the_plc(cluster: Cluster) -> No
     async def alarm() -> bool:
         st = await cluster.status("a")
         return st is not None and "critical resource plc:press-1 lost" in st.problems
+
     await until(alarm, 5, "the alarm in a's status")
     deadline = time.monotonic() + 1.5  # three grace times
     while time.monotonic() < deadline:

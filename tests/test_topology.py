@@ -400,12 +400,14 @@ ERRORS: list[tuple[str, Edit, str]] = [
     (
         "health-tcp-no-port",
         lambda d: service_of(d).update(health={"tcp": "{node.address}"}),
-        f"{SERVICE}.health: tcp must be HOST:PORT with a port from 1 to 65535, got '{{node.address}}'",
+        f"{SERVICE}.health: tcp must be HOST:PORT with a port from 1 to 65535, "
+        "got '{node.address}'",
     ),
     (
         "health-tcp-bad-port",
         lambda d: service_of(d).update(health={"tcp": "127.0.0.1:http"}),
-        f"{SERVICE}.health: tcp must be HOST:PORT with a port from 1 to 65535, got '127.0.0.1:http'",
+        f"{SERVICE}.health: tcp must be HOST:PORT with a port from 1 to 65535, "
+        "got '127.0.0.1:http'",
     ),
     (
         "health-http-not-a-url",
@@ -476,7 +478,8 @@ ERRORS: list[tuple[str, Edit, str]] = [
             lambda d: pair_of(d)["services"],
             {"name": "other", "command": ["x"], "endpoint": {"port": 8080}},
         ),
-        f"{PAIR}: duplicate endpoint port '8080' at services[0].endpoint.port, services[1].endpoint.port",
+        f"{PAIR}: duplicate endpoint port '8080'"
+        f" at services[0].endpoint.port, services[1].endpoint.port",
     ),
     # duplicates site-wide, across workshops
     (
@@ -487,17 +490,20 @@ ERRORS: list[tuple[str, Edit, str]] = [
     (
         "duplicate-pair-across-workshops",
         _append(lambda d: d["workshops"], second_workshop(other_pair(name="asm"))),
-        "(top level): duplicate pair name 'asm' at workshops[0].pairs[0].name, workshops[1].pairs[0].name",
+        "(top level): duplicate pair name 'asm'"
+        " at workshops[0].pairs[0].name, workshops[1].pairs[0].name",
     ),
     (
         "duplicate-node-across-workshops",
         _append(lambda d: d["workshops"], second_workshop(other_pair(node_a="asm-a"))),
-        "(top level): duplicate node name 'asm-a' at workshops[0].pairs[0].nodes[0].name, workshops[1].pairs[0].nodes[0].name",
+        "(top level): duplicate node name 'asm-a'"
+        " at workshops[0].pairs[0].nodes[0].name, workshops[1].pairs[0].nodes[0].name",
     ),
     (
         "duplicate-service-across-workshops",
         _append(lambda d: d["workshops"], second_workshop(other_pair(service="mes-api"))),
-        "(top level): duplicate service name 'mes-api' at workshops[0].pairs[0].services[0].name, workshops[1].pairs[0].services[0].name",
+        "(top level): duplicate service name 'mes-api'"
+        " at workshops[0].pairs[0].services[0].name, workshops[1].pairs[0].services[0].name",
     ),
     (
         "no-workshops",

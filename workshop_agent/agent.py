@@ -51,8 +51,9 @@ def lock_node(state_dir: Path, node: str) -> int:
             if time.monotonic() > deadline:
                 holder = path.read_text().strip() or "unknown"
                 os.close(fd)
-                raise AgentError(f"another hapair-agent runs for node {node} "
-                                 f"(pid {holder}, lock {path})") from None
+                raise AgentError(
+                    f"another hapair-agent runs for node {node} (pid {holder}, lock {path})"
+                ) from None
             time.sleep(0.05)
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
@@ -86,6 +87,7 @@ class Agent:
         self._last_status: bytes = b""
         self._fence_timer: asyncio.TimerHandle | None = None
         self._state: PairState | None = None
+        self._fencing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.session: Session | None = None
         self.election: Election | None = None
@@ -105,17 +107,20 @@ class Agent:
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None and not self._stopping.is_set():
-            self.log.error("internal task failed", task=task.get_name(),
-                           error=repr(task.exception()))
+            self.log.error(
+                "internal task failed", task=task.get_name(), error=repr(task.exception())
+            )
 
     def event(self, kind: str, reason: str = "", **details: object) -> None:
         pair = self.pair.name if self.pair else None
-        record = Event(kind=kind, pair=pair, node=self.me, epoch=self.term, reason=reason,
-                       details=details)
+        record = Event(
+            kind=kind, pair=pair, node=self.me, epoch=self.term, reason=reason, details=details
+        )
 
         async def write() -> None:
             with contextlib.suppress(StoreError):
                 await self.store.put(keys.event(time.time_ns(), self.me), record.encode())
+
         self._spawn(write(), f"event-{kind}")
 
     # -- run --------------------------------------------------------------------------
@@ -126,10 +131,17 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
-        self.log.info("agent starting", etcd=self.store.describe, pid=os.getpid(),
-                      state_dir=str(self.settings.state_dir))
-        for mirror, name in ((self.topology, "topology"), (self.pairs, "pairs"),
-                             (self.nodes, "nodes")):
+        self.log.info(
+            "agent starting",
+            etcd=self.store.describe,
+            pid=os.getpid(),
+            state_dir=str(self.settings.state_dir),
+        )
+        for mirror, name in (
+            (self.topology, "topology"),
+            (self.pairs, "pairs"),
+            (self.nodes, "nodes"),
+        ):
             self._spawn(mirror.run(), f"mirror-{name}")
         try:
             await self._until_stopped(self._wait_for_topology())
@@ -188,8 +200,10 @@ class Agent:
             doc = decode(TopologyDoc, kv.value, kv.key)
             site = parse_site(doc.site, keys.TOPOLOGY)
         except (TopologyError, ValueError) as err:
-            self.log.error("invalid topology in etcd; keeping the last valid one",
-                           problem=str(err).replace("\n", " "))
+            self.log.error(
+                "invalid topology in etcd; keeping the last valid one",
+                problem=str(err).replace("\n", " "),
+            )
             return
         self.site = site
         pair = site.pair_of_node(self.me)
@@ -211,15 +225,27 @@ class Agent:
     def _begin(self) -> None:
         assert self.pair is not None and self.node is not None and self.watchdog is not None
         f = self.pair.failover
-        self.session = Session(self.store, f.lease_ttl_s, f.fence_after_s, self.log,
-                               self.clock, self._lease_changed)
+        self.session = Session(
+            self.store, f.lease_ttl_s, f.fence_after_s, self.log, self.clock, self._lease_changed
+        )
         self.election = Election(self.store, self.pair.name, self.me)
-        env = {"HAPAIR_NODE": self.me, "HAPAIR_PAIR": self.pair.name,
-               "HAPAIR_ETCD": self.settings.etcd}
+        env = {
+            "HAPAIR_NODE": self.me,
+            "HAPAIR_PAIR": self.pair.name,
+            "HAPAIR_ETCD": self.settings.etcd,
+        }
         self.supervisor = Supervisor(
-            self.pair, self.node, self.log, self.watchdog, self._may_run,
-            lambda: self._pair_state_paused(), self._changed, self.settings.state_dir, env,
-            self.clock)
+            self.pair,
+            self.node,
+            self.log,
+            self.watchdog,
+            self._may_run,
+            lambda: self._pair_state_paused(),
+            self._changed,
+            self.settings.state_dir,
+            env,
+            self.clock,
+        )
         self.supervisor.start_shared()
         self._spawn(self.session.run(), "session")
 
@@ -228,8 +254,9 @@ class Agent:
 
     def _may_run(self) -> bool:
         """Checked right before any active-only service is spawned."""
-        return (self.session is not None and self.term is not None
-                and self.session.valid(self.clock()))
+        return (
+            self.session is not None and self.term is not None and self.session.valid(self.clock())
+        )
 
     # -- the fence timer --------------------------------------------------------------
     def _lease_changed(self) -> None:
@@ -242,7 +269,8 @@ class Agent:
         self.watchdog.deadline(deadline + margin / 2)
         if deadline > -float("inf"):
             self._fence_timer = asyncio.get_running_loop().call_later(
-                max(0.0, deadline - self.clock()), self._fence_due)
+                max(0.0, deadline - self.clock()), self._fence_due
+            )
         if self.session.lease is None:
             self._fence_due()
         self._changed()
@@ -257,8 +285,11 @@ class Agent:
     def _fence(self, reason: str) -> None:
         assert self.supervisor is not None and self.pair is not None
         was = self.term
-        self.supervisor.kill_active(self.pair.failover.fence_margin_s / 2)
         self.term = None
+        if was is None and self._fencing:
+            return  # the services of this fence are still dying: once is enough
+        self._fencing = True
+        self.supervisor.kill_active(self.pair.failover.fence_margin_s / 2)
         self.log.warning("fenced", reason=reason, epoch=was)
         self.log.bind(epoch=None)
         self.event("fence", reason, epoch=was)
@@ -274,7 +305,10 @@ class Agent:
             if self.pair is None:
                 await self._leave_pair()
                 continue
-            decision = d.decide(self._observe())
+            observation = self._observe()
+            if not observation.services_up:
+                self._fencing = False
+            decision = d.decide(observation)
             if decision.reason != self._last_reason:
                 self.log.info(decision.reason)
                 self._last_reason = decision.reason
@@ -282,8 +316,9 @@ class Agent:
                 try:
                     await self._act(action)
                 except StoreError as err:
-                    self.log.warning("etcd request failed", action=type(action).__name__,
-                                     error=str(err))
+                    self.log.warning(
+                        "etcd request failed", action=type(action).__name__, error=str(err)
+                    )
                     break
 
     def _observe(self) -> d.Observation:
@@ -295,15 +330,27 @@ class Agent:
         self._state = st
         healthy, _ = self.supervisor.healthy()
         return d.Observation(
-            now=now, me=self.me, pair=self.pair,
+            now=now,
+            me=self.me,
+            pair=self.pair,
             synced=self.pairs.synced.is_set() and self.nodes.synced.is_set(),
-            lease=self.session.lease, lease_ok=self.session.valid(now),
-            leader=st.leader, leader_absent_since=st.leader_absent_since,
-            term=self.term, services_up=self.supervisor.active_up(),
-            failure=self.supervisor.failure, healthy=healthy,
-            holdoff_until=self.holdoff_until, started_at=self.started_at,
-            peers=st.peers, paused=st.paused, drained=st.drained,
-            switchover=st.switchover, handover=st.handover, lost=st.lost)
+            lease=self.session.lease,
+            lease_ok=self.session.valid(now),
+            leader=st.leader,
+            leader_absent_since=st.leader_absent_since,
+            term=self.term,
+            services_up=self.supervisor.active_up(),
+            failure=self.supervisor.failure,
+            healthy=healthy,
+            holdoff_until=self.holdoff_until,
+            started_at=self.started_at,
+            peers=st.peers,
+            paused=st.paused,
+            drained=st.drained,
+            switchover=st.switchover,
+            handover=st.handover,
+            lost=st.lost,
+        )
 
     async def _act(self, action: d.Action) -> None:
         assert self.session is not None and self.election is not None
@@ -319,8 +366,11 @@ class Agent:
             case d.Adopt(epoch):
                 self._take_term(epoch, "took up its own leader key")
             case d.Reclaim(epoch, lease):
-                self.log.warning("taking back the leader key of this node's previous run",
-                                 old_epoch=epoch, lease=f"{lease:x}")
+                self.log.warning(
+                    "taking back the leader key of this node's previous run",
+                    old_epoch=epoch,
+                    lease=f"{lease:x}",
+                )
                 revision = await self.election.reclaim(epoch, lease)
                 if revision is not None:
                     self.pairs.apply_local(keys.leader(self.pair.name), None, revision)
@@ -348,10 +398,13 @@ class Agent:
             return
         assert self.pair is not None
         key = keys.leader(self.pair.name)
-        self.pairs.apply_local(key, Kv(key, Leader(node=self.me).encode(), epoch, epoch, lease),
-                               epoch)
+        self.pairs.apply_local(
+            key, Kv(key, Leader(node=self.me).encode(), epoch, epoch, lease), epoch
+        )
         previous = self.last_leader
-        if target:
+        if target and handover is not None and handover.from_node == self.me:
+            cause = "took its pair back after an agent restart"
+        elif target:
             cause = "planned switchover"
         elif previous is not None and previous != self.me:
             cause = f"failover from {previous}"
@@ -397,8 +450,7 @@ class Agent:
         self.log.bind(epoch=None)
         self.holdoff_until = self.clock() + self.pair.failover.lease_ttl_s
         stopped_ms = round((self.clock() - started) * 1000)
-        self.log.info("stepped down", reason=reason, to=to, ok=ok, stop_ms=stopped_ms,
-                      epoch=epoch)
+        self.log.info("stepped down", reason=reason, to=to, ok=ok, stop_ms=stopped_ms, epoch=epoch)
         self.event(kind, reason, to=to, request=request, epoch=epoch)
         self._changed()
 
@@ -440,9 +492,17 @@ class Agent:
         if self.term is not None:
             active_states = [r.state for r in sup.runners.values() if r.active_only]
             role = "active" if all(s == "running" for s in active_states) else "starting"
-        status = NodeStatus(node=self.me, pair=pair.name, address=node.address, role=role,
-                            epoch=self.term, healthy=healthy, problems=problems,
-                            services=sup.statuses(), pid=os.getpid())
+        status = NodeStatus(
+            node=self.me,
+            pair=pair.name,
+            address=node.address,
+            role=role,
+            epoch=self.term,
+            healthy=healthy,
+            problems=problems,
+            services=sup.statuses(),
+            pid=os.getpid(),
+        )
         raw = status.model_copy(update={"updated": 0.0}).encode()
         if raw != self._last_status:
             await self.store.put(keys.node_status(self.me), status.encode(), lease=lease)
@@ -457,9 +517,14 @@ class Agent:
             for spec in self.supervisor.running_with_endpoint():
                 assert spec.endpoint is not None
                 wanted[keys.endpoint(spec.name)] = Endpoint(
-                    service=spec.name, pair=pair.name, node=self.me,
-                    host=spec.endpoint.host or node.address, port=spec.endpoint.port,
-                    protocol=spec.endpoint.protocol, epoch=epoch).encode()
+                    service=spec.name,
+                    pair=pair.name,
+                    node=self.me,
+                    host=spec.endpoint.host or node.address,
+                    port=spec.endpoint.port,
+                    protocol=spec.endpoint.protocol,
+                    epoch=epoch,
+                ).encode()
         for key, value in wanted.items():
             if self._published.get(key) != value:
                 assert epoch is not None
@@ -473,8 +538,10 @@ class Agent:
     async def _shutdown(self) -> None:
         self.log.info("agent stopping")
         if self.term is not None:
-            with contextlib.suppress(StoreError):
-                await self._step_down("agent shutting down", None, None)
+            # Bounded: with etcd gone the lease lapses anyway, and the services are stopped
+            # first in any case.
+            with contextlib.suppress(StoreError, TimeoutError):
+                await asyncio.wait_for(self._step_down("agent shutting down", None, None), 10)
         if self.supervisor is not None:
             await self.supervisor.stop_all()
         if self._fence_timer is not None:
@@ -485,6 +552,6 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self.session is not None:
-            await self.session.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.session.close(), 2)
         await self.store.close()
-

@@ -55,6 +55,7 @@ class SwitchoverView:
 @dataclass(frozen=True, slots=True)
 class HandoverView:
     to: str
+    from_node: str
     revision: int
     seen_at: float
 
@@ -158,8 +159,10 @@ class Decision:
 def decide(o: Observation) -> Decision:
     if not o.lease_ok:
         if o.term is not None or o.services_up:
-            return Decision("lease not confirmed in time: fencing",
-                            (Fence("lease not confirmed before the fence point"),))
+            return Decision(
+                "lease not confirmed in time: fencing",
+                (Fence("lease not confirmed before the fence point"),),
+            )
         return Decision("waiting for a lease")
     if o.term is not None:
         return _as_active(o, o.term)
@@ -170,8 +173,10 @@ def _as_active(o: Observation, term: int) -> Decision:
     leader = o.leader
     if leader is None or (leader.node, leader.epoch, leader.lease) != (o.me, term, o.lease):
         held = "nobody" if leader is None else f"{leader.node} epoch {leader.epoch}"
-        return Decision(f"leader key now held by {held}: fencing",
-                        (Fence(f"leadership lost (leader key: {held})"),))
+        return Decision(
+            f"leader key now held by {held}: fencing",
+            (Fence(f"leadership lost (leader key: {held})"),),
+        )
     if o.failure is not None and not o.paused:
         return Decision(f"resigning: {o.failure}", (Resign(o.failure),))
     if o.switchover is not None:
@@ -179,8 +184,9 @@ def _as_active(o: Observation, term: int) -> Decision:
     if o.me in o.drained and not o.paused:
         target = best_standby(o)
         if target is not None:
-            return Decision(f"node drained: handing over to {target}",
-                            (Handover(target, None, "node drained"),))
+            return Decision(
+                f"node drained: handing over to {target}", (Handover(target, None, "node drained"),)
+            )
     forced = _forced_switch(o)
     if forced is not None:
         return forced
@@ -223,14 +229,21 @@ def _eligible_peer(o: Observation, name: str) -> bool:
     stepping down (its status lags its leader key): it is never waited for."""
     peer = o.peers.get(name)
     node = o.pair.node(name)
-    return (peer is not None and node is not None and peer.healthy and peer.role == "standby"
-            and not node.no_failover and name not in o.drained)
+    return (
+        peer is not None
+        and node is not None
+        and peer.healthy
+        and peer.role == "standby"
+        and not node.no_failover
+        and name not in o.drained
+    )
 
 
 def best_standby(o: Observation) -> str | None:
     """The first node in priority order that could take over now."""
-    return next((n.name for n in o.pair.nodes if n.name != o.me and _eligible_peer(o, n.name)),
-                None)
+    return next(
+        (n.name for n in o.pair.nodes if n.name != o.me and _eligible_peer(o, n.name)), None
+    )
 
 
 def _forced_switch(o: Observation) -> Decision | None:
@@ -242,12 +255,19 @@ def _forced_switch(o: Observation) -> Decision | None:
     for name, lost in sorted(o.lost.items()):
         if o.now - lost.since < lost.grace_s:
             continue
-        target = next((n.name for n in o.pair.nodes if n.name != o.me
-                       and _eligible_peer(o, n.name) and name in o.peers[n.name].reaches),
-                      None)
+        target = next(
+            (
+                n.name
+                for n in o.pair.nodes
+                if n.name != o.me and _eligible_peer(o, n.name) and name in o.peers[n.name].reaches
+            ),
+            None,
+        )
         if target is not None:
-            return Decision(f"{name} lost on this node, {target} reaches it: handing over",
-                            (Handover(target, None, f"{name} lost on the active"),))
+            return Decision(
+                f"{name} lost on this node, {target} reaches it: handing over",
+                (Handover(target, None, f"{name} lost on the active"),),
+            )
     return None
 
 
@@ -266,16 +286,21 @@ def _failback_target(o: Observation) -> str | None:
 
 def _as_standby(o: Observation) -> Decision:
     if o.services_up:
-        return Decision("services running without a term: fencing",
-                        (Fence("active services running without a term"),))
+        return Decision(
+            "services running without a term: fencing",
+            (Fence("active services running without a term"),),
+        )
     leader = o.leader
     if leader is not None:
         if leader.node == o.me and leader.lease == o.lease:
-            return Decision(f"leader key is ours (epoch {leader.epoch}): taking it up",
-                            (Adopt(leader.epoch),))
+            return Decision(
+                f"leader key is ours (epoch {leader.epoch}): taking it up", (Adopt(leader.epoch),)
+            )
         if leader.node == o.me:
-            return Decision("leader key left by an earlier run of this node: reclaiming",
-                            (Reclaim(leader.epoch, leader.lease),))
+            return Decision(
+                "leader key left by an earlier run of this node: reclaiming",
+                (Reclaim(leader.epoch, leader.lease),),
+            )
         return Decision(f"standby, {leader.node} active at epoch {leader.epoch}")
     return _campaign(o)
 

@@ -27,9 +27,15 @@ Clock = Callable[[], float]
 class Session:
     """The agent's lease. ``valid(now)`` is the one test of whether it may act."""
 
-    def __init__(self, store: Store, ttl: float, fence_after: float, log: EventLog,
-                 clock: Clock = time.monotonic,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        ttl: float,
+        fence_after: float,
+        log: EventLog,
+        clock: Clock = time.monotonic,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
         self.store = store
         self.ttl = ttl
         self.fence_after = fence_after
@@ -45,8 +51,11 @@ class Session:
         return self.ttl / 4
 
     def valid(self, now: float) -> bool:
-        return self.lease is not None and self.acked_send is not None and (
-            now < self.acked_send + self.fence_after)
+        return (
+            self.lease is not None
+            and self.acked_send is not None
+            and (now < self.acked_send + self.fence_after)
+        )
 
     @property
     def fence_deadline(self) -> float:
@@ -110,8 +119,9 @@ class Election:
         self.handover_key = keys.b(keys.handover(pair))
         self.switchover_key = keys.b(keys.switchover(pair))
 
-    async def campaign(self, lease: int, handover_revision: int | None = None,
-                       target: bool = False) -> int | None:
+    async def campaign(
+        self, lease: int, handover_revision: int | None = None, target: bool = False
+    ) -> int | None:
         """Take the leader key if nobody holds it; the new epoch, or None if we lost.
 
         Unless this node is the named handover target, a live handover record blocks
@@ -120,13 +130,17 @@ class Election:
         tx = self.store.tx
         compare = [tx.create(self.key) == 0]
         if not target:
-            compare.append(tx.mod(self.handover_key) == handover_revision
-                           if handover_revision is not None
-                           else tx.version(self.handover_key) == 0)
+            compare.append(
+                tx.mod(self.handover_key) == handover_revision
+                if handover_revision is not None
+                else tx.version(self.handover_key) == 0
+            )
         ok, resp = await self.store.txn(
             compare,
-            [tx.put(self.key, Leader(node=self.node).encode(), lease=lease),
-             tx.delete(self.handover_key)],
+            [
+                tx.put(self.key, Leader(node=self.node).encode(), lease=lease),
+                tx.delete(self.handover_key),
+            ],
         )
         return int(resp[0].response_put.header.revision) if ok else None
 
@@ -142,16 +156,20 @@ class Election:
         record = Handover(from_node=self.node, to=to, epoch=epoch, request=request)
         ok, resp = await self.store.txn(
             [tx.create(self.key) == epoch],
-            [tx.delete(self.key), tx.delete(self.switchover_key),
-             tx.put(self.handover_key, record.encode())],
+            [
+                tx.delete(self.key),
+                tx.delete(self.switchover_key),
+                tx.put(self.handover_key, record.encode()),
+            ],
         )
         return int(resp[0].response_delete_range.header.revision) if ok else None
 
     async def drop_switchover(self, raw: bytes) -> None:
         """Delete a switchover request, only if it is still the one we judged."""
         tx = self.store.tx
-        await self.store.txn([tx.value(self.switchover_key) == raw],
-                             [tx.delete(self.switchover_key)])
+        await self.store.txn(
+            [tx.value(self.switchover_key) == raw], [tx.delete(self.switchover_key)]
+        )
 
     async def reclaim(self, epoch: int, lease: int) -> int | None:
         """Take back a leader key left by an earlier run of this node.
@@ -171,8 +189,9 @@ class Election:
     async def put_guarded(self, epoch: int, key: str, value: bytes, lease: int) -> bool:
         """Write ``key`` only while ``epoch`` is still the current term."""
         tx = self.store.tx
-        ok, _ = await self.store.txn([tx.create(self.key) == epoch],
-                                     [tx.put(keys.b(key), value, lease=lease)])
+        ok, _ = await self.store.txn(
+            [tx.create(self.key) == epoch], [tx.put(keys.b(key), value, lease=lease)]
+        )
         return ok
 
     async def delete_if(self, key: str, value: bytes) -> None:

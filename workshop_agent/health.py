@@ -13,8 +13,9 @@ import aiohttp
 from shared.topology import Health, expand
 
 
-async def probe(health: Health, values: dict[str, str],
-                session: aiohttp.ClientSession) -> str | None:
+async def probe(
+    health: Health, values: dict[str, str], session: aiohttp.ClientSession
+) -> str | None:
     """Run the check once, placeholders filled from ``values``."""
     try:
         async with asyncio.timeout(health.timeout_s):
@@ -54,8 +55,12 @@ async def _http(session: aiohttp.ClientSession, url: str) -> str | None:
 async def _command(argv: list[str]) -> str | None:
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+        )
     except OSError as err:
         return f"command {argv[0]}: {err.strerror or err}"
     try:

@@ -18,8 +18,9 @@ def parse_args(argv: list[str] | None) -> dict[str, str]:
     p = argparse.ArgumentParser(
         prog="hapair-agent",
         description="Run the hapair agent of one server: pair election, self-fencing and "
-                    "service supervision. Flags override HAPAIR_NODE, HAPAIR_ETCD, "
-                    "HAPAIR_STATE_DIR and HAPAIR_LOG_LEVEL.")
+        "service supervision. Flags override HAPAIR_NODE, HAPAIR_ETCD, "
+        "HAPAIR_STATE_DIR and HAPAIR_LOG_LEVEL.",
+    )
     p.add_argument("--node", help="this server's node name, as in the site file")
     p.add_argument("--etcd", help="etcd URLs, comma-separated (http://HOST:PORT,...)")
     p.add_argument("--state-dir", help="where the node lock and service logs live")

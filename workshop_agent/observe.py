@@ -58,12 +58,14 @@ class PairObserver:
         except RecordError as err:
             if (kv.key, kv.mod_revision) not in self._warned:
                 self._warned.add((kv.key, kv.mod_revision))
-                self.log.warning("ignoring invalid value in etcd", key=kv.key,
-                                 problem="; ".join(err.problems))
+                self.log.warning(
+                    "ignoring invalid value in etcd", key=kv.key, problem="; ".join(err.problems)
+                )
             return None
 
-    def observe(self, pair: Pair, pairs: Mapping[str, Kv], nodes: Mapping[str, Kv],
-                now: float) -> PairState:
+    def observe(
+        self, pair: Pair, pairs: Mapping[str, Kv], nodes: Mapping[str, Kv], now: float
+    ) -> PairState:
         leader = self._leader(pairs.get(keys.leader(pair.name)))
         if leader is None:
             self._absent_since = self._absent_since if self._absent_since is not None else now
@@ -80,10 +82,15 @@ class PairObserver:
                 self._healthy_since.setdefault(n.name, now)
             else:
                 self._healthy_since.pop(n.name, None)
-            reaches = frozenset(name for report in self._reports(n.name, nodes)
-                                for name, r in report.resources.items() if r.ok)
-            peers[n.name] = PeerView(status.role, status.healthy,
-                                     self._healthy_since.get(n.name), reaches)
+            reaches = frozenset(
+                name
+                for report in self._reports(n.name, nodes)
+                for name, r in report.resources.items()
+                if r.ok
+            )
+            peers[n.name] = PeerView(
+                status.role, status.healthy, self._healthy_since.get(n.name), reaches
+            )
         drained = frozenset(n.name for n in pair.nodes if keys.drained(n.name) in nodes)
         switchover, raw = self._switchover(pairs.get(keys.switchover(pair.name)))
         return PairState(
@@ -101,17 +108,21 @@ class PairObserver:
 
     def _reports(self, node: str, nodes: Mapping[str, Kv]) -> list[ServiceReport]:
         prefix = keys.reports_prefix(node)
-        found = (self._decode(ServiceReport, kv) for key, kv in nodes.items()
-                 if key.startswith(prefix))
+        found = (
+            self._decode(ServiceReport, kv) for key, kv in nodes.items() if key.startswith(prefix)
+        )
         return [r for r in found if r is not None]
 
     def _lost(self, nodes: Mapping[str, Kv], now: float) -> dict[str, Lost]:
-        grace = {name: r.grace_s for report in self._reports(self.me, nodes)
-                 for name, r in report.resources.items() if r.critical and not r.ok}
+        grace = {
+            name: r.grace_s
+            for report in self._reports(self.me, nodes)
+            for name, r in report.resources.items()
+            if r.critical and not r.ok
+        }
         for name in set(self._lost_since) - set(grace):
             del self._lost_since[name]
-        return {name: Lost(self._lost_since.setdefault(name, now), g)
-                for name, g in grace.items()}
+        return {name: Lost(self._lost_since.setdefault(name, now), g) for name, g in grace.items()}
 
     def _leader(self, kv: Kv | None) -> LeaderView | None:
         if kv is None:
@@ -137,4 +148,5 @@ class PairObserver:
             self._handover_seen = (kv.mod_revision, now)
         record = self._decode(Handover, kv)
         to = record.to if record is not None else INVALID
-        return HandoverView(to, kv.mod_revision, self._handover_seen[1])
+        from_node = record.from_node if record is not None else INVALID
+        return HandoverView(to, from_node, kv.mod_revision, self._handover_seen[1])

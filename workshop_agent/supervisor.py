@@ -84,10 +84,19 @@ def _killpg(pid: int, sig: int) -> None:
 
 
 class Supervisor:
-    def __init__(self, pair: Pair, node: Node, log: EventLog, watchdog: WatchdogLink,
-                 may_run: Callable[[], bool], paused: Callable[[], bool],
-                 on_change: Callable[[], None], state_dir: Path,
-                 env: dict[str, str], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        pair: Pair,
+        node: Node,
+        log: EventLog,
+        watchdog: WatchdogLink,
+        may_run: Callable[[], bool],
+        paused: Callable[[], bool],
+        on_change: Callable[[], None],
+        state_dir: Path,
+        env: dict[str, str],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.pair, self.node = pair, node
         self.log = log
         self.watchdog = watchdog
@@ -109,24 +118,39 @@ class Supervisor:
     # -- views ------------------------------------------------------------------------
     def active_up(self) -> bool:
         return (self._activation is not None and not self._activation.done()) or any(
-            r.alive() for r in self.runners.values() if r.active_only)
+            r.alive() for r in self.runners.values() if r.active_only
+        )
 
     def healthy(self) -> tuple[bool, list[str]]:
         """A node is healthy when every service that runs on every node is running."""
-        problems = [f"{r.spec.name}: {r.state}" + (f" ({r.detail})" if r.detail else "")
-                    for r in self.runners.values()
-                    if not r.active_only and r.state not in ("running", "unhealthy")]
+        problems = [
+            f"{r.spec.name}: {r.state}" + (f" ({r.detail})" if r.detail else "")
+            for r in self.runners.values()
+            if not r.active_only and r.state not in ("running", "unhealthy")
+        ]
         return not problems, problems
 
     def running_with_endpoint(self) -> list[Service]:
-        return [r.spec for r in self.runners.values()
-                if r.spec.endpoint is not None and r.state in ("running", "unhealthy")
-                and (not r.active_only or self.epoch is not None)]
+        return [
+            r.spec
+            for r in self.runners.values()
+            if r.spec.endpoint is not None
+            and r.state in ("running", "unhealthy")
+            and (not r.active_only or self.epoch is not None)
+        ]
 
     def statuses(self) -> list[ServiceStatus]:
-        return [ServiceStatus(name=r.spec.name, placement=r.spec.placement, state=r.state,
-                              restarts=r.restarts, pid=r.proc.pid if r.proc else None,
-                              detail=r.detail) for r in self.runners.values()]
+        return [
+            ServiceStatus(
+                name=r.spec.name,
+                placement=r.spec.placement,
+                state=r.state,
+                restarts=r.restarts,
+                pid=r.proc.pid if r.proc else None,
+                detail=r.detail,
+            )
+            for r in self.runners.values()
+        ]
 
     # -- lifecycle --------------------------------------------------------------------
     def _sync_runners(self, pair: Pair) -> None:
@@ -134,8 +158,9 @@ class Supervisor:
         for spec in pair.services:
             old = self.runners.get(spec.name)
             if old is None:
-                self.runners[spec.name] = Runner(spec, RestartBudget(
-                    spec.restart.max_restarts, spec.restart.window_s))
+                self.runners[spec.name] = Runner(
+                    spec, RestartBudget(spec.restart.max_restarts, spec.restart.window_s)
+                )
             else:
                 old.spec = spec
         for name in set(self.runners) - {s.name for s in pair.services}:
@@ -144,8 +169,9 @@ class Supervisor:
     async def update(self, pair: Pair, node: Node) -> None:
         """Reconcile with a new topology: stop removed or changed services, start the rest."""
         new = {s.name: s for s in pair.services}
-        changed = [r for name, r in self.runners.items()
-                   if new.get(name) != r.spec or node != self.node]
+        changed = [
+            r for name, r in self.runners.items() if new.get(name) != r.spec or node != self.node
+        ]
         for r in changed:
             await self._stop(r, r.spec.stop_grace_s)
         self.node = node
@@ -269,8 +295,9 @@ class Supervisor:
             outcome = await self._spawn_and_watch(r, epoch)
             await self._terminate(r, min(r.spec.stop_grace_s, 2.0))
             r.detail = outcome
-            self.log.warning("service failed", service=r.spec.name, reason=outcome,
-                             restarts=r.restarts)
+            self.log.warning(
+                "service failed", service=r.spec.name, reason=outcome, restarts=r.restarts
+            )
             backoff = self._restart_backoff(r)
             if backoff is None:
                 r.state = "failed"
@@ -304,9 +331,13 @@ class Supervisor:
         exe = argv[0] if "/" in argv[0] else shutil.which(argv[0])
         if exe is None or not os.access(exe, os.X_OK):
             return f"could not start: command not found: {argv[0]}"
-        env = {**os.environ, **self.env, "HAPAIR_SERVICE": r.spec.name,
-               "HAPAIR_EPOCH": "" if epoch is None else str(epoch),
-               **{k: expand(v, values) for k, v in r.spec.env.items()}}
+        env = {
+            **os.environ,
+            **self.env,
+            "HAPAIR_SERVICE": r.spec.name,
+            "HAPAIR_EPOCH": "" if epoch is None else str(epoch),
+            **{k: expand(v, values) for k, v in r.spec.env.items()},
+        }
         cwd = expand(r.spec.cwd, values) if r.spec.cwd else None
         # A task of its own, shielded: a cancel (fence, stop) must never lose the handle
         # of a process already forked; _terminate waits for it.
@@ -319,18 +350,25 @@ class Supervisor:
         self.log.info("service started", service=r.spec.name, pid=r.proc.pid)
         return await self._watch(r, r.proc, values)
 
-    async def _fork(self, r: Runner, argv: list[str], env: dict[str, str],
-                    cwd: str | None) -> None:
+    async def _fork(self, r: Runner, argv: list[str], env: dict[str, str], cwd: str | None) -> None:
         prefix = [SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV else []
         with (self.log_dir / f"{r.spec.name}.log").open("ab") as logfile:
             r.proc = await asyncio.create_subprocess_exec(
-                *prefix, *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logfile,
-                stderr=asyncio.subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+                *prefix,
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
         if r.active_only:
             self.watchdog.add(r.proc.pid)
 
-    async def _watch(self, r: Runner, proc: asyncio.subprocess.Process,
-                     values: dict[str, str]) -> str:
+    async def _watch(
+        self, r: Runner, proc: asyncio.subprocess.Process, values: dict[str, str]
+    ) -> str:
         exited = asyncio.ensure_future(proc.wait())
         health = r.spec.health
         if health is None:
@@ -380,7 +418,8 @@ class Supervisor:
         if self._http is None:
             self._http = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None),
-                connector=aiohttp.TCPConnector(force_close=True))
+                connector=aiohttp.TCPConnector(force_close=True),
+            )
         return await probe(health, values, self._http)
 
     def _set_state(self, r: Runner, state: ServiceState, detail: str | None) -> None:

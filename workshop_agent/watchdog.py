@@ -25,8 +25,11 @@ from typing import IO
 
 def _log(message: str) -> None:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-    print(f"ts={stamp} level=warning logger=hapair.watchdog event=\"{message}\"",
-          file=sys.stderr, flush=True)
+    print(
+        f'ts={stamp} level=warning logger=hapair.watchdog event="{message}"',
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _kill_all(groups: set[int], why: str) -> None:
@@ -106,7 +109,9 @@ class WatchdogLink:
     def start(self) -> None:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "workshop_agent.watchdog"],
-            stdin=subprocess.PIPE, pass_fds=self._keep_fds, start_new_session=True,
+            stdin=subprocess.PIPE,
+            pass_fds=self._keep_fds,
+            start_new_session=True,
         )
         for pgid in self._groups:
             self._send(f"add {pgid}")

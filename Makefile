@@ -1,0 +1,123 @@
+# hapair: set-up and everyday commands.
+#
+#   make demo    run the example site (local etcd, registry, one agent per node)
+#   make test    lint, type-check and run the test suite
+#   make bench   run the benchmarks in bench/
+#
+# On a fresh Debian machine, run as root or with sudo: missing system packages (etcd,
+# util-linux, python3-venv, wrk for the benchmarks) are installed with apt-get, and a
+# virtual environment .venv is made with the project and its development tools. It is
+# set up again only when pyproject.toml changes.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-print-directory
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.hapair-installed
+
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+APT_GET := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -y -q -o Dpkg::Use-Pty=0
+
+# No progress bars; quieter pip in CI (CI=true). apt-get runs non-interactively.
+PIP_FLAGS := --progress-bar off $(if $(CI),-q,)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PYTHONUNBUFFERED := 1
+
+# Commands the targets need, each with the Debian package that brings it.
+#   command:package
+TEST_TOOLS := etcd:etcd-server etcdctl:etcd-client setpriv:util-linux
+BENCH_TOOLS := $(TEST_TOOLS) wrk:wrk
+
+.PHONY: help test lint fmt typecheck pytest demo bench clean venv sysdeps bench-sysdeps
+
+help:
+	@echo "make demo    run the example site in deploy/demo-site.yaml (Ctrl-C stops it)"
+	@echo "make test    ruff, ruff format --check, mypy and pytest"
+	@echo "make bench   run the benchmarks in bench/"
+	@echo "make lint    ruff and mypy only"
+	@echo "make fmt     format the code and apply ruff's safe fixes"
+	@echo "make clean   remove .venv, caches and demo logs"
+
+# --- system packages -----------------------------------------------------------------
+
+# Installs, in one apt-get run, the package of every listed command that is missing.
+define apt_install_missing
+	@missing=""; \
+	for pair in $(1); do \
+	  cmd=$${pair%%:*}; pkg=$${pair#*:}; \
+	  command -v "$$cmd" >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "==> installing Debian packages:$$missing"; \
+	  $(APT_GET) update; \
+	  $(APT_GET) install --no-install-recommends $$missing; \
+	fi
+endef
+
+sysdeps:
+	$(call apt_install_missing,$(TEST_TOOLS))
+
+bench-sysdeps:
+	$(call apt_install_missing,$(BENCH_TOOLS))
+
+# --- virtual environment -------------------------------------------------------------
+
+$(BIN)/python:
+	@if ! $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
+	  echo "==> installing python3-venv"; \
+	  $(APT_GET) update; \
+	  $(APT_GET) install --no-install-recommends python3-venv; \
+	fi
+	@echo "==> creating $(VENV) with $$($(PYTHON) --version)"
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	@echo "==> installing hapair and its development tools into $(VENV)"
+	$(BIN)/python -m pip install $(PIP_FLAGS) -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP)
+
+# --- checks ----------------------------------------------------------------------------
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+typecheck: venv
+	$(BIN)/mypy
+
+# PYTEST_ARGS narrows the run, e.g. make test PYTEST_ARGS="-k drain tests/test_failover.py"
+pytest: venv sysdeps
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test: venv sysdeps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+fmt: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# --- running -----------------------------------------------------------------------------
+
+demo: venv sysdeps
+	$(BIN)/python deploy/demo.py $(DEMO_ARGS)
+
+# BENCH=name runs only the benchmarks whose file name contains it.
+bench: venv bench-sysdeps
+	$(BIN)/python bench/run_all.py $(BENCH)
+
+# --- cleaning ------------------------------------------------------------------------------
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist demo-run
+	rm -rf *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,272 @@
+"""What the demo shows: the site's state read from etcd and the registry, as lines of
+change and as a live table. Read-only; standard library and rich only."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+# --- reading etcd and the registry ---------------------------------------------------------------
+
+
+def http(method: str, url: str, body: Any = None, timeout: float = 0.5) -> tuple[int | None, Any]:
+    """``(status, parsed JSON or text)``; status None when nothing answered."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        status, raw = err.code, err.read()
+    except (OSError, ValueError) as err:
+        return None, str(getattr(err, "reason", err))
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def etcd_range(url: str, prefix: str, limit: int = 0, newest_first: bool = False) -> list[Any]:
+    """Keys under ``prefix`` through etcd's JSON gateway: ``[(key, value, create_rev)]``."""
+    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    body: dict[str, Any] = {"key": _b64(prefix), "range_end": _b64(end)}
+    if limit:
+        body["limit"] = limit
+    if newest_first:
+        body.update(sort_order="DESCEND", sort_target="KEY")
+    status, reply = http("POST", f"{url}/v3/kv/range", body)
+    if status != 200 or not isinstance(reply, dict):
+        raise OSError(f"etcd did not answer ({reply})")
+    out = []
+    for kv in reply.get("kvs", []):
+        key = base64.b64decode(kv["key"]).decode()
+        value = base64.b64decode(kv.get("value", "")).decode(errors="replace")
+        out.append((key, value, int(kv.get("create_revision", 0))))
+    return out
+
+
+def _json(text: str) -> dict[str, Any]:
+    with contextlib.suppress(ValueError):
+        value = json.loads(text)
+        if isinstance(value, dict):
+            return value
+    return {}
+
+
+# --- the site's state, as etcd and the registry show it ----------------------------------
+
+
+@dataclass
+class State:
+    error: str | None = None
+    leaders: dict[str, tuple[str, int]] = field(default_factory=dict)
+    paused: dict[str, dict[str, Any]] = field(default_factory=dict)
+    drained: dict[str, dict[str, Any]] = field(default_factory=dict)
+    status: dict[str, dict[str, Any]] = field(default_factory=dict)
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    endpoints: dict[str, tuple[int | None, Any]] = field(default_factory=dict)
+    answers: dict[str, str | None] = field(default_factory=dict)
+
+
+_SERVED_BY = re.compile(r"served by node <b>([^<]+)</b>")
+
+
+def probe(record: dict[str, Any]) -> str | None:
+    """Does the published endpoint answer? Returns which node served it, or None."""
+    host, port = str(record.get("host", "")), int(record.get("port", 0))
+    if record.get("protocol") == "http":
+        status, body = http("GET", f"http://{host}:{port}/", timeout=0.5)
+        if status is None:
+            return None
+        found = _SERVED_BY.search(body) if isinstance(body, str) else None
+        return found.group(1) if found else f"HTTP {status}"
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        return "port open"
+    return None
+
+
+def read_state(etcd_url: str, registry_url: str, services: list[str]) -> State:
+    from shared import keys
+
+    state = State()
+    try:
+        for key, value, created in etcd_range(etcd_url, keys.PAIRS_PREFIX):
+            parts = keys.split(key)
+            if parts[-1] == "leader" and len(parts) == 3:
+                state.leaders[parts[1]] = (str(_json(value).get("node", "?")), created)
+            elif parts[-1] == "paused" and len(parts) == 3:
+                state.paused[parts[1]] = _json(value)
+        for key, value, _ in etcd_range(etcd_url, keys.NODES_PREFIX):
+            parts = keys.split(key)
+            if parts[-1] == "status" and len(parts) == 3:
+                state.status[parts[1]] = _json(value)
+            elif parts[-1] == "drained" and len(parts) == 3:
+                state.drained[parts[1]] = _json(value)
+        newest = etcd_range(etcd_url, keys.EVENTS_PREFIX, limit=8, newest_first=True)
+        state.events = [(key, _json(value)) for key, value, _ in reversed(newest)]
+    except OSError as err:
+        state.error = f"etcd: {err}"
+    for service in services:
+        status, body = http("GET", f"{registry_url}/v1/endpoints/{service}")
+        state.endpoints[service] = (status, body)
+        if status == 200 and isinstance(body, dict):
+            state.answers[service] = probe(body)
+    return state
+
+
+def endpoint_text(reply: tuple[int | None, Any]) -> str:
+    status, body = reply
+    if status is None:
+        return f"registry unreachable ({body})"
+    if status == 200 and isinstance(body, dict):
+        where = f"{body.get('host')}:{body.get('port')}"
+        return f"{where} {body.get('protocol', '')} on {body.get('node')} epoch {body.get('epoch')}"
+    reason = body.get("reason") or body.get("error") if isinstance(body, dict) else body
+    return f"{status} {str(reason or '').strip()[:100]}".strip()
+
+
+def changes(old: State | None, new: State, seen_events: set[str]) -> Iterator[str]:
+    """One line per change worth telling; events are told once each."""
+    if new.error and (old is None or old.error != new.error):
+        yield f"cannot read the state: {new.error}"
+    if new.error:
+        return
+    if old is not None and old.error:
+        yield "etcd answers again"
+    pairs = set(new.leaders) | set(old.leaders if old else {})
+    for pair in sorted(pairs):
+        was = old.leaders.get(pair) if old else None
+        now = new.leaders.get(pair)
+        if was != now:
+            before = f" (was {was[0]}, epoch {was[1]})" if was else ""
+            if now:
+                yield f"{pair}: {now[0]} is active, epoch {now[1]}{before}"
+            else:
+                yield f"{pair}: no active node{before}"
+    for pair in sorted(set(new.paused) | set(old.paused if old else {})):
+        if (pair in new.paused) != (old is not None and pair in old.paused):
+            by = new.paused.get(pair, {}).get("by")
+            yield f"{pair}: automatic failover PAUSED by {by}" if by else f"{pair}: resumed"
+    for node in sorted(set(new.drained) | set(old.drained if old else {})):
+        if (node in new.drained) != (old is not None and node in old.drained):
+            yield f"{node}: drained" if node in new.drained else f"{node}: undrained"
+    for service, reply in new.endpoints.items():
+        text = endpoint_text(reply)
+        if old is None or endpoint_text(old.endpoints.get(service, (None, ""))) != text:
+            yield f"{service}: registry says {text}"
+        answer = new.answers.get(service)
+        if old is None or old.answers.get(service) != answer:
+            if answer:
+                yield f"{service}: answering ({answer})"
+            elif reply[0] == 200:
+                yield f"{service}: published but not answering"
+    for key, event in new.events:
+        if key not in seen_events:
+            seen_events.add(key)
+            if old is not None:
+                yield "event: " + " ".join(
+                    f"{k}={event[k]}"
+                    for k in ("kind", "pair", "node", "epoch", "reason")
+                    if event.get(k) not in (None, "")
+                )
+
+
+# --- the view ------------------------------------------------------------------------------
+
+
+def render(site: Any, state: State, agents: dict[str, str], header: str, footer: str) -> Any:
+    """The live view: nodes, endpoints, recent events; ``agents`` says how each agent is."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    nodes = Table(box=None, header_style="bold", pad_edge=False, expand=False)
+    for column in ("pair", "node", "address", "agent", "role", "health", "services"):
+        nodes.add_column(column, no_wrap=column != "services")
+    for pair in site.pairs():
+        leader = state.leaders.get(pair.name)
+        pair_text = Text(pair.name, style="bold")
+        if pair.name in state.paused:
+            pair_text.append(" PAUSED", style="bold white on red")
+        for i, node in enumerate(pair.nodes):
+            status = state.status.get(node.name)
+            if status:
+                role = str(status.get("role", "?"))
+                if status.get("epoch"):
+                    role += f" e{status['epoch']}"
+            else:
+                role = "no status"
+            if leader and leader[0] == node.name and not role.startswith("active"):
+                role += f" (holds leader e{leader[1]})"
+            style = "bold green" if role.startswith("active") else ""
+            role_text = Text(role, style=style)
+            if node.name in state.drained:
+                role_text.append(" DRAINED", style="bold yellow")
+            if status is None:
+                health = Text("-")
+            elif status.get("healthy", True):
+                health = Text("ok", style="green")
+            else:
+                health = Text("UNHEALTHY " + "; ".join(status.get("problems", [])), style="red")
+            services = []
+            for svc in status.get("services", []) if status else []:
+                text = f"{svc.get('name')} {svc.get('state')}"
+                if svc.get("pid"):
+                    text += f" pid {svc['pid']}"
+                if svc.get("restarts"):
+                    text += f" restarts {svc['restarts']}"
+                services.append(text)
+            nodes.add_row(
+                pair_text if i == 0 else "",
+                node.name,
+                node.address,
+                agents.get(node.name, "-"),
+                role_text,
+                health,
+                ", ".join(services) or "-",
+            )
+    endpoints = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("service", "pair", "registry GET /v1/endpoints/{service}", "answering"):
+        endpoints.add_column(column)
+    for pair in site.pairs():
+        for svc in pair.services:
+            if svc.endpoint is None:
+                continue
+            reply = state.endpoints.get(svc.name, (None, "not asked yet"))
+            answer = state.answers.get(svc.name)
+            endpoints.add_row(
+                svc.name + (" (critical)" if svc.critical else ""),
+                pair.name,
+                Text(endpoint_text(reply), style="green" if reply[0] == 200 else "yellow"),
+                Text(answer or "no", style="green" if answer else "red"),
+            )
+    parts: list[Any] = [Text(header, style="bold"), nodes, Text(""), endpoints]
+    if state.error:
+        parts.append(Text(state.error, style="bold red"))
+    if state.events:
+        parts.append(Text("\nlast events", style="bold"))
+        for _, event in state.events[-5:]:
+            stamp = time.strftime("%H:%M:%S", time.localtime(float(event.get("at", 0))))
+            what = " ".join(
+                str(event[k]) for k in ("kind", "pair", "node") if event.get(k) not in (None, "")
+            )
+            if event.get("epoch"):
+                what += f" epoch {event['epoch']}"
+            if event.get("reason"):
+                what += f": {event['reason']}"
+            parts.append(Text(f"  {stamp} {what}", style="dim"))
+    parts.append(Text("\n" + footer, style="cyan"))
+    return Group(*parts)

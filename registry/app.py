@@ -1,0 +1,46 @@
+"""The registry's aiohttp application: state, routes and the watch task."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from registry.appkeys import CACHE, CONFIG, STORE, RegistryConfig
+from registry.cache import SiteCache
+from registry.errors import domain_errors
+from registry.routes import routes
+from registry.stream import events
+from shared.store import Store
+
+
+def create_app(
+    etcd: str, config: RegistryConfig | None = None, etcd_timeout_s: float = 1.0
+) -> web.Application:
+    """The app for etcd at ``etcd`` (``URL[,URL...]``); nothing connects until startup."""
+    store = Store(etcd, timeout=etcd_timeout_s)
+    app = web.Application(middlewares=[domain_errors])
+    app[STORE] = store
+    app[CACHE] = SiteCache(store)
+    app[CONFIG] = config or RegistryConfig()
+    app.add_routes(routes)
+    app.router.add_get("/v1/events", events)
+    app.cleanup_ctx.append(_watch)
+    app.on_shutdown.append(_end_streams)
+    return app
+
+
+async def _watch(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(app[CACHE].run(), name="etcd-mirror")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await app[STORE].close()
+
+
+async def _end_streams(app: web.Application) -> None:
+    # Event streams never end by themselves; without this, shutdown waits for them.
+    app[CACHE].close_streams()

@@ -1,0 +1,263 @@
+"""The registry's memory: the site as etcd has it, and every lookup answer pre-encoded.
+
+A :class:`~shared.store.Mirror` of the whole ``/hapair/v1`` prefix feeds a
+:class:`~shared.view.SiteView`. After each batch of changes the view is rebuilt once
+(only changed keys are parsed again), every lookup answer is compared with the one
+cached, and only answers that changed are encoded again, woken in long-polls and sent
+to the event streams. A lookup is then a dict read and a bytes copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from shared import keys
+from shared.log import EventLog
+from shared.store import Change, Mirror, Store
+from shared.view import Lookup, SiteView
+
+STREAM_BACKLOG = 1024
+"""Messages a slow event-stream client may have queued before it is cut off."""
+
+
+def encode(data: Any) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    body: bytes
+    epoch: int | None
+    lookup: Lookup
+
+    @classmethod
+    def of(cls, lookup: Lookup) -> Answer:
+        return cls(lookup.status, encode(lookup.body), lookup.epoch, lookup)
+
+
+NOT_LOADED = Answer.of(Lookup(503, {"error": "the registry has not read the site from etcd yet"}))
+
+
+def sse(kind: str, data: Any, revision: int) -> bytes:
+    return f"event: {kind}\nid: {revision}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+class Subscriber:
+    """One event stream's queue; ``None`` in the queue ends the stream."""
+
+    def __init__(self, backlog: int = STREAM_BACKLOG) -> None:
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(backlog)
+        self.lagged = False
+
+    def offer(self, message: bytes | None) -> None:
+        try:
+            self.queue.put_nowait(message)
+        except asyncio.QueueFull:
+            # A client that cannot keep up is cut off rather than fed stale news; on
+            # reconnecting it starts again from the current state.
+            self.lagged = True
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.queue.put_nowait(None)
+
+
+class SiteCache:
+    def __init__(self, store: Store) -> None:
+        self.mirror = Mirror(store, keys.PREFIX + "/", on_change=self._changed)
+        self.view = SiteView()
+        self.answers: dict[str, Answer] = {}
+        self._roles: dict[str, dict[str, Any]] = {}
+        self._nodes: dict[str, dict[str, Any]] = {}
+        self._topology: dict[str, Any] | None = None
+        self._waiters: dict[str, asyncio.Event] = {}
+        self._subscribers: set[Subscriber] = set()
+        self._scheduled = False
+        self._site: tuple[SiteView, dict[str, Any]] | None = None
+        self._log = EventLog("hapair.registry")
+
+    @property
+    def synced(self) -> bool:
+        return self.mirror.synced.is_set()
+
+    async def run(self) -> None:
+        await self.mirror.run()
+
+    def site(self) -> dict[str, Any]:
+        """The site report of the current view, built once per view."""
+        if self._site is None or self._site[0] is not self.view:
+            self._site = (self.view, self.view.to_json())
+        return dict(self._site[1])
+
+    # ---- lookups ------------------------------------------------------------------
+
+    def answer(self, service: str) -> Answer:
+        cached = self.answers.get(service)
+        if cached is not None:
+            return cached
+        if not self.view.revision:
+            return NOT_LOADED
+        # Names nobody declared are answered (404) without being remembered, so that
+        # random lookups cannot grow the cache.
+        return Answer.of(self.view.lookup(service))
+
+    async def wait_for_epoch(self, service: str, after_epoch: int, wait_s: float) -> Answer:
+        """The answer as soon as it carries an epoch above ``after_epoch``, or whatever it
+        is when ``wait_s`` runs out. Unknown services answer at once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            answer = self.answer(service)
+            if answer.status == 404 or (answer.epoch or 0) > after_epoch:
+                return answer
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return answer
+            changed = self._waiters.setdefault(service, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await changed.wait()
+
+    # ---- event streams ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def subscribe(self) -> Iterator[Subscriber]:
+        """A stream that starts with the current state (topology, roles, nodes, endpoint
+        answers), then carries every change."""
+        revision = self.view.revision
+        snapshot = [sse("topology", self._topology, revision)] if self._topology else []
+        snapshot += [sse("role", role, revision) for role in self._roles.values()]
+        snapshot += [sse("node", node, revision) for node in self._nodes.values()]
+        snapshot += [
+            sse("endpoint", _endpoint_data(service, answer), revision)
+            for service, answer in sorted(self.answers.items())
+        ]
+        sub = Subscriber(len(snapshot) + STREAM_BACKLOG)
+        for message in snapshot:
+            sub.offer(message)
+        self._subscribers.add(sub)
+        try:
+            yield sub
+        finally:
+            self._subscribers.discard(sub)
+
+    def close_streams(self) -> None:
+        for sub in list(self._subscribers):
+            sub.offer(None)
+
+    def _publish(self, message: bytes) -> None:
+        for sub in list(self._subscribers):
+            sub.offer(message)
+            if sub.lagged:
+                self._subscribers.discard(sub)
+                self._log.warning("event stream cut off: client too slow")
+
+    # ---- rebuilding after changes -------------------------------------------------
+
+    def _changed(self, change: Change | None) -> None:
+        # Changes that arrive together (one watch response) cost one rebuild.
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._rebuild)
+
+    def _rebuild(self) -> None:
+        self._scheduled = False
+        old = self.view
+        new = SiteView.from_kvs(self.mirror.items.values(), self.mirror.revision, previous=old)
+        self.view = new
+        rev = new.revision
+        for p in set(new.problems) - set(old.problems):
+            self._log.warning("ignoring invalid value", key=p.key, problem=p.problem)
+        self._update_topology(new, rev)
+        self._update_roles(new, rev)
+        self._update_answers(new, rev)
+        self._update_nodes(old, new, rev)
+        # The first build after start only shows the past; streams get news.
+        for key, event in new.events.items():
+            if key not in old.events and old.revision:
+                self._publish(sse("event", event.model_dump(mode="json"), rev))
+
+    def _update_topology(self, view: SiteView, rev: int) -> None:
+        data: dict[str, Any] | None = None
+        if view.site is not None and view.topology is not None:
+            data = {
+                "site": view.site.site,
+                "applied_by": view.topology.applied_by,
+                "applied_at": view.topology.applied_at,
+            }
+        elif any(p.key == keys.TOPOLOGY for p in view.problems):
+            data = {"site": None, "error": "the topology in etcd is invalid"}
+        if data != self._topology:
+            self._topology = data
+            self._publish(sse("topology", data or {"site": None}, rev))
+
+    def _update_roles(self, view: SiteView, rev: int) -> None:
+        pairs = {p.name for p in view.site.pairs()} if view.site is not None else set()
+        pairs |= set(view.leaders) | set(view.paused)
+        for name in sorted(pairs | set(self._roles)):
+            leader = view.leaders.get(name)
+            role = {
+                "pair": name,
+                "active": leader.node if leader else None,
+                "epoch": leader.epoch if leader else None,
+                "since": leader.since if leader else None,
+                "paused": name in view.paused,
+            }
+            if name not in pairs:
+                self._roles.pop(name, None)
+            elif self._roles.get(name) != role:
+                self._roles[name] = role
+                self._publish(sse("role", role, rev))
+
+    def _update_answers(self, view: SiteView, rev: int) -> None:
+        services = view.services()
+        for service in services | set(self.answers):
+            lookup = view.lookup(service)
+            cached = self.answers.get(service)
+            if cached is not None and cached.lookup == lookup:
+                continue
+            answer = Answer.of(lookup)
+            if service in services:
+                self.answers[service] = answer
+            else:
+                self.answers.pop(service, None)
+            self._publish(sse("endpoint", _endpoint_data(service, answer), rev))
+            waiters = self._waiters.pop(service, None)
+            if waiters is not None:
+                waiters.set()
+
+    def _update_nodes(self, old: SiteView, new: SiteView, rev: int) -> None:
+        names = {*old.statuses, *new.statuses, *old.drained, *new.drained}
+        if new.site is not None:
+            names |= {n.name for p in new.site.pairs() for n in p.nodes}
+        for name in sorted(names):
+            status, drained = new.statuses.get(name), new.drained.get(name)
+            if (
+                name in self._nodes
+                and new.site is old.site
+                and status is old.statuses.get(name)
+                and drained is old.drained.get(name)
+            ):
+                continue  # the same decoded objects: nothing about this node changed
+            pair = new.site.pair_of_node(name) if new.site is not None else None
+            data = {
+                "node": name,
+                "pair": pair.name if pair else (status.pair if status else None),
+                "up": status is not None,
+                "role": status.role if status else "down",
+                "healthy": status.healthy if status else None,
+                "problems": list(status.problems) if status else [],
+                "drained": drained is not None,
+            }
+            if self._nodes.get(name) != data:
+                self._nodes[name] = data
+                self._publish(sse("node", data, rev))
+
+
+def _endpoint_data(service: str, answer: Answer) -> dict[str, Any]:
+    return {**answer.lookup.body, "service": service, "status": answer.status}

@@ -1,0 +1,393 @@
+"""``hapair``: the operator's command line.
+
+Every command says what it changed. When it cannot, it prints one line saying why
+and exits non-zero: 1 when the request was refused, rejected or timed out, 2 for a
+wrong command line or an invalid site file (nothing is written), 3 when etcd or the
+registry cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import logging
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
+from datetime import datetime
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.live import Live
+
+from registry.outcome import Before, await_switchover, leader_before
+from registry.sources import EtcdSource, RegistrySource, Source, SourceError
+from registry.status import render
+from shared import admin, keys, records
+from shared.admin import AdminError
+from shared.store import Store, StoreError
+from shared.topology import Site, TopologyError, load
+
+OK, REFUSED, USAGE, UNREACHABLE = 0, 1, 2, 3
+ETCD_TIMEOUT_S = 2.0
+DEFAULT_WAIT_S = 15.0
+
+
+class Failed(Exception):
+    def __init__(self, code: int, message: str, details: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.details = details or []
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def operator() -> str:
+    """Who the events and flags name: ``HAPAIR_OPERATOR``, else user@host."""
+    if os.environ.get("HAPAIR_OPERATOR"):
+        return os.environ["HAPAIR_OPERATOR"]
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "operator"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _when(stamp: float) -> str:
+    return datetime.fromtimestamp(stamp).isoformat(sep=" ", timespec="seconds")
+
+
+@contextlib.asynccontextmanager
+async def connected(args: argparse.Namespace) -> AsyncIterator[Store]:
+    if not args.etcd:
+        raise Failed(USAGE, "no etcd given: use --etcd URL or set HAPAIR_ETCD")
+    try:
+        store = Store(args.etcd, timeout=ETCD_TIMEOUT_S)
+    except ValueError as err:
+        raise Failed(USAGE, str(err)) from None
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def _load(path: str) -> Site:
+    try:
+        return load(path)
+    except TopologyError as err:
+        raise Failed(
+            USAGE, f"{err.source}: invalid topology, nothing was changed", err.problems
+        ) from None
+
+
+def _summary(site: Site) -> str:
+    pairs = list(site.pairs())
+    nodes = sum(len(p.nodes) for p in pairs)
+    services = sum(len(p.services) for p in pairs)
+    return (
+        f"site {site.site}: {len(site.workshops)} workshop(s), {len(pairs)} pair(s), "
+        f"{nodes} node(s), {services} service(s)"
+    )
+
+
+# ---- topology ---------------------------------------------------------------------
+
+
+async def topology_validate(args: argparse.Namespace) -> int:
+    site = _load(args.file)
+    say(f"{args.file}: valid: {_summary(site)}")
+    return OK
+
+
+def _changes(old: Site | None, new: Site) -> str:
+    if old is None:
+        return "first topology of this site"
+    before = {p.name: p for p in old.pairs()}
+    after = {p.name: p for p in new.pairs()}
+    parts = [
+        f"{label}: {', '.join(sorted(names))}"
+        for label, names in (
+            ("pairs added", after.keys() - before.keys()),
+            ("pairs removed", before.keys() - after.keys()),
+            ("pairs changed", {n for n in after.keys() & before.keys() if after[n] != before[n]}),
+        )
+        if names
+    ]
+    return "; ".join(parts) or "no change to any pair"
+
+
+async def topology_apply(args: argparse.Namespace) -> int:
+    site = _load(args.file)
+    async with connected(args) as store:
+        try:
+            _, previous = await admin.read_topology(store)
+        except AdminError:
+            previous = None
+        await admin.apply_topology(store, site, operator())
+        say(f"applied {args.file} to etcd at {store.describe}: {_summary(site)}")
+        say(f"  {_changes(previous, site)}")
+    return OK
+
+
+async def topology_show(args: argparse.Namespace) -> int:
+    async with connected(args) as store:
+        doc, site = await admin.read_topology(store)
+    say(f"# applied by {doc.applied_by} at {_when(doc.applied_at)}")
+    data = site.model_dump(mode="json", exclude_defaults=not args.full)
+    sys.stdout.write(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+    return OK
+
+
+# ---- status -----------------------------------------------------------------------
+
+
+async def status(args: argparse.Namespace) -> int:
+    console = Console()
+    if args.registry:
+        return await _show(RegistrySource(args.registry), console, args.watch)
+    async with connected(args) as store:
+        return await _show(EtcdSource(store), console, args.watch)
+
+
+async def _show(source: Source, console: Console, watch: bool) -> int:
+    if not watch:
+        console.print(render(await source.report()))
+        return OK
+    if console.is_terminal:
+        with Live(console=console, auto_refresh=False) as live:
+            async for report in source.follow():
+                live.update(render(report), refresh=True)
+    else:
+        last = None
+        async for report in source.follow():
+            if report != last:
+                console.print(render(report))
+                console.rule()
+            last = report
+    return OK
+
+
+# ---- switchover, pause, drain -----------------------------------------------------
+
+
+async def _follow(
+    store: Store, pair: str, request: records.Switchover, before: Before, wait_s: float
+) -> int:
+    if wait_s <= 0:
+        return OK
+    say(f"waiting up to {wait_s:g} s for the outcome...")
+    outcome = await await_switchover(
+        store, pair, request, before, wait_s, lambda line: say(f"  {line}")
+    )
+    if not outcome.ok:
+        raise Failed(REFUSED, outcome.message)
+    say(outcome.message)
+    return OK
+
+
+async def switchover(args: argparse.Namespace) -> int:
+    async with connected(args) as store:
+        before = await leader_before(store, args.pair)
+        request = await admin.request_switchover(store, args.pair, args.to, operator(), args.reason)
+        target = args.to or "the first ready standby"
+        say(
+            f"switchover of pair {args.pair} requested (request {request.id}): "
+            f"{before.node} -> {target}"
+        )
+        return await _follow(store, args.pair, request, before, args.wait)
+
+
+async def pause(args: argparse.Namespace) -> int:
+    async with connected(args) as store:
+        await admin.pause(store, args.pair, operator(), args.reason)
+    say(
+        f"pair {args.pair} paused: no automatic failover until `hapair resume {args.pair}`; "
+        "its services keep running"
+    )
+    return OK
+
+
+async def resume(args: argparse.Namespace) -> int:
+    async with connected(args) as store:
+        was = await admin.resume(store, args.pair, operator())
+    say(
+        f"pair {args.pair} resumed: automatic failover is on again "
+        f"(it was paused by {was.by} at {_when(was.at)})"
+    )
+    return OK
+
+
+async def drain(args: argparse.Namespace) -> int:
+    async with connected(args) as store:
+        # Any read gives the revision to watch from: the outcome may come within
+        # milliseconds of the request, before a read after it.
+        _, revision = await store.get_prefix(keys.drained(args.node))
+        result = await admin.drain(store, args.node, operator(), args.reason)
+        say(f"node {args.node} drained: it will not become active")
+        if result.switchover is None or result.pair is None:
+            return OK
+        say(
+            f"{args.node} is active in pair {result.pair}: switchover requested "
+            f"(request {result.switchover.id})"
+        )
+        before = Before(args.node, result.epoch, revision)
+        return await _follow(store, result.pair, result.switchover, before, args.wait)
+
+
+async def undrain(args: argparse.Namespace) -> int:
+    async with connected(args) as store:
+        was = await admin.undrain(store, args.node, operator())
+    say(
+        f"node {args.node} undrained: eligible again (it was drained by {was.by} "
+        f"at {_when(was.at)})"
+    )
+    return OK
+
+
+# ---- the command line -------------------------------------------------------------
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError("must be between 0 and 3600 seconds")
+    return value
+
+
+def _etcd(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--etcd",
+        default=os.environ.get("HAPAIR_ETCD"),
+        help="etcd endpoints URL[,URL...] (default: $HAPAIR_ETCD)",
+    )
+
+
+def _wait(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--wait",
+        type=_seconds,
+        default=DEFAULT_WAIT_S,
+        metavar="S",
+        help=f"seconds to wait for the outcome, 0 to not wait (default {DEFAULT_WAIT_S:g})",
+    )
+
+
+Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="hapair", description="Operate a hapair site.")
+    sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    topo = sub.add_parser("topology", help="validate, apply or show the site file")
+    tsub = topo.add_subparsers(dest="topology_command", required=True, metavar="ACTION")
+    p = tsub.add_parser("validate", help="check a site file; changes nothing")
+    p.add_argument("file")
+    p.set_defaults(func=topology_validate)
+    p = tsub.add_parser("apply", help="validate a site file and store it in etcd")
+    p.add_argument("file")
+    _etcd(p)
+    p.set_defaults(func=topology_apply)
+    p = tsub.add_parser("show", help="print the topology stored in etcd")
+    p.add_argument("--full", action="store_true", help="include every default value")
+    _etcd(p)
+    p.set_defaults(func=topology_show)
+
+    p = sub.add_parser("status", help="pairs, active nodes, health and services")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--etcd",
+        default=os.environ.get("HAPAIR_ETCD"),
+        help="read etcd directly (default: $HAPAIR_ETCD)",
+    )
+    source.add_argument(
+        "--registry",
+        default=None,
+        help="read a registry, http://HOST:PORT (default: $HAPAIR_REGISTRY when no etcd is given)",
+    )
+    p.add_argument("--watch", action="store_true", help="keep the view current until Ctrl-C")
+    p.set_defaults(func=status)
+
+    p = sub.add_parser("switchover", help="move a pair to another node, planned")
+    p.add_argument("pair")
+    p.add_argument("--to", metavar="NODE", help="the node to move to (default: first ready)")
+    p.add_argument("--reason", default="", help="why, for the event log")
+    _etcd(p)
+    _wait(p)
+    p.set_defaults(func=switchover)
+
+    p = sub.add_parser("pause", help="turn automatic failover off for a pair")
+    p.add_argument("pair")
+    p.add_argument("--reason", default="", help="why, shown in status")
+    _etcd(p)
+    p.set_defaults(func=pause)
+
+    p = sub.add_parser("resume", help="turn automatic failover back on for a pair")
+    p.add_argument("pair")
+    _etcd(p)
+    p.set_defaults(func=resume)
+
+    p = sub.add_parser("drain", help="make a node ineligible; moves its pair away if active")
+    p.add_argument("node")
+    p.add_argument("--reason", default="", help="why, shown in status")
+    _etcd(p)
+    _wait(p)
+    p.set_defaults(func=drain)
+
+    p = sub.add_parser("undrain", help="make a drained node eligible again")
+    p.add_argument("node")
+    _etcd(p)
+    p.set_defaults(func=undrain)
+    return root
+
+
+def _run(command: Command, args: argparse.Namespace) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(command(args))
+    result: int = uvloop.run(command(args))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    # Library warnings (a lost watch, retried) would interleave with the output; the
+    # command reports failures itself.
+    logging.getLogger("hapair").addHandler(logging.NullHandler())
+    logging.getLogger("hapair").propagate = False
+    if args.command == "status" and not args.etcd and not args.registry:
+        args.registry = os.environ.get("HAPAIR_REGISTRY")
+    try:
+        code = _run(args.func, args)
+    except Failed as err:
+        print(f"hapair: {err}", file=sys.stderr)
+        for line in err.details:
+            print(f"  {line}", file=sys.stderr)
+        code = err.code
+    except AdminError as err:
+        print(f"hapair: {err}", file=sys.stderr)
+        code = REFUSED
+    except (StoreError, SourceError) as err:
+        print(f"hapair: {err}", file=sys.stderr)
+        code = UNREACHABLE
+    except KeyboardInterrupt:
+        code = OK if getattr(args, "watch", False) else 130
+    except Exception as err:
+        if os.environ.get("HAPAIR_DEBUG"):
+            raise
+        print(
+            f"hapair: internal error: {type(err).__name__}: {err} (set HAPAIR_DEBUG=1 for details)",
+            file=sys.stderr,
+        )
+        code = REFUSED
+    sys.exit(code)

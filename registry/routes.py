@@ -1,0 +1,153 @@
+"""HTTP routes: thin handlers over the cache (reads) and shared.admin (writes)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from registry.appkeys import CACHE, CONFIG, STORE
+from registry.cache import encode
+from registry.errors import BadRequest, Unauthorized, validate
+from shared import admin
+from shared.topology import Name
+
+MAX_WAIT_S = 300.0
+JSON = "application/json"
+
+routes = web.RouteTableDef()
+B = TypeVar("B", bound=BaseModel)
+
+
+class PollQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    after_epoch: int = Field(0, ge=0)
+    wait_s: float = Field(30.0, ge=0, allow_inf_nan=False)
+
+
+class EmptyBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ReasonBody(EmptyBody):
+    reason: str = Field("", max_length=500)
+
+
+class SwitchoverBody(ReasonBody):
+    to: Name | None = None
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=encode(data), status=status, content_type=JSON)
+
+
+# ---- reads ------------------------------------------------------------------------
+
+
+@routes.get("/v1/endpoints/{service}")
+async def lookup(request: web.Request) -> web.Response:
+    cache = request.app[CACHE]
+    service = request.match_info["service"]
+    if request.query_string:
+        poll = validate(PollQuery, dict(request.query), "query parameter")
+        answer = await cache.wait_for_epoch(service, poll.after_epoch, min(poll.wait_s, MAX_WAIT_S))
+    else:
+        answer = cache.answer(service)
+    return web.Response(body=answer.body, status=answer.status, content_type=JSON)
+
+
+@routes.get("/v1/site")
+async def site(request: web.Request) -> web.Response:
+    cache = request.app[CACHE]
+    doc = cache.site()
+    if not cache.synced:
+        doc["warning"] = (
+            f"registry is not in touch with etcd ({cache.mirror.error or 'starting'})"
+            f"; showing the state as of revision {cache.view.revision}"
+        )
+    return _json(doc)
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    cache = request.app[CACHE]
+    if not cache.synced:
+        return _json({"error": cache.mirror.error or "not yet synced with etcd"}, 503)
+    return _json({"status": "ok", "revision": cache.view.revision})
+
+
+# ---- admin ------------------------------------------------------------------------
+
+
+def _operator(request: web.Request) -> str:
+    hashes = request.app[CONFIG].admin_token_hashes
+    if hashes:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        digest = hashlib.sha256(token.strip().encode()).hexdigest()
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(digest, h) for h in hashes):
+            raise Unauthorized("admin routes need a valid bearer token")
+        return f"token {digest[:8]} from {request.remote}"
+    return f"http from {request.remote}"
+
+
+async def _body(request: web.Request, model: type[B]) -> B:
+    data: object = {}
+    if request.body_exists:
+        try:
+            data = await request.json()
+        except ValueError:
+            raise BadRequest("invalid body: not JSON", ["(body): not JSON"]) from None
+    return validate(model, data, "body")
+
+
+@routes.post("/v1/pairs/{pair}/switchover")
+async def switchover(request: web.Request) -> web.Response:
+    by = _operator(request)
+    body = await _body(request, SwitchoverBody)
+    pair = request.match_info["pair"]
+    req = await admin.request_switchover(request.app[STORE], pair, body.to, by, body.reason)
+    return _json({"pair": pair, "request": req.id, "to": req.to, "by": by}, 202)
+
+
+@routes.post("/v1/pairs/{pair}/pause")
+async def pause(request: web.Request) -> web.Response:
+    by = _operator(request)
+    body = await _body(request, ReasonBody)
+    flag = await admin.pause(request.app[STORE], request.match_info["pair"], by, body.reason)
+    return _json({"pair": request.match_info["pair"], "paused": flag.model_dump(mode="json")})
+
+
+@routes.post("/v1/pairs/{pair}/resume")
+async def resume(request: web.Request) -> web.Response:
+    by = _operator(request)
+    await _body(request, EmptyBody)
+    was = await admin.resume(request.app[STORE], request.match_info["pair"], by)
+    return _json({"pair": request.match_info["pair"], "was_paused": was.model_dump(mode="json")})
+
+
+@routes.post("/v1/nodes/{node}/drain")
+async def drain(request: web.Request) -> web.Response:
+    by = _operator(request)
+    body = await _body(request, ReasonBody)
+    result = await admin.drain(request.app[STORE], request.match_info["node"], by, body.reason)
+    request_id = result.switchover.id if result.switchover else None
+    return _json(
+        {
+            "node": request.match_info["node"],
+            "pair": result.pair,
+            "drained": result.drained.model_dump(mode="json"),
+            "switchover_request": request_id,
+        }
+    )
+
+
+@routes.post("/v1/nodes/{node}/undrain")
+async def undrain(request: web.Request) -> web.Response:
+    by = _operator(request)
+    await _body(request, EmptyBody)
+    was = await admin.undrain(request.app[STORE], request.match_info["node"], by)
+    return _json({"node": request.match_info["node"], "was_drained": was.model_dump(mode="json")})

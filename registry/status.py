@@ -1,0 +1,178 @@
+"""``hapair status``: the site report as rich tables, once or kept current.
+
+Every value shown comes from etcd or a registry, so it goes into :class:`Text`
+objects, never into markup: a reason typed by an operator cannot restyle the screen.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from shared.report import EventReport, NodeReport, PairReport, SiteReport
+
+ROLE_STYLES = {
+    "active": "bold green",
+    "standby": "cyan",
+    "starting": "yellow",
+    "stopping": "yellow",
+    "fenced": "bold red",
+    "idle": "dim",
+    "down": "bold red",
+}
+STATE_STYLES = {
+    "running": "green",
+    "starting": "yellow",
+    "restarting": "yellow",
+    "unhealthy": "bold red",
+    "failed": "bold red",
+    "stopped": "dim",
+}
+RECENT_EVENTS = 8
+
+
+def ago(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _pair_cell(pair: PairReport, now: float) -> Text:
+    text = Text(pair.name, style="bold")
+    if pair.paused is not None:
+        text.append("\n PAUSED ", style="bold white on red")
+        text.append(f"\nby {pair.paused.by} {ago(now - pair.paused.at)} ago", style="red")
+        if pair.paused.reason:
+            text.append(f"\n{pair.paused.reason}", style="red")
+    if pair.switchover is not None:
+        target = pair.switchover.to or "best standby"
+        text.append(f"\nswitchover to {target} pending", style="yellow")
+    return text
+
+
+def _active_cell(pair: PairReport, now: float) -> Text:
+    if pair.active is None:
+        return Text("NONE", style="bold white on red")
+    text = Text(pair.active, style="bold green")
+    text.append(f"\nepoch {pair.epoch}")
+    if pair.since is not None:
+        text.append(f"\nfor {ago(now - pair.since)}", style="dim")
+    return text
+
+
+def _role_cell(node: NodeReport) -> Text:
+    text = Text(node.role, style=ROLE_STYLES.get(node.role, ""))
+    if node.drained is not None:
+        text.append("\nDRAINED", style="bold yellow")
+    return text
+
+
+def _health_cell(node: NodeReport) -> Text:
+    if not node.up:
+        return Text("-", style="dim")
+    if node.healthy:
+        return Text("healthy", style="green")
+    return Text("UNHEALTHY" + "".join(f"\n{p}" for p in node.problems), style="bold red")
+
+
+def _services_cell(node: NodeReport) -> Text:
+    text = Text()
+    for i, s in enumerate(node.services):
+        text.append("\n" if i else "")
+        text.append(f"{s.name} ")
+        text.append(s.state, style=STATE_STYLES.get(s.state, ""))
+        if s.restarts:
+            text.append(f" ({s.restarts} restart{'s' if s.restarts != 1 else ''})", style="yellow")
+    return text
+
+
+def _endpoints_cell(pair: PairReport) -> Text:
+    text = Text()
+    for i, e in enumerate(pair.endpoints):
+        text.append("\n" if i else "")
+        if e.status == 200:
+            text.append(f"{e.service} {e.protocol}://{e.host}:{e.port}", style="green")
+        else:
+            text.append(f"{e.service}: {e.error}", style="red")
+    return text
+
+
+def _workshop_table(name: str, pairs: list[PairReport], now: float) -> Table:
+    table = Table(title=f"workshop {name}", title_justify="left", show_lines=True, expand=False)
+    for column in ("pair", "active", "node", "role", "health", "services", "endpoints"):
+        table.add_column(column)
+    for pair in pairs:
+        for i, node in enumerate(pair.nodes):
+            first = i == 0
+            table.add_row(
+                _pair_cell(pair, now) if first else Text(""),
+                _active_cell(pair, now) if first else Text(""),
+                Text(node.name, style="bold" if node.name == pair.active else ""),
+                _role_cell(node),
+                _health_cell(node),
+                _services_cell(node),
+                _endpoints_cell(pair) if first else Text(""),
+            )
+    return table
+
+
+def _event_line(event: EventReport) -> Text:
+    stamp = datetime.fromtimestamp(event.at).strftime("%H:%M:%S")
+    text = Text(f"{stamp} ", style="dim")
+    text.append(event.kind, style="bold")
+    for label, value in (("pair", event.pair), ("node", event.node), ("epoch", event.epoch)):
+        if value is not None:
+            text.append(f" {label}={value}")
+    if event.reason:
+        text.append(f" {event.reason}", style="italic")
+    return text
+
+
+def render(report: SiteReport, now: float | None = None) -> RenderableType:
+    now = time.time() if now is None else now
+    parts: list[RenderableType] = []
+    header = Text(f"site {report.site or '?'}", style="bold")
+    header.append(f"  revision {report.revision}", style="dim")
+    if report.topology is not None:
+        header.append(
+            f"  topology applied by {report.topology.applied_by} "
+            f"{ago(now - report.topology.applied_at)} ago",
+            style="dim",
+        )
+    parts.append(header)
+    if report.warning:
+        parts.append(Text(f"WARNING: {report.warning}", style="bold red"))
+    paused = [p.name for w in report.workshops for p in w.pairs if p.paused is not None]
+    if paused:
+        parts.append(
+            Text(f" PAUSED: {', '.join(paused)}: no automatic failover ", style="bold white on red")
+        )
+    if report.site is None:
+        parts.append(
+            Text(
+                "no valid topology in etcd: apply one with `hapair topology apply FILE`",
+                style="bold red",
+            )
+        )
+    parts.extend(_workshop_table(w.name, w.pairs, now) for w in report.workshops)
+    if report.problems:
+        problems = Text("invalid values in etcd (ignored):", style="bold red")
+        for p in report.problems:
+            problems.append(f"\n  {p.key}: {p.problem}", style="red")
+        parts.append(problems)
+    if report.events:
+        events = Text("recent events:", style="bold")
+        for event in report.events[-RECENT_EVENTS:]:
+            events.append("\n  ")
+            events.append_text(_event_line(event))
+        parts.append(events)
+    return Group(*parts)

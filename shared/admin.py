@@ -1,0 +1,297 @@
+"""Operator operations, shared by the CLI and the registry's admin routes.
+
+Each operation reads the site, validates the request against it and refuses with an
+:class:`AdminError` before anything is written. The write is one transaction guarded by
+what was validated (the leader's epoch, the pause and drain flags), together with the
+event that records it, so a request judged against a state that changed meanwhile is
+refused too, never half applied. :class:`~shared.store.StoreError` passes through: the
+caller tells "etcd unreachable" apart from "refused".
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from shared import keys, records
+from shared.store import Kv, Store
+from shared.topology import Pair, Site
+from shared.view import SiteView
+
+# A request the active never consumed (it died first) must not block the next one.
+PENDING_STALE_S = 30.0
+
+
+class AdminError(Exception):
+    """The operation was refused; the message says why. Nothing was changed."""
+
+
+@dataclass(frozen=True, slots=True)
+class DrainResult:
+    drained: records.Drained
+    pair: str | None
+    switchover: records.Switchover | None
+    epoch: int | None = None
+    """The epoch of the node's term when it was drained while active."""
+
+
+class _Stamps:
+    """Event keys that stay distinct and ordered within one transaction."""
+
+    def __init__(self) -> None:
+        self._last = 0
+
+    def next(self) -> int:
+        self._last = max(time.time_ns(), self._last + 1)
+        return self._last
+
+
+def _event_op(store: Store, event: records.Event, stamps: _Stamps) -> Any:
+    key = keys.event(stamps.next(), event.node or "operator")
+    return store.tx.put(keys.b(key), event.encode())
+
+
+async def emit_event(store: Store, event: records.Event) -> None:
+    key = keys.event(time.time_ns(), event.node or "operator")
+    await store.put(key, event.encode())
+
+
+async def load_view(store: Store) -> SiteView:
+    """The topology, pairs and nodes at one revision (events and endpoints left out:
+    no operation needs them and the event log can be long)."""
+    start, end = keys.b(keys.NODES_PREFIX), keys.b(keys.PREFIX + "0")  # nodes..topology
+    got = await store.call(lambda: store.client.get_range(start, end))
+    kvs = [Kv.from_aetcd(kv) for kv in got.kvs]
+    return SiteView.from_kvs(kvs, revision=int(got.header.revision))
+
+
+def _site(view: SiteView) -> Site:
+    if view.site is not None:
+        return view.site
+    if view.topology is None and not any(p.key == keys.TOPOLOGY for p in view.problems):
+        raise AdminError("no topology has been applied yet: run `hapair topology apply FILE`")
+    raise AdminError("the topology stored in etcd is invalid: apply a valid site file")
+
+
+def _pair(view: SiteView, name: str) -> Pair:
+    pair = _site(view).pair(name)
+    if pair is None:
+        known = ", ".join(p.name for p in _site(view).pairs()) or "none"
+        raise AdminError(f"no pair named {name!r} in the topology (pairs: {known})")
+    return pair
+
+
+def _mod(view: SiteView, key: str) -> int:
+    parsed = view.memo.get(key)
+    return parsed.mod_revision if parsed is not None else 0
+
+
+# ---- topology ---------------------------------------------------------------------
+
+
+async def apply_topology(store: Store, site: Site, by: str) -> records.TopologyDoc:
+    doc = records.TopologyDoc(site=site.model_dump(mode="json"), applied_by=by)
+    event = records.Event(
+        kind="topology_applied",
+        reason=f"site {site.site} applied by {by}",
+        details={"site": site.site, "by": by, "pairs": [p.name for p in site.pairs()]},
+    )
+    await store.txn(
+        [], [store.tx.put(keys.b(keys.TOPOLOGY), doc.encode()), _event_op(store, event, _Stamps())]
+    )
+    return doc
+
+
+async def read_topology(store: Store) -> tuple[records.TopologyDoc, Site]:
+    kv = await store.get(keys.TOPOLOGY)
+    if kv is None:
+        raise AdminError("no topology has been applied yet: run `hapair topology apply FILE`")
+    view = SiteView.from_kvs([kv])
+    if view.site is None or view.topology is None:
+        lines = "; ".join(p.problem for p in view.problems)
+        raise AdminError(f"the topology stored in etcd is invalid: {lines}")
+    return view.topology, view.site
+
+
+# ---- switchover -------------------------------------------------------------------
+
+
+def _switchover_guards(store: Store, view: SiteView, pair: Pair, to: str | None) -> list[Any]:
+    """Validate a switchover of ``pair``; the compares that keep that judgement true."""
+    leader = view.leaders.get(pair.name)
+    if leader is None:
+        raise AdminError(f"pair {pair.name} has no active node to switch over from")
+    if pair.name in view.paused:
+        raise AdminError(f"pair {pair.name} is paused; resume it first")
+    if to is not None:
+        why = view.cannot_take_over(pair, to)
+        if why is not None:
+            raise AdminError(f"cannot switch pair {pair.name} over to {to}: {why}")
+    elif not view.eligible_standbys(pair):
+        reasons = "; ".join(
+            view.cannot_take_over(pair, n.name) or f"{n.name} is no_failover"
+            for n in pair.nodes
+            if n.name != leader.node
+        )
+        raise AdminError(f"pair {pair.name} has no standby ready to take over ({reasons})")
+    pending = view.switchovers.get(pair.name)
+    if pending is not None and time.time() - pending.at < PENDING_STALE_S:
+        raise AdminError(
+            f"a switchover of pair {pair.name} is already pending "
+            f"(request {pending.id} by {pending.by}); wait for it to finish"
+        )
+    tx, sw = store.tx, keys.b(keys.switchover(pair.name))
+    guards = [
+        tx.create(keys.b(keys.leader(pair.name))) == leader.epoch,
+        tx.version(keys.b(keys.paused(pair.name))) == 0,
+        tx.mod(sw) == _mod(view, keys.switchover(pair.name)),
+    ]
+    if to is not None:
+        guards.append(tx.version(keys.b(keys.drained(to))) == 0)
+    return guards
+
+
+def _switchover_ops(
+    store: Store, view: SiteView, pair: Pair, request: records.Switchover, stamps: _Stamps
+) -> list[Any]:
+    leader = view.leaders[pair.name]
+    event = records.Event(
+        kind="switchover_requested",
+        pair=pair.name,
+        node=leader.node,
+        epoch=leader.epoch,
+        reason=request.reason or "operator request",
+        details={"request": request.id, "to": request.to, "by": request.by},
+    )
+    return [
+        store.tx.put(keys.b(keys.switchover(pair.name)), request.encode()),
+        _event_op(store, event, stamps),
+    ]
+
+
+async def _commit(store: Store, guards: list[Any], ops: list[Any], what: str) -> None:
+    ok, _ = await store.txn(guards, ops)
+    if not ok:
+        raise AdminError(
+            f"{what} changed while the request was written; nothing was changed, try again"
+        )
+
+
+async def request_switchover(
+    store: Store, pair: str, to: str | None, by: str, reason: str = ""
+) -> records.Switchover:
+    view = await load_view(store)
+    found = _pair(view, pair)
+    guards = _switchover_guards(store, view, found, to)
+    request = records.Switchover(to=to, by=by, reason=reason)
+    await _commit(
+        store,
+        guards,
+        _switchover_ops(store, view, found, request, _Stamps()),
+        f"the state of pair {pair}",
+    )
+    return request
+
+
+# ---- pause and resume -------------------------------------------------------------
+
+
+async def pause(store: Store, pair: str, by: str, reason: str = "") -> records.Paused:
+    view = await load_view(store)
+    _pair(view, pair)
+    current = view.paused.get(pair)
+    if current is not None:
+        raise AdminError(f"pair {pair} is already paused (by {current.by})")
+    flag = records.Paused(by=by, reason=reason)
+    event = records.Event(kind="paused", pair=pair, reason=reason, details={"by": by})
+    key = keys.b(keys.paused(pair))
+    await _commit(
+        store,
+        [store.tx.mod(key) == _mod(view, keys.paused(pair))],
+        [store.tx.put(key, flag.encode()), _event_op(store, event, _Stamps())],
+        f"the pause flag of pair {pair}",
+    )
+    return flag
+
+
+async def resume(store: Store, pair: str, by: str) -> records.Paused:
+    """Lift a pause; works for a pair no longer in the topology, to clean up."""
+    view = await load_view(store)
+    current = view.paused.get(pair)
+    if current is None:
+        if view.site is not None:
+            _pair(view, pair)
+        raise AdminError(f"pair {pair} is not paused")
+    event = records.Event(kind="resumed", pair=pair, details={"by": by})
+    key = keys.b(keys.paused(pair))
+    await _commit(
+        store,
+        [store.tx.mod(key) == _mod(view, keys.paused(pair))],
+        [store.tx.delete(key), _event_op(store, event, _Stamps())],
+        f"the pause flag of pair {pair}",
+    )
+    return current
+
+
+# ---- drain and undrain ------------------------------------------------------------
+
+
+async def drain(store: Store, node: str, by: str, reason: str = "") -> DrainResult:
+    """Make ``node`` ineligible; if it is active, request a switchover away in the same
+    transaction, and refuse both if no standby could take over."""
+    view = await load_view(store)
+    pair = _site(view).pair_of_node(node)
+    if pair is None:
+        raise AdminError(f"no node named {node!r} in the topology")
+    current = view.drained.get(node)
+    if current is not None:
+        raise AdminError(f"node {node} is already drained (by {current.by})")
+    flag = records.Drained(by=by, reason=reason)
+    stamps = _Stamps()
+    key = keys.b(keys.drained(node))
+    guards = [store.tx.version(key) == 0]
+    ops = [
+        store.tx.put(key, flag.encode()),
+        _event_op(
+            store,
+            records.Event(
+                kind="drained", pair=pair.name, node=node, reason=reason, details={"by": by}
+            ),
+            stamps,
+        ),
+    ]
+    request, epoch = None, None
+    leader = view.leaders.get(pair.name)
+    if leader is not None and leader.node == node:
+        try:
+            guards += _switchover_guards(store, view, pair, None)
+        except AdminError as err:
+            raise AdminError(
+                f"cannot drain {node}: it is active in pair {pair.name} and cannot hand over: {err}"
+            ) from None
+        request, epoch = records.Switchover(by=by, reason="drain"), leader.epoch
+        ops += _switchover_ops(store, view, pair, request, stamps)
+    await _commit(store, guards, ops, f"the state of pair {pair.name}")
+    return DrainResult(drained=flag, pair=pair.name, switchover=request, epoch=epoch)
+
+
+async def undrain(store: Store, node: str, by: str) -> records.Drained:
+    view = await load_view(store)
+    current = view.drained.get(node)
+    if current is None:
+        if view.site is not None and view.site.pair_of_node(node) is None:
+            raise AdminError(f"no node named {node!r} in the topology")
+        raise AdminError(f"node {node} is not drained")
+    pair = view.site.pair_of_node(node) if view.site is not None else None
+    event = records.Event(
+        kind="undrained", pair=pair.name if pair else None, node=node, details={"by": by}
+    )
+    key = keys.b(keys.drained(node))
+    await _commit(
+        store,
+        [store.tx.mod(key) == _mod(view, keys.drained(node))],
+        [store.tx.delete(key), _event_op(store, event, _Stamps())],
+        f"the drain flag of node {node}",
+    )
+    return current

@@ -1,0 +1,114 @@
+"""The shape of ``GET /v1/site``: the whole site state, as operators see it.
+
+Both the registry (which serves it) and the CLI (which renders it, or builds it
+straight from etcd) use these models, so a registry answer is validated like any
+other input before it is shown.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Report(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Note(_Report):
+    """Who set a flag (pause, drain), when and why."""
+
+    by: str
+    at: float
+    reason: str = ""
+
+
+class PendingSwitchover(_Report):
+    id: str
+    to: str | None = None
+    by: str
+    at: float
+    reason: str = ""
+
+
+class ServiceReport(_Report):
+    name: str
+    state: str
+    restarts: int = 0
+    placement: str = "active"
+    detail: str | None = None
+
+
+class NodeReport(_Report):
+    name: str
+    address: str
+    up: bool
+    role: str
+    healthy: bool | None = None
+    problems: list[str] = []
+    services: list[ServiceReport] = []
+    drained: Note | None = None
+    epoch: int | None = None
+    updated: float | None = None
+
+
+class EndpointReport(_Report):
+    """A service's lookup answer: ``status`` 200 with the address, or the reason why not."""
+
+    service: str
+    status: int
+    node: str | None = None
+    host: str | None = None
+    port: int | None = None
+    protocol: str | None = None
+    epoch: int | None = None
+    error: str | None = None
+
+
+class PairReport(_Report):
+    name: str
+    active: str | None = None
+    epoch: int | None = None
+    since: float | None = None
+    paused: Note | None = None
+    switchover: PendingSwitchover | None = None
+    nodes: list[NodeReport] = []
+    endpoints: list[EndpointReport] = []
+
+
+class WorkshopReport(_Report):
+    name: str
+    pairs: list[PairReport] = []
+
+
+class EventReport(_Report):
+    kind: str
+    at: float
+    pair: str | None = None
+    node: str | None = None
+    epoch: int | None = None
+    reason: str = ""
+    details: dict[str, Any] = {}
+
+
+class ProblemReport(_Report):
+    key: str
+    problem: str
+
+
+class TopologyInfo(_Report):
+    site: str
+    applied_by: str
+    applied_at: float
+
+
+class SiteReport(_Report):
+    site: str | None = None
+    revision: int = 0
+    warning: str | None = None
+    """Set by a registry that has lost etcd and shows the state last seen."""
+    topology: TopologyInfo | None = None
+    workshops: list[WorkshopReport] = []
+    events: list[EventReport] = []
+    problems: list[ProblemReport] = []

@@ -1,0 +1,120 @@
+"""A small site and a stand-in that writes to etcd what a node's agent would write."""
+
+from __future__ import annotations
+
+from shared import keys, records, topology
+from shared.store import Store
+
+SITE_YAML = """\
+site: plant-1
+workshops:
+  - name: assembly
+    pairs:
+      - name: asm
+        nodes:
+          - {name: asm-a, address: 127.0.0.11}
+          - {name: asm-b, address: 127.0.0.12}
+          - {name: asm-c, address: 127.0.0.13}
+        services:
+          - name: mes-api
+            command: [python3, -m, http.server, "8080", --bind, "{node.address}"]
+            endpoint: {port: 8080, protocol: http}
+          - name: worker
+            command: [sleep, "1000"]
+  - name: paint
+    pairs:
+      - name: pnt
+        nodes:
+          - {name: pnt-a, address: 127.0.0.21}
+          - {name: pnt-b, address: 127.0.0.22}
+        services:
+          - name: scada
+            command: [sleep, "1000"]
+            endpoint: {port: 4840, protocol: opc.tcp}
+"""
+
+ADDRESSES = {
+    "asm-a": "127.0.0.11",
+    "asm-b": "127.0.0.12",
+    "asm-c": "127.0.0.13",
+    "pnt-a": "127.0.0.21",
+    "pnt-b": "127.0.0.22",
+}
+
+
+def site() -> topology.Site:
+    return topology.loads(SITE_YAML)
+
+
+async def apply_site(store: Store) -> None:
+    doc = records.TopologyDoc(site=site().model_dump(mode="json"))
+    await store.put(keys.TOPOLOGY, doc.encode())
+
+
+class FakeAgent:
+    """Status, leader key and endpoints on a lease of its own, as an agent keeps them."""
+
+    def __init__(self, store: Store, node: str, pair: str) -> None:
+        self.store = store
+        self.node = node
+        self.pair = pair
+        self.lease = 0
+        self.epoch: int | None = None
+
+    async def up(self, healthy: bool = True, role: str = "standby") -> FakeAgent:
+        if not self.lease:
+            self.lease = await self.store.grant(30)
+        status = records.NodeStatus(
+            node=self.node,
+            pair=self.pair,
+            address=ADDRESSES[self.node],
+            role=role,  # type: ignore[arg-type]
+            epoch=self.epoch,
+            healthy=healthy,
+            problems=[] if healthy else ["disk full"],
+            services=[
+                records.ServiceStatus(
+                    name="mes-api", placement="active", state="running", restarts=1
+                )
+            ],
+        )
+        await self.store.put(keys.node_status(self.node), status.encode(), lease=self.lease)
+        return self
+
+    async def become_active(self) -> int:
+        tx = self.store.tx
+        key = keys.b(keys.leader(self.pair))
+        ok, _ = await self.store.txn(
+            [tx.create(key) == 0],
+            [tx.put(key, records.Leader(node=self.node).encode(), lease=self.lease)],
+        )
+        assert ok, f"{self.pair} already has a leader"
+        kv = await self.store.get(keys.leader(self.pair))
+        assert kv is not None
+        self.epoch = kv.create_revision
+        await self.up(role="active")
+        return self.epoch
+
+    async def publish(self, service: str, port: int, protocol: str = "http") -> None:
+        assert self.epoch is not None
+        record = records.Endpoint(
+            service=service,
+            pair=self.pair,
+            node=self.node,
+            host=ADDRESSES[self.node],
+            port=port,
+            protocol=protocol,
+            epoch=self.epoch,
+        )
+        await self.store.put(keys.endpoint(service), record.encode(), lease=self.lease)
+
+    async def resign(self) -> None:
+        await self.store.delete(keys.leader(self.pair))
+        self.epoch = None
+        await self.up()
+
+    async def crash(self) -> None:
+        """Everything bound to the lease goes at once, as when etcd expires it."""
+        await self.store.revoke(self.lease)
+        self.lease = 0
+        self.epoch = None
