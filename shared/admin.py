@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared import keys, records
-from shared.store import Kv, Store
+from shared.store import Store
 from shared.topology import Pair, Site
 from shared.view import SiteView
 
@@ -60,10 +60,9 @@ async def emit_event(store: Store, event: records.Event) -> None:
 async def load_view(store: Store) -> SiteView:
     """The topology, pairs and nodes at one revision (events and endpoints left out:
     no operation needs them and the event log can be long)."""
-    start, end = keys.b(keys.NODES_PREFIX), keys.b(keys.PREFIX + "0")  # nodes..topology
-    got = await store.call(lambda: store.client.get_range(start, end))
-    kvs = [Kv.from_aetcd(kv) for kv in got.kvs]
-    return SiteView.from_kvs(kvs, revision=int(got.header.revision))
+    # Key order: endpoints, events, nodes, pairs, topology; one range from nodes on.
+    kvs, revision = await store.get_range(keys.NODES_PREFIX, keys.PREFIX + "0")
+    return SiteView.from_kvs(kvs, revision=revision)
 
 
 def _site(view: SiteView) -> Site:

@@ -131,6 +131,11 @@ class Store:
         got = await self.call(lambda: self.client.get_prefix(prefix.encode()))
         return [Kv.from_aetcd(kv) for kv in got.kvs], int(got.header.revision)
 
+    async def get_range(self, start: str, end: str) -> tuple[list[Kv], int]:
+        """Every key in ``[start, end)`` and the store revision they were read at."""
+        got = await self.call(lambda: self.client.get_range(start.encode(), end.encode()))
+        return [Kv.from_aetcd(kv) for kv in got.kvs], int(got.header.revision)
+
     async def put(self, key: str, value: bytes, lease: int | None = None) -> int:
         result = await self.call(lambda: self.client.put(key.encode(), value, lease=lease))
         return int(result.header.revision)
