@@ -45,6 +45,14 @@ async def until(
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+async def holds(cond: Callable[[], Awaitable[bool]], seconds: float, what: str) -> None:
+    """Assert that ``cond`` stays true for ``seconds`` (for things that must NOT happen)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert await cond(), what
+        await asyncio.sleep(0.1)
+
+
 def recording_service(name: str, port: int, record: Path, **extra: Any) -> dict[str, Any]:
     return {
         "name": name,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster import Cluster, pid_alive, recording_service, until
+from cluster import Cluster, holds, pid_alive, recording_service, until
 from harness import Etcd, free_port
 
 from shared import keys
@@ -210,10 +210,7 @@ async def test_pause_blocks_failover_until_resume(cluster: Cluster) -> None:
     # The lease expires within 2.5 s; after that, b must still not take over.
     gone = await until(lambda: _no_leader(cluster), 5, "a's lease expired")
     assert gone
-    deadline = time.monotonic() + 2.0
-    while time.monotonic() < deadline:
-        assert await cluster.leader("p") is None, "b took over a paused pair"
-        await asyncio.sleep(0.1)
+    await holds(lambda: _no_leader(cluster), 2.0, "b took over a paused pair")
     assert "pair paused" in cluster.log("b")
     await cluster.store.delete(keys.paused("p"))
     node, new_epoch = await cluster.active("p", not_epoch=epoch)
@@ -232,10 +229,7 @@ async def test_drain_moves_the_active_away_and_keeps_the_node_out(cluster: Clust
     cluster.signal("b", signal.SIGTERM)  # b resigns on a clean stop
     gone = await until(lambda: _no_leader(cluster), 5, "b resigned")
     assert gone
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline:
-        assert await cluster.leader("p") is None, "a drained node took over"
-        await asyncio.sleep(0.1)
+    await holds(lambda: _no_leader(cluster), 1.0, "a drained node took over")
     await cluster.store.delete(keys.drained("a"))
     node, _ = await cluster.active("p", not_epoch=epoch2)
     assert node == "a"
@@ -380,7 +374,8 @@ async def test_nobody_moves_when_no_node_reaches_the_plc(cluster: Cluster) -> No
         return st is not None and "critical resource plc:press-1 lost" in st.problems
 
     await until(alarm, 5, "the alarm in a's status")
-    deadline = time.monotonic() + 1.5  # three grace times
-    while time.monotonic() < deadline:
-        assert await cluster.leader("p") == ("a", epoch)
-        await asyncio.sleep(0.1)
+
+    async def still_a() -> bool:
+        return await cluster.leader("p") == ("a", epoch)
+
+    await holds(still_a, 1.5, "the pair moved though no node reaches the PLC")  # 3 graces
