@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
 import socket
 import statistics
 import sys
@@ -99,7 +97,7 @@ async def main(runs: int) -> None:
                     pid = st.services[0].pid
                     assert pid is not None
                     t0 = time.monotonic()
-                    os.kill(pid, signal.SIGKILL)
+                    c.kill_service(pid)
                 else:
                     t0 = time.monotonic()
                     await c.store.put(keys.switchover("p"), Switchover(to=standby).encode())

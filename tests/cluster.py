@@ -175,6 +175,11 @@ class Cluster:
         self.agents[node].wait(5)
         return pids
 
+    def kill_service(self, pid: int) -> None:
+        """SIGKILL a service and note when: a killed run's record has no end of its own."""
+        os.kill(pid, signal.SIGKILL)
+        (self.record / f"{pid}.kill").write_text(repr(time.monotonic() + 0.001))
+
     def log(self, node: str) -> str:
         return (self.tmp / f"agent-{node}.log").read_text(errors="replace")
 
@@ -230,8 +235,15 @@ class Cluster:
             head = lines[0]
             ends = [x["end"] for x in lines if "end" in x]
             beats = [x["hb"] for x in lines if "hb" in x]
-            # Killed: it ran at most one heartbeat period (plus scheduling) past its last beat.
-            end = ends[0] if ends else max(beats, default=head["start"]) + 0.05
+            # Killed: at its recorded kill, else within a heartbeat period (and scheduling)
+            # of its last beat.
+            kill = path.with_suffix(".kill")
+            if ends:
+                end = ends[0]
+            elif kill.exists():
+                end = float(kill.read_text())
+            else:
+                end = max(beats, default=head["start"]) + 0.05
             runs.append({**head, "end": end, "killed": not ends})
         return runs
 

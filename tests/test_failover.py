@@ -7,7 +7,6 @@ pair ever ran the service at the same time.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -132,7 +131,7 @@ async def test_frozen_active_is_fenced_before_the_standby_starts(cluster: Cluste
 
 async def test_critical_service_exit_moves_the_pair(cluster: Cluster) -> None:
     _, epoch = await two_nodes(cluster, 14)
-    os.kill(await service_pid(cluster, "a"), signal.SIGKILL)
+    cluster.kill_service(await service_pid(cluster, "a"))
     node, _ = await cluster.active("p", not_epoch=epoch)
     assert node == "b"
     resign = await until(lambda: cluster.events("resign"), 5, "resign event")
@@ -149,7 +148,7 @@ async def test_non_critical_service_restarts_in_place_then_moves(cluster: Cluste
     )
     _, epoch = await two_nodes(cluster, 15, services=[svc])
     for restarts in (1, 2):
-        os.kill(await service_pid(cluster, "a"), signal.SIGKILL)
+        cluster.kill_service(await service_pid(cluster, "a"))
 
         async def restarted(n: int = restarts) -> bool:
             st = await cluster.status("a")
@@ -158,7 +157,7 @@ async def test_non_critical_service_restarts_in_place_then_moves(cluster: Cluste
 
         await until(restarted, 10, f"restart {restarts} in place")
         assert await cluster.leader("p") == ("a", epoch)
-    os.kill(await service_pid(cluster, "a"), signal.SIGKILL)
+    cluster.kill_service(await service_pid(cluster, "a"))
     node, _ = await cluster.active("p", not_epoch=epoch)
     assert node == "b"
     resign = await until(lambda: cluster.events("resign"), 5, "resign event")
