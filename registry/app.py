@@ -13,7 +13,8 @@ from registry.cache import SiteCache
 from registry.errors import domain_errors
 from registry.routes import routes
 from registry.stream import events
-from shared.store import Store
+from shared.admin import prune_events
+from shared.store import Store, StoreError
 
 
 def create_app(
@@ -28,6 +29,7 @@ def create_app(
     app.add_routes(routes)
     app.router.add_get("/v1/events", events)
     app.cleanup_ctx.append(_watch)
+    app.cleanup_ctx.append(_retention)
     app.on_shutdown.append(_end_streams)
     return app
 
@@ -39,6 +41,22 @@ async def _watch(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     await app[STORE].close()
+
+
+async def _retention(app: web.Application) -> AsyncIterator[None]:
+    """Keep the audit trail to its configured age, checked once an hour."""
+
+    async def prune() -> None:
+        while True:
+            with contextlib.suppress(StoreError):
+                await prune_events(app[STORE], app[CONFIG].events_keep_days * 86400)
+            await asyncio.sleep(3600)
+
+    task = asyncio.create_task(prune(), name="event-retention")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _end_streams(app: web.Application) -> None:

@@ -16,6 +16,8 @@ class RegistryConfig:
     """Comment lines on idle event streams keep proxies and clients from timing out."""
     admin_token_hashes: frozenset[str] = field(default_factory=frozenset)
     """SHA-256 hex digests of the bearer tokens the admin routes accept; none = open."""
+    events_keep_days: float = 90.0
+    """Events older than this are deleted (every registry does it; deleting is idempotent)."""
 
 
 CACHE = web.AppKey("cache", SiteCache)

@@ -35,7 +35,12 @@ async def serve(settings: RegistrySettings) -> None:
             "admin routes are open to anyone who can reach the registry; "
             "set HAPAIR_ADMIN_TOKENS to require a bearer token"
         )
-    app = create_app(settings.etcd, RegistryConfig(admin_token_hashes=settings.token_hashes))
+    app = create_app(
+        settings.etcd,
+        RegistryConfig(
+            admin_token_hashes=settings.token_hashes, events_keep_days=settings.events_keep_days
+        ),
+    )
     # Access logs cost more than a lookup itself; failures are logged where they happen.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()

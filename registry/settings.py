@@ -16,6 +16,7 @@ class RegistrySettings(BaseSettings):
     etcd: str = Field(description="etcd endpoints, URL[,URL...]")
     listen: str = Field("0.0.0.0:8700", description="HOST:PORT to serve HTTP on")
     log_level: str = Field("info", pattern=r"^(?i:debug|info|warning|error)$")
+    events_keep_days: float = Field(90.0, gt=0, description="age at which events are deleted")
     admin_tokens: str = Field(
         "", description="comma-separated SHA-256 hex digests of accepted admin bearer tokens"
     )

@@ -57,6 +57,15 @@ async def emit_event(store: Store, event: records.Event) -> None:
     await store.put(key, event.encode())
 
 
+async def prune_events(store: Store, older_than_s: float) -> int:
+    """Delete events older than ``older_than_s``; their keys sort by time, so one range."""
+    cutoff = keys.event(time.time_ns() - int(older_than_s * 1e9), "")
+    deleted = await store.call(
+        lambda: store.client.delete_range(keys.b(keys.EVENTS_PREFIX), keys.b(cutoff))
+    )
+    return int(deleted.deleted)
+
+
 async def load_view(store: Store) -> SiteView:
     """The topology, pairs and nodes at one revision (events and endpoints left out:
     no operation needs them and the event log can be long)."""

@@ -185,3 +185,16 @@ async def test_drain_the_active_with_nowhere_to_go_is_refused(store: Store) -> N
         "pair asm has no standby ready to take over"
     )
     assert await everything(store) == before
+
+
+async def test_prune_events_deletes_only_old_ones(store: Store) -> None:
+    import time
+
+    now = time.time_ns()
+    old = keys.event(now - 3 * 86400 * 10**9, "a")
+    recent = keys.event(now - 3600 * 10**9, "b")
+    for key in (old, recent):
+        await store.put(key, records.Event(kind="election").encode())
+    assert await admin.prune_events(store, older_than_s=86400) == 1
+    remaining = [kv.key for kv in (await store.get_prefix(keys.EVENTS_PREFIX))[0]]
+    assert remaining == [recent]
