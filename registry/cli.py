@@ -213,6 +213,17 @@ async def pause(args: argparse.Namespace) -> int:
     return OK
 
 
+async def ack(args: argparse.Namespace) -> int:
+    async with connected(args) as store:
+        done = await admin.ack(store, args.pair, args.epoch, operator())
+    say(
+        f"recovery of pair {args.pair} at epoch {done.epoch} acknowledged: "
+        f"{', '.join(done.held) or 'no service'} starting on {done.to_node} "
+        f"(cause: {done.cause})"
+    )
+    return OK
+
+
 async def resume(args: argparse.Namespace) -> int:
     async with connected(args) as store:
         was = await admin.resume(store, args.pair, operator())
@@ -330,6 +341,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="", help="why, shown in status")
     _etcd(p)
     p.set_defaults(func=pause)
+
+    p = sub.add_parser("ack", help="acknowledge a recovery: start the held services")
+    p.add_argument("pair")
+    p.add_argument("--epoch", type=int, help="the epoch acknowledged (refused if not current)")
+    _etcd(p)
+    p.set_defaults(func=ack)
 
     p = sub.add_parser("resume", help="turn automatic failover back on for a pair")
     p.add_argument("pair")

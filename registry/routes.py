@@ -17,6 +17,9 @@ from shared.topology import Name
 
 MAX_WAIT_S = 300.0
 JSON = "application/json"
+STALE_HEADER = "X-Hapair-Stale"
+"""On lookups answered while the registry is out of touch with etcd: why. The answer
+is the last state seen; a client with other registries should ask them instead."""
 
 routes = web.RouteTableDef()
 B = TypeVar("B", bound=BaseModel)
@@ -41,6 +44,10 @@ class SwitchoverBody(ReasonBody):
     to: Name | None = None
 
 
+class AckBody(EmptyBody):
+    epoch: int | None = Field(None, ge=1, description="the epoch the acknowledgement is for")
+
+
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=encode(data), status=status, content_type=JSON)
 
@@ -57,7 +64,8 @@ async def lookup(request: web.Request) -> web.Response:
         answer = await cache.wait_for_epoch(service, poll.after_epoch, min(poll.wait_s, MAX_WAIT_S))
     else:
         answer = cache.answer(service)
-    return web.Response(body=answer.body, status=answer.status, content_type=JSON)
+    headers = None if cache.synced else {STALE_HEADER: cache.mirror.error or "not yet synced"}
+    return web.Response(body=answer.body, status=answer.status, content_type=JSON, headers=headers)
 
 
 @routes.get("/v1/site")
@@ -119,6 +127,14 @@ async def pause(request: web.Request) -> web.Response:
     body = await _body(request, ReasonBody)
     flag = await admin.pause(request.app[STORE], request.match_info["pair"], by, body.reason)
     return _json({"pair": request.match_info["pair"], "paused": flag.model_dump(mode="json")})
+
+
+@routes.post("/v1/pairs/{pair}/ack")
+async def ack(request: web.Request) -> web.Response:
+    by = _operator(request)
+    body = await _body(request, AckBody)
+    done = await admin.ack(request.app[STORE], request.match_info["pair"], body.epoch, by)
+    return _json({"pair": request.match_info["pair"], "recovery": done.model_dump(mode="json")})
 
 
 @routes.post("/v1/pairs/{pair}/resume")

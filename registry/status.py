@@ -53,6 +53,12 @@ def _pair_cell(pair: PairReport, now: float) -> Text:
         text.append(f"\nby {pair.paused.by} {ago(now - pair.paused.at)} ago", style="red")
         if pair.paused.reason:
             text.append(f"\n{pair.paused.reason}", style="red")
+    rec = pair.recovery
+    if rec is not None and rec.state == "awaiting" and rec.epoch == pair.epoch:
+        text.append("\n AWAITING OPERATOR ", style="bold black on yellow")
+        text.append(f"\n{rec.cause} {ago(now - rec.at)} ago", style="yellow")
+        text.append(f"\nheld: {', '.join(rec.held)}", style="yellow")
+        text.append(f"\nhapair ack {pair.name} --epoch {rec.epoch}", style="yellow")
     if pair.switchover is not None:
         target = pair.switchover.to or "best standby"
         text.append(f"\nswitchover to {target} pending", style="yellow")
@@ -151,6 +157,16 @@ def render(report: SiteReport, now: float | None = None) -> RenderableType:
     parts.append(header)
     if report.warning:
         parts.append(Text(f"WARNING: {report.warning}", style="bold red"))
+    awaiting = [
+        p.name
+        for w in report.workshops
+        for p in w.pairs
+        if p.recovery is not None and p.recovery.state == "awaiting" and p.recovery.epoch == p.epoch
+    ]
+    if awaiting:
+        parts.append(
+            Text(f" AWAITING OPERATOR: {', '.join(awaiting)} ", style="bold black on yellow")
+        )
     paused = [p.name for w in report.workshops for p in w.pairs if p.paused is not None]
     if paused:
         parts.append(

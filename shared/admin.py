@@ -242,6 +242,52 @@ async def resume(store: Store, pair: str, by: str) -> records.Paused:
     return current
 
 
+# ---- acknowledge a recovery -------------------------------------------------------
+
+
+async def ack(store: Store, pair: str, epoch: int | None, by: str) -> records.Recovery:
+    """Acknowledge the recovery of ``pair`` for ``epoch`` (the current one if None): its
+    held services start. An ack for another epoch is refused; a second one changes
+    nothing and says so."""
+    view = await load_view(store)
+    _pair(view, pair)
+    current = view.recoveries.get(pair)
+    if current is None:
+        raise AdminError(f"pair {pair} has no recovery awaiting an operator")
+    if epoch is not None and epoch != current.epoch:
+        raise AdminError(
+            f"pair {pair} awaits an acknowledgement for epoch {current.epoch}, not {epoch}: "
+            "refused (check what happened with hapair status)"
+        )
+    leader = view.leaders.get(pair)
+    if leader is None or leader.epoch != current.epoch:
+        now = "no active node" if leader is None else f"epoch {leader.epoch}"
+        raise AdminError(
+            f"the recovery of pair {pair} is for epoch {current.epoch}, but the pair is at "
+            f"{now}: refused"
+        )
+    if current.state == "acknowledged":
+        raise AdminError(
+            f"the recovery of pair {pair} at epoch {current.epoch} was already acknowledged "
+            f"by {current.acked_by}; nothing changed"
+        )
+    done = current.model_copy(
+        update={"state": "acknowledged", "acked_by": by, "acked_at": records.now_wall()}
+    )
+    event = records.Event(
+        kind="ack", pair=pair, epoch=current.epoch, reason=f"acknowledged by {by}",
+        details={"by": by, "held": current.held},
+    )
+    key = keys.b(keys.recovery(pair))
+    await _commit(
+        store,
+        [store.tx.mod(key) == _mod(view, keys.recovery(pair))],
+        [store.tx.put(key, done.encode()), _event_op(store, event, _Stamps())],
+        f"the recovery of pair {pair}",
+    )
+    return done
+
+
 # ---- drain and undrain ------------------------------------------------------------
 
 

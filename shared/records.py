@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from shared.topology import Name, format_errors
 
 Role = Literal["active", "standby", "starting", "stopping", "fenced", "idle"]
-ServiceState = Literal["stopped", "starting", "running", "unhealthy", "restarting", "failed"]
+ServiceState = Literal[
+    "stopped", "starting", "running", "unhealthy", "restarting", "failed", "held"
+]
 
 
 class RecordError(ValueError):
@@ -126,7 +128,23 @@ class Handover(Record):
     to: Name
     epoch: int
     request: str | None = None
+    planned: bool = True
     at: float = Field(default_factory=now_wall)
+
+
+class Recovery(Record):
+    """``/pairs/{pair}/recovery``: after an unplanned failover, the services held until
+    an operator acknowledges, for the term (epoch) that holds them."""
+
+    epoch: int
+    cause: str
+    from_node: str | None = None
+    to_node: Name
+    held: list[str] = Field(default_factory=list)
+    state: Literal["awaiting", "acknowledged"] = "awaiting"
+    at: float = Field(default_factory=now_wall)
+    acked_by: str | None = None
+    acked_at: float | None = None
 
 
 class Event(Record):

@@ -32,6 +32,20 @@ class PendingSwitchover(_Report):
     reason: str = ""
 
 
+class RecoveryReport(_Report):
+    """A recovery after an unplanned failover: held services await an operator's ack."""
+
+    epoch: int
+    cause: str
+    from_node: str | None = None
+    to_node: str
+    held: list[str] = []
+    state: str
+    at: float
+    acked_by: str | None = None
+    acked_at: float | None = None
+
+
 class ServiceReport(_Report):
     name: str
     state: str
@@ -73,6 +87,7 @@ class PairReport(_Report):
     since: float | None = None
     paused: Note | None = None
     switchover: PendingSwitchover | None = None
+    recovery: RecoveryReport | None = None
     nodes: list[NodeReport] = []
     endpoints: list[EndpointReport] = []
 

@@ -176,6 +176,16 @@ class Service(_Model):
     health: Health | None = None
     endpoint: Endpoint | None = None
     stop_grace_s: float = Field(5.0, ge=0.0, le=300.0)
+    hold_until_ack: bool = False
+    auto_ack_after_s: float | None = Field(None, gt=0.0)
+
+    @model_validator(mode="after")
+    def _hold(self) -> Service:
+        if self.hold_until_ack and self.placement != "active":
+            raise ValueError("hold_until_ack applies to placement: active services only")
+        if self.auto_ack_after_s is not None and not self.hold_until_ack:
+            raise ValueError("auto_ack_after_s needs hold_until_ack: true")
+        return self
 
     @model_validator(mode="after")
     def _placeholders(self) -> Service:

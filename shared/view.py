@@ -23,6 +23,7 @@ from shared.report import (
     PairReport,
     PendingSwitchover,
     ProblemReport,
+    RecoveryReport,
     ServiceReport,
     SiteReport,
     TopologyInfo,
@@ -83,6 +84,8 @@ def _classify(parts: list[str]) -> tuple[str, str] | None:
             return "paused", pair
         case ["pairs", pair, "commands", "switchover"]:
             return "switchover", pair
+        case ["pairs", pair, "recovery"]:
+            return "recovery", pair
         case ["nodes", node, "status"]:
             return "status", node
         case ["nodes", node, "drained"]:
@@ -96,6 +99,7 @@ _MODELS: dict[str, type[records.Record]] = {
     "leader": records.Leader,
     "paused": records.Paused,
     "switchover": records.Switchover,
+    "recovery": records.Recovery,
     "status": records.NodeStatus,
     "drained": records.Drained,
     "endpoint": records.Endpoint,
@@ -143,6 +147,7 @@ class SiteView:
     paused: Mapping[str, records.Paused] = field(default_factory=dict)
     drained: Mapping[str, records.Drained] = field(default_factory=dict)
     switchovers: Mapping[str, records.Switchover] = field(default_factory=dict)
+    recoveries: Mapping[str, records.Recovery] = field(default_factory=dict)
     events: Mapping[str, records.Event] = field(default_factory=dict)
     """The most recent events by key, oldest first."""
     problems: tuple[Problem, ...] = ()
@@ -196,6 +201,7 @@ class SiteView:
             paused=_frozen(found["paused"]),
             drained=_frozen(found["drained"]),
             switchovers=_frozen(found["switchover"]),
+            recoveries=_frozen(found["recovery"]),
             events=_frozen(found["event"]),
             problems=tuple(p for parsed in memo.values() for p in parsed.problems),
             revision=revision,
@@ -379,6 +385,11 @@ class SiteView:
             since=leader.since if leader else None,
             paused=_note(self.paused.get(pair.name)),
             switchover=pending,
+            recovery=(
+                None
+                if (rec := self.recoveries.get(pair.name)) is None
+                else RecoveryReport.model_validate(rec.model_dump())
+            ),
             nodes=[self.node_report(n) for n in pair.nodes],
             endpoints=endpoints,
         )

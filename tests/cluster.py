@@ -226,6 +226,15 @@ class Cluster:
 
         return await until(ready, timeout, f"an active node in {pair} after epoch {not_epoch}")
 
+    async def standby(self, node: str, timeout: float = 10.0) -> None:
+        """Wait until ``node`` reports itself a healthy standby (ready to take over)."""
+
+        async def ready() -> bool:
+            st = await self.status(node)
+            return st is not None and st.role == "standby" and st.healthy
+
+        await until(ready, timeout, f"{node} a healthy standby")
+
     # -- the services' own record -----------------------------------------------------
     def intervals(self) -> list[dict[str, Any]]:
         """Every run of the test services: node, epoch, start, end (a bound when killed)."""

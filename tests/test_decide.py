@@ -122,6 +122,11 @@ UP = {"b": PeerView("standby", True), "c": PeerView("standby", True)}
         ("secondary right after start waits for the main", obs(me="b", started_at=99.5), []),
         ("secondary with the main down campaigns", obs(me="b", peers={}), [Campaign]),
         (
+            "secondary that saw an active fail campaigns even right after its start",
+            obs(me="b", started_at=99.5, seen_leader=True),
+            [Campaign],
+        ),
+        (
             "secondary waits while a preferred node is up",
             obs(me="c", peers={"a": PeerView("standby", True)}, leader_absent_since=99.9),
             [],
@@ -204,7 +209,7 @@ def test_a_critical_resource_lost_on_the_active_moves_to_a_standby_that_reaches_
         "c": PeerView("standby", True, reaches=frozenset({"plc:press-1"})),
     }
     o = obs(term=5, leader=MINE, services_up=True, peers=peers, lost=lost)
-    assert decide(o).actions == (Handover("c", None, "plc:press-1 lost on the active"),)
+    assert decide(o).actions == (Handover("c", None, "plc:press-1 lost on the active", planned=False),)
     # Still within its grace time: stay.
     assert decide(replace(o, lost={"plc:press-1": Lost(99.0, 2.0)})).actions == ()
     # Nobody reaches it: the fault is the PLC's, nobody moves.

@@ -56,8 +56,10 @@ async def cluster(etcd: Etcd, store: object, tmp_path: Path) -> AsyncIterator[Cl
 async def two_nodes(c: Cluster, net: int, **kw: Any) -> tuple[str, int]:
     await c.apply(c.site([pair("p", ["a", "b"], net, free_port(), c.record, **kw)]))
     c.start("a")
+    active = await c.active("p", node="a")
     c.start("b")
-    return await c.active("p", node="a")
+    await c.standby("b")
+    return active
 
 
 async def service_pid(c: Cluster, node: str, service: str = "p-svc") -> int:
@@ -185,7 +187,7 @@ async def test_switchover_to_a_named_secondary_of_three(cluster: Cluster) -> Non
     for n in ("a", "b", "c"):
         cluster.start(n)
     _, epoch = await cluster.active("p", node="a")
-    await until(lambda: cluster.status("c"), 5, "c up")
+    await cluster.standby("c")
     await cluster.store.put(keys.switchover("p"), Switchover(to="c").encode())
     node, _ = await cluster.active("p", not_epoch=epoch)
     assert node == "c"

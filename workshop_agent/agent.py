@@ -19,10 +19,21 @@ from typing import Any
 
 from shared import keys
 from shared.log import EventLog
-from shared.records import Endpoint, Event, Leader, NodeStatus, Role, TopologyDoc, decode
+from shared.records import (
+    Endpoint,
+    Event,
+    Leader,
+    NodeStatus,
+    RecordError,
+    Recovery,
+    Role,
+    TopologyDoc,
+    decode,
+)
 from shared.store import Kv, Mirror, Store, StoreError
 from shared.topology import Node, Pair, Site, TopologyError, parse_site
 from workshop_agent import decide as d
+from workshop_agent import recovery
 from workshop_agent.election import Election, Session
 from workshop_agent.observe import PairObserver, PairState
 from workshop_agent.settings import AgentSettings
@@ -88,6 +99,7 @@ class Agent:
         self._fence_timer: asyncio.TimerHandle | None = None
         self._state: PairState | None = None
         self._fencing = False
+        self._held_since = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self.session: Session | None = None
         self.election: Election | None = None
@@ -320,6 +332,7 @@ class Agent:
                         "etcd request failed", action=type(action).__name__, error=str(err)
                     )
                     break
+            self._recovery_step()
 
     def _observe(self) -> d.Observation:
         assert self.pair is not None and self.session is not None and self.supervisor
@@ -347,6 +360,7 @@ class Agent:
             peers=st.peers,
             paused=st.paused,
             drained=st.drained,
+            seen_leader=self.last_leader is not None,
             switchover=st.switchover,
             handover=st.handover,
             lost=st.lost,
@@ -377,8 +391,8 @@ class Agent:
                     self.event("reclaim", "agent restarted on the active node", old_epoch=epoch)
             case d.Resign(reason):
                 await self._step_down(reason, None, None)
-            case d.Handover(to, request, reason):
-                await self._step_down(reason, to, request)
+            case d.Handover(to, request, reason, planned):
+                await self._step_down(reason, to, request, planned)
             case d.RejectSwitchover(request, reason):
                 raw = self._state.switchover_raw if self._state else None
                 if raw is not None:
@@ -402,28 +416,101 @@ class Agent:
             key, Kv(key, Leader(node=self.me).encode(), epoch, epoch, lease), epoch
         )
         previous = self.last_leader
+        planned = target and handover is not None and handover.planned
         if target and handover is not None and handover.from_node == self.me:
             cause = "took its pair back after an agent restart"
-        elif target:
+        elif planned:
             cause = "planned switchover"
+        elif target and handover is not None:
+            cause = f"switch forced by {handover.from_node}"
         elif previous is not None and previous != self.me:
             cause = f"failover from {previous}"
         else:
             cause = "election"
-        self._take_term(epoch, cause)
-        self.event("election", cause, previous=previous, planned=target)
+        # After an unplanned failover the process functions marked hold_until_ack wait
+        # for an operator; so they do if an earlier recovery was still awaiting one.
+        awaiting = self._recovery()
+        hold = (not planned and previous is not None) or (
+            awaiting is not None and awaiting.state == "awaiting"
+        )
+        held = recovery.held_services(self.pair, hold)
+        self._take_term(epoch, cause, held)
+        self.event("election", cause, previous=previous, planned=planned)
+        if held:
+            record = Recovery(
+                epoch=epoch, cause=cause, from_node=previous, to_node=self.me, held=sorted(held)
+            )
+            self._spawn(self._write_recovery(epoch, record), "recovery")
 
-    def _take_term(self, epoch: int, cause: str) -> None:
+    def _take_term(self, epoch: int, cause: str, held: frozenset[str] = frozenset()) -> None:
         assert self.session is not None and self.supervisor is not None
         if not self.session.valid(self.clock()):
             return
         self.term = epoch
+        self._held_since = self.clock()
         self.log.bind(epoch=epoch)
-        self.log.info("became active", cause=cause)
-        self.supervisor.activate(epoch)
+        self.log.info("became active", cause=cause, held=",".join(sorted(held)) or None)
+        self.supervisor.activate(epoch, held)
         self._changed()
 
-    async def _step_down(self, reason: str, to: str | None, request: str | None) -> None:
+    # -- assisted recovery ------------------------------------------------------------
+    def _recovery(self) -> Recovery | None:
+        assert self.pair is not None
+        kv = self.pairs.items.get(keys.recovery(self.pair.name))
+        if kv is None:
+            return None
+        try:
+            return decode(Recovery, kv.value, kv.key)
+        except RecordError:
+            return None
+
+    async def _write_recovery(self, epoch: int, record: Recovery) -> None:
+        assert self.election is not None and self.pair is not None
+        for _ in range(50):  # etcd may be slow to answer right after a failover
+            try:
+                written = await self.election.put_guarded(
+                    epoch, keys.recovery(self.pair.name), record.encode(), None
+                )
+            except StoreError:
+                await asyncio.sleep(0.2)
+                continue
+            if written:
+                self.log.warning(
+                    "awaiting operator" if record.state == "awaiting" else "recovery acknowledged",
+                    held=",".join(record.held),
+                    cause=record.cause,
+                    by=record.acked_by,
+                )
+                kind = "recovery_awaiting" if record.state == "awaiting" else "ack"
+                self.event(kind, record.cause, held=record.held, by=record.acked_by)
+            return
+
+    def _recovery_step(self) -> None:
+        """Start held services once acknowledged, or when their auto_ack_after_s is up."""
+        sup, pair, term = self.supervisor, self.pair, self.term
+        if sup is None or pair is None or term is None or not sup.held:
+            return
+        current = self._recovery()
+        waited = self.clock() - self._held_since
+        due = recovery.release_due(pair, frozenset(sup.held), current, term, waited)
+        if not due:
+            return
+        self.log.info("releasing held services", services=",".join(sorted(due)))
+        sup.release(set(due))
+        if (
+            not sup.held
+            and current is not None
+            and current.epoch == term
+            and (current.state == "awaiting")
+        ):
+            done = current.model_copy(
+                update={"state": "acknowledged", "acked_by": "auto", "acked_at": time.time()}
+            )
+            self._spawn(self._write_recovery(term, done), "auto-ack")
+
+    async def _step_down(
+        self, reason: str, to: str | None, request: str | None, planned: bool = True
+    ) -> None:
         """Stop services first, then give the key away: never two actives."""
         assert self.supervisor is not None and self.election is not None
         assert self.pair is not None
@@ -441,7 +528,7 @@ class Agent:
             revision = await self.election.resign(epoch)
             kind = "resign"
         else:
-            revision = await self.election.handover(epoch, to, request)
+            revision = await self.election.handover(epoch, to, request, planned)
             kind = "switchover"
         ok = revision is not None
         if revision is not None:
@@ -491,7 +578,9 @@ class Agent:
         role: Role = "standby"
         if self.term is not None:
             active_states = [r.state for r in sup.runners.values() if r.active_only]
-            role = "active" if all(s == "running" for s in active_states) else "starting"
+            role = "active" if all(s in ("running", "held") for s in active_states) else "starting"
+            if sup.held:
+                problems = [*problems, "awaiting operator: " + ", ".join(sorted(sup.held))]
         status = NodeStatus(
             node=self.me,
             pair=pair.name,

@@ -58,6 +58,7 @@ class HandoverView:
     from_node: str
     revision: int
     seen_at: float
+    planned: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,8 @@ class Observation:
     switchover: SwitchoverView | None = None
     handover: HandoverView | None = None
     lost: Mapping[str, Lost] = field(default_factory=dict)
+    seen_leader: bool = False
+    """This agent has seen an active node since it started (so this is no cold start)."""
 
     @property
     def lease_ttl(self) -> float:
@@ -136,6 +139,7 @@ class Handover:
     to: str
     request: str | None
     reason: str
+    planned: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +270,7 @@ def _forced_switch(o: Observation) -> Decision | None:
         if target is not None:
             return Decision(
                 f"{name} lost on this node, {target} reaches it: handing over",
-                (Handover(target, None, f"{name} lost on the active"),),
+                (Handover(target, None, f"{name} lost on the active", False),),
             )
     return None
 
@@ -332,7 +336,7 @@ def _campaign(o: Observation) -> Decision:
     if o.now < o.holdoff_until:
         return Decision("no active node; holding off after stepping down")
     rank = o.pair.rank(o.me)
-    if rank > 0 and o.now - o.started_at < o.lease_ttl:
+    if rank > 0 and not o.seen_leader and o.now - o.started_at < 2 * o.lease_ttl:
         return Decision("no active node; giving the main server time to start")
     ahead = sum(1 for n in o.pair.nodes[:rank] if _eligible_peer(o, n.name))
     delay = ahead * o.pair.failover.campaign_delay_s

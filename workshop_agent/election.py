@@ -150,10 +150,12 @@ class Election:
         ok, resp = await self.store.txn([tx.create(self.key) == epoch], [tx.delete(self.key)])
         return int(resp[0].response_delete_range.header.revision) if ok else None
 
-    async def handover(self, epoch: int, to: str, request: str | None) -> int | None:
+    async def handover(
+        self, epoch: int, to: str, request: str | None, planned: bool = True
+    ) -> int | None:
         """Step down in favour of ``to``: only it may campaign until the record is stale."""
         tx = self.store.tx
-        record = Handover(from_node=self.node, to=to, epoch=epoch, request=request)
+        record = Handover(from_node=self.node, to=to, epoch=epoch, request=request, planned=planned)
         ok, resp = await self.store.txn(
             [tx.create(self.key) == epoch],
             [
@@ -178,7 +180,9 @@ class Election:
         while we campaign again; the old lease (with the old status and endpoints) goes.
         """
         tx = self.store.tx
-        record = Handover(from_node=self.node, to=self.node, epoch=epoch, request="reclaim")
+        record = Handover(
+            from_node=self.node, to=self.node, epoch=epoch, request="reclaim", planned=False
+        )
         ok, resp = await self.store.txn(
             [tx.create(self.key) == epoch],
             [tx.delete(self.key), tx.put(self.handover_key, record.encode())],
@@ -186,7 +190,7 @@ class Election:
         await self.store.revoke(lease)
         return int(resp[0].response_delete_range.header.revision) if ok else None
 
-    async def put_guarded(self, epoch: int, key: str, value: bytes, lease: int) -> bool:
+    async def put_guarded(self, epoch: int, key: str, value: bytes, lease: int | None) -> bool:
         """Write ``key`` only while ``epoch`` is still the current term."""
         tx = self.store.tx
         ok, _ = await self.store.txn(

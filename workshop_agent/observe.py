@@ -149,4 +149,5 @@ class PairObserver:
         record = self._decode(Handover, kv)
         to = record.to if record is not None else INVALID
         from_node = record.from_node if record is not None else INVALID
-        return HandoverView(to, from_node, kv.mod_revision, self._handover_seen[1])
+        planned = record.planned if record is not None else False
+        return HandoverView(to, from_node, kv.mod_revision, self._handover_seen[1], planned)

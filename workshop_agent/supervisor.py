@@ -110,6 +110,7 @@ class Supervisor:
         self.epoch: int | None = None
         self.failure: str | None = None
         self.runners: dict[str, Runner] = {}
+        self.held: set[str] = set()
         self._activation: asyncio.Task[None] | None = None
         self._http: aiohttp.ClientSession | None = None
         self._cleanups: set[asyncio.Task[None]] = set()
@@ -117,8 +118,12 @@ class Supervisor:
 
     # -- views ------------------------------------------------------------------------
     def active_up(self) -> bool:
-        return (self._activation is not None and not self._activation.done()) or any(
-            r.alive() for r in self.runners.values() if r.active_only
+        """Active-only services are running, starting, or held for this term."""
+        held = self.epoch is not None and bool(self.held)
+        return (
+            held
+            or (self._activation is not None and not self._activation.done())
+            or any(r.alive() for r in self.runners.values() if r.active_only)
         )
 
     def healthy(self) -> tuple[bool, list[str]]:
@@ -186,16 +191,29 @@ class Supervisor:
             if not r.active_only and not r.alive():
                 r.task = asyncio.create_task(self._run(r, None))
 
-    def activate(self, epoch: int) -> None:
-        """Start the active-only services in order (each waits for the previous one)."""
+    def activate(self, epoch: int, held: frozenset[str] = frozenset()) -> None:
+        """Start the active-only services in order (each waits for the previous one),
+        except those ``held`` until an operator acknowledges the recovery."""
         if self._activation is not None and not self._activation.done():
             return
+        if self.epoch != epoch:
+            self.held = set(held)
         self.epoch = epoch
         self.failure = None
         self._activation = asyncio.create_task(self._start_in_order(epoch))
 
+    def release(self, names: set[str]) -> None:
+        """Start held services now (the recovery was acknowledged)."""
+        self.held -= names
+        if self.epoch is not None:
+            self._activation = None
+            self.activate(self.epoch)
+
     async def _start_in_order(self, epoch: int) -> None:
         for r in [r for r in self.runners.values() if r.active_only]:
+            if r.spec.name in self.held:
+                self._set_state(r, "held", "awaiting operator acknowledgement")
+                continue
             if r.alive():
                 continue
             if not self.may_run() or self.epoch != epoch:
@@ -210,6 +228,7 @@ class Supervisor:
     async def deactivate(self) -> None:
         """Planned stop of the active-only services, last started first."""
         self.epoch = None
+        self.held.clear()
         await self._cancel_activation()
         for r in reversed([r for r in self.runners.values() if r.active_only]):
             await self._stop(r, r.spec.stop_grace_s)
@@ -220,6 +239,7 @@ class Supervisor:
 
         Synchronous on purpose: it runs from a timer even while the loop is busy."""
         self.epoch = None
+        self.held.clear()
         if self._activation is not None:
             self._activation.cancel()
         loop = asyncio.get_running_loop()
@@ -235,6 +255,9 @@ class Supervisor:
             cleanup = asyncio.create_task(self._stop(r, grace))
             self._cleanups.add(cleanup)
             cleanup.add_done_callback(self._cleanups.discard)
+        for r in self.runners.values():
+            if r.state == "held":
+                r.state, r.detail = "stopped", None
         self.on_change()
 
     async def stop_all(self) -> None:
