@@ -108,12 +108,13 @@ class SiteCache:
 
     async def wait_for_epoch(self, service: str, after_epoch: int, wait_s: float) -> Answer:
         """The answer as soon as it carries an epoch above ``after_epoch``, or whatever it
-        is when ``wait_s`` runs out. Unknown services answer at once."""
+        is when ``wait_s`` runs out. Unknown services answer at once, and so does a
+        registry out of touch with etcd: it would wait for news it cannot get."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         while True:
             answer = self.answer(service)
-            if answer.status == 404 or (answer.epoch or 0) > after_epoch:
+            if answer.status == 404 or (answer.epoch or 0) > after_epoch or not self.synced:
                 return answer
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -160,10 +161,25 @@ class SiteCache:
     # ---- rebuilding after changes -------------------------------------------------
 
     def _changed(self, change: Change | None) -> None:
+        if change is None and not self.synced:
+            self._lost_etcd()
         # Changes that arrive together (one watch response) cost one rebuild.
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._rebuild)
+
+    def _lost_etcd(self) -> None:
+        """Send followers to another registry: this one can only show the past now."""
+        if self._subscribers:
+            self._log.warning(
+                "lost etcd; ending event streams",
+                streams=len(self._subscribers),
+                error=self.mirror.error,
+            )
+            self.close_streams()
+        for waiters in self._waiters.values():
+            waiters.set()
+        self._waiters.clear()
 
     def _rebuild(self) -> None:
         self._scheduled = False
