@@ -380,3 +380,42 @@ async def test_nobody_moves_when_no_node_reaches_the_plc(cluster: Cluster) -> No
         return await cluster.leader("p") == ("a", epoch)
 
     await holds(still_a, 1.5, "the pair moved though no node reaches the PLC")  # 3 graces
+
+
+async def test_agents_pick_up_an_applied_topology_without_a_restart(cluster: Cluster) -> None:
+    port, extra_port = free_port(), free_port()
+    first = pair("p", ["a", "b"], 29, port, cluster.record)
+    await cluster.apply(cluster.site([first]))
+    cluster.start("a")
+    _, epoch = await cluster.active("p", node="a")
+    cluster.start("b")
+    await cluster.standby("b")
+    old_pid = await service_pid(cluster, "a")
+    agents = {n: p.pid for n, p in cluster.agents.items()}
+
+    second = pair("p", ["a", "b"], 29, port, cluster.record, lease_ttl_s=3.0)
+    extra = recording_service("p-extra", extra_port, cluster.record)
+    second["services"] = [
+        {**second["services"][0], "env": {"CHANGED": "1"}},  # a changed service restarts
+        extra,  # a new one starts
+    ]
+    await cluster.apply(cluster.site([second]))
+    await service_pid(cluster, "a", "p-extra")
+
+    async def restarted() -> bool:
+        pid = await service_pid(cluster, "a")
+        return pid != old_pid
+
+    await until(restarted, 10, "the changed service restarted with its new spec")
+    assert await cluster.leader("p") == ("a", epoch)
+
+    async def b_on_new_lease() -> bool:
+        kv = await cluster.store.get(keys.node_status("b"))
+        if kv is None:
+            return False
+        info = await cluster.store.call(lambda: cluster.store.client.get_lease_info(kv.lease))
+        return int(info.grantedTTL) == 3
+
+    await until(b_on_new_lease, 10, "the standby's lease granted with the new TTL")
+    assert {n: p.pid for n, p in cluster.agents.items()} == agents
+    assert all(p.poll() is None for p in cluster.agents.values())

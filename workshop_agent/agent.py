@@ -95,7 +95,7 @@ class Agent:
         self.last_leader: str | None = None
         self._last_reason = ""
         self._published: dict[str, bytes] = {}
-        self._last_status: bytes = b""
+        self._last_status: tuple[int, bytes] = (0, b"")
         self._fence_timer: asyncio.TimerHandle | None = None
         self._state: PairState | None = None
         self._fencing = False
@@ -240,6 +240,7 @@ class Agent:
         self.session = Session(
             self.store, f.lease_ttl_s, f.fence_after_s, self.log, self.clock, self._lease_changed
         )
+        self.session.may_regrant = lambda: self.term is None
         self.election = Election(self.store, self.pair.name, self.me)
         env = {
             "HAPAIR_NODE": self.me,
@@ -567,7 +568,7 @@ class Agent:
         lease = session.lease
         if lease is None:
             self._published.clear()
-            self._last_status = b""
+            self._last_status = (0, b"")
             return
         healthy, problems = sup.healthy()
         if self.clock() < self.holdoff_until:
@@ -593,9 +594,9 @@ class Agent:
             pid=os.getpid(),
         )
         raw = status.model_copy(update={"updated": 0.0}).encode()
-        if raw != self._last_status:
+        if (lease, raw) != self._last_status:  # a new lease needs the status again
             await self.store.put(keys.node_status(self.me), status.encode(), lease=lease)
-            self._last_status = raw
+            self._last_status = (lease, raw)
         await self._publish_endpoints(pair, node, lease)
 
     async def _publish_endpoints(self, pair: Pair, node: Node, lease: int) -> None:

@@ -37,8 +37,11 @@ class Session:
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
-        self.ttl = ttl
-        self.fence_after = fence_after
+        # Timings of the lease held now, and those the next grant will use: a lease keeps
+        # the TTL it was granted with, so its fence point must too.
+        self.ttl = self.wanted_ttl = ttl
+        self.fence_after = self.wanted_fence_after = fence_after
+        self.may_regrant: Callable[[], bool] = lambda: False
         self.log = log
         self.clock = clock
         self.on_change = on_change
@@ -63,15 +66,29 @@ class Session:
         return -float("inf") if self.acked_send is None else self.acked_send + self.fence_after
 
     def retune(self, ttl: float, fence_after: float) -> None:
-        """New timings apply from the next grant; a shorter fence point applies at once."""
-        self.ttl, self.fence_after = ttl, fence_after
+        """New timings apply from the next grant; a shorter fence point applies at once.
+
+        The next grant comes as soon as ``may_regrant()`` allows (the agent holds no term),
+        or when the lease is lost."""
+        self.wanted_ttl, self.wanted_fence_after = ttl, fence_after
+        self.fence_after = min(self.fence_after, fence_after)
+
+    async def _regrant_if_retuned(self) -> None:
+        retuned = (self.wanted_ttl, self.wanted_fence_after) != (self.ttl, self.fence_after)
+        if self.lease is not None and retuned and self.may_regrant():
+            old, self.lease, self.acked_send = self.lease, None, None
+            self.on_change()
+            self.log.info("new lease timings: taking a new lease", ttl=self.wanted_ttl)
+            await self.store.revoke(old)
 
     async def run(self) -> None:
         failing: str | None = None
         while True:
             sent = self.clock()
             try:
+                await self._regrant_if_retuned()
                 if self.lease is None:
+                    self.ttl, self.fence_after = self.wanted_ttl, self.wanted_fence_after
                     self.lease = await self.store.grant(self.ttl)
                     self._acked(sent)
                     self.log.info("lease granted", lease=f"{self.lease:x}", ttl=self.ttl)

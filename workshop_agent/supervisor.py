@@ -111,6 +111,7 @@ class Supervisor:
         self.failure: str | None = None
         self.runners: dict[str, Runner] = {}
         self.held: set[str] = set()
+        self._updating = False
         self._activation: asyncio.Task[None] | None = None
         self._http: aiohttp.ClientSession | None = None
         self._cleanups: set[asyncio.Task[None]] = set()
@@ -177,10 +178,16 @@ class Supervisor:
         changed = [
             r for name, r in self.runners.items() if new.get(name) != r.spec or node != self.node
         ]
-        for r in changed:
-            await self._stop(r, r.spec.stop_grace_s)
-        self.node = node
-        self._sync_runners(pair)
+        # No start while the specs change: a start now would use the old spec.
+        self._updating = True
+        try:
+            await self._cancel_activation()
+            for r in changed:
+                await self._stop(r, r.spec.stop_grace_s)
+            self.node = node
+            self._sync_runners(pair)
+        finally:
+            self._updating = False
         self.start_shared()
         if self.epoch is not None:
             self.activate(self.epoch)
@@ -194,7 +201,7 @@ class Supervisor:
     def activate(self, epoch: int, held: frozenset[str] = frozenset()) -> None:
         """Start the active-only services in order (each waits for the previous one),
         except those ``held`` until an operator acknowledges the recovery."""
-        if self._activation is not None and not self._activation.done():
+        if self._updating or (self._activation is not None and not self._activation.done()):
             return
         if self.epoch != epoch:
             self.held = set(held)
