@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from shared.network import Network
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 PLACEHOLDERS = frozenset({"node.name", "node.address", "pair.name", "epoch"})
@@ -203,6 +205,7 @@ class Pair(_Model):
     nodes: list[Node] = Field(min_length=2)
     failover: Failover = Field(default_factory=Failover)
     services: list[Service] = Field(default_factory=list)
+    network: Network | None = None
 
     @model_validator(mode="after")
     def _unique(self) -> Pair:

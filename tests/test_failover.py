@@ -419,3 +419,38 @@ async def test_agents_pick_up_an_applied_topology_without_a_restart(cluster: Clu
     await until(b_on_new_lease, 10, "the standby's lease granted with the new TTL")
     assert {n: p.pid for n, p in cluster.agents.items()} == agents
     assert all(p.poll() is None for p in cluster.agents.values())
+
+
+async def test_network_probes_raise_alarms_and_nobody_moves_when_no_node_reaches_targets(
+    cluster: Cluster,
+) -> None:
+    target = await asyncio.start_server(lambda r, w: w.close(), "127.0.30.100", 0)
+    port = target.sockets[0].getsockname()[1]
+    network = {
+        "probe_targets": [f"127.0.30.100:{port}"],
+        "probe_interval_s": 0.2,
+        "isolation_after_s": 0.6,
+        "peer_port": free_port("127.0.30.1"),
+    }
+    spec = pair("p", ["a", "b"], 30, free_port(), cluster.record)
+    spec["network"] = network
+    await cluster.apply(cluster.site([spec]))
+    cluster.start("a")
+    _, epoch = await cluster.active("p", node="a")
+    cluster.start("b")
+    await cluster.standby("b")
+
+    async def problems(node: str, text: str) -> bool:
+        st = await cluster.status(node)
+        return st is not None and any(text in p for p in st.problems)
+
+    target.close()
+    await target.wait_closed()
+    await until(lambda: problems("a", "network isolated"), 10, "a isolated")
+    await until(lambda: problems("b", f"probe target 127.0.30.100:{port} lost"), 10, "b alarm")
+
+    async def still_a() -> bool:
+        return await cluster.leader("p") == ("a", epoch)
+
+    await holds(still_a, 1.5, "the pair moved though no node reaches the probe target")
+    assert await cluster.events("network")

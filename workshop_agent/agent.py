@@ -27,6 +27,7 @@ from shared.records import (
     RecordError,
     Recovery,
     Role,
+    ServiceReport,
     TopologyDoc,
     decode,
 )
@@ -35,12 +36,14 @@ from shared.topology import Node, Pair, Site, TopologyError, parse_site
 from workshop_agent import decide as d
 from workshop_agent import recovery
 from workshop_agent.election import Election, Session
+from workshop_agent.netwatch import RESOURCE, NetWatch
 from workshop_agent.observe import PairObserver, PairState
 from workshop_agent.settings import AgentSettings
 from workshop_agent.supervisor import Supervisor
 from workshop_agent.watchdog import WatchdogLink
 
 TICK_S = 0.1
+AGENT_REPORT = "hapair-agent"
 
 
 class AgentError(Exception):
@@ -86,6 +89,8 @@ class Agent:
         self.pairs = Mirror(self.store, keys.PAIRS_PREFIX, self._changed)
         self.nodes = Mirror(self.store, keys.NODES_PREFIX, self._changed)
         self.observer = PairObserver(self.me, self.log)
+        self.netwatch = NetWatch(self.log, self._changed)
+        self._last_report: tuple[int, bytes] = (0, b"")
         self.site: Site | None = None
         self.pair: Pair | None = None
         self.node: Node | None = None
@@ -229,6 +234,7 @@ class Agent:
         if self.supervisor is not None and (pair != self.pair or node != self.node):
             self.log.info("topology changed; reconciling services")
             self._spawn(self.supervisor.update(pair, node), "reconcile")
+            self._spawn(self.netwatch.update(pair, node), "network-probes")
             assert self.session is not None
             self.session.retune(pair.failover.lease_ttl_s, pair.failover.fence_after_s)
         self.pair, self.node = pair, node
@@ -261,6 +267,7 @@ class Agent:
         )
         self.supervisor.start_shared()
         self._spawn(self.session.run(), "session")
+        self._spawn(self.netwatch.update(self.pair, self.node), "network-probes")
 
     def _pair_state_paused(self) -> bool:
         return self.pair is not None and keys.paused(self.pair.name) in self.pairs.items
@@ -334,6 +341,8 @@ class Agent:
                     )
                     break
             self._recovery_step()
+            if self.netwatch.tick() and self.netwatch.state is not None:
+                self.event("network", "; ".join(self.netwatch.state.problems()) or "all clear")
 
     def _observe(self) -> d.Observation:
         assert self.pair is not None and self.session is not None and self.supervisor
@@ -576,6 +585,8 @@ class Agent:
             problems = [*problems, "stepped down after a failure; holding off"]
         if self._state is not None:
             problems += [f"critical resource {name} lost" for name in sorted(self._state.lost)]
+        if self.netwatch.state is not None:
+            problems += self.netwatch.state.problems()
         role: Role = "standby"
         if self.term is not None:
             active_states = [r.state for r in sup.runners.values() if r.active_only]
@@ -597,7 +608,22 @@ class Agent:
         if (lease, raw) != self._last_status:  # a new lease needs the status again
             await self.store.put(keys.node_status(self.me), status.encode(), lease=lease)
             self._last_status = (lease, raw)
+        await self._publish_report(lease)
         await self._publish_endpoints(pair, node, lease)
+
+    async def _publish_report(self, lease: int) -> None:
+        """The agent's own resources (the network), as any service reports its own."""
+        state = self.netwatch.state
+        if state is None or self.pair is None or self.pair.network is None:
+            return
+        iso = self.pair.network.isolation_after_s
+        report = ServiceReport(
+            service=AGENT_REPORT, resources={RESOURCE: state.resource(self.term is not None, iso)}
+        )
+        raw = report.model_copy(update={"at": 0.0}).encode()
+        if (lease, raw) != self._last_report:
+            await self.store.put(keys.report(self.me, AGENT_REPORT), report.encode(), lease=lease)
+            self._last_report = (lease, raw)
 
     async def _publish_endpoints(self, pair: Pair, node: Node, lease: int) -> None:
         assert self.supervisor is not None and self.election is not None
@@ -641,6 +667,7 @@ class Agent:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.netwatch.close()
         if self.session is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.session.close(), 2)

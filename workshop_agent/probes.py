@@ -27,112 +27,20 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from shared.network import MAX_TIMEOUT_S, Network, Target
 
 log = logging.getLogger("hapair.probes")
 
 Clock = Callable[[], float]
 
-# Probe intervals without an answer before a peer is "not visible" or a target "lost":
-# one lost datagram is noise, three in a row are a fault.
-MISSES = 3
-# A probe waits at most this long (and never longer than the interval, so rounds never
-# overlap): an answer later than that on a plant LAN means the path is unusable anyway.
-MAX_TIMEOUT_S = 1.0
 MAX_DATAGRAM = 512
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
 
 class ProbeError(Exception):
     """Probing cannot start (the node's address does not resolve, the port is taken)."""
-
-
-# ---- the network section of a pair --------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """A parsed probe target: ``port`` None means an ICMP echo."""
-
-    host: str
-    port: int | None
-
-    def __str__(self) -> str:
-        if self.port is None:
-            return self.host
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-def parse_target(text: str) -> Target:
-    """``10.0.0.1`` (ICMP), ``10.0.0.1:502`` or ``[fd00::1]:502`` (TCP connect).
-
-    Only IP addresses: a name server outage must not look like network isolation."""
-    text = text.strip()
-    match = re.fullmatch(r"\[([^\]]+)\]:(\w+)|([^:]+):(\w+)|([^\[\]]+)", text)
-    if match is None:
-        raise ValueError(f"{text!r} is not ADDRESS, ADDRESS:PORT or [IPV6]:PORT")
-    host = match[1] or match[3] or match[5]
-    port = match[2] or match[4]
-    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
-        raise ValueError(f"port {port} is not from 1 to 65535")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{host!r} is not an IP address (probe targets are never names)") from None
-    if port is None and ip.version == 6:
-        raise ValueError(f"ICMP probes are IPv4 only; give [{ip}]:PORT for a TCP probe instead")
-    return Target(str(ip), int(port) if port is not None else None)
-
-
-def _normalized_target(text: str) -> str:
-    return str(parse_target(text))
-
-
-class Network(BaseModel):
-    """``network:`` of a pair: what a healthy node of that workshop must reach."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    probe_targets: tuple[Annotated[str, AfterValidator(_normalized_target)], ...] = Field(
-        default=(), max_length=32
-    )
-    probe_interval_s: float = Field(1.0, ge=0.05, le=60.0)
-    isolation_after_s: float = Field(5.0, gt=0.0, le=3600.0)
-    peer_port: int = Field(7400, ge=1, le=65535)
-
-    @field_validator("probe_targets")
-    @classmethod
-    def _unique(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        seen = [t for i, t in enumerate(value) if t in value[:i]]
-        if seen:
-            raise ValueError(f"{seen[0]} is listed twice")
-        return value
-
-    @field_validator("isolation_after_s")
-    @classmethod
-    def _after_two_probes(cls, value: float, info: ValidationInfo) -> float:
-        # One lost probe must never isolate a node: leave room for at least two.
-        interval = info.data.get("probe_interval_s")
-        if interval is not None and value < 2 * interval:
-            raise ValueError(
-                f"isolation_after_s ({value}) must be at least twice probe_interval_s ({interval})"
-            )
-        return value
-
-    @property
-    def timeout_s(self) -> float:
-        return min(MAX_TIMEOUT_S, self.probe_interval_s)
-
-    @property
-    def visible_within_s(self) -> float:
-        """A peer unanswered this long is not visible; a target, lost."""
-        return self.probe_interval_s * MISSES
-
-    def targets(self) -> list[Target]:
-        return [parse_target(t) for t in self.probe_targets]
 
 
 # ---- results and their verdict (pure) -------------------------------------------------

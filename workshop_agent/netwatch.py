@@ -1,0 +1,111 @@
+"""The agent's view of the network: its probes, their alarms, and the "network" resource.
+
+Peers not visible are alarms only (the lease is the truth). Isolation (no probe target
+answered for ``isolation_after_s``) is reported as the critical resource ``network``,
+so the forced-switch rule moves an isolated active to a standby that still reaches the
+targets, and nobody moves when no node reaches them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from shared.log import EventLog
+from shared.records import Resource
+from shared.topology import Node, Pair
+from workshop_agent.probes import NetworkProbes, NetworkSummary, ProbeError
+
+RESOURCE = "network"
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkState:
+    """What changes rarely: compared tick to tick to publish and record only changes."""
+
+    not_visible: frozenset[str] = frozenset()
+    asymmetric: frozenset[str] = frozenset()
+    targets_lost: frozenset[str] = frozenset()
+    network_ok: bool = True
+    reaches_targets: bool = True
+    error: str | None = None
+
+    def problems(self) -> list[str]:
+        out = [f"peer {p} not visible" for p in sorted(self.not_visible)]
+        out += [f"asymmetric: {p} does not see this node" for p in sorted(self.asymmetric)]
+        out += [f"probe target {t} lost" for t in sorted(self.targets_lost)]
+        if not self.network_ok:
+            out.append("network isolated: no probe target answers")
+        if self.error:
+            out.append(f"network probes not running: {self.error}")
+        return out
+
+    def resource(self, active: bool, isolation_after_s: float) -> Resource:
+        # A fault that cuts every node sees each one flip at a slightly different time; the
+        # grace gives the standbys the isolation delay too, so they have said they lost the
+        # targets before the active would move to them. A standby is trusted to reach the
+        # targets only once one really answered; an active that just started is not called
+        # isolated before its own isolation delay is up.
+        ok = self.network_ok and (active or self.reaches_targets)
+        return Resource(ok=ok, critical=True, grace_s=isolation_after_s)
+
+
+def _state(summary: NetworkSummary, has_targets: bool) -> NetworkState:
+    return NetworkState(
+        not_visible=frozenset(summary.peers_not_visible),
+        asymmetric=frozenset(summary.asymmetric),
+        targets_lost=frozenset(summary.targets_lost),
+        network_ok=summary.network_ok,
+        reaches_targets=bool(summary.targets_reached) or not has_targets,
+    )
+
+
+class NetWatch:
+    def __init__(self, log: EventLog, on_change: Callable[[], None]) -> None:
+        self.log = log
+        self.on_change = on_change
+        self.probes: NetworkProbes | None = None
+        self._key: tuple[object, ...] | None = None
+        self._has_targets = False
+        self.state: NetworkState | None = None  # None: the pair has no network section
+
+    async def update(self, pair: Pair, node: Node) -> None:
+        """(Re)start the probes when the pair's network section or its nodes changed."""
+        peers = {n.name: n.address for n in pair.nodes if n.name != node.name}
+        key = (pair.network, node.address, tuple(sorted(peers.items())))
+        if key == self._key:
+            return
+        self._key = key
+        await self.close()
+        if pair.network is None:
+            self.state = None
+            return
+        probes = NetworkProbes(node.name, node.address, peers, pair.network)
+        try:
+            await probes.start()
+        except ProbeError as err:
+            self.log.error("network probes cannot start", error=str(err))
+            self.state = NetworkState(error=str(err))
+            return
+        self.probes = probes
+        self._has_targets = bool(pair.network.probe_targets)
+        self.state = NetworkState()
+
+    def tick(self) -> bool:
+        """Read the probes; True when the state changed (logged; the caller records it)."""
+        if self.probes is None:
+            return False
+        new = _state(self.probes.summary(), self._has_targets)
+        if new == self.state:
+            return False
+        self.log.warning("network", problems="; ".join(new.problems()) or "all clear")
+        self.state = new
+        self.on_change()
+        return True
+
+    async def close(self) -> None:
+        if self.probes is not None:
+            with contextlib.suppress(Exception):
+                await self.probes.close()
+            self.probes = None
