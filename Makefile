@@ -58,8 +58,18 @@ define apt_install_missing
 	fi
 endef
 
+# PostgreSQL's server binaries are not on PATH (Debian keeps them per version).
+PG_BIN := /usr/lib/postgresql/15/bin
+
 sysdeps:
 	$(call apt_install_missing,$(TEST_TOOLS))
+	@if [ ! -x $(PG_BIN)/postgres ] || [ ! -x $(PG_BIN)/pg_rewind ]; then \
+	  echo "==> installing Debian packages: postgresql-15"; \
+	  $(APT_GET) update; \
+	  $(APT_GET) install --no-install-recommends postgresql-15; \
+	fi
+	@id postgres >/dev/null 2>&1 || $(SUDO) useradd --system --user-group --no-create-home \
+	  --shell /usr/sbin/nologin postgres
 
 bench-sysdeps:
 	$(call apt_install_missing,$(BENCH_TOOLS))
@@ -112,7 +122,7 @@ demo: venv sysdeps
 	$(BIN)/python deploy/demo.py $(DEMO_ARGS)
 
 # BENCH=name runs only the benchmarks whose file name contains it.
-bench: venv bench-sysdeps
+bench: venv sysdeps bench-sysdeps
 	$(BIN)/python bench/run_all.py $(BENCH)
 
 # --- cleaning ------------------------------------------------------------------------------

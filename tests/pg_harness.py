@@ -1,0 +1,299 @@
+"""Real PostgreSQL nodes for tests and benchmarks: two or three nodes of one pair on
+127.0.0.x (one port free on every address), data dirs in a temp dir, each driven by
+its own ``PgManager`` as an agent would; every postmaster stopped by PID at teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from shared.topology import Node, Pair
+from workshop_agent.pg.config import DatabaseConfig, parse_database
+from workshop_agent.pg.errors import PgError
+from workshop_agent.pg.manager import PgManager, Timeouts
+from workshop_agent.pg.proc import find_bin_dir, process_state
+
+ADDRESSES = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+NAMES = ("a", "b", "c")
+PASSWORDS = {"superuser": "su-secret", "replication": "repl-secret", "mes": "mes-secret"}
+OS_USER = "postgres"
+
+
+def postgres_available() -> str | None:
+    """Why real PostgreSQL tests cannot run here, or None."""
+    try:
+        find_bin_dir()
+    except PgError as err:
+        return str(err)
+    try:
+        import pwd
+
+        pwd.getpwnam(OS_USER)
+    except KeyError:
+        return f"no {OS_USER} user (useradd --system --user-group {OS_USER})"
+    if os.geteuid() != 0:
+        return "tests start PostgreSQL as the postgres user through setpriv: run as root"
+    return None
+
+
+needs_postgres = pytest.mark.skipif(
+    postgres_available() is not None, reason=str(postgres_available())
+)
+
+
+def common_free_port(addresses: tuple[str, ...] = ADDRESSES) -> int:
+    """A port free on every address (each node binds its own address, same port)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((addresses[0], 0))
+            port = int(s.getsockname()[1])
+        try:
+            for address in addresses:
+                with socket.socket() as s:
+                    s.bind((address, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no port free on every test address")
+
+
+def database_section(root: Path, port: int, synchronous: bool = True) -> dict[str, Any]:
+    pw = root / "secrets"
+    return {
+        "engine": "postgresql",
+        "port": port,
+        "data_dir": f"{root}/{{pair.name}}/{{node.name}}/pg",
+        "os_user": OS_USER,
+        "synchronous": synchronous,
+        "degrade_after_s": 1,
+        "parameters": {"max_connections": "50", "shared_buffers": "32MB"},
+        "auth": {
+            "superuser": "postgres",
+            "superuser_password_file": str(pw / "superuser.pw"),
+            "replication_user": "replicator",
+            "replication_password_file": str(pw / "replication.pw"),
+        },
+        "clients": ["127.0.0.0/8"],
+        "databases": [{"name": "mes", "owner": "mes", "password_file": str(pw / "mes.pw")}],
+    }
+
+
+def write_secrets(root: Path) -> None:
+    pw = root / "secrets"
+    pw.mkdir(mode=0o700)
+    for name, password in PASSWORDS.items():
+        (pw / f"{name}.pw").write_text(password + "\n")
+        (pw / f"{name}.pw").chmod(0o600)
+
+
+@dataclass
+class PgCluster:
+    """The nodes of one pair, ``a`` the main node; ``mgr[name]`` is each node's manager."""
+
+    root: Path
+    config: DatabaseConfig
+    pair: Pair
+    mgr: dict[str, PgManager] = field(default_factory=dict)
+
+    def address(self, name: str) -> str:
+        node = self.pair.node(name)
+        assert node is not None
+        return node.address
+
+    @property
+    def port(self) -> int:
+        return self.config.port
+
+    async def connect(self, name: str, dbname: str = "mes") -> psycopg.AsyncConnection[Any]:
+        user, password = (
+            ("mes", PASSWORDS["mes"]) if dbname == "mes" else ("postgres", PASSWORDS["superuser"])
+        )
+        return await psycopg.AsyncConnection.connect(
+            host=self.address(name), port=self.port, user=user, password=password,
+            dbname=dbname, autocommit=True, connect_timeout=2,
+        )  # fmt: skip
+
+    def multi_host(self) -> str:
+        hosts = ",".join(n.address for n in self.pair.nodes)
+        ports = ",".join(str(self.port) for _ in self.pair.nodes)
+        return (
+            f"host={hosts} port={ports} dbname=mes user=mes password={PASSWORDS['mes']}"
+            " target_session_attrs=read-write connect_timeout=2"
+        )
+
+    def crash(self, name: str) -> int:
+        """SIGKILL the node's postmaster, as a power cut would stop it; its PID, once dead."""
+        pid = self.mgr[name].postmaster_pid()
+        assert pid is not None, f"{name} is not running"
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while process_state(pid) == "running" and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        return pid
+
+    async def stop_all(self) -> None:
+        for mgr in self.mgr.values():
+            await mgr.close()
+            pid = mgr.postmaster_pid()
+            if pid is None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGQUIT)  # immediate shutdown: nothing to keep
+            if not await gone(pid, 5):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+async def gone(pid: int, timeout: float) -> bool:
+    async def dead() -> bool:
+        return process_state(pid) != "running"
+
+    try:
+        await until(dead, timeout, f"PID {pid} gone")
+    except AssertionError:
+        return False
+    return True
+
+
+def make_cluster(
+    nodes: int = 2, *, synchronous: bool = True, timeouts: Timeouts | None = None
+) -> PgCluster:
+    root = Path(tempfile.mkdtemp(prefix="hapair-pg-"))
+    root.chmod(0o755)  # the postgres user must reach the data dirs below
+    write_secrets(root)
+    config = parse_database(
+        database_section(root, common_free_port(ADDRESSES[:nodes]), synchronous)
+    )
+    pair = Pair(
+        name="line1",
+        nodes=[Node(name=n, address=a) for n, a in zip(NAMES[:nodes], ADDRESSES, strict=False)],
+    )
+    cluster = PgCluster(root, config, pair)
+    for node in pair.nodes:
+        cluster.mgr[node.name] = PgManager.open(config, pair, node, timeouts or Timeouts())
+    return cluster
+
+
+@contextlib.asynccontextmanager
+async def running_cluster(nodes: int = 2, **kw: Any) -> AsyncIterator[PgCluster]:
+    cluster = make_cluster(nodes, **kw)
+    try:
+        yield cluster
+    finally:
+        await cluster.stop_all()
+        cluster.cleanup()
+
+
+async def primary_with_standbys(cluster: PgCluster, epoch: int = 1) -> None:
+    """``a`` initialised as primary, the others cloned and streaming, all synchronous."""
+    await cluster.mgr["a"].ensure_primary(epoch)
+    others = [n.name for n in cluster.pair.nodes if n.name != "a"]
+    for name in others:
+        await cluster.mgr[name].ensure_standby(cluster.address("a"))
+    for name in others:
+        await until(lambda n=name: streaming(cluster, n), 15, f"{name} streaming")  # type: ignore[misc]
+    assert sorted(await cluster.mgr["a"].restore_sync(others)) == others
+    async with await cluster.connect("a") as conn:
+        await conn.execute("CREATE TABLE IF NOT EXISTS ticks (id bigint PRIMARY KEY)")
+
+
+async def streaming(cluster: PgCluster, name: str) -> bool:
+    st = await cluster.mgr[name].status()
+    return st.role == "standby" and st.streaming
+
+
+async def until(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.01) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            value = await cond()
+            if value:
+                return value
+        except Exception as err:  # a server may be restarting
+            last = err
+        await asyncio.sleep(step)
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what}"
+        + (f" (last error: {last})" if last else "")
+    )
+
+
+class Writer:
+    """Commits numbered rows as fast as it can, reconnecting through the libpq multi-host
+    string with ``target_session_attrs=read-write`` as a real client would; remembers
+    every id whose commit was acknowledged, and when."""
+
+    def __init__(self, conninfo: str, first_id: int = 1) -> None:
+        self.conninfo = conninfo
+        self.next_id = first_id
+        self.acked: list[int] = []
+        self.acked_at: list[tuple[float, str]] = []  # when, and by which server
+        self.errors: dict[str, int] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> Writer:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    def first_ack_after(self, t: float, host: str) -> float | None:
+        return next((at for at, by in self.acked_at if at > t and by == host), None)
+
+    async def acked_after(self, t: float, host: str, timeout: float = 15) -> float:
+        """When the first commit after ``t`` was acknowledged by ``host``."""
+
+        async def seen() -> float | None:
+            return self.first_ack_after(t, host)
+
+        return float(await until(seen, timeout, f"a commit acknowledged by {host}", step=0.002))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        conn: psycopg.AsyncConnection[Any] | None = None
+        try:
+            while True:
+                try:
+                    if conn is None:
+                        conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+                    n, self.next_id = self.next_id, self.next_id + 1
+                    await conn.execute("INSERT INTO ticks (id) VALUES (%s)", (n,))
+                    self.acked_at.append((time.monotonic(), conn.info.host))
+                    self.acked.append(n)
+                except psycopg.Error as err:
+                    kind = type(err).__name__
+                    self.errors[kind] = self.errors.get(kind, 0) + 1
+                    if conn is not None:
+                        await conn.close()
+                    conn = None
+                    await asyncio.sleep(0.002)
+        finally:
+            if conn is not None:
+                conn.pgconn.finish()
+
+
+async def ids_on(cluster: PgCluster, name: str) -> set[int]:
+    async with await cluster.connect(name) as conn:
+        cur = await conn.execute("SELECT id FROM ticks")
+        return {int(r[0]) for r in await cur.fetchall()}
