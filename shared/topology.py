@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -23,34 +23,22 @@ from pydantic import (
     model_validator,
 )
 
+from shared.database import DatabaseConfig
 from shared.network import Network
+
+# Re-exported: the site file's callers find them here.
+from shared.validation import TopologyError as TopologyError
+from shared.validation import expand as expand
+from shared.validation import format_errors as format_errors
+from shared.validation import placeholders_in as placeholders_in
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 PLACEHOLDERS = frozenset({"node.name", "node.address", "pair.name", "epoch"})
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
-
-
-class TopologyError(ValueError):
-    """A site file or stored topology is invalid; ``problems`` lists ``path: message``."""
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        self.source = source
-        self.problems = problems
-        super().__init__(f"{source}: invalid topology\n" + "\n".join(f"  {p}" for p in problems))
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def placeholders_in(text: str) -> set[str]:
-    return set(_PLACEHOLDER.findall(text))
-
-
-def expand(text: str, values: Mapping[str, str]) -> str:
-    """Replace ``{node.name}``-style placeholders; unknown names were refused at validation."""
-    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), text)
 
 
 def _check_placeholders(texts: Iterator[str], allowed: frozenset[str]) -> None:
@@ -206,6 +194,7 @@ class Pair(_Model):
     failover: Failover = Field(default_factory=Failover)
     services: list[Service] = Field(default_factory=list)
     network: Network | None = None
+    database: DatabaseConfig | None = None
 
     @model_validator(mode="after")
     def _unique(self) -> Pair:
@@ -226,7 +215,8 @@ class Pair(_Model):
                         (str(s.endpoint.port), f"services[{i}].endpoint.port")
                         for i, s in enumerate(self.services)
                         if s.endpoint and not s.endpoint.host
-                    ],
+                    ]
+                    + ([(str(self.database.port), "database.port")] if self.database else []),
                 ),
             ]
         )
@@ -327,18 +317,6 @@ def _check_unique(groups: list[tuple[str, list[tuple[str, str]]]]) -> None:
         ]
     if problems:
         raise ValueError("; ".join(problems))
-
-
-def format_errors(err: ValidationError) -> list[str]:
-    """``workshops[0].pairs[0].nodes[1].address: value is not ...`` for each error."""
-    problems = []
-    for e in err.errors():
-        path = ""
-        for part in e["loc"]:
-            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-        message = e["msg"].removeprefix("Value error, ")
-        problems.append(f"{path or '(top level)'}: {message}")
-    return problems
 
 
 def parse_site(data: object, source: str) -> Site:

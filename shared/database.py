@@ -1,0 +1,240 @@
+"""The ``database:`` section of a pair, validated at the boundary.
+
+The shape is the one of the site file::
+
+    database:
+      engine: postgresql
+      port: 5432
+      data_dir: /var/lib/hapair/{pair.name}/pg
+      os_user: postgres
+      synchronous: true
+      degrade_after_s: 5
+      parameters: {max_connections: "200"}
+      auth: {superuser: postgres, superuser_password_file: /etc/hapair/pg-superuser.pw,
+             replication_user: replicator, replication_password_file: /etc/hapair/pg-repl.pw}
+      clients: [127.0.0.0/8]
+      databases: [{name: mes, owner: mes, password_file: /etc/hapair/pg-mes.pw}]
+
+Errors name the field (``database.data_dir: unknown placeholder {pair.nam} ...``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shared.validation import TopologyError, expand, format_errors, placeholders_in
+
+DATA_DIR_PLACEHOLDERS = frozenset({"pair.name", "node.name", "node.address"})
+RoleName = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]{0,62}$")]
+DbName = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]{0,62}$")]
+OsUser = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")]
+ParamName = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_.]{0,62}$")]
+
+# Settings the agent owns: a site file may not set them, or replication would break.
+MANAGED = frozenset(
+    {
+        "listen_addresses",
+        "port",
+        "unix_socket_directories",
+        "unix_socket_permissions",
+        "data_directory",
+        "config_file",
+        "hba_file",
+        "ident_file",
+        "external_pid_file",
+        "cluster_name",
+        "wal_level",
+        "wal_log_hints",
+        "hot_standby",
+        "primary_conninfo",
+        "primary_slot_name",
+        "synchronous_standby_names",
+        "password_encryption",
+    }
+)
+SYNC_COMMIT_OK = frozenset({"on", "remote_apply"})
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _absolute(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"must be an absolute path, got {value!r}")
+    return value
+
+
+class Auth(_Model):
+    superuser: RoleName = "postgres"
+    superuser_password_file: str
+    replication_user: RoleName = "replicator"
+    replication_password_file: str
+
+    _paths = field_validator("superuser_password_file", "replication_password_file")(_absolute)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Auth:
+        if self.superuser == self.replication_user:
+            raise ValueError(f"replication_user must differ from superuser ({self.superuser!r})")
+        return self
+
+
+class DatabaseSpec(_Model):
+    name: DbName
+    owner: RoleName
+    password_file: str
+
+    _path = field_validator("password_file")(_absolute)
+
+
+class DatabaseConfig(_Model):
+    engine: Literal["postgresql"] = "postgresql"
+    port: int = Field(5432, ge=1, le=65535)
+    data_dir: str
+    os_user: OsUser = "postgres"
+    synchronous: bool = True
+    degrade_after_s: float = Field(5.0, gt=0.0, le=3600.0)
+    parameters: dict[ParamName, str] = Field(default_factory=dict)
+    auth: Auth
+    clients: list[str] = Field(default_factory=list)
+    databases: list[DatabaseSpec] = Field(default_factory=list)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir(cls, value: str) -> str:
+        _absolute(value)
+        unknown = placeholders_in(value) - DATA_DIR_PLACEHOLDERS
+        if unknown:
+            names = ", ".join("{" + u + "}" for u in sorted(unknown))
+            known = ", ".join("{" + p + "}" for p in sorted(DATA_DIR_PLACEHOLDERS))
+            raise ValueError(f"unknown placeholder {names} in {value!r}; known: {known}")
+        if value.rstrip("/") in ("", "/"):
+            raise ValueError("must not be the root directory")
+        return value
+
+    @field_validator("os_user")
+    @classmethod
+    def _not_root(cls, value: str) -> str:
+        if value == "root":
+            raise ValueError("PostgreSQL refuses to run as root; name an unprivileged user")
+        return value
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _as_text(cls, value: object) -> object:
+        # YAML gives numbers and booleans; PostgreSQL wants text (on/off for booleans).
+        if not isinstance(value, Mapping):
+            return value
+        return {k: _setting_text(v) for k, v in value.items()}
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameters(cls, value: dict[str, str]) -> dict[str, str]:
+        owned = sorted(MANAGED & value.keys())
+        if owned:
+            raise ValueError(f"{', '.join(owned)} is set by the agent and may not be given here")
+        sync_commit = value.get("synchronous_commit")
+        if sync_commit is not None and sync_commit not in SYNC_COMMIT_OK:
+            raise ValueError(
+                f"synchronous_commit {sync_commit!r} would acknowledge commits the standby "
+                f"does not have; use one of {', '.join(sorted(SYNC_COMMIT_OK))}"
+            )
+        return value
+
+    @field_validator("clients")
+    @classmethod
+    def _clients(cls, value: list[str]) -> list[str]:
+        networks = []
+        for i, text in enumerate(value):
+            try:
+                networks.append(str(ipaddress.ip_network(text, strict=True)))
+            except ValueError as err:
+                raise ValueError(f"clients[{i}] {text!r} is not a network: {err}") from None
+        return networks
+
+    @model_validator(mode="after")
+    def _databases(self) -> DatabaseConfig:
+        seen: dict[str, int] = {}
+        owners: dict[str, str] = {}
+        for i, db in enumerate(self.databases):
+            if db.name in seen:
+                raise ValueError(
+                    f"duplicate database name {db.name!r} at "
+                    f"databases[{seen[db.name]}] and databases[{i}]"
+                )
+            seen[db.name] = i
+            if owners.setdefault(db.owner, db.password_file) != db.password_file:
+                raise ValueError(
+                    f"databases[{i}].owner {db.owner!r} owns another database with another "
+                    "password_file; one role has one password"
+                )
+            if db.owner in (self.auth.superuser, self.auth.replication_user):
+                raise ValueError(
+                    f"databases[{i}].owner {db.owner!r} is the superuser or the replication "
+                    "user; give the database an owner of its own"
+                )
+        return self
+
+    def layout(self, values: Mapping[str, str]) -> Layout:
+        """Where this node keeps its files, placeholders expanded."""
+        return Layout.beside(Path(expand(self.data_dir, values)))
+
+
+def _setting_text(value: object) -> object:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, int | float):
+        return str(value)
+    return value
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A node's paths: the data dir and, beside it (never inside it, or ``pg_basebackup``
+    would copy the socket lock), a run dir for the socket, the password file for
+    replication connections and the server log."""
+
+    data_dir: Path
+    run_dir: Path
+
+    @classmethod
+    def beside(cls, data_dir: Path) -> Layout:
+        return cls(data_dir, data_dir.with_name(data_dir.name + ".run"))
+
+    @property
+    def passfile(self) -> Path:
+        return self.run_dir / "pgpass"
+
+    @property
+    def log_file(self) -> Path:
+        return self.run_dir / "postgres.log"
+
+    @property
+    def staging(self) -> Path:
+        """A fresh clone is made here, then renamed into place: never half a data dir."""
+        return self.data_dir.with_name(self.data_dir.name + ".clone")
+
+    @property
+    def retired(self) -> Path:
+        """A data dir that could not be rewound is kept here until the next one."""
+        return self.data_dir.with_name(self.data_dir.name + ".old")
+
+
+def parse_database(data: object, source: str = "database") -> DatabaseConfig:
+    """Validate a ``database:`` mapping; errors name ``database.<field>``."""
+    try:
+        return DatabaseConfig.model_validate(data)
+    except ValidationError as err:
+        top = "(top level): "
+        problems = [
+            f"database: {p.removeprefix(top)}" if p.startswith(top) else f"database.{p}"
+            for p in format_errors(err)
+        ]
+        raise TopologyError(source, problems) from None
