@@ -20,6 +20,11 @@ def leader(pair: str) -> str:
     return f"{PAIRS_PREFIX}{pair}/leader"
 
 
+def sync_standby(pair: str) -> str:
+    """Which nodes hold every acknowledged commit: the only ones that may take over."""
+    return f"{PAIRS_PREFIX}{pair}/sync_standby"
+
+
 def paused(pair: str) -> str:
     return f"{PAIRS_PREFIX}{pair}/paused"
 

@@ -75,6 +75,7 @@ class NodeStatus(Record):
     healthy: bool = True
     problems: list[str] = Field(default_factory=list)
     services: list[ServiceStatus] = Field(default_factory=list)
+    database: dict[str, Any] | None = None
     pid: int = 0
     updated: float = Field(default_factory=now_wall)
 
@@ -129,7 +130,25 @@ class Handover(Record):
     epoch: int
     request: str | None = None
     planned: bool = True
+    lsn: int | None = None  # the old primary's shutdown checkpoint: the target waits for it
     at: float = Field(default_factory=now_wall)
+
+
+class SyncState(Record):
+    """``/pairs/{pair}/sync_standby``, written by the primary (guarded by its epoch).
+
+    ``primary`` and the nodes in ``sync`` hold every acknowledged commit; no other node
+    may take over automatically. Empty ``sync`` with ``degraded``: the primary went
+    asynchronous because its synchronous standby was gone."""
+
+    primary: Name
+    sync: list[str] = Field(default_factory=list)
+    degraded: bool = False
+    epoch: int = 0
+    at: float = Field(default_factory=now_wall)
+
+    def holds_everything(self, node: str) -> bool:
+        return node == self.primary or node in self.sync
 
 
 class Recovery(Record):

@@ -295,6 +295,12 @@ class Site(_Model):
     def pair_of_node(self, node: str) -> Pair | None:
         return next((p for p in self.pairs() if p.node(node) is not None), None)
 
+    def pair_of_database(self, service: str) -> Pair | None:
+        """The pair whose database endpoint is ``service`` (``{pair}.db``)."""
+        name, dot, suffix = service.rpartition(".")
+        pair = self.pair(name) if dot and suffix == "db" else None
+        return pair if pair is not None and pair.database is not None else None
+
     def pair_of_service(self, service: str) -> tuple[Pair, Service] | None:
         for p in self.pairs():
             for s in p.services:

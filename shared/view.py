@@ -246,6 +246,7 @@ class SiteView:
         """Every service a client may look up: declared with an endpoint, or published."""
         declared = (
             {s.name for p in self.site.pairs() for s in p.services if s.endpoint is not None}
+            | {f"{p.name}.db" for p in self.site.pairs() if p.database is not None}
             if self.site is not None
             else set()
         )
@@ -259,6 +260,8 @@ class SiteView:
             if declared.endpoint is None and record is None:
                 return Lookup(404, {"error": f"service {service!r} declares no endpoint"})
             pair_name = pair.name
+        elif self.site is not None and (db_pair := self.site.pair_of_database(service)):
+            pair_name = db_pair.name
         elif record is not None:
             # Without a usable topology the agents' own records still answer clients.
             pair_name = record.pair

@@ -28,6 +28,7 @@ from shared.records import (
     Recovery,
     Role,
     ServiceReport,
+    SyncState,
     TopologyDoc,
     decode,
 )
@@ -35,6 +36,7 @@ from shared.store import Kv, Mirror, Store, StoreError
 from shared.topology import Node, Pair, Site, TopologyError, parse_site
 from workshop_agent import decide as d
 from workshop_agent import recovery
+from workshop_agent.database import Database, eligible
 from workshop_agent.election import Election, Session
 from workshop_agent.netwatch import RESOURCE, NetWatch
 from workshop_agent.observe import PairObserver, PairState
@@ -43,6 +45,7 @@ from workshop_agent.supervisor import Supervisor
 from workshop_agent.watchdog import WatchdogLink
 
 TICK_S = 0.1
+DB_ROUND_S = 0.5
 AGENT_REPORT = "hapair-agent"
 
 
@@ -105,6 +108,11 @@ class Agent:
         self._state: PairState | None = None
         self._fencing = False
         self._held_since = 0.0
+        self._held_pending: frozenset[str] = frozenset()
+        self._catch_up_lsn: int | None = None
+        self.database: Database | None = None
+        self._db_task: asyncio.Task[None] | None = None
+        self._db_wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self.session: Session | None = None
         self.election: Election | None = None
@@ -266,6 +274,12 @@ class Agent:
             self.clock,
         )
         self.supervisor.start_shared()
+        if self.pair.database is not None:
+            self.database = Database(
+                self.pair.database, self.pair, self.node, self.election, self.log, self._changed
+            )
+            self.database.open()
+            self._db_task = asyncio.create_task(self._db_loop(), name="database")
         self._spawn(self.session.run(), "session")
         self._spawn(self.netwatch.update(self.pair, self.node), "network-probes")
 
@@ -310,6 +324,11 @@ class Agent:
             return  # the services of this fence are still dying: once is enough
         self._fencing = True
         self.supervisor.kill_active(self.pair.failover.fence_margin_s / 2)
+        if self.database is not None:
+            # Whatever the database step in flight, it must not start the server again.
+            if self._db_task is not None:
+                self._db_task.cancel()
+            self._spawn(self._demote_database(), "database-demote")
         self.log.warning("fenced", reason=reason, epoch=was)
         self.log.bind(epoch=None)
         self.event("fence", reason, epoch=was)
@@ -363,7 +382,7 @@ class Agent:
             leader_absent_since=st.leader_absent_since,
             term=self.term,
             services_up=self.supervisor.active_up(),
-            failure=self.supervisor.failure,
+            failure=self.supervisor.failure or (self.database.failure if self.database else None),
             healthy=healthy,
             holdoff_until=self.holdoff_until,
             started_at=self.started_at,
@@ -371,6 +390,7 @@ class Agent:
             paused=st.paused,
             drained=st.drained,
             seen_leader=self.last_leader is not None,
+            db_eligible=self._db_eligible(),
             switchover=st.switchover,
             handover=st.handover,
             lost=st.lost,
@@ -383,7 +403,7 @@ class Agent:
             case d.Fence(reason):
                 self._fence(reason)
             case d.StartServices(epoch):
-                if self.term == epoch and self.session.valid(self.clock()):
+                if self.term == epoch and self.session.valid(self.clock()) and self._db_ready():
                     self.supervisor.activate(epoch)
             case d.Campaign(stale):
                 await self._campaign(stale)
@@ -427,6 +447,7 @@ class Agent:
         )
         previous = self.last_leader
         planned = target and handover is not None and handover.planned
+        self._catch_up_lsn = handover.lsn if target and handover is not None else None
         if target and handover is not None and handover.from_node == self.me:
             cause = "took its pair back after an agent restart"
         elif planned:
@@ -460,8 +481,62 @@ class Agent:
         self._held_since = self.clock()
         self.log.bind(epoch=epoch)
         self.log.info("became active", cause=cause, held=",".join(sorted(held)) or None)
-        self.supervisor.activate(epoch, held)
+        self._held_pending = held
+        if self._db_ready():
+            self.supervisor.activate(epoch, held)
+        else:
+            self._db_wake.set()  # services start once the database is primary
         self._changed()
+
+    # -- the database -----------------------------------------------------------------
+    def _db_ready(self) -> bool:
+        return self.database is None or self.database.primary_epoch == self.term
+
+    def _db_eligible(self) -> bool:
+        assert self.pair is not None
+        kv = self.pairs.items.get(keys.sync_standby(self.pair.name))
+        record = None
+        if kv is not None:
+            with contextlib.suppress(RecordError):
+                record = decode(SyncState, kv.value, kv.key)
+        return eligible(self.pair.database, record, self.me, self.pair.nodes[0].name)
+
+    async def _demote_database(self) -> None:
+        assert self.database is not None
+        await self.database.demote()
+        self._db_task = asyncio.create_task(self._db_loop(), name="database")
+
+    async def _db_loop(self) -> None:
+        """Primary on the active (promoted before any service starts), standby elsewhere."""
+        db, sup = self.database, self.supervisor
+        assert db is not None and sup is not None and self.pair is not None
+        while True:
+            try:
+                await self._db_round(db, sup)
+            except (StoreError, OSError) as err:
+                self.log.warning("database round failed", error=str(err))
+            self._dirty.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._db_wake.wait(), DB_ROUND_S)
+            self._db_wake.clear()
+
+    async def _db_round(self, db: Database, sup: Supervisor) -> None:
+        assert self.pair is not None
+        term = self.term
+        st = self._state
+        if term is not None and db.primary_epoch != term:
+            if await db.become_primary(term, self._catch_up_lsn) and self.term == term and self._may_run():
+                sup.activate(term, self._held_pending)
+            self._changed()
+        elif term is not None:
+            up = {n for n, peer in (st.peers.items() if st else []) if peer.role == "standby"}
+            await db.keep_primary(term, up)
+        elif st is not None and st.leader is not None and st.leader.node != self.me:
+            primary = self.pair.node(st.leader.node)
+            if primary is not None:
+                await db.follow(primary)
+        else:
+            await db.refresh_status()
 
     # -- assisted recovery ------------------------------------------------------------
     def _recovery(self) -> Recovery | None:
@@ -529,6 +604,16 @@ class Agent:
             return
         started = self.clock()
         await self.supervisor.deactivate()
+        lsn = None
+        if self.database is not None:
+            if self._db_task is not None:
+                self._db_task.cancel()
+            # A planned handover hands the database over cleanly; a resignation stops it
+            # before another node may promote.
+            if to is not None and planned:
+                lsn = await self.database.hand_over()
+            else:
+                await self.database.demote()
         for key, value in list(self._published.items()):
             await self.election.delete_if(key, value)
             self._published.pop(key, None)
@@ -538,7 +623,7 @@ class Agent:
             revision = await self.election.resign(epoch)
             kind = "resign"
         else:
-            revision = await self.election.handover(epoch, to, request, planned)
+            revision = await self.election.handover(epoch, to, request, planned, lsn)
             kind = "switchover"
         ok = revision is not None
         if revision is not None:
@@ -548,6 +633,8 @@ class Agent:
         self.holdoff_until = self.clock() + self.pair.failover.lease_ttl_s
         stopped_ms = round((self.clock() - started) * 1000)
         self.log.info("stepped down", reason=reason, to=to, ok=ok, stop_ms=stopped_ms, epoch=epoch)
+        if self.database is not None:
+            self._db_task = asyncio.create_task(self._db_loop(), name="database")
         self.event(kind, reason, to=to, request=request, epoch=epoch)
         self._changed()
 
@@ -602,6 +689,11 @@ class Agent:
             healthy=healthy,
             problems=problems,
             services=sup.statuses(),
+            database=(
+                self.database.status.model_dump(mode="json")
+                if self.database is not None and self.database.status is not None
+                else None
+            ),
             pid=os.getpid(),
         )
         raw = status.model_copy(update={"updated": 0.0}).encode()
@@ -641,6 +733,17 @@ class Agent:
                     protocol=spec.endpoint.protocol,
                     epoch=epoch,
                 ).encode()
+        db = self.database
+        if epoch is not None and db is not None and db.primary_epoch == epoch:
+            wanted[keys.endpoint(db.endpoint_name)] = Endpoint(
+                service=db.endpoint_name,
+                pair=pair.name,
+                node=self.me,
+                host=node.address,
+                port=db.config.port,
+                protocol="postgresql",
+                epoch=epoch,
+            ).encode()
         for key, value in wanted.items():
             if self._published.get(key) != value:
                 assert epoch is not None
@@ -668,6 +771,12 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.netwatch.close()
+        if self.database is not None:
+            if self._db_task is not None:
+                self._db_task.cancel()
+            # The database stops with its agent, as every service does.
+            await self.database.demote()
+            await self.database.close()
         if self.session is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.session.close(), 2)

@@ -59,6 +59,7 @@ class HandoverView:
     revision: int
     seen_at: float
     planned: bool = True
+    lsn: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,9 @@ class Observation:
     switchover: SwitchoverView | None = None
     handover: HandoverView | None = None
     lost: Mapping[str, Lost] = field(default_factory=dict)
+    db_eligible: bool = True
+    """Without a database, or holding every acknowledged commit (the recorded primary or
+    synchronous standby): only then may this node take over automatically."""
     seen_leader: bool = False
     """This agent has seen an active node since it started (so this is no cold start)."""
 
@@ -335,6 +339,11 @@ def _campaign(o: Observation) -> Decision:
         return Decision("no active node; this node is not healthy")
     if o.now < o.holdoff_until:
         return Decision("no active node; holding off after stepping down")
+    if not o.db_eligible:
+        return Decision(
+            "no active node; this node may lack committed data (not the recorded "
+            "synchronous standby): not campaigning"
+        )
     rank = o.pair.rank(o.me)
     if rank > 0 and not o.seen_leader and o.now - o.started_at < 2 * o.lease_ttl:
         return Decision("no active node; giving the main server time to start")

@@ -168,11 +168,18 @@ class Election:
         return int(resp[0].response_delete_range.header.revision) if ok else None
 
     async def handover(
-        self, epoch: int, to: str, request: str | None, planned: bool = True
+        self,
+        epoch: int,
+        to: str,
+        request: str | None,
+        planned: bool = True,
+        lsn: int | None = None,
     ) -> int | None:
         """Step down in favour of ``to``: only it may campaign until the record is stale."""
         tx = self.store.tx
-        record = Handover(from_node=self.node, to=to, epoch=epoch, request=request, planned=planned)
+        record = Handover(
+            from_node=self.node, to=to, epoch=epoch, request=request, planned=planned, lsn=lsn
+        )
         ok, resp = await self.store.txn(
             [tx.create(self.key) == epoch],
             [

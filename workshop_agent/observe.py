@@ -150,4 +150,5 @@ class PairObserver:
         to = record.to if record is not None else INVALID
         from_node = record.from_node if record is not None else INVALID
         planned = record.planned if record is not None else False
-        return HandoverView(to, from_node, kv.mod_revision, self._handover_seen[1], planned)
+        lsn = record.lsn if record is not None else None
+        return HandoverView(to, from_node, kv.mod_revision, self._handover_seen[1], planned, lsn)

@@ -1,0 +1,147 @@
+"""The agents run the pair's PostgreSQL: real agents, real PostgreSQL, real crashes.
+
+A writer commits numbered rows as a client would (libpq multi-host string with
+target_session_attrs=read-write); after every failover each acknowledged row must be on
+the new primary.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from cluster import Cluster, until
+from harness import Etcd
+from pg_harness import PASSWORDS, Writer, common_free_port, database_section, needs_postgres
+from pg_harness import write_secrets as write_pg_secrets
+
+from shared import keys
+from shared.records import SyncState, decode
+
+pytestmark = [pytest.mark.e2e, needs_postgres]
+# PostgreSQL sees every loopback client as 127.0.0.1, so the nodes use .1 and .2.
+ADDRESSES = ("127.0.0.1", "127.0.0.2")
+
+
+@pytest.fixture
+async def db_cluster(etcd: Etcd, store: object) -> AsyncIterator[tuple[Cluster, int]]:
+    root = Path(tempfile.mkdtemp(prefix="hapair-dbtest-"))
+    os.chmod(root, 0o755)  # PostgreSQL runs as its own user below this directory
+    write_pg_secrets(root)
+    port = common_free_port(ADDRESSES)
+    c = Cluster(etcd, root)
+    site = c.site(
+        [
+            {
+                "name": "p",
+                "nodes": [{"name": n, "address": a} for n, a in zip("ab", ADDRESSES, strict=True)],
+                "database": database_section(root, port, synchronous=True),
+            }
+        ]
+    )
+    await c.apply(site)
+    try:
+        yield c, port
+    finally:
+        await c.stop_all()
+        if not os.environ.get("HAPAIR_KEEP_TEST_DIRS"):
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def conninfo(port: int) -> str:
+    hosts = ",".join(ADDRESSES)
+    return (
+        f"host={hosts} port={port} dbname=mes user=mes password={PASSWORDS['mes']} "
+        "target_session_attrs=read-write connect_timeout=2"
+    )
+
+
+async def sync_state(c: Cluster) -> SyncState | None:
+    kv = await c.store.get(keys.sync_standby("p"))
+    return None if kv is None else decode(SyncState, kv.value, kv.key)
+
+
+async def ready(c: Cluster, port: int) -> tuple[str, int]:
+    """a primary, b its recorded synchronous standby, a table to write to."""
+    c.start("a")
+    node, epoch = await c.active("p", node="a", timeout=60)
+    c.start("b")
+
+    async def b_sync() -> bool:
+        st = await sync_state(c)
+        return st is not None and st.primary == "a" and st.sync == ["b"]
+
+    await until(b_sync, 60, "b recorded as the synchronous standby")
+    async with await psycopg.AsyncConnection.connect(conninfo(port), autocommit=True) as conn:
+        await conn.execute("CREATE TABLE IF NOT EXISTS ticks (id bigint PRIMARY KEY)")
+    return node, epoch
+
+
+async def rows_on(port: int, host: str) -> set[int]:
+    info = f"host={host} port={port} dbname=mes user=mes password={PASSWORDS['mes']}"
+    async with await psycopg.AsyncConnection.connect(info) as conn:
+        cur = await conn.execute("SELECT id FROM ticks")
+        return {int(r[0]) for r in await cur.fetchall()}
+
+
+async def endpoint_on(c: Cluster, node: str, epoch: int) -> Any:
+    async def moved() -> Any:
+        e = await c.endpoint("p.db")
+        return e if e is not None and e.node == node and e.epoch > epoch else None
+
+    return await until(moved, 30, f"p.db published by {node}")
+
+
+async def test_crash_of_the_active_loses_no_acknowledged_commit(
+    db_cluster: tuple[Cluster, int],
+) -> None:
+    c, port = db_cluster
+    _, epoch = await ready(c, port)
+    writer = Writer(conninfo(port)).start()
+    await until(lambda: _acked(writer, 200), 30, "200 acknowledged commits")
+    c.crash("a")  # the agent, its watchdog and PostgreSQL die at the same instant
+    await c.active("p", not_epoch=epoch, node="b", timeout=30)
+    endpoint = await endpoint_on(c, "b", epoch)
+    assert (endpoint.host, endpoint.port, endpoint.protocol) == ("127.0.0.2", port, "postgresql")
+    target = len(writer.acked) + 50
+    await until(lambda: _acked(writer, target), 30, "commits on b")
+    await writer.stop()
+    lost = set(writer.acked) - await rows_on(port, "127.0.0.2")
+    assert not lost, f"{len(lost)} acknowledged commits lost"
+    st = await sync_state(c)
+    assert st is not None and st.primary == "b"
+
+
+async def test_planned_switchover_loses_nothing_and_the_old_primary_follows(
+    db_cluster: tuple[Cluster, int],
+) -> None:
+    from shared.records import Switchover
+
+    c, port = db_cluster
+    _, epoch = await ready(c, port)
+    writer = Writer(conninfo(port)).start()
+    await until(lambda: _acked(writer, 200), 30, "200 acknowledged commits")
+    await c.store.put(keys.switchover("p"), Switchover(to="b").encode())
+    await c.active("p", not_epoch=epoch, node="b", timeout=30)
+    await endpoint_on(c, "b", epoch)
+
+    async def a_sync() -> bool:
+        st = await sync_state(c)
+        return st is not None and st.primary == "b" and st.sync == ["a"]
+
+    await until(a_sync, 60, "the old primary back as the synchronous standby")
+    target = len(writer.acked) + 50
+    await until(lambda: _acked(writer, target), 30, "commits on b")
+    await writer.stop()
+    assert not set(writer.acked) - await rows_on(port, "127.0.0.2")
+    assert not set(writer.acked) - await rows_on(port, "127.0.0.1")
+
+
+async def _acked(writer: Writer, n: int) -> bool:
+    return len(writer.acked) >= n

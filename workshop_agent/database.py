@@ -1,0 +1,199 @@
+"""The pair's PostgreSQL as the agent drives it: primary on the active, standby elsewhere.
+
+Order matters for RPO 0, as in Patroni:
+- a new active records itself as the only node holding every commit *before* it
+  promotes (the old primary lacks what it will write);
+- a standby is recorded as synchronous only once the primary reports it so;
+- a synchronous standby gone for ``degrade_after_s`` is unrecorded *before* the
+  primary stops waiting for it.
+Only recorded nodes may take over automatically (see ``eligible``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+from shared import keys
+from shared.database import DatabaseConfig
+from shared.log import EventLog
+from shared.records import SyncState
+from shared.topology import Node, Pair
+from workshop_agent.election import Election
+from workshop_agent.pg.errors import PgError, SecretError
+from workshop_agent.pg.manager import PgManager
+from workshop_agent.pg.status import PgStatus
+
+FAILURES_BEFORE_RESIGN = 3
+CATCH_UP_S = 10.0
+
+
+def eligible(config: DatabaseConfig | None, record: SyncState | None, me: str, main: str) -> bool:
+    """May ``me`` take the pair over automatically without losing a commit?"""
+    if config is None or not config.synchronous:
+        return True
+    if record is None:
+        return me == main  # a new site: the main initialises the cluster
+    return record.holds_everything(me)
+
+
+class Database:
+    def __init__(
+        self,
+        config: DatabaseConfig,
+        pair: Pair,
+        node: Node,
+        election: Election,
+        log: EventLog,
+        on_change: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self.pair, self.node = pair, node
+        self.election = election
+        self.log = log
+        self.on_change = on_change
+        self.manager: PgManager | None = None
+        self.error: str | None = None
+        self.primary_epoch: int | None = None  # the term for which this node is primary
+        self.failure: str | None = None  # the active cannot run its database: resign
+        self.status: PgStatus | None = None
+        self._failures = 0
+        self._sync_missing_since: float | None = None
+        self._recorded: SyncState | None = None
+
+    def open(self) -> None:
+        try:
+            self.manager = PgManager.open(self.config, self.pair, self.node)
+        except (SecretError, PgError) as err:
+            self.error = str(err)
+            self.log.error("database cannot start", error=self.error)
+
+    @property
+    def endpoint_name(self) -> str:
+        return f"{self.pair.name}.db"
+
+    # -- the active -------------------------------------------------------------------
+    async def become_primary(self, epoch: int, catch_up_lsn: int | None) -> bool:
+        """Record this node as the only one holding every commit, then be primary."""
+        manager = self.manager
+        if manager is None:
+            self.failure = f"database: {self.error}"
+            return False
+        if self.primary_epoch == epoch:
+            return True
+        record = SyncState(primary=self.node.name, sync=[], epoch=epoch)
+        if not await self.election.put_guarded(
+            epoch, keys.sync_standby(self.pair.name), record.encode(), None
+        ):
+            return False
+        self._recorded = record
+        try:
+            if catch_up_lsn is not None and not await manager.caught_up(catch_up_lsn, CATCH_UP_S):
+                self.failure = "database: did not catch up with the old primary in time"
+                return False
+            result = await manager.ensure_primary(epoch)
+        except PgError as err:
+            self._failures += 1
+            self.log.error("database: could not become primary", error=str(err))
+            if self._failures >= FAILURES_BEFORE_RESIGN:
+                self.failure = f"database: {err}"
+            return False
+        self._failures = 0
+        self.primary_epoch = epoch
+        self.log.info("database primary", result=str(result))
+        self.on_change()
+        return True
+
+    async def keep_primary(self, epoch: int, peers_up: set[str]) -> None:
+        """On the active, every round: stay primary and keep the sync record true."""
+        manager = self.manager
+        if manager is None or self.primary_epoch != epoch:
+            return
+        try:
+            await manager.ensure_primary(epoch)
+            self.status = await manager.status()
+        except PgError as err:
+            self._failures += 1
+            self.log.error("database: primary unhealthy", error=str(err))
+            if self._failures >= FAILURES_BEFORE_RESIGN:
+                self.failure = f"database: {err}"
+            return
+        self._failures = 0
+        if self.config.synchronous:
+            await self._keep_sync(manager, epoch, peers_up)
+
+    async def _keep_sync(self, manager: PgManager, epoch: int, peers_up: set[str]) -> None:
+        assert self.status is not None
+        now = time.monotonic()
+        streaming = {r.name for r in self.status.replicas if r.name in peers_up}
+        sync_now = set(self.status.sync_standbys())
+        recorded = set(self._recorded.sync) if self._recorded else set()
+        if streaming - sync_now:
+            sync_now = set(await manager.restore_sync(sorted(streaming)))
+        if sync_now - recorded and sync_now:
+            await self._record(epoch, sorted(sync_now), degraded=False)
+            self._sync_missing_since = None
+            return
+        if recorded and not (recorded & sync_now):
+            self._sync_missing_since = self._sync_missing_since or now
+            if now - self._sync_missing_since >= self.config.degrade_after_s:
+                # Unrecord first: from now on the old standby may not take over.
+                await self._record(epoch, [], degraded=True)
+                await manager.degrade_to_async()
+                self.log.warning("database degraded to asynchronous: no synchronous standby")
+        else:
+            self._sync_missing_since = None
+
+    async def _record(self, epoch: int, sync: list[str], degraded: bool) -> None:
+        record = SyncState(primary=self.node.name, sync=sync, degraded=degraded, epoch=epoch)
+        if await self.election.put_guarded(
+            epoch, keys.sync_standby(self.pair.name), record.encode(), None
+        ):
+            self._recorded = record
+            self.log.info("database sync state", sync=",".join(sync) or "none", degraded=degraded)
+
+    async def hand_over(self) -> int | None:
+        """Planned switchover: checkpoint and stop; the LSN the target must reach."""
+        if self.manager is None or self.primary_epoch is None:
+            return None
+        self.primary_epoch = None
+        try:
+            return await self.manager.switchover_prepare()
+        except PgError as err:
+            self.log.error("database: switchover preparation failed", error=str(err))
+            return None
+
+    async def demote(self) -> None:
+        """Fencing: stop now; never waits on anything in flight."""
+        self.primary_epoch = None
+        self._recorded = None
+        if self.manager is not None:
+            with contextlib.suppress(PgError):
+                result = await self.manager.demote()
+                self.log.warning("database demoted", result=str(result))
+
+    # -- a standby --------------------------------------------------------------------
+    async def follow(self, primary: Node) -> None:
+        manager = self.manager
+        if manager is None:
+            return
+        self.failure = None
+        try:
+            result = await manager.ensure_standby(primary.address)
+            if result.action != "none":
+                self.log.info("database standby", result=str(result))
+            self.status = await manager.status()
+        except PgError as err:
+            self.log.warning("database: cannot follow the primary", error=str(err))
+
+    async def refresh_status(self) -> None:
+        if self.manager is not None:
+            with contextlib.suppress(PgError):
+                self.status = await self.manager.status()
+
+    async def close(self) -> None:
+        if self.manager is not None:
+            with contextlib.suppress(PgError, asyncio.CancelledError):
+                await self.manager.close()
