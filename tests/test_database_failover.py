@@ -145,3 +145,35 @@ async def test_planned_switchover_loses_nothing_and_the_old_primary_follows(
 
 async def _acked(writer: Writer, n: int) -> bool:
     return len(writer.acked) >= n
+
+
+async def test_a_frozen_primary_accepts_no_write_once_the_standby_took_over(
+    db_cluster: tuple[Cluster, int],
+) -> None:
+    import asyncio
+    import signal
+
+    c, port = db_cluster
+    _, epoch = await ready(c, port)
+    c.signal("a", signal.SIGSTOP)
+    await c.active("p", not_epoch=epoch, node="b", timeout=30)
+    info = f"host=127.0.0.1 port={port} dbname=mes user=mes password={PASSWORDS['mes']}"
+    try:
+        async with asyncio.timeout(3):
+            async with await psycopg.AsyncConnection.connect(
+                info, autocommit=True, connect_timeout=2
+            ) as conn:
+                await conn.execute("INSERT INTO ticks (id) VALUES (-1)")
+        written = True
+    except (psycopg.Error, TimeoutError):
+        written = False
+    assert not written, "the old primary acknowledged a write after the takeover"
+    c.signal("a", signal.SIGCONT)
+
+    async def a_follows() -> bool:
+        st = await c.status("a")
+        db = st.database if st else None
+        return bool(db and db.get("role") == "standby" and db.get("streaming"))
+
+    await until(a_follows, 60, "the old primary rejoined as a streaming standby")
+    assert -1 not in await rows_on(port, "127.0.0.2")

@@ -110,6 +110,7 @@ class Agent:
         self._held_since = 0.0
         self._held_pending: frozenset[str] = frozenset()
         self._catch_up_lsn: int | None = None
+        self._guarded_pg: int | None = None
         self.database: Database | None = None
         self._db_task: asyncio.Task[None] | None = None
         self._db_wake = asyncio.Event()
@@ -501,8 +502,18 @@ class Agent:
                 record = decode(SyncState, kv.value, kv.key)
         return eligible(self.pair.database, record, self.me, self.pair.nodes[0].name)
 
+    def _guard_postmaster(self, pid: int | None) -> None:
+        """A primary's postmaster is killed by the watchdog too if this agent freezes."""
+        assert self.watchdog is not None
+        if self._guarded_pg is not None and self._guarded_pg != pid:
+            self.watchdog.remove(self._guarded_pg)
+        if pid is not None and pid != self._guarded_pg:
+            self.watchdog.add(pid)
+        self._guarded_pg = pid
+
     async def _demote_database(self) -> None:
         assert self.database is not None
+        self._guard_postmaster(None)
         await self.database.demote()
         self._db_task = asyncio.create_task(self._db_loop(), name="database")
 
@@ -525,7 +536,9 @@ class Agent:
         term = self.term
         st = self._state
         if term is not None and db.primary_epoch != term:
-            if await db.become_primary(term, self._catch_up_lsn) and self.term == term and self._may_run():
+            promoted = await db.become_primary(term, self._catch_up_lsn)
+            if promoted and self.term == term and self._may_run():
+                self._guard_postmaster(db.postmaster)
                 sup.activate(term, self._held_pending)
             self._changed()
         elif term is not None:
@@ -610,6 +623,7 @@ class Agent:
                 self._db_task.cancel()
             # A planned handover hands the database over cleanly; a resignation stops it
             # before another node may promote.
+            self._guard_postmaster(None)
             if to is not None and planned:
                 lsn = await self.database.hand_over()
             else:

@@ -59,6 +59,7 @@ class Database:
         self.primary_epoch: int | None = None  # the term for which this node is primary
         self.failure: str | None = None  # the active cannot run its database: resign
         self.status: PgStatus | None = None
+        self.postmaster: int | None = None  # while primary: the watchdog may kill it
         self._failures = 0
         self._sync_missing_since: float | None = None
         self._recorded: SyncState | None = None
@@ -102,6 +103,7 @@ class Database:
             return False
         self._failures = 0
         self.primary_epoch = epoch
+        self.postmaster = manager.postmaster_pid()
         self.log.info("database primary", result=str(result))
         self.on_change()
         return True
@@ -159,6 +161,7 @@ class Database:
         if self.manager is None or self.primary_epoch is None:
             return None
         self.primary_epoch = None
+        self.postmaster = None
         try:
             return await self.manager.switchover_prepare()
         except PgError as err:
@@ -168,6 +171,7 @@ class Database:
     async def demote(self) -> None:
         """Fencing: stop now; never waits on anything in flight."""
         self.primary_epoch = None
+        self.postmaster = None
         self._recorded = None
         if self.manager is not None:
             with contextlib.suppress(PgError):
