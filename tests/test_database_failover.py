@@ -7,6 +7,7 @@ the new primary.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -177,3 +178,39 @@ async def test_a_frozen_primary_accepts_no_write_once_the_standby_took_over(
 
     await until(a_follows, 60, "the old primary rejoined as a streaming standby")
     assert -1 not in await rows_on(port, "127.0.0.2")
+
+
+async def test_standby_gone_degrades_to_async_after_its_delay_then_recovers(
+    db_cluster: tuple[Cluster, int],
+) -> None:
+    import signal
+    import time
+
+    c, port = db_cluster
+    await ready(c, port)
+    writer = Writer(conninfo(port)).start()
+    await until(lambda: _acked(writer, 100), 30, "100 acknowledged commits")
+    c.signal("b", signal.SIGTERM)  # its agent stops, and its database with it
+    c.agents["b"].wait(15)
+    stopped_at = time.monotonic()
+
+    async def degraded() -> bool:
+        st = await sync_state(c)
+        return st is not None and st.degraded and st.sync == []
+
+    await until(degraded, 15, "the primary recorded as degraded, no synchronous standby")
+    target = len(writer.acked) + 50
+    await until(lambda: _acked(writer, target), 15, "commits going on without the standby")
+    times = [at for at, _ in writer.acked_at]
+    gaps = [b - a for a, b in itertools.pairwise(times) if b > stopped_at - 1]
+    # degrade_after_s is 1 s here; the monitor looks every 0.5 s.
+    assert max(gaps) < 1.0 + 1.5, f"writes blocked {max(gaps):.2f}s"
+    c.start("b")
+
+    async def b_sync_again() -> bool:
+        st = await sync_state(c)
+        return st is not None and st.sync == ["b"] and not st.degraded
+
+    await until(b_sync_again, 60, "b caught up and recorded synchronous again")
+    await writer.stop()
+    assert not set(writer.acked) - await rows_on(port, "127.0.0.1")
