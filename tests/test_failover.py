@@ -115,7 +115,6 @@ async def test_frozen_active_is_fenced_before_the_standby_starts(cluster: Cluste
     _, epoch = await two_nodes(cluster, 13)
     svc = await service_pid(cluster, "a")
     cluster.signal("a", signal.SIGSTOP)
-    frozen_at = time.monotonic()
     node, _ = await cluster.active("p", not_epoch=epoch)
     assert node == "b"
     assert not pid_alive(svc), "the frozen agent's service still ran when b took over"
@@ -124,7 +123,6 @@ async def test_frozen_active_is_fenced_before_the_standby_starts(cluster: Cluste
     cluster.signal("a", signal.SIGCONT)
     back = await until(lambda: cluster.status("a"), 10, "a back with a status")
     assert back.role == "standby"
-    assert time.monotonic() - frozen_at > 2.0
     runs = [r for r in cluster.intervals() if r["node"] == "a"]
     assert len(runs) == 1, "a must not restart its service after waking up"
     assert (await cluster.leader("p")) is not None and (await cluster.leader("p"))[0] == "b"  # type: ignore[index]

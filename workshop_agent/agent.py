@@ -644,7 +644,9 @@ class Agent:
             self.pairs.apply_local(keys.leader(self.pair.name), None, revision)
         self.term = None
         self.log.bind(epoch=None)
-        self.holdoff_until = self.clock() + self.pair.failover.lease_ttl_s
+        if to is None or not planned:
+            # After a failure, give the others the first chance to take over.
+            self.holdoff_until = self.clock() + self.pair.failover.lease_ttl_s
         stopped_ms = round((self.clock() - started) * 1000)
         self.log.info("stepped down", reason=reason, to=to, ok=ok, stop_ms=stopped_ms, epoch=epoch)
         if self.database is not None:

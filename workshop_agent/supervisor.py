@@ -121,8 +121,10 @@ class Supervisor:
     def active_up(self) -> bool:
         """Active-only services are running, starting, or held for this term."""
         held = self.epoch is not None and bool(self.held)
+        started = self.epoch is not None and self._activation is not None
         return (
             held
+            or started
             or (self._activation is not None and not self._activation.done())
             or any(r.alive() for r in self.runners.values() if r.active_only)
         )
