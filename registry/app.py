@@ -38,8 +38,9 @@ async def _watch(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(app[CACHE].run(), name="etcd-mirror")
     yield
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    # A gRPC call to an unreachable etcd may not notice the cancel: shutdown must not wait.
+    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+        await asyncio.wait_for(task, 2.0)
     await app[STORE].close()
 
 

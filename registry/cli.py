@@ -29,6 +29,7 @@ from registry.sources import EtcdSource, RegistrySource, Source, SourceError
 from registry.status import render
 from shared import admin, keys, records
 from shared.admin import AdminError
+from shared.client import command as client_command
 from shared.store import Store, StoreError
 from shared.topology import Site, TopologyError, load
 
@@ -171,6 +172,31 @@ async def _show(source: Source, console: Console, watch: bool) -> int:
                 console.rule()
             last = report
     return OK
+
+
+# ---- top --------------------------------------------------------------------------
+
+
+async def top(args: argparse.Namespace) -> int:
+    from registry.top.feed import split_urls
+    from registry.top.terminal import run
+
+    urls = split_urls(args.registry or "")
+    if not urls:
+        raise Failed(USAGE, "no registry given: use --registry URL[,URL...] or set HAPAIR_REGISTRY")
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise Failed(USAGE, "hapair top needs a terminal; for a log, use hapair status --watch")
+    return await run(urls, token=os.environ.get("HAPAIR_ADMIN_TOKEN") or None)
+
+
+# ---- resolve ----------------------------------------------------------------------
+
+
+async def resolve(args: argparse.Namespace) -> int:
+    try:
+        return await client_command.resolve(args)
+    except client_command.CommandError as err:
+        raise Failed(err.code, str(err)) from None
 
 
 # ---- switchover, pause, drain -----------------------------------------------------
@@ -327,6 +353,19 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--watch", action="store_true", help="keep the view current until Ctrl-C")
     p.set_defaults(func=status)
+
+    p = sub.add_parser("resolve", help="print where a service is now (and as it moves: --watch)")
+    client_command.add_arguments(p)
+    p.set_defaults(func=resolve)
+
+    p = sub.add_parser("top", help="live site dashboard; acknowledge recoveries, switch over")
+    p.add_argument(
+        "--registry",
+        default=os.environ.get("HAPAIR_REGISTRY"),
+        help="registries URL[,URL...], the next used when one goes away "
+        "(default: $HAPAIR_REGISTRY)",
+    )
+    p.set_defaults(func=top)
 
     p = sub.add_parser("switchover", help="move a pair to another node, planned")
     p.add_argument("pair")

@@ -209,7 +209,9 @@ def test_a_critical_resource_lost_on_the_active_moves_to_a_standby_that_reaches_
         "c": PeerView("standby", True, reaches=frozenset({"plc:press-1"})),
     }
     o = obs(term=5, leader=MINE, services_up=True, peers=peers, lost=lost)
-    assert decide(o).actions == (Handover("c", None, "plc:press-1 lost on the active", planned=False),)
+    assert decide(o).actions == (
+        Handover("c", None, "plc:press-1 lost on the active", planned=False),
+    )
     # Still within its grace time: stay.
     assert decide(replace(o, lost={"plc:press-1": Lost(99.0, 2.0)})).actions == ()
     # Nobody reaches it: the fault is the PLC's, nobody moves.

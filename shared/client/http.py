@@ -1,0 +1,184 @@
+"""HTTP requests (aiohttp) that go to wherever the service is now."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import aiohttp
+
+from shared.client.backoff import Backoff
+from shared.client.models import Endpoint
+from shared.client.reconnect import reach
+from shared.client.resolver import Resolver
+from shared.log import EventLog
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+log = EventLog("hapair.client")
+
+
+class HttpAdapter:
+    """An aiohttp client whose requests go to the service's valid server.
+
+    ```python
+    async with Resolver(registries) as resolver, HttpAdapter(resolver, "mes-api") as http:
+        async with http.get("/orders/17") as resp:
+            order = await resp.json()
+    ```
+
+    A request whose connection cannot be made is made again, on a newer endpoint as
+    soon as one is published, else after a back-off delay, until ``deadline_s``; then
+    :class:`DeadlineExceeded`. A request lost after it was sent is repeated only for
+    idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) or with
+    ``retry=True``; otherwise the error (or :class:`EndpointChanged`) reaches the
+    caller. Each endpoint gets its own connection pool; when a newer endpoint is
+    published the old pool is closed, so no request waits on a server that was
+    fenced. The scheme is ``scheme`` if given, else the endpoint's protocol when it is
+    ``http`` or ``https``, else ``http``.
+    """
+
+    def __init__(
+        self,
+        resolver: Resolver,
+        service: str,
+        *,
+        scheme: str | None = None,
+        deadline_s: float = 10.0,
+        connect_timeout_s: float = 2.0,
+        backoff: Backoff | None = None,
+        rng: random.Random | None = None,
+        session_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.resolver = resolver
+        self.service = service
+        self.scheme = scheme
+        self.deadline_s = deadline_s
+        self.connect_timeout_s = connect_timeout_s
+        self.backoff = backoff or Backoff()
+        self.rng = rng or random.Random()
+        self.session_kwargs = dict(session_kwargs or {})
+        self.endpoint: Endpoint | None = None
+        """Where the last answer came from."""
+        self._session: aiohttp.ClientSession | None = None
+        self._session_endpoint: Endpoint | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+        self._stack = contextlib.AsyncExitStack()
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._watcher is None:
+            await self._stack.enter_async_context(self.resolver.following(self.service))
+            self._watcher = asyncio.create_task(self._watch(), name=f"follow-{self.service}")
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watcher
+            self._watcher = None
+        self._retire()
+        for task in list(self._closing):
+            with contextlib.suppress(Exception):
+                await task
+        await self._stack.aclose()
+
+    @contextlib.asynccontextmanager
+    async def request(
+        self, method: str, path: str, *, retry: bool | None = None, **kwargs: Any
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """``async with http.request("GET", "/path") as resp``; ``path`` starts with /.
+        Other keyword arguments go to ``aiohttp.ClientSession.request``."""
+        await self.start()
+        repeat = retry if retry is not None else method.upper() in IDEMPOTENT
+
+        def retryable(err: BaseException) -> bool:
+            if isinstance(err, aiohttp.ClientConnectorError):
+                return True  # the connection was never made: nothing was sent
+            return repeat and isinstance(err, aiohttp.ClientConnectionError | TimeoutError)
+
+        async def attempt(endpoint: Endpoint) -> aiohttp.ClientResponse:
+            session = self._session_for(endpoint)
+            url = endpoint.url(self.scheme or _scheme(endpoint.protocol)) + path
+            return await session.request(method, url, **kwargs)
+
+        async def discard(resp: aiohttp.ClientResponse) -> None:
+            resp.close()
+
+        resp, self.endpoint = await reach(
+            self.resolver,
+            self.service,
+            attempt,
+            deadline_s=self.deadline_s,
+            attempt_timeout_s=None,
+            retryable=retryable,
+            backoff=self.backoff,
+            rng=self.rng,
+            discard=discard,
+            repeat_on_change=repeat,
+        )
+        try:
+            yield resp
+        finally:
+            resp.release()
+
+    def get(self, path: str, **kwargs: Any) -> contextlib.AbstractAsyncContextManager[Any]:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> contextlib.AbstractAsyncContextManager[Any]:
+        return self.request("POST", path, **kwargs)
+
+    def put(self, path: str, **kwargs: Any) -> contextlib.AbstractAsyncContextManager[Any]:
+        return self.request("PUT", path, **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> contextlib.AbstractAsyncContextManager[Any]:
+        return self.request("DELETE", path, **kwargs)
+
+    # ---- one pool per endpoint --------------------------------------------------------
+
+    def _session_for(self, endpoint: Endpoint) -> aiohttp.ClientSession:
+        if self._session is None or self._session_endpoint != endpoint:
+            self._retire()
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s)
+            self._session = aiohttp.ClientSession(**{"timeout": timeout, **self.session_kwargs})
+            self._session_endpoint = endpoint
+        return self._session
+
+    def _retire(self) -> None:
+        """Close the pool of the old endpoint: its requests in flight fail at once."""
+        if self._session is not None:
+            task = asyncio.create_task(self._session.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        self._session, self._session_endpoint = None, None
+
+    async def _watch(self) -> None:
+        async with contextlib.aclosing(self.resolver.watch(self.service)) as endpoints:
+            async for endpoint in endpoints:
+                if self._session_endpoint is not None and endpoint.newer_than(
+                    self._session_endpoint
+                ):
+                    log.info(
+                        "endpoint changed; closing the connections to the old one",
+                        service=self.service,
+                        old=self._session_endpoint.describe(),
+                        new=endpoint.describe(),
+                    )
+                    self._retire()
+
+
+def _scheme(protocol: str) -> str:
+    return protocol if protocol in ("http", "https") else "http"

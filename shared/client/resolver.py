@@ -1,0 +1,549 @@
+"""Where a service is now, and where it moves: the client side of the registry.
+
+A :class:`Resolver` is given one or more registry URLs; they all answer the same, from
+the same etcd. :meth:`Resolver.resolve` asks one (the next one on failure).
+:meth:`Resolver.watch` follows the registry's event stream (SSE), or long-polls a
+registry that has no stream, and yields every newer endpoint the moment it is
+published; when the registry it follows goes away it goes on through the next URL and,
+since a stream starts with the current state, resumes from the last epoch it saw.
+
+Whatever the registries send, three rules hold:
+
+- epochs never go back: an answer with an older epoch than one already seen is
+  ignored with a warning (a lagging registry, or a stale cache in between);
+- garbage (not JSON, the wrong shape, an unexpected status such as 500) is ignored
+  with a warning and the next registry is tried; it never reaches the caller;
+- while no registry answers, the last endpoint is kept and handed out marked
+  ``stale``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import random
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, Self
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+from pydantic import ValidationError
+
+from shared.client.backoff import Backoff
+from shared.client.errors import (
+    RegistryUnavailable,
+    ServiceUnavailable,
+    UnknownService,
+    describe_error,
+)
+from shared.client.models import (
+    STALE_HEADER,
+    Endpoint,
+    EndpointAnswer,
+    ErrorAnswer,
+    StreamedAnswer,
+)
+from shared.client.sse import SseError, SseParser
+from shared.log import EventLog
+
+Transport = Literal["auto", "sse", "poll"]
+MAX_ANSWER_BYTES = 64 * 1024
+NETWORK_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
+
+log = EventLog("hapair.client")
+
+
+class _Garbage(Exception):
+    """A registry answered something that is not a valid answer."""
+
+
+class _RegistryDown(Exception):
+    """A registry answered, but says it cannot vouch for what it knows (lost etcd)."""
+
+
+class _NoStream(Exception):
+    """A registry without an event stream: long-poll it instead."""
+
+
+def parse_registries(registries: str | Sequence[str]) -> list[str]:
+    """``http://r1:8700,r2:8700`` -> ``["http://r1:8700", "http://r2:8700"]``."""
+    items = registries.split(",") if isinstance(registries, str) else list(registries)
+    urls: list[str] = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        url = item if "//" in item else f"http://{item}"
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"bad registry URL {item!r}: expected http://HOST:PORT")
+        try:
+            parts.port  # noqa: B018 (validates the port)
+        except ValueError:
+            raise ValueError(f"bad registry URL {item!r}: port is not a number") from None
+        urls.append(url.rstrip("/"))
+    if not urls:
+        raise ValueError("no registry URL given")
+    return urls
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceState:
+    """What the resolver knows of a service: the newest endpoint seen, the last
+    registry answer's status (200, 503, 404; None before any) and reason, and whether
+    no registry could confirm it lately."""
+
+    endpoint: Endpoint | None
+    status: int | None
+    reason: str
+    stale: bool
+
+
+class _Entry:
+    """One service's knowledge; ``changed`` is set (and replaced) on every change."""
+
+    __slots__ = ("changed", "endpoint", "reason", "stale", "status")
+
+    def __init__(self) -> None:
+        self.endpoint: Endpoint | None = None
+        self.status: int | None = None
+        self.reason = ""
+        self.stale = False
+        self.changed = asyncio.Event()
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def update(self, status: int, reason: str) -> bool:
+        if (self.status, self.reason, self.stale) == (status, reason, False):
+            return False
+        self.status, self.reason, self.stale = status, reason, False
+        return True
+
+
+class Resolver:
+    """Resolves and follows services through one or more registries.
+
+    ``request_timeout_s`` bounds each lookup; ``poll_wait_s`` is how long a long-poll
+    waits for news; a stream silent for ``stream_idle_s`` (the registry sends comments
+    more often than that) counts as lost. ``transport`` forces the event stream
+    (``"sse"``) or long-polls (``"poll"``); ``"auto"`` streams where it can.
+    Use it as ``async with Resolver(urls) as resolver:``, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        registries: str | Sequence[str],
+        *,
+        request_timeout_s: float = 1.0,
+        poll_wait_s: float = 25.0,
+        stream_idle_s: float = 10.0,
+        transport: Transport = "auto",
+        backoff: Backoff | None = None,
+        rng: random.Random | None = None,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.urls = parse_registries(registries)
+        self.request_timeout_s = request_timeout_s
+        self.poll_wait_s = poll_wait_s
+        self.stream_idle_s = stream_idle_s
+        self.transport: Transport = transport
+        self.backoff = backoff or Backoff(initial_s=0.05, max_s=2.0)
+        self.rng = rng or random.Random()
+        self._session = session
+        self._own_session = session is None
+        self._first = 0  # index of the registry to ask first
+        self._entries: dict[str, _Entry] = {}
+        self._interest: Counter[str] = Counter()
+        self._interest_changed = asyncio.Event()
+        self._follower: asyncio.Task[None] | None = None
+        self._pokes: dict[str, asyncio.Task[None]] = {}
+        self._no_stream: set[str] = set()
+        self._problems: dict[str, str] = {}
+        self._serving_since: float | None = None  # when the followed registry answered
+        self._closed = False
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = [t for t in (self._follower, *self._pokes.values()) if t is not None]
+        self._follower = None
+        self._pokes.clear()
+        await _cancel(tasks)
+        if self._own_session and self._session is not None:
+            await self._session.close()
+        self._session = None
+
+    # ---- what is known now ----------------------------------------------------------
+
+    def state(self, service: str) -> ServiceState:
+        entry = self._entry(service)
+        endpoint = entry.endpoint.marked(entry.stale) if entry.endpoint else None
+        return ServiceState(endpoint, entry.status, entry.reason, entry.stale)
+
+    def current(self, service: str) -> Endpoint | None:
+        """The newest endpoint seen (``stale`` if no registry confirmed it lately)."""
+        return self.state(service).endpoint
+
+    # ---- asking ---------------------------------------------------------------------
+
+    async def resolve(self, service: str, *, wait_s: float = 0.0) -> Endpoint:
+        """The service's endpoint, from the first registry that answers well.
+
+        With ``wait_s``, a service that has no endpoint now (failing over) is waited for
+        that long (a long-poll). Raises :class:`UnknownService` (404),
+        :class:`ServiceUnavailable` (503, also after ``wait_s``), or
+        :class:`RegistryUnavailable` when no registry answers and no endpoint was ever
+        seen; when one was, it is returned marked ``stale``.
+        """
+        entry = self._entry(service)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        problems: list[str] = []
+        for url in self._order():
+            try:
+                await self._ask(url, service, None, 0.0)
+                while entry.status == 503 and (left := deadline - loop.time()) > 0:
+                    await self._ask(url, service, _after(entry), left)
+            except (_Garbage, _RegistryDown, *NETWORK_ERRORS) as err:
+                problems.append(f"{url}: {self._failed(url, err)}")
+                continue
+            self._answered(url)
+            if entry.status == 404:
+                raise UnknownService(service, entry.reason)
+            if entry.status == 503 or entry.endpoint is None:
+                raise ServiceUnavailable(service, entry.reason, entry.endpoint)
+            return entry.endpoint
+        if entry.endpoint is None:
+            raise RegistryUnavailable(service, problems)
+        self._mark_stale([service])
+        return entry.endpoint.marked(True)
+
+    def poke(self, service: str) -> None:
+        """Ask a registry now, in the background (a connection to the current endpoint
+        failed: the stream may be behind, or dead without saying so)."""
+        if self._closed or service in self._pokes:
+            return
+
+        async def ask() -> None:
+            try:
+                await self.resolve(service)
+            except (UnknownService, ServiceUnavailable, RegistryUnavailable):
+                pass  # recorded in the entry; whoever waits looks there
+            finally:
+                self._pokes.pop(service, None)
+
+        self._pokes[service] = asyncio.create_task(ask(), name=f"resolve-{service}")
+
+    # ---- following ------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def following(self, service: str) -> AsyncIterator[None]:
+        """Keep ``service`` current from the registries' stream while inside."""
+        self._interest[service] += 1
+        self._interest_changed.set()
+        if self._follower is None or self._follower.done():
+            self._follower = asyncio.create_task(self._follow(), name="registry-follower")
+        try:
+            yield
+        finally:
+            self._interest[service] -= 1
+            if self._interest[service] <= 0:
+                del self._interest[service]
+                self._interest_changed.set()
+            if not self._interest and self._follower is not None:
+                follower, self._follower = self._follower, None
+                await _cancel([follower])
+
+    async def watch(self, service: str) -> AsyncGenerator[Endpoint, None]:
+        """Each newer endpoint of ``service``, the moment a registry publishes it.
+
+        Starts with the current one (once there is one). An unknown service raises
+        :class:`UnknownService` at once; otherwise it waits, whatever the registries do.
+        Close it with ``contextlib.aclosing`` to stop following at once.
+        """
+        async with self.following(service):
+            with contextlib.suppress(ServiceUnavailable, RegistryUnavailable):
+                await self.resolve(service)
+            entry = self._entry(service)
+            last: Endpoint | None = None
+            while True:
+                changed = entry.changed
+                if entry.endpoint is not None and entry.endpoint.newer_than(last):
+                    last = entry.endpoint
+                    yield last.marked(entry.stale)
+                    continue
+                await changed.wait()
+
+    async def newer(self, service: str, than: Endpoint | None, timeout: float) -> Endpoint | None:
+        """The service's endpoint as soon as it is newer than ``than``, or None after
+        ``timeout`` seconds. Answers from memory: follow the service for news."""
+        entry = self._entry(service)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(None if math.isinf(timeout) else max(timeout, 0.0)):
+                while entry.endpoint is None or not entry.endpoint.newer_than(than):
+                    await entry.changed.wait()
+        if entry.endpoint is not None and entry.endpoint.newer_than(than):
+            return entry.endpoint.marked(entry.stale)
+        return None
+
+    # ---- the follower ---------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        """Follow the registries while anyone is interested: one stream (or one
+        long-poll per service) at a time, the next registry when it fails, a back-off
+        once every registry failed in a row."""
+        loop = asyncio.get_running_loop()
+        delays = self.backoff.delays(self.rng)
+        failures = 0
+        while True:
+            url = self.urls[self._first]
+            self._serving_since = None
+            try:
+                if self.transport == "poll" or url in self._no_stream:
+                    await self._poll(url)
+                else:
+                    await self._stream(url)
+                problem: BaseException = _RegistryDown("the event stream ended")
+            except _NoStream as err:
+                log.info("registry has no event stream; long-polling it", registry=url, why=err)
+                self._no_stream.add(url)
+                continue
+            except (_Garbage, _RegistryDown, SseError, *NETWORK_ERRORS) as err:
+                problem = err
+            served = self._serving_since
+            if served is not None and loop.time() - served >= 1.0:
+                # It served well for a while before going: try the others at once.
+                failures, delays = 0, self.backoff.delays(self.rng)
+            self._failed(url, problem)
+            failures += 1
+            if failures >= len(self.urls):
+                failures = 0
+                self._mark_stale(list(self._entries))
+                await asyncio.sleep(next(delays))
+
+    async def _stream(self, url: str) -> None:
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.request_timeout_s, sock_read=self.stream_idle_s
+        )
+        params = {"heartbeat_s": f"{max(self.stream_idle_s / 3, 0.5):g}"}
+        async with self._http().get(
+            f"{url}/v1/events",
+            params=params,
+            timeout=timeout,
+            headers={"Accept": "text/event-stream"},
+        ) as resp:
+            no_stream = resp.status in (404, 405, 501) or (
+                resp.status == 200 and resp.content_type != "text/event-stream"
+            )
+            if no_stream and self.transport == "auto":
+                raise _NoStream(f"HTTP {resp.status} {resp.content_type} on /v1/events")
+            if resp.status == 503:
+                raise _RegistryDown(await _reason(resp))
+            if resp.status != 200 or no_stream:
+                raise _Garbage(f"HTTP {resp.status} {resp.content_type} on /v1/events")
+            self._serving(url)
+            parser = SseParser()
+            async for chunk in resp.content.iter_any():
+                for event in parser.feed(chunk):
+                    if event.event == "endpoint":
+                        self._streamed(url, event.data)
+
+    def _streamed(self, url: str, data: str) -> None:
+        try:
+            payload = json.loads(data)
+            head = StreamedAnswer.model_validate(payload)
+            self._accept(head.service, head.status, payload)
+        except (ValueError, _Garbage) as err:  # JSONDecodeError, ValidationError
+            log.warning("ignoring an event from a registry", registry=url, problem=_short(err))
+
+    async def _poll(self, url: str) -> None:
+        """Long-poll every followed service at ``url`` until one poll fails; start
+        again when the set of followed services changes."""
+        while True:
+            self._interest_changed.clear()
+            tasks: list[asyncio.Task[Any]] = [
+                asyncio.create_task(self._poll_one(url, s)) for s in list(self._interest)
+            ]
+            tasks.append(asyncio.create_task(self._interest_changed.wait()))
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                await _cancel(tasks)
+            for task in done:
+                err = None if task.cancelled() else task.exception()
+                if err is not None:
+                    raise err
+
+    async def _poll_one(self, url: str, service: str) -> None:
+        loop = asyncio.get_running_loop()
+        entry = self._entry(service)
+        delays = self.backoff.delays(self.rng)
+        while True:
+            started, before = loop.time(), entry.changed
+            await self._ask(url, service, _after(entry), self.poll_wait_s)
+            self._serving(url)
+            if entry.status == 404:
+                await asyncio.sleep(min(self.poll_wait_s, 5.0))  # answered at once: pace it
+            elif not before.is_set() and loop.time() - started < self.poll_wait_s / 2:
+                # Back early with no news: not what a long-poll does. Do not spin on it.
+                await asyncio.sleep(next(delays))
+
+    # ---- one request, and what to make of its answer ---------------------------------
+
+    async def _ask(self, url: str, service: str, after: int | None, wait_s: float) -> None:
+        """One lookup (a long-poll when ``after`` is given); the answer is accepted
+        into the service's entry or raises."""
+        params = {} if after is None else {"after_epoch": str(after), "wait_s": f"{wait_s:.3f}"}
+        timeout = aiohttp.ClientTimeout(total=wait_s + self.request_timeout_s)
+        path = f"{url}/v1/endpoints/{quote(service, safe='')}"
+        async with self._http().get(path, params=params, timeout=timeout) as resp:
+            if resp.headers.get(STALE_HEADER):
+                raise _RegistryDown(f"registry lost etcd: {resp.headers[STALE_HEADER]}")
+            body = await _read(resp)
+            status = resp.status
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            raise _Garbage(f"HTTP {status} with a body that is not JSON") from None
+        self._accept(service, status, payload)
+
+    def _accept(self, service: str, status: int, payload: Any) -> None:
+        """Take a registry's answer for ``service`` into its entry, or raise
+        :class:`_Garbage` (and change nothing)."""
+        entry = self._entry(service)
+        if status == 200:
+            try:
+                new = EndpointAnswer.model_validate(payload).endpoint()
+            except ValidationError as err:
+                raise _Garbage(f"invalid endpoint: {_short(err)}") from None
+            if new.service != service:
+                raise _Garbage(f"asked for {service!r}, got an endpoint of {new.service!r}")
+            old = entry.endpoint
+            if old is not None and new.epoch < old.epoch:
+                raise _Garbage(f"epoch {new.epoch} is older than epoch {old.epoch}, seen before")
+            moved = new.newer_than(old)
+            if moved:
+                entry.endpoint = new
+                log.info(
+                    "endpoint", service=service, node=new.node, at=new.address, epoch=new.epoch
+                )
+            if entry.update(200, "") or moved:
+                entry.notify()
+        elif status in (404, 503):
+            try:
+                reason = ErrorAnswer.model_validate(payload).error
+            except ValidationError as err:
+                raise _Garbage(f"HTTP {status} without a reason: {_short(err)}") from None
+            if entry.update(status, reason):
+                if status == 404:
+                    log.warning("the registry does not know this service", service=service)
+                entry.notify()
+        else:
+            raise _Garbage(f"HTTP {status}")
+
+    # ---- registries: order, failures, staleness --------------------------------------
+
+    def _order(self) -> Iterator[str]:
+        first = self._first
+        for i in range(len(self.urls)):
+            yield self.urls[(first + i) % len(self.urls)]
+
+    def _answered(self, url: str) -> None:
+        if self._problems.pop(url, None) is not None:
+            log.info("registry answers again", registry=url)
+
+    def _serving(self, url: str) -> None:
+        self._answered(url)
+        if self._serving_since is None:
+            self._serving_since = asyncio.get_running_loop().time()
+
+    def _failed(self, url: str, err: BaseException) -> str:
+        """Move on from ``url``; warn once per new problem. Returns the problem."""
+        problem = _short(err)
+        if self.urls[self._first] == url:
+            self._first = (self._first + 1) % len(self.urls)
+        if isinstance(err, _Garbage):
+            log.warning("ignoring a registry answer", registry=url, problem=problem)
+        elif self._problems.get(url) != problem:
+            log.warning("registry unavailable", registry=url, problem=problem)
+        self._problems[url] = problem
+        return problem
+
+    def _mark_stale(self, services: list[str]) -> None:
+        for service in services:
+            entry = self._entries[service]
+            if entry.endpoint is not None and not entry.stale:
+                entry.stale = True
+                log.warning(
+                    "no registry answers; keeping the last endpoint, marked stale",
+                    service=service,
+                    at=entry.endpoint.address,
+                    epoch=entry.endpoint.epoch,
+                )
+                entry.notify()
+
+    def _entry(self, service: str) -> _Entry:
+        entry = self._entries.get(service)
+        if entry is None:
+            entry = self._entries[service] = _Entry()
+        return entry
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            self._own_session = True
+        return self._session
+
+
+def _after(entry: _Entry) -> int:
+    """The epoch to long-poll after: the one in use, or one less while the service is
+    down, so that its return under the same epoch (a restart in place) also answers."""
+    epoch = entry.endpoint.epoch if entry.endpoint is not None else 0
+    return epoch if entry.status == 200 else max(epoch - 1, 0)
+
+
+async def _read(resp: aiohttp.ClientResponse) -> bytes:
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(16384):
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise _Garbage(f"answer larger than {MAX_ANSWER_BYTES} bytes")
+    return bytes(body)
+
+
+async def _reason(resp: aiohttp.ClientResponse) -> str:
+    with contextlib.suppress(_Garbage, ValueError, ValidationError):
+        return ErrorAnswer.model_validate(json.loads(await _read(resp))).error
+    return f"HTTP {resp.status}"
+
+
+def _short(err: BaseException) -> str:
+    if isinstance(err, ValidationError):
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        return f"{where}: {first['msg']}"
+    if isinstance(err, TimeoutError):
+        return "timed out"
+    return describe_error(err) if not isinstance(err, (_Garbage, _RegistryDown)) else str(err)
+
+
+async def _cancel(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until they have ended."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

@@ -1,0 +1,218 @@
+"""The PostgreSQL adapter against a real PostgreSQL 15 whose endpoint record moves.
+
+One server listens on both fake nodes' addresses (127.0.0.11 and 127.0.0.12, the same
+port), so ``inet_server_addr()`` tells which endpoint a connection went to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from harness import Etcd, wait_for
+from site_records import FakeAgent, apply_site
+from test_client_support import registry_in_process, until
+
+from shared.client import Backoff, DeadlineExceeded, PgAdapter, Resolver
+from shared.store import Store
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+ADDRESSES = ("127.0.0.11", "127.0.0.12")
+SERVICE = "db"
+
+
+def _unavailable() -> str | None:
+    if not (PG_BIN / "postgres").exists():
+        return f"no PostgreSQL 15 in {PG_BIN}"
+    if os.geteuid() != 0:
+        return "PostgreSQL is started as the postgres user through setpriv: run as root"
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        return "no postgres user (useradd --system --user-group postgres)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=str(_unavailable()))
+
+
+def as_postgres(*argv: str) -> list[str]:
+    return ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", *argv]
+
+
+def port_free_on_both() -> int:
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((ADDRESSES[0], 0))
+            port = int(s.getsockname()[1])
+        with contextlib.suppress(OSError), socket.socket() as s:
+            s.bind((ADDRESSES[1], port))
+            return port
+    raise RuntimeError("no port free on both addresses")
+
+
+def _accepts(port: int) -> bool:
+    with psycopg.connect(host=ADDRESSES[0], port=port, user="postgres", dbname="postgres"):
+        return True
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[int]:
+    """A throw-away PostgreSQL on both addresses; its port. Stopped by PID."""
+    root = Path(tempfile.mkdtemp(prefix="hapair-client-pg-"))
+    data, sockets = root / "data", root / "sockets"
+    sockets.mkdir()
+    shutil.chown(root, "postgres", "postgres")
+    shutil.chown(sockets, "postgres", "postgres")
+    root.chmod(0o700)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        subprocess.run(
+            as_postgres(
+                *(str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"),
+                *("-E", "UTF8", "--no-sync"),
+            ),
+            check=True,
+            capture_output=True,
+        )
+        with (data / "pg_hba.conf").open("a") as hba:
+            hba.write("host all all 127.0.0.0/8 trust\n")
+        port = port_free_on_both()
+        proc = subprocess.Popen(
+            as_postgres(
+                *(str(PG_BIN / "postgres"), "-D", str(data), "-p", str(port)),
+                *("-c", f"listen_addresses={','.join(ADDRESSES)}", "-c", "fsync=off"),
+                *("-c", f"unix_socket_directories={sockets}"),
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: _accepts(port), 15, "PostgreSQL to accept connections")
+        yield port
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # fast shutdown
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def database(etcd: Etcd, store: Store, port: int) -> AsyncIterator[Any]:
+    await apply_site(store)
+    a = await FakeAgent(store, "asm-a", "asm").up()
+    b = await FakeAgent(store, "asm-b", "asm").up()
+    await a.become_active()
+    await a.publish(SERVICE, port, "postgresql")
+    async with (
+        registry_in_process(etcd.url) as url,
+        Resolver(url, request_timeout_s=0.5) as resolver,
+        PgAdapter(
+            resolver,
+            SERVICE,
+            user="postgres",
+            dbname="postgres",
+            deadline_s=5.0,
+            backoff=Backoff(initial_s=0.02, max_s=0.2),
+        ) as pg,
+    ):
+        yield pg, a, b
+
+
+async def move(old: FakeAgent, new: FakeAgent, port: int) -> None:
+    """The active crashes, the other node takes the database endpoint."""
+    await old.crash()
+    await old.up()
+    await new.become_active()
+    await new.publish(SERVICE, port, "postgresql")
+
+
+async def server_address(conn: psycopg.AsyncConnection[Any]) -> str:
+    cur = await conn.execute("SELECT host(inet_server_addr())")
+    row = await cur.fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+async def test_pg_connection_follows_the_database_endpoint(
+    etcd: Etcd, store: Store, postgres: int
+) -> None:
+    async with database(etcd, store, postgres) as (pg, a, b):
+        assert await pg.run(server_address) == "127.0.0.11"
+        first = await pg.connection()
+
+        # An idle connection to the old endpoint is closed the moment it moves.
+        await move(a, b, postgres)
+        await until(lambda: _closed(first), "the old connection closed")
+        assert await pg.run(server_address) == "127.0.0.12"
+
+        # A query running when it moves is left to finish; the next use moves.
+        async def slow(conn: psycopg.AsyncConnection[Any]) -> str:
+            await conn.execute("SELECT pg_sleep(0.5)")
+            return await server_address(conn)
+
+        busy = await pg.connection()
+        running = asyncio.create_task(pg.run(slow))
+        await asyncio.sleep(0.15)
+        await move(b, a, postgres)
+        assert await running == "127.0.0.12"
+        assert await pg.run(server_address) == "127.0.0.11"
+        assert busy.closed
+
+
+async def _closed(conn: psycopg.AsyncConnection[Any]) -> bool:
+    return conn.closed
+
+
+async def test_pg_run_goes_on_when_the_server_drops_the_connection(
+    etcd: Etcd, store: Store, postgres: int
+) -> None:
+    async with database(etcd, store, postgres) as (pg, _, _):
+
+        async def backend_pid(conn: psycopg.AsyncConnection[Any]) -> int:
+            cur = await conn.execute("SELECT pg_backend_pid()")
+            row = await cur.fetchone()
+            assert row is not None
+            return int(row[0])
+
+        pid = await pg.run(backend_pid)
+        async with await psycopg.AsyncConnection.connect(
+            host=ADDRESSES[0], port=postgres, user="postgres", dbname="postgres", autocommit=True
+        ) as admin:
+            await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        # The first use finds the connection dead and runs the work again on a new one.
+        started = time.monotonic()
+        assert await pg.run(backend_pid) != pid
+        assert time.monotonic() - started < 1.0
+
+
+async def test_pg_deadline_when_the_database_is_not_there(etcd: Etcd, store: Store) -> None:
+    await apply_site(store)
+    a = await FakeAgent(store, "asm-a", "asm").up()
+    await a.become_active()
+    await a.publish(SERVICE, port_free_on_both(), "postgresql")
+    async with (
+        registry_in_process(etcd.url) as url,
+        Resolver(url) as resolver,
+        PgAdapter(resolver, SERVICE, user="postgres", deadline_s=0.5) as pg,
+    ):
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match=r"last tried asm-a at 127\.0\.0\.11:.*refused"):
+            await pg.connection()
+        assert time.monotonic() - started < 1.5

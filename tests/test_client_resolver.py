@@ -1,0 +1,356 @@
+"""The resolver against real registries over a real etcd, and against a fake registry
+that sends garbage."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from harness import Etcd, free_port
+from site_records import FakeAgent, apply_site
+from test_client_support import registry_in_process, until
+
+from shared.client import (
+    Endpoint,
+    RegistryUnavailable,
+    Resolver,
+    ServiceUnavailable,
+    UnknownService,
+)
+from shared.store import Store
+
+
+def fast(registries: str | list[str], **options: Any) -> Resolver:
+    """A resolver with short timeouts, for tests."""
+    return Resolver(registries, request_timeout_s=0.5, stream_idle_s=2.0, **options)
+
+
+async def active_pair(store: Store) -> tuple[FakeAgent, FakeAgent]:
+    await apply_site(store)
+    a = await FakeAgent(store, "asm-a", "asm").up()
+    b = await FakeAgent(store, "asm-b", "asm").up()
+    await a.become_active()
+    await a.publish("mes-api", 8080)
+    return a, b
+
+
+async def move(a: FakeAgent, b: FakeAgent, port: int = 8080) -> int:
+    """The active crashes; the other takes over and publishes: the new epoch."""
+    await a.crash()
+    epoch = await b.become_active()
+    await b.publish("mes-api", port)
+    return epoch
+
+
+async def next_of(endpoints: AsyncIterator[Endpoint], deadline_s: float = 3.0) -> Endpoint:
+    async with asyncio.timeout(deadline_s):
+        return await anext(endpoints)
+
+
+async def test_resolve_answers_200_503_404(etcd: Etcd, store: Store) -> None:
+    await apply_site(store)
+    async with registry_in_process(etcd.url) as url, fast(url) as resolver:
+        with pytest.raises(ServiceUnavailable, match="pair asm has no active node"):
+            await resolver.resolve("mes-api")
+        with pytest.raises(UnknownService, match="unknown service 'nope'"):
+            await resolver.resolve("nope")
+
+        a = await FakeAgent(store, "asm-a", "asm").up()
+        epoch = await a.become_active()
+
+        async def publish_soon() -> None:
+            await asyncio.sleep(0.2)
+            await a.publish("mes-api", 8080)
+
+        publishing = asyncio.create_task(publish_soon())
+        # A long-poll: the answer comes the moment the endpoint is published.
+        got = await resolver.resolve("mes-api", wait_s=3.0)
+        await publishing
+        assert got == Endpoint("mes-api", "asm", "asm-a", "127.0.0.11", 8080, "http", epoch)
+        assert not got.stale and got.address == "127.0.0.11:8080"
+        assert got.url() == "http://127.0.0.11:8080"
+
+
+@pytest.mark.parametrize("transport", ["sse", "poll"])
+async def test_watch_yields_each_new_endpoint_at_once(
+    etcd: Etcd, store: Store, transport: Any
+) -> None:
+    a, b = await active_pair(store)
+    async with (
+        registry_in_process(etcd.url) as url,
+        fast(url, transport=transport) as resolver,
+    ):
+        async with contextlib.aclosing(resolver.watch("mes-api")) as endpoints:
+            first = await next_of(endpoints)
+            assert first.node == "asm-a"
+            epoch = await move(a, b)
+            loop = asyncio.get_running_loop()
+            published = loop.time()
+            second = await next_of(endpoints)
+            assert (second.node, second.epoch) == ("asm-b", epoch)
+            assert second.epoch > first.epoch
+            assert loop.time() - published < 0.5
+            if transport == "sse":
+                # The same epoch at another port (a topology change) is news too. A
+                # long-poll only wakes for a higher epoch: it learns this at its next
+                # poll, or when a connection to the old port fails (a lookup then).
+                await b.publish("mes-api", 8081)
+                second = await next_of(endpoints)
+                assert (second.port, second.epoch) == (8081, epoch)
+        state = resolver.state("mes-api")
+        assert state.status == 200 and not state.stale and state.endpoint == second
+
+
+async def test_unknown_service_fails_watch_at_once(etcd: Etcd, store: Store) -> None:
+    await active_pair(store)
+    async with registry_in_process(etcd.url) as url, fast(url) as resolver:
+        with pytest.raises(UnknownService):
+            await next_of(resolver.watch("nope"))
+
+
+async def test_last_endpoint_kept_stale_while_no_registry_answers(
+    etcd: Etcd, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = await active_pair(store)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    resolver = fast(url)
+    try:
+        async with _registry_on(etcd.url, port):
+            seen = await resolver.resolve("mes-api")
+        with pytest.raises(RegistryUnavailable, match="no registry answered"):
+            await resolver.resolve("scada")  # never seen: nothing to fall back on
+        stale = await resolver.resolve("mes-api")
+        assert stale == seen and stale.stale
+        assert resolver.current("mes-api") == seen
+        assert resolver.state("mes-api").stale
+        assert "keeping the last endpoint, marked stale" in caplog.text
+
+        # While following, the stale mark comes and goes with the registries.
+        async with resolver.following("mes-api"), _registry_on(etcd.url, port):
+            await until(
+                lambda: asyncio.sleep(0, not resolver.state("mes-api").stale), "fresh again"
+            )
+            epoch = await move(a, b)
+            fresh = await resolver.newer("mes-api", seen, 3.0)
+            assert fresh is not None and fresh.epoch == epoch and not fresh.stale
+    finally:
+        await resolver.close()
+
+
+@contextlib.asynccontextmanager
+async def _registry_on(etcd_url: str, port: int) -> AsyncIterator[None]:
+    """An in-process registry on a given port (to bring "the same" registry back)."""
+    from registry.app import create_app
+    from registry.appkeys import RegistryConfig
+
+    runner = web.AppRunner(create_app(etcd_url, RegistryConfig(heartbeat_s=0.5)))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
+    try:
+        await until(lambda: _synced(port), "registry in sync")
+        yield
+    finally:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(runner.cleanup(), 3.0)
+
+
+async def _synced(port: int) -> bool:
+    from aiohttp import ClientSession
+
+    async with ClientSession() as s, s.get(f"http://127.0.0.1:{port}/healthz") as r:
+        return r.status == 200
+
+
+# ---- garbage from a registry --------------------------------------------------------
+
+
+def endpoint_json(epoch: int, port: Any = 8080, **change: Any) -> dict[str, Any]:
+    body = {
+        "service": "mes-api",
+        "pair": "asm",
+        "node": "asm-a" if port == 8080 else "asm-b",
+        "host": "127.0.0.11",
+        "port": port,
+        "protocol": "http",
+        "epoch": epoch,
+    }
+    return {**body, **change}
+
+
+class FakeRegistry:
+    """Answers lookups from a script (the last entry repeats) and streams given chunks."""
+
+    def __init__(self, stream: bool = True) -> None:
+        self.has_stream = stream
+        self.answers: list[tuple[int, bytes]] = []
+        self.stream: list[bytes] = []
+        self.lookups = 0
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    def answer(self, status: int, body: Any) -> None:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.answers.append((status, raw))
+
+    async def _lookup(self, request: web.Request) -> web.Response:
+        self.lookups += 1
+        status, body = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        return web.Response(status=status, body=body, content_type="application/json")
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for chunk in self.stream:
+            await resp.write(chunk)
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(3600)
+        return resp
+
+    async def __aenter__(self) -> FakeRegistry:
+        app = web.Application()
+        app.router.add_get("/v1/endpoints/{service}", self._lookup)
+        if self.has_stream:
+            app.router.add_get("/v1/events", self._events)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        f"{r.getMessage()} {getattr(r, 'fields', {}).get('problem', '')}"
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.name == "hapair.client"
+    ]
+
+
+async def test_garbage_lookups_are_ignored_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with FakeRegistry() as fake, fast(fake.url) as resolver:
+        fake.answer(200, endpoint_json(10))
+        first = await resolver.resolve("mes-api")
+        assert first.epoch == 10 and not first.stale
+        garbage = [
+            (200, endpoint_json(7, port=9999), "epoch 7 is older than epoch 10"),
+            (200, b"{not json", "not JSON"),
+            (500, {"error": "boom"}, "HTTP 500"),
+            (200, endpoint_json(11, port="8080"), "port: Input should be a valid integer"),
+            (200, endpoint_json(11, service="other"), "got an endpoint of 'other'"),
+            (503, {"no": "reason"}, "HTTP 503 without a reason"),
+        ]
+        for status, body, problem in garbage:
+            caplog.clear()
+            fake.answers = []
+            fake.answer(status, body)
+            got = await resolver.resolve("mes-api")
+            # Never returned: the caller keeps the last good one, marked stale.
+            assert got == first and got.stale, problem
+            assert any(problem in w for w in warnings_of(caplog)), (problem, warnings_of(caplog))
+        fake.answers = []
+        fake.answer(200, endpoint_json(12, port=8081))
+        assert (await resolver.resolve("mes-api")).epoch == 12
+
+
+async def test_garbage_goes_to_the_next_registry(
+    etcd: Etcd, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    await active_pair(store)
+    async with (
+        FakeRegistry() as fake,
+        registry_in_process(etcd.url) as good,
+        fast([fake.url, good]) as resolver,
+    ):
+        fake.answer(500, b"<html>Internal Server Error</html>")
+        got = await resolver.resolve("mes-api")
+        assert got.node == "asm-a" and not got.stale
+        assert any("HTTP 500" in w for w in warnings_of(caplog))
+        # The good registry is asked first from now on.
+        fake.lookups = 0
+        await resolver.resolve("mes-api")
+        assert fake.lookups == 0
+
+
+def sse(data: Any, kind: str = "endpoint") -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data)
+    return f"event: {kind}\nid: 1\ndata: {text}\n\n".encode()
+
+
+async def test_garbage_in_the_event_stream_is_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    async with FakeRegistry() as fake, fast(fake.url) as resolver:
+        fake.answer(503, {"error": "pair asm has no active node"})
+        fake.stream = [
+            b"retry: 1000\n\n: heartbeat\n\n",
+            sse({**endpoint_json(10), "status": 200}),
+            sse("{broken"),
+            sse({**endpoint_json(7, port=9999), "status": 200}),
+            sse({**endpoint_json(11, port=-1), "status": 200}),
+            sse({"service": "mes-api", "status": "200"}),
+            sse({"topology": "whatever"}, kind="topology"),
+            sse({**endpoint_json(12, port=8081), "status": 200}),
+        ]
+        seen: list[Endpoint] = []
+        async with contextlib.aclosing(resolver.watch("mes-api")) as endpoints:
+            async for endpoint in endpoints:
+                seen.append(endpoint)
+                if endpoint.epoch >= 12:
+                    break
+        assert [(e.epoch, e.port) for e in seen] == [(10, 8080), (12, 8081)]
+        problems = " | ".join(warnings_of(caplog))
+        assert "Expecting property name" in problems  # the broken JSON
+        assert "epoch 7 is older than epoch 10" in problems
+        assert "port: Input should be greater than or equal to 1" in problems
+        assert "status: Input should be a valid integer" in problems
+
+
+async def test_long_poll_garbage_is_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    async with (
+        FakeRegistry() as fake,
+        fast(fake.url, transport="poll", poll_wait_s=0.2) as resolver,
+    ):
+        fake.answer(200, endpoint_json(10))
+        fake.answer(200, endpoint_json(9, port=9999))
+        fake.answer(500, b"oops")
+        fake.answer(200, b"\x00\x01")
+        fake.answer(200, endpoint_json(12, port=8081))
+        seen: list[int] = []
+        async with contextlib.aclosing(resolver.watch("mes-api")) as endpoints:
+            async for endpoint in endpoints:
+                seen.append(endpoint.epoch)
+                if endpoint.epoch >= 12:
+                    break
+        assert seen == [10, 12]
+        problems = " | ".join(warnings_of(caplog))
+        assert "epoch 9 is older than epoch 10" in problems and "HTTP 500" in problems
+        assert "not JSON" in problems
+
+
+async def test_falls_back_to_long_poll_where_there_is_no_stream(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "hapair.client")
+    async with (
+        FakeRegistry(stream=False) as fake,
+        fast(fake.url, poll_wait_s=0.2) as resolver,
+    ):
+        fake.answer(200, endpoint_json(10))
+        fake.answer(200, endpoint_json(11, port=8081))
+        async with contextlib.aclosing(resolver.watch("mes-api")) as endpoints:
+            assert (await next_of(endpoints)).epoch == 10
+            assert (await next_of(endpoints)).epoch == 11
+        assert "registry has no event stream; long-polling it" in caplog.text
+        assert fake.lookups >= 2

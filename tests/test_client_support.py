@@ -1,0 +1,205 @@
+"""Helpers for the client library's tests: registries (in-process or as processes),
+small servers on the fake nodes' addresses, and waiting with deadlines.
+
+No tests here; the other ``test_client_*`` and ``test_proxy*`` modules import it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import ClientSession, web
+from harness import ROOT, free_port
+
+from registry.app import create_app
+from registry.appkeys import RegistryConfig
+
+T = TypeVar("T")
+DEADLINE_S = 5.0
+BIN = Path(sys.executable).parent
+
+
+async def until(
+    probe: Callable[[], Awaitable[T | None]], what: str, deadline_s: float = DEADLINE_S
+) -> T:
+    """Await ``probe`` until it returns something truthy; fail naming ``what``."""
+    last: object = None
+    try:
+        async with asyncio.timeout(deadline_s):
+            while True:
+                try:
+                    result = await probe()
+                except Exception as err:  # a server may still be starting
+                    last = err
+                else:
+                    if result:
+                        return result
+                    last = result
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(
+            f"timed out after {deadline_s} s waiting for {what} (last: {last!r})"
+        ) from None
+
+
+async def _healthy(url: str) -> bool:
+    async with ClientSession() as s, s.get(f"{url}/healthz") as resp:
+        return resp.status == 200
+
+
+@contextlib.asynccontextmanager
+async def registry_in_process(etcd_url: str, heartbeat_s: float = 0.5) -> AsyncIterator[str]:
+    """A registry app on a free port in this process; yields its URL once in sync."""
+    runner = web.AppRunner(
+        create_app(etcd_url, RegistryConfig(heartbeat_s=heartbeat_s)),
+        access_log=None,
+        shutdown_timeout=0.5,
+    )
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await until(lambda: _healthy(url), "the registry to sync with etcd")
+        yield url
+    finally:
+        # Bounded: cancelling the registry's etcd watch can hang inside grpc.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(runner.cleanup(), 3.0)
+
+
+class RegistryProcess:
+    """``hapair-registry`` as a process of its own, to be killed like a real one."""
+
+    def __init__(self, etcd_url: str) -> None:
+        self.etcd_url = etcd_url
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> RegistryProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            str(BIN / "hapair-registry"),
+            "--etcd",
+            self.etcd_url,
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--log-level",
+            "warning",
+            cwd=ROOT,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        await until(lambda: _healthy(self.url), f"registry on {self.url}", 15)
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGKILL)
+
+    async def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except TimeoutError:
+                self.proc.send_signal(signal.SIGKILL)
+                await self.proc.wait()
+        self.proc = None
+
+
+@contextlib.asynccontextmanager
+async def registry_processes(etcd_url: str, count: int) -> AsyncIterator[list[RegistryProcess]]:
+    procs = [RegistryProcess(etcd_url) for _ in range(count)]
+    try:
+        await asyncio.gather(*(p.start() for p in procs))
+        yield procs
+    finally:
+        for p in procs:
+            await p.stop()
+
+
+class NodeServer:
+    """A TCP server on a fake node's address: answers each line with ``NODE LINE``, so
+    a test sees which node served it, and can drop every open connection."""
+
+    def __init__(self, name: str, host: str, port: int) -> None:
+        self.name, self.host, self.port = name, host, port
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> NodeServer:
+        self.server = await asyncio.start_server(self._serve, self.host, self.port)
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        try:
+            while line := await reader.readline():
+                writer.write(self.name.encode() + b" " + line)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.writers.discard(writer)
+            writer.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for w in list(self.writers):
+                w.transport.abort()
+            await self.server.wait_closed()
+            self.server = None
+
+
+class NodeHttp:
+    """An HTTP server on a fake node's address that answers ``{"node": NAME}``;
+    ``?slow=NAME`` makes that node take two seconds."""
+
+    def __init__(self, name: str, host: str, port: int) -> None:
+        self.name, self.host, self.port = name, host, port
+        self.runner: web.AppRunner | None = None
+        self.hits = 0
+
+    async def start(self) -> NodeHttp:
+        async def hello(request: web.Request) -> web.Response:
+            self.hits += 1
+            if request.query.get("slow") == self.name:
+                await asyncio.sleep(2.0)
+            return web.json_response({"node": self.name})
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", hello)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, self.host, self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+def env_with_root() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def elapsed_since(start: float) -> float:
+    return time.monotonic() - start
+
+
+def scrub(records: list[Any]) -> list[str]:
+    """The messages and fields of log records, one string each, for assertions."""
+    return [f"{r.getMessage()} {getattr(r, 'fields', {})}" for r in records]

@@ -1,0 +1,663 @@
+"""``hapair top``: the screen for recorded site states, the keys, and against real registries.
+
+The screen is rendered to text with rich's recording console at 80x24 and checked for
+what an operator must see; one acknowledgement goes from the keys through a real
+registry into etcd; the dashboard follows registries that go away; and the command
+itself runs in a pseudo-terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import io
+import os
+import struct
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from cluster import until
+from harness import Etcd, free_port, stop_pid
+from rich.console import Console
+from site_records import FakeAgent, apply_site
+
+from registry import cli
+from registry.app import create_app
+from registry.appkeys import CACHE, RegistryConfig
+from registry.status import ago
+from registry.top.control import Top, handle, parse_keys
+from registry.top.feed import Request, SiteFeed, outcome, split_urls
+from registry.top.state import NOTICE_S, Connection, Notice, Selection, pairs_of
+from registry.top.view import clock, render
+from shared import keys, records
+from shared.report import (
+    EventReport,
+    NodeReport,
+    Note,
+    PairReport,
+    RecoveryReport,
+    ServiceReport,
+    SiteReport,
+    WorkshopReport,
+)
+from shared.store import Store
+
+NOW = 1_700_000_000.0
+LIVE = Connection(url="http://reg-1:8700", live=True, since=NOW - 60, read_at=NOW - 0.5)
+HAPAIR = str(Path(sys.executable).parent / "hapair")
+
+# ---- a recorded site of 20 pairs ----------------------------------------------------------
+
+
+def node(
+    name: str,
+    role: str = "standby",
+    *,
+    up: bool = True,
+    healthy: bool = True,
+    problems: tuple[str, ...] = (),
+    services: tuple[tuple[str, str, int], ...] = (),
+) -> NodeReport:
+    return NodeReport(
+        name=name,
+        address="10.0.0.1",
+        up=up,
+        role=role if up else "down",
+        healthy=healthy if up else None,
+        problems=list(problems),
+        services=[ServiceReport(name=n, state=s, restarts=r) for n, s, r in services],
+    )
+
+
+def pair(i: int) -> PairReport:
+    name = f"p{i:02d}"
+    return PairReport(
+        name=name,
+        active=f"{name}-a",
+        epoch=1000 + i,
+        since=NOW - 125,
+        nodes=[
+            node(f"{name}-a", "active", services=(("mes", "running", 0), ("batch", "running", 2))),
+            node(f"{name}-b"),
+        ],
+    )
+
+
+def site20() -> SiteReport:
+    """Four workshops of five pairs; p03 awaits an operator, p05 is paused, p07 has no
+    active (one node down, the other unhealthy), p09 has three nodes."""
+    pairs = [pair(i) for i in range(20)]
+    pairs[3] = pairs[3].model_copy(
+        update={
+            "active": "p03-b",
+            "nodes": [
+                node("p03-a"),
+                node("p03-b", "active", services=(("mes", "running", 0), ("batch", "held", 0))),
+            ],
+            "recovery": RecoveryReport(
+                epoch=1003,
+                cause="lease of p03-a expired",
+                from_node="p03-a",
+                to_node="p03-b",
+                held=["batch"],
+                state="awaiting",
+                at=NOW - 42,
+            ),
+        }
+    )
+    pairs[5] = pairs[5].model_copy(
+        update={"paused": Note(by="op@host", at=NOW - 300, reason="firmware update")}
+    )
+    pairs[7] = pairs[7].model_copy(
+        update={
+            "active": None,
+            "epoch": None,
+            "since": None,
+            "nodes": [
+                node("p07-a", up=False),
+                node("p07-b", healthy=False, problems=("disk full",)),
+            ],
+        }
+    )
+    pairs[9] = pairs[9].model_copy(
+        update={
+            "nodes": [
+                *pairs[9].nodes[:1],
+                node("p09-b", healthy=False, problems=("disk full",)),
+                node("p09-c"),
+            ]
+        }
+    )
+    events = [
+        EventReport(
+            kind="election",
+            at=NOW - 600 + i,
+            pair=f"p{i:02d}",
+            node=f"p{i:02d}-a",
+            epoch=1000 + i,
+            reason=f"cause {i}",
+        )
+        for i in range(20)
+    ]
+    return SiteReport(
+        site="plant-1",
+        revision=4242,
+        workshops=[WorkshopReport(name=f"ws{w}", pairs=pairs[w * 5 : w * 5 + 5]) for w in range(4)],
+        events=events,
+    )
+
+
+def screen(
+    report: SiteReport | None,
+    conn: Connection = LIVE,
+    sel: Selection | None = None,
+    now: float = NOW,
+    width: int = 80,
+    height: int = 24,
+) -> list[str]:
+    console = Console(record=True, width=width, height=height, file=io.StringIO())
+    console.print(render(report, conn, now, sel or Selection()))
+    return console.export_text().splitlines()
+
+
+def line_with(lines: list[str], *parts: str) -> str:
+    found = [line for line in lines if all(p in line for p in parts)]
+    assert found, f"no line with {parts} in:\n" + "\n".join(lines)
+    return found[0]
+
+
+# ---- the screen ---------------------------------------------------------------------------
+
+
+def test_the_site_fits_80x24_with_alarms_first() -> None:
+    lines = screen(site20())
+    assert len(lines) == 24
+    assert max(len(line) for line in lines) <= 80
+    assert "plant-1" in lines[0] and "LIVE" in lines[0] and clock(NOW) in lines[0]
+    assert "AWAITING OPERATOR: p03" in lines[1]
+    assert "PAUSED: p05" in lines[1] and "NO ACTIVE: p07" in lines[1]
+    assert line_with(lines, "PAIR", "ACTIVE", "EPOCH", "FOR", "STATE")
+    row = line_with(lines, "> p00")  # the selected pair is marked
+    assert row.split() == [">", "p00", "p00-a", "1000", "2m05s", "p00-b:stby", "2/2", "ok"]
+    assert line_with(lines, "p03", "p03-b", "1003", "AWAITING OPERATOR")
+    assert line_with(lines, "workshop ws0")
+    assert "pairs 1-" in lines[-1] and "/20" in lines[-1] and "a: ack" in lines[-1]
+
+
+def test_pages_keep_the_selected_pair_on_screen_and_cover_the_site() -> None:
+    report = site20()
+    seen: set[str] = set()
+    for _, p in pairs_of(report):
+        lines = screen(report, sel=Selection(pair=p.name))
+        assert len(lines) == 24
+        assert line_with(lines, f"> {p.name} ")
+        assert line_with(lines, f"─ {p.name}  workshop")  # its detail
+        seen |= {w for line in lines for w in line.split() if w.startswith("p") and len(w) == 3}
+    assert {p.name for _, p in pairs_of(report)} <= seen
+
+
+def test_selected_pair_awaiting_operator_in_detail() -> None:
+    lines = screen(site20(), sel=Selection(pair="p03"))
+    words = " ".join(" ".join(lines).split())
+    assert (
+        "AWAITING OPERATOR lease of p03-a expired, 42s ago: p03-a -> p03-b; held: batch; "
+        "press a to acknowledge epoch 1003"
+    ) in words
+    assert line_with(lines, "p03-b", "active", "healthy", "mes running", "batch held")
+    assert line_with(lines, "p03-a", "standby", "healthy")
+
+
+def test_nodes_health_roles_services_and_restart_counts() -> None:
+    lines = screen(site20(), sel=Selection(pair="p07"))
+    assert line_with(lines, "p07", "NONE", "p07-a:DOWN", "NO ACTIVE")
+    assert line_with(lines, "p07-a", "down")
+    assert line_with(lines, "p07-b", "standby", "UNHEALTHY", "disk full")
+    lines = screen(site20(), sel=Selection(pair="p01"))
+    assert line_with(lines, "p01-a", "active", "healthy", "batch running (2 restarts)")
+    lines = screen(site20(), sel=Selection(pair="p09"))
+    assert line_with(lines, "> p09", "p09-b:stby! p09-c:stby ")  # ! = unhealthy
+    assert line_with(lines, "p09-b", "standby", "UNHEALTHY · disk full")
+    assert line_with(lines, "p09-c", "standby", "healthy")
+
+
+def test_paused_pair_in_detail() -> None:
+    lines = screen(site20(), sel=Selection(pair="p05"))
+    assert line_with(lines, "p05", "PAUSED")
+    assert line_with(
+        lines, "PAUSED", "by op@host 5m00s ago: firmware update; no automatic failover"
+    )
+
+
+def test_recent_events_newest_first_with_their_causes() -> None:
+    lines = screen(site20())
+    head = lines.index(line_with(lines, "recent events, newest first"))
+    newest = lines[head + 1]
+    assert newest.startswith(clock(NOW - 600 + 19))
+    assert "election pair=p19 node=p19-a epoch=1019 cause 19" in newest
+    assert "cause 18" in lines[head + 2]
+
+
+def test_a_lost_registry_shows_since_when_and_nothing_as_current() -> None:
+    lost = Connection(
+        url="http://reg-2:8700",
+        live=False,
+        since=NOW - 35,
+        error="cannot reach the registry at http://reg-2:8700",
+        read_at=NOW - 36,
+    )
+    lines = screen(site20(), lost)
+    assert "LIVE" not in "\n".join(lines)
+    assert f"DISCONNECTED  since {clock(NOW - 35)} (35s ago)" in lines[0]
+    assert lines[1].startswith(f"NOT CURRENT (read {clock(NOW - 36)}, 36s ago): cannot reach")
+    # Ages are those of when the state was read, not grown as if it were still true.
+    assert line_with(lines, "p00", "p00-a", "1000", ago(125 - 36))
+
+
+def test_a_silent_registry_is_not_shown_as_current() -> None:
+    silent = Connection(url="http://reg-1:8700", live=True, since=NOW - 60, read_at=NOW - 5)
+    lines = screen(site20(), silent)
+    assert "DISCONNECTED" in lines[0] and "LIVE" not in lines[0]
+    assert lines[1].endswith("): no answer from http://reg-1:8700")
+
+
+def test_before_any_registry_answers() -> None:
+    lines = screen(None, Connection(url="http://reg-1:8700"))
+    assert "connecting to http://reg-1:8700" in lines[0]
+    assert line_with(lines, "waiting for the site state")
+    lost = Connection(url="http://reg-1:8700", since=NOW - 3, error="cannot reach it")
+    lines = screen(None, lost)
+    assert "DISCONNECTED" in lines[0] and lines[1] == "cannot reach it"
+
+
+def test_prompt_and_notice_in_the_footer() -> None:
+    report = site20()
+    sel, _ = handle(Selection(pair="p03"), "a", report, LIVE, NOW)
+    lines = screen(report, sel=sel)
+    assert lines[-1].strip() == (
+        "Acknowledge the recovery of p03 at epoch 1003: start batch on p03-b? [y/N]"
+    )
+    assert sel.prompt is not None
+    long = replace(sel.prompt, what=sel.prompt.what.replace("batch", "batch-with-a-long-name " * 4))
+    footer = screen(report, sel=replace(sel, prompt=long))[-1]
+    assert footer.startswith(" Acknowledge the recovery of p03 at epoch 1003: start batch")
+    assert footer.rstrip().endswith("…? [y/N]") and len(footer) <= 80
+    done = Selection(pair="p03", notice=Notice("recovery of p03 acknowledged", True, NOW - 1))
+    assert screen(report, sel=done)[-2] == "recovery of p03 acknowledged"
+    assert "recovery of p03" not in "\n".join(screen(report, sel=done, now=NOW + NOTICE_S))
+
+
+def test_a_bigger_terminal_shows_every_pair_at_once() -> None:
+    lines = screen(site20(), width=120, height=44)
+    assert len(lines) == 44
+    assert "pairs 1-20/20" in lines[-1]
+    assert line_with(lines, "p19", "p19-a")
+
+
+# ---- keys -----------------------------------------------------------------------------------
+
+
+def test_parse_keys() -> None:
+    assert parse_keys(b"jk\x1b[A\x1b[B\x1bOB\x1b[5~\x1b[6~q") == [
+        "j",
+        "k",
+        "up",
+        "down",
+        "down",
+        "pgup",
+        "pgdn",
+        "q",
+    ]
+    assert parse_keys(b"\x1b") == ["esc"]
+    assert parse_keys(b"\x1b[1;5Ca\t") == ["a", "tab"]  # unknown sequence skipped whole
+
+
+def test_moving_the_selection() -> None:
+    report = site20()
+
+    def after(keys: str, start: str | None = None) -> str | None:
+        sel = Selection(pair=start)
+        for key in keys.split():
+            sel, effect = handle(sel, key, report, LIVE, NOW, page=8)
+            assert effect is None
+        return sel.pair
+
+    assert after("down") == "p01"
+    assert after("j j k") == "p01"
+    assert after("up") == "p00"
+    assert after("pgdn pgdn") == "p16"
+    assert after("end") == "p19"
+    assert after("down", "p19") == "p19"
+    assert after("home", "p12") == "p00"
+
+
+def test_ack_asks_first_and_names_the_epoch_shown() -> None:
+    report = site20()
+    sel, effect = handle(Selection(pair="p01"), "a", report, LIVE, NOW)
+    assert effect is None and sel.prompt is None
+    assert sel.notice is not None and "p01 has no recovery awaiting an operator" in sel.notice.text
+    sel, effect = handle(Selection(pair="p03"), "a", report, LIVE, NOW)
+    assert effect is None and sel.prompt is not None and sel.prompt.epoch == 1003
+    no, effect = handle(sel, "n", report, LIVE, NOW)
+    assert effect is None and no.prompt is None
+    assert no.notice is not None and "cancelled: nothing sent" in no.notice.text
+    yes, effect = handle(sel, "y", report, LIVE, NOW)
+    assert effect == Request("ack", "p03", {"epoch": 1003})
+    assert yes.prompt is None and yes.sending == "ack of p03"
+    quit_, effect = handle(sel, "q", report, LIVE, NOW)
+    assert effect is None and quit_.prompt is None  # q answers "no", it does not quit
+    assert handle(Selection(), "q", report, LIVE, NOW)[1] == "quit"
+
+
+def test_switchover_asks_first_and_offers_the_ready_standby_first() -> None:
+    report = site20()
+    sel, _ = handle(Selection(pair="p09"), "s", report, LIVE, NOW)
+    assert sel.prompt is not None
+    assert sel.prompt.what == "Switch p09 over from p09-a to p09-c"  # p09-b is unhealthy
+    assert sel.prompt.targets == ("p09-c", "p09-b")
+    other, _ = handle(sel, "t", report, LIVE, NOW)
+    assert other.prompt is not None and other.prompt.to == "p09-b"
+    assert "(p09-b is not a ready standby)" in other.prompt.what
+    assert handle(other, "y", report, LIVE, NOW)[1] == Request("switchover", "p09", {"to": "p09-b"})
+    sel, effect = handle(Selection(pair="p07"), "s", report, LIVE, NOW)
+    assert effect is None and sel.notice is not None
+    assert "no active node" in sel.notice.text
+
+
+def test_nothing_is_sent_while_not_connected() -> None:
+    lost = Connection(url="http://reg-1:8700", since=NOW - 3, read_at=NOW - 4)
+    for key in ("a", "s"):
+        sel, effect = handle(Selection(pair="p03"), key, site20(), lost, NOW)
+        assert effect is None and sel.prompt is None
+        assert sel.notice is not None and "not connected" in sel.notice.text
+
+
+def test_outcome_sentences() -> None:
+    ack = Request("ack", "asm", {"epoch": 7})
+    body = b'{"pair":"asm","recovery":{"epoch":7,"held":["batch"],"to_node":"asm-b"}}'
+    assert outcome(ack, 200, body) == (
+        True,
+        "recovery of asm at epoch 7 acknowledged: batch starting on asm-b",
+    )
+    refused = b'{"error":"pair asm awaits an acknowledgement for epoch 9, not 7: refused"}'
+    ok, text = outcome(ack, 409, refused)
+    assert not ok and text == (
+        "ack of asm refused (HTTP 409): pair asm awaits an acknowledgement for epoch 9, "
+        "not 7: refused"
+    )
+    assert outcome(ack, 502, b"<html>")[1] == "ack of asm refused (HTTP 502): <html>"
+    assert split_urls(" http://a:1/, ,http://b:2") == ["http://a:1", "http://b:2"]
+
+
+# ---- against real registries --------------------------------------------------------------
+
+
+class Registry:
+    """A registry in this process on a free port, started and stopped at will."""
+
+    def __init__(self, etcd_url: str) -> None:
+        self.app = create_app(etcd_url, RegistryConfig(heartbeat_s=0.5))
+        self.runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=1.0)
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.running = False
+
+    async def start(self, wait_synced: bool = True) -> str:
+        await self.runner.setup()
+        self.running = True
+        await web.TCPSite(self.runner, "127.0.0.1", int(self.url.rsplit(":", 1)[1])).start()
+        if wait_synced:
+            await until(self._synced, 5, f"the registry at {self.url} in step with etcd")
+        return self.url
+
+    async def _synced(self) -> bool:
+        return self.app[CACHE].synced
+
+    async def stop(self) -> None:
+        if self.running:
+            self.running = False
+            await self.runner.cleanup()
+
+
+@pytest.fixture
+async def registries(etcd: Etcd) -> AsyncIterator[list[Registry]]:
+    """Append registries to the list; all are stopped at the end."""
+    started: list[Registry] = []
+    try:
+        yield started
+    finally:
+        for r in started:
+            await r.stop()
+
+
+async def start_registry(
+    registries: list[Registry], etcd_url: str, wait_synced: bool = True
+) -> Registry:
+    r = Registry(etcd_url)
+    registries.append(r)
+    await r.start(wait_synced)
+    return r
+
+
+async def recovering_pair(store: Store) -> int:
+    """asm-b took over from asm-a, holding ``worker``: the recovery awaits an operator."""
+    await apply_site(store)
+    await FakeAgent(store, "asm-a", "asm").up()
+    b = await FakeAgent(store, "asm-b", "asm").up()
+    epoch = await b.become_active()
+    rec = records.Recovery(
+        epoch=epoch,
+        cause="lease of asm-a expired",
+        from_node="asm-a",
+        to_node="asm-b",
+        held=["worker"],
+    )
+    await store.put(keys.recovery("asm"), rec.encode())
+    return epoch
+
+
+@contextlib.asynccontextmanager
+async def following(top: Top) -> AsyncIterator[Top]:
+    task = asyncio.create_task(top.follow())
+    try:
+        yield top
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def text_of(top: Top) -> str:
+    console = Console(record=True, width=80, height=24, file=io.StringIO())
+    console.print(top.frame())
+    return console.export_text()
+
+
+async def test_ack_from_the_keys_through_a_real_registry(
+    store: Store, etcd: Etcd, registries: list[Registry]
+) -> None:
+    epoch = await recovering_pair(store)
+    url = (await start_registry(registries, etcd.url)).url
+    async with following(Top(SiteFeed([url], tick_s=0.2))) as top:
+
+        async def shown() -> bool:
+            rep = top.report
+            return bool(top.connection.live and rep and rep.workshops[0].pairs[0].recovery)
+
+        await until(shown, 5, "the recovery on the dashboard")
+        assert "AWAITING OPERATOR: asm" in text_of(top)
+        assert top.press("a") is None
+        question = f"recovery of asm at epoch {epoch}: start worker on asm-b? [y/N]"
+        assert question in text_of(top)
+        request = top.press("y")
+        assert request == Request("ack", "asm", {"epoch": epoch})
+        assert "sending: ack of asm..." in text_of(top)
+        assert await top.send(request)
+
+        kv = await store.get(keys.recovery("asm"))
+        assert kv is not None
+        done = records.decode(records.Recovery, kv.value, kv.key)
+        assert done.state == "acknowledged" and done.acked_by == "http from 127.0.0.1"
+
+        async def acknowledged() -> bool:
+            rep = top.report
+            rec = rep.workshops[0].pairs[0].recovery if rep else None
+            return rec is not None and rec.state == "acknowledged"
+
+        await until(acknowledged, 5, "the acknowledgement on the dashboard")
+        text = text_of(top)
+        assert f"recovery of asm at epoch {epoch} acknowledged: worker starting on asm-b" in text
+        assert "AWAITING OPERATOR" not in text
+        assert f"ack pair=asm epoch={epoch} acknowledged by http from 127.0.0.1" in text
+
+        # A second ack is not even offered; an ack for another epoch is refused.
+        top.press("a")
+        assert "asm has no recovery awaiting an operator" in text_of(top)
+        assert not await top.send(Request("ack", "asm", {"epoch": epoch - 1}))
+        assert top.selection.notice is not None
+        assert "ack of asm refused (HTTP 409)" in top.selection.notice.text
+
+
+Follow = AsyncGenerator[tuple[SiteReport | None, Connection], None]
+
+
+async def next_state(
+    follow: Follow, live: bool, seen: list[Connection] | None = None
+) -> tuple[SiteReport | None, Connection]:
+    """The feed's next (report, connection) that is ``live`` or not."""
+    async with asyncio.timeout(10):
+        while True:
+            report, conn = await anext(follow)
+            if seen is not None:
+                seen.append(conn)
+            if conn.live == live:
+                return report, conn
+
+
+async def test_follows_the_next_registry_and_says_when_none_answers(
+    store: Store, etcd: Etcd, registries: list[Registry]
+) -> None:
+    await recovering_pair(store)
+    dead = f"http://127.0.0.1:{free_port()}"
+    no_etcd = await start_registry(registries, f"http://127.0.0.1:{free_port()}", False)
+    second = await start_registry(registries, etcd.url)
+    feed = SiteFeed([dead, no_etcd.url, second.url], tick_s=0.2, timeout_s=1.0, retry_s=0.2)
+    async with contextlib.aclosing(feed.follow()) as follow:
+        tried: list[Connection] = []
+        report, conn = await next_state(follow, True, tried)
+        # The dead one and the one without etcd were tried first, and said so.
+        assert [c.url for c in tried] == [dead, no_etcd.url, second.url]
+        assert "cannot reach the registry" in tried[0].error
+        assert "not in touch with etcd" in tried[1].error
+        assert report is not None and conn.url == second.url
+
+        third = await start_registry(registries, etcd.url)
+        feed.urls.append(third.url)
+        lost_at = time.time()
+        await second.stop()
+        report, conn = await next_state(follow, False)
+        assert conn.url == second.url and conn.since is not None and conn.since >= lost_at
+        assert report is not None and conn.read_at is not None and conn.read_at < conn.since
+        lines = "\n".join(screen(report, conn, now=conn.since + 2))
+        assert "DISCONNECTED" in lines and "NOT CURRENT" in lines and "LIVE" not in lines
+        assert "AWAITING OPERATOR" in lines  # the last state is still shown, dimmed
+        report, conn = await next_state(follow, True)
+        assert conn.url == third.url
+
+
+# ---- the command --------------------------------------------------------------------------
+
+
+def test_top_needs_a_registry_and_a_terminal() -> None:
+    def top(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "HAPAIR_REGISTRY"}
+        return subprocess.run(
+            [HAPAIR, "top", *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+            check=False,
+        )
+
+    done = top()
+    assert done.returncode == cli.USAGE
+    assert "no registry given: use --registry URL[,URL...] or set HAPAIR_REGISTRY" in done.stderr
+    done = top("--registry", "http://127.0.0.1:1")
+    assert done.returncode == cli.USAGE
+    assert "hapair top needs a terminal" in done.stderr
+
+
+class PtyTop:
+    """``hapair top`` in an 80x24 pseudo-terminal; its output is read as it comes."""
+
+    def __init__(self, url: str) -> None:
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        env.update(TERM="xterm-256color", HAPAIR_REGISTRY=url)
+        self.proc = subprocess.Popen(
+            [HAPAIR, "top"],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            start_new_session=True,
+        )
+        os.close(slave)
+        self.master = master
+        self.out = b""
+        os.set_blocking(master, False)
+        asyncio.get_running_loop().add_reader(master, self._read)
+
+    def _read(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                asyncio.get_running_loop().remove_reader(self.master)
+            self.out += data
+
+    async def shows(self, *texts: str) -> None:
+        """Wait until the terminal has been sent each of ``texts`` since the last call."""
+
+        async def seen() -> bool:
+            return all(t.encode() in self.out for t in texts)
+
+        await until(seen, 10, f"{texts} on the terminal")
+        self.out = b""
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.master)
+        stop_pid(self.proc)
+        os.close(self.master)
+
+
+async def test_hapair_top_in_a_terminal_acknowledges_a_recovery(
+    store: Store, etcd: Etcd, registries: list[Registry]
+) -> None:
+    epoch = await recovering_pair(store)
+    url = (await start_registry(registries, etcd.url)).url
+    top = PtyTop(url)
+    try:
+        await top.shows("LIVE", "AWAITING OPERATOR")
+        os.write(top.master, b"a")
+        await top.shows(f"at epoch {epoch}: start worker on asm-b? [y/N]")
+        os.write(top.master, b"y")
+        await top.shows(f"recovery of asm at epoch {epoch} acknowledged")
+        kv = await store.get(keys.recovery("asm"))
+        assert kv is not None
+        assert records.decode(records.Recovery, kv.value, kv.key).state == "acknowledged"
+        os.write(top.master, b"q")
+        assert await asyncio.to_thread(top.proc.wait, 5) == 0
+    finally:
+        top.close()
