@@ -98,6 +98,20 @@ def _services_cell(node: NodeReport) -> Text:
         text.append(s.state, style=STATE_STYLES.get(s.state, ""))
         if s.restarts:
             text.append(f" ({s.restarts} restart{'s' if s.restarts != 1 else ''})", style="yellow")
+    db = node.database
+    if db is not None:
+        text.append("\n" if node.services else "")
+        text.append(f"postgresql {db.role}", style="green" if db.role == "primary" else "")
+        if db.timeline is not None:
+            text.append(f" tl {db.timeline}")
+        if db.role == "primary" and db.synchronous:
+            text.append(f" sync: {', '.join(db.synchronous)}")
+        elif db.role == "standby":
+            lag = f" lag {db.lag_bytes} B" if db.lag_bytes is not None else ""
+            text.append(
+                lag + ("" if db.streaming else " NOT STREAMING"),
+                style="" if db.streaming else "bold red",
+            )
     return text
 
 

@@ -275,7 +275,10 @@ async def ack(store: Store, pair: str, epoch: int | None, by: str) -> records.Re
         update={"state": "acknowledged", "acked_by": by, "acked_at": records.now_wall()}
     )
     event = records.Event(
-        kind="ack", pair=pair, epoch=current.epoch, reason=f"acknowledged by {by}",
+        kind="ack",
+        pair=pair,
+        epoch=current.epoch,
+        reason=f"acknowledged by {by}",
         details={"by": by, "held": current.held},
     )
     key = keys.b(keys.recovery(pair))

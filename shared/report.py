@@ -54,6 +54,17 @@ class ServiceReport(_Report):
     detail: str | None = None
 
 
+class DatabaseReport(_Report):
+    """What a node's PostgreSQL reports: role, timeline, lag, sync state of its replicas."""
+
+    role: str
+    timeline: int | None = None
+    lag_bytes: int | None = None
+    lag_s: float | None = None
+    streaming: bool = False
+    synchronous: list[str] = []
+
+
 class NodeReport(_Report):
     name: str
     address: str
@@ -65,6 +76,7 @@ class NodeReport(_Report):
     drained: Note | None = None
     epoch: int | None = None
     updated: float | None = None
+    database: DatabaseReport | None = None
 
 
 class EndpointReport(_Report):

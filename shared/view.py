@@ -16,6 +16,7 @@ from typing import Any
 
 from shared import keys, records
 from shared.report import (
+    DatabaseReport,
     EndpointReport,
     EventReport,
     NodeReport,
@@ -362,6 +363,7 @@ class SiteView:
             drained=drained,
             epoch=status.epoch,
             updated=status.updated,
+            database=_database_report(status.database),
         )
 
     def endpoint_report(self, service: str) -> EndpointReport:
@@ -381,6 +383,8 @@ class SiteView:
             )
         )
         endpoints = [self.endpoint_report(s.name) for s in pair.services if s.endpoint is not None]
+        if pair.database is not None:
+            endpoints.append(self.endpoint_report(f"{pair.name}.db"))
         return PairReport(
             name=pair.name,
             active=leader.node if leader else None,
@@ -396,6 +400,29 @@ class SiteView:
             nodes=[self.node_report(n) for n in pair.nodes],
             endpoints=endpoints,
         )
+
+
+def _database_report(db: Mapping[str, Any] | None) -> DatabaseReport | None:
+    """The part of a node's database status an operator reads; garbage shows nothing."""
+    if not db:
+        return None
+    replicas = db.get("replicas") or []
+    sync = [
+        str(r.get("name"))
+        for r in replicas
+        if isinstance(r, Mapping) and r.get("sync_state") in ("sync", "quorum")
+    ]
+    try:
+        return DatabaseReport(
+            role=str(db.get("role", "unknown")),
+            timeline=db.get("timeline"),
+            lag_bytes=db.get("lag_bytes"),
+            lag_s=db.get("lag_s"),
+            streaming=bool(db.get("streaming")),
+            synchronous=sync,
+        )
+    except ValueError:
+        return None
 
 
 def _frozen(items: dict[str, Any]) -> Mapping[str, Any]:

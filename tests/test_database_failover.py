@@ -214,3 +214,35 @@ async def test_standby_gone_degrades_to_async_after_its_delay_then_recovers(
     await until(b_sync_again, 60, "b caught up and recorded synchronous again")
     await writer.stop()
     assert not set(writer.acked) - await rows_on(port, "127.0.0.1")
+
+
+async def test_status_shows_each_database_role_and_sync_state(
+    db_cluster: tuple[Cluster, int],
+) -> None:
+    import asyncio
+    import sys
+
+    c, port = db_cluster
+    await ready(c, port)
+
+    async def shown() -> str | None:
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "hapair"),
+            "status",
+            "--etcd",
+            c.etcd.url,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        out, _ = await proc.communicate()
+        text = out.decode()
+        return text if "postgresql primary" in text and "postgresql standby" in text else None
+
+    text = await until(shown, 20, "both databases in hapair status")
+    assert "p.db postgresql://127.0.0.1" in text
+
+    async def synchronous_shown() -> str | None:
+        text = await shown()
+        return text if text and "sync: b" in text and "NOT STREAMING" not in text else None
+
+    await until(synchronous_shown, 20, "b shown as streaming, synchronous standby")
