@@ -32,16 +32,29 @@ ADDRESSES = ("127.0.0.1", "127.0.0.2")
 
 @pytest.fixture
 async def db_cluster(etcd: Etcd, store: object) -> AsyncIterator[tuple[Cluster, int]]:
+    async for cluster in _db_cluster(etcd, ADDRESSES):
+        yield cluster
+
+
+@pytest.fixture
+async def db_cluster3(etcd: Etcd, store: object) -> AsyncIterator[tuple[Cluster, int]]:
+    async for cluster in _db_cluster(etcd, (*ADDRESSES, "127.0.0.3")):
+        yield cluster
+
+
+async def _db_cluster(etcd: Etcd, addresses: tuple[str, ...]) -> AsyncIterator[tuple[Cluster, int]]:
     root = Path(tempfile.mkdtemp(prefix="hapair-dbtest-"))
     os.chmod(root, 0o755)  # PostgreSQL runs as its own user below this directory
     write_pg_secrets(root)
-    port = common_free_port(ADDRESSES)
+    port = common_free_port(addresses)
     c = Cluster(etcd, root)
     site = c.site(
         [
             {
                 "name": "p",
-                "nodes": [{"name": n, "address": a} for n, a in zip("ab", ADDRESSES, strict=True)],
+                "nodes": [
+                    {"name": n, "address": a} for n, a in zip("abc", addresses, strict=False)
+                ],
                 "database": database_section(root, port, synchronous=True),
             }
         ]
@@ -246,3 +259,39 @@ async def test_status_shows_each_database_role_and_sync_state(
         return text if text and "sync: b" in text and "NOT STREAMING" not in text else None
 
     await until(synchronous_shown, 20, "b shown as streaming, synchronous standby")
+
+
+async def test_three_nodes_quorum_commit_and_the_most_advanced_standby_takes_over(
+    db_cluster3: tuple[Cluster, int],
+) -> None:
+    c, port = db_cluster3
+    c.start("a")
+    _, epoch = await c.active("p", node="a", timeout=60)
+    c.start("b")
+    c.start("c")
+
+    async def quorum() -> bool:
+        st = await sync_state(c)
+        return st is not None and st.primary == "a" and sorted(st.sync) == ["b", "c"]
+
+    await until(quorum, 60, "b and c recorded as the quorum standbys")
+    async with await psycopg.AsyncConnection.connect(conninfo(port), autocommit=True) as conn:
+        await conn.execute("CREATE TABLE IF NOT EXISTS ticks (id bigint PRIMARY KEY)")
+    writer = Writer(conninfo(port)).start()
+    await until(lambda: _acked(writer, 200), 30, "200 acknowledged commits")
+    c.crash("a")
+    node, _ = await c.active("p", not_epoch=epoch, timeout=30)
+    assert node in ("b", "c")
+    new_host = {"b": "127.0.0.2", "c": "127.0.0.3"}[node]
+    target = len(writer.acked) + 50
+    await until(lambda: _acked(writer, target), 30, f"commits on {node}")
+    await writer.stop()
+    assert not set(writer.acked) - await rows_on(port, new_host)
+    other = "c" if node == "b" else "b"
+
+    async def other_follows() -> bool:
+        st = await c.status(other)
+        db = st.database if st else None
+        return bool(db and db.get("role") == "standby" and db.get("upstream") == new_host)
+
+    await until(other_follows, 60, f"{other} following the new primary")

@@ -40,6 +40,7 @@ from workshop_agent.database import Database, eligible
 from workshop_agent.election import Election, Session
 from workshop_agent.netwatch import RESOURCE, NetWatch
 from workshop_agent.observe import PairObserver, PairState
+from workshop_agent.pg.status import parse_lsn
 from workshop_agent.settings import AgentSettings
 from workshop_agent.supervisor import Supervisor
 from workshop_agent.watchdog import WatchdogLink
@@ -500,7 +501,25 @@ class Agent:
         if kv is not None:
             with contextlib.suppress(RecordError):
                 record = decode(SyncState, kv.value, kv.key)
-        return eligible(self.pair.database, record, self.me, self.pair.nodes[0].name)
+        return eligible(
+            self.pair.database, record, self.me, self.pair.nodes[0].name, self._received()
+        )
+
+    def _received(self) -> dict[str, int | None]:
+        """Each node's received WAL position, from its published database status."""
+        assert self.pair is not None
+        out: dict[str, int | None] = {}
+        for n in self.pair.nodes:
+            kv = self.nodes.items.get(keys.node_status(n.name))
+            try:
+                status = decode(NodeStatus, kv.value, kv.key) if kv is not None else None
+                lsn = (status.database or {}).get("receive_lsn") if status else None
+                out[n.name] = parse_lsn(lsn) if isinstance(lsn, str) else None
+            except (RecordError, ValueError):
+                out[n.name] = None
+        if self.database is not None and self.database.status is not None:
+            out[self.me] = self.database.status.receive_lsn
+        return out
 
     def _guard_postmaster(self, pid: int | None) -> None:
         """A primary's postmaster is killed by the watchdog too if this agent freezes."""

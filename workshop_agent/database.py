@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from shared import keys
 from shared.database import DatabaseConfig
@@ -30,13 +30,31 @@ FAILURES_BEFORE_RESIGN = 3
 CATCH_UP_S = 10.0
 
 
-def eligible(config: DatabaseConfig | None, record: SyncState | None, me: str, main: str) -> bool:
-    """May ``me`` take the pair over automatically without losing a commit?"""
+def eligible(
+    config: DatabaseConfig | None,
+    record: SyncState | None,
+    me: str,
+    main: str,
+    received: Mapping[str, int | None] | None = None,
+) -> bool:
+    """May ``me`` take the pair over automatically without losing a commit?
+
+    With several recorded standbys (quorum commit, ``ANY 1 (...)``) each commit is on at
+    least one of them, so only the one that received the most WAL, among those that
+    answer (``received``: node -> received LSN, from their status), may take over."""
     if config is None or not config.synchronous:
         return True
     if record is None:
         return me == main  # a new site: the main initialises the cluster
-    return record.holds_everything(me)
+    if not record.holds_everything(me):
+        return False
+    if me == record.primary or len(record.sync) < 2 or received is None:
+        return True
+    mine = received.get(me)
+    others = [lsn for node, lsn in received.items() if node != me and node in record.sync]
+    if mine is None:
+        return not any(lsn is not None for lsn in others)
+    return all(lsn is None or lsn <= mine for lsn in others)
 
 
 class Database:
