@@ -280,12 +280,13 @@ async def test_three_nodes_quorum_commit_and_the_most_advanced_standby_takes_ove
     writer = Writer(conninfo(port)).start()
     await until(lambda: _acked(writer, 200), 30, "200 acknowledged commits")
     c.crash("a")
-    node, _ = await c.active("p", not_epoch=epoch, timeout=30)
-    assert node in ("b", "c")
-    new_host = {"b": "127.0.0.2", "c": "127.0.0.3"}[node]
+    await c.active("p", not_epoch=epoch, timeout=30)
     target = len(writer.acked) + 50
-    await until(lambda: _acked(writer, target), 30, f"commits on {node}")
+    await until(lambda: _acked(writer, target), 60, "commits on the new primary")
     await writer.stop()
+    endpoint = await until(lambda: c.endpoint("p.db"), 10, "the database endpoint")
+    node, new_host = endpoint.node, endpoint.host
+    assert node in ("b", "c")
     assert not set(writer.acked) - await rows_on(port, new_host)
     other = "c" if node == "b" else "b"
 
