@@ -119,6 +119,13 @@ class Database:
             if self._failures >= FAILURES_BEFORE_RESIGN:
                 self.failure = f"database: {err}"
             return False
+        try:
+            moved = await manager.fence_processes(epoch)
+            if moved:
+                self.log.info("process fences raised", processes=moved)
+        except PgError as err:
+            # Not fatal: each step of a process also claims the fence itself.
+            self.log.warning("database: could not raise the process fences", error=str(err))
         self._failures = 0
         self.primary_epoch = epoch
         self.postmaster = manager.postmaster_pid()

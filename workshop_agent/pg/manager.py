@@ -20,6 +20,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import psycopg
+
+from shared.process_context import fence_all
 from shared.topology import Node, Pair
 from workshop_agent.pg import ctl, files
 from workshop_agent.pg import query as q
@@ -193,6 +196,28 @@ class PgManager:
             wanted = list(names) if self.config.synchronous else []
             await q.set_sync_names(conn, files.sync_names(wanted))
             return await q.wait_sync(conn, wanted, self.timeouts.sync_s) if wanted else []
+
+    async def fence_processes(self, epoch: int) -> int:
+        """Raise the process-context fences of every database to ``epoch`` (a new term):
+        an instance of an older term can then commit no step, even while the new term's
+        held services wait for the operator."""
+        moved = 0
+        for db in self.config.databases:
+            conn = await q.connect(
+                self.pg.node.address,
+                self.config.port,
+                self.config.auth.superuser,
+                self.pg.secrets.superuser,
+                dbname=db.name,
+                timeout=self.timeouts.query_s,
+            )
+            try:
+                moved += await fence_all(conn, epoch)
+            except psycopg.Error as err:
+                raise PgError("fence processes", f"database {db.name}: {err}") from None
+            finally:
+                await conn.close()
+        return moved
 
     async def close(self) -> None:
         """Close the agent's connection (the server keeps running)."""
