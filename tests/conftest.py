@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
+from cluster import Cluster
 from harness import Etcd
 
 from shared import keys
@@ -30,3 +32,16 @@ async def store(etcd: Etcd) -> AsyncIterator[Store]:
         yield s
     finally:
         await s.close()
+
+
+@pytest.fixture
+async def cluster(etcd: Etcd, store: Store, tmp_path: Path) -> AsyncIterator[Cluster]:
+    """Agents as real processes against the session's etcd; at the end, every test
+    proves from the services' own records that no two nodes ran a service at once."""
+    c = Cluster(etcd, tmp_path)
+    try:
+        yield c
+    finally:
+        await c.stop_all()
+    # Checked after every agent stopped, so the last runs are complete too.
+    c.assert_no_overlap()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +39,6 @@ def pair(
         if services is not None
         else [recording_service(f"{name}-svc", port, record, critical=True)],
     }
-
-
-@pytest.fixture
-async def cluster(etcd: Etcd, store: object, tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = Cluster(etcd, tmp_path)
-    try:
-        yield c
-    finally:
-        await c.stop_all()
-    # Checked after every agent stopped, so the last runs are complete too.
-    c.assert_no_overlap()
 
 
 async def two_nodes(c: Cluster, net: int, **kw: Any) -> tuple[str, int]:

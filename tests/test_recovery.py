@@ -5,29 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cluster import Cluster, holds, recording_service, until
-from harness import Etcd, free_port
+from harness import free_port
 
 from shared import keys
 from shared.records import Recovery, Switchover, decode
 
 pytestmark = pytest.mark.e2e
 HAPAIR = str(Path(sys.executable).parent / "hapair")
-
-
-@pytest.fixture
-async def cluster(etcd: Etcd, store: object, tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = Cluster(etcd, tmp_path)
-    try:
-        yield c
-    finally:
-        await c.stop_all()
-    c.assert_no_overlap()
 
 
 async def start_pair(c: Cluster, net: int, **held: Any) -> int:

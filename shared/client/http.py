@@ -6,14 +6,13 @@ import asyncio
 import contextlib
 import random
 from collections.abc import AsyncIterator, Mapping
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import aiohttp
 
 from shared.client.backoff import Backoff
 from shared.client.models import Endpoint
-from shared.client.reconnect import reach
+from shared.client.reconnect import Following, reach
 from shared.client.resolver import Resolver
 from shared.log import EventLog
 
@@ -22,7 +21,7 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 log = EventLog("hapair.client")
 
 
-class HttpAdapter:
+class HttpAdapter(Following):
     """An aiohttp client whose requests go to the service's valid server.
 
     ```python
@@ -67,34 +66,13 @@ class HttpAdapter:
         self._session: aiohttp.ClientSession | None = None
         self._session_endpoint: Endpoint | None = None
         self._closing: set[asyncio.Task[None]] = set()
-        self._stack = contextlib.AsyncExitStack()
-        self._watcher: asyncio.Task[None] | None = None
+        self._init_following()
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def start(self) -> None:
-        if self._watcher is None:
-            await self._stack.enter_async_context(self.resolver.following(self.service))
-            self._watcher = asyncio.create_task(self._watch(), name=f"follow-{self.service}")
-
-    async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._watcher
-            self._watcher = None
+    async def _release(self) -> None:
         self._retire()
         for task in list(self._closing):
             with contextlib.suppress(Exception):
                 await task
-        await self._stack.aclose()
 
     @contextlib.asynccontextmanager
     async def request(

@@ -163,7 +163,53 @@ async def _first_endpoint(
         return await resolver.newer(service, None, min(delay, left))
 
 
-class Reconnecting(Generic[C], abc.ABC):
+class Following(abc.ABC):
+    """An adapter's life: follow one service's endpoint with a watcher task while open.
+
+    Subclasses set ``resolver``, ``service`` and call ``_init_following()``; they write
+    ``_watch`` (react to moves) and ``_release`` (drop their connections)."""
+
+    resolver: Resolver
+    service: str
+
+    def _init_following(self) -> None:
+        self._stack = contextlib.AsyncExitStack()
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Follow the service's endpoint (done by the first use otherwise)."""
+        if self._watcher is None:
+            await self._stack.enter_async_context(self.resolver.following(self.service))
+            self._watcher = asyncio.create_task(self._watch(), name=f"follow-{self.service}")
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watcher
+            self._watcher = None
+        await self._release()
+        await self._stack.aclose()
+
+    @abc.abstractmethod
+    async def _watch(self) -> None:
+        """Follow the endpoint's moves while open."""
+
+    @abc.abstractmethod
+    async def _release(self) -> None:
+        """Drop every connection: the adapter is closing."""
+
+
+class Reconnecting(Following, Generic[C]):
     """One connection to a service, moved to the new endpoint whenever one is published.
 
     ``deadline_s`` bounds :meth:`connection` and :meth:`run` (no caller ever hangs on
@@ -194,8 +240,7 @@ class Reconnecting(Generic[C], abc.ABC):
         """The endpoint of the open connection."""
         self._conn: C | None = None
         self._lock = asyncio.Lock()
-        self._stack = contextlib.AsyncExitStack()
-        self._watcher: asyncio.Task[None] | None = None
+        self._init_following()
 
     # ---- what a subclass provides -----------------------------------------------------
 
@@ -219,29 +264,8 @@ class Reconnecting(Generic[C], abc.ABC):
 
     # ---- life -----------------------------------------------------------------------
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def start(self) -> None:
-        """Follow the service's endpoint (done by the first use otherwise)."""
-        if self._watcher is None:
-            await self._stack.enter_async_context(self.resolver.following(self.service))
-            self._watcher = asyncio.create_task(self._watch(), name=f"follow-{self.service}")
-
-    async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._watcher
-            self._watcher = None
+    async def _release(self) -> None:
         await self._drop(ConnectionAbortedError("adapter closed"))
-        await self._stack.aclose()
 
     # ---- use ------------------------------------------------------------------------
 
