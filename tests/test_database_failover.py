@@ -154,7 +154,11 @@ async def test_planned_switchover_loses_nothing_and_the_old_primary_follows(
     await until(lambda: _acked(writer, target), 30, "commits on b")
     await writer.stop()
     assert not set(writer.acked) - await rows_on(port, "127.0.0.2")
-    assert not set(writer.acked) - await rows_on(port, "127.0.0.1")
+
+    async def replayed_on_a() -> bool:  # flushed there at commit, replayed soon after
+        return not set(writer.acked) - await rows_on(port, "127.0.0.1")
+
+    await until(replayed_on_a, 10, "every acknowledged row on the old primary too")
 
 
 async def _acked(writer: Writer, n: int) -> bool:
@@ -296,3 +300,28 @@ async def test_three_nodes_quorum_commit_and_the_most_advanced_standby_takes_ove
         return bool(db and db.get("role") == "standby" and db.get("upstream") == new_host)
 
     await until(other_follows, 60, f"{other} following the new primary")
+
+
+async def test_a_postgresql_crash_on_the_active_is_repaired_in_place(
+    db_cluster: tuple[Cluster, int],
+) -> None:
+    import signal
+
+    c, port = db_cluster
+    _, epoch = await ready(c, port)
+    writer = Writer(conninfo(port)).start()
+    await until(lambda: _acked(writer, 100), 30, "100 acknowledged commits")
+    st = await c.status("a")
+    pid = (st.database or {}).get("pid") if st else None
+    assert isinstance(pid, int)
+    os.kill(pid, signal.SIGKILL)  # the postmaster only; the agent lives on
+    target = len(writer.acked) + 50
+    await until(lambda: _acked(writer, target), 30, "commits after the restart in place")
+    await writer.stop()
+    assert await c.leader("p") == ("a", epoch), "a PostgreSQL crash alone must not move the pair"
+    assert not set(writer.acked) - await rows_on(port, "127.0.0.1")
+
+    async def replayed_on_b() -> bool:  # flushed there at commit, replayed soon after
+        return not set(writer.acked) - await rows_on(port, "127.0.0.2")
+
+    await until(replayed_on_b, 10, "every acknowledged row on the standby too")
