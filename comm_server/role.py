@@ -1,0 +1,336 @@
+"""The node's role, as the comm server must act on it, and its report to the agent.
+
+The comm server serves as the active (high ServiceLevel, writes to PLCs) only while
+all of this holds:
+
+- the pair's leader key names this node (its create_revision is the epoch);
+- its own etcd lease is fresh: a keepalive it *sent* less than ``ttl - margin`` ago was
+  acknowledged (the agent's self-fencing rule, applied to the comm server's claim);
+- it has *claimed* the term: its report, written in a transaction guarded by the
+  leader key's create_revision, says ``serving``, and no other node's comm server of
+  this service said so when it claimed.
+
+The claim is what orders a failover for OPC UA clients: the new active's comm server
+rises only after the old one has written that it stopped serving, or after the old
+one's report vanished with its lease (then the old one had stopped itself first: it
+drops at ``ttl - margin`` without an acknowledged keepalive, etcd drops the lease at
+``ttl`` at the earliest). So the old node's ServiceLevel always falls before the new
+node's rises, and two nodes never accept writes at the same time.
+
+The report (``/nodes/{node}/reports/{service}``, bound to the comm server's own lease)
+is a :class:`shared.records.ServiceReport` with one resource per PLC
+(``plc:{name}``: ``ok`` when this node reaches it) plus the comm server's own fields:
+role, serving, epoch and every PLC's path health.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import Field
+
+from shared import keys
+from shared.log import EventLog
+from shared.records import Leader, RecordError, Resource, ServiceReport, decode
+from shared.store import Mirror, Store, StoreError
+
+ReportParts = tuple[dict[str, Resource], dict[str, dict[str, Any]]]
+
+
+class CommReport(ServiceReport):
+    """What the comm server reports; the agent reads it as a plain ServiceReport."""
+
+    node: str = ""
+    role: str = "standby"
+    serving: bool = False
+    epoch: int | None = None
+    plcs: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class StaticRole:
+    """Without etcd (``--standalone``): always the active, never a pair."""
+
+    serving = True
+    epoch: int | None = None
+    state = "active"
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+    def poke(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+class PairRole:
+    def __init__(
+        self,
+        store: Store,
+        pair: str,
+        node: str,
+        service: str,
+        parts: Callable[[], ReportParts],
+        on_change: Callable[[], None],
+        log: EventLog,
+        ttl: float = 2.0,
+        margin: float = 0.5,
+        refresh_s: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.pair, self.node, self.service = pair, node, service
+        self.log = log
+        self.ttl, self.margin, self.refresh_s = ttl, margin, refresh_s
+        self._parts = parts
+        self._on_change = on_change
+        self.leader_key = keys.leader(pair)
+        self.report_key = keys.report(node, service)
+        self._leaders = Mirror(store, self.leader_key, self._mirror_changed)
+        self._reports = Mirror(store, keys.NODES_PREFIX, self._mirror_changed)
+        self._wake = asyncio.Event()
+        self._lease: int | None = None
+        self._acked = -1e9  # loop time at which the last acknowledged keepalive was sent
+        self._fence: asyncio.TimerHandle | None = None
+        self._serving = False
+        self.epoch: int | None = None
+        self.state = "unknown"
+        self._written: bytes = b""  # the last report's significant content
+        self._written_at = 0.0
+        self._errors: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    # -- what the rest of the comm server asks ----------------------------------------
+    @property
+    def serving(self) -> bool:
+        """True only while claimed *and* the lease is fresh; checked on every write."""
+        return self._serving and self._fresh()
+
+    def poke(self) -> None:
+        """Something changed (health, etcd): reconcile and report soon."""
+        self._wake.set()
+
+    # -- running ----------------------------------------------------------------------
+    async def run(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._leaders.run(), name="leader watch"),
+            asyncio.create_task(self._reports.run(), name="reports watch"),
+            asyncio.create_task(self._keep_lease(), name="comm lease"),
+        ]
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):  # refresh the report now and then
+                    async with asyncio.timeout(self.refresh_s):
+                        await self._wake.wait()
+                self._wake.clear()
+                try:
+                    await self._reconcile()
+                except StoreError as err:
+                    if "lease not found" in str(err):  # etcd dropped it: take a new one
+                        self._lease = None
+                        self._warn_once("report lease lost", str(err))
+                    else:
+                        self._warn_once("etcd unavailable", str(err))
+                    await asyncio.sleep(0.2)
+                    self._wake.set()
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            for task in self._tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def close(self) -> None:
+        """Stop serving and take the report away, so a peer may rise at once."""
+        self._closed = True  # never to rise again, whatever the watches still say
+        self._become("stopping", None, "comm server stopping")
+        for task in self._tasks:
+            task.cancel()
+        if self._lease is not None:
+            with contextlib.suppress(StoreError):
+                await self.store.revoke(self._lease)
+            self._lease = None
+
+    # -- the decision -----------------------------------------------------------------
+    def _leader(self) -> tuple[str, int] | None:
+        if not self._leaders.synced.is_set():
+            return None
+        kv = self._leaders.items.get(self.leader_key)
+        if kv is None:
+            return None
+        try:
+            return decode(Leader, kv.value, kv.key).node, kv.create_revision
+        except RecordError:
+            return ("?", kv.create_revision)  # garbage still holds the key: not ours
+
+    def _fresh(self) -> bool:
+        loop = asyncio.get_running_loop()
+        return self._lease is not None and loop.time() - self._acked < self.ttl - self.margin
+
+    def _others(self) -> dict[str, tuple[int, bool]]:
+        """Other nodes' reports of this service: key -> (mod_revision, serving)."""
+        suffix = f"/reports/{self.service}"
+        found = {}
+        for key, kv in self._reports.items.items():
+            if key.endswith(suffix) and key != self.report_key:
+                try:
+                    serving = decode(CommReport, kv.value, key).serving
+                except RecordError:
+                    serving = False  # not a comm server's report
+                found[key] = (kv.mod_revision, serving)
+        return found
+
+    def _settle(self) -> bool:
+        """Every step down, decided at once and without I/O (an etcd call may hang for
+        its whole timeout; stepping down must not wait for it). True if ours to serve."""
+        if self._closed:
+            return False
+        leader = self._leader()
+        if not self._leaders.synced.is_set():
+            self._become("unknown", None, "etcd unreachable")
+        elif not self._fresh():
+            self._become("unknown", None, "report lease not renewed in time")
+        elif leader is None or leader[0] != self.node:
+            self._become("standby", None, "another node is active" if leader else "no active node")
+        elif self._serving and self.epoch != leader[1]:
+            self._become("waiting", None, f"new term {leader[1]}")  # to be claimed afresh
+            return True
+        else:
+            return True
+        return False
+
+    async def _reconcile(self) -> None:
+        if not self._settle():
+            if not self._closed:
+                await self._report()
+            return
+        leader = self._leader()
+        if leader is not None and not self._serving:
+            await self._rise(leader[1])
+        await self._report()
+
+    async def _rise(self, epoch: int) -> None:
+        """Our term: serve once no other comm server of the service does."""
+        others = self._others()
+        busy = sorted(k.split("/")[-3] for k, (_, serving) in others.items() if serving)
+        if busy:
+            self._become("waiting", None, f"{', '.join(busy)} still serving")
+        elif await self._claim(epoch, others):
+            if self._settle() and not self._serving:  # still ours after the round trip
+                self._become("active", epoch, f"claimed epoch {epoch}")
+        else:  # a view lagged behind etcd: try again once it caught up
+            self._become("waiting", None, "claim refused by etcd")
+            asyncio.get_running_loop().call_later(0.1, self.poke)
+
+    def _become(self, state: str, epoch: int | None, why: str) -> None:
+        """``epoch`` is set only when serving (state ``active``)."""
+        serving = state == "active"
+        if (state, serving, epoch) == (self.state, self._serving, self.epoch):
+            return
+        self.state, self._serving, self.epoch = state, serving, epoch
+        self.log.bind(epoch=epoch)
+        self.log.info("role", state=state, reason=why)
+        self._on_change()
+
+    # -- etcd writes ------------------------------------------------------------------
+    def _encode(self, serving: bool, epoch: int | None) -> tuple[bytes, bytes]:
+        """The report, and its significant part (what makes it worth writing now)."""
+        resources, plcs = self._parts()
+        role = "active" if serving else self.state
+        report = CommReport(
+            service=self.service,
+            resources=resources,
+            node=self.node,
+            role=role,
+            serving=serving,
+            epoch=epoch,
+            plcs=plcs,
+        )
+        significant = repr(
+            (
+                role,
+                serving,
+                epoch,
+                sorted((k, r.ok) for k, r in resources.items()),
+                sorted((k, p.get("state"), p.get("path")) for k, p in plcs.items()),
+            )
+        ).encode()
+        return report.encode(), significant
+
+    async def _claim(self, epoch: int, others: dict[str, tuple[int, bool]]) -> bool:
+        if self._lease is None:
+            return False
+        tx = self.store.tx
+        value, significant = self._encode(True, epoch)
+        ok, _ = await self.store.txn(
+            [tx.create(keys.b(self.leader_key)) == epoch]
+            + [tx.mod(keys.b(k)) == rev for k, (rev, _) in others.items()],
+            [tx.put(keys.b(self.report_key), value, lease=self._lease)],
+        )
+        if ok:
+            self._written, self._written_at = significant, time.monotonic()
+        return ok
+
+    async def _report(self) -> None:
+        if self._lease is None:
+            return
+        value, significant = self._encode(self._serving, self.epoch)
+        due = time.monotonic() - self._written_at >= self.refresh_s
+        if significant == self._written and not due:
+            return
+        if self._serving:
+            tx = self.store.tx
+            ok, _ = await self.store.txn(
+                [tx.create(keys.b(self.leader_key)) == self.epoch],
+                [tx.put(keys.b(self.report_key), value, lease=self._lease)],
+            )
+            if not ok:  # the term is over, whatever our view still says
+                self._become("standby", None, "the pair's leader moved")
+                value, significant = self._encode(False, None)
+            else:
+                self._written, self._written_at = significant, time.monotonic()
+                return
+        await self.store.put(self.report_key, value, lease=self._lease)
+        self._written, self._written_at = significant, time.monotonic()
+
+    async def _keep_lease(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sent = loop.time()
+                if self._lease is None:
+                    self._lease = await self.store.grant(self.ttl)
+                    self._written = b""
+                    self.log.info("report lease granted", lease=f"{self._lease:x}")
+                elif await self.store.keepalive(self._lease) <= 0:
+                    self._warn_once("report lease lost", "etcd dropped it; taking a new one")
+                    self._lease = None
+                    self.poke()
+                    continue
+                self._acked = sent
+                self._errors.clear()  # all is well again: warn anew next time
+                if self._fence is not None:
+                    self._fence.cancel()
+                self._fence = loop.call_at(sent + self.ttl - self.margin, self._fence_due)
+                self.poke()
+            except StoreError as err:
+                self._warn_once("etcd unavailable", str(err))
+            await asyncio.sleep(self.ttl / 4)
+
+    def _mirror_changed(self, change: object) -> None:
+        self._settle()
+        self.poke()
+
+    def _fence_due(self) -> None:
+        self._settle()
+        self.poke()
+
+    def _warn_once(self, what: str, detail: str) -> None:
+        if what not in self._errors:
+            self._errors.add(what)
+            self.log.warning(what, detail=detail)

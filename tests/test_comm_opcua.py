@@ -1,0 +1,101 @@
+"""A PLC with its own OPC UA server (real asyncua servers, one per path) behind the comm
+server, read by an independent asyncua client."""
+
+from __future__ import annotations
+
+import json
+
+from asyncua import ua
+from cluster import until
+from harness import free_port
+from plc_sim import CommUnderTest, OpcUaPlc, running_comm
+
+S = ua.StatusCodes
+V = ua.VariantType
+
+
+async def read_is(comm: CommUnderTest, key: str, check: object) -> bool:
+    dv = await comm.read(key)
+    return bool(check(dv))  # type: ignore[operator]
+
+
+async def test_opcua_plc_values_types_writes_and_path_cut() -> None:
+    hosts = ["127.0.32.1", "127.0.32.2"]
+    port = free_port(hosts[0])
+    urls = [f"opc.tcp://{h}:{port}/" for h in hosts]
+    plc = await OpcUaPlc(
+        urls,
+        {
+            "Oven.Temp": (V.Double, 180.5),
+            "Oven.Setpoint": (V.Float, 175.0),
+            "Oven.Door": (V.Boolean, False),
+            "Oven.Batch": (V.String, "B-17"),
+            "Oven.Count": (V.Int32, 3),
+        },
+    ).start()
+    cfg = {
+        "plcs": [
+            {
+                "name": "oven-1",
+                "protocol": "opcua",
+                "paths": [{"url": u} for u in urls],
+                "poll_interval_s": 0.2,
+                "timeout_s": 0.2,
+                "probe_interval_s": 0.2,
+                "tags": [
+                    {"name": "temp", "node": "ns=2;s=Oven.Temp", "type": "double"},
+                    {
+                        "name": "sp",
+                        "node": "ns=2;s=Oven.Setpoint",
+                        "type": "float",
+                        "writable": True,
+                    },
+                    {"name": "door", "node": "ns=2;s=Oven.Door", "type": "bool"},
+                    {"name": "batch", "node": "ns=2;s=Oven.Batch", "type": "string"},
+                    # declared wider than the PLC's Int32: accepted, served as Int64
+                    {"name": "count", "node": "ns=2;s=Oven.Count", "type": "int64"},
+                    {"name": "ghost", "node": "ns=2;s=Oven.Nothing", "type": "double"},
+                ],
+            }
+        ]
+    }
+    try:
+        async with running_comm(json.dumps(cfg)) as comm:
+
+            def good(value: object) -> object:
+                return lambda dv: dv.StatusCode.is_good() and dv.Value.Value == value
+
+            await until(lambda: read_is(comm, "oven-1.temp", good(180.5)), 5, "temp read")
+            assert (await comm.read("oven-1.batch")).Value.Value == "B-17"
+            count = await comm.read("oven-1.count")
+            assert (count.Value.Value, count.Value.VariantType) == (3, V.Int64)
+            # a node the PLC does not have: bad, with the PLC's own reason
+            ghost = await comm.read("oven-1.ghost")
+            assert ghost.StatusCode.value == S.BadNodeIdUnknown
+            poller = comm.server.pollers[0]
+            assert poller.table.tags[5].reason == "PLC reports BadNodeIdUnknown"
+            # the PLC now holds a string where a double was declared: bad, never passed on
+            plc.set("Oven.Temp", "hot", V.String)
+            await until(
+                lambda: read_is(
+                    comm, "oven-1.temp", lambda dv: dv.StatusCode.value == S.BadTypeMismatch
+                ),
+                3,
+                "type mismatch",
+            )
+            assert poller.table.tags[0].reason == "type mismatch: String where Double was expected"
+            plc.set("Oven.Temp", 181.0)
+            await until(lambda: read_is(comm, "oven-1.temp", good(181.0)), 3, "temp good again")
+            # a write reaches the PLC once
+            answer = await comm.write("oven-1.sp", 190.0, V.Float)
+            assert answer.is_good()
+            assert plc.writes == [("Oven.Setpoint", 190.0)]
+            await until(lambda: read_is(comm, "oven-1.sp", good(190.0)), 3, "setpoint read back")
+            # primary cut: the backup serves, within the interval plus a reconnect
+            await plc.stop_path(0)
+            plc.set("Oven.Temp", 182.5)  # only the backup is there to see it
+            await until(lambda: read_is(comm, "oven-1.temp", good(182.5)), 1.5, "temp via backup")
+            assert poller.switch.current == 1
+            assert await comm.service_level() < 200  # one path lost: degraded
+    finally:
+        await plc.stop()

@@ -1,0 +1,268 @@
+"""Two comm servers of one pair against a real etcd: the role follows the pair's leader
+key (written here as an agent writes it, bound to a lease), ServiceLevel falls on the
+old node before it rises on the new one, only the serving node writes, and each node
+reports which PLCs it reaches."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from asyncua import ua
+from cluster import until
+from harness import Etcd, free_port
+from plc_sim import CommUnderTest, ModbusPlc, running_comm
+
+from comm_server.role import CommReport, PairRole
+from shared import keys
+from shared.log import EventLog
+from shared.records import Leader, ServiceReport, decode
+from shared.store import Store
+
+S = ua.StatusCodes
+HOSTS = {"a": ["127.0.33.1", "127.0.33.2"], "b": ["127.0.33.3", "127.0.33.4"]}
+
+
+def config(node: str, port: int) -> str:
+    return json.dumps(
+        {
+            "plcs": [
+                {
+                    "name": "press-1",
+                    "paths": [{"host": h, "port": port} for h in HOSTS[node]],
+                    "poll_interval_s": 0.2,
+                    "timeout_s": 0.1,
+                    "probe_interval_s": 0.2,
+                    "critical": True,
+                    "switch_after_s": 2.5,
+                    "tags": [
+                        {"name": "speed", "address": "HR0", "type": "int16", "writable": True}
+                    ],
+                }
+            ]
+        }
+    )
+
+
+@contextlib.asynccontextmanager
+async def comm_node(etcd_url: str, node: str, port: int) -> AsyncIterator[CommUnderTest]:
+    store = Store(etcd_url, timeout=2.0)
+
+    def role(parts: Any, on_change: Any) -> PairRole:
+        log = EventLog("hapair.comm", node=node, pair="p")
+        return PairRole(store, "p", node, "comm", parts, on_change, log, refresh_s=0.5)
+
+    try:
+        async with running_comm(config(node, port), role, host=HOSTS[node][0]) as comm:
+            yield comm
+    finally:
+        await store.close()
+
+
+async def elect(store: Store, node: str) -> tuple[int, int]:
+    """Take the pair's leader key for ``node`` as an agent does; (lease, epoch)."""
+    lease = await store.grant(30)
+    tx, key = store.tx, keys.b(keys.leader("p"))
+    ok, resp = await store.txn(
+        [tx.create(key) == 0], [tx.put(key, Leader(node=node).encode(), lease=lease)]
+    )
+    assert ok, "the leader key was taken"
+    return lease, int(resp[0].response_put.header.revision)
+
+
+async def level(comm: CommUnderTest, low: int, high: int) -> bool:
+    return low <= await comm.service_level() <= high
+
+
+async def report(store: Store, node: str) -> CommReport | None:
+    kv = await store.get(keys.report(node, "comm"))
+    if kv is None:
+        return None
+    decode(ServiceReport, kv.value, kv.key)  # what the agent reads
+    return decode(CommReport, kv.value, kv.key)
+
+
+class Levels:
+    """ServiceLevel as a subscriber sees it: (server timestamp, value) per change."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, int]] = []
+
+    def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
+        self.seen.append((data.monitored_item.Value.SourceTimestamp.timestamp(), val))
+
+    def first(self, test: Any) -> float | None:
+        return next((t for t, v in self.seen if test(v)), None)
+
+
+@pytest.fixture
+async def plc() -> AsyncIterator[ModbusPlc]:
+    sim = await ModbusPlc(HOSTS["a"] + HOSTS["b"], free_port(HOSTS["a"][0])).start()
+    try:
+        yield sim
+    finally:
+        await sim.stop()
+
+
+async def test_role_moves_with_the_leader_key_and_old_drops_before_new_rises(
+    etcd: Any, store: Store, plc: ModbusPlc
+) -> None:
+    async with (
+        comm_node(etcd.url, "a", plc.port) as a,
+        comm_node(etcd.url, "b", plc.port) as b,
+    ):
+        # nobody is active: both read the PLC, both standby
+        await until(lambda: level(a, 50, 50), 5, "a at standby level with data")
+        await until(lambda: level(b, 50, 50), 5, "b at standby level with data")
+        assert (await a.write("press-1.speed", 1, ua.VariantType.Int16)).value == S.BadInvalidState
+        lease_a, epoch_a = await elect(store, "a")
+        await until(lambda: level(a, 255, 255), 3, "a serving")
+        assert (await a.read("_comm.role")).Value.Value == "active"
+        assert (await a.read("_comm.epoch")).Value.Value == str(epoch_a)
+        assert await b.service_level() == 50
+        # writes: the active sends once; the standby refuses clearly and sends nothing
+        assert (await a.write("press-1.speed", 11, ua.VariantType.Int16)).is_good()
+        refused = await b.write("press-1.speed", 12, ua.VariantType.Int16)
+        assert refused.value == S.BadInvalidState
+        assert [(w.address, w.values) for w in plc.writes] == [(0, [11])]
+        rep = await report(store, "a")
+        assert rep is not None and rep.serving and rep.epoch == epoch_a and rep.role == "active"
+        assert rep.resources["plc:press-1"].ok and rep.resources["plc:press-1"].critical
+        assert rep.resources["plc:press-1"].grace_s == 2.5
+        assert rep.plcs["press-1"]["state"] == "ok"
+        # failover: a's term ends (its lease goes, as when its agent dies), b's begins
+        levels_a, levels_b = Levels(), Levels()
+        for comm, seen in ((a, levels_a), (b, levels_b)):
+            sub = await comm.client.create_subscription(10, seen)
+            await sub.subscribe_data_change(comm.client.get_node("ns=0;i=2267"))
+        await until(lambda: _seen(levels_a, levels_b), 2, "the first notifications")
+        await store.revoke(lease_a)
+        _, epoch_b = await elect(store, "b")
+        assert epoch_b > epoch_a
+        await until(lambda: level(b, 255, 255), 3, "b serving")
+        await until(lambda: level(a, 50, 50), 3, "a back to standby")
+
+        async def both_seen() -> tuple[float, float] | None:
+            dropped = levels_a.first(lambda v: v < 200)
+            rose = levels_b.first(lambda v: v >= 200)
+            return None if dropped is None or rose is None else (dropped, rose)
+
+        dropped, rose = await until(both_seen, 2, "both changes notified")
+        assert dropped < rose, f"a dropped at {dropped}, b rose at {rose}"
+        # an independent client reads the same tag from the new active, and writes there
+        await until(lambda: _reads(b, 11), 2, "b reads what a wrote")
+        assert (await b.write("press-1.speed", 13, ua.VariantType.Int16)).is_good()
+        assert (await a.write("press-1.speed", 14, ua.VariantType.Int16)).value == S.BadInvalidState
+        assert [w.values for w in plc.writes] == [[11], [13]]
+        rep_a = await report(store, "a")
+        assert rep_a is not None and not rep_a.serving and rep_a.role == "standby"
+
+
+async def _reads(comm: CommUnderTest, value: int) -> bool:
+    dv = await comm.read("press-1.speed")
+    return bool(dv.StatusCode.is_good() and dv.Value.Value == value)
+
+
+async def _seen(*levels: Levels) -> bool:
+    return all(x.seen for x in levels)
+
+
+async def test_a_new_active_rises_only_once_the_old_one_stopped_serving(
+    etcd: Any, store: Store, plc: ModbusPlc
+) -> None:
+    """A comm server on node x still claims to serve (its node lost the key, it has
+    not seen it yet): b, the new leader, waits for it."""
+    old = await store.grant(30)
+    claim = CommReport(service="comm", node="x", role="active", serving=True, epoch=1)
+    await store.put(keys.report("x", "comm"), claim.encode(), lease=old)
+    async with comm_node(etcd.url, "b", plc.port) as b:
+        await until(lambda: level(b, 50, 50), 5, "b at standby level with data")
+        await elect(store, "b")
+        await until(lambda: _role(b, "waiting"), 3, "b waiting for x")
+        assert await b.service_level() == 50
+        assert (await b.write("press-1.speed", 1, ua.VariantType.Int16)).value == S.BadInvalidState
+        released = claim.model_copy(update={"serving": False, "role": "standby", "epoch": None})
+        await store.put(keys.report("x", "comm"), released.encode(), lease=old)
+        await until(lambda: level(b, 255, 255), 3, "b serving once x released")
+
+
+async def _role(comm: CommUnderTest, state: str) -> bool:
+    return bool((await comm.read("_comm.role")).Value.Value == state)
+
+
+async def test_reports_say_which_node_reaches_a_critical_plc(
+    etcd: Any, store: Store, plc: ModbusPlc
+) -> None:
+    async with (
+        comm_node(etcd.url, "a", plc.port) as a,
+        comm_node(etcd.url, "b", plc.port),
+    ):
+        await elect(store, "a")
+        await until(lambda: level(a, 255, 255), 5, "a serving")
+
+        async def reach(node: str, ok: bool) -> bool:
+            rep = await report(store, node)
+            return rep is not None and rep.resources["plc:press-1"].ok is ok
+
+        await until(lambda: reach("b", True), 3, "b reaches press-1")
+        # every path from a to the PLC cut: a says so, b still reaches it
+        await plc.stop_path(0)
+        await plc.stop_path(1)
+        await until(lambda: reach("a", False), 3, "a reports press-1 lost")
+        assert await reach("b", True)
+        rep = await report(store, "a")
+        assert rep is not None and rep.plcs["press-1"]["state"] == "down"
+        assert [p["up"] for p in rep.plcs["press-1"]["paths"]] == [False, False]
+        assert await a.service_level() == 0  # active, but no data at all
+        # and b's paths too: nobody reaches it
+        await plc.stop_path(2)
+        await plc.stop_path(3)
+        await until(lambda: reach("b", False), 3, "b reports press-1 lost")
+
+
+async def test_without_etcd_it_serves_data_as_a_standby_and_refuses_writes(
+    plc: ModbusPlc,
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    async with comm_node(dead, "a", plc.port) as a:
+        await until(lambda: level(a, 50, 50), 5, "a at standby level with data")
+        assert (await a.read("_comm.role")).Value.Value == "unknown"
+        assert (await a.write("press-1.speed", 1, ua.VariantType.Int16)).value == S.BadInvalidState
+        assert plc.writes == []
+
+
+async def test_an_active_cut_off_from_etcd_stops_serving_before_its_lease_can_lapse(
+    plc: ModbusPlc,
+) -> None:
+    """etcd hangs (SIGSTOP): the comm server cannot know whether its node is still the
+    active, so it stops serving ttl - margin (1.5 s) after its last acknowledged
+    keepalive, before etcd could let another node's comm server rise."""
+    private = Etcd().start()
+    store = Store(private.url, timeout=2.0)
+    try:
+        async with comm_node(private.url, "a", plc.port) as a:
+            await elect(store, "a")
+            await until(lambda: level(a, 255, 255), 5, "a serving")
+            assert private.proc is not None
+            os.kill(private.proc.pid, signal.SIGSTOP)
+            frozen = time.monotonic()
+            try:
+                await until(lambda: level(a, 10, 199), 3, "a no longer serving")
+                assert time.monotonic() - frozen <= 1.5 + 0.3
+                refused = await a.write("press-1.speed", 1, ua.VariantType.Int16)
+                assert refused.value == S.BadInvalidState
+                await asyncio.sleep(1.0)
+            finally:
+                os.kill(private.proc.pid, signal.SIGCONT)
+            await until(lambda: level(a, 255, 255), 8, "a serving again once etcd is back")
+            assert plc.writes == []
+    finally:
+        await store.close()
+        private.cleanup()
