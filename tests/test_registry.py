@@ -345,8 +345,13 @@ async def test_hapair_registry_serves_until_sigterm(etcd: Any, store: Store) -> 
             assert body["node"] == "asm-a"
     finally:
         proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(DEADLINE_S):
-            _, err = await proc.communicate()
+        try:
+            async with asyncio.timeout(DEADLINE_S):
+                _, err = await proc.communicate()
+        except TimeoutError:
+            proc.kill()  # never leave it behind, even when the test fails
+            await proc.wait()
+            raise
     assert proc.returncode == 0, err.decode()
     assert b"event=listening" in err and b"Traceback" not in err
 
