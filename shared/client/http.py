@@ -86,12 +86,22 @@ class HttpAdapter(Following):
         def retryable(err: BaseException) -> bool:
             if isinstance(err, aiohttp.ClientConnectorError):
                 return True  # the connection was never made: nothing was sent
-            return repeat and isinstance(err, aiohttp.ClientConnectionError | TimeoutError)
+            lost = aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | TimeoutError
+            return repeat and isinstance(err, lost)
 
         async def attempt(endpoint: Endpoint) -> aiohttp.ClientResponse:
             session = self._session_for(endpoint)
             url = endpoint.url(self.scheme or _scheme(endpoint.protocol)) + path
-            return await session.request(method, url, **kwargs)
+            resp = await session.request(method, url, **kwargs)
+            if repeat:
+                # A server that dies between its headers and its body must cost a retry on
+                # the valid server, not an error for the caller: read the body here.
+                try:
+                    await resp.read()
+                except BaseException:
+                    resp.release()
+                    raise
+            return resp
 
         async def discard(resp: aiohttp.ClientResponse) -> None:
             resp.close()
