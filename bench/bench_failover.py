@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import socket
 import statistics
 import sys
@@ -112,7 +113,10 @@ async def main(runs: int) -> None:
     finally:
         await c.stop_all()
         etcd.cleanup()
-    runs_checked = c.assert_no_overlap()
+    try:
+        runs_checked = c.assert_no_overlap()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"\nno overlap across {runs_checked} service runs\n")
     print(f"{'case':<11} {'runs':>4} {'median':>8} {'min':>7} {'max':>7}  target")
     for kind, values in results.items():

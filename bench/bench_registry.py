@@ -138,6 +138,7 @@ def main() -> None:
             stop_pid(registry)
         asyncio.run(c.stop_all())
         etcd.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
     rps_all = [r for r, _ in results]
     p99_all = [p for _, p in results]
     print(
