@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -30,6 +29,7 @@ from shared.network import Network
 from shared.validation import TopologyError as TopologyError
 from shared.validation import expand as expand
 from shared.validation import format_errors as format_errors
+from shared.validation import parse_yaml, read_file
 from shared.validation import placeholders_in as placeholders_in
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
@@ -332,40 +332,15 @@ def parse_site(data: object, source: str) -> Site:
         raise TopologyError(source, format_errors(err)) from None
 
 
-class _Loader(yaml.SafeLoader):
-    """Safe YAML without the date type: a site file has no dates, only strings."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-
 def loads(text: str, source: str = "<text>") -> Site:
-    try:
-        data = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise TopologyError(source, [f"{where}YAML syntax error: {problem}"]) from None
+    data = parse_yaml(text, source, TopologyError)
     if not isinstance(data, dict):
         raise TopologyError(source, ["(top level): expected a mapping with site and workshops"])
     return parse_site(data, source)
 
 
 def load(path: str | Path) -> Site:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as err:
-        raise TopologyError(str(p), [f"cannot read file: {err.strerror}"]) from None
-    except UnicodeDecodeError as err:
-        raise TopologyError(
-            str(p), [f"cannot read file: not UTF-8 text (byte {err.start})"]
-        ) from None
-    return loads(text, str(p))
+    return loads(read_file(path, TopologyError), str(path))
 
 
 def placeholder_values(pair: Pair, node: Node, epoch: int | None) -> dict[str, str]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
+import yaml
 from pydantic import ValidationError
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
@@ -38,3 +40,39 @@ def format_errors(err: ValidationError) -> list[str]:
         message = e["msg"].removeprefix("Value error, ")
         problems.append(f"{path or '(top level)'}: {message}")
     return problems
+
+
+# libyaml's parser when PyYAML has it (10,000 PLC tags load in ~0.7 s instead of ~2.5 s),
+# without the date type: a hapair file has no dates, only strings.
+class YamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    pass
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+Problem = Callable[[str, list[str]], Exception]
+
+
+def parse_yaml(text: str, source: str, error: Problem) -> object:
+    """The document in ``text``; ``error(source, problems)`` is raised for bad YAML."""
+    try:
+        return yaml.load(text, Loader=YamlLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise error(source, [f"{where}YAML syntax error: {problem}"]) from None
+
+
+def read_file(path: str | Path, error: Problem) -> str:
+    """A UTF-8 text file; ``error(path, problems)`` when it cannot be read."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise error(str(p), [f"cannot read file: {err.strerror}"]) from None
+    except UnicodeDecodeError as err:
+        raise error(str(p), [f"cannot read file: not UTF-8 text (byte {err.start})"]) from None
