@@ -154,16 +154,21 @@ class Database:
     async def _keep_sync(self, manager: PgManager, epoch: int, peers_up: set[str]) -> None:
         assert self.status is not None
         now = time.monotonic()
-        streaming = {r.name for r in self.status.replicas if r.name in peers_up}
+        # Only a standby really streaming may be waited for: one still starting, or
+        # diverged and unable to follow, would block every commit.
+        streaming = {
+            r.name for r in self.status.replicas if r.name in peers_up and r.state == "streaming"
+        }
         sync_now = set(self.status.sync_standbys())
         recorded = set(self._recorded.sync) if self._recorded else set()
         if streaming - sync_now:
             sync_now = set(await manager.restore_sync(sorted(streaming)))
-        if sync_now - recorded and sync_now:
+        if sync_now and sync_now != recorded:
             await self._record(epoch, sorted(sync_now), degraded=False)
             self._sync_missing_since = None
             return
-        if recorded and not (recorded & sync_now):
+        waiting = bool(self.status.synchronous_standby_names)
+        if (recorded or waiting) and not sync_now:
             self._sync_missing_since = self._sync_missing_since or now
             if now - self._sync_missing_since >= self.config.degrade_after_s:
                 # Unrecord first: from now on the old standby may not take over.
