@@ -117,14 +117,12 @@ async def test_crash_of_the_active_loses_no_acknowledged_commit(
 ) -> None:
     c, port = db_cluster
     _, epoch = await ready(c, port)
-    writer = Writer(conninfo(port)).start()
-    await until(lambda: _acked(writer, 200), 30, "200 acknowledged commits")
+    writer = await steady_writer(port, 200)
     c.crash("a")  # the agent, its watchdog and PostgreSQL die at the same instant
     await c.active("p", not_epoch=epoch, node="b", timeout=30)
     endpoint = await endpoint_on(c, "b", epoch)
     assert (endpoint.host, endpoint.port, endpoint.protocol) == ("127.0.0.2", port, "postgresql")
-    target = len(writer.acked) + 50
-    await until(lambda: _acked(writer, target), 30, "commits on b")
+    await more_commits(writer, 50, 30, "commits on b")
     await writer.stop()
     lost = set(writer.acked) - await rows_on(port, "127.0.0.2")
     assert not lost, f"{len(lost)} acknowledged commits lost"
@@ -139,8 +137,7 @@ async def test_planned_switchover_loses_nothing_and_the_old_primary_follows(
 
     c, port = db_cluster
     _, epoch = await ready(c, port)
-    writer = Writer(conninfo(port)).start()
-    await until(lambda: _acked(writer, 200), 30, "200 acknowledged commits")
+    writer = await steady_writer(port, 200)
     await c.store.put(keys.switchover("p"), Switchover(to="b").encode())
     await c.active("p", not_epoch=epoch, node="b", timeout=30)
     await endpoint_on(c, "b", epoch)
@@ -150,8 +147,7 @@ async def test_planned_switchover_loses_nothing_and_the_old_primary_follows(
         return st is not None and st.primary == "b" and st.sync == ["a"]
 
     await until(a_sync, 60, "the old primary back as the synchronous standby")
-    target = len(writer.acked) + 50
-    await until(lambda: _acked(writer, target), 30, "commits on b")
+    await more_commits(writer, 50, 30, "commits on b")
     await writer.stop()
     assert not set(writer.acked) - await rows_on(port, "127.0.0.2")
 
@@ -163,6 +159,19 @@ async def test_planned_switchover_loses_nothing_and_the_old_primary_follows(
 
 async def _acked(writer: Writer, n: int) -> bool:
     return len(writer.acked) >= n
+
+
+async def steady_writer(port: int, n: int) -> Writer:
+    """A writer committing as fast as it can, once ``n`` commits were acknowledged."""
+    writer = Writer(conninfo(port)).start()
+    await until(lambda: _acked(writer, n), 30, f"{n} acknowledged commits")
+    return writer
+
+
+async def more_commits(writer: Writer, n: int, timeout: float, what: str) -> None:
+    """Wait for ``n`` more acknowledged commits (the target fixed now, not re-read)."""
+    target = len(writer.acked) + n
+    await until(lambda: _acked(writer, target), timeout, what)
 
 
 async def test_a_frozen_primary_accepts_no_write_once_the_standby_took_over(
@@ -205,8 +214,7 @@ async def test_standby_gone_degrades_to_async_after_its_delay_then_recovers(
 
     c, port = db_cluster
     await ready(c, port)
-    writer = Writer(conninfo(port)).start()
-    await until(lambda: _acked(writer, 100), 30, "100 acknowledged commits")
+    writer = await steady_writer(port, 100)
     c.signal("b", signal.SIGTERM)  # its agent stops, and its database with it
     c.agents["b"].wait(15)
     stopped_at = time.monotonic()
@@ -216,8 +224,7 @@ async def test_standby_gone_degrades_to_async_after_its_delay_then_recovers(
         return st is not None and st.degraded and st.sync == []
 
     await until(degraded, 15, "the primary recorded as degraded, no synchronous standby")
-    target = len(writer.acked) + 50
-    await until(lambda: _acked(writer, target), 15, "commits going on without the standby")
+    await more_commits(writer, 50, 15, "commits going on without the standby")
     times = [at for at, _ in writer.acked_at]
     gaps = [b - a for a, b in itertools.pairwise(times) if b > stopped_at - 1]
     # degrade_after_s is 1 s here; the monitor looks every 0.5 s.
@@ -281,12 +288,10 @@ async def test_three_nodes_quorum_commit_and_the_most_advanced_standby_takes_ove
     await until(quorum, 60, "b and c recorded as the quorum standbys")
     async with await psycopg.AsyncConnection.connect(conninfo(port), autocommit=True) as conn:
         await conn.execute("CREATE TABLE IF NOT EXISTS ticks (id bigint PRIMARY KEY)")
-    writer = Writer(conninfo(port)).start()
-    await until(lambda: _acked(writer, 200), 30, "200 acknowledged commits")
+    writer = await steady_writer(port, 200)
     c.crash("a")
     await c.active("p", not_epoch=epoch, timeout=30)
-    target = len(writer.acked) + 50
-    await until(lambda: _acked(writer, target), 60, "commits on the new primary")
+    await more_commits(writer, 50, 60, "commits on the new primary")
     await writer.stop()
     endpoint = await until(lambda: c.endpoint("p.db"), 10, "the database endpoint")
     node, new_host = endpoint.node, endpoint.host
@@ -309,14 +314,12 @@ async def test_a_postgresql_crash_on_the_active_is_repaired_in_place(
 
     c, port = db_cluster
     _, epoch = await ready(c, port)
-    writer = Writer(conninfo(port)).start()
-    await until(lambda: _acked(writer, 100), 30, "100 acknowledged commits")
+    writer = await steady_writer(port, 100)
     st = await c.status("a")
     pid = (st.database or {}).get("pid") if st else None
     assert isinstance(pid, int)
     os.kill(pid, signal.SIGKILL)  # the postmaster only; the agent lives on
-    target = len(writer.acked) + 50
-    await until(lambda: _acked(writer, target), 30, "commits after the restart in place")
+    await more_commits(writer, 50, 30, "commits after the restart in place")
     await writer.stop()
     assert await c.leader("p") == ("a", epoch), "a PostgreSQL crash alone must not move the pair"
     assert not set(writer.acked) - await rows_on(port, "127.0.0.1")
