@@ -28,6 +28,7 @@ from shared.records import SyncState, decode
 pytestmark = [pytest.mark.e2e, needs_postgres]
 # PostgreSQL sees every loopback client as 127.0.0.1, so the nodes use .1 and .2.
 ADDRESSES = ("127.0.0.1", "127.0.0.2")
+THREE = (*ADDRESSES, "127.0.0.3")
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ async def db_cluster(etcd: Etcd, store: object) -> AsyncIterator[tuple[Cluster, 
 
 @pytest.fixture
 async def db_cluster3(etcd: Etcd, store: object) -> AsyncIterator[tuple[Cluster, int]]:
-    async for cluster in _db_cluster(etcd, (*ADDRESSES, "127.0.0.3")):
+    async for cluster in _db_cluster(etcd, THREE):
         yield cluster
 
 
@@ -68,8 +69,8 @@ async def _db_cluster(etcd: Etcd, addresses: tuple[str, ...]) -> AsyncIterator[t
             shutil.rmtree(root, ignore_errors=True)
 
 
-def conninfo(port: int) -> str:
-    hosts = ",".join(ADDRESSES)
+def conninfo(port: int, addresses: tuple[str, ...] = ADDRESSES) -> str:
+    hosts = ",".join(addresses)
     return (
         f"host={hosts} port={port} dbname=mes user=mes password={PASSWORDS['mes']} "
         "target_session_attrs=read-write connect_timeout=2"
@@ -161,9 +162,9 @@ async def _acked(writer: Writer, n: int) -> bool:
     return len(writer.acked) >= n
 
 
-async def steady_writer(port: int, n: int) -> Writer:
+async def steady_writer(port: int, n: int, addresses: tuple[str, ...] = ADDRESSES) -> Writer:
     """A writer committing as fast as it can, once ``n`` commits were acknowledged."""
-    writer = Writer(conninfo(port)).start()
+    writer = Writer(conninfo(port, addresses)).start()
     await until(lambda: _acked(writer, n), 30, f"{n} acknowledged commits")
     return writer
 
@@ -288,7 +289,8 @@ async def test_three_nodes_quorum_commit_and_the_most_advanced_standby_takes_ove
     await until(quorum, 60, "b and c recorded as the quorum standbys")
     async with await psycopg.AsyncConnection.connect(conninfo(port), autocommit=True) as conn:
         await conn.execute("CREATE TABLE IF NOT EXISTS ticks (id bigint PRIMARY KEY)")
-    writer = await steady_writer(port, 200)
+    # Every node's address: either standby may be the one that takes over.
+    writer = await steady_writer(port, 200, THREE)
     c.crash("a")
     await c.active("p", not_epoch=epoch, timeout=30)
     await more_commits(writer, 50, 60, "commits on the new primary")
