@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -70,18 +71,24 @@ class Etcd:
     peer_port: int = field(default_factory=free_port)
     data_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="hapair-etcd-"))
     proc: subprocess.Popen[bytes] | None = None
+    name: str = "n1"
+    initial_cluster: str = ""  # name=peer-url,...; empty: a cluster of this member alone
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.client_port}"
 
-    def start(self) -> Etcd:
-        peer = f"http://{self.host}:{self.peer_port}"
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
+
+    def start(self, wait: bool = True) -> Etcd:
+        peer = self.peer_url
         self.proc = subprocess.Popen(
             [
                 ETCD,
                 "--name",
-                "n1",
+                self.name,
                 "--data-dir",
                 self.data_dir,
                 "--logger",
@@ -97,17 +104,21 @@ class Etcd:
                 "--initial-advertise-peer-urls",
                 peer,
                 "--initial-cluster",
-                f"n1={peer}",
+                self.initial_cluster or f"{self.name}={peer}",
                 "--initial-cluster-state",
                 "new",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
         wait_for(lambda: port_open(self.host, self.client_port), 10, f"etcd on {self.url}")
         # The port opens a moment before the member accepts requests.
         wait_for(self._ready, 10, "etcd ready")
-        return self
 
     def _ready(self) -> bool:
         out = subprocess.run(
@@ -126,6 +137,62 @@ class Etcd:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+class EtcdCluster:
+    """Three (or ``size``) etcd members on one address, each stopped and started alone.
+
+    A member started again keeps its data directory, so it rejoins as the same member."""
+
+    def __init__(self, size: int = 3, host: str = "127.0.0.1") -> None:
+        self.members = [Etcd(host=host, name=f"m{i}") for i in range(size)]
+        cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for m in self.members:
+            m.initial_cluster = cluster
+
+    @property
+    def url(self) -> str:
+        return ",".join(m.url for m in self.members)
+
+    def start(self) -> EtcdCluster:
+        for m in self.members:  # together: a member is ready only once a quorum is up
+            m.start(wait=False)
+        for m in self.members:
+            m.wait_ready()
+        return self
+
+    def leader(self) -> int:
+        """The index of the member that leads the cluster now."""
+        urls = [m.url for m in self.members]
+
+        def find() -> int | None:
+            out = subprocess.run(
+                ["etcdctl", f"--endpoints={self.url}", "endpoint", "status", "-w", "json"],
+                capture_output=True,
+                env={**os.environ, "ETCDCTL_API": "3"},
+                timeout=5,
+            )
+            for item in json.loads(out.stdout or b"[]"):
+                status = item["Status"]
+                if status["header"]["member_id"] == status["leader"]:
+                    return urls.index(item["Endpoint"])
+            return None
+
+        # wait_for wants a truthy value: member 0 is a leader too.
+        return int(str(wait_for(lambda: (i := find()) is not None and str(i), 10, "a leader")))
+
+    def stop(self, index: int) -> None:
+        proc = self.members[index].proc
+        if proc is not None:
+            stop_pid(proc, signal.SIGKILL)
+            self.members[index].proc = None
+
+    def restart(self, index: int) -> None:
+        self.members[index].start(wait=False)
+
+    def cleanup(self) -> None:
+        for m in self.members:
+            m.cleanup()
 
 
 @contextlib.contextmanager

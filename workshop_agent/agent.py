@@ -38,9 +38,11 @@ from workshop_agent import decide as d
 from workshop_agent import recovery
 from workshop_agent.database import Database, eligible
 from workshop_agent.election import Election, Session
+from workshop_agent.hold import Ledger, Promises
 from workshop_agent.netwatch import RESOURCE, NetWatch
 from workshop_agent.observe import PairObserver, PairState
 from workshop_agent.pg.status import parse_lsn
+from workshop_agent.probes import Hold, HoldReply
 from workshop_agent.settings import AgentSettings
 from workshop_agent.supervisor import Supervisor
 from workshop_agent.watchdog import WatchdogLink
@@ -94,6 +96,13 @@ class Agent:
         self.nodes = Mirror(self.store, keys.NODES_PREFIX, self._changed)
         self.observer = PairObserver(self.me, self.log)
         self.netwatch = NetWatch(self.log, self._changed)
+        self.netwatch.on_hold, self.netwatch.on_hold_reply = self._on_hold, self._on_hold_reply
+        self.ledger = Ledger()  # as the active: the peers' promises during an etcd loss
+        self.promises = Promises()  # as a standby: those this node gave
+        self._campaigning = False
+        self._newest_epoch: int | None = None
+        self._held_by: str | None = None  # for logging changes only
+        self._holding = False  # for logging changes only
         self._last_report: tuple[int, bytes] = (0, b"")
         self.site: Site | None = None
         self.pair: Pair | None = None
@@ -283,6 +292,7 @@ class Agent:
             self.database.open()
             self._db_task = asyncio.create_task(self._db_loop(), name="database")
         self._spawn(self.session.run(), "session")
+        self._spawn(self._holder(), "hold")
         self._spawn(self.netwatch.update(self.pair, self.node), "network-probes")
 
     def _pair_state_paused(self) -> bool:
@@ -290,14 +300,27 @@ class Agent:
 
     def _may_run(self) -> bool:
         """Checked right before any active-only service is spawned."""
-        return (
-            self.session is not None and self.term is not None and self.session.valid(self.clock())
-        )
+        return self.term is not None and self._valid(self.clock())
+
+    def _valid(self, now: float) -> bool:
+        """May this node act as active now: its lease confirmed, or, while etcd cannot
+        be reached, every peer's promise not to campaign (``hold.py``)."""
+        s = self.session
+        return s is not None and s.lease is not None and now < self._fence_point()
+
+    def _fence_point(self) -> float:
+        s = self.session
+        assert s is not None and self.pair is not None
+        point = s.fence_deadline
+        if s.lease is not None and self.term is not None and self.ledger.epoch == self.term:
+            peers = [n.name for n in self.pair.nodes if n.name != self.me]
+            point = max(point, self.ledger.deadline(peers, s.fence_after))
+        return point
 
     # -- the fence timer --------------------------------------------------------------
     def _lease_changed(self) -> None:
         assert self.session is not None and self.watchdog is not None and self.pair is not None
-        deadline = self.session.fence_deadline
+        deadline = self._fence_point()
         if self._fence_timer is not None:
             self._fence_timer.cancel()
             self._fence_timer = None
@@ -312,8 +335,7 @@ class Agent:
         self._changed()
 
     def _fence_due(self) -> None:
-        assert self.session is not None
-        if self.session.valid(self.clock()):
+        if self._valid(self.clock()):
             return
         if self.term is not None or (self.supervisor and self.supervisor.active_up()):
             self._fence("lease not confirmed before the fence point")
@@ -335,6 +357,75 @@ class Agent:
         self.log.bind(epoch=None)
         self.event("fence", reason, epoch=was)
         self._changed()
+
+    # -- riding out an etcd loss (hold.py) --------------------------------------------
+    async def _holder(self) -> None:
+        """As the active, while etcd does not confirm the lease, ask the peers to hold."""
+        session = self.session
+        assert session is not None
+        asking = False
+        while True:
+            now = self.clock()
+            late = session.acked_send is not None and now - session.acked_send > 1.5 * (
+                session.interval
+            )
+            if late and self.term is not None and session.lease is not None:
+                sent = self.netwatch.send_hold(self.term, session.ttl)
+                if sent is not None:
+                    self.ledger.sent(self.term, *sent)
+                if not asking:
+                    self.log.warning(
+                        "etcd does not confirm the lease: asking the peers to hold",
+                        peer_path=sent is not None,
+                    )
+                asking = True
+            elif asking:
+                asking = False
+                self.ledger.clear()
+                self._holding = False
+                self.log.info("etcd confirms the lease again: no longer asking the peers")
+                self._lease_changed()
+            await asyncio.sleep(session.interval / 2)
+
+    def _on_hold_reply(self, reply: HoldReply, now: float) -> None:
+        assert self.pair is not None
+        if self.ledger.answer(reply):
+            assert self.session is not None
+            holding = self._fence_point() > self.session.fence_deadline
+            if holding and not self._holding:
+                self.log.warning(
+                    "holding the pair on the peers' promises while etcd is unreachable",
+                    until_s=round(self._fence_point() - now, 3),
+                )
+            self._holding = holding
+            self._lease_changed()
+        elif not reply.promised:
+            self.log.warning("peer refused to hold", peer=reply.sender, reason=reply.reason)
+
+    def _on_hold(self, hold: Hold, now: float) -> tuple[bool, str]:
+        assert self.pair is not None
+        sup = self.supervisor
+        busy = None
+        if self.term is not None or (sup is not None and sup.active_up()):
+            busy = "this node is active"
+        elif self._campaigning:
+            busy = "this node is campaigning"
+        promised, reason = self.promises.answer(
+            hold,
+            now,
+            ttl=self.pair.failover.lease_ttl_s,
+            busy=busy,
+            newest_epoch=self._newest_epoch,
+        )
+        if promised:
+            self._wake.set()
+        return promised, reason
+
+    def _binding_promise(self, now: float) -> str | None:
+        handover = self._state.handover if self._state else None
+        released = [(handover.from_node, handover.epoch)] if handover is not None else []
+        promise = self.promises.binding(now, released)
+        return None if promise is None else f"{promise.node} (epoch {promise.epoch})"
 
     # -- the loop ---------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -371,6 +462,12 @@ class Agent:
         st = self.observer.observe(self.pair, self.pairs.items, self.nodes.items, now)
         if st.leader is not None:
             self.last_leader = st.leader.node
+            self._newest_epoch = max(self._newest_epoch or 0, st.leader.epoch)
+        held_by = self._binding_promise(now)
+        if held_by != self._held_by:
+            if held_by is not None:
+                self.log.warning("not campaigning: a peer holds the pair", holder=held_by)
+            self._held_by = held_by
         self._state = st
         healthy, _ = self.supervisor.healthy()
         return d.Observation(
@@ -379,7 +476,7 @@ class Agent:
             pair=self.pair,
             synced=self.pairs.synced.is_set() and self.nodes.synced.is_set(),
             lease=self.session.lease,
-            lease_ok=self.session.valid(now),
+            lease_ok=self._valid(now),
             leader=st.leader,
             leader_absent_since=st.leader_absent_since,
             term=self.term,
@@ -393,6 +490,7 @@ class Agent:
             drained=st.drained,
             seen_leader=self.last_leader is not None,
             db_eligible=self._db_eligible(),
+            held_by=held_by,
             switchover=st.switchover,
             handover=st.handover,
             lost=st.lost,
@@ -405,7 +503,7 @@ class Agent:
             case d.Fence(reason):
                 self._fence(reason)
             case d.StartServices(epoch):
-                if self.term == epoch and self.session.valid(self.clock()) and self._db_ready():
+                if self.term == epoch and self._valid(self.clock()) and self._db_ready():
                     self.supervisor.activate(epoch)
             case d.Campaign(stale):
                 await self._campaign(stale)
@@ -439,7 +537,15 @@ class Agent:
             return
         handover = self._state.handover if self._state else None
         target = handover is not None and handover.to == self.me
-        epoch = await self.election.campaign(lease, stale, target)
+        # Checked again here, not only in the decision: a promise may have been given
+        # since. While the campaign is in flight no promise is given (see _on_hold).
+        if self._binding_promise(self.clock()) is not None:
+            return
+        self._campaigning = True
+        try:
+            epoch = await self.election.campaign(lease, stale, target)
+        finally:
+            self._campaigning = False
         if epoch is None:
             return
         assert self.pair is not None
@@ -480,6 +586,7 @@ class Agent:
         if not self.session.valid(self.clock()):
             return
         self.term = epoch
+        self._newest_epoch = max(self._newest_epoch or 0, epoch)
         self._held_since = self.clock()
         self.log.bind(epoch=epoch)
         self.log.info("became active", cause=cause, held=",".join(sorted(held)) or None)

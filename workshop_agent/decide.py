@@ -60,6 +60,7 @@ class HandoverView:
     seen_at: float
     planned: bool = True
     lsn: int | None = None
+    epoch: int = 0  # the term its writer stepped down from
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,9 @@ class Observation:
     synchronous standby): only then may this node take over automatically."""
     seen_leader: bool = False
     """This agent has seen an active node since it started (so this is no cold start)."""
+    held_by: str | None = None
+    """An active that cannot reach etcd holds the pair over the peer path, and this node
+    promised it not to campaign meanwhile (see ``hold.py``)."""
 
     @property
     def lease_ttl(self) -> float:
@@ -316,6 +320,11 @@ def _as_standby(o: Observation) -> Decision:
 def _campaign(o: Observation) -> Decision:
     if not o.synced:
         return Decision("no active node, but the view of etcd is not current: waiting")
+    if o.held_by is not None:
+        return Decision(
+            f"no active node in etcd, but {o.held_by} holds the pair over the peer path "
+            "(it cannot reach etcd) and this node promised not to campaign: waiting"
+        )
     # A live handover finishes even in a paused pair: it is an operator's switchover
     # or this node's own restart, not an automatic failover.
     handover = o.handover

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from shared.log import EventLog
 from shared.records import Resource
 from shared.topology import Node, Pair
-from workshop_agent.probes import NetworkProbes, NetworkSummary, ProbeError
+from workshop_agent.probes import Hold, HoldReply, NetworkProbes, NetworkSummary, ProbeError
 
 RESOURCE = "network"
 
@@ -69,6 +69,9 @@ class NetWatch:
         self._key: tuple[object, ...] | None = None
         self._has_targets = False
         self.state: NetworkState | None = None  # None: the pair has no network section
+        # The holds of workshop_agent/hold.py ride on the peer path.
+        self.on_hold: Callable[[Hold, float], tuple[bool, str]] | None = None
+        self.on_hold_reply: Callable[[HoldReply, float], None] | None = None
 
     async def update(self, pair: Pair, node: Node) -> None:
         """(Re)start the probes when the pair's network section or its nodes changed."""
@@ -88,9 +91,17 @@ class NetWatch:
             self.log.error("network probes cannot start", error=str(err))
             self.state = NetworkState(error=str(err))
             return
+        assert probes.peer_path is not None
+        probes.peer_path.on_hold = self.on_hold
+        probes.peer_path.on_hold_reply = self.on_hold_reply
         self.probes = probes
         self._has_targets = bool(pair.network.probe_targets)
         self.state = NetworkState()
+
+    def send_hold(self, epoch: int, ttl: float) -> tuple[int, float] | None:
+        """Ask the peers to hold; (seq, sent at), or None without a peer path."""
+        path = self.probes.peer_path if self.probes is not None else None
+        return path.send_hold(epoch, ttl) if path is not None else None
 
     def tick(self) -> bool:
         """Read the probes; True when the state changed (logged; the caller records it)."""

@@ -151,4 +151,7 @@ class PairObserver:
         from_node = record.from_node if record is not None else INVALID
         planned = record.planned if record is not None else False
         lsn = record.lsn if record is not None else None
-        return HandoverView(to, from_node, kv.mod_revision, self._handover_seen[1], planned, lsn)
+        epoch = record.epoch if record is not None else 0
+        return HandoverView(
+            to, from_node, kv.mod_revision, self._handover_seen[1], planned, lsn, epoch
+        )

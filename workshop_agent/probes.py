@@ -3,7 +3,9 @@
 - :class:`PeerPath` is one UDP socket on (node address, ``peer_port``) that answers the
   peers' pings and sends this node's own. Each ping carries the sender's name and a
   sequence number; the reply echoes both and says whether the responder itself sees
-  the sender, so a node learns "I see X, but X does not see me" without etcd.
+  the sender, so a node learns "I see X, but X does not see me" without etcd. The same
+  socket carries the hold requests of an active that cannot reach etcd, and the peers'
+  answers (see ``workshop_agent/hold.py``).
 - :class:`TargetProber` probes the pair's ``probe_targets``: ``host:port`` with a TCP
   connect, ``host`` with an ICMP echo (raw socket: the agent runs as root). Both leave
   from the node's own address, so the route tested is the one its services use.
@@ -140,12 +142,45 @@ class Pong:
     sees: bool | None  # does the responder see the pinger?
 
 
-def encode(msg: Ping | Pong) -> bytes:
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """The active, late with etcd: "do not campaign while you hear me" (term ``epoch``)."""
+
+    sender: str
+    seq: int
+    epoch: int
+    ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class HoldReply:
+    """A peer's answer to a hold: ``promised``, or why not."""
+
+    sender: str
+    to: str
+    seq: int
+    epoch: int
+    promised: bool
+    reason: str = ""
+
+
+Message = Ping | Pong | Hold | HoldReply
+MAX_REASON = 200
+
+
+def encode(msg: Message) -> bytes:
     body: dict[str, Any] = {"v": 1, "from": msg.sender, "seq": msg.seq}
-    if isinstance(msg, Ping):
-        body["t"] = "ping"
-    else:
-        body.update(t="pong", to=msg.to, sees=msg.sees)
+    match msg:
+        case Ping():
+            body["t"] = "ping"
+        case Pong():
+            body.update(t="pong", to=msg.to, sees=msg.sees)
+        case Hold():
+            body.update(t="hold", epoch=msg.epoch, ttl=msg.ttl)
+        case HoldReply():
+            body.update(
+                t="held", to=msg.to, epoch=msg.epoch, promised=msg.promised, reason=msg.reason
+            )
     return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -153,7 +188,7 @@ def _name(value: object) -> str | None:
     return value if isinstance(value, str) and _NAME.match(value) else None
 
 
-def decode(data: bytes) -> Ping | Pong | None:
+def decode(data: bytes) -> Message | None:
     """A well-formed message, or None for anything else (never raises)."""
     if len(data) > MAX_DATAGRAM:
         return None
@@ -167,11 +202,27 @@ def decode(data: bytes) -> Ping | Pong | None:
     # bool is an int in Python: refuse it explicitly.
     if sender is None or type(seq) is not int or not 0 <= seq < 2**32:
         return None
-    if body.get("t") == "ping":
+    kind, to = body.get("t"), _name(body.get("to"))
+    if kind == "ping":
         return Ping(sender, seq)
-    to, sees = _name(body.get("to")), body.get("sees")
-    if body.get("t") == "pong" and to is not None and sees in (True, False, None):
+    if kind == "pong":
+        sees = body.get("sees")
+        if to is None or sees not in (True, False, None):
+            return None
         return Pong(sender, to, seq, sees)
+    epoch = body.get("epoch")
+    if type(epoch) is not int or epoch <= 0:
+        return None
+    if kind == "hold":
+        ttl = body.get("ttl")
+        if not isinstance(ttl, int | float) or isinstance(ttl, bool) or not 0 < ttl <= 3600:
+            return None
+        return Hold(sender, seq, epoch, float(ttl))
+    if kind == "held":
+        promised, reason = body.get("promised"), body.get("reason")
+        if to is None or type(promised) is not bool or not isinstance(reason, str):
+            return None
+        return HoldReply(sender, to, seq, epoch, promised, reason[:MAX_REASON])
     return None
 
 
@@ -200,6 +251,9 @@ class PeerPath(asyncio.DatagramProtocol):
         self._peers = {n: _Peer(a, ProbeResult(now)) for n, a in peers.items() if n != me}
         self._seq = int.from_bytes(os.urandom(2), "big")  # a restart does not reuse numbers
         self._transport: asyncio.DatagramTransport | None = None
+        # Set by the agent: answer a peer's hold, take in an answer to our own.
+        self.on_hold: Callable[[Hold, float], tuple[bool, str]] | None = None
+        self.on_hold_reply: Callable[[HoldReply, float], None] | None = None
 
     async def open(self, address: str) -> None:
         loop = asyncio.get_running_loop()
@@ -232,6 +286,15 @@ class PeerPath(asyncio.DatagramProtocol):
             peer.pending = (self._seq, now)
             self._send(Ping(self.me, self._seq), peer.address)
 
+    def send_hold(self, epoch: int, ttl: float) -> tuple[int, float]:
+        """Ask every peer not to campaign while it hears us; (seq, sent at)."""
+        self._seq = (self._seq + 1) % 2**32
+        now = self.clock()
+        for peer in self._peers.values():
+            if peer.address is not None:
+                self._send(Hold(self.me, self._seq, epoch, ttl), peer.address)
+        return self._seq, now
+
     def sees(self, name: str, now: float) -> bool | None:
         """Does this node see ``name``? None while it has not had time to tell."""
         peer = self._peers.get(name)
@@ -247,21 +310,39 @@ class PeerPath(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         msg = decode(data)
-        if isinstance(msg, Ping):
-            now = self.clock()
-            self._send(
-                Pong(self.me, msg.sender, msg.seq, self.sees(msg.sender, now)), addr[0], addr[1]
-            )
-        elif isinstance(msg, Pong):
-            self._answered(msg, addr)
+        match msg:
+            case Ping():
+                now = self.clock()
+                self._send(
+                    Pong(self.me, msg.sender, msg.seq, self.sees(msg.sender, now)),
+                    addr[0],
+                    addr[1],
+                )
+            case Pong():
+                self._answered(msg, addr)
+            case Hold() if self.on_hold is not None and self._from_peer(msg.sender, addr):
+                promised, reason = self.on_hold(msg, self.clock())
+                reply = HoldReply(self.me, msg.sender, msg.seq, msg.epoch, promised, reason)
+                self._send(reply, addr[0], addr[1])
+            case HoldReply() if (
+                self.on_hold_reply is not None
+                and msg.to == self.me
+                and self._from_peer(msg.sender, addr)
+            ):
+                self.on_hold_reply(msg, self.clock())
+
+    def _from_peer(self, name: str, addr: tuple[str | Any, int]) -> bool:
+        """Only a peer's own socket speaks for it: a forged or stray datagram from any
+        other address must never make a peer look visible, or promise anything."""
+        peer = self._peers.get(name)
+        return peer is not None and (addr[0], addr[1]) == (peer.address, self.network.peer_port)
 
     def _answered(self, msg: Pong, addr: tuple[str | Any, int]) -> None:
         peer = self._peers.get(msg.sender)
-        # Only the peer's own socket may answer, and only the ping still waiting: a
-        # stray, late or forged pong must never make a peer look visible.
+        # Only the ping still waiting: a late pong must never make a peer look visible.
         if peer is None or msg.to != self.me or peer.pending is None:
             return
-        if (addr[0], addr[1]) != (peer.address, self.network.peer_port):
+        if not self._from_peer(msg.sender, addr):
             return
         seq, sent = peer.pending
         now = self.clock()
@@ -270,7 +351,7 @@ class PeerPath(asyncio.DatagramProtocol):
         peer.pending = None
         peer.result = replace(peer.result.answered(now, now - sent), sees_me=msg.sees)
 
-    def _send(self, msg: Ping | Pong, address: str, port: int | None = None) -> None:
+    def _send(self, msg: Message, address: str, port: int | None = None) -> None:
         if self._transport is not None:
             self._transport.sendto(encode(msg), (address, port or self.network.peer_port))
 

@@ -1,0 +1,233 @@
+"""The coordinator lost: a three-member etcd, real agents, members killed with SIGKILL.
+
+A lost etcd member or a new etcd leader must not move the pair. With etcd gone for
+longer than the fence point, the active keeps its services only on the promises of
+every other node over the peer path; missing one, it fences as usual. Every test ends
+by proving from the services' own records that no two nodes ran the service at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cluster import Cluster, descendants, holds, pid_alive, until
+from harness import EtcdCluster, free_port
+from test_failover import pair
+
+pytestmark = pytest.mark.e2e
+
+LOST_S = 6.0  # etcd gone for three lease TTLs: far past every fence point
+
+
+@pytest.fixture
+def etcd3() -> Iterator[EtcdCluster]:
+    members = EtcdCluster().start()
+    try:
+        yield members
+    finally:
+        members.cleanup()
+
+
+@pytest.fixture
+async def c3(etcd3: EtcdCluster, tmp_path: Path) -> AsyncIterator[Cluster]:
+    c = Cluster(etcd3, tmp_path)  # type: ignore[arg-type]  # Cluster uses only its url
+    try:
+        yield c
+    finally:
+        await c.stop_all()
+    c.assert_no_overlap()
+
+
+def with_peer_path(spec: dict[str, Any], net: int) -> dict[str, Any]:
+    spec["network"] = {
+        "probe_interval_s": 0.2,
+        "isolation_after_s": 1.0,
+        "peer_port": free_port(f"127.0.{net}.1"),
+    }
+    return spec
+
+
+def service_pids(c: Cluster, node: str) -> set[int]:
+    """The test services running under ``node``'s agent, read from /proc, not etcd."""
+    out = set()
+    for pid in descendants(c.agents[node].pid):
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"svc.py" in cmdline and pid_alive(pid):
+                out.add(pid)
+    return out
+
+
+async def started(c: Cluster, nodes: list[str], net: int, peer_path: bool = True) -> set[int]:
+    spec = pair("p", nodes, net, free_port(), c.record)
+    await c.apply(c.site([with_peer_path(spec, net) if peer_path else spec]))
+    c.start(nodes[0])
+    await c.active("p", node=nodes[0], timeout=20)
+    for n in nodes[1:]:
+        c.start(n)
+        await c.standby(n, timeout=20)
+    pids = service_pids(c, nodes[0])
+    assert len(pids) == 1
+    return pids
+
+
+def only(c: Cluster, node: str, pids: set[int]) -> Callable[[], Any]:
+    async def same() -> bool:
+        others = [n for n in c.agents if n != node]
+        return service_pids(c, node) == pids and not any(service_pids(c, n) for n in others)
+
+    return same
+
+
+async def test_one_member_lost_changes_nothing(etcd3: EtcdCluster, c3: Cluster) -> None:
+    pids = await started(c3, ["a", "b"], 41)
+    lead = await c3.leader("p")
+    follower = next(i for i in range(3) if i != etcd3.leader())
+    etcd3.stop(follower)
+    await holds(only(c3, "a", pids), LOST_S / 2, "the pair changed after one member was lost")
+    assert await c3.leader("p") == lead
+    etcd3.restart(follower)
+
+
+async def test_etcd_leader_lost_changes_nothing(etcd3: EtcdCluster, c3: Cluster) -> None:
+    pids = await started(c3, ["a", "b"], 42)
+    lead = await c3.leader("p")
+    etcd3.stop(etcd3.leader())
+    await holds(only(c3, "a", pids), LOST_S / 2, "the pair changed after the etcd leader died")
+    assert await c3.leader("p") == lead
+
+
+async def test_quorum_lost_the_active_holds_on_its_peers_promises(
+    etcd3: EtcdCluster, c3: Cluster
+) -> None:
+    pids = await started(c3, ["a", "b"], 43)
+    lead = await c3.leader("p")
+    lost = [i for i in range(3) if i != etcd3.leader()]
+    for i in lost:
+        etcd3.stop(i)
+    await holds(only(c3, "a", pids), LOST_S, "the active lost its services without etcd")
+    assert "holding the pair on the peers' promises" in c3.log("a")
+    for i in lost:
+        etcd3.restart(i)
+
+    async def confirmed_again() -> bool:
+        return "etcd confirms the lease again" in c3.log("a")
+
+    await until(confirmed_again, 20, "a's lease confirmed once etcd has its quorum back")
+    assert await c3.leader("p") == lead, "the pair moved"
+    assert service_pids(c3, "a") == pids, "the service was restarted"
+
+
+async def test_quorum_lost_one_peer_silent_the_active_fences(
+    etcd3: EtcdCluster, c3: Cluster
+) -> None:
+    """c's agent is down: it cannot promise, so a may not count on anyone's promise."""
+    pids = await started(c3, ["a", "b", "c"], 44)
+    c3.crash("c")
+    lost = [i for i in range(3) if i != etcd3.leader()]
+    for i in lost:
+        etcd3.stop(i)
+
+    async def fenced() -> bool:
+        return not service_pids(c3, "a")
+
+    # The lease's own fence point (1.5 s) after the last confirmed keepalive.
+    await until(fenced, 4, "a fenced: one peer could not promise")
+    assert not any(pid_alive(p) for p in pids)
+    assert not service_pids(c3, "b")
+    for i in lost:
+        etcd3.restart(i)
+    await c3.active("p", timeout=30)
+
+
+async def test_quorum_lost_without_a_peer_path_the_active_fences(
+    etcd3: EtcdCluster, c3: Cluster
+) -> None:
+    await started(c3, ["a", "b"], 45, peer_path=False)
+    lost = [i for i in range(3) if i != etcd3.leader()]
+    for i in lost:
+        etcd3.stop(i)
+
+    async def fenced() -> bool:
+        return not service_pids(c3, "a")
+
+    await until(fenced, 4, "a fenced: no peer path, nobody to promise")
+    for i in lost:
+        etcd3.restart(i)
+    await c3.active("p", timeout=30)
+
+
+class Cuttable:
+    """A TCP relay to etcd for one agent: cut, it drops every connection and refuses
+    new ones, as a broken link to etcd would; healed, it relays again."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.removeprefix("http://").rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.port = free_port()
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def heal(self) -> None:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        for w in list(self.writers):
+            w.transport.abort()
+        self.writers.clear()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self.writers -= {writer, up_writer}
+
+
+async def test_active_cut_from_etcd_holds_while_its_peer_hears_it(cluster: Cluster) -> None:
+    """Only a's link to etcd breaks: b sees a's key expire, but promised a not to
+    campaign and keeps that promise; a keeps the pair. When a's link comes back its
+    lease is gone: it fences, and the pair is elected again without an overlap."""
+    relay = Cuttable(cluster.etcd.url)
+    await relay.heal()
+    spec = with_peer_path(pair("p", ["a", "b"], 46, free_port(), cluster.record), 46)
+    await cluster.apply(cluster.site([spec]))
+    cluster.start("a", "--etcd", relay.url)
+    _, epoch = await cluster.active("p", node="a")
+    cluster.start("b")
+    await cluster.standby("b")
+    pids = service_pids(cluster, "a")
+    await relay.cut()
+
+    async def key_expired() -> bool:
+        return await cluster.leader("p") is None
+
+    await until(key_expired, 10, "a's leader key expired in etcd")
+    await holds(only(cluster, "a", pids), LOST_S, "b took over though it promised a to hold")
+    assert "not campaigning: a peer holds the pair" in cluster.log("b")
+    await relay.heal()
+    await cluster.active("p", not_epoch=epoch, timeout=20)
+    await relay.cut()

@@ -1,0 +1,143 @@
+"""Riding out an etcd loss: the active keeps its services only where no peer can take over.
+
+When the active's keepalives stop being acknowledged (etcd stalled, lost its quorum, or
+cut off from this node), the lease alone would fence it within ``fence_after_s``. The
+active then asks every other node of its pair, over the peer path (agent to agent, UDP,
+not through etcd), to *hold*: not to campaign while they hear it. A node that answers
+with a promise refuses to campaign until it has heard no hold from that active for the
+lease TTL. The active keeps its services until ``fence_after_s`` after the *send* of the
+oldest of the latest holds every peer has promised on; missing a single peer's promise,
+it fences at the lease's own fence point as usual.
+
+Why this never gives two actives. Assumptions: every agent measures time on its own
+monotonic clock, whose rate differs from real time by less than a drift d, with
+``4·d·TTL < fence_margin_s`` (a quartz clock has d ≈ 1e-4; 0.5 s of margin on a 2 s TTL
+leaves room for d = 0.06), the same assumption the lease's own fence point rests on;
+a datagram is never received before it was sent. Let the active A send hold *k* at
+real time t_k and a peer P receive it at r_k ≥ t_k.
+
+- P promises at r_k not to campaign before it has heard nothing from A for TTL on its
+  own clock, so not before real time r_k + TTL·(1-d) ≥ t_k + TTL·(1-d). A campaign
+  P already had in flight when the hold arrived makes P refuse the promise instead.
+- A counts P's promise for hold *k* only when the reply names *k*. Its fence timer
+  stops its services at t_k + (TTL - fence_margin_s)·(1+d), and its watchdog, should
+  the agent freeze, half a margin later: both before P may campaign.
+- Every other node must have promised: a node that did not (down, cut off, or never
+  asked) is free to campaign once etcd lets it, and the lease rule covers that case.
+- A promise is given only for A's current term (an epoch at least the newest P has
+  seen in etcd) and only by a node that holds no term and runs no active service, so a
+  stale active is refused and fences at its lease's fence point.
+- If etcd reports A's lease lost (not merely unreachable), A fences at once: it may
+  then campaign like anyone else, and so may P once its promise has run out.
+
+A handover record that A itself wrote for that term ends P's promise at once: A wrote it
+after stopping its services.
+
+This module is the pure bookkeeping of both sides; the agent carries the datagrams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from workshop_agent.probes import Hold, HoldReply
+
+KEEP_SENT = 64  # the holds whose promise may still arrive (a few TTLs' worth)
+
+
+class Ledger:
+    """The active's side: the holds it sent in its current term, and who promised."""
+
+    def __init__(self) -> None:
+        self.epoch: int | None = None
+        self._sent: dict[int, float] = {}
+        self._confirmed: dict[str, float] = {}
+        self.refusals: dict[str, str] = {}
+
+    def sent(self, epoch: int, seq: int, at: float) -> None:
+        if epoch != self.epoch:
+            self.clear()
+            self.epoch = epoch
+        self._sent[seq] = at
+        if len(self._sent) > KEEP_SENT:
+            del self._sent[min(self._sent, key=self._sent.__getitem__)]
+
+    def answer(self, reply: HoldReply) -> bool:
+        """Take in a peer's answer; True when it extends that peer's promise."""
+        at = self._sent.get(reply.seq)
+        if reply.epoch != self.epoch or at is None:
+            return False  # not one of the holds of this term
+        if not reply.promised:
+            self.refusals[reply.sender] = reply.reason
+            self._confirmed.pop(reply.sender, None)
+            return False
+        self.refusals.pop(reply.sender, None)
+        if at <= self._confirmed.get(reply.sender, -float("inf")):
+            return False
+        self._confirmed[reply.sender] = at
+        return True
+
+    def deadline(self, peers: Iterable[str], fence_after: float) -> float:
+        """Until when the promises let this node keep its services (``-inf``: they do not).
+
+        Every peer must have promised; the oldest of their latest promised holds counts."""
+        sends = [self._confirmed.get(p) for p in peers]
+        if not sends or any(s is None for s in sends):
+            return -float("inf")
+        return min(s for s in sends if s is not None) + fence_after
+
+    def clear(self) -> None:
+        self.epoch = None
+        self._sent.clear()
+        self._confirmed.clear()
+        self.refusals.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class Promise:
+    node: str
+    epoch: int
+    until: float
+
+
+class Promises:
+    """A standby's side: the promises it gave, and whether it may campaign."""
+
+    def __init__(self) -> None:
+        self._given: dict[str, Promise] = {}
+
+    def answer(
+        self,
+        hold: Hold,
+        now: float,
+        *,
+        ttl: float,
+        busy: str | None,
+        newest_epoch: int | None,
+    ) -> tuple[bool, str]:
+        """Promise ``hold.sender`` not to campaign for the TTL, or say why not.
+
+        ``busy`` names why this node may not promise (it is active, starts services, or
+        has a campaign in flight); ``newest_epoch`` is the newest term it saw in etcd."""
+        if busy is not None:
+            return False, busy
+        if newest_epoch is not None and hold.epoch < newest_epoch:
+            return False, f"epoch {hold.epoch} is stale: epoch {newest_epoch} was elected since"
+        # The longer of the two TTLs: the sender's topology may not be this node's yet.
+        until = now + max(ttl, hold.ttl)
+        given = self._given.get(hold.sender)
+        if given is None or until > given.until or hold.epoch > given.epoch:
+            self._given[hold.sender] = Promise(hold.sender, hold.epoch, until)
+        return True, ""
+
+    def binding(self, now: float, released: Iterable[tuple[str, int]] = ()) -> Promise | None:
+        """The promise that forbids campaigning now, if any.
+
+        ``released``: (node, epoch) of live handover records, each written by that node
+        after it stopped the services of that term."""
+        done = set(released)
+        for node, promise in list(self._given.items()):
+            if now >= promise.until or (node, promise.epoch) in done:
+                del self._given[node]
+        return max(self._given.values(), key=lambda p: p.until, default=None)
