@@ -1,8 +1,9 @@
 """``hapair top``: refresh latency and CPU at idle, on a site of 20 pairs.
 
-A real etcd holds a site of 4 workshops x 5 pairs (two nodes and two services each, an
-active per pair, 50 events); one registry process serves it; ``hapair top`` runs as
-an operator would run it, in a pseudo-terminal of 80x24, in a process of its own.
+A real etcd holds a site of 4 workshops x 5 pairs (two nodes, two services and a
+database each, an active per pair, 50 events); one registry process serves it;
+``hapair top`` runs as an operator would run it, in a pseudo-terminal of 80x24, in a
+process of its own.
 
   latency  an event is written in etcd; measured until its line reaches the terminal
            (etcd -> registry watch -> event stream -> GET /v1/site -> frame). Target
@@ -93,7 +94,23 @@ async def seed(store: Store) -> None:
             records.ServiceStatus(name=s.name, placement="active", state="running", restarts=1)
             for s in pair.services
         ]
-        for node, role, services in ((main, "active", running), (other, "standby", [])):
+        # Each pair's PostgreSQL as well, so that the frames carry the database lines.
+        primary = {
+            "role": "primary",
+            "timeline": 2,
+            "replicas": [{"name": other.name, "sync_state": "sync", "state": "streaming"}],
+        }
+        standby = {
+            "role": "standby",
+            "timeline": 2,
+            "lag_bytes": 0,
+            "lag_s": 0.0,
+            "streaming": True,
+        }
+        for node, role, services, db in (
+            (main, "active", running, primary),
+            (other, "standby", [], standby),
+        ):
             status = records.NodeStatus(
                 node=node.name,
                 pair=pair.name,
@@ -101,6 +118,7 @@ async def seed(store: Store) -> None:
                 role=role,
                 epoch=epoch if role == "active" else None,
                 services=services,
+                database=db,
             )
             await store.put(keys.node_status(node.name), status.encode(), lease=lease)
         service = pair.services[0]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from comm_server.codec import Value
-from comm_server.config import CommConfig, ModbusPlc, ModbusTag
+from comm_server.config import CommConfig
 from comm_server.driver import Driver, WriteError
 from comm_server.level import service_level
 from comm_server.modbus import ModbusDriver
@@ -21,6 +21,7 @@ from comm_server.space import OpcUaSpace, TagSpec, variant_type
 from comm_server.tags import TagTable
 from comm_server.uatypes import S
 from shared.log import EventLog
+from shared.plcs import ModbusPlc, ModbusTag
 from shared.records import Resource
 
 

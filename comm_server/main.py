@@ -1,9 +1,12 @@
 """``hapair-comm``: the communication server, run by the agent as a service of a pair.
 
-    hapair-comm --config plcs.yaml --listen {node.address}:4840
+    hapair-comm --listen {node.address}:4840                     # plcs: of the pair
+    hapair-comm --config plcs.yaml --listen {node.address}:4840  # or a file
 
 The agent gives it ``HAPAIR_NODE``, ``HAPAIR_PAIR``, ``HAPAIR_ETCD`` and
-``HAPAIR_SERVICE``; it learns its role and epoch from etcd by itself. ``--standalone``
+``HAPAIR_SERVICE``; it learns its role and epoch from etcd by itself, and without
+``--config`` its PLC list from the ``plcs:`` section of its pair in the topology,
+which it follows (a changed list restarts the OPC UA server with it). ``--standalone``
 runs it without etcd, always as the active (one server, no pair).
 """
 
@@ -11,19 +14,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import os
 import signal
 import socket
 import sys
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from comm_server.app import CommServer, Listen
-from comm_server.config import ConfigError, load
+from comm_server.config import CommConfig, ConfigError, load
 from comm_server.role import PairRole, StaticRole
+from comm_server.source import PlcListError, TopologyPlcs, plcs_of
+from shared import keys
 from shared import log as logs
 from shared.log import EventLog
-from shared.store import Store
+from shared.store import Store, StoreError, parse_endpoints
+
+T = TypeVar("T")
 
 
 def _listen(text: str) -> Listen:
@@ -39,7 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="hapair-comm",
         description="Redundant PLC communications (Modbus TCP, OPC UA) served over OPC UA.",
     )
-    p.add_argument("--config", required=True, help="the PLC list (YAML with plcs:)")
+    p.add_argument(
+        "--config",
+        help="the PLC list (YAML with plcs:); default: the plcs: of the pair in the topology",
+    )
     p.add_argument(
         "--listen",
         type=_listen,
@@ -63,42 +75,81 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--standalone", action="store_true", help="no etcd, no pair: always serve as the active"
     )
-    p.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    p.add_argument("--check", action="store_true", help="validate the PLC list and exit")
     p.add_argument("--log-level", default=env("HAPAIR_LOG_LEVEL", "info"))
     return p.parse_args(argv)
 
 
+def _usage_error(args: argparse.Namespace) -> str | None:
+    """What is missing from the command line, or None."""
+    if args.standalone and not args.config:
+        return "--standalone needs --config FILE: without etcd there is no topology to read"
+    if args.standalone or (args.check and args.config):
+        return None
+    # The topology needs etcd and the pair; running in a pair needs the node as well.
+    needed = ("etcd", "pair") if args.check else ("etcd", "node", "pair")
+    missing = [f"--{n}" for n in needed if not getattr(args, n)]
+    if missing:
+        env = ", ".join(f"HAPAIR_{n.upper()}" for n in needed)
+        given = f"{', '.join(missing)} missing (or {env} in the environment)"
+        if args.check:
+            return f"{given}: needed to read the PLC list from the topology, or use --config FILE"
+        return f"{given}; use --standalone with --config FILE to run without a pair"
+    try:
+        parse_endpoints(args.etcd)
+    except ValueError as err:
+        return f"--etcd: {err}"
+    return None
+
+
+def _summary(config: CommConfig) -> str:
+    tags = sum(len(p.tags) for p in config.plcs)
+    return f"valid, {len(config.plcs)} PLCs, {tags} tags"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        config = load(args.config)
-    except ConfigError as err:
-        print(err, file=sys.stderr)
+    problem = _usage_error(args)
+    if problem is not None:
+        print(f"hapair-comm: {problem}", file=sys.stderr)
         return 2
-    if args.check:
-        tags = sum(len(p.tags) for p in config.plcs)
-        print(f"{args.config}: valid, {len(config.plcs)} PLCs, {tags} tags")
-        return 0
-    if not args.standalone:
-        missing = [f"--{n}" for n in ("etcd", "node", "pair") if not getattr(args, n)]
-        if missing:
-            print(
-                f"hapair-comm: {', '.join(missing)} missing (or HAPAIR_ETCD, HAPAIR_NODE, "
-                "HAPAIR_PAIR in the environment); use --standalone to run without a pair",
-                file=sys.stderr,
-            )
+    config: CommConfig | None = None
+    if args.config:
+        try:
+            config = load(args.config)
+        except ConfigError as err:
+            print(err, file=sys.stderr)
             return 2
+    if args.check:
+        if config is None:
+            return asyncio.run(_check_topology(args))
+        print(f"{args.config}: {_summary(config)}")
+        return 0
     logs.setup(args.log_level)
     try:
         import uvloop
 
-        uvloop.run(_run(args, config))
+        return uvloop.run(_run(args, config))
     except ImportError:
-        asyncio.run(_run(args, config))
+        return asyncio.run(_run(args, config))
+
+
+async def _check_topology(args: argparse.Namespace) -> int:
+    store = Store(args.etcd, timeout=2.0)
+    where = f"pair {args.pair} in the topology at {store.describe}"
+    try:
+        kv = await store.get(keys.TOPOLOGY)
+        config = plcs_of(kv.value if kv is not None else None, args.pair)
+    except (StoreError, PlcListError) as err:
+        print(f"hapair-comm: {where}: {err}", file=sys.stderr)
+        return 2
+    finally:
+        await store.close()
+    print(f"{where}: {_summary(config)}")
     return 0
 
 
-async def _run(args: argparse.Namespace, config: Any) -> None:
+async def _run(args: argparse.Namespace, config: CommConfig | None) -> int:
     log = EventLog("hapair.comm", node=args.node, pair=args.pair)
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(
@@ -109,6 +160,38 @@ async def _run(args: argparse.Namespace, config: Any) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    store = None if args.standalone else Store(args.etcd, timeout=1.0)
+    source = None if config is not None or store is None else TopologyPlcs(store, args.pair, log)
+    try:
+        if source is not None:
+            source.start()
+            try:
+                config = await _unless(stop, source.first())
+            except PlcListError as err:
+                log.error("no PLC list", problem=str(err))
+                print(f"hapair-comm: {err}", file=sys.stderr)
+                return 2
+        while config is not None:
+            config = await _serve(args, config, store, source, stop, log)
+            if config is not None:
+                log.info("restarting with the PLC list of the topology", plcs=len(config.plcs))
+        return 0
+    finally:
+        if source is not None:
+            await source.close()
+        if store is not None:
+            await store.close()
+
+
+async def _serve(
+    args: argparse.Namespace,
+    config: CommConfig,
+    store: Store | None,
+    source: TopologyPlcs | None,
+    stop: asyncio.Event,
+    log: EventLog,
+) -> CommConfig | None:
+    """Serve ``config`` until a signal (None), or a new PLC list in the topology (it)."""
     who = f"{args.pair}:{args.node}" if not args.standalone else socket.gethostname()
     server = CommServer(
         config,
@@ -118,7 +201,6 @@ async def _run(args: argparse.Namespace, config: Any) -> None:
         name=f"hapair comm server {who}",
         redundancy=args.redundancy,
     )
-    store = None if args.standalone else Store(args.etcd, timeout=1.0)
 
     def role(parts: Any, on_change: Any) -> StaticRole | PairRole:
         if store is None:
@@ -128,21 +210,45 @@ async def _run(args: argparse.Namespace, config: Any) -> None:
     await server.start(role)
     # The address space is a few million long-lived objects; a full collection walking
     # them stalls the loop for tens of milliseconds, a whole poll's budget. Set them
-    # aside from the collector once: they live as long as the process.
+    # aside from the collector while this server runs.
     gc.collect()
     gc.freeze()
     ended = asyncio.create_task(server.wait())
-    waiter = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait([ended, waiter], return_when=asyncio.FIRST_COMPLETED)
-    crashed = ended in done  # a task of the server ended: a bug, made visible below
-    log.info("stopping", reason="a task failed" if crashed else "signal")
-    for task in (ended, waiter):
+    changed: asyncio.Future[CommConfig] = (
+        asyncio.ensure_future(source.changed(config))
+        if source is not None
+        else asyncio.get_running_loop().create_future()
+    )
+    stopping = asyncio.create_task(stop.wait())
+    tasks = (ended, changed, stopping)
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    crashed = ended.done()  # a task of the server ended: a bug, made visible below
+    renewed = changed.done() and not crashed and not stopping.done()
+    log.info(
+        "stopping", reason="a task failed" if crashed else "new PLC list" if renewed else "signal"
+    )
+    for task in tasks:
         task.cancel()
+    gc.unfreeze()  # the old address space must be collectable once stopped
     await server.stop()
-    if store is not None:
-        await store.close()
     if crashed:
         ended.result()
+    return changed.result() if renewed else None
+
+
+async def _unless(stop: asyncio.Event, work: Awaitable[T]) -> T | None:
+    """``work``'s result, or None once ``stop`` is set first."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait((task, stopping), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    return task.result() if not task.cancelled() else None
 
 
 if __name__ == "__main__":

@@ -29,10 +29,10 @@ from comm_server.codec import (
     registers_bytes,
     split_block,
 )
-from comm_server.config import ModbusPlc
 from comm_server.driver import Driver, PathError, WriteError
 from comm_server.tags import TagTable
 from comm_server.uatypes import S
+from shared.plcs import ModbusPlc
 
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # we log path changes ourselves
 

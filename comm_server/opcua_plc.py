@@ -14,10 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 from comm_server.codec import INTEGER_RANGE, Value
-from comm_server.config import OpcUaPlc
 from comm_server.driver import Driver, PathError, WriteError
 from comm_server.tags import TagTable
 from comm_server.uatypes import Client, S, ua
+from shared.plcs import OpcUaPlc
 
 VARIANT = {
     "bool": ua.VariantType.Boolean,

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from shared.plcs import PathHealth as PathReport
+
 
 @dataclass
 class PathHealth:
@@ -25,14 +27,14 @@ class PathHealth:
     errors: int = 0
     last_error: str = ""
 
-    def report(self) -> dict[str, object]:
-        return {
-            "endpoint": self.endpoint,
-            "up": self.up,
-            "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 2),
-            "errors": self.errors,
-            "last_error": self.last_error or None,
-        }
+    def report(self) -> PathReport:
+        return PathReport(
+            endpoint=self.endpoint,
+            up=self.up,
+            latency_ms=None if self.latency_ms is None else round(self.latency_ms, 2),
+            errors=self.errors,
+            last_error=self.last_error or None,
+        )
 
 
 class PathSwitch:

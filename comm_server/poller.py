@@ -16,12 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from comm_server.codec import Value
-from comm_server.config import ModbusPlc, OpcUaPlc
 from comm_server.driver import Driver, PathError, WriteError
 from comm_server.paths import PathSwitch
 from comm_server.tags import TagTable
 from comm_server.uatypes import S
 from shared.log import EventLog
+from shared.plcs import ModbusPlc, OpcUaPlc, PlcHealth
 
 PlcConfig = ModbusPlc | OpcUaPlc
 
@@ -246,14 +246,15 @@ class PlcPoller:
             text += "; " + self.table.summary()
         return text
 
-    def report(self) -> dict[str, object]:
-        return {
-            "state": self.state,
-            "path": self.switch.current,
-            "paths": [p.report() for p in self.switch.paths],
-            "tags": self.table.counts(),
-            "problem": self.problem or None,
-        }
+    def report(self) -> PlcHealth:
+        return PlcHealth(
+            state=self.state,
+            path=self.switch.current,
+            paths=[p.report() for p in self.switch.paths],
+            tags=self.table.counts(),
+            problem=self.problem or None,
+            critical=self.plc.critical,
+        )
 
     # -- writes -----------------------------------------------------------------------
     async def write(self, index: int, value: Value, may_send: Callable[[], bool]) -> str:

@@ -29,16 +29,16 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from typing import Any
 
 from pydantic import Field
 
 from shared import keys
 from shared.log import EventLog
+from shared.plcs import PlcHealth
 from shared.records import Leader, RecordError, Resource, ServiceReport, decode
 from shared.store import Mirror, Store, StoreError
 
-ReportParts = tuple[dict[str, Resource], dict[str, dict[str, Any]]]
+ReportParts = tuple[dict[str, Resource], dict[str, PlcHealth]]
 
 
 class CommReport(ServiceReport):
@@ -48,7 +48,7 @@ class CommReport(ServiceReport):
     role: str = "standby"
     serving: bool = False
     epoch: int | None = None
-    plcs: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    plcs: dict[str, PlcHealth] = Field(default_factory=dict)
 
 
 class StaticRole:
@@ -257,7 +257,7 @@ class PairRole:
                 serving,
                 epoch,
                 sorted((k, r.ok) for k, r in resources.items()),
-                sorted((k, p.get("state"), p.get("path")) for k, p in plcs.items()),
+                sorted((k, p.state, p.path) for k, p in plcs.items()),
             )
         ).encode()
         return report.encode(), significant

@@ -14,7 +14,16 @@ it dies, so a crashed node comes back (as standby) by itself.
 SIGKILL; with ``--server``, every process the agent started dies with it at once, as
 in a power cut.
 
-What is shown (read from etcd and the registry) is in ``demo_view.py`` beside this file.
+On the pair with a database and the batch process (``cell``) the demo tells a story of
+assisted recovery by itself (``--no-scenario`` to skip it): the batch runs, the main
+node crashes in the middle of a batch, the other one takes over and holds the batch
+until an operator acknowledges (the demo does it after ``--ack-after`` seconds if
+nobody did), the batch goes on at the next step, and the steps are checked from the
+database. ``--exit-after-scenario`` stops the demo then, with status 0 if the check
+passed.
+
+What is shown (read from etcd and the registry) is in ``demo_view.py`` beside this file;
+the site made local and the story are in ``demo_scenario.py``.
 """
 
 from __future__ import annotations
@@ -182,6 +191,17 @@ def stop_procs(procs: list[Proc], grace: float, hurry: list[bool], say: Any) -> 
             say(f"  {p.name} (pid {p.pid}) {p.exit_text()}")
 
 
+def crash_tree(pid: int) -> dict[int, int]:
+    """A server crash: freeze ``pid`` (so it cannot react to its children dying), then
+    SIGKILL every process it started and itself. What was killed besides it."""
+    signal_pid(pid, signal.SIGSTOP)
+    tree = descendants(pid)
+    for child in tree:
+        signal_pid(child, signal.SIGKILL)
+    signal_pid(pid, signal.SIGKILL)
+    return tree
+
+
 def reap_orphans(known: set[int]) -> None:
     """Collect the exit status of orphans we adopted as subreaper (no zombies)."""
     me = os.getpid()
@@ -224,6 +244,19 @@ def port_is_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def _kind(cmdline: str) -> str:
+    """What a process of an agent is, in a word."""
+    argv = cmdline.split()
+    if not argv:
+        return "exited"
+    if Path(argv[0]).name.startswith("postgres"):
+        return "postgres"
+    script = next((Path(a).name for a in argv[1:] if a.endswith(".py")), None)
+    if "-m" in argv[:-1]:
+        return argv[argv.index("-m") + 1]
+    return script or Path(argv[0]).name
 
 
 def _agent_text(proc: Proc | None, now: float) -> str:
@@ -276,8 +309,19 @@ def _forget_stale_tmp(run_dir: Path) -> None:
     with contextlib.suppress(OSError):
         old = Path(marker.read_text().strip())
         if old.name.startswith("hapair-demo-") and old.parent == Path(tempfile.gettempdir()):
+            _kill_postmasters(old)
             shutil.rmtree(old, ignore_errors=True)
         marker.unlink()
+
+
+def _kill_postmasters(tmp: Path) -> None:
+    """A standby's PostgreSQL outlives its agent (the agent finds it again when it
+    restarts): those of a demo killed with SIGKILL would be left running."""
+    for pid_file in tmp.glob("pg/*/*/*/postmaster.pid"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pid = int(pid_file.read_text().splitlines()[0])
+            if str(pid_file.parent) in _cmdline(pid):
+                signal_pid(pid, signal.SIGKILL)
 
 
 def _wait(what: str, ready: Any, proc: Proc, timeout: float) -> None:
@@ -321,6 +365,8 @@ Ask the registry as a client would ({registry}):
   curl -s "$HAPAIR_REGISTRY/v1/endpoints/{service}?after_epoch=0&wait_s=30"
   curl -sN $HAPAIR_REGISTRY/v1/events
   curl -s -X POST $HAPAIR_REGISTRY/v1/pairs/{pair.name}/switchover
+Watch the site as an operator would (acknowledge a recovery with a, switch over with s):
+  hapair top
 Crashed agents, the registry and etcd come back after a few seconds, as under systemd.
 Logs: {_rel(run_dir / "logs")}/      Ctrl-C here stops everything.
 """
@@ -339,6 +385,7 @@ class Demo:
     seen: dict[int, int] = field(default_factory=dict)
     etcd_url: str = ""
     registry_url: str = ""
+    scenario: Any = None
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HAPAIR_")}
@@ -355,6 +402,26 @@ class Demo:
     def write_pid(self, proc: Proc) -> None:
         (self.run_dir / "pids").mkdir(exist_ok=True)
         (self.run_dir / "pids" / proc.name).write_text(f"{proc.pid}\n")
+
+    def local_site(self) -> Path:
+        """The site file with what must be local to this demo filled in (see
+        ``demo_scenario.localise``), written to the temporary directory."""
+        import yaml
+        from demo_scenario import localise
+
+        from shared.topology import TopologyError, parse_site
+        from shared.validation import parse_yaml
+
+        path = self.tmp / "site.yaml"
+        try:
+            doc = parse_yaml(Path(self.args.site).read_text(), str(self.args.site), TopologyError)
+            assert isinstance(doc, dict)  # the file was validated at start
+            doc = localise(doc, self.tmp, sys.executable, ROOT, self.registry_url, self.say)
+            path.write_text(yaml.safe_dump(doc, sort_keys=False))
+            self.site = parse_site(doc, str(path))
+        except (TopologyError, OSError) as err:
+            raise DemoError(f"cannot make the site local to the demo: {err}") from None
+        return path
 
     def start(self) -> None:
         logs = self.run_dir / "logs"
@@ -383,7 +450,17 @@ class Demo:
         _wait("etcd", lambda: http("GET", health)[1] == {"health": "true"}, etcd, 20)
         self.say(f"etcd      {self.etcd_url}  (pid {etcd.pid})")
 
-        cli = [str(self.bin_dir / "hapair"), "topology", "apply", str(self.args.site)]
+        # The registry's address goes into the site (a service follows the database
+        # through it), so it is chosen first.
+        port = self.args.registry_port
+        if port == 0 or not port_is_free(host, port):
+            if port:
+                self.say(f"port {port} is in use: the registry takes a free port")
+            port = free_port(host)
+        self.registry_url = f"http://{host}:{port}"
+
+        site_file = self.local_site()
+        cli = [str(self.bin_dir / "hapair"), "topology", "apply", str(site_file)]
         done = subprocess.run(
             [*cli, "--etcd", self.etcd_url],
             capture_output=True,
@@ -397,14 +474,8 @@ class Demo:
         if done.returncode != 0:
             raise DemoError(f"`hapair topology apply` failed ({done.returncode}):\n{output}")
         applied = output.replace("\n", "\n    ")
-        self.say(f"topology  {_rel(Path(self.args.site))} applied: {applied}")
+        self.say(f"topology  {_rel(Path(self.args.site))} (made local) applied: {applied}")
 
-        port = self.args.registry_port
-        if port == 0 or not port_is_free(host, port):
-            if port:
-                self.say(f"port {port} is in use: the registry takes a free port")
-            port = free_port(host)
-        self.registry_url = f"http://{host}:{port}"
         registry = self.spawn(
             Proc(
                 "registry",
@@ -495,6 +566,7 @@ class Demo:
         from rich.live import Live
 
         services = [s.name for p in self.site.pairs() for s in p.services if s.endpoint]
+        services += [f"{p.name}.db" for p in self.site.pairs() if p.database is not None]
         header = (
             f"site {self.site.site}   etcd {self.etcd_url}   "
             f"registry {self.registry_url}   logs {_rel(self.run_dir / 'logs')}/"
@@ -514,6 +586,12 @@ class Demo:
                 for line in changes(old, state, seen_events):
                     self.say(line)
                 old = state
+                if self.scenario is not None and not self.scenario.done:
+                    self.scenario.tick(state, time.monotonic())
+                    if self.scenario.done:
+                        if self.args.exit_after_scenario:
+                            break
+                        self.say("the story is over; the site keeps running (Ctrl-C stops it)")
                 if live is not None:
                     stamp = time.strftime("%H:%M:%S")
                     now = time.monotonic()
@@ -525,6 +603,47 @@ class Demo:
                 self.seen.update(descendants(os.getpid()))
                 reap_orphans({p.pid for p in self.procs if p.pid})
                 time.sleep(self.args.interval)
+
+    def start_scenario(self) -> None:
+        """The assisted-recovery story, on the pair with a database and a held service."""
+        from demo_scenario import BatchScenario, held_service
+
+        found = held_service(self.site)
+        if self.args.no_scenario or found is None:
+            return
+        pair, service = found
+        self.scenario = BatchScenario(
+            pair,
+            service,
+            hapair=str(self.bin_dir / "hapair"),
+            etcd_url=self.etcd_url,
+            env=self.env(HAPAIR_OPERATOR="demo"),
+            crash=self.crash_node,
+            ack_after=self.args.ack_after,
+            say=self.say,
+            now=time.monotonic(),
+        )
+        self.say(
+            f"the story: {service.name} runs on {pair.name}; once {pair.nodes[0].name} is half "
+            f"way through a batch, the demo crashes it (as `python {_rel(Path(__file__))} "
+            f"crash {pair.nodes[0].name} --server` would)"
+        )
+
+    def crash_node(self, node: str) -> str:
+        """Kill the node's agent and everything it started, at once; what was killed."""
+        proc = self.agents[node]
+        if proc.pid is None or not proc.alive():
+            return "its agent was not running"
+        names: dict[str, int] = {}
+        for pid in descendants(proc.pid):
+            name = _kind(_cmdline(pid))
+            names[name] = names.get(name, 0) + 1
+        tree = crash_tree(proc.pid)
+        what = ", ".join(f"{n} x{c}" if c > 1 else n for n, c in sorted(names.items()))
+        return (
+            f"SIGKILL to its agent (pid {proc.pid}) and the {len(tree)} processes it "
+            f"started ({what})"
+        )
 
     def stop(self, hurry: list[bool]) -> None:
         self.seen.update(descendants(os.getpid()))
@@ -623,12 +742,15 @@ def run(args: argparse.Namespace) -> int:
         )
         demo.start()
         console.print(
-            _help(site, run_dir, bin_dir, demo.registry_url),
+            _help(demo.site, run_dir, bin_dir, demo.registry_url),
             markup=False,
             highlight=False,
             soft_wrap=True,
         )
+        demo.start_scenario()
         demo.watch(console)
+        if demo.scenario is not None and args.exit_after_scenario:
+            code = 0 if demo.scenario.ok else 1
     except (KeyboardInterrupt, Stop):
         pass
     except DemoError as err:
@@ -665,11 +787,7 @@ def crash(args: argparse.Namespace) -> int:
         signal_pid(pid, signal.SIGKILL)
         print(f"killed the agent of {args.node} (pid {pid}) with SIGKILL")
         return 0
-    signal_pid(pid, signal.SIGSTOP)  # frozen, it cannot react to its children dying
-    tree = descendants(pid)
-    for child in tree:
-        signal_pid(child, signal.SIGKILL)
-    signal_pid(pid, signal.SIGKILL)
+    tree = crash_tree(pid)
     print(
         f"killed the agent of {args.node} (pid {pid}) and the {len(tree)} processes it "
         f"started ({' '.join(map(str, sorted(tree))) or '-'}) with SIGKILL"
@@ -722,6 +840,23 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="seconds before a dead process is started again (default 5)",
     )
     p.add_argument("--no-restart", action="store_true", help="do not restart dead processes")
+    p.add_argument(
+        "--no-scenario",
+        action="store_true",
+        help="do not crash the batch's pair by itself (the assisted-recovery story)",
+    )
+    p.add_argument(
+        "--ack-after",
+        type=float,
+        default=30.0,
+        help="in the story, acknowledge the recovery after this many seconds if nobody "
+        "did; negative: wait for the operator (default 30)",
+    )
+    p.add_argument(
+        "--exit-after-scenario",
+        action="store_true",
+        help="stop once the story is over; exit status 0 if its check passed",
+    )
     p.add_argument("--interval", type=float, default=0.5, help="refresh period, s (0.5)")
     p.add_argument(
         "--duration",

@@ -74,6 +74,8 @@ class State:
     error: str | None = None
     leaders: dict[str, tuple[str, int]] = field(default_factory=dict)
     paused: dict[str, dict[str, Any]] = field(default_factory=dict)
+    recovery: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sync: dict[str, dict[str, Any]] = field(default_factory=dict)
     drained: dict[str, dict[str, Any]] = field(default_factory=dict)
     status: dict[str, dict[str, Any]] = field(default_factory=dict)
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
@@ -109,6 +111,10 @@ def read_state(etcd_url: str, registry_url: str, services: list[str]) -> State:
                 state.leaders[parts[1]] = (str(_json(value).get("node", "?")), created)
             elif parts[-1] == "paused" and len(parts) == 3:
                 state.paused[parts[1]] = _json(value)
+            elif parts[-1] == "recovery" and len(parts) == 3:
+                state.recovery[parts[1]] = _json(value)
+            elif parts[-1] == "sync_standby" and len(parts) == 3:
+                state.sync[parts[1]] = _json(value)
         for key, value, _ in etcd_range(etcd_url, keys.NODES_PREFIX):
             parts = keys.split(key)
             if parts[-1] == "status" and len(parts) == 3:
@@ -160,6 +166,23 @@ def changes(old: State | None, new: State, seen_events: set[str]) -> Iterator[st
         if (pair in new.paused) != (old is not None and pair in old.paused):
             by = new.paused.get(pair, {}).get("by")
             yield f"{pair}: automatic failover PAUSED by {by}" if by else f"{pair}: resumed"
+    for pair, rec in sorted(new.recovery.items()):
+        seen = old.recovery.get(pair) if old else None
+        if seen is None or (rec.get("epoch"), rec.get("state")) != (
+            seen.get("epoch"),
+            seen.get("state"),
+        ):
+            if rec.get("state") == "awaiting":
+                yield (
+                    f"{pair}: AWAITING OPERATOR at epoch {rec.get('epoch')} "
+                    f"({rec.get('cause')}): held {', '.join(rec.get('held', []))}"
+                )
+            else:
+                by = rec.get("acked_by")
+                yield f"{pair}: recovery at epoch {rec.get('epoch')} acknowledged by {by}"
+        if rec.get("contexts") and rec["contexts"] != (seen or {}).get("contexts"):
+            for service, ctx in sorted(rec["contexts"].items()):
+                yield f"{pair}: {context_text(service, ctx)}"
     for node in sorted(set(new.drained) | set(old.drained if old else {})):
         if (node in new.drained) != (old is not None and node in old.drained):
             yield f"{node}: drained" if node in new.drained else f"{node}: undrained"
@@ -182,6 +205,41 @@ def changes(old: State | None, new: State, seen_events: set[str]) -> Iterator[st
                     for k in ("kind", "pair", "node", "epoch", "reason")
                     if event.get(k) not in (None, "")
                 )
+
+
+def context_text(service: str, ctx: dict[str, Any]) -> str:
+    """Where a held service would resume, from the context its new active published."""
+    if ctx.get("error"):
+        return f"{service}: process context unreadable: {ctx['error']}"
+    if ctx.get("step") is None:
+        return f"{service}: no process context (it never committed a step)"
+    state = ", ".join(f"{k}={v}" for k, v in (ctx.get("state") or {}).items())
+    text = f"{service} would resume at step {ctx['step']}" + (f" ({state})" if state else "")
+    if ctx.get("last_step") is not None:
+        at = ctx.get("committed_at")
+        when = time.strftime("%H:%M:%S", time.localtime(float(at))) if at else "?"
+        text += f"; last committed: step {ctx['last_step']} by epoch {ctx.get('epoch')} at {when}"
+    return text
+
+
+def database_text(db: dict[str, Any]) -> str:
+    """A node's PostgreSQL: role, and what a commit waits for or how far behind it is."""
+    role = str(db.get("role", "?"))
+    if role == "primary":
+        sync = [
+            str(r.get("name"))
+            for r in db.get("replicas") or []
+            if isinstance(r, dict) and r.get("sync_state") in ("sync", "quorum")
+        ]
+        return (
+            f"db primary, sync standby {', '.join(sync)}" if sync else "db primary, NO sync standby"
+        )
+    if role == "standby":
+        if not db.get("streaming"):
+            return "db standby NOT STREAMING"
+        lag = db.get("lag_bytes")
+        return "db standby" + (f" lag {lag} B" if lag is not None else "")
+    return f"db {role}"
 
 
 # --- the view ------------------------------------------------------------------------------
@@ -229,6 +287,8 @@ def render(site: Any, state: State, agents: dict[str, str], header: str, footer:
                 if svc.get("restarts"):
                     text += f" restarts {svc['restarts']}"
                 services.append(text)
+            if status and isinstance(status.get("database"), dict):
+                services.append(database_text(status["database"]))
             nodes.add_row(
                 pair_text if i == 0 else "",
                 node.name,
@@ -242,18 +302,34 @@ def render(site: Any, state: State, agents: dict[str, str], header: str, footer:
     for column in ("service", "pair", "registry GET /v1/endpoints/{service}", "answering"):
         endpoints.add_column(column)
     for pair in site.pairs():
-        for svc in pair.services:
-            if svc.endpoint is None:
-                continue
-            reply = state.endpoints.get(svc.name, (None, "not asked yet"))
-            answer = state.answers.get(svc.name)
+        names = [(s.name, s.critical) for s in pair.services if s.endpoint is not None]
+        if pair.database is not None:
+            names.append((f"{pair.name}.db", False))
+        for name, critical in names:
+            reply = state.endpoints.get(name, (None, "not asked yet"))
+            answer = state.answers.get(name)
             endpoints.add_row(
-                svc.name + (" (critical)" if svc.critical else ""),
+                name + (" (critical)" if critical else ""),
                 pair.name,
                 Text(endpoint_text(reply), style="green" if reply[0] == 200 else "yellow"),
                 Text(answer or "no", style="green" if answer else "red"),
             )
-    parts: list[Any] = [Text(header, style="bold"), nodes, Text(""), endpoints]
+    parts: list[Any] = [Text(header, style="bold"), nodes]
+    for pair in site.pairs():
+        rec = state.recovery.get(pair.name)
+        leader = state.leaders.get(pair.name)
+        if not rec or rec.get("state") != "awaiting" or not leader or leader[1] != rec.get("epoch"):
+            continue
+        line = Text(f"{pair.name} AWAITING OPERATOR", style="bold black on yellow")
+        line.append(
+            f" {rec.get('cause')}; held: {', '.join(rec.get('held', []))}; "
+            f"acknowledge: hapair ack {pair.name} --epoch {rec.get('epoch')} (or a in hapair top)",
+            style="yellow",
+        )
+        parts.append(line)
+        for service, ctx in sorted((rec.get("contexts") or {}).items()):
+            parts.append(Text("  " + context_text(service, ctx), style="yellow"))
+    parts += [Text(""), endpoints]
     if state.error:
         parts.append(Text(state.error, style="bold red"))
     if state.events:

@@ -250,6 +250,44 @@ async def ack(args: argparse.Namespace) -> int:
     return OK
 
 
+async def takeover(args: argparse.Namespace) -> int:
+    async with connected(args) as store:
+        risk = await admin.takeover_risk(store, args.pair, args.node)
+        warning = risk.warning()
+        if warning is not None:
+            say(f"WARNING: {warning}")
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise Failed(USAGE, "no terminal to confirm on: add --yes to force the takeover")
+            prompt = f"force {args.node} to take pair {args.pair} over? type the pair's name: "
+            if (await asyncio.to_thread(input, prompt)).strip() != args.pair:
+                raise Failed(REFUSED, "takeover cancelled: nothing was changed")
+        request = await admin.force_takeover(store, args.pair, args.node, operator(), args.reason)
+        say(
+            f"takeover of pair {args.pair} by {args.node} forced (request {request.id}); "
+            f"it lapses unused after {admin.TAKEOVER_VALID_S} s"
+        )
+        if args.wait <= 0:
+            return OK
+
+        async def taken() -> bool:
+            kv = await store.get(keys.leader(args.pair))
+            leader = records.decode(records.Leader, kv.value, kv.key) if kv else None
+            return leader is not None and leader.node == args.node
+
+        deadline = asyncio.get_running_loop().time() + args.wait
+        while not await taken():
+            if asyncio.get_running_loop().time() > deadline:
+                raise Failed(
+                    REFUSED,
+                    f"{args.node} did not take pair {args.pair} over within {args.wait:g} s; "
+                    "see hapair status",
+                )
+            await asyncio.sleep(0.1)
+        say(f"{args.node} is active in pair {args.pair}")
+        return OK
+
+
 async def resume(args: argparse.Namespace) -> int:
     async with connected(args) as store:
         was = await admin.resume(store, args.pair, operator())
@@ -285,6 +323,20 @@ async def undrain(args: argparse.Namespace) -> int:
         f"at {_when(was.at)})"
     )
     return OK
+
+
+# ---- drill ------------------------------------------------------------------------
+
+
+async def drill(args: argparse.Namespace) -> int:
+    from registry import drill as drills
+
+    async with connected(args) as store:
+        try:
+            ok = await drills.command(args, store, say, operator())
+        except drills.DrillError as err:
+            raise Failed(USAGE if err.usage else REFUSED, str(err)) from None
+    return OK if ok else REFUSED
 
 
 # ---- the command line -------------------------------------------------------------
@@ -387,6 +439,18 @@ def parser() -> argparse.ArgumentParser:
     _etcd(p)
     p.set_defaults(func=ack)
 
+    p = sub.add_parser(
+        "takeover",
+        help="force a node to take a pair with no active node, accepting possible data loss",
+    )
+    p.add_argument("pair")
+    p.add_argument("node")
+    p.add_argument("--reason", default="", help="why, for the event log")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    _etcd(p)
+    _wait(p)
+    p.set_defaults(func=takeover)
+
     p = sub.add_parser("resume", help="turn automatic failover back on for a pair")
     p.add_argument("pair")
     _etcd(p)
@@ -403,6 +467,36 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("node")
     _etcd(p)
     p.set_defaults(func=undrain)
+
+    p = sub.add_parser(
+        "drill",
+        help="inflict one fault on a pair (test sites) and measure outage, takeover, data loss",
+    )
+    p.add_argument("pair")
+    p.add_argument(
+        "--fault",
+        required=True,
+        choices=["crash", "freeze", "service", "partition", "switchover"],
+        help="all but switchover must run on the active node itself",
+    )
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--service", help="the service to kill (service) and to watch")
+    p.add_argument(
+        "--duration",
+        type=_seconds,
+        metavar="S",
+        help="how long a freeze or partition lasts (default: 3 lease TTLs, at least 5 s)",
+    )
+    p.add_argument(
+        "--timeout", type=_seconds, default=30.0, metavar="S", help="wait for recovery (30)"
+    )
+    p.add_argument(
+        "--registry",
+        default=os.environ.get("HAPAIR_REGISTRY"),
+        help="registries URL[,URL...] to measure through (default: $HAPAIR_REGISTRY)",
+    )
+    _etcd(p)
+    p.set_defaults(func=drill)
     return root
 
 

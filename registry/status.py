@@ -13,7 +13,14 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from shared.report import EventReport, NodeReport, PairReport, SiteReport
+from shared.report import (
+    ContextReport,
+    EventReport,
+    NodeReport,
+    PairReport,
+    PlcReport,
+    SiteReport,
+)
 
 ROLE_STYLES = {
     "active": "bold green",
@@ -58,10 +65,38 @@ def _pair_cell(pair: PairReport, now: float) -> Text:
         text.append("\n AWAITING OPERATOR ", style="bold black on yellow")
         text.append(f"\n{rec.cause} {ago(now - rec.at)} ago", style="yellow")
         text.append(f"\nheld: {', '.join(rec.held)}", style="yellow")
+        for service, ctx in sorted((rec.contexts or {}).items()):
+            text.append("\n")
+            text.append_text(context_text(service, ctx, "\n  "))
         text.append(f"\nhapair ack {pair.name} --epoch {rec.epoch}", style="yellow")
     if pair.switchover is not None:
         target = pair.switchover.to or "best standby"
         text.append(f"\nswitchover to {target} pending", style="yellow")
+    return text
+
+
+def _values(values: dict[str, object]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
+def context_text(service: str, ctx: ContextReport, sep: str = "; ") -> Text:
+    """Where a held service's process would resume, from its committed context."""
+    if ctx.error is not None:
+        return Text(f"{service}: process context unreadable: {ctx.error}", style="bold red")
+    if ctx.step is None:
+        return Text(f"{service}: no process context (never committed a step)", style="yellow")
+    text = Text(f"{service} resumes at step {ctx.step}", style="bold yellow")
+    if ctx.state:
+        text.append(f" ({_values(ctx.state)})", style="yellow")
+    if ctx.last_step is not None:
+        when = (
+            f" at {datetime.fromtimestamp(ctx.committed_at).strftime('%H:%M:%S')}"
+            if ctx.committed_at is not None
+            else ""
+        )
+        text.append(f"{sep}last: step {ctx.last_step}, epoch {ctx.epoch}{when}", style="yellow")
+        if ctx.last_result:
+            text.append(f"{sep}result: {_values(ctx.last_result)}", style="yellow")
     return text
 
 
@@ -145,6 +180,73 @@ def _workshop_table(name: str, pairs: list[PairReport], now: float) -> Table:
     return table
 
 
+PLC_STYLES = {
+    "ok": "green",
+    "degraded": "yellow",
+    "starting": "yellow",
+    "down": "bold red",
+    "unreported": "yellow",
+}
+
+
+def path_name(index: int) -> str:
+    return "primary" if index == 0 else "backup"
+
+
+def _plc_paths(plc: PlcReport) -> Text:
+    """``primary 10.30.1.61:502 up 0.41 ms, backup 10.31.1.61:502 DOWN``."""
+    text = Text()
+    for i, path in enumerate(plc.paths):
+        text.append(", " if i else "")
+        text.append(f"{path_name(i)} {path.endpoint} ")
+        if path.up is None:
+            text.append("not tried", style="dim")
+        elif not path.up:
+            text.append("DOWN", style="bold red")
+        else:
+            text.append("up", style="green")
+            if path.latency_ms is not None:
+                text.append(f" {path.latency_ms:.2f} ms")
+    return text
+
+
+def _plc_problem(plc: PlcReport) -> Text:
+    if plc.node is None:
+        return Text("no comm server reports it", style="yellow")
+    text = Text(plc.problem or "", style="red")
+    unusable = {q: n for q, n in plc.tags.items() if q != "good" and n}
+    if unusable:
+        text.append("; " if plc.problem else "")
+        text.append(
+            ", ".join(f"{n} tag{'s' * (n != 1)} {q}" for q, n in unusable.items()), style="yellow"
+        )
+    return text
+
+
+def _plcs_table(name: str, pairs: list[PairReport]) -> Table | None:
+    """One row per PLC and reporting node, under its pair: None if no pair has PLCs."""
+    if not any(p.plcs for p in pairs):
+        return None
+    table = Table(title=f"PLCs of workshop {name}", title_justify="left", expand=False)
+    for column in ("pair", "plc", "node", "state", "in use", "paths", "problem"):
+        table.add_column(column)
+    for pair in pairs:
+        for i, plc in enumerate(pair.plcs):
+            label = Text(plc.name)
+            if plc.critical:
+                label.append(" critical", style="bold")
+            table.add_row(
+                Text(pair.name, style="bold") if i == 0 else Text(""),
+                label,
+                Text(plc.node or "-", style="bold" if plc.node == pair.active else ""),
+                Text(plc.state, style=PLC_STYLES.get(plc.state, "")),
+                Text(path_name(plc.path) if plc.paths else "-"),
+                _plc_paths(plc),
+                _plc_problem(plc),
+            )
+    return table
+
+
 def _event_line(event: EventReport) -> Text:
     stamp = datetime.fromtimestamp(event.at).strftime("%H:%M:%S")
     text = Text(f"{stamp} ", style="dim")
@@ -193,7 +295,11 @@ def render(report: SiteReport, now: float | None = None) -> RenderableType:
                 style="bold red",
             )
         )
-    parts.extend(_workshop_table(w.name, w.pairs, now) for w in report.workshops)
+    for w in report.workshops:
+        parts.append(_workshop_table(w.name, w.pairs, now))
+        plcs = _plcs_table(w.name, w.pairs)
+        if plcs is not None:
+            parts.append(plcs)
     if report.problems:
         problems = Text("invalid values in etcd (ignored):", style="bold red")
         for p in report.problems:

@@ -202,6 +202,106 @@ async def request_switchover(
     return request
 
 
+# ---- forced takeover ----------------------------------------------------------------
+
+TAKEOVER_VALID_S = 60
+
+
+@dataclass(frozen=True, slots=True)
+class TakeoverRisk:
+    """What forcing ``node`` to take the pair over may cost, from the sync record."""
+
+    pair: str
+    node: str
+    sync: records.SyncState | None
+
+    @property
+    def may_lose_commits(self) -> bool:
+        return self.sync is not None and not self.sync.holds_everything(self.node)
+
+    def warning(self) -> str | None:
+        sync = self.sync
+        if sync is None or not self.may_lose_commits:
+            return None
+        holders = ", ".join([sync.primary, *sync.sync])
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sync.at))
+        state = "asynchronous (degraded)" if sync.degraded else "synchronous"
+        return (
+            f"{self.node} is not recorded as holding every acknowledged commit of pair "
+            f"{self.pair}: since {since} only {holders} do (the primary, {state}). Commits "
+            f"acknowledged after {self.node} stopped receiving them are missing there, and "
+            f"they are lost for good once {sync.primary} rejoins as its standby."
+        )
+
+
+async def takeover_risk(store: Store, pair: str, node: str) -> TakeoverRisk:
+    """Check that ``node`` could be forced to take ``pair`` over, and say what it risks."""
+    _, risk = await _takeover_checked(store, pair, node)
+    return risk
+
+
+async def _takeover_checked(store: Store, pair: str, node: str) -> tuple[list[Any], TakeoverRisk]:
+    view = await load_view(store)
+    guards = _takeover_guards(store, view, _pair(view, pair), node)
+    kv = await store.get(keys.sync_standby(pair))
+    sync = None
+    if kv is not None:
+        try:
+            sync = records.decode(records.SyncState, kv.value, kv.key)
+        except records.RecordError as err:
+            raise AdminError(f"the sync record of pair {pair} is unreadable: {err}") from None
+    # The warning is the one for this sync record: refuse if it changes meanwhile.
+    guards.append(store.tx.mod(keys.b(keys.sync_standby(pair))) == (kv.mod_revision if kv else 0))
+    return guards, TakeoverRisk(pair, node, sync)
+
+
+def _takeover_guards(store: Store, view: SiteView, pair: Pair, node: str) -> list[Any]:
+    leader = view.leaders.get(pair.name)
+    if leader is not None:
+        raise AdminError(
+            f"pair {pair.name} has an active node ({leader.node}, epoch {leader.epoch}): "
+            "use hapair switchover"
+        )
+    if pair.name in view.paused:
+        raise AdminError(f"pair {pair.name} is paused; resume it first")
+    why = view.cannot_take_over(pair, node)
+    if why is not None:
+        raise AdminError(f"cannot force {node} to take pair {pair.name} over: {why}")
+    tx = store.tx
+    return [
+        tx.version(keys.b(keys.leader(pair.name))) == 0,
+        tx.version(keys.b(keys.paused(pair.name))) == 0,
+        tx.version(keys.b(keys.drained(node))) == 0,
+    ]
+
+
+async def force_takeover(
+    store: Store, pair: str, node: str, by: str, reason: str = ""
+) -> records.Takeover:
+    """Make ``node`` campaign for a pair with no active node even if it may lack
+    acknowledged commits. The request lapses after ``TAKEOVER_VALID_S`` if unused."""
+    guards, risk = await _takeover_checked(store, pair, node)
+    request = records.Takeover(to=node, by=by, reason=reason)
+    event = records.Event(
+        kind="takeover_forced",
+        pair=pair,
+        node=node,
+        reason=reason or f"forced by {by}",
+        details={"by": by, "request": request.id, "warning": risk.warning()},
+    )
+    lease = await store.grant(TAKEOVER_VALID_S)
+    await _commit(
+        store,
+        guards,
+        [
+            store.tx.put(keys.b(keys.takeover(pair)), request.encode(), lease=lease),
+            _event_op(store, event, _Stamps()),
+        ],
+        f"the state of pair {pair}",
+    )
+    return request
+
+
 # ---- pause and resume -------------------------------------------------------------
 
 

@@ -33,6 +33,11 @@ def switchover(pair: str) -> str:
     return f"{PAIRS_PREFIX}{pair}/commands/switchover"
 
 
+def takeover(pair: str) -> str:
+    """An operator forces a node that may lack commits to take a pair with no active."""
+    return f"{PAIRS_PREFIX}{pair}/commands/takeover"
+
+
 def handover(pair: str) -> str:
     """Written by an active that hands its pair to a named node (planned switchover)."""
     return f"{PAIRS_PREFIX}{pair}/commands/handover"

@@ -7,6 +7,7 @@ absent instead of acting on it.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -38,6 +39,16 @@ class Record(BaseModel):
 
 def now_wall() -> float:
     return time.time()
+
+
+@functools.cache
+def local_boot_id() -> str | None:
+    """This machine's boot id: differs between machines and across reboots."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 class Leader(Record):
@@ -77,6 +88,9 @@ class NodeStatus(Record):
     services: list[ServiceStatus] = Field(default_factory=list)
     database: dict[str, Any] | None = None
     pid: int = 0
+    boot_id: str | None = None
+    """The agent's machine and boot (``/proc/sys/kernel/random/boot_id``): with ``pid``,
+    tells a tool on a machine whether that agent runs there (``hapair drill``)."""
     updated: float = Field(default_factory=now_wall)
 
 
@@ -122,6 +136,18 @@ class Switchover(Record):
     reason: str = ""
 
 
+class Takeover(Record):
+    """``/pairs/{pair}/commands/takeover``: an operator forces ``to`` to take a pair that
+    has no active node, accepting that it may lack acknowledged commits. Written on a
+    short lease (it lapses unused), deleted by whichever node wins the next election."""
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+    to: Name
+    by: str = "operator"
+    at: float = Field(default_factory=now_wall)
+    reason: str = ""
+
+
 class Handover(Record):
     """Written by the active as it steps down: only ``to`` may campaign for a while."""
 
@@ -151,6 +177,26 @@ class SyncState(Record):
         return node == self.primary or node in self.sync
 
 
+class HeldContext(Record):
+    """Where a held service's process would resume: its committed context
+    (``shared.process_context``) as the new active read it from its own primary.
+    ``step`` None with no ``error``: the process never committed a step."""
+
+    process: str
+    database: str | None = None
+    step: int | None = None
+    """The next step to run."""
+    state: dict[str, Any] = Field(default_factory=dict)
+    last_step: int | None = None
+    last_result: dict[str, Any] | None = None
+    epoch: int | None = None
+    """The epoch that committed the last step."""
+    steps_committed: int = 0
+    committed_at: float | None = None
+    error: str | None = None
+    """Why it could not be read."""
+
+
 class Recovery(Record):
     """``/pairs/{pair}/recovery``: after an unplanned failover, the services held until
     an operator acknowledges, for the term (epoch) that holds them."""
@@ -164,6 +210,8 @@ class Recovery(Record):
     at: float = Field(default_factory=now_wall)
     acked_by: str | None = None
     acked_at: float | None = None
+    contexts: dict[str, HeldContext] | None = None
+    """Per held service, once the new active has read them (pairs with a database)."""
 
 
 class Event(Record):

@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from shared.plcs import PathHealth
+
 
 class _Report(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -32,6 +34,22 @@ class PendingSwitchover(_Report):
     reason: str = ""
 
 
+class ContextReport(_Report):
+    """Where a held service's process would resume (its committed process context);
+    ``step`` None with no ``error``: it never committed a step."""
+
+    process: str
+    database: str | None = None
+    step: int | None = None
+    state: dict[str, Any] = {}
+    last_step: int | None = None
+    last_result: dict[str, Any] | None = None
+    epoch: int | None = None
+    steps_committed: int = 0
+    committed_at: float | None = None
+    error: str | None = None
+
+
 class RecoveryReport(_Report):
     """A recovery after an unplanned failover: held services await an operator's ack."""
 
@@ -44,6 +62,8 @@ class RecoveryReport(_Report):
     at: float
     acked_by: str | None = None
     acked_at: float | None = None
+    contexts: dict[str, ContextReport] | None = None
+    """Per held service, once the active has read them from its database."""
 
 
 class ServiceReport(_Report):
@@ -92,6 +112,22 @@ class EndpointReport(_Report):
     error: str | None = None
 
 
+class PlcReport(_Report):
+    """One PLC as one node's comm server reports it (``node`` None: a PLC of the pair's
+    topology that no comm server reports). ``path`` is the index in ``paths`` of the
+    path in use, 0 being the primary."""
+
+    name: str
+    node: str | None = None
+    service: str | None = None
+    state: str
+    path: int = 0
+    paths: list[PathHealth] = []
+    critical: bool = False
+    problem: str | None = None
+    tags: dict[str, int] = {}
+
+
 class PairReport(_Report):
     name: str
     active: str | None = None
@@ -102,6 +138,8 @@ class PairReport(_Report):
     recovery: RecoveryReport | None = None
     nodes: list[NodeReport] = []
     endpoints: list[EndpointReport] = []
+    plcs: list[PlcReport] = []
+    """PLC by PLC, each as every reporting node sees it (nodes in the pair's order)."""
 
 
 class WorkshopReport(_Report):

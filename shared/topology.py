@@ -24,6 +24,7 @@ from pydantic import (
 
 from shared.database import DatabaseConfig
 from shared.network import Network
+from shared.plcs import Plc, plain_path
 
 # Re-exported: the site file's callers find them here.
 from shared.validation import TopologyError as TopologyError
@@ -31,6 +32,7 @@ from shared.validation import expand as expand
 from shared.validation import format_errors as format_errors
 from shared.validation import parse_yaml, read_file
 from shared.validation import placeholders_in as placeholders_in
+from shared.vip import Vip
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -168,6 +170,9 @@ class Service(_Model):
     stop_grace_s: float = Field(5.0, ge=0.0, le=300.0)
     hold_until_ack: bool = False
     auto_ack_after_s: float | None = Field(None, gt=0.0)
+    process: Name | None = None
+    """The process context (``shared.process_context``) the service drives, shown to the
+    operator while it is held; None: the service's name."""
 
     @model_validator(mode="after")
     def _hold(self) -> Service:
@@ -175,7 +180,14 @@ class Service(_Model):
             raise ValueError("hold_until_ack applies to placement: active services only")
         if self.auto_ack_after_s is not None and not self.hold_until_ack:
             raise ValueError("auto_ack_after_s needs hold_until_ack: true")
+        if self.process is not None and not self.hold_until_ack:
+            raise ValueError("process names what a held service resumes: it needs hold_until_ack")
         return self
+
+    @property
+    def process_name(self) -> str:
+        """The process context this service resumes from when held."""
+        return self.process or self.name
 
     @model_validator(mode="after")
     def _placeholders(self) -> Service:
@@ -195,6 +207,10 @@ class Pair(_Model):
     services: list[Service] = Field(default_factory=list)
     network: Network | None = None
     database: DatabaseConfig | None = None
+    vip: Vip | None = Field(None, description="a virtual IP address held by the active node")
+    plcs: list[Plc] = Field(
+        default_factory=list, description="what the pair's comm server (hapair-comm) polls"
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> Pair:
@@ -218,8 +234,22 @@ class Pair(_Model):
                     ]
                     + ([(str(self.database.port), "database.port")] if self.database else []),
                 ),
+                ("PLC name", [(p.name, f"plcs[{i}].name") for i, p in enumerate(self.plcs)]),
             ]
         )
+        return self
+
+    @model_validator(mode="after")
+    def _vip_apart(self) -> Pair:
+        # Fencing removes the virtual address: were it a node's own, fencing would cut
+        # that node off.
+        if self.vip is not None:
+            for i, n in enumerate(self.nodes):
+                if n.address == self.vip.ip:
+                    raise ValueError(
+                        f"vip.address {self.vip.ip} is the address of nodes[{i}] ({n.name}): "
+                        "a virtual address must be one no node owns"
+                    )
         return self
 
     def node(self, name: str) -> Node | None:
@@ -278,6 +308,10 @@ class Site(_Model):
                         for i, s in enumerate(p.services)
                     ],
                 ),
+                (
+                    "virtual address",
+                    [(p.vip.ip, f"{at}.vip.address") for at, p in pairs if p.vip is not None],
+                ),
             ]
         )
         return self
@@ -329,7 +363,7 @@ def parse_site(data: object, source: str) -> Site:
     try:
         return Site.model_validate(data)
     except ValidationError as err:
-        raise TopologyError(source, format_errors(err)) from None
+        raise TopologyError(source, [plain_path(p) for p in format_errors(err)]) from None
 
 
 def loads(text: str, source: str = "<text>") -> Site:

@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from pydantic import ValidationError
+
 from shared import keys, records
+from shared.plcs import PlcReports
 from shared.report import (
     DatabaseReport,
     EndpointReport,
@@ -23,6 +26,7 @@ from shared.report import (
     Note,
     PairReport,
     PendingSwitchover,
+    PlcReport,
     ProblemReport,
     RecoveryReport,
     ServiceReport,
@@ -31,7 +35,7 @@ from shared.report import (
     WorkshopReport,
 )
 from shared.store import Kv
-from shared.topology import Node, Pair, Site, TopologyError, parse_site
+from shared.topology import Node, Pair, Site, TopologyError, format_errors, parse_site
 
 RECENT_EVENTS = 50
 
@@ -91,6 +95,8 @@ def _classify(parts: list[str]) -> tuple[str, str] | None:
             return "status", node
         case ["nodes", node, "drained"]:
             return "drained", node
+        case ["nodes", node, "reports", service]:
+            return "plcs", f"{node}/{service}"
         case ["endpoints", service]:
             return "endpoint", service
     return None
@@ -110,6 +116,8 @@ _MODELS: dict[str, type[records.Record]] = {
 
 def _parse(kind: str, name: str, kv: Kv) -> _Parsed:
     try:
+        if kind == "plcs":
+            return _Parsed(kv.mod_revision, _plc_reports(kv))
         if kind == "topology":
             doc = records.decode(records.TopologyDoc, kv.value, kv.key)
             return _Parsed(kv.mod_revision, (doc, parse_site(doc.site, kv.key)))
@@ -149,6 +157,8 @@ class SiteView:
     drained: Mapping[str, records.Drained] = field(default_factory=dict)
     switchovers: Mapping[str, records.Switchover] = field(default_factory=dict)
     recoveries: Mapping[str, records.Recovery] = field(default_factory=dict)
+    plcs: Mapping[str, PlcReports] = field(default_factory=dict)
+    """What services report of PLCs, by ``{node}/{service}``."""
     events: Mapping[str, records.Event] = field(default_factory=dict)
     """The most recent events by key, oldest first."""
     problems: tuple[Problem, ...] = ()
@@ -167,7 +177,7 @@ class SiteView:
         keys that have not changed since."""
         old = previous.memo if previous is not None else {}
         memo: dict[str, _Parsed] = {}
-        found: dict[str, dict[str, object]] = {k: {} for k in (*_MODELS, "topology")}
+        found: dict[str, dict[str, object]] = {k: {} for k in (*_MODELS, "topology", "plcs")}
         event_kvs: list[Kv] = []
         for kv in kvs:
             if kv.key.startswith(keys.EVENTS_PREFIX):
@@ -203,6 +213,7 @@ class SiteView:
             drained=_frozen(found["drained"]),
             switchovers=_frozen(found["switchover"]),
             recoveries=_frozen(found["recovery"]),
+            plcs=_frozen(found["plcs"]),
             events=_frozen(found["event"]),
             problems=tuple(p for parsed in memo.values() for p in parsed.problems),
             revision=revision,
@@ -399,7 +410,28 @@ class SiteView:
             ),
             nodes=[self.node_report(n) for n in pair.nodes],
             endpoints=endpoints,
+            plcs=self.plc_reports(pair),
         )
+
+    def plc_reports(self, pair: Pair) -> list[PlcReport]:
+        """Every PLC of ``pair`` as each node's comm server reports it, PLC by PLC in
+        the order first reported, nodes in the pair's order; a PLC of the topology
+        that no node reports is listed without a node."""
+        found: dict[str, list[PlcReport]] = {}
+        for node in pair.nodes:
+            prefix = f"{node.name}/"
+            for key in sorted(k for k in self.plcs if k.startswith(prefix)):
+                report = self.plcs[key]
+                for name, health in report.plcs.items():
+                    found.setdefault(name, []).append(
+                        PlcReport(name=name, node=node.name, service=report.service, **dict(health))
+                    )
+        for plc in pair.plcs:
+            if plc.name not in found:
+                found[plc.name] = [
+                    PlcReport(name=plc.name, state="unreported", critical=plc.critical)
+                ]
+        return [r for reports in found.values() for r in reports]
 
 
 def _database_report(db: Mapping[str, Any] | None) -> DatabaseReport | None:
@@ -423,6 +455,14 @@ def _database_report(db: Mapping[str, Any] | None) -> DatabaseReport | None:
         )
     except ValueError:
         return None
+
+
+def _plc_reports(kv: Kv) -> PlcReports:
+    """The ``plcs`` part of a service's report (none for other services' reports)."""
+    try:
+        return PlcReports.model_validate_json(kv.value)
+    except ValidationError as err:
+        raise records.RecordError(kv.key, format_errors(err)) from None
 
 
 def _frozen(items: dict[str, Any]) -> Mapping[str, Any]:

@@ -77,6 +77,7 @@ class ModbusPlc:
     # (area, address) -> exception code answered for any request covering it
     exceptions: dict[tuple[str, int], ExcCodes] = field(default_factory=dict)
     garbage: Callable[[bytes], bytes] | None = None  # rewrites every reply
+    hold: asyncio.Event | None = None  # a write is received, its reply waits for this
     _core: Any = None
 
     async def start(self) -> ModbusPlc:
@@ -147,6 +148,8 @@ class ModbusPlc:
                 return code
         if values is not None and fc in _WRITE_FCS:
             self.writes.append(Write(area, address, list(values)))
+            if self.hold is not None:
+                await self.hold.wait()
         return None
 
     # -- memory -----------------------------------------------------------------------
@@ -316,10 +319,11 @@ if __name__ == "__main__":
 class CommUnderTest:
     """A :class:`CommServer` on a free port, with an independent asyncua client on it."""
 
-    def __init__(self, server: Any, client: Any, ns: int) -> None:
+    def __init__(self, server: Any, client: Any, ns: int, port: int = 0) -> None:
         self.server = server
         self.client = client
         self.ns = ns
+        self.port = port  # of its OPC UA server
 
     def node(self, key: str) -> Any:
         return self.client.get_node(f"ns={self.ns};s={key}")
@@ -362,7 +366,7 @@ async def running_comm(
     try:
         await client.connect()
         ns = await client.get_namespace_index("urn:hapair:comm")
-        yield CommUnderTest(server, client, ns)
+        yield CommUnderTest(server, client, ns, listen.port)
     finally:
         with contextlib.suppress(Exception):
             await client.disconnect()

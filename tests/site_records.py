@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from comm_server.role import CommReport
 from shared import keys, records, topology
+from shared.plcs import PlcHealth
 from shared.store import Store
 
 SITE_YAML = """\
@@ -118,3 +120,15 @@ class FakeAgent:
         await self.store.revoke(self.lease)
         self.lease = 0
         self.epoch = None
+
+    async def report_plcs(self, plcs: dict[str, PlcHealth], service: str = "comm") -> None:
+        """What this node's comm server reports of its PLCs, as it writes it."""
+        report = CommReport(
+            service=service,
+            node=self.node,
+            role="active" if self.epoch is not None else "standby",
+            serving=self.epoch is not None,
+            epoch=self.epoch,
+            plcs=plcs,
+        )
+        await self.store.put(keys.report(self.node, service), report.encode(), lease=self.lease)

@@ -18,6 +18,7 @@ from site_records import SITE_YAML, FakeAgent, apply_site
 
 from registry.app import create_app
 from shared import keys, records
+from shared.plcs import PathHealth, PlcHealth
 from shared.store import Store
 
 HAPAIR = str(Path(sys.executable).parent / "hapair")
@@ -214,6 +215,84 @@ async def test_status_from_a_registry(store: Store, registry_url: str) -> None:
     assert_degraded_status(run.out, epoch)
 
 
+async def test_status_shows_every_plc_as_each_node_sees_it(store: Store, etcd: Any) -> None:
+    agents = await active_pair(store)
+    primary, backup = "10.30.1.61:502", "10.31.1.61:502"
+    await agents["asm-a"].report_plcs(
+        {
+            "press-1": PlcHealth(
+                state="degraded",
+                path=1,
+                critical=True,
+                problem=f"primary {primary} down (connection refused)",
+                tags={"good": 3, "stale": 0, "bad": 1},
+                paths=[
+                    PathHealth(endpoint=primary, up=False, errors=4, last_error="refused"),
+                    PathHealth(endpoint=backup, up=True, latency_ms=0.41),
+                ],
+            ),
+            "oven-1": PlcHealth(
+                state="down",
+                problem="primary opc.tcp://10.30.1.63:4840: no reply within 1 s",
+                paths=[PathHealth(endpoint="opc.tcp://10.30.1.63:4840", up=False)],
+            ),
+        }
+    )
+    await agents["asm-b"].report_plcs(
+        {
+            "press-1": PlcHealth(
+                state="ok",
+                critical=True,
+                paths=[
+                    PathHealth(endpoint=primary, up=True, latency_ms=0.5),
+                    PathHealth(endpoint=backup, up=None),
+                ],
+            )
+        }
+    )
+    garbage = keys.report("asm-c", "comm")
+    await store.put(garbage, b'{"service": "comm", "plcs": {"press-1": {"state": 3}}}')
+    run = await hapair("status", "--etcd", etcd.url)
+    assert run.code == 0, run.err
+    assert f"{garbage}: plcs.press-1.state: Input should be a valid string" in run.out
+    rows = [
+        line
+        for line in run.out.splitlines()
+        if line.startswith("│") and ("press-1" in line or "oven-1" in line)
+    ]
+    assert "PLCs of workshop assembly" in run.out
+    assert [[cell.strip() for cell in row.split("│")[1:-1]] for row in rows] == [
+        [
+            "asm",
+            "press-1 critical",
+            "asm-a",
+            "degraded",
+            "backup",
+            f"primary {primary} DOWN, backup {backup} up 0.41 ms",
+            f"primary {primary} down (connection refused); 1 tag bad",
+        ],
+        [
+            "",
+            "press-1 critical",
+            "asm-b",
+            "ok",
+            "primary",
+            f"primary {primary} up 0.50 ms, backup {backup} not tried",
+            "",
+        ],
+        [
+            "",
+            "oven-1",
+            "asm-a",
+            "down",
+            "primary",
+            "primary opc.tcp://10.30.1.63:4840 DOWN",
+            "primary opc.tcp://10.30.1.63:4840: no reply within 1 s",
+        ],
+    ]
+    assert "PLCs of workshop paint" not in run.out  # no PLC there
+
+
 async def test_status_watch_redraws_on_change_and_stops_on_ctrl_c(store: Store, etcd: Any) -> None:
     await active_pair(store)
     proc = await asyncio.create_subprocess_exec(
@@ -351,3 +430,32 @@ async def test_missing_or_bad_etcd_is_a_usage_error() -> None:
     assert run.code == 2 and "bad etcd endpoint 'ftp://x'" in run.err
     run = await hapair("switchover", "asm", "--wait", "soon", "--etcd", "http://x:1")
     assert run.code == 2 and "not a number of seconds: 'soon'" in run.err
+
+
+async def test_takeover_warns_then_forces_only_a_pair_without_an_active(
+    store: Store, etcd: Any
+) -> None:
+    agents = await active_pair(store)
+    refused = await hapair("takeover", "asm", "asm-b", "--yes", etcd=etcd.url)
+    assert refused.code == 1
+    assert "pair asm has an active node (asm-a" in refused.err
+    await store.put(
+        keys.sync_standby("asm"),
+        records.SyncState(primary="asm-a", sync=[], degraded=True, epoch=1).encode(),
+    )
+    await agents["asm-a"].resign()
+    before = await everything(store)
+    no_terminal = await hapair("takeover", "asm", "asm-b", etcd=etcd.url)
+    assert no_terminal.code == 2 and "add --yes" in no_terminal.err
+    assert await everything(store) == before, "a takeover not confirmed changed something"
+    run = await hapair("takeover", "asm", "asm-b", "--yes", "--wait", "0", etcd=etcd.url)
+    assert run.code == 0, run.err
+    assert run.out.startswith(
+        "WARNING: asm-b is not recorded as holding every acknowledged commit of pair asm"
+    )
+    assert "takeover of pair asm by asm-b forced" in run.out
+    kv = await store.get(keys.takeover("asm"))
+    assert kv is not None and records.decode(records.Takeover, kv.value, kv.key).to == "asm-b"
+    assert kv.lease, "the request must lapse by itself"
+    down = await hapair("takeover", "asm", "asm-x", "--yes", etcd=etcd.url)
+    assert down.code == 1 and "asm-x is not a node of pair asm" in down.err

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from harness import PYTHON, ROOT
 
-from comm_server.config import ConfigError, ModbusPlc, OpcUaPlc, loads
+from comm_server.config import ConfigError, loads
+from shared.plcs import ModbusPlc, OpcUaPlc
 
 EXAMPLE = """
 plcs:

@@ -19,11 +19,11 @@ from comm_server.codec import (
     registers_bytes,
     split_block,
 )
-from comm_server.config import ModbusTag
 from comm_server.level import service_level
 from comm_server.paths import PathSwitch
 from comm_server.tags import Quality, TagState, TagTable
 from comm_server.uatypes import S
+from shared.plcs import ModbusTag
 
 RANGES = {
     "int16": st.integers(-(2**15), 2**15 - 1),

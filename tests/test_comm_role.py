@@ -136,7 +136,7 @@ async def test_role_moves_with_the_leader_key_and_old_drops_before_new_rises(
         assert rep is not None and rep.serving and rep.epoch == epoch_a and rep.role == "active"
         assert rep.resources["plc:press-1"].ok and rep.resources["plc:press-1"].critical
         assert rep.resources["plc:press-1"].grace_s == 2.5
-        assert rep.plcs["press-1"]["state"] == "ok"
+        assert rep.plcs["press-1"].state == "ok" and rep.plcs["press-1"].critical
         # failover: a's term ends (its lease goes, as when its agent dies), b's begins
         levels_a, levels_b = Levels(), Levels()
         for comm, seen in ((a, levels_a), (b, levels_b)):
@@ -218,8 +218,8 @@ async def test_reports_say_which_node_reaches_a_critical_plc(
         await until(lambda: reach("a", False), 3, "a reports press-1 lost")
         assert await reach("b", True)
         rep = await report(store, "a")
-        assert rep is not None and rep.plcs["press-1"]["state"] == "down"
-        assert [p["up"] for p in rep.plcs["press-1"]["paths"]] == [False, False]
+        assert rep is not None and rep.plcs["press-1"].state == "down"
+        assert [p.up for p in rep.plcs["press-1"].paths] == [False, False]
         assert await a.service_level() == 0  # active, but no data at all
         # and b's paths too: nobody reaches it
         await plc.stop_path(2)

@@ -158,6 +158,34 @@ async def test_planned_switchover_loses_nothing_and_the_old_primary_follows(
     await until(replayed_on_a, 10, "every acknowledged row on the old primary too")
 
 
+async def stop_b_until_degraded(c: Cluster) -> None:
+    """b's agent stops, and its database with it; a goes asynchronous, recorded so."""
+    import signal
+
+    c.signal("b", signal.SIGTERM)
+    c.agents["b"].wait(15)
+
+    async def degraded() -> bool:
+        st = await sync_state(c)
+        return st is not None and st.degraded and st.sync == []
+
+    await until(degraded, 15, "a recorded as degraded, no synchronous standby")
+
+
+async def postmaster(c: Cluster, node: str) -> int:
+    st = await c.status(node)
+    pid = (st.database or {}).get("pid") if st else None
+    assert isinstance(pid, int), f"no PostgreSQL pid in {node}'s status"
+    return pid
+
+
+async def inserted(port: int, row: int) -> bool:
+    """One row written through the multi-host string (raises while nobody accepts it)."""
+    async with await psycopg.AsyncConnection.connect(conninfo(port), autocommit=True) as conn:
+        await conn.execute("INSERT INTO ticks (id) VALUES (%s) ON CONFLICT DO NOTHING", (row,))
+    return True
+
+
 async def _acked(writer: Writer, n: int) -> bool:
     return len(writer.acked) >= n
 
@@ -317,9 +345,7 @@ async def test_a_postgresql_crash_on_the_active_is_repaired_in_place(
     c, port = db_cluster
     _, epoch = await ready(c, port)
     writer = await steady_writer(port, 100)
-    st = await c.status("a")
-    pid = (st.database or {}).get("pid") if st else None
-    assert isinstance(pid, int)
+    pid = await postmaster(c, "a")
     os.kill(pid, signal.SIGKILL)  # the postmaster only; the agent lives on
     await more_commits(writer, 50, 30, "commits after the restart in place")
     await writer.stop()
@@ -330,3 +356,95 @@ async def test_a_postgresql_crash_on_the_active_is_repaired_in_place(
         return not set(writer.acked) - await rows_on(port, "127.0.0.2")
 
     await until(replayed_on_b, 10, "every acknowledged row on the standby too")
+
+
+async def test_an_operator_forces_a_standby_that_may_lack_commits_with_a_warning(
+    db_cluster: tuple[Cluster, int],
+) -> None:
+    """b stopped, a went asynchronous and went on committing, then a crashed: b is not
+    recorded as holding every commit, so it never takes over by itself. An operator
+    forces it, warned that a's last commits are missing there."""
+
+    from cluster import holds
+
+    from shared import admin
+
+    c, port = db_cluster
+    await ready(c, port)
+    writer = await steady_writer(port, 50)
+    await stop_b_until_degraded(c)
+    await more_commits(writer, 50, 15, "commits on a alone")
+    await writer.stop()
+    c.crash("a")
+    c.start("b")
+    await c.standby("b", timeout=60)
+
+    async def nobody() -> bool:
+        return await c.leader("p") is None
+
+    await until(nobody, 10, "a's leader key expired")
+    await holds(nobody, 3, "b took over by itself though it may lack commits")
+    with pytest.raises(admin.AdminError, match="c is not a node of pair p"):
+        await admin.takeover_risk(c.store, "p", "c")
+    risk = await admin.takeover_risk(c.store, "p", "b")
+    warning = risk.warning()
+    assert warning is not None and "only a do" in warning and "lost for good" in warning
+    await admin.force_takeover(c.store, "p", "b", "test operator")
+    await c.active("p", node="b", timeout=30)
+    assert [e for e in await c.events("takeover_forced") if e["node"] == "b"]
+    assert await c.store.get(keys.takeover("p")) is None, "the request outlived its election"
+    await until(lambda: inserted(port, -2), 30, "a write on b")
+    with pytest.raises(admin.AdminError, match="has an active node"):
+        await admin.force_takeover(c.store, "p", "b", "test operator")
+
+
+async def test_a_database_that_cannot_restart_moves_the_pair_to_its_sync_standby(
+    db_cluster: tuple[Cluster, int],
+) -> None:
+    import signal
+
+    c, port = db_cluster
+    _, epoch = await ready(c, port)
+    writer = await steady_writer(port, 100)
+    data = c.tmp / "p" / "a" / "pg"
+    pid = await postmaster(c, "a")
+    data.chmod(0o000)  # PostgreSQL can no longer start from it
+    try:
+        os.kill(pid, signal.SIGKILL)
+        await c.active("p", not_epoch=epoch, node="b", timeout=60)
+        await more_commits(writer, 50, 30, "commits on b")
+        await writer.stop()
+        assert not set(writer.acked) - await rows_on(port, "127.0.0.2")
+        moved = [e for e in await c.events("switchover") if e["node"] == "a"]
+        assert moved and "database" in moved[-1]["reason"]
+    finally:
+        data.chmod(0o700)
+
+
+async def test_a_database_that_cannot_restart_stays_without_a_sync_standby(
+    db_cluster: tuple[Cluster, int],
+) -> None:
+    """b is down and a asynchronous: leaving would leave no database at all, and b,
+    when it comes back, may lack commits. a stays and repairs."""
+    import signal
+
+    from cluster import holds
+
+    c, port = db_cluster
+    _, epoch = await ready(c, port)
+    await stop_b_until_degraded(c)
+    data = c.tmp / "p" / "a" / "pg"
+    pid = await postmaster(c, "a")
+    data.chmod(0o000)
+    try:
+        os.kill(pid, signal.SIGKILL)
+
+        async def still_a() -> bool:
+            return await c.leader("p") == ("a", epoch)
+
+        await holds(still_a, 8, "the pair moved to a standby that may lack commits")
+    finally:
+        data.chmod(0o700)
+
+    await until(lambda: inserted(port, -3), 30, "a's database repaired in place")
+    assert await c.leader("p") == ("a", epoch)

@@ -358,3 +358,21 @@ def test_any_sequence_keeps_services_within_a_live_lease(
                     term, up = None, False
         if up:
             assert lease_ok, "services running on a step whose lease was not live"
+
+
+def test_a_database_beyond_repair_moves_only_to_a_healthy_sync_standby() -> None:
+    active = {"term": 5, "leader": MINE, "services_up": True, "db_failure": "database: down"}
+    moved = decide(obs(peers=UP, db_sync=frozenset({"c"}), **active))
+    assert moved.actions == (Handover("c", None, "database: down", False),)
+    sick = {"c": PeerView("standby", False), "b": PeerView("standby", True)}
+    stays = decide(obs(peers=sick, db_sync=frozenset({"c"}), **active))
+    assert stays.actions == (), "b may lack commits and c is not healthy: stay and repair"
+    assert decide(obs(peers=UP, **active)).actions == (), "nobody recorded synchronous"
+
+
+def test_an_operator_forces_a_node_that_may_lack_commits() -> None:
+    assert decide(obs("b", db_eligible=False)).actions == ()
+    forced = decide(obs("b", db_eligible=False, forced="b"))
+    assert forced.actions == (Campaign(),) and "forces this node" in forced.reason
+    assert decide(obs("b", db_eligible=False, forced="c")).actions == ()
+    assert decide(obs("b", db_eligible=False, forced="b", paused=True)).actions == ()

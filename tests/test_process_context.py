@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psycopg
 import pytest
 import pytest_asyncio
@@ -46,7 +47,9 @@ from shared.process_context import (
     fence_all,
     read_context,
 )
-from shared.records import Recovery, SyncState, decode
+from shared.records import HeldContext, Recovery, SyncState, decode
+from shared.report import SiteReport
+from workshop_agent import recovery
 
 pytestmark = needs_postgres
 MODULE = pytest.mark.asyncio(loop_scope="module")
@@ -239,6 +242,42 @@ async def test_fence_all_shuts_out_every_older_epoch(pg: PgCluster) -> None:
         assert (await ProcessContext(conn, "y", 9).start()).fence == 9
 
 
+@MODULE
+async def test_the_new_active_reads_where_each_held_service_resumes(pg: PgCluster) -> None:
+    """What the agent publishes with a recovery: read from its own primary, as superuser,
+    in the pair's databases (here in ``mes``, schema public, as a service would)."""
+    async with await pg.connect("a") as conn:
+        ctx = ProcessContext(conn, "held-mixer", 7)
+        await ctx.start(state={"batch": 3})
+        async with ctx.step(1) as tx:
+            tx.result = {"measured": 81.5}
+            tx.state["batch"] = 4
+        found = await read_context(conn, "held-mixer")
+    assert found is not None
+    names = {"mixer-svc": "held-mixer", "new-svc": "never-ran"}
+    read = await recovery.read_contexts(pg.mgr["a"], names)
+    assert set(read) == {"mixer-svc", "new-svc"}
+    assert read["mixer-svc"] == HeldContext(
+        process="held-mixer",
+        database="mes",
+        step=2,
+        state={"batch": 4},
+        last_step=1,
+        last_result={"measured": 81.5},
+        epoch=7,
+        steps_committed=1,
+        committed_at=found.committed_at.timestamp(),
+    )
+    assert read["new-svc"] == HeldContext(process="never-ran")  # no step, no error
+    assert "next step 2, last step 1 (epoch 7)" in recovery.describe(read["mixer-svc"])
+
+    # A server that does not answer: each context says why it is unknown.
+    down = await recovery.read_contexts(pg.mgr["b"], names)
+    assert down["mixer-svc"].step is None and down["new-svc"].step is None
+    assert down["mixer-svc"].error is not None and "database mes" in down["mixer-svc"].error
+    assert "unreadable" in recovery.describe(down["mixer-svc"])
+
+
 # ---- the example process, as a program ---------------------------------------------------
 
 
@@ -308,7 +347,7 @@ STEPS = 10
 
 
 @pytest.fixture
-async def site(etcd: Etcd, store: object) -> AsyncIterator[tuple[Cluster, int]]:
+async def site(etcd: Etcd, store: object) -> AsyncIterator[tuple[Cluster, int, str]]:
     root = Path(tempfile.mkdtemp(prefix="hapair-proctest-"))
     os.chmod(root, 0o755)  # PostgreSQL runs as its own user below this directory
     write_secrets(root)
@@ -336,7 +375,7 @@ async def site(etcd: Etcd, store: object) -> AsyncIterator[tuple[Cluster, int]]:
             }
             await c.apply(c.site([pair]))
             try:
-                yield c, port
+                yield c, port, registry
             finally:
                 await c.stop_all()
     finally:
@@ -356,21 +395,25 @@ async def context_on(port: int, host: str) -> Resume | None:
         return await read_context(conn, "p-batch")
 
 
-async def ack(c: Cluster, *args: str) -> tuple[int, str]:
+async def hapair(c: Cluster, *args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
-        HAPAIR, "ack", "p", *args, "--etcd", c.etcd.url,
+        HAPAIR, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "HAPAIR_OPERATOR": "tester"},
+        env={**os.environ, "HAPAIR_OPERATOR": "tester", "COLUMNS": "200"},
     )  # fmt: skip
     out, _ = await asyncio.wait_for(proc.communicate(), 20)
     return proc.returncode or 0, out.decode()
 
 
+async def ack(c: Cluster, *args: str) -> tuple[int, str]:
+    return await hapair(c, "ack", "p", *args, "--etcd", c.etcd.url)
+
+
 @pytest.mark.e2e
 async def test_a_batch_goes_on_after_a_crash_and_an_ack_with_no_step_twice_or_skipped(
-    site: tuple[Cluster, int],
+    site: tuple[Cluster, int, str],
 ) -> None:
-    c, port = site
+    c, port, registry = site
     c.start("a")
     _, epoch = await c.active("p", node="a", timeout=60)
     c.start("b")
@@ -405,6 +448,31 @@ async def test_a_batch_goes_on_after_a_crash_and_an_ack_with_no_step_twice_or_sk
     at_crash = await until(lambda: context_on(port, "127.0.0.2"), 10, "the context on b")
     crash_batch = int(at_crash.state["batch"])
 
+    # The new active published where the held batch would resume: what its database says.
+    async def published() -> Recovery | None:
+        found = await held()
+        return found if found is not None and found.contexts else None
+
+    rec = await until(published, 10, "the held service's context in the recovery")
+    assert rec.contexts is not None and set(rec.contexts) == {"p-batch"}
+    shown = rec.contexts["p-batch"]
+    assert shown.error is None and shown.database == "mes" and shown.process == "p-batch"
+    assert (shown.step, shown.last_step, shown.epoch, shown.steps_committed, shown.state) == (
+        at_crash.step, at_crash.last_step, at_crash.epoch, at_crash.steps_committed,
+        at_crash.state,
+    )  # fmt: skip
+    assert shown.epoch == epoch and shown.committed_at == at_crash.committed_at.timestamp()
+
+    code, out = await hapair(c, "status", "--etcd", c.etcd.url)
+    assert code == 0, out
+    assert "AWAITING OPERATOR: p" in out and f"p-batch resumes at step {at_crash.step}" in out
+    assert f"last: step {at_crash.last_step}, epoch {epoch}" in out
+    async with aiohttp.ClientSession() as http, http.get(f"{registry}/v1/site") as resp:
+        report = SiteReport.model_validate(await resp.json())
+    pair = next(p for w in report.workshops for p in w.pairs if p.name == "p")
+    assert pair.recovery is not None and pair.recovery.contexts is not None
+    assert pair.recovery.contexts["p-batch"].step == at_crash.step
+
     async def unmoved() -> bool:
         return await context_on(port, "127.0.0.2") == at_crash
 
@@ -412,6 +480,10 @@ async def test_a_batch_goes_on_after_a_crash_and_an_ack_with_no_step_twice_or_sk
 
     code, out = await ack(c, "--epoch", str(new_epoch))
     assert code == 0, out
+    kv = await c.store.get(keys.recovery("p"))
+    assert kv is not None
+    acked = decode(Recovery, kv.value, kv.key)
+    assert acked.state == "acknowledged" and acked.contexts == rec.contexts  # kept by the ack
 
     async def batch_done() -> bool:
         ctx = await context_on(port, "127.0.0.2")

@@ -13,7 +13,10 @@ from cluster import Cluster, holds, recording_service, until
 from harness import free_port
 
 from shared import keys
-from shared.records import Recovery, Switchover, decode
+from shared.records import HeldContext, Leader, Recovery, Switchover, decode
+from shared.store import Store
+from shared.topology import Pair, TopologyError, parse_site
+from workshop_agent import recovery as rec_mod
 
 pytestmark = pytest.mark.e2e
 HAPAIR = str(Path(sys.executable).parent / "hapair")
@@ -109,6 +112,9 @@ async def test_unplanned_failover_holds_until_the_operator_acknowledges(
     code, out = await hapair(cluster, "ack", "p")
     assert code == 1 and "already acknowledged" in out and "nothing changed" in out
     assert len([e for e in await cluster.events("ack") if e["pair"] == "p"]) == 1
+    # A pair without a database has no process context to show.
+    rec = await recovery(cluster)
+    assert rec is not None and rec.contexts is None
 
 
 async def test_planned_switchover_does_not_hold(cluster: Cluster) -> None:
@@ -132,3 +138,79 @@ async def test_auto_ack_starts_the_held_service_by_itself(cluster: Cluster) -> N
         return rec is not None and rec.state == "acknowledged" and rec.acked_by == "auto"
 
     await until(auto_acked, 5, "the recovery marked acknowledged by auto")
+
+
+# ---- where a held service resumes: naming, and publishing it with the recovery ----------
+
+
+def _pair(**batch: Any) -> Pair:
+    services = [
+        {"name": "mixer", "command": ["true"], "hold_until_ack": True},
+        {"name": "batch", "command": ["true"], "hold_until_ack": True, **batch},
+        {"name": "hmi", "command": ["true"]},
+    ]
+    nodes = [{"name": "a", "address": "10.0.0.1"}, {"name": "b", "address": "10.0.0.2"}]
+    site = Cluster.site([{"name": "p", "nodes": nodes, "services": services}])
+    return parse_site(site, "test").workshops[0].pairs[0]
+
+
+def test_a_held_service_names_its_process_context() -> None:
+    assert rec_mod.process_names(_pair(), {"mixer", "batch"}) == {
+        "mixer": "mixer",
+        "batch": "batch",
+    }
+    named = _pair(process="line-2-recipe")
+    assert rec_mod.process_names(named, {"batch"}) == {"batch": "line-2-recipe"}
+    with pytest.raises(TopologyError, match="process names what a held service resumes"):
+        site = Cluster.site(
+            [
+                {
+                    "name": "p",
+                    "nodes": [
+                        {"name": "a", "address": "10.0.0.1"},
+                        {"name": "b", "address": "10.0.0.2"},
+                    ],
+                    "services": [{"name": "hmi", "command": ["true"], "process": "x"}],
+                }
+            ]
+        )
+        parse_site(site, "test")
+
+
+async def test_contexts_are_added_to_the_recovery_of_the_current_term_only(store: Store) -> None:
+    leader = await store.put(keys.leader("p"), Leader(node="b").encode())
+    rec = Recovery(
+        epoch=leader, cause="failover from a", from_node="a", to_node="b", held=["batch"]
+    )
+    await store.put(keys.recovery("p"), rec.encode())
+    contexts = {"batch": HeldContext(process="batch", database="mes", step=4, last_step=3, epoch=7)}
+
+    assert await rec_mod.publish_contexts(store, "p", leader, contexts)
+    got = await _recovery(store)
+    assert got == rec.model_copy(update={"contexts": contexts})
+
+    # An ack written first is kept: the contexts are added to it, not over it.
+    await store.put(
+        keys.recovery("p"),
+        rec.model_copy(update={"state": "acknowledged", "acked_by": "op"}).encode(),
+    )
+    assert await rec_mod.publish_contexts(store, "p", leader, contexts)
+    got = await _recovery(store)
+    assert (got.state, got.acked_by, got.contexts) == ("acknowledged", "op", contexts)
+
+    # Not for an older term: neither the record of another epoch nor after the key moved.
+    assert not await rec_mod.publish_contexts(store, "p", leader - 1, contexts)
+    await store.put(keys.recovery("p"), rec.encode())
+    await store.delete(keys.leader("p"))
+    newer = await store.put(keys.leader("p"), Leader(node="a").encode())
+    assert newer > leader
+    assert not await rec_mod.publish_contexts(store, "p", leader, contexts)
+    assert (await _recovery(store)).contexts is None
+    await store.delete(keys.recovery("p"))
+    assert not await rec_mod.publish_contexts(store, "p", newer, contexts)
+
+
+async def _recovery(store: Store) -> Recovery:
+    kv = await store.get(keys.recovery("p"))
+    assert kv is not None
+    return decode(Recovery, kv.value, kv.key)

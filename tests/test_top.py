@@ -38,11 +38,15 @@ from registry.top.feed import Request, SiteFeed, outcome, split_urls
 from registry.top.state import NOTICE_S, Connection, Notice, Selection, pairs_of
 from registry.top.view import clock, render
 from shared import keys, records
+from shared.plcs import PathHealth
 from shared.report import (
+    ContextReport,
+    DatabaseReport,
     EventReport,
     NodeReport,
     Note,
     PairReport,
+    PlcReport,
     RecoveryReport,
     ServiceReport,
     SiteReport,
@@ -298,7 +302,250 @@ def test_a_bigger_terminal_shows_every_pair_at_once() -> None:
     lines = screen(site20(), width=120, height=44)
     assert len(lines) == 44
     assert "pairs 1-20/20" in lines[-1]
+
+
+# ---- the database and the process context of a held service ------------------------------
+
+RESUME = ContextReport(
+    process="batch",
+    database="mes",
+    step=5,
+    state={"batch": 2},
+    last_step=4,
+    last_result={"setpoint": 40.0, "measured": 39.8},
+    epoch=1002,
+    steps_committed=12,
+    committed_at=NOW - 50,
+)
+
+
+def with_databases(report: SiteReport, async_pair: str = "p11") -> SiteReport:
+    """Every pair with PostgreSQL: primary on the active, streaming standbys, the first
+    one synchronous; ``async_pair``'s primary has no synchronous standby; p03's held
+    batch published where it would resume."""
+
+    def db(p: PairReport, n: NodeReport) -> DatabaseReport | None:
+        if not n.up:
+            return None
+        if n.name == p.active:
+            standbys = [m.name for m in p.nodes if m.name != p.active and m.up]
+            return DatabaseReport(
+                role="primary", timeline=3, synchronous=[] if p.name == async_pair else standbys[:1]
+            )
+        return DatabaseReport(
+            role="standby", timeline=3, lag_bytes=2400, lag_s=0.25, streaming=True
+        )
+
+    def one(p: PairReport) -> PairReport:
+        update: dict[str, object] = {
+            "nodes": [n.model_copy(update={"database": db(p, n)}) for n in p.nodes]
+        }
+        if p.recovery is not None:
+            update["recovery"] = p.recovery.model_copy(update={"contexts": {"batch": RESUME}})
+        return p.model_copy(update=update)
+
+    return report.model_copy(
+        update={
+            "workshops": [
+                w.model_copy(update={"pairs": [one(p) for p in w.pairs]}) for w in report.workshops
+            ]
+        }
+    )
+
+
+def test_awaiting_operator_shows_where_the_held_service_resumes() -> None:
+    lines = screen(with_databases(site20()), sel=Selection(pair="p03"))
+    assert len(lines) == 24 and max(len(line) for line in lines) <= 80
+    head = lines.index(line_with(lines, "AWAITING OPERATOR", "lease of p03-a expired"))
+    words = " ".join(" ".join(lines[head : head + 2]).split())
+    assert "p03-a -> p03-b; held: batch; press a to acknowledge epoch 1003" in words
+    resume = line_with(lines, "batch resumes at step 5")
+    assert resume.startswith("  batch resumes at step 5 (batch=2) · last: step 4, epoch 1002 at")
+    assert clock(NOW - 50) in resume and len(resume) <= 80  # one line, cut if need be
+    # The nodes follow the recovery, with their databases.
+    assert lines.index(line_with(lines, "p03-b", "active", "db primary")) > head
+
+
+def test_a_context_that_is_missing_or_unreadable_says_so() -> None:
+    report = with_databases(site20())
+    missing = ContextReport(process="batch")
+    broken = ContextReport(process="batch", error="database mes: connection refused")
+    for ctx, text in (
+        (missing, "batch: no process context (never committed a step)"),
+        (broken, "batch: process context unreadable: database mes: connection refused"),
+    ):
+        pairs = [
+            p.model_copy(
+                update={"recovery": p.recovery.model_copy(update={"contexts": {"batch": ctx}})}
+            )
+            if p.recovery is not None
+            else p
+            for _, p in pairs_of(report)
+        ]
+        changed = report.model_copy(
+            update={
+                "workshops": [
+                    w.model_copy(update={"pairs": pairs[i * 5 : i * 5 + 5]})
+                    for i, w in enumerate(report.workshops)
+                ]
+            }
+        )
+        assert line_with(screen(changed, sel=Selection(pair="p03")), text)
+
+
+def test_the_ack_question_leaves_the_context_on_screen() -> None:
+    report = with_databases(site20())
+    sel, _ = handle(Selection(pair="p03"), "a", report, LIVE, NOW)
+    lines = screen(report, sel=sel)
+    assert lines[-1].strip() == (
+        "Acknowledge the recovery of p03 at epoch 1003: start batch on p03-b? [y/N]"
+    )
+    assert line_with(lines, "batch resumes at step 5 (batch=2)")
+
+
+def test_database_role_lag_and_sync_standby_of_each_node() -> None:
+    lines = screen(with_databases(site20()), sel=Selection(pair="p09"))
+    assert len(lines) == 24 and max(len(line) for line in lines) <= 80
+    assert line_with(lines, "p09-a ", "active", "db primary ", "mes running")
+    assert "ASYNC" not in line_with(lines, "p09-a ", "db primary")
+    assert line_with(lines, "p09-b ", "standby", "db sync lag 2.3 kB 0.2s")  # commits wait for it
+    assert line_with(lines, "p09-c ", "standby", "db standby lag 2.3 kB 0.2s")
+    assert "db async" not in line_with(lines, "> p09")
+
+
+def test_a_primary_without_synchronous_standby_is_flagged() -> None:
+    lines = screen(with_databases(site20()), sel=Selection(pair="p11"))
+    assert len(lines) == 24 and max(len(line) for line in lines) <= 80
+    assert line_with(lines, "> p11", "db async")
+    assert line_with(lines, "database: no synchronous standby: a commit may be on p11-a only")
+    assert line_with(lines, "p11-a ", "db primary ASYNC")
+    assert line_with(lines, "p11-b ", "db standby lag 2.3 kB 0.2s")
+    # Seen from another pair, it is still in the list.
+    assert line_with(screen(with_databases(site20()), sel=Selection(pair="p12")), "p11", "db async")
+
+
+def test_a_standby_that_does_not_stream_or_a_stopped_database() -> None:
+    report = with_databases(site20())
+    pair = next(p for _, p in pairs_of(report) if p.name == "p00")
+    b = pair.nodes[1]
+    assert b.database is not None
+    broken = pair.model_copy(
+        update={
+            "nodes": [
+                pair.nodes[0],
+                b.model_copy(
+                    update={"database": b.database.model_copy(update={"streaming": False})}
+                ),
+            ]
+        }
+    )
+    changed = report.model_copy(
+        update={
+            "workshops": [
+                report.workshops[0].model_copy(
+                    update={"pairs": [broken, *report.workshops[0].pairs[1:]]}
+                ),
+                *report.workshops[1:],
+            ]
+        }
+    )
+    lines = screen(changed, sel=Selection(pair="p00"))
+    assert line_with(lines, "p00-b ", "db sync NOT STREAMING")
+    stopped = broken.model_copy(
+        update={
+            "nodes": [
+                broken.nodes[0],
+                b.model_copy(update={"database": DatabaseReport(role="stopped")}),
+            ]
+        }
+    )
+    changed = changed.model_copy(
+        update={
+            "workshops": [
+                changed.workshops[0].model_copy(
+                    update={"pairs": [stopped, *changed.workshops[0].pairs[1:]]}
+                ),
+                *changed.workshops[1:],
+            ]
+        }
+    )
+    assert line_with(screen(changed, sel=Selection(pair="p00")), "p00-b ", "db stopped")
+
+
+def test_twenty_pairs_with_databases_fit_80x24_on_every_page() -> None:
+    report = with_databases(site20())
+    for _, p in pairs_of(report):
+        lines = screen(report, sel=Selection(pair=p.name))
+        assert len(lines) == 24 and max(len(line) for line in lines) <= 80
+        assert line_with(lines, f"> {p.name} ")
+        if p.active is not None:
+            assert line_with(lines, f"{p.active} ", "db primary")
     assert line_with(lines, "p19", "p19-a")
+
+
+# ---- PLCs -----------------------------------------------------------------------------------
+
+
+def plc(
+    name: str, node: str, state: str = "ok", path: int = 0, critical: bool = False
+) -> PlcReport:
+    up = {"ok": [True, True], "degraded": [path == 1, path == 0], "down": [False, False]}
+    return PlcReport(
+        name=name,
+        node=node,
+        service="comm",
+        state=state,
+        path=path,
+        critical=critical,
+        paths=[
+            PathHealth(endpoint=f"10.30.1.{i}:502", up=u, latency_ms=0.4 if u else None)
+            for i, u in enumerate(up[state])
+        ],
+    )
+
+
+def with_plcs(report: SiteReport, name: str, plcs: list[PlcReport]) -> SiteReport:
+    workshops = [
+        w.model_copy(
+            update={
+                "pairs": [
+                    p.model_copy(update={"plcs": plcs}) if p.name == name else p for p in w.pairs
+                ]
+            }
+        )
+        for w in report.workshops
+    ]
+    return report.model_copy(update={"workshops": workshops})
+
+
+def test_the_plcs_of_the_selected_pair_on_one_line_within_80_columns() -> None:
+    plcs = [
+        plc("press-1", "p02-a", "degraded", path=1, critical=True),
+        plc("press-1", "p02-b"),  # the standby's view is not the one shown
+        plc("oven-1", "p02-a"),
+        *(plc(f"conveyor-{i}", "p02-a") for i in range(8)),
+        PlcReport(name="mixer", state="unreported"),
+    ]
+    lines = screen(with_plcs(site20(), "p02", plcs), sel=Selection(pair="p02"))
+    assert len(lines) == 24 and max(len(line) for line in lines) <= 80
+    line = line_with(lines, "PLCs on p02-a:")
+    # the worst first: mixer is in the topology, but no comm server reports it
+    assert line == (
+        "PLCs on p02-a: mixer no report · press-1* degraded, backup · oven-1 ok · convey…"
+    )  # cut at the edge, never wrapped
+    assert line_with(lines, "> p02").split()[-3:] == ["PLC", "no", "report"]
+
+
+def test_plc_trouble_on_the_active_flags_the_pair() -> None:
+    report = with_plcs(site20(), "p01", [plc("press-1", "p01-a", "degraded", path=1)])
+    report = with_plcs(report, "p04", [plc("press-1", "p04-a", "down", critical=True)])
+    report = with_plcs(report, "p02", [plc("press-1", "p02-a"), plc("press-1", "p02-b", "down")])
+    lines = screen(report)
+    assert line_with(lines, "p01", "p01-a").split()[-2:] == ["PLC", "path"]
+    assert line_with(lines, "p04", "p04-a").split()[-2:] == ["PLC", "DOWN"]
+    assert line_with(lines, "p02", "p02-a").split()[-1] == "ok"  # down on the standby only
+    detail = screen(report, sel=Selection(pair="p04"))
+    assert line_with(detail, "PLCs on p04-a: press-1* down")
 
 
 # ---- keys -----------------------------------------------------------------------------------

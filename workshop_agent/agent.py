@@ -31,6 +31,7 @@ from shared.records import (
     SyncState,
     TopologyDoc,
     decode,
+    local_boot_id,
 )
 from shared.store import Kv, Mirror, Store, StoreError
 from shared.topology import Node, Pair, Site, TopologyError, parse_site
@@ -41,10 +42,13 @@ from workshop_agent.election import Election, Session
 from workshop_agent.hold import Ledger, Promises
 from workshop_agent.netwatch import RESOURCE, NetWatch
 from workshop_agent.observe import PairObserver, PairState
+from workshop_agent.pg.errors import PgError
+from workshop_agent.pg.manager import PgManager
 from workshop_agent.pg.status import parse_lsn
 from workshop_agent.probes import Hold, HoldReply
 from workshop_agent.settings import AgentSettings
 from workshop_agent.supervisor import Supervisor
+from workshop_agent.vip import VipKeeper
 from workshop_agent.watchdog import WatchdogLink
 
 TICK_S = 0.1
@@ -119,6 +123,7 @@ class Agent:
         self._fencing = False
         self._held_since = 0.0
         self._held_pending: frozenset[str] = frozenset()
+        self._contexts_term: int | None = None  # the term whose held contexts were read
         self._catch_up_lsn: int | None = None
         self._guarded_pg: int | None = None
         self.database: Database | None = None
@@ -129,6 +134,7 @@ class Agent:
         self.election: Election | None = None
         self.supervisor: Supervisor | None = None
         self.watchdog: WatchdogLink | None = None
+        self.vip: VipKeeper | None = None
 
     # -- plumbing ---------------------------------------------------------------------
     def _changed(self, _: object = None) -> None:
@@ -285,6 +291,7 @@ class Agent:
             self.clock,
         )
         self.supervisor.start_shared()
+        self.vip = VipKeeper(self.log, self.watchdog)
         if self.pair.database is not None:
             self.database = Database(
                 self.pair.database, self.pair, self.node, self.election, self.log, self._changed
@@ -347,6 +354,8 @@ class Agent:
         if was is None and self._fencing:
             return  # the services of this fence are still dying: once is enough
         self._fencing = True
+        if self.vip is not None:
+            self.vip.drop_now()  # clients stop reaching this node before anything else
         self.supervisor.kill_active(self.pair.failover.fence_margin_s / 2)
         if self.database is not None:
             # Whatever the database step in flight, it must not start the server again.
@@ -383,7 +392,11 @@ class Agent:
                 asking = False
                 self.ledger.clear()
                 self._holding = False
-                self.log.info("etcd confirms the lease again: no longer asking the peers")
+                self.log.info(
+                    "etcd confirms the lease again: no longer asking the peers"
+                    if self.term is not None
+                    else "no longer active: no longer asking the peers to hold"
+                )
                 self._lease_changed()
             await asyncio.sleep(session.interval / 2)
 
@@ -427,6 +440,12 @@ class Agent:
         promise = self.promises.binding(now, released)
         return None if promise is None else f"{promise.node} (epoch {promise.epoch})"
 
+    def _vip_step(self) -> None:
+        """The pair's virtual address is held exactly while the active services may run."""
+        if self.vip is not None:
+            spec = self.pair.vip if self.pair is not None else None
+            self.vip.update(spec, self._may_run() and self._db_ready())
+
     # -- the loop ---------------------------------------------------------------------
     async def _loop(self) -> None:
         while True:
@@ -434,6 +453,7 @@ class Agent:
                 await asyncio.wait_for(self._wake.wait(), TICK_S)
             self._wake.clear()
             self._load_topology()
+            self._vip_step()
             if self.pair is None:
                 await self._leave_pair()
                 continue
@@ -481,7 +501,10 @@ class Agent:
             leader_absent_since=st.leader_absent_since,
             term=self.term,
             services_up=self.supervisor.active_up(),
-            failure=self.supervisor.failure or (self.database.failure if self.database else None),
+            failure=self.supervisor.failure,
+            db_failure=self.database.failure if self.database else None,
+            db_sync=self._db_sync(),
+            forced=st.forced,
             healthy=healthy,
             holdoff_until=self.holdoff_until,
             started_at=self.started_at,
@@ -560,6 +583,8 @@ class Agent:
             cause = "took its pair back after an agent restart"
         elif planned:
             cause = "planned switchover"
+        elif self._state is not None and self._state.forced == self.me:
+            cause = f"takeover forced by an operator (failover from {previous})"
         elif target and handover is not None:
             cause = f"switch forced by {handover.from_node}"
         elif previous is not None and previous != self.me:
@@ -601,16 +626,27 @@ class Agent:
     def _db_ready(self) -> bool:
         return self.database is None or self.database.primary_epoch == self.term
 
-    def _db_eligible(self) -> bool:
+    def _sync_record(self) -> SyncState | None:
         assert self.pair is not None
         kv = self.pairs.items.get(keys.sync_standby(self.pair.name))
-        record = None
         if kv is not None:
             with contextlib.suppress(RecordError):
-                record = decode(SyncState, kv.value, kv.key)
+                return decode(SyncState, kv.value, kv.key)
+        return None
+
+    def _db_eligible(self) -> bool:
+        assert self.pair is not None
         return eligible(
-            self.pair.database, record, self.me, self.pair.nodes[0].name, self._received()
+            self.pair.database,
+            self._sync_record(),
+            self.me,
+            self.pair.nodes[0].name,
+            self._received(),
         )
+
+    def _db_sync(self) -> frozenset[str]:
+        record = self._sync_record()
+        return frozenset(record.sync) if record is not None and not record.degraded else frozenset()
 
     def _received(self) -> dict[str, int | None]:
         """Each node's received WAL position, from its published database status."""
@@ -650,8 +686,10 @@ class Agent:
         while True:
             try:
                 await self._db_round(db, sup)
-            except (StoreError, OSError) as err:
+            except (StoreError, OSError, PgError) as err:
                 self.log.warning("database round failed", error=str(err))
+            except Exception as err:  # a bug must not end the database's care for good
+                self.log.error("database round failed", error=repr(err))
             self._dirty.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._db_wake.wait(), DB_ROUND_S)
@@ -709,12 +747,47 @@ class Agent:
                 self.event(kind, record.cause, held=record.held, by=record.acked_by)
             return
 
+    def _read_contexts_once(self, term: int, current: Recovery | None) -> None:
+        """Once per holding term, when this node's database is its primary: read where
+        each held service would resume and add it to the recovery record."""
+        db, pair = self.database, self.pair
+        if (
+            db is None
+            or db.manager is None
+            or pair is None
+            or db.primary_epoch != term
+            or current is None
+            or current.epoch != term
+            or current.contexts is not None
+            or self._contexts_term == term
+        ):
+            return
+        self._contexts_term = term
+        names = recovery.process_names(pair, current.held)
+        self._spawn(self._publish_contexts(term, db.manager, names), "process-contexts")
+
+    async def _publish_contexts(self, term: int, manager: PgManager, names: dict[str, str]) -> None:
+        assert self.pair is not None
+        contexts = await recovery.read_contexts(manager, names)
+        try:
+            written = await recovery.publish_contexts(self.store, self.pair.name, term, contexts)
+        except StoreError as err:
+            self._contexts_term = None  # read them again on a later round
+            self.log.warning("could not publish the held services' contexts", error=str(err))
+            return
+        if written:
+            self.log.info(
+                "held services would resume from",
+                contexts="; ".join(recovery.describe(c) for c in contexts.values()),
+            )
+
     def _recovery_step(self) -> None:
         """Start held services once acknowledged, or when their auto_ack_after_s is up."""
         sup, pair, term = self.supervisor, self.pair, self.term
         if sup is None or pair is None or term is None or not sup.held:
             return
         current = self._recovery()
+        self._read_contexts_once(term, current)
         waited = self.clock() - self._held_since
         due = recovery.release_due(pair, frozenset(sup.held), current, term, waited)
         if not due:
@@ -742,6 +815,8 @@ class Agent:
         if epoch is None:
             return
         started = self.clock()
+        if self.vip is not None:
+            await self.vip.release()
         await self.supervisor.deactivate()
         lsn = None
         if self.database is not None:
@@ -837,6 +912,7 @@ class Agent:
                 else None
             ),
             pid=os.getpid(),
+            boot_id=local_boot_id(),
         )
         raw = status.model_copy(update={"updated": 0.0}).encode()
         if (lease, raw) != self._last_status:  # a new lease needs the status again
@@ -922,4 +998,6 @@ class Agent:
         if self.session is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.session.close(), 2)
+        if self.vip is not None:
+            await self.vip.close()
         await self.store.close()

@@ -149,7 +149,11 @@ class Database:
             return
         self._failures = 0
         if self.config.synchronous:
-            await self._keep_sync(manager, epoch, peers_up)
+            try:
+                await self._keep_sync(manager, epoch, peers_up)
+            except PgError as err:
+                # The server may have died mid-step: the next round repairs it.
+                self.log.warning("database: could not keep the sync state", error=str(err))
 
     async def _keep_sync(self, manager: PgManager, epoch: int, peers_up: set[str]) -> None:
         assert self.status is not None

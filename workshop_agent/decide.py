@@ -90,6 +90,12 @@ class Observation:
     synchronous standby): only then may this node take over automatically."""
     seen_leader: bool = False
     """This agent has seen an active node since it started (so this is no cold start)."""
+    db_failure: str | None = None
+    """The active's database cannot be kept running (its repair budget is spent)."""
+    db_sync: frozenset[str] = frozenset()
+    """The nodes recorded as synchronous standbys, holding every acknowledged commit."""
+    forced: str | None = None
+    """An operator forces this node to take the pair over though it may lack commits."""
     held_by: str | None = None
     """An active that cannot reach etcd holds the pair over the peer path, and this node
     promised it not to campaign meanwhile (see ``hold.py``)."""
@@ -191,6 +197,11 @@ def _as_active(o: Observation, term: int) -> Decision:
         )
     if o.failure is not None and not o.paused:
         return Decision(f"resigning: {o.failure}", (Resign(o.failure),))
+    if o.db_failure is not None and not o.paused:
+        # Without a healthy synchronous standby the active stays and keeps repairing.
+        moved = _database_switch(o, o.db_failure)
+        if moved is not None:
+            return moved
     if o.switchover is not None:
         return _switchover(o, o.switchover)
     if o.me in o.drained and not o.paused:
@@ -283,6 +294,21 @@ def _forced_switch(o: Observation) -> Decision | None:
     return None
 
 
+def _database_switch(o: Observation, failure: str) -> Decision | None:
+    """A database that cannot be repaired here moves the pair only to a healthy standby
+    recorded synchronous: any other would lose commits, and leaving would leave nothing."""
+    target = next(
+        (n.name for n in o.pair.nodes if n.name in o.db_sync and _eligible_peer(o, n.name)),
+        None,
+    )
+    if target is None:
+        return None
+    return Decision(
+        f"{failure}: handing over to the synchronous standby {target}",
+        (Handover(target, None, failure, False),),
+    )
+
+
 def _failback_target(o: Observation) -> str | None:
     policy = o.pair.failover
     if policy.failback != "auto" or o.paused:
@@ -348,6 +374,12 @@ def _campaign(o: Observation) -> Decision:
         return Decision("no active node; this node is not healthy")
     if o.now < o.holdoff_until:
         return Decision("no active node; holding off after stepping down")
+    if o.forced == o.me:
+        return Decision(
+            "no active node; an operator forces this node to take over, accepting that "
+            "it may lack committed data: campaigning",
+            (Campaign(handover.revision if handover is not None else None),),
+        )
     if not o.db_eligible:
         return Decision(
             "no active node; this node may lack committed data (not the recorded "

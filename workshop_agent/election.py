@@ -135,6 +135,7 @@ class Election:
         self.key = keys.b(keys.leader(pair))
         self.handover_key = keys.b(keys.handover(pair))
         self.switchover_key = keys.b(keys.switchover(pair))
+        self.takeover_key = keys.b(keys.takeover(pair))
 
     async def campaign(
         self, lease: int, handover_revision: int | None = None, target: bool = False
@@ -157,6 +158,8 @@ class Election:
             [
                 tx.put(self.key, Leader(node=self.node).encode(), lease=lease),
                 tx.delete(self.handover_key),
+                # A forced takeover is for this election only, whoever wins it.
+                tx.delete(self.takeover_key),
             ],
         )
         return int(resp[0].response_put.header.revision) if ok else None

@@ -20,6 +20,7 @@ from shared.records import (
     RecordError,
     ServiceReport,
     Switchover,
+    Takeover,
     decode,
 )
 from shared.store import Kv
@@ -40,6 +41,7 @@ class PairState:
     switchover_raw: bytes | None
     handover: HandoverView | None
     lost: dict[str, Lost]
+    forced: str | None = None  # the node an operator forces to take the pair over
 
 
 class PairObserver:
@@ -104,7 +106,12 @@ class PairObserver:
             switchover_raw=raw,
             handover=self._handover(pairs.get(keys.handover(pair.name)), now),
             lost=self._lost(nodes, now),
+            forced=self._forced(pairs.get(keys.takeover(pair.name))),
         )
+
+    def _forced(self, kv: Kv | None) -> str | None:
+        record = self._decode(Takeover, kv) if kv is not None else None
+        return record.to if record is not None else None
 
     def _reports(self, node: str, nodes: Mapping[str, Kv]) -> list[ServiceReport]:
         prefix = keys.reports_prefix(node)

@@ -1,13 +1,29 @@
-"""Assisted recovery: which services wait for an operator, and when they may start.
+"""Assisted recovery: which services wait for an operator, when they may start, and
+where each would resume.
 
-Pure functions; the agent writes the ``/pairs/{pair}/recovery`` record and starts the
-services they name.
+The decisions are pure functions; the agent writes the ``/pairs/{pair}/recovery``
+record and starts the services they name. Once the new active's database is primary,
+it reads the process context of every held service (:func:`read_contexts`) and adds it
+to the record (:func:`publish_contexts`), so that the operator sees where the process
+would go on before acknowledging. The context cannot move meanwhile: the held service
+is not running, and the new primary raised every process fence to its epoch.
 """
 
 from __future__ import annotations
 
-from shared.records import Recovery
+import asyncio
+from collections.abc import Iterable, Mapping
+
+import psycopg
+
+from shared import keys
+from shared.process_context import Resume, read_context
+from shared.records import HeldContext, RecordError, Recovery, decode
+from shared.store import Store
 from shared.topology import Pair
+from workshop_agent.pg import query as q
+from workshop_agent.pg.errors import PgError
+from workshop_agent.pg.manager import PgManager
 
 
 def held_services(pair: Pair, hold: bool) -> frozenset[str]:
@@ -30,3 +46,107 @@ def release_due(
         for s in pair.services
         if s.name in held and s.auto_ack_after_s is not None and waited_s >= s.auto_ack_after_s
     )
+
+
+# ---- where the held services would resume ---------------------------------------------
+
+
+def process_names(pair: Pair, held: Iterable[str]) -> dict[str, str]:
+    """Held service -> the name of the process context it drives."""
+    wanted = set(held)
+    return {s.name: s.process_name for s in pair.services if s.name in wanted}
+
+
+def held_context(process: str, database: str, resume: Resume) -> HeldContext:
+    return HeldContext(
+        process=process,
+        database=database,
+        step=resume.step,
+        state=resume.state,
+        last_step=resume.last_step,
+        last_result=resume.last_result,
+        epoch=resume.epoch,
+        steps_committed=resume.steps_committed,
+        committed_at=resume.committed_at.timestamp(),
+    )
+
+
+def describe(ctx: HeldContext) -> str:
+    """One line for the agent's log."""
+    if ctx.error is not None:
+        return f"{ctx.process}: unreadable ({ctx.error})"
+    if ctx.step is None:
+        return f"{ctx.process}: no context (never committed a step)"
+    return f"{ctx.process}: next step {ctx.step}, last step {ctx.last_step} (epoch {ctx.epoch})"
+
+
+async def read_contexts(manager: PgManager, names: Mapping[str, str]) -> dict[str, HeldContext]:
+    """The committed context of each ``service -> process`` in ``names``, read from this
+    node's server (the new primary) in each of the pair's databases, first found wins;
+    a process found nowhere is reported without a step, or with the error that may
+    have hidden it."""
+    config, pg = manager.config, manager.pg
+    found: dict[str, HeldContext] = {}
+    errors: dict[str, str] = {}
+    for db in config.databases:
+        missing = {s: p for s, p in names.items() if s not in found}
+        if not missing:
+            break
+        try:
+            conn = await q.connect(
+                pg.node.address,
+                config.port,
+                config.auth.superuser,
+                pg.secrets.superuser,
+                dbname=db.name,
+                timeout=manager.timeouts.query_s,
+            )
+        except PgError as err:
+            errors.update(dict.fromkeys(missing, f"database {db.name}: {err}"))
+            continue
+        try:
+            async with asyncio.timeout(manager.timeouts.query_s):
+                for service, process in missing.items():
+                    resume = await read_context(conn, process)
+                    if resume is not None:
+                        found[service] = held_context(process, db.name, resume)
+        except (psycopg.Error, TimeoutError) as err:
+            why = str(err).strip() or "no answer in time"
+            errors.update(dict.fromkeys(missing, f"database {db.name}: {why}"))
+        finally:
+            conn.pgconn.finish()  # never waits: the server may be the one that hangs
+    for service, process in names.items():
+        if service not in found:
+            found[service] = HeldContext(process=process, error=errors.get(service))
+    return found
+
+
+async def publish_contexts(
+    store: Store, pair: str, epoch: int, contexts: Mapping[str, HeldContext], tries: int = 5
+) -> bool:
+    """Add ``contexts`` to the pair's recovery record of ``epoch`` while ``epoch`` is the
+    current term. Compare-and-set on the record: an operator's ack written meanwhile is
+    kept, not overwritten. False if the record is gone, of another term, or kept
+    changing."""
+    key, tx = keys.recovery(pair), store.tx
+    for _ in range(tries):
+        kv = await store.get(key)
+        if kv is None:
+            return False
+        try:
+            current = decode(Recovery, kv.value, kv.key)
+        except RecordError:
+            return False
+        if current.epoch != epoch:
+            return False
+        done = current.model_copy(update={"contexts": dict(contexts)})
+        ok, _ = await store.txn(
+            [
+                tx.create(keys.b(keys.leader(pair))) == epoch,
+                tx.mod(keys.b(key)) == kv.mod_revision,
+            ],
+            [tx.put(keys.b(key), done.encode())],
+        )
+        if ok:
+            return True
+    return False

@@ -3,8 +3,11 @@ agent stops extending its deadline (agent frozen or hung) or dies (its pipe clos
 
 The agent cannot fence itself while it is frozen, so this process holds the deadline
 (the fence point plus half the margin) and acts on it alone. Protocol, one line each
-on stdin: ``deadline <monotonic seconds>``, ``add <pgid>``, ``del <pgid>``. On end of
-file it kills every registered group and exits: services never outlive their agent.
+on stdin: ``deadline <monotonic seconds>``, ``add <pgid>``, ``del <pgid>``, ``vip add
+<address/prefix> <interface>``, ``vip del <address/prefix> <interface>``. At the deadline
+it removes the registered virtual addresses first (clients must stop reaching this node
+before anything else), then kills every registered group. On end of file it does the
+same and exits: neither services nor the virtual address outlive their agent.
 
 It inherits the agent's node lock, so a restarted agent cannot take the node's pair
 back before this process has finished killing the previous run's services.
@@ -41,10 +44,44 @@ def _kill_all(groups: set[int], why: str) -> None:
     groups.clear()
 
 
+VIP_TIMEOUT_S = 1.0
+
+
+def _drop_vips(vips: set[tuple[str, str]]) -> list[subprocess.Popen[bytes]]:
+    """Start removing every virtual address; the caller waits (bounded) afterwards."""
+    procs = []
+    for address, interface in sorted(vips):
+        with contextlib.suppress(OSError):
+            procs.append(
+                subprocess.Popen(
+                    ["ip", "-4", "addr", "del", address, "dev", interface],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+    if vips:
+        _log(f"removing virtual address(es) {', '.join(a for a, _ in sorted(vips))}")
+    vips.clear()
+    return procs
+
+
+def _stop_everything(groups: set[int], vips: set[tuple[str, str]], why: str) -> None:
+    procs = _drop_vips(vips)
+    _kill_all(groups, why)
+    for proc in procs:
+        try:
+            proc.wait(VIP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def serve(stream: IO[bytes]) -> None:
     """Read commands until end of file; kill on deadline and on exit."""
     deadline = float("inf")
     groups: set[int] = set()
+    vips: set[tuple[str, str]] = set()
     buffer = b""
     fd = stream.fileno()
     os.set_blocking(fd, False)
@@ -58,22 +95,24 @@ def serve(stream: IO[bytes]) -> None:
             except BlockingIOError:
                 continue
             if not chunk:
-                _kill_all(groups, "agent gone")
+                _stop_everything(groups, vips, "agent gone")
                 return
             buffer += chunk
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
                 words = line.decode(errors="replace").split()
                 try:
-                    deadline = _apply(words, groups, deadline)
+                    deadline = _apply(words, groups, vips, deadline)
                 except ValueError:
                     _log(f"ignored bad command {' '.join(words)!r}")
         if time.monotonic() >= deadline:
-            _kill_all(groups, "agent did not confirm its lease before the fence point")
+            _stop_everything(groups, vips, "agent did not confirm its lease before the fence point")
             deadline = float("inf")
 
 
-def _apply(words: list[str], groups: set[int], deadline: float) -> float:
+def _apply(
+    words: list[str], groups: set[int], vips: set[tuple[str, str]], deadline: float
+) -> float:
     match words:
         case ["deadline", value]:
             at = float(value)
@@ -84,6 +123,10 @@ def _apply(words: list[str], groups: set[int], deadline: float) -> float:
             groups.add(int(pgid))
         case ["del", pgid]:
             groups.discard(int(pgid))
+        case ["vip", "add", address, interface]:
+            vips.add((address, interface))
+        case ["vip", "del", address, interface]:
+            vips.discard((address, interface))
         case _:
             _log(f"ignored bad command {' '.join(words)!r}")
     return deadline
@@ -104,6 +147,7 @@ class WatchdogLink:
         self._keep_fds = keep_fds
         self._proc: subprocess.Popen[bytes] | None = None
         self._groups: set[int] = set()
+        self._vips: set[tuple[str, str]] = set()
         self._deadline = float("inf")
 
     def start(self) -> None:
@@ -115,6 +159,8 @@ class WatchdogLink:
         )
         for pgid in self._groups:
             self._send(f"add {pgid}")
+        for address, interface in self._vips:
+            self._send(f"vip add {address} {interface}")
         self._send(f"deadline {self._deadline!r}")
 
     @property
@@ -146,6 +192,15 @@ class WatchdogLink:
     def remove(self, pgid: int) -> None:
         self._groups.discard(pgid)
         self._send(f"del {pgid}")
+
+    def add_vip(self, address: str, interface: str) -> None:
+        """Removed by the watchdog at the deadline, before it kills the services."""
+        self._vips.add((address, interface))
+        self._send(f"vip add {address} {interface}")
+
+    def remove_vip(self, address: str, interface: str) -> None:
+        self._vips.discard((address, interface))
+        self._send(f"vip del {address} {interface}")
 
     def close(self) -> None:
         """Close the pipe: the watchdog kills what is still registered and exits."""

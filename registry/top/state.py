@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from shared.report import NodeReport, PairReport, RecoveryReport, SiteReport
+from shared.report import DatabaseReport, NodeReport, PairReport, RecoveryReport, SiteReport
 
 NOTICE_S = 30.0
 """How long the outcome of a request stays on screen."""
@@ -114,3 +114,35 @@ def ready_standbys(pair: PairReport) -> list[NodeReport]:
         and n.role == "standby"
         and n.drained is None
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class PairDatabase:
+    """A pair's PostgreSQL as its nodes report it."""
+
+    primary: str | None
+    """The node whose server is primary (None: none says so)."""
+    sync: tuple[str, ...]
+    """The standbys the primary's commits wait for now."""
+    nodes: tuple[tuple[str, DatabaseReport], ...]
+    """Every node that reports a database, in the pair's order."""
+
+    @property
+    def no_sync(self) -> bool:
+        """A primary with standbys but none synchronous: a commit may be on the primary
+        only (degraded to asynchronous, or the standby just went away)."""
+        return self.primary is not None and not self.sync and len(self.nodes) > 1
+
+
+def pair_database(pair: PairReport) -> PairDatabase | None:
+    """The pair's database state, or None for a pair without one."""
+    nodes = tuple((n.name, n.database) for n in pair.nodes if n.up and n.database is not None)
+    if not nodes:
+        return None
+    primaries = [(name, db) for name, db in nodes if db.role == "primary"]
+    # Two primaries (an old one not yet fenced) : the active's is the one that counts.
+    name, db = next(
+        ((n, d) for n, d in primaries if n == pair.active),
+        primaries[0] if primaries else (None, None),
+    )
+    return PairDatabase(name, tuple(db.synchronous) if db is not None else (), nodes)

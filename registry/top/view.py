@@ -4,9 +4,11 @@
 the operator's selection, and returns a renderable that lays itself out for the
 console it is printed on, from 80x24 up: a title line (LIVE, or DISCONNECTED since
 when), the alarms of the whole site, one line per pair grouped by workshop (paged so
-that the selected pair is on screen), the selected pair in detail (recovery, pause,
-nodes with role, health and services with their restart counts, endpoints), the
-recent events with their causes, and a footer with the keys or the question asked.
+that the selected pair is on screen), the selected pair in detail (recovery with where
+each held service would resume, pause, a database without synchronous standby, nodes
+with role, health, database role and lag, and services with their restart counts,
+endpoints, its PLCs on one line), the recent events with their causes, and a footer
+with the keys or the question asked.
 
 A report that is not current (the registry went away, or lost etcd) is drawn dim,
 under a banner that says since when and how old it is, with its ages frozen at the
@@ -25,6 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from registry.status import (
+    PLC_STYLES,
     ROLE_STYLES,
     STATE_STYLES,
     _endpoints_cell,
@@ -33,18 +36,22 @@ from registry.status import (
     _role_cell,
     _services_cell,
     ago,
+    context_text,
+    path_name,
 )
 from registry.top.state import (
     NOTICE_S,
     Connection,
+    PairDatabase,
     Selection,
     as_shown,
     awaiting,
+    pair_database,
     pairs_of,
     ready_standbys,
     selected_pair,
 )
-from shared.report import PairReport, SiteReport
+from shared.report import DatabaseReport, NodeReport, PairReport, PlcReport, SiteReport
 
 ALARM = "bold white on red"
 AWAIT = "bold black on yellow"
@@ -163,9 +170,54 @@ def _flags(pair: PairReport) -> Text:
         flags.append(("no standby", "bold yellow"))
     if pair.switchover is not None:
         flags.append(("switchover", "yellow"))
+    db = pair_database(pair)
+    if db is not None and db.no_sync:
+        flags.append(("db async", "bold yellow"))
+    flags.extend(_plc_flags(pair))
     if not flags:
         return Text("ok", style="green")
     return Text(" ").join(Text(label, style=style) for label, style in flags)
+
+
+def _plcs_seen(pair: PairReport) -> tuple[str | None, list[PlcReport]]:
+    """The PLCs as the active node sees them (else the first node reporting any),
+    and that node; PLCs no comm server reports are listed too."""
+    nodes = [p.node for p in pair.plcs if p.node is not None]
+    node = pair.active if pair.active in nodes else next(iter(nodes), None)
+    return node, [p for p in pair.plcs if p.node == node or p.node is None]
+
+
+# The worst first: on one line cut at the screen's edge, trouble stays in view.
+_PLC_ORDER = {"down": 0, "unreported": 1, "degraded": 2, "starting": 3}
+
+
+def _plc_flags(pair: PairReport) -> list[tuple[str, str]]:
+    _, plcs = _plcs_seen(pair)
+    states = {p.state for p in plcs}
+    if "down" in states:
+        critical = any(p.critical for p in plcs if p.state == "down")
+        return [("PLC DOWN", "bold red" if critical else "yellow")]
+    if "unreported" in states:
+        return [("PLC no report", "yellow")]
+    if "degraded" in states:
+        return [("PLC path", "yellow")]
+    return []
+
+
+def _plc_line(pair: PairReport) -> Text:
+    """Every PLC on one line, the worst first: ``PLCs on a: press-1* degraded,
+    backup · oven-1 ok`` (``*`` critical); the line is cut at the screen's edge."""
+    node, plcs = _plcs_seen(pair)
+    text = Text(f"PLCs on {node}: " if node else "PLCs: ", style="dim")
+    for i, plc in enumerate(sorted(plcs, key=lambda p: _PLC_ORDER.get(p.state, 9))):
+        if i:
+            text.append(" · ", style="dim")
+        text.append(plc.name + ("*" if plc.critical else ""), style="bold" if plc.critical else "")
+        state = "no report" if plc.state == "unreported" else plc.state
+        text.append(f" {state}", style=PLC_STYLES.get(plc.state, ""))
+        if plc.path and plc.state != "down":
+            text.append(f", {path_name(plc.path)}", style="yellow")
+    return text
 
 
 def nodes_width(width: int, pairs: list[PairReport]) -> int:
@@ -274,7 +326,13 @@ def _recovery_lines(pair: PairReport, as_of: float) -> list[Text]:
         f" held: {', '.join(rec.held) or 'nothing'}; press a to acknowledge epoch {rec.epoch}",
         style="yellow",
     )
-    return [text]
+    lines = [text]
+    for service, ctx in sorted((rec.contexts or {}).items()):
+        # One line each, cut if need be: the step to resume from comes first.
+        line = Text("  ") + context_text(service, ctx, " · ")
+        line.no_wrap, line.overflow = True, "ellipsis"
+        lines.append(line)
+    return lines
 
 
 def _pair_notes(pair: PairReport, as_of: float) -> list[Text]:
@@ -286,6 +344,14 @@ def _pair_notes(pair: PairReport, as_of: float) -> list[Text]:
             text.append(f": {pair.paused.reason}", style="red")
         text.append("; no automatic failover", style="red")
         notes.append(text)
+    db = pair_database(pair)
+    if db is not None and db.no_sync:
+        notes.append(
+            Text(
+                f"database: no synchronous standby: a commit may be on {db.primary} only",
+                style="bold yellow",
+            )
+        )
     if pair.switchover is not None:
         req = pair.switchover
         notes.append(
@@ -298,18 +364,61 @@ def _pair_notes(pair: PairReport, as_of: float) -> list[Text]:
     return notes
 
 
+def size(n: int) -> str:
+    """Bytes, short: ``0 B``, ``12 kB``, ``3.4 MB``."""
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" or value >= 10 else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _database_cell(name: str, db: DatabaseReport | None, pair_db: PairDatabase | None) -> Text:
+    """A node's PostgreSQL on one short line: role, and for a standby whether commits
+    wait for it (``sync``) and how far behind it is."""
+    if db is None or pair_db is None:
+        return Text("")
+    if db.role == "primary":
+        text = Text("db primary", style="green")
+        if name == pair_db.primary and pair_db.no_sync:
+            text.append(" ASYNC", style="bold yellow")
+        return text
+    if db.role != "standby":
+        return Text(f"db {db.role}", style="yellow" if db.role == "starting" else "bold red")
+    sync = name in pair_db.sync
+    text = Text("db sync" if sync else "db standby", style="cyan")
+    if not db.streaming:
+        return text.append(" NOT STREAMING", style="bold red")
+    if db.lag_bytes is not None:
+        text.append(f" lag {size(db.lag_bytes)}")
+    if db.lag_s is not None:
+        text.append(f" {db.lag_s:.1f}s")
+    return text
+
+
+def _services_only(node: NodeReport) -> Text:
+    # The database has a column of its own here.
+    return _services_cell(node.model_copy(update={"database": None}))
+
+
 def _nodes_grid(pair: PairReport) -> Table:
+    pair_db = pair_database(pair)
     grid = Table.grid(padding=(0, 1))
     grid.add_column(no_wrap=True)
     grid.add_column(no_wrap=True)
     grid.add_column(max_width=30)
+    if pair_db is not None:
+        grid.add_column(no_wrap=True)
     grid.add_column(ratio=1)
     for node in pair.nodes:
+        db = [_database_cell(node.name, node.database, pair_db)] if pair_db is not None else []
         grid.add_row(
             Text(node.name, style="bold" if node.name == pair.active else ""),
             _flat(_role_cell(node)),
             _flat(_health_cell(node)),
-            _flat(_services_cell(node)),
+            *db,
+            _flat(_services_only(node)),
         )
     return grid
 
@@ -337,6 +446,8 @@ def _detail(
     lines.extend(Text.assemble(*((s.text, s.style or "") for s in line)) for line in rendered)
     if pair.endpoints:
         lines.append(Text("endpoints: ", style="dim") + _flat(_endpoints_cell(pair)))
+    if pair.plcs:
+        lines.append(_plc_line(pair))
     return lines
 
 

@@ -4,11 +4,14 @@
   stream; it never goes back to an older epoch and keeps the last endpoint, marked
   stale, while no registry answers.
 - Reconnecting adapters built on it: :class:`TcpAdapter` (asyncio streams),
-  :class:`HttpAdapter` (aiohttp) and :class:`PgAdapter` (psycopg 3, async). Each one
+  :class:`HttpAdapter` (aiohttp), :class:`PgAdapter` (psycopg 3, async) and
+  :class:`OpcUaAdapter` (asyncua, keeping its subscriptions across a move). Each one
   moves its connection to the new endpoint by itself, retries with bounded exponential
   back-off and jitter, and raises :class:`DeadlineExceeded` instead of hanging.
 - ``hapair-proxy`` (:mod:`shared.client.proxy`) for clients that cannot be changed.
 """
+
+from typing import TYPE_CHECKING
 
 from shared.client.backoff import Backoff
 from shared.client.errors import (
@@ -25,19 +28,40 @@ from shared.client.pg import PgAdapter
 from shared.client.resolver import Resolver, ServiceState
 from shared.client.tcp import Connection, TcpAdapter
 
+if TYPE_CHECKING:
+    from shared.client.opcua import DataChange, OpcUaAdapter, OutcomeUnknown, Subscription, tag
+
+# asyncua would add about 0.2 s to every import of this package, the operator CLI's
+# among them: the OPC UA names load on first use.
+_OPCUA = ("DataChange", "OpcUaAdapter", "OutcomeUnknown", "Subscription", "tag")
+
+
+def __getattr__(name: str) -> object:
+    if name in _OPCUA:
+        from shared.client import opcua
+
+        return getattr(opcua, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "Backoff",
     "ClientError",
     "Connection",
+    "DataChange",
     "DeadlineExceeded",
     "Endpoint",
     "EndpointChanged",
     "HttpAdapter",
+    "OpcUaAdapter",
+    "OutcomeUnknown",
     "PgAdapter",
     "RegistryUnavailable",
     "Resolver",
     "ServiceState",
     "ServiceUnavailable",
+    "Subscription",
     "TcpAdapter",
     "UnknownService",
+    "tag",
 ]

@@ -1,0 +1,96 @@
+"""False failovers under etcd stalls: the pair must ride out short coordinator hiccups.
+
+Real etcd and two real agents (pair defaults: lease TTL 2 s, fence margin 0.5 s). The
+etcd process is stopped (SIGSTOP) for a random 0.5-1.0 s and resumed (SIGCONT), with a
+random 1.0-1.5 s of normal service between stalls, N times (200 by default). Counted
+from etcd and from the service's own record: epoch changes (new leader keys), fences,
+and runs of the active service (1 means it never stopped). Target: 0 epoch changes.
+
+Usage: python bench/bench_etcd_stalls.py [--stalls 200] [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from cluster import Cluster, recording_service, until  # noqa: E402
+from harness import Etcd, free_port  # noqa: E402
+
+ADDRESS = {"a": "127.0.81.1", "b": "127.0.81.2"}
+
+
+async def main(stalls: int, seed: int) -> int:
+    rng = random.Random(seed)
+    print(f"seed {seed}, {stalls} stalls of 0.5-1.0 s", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="hapair-bench-stalls-"))
+    etcd = Etcd().start()
+    assert etcd.proc is not None
+    c = Cluster(etcd, tmp)
+    svc = recording_service("stall-svc", free_port(), c.record, critical=True)
+    nodes = [{"name": n, "address": a} for n, a in ADDRESS.items()]
+    await c.apply(c.site([{"name": "p", "nodes": nodes, "services": [svc]}]))
+    epochs: list[tuple[str, int]] = []
+    lengths: list[float] = []
+    try:
+        c.start("a")
+        first = await c.active("p", node="a", timeout=20)
+        c.start("b")
+        await c.standby("b", timeout=20)
+        epochs.append(first)
+        for i in range(stalls):
+            length = rng.uniform(0.5, 1.0)
+            os.kill(etcd.proc.pid, signal.SIGSTOP)
+            stopped = time.monotonic()
+            try:
+                await asyncio.sleep(length)
+            finally:
+                os.kill(etcd.proc.pid, signal.SIGCONT)
+            lengths.append(time.monotonic() - stopped)
+            await asyncio.sleep(rng.uniform(1.0, 1.5))
+            lead = await until(lambda: c.leader("p"), 10, "a leader after the stall")
+            if lead != epochs[-1]:
+                print(f"  stall {i + 1}: epoch change {epochs[-1]} -> {lead}", flush=True)
+                epochs.append(lead)
+            if (i + 1) % 50 == 0:
+                print(f"  {i + 1} stalls, {len(epochs) - 1} epoch changes so far", flush=True)
+        fences = await c.events("fence")
+        elections = await c.events("election")
+    finally:
+        os.kill(etcd.proc.pid, signal.SIGCONT)
+        await c.stop_all()
+        etcd.cleanup()
+    runs = [r for r in c.intervals() if r["service"] == "stall-svc"]
+    c.assert_no_overlap()
+    shutil.rmtree(tmp, ignore_errors=True)
+    print()
+    print(f"stalls                 {len(lengths)} (median {statistics.median(lengths):.3f} s, "
+          f"min {min(lengths):.3f} s, max {max(lengths):.3f} s)")  # fmt: skip
+    print(f"epoch changes          {len(epochs) - 1}   (target 0)")
+    print(f"elections              {len(elections)} (1 is the first election)")
+    print(f"fences                 {len(fences)}")
+    print(f"runs of the service    {len(runs)} (1: it never stopped)")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--stalls", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args()
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
+    sys.exit(asyncio.run(main(args.stalls, seed)))

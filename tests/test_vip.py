@@ -1,0 +1,234 @@
+"""The virtual IP: validated in the site file, held by the active node only, moved on a
+crash, removed by the fence and by the watchdog, announced by gratuitous ARP.
+
+Everything network-related runs in network namespaces (``vip_lab``), never on the
+machine's own interfaces: etcd, each agent and a client on their own lab hosts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cluster import until
+from harness import PYTHON, ROOT, free_port
+from netns import IFNAME, Lab, unavailable
+from vip_lab import LabSite, afetch, has, mac, neighbour, service, until_has
+
+from shared.topology import TopologyError, parse_site
+
+NO_LAB = unavailable()
+needs_lab = pytest.mark.skipif(NO_LAB is not None, reason=f"no network namespaces: {NO_LAB}")
+needs_arping = pytest.mark.skipif(
+    shutil.which("arping") is None, reason="arping is not installed (iputils-arping)"
+)
+VIP_IP = "10.99.0.100"
+VIP = f"{VIP_IP}/24"
+
+
+def _site(vip: dict[str, Any] | None) -> dict[str, Any]:
+    nodes = [{"name": "a", "address": "10.0.0.1"}, {"name": "b", "address": "10.0.0.2"}]
+    pair: dict[str, Any] = {"name": "p", "nodes": nodes}
+    if vip is not None:
+        pair["vip"] = vip
+    return {"site": "s", "workshops": [{"name": "w", "pairs": [pair]}]}
+
+
+@pytest.mark.parametrize(
+    ("vip", "problem"),
+    [
+        ({"address": "10.0.0.100", "interface": "eth0"}, "vip.address: '10.0.0.100' has no prefix"),
+        ({"address": "10.0.0.255/24", "interface": "eth0"}, "vip.address: '10.0.0.255/24' is the"),
+        ({"address": "fd00::5/64", "interface": "eth0"}, "vip.address: 'fd00::5/64': only IPv4"),
+        ({"address": "eth0/24", "interface": "eth0"}, "vip.address: 'eth0/24' is not an IP"),
+        ({"address": "10.0.0.100/24", "interface": "eth0:1"}, "vip.interface: 'eth0:1' is not"),
+        ({"address": "10.0.0.100/24", "interface": "a" * 16}, "vip.interface: 'aaaa"),
+        ({"address": "10.0.0.100/24"}, "vip.interface: Field required"),
+        ({"address": "10.0.0.2/24", "interface": "eth0"}, "is the address of nodes[1] (b)"),
+    ],
+)
+def test_invalid_vip_is_refused_naming_the_field(vip: dict[str, Any], problem: str) -> None:
+    with pytest.raises(TopologyError) as err:
+        parse_site(_site(vip), "site.yaml")
+    text = "\n".join(err.value.problems)
+    assert "workshops[0].pairs[0]" in text and problem in text, text
+
+
+def test_valid_vip_is_normalised_and_optional() -> None:
+    pair = parse_site(_site({"address": " 10.0.0.100/24", "interface": "eth0"}), "s").pair("p")
+    assert pair is not None and pair.vip is not None
+    assert (pair.vip.address, pair.vip.ip, pair.vip.interface) == (
+        "10.0.0.100/24",
+        "10.0.0.100",
+        "eth0",
+    )
+    bare = parse_site(_site(None), "s").pair("p")
+    assert bare is not None and bare.vip is None
+
+
+def test_two_pairs_cannot_share_a_vip() -> None:
+    site = _site({"address": "10.0.0.100/24", "interface": "eth0"})
+    other = json.loads(json.dumps(site["workshops"][0]["pairs"][0]))
+    other["name"] = "q"
+    other["nodes"] = [{"name": "c", "address": "10.0.0.3"}, {"name": "d", "address": "10.0.0.4"}]
+    site["workshops"][0]["pairs"].append(other)
+    with pytest.raises(TopologyError, match=r"duplicate virtual address '10\.0\.0\.100'"):
+        parse_site(site, "s")
+
+
+# ---- the watchdog --------------------------------------------------------------------
+
+
+@needs_lab
+def test_watchdog_removes_the_vip_at_the_deadline_and_when_the_agent_is_gone() -> None:
+    with Lab(["n"]) as lab:
+        host = lab["n"]
+        for when in ("deadline", "eof"):
+            host.ip("addr", "add", VIP, "dev", IFNAME)
+            dog = lab.spawn(
+                host, PYTHON, "-m", "workshop_agent.watchdog",
+                stdin=subprocess.PIPE, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )  # fmt: skip
+            assert dog.stdin is not None
+            lines = [f"vip add {VIP} {IFNAME}"]
+            if when == "deadline":
+                lines.append(f"deadline {time.monotonic() + 0.3!r}")
+            dog.stdin.write(("\n".join(lines) + "\n").encode())
+            dog.stdin.flush()
+            time.sleep(0.1)
+            assert has(host, VIP), "removed before the deadline"
+            if when == "eof":
+                dog.stdin.close()
+            deadline = time.monotonic() + 5
+            while has(host, VIP) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not has(host, VIP), f"still there after the {when}"
+            if when == "eof":
+                dog.wait(5)
+            else:
+                dog.stdin.close()
+                dog.wait(5)
+
+
+# ---- end to end, in namespaces -------------------------------------------------------
+
+
+async def _start_pair(site: LabSite) -> int:
+    port = free_port()
+    c = site.cluster
+    pair = {
+        "name": "p",
+        "nodes": [site.node_entry("a"), site.node_entry("b")],
+        "services": [service("p-svc", port, c.record, critical=True)],
+        "vip": {"address": VIP, "interface": IFNAME},
+    }
+    await c.apply(c.site([pair]))
+    c.start("a")
+    await c.active("p", node="a", timeout=20)
+    c.start("b")
+    await c.standby("b", timeout=20)
+    return port
+
+
+async def _served_by(site: LabSite, port: int, node: str, timeout: float = 10.0) -> None:
+    client = site["client"]
+
+    async def answered() -> bool:
+        body = await afetch(client, f"http://{VIP_IP}:{port}/", 0.5)
+        return body is not None and json.loads(body)["node"] == node
+
+    await until(answered, timeout, f"the client served by {node} through {VIP_IP}", step=0.05)
+
+
+def _vip_mentions(site: LabSite, node: str, what: str) -> bool:
+    return what in site.cluster.log(node)
+
+
+@needs_lab
+@needs_arping
+@pytest.mark.e2e
+async def test_vip_follows_the_active_through_a_crash(tmp_path: Path) -> None:
+    async with LabSite(tmp_path, ["a", "b"]) as site:
+        port = await _start_pair(site)
+        a, b, client = site["a"], site["b"], site["client"]
+        await until_has(a, VIP)
+        assert not has(b, VIP)
+        await _served_by(site, port, "a")
+        assert neighbour(client, VIP_IP) == mac(a)
+
+        # A server crash: agent, watchdog and services gone at once, its NIC dark.
+        crashed = time.monotonic()
+        site.cluster.crash("a")
+        site.lab.cut(a)
+        moved = await until_has(b, VIP, timeout=10)
+        # The client learns the new holder from the gratuitous ARP, not by asking again.
+        await until(
+            lambda: asyncio.to_thread(lambda: neighbour(client, VIP_IP) == mac(b)),
+            3,
+            "the client's ARP cache updated by the gratuitous ARP",
+        )
+        await _served_by(site, port, "b")
+        print(f"vip on b {moved - crashed:.2f} s after the crash")
+
+        # The crashed server comes back with the address still configured: its agent,
+        # a standby now, takes it away before anything else.
+        site.lab.restore(a)
+        assert has(a, VIP)
+        site.cluster.start("a")
+        await until_has(a, VIP, present=False, timeout=10)
+        await site.cluster.standby("a", timeout=15)
+        assert has(b, VIP) and not has(a, VIP)
+        await _served_by(site, port, "b")
+    site.cluster.assert_no_overlap()
+
+
+@needs_lab
+@pytest.mark.e2e
+async def test_fenced_and_frozen_nodes_remove_the_vip(tmp_path: Path) -> None:
+    async with LabSite(tmp_path, ["a", "b"]) as site:
+        port = await _start_pair(site)
+        c = site.cluster
+        a, b, etcd = site["a"], site["b"], site.etcd_host
+        await until_has(a, VIP)
+        _, epoch = await c.active("p", node="a")
+
+        # a cut off from etcd and from b (the client still reaches it): a fences itself
+        # before its lease can expire, and removes the address as it does.
+        site.lab.partition(a, etcd)
+        site.lab.partition(a, b)
+        cut = time.monotonic()
+        gone = await until_has(a, VIP, present=False, timeout=5)
+        on_b = await until_has(b, VIP, timeout=10)
+        assert gone < on_b, "the address was on both nodes at once"
+        assert gone - cut < 2.0, f"removed {gone - cut:.2f} s after the cut, past the lease TTL"
+        await _served_by(site, port, "b")
+        site.lab.heal(a, etcd)
+        site.lab.heal(a, b)
+        _, epoch = await c.active("p", not_epoch=epoch, node="b")
+        await c.standby("a", timeout=15)
+        assert not has(a, VIP)
+        assert _vip_mentions(site, "a", "virtual address dropped")
+
+        # b's agent frozen: its watchdog removes the address at the fence point, while
+        # the agent itself cannot do anything.
+        c.signal("b", signal.SIGSTOP)
+        try:
+            await until_has(b, VIP, present=False, timeout=5)
+            await until_has(a, VIP, timeout=10)
+            await _served_by(site, port, "a")
+            assert not has(b, VIP)
+        finally:
+            c.signal("b", signal.SIGCONT)
+        await c.active("p", not_epoch=epoch, node="a")
+        await c.standby("b", timeout=15)
+        assert has(a, VIP) and not has(b, VIP)
+        assert _vip_mentions(site, "b", f"removing virtual address(es) {VIP}")  # the watchdog
+    site.cluster.assert_no_overlap()
