@@ -24,6 +24,7 @@ import yaml
 from rich.console import Console
 from rich.live import Live
 
+from registry.confirm import typed_name
 from registry.outcome import Before, await_switchover, leader_before
 from registry.sources import EtcdSource, RegistrySource, Source, SourceError
 from registry.status import render
@@ -257,10 +258,10 @@ async def takeover(args: argparse.Namespace) -> int:
         if warning is not None:
             say(f"WARNING: {warning}")
         if not args.yes:
-            if not sys.stdin.isatty():
+            confirmed = await typed_name(args.pair, f"force {args.node} to take it over")
+            if confirmed is None:
                 raise Failed(USAGE, "no terminal to confirm on: add --yes to force the takeover")
-            prompt = f"force {args.node} to take pair {args.pair} over? type the pair's name: "
-            if (await asyncio.to_thread(input, prompt)).strip() != args.pair:
+            if not confirmed:
                 raise Failed(REFUSED, "takeover cancelled: nothing was changed")
         request = await admin.force_takeover(store, args.pair, args.node, operator(), args.reason)
         say(

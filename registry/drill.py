@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -24,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from registry import drill_faults as faults
+from registry.confirm import typed_name
 from registry.drill_measure import Figures, Probe, Writer, figures
 from shared import admin, keys
 from shared.client.resolver import Resolver, parse_registries
@@ -437,11 +437,10 @@ async def command(
     for line in describe(plan):
         say(line)
     if not args.yes:
-        if not sys.stdin.isatty():
+        confirmed = await typed_name(plan.pair.name, f"this disturbs pair {plan.pair.name}")
+        if confirmed is None:
             raise DrillError("no terminal to confirm on: add --yes to run the drill", usage=True)
-        prompt = f"this disturbs pair {plan.pair.name}; type its name to go on: "
-        answer = await asyncio.to_thread(input, prompt)
-        if answer.strip() != plan.pair.name:
+        if not confirmed:
             raise DrillError("drill cancelled: nothing was done")
     result = await execute(
         plan, store, registries, operator=operator, timeout_s=args.timeout, say=say
