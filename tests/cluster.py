@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import yaml
 from harness import PYTHON, ROOT, Etcd, stop_pid
 
+from registry.drill_faults import descendants
 from shared import keys
 from shared.records import Endpoint, Leader, NodeStatus, TopologyDoc, decode
 from shared.store import Store
@@ -83,20 +84,6 @@ def recording_service(name: str, port: int, record: Path, **extra: Any) -> dict[
         "endpoint": {"port": port, "protocol": "http"},
         **extra,
     }
-
-
-def descendants(pid: int) -> list[int]:
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    kids = [int(c) for c in f.read().split()]
-                found.extend(kids)
-                todo.extend(kids)
-    return found
 
 
 def pid_alive(pid: int) -> bool:
