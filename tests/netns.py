@@ -15,15 +15,19 @@ Faults are made at the switch, as a pulled cable or a badly configured switch wo
   them: this needs neither iptables, nftables nor the tc ``gact`` action;
 - ``loss(host, percent)``: random drops both ways (netem where the kernel has it, else
   a classic-BPF random filter with the same sink);
-- ``delay(host, ms)``: netem only; raises :class:`Unsupported` on kernels without it.
+- ``delay(host, ms)``: netem only; raises :class:`Unsupported` on kernels without it
+  (no qdisc but netem can hold a packet for a set time).
 
 Every command is bounded in time. :meth:`Lab.close` (or leaving ``with Lab(...)``)
 kills every process still running in the lab's namespaces, by PID, and deletes them.
+A program that drives a whole lab from inside it (the chaos suite) moves itself into
+one of the hosts with :meth:`Lab.enter`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import ipaddress
 import itertools
 import os
@@ -31,6 +35,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +47,7 @@ SINK = "hp-sink"
 IFNAME = "hp-eth0"
 CMD_TIMEOUT_S = 10.0
 STALE_AFTER_S = 300.0
+CLONE_NEWNET = 0x40000000
 _HOST_NAME = re.compile(r"^[a-z][a-z0-9]{0,9}$")  # "hp-" + name fits in an interface name
 _labs = itertools.count()
 
@@ -87,19 +93,29 @@ def unavailable() -> str | None:
 
 
 def _alive(pid: int) -> bool:
+    """Running, or stopped; not a zombie waiting for its parent to read its status."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][:1] not in ("Z", "X")
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
+
+
+def process_gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie counts as gone)."""
+    return not _alive(pid)
+
+
+def _pids(ns: str) -> list[int]:
+    out = sh("ip", "netns", "pids", ns, check=False)
+    return [int(p) for p in out.stdout.split() if p.isdigit()]
 
 
 def _kill_namespace(ns: str) -> None:
-    """Kill what still runs in ``ns`` (by PID, as listed by ``ip netns pids``), delete it."""
-    out = sh("ip", "netns", "pids", ns, check=False)
-    pids = [int(p) for p in out.stdout.split() if p.isdigit()]
+    """Kill what still runs in ``ns`` (by PID, as listed by ``ip netns pids``), delete it.
+
+    The calling process is spared: it may have entered the namespace (:meth:`Lab.enter`)."""
+    pids = [p for p in _pids(ns) if p != os.getpid()]
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -107,6 +123,27 @@ def _kill_namespace(ns: str) -> None:
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.02)
     sh("ip", "netns", "del", ns, check=False)
+
+
+def _lab_namespaces(pid: int) -> list[str]:
+    out = sh("ip", "netns", "list", check=False)
+    names = (line.split(" ", 1)[0] for line in out.stdout.splitlines())
+    return [n for n in names if re.match(rf"^{PREFIX}{pid}x\d+-", n)]
+
+
+def remove_labs_of(pid: int) -> list[str]:
+    """Delete at once the namespaces of every lab made by process ``pid``.
+
+    For a parent whose child driving a lab had to be killed: the child could not clean
+    up, and the parent knows it is gone, so the age rule of :func:`remove_stale` is
+    not needed."""
+    if _alive(pid) and pid != os.getpid():
+        raise NetnsError(f"process {pid} still runs: it removes its own labs")
+    names = _lab_namespaces(pid)
+    # The switch last: hosts' veths vanish with their namespaces anyway.
+    for name in sorted(names, key=lambda n: n.endswith("-sw")):
+        _kill_namespace(name)
+    return names
 
 
 def remove_stale() -> list[str]:
@@ -146,6 +183,10 @@ class Host:
     def ip(self, *args: str) -> subprocess.CompletedProcess[str]:
         """``ip`` inside this host, e.g. ``host.ip("route", "add", "blackhole", net)``."""
         return sh("ip", "-n", self.ns, *args)
+
+    def pids(self) -> list[int]:
+        """Every process running in this host: what a power cut of it would stop."""
+        return _pids(self.ns)
 
 
 class Lab:
@@ -236,9 +277,28 @@ class Lab:
 
     def spawn(self, host: Host, *cmd: str, **popen: Any) -> subprocess.Popen[bytes]:
         """Start ``cmd`` inside ``host``; it is killed at :meth:`close` if still running."""
+        self._procs = [p for p in self._procs if p.poll() is None]
         proc = subprocess.Popen(host.argv(*cmd), **popen)
         self._procs.append(proc)
         return proc
+
+    def enter(self, host: Host) -> None:
+        """Move this process into ``host``'s network, to reach every host of the lab.
+
+        Only the calling thread moves; threads started later inherit its namespace. So
+        this must run before any other thread exists (gRPC, executors), and only in a
+        process of its own, never in a test runner that shares the machine's network
+        with other tests. Namespaces are still made and removed by name afterwards."""
+        if threading.active_count() != 1:
+            raise NetnsError("enter() needs a single-threaded process: other threads would stay")
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{host.ns}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise NetnsError(f"setns into {host.ns}: {os.strerror(err)}")
+        finally:
+            os.close(fd)
 
     # -- faults -------------------------------------------------------------------------
     def cut(self, host: Host) -> None:

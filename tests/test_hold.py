@@ -9,7 +9,7 @@ from test_decide import obs
 
 from workshop_agent.decide import Campaign, decide
 from workshop_agent.hold import Ledger, Promises
-from workshop_agent.probes import Hold, HoldReply, decode, encode
+from workshop_agent.probes import Hold, HoldReply, Release, decode, encode
 
 FENCE_AFTER = 1.5
 
@@ -94,11 +94,26 @@ def test_a_handover_of_that_term_releases_the_promise() -> None:
     assert promises.binding(100.5, released=[("a", 5)]) is None
 
 
+def test_a_release_from_the_former_holder_ends_the_promise() -> None:
+    promises = Promises()
+    promises.answer(Hold("a", 1, 5, 2.0), 100.0, ttl=2.0, busy=None, newest_epoch=None)
+    promises.release("b", 5)
+    promises.release("a", 4)
+    assert promises.binding(100.5) is not None, "another node's or an older term's release"
+    promises.release("a", 5)
+    assert promises.binding(100.5) is None
+
+
 def test_wire_format_round_trip_and_garbage() -> None:
     hold = Hold("a", 7, 12, 2.0)
     answer = HoldReply("b", "a", 7, 12, False, "this node is active")
     assert decode(encode(hold)) == hold
     assert decode(encode(answer)) == answer
+    assert decode(encode(Release("a", 8, 12))) == Release("a", 8, 12)
+    assert (
+        decode(json.dumps({**json.loads(encode(Release("a", 8, 12))), "epoch": -1}).encode())
+        is None
+    )
     good = json.loads(encode(hold))
     for bad in (
         {"epoch": True},

@@ -45,7 +45,7 @@ from workshop_agent.observe import PairObserver, PairState
 from workshop_agent.pg.errors import PgError
 from workshop_agent.pg.manager import PgManager
 from workshop_agent.pg.status import parse_lsn
-from workshop_agent.probes import Hold, HoldReply
+from workshop_agent.probes import Hold, HoldReply, Release
 from workshop_agent.settings import AgentSettings
 from workshop_agent.supervisor import Supervisor
 from workshop_agent.vip import VipKeeper
@@ -101,11 +101,13 @@ class Agent:
         self.observer = PairObserver(self.me, self.log)
         self.netwatch = NetWatch(self.log, self._changed)
         self.netwatch.on_hold, self.netwatch.on_hold_reply = self._on_hold, self._on_hold_reply
+        self.netwatch.on_release = self._on_release
         self.ledger = Ledger()  # as the active: the peers' promises during an etcd loss
         self.promises = Promises()  # as a standby: those this node gave
         self._campaigning = False
         self._newest_epoch: int | None = None
         self._held_by: str | None = None  # for logging changes only
+        self._demoting = 0  # fence-time demotions of the database still running
         self._holding = False  # for logging changes only
         self._last_report: tuple[int, bytes] = (0, b"")
         self.site: Site | None = None
@@ -373,12 +375,27 @@ class Agent:
         session = self.session
         assert session is not None
         asking = False
+        asked_for: int | None = None  # the term the peers were asked to hold for
         while True:
             now = self.clock()
             late = session.acked_send is not None and now - session.acked_send > 1.5 * (
                 session.interval
             )
+            sup, db = self.supervisor, self.database
+            stopped = (
+                self.term is None
+                and sup is not None
+                and not sup.active_up()
+                and (db is None or (db.primary_epoch is None and not self._demoting))
+            )
+            if asked_for is not None and stopped:
+                # Out of the active role with every service stopped: the peers need not
+                # wait out their promises before they may take over.
+                self.netwatch.send_release(asked_for)
+                self.log.info("peers released from their promises", epoch=asked_for)
+                asked_for = None
             if late and self.term is not None and session.lease is not None:
+                asked_for = self.term
                 sent = self.netwatch.send_hold(self.term, session.ttl)
                 if sent is not None:
                     self.ledger.sent(self.term, *sent)
@@ -433,6 +450,10 @@ class Agent:
         if promised:
             self._wake.set()
         return promised, reason
+
+    def _on_release(self, release: Release) -> None:
+        self.promises.release(release.sender, release.epoch)
+        self._wake.set()
 
     def _binding_promise(self, now: float) -> str | None:
         handover = self._state.handover if self._state else None
@@ -676,7 +697,11 @@ class Agent:
     async def _demote_database(self) -> None:
         assert self.database is not None
         self._guard_postmaster(None)
-        await self.database.demote()
+        self._demoting += 1
+        try:
+            await self.database.demote()
+        finally:
+            self._demoting -= 1
         self._db_task = asyncio.create_task(self._db_loop(), name="database")
 
     async def _db_loop(self) -> None:
@@ -873,6 +898,10 @@ class Agent:
                 self.log.debug("publish failed", error=str(err))
                 await asyncio.sleep(TICK_S)
                 self._dirty.set()
+            except Exception as err:  # a bug must not stop publishing for good
+                self.log.error("publish failed", error=repr(err))
+                await asyncio.sleep(TICK_S)
+                self._dirty.set()
 
     async def _publish(self) -> None:
         session, sup, pair, node = self.session, self.supervisor, self.pair, self.node
@@ -969,7 +998,10 @@ class Agent:
                     self._published[key] = value
                     self.log.info("endpoint published", endpoint=key.rsplit("/", 1)[-1])
         for key in set(self._published) - set(wanted):
-            await self.election.delete_if(key, self._published.pop(key))
+            # A step-down may have removed it meanwhile: both run across awaits.
+            value = self._published.pop(key, b"")
+            if value:
+                await self.election.delete_if(key, value)
 
     # -- shutdown ---------------------------------------------------------------------
     async def _shutdown(self) -> None:

@@ -30,8 +30,8 @@ real time t_k and a peer P receive it at r_k ≥ t_k.
 - If etcd reports A's lease lost (not merely unreachable), A fences at once: it may
   then campaign like anyone else, and so may P once its promise has run out.
 
-A handover record that A itself wrote for that term ends P's promise at once: A wrote it
-after stopping its services.
+A handover record that A itself wrote for that term, or a release A sends over the peer
+path, ends P's promise at once: A sends either only once its services have stopped.
 
 This module is the pure bookkeeping of both sides; the agent carries the datagrams.
 """
@@ -130,6 +130,12 @@ class Promises:
         if given is None or until > given.until or hold.epoch > given.epoch:
             self._given[hold.sender] = Promise(hold.sender, hold.epoch, until)
         return True, ""
+
+    def release(self, node: str, epoch: int) -> None:
+        """``node`` left the active role of ``epoch`` with its services stopped."""
+        given = self._given.get(node)
+        if given is not None and given.epoch <= epoch:
+            del self._given[node]
 
     def binding(self, now: float, released: Iterable[tuple[str, int]] = ()) -> Promise | None:
         """The promise that forbids campaigning now, if any.

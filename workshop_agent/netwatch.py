@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from shared.log import EventLog
 from shared.records import Resource
 from shared.topology import Node, Pair
-from workshop_agent.probes import Hold, HoldReply, NetworkProbes, NetworkSummary, ProbeError
+from workshop_agent.probes import (
+    Hold,
+    HoldReply,
+    NetworkProbes,
+    NetworkSummary,
+    ProbeError,
+    Release,
+)
 
 RESOURCE = "network"
 
@@ -72,6 +79,7 @@ class NetWatch:
         # The holds of workshop_agent/hold.py ride on the peer path.
         self.on_hold: Callable[[Hold, float], tuple[bool, str]] | None = None
         self.on_hold_reply: Callable[[HoldReply, float], None] | None = None
+        self.on_release: Callable[[Release], None] | None = None
 
     async def update(self, pair: Pair, node: Node) -> None:
         """(Re)start the probes when the pair's network section or its nodes changed."""
@@ -94,6 +102,7 @@ class NetWatch:
         assert probes.peer_path is not None
         probes.peer_path.on_hold = self.on_hold
         probes.peer_path.on_hold_reply = self.on_hold_reply
+        probes.peer_path.on_release = self.on_release
         self.probes = probes
         self._has_targets = bool(pair.network.probe_targets)
         self.state = NetworkState()
@@ -102,6 +111,10 @@ class NetWatch:
         """Ask the peers to hold; (seq, sent at), or None without a peer path."""
         path = self.probes.peer_path if self.probes is not None else None
         return path.send_hold(epoch, ttl) if path is not None else None
+
+    def send_release(self, epoch: int) -> None:
+        if self.probes is not None and self.probes.peer_path is not None:
+            self.probes.peer_path.send_release(epoch)
 
     def tick(self) -> bool:
         """Read the probes; True when the state changed (logged; the caller records it)."""

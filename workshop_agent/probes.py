@@ -164,7 +164,16 @@ class HoldReply:
     reason: str = ""
 
 
-Message = Ping | Pong | Hold | HoldReply
+@dataclass(frozen=True, slots=True)
+class Release:
+    """The former holder, its services stopped: the promises for ``epoch`` are over."""
+
+    sender: str
+    seq: int
+    epoch: int
+
+
+Message = Ping | Pong | Hold | HoldReply | Release
 MAX_REASON = 200
 
 
@@ -181,6 +190,8 @@ def encode(msg: Message) -> bytes:
             body.update(
                 t="held", to=msg.to, epoch=msg.epoch, promised=msg.promised, reason=msg.reason
             )
+        case Release():
+            body.update(t="release", epoch=msg.epoch)
     return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -218,6 +229,8 @@ def decode(data: bytes) -> Message | None:
         if not isinstance(ttl, int | float) or isinstance(ttl, bool) or not 0 < ttl <= 3600:
             return None
         return Hold(sender, seq, epoch, float(ttl))
+    if kind == "release":
+        return Release(sender, seq, epoch)
     if kind == "held":
         promised, reason = body.get("promised"), body.get("reason")
         if to is None or type(promised) is not bool or not isinstance(reason, str):
@@ -254,6 +267,7 @@ class PeerPath(asyncio.DatagramProtocol):
         # Set by the agent: answer a peer's hold, take in an answer to our own.
         self.on_hold: Callable[[Hold, float], tuple[bool, str]] | None = None
         self.on_hold_reply: Callable[[HoldReply, float], None] | None = None
+        self.on_release: Callable[[Release], None] | None = None
 
     async def open(self, address: str) -> None:
         loop = asyncio.get_running_loop()
@@ -288,11 +302,18 @@ class PeerPath(asyncio.DatagramProtocol):
 
     def send_hold(self, epoch: int, ttl: float) -> tuple[int, float]:
         """Ask every peer not to campaign while it hears us; (seq, sent at)."""
+        return self._to_peers(lambda seq: Hold(self.me, seq, epoch, ttl))
+
+    def send_release(self, epoch: int) -> None:
+        """Tell every peer that the promises for ``epoch`` are no longer needed."""
+        self._to_peers(lambda seq: Release(self.me, seq, epoch))
+
+    def _to_peers(self, make: Callable[[int], Message]) -> tuple[int, float]:
         self._seq = (self._seq + 1) % 2**32
         now = self.clock()
         for peer in self._peers.values():
             if peer.address is not None:
-                self._send(Hold(self.me, self._seq, epoch, ttl), peer.address)
+                self._send(make(self._seq), peer.address)
         return self._seq, now
 
     def sees(self, name: str, now: float) -> bool | None:
@@ -324,6 +345,8 @@ class PeerPath(asyncio.DatagramProtocol):
                 promised, reason = self.on_hold(msg, self.clock())
                 reply = HoldReply(self.me, msg.sender, msg.seq, msg.epoch, promised, reason)
                 self._send(reply, addr[0], addr[1])
+            case Release() if self.on_release is not None and self._from_peer(msg.sender, addr):
+                self.on_release(msg)
             case HoldReply() if (
                 self.on_hold_reply is not None
                 and msg.to == self.me

@@ -241,6 +241,9 @@ class Supervisor:
         await self._cancel_activation()
         for r in reversed([r for r in self.runners.values() if r.active_only]):
             await self._stop(r, r.spec.stop_grace_s)
+        # A failure belongs to the term it ended: kept, it would make this node resign
+        # its next term at once, before that term's services even started.
+        self.failure = None
         self.on_change()
 
     def kill_active(self, grace: float) -> None:
@@ -249,6 +252,7 @@ class Supervisor:
         Synchronous on purpose: it runs from a timer even while the loop is busy."""
         self.epoch = None
         self.held.clear()
+        self.failure = None  # as in deactivate: it belonged to the term now fenced
         if self._activation is not None:
             self._activation.cancel()
         loop = asyncio.get_running_loop()
