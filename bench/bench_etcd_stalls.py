@@ -6,7 +6,12 @@ random 1.0-1.5 s of normal service between stalls, N times (200 by default). Cou
 from etcd and from the service's own record: epoch changes (new leader keys), fences,
 and runs of the active service (1 means it never stopped). Target: 0 epoch changes.
 
-Usage: python bench/bench_etcd_stalls.py [--stalls 200] [--seed N]
+By default the pair has a ``network:`` section, so the active may hold on its peer's
+promise over the peer path when a stall outlasts its fence point; ``--lease-only``
+measures the lease alone (a stall just under 1 s that starts late in a keepalive
+interval then reaches the 1.5 s fence point and restarts the services, same epoch).
+
+Usage: python bench/bench_etcd_stalls.py [--stalls 200] [--seed N] [--lease-only]
 """
 
 from __future__ import annotations
@@ -32,16 +37,21 @@ from harness import Etcd, free_port  # noqa: E402
 ADDRESS = {"a": "127.0.81.1", "b": "127.0.81.2"}
 
 
-async def main(stalls: int, seed: int) -> int:
+async def main(stalls: int, seed: int, peer_path: bool) -> int:
     rng = random.Random(seed)
-    print(f"seed {seed}, {stalls} stalls of 0.5-1.0 s", flush=True)
+    mode = "lease and peer path" if peer_path else "lease only"
+    print(f"seed {seed}, {stalls} stalls of 0.5-1.0 s, {mode}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="hapair-bench-stalls-"))
     etcd = Etcd().start()
     assert etcd.proc is not None
     c = Cluster(etcd, tmp)
     svc = recording_service("stall-svc", free_port(), c.record, critical=True)
     nodes = [{"name": n, "address": a} for n, a in ADDRESS.items()]
-    await c.apply(c.site([{"name": "p", "nodes": nodes, "services": [svc]}]))
+    pair: dict[str, object] = {"name": "p", "nodes": nodes, "services": [svc]}
+    if peer_path:
+        port = free_port(ADDRESS["a"])
+        pair["network"] = {"peer_port": port, "probe_interval_s": 0.2, "isolation_after_s": 1.0}
+    await c.apply(c.site([pair]))
     epochs: list[tuple[str, int]] = []
     lengths: list[float] = []
     try:
@@ -91,6 +101,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("--stalls", type=int, default=200)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--lease-only", action="store_true", help="no network: section")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
-    sys.exit(asyncio.run(main(args.stalls, seed)))
+    sys.exit(asyncio.run(main(args.stalls, seed, not args.lease_only)))

@@ -126,17 +126,12 @@ class Cluster:
     # -- agents -----------------------------------------------------------------------
     def start(self, node: str, *extra: str) -> subprocess.Popen[bytes]:
         log = (self.tmp / f"agent-{node}.log").open("ab")
-        proc = subprocess.Popen(
-            [
-                *AGENT,
-                "--node",
-                node,
-                "--etcd",
-                self.etcd.url,
-                "--state-dir",
-                str(self.tmp / f"state-{node}"),
-                *extra,
-            ],
+        state = str(self.tmp / f"state-{node}")
+        # A later --etcd in ``extra`` wins: a test may route one agent another way.
+        argv = [*AGENT, "--node", node, "--etcd", self.agent_etcd, "--state-dir", state, *extra]
+        proc = self.spawn(
+            node,
+            argv,
             cwd=ROOT,
             stdout=log,
             stderr=log,
@@ -145,6 +140,15 @@ class Cluster:
         log.close()
         self.agents[node] = proc
         return proc
+
+    @property
+    def agent_etcd(self) -> str:
+        """etcd's URL as the agents reach it."""
+        return self.etcd.url
+
+    def spawn(self, node: str, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        """Run ``node``'s agent; a lab runs it inside the node's own network."""
+        return subprocess.Popen(argv, **kw)
 
     def signal(self, node: str, sig: int) -> None:
         os.kill(self.agents[node].pid, sig)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cluster import AGENT, SVC, Cluster, until
+from cluster import SVC, Cluster, until
 from harness import ETCD, PYTHON, ROOT, Etcd
 from netns import IFNAME, Host, Lab
 
@@ -97,22 +97,13 @@ class LabCluster(Cluster):
     lab: Lab
     etcd_url: str  # as the agents reach it, inside the lab
 
-    def start(self, node: str, *extra: str) -> subprocess.Popen[bytes]:
-        host = self.lab[node]
-        log = (self.tmp / f"agent-{node}.log").open("ab")
-        argv = [*AGENT, "--node", node, "--etcd", self.etcd_url]
-        argv += ["--state-dir", str(self.tmp / f"state-{node}"), *extra]
+    @property
+    def agent_etcd(self) -> str:
+        return self.etcd_url
+
+    def spawn(self, node: str, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
         # `ip netns exec` execs the agent: the PID is the agent's own.
-        proc = subprocess.Popen(
-            host.argv(*argv),
-            cwd=ROOT,
-            stdout=log,
-            stderr=log,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-        log.close()
-        self.agents[node] = proc
-        return proc
+        return subprocess.Popen(self.lab[node].argv(*argv), **kw)
 
 
 class LabSite:

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from cluster import AGENT, Cluster, pid_alive, recording_service, until
-from harness import ROOT
+from cluster import Cluster, pid_alive, recording_service, until
 from netns import Lab
 from pg_harness import PASSWORDS, Writer, database_section, write_secrets
 
@@ -52,23 +51,8 @@ class NetCluster(Cluster):
 
     lab: Lab
 
-    def start(self, node: str, *extra: str) -> subprocess.Popen[bytes]:
-        log = (self.tmp / f"agent-{node}.log").open("ab")
-        proc = self.lab.spawn(
-            self.lab[node],
-            *AGENT,
-            "--node", node,
-            "--etcd", self.etcd.url,
-            "--state-dir", str(self.tmp / f"state-{node}"),
-            *extra,
-            cwd=ROOT,
-            stdout=log,
-            stderr=log,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )  # fmt: skip
-        log.close()
-        self.agents[node] = proc
-        return proc
+    def spawn(self, node: str, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        return self.lab.spawn(self.lab[node], *argv, **kw)
 
 
 async def http_json(host: str, port: int, timeout: float = HTTP_TIMEOUT_S) -> dict[str, Any] | None:
