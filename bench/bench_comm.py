@@ -120,6 +120,15 @@ def run_delay(pid: int | str = "self") -> float:
     return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
 
 
+def child_run(*args: str) -> dict[str, float]:
+    """One measured run in a fresh process; its figures, the last line it printed."""
+    out = subprocess.run(
+        [PYTHON, __file__, *args], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    figures: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return figures
+
+
 def cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -186,14 +195,7 @@ def bench_poll(runs: int) -> None:
     with farm(100, 200, port) as farm_pid:
         for i in range(runs):
             # A fresh process per run: nothing of the previous one's heap is left around.
-            out = subprocess.run(
-                [PYTHON, __file__, "_poll-run", "--port", str(port), "--farm-pid", str(farm_pid)],
-                capture_output=True,
-                text=True,
-                cwd=ROOT,
-                check=True,
-            )
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r = child_run("_poll-run", "--port", str(port), "--farm-pid", str(farm_pid))
             results.append(r)
             print(
                 f"  run {i + 1}: {r['tags_s']:,.0f} tags/s, lateness (ms) start p50 "
@@ -348,14 +350,7 @@ def bench_changes(runs: int) -> None:
     results: list[dict[str, float]] = []
     with farm(plcs, 2 * tags, port, change_rate=rate):
         for i in range(runs):
-            out = subprocess.run(
-                [PYTHON, __file__, "_changes-run"],
-                capture_output=True,
-                text=True,
-                cwd=ROOT,
-                check=True,
-            )
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r = child_run("_changes-run")
             results.append(r)
             print(
                 f"  run {i + 1}: {r['good_s']:,.0f} changes/s received ({r['not_good_s']:.0f}/s "
