@@ -68,6 +68,7 @@ class Action:
         self.fault = fault
         self.bed = bed
         self.lab = bed.lab
+        self.missed = False  # set by inject() when there was nothing to break
 
     async def inject(self) -> str:
         """Break the target; say what was hit."""
@@ -115,6 +116,7 @@ class ServiceKill(NodeAction):
         node = await self.target()
         pid = await self.bed.service_pid(self.fault.pair, node)
         if pid is None:
+            self.missed = True
             return f"{node} (no service running)"
         with contextlib.suppress(ProcessLookupError):
             self.bed.cluster.kill_service(pid)
@@ -129,6 +131,7 @@ class PgCrash(NodeAction):
         node = await self.target()
         pid = self.bed.postmaster_pid(self.fault.pair, node)
         if pid is None:
+            self.missed = True
             return f"{node} (no postmaster running)"
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
