@@ -1,5 +1,6 @@
-"""The client side against real agents: the TCP and PostgreSQL adapters, the resolver
-and ``hapair-proxy`` ride through a crash of the active server as it really happens.
+"""The client side against real agents: the TCP, PostgreSQL and OPC UA adapters, the
+resolver and ``hapair-proxy`` ride through a crash of the active server as it really
+happens.
 
 Other client tests use a fake agent whose crash revokes its lease at once. A real
 crash does not: for up to the lease TTL (about 2 s) etcd still holds the dead node's
@@ -17,14 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from asyncua import ua
 from cluster import Cluster, recording_service, until
-from harness import Etcd, free_port
+from harness import PYTHON, Etcd, free_port
 from pg_harness import PASSWORDS, needs_postgres
+from plc_sim import ModbusPlc
 from test_client_support import RegistryProcess
 from test_database_failover import db_cluster, ready, rows_on
 from test_proxy import ProxyProcess
 
-from shared.client import PgAdapter, Resolver, TcpAdapter
+from shared.client import Backoff, DataChange, OpcUaAdapter, PgAdapter, Resolver, TcpAdapter, tag
 from shared.client.tcp import Connection
 from shared.store import Store
 
@@ -150,3 +153,80 @@ async def test_pg_adapter_rides_through_a_real_crash_and_loses_no_commit(
         assert set(acked) <= await rows_on(port, "127.0.0.2")
     finally:
         await registry.stop()
+
+
+async def test_opcua_adapter_follows_real_comm_servers_through_a_real_crash(
+    etcd: Etcd, store: Store, tmp_path: Path
+) -> None:
+    """Real agents run ``hapair-comm`` on both nodes (warm standby on b) against a real
+    Modbus PLC: after a's crash the subscription comes back from b and a write reaches
+    the PLC through b, without an error reaching the caller."""
+    hosts = {"a": "127.0.64.1", "b": "127.0.64.2"}
+    plc_port, opc_port = free_port("127.0.64.11"), free_port(hosts["a"])
+    plc = await ModbusPlc(["127.0.64.11"], plc_port).start()
+    await plc.set("HR", 0, [1234])
+    (tmp_path / "comm.json").write_text(
+        json.dumps(
+            {
+                "plcs": [
+                    {
+                        "name": "press-1",
+                        "paths": [{"host": "127.0.64.11", "port": plc_port}],
+                        "poll_interval_s": 0.2,
+                        "timeout_s": 0.2,
+                        "tags": [
+                            {"name": "speed", "address": "HR0", "type": "int16", "writable": True}
+                        ],
+                    }
+                ]
+            }
+        )
+    )
+    comm = {
+        "name": "comm",
+        "command": [
+            PYTHON, "-m", "comm_server.main", "--config", str(tmp_path / "comm.json"),
+            "--listen", f"{{node.address}}:{opc_port}",
+        ],
+        "placement": "all",
+        "endpoint": {"port": opc_port, "protocol": "opcua"},
+    }  # fmt: skip
+    c = Cluster(etcd, tmp_path)
+    nodes = [{"name": n, "address": a} for n, a in hosts.items()]
+    await c.apply(c.site([{"name": "p", "nodes": nodes, "services": [comm]}]))
+    registry = RegistryProcess(etcd.url)
+    seen: list[DataChange] = []
+    speed = tag("press-1.speed")
+    try:
+        c.start("a")
+        c.start("b")
+        await registry.start()
+        _, epoch = await c.active("p", node="a", timeout=15)
+        await c.standby("b")
+        async with (
+            Resolver(registry.url) as resolver,
+            OpcUaAdapter(
+                resolver, "comm", deadline_s=20.0, backoff=Backoff(initial_s=0.05, max_s=0.5)
+            ) as opc,
+        ):
+            await opc.subscribe(speed, seen.append, period_ms=50)
+            await until(lambda: _seen(seen, "a", 1234), 15, "1234 from a")
+            c.crash("a")
+            await plc.set("HR", 0, [4321])
+            await until(lambda: _seen(seen, "b", 4321), 30, "4321 from b after the crash")
+            await opc.write(speed, 77, ua.VariantType.Int16)
+            assert (await plc.get("HR", 0, 1))[0] == 77
+            assert opc.endpoint is not None and opc.endpoint.node == "b"
+            assert opc.endpoint.epoch > epoch
+            assert opc.subscription_error is None
+    finally:
+        await registry.stop()
+        await c.stop_all()
+        await plc.stop()
+
+
+async def _seen(changes: list[DataChange], node: str, value: int) -> bool:
+    return any(
+        ch.endpoint.node == node and ch.value == value and ch.data.StatusCode.is_good()
+        for ch in changes
+    )
