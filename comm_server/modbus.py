@@ -5,11 +5,18 @@ request's tags bad with the exception's name; a reply of the wrong function code
 length marks them bad as garbage. Only a missing or undecodable reply is a path
 failure. A request that timed out closes its connection, so a late answer can never be
 taken for the reply to the next request.
+
+A write asks whether it may still be sent in the instant its bytes leave (pymodbus's
+``trace_pdu`` hook, called just before the request is written to the socket), not
+before it queues for the connection: pymodbus sends one request at a time per
+connection, so a write can wait behind a poll read for up to the timeout, and the node
+may lose the active role meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import struct
 import time
@@ -54,6 +61,22 @@ PATH_EXCEPTIONS = {10, 11}
 _READ_FC = {"C": 1, "DI": 2, "HR": 3, "IR": 4}
 
 
+# The write being sent by the current task, if any: its last check before the bytes
+# leave. A context variable, so that poll reads (other tasks) never see it.
+_send_gate: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
+    "modbus_send_gate", default=None
+)
+
+
+def _gate(sending: bool, pdu: Any) -> Any:
+    """pymodbus's ``trace_pdu``: runs synchronously right before a request is written
+    to the socket; raising here means nothing is sent."""
+    may_send = _send_gate.get()
+    if sending and may_send is not None and not may_send():
+        raise WriteError(S.BadInvalidState, "no longer the active node: write not sent")
+    return pdu
+
+
 def exception_text(code: object) -> str:
     name = EXCEPTIONS.get(code, "unknown") if isinstance(code, int) else "unknown"
     return f"exception {code} ({name})"
@@ -75,6 +98,7 @@ class ModbusDriver(Driver):
                 retries=0,
                 reconnect_delay=0,  # we reconnect, on our schedule
                 name=f"{plc.name}:{i}",
+                trace_pdu=_gate,
             )
             for i, p in enumerate(plc.paths)
         ]
@@ -228,9 +252,10 @@ class ModbusDriver(Driver):
             except EncodeError as err:
                 raise WriteError(S.BadOutOfRange, str(err)) from None
         client = await self._client(path)
-        if not may_send():
+        if not may_send():  # no need to queue for the connection
             raise WriteError(S.BadInvalidState, "no longer the active node: write not sent")
         self.requests += 1
+        gate = _send_gate.set(may_send)  # asked again as the bytes leave: see _gate
         try:
             if tag.area == "C":
                 call = client.write_coil(tag.index, bool(value), device_id=unit)
@@ -249,6 +274,8 @@ class ModbusDriver(Driver):
                 f"no reply within {self.timeout:g} s: the write may or may not have reached "
                 "the PLC; it is not repeated",
             ) from None
+        finally:
+            _send_gate.reset(gate)
         if reply.isError():
             raise WriteError(
                 S.BadDeviceFailure, f"PLC refused the write: {exception_text(reply.exception_code)}"

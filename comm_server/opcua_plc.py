@@ -3,6 +3,11 @@
 One Read request per poll carries every tag. A value the PLC marks bad is bad here,
 with the PLC's status name as the reason; a value of another type than configured
 (a String where a Double was declared) is bad as a type mismatch, never passed on.
+
+A write asks whether it may still be sent in the same synchronous step that hands its
+bytes to the socket: it goes to the connection's protocol directly, not through
+asyncua's request path, which may wait (for a free request slot, for a reconnect)
+after any check made before it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any
 from comm_server.codec import INTEGER_RANGE, Value
 from comm_server.driver import Driver, PathError, WriteError
 from comm_server.tags import TagTable
-from comm_server.uatypes import Client, S, ua
+from comm_server.uatypes import Client, S, struct_from_binary, ua
 from shared.plcs import OpcUaPlc
 
 VARIANT = {
@@ -155,16 +160,34 @@ class OpcUaDriver(Driver):
         self, path: int, index: int, value: Value, may_send: Callable[[], bool]
     ) -> None:
         tag = self.tags[index]
-        variant = ua.Variant(value, VARIANT[tag.type])
+        request = ua.WriteRequest()
+        request.Parameters.NodesToWrite.append(
+            ua.WriteValue(
+                NodeId=self.nodes[index],
+                AttributeId=ua.AttributeIds.Value,
+                Value=ua.DataValue(ua.Variant(value, VARIANT[tag.type])),
+            )
+        )
         client = await self._client(path)
+        protocol = client.uaclient.protocol
+        if protocol is None:
+            raise PathError("connection lost before the write was sent")
+        # Nothing awaited from here until the request is in the socket.
         if not may_send():
             raise WriteError(S.BadInvalidState, "no longer the active node: write not sent")
+        try:
+            # Writes the request to the transport before it returns.
+            answer = protocol._send_request(request, self.timeout)
+        except _FAILURES:
+            raise PathError("connection lost before the write was sent") from None
         self.requests += 1
         try:
             async with asyncio.timeout(self.timeout):
-                [status] = await client.uaclient.write_attributes(
-                    [self.nodes[index]], [ua.DataValue(variant)], ua.AttributeIds.Value
-                )
+                data = await answer
+            protocol.check_answer(data, "in response to WriteRequest")
+            response = struct_from_binary(ua.WriteResponse, data)
+            response.ResponseHeader.ServiceResult.check()
+            [status] = response.Results
         except _FAILURES:
             await self._fail(path, client, TimeoutError())
             raise WriteError(

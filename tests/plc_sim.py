@@ -78,6 +78,9 @@ class ModbusPlc:
     exceptions: dict[tuple[str, int], ExcCodes] = field(default_factory=dict)
     garbage: Callable[[bytes], bytes] | None = None  # rewrites every reply
     hold: asyncio.Event | None = None  # a write is received, its reply waits for this
+    # a read is received, its reply waits for this; ``reads_held`` is set meanwhile
+    hold_reads: asyncio.Event | None = None
+    reads_held: asyncio.Event = field(default_factory=asyncio.Event)
     _core: Any = None
 
     async def start(self) -> ModbusPlc:
@@ -150,6 +153,9 @@ class ModbusPlc:
             self.writes.append(Write(area, address, list(values)))
             if self.hold is not None:
                 await self.hold.wait()
+        elif values is None and self.hold_reads is not None:
+            self.reads_held.set()
+            await self.hold_reads.wait()
         return None
 
     # -- memory -----------------------------------------------------------------------

@@ -30,7 +30,7 @@ S = ua.StatusCodes
 HOSTS = {"a": ["127.0.33.1", "127.0.33.2"], "b": ["127.0.33.3", "127.0.33.4"]}
 
 
-def config(node: str, port: int) -> str:
+def config(node: str, port: int, **opts: Any) -> str:
     return json.dumps(
         {
             "plcs": [
@@ -42,6 +42,7 @@ def config(node: str, port: int) -> str:
                     "probe_interval_s": 0.2,
                     "critical": True,
                     "switch_after_s": 2.5,
+                    **opts,
                     "tags": [
                         {"name": "speed", "address": "HR0", "type": "int16", "writable": True}
                     ],
@@ -52,15 +53,18 @@ def config(node: str, port: int) -> str:
 
 
 @contextlib.asynccontextmanager
-async def comm_node(etcd_url: str, node: str, port: int) -> AsyncIterator[CommUnderTest]:
-    store = Store(etcd_url, timeout=2.0)
+async def comm_node(
+    etcd_url: str, node: str, port: int, store: Store | None = None, **opts: Any
+) -> AsyncIterator[CommUnderTest]:
+    """``store``: the role's connection to etcd (a fresh one by default)."""
+    store = store or Store(etcd_url, timeout=2.0)
 
     def role(parts: Any, on_change: Any) -> PairRole:
         log = EventLog("hapair.comm", node=node, pair="p")
         return PairRole(store, "p", node, "comm", parts, on_change, log, refresh_s=0.5)
 
     try:
-        async with running_comm(config(node, port), role, host=HOSTS[node][0]) as comm:
+        async with running_comm(config(node, port, **opts), role, host=HOSTS[node][0]) as comm:
             yield comm
     finally:
         await store.close()
@@ -266,3 +270,42 @@ async def test_an_active_cut_off_from_etcd_stops_serving_before_its_lease_can_la
     finally:
         await store.close()
         private.cleanup()
+
+
+async def test_a_write_queued_behind_a_poll_is_not_sent_once_the_role_is_lost(
+    etcd: Any, store: Store, plc: ModbusPlc
+) -> None:
+    """The PLC holds its answer to a poll read; a client's write, accepted while the
+    node serves, waits for the connection behind that read; the node's term ends
+    meanwhile. When the read is answered, the write must not go out, and the client
+    must not be told Good."""
+    one_path = {"paths": [{"host": HOSTS["a"][0], "port": plc.port}]}
+    slow = {"poll_interval_s": 2.0, "timeout_s": 2.0, **one_path}
+    async with comm_node(etcd.url, "a", plc.port, **slow) as a:
+        lease, _ = await elect(store, "a")
+        await until(lambda: level(a, 255, 255), 8, "a serving")
+        plc.hold_reads = asyncio.Event()
+        plc.reads_held.clear()
+        try:
+            await asyncio.wait_for(plc.reads_held.wait(), 5)  # a poll read in flight
+            connection = a.server.pollers[0].driver.clients[0].ctx  # type: ignore[attr-defined]
+            writing = asyncio.create_task(a.write("press-1.speed", 5, ua.VariantType.Int16))
+
+            async def queued() -> bool:  # pymodbus: one request at a time per connection
+                return bool(connection._lock.locked() and connection._lock._waiters)
+
+            await until(queued, 2, "the write waiting behind the poll read")
+            await store.revoke(lease)  # the term ends (the agent lost the leader key)
+
+            async def lost() -> bool:
+                return not a.server.serving
+
+            await until(lost, 2, "a no longer serving")
+            assert not writing.done()
+        finally:
+            plc.hold_reads.set()
+            plc.hold_reads = None
+        answer = await asyncio.wait_for(writing, 5)
+        assert not answer.is_good(), "the client was told Good"
+        assert answer.value == S.BadInvalidState
+        assert plc.writes == [], "the write reached the PLC after the role was lost"
