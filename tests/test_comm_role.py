@@ -23,8 +23,9 @@ from plc_sim import CommUnderTest, ModbusPlc, running_comm
 from comm_server.role import CommReport, PairRole
 from shared import keys
 from shared.log import EventLog
-from shared.records import Leader, ServiceReport, decode
-from shared.store import Store
+from shared.records import Leader, ServiceReport, TopologyDoc, decode
+from shared.store import Change, Kv, Store
+from shared.topology import parse_site
 
 S = ua.StatusCodes
 HOSTS = {"a": ["127.0.33.1", "127.0.33.2"], "b": ["127.0.33.3", "127.0.33.4"]}
@@ -106,6 +107,46 @@ class Levels:
         return next((t for t, v in self.seen if test(v)), None)
 
 
+def site(nodes: list[str]) -> dict[str, Any]:
+    """A site with pair p of ``nodes``, and another pair q whose nodes serve their own
+    comm server (a report of its own, under the same service name)."""
+    return {
+        "site": "plant",
+        "workshops": [
+            {
+                "name": "w",
+                "pairs": [
+                    {
+                        "name": "p",
+                        "nodes": [
+                            {"name": n, "address": f"127.0.33.{20 + i}"}
+                            for i, n in enumerate(nodes)
+                        ],
+                    },
+                    {
+                        "name": "q",
+                        "nodes": [
+                            {"name": "q1", "address": "127.0.33.30"},
+                            {"name": "q2", "address": "127.0.33.31"},
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+
+
+async def apply_site(store: Store, nodes: list[str]) -> None:
+    parsed = parse_site(site(nodes), "site")
+    await store.put(keys.TOPOLOGY, TopologyDoc(site=parsed.model_dump(mode="json")).encode())
+
+
+@pytest.fixture(autouse=True)
+async def topology(store: Store) -> None:
+    """The comm servers learn the pair's nodes from the topology, as in a real pair."""
+    await apply_site(store, ["a", "b"])
+
+
 @pytest.fixture
 async def plc() -> AsyncIterator[ModbusPlc]:
     sim = await ModbusPlc(HOSTS["a"] + HOSTS["b"], free_port(HOSTS["a"][0])).start()
@@ -181,20 +222,20 @@ async def _seen(*levels: Levels) -> bool:
 async def test_a_new_active_rises_only_once_the_old_one_stopped_serving(
     etcd: Any, store: Store, plc: ModbusPlc
 ) -> None:
-    """A comm server on node x still claims to serve (its node lost the key, it has
+    """A comm server on node a still claims to serve (its node lost the key, it has
     not seen it yet): b, the new leader, waits for it."""
     old = await store.grant(30)
-    claim = CommReport(service="comm", node="x", role="active", serving=True, epoch=1)
-    await store.put(keys.report("x", "comm"), claim.encode(), lease=old)
+    claim = CommReport(service="comm", node="a", role="active", serving=True, epoch=1)
+    await store.put(keys.report("a", "comm"), claim.encode(), lease=old)
     async with comm_node(etcd.url, "b", plc.port) as b:
         await until(lambda: level(b, 50, 50), 5, "b at standby level with data")
         await elect(store, "b")
-        await until(lambda: _role(b, "waiting"), 3, "b waiting for x")
+        await until(lambda: _role(b, "waiting"), 3, "b waiting for a")
         assert await b.service_level() == 50
         assert (await b.write("press-1.speed", 1, ua.VariantType.Int16)).value == S.BadInvalidState
         released = claim.model_copy(update={"serving": False, "role": "standby", "epoch": None})
-        await store.put(keys.report("x", "comm"), released.encode(), lease=old)
-        await until(lambda: level(b, 255, 255), 3, "b serving once x released")
+        await store.put(keys.report("a", "comm"), released.encode(), lease=old)
+        await until(lambda: level(b, 255, 255), 3, "b serving once a released")
 
 
 async def _role(comm: CommUnderTest, state: str) -> bool:
@@ -251,6 +292,7 @@ async def test_an_active_cut_off_from_etcd_stops_serving_before_its_lease_can_la
     private = Etcd().start()
     store = Store(private.url, timeout=2.0)
     try:
+        await apply_site(store, ["a", "b"])
         async with comm_node(private.url, "a", plc.port) as a:
             await elect(store, "a")
             await until(lambda: level(a, 255, 255), 5, "a serving")
@@ -309,3 +351,91 @@ async def test_a_write_queued_behind_a_poll_is_not_sent_once_the_role_is_lost(
         assert not answer.is_good(), "the client was told Good"
         assert answer.value == S.BadInvalidState
         assert plc.writes == [], "the write reached the PLC after the role was lost"
+
+
+class HeldReports(Store):
+    """The role's etcd connection, with the nodes' reports held back as a slow etcd
+    member or a lagging watch would: their first read waits for ``load``, and their
+    watched changes for ``watch``. Every other key flows as usual."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, timeout=2.0)
+        self.load, self.loaded, self.watch = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def get_prefix(self, prefix: str) -> tuple[list[Kv], int]:
+        if prefix != keys.NODES_PREFIX:
+            return await super().get_prefix(prefix)
+        await self.load.wait()
+        got = await super().get_prefix(prefix)
+        self.loaded.set()
+        return got
+
+    async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[Change]:
+        async for change in super().watch_prefix(prefix, start_revision):
+            if prefix == keys.NODES_PREFIX:
+                await self.watch.wait()
+            yield change
+
+
+async def _reason(role: PairRole, why: str) -> bool:
+    return role.reason == why
+
+
+async def serving_claim(store: Store, node: str) -> int:
+    """What a comm server of ``node`` that still serves has in etcd; its lease."""
+    lease = await store.grant(30)
+    claim = CommReport(service="comm", node=node, role="active", serving=True, epoch=1)
+    await store.put(keys.report(node, "comm"), claim.encode(), lease=lease)
+    return lease
+
+
+async def test_the_new_active_reads_every_report_before_it_claims(
+    etcd: Any, store: Store, plc: ModbusPlc
+) -> None:
+    """a's comm server still serves; b becomes the leader while its read of the nodes'
+    reports is held back: b must not claim on the leader key alone."""
+    await serving_claim(store, "a")
+    held = HeldReports(etcd.url)
+    held.watch.set()
+    async with comm_node(etcd.url, "b", plc.port, store=held) as b:
+        await elect(store, "b")
+        role = b.server.role
+        assert isinstance(role, PairRole)
+
+        async def decided() -> bool:
+            return role.state == "active" or "reports" in role.reason
+
+        await until(decided, 5, "b either serving or waiting for the reports")
+        assert not b.server.serving, "b claimed without reading a's report"
+        held.load.set()
+        await until(lambda: _reason(role, "a still serving"), 3, "b waiting for a")
+        assert not b.server.serving
+
+
+async def test_the_claim_is_refused_while_a_report_it_has_not_seen_exists(
+    etcd: Any, store: Store, plc: ModbusPlc
+) -> None:
+    """b has read the reports (a had none), then a's comm server reports serving
+    while b's watch lags: b's claim must still be refused, for the report b believes
+    absent is there. A serving report of the same service in another pair never
+    holds b up."""
+    await serving_claim(store, "q1")
+    held = HeldReports(etcd.url)
+    held.load.set()
+    async with comm_node(etcd.url, "b", plc.port, store=held) as b:
+        await asyncio.wait_for(held.loaded.wait(), 5)
+        lease_a = await serving_claim(store, "a")  # b does not see it: its watch is held
+        await elect(store, "b")
+        role = b.server.role
+        assert isinstance(role, PairRole)
+
+        async def decided() -> bool:
+            return role.state == "active" or role.reason == "claim refused by etcd"
+
+        await until(decided, 5, "b either serving or refused")
+        assert not b.server.serving, "b claimed while a's report said serving"
+        held.watch.set()
+        await until(lambda: _reason(role, "a still serving"), 3, "b waiting for a")
+        assert not b.server.serving
+        await store.revoke(lease_a)  # a's comm server gone: b rises, q1 is no peer of b
+        await until(lambda: level(b, 255, 255), 5, "b serving once a's report is gone")
