@@ -3,6 +3,9 @@
 One Read request per poll carries every tag. A value the PLC marks bad is bad here,
 with the PLC's status name as the reason; a value of another type than configured
 (a String where a Double was declared) is bad as a type mismatch, never passed on.
+A reply in which every value is bad or uncertain (a gateway that lost its device
+answers BadNotConnected for each) gives no data: that is a failure of the path, and
+the other path is tried. A probe reads the tags too, so such a path shows as down.
 
 A write asks whether it may still be sent in the same synchronous step that hands its
 bytes to the socket: it goes to the connection's protocol directly, not through
@@ -132,8 +135,9 @@ class OpcUaDriver(Driver):
             raise await self._fail(path, client, err) from None
         if len(values) != len(self.nodes):
             raise PathError(f"reply carries {len(values)} values, {len(self.nodes)} were asked")
+        _nothing_good(values)
         for i, (tag, dv) in enumerate(zip(self.tags, values, strict=True)):
-            code = dv.StatusCode.value if dv.StatusCode is not None else 0
+            code = _code(dv)
             if code & 0x80000000:
                 table.bad(i, code, f"PLC reports {status_name(code)}", when)
                 continue
@@ -150,11 +154,14 @@ class OpcUaDriver(Driver):
         self.requests += 1
         try:
             async with asyncio.timeout(self.timeout):
-                [dv] = await client.uaclient.read_attributes([_SERVER_STATE], ua.AttributeIds.Value)
+                [dv, *values] = await client.uaclient.read_attributes(
+                    [_SERVER_STATE, *self.nodes], ua.AttributeIds.Value
+                )
         except (*_FAILURES, ValueError) as err:
             raise await self._fail(path, client, err) from None
         if dv.Value is not None and dv.Value.Value not in (0, None):  # 0: Running
             raise PathError(f"server state {dv.Value.Value}, not running")
+        _nothing_good(values)
 
     async def write(
         self, path: int, index: int, value: Value, may_send: Callable[[], bool]
@@ -203,6 +210,20 @@ class OpcUaDriver(Driver):
             self.clients[i] = None
             if client is not None:
                 await _drop(client)
+
+
+def _code(dv: Any) -> int:
+    code: int = dv.StatusCode.value if dv.StatusCode is not None else 0
+    return code
+
+
+def _nothing_good(values: list[Any]) -> None:
+    """PathError if not one value is good (bad or uncertain, every one of them)."""
+    if values and all(_code(dv) & 0xC0000000 for dv in values):
+        names = sorted({status_name(_code(dv)) for dv in values})
+        raise PathError(
+            f"every node bad: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+        )
 
 
 def _describe(err: BaseException, what: str) -> str:

@@ -99,3 +99,67 @@ async def test_opcua_plc_values_types_writes_and_path_cut() -> None:
             assert await comm.service_level() < 200  # one path lost: degraded
     finally:
         await plc.stop()
+
+
+async def test_a_path_answering_bad_for_every_node_is_a_failed_path() -> None:
+    """The OPC UA server on the primary path (a gateway) lost its device and answers
+    BadNotConnected for every node: the backup is used; once the backup answers
+    BadCommunicationError for everything too, the PLC is unreachable and reported lost."""
+    hosts = ["127.0.32.3", "127.0.32.4"]
+    port = free_port(hosts[0])
+    urls = [f"opc.tcp://{h}:{port}/" for h in hosts]
+    plc = await OpcUaPlc(
+        urls, {"Oven.Temp": (V.Double, 180.5), "Oven.Door": (V.Boolean, False)}
+    ).start()
+    cfg = {
+        "plcs": [
+            {
+                "name": "oven-1",
+                "protocol": "opcua",
+                "paths": [{"url": u} for u in urls],
+                "poll_interval_s": 0.2,
+                "timeout_s": 0.2,
+                "probe_interval_s": 0.2,
+                "critical": True,
+                "tags": [
+                    {"name": "temp", "node": "ns=2;s=Oven.Temp", "type": "double"},
+                    {"name": "door", "node": "ns=2;s=Oven.Door", "type": "bool"},
+                ],
+            }
+        ]
+    }
+    try:
+        async with running_comm(json.dumps(cfg)) as comm:
+
+            def good(value: object) -> object:
+                return lambda dv: dv.StatusCode.is_good() and dv.Value.Value == value
+
+            await until(lambda: read_is(comm, "oven-1.temp", good(180.5)), 5, "temp read")
+            plc.answer_bad(0, S.BadNotConnected)
+            poller = comm.server.pollers[0]
+
+            async def on_backup() -> bool:
+                return poller.switch.current == 1
+
+            await until(on_backup, 2, "the backup in use")
+            await until(
+                lambda: read_is(comm, "oven-1._state", lambda dv: "degraded" in dv.Value.Value),
+                2,
+                "degraded",
+            )
+            state = (await comm.read("oven-1._state")).Value.Value
+            assert f"primary {urls[0]} down (every node bad: BadNotConnected)" in state, state
+            assert (await comm.read("oven-1.temp")).StatusCode.is_good()
+            assert await comm.service_level() < 200
+            plc.answer_bad(1, S.BadCommunicationError)
+
+            async def no_data() -> bool:
+                return await comm.service_level() == 0
+
+            await until(no_data, 3, "ServiceLevel 0: no data")
+            resources, _ = comm.server._report_parts()
+            assert not resources["plc:oven-1"].ok
+            temp = await comm.read("oven-1.temp")
+            assert not temp.StatusCode.is_good()
+    finally:
+        await plc.stop()
