@@ -21,7 +21,9 @@ rises only after the old one has written that it stopped serving, or after the o
 one's report vanished with its lease (then the old one had stopped itself first: it
 drops at ``ttl - margin`` without an acknowledged keepalive, etcd drops the lease at
 ``ttl`` at the earliest). So the old node's ServiceLevel always falls before the new
-node's rises, and two nodes never accept writes at the same time.
+node's rises, and two nodes never accept writes at the same time. A write is allowed
+only if ``serving`` holds in the instant its request is handed to the socket (see the
+drivers), so the margin covers nothing but the request's way through the network.
 
 The report (``/nodes/{node}/reports/{service}``, bound to the comm server's own lease)
 is a :class:`shared.records.ServiceReport` with one resource per PLC

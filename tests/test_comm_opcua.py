@@ -19,6 +19,25 @@ async def read_is(comm: CommUnderTest, key: str, check: object) -> bool:
     return bool(check(dv))  # type: ignore[operator]
 
 
+def good(value: object) -> object:
+    return lambda dv: dv.StatusCode.is_good() and dv.Value.Value == value
+
+
+def oven(urls: list[str], tags: list[dict[str, object]], **opts: object) -> str:
+    """The comm server's list: PLC oven-1 over ``urls``, polled every 0.2 s."""
+    plc = {
+        "name": "oven-1",
+        "protocol": "opcua",
+        "paths": [{"url": u} for u in urls],
+        "poll_interval_s": 0.2,
+        "timeout_s": 0.2,
+        "probe_interval_s": 0.2,
+        **opts,
+        "tags": tags,
+    }
+    return json.dumps({"plcs": [plc]})
+
+
 async def test_opcua_plc_values_types_writes_and_path_cut() -> None:
     hosts = ["127.0.32.1", "127.0.32.2"]
     port = free_port(hosts[0])
@@ -33,38 +52,20 @@ async def test_opcua_plc_values_types_writes_and_path_cut() -> None:
             "Oven.Count": (V.Int32, 3),
         },
     ).start()
-    cfg = {
-        "plcs": [
-            {
-                "name": "oven-1",
-                "protocol": "opcua",
-                "paths": [{"url": u} for u in urls],
-                "poll_interval_s": 0.2,
-                "timeout_s": 0.2,
-                "probe_interval_s": 0.2,
-                "tags": [
-                    {"name": "temp", "node": "ns=2;s=Oven.Temp", "type": "double"},
-                    {
-                        "name": "sp",
-                        "node": "ns=2;s=Oven.Setpoint",
-                        "type": "float",
-                        "writable": True,
-                    },
-                    {"name": "door", "node": "ns=2;s=Oven.Door", "type": "bool"},
-                    {"name": "batch", "node": "ns=2;s=Oven.Batch", "type": "string"},
-                    # declared wider than the PLC's Int32: accepted, served as Int64
-                    {"name": "count", "node": "ns=2;s=Oven.Count", "type": "int64"},
-                    {"name": "ghost", "node": "ns=2;s=Oven.Nothing", "type": "double"},
-                ],
-            }
-        ]
-    }
+    cfg = oven(
+        urls,
+        [
+            {"name": "temp", "node": "ns=2;s=Oven.Temp", "type": "double"},
+            {"name": "sp", "node": "ns=2;s=Oven.Setpoint", "type": "float", "writable": True},
+            {"name": "door", "node": "ns=2;s=Oven.Door", "type": "bool"},
+            {"name": "batch", "node": "ns=2;s=Oven.Batch", "type": "string"},
+            # declared wider than the PLC's Int32: accepted, served as Int64
+            {"name": "count", "node": "ns=2;s=Oven.Count", "type": "int64"},
+            {"name": "ghost", "node": "ns=2;s=Oven.Nothing", "type": "double"},
+        ],
+    )
     try:
-        async with running_comm(json.dumps(cfg)) as comm:
-
-            def good(value: object) -> object:
-                return lambda dv: dv.StatusCode.is_good() and dv.Value.Value == value
-
+        async with running_comm(cfg) as comm:
             await until(lambda: read_is(comm, "oven-1.temp", good(180.5)), 5, "temp read")
             assert (await comm.read("oven-1.batch")).Value.Value == "B-17"
             count = await comm.read("oven-1.count")
@@ -111,29 +112,13 @@ async def test_a_path_answering_bad_for_every_node_is_a_failed_path() -> None:
     plc = await OpcUaPlc(
         urls, {"Oven.Temp": (V.Double, 180.5), "Oven.Door": (V.Boolean, False)}
     ).start()
-    cfg = {
-        "plcs": [
-            {
-                "name": "oven-1",
-                "protocol": "opcua",
-                "paths": [{"url": u} for u in urls],
-                "poll_interval_s": 0.2,
-                "timeout_s": 0.2,
-                "probe_interval_s": 0.2,
-                "critical": True,
-                "tags": [
-                    {"name": "temp", "node": "ns=2;s=Oven.Temp", "type": "double"},
-                    {"name": "door", "node": "ns=2;s=Oven.Door", "type": "bool"},
-                ],
-            }
-        ]
-    }
+    tags = [
+        {"name": "temp", "node": "ns=2;s=Oven.Temp", "type": "double"},
+        {"name": "door", "node": "ns=2;s=Oven.Door", "type": "bool"},
+    ]
+    cfg = oven(urls, tags, critical=True)
     try:
-        async with running_comm(json.dumps(cfg)) as comm:
-
-            def good(value: object) -> object:
-                return lambda dv: dv.StatusCode.is_good() and dv.Value.Value == value
-
+        async with running_comm(cfg) as comm:
             await until(lambda: read_is(comm, "oven-1.temp", good(180.5)), 5, "temp read")
             plc.answer_bad(0, S.BadNotConnected)
             poller = comm.server.pollers[0]

@@ -322,14 +322,16 @@ async def test_a_write_queued_behind_a_poll_is_not_sent_once_the_role_is_lost(
     meanwhile. When the read is answered, the write must not go out, and the client
     must not be told Good."""
     one_path = {"paths": [{"host": HOSTS["a"][0], "port": plc.port}]}
-    slow = {"poll_interval_s": 2.0, "timeout_s": 2.0, **one_path}
+    # The read is held until the test lets it go: its timeout only has to outlast the
+    # steps below, generously.
+    slow = {"poll_interval_s": 4.0, "timeout_s": 4.0, **one_path}
     async with comm_node(etcd.url, "a", plc.port, **slow) as a:
         lease, _ = await elect(store, "a")
         await until(lambda: level(a, 255, 255), 8, "a serving")
         plc.hold_reads = asyncio.Event()
         plc.reads_held.clear()
         try:
-            await asyncio.wait_for(plc.reads_held.wait(), 5)  # a poll read in flight
+            await asyncio.wait_for(plc.reads_held.wait(), 10)  # a poll read in flight
             connection = a.server.pollers[0].driver.clients[0].ctx  # type: ignore[attr-defined]
             writing = asyncio.create_task(a.write("press-1.speed", 5, ua.VariantType.Int16))
 
