@@ -143,6 +143,9 @@ class PlcPoller:
                     reason=switch.paths[old].last_error,
                 )
             self._confirmed(started)
+            # A read that took past the bound (a stall while it was under way) confirmed
+            # nothing: stale before anything publishes its values as good.
+            self.check_fresh()
             break
         else:
             self._failed("; ".join(errors))
