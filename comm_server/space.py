@@ -101,12 +101,13 @@ class _TagService(AttributeService):
         self._answer = answer
 
     def read(self, params: ua.ReadParameters) -> list[ua.DataValue]:
-        results: list[ua.DataValue] = super().read(params)
-        for i, item in enumerate(params.NodesToRead):
-            if item.AttributeId == ua.AttributeIds.Value:
-                key = self._tags.get(item.NodeId)
-                if key is not None:
-                    results[i] = self._answer(self._reader(key))
+        results = []
+        for item in params.NodesToRead:
+            key = self._tags.get(item.NodeId) if item.AttributeId == ua.AttributeIds.Value else None
+            if key is not None:
+                results.append(self._answer(self._reader(key)))
+            else:  # what asyncua's own read does
+                results.append(self._aspace.read_attribute_value(item.NodeId, item.AttributeId))
         return results
 
     async def write(self, params: ua.WriteParameters, user: Any = None) -> list[ua.StatusCode]:
