@@ -353,6 +353,14 @@ async def test_a_write_queued_behind_a_poll_is_not_sent_once_the_role_is_lost(
         assert not answer.is_good(), "the client was told Good"
         assert answer.value == S.BadInvalidState
         assert plc.writes == [], "the write reached the PLC after the role was lost"
+        # the connection the write was stopped on polls on
+        polled = plc.requests[0]
+
+        async def polls_on() -> bool:
+            return plc.requests[0] >= polled + 1 and a.server.pollers[0].reachable is True
+
+        await until(polls_on, 15, "the next poll over the same connection")
+        assert a.server.pollers[0].driver.clients[0].connected  # type: ignore[attr-defined]
 
 
 class HeldReports(Store):
