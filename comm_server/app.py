@@ -18,7 +18,7 @@ from comm_server.opcua_plc import OpcUaDriver, OutOfRange, convert
 from comm_server.poller import PlcPoller, PollStats
 from comm_server.role import ReportParts
 from comm_server.space import OpcUaSpace, TagSpec, variant_type
-from comm_server.tags import TagTable
+from comm_server.tags import TagState, TagTable
 from comm_server.uatypes import S
 from shared.log import EventLog
 from shared.plcs import ModbusPlc, ModbusTag
@@ -109,7 +109,7 @@ class CommServer:
                 self._bindings[f"{plc.name}.{tag.name}"] = binding
             specs.append((plc.name, tags))
         started = time.monotonic()
-        count = await self.space.build(specs, self._write)
+        count = await self.space.build(specs, self._write, self._read)
         for poller in self.pollers:  # every tag starts as bad: waiting for its first read
             for state in poller.table.tags:
                 self.space.dirty(state)
@@ -191,7 +191,14 @@ class CommServer:
         }
         return resources, {p.plc.name: p.report() for p in self.pollers}
 
-    # -- writes from OPC UA clients ---------------------------------------------------
+    # -- reads and writes from OPC UA clients ----------------------------------------
+    def _read(self, key: str) -> TagState:
+        """The tag as it is now: stale if no read confirmed it in time, even when the
+        timer that marks it so has not run yet (the process was stalled)."""
+        binding = self._bindings[key]
+        binding.poller.check_fresh()
+        return binding.poller.table.tags[binding.index]
+
     async def _write(self, key: str, variant: Any) -> int:
         binding = self._bindings[key]
         role = self.role

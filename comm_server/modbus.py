@@ -2,14 +2,25 @@
 
 Every reply is checked before a value is taken from it: an exception reply marks the
 request's tags bad with the exception's name; a reply of the wrong function code or
-length marks them bad as garbage. Only a missing or undecodable reply is a path
-failure. A request that timed out closes its connection, so a late answer can never be
-taken for the reply to the next request.
+length marks them bad as garbage. A missing or undecodable reply is a path failure,
+and so is a poll in which every request was answered with an exception (a gateway
+that lost the device, a device that fails whatever is asked): the path gives no data,
+and the other path may well give some. Nothing is stored until the poll's every
+request has been answered, so a path that fails leaves the tags as they were. A
+request that timed out closes its connection, so a late answer can never be taken for
+the reply to the next request.
+
+A write asks whether it may still be sent in the instant its bytes leave (pymodbus's
+``trace_pdu`` hook, called just before the request is written to the socket), not
+before it queues for the connection: pymodbus sends one request at a time per
+connection, so a write can wait behind a poll read for up to the timeout, and the node
+may lose the active role meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import struct
 import time
@@ -51,7 +62,26 @@ EXCEPTIONS = {
 # A gateway that cannot reach the device says nothing about the device's data: for us
 # that path is down, and the other path may well get through.
 PATH_EXCEPTIONS = {10, 11}
+# Exceptions about the request rather than the device: a probe answered so still
+# shows a working path.
+REQUEST_EXCEPTIONS = {1, 2, 3}
 _READ_FC = {"C": 1, "DI": 2, "HR": 3, "IR": 4}
+
+
+# The write being sent by the current task, if any: its last check before the bytes
+# leave. A context variable, so that poll reads (other tasks) never see it.
+_send_gate: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
+    "modbus_send_gate", default=None
+)
+
+
+def _gate(sending: bool, pdu: Any) -> Any:
+    """pymodbus's ``trace_pdu``: runs synchronously right before a request is written
+    to the socket; raising here means nothing is sent."""
+    may_send = _send_gate.get()
+    if sending and may_send is not None and not may_send():
+        raise WriteError(S.BadInvalidState, "no longer the active node: write not sent")
+    return pdu
 
 
 def exception_text(code: object) -> str:
@@ -75,6 +105,7 @@ class ModbusDriver(Driver):
                 retries=0,
                 reconnect_delay=0,  # we reconnect, on our schedule
                 name=f"{plc.name}:{i}",
+                trace_pdu=_gate,
             )
             for i, p in enumerate(plc.paths)
         ]
@@ -137,6 +168,8 @@ class ModbusDriver(Driver):
     async def read(self, path: int, table: TagTable, when: float) -> None:
         client = await self._client(path)
         todo = list(self.blocks)
+        answered: list[tuple[Block, Any]] = []
+        refused: list[tuple[Block, str]] = []
         while todo:
             block = todo.pop(0)
             reply = await self._request(client, self._read_call(client, block))
@@ -149,13 +182,16 @@ class ModbusDriver(Driver):
                     self._replace(block, pieces)
                     todo[:0] = pieces
                     continue
-                table.bad_all(
-                    block.tags,
-                    S.BadDeviceFailure,
-                    f"{block.describe()}: {exception_text(code)}",
-                    when,
-                )
+                refused.append((block, exception_text(code)))
                 continue
+            answered.append((block, reply))
+        if not answered and refused:
+            raise PathError(
+                "every request answered " + " or ".join(sorted({why for _, why in refused}))
+            )
+        for block, why in refused:
+            table.bad_all(block.tags, S.BadDeviceFailure, f"{block.describe()}: {why}", when)
+        for block, reply in answered:
             self._take(block, reply, table, when)
 
     def _replace(self, block: Block, pieces: list[Block]) -> None:
@@ -211,7 +247,7 @@ class ModbusDriver(Driver):
         probe = Block(first.area, first.start, 1, (), False)
         reply = await self._request(client, self._read_call(client, probe))
         code = getattr(reply, "exception_code", None) if reply.isError() else None
-        if code in PATH_EXCEPTIONS:
+        if code is not None and code not in REQUEST_EXCEPTIONS:  # the device failed
             raise PathError(exception_text(code))
 
     async def write(
@@ -228,9 +264,10 @@ class ModbusDriver(Driver):
             except EncodeError as err:
                 raise WriteError(S.BadOutOfRange, str(err)) from None
         client = await self._client(path)
-        if not may_send():
+        if not may_send():  # no need to queue for the connection
             raise WriteError(S.BadInvalidState, "no longer the active node: write not sent")
         self.requests += 1
+        gate = _send_gate.set(may_send)  # asked again as the bytes leave: see _gate
         try:
             if tag.area == "C":
                 call = client.write_coil(tag.index, bool(value), device_id=unit)
@@ -249,6 +286,8 @@ class ModbusDriver(Driver):
                 f"no reply within {self.timeout:g} s: the write may or may not have reached "
                 "the PLC; it is not repeated",
             ) from None
+        finally:
+            _send_gate.reset(gate)
         if reply.isError():
             raise WriteError(
                 S.BadDeviceFailure, f"PLC refused the write: {exception_text(reply.exception_code)}"

@@ -3,6 +3,14 @@
 One Read request per poll carries every tag. A value the PLC marks bad is bad here,
 with the PLC's status name as the reason; a value of another type than configured
 (a String where a Double was declared) is bad as a type mismatch, never passed on.
+A reply in which every value is bad or uncertain (a gateway that lost its device
+answers BadNotConnected for each) gives no data: that is a failure of the path, and
+the other path is tried. A probe reads the tags too, so such a path shows as down.
+
+A write asks whether it may still be sent in the same synchronous step that hands its
+bytes to the socket: it goes to the connection's protocol directly, not through
+asyncua's request path, which may wait (for a free request slot, for a reconnect)
+after any check made before it.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from typing import Any
 from comm_server.codec import INTEGER_RANGE, Value
 from comm_server.driver import Driver, PathError, WriteError
 from comm_server.tags import TagTable
-from comm_server.uatypes import Client, S, ua
+from comm_server.uatypes import Client, S, struct_from_binary, ua
 from shared.plcs import OpcUaPlc
 
 VARIANT = {
@@ -127,8 +135,9 @@ class OpcUaDriver(Driver):
             raise await self._fail(path, client, err) from None
         if len(values) != len(self.nodes):
             raise PathError(f"reply carries {len(values)} values, {len(self.nodes)} were asked")
+        _nothing_good(values)
         for i, (tag, dv) in enumerate(zip(self.tags, values, strict=True)):
-            code = dv.StatusCode.value if dv.StatusCode is not None else 0
+            code = _code(dv)
             if code & 0x80000000:
                 table.bad(i, code, f"PLC reports {status_name(code)}", when)
                 continue
@@ -145,26 +154,47 @@ class OpcUaDriver(Driver):
         self.requests += 1
         try:
             async with asyncio.timeout(self.timeout):
-                [dv] = await client.uaclient.read_attributes([_SERVER_STATE], ua.AttributeIds.Value)
+                [dv, *values] = await client.uaclient.read_attributes(
+                    [_SERVER_STATE, *self.nodes], ua.AttributeIds.Value
+                )
         except (*_FAILURES, ValueError) as err:
             raise await self._fail(path, client, err) from None
         if dv.Value is not None and dv.Value.Value not in (0, None):  # 0: Running
             raise PathError(f"server state {dv.Value.Value}, not running")
+        _nothing_good(values)
 
     async def write(
         self, path: int, index: int, value: Value, may_send: Callable[[], bool]
     ) -> None:
         tag = self.tags[index]
-        variant = ua.Variant(value, VARIANT[tag.type])
+        request = ua.WriteRequest()
+        request.Parameters.NodesToWrite.append(
+            ua.WriteValue(
+                NodeId=self.nodes[index],
+                AttributeId=ua.AttributeIds.Value,
+                Value=ua.DataValue(ua.Variant(value, VARIANT[tag.type])),
+            )
+        )
         client = await self._client(path)
+        protocol = client.uaclient.protocol
+        if protocol is None:
+            raise PathError("connection lost before the write was sent")
+        # Nothing awaited from here until the request is in the socket.
         if not may_send():
             raise WriteError(S.BadInvalidState, "no longer the active node: write not sent")
+        try:
+            # Writes the request to the transport before it returns.
+            answer = protocol._send_request(request, self.timeout)
+        except _FAILURES:
+            raise PathError("connection lost before the write was sent") from None
         self.requests += 1
         try:
             async with asyncio.timeout(self.timeout):
-                [status] = await client.uaclient.write_attributes(
-                    [self.nodes[index]], [ua.DataValue(variant)], ua.AttributeIds.Value
-                )
+                data = await answer
+            protocol.check_answer(data, "in response to WriteRequest")
+            response = struct_from_binary(ua.WriteResponse, data)
+            response.ResponseHeader.ServiceResult.check()
+            [status] = response.Results
         except _FAILURES:
             await self._fail(path, client, TimeoutError())
             raise WriteError(
@@ -180,6 +210,20 @@ class OpcUaDriver(Driver):
             self.clients[i] = None
             if client is not None:
                 await _drop(client)
+
+
+def _code(dv: Any) -> int:
+    code: int = dv.StatusCode.value if dv.StatusCode is not None else 0
+    return code
+
+
+def _nothing_good(values: list[Any]) -> None:
+    """PathError if not one value is good (bad or uncertain, every one of them)."""
+    if values and all(_code(dv) & 0xC0000000 for dv in values):
+        names = sorted({status_name(_code(dv)) for dv in values})
+        raise PathError(
+            f"every node bad: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+        )
 
 
 def _describe(err: BaseException, what: str) -> str:

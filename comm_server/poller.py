@@ -5,7 +5,8 @@ different phases never fire on the same tick; a cycle that overruns skips the sl
 missed instead of bunching up. A cycle that fails on the path in use tries the other
 path at once. A value stays good only until ``poll_interval_s + timeout_s`` after the
 read that confirmed it: a timer turns it stale then if no newer read came, whatever
-the reason.
+the reason, and so does a client's read that comes first (after a stall of the
+process, the timer's turn may come after the reads queued meanwhile).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class PlcPoller:
         self.last_ok: float | None = None  # monotonic time of the last good cycle
         self.problem = ""  # why it is not reachable, or which path is down
         self._fresh_until = 0.0
+        self._expired = True  # no value confirmed yet, or marked stale since
         self._expiry: asyncio.TimerHandle | None = None
         self._probes: dict[int, asyncio.Task[None]] = {}
         self._on_health = on_health
@@ -141,6 +143,9 @@ class PlcPoller:
                     reason=switch.paths[old].last_error,
                 )
             self._confirmed(started)
+            # A read that took past the bound (a stall while it was under way) confirmed
+            # nothing: stale before anything publishes its values as good.
+            self.check_fresh()
             break
         else:
             self._failed("; ".join(errors))
@@ -165,6 +170,7 @@ class PlcPoller:
         self.reachable = True
         self.last_ok = read_at
         self._fresh_until = read_at + self.plc.poll_interval_s + self.plc.timeout
+        self._expired = False
         if self._expiry is None:
             self._expiry = asyncio.get_running_loop().call_later(
                 self._fresh_until - time.monotonic(), self._expire
@@ -177,7 +183,13 @@ class PlcPoller:
             self._expiry = asyncio.get_running_loop().call_later(left, self._expire)
             return
         self._expiry = None
-        self.table.stale("no reply in time from the PLC", time.time())
+        self.check_fresh()
+
+    def check_fresh(self) -> None:
+        """Turn the good values stale if no read confirmed them in time."""
+        if not self._expired and time.monotonic() >= self._fresh_until:
+            self._expired = True
+            self.table.stale("no reply in time from the PLC", time.time())
 
     def _failed(self, why: str) -> None:
         wall = time.time()

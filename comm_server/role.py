@@ -10,12 +10,20 @@ all of this holds:
   leader key's create_revision, says ``serving``, and no other node's comm server of
   this service said so when it claimed.
 
+A claim is made only from a complete view: the leader key, every node's reports and
+the topology (which names the pair's nodes) all read from etcd, and the transaction
+checks that the report of every other node of the pair is exactly as seen, a report
+seen absent included. So a report the view has not caught up with (a slow first read,
+a lagging watch) refuses the claim instead of being ignored.
+
 The claim is what orders a failover for OPC UA clients: the new active's comm server
 rises only after the old one has written that it stopped serving, or after the old
 one's report vanished with its lease (then the old one had stopped itself first: it
 drops at ``ttl - margin`` without an acknowledged keepalive, etcd drops the lease at
 ``ttl`` at the earliest). So the old node's ServiceLevel always falls before the new
-node's rises, and two nodes never accept writes at the same time.
+node's rises, and two nodes never accept writes at the same time. A write is allowed
+only if ``serving`` holds in the instant its request is handed to the socket (see the
+drivers), so the margin covers nothing but the request's way through the network.
 
 The report (``/nodes/{node}/reports/{service}``, bound to the comm server's own lease)
 is a :class:`shared.records.ServiceReport` with one resource per PLC
@@ -32,6 +40,7 @@ from collections.abc import Callable
 
 from pydantic import Field
 
+from comm_server.source import PairError, stored_pair
 from shared import keys
 from shared.log import EventLog
 from shared.plcs import PlcHealth
@@ -92,6 +101,10 @@ class PairRole:
         self.report_key = keys.report(node, service)
         self._leaders = Mirror(store, self.leader_key, self._mirror_changed)
         self._reports = Mirror(store, keys.NODES_PREFIX, self._mirror_changed)
+        self._topology = Mirror(store, keys.TOPOLOGY, self._mirror_changed)
+        self._topology_rev = -1  # the topology's mod_revision the peers were read from
+        self._peers: list[str] | None = None  # the pair's other nodes, None: unknown
+        self._peers_problem = "the topology is not read yet"
         self._wake = asyncio.Event()
         self._lease: int | None = None
         self._acked = -1e9  # loop time at which the last acknowledged keepalive was sent
@@ -99,6 +112,7 @@ class PairRole:
         self._serving = False
         self.epoch: int | None = None
         self.state = "unknown"
+        self.reason = "starting"
         self._written: bytes = b""  # the last report's significant content
         self._written_at = 0.0
         self._errors: set[str] = set()
@@ -120,6 +134,7 @@ class PairRole:
         self._tasks = [
             asyncio.create_task(self._leaders.run(), name="leader watch"),
             asyncio.create_task(self._reports.run(), name="reports watch"),
+            asyncio.create_task(self._topology.run(), name="topology watch"),
             asyncio.create_task(self._keep_lease(), name="comm lease"),
         ]
         try:
@@ -172,17 +187,43 @@ class PairRole:
         loop = asyncio.get_running_loop()
         return self._lease is not None and loop.time() - self._acked < self.ttl - self.margin
 
-    def _others(self) -> dict[str, tuple[int, bool]]:
-        """Other nodes' reports of this service: key -> (mod_revision, serving)."""
-        suffix = f"/reports/{self.service}"
+    def _read_peers(self) -> None:
+        """The pair's other nodes from the topology, parsed when it changed; an invalid
+        topology is reported and the nodes read before are kept."""
+        kv = self._topology.items.get(keys.TOPOLOGY)
+        revision = kv.mod_revision if kv is not None else 0
+        if revision == self._topology_rev:
+            return
+        self._topology_rev = revision
+        try:
+            pair = stored_pair(kv.value if kv is not None else None, self.pair)
+        except PairError as err:
+            if kv is None or self._peers is None:
+                self._peers, self._peers_problem = None, str(err)
+            self.log.error("the pair's nodes are unknown", problem=str(err))
+            return
+        names = [n.name for n in pair.nodes]
+        if self.node in names:
+            self._peers = [n for n in names if n != self.node]
+        else:
+            self._peers = None
+            self._peers_problem = f"node {self.node} is not in pair {self.pair}"
+
+    def _others(self, peers: list[str]) -> dict[str, tuple[int, bool]]:
+        """The peers' reports of this service: key -> (mod_revision, serving); a report
+        not there has mod_revision 0."""
         found = {}
-        for key, kv in self._reports.items.items():
-            if key.endswith(suffix) and key != self.report_key:
-                try:
-                    serving = decode(CommReport, kv.value, key).serving
-                except RecordError:
-                    serving = False  # not a comm server's report
-                found[key] = (kv.mod_revision, serving)
+        for peer in peers:
+            key = keys.report(peer, self.service)
+            kv = self._reports.items.get(key)
+            if kv is None:
+                found[key] = (0, False)
+                continue
+            try:
+                serving = decode(CommReport, kv.value, key).serving
+            except RecordError:
+                serving = False  # not a comm server's report
+            found[key] = (kv.mod_revision, serving)
         return found
 
     def _settle(self) -> bool:
@@ -216,7 +257,14 @@ class PairRole:
 
     async def _rise(self, epoch: int) -> None:
         """Our term: serve once no other comm server of the service does."""
-        others = self._others()
+        if not (self._reports.synced.is_set() and self._topology.synced.is_set()):
+            self._become("waiting", None, "reading the other nodes' reports")
+            return
+        self._read_peers()
+        if self._peers is None:
+            self._become("waiting", None, f"the pair's nodes are unknown: {self._peers_problem}")
+            return
+        others = self._others(self._peers)
         busy = sorted(k.split("/")[-3] for k, (_, serving) in others.items() if serving)
         if busy:
             self._become("waiting", None, f"{', '.join(busy)} still serving")
@@ -230,9 +278,9 @@ class PairRole:
     def _become(self, state: str, epoch: int | None, why: str) -> None:
         """``epoch`` is set only when serving (state ``active``)."""
         serving = state == "active"
-        if (state, serving, epoch) == (self.state, self._serving, self.epoch):
+        if (state, serving, epoch, why) == (self.state, self._serving, self.epoch, self.reason):
             return
-        self.state, self._serving, self.epoch = state, serving, epoch
+        self.state, self._serving, self.epoch, self.reason = state, serving, epoch, why
         self.log.bind(epoch=epoch)
         self.log.info("role", state=state, reason=why)
         self._on_change()
@@ -268,7 +316,12 @@ class PairRole:
         tx = self.store.tx
         value, significant = self._encode(True, epoch)
         ok, _ = await self.store.txn(
-            [tx.create(keys.b(self.leader_key)) == epoch]
+            [
+                tx.create(keys.b(self.leader_key)) == epoch,
+                # the peers below are the pair's nodes in this topology
+                tx.mod(keys.b(keys.TOPOLOGY)) == self._topology_rev,
+            ]
+            # every peer's report as seen: absent ones still absent
             + [tx.mod(keys.b(k)) == rev for k, (rev, _) in others.items()],
             [tx.put(keys.b(self.report_key), value, lease=self._lease)],
         )

@@ -18,13 +18,32 @@ from shared import keys
 from shared.log import EventLog
 from shared.records import RecordError, TopologyDoc, decode
 from shared.store import Change, Mirror, Store
-from shared.topology import TopologyError, parse_site
+from shared.topology import Pair, TopologyError, parse_site
 
 WAIT_WARNING_S = 2.0
 
 
-class PlcListError(Exception):
+class PairError(Exception):
+    """The topology in etcd does not describe the pair; the message says why."""
+
+
+class PlcListError(PairError):
     """The topology gives no PLC list for the pair; the message says why."""
+
+
+def stored_pair(raw: bytes | None, pair: str) -> Pair:
+    """``pair`` as the stored topology ``raw`` describes it (None: no topology)."""
+    if raw is None:
+        raise PairError("no topology in etcd: apply one with `hapair topology apply FILE`")
+    try:
+        doc = decode(TopologyDoc, raw, keys.TOPOLOGY)
+        site = parse_site(doc.site, keys.TOPOLOGY)
+    except (RecordError, TopologyError) as err:
+        raise PairError(str(err).replace("\n", " ")) from None
+    found = site.pair(pair)
+    if found is None:
+        raise PairError(f"pair {pair!r} is not in the topology applied to etcd")
+    return found
 
 
 def plcs_of(raw: bytes | None, pair: str) -> CommConfig:
@@ -35,13 +54,9 @@ def plcs_of(raw: bytes | None, pair: str) -> CommConfig:
             "or give the PLC list with --config FILE"
         )
     try:
-        doc = decode(TopologyDoc, raw, keys.TOPOLOGY)
-        site = parse_site(doc.site, keys.TOPOLOGY)
-    except (RecordError, TopologyError) as err:
-        raise PlcListError(str(err).replace("\n", " ")) from None
-    found = site.pair(pair)
-    if found is None:
-        raise PlcListError(f"pair {pair!r} is not in the topology applied to etcd")
+        found = stored_pair(raw, pair)
+    except PairError as err:
+        raise PlcListError(str(err)) from None
     if not found.plcs:
         raise PlcListError(
             f"pair {pair!r} has no plcs: section in the topology: add the PLC list to the "

@@ -6,9 +6,13 @@ with the string node id ``{plc}.{tag}``. The address space is built in bulk
 
 Values reach it from the pollers as changes only: a changed tag is marked dirty and a
 publisher task writes the dirty tags' current state, yielding to the event loop every
-few hundred writes so that the pollers keep their schedule. Clients' writes to tag
-variables are taken out of asyncua's write service and handed to the comm server,
-which sends them to the PLC (or refuses them) and answers with the outcome.
+few hundred writes so that the pollers keep their schedule. Subscriptions are fed
+from there. A client's Read of a tag value is answered from the tag's state at that
+moment instead, its freshness checked then: after a stall of the process, the stale
+marking and its publication may not have run yet when the queued reads are answered.
+Clients' writes to tag variables are taken out of asyncua's write service and handed
+to the comm server, which sends them to the PLC (or refuses them) and answers with the
+outcome.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class _Written(DataValue):
 _WRITTEN: Any = _Written  # asyncua types its timestamps as a NewType of datetime
 
 Writer = Callable[[str, Any], Awaitable[int]]
+Reader = Callable[[str], TagState]  # the tag's state, its freshness checked now
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +82,33 @@ def variant_type(type_: str, scaled: bool) -> ua.VariantType:
     return VARIANT[type_]
 
 
-class _WriteHook(AttributeService):
-    """asyncua's attribute service, except that writes to tag values go to ``writer``."""
+class _TagService(AttributeService):
+    """asyncua's attribute service, except that tag values are written through
+    ``writer`` and read from ``reader`` (which makes the ``DataValue`` with ``answer``)."""
 
-    def __init__(self, base: AttributeService, tags: dict[ua.NodeId, str], writer: Writer):
+    def __init__(
+        self,
+        base: AttributeService,
+        tags: dict[ua.NodeId, str],
+        writer: Writer,
+        reader: Reader,
+        answer: Callable[[TagState], ua.DataValue],
+    ):
         super().__init__(base._aspace)
         self._tags = tags
         self._writer = writer
+        self._reader = reader
+        self._answer = answer
+
+    def read(self, params: ua.ReadParameters) -> list[ua.DataValue]:
+        results = []
+        for item in params.NodesToRead:
+            key = self._tags.get(item.NodeId) if item.AttributeId == ua.AttributeIds.Value else None
+            if key is not None:
+                results.append(self._answer(self._reader(key)))
+            else:  # what asyncua's own read does
+                results.append(self._aspace.read_attribute_value(item.NodeId, item.AttributeId))
+        return results
 
     async def write(self, params: ua.WriteParameters, user: Any = None) -> list[ua.StatusCode]:
         items = params.NodesToWrite
@@ -130,7 +155,9 @@ class OpcUaSpace:
         self._texts: dict[str, str] = {}
 
     # -- building ---------------------------------------------------------------------
-    async def build(self, plcs: Sequence[tuple[str, Sequence[TagSpec]]], writer: Writer) -> int:
+    async def build(
+        self, plcs: Sequence[tuple[str, Sequence[TagSpec]]], writer: Writer, reader: Reader
+    ) -> int:
         """Create the whole address space; returns how many variables it has."""
         server = self.server
         await server.init()
@@ -141,7 +168,7 @@ class OpcUaSpace:
         self.ns = await server.register_namespace(NAMESPACE)
         build = NodeBuilder(server.iserver.aspace, self.ns)
         objects = ua.NodeId(ua.ObjectIds.ObjectsFolder)
-        writable: dict[ua.NodeId, str] = {}
+        tag_nodes: dict[ua.NodeId, str] = {}
         folder = build.folder("_comm", objects, "the comm server: role and epoch")
         for key in ("_comm.role", "_comm.epoch"):
             self._nodes[key] = build.variable(
@@ -159,10 +186,10 @@ class OpcUaSpace:
                 )
                 self._nodes[key] = node
                 self._vtypes[key] = tag.vtype
-                writable[node] = key
+                tag_nodes[node] = key
         # Every tag value goes through the comm server, writable or not: it answers.
-        server.iserver.attribute_service = _WriteHook(
-            server.iserver.attribute_service, writable, writer
+        server.iserver.attribute_service = _TagService(
+            server.iserver.attribute_service, tag_nodes, writer, reader, self._datavalue
         )
         await self._write(
             REDUNDANCY_SUPPORT,

@@ -13,10 +13,12 @@ from typing import Any
 import asyncua.ua as _ua
 from asyncua.client.client import Client as _Client
 from asyncua.server.server import Server as _Server
+from asyncua.ua.ua_binary import struct_from_binary as _struct_from_binary
 
 ua: Any = _ua
 Client: Any = _Client
 Server: Any = _Server
+struct_from_binary: Any = _struct_from_binary
 
 
 class _StatusCodes:

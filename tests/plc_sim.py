@@ -77,7 +77,12 @@ class ModbusPlc:
     # (area, address) -> exception code answered for any request covering it
     exceptions: dict[tuple[str, int], ExcCodes] = field(default_factory=dict)
     garbage: Callable[[bytes], bytes] | None = None  # rewrites every reply
+    # paths through a gateway that lost the device: every reply there is exception 4
+    failing_paths: set[int] = field(default_factory=set)
     hold: asyncio.Event | None = None  # a write is received, its reply waits for this
+    # a read is received, its reply waits for this; ``reads_held`` is set meanwhile
+    hold_reads: asyncio.Event | None = None
+    reads_held: asyncio.Event = field(default_factory=asyncio.Event)
     _core: Any = None
 
     async def start(self) -> ModbusPlc:
@@ -102,7 +107,7 @@ class ModbusPlc:
         server = ModbusTcpServer(
             self._device(),
             address=(self.hosts[i], self.port),
-            trace_packet=self._trace_packet,
+            trace_packet=lambda sending, data, i=i: self._trace_packet(i, sending, data),
             trace_pdu=lambda sending, pdu, i=i: self._trace_pdu(i, sending, pdu),
         )
         if self._core is None:
@@ -127,7 +132,9 @@ class ModbusPlc:
             self.requests[path] += 1
         return pdu
 
-    def _trace_packet(self, sending: bool, data: bytes) -> bytes:
+    def _trace_packet(self, path: int, sending: bool, data: bytes) -> bytes:
+        if sending and path in self.failing_paths:
+            return device_failure(data)
         if sending and self.garbage is not None:
             return self.garbage(data)
         return data
@@ -150,6 +157,9 @@ class ModbusPlc:
             self.writes.append(Write(area, address, list(values)))
             if self.hold is not None:
                 await self.hold.wait()
+        elif values is None and self.hold_reads is not None:
+            self.reads_held.set()
+            await self.hold_reads.wait()
         return None
 
     # -- memory -----------------------------------------------------------------------
@@ -193,6 +203,12 @@ def wrong_function(packet: bytes) -> bytes:
     if pdu[0] != 3:
         return packet
     return _join(tid, unit, bytes([4]) + pdu[1:])
+
+
+def device_failure(packet: bytes) -> bytes:
+    """Exception 4 (server device failure) in answer to whatever was asked."""
+    tid, unit, pdu = _split(packet)
+    return _join(tid, unit, bytes([(pdu[0] & 0x7F) | 0x80, 4]))
 
 
 def noise(packet: bytes) -> bytes:
@@ -241,6 +257,17 @@ class OpcUaPlc:
         server, self.servers[i] = self.servers[i], None
         if server is not None:
             await server.stop()
+
+    def answer_bad(self, path: int, status: int) -> None:
+        """The server on ``path`` answers ``status`` for every variable, as a gateway
+        that lost its device does (until ``set`` gives a variable a value again)."""
+        server = self.servers[path]
+        assert server is not None
+        for name in self.variables:
+            node = server.iserver.aspace[ua.NodeId(name, 2)]
+            node.attributes[ua.AttributeIds.Value].value = ua.DataValue(
+                StatusCode=ua.StatusCode(status)
+            )
 
     async def stop(self) -> None:
         for i in range(len(self.servers)):

@@ -384,3 +384,33 @@ async def test_a_device_that_maps_no_gaps_is_read_in_contiguous_pieces(sim: Modb
         assert (await good(comm, "press-1.b")).Value.Value == 6
         driver = comm.server.pollers[0].driver
         assert [b.describe() for b in driver.blocks] == ["HR0-HR0", "HR5-HR5"]
+
+
+async def test_a_path_answering_exception_4_to_every_request_is_a_failed_path(
+    sim: ModbusPlc,
+) -> None:
+    """A gateway on the primary path lost the device: it answers exception 4 to every
+    request. That path gives nothing: the backup is used; with both paths so, the PLC
+    is unreachable and reported lost."""
+    await sim.set("HR", 0, [7])
+    await sim.set("IR", 0, [8])
+    tags = [
+        {"name": "a", "address": "HR0", "type": "int16"},
+        {"name": "c", "address": "IR0", "type": "int16"},
+    ]
+    slow = {"poll_interval_s": 0.5, "timeout_s": 0.5}  # no timeout on a busy machine
+    async with running_comm(config(plc("press-1", sim, tags, critical=True, **slow))) as comm:
+        await good(comm, "press-1.a", 7)
+        sim.failing_paths.add(0)
+        backup = f"backup 127.0.31.2:{sim.port}"
+        await until(lambda: _path_is(comm, backup), 2.0, "the backup in use")
+        await until(lambda: _level_in(comm, 100, 198), 2.0, "a degraded ServiceLevel")
+        assert (await good(comm, "press-1.c")).Value.Value == 8
+        state = (await comm.read("press-1._state")).Value.Value
+        assert state.startswith(f"degraded: primary 127.0.31.1:{sim.port} down ("), state
+        assert "exception 4 (server device failure)" in state
+        sim.failing_paths.add(1)
+        await status(comm, "press-1.a", S.UncertainNoCommunicationLastUsableValue)
+        await until(lambda: _level_in(comm, 0, 0), 2.0, "ServiceLevel 0: no data")
+        resources, _ = comm.server._report_parts()
+        assert not resources["plc:press-1"].ok

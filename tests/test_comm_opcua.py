@@ -19,6 +19,25 @@ async def read_is(comm: CommUnderTest, key: str, check: object) -> bool:
     return bool(check(dv))  # type: ignore[operator]
 
 
+def good(value: object) -> object:
+    return lambda dv: dv.StatusCode.is_good() and dv.Value.Value == value
+
+
+def oven(urls: list[str], tags: list[dict[str, object]], **opts: object) -> str:
+    """The comm server's list: PLC oven-1 over ``urls``, polled every 0.2 s."""
+    plc = {
+        "name": "oven-1",
+        "protocol": "opcua",
+        "paths": [{"url": u} for u in urls],
+        "poll_interval_s": 0.2,
+        "timeout_s": 0.2,
+        "probe_interval_s": 0.2,
+        **opts,
+        "tags": tags,
+    }
+    return json.dumps({"plcs": [plc]})
+
+
 async def test_opcua_plc_values_types_writes_and_path_cut() -> None:
     hosts = ["127.0.32.1", "127.0.32.2"]
     port = free_port(hosts[0])
@@ -33,38 +52,20 @@ async def test_opcua_plc_values_types_writes_and_path_cut() -> None:
             "Oven.Count": (V.Int32, 3),
         },
     ).start()
-    cfg = {
-        "plcs": [
-            {
-                "name": "oven-1",
-                "protocol": "opcua",
-                "paths": [{"url": u} for u in urls],
-                "poll_interval_s": 0.2,
-                "timeout_s": 0.2,
-                "probe_interval_s": 0.2,
-                "tags": [
-                    {"name": "temp", "node": "ns=2;s=Oven.Temp", "type": "double"},
-                    {
-                        "name": "sp",
-                        "node": "ns=2;s=Oven.Setpoint",
-                        "type": "float",
-                        "writable": True,
-                    },
-                    {"name": "door", "node": "ns=2;s=Oven.Door", "type": "bool"},
-                    {"name": "batch", "node": "ns=2;s=Oven.Batch", "type": "string"},
-                    # declared wider than the PLC's Int32: accepted, served as Int64
-                    {"name": "count", "node": "ns=2;s=Oven.Count", "type": "int64"},
-                    {"name": "ghost", "node": "ns=2;s=Oven.Nothing", "type": "double"},
-                ],
-            }
-        ]
-    }
+    cfg = oven(
+        urls,
+        [
+            {"name": "temp", "node": "ns=2;s=Oven.Temp", "type": "double"},
+            {"name": "sp", "node": "ns=2;s=Oven.Setpoint", "type": "float", "writable": True},
+            {"name": "door", "node": "ns=2;s=Oven.Door", "type": "bool"},
+            {"name": "batch", "node": "ns=2;s=Oven.Batch", "type": "string"},
+            # declared wider than the PLC's Int32: accepted, served as Int64
+            {"name": "count", "node": "ns=2;s=Oven.Count", "type": "int64"},
+            {"name": "ghost", "node": "ns=2;s=Oven.Nothing", "type": "double"},
+        ],
+    )
     try:
-        async with running_comm(json.dumps(cfg)) as comm:
-
-            def good(value: object) -> object:
-                return lambda dv: dv.StatusCode.is_good() and dv.Value.Value == value
-
+        async with running_comm(cfg) as comm:
             await until(lambda: read_is(comm, "oven-1.temp", good(180.5)), 5, "temp read")
             assert (await comm.read("oven-1.batch")).Value.Value == "B-17"
             count = await comm.read("oven-1.count")
@@ -97,5 +98,53 @@ async def test_opcua_plc_values_types_writes_and_path_cut() -> None:
             await until(lambda: read_is(comm, "oven-1.temp", good(182.5)), 1.5, "temp via backup")
             assert poller.switch.current == 1
             assert await comm.service_level() < 200  # one path lost: degraded
+    finally:
+        await plc.stop()
+
+
+async def test_a_path_answering_bad_for_every_node_is_a_failed_path() -> None:
+    """The OPC UA server on the primary path (a gateway) lost its device and answers
+    BadNotConnected for every node: the backup is used; once the backup answers
+    BadCommunicationError for everything too, the PLC is unreachable and reported lost."""
+    hosts = ["127.0.32.3", "127.0.32.4"]
+    port = free_port(hosts[0])
+    urls = [f"opc.tcp://{h}:{port}/" for h in hosts]
+    plc = await OpcUaPlc(
+        urls, {"Oven.Temp": (V.Double, 180.5), "Oven.Door": (V.Boolean, False)}
+    ).start()
+    tags = [
+        {"name": "temp", "node": "ns=2;s=Oven.Temp", "type": "double"},
+        {"name": "door", "node": "ns=2;s=Oven.Door", "type": "bool"},
+    ]
+    cfg = oven(urls, tags, critical=True)
+    try:
+        async with running_comm(cfg) as comm:
+            await until(lambda: read_is(comm, "oven-1.temp", good(180.5)), 5, "temp read")
+            plc.answer_bad(0, S.BadNotConnected)
+            poller = comm.server.pollers[0]
+
+            async def on_backup() -> bool:
+                return poller.switch.current == 1
+
+            await until(on_backup, 2, "the backup in use")
+            await until(
+                lambda: read_is(comm, "oven-1._state", lambda dv: "degraded" in dv.Value.Value),
+                2,
+                "degraded",
+            )
+            state = (await comm.read("oven-1._state")).Value.Value
+            assert f"primary {urls[0]} down (every node bad: BadNotConnected)" in state, state
+            assert (await comm.read("oven-1.temp")).StatusCode.is_good()
+            assert await comm.service_level() < 200
+            plc.answer_bad(1, S.BadCommunicationError)
+
+            async def no_data() -> bool:
+                return await comm.service_level() == 0
+
+            await until(no_data, 3, "ServiceLevel 0: no data")
+            resources, _ = comm.server._report_parts()
+            assert not resources["plc:oven-1"].ok
+            temp = await comm.read("oven-1.temp")
+            assert not temp.StatusCode.is_good()
     finally:
         await plc.stop()

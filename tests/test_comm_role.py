@@ -23,14 +23,15 @@ from plc_sim import CommUnderTest, ModbusPlc, running_comm
 from comm_server.role import CommReport, PairRole
 from shared import keys
 from shared.log import EventLog
-from shared.records import Leader, ServiceReport, decode
-from shared.store import Store
+from shared.records import Leader, ServiceReport, TopologyDoc, decode
+from shared.store import Change, Kv, Store
+from shared.topology import parse_site
 
 S = ua.StatusCodes
 HOSTS = {"a": ["127.0.33.1", "127.0.33.2"], "b": ["127.0.33.3", "127.0.33.4"]}
 
 
-def config(node: str, port: int) -> str:
+def config(node: str, port: int, **opts: Any) -> str:
     return json.dumps(
         {
             "plcs": [
@@ -42,6 +43,7 @@ def config(node: str, port: int) -> str:
                     "probe_interval_s": 0.2,
                     "critical": True,
                     "switch_after_s": 2.5,
+                    **opts,
                     "tags": [
                         {"name": "speed", "address": "HR0", "type": "int16", "writable": True}
                     ],
@@ -52,15 +54,18 @@ def config(node: str, port: int) -> str:
 
 
 @contextlib.asynccontextmanager
-async def comm_node(etcd_url: str, node: str, port: int) -> AsyncIterator[CommUnderTest]:
-    store = Store(etcd_url, timeout=2.0)
+async def comm_node(
+    etcd_url: str, node: str, port: int, store: Store | None = None, **opts: Any
+) -> AsyncIterator[CommUnderTest]:
+    """``store``: the role's connection to etcd (a fresh one by default)."""
+    store = store or Store(etcd_url, timeout=2.0)
 
     def role(parts: Any, on_change: Any) -> PairRole:
         log = EventLog("hapair.comm", node=node, pair="p")
         return PairRole(store, "p", node, "comm", parts, on_change, log, refresh_s=0.5)
 
     try:
-        async with running_comm(config(node, port), role, host=HOSTS[node][0]) as comm:
+        async with running_comm(config(node, port, **opts), role, host=HOSTS[node][0]) as comm:
             yield comm
     finally:
         await store.close()
@@ -100,6 +105,46 @@ class Levels:
 
     def first(self, test: Any) -> float | None:
         return next((t for t, v in self.seen if test(v)), None)
+
+
+def site(nodes: list[str]) -> dict[str, Any]:
+    """A site with pair p of ``nodes``, and another pair q whose nodes serve their own
+    comm server (a report of its own, under the same service name)."""
+    return {
+        "site": "plant",
+        "workshops": [
+            {
+                "name": "w",
+                "pairs": [
+                    {
+                        "name": "p",
+                        "nodes": [
+                            {"name": n, "address": f"127.0.33.{20 + i}"}
+                            for i, n in enumerate(nodes)
+                        ],
+                    },
+                    {
+                        "name": "q",
+                        "nodes": [
+                            {"name": "q1", "address": "127.0.33.30"},
+                            {"name": "q2", "address": "127.0.33.31"},
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+
+
+async def apply_site(store: Store, nodes: list[str]) -> None:
+    parsed = parse_site(site(nodes), "site")
+    await store.put(keys.TOPOLOGY, TopologyDoc(site=parsed.model_dump(mode="json")).encode())
+
+
+@pytest.fixture(autouse=True)
+async def topology(store: Store) -> None:
+    """The comm servers learn the pair's nodes from the topology, as in a real pair."""
+    await apply_site(store, ["a", "b"])
 
 
 @pytest.fixture
@@ -177,20 +222,20 @@ async def _seen(*levels: Levels) -> bool:
 async def test_a_new_active_rises_only_once_the_old_one_stopped_serving(
     etcd: Any, store: Store, plc: ModbusPlc
 ) -> None:
-    """A comm server on node x still claims to serve (its node lost the key, it has
+    """A comm server on node a still claims to serve (its node lost the key, it has
     not seen it yet): b, the new leader, waits for it."""
     old = await store.grant(30)
-    claim = CommReport(service="comm", node="x", role="active", serving=True, epoch=1)
-    await store.put(keys.report("x", "comm"), claim.encode(), lease=old)
+    claim = CommReport(service="comm", node="a", role="active", serving=True, epoch=1)
+    await store.put(keys.report("a", "comm"), claim.encode(), lease=old)
     async with comm_node(etcd.url, "b", plc.port) as b:
         await until(lambda: level(b, 50, 50), 5, "b at standby level with data")
         await elect(store, "b")
-        await until(lambda: _role(b, "waiting"), 3, "b waiting for x")
+        await until(lambda: _role(b, "waiting"), 3, "b waiting for a")
         assert await b.service_level() == 50
         assert (await b.write("press-1.speed", 1, ua.VariantType.Int16)).value == S.BadInvalidState
         released = claim.model_copy(update={"serving": False, "role": "standby", "epoch": None})
-        await store.put(keys.report("x", "comm"), released.encode(), lease=old)
-        await until(lambda: level(b, 255, 255), 3, "b serving once x released")
+        await store.put(keys.report("a", "comm"), released.encode(), lease=old)
+        await until(lambda: level(b, 255, 255), 3, "b serving once a released")
 
 
 async def _role(comm: CommUnderTest, state: str) -> bool:
@@ -247,6 +292,7 @@ async def test_an_active_cut_off_from_etcd_stops_serving_before_its_lease_can_la
     private = Etcd().start()
     store = Store(private.url, timeout=2.0)
     try:
+        await apply_site(store, ["a", "b"])
         async with comm_node(private.url, "a", plc.port) as a:
             await elect(store, "a")
             await until(lambda: level(a, 255, 255), 5, "a serving")
@@ -266,3 +312,140 @@ async def test_an_active_cut_off_from_etcd_stops_serving_before_its_lease_can_la
     finally:
         await store.close()
         private.cleanup()
+
+
+async def test_a_write_queued_behind_a_poll_is_not_sent_once_the_role_is_lost(
+    etcd: Any, store: Store, plc: ModbusPlc
+) -> None:
+    """The PLC holds its answer to a poll read; a client's write, accepted while the
+    node serves, waits for the connection behind that read; the node's term ends
+    meanwhile. When the read is answered, the write must not go out, and the client
+    must not be told Good."""
+    one_path = {"paths": [{"host": HOSTS["a"][0], "port": plc.port}]}
+    # The read is held until the test lets it go: its timeout only has to outlast the
+    # steps below, generously.
+    slow = {"poll_interval_s": 4.0, "timeout_s": 4.0, **one_path}
+    async with comm_node(etcd.url, "a", plc.port, **slow) as a:
+        lease, _ = await elect(store, "a")
+        await until(lambda: level(a, 255, 255), 8, "a serving")
+        plc.hold_reads = asyncio.Event()
+        plc.reads_held.clear()
+        try:
+            await asyncio.wait_for(plc.reads_held.wait(), 10)  # a poll read in flight
+            connection = a.server.pollers[0].driver.clients[0].ctx  # type: ignore[attr-defined]
+            writing = asyncio.create_task(a.write("press-1.speed", 5, ua.VariantType.Int16))
+
+            async def queued() -> bool:  # pymodbus: one request at a time per connection
+                return bool(connection._lock.locked() and connection._lock._waiters)
+
+            await until(queued, 2, "the write waiting behind the poll read")
+            await store.revoke(lease)  # the term ends (the agent lost the leader key)
+
+            async def lost() -> bool:
+                return not a.server.serving
+
+            await until(lost, 2, "a no longer serving")
+            assert not writing.done()
+        finally:
+            plc.hold_reads.set()
+            plc.hold_reads = None
+        answer = await asyncio.wait_for(writing, 5)
+        assert not answer.is_good(), "the client was told Good"
+        assert answer.value == S.BadInvalidState
+        assert plc.writes == [], "the write reached the PLC after the role was lost"
+        # the connection the write was stopped on polls on
+        polled = plc.requests[0]
+
+        async def polls_on() -> bool:
+            return plc.requests[0] >= polled + 1 and a.server.pollers[0].reachable is True
+
+        await until(polls_on, 15, "the next poll over the same connection")
+        assert a.server.pollers[0].driver.clients[0].connected  # type: ignore[attr-defined]
+
+
+class HeldReports(Store):
+    """The role's etcd connection, with the nodes' reports held back as a slow etcd
+    member or a lagging watch would: their first read waits for ``load``, and their
+    watched changes for ``watch``. Every other key flows as usual."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, timeout=2.0)
+        self.load, self.loaded, self.watch = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def get_prefix(self, prefix: str) -> tuple[list[Kv], int]:
+        if prefix != keys.NODES_PREFIX:
+            return await super().get_prefix(prefix)
+        await self.load.wait()
+        got = await super().get_prefix(prefix)
+        self.loaded.set()
+        return got
+
+    async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[Change]:
+        async for change in super().watch_prefix(prefix, start_revision):
+            if prefix == keys.NODES_PREFIX:
+                await self.watch.wait()
+            yield change
+
+
+async def _reason(role: PairRole, why: str) -> bool:
+    return role.reason == why
+
+
+async def serving_claim(store: Store, node: str) -> int:
+    """What a comm server of ``node`` that still serves has in etcd; its lease."""
+    lease = await store.grant(30)
+    claim = CommReport(service="comm", node=node, role="active", serving=True, epoch=1)
+    await store.put(keys.report(node, "comm"), claim.encode(), lease=lease)
+    return lease
+
+
+async def test_the_new_active_reads_every_report_before_it_claims(
+    etcd: Any, store: Store, plc: ModbusPlc
+) -> None:
+    """a's comm server still serves; b becomes the leader while its read of the nodes'
+    reports is held back: b must not claim on the leader key alone."""
+    await serving_claim(store, "a")
+    held = HeldReports(etcd.url)
+    held.watch.set()
+    async with comm_node(etcd.url, "b", plc.port, store=held) as b:
+        await elect(store, "b")
+        role = b.server.role
+        assert isinstance(role, PairRole)
+
+        async def decided() -> bool:
+            return role.state == "active" or "reports" in role.reason
+
+        await until(decided, 5, "b either serving or waiting for the reports")
+        assert not b.server.serving, "b claimed without reading a's report"
+        held.load.set()
+        await until(lambda: _reason(role, "a still serving"), 3, "b waiting for a")
+        assert not b.server.serving
+
+
+async def test_the_claim_is_refused_while_a_report_it_has_not_seen_exists(
+    etcd: Any, store: Store, plc: ModbusPlc
+) -> None:
+    """b has read the reports (a had none), then a's comm server reports serving
+    while b's watch lags: b's claim must still be refused, for the report b believes
+    absent is there. A serving report of the same service in another pair never
+    holds b up."""
+    await serving_claim(store, "q1")
+    held = HeldReports(etcd.url)
+    held.load.set()
+    async with comm_node(etcd.url, "b", plc.port, store=held) as b:
+        await asyncio.wait_for(held.loaded.wait(), 5)
+        lease_a = await serving_claim(store, "a")  # b does not see it: its watch is held
+        await elect(store, "b")
+        role = b.server.role
+        assert isinstance(role, PairRole)
+
+        async def decided() -> bool:
+            return role.state == "active" or role.reason == "claim refused by etcd"
+
+        await until(decided, 5, "b either serving or refused")
+        assert not b.server.serving, "b claimed while a's report said serving"
+        held.watch.set()
+        await until(lambda: _reason(role, "a still serving"), 3, "b waiting for a")
+        assert not b.server.serving
+        await store.revoke(lease_a)  # a's comm server gone: b rises, q1 is no peer of b
+        await until(lambda: level(b, 255, 255), 5, "b serving once a's report is gone")
