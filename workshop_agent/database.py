@@ -77,10 +77,22 @@ class Database:
         self.primary_epoch: int | None = None  # the term for which this node is primary
         self.failure: str | None = None  # the active cannot run its database: resign
         self.status: PgStatus | None = None
-        self.postmaster: int | None = None  # while primary: the watchdog may kill it
+        self._postmaster: int | None = None
+        # Told at once of every new postmaster of the primary (the agent's watchdog).
+        self.on_postmaster: Callable[[int | None], None] = lambda _pid: None
         self._failures = 0
         self._sync_missing_since: float | None = None
         self._recorded: SyncState | None = None
+
+    @property
+    def postmaster(self) -> int | None:
+        """While primary: the postmaster's PID, which the watchdog kills to fence."""
+        return self._postmaster
+
+    @postmaster.setter
+    def postmaster(self, pid: int | None) -> None:
+        self._postmaster = pid
+        self.on_postmaster(pid)
 
     def open(self) -> None:
         try:
@@ -140,6 +152,8 @@ class Database:
             return
         try:
             await manager.ensure_primary(epoch)
+            # A postmaster that crashed was started again just now, with a new PID.
+            self.postmaster = manager.postmaster_pid()
             self.status = await manager.status()
         except PgError as err:
             self._failures += 1
