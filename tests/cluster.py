@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -22,9 +23,17 @@ from shared import keys
 from shared.records import Endpoint, Leader, NodeStatus, TopologyDoc, decode
 from shared.store import Store
 from shared.topology import parse_site
+from workshop_agent.clock import boottime
 
 T = TypeVar("T")
 SVC = str(ROOT / "tests" / "svc.py")
+# The agent's and the watchdog's log lines that bound a service run, and what each is.
+RUN_EVENTS = {
+    'event="service started"': "forked",
+    'event="service ended"': "ended",
+    'event="service gone"': "ended",
+}
+FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
 AGENT = [PYTHON, "-m", "workshop_agent.main"]
 
 
@@ -160,6 +169,9 @@ class Cluster:
         for pid in pids:  # freeze first, so nobody reacts to the others dying
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGSTOP)
+        frozen = repr(time.monotonic())  # no service of the node acts after this
+        for pid in pids:
+            (self.record / f"{pid}.kill").write_text(frozen)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -227,37 +239,58 @@ class Cluster:
         await until(ready, timeout, f"{node} a healthy standby")
 
     # -- the services' own record -----------------------------------------------------
+    def supervised(self) -> dict[tuple[str, int], dict[str, float]]:
+        """What the agents and their watchdogs logged of each run: ``forked`` (before its
+        fork) and ``ended`` (its leader reaped and its cgroup empty, or seen exited by
+        the watchdog), per (node, pid), on this process's monotonic clock."""
+        offset = boottime() - time.monotonic()  # the agents log on CLOCK_BOOTTIME
+        out: dict[tuple[str, int], dict[str, float]] = {}
+        for log in self.tmp.glob("agent-*.log"):
+            node = log.stem.removeprefix("agent-")
+            for line in log.read_text(errors="replace").splitlines():
+                kind = next((k for k in RUN_EVENTS if k in line), None)
+                fields = dict(FIELD.findall(line)) if kind else {}
+                if kind is None or "pid" not in fields or "at" not in fields:
+                    continue
+                run = out.setdefault((node, int(fields["pid"])), {})
+                at = float(fields["at"]) - offset
+                key = RUN_EVENTS[kind]
+                run[key] = min(run.get(key, at), at)
+        return out
+
     def intervals(self) -> list[dict[str, Any]]:
-        """Every run of the test services: node, epoch, start, end (a bound when killed)."""
+        """Every run of the test services: node, epoch, ``start`` (the service's own),
+        ``begin`` (its fork, where the agent logged it) and ``end``.
+
+        The end is the earliest record known to follow the run's last instant: the
+        service's own on SIGTERM, its agent's (leader reaped, cgroup empty), its
+        watchdog's (leader seen exited) or the test's kill or freeze of it. Only a run
+        with none of these is estimated, from its last heartbeat."""
+        supervised = self.supervised()
         runs = []
         for path in sorted(self.record.glob("*.log")):
             lines = [json.loads(line) for line in path.read_text().splitlines() if line]
             head = lines[0]
-            ends = [x["end"] for x in lines if "end" in x]
-            beats = [x["hb"] for x in lines if "hb" in x]
-            # Killed: at its recorded kill, else within a heartbeat period (and scheduling)
-            # of its last beat.
+            sup = supervised.get((head["node"], head["pid"]), {})
             kill = path.with_suffix(".kill")
-            if ends:
-                end = ends[0]
-            elif kill.exists():
-                end = float(kill.read_text())
-            else:
-                end = max(beats, default=head["start"]) + 0.05
-            runs.append({**head, "end": end, "killed": not ends})
+            ends = [x["end"] for x in lines if "end" in x]
+            ends += [sup["ended"]] if "ended" in sup else []
+            ends += [float(kill.read_text())] if kill.exists() else []
+            beats = [x["hb"] for x in lines if "hb" in x]
+            estimated = not ends
+            end = min(ends) if ends else max(beats, default=head["start"]) + 0.05
+            begin = min(sup.get("forked", head["start"]), head["start"])
+            runs.append({**head, "begin": begin, "end": end, "estimated": estimated})
         return runs
 
     def assert_no_overlap(self) -> int:
-        """No two runs of one pair's service on different nodes ever overlapped."""
+        """No two runs of one pair's service ever overlapped, from their fork to their end
+        (runs on one node too: its supervisor ends a run before it forks the next)."""
         runs = self.intervals()
         for i, a in enumerate(runs):
             for b in runs[i + 1 :]:
                 if a["service"] != b["service"] or a["pid"] == b["pid"]:
                     continue
-                if a["node"] == b["node"] and (a["killed"] or b["killed"]):
-                    # Restarted in place: the supervisor reaped the killed run before it
-                    # started the next, and a killed run's end here is only an estimate.
-                    continue
-                if a["start"] < b["end"] and b["start"] < a["end"]:
+                if a["begin"] < b["end"] and b["begin"] < a["end"]:
                     raise AssertionError(f"two runs of {a['service']} overlapped: {a} and {b}")
         return len(runs)

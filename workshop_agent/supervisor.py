@@ -357,6 +357,9 @@ class Supervisor:
             if await self._remove_cgroup(cgroup) and r.active_only:
                 self.watchdog.remove_cgroup(cgroup)
             r.cgroup = None
+        if proc is not None:
+            # The record of when this run was over (its leader reaped, its cgroup empty).
+            self.log.info("service ended", service=r.spec.name, pid=proc.pid, at=repr(self.clock()))
 
     async def _remove_cgroup(self, cgroup: Path) -> bool:
         """Remove a killed run's cgroup once its processes are gone (bounded)."""
@@ -468,6 +471,7 @@ class Supervisor:
             self.watchdog.add_cgroup(r.cgroup)  # before anything can run in it
         prefix = [SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV else []
         guard = [sys.executable, "-I", "-S", EXEC_GUARD, repr(until), str(r.cgroup or "-"), "--"]
+        forked_at = self.clock()  # no process of this run can exist before
         with (self.log_dir / f"{r.spec.name}.log").open("ab") as logfile:
             r.proc = await asyncio.create_subprocess_exec(
                 *prefix,
@@ -481,8 +485,8 @@ class Supervisor:
                 start_new_session=True,
             )
         # Logged in the step that forks (a cancel cannot come between): the record of
-        # every process this node ever started for a service.
-        self.log.info("service started", service=r.spec.name, pid=r.proc.pid)
+        # every process this node ever started for a service, and from when.
+        self.log.info("service started", service=r.spec.name, pid=r.proc.pid, at=repr(forked_at))
         if r.active_only:
             self.watchdog.add(r.proc.pid)
         return until

@@ -50,10 +50,11 @@ from workshop_agent.clock import Clock, boottime
 SLICE_S = 0.1
 
 
-def _log(message: str) -> None:
+def _log(message: str, **fields: object) -> None:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    extra = "".join(f" {k}={v}" for k, v in fields.items())
     print(
-        f'ts={stamp} level=warning logger=hapair.watchdog event="{message}"',
+        f'ts={stamp} level=warning logger=hapair.watchdog event="{message}"{extra}',
         file=sys.stderr,
         flush=True,
     )
@@ -141,15 +142,34 @@ class Registered:
             old.close()
 
 
-def _kill_all(reg: Registered, why: str) -> None:
+def _kill_all(reg: Registered, why: str, clock: Clock) -> None:
     for path in sorted(reg.cgroups):
         cgroups.kill(Path(path))
-    killed = sum(leader.kill_group() for leader in reg.groups.values())
+    killed = [leader for leader in reg.groups.values() if leader.kill_group()]
     if reg.groups or reg.cgroups:
-        _log(f"killed {len(reg.cgroups)} service cgroup(s) and {killed} group(s): {why}")
+        _log(f"killed {len(reg.cgroups)} service cgroup(s) and {len(killed)} group(s): {why}")
+    _log_gone(killed, clock)
     for pgid in list(reg.groups):
         reg.remove(pgid)
     reg.cgroups.clear()
+
+
+GONE_WAIT_S = 1.0
+
+
+def _log_gone(leaders: list[Leader], clock: Clock) -> None:
+    """Log when each killed leader has exited (its pidfd turns readable), bounded: the
+    record of when a service really ended while its agent could not see it."""
+    sel = selectors.DefaultSelector()
+    for leader in leaders:
+        if leader.pidfd is not None:
+            sel.register(leader.pidfd, selectors.EVENT_READ, leader)
+    deadline = clock() + GONE_WAIT_S
+    while sel.get_map() and (left := deadline - clock()) > 0:
+        for key, _ in sel.select(left):
+            sel.unregister(key.fileobj)
+            _log("service gone", pid=key.data.pid, at=repr(clock()))
+    sel.close()
 
 
 VIP_TIMEOUT_S = 1.0
@@ -174,9 +194,9 @@ def _drop_vips(vips: set[tuple[str, str]]) -> list[subprocess.Popen[bytes]]:
     return procs
 
 
-def _stop_everything(reg: Registered, why: str) -> None:
+def _stop_everything(reg: Registered, why: str, clock: Clock) -> None:
     procs = _drop_vips(reg.vips)
-    _kill_all(reg, why)
+    _kill_all(reg, why, clock)
     for proc in procs:
         try:
             proc.wait(VIP_TIMEOUT_S)
@@ -204,7 +224,7 @@ def serve(stream: IO[bytes], clock: Clock = boottime) -> None:
             except BlockingIOError:
                 continue
             if not chunk:
-                _stop_everything(reg, "agent gone")
+                _stop_everything(reg, "agent gone", clock)
                 for tree in reg.trees:
                     cgroups.CgroupTree(Path(tree)).close()
                 return
@@ -217,7 +237,7 @@ def serve(stream: IO[bytes], clock: Clock = boottime) -> None:
                 except ValueError:
                     _log(f"ignored bad command {' '.join(words)!r}")
         if reg and clock() >= deadline:
-            _stop_everything(reg, "agent did not confirm its lease before the fence point")
+            _stop_everything(reg, "agent did not confirm its lease before the fence point", clock)
 
 
 def _apply(words: list[str], reg: Registered, deadline: float) -> float:
