@@ -228,6 +228,7 @@ class Mirror:
         prefix: str,
         on_change: Callable[[Change | None], None] | None = None,
         retry_s: float = 0.25,
+        lag_s: float = 0.0,
     ) -> None:
         self.store = store
         self.prefix = prefix
@@ -237,6 +238,7 @@ class Mirror:
         self.error: str | None = None
         self._on_change = on_change
         self._retry_s = retry_s
+        self._lag_s = lag_s  # a test's fault: apply each watched change this much later
         self._local: dict[str, int] = {}
 
     async def run(self) -> None:
@@ -251,6 +253,8 @@ class Mirror:
                 if self._on_change:
                     self._on_change(None)
                 async for change in self.store.watch_prefix(self.prefix, revision + 1):
+                    if self._lag_s:
+                        await asyncio.sleep(self._lag_s)
                     self._apply(change)
             except StoreError as err:
                 if self.error != str(err):

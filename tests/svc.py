@@ -57,6 +57,17 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, stop)
 
+    def escape(_sig: int, _frame: object) -> None:
+        """SIGUSR1: leave a grandchild in a session of its own, as a service that
+        double-forks and calls setsid would; it records itself as another run."""
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                _escaped(args)
+            os._exit(0)
+
+    signal.signal(signal.SIGUSR1, escape)
+
     def heartbeat() -> None:
         while True:
             with lock:
@@ -88,6 +99,25 @@ def main() -> None:
         server.serve_forever()
     finally:
         sys.exit(1)
+
+
+ESCAPED_LIFE_S = 8.0  # bounded, so a run that escaped its fencing ends by itself
+
+
+def _escaped(args: argparse.Namespace) -> None:
+    """The escaped grandchild: its own record, heartbeats, and an end of its own."""
+    try:
+        started = time.monotonic()
+        head = {"start": started, "service": args.service, "pair": args.pair}
+        head |= {"node": args.node, "epoch": args.epoch, "pid": os.getpid(), "escaped": True}
+        with open(os.path.join(args.record, f"{os.getpid()}.log"), "a", buffering=1) as out:
+            out.write(json.dumps(head) + "\n")
+            while time.monotonic() - started < ESCAPED_LIFE_S:
+                time.sleep(HEARTBEAT_S)
+                out.write(json.dumps({"hb": time.monotonic()}) + "\n")
+            out.write(json.dumps({"end": time.monotonic()}) + "\n")
+    finally:
+        os._exit(0)
 
 
 if __name__ == "__main__":

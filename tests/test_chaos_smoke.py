@@ -1,10 +1,12 @@
 """A short run of the chaos suite (tests/chaos, ``make chaos``) in every test run.
 
-Five faults of five kinds against one pair, its nodes and a three-member etcd each in
-their own network namespace: a crash and a freeze of the active, the active cut from
-etcd, the etcd leader killed, and a switchover asked for while the active is cut from
-etcd. The run is a process of its own because it moves itself into the lab's network;
-if it has to be killed, its namespaces and directory are removed here.
+Six faults of six kinds against the pair with PostgreSQL (a writer counts every
+acknowledged commit), its nodes and a three-member etcd, each in their own network
+namespace: a crash and a freeze of the active, the active silently cut from etcd for
+longer than its lease, the etcd leader killed, the active's postmaster killed, and a
+switchover asked for while the active is frozen. The run is a process of its own
+because it moves itself into the lab's network; if it has to be killed, its namespaces
+and directory are removed here.
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ from cluster import Cluster
 from harness import PYTHON, ROOT, Etcd
 
 CANNOT_RUN = cannot_run()
-SEED = 158  # one fault of each kind below, each on the active (or the etcd leader)
-SMOKE_KINDS = "crash,freeze,partition_etcd,etcd_member,switchover"
-TIMEOUT_S = 120.0
+# One fault of each kind below, all on the active of the database pair (or the etcd
+# leader): its freeze and its silent cut from etcd last longer than the fence point
+# (1.5 s) and the lease (2 s), and the switchover is asked for while the active is frozen.
+SEED = 128
+SMOKE_KINDS = "crash,freeze,partition_etcd,etcd_member,switchover,pg_crash"
+TIMEOUT_S = 240.0
 
 
 @pytest.mark.e2e
@@ -34,8 +39,8 @@ TIMEOUT_S = 120.0
 def test_chaos_smoke(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     argv = [
-        PYTHON, "-m", "chaos", "--seed", str(SEED), "--faults", "5", "--kinds", SMOKE_KINDS,
-        "--db", "off", "--json", str(report),
+        PYTHON, "-m", "chaos", "--seed", str(SEED), "--faults", "6", "--kinds", SMOKE_KINDS,
+        "--db", "on", "--json", str(report),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
     proc = subprocess.Popen(
@@ -59,9 +64,10 @@ def test_chaos_smoke(tmp_path: Path) -> None:
     assert not left, f"the run left {left}"
     assert proc.returncode == 0, out
     figures = json.loads(report.read_text())
-    assert figures["faults"] == 5, out
+    assert figures["faults"] == 6, out
     assert sorted(figures["by_kind"]) == sorted(SMOKE_KINDS.split(",")), out
     assert figures["overlaps"] == 0 and figures["violations"] == [], out
+    assert figures["acked"] and figures["lost"] == 0, out  # commits were made, none lost
     assert not any(name.startswith(f"{netns.PREFIX}{proc.pid}x") for name in _namespaces())
 
 

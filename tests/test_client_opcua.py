@@ -221,7 +221,7 @@ async def test_a_server_that_never_answers_gives_a_deadline_error(etcd: Etcd, st
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded) as caught:
             await opc.read_value(SPEED)
-        assert 1.0 <= time.monotonic() - started < 1.6
+        assert 0.95 <= time.monotonic() - started < 3.0
         message = str(caught.value)
         assert message.startswith("comm: not reached within 1 s: last tried asm-a at 127.0.0.11:")
         assert "ConnectionRefusedError" in message

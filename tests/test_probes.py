@@ -216,7 +216,7 @@ async def test_silent_peer_is_reported_within_the_misses() -> None:
         await b.close()
         took = await eventually(lambda: "asm-b" in a.summary().peers_not_visible, 2.0, "alarm")
         # interval x misses = 0.3 s after its last answer; allow a round of scheduling.
-        assert 0.15 < took < 0.3 + 0.25, took
+        assert 0.15 < took < 0.3 + 1.0, took
         assert a.summary().alarms[0].startswith("peer asm-b not visible for 0.")
         assert a.peers()["asm-b"].misses >= 2
 
@@ -466,7 +466,7 @@ async def test_cut_link_isolates_only_that_node() -> None:
             await n["a"].until(lambda s: not s["network_ok"], "a isolated")
             took = time.monotonic() - cut_at
             # isolation_after_s after the last answer, which came at most a round before the cut.
-            assert 0.6 - 0.15 < took < 0.6 + 0.5, took
+            assert 0.6 - 0.15 < took < 0.6 + 1.5, took
             assert n["a"].last["alarms"][-1].startswith("network isolated")
             # Meanwhile b still reaches the gateway: it is the one to take over.
             assert n["b"].last["network_ok"] and n["b"].last["lost"] == []

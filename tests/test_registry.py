@@ -148,7 +148,8 @@ async def test_long_poll_answers_at_once_or_at_wait_s(
         200,
         body,
     )
-    assert 0.3 <= time.monotonic() - started < 2.0
+    # It waited (timers may fire a hair early), and not much longer.
+    assert 0.25 <= time.monotonic() - started < 3.0
     assert (await get(client, "/v1/endpoints/nope?after_epoch=5&wait_s=30"))[0] == 404
 
 

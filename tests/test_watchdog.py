@@ -191,7 +191,7 @@ def test_closing_the_link_kills_registered_groups_at_once_and_exits(
     wait_for(lambda: all(dead(s) for s in services), 1.0, "services killed on end of file")
     wait_for(lambda: dead(proc), 1.0, "watchdog exited")
     assert proc.returncode == 0
-    assert boottime() - started < 1.0
+    assert boottime() - started < 2.0
 
 
 def test_a_killed_agent_closes_the_pipe_and_its_services_die(spawn: Spawn) -> None:

@@ -98,7 +98,9 @@ class Agent:
         self._stopping = asyncio.Event()
         self.topology = Mirror(self.store, keys.PREFIX + "/topology/", self._changed)
         self.pairs = Mirror(self.store, keys.PAIRS_PREFIX, self._changed)
-        self.nodes = Mirror(self.store, keys.NODES_PREFIX, self._changed)
+        # A test's fault only: the view of the nodes lags the view of the pairs.
+        nodes_lag = float(os.environ.get("HAPAIR_TEST_NODES_LAG_S", "0"))
+        self.nodes = Mirror(self.store, keys.NODES_PREFIX, self._changed, lag_s=nodes_lag)
         self.observer = PairObserver(self.me, self.log)
         self.netwatch = NetWatch(self.log, self._changed)
         self.netwatch.on_hold, self.netwatch.on_hold_reply = self._on_hold, self._on_hold_reply
@@ -119,6 +121,7 @@ class Agent:
         self.holdoff_until = 0.0
         self.last_leader: str | None = None
         self._last_reason = ""
+        self._view_lags: str | None = None  # the switchover waiting for a current view
         self._published: dict[str, bytes] = {}
         self._last_status: tuple[int, bytes] = (0, b"")
         self._fence_timer: asyncio.TimerHandle | None = None
@@ -577,12 +580,30 @@ class Agent:
                 await self._step_down(reason, None, None)
             case d.Handover(to, request, reason, planned):
                 await self._step_down(reason, to, request, planned)
-            case d.RejectSwitchover(request, reason):
+            case d.RejectSwitchover(request, reason, target):
+                if target is not None and await self._ready_in_etcd(target):
+                    if self._view_lags != request:
+                        self._view_lags = request
+                        self.log.info("switchover target ready in etcd; waiting for this view")
+                    return  # decided again once this node's view of the target catches up
                 raw = self._state.switchover_raw if self._state else None
                 if raw is not None:
                     await self.election.drop_switchover(raw)
                 self.log.warning("switchover refused", request=request, reason=reason)
                 self.event("switchover_rejected", reason, request=request)
+
+    async def _ready_in_etcd(self, node: str) -> bool:
+        """Is ``node`` a healthy, undrained standby by a fresh (linearizable) read?"""
+        kvs, _ = await self.store.get_prefix(f"{keys.NODES_PREFIX}{node}/")
+        found = {kv.key: kv for kv in kvs}
+        kv = found.get(keys.node_status(node))
+        if kv is None or keys.drained(node) in found:
+            return False
+        try:
+            status = decode(NodeStatus, kv.value, kv.key)
+        except RecordError:
+            return False
+        return status.healthy and status.role == "standby"
 
     async def _campaign(self, stale: int | None) -> None:
         assert self.session is not None and self.election is not None

@@ -158,8 +158,13 @@ class Handover:
 
 @dataclass(frozen=True, slots=True)
 class RejectSwitchover:
+    """Refuse a switchover. With ``target``, the refusal rests on what this node's view
+    says of that node (down, unhealthy, drained): that view comes from another watch
+    than the request's and may lag it, so the agent confirms it against etcd first."""
+
     request: str
     reason: str
+    target: str | None = None
 
 
 Action = Fence | StartServices | Campaign | Adopt | Reclaim | Resign | Handover | RejectSwitchover
@@ -234,17 +239,19 @@ def _switchover(o: Observation, cmd: SwitchoverView) -> Decision:
     if cmd.to == o.me:
         return _reject(cmd, f"{cmd.to} is already active")
     if cmd.to in o.drained:
-        return _reject(cmd, f"{cmd.to} is drained")
+        return _reject(cmd, f"{cmd.to} is drained", cmd.to)
     peer = o.peers.get(cmd.to)
     if peer is None:
-        return _reject(cmd, f"{cmd.to} is down (no agent status)")
+        return _reject(cmd, f"{cmd.to} is down (no agent status)", cmd.to)
     if not peer.healthy:
-        return _reject(cmd, f"{cmd.to} is not healthy")
+        return _reject(cmd, f"{cmd.to} is not healthy", cmd.to)
     return Decision(f"switchover to {cmd.to}", (Handover(cmd.to, cmd.request, "switchover"),))
 
 
-def _reject(cmd: SwitchoverView, reason: str) -> Decision:
-    return Decision(f"switchover refused: {reason}", (RejectSwitchover(cmd.request, reason),))
+def _reject(cmd: SwitchoverView, reason: str, target: str | None = None) -> Decision:
+    return Decision(
+        f"switchover refused: {reason}", (RejectSwitchover(cmd.request, reason, target),)
+    )
 
 
 def _eligible_peer(o: Observation, name: str) -> bool:

@@ -37,6 +37,7 @@ class Outcome:
     pairs: tuple[str, ...] = ()
     recovered_at: float | None = None
     outage_s: float | None = None  # from the records: time no run of a touched pair served
+    missed: bool = False  # the fault found nothing to hit: it proves nothing
 
     @property
     def recovery_s(self) -> float | None:
@@ -73,6 +74,7 @@ class Report:
 
     def violations(self) -> list[str]:
         out = [f"late recovery: {o.line()}" for o in self.outcomes if o.late]
+        out += [f"found nothing to hit: {o.line()}" for o in self.outcomes if o.missed]
         out += self.unsettled
         if self.overlap is not None:
             out.append(f"two nodes active at once (faults {self.overlap_faults}): {self.overlap}")

@@ -15,7 +15,7 @@ import os
 import signal
 
 from chaos.schedule import ETCD_KINDS, Fault
-from chaos.testbed import DB_PAIR, ETCD, LEASE_TTL_S, Testbed
+from chaos.testbed import DB_PAIR, ETCD, LEASE_TTL_S, OBSERVER, Testbed
 from shared.admin import AdminError, request_switchover
 from shared.store import StoreError
 
@@ -41,6 +41,10 @@ BOUNDS_S = {
     "delay": TAKEOVER_S,
     "switchover": TAKEOVER_S,
     "pg_crash": TAKEOVER_S + 6.0,
+    "pg_crash_freeze": TAKEOVER_S + 6.0,
+    "restart_promised": TAKEOVER_S + 1.5,
+    "escape_freeze": TAKEOVER_S,
+    "catchup_isolated": TAKEOVER_S + 6.0,
 }
 # A client of the database reconnects through the libpq host list, 2 s per dead host,
 # and a promoted standby must be a primary before it commits.
@@ -68,6 +72,7 @@ class Action:
         self.fault = fault
         self.bed = bed
         self.lab = bed.lab
+        self.missed = False  # set by inject() when there was nothing to break
 
     async def inject(self) -> str:
         """Break the target; say what was hit."""
@@ -115,6 +120,7 @@ class ServiceKill(NodeAction):
         node = await self.target()
         pid = await self.bed.service_pid(self.fault.pair, node)
         if pid is None:
+            self.missed = True
             return f"{node} (no service running)"
         with contextlib.suppress(ProcessLookupError):
             self.bed.cluster.kill_service(pid)
@@ -129,6 +135,7 @@ class PgCrash(NodeAction):
         node = await self.target()
         pid = self.bed.postmaster_pid(self.fault.pair, node)
         if pid is None:
+            self.missed = True
             return f"{node} (no postmaster running)"
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -264,6 +271,106 @@ class Switchover(Action):
         await self.base.heal()
 
 
+class PgCrashFreeze(NodeAction):
+    """The active's postmaster killed and restarted in place by the agent, which then
+    freezes: the watchdog must stop the new postmaster before the standby promotes."""
+
+    async def inject(self) -> str:
+        node = await self.target()
+        old = self.bed.postmaster_pid(self.fault.pair, node)
+        if old is None:
+            self.missed = True
+            return f"{node} (no postmaster running)"
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old, signal.SIGKILL)
+        new = await self._restarted(node, old)
+        if new is None:
+            self.missed = True
+            return f"{node} (postmaster {old} killed, not restarted in place)"
+        self.bed.signal_agent(node, signal.SIGSTOP)
+        return f"{node} (postmaster {old} killed, {new} in its place, agent frozen)"
+
+    async def _restarted(self, node: str, old: int) -> int | None:
+        deadline = asyncio.get_running_loop().time() + 15.0
+        while asyncio.get_running_loop().time() < deadline:
+            pid = self.bed.postmaster_pid(self.fault.pair, node)
+            lead = await self.bed.cluster.leader(self.fault.pair)
+            if lead is None or lead[0] != node:
+                return None  # the pair moved instead: nothing to freeze on
+            if pid is not None and pid != old:
+                return pid
+            await asyncio.sleep(0.05)
+        return None
+
+    async def heal(self) -> None:
+        if self.node and not self.missed:
+            self.bed.signal_agent(self.node, signal.SIGCONT)
+
+
+class RestartPromised(PartitionEtcd):
+    """The active cut from etcd holds the pair on its peers' promises; the standby's
+    agent is restarted meanwhile and must not forget what it promised."""
+
+    async def hold(self) -> str:
+        await asyncio.sleep(self.fault.at_s)
+        peer = self.bed.other(self.fault.pair, self.node)
+        await asyncio.to_thread(self.bed.restart_agent, peer)
+        await asyncio.sleep(max(0.0, self.fault.hold_s - self.fault.at_s))
+        return f"{peer}'s agent restarted at {self.fault.at_s:.1f}s"
+
+
+class EscapeFreeze(NodeAction):
+    """The active's service leaves a grandchild in a session of its own, then the agent
+    freezes: fencing must kill the grandchild too, not only the process group."""
+
+    async def inject(self) -> str:
+        node = await self.target()
+        pid = await self.bed.service_pid(self.fault.pair, node)
+        if pid is None:
+            self.missed = True
+            return f"{node} (no service running)"
+        before = self.bed.escaped_runs()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+        deadline = asyncio.get_running_loop().time() + 5.0
+        while self.bed.escaped_runs() == before:
+            if asyncio.get_running_loop().time() > deadline:
+                self.missed = True
+                return f"{node} (service pid {pid} left no grandchild)"
+            await asyncio.sleep(0.02)
+        self.bed.signal_agent(node, signal.SIGSTOP)
+        return f"{node} (service pid {pid} left a grandchild; agent frozen)"
+
+    async def heal(self) -> None:
+        if self.node and not self.missed:
+            self.bed.signal_agent(self.node, signal.SIGCONT)
+
+
+class CatchupIsolated(NodeAction):
+    """The standby crashes and the active commits alone; the standby comes back and is
+    still catching up when the active loses its network (a critical resource): handing
+    the pair to that standby would lose what it has not received."""
+
+    async def inject(self) -> str:
+        node = await self.target()
+        self.standby = self.bed.other(self.fault.pair, node)
+        count = await asyncio.to_thread(self.bed.crash, self.standby)
+        return f"{self.standby} crashed ({count} processes), {node} alone"
+
+    async def hold(self) -> str:
+        await asyncio.sleep(self.fault.hold_s)  # past degrade_after_s: commits on one node
+        self.bed.cluster.start(self.standby)
+        back = await self.bed.healthy_standby(self.standby, 60.0)
+        self.lab.partition(self.lab[self.node], self.lab[OBSERVER])
+        # Long enough for the isolation delay, the resource's grace and a handover.
+        await asyncio.sleep(self.fault.at_s + 2.5)
+        state = "back" if back else "not back in 60 s"
+        return f"{self.standby} restarted ({state}); {self.node} cut from its probe target"
+
+    async def heal(self) -> None:
+        self.lab.heal(self.lab[self.node], self.lab[OBSERVER])
+
+
 ACTIONS: dict[str, type[Action]] = {
     "crash": Crash,
     "freeze": Freeze,
@@ -278,6 +385,10 @@ ACTIONS: dict[str, type[Action]] = {
     "delay": Delay,
     "switchover": Switchover,
     "pg_crash": PgCrash,
+    "pg_crash_freeze": PgCrashFreeze,
+    "restart_promised": RestartPromised,
+    "escape_freeze": EscapeFreeze,
+    "catchup_isolated": CatchupIsolated,
 }
 
 

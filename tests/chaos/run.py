@@ -134,6 +134,7 @@ async def apply(bed: Testbed, fault: Fault) -> Outcome:
     bound = bound_s(fault, bed)
     pairs = tuple(touched_pairs(fault, bed))
     outcome = Outcome(fault, hit, note, injected_at, healed_at, bound, pairs)
+    outcome.missed = action.missed
     cap = bound + RECOVERY_CAP_S
     outcome.recovered_at = await wait_recovered(bed, pairs, healed_at, cap)
     if outcome.recovered_at is None:

@@ -27,9 +27,18 @@ KINDS: tuple[str, ...] = (
     "delay",  # added latency on the node's link (tc netem only)
     "switchover",  # `hapair switchover` requested while another fault is in place
     "pg_crash",  # SIGKILL of the active's postmaster (pairs with a database)
+    "pg_crash_freeze",  # the active's postmaster killed, restarted in place, then a freeze
+    "restart_promised",  # the active cut from etcd; the standby's agent restarted meanwhile
+    "escape_freeze",  # the active's service leaves a setsid grandchild; then a freeze
+    "catchup_isolated",  # the standby down, back and catching up; the active isolated then
 )
 NODE_KINDS = frozenset({"crash", "freeze", "link_down", "partition_etcd", "loss", "delay"})
 ACTIVE_ONLY = frozenset({"service_kill", "pg_crash"})
+DB_KINDS = frozenset({"pg_crash", "pg_crash_freeze", "catchup_isolated"})  # on a database pair
+# Held longer than the fence point, then acted on the active at ``at_s``.
+ACTIVE_HELD = frozenset(
+    {"pg_crash_freeze", "restart_promised", "escape_freeze", "catchup_isolated"}
+)
 INSTANT = frozenset({"service_kill", "pg_crash"})  # nothing to hold or heal
 ETCD_KINDS = frozenset({"etcd_member", "etcd_quorum"})  # these touch every pair
 # What a switchover is requested in the middle of.
@@ -79,6 +88,8 @@ class Fault:
             what += f" at {self.at_s:.1f}s during [{self.base.describe()}]"
         elif self.kind == "etcd_then_peer":
             what += f" peers at {self.at_s:.1f}s hold {self.hold_s:.1f}s"
+        elif self.kind in ACTIVE_HELD:
+            what += f" then at {self.at_s:.1f}s hold {self.hold_s:.1f}s"
         elif self.kind not in INSTANT:
             what += f" hold {self.hold_s:.1f}s"
         return what
@@ -93,7 +104,7 @@ def enabled_kinds(*, netem: bool, database: bool) -> tuple[str, ...]:
     if not netem:
         drop.add("delay")
     if not database:
-        drop.add("pg_crash")
+        drop |= DB_KINDS
     return tuple(k for k in KINDS if k not in drop)
 
 
@@ -105,8 +116,8 @@ def make_schedule(
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown or not kinds:
         raise ValueError(f"unknown fault kinds {unknown}; known: {', '.join(KINDS)}")
-    if "pg_crash" in kinds and not any(pairs.values()):
-        raise ValueError("pg_crash needs a pair with a database")
+    if DB_KINDS & set(kinds) and not any(pairs.values()):
+        raise ValueError(f"{', '.join(sorted(DB_KINDS & set(kinds)))} need a pair with a database")
     rng = random.Random(seed)
     deck: list[str] = []
     out = []
@@ -124,7 +135,7 @@ def _draw(
     # Every field is drawn, used or not, so that one kind's parameters never shift the
     # draws of the faults after it when a kind is added or changed.
     names = sorted(pairs)
-    pair = rng.choice([p for p in names if pairs[p]] if kind == "pg_crash" else names)
+    pair = rng.choice([p for p in names if pairs[p]] if kind in DB_KINDS else names)
     role = rng.choice(("active", "active", "standby"))
     hold = round(rng.uniform(*HOLD_S), 1)
     pause = round(rng.uniform(*PAUSE_S), 1)
@@ -138,6 +149,10 @@ def _draw(
     at = round(rng.uniform(0.2, 0.8) * hold, 1)
 
     plain = Fault(index=index, kind=kind, pair=pair, pause_s=pause)
+    if kind in ACTIVE_HELD:
+        # Past the fence point (1.5 s) and the lease (2 s); the second step comes once
+        # the first has had its effect (promises given, the standby back and behind).
+        return replace(plain, target="active", hold_s=round(hold + 2.0, 1), at_s=round(at + 1.0, 1))
     if kind in ACTIVE_ONLY:
         return replace(plain, target="active")
     if kind in NODE_KINDS:

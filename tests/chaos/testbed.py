@@ -252,6 +252,37 @@ class Testbed:
             agent.wait(5)
         return len(pids)
 
+    async def healthy_standby(self, node: str, timeout: float) -> bool:
+        """Wait until ``node`` reports itself a healthy standby; False past ``timeout``."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            with contextlib.suppress(StoreError):
+                st = await self.cluster.status(node)
+                if st is not None and st.role == "standby" and st.healthy:
+                    return True
+            await asyncio.sleep(0.05)
+        return False
+
+    def restart_agent(self, node: str) -> None:
+        """Stop the agent as systemd would (SIGTERM, waited for) and start it again."""
+        agent = self.cluster.agents.get(node)
+        if agent is not None and agent.poll() is None:
+            agent.send_signal(signal.SIGTERM)
+            try:
+                agent.wait(10)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait()
+        self.cluster.start(node)
+
+    def escaped_runs(self) -> int:
+        """How many runs of a service recorded themselves as escaped grandchildren."""
+        return sum(
+            1
+            for path in self.cluster.record.glob("*.log")
+            if '"escaped": true' in path.read_text(errors="replace").split("\n", 1)[0]
+        )
+
     def signal_agent(self, node: str, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             self.cluster.signal(node, sig)
