@@ -24,6 +24,7 @@ from test_database_failover import (
     sync_state,
 )
 from test_database_failover import steady_writer as steady_writer
+from test_fence_services import dead, stopped
 
 pytestmark = [pytest.mark.e2e, needs_postgres]
 __all__ = ["db_cluster"]  # the fixture, used by name
@@ -57,7 +58,7 @@ async def test_a_postgresql_restarted_in_place_is_killed_when_its_agent_freezes(
     try:
         # Liveness bound: the watchdog acts at the fence point plus half the margin (1.75 s
         # after the last acknowledged keepalive was sent by default).
-        await until(lambda: _gone(new), 10, f"the restarted postmaster {new} killed")
+        await until(lambda: dead(new), 10, f"the restarted postmaster {new} killed")
         await c.active("p", not_epoch=epoch, node="b", timeout=30)
         info = f"host=127.0.0.1 port={port} dbname=mes user=mes password={PASSWORDS['mes']}"
         with pytest.raises(psycopg.OperationalError, match=r"(?i)connection refused|no such file"):
@@ -71,5 +72,23 @@ async def test_a_postgresql_restarted_in_place_is_killed_when_its_agent_freezes(
     await until(lambda: inserted(port, -2), 30, "a write on b")
 
 
-async def _gone(pid: int) -> bool:
-    return not pid_alive(pid)
+async def test_a_postgresql_restarted_in_place_is_killed_before_its_agent_knows_its_pid(
+    db_cluster: tuple[Cluster, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent freezes right after it restarted its primary in place, before it has
+    handed the new PID to anyone (a test hook stops it there): the watchdog finds the
+    new postmaster through the data directory."""
+    monkeypatch.setenv("HAPAIR_TEST_STOP_ON_NEW_POSTMASTER", "1")
+    c, port = db_cluster
+    await ready(c, port)
+    old = await postmaster(c, "a")
+    agent = c.agents["a"].pid
+    os.kill(old, signal.SIGKILL)
+    try:
+        await until(lambda: asyncio.sleep(0, stopped(agent)), 30, "a stopped by its hook")
+        data = c.tmp / "p" / "a" / "pg"
+        new = int((data / "postmaster.pid").read_text().split()[0])
+        assert new != old
+        await until(lambda: dead(new), 10, f"the restarted postmaster {new} killed")
+    finally:
+        c.signal("a", signal.SIGCONT)

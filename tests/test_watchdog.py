@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -416,3 +417,35 @@ def test_the_deadline_protocol_is_on_boottime() -> None:
     assert inspect.signature(probes.NetworkProbes).parameters["clock"].default is boottime
     agent = Agent(AgentSettings(node="n", etcd="127.0.0.1:1", state_dir=Path("/nonexistent")))
     assert agent.clock is boottime
+
+
+def test_the_postmaster_serving_a_registered_data_dir_is_killed(
+    link: WatchdogLink, spawn: Spawn, tmp_path: Path
+) -> None:
+    """Whichever postmaster serves the data directory at the deadline: one restarted in
+    place before the agent registered its PID. A stale ``postmaster.pid`` naming a
+    process that is no postgres in that directory is left alone."""
+    data = tmp_path / "data dir"  # a space, as a site's path may have
+    data.mkdir()
+    postgres = tmp_path / "postgres"  # the kernel names a process after its program
+    shutil.copy("/bin/sleep", postgres)
+    server = subprocess.Popen([str(postgres), "60"], cwd=data, start_new_session=True)
+    stranger = spawn()
+    try:
+        (data / "postmaster.pid").write_text(f"{stranger.pid}\n{data}\n")
+        link.add_data_dir(data)
+        witness = spawn()
+        link.add(witness.pid)
+        link.deadline(boottime() + 0.1)
+        wait_for(lambda: dead(witness), 2.0, "the registered service killed")
+        assert alive(server) and alive(stranger), "killed what the data dir does not name"
+
+        (data / "postmaster.pid").write_text(f"{server.pid}\n{data}\n")
+        later = boottime() + 0.2
+        link.deadline(later)
+        wait_for(lambda: dead(server), later + 2.0 - boottime(), "the postmaster killed")
+        assert alive(stranger)
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait(5)

@@ -717,8 +717,15 @@ class Agent:
         return out
 
     def _guard_postmaster(self, pid: int | None) -> None:
-        """A primary's postmaster is killed by the watchdog too if this agent freezes."""
+        """A primary's postmaster is killed by the watchdog too if this agent freezes:
+        by its PID, and whichever serves the data directory then (one restarted in place
+        before its PID reaches this method)."""
         assert self.watchdog is not None
+        manager = self.database.manager if self.database is not None else None
+        if manager is not None and pid is not None:
+            self.watchdog.add_data_dir(manager.layout.data_dir)
+        elif manager is not None:
+            self.watchdog.remove_data_dir(manager.layout.data_dir)
         if self._guarded_pg is not None and self._guarded_pg != pid:
             self.watchdog.remove(self._guarded_pg)
         if pid is not None:  # again for the same PID: it may be another server's by now

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
 from collections.abc import Callable, Mapping
 
@@ -27,6 +29,9 @@ from workshop_agent.pg.manager import PgManager
 from workshop_agent.pg.status import PgStatus
 
 FAILURES_BEFORE_RESIGN = 3
+# Test hook, off unless set in the agent's environment: the agent stops itself (SIGSTOP)
+# when it has restarted its primary in place, before it passes the new PID on.
+STOP_ON_NEW_POSTMASTER = bool(os.environ.get("HAPAIR_TEST_STOP_ON_NEW_POSTMASTER"))
 CATCH_UP_S = 10.0
 
 
@@ -153,7 +158,10 @@ class Database:
         try:
             await manager.ensure_primary(epoch)
             # A postmaster that crashed was started again just now, with a new PID.
-            self.postmaster = manager.postmaster_pid()
+            pid = manager.postmaster_pid()
+            if STOP_ON_NEW_POSTMASTER and self.postmaster not in (None, pid):
+                os.kill(os.getpid(), signal.SIGSTOP)  # test hook, see above
+            self.postmaster = pid
             self.status = await manager.status()
         except PgError as err:
             self._failures += 1

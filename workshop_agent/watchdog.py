@@ -5,6 +5,7 @@ The agent cannot fence itself while it is frozen, so this process holds the dead
 (the fence point plus half the margin) and acts on it alone. Protocol, one line each
 on stdin: ``deadline <CLOCK_BOOTTIME seconds>``, ``add <pgid> <start>``, ``del <pgid>``,
 ``cgroup add <path>``, ``cgroup del <path>``, ``cgroup tree <path>``,
+``pg add <data dir>``, ``pg del <data dir>`` (percent-encoded),
 ``vip add <address/prefix> <interface>``, ``vip del <address/prefix> <interface>``.
 At the deadline it removes the registered virtual addresses first (clients must stop
 reaching this node before anything else), then kills every registered cgroup and process
@@ -20,7 +21,11 @@ monotonic clock, which stops): a watchdog resumed after a suspend acts at once.
 A group is registered with its leader's start time (``/proc/<pid>/stat``, field 22),
 which the watchdog checks as it opens a pidfd on the leader: from then on the pidfd
 says whether that very process still holds its PID, so a PID the kernel has given to
-another process since is never killed. (The agent registers a leader right after the
+another process since is never killed. A primary's data directory is registered too:
+at the deadline the watchdog kills whichever postmaster serves it then (named by its
+``postmaster.pid``, a postgres working in that directory), so a server the agent
+restarted in place is killed even before the agent has registered its new PID. (The
+agent registers a leader right after the
 fork, while it is its unreaped child; only a leader that died, was reaped and whose PID
 came round again within one clock tick before this process read the line could be
 mistaken for the new holder.)
@@ -42,6 +47,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+from urllib.parse import quote, unquote
 
 from workshop_agent import cgroups
 from workshop_agent.clock import Clock, boottime
@@ -71,6 +77,23 @@ def start_time(pid: int) -> int | None:
     # The command name (field 2) may hold spaces and parentheses: split after the last.
     fields = stat.rsplit(")", 1)[1].split()
     return int(fields[19])  # field 22 of the whole line
+
+
+def serving_postmaster(data_dir: Path) -> int | None:
+    """The postmaster serving ``data_dir`` now: the PID its ``postmaster.pid`` names, if
+    that is a postgres working in that directory (else the file is stale).
+
+    Not ``workshop_agent.pg``'s own check: that package loads pydantic, seconds on a
+    busy machine, and this process must start at once."""
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+    except (OSError, ValueError):
+        return None
+    name = stat[stat.find("(") + 1 : stat.rfind(")")]
+    running = name in ("postgres", "postmaster") and cwd == data_dir.resolve()
+    return pid if running else None
 
 
 class Leader:
@@ -128,9 +151,10 @@ class Registered:
     cgroups: set[str] = field(default_factory=set)
     vips: set[tuple[str, str]] = field(default_factory=set)
     trees: set[str] = field(default_factory=set)  # removed when the agent is gone
+    data_dirs: set[str] = field(default_factory=set)  # of a primary: kill its postmaster
 
     def __bool__(self) -> bool:
-        return bool(self.groups or self.cgroups or self.vips)
+        return bool(self.groups or self.cgroups or self.vips or self.data_dirs)
 
     def add(self, pgid: int, start: int) -> None:
         self.remove(pgid)
@@ -145,13 +169,22 @@ class Registered:
 def _kill_all(reg: Registered, why: str, clock: Clock) -> None:
     for path in sorted(reg.cgroups):
         cgroups.kill(Path(path))
-    killed = [leader for leader in reg.groups.values() if leader.kill_group()]
-    if reg.groups or reg.cgroups:
+    leaders = list(reg.groups.values())
+    for data_dir in sorted(reg.data_dirs):
+        pid = serving_postmaster(Path(data_dir))
+        start = None if pid is None else start_time(pid)
+        if pid is not None and start is not None and pid not in reg.groups:
+            leaders.append(Leader(pid, start))  # a postmaster not registered (yet)
+    killed = [leader for leader in leaders if leader.kill_group()]
+    if reg.groups or reg.cgroups or killed:
         _log(f"killed {len(reg.cgroups)} service cgroup(s) and {len(killed)} group(s): {why}")
     _log_gone(killed, clock)
-    for pgid in list(reg.groups):
-        reg.remove(pgid)
+    for leader in leaders:
+        leader.close()
+    reg.groups.clear()
     reg.cgroups.clear()
+    # A data directory stays registered until the agent says it is no longer primary:
+    # whatever postmaster serves it while the deadline has passed is killed.
 
 
 GONE_WAIT_S = 1.0
@@ -257,6 +290,10 @@ def _apply(words: list[str], reg: Registered, deadline: float) -> float:
             reg.cgroups.discard(path)
         case ["cgroup", "tree", path]:
             reg.trees.add(path)
+        case ["pg", "add", path]:
+            reg.data_dirs.add(unquote(path))
+        case ["pg", "del", path]:
+            reg.data_dirs.discard(unquote(path))
         case ["vip", "add", address, interface]:
             reg.vips.add((address, interface))
         case ["vip", "del", address, interface]:
@@ -283,6 +320,7 @@ class WatchdogLink:
         self._groups: dict[int, int] = {}
         self._cgroups: set[str] = set()
         self._trees: set[str] = set()
+        self._data_dirs: set[str] = set()
         self._vips: set[tuple[str, str]] = set()
         self._deadline = float("inf")
 
@@ -299,6 +337,8 @@ class WatchdogLink:
             self._send(f"cgroup add {path}")
         for path in self._trees:
             self._send(f"cgroup tree {path}")
+        for path in self._data_dirs:
+            self._send(f"pg add {quote(path)}")
         for address, interface in self._vips:
             self._send(f"vip add {address} {interface}")
         self._send(f"deadline {self._deadline!r}")
@@ -350,6 +390,17 @@ class WatchdogLink:
         """Kill and remove this cgroup tree once the agent is gone (not at a deadline)."""
         self._trees.add(str(path))
         self._send(f"cgroup tree {path}")
+
+    def add_data_dir(self, path: Path) -> None:
+        """A primary's data directory: the watchdog kills the postmaster serving it."""
+        if str(path) not in self._data_dirs:
+            self._data_dirs.add(str(path))
+            self._send(f"pg add {quote(str(path))}")
+
+    def remove_data_dir(self, path: Path) -> None:
+        if str(path) in self._data_dirs:
+            self._data_dirs.discard(str(path))
+            self._send(f"pg del {quote(str(path))}")
 
     def remove_cgroup(self, path: Path) -> None:
         self._cgroups.discard(str(path))
