@@ -13,12 +13,15 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster import Cluster, pid_alive, until
+from cluster import Cluster, holds, pid_alive, until
 
 from workshop_agent.clock import boottime
 
@@ -90,3 +93,65 @@ async def test_the_service_is_dead_before_the_lease_can_expire(
     )
     if fault == "etcd frozen":
         assert "event=fenced" in cluster.log("a")
+
+
+SUSPENDED_S = 1000
+
+
+def _child(pid: int) -> int | None:
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    return int(kids[0]) if kids else None
+
+
+async def test_an_agent_after_a_suspend_keeps_its_services_and_fences_in_time(
+    cluster: Cluster,
+) -> None:
+    """The agent runs in a time namespace whose CLOCK_BOOTTIME is 1000 s ahead of its
+    CLOCK_MONOTONIC, as on a machine suspended that long since boot. The session, the
+    fence and the watchdog must all count on the one clock: mixed with the monotonic
+    one, the watchdog's deadline would lie 1000 s in the past (services killed at once)
+    or ahead (never fenced)."""
+    unshare = shutil.which("unshare")
+    ns = [unshare or "unshare", "--time", "--boottime", str(SUSPENDED_S), "--fork"]
+    ns.append("--kill-child=SIGTERM")
+    probe = await asyncio.to_thread(subprocess.run, [*ns, "true"], capture_output=True)
+    if unshare is None or probe.returncode:
+        pytest.skip("cannot make a time namespace here (unshare --time, root)")
+    nodes = [{"name": n, "address": f"127.0.148.{i + 1}"} for i, n in enumerate("ab")]
+    pair = {"name": "p", "nodes": nodes, "services": [stubborn_service()]}
+    await cluster.apply(cluster.site([pair]))
+    spawn = cluster.spawn
+    cluster.spawn = lambda node, argv, **kw: spawn(node, [*ns, *argv], **kw)  # type: ignore[method-assign]
+    outer = cluster.start("a", "--log-level", "debug")
+    agent = await until(lambda: asyncio.sleep(0, _child(outer.pid)), 10, "the agent started")
+    try:
+        await cluster.active("p", node="a", timeout=30)
+        pid = await service_pid(cluster)
+
+        async def running() -> bool:
+            return pid_alive(pid)
+
+        await holds(running, 3, "the service was killed although the lease was kept")
+        os.kill(agent, signal.SIGSTOP)
+        try:
+            died = await asyncio.to_thread(seen_dead, pid, 10)
+            sent = last_confirmed_send(cluster.log("a")) - SUSPENDED_S  # on this clock
+        finally:
+            os.kill(agent, signal.SIGCONT)
+        assert died < sent + TTL
+    finally:
+        await asyncio.to_thread(_stop, agent)
+
+
+def _stop(pid: int) -> None:
+    """Stop the agent inside the namespace (its parent, unshare, only waits for it);
+    SIGKILL after 15 s (its watchdog then kills the services)."""
+    os.kill(pid, signal.SIGTERM)
+    end = time.monotonic() + 15
+    while pid_alive(pid) and time.monotonic() < end:
+        time.sleep(0.05)
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)

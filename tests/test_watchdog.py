@@ -449,3 +449,42 @@ def test_the_postmaster_serving_a_registered_data_dir_is_killed(
         if server.poll() is None:
             server.kill()
         server.wait(5)
+
+
+SUSPENDED_S = 1000.0
+
+
+def test_a_deadline_is_read_on_boottime_as_after_a_suspend(spawn: Spawn) -> None:
+    """The watchdog runs in a time namespace whose CLOCK_BOOTTIME is 1000 s ahead of its
+    CLOCK_MONOTONIC, as on a machine that was suspended that long since it booted. A
+    deadline 0.3 s away on BOOTTIME must fire then; read on the monotonic clock it
+    would lie 1000 s ahead."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare (util-linux) here")
+    in_namespace = [unshare, "--time", "--boottime", str(int(SUSPENDED_S)), "--fork"]
+    probe = subprocess.run([*in_namespace, "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a time namespace here: {probe.stderr.decode().strip()}")
+    service = spawn()
+    watchdog = subprocess.Popen(
+        [*in_namespace, sys.executable, "-m", "workshop_agent.watchdog"],
+        stdin=subprocess.PIPE,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    assert watchdog.stdin is not None
+    try:
+        start = start_time(service.pid)
+        assert start is not None
+        # Start times in /proc are shifted by the namespace's offset too (in clock ticks):
+        # an agent and its watchdog always share their time namespace.
+        start += int(SUSPENDED_S) * os.sysconf("SC_CLK_TCK")
+        deadline = boottime() + SUSPENDED_S + 0.3  # the namespace's BOOTTIME
+        watchdog.stdin.write(f"add {service.pid} {start}\ndeadline {deadline!r}\n".encode())
+        watchdog.stdin.flush()
+        wait_for(lambda: dead(service), 5.0, "service killed at its BOOTTIME deadline")
+        assert boottime() + SUSPENDED_S >= deadline
+    finally:
+        watchdog.stdin.close()
+        watchdog.wait(5)
