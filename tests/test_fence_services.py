@@ -148,3 +148,38 @@ async def test_an_agent_frozen_before_it_forks_a_service_does_not_start_it_late(
     await holds(lambda: asyncio.sleep(0, not forked_on_a()), 2, "a forked its service late")
     assert not [r for r in cluster.intervals() if r["node"] == "a"]
     assert await cluster.leader("p") == ("b", epoch)
+
+
+async def test_an_escaped_run_is_bounded_by_its_cgroup_in_the_overlap_check(
+    cluster: Cluster,
+) -> None:
+    """The recording service leaves a grandchild in a session of its own (SIGUSR1), then
+    the agent freezes and b takes over: the grandchild's record ends where the watchdog
+    saw the service's cgroup empty, before b forked its run, and the check holds."""
+    port = free_port()
+    svc = recording_service("p-svc", port, cluster.record, critical=True)
+    await cluster.apply(site(cluster, 149, [svc]))
+    cluster.start("a")
+    _, epoch = await cluster.active("p", node="a", timeout=30)
+    cluster.start("b")
+    await cluster.standby("b", timeout=30)
+    st = await cluster.status("a")
+    pid = next(s.pid for s in st.services if s.name == "p-svc") if st else None
+    assert pid is not None
+    os.kill(pid, signal.SIGUSR1)
+
+    def escaped_runs() -> list[dict[str, Any]]:
+        return [r for r in cluster.intervals() if r.get("escaped")]
+
+    await until(lambda: asyncio.sleep(0, escaped_runs()), 10, "the grandchild's record")
+    grandchild = escaped_runs()[0]["pid"]
+    cluster.signal("a", signal.SIGSTOP)
+    try:
+        await until(lambda: dead(grandchild), 10, "the escaped grandchild killed")
+        await cluster.active("p", not_epoch=epoch, node="b", timeout=30)
+    finally:
+        cluster.signal("a", signal.SIGCONT)
+    run = escaped_runs()[0]
+    assert not run["estimated"], f"the grandchild's end only estimated: {run}"
+    assert run["run"] == f"a/{pid}"
+    cluster.assert_no_overlap()

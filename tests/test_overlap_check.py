@@ -26,9 +26,10 @@ async def cluster(tmp_path: Path) -> Cluster:
     return c
 
 
-def run(c: Cluster, pid: int, node: str, start: float, end: float | None) -> None:
+def run(c: Cluster, pid: int, node: str, start: float, end: float | None, **extra: object) -> None:
     """The service's own record (monotonic clock), heartbeats every 20 ms."""
     head = {"start": start, "service": "s", "pair": "p", "node": node, "epoch": "1", "pid": pid}
+    head |= extra
     last = end if end is not None else start + 0.1
     beats = [{"hb": start + 0.02 * i} for i in range(1, int((last - start) / 0.02))]
     tail = [{"end": end}] if end is not None else []
@@ -36,10 +37,14 @@ def run(c: Cluster, pid: int, node: str, start: float, end: float | None) -> Non
     (c.record / f"{pid}.log").write_text("\n".join(lines) + "\n")
 
 
-def logged(c: Cluster, node: str, event: str, pid: int, at_monotonic: float, who: str) -> None:
+def logged(
+    c: Cluster, node: str, event: str, pid: int | None, at_monotonic: float, who: str, **extra: str
+) -> None:
     """A line of the node's agent log, its ``at`` on CLOCK_BOOTTIME as the agent logs it."""
     at = at_monotonic + (boottime() - time.monotonic())
-    line = f'ts=x level=info logger=hapair.{who} event="{event}" node={node} pid={pid} at={at!r}'
+    fields = {"node": node, "pid": pid, **extra, "at": repr(at)}
+    text = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+    line = f'ts=x level=info logger=hapair.{who} event="{event}" {text}'
     with (c.tmp / f"agent-{node}.log").open("a") as f:
         f.write(line + "\n")
 
@@ -74,5 +79,25 @@ def test_runs_on_one_node_are_checked_too(cluster: Cluster) -> None:
     logged(cluster, "a", "service started", 2, now + 0.55, "agent")
     cluster.assert_no_overlap()
     logged(cluster, "a", "service started", 2, now + 0.45, "agent")  # before 1 was reaped
+    with pytest.raises(AssertionError, match="overlapped"):
+        cluster.assert_no_overlap()
+
+
+def test_a_grandchild_that_left_its_group_ends_when_its_cgroup_is_empty(cluster: Cluster) -> None:
+    """The escaped grandchild records itself as a run of its own, with the cgroup it
+    shares with its service; the watchdog logs when that cgroup is empty."""
+    now = time.monotonic()
+    cgroup = "/sys/fs/cgroup/hapair-a-7/s.3"
+    run(cluster, 1, "a", now, None)
+    logged(cluster, "a", "service started", 1, now - 0.01, "agent", cgroup=cgroup)
+    logged(cluster, "a", "service gone", 1, now + 0.2, "watchdog")
+    run(cluster, 5, "a", now + 0.02, None, escaped=True, cgroup="/hapair-a-7/s.3")
+    run(cluster, 2, "b", now + 0.8, now + 1.5)
+    logged(cluster, "b", "service started", 2, now + 0.75, "agent")
+    cluster.assert_no_overlap()  # the grandchild's end only estimated from its beats
+    assert next(r for r in cluster.intervals() if r["pid"] == 5)["estimated"]
+    logged(cluster, "a", "cgroup emptied", None, now + 0.9, "watchdog", cgroup=cgroup)
+    escaped = next(r for r in cluster.intervals() if r["pid"] == 5)
+    assert not escaped["estimated"] and escaped["end"] == pytest.approx(now + 0.9, abs=1e-3)
     with pytest.raises(AssertionError, match="overlapped"):
         cluster.assert_no_overlap()

@@ -352,14 +352,24 @@ class Supervisor:
             if r.active_only:
                 self.watchdog.remove(proc.pid)
             r.proc = None
+        emptied = None
         if cgroup is not None:
             cgroups.kill(cgroup)
-            if await self._remove_cgroup(cgroup) and r.active_only:
-                self.watchdog.remove_cgroup(cgroup)
+            if await self._remove_cgroup(cgroup):
+                emptied = cgroup
+                if r.active_only:
+                    self.watchdog.remove_cgroup(cgroup)
             r.cgroup = None
         if proc is not None:
-            # The record of when this run was over (its leader reaped, its cgroup empty).
-            self.log.info("service ended", service=r.spec.name, pid=proc.pid, at=repr(self.clock()))
+            # The record of when this run was over: its leader reaped, and its cgroup
+            # (named only if it was seen empty) with everything the service started.
+            self.log.info(
+                "service ended",
+                service=r.spec.name,
+                pid=proc.pid,
+                at=repr(self.clock()),
+                cgroup=emptied,
+            )
 
     async def _remove_cgroup(self, cgroup: Path) -> bool:
         """Remove a killed run's cgroup once its processes are gone (bounded)."""
@@ -486,7 +496,13 @@ class Supervisor:
             )
         # Logged in the step that forks (a cancel cannot come between): the record of
         # every process this node ever started for a service, and from when.
-        self.log.info("service started", service=r.spec.name, pid=r.proc.pid, at=repr(forked_at))
+        self.log.info(
+            "service started",
+            service=r.spec.name,
+            pid=r.proc.pid,
+            at=repr(forked_at),
+            cgroup=r.cgroup,
+        )
         if r.active_only:
             self.watchdog.add(r.proc.pid)
         return until

@@ -178,7 +178,7 @@ def _kill_all(reg: Registered, why: str, clock: Clock) -> None:
     killed = [leader for leader in leaders if leader.kill_group()]
     if reg.groups or reg.cgroups or killed:
         _log(f"killed {len(reg.cgroups)} service cgroup(s) and {len(killed)} group(s): {why}")
-    _log_gone(killed, clock)
+    _log_gone(killed, sorted(reg.cgroups), clock)
     for leader in leaders:
         leader.close()
     reg.groups.clear()
@@ -190,18 +190,24 @@ def _kill_all(reg: Registered, why: str, clock: Clock) -> None:
 GONE_WAIT_S = 1.0
 
 
-def _log_gone(leaders: list[Leader], clock: Clock) -> None:
-    """Log when each killed leader has exited (its pidfd turns readable), bounded: the
-    record of when a service really ended while its agent could not see it."""
+def _log_gone(leaders: list[Leader], paths: list[str], clock: Clock) -> None:
+    """Log when each killed leader has exited (its pidfd turns readable) and each killed
+    cgroup is empty, bounded: the record of when a service really ended while its agent
+    could not see it."""
     sel = selectors.DefaultSelector()
     for leader in leaders:
         if leader.pidfd is not None:
             sel.register(leader.pidfd, selectors.EVENT_READ, leader)
+    waiting = set(paths)
     deadline = clock() + GONE_WAIT_S
-    while sel.get_map() and (left := deadline - clock()) > 0:
-        for key, _ in sel.select(left):
+    while (sel.get_map() or waiting) and (left := deadline - clock()) > 0:
+        # The kernel tells no one when a cgroup empties but through cgroup.events: poll.
+        for key, _ in sel.select(min(left, 0.01) if waiting else left):
             sel.unregister(key.fileobj)
             _log("service gone", pid=key.data.pid, at=repr(clock()))
+        for path in sorted(p for p in waiting if not cgroups.populated(Path(p))):
+            waiting.discard(path)
+            _log("cgroup emptied", cgroup=path, at=repr(clock()))
     sel.close()
 
 
