@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -22,10 +23,25 @@ from shared import keys
 from shared.records import Endpoint, Leader, NodeStatus, TopologyDoc, decode
 from shared.store import Store
 from shared.topology import parse_site
+from workshop_agent.clock import boottime
 
 T = TypeVar("T")
 SVC = str(ROOT / "tests" / "svc.py")
+# The agent's and the watchdog's log lines that bound a service run, and what each is.
+RUN_EVENTS = {
+    'event="service started"': "forked",
+    'event="service ended"': "ended",
+    'event="service gone"': "ended",
+    'event="cgroup emptied"': "ended",
+}
+FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
 AGENT = [PYTHON, "-m", "workshop_agent.main"]
+
+
+def _cgroup(path: str) -> str:
+    """A cgroup as both sides name it: the agent logs its full path, a process reads
+    its path below the hierarchy's mount; the run's own directory names are unique."""
+    return "/".join(path.rstrip("/").split("/")[-2:])
 
 
 async def until(
@@ -160,6 +176,9 @@ class Cluster:
         for pid in pids:  # freeze first, so nobody reacts to the others dying
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGSTOP)
+        frozen = repr(time.monotonic())  # no service of the node acts after this
+        for pid in pids:
+            (self.record / f"{pid}.kill").write_text(frozen)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -227,37 +246,79 @@ class Cluster:
         await until(ready, timeout, f"{node} a healthy standby")
 
     # -- the services' own record -----------------------------------------------------
+    def supervised(self) -> dict[tuple[str, int | str], dict[str, Any]]:
+        """What the agents and their watchdogs logged of each run, on this process's
+        monotonic clock: ``forked`` (before its fork) and ``ended``. Per (node, pid): the
+        leader reaped (agent) or seen exited (watchdog). Per (node, cgroup): the cgroup
+        seen empty (agent or watchdog), which bounds every process of the run."""
+        offset = boottime() - time.monotonic()  # the agents log on CLOCK_BOOTTIME
+        out: dict[tuple[str, int | str], dict[str, Any]] = {}
+        for log in self.tmp.glob("agent-*.log"):
+            node = log.stem.removeprefix("agent-")
+            for line in log.read_text(errors="replace").splitlines():
+                kind = next((k for k in RUN_EVENTS if k in line), None)
+                fields = dict(FIELD.findall(line)) if kind else {}
+                if kind is None or "at" not in fields:
+                    continue
+                key, at = RUN_EVENTS[kind], float(fields["at"]) - offset
+                records = []
+                run = f"{node}/{fields['pid']}" if "pid" in fields else None
+                if "pid" in fields:
+                    records.append(out.setdefault((node, int(fields["pid"])), {"run": run}))
+                if "cgroup" in fields:
+                    group = _cgroup(fields["cgroup"])
+                    records.append(out.setdefault((node, group), {}))
+                    if run is not None:
+                        records[-1]["run"] = run
+                        records[0]["cgroup"] = group
+                for record in records:
+                    record[key] = min(record.get(key, at), at)
+        return out
+
     def intervals(self) -> list[dict[str, Any]]:
-        """Every run of the test services: node, epoch, start, end (a bound when killed)."""
+        """Every run of the test services: node, epoch, ``start`` (the service's own),
+        ``begin`` (its fork, where the agent logged it) and ``end``.
+
+        The end is the earliest record known to follow the run's last instant: the
+        service's own on SIGTERM, its agent's (leader reaped, cgroup empty), its
+        watchdog's (leader seen exited, cgroup seen empty) or the test's kill or freeze
+        of it. A grandchild that left its service's process group is bounded by its
+        service's cgroup only. Only a run with none of these is estimated, from its
+        last heartbeat."""
+        supervised = self.supervised()
         runs = []
         for path in sorted(self.record.glob("*.log")):
             lines = [json.loads(line) for line in path.read_text().splitlines() if line]
             head = lines[0]
-            ends = [x["end"] for x in lines if "end" in x]
-            beats = [x["hb"] for x in lines if "hb" in x]
-            # Killed: at its recorded kill, else within a heartbeat period (and scheduling)
-            # of its last beat.
-            kill = path.with_suffix(".kill")
-            if ends:
-                end = ends[0]
-            elif kill.exists():
-                end = float(kill.read_text())
+            node = head["node"]
+            if head.get("escaped"):
+                group = _cgroup(head["cgroup"]) if head.get("cgroup") else None
+                records = [supervised.get((node, group), {})] if group else []
             else:
-                end = max(beats, default=head["start"]) + 0.05
-            runs.append({**head, "end": end, "killed": not ends})
+                mine = supervised.get((node, head["pid"]), {})
+                records = [mine, supervised.get((node, mine.get("cgroup", "")), {})]
+            kill = path.with_suffix(".kill")
+            ends = [x["end"] for x in lines if "end" in x]
+            ends += [r["ended"] for r in records if "ended" in r]
+            ends += [float(kill.read_text())] if kill.exists() else []
+            beats = [x["hb"] for x in lines if "hb" in x]
+            estimated = not ends
+            end = min(ends) if ends else max(beats, default=head["start"]) + 0.05
+            begin = min([r["forked"] for r in records if "forked" in r] + [head["start"]])
+            # A grandchild that left its group is part of its service's run.
+            own = f"{node}/{head.get('of', head['pid'])}"
+            of = next((r["run"] for r in records if "run" in r), own)
+            runs.append({**head, "begin": begin, "end": end, "estimated": estimated, "run": of})
         return runs
 
     def assert_no_overlap(self) -> int:
-        """No two runs of one pair's service on different nodes ever overlapped."""
+        """No two runs of one pair's service ever overlapped, from their fork to their end
+        (runs on one node too: its supervisor ends a run before it forks the next)."""
         runs = self.intervals()
         for i, a in enumerate(runs):
             for b in runs[i + 1 :]:
-                if a["service"] != b["service"] or a["pid"] == b["pid"]:
+                if a["service"] != b["service"] or a["run"] == b["run"]:
                     continue
-                if a["node"] == b["node"] and (a["killed"] or b["killed"]):
-                    # Restarted in place: the supervisor reaped the killed run before it
-                    # started the next, and a killed run's end here is only an estimate.
-                    continue
-                if a["start"] < b["end"] and b["start"] < a["end"]:
+                if a["begin"] < b["end"] and b["begin"] < a["end"]:
                     raise AssertionError(f"two runs of {a['service']} overlapped: {a} and {b}")
         return len(runs)

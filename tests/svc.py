@@ -60,10 +60,11 @@ def main() -> None:
     def escape(_sig: int, _frame: object) -> None:
         """SIGUSR1: leave a grandchild in a session of its own, as a service that
         double-forks and calls setsid would; it records itself as another run."""
+        service = os.getpid()
         if os.fork() == 0:
             os.setsid()
             if os.fork() == 0:
-                _escaped(args)
+                _escaped(args, service)
             os._exit(0)
 
     signal.signal(signal.SIGUSR1, escape)
@@ -101,15 +102,27 @@ def main() -> None:
         sys.exit(1)
 
 
+def _own_cgroup() -> str | None:
+    """This process's cgroup v2 path (below the hierarchy's mount), if any."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    return next((line[3:] for line in lines if line.startswith("0::")), None)
+
+
 ESCAPED_LIFE_S = 8.0  # bounded, so a run that escaped its fencing ends by itself
 
 
-def _escaped(args: argparse.Namespace) -> None:
+def _escaped(args: argparse.Namespace, service: int) -> None:
     """The escaped grandchild: its own record, heartbeats, and an end of its own."""
     try:
         started = time.monotonic()
         head = {"start": started, "service": args.service, "pair": args.pair}
         head |= {"node": args.node, "epoch": args.epoch, "pid": os.getpid(), "escaped": True}
+        head["of"] = service  # part of that run of the service
+        head["cgroup"] = _own_cgroup()  # its service's: the agent logs when it is empty
         with open(os.path.join(args.record, f"{os.getpid()}.log"), "a", buffering=1) as out:
             out.write(json.dumps(head) + "\n")
             while time.monotonic() - started < ESCAPED_LIFE_S:

@@ -37,6 +37,7 @@ from shared.store import Kv, Mirror, Store, StoreError
 from shared.topology import Node, Pair, Site, TopologyError, parse_site
 from workshop_agent import decide as d
 from workshop_agent import recovery
+from workshop_agent.clock import boottime
 from workshop_agent.database import Database, eligible
 from workshop_agent.election import Election, Session
 from workshop_agent.hold import Ledger, Promises
@@ -90,7 +91,7 @@ class Agent:
         self.me = settings.node
         self.log = EventLog("hapair.agent", node=self.me)
         self.store = Store(settings.etcd, timeout=settings.etcd_timeout_s)
-        self.clock = time.monotonic
+        self.clock = boottime  # every fence deadline, and the watchdog's, on one clock
         self.started_at = self.clock()
         self._wake = asyncio.Event()
         self._dirty = asyncio.Event()
@@ -294,6 +295,7 @@ class Agent:
             self.settings.state_dir,
             env,
             self.clock,
+            self._run_until,
         )
         self.supervisor.start_shared()
         self.vip = VipKeeper(self.log, self.watchdog)
@@ -301,6 +303,7 @@ class Agent:
             self.database = Database(
                 self.pair.database, self.pair, self.node, self.election, self.log, self._changed
             )
+            self.database.on_postmaster = self._guard_postmaster
             self.database.open()
             self._db_task = asyncio.create_task(self._db_loop(), name="database")
         self._spawn(self.session.run(), "session")
@@ -313,6 +316,13 @@ class Agent:
     def _may_run(self) -> bool:
         """Checked right before any active-only service is spawned."""
         return self.term is not None and self._valid(self.clock())
+
+    def _run_until(self) -> float:
+        """The fence point while this node holds its term and lease, else ``-inf``: an
+        active-only service forked now must not start its program after it."""
+        s = self.session
+        held = self.term is not None and s is not None and s.lease is not None
+        return self._fence_point() if held else -float("inf")
 
     def _valid(self, now: float) -> bool:
         """May this node act as active now: its lease confirmed, or, while etcd cannot
@@ -707,11 +717,18 @@ class Agent:
         return out
 
     def _guard_postmaster(self, pid: int | None) -> None:
-        """A primary's postmaster is killed by the watchdog too if this agent freezes."""
+        """A primary's postmaster is killed by the watchdog too if this agent freezes:
+        by its PID, and whichever serves the data directory then (one restarted in place
+        before its PID reaches this method)."""
         assert self.watchdog is not None
+        manager = self.database.manager if self.database is not None else None
+        if manager is not None and pid is not None:
+            self.watchdog.add_data_dir(manager.layout.data_dir)
+        elif manager is not None:
+            self.watchdog.remove_data_dir(manager.layout.data_dir)
         if self._guarded_pg is not None and self._guarded_pg != pid:
             self.watchdog.remove(self._guarded_pg)
-        if pid is not None and pid != self._guarded_pg:
+        if pid is not None:  # again for the same PID: it may be another server's by now
             self.watchdog.add(pid)
         self._guarded_pg = pid
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
 from collections.abc import Callable, Mapping
 
@@ -27,6 +29,9 @@ from workshop_agent.pg.manager import PgManager
 from workshop_agent.pg.status import PgStatus
 
 FAILURES_BEFORE_RESIGN = 3
+# Test hook, off unless set in the agent's environment: the agent stops itself (SIGSTOP)
+# when it has restarted its primary in place, before it passes the new PID on.
+STOP_ON_NEW_POSTMASTER = bool(os.environ.get("HAPAIR_TEST_STOP_ON_NEW_POSTMASTER"))
 CATCH_UP_S = 10.0
 
 
@@ -77,10 +82,22 @@ class Database:
         self.primary_epoch: int | None = None  # the term for which this node is primary
         self.failure: str | None = None  # the active cannot run its database: resign
         self.status: PgStatus | None = None
-        self.postmaster: int | None = None  # while primary: the watchdog may kill it
+        self._postmaster: int | None = None
+        # Told at once of every new postmaster of the primary (the agent's watchdog).
+        self.on_postmaster: Callable[[int | None], None] = lambda _pid: None
         self._failures = 0
         self._sync_missing_since: float | None = None
         self._recorded: SyncState | None = None
+
+    @property
+    def postmaster(self) -> int | None:
+        """While primary: the postmaster's PID, which the watchdog kills to fence."""
+        return self._postmaster
+
+    @postmaster.setter
+    def postmaster(self, pid: int | None) -> None:
+        self._postmaster = pid
+        self.on_postmaster(pid)
 
     def open(self) -> None:
         try:
@@ -140,6 +157,11 @@ class Database:
             return
         try:
             await manager.ensure_primary(epoch)
+            # A postmaster that crashed was started again just now, with a new PID.
+            pid = manager.postmaster_pid()
+            if STOP_ON_NEW_POSTMASTER and self.postmaster not in (None, pid):
+                os.kill(os.getpid(), signal.SIGSTOP)  # test hook, see above
+            self.postmaster = pid
             self.status = await manager.status()
         except PgError as err:
             self._failures += 1

@@ -1,9 +1,10 @@
 """The lease session and the pair election, shaped like etcd's own concurrency API.
 
-:class:`Session` owns the agent's lease and knows, on the monotonic clock, until when
-the agent may still act as active: the *fence point*, measured from the moment the
-last acknowledged keepalive was **sent** (etcd restarts its TTL when it receives it,
-which is later, so the agent always stops first).
+:class:`Session` owns the agent's lease and knows, on ``CLOCK_BOOTTIME`` (unlike the
+monotonic clock it goes on during a suspend), until when the agent may still act as
+active: the *fence point*, measured from the moment the last acknowledged keepalive was
+**sent** (etcd restarts its TTL when it receives it, which is later, so the agent always
+stops first).
 
 :class:`Election` holds every write that changes who is active. Each is one etcd
 transaction guarded by the leader key's create_revision (the epoch), so a stale agent
@@ -13,13 +14,13 @@ can never move the pair.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 
 from shared import keys
 from shared.log import EventLog
 from shared.records import Handover, Leader
 from shared.store import Store, StoreError
+from workshop_agent.clock import boottime
 
 Clock = Callable[[], float]
 
@@ -33,7 +34,7 @@ class Session:
         ttl: float,
         fence_after: float,
         log: EventLog,
-        clock: Clock = time.monotonic,
+        clock: Clock = boottime,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
@@ -112,6 +113,7 @@ class Session:
     def _acked(self, sent: float) -> None:
         if self.acked_send is None or sent > self.acked_send:
             self.acked_send = sent
+            self.log.debug("lease confirmed", sent=repr(sent))
         self.renewed.set()
         self.on_change()
 

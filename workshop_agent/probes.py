@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from shared.network import MAX_TIMEOUT_S, Network, Target
+from workshop_agent.clock import boottime
 
 log = logging.getLogger("hapair.probes")
 
@@ -542,7 +543,7 @@ class NetworkProbes:
         address: str,
         peers: Mapping[str, str],
         network: Network,
-        clock: Clock = time.monotonic,
+        clock: Clock = boottime,  # hold promises count against the agent's fence point
     ) -> None:
         self.me = me
         self.address = address

@@ -1,11 +1,16 @@
 """Service supervision: start, watch, restart and stop the pair's service processes.
 
-Each service runs in its own process group (so a stop reaches its children too) under
-``setpriv --pdeathsig KILL`` (so it dies with the agent), and active-only services are
-registered with the watchdog. A service is restarted in place within its budget; a
-critical one, or one whose budget is spent, becomes the node's ``failure``, which the
-decision turns into a resignation. Nothing is started unless ``may_run()`` says the
-lease and the term are still good at that very moment.
+Each service runs in its own cgroup where cgroup v2 can be used (``cgroups.py``: a
+stop or a fence reaches every process it started, even one that left its process group)
+and in its own process group, under ``setpriv --pdeathsig KILL`` (so it dies with the
+agent); active-only services are registered with the watchdog. A service is restarted
+in place within its budget; a critical one, or one whose budget is spent, becomes the
+node's ``failure``, which the decision turns into a resignation.
+
+Nothing is started unless ``may_run()`` says the lease and the term are still good, and
+the check is made again in the very step that forks; the child itself (``exec_guard.py``)
+refuses to run the service's program once the fence point it was given has passed, so
+a freeze anywhere between the decision and the ``exec`` cannot start a service late.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import contextlib
 import os
 import shutil
 import signal
-import time
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,11 +31,20 @@ import aiohttp
 from shared.log import EventLog
 from shared.records import ServiceState, ServiceStatus
 from shared.topology import Health, Node, Pair, Service, expand, placeholder_values
+from workshop_agent import cgroups
+from workshop_agent.cgroups import CgroupTree
+from workshop_agent.clock import boottime
+from workshop_agent.exec_guard import REFUSED
 from workshop_agent.health import probe
 from workshop_agent.watchdog import WatchdogLink
 
 SETPRIV = shutil.which("setpriv")
 READY_POLL_S = 0.02
+EXEC_GUARD = str(Path(__file__).with_name("exec_guard.py"))
+CGROUP_EMPTY_S = 2.0  # bound on waiting for a killed cgroup to empty before removing it
+# Test hook, off unless set in the agent's environment: the agent stops itself (SIGSTOP)
+# once, in the step that forks this active-only service, after it decided to start it.
+STOP_BEFORE_FORK = os.environ.get("HAPAIR_TEST_STOP_BEFORE_FORK")
 
 
 class RestartBudget:
@@ -58,8 +72,9 @@ class Runner:
     restarts: int = 0
     detail: str | None = None
     proc: asyncio.subprocess.Process | None = None
+    cgroup: Path | None = None
     task: asyncio.Task[None] | None = None
-    spawning: asyncio.Task[None] | None = None
+    spawning: asyncio.Task[float | None] | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -95,8 +110,11 @@ class Supervisor:
         on_change: Callable[[], None],
         state_dir: Path,
         env: dict[str, str],
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = boottime,
+        run_until: Callable[[], float] = lambda: float("inf"),
     ) -> None:
+        """``run_until()``: the fence point (on ``clock``) before which an active-only
+        service may start its program; a past time when it may not start now."""
         self.pair, self.node = pair, node
         self.log = log
         self.watchdog = watchdog
@@ -105,6 +123,17 @@ class Supervisor:
         self.on_change = on_change
         self.env = env
         self.clock = clock
+        self.run_until = run_until
+        self.cgroups, why = CgroupTree.create(node.name)
+        if self.cgroups is not None:
+            watchdog.add_tree(self.cgroups.root)
+        else:
+            self.log.warning(
+                "services fenced by process group only: a service that leaves its group "
+                "survives a fence",
+                reason=why,
+            )
+        self._stopped_before_fork = False
         self.log_dir = state_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.epoch: int | None = None
@@ -265,6 +294,9 @@ class Supervisor:
             if proc is not None and proc.returncode is None:
                 _killpg(proc.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
                 loop.call_later(grace, _killpg, proc.pid, signal.SIGKILL)
+            if r.cgroup is not None:
+                cgroups.signal_all(r.cgroup, signal.SIGTERM)
+                loop.call_later(grace, cgroups.kill, r.cgroup)
             cleanup = asyncio.create_task(self._stop(r, grace))
             self._cleanups.add(cleanup)
             cleanup.add_done_callback(self._cleanups.discard)
@@ -279,6 +311,8 @@ class Supervisor:
             await self._stop(r, r.spec.stop_grace_s)
         if self._http is not None:
             await self._http.close()
+        if self.cgroups is not None:
+            self.cgroups.close()
 
     async def _cancel_activation(self) -> None:
         if self._activation is not None:
@@ -302,21 +336,51 @@ class Supervisor:
             # A fork in flight finishes first, so its process is known and stopped too.
             await asyncio.wait([r.spawning])
             r.spawning = None
-        proc = r.proc
-        if proc is None:
-            return
-        if proc.returncode is None:
+        proc, cgroup = r.proc, r.cgroup
+        if proc is not None and proc.returncode is None:
             _killpg(proc.pid, signal.SIGTERM)
+            if cgroup is not None:
+                cgroups.signal_all(cgroup, signal.SIGTERM)
             try:
                 await asyncio.wait_for(asyncio.shield(proc.wait()), grace)
             except TimeoutError:
                 _killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
-        # The leader of the group is gone; its children must not outlive it.
-        _killpg(proc.pid, signal.SIGKILL)
-        if r.active_only:
-            self.watchdog.remove(proc.pid)
-        r.proc = None
+        # The leader of the group is gone; nothing it started may outlive it.
+        if proc is not None:
+            _killpg(proc.pid, signal.SIGKILL)
+            if r.active_only:
+                self.watchdog.remove(proc.pid)
+            r.proc = None
+        emptied = None
+        if cgroup is not None:
+            cgroups.kill(cgroup)
+            if await self._remove_cgroup(cgroup):
+                emptied = cgroup
+                if r.active_only:
+                    self.watchdog.remove_cgroup(cgroup)
+            r.cgroup = None
+        if proc is not None:
+            # The record of when this run was over: its leader reaped, and its cgroup
+            # (named only if it was seen empty) with everything the service started.
+            self.log.info(
+                "service ended",
+                service=r.spec.name,
+                pid=proc.pid,
+                at=repr(self.clock()),
+                cgroup=emptied,
+            )
+
+    async def _remove_cgroup(self, cgroup: Path) -> bool:
+        """Remove a killed run's cgroup once its processes are gone (bounded)."""
+        deadline = self.clock() + CGROUP_EMPTY_S
+        # The kernel tells no one when a cgroup empties but through cgroup.events: poll.
+        while cgroups.populated(cgroup) and self.clock() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        if cgroups.remove(cgroup):
+            return True
+        self.log.warning("service cgroup not empty after a kill", cgroup=str(cgroup))
+        return False
 
     # -- one service ------------------------------------------------------------------
     async def _run(self, r: Runner, epoch: int | None) -> None:
@@ -330,6 +394,12 @@ class Supervisor:
             self.on_change()
             outcome = await self._spawn_and_watch(r, epoch)
             await self._terminate(r, min(r.spec.stop_grace_s, 2.0))
+            if outcome is None:
+                self.log.warning("service not started: its term ended", service=r.spec.name)
+                r.state = "stopped"
+                r.ready.set()
+                self.on_change()
+                return
             r.detail = outcome
             self.log.warning(
                 "service failed", service=r.spec.name, reason=outcome, restarts=r.restarts
@@ -361,7 +431,8 @@ class Supervisor:
         # A standby cannot resign; it keeps trying, slowly, and reports itself unhealthy.
         return None if on_active else max(base, 5.0)
 
-    async def _spawn_and_watch(self, r: Runner, epoch: int | None) -> str:
+    async def _spawn_and_watch(self, r: Runner, epoch: int | None) -> str | None:
+        """How the run ended; None if it did not start because its term had ended."""
         values = placeholder_values(self.pair, self.node, epoch)
         argv = [expand(a, values) for a in r.spec.command]
         exe = argv[0] if "/" in argv[0] else shutil.which(argv[0])
@@ -377,20 +448,44 @@ class Supervisor:
         cwd = expand(r.spec.cwd, values) if r.spec.cwd else None
         # A task of its own, shielded: a cancel (fence, stop) must never lose the handle
         # of a process already forked; _terminate waits for it.
-        r.spawning = asyncio.create_task(self._fork(r, [exe, *argv[1:]], env, cwd))
+        r.spawning = asyncio.create_task(self._fork(r, [exe, *argv[1:]], env, cwd, epoch))
         try:
-            await asyncio.shield(r.spawning)
+            until = await asyncio.shield(r.spawning)
         except OSError as err:
             return f"could not start: {err}"
-        assert r.proc is not None
-        self.log.info("service started", service=r.spec.name, pid=r.proc.pid)
-        return await self._watch(r, r.proc, values)
+        if until is None:
+            return None
+        proc = r.proc
+        assert proc is not None
+        outcome = await self._watch(r, proc, values)
+        if proc.returncode == REFUSED and not self.clock() < until:
+            return None  # the guard refused: the fence point passed before the exec
+        return outcome
 
-    async def _fork(self, r: Runner, argv: list[str], env: dict[str, str], cwd: str | None) -> None:
+    async def _fork(
+        self, r: Runner, argv: list[str], env: dict[str, str], cwd: str | None, epoch: int | None
+    ) -> float | None:
+        """Fork the service; the fence point its program must start before, or None if
+        the term has ended (nothing forked)."""
+        if r.spec.name == STOP_BEFORE_FORK and r.active_only and not self._stopped_before_fork:
+            self._stopped_before_fork = True
+            os.kill(os.getpid(), signal.SIGSTOP)
+        # Checked again in the step that forks: the check that led here may be old.
+        until = float("inf")
+        if r.active_only:
+            until = self.run_until()
+            if self.epoch != epoch or not self.clock() < until:
+                return None
+        r.cgroup = self.cgroups.new_run(r.spec.name) if self.cgroups is not None else None
+        if r.cgroup is not None and r.active_only:
+            self.watchdog.add_cgroup(r.cgroup)  # before anything can run in it
         prefix = [SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV else []
+        guard = [sys.executable, "-I", "-S", EXEC_GUARD, repr(until), str(r.cgroup or "-"), "--"]
+        forked_at = self.clock()  # no process of this run can exist before
         with (self.log_dir / f"{r.spec.name}.log").open("ab") as logfile:
             r.proc = await asyncio.create_subprocess_exec(
                 *prefix,
+                *guard,
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=logfile,
@@ -399,8 +494,18 @@ class Supervisor:
                 cwd=cwd,
                 start_new_session=True,
             )
+        # Logged in the step that forks (a cancel cannot come between): the record of
+        # every process this node ever started for a service, and from when.
+        self.log.info(
+            "service started",
+            service=r.spec.name,
+            pid=r.proc.pid,
+            at=repr(forked_at),
+            cgroup=r.cgroup,
+        )
         if r.active_only:
             self.watchdog.add(r.proc.pid)
+        return until
 
     async def _watch(
         self, r: Runner, proc: asyncio.subprocess.Process, values: dict[str, str]

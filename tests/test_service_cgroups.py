@@ -1,0 +1,183 @@
+"""Each service in its own cgroup: the supervisor with real processes, no agent.
+
+A service whose grandchild double-forks and calls ``setsid`` leaves the service's
+process group; only its cgroup still holds it. The exec guard, the child's last step
+before the service's program, joins that cgroup and refuses to run the program once the
+fence point it was given has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from cluster import pid_alive, until
+from harness import ROOT
+from test_fence_services import escaped, escaping_service
+
+from shared.log import EventLog
+from shared.topology import parse_site
+from workshop_agent import cgroups
+from workshop_agent.cgroups import CgroupTree
+from workshop_agent.clock import boottime
+from workshop_agent.exec_guard import REFUSED
+from workshop_agent.supervisor import EXEC_GUARD, Supervisor
+from workshop_agent.watchdog import WatchdogLink
+
+EPOCH = 9
+
+
+def guard(until: float, cgroup: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-I", "-S", EXEC_GUARD, repr(until), cgroup, "--", *argv],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+
+
+def test_the_guard_refuses_to_run_a_program_past_the_fence_point(tmp_path: Path) -> None:
+    ran = tmp_path / "ran"
+    done = guard(boottime() - 0.001, "-", "/usr/bin/touch", str(ran))
+    assert done.returncode == REFUSED
+    assert "fence point has passed" in done.stderr
+    assert not ran.exists()
+
+
+def test_the_guard_runs_the_program_in_its_own_process_before_the_fence_point() -> None:
+    done = guard(boottime() + 30, "-", "/bin/sh", "-c", "echo $$ $PPID")
+    assert done.returncode == 0, done.stderr
+    pid, _ = done.stdout.split()
+    assert int(pid) > 0  # the program replaced the guard (exec), it did not run beside it
+
+
+@pytest.fixture
+def tree() -> Iterator[CgroupTree]:
+    t, why = CgroupTree.create("cgtest")
+    if t is None:
+        pytest.skip(f"no cgroup v2 here: {why}")  # the fallback is tested below
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+def test_the_guard_puts_the_program_in_the_cgroup_before_it_runs(tree: CgroupTree) -> None:
+    run = tree.new_run("svc")
+    assert run is not None
+    done = guard(boottime() + 30, str(run), "/bin/cat", "/proc/self/cgroup")
+    assert done.returncode == 0, done.stderr
+    mount = cgroups._mount_point()
+    assert mount is not None
+    assert f"0::/{run.relative_to(mount)}" in done.stdout.splitlines()
+
+
+# -- the supervisor ----------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path) -> AsyncIterator[Supervisor]:
+    """A supervisor of the escaping service, with a real watchdog that has no deadline
+    (so only the supervisor kills here)."""
+    site = parse_site(
+        {
+            "site": "t",
+            "workshops": [
+                {
+                    "name": "w",
+                    "pairs": [
+                        {
+                            "name": "p",
+                            "nodes": [
+                                {"name": "a", "address": "127.0.147.1"},
+                                {"name": "b", "address": "127.0.147.2"},
+                            ],
+                            "services": [escaping_service("esc", tmp_path / "escaped.pid")],
+                        }
+                    ],
+                }
+            ],
+        },
+        "test",
+    )
+    pair = site.pair("p")
+    assert pair is not None and pair.node("a") is not None
+    link = WatchdogLink()
+    link.start()
+    sup = Supervisor(
+        pair,
+        pair.nodes[0],
+        EventLog("test"),
+        link,
+        may_run=lambda: True,
+        paused=lambda: False,
+        on_change=lambda: None,
+        state_dir=tmp_path / "state",
+        env={},
+    )
+    try:
+        yield sup
+    finally:
+        await sup.stop_all()
+        link.close()
+
+
+@pytest.fixture
+async def supervisor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Supervisor]:
+    monkeypatch.chdir(ROOT)  # the watchdog runs as ``python -m workshop_agent.watchdog``
+    async with running(tmp_path) as sup:
+        yield sup
+
+
+async def gone(pid: int) -> bool:
+    return not pid_alive(pid)
+
+
+async def test_a_fence_kills_the_whole_cgroup(supervisor: Supervisor, tmp_path: Path) -> None:
+    if supervisor.cgroups is None:
+        pytest.skip("no cgroup v2 here")
+    supervisor.activate(EPOCH)
+    grandchild = await escaped(tmp_path / "escaped.pid")
+    try:
+        supervisor.kill_active(0.2)
+        await until(lambda: gone(grandchild), 5, "the escaped grandchild killed by the fence")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(grandchild, signal.SIGKILL)
+    runner = supervisor.runners["esc"]
+    await until(lambda: asyncio.sleep(0, runner.cgroup is None), 5, "the run's cgroup removed")
+    assert supervisor.cgroups is not None
+    assert not [p for p in supervisor.cgroups.root.iterdir() if p.is_dir()]
+
+
+async def test_without_cgroups_fencing_falls_back_to_the_process_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where cgroup v2 is missing the agent says so and kills process groups: the service
+    and what stays in its group die; a process that left the group survives (the limit
+    the warning names)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(cgroups, "_mount_point", lambda: None)
+    async with running(tmp_path) as sup:
+        assert sup.cgroups is None
+        assert "services fenced by process group only" in caplog.text
+        sup.activate(EPOCH)
+        grandchild = await escaped(tmp_path / "escaped.pid")
+        runner = sup.runners["esc"]
+        await until(lambda: asyncio.sleep(0, runner.proc is not None), 5, "service forked")
+        assert runner.proc is not None
+        leader = runner.proc.pid
+        try:
+            sup.kill_active(0.2)
+            await until(lambda: gone(leader), 5, "the service killed by the fence")
+            assert pid_alive(grandchild), "left its group: beyond a process-group fence"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(grandchild, signal.SIGKILL)
