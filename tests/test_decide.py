@@ -24,6 +24,7 @@ from workshop_agent.decide import (
     Reclaim,
     RejectSwitchover,
     Resign,
+    SettleStepDown,
     StartServices,
     SwitchoverView,
     decide,
@@ -97,6 +98,18 @@ UP = {"b": PeerView("standby", True), "c": PeerView("standby", True)}
         ),
         ("own key on our lease: adopt", obs(leader=MINE), [Adopt]),
         ("own key from an earlier run: reclaim", obs(leader=LeaderView("a", 5, 99)), [Reclaim]),
+        (
+            "own key of a term given up, etcd did not answer: send the step-down again",
+            obs(leader=MINE, left_term=5, step_down_unanswered=True),
+            [SettleStepDown],
+        ),
+        ("own key of a term given up: a lagging view, wait", obs(leader=MINE, left_term=5), []),
+        (
+            "earlier run's key of a term given up: no reclaim",
+            obs(leader=LeaderView("a", 5, 99), left_term=6),
+            [],
+        ),
+        ("own key of a newer term: adopt", obs(leader=MINE, left_term=4), [Adopt]),
         ("another active: standby", obs(me="b", leader=MINE), []),
         ("paused: no campaign", obs(me="b", paused=True, peers={}), []),
         ("view not synced: no campaign", obs(synced=False), []),
@@ -286,6 +299,8 @@ observations = st.builds(
         st.none(),
         st.builds(SwitchoverView, st.just("r"), st.sampled_from([None, "a", "b", "c", "z"])),
     ),
+    left_term=st.one_of(st.none(), st.integers(1, 50)),
+    step_down_unanswered=st.booleans(),
     handover=st.one_of(
         st.none(),
         st.builds(
@@ -319,6 +334,14 @@ def test_fences_whenever_it_cannot_prove_it_is_the_active(o: Observation) -> Non
     )
     must_fence = (o.services_up or o.term is not None) and (not o.lease_ok or not ours)
     assert (Fence in kinds(decide(o))) == must_fence
+
+
+@given(observations)
+@settings(max_examples=3000)
+def test_a_term_given_up_is_never_taken_up_again(o: Observation) -> None:
+    for action in decide(o).actions:
+        if isinstance(action, Adopt | Reclaim) and o.left_term is not None:
+            assert action.epoch > o.left_term
 
 
 @given(observations)

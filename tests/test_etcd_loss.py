@@ -8,7 +8,6 @@ by proving from the services' own records that no two nodes ran the service at o
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 from cluster import Cluster, descendants, holds, pid_alive, until
+from etcd_relay import EtcdRelay
 from harness import EtcdCluster, free_port
 from test_failover import pair
 
@@ -162,56 +162,11 @@ async def test_quorum_lost_without_a_peer_path_the_active_fences(
     await c3.active("p", timeout=30)
 
 
-class Cuttable:
-    """A TCP relay to etcd for one agent: cut, it drops every connection and refuses
-    new ones, as a broken link to etcd would; healed, it relays again."""
-
-    def __init__(self, upstream: str) -> None:
-        host, port = upstream.removeprefix("http://").rsplit(":", 1)
-        self.upstream = (host, int(port))
-        self.port = free_port()
-        self.server: asyncio.Server | None = None
-        self.writers: set[asyncio.StreamWriter] = set()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def heal(self) -> None:
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
-
-    async def cut(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            self.server = None
-        for w in list(self.writers):
-            w.transport.abort()
-        self.writers.clear()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            writer.transport.abort()
-            return
-        self.writers |= {writer, up_writer}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.transport.abort()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        self.writers -= {writer, up_writer}
-
-
 async def test_active_cut_from_etcd_holds_while_its_peer_hears_it(cluster: Cluster) -> None:
     """Only a's link to etcd breaks: b sees a's key expire, but promised a not to
     campaign and keeps that promise; a keeps the pair. When a's link comes back its
     lease is gone: it fences, and the pair is elected again without an overlap."""
-    relay = Cuttable(cluster.etcd.url)
+    relay = EtcdRelay(cluster.etcd.url)
     await relay.heal()
     spec = with_peer_path(pair("p", ["a", "b"], 46, free_port(), cluster.record), 46)
     await cluster.apply(cluster.site([spec]))

@@ -13,7 +13,8 @@ import fcntl
 import os
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,9 @@ from workshop_agent.watchdog import WatchdogLink
 TICK_S = 0.1
 DB_ROUND_S = 0.5
 AGENT_REPORT = "hapair-agent"
+
+
+StepDown = Callable[[], Awaitable[int | None]]  # a resign or handover transaction
 
 
 class AgentError(Exception):
@@ -108,6 +112,8 @@ class Agent:
         self.ledger = Ledger()  # as the active: the peers' promises during an etcd loss
         self.promises = Promises()  # as a standby: those this node gave
         self._campaigning = False
+        self._left_term: int | None = None  # the newest term given up by a step-down
+        self._unanswered: StepDown | None = None  # that step-down, if etcd did not answer
         self._newest_epoch: int | None = None
         self._held_by: str | None = None  # for logging changes only
         self._demoting = 0  # fence-time demotions of the database still running
@@ -548,6 +554,8 @@ class Agent:
             seen_leader=self.last_leader is not None,
             db_eligible=self._db_eligible(),
             held_by=held_by,
+            left_term=self._left_term,
+            step_down_unanswered=self._unanswered is not None,
             switchover=st.switchover,
             handover=st.handover,
             lost=st.lost,
@@ -576,6 +584,9 @@ class Agent:
                 if revision is not None:
                     self.pairs.apply_local(keys.leader(self.pair.name), None, revision)
                     self.event("reclaim", "agent restarted on the active node", old_epoch=epoch)
+            case d.SettleStepDown():
+                if self._unanswered is not None:
+                    await self._send_step_down(self._unanswered)
             case d.Resign(reason):
                 await self._step_down(reason, None, None)
             case d.Handover(to, request, reason, planned):
@@ -897,26 +908,50 @@ class Agent:
             self._published.pop(key, None)
         if self.term != epoch:
             return  # fenced while stopping
-        if to is None:
-            revision = await self.election.resign(epoch)
-            kind = "resign"
-        else:
-            revision = await self.election.handover(epoch, to, request, planned, lsn)
-            kind = "switchover"
-        ok = revision is not None
-        if revision is not None:
-            self.pairs.apply_local(keys.leader(self.pair.name), None, revision)
+        kind = "resign" if to is None else "switchover"
+        send: StepDown = (
+            partial(self.election.resign, epoch)
+            if to is None
+            else partial(self.election.handover, epoch, to, request, planned, lsn)
+        )
+        # Sent, the term is over whatever etcd answers (see decide's left_term).
+        self._left_term = epoch
+        outcome = await self._send_step_down(send)
         self.term = None
         self.log.bind(epoch=None)
         if to is None or not planned:
             # After a failure, give the others the first chance to take over.
             self.holdoff_until = self.clock() + self.pair.failover.lease_ttl_s
         stopped_ms = round((self.clock() - started) * 1000)
-        self.log.info("stepped down", reason=reason, to=to, ok=ok, stop_ms=stopped_ms, epoch=epoch)
+        self.log.info(
+            "stepped down", reason=reason, to=to, outcome=outcome, stop_ms=stopped_ms, epoch=epoch
+        )
         if self.database is not None:
             self._db_task = asyncio.create_task(self._db_loop(), name="database")
         self.event(kind, reason, to=to, request=request, epoch=epoch)
         self._changed()
+
+    async def _send_step_down(self, send: StepDown) -> str:
+        """Send a step-down transaction. Unanswered, it is kept to be sent again (the
+        decision asks for that while the old key shows): never an error that would
+        leave the term running on a view of etcd that may lag."""
+        assert self.pair is not None
+        try:
+            revision = await send()
+        except StoreError as err:
+            if self._unanswered is None:
+                self.log.warning(
+                    "etcd did not answer the step-down: the term is over anyway; "
+                    "sending it again until etcd answers",
+                    error=str(err),
+                )
+            self._unanswered = send
+            return "unanswered"
+        self._unanswered = None
+        if revision is None:
+            return "key no longer ours"
+        self.pairs.apply_local(keys.leader(self.pair.name), None, revision)
+        return "done"
 
     async def _leave_pair(self) -> None:
         if self.term is not None:

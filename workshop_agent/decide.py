@@ -8,7 +8,8 @@ reach them:
 - services are started only with a live lease and a leader key that is ours;
 - an active that cannot prove its lease, or sees the leader key name anyone else,
   stops its services at once (fences);
-- an active steps down by stopping its services first and deleting its key after.
+- an active steps down by stopping its services first and deleting its key after;
+  once it has sent that deletion, the term is over whatever etcd answers.
 """
 
 from __future__ import annotations
@@ -99,6 +100,12 @@ class Observation:
     held_by: str | None = None
     """An active that cannot reach etcd holds the pair over the peer path, and this node
     promised it not to campaign meanwhile (see ``hold.py``)."""
+    left_term: int | None = None
+    """The newest term this node gave up with a step-down transaction. A leader key of
+    that term (or older) naming this node is a lagging view or a step-down etcd has not
+    answered: it is never taken up again."""
+    step_down_unanswered: bool = False
+    """etcd did not answer that step-down: whether it was applied is unknown."""
 
     @property
     def lease_ttl(self) -> float:
@@ -144,6 +151,14 @@ class Reclaim:
 
 
 @dataclass(frozen=True, slots=True)
+class SettleStepDown:
+    """Send again the step-down from ``epoch`` that etcd did not answer. It is guarded
+    by the epoch, so repeating one that etcd did apply changes nothing."""
+
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
 class Resign:
     reason: str
 
@@ -167,7 +182,17 @@ class RejectSwitchover:
     target: str | None = None
 
 
-Action = Fence | StartServices | Campaign | Adopt | Reclaim | Resign | Handover | RejectSwitchover
+Action = (
+    Fence
+    | StartServices
+    | Campaign
+    | Adopt
+    | Reclaim
+    | SettleStepDown
+    | Resign
+    | Handover
+    | RejectSwitchover
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +362,16 @@ def _as_standby(o: Observation) -> Decision:
         )
     leader = o.leader
     if leader is not None:
+        if leader.node == o.me and o.left_term is not None and leader.epoch <= o.left_term:
+            # Its services are stopped and the key is being given away: taking it up on
+            # a view that may lag etcd would run them next to the node that took over.
+            if o.step_down_unanswered:
+                return Decision(
+                    f"etcd did not answer the step-down from epoch {leader.epoch}: "
+                    "sending it again",
+                    (SettleStepDown(leader.epoch),),
+                )
+            return Decision(f"stepped down from epoch {leader.epoch}; waiting for etcd to show it")
         if leader.node == o.me and leader.lease == o.lease:
             return Decision(
                 f"leader key is ours (epoch {leader.epoch}): taking it up", (Adopt(leader.epoch),)

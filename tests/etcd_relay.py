@@ -1,0 +1,86 @@
+"""A TCP relay between one agent and etcd, to break or slow that one link on purpose.
+
+``cut()`` drops every connection and refuses new ones, as a broken link would;
+``heal()`` relays again. ``hold_after(marker, seconds)`` arms a delay: as soon as the
+agent sends a request whose bytes contain ``marker`` (an etcd key, which gRPC sends
+uncompressed), every byte etcd sends back on any connection is held until ``seconds``
+after that request passed, then delivered in order. etcd has applied the request by
+then; the agent saw its own call time out, and its watches lag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from harness import free_port
+
+
+class EtcdRelay:
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.removeprefix("http://").rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.port = free_port()
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        self._marker = b""
+        self._hold_s = 0.0
+        self._held_until = 0.0
+        self.triggered = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def heal(self) -> None:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        for w in list(self.writers):
+            w.transport.abort()
+        self.writers.clear()
+
+    def hold_after(self, marker: bytes, seconds: float) -> None:
+        """Hold etcd's answers for ``seconds`` once a request carrying ``marker`` passed."""
+        self._marker, self._hold_s = marker, seconds
+        self.triggered.clear()
+
+    def _saw(self, window: bytes) -> None:
+        if self._marker and self._marker in window:
+            self._held_until = asyncio.get_running_loop().time() + self._hold_s
+            self._marker = b""
+            self.triggered.set()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.writers |= {writer, up_writer}
+        loop = asyncio.get_running_loop()
+
+        async def requests() -> None:
+            tail = b""  # a marker may straddle two reads
+            with contextlib.suppress(OSError):
+                while data := await reader.read(65536):
+                    self._saw(tail + data)
+                    tail = data[-len(self._marker) :] if self._marker else b""
+                    up_writer.write(data)
+                    await up_writer.drain()
+            up_writer.transport.abort()
+
+        async def answers() -> None:
+            with contextlib.suppress(OSError):
+                while data := await up_reader.read(65536):
+                    # Read first, then wait: the bytes keep their order on the connection.
+                    await asyncio.sleep(max(0.0, self._held_until - loop.time()))
+                    writer.write(data)
+                    await writer.drain()
+            writer.transport.abort()
+
+        await asyncio.gather(requests(), answers())
+        self.writers -= {writer, up_writer}
