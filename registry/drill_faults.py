@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.agent_process import agent_node, alive
 from shared.records import NodeStatus, local_boot_id
 
 NFT_TABLE = "hapair_drill"
@@ -33,45 +34,6 @@ FAILSAFE_AFTER_S = 10.0
 
 class FaultError(Exception):
     """The fault cannot be inflicted from here; the message says why."""
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-
-
-def _environ(pid: int) -> dict[str, str]:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return {}
-    pairs = (item.decode(errors="replace").partition("=") for item in raw.split(b"\0") if item)
-    return {k: v for k, _, v in pairs}
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie is dead)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-def agent_node(pid: int) -> str | None:
-    """The node an hapair agent process runs for, or None if ``pid`` is no agent."""
-    argv = _cmdline(pid)
-    if not any("workshop_agent" in a or a.endswith("hapair-agent") for a in argv):
-        return None
-    for i, arg in enumerate(argv):
-        if arg == "--node" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--node="):
-            return arg.split("=", 1)[1]
-    return _environ(pid).get("HAPAIR_NODE")
 
 
 def local_agent(status: NodeStatus) -> int:

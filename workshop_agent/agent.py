@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import signal
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from shared import keys
+from shared.agent_process import runs_here
 from shared.log import EventLog
 from shared.records import (
     Endpoint,
@@ -43,6 +43,7 @@ from workshop_agent.database import Database, eligible
 from workshop_agent.election import Election, Session
 from workshop_agent.hold import Ledger, Promises
 from workshop_agent.netwatch import RESOURCE, NetWatch
+from workshop_agent.node_lock import NodeLocked, lock_node, machine_lock, unlock
 from workshop_agent.observe import PairObserver, PairState
 from workshop_agent.pg.errors import PgError
 from workshop_agent.pg.manager import PgManager
@@ -63,30 +64,6 @@ StepDown = Callable[[], Awaitable[int | None]]  # a resign or handover transacti
 
 class AgentError(Exception):
     """The agent cannot run at all (for example another agent holds this node)."""
-
-
-def lock_node(state_dir: Path, node: str) -> int:
-    """Hold ``{state_dir}/{node}.lock`` for the agent's life (and its watchdog's)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / f"{node}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + 5.0
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            # A previous run's watchdog may still be killing its services: give it a moment.
-            if time.monotonic() > deadline:
-                holder = path.read_text().strip() or "unknown"
-                os.close(fd)
-                raise AgentError(
-                    f"another hapair-agent runs for node {node} (pid {holder}, lock {path})"
-                ) from None
-            time.sleep(0.05)
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    return fd
 
 
 class Agent:
@@ -112,6 +89,8 @@ class Agent:
         self.ledger = Ledger()  # as the active: the peers' promises during an etcd loss
         self.promises = Promises()  # as a standby: those this node gave
         self._campaigning = False
+        self._previous_run: tuple[int, NodeStatus] | None = None  # lease, status at start
+        self._last_refused_reclaim: int | None = None  # for logging changes only
         self._left_term: int | None = None  # the newest term given up by a step-down
         self._unanswered: StepDown | None = None  # that step-down, if etcd did not answer
         self._newest_epoch: int | None = None
@@ -179,7 +158,11 @@ class Agent:
 
     # -- run --------------------------------------------------------------------------
     async def run(self) -> None:
-        lock_fd = lock_node(self.settings.state_dir, self.me)
+        try:
+            lock_fd = lock_node(self.settings.state_dir, self.me, self.me)
+        except NodeLocked as err:
+            raise AgentError(str(err)) from None
+        machine: tuple[int, Path] | None = None
         self.watchdog = WatchdogLink(keep_fds=(lock_fd,))
         self.watchdog.start()
         loop = asyncio.get_running_loop()
@@ -200,12 +183,55 @@ class Agent:
         try:
             await self._until_stopped(self._wait_for_topology())
             if not self._stopping.is_set():
+                machine = await self._claim_node()
+                self._begin()
                 self._spawn(self._publisher(), "publisher")
                 await self._until_stopped(self._loop())
         finally:
             await self._shutdown()
             self.watchdog.close()
-            os.close(lock_fd)
+            if machine is not None:
+                unlock(*machine)
+            unlock(lock_fd)
+
+    async def _claim_node(self) -> tuple[int, Path]:
+        """Refuse to run next to another agent of this node, whatever its state directory:
+        the machine's lock of this node, and the node's live status in etcd."""
+        key = keys.b(keys.node_status(self.me))
+        while True:
+            try:
+                got = await self.store.call(lambda: self.store.client.get_prefix(key))
+                break
+            except StoreError as err:
+                self.log.warning("cannot check for another agent of this node yet", error=str(err))
+                await asyncio.sleep(0.5)
+        try:
+            machine = machine_lock(int(got.header.cluster_id), self.me)
+        except NodeLocked as err:
+            raise AgentError(str(err)) from None
+        for kv in got.kvs:
+            with contextlib.suppress(RecordError):
+                status = decode(NodeStatus, bytes(kv.value), keys.node_status(self.me))
+                if bytes(kv.key) != key or status.pid == os.getpid():
+                    continue
+                if runs_here(status):
+                    unlock(*machine)
+                    raise AgentError(
+                        f"another hapair-agent runs for node {self.me} (pid {status.pid}, "
+                        "named by its live status in etcd)"
+                    )
+                self._previous_run = (int(kv.lease), status)
+        return machine
+
+    def _previous_run_gone(self, lease: int) -> str | None:
+        """Why the run of this node that holds ``lease`` may still be alive (None: gone)."""
+        if self._previous_run is None or self._previous_run[0] != lease:
+            return "its status was not in etcd when this agent started"
+        status = self._previous_run[1]
+        here = runs_here(status)
+        if here is None:
+            return f"it ran on another machine or boot (boot id {status.boot_id})"
+        return f"its agent (pid {status.pid}) still runs" if here else None
 
     async def _until_stopped(self, coro: Coroutine[Any, Any, None]) -> None:
         work = asyncio.ensure_future(coro)
@@ -239,7 +265,6 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
             self._wake.clear()
-        self._begin()
 
     def _load_topology(self) -> None:
         """Parse the topology key when it changed; an invalid one is reported and ignored."""
@@ -575,6 +600,17 @@ class Agent:
             case d.Adopt(epoch):
                 self._take_term(epoch, "took up its own leader key")
             case d.Reclaim(epoch, lease):
+                alive = self._previous_run_gone(lease)
+                if alive is not None:
+                    if self._last_refused_reclaim != epoch:
+                        self.log.error(
+                            "not taking back the leader key of this node: the run that holds "
+                            "it may be alive; waiting for its lease to lapse",
+                            why=alive,
+                            old_epoch=epoch,
+                        )
+                        self._last_refused_reclaim = epoch
+                    return
                 self.log.warning(
                     "taking back the leader key of this node's previous run",
                     old_epoch=epoch,

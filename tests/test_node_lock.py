@@ -1,0 +1,77 @@
+"""One agent per node: a second agent for a node that has one running is refused,
+whatever its state directory, and the first keeps its term."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+
+import pytest
+from cluster import AGENT, ROOT, Cluster, holds, until
+from harness import free_port
+from test_etcd_loss import service_pids
+from test_failover import pair, two_nodes
+
+from shared import keys
+from shared.records import Leader, NodeStatus
+
+pytestmark = pytest.mark.e2e
+
+LIVE_S = 10.0  # a lease the test keeps alive itself
+
+
+async def test_a_second_agent_for_a_node_is_refused_whatever_its_state_dir(
+    cluster: Cluster,
+) -> None:
+    _, epoch = await two_nodes(cluster, 61)
+    pids = service_pids(cluster, "a")
+    other = cluster.tmp / "another-state-dir"
+    second = await asyncio.to_thread(
+        subprocess.run,
+        [*AGENT, "--node", "a", "--etcd", cluster.etcd.url, "--state-dir", str(other)],
+        cwd=ROOT,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.DEVNULL,
+        timeout=20,
+    )
+    assert second.returncode != 0
+    message = second.stderr.decode()
+    assert f"another hapair-agent runs for node a (pid {cluster.agents['a'].pid}" in message
+    assert await cluster.leader("p") == ("a", epoch), "the first agent lost its term"
+    assert service_pids(cluster, "a") == pids, "the first agent's service was restarted"
+    assert not await cluster.events("reclaim")
+
+
+async def test_the_leader_key_of_a_run_this_machine_cannot_judge_is_not_taken_back(
+    cluster: Cluster,
+) -> None:
+    """The key names node a on a live lease whose status says another boot: that run
+    may be alive (a reboot takes longer than a lease), so a waits for the lease to lapse
+    instead of taking the key from it."""
+    await cluster.apply(cluster.site([pair("p", ["a", "b"], 62, free_port(), cluster.record)]))
+    store = cluster.store
+    lease = await store.grant(LIVE_S)
+    status = NodeStatus(
+        node="a", pair="p", address="127.0.62.1", role="active", pid=1, boot_id="another-boot"
+    )
+    await store.put(keys.node_status("a"), status.encode(), lease=lease)
+    await store.put(keys.leader("p"), Leader(node="a").encode(), lease=lease)
+    old = await cluster.leader("p")
+    cluster.start("a")
+
+    async def still_old() -> bool:
+        await store.keepalive(lease)
+        return await cluster.leader("p") == old
+
+    await until(
+        lambda: asyncio.sleep(0, "not taking back the leader key" in cluster.log("a")),
+        20,
+        "a refuses to take the key back",
+    )
+    await holds(still_old, 3.0, "a took the key of a run it cannot judge")
+    assert not await cluster.events("reclaim")
+    await store.revoke(lease)
+    node, _ = await cluster.active("p", timeout=20)
+    assert node == "a"
