@@ -19,6 +19,9 @@ from etcd_relay import EtcdRelay
 from harness import EtcdCluster, free_port
 from test_failover import pair
 
+from shared import keys
+from shared.records import Switchover
+
 pytestmark = pytest.mark.e2e
 
 LOST_S = 6.0  # etcd gone for three lease TTLs: far past every fence point
@@ -185,4 +188,39 @@ async def test_active_cut_from_etcd_holds_while_its_peer_hears_it(cluster: Clust
     assert "not campaigning: a peer holds the pair" in cluster.log("b")
     await relay.heal()
     await cluster.active("p", not_epoch=epoch, timeout=20)
+    await relay.cut()
+
+
+async def test_a_restarted_standby_keeps_the_promise_its_earlier_run_gave(
+    cluster: Cluster,
+) -> None:
+    """b is active and cut from etcd; a, the main, promised b not to campaign. a's agent
+    is killed and started again: the new run knows nothing of that promise, yet must not
+    campaign while it could still hold, though a is the main and etcd shows no active.
+    A long lease keeps b on its promises for seconds, so a wrong campaign overlaps."""
+    ttl = 8.0
+    relay = EtcdRelay(cluster.etcd.url)
+    await relay.heal()
+    spec = with_peer_path(pair("p", ["a", "b"], 47, free_port(), cluster.record), 47)
+    spec["failover"] = {"lease_ttl_s": ttl}
+    await cluster.apply(cluster.site([spec]))
+    cluster.start("a")
+    _, epoch = await cluster.active("p", node="a", timeout=20)
+    cluster.start("b", "--etcd", relay.url)
+    await cluster.standby("b", timeout=20)
+    await cluster.store.put(keys.switchover("p"), Switchover(to="b").encode())
+    await cluster.active("p", node="b", not_epoch=epoch, timeout=20)
+    pids = service_pids(cluster, "b")
+    await relay.cut()
+
+    async def key_expired() -> bool:
+        return await cluster.leader("p") is None
+
+    await until(key_expired, 3 * ttl, "b's leader key expired in etcd")
+    assert "not campaigning: a peer holds the pair" in cluster.log("a")
+    cluster.crash("a")
+    cluster.start("a")
+    await holds(only(cluster, "b", pids), ttl + 2.0, "a campaigned on a promise it forgot")
+    await relay.heal()
+    await cluster.active("p", not_epoch=epoch, timeout=30)
     await relay.cut()

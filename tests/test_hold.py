@@ -7,7 +7,7 @@ import json
 import pytest
 from test_decide import obs
 
-from workshop_agent.decide import Campaign, decide
+from workshop_agent.decide import Campaign, HandoverView, decide
 from workshop_agent.hold import Ledger, Promises
 from workshop_agent.probes import Hold, HoldReply, Release, decode, encode
 
@@ -135,3 +135,13 @@ def test_a_node_that_promised_does_not_campaign() -> None:
     decision = decide(obs("b", held_by="a (epoch 5)"))
     assert decision.actions == ()
     assert "a (epoch 5) holds the pair over the peer path" in decision.reason
+
+
+def test_a_restarted_node_waits_out_the_promises_its_previous_run_may_have_given() -> None:
+    waiting = decide(obs("a", forgotten_promises_until=100.5))
+    assert waiting.actions == ()
+    assert "previous run of this agent may have given" in waiting.reason
+    assert [type(a) for a in decide(obs("a", forgotten_promises_until=100.0)).actions] == [Campaign]
+    to_me = HandoverView("a", "b", 9, seen_at=99.9)
+    handed = decide(obs("a", forgotten_promises_until=100.5, handover=to_me))
+    assert [type(a) for a in handed.actions] == [Campaign], "a handover is not delayed"

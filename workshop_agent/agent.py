@@ -89,6 +89,7 @@ class Agent:
         self.ledger = Ledger()  # as the active: the peers' promises during an etcd loss
         self.promises = Promises()  # as a standby: those this node gave
         self._campaigning = False
+        self._claimed_at = 0.0  # when this run took the node's machine lock
         self._previous_run: tuple[int, NodeStatus] | None = None  # lease, status at start
         self._last_refused_reclaim: int | None = None  # for logging changes only
         self._left_term: int | None = None  # the newest term given up by a step-down
@@ -184,6 +185,9 @@ class Agent:
             await self._until_stopped(self._wait_for_topology())
             if not self._stopping.is_set():
                 machine = await self._claim_node()
+                # The previous run of this agent held that lock until it died: a promise
+                # it gave over the peer path ran out one lease TTL after, at the latest.
+                self._claimed_at = self.clock()
                 self._begin()
                 self._spawn(self._publisher(), "publisher")
                 await self._until_stopped(self._loop())
@@ -580,6 +584,11 @@ class Agent:
             db_eligible=self._db_eligible(),
             held_by=held_by,
             left_term=self._left_term,
+            forgotten_promises_until=(
+                self._claimed_at + self.pair.failover.lease_ttl_s
+                if self.pair.network is not None
+                else -float("inf")
+            ),
             step_down_unanswered=self._unanswered is not None,
             switchover=st.switchover,
             handover=st.handover,

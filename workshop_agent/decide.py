@@ -106,6 +106,9 @@ class Observation:
     answered: it is never taken up again."""
     step_down_unanswered: bool = False
     """etcd did not answer that step-down: whether it was applied is unknown."""
+    forgotten_promises_until: float = -float("inf")
+    """A promise not to campaign that an earlier run of this agent gave over the peer
+    path is forgotten at a restart; it has run out by then."""
 
     @property
     def lease_ttl(self) -> float:
@@ -403,6 +406,11 @@ def _campaign(o: Observation) -> Decision:
         if not o.healthy:
             return Decision("handover to this node, but it is not healthy: waiting")
         return Decision("handover to this node: campaigning", (Campaign(),))
+    if o.now < o.forgotten_promises_until:
+        return Decision(
+            "no active node; a promise not to campaign that the previous run of this "
+            "agent may have given could still hold: waiting"
+        )
     if o.paused:
         return Decision("no active node; pair paused: no automatic failover")
     node = o.pair.node(o.me)

@@ -33,6 +33,10 @@ real time t_k and a peer P receive it at r_k ≥ t_k.
 A handover record that A itself wrote for that term, or a release A sends over the peer
 path, ends P's promise at once: A sends either only once its services have stopped.
 
+A promise lives in memory only. P's agent restarted forgets it, so a new run does not
+campaign (outside a handover to it) until the lease TTL after it took its node's lock,
+which the run that promised held until it died: after every promise that run gave.
+
 This module is the pure bookkeeping of both sides; the agent carries the datagrams.
 """
 
