@@ -91,6 +91,9 @@ class NodeStatus(Record):
     boot_id: str | None = None
     """The agent's machine and boot (``/proc/sys/kernel/random/boot_id``): with ``pid``,
     tells a tool on a machine whether that agent runs there (``hapair drill``)."""
+    held_by: str | None = None
+    """The node this one promised, over the peer path, not to campaign against: an
+    active that holds the pair while it cannot reach etcd."""
     updated: float = Field(default_factory=now_wall)
 
 

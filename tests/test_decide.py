@@ -110,6 +110,25 @@ UP = {"b": PeerView("standby", True), "c": PeerView("standby", True)}
             [],
         ),
         ("own key of a newer term: adopt", obs(leader=MINE, left_term=4), [Adopt]),
+        (
+            "a peer promised an active this node may not know of: no campaign",
+            obs(me="c", peers={"b": PeerView("standby", True, held_by="a")}),
+            [],
+        ),
+        (
+            "a peer still bound by a promise to this node: campaign",
+            obs(peers={"b": PeerView("standby", True, held_by="a")}),
+            [Campaign],
+        ),
+        (
+            "a peer bound by a promise, handover to this node: campaign",
+            obs(
+                me="c",
+                peers={"b": PeerView("standby", True, held_by="a")},
+                handover=HandoverView("c", "a", 3, 100.0),
+            ),
+            [Campaign],
+        ),
         ("another active: standby", obs(me="b", leader=MINE), []),
         ("paused: no campaign", obs(me="b", paused=True, peers={}), []),
         ("view not synced: no campaign", obs(synced=False), []),

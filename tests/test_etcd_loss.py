@@ -224,3 +224,35 @@ async def test_a_restarted_standby_keeps_the_promise_its_earlier_run_gave(
     await relay.heal()
     await cluster.active("p", not_epoch=epoch, timeout=30)
     await relay.cut()
+
+
+async def test_a_node_added_while_the_active_is_cut_off_does_not_campaign(
+    cluster: Cluster,
+) -> None:
+    """a is cut from etcd and holds the pair on b's promise. c is added to the pair
+    meanwhile: a never sees the topology that lists c, so never asks c to hold. c sees
+    no leader key, yet must not campaign while a may still hold the pair."""
+    relay = EtcdRelay(cluster.etcd.url)
+    await relay.heal()
+    spec = with_peer_path(pair("p", ["a", "b"], 48, free_port(), cluster.record), 48)
+    await cluster.apply(cluster.site([spec]))
+    cluster.start("a", "--etcd", relay.url)
+    _, epoch = await cluster.active("p", node="a", timeout=20)
+    cluster.start("b")
+    await cluster.standby("b", timeout=20)
+    pids = service_pids(cluster, "a")
+    await relay.cut()
+
+    async def key_expired() -> bool:
+        return await cluster.leader("p") is None
+
+    await until(key_expired, 10, "a's leader key expired in etcd")
+    grown = pair("p", ["a", "b", "c"], 48, 0, cluster.record)
+    await cluster.apply(cluster.site([{**spec, "nodes": grown["nodes"]}]))
+    cluster.start("c")
+    await until(lambda: cluster.status("c"), 20, "c's agent up")
+    # Longer than every wait a fresh agent makes before its first campaign.
+    await holds(only(cluster, "a", pids), LOST_S, "c campaigned while a held the pair")
+    await relay.heal()
+    await cluster.active("p", not_epoch=epoch, timeout=30)
+    await relay.cut()

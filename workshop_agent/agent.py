@@ -41,7 +41,7 @@ from workshop_agent import recovery
 from workshop_agent.clock import boottime
 from workshop_agent.database import Database, eligible
 from workshop_agent.election import Election, Session
-from workshop_agent.hold import Ledger, Promises
+from workshop_agent.hold import Ledger, Promise, Promises
 from workshop_agent.netwatch import RESOURCE, NetWatch
 from workshop_agent.node_lock import NodeLocked, lock_node, machine_lock, unlock
 from workshop_agent.observe import PairObserver, PairState
@@ -96,6 +96,7 @@ class Agent:
         self._unanswered: StepDown | None = None  # that step-down, if etcd did not answer
         self._newest_epoch: int | None = None
         self._held_by: str | None = None  # for logging changes only
+        self._promised_to: str | None = None  # the node this one promised not to campaign against
         self._demoting = 0  # fence-time demotions of the database still running
         self._holding = False  # for logging changes only
         self._last_report: tuple[int, bytes] = (0, b"")
@@ -503,11 +504,10 @@ class Agent:
         self.promises.release(release.sender, release.epoch)
         self._wake.set()
 
-    def _binding_promise(self, now: float) -> str | None:
+    def _binding_promise(self, now: float) -> Promise | None:
         handover = self._state.handover if self._state else None
         released = [(handover.from_node, handover.epoch)] if handover is not None else []
-        promise = self.promises.binding(now, released)
-        return None if promise is None else f"{promise.node} (epoch {promise.epoch})"
+        return self.promises.binding(now, released)
 
     def _vip_step(self) -> None:
         """The pair's virtual address is held exactly while the active services may run."""
@@ -552,11 +552,14 @@ class Agent:
         if st.leader is not None:
             self.last_leader = st.leader.node
             self._newest_epoch = max(self._newest_epoch or 0, st.leader.epoch)
-        held_by = self._binding_promise(now)
+        promise = self._binding_promise(now)
+        held_by = None if promise is None else f"{promise.node} (epoch {promise.epoch})"
         if held_by != self._held_by:
             if held_by is not None:
                 self.log.warning("not campaigning: a peer holds the pair", holder=held_by)
             self._held_by = held_by
+            self._promised_to = None if promise is None else promise.node
+            self._dirty.set()  # the status names the holder: nodes it does not know wait
         self._state = st
         healthy, _ = self.supervisor.healthy()
         return d.Observation(
@@ -1060,6 +1063,7 @@ class Agent:
             ),
             pid=os.getpid(),
             boot_id=local_boot_id(),
+            held_by=self._promised_to,
         )
         raw = status.model_copy(update={"updated": 0.0}).encode()
         if (lease, raw) != self._last_status:  # a new lease needs the status again

@@ -37,6 +37,8 @@ class PeerView:
     healthy: bool
     healthy_since: float | None = None
     reaches: frozenset[str] = frozenset()
+    held_by: str | None = None
+    """The active this peer promised not to campaign against (see ``hold.py``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,6 +408,15 @@ def _campaign(o: Observation) -> Decision:
         if not o.healthy:
             return Decision("handover to this node, but it is not healthy: waiting")
         return Decision("handover to this node: campaigning", (Campaign(),))
+    # An active cut off from etcd holds the pair on the promises of the nodes it knows;
+    # one added to the pair since then it never asks, so that node waits while any node
+    # of the pair is bound by such a promise.
+    holders = sorted({p.held_by for p in o.peers.values() if p.held_by} - {o.me})
+    if holders:
+        return Decision(
+            f"no active node in etcd, but {', '.join(holders)} holds the pair over the "
+            "peer path (other nodes promised it not to campaign): waiting"
+        )
     if o.now < o.forgotten_promises_until:
         return Decision(
             "no active node; a promise not to campaign that the previous run of this "

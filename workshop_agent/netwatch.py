@@ -8,6 +8,7 @@ targets, and nobody moves when no node reaches them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,6 +90,9 @@ class NetWatch:
             return
         self._key = key
         await self.close()
+        # A transport closes its socket on the loop's next turn: the new peer path binds
+        # the same port.
+        await asyncio.sleep(0)
         if pair.network is None:
             self.state = None
             return

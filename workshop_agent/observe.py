@@ -91,7 +91,11 @@ class PairObserver:
                 if r.ok
             )
             peers[n.name] = PeerView(
-                status.role, status.healthy, self._healthy_since.get(n.name), reaches
+                status.role,
+                status.healthy,
+                self._healthy_since.get(n.name),
+                reaches,
+                status.held_by,
             )
         drained = frozenset(n.name for n in pair.nodes if keys.drained(n.name) in nodes)
         switchover, raw = self._switchover(pairs.get(keys.switchover(pair.name)))
