@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from cluster import Cluster, holds
 from harness import free_port
 from site_records import SITE_YAML, FakeAgent, apply_site
+from test_failover import two_nodes
 
 from registry.app import create_app
 from shared import keys, records
@@ -23,6 +25,7 @@ from shared.store import Store
 
 HAPAIR = str(Path(sys.executable).parent / "hapair")
 DEADLINE_S = 10.0
+LEASE_TTL_S = 2.0  # the default of a pair
 
 
 @dataclass
@@ -459,3 +462,44 @@ async def test_takeover_warns_then_forces_only_a_pair_without_an_active(
     assert kv.lease, "the request must lapse by itself"
     down = await hapair("takeover", "asm", "asm-x", "--yes", etcd=etcd.url)
     assert down.code == 1 and "asm-x is not a node of pair asm" in down.err
+
+
+# ---- against real agents ----------------------------------------------------------
+
+
+async def test_switchover_through_the_command_line_with_real_agents(cluster: Cluster) -> None:
+    _, epoch = await two_nodes(cluster, 64)
+    run = await hapair("switchover", "p", "--to", "b", etcd=cluster.etcd.url)
+    assert run.code == 0, run.err
+    lines = run.out.splitlines()
+    assert lines[0].endswith("): a -> b")
+    new = await cluster.leader("p")
+    assert new is not None and new[0] == "b" and new[1] > epoch
+    assert lines[-1].startswith(f"pair p: b is active now (epoch {new[1]}, was a epoch {epoch})")
+    await cluster.active("p", node="b", not_epoch=epoch)
+    # Back to a, now that it is the standby.
+    await cluster.standby("a")
+    run = await hapair("switchover", "p", etcd=cluster.etcd.url)
+    assert run.code == 0, run.err
+    assert (await cluster.leader("p") or ("",))[0] == "a"
+
+
+async def test_drain_through_the_command_line_with_real_agents(cluster: Cluster) -> None:
+    _, epoch = await two_nodes(cluster, 65)
+    run = await hapair("drain", "a", "--reason", "disk swap", etcd=cluster.etcd.url)
+    assert run.code == 0, run.err
+    lines = run.out.splitlines()
+    assert lines[0] == "node a drained: it will not become active"
+    assert lines[-1].startswith("pair p: b is active now")
+    _, epoch_b = await cluster.active("p", node="b", not_epoch=epoch)
+    # Drained, a does not take the pair back when b stops.
+    cluster.signal("b", signal.SIGTERM)
+    cluster.agents["b"].wait(15)
+    await holds(lambda: _leaderless(cluster), 2 * LEASE_TTL_S, "a drained node took over")
+    run = await hapair("undrain", "a", etcd=cluster.etcd.url)
+    assert run.code == 0 and run.out.startswith("node a undrained: eligible again")
+    await cluster.active("p", node="a", not_epoch=epoch_b)
+
+
+async def _leaderless(c: Cluster) -> bool:
+    return await c.leader("p") is None
