@@ -21,8 +21,10 @@ import pytest
 from cluster import until
 from harness import PYTHON, ROOT, free_port
 from netns import IFNAME, Lab, unavailable
-from vip_lab import LabSite, afetch, has, mac, neighbour, service, until_has
+from vip_lab import LabSite, VipWatch, afetch, has, mac, neighbour, service, until_has
 
+from shared import keys
+from shared.records import Switchover
 from shared.topology import TopologyError, parse_site
 
 NO_LAB = unavailable()
@@ -121,7 +123,7 @@ def test_watchdog_removes_the_vip_at_the_deadline_and_when_the_agent_is_gone() -
 # ---- end to end, in namespaces -------------------------------------------------------
 
 
-async def _start_pair(site: LabSite) -> int:
+async def _start_pair(site: LabSite, **extra: Any) -> int:
     port = free_port()
     c = site.cluster
     pair = {
@@ -129,6 +131,7 @@ async def _start_pair(site: LabSite) -> int:
         "nodes": [site.node_entry("a"), site.node_entry("b")],
         "services": [service("p-svc", port, c.record, critical=True)],
         "vip": {"address": VIP, "interface": IFNAME},
+        **extra,
     }
     await c.apply(c.site([pair]))
     c.start("a")
@@ -202,12 +205,14 @@ async def test_fenced_and_frozen_nodes_remove_the_vip(tmp_path: Path) -> None:
 
         # a cut off from etcd and from b (the client still reaches it): a fences itself
         # before its lease can expire, and removes the address as it does.
-        site.lab.partition(a, etcd)
-        site.lab.partition(a, b)
-        cut = time.monotonic()
-        gone = await until_has(a, VIP, present=False, timeout=5)
-        on_b = await until_has(b, VIP, timeout=10)
-        assert gone < on_b, "the address was on both nodes at once"
+        async with VipWatch(a, b, VIP) as watch:
+            site.lab.partition(a, etcd)
+            site.lab.partition(a, b)
+            cut = time.monotonic()
+            gone = await until_has(a, VIP, present=False, timeout=5)
+            await until_has(b, VIP, timeout=10)
+        assert watch.held("a") and watch.held("b")
+        assert not watch.overlaps, f"the address was on both nodes at once: {watch.overlaps[:1]}"
         assert gone - cut < 2.0, f"removed {gone - cut:.2f} s after the cut, past the lease TTL"
         await _served_by(site, port, "b")
         site.lab.heal(a, etcd)
@@ -231,4 +236,77 @@ async def test_fenced_and_frozen_nodes_remove_the_vip(tmp_path: Path) -> None:
         await c.standby("b", timeout=15)
         assert has(a, VIP) and not has(b, VIP)
         assert _vip_mentions(site, "b", f"removing virtual address(es) {VIP}")  # the watchdog
+    site.cluster.assert_no_overlap()
+
+
+async def _moved(site: LabSite, new: str, epoch: int) -> int:
+    """Wait until ``new`` is active and holds the address; its epoch."""
+    c = site.cluster
+    _, epoch = await c.active("p", node=new, not_epoch=epoch, timeout=20)
+    await until_has(site[new], VIP, timeout=10)
+    return epoch
+
+
+@needs_lab
+@pytest.mark.e2e
+async def test_switchover_and_resignation_move_the_vip_never_on_both(tmp_path: Path) -> None:
+    async with LabSite(tmp_path, ["a", "b"]) as site:
+        port = await _start_pair(site)
+        c = site.cluster
+        a, b = site["a"], site["b"]
+        await until_has(a, VIP)
+        _, epoch = await c.active("p", node="a")
+
+        async with VipWatch(a, b, VIP) as watch:
+            await c.store.put(keys.switchover("p"), Switchover(to="b").encode())
+            epoch = await _moved(site, "b", epoch)
+        assert watch.held("a") and watch.held("b")
+        assert not watch.overlaps, f"on both nodes at once: {watch.overlaps[:1]}"
+        assert not has(a, VIP)
+        await _served_by(site, port, "b")
+        await c.standby("a", timeout=15)
+
+        # b's critical service dies: b resigns, and a takes over.
+        status = await c.status("b")
+        assert status is not None
+        (pid,) = [s.pid for s in status.services if s.name == "p-svc" and s.pid]
+        async with VipWatch(b, a, VIP) as watch:
+            c.kill_service(pid)
+            await _moved(site, "a", epoch)
+        assert watch.held("b") and watch.held("a")
+        assert not watch.overlaps, f"on both nodes at once: {watch.overlaps[:1]}"
+        assert not has(b, VIP)
+        await _served_by(site, port, "a")
+    site.cluster.assert_no_overlap()
+
+
+@needs_lab
+@pytest.mark.e2e
+async def test_an_isolated_active_hands_over_and_the_vip_follows(tmp_path: Path) -> None:
+    """a can no longer reach the plant network (the client host stands for it) but still
+    reaches etcd and b: it hands the pair over to b, which still reaches it."""
+    async with LabSite(tmp_path, ["a", "b"]) as site:
+        a, b, client = site["a"], site["b"], site["client"]
+        network = {
+            "probe_targets": [client.address],
+            "probe_interval_s": 0.2,
+            "isolation_after_s": 1.0,
+            "peer_port": 7400,
+        }
+        port = await _start_pair(site, network=network)
+        c = site.cluster
+        await until_has(a, VIP)
+        _, epoch = await c.active("p", node="a")
+        async with VipWatch(a, b, VIP) as watch:
+            site.lab.partition(a, client)
+            await _moved(site, "b", epoch)
+        assert watch.held("a") and watch.held("b")
+        assert not watch.overlaps, f"on both nodes at once: {watch.overlaps[:1]}"
+        assert not has(a, VIP)
+        handovers = await c.events("switchover")
+        assert [(e["node"], e["reason"]) for e in handovers] == [
+            ("a", "network lost on the active")
+        ]
+        await _served_by(site, port, "b")
+        site.lab.heal(a, client)
     site.cluster.assert_no_overlap()

@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -261,6 +262,54 @@ async def until_has(host: Host, cidr: str, present: bool = True, timeout: float 
 
     what = f"{cidr} {'on' if present else 'gone from'} {host.name}"
     return await until(seen, timeout, what, step=0.01)
+
+
+class VipWatch:
+    """Where ``cidr`` is on two hosts, looked at in turn, back to back, for as long as
+    the ``async with`` lasts.
+
+    Two hosts cannot be read at one instant, so a sample of one host that saw the
+    address, taken between two samples of the other host that both saw it, proves that
+    both held it at once (``overlaps``). Waiting for the address to leave one host
+    before looking at the other would prove nothing.
+    """
+
+    def __init__(self, first: Host, second: Host, cidr: str) -> None:
+        self.hosts = (first, second)
+        self.cidr = cidr
+        self.samples: list[tuple[str, bool, float]] = []  # host, has it, when
+        self._stop = threading.Event()
+        self._task: asyncio.Future[None] | None = None
+
+    async def __aenter__(self) -> VipWatch:
+        self._task = asyncio.ensure_future(asyncio.to_thread(self._run))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._task is not None
+        await self._task
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            stopping = self._stop.is_set()  # one whole round after the stop, to see the end
+            for host in self.hosts:
+                self.samples.append((host.name, has(host, self.cidr), time.monotonic()))
+
+    def held(self, name: str) -> bool:
+        """``name`` was seen holding the address during the watch."""
+        return any(host == name and on for host, on, _ in self.samples)
+
+    @property
+    def overlaps(self) -> list[tuple[float, float]]:
+        """(from, to) of each sandwich that proves both hosts held the address."""
+        s = self.samples
+        return [
+            (s[i - 1][2], s[i + 1][2])
+            for i in range(1, len(s) - 1)
+            if s[i - 1][1] and s[i][1] and s[i + 1][1] and s[i - 1][0] == s[i + 1][0]
+        ]
 
 
 if __name__ == "__main__":
