@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 from cluster import AGENT, ROOT, Cluster, holds, until
 from harness import free_port
+from netns import unavailable
 from test_etcd_loss import service_pids
 from test_failover import pair, two_nodes
+from vip_lab import LabSite, service
 
 from shared import keys
 from shared.records import Leader, NodeStatus
@@ -19,6 +22,7 @@ from shared.records import Leader, NodeStatus
 pytestmark = pytest.mark.e2e
 
 LIVE_S = 10.0  # a lease the test keeps alive itself
+NO_LAB = unavailable()
 
 
 async def test_a_second_agent_for_a_node_is_refused_whatever_its_state_dir(
@@ -42,6 +46,40 @@ async def test_a_second_agent_for_a_node_is_refused_whatever_its_state_dir(
     assert await cluster.leader("p") == ("a", epoch), "the first agent lost its term"
     assert service_pids(cluster, "a") == pids, "the first agent's service was restarted"
     assert not await cluster.events("reclaim")
+
+
+@pytest.mark.skipif(NO_LAB is not None, reason=f"no network namespaces: {NO_LAB}")
+async def test_a_second_agent_with_another_machine_lock_is_refused_by_the_live_status(
+    tmp_path: Path,
+) -> None:
+    """Started in another network namespace of the machine, the second agent takes
+    another machine lock; the node's live status in etcd, naming an agent of this node
+    alive on this machine, refuses it all the same."""
+    async with LabSite(tmp_path, ["a", "b"]) as site:
+        c = site.cluster
+        spec = {"name": "p", "nodes": [site.node_entry("a"), site.node_entry("b")]}
+        spec["services"] = [service("p-svc", free_port(), c.record, critical=True)]
+        await c.apply(c.site([spec]))
+        c.start("a")
+        _, epoch = await c.active("p", node="a", timeout=20)
+        argv = [*AGENT, "--node", "a", "--etcd", c.etcd_url, "--state-dir", str(tmp_path / "x")]
+        second = await asyncio.to_thread(
+            subprocess.run,
+            site["client"].argv(*argv),
+            cwd=ROOT,
+            capture_output=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdin=subprocess.DEVNULL,
+            timeout=20,
+        )
+        assert second.returncode != 0
+        pid = c.agents["a"].pid
+        assert (
+            f"another hapair-agent runs for node a (pid {pid}, named by its live status in etcd)"
+            in second.stderr.decode()
+        )
+        assert await c.leader("p") == ("a", epoch), "the first agent lost its term"
+    c.assert_no_overlap()
 
 
 async def test_the_leader_key_of_a_run_this_machine_cannot_judge_is_not_taken_back(

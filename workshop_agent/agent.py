@@ -90,6 +90,7 @@ class Agent:
         self.promises = Promises()  # as a standby: those this node gave
         self._campaigning = False
         self._claimed_at = 0.0  # when this run took the node's machine lock
+        self._machine_lock: tuple[int, Path] | None = None
         self._previous_run: tuple[int, NodeStatus] | None = None  # lease, status at start
         self._last_refused_reclaim: int | None = None  # for logging changes only
         self._left_term: int | None = None  # the newest term given up by a step-down
@@ -164,7 +165,8 @@ class Agent:
             lock_fd = lock_node(self.settings.state_dir, self.me, self.me)
         except NodeLocked as err:
             raise AgentError(str(err)) from None
-        machine: tuple[int, Path] | None = None
+        except OSError as err:
+            raise AgentError(f"cannot lock node {self.me} in its state directory: {err}") from None
         self.watchdog = WatchdogLink(keep_fds=(lock_fd,))
         self.watchdog.start()
         loop = asyncio.get_running_loop()
@@ -176,44 +178,51 @@ class Agent:
             pid=os.getpid(),
             state_dir=str(self.settings.state_dir),
         )
-        for mirror, name in (
-            (self.topology, "topology"),
-            (self.pairs, "pairs"),
-            (self.nodes, "nodes"),
-        ):
-            self._spawn(mirror.run(), f"mirror-{name}")
         try:
-            await self._until_stopped(self._wait_for_topology())
+            # First, before anything watches etcd: a refused agent leaves at once.
+            await self._until_stopped(self._claim_node())
             if not self._stopping.is_set():
-                machine = await self._claim_node()
-                # The previous run of this agent held that lock until it died: a promise
-                # it gave over the peer path ran out one lease TTL after, at the latest.
-                self._claimed_at = self.clock()
+                for mirror, name in (
+                    (self.topology, "topology"),
+                    (self.pairs, "pairs"),
+                    (self.nodes, "nodes"),
+                ):
+                    self._spawn(mirror.run(), f"mirror-{name}")
+                await self._until_stopped(self._wait_for_topology())
+            if not self._stopping.is_set():
                 self._begin()
                 self._spawn(self._publisher(), "publisher")
                 await self._until_stopped(self._loop())
         finally:
             await self._shutdown()
             self.watchdog.close()
-            if machine is not None:
-                unlock(*machine)
+            if self._machine_lock is not None:
+                unlock(*self._machine_lock)
             unlock(lock_fd)
 
-    async def _claim_node(self) -> tuple[int, Path]:
+    async def _claim_node(self) -> None:
         """Refuse to run next to another agent of this node, whatever its state directory:
         the machine's lock of this node, and the node's live status in etcd."""
         key = keys.b(keys.node_status(self.me))
+        said = ""
         while True:
             try:
                 got = await self.store.call(lambda: self.store.client.get_prefix(key))
                 break
             except StoreError as err:
-                self.log.warning("cannot check for another agent of this node yet", error=str(err))
+                if str(err) != said:
+                    self.log.warning(f"waiting for etcd at {self.store.describe}: {err}")
+                    said = str(err)
                 await asyncio.sleep(0.5)
         try:
             machine = machine_lock(int(got.header.cluster_id), self.me)
         except NodeLocked as err:
             raise AgentError(str(err)) from None
+        except OSError as err:
+            raise AgentError(f"cannot lock node {self.me} on this machine: {err}") from None
+        # The previous run of this agent held that lock until it died: a promise it gave
+        # over the peer path ran out one lease TTL after, at the latest.
+        self._claimed_at = self.clock()
         for kv in got.kvs:
             with contextlib.suppress(RecordError):
                 status = decode(NodeStatus, bytes(kv.value), keys.node_status(self.me))
@@ -226,7 +235,7 @@ class Agent:
                         "named by its live status in etcd)"
                     )
                 self._previous_run = (int(kv.lease), status)
-        return machine
+        self._machine_lock = machine
 
     def _previous_run_gone(self, lease: int) -> str | None:
         """Why the run of this node that holds ``lease`` may still be alive (None: gone)."""
