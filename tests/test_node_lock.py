@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,24 +26,32 @@ LIVE_S = 10.0  # a lease the test keeps alive itself
 NO_LAB = unavailable()
 
 
-async def test_a_second_agent_for_a_node_is_refused_whatever_its_state_dir(
-    cluster: Cluster,
-) -> None:
-    _, epoch = await two_nodes(cluster, 61)
-    pids = service_pids(cluster, "a")
-    other = cluster.tmp / "another-state-dir"
+async def second_agent(
+    etcd: str, state_dir: Path, where: Callable[..., list[str]] = lambda *argv: list(argv)
+) -> str:
+    """Start another agent for node a; it must exit non-zero. What it said on stderr."""
+    argv = [*AGENT, "--node", "a", "--etcd", etcd, "--state-dir", str(state_dir)]
     second = await asyncio.to_thread(
         subprocess.run,
-        [*AGENT, "--node", "a", "--etcd", cluster.etcd.url, "--state-dir", str(other)],
+        where(*argv),
         cwd=ROOT,
         capture_output=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdin=subprocess.DEVNULL,
         timeout=20,
     )
-    assert second.returncode != 0
-    message = second.stderr.decode()
-    assert f"another hapair-agent runs for node a (pid {cluster.agents['a'].pid}" in message
+    assert second.returncode != 0, second.stderr.decode()
+    return second.stderr.decode()
+
+
+async def test_a_second_agent_for_a_node_is_refused_whatever_its_state_dir(
+    cluster: Cluster,
+) -> None:
+    _, epoch = await two_nodes(cluster, 61)
+    pids = service_pids(cluster, "a")
+    other = cluster.tmp / "another-state-dir"
+    refused = await second_agent(cluster.etcd.url, other)
+    assert f"another hapair-agent runs for node a (pid {cluster.agents['a'].pid}" in refused
     assert await cluster.leader("p") == ("a", epoch), "the first agent lost its term"
     assert service_pids(cluster, "a") == pids, "the first agent's service was restarted"
     assert not await cluster.events("reclaim")
@@ -62,21 +71,11 @@ async def test_a_second_agent_with_another_machine_lock_is_refused_by_the_live_s
         await c.apply(c.site([spec]))
         c.start("a")
         _, epoch = await c.active("p", node="a", timeout=20)
-        argv = [*AGENT, "--node", "a", "--etcd", c.etcd_url, "--state-dir", str(tmp_path / "x")]
-        second = await asyncio.to_thread(
-            subprocess.run,
-            site["client"].argv(*argv),
-            cwd=ROOT,
-            capture_output=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdin=subprocess.DEVNULL,
-            timeout=20,
-        )
-        assert second.returncode != 0
+        refused = await second_agent(c.etcd_url, tmp_path / "x", site["client"].argv)
         pid = c.agents["a"].pid
         assert (
             f"another hapair-agent runs for node a (pid {pid}, named by its live status in etcd)"
-            in second.stderr.decode()
+            in refused
         )
         assert await c.leader("p") == ("a", epoch), "the first agent lost its term"
     c.assert_no_overlap()

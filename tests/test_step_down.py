@@ -30,19 +30,20 @@ HOLD_S = 2.5  # etcd's answers held this long: far past the agent's 0.5 s call t
 
 
 @pytest.fixture
-async def relay(cluster: Cluster) -> AsyncIterator[EtcdRelay]:
-    """a reaches etcd through the relay, b directly; a active, b a healthy standby."""
+async def relay(cluster: Cluster) -> AsyncIterator[tuple[EtcdRelay, int]]:
+    """a reaches etcd through the relay, b directly; a active (at the epoch given with
+    the relay), b a healthy standby."""
     r = EtcdRelay(cluster.etcd.url)
     await r.heal()
     spec = pair("p", ["a", "b"], 60, free_port(), cluster.record, lease_ttl_s=LEASE_TTL_S)
     await cluster.apply(cluster.site([spec]))
     cluster.start("a", "--etcd", r.url)
-    await cluster.active("p", node="a", timeout=20)
+    _, epoch = await cluster.active("p", node="a", timeout=20)
     cluster.start("b")
     await cluster.standby("b", timeout=20)
     assert service_pids(cluster, "a")
     try:
-        yield r
+        yield r, epoch
     finally:
         await r.cut()
 
@@ -62,27 +63,23 @@ async def b_took_over_and_a_stays_down(cluster: Cluster, relay: EtcdRelay, epoch
 
 
 async def test_resignation_whose_answer_times_out_never_restarts_the_old_active(
-    cluster: Cluster, relay: EtcdRelay
+    cluster: Cluster, relay: tuple[EtcdRelay, int]
 ) -> None:
-    lead = await cluster.leader("p")
-    assert lead is not None
     # Once a is active and its endpoint published, only its resignation names the
     # leader key (a guarded delete of it).
-    relay.hold_after(keys.b(keys.leader("p")), HOLD_S)
+    relay[0].hold_after(keys.b(keys.leader("p")), HOLD_S)
     (pid,) = service_pids(cluster, "a")
     cluster.kill_service(pid)  # a critical service: a resigns
-    await b_took_over_and_a_stays_down(cluster, relay, lead[1])
+    await b_took_over_and_a_stays_down(cluster, *relay)
 
 
 async def test_switchover_whose_answer_times_out_never_restarts_the_old_active(
-    cluster: Cluster, relay: EtcdRelay
+    cluster: Cluster, relay: tuple[EtcdRelay, int]
 ) -> None:
-    lead = await cluster.leader("p")
-    assert lead is not None
     # Once a is active, only its handover transaction names the handover key.
-    relay.hold_after(keys.b(keys.handover("p")), HOLD_S)
+    relay[0].hold_after(keys.b(keys.handover("p")), HOLD_S)
     await cluster.store.put(keys.switchover("p"), Switchover(to="b").encode())
-    await b_took_over_and_a_stays_down(cluster, relay, lead[1])
+    await b_took_over_and_a_stays_down(cluster, *relay)
     events = await until(lambda: cluster.events("switchover"), 5, "switchover event")
     assert events[0]["node"] == "a"
     assert not await cluster.events("switchover_rejected")

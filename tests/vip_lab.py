@@ -279,10 +279,12 @@ class VipWatch:
         self.cidr = cidr
         self.samples: list[tuple[str, bool, float]] = []  # host, has it, when
         self._stop = threading.Event()
+        self._first = threading.Event()  # one whole round taken: the start is seen
         self._task: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> VipWatch:
         self._task = asyncio.ensure_future(asyncio.to_thread(self._run))
+        await asyncio.to_thread(self._first.wait, 10)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -296,6 +298,7 @@ class VipWatch:
             stopping = self._stop.is_set()  # one whole round after the stop, to see the end
             for host in self.hosts:
                 self.samples.append((host.name, has(host, self.cidr), time.monotonic()))
+            self._first.set()
 
     def held(self, name: str) -> bool:
         """``name`` was seen holding the address during the watch."""
