@@ -312,13 +312,19 @@ observations = st.builds(
     drained=st.frozensets(st.sampled_from(["a", "b", "c"])),
     peers=st.dictionaries(
         st.sampled_from(["a", "b", "c"]),
-        st.builds(PeerView, st.sampled_from(["active", "standby"]), st.booleans()),
+        st.builds(
+            PeerView,
+            st.sampled_from(["active", "standby"]),
+            st.booleans(),
+            held_by=st.sampled_from([None, "a", "b", "c"]),
+        ),
     ),
     switchover=st.one_of(
         st.none(),
         st.builds(SwitchoverView, st.just("r"), st.sampled_from([None, "a", "b", "c", "z"])),
     ),
     left_term=st.one_of(st.none(), st.integers(1, 50)),
+    forgotten_promises_until=st.floats(0, 1000),
     step_down_unanswered=st.booleans(),
     handover=st.one_of(
         st.none(),
@@ -361,6 +367,18 @@ def test_a_term_given_up_is_never_taken_up_again(o: Observation) -> None:
     for action in decide(o).actions:
         if isinstance(action, Adopt | Reclaim) and o.left_term is not None:
             assert action.epoch > o.left_term
+
+
+@given(observations)
+@settings(max_examples=3000)
+def test_no_campaign_while_a_promise_may_bind_the_pair(o: Observation) -> None:
+    """Neither a promise this agent's previous run may have given, nor one another node
+    gave to a third (an active cut off from etcd that may not know this node)."""
+    if Campaign in kinds(decide(o)):
+        h = o.handover
+        handover_to_me = h is not None and h.to == o.me and o.now - h.seen_at < o.lease_ttl
+        bound = {p.held_by for p in o.peers.values() if p.held_by} - {o.me}
+        assert handover_to_me or (not bound and o.now >= o.forgotten_promises_until)
 
 
 @given(observations)
