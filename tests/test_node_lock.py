@@ -19,8 +19,7 @@ from vip_lab import LabSite, service
 
 from shared import keys
 from shared.records import Leader, NodeStatus
-
-pytestmark = pytest.mark.e2e
+from workshop_agent.node_lock import NodeLocked, lock_node, unlock
 
 LIVE_S = 10.0  # a lease the test keeps alive itself
 NO_LAB = unavailable()
@@ -44,6 +43,7 @@ async def second_agent(
     return second.stderr.decode()
 
 
+@pytest.mark.e2e
 async def test_a_second_agent_for_a_node_is_refused_whatever_its_state_dir(
     cluster: Cluster,
 ) -> None:
@@ -57,6 +57,7 @@ async def test_a_second_agent_for_a_node_is_refused_whatever_its_state_dir(
     assert not await cluster.events("reclaim")
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(NO_LAB is not None, reason=f"no network namespaces: {NO_LAB}")
 async def test_a_second_agent_with_another_machine_lock_is_refused_by_the_live_status(
     tmp_path: Path,
@@ -81,6 +82,7 @@ async def test_a_second_agent_with_another_machine_lock_is_refused_by_the_live_s
     c.assert_no_overlap()
 
 
+@pytest.mark.e2e
 async def test_the_leader_key_of_a_run_this_machine_cannot_judge_is_not_taken_back(
     cluster: Cluster,
 ) -> None:
@@ -112,3 +114,15 @@ async def test_the_leader_key_of_a_run_this_machine_cannot_judge_is_not_taken_ba
     await store.revoke(lease)
     node, _ = await cluster.active("p", timeout=20)
     assert node == "a"
+
+
+def test_the_lock_names_its_holder_and_a_removed_file_is_never_held(tmp_path: Path) -> None:
+    fd = lock_node(tmp_path, "n-a", "a", wait=0.0)
+    with pytest.raises(NodeLocked, match=rf"node a \(pid {os.getpid()}, lock "):
+        lock_node(tmp_path, "n-a", "a", wait=0.0)
+    path = tmp_path / "n-a.lock"
+    unlock(fd, path)
+    assert not path.exists(), "the holder removes the file it leaves"
+    again = lock_node(tmp_path, "n-a", "a", wait=0.0)
+    assert path.exists() and os.fstat(again).st_ino == os.stat(path).st_ino
+    unlock(again, path)
