@@ -23,7 +23,7 @@ from pg_harness import PASSWORDS, Writer, common_free_port, database_section, ne
 from pg_harness import write_secrets as write_pg_secrets
 
 from shared import keys
-from shared.records import SyncState, decode
+from shared.records import Resource, ServiceReport, SyncState, decode
 
 pytestmark = [pytest.mark.e2e, needs_postgres]
 # PostgreSQL sees every loopback client as 127.0.0.1, so the nodes use .1 and .2.
@@ -448,3 +448,61 @@ async def test_a_database_that_cannot_restart_stays_without_a_sync_standby(
 
     await until(lambda: inserted(port, -3), 30, "a's database repaired in place")
     assert await c.leader("p") == ("a", epoch)
+
+
+async def report(c: Cluster, node: str, ok: bool) -> None:
+    """A service on ``node`` reports the critical PLC reached or lost (grace 0.5 s)."""
+    lease = await c.store.grant(60)
+    resources = {"plc:press-1": Resource(ok=ok, critical=True, grace_s=0.5)}
+    await c.store.put(
+        keys.report(node, "comm"),
+        ServiceReport(service="comm", resources=resources).encode(),
+        lease=lease,
+    )
+
+
+async def test_a_critical_resource_lost_while_the_standby_catches_up_loses_no_commit(
+    db_cluster: tuple[Cluster, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """b rejoins after a committed alone and is held before it follows (a test hook):
+    healthy, reaching the PLC, but not recorded synchronous. a loses the PLC: it must
+    stay, for b lacks a's last commits. Once b caught up and is recorded, the switch
+    happens, carrying a's final position: nothing acknowledged is lost."""
+    from cluster import holds
+
+    c, port = db_cluster
+    _, epoch = await ready(c, port)
+    writer = await steady_writer(port, 50)
+    await stop_b_until_degraded(c)
+    await more_commits(writer, 100, 15, "commits on a alone")
+    gate = c.tmp / "follow-gate"
+    gate.touch()
+    monkeypatch.setenv("HAPAIR_TEST_FOLLOW_GATE", str(gate))
+    c.start("b")
+    monkeypatch.delenv("HAPAIR_TEST_FOLLOW_GATE")
+    await c.standby("b", timeout=60)
+    await report(c, "b", ok=True)
+    await report(c, "a", ok=False)
+
+    async def alarm() -> bool:
+        st = await c.status("a")
+        return st is not None and "critical resource plc:press-1 lost" in st.problems
+
+    await until(alarm, 10, "the lost PLC in a's status")
+
+    async def a_keeps_the_pair() -> bool:
+        st = await c.status("b")
+        db = (st.database or {}) if st else {}
+        return await c.leader("p") == ("a", epoch) and db.get("role") != "primary"
+
+    # Many grace times: the pair would have moved by now if b could receive it.
+    await holds(a_keeps_the_pair, 4, "the pair moved to a standby lacking a's commits")
+    await more_commits(writer, 50, 15, "commits on a while b is held")
+    gate.unlink()
+    await c.active("p", not_epoch=epoch, node="b", timeout=60)
+    await more_commits(writer, 50, 30, "commits on b")
+    await writer.stop()
+    lost = set(writer.acked) - await rows_on(port, "127.0.0.2")
+    assert not lost, f"{len(lost)} acknowledged commits lost"
+    moved = [e for e in await c.events("switchover") if e["node"] == "a"]
+    assert moved and moved[-1]["reason"] == "plc:press-1 lost on the active"

@@ -53,6 +53,7 @@ from workshop_agent.watchdog import WatchdogLink
 
 TICK_S = 0.1
 DB_ROUND_S = 0.5
+REFUSED_S = 30.0  # a standby that did not confirm a handover is not chosen again meanwhile
 AGENT_REPORT = "hapair-agent"
 
 
@@ -127,6 +128,7 @@ class Agent:
         self._held_pending: frozenset[str] = frozenset()
         self._contexts_term: int | None = None  # the term whose held contexts were read
         self._catch_up_lsn: int | None = None
+        self._refused: dict[str, float] = {}  # handover targets that did not confirm, until
         self._guarded_pg: int | None = None
         self.database: Database | None = None
         self._db_task: asyncio.Task[None] | None = None
@@ -535,6 +537,7 @@ class Agent:
             seen_leader=self.last_leader is not None,
             db_eligible=self._db_eligible(),
             held_by=held_by,
+            refused=frozenset(n for n, until in self._refused.items() if until > now),
             switchover=st.switchover,
             handover=st.handover,
             lost=st.lost,
@@ -565,8 +568,8 @@ class Agent:
                     self.event("reclaim", "agent restarted on the active node", old_epoch=epoch)
             case d.Resign(reason):
                 await self._step_down(reason, None, None)
-            case d.Handover(to, request, reason, planned):
-                await self._step_down(reason, to, request, planned)
+            case d.Handover(to, request, reason, planned, db_lost):
+                await self._step_down(reason, to, request, planned, db_lost)
             case d.RejectSwitchover(request, reason):
                 raw = self._state.switchover_raw if self._state else None
                 if raw is not None:
@@ -726,6 +729,8 @@ class Agent:
         st = self._state
         if term is not None and db.primary_epoch != term:
             promoted = await db.become_primary(term, self._catch_up_lsn)
+            if promoted:
+                self._catch_up_lsn = None  # reached; a restart in place has none to reach
             if promoted and self.term == term and self._may_run():
                 self._guard_postmaster(db.postmaster)
                 sup.activate(term, self._held_pending)
@@ -831,7 +836,12 @@ class Agent:
             self._spawn(self._write_recovery(term, done), "auto-ack")
 
     async def _step_down(
-        self, reason: str, to: str | None, request: str | None, planned: bool = True
+        self,
+        reason: str,
+        to: str | None,
+        request: str | None,
+        planned: bool = True,
+        db_lost: bool = False,
     ) -> None:
         """Stop services first, then give the key away: never two actives."""
         assert self.supervisor is not None and self.election is not None
@@ -847,11 +857,15 @@ class Agent:
         if self.database is not None:
             if self._db_task is not None:
                 self._db_task.cancel()
-            # A planned handover hands the database over cleanly; a resignation stops it
-            # before another node may promote.
+            # A handover hands the database over cleanly, or not at all; a resignation
+            # (or a database that cannot run) stops it before another node may promote.
             self._guard_postmaster(None)
-            if to is not None and planned:
-                lsn = await self.database.hand_over()
+            target = self.pair.node(to) if to is not None else None
+            if target is not None and not db_lost:
+                lsn = await self.database.hand_over(target)
+                if lsn is None:
+                    await self._handover_aborted(reason, target.name, request)
+                    return
             else:
                 await self.database.demote()
         for key, value in list(self._published.items()):
@@ -878,6 +892,21 @@ class Agent:
         if self.database is not None:
             self._db_task = asyncio.create_task(self._db_loop(), name="database")
         self.event(kind, reason, to=to, request=request, epoch=epoch)
+        self._changed()
+
+    async def _handover_aborted(self, reason: str, to: str, request: str | None) -> None:
+        """The target did not receive the final position: the key stays, the database
+        loop starts the primary again, then the services start again."""
+        assert self.election is not None
+        self._refused[to] = self.clock() + REFUSED_S
+        why = f"{to} did not receive the database's final position"
+        self.log.error("handover aborted: keeping the pair", to=to, reason=reason, why=why)
+        raw = self._state.switchover_raw if self._state else None
+        if request is not None and raw is not None:
+            await self.election.drop_switchover(raw)
+            self.event("switchover_rejected", why, request=request)
+        self.event("handover_aborted", why, to=to, cause=reason)
+        self._db_task = asyncio.create_task(self._db_loop(), name="database")
         self._changed()
 
     async def _leave_pair(self) -> None:

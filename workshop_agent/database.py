@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Callable, Mapping
 
@@ -28,6 +29,9 @@ from workshop_agent.pg.status import PgStatus
 
 FAILURES_BEFORE_RESIGN = 3
 CATCH_UP_S = 10.0
+# A clean shutdown waits until every connected standby flushed its last record; this
+# only covers the target's answer. One not connected then never receives it.
+HANDOVER_RECEIVED_S = 2.0
 
 
 def eligible(
@@ -55,6 +59,13 @@ def eligible(
     if mine is None:
         return not any(lsn is not None for lsn in others)
     return all(lsn is None or lsn <= mine for lsn in others)
+
+
+def _follow_held() -> bool:
+    """Test hook, off unless set: while the file named by ``HAPAIR_TEST_FOLLOW_GATE``
+    exists this standby does not follow, as one slow to rejoin would not."""
+    gate = os.environ.get("HAPAIR_TEST_FOLLOW_GATE")
+    return gate is not None and os.path.exists(gate)
 
 
 class Database:
@@ -190,17 +201,28 @@ class Database:
             self._recorded = record
             self.log.info("database sync state", sync=",".join(sync) or "none", degraded=degraded)
 
-    async def hand_over(self) -> int | None:
-        """Planned switchover: checkpoint and stop; the LSN the target must reach."""
-        if self.manager is None or self.primary_epoch is None:
+    async def hand_over(self, target: Node) -> int | None:
+        """Handover: checkpoint and stop; the position ``target`` must reach before it
+        promotes, once it has received it. None: the handover must not happen (this node
+        is still the pair's primary; the next round starts it again)."""
+        manager = self.manager
+        if manager is None or self.primary_epoch is None:
+            self.log.error("database: no final position to hand over (not primary)")
             return None
         self.primary_epoch = None
         self.postmaster = None
         try:
-            return await self.manager.switchover_prepare()
+            lsn = await manager.switchover_prepare()
+            if await manager.received_by(target.address, lsn, HANDOVER_RECEIVED_S):
+                return lsn
+            self.log.error(
+                "database: the handover target did not receive the final position",
+                to=target.name,
+                lsn=f"{lsn:X}",
+            )
         except PgError as err:
-            self.log.error("database: switchover preparation failed", error=str(err))
-            return None
+            self.log.error("database: handover preparation failed", error=str(err))
+        return None
 
     async def demote(self) -> None:
         """Fencing: stop now; never waits on anything in flight."""
@@ -215,7 +237,7 @@ class Database:
     # -- a standby --------------------------------------------------------------------
     async def follow(self, primary: Node) -> None:
         manager = self.manager
-        if manager is None:
+        if manager is None or _follow_held():
             return
         self.failure = None
         try:

@@ -166,6 +166,30 @@ class PgManager:
                 raise PgError(step, f"cluster state after the stop is {control.state!r}")
             return control.checkpoint
 
+    async def received_by(self, host: str, lsn: int, timeout_s: float) -> bool:
+        """On the old primary, stopped: whether the standby at ``host`` flushed the record
+        at ``lsn`` (its shutdown checkpoint), waiting up to ``timeout_s``. A clean shutdown
+        waits until every connected standby flushed it; one that was not connected never
+        gets it, and must not take over."""
+        auth = self.config.auth
+        conn = await q.connect(
+            host, self.config.port, auth.superuser, self.pg.secrets.superuser,
+            timeout=self.timeouts.query_s,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                if not await q.is_in_recovery(conn):
+                    return False  # a primary of its own: it follows nobody
+                received = (await q.standby_position(conn)).receive_lsn
+                if received is not None and received > lsn:  # the end, past the start
+                    return True
+                if time.monotonic() >= deadline:
+                    return False
+                await asyncio.sleep(q.POLL_S)
+        finally:
+            await conn.close()
+
     async def caught_up(self, lsn: int, timeout_s: float = 0.0) -> bool:
         """On the target standby: whether it replayed the record at ``lsn`` (the old
         primary's shutdown checkpoint), waiting up to ``timeout_s``."""
