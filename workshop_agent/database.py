@@ -3,9 +3,11 @@
 Order matters for RPO 0, as in Patroni:
 - a new active records itself as the only node holding every commit *before* it
   promotes (the old primary lacks what it will write);
-- a standby is recorded as synchronous only once the primary reports it so;
+- a standby is recorded as synchronous only once the primary reports it so and it
+  flushed the primary's position of the moment it was named;
 - a synchronous standby gone for ``degrade_after_s`` is unrecorded *before* the
-  primary stops waiting for it.
+  primary stops waiting for it, and never stops being waited for while the record
+  cannot be changed.
 Only recorded nodes may take over automatically (see ``eligible``).
 """
 
@@ -21,6 +23,7 @@ from shared import keys
 from shared.database import DatabaseConfig
 from shared.log import EventLog
 from shared.records import SyncState
+from shared.store import StoreError
 from shared.topology import Node, Pair
 from workshop_agent.election import Election
 from workshop_agent.pg.errors import PgError, SecretError
@@ -92,6 +95,9 @@ class Database:
         self._failures = 0
         self._sync_missing_since: float | None = None
         self._recorded: SyncState | None = None
+        # Standbys named synchronous but not yet recorded: the primary's flush position
+        # once they were named, which they must have flushed before they are recorded.
+        self._named_at: dict[str, int] = {}
 
     def open(self) -> None:
         try:
@@ -179,27 +185,63 @@ class Database:
         if streaming - sync_now:
             sync_now = set(await manager.restore_sync(sorted(streaming)))
         if sync_now and sync_now != recorded:
-            await self._record(epoch, sorted(sync_now), degraded=False)
             self._sync_missing_since = None
+            if await self._flushed(manager, sync_now, recorded):
+                await self._record(epoch, sorted(sync_now), degraded=False)
             return
         waiting = bool(self.status.synchronous_standby_names)
         if (recorded or waiting) and not sync_now:
             self._sync_missing_since = self._sync_missing_since or now
             if now - self._sync_missing_since >= self.config.degrade_after_s:
-                # Unrecord first: from now on the old standby may not take over.
-                await self._record(epoch, [], degraded=True)
+                # Unrecord first: from now on the old standby may not take over. While
+                # the record may still name it, the primary keeps waiting for it.
+                if not await self._record(epoch, [], degraded=True):
+                    return
                 await manager.degrade_to_async()
                 self.log.warning("database degraded to asynchronous: no synchronous standby")
         else:
             self._sync_missing_since = None
 
-    async def _record(self, epoch: int, sync: list[str], degraded: bool) -> None:
+    async def _flushed(self, manager: PgManager, sync_now: set[str], recorded: set[str]) -> bool:
+        """Whether each standby the primary waits for holds every acknowledged commit.
+
+        PostgreSQL calls a standby synchronous as soon as it is named, but commits
+        acknowledged before (the pair ran asynchronously) may not be flushed there yet.
+        As Patroni does, a standby counts once it flushed the primary's position taken
+        after it was named, seen in a later round (so every backend waits for it by then).
+        """
+        assert self.status is not None
+        for name in set(self._named_at) - sync_now:
+            del self._named_at[name]
+        new = sync_now - recorded - set(self._named_at)
+        if new:
+            position = await manager.flush_position()
+            self._named_at.update(dict.fromkeys(new, position))
+            return False
+        flushed = {r.name: r.flush_lsn for r in self.status.replicas}
+        for name, named_at in self._named_at.items():
+            lsn = flushed.get(name)
+            if lsn is None or lsn < named_at:
+                return False
+        self._named_at.clear()
+        return True
+
+    async def _record(self, epoch: int, sync: list[str], degraded: bool) -> bool:
+        """Write the sync record under this term; whether it is written for sure."""
         record = SyncState(primary=self.node.name, sync=sync, degraded=degraded, epoch=epoch)
-        if await self.election.put_guarded(
-            epoch, keys.sync_standby(self.pair.name), record.encode(), None
-        ):
-            self._recorded = record
-            self.log.info("database sync state", sync=",".join(sync) or "none", degraded=degraded)
+        try:
+            written = await self.election.put_guarded(
+                epoch, keys.sync_standby(self.pair.name), record.encode(), None
+            )
+        except StoreError as err:
+            self.log.warning("database: sync record not written", error=str(err))
+            return False
+        if not written:
+            self.log.warning("database: sync record refused: the term is over in etcd")
+            return False
+        self._recorded = record
+        self.log.info("database sync state", sync=",".join(sync) or "none", degraded=degraded)
+        return True
 
     async def hand_over(self, target: Node) -> int | None:
         """Handover: checkpoint and stop; the position ``target`` must reach before it
@@ -229,6 +271,7 @@ class Database:
         self.primary_epoch = None
         self.postmaster = None
         self._recorded = None
+        self._named_at.clear()
         if self.manager is not None:
             with contextlib.suppress(PgError):
                 result = await self.manager.demote()

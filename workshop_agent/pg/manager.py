@@ -221,6 +221,12 @@ class PgManager:
             await q.set_sync_names(conn, files.sync_names(wanted))
             return await q.wait_sync(conn, wanted, self.timeouts.sync_s) if wanted else []
 
+    async def flush_position(self) -> int:
+        """The primary's WAL flushed to its disk: every commit acknowledged so far is
+        at or below it."""
+        async with self._step():
+            return (await q.primary_position(await self._primary_conn("flush position"))).lsn
+
     async def fence_processes(self, epoch: int) -> int:
         """Raise the process-context fences of every database to ``epoch`` (a new term):
         an instance of an older term can then commit no step, even while the new term's
