@@ -506,3 +506,81 @@ async def test_a_critical_resource_lost_while_the_standby_catches_up_loses_no_co
     assert not lost, f"{len(lost)} acknowledged commits lost"
     moved = [e for e in await c.events("switchover") if e["node"] == "a"]
     assert moved and moved[-1]["reason"] == "plc:press-1 lost on the active"
+
+
+async def test_a_standby_whose_promotion_fails_leaves_the_old_primary_eligible(
+    db_cluster: tuple[Cluster, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """a crashes; b, its recorded synchronous standby, takes the key but cannot promote
+    (a test hook fails the promotion), then dies too. a has every commit: when it comes
+    back it must be allowed to take the pair over."""
+    c, port = db_cluster
+    gate = c.tmp / "promote-gate"
+    monkeypatch.setenv("HAPAIR_TEST_PROMOTE_GATE", str(gate))
+    _, epoch = await ready(c, port)  # b started with the hook, not yet closed
+    monkeypatch.delenv("HAPAIR_TEST_PROMOTE_GATE")
+    writer = await steady_writer(port, 100)
+    gate.touch()
+    c.crash("a")
+    await writer.stop()
+
+    async def b_tried() -> bool:
+        return "could not become primary" in c.log("b")
+
+    await until(b_tried, 60, "b trying to promote")
+    leader = await c.leader("p")
+    assert leader is not None and leader[0] == "b", "b took the key"
+    c.crash("b")
+    c.start("a")
+    await c.active("p", not_epoch=epoch, node="a", timeout=60)
+    await endpoint_on(c, "a", epoch)
+    lost = set(writer.acked) - await rows_on(port, "127.0.0.1")
+    assert not lost, f"{len(lost)} acknowledged commits lost"
+    await until(lambda: inserted(port, -4), 30, "a write on a")
+
+
+async def test_a_switchover_to_a_standby_that_cannot_receive_the_final_position_is_aborted(
+    db_cluster: tuple[Cluster, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """b rejoins after a committed alone, held before it follows (a test hook): up and
+    healthy, its database not running. A switchover to b is accepted, a stops its
+    services and its database, but b cannot receive a's final position: a must keep the
+    pair (same epoch), run its database and take writes again, and reject the request."""
+    from cluster import holds
+
+    from shared.records import Switchover
+
+    c, port = db_cluster
+    _, epoch = await ready(c, port)
+    writer = await steady_writer(port, 50)
+    await stop_b_until_degraded(c)
+    await more_commits(writer, 50, 15, "commits on a alone")
+    gate = c.tmp / "follow-gate"
+    gate.touch()
+    monkeypatch.setenv("HAPAIR_TEST_FOLLOW_GATE", str(gate))
+    c.start("b")
+    monkeypatch.delenv("HAPAIR_TEST_FOLLOW_GATE")
+    await c.standby("b", timeout=60)
+    request = Switchover(to="b")
+    await c.store.put(keys.switchover("p"), request.encode())
+
+    async def rejected() -> list[dict[str, Any]]:
+        return [
+            e
+            for e in await c.events("switchover_rejected")
+            if e["details"].get("request") == request.id
+        ]
+
+    events = await until(rejected, 60, "the switchover rejected")
+    assert "final position" in events[0]["reason"]
+    assert [e for e in await c.events("handover_aborted") if e["node"] == "a"]
+
+    async def a_keeps_the_pair() -> bool:
+        return await c.leader("p") == ("a", epoch)
+
+    await holds(a_keeps_the_pair, 3, "the pair left a")
+    await more_commits(writer, 50, 30, "commits on a again")
+    await writer.stop()
+    assert not set(writer.acked) - await rows_on(port, "127.0.0.1")
+    st = await c.status("b")
+    assert st is not None and (st.database or {}).get("role") != "primary"

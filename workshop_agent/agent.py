@@ -669,8 +669,14 @@ class Agent:
         )
 
     def _db_sync(self) -> frozenset[str]:
+        """The other nodes recorded as holding every commit: the synchronous standbys,
+        and the recorded primary when it is not this node (a new active that cannot
+        promote hands the pair back to it)."""
         record = self._sync_record()
-        return frozenset(record.sync) if record is not None and not record.degraded else frozenset()
+        if record is None:
+            return frozenset()
+        sync = set() if record.degraded else set(record.sync)
+        return frozenset((sync | {record.primary}) - {self.me})
 
     def _received(self) -> dict[str, int | None]:
         """Each node's received WAL position, from its published database status."""

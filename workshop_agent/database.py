@@ -2,7 +2,8 @@
 
 Order matters for RPO 0, as in Patroni:
 - a new active records itself as the only node holding every commit *before* it
-  promotes (the old primary lacks what it will write);
+  acknowledges a commit (the old primary lacks what it will write), but only *after* it
+  promoted: a failed promotion must leave the old primary eligible;
 - a standby is recorded as synchronous only once the primary reports it so and it
   flushed the primary's position of the moment it was named;
 - a synchronous standby gone for ``degrade_after_s`` is unrecorded *before* the
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import Callable, Mapping
 
@@ -26,6 +26,7 @@ from shared.records import SyncState
 from shared.store import StoreError
 from shared.topology import Node, Pair
 from workshop_agent.election import Election
+from workshop_agent.pg import hooks
 from workshop_agent.pg.errors import PgError, SecretError
 from workshop_agent.pg.manager import PgManager
 from workshop_agent.pg.status import PgStatus
@@ -64,13 +65,6 @@ def eligible(
     return all(lsn is None or lsn <= mine for lsn in others)
 
 
-def _follow_held() -> bool:
-    """Test hook, off unless set: while the file named by ``HAPAIR_TEST_FOLLOW_GATE``
-    exists this standby does not follow, as one slow to rejoin would not."""
-    gate = os.environ.get("HAPAIR_TEST_FOLLOW_GATE")
-    return gate is not None and os.path.exists(gate)
-
-
 class Database:
     def __init__(
         self,
@@ -98,6 +92,7 @@ class Database:
         # Standbys named synchronous but not yet recorded: the primary's flush position
         # once they were named, which they must have flushed before they are recorded.
         self._named_at: dict[str, int] = {}
+        self._reached: int | None = None  # the old primary's final position, replayed
 
     def open(self) -> None:
         try:
@@ -112,29 +107,38 @@ class Database:
 
     # -- the active -------------------------------------------------------------------
     async def become_primary(self, epoch: int, catch_up_lsn: int | None) -> bool:
-        """Record this node as the only one holding every commit, then be primary."""
+        """Be primary, then record this node as the only one holding every commit.
+
+        Until the record says so the previous record stands, naming the old primary
+        (which has everything) among the nodes that may take over: a promotion that
+        fails, and this node dying, must not leave the pair with none. A promoted
+        server acknowledges no commit before the record is written (``hold_writes``)."""
         manager = self.manager
         if manager is None:
             self.failure = f"database: {self.error}"
             return False
         if self.primary_epoch == epoch:
             return True
-        record = SyncState(primary=self.node.name, sync=[], epoch=epoch)
-        if not await self.election.put_guarded(
-            epoch, keys.sync_standby(self.pair.name), record.encode(), None
-        ):
-            return False
-        self._recorded = record
         try:
-            if catch_up_lsn is not None and not await manager.caught_up(catch_up_lsn, CATCH_UP_S):
-                self.failure = "database: did not catch up with the old primary in time"
-                return False
-            result = await manager.ensure_primary(epoch)
+            if catch_up_lsn is not None and self._reached != catch_up_lsn:
+                if not await manager.caught_up(catch_up_lsn, CATCH_UP_S):
+                    self.failure = "database: did not catch up with the old primary in time"
+                    return False
+                self._reached = catch_up_lsn
+            result = await manager.ensure_primary(epoch, hold_writes=True)
         except PgError as err:
             self._failures += 1
             self.log.error("database: could not become primary", error=str(err))
             if self._failures >= FAILURES_BEFORE_RESIGN:
                 self.failure = f"database: {err}"
+            return False
+        if not await self._record(epoch, [], degraded=False):
+            return False  # writes stay held; the next round records again
+        try:
+            if await manager.open_writes():
+                self.log.info("database: writes open once recorded as the only complete node")
+        except PgError as err:
+            self.log.warning("database: could not open writes", error=str(err))
             return False
         try:
             moved = await manager.fence_processes(epoch)
@@ -280,7 +284,7 @@ class Database:
     # -- a standby --------------------------------------------------------------------
     async def follow(self, primary: Node) -> None:
         manager = self.manager
-        if manager is None or _follow_held():
+        if manager is None or hooks.held("follow"):
             return
         self.failure = None
         try:

@@ -93,7 +93,8 @@ class Observation:
     db_failure: str | None = None
     """The active's database cannot be kept running (its repair budget is spent)."""
     db_sync: frozenset[str] = frozenset()
-    """The nodes recorded as synchronous standbys, holding every acknowledged commit."""
+    """The other nodes recorded as holding every acknowledged commit (the synchronous
+    standbys; the recorded primary too, while this node has not recorded itself)."""
     forced: str | None = None
     """An operator forces this node to take the pair over though it may lack commits."""
     held_by: str | None = None

@@ -24,7 +24,7 @@ import psycopg
 
 from shared.process_context import fence_all
 from shared.topology import Node, Pair
-from workshop_agent.pg import ctl, files
+from workshop_agent.pg import ctl, files, hooks
 from workshop_agent.pg import query as q
 from workshop_agent.pg.config import DatabaseConfig, Layout
 from workshop_agent.pg.errors import PgError
@@ -95,16 +95,21 @@ class PgManager:
 
     # --- the agent's operations -------------------------------------------------------
 
-    async def ensure_primary(self, epoch: int) -> PgResult:
+    async def ensure_primary(self, epoch: int, hold_writes: bool = False) -> PgResult:
         """Be a primary accepting writes: initialise (main node, empty data dir), start,
-        or promote; then create missing roles and databases."""
+        or promote; then create missing roles and databases.
+
+        ``hold_writes``: a promotion holds every commit back (none is acknowledged)
+        until ``open_writes()``, so the agent can first record this node as the only one
+        holding every commit: until then the old primary stays eligible."""
         async with self._step() as began:
-            action = await self._become_primary()
+            action = await self._become_primary(hold_writes)
             conn = await self.pg.local(self.timeouts.start_s)
             await q.wait_writable(conn, self.timeouts.promote_s)
-            if action == "promoted":
+            if action == "promoted" and not hold_writes:
                 await self._sync_present(conn)
-            if not self._provisioned:
+            held = (await q.primary_position(conn)).sync_names == files.HOLD_WRITES
+            if not self._provisioned and not held:
                 # Right after a promotion only what is missing is created (the old
                 # primary made the rest); passwords are checked on the next call.
                 full = action != "promoted"
@@ -205,6 +210,16 @@ class PgManager:
                 return False
             await asyncio.sleep(0.002)
 
+    async def open_writes(self) -> bool:
+        """After a promotion, once recorded: commits wait only for the standbys already
+        streaming from this node (usually none). Whether they were held back."""
+        async with self._step():
+            conn = await self._primary_conn("open writes")
+            if (await q.primary_position(conn)).sync_names != files.HOLD_WRITES:
+                return False
+            await self._sync_present(conn)
+            return True
+
     async def degrade_to_async(self) -> PgResult:
         """Commits stop waiting for any standby. Record it in etcd *before* calling."""
         async with self._step() as began:
@@ -265,14 +280,14 @@ class PgManager:
                 self.pg.drop()
                 raise
 
-    async def _become_primary(self) -> Action:
+    async def _become_primary(self, hold_writes: bool) -> Action:
         data = self.layout.data_dir
         if self.pg.running() is not None:
             in_recovery = await self.pg.in_recovery()
             if in_recovery is False:
                 return "none"
             if in_recovery:
-                await self._promote()
+                await self._promote(hold_writes)
                 return "promoted"
         ctl.prepare_dirs(self.layout, self.pg.runner)
         if ctl.is_empty(data):
@@ -287,7 +302,7 @@ class PgManager:
             # A standby becomes primary by promotion only (a new timeline), never by a
             # plain start, which would continue the old timeline as if nothing happened.
             await self.pg.start(standby=True)
-            await self._promote()
+            await self._promote(hold_writes)
             return "promoted"
         # Restart in place: keep the synchronous standbys, they reconnect in ms.
         await self.pg.start(standby=False, keep_sync=True)
@@ -304,8 +319,12 @@ class PgManager:
         await ctl.initdb(self.pg.runner, self.layout, superuser, self.pg.secrets.superuser)
         await self.pg.start(standby=False)
 
-    async def _promote(self) -> None:
+    async def _promote(self, hold_writes: bool) -> None:
+        if hooks.held("promote"):
+            raise PgError("promote", "held back by HAPAIR_TEST_PROMOTE_GATE")
         conn = await self.pg.local(self.timeouts.start_s)
+        if hold_writes:  # set on the standby, in force from the first commit
+            await q.set_sync_names(conn, files.HOLD_WRITES)
         await ctl.promote(self.pg.runner, self.layout)
         nudge = lambda: ctl.nudge_promote(self.layout)  # noqa: E731
         await q.wait_writable(conn, self.timeouts.promote_s, nudge)
