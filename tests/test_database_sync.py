@@ -1,6 +1,7 @@
-"""The sync record and the primary's own setting, kept in order by the agent's database
-care (``workshop_agent.database.Database``): real PostgreSQL, real etcd, the rounds
-of the active's database loop called one by one so each step can be placed exactly.
+"""The sync record, the primary's own setting and the process fences, kept in order by
+the agent's database care (``workshop_agent.database.Database``): real PostgreSQL, real
+etcd, the rounds of the active's database loop called one by one so each step can be
+placed exactly.
 
 The rules: only nodes holding every acknowledged commit are recorded; the primary
 stops waiting for a standby only once the record no longer names it; a standby is
@@ -22,6 +23,7 @@ from pg_harness import until as pg_until
 
 from shared import keys
 from shared.log import EventLog
+from shared.process_context import ProcessContext, StaleEpoch
 from shared.records import SyncState, decode
 from shared.store import Store
 from workshop_agent.database import Database
@@ -203,3 +205,32 @@ def _is_walreceiver(pid: int) -> bool:
             return b"walreceiver" in f.read()
     except OSError:
         return False
+
+
+async def test_no_service_may_start_before_every_process_fence_is_raised(
+    primary: Primary,
+) -> None:
+    """A new term on a node whose database refuses the fence raise (no connection to
+    ``mes`` for a while): the database is not ready for the services until the fences
+    are up, and then no older epoch may create or move any process."""
+    p = primary
+    c = p.cluster
+    old = p.epoch
+    async with await c.connect("a") as conn:
+        await ProcessContext(conn, "held", old).start()
+    await p.store.delete(keys.leader(c.pair.name))
+    new = await p.db.election.campaign(await p.store.grant(60))
+    assert new is not None and new > old
+    async with await c.connect("a", "postgres") as su:
+        await su.execute("ALTER DATABASE mes WITH ALLOW_CONNECTIONS false")
+        try:
+            for _ in range(2):
+                assert not await p.db.become_primary(new, None), "ready without fences"
+                assert p.db.primary_epoch != new
+        finally:
+            await su.execute("ALTER DATABASE mes WITH ALLOW_CONNECTIONS true")
+    assert await p.db.become_primary(new, None)
+    async with await c.connect("a") as conn:
+        for process in ("held", "never-claimed"):
+            with pytest.raises(StaleEpoch):
+                await ProcessContext(conn, process, old).start()

@@ -142,11 +142,15 @@ class Database:
             return False
         try:
             moved = await manager.fence_processes(epoch)
-            if moved:
-                self.log.info("process fences raised", processes=moved)
         except PgError as err:
-            # Not fatal: each step of a process also claims the fence itself.
-            self.log.warning("database: could not raise the process fences", error=str(err))
+            # No service starts before the fences are up: a held service's context
+            # could otherwise be moved by a stale instance while the operator looks.
+            self._failures += 1
+            self.log.error("database: could not raise the process fences", error=str(err))
+            if self._failures >= FAILURES_BEFORE_RESIGN:
+                self.failure = f"database: process fences: {err}"
+            return False
+        self.log.info("process fences raised", moved=moved)
         self._failures = 0
         self.primary_epoch = epoch
         self.postmaster = manager.postmaster_pid()

@@ -20,8 +20,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import psycopg
-
 from shared.process_context import fence_all
 from shared.topology import Node, Pair
 from workshop_agent.pg import ctl, files, hooks
@@ -243,9 +241,10 @@ class PgManager:
             return (await q.primary_position(await self._primary_conn("flush position"))).lsn
 
     async def fence_processes(self, epoch: int) -> int:
-        """Raise the process-context fences of every database to ``epoch`` (a new term):
-        an instance of an older term can then commit no step, even while the new term's
-        held services wait for the operator."""
+        """Raise the process-context fences, and the floor of processes never claimed,
+        of every database to ``epoch`` (a new term): an instance of an older term can
+        then commit no step, even while the new term's held services wait for the
+        operator. PgError when a database could not be fenced: call it again."""
         moved = 0
         for db in self.config.databases:
             conn = await q.connect(
@@ -256,10 +255,10 @@ class PgManager:
                 dbname=db.name,
                 timeout=self.timeouts.query_s,
             )
-            try:
-                moved += await fence_all(conn, epoch)
-            except psycopg.Error as err:
-                raise PgError("fence processes", f"database {db.name}: {err}") from None
+            try:  # fence_all waits for locks at most the query budget, then raises
+                work = fence_all(conn, epoch, lock_timeout_s=self.timeouts.query_s)
+                step = f"fence processes in {db.name}"
+                moved += await q.bounded(conn, work, 2 * self.timeouts.query_s, step)
             finally:
                 await conn.close()
         return moved
