@@ -340,6 +340,10 @@ async def fence_all(
     async with conn.transaction(), conn.cursor() as cur:
         timeout = f"{max(1, round(lock_timeout_s * 1000))}ms"
         await cur.execute("SELECT set_config('lock_timeout', %s, true)", (timeout,))
+        # Not waiting for a synchronous standby, which may be gone (the primary degrades
+        # only once the fences are up). A fence lost with this server is harmless: the
+        # next primary raises its own, to a newer epoch.
+        await cur.execute("SELECT set_config('synchronous_commit', 'local', true)")
         await cur.execute("SELECT pg_advisory_xact_lock(%s)", (FLOOR_LOCK,))
         for statement in _FLOOR:
             await cur.execute(statement)
