@@ -18,8 +18,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from cluster import Cluster, until
-from harness import Etcd
+from cluster import Cluster, recording_service, until
+from harness import Etcd, free_port
 from pg_harness import PASSWORDS, Writer, common_free_port, database_section, needs_postgres
 from pg_harness import write_secrets as write_pg_secrets
 
@@ -44,7 +44,16 @@ async def db_cluster3(etcd: Etcd, store: object) -> AsyncIterator[tuple[Cluster,
         yield cluster
 
 
-async def _db_cluster(etcd: Etcd, addresses: tuple[str, ...]) -> AsyncIterator[tuple[Cluster, int]]:
+@pytest.fixture
+async def db_cluster_held(etcd: Etcd, store: object) -> AsyncIterator[tuple[Cluster, int]]:
+    """Two nodes with a database and a service held after an unplanned failover."""
+    async for cluster in _db_cluster(etcd, ADDRESSES, held=True):
+        yield cluster
+
+
+async def _db_cluster(
+    etcd: Etcd, addresses: tuple[str, ...], held: bool = False
+) -> AsyncIterator[tuple[Cluster, int]]:
     root = Path(tempfile.mkdtemp(prefix="hapair-dbtest-"))
     os.chmod(root, 0o755)  # PostgreSQL runs as its own user below this directory
     write_pg_secrets(root)
@@ -58,6 +67,11 @@ async def _db_cluster(etcd: Etcd, addresses: tuple[str, ...]) -> AsyncIterator[t
                     {"name": n, "address": a} for n, a in zip("abc", addresses, strict=False)
                 ],
                 "database": database_section(root, port, synchronous=True),
+                "services": (
+                    [recording_service("batch", free_port(), c.record, hold_until_ack=True)]
+                    if held
+                    else []
+                ),
             }
         ]
     )
@@ -658,3 +672,55 @@ async def test_a_switchover_to_a_standby_that_cannot_receive_the_final_position_
     assert not set(writer.acked) - await rows_on(port, "127.0.0.1")
     st = await c.status("b")
     assert st is not None and (st.database or {}).get("role") != "primary"
+
+
+async def test_a_second_failover_while_a_recovery_awaits_its_ack_holds_again(
+    db_cluster_held: tuple[Cluster, int],
+) -> None:
+    """a crashes: b holds the batch service for the operator. Before anyone acknowledges,
+    b crashes too (a, back as its synchronous standby, takes over): a holds the batch
+    again, under its own epoch, and an ack for b's epoch is refused."""
+    from cluster import holds
+
+    from shared import admin
+    from shared.records import Recovery
+
+    c, port = db_cluster_held
+    _, epoch = await ready(c, port)
+    c.crash("a")
+    _, epoch_b = await c.active("p", not_epoch=epoch, node="b", timeout=60)
+
+    async def awaiting(term: int) -> Recovery | None:
+        kv = await c.store.get(keys.recovery("p"))
+        rec = None if kv is None else decode(Recovery, kv.value, kv.key)
+        return rec if rec is not None and rec.epoch == term and rec.state == "awaiting" else None
+
+    await until(lambda: awaiting(epoch_b), 30, "b awaiting the operator")
+    c.start("a")
+
+    async def a_sync() -> bool:
+        st = await sync_state(c)
+        return st is not None and st.primary == "b" and st.sync == ["a"]
+
+    await until(a_sync, 60, "a back as b's synchronous standby")
+    c.crash("b")
+    _, epoch_a = await c.active("p", not_epoch=epoch_b, node="a", timeout=60)
+    record = await until(lambda: awaiting(epoch_a), 30, "a awaiting the operator")
+    assert record.held == ["batch"] and record.from_node == "b"
+
+    async def batch_held_on_a() -> bool:
+        st = await c.status("a")
+        svc = next((s for s in st.services if s.name == "batch"), None) if st else None
+        return svc is not None and svc.state == "held"
+
+    await holds(batch_held_on_a, 2, "the batch started on a without an acknowledgement")
+    with pytest.raises(admin.AdminError, match="not"):
+        await admin.ack(c.store, "p", epoch_b, "test operator")
+    await admin.ack(c.store, "p", epoch_a, "test operator")
+
+    async def batch_running_on_a() -> bool:
+        st = await c.status("a")
+        svc = next((s for s in st.services if s.name == "batch"), None) if st else None
+        return svc is not None and svc.state == "running"
+
+    await until(batch_running_on_a, 30, "the batch running on a once acknowledged")
