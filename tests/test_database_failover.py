@@ -549,16 +549,12 @@ async def report(c: Cluster, node: str, ok: bool) -> None:
     )
 
 
-async def test_a_critical_resource_lost_while_the_standby_catches_up_loses_no_commit(
-    db_cluster: tuple[Cluster, int], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """b rejoins after a committed alone and is held before it follows (a test hook):
-    healthy, reaching the PLC, but not recorded synchronous. a loses the PLC: it must
-    stay, for b lacks a's last commits. Once b caught up and is recorded, the switch
-    happens, carrying a's final position: nothing acknowledged is lost."""
-    from cluster import holds
-
-    c, port = db_cluster
+async def b_back_but_held(
+    c: Cluster, port: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, Writer, Path]:
+    """a commits alone (b stopped, a degraded), then b's agent starts again, held before
+    it follows (a test hook, while the returned file exists): b is a healthy standby,
+    its database not running, lacking a's last commits. a's epoch and the writer."""
     _, epoch = await ready(c, port)
     writer = await steady_writer(port, 50)
     await stop_b_until_degraded(c)
@@ -569,6 +565,20 @@ async def test_a_critical_resource_lost_while_the_standby_catches_up_loses_no_co
     c.start("b")
     monkeypatch.delenv("HAPAIR_TEST_FOLLOW_GATE")
     await c.standby("b", timeout=60)
+    return epoch, writer, gate
+
+
+async def test_a_critical_resource_lost_while_the_standby_catches_up_loses_no_commit(
+    db_cluster: tuple[Cluster, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """b rejoins after a committed alone and is held before it follows (a test hook):
+    healthy, reaching the PLC, but not recorded synchronous. a loses the PLC: it must
+    stay, for b lacks a's last commits. Once b caught up and is recorded, the switch
+    happens, carrying a's final position: nothing acknowledged is lost."""
+    from cluster import holds
+
+    c, port = db_cluster
+    epoch, writer, gate = await b_back_but_held(c, port, monkeypatch)
     await report(c, "b", ok=True)
     await report(c, "a", ok=False)
 
@@ -639,16 +649,7 @@ async def test_a_switchover_to_a_standby_that_cannot_receive_the_final_position_
     from shared.records import Switchover
 
     c, port = db_cluster
-    _, epoch = await ready(c, port)
-    writer = await steady_writer(port, 50)
-    await stop_b_until_degraded(c)
-    await more_commits(writer, 50, 15, "commits on a alone")
-    gate = c.tmp / "follow-gate"
-    gate.touch()
-    monkeypatch.setenv("HAPAIR_TEST_FOLLOW_GATE", str(gate))
-    c.start("b")
-    monkeypatch.delenv("HAPAIR_TEST_FOLLOW_GATE")
-    await c.standby("b", timeout=60)
+    epoch, writer, _ = await b_back_but_held(c, port, monkeypatch)
     request = Switchover(to="b")
     await c.store.put(keys.switchover("p"), request.encode())
 
