@@ -364,7 +364,8 @@ def test_any_sequence_keeps_services_within_a_live_lease(
 def test_a_database_beyond_repair_moves_only_to_a_healthy_sync_standby() -> None:
     active = {"term": 5, "leader": MINE, "services_up": True, "db_failure": "database: down"}
     moved = decide(obs(peers=UP, db_sync=frozenset({"c"}), **active))
-    assert moved.actions == (Handover("c", None, "database: down", False),)
+    # Its database cannot run: there is no final position to hand over.
+    assert moved.actions == (Handover("c", None, "database: down", False, db_lost=True),)
     sick = {"c": PeerView("standby", False), "b": PeerView("standby", True)}
     stays = decide(obs(peers=sick, db_sync=frozenset({"c"}), **active))
     assert stays.actions == (), "b may lack commits and c is not healthy: stay and repair"
@@ -414,12 +415,6 @@ def test_a_forced_switch_of_a_database_pair_goes_only_to_a_recorded_synchronous_
     assert decide(replace(o, pair=asynchronous)).actions == (
         Handover("b", None, "plc:press-1 lost on the active", planned=False),
     ), "an asynchronous database records no standby: its final position is handed over"
-
-
-def test_a_database_beyond_repair_hands_over_without_a_final_position() -> None:
-    active = {"term": 5, "leader": MINE, "services_up": True, "db_failure": "database: down"}
-    moved = decide(obs(pair=DB_PAIR, peers=UP, db_sync=frozenset({"c"}), **active))
-    assert moved.actions == (Handover("c", None, "database: down", False, db_lost=True),)
 
 
 def test_an_unplanned_handover_is_taken_up_only_by_a_node_holding_every_commit() -> None:
