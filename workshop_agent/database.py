@@ -196,6 +196,10 @@ class Database:
             self._sync_missing_since = None
             if await self._flushed(manager, sync_now, recorded):
                 await self._record(epoch, sorted(sync_now), degraded=False)
+            elif recorded:
+                # The recorded standby is no longer waited for and the new one has not
+                # flushed yet: meanwhile only this primary holds every commit.
+                await self._record(epoch, [], degraded=False)
             return
         waiting = bool(self.status.synchronous_standby_names)
         if (recorded or waiting) and not sync_now:
@@ -221,6 +225,12 @@ class Database:
         assert self.status is not None
         for name in set(self._named_at) - sync_now:
             del self._named_at[name]
+        if sync_now & recorded:
+            # Quorum: one of them already holds every commit, and only the one that
+            # received the most WAL may take over, so a newcomer may join the record at
+            # once (WAL is contiguous: receiving more means having all the other has).
+            self._named_at.clear()
+            return True
         new = sync_now - recorded - set(self._named_at)
         if new:
             position = await manager.flush_position()
