@@ -905,7 +905,7 @@ class Agent:
         loop starts the primary again, then the services start again."""
         assert self.election is not None
         self._refused[to] = self.clock() + REFUSED_S
-        why = f"{to} did not receive the database's final position"
+        why = f"the database's final position could not be handed to {to}"
         self.log.error("handover aborted: keeping the pair", to=to, reason=reason, why=why)
         raw = self._state.switchover_raw if self._state else None
         if request is not None and raw is not None:
