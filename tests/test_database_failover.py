@@ -725,3 +725,34 @@ async def test_a_second_failover_while_a_recovery_awaits_its_ack_holds_again(
         return svc is not None and svc.state == "running"
 
     await until(batch_running_on_a, 30, "the batch running on a once acknowledged")
+
+
+async def test_a_new_active_that_cannot_promote_hands_the_pair_back_to_the_old_primary(
+    db_cluster: tuple[Cluster, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A switchover to b, whose promotion fails (a test hook): the record still names a
+    as holding every commit, so b hands the pair back to it once its repair budget is
+    spent, rather than keep a pair without a primary."""
+    from shared.records import Switchover
+
+    c, port = db_cluster
+    gate = c.tmp / "promote-gate"
+    monkeypatch.setenv("HAPAIR_TEST_PROMOTE_GATE", str(gate))
+    _, epoch = await ready(c, port)  # b started with the hook, not yet closed
+    monkeypatch.delenv("HAPAIR_TEST_PROMOTE_GATE")
+    writer = await steady_writer(port, 100)
+    gate.touch()
+    await c.store.put(keys.switchover("p"), Switchover(to="b").encode())
+
+    async def b_holds_the_key() -> int | None:
+        lead = await c.leader("p")
+        return lead[1] if lead is not None and lead[0] == "b" else None
+
+    epoch_b = await until(b_holds_the_key, 30, "b holding the pair")
+    assert epoch_b > epoch
+    await c.active("p", not_epoch=epoch_b, node="a", timeout=60)
+    await endpoint_on(c, "a", epoch_b)
+    await more_commits(writer, 50, 30, "commits on a again")
+    await writer.stop()
+    lost = set(writer.acked) - await rows_on(port, "127.0.0.1")
+    assert not lost, f"{len(lost)} acknowledged commits lost"
