@@ -606,6 +606,20 @@ async def test_a_critical_resource_lost_while_the_standby_catches_up_loses_no_co
     assert moved and moved[-1]["reason"] == "plc:press-1 lost on the active"
 
 
+async def b_unable_to_promote(
+    c: Cluster, port: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, Writer]:
+    """a primary, b its synchronous standby whose promotion fails from now on (a test
+    hook, set when b started), a writer committing: a's epoch and the writer."""
+    gate = c.tmp / "promote-gate"
+    monkeypatch.setenv("HAPAIR_TEST_PROMOTE_GATE", str(gate))
+    _, epoch = await ready(c, port)
+    monkeypatch.delenv("HAPAIR_TEST_PROMOTE_GATE")
+    writer = await steady_writer(port, 100)
+    gate.touch()
+    return epoch, writer
+
+
 async def test_a_standby_whose_promotion_fails_leaves_the_old_primary_eligible(
     db_cluster: tuple[Cluster, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -613,12 +627,7 @@ async def test_a_standby_whose_promotion_fails_leaves_the_old_primary_eligible(
     (a test hook fails the promotion), then dies too. a has every commit: when it comes
     back it must be allowed to take the pair over."""
     c, port = db_cluster
-    gate = c.tmp / "promote-gate"
-    monkeypatch.setenv("HAPAIR_TEST_PROMOTE_GATE", str(gate))
-    _, epoch = await ready(c, port)  # b started with the hook, not yet closed
-    monkeypatch.delenv("HAPAIR_TEST_PROMOTE_GATE")
-    writer = await steady_writer(port, 100)
-    gate.touch()
+    epoch, writer = await b_unable_to_promote(c, port, monkeypatch)
     c.crash("a")
     await writer.stop()
 
@@ -736,12 +745,7 @@ async def test_a_new_active_that_cannot_promote_hands_the_pair_back_to_the_old_p
     from shared.records import Switchover
 
     c, port = db_cluster
-    gate = c.tmp / "promote-gate"
-    monkeypatch.setenv("HAPAIR_TEST_PROMOTE_GATE", str(gate))
-    _, epoch = await ready(c, port)  # b started with the hook, not yet closed
-    monkeypatch.delenv("HAPAIR_TEST_PROMOTE_GATE")
-    writer = await steady_writer(port, 100)
-    gate.touch()
+    epoch, writer = await b_unable_to_promote(c, port, monkeypatch)
     await c.store.put(keys.switchover("p"), Switchover(to="b").encode())
 
     async def b_holds_the_key() -> int | None:
