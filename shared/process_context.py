@@ -31,7 +31,9 @@ Usage::
 Tables (created by :meth:`ProcessContext.start` when missing): ``hapair_fence``
 (process, epoch: the newest epoch that claimed it) and ``hapair_process_context``
 (process, next_step, state, last_step, last_result, epoch, steps_committed,
-committed_at), and the function ``hapair_fence_claim(process, epoch)``.
+committed_at), and the function ``hapair_fence_claim(process, epoch)``; by
+:func:`fence_all`: ``hapair_epoch_floor`` (the epoch of the newest primary: no claim
+may be older, whether the process has a fence yet or not).
 """
 
 from __future__ import annotations
@@ -53,6 +55,17 @@ from shared.client.pg import PgAdapter
 if TYPE_CHECKING:
     from psycopg.abc import Params, QueryNoTemplate
 
+FLOOR_LOCK = 1751216226
+"""Advisory lock: a claim holds it shared for its step, ``fence_all`` exclusively while
+it raises the floor, so no claim reads a floor that is being raised."""
+_FLOOR: tuple[LiteralString, ...] = (
+    "SELECT pg_advisory_xact_lock(1751216225)",  # the schema's lock: one creator at once
+    """CREATE TABLE IF NOT EXISTS hapair_epoch_floor (
+        one boolean PRIMARY KEY DEFAULT true CHECK (one),
+        epoch bigint NOT NULL CHECK (epoch > 0)
+    )""",
+    "GRANT SELECT ON hapair_epoch_floor TO PUBLIC",
+)
 STALE_EPOCH_SQLSTATE = "ZF001"
 """Raised by ``hapair_fence_claim``; a class psycopg maps to plain ``DatabaseError``, so
 no retry loop takes it for a lost connection."""
@@ -75,13 +88,25 @@ _SCHEMA: tuple[LiteralString, ...] = (
         steps_committed bigint NOT NULL DEFAULT 0,
         committed_at timestamptz NOT NULL DEFAULT now()
     )""",
-    # Raises (aborting the transaction) when a newer epoch holds the fence; otherwise
-    # raises the fence to p_epoch and keeps its row locked until the transaction ends.
+    # Raises (aborting the transaction) when a newer epoch holds the fence, or the
+    # floor every new primary raises (a process never claimed has no fence of its own);
+    # otherwise raises the fence to p_epoch and keeps its row locked until the
+    # transaction ends.
     """CREATE OR REPLACE FUNCTION hapair_fence_claim(p_process text, p_epoch bigint)
     RETURNS bigint LANGUAGE plpgsql AS $$
     DECLARE
         fenced bigint;
+        floor bigint;
     BEGIN
+        PERFORM pg_advisory_xact_lock_shared(1751216226);
+        IF to_regclass('hapair_epoch_floor') IS NOT NULL THEN
+            EXECUTE 'SELECT epoch FROM hapair_epoch_floor' INTO floor;
+            IF p_epoch < floor THEN
+                RAISE EXCEPTION 'stale epoch % for process %: a new primary fenced every '
+                    'process at epoch %', p_epoch, p_process, floor
+                    USING ERRCODE = 'ZF001', DETAIL = floor::text;
+            END IF;
+        END IF;
         INSERT INTO hapair_fence AS f (process, epoch) VALUES (p_process, p_epoch)
         ON CONFLICT (process) DO UPDATE
             SET epoch = EXCLUDED.epoch,
@@ -304,11 +329,29 @@ async def read_context(conn: psycopg.AsyncConnection[Any], process: str) -> Resu
     return None if row is None else Resume.model_validate(row)
 
 
-async def fence_all(conn: psycopg.AsyncConnection[Any], epoch: int) -> int:
-    """Raise every process's fence to ``epoch``; how many moved. For the new active's
-    agent right after promotion, so that no stale instance can move any process while
-    its held services wait for the operator. Does nothing if there are no tables."""
+async def fence_all(
+    conn: psycopg.AsyncConnection[Any], epoch: int, lock_timeout_s: float = 5.0
+) -> int:
+    """Raise every process's fence, and the floor of those never claimed yet, to
+    ``epoch``; how many fences moved. For the new active's agent right after promotion,
+    so that no stale instance can create or move any process while its held services
+    wait for the operator. Waits for the steps in flight (at most ``lock_timeout_s``,
+    then raises: call it again)."""
     async with conn.transaction(), conn.cursor() as cur:
+        timeout = f"{max(1, round(lock_timeout_s * 1000))}ms"
+        await cur.execute("SELECT set_config('lock_timeout', %s, true)", (timeout,))
+        # Not waiting for a synchronous standby, which may be gone (the primary degrades
+        # only once the fences are up). A fence lost with this server is harmless: the
+        # next primary raises its own, to a newer epoch.
+        await cur.execute("SELECT set_config('synchronous_commit', 'local', true)")
+        await cur.execute("SELECT pg_advisory_xact_lock(%s)", (FLOOR_LOCK,))
+        for statement in _FLOOR:
+            await cur.execute(statement)
+        await cur.execute(
+            "INSERT INTO hapair_epoch_floor (epoch) VALUES (%(e)s) ON CONFLICT (one)"
+            " DO UPDATE SET epoch = GREATEST(hapair_epoch_floor.epoch, EXCLUDED.epoch)",
+            {"e": epoch},
+        )
         await cur.execute("SELECT to_regclass('hapair_fence') IS NOT NULL")
         found = await cur.fetchone()
         if not found or not found[0]:

@@ -7,6 +7,7 @@ the new primary.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -17,13 +18,13 @@ from typing import Any
 
 import psycopg
 import pytest
-from cluster import Cluster, until
-from harness import Etcd
+from cluster import Cluster, recording_service, until
+from harness import Etcd, free_port
 from pg_harness import PASSWORDS, Writer, common_free_port, database_section, needs_postgres
 from pg_harness import write_secrets as write_pg_secrets
 
 from shared import keys
-from shared.records import SyncState, decode
+from shared.records import Resource, ServiceReport, SyncState, decode
 
 pytestmark = [pytest.mark.e2e, needs_postgres]
 # PostgreSQL sees every loopback client as 127.0.0.1, so the nodes use .1 and .2.
@@ -43,7 +44,16 @@ async def db_cluster3(etcd: Etcd, store: object) -> AsyncIterator[tuple[Cluster,
         yield cluster
 
 
-async def _db_cluster(etcd: Etcd, addresses: tuple[str, ...]) -> AsyncIterator[tuple[Cluster, int]]:
+@pytest.fixture
+async def db_cluster_held(etcd: Etcd, store: object) -> AsyncIterator[tuple[Cluster, int]]:
+    """Two nodes with a database and a service held after an unplanned failover."""
+    async for cluster in _db_cluster(etcd, ADDRESSES, held=True):
+        yield cluster
+
+
+async def _db_cluster(
+    etcd: Etcd, addresses: tuple[str, ...], held: bool = False
+) -> AsyncIterator[tuple[Cluster, int]]:
     root = Path(tempfile.mkdtemp(prefix="hapair-dbtest-"))
     os.chmod(root, 0o755)  # PostgreSQL runs as its own user below this directory
     write_pg_secrets(root)
@@ -57,6 +67,11 @@ async def _db_cluster(etcd: Etcd, addresses: tuple[str, ...]) -> AsyncIterator[t
                     {"name": n, "address": a} for n, a in zip("abc", addresses, strict=False)
                 ],
                 "database": database_section(root, port, synchronous=True),
+                "services": (
+                    [recording_service("batch", free_port(), c.record, hold_until_ack=True)]
+                    if held
+                    else []
+                ),
             }
         ]
     )
@@ -203,28 +218,101 @@ async def more_commits(writer: Writer, n: int, timeout: float, what: str) -> Non
     await until(lambda: _acked(writer, target), timeout, what)
 
 
+# Errors by which a server refuses a write (connection gone or refused, shutting down,
+# read-only); any other error (a wrong password, a missing table) proves nothing.
+REFUSALS = {None, "57P01", "57P02", "57P03", "25006", "08000", "08001", "08003", "08006"}
+
+
+class DirectWriter:
+    """Inserts numbered rows into one server only, as a client pinned to the old primary
+    would; keeps when each insert was acknowledged, and each error's SQLSTATE."""
+
+    def __init__(self, port: int, host: str) -> None:
+        self.info = (
+            f"host={host} port={port} dbname=mes user=mes password={PASSWORDS['mes']}"
+            " connect_timeout=2"
+        )
+        self.acked: list[tuple[float, int]] = []
+        self.refused = 0
+        self.other: list[str] = []
+        self._task: Any = None
+
+    def start(self) -> DirectWriter:
+        import asyncio
+
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def stop(self) -> None:
+        import asyncio
+        import contextlib
+
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        import asyncio
+        import time
+
+        n = 1_000_000
+        conn: psycopg.AsyncConnection[Any] | None = None
+        while True:
+            try:
+                if conn is None:
+                    conn = await psycopg.AsyncConnection.connect(self.info, autocommit=True)
+                n += 1
+                await conn.execute("INSERT INTO ticks (id) VALUES (%s)", (n,))
+                self.acked.append((time.monotonic(), n))
+            except psycopg.Error as err:
+                if err.sqlstate in REFUSALS:
+                    self.refused += 1
+                else:
+                    self.other.append(f"{err.sqlstate}: {err}")
+                if conn is not None:
+                    await conn.close()
+                conn = None
+                await asyncio.sleep(0.005)
+
+
 async def test_a_frozen_primary_accepts_no_write_once_the_standby_took_over(
     db_cluster: tuple[Cluster, int],
 ) -> None:
-    import asyncio
+    """A writer pinned to a runs before, through and after a's agent freezing and b's
+    takeover: a acknowledges nothing once b holds the pair, every write a did
+    acknowledge is on b, and each failure is a refusal, not some other error."""
     import signal
+    import time
 
     c, port = db_cluster
     _, epoch = await ready(c, port)
+    writer = DirectWriter(port, "127.0.0.1").start()
+
+    async def writing() -> bool:
+        return len(writer.acked) >= 100
+
+    await until(writing, 30, "writes acknowledged by a")
     c.signal("a", signal.SIGSTOP)
+
+    async def b_leads() -> float | None:
+        lead = await c.leader("p")
+        return time.monotonic() if lead is not None and lead[0] == "b" else None
+
+    took_over = await until(b_leads, 30, "b holding the pair", step=0.005)
     await c.active("p", not_epoch=epoch, node="b", timeout=30)
-    info = f"host=127.0.0.1 port={port} dbname=mes user=mes password={PASSWORDS['mes']}"
-    try:
-        async with asyncio.timeout(3):
-            async with await psycopg.AsyncConnection.connect(
-                info, autocommit=True, connect_timeout=2
-            ) as conn:
-                await conn.execute("INSERT INTO ticks (id) VALUES (-1)")
-        written = True
-    except (psycopg.Error, TimeoutError):
-        written = False
-    assert not written, "the old primary acknowledged a write after the takeover"
+    await endpoint_on(c, "b", epoch)
+    seen = writer.refused
+
+    async def refused_more() -> bool:  # the writer kept trying on a after the takeover
+        return writer.refused >= seen + 20
+
+    await until(refused_more, 30, "writes to a refused after the takeover")
+    await writer.stop()
     c.signal("a", signal.SIGCONT)
+    late = [n for at, n in writer.acked if at > took_over]
+    assert not late, f"a acknowledged {len(late)} writes after b took over"
+    assert not writer.other, f"errors that are no refusal: {writer.other[:3]}"
+    assert not {n for _, n in writer.acked} - await rows_on(port, "127.0.0.2")
 
     async def a_follows() -> bool:
         st = await c.status("a")
@@ -232,7 +320,6 @@ async def test_a_frozen_primary_accepts_no_write_once_the_standby_took_over(
         return bool(db and db.get("role") == "standby" and db.get("streaming"))
 
     await until(a_follows, 60, "the old primary rejoined as a streaming standby")
-    assert -1 not in await rows_on(port, "127.0.0.2")
 
 
 async def test_standby_gone_degrades_to_async_after_its_delay_then_recovers(
@@ -418,7 +505,8 @@ async def test_a_database_that_cannot_restart_moves_the_pair_to_its_sync_standby
         moved = [e for e in await c.events("switchover") if e["node"] == "a"]
         assert moved and "database" in moved[-1]["reason"]
     finally:
-        data.chmod(0o700)
+        with contextlib.suppress(FileNotFoundError):  # a, as b's standby, may reclone
+            data.chmod(0o700)
 
 
 async def test_a_database_that_cannot_restart_stays_without_a_sync_standby(
@@ -448,3 +536,227 @@ async def test_a_database_that_cannot_restart_stays_without_a_sync_standby(
 
     await until(lambda: inserted(port, -3), 30, "a's database repaired in place")
     assert await c.leader("p") == ("a", epoch)
+
+
+async def report(c: Cluster, node: str, ok: bool) -> None:
+    """A service on ``node`` reports the critical PLC reached or lost (grace 0.5 s)."""
+    lease = await c.store.grant(60)
+    resources = {"plc:press-1": Resource(ok=ok, critical=True, grace_s=0.5)}
+    await c.store.put(
+        keys.report(node, "comm"),
+        ServiceReport(service="comm", resources=resources).encode(),
+        lease=lease,
+    )
+
+
+async def b_back_but_held(
+    c: Cluster, port: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, Writer, Path]:
+    """a commits alone (b stopped, a degraded), then b's agent starts again, held before
+    it follows (a test hook, while the returned file exists): b is a healthy standby,
+    its database not running, lacking a's last commits. a's epoch and the writer."""
+    _, epoch = await ready(c, port)
+    writer = await steady_writer(port, 50)
+    await stop_b_until_degraded(c)
+    await more_commits(writer, 100, 15, "commits on a alone")
+    gate = c.tmp / "follow-gate"
+    gate.touch()
+    monkeypatch.setenv("HAPAIR_TEST_FOLLOW_GATE", str(gate))
+    c.start("b")
+    monkeypatch.delenv("HAPAIR_TEST_FOLLOW_GATE")
+    await c.standby("b", timeout=60)
+    return epoch, writer, gate
+
+
+async def test_a_critical_resource_lost_while_the_standby_catches_up_loses_no_commit(
+    db_cluster: tuple[Cluster, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """b rejoins after a committed alone and is held before it follows (a test hook):
+    healthy, reaching the PLC, but not recorded synchronous. a loses the PLC: it must
+    stay, for b lacks a's last commits. Once b caught up and is recorded, the switch
+    happens, carrying a's final position: nothing acknowledged is lost."""
+    from cluster import holds
+
+    c, port = db_cluster
+    epoch, writer, gate = await b_back_but_held(c, port, monkeypatch)
+    await report(c, "b", ok=True)
+    await report(c, "a", ok=False)
+
+    async def alarm() -> bool:
+        st = await c.status("a")
+        return st is not None and "critical resource plc:press-1 lost" in st.problems
+
+    await until(alarm, 10, "the lost PLC in a's status")
+
+    async def a_keeps_the_pair() -> bool:
+        st = await c.status("b")
+        db = (st.database or {}) if st else {}
+        return await c.leader("p") == ("a", epoch) and db.get("role") != "primary"
+
+    # Many grace times: the pair would have moved by now if b could receive it.
+    await holds(a_keeps_the_pair, 4, "the pair moved to a standby lacking a's commits")
+    await more_commits(writer, 50, 15, "commits on a while b is held")
+    gate.unlink()
+    await c.active("p", not_epoch=epoch, node="b", timeout=60)
+    await more_commits(writer, 50, 30, "commits on b")
+    await writer.stop()
+    lost = set(writer.acked) - await rows_on(port, "127.0.0.2")
+    assert not lost, f"{len(lost)} acknowledged commits lost"
+    moved = [e for e in await c.events("switchover") if e["node"] == "a"]
+    assert moved and moved[-1]["reason"] == "plc:press-1 lost on the active"
+
+
+async def b_unable_to_promote(
+    c: Cluster, port: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, Writer]:
+    """a primary, b its synchronous standby whose promotion fails from now on (a test
+    hook, set when b started), a writer committing: a's epoch and the writer."""
+    gate = c.tmp / "promote-gate"
+    monkeypatch.setenv("HAPAIR_TEST_PROMOTE_GATE", str(gate))
+    _, epoch = await ready(c, port)
+    monkeypatch.delenv("HAPAIR_TEST_PROMOTE_GATE")
+    writer = await steady_writer(port, 100)
+    gate.touch()
+    return epoch, writer
+
+
+async def test_a_standby_whose_promotion_fails_leaves_the_old_primary_eligible(
+    db_cluster: tuple[Cluster, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """a crashes; b, its recorded synchronous standby, takes the key but cannot promote
+    (a test hook fails the promotion), then dies too. a has every commit: when it comes
+    back it must be allowed to take the pair over."""
+    c, port = db_cluster
+    epoch, writer = await b_unable_to_promote(c, port, monkeypatch)
+    c.crash("a")
+    await writer.stop()
+
+    async def b_tried() -> bool:
+        return "could not become primary" in c.log("b")
+
+    await until(b_tried, 60, "b trying to promote")
+    leader = await c.leader("p")
+    assert leader is not None and leader[0] == "b", "b took the key"
+    c.crash("b")
+    c.start("a")
+    await c.active("p", not_epoch=epoch, node="a", timeout=60)
+    await endpoint_on(c, "a", epoch)
+    lost = set(writer.acked) - await rows_on(port, "127.0.0.1")
+    assert not lost, f"{len(lost)} acknowledged commits lost"
+    await until(lambda: inserted(port, -4), 30, "a write on a")
+
+
+async def test_a_switchover_to_a_standby_that_cannot_receive_the_final_position_is_aborted(
+    db_cluster: tuple[Cluster, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """b rejoins after a committed alone, held before it follows (a test hook): up and
+    healthy, its database not running. A switchover to b is accepted, a stops its
+    services and its database, but b cannot receive a's final position: a must keep the
+    pair (same epoch), run its database and take writes again, and reject the request."""
+    from cluster import holds
+
+    from shared.records import Switchover
+
+    c, port = db_cluster
+    epoch, writer, _ = await b_back_but_held(c, port, monkeypatch)
+    request = Switchover(to="b")
+    await c.store.put(keys.switchover("p"), request.encode())
+
+    async def rejected() -> list[dict[str, Any]]:
+        return [
+            e
+            for e in await c.events("switchover_rejected")
+            if e["details"].get("request") == request.id
+        ]
+
+    events = await until(rejected, 60, "the switchover rejected")
+    assert "final position" in events[0]["reason"]
+    assert [e for e in await c.events("handover_aborted") if e["node"] == "a"]
+
+    async def a_keeps_the_pair() -> bool:
+        return await c.leader("p") == ("a", epoch)
+
+    await holds(a_keeps_the_pair, 3, "the pair left a")
+    await more_commits(writer, 50, 30, "commits on a again")
+    await writer.stop()
+    assert not set(writer.acked) - await rows_on(port, "127.0.0.1")
+    st = await c.status("b")
+    assert st is not None and (st.database or {}).get("role") != "primary"
+
+
+async def test_a_second_failover_while_a_recovery_awaits_its_ack_holds_again(
+    db_cluster_held: tuple[Cluster, int],
+) -> None:
+    """a crashes: b holds the batch service for the operator. Before anyone acknowledges,
+    b crashes too (a, back as its synchronous standby, takes over): a holds the batch
+    again, under its own epoch, and an ack for b's epoch is refused."""
+    from cluster import holds
+
+    from shared import admin
+    from shared.records import Recovery
+
+    c, port = db_cluster_held
+    _, epoch = await ready(c, port)
+    c.crash("a")
+    _, epoch_b = await c.active("p", not_epoch=epoch, node="b", timeout=60)
+
+    async def awaiting(term: int) -> Recovery | None:
+        kv = await c.store.get(keys.recovery("p"))
+        rec = None if kv is None else decode(Recovery, kv.value, kv.key)
+        return rec if rec is not None and rec.epoch == term and rec.state == "awaiting" else None
+
+    await until(lambda: awaiting(epoch_b), 30, "b awaiting the operator")
+    c.start("a")
+
+    async def a_sync() -> bool:
+        st = await sync_state(c)
+        return st is not None and st.primary == "b" and st.sync == ["a"]
+
+    await until(a_sync, 60, "a back as b's synchronous standby")
+    c.crash("b")
+    _, epoch_a = await c.active("p", not_epoch=epoch_b, node="a", timeout=60)
+    record = await until(lambda: awaiting(epoch_a), 30, "a awaiting the operator")
+    assert record.held == ["batch"] and record.from_node == "b"
+
+    async def batch_held_on_a() -> bool:
+        st = await c.status("a")
+        svc = next((s for s in st.services if s.name == "batch"), None) if st else None
+        return svc is not None and svc.state == "held"
+
+    await holds(batch_held_on_a, 2, "the batch started on a without an acknowledgement")
+    with pytest.raises(admin.AdminError, match="not"):
+        await admin.ack(c.store, "p", epoch_b, "test operator")
+    await admin.ack(c.store, "p", epoch_a, "test operator")
+
+    async def batch_running_on_a() -> bool:
+        st = await c.status("a")
+        svc = next((s for s in st.services if s.name == "batch"), None) if st else None
+        return svc is not None and svc.state == "running"
+
+    await until(batch_running_on_a, 30, "the batch running on a once acknowledged")
+
+
+async def test_a_new_active_that_cannot_promote_hands_the_pair_back_to_the_old_primary(
+    db_cluster: tuple[Cluster, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A switchover to b, whose promotion fails (a test hook): the record still names a
+    as holding every commit, so b hands the pair back to it once its repair budget is
+    spent, rather than keep a pair without a primary."""
+    from shared.records import Switchover
+
+    c, port = db_cluster
+    epoch, writer = await b_unable_to_promote(c, port, monkeypatch)
+    await c.store.put(keys.switchover("p"), Switchover(to="b").encode())
+
+    async def b_holds_the_key() -> int | None:
+        lead = await c.leader("p")
+        return lead[1] if lead is not None and lead[0] == "b" else None
+
+    epoch_b = await until(b_holds_the_key, 30, "b holding the pair")
+    assert epoch_b > epoch
+    await c.active("p", not_epoch=epoch_b, node="a", timeout=60)
+    await endpoint_on(c, "a", epoch_b)
+    await more_commits(writer, 50, 30, "commits on a again")
+    await writer.stop()
+    lost = set(writer.acked) - await rows_on(port, "127.0.0.1")
+    assert not lost, f"{len(lost)} acknowledged commits lost"

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shared.database import DatabaseConfig
 from shared.topology import Pair
 from workshop_agent.decide import (
     Adopt,
@@ -423,7 +424,8 @@ def test_any_sequence_keeps_services_within_a_live_lease(
 def test_a_database_beyond_repair_moves_only_to_a_healthy_sync_standby() -> None:
     active = {"term": 5, "leader": MINE, "services_up": True, "db_failure": "database: down"}
     moved = decide(obs(peers=UP, db_sync=frozenset({"c"}), **active))
-    assert moved.actions == (Handover("c", None, "database: down", False),)
+    # Its database cannot run: there is no final position to hand over.
+    assert moved.actions == (Handover("c", None, "database: down", False, db_lost=True),)
     sick = {"c": PeerView("standby", False), "b": PeerView("standby", True)}
     stays = decide(obs(peers=sick, db_sync=frozenset({"c"}), **active))
     assert stays.actions == (), "b may lack commits and c is not healthy: stay and repair"
@@ -456,3 +458,66 @@ def test_a_refusal_that_rests_on_the_view_of_the_target_names_it() -> None:
     )
     assert [type(a) for a in paused.actions] == [RejectSwitchover]
     assert paused.actions[0].target is None  # type: ignore[union-attr]
+
+
+DB_PAIR = PAIR.model_copy(
+    update={
+        "database": DatabaseConfig.model_validate(
+            {
+                "data_dir": "/var/lib/hapair/{pair.name}/pg",
+                "auth": {
+                    "superuser_password_file": "/etc/hapair/su.pw",
+                    "replication_password_file": "/etc/hapair/repl.pw",
+                },
+            }
+        )
+    }
+)
+
+
+def test_a_forced_switch_of_a_database_pair_goes_only_to_a_recorded_synchronous_standby() -> None:
+    """A standby not recorded synchronous may lack commits the active acknowledged
+    alone: losing a critical resource must not hand the pair to it."""
+    lost = {"plc:press-1": Lost(since=95.0, grace_s=2.0)}
+    reaches = frozenset({"plc:press-1"})
+    peers = {"b": PeerView("standby", True, reaches=reaches), "c": PeerView("standby", True)}
+    o = obs(pair=DB_PAIR, term=5, leader=MINE, services_up=True, peers=peers, lost=lost)
+    assert decide(o).actions == (), "b is not recorded synchronous: the active stays"
+    degraded = replace(o, db_sync=frozenset())
+    assert decide(degraded).actions == ()
+    recorded = replace(o, db_sync=frozenset({"b"}))
+    assert decide(recorded).actions == (
+        Handover("b", None, "plc:press-1 lost on the active", planned=False),
+    )
+    asynchronous = DB_PAIR.model_copy(
+        update={"database": DB_PAIR.database.model_copy(update={"synchronous": False})}  # type: ignore[union-attr]
+    )
+    assert decide(replace(o, pair=asynchronous)).actions == (
+        Handover("b", None, "plc:press-1 lost on the active", planned=False),
+    ), "an asynchronous database records no standby: its final position is handed over"
+
+
+def test_an_unplanned_handover_is_taken_up_only_by_a_node_holding_every_commit() -> None:
+    """The target of a handover campaigns only if it holds every acknowledged commit
+    (recorded) or the handover carries the old primary's final position to reach."""
+
+    def handover(lsn: int | None) -> HandoverView:
+        return HandoverView("b", "a", 40, 99.5, planned=False, lsn=lsn, epoch=5)
+
+    lacking = obs("b", pair=DB_PAIR, db_eligible=False, handover=handover(None))
+    assert decide(lacking).actions == ()
+    assert "lack" in decide(lacking).reason
+    assert kinds(decide(replace(lacking, handover=handover(1234)))) == [Campaign]
+    assert kinds(decide(replace(lacking, db_eligible=True))) == [Campaign]
+
+
+def test_a_target_that_refused_a_handover_is_not_chosen_again_for_a_while() -> None:
+    """A handover the target did not confirm is aborted; the next automatic one picks
+    another standby, or none, instead of stopping the services again and again."""
+    drained = obs(
+        pair=DB_PAIR, term=5, leader=MINE, services_up=True, peers=UP, drained=frozenset({"a"})
+    )
+    assert decide(drained).actions == (Handover("b", None, "node drained"),)
+    refused = replace(drained, refused=frozenset({"b"}))
+    assert decide(refused).actions == (Handover("c", None, "node drained"),)
+    assert decide(replace(drained, refused=frozenset({"b", "c"}))).actions == ()

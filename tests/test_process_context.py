@@ -243,6 +243,33 @@ async def test_fence_all_shuts_out_every_older_epoch(pg: PgCluster) -> None:
 
 
 @MODULE
+async def test_a_process_never_claimed_cannot_be_started_by_an_epoch_older_than_the_floor(
+    pg: PgCluster,
+) -> None:
+    """A new primary raises every fence; a process that has none yet (never claimed
+    before the promotion) must not be created, nor moved, by an older epoch."""
+    async with connect(pg, "floor") as conn:
+        await ProcessContext(conn, "known", 5).start()
+        await fence_all(conn, 9)
+        with pytest.raises(StaleEpoch) as caught:
+            await ProcessContext(conn, "unseen", 8).start()
+        assert caught.value.fence == 9
+        assert await read_context(conn, "unseen") is None, "created by a stale epoch"
+        assert (await ProcessContext(conn, "unseen", 9).start()).fence == 9
+
+
+@MODULE
+async def test_the_floor_holds_without_any_context_table(pg: PgCluster) -> None:
+    """Raised before any process ever ran in this database: the tables a stale instance
+    would create must still refuse its epoch."""
+    async with connect(pg, "bare") as conn:
+        assert await fence_all(conn, 9) == 0
+        with pytest.raises(StaleEpoch):
+            await ProcessContext(conn, "first", 8).start()
+        assert (await ProcessContext(conn, "first", 9).start()).step == 1
+
+
+@MODULE
 async def test_the_new_active_reads_where_each_held_service_resumes(pg: PgCluster) -> None:
     """What the agent publishes with a recovery: read from its own primary, as superuser,
     in the pair's databases (here in ``mes``, schema public, as a service would)."""

@@ -56,6 +56,7 @@ from workshop_agent.watchdog import WatchdogLink
 
 TICK_S = 0.1
 DB_ROUND_S = 0.5
+REFUSED_S = 30.0  # a standby that did not confirm a handover is not chosen again meanwhile
 AGENT_REPORT = "hapair-agent"
 
 
@@ -119,6 +120,7 @@ class Agent:
         self._held_pending: frozenset[str] = frozenset()
         self._contexts_term: int | None = None  # the term whose held contexts were read
         self._catch_up_lsn: int | None = None
+        self._refused: dict[str, float] = {}  # handover targets that did not confirm, until
         self._guarded_pg: int | None = None
         self.database: Database | None = None
         self._db_task: asyncio.Task[None] | None = None
@@ -602,6 +604,7 @@ class Agent:
                 else -float("inf")
             ),
             step_down_unanswered=self._unanswered is not None,
+            refused=frozenset(n for n, until in self._refused.items() if until > now),
             switchover=st.switchover,
             handover=st.handover,
             lost=st.lost,
@@ -646,8 +649,8 @@ class Agent:
                     await self._send_step_down(self._unanswered)
             case d.Resign(reason):
                 await self._step_down(reason, None, None)
-            case d.Handover(to, request, reason, planned):
-                await self._step_down(reason, to, request, planned)
+            case d.Handover(to, request, reason, planned, db_lost):
+                await self._step_down(reason, to, request, planned, db_lost)
             case d.RejectSwitchover(request, reason, target):
                 if target is not None and await self._ready_in_etcd(target):
                     if self._view_lags != request:
@@ -765,8 +768,14 @@ class Agent:
         )
 
     def _db_sync(self) -> frozenset[str]:
+        """The other nodes recorded as holding every commit: the synchronous standbys,
+        and the recorded primary when it is not this node (a new active that cannot
+        promote hands the pair back to it)."""
         record = self._sync_record()
-        return frozenset(record.sync) if record is not None and not record.degraded else frozenset()
+        if record is None:
+            return frozenset()
+        sync = set() if record.degraded else set(record.sync)
+        return frozenset((sync | {record.primary}) - {self.me})
 
     def _received(self) -> dict[str, int | None]:
         """Each node's received WAL position, from its published database status."""
@@ -832,6 +841,8 @@ class Agent:
         st = self._state
         if term is not None and db.primary_epoch != term:
             promoted = await db.become_primary(term, self._catch_up_lsn)
+            if promoted:
+                self._catch_up_lsn = None  # reached; a restart in place has none to reach
             if promoted and self.term == term and self._may_run():
                 self._guard_postmaster(db.postmaster)
                 sup.activate(term, self._held_pending)
@@ -937,7 +948,12 @@ class Agent:
             self._spawn(self._write_recovery(term, done), "auto-ack")
 
     async def _step_down(
-        self, reason: str, to: str | None, request: str | None, planned: bool = True
+        self,
+        reason: str,
+        to: str | None,
+        request: str | None,
+        planned: bool = True,
+        db_lost: bool = False,
     ) -> None:
         """Stop services first, then give the key away: never two actives."""
         assert self.supervisor is not None and self.election is not None
@@ -953,11 +969,15 @@ class Agent:
         if self.database is not None:
             if self._db_task is not None:
                 self._db_task.cancel()
-            # A planned handover hands the database over cleanly; a resignation stops it
-            # before another node may promote.
+            # A handover hands the database over cleanly, or not at all; a resignation
+            # (or a database that cannot run) stops it before another node may promote.
             self._guard_postmaster(None)
-            if to is not None and planned:
-                lsn = await self.database.hand_over()
+            target = self.pair.node(to) if to is not None else None
+            if target is not None and not db_lost:
+                lsn = await self.database.hand_over(target)
+                if lsn is None:
+                    await self._handover_aborted(reason, target.name, request)
+                    return
             else:
                 await self.database.demote()
         for key, value in list(self._published.items()):
@@ -1009,6 +1029,21 @@ class Agent:
             return "key no longer ours"
         self.pairs.apply_local(keys.leader(self.pair.name), None, revision)
         return "done"
+
+    async def _handover_aborted(self, reason: str, to: str, request: str | None) -> None:
+        """The target did not receive the final position: the key stays, the database
+        loop starts the primary again, then the services start again."""
+        assert self.election is not None
+        self._refused[to] = self.clock() + REFUSED_S
+        why = f"the database's final position could not be handed to {to}"
+        self.log.error("handover aborted: keeping the pair", to=to, reason=reason, why=why)
+        raw = self._state.switchover_raw if self._state else None
+        if request is not None and raw is not None:
+            await self.election.drop_switchover(raw)
+            self.event("switchover_rejected", why, request=request)
+        self.event("handover_aborted", why, to=to, cause=reason)
+        self._db_task = asyncio.create_task(self._db_loop(), name="database")
+        self._changed()
 
     async def _leave_pair(self) -> None:
         if self.term is not None:

@@ -2,10 +2,13 @@
 
 Order matters for RPO 0, as in Patroni:
 - a new active records itself as the only node holding every commit *before* it
-  promotes (the old primary lacks what it will write);
-- a standby is recorded as synchronous only once the primary reports it so;
+  acknowledges a commit (the old primary lacks what it will write), but only *after* it
+  promoted: a failed promotion must leave the old primary eligible;
+- a standby is recorded as synchronous only once the primary reports it so and it
+  flushed the primary's position of the moment it was named;
 - a synchronous standby gone for ``degrade_after_s`` is unrecorded *before* the
-  primary stops waiting for it.
+  primary stops waiting for it, and never stops being waited for while the record
+  cannot be changed.
 Only recorded nodes may take over automatically (see ``eligible``).
 """
 
@@ -22,8 +25,10 @@ from shared import keys
 from shared.database import DatabaseConfig
 from shared.log import EventLog
 from shared.records import SyncState
+from shared.store import StoreError
 from shared.topology import Node, Pair
 from workshop_agent.election import Election
+from workshop_agent.pg import hooks
 from workshop_agent.pg.errors import PgError, SecretError
 from workshop_agent.pg.manager import PgManager
 from workshop_agent.pg.status import PgStatus
@@ -33,6 +38,9 @@ FAILURES_BEFORE_RESIGN = 3
 # when it has restarted its primary in place, before it passes the new PID on.
 STOP_ON_NEW_POSTMASTER = bool(os.environ.get("HAPAIR_TEST_STOP_ON_NEW_POSTMASTER"))
 CATCH_UP_S = 10.0
+# A clean shutdown waits until every connected standby flushed its last record; this
+# only covers the target's answer. One not connected then never receives it.
+HANDOVER_RECEIVED_S = 2.0
 
 
 def eligible(
@@ -88,6 +96,10 @@ class Database:
         self._failures = 0
         self._sync_missing_since: float | None = None
         self._recorded: SyncState | None = None
+        # Standbys named synchronous but not yet recorded: the primary's flush position
+        # once they were named, which they must have flushed before they are recorded.
+        self._named_at: dict[str, int] = {}
+        self._reached: int | None = None  # the old primary's final position, replayed
 
     @property
     def postmaster(self) -> int | None:
@@ -112,37 +124,50 @@ class Database:
 
     # -- the active -------------------------------------------------------------------
     async def become_primary(self, epoch: int, catch_up_lsn: int | None) -> bool:
-        """Record this node as the only one holding every commit, then be primary."""
+        """Be primary, then record this node as the only one holding every commit.
+
+        Until the record says so the previous record stands, naming the old primary
+        (which has everything) among the nodes that may take over: a promotion that
+        fails, and this node dying, must not leave the pair with none. A promoted
+        server acknowledges no commit before the record is written (``hold_writes``)."""
         manager = self.manager
         if manager is None:
             self.failure = f"database: {self.error}"
             return False
         if self.primary_epoch == epoch:
             return True
-        record = SyncState(primary=self.node.name, sync=[], epoch=epoch)
-        if not await self.election.put_guarded(
-            epoch, keys.sync_standby(self.pair.name), record.encode(), None
-        ):
-            return False
-        self._recorded = record
         try:
-            if catch_up_lsn is not None and not await manager.caught_up(catch_up_lsn, CATCH_UP_S):
-                self.failure = "database: did not catch up with the old primary in time"
-                return False
-            result = await manager.ensure_primary(epoch)
+            if catch_up_lsn is not None and self._reached != catch_up_lsn:
+                if not await manager.caught_up(catch_up_lsn, CATCH_UP_S):
+                    self.failure = "database: did not catch up with the old primary in time"
+                    return False
+                self._reached = catch_up_lsn
+            result = await manager.ensure_primary(epoch, hold_writes=True)
         except PgError as err:
             self._failures += 1
             self.log.error("database: could not become primary", error=str(err))
             if self._failures >= FAILURES_BEFORE_RESIGN:
                 self.failure = f"database: {err}"
             return False
+        if not await self._record(epoch, [], degraded=False):
+            return False  # writes stay held; the next round records again
+        try:
+            if await manager.open_writes():
+                self.log.info("database: writes open once recorded as the only complete node")
+        except PgError as err:
+            self.log.warning("database: could not open writes", error=str(err))
+            return False
         try:
             moved = await manager.fence_processes(epoch)
-            if moved:
-                self.log.info("process fences raised", processes=moved)
         except PgError as err:
-            # Not fatal: each step of a process also claims the fence itself.
-            self.log.warning("database: could not raise the process fences", error=str(err))
+            # No service starts before the fences are up: a held service's context
+            # could otherwise be moved by a stale instance while the operator looks.
+            self._failures += 1
+            self.log.error("database: could not raise the process fences", error=str(err))
+            if self._failures >= FAILURES_BEFORE_RESIGN:
+                self.failure = f"database: process fences: {err}"
+            return False
+        self.log.info("process fences raised", moved=moved)
         self._failures = 0
         self.primary_epoch = epoch
         self.postmaster = manager.postmaster_pid()
@@ -190,45 +215,103 @@ class Database:
         if streaming - sync_now:
             sync_now = set(await manager.restore_sync(sorted(streaming)))
         if sync_now and sync_now != recorded:
-            await self._record(epoch, sorted(sync_now), degraded=False)
             self._sync_missing_since = None
+            if await self._flushed(manager, sync_now, recorded):
+                await self._record(epoch, sorted(sync_now), degraded=False)
+            elif recorded:
+                # The recorded standby is no longer waited for and the new one has not
+                # flushed yet: meanwhile only this primary holds every commit.
+                await self._record(epoch, [], degraded=False)
             return
         waiting = bool(self.status.synchronous_standby_names)
         if (recorded or waiting) and not sync_now:
             self._sync_missing_since = self._sync_missing_since or now
             if now - self._sync_missing_since >= self.config.degrade_after_s:
-                # Unrecord first: from now on the old standby may not take over.
-                await self._record(epoch, [], degraded=True)
+                # Unrecord first: from now on the old standby may not take over. While
+                # the record may still name it, the primary keeps waiting for it.
+                if not await self._record(epoch, [], degraded=True):
+                    return
                 await manager.degrade_to_async()
                 self.log.warning("database degraded to asynchronous: no synchronous standby")
         else:
             self._sync_missing_since = None
 
-    async def _record(self, epoch: int, sync: list[str], degraded: bool) -> None:
-        record = SyncState(primary=self.node.name, sync=sync, degraded=degraded, epoch=epoch)
-        if await self.election.put_guarded(
-            epoch, keys.sync_standby(self.pair.name), record.encode(), None
-        ):
-            self._recorded = record
-            self.log.info("database sync state", sync=",".join(sync) or "none", degraded=degraded)
+    async def _flushed(self, manager: PgManager, sync_now: set[str], recorded: set[str]) -> bool:
+        """Whether each standby the primary waits for holds every acknowledged commit.
 
-    async def hand_over(self) -> int | None:
-        """Planned switchover: checkpoint and stop; the LSN the target must reach."""
-        if self.manager is None or self.primary_epoch is None:
+        PostgreSQL calls a standby synchronous as soon as it is named, but commits
+        acknowledged before (the pair ran asynchronously) may not be flushed there yet.
+        As Patroni does, a standby counts once it flushed the primary's position taken
+        after it was named, seen in a later round (so every backend waits for it by then).
+        """
+        assert self.status is not None
+        for name in set(self._named_at) - sync_now:
+            del self._named_at[name]
+        if sync_now & recorded:
+            # Quorum: one of them already holds every commit, and only the one that
+            # received the most WAL may take over, so a newcomer may join the record at
+            # once (WAL is contiguous: receiving more means having all the other has).
+            self._named_at.clear()
+            return True
+        new = sync_now - recorded - set(self._named_at)
+        if new:
+            position = await manager.flush_position()
+            self._named_at.update(dict.fromkeys(new, position))
+            return False
+        flushed = {r.name: r.flush_lsn for r in self.status.replicas}
+        for name, named_at in self._named_at.items():
+            lsn = flushed.get(name)
+            if lsn is None or lsn < named_at:
+                return False
+        self._named_at.clear()
+        return True
+
+    async def _record(self, epoch: int, sync: list[str], degraded: bool) -> bool:
+        """Write the sync record under this term; whether it is written for sure."""
+        record = SyncState(primary=self.node.name, sync=sync, degraded=degraded, epoch=epoch)
+        try:
+            written = await self.election.put_guarded(
+                epoch, keys.sync_standby(self.pair.name), record.encode(), None
+            )
+        except StoreError as err:
+            self.log.warning("database: sync record not written", error=str(err))
+            return False
+        if not written:
+            self.log.warning("database: sync record refused: the term is over in etcd")
+            return False
+        self._recorded = record
+        self.log.info("database sync state", sync=",".join(sync) or "none", degraded=degraded)
+        return True
+
+    async def hand_over(self, target: Node) -> int | None:
+        """Handover: checkpoint and stop; the position ``target`` must reach before it
+        promotes, once it has received it. None: the handover must not happen (this node
+        is still the pair's primary; the next round starts it again)."""
+        manager = self.manager
+        if manager is None or self.primary_epoch is None:
+            self.log.error("database: no final position to hand over (not primary)")
             return None
         self.primary_epoch = None
         self.postmaster = None
         try:
-            return await self.manager.switchover_prepare()
+            lsn = await manager.switchover_prepare()
+            if await manager.received_by(target.address, lsn, HANDOVER_RECEIVED_S):
+                return lsn
+            self.log.error(
+                "database: the handover target did not receive the final position",
+                to=target.name,
+                lsn=f"{lsn:X}",
+            )
         except PgError as err:
-            self.log.error("database: switchover preparation failed", error=str(err))
-            return None
+            self.log.error("database: handover preparation failed", error=str(err))
+        return None
 
     async def demote(self) -> None:
         """Fencing: stop now; never waits on anything in flight."""
         self.primary_epoch = None
         self.postmaster = None
         self._recorded = None
+        self._named_at.clear()
         if self.manager is not None:
             with contextlib.suppress(PgError):
                 result = await self.manager.demote()
@@ -237,7 +320,7 @@ class Database:
     # -- a standby --------------------------------------------------------------------
     async def follow(self, primary: Node) -> None:
         manager = self.manager
-        if manager is None:
+        if manager is None or hooks.held("follow"):
             return
         self.failure = None
         try:

@@ -96,7 +96,8 @@ class Observation:
     db_failure: str | None = None
     """The active's database cannot be kept running (its repair budget is spent)."""
     db_sync: frozenset[str] = frozenset()
-    """The nodes recorded as synchronous standbys, holding every acknowledged commit."""
+    """The other nodes recorded as holding every acknowledged commit (the synchronous
+    standbys; the recorded primary too, while this node has not recorded itself)."""
     forced: str | None = None
     """An operator forces this node to take the pair over though it may lack commits."""
     held_by: str | None = None
@@ -111,6 +112,9 @@ class Observation:
     forgotten_promises_until: float = -float("inf")
     """A promise not to campaign that an earlier run of this agent gave over the peer
     path is forgotten at a restart; it has run out by then."""
+    refused: frozenset[str] = frozenset()
+    """Standbys that lately did not confirm a handover (they did not reach the old
+    primary's final position): not chosen again for an automatic one for a while."""
 
     @property
     def lease_ttl(self) -> float:
@@ -170,10 +174,15 @@ class Resign:
 
 @dataclass(frozen=True, slots=True)
 class Handover:
+    """Stop the services, hand the database's final position to ``to`` (aborting if it
+    does not reach it), then give it the key. ``db_lost``: this node's database cannot
+    run, so there is no final position; ``to`` is then a recorded synchronous standby."""
+
     to: str
     request: str | None
     reason: str
     planned: bool = True
+    db_lost: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +249,7 @@ def _as_active(o: Observation, term: int) -> Decision:
     if o.switchover is not None:
         return _switchover(o, o.switchover)
     if o.me in o.drained and not o.paused:
-        target = best_standby(o)
+        target = best_standby(o, o.refused)
         if target is not None:
             return Decision(
                 f"node drained: handing over to {target}", (Handover(target, None, "node drained"),)
@@ -299,10 +308,33 @@ def _eligible_peer(o: Observation, name: str) -> bool:
     )
 
 
-def best_standby(o: Observation) -> str | None:
+def best_standby(o: Observation, refused: frozenset[str] = frozenset()) -> str | None:
     """The first node in priority order that could take over now."""
     return next(
-        (n.name for n in o.pair.nodes if n.name != o.me and _eligible_peer(o, n.name)), None
+        (
+            n.name
+            for n in o.pair.nodes
+            if n.name != o.me and n.name not in refused and _eligible_peer(o, n.name)
+        ),
+        None,
+    )
+
+
+def _holds_every_commit(o: Observation, name: str) -> bool:
+    """May ``name`` receive an unplanned handover? On a pair with a synchronous database,
+    only a recorded synchronous standby holds every acknowledged commit; the old
+    primary's final position is handed over too, but a standby that has not caught up
+    may never reach it (and the active would stop for nothing)."""
+    db = o.pair.database
+    return db is None or not db.synchronous or name in o.db_sync
+
+
+def _unplanned_target(o: Observation, name: str) -> bool:
+    return (
+        name != o.me
+        and name not in o.refused
+        and _eligible_peer(o, name)
+        and _holds_every_commit(o, name)
     )
 
 
@@ -319,7 +351,7 @@ def _forced_switch(o: Observation) -> Decision | None:
             (
                 n.name
                 for n in o.pair.nodes
-                if n.name != o.me and _eligible_peer(o, n.name) and name in o.peers[n.name].reaches
+                if _unplanned_target(o, n.name) and name in o.peers[n.name].reaches
             ),
             None,
         )
@@ -333,16 +365,17 @@ def _forced_switch(o: Observation) -> Decision | None:
 
 def _database_switch(o: Observation, failure: str) -> Decision | None:
     """A database that cannot be repaired here moves the pair only to a healthy standby
-    recorded synchronous: any other would lose commits, and leaving would leave nothing."""
+    recorded synchronous: any other would lose commits, and leaving would leave nothing.
+    Its final position cannot be read, so none is handed over."""
     target = next(
-        (n.name for n in o.pair.nodes if n.name in o.db_sync and _eligible_peer(o, n.name)),
+        (n.name for n in o.pair.nodes if n.name in o.db_sync and _unplanned_target(o, n.name)),
         None,
     )
     if target is None:
         return None
     return Decision(
         f"{failure}: handing over to the synchronous standby {target}",
-        (Handover(target, None, failure, False),),
+        (Handover(target, None, failure, False, db_lost=True),),
     )
 
 
@@ -351,7 +384,7 @@ def _failback_target(o: Observation) -> str | None:
     if policy.failback != "auto" or o.paused:
         return None
     main = o.pair.nodes[0].name
-    if main == o.me or not _eligible_peer(o, main):
+    if main == o.me or main in o.refused or not _eligible_peer(o, main):
         return None
     since = o.peers[main].healthy_since
     if since is None or o.now - since < policy.failback_after_s:
@@ -407,6 +440,13 @@ def _campaign(o: Observation) -> Decision:
             return Decision(f"handover to {handover.to} in progress: waiting")
         if not o.healthy:
             return Decision("handover to this node, but it is not healthy: waiting")
+        if not o.db_eligible and handover.lsn is None:
+            # Nothing to catch up with: promoting would lose what this node lacks. The
+            # record goes stale and a node holding every commit takes over.
+            return Decision(
+                "handover to this node without the old primary's final position, and "
+                "this node may lack committed data: not campaigning"
+            )
         return Decision("handover to this node: campaigning", (Campaign(),))
     # An active cut off from etcd holds the pair on the promises of the nodes it knows;
     # one added to the pair since then it never asks, so that node waits while any node

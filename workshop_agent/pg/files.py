@@ -47,6 +47,11 @@ def sync_names(names: Sequence[str]) -> str:
     return f"ANY 1 ({', '.join(quoted)})"
 
 
+# A standby name no node can have: commits on a just promoted primary wait for it until
+# the agent has recorded the new primary as the only node holding every commit.
+HOLD_WRITES = sync_names(["hapair promotion"])
+
+
 def postgresql_conf(config: DatabaseConfig, layout: Layout, address: str, cluster: str) -> str:
     settings: dict[str, str] = {
         "listen_addresses": quote_setting(address),

@@ -20,11 +20,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import psycopg
-
 from shared.process_context import fence_all
 from shared.topology import Node, Pair
-from workshop_agent.pg import ctl, files
+from workshop_agent.pg import ctl, files, hooks
 from workshop_agent.pg import query as q
 from workshop_agent.pg.config import DatabaseConfig, Layout
 from workshop_agent.pg.errors import PgError
@@ -95,16 +93,21 @@ class PgManager:
 
     # --- the agent's operations -------------------------------------------------------
 
-    async def ensure_primary(self, epoch: int) -> PgResult:
+    async def ensure_primary(self, epoch: int, hold_writes: bool = False) -> PgResult:
         """Be a primary accepting writes: initialise (main node, empty data dir), start,
-        or promote; then create missing roles and databases."""
+        or promote; then create missing roles and databases.
+
+        ``hold_writes``: a promotion holds every commit back (none is acknowledged)
+        until ``open_writes()``, so the agent can first record this node as the only one
+        holding every commit: until then the old primary stays eligible."""
         async with self._step() as began:
-            action = await self._become_primary()
+            action = await self._become_primary(hold_writes)
             conn = await self.pg.local(self.timeouts.start_s)
             await q.wait_writable(conn, self.timeouts.promote_s)
-            if action == "promoted":
+            if action == "promoted" and not hold_writes:
                 await self._sync_present(conn)
-            if not self._provisioned:
+            held = (await q.primary_position(conn)).sync_names == files.HOLD_WRITES
+            if not self._provisioned and not held:
                 # Right after a promotion only what is missing is created (the old
                 # primary made the rest); passwords are checked on the next call.
                 full = action != "promoted"
@@ -166,6 +169,30 @@ class PgManager:
                 raise PgError(step, f"cluster state after the stop is {control.state!r}")
             return control.checkpoint
 
+    async def received_by(self, host: str, lsn: int, timeout_s: float) -> bool:
+        """On the old primary, stopped: whether the standby at ``host`` flushed the record
+        at ``lsn`` (its shutdown checkpoint), waiting up to ``timeout_s``. A clean shutdown
+        waits until every connected standby flushed it; one that was not connected never
+        gets it, and must not take over."""
+        auth = self.config.auth
+        conn = await q.connect(
+            host, self.config.port, auth.superuser, self.pg.secrets.superuser,
+            timeout=self.timeouts.query_s,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                if not await q.is_in_recovery(conn):
+                    return False  # a primary of its own: it follows nobody
+                received = (await q.standby_position(conn)).receive_lsn
+                if received is not None and received > lsn:  # the end, past the start
+                    return True
+                if time.monotonic() >= deadline:
+                    return False
+                await asyncio.sleep(q.POLL_S)
+        finally:
+            await conn.close()
+
     async def caught_up(self, lsn: int, timeout_s: float = 0.0) -> bool:
         """On the target standby: whether it replayed the record at ``lsn`` (the old
         primary's shutdown checkpoint), waiting up to ``timeout_s``."""
@@ -180,6 +207,16 @@ class PgManager:
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.002)
+
+    async def open_writes(self) -> bool:
+        """After a promotion, once recorded: commits wait only for the standbys already
+        streaming from this node (usually none). Whether they were held back."""
+        async with self._step():
+            conn = await self._primary_conn("open writes")
+            if (await q.primary_position(conn)).sync_names != files.HOLD_WRITES:
+                return False
+            await self._sync_present(conn)
+            return True
 
     async def degrade_to_async(self) -> PgResult:
         """Commits stop waiting for any standby. Record it in etcd *before* calling."""
@@ -197,10 +234,17 @@ class PgManager:
             await q.set_sync_names(conn, files.sync_names(wanted))
             return await q.wait_sync(conn, wanted, self.timeouts.sync_s) if wanted else []
 
+    async def flush_position(self) -> int:
+        """The primary's WAL flushed to its disk: every commit acknowledged so far is
+        at or below it."""
+        async with self._step():
+            return (await q.primary_position(await self._primary_conn("flush position"))).lsn
+
     async def fence_processes(self, epoch: int) -> int:
-        """Raise the process-context fences of every database to ``epoch`` (a new term):
-        an instance of an older term can then commit no step, even while the new term's
-        held services wait for the operator."""
+        """Raise the process-context fences, and the floor of processes never claimed,
+        of every database to ``epoch`` (a new term): an instance of an older term can
+        then commit no step, even while the new term's held services wait for the
+        operator. PgError when a database could not be fenced: call it again."""
         moved = 0
         for db in self.config.databases:
             conn = await q.connect(
@@ -211,10 +255,10 @@ class PgManager:
                 dbname=db.name,
                 timeout=self.timeouts.query_s,
             )
-            try:
-                moved += await fence_all(conn, epoch)
-            except psycopg.Error as err:
-                raise PgError("fence processes", f"database {db.name}: {err}") from None
+            try:  # fence_all waits for locks at most the query budget, then raises
+                work = fence_all(conn, epoch, lock_timeout_s=self.timeouts.query_s)
+                step = f"fence processes in {db.name}"
+                moved += await q.bounded(conn, work, 2 * self.timeouts.query_s, step)
             finally:
                 await conn.close()
         return moved
@@ -235,14 +279,14 @@ class PgManager:
                 self.pg.drop()
                 raise
 
-    async def _become_primary(self) -> Action:
+    async def _become_primary(self, hold_writes: bool) -> Action:
         data = self.layout.data_dir
         if self.pg.running() is not None:
             in_recovery = await self.pg.in_recovery()
             if in_recovery is False:
                 return "none"
             if in_recovery:
-                await self._promote()
+                await self._promote(hold_writes)
                 return "promoted"
         ctl.prepare_dirs(self.layout, self.pg.runner)
         if ctl.is_empty(data):
@@ -257,7 +301,7 @@ class PgManager:
             # A standby becomes primary by promotion only (a new timeline), never by a
             # plain start, which would continue the old timeline as if nothing happened.
             await self.pg.start(standby=True)
-            await self._promote()
+            await self._promote(hold_writes)
             return "promoted"
         # Restart in place: keep the synchronous standbys, they reconnect in ms.
         await self.pg.start(standby=False, keep_sync=True)
@@ -274,8 +318,12 @@ class PgManager:
         await ctl.initdb(self.pg.runner, self.layout, superuser, self.pg.secrets.superuser)
         await self.pg.start(standby=False)
 
-    async def _promote(self) -> None:
+    async def _promote(self, hold_writes: bool) -> None:
+        if hooks.held("promote"):
+            raise PgError("promote", "held back by HAPAIR_TEST_PROMOTE_GATE")
         conn = await self.pg.local(self.timeouts.start_s)
+        if hold_writes:  # set on the standby, in force from the first commit
+            await q.set_sync_names(conn, files.HOLD_WRITES)
         await ctl.promote(self.pg.runner, self.layout)
         nudge = lambda: ctl.nudge_promote(self.layout)  # noqa: E731
         await q.wait_writable(conn, self.timeouts.promote_s, nudge)

@@ -146,11 +146,14 @@ class PgNode:
         text = files.pgpass(self.config.port, entries)
         files.write_file(self.layout.passfile, text, self.runner.uid, self.runner.gid)
 
-    def conninfo(self, host: str) -> str:
-        """``primary_conninfo`` (and the clone's) for following ``host``."""
+    def conninfo(self, host: str, clone: bool = False) -> str:
+        """``primary_conninfo`` for following ``host``, or the clone's. A clone streams
+        its WAL under another name: the primary must not take it for this standby (and
+        wait for it, or record it synchronous, until the clone ends)."""
         auth = self.config.auth
+        name = f"{self.node.name}-clone" if clone else self.node.name
         return files.primary_conninfo(
-            host, self.config.port, auth.replication_user, self.layout.passfile, self.node.name
+            host, self.config.port, auth.replication_user, self.layout.passfile, name
         )
 
     def rewind_source(self, host: str) -> str:

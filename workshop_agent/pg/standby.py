@@ -154,7 +154,7 @@ async def diverged_from(node: PgNode, primary_host: str, local: LocalPosition) -
 
 
 async def clone(node: PgNode, primary_host: str) -> None:
-    conninfo = node.conninfo(primary_host)
+    conninfo = node.conninfo(primary_host, clone=True)
     await ctl.basebackup(node.runner, node.layout, conninfo, node.timeouts.basebackup_s)
 
 
