@@ -167,3 +167,44 @@ async def test_proxy_refuses_bad_arguments(args: list[str], message: str) -> Non
         _, err = await proc.communicate()
     assert proc.returncode == 2 or (proc.returncode == 1 and "no registry" in message)
     assert message in err.decode()
+
+
+async def test_proxy_follows_a_service_that_was_unknown_when_it_started(
+    etcd: Etcd, store: Store, tmp_path: Path
+) -> None:
+    """The proxy starts before the site declares its service (the registry answers 404);
+    once the service is declared and moves, the connections to the old server are
+    still cut at once."""
+    port = free_port()
+    server_a = await NodeServer("asm-a", "127.0.0.11", port).start()
+    server_b = await NodeServer("asm-b", "127.0.0.12", port).start()
+    log = tmp_path / "proxy.log"
+    try:
+        async with (
+            registry_in_process(etcd.url) as url,
+            ProxyProcess(url, log) as proxy,
+        ):
+            await until(
+                lambda: asyncio.sleep(0, "does not know this service" in log.read_text()),
+                "the proxy told that mes-api is unknown",
+            )
+            await apply_site(store)
+            a = await FakeAgent(store, "asm-a", "asm").up()
+            b = await FakeAgent(store, "asm-b", "asm").up()
+            await a.become_active()
+            await a.publish("mes-api", port)
+            old = await proxy.connect()
+            assert await ask(old) == "asm-a ping"
+
+            await a.crash()
+            await b.become_active()
+            await b.publish("mes-api", port)
+            async with asyncio.timeout(2):
+                with contextlib.suppress(ConnectionError):
+                    assert await old[0].read() == b"", "the old connection must be cut"
+            new = await proxy.connect()
+            assert await ask(new) == "asm-b ping"
+            new[1].close()
+    finally:
+        await server_a.stop()
+        await server_b.stop()

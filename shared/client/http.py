@@ -153,19 +153,18 @@ class HttpAdapter(Following):
             task.add_done_callback(self._closing.discard)
         self._session, self._session_endpoint = None, None
 
-    async def _watch(self) -> None:
-        async with contextlib.aclosing(self.resolver.watch(self.service)) as endpoints:
-            async for endpoint in endpoints:
-                if self._session_endpoint is not None and endpoint.newer_than(
-                    self._session_endpoint
-                ):
-                    log.info(
-                        "endpoint changed; closing the connections to the old one",
-                        service=self.service,
-                        old=self._session_endpoint.describe(),
-                        new=endpoint.describe(),
-                    )
-                    self._retire()
+    def _backoff(self) -> Backoff:
+        return self.backoff
+
+    async def _moved(self, endpoint: Endpoint) -> None:
+        if self._session_endpoint is not None and endpoint.newer_than(self._session_endpoint):
+            log.info(
+                "endpoint changed; closing the connections to the old one",
+                service=self.service,
+                old=self._session_endpoint.describe(),
+                new=endpoint.describe(),
+            )
+            self._retire()
 
 
 def _scheme(protocol: str) -> str:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import inspect
 import itertools
+import math
 import random
 import re
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -438,4 +439,18 @@ class OpcUaAdapter(Reconnecting[OpcUaConnection]):
             if self.subscription_error is not None:
                 log.info("subscriptions delivered again", endpoint=conn.endpoint.describe())
             delays, self.subscription_error = None, None
-            await conn.lost.wait()
+            # A move is waited for here too, not only by the watcher: subscriptions
+            # must follow it even while the watcher is being started again.
+            lost = asyncio.ensure_future(conn.lost.wait())
+            moved = asyncio.ensure_future(
+                self.resolver.newer(self.service, conn.endpoint, math.inf)
+            )
+            try:
+                await asyncio.wait({lost, moved}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (lost, moved):
+                    task.cancel()
+                await asyncio.wait({lost, moved})
+            newer = moved.result() if moved.done() and not moved.cancelled() else None
+            if newer is not None:
+                await self._drop(EndpointChanged(conn.endpoint, newer), conn)

@@ -33,7 +33,7 @@ from shared import log as logs
 from shared.client.backoff import Backoff
 from shared.client.errors import ClientError
 from shared.client.models import Endpoint
-from shared.client.reconnect import reach
+from shared.client.reconnect import follow_moves, reach
 from shared.client.resolver import Resolver, parse_registries
 
 log = logs.EventLog("hapair.proxy")
@@ -157,7 +157,10 @@ class Proxy:
 
     async def start(self, host: str, port: int) -> None:
         await self._stack.enter_async_context(self.resolver.following(self.service))
-        self._watcher = asyncio.create_task(self._follow(), name="proxy-follow")
+        self._watcher = asyncio.create_task(
+            follow_moves(self.resolver, self.service, self._moved, self.backoff),
+            name="proxy-follow",
+        )
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
             self._accept, host, port, backlog=1024, reuse_address=True
@@ -231,25 +234,23 @@ class Proxy:
     def _forget(self, link: _Link) -> None:
         self.links.discard(link)
 
-    async def _follow(self) -> None:
+    async def _moved(self, endpoint: Endpoint) -> None:
         """On each newer endpoint, close the connections still open to older ones."""
-        async with contextlib.aclosing(self.resolver.watch(self.service)) as endpoints:
-            async for endpoint in endpoints:
-                old = [
-                    link
-                    for link in self.links
-                    if link.endpoint is not None and endpoint.newer_than(link.endpoint)
-                ]
-                for link in old:
-                    link.close(abort=True)
-                log.info(
-                    "endpoint",
-                    service=self.service,
-                    node=endpoint.node,
-                    at=endpoint.address,
-                    epoch=endpoint.epoch,
-                    closed=len(old),
-                )
+        old = [
+            link
+            for link in self.links
+            if link.endpoint is not None and endpoint.newer_than(link.endpoint)
+        ]
+        for link in old:
+            link.close(abort=True)
+        log.info(
+            "endpoint",
+            service=self.service,
+            node=endpoint.node,
+            at=endpoint.address,
+            epoch=endpoint.epoch,
+            closed=len(old),
+        )
 
 
 # ---- the command ----------------------------------------------------------------------
