@@ -16,6 +16,7 @@ from harness import Etcd, free_port
 from site_records import FakeAgent, apply_site
 from test_client_support import registry_in_process, until
 
+from shared import keys
 from shared.client import (
     Endpoint,
     RegistryUnavailable,
@@ -72,7 +73,11 @@ async def test_resolve_answers_200_503_404(etcd: Etcd, store: Store) -> None:
         # A long-poll: the answer comes the moment the endpoint is published.
         got = await resolver.resolve("mes-api", wait_s=3.0)
         await publishing
-        assert got == Endpoint("mes-api", "asm", "asm-a", "127.0.0.11", 8080, "http", epoch)
+        published = await store.get(keys.endpoint("mes-api"))
+        assert published is not None
+        assert got == Endpoint(
+            "mes-api", "asm", "asm-a", "127.0.0.11", 8080, "http", epoch, published.mod_revision
+        )
         assert not got.stale and got.address == "127.0.0.11:8080"
         assert got.url() == "http://127.0.0.11:8080"
 
@@ -246,7 +251,7 @@ async def test_garbage_lookups_are_ignored_with_a_warning(
         first = await resolver.resolve("mes-api")
         assert first.epoch == 10 and not first.stale
         garbage = [
-            (200, endpoint_json(7, port=9999), "epoch 7 is older than epoch 10"),
+            (200, endpoint_json(7, port=9999), "epoch 7 (revision 0) is older than epoch 10"),
             (200, b"{not json", "not JSON"),
             (500, {"error": "boom"}, "HTTP 500"),
             (200, endpoint_json(11, port="8080"), "port: Input should be a valid integer"),
@@ -297,7 +302,6 @@ async def test_garbage_in_the_event_stream_is_ignored(caplog: pytest.LogCaptureF
             b"retry: 1000\n\n: heartbeat\n\n",
             sse({**endpoint_json(10), "status": 200}),
             sse("{broken"),
-            sse({**endpoint_json(7, port=9999), "status": 200}),
             sse({**endpoint_json(11, port=-1), "status": 200}),
             sse({"service": "mes-api", "status": "200"}),
             sse({"topology": "whatever"}, kind="topology"),
@@ -312,7 +316,6 @@ async def test_garbage_in_the_event_stream_is_ignored(caplog: pytest.LogCaptureF
         assert [(e.epoch, e.port) for e in seen] == [(10, 8080), (12, 8081)]
         problems = " | ".join(warnings_of(caplog))
         assert "Expecting property name" in problems  # the broken JSON
-        assert "epoch 7 is older than epoch 10" in problems
         assert "port: Input should be greater than or equal to 1" in problems
         assert "status: Input should be a valid integer" in problems
 
@@ -335,7 +338,8 @@ async def test_long_poll_garbage_is_ignored(caplog: pytest.LogCaptureFixture) ->
                     break
         assert seen == [10, 12]
         problems = " | ".join(warnings_of(caplog))
-        assert "epoch 9 is older than epoch 10" in problems and "HTTP 500" in problems
+        assert "epoch 9 (revision 0) is older than epoch 10" in problems
+        assert "HTTP 500" in problems
         assert "not JSON" in problems
 
 
@@ -354,3 +358,19 @@ async def test_falls_back_to_long_poll_where_there_is_no_stream(
             assert (await next_of(endpoints)).epoch == 11
         assert "registry has no event stream; long-polling it" in caplog.text
         assert fake.lookups >= 2
+
+
+async def test_a_stream_that_goes_back_is_left(caplog: pytest.LogCaptureFixture) -> None:
+    """An event older than what is known means the registry lags behind etcd: its
+    stream is given up (here for itself again, the only one) and nothing goes back."""
+    async with FakeRegistry() as fake, fast(fake.url) as resolver:
+        fake.answer(200, endpoint_json(10))
+        fake.stream = [sse({**endpoint_json(10), "status": 200})]
+        async with contextlib.aclosing(resolver.watch("mes-api")) as endpoints:
+            assert (await next_of(endpoints)).epoch == 10
+            fake.stream = [sse({**endpoint_json(7, port=9999), "status": 200})]
+            await until(
+                lambda: asyncio.sleep(0, "registry behind" in caplog.text), "the stream left"
+            )
+            fake.stream = [sse({**endpoint_json(12, port=8081), "status": 200})]
+            assert (await next_of(endpoints)).epoch == 12

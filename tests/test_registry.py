@@ -84,7 +84,12 @@ async def active_pair(store: Store) -> tuple[FakeAgent, FakeAgent]:
 async def test_lookup_200_503_404(client: TestClient[Any, Any], store: Store) -> None:
     await apply_site(store)
     body = await status_becomes(client, "/v1/endpoints/mes-api", 503)
-    assert body == {"error": "pair asm has no active node (no agent is up on asm-a, asm-b, asm-c)"}
+    topology = await store.get(keys.TOPOLOGY)
+    assert topology is not None
+    assert body == {
+        "error": "pair asm has no active node (no agent is up on asm-a, asm-b, asm-c)",
+        "revision": topology.mod_revision,  # as of which there is no endpoint
+    }
     assert (await get(client, "/v1/endpoints/nope"))[0] == 404
     assert (await get(client, "/v1/endpoints/worker"))[0] == 404
 
@@ -97,6 +102,8 @@ async def test_lookup_200_503_404(client: TestClient[Any, Any], store: Store) ->
         f"endpoint not yet published: asm-a is active in pair asm at epoch {epoch}"
     )
     await a.publish("mes-api", 8080)
+    published = await store.get(keys.endpoint("mes-api"))
+    assert published is not None
     body = await status_becomes(client, "/v1/endpoints/mes-api", 200)
     assert body == {
         "service": "mes-api",
@@ -106,12 +113,15 @@ async def test_lookup_200_503_404(client: TestClient[Any, Any], store: Store) ->
         "port": 8080,
         "protocol": "http",
         "epoch": epoch,
+        "revision": published.mod_revision,  # the same on every registry
     }
 
     await store.put(keys.paused("asm"), records.Paused(by="op").encode())
     await a.crash()
     body = await status_becomes(client, "/v1/endpoints/mes-api", 503)
     assert "paused" in body["error"]
+    # No endpoint as of the revision that removed it, at the earliest.
+    assert body["revision"] > published.mod_revision
 
 
 async def test_long_poll_wakes_when_a_newer_epoch_is_published(
