@@ -208,3 +208,44 @@ async def test_proxy_follows_a_service_that_was_unknown_when_it_started(
     finally:
         await server_a.stop()
         await server_b.stop()
+
+
+async def test_proxy_passes_on_what_the_server_says_first(
+    etcd: Etcd, store: Store, tmp_path: Path
+) -> None:
+    """A protocol where the server speaks first (an SMTP-like banner, sent the moment
+    the connection is made, before the proxy has paired it with its client)."""
+    port = free_port()
+    await apply_site(store)
+    a = await FakeAgent(store, "asm-a", "asm").up()
+    await a.become_active()
+    await a.publish("mes-api", port)
+
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 asm-a ready\r\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+            while line := await reader.readline():
+                writer.write(b"250 " + line)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(greet, "127.0.0.11", port)
+    try:
+        async with (
+            registry_in_process(etcd.url) as url,
+            ProxyProcess(url, tmp_path / "proxy.log") as proxy,
+        ):
+            clients = [await proxy.connect() for _ in range(10)]
+            async with asyncio.timeout(3):
+                banners = [await reader.readline() for reader, _ in clients]
+            assert banners == [b"220 asm-a ready\r\n"] * 10
+            reader, writer = clients[0]
+            writer.write(b"HELO client\r\n")
+            async with asyncio.timeout(3):
+                assert await reader.readline() == b"250 HELO client\r\n"
+            for _, w in clients:
+                w.close()
+    finally:
+        server.close()
+        await server.wait_closed()
