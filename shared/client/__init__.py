@@ -18,6 +18,7 @@ from shared.client.errors import (
     ClientError,
     DeadlineExceeded,
     EndpointChanged,
+    OutcomeUnknown,
     RegistryUnavailable,
     ServiceUnavailable,
     UnknownService,
@@ -29,11 +30,11 @@ from shared.client.resolver import Resolver, ServiceState
 from shared.client.tcp import Connection, TcpAdapter
 
 if TYPE_CHECKING:
-    from shared.client.opcua import DataChange, OpcUaAdapter, OutcomeUnknown, Subscription, tag
+    from shared.client.opcua import DataChange, OpcUaAdapter, Subscription, tag
 
 # asyncua would add about 0.2 s to every import of this package, the operator CLI's
 # among them: the OPC UA names load on first use.
-_OPCUA = ("DataChange", "OpcUaAdapter", "OutcomeUnknown", "Subscription", "tag")
+_OPCUA = ("DataChange", "OpcUaAdapter", "Subscription", "tag")
 
 
 def __getattr__(name: str) -> object:

@@ -28,6 +28,7 @@ from shared.client.backoff import Backoff
 from shared.client.errors import (
     DeadlineExceeded,
     EndpointChanged,
+    OutcomeUnknown,
     RegistryUnavailable,
     ServiceUnavailable,
     UnknownService,
@@ -314,9 +315,10 @@ class Reconnecting(Following, Generic[C]):
         return await self._connection(loop.time() + self.deadline_s)
 
     async def run(self, operation: Callable[[C], Awaitable[T]]) -> T:
-        """``await operation(connection)``; when the connection is lost (or the service
-        moves) during it, run it again on a new connection, until ``deadline_s``.
-        ``operation`` must therefore be safe to repeat."""
+        """``await operation(connection)`` at least once: when the connection is lost
+        (or the service moves) during it, run it again on a new connection, until
+        ``deadline_s``. ``operation`` must therefore be safe to repeat: one whose answer
+        was lost may have been applied (a lost COMMIT); see :meth:`run_once`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.deadline_s
         while True:
@@ -337,6 +339,24 @@ class Reconnecting(Following, Generic[C]):
                     service=self.service,
                     error=describe_error(err),
                 )
+
+    async def run_once(self, operation: Callable[[C], Awaitable[T]], what: str = "") -> T:
+        """``await operation(connection)`` at most once. Reaching the service is
+        retried as by :meth:`connection` (nothing is sent before); when the connection
+        is lost (or the service moves) during the operation, it raises
+        :class:`OutcomeUnknown` (``what`` names the operation in its message): it may
+        or may not have been applied, and is not run again."""
+        loop = asyncio.get_running_loop()
+        conn = await self._connection(loop.time() + self.deadline_s)
+        endpoint = self.endpoint
+        assert endpoint is not None
+        try:
+            return await operation(conn)
+        except Exception as err:
+            if not self._connection_lost(err, conn):
+                raise
+            await self._drop(err, conn)
+            raise OutcomeUnknown(self.service, what or "an operation", endpoint, err) from err
 
     # ---- inside ---------------------------------------------------------------------
 
