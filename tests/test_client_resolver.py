@@ -197,6 +197,7 @@ class FakeRegistry:
         self.answers: list[tuple[int, bytes]] = []
         self.stream: list[bytes] = []
         self.lookups = 0
+        self.retry_after = False
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -207,7 +208,10 @@ class FakeRegistry:
     async def _lookup(self, request: web.Request) -> web.Response:
         self.lookups += 1
         status, body = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
-        return web.Response(status=status, body=body, content_type="application/json")
+        headers = {"Retry-After": "2"} if self.retry_after else None
+        return web.Response(
+            status=status, body=body, content_type="application/json", headers=headers
+        )
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -374,3 +378,19 @@ async def test_a_stream_that_goes_back_is_left(caplog: pytest.LogCaptureFixture)
             )
             fake.stream = [sse({**endpoint_json(12, port=8081), "status": 200})]
             assert (await next_of(endpoints)).epoch == 12
+
+
+async def test_a_busy_registry_is_not_taken_for_the_service(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """503 with Retry-After: the registry has too many readers (it says nothing of the
+    service); the next registry is asked."""
+    async with FakeRegistry() as busy, FakeRegistry() as other, fast([busy.url, other.url]) as r:
+        busy.answers.append(
+            (503, json.dumps({"error": "too many long-polls open on this registry"}).encode())
+        )
+        busy.retry_after = True
+        other.answer(200, endpoint_json(10))
+        got = await r.resolve("mes-api")
+        assert got.epoch == 10 and r.state("mes-api").status == 200
+        assert any("too many long-polls" in w for w in warnings_of(caplog))

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,7 +22,7 @@ from harness import free_port
 from site_records import FakeAgent, apply_site
 
 from registry.app import create_app
-from registry.appkeys import RegistryConfig
+from registry.appkeys import READERS, RegistryConfig
 from registry.routes import PollQuery
 from shared import keys, records
 from shared.store import Store
@@ -382,3 +383,76 @@ async def test_hapair_registry_refuses_bad_settings() -> None:
         "hapair-registry: etcd: give --etcd URL or set HAPAIR_ETCD; "
         "listen: expected HOST:PORT, got 'nowhere'"
     )
+
+
+# ---- readers that do not read -----------------------------------------------------
+
+
+def _tcp_state(sock: socket.socket) -> int:
+    """The kernel's TCP state of ``sock`` (1: established), read without reading data."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+async def test_an_event_stream_reader_that_does_not_read_is_cut_off(
+    client: TestClient[Any, Any], store: Store
+) -> None:
+    """A follower that stops reading (its buffers full, the registry's write blocked)
+    is cut off: it must not keep the registry's handler, socket and buffers forever."""
+    await active_pair(store)
+    port = client.server.port
+    assert port is not None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET /v1/events HTTP/1.1\r\nHost: registry\r\n\r\n")
+    try:
+        # Changes the stream carries, big enough to fill every buffer on the way.
+        problems = ["x" * 1000] * 60
+        for i in range(200):
+            status = records.NodeStatus(
+                node="asm-b",
+                pair="asm",
+                address="127.0.0.12",
+                role="standby",
+                healthy=False,
+                problems=[f"{i}", *problems],
+            )
+            await store.put(keys.node_status("asm-b"), status.encode())
+
+        async def cut() -> bool:
+            return _tcp_state(sock) != 1  # reset (or closed) by the registry
+
+        await until(cut, "the registry to cut the stream off", deadline_s=30.0)
+    finally:
+        sock.close()
+
+
+async def test_streams_and_long_polls_are_capped(etcd: Any, store: Store) -> None:
+    """Beyond the configured number of open streams (long-polls), a new one is refused
+    at once with 503 and Retry-After: a client goes to another registry."""
+    await active_pair(store)
+    app = create_app(etcd.url, RegistryConfig(heartbeat_s=0.2, max_streams=2, max_polls=2))
+    async with TestClient(TestServer(app)) as c:
+        body = await status_becomes(c, "/v1/endpoints/mes-api", 200)
+        poll = f"/v1/endpoints/mes-api?after_epoch={body['epoch']}&wait_s=30"
+        async with c.get("/v1/events") as s1, c.get("/v1/events") as s2:
+            assert s1.status == s2.status == 200
+            async with c.get("/v1/events") as refused:
+                assert refused.status == 503 and refused.headers["Retry-After"]
+                assert "too many event streams" in (await refused.json())["error"]
+            polls = [asyncio.create_task(get(c, poll)) for _ in range(2)]
+            await until(lambda: asyncio.sleep(0, app[READERS].polls == 2), "both polls waiting")
+            async with c.get(poll) as refused:
+                assert refused.status == 503 and refused.headers["Retry-After"]
+                assert "too many long-polls" in (await refused.json())["error"]
+            # A plain lookup answers at once: it holds nothing.
+            assert (await get(c, "/v1/endpoints/mes-api"))[0] == 200
+            for task in polls:
+                task.cancel()
+
+        # Closed streams free their places.
+        async def stream_again() -> bool:
+            async with c.get("/v1/events") as again:
+                return again.status == 200
+
+        await until(stream_again, "a stream accepted again")

@@ -450,6 +450,9 @@ class Resolver:
         async with self._http().get(path, params=params, timeout=timeout) as resp:
             if resp.headers.get(STALE_HEADER):
                 raise _RegistryDown(f"registry lost etcd: {resp.headers[STALE_HEADER]}")
+            if resp.status == 503 and "Retry-After" in resp.headers:
+                # Busy (too many readers): it says nothing of the service.
+                raise _RegistryDown(await _reason(resp))
             body = await _read(resp)
             status = resp.status
         try:
