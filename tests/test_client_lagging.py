@@ -17,8 +17,8 @@ from site_records import FakeAgent, apply_site
 from test_client_resolver import active_pair, fast
 from test_client_support import (
     FreezableRelay,
-    NodeServer,
     RegistryProcess,
+    node_servers,
     until,
 )
 
@@ -108,47 +108,40 @@ async def test_a_client_leaves_the_lagging_registry_it_follows(etcd: Etcd, store
     When the old server stops answering, the client asks the other registry, reaches
     the new server, and follows the up-to-date registry from then on."""
     port = free_port()
-    await apply_site(store)
-    a = await FakeAgent(store, "asm-a", "asm").up()
-    b = await FakeAgent(store, "asm-b", "asm").up()
-    await a.become_active()
-    await a.publish("mes-api", port)
-    server_a = await NodeServer("asm-a", "127.0.0.11", port).start()
-    server_b = await NodeServer("asm-b", "127.0.0.12", port).start()
+    a, b = await active_pair(store, port)
     backoff = Backoff(initial_s=0.02, max_s=0.5)
-    try:
-        async with good_and_lagging(etcd) as (good, lagging, relay):
-            await until(lambda: same_answers(good.url, lagging.url), "both registries in step")
-            async with (
-                fast([lagging.url, good.url]) as resolver,
-                TcpAdapter(resolver, "mes-api", deadline_s=10, backoff=backoff) as tcp,
-            ):
-                assert await tcp.run(ask) == "asm-a ping"
-                relay.freeze()
-                await a.crash()
-                await server_a.stop()
-                epoch = await b.become_active()
-                await b.publish("mes-api", port)
-                started = time.monotonic()
-                assert await tcp.run(ask) == "asm-b ping"
-                assert time.monotonic() - started < 5.0
-                assert (await answer(lagging.url))[1]["node"] == "asm-a"  # still lagging
+    async with (
+        node_servers(port) as (server_a, _),
+        good_and_lagging(etcd) as (good, lagging, relay),
+    ):
+        await until(lambda: same_answers(good.url, lagging.url), "both registries in step")
+        async with (
+            fast([lagging.url, good.url]) as resolver,
+            TcpAdapter(resolver, "mes-api", deadline_s=10, backoff=backoff) as tcp,
+        ):
+            assert await tcp.run(ask) == "asm-a ping"
+            relay.freeze()
+            await a.crash()
+            await server_a.stop()
+            epoch = await b.become_active()
+            await b.publish("mes-api", port)
+            started = time.monotonic()
+            assert await tcp.run(ask) == "asm-b ping"
+            assert time.monotonic() - started < 5.0
+            assert (await answer(lagging.url))[1]["node"] == "asm-a"  # still lagging
 
-                # The next move is told by the stream, while the old server still
-                # answers: the client follows the up-to-date registry now.
-                server_a = await NodeServer("asm-a", "127.0.0.11", port).start()
-                await a.up()
-                await b.crash()
-                newer = await a.become_active()
-                await a.publish("mes-api", port)
+            # The next move is told by the stream, while the old server still
+            # answers: the client follows the up-to-date registry now.
+            await server_a.start()
+            await a.up()
+            await b.crash()
+            newer = await a.become_active()
+            await a.publish("mes-api", port)
 
-                async def moved() -> bool:
-                    current = resolver.current("mes-api")
-                    return current is not None and current.epoch == newer
+            async def moved() -> bool:
+                current = resolver.current("mes-api")
+                return current is not None and current.epoch == newer
 
-                await until(moved, "the move told by the stream", deadline_s=3.0)
-                assert newer > epoch
-                assert await tcp.run(ask) == "asm-a ping"
-    finally:
-        await server_a.stop()
-        await server_b.stop()
+            await until(moved, "the move told by the stream", deadline_s=3.0)
+            assert newer > epoch
+            assert await tcp.run(ask) == "asm-a ping"

@@ -123,16 +123,20 @@ async def database(etcd: Etcd, store: Store, port: int) -> AsyncIterator[Any]:
     async with (
         registry_in_process(etcd.url) as url,
         Resolver(url, request_timeout_s=0.5) as resolver,
-        PgAdapter(
-            resolver,
-            SERVICE,
-            user="postgres",
-            dbname="postgres",
-            deadline_s=5.0,
-            backoff=Backoff(initial_s=0.02, max_s=0.2),
-        ) as pg,
+        adapter(resolver) as pg,
     ):
         yield pg, a, b
+
+
+def adapter(resolver: Resolver) -> PgAdapter:
+    return PgAdapter(
+        resolver,
+        SERVICE,
+        user="postgres",
+        dbname="postgres",
+        deadline_s=5.0,
+        backoff=Backoff(initial_s=0.02, max_s=0.2),
+    )
 
 
 async def move(old: FakeAgent, new: FakeAgent, port: int) -> None:
@@ -300,16 +304,7 @@ async def test_a_lost_commit_is_run_again_by_run_and_never_by_run_once(
             await c.publish(SERVICE, cutter.port, "postgresql")
             url = await stack.enter_async_context(registry_in_process(etcd.url))
             resolver = await stack.enter_async_context(Resolver(url, request_timeout_s=0.5))
-            pg = await stack.enter_async_context(
-                PgAdapter(
-                    resolver,
-                    SERVICE,
-                    user="postgres",
-                    dbname="postgres",
-                    deadline_s=5.0,
-                    backoff=Backoff(initial_s=0.02, max_s=0.2),
-                )
-            )
+            pg = await stack.enter_async_context(adapter(resolver))
             await pg.run(insert("run"))
             assert not cutter.armed
             assert await count("run") == 2  # what "at least once" means

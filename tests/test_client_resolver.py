@@ -32,12 +32,13 @@ def fast(registries: str | list[str], **options: Any) -> Resolver:
     return Resolver(registries, request_timeout_s=0.5, stream_idle_s=2.0, **options)
 
 
-async def active_pair(store: Store) -> tuple[FakeAgent, FakeAgent]:
+async def active_pair(store: Store, port: int = 8080) -> tuple[FakeAgent, FakeAgent]:
+    """The test site, asm-a active with mes-api published at ``port``; asm-b up."""
     await apply_site(store)
     a = await FakeAgent(store, "asm-a", "asm").up()
     b = await FakeAgent(store, "asm-b", "asm").up()
     await a.become_active()
-    await a.publish("mes-api", 8080)
+    await a.publish("mes-api", port)
     return a, b
 
 

@@ -231,6 +231,18 @@ class NodeServer:
             self.server = None
 
 
+@contextlib.asynccontextmanager
+async def node_servers(port: int) -> AsyncIterator[tuple[NodeServer, NodeServer]]:
+    """A :class:`NodeServer` on each of asm-a's and asm-b's addresses, at ``port``."""
+    a = await NodeServer("asm-a", "127.0.0.11", port).start()
+    b = await NodeServer("asm-b", "127.0.0.12", port).start()
+    try:
+        yield a, b
+    finally:
+        await a.stop()
+        await b.stop()
+
+
 class NodeHttp:
     """An HTTP server on a fake node's address that answers ``{"node": NAME}``;
     ``?slow=NAME`` makes that node take two seconds."""
