@@ -106,6 +106,37 @@ async def test_tcp_follows_the_endpoint_and_closes_the_old_connection(
         assert tcp.endpoint is not None and tcp.endpoint.epoch == epoch
 
 
+class FailingOnce(TcpAdapter):
+    """Its reaction to the first endpoint it is told of fails (a fault injected into
+    the watcher: any error there must not end the following of moves)."""
+
+    failed = False
+
+    async def _moved(self, endpoint: Endpoint) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("injected fault")
+        await super()._moved(endpoint)
+
+
+async def test_the_watcher_goes_on_after_an_error(
+    etcd: Etcd, store: Store, servers: tuple[int, NodeServer, NodeServer]
+) -> None:
+    port, _, _ = servers
+    async with (
+        site(etcd, store, port) as s,
+        FailingOnce(s.resolver, "mes-api", deadline_s=3, backoff=FAST_BACKOFF) as tcp,
+    ):
+        old = await tcp.connection()
+        await until(lambda: asyncio.sleep(0, tcp.failed), "the injected fault")
+        await s.move()
+        # The old server still answers: only the watcher can close this connection.
+        with pytest.raises(EndpointChanged, match="moved to asm-b"):
+            async with asyncio.timeout(3):
+                await old.reader.read()
+        assert await tcp.run(ask) == "asm-b ping"
+
+
 async def test_tcp_run_goes_on_through_an_outage(
     etcd: Etcd, store: Store, servers: tuple[int, NodeServer, NodeServer]
 ) -> None:

@@ -1,8 +1,9 @@
 """The client library: find where a service is now and follow it when it moves.
 
 - :class:`Resolver` asks the registries (one or several URLs) and follows their event
-  stream; it never goes back to an older epoch and keeps the last endpoint, marked
-  stale, while no registry answers.
+  stream; it never goes back to an older answer (ordered by epoch, then by the etcd
+  revision that published the endpoint), leaves a registry that lags for another, and
+  keeps the last endpoint, marked stale, while no registry answers.
 - Reconnecting adapters built on it: :class:`TcpAdapter` (asyncio streams),
   :class:`HttpAdapter` (aiohttp), :class:`PgAdapter` (psycopg 3, async) and
   :class:`OpcUaAdapter` (asyncua, keeping its subscriptions across a move). Each one
