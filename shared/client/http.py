@@ -85,6 +85,7 @@ class HttpAdapter(Following):
         await self.start()
         repeat = retry if retry is not None else method.upper() in IDEMPOTENT
         last = _Attempt()
+        traced = "trace_request_ctx" in kwargs
 
         def retryable(err: BaseException) -> bool:
             if isinstance(err, aiohttp.ClientConnectorError):
@@ -97,7 +98,7 @@ class HttpAdapter(Following):
             session = self._session_for(endpoint)
             url = endpoint.url(self.scheme or _scheme(endpoint.protocol)) + path
             last = _Attempt()
-            if "trace_request_ctx" in kwargs:
+            if traced:
                 last.connected = True  # the caller's own tracing: assume it was sent
             else:
                 kwargs["trace_request_ctx"] = last
