@@ -115,7 +115,18 @@ def _reset(transport: asyncio.Transport | None) -> None:
 async def _stream(
     request: web.Request, response: web.StreamResponse, heartbeat_s: float, write_s: float
 ) -> None:
+    transport = request.transport
+
     async def write(data: bytes) -> None:
+        if (
+            transport is not None
+            and not transport.get_write_buffer_size()
+            and len(data) <= transport.get_write_buffer_limits()[1]
+        ):
+            # Nothing waits to be sent: this write cannot wait for the reader (the
+            # common case, spared the cost of a timeout for each subscriber).
+            await response.write(data)
+            return
         async with asyncio.timeout(write_s):
             await response.write(data)
 
