@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,13 +35,13 @@ class Answer:
     body: bytes
     epoch: int | None
     lookup: Lookup
-    data: Mapping[str, Any]
+    data: dict[str, Any]
 
     @classmethod
     def of(cls, lookup: Lookup, revision: int = 0) -> Answer:
         """A 503 says as of which revision there is no endpoint (a client then knows
         it from a lagging registry's 503, older than the endpoint it uses)."""
-        data = {**lookup.body, "revision": revision} if lookup.status == 503 else lookup.body
+        data = {**lookup.body, "revision": revision} if lookup.status == 503 else dict(lookup.body)
         return cls(lookup.status, encode(data), lookup.epoch, lookup, data)
 
 

@@ -226,6 +226,10 @@ async def test_event_stream_starts_with_the_state_and_carries_changes(
         await b.publish("mes-api", 8080)
         changes = await read_events(resp, lambda k, d: k == "endpoint" and d["status"] == 200)
         assert changes[-1][1]["epoch"] == epoch and changes[-1][1]["node"] == "asm-b"
+        # Between the two, no endpoint: said as of a revision after the first one's.
+        down = [d for k, d in changes if k == "endpoint" and d["service"] == "mes-api"][:-1]
+        assert down and all(d["status"] == 503 for d in down)
+        assert all(first["revision"] < d["revision"] <= changes[-1][1]["revision"] for d in down)
         roles = [d for k, d in changes if k == "role" and d["pair"] == "asm"]
         assert roles[-1]["active"] == "asm-b" and roles[-1]["epoch"] == epoch
         assert any(k == "node" and d["node"] == "asm-a" and not d["up"] for k, d in changes)
