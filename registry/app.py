@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from registry.appkeys import CACHE, CONFIG, STORE, RegistryConfig
+from registry.appkeys import CACHE, CONFIG, READERS, STORE, Readers, RegistryConfig
 from registry.cache import SiteCache
 from registry.errors import domain_errors
 from registry.routes import routes
@@ -26,6 +26,7 @@ def create_app(
     app[STORE] = store
     app[CACHE] = SiteCache(store)
     app[CONFIG] = config or RegistryConfig()
+    app[READERS] = Readers()
     app.add_routes(routes)
     app.router.add_get("/v1/events", events)
     app.cleanup_ctx.append(_watch)

@@ -35,10 +35,14 @@ class Answer:
     body: bytes
     epoch: int | None
     lookup: Lookup
+    data: dict[str, Any]
 
     @classmethod
-    def of(cls, lookup: Lookup) -> Answer:
-        return cls(lookup.status, encode(lookup.body), lookup.epoch, lookup)
+    def of(cls, lookup: Lookup, revision: int = 0) -> Answer:
+        """A 503 says as of which revision there is no endpoint (a client then knows
+        it from a lagging registry's 503, older than the endpoint it uses)."""
+        data = {**lookup.body, "revision": revision} if lookup.status == 503 else dict(lookup.body)
+        return cls(lookup.status, encode(data), lookup.epoch, lookup, data)
 
 
 NOT_LOADED = Answer.of(Lookup(503, {"error": "the registry has not read the site from etcd yet"}))
@@ -237,7 +241,7 @@ class SiteCache:
             cached = self.answers.get(service)
             if cached is not None and cached.lookup == lookup:
                 continue
-            answer = Answer.of(lookup)
+            answer = Answer.of(lookup, rev)
             if service in services:
                 self.answers[service] = answer
             else:
@@ -276,4 +280,4 @@ class SiteCache:
 
 
 def _endpoint_data(service: str, answer: Answer) -> dict[str, Any]:
-    return {**answer.lookup.body, "service": service, "status": answer.status}
+    return {**answer.data, "service": service, "status": answer.status}

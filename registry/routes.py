@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from registry.appkeys import CACHE, CONFIG, STORE
 from registry.cache import encode
 from registry.errors import BadRequest, Unauthorized, validate
+from registry.stream import busy, reader_slot
 from shared import admin
 from shared.topology import Name
 
@@ -61,7 +62,11 @@ async def lookup(request: web.Request) -> web.Response:
     service = request.match_info["service"]
     if request.query_string:
         poll = validate(PollQuery, dict(request.query), "query parameter")
-        answer = await cache.wait_for_epoch(service, poll.after_epoch, min(poll.wait_s, MAX_WAIT_S))
+        with reader_slot(request, "polls") as placed:
+            if not placed:
+                return busy("long-polls", request.app[CONFIG].max_polls)
+            wait_s = min(poll.wait_s, MAX_WAIT_S)
+            answer = await cache.wait_for_epoch(service, poll.after_epoch, wait_s)
     else:
         answer = cache.answer(service)
     headers = None if cache.synced else {STALE_HEADER: cache.mirror.error or "not yet synced"}

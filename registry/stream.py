@@ -10,17 +10,33 @@ from a dead one sooner).
 A registry out of touch with etcd could only stream old news: it refuses new streams
 with ``503`` and ends the open ones (see ``SiteCache``), so that clients follow another
 registry.
+
+Readers that wait (streams, long-polls) each hold a handler and a socket: beyond
+``max_streams`` (``max_polls``) a new one is refused at once with ``503`` and
+``Retry-After``, and a stream whose reader does not take a message within
+``write_timeout_s`` (its buffers full: it stopped reading) is cut off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import Iterator
+from typing import Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from registry.appkeys import CACHE, CONFIG
+from registry.appkeys import CACHE, CONFIG, READERS
 from registry.errors import error, validate
+from shared.log import EventLog
+
+RETRY_AFTER_S = 2
+"""What a refused reader is told to wait before it asks again (here or elsewhere)."""
+
+log = EventLog("hapair.registry")
 
 HEADERS = {
     "Content-Type": "text/event-stream",
@@ -35,29 +51,94 @@ class StreamQuery(BaseModel):
     heartbeat_s: float | None = Field(None, ge=0.5, le=300, allow_inf_nan=False)
 
 
+@contextlib.contextmanager
+def reader_slot(request: web.Request, kind: Literal["streams", "polls"]) -> Iterator[bool]:
+    """Hold one of the app's places for a waiting reader of ``kind`` while inside;
+    False (and nothing held) when all are taken."""
+    readers, config = request.app[READERS], request.app[CONFIG]
+    cap = config.max_streams if kind == "streams" else config.max_polls
+    if getattr(readers, kind) >= cap:
+        yield False
+        return
+    setattr(readers, kind, getattr(readers, kind) + 1)
+    try:
+        yield True
+    finally:
+        setattr(readers, kind, getattr(readers, kind) - 1)
+
+
+def busy(what: str, cap: int) -> web.Response:
+    response = error(
+        503, f"too many {what} open on this registry ({cap}); ask another or try again later"
+    )
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
+
+
 async def events(request: web.Request) -> web.StreamResponse:
-    cache = request.app[CACHE]
+    cache, config = request.app[CACHE], request.app[CONFIG]
     query = validate(StreamQuery, dict(request.query), "query parameter")
-    heartbeat_s = query.heartbeat_s or request.app[CONFIG].heartbeat_s
+    heartbeat_s = query.heartbeat_s or config.heartbeat_s
     if not cache.synced:
         return error(
             503, f"registry is not in touch with etcd ({cache.mirror.error or 'starting'})"
         )
-    response = web.StreamResponse(headers=HEADERS)
-    await response.prepare(request)
-    try:
-        await response.write(b"retry: 1000\n\n")
-        with cache.subscribe() as sub:
-            while True:
-                try:
-                    async with asyncio.timeout(heartbeat_s):
-                        message = await sub.queue.get()
-                except TimeoutError:
-                    await response.write(b": heartbeat\n\n")
-                    continue
-                if message is None:
-                    break
-                await response.write(message)
-    except ConnectionResetError:
-        pass  # the client went away; its subscription is gone with the block above
-    return response
+    with reader_slot(request, "streams") as placed:
+        if not placed:
+            return busy("event streams", config.max_streams)
+        response = web.StreamResponse(headers=HEADERS)
+        await response.prepare(request)
+        try:
+            await _stream(request, response, heartbeat_s, config.write_timeout_s)
+        except ConnectionResetError:
+            pass  # the client went away; its subscription is gone with it
+        except TimeoutError:
+            # Its buffers are full: it stopped reading. Drop what is queued for it and
+            # the connection; it starts again from the current state if it comes back.
+            log.warning("event stream cut off: its reader does not read", peer=request.remote)
+            _reset(request.transport)
+        return response
+
+
+def _reset(transport: asyncio.Transport | None) -> None:
+    """Close with a reset: a plain close would leave the unsent bytes in the kernel,
+    and the socket with them, for as long as the peer keeps its window shut."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+async def _stream(
+    request: web.Request, response: web.StreamResponse, heartbeat_s: float, write_s: float
+) -> None:
+    transport = request.transport
+
+    async def write(data: bytes) -> None:
+        if (
+            transport is not None
+            and not transport.get_write_buffer_size()
+            and len(data) <= transport.get_write_buffer_limits()[1]
+        ):
+            # Nothing waits to be sent: this write cannot wait for the reader (the
+            # common case, spared the cost of a timeout for each subscriber).
+            await response.write(data)
+            return
+        async with asyncio.timeout(write_s):
+            await response.write(data)
+
+    await write(b"retry: 1000\n\n")
+    with request.app[CACHE].subscribe() as sub:
+        while True:
+            try:
+                async with asyncio.timeout(heartbeat_s):
+                    message = await sub.queue.get()
+            except TimeoutError:
+                await write(b": heartbeat\n\n")
+                continue
+            if message is None:
+                return
+            await write(message)

@@ -294,6 +294,7 @@ class SiteView:
                     f"in pair {pair_name} at epoch {leader.epoch}"
                 },
             )
+        published = self.memo.get(keys.endpoint(service))
         return Lookup(
             200,
             {
@@ -304,6 +305,9 @@ class SiteView:
                 "port": record.port,
                 "protocol": record.protocol,
                 "epoch": record.epoch,
+                # Orders endpoints of one epoch (republished at another address), the
+                # same on every registry: the endpoint key's mod revision.
+                "revision": published.mod_revision if published is not None else 0,
             },
         )
 

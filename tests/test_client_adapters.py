@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -103,6 +104,37 @@ async def test_tcp_follows_the_endpoint_and_closes_the_old_connection(
         assert old.writer.is_closing()
         assert await tcp.run(ask) == "asm-b ping"
         assert tcp.endpoint is not None and tcp.endpoint.epoch == epoch
+
+
+class FailingOnce(TcpAdapter):
+    """Its reaction to the first endpoint it is told of fails (a fault injected into
+    the watcher: any error there must not end the following of moves)."""
+
+    failed = False
+
+    async def _moved(self, endpoint: Endpoint) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("injected fault")
+        await super()._moved(endpoint)
+
+
+async def test_the_watcher_goes_on_after_an_error(
+    etcd: Etcd, store: Store, servers: tuple[int, NodeServer, NodeServer]
+) -> None:
+    port, _, _ = servers
+    async with (
+        site(etcd, store, port) as s,
+        FailingOnce(s.resolver, "mes-api", deadline_s=3, backoff=FAST_BACKOFF) as tcp,
+    ):
+        old = await tcp.connection()
+        await until(lambda: asyncio.sleep(0, tcp.failed), "the injected fault")
+        await s.move()
+        # The old server still answers: only the watcher can close this connection.
+        with pytest.raises(EndpointChanged, match="moved to asm-b"):
+            async with asyncio.timeout(3):
+                await old.reader.read()
+        assert await tcp.run(ask) == "asm-b ping"
 
 
 async def test_tcp_run_goes_on_through_an_outage(
@@ -259,3 +291,42 @@ async def test_http_gives_server_errors_to_the_caller(
         with pytest.raises(aiohttp.InvalidURL):
             async with http.get("no-slash"):
                 pass
+
+
+async def test_a_post_not_yet_sent_goes_to_the_new_server(
+    etcd: Etcd, store: Store, web_nodes: tuple[int, NodeHttp, NodeHttp]
+) -> None:
+    """A POST still connecting to the old server (its host drops the SYNs: the listen
+    queue is full) when the service moves has sent nothing: it goes to the new one."""
+    port, node_a, node_b = web_nodes
+    await node_a.stop()
+    listener = socket.socket()
+    listener.bind(("127.0.0.11", port))
+    listener.listen(0)
+    filling = []
+    for _ in range(3):  # the queue full: further connections hang in SYN_SENT
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.11", port))
+        filling.append(s)
+    try:
+        async with (
+            site(etcd, store, port) as s,
+            HttpAdapter(
+                s.resolver, "mes-api", deadline_s=5, connect_timeout_s=3, backoff=FAST_BACKOFF
+            ) as http,
+        ):
+            await until(lambda: asyncio.sleep(0, s.resolver.current("mes-api")), "asm-a known")
+            post = asyncio.create_task(node_of(http, method="POST"))
+            await asyncio.sleep(0.3)  # well inside its 3 s connection attempt to asm-a
+            assert not post.done()
+            started = time.monotonic()
+            await s.move()
+            async with asyncio.timeout(2.0):
+                assert await post == "asm-b"
+            assert time.monotonic() - started < 1.0
+            assert node_b.hits == 1
+    finally:
+        for sock in (listener, *filling):
+            sock.close()

@@ -342,3 +342,32 @@ async def test_writes_across_a_failover_are_never_doubled(
         async with asyncio.timeout(3):
             await write
         assert [w.values for w in plc.writes] == [[1], [2], [3]]
+
+
+async def test_subscriptions_follow_a_move_of_a_service_unknown_at_start(
+    etcd: Etcd, store: Store, ua_nodes: tuple[UaNode, UaNode]
+) -> None:
+    """The adapter starts following before the site declares ``comm`` (404); its
+    subscriptions still move to the new server when the service moves."""
+    node_a, node_b = ua_nodes
+    changes = Changes()
+    async with (
+        registry_in_process(etcd.url) as url,
+        Resolver(url, request_timeout_s=0.5, stream_idle_s=2.0) as resolver,
+        OpcUaAdapter(resolver, "comm", deadline_s=3, backoff=FAST_BACKOFF) as opc,
+    ):
+        await opc.start()
+        await until(lambda: asyncio.sleep(0, resolver.state("comm").status == 404), "404 for comm")
+        await apply_site_with_comm(store)
+        a = await FakeAgent(store, "asm-a", "asm").up()
+        b = await FakeAgent(store, "asm-b", "asm").up()
+        await a.become_active()
+        await a.publish("comm", node_a.port, "opcua")
+        s = Site(resolver, a, b)
+        await until(lambda: asyncio.sleep(0, resolver.current("comm")), "comm published")
+        await opc.subscribe(SPEED, changes.add, period_ms=20)
+        await until(lambda: changes.got("asm-a", 1), "the current value from asm-a")
+
+        moved_at = len(changes.seen)
+        await s.move(node_b.port)
+        await until(lambda: changes.got("asm-b", 7, moved_at), "the current value from asm-b")

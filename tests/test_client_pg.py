@@ -26,7 +26,7 @@ from harness import Etcd, wait_for
 from site_records import FakeAgent, apply_site
 from test_client_support import registry_in_process, until
 
-from shared.client import Backoff, DeadlineExceeded, PgAdapter, Resolver
+from shared.client import Backoff, DeadlineExceeded, OutcomeUnknown, PgAdapter, Resolver
 from shared.store import Store
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -123,16 +123,20 @@ async def database(etcd: Etcd, store: Store, port: int) -> AsyncIterator[Any]:
     async with (
         registry_in_process(etcd.url) as url,
         Resolver(url, request_timeout_s=0.5) as resolver,
-        PgAdapter(
-            resolver,
-            SERVICE,
-            user="postgres",
-            dbname="postgres",
-            deadline_s=5.0,
-            backoff=Backoff(initial_s=0.02, max_s=0.2),
-        ) as pg,
+        adapter(resolver) as pg,
     ):
         yield pg, a, b
+
+
+def adapter(resolver: Resolver) -> PgAdapter:
+    return PgAdapter(
+        resolver,
+        SERVICE,
+        user="postgres",
+        dbname="postgres",
+        deadline_s=5.0,
+        backoff=Backoff(initial_s=0.02, max_s=0.2),
+    )
 
 
 async def move(old: FakeAgent, new: FakeAgent, port: int) -> None:
@@ -216,3 +220,99 @@ async def test_pg_deadline_when_the_database_is_not_there(etcd: Etcd, store: Sto
         with pytest.raises(DeadlineExceeded, match=r"last tried asm-a at 127\.0\.0\.11:.*refused"):
             await pg.connection()
         assert time.monotonic() - started < 1.5
+
+
+class CommitCutter:
+    """A relay to PostgreSQL that loses the answer to the first COMMIT: it passes the
+    COMMIT on, waits for the server's answer (the transaction is committed then),
+    and drops the client's connection instead of passing the answer back."""
+
+    def __init__(self, host: str, target_port: int) -> None:
+        self.host, self.target_port = host, target_port
+        self.armed = True
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> CommitCutter:
+        self.server = await asyncio.start_server(self._relay, self.host, 0)
+        self.port = int(self.server.sockets[0].getsockname()[1])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(ADDRESSES[0], self.target_port)
+        committing = asyncio.Event()
+
+        async def up() -> None:
+            while data := await reader.read(65536):
+                if self.armed and b"COMMIT\x00" in data:
+                    self.armed = False
+                    committing.set()
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def down() -> None:
+            while data := await up_reader.read(65536):
+                if committing.is_set():
+                    writer.transport.abort()  # the answer to COMMIT is lost
+                    return
+                writer.write(data)
+                await writer.drain()
+
+        tasks = [asyncio.create_task(up()), asyncio.create_task(down())]
+        with contextlib.suppress(OSError):
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+        writer.transport.abort()
+        up_writer.close()
+
+
+async def test_a_lost_commit_is_run_again_by_run_and_never_by_run_once(
+    etcd: Etcd, store: Store, postgres: int
+) -> None:
+    """``run`` is at least once: a transaction whose COMMIT answer is lost is run
+    again (here: applied twice). ``run_once`` is at most once: it raises
+    ``OutcomeUnknown`` and does not run it again."""
+    async with await psycopg.AsyncConnection.connect(
+        host=ADDRESSES[0], port=postgres, user="postgres", dbname="postgres", autocommit=True
+    ) as admin:
+        await admin.execute("DROP TABLE IF EXISTS orders")
+        await admin.execute("CREATE TABLE orders (id serial PRIMARY KEY, item text)")
+
+        async def count(item: str) -> int:
+            cur = await admin.execute("SELECT count(*) FROM orders WHERE item = %s", (item,))
+            row = await cur.fetchone()
+            assert row is not None
+            return int(row[0])
+
+        def insert(item: str) -> Any:
+            async def transaction(conn: psycopg.AsyncConnection[Any]) -> None:
+                async with conn.transaction():
+                    await conn.execute("INSERT INTO orders (item) VALUES (%s)", (item,))
+
+            return transaction
+
+        await apply_site(store)
+        c = await FakeAgent(store, "asm-c", "asm").up()
+        await c.become_active()
+        async with contextlib.AsyncExitStack() as stack:
+            cutter = await stack.enter_async_context(CommitCutter("127.0.0.13", postgres))
+            await c.publish(SERVICE, cutter.port, "postgresql")
+            url = await stack.enter_async_context(registry_in_process(etcd.url))
+            resolver = await stack.enter_async_context(Resolver(url, request_timeout_s=0.5))
+            pg = await stack.enter_async_context(adapter(resolver))
+            await pg.run(insert("run"))
+            assert not cutter.armed
+            assert await count("run") == 2  # what "at least once" means
+
+            cutter.armed = True
+            with pytest.raises(OutcomeUnknown, match="may or may not have been applied"):
+                await pg.run_once(insert("run_once"))
+            assert await count("run_once") == 1
+            # The next call goes on, on a new connection.
+            await pg.run_once(insert("after"))
+            assert await count("after") == 1

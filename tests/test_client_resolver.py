@@ -16,6 +16,7 @@ from harness import Etcd, free_port
 from site_records import FakeAgent, apply_site
 from test_client_support import registry_in_process, until
 
+from shared import keys
 from shared.client import (
     Endpoint,
     RegistryUnavailable,
@@ -31,12 +32,13 @@ def fast(registries: str | list[str], **options: Any) -> Resolver:
     return Resolver(registries, request_timeout_s=0.5, stream_idle_s=2.0, **options)
 
 
-async def active_pair(store: Store) -> tuple[FakeAgent, FakeAgent]:
+async def active_pair(store: Store, port: int = 8080) -> tuple[FakeAgent, FakeAgent]:
+    """The test site, asm-a active with mes-api published at ``port``; asm-b up."""
     await apply_site(store)
     a = await FakeAgent(store, "asm-a", "asm").up()
     b = await FakeAgent(store, "asm-b", "asm").up()
     await a.become_active()
-    await a.publish("mes-api", 8080)
+    await a.publish("mes-api", port)
     return a, b
 
 
@@ -72,7 +74,11 @@ async def test_resolve_answers_200_503_404(etcd: Etcd, store: Store) -> None:
         # A long-poll: the answer comes the moment the endpoint is published.
         got = await resolver.resolve("mes-api", wait_s=3.0)
         await publishing
-        assert got == Endpoint("mes-api", "asm", "asm-a", "127.0.0.11", 8080, "http", epoch)
+        published = await store.get(keys.endpoint("mes-api"))
+        assert published is not None
+        assert got == Endpoint(
+            "mes-api", "asm", "asm-a", "127.0.0.11", 8080, "http", epoch, published.mod_revision
+        )
         assert not got.stale and got.address == "127.0.0.11:8080"
         assert got.url() == "http://127.0.0.11:8080"
 
@@ -192,6 +198,7 @@ class FakeRegistry:
         self.answers: list[tuple[int, bytes]] = []
         self.stream: list[bytes] = []
         self.lookups = 0
+        self.retry_after = False
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -202,7 +209,10 @@ class FakeRegistry:
     async def _lookup(self, request: web.Request) -> web.Response:
         self.lookups += 1
         status, body = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
-        return web.Response(status=status, body=body, content_type="application/json")
+        headers = {"Retry-After": "2"} if self.retry_after else None
+        return web.Response(
+            status=status, body=body, content_type="application/json", headers=headers
+        )
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -246,7 +256,7 @@ async def test_garbage_lookups_are_ignored_with_a_warning(
         first = await resolver.resolve("mes-api")
         assert first.epoch == 10 and not first.stale
         garbage = [
-            (200, endpoint_json(7, port=9999), "epoch 7 is older than epoch 10"),
+            (200, endpoint_json(7, port=9999), "epoch 7 (revision 0) is older than epoch 10"),
             (200, b"{not json", "not JSON"),
             (500, {"error": "boom"}, "HTTP 500"),
             (200, endpoint_json(11, port="8080"), "port: Input should be a valid integer"),
@@ -297,7 +307,6 @@ async def test_garbage_in_the_event_stream_is_ignored(caplog: pytest.LogCaptureF
             b"retry: 1000\n\n: heartbeat\n\n",
             sse({**endpoint_json(10), "status": 200}),
             sse("{broken"),
-            sse({**endpoint_json(7, port=9999), "status": 200}),
             sse({**endpoint_json(11, port=-1), "status": 200}),
             sse({"service": "mes-api", "status": "200"}),
             sse({"topology": "whatever"}, kind="topology"),
@@ -312,7 +321,6 @@ async def test_garbage_in_the_event_stream_is_ignored(caplog: pytest.LogCaptureF
         assert [(e.epoch, e.port) for e in seen] == [(10, 8080), (12, 8081)]
         problems = " | ".join(warnings_of(caplog))
         assert "Expecting property name" in problems  # the broken JSON
-        assert "epoch 7 is older than epoch 10" in problems
         assert "port: Input should be greater than or equal to 1" in problems
         assert "status: Input should be a valid integer" in problems
 
@@ -335,7 +343,8 @@ async def test_long_poll_garbage_is_ignored(caplog: pytest.LogCaptureFixture) ->
                     break
         assert seen == [10, 12]
         problems = " | ".join(warnings_of(caplog))
-        assert "epoch 9 is older than epoch 10" in problems and "HTTP 500" in problems
+        assert "epoch 9 (revision 0) is older than epoch 10" in problems
+        assert "HTTP 500" in problems
         assert "not JSON" in problems
 
 
@@ -354,3 +363,35 @@ async def test_falls_back_to_long_poll_where_there_is_no_stream(
             assert (await next_of(endpoints)).epoch == 11
         assert "registry has no event stream; long-polling it" in caplog.text
         assert fake.lookups >= 2
+
+
+async def test_a_stream_that_goes_back_is_left(caplog: pytest.LogCaptureFixture) -> None:
+    """An event older than what is known means the registry lags behind etcd: its
+    stream is given up (here for itself again, the only one) and nothing goes back."""
+    async with FakeRegistry() as fake, fast(fake.url) as resolver:
+        fake.answer(200, endpoint_json(10))
+        fake.stream = [sse({**endpoint_json(10), "status": 200})]
+        async with contextlib.aclosing(resolver.watch("mes-api")) as endpoints:
+            assert (await next_of(endpoints)).epoch == 10
+            fake.stream = [sse({**endpoint_json(7, port=9999), "status": 200})]
+            await until(
+                lambda: asyncio.sleep(0, "registry behind" in caplog.text), "the stream left"
+            )
+            fake.stream = [sse({**endpoint_json(12, port=8081), "status": 200})]
+            assert (await next_of(endpoints)).epoch == 12
+
+
+async def test_a_busy_registry_is_not_taken_for_the_service(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """503 with Retry-After: the registry has too many readers (it says nothing of the
+    service); the next registry is asked."""
+    async with FakeRegistry() as busy, FakeRegistry() as other, fast([busy.url, other.url]) as r:
+        busy.answers.append(
+            (503, json.dumps({"error": "too many long-polls open on this registry"}).encode())
+        )
+        busy.retry_after = True
+        other.answer(200, endpoint_json(10))
+        got = await r.resolve("mes-api")
+        assert got.epoch == 10 and r.state("mes-api").status == 200
+        assert any("too many long-polls" in w for w in warnings_of(caplog))

@@ -76,6 +76,74 @@ async def registry_in_process(etcd_url: str, heartbeat_s: float = 0.5) -> AsyncI
             await asyncio.wait_for(runner.cleanup(), 3.0)
 
 
+class FreezableRelay:
+    """A TCP relay in front of etcd. Frozen, it holds back everything etcd sends (the
+    connections stay open and requests still go through): a registry behind it sees
+    no news, as one whose watch stalled would, and answers from an ever older memory."""
+
+    def __init__(self, target_url: str) -> None:
+        target = target_url.removeprefix("http://").split(",")[0]
+        self.target_host, _, port = target.rpartition(":")
+        self.target_port = int(port)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> FreezableRelay:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.flowing.set()
+        if self.server is not None:
+            self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.server is not None:
+            await self.server.wait_closed()
+
+    def freeze(self) -> None:
+        self.flowing.clear()
+
+    def thaw(self) -> None:
+        self.flowing.set()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
+        except OSError:
+            writer.close()
+            return
+        tasks = [
+            asyncio.create_task(self._pump(reader, up_writer, None)),
+            asyncio.create_task(self._pump(up_reader, writer, self.flowing)),
+        ]
+        self.tasks.update(tasks)
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+                self.tasks.discard(task)
+            writer.close()
+            up_writer.close()
+
+    @staticmethod
+    async def _pump(
+        src: asyncio.StreamReader, dst: asyncio.StreamWriter, gate: asyncio.Event | None
+    ) -> None:
+        with contextlib.suppress(OSError):
+            while data := await src.read(65536):
+                if gate is not None:
+                    await gate.wait()
+                dst.write(data)
+                await dst.drain()
+
+
 class RegistryProcess:
     """``hapair-registry`` as a process of its own, to be killed like a real one."""
 
@@ -161,6 +229,18 @@ class NodeServer:
                 w.transport.abort()
             await self.server.wait_closed()
             self.server = None
+
+
+@contextlib.asynccontextmanager
+async def node_servers(port: int) -> AsyncIterator[tuple[NodeServer, NodeServer]]:
+    """A :class:`NodeServer` on each of asm-a's and asm-b's addresses, at ``port``."""
+    a = await NodeServer("asm-a", "127.0.0.11", port).start()
+    b = await NodeServer("asm-b", "127.0.0.12", port).start()
+    try:
+        yield a, b
+    finally:
+        await a.stop()
+        await b.stop()
 
 
 class NodeHttp:

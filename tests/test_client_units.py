@@ -78,15 +78,21 @@ def test_sse_parser_refuses_endless_lines_and_bad_bytes() -> None:
         SseParser().feed(b"data: \xff\xfe\n")
 
 
-def ep(epoch: int, host: str = "10.0.0.1", port: int = 80, node: str = "a") -> Endpoint:
-    return Endpoint("svc", "p", node, host, port, "http", epoch)
+def ep(
+    epoch: int, host: str = "10.0.0.1", port: int = 80, node: str = "a", revision: int = 0
+) -> Endpoint:
+    return Endpoint("svc", "p", node, host, port, "http", epoch, revision)
 
 
 def test_endpoint_order() -> None:
     assert ep(5).newer_than(None)
     assert ep(6).newer_than(ep(5)) and not ep(5).newer_than(ep(6))
     assert not ep(5).newer_than(ep(5))
-    assert ep(5, port=81).newer_than(ep(5))  # same term, republished elsewhere
+    # Same term, republished elsewhere: the later publication is newer, never the other
+    # way round.
+    assert ep(5, port=81, revision=12).newer_than(ep(5, revision=11))
+    assert not ep(5, revision=11).newer_than(ep(5, port=81, revision=12))
+    assert ep(6, revision=2).newer_than(ep(5, revision=11))
     assert ep(5).marked(True) == ep(5) and ep(5).marked(True).stale
     assert Endpoint("s", "p", "n", "::1", 80, "http", 1).address == "[::1]:80"
     assert ep(5).url("https") == "https://10.0.0.1:80"

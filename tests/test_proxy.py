@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 from harness import ROOT, Etcd, free_port, port_open
-from site_records import FakeAgent, apply_site
-from test_client_support import BIN, NodeServer, registry_in_process, until
+from site_records import FakeAgent
+from test_client_resolver import active_pair
+from test_client_support import BIN, NodeServer, node_servers, registry_in_process, until
 
 from shared.store import Store
 
@@ -71,22 +72,13 @@ async def world(
     etcd: Etcd, store: Store, tmp_path: Path, *extra: str
 ) -> AsyncIterator[tuple[ProxyProcess, FakeAgent, FakeAgent, NodeServer, int]]:
     port = free_port()
-    await apply_site(store)
-    a = await FakeAgent(store, "asm-a", "asm").up()
-    b = await FakeAgent(store, "asm-b", "asm").up()
-    await a.become_active()
-    await a.publish("mes-api", port)
-    server_a = await NodeServer("asm-a", "127.0.0.11", port).start()
-    server_b = await NodeServer("asm-b", "127.0.0.12", port).start()
-    try:
-        async with (
-            registry_in_process(etcd.url) as url,
-            ProxyProcess(url, tmp_path / "proxy.log", *extra) as proxy,
-        ):
-            yield proxy, a, b, server_a, port
-    finally:
-        await server_a.stop()
-        await server_b.stop()
+    a, b = await active_pair(store, port)
+    async with (
+        node_servers(port) as (server_a, _),
+        registry_in_process(etcd.url) as url,
+        ProxyProcess(url, tmp_path / "proxy.log", *extra) as proxy,
+    ):
+        yield proxy, a, b, server_a, port
 
 
 async def test_proxy_sends_new_connections_to_the_valid_server_and_cuts_old_ones(
@@ -168,3 +160,73 @@ async def test_proxy_refuses_bad_arguments(args: list[str], message: str) -> Non
         _, err = await proc.communicate()
     assert proc.returncode == 2 or (proc.returncode == 1 and "no registry" in message)
     assert message in err.decode()
+
+
+async def test_proxy_follows_a_service_that_was_unknown_when_it_started(
+    etcd: Etcd, store: Store, tmp_path: Path
+) -> None:
+    """The proxy starts before the site declares its service (the registry answers 404);
+    once the service is declared and moves, the connections to the old server are
+    still cut at once."""
+    port = free_port()
+    log = tmp_path / "proxy.log"
+    async with (
+        node_servers(port),
+        registry_in_process(etcd.url) as url,
+        ProxyProcess(url, log) as proxy,
+    ):
+        await until(
+            lambda: asyncio.sleep(0, "does not know this service" in log.read_text()),
+            "the proxy told that mes-api is unknown",
+        )
+        a, b = await active_pair(store, port)
+        old = await proxy.connect()
+        assert await ask(old) == "asm-a ping"
+
+        await a.crash()
+        await b.become_active()
+        await b.publish("mes-api", port)
+        async with asyncio.timeout(2):
+            with contextlib.suppress(ConnectionError):
+                assert await old[0].read() == b"", "the old connection must be cut"
+        new = await proxy.connect()
+        assert await ask(new) == "asm-b ping"
+        new[1].close()
+
+
+async def test_proxy_passes_on_what_the_server_says_first(
+    etcd: Etcd, store: Store, tmp_path: Path
+) -> None:
+    """A protocol where the server speaks first (an SMTP-like banner, sent the moment
+    the connection is made, before the proxy has paired it with its client)."""
+    port = free_port()
+    await active_pair(store, port)
+
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 asm-a ready\r\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+            while line := await reader.readline():
+                writer.write(b"250 " + line)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(greet, "127.0.0.11", port)
+    try:
+        async with (
+            registry_in_process(etcd.url) as url,
+            ProxyProcess(url, tmp_path / "proxy.log") as proxy,
+        ):
+            clients = [await proxy.connect() for _ in range(10)]
+            async with asyncio.timeout(3):
+                banners = [await reader.readline() for reader, _ in clients]
+            assert banners == [b"220 asm-a ready\r\n"] * 10
+            reader, writer = clients[0]
+            writer.write(b"HELO client\r\n")
+            async with asyncio.timeout(3):
+                assert await reader.readline() == b"250 HELO client\r\n"
+            for _, w in clients:
+                w.close()
+    finally:
+        server.close()
+        await server.wait_closed()

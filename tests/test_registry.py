@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,7 +22,7 @@ from harness import free_port
 from site_records import FakeAgent, apply_site
 
 from registry.app import create_app
-from registry.appkeys import RegistryConfig
+from registry.appkeys import READERS, RegistryConfig
 from registry.routes import PollQuery
 from shared import keys, records
 from shared.store import Store
@@ -84,7 +85,12 @@ async def active_pair(store: Store) -> tuple[FakeAgent, FakeAgent]:
 async def test_lookup_200_503_404(client: TestClient[Any, Any], store: Store) -> None:
     await apply_site(store)
     body = await status_becomes(client, "/v1/endpoints/mes-api", 503)
-    assert body == {"error": "pair asm has no active node (no agent is up on asm-a, asm-b, asm-c)"}
+    topology = await store.get(keys.TOPOLOGY)
+    assert topology is not None
+    assert body == {
+        "error": "pair asm has no active node (no agent is up on asm-a, asm-b, asm-c)",
+        "revision": topology.mod_revision,  # as of which there is no endpoint
+    }
     assert (await get(client, "/v1/endpoints/nope"))[0] == 404
     assert (await get(client, "/v1/endpoints/worker"))[0] == 404
 
@@ -97,6 +103,8 @@ async def test_lookup_200_503_404(client: TestClient[Any, Any], store: Store) ->
         f"endpoint not yet published: asm-a is active in pair asm at epoch {epoch}"
     )
     await a.publish("mes-api", 8080)
+    published = await store.get(keys.endpoint("mes-api"))
+    assert published is not None
     body = await status_becomes(client, "/v1/endpoints/mes-api", 200)
     assert body == {
         "service": "mes-api",
@@ -106,12 +114,15 @@ async def test_lookup_200_503_404(client: TestClient[Any, Any], store: Store) ->
         "port": 8080,
         "protocol": "http",
         "epoch": epoch,
+        "revision": published.mod_revision,  # the same on every registry
     }
 
     await store.put(keys.paused("asm"), records.Paused(by="op").encode())
     await a.crash()
     body = await status_becomes(client, "/v1/endpoints/mes-api", 503)
     assert "paused" in body["error"]
+    # No endpoint as of the revision that removed it, at the earliest.
+    assert body["revision"] > published.mod_revision
 
 
 async def test_long_poll_wakes_when_a_newer_epoch_is_published(
@@ -216,6 +227,10 @@ async def test_event_stream_starts_with_the_state_and_carries_changes(
         await b.publish("mes-api", 8080)
         changes = await read_events(resp, lambda k, d: k == "endpoint" and d["status"] == 200)
         assert changes[-1][1]["epoch"] == epoch and changes[-1][1]["node"] == "asm-b"
+        # Between the two, no endpoint: said as of a revision after the first one's.
+        down = [d for k, d in changes if k == "endpoint" and d["service"] == "mes-api"][:-1]
+        assert down and all(d["status"] == 503 for d in down)
+        assert all(first["revision"] < d["revision"] <= changes[-1][1]["revision"] for d in down)
         roles = [d for k, d in changes if k == "role" and d["pair"] == "asm"]
         assert roles[-1]["active"] == "asm-b" and roles[-1]["epoch"] == epoch
         assert any(k == "node" and d["node"] == "asm-a" and not d["up"] for k, d in changes)
@@ -373,3 +388,76 @@ async def test_hapair_registry_refuses_bad_settings() -> None:
         "hapair-registry: etcd: give --etcd URL or set HAPAIR_ETCD; "
         "listen: expected HOST:PORT, got 'nowhere'"
     )
+
+
+# ---- readers that do not read -----------------------------------------------------
+
+
+def _tcp_state(sock: socket.socket) -> int:
+    """The kernel's TCP state of ``sock`` (1: established), read without reading data."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+async def test_an_event_stream_reader_that_does_not_read_is_cut_off(
+    client: TestClient[Any, Any], store: Store
+) -> None:
+    """A follower that stops reading (its buffers full, the registry's write blocked)
+    is cut off: it must not keep the registry's handler, socket and buffers forever."""
+    await active_pair(store)
+    port = client.server.port
+    assert port is not None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET /v1/events HTTP/1.1\r\nHost: registry\r\n\r\n")
+    try:
+        # Changes the stream carries, big enough to fill every buffer on the way.
+        problems = ["x" * 1000] * 60
+        for i in range(200):
+            status = records.NodeStatus(
+                node="asm-b",
+                pair="asm",
+                address="127.0.0.12",
+                role="standby",
+                healthy=False,
+                problems=[f"{i}", *problems],
+            )
+            await store.put(keys.node_status("asm-b"), status.encode())
+
+        async def cut() -> bool:
+            return _tcp_state(sock) != 1  # reset (or closed) by the registry
+
+        await until(cut, "the registry to cut the stream off", deadline_s=30.0)
+    finally:
+        sock.close()
+
+
+async def test_streams_and_long_polls_are_capped(etcd: Any, store: Store) -> None:
+    """Beyond the configured number of open streams (long-polls), a new one is refused
+    at once with 503 and Retry-After: a client goes to another registry."""
+    await active_pair(store)
+    app = create_app(etcd.url, RegistryConfig(heartbeat_s=0.2, max_streams=2, max_polls=2))
+    async with TestClient(TestServer(app)) as c:
+        body = await status_becomes(c, "/v1/endpoints/mes-api", 200)
+        poll = f"/v1/endpoints/mes-api?after_epoch={body['epoch']}&wait_s=30"
+        async with c.get("/v1/events") as s1, c.get("/v1/events") as s2:
+            assert s1.status == s2.status == 200
+            async with c.get("/v1/events") as refused:
+                assert refused.status == 503 and refused.headers["Retry-After"]
+                assert "too many event streams" in (await refused.json())["error"]
+            polls = [asyncio.create_task(get(c, poll)) for _ in range(2)]
+            await until(lambda: asyncio.sleep(0, app[READERS].polls == 2), "both polls waiting")
+            async with c.get(poll) as refused:
+                assert refused.status == 503 and refused.headers["Retry-After"]
+                assert "too many long-polls" in (await refused.json())["error"]
+            # A plain lookup answers at once: it holds nothing.
+            assert (await get(c, "/v1/endpoints/mes-api"))[0] == 200
+            for task in polls:
+                task.cancel()
+
+        # Closed streams free their places.
+        async def stream_again() -> bool:
+            async with c.get("/v1/events") as again:
+                return again.status == 200
+
+        await until(stream_again, "a stream accepted again")

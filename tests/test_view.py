@@ -61,13 +61,9 @@ def endpoint(service: str, node: str, epoch: int, pair: str = "asm") -> Kv:
 
 
 def test_lookup_answers_the_active_endpoint_with_its_epoch() -> None:
+    published = endpoint("mes-api", "asm-a", 42)
     view = SiteView.from_kvs(
-        [
-            topo(),
-            leader("asm", "asm-a", 42),
-            endpoint("mes-api", "asm-a", 42),
-            status("asm-a", role="active"),
-        ]
+        [topo(), leader("asm", "asm-a", 42), published, status("asm-a", role="active")]
     )
     answer = view.lookup("mes-api")
     assert answer.status == 200
@@ -79,6 +75,7 @@ def test_lookup_answers_the_active_endpoint_with_its_epoch() -> None:
         "port": 8080,
         "protocol": "http",
         "epoch": 42,
+        "revision": published.mod_revision,  # orders the endpoints of one epoch
     }
     assert answer.epoch == 42
     assert view.leaders["asm"].epoch == 42

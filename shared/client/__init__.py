@@ -1,8 +1,9 @@
 """The client library: find where a service is now and follow it when it moves.
 
 - :class:`Resolver` asks the registries (one or several URLs) and follows their event
-  stream; it never goes back to an older epoch and keeps the last endpoint, marked
-  stale, while no registry answers.
+  stream; it never goes back to an older answer (ordered by epoch, then by the etcd
+  revision that published the endpoint), leaves a registry that lags for another, and
+  keeps the last endpoint, marked stale, while no registry answers.
 - Reconnecting adapters built on it: :class:`TcpAdapter` (asyncio streams),
   :class:`HttpAdapter` (aiohttp), :class:`PgAdapter` (psycopg 3, async) and
   :class:`OpcUaAdapter` (asyncua, keeping its subscriptions across a move). Each one
@@ -18,6 +19,7 @@ from shared.client.errors import (
     ClientError,
     DeadlineExceeded,
     EndpointChanged,
+    OutcomeUnknown,
     RegistryUnavailable,
     ServiceUnavailable,
     UnknownService,
@@ -29,11 +31,11 @@ from shared.client.resolver import Resolver, ServiceState
 from shared.client.tcp import Connection, TcpAdapter
 
 if TYPE_CHECKING:
-    from shared.client.opcua import DataChange, OpcUaAdapter, OutcomeUnknown, Subscription, tag
+    from shared.client.opcua import DataChange, OpcUaAdapter, Subscription, tag
 
 # asyncua would add about 0.2 s to every import of this package, the operator CLI's
 # among them: the OPC UA names load on first use.
-_OPCUA = ("DataChange", "OpcUaAdapter", "OutcomeUnknown", "Subscription", "tag")
+_OPCUA = ("DataChange", "OpcUaAdapter", "Subscription", "tag")
 
 
 def __getattr__(name: str) -> object:

@@ -48,6 +48,21 @@ class EndpointChanged(ClientError):
         self.new = new
 
 
+class OutcomeUnknown(ClientError):
+    """An operation was sent and the connection was lost before its answer: it may or
+    may not have been applied, so it is not sent again (check before trying again)."""
+
+    def __init__(self, service: str, what: str, endpoint: Endpoint, err: BaseException) -> None:
+        super().__init__(
+            f"{service}: {what} to {endpoint.describe()}: connection lost before the answer "
+            f"({describe_error(err)}); it may or may not have been applied and was not "
+            "sent again"
+        )
+        self.service = service
+        self.endpoint = endpoint
+        self.error = err
+
+
 class DeadlineExceeded(ClientError):
     """The service could not be reached within the caller's deadline."""
 

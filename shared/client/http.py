@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import random
 from collections.abc import AsyncIterator, Mapping
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 
 from shared.client.backoff import Backoff
+from shared.client.errors import EndpointChanged
 from shared.client.models import Endpoint
 from shared.client.reconnect import Following, reach
 from shared.client.resolver import Resolver
@@ -82,6 +84,8 @@ class HttpAdapter(Following):
         Other keyword arguments go to ``aiohttp.ClientSession.request``."""
         await self.start()
         repeat = retry if retry is not None else method.upper() in IDEMPOTENT
+        last = _Attempt()
+        traced = "trace_request_ctx" in kwargs
 
         def retryable(err: BaseException) -> bool:
             if isinstance(err, aiohttp.ClientConnectorError):
@@ -90,8 +94,14 @@ class HttpAdapter(Following):
             return repeat and isinstance(err, lost)
 
         async def attempt(endpoint: Endpoint) -> aiohttp.ClientResponse:
+            nonlocal last
             session = self._session_for(endpoint)
             url = endpoint.url(self.scheme or _scheme(endpoint.protocol)) + path
+            last = _Attempt()
+            if traced:
+                last.connected = True  # the caller's own tracing: assume it was sent
+            else:
+                kwargs["trace_request_ctx"] = last
             resp = await session.request(method, url, **kwargs)
             if repeat:
                 # A server that dies between its headers and its body must cost a retry on
@@ -106,18 +116,31 @@ class HttpAdapter(Following):
         async def discard(resp: aiohttp.ClientResponse) -> None:
             resp.close()
 
-        resp, self.endpoint = await reach(
-            self.resolver,
-            self.service,
-            attempt,
-            deadline_s=self.deadline_s,
-            attempt_timeout_s=None,
-            retryable=retryable,
-            backoff=self.backoff,
-            rng=self.rng,
-            discard=discard,
-            repeat_on_change=repeat,
-        )
+        deadline = asyncio.get_running_loop().time() + self.deadline_s
+        while True:
+            try:
+                resp, self.endpoint = await reach(
+                    self.resolver,
+                    self.service,
+                    attempt,
+                    deadline_s=self.deadline_s,
+                    deadline_at=deadline,
+                    attempt_timeout_s=None,
+                    retryable=retryable,
+                    backoff=self.backoff,
+                    rng=self.rng,
+                    discard=discard,
+                    repeat_on_change=repeat,
+                )
+                break
+            except EndpointChanged as moved:
+                if last.connected:
+                    raise
+                # Abandoned before it had a connection: nothing was sent, so the new
+                # endpoint gets it, whatever the method.
+                log.info(
+                    "moving to the new endpoint", service=self.service, to=moved.new.describe()
+                )
         try:
             yield resp
         finally:
@@ -141,7 +164,10 @@ class HttpAdapter(Following):
         if self._session is None or self._session_endpoint != endpoint:
             self._retire()
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s)
-            self._session = aiohttp.ClientSession(**{"timeout": timeout, **self.session_kwargs})
+            traces = [*self.session_kwargs.get("trace_configs", ()), _CONNECTED]
+            self._session = aiohttp.ClientSession(
+                **{"timeout": timeout, **self.session_kwargs, "trace_configs": traces}
+            )
             self._session_endpoint = endpoint
         return self._session
 
@@ -153,19 +179,41 @@ class HttpAdapter(Following):
             task.add_done_callback(self._closing.discard)
         self._session, self._session_endpoint = None, None
 
-    async def _watch(self) -> None:
-        async with contextlib.aclosing(self.resolver.watch(self.service)) as endpoints:
-            async for endpoint in endpoints:
-                if self._session_endpoint is not None and endpoint.newer_than(
-                    self._session_endpoint
-                ):
-                    log.info(
-                        "endpoint changed; closing the connections to the old one",
-                        service=self.service,
-                        old=self._session_endpoint.describe(),
-                        new=endpoint.describe(),
-                    )
-                    self._retire()
+    def _backoff(self) -> Backoff:
+        return self.backoff
+
+    async def _moved(self, endpoint: Endpoint) -> None:
+        if self._session_endpoint is not None and endpoint.newer_than(self._session_endpoint):
+            log.info(
+                "endpoint changed; closing the connections to the old one",
+                service=self.service,
+                old=self._session_endpoint.describe(),
+                new=endpoint.describe(),
+            )
+            self._retire()
+
+
+class _Attempt:
+    """One attempt of a request: whether it got a connection (from then on, bytes of
+    it may have reached the server)."""
+
+    __slots__ = ("connected",)
+
+    def __init__(self) -> None:
+        self.connected = False
+
+
+async def _got_connection(
+    session: aiohttp.ClientSession, context: SimpleNamespace, params: object
+) -> None:
+    attempt = context.trace_request_ctx
+    if isinstance(attempt, _Attempt):
+        attempt.connected = True
+
+
+_CONNECTED = aiohttp.TraceConfig()
+_CONNECTED.on_connection_create_end.append(_got_connection)
+_CONNECTED.on_connection_reuseconn.append(_got_connection)
 
 
 def _scheme(protocol: str) -> str:

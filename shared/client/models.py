@@ -16,7 +16,9 @@ STALE_HEADER = "X-Hapair-Stale"
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """Where a service answers now. ``epoch`` orders endpoints: higher is newer.
+    """Where a service answers now. ``(epoch, revision)`` orders endpoints: higher is
+    newer. ``revision`` is the etcd revision that published it, the same on every
+    registry: it orders the endpoints of one epoch (republished at another address).
 
     ``stale`` is True when no registry could confirm it lately: it is the last one
     known, kept because nothing better is known. It takes no part in comparisons.
@@ -29,6 +31,7 @@ class Endpoint:
     port: int
     protocol: str
     epoch: int
+    revision: int = 0
     stale: bool = field(default=False, compare=False)
 
     @property
@@ -42,18 +45,9 @@ class Endpoint:
         return f"{scheme or self.protocol}://{self.address}"
 
     def newer_than(self, other: Endpoint | None) -> bool:
-        """A later epoch, or the same epoch at another address (the active republished
-        its endpoint after a topology change)."""
-        if other is None:
-            return True
-        if self.epoch != other.epoch:
-            return self.epoch > other.epoch
-        return (self.host, self.port, self.protocol, self.node) != (
-            other.host,
-            other.port,
-            other.protocol,
-            other.node,
-        )
+        """A later epoch, or the same epoch published later (the active republished its
+        endpoint after a topology change)."""
+        return other is None or (self.epoch, self.revision) > (other.epoch, other.revision)
 
     def marked(self, stale: bool) -> Endpoint:
         return self if self.stale == stale else replace(self, stale=stale)
@@ -76,17 +70,32 @@ class EndpointAnswer(_Wire):
     port: int = Field(ge=1, le=65535)
     protocol: str
     epoch: int = Field(ge=1)
+    revision: int = Field(0, ge=0)
+    """The etcd revision that published the endpoint (0 from a registry that does not
+    say)."""
+    stale: bool = False
+    """The registry says that it may be behind etcd."""
 
     def endpoint(self) -> Endpoint:
         return Endpoint(
-            self.service, self.pair, self.node, self.host, self.port, self.protocol, self.epoch
+            self.service,
+            self.pair,
+            self.node,
+            self.host,
+            self.port,
+            self.protocol,
+            self.epoch,
+            self.revision,
         )
 
 
 class ErrorAnswer(_Wire):
-    """``503`` or ``404``: why there is no endpoint."""
+    """``503`` or ``404``: why there is no endpoint; a 503 says as of which etcd
+    revision."""
 
     error: str
+    revision: int = Field(0, ge=0)
+    stale: bool = False
 
 
 class StreamedAnswer(_Wire):

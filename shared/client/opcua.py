@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import inspect
 import itertools
+import math
 import random
 import re
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -26,7 +27,7 @@ from asyncua.client.client import Client as _Client
 from asyncua.client.ua_client import UaClientState as _State
 
 from shared.client.backoff import Backoff
-from shared.client.errors import ClientError, EndpointChanged, describe_error
+from shared.client.errors import ClientError, EndpointChanged, OutcomeUnknown
 from shared.client.models import Endpoint
 from shared.client.reconnect import Reconnecting
 from shared.client.resolver import Resolver
@@ -44,11 +45,6 @@ COMM_NAMESPACE = "urn:hapair:comm"
 _EXPANDED = re.compile(r"nsu=([^;]+);(.+)", re.DOTALL)
 
 log = EventLog("hapair.client")
-
-
-class OutcomeUnknown(ClientError):
-    """A write was sent and the connection was lost before its answer: it may or may
-    not have been applied, so it is not sent again."""
 
 
 class NodeNotFound(ClientError):
@@ -301,11 +297,7 @@ class OpcUaAdapter(Reconnecting[OpcUaConnection]):
                     raise
             except (OSError, TimeoutError, EndpointChanged) as err:
                 await self._drop(err, conn)
-                raise OutcomeUnknown(
-                    f"{self.service}: write of {node} to {conn.endpoint.describe()}: "
-                    f"connection lost before the answer ({describe_error(err)}); it may or "
-                    "may not have been applied and was not sent again"
-                ) from err
+                raise OutcomeUnknown(self.service, f"write of {node}", conn.endpoint, err) from err
 
     async def subscribe(
         self, nodes: str | Sequence[str], callback: Callback, *, period_ms: float = 100.0
@@ -438,4 +430,18 @@ class OpcUaAdapter(Reconnecting[OpcUaConnection]):
             if self.subscription_error is not None:
                 log.info("subscriptions delivered again", endpoint=conn.endpoint.describe())
             delays, self.subscription_error = None, None
-            await conn.lost.wait()
+            # A move is waited for here too, not only by the watcher: subscriptions
+            # must follow it even while the watcher is being started again.
+            lost = asyncio.ensure_future(conn.lost.wait())
+            moved = asyncio.ensure_future(
+                self.resolver.newer(self.service, conn.endpoint, math.inf)
+            )
+            try:
+                await asyncio.wait({lost, moved}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (lost, moved):
+                    task.cancel()
+                await asyncio.wait({lost, moved})
+            newer = moved.result() if moved.done() and not moved.cancelled() else None
+            if newer is not None:
+                await self._drop(EndpointChanged(conn.endpoint, newer), conn)

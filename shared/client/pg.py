@@ -32,8 +32,9 @@ class PgAdapter(Reconnecting[psycopg.AsyncConnection[Any]]):
     dbname, password, ...); host and port come from the endpoint. ``await
     pg.run(work)`` runs ``work(conn)`` and runs it again on a new connection when the
     connection is lost (or the endpoint moves) meanwhile, so ``work`` must be a whole
-    transaction that is safe to repeat; a commit whose outcome is unknown (connection
-    lost during COMMIT) may then be applied twice unless the work is idempotent.
+    transaction that is safe to repeat: a transaction whose COMMIT answer was lost has
+    committed, and runs again. ``await pg.run_once(work)`` runs it at most once and
+    raises :class:`OutcomeUnknown` when the connection is lost during it.
 
     When a newer endpoint is published an idle connection is closed at once; one
     running a query is left to finish or fail (the old server is fenced) and replaced

@@ -33,7 +33,7 @@ from shared import log as logs
 from shared.client.backoff import Backoff
 from shared.client.errors import ClientError
 from shared.client.models import Endpoint
-from shared.client.reconnect import reach
+from shared.client.reconnect import follow_moves, reach
 from shared.client.resolver import Resolver, parse_registries
 
 log = logs.EventLog("hapair.proxy")
@@ -47,7 +47,7 @@ class _Side(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: _Side | None = None
         self.eof = False
-        self.early: list[bytes] = []  # read before the peer was connected
+        self.early: list[bytes] = []  # read before the two sides were paired
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A TCP transport (uvloop's are not asyncio.Transport subclasses).
@@ -69,8 +69,8 @@ class _Side(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         peer = self.peer
-        if peer is None and isinstance(self, _ClientSide):
-            return True  # forwarded once the server is connected
+        if peer is None:
+            return True  # forwarded once the two sides are paired
         if peer is None or peer.transport is None or peer.eof:
             self.link.close()
             return False
@@ -157,7 +157,10 @@ class Proxy:
 
     async def start(self, host: str, port: int) -> None:
         await self._stack.enter_async_context(self.resolver.following(self.service))
-        self._watcher = asyncio.create_task(self._follow(), name="proxy-follow")
+        self._watcher = asyncio.create_task(
+            follow_moves(self.resolver, self.service, self._moved, self.backoff),
+            name="proxy-follow",
+        )
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
             self._accept, host, port, backlog=1024, reuse_address=True
@@ -219,37 +222,51 @@ class Proxy:
             link.close()
             return
         link.server, link.endpoint = server, endpoint
-        server.peer, link.client.peer = link.client, server
-        assert link.client.transport is not None and server.transport is not None
-        for data in link.client.early:
-            server.transport.write(data)
-        link.client.early.clear()
-        if link.client.eof and server.transport.can_write_eof():
-            server.transport.write_eof()
-        link.client.transport.resume_reading()
+        # Either side may have spoken first (a server's banner, as in SMTP or FTP, is
+        # sent the moment the connection is made): pass on what each one said.
+        _pair(link.client, server)
 
     def _forget(self, link: _Link) -> None:
         self.links.discard(link)
 
-    async def _follow(self) -> None:
+    async def _moved(self, endpoint: Endpoint) -> None:
         """On each newer endpoint, close the connections still open to older ones."""
-        async with contextlib.aclosing(self.resolver.watch(self.service)) as endpoints:
-            async for endpoint in endpoints:
-                old = [
-                    link
-                    for link in self.links
-                    if link.endpoint is not None and endpoint.newer_than(link.endpoint)
-                ]
-                for link in old:
-                    link.close(abort=True)
-                log.info(
-                    "endpoint",
-                    service=self.service,
-                    node=endpoint.node,
-                    at=endpoint.address,
-                    epoch=endpoint.epoch,
-                    closed=len(old),
-                )
+        old = [
+            link
+            for link in self.links
+            if link.endpoint is not None and endpoint.newer_than(link.endpoint)
+        ]
+        for link in old:
+            link.close(abort=True)
+        log.info(
+            "endpoint",
+            service=self.service,
+            node=endpoint.node,
+            at=endpoint.address,
+            epoch=endpoint.epoch,
+            closed=len(old),
+        )
+
+
+def _pair(client: _Side, server: _Side) -> None:
+    """Forward between ``client`` and ``server`` from now on: first what each one read
+    before they were paired, then its half-close; then let them read again."""
+    sides = ((client, server), (server, client))
+    for side, peer in sides:
+        assert side.transport is not None and peer.transport is not None
+        side.peer = peer
+        for data in side.early:
+            peer.transport.write(data)
+        side.early.clear()
+    if client.eof and server.eof:
+        client.link.close()
+        return
+    for side, peer in sides:
+        assert side.transport is not None and peer.transport is not None
+        if not side.eof:
+            side.transport.resume_reading()
+        elif peer.transport.can_write_eof():
+            peer.transport.write_eof()
 
 
 # ---- the command ----------------------------------------------------------------------

@@ -28,8 +28,10 @@ from shared.client.backoff import Backoff
 from shared.client.errors import (
     DeadlineExceeded,
     EndpointChanged,
+    OutcomeUnknown,
     RegistryUnavailable,
     ServiceUnavailable,
+    UnknownService,
     describe_error,
 )
 from shared.client.models import Endpoint
@@ -152,6 +154,36 @@ async def reach(
         await resolver.newer(service, endpoint, wait)
 
 
+async def follow_moves(
+    resolver: Resolver,
+    service: str,
+    react: Callable[[Endpoint], Awaitable[None]],
+    backoff: Backoff,
+    rng: random.Random | None = None,
+) -> None:
+    """``react`` to each newer endpoint of ``service``, for as long as the caller wants
+    (cancel it to stop). A watch that fails, for any reason, is started again after a
+    back-off delay (sooner when a newer endpoint is known meanwhile): a service the
+    registry does not know yet (404) may be declared later, and a watcher that died
+    would leave connections on a server that was fenced. A new watch starts with the
+    current endpoint, so ``react`` sees every move made meanwhile."""
+    delays = backoff.delays(rng)
+    while True:
+        try:
+            async with contextlib.aclosing(resolver.watch(service)) as endpoints:
+                async for endpoint in endpoints:
+                    delays = backoff.delays(rng)
+                    await react(endpoint)
+            problem = "the watch ended"
+        except UnknownService as err:
+            problem = f"unknown service ({err.reason})"
+        except Exception as err:
+            problem = describe_error(err)
+            log.warning("following the endpoint failed; again", service=service, error=problem)
+        await resolver.newer(service, resolver.current(service), next(delays))
+        log.debug("following the endpoint again", service=service, after=problem)
+
+
 async def _first_endpoint(
     resolver: Resolver, service: str, left: float, delay: float
 ) -> Endpoint | None:
@@ -167,7 +199,8 @@ class Following(abc.ABC):
     """An adapter's life: follow one service's endpoint with a watcher task while open.
 
     Subclasses set ``resolver``, ``service`` and call ``_init_following()``; they write
-    ``_watch`` (react to moves) and ``_release`` (drop their connections)."""
+    ``_moved`` (react to a move), ``_backoff`` and ``_release`` (drop their
+    connections)."""
 
     resolver: Resolver
     service: str
@@ -189,7 +222,10 @@ class Following(abc.ABC):
         """Follow the service's endpoint (done by the first use otherwise)."""
         if self._watcher is None:
             await self._stack.enter_async_context(self.resolver.following(self.service))
-            self._watcher = asyncio.create_task(self._watch(), name=f"follow-{self.service}")
+            self._watcher = asyncio.create_task(
+                follow_moves(self.resolver, self.service, self._moved, self._backoff()),
+                name=f"follow-{self.service}",
+            )
 
     async def close(self) -> None:
         if self._watcher is not None:
@@ -201,8 +237,12 @@ class Following(abc.ABC):
         await self._stack.aclose()
 
     @abc.abstractmethod
-    async def _watch(self) -> None:
-        """Follow the endpoint's moves while open."""
+    async def _moved(self, endpoint: Endpoint) -> None:
+        """React to the service's endpoint, newer than the one before, while open."""
+
+    @abc.abstractmethod
+    def _backoff(self) -> Backoff:
+        """Paces restarts of the watch."""
 
     @abc.abstractmethod
     async def _release(self) -> None:
@@ -275,9 +315,10 @@ class Reconnecting(Following, Generic[C]):
         return await self._connection(loop.time() + self.deadline_s)
 
     async def run(self, operation: Callable[[C], Awaitable[T]]) -> T:
-        """``await operation(connection)``; when the connection is lost (or the service
-        moves) during it, run it again on a new connection, until ``deadline_s``.
-        ``operation`` must therefore be safe to repeat."""
+        """``await operation(connection)`` at least once: when the connection is lost
+        (or the service moves) during it, run it again on a new connection, until
+        ``deadline_s``. ``operation`` must therefore be safe to repeat: one whose answer
+        was lost may have been applied (a lost COMMIT); see :meth:`run_once`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.deadline_s
         while True:
@@ -298,6 +339,24 @@ class Reconnecting(Following, Generic[C]):
                     service=self.service,
                     error=describe_error(err),
                 )
+
+    async def run_once(self, operation: Callable[[C], Awaitable[T]], what: str = "") -> T:
+        """``await operation(connection)`` at most once. Reaching the service is
+        retried as by :meth:`connection` (nothing is sent before); when the connection
+        is lost (or the service moves) during the operation, it raises
+        :class:`OutcomeUnknown` (``what`` names the operation in its message): it may
+        or may not have been applied, and is not run again."""
+        loop = asyncio.get_running_loop()
+        conn = await self._connection(loop.time() + self.deadline_s)
+        endpoint = self.endpoint
+        assert endpoint is not None
+        try:
+            return await operation(conn)
+        except Exception as err:
+            if not self._connection_lost(err, conn):
+                raise
+            await self._drop(err, conn)
+            raise OutcomeUnknown(self.service, what or "an operation", endpoint, err) from err
 
     # ---- inside ---------------------------------------------------------------------
 
@@ -333,19 +392,20 @@ class Reconnecting(Following, Generic[C]):
         with contextlib.suppress(Exception):
             await self._close(old, why)
 
-    async def _watch(self) -> None:
+    def _backoff(self) -> Backoff:
+        return self.backoff
+
+    async def _moved(self, endpoint: Endpoint) -> None:
         """Close the connection the moment a newer endpoint is published."""
-        async with contextlib.aclosing(self.resolver.watch(self.service)) as endpoints:
-            async for endpoint in endpoints:
-                conn = self._conn
-                if conn is not None and self.close_on_change and endpoint.newer_than(self.endpoint):
-                    log.info(
-                        "endpoint changed; closing the connection to the old one",
-                        service=self.service,
-                        old=self.endpoint.describe() if self.endpoint else None,
-                        new=endpoint.describe(),
-                    )
-                    await self._changed(conn, EndpointChanged(self.endpoint, endpoint))
+        conn = self._conn
+        if conn is not None and self.close_on_change and endpoint.newer_than(self.endpoint):
+            log.info(
+                "endpoint changed; closing the connection to the old one",
+                service=self.service,
+                old=self.endpoint.describe() if self.endpoint else None,
+                new=endpoint.describe(),
+            )
+            await self._changed(conn, EndpointChanged(self.endpoint, endpoint))
 
     async def _changed(self, conn: C, why: EndpointChanged) -> None:
         """The endpoint moved under ``conn``: close it (subclasses may be gentler)."""

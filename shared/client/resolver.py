@@ -9,8 +9,12 @@ since a stream starts with the current state, resumes from the last epoch it saw
 
 Whatever the registries send, three rules hold:
 
-- epochs never go back: an answer with an older epoch than one already seen is
-  ignored with a warning (a lagging registry, or a stale cache in between);
+- knowledge never goes back: answers are ordered by epoch, then by the etcd revision
+  that published the endpoint (a ``503`` says as of which revision there is none); an
+  answer older than one already taken is ignored with a warning, and the registry that
+  gave it is left for another (it lags behind etcd, or a stale cache is in between).
+  So is the registry followed when another one tells news it has not told within
+  ``request_timeout_s``, and one that marks its answers stale;
 - garbage (not JSON, the wrong shape, an unexpected status such as 500) is ignored
   with a warning and the next registry is tried; it never reaches the caller;
 - while no registry answers, the last endpoint is kept and handed out marked
@@ -25,7 +29,7 @@ import json
 import math
 import random
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -70,6 +74,10 @@ class _NoStream(Exception):
     """A registry without an event stream: long-poll it instead."""
 
 
+class _Behind(Exception):
+    """A registry answered something older than what is known: it lags behind etcd."""
+
+
 def parse_registries(registries: str | Sequence[str]) -> list[str]:
     """``http://r1:8700,r2:8700`` -> ``["http://r1:8700", "http://r2:8700"]``."""
     items = registries.split(",") if isinstance(registries, str) else list(registries)
@@ -106,13 +114,17 @@ class ServiceState:
 class _Entry:
     """One service's knowledge; ``changed`` is set (and replaced) on every change."""
 
-    __slots__ = ("changed", "endpoint", "reason", "stale", "status")
+    __slots__ = ("changed", "down_as_of", "endpoint", "reason", "stale", "status", "unconfirmed")
 
     def __init__(self) -> None:
         self.endpoint: Endpoint | None = None
         self.status: int | None = None
         self.reason = ""
         self.stale = False
+        self.down_as_of = 0
+        """With status 503: the etcd revision as of which there was no valid endpoint."""
+        self.unconfirmed = False
+        """Learnt from another registry than the one followed, which has not said it."""
         self.changed = asyncio.Event()
 
     def notify(self) -> None:
@@ -166,6 +178,9 @@ class Resolver:
         self._no_stream: set[str] = set()
         self._problems: dict[str, str] = {}
         self._serving_since: float | None = None  # when the followed registry answered
+        self._followed: str | None = None  # the registry whose stream is read now
+        self._leave = asyncio.Event()  # set: the followed registry is behind another
+        self._confirming: asyncio.Task[None] | None = None
         self._closed = False
 
     async def __aenter__(self) -> Self:
@@ -178,7 +193,9 @@ class Resolver:
 
     async def close(self) -> None:
         self._closed = True
-        tasks = [t for t in (self._follower, *self._pokes.values()) if t is not None]
+        tasks = [
+            t for t in (self._follower, self._confirming, *self._pokes.values()) if t is not None
+        ]
         self._follower = None
         self._pokes.clear()
         await _cancel(tasks)
@@ -199,25 +216,28 @@ class Resolver:
 
     # ---- asking ---------------------------------------------------------------------
 
-    async def resolve(self, service: str, *, wait_s: float = 0.0) -> Endpoint:
+    async def resolve(
+        self, service: str, *, wait_s: float = 0.0, avoid: str | None = None
+    ) -> Endpoint:
         """The service's endpoint, from the first registry that answers well.
 
         With ``wait_s``, a service that has no endpoint now (failing over) is waited for
         that long (a long-poll). Raises :class:`UnknownService` (404),
         :class:`ServiceUnavailable` (503, also after ``wait_s``), or
         :class:`RegistryUnavailable` when no registry answers and no endpoint was ever
-        seen; when one was, it is returned marked ``stale``.
+        seen; when one was, it is returned marked ``stale``. The registry ``avoid`` is
+        asked last.
         """
         entry = self._entry(service)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         problems: list[str] = []
-        for url in self._order():
+        for url in self._order(avoid):
             try:
                 await self._ask(url, service, None, 0.0)
                 while entry.status == 503 and (left := deadline - loop.time()) > 0:
                     await self._ask(url, service, _after(entry), left)
-            except (_Garbage, _RegistryDown, *NETWORK_ERRORS) as err:
+            except (_Garbage, _RegistryDown, _Behind, *NETWORK_ERRORS) as err:
                 problems.append(f"{url}: {self._failed(url, err)}")
                 continue
             self._answered(url)
@@ -233,13 +253,14 @@ class Resolver:
 
     def poke(self, service: str) -> None:
         """Ask a registry now, in the background (a connection to the current endpoint
-        failed: the stream may be behind, or dead without saying so)."""
+        failed: the stream may be behind, or dead without saying so): another one
+        than the registry followed, which would only repeat what it streams."""
         if self._closed or service in self._pokes:
             return
 
         async def ask() -> None:
             try:
-                await self.resolve(service)
+                await self.resolve(service, avoid=self._followed)
             except (UnknownService, ServiceUnavailable, RegistryUnavailable):
                 pass  # recorded in the entry; whoever waits looks there
             finally:
@@ -313,16 +334,18 @@ class Resolver:
             self._serving_since = None
             try:
                 if self.transport == "poll" or url in self._no_stream:
-                    await self._poll(url)
+                    await self._unless_behind(url, self._poll(url))
                 else:
-                    await self._stream(url)
+                    await self._unless_behind(url, self._stream(url))
                 problem: BaseException = _RegistryDown("the event stream ended")
             except _NoStream as err:
                 log.info("registry has no event stream; long-polling it", registry=url, why=err)
                 self._no_stream.add(url)
                 continue
-            except (_Garbage, _RegistryDown, SseError, *NETWORK_ERRORS) as err:
+            except (_Garbage, _RegistryDown, _Behind, SseError, *NETWORK_ERRORS) as err:
                 problem = err
+            finally:
+                self._followed = None
             served = self._serving_since
             if served is not None and loop.time() - served >= 1.0:
                 # It served well for a while before going: try the others at once.
@@ -333,6 +356,21 @@ class Resolver:
                 failures = 0
                 self._mark_stale(list(self._entries))
                 await asyncio.sleep(next(delays))
+
+    async def _unless_behind(self, url: str, following: Coroutine[Any, Any, None]) -> None:
+        """Follow ``url`` until that fails, or until it is found to be behind another
+        registry (:class:`_Behind`)."""
+        self._leave.clear()
+        self._followed = url
+        task = asyncio.ensure_future(following)
+        leave = asyncio.ensure_future(self._leave.wait())
+        try:
+            await asyncio.wait({task, leave}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await _cancel([leave] if task.done() else [task, leave])
+        if not task.done() or task.cancelled():
+            raise _Behind("it has not told news another registry told")
+        task.result()
 
     async def _stream(self, url: str) -> None:
         timeout = aiohttp.ClientTimeout(
@@ -365,7 +403,7 @@ class Resolver:
         try:
             payload = json.loads(data)
             head = StreamedAnswer.model_validate(payload)
-            self._accept(head.service, head.status, payload)
+            self._accept(head.service, head.status, payload, url)
         except (ValueError, _Garbage) as err:  # JSONDecodeError, ValidationError
             log.warning("ignoring an event from a registry", registry=url, problem=_short(err))
 
@@ -412,54 +450,110 @@ class Resolver:
         async with self._http().get(path, params=params, timeout=timeout) as resp:
             if resp.headers.get(STALE_HEADER):
                 raise _RegistryDown(f"registry lost etcd: {resp.headers[STALE_HEADER]}")
+            if resp.status == 503 and "Retry-After" in resp.headers:
+                # Busy (too many readers): it says nothing of the service.
+                raise _RegistryDown(await _reason(resp))
             body = await _read(resp)
             status = resp.status
         try:
             payload = json.loads(body)
         except ValueError:
             raise _Garbage(f"HTTP {status} with a body that is not JSON") from None
-        self._accept(service, status, payload)
+        self._accept(service, status, payload, url)
 
-    def _accept(self, service: str, status: int, payload: Any) -> None:
-        """Take a registry's answer for ``service`` into its entry, or raise
-        :class:`_Garbage` (and change nothing)."""
+    def _accept(self, service: str, status: int, payload: Any, url: str) -> None:
+        """Take ``url``'s answer for ``service`` into its entry, or raise (and change
+        nothing): :class:`_Garbage`, :class:`_Behind` for an answer older than what is
+        known, :class:`_RegistryDown` for one its registry marks stale."""
         entry = self._entry(service)
         if status == 200:
             try:
-                new = EndpointAnswer.model_validate(payload).endpoint()
+                answer = EndpointAnswer.model_validate(payload)
             except ValidationError as err:
                 raise _Garbage(f"invalid endpoint: {_short(err)}") from None
+            new = answer.endpoint()
             if new.service != service:
                 raise _Garbage(f"asked for {service!r}, got an endpoint of {new.service!r}")
+            if answer.stale:
+                raise _RegistryDown("the registry says its answers may be behind etcd")
             old = entry.endpoint
-            if old is not None and new.epoch < old.epoch:
-                raise _Garbage(f"epoch {new.epoch} is older than epoch {old.epoch}, seen before")
+            if old is not None and old.newer_than(new):
+                raise _Behind(f"{service}: {_position(new)} is older than {_position(old)}")
+            if entry.status == 503 and new.revision < entry.down_as_of:
+                raise _Behind(
+                    f"{service}: {_position(new)} is older than its end, seen as of "
+                    f"revision {entry.down_as_of}"
+                )
             moved = new.newer_than(old)
             if moved:
                 entry.endpoint = new
                 log.info(
                     "endpoint", service=service, node=new.node, at=new.address, epoch=new.epoch
                 )
-            if entry.update(200, "") or moved:
-                entry.notify()
+            entry.down_as_of = 0
+            news = entry.update(200, "") or moved
         elif status in (404, 503):
             try:
-                reason = ErrorAnswer.model_validate(payload).error
+                error = ErrorAnswer.model_validate(payload)
             except ValidationError as err:
                 raise _Garbage(f"HTTP {status} without a reason: {_short(err)}") from None
-            if entry.update(status, reason):
+            if error.stale:
+                raise _RegistryDown("the registry says its answers may be behind etcd")
+            old = entry.endpoint
+            if status == 503 and old is not None and error.revision < old.revision:
+                raise _Behind(
+                    f"{service}: no endpoint as of revision {error.revision}, older than "
+                    f"{_position(old)}"
+                )
+            if status == 503:
+                entry.down_as_of = max(entry.down_as_of, error.revision)
+            news = entry.status != status
+            if entry.update(status, error.error):
                 if status == 404:
                     log.warning("the registry does not know this service", service=service)
                 entry.notify()
         else:
             raise _Garbage(f"HTTP {status}")
+        if status == 200 and news:
+            entry.notify()
+        self._confirm(url, entry, news)
+
+    def _confirm(self, url: str, entry: _Entry, news: bool) -> None:
+        """Track whether the registry followed has said what is known: news told by
+        another one must come through the stream too, soon, or the registry followed
+        is behind (its watch of etcd stalled, while it still sends heartbeats)."""
+        if url == self._followed:
+            entry.unconfirmed = False
+        elif news and self._followed is not None:
+            entry.unconfirmed = True
+            if self._confirming is None or self._confirming.done():
+                self._confirming = asyncio.create_task(self._check_confirmed(url))
+
+    async def _check_confirmed(self, better: str) -> None:
+        followed = self._followed
+        await asyncio.sleep(self.request_timeout_s)
+        if followed is None or followed != self._followed:
+            return
+        behind = sorted(s for s, e in self._entries.items() if e.unconfirmed)
+        if behind:
+            log.warning(
+                "the registry followed is behind another; leaving it",
+                registry=followed,
+                ahead=better,
+                services=",".join(behind),
+            )
+            self._first = self.urls.index(better)
+            self._leave.set()
 
     # ---- registries: order, failures, staleness --------------------------------------
 
-    def _order(self) -> Iterator[str]:
+    def _order(self, avoid: str | None = None) -> Iterator[str]:
         first = self._first
-        for i in range(len(self.urls)):
-            yield self.urls[(first + i) % len(self.urls)]
+        urls = [self.urls[(first + i) % len(self.urls)] for i in range(len(self.urls))]
+        if avoid in urls:
+            urls.remove(avoid)
+            urls.append(avoid)
+        yield from urls
 
     def _answered(self, url: str) -> None:
         if self._problems.pop(url, None) is not None:
@@ -477,6 +571,8 @@ class Resolver:
             self._first = (self._first + 1) % len(self.urls)
         if isinstance(err, _Garbage):
             log.warning("ignoring a registry answer", registry=url, problem=problem)
+        elif isinstance(err, _Behind):
+            log.warning("registry behind; asking another", registry=url, problem=problem)
         elif self._problems.get(url) != problem:
             log.warning("registry unavailable", registry=url, problem=problem)
         self._problems[url] = problem
@@ -508,6 +604,10 @@ class Resolver:
         return self._session
 
 
+def _position(endpoint: Endpoint) -> str:
+    return f"epoch {endpoint.epoch} (revision {endpoint.revision})"
+
+
 def _after(entry: _Entry) -> int:
     """The epoch to long-poll after: the one in use, or one less while the service is
     down, so that its return under the same epoch (a restart in place) also answers."""
@@ -537,7 +637,9 @@ def _short(err: BaseException) -> str:
         return f"{where}: {first['msg']}"
     if isinstance(err, TimeoutError):
         return "timed out"
-    return describe_error(err) if not isinstance(err, (_Garbage, _RegistryDown)) else str(err)
+    if isinstance(err, (_Garbage, _RegistryDown, _Behind)):
+        return str(err)
+    return describe_error(err)
 
 
 async def _cancel(tasks: Sequence[asyncio.Task[Any]]) -> None:
