@@ -5,6 +5,13 @@ A :class:`~shared.store.Mirror` of the whole ``/hapair/v1`` prefix feeds a
 (only changed keys are parsed again), every lookup answer is compared with the one
 cached, and only answers that changed are encoded again, woken in long-polls and sent
 to the event streams. A lookup is then a dict read and a bytes copy.
+
+A watch can stall without an error (its etcd member frozen, or cut from its quorum while
+still accepting connections), and etcd sends nothing on a quiet watch that aetcd passes
+on. So the registry writes a heartbeat key every second and must see it come back
+through its own watch within ``fresh_within_s``; when it does not, the registry says it
+is stale (lookups carry ``X-Hapair-Stale``, ``/healthz`` answers 503, event streams end)
+and resumes its watch on another member until a heartbeat comes back.
 """
 
 from __future__ import annotations
@@ -12,17 +19,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from shared import keys
 from shared.log import EventLog
-from shared.store import Change, Mirror, Store
+from shared.store import Change, Mirror, Store, StoreError
 from shared.view import Lookup, SiteView
 
 STREAM_BACKLOG = 1024
 """Messages a slow event-stream client may have queued before it is cut off."""
+HEARTBEAT_S = 1.0
+"""How often the registry checks that its watch is current."""
+FRESH_WITHIN_S = 3.0
+"""A heartbeat not seen back through the watch within this bound makes the registry stale."""
+HEARTBEAT_TTL_S = 10
+"""The heartbeat key's lease: gone soon after its registry."""
 
 
 def encode(data: Any) -> bytes:
@@ -68,8 +82,16 @@ class Subscriber:
 
 
 class SiteCache:
-    def __init__(self, store: Store) -> None:
+    def __init__(
+        self, store: Store, heartbeat_s: float = HEARTBEAT_S, fresh_within_s: float = FRESH_WITHIN_S
+    ) -> None:
+        self.store = store
         self.mirror = Mirror(store, keys.PREFIX + "/", on_change=self._changed)
+        self.stale: str | None = None
+        """Why the watch is not known to be current, while it is not."""
+        self._heartbeat_key = keys.registry_heartbeat(uuid.uuid4().hex[:12])
+        self._heartbeat_s = heartbeat_s
+        self._fresh_within_s = fresh_within_s
         self.view = SiteView()
         self.answers: dict[str, Answer] = {}
         self._roles: dict[str, dict[str, Any]] = {}
@@ -83,10 +105,53 @@ class SiteCache:
 
     @property
     def synced(self) -> bool:
-        return self.mirror.synced.is_set()
+        return self.mirror.synced.is_set() and self.stale is None
+
+    @property
+    def problem(self) -> str:
+        """Why the registry may be showing the past (meaningful while not ``synced``)."""
+        return self.stale or self.mirror.error or "not yet synced with etcd"
 
     async def run(self) -> None:
-        await self.mirror.run()
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.mirror.run())
+            tasks.create_task(self._check_freshness())
+
+    # ---- freshness ----------------------------------------------------------------
+
+    async def _check_freshness(self) -> None:
+        loop = asyncio.get_running_loop()
+        lease = 0
+        while True:
+            began = loop.time()
+            # A mirror that is not synced says so itself, and is reconnecting already.
+            if self.mirror.synced.is_set():
+                client = self.store.client
+                try:
+                    async with asyncio.timeout(self._fresh_within_s):
+                        if not lease or await self.store.keepalive(lease) <= 0:
+                            lease = await self.store.grant(HEARTBEAT_TTL_S)
+                        revision = await self.store.put(self._heartbeat_key, b"", lease=lease)
+                        await self.mirror.reached(revision)
+                except TimeoutError:
+                    self._late(f"own heartbeat not seen within {self._fresh_within_s:g} s", client)
+                except StoreError as err:
+                    self._late(f"cannot write a heartbeat: {err}", client)
+                else:
+                    if self.stale is not None:
+                        self._log.info("etcd watch current again", member=self.store.member)
+                        self.stale = None
+                        self._changed(None)
+            await asyncio.sleep(max(0.0, began + self._heartbeat_s - loop.time()))
+
+    def _late(self, why: str, client: object) -> None:
+        """The watch may be stalled: say so, and resume it on another member."""
+        if self.stale is None:
+            self._log.warning("etcd watch not current; reconnecting", error=why)
+        self.stale = f"not in touch with etcd: {why}"
+        self._lost_etcd()
+        self.store.failover(why, client)  # unless a failed call moved on already
+        self.mirror.restart(self.stale)
 
     def site(self) -> dict[str, Any]:
         """The site report of the current view, built once per view."""
@@ -161,6 +226,8 @@ class SiteCache:
     # ---- rebuilding after changes -------------------------------------------------
 
     def _changed(self, change: Change | None) -> None:
+        if change is not None and change.kv.key.startswith(keys.REGISTRIES_PREFIX):
+            return  # heartbeats: read by the freshness check, not part of the site
         if change is None and not self.synced:
             self._lost_etcd()
         # Changes that arrive together (one watch response) cost one rebuild.
@@ -174,7 +241,7 @@ class SiteCache:
             self._log.warning(
                 "lost etcd; ending event streams",
                 streams=len(self._subscribers),
-                error=self.mirror.error,
+                error=self.problem,
             )
             self.close_streams()
         for waiters in self._waiters.values():

@@ -9,16 +9,21 @@ carry on through the other members, and a registry that cannot must say it is st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import netns
 import pytest
+from aiohttp import ClientSession
 from cluster import Cluster, holds, until
 from etcd_lab import EtcdLab, connected_members
-from harness import Etcd
+from harness import Etcd, free_port
+from site_records import FakeAgent, apply_site
 from test_etcd_loss import only, started
 
 from shared.store import Store, StoreError
@@ -86,6 +91,110 @@ async def test_active_keeps_its_lease_through_the_other_members(
     finally:
         await c.stop_all()
     c.assert_no_overlap()
+
+
+# ---- the registry ---------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def registry(etcd_url: str) -> AsyncIterator[tuple[ClientSession, int]]:
+    """``hapair-registry`` as its own process (so its etcd connections are its own)."""
+    port = free_port()
+    env = {**os.environ, "HAPAIR_ETCD": etcd_url, "HAPAIR_LISTEN": f"127.0.0.1:{port}"}
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "hapair-registry"), env=env
+    )
+    try:
+        async with ClientSession(f"http://127.0.0.1:{port}") as session:
+            yield session, proc.pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGCONT)
+            proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(10):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def look(session: ClientSession, path: str) -> tuple[int, dict[str, Any], str | None]:
+    with contextlib.suppress(OSError):
+        async with session.get(path) as resp:
+            return resp.status, await resp.json(), resp.headers.get("X-Hapair-Stale")
+    return 0, {}, None
+
+
+async def serving(session: ClientSession, epoch: int) -> bool:
+    """The registry answers ``epoch`` for mes-api, fresh, and says it is healthy."""
+    status, body, stale = await look(session, "/v1/endpoints/mes-api")
+    health, _, _ = await look(session, "/healthz")
+    return status == 200 and body.get("epoch") == epoch and stale is None and health == 200
+
+
+@pytest.mark.parametrize("fault", ["cut", "frozen"])
+async def test_registry_serves_the_new_epoch_through_the_other_members(
+    etcd_lab: EtcdLab, fault: str
+) -> None:
+    async with registry(etcd_lab.url) as (session, pid):
+        member = await attached(etcd_lab, pid)
+        await asyncio.to_thread(etcd_lab.make_follower, member)
+        store = Store(others(etcd_lab, member), timeout=2.0)
+        try:
+            await apply_site(store)
+            a = await FakeAgent(store, "asm-a", "asm").up()
+            b = await FakeAgent(store, "asm-b", "asm").up()
+            old = await a.become_active()
+            await a.publish("mes-api", 8080)
+            await until(lambda: serving(session, old), 20, "the registry to serve epoch 1")
+            go_bad, heal = bad_member(etcd_lab, fault)
+            go_bad(member)
+            try:
+                await a.crash()
+                new = await b.become_active()
+                await b.publish("mes-api", 8080)
+                await until(
+                    lambda: serving(session, new),
+                    STALE_WITHIN_S,
+                    f"the registry to serve the new epoch with {member} {fault}",
+                )
+            finally:
+                heal(member)
+        finally:
+            await store.close()
+
+
+@pytest.mark.parametrize("fault", ["cut", "frozen"])
+async def test_registry_on_one_bad_member_says_it_is_stale(etcd_lab: EtcdLab, fault: str) -> None:
+    """Given only the bad member, the registry cannot get news: it must say so."""
+    member = etcd_lab.names[0]
+    await asyncio.to_thread(etcd_lab.make_follower, member)
+    store = Store(others(etcd_lab, member), timeout=2.0)
+    try:
+        await apply_site(store)
+        a = await FakeAgent(store, "asm-a", "asm").up()
+        epoch = await a.become_active()
+        await a.publish("mes-api", 8080)
+        async with registry(etcd_lab.member_url(member)) as (session, _):
+            await until(lambda: serving(session, epoch), 20, "the registry to serve")
+            go_bad, heal = bad_member(etcd_lab, fault)
+            go_bad(member)
+            try:
+
+                async def stale() -> bool:
+                    """The last answer it has, marked stale; unhealthy, saying why."""
+                    status, body, why = await look(session, "/v1/endpoints/mes-api")
+                    health, hbody, _ = await look(session, "/healthz")
+                    last = status == 200 and body.get("epoch") == epoch
+                    return last and why is not None and health == 503 and "error" in hbody
+
+                await until(stale, STALE_WITHIN_S, f"the registry to say it is stale ({fault})")
+            finally:
+                heal(member)
+            await until(lambda: serving(session, epoch), 30, "the registry fresh again")
+    finally:
+        await store.close()
 
 
 # ---- require-leader ---------------------------------------------------------------------
