@@ -17,6 +17,7 @@ and resumes its watch on another member until a heartbeat comes back.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import uuid
@@ -27,7 +28,7 @@ from typing import Any
 from shared import keys
 from shared.log import EventLog
 from shared.store import Change, Mirror, Store, StoreError
-from shared.view import Lookup, SiteView
+from shared.view import RECENT_EVENTS, Lookup, SiteView
 
 STREAM_BACKLOG = 1024
 """Messages a slow event-stream client may have queued before it is cut off."""
@@ -92,6 +93,8 @@ class SiteCache:
         self._heartbeat_key = keys.registry_heartbeat(uuid.uuid4().hex[:12])
         self._heartbeat_s = heartbeat_s
         self._fresh_within_s = fresh_within_s
+        self._event_keys: list[str] = []
+        """The event keys the mirror keeps, sorted (by time stamp): the newest only."""
         self.view = SiteView()
         self.answers: dict[str, Answer] = {}
         self._roles: dict[str, dict[str, Any]] = {}
@@ -226,14 +229,41 @@ class SiteCache:
     # ---- rebuilding after changes -------------------------------------------------
 
     def _changed(self, change: Change | None) -> None:
-        if change is not None and change.kv.key.startswith(keys.REGISTRIES_PREFIX):
+        if change is None:
+            self._keep_recent_events()
+        elif change.kv.key.startswith(keys.REGISTRIES_PREFIX):
             return  # heartbeats: read by the freshness check, not part of the site
+        elif change.kv.key.startswith(keys.EVENTS_PREFIX):
+            self._event_changed(change)
         if change is None and not self.synced:
             self._lost_etcd()
         # Changes that arrive together (one watch response) cost one rebuild.
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._rebuild)
+
+    # The audit trail is the bulk of the keys (months of events) and only the newest are
+    # shown: the mirror keeps those alone, so that a rebuild walks the site's keys only.
+
+    def _keep_recent_events(self) -> None:
+        """After a (re)load: every event key is in the mirror; keep the newest."""
+        items = self.mirror.items
+        found = sorted(k for k in items if k.startswith(keys.EVENTS_PREFIX))
+        for key in found[:-RECENT_EVENTS]:
+            del items[key]
+        self._event_keys = found[-RECENT_EVENTS:]
+
+    def _event_changed(self, change: Change) -> None:
+        key = change.kv.key
+        at = bisect.bisect_left(self._event_keys, key)
+        present = at < len(self._event_keys) and self._event_keys[at] == key
+        if change.deleted:
+            if present:
+                del self._event_keys[at]
+        elif not present:
+            self._event_keys.insert(at, key)
+            if len(self._event_keys) > RECENT_EVENTS:
+                self.mirror.items.pop(self._event_keys.pop(0), None)
 
     def _lost_etcd(self) -> None:
         """Send followers to another registry: this one can only show the past now."""
