@@ -172,7 +172,7 @@ class SiteCache:
             return NOT_LOADED
         # Names nobody declared are answered (404) without being remembered, so that
         # random lookups cannot grow the cache.
-        return Answer.of(self.view.lookup(service))
+        return Answer.of(lookup(self.view, service))
 
     async def wait_for_epoch(self, service: str, after_epoch: int, wait_s: float) -> Answer:
         """The answer as soon as it carries an epoch above ``after_epoch``, or whatever it
@@ -329,12 +329,14 @@ class SiteCache:
 
     def _update_answers(self, view: SiteView, rev: int) -> None:
         services = view.services()
+        if unreadable_topology(view):
+            services |= set(self.answers)  # still known, if not declared as far as we can see
         for service in services | set(self.answers):
-            lookup = view.lookup(service)
+            found = lookup(view, service)
             cached = self.answers.get(service)
-            if cached is not None and cached.lookup == lookup:
+            if cached is not None and cached.lookup == found:
                 continue
-            answer = Answer.of(lookup)
+            answer = Answer.of(found)
             if service in services:
                 self.answers[service] = answer
             else:
@@ -370,6 +372,27 @@ class SiteCache:
             if self._nodes.get(name) != data:
                 self._nodes[name] = data
                 self._publish(sse("node", data, rev))
+
+
+def unreadable_topology(view: SiteView) -> bool:
+    """A topology is stored but this version cannot read it (a newer one, mid-upgrade)."""
+    return view.site is None and any(p.key == keys.TOPOLOGY for p in view.problems)
+
+
+def lookup(view: SiteView, service: str) -> Lookup:
+    """The view's answer, except that a registry which cannot read the topology cannot
+    say that a service is not declared: 503, never 404, which clients take as final."""
+    found = view.lookup(service)
+    if found.status == 404 and unreadable_topology(view):
+        return Lookup(
+            503,
+            {
+                "error": f"no endpoint record for {service!r}, and the topology in etcd "
+                "cannot be read by this registry (a newer version?): cannot tell whether "
+                "it is declared"
+            },
+        )
+    return found
 
 
 def _endpoint_data(service: str, answer: Answer) -> dict[str, Any]:
