@@ -126,15 +126,25 @@ class _MemberClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
         super().__init__(host, port, timeout=timeout, options=CHANNEL_OPTIONS)
         self.name = f"{host}:{port}"
 
+    closed = False
+
     async def connect(self) -> None:
         if self._connected.is_set():
             return
+        if self.closed:
+            # The store has moved on: a late call must not open this member again, on a
+            # connection nobody would close.
+            raise exceptions.ConnectionFailedError(f"connection to {self.name} closed")
         await super().connect()
         # The base class builds its watcher without metadata; replaced before anything
         # could use it (no await in between), so every watch stream carries it.
         self._watcher = watcher.Watcher(
             rpc.WatchStub(self.channel), timeout=self._timeout, metadata=REQUIRE_LEADER
         )
+
+    async def close(self) -> None:
+        self.closed = True
+        await super().close()
 
     async def refresh_lease(self, lease_id: int) -> Any:
         await self.connect()
@@ -355,12 +365,26 @@ class Store:
         stream breaks (etcd down, the store moved to another member) and
         :class:`Compacted` when ``start_revision`` is gone: the caller resumes or reloads.
         ``opened`` is called once etcd has accepted the watch."""
-        client = self.client
-        watch = await self.call(
-            lambda: client.watch(
+        used: list[_MemberClient] = []
+
+        async def open_watch() -> Any:
+            used.append(self.client)  # a retry after a failed connection uses the next member
+            return await self.client.watch(
                 prefix.encode(), range_end=_prefix_end(prefix), start_revision=start_revision
             )
-        )
+
+        try:
+            watch = await self.call(open_watch)
+        except Compacted:
+            raise  # a refusal, confirmed in time
+        except StoreError as err:
+            # aetcd would hand etcd's late confirmation of this watch to the next one asked
+            # for on the same connection, which would then follow the wrong keys: that
+            # connection is done with, even to a member that is alone.
+            if used:
+                self.failover(str(err), used[-1])
+            raise
+        client = used[-1]
         if opened is not None:
             opened()
         try:

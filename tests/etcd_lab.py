@@ -1,12 +1,13 @@
 """A three-member etcd whose members can be cut from each other but not from clients.
 
-Each member runs in a host of its own in a :class:`netns.Lab`. Clients (agents,
-registries, the test itself) stay in the machine's namespace and reach each member
-through a forwarder that lives inside that member's host (``vip_lab.py forward``): the
-forwarder talks to its member over the host's own interface, never through the switch.
-Partitioning a member from its two peers at the switch therefore leaves it answering
-clients, as a member cut from its quorum by a broken inter-site link does, while
-SIGSTOP freezes a member whose socket still accepts connections.
+Each member runs in a host of its own in a :class:`netns.Lab` (the chaos suite's
+:class:`~chaos.etcd_members.EtcdMembers`). Clients (agents, registries, the test itself)
+stay in the machine's namespace and reach each member through a forwarder that lives
+inside that member's host (``vip_lab.py forward``): the forwarder talks to its member
+over the host's own interface, never through the switch. Partitioning a member from its
+two peers at the switch therefore leaves it answering clients, as a member cut from its
+quorum by a broken link between sites does, while SIGSTOP freezes a member whose socket
+still accepts connections.
 """
 
 from __future__ import annotations
@@ -20,31 +21,25 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from harness import ETCD, PYTHON, ROOT, stop_pid
+from chaos.etcd_members import CLIENT_PORT, EtcdMembers
+from harness import PYTHON, ROOT, stop_pid
 from netns import Lab
 
-CLIENT_PORT = 2379
-PEER_PORT = 2380
 FORWARDER = str(ROOT / "tests" / "vip_lab.py")
 
 
-class EtcdLab:
+class EtcdLab(EtcdMembers):
     """``with EtcdLab(tmp) as etcd``: three members up, ``etcd.url`` for clients."""
 
     def __init__(self, root: Path, names: tuple[str, ...] = ("e0", "e1", "e2")) -> None:
-        self.root = root
-        self.names = names
-        self.lab = Lab(list(names))
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        super().__init__(Lab(list(names)), names, root)
         self.forwarders: dict[str, subprocess.Popen[bytes]] = {}
         self.ports: dict[str, int] = {}
-        self._cut: set[str] = set()
 
     def __enter__(self) -> EtcdLab:
         self.lab.__enter__()
         try:
-            for name in self.names:
-                self._start_member(name)
+            self.start(wait=False)
             for name in self.names:
                 self._forward(name)
             self.wait_healthy(self.names, 30.0)
@@ -62,39 +57,14 @@ class EtcdLab:
     @property
     def url(self) -> str:
         """Every member, as a client is given them."""
-        return ",".join(self.member_url(n) for n in self.names)
+        return ",".join(self.client_url(n) for n in self.names)
 
-    def member_url(self, name: str) -> str:
-        """``name`` as clients reach it (its forwarder on 127.0.0.1)."""
+    def client_url(self, name: str) -> str:
+        """``name`` as clients reach it: its forwarder on 127.0.0.1."""
         return f"http://127.0.0.1:{self.ports[name]}"
 
     def member_of_port(self, port: int) -> str | None:
         return next((n for n, p in self.ports.items() if p == port), None)
-
-    def _lab_url(self, name: str, port: int) -> str:
-        return f"http://{self.lab[name].address}:{port}"
-
-    # -- starting and stopping ------------------------------------------------------------
-    def _start_member(self, name: str) -> None:
-        cluster = ",".join(f"{n}={self._lab_url(n, PEER_PORT)}" for n in self.names)
-        log = (self.root / f"etcd-{name}.log").open("ab")
-        self.procs[name] = self.lab.spawn(
-            self.lab[name],
-            ETCD,
-            "--name", name,
-            "--data-dir", str(self.root / f"etcd-{name}"),
-            "--logger", "zap",
-            "--log-level", "error",
-            "--listen-client-urls", self._lab_url(name, CLIENT_PORT),
-            "--advertise-client-urls", self._lab_url(name, CLIENT_PORT),
-            "--listen-peer-urls", self._lab_url(name, PEER_PORT),
-            "--initial-advertise-peer-urls", self._lab_url(name, PEER_PORT),
-            "--initial-cluster", cluster,
-            "--initial-cluster-state", "new",
-            stdout=log,
-            stderr=log,
-        )  # fmt: skip
-        log.close()
 
     def _forward(self, name: str) -> None:
         host = self.lab[name]
@@ -119,13 +89,11 @@ class EtcdLab:
         for other in self.names:
             if other != name:
                 self.lab.partition(self.lab[name], self.lab[other])
-        self._cut.add(name)
 
     def heal(self, name: str) -> None:
         for other in self.names:
             if other != name:
                 self.lab.heal(self.lab[name], self.lab[other])
-        self._cut.discard(name)
 
     def freeze(self, name: str) -> None:
         os.kill(self.procs[name].pid, signal.SIGSTOP)
@@ -133,53 +101,9 @@ class EtcdLab:
     def thaw(self, name: str) -> None:
         os.kill(self.procs[name].pid, signal.SIGCONT)
 
-    # -- looking --------------------------------------------------------------------------
-    def _ctl(self, name: str, *args: str) -> subprocess.CompletedProcess[str]:
-        try:
-            return subprocess.run(
-                [
-                    "etcdctl",
-                    f"--endpoints={self.member_url(name)}",
-                    "--dial-timeout=1s",
-                    "--command-timeout=1s",
-                    *args,
-                ],
-                capture_output=True,
-                text=True,
-                timeout=5,
-                env={**os.environ, "ETCDCTL_API": "3"},
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            return subprocess.CompletedProcess(args, 1, "", "timeout")
-
-    def healthy(self) -> list[str]:
-        """Members that answer a quorum read."""
-        return [n for n in self.names if self._ctl(n, "endpoint", "health").returncode == 0]
-
-    def wait_healthy(self, names: tuple[str, ...], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if set(names) <= set(self.healthy()):
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"etcd members {names} not healthy after {timeout}s")
-
-    def leader(self) -> str | None:
-        """The member the raft group follows now, as the members not cut off say."""
-        ids: dict[int, str] = {}
-        leader_id = 0
-        for name in self.names:
-            out = self._ctl(name, "endpoint", "status", "-w", "json")
-            with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
-                status = json.loads(out.stdout)[0]["Status"]
-                ids[int(status["header"]["member_id"])] = name
-                if name not in self._cut:
-                    leader_id = int(status["leader"]) or leader_id
-        return ids.get(leader_id)
-
+    # -- the raft leadership ------------------------------------------------------------
     def member_id(self, name: str) -> int:
-        out = self._ctl(name, "endpoint", "status", "-w", "json")
+        out = self._ctl(f"--endpoints={self.client_url(name)}", "endpoint", "status", "-w", "json")
         return int(json.loads(out.stdout)[0]["Status"]["header"]["member_id"])
 
     def make_follower(self, name: str) -> None:
@@ -191,7 +115,9 @@ class EtcdLab:
                 raise AssertionError(f"{name} still leads the etcd cluster")
             if leader == name:
                 to = next(n for n in self.names if n != name)
-                self._ctl(name, "move-leader", f"{self.member_id(to):x}")
+                self._ctl(
+                    f"--endpoints={self.client_url(name)}", "move-leader", f"{self.member_id(to):x}"
+                )
             time.sleep(0.2)
 
 

@@ -55,7 +55,7 @@ async def attached(etcd: EtcdLab, pid: int) -> str:
 
 def others(etcd: EtcdLab, name: str) -> str:
     """Every member but ``name``, as a client URL list."""
-    return ",".join(etcd.member_url(n) for n in etcd.names if n != name)
+    return ",".join(etcd.client_url(n) for n in etcd.names if n != name)
 
 
 def bad_member(etcd: EtcdLab, fault: str) -> tuple[Callable[[str], None], Callable[[str], None]]:
@@ -176,7 +176,7 @@ async def test_registry_on_one_bad_member_says_it_is_stale(etcd_lab: EtcdLab, fa
         a = await FakeAgent(store, "asm-a", "asm").up()
         epoch = await a.become_active()
         await a.publish("mes-api", 8080)
-        async with registry(etcd_lab.member_url(member)) as (session, _):
+        async with registry(etcd_lab.client_url(member)) as (session, _):
             await until(lambda: serving(session, epoch), 20, "the registry to serve")
             go_bad, heal = bad_member(etcd_lab, fault)
             go_bad(member)
@@ -207,7 +207,7 @@ async def test_a_member_cut_from_its_quorum_says_so_to_keepalives_and_watches(
     deadline, a watch forever. With it, both end with etcd's "no leader" error."""
     member = etcd_lab.names[0]
     await asyncio.to_thread(etcd_lab.make_follower, member)
-    alone = Store(etcd_lab.member_url(member), timeout=1.0)
+    alone = Store(etcd_lab.client_url(member), timeout=1.0)
     try:
         lease = await alone.grant(30)
         assert await alone.keepalive(lease) > 0
@@ -269,3 +269,45 @@ async def test_a_watch_on_a_frozen_member_ends(etcd: Etcd) -> None:
             os.kill(etcd.proc.pid, signal.SIGCONT)
     finally:
         await alone.close()
+
+
+async def test_a_watch_confirmed_late_is_not_taken_for_the_next_one(etcd: Etcd) -> None:
+    """etcd confirms a watch after the client gave up waiting for it (the member was
+    frozen for a moment); the next watch asked for on the same connection must still
+    follow its own keys, not the abandoned watch's."""
+    alone = Store(etcd.url, timeout=1.0)
+    assert etcd.proc is not None
+    seen: list[str] = []
+    try:
+        await alone.get("/hapair/v1/x")  # the connection is up
+        os.kill(etcd.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(StoreError):
+                async for _ in alone.watch_prefix("/hapair/v1/a/", 1):
+                    pass
+        finally:
+            os.kill(etcd.proc.pid, signal.SIGCONT)
+        opened = asyncio.Event()
+
+        async def follow_b() -> None:
+            async for change in alone.watch_prefix("/hapair/v1/b/", 0, opened.set):
+                seen.append(change.kv.key)
+
+        watching = asyncio.create_task(follow_b())
+        try:
+            async with asyncio.timeout(10):
+                await opened.wait()
+            await alone.put("/hapair/v1/a/1", b"")
+            await alone.put("/hapair/v1/b/1", b"")
+            await until(lambda: _truthy(seen), 10, "the watch of b/ to see b/1")
+            assert seen == ["/hapair/v1/b/1"]
+        finally:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StoreError):
+                await watching
+    finally:
+        await alone.close()
+
+
+async def _truthy(items: list[str]) -> bool:
+    return bool(items)
