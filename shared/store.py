@@ -287,14 +287,12 @@ class Store:
 
     @staticmethod
     async def _close(client: aetcd.Client) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(client.close(), 1.0)
+        await bounded(client.close(), 1.0)
 
     async def close(self) -> None:
         await self._close(self.client)
-        for task in list(self._closing):
-            with contextlib.suppress(Exception):
-                await task
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=1.0)
 
     async def get(self, key: str) -> Kv | None:
         got = await self.call(lambda: self.client.get(key.encode()))
@@ -402,6 +400,18 @@ class Store:
         raise StoreError(f"etcd watch at {client.name} ended")
 
 
+async def bounded(work: Awaitable[Any], seconds: float) -> None:
+    """Wait for ``work`` at most ``seconds``, then leave it cancelled, whatever it does.
+
+    ``asyncio.wait_for`` waits for a timed-out task to finish cancelling, which a task
+    that swallows its cancellation (gRPC and aetcd have such code) never does."""
+    task = asyncio.ensure_future(work)
+    # Its outcome is not wanted: retrieved here, so that nothing is logged for it.
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    await asyncio.wait({task}, timeout=seconds)
+    task.cancel()
+
+
 def _prefix_end(prefix: str) -> bytes:
     raw = bytearray(prefix.encode())
     raw[-1] += 1
@@ -497,8 +507,12 @@ class Mirror:
         finally:
             kicked.cancel()
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task  # a broken watch raises its StoreError here
+            # Bounded: a watch stuck in the gRPC library must not hold up a shutdown.
+            await bounded(task, 1.0)
+        if task.done() and not task.cancelled():
+            err = task.exception()
+            if isinstance(err, StoreError):
+                raise err  # the broken watch's own error
         raise StoreError(self.error or "watch restarted")
 
     def restart(self, reason: str) -> None:
