@@ -14,7 +14,7 @@ from registry.errors import domain_errors
 from registry.routes import routes
 from registry.stream import events
 from shared.admin import prune_events
-from shared.store import Store, StoreError
+from shared.store import Store, StoreError, bounded
 
 
 def create_app(
@@ -40,8 +40,7 @@ async def _watch(app: web.Application) -> AsyncIterator[None]:
     yield
     task.cancel()
     # A gRPC call to an unreachable etcd may not notice the cancel: shutdown must not wait.
-    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-        await asyncio.wait_for(task, 2.0)
+    await bounded(task, 2.0)
     await app[STORE].close()
 
 
@@ -57,8 +56,7 @@ async def _retention(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(prune(), name="event-retention")
     yield
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await bounded(task, 1.0)
 
 
 async def _end_streams(app: web.Application) -> None:

@@ -5,24 +5,39 @@ A :class:`~shared.store.Mirror` of the whole ``/hapair/v1`` prefix feeds a
 (only changed keys are parsed again), every lookup answer is compared with the one
 cached, and only answers that changed are encoded again, woken in long-polls and sent
 to the event streams. A lookup is then a dict read and a bytes copy.
+
+A watch can stall without an error (its etcd member frozen, or cut from its quorum while
+still accepting connections), and etcd sends nothing on a quiet watch that aetcd passes
+on. So the registry writes a heartbeat key every second and must see it come back
+through its own watch within ``fresh_within_s``; when it does not, the registry says it
+is stale (lookups carry ``X-Hapair-Stale``, ``/healthz`` answers 503, event streams end)
+and resumes its watch on another member until a heartbeat comes back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from shared import keys
 from shared.log import EventLog
-from shared.store import Change, Mirror, Store
-from shared.view import Lookup, SiteView
+from shared.store import Change, Mirror, Store, StoreError
+from shared.view import RECENT_EVENTS, Lookup, SiteView
 
 STREAM_BACKLOG = 1024
 """Messages a slow event-stream client may have queued before it is cut off."""
+HEARTBEAT_S = 1.0
+"""How often the registry checks that its watch is current."""
+FRESH_WITHIN_S = 3.0
+"""A heartbeat not seen back through the watch within this bound makes the registry stale."""
+HEARTBEAT_TTL_S = 10
+"""The heartbeat key's lease: gone soon after its registry."""
 
 
 def encode(data: Any) -> bytes:
@@ -72,8 +87,18 @@ class Subscriber:
 
 
 class SiteCache:
-    def __init__(self, store: Store) -> None:
+    def __init__(
+        self, store: Store, heartbeat_s: float = HEARTBEAT_S, fresh_within_s: float = FRESH_WITHIN_S
+    ) -> None:
+        self.store = store
         self.mirror = Mirror(store, keys.PREFIX + "/", on_change=self._changed)
+        self.stale: str | None = None
+        """Why the watch is not known to be current, while it is not."""
+        self._heartbeat_key = keys.registry_heartbeat(uuid.uuid4().hex[:12])
+        self._heartbeat_s = heartbeat_s
+        self._fresh_within_s = fresh_within_s
+        self._event_keys: list[str] = []
+        """The event keys the mirror keeps, sorted (by time stamp): the newest only."""
         self.view = SiteView()
         self.answers: dict[str, Answer] = {}
         self._roles: dict[str, dict[str, Any]] = {}
@@ -87,10 +112,53 @@ class SiteCache:
 
     @property
     def synced(self) -> bool:
-        return self.mirror.synced.is_set()
+        return self.mirror.synced.is_set() and self.stale is None
+
+    @property
+    def problem(self) -> str:
+        """Why the registry may be showing the past (meaningful while not ``synced``)."""
+        return self.stale or self.mirror.error or "not yet synced with etcd"
 
     async def run(self) -> None:
-        await self.mirror.run()
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.mirror.run())
+            tasks.create_task(self._check_freshness())
+
+    # ---- freshness ----------------------------------------------------------------
+
+    async def _check_freshness(self) -> None:
+        loop = asyncio.get_running_loop()
+        lease = 0
+        while True:
+            began = loop.time()
+            # A mirror that is not synced says so itself, and is reconnecting already.
+            if self.mirror.synced.is_set():
+                client = self.store.client
+                try:
+                    async with asyncio.timeout(self._fresh_within_s):
+                        if not lease or await self.store.keepalive(lease) <= 0:
+                            lease = await self.store.grant(HEARTBEAT_TTL_S)
+                        revision = await self.store.put(self._heartbeat_key, b"", lease=lease)
+                        await self.mirror.reached(revision)
+                except TimeoutError:
+                    self._late(f"own heartbeat not seen within {self._fresh_within_s:g} s", client)
+                except StoreError as err:
+                    self._late(f"cannot write a heartbeat: {err}", client)
+                else:
+                    if self.stale is not None:
+                        self._log.info("etcd watch current again", member=self.store.member)
+                        self.stale = None
+                        self._changed(None)
+            await asyncio.sleep(max(0.0, began + self._heartbeat_s - loop.time()))
+
+    def _late(self, why: str, client: object) -> None:
+        """The watch may be stalled: say so, and resume it on another member."""
+        if self.stale is None:
+            self._log.warning("etcd watch not current; reconnecting", error=why)
+        self.stale = f"not in touch with etcd: {why}"
+        self._lost_etcd()
+        self.store.failover(why, client)  # unless a failed call moved on already
+        self.mirror.restart(self.stale)
 
     def site(self) -> dict[str, Any]:
         """The site report of the current view, built once per view."""
@@ -108,7 +176,7 @@ class SiteCache:
             return NOT_LOADED
         # Names nobody declared are answered (404) without being remembered, so that
         # random lookups cannot grow the cache.
-        return Answer.of(self.view.lookup(service))
+        return Answer.of(lookup(self.view, service))
 
     async def wait_for_epoch(self, service: str, after_epoch: int, wait_s: float) -> Answer:
         """The answer as soon as it carries an epoch above ``after_epoch``, or whatever it
@@ -165,6 +233,12 @@ class SiteCache:
     # ---- rebuilding after changes -------------------------------------------------
 
     def _changed(self, change: Change | None) -> None:
+        if change is None:
+            self._keep_recent_events()
+        elif change.kv.key.startswith(keys.REGISTRIES_PREFIX):
+            return  # heartbeats: read by the freshness check, not part of the site
+        elif change.kv.key.startswith(keys.EVENTS_PREFIX):
+            self._event_changed(change)
         if change is None and not self.synced:
             self._lost_etcd()
         # Changes that arrive together (one watch response) cost one rebuild.
@@ -172,13 +246,36 @@ class SiteCache:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._rebuild)
 
+    # The audit trail is the bulk of the keys (months of events) and only the newest are
+    # shown: the mirror keeps those alone, so that a rebuild walks the site's keys only.
+
+    def _keep_recent_events(self) -> None:
+        """After a (re)load: every event key is in the mirror; keep the newest."""
+        items = self.mirror.items
+        found = sorted(k for k in items if k.startswith(keys.EVENTS_PREFIX))
+        for key in found[:-RECENT_EVENTS]:
+            del items[key]
+        self._event_keys = found[-RECENT_EVENTS:]
+
+    def _event_changed(self, change: Change) -> None:
+        key = change.kv.key
+        at = bisect.bisect_left(self._event_keys, key)
+        present = at < len(self._event_keys) and self._event_keys[at] == key
+        if change.deleted:
+            if present:
+                del self._event_keys[at]
+        elif not present:
+            self._event_keys.insert(at, key)
+            if len(self._event_keys) > RECENT_EVENTS:
+                self.mirror.items.pop(self._event_keys.pop(0), None)
+
     def _lost_etcd(self) -> None:
         """Send followers to another registry: this one can only show the past now."""
         if self._subscribers:
             self._log.warning(
                 "lost etcd; ending event streams",
                 streams=len(self._subscribers),
-                error=self.mirror.error,
+                error=self.problem,
             )
             self.close_streams()
         for waiters in self._waiters.values():
@@ -236,12 +333,14 @@ class SiteCache:
 
     def _update_answers(self, view: SiteView, rev: int) -> None:
         services = view.services()
+        if unreadable_topology(view):
+            services |= set(self.answers)  # still known, if not declared as far as we can see
         for service in services | set(self.answers):
-            lookup = view.lookup(service)
+            found = lookup(view, service)
             cached = self.answers.get(service)
-            if cached is not None and cached.lookup == lookup:
+            if cached is not None and cached.lookup == found:
                 continue
-            answer = Answer.of(lookup, rev)
+            answer = Answer.of(found, rev)
             if service in services:
                 self.answers[service] = answer
             else:
@@ -277,6 +376,27 @@ class SiteCache:
             if self._nodes.get(name) != data:
                 self._nodes[name] = data
                 self._publish(sse("node", data, rev))
+
+
+def unreadable_topology(view: SiteView) -> bool:
+    """A topology is stored but this version cannot read it (a newer one, mid-upgrade)."""
+    return view.site is None and any(p.key == keys.TOPOLOGY for p in view.problems)
+
+
+def lookup(view: SiteView, service: str) -> Lookup:
+    """The view's answer, except that a registry which cannot read the topology cannot
+    say that a service is not declared: 503, never 404, which clients take as final."""
+    found = view.lookup(service)
+    if found.status == 404 and unreadable_topology(view):
+        return Lookup(
+            503,
+            {
+                "error": f"no endpoint record for {service!r}, and the topology in etcd "
+                "cannot be read by this registry (a newer version?): cannot tell whether "
+                "it is declared"
+            },
+        )
+    return found
 
 
 def _endpoint_data(service: str, answer: Answer) -> dict[str, Any]:

@@ -69,7 +69,7 @@ async def lookup(request: web.Request) -> web.Response:
             answer = await cache.wait_for_epoch(service, poll.after_epoch, wait_s)
     else:
         answer = cache.answer(service)
-    headers = None if cache.synced else {STALE_HEADER: cache.mirror.error or "not yet synced"}
+    headers = None if cache.synced else {STALE_HEADER: cache.problem}
     return web.Response(body=answer.body, status=answer.status, content_type=JSON, headers=headers)
 
 
@@ -79,7 +79,7 @@ async def site(request: web.Request) -> web.Response:
     doc = cache.site()
     if not cache.synced:
         doc["warning"] = (
-            f"registry is not in touch with etcd ({cache.mirror.error or 'starting'})"
+            f"registry is not in touch with etcd ({cache.problem})"
             f"; showing the state as of revision {cache.view.revision}"
         )
     return _json(doc)
@@ -89,7 +89,7 @@ async def site(request: web.Request) -> web.Response:
 async def healthz(request: web.Request) -> web.Response:
     cache = request.app[CACHE]
     if not cache.synced:
-        return _json({"error": cache.mirror.error or "not yet synced with etcd"}, 503)
+        return _json({"error": cache.problem}, 503)
     return _json({"status": "ok", "revision": cache.view.revision})
 
 

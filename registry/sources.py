@@ -48,8 +48,9 @@ class EtcdSource:
     async def follow(self, tick_s: float = 1.0) -> AsyncIterator[SiteReport]:
         changed = asyncio.Event()
 
-        def on_change(_: Change | None) -> None:
-            changed.set()
+        def on_change(change: Change | None) -> None:
+            if change is None or not change.kv.key.startswith(keys.REGISTRIES_PREFIX):
+                changed.set()  # registries' heartbeats change nothing shown
 
         await self.report()  # an unreachable etcd fails here, at once, not in the loop
         mirror = Mirror(self.store, keys.PREFIX + "/", on_change=on_change)

@@ -14,6 +14,7 @@ EVENTS_PREFIX = f"{PREFIX}/events/"
 ENDPOINTS_PREFIX = f"{PREFIX}/endpoints/"
 NODES_PREFIX = f"{PREFIX}/nodes/"
 PAIRS_PREFIX = f"{PREFIX}/pairs/"
+REGISTRIES_PREFIX = f"{PREFIX}/registries/"
 
 
 def leader(pair: str) -> str:
@@ -66,6 +67,11 @@ def drained(node: str) -> str:
 
 def endpoint(service: str) -> str:
     return f"{ENDPOINTS_PREFIX}{service}"
+
+
+def registry_heartbeat(registry: str) -> str:
+    """Written by a registry that checks its watch brings its own writes back in time."""
+    return f"{REGISTRIES_PREFIX}{registry}/heartbeat"
 
 
 def event(stamp_ns: int, node: str) -> str:

@@ -8,10 +8,8 @@ out as :class:`StoreError`, so callers take the safe path in one place.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import os
-import socket
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -22,8 +20,11 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import aetcd
+from aetcd import exceptions, rpc, watcher
 
-log = logging.getLogger("hapair.store")
+from shared.log import EventLog
+
+log = EventLog("hapair.store")
 T = TypeVar("T")
 
 
@@ -81,52 +82,216 @@ def parse_endpoints(urls: str | Sequence[str]) -> list[tuple[str, int]]:
 # gRPC waits up to 120 s between reconnection attempts by default, growing from 1 s: an
 # agent would see etcd seconds after it came back. Its lease fences it within 1.5 s, so
 # the channel retries every 100 to 250 ms instead.
-CHANNEL_OPTIONS = {
+#
+# HTTP/2 keepalive finds a connection whose far end went silent (a frozen member, a cut
+# cable) under a quiet watch, which would otherwise wait forever: a ping unanswered
+# within 2 s closes the connection and ends its calls (recent gRPC cores time pings out
+# by ``ping_timeout_ms``, older ones by ``keepalive_timeout_ms``: both are set). etcd
+# refuses pings more often than its --grpc-keepalive-min-time (5 s by default), and
+# pings on a connection without calls unless --grpc-keepalive-permit-without-stream is
+# set: either way it closes the connection (too_many_pings), and gRPC then doubles its
+# ping period. So pings go every 5 s and only while calls are open (a watch always is);
+# an idle connection has nothing to lose, and each call has its own deadline.
+# ``max_pings_without_data`` = 0 keeps pinging a watch on which nothing changes.
+MAX_MESSAGE = 64 * 1024 * 1024
+CHANNEL_OPTIONS: dict[str, int] = {
     "grpc.initial_reconnect_backoff_ms": 100,
     "grpc.min_reconnect_backoff_ms": 100,
     "grpc.max_reconnect_backoff_ms": 250,
+    "grpc.keepalive_time_ms": 5000,
+    "grpc.keepalive_timeout_ms": 2000,
+    "grpc.http2.ping_timeout_ms": 2000,
+    "grpc.keepalive_permit_without_calls": 0,
+    "grpc.http2.max_pings_without_data": 0,
+    # Above gRPC's 4 MiB default: one answer may carry many keys (reads are paged anyway).
+    "grpc.max_receive_message_length": MAX_MESSAGE,
 }
 
+# What etcd's Go client sends with WithRequireLeader: a member without a leader (cut off
+# from its quorum) answers such a stream with an error instead of leaving it silent.
+REQUIRE_LEADER = (("hasleader", "true"),)
 
-def _client(endpoints: list[tuple[str, int]], timeout: float) -> aetcd.Client:
-    if len(endpoints) == 1:
-        host, port = endpoints[0]
-        return aetcd.Client(host, port, timeout=timeout, options=CHANNEL_OPTIONS)
-    # aetcd joins host and port into one gRPC target; gRPC's ipv4: scheme takes a list of
-    # addresses and fails over between them by itself.
-    # The scheme takes addresses only, so host names are resolved here, once.
-    resolved = [(socket.gethostbyname(h), p) for h, p in endpoints]
-    *first, (last_host, last_port) = resolved
-    host = "ipv4:" + ",".join(f"{h}:{p}" for h, p in first) + "," + last_host
-    return aetcd.Client(host, last_port, timeout=timeout, options=CHANNEL_OPTIONS)
+PAGE_KEYS = 1000
+"""Keys per range response when a prefix is read: one answer stays far below any limit."""
+
+# Errors that say "this member cannot serve now", as opposed to a refused request.
+_MEMBER_TROUBLE = ("no leader", "leader changed", "timed out", "too many requests", "stopped")
+
+
+class _MemberClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
+    """aetcd's client for one member, whose watches and lease keepalives require a leader."""
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout, options=CHANNEL_OPTIONS)
+        self.name = f"{host}:{port}"
+
+    closed = False
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self.closed:
+            # The store has moved on: a late call must not open this member again, on a
+            # connection nobody would close.
+            raise exceptions.ConnectionFailedError(f"connection to {self.name} closed")
+        await super().connect()
+        # The base class builds its watcher without metadata; replaced before anything
+        # could use it (no await in between), so every watch stream carries it.
+        self._watcher = watcher.Watcher(
+            rpc.WatchStub(self.channel), timeout=self._timeout, metadata=REQUIRE_LEADER
+        )
+
+    async def close(self) -> None:
+        self.closed = True
+        await super().close()
+
+    async def refresh_lease(self, lease_id: int) -> Any:
+        await self.connect()
+        try:
+            async for reply in self.leasestub.LeaseKeepAlive(
+                [rpc.LeaseKeepAliveRequest(ID=lease_id)],
+                timeout=self._timeout,
+                metadata=REQUIRE_LEADER,
+            ):
+                return reply
+        except rpc.AioRpcError as err:
+            exceptions._handle_exception(err)
+        return None
+
+    async def range_page(self, start: bytes, end: bytes, revision: int, limit: int) -> Any:
+        """One page of ``[start, end)`` at ``revision`` (0: now); aetcd's own range
+        calls take neither a revision nor a limit."""
+        await self.connect()
+        request = rpc.RangeRequest(key=start, range_end=end, revision=revision, limit=limit)
+        try:
+            return await self.kvstub.Range(request, timeout=self._timeout, metadata=self.metadata)
+        except rpc.AioRpcError as err:
+            exceptions._handle_exception(err)
+
+
+def _member_trouble(err: BaseException) -> bool:
+    if isinstance(err, (TimeoutError, ConnectionError, OSError)):
+        return True
+    if isinstance(err, (exceptions.ConnectionFailedError, exceptions.ConnectionTimeoutError)):
+        return True
+    if isinstance(err, exceptions.WatchTimeoutError):
+        return True
+    text = str(err).lower()
+    return any(t in text for t in _MEMBER_TROUBLE)
+
+
+def _not_connected(err: BaseException) -> bool:
+    """gRPC's words for a call that found no connection: nothing was sent."""
+    return isinstance(err, exceptions.ConnectionFailedError) and "failed to connect" in str(err)
+
+
+class Compacted(StoreError):
+    """The revision asked for is gone from etcd's history: read everything again."""
 
 
 class Store:
-    """A connection to etcd with bounded calls. ``timeout`` bounds every unary call."""
+    """A connection to etcd with bounded calls. ``timeout`` bounds every unary call.
+
+    Given several members, the store talks to one at a time, chosen at random at start
+    so that clients spread over the members. When that member fails a call in a way
+    that says it cannot serve (no answer in time, no leader, connection lost), the store
+    moves to the next member and closes the old connection, which also ends the watches
+    on it: their owners resume on the new member. A member cut off from its quorum still
+    accepts connections, so only these answers, never the connection state, can show it.
+    """
 
     def __init__(self, urls: str | Sequence[str], timeout: float = 1.0) -> None:
         self.endpoints = parse_endpoints(urls)
         self.timeout = timeout
-        self.client = _client(self.endpoints, timeout)
+        self._index = random.randrange(len(self.endpoints))
+        self.client = self._open(self._index)
         self.tx = self.client.transactions
+        self._trouble: str | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def _open(self, index: int) -> _MemberClient:
+        host, port = self.endpoints[index]
+        return _MemberClient(host, port, self.timeout)
 
     @property
     def describe(self) -> str:
         return ",".join(f"{h}:{p}" for h, p in self.endpoints)
 
+    @property
+    def member(self) -> str:
+        """The member in use now."""
+        return str(self.client.name)
+
+    def failover(self, reason: str, client: aetcd.Client | None = None) -> None:
+        """Leave the member in use (only if it is still ``client``, when given) for the
+        next one; alone, reconnect to the same one. Ends every watch on the old one."""
+        old = self.client
+        if client is not None and client is not old:
+            return  # another call already moved on
+        before = self.member
+        self._index = (self._index + 1) % len(self.endpoints)
+        self.client = self._open(self._index)
+        # One warning per spell of trouble: with etcd down, every call moves on.
+        if self._trouble is None:
+            log.warning(
+                "etcd member failing; moving on", member=before, to=self.member, error=reason
+            )
+        else:
+            log.debug("etcd member failing; moving on", member=before, to=self.member, error=reason)
+        self._trouble = reason
+        task = asyncio.get_running_loop().create_task(self._close(old))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _failed(self, client: aetcd.Client, err: BaseException, text: str) -> None:
+        # Alone, a member has no replacement: reconnecting on every failed call would only
+        # cut the other calls in flight.
+        if len(self.endpoints) > 1 and _member_trouble(err):
+            self.failover(text, client)
+
+    def _answered(self, client: aetcd.Client) -> None:
+        if self._trouble is not None and client is self.client:
+            log.info("etcd member answers", member=self.member)
+            self._trouble = None
+
     async def call(self, fn: Callable[[], Awaitable[T]], limit: float | None = None) -> T:
-        try:
-            return await asyncio.wait_for(fn(), limit or self.timeout)
-        except TimeoutError:
-            raise StoreError(f"etcd at {self.describe} did not answer in time") from None
-        except aetcd.ClientError as err:
-            raise StoreError(f"etcd at {self.describe}: {_first_line(err)}") from None
-        except (ConnectionError, OSError) as err:
-            raise StoreError(f"etcd at {self.describe}: {err}") from None
+        """``fn()`` within ``limit`` (default ``timeout``) seconds. A member that cannot be
+        connected to never saw the request, so the next one is tried in the same time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (limit or self.timeout)
+        tries = len(self.endpoints)
+        while True:
+            tries -= 1
+            client = self.client  # ``fn`` reads self.client when called, which is right now
+            try:
+                result = await _uncancelled(fn(), max(0.0, deadline - loop.time()))
+            except TimeoutError as err:
+                text = f"etcd at {client.name} did not answer in time"
+                self._failed(client, err, text)
+                raise StoreError(text) from None
+            except aetcd.ClientError as err:
+                text = f"etcd at {client.name}: {_first_line(err)}"
+                self._failed(client, err, text)
+                if tries > 0 and _not_connected(err) and loop.time() < deadline:
+                    continue
+                if isinstance(err, exceptions.RevisionCompactedError) or "compacted" in text:
+                    raise Compacted(text) from None
+                raise StoreError(text) from None
+            except (ConnectionError, OSError) as err:
+                text = f"etcd at {client.name}: {err}"
+                self._failed(client, err, text)
+                raise StoreError(text) from None
+            self._answered(client)
+            return result
+
+    @staticmethod
+    async def _close(client: aetcd.Client) -> None:
+        await bounded(client.close(), 1.0)
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.client.close(), 1.0)
+        await self._close(self.client)
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=1.0)
 
     async def get(self, key: str) -> Kv | None:
         got = await self.call(lambda: self.client.get(key.encode()))
@@ -138,13 +303,25 @@ class Store:
 
     async def get_prefix(self, prefix: str) -> tuple[list[Kv], int]:
         """Every key under ``prefix`` and the store revision they were read at."""
-        got = await self.call(lambda: self.client.get_prefix(prefix.encode()))
-        return [Kv.from_aetcd(kv) for kv in got.kvs], int(got.header.revision)
+        return await self.get_range(prefix, _prefix_end(prefix).decode())
 
     async def get_range(self, start: str, end: str) -> tuple[list[Kv], int]:
-        """Every key in ``[start, end)`` and the store revision they were read at."""
-        got = await self.call(lambda: self.client.get_range(start.encode(), end.encode()))
-        return [Kv.from_aetcd(kv) for kv in got.kvs], int(got.header.revision)
+        """Every key in ``[start, end)`` and the store revision they were read at.
+
+        Read in pages, all at the revision of the first, so that no answer grows with
+        the data (gRPC refuses answers above its receive limit) and the whole is still
+        one consistent snapshot."""
+        kvs: list[Kv] = []
+        key, stop, revision = start.encode(), end.encode(), 0
+        while True:
+            page = await self.call(
+                lambda: self.client.range_page(key, stop, revision, PAGE_KEYS)  # noqa: B023
+            )
+            revision = revision or int(page.header.revision)
+            kvs.extend(Kv.from_aetcd(kv) for kv in page.kvs)
+            if not page.more or not page.kvs:
+                return kvs, revision
+            key = bytes(page.kvs[-1].key) + b"\0"
 
     async def put(self, key: str, value: bytes, lease: int | None = None) -> int:
         result = await self.call(lambda: self.client.put(key.encode(), value, lease=lease))
@@ -178,29 +355,72 @@ class Store:
                 raise
 
     # -- watching -------------------------------------------------------------------
-    async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[Change]:
+    async def watch_prefix(
+        self, prefix: str, start_revision: int, opened: Callable[[], None] | None = None
+    ) -> AsyncIterator[Change]:
         """Changes under ``prefix`` from ``start_revision``; raises StoreError when the
-        stream breaks (etcd down, compaction): the caller reloads and watches again."""
-        try:
-            watch = await asyncio.wait_for(
-                self.client.watch(
-                    prefix.encode(), range_end=_prefix_end(prefix), start_revision=start_revision
-                ),
-                self.timeout,
+        stream breaks (etcd down, the store moved to another member) and
+        :class:`Compacted` when ``start_revision`` is gone: the caller resumes or reloads.
+        ``opened`` is called once etcd has accepted the watch."""
+        used: list[_MemberClient] = []
+
+        async def open_watch() -> Any:
+            used.append(self.client)  # a retry after a failed connection uses the next member
+            return await self.client.watch(
+                prefix.encode(), range_end=_prefix_end(prefix), start_revision=start_revision
             )
-        except TimeoutError:
-            raise StoreError(f"etcd at {self.describe} did not open a watch in time") from None
-        except aetcd.ClientError as err:
-            raise StoreError(f"etcd at {self.describe}: {_first_line(err)}") from None
+
+        try:
+            watch = await self.call(open_watch)
+        except Compacted:
+            raise  # a refusal, confirmed in time
+        except StoreError as err:
+            # aetcd would hand etcd's late confirmation of this watch to the next one asked
+            # for on the same connection, which would then follow the wrong keys: that
+            # connection is done with, even to a member that is alone.
+            if used:
+                self.failover(str(err), used[-1])
+            raise
+        client = used[-1]
+        if opened is not None:
+            opened()
         try:
             async for ev in watch:
                 yield Change(Kv.from_aetcd(ev.kv), ev.kind == aetcd.EventKind.DELETE)
         except aetcd.ClientError as err:
-            raise StoreError(f"etcd watch at {self.describe}: {_first_line(err)}") from None
+            text = f"etcd watch at {client.name}: {_first_line(err)}"
+            self._failed(client, err, text)
+            if isinstance(err, exceptions.RevisionCompactedError):
+                raise Compacted(text) from None
+            raise StoreError(text) from None
         finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(watch.cancel(), 0.5)
-        raise StoreError(f"etcd watch at {self.describe} ended")
+            await bounded(watch.cancel(), 0.5)
+        raise StoreError(f"etcd watch at {client.name} ended")
+
+
+async def _uncancelled(work: Awaitable[T], seconds: float) -> T:
+    """``work`` within ``seconds``. gRPC may answer a call cancelled with its caller by
+    an error of its own: the caller must get its cancellation, not take that error for
+    etcd's answer and go on (a mirror would then retry for ever and never stop)."""
+    try:
+        return await asyncio.wait_for(work, seconds)
+    except Exception:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError from None
+        raise
+
+
+async def bounded(work: Awaitable[Any], seconds: float) -> None:
+    """Wait for ``work`` at most ``seconds``, then leave it cancelled, whatever it does.
+
+    ``asyncio.wait_for`` waits for a timed-out task to finish cancelling, which a task
+    that swallows its cancellation (gRPC and aetcd have such code) never does."""
+    task = asyncio.ensure_future(work)
+    # Its outcome is not wanted: retrieved here, so that nothing is logged for it.
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    await asyncio.wait({task}, timeout=seconds)
+    task.cancel()
 
 
 def _prefix_end(prefix: str) -> bytes:
@@ -217,9 +437,12 @@ class Mirror:
     """An in-memory copy of everything under a prefix, kept current by a watch.
 
     ``on_change`` is called (synchronously, on the event loop) for every change after
-    the initial load and once with ``None`` after each (re)load, so callers can rebuild
-    derived state. While etcd is away the copy keeps its last content and ``synced``
-    is False; it reloads and resumes by itself.
+    the initial load and once with ``None`` after each (re)load and each loss of the
+    watch, so callers can rebuild derived state. While etcd is away the copy keeps its
+    last content and ``synced`` is False. When the watch breaks, the mirror resumes it
+    from the last revision it has (on whichever member the store uses by then) and reads
+    everything again only if etcd no longer has that history; retries back off from
+    ``retry_s`` to ``max_retry_s``.
     """
 
     def __init__(
@@ -229,6 +452,7 @@ class Mirror:
         on_change: Callable[[Change | None], None] | None = None,
         retry_s: float = 0.25,
         lag_s: float = 0.0,
+        max_retry_s: float = 4.0,
     ) -> None:
         self.store = store
         self.prefix = prefix
@@ -239,31 +463,86 @@ class Mirror:
         self._on_change = on_change
         self._retry_s = retry_s
         self._lag_s = lag_s  # a test's fault: apply each watched change this much later
+        self._max_retry_s = max_retry_s
         self._local: dict[str, int] = {}
+        self._loaded = False
+        self._restart: asyncio.Event | None = None
+        self._advanced: asyncio.Event | None = None
 
     async def run(self) -> None:
+        retry = self._retry_s
+        self._restart = asyncio.Event()
         while True:
             try:
-                kvs, revision = await self.store.get_prefix(self.prefix)
-                self.items = {kv.key: kv for kv in kvs}
-                self._local.clear()
-                self.revision = revision
-                self.error = None
-                self.synced.set()
-                if self._on_change:
-                    self._on_change(None)
-                async for change in self.store.watch_prefix(self.prefix, revision + 1):
-                    if self._lag_s:
-                        await asyncio.sleep(self._lag_s)
-                    self._apply(change)
+                if not self._loaded:
+                    await self._load()
+                retry = self._retry_s
+                await self._follow(self._restart)
             except StoreError as err:
+                if isinstance(err, Compacted):
+                    self._loaded = False
                 if self.error != str(err):
-                    log.warning("watch of %s lost: %s; retrying", self.prefix, err)
+                    log.warning("watch lost; retrying", prefix=self.prefix, error=str(err))
                 self.error = str(err)
                 self.synced.clear()
                 if self._on_change:
                     self._on_change(None)
-                await asyncio.sleep(self._retry_s)
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, self._max_retry_s)
+
+    async def _load(self) -> None:
+        kvs, revision = await self.store.get_prefix(self.prefix)
+        self.items = {kv.key: kv for kv in kvs}
+        self._local.clear()
+        self.revision = revision
+        self._loaded = True
+        self._opened()
+
+    def _opened(self) -> None:
+        self.error = None
+        self.synced.set()
+        if self._on_change:
+            self._on_change(None)
+
+    async def _follow(self, restart: asyncio.Event) -> None:
+        """Apply watched changes until the watch breaks or :meth:`restart` is called."""
+        restart.clear()
+
+        async def watch() -> None:
+            opened = self._opened if not self.synced.is_set() else None
+            async for change in self.store.watch_prefix(self.prefix, self.revision + 1, opened):
+                if self._lag_s:
+                    await asyncio.sleep(self._lag_s)
+                self._apply(change)
+
+        task = asyncio.get_running_loop().create_task(watch())
+        kicked = asyncio.get_running_loop().create_task(restart.wait())
+        try:
+            await asyncio.wait({task, kicked}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            kicked.cancel()
+            task.cancel()
+            # Bounded: a watch stuck in the gRPC library must not hold up a shutdown.
+            await bounded(task, 1.0)
+        if task.done() and not task.cancelled():
+            err = task.exception()
+            if isinstance(err, StoreError):
+                raise err  # the broken watch's own error
+        raise StoreError(self.error or "watch restarted")
+
+    def restart(self, reason: str) -> None:
+        """Drop the watch and resume it (the store may have moved to another member)."""
+        self.error = reason
+        self.synced.clear()
+        if self._restart is not None:
+            self._restart.set()
+
+    async def reached(self, revision: int) -> None:
+        """Return once the copy holds every change up to ``revision``."""
+        while self.revision < revision:
+            if self._advanced is None:
+                self._advanced = asyncio.Event()
+            await self._advanced.wait()
 
     def apply_local(self, key: str, kv: Kv | None, revision: int) -> None:
         """Record our own write at ``revision`` before its watch event comes back.
@@ -284,7 +563,11 @@ class Mirror:
             self._on_change(None)
 
     def _apply(self, change: Change) -> None:
-        self.revision = max(self.revision, change.kv.mod_revision)
+        if change.kv.mod_revision > self.revision:
+            self.revision = change.kv.mod_revision
+            if self._advanced is not None:
+                self._advanced.set()
+                self._advanced = None
         if change.kv.mod_revision <= self._local.get(change.kv.key, 0):
             return
         if change.deleted:

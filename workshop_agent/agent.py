@@ -58,6 +58,7 @@ TICK_S = 0.1
 DB_ROUND_S = 0.5
 REFUSED_S = 30.0  # a standby that did not confirm a handover is not chosen again meanwhile
 AGENT_REPORT = "hapair-agent"
+SHUTDOWN_TASKS_S = 2.0
 
 
 StepDown = Callable[[], Awaitable[int | None]]  # a resign or handover transaction
@@ -1183,9 +1184,12 @@ class Agent:
             self._fence_timer.cancel()
         for task in list(self._tasks):
             task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:
+            # Bounded: a task stuck in a library that swallows its cancellation must not
+            # keep the agent from stopping (its services are already stopped).
+            _, stuck = await asyncio.wait(set(self._tasks), timeout=SHUTDOWN_TASKS_S)
+            if stuck:
+                self.log.warning("tasks did not stop", tasks=",".join(t.get_name() for t in stuck))
         await self.netwatch.close()
         if self.database is not None:
             if self._db_task is not None:

@@ -44,6 +44,10 @@ class EtcdMembers(Etcd):
     def member_url(self, name: str) -> str:
         return f"http://{self.lab[name].address}:{CLIENT_PORT}"
 
+    def client_url(self, name: str) -> str:
+        """Where this process reaches ``name`` to look at it (``etcdctl``)."""
+        return self.member_url(name)
+
     def _peer_url(self, name: str) -> str:
         return f"http://{self.lab[name].address}:{PEER_PORT}"
 
@@ -108,7 +112,7 @@ class EtcdMembers(Etcd):
         leader_id = None
         for name in self.running():
             out = self._ctl(
-                f"--endpoints={self.member_url(name)}", "endpoint", "status", "-w", "json"
+                f"--endpoints={self.client_url(name)}", "endpoint", "status", "-w", "json"
             )
             with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
                 status = json.loads(out.stdout)[0]["Status"]
@@ -120,7 +124,7 @@ class EtcdMembers(Etcd):
         """The members that answer a quorum read (``endpoint health``)."""
         ok = []
         for name in self.running():
-            out = self._ctl(f"--endpoints={self.member_url(name)}", "endpoint", "health")
+            out = self._ctl(f"--endpoints={self.client_url(name)}", "endpoint", "health")
             if out.returncode == 0 and "is healthy" in out.stdout + out.stderr:
                 ok.append(name)
         return ok

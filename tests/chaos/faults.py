@@ -36,6 +36,7 @@ BOUNDS_S = {
     "partition_etcd": TAKEOVER_S,
     "etcd_then_peer": TAKEOVER_S,
     "etcd_member": TAKEOVER_S + 2.0,
+    "etcd_member_cut": TAKEOVER_S + 2.0,
     "etcd_quorum": TAKEOVER_S + LEASE_TTL_S + 4.0,
     "loss": TAKEOVER_S,
     "delay": TAKEOVER_S,
@@ -241,6 +242,31 @@ class EtcdMember(Action):
             self.bed.members.start_member(name)
 
 
+class EtcdMemberCut(Action):
+    """Cut the leader or a follower from the other two members at the switch. Every node
+    still reaches it: it accepts connections and calls but can serve nothing that needs
+    the quorum, so a client attached to it must move to another member."""
+
+    cut = ""
+
+    async def inject(self) -> str:
+        members = self.bed.members
+        leader = await asyncio.to_thread(members.leader) or members.names[0]
+        followers = [n for n in members.names if n != leader]
+        follower = followers[self.fault.pick % len(followers)]
+        self.cut = leader if self.fault.target == "leader" else follower
+        for other in self.others():
+            self.lab.partition(self.lab[self.cut], self.lab[other])
+        return f"{self.cut} | {', '.join(self.others())} (leader {leader})"
+
+    def others(self) -> list[str]:
+        return [n for n in self.bed.members.names if n != self.cut]
+
+    async def heal(self) -> None:
+        for other in self.others():
+            self.lab.heal(self.lab[self.cut], self.lab[other])
+
+
 class Switchover(Action):
     """``hapair switchover PAIR`` through the admin path, in the middle of another fault."""
 
@@ -381,6 +407,7 @@ ACTIONS: dict[str, type[Action]] = {
     "etcd_then_peer": EtcdThenPeer,
     "etcd_member": EtcdMember,
     "etcd_quorum": EtcdMember,
+    "etcd_member_cut": EtcdMemberCut,
     "loss": Loss,
     "delay": Delay,
     "switchover": Switchover,

@@ -23,6 +23,7 @@ KINDS: tuple[str, ...] = (
     "etcd_then_peer",  # the node cut from etcd, then from its peers too, while still cut
     "etcd_member",  # one etcd member killed (the leader or a follower), then restarted
     "etcd_quorum",  # two of the three members killed (the leader among them)
+    "etcd_member_cut",  # one member cut from the other two; every node still reaches it
     "loss",  # random packet loss on the node's link, both ways
     "delay",  # added latency on the node's link (tc netem only)
     "switchover",  # `hapair switchover` requested while another fault is in place
@@ -40,7 +41,7 @@ ACTIVE_HELD = frozenset(
     {"pg_crash_freeze", "restart_promised", "escape_freeze", "catchup_isolated"}
 )
 INSTANT = frozenset({"service_kill", "pg_crash"})  # nothing to hold or heal
-ETCD_KINDS = frozenset({"etcd_member", "etcd_quorum"})  # these touch every pair
+ETCD_KINDS = frozenset({"etcd_member", "etcd_quorum", "etcd_member_cut"})  # touch every pair
 # What a switchover is requested in the middle of.
 SWITCHOVER_BASES = (
     "freeze",
@@ -163,9 +164,9 @@ def _draw(
         # Held longer, and the peers cut later, so that the second cut often falls in
         # the time a node cut from etcd alone may keep running on its peers' word.
         return replace(plain, target=role, hold_s=round(hold + 2.0, 1), at_s=round(at + 1.0, 1))
-    if kind in ("etcd_member", "etcd_quorum"):
+    if kind in ETCD_KINDS:
         # A quorum loss always takes the leader and one follower.
-        target = member if kind == "etcd_member" else "leader"
+        target = "leader" if kind == "etcd_quorum" else member
         return replace(plain, target=target, hold_s=hold, pick=pick)
     if kind == "switchover":
         base_target = {"etcd_member": member, "partition_pair": ""}.get(base_kind, base_role)
