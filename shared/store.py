@@ -399,11 +399,21 @@ class Store:
 
 
 async def _uncancelled(work: Awaitable[T], seconds: float) -> T:
-    """``work`` within ``seconds``. gRPC may answer a call cancelled with its caller by
-    an error of its own: the caller must get its cancellation, not take that error for
-    etcd's answer and go on (a mirror would then retry for ever and never stop)."""
+    """``work`` within ``seconds``, telling the caller's cancellation from the call's.
+
+    gRPC may answer a call cancelled with its caller by an error of its own: the caller
+    must get its cancellation, not take that error for etcd's answer and go on (a mirror
+    would retry for ever and never stop). The other way round, closing a channel (the
+    store moving to another member) cancels the calls still on it: the caller, not
+    cancelled itself, must get an error it handles, not a cancellation that would end
+    its task for good (the publisher of an agent died that way, silently)."""
     try:
         return await asyncio.wait_for(work, seconds)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        raise ConnectionError("call cancelled under it: its connection was closed") from None
     except Exception:
         task = asyncio.current_task()
         if task is not None and task.cancelling():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import signal
 import time
@@ -145,7 +146,12 @@ class Agent:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None and not self._stopping.is_set():
+        if self._stopping.is_set():
+            return
+        if task.cancelled():
+            # Only a stop cancels the agent's tasks: anything else is a bug to see.
+            self.log.error("internal task cancelled", task=task.get_name())
+        elif task.exception() is not None:
             self.log.error(
                 "internal task failed", task=task.get_name(), error=repr(task.exception())
             )
@@ -175,6 +181,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
+        loop.add_signal_handler(signal.SIGUSR2, self._dump_tasks)
         self.log.info(
             "agent starting",
             etcd=self.store.describe,
@@ -249,6 +256,16 @@ class Agent:
         if here is None:
             return f"it ran on another machine or boot (boot id {status.boot_id})"
         return f"its agent (pid {status.pid}) still runs" if here else None
+
+    def _dump_tasks(self) -> None:
+        """SIGUSR2: where every task of the agent is waiting, one event per task (for an
+        agent that seems stuck; the loop itself answers, or this would not run)."""
+        for task in asyncio.all_tasks():
+            out = io.StringIO()
+            task.print_stack(limit=12, file=out)
+            self.log.warning(
+                "task", task=task.get_name(), stack=out.getvalue().replace("\n", " | ")
+            )
 
     async def _until_stopped(self, coro: Coroutine[Any, Any, None]) -> None:
         work = asyncio.ensure_future(coro)
