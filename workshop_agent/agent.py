@@ -829,12 +829,18 @@ class Agent:
 
     async def _demote_database(self) -> None:
         assert self.database is not None
-        self._guard_postmaster(None)
         self._demoting += 1
         try:
-            await self.database.demote()
+            await self.database.demote()  # unguarded by the watchdog once stopped
         finally:
             self._demoting -= 1
+        self._restart_db_loop()
+
+    def _restart_db_loop(self) -> None:
+        """One database loop at a time: a fence and a step-down may both end one, and a
+        second loop left running could start the server again after a later fence."""
+        if self._db_task is not None and not self._db_task.done():
+            self._db_task.cancel()
         self._db_task = asyncio.create_task(self._db_loop(), name="database")
 
     async def _db_loop(self) -> None:
@@ -984,25 +990,47 @@ class Agent:
             await self.vip.release()
         await self.supervisor.deactivate()
         lsn = None
-        if self.database is not None:
-            if self._db_task is not None:
-                self._db_task.cancel()
-            # A handover hands the database over cleanly, or not at all; a resignation
-            # (or a database that cannot run) stops it before another node may promote.
-            self._guard_postmaster(None)
-            target = self.pair.node(to) if to is not None else None
-            if target is not None and not db_lost:
-                lsn = await self.database.hand_over(target)
-                if lsn is None:
-                    await self._handover_aborted(reason, target.name, request)
-                    return
-            else:
-                await self.database.demote()
-        for key, value in list(self._published.items()):
-            await self.election.delete_if(key, value)
-            self._published.pop(key, None)
-        if self.term != epoch:
-            return  # fenced while stopping
+        try:
+            if self.database is not None:
+                if self._db_task is not None:
+                    self._db_task.cancel()
+                # A handover hands the database over cleanly, or not at all; a resignation
+                # (or a database that cannot run) stops it before another node may
+                # promote. The watchdog guards it until it has stopped.
+                target = self.pair.node(to) if to is not None else None
+                if target is not None and not db_lost:
+                    lsn = await self.database.hand_over(target)
+                    if lsn is None:
+                        await self._handover_aborted(reason, target.name, request)
+                        return
+                else:
+                    await self.database.demote()
+            for key, value in list(self._published.items()):
+                # Best effort: they go with the lease anyway and carry the old epoch. An
+                # etcd error here must not stop the step-down half way.
+                with contextlib.suppress(StoreError):
+                    await self.election.delete_if(key, value)
+                self._published.pop(key, None)
+            if self.term != epoch:
+                return  # fenced while stopping
+            await self._give_away(epoch, reason, to, request, planned, lsn, started)
+        finally:
+            # Whatever ended the step-down, the database is cared for again.
+            if self.database is not None and (self._db_task is None or self._db_task.done()):
+                self._restart_db_loop()
+
+    async def _give_away(
+        self,
+        epoch: int,
+        reason: str,
+        to: str | None,
+        request: str | None,
+        planned: bool,
+        lsn: int | None,
+        started: float,
+    ) -> None:
+        """The step-down's etcd half: the key given away, once the services stopped."""
+        assert self.election is not None and self.pair is not None
         kind = "resign" if to is None else "switchover"
         send: StepDown = (
             partial(self.election.resign, epoch)
@@ -1022,7 +1050,7 @@ class Agent:
             "stepped down", reason=reason, to=to, outcome=outcome, stop_ms=stopped_ms, epoch=epoch
         )
         if self.database is not None:
-            self._db_task = asyncio.create_task(self._db_loop(), name="database")
+            self._restart_db_loop()
         self.event(kind, reason, to=to, request=request, epoch=epoch)
         self._changed()
 
@@ -1055,13 +1083,13 @@ class Agent:
         self._refused[to] = self.clock() + REFUSED_S
         why = f"the database's final position could not be handed to {to}"
         self.log.error("handover aborted: keeping the pair", to=to, reason=reason, why=why)
+        self._restart_db_loop()  # first: an etcd error below must not leave it uncared for
+        self.event("handover_aborted", why, to=to, cause=reason)
+        self._changed()
         raw = self._state.switchover_raw if self._state else None
         if request is not None and raw is not None:
-            await self.election.drop_switchover(raw)
             self.event("switchover_rejected", why, request=request)
-        self.event("handover_aborted", why, to=to, cause=reason)
-        self._db_task = asyncio.create_task(self._db_loop(), name="database")
-        self._changed()
+            await self.election.drop_switchover(raw)
 
     async def _leave_pair(self) -> None:
         if self.term is not None:

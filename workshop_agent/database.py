@@ -292,9 +292,11 @@ class Database:
             self.log.error("database: no final position to hand over (not primary)")
             return None
         self.primary_epoch = None
-        self.postmaster = None
         try:
             lsn = await manager.switchover_prepare()
+            # Stopped: no longer the watchdog's to kill (it was, had this agent frozen
+            # during the checkpoint, while the server still took writes).
+            self.postmaster = None
             if await manager.received_by(target.address, lsn, HANDOVER_RECEIVED_S):
                 return lsn
             self.log.error(
@@ -309,13 +311,16 @@ class Database:
     async def demote(self) -> None:
         """Fencing: stop now; never waits on anything in flight."""
         self.primary_epoch = None
-        self.postmaster = None
         self._recorded = None
         self._named_at.clear()
-        if self.manager is not None:
-            with contextlib.suppress(PgError):
-                result = await self.manager.demote()
-                self.log.warning("database demoted", result=str(result))
+        try:
+            if self.manager is not None:
+                with contextlib.suppress(PgError):
+                    result = await self.manager.demote()
+                    self.log.warning("database demoted", result=str(result))
+        finally:
+            # Only once stopped: a freeze during the stop leaves it to the watchdog.
+            self.postmaster = None
 
     # -- a standby --------------------------------------------------------------------
     async def follow(self, primary: Node) -> None:
