@@ -42,6 +42,7 @@ from pydantic import Field
 
 from comm_server.source import PairError, stored_pair
 from shared import keys
+from shared.clock import Clock, boottime
 from shared.log import EventLog
 from shared.plcs import PlcHealth
 from shared.records import Leader, RecordError, Resource, ServiceReport, decode
@@ -90,8 +91,10 @@ class PairRole:
         ttl: float = 2.0,
         margin: float = 0.5,
         refresh_s: float = 5.0,
+        clock: Clock = boottime,
     ) -> None:
         self.store = store
+        self.clock = clock  # of the fence: it must count a suspend (see shared/clock.py)
         self.pair, self.node, self.service = pair, node, service
         self.log = log
         self.ttl, self.margin, self.refresh_s = ttl, margin, refresh_s
@@ -107,7 +110,7 @@ class PairRole:
         self._peers_problem = "the topology is not read yet"
         self._wake = asyncio.Event()
         self._lease: int | None = None
-        self._acked = -1e9  # loop time at which the last acknowledged keepalive was sent
+        self._acked = -1e9  # boottime at which the last acknowledged keepalive was sent
         self._fence: asyncio.TimerHandle | None = None
         self._serving = False
         self.epoch: int | None = None
@@ -184,8 +187,9 @@ class PairRole:
             return ("?", kv.create_revision)  # garbage still holds the key: not ours
 
     def _fresh(self) -> bool:
-        loop = asyncio.get_running_loop()
-        return self._lease is not None and loop.time() - self._acked < self.ttl - self.margin
+        # On CLOCK_BOOTTIME, which counts a suspend: after one longer than the lease, the
+        # role is not fresh any more, however recent the last keepalive looks otherwise.
+        return self._lease is not None and self.clock() - self._acked < self.ttl - self.margin
 
     def _read_peers(self) -> None:
         """The pair's other nodes from the topology, parsed when it changed; an invalid
@@ -355,7 +359,7 @@ class PairRole:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                sent = loop.time()
+                sent = self.clock()
                 if self._lease is None:
                     self._lease = await self.store.grant(self.ttl)
                     self._written = b""
@@ -369,7 +373,10 @@ class PairRole:
                 self._errors.clear()  # all is well again: warn anew next time
                 if self._fence is not None:
                     self._fence.cancel()
-                self._fence = loop.call_at(sent + self.ttl - self.margin, self._fence_due)
+                # A timer on the loop's clock fires late after a suspend; every write
+                # checks _fresh() on boottime meanwhile.
+                due = max(0.0, sent + self.ttl - self.margin - self.clock())
+                self._fence = loop.call_later(due, self._fence_due)
                 self.poke()
             except StoreError as err:
                 self._warn_once("etcd unavailable", str(err))

@@ -20,10 +20,10 @@ from harness import PYTHON, ROOT, Etcd, stop_pid
 
 from registry.drill_faults import descendants
 from shared import keys
+from shared.clock import boottime
 from shared.records import Endpoint, Leader, NodeStatus, TopologyDoc, decode
 from shared.store import Store
 from shared.topology import parse_site
-from workshop_agent.clock import boottime
 
 T = TypeVar("T")
 SVC = str(ROOT / "tests" / "svc.py")

@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -22,6 +22,7 @@ from plc_sim import CommUnderTest, ModbusPlc, running_comm
 
 from comm_server.role import CommReport, PairRole
 from shared import keys
+from shared.clock import boottime
 from shared.log import EventLog
 from shared.records import Leader, ServiceReport, TopologyDoc, decode
 from shared.store import Change, Kv, Store
@@ -55,14 +56,24 @@ def config(node: str, port: int, **opts: Any) -> str:
 
 @contextlib.asynccontextmanager
 async def comm_node(
-    etcd_url: str, node: str, port: int, store: Store | None = None, **opts: Any
+    etcd_url: str,
+    node: str,
+    port: int,
+    store: Store | None = None,
+    clock: Callable[[], float] = boottime,
+    roles: list[PairRole] | None = None,
+    **opts: Any,
 ) -> AsyncIterator[CommUnderTest]:
-    """``store``: the role's connection to etcd (a fresh one by default)."""
+    """``store``: the role's connection to etcd (a fresh one by default); ``roles``
+    receives the role made."""
     store = store or Store(etcd_url, timeout=2.0)
 
     def role(parts: Any, on_change: Any) -> PairRole:
         log = EventLog("hapair.comm", node=node, pair="p")
-        return PairRole(store, "p", node, "comm", parts, on_change, log, refresh_s=0.5)
+        made = PairRole(store, "p", node, "comm", parts, on_change, log, refresh_s=0.5, clock=clock)
+        if roles is not None:
+            roles.append(made)
+        return made
 
     try:
         async with running_comm(config(node, port, **opts), role, host=HOSTS[node][0]) as comm:
@@ -314,6 +325,25 @@ async def test_an_active_cut_off_from_etcd_stops_serving_before_its_lease_can_la
         private.cleanup()
 
 
+async def test_a_suspend_past_the_fence_point_ends_the_role_at_once(
+    etcd: Any, store: Store, plc: ModbusPlc
+) -> None:
+    """The role's fence counts a suspend: here its clock jumps 10 s in one step, as
+    CLOCK_BOOTTIME does across a suspend while the event loop's own clock does not."""
+    jump = [0.0]
+    roles: list[PairRole] = []
+    async with comm_node(
+        etcd.url, "a", plc.port, clock=lambda: boottime() + jump[0], roles=roles
+    ) as a:
+        await elect(store, "a")
+        await until(lambda: level(a, 255, 255), 3, "a serving")
+        [role] = roles
+        assert role.serving
+        jump[0] = 10.0
+        # Nothing awaited in between: no keepalive can have been acknowledged since.
+        assert not role.serving, "a write would still leave after the suspend"
+
+
 async def test_a_write_queued_behind_a_poll_is_not_sent_once_the_role_is_lost(
     etcd: Any, store: Store, plc: ModbusPlc
 ) -> None:
@@ -380,8 +410,10 @@ class HeldReports(Store):
         self.loaded.set()
         return got
 
-    async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[Change]:
-        async for change in super().watch_prefix(prefix, start_revision):
+    async def watch_prefix(
+        self, prefix: str, start_revision: int, opened: Callable[[], None] | None = None
+    ) -> AsyncIterator[Change]:
+        async for change in super().watch_prefix(prefix, start_revision, opened):
             if prefix == keys.NODES_PREFIX:
                 await self.watch.wait()
             yield change

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from cluster import Cluster, holds, pid_alive, until
 
-from workshop_agent.clock import boottime
+from shared.clock import boottime
 
 pytestmark = pytest.mark.e2e
 TTL = 2.0

@@ -16,7 +16,7 @@ import pytest
 from cluster import Cluster
 from harness import Etcd
 
-from workshop_agent.clock import boottime
+from shared.clock import boottime
 
 
 @pytest.fixture

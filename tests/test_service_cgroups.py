@@ -22,11 +22,11 @@ from cluster import pid_alive, until
 from harness import ROOT
 from test_fence_services import escaped, escaping_service
 
+from shared.clock import boottime
 from shared.log import EventLog
 from shared.topology import parse_site
 from workshop_agent import cgroups
 from workshop_agent.cgroups import CgroupTree
-from workshop_agent.clock import boottime
 from workshop_agent.exec_guard import REFUSED
 from workshop_agent.supervisor import EXEC_GUARD, Supervisor
 from workshop_agent.watchdog import WatchdogLink

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from harness import ROOT, wait_for
 
-from workshop_agent.clock import boottime
+from shared.clock import boottime
 from workshop_agent.watchdog import WatchdogLink, start_time
 
 Spawn = Callable[[], subprocess.Popen[bytes]]

@@ -20,6 +20,7 @@ from typing import Any
 
 from shared import keys
 from shared.agent_process import runs_here
+from shared.clock import boottime
 from shared.log import EventLog
 from shared.records import (
     Endpoint,
@@ -39,7 +40,6 @@ from shared.store import Kv, Mirror, Store, StoreError
 from shared.topology import Node, Pair, Site, TopologyError, parse_site
 from workshop_agent import decide as d
 from workshop_agent import recovery
-from workshop_agent.clock import boottime
 from workshop_agent.database import Database, eligible
 from workshop_agent.election import Election, Session
 from workshop_agent.hold import Ledger, Promise, Promises

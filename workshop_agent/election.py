@@ -17,10 +17,10 @@ import asyncio
 from collections.abc import Callable
 
 from shared import keys
+from shared.clock import boottime
 from shared.log import EventLog
 from shared.records import Handover, Leader
 from shared.store import Store, StoreError
-from workshop_agent.clock import boottime
 
 Clock = Callable[[], float]
 

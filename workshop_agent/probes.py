@@ -31,8 +31,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from shared.clock import boottime
 from shared.network import MAX_TIMEOUT_S, Network, Target
-from workshop_agent.clock import boottime
 
 log = logging.getLogger("hapair.probes")
 

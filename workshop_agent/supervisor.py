@@ -28,12 +28,12 @@ from pathlib import Path
 
 import aiohttp
 
+from shared.clock import boottime
 from shared.log import EventLog
 from shared.records import ServiceState, ServiceStatus
 from shared.topology import Health, Node, Pair, Service, expand, placeholder_values
 from workshop_agent import cgroups
 from workshop_agent.cgroups import CgroupTree
-from workshop_agent.clock import boottime
 from workshop_agent.exec_guard import REFUSED
 from workshop_agent.health import probe
 from workshop_agent.watchdog import WatchdogLink

@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import quote, unquote
 
+from shared.clock import Clock, boottime
 from workshop_agent import cgroups
-from workshop_agent.clock import Clock, boottime
 
 # How long one wait lasts at most: the bound on acting late after a suspend.
 SLICE_S = 0.1
@@ -368,7 +368,7 @@ class WatchdogLink:
             self.start()
 
     def deadline(self, at: float) -> None:
-        """``at`` on ``CLOCK_BOOTTIME`` (``workshop_agent.clock.boottime``)."""
+        """``at`` on ``CLOCK_BOOTTIME`` (``shared.clock.boottime``)."""
         self._deadline = at
         self._send(f"deadline {at!r}")
 
