@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from asyncua import ua
+from asyncua import Client, ua
 from cluster import Cluster, recording_service, until
 from harness import PYTHON, Etcd, free_port
 from pg_harness import PASSWORDS, needs_postgres
@@ -214,6 +214,10 @@ async def test_opcua_adapter_follows_real_comm_servers_through_a_real_crash(
             c.crash("a")
             await plc.set("HR", 0, [4321])
             await until(lambda: _seen(seen, "b", 4321), 30, "4321 from b after the crash")
+            # b's comm server served reads as a warm standby already; writes once it has
+            # claimed the role (ServiceLevel 255), as a redundancy-aware client checks.
+            b_url = f"opc.tcp://{hosts['b']}:{opc_port}/"
+            await until(lambda: _level(b_url, 255), 15, "b's comm server serving")
             await opc.write(speed, 77, ua.VariantType.Int16)
             assert (await plc.get("HR", 0, 1))[0] == 77
             assert opc.endpoint is not None and opc.endpoint.node == "b"
@@ -230,3 +234,12 @@ async def _seen(changes: list[DataChange], node: str, value: int) -> bool:
         ch.endpoint.node == node and ch.value == value and ch.data.StatusCode.is_good()
         for ch in changes
     )
+
+
+async def _level(url: str, want: int) -> bool:
+    try:
+        async with Client(url, timeout=2) as client:
+            level: int = await client.get_node("ns=0;i=2267").read_value()
+            return level == want
+    except (OSError, TimeoutError, ua.UaError):
+        return False
