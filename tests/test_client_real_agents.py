@@ -38,6 +38,16 @@ pytestmark = pytest.mark.e2e
 SERVICE = "real-svc"
 
 
+async def _pair_up(c: Cluster, registry: RegistryProcess) -> int:
+    """Agents a and b and a registry up: a active, b a healthy standby; a's epoch."""
+    c.start("a")
+    c.start("b")
+    await registry.start()
+    _, epoch = await c.active("p", node="a", timeout=15)
+    await c.standby("b")
+    return epoch
+
+
 async def http_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> dict[str, Any]:
     """One HTTP/1.0 GET on a raw TCP connection: the test service's JSON body."""
     writer.write(b"GET / HTTP/1.0\r\nHost: svc\r\n\r\n")
@@ -64,11 +74,7 @@ async def test_tcp_adapter_resolver_and_proxy_ride_through_a_real_crash(
     await c.apply(c.site([{"name": "p", "nodes": nodes, "services": [service]}]))
     registry = RegistryProcess(etcd.url)
     try:
-        c.start("a")
-        c.start("b")
-        await registry.start()
-        _, epoch = await c.active("p", node="a", timeout=15)
-        await c.standby("b")
+        epoch = await _pair_up(c, registry)
         async with (
             Resolver(registry.url) as resolver,
             TcpAdapter(resolver, SERVICE, deadline_s=20.0) as tcp,
@@ -198,11 +204,7 @@ async def test_opcua_adapter_follows_real_comm_servers_through_a_real_crash(
     seen: list[DataChange] = []
     speed = tag("press-1.speed")
     try:
-        c.start("a")
-        c.start("b")
-        await registry.start()
-        _, epoch = await c.active("p", node="a", timeout=15)
-        await c.standby("b")
+        epoch = await _pair_up(c, registry)
         async with (
             Resolver(registry.url) as resolver,
             OpcUaAdapter(

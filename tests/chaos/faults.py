@@ -132,6 +132,8 @@ class ServiceKill(NodeAction):
 
 
 class PgCrash(NodeAction):
+    killed: int | None = None
+
     async def inject(self) -> str:
         node = await self.target()
         pid = self.bed.postmaster_pid(self.fault.pair, node)
@@ -140,6 +142,7 @@ class PgCrash(NodeAction):
             return f"{node} (no postmaster running)"
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+        self.killed = pid
         return f"{node} (postmaster pid {pid})"
 
     async def hold(self) -> str:
@@ -297,24 +300,24 @@ class Switchover(Action):
         await self.base.heal()
 
 
-class PgCrashFreeze(NodeAction):
+class PgCrashFreeze(PgCrash):
     """The active's postmaster killed and restarted in place by the agent, which then
     freezes: the watchdog must stop the new postmaster before the standby promotes."""
 
     async def inject(self) -> str:
-        node = await self.target()
-        old = self.bed.postmaster_pid(self.fault.pair, node)
+        hit = await super().inject()
+        old, node = self.killed, self.node
         if old is None:
-            self.missed = True
-            return f"{node} (no postmaster running)"
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(old, signal.SIGKILL)
+            return hit
         new = await self._restarted(node, old)
         if new is None:
             self.missed = True
             return f"{node} (postmaster {old} killed, not restarted in place)"
         self.bed.signal_agent(node, signal.SIGSTOP)
         return f"{node} (postmaster {old} killed, {new} in its place, agent frozen)"
+
+    async def hold(self) -> str:
+        return await Action.hold(self)  # the freeze lasts, unlike the crash alone
 
     async def _restarted(self, node: str, old: int) -> int | None:
         deadline = asyncio.get_running_loop().time() + 15.0
