@@ -1,12 +1,15 @@
 """Whether the agent that published a node status still runs on this machine.
 
-A node status carries its agent's boot id and PID. On the machine of that boot, the
-PID names the agent only while that process lives and its command line names the node
-(a PID may be reused by any other process once the agent is gone).
+A node status carries its agent's boot id, PID namespace, PID and start time. The PID
+names the agent only on the machine of that boot, in that PID namespace (containers of
+one machine share the boot id, not their PIDs), and only while that process lives: a
+PID may be reused by any other process once the agent is gone.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from shared.records import NodeStatus, local_boot_id
@@ -29,13 +32,33 @@ def _environ(pid: int) -> dict[str, str]:
     return {k: v for k, _, v in pairs}
 
 
-def alive(pid: int) -> bool:
-    """Running (a zombie is dead)."""
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/{pid}/stat`` after the command name (the state first)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        return None
+    return stat.rsplit(")", 1)[1].split()
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie is dead)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def start_ticks(pid: int | str = "self") -> int | None:
+    """When the process started, in clock ticks after boot (field 22 of its stat)."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields is not None and len(fields) > 19 else None
+
+
+def local_pid_ns() -> int | None:
+    """The inode of this process's PID namespace."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
 
 
 def agent_node(pid: int) -> str | None:
@@ -51,10 +74,57 @@ def agent_node(pid: int) -> str | None:
     return _environ(pid).get("HAPAIR_NODE")
 
 
-def runs_here(status: NodeStatus) -> bool | None:
-    """True: the status's agent runs on this machine; False: it is gone; None: it is on
-    another machine or boot, or the status has no boot id, so this machine cannot tell."""
-    here = local_boot_id()
-    if status.boot_id is None or here is None or status.boot_id != here:
+@dataclass(frozen=True, slots=True)
+class Here:
+    """This machine as a status's PID must be read: its boot and PID namespace."""
+
+    boot_id: str | None
+    pid_ns: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """A live process of this PID namespace: when it started, the node if it is an agent."""
+
+    start: int | None
+    node: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """True: the status's agent runs here; False: it is gone; None: this machine cannot
+    tell. ``why`` says which, for the log."""
+
+    runs: bool | None
+    why: str
+
+
+def judge(status: NodeStatus, here: Here, seen: Seen | None) -> Verdict:
+    """Pure: what ``here`` can say of ``status``'s agent, given what it sees of the
+    status's PID in its own PID namespace (``seen``, None when no such live process).
+
+    Gone only with proof: the same boot and PID namespace, and the PID dead or reused."""
+    if status.boot_id is None or here.boot_id is None or status.boot_id != here.boot_id:
+        return Verdict(None, f"it ran on another machine or boot (boot id {status.boot_id})")
+    if status.pid_ns is not None and status.pid_ns != here.pid_ns:
+        return Verdict(None, f"it ran in another PID namespace ({status.pid_ns}) of this machine")
+    if seen is not None and seen.node == status.node:
+        reused = None not in (seen.start, status.pid_start) and seen.start != status.pid_start
+        if not reused:
+            return Verdict(True, f"its agent (pid {status.pid}) still runs")
+    if status.pid_ns is None:
+        # An older status: its PID may be an agent's in another container of this machine.
+        return Verdict(None, "its status does not say in which PID namespace it ran")
+    return Verdict(False, f"its agent (pid {status.pid}) is gone")
+
+
+def look(pid: int) -> Seen | None:
+    """What this machine sees of ``pid`` in its own PID namespace (None: no live process)."""
+    if not alive(pid):
         return None
-    return alive(status.pid) and agent_node(status.pid) == status.node
+    return Seen(start_ticks(pid), agent_node(pid))
+
+
+def runs_here(status: NodeStatus) -> Verdict:
+    """Whether the status's agent runs on this machine (see ``judge``)."""
+    return judge(status, Here(local_boot_id(), local_pid_ns()), look(status.pid))

@@ -91,6 +91,12 @@ class NodeStatus(Record):
     boot_id: str | None = None
     """The agent's machine and boot (``/proc/sys/kernel/random/boot_id``): with ``pid``,
     tells a tool on a machine whether that agent runs there (``hapair drill``)."""
+    pid_ns: int | None = None
+    """The inode of the agent's PID namespace: ``pid`` names it only there (containers
+    of one machine share its boot id but not their PIDs). None in older statuses."""
+    pid_start: int | None = None
+    """The agent's start time, in clock ticks after boot: a PID reused after it is not
+    the agent's."""
     held_by: str | None = None
     """The node this one promised, over the peer path, not to campaign against: an
     active that holds the pair while it cannot reach etcd."""

@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cluster import AGENT, ROOT, Cluster, holds, until
-from harness import free_port
+from cluster import AGENT, ROOT, Cluster, holds, pid_alive, until
+from harness import free_port, stop_pid
 from netns import unavailable
 from test_etcd_loss import service_pids
 from test_failover import pair, two_nodes
 from vip_lab import LabSite, service
 
 from shared import keys
-from shared.records import Leader, NodeStatus
+from shared.agent_process import Here, Seen, judge, local_pid_ns, look, runs_here, start_ticks
+from shared.records import Leader, NodeStatus, local_boot_id
 from workshop_agent.node_lock import NodeLocked, lock_node, unlock
 
 LIVE_S = 10.0  # a lease the test keeps alive itself
@@ -126,3 +129,129 @@ def test_the_lock_names_its_holder_and_a_removed_file_is_never_held(tmp_path: Pa
     again = lock_node(tmp_path, "n-a", "a", wait=0.0)
     assert path.exists() and os.fstat(again).st_ino == os.stat(path).st_ino
     unlock(again, path)
+
+
+def own_pid_namespace(*argv: str) -> list[str]:
+    """``argv`` as in another container of this machine: the same boot, its own PID
+    namespace (it runs as PID 1 there) and its own /run, so its own machine lock."""
+    script = 'mkdir -p /run/hapair && mount -t tmpfs container-run /run/hapair && exec "$@"'
+    # --kill-child: SIGKILL to the namespace's PID 1 when unshare ends, and with it to
+    # everything in the namespace.
+    return ["unshare", "--pid", "--kill-child", "--mount-proc", "sh", "-c", script, "sh", *argv]
+
+
+def no_pid_namespaces() -> str | None:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return "unshare(1) as root is needed for a PID namespace"
+    probe = subprocess.run(own_pid_namespace("true"), capture_output=True, check=False)
+    return probe.stderr.decode().strip() or "unshare failed" if probe.returncode else None
+
+
+NO_PIDNS = no_pid_namespaces()
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(NO_PIDNS is not None, reason=f"no PID namespaces: {NO_PIDNS}")
+async def test_an_agent_in_another_pid_namespace_does_not_take_the_live_runs_key(
+    cluster: Cluster,
+) -> None:
+    """A second agent for node a in another container of the same machine: same boot
+    id, but the first agent's PID means nothing in its PID namespace (there it is no
+    process at all). It must not take that as the previous run gone and reclaim the
+    leader key of the live first agent; it waits for a lease that never lapses."""
+    _, epoch = await two_nodes(cluster, 63)
+    pids = service_pids(cluster, "a")
+    log = (cluster.tmp / "agent-a-container.log").open("ab")
+    argv = [*AGENT, "--node", "a", "--etcd", cluster.etcd.url]
+    argv += ["--state-dir", str(cluster.tmp / "container-state")]
+    second = cluster.spawn(
+        "a",
+        own_pid_namespace(*argv),
+        cwd=ROOT,
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    init = 0
+    try:
+        # The namespace's PID 1 (the agent), seen from here.
+        children = Path(f"/proc/{second.pid}/task/{second.pid}/children")
+        init = await until(
+            lambda: asyncio.sleep(0, int(children.read_text().split()[0])), 5, "PID 1"
+        )
+        said = cluster.tmp / "agent-a-container.log"
+
+        async def refused_or_taken() -> bool:
+            if "not taking back the leader key" in said.read_text() or second.poll() is not None:
+                return True
+            return await cluster.leader("p") != ("a", epoch)
+
+        await until(refused_or_taken, 20, "the second agent decides on the leader key")
+        assert await cluster.leader("p") == ("a", epoch), (
+            "the second agent took the live run's key: " + said.read_text()
+        )
+
+        async def first_keeps_it() -> bool:
+            return await cluster.leader("p") == ("a", epoch) and second.poll() is None
+
+        await holds(first_keeps_it, 3.0, "the second agent took the live run's key")
+        assert not await cluster.events("reclaim")
+        assert service_pids(cluster, "a") == pids, "the first agent's service was restarted"
+    finally:
+        stop_pid(second, signal.SIGKILL)
+        if init:
+            await until(lambda: asyncio.sleep(0, not pid_alive(init)), 10, "the second agent gone")
+        log.close()
+    assert await cluster.leader("p") == ("a", epoch)
+
+
+HERE = Here(boot_id="boot-1", pid_ns=4026531836)
+AGENT_A = NodeStatus(
+    node="a", pair="p", address="127.0.0.1", role="active", pid=42, boot_id="boot-1"
+)
+RUN = AGENT_A.model_copy(update={"pid_ns": HERE.pid_ns, "pid_start": 1000})
+
+
+@pytest.mark.parametrize(
+    ("status", "seen", "runs"),
+    [
+        # Another boot, or no boot id: this machine cannot tell.
+        (RUN.model_copy(update={"boot_id": "boot-0"}), None, None),
+        (RUN.model_copy(update={"boot_id": None}), None, None),
+        # Our boot, another PID namespace (another container): its PID means nothing here,
+        # whatever lives under that number in ours.
+        (RUN.model_copy(update={"pid_ns": 1}), None, None),
+        (RUN.model_copy(update={"pid_ns": 1}), Seen(1000, "a"), None),
+        # An older status that does not name its PID namespace: gone is not shown...
+        (AGENT_A, None, None),
+        (AGENT_A, Seen(5, "b"), None),
+        # ... but an agent of the node alive under its PID is one.
+        (AGENT_A, Seen(5, "a"), True),
+        # Our boot and PID namespace: alive, gone, reused by another process or agent.
+        (RUN, Seen(1000, "a"), True),
+        (RUN.model_copy(update={"pid_start": None}), Seen(1000, "a"), True),
+        (RUN, None, False),
+        (RUN, Seen(1000, None), False),
+        (RUN, Seen(2000, "a"), False),
+    ],
+)
+def test_a_previous_run_is_gone_only_in_this_boot_and_pid_namespace(
+    status: NodeStatus, seen: Seen | None, runs: bool | None
+) -> None:
+    assert judge(status, HERE, seen).runs is runs
+
+
+def test_this_agent_judged_by_its_own_status_runs() -> None:
+    me = RUN.model_copy(
+        update={
+            "boot_id": local_boot_id(),
+            "pid": os.getpid(),
+            "pid_ns": local_pid_ns(),
+            "pid_start": start_ticks(),
+            "node": "a",
+        }
+    )
+    assert judge(me, Here(local_boot_id(), local_pid_ns()), Seen(start_ticks(), "a")).runs
+    assert look(os.getpid()) == Seen(start_ticks(), None), "pytest is no agent"
+    assert runs_here(me.model_copy(update={"pid_start": start_ticks() - 1})).runs is False

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from shared import keys
-from shared.agent_process import runs_here
+from shared.agent_process import local_pid_ns, runs_here, start_ticks
 from shared.clock import boottime
 from shared.log import EventLog
 from shared.records import (
@@ -238,7 +238,7 @@ class Agent:
                 status = decode(NodeStatus, bytes(kv.value), keys.node_status(self.me))
                 if bytes(kv.key) != key or status.pid == os.getpid():
                     continue
-                if runs_here(status):
+                if runs_here(status).runs:
                     unlock(*machine)
                     raise AgentError(
                         f"another hapair-agent runs for node {self.me} (pid {status.pid}, "
@@ -251,11 +251,8 @@ class Agent:
         """Why the run of this node that holds ``lease`` may still be alive (None: gone)."""
         if self._previous_run is None or self._previous_run[0] != lease:
             return "its status was not in etcd when this agent started"
-        status = self._previous_run[1]
-        here = runs_here(status)
-        if here is None:
-            return f"it ran on another machine or boot (boot id {status.boot_id})"
-        return f"its agent (pid {status.pid}) still runs" if here else None
+        verdict = runs_here(self._previous_run[1])
+        return None if verdict.runs is False else verdict.why
 
     def _dump_tasks(self) -> None:
         """SIGUSR2: where every task of the agent is waiting, one event per task (for an
@@ -1153,6 +1150,8 @@ class Agent:
             ),
             pid=os.getpid(),
             boot_id=local_boot_id(),
+            pid_ns=local_pid_ns(),
+            pid_start=start_ticks(),
             held_by=self._promised_to,
         )
         raw = status.model_copy(update={"updated": 0.0}).encode()

@@ -4,9 +4,9 @@ Two locks: ``{state_dir}/{node}.lock``, which the agent's watchdog inherits (a n
 waits while a previous run's watchdog still kills its services), and a lock in a fixed
 directory of the machine named after the etcd cluster and the node, so that a second
 agent with another state directory (a hand start next to the systemd unit) is refused
-too. Beyond the machine's locks, the node's live status in etcd names its agent's boot
-and PID (``shared.agent_process``): the agent checks it at start and before taking back
-a leader key of this node.
+too. Beyond the machine's locks, the node's live status in etcd names its agent's boot,
+PID namespace, PID and start time (``shared.agent_process``): the agent checks it at
+start and before taking back a leader key of this node.
 """
 
 from __future__ import annotations
