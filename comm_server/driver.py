@@ -1,13 +1,36 @@
 """What a protocol driver offers the poller: read every tag over one path, probe a path,
-write one tag. One error type per outcome, so the poller decides in one place."""
+write one tag. One error type per outcome, so the poller decides in one place.
+
+Every connection to a PLC gives up bytes the PLC has not acknowledged after
+:data:`UNACKED_LIMIT_S` (``TCP_USER_TIMEOUT``): a write allowed just before the fence
+point could otherwise be retransmitted by the kernel, once a lost path comes back, long
+after the other node has become the active. The role allows a write until ``ttl -
+margin`` after its last acknowledged keepalive was sent, etcd drops the lease at ``ttl``
+at the earliest: half the margin for the retransmissions, the other half for the last
+one's way to the PLC and the step from the check to the socket.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 from comm_server.codec import Value
+from comm_server.role import FENCE_MARGIN_S
 from comm_server.tags import TagTable
+
+UNACKED_LIMIT_S = FENCE_MARGIN_S / 2
+
+
+def bound_unacked(transport: asyncio.BaseTransport | None) -> None:
+    """Make the kernel reset ``transport``'s connection rather than retransmit bytes
+    unacknowledged for :data:`UNACKED_LIMIT_S`; OSError if it cannot (no TCP socket)."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        raise OSError("the PLC connection has no socket to bound")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(UNACKED_LIMIT_S * 1000))
 
 
 class PathError(Exception):

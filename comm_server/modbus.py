@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import struct
 import time
@@ -40,7 +41,7 @@ from comm_server.codec import (
     registers_bytes,
     split_block,
 )
-from comm_server.driver import Driver, PathError, WriteError
+from comm_server.driver import Driver, PathError, WriteError, bound_unacked
 from comm_server.tags import TagTable
 from comm_server.uatypes import S
 from shared.plcs import ModbusPlc
@@ -106,6 +107,7 @@ class ModbusDriver(Driver):
                 reconnect_delay=0,  # we reconnect, on our schedule
                 name=f"{plc.name}:{i}",
                 trace_pdu=_gate,
+                trace_connect=functools.partial(self._connected, i),
             )
             for i, p in enumerate(plc.paths)
         ]
@@ -121,6 +123,19 @@ class ModbusDriver(Driver):
             if not client.connected:
                 await self._connect(client)
         return client
+
+    def _connected(self, path: int, up: bool) -> None:
+        """pymodbus's ``trace_connect``, called as the connection is made, before any
+        request can use it: bound its unacknowledged bytes (see ``comm_server.driver``);
+        a connection that cannot be bounded is dropped unused."""
+        transport = self.clients[path].ctx.transport
+        if not up:
+            return
+        try:
+            bound_unacked(transport)
+        except OSError:
+            if transport is not None:  # closed at once: a write to it is dropped
+                transport.close()
 
     async def _connect(self, client: AsyncModbusTcpClient) -> None:
         started = time.monotonic()

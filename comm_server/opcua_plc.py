@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from comm_server.codec import INTEGER_RANGE, Value
-from comm_server.driver import Driver, PathError, WriteError
+from comm_server.driver import Driver, PathError, WriteError, bound_unacked
 from comm_server.tags import TagTable
 from comm_server.uatypes import Client, S, struct_from_binary, ua
 from shared.plcs import OpcUaPlc
@@ -113,6 +113,9 @@ class OpcUaDriver(Driver):
             # A session takes a few round trips; allow at least a second for them.
             async with asyncio.timeout(max(1.0, self.timeout)):
                 await client.connect()
+            # Before the session is handed to any write (see comm_server.driver).
+            protocol = client.uaclient.protocol
+            bound_unacked(protocol.transport if protocol is not None else None)
         except Exception as err:  # whatever went wrong, this path is not usable now
             await _drop(client)
             raise PathError(_describe(err, "cannot connect")) from None

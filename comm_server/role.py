@@ -50,6 +50,8 @@ from shared.store import Mirror, Store, StoreError
 
 ReportParts = tuple[dict[str, Resource], dict[str, PlcHealth]]
 
+FENCE_MARGIN_S = 0.5
+
 
 class CommReport(ServiceReport):
     """What the comm server reports; the agent reads it as a plain ServiceReport."""
@@ -89,7 +91,7 @@ class PairRole:
         on_change: Callable[[], None],
         log: EventLog,
         ttl: float = 2.0,
-        margin: float = 0.5,
+        margin: float = FENCE_MARGIN_S,
         refresh_s: float = 5.0,
         clock: Clock = boottime,
     ) -> None:

@@ -4,9 +4,16 @@ read by an independent asyncua client. The comm server runs alone (the active)."
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,6 +21,7 @@ import pytest
 from asyncua import ua
 from cluster import until
 from harness import free_port
+from netns import CLONE_NEWNET
 from plc_sim import (
     CommUnderTest,
     ModbusPlc,
@@ -24,6 +32,12 @@ from plc_sim import (
     wrong_function,
 )
 from pymodbus.constants import ExcCodes
+
+from comm_server.codec import Value
+from comm_server.driver import Driver, PathError, WriteError
+from comm_server.modbus import ModbusDriver
+from comm_server.role import FENCE_MARGIN_S
+from shared.plcs import ModbusPlc as ModbusPlcConfig
 
 S = ua.StatusCodes
 
@@ -414,3 +428,132 @@ async def test_a_path_answering_exception_4_to_every_request_is_a_failed_path(
         await until(lambda: _level_in(comm, 0, 0), 2.0, "ServiceLevel 0: no data")
         resources, _ = comm.server._report_parts()
         assert not resources["plc:press-1"].ok
+
+
+# -- a write left unacknowledged (the OPC UA PLC driver's case is in test_comm_opcua.py) ----
+NFT_TABLE = "hapair_plc_blackhole"
+
+
+def no_private_network() -> str | None:
+    if os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("ip") is None:
+        return "root, nft and ip are needed for a network namespace with a blackhole"
+    return None
+
+
+NO_PRIVATE_NETWORK = no_private_network()
+
+
+def in_own_network(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``scenario`` on an event loop of its own, in a thread moved into a network
+    namespace of its own (its loopback only): the test runner's other threads, and
+    every socket of other tests, stay where they are. The namespace goes when its last
+    socket closes."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.unshare(CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+            subprocess.run(["ip", "link", "set", "lo", "up"], check=True, timeout=10)
+            asyncio.run(scenario())
+        except BaseException as err:  # handed to the test's own thread
+            failure.append(err)
+
+    thread = threading.Thread(target=run, name="own network")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
+async def nft(*script: str) -> None:
+    """nftables of this thread's network namespace (a child inherits the thread's)."""
+    proc = await asyncio.create_subprocess_exec(
+        "nft", "-f", "-", stdin=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    _, err = await proc.communicate("\n".join(script).encode())
+    assert proc.returncode == 0, err.decode()
+
+
+async def connections_to(port: int) -> str:
+    """This namespace's TCP connections to ``port`` in any state that can still send."""
+    proc = await asyncio.create_subprocess_exec(
+        "ss", "-tnH", "state", "connected", "dport", "=", f":{port}", stdout=subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    return out.decode().strip()
+
+
+async def blackholed_write(
+    driver: Driver, port: int, value: Value, written: Callable[[], bool], live: Any, asks: int
+) -> None:
+    """Write tag 0 over path 0 to the PLC on ``port`` (its connection is open) while the
+    path silently drops every packet to that port (nftables, in this namespace), until
+    the fence margin has passed since the write was handed to the socket. The PLC must
+    never see it (``written``): the connection gives the bytes up before the margin
+    runs out, and nothing is retransmitted once the path is back. ``live`` is the
+    connection's transport, whose socket must carry the bound; the driver asks whether it
+    may send ``asks`` times, the last one as the bytes leave."""
+    sock = live.get_extra_info("socket")
+    bound = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+    assert 0 < bound < FENCE_MARGIN_S * 1000, "the live socket's TCP_USER_TIMEOUT"
+    asked: list[float] = []
+
+    def may_send() -> bool:
+        asked.append(time.monotonic())  # the last ask is as the bytes leave
+        return True
+
+    await nft(
+        f"table inet {NFT_TABLE} {{",
+        f"  chain input {{ type filter hook input priority 0; tcp dport {port} drop; }}",
+        "}",
+    )
+    writing = asyncio.create_task(driver.write(0, 0, value, may_send))
+    try:
+        await until(lambda: asyncio.sleep(0, len(asked) == asks), 5, "the write sent")
+        await asyncio.sleep(asked[-1] + FENCE_MARGIN_S - time.monotonic())
+        await nft(f"delete table inet {NFT_TABLE}")
+        restored = time.monotonic()
+
+        async def delivered_or_given_up() -> bool:
+            return written() or not await connections_to(port)
+
+        await until(delivered_or_given_up, 20, "the write delivered or given up")
+        assert not written(), (
+            f"the PLC received the write {time.monotonic() - asked[-1]:.2f} s after it "
+            f"was sent, {time.monotonic() - restored:.2f} s after the path came back"
+        )
+        with pytest.raises((WriteError, PathError)):
+            async with asyncio.timeout(10):
+                await writing
+    finally:
+        writing.cancel()
+        with contextlib.suppress(BaseException):
+            await writing
+
+
+@pytest.mark.skipif(NO_PRIVATE_NETWORK is not None, reason=f"{NO_PRIVATE_NETWORK}")
+def test_a_write_the_plc_has_not_acknowledged_within_the_fence_margin_never_reaches_it() -> None:
+    """A write sent just before the fence point, on a path that loses every packet from
+    then until the other node may be the active: the kernel must not deliver it late."""
+
+    async def scenario() -> None:
+        port = free_port()
+        sim = await ModbusPlc(["127.0.0.1"], port).start()
+        spec = plc("press-1", sim, [{"name": "setpoint", "address": "HR3", "type": "int16"}])
+        # A request timeout far beyond the margin: the driver does not close the
+        # connection itself before the path is back (a closed socket would retransmit
+        # its unacknowledged bytes all the same).
+        driver = ModbusDriver(
+            ModbusPlcConfig.model_validate({**spec, "poll_interval_s": 10, "timeout_s": 5})
+        )
+        try:
+            await driver.probe(0)  # connected, and the path works
+            live = driver.clients[0].ctx.transport
+            await blackholed_write(driver, port, 1234, lambda: bool(sim.writes), live, asks=2)
+        finally:
+            await driver.close()
+            await sim.stop()
+
+    in_own_network(scenario)

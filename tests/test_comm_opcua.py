@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from asyncua import ua
 from cluster import until
 from harness import free_port
 from plc_sim import CommUnderTest, OpcUaPlc, running_comm
+from test_comm_modbus import NO_PRIVATE_NETWORK, blackholed_write, in_own_network
+
+from comm_server.opcua_plc import OpcUaDriver
+from shared.plcs import OpcUaPlc as OpcUaPlcConfig
 
 S = ua.StatusCodes
 V = ua.VariantType
@@ -148,3 +153,30 @@ async def test_a_path_answering_bad_for_every_node_is_a_failed_path() -> None:
             assert not temp.StatusCode.is_good()
     finally:
         await plc.stop()
+
+
+@pytest.mark.skipif(NO_PRIVATE_NETWORK is not None, reason=f"{NO_PRIVATE_NETWORK}")
+def test_a_write_the_opcua_plc_has_not_acknowledged_within_the_fence_margin_never_reaches_it() -> (
+    None
+):
+    """As for Modbus (test_comm_modbus.py): a write sent on a path that loses every
+    packet until the fence margin has passed is never delivered late."""
+
+    async def scenario() -> None:
+        port = free_port()
+        url = f"opc.tcp://127.0.0.1:{port}/"
+        plc = await OpcUaPlc([url], {"Oven.Setpoint": (V.Float, 175.0)}).start()
+        tag = {"name": "sp", "node": "ns=2;s=Oven.Setpoint", "type": "float", "writable": True}
+        spec = json.loads(oven([url], [tag], poll_interval_s=10, timeout_s=5))["plcs"][0]
+        driver = OpcUaDriver(OpcUaPlcConfig.model_validate(spec))
+        try:
+            await driver.probe(0)  # connected, and the path works
+            client = driver.clients[0]
+            assert client is not None and client.uaclient.protocol is not None
+            live = client.uaclient.protocol.transport
+            await blackholed_write(driver, port, 180.0, lambda: bool(plc.writes), live, asks=1)
+        finally:
+            await driver.close()
+            await plc.stop()
+
+    in_own_network(scenario)
