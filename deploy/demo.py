@@ -441,6 +441,7 @@ class Demo:
                     *("--initial-advertise-peer-urls", f"http://{host}:{peer}"),
                     *("--initial-cluster", f"demo=http://{host}:{peer}"),
                     *("--initial-cluster-state", "new"),
+                    "--pre-vote",  # as in deploy/etcd/etcd.conf.yml (off by default in 3.4)
                 ],
                 logs / "etcd.log",
                 env=self.env(),

@@ -107,6 +107,7 @@ class Etcd:
                 self.initial_cluster or f"{self.name}={peer}",
                 "--initial-cluster-state",
                 "new",
+                "--pre-vote",  # off by default in etcd 3.4: see the README's "etcd in a plant"
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -237,6 +238,41 @@ async def test_a_member_cut_from_its_quorum_says_so_to_keepalives_and_watches(
     finally:
         etcd_lab.heal(member)
         await alone.close()
+
+
+# ---- pre-vote -----------------------------------------------------------------------------
+CUT_S = 5.0  # several election timeouts (etcd's default: 1 s, randomized up to 2 s)
+
+
+def raft(etcd: EtcdLab, name: str) -> tuple[int, int]:
+    """``name``'s raft term and the leader it follows, as it says itself."""
+    out = etcd._ctl(f"--endpoints={etcd.client_url(name)}", "endpoint", "status", "-w", "json")
+    status = json.loads(out.stdout)[0]["Status"]
+    return int(status["raftTerm"]), int(status["leader"])
+
+
+async def test_a_member_cut_off_and_back_does_not_unseat_the_leader(etcd_lab: EtcdLab) -> None:
+    """With pre-vote, a follower cut from its peers asks whether it could win before it
+    raises its term, and cannot: it comes back at the term it left, under the same
+    leader. Without, it comes back with a higher term and forces an election on the
+    healthy two, stalling every client's keepalives meanwhile."""
+    member = etcd_lab.names[0]
+    await asyncio.to_thread(etcd_lab.make_follower, member)
+    term, leader = await asyncio.to_thread(raft, etcd_lab, member)
+    etcd_lab.cut_from_peers(member)
+    try:
+        await asyncio.sleep(CUT_S)  # the fault's length
+    finally:
+        etcd_lab.heal(member)
+
+    async def rejoined() -> bool:
+        return member in await asyncio.to_thread(etcd_lab.healthy)
+
+    await until(rejoined, 20, f"{member} serving again")
+    for name in etcd_lab.names:
+        assert await asyncio.to_thread(raft, etcd_lab, name) == (term, leader), (
+            f"{name} is no longer at raft term {term} under the same leader"
+        )
 
 
 # ---- keepalive ----------------------------------------------------------------------------

@@ -79,6 +79,7 @@ class EtcdMembers(Etcd):
             "--initial-cluster", cluster,
             "--initial-cluster-token", "hapair-chaos",
             "--initial-cluster-state", "new",  # ignored once the data dir exists
+            "--pre-vote",  # off by default in etcd 3.4: see the README's "etcd in a plant"
             stdout=log,
             stderr=log,
         )  # fmt: skip
