@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -342,6 +343,64 @@ async def test_writes_across_a_failover_are_never_doubled(
         async with asyncio.timeout(3):
             await write
         assert [w.values for w in plc.writes] == [[1], [2], [3]]
+
+
+def refusals(caplog: pytest.LogCaptureFixture) -> int:
+    """Writes the comm servers refused because they do not serve (they log each one)."""
+    return sum(
+        r.name == "hapair.comm" and r.getMessage() == "write refused" for r in caplog.records
+    )
+
+
+async def test_a_write_refused_by_a_new_active_not_yet_serving_goes_through_once_it_serves(
+    etcd: Etcd, store: Store, plc: ModbusPlc, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Right after a failover the registry names the new active before its comm server
+    has claimed the role: it refuses writes (BadInvalidState) without sending them. The
+    adapter writes again there within its deadline, and the PLC gets the write once."""
+    caplog.set_level(logging.INFO, "hapair.comm")
+    role_a, role_b = Switch(False), Switch(False)
+    async with (
+        running_comm(comm_config("127.0.36.1", plc.port), lambda *_: role_a, HOSTS["asm-a"]) as a,
+        running_comm(comm_config("127.0.36.2", plc.port), lambda *_: role_b, HOSTS["asm-b"]) as b,
+        site(etcd, store, a.port) as s,
+        OpcUaAdapter(s.resolver, "comm", deadline_s=5, backoff=FAST_BACKOFF) as opc,
+    ):
+        await s.move(b.port)
+
+        async def b_named() -> bool:
+            endpoint = await s.resolver.newer("comm", None, 0)
+            return endpoint is not None and endpoint.node == "asm-b"
+
+        await until(b_named, "asm-b's comm server published")
+        write = asyncio.create_task(opc.write(SPEED, 5, ua.VariantType.Int16))
+        await until(lambda: asyncio.sleep(0, refusals(caplog) >= 2), "the write refused twice")
+        assert not write.done(), "the write gave up on a refusal before its deadline"
+        assert plc.writes == []
+        role_b.set(True)
+        async with asyncio.timeout(3):
+            await write
+        assert [w.values for w in plc.writes] == [[5]]
+
+
+async def test_a_write_refused_until_the_deadline_says_so(
+    etcd: Etcd, store: Store, plc: ModbusPlc, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No comm server takes the role before the write's deadline: the refusal reaches
+    the caller, after asking again, and nothing was written."""
+    caplog.set_level(logging.INFO, "hapair.comm")
+    role_a = Switch(False)
+    async with (
+        running_comm(comm_config("127.0.36.1", plc.port), lambda *_: role_a, HOSTS["asm-a"]) as a,
+        site(etcd, store, a.port) as s,
+        OpcUaAdapter(s.resolver, "comm", deadline_s=1.0, backoff=FAST_BACKOFF) as opc,
+    ):
+        with pytest.raises(ua.UaStatusCodeError) as refused:
+            async with asyncio.timeout(10):
+                await opc.write(SPEED, 6, ua.VariantType.Int16)
+        assert refused.value.code == ua.StatusCodes.BadInvalidState
+        assert refusals(caplog) > 1, "the refusal was not asked again within the deadline"
+        assert plc.writes == []
 
 
 async def test_subscriptions_follow_a_move_of_a_service_unknown_at_start(

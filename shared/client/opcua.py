@@ -223,8 +223,10 @@ class OpcUaAdapter(Reconnecting[OpcUaConnection]):
     connection when the connection is lost or the service moves meanwhile, until
     ``deadline_s``. A write is sent once: a lost connection before its answer raises
     :class:`OutcomeUnknown`; a server that answers ``BadInvalidState`` (a comm server
-    that is not, or no longer, the active) has not written, so the write goes to the
-    new active if one is published before ``deadline_s``. Subscriptions are kept by a
+    that is not, not yet or no longer, the active) has not written, so the write is sent
+    again, with back-off, to the new active once it is published, else to the same
+    server (a new active refuses until it has claimed the role), until ``deadline_s``;
+    then the refusal is raised. Subscriptions are kept by a
     background task that reconnects, with bounded back-off, whenever the connection
     is lost or a newer endpoint is published, and creates them again on the new
     server; ``subscription_error`` says why they are not delivered, while they are
@@ -279,6 +281,7 @@ class OpcUaAdapter(Reconnecting[OpcUaConnection]):
         check_node(node)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.deadline_s
+        delays: Iterator[float] | None = None
         while True:
             conn = await self._connection(deadline)
             # Nothing awaits between the check of the connection and the send: a
@@ -289,11 +292,18 @@ class OpcUaAdapter(Reconnecting[OpcUaConnection]):
             except ua.UaStatusCodeError as err:
                 if err.code != ua.StatusCodes.BadInvalidState:
                     raise
-                # Not the active (any more): nothing was written. Follow the move.
+                # Not the active, not yet or no longer: nothing was written. Write again
+                # after a back-off, to the new active once it is published, else to the
+                # same server: a new active's comm server refuses writes until it has
+                # claimed the role, a moment after its endpoint is out.
+                delays = delays or self.backoff.delays(self.rng)
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise
                 newer = await self.resolver.newer(
-                    self.service, conn.endpoint, max(0.0, deadline - loop.time())
+                    self.service, conn.endpoint, min(next(delays), left)
                 )
-                if newer is None:
+                if newer is None and loop.time() >= deadline:
                     raise
             except (OSError, TimeoutError, EndpointChanged) as err:
                 await self._drop(err, conn)
