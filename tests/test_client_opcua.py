@@ -17,7 +17,7 @@ import pytest
 import yaml
 from asyncua import Server, ua
 from harness import Etcd, free_port
-from plc_sim import ModbusPlc, running_comm
+from plc_sim import CommUnderTest, ModbusPlc, running_comm
 from site_records import SITE_YAML, FakeAgent
 from test_client_support import registry_in_process, until
 
@@ -303,16 +303,26 @@ async def plc() -> AsyncIterator[ModbusPlc]:
         await sim.stop()
 
 
-async def test_writes_across_a_failover_are_never_doubled(
-    etcd: Etcd, store: Store, plc: ModbusPlc
-) -> None:
-    role_a, role_b = Switch(True), Switch(False)
+@contextlib.asynccontextmanager
+async def comm_pair(
+    etcd: Etcd, store: Store, plc: ModbusPlc, role_a: Switch, role_b: Switch, deadline_s: float = 5
+) -> AsyncIterator[tuple[CommUnderTest, CommUnderTest, Site, OpcUaAdapter]]:
+    """Real comm servers on asm-a and asm-b in the roles the test sets, in front of
+    ``plc``; ``comm`` published by asm-a; an adapter following it."""
     async with (
         running_comm(comm_config("127.0.36.1", plc.port), lambda *_: role_a, HOSTS["asm-a"]) as a,
         running_comm(comm_config("127.0.36.2", plc.port), lambda *_: role_b, HOSTS["asm-b"]) as b,
         site(etcd, store, a.port) as s,
-        OpcUaAdapter(s.resolver, "comm", deadline_s=5, backoff=FAST_BACKOFF) as opc,
+        OpcUaAdapter(s.resolver, "comm", deadline_s=deadline_s, backoff=FAST_BACKOFF) as opc,
     ):
+        yield a, b, s, opc
+
+
+async def test_writes_across_a_failover_are_never_doubled(
+    etcd: Etcd, store: Store, plc: ModbusPlc
+) -> None:
+    role_a, role_b = Switch(True), Switch(False)
+    async with comm_pair(etcd, store, plc, role_a, role_b) as (a, b, s, opc):
         await opc.write(SPEED, 1, ua.VariantType.Int16)
         assert [w.values for w in plc.writes] == [[1]]
 
@@ -359,13 +369,8 @@ async def test_a_write_refused_by_a_new_active_not_yet_serving_goes_through_once
     has claimed the role: it refuses writes (BadInvalidState) without sending them. The
     adapter writes again there within its deadline, and the PLC gets the write once."""
     caplog.set_level(logging.INFO, "hapair.comm")
-    role_a, role_b = Switch(False), Switch(False)
-    async with (
-        running_comm(comm_config("127.0.36.1", plc.port), lambda *_: role_a, HOSTS["asm-a"]) as a,
-        running_comm(comm_config("127.0.36.2", plc.port), lambda *_: role_b, HOSTS["asm-b"]) as b,
-        site(etcd, store, a.port) as s,
-        OpcUaAdapter(s.resolver, "comm", deadline_s=5, backoff=FAST_BACKOFF) as opc,
-    ):
+    role_b = Switch(False)
+    async with comm_pair(etcd, store, plc, Switch(False), role_b) as (_, b, s, opc):
         await s.move(b.port)
 
         async def b_named() -> bool:
@@ -389,12 +394,7 @@ async def test_a_write_refused_until_the_deadline_says_so(
     """No comm server takes the role before the write's deadline: the refusal reaches
     the caller, after asking again, and nothing was written."""
     caplog.set_level(logging.INFO, "hapair.comm")
-    role_a = Switch(False)
-    async with (
-        running_comm(comm_config("127.0.36.1", plc.port), lambda *_: role_a, HOSTS["asm-a"]) as a,
-        site(etcd, store, a.port) as s,
-        OpcUaAdapter(s.resolver, "comm", deadline_s=1.0, backoff=FAST_BACKOFF) as opc,
-    ):
+    async with comm_pair(etcd, store, plc, Switch(False), Switch(False), 1.0) as (*_, opc):
         with pytest.raises(ua.UaStatusCodeError) as refused:
             async with asyncio.timeout(10):
                 await opc.write(SPEED, 6, ua.VariantType.Int16)
