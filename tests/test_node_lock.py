@@ -242,7 +242,8 @@ def test_a_previous_run_is_gone_only_in_this_boot_and_pid_namespace(
     assert judge(status, HERE, seen).runs is runs
 
 
-def test_this_agent_judged_by_its_own_status_runs() -> None:
+def test_a_status_naming_this_process_is_read_from_proc() -> None:
+    """What an agent publishes of itself, read back from /proc by ``runs_here``."""
     me = RUN.model_copy(
         update={
             "boot_id": local_boot_id(),
@@ -254,4 +255,5 @@ def test_this_agent_judged_by_its_own_status_runs() -> None:
     )
     assert judge(me, Here(local_boot_id(), local_pid_ns()), Seen(start_ticks(), "a")).runs
     assert look(os.getpid()) == Seen(start_ticks(), None), "pytest is no agent"
-    assert runs_here(me.model_copy(update={"pid_start": start_ticks() - 1})).runs is False
+    # As this machine reads it: our boot and PID namespace, the PID held by no agent.
+    assert runs_here(me).runs is False
