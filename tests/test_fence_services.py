@@ -171,22 +171,27 @@ def forked_pids(cluster: Cluster, node: str, service: str) -> list[int]:
     ]
 
 
+@pytest.mark.parametrize("with_cgroups", [False, True], ids=["process-groups", "cgroups"])
 async def test_an_agent_frozen_right_after_it_forks_a_service_leaves_it_to_no_one(
-    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, with_cgroups: bool
 ) -> None:
-    """Process groups only (no cgroup, as on a host without cgroup v2): a forks its
-    service and freezes at once, before it told its watchdog of the new process group (a
-    test hook stops it there). Its lease expires and b takes over: a's service must not
-    be running by then, nor ever after, a resumed or not."""
+    """a forks its service and freezes at once, before it told its watchdog of the new
+    process group (a test hook stops it there); with process groups only (as on a host
+    without cgroup v2) the watchdog knows nothing else of it. Its lease expires and b
+    takes over: a's service must not be running by then, nor ever after."""
     port = free_port()
     svc = recording_service("p-svc", port, cluster.record, critical=True)
-    await cluster.apply(site(cluster, 151, [svc]))
-    monkeypatch.setenv("HAPAIR_TEST_NO_CGROUPS", "1")
+    await cluster.apply(site(cluster, 152 if with_cgroups else 151, [svc]))
+    if not with_cgroups:
+        monkeypatch.setenv("HAPAIR_TEST_NO_CGROUPS", "1")
     monkeypatch.setenv("HAPAIR_TEST_STOP_AFTER_FORK", "p-svc")
     a = cluster.start("a")
     monkeypatch.delenv("HAPAIR_TEST_STOP_AFTER_FORK")
+    monkeypatch.delenv("HAPAIR_TEST_NO_CGROUPS", raising=False)
     await until(lambda: asyncio.sleep(0, stopped(a.pid)), 30, "a stopped after its fork")
-    assert "cgroups turned off" in cluster.log("a")
+    if with_cgroups and "fenced by process group only" in cluster.log("a"):
+        pytest.skip("no cgroup v2 here")  # the other case is the same test then
+    assert ("cgroups turned off" in cluster.log("a")) != with_cgroups
     [forked] = forked_pids(cluster, "a", "p-svc")
     cluster.start("b")
     _, epoch = await cluster.active("p", node="b", timeout=30)
@@ -206,9 +211,8 @@ async def test_an_agent_frozen_right_after_it_forks_a_service_leaves_it_to_no_on
 
     await until(a_standby, 20, "a back as a standby")
     await until(lambda: dead(forked), 10, f"a's forked process {forked} gone")
-    assert not [r for r in cluster.intervals() if r["node"] == "a"], "a's service ran"
     assert await cluster.leader("p") == ("b", epoch)
-    cluster.assert_no_overlap()
+    cluster.assert_no_overlap()  # a's run, if its program ever ran, ended before b's began
 
 
 async def test_an_escaped_run_is_bounded_by_its_cgroup_in_the_overlap_check(
