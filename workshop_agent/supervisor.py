@@ -470,7 +470,7 @@ class Supervisor:
         self, r: Runner, argv: list[str], env: dict[str, str], cwd: str | None, epoch: int | None
     ) -> float | None:
         """Fork the service; the fence point its program must start before, or None if
-        the term has ended (nothing forked)."""
+        the term has ended (nothing forked, or the child told never to run its program)."""
         self._stop_for_test(r, "before fork")
         # Checked again in the step that forks: the check that led here may be old.
         until = float("inf")
@@ -487,6 +487,7 @@ class Supervisor:
         # runs. Frozen right after the fork, this agent leaves no service the watchdog
         # cannot kill.
         go_read, go = os.pipe()
+        forked = False
         try:
             guard = [
                 *(sys.executable, "-I", "-S", EXEC_GUARD, repr(until)),
@@ -506,6 +507,7 @@ class Supervisor:
                     start_new_session=True,
                     pass_fds=(go_read,),
                 )
+            forked = True
             os.close(go_read)
             # Logged in the step that forks (a cancel cannot come between): the record of
             # every process this node ever started for a service, and from when.
@@ -528,8 +530,8 @@ class Supervisor:
             with contextlib.suppress(BrokenPipeError):  # the child is gone already
                 os.write(go, b"\1")
         finally:
-            with contextlib.suppress(OSError):
-                os.close(go_read)  # if the fork failed
+            if not forked:
+                os.close(go_read)
             os.close(go)
         return until
 
