@@ -2,8 +2,9 @@
 
 A service whose grandchild double-forks and calls ``setsid`` leaves the service's
 process group; only its cgroup still holds it. The exec guard, the child's last step
-before the service's program, joins that cgroup and refuses to run the program once the
-fence point it was given has passed.
+before the service's program, joins that cgroup, waits until the agent releases it (its
+watchdog knows the run) and refuses to run the program once the fence point it was given
+has passed.
 """
 
 from __future__ import annotations
@@ -36,11 +37,38 @@ EPOCH = 9
 
 def guard(until: float, cgroup: str, *argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-I", "-S", EXEC_GUARD, repr(until), cgroup, "--", *argv],
+        [sys.executable, "-I", "-S", EXEC_GUARD, repr(until), cgroup, "-", "--", *argv],
         capture_output=True,
         text=True,
         timeout=10,
     )
+
+
+def test_the_guard_waits_for_its_release_and_refuses_without_it(tmp_path: Path) -> None:
+    """The program runs only once the agent wrote its byte; a pipe closed without one
+    (the agent died or chose not to start it) and the program never runs."""
+    ran = tmp_path / "ran"
+    for release in (False, True):
+        go_read, go = os.pipe()
+        argv = [sys.executable, "-I", "-S", EXEC_GUARD, repr(boottime() + 30), "-", str(go_read)]
+        child = subprocess.Popen(
+            [*argv, "--", "/usr/bin/touch", str(ran)],
+            pass_fds=(go_read,),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        os.close(go_read)
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.wait(0.5)  # a safety property (it must not go on), not a timing bound
+        assert not ran.exists()
+        if release:
+            os.write(go, b"\1")
+        os.close(go)
+        _, err = child.communicate(timeout=10)
+        assert child.returncode == (0 if release else REFUSED), err
+        assert ran.exists() == release
+        if not release:
+            assert "did not release it" in err
 
 
 def test_the_guard_refuses_to_run_a_program_past_the_fence_point(tmp_path: Path) -> None:

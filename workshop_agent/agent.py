@@ -366,6 +366,7 @@ class Agent:
                 self.pair.database, self.pair, self.node, self.election, self.log, self._changed
             )
             self.database.on_postmaster = self._guard_postmaster
+            self.database.on_may_be_primary = self._guard_data_dir
             self.database.open()
             self._db_task = asyncio.create_task(self._db_loop(), name="database")
         self._spawn(self.session.run(), "session")
@@ -814,8 +815,8 @@ class Agent:
         before its PID reaches this method)."""
         assert self.watchdog is not None
         manager = self.database.manager if self.database is not None else None
-        if manager is not None and pid is not None:
-            self.watchdog.add_data_dir(manager.layout.data_dir)
+        if pid is not None:
+            self._guard_data_dir()
         elif manager is not None:
             self.watchdog.remove_data_dir(manager.layout.data_dir)
         if self._guarded_pg is not None and self._guarded_pg != pid:
@@ -823,6 +824,13 @@ class Agent:
         if pid is not None:  # again for the same PID: it may be another server's by now
             self.watchdog.add(pid)
         self._guarded_pg = pid
+
+    def _guard_data_dir(self) -> None:
+        """From before a promotion: the watchdog kills whichever postmaster serves the data
+        directory, until the server has stopped (``_guard_postmaster(None)``)."""
+        assert self.watchdog is not None
+        if self.database is not None and self.database.manager is not None:
+            self.watchdog.add_data_dir(self.database.manager.layout.data_dir)
 
     async def _demote_database(self) -> None:
         assert self.database is not None

@@ -93,6 +93,9 @@ class Database:
         self._postmaster: int | None = None
         # Told at once of every new postmaster of the primary (the agent's watchdog).
         self.on_postmaster: Callable[[int | None], None] = lambda _pid: None
+        # Told before the server may become primary (the agent's watchdog, which kills
+        # whatever serves the data directory from then on, until ``on_postmaster(None)``).
+        self.on_may_be_primary: Callable[[], None] = lambda: None
         self._failures = 0
         self._sync_missing_since: float | None = None
         self._recorded: SyncState | None = None
@@ -142,6 +145,10 @@ class Database:
                     self.failure = "database: did not catch up with the old primary in time"
                     return False
                 self._reached = catch_up_lsn
+            # Before the promotion, not once it is seen done: from the moment PostgreSQL
+            # takes it, the server may accept writes, and this agent may freeze before it
+            # has seen that. Kept until the server has stopped (demote, hand_over).
+            self.on_may_be_primary()
             result = await manager.ensure_primary(epoch, hold_writes=True)
         except PgError as err:
             self._failures += 1

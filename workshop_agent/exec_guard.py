@@ -1,4 +1,5 @@
-"""The last step before a service's program runs: ``exec_guard.py <until> <cgroup> -- argv``.
+"""The last step before a service's program runs:
+``exec_guard.py <until> <cgroup> <go-fd> -- argv``.
 
 The agent checks that its term is still valid before it forks a service, but a freeze
 of the agent (or of this child) between that check and the ``exec`` would start the
@@ -6,7 +7,10 @@ service after another node may have taken over. So the child itself checks, as i
 last step, that the fence point the agent passed (``until``, on ``CLOCK_BOOTTIME``, the
 clock of every fence deadline) has not passed, and refuses with ``REFUSED`` otherwise.
 Before that it moves into the run's own cgroup (``-``: none), so that everything the
-service will ever fork is in it from the start.
+service will ever fork is in it from the start, then waits for one byte on ``go-fd``
+(``-``: no wait), which the agent writes once its watchdog knows this process's group:
+a service the watchdog does not know would survive the agent frozen. End of file
+instead (the agent died, or decided the service must not start) and it refuses.
 
 Run as ``python -I -S``: standard library only, no site, a few milliseconds.
 """
@@ -22,13 +26,24 @@ USAGE = 64
 
 
 def main(args: list[str]) -> int:
-    if len(args) < 4 or args[2] != "--":
-        print("usage: exec_guard.py <until> <cgroup|-> -- <program> [args...]", file=sys.stderr)
+    if len(args) < 5 or args[3] != "--":
+        print(
+            "usage: exec_guard.py <until> <cgroup|-> <go-fd|-> -- <program> [args...]",
+            file=sys.stderr,
+        )
         return USAGE
-    until, cgroup, argv = float(args[0]), args[1], args[3:]
+    until, cgroup, go, argv = float(args[0]), args[1], args[2], args[4:]
     if cgroup != "-":
         with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
             procs.write(str(os.getpid()))
+    if go != "-":
+        try:
+            released = os.read(int(go), 1)
+        finally:
+            os.close(int(go))  # the program does not inherit it
+        if not released:
+            print("not started: the agent did not release it", file=sys.stderr)
+            return REFUSED
     if not time.clock_gettime(time.CLOCK_BOOTTIME) < until:
         print("not started: the fence point has passed", file=sys.stderr)
         return REFUSED

@@ -42,9 +42,13 @@ SETPRIV = shutil.which("setpriv")
 READY_POLL_S = 0.02
 EXEC_GUARD = str(Path(__file__).with_name("exec_guard.py"))
 CGROUP_EMPTY_S = 2.0  # bound on waiting for a killed cgroup to empty before removing it
-# Test hook, off unless set in the agent's environment: the agent stops itself (SIGSTOP)
-# once, in the step that forks this active-only service, after it decided to start it.
-STOP_BEFORE_FORK = os.environ.get("HAPAIR_TEST_STOP_BEFORE_FORK")
+# Test hooks, off unless set in the agent's environment: the agent stops itself (SIGSTOP)
+# once, in the step that forks this active-only service, after it decided to start it
+# (before the fork) or right after the fork (before anything else knows the process).
+STOP_AT = {
+    "before fork": os.environ.get("HAPAIR_TEST_STOP_BEFORE_FORK"),
+    "after fork": os.environ.get("HAPAIR_TEST_STOP_AFTER_FORK"),
+}
 
 
 class RestartBudget:
@@ -133,7 +137,7 @@ class Supervisor:
                 "survives a fence",
                 reason=why,
             )
-        self._stopped_before_fork = False
+        self._stopped_at: set[str] = set()  # the test hooks that have fired
         self.log_dir = state_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.epoch: int | None = None
@@ -466,10 +470,8 @@ class Supervisor:
         self, r: Runner, argv: list[str], env: dict[str, str], cwd: str | None, epoch: int | None
     ) -> float | None:
         """Fork the service; the fence point its program must start before, or None if
-        the term has ended (nothing forked)."""
-        if r.spec.name == STOP_BEFORE_FORK and r.active_only and not self._stopped_before_fork:
-            self._stopped_before_fork = True
-            os.kill(os.getpid(), signal.SIGSTOP)
+        the term has ended (nothing forked, or the child told never to run its program)."""
+        self._stop_for_test(r, "before fork")
         # Checked again in the step that forks: the check that led here may be old.
         until = float("inf")
         if r.active_only:
@@ -480,32 +482,64 @@ class Supervisor:
         if r.cgroup is not None and r.active_only:
             self.watchdog.add_cgroup(r.cgroup)  # before anything can run in it
         prefix = [SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV else []
-        guard = [sys.executable, "-I", "-S", EXEC_GUARD, repr(until), str(r.cgroup or "-"), "--"]
-        forked_at = self.clock()  # no process of this run can exist before
-        with (self.log_dir / f"{r.spec.name}.log").open("ab") as logfile:
-            r.proc = await asyncio.create_subprocess_exec(
-                *prefix,
-                *guard,
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=logfile,
-                stderr=asyncio.subprocess.STDOUT,
-                env=env,
-                cwd=cwd,
-                start_new_session=True,
+        # The child waits on this pipe before its program runs, until the watchdog knows
+        # its process group; end of file (this agent died, or the term ended) and it never
+        # runs. Frozen right after the fork, this agent leaves no service the watchdog
+        # cannot kill.
+        go_read, go = os.pipe()
+        forked = False
+        try:
+            guard = [
+                *(sys.executable, "-I", "-S", EXEC_GUARD, repr(until)),
+                *(str(r.cgroup or "-"), str(go_read), "--"),
+            ]
+            forked_at = self.clock()  # no process of this run can exist before
+            with (self.log_dir / f"{r.spec.name}.log").open("ab") as logfile:
+                r.proc = await asyncio.create_subprocess_exec(
+                    *prefix,
+                    *guard,
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=logfile,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=env,
+                    cwd=cwd,
+                    start_new_session=True,
+                    pass_fds=(go_read,),
+                )
+            forked = True
+            os.close(go_read)
+            # Logged in the step that forks (a cancel cannot come between): the record of
+            # every process this node ever started for a service, and from when.
+            self.log.info(
+                "service started",
+                service=r.spec.name,
+                pid=r.proc.pid,
+                at=repr(forked_at),
+                cgroup=r.cgroup,
             )
-        # Logged in the step that forks (a cancel cannot come between): the record of
-        # every process this node ever started for a service, and from when.
-        self.log.info(
-            "service started",
-            service=r.spec.name,
-            pid=r.proc.pid,
-            at=repr(forked_at),
-            cgroup=r.cgroup,
-        )
-        if r.active_only:
-            self.watchdog.add(r.proc.pid)
+            self._stop_for_test(r, "after fork")
+            if r.active_only:
+                # Written into the watchdog's pipe before the child may go on: the
+                # watchdog reads it whatever this agent does next, and kills the group
+                # at once if its deadline has passed meanwhile.
+                self.watchdog.add(r.proc.pid)
+                # Checked again: a freeze since the check above may have ended the term.
+                if self.epoch != epoch or not self.clock() < until:
+                    return None
+            with contextlib.suppress(BrokenPipeError):  # the child is gone already
+                os.write(go, b"\1")
+        finally:
+            if not forked:
+                os.close(go_read)
+            os.close(go)
         return until
+
+    def _stop_for_test(self, r: Runner, point: str) -> None:
+        """The test hooks above (``STOP_AT``): stop this agent at ``point``, once."""
+        if r.active_only and STOP_AT[point] == r.spec.name and point not in self._stopped_at:
+            self._stopped_at.add(point)
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     async def _watch(
         self, r: Runner, proc: asyncio.subprocess.Process, values: dict[str, str]

@@ -21,14 +21,17 @@ monotonic clock, which stops): a watchdog resumed after a suspend acts at once.
 A group is registered with its leader's start time (``/proc/<pid>/stat``, field 22),
 which the watchdog checks as it opens a pidfd on the leader: from then on the pidfd
 says whether that very process still holds its PID, so a PID the kernel has given to
-another process since is never killed. A primary's data directory is registered too:
-at the deadline the watchdog kills whichever postmaster serves it then (named by its
-``postmaster.pid``, a postgres working in that directory), so a server the agent
-restarted in place is killed even before the agent has registered its new PID. (The
-agent registers a leader right after the
-fork, while it is its unreaped child; only a leader that died, was reaped and whose PID
-came round again within one clock tick before this process read the line could be
-mistaken for the new holder.)
+another process since is never killed. A primary's data directory is registered too,
+from before its promotion until it has stopped: at the deadline the watchdog kills
+whichever postmaster serves it then (named by its ``postmaster.pid``, a postgres working
+in that directory), so a server the agent restarted in place is killed even before the
+agent has registered its new PID, and so is one the agent froze while promoting it. (The
+agent registers a leader right after the fork, while it is its unreaped child; only a
+leader that died, was reaped and whose PID came round again within one clock tick before
+this process read the line could be mistaken for the new holder.) The service's program
+runs only once its registration is in this process's pipe (the exec guard waits for the
+agent's release): the pipe keeps the order, and this process reads it whatever the agent
+does next, so an agent frozen right after a fork leaves no service unknown here.
 
 It inherits the agent's node lock, so a restarted agent cannot take the node's pair
 back before this process has finished killing the previous run's services.

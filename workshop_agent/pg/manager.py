@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -38,6 +40,10 @@ Action = Literal[
 ]  # fmt: skip
 
 __all__ = ["PgManager", "PgResult", "Timeouts"]
+
+# Test hook, off unless set in the agent's environment: the agent stops itself (SIGSTOP)
+# right after PostgreSQL took the promotion, before the agent has seen it writable.
+STOP_AFTER_PROMOTE = bool(os.environ.get("HAPAIR_TEST_STOP_AFTER_PROMOTE"))
 
 
 @dataclass(frozen=True)
@@ -325,6 +331,8 @@ class PgManager:
         if hold_writes:  # set on the standby, in force from the first commit
             await q.set_sync_names(conn, files.HOLD_WRITES)
         await ctl.promote(self.pg.runner, self.layout)
+        if STOP_AFTER_PROMOTE:
+            os.kill(os.getpid(), signal.SIGSTOP)
         nudge = lambda: ctl.nudge_promote(self.layout)  # noqa: E731
         await q.wait_writable(conn, self.timeouts.promote_s, nudge)
         self._provisioned = False
