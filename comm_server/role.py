@@ -46,7 +46,7 @@ from shared.clock import Clock, boottime
 from shared.log import EventLog
 from shared.plcs import PlcHealth
 from shared.records import Leader, RecordError, Resource, ServiceReport, decode
-from shared.store import Mirror, Store, StoreError
+from shared.store import LeaseNotFound, Mirror, Store, StoreError
 
 ReportParts = tuple[dict[str, Resource], dict[str, PlcHealth]]
 
@@ -151,7 +151,7 @@ class PairRole:
                 try:
                     await self._reconcile()
                 except StoreError as err:
-                    if "lease not found" in str(err):  # etcd dropped it: take a new one
+                    if isinstance(err, LeaseNotFound):  # etcd dropped it: take a new one
                         self._lease = None
                         self._warn_once("report lease lost", str(err))
                     else:

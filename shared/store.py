@@ -8,6 +8,7 @@ out as :class:`StoreError`, so callers take the safe path in one place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -30,6 +31,18 @@ T = TypeVar("T")
 
 class StoreError(Exception):
     """etcd could not be reached or refused the request."""
+
+
+class Timeout(StoreError):
+    """No answer within the call's time: the request may or may not have been applied."""
+
+
+class Unavailable(StoreError):
+    """No connection to a member that can serve (refused, lost, or without a leader)."""
+
+
+class LeaseNotFound(StoreError):
+    """etcd does not know the lease (expired or revoked)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +193,20 @@ def _member_trouble(err: BaseException) -> bool:
     return any(t in text for t in _MEMBER_TROUBLE)
 
 
+def _typed(err: aetcd.ClientError, text: str) -> StoreError:
+    """The store's error for one of aetcd's (etcd names some only in its message)."""
+    lowered = text.lower()
+    if isinstance(err, exceptions.RevisionCompactedError) or "compacted" in lowered:
+        return Compacted(text)
+    if "lease not found" in lowered:
+        return LeaseNotFound(text)
+    if isinstance(err, (exceptions.ConnectionTimeoutError, exceptions.WatchTimeoutError)):
+        return Timeout(text)
+    if _member_trouble(err):
+        return Unavailable(text)
+    return StoreError(text)
+
+
 def _not_connected(err: BaseException) -> bool:
     """gRPC's words for a call that found no connection: nothing was sent."""
     return isinstance(err, exceptions.ConnectionFailedError) and "failed to connect" in str(err)
@@ -268,19 +295,17 @@ class Store:
             except TimeoutError as err:
                 text = f"etcd at {client.name} did not answer in time"
                 self._failed(client, err, text)
-                raise StoreError(text) from None
+                raise Timeout(text) from None
             except aetcd.ClientError as err:
                 text = f"etcd at {client.name}: {_first_line(err)}"
                 self._failed(client, err, text)
                 if tries > 0 and _not_connected(err) and loop.time() < deadline:
                     continue
-                if isinstance(err, exceptions.RevisionCompactedError) or "compacted" in text:
-                    raise Compacted(text) from None
-                raise StoreError(text) from None
+                raise _typed(err, text) from None
             except (ConnectionError, OSError) as err:
                 text = f"etcd at {client.name}: {err}"
                 self._failed(client, err, text)
-                raise StoreError(text) from None
+                raise Unavailable(text) from None
             self._answered(client)
             return result
 
@@ -348,11 +373,8 @@ class Store:
         return 0 if reply is None else int(reply.TTL)
 
     async def revoke(self, lease_id: int) -> None:
-        try:
+        with contextlib.suppress(LeaseNotFound):  # gone already
             await self.call(lambda: self.client.revoke_lease(lease_id))
-        except StoreError as err:
-            if "lease not found" not in str(err):
-                raise
 
     # -- watching -------------------------------------------------------------------
     async def watch_prefix(
@@ -390,9 +412,7 @@ class Store:
         except aetcd.ClientError as err:
             text = f"etcd watch at {client.name}: {_first_line(err)}"
             self._failed(client, err, text)
-            if isinstance(err, exceptions.RevisionCompactedError):
-                raise Compacted(text) from None
-            raise StoreError(text) from None
+            raise _typed(err, text) from None
         finally:
             await bounded(watch.cancel(), 0.5)
         raise StoreError(f"etcd watch at {client.name} ended")
