@@ -91,7 +91,7 @@ class PlcPoller:
                 try:
                     await self.cycle()
                 except Exception as err:  # a bug must not stop the polling of this PLC
-                    self.log.error("poll cycle failed", plc=self.plc.name, error=repr(err))
+                    self.log.exception("poll cycle failed", err, plc=self.plc.name)
                     self.table.unreachable(f"internal error: {err!r}", time.time())
                 ended = clock()
                 self._record(started - slot, ended - slot)
@@ -215,7 +215,7 @@ class PlcPoller:
                 if switch.succeeded(path, now - started, now):
                     self.log.info("path up", plc=self.plc.name, path=switch.name(path))
         except Exception as err:  # never let a probe kill anything
-            self.log.error("probe failed", plc=self.plc.name, error=repr(err))
+            self.log.exception("probe failed", err, plc=self.plc.name)
         finally:
             del self._probes[path]
             self._update_health()

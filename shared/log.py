@@ -58,9 +58,14 @@ class EventLog:
     def bind(self, **context: Any) -> None:
         self.context.update(context)
 
-    def _emit(self, level: int, event: str, fields: dict[str, Any]) -> None:
+    def _emit(
+        self, level: int, event: str, fields: dict[str, Any], err: BaseException | None = None
+    ) -> None:
         if self._log.isEnabledFor(level):
-            self._log.log(level, event, extra={"fields": {**self.context, **fields}})
+            exc_info = None if err is None else (type(err), err, err.__traceback__)
+            self._log.log(
+                level, event, exc_info=exc_info, extra={"fields": {**self.context, **fields}}
+            )
 
     def debug(self, event: str, **fields: Any) -> None:
         self._emit(logging.DEBUG, event, fields)
@@ -73,3 +78,7 @@ class EventLog:
 
     def error(self, event: str, **fields: Any) -> None:
         self._emit(logging.ERROR, event, fields)
+
+    def exception(self, event: str, err: BaseException, **fields: Any) -> None:
+        """An error nobody expected (a bug): its traceback goes with it, on the same line."""
+        self._emit(logging.ERROR, event, {**fields, "error": repr(err)}, err)

@@ -151,10 +151,8 @@ class Agent:
         if task.cancelled():
             # Only a stop cancels the agent's tasks: anything else is a bug to see.
             self.log.error("internal task cancelled", task=task.get_name())
-        elif task.exception() is not None:
-            self.log.error(
-                "internal task failed", task=task.get_name(), error=repr(task.exception())
-            )
+        elif (err := task.exception()) is not None:
+            self.log.exception("internal task failed", err, task=task.get_name())
 
     def event(self, kind: str, reason: str = "", **details: object) -> None:
         pair = self.pair.name if self.pair else None
@@ -858,7 +856,7 @@ class Agent:
             except (StoreError, OSError, PgError) as err:
                 self.log.warning("database round failed", error=str(err))
             except Exception as err:  # a bug must not end the database's care for good
-                self.log.error("database round failed", error=repr(err))
+                self.log.exception("database round failed", err)
             self._dirty.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._db_wake.wait(), DB_ROUND_S)
@@ -1115,7 +1113,7 @@ class Agent:
                 await asyncio.sleep(TICK_S)
                 self._dirty.set()
             except Exception as err:  # a bug must not stop publishing for good
-                self.log.error("publish failed", error=repr(err))
+                self.log.exception("publish failed", err)
                 await asyncio.sleep(TICK_S)
                 self._dirty.set()
 

@@ -168,7 +168,7 @@ class VipKeeper:
             try:
                 done = await self._step()
             except Exception as err:  # a bug must not stop the address from following
-                self.log.error("virtual address step failed", error=repr(err))
+                self.log.exception("virtual address step failed", err)
                 done = False
             if self.settled:
                 self._settled.set()

@@ -85,7 +85,7 @@ class Subscription:
             if inspect.isawaitable(result):
                 await result
         except Exception as err:  # the caller's bug must not stop the other callbacks
-            log.warning("subscription callback failed", node=change.node, error=repr(err))
+            log.exception("subscription callback failed", err, node=change.node)
 
 
 def tag(key: str) -> str:
