@@ -43,6 +43,7 @@ from pydantic import Field
 from comm_server.source import PairError, stored_pair
 from shared import keys
 from shared.clock import Clock, boottime
+from shared.lease import Session
 from shared.log import EventLog
 from shared.plcs import PlcHealth
 from shared.records import Leader, RecordError, Resource, ServiceReport, decode
@@ -111,8 +112,13 @@ class PairRole:
         self._peers: list[str] | None = None  # the pair's other nodes, None: unknown
         self._peers_problem = "the topology is not read yet"
         self._wake = asyncio.Event()
-        self._lease: int | None = None
-        self._acked = -1e9  # boottime at which the last acknowledged keepalive was sent
+        # The claim's own fence: the agent's rule, ``ttl - margin`` from the send of the
+        # last acknowledged keepalive.
+        self.session = Session(
+            store, ttl, ttl - margin, log, clock, self._lease_changed, name="report lease"
+        )
+        self._lease_seen: int | None = None  # the lease the reports are written on
+        self._writing_on: int | None = None  # the lease of the write in flight
         self._fence: asyncio.TimerHandle | None = None
         self._serving = False
         self.epoch: int | None = None
@@ -140,7 +146,7 @@ class PairRole:
             asyncio.create_task(self._leaders.run(), name="leader watch"),
             asyncio.create_task(self._reports.run(), name="reports watch"),
             asyncio.create_task(self._topology.run(), name="topology watch"),
-            asyncio.create_task(self._keep_lease(), name="comm lease"),
+            asyncio.create_task(self.session.run(), name="comm lease"),
         ]
         try:
             while True:
@@ -151,9 +157,8 @@ class PairRole:
                 try:
                     await self._reconcile()
                 except StoreError as err:
-                    if isinstance(err, LeaseNotFound):  # etcd dropped it: take a new one
-                        self._lease = None
-                        self._warn_once("report lease lost", str(err))
+                    if isinstance(err, LeaseNotFound) and self._writing_on is not None:
+                        self.session.lost(self._writing_on)  # etcd dropped it: a new one
                     else:
                         self._warn_once("etcd unavailable", str(err))
                     await asyncio.sleep(0.2)
@@ -171,10 +176,7 @@ class PairRole:
         self._become("stopping", None, "comm server stopping")
         for task in self._tasks:
             task.cancel()
-        if self._lease is not None:
-            with contextlib.suppress(StoreError):
-                await self.store.revoke(self._lease)
-            self._lease = None
+        await self.session.close()
 
     # -- the decision -----------------------------------------------------------------
     def _leader(self) -> tuple[str, int] | None:
@@ -191,7 +193,7 @@ class PairRole:
     def _fresh(self) -> bool:
         # On CLOCK_BOOTTIME, which counts a suspend: after one longer than the lease, the
         # role is not fresh any more, however recent the last keepalive looks otherwise.
-        return self._lease is not None and self.clock() - self._acked < self.ttl - self.margin
+        return self.session.valid(self.clock())
 
     def _read_peers(self) -> None:
         """The pair's other nodes from the topology, parsed when it changed; an invalid
@@ -317,7 +319,8 @@ class PairRole:
         return report.encode(), significant
 
     async def _claim(self, epoch: int, others: dict[str, tuple[int, bool]]) -> bool:
-        if self._lease is None:
+        lease = self._writing_on = self.session.lease
+        if lease is None:
             return False
         tx = self.store.tx
         value, significant = self._encode(True, epoch)
@@ -329,14 +332,15 @@ class PairRole:
             ]
             # every peer's report as seen: absent ones still absent
             + [tx.mod(keys.b(k)) == rev for k, (rev, _) in others.items()],
-            [tx.put(keys.b(self.report_key), value, lease=self._lease)],
+            [tx.put(keys.b(self.report_key), value, lease=lease)],
         )
         if ok:
             self._written, self._written_at = significant, time.monotonic()
         return ok
 
     async def _report(self) -> None:
-        if self._lease is None:
+        lease = self._writing_on = self.session.lease
+        if lease is None:
             return
         value, significant = self._encode(self._serving, self.epoch)
         due = time.monotonic() - self._written_at >= self.refresh_s
@@ -346,7 +350,7 @@ class PairRole:
             tx = self.store.tx
             ok, _ = await self.store.txn(
                 [tx.create(keys.b(self.leader_key)) == self.epoch],
-                [tx.put(keys.b(self.report_key), value, lease=self._lease)],
+                [tx.put(keys.b(self.report_key), value, lease=lease)],
             )
             if not ok:  # the term is over, whatever our view still says
                 self._become("standby", None, "the pair's leader moved")
@@ -354,35 +358,24 @@ class PairRole:
             else:
                 self._written, self._written_at = significant, time.monotonic()
                 return
-        await self.store.put(self.report_key, value, lease=self._lease)
+        await self.store.put(self.report_key, value, lease=lease)
         self._written, self._written_at = significant, time.monotonic()
 
-    async def _keep_lease(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                sent = self.clock()
-                if self._lease is None:
-                    self._lease = await self.store.grant(self.ttl)
-                    self._written = b""
-                    self.log.info("report lease granted", lease=f"{self._lease:x}")
-                elif await self.store.keepalive(self._lease) <= 0:
-                    self._warn_once("report lease lost", "etcd dropped it; taking a new one")
-                    self._lease = None
-                    self.poke()
-                    continue
-                self._acked = sent
-                self._errors.clear()  # all is well again: warn anew next time
-                if self._fence is not None:
-                    self._fence.cancel()
-                # A timer on the loop's clock fires late after a suspend; every write
-                # checks _fresh() on boottime meanwhile.
-                due = max(0.0, sent + self.ttl - self.margin - self.clock())
-                self._fence = loop.call_later(due, self._fence_due)
-                self.poke()
-            except StoreError as err:
-                self._warn_once("etcd unavailable", str(err))
-            await asyncio.sleep(self.ttl / 4)
+    def _lease_changed(self) -> None:
+        """The session granted, confirmed or lost its lease: move the fence timer."""
+        lease = self.session.lease
+        if lease != self._lease_seen:  # a new lease: the report must be written on it
+            self._lease_seen, self._written = lease, b""
+        if self._fence is not None:
+            self._fence.cancel()
+            self._fence = None
+        if self.session.acked_send is not None:
+            self._errors.clear()  # all is well again: warn anew next time
+            # A timer on the loop's clock fires late after a suspend; every write
+            # checks _fresh() on boottime meanwhile.
+            due = max(0.0, self.session.fence_deadline - self.clock())
+            self._fence = asyncio.get_running_loop().call_later(due, self._fence_due)
+        self.poke()
 
     def _mirror_changed(self, change: object) -> None:
         self._settle()

@@ -406,13 +406,14 @@ def test_the_deadline_protocol_is_on_boottime() -> None:
     checks that every fence deadline is read from CLOCK_BOOTTIME.)"""
     import inspect
 
-    from workshop_agent import election, probes, supervisor, watchdog
+    from shared import lease
+    from workshop_agent import probes, supervisor, watchdog
     from workshop_agent.agent import Agent
     from workshop_agent.settings import AgentSettings
 
     assert abs(boottime() - time.clock_gettime(time.CLOCK_BOOTTIME)) < 0.01
     assert inspect.signature(watchdog.serve).parameters["clock"].default is boottime
-    assert inspect.signature(election.Session).parameters["clock"].default is boottime
+    assert inspect.signature(lease.Session).parameters["clock"].default is boottime
     assert inspect.signature(supervisor.Supervisor).parameters["clock"].default is boottime
     assert inspect.signature(probes.NetworkProbes).parameters["clock"].default is boottime
     agent = Agent(AgentSettings(node="n", etcd="127.0.0.1:1", state_dir=Path("/nonexistent")))

@@ -21,6 +21,7 @@ from typing import Any
 from shared import keys
 from shared.agent_process import local_pid_ns, runs_here, start_ticks
 from shared.clock import boottime
+from shared.lease import Session
 from shared.log import EventLog
 from shared.records import (
     Endpoint,
@@ -41,7 +42,7 @@ from shared.topology import Node, Pair, Site, TopologyError, parse_site
 from workshop_agent import decide as d
 from workshop_agent import recovery
 from workshop_agent.database import Database, eligible
-from workshop_agent.election import Election, Session
+from workshop_agent.election import Election
 from workshop_agent.hold import Ledger, Promise, Promises
 from workshop_agent.netwatch import RESOURCE, NetWatch
 from workshop_agent.node_lock import NodeLocked, lock_node, machine_lock, unlock

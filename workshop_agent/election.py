@@ -1,10 +1,5 @@
-"""The lease session and the pair election, shaped like etcd's own concurrency API.
-
-:class:`Session` owns the agent's lease and knows, on ``CLOCK_BOOTTIME`` (unlike the
-monotonic clock it goes on during a suspend), until when the agent may still act as
-active: the *fence point*, measured from the moment the last acknowledged keepalive was
-**sent** (etcd restarts its TTL when it receives it, which is later, so the agent always
-stops first).
+"""The pair election, shaped like etcd's own concurrency API (the lease it rides on is
+:class:`shared.lease.Session`).
 
 :class:`Election` holds every write that changes who is active. Each is one etcd
 transaction guarded by the leader key's create_revision (the epoch), so a stale agent
@@ -13,118 +8,9 @@ can never move the pair.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-
 from shared import keys
-from shared.clock import boottime
-from shared.log import EventLog
 from shared.records import Handover, Leader
-from shared.store import Store, StoreError
-
-Clock = Callable[[], float]
-
-
-class Session:
-    """The agent's lease. ``valid(now)`` is the one test of whether it may act."""
-
-    def __init__(
-        self,
-        store: Store,
-        ttl: float,
-        fence_after: float,
-        log: EventLog,
-        clock: Clock = boottime,
-        on_change: Callable[[], None] = lambda: None,
-    ) -> None:
-        self.store = store
-        # Timings of the lease held now, and those the next grant will use: a lease keeps
-        # the TTL it was granted with, so its fence point must too.
-        self.ttl = self.wanted_ttl = ttl
-        self.fence_after = self.wanted_fence_after = fence_after
-        self.may_regrant: Callable[[], bool] = lambda: False
-        self.log = log
-        self.clock = clock
-        self.on_change = on_change
-        self.lease: int | None = None
-        self.acked_send: float | None = None
-        self.renewed = asyncio.Event()
-
-    @property
-    def interval(self) -> float:
-        return self.ttl / 4
-
-    def valid(self, now: float) -> bool:
-        return (
-            self.lease is not None
-            and self.acked_send is not None
-            and (now < self.acked_send + self.fence_after)
-        )
-
-    @property
-    def fence_deadline(self) -> float:
-        """When the agent must have stopped its services (``-inf`` without a lease)."""
-        return -float("inf") if self.acked_send is None else self.acked_send + self.fence_after
-
-    def retune(self, ttl: float, fence_after: float) -> None:
-        """New timings apply from the next grant; a shorter fence point applies at once.
-
-        The next grant comes as soon as ``may_regrant()`` allows (the agent holds no term),
-        or when the lease is lost."""
-        self.wanted_ttl, self.wanted_fence_after = ttl, fence_after
-        self.fence_after = min(self.fence_after, fence_after)
-
-    async def _regrant_if_retuned(self) -> None:
-        retuned = (self.wanted_ttl, self.wanted_fence_after) != (self.ttl, self.fence_after)
-        if self.lease is not None and retuned and self.may_regrant():
-            old, self.lease, self.acked_send = self.lease, None, None
-            self.on_change()
-            self.log.info("new lease timings: taking a new lease", ttl=self.wanted_ttl)
-            await self.store.revoke(old)
-
-    async def run(self) -> None:
-        failing: str | None = None
-        while True:
-            sent = self.clock()
-            try:
-                await self._regrant_if_retuned()
-                if self.lease is None:
-                    self.ttl, self.fence_after = self.wanted_ttl, self.wanted_fence_after
-                    self.lease = await self.store.grant(self.ttl)
-                    self._acked(sent)
-                    self.log.info("lease granted", lease=f"{self.lease:x}", ttl=self.ttl)
-                else:
-                    granted = await self.store.keepalive(self.lease)
-                    if granted <= 0:
-                        self.log.warning("lease lost", lease=f"{self.lease:x}")
-                        self.lease, self.acked_send = None, None
-                        self.on_change()
-                        continue
-                    self._acked(sent)
-                if failing:
-                    self.log.info("etcd reachable again")
-                    failing = None
-            except StoreError as err:
-                if failing != str(err):
-                    self.log.warning("lease keepalive failed", error=str(err))
-                failing = str(err)
-            await asyncio.sleep(max(0.0, sent + self.interval - self.clock()))
-
-    def _acked(self, sent: float) -> None:
-        if self.acked_send is None or sent > self.acked_send:
-            self.acked_send = sent
-            self.log.debug("lease confirmed", sent=repr(sent))
-        self.renewed.set()
-        self.on_change()
-
-    async def close(self) -> None:
-        lease, self.lease, self.acked_send = self.lease, None, None
-        if lease is not None:
-            # If revoking takes longer than the TTL, the lease has expired anyway.
-            try:
-                await self.store.revoke(lease)
-            except StoreError as err:
-                self.log.warning("lease revoke failed", error=str(err))
+from shared.store import Store
 
 
 class Election:

@@ -1,0 +1,130 @@
+"""The lease session: an etcd lease kept alive, and the fence point it gives.
+
+Every daemon that may act only while it holds a term (the agent for its services, the
+comm server for its PLC writes) keeps one. It knows, on ``CLOCK_BOOTTIME`` (unlike the
+monotonic clock, it goes on during a suspend), until when its holder may still act: the
+*fence point*, ``fence_after`` seconds from the moment the last acknowledged keepalive
+was **sent**. etcd restarts the lease's TTL when it *receives* that keepalive, which is
+later, so with ``fence_after`` below the TTL the holder always stops first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from shared.clock import Clock, boottime
+from shared.log import EventLog
+from shared.store import Store, StoreError
+
+
+class Session:
+    """One lease. ``valid(now)`` is the one test of whether its holder may act."""
+
+    def __init__(
+        self,
+        store: Store,
+        ttl: float,
+        fence_after: float,
+        log: EventLog,
+        clock: Clock = boottime,
+        on_change: Callable[[], None] = lambda: None,
+        name: str = "lease",
+    ) -> None:
+        self.store = store
+        # Timings of the lease held now, and those the next grant will use: a lease keeps
+        # the TTL it was granted with, so its fence point must too.
+        self.ttl = self.wanted_ttl = ttl
+        self.fence_after = self.wanted_fence_after = fence_after
+        self.may_regrant: Callable[[], bool] = lambda: False
+        self.log = log
+        self.clock = clock
+        self.on_change = on_change
+        self.name = name  # in log events: which of its daemon's leases
+        self.lease: int | None = None
+        self.acked_send: float | None = None
+        self.renewed = asyncio.Event()
+
+    @property
+    def interval(self) -> float:
+        return self.ttl / 4
+
+    def valid(self, now: float) -> bool:
+        return (
+            self.lease is not None
+            and self.acked_send is not None
+            and (now < self.acked_send + self.fence_after)
+        )
+
+    @property
+    def fence_deadline(self) -> float:
+        """When the holder must have stopped acting (``-inf`` without a lease)."""
+        return -float("inf") if self.acked_send is None else self.acked_send + self.fence_after
+
+    def retune(self, ttl: float, fence_after: float) -> None:
+        """New timings apply from the next grant; a shorter fence point applies at once.
+
+        The next grant comes as soon as ``may_regrant()`` allows (the agent holds no term),
+        or when the lease is lost."""
+        self.wanted_ttl, self.wanted_fence_after = ttl, fence_after
+        self.fence_after = min(self.fence_after, fence_after)
+
+    def lost(self, lease: int) -> None:
+        """etcd answered that ``lease`` is gone (a write on it was refused): stop counting
+        on it at once; the next round takes a new one."""
+        if self.lease == lease:
+            self.log.warning(f"{self.name} lost", lease=f"{lease:x}")
+            self.lease, self.acked_send = None, None
+            self.on_change()
+
+    async def _regrant_if_retuned(self) -> None:
+        retuned = (self.wanted_ttl, self.wanted_fence_after) != (self.ttl, self.fence_after)
+        if self.lease is not None and retuned and self.may_regrant():
+            old, self.lease, self.acked_send = self.lease, None, None
+            self.on_change()
+            self.log.info(f"new {self.name} timings: taking a new {self.name}", ttl=self.wanted_ttl)
+            await self.store.revoke(old)
+
+    async def run(self) -> None:
+        failing: str | None = None
+        while True:
+            sent = self.clock()
+            try:
+                await self._regrant_if_retuned()
+                if self.lease is None:
+                    self.ttl, self.fence_after = self.wanted_ttl, self.wanted_fence_after
+                    self.lease = await self.store.grant(self.ttl)
+                    self._acked(sent)
+                    self.log.info(f"{self.name} granted", lease=f"{self.lease:x}", ttl=self.ttl)
+                else:
+                    lease = self.lease
+                    granted = await self.store.keepalive(lease)
+                    if granted <= 0:
+                        self.lost(lease)
+                        continue
+                    if self.lease == lease:  # not lost meanwhile
+                        self._acked(sent)
+                if failing:
+                    self.log.info("etcd reachable again")
+                    failing = None
+            except StoreError as err:
+                if failing != str(err):
+                    self.log.warning(f"{self.name} keepalive failed", error=str(err))
+                failing = str(err)
+            await asyncio.sleep(max(0.0, sent + self.interval - self.clock()))
+
+    def _acked(self, sent: float) -> None:
+        if self.acked_send is None or sent > self.acked_send:
+            self.acked_send = sent
+            self.log.debug(f"{self.name} confirmed", sent=repr(sent))
+        self.renewed.set()
+        self.on_change()
+
+    async def close(self) -> None:
+        lease, self.lease, self.acked_send = self.lease, None, None
+        if lease is not None:
+            # If revoking takes longer than the TTL, the lease has expired anyway.
+            try:
+                await self.store.revoke(lease)
+            except StoreError as err:
+                self.log.warning(f"{self.name} revoke failed", error=str(err))
