@@ -52,22 +52,25 @@ def eligible(
 ) -> bool:
     """May ``me`` take the pair over automatically without losing a commit?
 
-    With several recorded standbys (quorum commit, ``ANY 1 (...)``) each commit is on at
-    least one of them, so only the one that received the most WAL, among those that
-    answer (``received``: node -> received LSN, from their status), may take over."""
+    With several recorded standbys (quorum commit, ``ANY 1 (...)``) a commit may be on
+    any one of them alone, so only one that received at least as much WAL as every other
+    recorded standby may take over (``received``: node -> received LSN, from their
+    status), and only once each of them answered: one that does not may hold commits
+    the others lack. The pair then waits (an operator may force a node) rather than
+    lose them: the price of quorum commit when the primary and a standby die together.
+    """
     if config is None or not config.synchronous:
         return True
     if record is None:
         return me == main  # a new site: the main initialises the cluster
     if not record.holds_everything(me):
         return False
-    if me == record.primary or len(record.sync) < 2 or received is None:
+    if me == record.primary or len(record.sync) < 2:
         return True
-    mine = received.get(me)
-    others = [lsn for node, lsn in received.items() if node != me and node in record.sync]
-    if mine is None:
-        return not any(lsn is not None for lsn in others)
-    return all(lsn is None or lsn <= mine for lsn in others)
+    if received is None or (mine := received.get(me)) is None:
+        return False
+    others = [received.get(node) for node in record.sync if node != me]
+    return all(lsn is not None and lsn <= mine for lsn in others)
 
 
 class Database:
