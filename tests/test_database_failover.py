@@ -20,7 +20,14 @@ import psycopg
 import pytest
 from cluster import Cluster, recording_service, until
 from harness import Etcd, free_port
-from pg_harness import PASSWORDS, Writer, common_free_port, database_section, needs_postgres
+from pg_harness import (
+    PASSWORDS,
+    Writer,
+    common_free_port,
+    database_section,
+    needs_postgres,
+    stalled_walsender,
+)
 from pg_harness import write_secrets as write_pg_secrets
 
 from shared import keys
@@ -422,6 +429,65 @@ async def test_three_nodes_quorum_commit_and_the_most_advanced_standby_takes_ove
         return bool(db and db.get("role") == "standby" and db.get("upstream") == new_host)
 
     await until(other_follows, 60, f"{other} following the new primary")
+
+
+def frozen(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
+
+
+async def test_three_nodes_a_standby_named_before_it_is_recorded_never_costs_a_commit(
+    db_cluster3: tuple[Cluster, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """a primary, b its recorded synchronous standby, c stopped, a writer committing.
+    c starts: a's agent names ``ANY 1 (b, c)`` and freezes right there, before it writes
+    the record (a test hook). b then stops receiving (a's walsender to it frozen), so the
+    writer's commits are acknowledged by c alone, and a dies. Every acknowledged row must
+    be on whichever node takes over: b, which lacks them, must not."""
+    import signal
+
+    c, port = db_cluster3
+    gate = c.tmp / "stop-after-sync-names"
+    monkeypatch.setenv("HAPAIR_TEST_STOP_AFTER_SYNC_NAMES", str(gate))
+    _, epoch = await ready(c, port)
+    monkeypatch.delenv("HAPAIR_TEST_STOP_AFTER_SYNC_NAMES")
+    writer = await steady_writer(port, 100, THREE)
+    gate.touch()
+    c.start("c")
+    agent = c.agents["a"].pid
+
+    async def a_frozen() -> bool:
+        return frozen(agent)
+
+    await until(a_frozen, 60, "a's agent frozen once it named c", step=0.002)
+    gate.unlink()
+    async with stalled_walsender("127.0.0.1", port, "b") as walsender:
+        await more_commits(writer, 20, 10, "commits acknowledged by c alone")
+        record = await sync_state(c)
+        c.crash("a")
+        with contextlib.suppress(ProcessLookupError):  # orphaned if the watchdog was first
+            os.kill(walsender, signal.SIGKILL)
+    await c.active("p", not_epoch=epoch, timeout=60)
+
+    async def moved() -> Any:
+        e = await c.endpoint("p.db")
+        return e if e is not None and e.epoch > epoch else None
+
+    endpoint = await until(moved, 30, "p.db published by the new active")
+    await more_commits(writer, 20, 60, "commits on the new primary")
+    await writer.stop()
+    lost = set(writer.acked) - await rows_on(port, endpoint.host)
+    assert not lost, (
+        f"{len(lost)} acknowledged commits lost: {endpoint.node} took over, the record "
+        f"when a named c said {record}"
+    )
+    assert record is not None and "c" in record.sync, f"c named but not recorded: {record}"
+    # b answers with less WAL than c: c alone may take over, and does.
+    assert endpoint.node == "c", f"{endpoint.node} took over"
 
 
 async def test_a_postgresql_crash_on_the_active_is_repaired_in_place(
