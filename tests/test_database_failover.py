@@ -395,10 +395,9 @@ async def test_status_shows_each_database_role_and_sync_state(
     await until(synchronous_shown, 20, "b shown as streaming, synchronous standby")
 
 
-async def test_three_nodes_quorum_commit_and_the_most_advanced_standby_takes_over(
-    db_cluster3: tuple[Cluster, int],
-) -> None:
-    c, port = db_cluster3
+async def quorum_ready(c: Cluster, port: int) -> int:
+    """a primary, b and c its recorded quorum standbys (``ANY 1 (b, c)``), a table to
+    write to: a's epoch."""
     c.start("a")
     _, epoch = await c.active("p", node="a", timeout=60)
     c.start("b")
@@ -411,6 +410,14 @@ async def test_three_nodes_quorum_commit_and_the_most_advanced_standby_takes_ove
     await until(quorum, 60, "b and c recorded as the quorum standbys")
     async with await psycopg.AsyncConnection.connect(conninfo(port), autocommit=True) as conn:
         await conn.execute("CREATE TABLE IF NOT EXISTS ticks (id bigint PRIMARY KEY)")
+    return epoch
+
+
+async def test_three_nodes_quorum_commit_and_the_most_advanced_standby_takes_over(
+    db_cluster3: tuple[Cluster, int],
+) -> None:
+    c, port = db_cluster3
+    epoch = await quorum_ready(c, port)
     # Every node's address: either standby may be the one that takes over.
     writer = await steady_writer(port, 200, THREE)
     c.crash("a")
@@ -488,6 +495,45 @@ async def test_three_nodes_a_standby_named_before_it_is_recorded_never_costs_a_c
     assert record is not None and "c" in record.sync, f"c named but not recorded: {record}"
     # b answers with less WAL than c: c alone may take over, and does.
     assert endpoint.node == "c", f"{endpoint.node} took over"
+
+
+async def test_three_nodes_the_survivor_waits_when_a_dead_standby_may_hold_more(
+    db_cluster3: tuple[Cluster, int],
+) -> None:
+    """a primary, b and c its recorded quorum standbys (``ANY 1 (b, c)``), a writer.
+    c stops receiving (a's walsender to it frozen), so commits are acknowledged by b
+    alone; then a and b die together. c may lack those commits and b cannot say how
+    far it got: c must not take over by itself, and its decision says why."""
+    import signal
+
+    from cluster import holds
+
+    c, port = db_cluster3
+    await quorum_ready(c, port)
+    writer = await steady_writer(port, 100, THREE)
+    async with stalled_walsender("127.0.0.1", port, "c") as walsender:
+        await more_commits(writer, 50, 15, "commits acknowledged by b alone")
+        c.crash("a")
+        c.crash("b")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(walsender, signal.SIGKILL)
+    await writer.stop()
+
+    async def nobody() -> bool:
+        return await c.leader("p") is None
+
+    await until(nobody, 10, "a's leader key expired")
+    try:
+        await holds(nobody, 8, "c took over though b, dead, may hold commits it lacks")
+    except AssertionError:
+        lead = await c.leader("p")
+        if lead is not None and lead[0] == "c":
+            lost = set(writer.acked) - await until(
+                lambda: rows_on(port, "127.0.0.3"), 30, "rows on c"
+            )
+            raise AssertionError(f"c took over: {len(lost)} acknowledged commits lost") from None
+        raise
+    assert "does not answer" in c.log("c"), "c's decision does not say why it waits"
 
 
 async def test_a_postgresql_crash_on_the_active_is_repaired_in_place(
