@@ -438,15 +438,6 @@ async def test_three_nodes_quorum_commit_and_the_most_advanced_standby_takes_ove
     await until(other_follows, 60, f"{other} following the new primary")
 
 
-def frozen(pid: int) -> bool:
-    """Whether the process is stopped (SIGSTOP)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "T"
-    except (OSError, IndexError):
-        return False
-
-
 async def test_three_nodes_a_standby_named_before_it_is_recorded_never_costs_a_commit(
     db_cluster3: tuple[Cluster, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -456,6 +447,8 @@ async def test_three_nodes_a_standby_named_before_it_is_recorded_never_costs_a_c
     writer's commits are acknowledged by c alone, and a dies. Every acknowledged row must
     be on whichever node takes over: b, which lacks them, must not."""
     import signal
+
+    from test_fence_services import stopped
 
     c, port = db_cluster3
     gate = c.tmp / "stop-after-sync-names"
@@ -468,7 +461,7 @@ async def test_three_nodes_a_standby_named_before_it_is_recorded_never_costs_a_c
     agent = c.agents["a"].pid
 
     async def a_frozen() -> bool:
-        return frozen(agent)
+        return stopped(agent)
 
     await until(a_frozen, 60, "a's agent frozen once it named c", step=0.002)
     gate.unlink()
