@@ -380,3 +380,21 @@ async def test_a_quorum_shrinks_only_once_the_remaining_standby_has_every_commit
 
     await p.rounds_until({"c"}, c_alone, "c recorded alone once it caught up")
     assert ids <= await ids_on(c, "c")
+
+
+async def test_the_primary_names_no_new_standby_while_the_record_cannot_take_it_in(
+    b_then_c: Primary,
+) -> None:
+    """b recorded, c starts streaming, but the term ended in etcd (the guard of every
+    record write fails): c can never be recorded, so the primary must not start to
+    wait for it, or a commit could be on c alone while the record names b only."""
+    p = b_then_c
+    c = p.cluster
+    await follow(c, "c")
+    names = await p.sync_names()
+    await p.store.delete(keys.leader(c.pair.name))
+    for _ in range(5):
+        await p.round({"b", "c"})
+    assert await p.sync_names() == names, "c named though the record could not name it"
+    record = await p.record()
+    assert record is not None and record.sync == ["b"]
