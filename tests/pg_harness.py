@@ -297,3 +297,26 @@ async def ids_on(cluster: PgCluster, name: str) -> set[int]:
     async with await cluster.connect(name) as conn:
         cur = await conn.execute("SELECT id FROM ticks")
         return {int(r[0]) for r in await cur.fetchall()}
+
+
+@contextlib.asynccontextmanager
+async def stalled_walsender(host: str, port: int, standby: str) -> AsyncIterator[int]:
+    """The primary at ``host`` stops sending WAL to ``standby`` (its walsender SIGSTOPped,
+    so nothing new even reaches the standby's socket), which stays connected and counted
+    as streaming; sent again on exit. Yields the walsender's PID."""
+    async with await psycopg.AsyncConnection.connect(
+        host=host, port=port, user="postgres", password=PASSWORDS["superuser"],
+        dbname="postgres", autocommit=True, connect_timeout=2,
+    ) as su:  # fmt: skip
+        cur = await su.execute(
+            "SELECT pid FROM pg_stat_replication WHERE application_name = %s", (standby,)
+        )
+        row = await cur.fetchone()
+    assert row is not None, f"{standby} is not connected to {host}"
+    pid = int(row[0])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)

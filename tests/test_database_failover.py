@@ -20,7 +20,14 @@ import psycopg
 import pytest
 from cluster import Cluster, recording_service, until
 from harness import Etcd, free_port
-from pg_harness import PASSWORDS, Writer, common_free_port, database_section, needs_postgres
+from pg_harness import (
+    PASSWORDS,
+    Writer,
+    common_free_port,
+    database_section,
+    needs_postgres,
+    stalled_walsender,
+)
 from pg_harness import write_secrets as write_pg_secrets
 
 from shared import keys
@@ -388,10 +395,9 @@ async def test_status_shows_each_database_role_and_sync_state(
     await until(synchronous_shown, 20, "b shown as streaming, synchronous standby")
 
 
-async def test_three_nodes_quorum_commit_and_the_most_advanced_standby_takes_over(
-    db_cluster3: tuple[Cluster, int],
-) -> None:
-    c, port = db_cluster3
+async def quorum_ready(c: Cluster, port: int) -> int:
+    """a primary, b and c its recorded quorum standbys (``ANY 1 (b, c)``), a table to
+    write to: a's epoch."""
     c.start("a")
     _, epoch = await c.active("p", node="a", timeout=60)
     c.start("b")
@@ -404,6 +410,14 @@ async def test_three_nodes_quorum_commit_and_the_most_advanced_standby_takes_ove
     await until(quorum, 60, "b and c recorded as the quorum standbys")
     async with await psycopg.AsyncConnection.connect(conninfo(port), autocommit=True) as conn:
         await conn.execute("CREATE TABLE IF NOT EXISTS ticks (id bigint PRIMARY KEY)")
+    return epoch
+
+
+async def test_three_nodes_quorum_commit_and_the_most_advanced_standby_takes_over(
+    db_cluster3: tuple[Cluster, int],
+) -> None:
+    c, port = db_cluster3
+    epoch = await quorum_ready(c, port)
     # Every node's address: either standby may be the one that takes over.
     writer = await steady_writer(port, 200, THREE)
     c.crash("a")
@@ -422,6 +436,97 @@ async def test_three_nodes_quorum_commit_and_the_most_advanced_standby_takes_ove
         return bool(db and db.get("role") == "standby" and db.get("upstream") == new_host)
 
     await until(other_follows, 60, f"{other} following the new primary")
+
+
+async def test_three_nodes_a_standby_named_before_it_is_recorded_never_costs_a_commit(
+    db_cluster3: tuple[Cluster, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """a primary, b its recorded synchronous standby, c stopped, a writer committing.
+    c starts: a's agent names ``ANY 1 (b, c)`` and freezes right there, before it writes
+    the record (a test hook). b then stops receiving (a's walsender to it frozen), so the
+    writer's commits are acknowledged by c alone, and a dies. Every acknowledged row must
+    be on whichever node takes over: b, which lacks them, must not."""
+    import signal
+
+    from test_fence_services import stopped
+
+    c, port = db_cluster3
+    gate = c.tmp / "stop-after-sync-names"
+    monkeypatch.setenv("HAPAIR_TEST_STOP_AFTER_SYNC_NAMES", str(gate))
+    _, epoch = await ready(c, port)
+    monkeypatch.delenv("HAPAIR_TEST_STOP_AFTER_SYNC_NAMES")
+    writer = await steady_writer(port, 100, THREE)
+    gate.touch()
+    c.start("c")
+    agent = c.agents["a"].pid
+
+    async def a_frozen() -> bool:
+        return stopped(agent)
+
+    await until(a_frozen, 60, "a's agent frozen once it named c", step=0.002)
+    gate.unlink()
+    async with stalled_walsender("127.0.0.1", port, "b") as walsender:
+        await more_commits(writer, 20, 10, "commits acknowledged by c alone")
+        record = await sync_state(c)
+        c.crash("a")
+        with contextlib.suppress(ProcessLookupError):  # orphaned if the watchdog was first
+            os.kill(walsender, signal.SIGKILL)
+    await c.active("p", not_epoch=epoch, timeout=60)
+
+    async def moved() -> Any:
+        e = await c.endpoint("p.db")
+        return e if e is not None and e.epoch > epoch else None
+
+    endpoint = await until(moved, 30, "p.db published by the new active")
+    await more_commits(writer, 20, 60, "commits on the new primary")
+    await writer.stop()
+    lost = set(writer.acked) - await rows_on(port, endpoint.host)
+    assert not lost, (
+        f"{len(lost)} acknowledged commits lost: {endpoint.node} took over, the record "
+        f"when a named c said {record}"
+    )
+    assert record is not None and "c" in record.sync, f"c named but not recorded: {record}"
+    # b answers with less WAL than c: c alone may take over, and does.
+    assert endpoint.node == "c", f"{endpoint.node} took over"
+
+
+async def test_three_nodes_the_survivor_waits_when_a_dead_standby_may_hold_more(
+    db_cluster3: tuple[Cluster, int],
+) -> None:
+    """a primary, b and c its recorded quorum standbys (``ANY 1 (b, c)``), a writer.
+    c stops receiving (a's walsender to it frozen), so commits are acknowledged by b
+    alone; then a and b die together. c may lack those commits and b cannot say how
+    far it got: c must not take over by itself, and its decision says why."""
+    import signal
+
+    from cluster import holds
+
+    c, port = db_cluster3
+    await quorum_ready(c, port)
+    writer = await steady_writer(port, 100, THREE)
+    async with stalled_walsender("127.0.0.1", port, "c") as walsender:
+        await more_commits(writer, 50, 15, "commits acknowledged by b alone")
+        c.crash("a")
+        c.crash("b")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(walsender, signal.SIGKILL)
+    await writer.stop()
+
+    async def nobody() -> bool:
+        return await c.leader("p") is None
+
+    await until(nobody, 10, "a's leader key expired")
+    try:
+        await holds(nobody, 8, "c took over though b, dead, may hold commits it lacks")
+    except AssertionError:
+        lead = await c.leader("p")
+        if lead is not None and lead[0] == "c":
+            lost = set(writer.acked) - await until(
+                lambda: rows_on(port, "127.0.0.3"), 30, "rows on c"
+            )
+            raise AssertionError(f"c took over: {len(lost)} acknowledged commits lost") from None
+        raise
+    assert "does not answer" in c.log("c"), "c's decision does not say why it waits"
 
 
 async def test_a_postgresql_crash_on_the_active_is_repaired_in_place(

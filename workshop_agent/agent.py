@@ -793,14 +793,17 @@ class Agent:
         return frozenset((sync | {record.primary}) - {self.me})
 
     def _received(self) -> dict[str, int | None]:
-        """Each node's received WAL position, from its published database status."""
+        """Each node's received WAL position, from its published database status; None
+        while it still streams: it may have received more since it published (and
+        acknowledged commits another standby lacks), so only its final one counts."""
         assert self.pair is not None
         out: dict[str, int | None] = {}
         for n in self.pair.nodes:
             kv = self.nodes.items.get(keys.node_status(n.name))
             try:
                 status = decode(NodeStatus, kv.value, kv.key) if kv is not None else None
-                lsn = (status.database or {}).get("receive_lsn") if status else None
+                db = (status.database or {}) if status else {}
+                lsn = None if db.get("streaming") else db.get("receive_lsn")
                 out[n.name] = parse_lsn(lsn) if isinstance(lsn, str) else None
             except (RecordError, ValueError):
                 out[n.name] = None

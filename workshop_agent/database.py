@@ -4,8 +4,11 @@ Order matters for RPO 0, as in Patroni:
 - a new active records itself as the only node holding every commit *before* it
   acknowledges a commit (the old primary lacks what it will write), but only *after* it
   promoted: a failed promotion must leave the old primary eligible;
-- a standby is recorded as synchronous only once the primary reports it so and it
-  flushed the primary's position of the moment it was named;
+- the record names a superset of the standbys the primary may wait for, or only the
+  primary: a standby joining a recorded one is recorded *before* it is named, and a
+  set the record did not contain (the first standby, or fewer than before) is recorded
+  only once the primary reports each synchronous and each flushed the primary's
+  position of the moment the set was named (see ``_keep_sync``);
 - a synchronous standby gone for ``degrade_after_s`` is unrecorded *before* the
   primary stops waiting for it, and never stops being waited for while the record
   cannot be changed.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -52,22 +56,41 @@ def eligible(
 ) -> bool:
     """May ``me`` take the pair over automatically without losing a commit?
 
-    With several recorded standbys (quorum commit, ``ANY 1 (...)``) each commit is on at
-    least one of them, so only the one that received the most WAL, among those that
-    answer (``received``: node -> received LSN, from their status), may take over."""
+    With several recorded standbys (quorum commit, ``ANY 1 (...)``) a commit may be on
+    any one of them alone, so only one that received at least as much WAL as every other
+    recorded standby may take over (``received``: node -> received LSN, from their
+    status), and only once each of them answered: one that does not may hold commits
+    the others lack. The pair then waits (an operator may force a node) rather than
+    lose them: the price of quorum commit when the primary and a standby die together.
+    """
     if config is None or not config.synchronous:
         return True
     if record is None:
         return me == main  # a new site: the main initialises the cluster
     if not record.holds_everything(me):
         return False
-    if me == record.primary or len(record.sync) < 2 or received is None:
+    if me == record.primary or len(record.sync) < 2:
         return True
-    mine = received.get(me)
-    others = [lsn for node, lsn in received.items() if node != me and node in record.sync]
-    if mine is None:
-        return not any(lsn is not None for lsn in others)
-    return all(lsn is None or lsn <= mine for lsn in others)
+    if received is None or (mine := received.get(me)) is None:
+        return False
+    others = [received.get(node) for node in record.sync if node != me]
+    return all(lsn is not None and lsn <= mine for lsn in others)
+
+
+_NAME = re.compile(r'"((?:[^"]|"")*)"|([^\s,()"]+)')
+
+
+def named_standbys(setting: str | None) -> set[str]:
+    """The standbys a ``synchronous_standby_names`` setting lets a commit wait for:
+    ``"b"``, ``ANY 1 ("b", "c")`` (``files.sync_names``) or ``FIRST 1 (b, c)``."""
+    if not setting:
+        return set()
+    body = setting
+    if "(" in setting:
+        body = setting[setting.index("(") + 1 : setting.rindex(")")]
+    return {
+        quoted.replace('""', '"') if quoted else bare for quoted, bare in _NAME.findall(body)
+    } - {""}
 
 
 class Database:
@@ -99,9 +122,9 @@ class Database:
         self._failures = 0
         self._sync_missing_since: float | None = None
         self._recorded: SyncState | None = None
-        # Standbys named synchronous but not yet recorded: the primary's flush position
-        # once they were named, which they must have flushed before they are recorded.
-        self._named_at: dict[str, int] = {}
+        # The standbys named synchronous but not yet recorded as exactly that set, and the
+        # primary's flush position once they were, which each must have flushed first.
+        self._named_at: tuple[frozenset[str], int] | None = None
         self._reached: int | None = None  # the old primary's final position, replayed
 
     @property
@@ -210,6 +233,18 @@ class Database:
                 self.log.warning("database: could not keep the sync state", error=str(err))
 
     async def _keep_sync(self, manager: PgManager, epoch: int, peers_up: set[str]) -> None:
+        """Wait for the standbys that stream, and keep the record true while doing so.
+
+        The invariant, at every moment a commit may be acknowledged: the record names
+        (a) only this primary, or (b) a superset of the standbys PostgreSQL may wait
+        for (``synchronous_standby_names``), of which only the one that received the
+        most, all of them answering, may take over (``eligible``): each commit is on
+        one of them, and WAL is contiguous. A set that is not such a superset (growing
+        from the primary alone, or shrinking) is recorded only once each of its members
+        flushed the primary's position taken after the setting became that set. So the
+        record is widened first, then the setting; the setting is narrowed first, then,
+        after the flush, the record; the primary never stops waiting while the record
+        names a standby; and a record write that fails leaves the setting as it is."""
         assert self.status is not None
         now = time.monotonic()
         # Only a standby really streaming may be waited for: one still starting, or
@@ -218,18 +253,22 @@ class Database:
             r.name for r in self.status.replicas if r.name in peers_up and r.state == "streaming"
         }
         sync_now = set(self.status.sync_standbys())
+        named = named_standbys(self.status.synchronous_standby_names)
         recorded = set(self._recorded.sync) if self._recorded else set()
-        if streaming - sync_now:
+        if streaming and streaming != named:
+            wider = recorded | streaming
+            if recorded and wider != recorded:
+                # From the moment the setting names a standby a commit may be on it
+                # alone: the record must already name it. Recorded only the primary,
+                # it stays so until the newcomers flushed (below).
+                if not await self._record(epoch, sorted(wider), degraded=False):
+                    return
+                recorded = wider
             sync_now = set(await manager.restore_sync(sorted(streaming)))
-        if sync_now and sync_now != recorded:
-            self._sync_missing_since = None
-            if await self._flushed(manager, sync_now, recorded):
-                await self._record(epoch, sorted(sync_now), degraded=False)
-            elif recorded:
-                # The recorded standby is no longer waited for and the new one has not
-                # flushed yet: meanwhile only this primary holds every commit.
-                await self._record(epoch, [], degraded=False)
-            return
+            hooks.stop_at("after_sync_names")
+            named = streaming
+        if named and named != recorded and await self._flushed(manager, named, sync_now):
+            await self._record(epoch, sorted(named), degraded=False)
         waiting = bool(self.status.synchronous_standby_names)
         if (recorded or waiting) and not sync_now:
             self._sync_missing_since = self._sync_missing_since or now
@@ -243,34 +282,26 @@ class Database:
         else:
             self._sync_missing_since = None
 
-    async def _flushed(self, manager: PgManager, sync_now: set[str], recorded: set[str]) -> bool:
-        """Whether each standby the primary waits for holds every acknowledged commit.
+    async def _flushed(self, manager: PgManager, named: set[str], sync_now: set[str]) -> bool:
+        """Whether each standby in ``named``, the set the primary may wait for now, holds
+        every acknowledged commit, so that the record may name exactly that set.
 
         PostgreSQL calls a standby synchronous as soon as it is named, but commits
-        acknowledged before (the pair ran asynchronously) may not be flushed there yet.
-        As Patroni does, a standby counts once it flushed the primary's position taken
-        after it was named, seen in a later round (so every backend waits for it by then).
-        """
+        acknowledged before (asynchronously, or by a standby no longer named) may not be
+        flushed there yet. As Patroni does, each counts once it flushed the primary's
+        position taken after the setting became this set, seen in a later round (every
+        backend waits for the new set by then)."""
         assert self.status is not None
-        for name in set(self._named_at) - sync_now:
-            del self._named_at[name]
-        if sync_now & recorded:
-            # Quorum: one of them already holds every commit, and only the one that
-            # received the most WAL may take over, so a newcomer may join the record at
-            # once (WAL is contiguous: receiving more means having all the other has).
-            self._named_at.clear()
-            return True
-        new = sync_now - recorded - set(self._named_at)
-        if new:
-            position = await manager.flush_position()
-            self._named_at.update(dict.fromkeys(new, position))
+        if self._named_at is None or self._named_at[0] != named:
+            self._named_at = (frozenset(named), await manager.flush_position())
             return False
+        position = self._named_at[1]
         flushed = {r.name: r.flush_lsn for r in self.status.replicas}
-        for name, named_at in self._named_at.items():
+        for name in named:
             lsn = flushed.get(name)
-            if lsn is None or lsn < named_at:
+            if name not in sync_now or lsn is None or lsn < position:
                 return False
-        self._named_at.clear()
+        self._named_at = None
         return True
 
     async def _record(self, epoch: int, sync: list[str], degraded: bool) -> bool:
@@ -319,7 +350,7 @@ class Database:
         """Fencing: stop now; never waits on anything in flight."""
         self.primary_epoch = None
         self._recorded = None
-        self._named_at.clear()
+        self._named_at = None
         try:
             if self.manager is not None:
                 with contextlib.suppress(PgError):

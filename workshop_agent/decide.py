@@ -483,8 +483,9 @@ def _campaign(o: Observation) -> Decision:
         )
     if not o.db_eligible:
         return Decision(
-            "no active node; this node may lack committed data (not the recorded "
-            "synchronous standby): not campaigning"
+            "no active node; this node may lack committed data (not a recorded "
+            "synchronous standby, or another recorded one received more or does not "
+            "answer and may hold commits this node lacks): not campaigning"
         )
     rank = o.pair.rank(o.me)
     if rank > 0 and not o.seen_leader and o.now - o.started_at < 2 * o.lease_ttl:

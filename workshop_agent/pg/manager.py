@@ -6,9 +6,11 @@ cycle. What the agent owns, and this module never decides: who is active (the et
 lease), which standby is recorded as synchronous in etcd, and when to degrade.
 
 Ordering the agent must keep (as Patroni does): record "no synchronous standby" in
-etcd *before* ``degrade_to_async()``; record a standby as synchronous only *after*
-``restore_sync()`` returned it. Then every acknowledged commit is on each standby the
-record names, and only those may be promoted automatically.
+etcd *before* ``degrade_to_async()``; a standby ``restore_sync()`` is to add to a
+recorded one is recorded *before* the call; one the record did not name, or a set
+smaller than the record, only *after* the call returned and each flushed what the
+primary had by then. Then every acknowledged commit is on a standby the record names,
+and the one of them that received the most may be promoted automatically.
 """
 
 from __future__ import annotations
@@ -233,7 +235,8 @@ class PgManager:
 
     async def restore_sync(self, names: Sequence[str]) -> list[str]:
         """Make ``names`` synchronous (any one of them, if several); those the primary
-        then reports synchronous. Record only those in etcd, and only after this."""
+        then reports synchronous. A commit may be on any one of ``names`` alone from
+        now on: the record in etcd must already name them all, or only the primary."""
         async with self._step():
             conn = await self._primary_conn("restore_sync")
             wanted = list(names) if self.config.synchronous else []
