@@ -216,13 +216,30 @@ class TakeoverRisk:
     sync: records.SyncState | None
 
     @property
+    def quorum(self) -> bool:
+        """``node`` is one of several recorded standbys (quorum commit, ``ANY 1``): each
+        commit is on one of them at least, not necessarily on this one."""
+        sync = self.sync
+        return sync is not None and self.node != sync.primary and len(sync.sync) >= 2
+
+    @property
     def may_lose_commits(self) -> bool:
-        return self.sync is not None and not self.sync.holds_everything(self.node)
+        sync = self.sync
+        return sync is not None and (not sync.holds_everything(self.node) or self.quorum)
 
     def warning(self) -> str | None:
         sync = self.sync
         if sync is None or not self.may_lose_commits:
             return None
+        if self.quorum:
+            others = ", ".join(n for n in sync.sync if n != self.node)
+            return (
+                f"{self.node} is one of the standbys recorded for pair {self.pair} under "
+                f"quorum commit ({', '.join(sync.sync)}: each commit waited for any one of "
+                f"them). A commit acknowledged by {others} alone is missing on {self.node} "
+                f"unless it received at least as much, and is lost for good once "
+                f"{sync.primary} and {others} rejoin as its standbys."
+            )
         holders = ", ".join([sync.primary, *sync.sync])
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sync.at))
         state = "asynchronous (degraded)" if sync.degraded else "synchronous"

@@ -172,8 +172,10 @@ class Handover(Record):
 class SyncState(Record):
     """``/pairs/{pair}/sync_standby``, written by the primary (guarded by its epoch).
 
-    ``primary`` and the nodes in ``sync`` hold every acknowledged commit; no other node
-    may take over automatically. Empty ``sync`` with ``degraded``: the primary went
+    ``primary`` holds every acknowledged commit, and so does the one node in ``sync``;
+    with several (quorum commit, ``ANY 1``) each commit is on one of them at least, so
+    only the one that received the most holds them all. No node outside the record may
+    take over automatically. Empty ``sync`` with ``degraded``: the primary went
     asynchronous because its synchronous standby was gone."""
 
     primary: Name
@@ -183,6 +185,7 @@ class SyncState(Record):
     at: float = Field(default_factory=now_wall)
 
     def holds_everything(self, node: str) -> bool:
+        """Whether ``node`` may hold every commit (under quorum, see above: compare)."""
         return node == self.primary or node in self.sync
 
 

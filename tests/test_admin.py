@@ -198,3 +198,18 @@ async def test_prune_events_deletes_only_old_ones(store: Store) -> None:
     assert await admin.prune_events(store, older_than_s=86400) == 1
     remaining = [kv.key for kv in (await store.get_prefix(keys.EVENTS_PREFIX))[0]]
     assert remaining == [recent]
+
+
+def test_forcing_one_of_several_quorum_standbys_warns_that_the_others_may_hold_more() -> None:
+    """Under quorum commit a commit may be on one recorded standby alone: forcing another
+    one may lose it, although that node is recorded."""
+    quorum = records.SyncState(primary="a", sync=["b", "c"], epoch=7)
+    risk = admin.TakeoverRisk("p", "c", quorum)
+    assert risk.may_lose_commits
+    warning = risk.warning()
+    assert warning is not None and "acknowledged by b alone is missing on c" in warning
+    # The primary itself, and the one recorded standby of a pair of two, risk nothing.
+    assert admin.TakeoverRisk("p", "a", quorum).warning() is None
+    single = records.SyncState(primary="a", sync=["b"], epoch=7)
+    assert admin.TakeoverRisk("p", "b", single).warning() is None
+    assert admin.TakeoverRisk("p", "c", single).may_lose_commits
