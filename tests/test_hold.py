@@ -9,7 +9,7 @@ from test_decide import obs
 
 from workshop_agent.decide import Campaign, HandoverView, decide
 from workshop_agent.hold import Ledger, Promises
-from workshop_agent.probes import Hold, HoldReply, Release, decode, encode
+from workshop_agent.peer_wire import Hold, HoldReply, Release, decode, encode
 
 FENCE_AFTER = 1.5
 

@@ -17,15 +17,12 @@ import pytest
 from pydantic import ValidationError
 
 from shared.topology import format_errors
+from workshop_agent.peer_wire import Ping, Pong, decode, encode
 from workshop_agent.probes import (
     Network,
     NetworkProbes,
     PeerPath,
-    Ping,
-    Pong,
     ProbeResult,
-    decode,
-    encode,
     summarize,
 )
 

@@ -47,10 +47,10 @@ from workshop_agent.hold import Ledger, Promise, Promises
 from workshop_agent.netwatch import RESOURCE, NetWatch
 from workshop_agent.node_lock import NodeLocked, lock_node, machine_lock, unlock
 from workshop_agent.observe import PairObserver, PairState
+from workshop_agent.peer_wire import Hold, HoldReply, Release
 from workshop_agent.pg.errors import PgError
 from workshop_agent.pg.manager import PgManager
 from workshop_agent.pg.status import parse_lsn
-from workshop_agent.probes import Hold, HoldReply, Release
 from workshop_agent.settings import AgentSettings
 from workshop_agent.supervisor import Supervisor
 from workshop_agent.vip import VipKeeper

@@ -16,14 +16,8 @@ from dataclasses import dataclass
 from shared.log import EventLog
 from shared.records import Resource
 from shared.topology import Node, Pair
-from workshop_agent.probes import (
-    Hold,
-    HoldReply,
-    NetworkProbes,
-    NetworkSummary,
-    ProbeError,
-    Release,
-)
+from workshop_agent.peer_wire import Hold, HoldReply, Release
+from workshop_agent.probes import NetworkProbes, NetworkSummary, ProbeError
 
 RESOURCE = "network"
 

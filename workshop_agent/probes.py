@@ -5,7 +5,7 @@
   sequence number; the reply echoes both and says whether the responder itself sees
   the sender, so a node learns "I see X, but X does not see me" without etcd. The same
   socket carries the hold requests of an active that cannot reach etcd, and the peers'
-  answers (see ``workshop_agent/hold.py``).
+  answers (see ``workshop_agent/hold.py``); the messages are in ``peer_wire.py``.
 - :class:`TargetProber` probes the pair's ``probe_targets``: ``host:port`` with a TCP
   connect, ``host`` with an ICMP echo (raw socket: the agent runs as root). Both leave
   from the node's own address, so the route tested is the one its services use.
@@ -20,10 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import json
 import logging
 import os
-import re
 import socket
 import struct
 import time
@@ -33,13 +31,20 @@ from typing import Any
 
 from shared.clock import boottime
 from shared.network import MAX_TIMEOUT_S, Network, Target
+from workshop_agent.peer_wire import (
+    Hold,
+    HoldReply,
+    Message,
+    Ping,
+    Pong,
+    Release,
+    decode,
+    encode,
+)
 
 log = logging.getLogger("hapair.probes")
 
 Clock = Callable[[], float]
-
-MAX_DATAGRAM = 512
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
 
 class ProbeError(Exception):
@@ -126,118 +131,7 @@ def summarize(
     )
 
 
-# ---- the peer path: UDP ping/pong between agents ----------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Ping:
-    sender: str
-    seq: int
-
-
-@dataclass(frozen=True, slots=True)
-class Pong:
-    sender: str
-    to: str
-    seq: int
-    sees: bool | None  # does the responder see the pinger?
-
-
-@dataclass(frozen=True, slots=True)
-class Hold:
-    """The active, late with etcd: "do not campaign while you hear me" (term ``epoch``)."""
-
-    sender: str
-    seq: int
-    epoch: int
-    ttl: float
-
-
-@dataclass(frozen=True, slots=True)
-class HoldReply:
-    """A peer's answer to a hold: ``promised``, or why not."""
-
-    sender: str
-    to: str
-    seq: int
-    epoch: int
-    promised: bool
-    reason: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Release:
-    """The former holder, its services stopped: the promises for ``epoch`` are over."""
-
-    sender: str
-    seq: int
-    epoch: int
-
-
-Message = Ping | Pong | Hold | HoldReply | Release
-MAX_REASON = 200
-
-
-def encode(msg: Message) -> bytes:
-    body: dict[str, Any] = {"v": 1, "from": msg.sender, "seq": msg.seq}
-    match msg:
-        case Ping():
-            body["t"] = "ping"
-        case Pong():
-            body.update(t="pong", to=msg.to, sees=msg.sees)
-        case Hold():
-            body.update(t="hold", epoch=msg.epoch, ttl=msg.ttl)
-        case HoldReply():
-            body.update(
-                t="held", to=msg.to, epoch=msg.epoch, promised=msg.promised, reason=msg.reason
-            )
-        case Release():
-            body.update(t="release", epoch=msg.epoch)
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
-def _name(value: object) -> str | None:
-    return value if isinstance(value, str) and _NAME.match(value) else None
-
-
-def decode(data: bytes) -> Message | None:
-    """A well-formed message, or None for anything else (never raises)."""
-    if len(data) > MAX_DATAGRAM:
-        return None
-    try:
-        body = json.loads(data)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(body, dict) or body.get("v") != 1:
-        return None
-    sender, seq = _name(body.get("from")), body.get("seq")
-    # bool is an int in Python: refuse it explicitly.
-    if sender is None or type(seq) is not int or not 0 <= seq < 2**32:
-        return None
-    kind, to = body.get("t"), _name(body.get("to"))
-    if kind == "ping":
-        return Ping(sender, seq)
-    if kind == "pong":
-        sees = body.get("sees")
-        if to is None or sees not in (True, False, None):
-            return None
-        return Pong(sender, to, seq, sees)
-    epoch = body.get("epoch")
-    if type(epoch) is not int or epoch <= 0:
-        return None
-    if kind == "hold":
-        ttl = body.get("ttl")
-        if not isinstance(ttl, int | float) or isinstance(ttl, bool) or not 0 < ttl <= 3600:
-            return None
-        return Hold(sender, seq, epoch, float(ttl))
-    if kind == "release":
-        return Release(sender, seq, epoch)
-    if kind == "held":
-        promised, reason = body.get("promised"), body.get("reason")
-        if to is None or type(promised) is not bool or not isinstance(reason, str):
-            return None
-        return HoldReply(sender, to, seq, epoch, promised, reason[:MAX_REASON])
-    return None
+# ---- the peer path: UDP ping/pong between agents (messages: peer_wire.py) -------------
 
 
 @dataclass(slots=True)
