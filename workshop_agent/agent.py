@@ -26,6 +26,7 @@ from shared.records import (
     Endpoint,
     Event,
     Leader,
+    Members,
     NodeStatus,
     RecordError,
     Recovery,
@@ -123,6 +124,9 @@ class Agent:
         self._contexts_term: int | None = None  # the term whose held contexts were read
         self._catch_up_lsn: int | None = None
         self._refused: dict[str, float] = {}  # handover targets that did not confirm, until
+        # Member sets this term sent to etcd whose outcome is unknown, and one in flight.
+        self._members_unsure: set[frozenset[str]] = set()
+        self._members_writing = False
         self._guarded_pg: int | None = None
         self.database: Database | None = None
         self._db_task: asyncio.Task[None] | None = None
@@ -400,9 +404,49 @@ class Agent:
         assert s is not None and self.pair is not None
         point = s.fence_deadline
         if s.lease is not None and self.term is not None and self.ledger.epoch == self.term:
-            peers = [n.name for n in self.pair.nodes if n.name != self.me]
+            peers = d.hold_peers(self.pair, self.me, self._acknowledged())
             point = max(point, self.ledger.deadline(peers, s.fence_after))
         return point
+
+    def _acknowledged(self) -> list[frozenset[str] | None]:
+        """The member sets etcd may hold for this term: the one this view shows, and
+        those sent since whose outcome is unknown."""
+        shown = self._state.members if self._state is not None else None
+        return [shown, *self._members_unsure]
+
+    def _members_step(self) -> None:
+        """As the active, acknowledge the nodes of the topology it runs as the pair's
+        members (a node it lists may campaign only then; one it dropped no longer may)."""
+        st, pair, term, election = self._state, self.pair, self.term, self.election
+        if st is None or pair is None or term is None or election is None:
+            return
+        nodes = frozenset(n.name for n in pair.nodes)
+        if st.members == nodes or self._members_writing:
+            return
+        self._members_writing = True
+        self._members_unsure.add(nodes)
+        self._spawn(self._write_members(election, pair.name, term, nodes), "members")
+
+    async def _write_members(
+        self, election: Election, pair: str, term: int, nodes: frozenset[str]
+    ) -> None:
+        try:
+            written = await election.write_members(term, nodes)
+        except StoreError as err:
+            self.log.warning("could not acknowledge the pair's members", error=str(err))
+            await asyncio.sleep(TICK_S)
+            return
+        finally:
+            self._members_writing = False
+        # Answered: etcd holds this set, or the term is over. A set sent earlier whose
+        # answer never came was applied before this one or not at all.
+        self._members_unsure.clear()
+        if written is not None:
+            value, revision = written
+            key = keys.members(pair)
+            self.pairs.apply_local(key, Kv(key, value, revision, revision, 0), revision)
+            self.log.info("pair members acknowledged", members=",".join(sorted(nodes)))
+        self._lease_changed()  # the promises the hold needs may be fewer now
 
     # -- the fence timer --------------------------------------------------------------
     def _lease_changed(self) -> None:
@@ -571,6 +615,7 @@ class Agent:
                     )
                     break
             self._recovery_step()
+            self._members_step()
             if self.netwatch.tick() and self.netwatch.state is not None:
                 self.event("network", "; ".join(self.netwatch.state.problems()) or "all clear")
 
@@ -623,6 +668,8 @@ class Agent:
             ),
             step_down_unanswered=self._unanswered is not None,
             refused=frozenset(n for n, until in self._refused.items() if until > now),
+            members=st.members,
+            members_revision=st.members_revision,
             switchover=st.switchover,
             handover=st.handover,
             lost=st.lost,
@@ -637,8 +684,8 @@ class Agent:
             case d.StartServices(epoch):
                 if self.term == epoch and self._valid(self.clock()) and self._db_ready():
                     self.supervisor.activate(epoch)
-            case d.Campaign(stale):
-                await self._campaign(stale)
+            case d.Campaign(stale, members_revision):
+                await self._campaign(stale, members_revision)
             case d.Adopt(epoch):
                 self._take_term(epoch, "took up its own leader key")
             case d.Reclaim(epoch, lease):
@@ -694,7 +741,7 @@ class Agent:
             return False
         return status.healthy and status.role == "standby"
 
-    async def _campaign(self, stale: int | None) -> None:
+    async def _campaign(self, stale: int | None, members_revision: int) -> None:
         assert self.session is not None and self.election is not None
         lease = self.session.lease
         if lease is None:
@@ -707,16 +754,20 @@ class Agent:
             return
         self._campaigning = True
         try:
-            epoch = await self.election.campaign(lease, stale, target)
+            assert self.pair is not None
+            members = [n.name for n in self.pair.nodes]
+            epoch = await self.election.campaign(lease, stale, target, members, members_revision)
         finally:
             self._campaigning = False
         if epoch is None:
             return
-        assert self.pair is not None
         key = keys.leader(self.pair.name)
         self.pairs.apply_local(
             key, Kv(key, Leader(node=self.me).encode(), epoch, epoch, lease), epoch
         )
+        key = keys.members(self.pair.name)
+        value = Members(nodes=sorted(members)).encode()
+        self.pairs.apply_local(key, Kv(key, value, epoch, epoch, 0), epoch)
         previous = self.last_leader
         planned = target and handover is not None and handover.planned
         self._catch_up_lsn = handover.lsn if target and handover is not None else None
@@ -752,6 +803,7 @@ class Agent:
         if not self.session.valid(self.clock()):
             return
         self.term = epoch
+        self._members_unsure.clear()  # sets sent in an earlier term: overwritten since
         self._newest_epoch = max(self._newest_epoch or 0, epoch)
         self._held_since = self.clock()
         self.log.bind(epoch=epoch)
