@@ -10,15 +10,42 @@ watch as the leader key, does.
 from __future__ import annotations
 
 import pytest
-from cluster import Cluster, holds, until
+from cluster import Cluster, until
 from etcd_relay import EtcdRelay
-from harness import free_port
-from test_etcd_loss import LOST_S, only, service_pids, with_peer_path
+from test_etcd_loss import a_behind_a_relay, a_keeps_the_pair_until_healed, service_pids
 from test_failover import pair
+
+from shared import keys, records
+from shared.admin import TakeoverRisk
+from shared.records import Members, decode
 
 pytestmark = pytest.mark.e2e
 
-NODES_LAG_S = 120.0  # longer than the test: c never sees a node status change
+CAMPAIGNED = "c campaigned while a held the pair"
+WAITED = "c: not yet acknowledged as a member of the pair by its active"
+LAG_S = 120.0  # longer than the test: a lagging view never shows a change made in it
+
+
+def start_lagging(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, node: str, *views: str
+) -> None:
+    """Start ``node``'s agent with these views of etcd lagging its view of the pairs."""
+    for view in views:
+        monkeypatch.setenv(view, str(LAG_S))
+    cluster.start(node)
+    for view in views:
+        monkeypatch.delenv(view)
+
+
+async def cut_and_expired(cluster: Cluster, relay: EtcdRelay) -> None:
+    """Cut a from etcd; return once its key expired and b promised a to hold."""
+    await relay.cut()
+
+    async def b_holds() -> bool:
+        st = await cluster.status("b")
+        return await cluster.leader("p") is None and st is not None and st.held_by == "a"
+
+    await until(b_holds, 10, "a's key expired and b promised a to hold")
 
 
 async def test_a_node_added_while_the_active_is_cut_off_waits_though_it_sees_no_holder(
@@ -28,38 +55,62 @@ async def test_a_node_added_while_the_active_is_cut_off_waits_though_it_sees_no_
     meanwhile. c's view of the nodes lags its view of the pairs, so it sees a's leader
     key gone but never b's ``held_by``: only the member set can keep it from taking the
     pair while a still runs the service."""
-    relay = EtcdRelay(cluster.etcd.url)
-    await relay.heal()
-    spec = with_peer_path(pair("p", ["a", "b"], 49, free_port(), cluster.record), 49)
-    await cluster.apply(cluster.site([spec]))
-    cluster.start("a", "--etcd", relay.url)
-    _, epoch = await cluster.active("p", node="a", timeout=20)
-    cluster.start("b")
-    await cluster.standby("b", timeout=20)
+    relay, spec, epoch = await a_behind_a_relay(cluster, ["a", "b"], 49)
     # c's agent runs before c is in the topology: its view of the nodes (a active, b
     # free) is loaded now, and every later change reaches it only after the lag.
-    monkeypatch.setenv("HAPAIR_TEST_NODES_LAG_S", str(NODES_LAG_S))
-    cluster.start("c")
-    monkeypatch.delenv("HAPAIR_TEST_NODES_LAG_S")
+    start_lagging(cluster, monkeypatch, "c", "HAPAIR_TEST_NODES_LAG_S")
 
     async def c_waits_for_the_topology() -> bool:
         return "is not in the applied topology" in cluster.log("c")
 
     await until(c_waits_for_the_topology, 20, "c's agent up, waiting for its topology")
     pids = service_pids(cluster, "a")
-    await relay.cut()
-
-    async def b_holds() -> bool:
-        st = await cluster.status("b")
-        return await cluster.leader("p") is None and st is not None and st.held_by == "a"
-
-    await until(b_holds, 10, "a's key expired and b promised a to hold")
+    await cut_and_expired(cluster, relay)
     grown = pair("p", ["a", "b", "c"], 49, 0, cluster.record)
     await cluster.apply(cluster.site([{**spec, "nodes": grown["nodes"]}]))
     await until(lambda: cluster.status("c"), 20, "c's agent in the pair")
     # Longer than every wait a node makes before its first campaign.
-    await holds(only(cluster, "a", pids), LOST_S, "c campaigned while a held the pair")
-    assert "not yet acknowledged as a member of the pair by its active" in cluster.log("c")
-    await relay.heal()
-    await cluster.active("p", not_epoch=epoch, timeout=30)
-    await relay.cut()
+    await a_keeps_the_pair_until_healed(cluster, relay, pids, epoch, CAMPAIGNED, WAITED)
+
+
+async def test_a_node_removed_whose_agent_keeps_the_old_topology_does_not_campaign(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """c is removed from the pair; a takes the new topology in and no longer asks c to
+    hold. c's agent keeps the old topology (its view of it lags), and its view of the
+    nodes lags too: when a is cut from etcd, c sees a's key gone and nobody holding, yet
+    must not campaign while a holds the pair on b's promise."""
+    relay, spec, epoch = await a_behind_a_relay(cluster, ["a", "b", "c"], 53)
+    start_lagging(
+        cluster, monkeypatch, "c", "HAPAIR_TEST_NODES_LAG_S", "HAPAIR_TEST_TOPOLOGY_LAG_S"
+    )
+    await cluster.standby("c", timeout=20)
+    shrunk = pair("p", ["a", "b"], 53, 0, cluster.record)
+    await cluster.apply(cluster.site([{**spec, "nodes": shrunk["nodes"]}]))
+
+    async def a_took_the_removal_in() -> bool:
+        if "topology changed" not in cluster.log("a"):
+            return False
+        kv = await cluster.store.get(keys.members("p"))
+        return kv is None or "c" not in decode(Members, kv.value, kv.key).nodes
+
+    await until(a_took_the_removal_in, 20, "a runs the topology without c")
+    pids = service_pids(cluster, "a")
+    await cut_and_expired(cluster, relay)
+    await a_keeps_the_pair_until_healed(cluster, relay, pids, epoch, CAMPAIGNED, WAITED)
+
+
+def test_a_forced_takeover_of_a_node_not_acknowledged_says_what_it_risks() -> None:
+    """An operator may force such a node (the agents let the forced node campaign): the
+    warning says that a cut-off active may still run the pair's services."""
+    risk = TakeoverRisk("p", "c", None, frozenset({"a", "b"}))
+    warning = risk.warning()
+    assert warning is not None and warning.startswith(
+        "c is not yet acknowledged as a member of pair p by its last active (acknowledged: a, b)"
+    )
+    assert "would run them together with c" in warning
+    assert TakeoverRisk("p", "c", None, frozenset({"a", "b", "c"})).warning() is None
+    assert TakeoverRisk("p", "c", None, None).warning() is None  # no member set yet
+    lagging = records.SyncState(primary="a", sync=[], degraded=True, epoch=1)
+    both = TakeoverRisk("p", "c", lagging, frozenset({"a"})).warning()
+    assert both is not None and "acknowledged commit" in both and "member" in both

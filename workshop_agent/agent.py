@@ -81,10 +81,14 @@ class Agent:
         self._wake = asyncio.Event()
         self._dirty = asyncio.Event()
         self._stopping = asyncio.Event()
-        self.topology = Mirror(self.store, keys.PREFIX + "/topology/", self._changed)
-        self.pairs = Mirror(self.store, keys.PAIRS_PREFIX, self._changed)
-        # A test's fault only: the view of the nodes lags the view of the pairs.
+        # A test's fault only: the views of the nodes and of the topology lag the view of
+        # the pairs.
         nodes_lag = float(os.environ.get("HAPAIR_TEST_NODES_LAG_S", "0"))
+        topology_lag = float(os.environ.get("HAPAIR_TEST_TOPOLOGY_LAG_S", "0"))
+        self.topology = Mirror(
+            self.store, keys.PREFIX + "/topology/", self._changed, lag_s=topology_lag
+        )
+        self.pairs = Mirror(self.store, keys.PAIRS_PREFIX, self._changed)
         self.nodes = Mirror(self.store, keys.NODES_PREFIX, self._changed, lag_s=nodes_lag)
         self.observer = PairObserver(self.me, self.log)
         self.netwatch = NetWatch(self.log, self._changed)
@@ -127,6 +131,7 @@ class Agent:
         # Member sets this term sent to etcd whose outcome is unknown, and one in flight.
         self._members_unsure: set[frozenset[str]] = set()
         self._members_writing = False
+        self._members_error: str | None = None  # for logging changes only
         self._guarded_pg: int | None = None
         self.database: Database | None = None
         self._db_task: asyncio.Task[None] | None = None
@@ -411,20 +416,22 @@ class Agent:
     def _acknowledged(self) -> list[frozenset[str] | None]:
         """The member sets etcd may hold for this term: the one this view shows, and
         those sent since whose outcome is unknown."""
-        shown = self._state.members if self._state is not None else None
+        assert self.pair is not None
+        shown, _ = self.observer.members(self.pair.name, self.pairs.items)
         return [shown, *self._members_unsure]
 
     def _members_step(self) -> None:
         """As the active, acknowledge the nodes of the topology it runs as the pair's
         members (a node it lists may campaign only then; one it dropped no longer may)."""
-        st, pair, term, election = self._state, self.pair, self.term, self.election
-        if st is None or pair is None or term is None or election is None:
+        pair, term, election = self.pair, self.term, self.election
+        if pair is None or term is None or election is None or self._members_writing:
             return
         nodes = frozenset(n.name for n in pair.nodes)
-        if st.members == nodes or self._members_writing:
+        if self.observer.members(pair.name, self.pairs.items)[0] == nodes:
             return
         self._members_writing = True
         self._members_unsure.add(nodes)
+        self._lease_changed()  # a hold may need more promises now: the fence point moves
         self._spawn(self._write_members(election, pair.name, term, nodes), "members")
 
     async def _write_members(
@@ -433,7 +440,9 @@ class Agent:
         try:
             written = await election.write_members(term, nodes)
         except StoreError as err:
-            self.log.warning("could not acknowledge the pair's members", error=str(err))
+            if str(err) != self._members_error:
+                self.log.warning("could not acknowledge the pair's members", error=str(err))
+            self._members_error = str(err)
             await asyncio.sleep(TICK_S)
             return
         finally:
@@ -441,6 +450,7 @@ class Agent:
         # Answered: etcd holds this set, or the term is over. A set sent earlier whose
         # answer never came was applied before this one or not at all.
         self._members_unsure.clear()
+        self._members_error = None
         if written is not None:
             value, revision = written
             key = keys.members(pair)

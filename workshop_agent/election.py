@@ -145,7 +145,7 @@ class Election:
         lease: int,
         handover_revision: int | None = None,
         target: bool = False,
-        members: Collection[str] = (),
+        members: Collection[str] | None = None,
         members_revision: int = 0,
     ) -> int | None:
         """Take the leader key if nobody holds it; the new epoch, or None if we lost.
@@ -153,10 +153,15 @@ class Election:
         Unless this node is the named handover target, a live handover record blocks
         the campaign; a stale one (seen at ``handover_revision``) does not. The member
         set the decision read (at ``members_revision``, 0: none) must be unchanged, and
-        ``members`` (this node's topology) becomes the new term's member set with it.
+        ``members`` (this node's topology) becomes the new term's member set with it
+        (the agent always gives it; without, the member set is left as it is).
         """
         tx = self.store.tx
-        compare = [tx.create(self.key) == 0, tx.mod(self.members_key) == members_revision]
+        compare = [tx.create(self.key) == 0]
+        writes = []
+        if members is not None:
+            compare.append(tx.mod(self.members_key) == members_revision)
+            writes.append(tx.put(self.members_key, Members(nodes=sorted(members)).encode()))
         if not target:
             compare.append(
                 tx.mod(self.handover_key) == handover_revision
@@ -167,10 +172,10 @@ class Election:
             compare,
             [
                 tx.put(self.key, Leader(node=self.node).encode(), lease=lease),
-                tx.put(self.members_key, Members(nodes=sorted(members)).encode()),
                 tx.delete(self.handover_key),
                 # A forced takeover is for this election only, whoever wins it.
                 tx.delete(self.takeover_key),
+                *writes,
             ],
         )
         return int(resp[0].response_put.header.revision) if ok else None

@@ -102,7 +102,7 @@ class PairObserver:
             )
         drained = frozenset(n.name for n in pair.nodes if keys.drained(n.name) in nodes)
         switchover, raw = self._switchover(pairs.get(keys.switchover(pair.name)))
-        members, members_revision = self._members(pairs.get(keys.members(pair.name)))
+        members, members_revision = self.members(pair.name, pairs)
         return PairState(
             leader=leader,
             leader_absent_since=self._absent_since,
@@ -119,7 +119,10 @@ class PairObserver:
             members_revision=members_revision,
         )
 
-    def _members(self, kv: Kv | None) -> tuple[frozenset[str] | None, int]:
+    def members(self, pair: str, pairs: Mapping[str, Kv]) -> tuple[frozenset[str] | None, int]:
+        """The nodes the pair's active acknowledged (None: no member set), and the
+        revision of that set (0: none)."""
+        kv = pairs.get(keys.members(pair))
         if kv is None:
             return None, 0
         record = self._decode(Members, kv)
