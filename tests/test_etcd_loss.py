@@ -80,17 +80,17 @@ async def started(c: Cluster, nodes: list[str], net: int, peer_path: bool = True
 
 
 async def a_behind_a_relay(
-    c: Cluster, nodes: list[str], net: int
+    c: Cluster, nodes: list[str], net: int, b_too: bool = False
 ) -> tuple[EtcdRelay, dict[str, Any], int]:
-    """Pair p with a peer path: a active, reaching etcd through a relay the test may cut,
-    and b a standby. The relay, the pair's spec and a's epoch."""
+    """Pair p with a peer path: a active, reaching etcd through a relay the test may cut
+    (b too with ``b_too``), and b a standby. The relay, the pair's spec and a's epoch."""
     relay = EtcdRelay(c.etcd.url)
     await relay.heal()
     spec = with_peer_path(pair("p", nodes, net, free_port(), c.record), net)
     await c.apply(c.site([spec]))
     c.start("a", "--etcd", relay.url)
     _, epoch = await c.active("p", node="a", timeout=20)
-    c.start("b")
+    c.start("b", *(["--etcd", relay.url] if b_too else []))
     await c.standby("b", timeout=20)
     return relay, spec, epoch
 

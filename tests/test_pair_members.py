@@ -100,6 +100,28 @@ async def test_a_node_removed_whose_agent_keeps_the_old_topology_does_not_campai
     await a_keeps_the_pair_until_healed(cluster, relay, pids, epoch, CAMPAIGNED, WAITED)
 
 
+async def test_a_node_added_while_the_active_and_its_peer_are_cut_off_does_not_campaign(
+    cluster: Cluster,
+) -> None:
+    """a and b are both cut from etcd; a holds the pair on b's promise over the peer
+    path. b's status goes with its lease, so nothing in etcd says b promised anyone: c,
+    added to the pair and started meanwhile, sees no active and nobody holding."""
+    relay, spec, epoch = await a_behind_a_relay(cluster, ["a", "b"], 54, b_too=True)
+    pids = service_pids(cluster, "a")
+    await relay.cut()
+
+    async def nothing_left_in_etcd() -> bool:
+        return await cluster.leader("p") is None and await cluster.status("b") is None
+
+    await until(nothing_left_in_etcd, 10, "a's key and b's status expired in etcd")
+    grown = pair("p", ["a", "b", "c"], 54, 0, cluster.record)
+    await cluster.apply(cluster.site([{**spec, "nodes": grown["nodes"]}]))
+    cluster.start("c")
+    await until(lambda: cluster.status("c"), 20, "c's agent up")
+    # Longer than every wait a fresh agent makes before its first campaign.
+    await a_keeps_the_pair_until_healed(cluster, relay, pids, epoch, CAMPAIGNED, WAITED)
+
+
 def test_a_forced_takeover_of_a_node_not_acknowledged_says_what_it_risks() -> None:
     """An operator may force such a node (the agents let the forced node campaign): the
     warning says that a cut-off active may still run the pair's services."""
