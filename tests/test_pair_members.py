@@ -9,6 +9,8 @@ watch as the leader key, does.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from cluster import Cluster, until
 from etcd_relay import EtcdRelay
@@ -18,11 +20,14 @@ from test_failover import pair
 from shared import keys, records
 from shared.admin import TakeoverRisk
 from shared.records import Members, decode
+from shared.store import Store
+from workshop_agent.election import Election
 
 pytestmark = pytest.mark.e2e
 
 CAMPAIGNED = "c campaigned while a held the pair"
 WAITED = "c: not yet acknowledged as a member of the pair by its active"
+STALE = ("HAPAIR_TEST_NODES_LAG_S", "HAPAIR_TEST_TOPOLOGY_LAG_S")  # c keeps what it saw first
 LAG_S = 120.0  # longer than the test: a lagging view never shows a change made in it
 
 
@@ -81,9 +86,7 @@ async def test_a_node_removed_whose_agent_keeps_the_old_topology_does_not_campai
     nodes lags too: when a is cut from etcd, c sees a's key gone and nobody holding, yet
     must not campaign while a holds the pair on b's promise."""
     relay, spec, epoch = await a_behind_a_relay(cluster, ["a", "b", "c"], 53)
-    start_lagging(
-        cluster, monkeypatch, "c", "HAPAIR_TEST_NODES_LAG_S", "HAPAIR_TEST_TOPOLOGY_LAG_S"
-    )
+    start_lagging(cluster, monkeypatch, "c", *STALE)
     await cluster.standby("c", timeout=20)
     shrunk = pair("p", ["a", "b"], 53, 0, cluster.record)
     await cluster.apply(cluster.site([{**spec, "nodes": shrunk["nodes"]}]))
@@ -122,6 +125,36 @@ async def test_a_node_added_while_the_active_and_its_peer_are_cut_off_does_not_c
     await a_keeps_the_pair_until_healed(cluster, relay, pids, epoch, CAMPAIGNED, WAITED)
 
 
+async def test_an_active_cut_off_before_etcd_has_its_new_member_set_needs_the_old_members(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """c is removed from the pair; a takes the new topology in (its peer path no longer
+    knows c) and is cut from etcd exactly as it sends the member set without c, which
+    etcd never gets. etcd still lists c, whose agent keeps the old topology and sees no
+    holder: c may campaign, so a must not hold the pair on b's promise alone. It fences
+    at its lease's fence point, before its key can expire (the overlap check at the end
+    proves no two runs met)."""
+    relay, spec, epoch = await a_behind_a_relay(cluster, ["a", "b", "c"], 55)
+    start_lagging(cluster, monkeypatch, "c", *STALE)
+    await cluster.standby("c", timeout=20)
+    relay.cut_at(keys.b(keys.members("p")))
+    shrunk = pair("p", ["a", "b"], 55, 0, cluster.record)
+    await cluster.apply(cluster.site([{**spec, "nodes": shrunk["nodes"]}]))
+    await asyncio.wait_for(relay.cut_done.wait(), 20)
+    kv = await cluster.store.get(keys.members("p"))
+    assert kv is not None and "c" in decode(Members, kv.value, kv.key).nodes
+
+    async def a_fenced() -> bool:
+        return not service_pids(cluster, "a")
+
+    # Generous: the lease's fence point is 1.5 s after a's last confirmed keepalive.
+    await until(a_fenced, 10, "a fenced: c, still a member in etcd, never promised")
+    assert "holding the pair on the peers' promises" not in cluster.log("a")
+    await relay.heal()
+    await cluster.active("p", not_epoch=epoch, timeout=30)
+    await relay.cut()
+
+
 def test_a_forced_takeover_of_a_node_not_acknowledged_says_what_it_risks() -> None:
     """An operator may force such a node (the agents let the forced node campaign): the
     warning says that a cut-off active may still run the pair's services."""
@@ -136,3 +169,28 @@ def test_a_forced_takeover_of_a_node_not_acknowledged_says_what_it_risks() -> No
     lagging = records.SyncState(primary="a", sync=[], degraded=True, epoch=1)
     both = TakeoverRisk("p", "c", lagging, frozenset({"a"})).warning()
     assert both is not None and "acknowledged commit" in both and "member" in both
+
+
+async def test_a_campaign_decided_on_an_older_member_set_loses(store: Store) -> None:
+    """The member set changed between the decision and the campaign: the campaign loses
+    rather than win on the old set; decided on the current one, it wins and records its
+    own topology's nodes with the leader key. The active's rewrite is guarded by its
+    epoch."""
+    old = Election(store, "p", "a")
+    first = await old.campaign(await store.grant(60), members=["a", "b"])
+    assert first is not None
+    kv = await store.get(keys.members("p"))
+    assert kv is not None and kv.mod_revision == first
+    assert decode(Members, kv.value, kv.key).nodes == ["a", "b"]
+    written = await old.write_members(first, ["a", "b", "c"])
+    assert written is not None
+    await store.delete(keys.leader("p"))
+    c = Election(store, "p", "c")
+    lease = await store.grant(60)
+    assert await c.campaign(lease, members=["a", "b", "c"], members_revision=first) is None
+    assert await store.get(keys.leader("p")) is None
+    epoch = await c.campaign(lease, members=["a", "b", "c"], members_revision=written[1])
+    assert epoch is not None
+    kv = await store.get(keys.members("p"))
+    assert kv is not None and decode(Members, kv.value, kv.key).nodes == ["a", "b", "c"]
+    assert await old.write_members(first, ["a"]) is None, "a stale term rewrote the set"
