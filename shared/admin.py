@@ -214,6 +214,7 @@ class TakeoverRisk:
     pair: str
     node: str
     sync: records.SyncState | None
+    members: frozenset[str] | None = None  # the nodes the pair's last active acknowledged
 
     @property
     def quorum(self) -> bool:
@@ -228,6 +229,10 @@ class TakeoverRisk:
         return sync is not None and (not sync.holds_everything(self.node) or self.quorum)
 
     def warning(self) -> str | None:
+        found = [w for w in (self._commits(), self._membership()) if w is not None]
+        return " ".join(found) or None
+
+    def _commits(self) -> str | None:
         sync = self.sync
         if sync is None or not self.may_lose_commits:
             return None
@@ -250,6 +255,17 @@ class TakeoverRisk:
             f"they are lost for good once {sync.primary} rejoins as its standby."
         )
 
+    def _membership(self) -> str | None:
+        if self.members is None or self.node in self.members:
+            return None
+        known = ", ".join(sorted(self.members)) or "no node"
+        return (
+            f"{self.node} is not yet acknowledged as a member of pair {self.pair} by its "
+            f"last active (acknowledged: {known}). If that active is cut off from etcd, it "
+            f"may still run the pair's services on the promises of those nodes, and would "
+            f"run them together with {self.node}."
+        )
+
 
 async def takeover_risk(store: Store, pair: str, node: str) -> TakeoverRisk:
     """Check that ``node`` could be forced to take ``pair`` over, and say what it risks."""
@@ -269,7 +285,17 @@ async def _takeover_checked(store: Store, pair: str, node: str) -> tuple[list[An
             raise AdminError(f"the sync record of pair {pair} is unreadable: {err}") from None
     # The warning is the one for this sync record: refuse if it changes meanwhile.
     guards.append(store.tx.mod(keys.b(keys.sync_standby(pair))) == (kv.mod_revision if kv else 0))
-    return guards, TakeoverRisk(pair, node, sync)
+    kv = await store.get(keys.members(pair))
+    members = None
+    if kv is not None:
+        try:
+            found = records.decode(records.Members, kv.value, kv.key).nodes
+        except records.RecordError:
+            found = []  # unreadable: it acknowledges nobody (as the agents read it)
+        members = frozenset(found)
+    # And for this member set.
+    guards.append(store.tx.mod(keys.b(keys.members(pair))) == (kv.mod_revision if kv else 0))
+    return guards, TakeoverRisk(pair, node, sync, members)
 
 
 def _takeover_guards(store: Store, view: SiteView, pair: Pair, node: str) -> list[Any]:

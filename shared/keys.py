@@ -26,6 +26,11 @@ def sync_standby(pair: str) -> str:
     return f"{PAIRS_PREFIX}{pair}/sync_standby"
 
 
+def members(pair: str) -> str:
+    """The nodes of the pair its active acknowledged: only they may campaign."""
+    return f"{PAIRS_PREFIX}{pair}/members"
+
+
 def paused(pair: str) -> str:
     return f"{PAIRS_PREFIX}{pair}/paused"
 

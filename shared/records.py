@@ -169,6 +169,18 @@ class Handover(Record):
     at: float = Field(default_factory=now_wall)
 
 
+class Members(Record):
+    """``/pairs/{pair}/members``: the nodes of the pair its active acknowledged, written
+    with the leader key by the campaign that won (``epoch`` None: the key's mod revision
+    is that epoch) and again by the active, guarded by its ``epoch``, when its topology
+    lists other nodes. A node not listed does not campaign: the active, if cut off from
+    etcd, holds the pair on the promises of these nodes only."""
+
+    nodes: list[Name]
+    epoch: int | None = None
+    at: float = Field(default_factory=now_wall)
+
+
 class SyncState(Record):
     """``/pairs/{pair}/sync_standby``, written by the primary (guarded by its epoch).
 

@@ -5,7 +5,9 @@
 agent sends a request whose bytes contain ``marker`` (an etcd key, which gRPC sends
 uncompressed), every byte etcd sends back on any connection is held until ``seconds``
 after that request passed, then delivered in order. etcd has applied the request by
-then; the agent saw its own call time out, and its watches lag.
+then; the agent saw its own call time out, and its watches lag. ``cut_at(marker)``
+cuts the link as soon as a request carrying ``marker`` reaches the relay, before etcd
+gets it: the agent sent that request, and etcd never applies it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class EtcdRelay:
         self._hold_s = 0.0
         self._held_until = 0.0
         self.triggered = asyncio.Event()
+        self._cut_marker = b""
+        self.cut_done = asyncio.Event()
 
     @property
     def url(self) -> str:
@@ -48,6 +52,11 @@ class EtcdRelay:
         self._marker, self._hold_s = marker, seconds
         self.triggered.clear()
 
+    def cut_at(self, marker: bytes) -> None:
+        """Cut the link at the first request carrying ``marker``, which etcd never gets."""
+        self._cut_marker = marker
+        self.cut_done.clear()
+
     def _saw(self, window: bytes) -> None:
         if self._marker and self._marker in window:
             self._held_until = asyncio.get_running_loop().time() + self._hold_s
@@ -67,8 +76,13 @@ class EtcdRelay:
             tail = b""  # a marker may straddle two reads
             with contextlib.suppress(OSError):
                 while data := await reader.read(65536):
+                    if self._cut_marker and self._cut_marker in tail + data:
+                        self._cut_marker = b""
+                        await self.cut()
+                        self.cut_done.set()
+                        return
                     self._saw(tail + data)
-                    tail = data[-len(self._marker) :] if self._marker else b""
+                    tail = data[-max(len(self._marker), len(self._cut_marker)) :]
                     up_writer.write(data)
                     await up_writer.drain()
             up_writer.transport.abort()

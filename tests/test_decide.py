@@ -29,6 +29,7 @@ from workshop_agent.decide import (
     StartServices,
     SwitchoverView,
     decide,
+    hold_peers,
 )
 
 PAIR = Pair.model_validate(
@@ -327,6 +328,9 @@ observations = st.builds(
     left_term=st.one_of(st.none(), st.integers(1, 50)),
     forgotten_promises_until=st.floats(0, 1000),
     step_down_unanswered=st.booleans(),
+    members=st.one_of(st.none(), st.frozensets(st.sampled_from(["a", "b", "c"]))),
+    members_revision=st.integers(0, 50),
+    forced=st.sampled_from([None, "a", "b", "c"]),
     handover=st.one_of(
         st.none(),
         st.builds(
@@ -380,6 +384,21 @@ def test_no_campaign_while_a_promise_may_bind_the_pair(o: Observation) -> None:
         handover_to_me = h is not None and h.to == o.me and o.now - h.seen_at < o.lease_ttl
         bound = {p.held_by for p in o.peers.values() if p.held_by} - {o.me}
         assert handover_to_me or (not bound and o.now >= o.forgotten_promises_until)
+
+
+@given(observations)
+@settings(max_examples=3000)
+def test_campaigns_only_as_an_acknowledged_member(o: Observation) -> None:
+    """Outside a handover to it (its writer stopped its services) or an operator's
+    forced takeover, a node the pair's active never acknowledged does not campaign; a
+    campaign always names the member set it was decided on."""
+    for action in decide(o).actions:
+        if isinstance(action, Campaign):
+            assert action.members_revision == o.members_revision
+            h = o.handover
+            handover_to_me = h is not None and h.to == o.me and o.now - h.seen_at < o.lease_ttl
+            member = o.members is None or o.me in o.members
+            assert member or handover_to_me or o.forced == o.me
 
 
 @given(observations)
@@ -438,6 +457,57 @@ def test_an_operator_forces_a_node_that_may_lack_commits() -> None:
     assert forced.actions == (Campaign(),) and "forces this node" in forced.reason
     assert decide(obs("b", db_eligible=False, forced="c")).actions == ()
     assert decide(obs("b", db_eligible=False, forced="b", paused=True)).actions == ()
+
+
+NOT_C = frozenset({"a", "b"})
+
+
+def test_a_node_not_acknowledged_as_a_member_waits() -> None:
+    """c was added to the pair while its active (a) may be cut off from etcd: no peer
+    shows a promise, yet c does not campaign; a member does, on the revision it read."""
+    free = {"a": PeerView("active", True), "b": PeerView("standby", True)}
+    waits = decide(obs("c", peers=free, members=NOT_C, members_revision=12))
+    assert waits.actions == ()
+    assert "not yet acknowledged as a member of the pair by its active" in waits.reason
+    member = decide(obs("b", members=NOT_C, members_revision=12))
+    assert member.actions == (Campaign(None, 12),)
+    acknowledged = decide(obs("c", members=frozenset("abc"), members_revision=13))
+    assert acknowledged.actions == (Campaign(None, 13),)
+    # No member set yet (a pair elected before there was one): as before.
+    assert decide(obs("c")).actions == (Campaign(None, 0),)
+    # A member set that could not be read acknowledges nobody.
+    assert decide(obs("a", members=frozenset(), members_revision=3)).actions == ()
+
+
+def test_a_non_member_ahead_in_priority_is_not_waited_for() -> None:
+    """b is preferred but not a member: it never campaigns, so c does not wait for it."""
+    o = obs("c", peers={"b": PeerView("standby", True)}, members=frozenset("ac"))
+    assert decide(o).actions == (Campaign(None, 0),)
+    assert decide(replace(o, members=None)).actions == ()  # b may campaign first
+
+
+def test_a_handover_target_campaigns_though_not_yet_a_member() -> None:
+    """The active that named it stopped its services first: nobody holds the pair."""
+    handover = HandoverView("c", "a", 20, seen_at=99.5)
+    o = obs("c", members=NOT_C, members_revision=12, handover=handover)
+    assert decide(o).actions == (Campaign(None, 12),)
+
+
+def test_an_operator_may_force_a_node_not_acknowledged_as_a_member() -> None:
+    forced = decide(obs("c", members=NOT_C, members_revision=12, forced="c"))
+    assert forced.actions == (Campaign(None, 12),)
+    assert "may still hold the pair cut off from etcd" in forced.reason
+    plain = decide(obs("c", members=frozenset("abc"), forced="c"))
+    assert "member" not in plain.reason
+
+
+def test_an_active_cut_off_needs_the_promise_of_every_node_it_may_have_acknowledged() -> None:
+    """Its topology's nodes, and those of a member set it wrote or may have written."""
+    assert hold_peers(PAIR, "a", [None]) == {"b", "c"}
+    assert hold_peers(PAIR, "a", [NOT_C]) == {"b", "c"}
+    # d was dropped from the topology, but etcd may still list it: it may campaign.
+    assert hold_peers(PAIR, "a", [frozenset("abd"), frozenset()]) == {"b", "c", "d"}
+    assert hold_peers(PAIR, "a", [frozenset("abc"), frozenset("ae")]) == {"b", "c", "e"}
 
 
 def test_a_refusal_that_rests_on_the_view_of_the_target_names_it() -> None:

@@ -79,12 +79,43 @@ async def started(c: Cluster, nodes: list[str], net: int, peer_path: bool = True
     return pids
 
 
+async def a_behind_a_relay(
+    c: Cluster, nodes: list[str], net: int, b_too: bool = False
+) -> tuple[EtcdRelay, dict[str, Any], int]:
+    """Pair p with a peer path: a active, reaching etcd through a relay the test may cut
+    (b too with ``b_too``), and b a standby. The relay, the pair's spec and a's epoch."""
+    relay = EtcdRelay(c.etcd.url)
+    await relay.heal()
+    spec = with_peer_path(pair("p", nodes, net, free_port(), c.record), net)
+    await c.apply(c.site([spec]))
+    c.start("a", "--etcd", relay.url)
+    _, epoch = await c.active("p", node="a", timeout=20)
+    c.start("b", *(["--etcd", relay.url] if b_too else []))
+    await c.standby("b", timeout=20)
+    return relay, spec, epoch
+
+
 def only(c: Cluster, node: str, pids: set[int]) -> Callable[[], Any]:
     async def same() -> bool:
         others = [n for n in c.agents if n != node]
         return service_pids(c, node) == pids and not any(service_pids(c, n) for n in others)
 
     return same
+
+
+async def a_keeps_the_pair_until_healed(
+    c: Cluster, relay: EtcdRelay, pids: set[int], epoch: int, what: str, says: str = ""
+) -> None:
+    """a, cut off, runs the service alone for ``LOST_S`` (``what`` names the failure) and
+    the log of ``says`` (``node: line``) shows why; then a's link to etcd heals, its lease
+    is gone, and the pair is elected again."""
+    await holds(only(c, "a", pids), LOST_S, what)
+    if says:
+        node, line = says.split(": ", 1)
+        assert line in c.log(node)
+    await relay.heal()
+    await c.active("p", not_epoch=epoch, timeout=30)
+    await relay.cut()
 
 
 async def test_one_member_lost_changes_nothing(etcd3: EtcdCluster, c3: Cluster) -> None:
@@ -169,14 +200,7 @@ async def test_active_cut_from_etcd_holds_while_its_peer_hears_it(cluster: Clust
     """Only a's link to etcd breaks: b sees a's key expire, but promised a not to
     campaign and keeps that promise; a keeps the pair. When a's link comes back its
     lease is gone: it fences, and the pair is elected again without an overlap."""
-    relay = EtcdRelay(cluster.etcd.url)
-    await relay.heal()
-    spec = with_peer_path(pair("p", ["a", "b"], 46, free_port(), cluster.record), 46)
-    await cluster.apply(cluster.site([spec]))
-    cluster.start("a", "--etcd", relay.url)
-    _, epoch = await cluster.active("p", node="a")
-    cluster.start("b")
-    await cluster.standby("b")
+    relay, _, epoch = await a_behind_a_relay(cluster, ["a", "b"], 46)
     pids = service_pids(cluster, "a")
     await relay.cut()
 
@@ -184,11 +208,14 @@ async def test_active_cut_from_etcd_holds_while_its_peer_hears_it(cluster: Clust
         return await cluster.leader("p") is None
 
     await until(key_expired, 10, "a's leader key expired in etcd")
-    await holds(only(cluster, "a", pids), LOST_S, "b took over though it promised a to hold")
-    assert "not campaigning: a peer holds the pair" in cluster.log("b")
-    await relay.heal()
-    await cluster.active("p", not_epoch=epoch, timeout=20)
-    await relay.cut()
+    await a_keeps_the_pair_until_healed(
+        cluster,
+        relay,
+        pids,
+        epoch,
+        "b took over though it promised a to hold",
+        "b: not campaigning: a peer holds the pair",
+    )
 
 
 async def test_a_restarted_standby_keeps_the_promise_its_earlier_run_gave(
@@ -232,14 +259,7 @@ async def test_a_node_added_while_the_active_is_cut_off_does_not_campaign(
     """a is cut from etcd and holds the pair on b's promise. c is added to the pair
     meanwhile: a never sees the topology that lists c, so never asks c to hold. c sees
     no leader key, yet must not campaign while a may still hold the pair."""
-    relay = EtcdRelay(cluster.etcd.url)
-    await relay.heal()
-    spec = with_peer_path(pair("p", ["a", "b"], 48, free_port(), cluster.record), 48)
-    await cluster.apply(cluster.site([spec]))
-    cluster.start("a", "--etcd", relay.url)
-    _, epoch = await cluster.active("p", node="a", timeout=20)
-    cluster.start("b")
-    await cluster.standby("b", timeout=20)
+    relay, spec, epoch = await a_behind_a_relay(cluster, ["a", "b"], 48)
     pids = service_pids(cluster, "a")
     await relay.cut()
 
@@ -252,7 +272,6 @@ async def test_a_node_added_while_the_active_is_cut_off_does_not_campaign(
     cluster.start("c")
     await until(lambda: cluster.status("c"), 20, "c's agent up")
     # Longer than every wait a fresh agent makes before its first campaign.
-    await holds(only(cluster, "a", pids), LOST_S, "c campaigned while a held the pair")
-    await relay.heal()
-    await cluster.active("p", not_epoch=epoch, timeout=30)
-    await relay.cut()
+    await a_keeps_the_pair_until_healed(
+        cluster, relay, pids, epoch, "c campaigned while a held the pair"
+    )

@@ -27,6 +27,7 @@ from shared.records import (
     Endpoint,
     Event,
     Leader,
+    Members,
     NodeStatus,
     RecordError,
     Recovery,
@@ -81,10 +82,14 @@ class Agent:
         self._wake = asyncio.Event()
         self._dirty = asyncio.Event()
         self._stopping = asyncio.Event()
-        self.topology = Mirror(self.store, keys.PREFIX + "/topology/", self._changed)
-        self.pairs = Mirror(self.store, keys.PAIRS_PREFIX, self._changed)
-        # A test's fault only: the view of the nodes lags the view of the pairs.
+        # A test's fault only: the views of the nodes and of the topology lag the view of
+        # the pairs.
         nodes_lag = float(os.environ.get("HAPAIR_TEST_NODES_LAG_S", "0"))
+        topology_lag = float(os.environ.get("HAPAIR_TEST_TOPOLOGY_LAG_S", "0"))
+        self.topology = Mirror(
+            self.store, keys.PREFIX + "/topology/", self._changed, lag_s=topology_lag
+        )
+        self.pairs = Mirror(self.store, keys.PAIRS_PREFIX, self._changed)
         self.nodes = Mirror(self.store, keys.NODES_PREFIX, self._changed, lag_s=nodes_lag)
         self.observer = PairObserver(self.me, self.log)
         self.netwatch = NetWatch(self.log, self._changed)
@@ -124,6 +129,10 @@ class Agent:
         self._contexts_term: int | None = None  # the term whose held contexts were read
         self._catch_up_lsn: int | None = None
         self._refused: dict[str, float] = {}  # handover targets that did not confirm, until
+        # Member sets this term sent to etcd whose outcome is unknown, and one in flight.
+        self._members_unsure: set[frozenset[str]] = set()
+        self._members_writing = False
+        self._members_error: str | None = None  # for logging changes only
         self._guarded_pg: int | None = None
         self.database: Database | None = None
         self._db_task: asyncio.Task[None] | None = None
@@ -397,9 +406,54 @@ class Agent:
         assert s is not None and self.pair is not None
         point = s.fence_deadline
         if s.lease is not None and self.term is not None and self.ledger.epoch == self.term:
-            peers = [n.name for n in self.pair.nodes if n.name != self.me]
+            peers = d.hold_peers(self.pair, self.me, self._acknowledged())
             point = max(point, self.ledger.deadline(peers, s.fence_after))
         return point
+
+    def _acknowledged(self) -> list[frozenset[str] | None]:
+        """The member sets etcd may hold for this term: the one this view shows, and
+        those sent since whose outcome is unknown."""
+        assert self.pair is not None
+        shown, _ = self.observer.members(self.pair.name, self.pairs.items)
+        return [shown, *self._members_unsure]
+
+    def _members_step(self) -> None:
+        """As the active, acknowledge the nodes of the topology it runs as the pair's
+        members (a node it lists may campaign only then; one it dropped no longer may)."""
+        pair, term, election = self.pair, self.term, self.election
+        if pair is None or term is None or election is None or self._members_writing:
+            return
+        nodes = frozenset(n.name for n in pair.nodes)
+        if self.observer.members(pair.name, self.pairs.items)[0] == nodes:
+            return
+        self._members_writing = True
+        self._members_unsure.add(nodes)
+        self._lease_changed()  # a hold may need more promises now: the fence point moves
+        self._spawn(self._write_members(election, pair.name, term, nodes), "members")
+
+    async def _write_members(
+        self, election: Election, pair: str, term: int, nodes: frozenset[str]
+    ) -> None:
+        try:
+            written = await election.write_members(term, nodes)
+        except StoreError as err:
+            if str(err) != self._members_error:
+                self.log.warning("could not acknowledge the pair's members", error=str(err))
+            self._members_error = str(err)
+            await asyncio.sleep(TICK_S)
+            return
+        finally:
+            self._members_writing = False
+        # Answered: etcd holds this set, or the term is over. A set sent earlier whose
+        # answer never came was applied before this one or not at all.
+        self._members_unsure.clear()
+        self._members_error = None
+        if written is not None:
+            value, revision = written
+            key = keys.members(pair)
+            self.pairs.apply_local(key, Kv(key, value, revision, revision, 0), revision)
+            self.log.info("pair members acknowledged", members=",".join(sorted(nodes)))
+        self._lease_changed()  # the promises the hold needs may be fewer now
 
     # -- the fence timer --------------------------------------------------------------
     def _lease_changed(self) -> None:
@@ -568,6 +622,7 @@ class Agent:
                     )
                     break
             self._recovery_step()
+            self._members_step()
             if self.netwatch.tick() and self.netwatch.state is not None:
                 self.event("network", "; ".join(self.netwatch.state.problems()) or "all clear")
 
@@ -620,6 +675,8 @@ class Agent:
             ),
             step_down_unanswered=self._unanswered is not None,
             refused=frozenset(n for n, until in self._refused.items() if until > now),
+            members=st.members,
+            members_revision=st.members_revision,
             switchover=st.switchover,
             handover=st.handover,
             lost=st.lost,
@@ -634,8 +691,8 @@ class Agent:
             case d.StartServices(epoch):
                 if self.term == epoch and self._valid(self.clock()) and self._db_ready():
                     self.supervisor.activate(epoch)
-            case d.Campaign(stale):
-                await self._campaign(stale)
+            case d.Campaign(stale, members_revision):
+                await self._campaign(stale, members_revision)
             case d.Adopt(epoch):
                 self._take_term(epoch, "took up its own leader key")
             case d.Reclaim(epoch, lease):
@@ -691,7 +748,7 @@ class Agent:
             return False
         return status.healthy and status.role == "standby"
 
-    async def _campaign(self, stale: int | None) -> None:
+    async def _campaign(self, stale: int | None, members_revision: int) -> None:
         assert self.session is not None and self.election is not None
         lease = self.session.lease
         if lease is None:
@@ -704,16 +761,20 @@ class Agent:
             return
         self._campaigning = True
         try:
-            epoch = await self.election.campaign(lease, stale, target)
+            assert self.pair is not None
+            members = [n.name for n in self.pair.nodes]
+            epoch = await self.election.campaign(lease, stale, target, members, members_revision)
         finally:
             self._campaigning = False
         if epoch is None:
             return
-        assert self.pair is not None
         key = keys.leader(self.pair.name)
         self.pairs.apply_local(
             key, Kv(key, Leader(node=self.me).encode(), epoch, epoch, lease), epoch
         )
+        key = keys.members(self.pair.name)
+        value = Members(nodes=sorted(members)).encode()
+        self.pairs.apply_local(key, Kv(key, value, epoch, epoch, 0), epoch)
         previous = self.last_leader
         planned = target and handover is not None and handover.planned
         self._catch_up_lsn = handover.lsn if target and handover is not None else None
@@ -749,6 +810,7 @@ class Agent:
         if not self.session.valid(self.clock()):
             return
         self.term = epoch
+        self._members_unsure.clear()  # sets sent in an earlier term: overwritten since
         self._newest_epoch = max(self._newest_epoch or 0, epoch)
         self._held_since = self.clock()
         self.log.bind(epoch=epoch)

@@ -14,7 +14,7 @@ reach them:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from shared.topology import Pair
@@ -115,6 +115,13 @@ class Observation:
     refused: frozenset[str] = frozenset()
     """Standbys that lately did not confirm a handover (they did not reach the old
     primary's final position): not chosen again for an automatic one for a while."""
+    members: frozenset[str] | None = None
+    """The nodes of the pair its last active acknowledged (``keys.members``), read from
+    the same watch as the leader key. Only they may campaign: an active cut off from
+    etcd holds the pair on their promises alone. None: no member set was ever written
+    (a pair elected before there was one), every node may campaign."""
+    members_revision: int = 0
+    """The mod revision of that member set (0: none); a campaign loses if it changed."""
 
     @property
     def lease_ttl(self) -> float:
@@ -142,6 +149,8 @@ class Campaign:
     may ignore (the campaign fails if the handover record changed since)."""
 
     handover_revision: int | None = None
+    members_revision: int = 0
+    """The member set decided on: the campaign loses if it changed since."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,6 +432,24 @@ def _as_standby(o: Observation) -> Decision:
     return _campaign(o)
 
 
+def is_member(o: Observation, name: str) -> bool:
+    """Has the pair's last active acknowledged ``name`` as a member (or none was ever
+    recorded)?"""
+    return o.members is None or name in o.members
+
+
+def hold_peers(
+    pair: Pair, me: str, acknowledged: Iterable[frozenset[str] | None]
+) -> frozenset[str]:
+    """The nodes an active cut off from etcd must have the promise of: every node of
+    its topology, and every node of a member set it may have left in etcd (one it wrote,
+    or is writing, for a topology that no longer lists them: they may still campaign)."""
+    nodes = {n.name for n in pair.nodes}
+    for members in acknowledged:
+        nodes |= members or set()
+    return frozenset(nodes - {me})
+
+
 def _campaign(o: Observation) -> Decision:
     if not o.synced:
         return Decision("no active node, but the view of etcd is not current: waiting")
@@ -447,7 +474,11 @@ def _campaign(o: Observation) -> Decision:
                 "handover to this node without the old primary's final position, and "
                 "this node may lack committed data: not campaigning"
             )
-        return Decision("handover to this node: campaigning", (Campaign(),))
+        # The active that named this node stopped its services first: none holds the
+        # pair, so this node needs no acknowledgement as a member.
+        return Decision(
+            "handover to this node: campaigning", (Campaign(members_revision=o.members_revision),)
+        )
     # An active cut off from etcd holds the pair on the promises of the nodes it knows;
     # one added to the pair since then it never asks, so that node waits while any node
     # of the pair is bound by such a promise.
@@ -475,11 +506,26 @@ def _campaign(o: Observation) -> Decision:
         return Decision("no active node; this node is not healthy")
     if o.now < o.holdoff_until:
         return Decision("no active node; holding off after stepping down")
+    stale = handover.revision if handover is not None else None
+    member = is_member(o, o.me)
     if o.forced == o.me:
+        unacknowledged = (
+            ""
+            if member
+            else " and that the active, not having acknowledged it as a member of the pair, "
+            "may still hold the pair cut off from etcd"
+        )
         return Decision(
             "no active node; an operator forces this node to take over, accepting that "
-            "it may lack committed data: campaigning",
-            (Campaign(handover.revision if handover is not None else None),),
+            f"it may lack committed data{unacknowledged}: campaigning",
+            (Campaign(stale, o.members_revision),),
+        )
+    if not member:
+        # The last active may be cut off from etcd and hold the pair on the promises of
+        # the members it knows; it never asked this node.
+        return Decision(
+            "no active node; this node is not yet acknowledged as a member of the pair by "
+            "its active (it may hold the pair cut off from etcd): not campaigning"
         )
     if not o.db_eligible:
         return Decision(
@@ -490,10 +536,11 @@ def _campaign(o: Observation) -> Decision:
     rank = o.pair.rank(o.me)
     if rank > 0 and not o.seen_leader and o.now - o.started_at < 2 * o.lease_ttl:
         return Decision("no active node; giving the main server time to start")
-    ahead = sum(1 for n in o.pair.nodes[:rank] if _eligible_peer(o, n.name))
+    ahead = sum(
+        1 for n in o.pair.nodes[:rank] if _eligible_peer(o, n.name) and is_member(o, n.name)
+    )
     delay = ahead * o.pair.failover.campaign_delay_s
     absent_since = o.leader_absent_since if o.leader_absent_since is not None else o.now
     if o.now - absent_since < delay:
         return Decision(f"no active node; {ahead} preferred node(s) may campaign first")
-    stale = handover.revision if handover is not None else None
-    return Decision("no active node: campaigning", (Campaign(stale),))
+    return Decision("no active node: campaigning", (Campaign(stale, o.members_revision),))

@@ -8,8 +8,10 @@ can never move the pair.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from shared import keys
-from shared.records import Handover, Leader
+from shared.records import Handover, Leader, Members
 from shared.store import Store
 
 
@@ -24,17 +26,30 @@ class Election:
         self.handover_key = keys.b(keys.handover(pair))
         self.switchover_key = keys.b(keys.switchover(pair))
         self.takeover_key = keys.b(keys.takeover(pair))
+        self.members_key = keys.b(keys.members(pair))
 
     async def campaign(
-        self, lease: int, handover_revision: int | None = None, target: bool = False
+        self,
+        lease: int,
+        handover_revision: int | None = None,
+        target: bool = False,
+        members: Collection[str] | None = None,
+        members_revision: int = 0,
     ) -> int | None:
         """Take the leader key if nobody holds it; the new epoch, or None if we lost.
 
         Unless this node is the named handover target, a live handover record blocks
-        the campaign; a stale one (seen at ``handover_revision``) does not.
+        the campaign; a stale one (seen at ``handover_revision``) does not. The member
+        set the decision read (at ``members_revision``, 0: none) must be unchanged, and
+        ``members`` (this node's topology) becomes the new term's member set with it
+        (the agent always gives it; without, the member set is left as it is).
         """
         tx = self.store.tx
         compare = [tx.create(self.key) == 0]
+        writes = []
+        if members is not None:
+            compare.append(tx.mod(self.members_key) == members_revision)
+            writes.append(tx.put(self.members_key, Members(nodes=sorted(members)).encode()))
         if not target:
             compare.append(
                 tx.mod(self.handover_key) == handover_revision
@@ -48,6 +63,7 @@ class Election:
                 tx.delete(self.handover_key),
                 # A forced takeover is for this election only, whoever wins it.
                 tx.delete(self.takeover_key),
+                *writes,
             ],
         )
         return int(resp[0].response_put.header.revision) if ok else None
@@ -112,6 +128,16 @@ class Election:
             [tx.create(self.key) == epoch], [tx.put(keys.b(key), value, lease=lease)]
         )
         return ok
+
+    async def write_members(self, epoch: int, members: Collection[str]) -> tuple[bytes, int] | None:
+        """Acknowledge ``members`` as the pair's nodes while ``epoch`` is the current term:
+        the value and revision written, or None if the term is over."""
+        tx = self.store.tx
+        value = Members(nodes=sorted(members), epoch=epoch).encode()
+        ok, resp = await self.store.txn(
+            [tx.create(self.key) == epoch], [tx.put(self.members_key, value)]
+        )
+        return (value, int(resp[0].response_put.header.revision)) if ok else None
 
     async def delete_if(self, key: str, value: bytes) -> None:
         tx = self.store.tx

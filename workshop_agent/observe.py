@@ -15,6 +15,7 @@ from shared.log import EventLog
 from shared.records import (
     Handover,
     Leader,
+    Members,
     NodeStatus,
     R,
     RecordError,
@@ -42,6 +43,8 @@ class PairState:
     handover: HandoverView | None
     lost: dict[str, Lost]
     forced: str | None = None  # the node an operator forces to take the pair over
+    members: frozenset[str] | None = None  # the nodes its active acknowledged (None: never)
+    members_revision: int = 0
 
 
 class PairObserver:
@@ -99,6 +102,7 @@ class PairObserver:
             )
         drained = frozenset(n.name for n in pair.nodes if keys.drained(n.name) in nodes)
         switchover, raw = self._switchover(pairs.get(keys.switchover(pair.name)))
+        members, members_revision = self.members(pair.name, pairs)
         return PairState(
             leader=leader,
             leader_absent_since=self._absent_since,
@@ -111,7 +115,21 @@ class PairObserver:
             handover=self._handover(pairs.get(keys.handover(pair.name)), now),
             lost=self._lost(nodes, now),
             forced=self._forced(pairs.get(keys.takeover(pair.name))),
+            members=members,
+            members_revision=members_revision,
         )
+
+    def members(self, pair: str, pairs: Mapping[str, Kv]) -> tuple[frozenset[str] | None, int]:
+        """The nodes the pair's active acknowledged (None: no member set), and the
+        revision of that set (0: none)."""
+        kv = pairs.get(keys.members(pair))
+        if kv is None:
+            return None, 0
+        record = self._decode(Members, kv)
+        # A member set we cannot read acknowledges nobody: only the active's rewrite of
+        # it (or an operator's forced takeover) lets a node campaign again.
+        nodes = frozenset(record.nodes) if record is not None else frozenset()
+        return nodes, kv.mod_revision
 
     def _forced(self, kv: Kv | None) -> str | None:
         record = self._decode(Takeover, kv) if kv is not None else None
