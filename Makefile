@@ -105,14 +105,20 @@ typecheck: venv
 	$(BIN)/mypy
 
 # PYTEST_ARGS narrows the run, e.g. make test PYTEST_ARGS="-k drain tests/test_failover.py"
+# The tests run in PYTEST_WORKERS processes (pytest-xdist; 0: in this one). Most of a
+# test's time is spent waiting for leases and failovers, so two share a core well; each
+# process has its own etcd, ports, namespaces and cgroups.
+PYTEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -q -n $(PYTEST_WORKERS)
+
 pytest: venv sysdeps
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 test: venv sysdeps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 # The chaos suite (tests/chaos; a five-fault smoke of it runs in make test). The schedule
 # comes from SEED alone and is printed; ONLY=3,7-9 runs just those faults of it, to replay

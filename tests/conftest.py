@@ -10,9 +10,15 @@ from typing import Any
 import pytest
 from cluster import Cluster
 from harness import Etcd
+from hypothesis import settings
 
 from shared import keys
 from shared.store import Store
+
+# A time limit per example measures the machine's load, not the code: property tests
+# bound their work by the number of examples only.
+settings.register_profile("hapair", deadline=None)
+settings.load_profile("hapair")
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +59,7 @@ async def cluster(etcd: Etcd, store: Store, tmp_path: Path) -> AsyncIterator[Clu
 # CI=true it fails the run, unless the test is marked ``may_skip`` (a skip that weakens
 # no safety claim, e.g. a machine without an IPv6 loopback).
 _IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-_skipped: list[tuple[str, str]] = []
+_SKIPPED = "hapair_skipped"  # a report's property: it travels from xdist's workers
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -69,15 +75,22 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if not report.skipped or hasattr(report, "wasxfail"):
         return
     reason = str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else "skipped"
-    _skipped.append((item.nodeid, reason))
+    report.user_properties.append((_SKIPPED, reason))
     if _IN_CI and item.get_closest_marker("may_skip") is None:
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true, which proves nothing: {reason}"
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not _skipped:
+    skipped = [
+        (report.nodeid, value)
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        for name, value in getattr(report, "user_properties", ())
+        if name == _SKIPPED
+    ]
+    if not skipped:
         return
     terminalreporter.section("SKIPPED TESTS: these claims were not checked", sep="!", red=True)
-    for nodeid, reason in _skipped:
+    for nodeid, reason in skipped:
         terminalreporter.write_line(f"{nodeid}: {reason}", red=True)
