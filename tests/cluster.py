@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import yaml
 from harness import PYTHON, ROOT, Etcd, stop_pid
 
-from registry.drill_faults import descendants
+from registry.console.drill_faults import descendants
 from shared import keys
 from shared.clock import boottime
 from shared.records import Endpoint, Leader, NodeStatus, TopologyDoc, decode

@@ -21,9 +21,9 @@ from pg_harness import common_free_port, database_section, needs_postgres, write
 from test_client_support import BIN, RegistryProcess
 from vip_lab import LabSite, service
 
-from registry import drill
-from registry.drill_faults import NFT_TABLE, FaultError, local_agent, nft_missing
-from registry.drill_measure import Sample, figures
+from registry.console import drill
+from registry.console.drill_faults import NFT_TABLE, FaultError, local_agent, nft_missing
+from registry.console.drill_measure import Sample, figures
 from shared import keys
 from shared.records import NodeStatus, SyncState, decode, local_boot_id
 

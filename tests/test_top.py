@@ -29,14 +29,14 @@ from harness import Etcd, free_port, stop_pid
 from rich.console import Console
 from site_records import FakeAgent, apply_site
 
-from registry import cli
 from registry.app import create_app
 from registry.appkeys import CACHE, RegistryConfig
-from registry.status import ago
-from registry.top.control import Top, handle, parse_keys
-from registry.top.feed import Request, SiteFeed, outcome, split_urls
-from registry.top.state import NOTICE_S, Connection, Notice, Selection, pairs_of
-from registry.top.view import clock, render
+from registry.console import cli
+from registry.console.status import ago
+from registry.console.top.control import Top, handle, parse_keys
+from registry.console.top.feed import Request, SiteFeed, outcome, split_urls
+from registry.console.top.state import NOTICE_S, Connection, Notice, Selection, pairs_of
+from registry.console.top.view import clock, render
 from shared import keys, records
 from shared.plcs import PathHealth
 from shared.report import (

@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from registry.drill_faults import mark
+from registry.console.drill_faults import mark
 from shared.client.errors import ClientError
 from shared.client.resolver import Resolver
 

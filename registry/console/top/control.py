@@ -1,8 +1,8 @@
 """Keys for ``hapair top``: what a key does is decided purely, then carried out.
 
 :func:`parse_keys` turns terminal input into key names; :func:`handle` turns one key
-into a new :class:`~registry.top.view.Selection` and, at most, one effect: quit, or an
-admin :class:`~registry.top.feed.Request` the operator has just confirmed with ``y``.
+into a new :class:`~registry.console.top.view.Selection` and, at most, one effect: quit, or an
+admin :class:`~registry.console.top.feed.Request` the operator has just confirmed with ``y``.
 Nothing is sent without that confirmation, and an acknowledgement names the epoch of
 the recovery the operator was shown, so the registry refuses it if the pair has failed
 over again since. :class:`Top` holds the state and sends the requests.
@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Literal
 
-from registry.top.feed import Request, SiteFeed
-from registry.top.state import (
+from registry.console.top.feed import Request, SiteFeed
+from registry.console.top.state import (
     Connection,
     Notice,
     Prompt,
@@ -28,7 +28,7 @@ from registry.top.state import (
     ready_standbys,
     selected_pair,
 )
-from registry.top.view import Dashboard, render
+from registry.console.top.view import Dashboard, render
 from shared.report import PairReport, SiteReport
 
 Effect = Request | Literal["quit"] | None

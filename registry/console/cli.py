@@ -24,10 +24,10 @@ import yaml
 from rich.console import Console
 from rich.live import Live
 
-from registry.confirm import typed_name
-from registry.outcome import Before, await_switchover, leader_before
-from registry.sources import EtcdSource, RegistrySource, Source, SourceError
-from registry.status import render
+from registry.console.confirm import typed_name
+from registry.console.outcome import Before, await_switchover, leader_before
+from registry.console.sources import EtcdSource, RegistrySource, Source, SourceError
+from registry.console.status import render
 from shared import admin, keys, records
 from shared.admin import AdminError
 from shared.client import command as client_command
@@ -179,8 +179,8 @@ async def _show(source: Source, console: Console, watch: bool) -> int:
 
 
 async def top(args: argparse.Namespace) -> int:
-    from registry.top.feed import split_urls
-    from registry.top.terminal import run
+    from registry.console.top.feed import split_urls
+    from registry.console.top.terminal import run
 
     urls = split_urls(args.registry or "")
     if not urls:
@@ -330,7 +330,7 @@ async def undrain(args: argparse.Namespace) -> int:
 
 
 async def drill(args: argparse.Namespace) -> int:
-    from registry import drill as drills
+    from registry.console import drill as drills
 
     async with connected(args) as store:
         try:

@@ -1,7 +1,7 @@
 """The site for ``hapair top``, from the first registry that answers, and its admin routes.
 
 :class:`SiteFeed` follows one registry at a time with
-:meth:`registry.sources.RegistrySource.follow`: the site is read again on every event of
+:meth:`registry.console.sources.RegistrySource.follow`: the site is read again on every event of
 the registry's stream (and every ``tick_s``, for what the stream does not carry, such
 as restart counts). A report with a warning, or no report, means that registry can no
 longer vouch for the present (it went away, or it lost etcd): the feed then says so at
@@ -21,8 +21,8 @@ from typing import Any, Literal, cast
 
 import aiohttp
 
-from registry.sources import RegistrySource, SourceError
-from registry.top.state import Connection
+from registry.console.sources import RegistrySource, SourceError
+from registry.console.top.state import Connection
 from shared.report import SiteReport
 
 Clock = Callable[[], float]

@@ -26,7 +26,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 from rich.text import Text
 
-from registry.status import (
+from registry.console.status import (
     PLC_STYLES,
     ROLE_STYLES,
     STATE_STYLES,
@@ -39,7 +39,7 @@ from registry.status import (
     context_text,
     path_name,
 )
-from registry.top.state import (
+from registry.console.top.state import (
     NOTICE_S,
     Connection,
     PairDatabase,

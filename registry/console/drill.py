@@ -22,9 +22,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from registry import drill_faults as faults
-from registry.confirm import typed_name
-from registry.drill_measure import Figures, Probe, Writer, figures
+from registry.console import drill_faults as faults
+from registry.console.confirm import typed_name
+from registry.console.drill_measure import Figures, Probe, Writer, figures
 from shared import admin, keys
 from shared.client.resolver import Resolver, parse_registries
 from shared.records import Leader, NodeStatus, RecordError, ServiceStatus, decode
