@@ -127,7 +127,7 @@ test: venv sysdeps
 SEED ?= 7
 FAULTS ?= 200
 chaos: venv sysdeps
-	PYTHONPATH=tests $(BIN)/python -m chaos --seed $(SEED) --faults $(FAULTS) \
+	PYTHONPATH=. $(BIN)/python -m tests.chaos --seed $(SEED) --faults $(FAULTS) \
 	  $(if $(ONLY),--only $(ONLY)) $(CHAOS_ARGS)
 
 fmt: venv
@@ -141,7 +141,7 @@ demo: venv sysdeps
 
 # BENCH=name runs only the benchmarks whose file name contains it.
 bench: venv sysdeps bench-sysdeps
-	$(BIN)/python bench/run_all.py $(BENCH)
+	$(BIN)/python -m bench.run_all $(BENCH)
 
 # --- cleaning ------------------------------------------------------------------------------
 

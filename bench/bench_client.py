@@ -14,7 +14,7 @@
 
 Every client is a process of its own (tests/test_client_e2e.py's client: the HTTP
 adapter, one request every ~2 ms); the registry is a real ``hapair-registry``.
-Usage: python bench/bench_client.py [--runs 7] [--only publish,outage,fanout]
+Usage: python -m bench.bench_client [--runs 7] [--only publish,outage,fanout]
 """
 
 from __future__ import annotations
@@ -37,19 +37,17 @@ from typing import Any
 
 from aiohttp import web
 
+from shared import keys
+from shared.records import Endpoint as EndpointRecord
+from shared.records import Switchover, decode
+from shared.store import Store, StoreError
+from tests.support.cluster import Cluster, recording_service, until
+from tests.support.harness import PYTHON, Etcd, free_port, stop_pid
+from tests.support.site_records import FakeAgent, apply_site
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
-from cluster import Cluster, recording_service, until  # noqa: E402
-from harness import PYTHON, Etcd, free_port, stop_pid  # noqa: E402
-from site_records import FakeAgent, apply_site  # noqa: E402
-
-from shared import keys  # noqa: E402
-from shared.records import Endpoint as EndpointRecord  # noqa: E402
-from shared.records import Switchover, decode  # noqa: E402
-from shared.store import Store, StoreError  # noqa: E402
-
-CLIENT = str(ROOT / "tests" / "test_client_e2e.py")
+CLIENT = ["-m", "tests.test_client_e2e"]  # the client process of that test
 TARGETS = {
     "publish": 0.100,
     "crash": 2.3,
@@ -107,7 +105,7 @@ async def registry_ready(url: str) -> None:
 def start_client(registry: str, service: str, out: Path) -> subprocess.Popen[bytes]:
     log = out.with_suffix(".log").open("wb")
     proc = subprocess.Popen(
-        [PYTHON, CLIENT, "--registry", registry, "--service", service, "--out", str(out)],
+        [PYTHON, *CLIENT, "--registry", registry, "--service", service, "--out", str(out)],
         cwd=ROOT,
         stdout=log,
         stderr=log,

@@ -8,7 +8,7 @@
   switch    primary path cut (listener stopped) -> a value read over the backup
 
 Prints the median (and spread) over several runs of each. Usage:
-  python bench/bench_comm.py [poll changes startup switch] [--runs 5]
+  python -m bench.bench_comm [poll changes startup switch] [--runs 5]
 """
 
 from __future__ import annotations
@@ -30,19 +30,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from comm_server.app import CommServer, Listen
+from comm_server.config import parse_config
+from comm_server.poller import PollStats
+from comm_server.role import StaticRole
+from shared.log import EventLog
+from tests.support.harness import PYTHON, free_port
+from tests.support.plc_sim import ModbusPlc
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
-
-import yaml  # noqa: E402
-from harness import PYTHON, free_port  # noqa: E402
-from plc_sim import ModbusPlc  # noqa: E402
-
-from comm_server.app import CommServer, Listen  # noqa: E402
-from comm_server.config import parse_config  # noqa: E402
-from comm_server.poller import PollStats  # noqa: E402
-from comm_server.role import StaticRole  # noqa: E402
-from shared.log import EventLog  # noqa: E402
 
 CORES = sorted(os.sched_getaffinity(0))
 COMM_CORE, LOAD_CORE = CORES[-1], CORES[0]
@@ -90,7 +88,8 @@ def farm(plcs: int, registers: int, port: int, change_rate: float = 0.0) -> Iter
     proc = subprocess.Popen(
         [
             PYTHON,
-            str(ROOT / "tests" / "plc_sim.py"),
+            "-m",
+            "tests.support.plc_sim",
             "--plcs",
             str(plcs),
             "--registers",
@@ -123,7 +122,11 @@ def run_delay(pid: int | str = "self") -> float:
 def child_run(*args: str) -> dict[str, float]:
     """One measured run in a fresh process; its figures, the last line it printed."""
     out = subprocess.run(
-        [PYTHON, __file__, *args], capture_output=True, text=True, cwd=ROOT, check=True
+        [PYTHON, "-m", "bench.bench_comm", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
     )
     figures: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     return figures
@@ -388,7 +391,14 @@ async def _changes_once() -> dict[str, float]:
     gc.freeze()
     try:
         sub = await asyncio.create_subprocess_exec(
-            PYTHON, __file__, "_subscribe", "--url", listen.url, stdout=subprocess.PIPE
+            PYTHON,
+            "-m",
+            "bench.bench_comm",
+            "_subscribe",
+            "--url",
+            listen.url,
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
         )
         os.sched_setaffinity(sub.pid, {LOAD_CORE})
         await asyncio.sleep(2.5)  # the subscriber connects and takes the first values

@@ -5,7 +5,7 @@ Real etcd, real agents, real PostgreSQL 15 (two nodes, synchronous replication):
               -> first commit acknowledged by the new primary
   switchover  a planned switchover -> first commit acknowledged by the new primary
 and the acknowledged commits lost (must be 0). Medians over several runs.
-Usage: python bench/bench_db_failover.py [--runs 5]
+Usage: python -m bench.bench_db_failover [--runs 5]
 """
 
 from __future__ import annotations
@@ -15,18 +15,17 @@ import asyncio
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+import psycopg
 
-import psycopg  # noqa: E402
-from cluster import Cluster, until  # noqa: E402
-from harness import Etcd  # noqa: E402
-from pg_harness import (  # noqa: E402
+from shared import keys
+from shared.records import Switchover, SyncState, decode
+from tests.support.cluster import Cluster, until
+from tests.support.harness import Etcd
+from tests.support.pg_harness import (
     PASSWORDS,
     Writer,
     common_free_port,
@@ -34,8 +33,7 @@ from pg_harness import (  # noqa: E402
     write_secrets,
 )
 
-from shared import keys  # noqa: E402
-from shared.records import Switchover, SyncState, decode  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 ADDRESS = {"a": "127.0.0.1", "b": "127.0.0.2"}
 

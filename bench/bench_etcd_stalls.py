@@ -11,7 +11,7 @@ promise over the peer path when a stall outlasts its fence point; ``--lease-only
 measures the lease alone (a stall just under 1 s that starts late in a keepalive
 interval then reaches the 1.5 s fence point and restarts the services, same epoch).
 
-Usage: python bench/bench_etcd_stalls.py [--stalls 200] [--seed N] [--lease-only]
+Usage: python -m bench.bench_etcd_stalls [--stalls 200] [--seed N] [--lease-only]
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from tests.support.cluster import Cluster, recording_service, until
+from tests.support.harness import Etcd, free_port
 
-from cluster import Cluster, recording_service, until  # noqa: E402
-from harness import Etcd, free_port  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 ADDRESS = {"a": "127.0.81.1", "b": "127.0.81.2"}
 

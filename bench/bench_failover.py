@@ -6,7 +6,7 @@ Measured from the fault to the service answering HTTP on the other node:
   switchover  an operator asks for a planned switchover
 
 Prints median, min, max over several runs of each. Usage:
-  python bench/bench_failover.py [--runs 7]
+  python -m bench.bench_failover [--runs 7]
 """
 
 from __future__ import annotations
@@ -16,19 +16,16 @@ import asyncio
 import shutil
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from shared import keys
+from shared.records import Switchover
+from tests.support.cluster import Cluster, recording_service, until
+from tests.support.harness import Etcd, free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from cluster import Cluster, recording_service, until  # noqa: E402
-from harness import Etcd, free_port  # noqa: E402
-
-from shared import keys  # noqa: E402
-from shared.records import Switchover  # noqa: E402
 
 TARGETS = {"crash": (2.2, 2.8), "critical": (0.2, None), "switchover": (0.2, None)}
 ADDRESS = {"a": "127.0.80.1", "b": "127.0.80.2"}

@@ -1,6 +1,6 @@
 """Takeover after a partition of the active from everything, in network namespaces.
 
-etcd, node a and node b each on a host of their own (``tests/vip_lab.py``), pair
+etcd, node a and node b each on a host of their own (``tests/support/vip_lab.py``), pair
 defaults (lease TTL 2 s). The active's switch port goes down (a pulled cable): it can
 reach neither etcd nor its peer. Measured from the cut, on the machine-wide monotonic
 clock:
@@ -10,7 +10,7 @@ clock:
 Target: started <= TTL + 0.5 s = 2.5 s. The cable goes back in after each run and the
 old active rejoins as standby; runs alternate between the nodes.
 
-Usage: python bench/bench_partition.py [--runs 7]
+Usage: python -m bench.bench_partition [--runs 7]
 """
 
 from __future__ import annotations
@@ -24,13 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from tests.support.cluster import until
+from tests.support.harness import free_port
+from tests.support.netns import unavailable
+from tests.support.vip_lab import LabSite, service
 
-from cluster import until  # noqa: E402
-from harness import free_port  # noqa: E402
-from netns import unavailable  # noqa: E402
-from vip_lab import LabSite, service  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 TTL = 2.0
 

@@ -16,7 +16,7 @@ runs for hapair (as a subprocess) and one table compares the medians: hapair / P
 Targets (issue 4): hapair crash <= 2.5 s, switchover <= 0.3 s, each at most 1/8 of
 Patroni's; no acknowledged commit lost by hapair.
 
-Usage: python bench/bench_patroni.py [--runs 5] [--skip-hapair]
+Usage: python -m bench.bench_patroni [--runs 5] [--skip-hapair]
 """
 
 from __future__ import annotations
@@ -36,13 +36,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from cluster import descendants, until  # noqa: E402
-from harness import Etcd  # noqa: E402
-from patroni_support import (  # noqa: E402
+from bench.patroni_support import (
     ADDRESS,
     PATRONI_VERSION,
     TIMINGS,
@@ -51,7 +45,12 @@ from patroni_support import (  # noqa: E402
     alive,
     install_patroni,
 )
-from pg_harness import Writer, postgres_available  # noqa: E402
+from tests.support.cluster import descendants, until
+from tests.support.harness import Etcd
+from tests.support.pg_harness import Writer, postgres_available
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 
 EVENTS = ("crash", "switchover")
 TARGET_S = {"crash": 2.5, "switchover": 0.3}
@@ -170,7 +169,8 @@ async def bench_hapair(runs: int) -> Figures:
     budget = 300 + runs * len(EVENTS) * 150  # bounded even if something hangs
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        str(HERE / "bench_db_failover.py"),
+        "-m",
+        "bench.bench_db_failover",
         "--runs",
         str(runs),
         cwd=ROOT,
@@ -297,7 +297,7 @@ async def main(runs: int, version: str, skip_hapair: bool) -> int:
     if skip_hapair:
         report(patroni, None)
         return 0
-    print(f"\n== hapair: bench/bench_db_failover.py --runs {runs} ==", flush=True)
+    print(f"\n== hapair: python -m bench.bench_db_failover --runs {runs} ==", flush=True)
     try:
         hapair = await bench_hapair(runs)
     except Exception as err:

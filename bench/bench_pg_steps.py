@@ -1,6 +1,6 @@
 """PostgreSQL failover steps through PgManager, under a steady synchronous write load.
 
-Two real PostgreSQL nodes on 127.0.0.1/.2 (tests/pg_harness.py), a writer committing
+Two real PostgreSQL nodes on 127.0.0.1/.2 (tests/support/pg_harness.py), a writer committing
 numbered rows as fast as it can through the libpq multi-host string
 (``target_session_attrs=read-write``). Measured from the event to the first commit the
 new primary acknowledges, the agent's decision taken as instantaneous (the lease
@@ -12,7 +12,7 @@ adds its own time on top):
 
 Also: the rejoin of the crashed primary (CHECKPOINT + pg_rewind + start) and the
 acknowledged rows lost over every run (must be 0). Roles alternate run after run.
-Usage: python bench/bench_pg_steps.py [--runs 7]
+Usage: python -m bench.bench_pg_steps [--runs 7]
 """
 
 from __future__ import annotations
@@ -24,10 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from pg_harness import (  # noqa: E402
+from tests.support.pg_harness import (
     PgCluster,
     Writer,
     ids_on,
@@ -37,6 +34,8 @@ from pg_harness import (  # noqa: E402
     streaming,
     until,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 NOTES = {"crash": 0.050, "switchover": 0.060}  # PostgreSQL alone, ../shared/notes/postgresql.md
 

@@ -3,7 +3,7 @@
 A primary and a streaming standby managed by hapair's PostgreSQL layer; pgbench
 (scale 10, -c4 -j2) runs from a second process, alternating synchronous and
 asynchronous rounds. Target: synchronous at least 85 % of asynchronous (medians).
-Usage: python bench/bench_pg_sync_cost.py [--runs 5] [--seconds 10]
+Usage: python -m bench.bench_pg_sync_cost [--runs 5] [--seconds 10]
 """
 
 from __future__ import annotations
@@ -14,13 +14,11 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from tests.support.pg_harness import PASSWORDS, primary_with_standbys, running_cluster
 
-from pg_harness import PASSWORDS, primary_with_standbys, running_cluster  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PGBENCH = "/usr/lib/postgresql/15/bin/pgbench"
 

@@ -11,7 +11,7 @@ forwards to it. From the bench process (blocking sockets, nothing else running i
 
 each direct and through the proxy, several runs alternated. On 2 cores the proxy, the
 server and the client share the machine, which is the worst case for the proxy.
-Usage: python bench/bench_proxy.py [--runs 5] [--round-trips 5000] [--megabytes 256]
+Usage: python -m bench.bench_proxy [--runs 5] [--round-trips 5000] [--megabytes 256]
 """
 
 from __future__ import annotations
@@ -21,19 +21,16 @@ import asyncio
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from shared.store import Store
+from tests.support.cluster import until
+from tests.support.harness import PYTHON, Etcd, free_port, port_open, stop_pid
+from tests.support.site_records import FakeAgent, apply_site
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from cluster import until  # noqa: E402
-from harness import PYTHON, Etcd, free_port, port_open, stop_pid  # noqa: E402
-from site_records import FakeAgent, apply_site  # noqa: E402
-
-from shared.store import Store  # noqa: E402
 
 SERVICE = "mes-api"
 CHUNK = 256 * 1024
@@ -144,7 +141,7 @@ async def main(runs: int, round_trips: int, megabytes: int) -> None:
         agent = await FakeAgent(store, "asm-a", "asm").up()
         await agent.become_active()
         await agent.publish(SERVICE, port, "tcp")
-        spawn(PYTHON, __file__, "--serve", host, str(port), log="server.log")
+        spawn(PYTHON, "-m", "bench.bench_proxy", "--serve", host, str(port), log="server.log")
         registry_port, proxy_port = free_port(), free_port()
         registry = f"http://127.0.0.1:{registry_port}"
         spawn(

@@ -3,7 +3,7 @@
 One registry process against a real etcd holding a published endpoint; wrk (one
 thread, 50 connections) asks GET /v1/endpoints/{service} for 8 s, several times.
 Target on this 2-core machine: >= 15,000 lookups/s with p99 <= 5 ms (medians).
-Usage: python bench/bench_registry.py [--runs 5] [--seconds 8] [--connections 50]
+Usage: python -m bench.bench_registry [--runs 5] [--seconds 8] [--connections 50]
 """
 
 from __future__ import annotations
@@ -20,14 +20,12 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from shared import keys
+from shared.records import Endpoint, Leader
+from tests.support.cluster import Cluster, until
+from tests.support.harness import Etcd, free_port, stop_pid
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from cluster import Cluster, until  # noqa: E402
-from harness import Etcd, free_port, stop_pid  # noqa: E402
-
-from shared import keys  # noqa: E402
-from shared.records import Endpoint, Leader  # noqa: E402
 
 SERVICE = "mes-api"
 

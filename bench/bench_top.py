@@ -13,7 +13,7 @@ process of its own.
            /proc/PID/stat, as a share of one core. Target <= 2 %.
 
 Prints median, min and max of each. Usage:
-  python bench/bench_top.py [--runs 15] [--idle-s 20] [--idle-runs 3]
+  python -m bench.bench_top [--runs 15] [--idle-s 20] [--idle-runs 3]
 """
 
 from __future__ import annotations
@@ -35,15 +35,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from shared import keys, records
+from shared.store import Store
+from shared.topology import parse_site
+from tests.support.cluster import until
+from tests.support.harness import Etcd, free_port, stop_pid
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from cluster import until  # noqa: E402
-from harness import Etcd, free_port, stop_pid  # noqa: E402
-
-from shared import keys, records  # noqa: E402
-from shared.store import Store  # noqa: E402
-from shared.topology import parse_site  # noqa: E402
 
 WORKSHOPS, PAIRS_PER_WORKSHOP = 4, 5
 ROWS, COLS = 24, 80

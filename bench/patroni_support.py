@@ -34,10 +34,10 @@ from typing import Any
 import aiohttp
 import psycopg
 import yaml
-from cluster import descendants, until
-from harness import Etcd, stop_pid
-from pg_harness import PASSWORDS, common_free_port
 
+from tests.support.cluster import descendants, until
+from tests.support.harness import Etcd, stop_pid
+from tests.support.pg_harness import PASSWORDS, common_free_port
 from workshop_agent.pg.proc import running_pid
 
 PATRONI_VERSION = "4.1.5"

@@ -1,4 +1,4 @@
-"""Run every benchmark in bench/ in turn: ``python bench/run_all.py [NAME-FILTER ...]``.
+"""Run every benchmark in bench/ in turn: ``python -m bench.run_all [NAME-FILTER ...]``.
 
 Each ``bench/bench_*.py`` is a script of its own that prints its figures; this driver
 runs them one after another with the same Python (never two at once: they measure
@@ -31,7 +31,8 @@ def main(argv: list[str]) -> int:
         print(f"\n=== {script.name} ===", flush=True)
         start = time.monotonic()
         try:
-            code = subprocess.run([sys.executable, str(script)], cwd=ROOT, check=False).returncode
+            argv = [sys.executable, "-m", f"bench.{script.stem}"]
+            code = subprocess.run(argv, cwd=ROOT, check=False).returncode
         except KeyboardInterrupt:
             print(f"\ninterrupted during {script.name}")
             return 130

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster import Cluster
-from harness import Etcd
 from hypothesis import settings
 
 from shared import keys
 from shared.store import Store
+from tests.support.cluster import Cluster
+from tests.support.harness import Etcd
 
 # A time limit per example measures the machine's load, not the code: property tests
 # bound their work by the number of examples only.

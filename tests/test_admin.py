@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from site_records import FakeAgent, apply_site, site
 
 from shared import admin, keys, records
 from shared.admin import AdminError
 from shared.store import Store
+from tests.support.site_records import FakeAgent, apply_site, site
 
 
 async def events(store: Store) -> list[records.Event]:

@@ -17,13 +17,14 @@ import signal
 import subprocess
 from pathlib import Path
 
-import netns
 import pytest
-from chaos.checker import Outcome, Report, check_overlaps
-from chaos.run import cannot_run, remove_leftovers
-from chaos.schedule import KINDS, Fault, make_schedule, parse_only
-from cluster import Cluster
-from harness import PYTHON, ROOT, Etcd
+
+from tests.chaos.checker import Outcome, Report, check_overlaps
+from tests.chaos.run import cannot_run, remove_leftovers
+from tests.chaos.schedule import KINDS, Fault, make_schedule, parse_only
+from tests.support import netns
+from tests.support.cluster import Cluster
+from tests.support.harness import PYTHON, ROOT, Etcd
 
 CANNOT_RUN = cannot_run()
 # One fault of each kind below, all on the active of the database pair (or the etcd
@@ -39,10 +40,10 @@ TIMEOUT_S = 240.0
 def test_chaos_smoke(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     argv = [
-        PYTHON, "-m", "chaos", "--seed", str(SEED), "--faults", "6", "--kinds", SMOKE_KINDS,
+        PYTHON, "-m", "tests.chaos", "--seed", str(SEED), "--faults", "6", "--kinds", SMOKE_KINDS,
         "--db", "on", "--json", str(report),
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

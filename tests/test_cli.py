@@ -13,15 +13,15 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from cluster import Cluster, holds
-from harness import free_port
-from site_records import SITE_YAML, FakeAgent, apply_site
-from test_failover import two_nodes
 
 from registry.app import create_app
 from shared import keys, records
 from shared.plcs import PathHealth, PlcHealth
 from shared.store import Store
+from tests.support.cluster import Cluster, holds
+from tests.support.harness import free_port
+from tests.support.site_records import SITE_YAML, FakeAgent, apply_site
+from tests.test_failover import two_nodes
 
 HAPAIR = str(Path(sys.executable).parent / "hapair")
 DEADLINE_S = 10.0

@@ -12,9 +12,6 @@ from dataclasses import dataclass
 
 import aiohttp
 import pytest
-from harness import Etcd, free_port
-from site_records import FakeAgent, apply_site
-from test_client_support import NodeHttp, NodeServer, registry_in_process, until
 
 from shared.client import (
     Backoff,
@@ -28,6 +25,9 @@ from shared.client import (
     UnknownService,
 )
 from shared.store import Store
+from tests.support.client_lab import NodeHttp, NodeServer, registry_in_process, until
+from tests.support.harness import Etcd, free_port
+from tests.support.site_records import FakeAgent, apply_site
 
 FAST_BACKOFF = Backoff(initial_s=0.02, max_s=0.2)
 

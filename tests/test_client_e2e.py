@@ -18,7 +18,6 @@ import itertools
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,14 +25,14 @@ from typing import Any
 
 if __name__ != "__main__":
     import pytest
-    from cluster import Cluster, recording_service, until
-    from harness import PYTHON, ROOT, Etcd, free_port
-    from test_client_support import RegistryProcess
 
     from shared import keys
     from shared.records import Endpoint as EndpointRecord
     from shared.records import Switchover, decode
     from shared.store import Store, StoreError
+    from tests.support.client_lab import RegistryProcess
+    from tests.support.cluster import Cluster, recording_service, until
+    from tests.support.harness import PYTHON, ROOT, Etcd, free_port
 
     pytestmark = pytest.mark.e2e
 
@@ -161,7 +160,8 @@ async def test_client_follows_crash_critical_exit_and_switchover(
         first_epoch = epoch
         proc = await asyncio.create_subprocess_exec(
             PYTHON,
-            __file__,
+            "-m",
+            __name__,
             "--registry",
             registry.url,
             "--service",
@@ -254,5 +254,4 @@ if __name__ == "__main__":
     parser.add_argument("--service", required=True)
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     asyncio.run(client(args.registry, args.service, args.out))

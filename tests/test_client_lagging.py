@@ -12,18 +12,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import ClientSession
-from harness import Etcd, free_port
-from site_records import FakeAgent, apply_site
-from test_client_resolver import active_pair, fast
-from test_client_support import (
+
+from shared.client import Backoff, Connection, TcpAdapter
+from shared.store import Store
+from tests.support.client_lab import (
     FreezableRelay,
     RegistryProcess,
     node_servers,
     until,
 )
-
-from shared.client import Backoff, Connection, TcpAdapter
-from shared.store import Store
+from tests.support.harness import Etcd, free_port
+from tests.support.site_records import FakeAgent, apply_site
+from tests.test_client_resolver import active_pair, fast
 
 
 async def answer(url: str, service: str = "mes-api") -> tuple[int, Any]:

@@ -16,10 +16,6 @@ from typing import Any
 import pytest
 import yaml
 from asyncua import Server, ua
-from harness import Etcd, free_port
-from plc_sim import CommUnderTest, ModbusPlc, running_comm
-from site_records import SITE_YAML, FakeAgent
-from test_client_support import registry_in_process, until
 
 from shared import keys, records, topology
 from shared.client import (
@@ -33,6 +29,10 @@ from shared.client import (
 )
 from shared.client.opcua import NodeNotFound
 from shared.store import Store
+from tests.support.client_lab import registry_in_process, until
+from tests.support.harness import Etcd, free_port
+from tests.support.plc_sim import CommUnderTest, ModbusPlc, running_comm
+from tests.support.site_records import SITE_YAML, FakeAgent
 
 FAST_BACKOFF = Backoff(initial_s=0.02, max_s=0.2)
 HOSTS = {"asm-a": "127.0.0.11", "asm-b": "127.0.0.12"}

@@ -22,12 +22,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from harness import Etcd, wait_for
-from site_records import FakeAgent, apply_site
-from test_client_support import registry_in_process, until
 
 from shared.client import Backoff, DeadlineExceeded, OutcomeUnknown, PgAdapter, Resolver
 from shared.store import Store
+from tests.support.client_lab import registry_in_process, until
+from tests.support.harness import Etcd, wait_for
+from tests.support.site_records import FakeAgent, apply_site
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 ADDRESSES = ("127.0.0.11", "127.0.0.12")

@@ -19,17 +19,17 @@ from typing import Any
 
 import pytest
 from asyncua import Client, ua
-from cluster import Cluster, recording_service, until
-from harness import PYTHON, Etcd, free_port
-from pg_harness import PASSWORDS, needs_postgres
-from plc_sim import ModbusPlc
-from test_client_support import RegistryProcess
-from test_database_failover import db_cluster, ready, rows_on
-from test_proxy import ProxyProcess
 
 from shared.client import Backoff, DataChange, OpcUaAdapter, PgAdapter, Resolver, TcpAdapter, tag
 from shared.client.tcp import Connection
 from shared.store import Store
+from tests.support.client_lab import RegistryProcess
+from tests.support.cluster import Cluster, recording_service, until
+from tests.support.harness import PYTHON, Etcd, free_port
+from tests.support.pg_harness import PASSWORDS, needs_postgres
+from tests.support.plc_sim import ModbusPlc
+from tests.test_database_failover import db_cluster, ready, rows_on
+from tests.test_proxy import ProxyProcess
 
 __all__ = ["db_cluster"]  # a fixture
 

@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientSession
-from harness import Etcd, free_port
-from site_records import FakeAgent, apply_site
-from test_client_resolver import active_pair, move, next_of
-from test_client_support import BIN, registry_in_process, registry_processes, until
 
 from shared.client import RegistryUnavailable, Resolver
 from shared.client.models import STALE_HEADER
 from shared.store import Store
+from tests.support.client_lab import BIN, registry_in_process, registry_processes, until
+from tests.support.harness import Etcd, free_port
+from tests.support.site_records import FakeAgent, apply_site
+from tests.test_client_resolver import active_pair, move, next_of
 
 
 @pytest.mark.parametrize("transport", ["sse", "poll"])

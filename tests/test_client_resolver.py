@@ -12,9 +12,6 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from harness import Etcd, free_port
-from site_records import FakeAgent, apply_site
-from test_client_support import registry_in_process, until
 
 from shared import keys
 from shared.client import (
@@ -25,6 +22,9 @@ from shared.client import (
     UnknownService,
 )
 from shared.store import Store
+from tests.support.client_lab import registry_in_process, until
+from tests.support.harness import Etcd, free_port
+from tests.support.site_records import FakeAgent, apply_site
 
 
 def fast(registries: str | list[str], **options: Any) -> Resolver:

@@ -6,10 +6,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from harness import PYTHON, ROOT
 
 from comm_server.config import ConfigError, loads
 from shared.plcs import ModbusPlc, OpcUaPlc
+from tests.support.harness import PYTHON, ROOT
 
 EXAMPLE = """
 plcs:

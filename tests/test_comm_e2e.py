@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 from asyncua import Client
-from cluster import Cluster, until
-from harness import PYTHON, Etcd, free_port
-from plc_sim import ModbusPlc
+
+from tests.support.cluster import Cluster, until
+from tests.support.harness import PYTHON, Etcd, free_port
+from tests.support.plc_sim import ModbusPlc
 
 pytestmark = pytest.mark.e2e
 

@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 from asyncua import Client
-from cluster import until
-from harness import PYTHON, ROOT, free_port, stop_pid
-from plc_sim import ModbusPlc
+
+from tests.support.cluster import until
+from tests.support.harness import PYTHON, ROOT, free_port, stop_pid
+from tests.support.plc_sim import ModbusPlc
 
 HOST = "127.0.38.1"
 PLC_HOST = "127.0.38.11"

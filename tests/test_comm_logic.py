@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from plc_sim import to_registers
 
 from comm_server.codec import (
     EncodeError,
@@ -24,6 +23,7 @@ from comm_server.paths import PathSwitch
 from comm_server.tags import Quality, TagState, TagTable
 from comm_server.uatypes import S
 from shared.plcs import ModbusTag
+from tests.support.plc_sim import to_registers
 
 RANGES = {
     "int16": st.integers(-(2**15), 2**15 - 1),

@@ -19,10 +19,17 @@ from typing import Any
 
 import pytest
 from asyncua import ua
-from cluster import until
-from harness import free_port
-from netns import CLONE_NEWNET
-from plc_sim import (
+from pymodbus.constants import ExcCodes
+
+from comm_server.codec import Value
+from comm_server.driver import Driver, PathError, WriteError
+from comm_server.modbus import ModbusDriver
+from comm_server.role import FENCE_MARGIN_S
+from shared.plcs import ModbusPlc as ModbusPlcConfig
+from tests.support.cluster import until
+from tests.support.harness import free_port
+from tests.support.netns import CLONE_NEWNET
+from tests.support.plc_sim import (
     CommUnderTest,
     ModbusPlc,
     noise,
@@ -31,13 +38,6 @@ from plc_sim import (
     to_registers,
     wrong_function,
 )
-from pymodbus.constants import ExcCodes
-
-from comm_server.codec import Value
-from comm_server.driver import Driver, PathError, WriteError
-from comm_server.modbus import ModbusDriver
-from comm_server.role import FENCE_MARGIN_S
-from shared.plcs import ModbusPlc as ModbusPlcConfig
 
 S = ua.StatusCodes
 

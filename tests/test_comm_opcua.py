@@ -7,13 +7,13 @@ import json
 
 import pytest
 from asyncua import ua
-from cluster import until
-from harness import free_port
-from plc_sim import CommUnderTest, OpcUaPlc, running_comm
-from test_comm_modbus import NO_PRIVATE_NETWORK, blackholed_write, in_own_network
 
 from comm_server.opcua_plc import OpcUaDriver
 from shared.plcs import OpcUaPlc as OpcUaPlcConfig
+from tests.support.cluster import until
+from tests.support.harness import free_port
+from tests.support.plc_sim import CommUnderTest, OpcUaPlc, running_comm
+from tests.test_comm_modbus import NO_PRIVATE_NETWORK, blackholed_write, in_own_network
 
 S = ua.StatusCodes
 V = ua.VariantType

@@ -16,9 +16,6 @@ from typing import Any
 
 import pytest
 from asyncua import ua
-from cluster import until
-from harness import Etcd, free_port
-from plc_sim import CommUnderTest, ModbusPlc, running_comm
 
 from comm_server.role import CommReport, PairRole
 from shared import keys
@@ -27,6 +24,9 @@ from shared.log import EventLog
 from shared.records import Leader, ServiceReport, TopologyDoc, decode
 from shared.store import Change, Kv, Store
 from shared.topology import parse_site
+from tests.support.cluster import until
+from tests.support.harness import Etcd, free_port
+from tests.support.plc_sim import CommUnderTest, ModbusPlc, running_comm
 
 S = ua.StatusCodes
 HOSTS = {"a": ["127.0.33.1", "127.0.33.2"], "b": ["127.0.33.3", "127.0.33.4"]}

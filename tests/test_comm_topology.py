@@ -17,10 +17,6 @@ from typing import Any
 import pytest
 import yaml
 from asyncua import Client, ua
-from cluster import until
-from harness import PYTHON, ROOT, Etcd, free_port, stop_pid
-from plc_sim import ModbusPlc
-from test_comm_config import EXAMPLE
 
 from comm_server.config import loads as load_plcs
 from comm_server.source import PlcListError, plcs_of
@@ -28,6 +24,10 @@ from shared import keys, records, topology
 from shared.plcs import PLC_NAME_PATTERN, OpcUaPlc, node_id_problem
 from shared.plcs import ModbusPlc as ModbusPlcConfig
 from shared.store import Store
+from tests.support.cluster import until
+from tests.support.harness import PYTHON, ROOT, Etcd, free_port, stop_pid
+from tests.support.plc_sim import ModbusPlc
+from tests.test_comm_config import EXAMPLE
 
 HAPAIR = str(Path(sys.executable).parent / "hapair")
 NODE = "127.0.37.1"

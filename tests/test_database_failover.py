@@ -18,9 +18,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from cluster import Cluster, recording_service, until
-from harness import Etcd, free_port
-from pg_harness import (
+
+from shared import keys
+from shared.records import Resource, ServiceReport, SyncState, decode
+from tests.support.cluster import Cluster, recording_service, until
+from tests.support.harness import Etcd, free_port
+from tests.support.pg_harness import (
     PASSWORDS,
     Writer,
     common_free_port,
@@ -28,10 +31,7 @@ from pg_harness import (
     needs_postgres,
     stalled_walsender,
 )
-from pg_harness import write_secrets as write_pg_secrets
-
-from shared import keys
-from shared.records import Resource, ServiceReport, SyncState, decode
+from tests.support.pg_harness import write_secrets as write_pg_secrets
 
 pytestmark = [pytest.mark.e2e, needs_postgres]
 # PostgreSQL sees every loopback client as 127.0.0.1, so the nodes use .1 and .2.
@@ -448,7 +448,7 @@ async def test_three_nodes_a_standby_named_before_it_is_recorded_never_costs_a_c
     be on whichever node takes over: b, which lacks them, must not."""
     import signal
 
-    from test_fence_services import stopped
+    from tests.test_fence_services import stopped
 
     c, port = db_cluster3
     gate = c.tmp / "stop-after-sync-names"
@@ -499,7 +499,7 @@ async def test_three_nodes_the_survivor_waits_when_a_dead_standby_may_hold_more(
     far it got: c must not take over by itself, and its decision says why."""
     import signal
 
-    from cluster import holds
+    from tests.support.cluster import holds
 
     c, port = db_cluster3
     await quorum_ready(c, port)
@@ -557,9 +557,8 @@ async def test_an_operator_forces_a_standby_that_may_lack_commits_with_a_warning
     recorded as holding every commit, so it never takes over by itself. An operator
     forces it, warned that a's last commits are missing there."""
 
-    from cluster import holds
-
     from shared import admin
+    from tests.support.cluster import holds
 
     c, port = db_cluster
     await ready(c, port)
@@ -621,7 +620,7 @@ async def test_a_database_that_cannot_restart_stays_without_a_sync_standby(
     when it comes back, may lack commits. a stays and repairs."""
     import signal
 
-    from cluster import holds
+    from tests.support.cluster import holds
 
     c, port = db_cluster
     _, epoch = await ready(c, port)
@@ -680,7 +679,7 @@ async def test_a_critical_resource_lost_while_the_standby_catches_up_loses_no_co
     healthy, reaching the PLC, but not recorded synchronous. a loses the PLC: it must
     stay, for b lacks a's last commits. Once b caught up and is recorded, the switch
     happens, carrying a's final position: nothing acknowledged is lost."""
-    from cluster import holds
+    from tests.support.cluster import holds
 
     c, port = db_cluster
     epoch, writer, gate = await b_back_but_held(c, port, monkeypatch)
@@ -758,9 +757,8 @@ async def test_a_switchover_to_a_standby_that_cannot_receive_the_final_position_
     healthy, its database not running. A switchover to b is accepted, a stops its
     services and its database, but b cannot receive a's final position: a must keep the
     pair (same epoch), run its database and take writes again, and reject the request."""
-    from cluster import holds
-
     from shared.records import Switchover
+    from tests.support.cluster import holds
 
     c, port = db_cluster
     epoch, writer, _ = await b_back_but_held(c, port, monkeypatch)
@@ -795,10 +793,9 @@ async def test_a_second_failover_while_a_recovery_awaits_its_ack_holds_again(
     """a crashes: b holds the batch service for the operator. Before anyone acknowledges,
     b crashes too (a, back as its synchronous standby, takes over): a holds the batch
     again, under its own epoch, and an ack for b's epoch is refused."""
-    from cluster import holds
-
     from shared import admin
     from shared.records import Recovery
+    from tests.support.cluster import holds
 
     c, port = db_cluster_held
     _, epoch = await ready(c, port)

@@ -6,12 +6,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from pg_harness import database_section
-
 from shared.database import DatabaseConfig
 from shared.log import EventLog
 from shared.records import SyncState
 from shared.topology import Node, Pair
+from tests.support.pg_harness import database_section
 from workshop_agent.database import Database, eligible, named_standbys
 from workshop_agent.pg.files import sync_names
 from workshop_agent.pg.status import PgStatus, Replica

@@ -17,8 +17,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import pytest
-from harness import Etcd
-from pg_harness import (
+
+from shared import keys
+from shared.log import EventLog
+from shared.process_context import ProcessContext, StaleEpoch
+from shared.records import SyncState, decode
+from shared.store import Store
+from tests.support.harness import Etcd
+from tests.support.pg_harness import (
     PgCluster,
     ids_on,
     needs_postgres,
@@ -26,13 +32,7 @@ from pg_harness import (
     running_cluster,
     stalled_walsender,
 )
-from pg_harness import until as pg_until
-
-from shared import keys
-from shared.log import EventLog
-from shared.process_context import ProcessContext, StaleEpoch
-from shared.records import SyncState, decode
-from shared.store import Store
+from tests.support.pg_harness import until as pg_until
 from workshop_agent.database import Database, eligible
 from workshop_agent.election import Election
 from workshop_agent.pg import query as q

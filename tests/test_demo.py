@@ -20,9 +20,10 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from cluster import until
-from harness import PYTHON, ROOT
-from pg_harness import needs_postgres
+
+from tests.support.cluster import until
+from tests.support.harness import PYTHON, ROOT
+from tests.support.pg_harness import needs_postgres
 
 pytestmark = [pytest.mark.e2e, needs_postgres]
 DEMO = ROOT / "deploy" / "demo.py"

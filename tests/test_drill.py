@@ -14,18 +14,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster import Cluster, recording_service, until
-from harness import ROOT, free_port
-from netns import unavailable
-from pg_harness import common_free_port, database_section, needs_postgres, write_secrets
-from test_client_support import BIN, RegistryProcess
-from vip_lab import LabSite, service
 
 from registry.console import drill
 from registry.console.drill_faults import NFT_TABLE, FaultError, local_agent, nft_missing
 from registry.console.drill_measure import Sample, figures
 from shared import keys
 from shared.records import NodeStatus, SyncState, decode, local_boot_id
+from tests.support.client_lab import BIN, RegistryProcess
+from tests.support.cluster import Cluster, recording_service, until
+from tests.support.harness import ROOT, free_port
+from tests.support.netns import unavailable
+from tests.support.pg_harness import (
+    common_free_port,
+    database_section,
+    needs_postgres,
+    write_secrets,
+)
+from tests.support.vip_lab import LabSite, service
 
 NO_LAB = unavailable() or nft_missing()
 

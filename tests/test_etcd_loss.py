@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster import Cluster, descendants, holds, pid_alive, until
-from etcd_relay import EtcdRelay
-from harness import EtcdCluster, free_port
-from test_failover import pair
 
 from shared import keys
 from shared.records import Switchover
+from tests.support.cluster import Cluster, descendants, holds, pid_alive, until
+from tests.support.etcd_relay import EtcdRelay
+from tests.support.harness import EtcdCluster, free_port
+from tests.test_failover import pair
 
 pytestmark = pytest.mark.e2e
 

@@ -18,16 +18,16 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import netns
 import pytest
 from aiohttp import ClientSession
-from cluster import Cluster, holds, until
-from etcd_lab import EtcdLab, connected_members
-from harness import Etcd, free_port
-from site_records import FakeAgent, apply_site
-from test_etcd_loss import only, started
 
 from shared.store import Store, StoreError
+from tests.support import netns
+from tests.support.cluster import Cluster, holds, until
+from tests.support.etcd_lab import EtcdLab, connected_members
+from tests.support.harness import Etcd, free_port
+from tests.support.site_records import FakeAgent, apply_site
+from tests.test_etcd_loss import only, started
 
 pytestmark = pytest.mark.e2e
 

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster import Cluster, holds, pid_alive, recording_service, until
-from harness import Etcd, free_port
 
 from shared import keys
 from shared.records import Drained, Paused, Resource, ServiceReport, Switchover, TopologyDoc
+from tests.support.cluster import Cluster, holds, pid_alive, recording_service, until
+from tests.support.harness import Etcd, free_port
 
 pytestmark = pytest.mark.e2e
 

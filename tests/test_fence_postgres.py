@@ -17,9 +17,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from cluster import Cluster, pid_alive, until
-from pg_harness import PASSWORDS, needs_postgres
-from test_database_failover import (
+
+from tests.support.cluster import Cluster, pid_alive, until
+from tests.support.pg_harness import PASSWORDS, needs_postgres
+from tests.test_database_failover import (
     ADDRESSES,
     db_cluster,
     inserted,
@@ -28,8 +29,8 @@ from test_database_failover import (
     ready,
     sync_state,
 )
-from test_database_failover import steady_writer as steady_writer
-from test_fence_services import dead, stopped
+from tests.test_database_failover import steady_writer as steady_writer
+from tests.test_fence_services import dead, stopped
 
 pytestmark = [pytest.mark.e2e, needs_postgres]
 __all__ = ["db_cluster"]  # the fixture, used by name

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster import SVC, Cluster, holds, pid_alive, recording_service, until
-from harness import free_port
+
+from tests.support.cluster import SVC, Cluster, holds, pid_alive, recording_service, until
+from tests.support.harness import free_port
 
 pytestmark = pytest.mark.e2e
 

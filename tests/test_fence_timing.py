@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster import Cluster, holds, pid_alive, until
 
 from shared.clock import boottime
+from tests.support.cluster import Cluster, holds, pid_alive, until
 
 pytestmark = pytest.mark.e2e
 TTL = 2.0

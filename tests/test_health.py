@@ -11,9 +11,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from harness import free_port
 
 from shared.topology import Health
+from tests.support.harness import free_port
 from workshop_agent.health import probe
 
 VALUES = {"node.name": "asm-a", "node.address": "127.0.0.1", "pair.name": "asm", "epoch": "7"}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_decide import obs
 
+from tests.test_decide import obs
 from workshop_agent.decide import Campaign, HandoverView, decide
 from workshop_agent.hold import Ledger, Promises
 from workshop_agent.peer_wire import Hold, HoldReply, Release, decode, encode

@@ -12,16 +12,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cluster import AGENT, ROOT, Cluster, holds, pid_alive, until
-from harness import free_port, stop_pid
-from netns import unavailable
-from test_etcd_loss import service_pids
-from test_failover import pair, two_nodes
-from vip_lab import LabSite, service
 
 from shared import keys
 from shared.agent_process import Here, Seen, judge, local_pid_ns, look, runs_here, start_ticks
 from shared.records import Leader, NodeStatus, local_boot_id
+from tests.support.cluster import AGENT, ROOT, Cluster, holds, pid_alive, until
+from tests.support.harness import free_port, stop_pid
+from tests.support.netns import unavailable
+from tests.support.vip_lab import LabSite, service
+from tests.test_etcd_loss import service_pids
+from tests.test_failover import pair, two_nodes
 from workshop_agent.node_lock import NodeLocked, lock_node, unlock
 
 LIVE_S = 10.0  # a lease the test keeps alive itself

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster import Cluster
-from harness import Etcd
 
 from shared.clock import boottime
+from tests.support.cluster import Cluster
+from tests.support.harness import Etcd
 
 
 @pytest.fixture

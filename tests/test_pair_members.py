@@ -12,15 +12,15 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from cluster import Cluster, until
-from etcd_relay import EtcdRelay
-from test_etcd_loss import a_behind_a_relay, a_keeps_the_pair_until_healed, service_pids
-from test_failover import pair
 
 from shared import keys, records
 from shared.admin import TakeoverRisk
 from shared.records import Members, decode
 from shared.store import Store
+from tests.support.cluster import Cluster, until
+from tests.support.etcd_relay import EtcdRelay
+from tests.test_etcd_loss import a_behind_a_relay, a_keeps_the_pair_until_healed, service_pids
+from tests.test_failover import pair
 from workshop_agent.election import Election
 
 pytestmark = pytest.mark.e2e

@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator
 
 import psycopg
 import pytest
-from pg_harness import (
+
+from tests.support.pg_harness import (
     PASSWORDS,
     PgCluster,
     Writer,
@@ -27,7 +28,6 @@ from pg_harness import (
     streaming,
     until,
 )
-
 from workshop_agent.pg import query as q
 from workshop_agent.pg.errors import PgError, SecretError
 from workshop_agent.pg.manager import PgManager, Timeouts

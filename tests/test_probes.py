@@ -1,5 +1,5 @@
 """Network probes with real sockets: the peer path and probe targets on 127.x addresses,
-then whole nodes in network namespaces (tests/netns.py) with cut links and partitions."""
+then whole nodes in network namespaces (tests/support/netns.py) with cut links and partitions."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-import netns
 import pytest
 from pydantic import ValidationError
 
 from shared.topology import format_errors
+from tests.support import netns
 from workshop_agent.peer_wire import Ping, Pong, decode, encode
 from workshop_agent.probes import (
     Network,

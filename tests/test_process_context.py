@@ -23,18 +23,6 @@ import aiohttp
 import psycopg
 import pytest
 import pytest_asyncio
-from cluster import Cluster, holds, until
-from harness import PYTHON, ROOT, Etcd
-from pg_harness import (
-    PASSWORDS,
-    PgCluster,
-    common_free_port,
-    database_section,
-    needs_postgres,
-    running_cluster,
-    write_secrets,
-)
-from test_client_support import registry_in_process
 
 from shared import keys
 from shared.process_context import (
@@ -49,6 +37,18 @@ from shared.process_context import (
 )
 from shared.records import HeldContext, Recovery, SyncState, decode
 from shared.report import SiteReport
+from tests.support.client_lab import registry_in_process
+from tests.support.cluster import Cluster, holds, until
+from tests.support.harness import PYTHON, ROOT, Etcd
+from tests.support.pg_harness import (
+    PASSWORDS,
+    PgCluster,
+    common_free_port,
+    database_section,
+    needs_postgres,
+    running_cluster,
+    write_secrets,
+)
 from workshop_agent import recovery
 
 pytestmark = needs_postgres

@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from harness import ROOT, Etcd, free_port, port_open
-from site_records import FakeAgent
-from test_client_resolver import active_pair
-from test_client_support import BIN, NodeServer, node_servers, registry_in_process, until
 
 from shared.store import Store
+from tests.support.client_lab import BIN, NodeServer, node_servers, registry_in_process, until
+from tests.support.harness import ROOT, Etcd, free_port, port_open
+from tests.support.site_records import FakeAgent
+from tests.test_client_resolver import active_pair
 
 
 class ProxyProcess:

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster import Cluster, holds, recording_service, until
-from harness import free_port
 
 from shared import keys
 from shared.records import HeldContext, Leader, Recovery, Switchover, decode
 from shared.store import Store
 from shared.topology import Pair, TopologyError, parse_site
+from tests.support.cluster import Cluster, holds, recording_service, until
+from tests.support.harness import free_port
 from workshop_agent import recovery as rec_mod
 
 pytestmark = pytest.mark.e2e

@@ -16,17 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import site_records
 from aiohttp import ClientResponse, ClientSession
 from aiohttp.test_utils import TestClient, TestServer
-from harness import free_port
-from site_records import FakeAgent, apply_site
 
 from registry.app import create_app
 from registry.appkeys import READERS, RegistryConfig
 from registry.routes import PollQuery
 from shared import keys, records
 from shared.store import Store
+from tests.support import site_records
+from tests.support.harness import free_port
+from tests.support.site_records import FakeAgent, apply_site
 
 DEADLINE_S = 5.0
 

@@ -8,14 +8,14 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from site_records import FakeAgent, apply_site
-from test_registry import get, until
 
 from registry.app import create_app
 from registry.appkeys import CACHE, STORE
 from shared import keys, records
 from shared.store import Store
 from shared.view import RECENT_EVENTS
+from tests.support.site_records import FakeAgent, apply_site
+from tests.test_registry import get, until
 
 EVENTS = 10_000
 REASON = "x" * 480  # an operator's reason: events run to about 600 bytes each

@@ -19,13 +19,13 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from cluster import pid_alive, until
-from harness import ROOT
-from test_fence_services import escaped, escaping_service
 
 from shared.clock import boottime
 from shared.log import EventLog
 from shared.topology import parse_site
+from tests.support.cluster import pid_alive, until
+from tests.support.harness import ROOT
+from tests.test_fence_services import escaped, escaping_service
 from workshop_agent import cgroups
 from workshop_agent.cgroups import CgroupTree
 from workshop_agent.exec_guard import REFUSED

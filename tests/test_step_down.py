@@ -12,14 +12,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from cluster import Cluster, holds, until
-from etcd_relay import EtcdRelay
-from harness import free_port
-from test_etcd_loss import service_pids
-from test_failover import pair
 
 from shared import keys
 from shared.records import Switchover
+from tests.support.cluster import Cluster, holds, until
+from tests.support.etcd_relay import EtcdRelay
+from tests.support.harness import free_port
+from tests.test_etcd_loss import service_pids
+from tests.test_failover import pair
 
 pytestmark = pytest.mark.e2e
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from harness import free_port
 
 from shared import keys
 from shared.store import LeaseNotFound, Store, StoreError, Timeout, Unavailable
+from tests.support.harness import free_port
 
 
 async def test_a_key_on_a_lease_etcd_does_not_know_is_lease_not_found(store: Store) -> None:

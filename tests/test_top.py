@@ -24,10 +24,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from cluster import until
-from harness import Etcd, free_port, stop_pid
 from rich.console import Console
-from site_records import FakeAgent, apply_site
 
 from registry.app import create_app
 from registry.appkeys import CACHE, RegistryConfig
@@ -53,6 +50,9 @@ from shared.report import (
     WorkshopReport,
 )
 from shared.store import Store
+from tests.support.cluster import until
+from tests.support.harness import Etcd, free_port, stop_pid
+from tests.support.site_records import FakeAgent, apply_site
 
 NOW = 1_700_000_000.0
 LIVE = Connection(url="http://reg-1:8700", live=True, since=NOW - 60, read_at=NOW - 0.5)

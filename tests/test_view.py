@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 
-from site_records import FakeAgent, apply_site, site
-
 from shared import keys, records
 from shared.store import Kv, Store
 from shared.view import SiteView
+from tests.support.site_records import FakeAgent, apply_site, site
 
 _rev = iter(range(100, 10_000))
 

@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster import until
-from harness import PYTHON, ROOT, free_port
-from netns import IFNAME, Lab, unavailable
-from vip_lab import LabSite, VipWatch, afetch, has, mac, neighbour, service, until_has
 
 from shared import keys
 from shared.records import Switchover
 from shared.topology import TopologyError, parse_site
+from tests.support.cluster import until
+from tests.support.harness import PYTHON, ROOT, free_port
+from tests.support.netns import IFNAME, Lab, unavailable
+from tests.support.vip_lab import LabSite, VipWatch, afetch, has, mac, neighbour, service, until_has
 
 NO_LAB = unavailable()
 needs_lab = pytest.mark.skipif(NO_LAB is not None, reason=f"no network namespaces: {NO_LAB}")

@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from harness import ROOT, wait_for
 
 from shared.clock import boottime
+from tests.support.harness import ROOT, wait_for
 from workshop_agent.watchdog import WatchdogLink, start_time
 
 Spawn = Callable[[], subprocess.Popen[bytes]]

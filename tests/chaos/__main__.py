@@ -1,5 +1,5 @@
 import sys
 
-from chaos.run import main
+from tests.chaos.run import main
 
 sys.exit(main())

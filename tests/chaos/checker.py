@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from cluster import Cluster, until
 
-from chaos.schedule import Fault
-from chaos.testbed import Testbed
+from tests.chaos.schedule import Fault
+from tests.chaos.testbed import Testbed
+from tests.support.cluster import Cluster, until
 
 POLL_S = 0.05
 COMMIT_CHECK_S = 30.0

@@ -10,8 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from harness import ETCD, Etcd, stop_pid
-from netns import Lab, sh
+from tests.support.harness import ETCD, Etcd, stop_pid
+from tests.support.netns import Lab, sh
 
 CLIENT_PORT = 2379
 PEER_PORT = 2380

@@ -14,10 +14,10 @@ import contextlib
 import os
 import signal
 
-from chaos.schedule import ETCD_KINDS, Fault
-from chaos.testbed import DB_PAIR, ETCD, LEASE_TTL_S, OBSERVER, Testbed
 from shared.admin import AdminError, request_switchover
 from shared.store import StoreError
+from tests.chaos.schedule import ETCD_KINDS, Fault
+from tests.chaos.testbed import DB_PAIR, ETCD, LEASE_TTL_S, OBSERVER, Testbed
 
 # Seconds from the heal until every pair the fault touched is served again (leader key,
 # active status, the service's own answer; for the database pair a new commit too).

@@ -1,4 +1,4 @@
-"""``python -m chaos.reaper PID``: removes what a chaos run left once it is gone.
+"""``python -m tests.chaos.reaper PID``: removes what a chaos run left once it is gone.
 
 A run cleans up after itself, even when interrupted; this covers the one case it
 cannot, being killed outright (SIGKILL, a timeout). The run starts this process in a
@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from chaos.run import remove_leftovers
+from tests.chaos.run import remove_leftovers
 
 GONE_WITHIN_S = 10.0
 

@@ -1,4 +1,4 @@
-"""``python -m chaos`` (``make chaos``): a seeded run of random faults against real agents.
+"""``python -m tests.chaos`` (``make chaos``): a seeded run of random faults against real agents.
 
 The schedule is printed first and depends only on the seed, the fault count and the
 kinds this machine can run (printed too), so ``--seed S --faults N --only I`` replays
@@ -28,11 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-import netns
-from harness import ETCD, ROOT
-from pg_harness import postgres_available
-
-from chaos.checker import (
+from tests.chaos.checker import (
     Outcome,
     Report,
     check_commits,
@@ -41,9 +37,12 @@ from chaos.checker import (
     wait_recovered,
     wait_settled,
 )
-from chaos.faults import bound_s, make, touched_pairs
-from chaos.schedule import KINDS, Fault, enabled_kinds, make_schedule, parse_only
-from chaos.testbed import DB_PAIR, OBSERVER, PAIRS, Testbed, hosts
+from tests.chaos.faults import bound_s, make, touched_pairs
+from tests.chaos.schedule import KINDS, Fault, enabled_kinds, make_schedule, parse_only
+from tests.chaos.testbed import DB_PAIR, OBSERVER, PAIRS, Testbed, hosts
+from tests.support import netns
+from tests.support.harness import ETCD, ROOT
+from tests.support.pg_harness import postgres_available
 
 RUN_PREFIX = "hapair-chaos-"
 SETTLE_S = 30.0
@@ -52,7 +51,7 @@ RECOVERY_CAP_S = 60.0  # past its bound, how long a late recovery is still measu
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m chaos", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=7, help="the schedule's seed (default 7)")
     p.add_argument("--faults", type=int, default=200, help="faults in the schedule")
     p.add_argument("--only", default="", help="run only these faults of it: 3,7-9")
@@ -92,9 +91,9 @@ def remove_leftovers(pid: int, keep_dir: bool = False) -> list[str]:
 
 def start_reaper() -> subprocess.Popen[bytes]:
     """The process that cleans up if this one is killed outright (see reaper.py)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        [sys.executable, "-m", "chaos.reaper", str(os.getpid())],
+        [sys.executable, "-m", "tests.chaos.reaper", str(os.getpid())],
         stdin=subprocess.PIPE,
         cwd=ROOT,
         env=env,

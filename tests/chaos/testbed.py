@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from cluster import Cluster, pid_alive, recording_service, until
-from netns import Lab
-from pg_harness import PASSWORDS, Writer, database_section, write_secrets
 
-from chaos.etcd_members import EtcdMembers
 from shared import keys
 from shared.records import SyncState, decode
 from shared.store import StoreError
+from tests.chaos.etcd_members import EtcdMembers
+from tests.support.cluster import Cluster, pid_alive, recording_service, until
+from tests.support.netns import Lab
+from tests.support.pg_harness import PASSWORDS, Writer, database_section, write_secrets
 
 ETCD = ("e1", "e2", "e3")
 OBSERVER = "obs"

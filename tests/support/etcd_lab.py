@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from chaos.etcd_members import CLIENT_PORT, EtcdMembers
-from harness import PYTHON, ROOT, stop_pid
-from netns import Lab
+from tests.chaos.etcd_members import CLIENT_PORT, EtcdMembers
+from tests.support.harness import PYTHON, ROOT, stop_pid
+from tests.support.netns import Lab
 
-FORWARDER = str(ROOT / "tests" / "vip_lab.py")
+FORWARDER = ["-m", "tests.support.vip_lab"]
 
 
 class EtcdLab(EtcdMembers):
@@ -69,7 +69,7 @@ class EtcdLab(EtcdMembers):
     def _forward(self, name: str) -> None:
         host = self.lab[name]
         proc = subprocess.Popen(
-            [PYTHON, FORWARDER, "forward", host.ns, host.address, str(CLIENT_PORT)],
+            [PYTHON, *FORWARDER, "forward", host.ns, host.address, str(CLIENT_PORT)],
             stdout=subprocess.PIPE,
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)},

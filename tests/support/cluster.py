@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from harness import PYTHON, ROOT, Etcd, stop_pid
 
 from registry.console.drill_faults import descendants
 from shared import keys
@@ -24,9 +23,10 @@ from shared.clock import boottime
 from shared.records import Endpoint, Leader, NodeStatus, TopologyDoc, decode
 from shared.store import Store
 from shared.topology import parse_site
+from tests.support.harness import PYTHON, ROOT, Etcd, stop_pid
 
 T = TypeVar("T")
-SVC = str(ROOT / "tests" / "svc.py")
+SVC = str(ROOT / "tests" / "support" / "svc.py")
 # The agent's and the watchdog's log lines that bound a service run, and what each is.
 RUN_EVENTS = {
     'event="service started"': "forked",

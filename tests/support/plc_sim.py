@@ -9,7 +9,7 @@ exception codes for chosen addresses, or mangle its replies (``garbage``).
 An :class:`OpcUaPlc` is one set of variables served by one asyncua server per path.
 
 Run as a script it starts a farm of Modbus PLCs in its own process, for the benchmarks:
-``python tests/plc_sim.py --plcs 100 --registers 200 --port 31000 [--change-rate N]``.
+``python -m tests.support.plc_sim --plcs 100 --registers 200 --port 31000 [--change-rate N]``.
 """
 
 from __future__ import annotations
@@ -379,12 +379,12 @@ async def running_comm(
 
     ``role(parts, on_change)`` makes its role; without one it is the active, alone."""
     from asyncua import Client
-    from harness import free_port
 
     from comm_server.app import CommServer, Listen
     from comm_server.config import loads
     from comm_server.role import StaticRole
     from shared.log import EventLog
+    from tests.support.harness import free_port
 
     listen = Listen(host, free_port(host))
     server = CommServer(loads(config), listen, EventLog("hapair.comm"))

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import ClientSession, web
-from harness import ROOT, free_port
 
 from registry.app import create_app
 from registry.appkeys import RegistryConfig
+from tests.support.harness import ROOT, free_port
 
 T = TypeVar("T")
 DEADLINE_S = 5.0

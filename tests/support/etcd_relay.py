@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from harness import free_port
+from tests.support.harness import free_port
 
 
 class EtcdRelay:

@@ -8,7 +8,7 @@ from the machine's side while the connections it opens go inside the lab. Nothin
 ever added to the machine's own interfaces.
 
 Run as a script, this module is that forwarder:
-``python vip_lab.py forward NETNS HOST PORT`` prints the local port, then serves.
+``python -m tests.support.vip_lab forward NETNS HOST PORT`` prints the local port, then serves.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cluster import SVC, Cluster, until
-from harness import ETCD, PYTHON, ROOT, Etcd
-from netns import IFNAME, Host, Lab
+from tests.support.cluster import SVC, Cluster, until
+from tests.support.harness import ETCD, PYTHON, ROOT, Etcd
+from tests.support.netns import IFNAME, Host, Lab
 
 ETCD_PORT = 2379
 CLONE_NEWNET = 0x40000000
@@ -169,7 +169,15 @@ class LabSite:
 
     def _forward(self, host: Host) -> subprocess.Popen[bytes]:
         self._forwarder = subprocess.Popen(
-            [PYTHON, __file__, "forward", host.ns, host.address, str(ETCD_PORT)],
+            [
+                PYTHON,
+                "-m",
+                "tests.support.vip_lab",
+                "forward",
+                host.ns,
+                host.address,
+                str(ETCD_PORT),
+            ],
             stdout=subprocess.PIPE,
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -317,6 +325,6 @@ class VipWatch:
 
 if __name__ == "__main__":
     if len(sys.argv) != 5 or sys.argv[1] != "forward":
-        sys.exit("usage: vip_lab.py forward NETNS HOST PORT")
+        sys.exit("usage: python -m tests.support.vip_lab forward NETNS HOST PORT")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_forward(sys.argv[2], sys.argv[3], int(sys.argv[4])))

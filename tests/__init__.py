@@ -1,0 +1,2 @@
+"""hapair's tests: ``support/`` holds what they share (servers, sites, labs), ``chaos/``
+the randomized fault run."""
