@@ -1,7 +1,8 @@
 # hapair: set-up and everyday commands.
 #
 #   make demo    run the example site (local etcd, registry, one agent per node)
-#   make test    lint, type-check and run the test suite
+#   make unit    the unit tests alone: pure logic, in seconds, with the venv only
+#   make test    lint, type-check and run the test suite (unit and integration)
 #   make chaos   hundreds of random faults against a site in network namespaces
 #   make bench   run the benchmarks in bench/
 #
@@ -33,11 +34,12 @@ export PYTHONUNBUFFERED := 1
 TEST_TOOLS := etcd:etcd-server etcdctl:etcd-client setpriv:util-linux arping:iputils-arping nft:nftables ip:iproute2 tc:iproute2
 BENCH_TOOLS := $(TEST_TOOLS) wrk:wrk
 
-.PHONY: help test lint fmt typecheck pytest demo bench clean venv sysdeps bench-sysdeps chaos
+.PHONY: help test unit lint fmt typecheck pytest demo bench clean venv sysdeps bench-sysdeps chaos
 
 help:
 	@echo "make demo    run the example site in deploy/demo-site.yaml (Ctrl-C stops it)"
-	@echo "make test    ruff, ruff format --check, mypy and pytest"
+	@echo "make unit    the unit tests (tests/unit): no etcd, PostgreSQL or root needed"
+	@echo "make test    ruff, ruff format --check, mypy and pytest (tests/unit and tests/integration)"
 	@echo "make chaos   200 random faults against a site in network namespaces (SEED=, FAULTS=, ONLY=)"
 	@echo "make bench   run the benchmarks in bench/"
 	@echo "make lint    ruff and mypy only"
@@ -104,7 +106,7 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-# PYTEST_ARGS narrows the run, e.g. make test PYTEST_ARGS="-k drain tests/test_failover.py"
+# PYTEST_ARGS narrows the run, e.g. make test PYTEST_ARGS="-k drain tests/integration/test_failover.py"
 # The tests run in PYTEST_WORKERS processes (pytest-xdist; 0: in this one). Most of a
 # test's time is spent waiting for leases and failovers, so two share a core well; each
 # process has its own etcd, ports, namespaces and cgroups.
@@ -113,6 +115,10 @@ PYTEST := $(BIN)/pytest -q -n $(PYTEST_WORKERS)
 
 pytest: venv sysdeps
 	$(PYTEST) $(PYTEST_ARGS)
+
+# Pure logic only (tests/unit): no system package, no etcd, PostgreSQL or root.
+unit: venv
+	$(PYTEST) $(PYTEST_ARGS) tests/unit
 
 test: venv sysdeps
 	$(BIN)/ruff check .

@@ -12,7 +12,7 @@
   fanout    1,000 event-stream subscribers on one registry: time from an endpoint's
             publication until the last subscriber has it. Target: <= 200 ms.
 
-Every client is a process of its own (tests/test_client_e2e.py's client: the HTTP
+Every client is a process of its own (tests/integration/test_client_e2e.py's client: the HTTP
 adapter, one request every ~2 ms); the registry is a real ``hapair-registry``.
 Usage: python -m bench.bench_client [--runs 7] [--only publish,outage,fanout]
 """
@@ -47,7 +47,7 @@ from tests.support.site_records import FakeAgent, apply_site
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CLIENT = ["-m", "tests.test_client_e2e"]  # the client process of that test
+CLIENT = ["-m", "tests.integration.test_client_e2e"]  # the client process of that test
 TARGETS = {
     "publish": 0.100,
     "crash": 2.3,

@@ -1,58 +1,19 @@
-"""Fixtures any test module may use: one etcd for the session, a clean prefix per test."""
+"""What every test run has: property tests without a time limit, and skips reported loudly
+(the fixtures with etcd and agents are in integration/conftest.py)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from hypothesis import settings
 
-from shared import keys
-from shared.store import Store
-from tests.support.cluster import Cluster
-from tests.support.harness import Etcd
-
 # A time limit per example measures the machine's load, not the code: property tests
 # bound their work by the number of examples only.
 settings.register_profile("hapair", deadline=None)
 settings.load_profile("hapair")
-
-
-@pytest.fixture(scope="session")
-def etcd() -> Iterator[Etcd]:
-    """A real etcd on free ports, shared by the session; use ``store`` for a clean prefix."""
-    server = Etcd().start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
-
-
-@pytest.fixture
-async def store(etcd: Etcd) -> AsyncIterator[Store]:
-    """A connection to the session's etcd with nothing under ``/hapair/v1``."""
-    s = Store(etcd.url, timeout=2.0)
-    await s.call(lambda: s.client.delete_prefix(keys.b(keys.PREFIX + "/")))
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
-@pytest.fixture
-async def cluster(etcd: Etcd, store: Store, tmp_path: Path) -> AsyncIterator[Cluster]:
-    """Agents as real processes against the session's etcd; at the end, every test
-    proves from the services' own records that no two nodes ran a service at once."""
-    c = Cluster(etcd, tmp_path)
-    try:
-        yield c
-    finally:
-        await c.stop_all()
-    # Checked after every agent stopped, so the last runs are complete too.
-    c.assert_no_overlap()
 
 
 # A skipped test proves nothing. Outside CI a skip is reported loudly at the end; under

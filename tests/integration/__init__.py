@@ -1,0 +1,1 @@
+"""Tests with real etcd, PostgreSQL, agent and server processes, network namespaces."""

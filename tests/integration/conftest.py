@@ -1,0 +1,48 @@
+"""Fixtures of the integration tests: one etcd for the session, a clean prefix per test,
+agents as real processes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from shared import keys
+from shared.store import Store
+from tests.support.cluster import Cluster
+from tests.support.harness import Etcd
+
+
+@pytest.fixture(scope="session")
+def etcd() -> Iterator[Etcd]:
+    """A real etcd on free ports, shared by the session; use ``store`` for a clean prefix."""
+    server = Etcd().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+async def store(etcd: Etcd) -> AsyncIterator[Store]:
+    """A connection to the session's etcd with nothing under ``/hapair/v1``."""
+    s = Store(etcd.url, timeout=2.0)
+    await s.call(lambda: s.client.delete_prefix(keys.b(keys.PREFIX + "/")))
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+async def cluster(etcd: Etcd, store: Store, tmp_path: Path) -> AsyncIterator[Cluster]:
+    """Agents as real processes against the session's etcd; at the end, every test
+    proves from the services' own records that no two nodes ran a service at once."""
+    c = Cluster(etcd, tmp_path)
+    try:
+        yield c
+    finally:
+        await c.stop_all()
+    # Checked after every agent stopped, so the last runs are complete too.
+    c.assert_no_overlap()

@@ -1,0 +1,211 @@
+"""Each service in its own cgroup: the supervisor with real processes, no agent.
+
+A service whose grandchild double-forks and calls ``setsid`` leaves the service's
+process group; only its cgroup still holds it. The exec guard, the child's last step
+before the service's program, joins that cgroup, waits until the agent releases it (its
+watchdog knows the run) and refuses to run the program once the fence point it was given
+has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.clock import boottime
+from shared.log import EventLog
+from shared.topology import parse_site
+from tests.integration.test_fence_services import escaped, escaping_service
+from tests.support.cluster import pid_alive, until
+from tests.support.harness import ROOT
+from workshop_agent import cgroups
+from workshop_agent.cgroups import CgroupTree
+from workshop_agent.exec_guard import REFUSED
+from workshop_agent.supervisor import EXEC_GUARD, Supervisor
+from workshop_agent.watchdog import WatchdogLink
+
+EPOCH = 9
+
+
+def guard(until: float, cgroup: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-I", "-S", EXEC_GUARD, repr(until), cgroup, "-", "--", *argv],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+
+
+def test_the_guard_waits_for_its_release_and_refuses_without_it(tmp_path: Path) -> None:
+    """The program runs only once the agent wrote its byte; a pipe closed without one
+    (the agent died or chose not to start it) and the program never runs."""
+    ran = tmp_path / "ran"
+    for release in (False, True):
+        go_read, go = os.pipe()
+        argv = [sys.executable, "-I", "-S", EXEC_GUARD, repr(boottime() + 30), "-", str(go_read)]
+        child = subprocess.Popen(
+            [*argv, "--", "/usr/bin/touch", str(ran)],
+            pass_fds=(go_read,),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        os.close(go_read)
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.wait(0.5)  # a safety property (it must not go on), not a timing bound
+        assert not ran.exists()
+        if release:
+            os.write(go, b"\1")
+        os.close(go)
+        _, err = child.communicate(timeout=10)
+        assert child.returncode == (0 if release else REFUSED), err
+        assert ran.exists() == release
+        if not release:
+            assert "did not release it" in err
+
+
+def test_the_guard_refuses_to_run_a_program_past_the_fence_point(tmp_path: Path) -> None:
+    ran = tmp_path / "ran"
+    done = guard(boottime() - 0.001, "-", "/usr/bin/touch", str(ran))
+    assert done.returncode == REFUSED
+    assert "fence point has passed" in done.stderr
+    assert not ran.exists()
+
+
+def test_the_guard_runs_the_program_in_its_own_process_before_the_fence_point() -> None:
+    done = guard(boottime() + 30, "-", "/bin/sh", "-c", "echo $$ $PPID")
+    assert done.returncode == 0, done.stderr
+    pid, _ = done.stdout.split()
+    assert int(pid) > 0  # the program replaced the guard (exec), it did not run beside it
+
+
+@pytest.fixture
+def tree() -> Iterator[CgroupTree]:
+    t, why = CgroupTree.create("cgtest")
+    if t is None:
+        pytest.skip(f"no cgroup v2 here: {why}")  # the fallback is tested below
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+def test_the_guard_puts_the_program_in_the_cgroup_before_it_runs(tree: CgroupTree) -> None:
+    run = tree.new_run("svc")
+    assert run is not None
+    done = guard(boottime() + 30, str(run), "/bin/cat", "/proc/self/cgroup")
+    assert done.returncode == 0, done.stderr
+    mount = cgroups._mount_point()
+    assert mount is not None
+    assert f"0::/{run.relative_to(mount)}" in done.stdout.splitlines()
+
+
+# -- the supervisor ----------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path) -> AsyncIterator[Supervisor]:
+    """A supervisor of the escaping service, with a real watchdog that has no deadline
+    (so only the supervisor kills here)."""
+    site = parse_site(
+        {
+            "site": "t",
+            "workshops": [
+                {
+                    "name": "w",
+                    "pairs": [
+                        {
+                            "name": "p",
+                            "nodes": [
+                                {"name": "a", "address": "127.0.147.1"},
+                                {"name": "b", "address": "127.0.147.2"},
+                            ],
+                            "services": [escaping_service("esc", tmp_path / "escaped.pid")],
+                        }
+                    ],
+                }
+            ],
+        },
+        "test",
+    )
+    pair = site.pair("p")
+    assert pair is not None and pair.node("a") is not None
+    link = WatchdogLink()
+    link.start()
+    sup = Supervisor(
+        pair,
+        pair.nodes[0],
+        EventLog("test"),
+        link,
+        may_run=lambda: True,
+        paused=lambda: False,
+        on_change=lambda: None,
+        state_dir=tmp_path / "state",
+        env={},
+    )
+    try:
+        yield sup
+    finally:
+        await sup.stop_all()
+        link.close()
+
+
+@pytest.fixture
+async def supervisor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Supervisor]:
+    monkeypatch.chdir(ROOT)  # the watchdog runs as ``python -m workshop_agent.watchdog``
+    async with running(tmp_path) as sup:
+        yield sup
+
+
+async def gone(pid: int) -> bool:
+    return not pid_alive(pid)
+
+
+async def test_a_fence_kills_the_whole_cgroup(supervisor: Supervisor, tmp_path: Path) -> None:
+    if supervisor.cgroups is None:
+        pytest.skip("no cgroup v2 here")
+    supervisor.activate(EPOCH)
+    grandchild = await escaped(tmp_path / "escaped.pid")
+    try:
+        supervisor.kill_active(0.2)
+        await until(lambda: gone(grandchild), 5, "the escaped grandchild killed by the fence")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(grandchild, signal.SIGKILL)
+    runner = supervisor.runners["esc"]
+    await until(lambda: asyncio.sleep(0, runner.cgroup is None), 5, "the run's cgroup removed")
+    assert supervisor.cgroups is not None
+    assert not [p for p in supervisor.cgroups.root.iterdir() if p.is_dir()]
+
+
+async def test_without_cgroups_fencing_falls_back_to_the_process_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where cgroup v2 is missing the agent says so and kills process groups: the service
+    and what stays in its group die; a process that left the group survives (the limit
+    the warning names)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(cgroups, "_mount_point", lambda: None)
+    async with running(tmp_path) as sup:
+        assert sup.cgroups is None
+        assert "services fenced by process group only" in caplog.text
+        sup.activate(EPOCH)
+        grandchild = await escaped(tmp_path / "escaped.pid")
+        runner = sup.runners["esc"]
+        await until(lambda: asyncio.sleep(0, runner.proc is not None), 5, "service forked")
+        assert runner.proc is not None
+        leader = runner.proc.pid
+        try:
+            sup.kill_active(0.2)
+            await until(lambda: gone(leader), 5, "the service killed by the fence")
+            assert pid_alive(grandchild), "left its group: beyond a process-group fence"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(grandchild, signal.SIGKILL)

@@ -1,0 +1,1 @@
+"""Tests of pure logic: no etcd, PostgreSQL, root or server process; ``make unit``."""

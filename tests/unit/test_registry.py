@@ -1,0 +1,24 @@
+"""The registry's rules that need no etcd: the long-poll cap, health without etcd."""
+
+from __future__ import annotations
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from registry.app import create_app
+from registry.routes import PollQuery
+from tests.integration.test_registry import get
+
+
+def test_wait_s_is_capped() -> None:
+    from registry.routes import MAX_WAIT_S
+
+    assert min(PollQuery.model_validate({"wait_s": "100000"}).wait_s, MAX_WAIT_S) == 300
+
+
+async def test_healthz_says_why_when_etcd_is_unreachable() -> None:
+    app = create_app("http://127.0.0.1:1", etcd_timeout_s=0.3)
+    async with TestClient(TestServer(app)) as c:
+        status, body = await get(c, "/healthz")
+        assert status == 503 and body["error"]
+        status, site = await get(c, "/v1/site")
+        assert status == 200 and site["warning"].startswith("registry is not in touch with etcd")
