@@ -11,17 +11,14 @@ import pytest
 from shared import keys
 from shared.store import Store
 from tests.support.cluster import Cluster
-from tests.support.harness import Etcd
+from tests.support.harness import Etcd, running_etcd
 
 
 @pytest.fixture(scope="session")
 def etcd() -> Iterator[Etcd]:
     """A real etcd on free ports, shared by the session; use ``store`` for a clean prefix."""
-    server = Etcd().start()
-    try:
+    with running_etcd() as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from shared.client import (
     UnknownService,
 )
 from shared.store import Store
-from tests.support.client_lab import NodeHttp, NodeServer, registry_in_process, until
+from tests.support.client_lab import NodeHttp, NodeServer, node_servers, registry_in_process, until
 from tests.support.harness import Etcd, free_port
 from tests.support.site_records import FakeAgent, apply_site
 
@@ -70,13 +70,8 @@ async def ask(conn: Connection, text: str = "ping") -> str:
 @pytest.fixture
 async def servers() -> AsyncIterator[tuple[int, NodeServer, NodeServer]]:
     port = free_port()
-    a = await NodeServer("asm-a", "127.0.0.11", port).start()
-    b = await NodeServer("asm-b", "127.0.0.12", port).start()
-    try:
+    async with node_servers(port) as (a, b):
         yield port, a, b
-    finally:
-        await a.stop()
-        await b.stop()
 
 
 # ---- TCP --------------------------------------------------------------------------

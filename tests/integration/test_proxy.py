@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 from shared.store import Store
 from tests.integration.test_client_resolver import active_pair
 from tests.support.client_lab import BIN, NodeServer, node_servers, registry_in_process, until
-from tests.support.harness import ROOT, Etcd, free_port, port_open
+from tests.support.harness import ROOT, Etcd, free_port, port_open, stop_process
 from tests.support.site_records import FakeAgent
 
 
@@ -45,13 +44,7 @@ class ProxyProcess:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self.proc is not None
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), 5)
-            except TimeoutError:
-                self.proc.send_signal(signal.SIGKILL)
-                await self.proc.wait()
+        await stop_process(self.proc)
         assert self.proc.returncode == 0, self.log.read_text()
         assert "Traceback" not in self.log.read_text()
 

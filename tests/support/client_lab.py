@@ -20,7 +20,7 @@ from aiohttp import ClientSession, web
 
 from registry.app import create_app
 from registry.appkeys import RegistryConfig
-from tests.support.harness import ROOT, free_port
+from tests.support.harness import ROOT, free_port, stop_process
 
 T = TypeVar("T")
 DEADLINE_S = 5.0
@@ -176,13 +176,7 @@ class RegistryProcess:
     async def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), 5)
-            except TimeoutError:
-                self.proc.send_signal(signal.SIGKILL)
-                await self.proc.wait()
+        await stop_process(self.proc)
         self.proc = None
 
 
