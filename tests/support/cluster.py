@@ -70,7 +70,10 @@ async def holds(cond: Callable[[], Awaitable[bool]], seconds: float, what: str) 
         await asyncio.sleep(0.1)
 
 
-def recording_service(name: str, port: int, record: Path, **extra: Any) -> dict[str, Any]:
+def recording_service(
+    name: str, port: int, record: Path, *, bind: str = "{node.address}", **extra: Any
+) -> dict[str, Any]:
+    """The test service (svc.py) that records its runs in ``record``, listening on ``bind``."""
     return {
         "name": name,
         "command": [
@@ -85,7 +88,7 @@ def recording_service(name: str, port: int, record: Path, **extra: Any) -> dict[
             "--epoch",
             "{epoch}",
             "--bind",
-            "{node.address}",
+            bind,
             "--port",
             str(port),
             "--record",

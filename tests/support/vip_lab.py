@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.support.cluster import SVC, Cluster, until
+from tests.support.cluster import Cluster, recording_service, until
 from tests.support.harness import ETCD, PYTHON, ROOT, Etcd
 from tests.support.netns import IFNAME, Host, Lab
 
@@ -210,22 +210,7 @@ class LabSite:
 
 def service(name: str, port: int, record: Path, **extra: Any) -> dict[str, Any]:
     """The recording test service bound to every address (so the virtual one too)."""
-    return {
-        "name": name,
-        "command": [
-            PYTHON, SVC, "--service", name, "--pair", "{pair.name}", "--node", "{node.name}",
-            "--epoch", "{epoch}", "--bind", "0.0.0.0", "--port", str(port),
-            "--record", str(record),
-        ],
-        "health": {
-            "http": f"http://{{node.address}}:{port}/",
-            "interval_s": 0.2,
-            "timeout_s": 1.0,
-            "failures": 2,
-        },
-        "endpoint": {"port": port, "protocol": "http"},
-        **extra,
-    }  # fmt: skip
+    return recording_service(name, port, record, bind="0.0.0.0", **extra)
 
 
 def addresses(host: Host) -> list[str]:
