@@ -19,12 +19,12 @@ from tests.integration.test_client_resolver import active_pair
 from tests.support.client_lab import (
     FreezableRelay,
     RegistryProcess,
+    fast,
     node_servers,
     until,
 )
 from tests.support.harness import Etcd, free_port
 from tests.support.site_records import FakeAgent, apply_site
-from tests.unit.test_client_resolver import fast
 
 
 async def answer(url: str, service: str = "mes-api") -> tuple[int, Any]:

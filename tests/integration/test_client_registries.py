@@ -17,10 +17,9 @@ from shared.client import RegistryUnavailable, Resolver
 from shared.client.models import STALE_HEADER
 from shared.store import Store
 from tests.integration.test_client_resolver import active_pair, move
-from tests.support.client_lab import BIN, registry_in_process, registry_processes, until
+from tests.support.client_lab import BIN, next_of, registry_in_process, registry_processes, until
 from tests.support.harness import Etcd, free_port
 from tests.support.site_records import FakeAgent, apply_site
-from tests.unit.test_client_resolver import next_of
 
 
 @pytest.mark.parametrize("transport", ["sse", "poll"])

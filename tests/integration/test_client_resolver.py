@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,19 +15,20 @@ from shared import keys
 from shared.client import (
     Endpoint,
     RegistryUnavailable,
-    Resolver,
     ServiceUnavailable,
     UnknownService,
 )
 from shared.store import Store
-from tests.support.client_lab import registry_in_process, until
+from tests.support.client_lab import (
+    FakeRegistry,
+    fast,
+    next_of,
+    registry_in_process,
+    until,
+    warnings_of,
+)
 from tests.support.harness import Etcd, free_port
 from tests.support.site_records import FakeAgent, apply_site
-
-
-def fast(registries: str | list[str], **options: Any) -> Resolver:
-    """A resolver with short timeouts, for tests."""
-    return Resolver(registries, request_timeout_s=0.5, stream_idle_s=2.0, **options)
 
 
 async def active_pair(store: Store, port: int = 8080) -> tuple[FakeAgent, FakeAgent]:
@@ -48,11 +47,6 @@ async def move(a: FakeAgent, b: FakeAgent, port: int = 8080) -> int:
     epoch = await b.become_active()
     await b.publish("mes-api", port)
     return epoch
-
-
-async def next_of(endpoints: AsyncIterator[Endpoint], deadline_s: float = 3.0) -> Endpoint:
-    async with asyncio.timeout(deadline_s):
-        return await anext(endpoints)
 
 
 async def test_resolve_answers_200_503_404(etcd: Etcd, store: Store) -> None:
@@ -175,64 +169,6 @@ async def _synced(port: int) -> bool:
 
 
 # ---- garbage from a registry --------------------------------------------------------
-
-
-class FakeRegistry:
-    """Answers lookups from a script (the last entry repeats) and streams given chunks."""
-
-    def __init__(self, stream: bool = True) -> None:
-        self.has_stream = stream
-        self.answers: list[tuple[int, bytes]] = []
-        self.stream: list[bytes] = []
-        self.lookups = 0
-        self.retry_after = False
-        self.url = ""
-        self._runner: web.AppRunner | None = None
-
-    def answer(self, status: int, body: Any) -> None:
-        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        self.answers.append((status, raw))
-
-    async def _lookup(self, request: web.Request) -> web.Response:
-        self.lookups += 1
-        status, body = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
-        headers = {"Retry-After": "2"} if self.retry_after else None
-        return web.Response(
-            status=status, body=body, content_type="application/json", headers=headers
-        )
-
-    async def _events(self, request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for chunk in self.stream:
-            await resp.write(chunk)
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(3600)
-        return resp
-
-    async def __aenter__(self) -> FakeRegistry:
-        app = web.Application()
-        app.router.add_get("/v1/endpoints/{service}", self._lookup)
-        if self.has_stream:
-            app.router.add_get("/v1/events", self._events)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        port = free_port()
-        await web.TCPSite(self._runner, "127.0.0.1", port).start()
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
-
-
-def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        f"{r.getMessage()} {getattr(r, 'fields', {}).get('problem', '')}"
-        for r in caplog.records
-        if r.levelno == logging.WARNING and r.name == "hapair.client"
-    ]
 
 
 async def test_garbage_goes_to_the_next_registry(

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from shared import keys
-from shared.agent_process import Here
 from shared.records import Leader, NodeStatus
 from tests.integration.test_etcd_loss import service_pids
 from tests.integration.test_failover import pair, two_nodes
@@ -191,10 +190,3 @@ async def test_an_agent_in_another_pid_namespace_does_not_take_the_live_runs_key
             await until(lambda: asyncio.sleep(0, not pid_alive(init)), 10, "the second agent gone")
         log.close()
     assert await cluster.leader("p") == ("a", epoch)
-
-
-HERE = Here(boot_id="boot-1", pid_ns=4026531836)
-AGENT_A = NodeStatus(
-    node="a", pair="p", address="127.0.0.1", role="active", pid=42, boot_id="boot-1"
-)
-RUN = AGENT_A.model_copy(update={"pid_ns": HERE.pid_ns, "pid_start": 1000})

@@ -26,6 +26,7 @@ from shared.store import Store
 from tests.support import site_records
 from tests.support.harness import free_port
 from tests.support.site_records import FakeAgent, apply_site
+from tests.unit.test_registry import get
 
 DEADLINE_S = 5.0
 
@@ -56,11 +57,6 @@ async def client(store: Store, etcd: Any) -> AsyncIterator[TestClient[Any, Any]]
 async def _ok(c: TestClient[Any, Any], path: str) -> bool:
     async with c.get(path) as resp:
         return resp.status == 200
-
-
-async def get(c: TestClient[Any, Any], path: str) -> tuple[int, Any]:
-    async with c.get(path) as resp:
-        return resp.status, await resp.json()
 
 
 async def status_becomes(

@@ -21,7 +21,6 @@ import pytest
 
 from shared import keys
 from shared.records import Switchover
-from shared.topology import parse_site
 from tests.support.cluster import until
 from tests.support.harness import PYTHON, ROOT, free_port
 from tests.support.netns import IFNAME, Lab, unavailable
@@ -34,26 +33,6 @@ needs_arping = pytest.mark.skipif(
 )
 VIP_IP = "10.99.0.100"
 VIP = f"{VIP_IP}/24"
-
-
-def _site(vip: dict[str, Any] | None) -> dict[str, Any]:
-    nodes = [{"name": "a", "address": "10.0.0.1"}, {"name": "b", "address": "10.0.0.2"}]
-    pair: dict[str, Any] = {"name": "p", "nodes": nodes}
-    if vip is not None:
-        pair["vip"] = vip
-    return {"site": "s", "workshops": [{"name": "w", "pairs": [pair]}]}
-
-
-def test_valid_vip_is_normalised_and_optional() -> None:
-    pair = parse_site(_site({"address": " 10.0.0.100/24", "interface": "eth0"}), "s").pair("p")
-    assert pair is not None and pair.vip is not None
-    assert (pair.vip.address, pair.vip.ip, pair.vip.interface) == (
-        "10.0.0.100/24",
-        "10.0.0.100",
-        "eth0",
-    )
-    bare = parse_site(_site(None), "s").pair("p")
-    assert bare is not None and bare.vip is None
 
 
 # ---- the watchdog --------------------------------------------------------------------

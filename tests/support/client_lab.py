@@ -1,13 +1,16 @@
-"""Helpers for the client library's tests: registries (in-process or as processes),
-small servers on the fake nodes' addresses, and waiting with deadlines.
+"""Helpers for the client library's tests: registries (in-process, as processes, or a
+fake one that answers from a script), small servers on the fake nodes' addresses, a
+resolver with short timeouts, and waiting with deadlines.
 
-No tests here; the other ``test_client_*`` and ``test_proxy*`` modules import it.
+No tests here; the ``test_client_*`` and ``test_proxy*`` modules import it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import os
 import signal
 import sys
@@ -16,11 +19,85 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from aiohttp import ClientSession, web
 
 from registry.app import create_app
 from registry.appkeys import RegistryConfig
+from shared.client import (
+    Endpoint,
+    Resolver,
+)
 from tests.support.harness import ROOT, free_port, stop_process
+
+
+def fast(registries: str | list[str], **options: Any) -> Resolver:
+    """A resolver with short timeouts, for tests."""
+    return Resolver(registries, request_timeout_s=0.5, stream_idle_s=2.0, **options)
+
+
+async def next_of(endpoints: AsyncIterator[Endpoint], deadline_s: float = 3.0) -> Endpoint:
+    async with asyncio.timeout(deadline_s):
+        return await anext(endpoints)
+
+
+class FakeRegistry:
+    """Answers lookups from a script (the last entry repeats) and streams given chunks."""
+
+    def __init__(self, stream: bool = True) -> None:
+        self.has_stream = stream
+        self.answers: list[tuple[int, bytes]] = []
+        self.stream: list[bytes] = []
+        self.lookups = 0
+        self.retry_after = False
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    def answer(self, status: int, body: Any) -> None:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.answers.append((status, raw))
+
+    async def _lookup(self, request: web.Request) -> web.Response:
+        self.lookups += 1
+        status, body = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        headers = {"Retry-After": "2"} if self.retry_after else None
+        return web.Response(
+            status=status, body=body, content_type="application/json", headers=headers
+        )
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for chunk in self.stream:
+            await resp.write(chunk)
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(3600)
+        return resp
+
+    async def __aenter__(self) -> FakeRegistry:
+        app = web.Application()
+        app.router.add_get("/v1/endpoints/{service}", self._lookup)
+        if self.has_stream:
+            app.router.add_get("/v1/events", self._events)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        f"{r.getMessage()} {getattr(r, 'fields', {}).get('problem', '')}"
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.name == "hapair.client"
+    ]
+
 
 T = TypeVar("T")
 DEADLINE_S = 5.0

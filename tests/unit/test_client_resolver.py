@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 
 from shared.client import Endpoint
-from tests.integration.test_client_resolver import FakeRegistry, fast, next_of, warnings_of
-from tests.support.client_lab import until
+from tests.support.client_lab import FakeRegistry, fast, next_of, until, warnings_of
 
 
 def endpoint_json(epoch: int, port: Any = 8080, **change: Any) -> dict[str, Any]:

@@ -9,8 +9,17 @@ import pytest
 
 from shared.agent_process import Here, Seen, judge, local_pid_ns, look, runs_here, start_ticks
 from shared.records import NodeStatus, local_boot_id
-from tests.integration.test_node_lock import AGENT_A, HERE, RUN
 from workshop_agent.node_lock import NodeLocked, lock_node, unlock
+
+HERE = Here(boot_id="boot-1", pid_ns=4026531836)
+
+
+AGENT_A = NodeStatus(
+    node="a", pair="p", address="127.0.0.1", role="active", pid=42, boot_id="boot-1"
+)
+
+
+RUN = AGENT_A.model_copy(update={"pid_ns": HERE.pid_ns, "pid_start": 1000})
 
 
 def test_the_lock_names_its_holder_and_a_removed_file_is_never_held(tmp_path: Path) -> None:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp.test_utils import TestClient, TestServer
 
 from registry.app import create_app
 from registry.routes import PollQuery
-from tests.integration.test_registry import get
+
+
+async def get(c: TestClient[Any, Any], path: str) -> tuple[int, Any]:
+    async with c.get(path) as resp:
+        return resp.status, await resp.json()
 
 
 def test_wait_s_is_capped() -> None:
