@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -30,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,12 +36,11 @@ from typing import Any
 from aiohttp import web
 
 from shared import keys
-from shared.records import Endpoint as EndpointRecord
-from shared.records import Switchover, decode
-from shared.store import Store, StoreError
+from shared.records import Switchover
+from shared.store import Store
 from tests.support.cluster import Cluster, recording_service, until
 from tests.support.harness import PYTHON, Etcd, free_port, stop_pid
-from tests.support.site_records import FakeAgent, apply_site
+from tests.support.site_records import FakeAgent, apply_site, publications
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -153,28 +150,6 @@ class ClientLog:
         )
         last = max(i for i, r in enumerate(records[:first]) if r.get("node") == old)
         return float(records[first]["done"] - records[last]["done"])
-
-
-@contextlib.asynccontextmanager
-async def publications(store: Store, service: str) -> AsyncIterator[list[tuple[float, int, str]]]:
-    """(time seen by a watch, epoch, node) of each new epoch of the endpoint record."""
-    seen: list[tuple[float, int, str]] = []
-    _, revision = await store.get_prefix(keys.endpoint(service))
-
-    async def watch() -> None:
-        async for change in store.watch_prefix(keys.endpoint(service), revision + 1):
-            if not change.deleted:
-                record = decode(EndpointRecord, change.kv.value, change.kv.key)
-                if not seen or record.epoch > seen[-1][1]:
-                    seen.append((time.monotonic(), record.epoch, record.node))
-
-    task = asyncio.create_task(watch())
-    try:
-        yield seen
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, StoreError):
-            await task
 
 
 # ---- publish: the client's own reaction ---------------------------------------------------

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +25,12 @@ if __name__ != "__main__":
     import pytest
 
     from shared import keys
-    from shared.records import Endpoint as EndpointRecord
-    from shared.records import Switchover, decode
-    from shared.store import Store, StoreError
+    from shared.records import Switchover
+    from shared.store import Store
     from tests.support.client_lab import RegistryProcess
     from tests.support.cluster import Cluster, recording_service, until
     from tests.support.harness import PYTHON, ROOT, Etcd, free_port
+    from tests.support.site_records import publications
 
     pytestmark = pytest.mark.e2e
 
@@ -100,30 +98,6 @@ class ClientLog:
         """``count`` requests sent after ``after`` were answered by ``node``."""
         n = sum(1 for r in reversed(self.read()) if r["sent"] > after and r.get("node") == node)
         return n >= count
-
-
-@contextlib.asynccontextmanager
-async def publications(store: Store, service: str) -> AsyncIterator[list[tuple[float, int, str]]]:
-    """Every new epoch of the service's endpoint record as etcd publishes it: (time
-    seen, epoch, node). Seen by a watch, a moment after the publication itself."""
-    seen: list[tuple[float, int, str]] = []
-    _, revision = await store.get_prefix(keys.endpoint(service))
-
-    async def watch() -> None:
-        async for change in store.watch_prefix(keys.endpoint(service), revision + 1):
-            if change.deleted:
-                continue
-            record = decode(EndpointRecord, change.kv.value, change.kv.key)
-            if not seen or record.epoch > seen[-1][1]:
-                seen.append((time.monotonic(), record.epoch, record.node))
-
-    task = asyncio.create_task(watch())
-    try:
-        yield seen
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, StoreError):
-            await task
 
 
 async def served_after_publication(

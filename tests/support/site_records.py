@@ -1,11 +1,19 @@
-"""A small site and a stand-in that writes to etcd what a node's agent would write."""
+"""A small site, a stand-in that writes to etcd what a node's agent would write, and the
+endpoint publications of a service as a watch sees them."""
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
 
 from comm_server.role import CommReport
 from shared import keys, records, topology
 from shared.plcs import PlcHealth
-from shared.store import Store
+from shared.records import Endpoint as EndpointRecord
+from shared.records import decode
+from shared.store import Store, StoreError
 
 SITE_YAML = """\
 site: plant-1
@@ -132,3 +140,27 @@ class FakeAgent:
             plcs=plcs,
         )
         await self.store.put(keys.report(self.node, service), report.encode(), lease=self.lease)
+
+
+@contextlib.asynccontextmanager
+async def publications(store: Store, service: str) -> AsyncIterator[list[tuple[float, int, str]]]:
+    """Every new epoch of the service's endpoint record as etcd publishes it: (time
+    seen, epoch, node). Seen by a watch, a moment after the publication itself."""
+    seen: list[tuple[float, int, str]] = []
+    _, revision = await store.get_prefix(keys.endpoint(service))
+
+    async def watch() -> None:
+        async for change in store.watch_prefix(keys.endpoint(service), revision + 1):
+            if change.deleted:
+                continue
+            record = decode(EndpointRecord, change.kv.value, change.kv.key)
+            if not seen or record.epoch > seen[-1][1]:
+                seen.append((time.monotonic(), record.epoch, record.node))
+
+    task = asyncio.create_task(watch())
+    try:
+        yield seen
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StoreError):
+            await task
