@@ -183,6 +183,10 @@ class Testbed:
         if answer is None or answer.get("node") != node:
             return None
         if pair == DB_PAIR and self.writer is not None:
+            # A backend outlives a killed postmaster long enough to acknowledge a commit
+            # or two: only a running postmaster serves the pair.
+            if self.postmaster_pid(pair, node) is None:
+                return None
             acked = self.writer.acked_at
             if not acked or acked[-1][0] <= since:
                 return None

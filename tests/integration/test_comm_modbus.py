@@ -274,11 +274,11 @@ async def test_unreachable_turns_stale_then_bad_and_no_data_means_level_0(sim: M
     async with running_comm(cfg) as comm:
         await good(comm, "press-1.v", 7)
         await sim.stop()
-        cut = time.monotonic()
         await status(comm, "press-1.v", S.UncertainNoCommunicationLastUsableValue, 1.0)
         await until(lambda: _level_in(comm, 0, 0), 1.0, "ServiceLevel 0: no data")
-        dv = await status(comm, "press-1.v", S.BadNoCommunication, 2.0)
-        assert time.monotonic() - cut >= 0.6 - 0.05
+        # Stale came first (above); bad follows within bad_after_s of the last good read,
+        # which was before the cut: no lower bound can be drawn from the cut.
+        dv = await status(comm, "press-1.v", S.BadNoCommunication, 3.0)
         assert dv.Value.Value is None
         state = (await comm.read("press-1._state")).Value.Value
         assert state.startswith(f"down: primary 127.0.31.1:{sim.port}: connection refused; backup")

@@ -50,6 +50,10 @@ STALE_AFTER_S = 300.0
 CLONE_NEWNET = 0x40000000
 _HOST_NAME = re.compile(r"^[a-z][a-z0-9]{0,9}$")  # "hp-" + name fits in an interface name
 _labs = itertools.count()
+_WITH_CGROUPS = (
+    "grep -q ' - cgroup2 ' /proc/self/mountinfo"
+    ' || mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null; exec "$@"'
+)
 
 # Classic BPF (tc "bytecode" syntax): load a random u32, match when below the threshold.
 # A match runs the filter's action (redirect to the sink). {k} = percent * 2**32 / 100.
@@ -172,8 +176,12 @@ class Host:
     ifname: str = IFNAME
 
     def argv(self, *cmd: str) -> list[str]:
-        """``cmd`` run inside this host (for subprocess or asyncio subprocesses)."""
-        return ["ip", "netns", "exec", self.ns, *cmd]
+        """``cmd`` run inside this host (for subprocess or asyncio subprocesses).
+
+        ``ip netns exec`` mounts a fresh /sys without the cgroup v2 hierarchy: mounted
+        again (in the command's own mount namespace), a host's agent puts each service
+        in a cgroup as on a real server, instead of falling back to process groups."""
+        return ["ip", "netns", "exec", self.ns, "sh", "-c", _WITH_CGROUPS, "sh", *cmd]
 
     def run(
         self, *cmd: str, timeout: float = CMD_TIMEOUT_S, check: bool = True
