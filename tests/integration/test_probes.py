@@ -13,7 +13,13 @@ from typing import Any
 import pytest
 
 from tests.support import netns
-from tests.unit.test_probes import FAST, LISTEN, NODE, eventually, needs_netns
+from tests.unit.test_probes import FAST, LISTEN, NODE, eventually
+
+NETNS_UNAVAILABLE = netns.unavailable()
+needs_netns = pytest.mark.skipif(
+    NETNS_UNAVAILABLE is not None,
+    reason=f"network namespaces unavailable: {NETNS_UNAVAILABLE}",
+)
 
 
 class Node:

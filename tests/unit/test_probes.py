@@ -1,5 +1,5 @@
-"""Network probes with real sockets: the peer path and probe targets on 127.x addresses,
-then whole nodes in network namespaces (tests/support/netns.py) with cut links and partitions."""
+"""Network probes with real sockets: the peer path and probe targets on 127.x addresses
+(whole nodes in network namespaces: tests/integration/test_probes.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import pytest
 from pydantic import ValidationError
 
 from shared.topology import format_errors
-from tests.support import netns
 from workshop_agent.peer_wire import Ping, Pong, decode, encode
 from workshop_agent.probes import (
     Network,
@@ -22,12 +21,6 @@ from workshop_agent.probes import (
     PeerPath,
     ProbeResult,
     summarize,
-)
-
-NETNS_UNAVAILABLE = netns.unavailable()
-needs_netns = pytest.mark.skipif(
-    NETNS_UNAVAILABLE is not None,
-    reason=f"network namespaces unavailable: {NETNS_UNAVAILABLE}",
 )
 
 FAST = {"probe_interval_s": 0.1, "isolation_after_s": 0.6}
