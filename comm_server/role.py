@@ -48,6 +48,7 @@ from shared.log import EventLog
 from shared.plcs import PlcHealth
 from shared.records import Leader, RecordError, Resource, ServiceReport, decode
 from shared.store import LeaseNotFound, Mirror, Store, StoreError
+from shared.txn import Compare, Op
 
 ReportParts = tuple[dict[str, Resource], dict[str, PlcHealth]]
 
@@ -322,21 +323,20 @@ class PairRole:
         lease = self._writing_on = self.session.lease
         if lease is None:
             return False
-        tx = self.store.tx
         value, significant = self._encode(True, epoch)
-        ok, _ = await self.store.txn(
+        result = await self.store.txn(
             [
-                tx.create(keys.b(self.leader_key)) == epoch,
+                Compare.created(self.leader_key, epoch),
                 # the peers below are the pair's nodes in this topology
-                tx.mod(keys.b(keys.TOPOLOGY)) == self._topology_rev,
+                Compare.modified(keys.TOPOLOGY, self._topology_rev),
             ]
             # every peer's report as seen: absent ones still absent
-            + [tx.mod(keys.b(k)) == rev for k, (rev, _) in others.items()],
-            [tx.put(keys.b(self.report_key), value, lease=lease)],
+            + [Compare.modified(k, rev) for k, (rev, _) in others.items()],
+            [Op.put(self.report_key, value, lease=lease)],
         )
-        if ok:
+        if result.succeeded:
             self._written, self._written_at = significant, time.monotonic()
-        return ok
+        return result.succeeded
 
     async def _report(self) -> None:
         lease = self._writing_on = self.session.lease
@@ -347,12 +347,12 @@ class PairRole:
         if significant == self._written and not due:
             return
         if self._serving:
-            tx = self.store.tx
-            ok, _ = await self.store.txn(
-                [tx.create(keys.b(self.leader_key)) == self.epoch],
-                [tx.put(keys.b(self.report_key), value, lease=lease)],
+            assert self.epoch is not None  # set with _serving (see _become)
+            result = await self.store.txn(
+                [Compare.created(self.leader_key, self.epoch)],
+                [Op.put(self.report_key, value, lease=lease)],
             )
-            if not ok:  # the term is over, whatever our view still says
+            if not result.succeeded:  # the term is over, whatever our view still says
                 self._become("standby", None, "the pair's leader moved")
                 value, significant = self._encode(False, None)
             else:

@@ -27,6 +27,7 @@ from shared.log import EventLog
 from shared.records import Leader, ServiceReport, TopologyDoc, decode
 from shared.store import Change, Kv, Store
 from shared.topology import parse_site
+from shared.txn import Compare, Op
 
 S = ua.StatusCodes
 HOSTS = {"a": ["127.0.33.1", "127.0.33.2"], "b": ["127.0.33.3", "127.0.33.4"]}
@@ -85,12 +86,12 @@ async def comm_node(
 async def elect(store: Store, node: str) -> tuple[int, int]:
     """Take the pair's leader key for ``node`` as an agent does; (lease, epoch)."""
     lease = await store.grant(30)
-    tx, key = store.tx, keys.b(keys.leader("p"))
-    ok, resp = await store.txn(
-        [tx.create(key) == 0], [tx.put(key, Leader(node=node).encode(), lease=lease)]
+    key = keys.leader("p")
+    result = await store.txn(
+        [Compare.absent(key)], [Op.put(key, Leader(node=node).encode(), lease=lease)]
     )
-    assert ok, "the leader key was taken"
-    return lease, int(resp[0].response_put.header.revision)
+    assert result.succeeded, "the leader key was taken"
+    return lease, result.revision
 
 
 async def level(comm: CommUnderTest, low: int, high: int) -> bool:
