@@ -26,7 +26,7 @@ only if ``serving`` holds in the instant its request is handed to the socket (se
 drivers), so the margin covers nothing but the request's way through the network.
 
 The report (``/nodes/{node}/reports/{service}``, bound to the comm server's own lease)
-is a :class:`shared.records.ServiceReport` with one resource per PLC
+is a :class:`shared.records.ResourceReport` with one resource per PLC
 (``plc:{name}``: ``ok`` when this node reaches it) plus the comm server's own fields:
 role, serving, epoch and every PLC's path health.
 """
@@ -46,7 +46,7 @@ from shared.clock import Clock, boottime
 from shared.lease import Session
 from shared.log import EventLog
 from shared.plcs import PlcHealth
-from shared.records import Leader, RecordError, Resource, ServiceReport, decode
+from shared.records import Leader, RecordError, Resource, ResourceReport, decode
 from shared.store import LeaseNotFound, Mirror, Store, StoreError
 from shared.txn import Compare, Op
 
@@ -55,8 +55,8 @@ ReportParts = tuple[dict[str, Resource], dict[str, PlcHealth]]
 FENCE_MARGIN_S = 0.5
 
 
-class CommReport(ServiceReport):
-    """What the comm server reports; the agent reads it as a plain ServiceReport."""
+class CommReport(ResourceReport):
+    """What the comm server reports; the agent reads it as a plain ResourceReport."""
 
     node: str = ""
     role: str = "standby"

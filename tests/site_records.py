@@ -99,7 +99,7 @@ class FakeAgent:
 
     async def publish(self, service: str, port: int, protocol: str = "http") -> None:
         assert self.epoch is not None
-        record = records.Endpoint(
+        record = records.EndpointRecord(
             service=service,
             pair=self.pair,
             node=self.node,

@@ -31,8 +31,7 @@ if __name__ != "__main__":
     from test_client_support import RegistryProcess
 
     from shared import keys
-    from shared.records import Endpoint as EndpointRecord
-    from shared.records import Switchover, decode
+    from shared.records import EndpointRecord, Switchover, decode
     from shared.store import Store, StoreError
 
     pytestmark = pytest.mark.e2e

@@ -24,7 +24,7 @@ from comm_server.role import CommReport, PairRole
 from shared import keys
 from shared.clock import boottime
 from shared.log import EventLog
-from shared.records import Leader, ServiceReport, TopologyDoc, decode
+from shared.records import Leader, ResourceReport, TopologyDoc, decode
 from shared.store import Change, Kv, Store
 from shared.topology import parse_site
 from shared.txn import Compare, Op
@@ -102,7 +102,7 @@ async def report(store: Store, node: str) -> CommReport | None:
     kv = await store.get(keys.report(node, "comm"))
     if kv is None:
         return None
-    decode(ServiceReport, kv.value, kv.key)  # what the agent reads
+    decode(ResourceReport, kv.value, kv.key)  # what the agent reads
     return decode(CommReport, kv.value, kv.key)
 
 

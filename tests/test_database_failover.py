@@ -31,7 +31,7 @@ from pg_harness import (
 from pg_harness import write_secrets as write_pg_secrets
 
 from shared import keys
-from shared.records import Resource, ServiceReport, SyncState, decode
+from shared.records import Resource, ResourceReport, SyncState, decode
 
 pytestmark = [pytest.mark.e2e, needs_postgres]
 # PostgreSQL sees every loopback client as 127.0.0.1, so the nodes use .1 and .2.
@@ -649,7 +649,7 @@ async def report(c: Cluster, node: str, ok: bool) -> None:
     resources = {"plc:press-1": Resource(ok=ok, critical=True, grace_s=0.5)}
     await c.store.put(
         keys.report(node, "comm"),
-        ServiceReport(service="comm", resources=resources).encode(),
+        ResourceReport(service="comm", resources=resources).encode(),
         lease=lease,
     )
 

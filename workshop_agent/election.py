@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from shared import keys
-from shared.records import Handover, Leader, Members
+from shared.records import HandoverRecord, Leader, Members
 from shared.store import Store
 from shared.txn import Compare, Op
 
@@ -82,7 +82,7 @@ class Election:
         lsn: int | None = None,
     ) -> int | None:
         """Step down in favour of ``to``: only it may campaign until the record is stale."""
-        record = Handover(
+        record = HandoverRecord(
             from_node=self.node, to=to, epoch=epoch, request=request, planned=planned, lsn=lsn
         )
         result = await self.store.txn(
@@ -105,7 +105,7 @@ class Election:
         The key is deleted together with a handover to ourselves, so the standbys wait
         while we campaign again; the old lease (with the old status and endpoints) goes.
         """
-        record = Handover(
+        record = HandoverRecord(
             from_node=self.node, to=self.node, epoch=epoch, request="reclaim", planned=False
         )
         result = await self.store.txn(
