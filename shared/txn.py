@@ -35,7 +35,7 @@ class Compare:
 
     @classmethod
     def created(cls, key: str, revision: int) -> Compare:
-        """``key`` exists and was created at ``revision`` (a leader key's epoch)."""
+        """``key`` was created at ``revision`` (a leader key's epoch); 0: it does not exist."""
         return cls(key, "create", revision)
 
     @classmethod
