@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from shared import keys
-from shared.records import Endpoint, Leader
+from shared.records import EndpointRecord, Leader
 from tests.support.cluster import Cluster, until
 from tests.support.harness import Etcd, free_port, stop_pid
 
@@ -63,7 +63,7 @@ async def seed(c: Cluster) -> None:
     epoch = await c.store.put(keys.leader("asm"), Leader(node="asm-a").encode(), lease=lease)
     await c.store.put(
         keys.endpoint(SERVICE),
-        Endpoint(
+        EndpointRecord(
             service=SERVICE,
             pair="asm",
             node="asm-a",

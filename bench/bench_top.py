@@ -120,7 +120,7 @@ async def seed(store: Store) -> None:
             )
             await store.put(keys.node_status(node.name), status.encode(), lease=lease)
         service = pair.services[0]
-        endpoint = records.Endpoint(
+        endpoint = records.EndpointRecord(
             service=service.name,
             pair=pair.name,
             node=main.name,

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from shared.model import StrictModel
 from shared.plcs import Plc, duplicate_names, plain_path
 from shared.validation import format_errors, parse_yaml, read_file
 
@@ -27,10 +28,8 @@ class ConfigError(ValueError):
         )
 
 
-class CommConfig(BaseModel):
+class CommConfig(StrictModel):
     """The PLC list the comm server runs with, from a file or from its pair's topology."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     plcs: list[Plc] = Field(min_length=1)
 

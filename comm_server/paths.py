@@ -13,11 +13,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from shared.plcs import PathHealth as PathReport
+from shared.plcs import PathHealth
 
 
 @dataclass
-class PathHealth:
+class PathState:
+    """What the poller tracks of one path; :meth:`report` gives what it publishes."""
+
     endpoint: str
     up: bool | None = None  # None: not tried yet
     changed_at: float = 0.0  # monotonic time of the last up/down change
@@ -27,8 +29,8 @@ class PathHealth:
     errors: int = 0
     last_error: str = ""
 
-    def report(self) -> PathReport:
-        return PathReport(
+    def report(self) -> PathHealth:
+        return PathHealth(
             endpoint=self.endpoint,
             up=self.up,
             latency_ms=None if self.latency_ms is None else round(self.latency_ms, 2),
@@ -39,13 +41,13 @@ class PathHealth:
 
 class PathSwitch:
     def __init__(self, endpoints: list[str], failback_after_s: float, probe_interval_s: float):
-        self.paths = [PathHealth(e) for e in endpoints]
+        self.paths = [PathState(e) for e in endpoints]
         self.current = 0
         self.failback_after_s = failback_after_s
         self.probe_interval_s = probe_interval_s
 
     @property
-    def in_use(self) -> PathHealth:
+    def in_use(self) -> PathState:
         return self.paths[self.current]
 
     def name(self, index: int) -> str:

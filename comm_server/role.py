@@ -26,7 +26,7 @@ only if ``serving`` holds in the instant its request is handed to the socket (se
 drivers), so the margin covers nothing but the request's way through the network.
 
 The report (``/nodes/{node}/reports/{service}``, bound to the comm server's own lease)
-is a :class:`shared.records.ServiceReport` with one resource per PLC
+is a :class:`shared.records.ResourceReport` with one resource per PLC
 (``plc:{name}``: ``ok`` when this node reaches it) plus the comm server's own fields:
 role, serving, epoch and every PLC's path health.
 """
@@ -46,16 +46,17 @@ from shared.clock import Clock, boottime
 from shared.lease import Session
 from shared.log import EventLog
 from shared.plcs import PlcHealth
-from shared.records import Leader, RecordError, Resource, ServiceReport, decode
+from shared.records import Leader, RecordError, Resource, ResourceReport, decode
 from shared.store import LeaseNotFound, Mirror, Store, StoreError
+from shared.txn import Compare, Op
 
 ReportParts = tuple[dict[str, Resource], dict[str, PlcHealth]]
 
 FENCE_MARGIN_S = 0.5
 
 
-class CommReport(ServiceReport):
-    """What the comm server reports; the agent reads it as a plain ServiceReport."""
+class CommReport(ResourceReport):
+    """What the comm server reports; the agent reads it as a plain ResourceReport."""
 
     node: str = ""
     role: str = "standby"
@@ -322,21 +323,20 @@ class PairRole:
         lease = self._writing_on = self.session.lease
         if lease is None:
             return False
-        tx = self.store.tx
         value, significant = self._encode(True, epoch)
-        ok, _ = await self.store.txn(
+        result = await self.store.txn(
             [
-                tx.create(keys.b(self.leader_key)) == epoch,
+                Compare.created(self.leader_key, epoch),
                 # the peers below are the pair's nodes in this topology
-                tx.mod(keys.b(keys.TOPOLOGY)) == self._topology_rev,
+                Compare.modified(keys.TOPOLOGY, self._topology_rev),
             ]
             # every peer's report as seen: absent ones still absent
-            + [tx.mod(keys.b(k)) == rev for k, (rev, _) in others.items()],
-            [tx.put(keys.b(self.report_key), value, lease=lease)],
+            + [Compare.modified(k, rev) for k, (rev, _) in others.items()],
+            [Op.put(self.report_key, value, lease=lease)],
         )
-        if ok:
+        if result.succeeded:
             self._written, self._written_at = significant, time.monotonic()
-        return ok
+        return result.succeeded
 
     async def _report(self) -> None:
         lease = self._writing_on = self.session.lease
@@ -347,12 +347,12 @@ class PairRole:
         if significant == self._written and not due:
             return
         if self._serving:
-            tx = self.store.tx
-            ok, _ = await self.store.txn(
-                [tx.create(keys.b(self.leader_key)) == self.epoch],
-                [tx.put(keys.b(self.report_key), value, lease=lease)],
+            assert self.epoch is not None  # set with _serving (see _become)
+            result = await self.store.txn(
+                [Compare.created(self.leader_key, self.epoch)],
+                [Op.put(self.report_key, value, lease=lease)],
             )
-            if not ok:  # the term is over, whatever our view still says
+            if not result.succeeded:  # the term is over, whatever our view still says
                 self._become("standby", None, "the pair's leader moved")
                 value, significant = self._encode(False, None)
             else:

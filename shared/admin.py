@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from shared import keys, records
 from shared.store import Store
 from shared.topology import Pair, Site
+from shared.txn import Compare, Op
 from shared.view import SiteView
 
 # A request the active never consumed (it died first) must not block the next one.
@@ -47,9 +47,9 @@ class _Stamps:
         return self._last
 
 
-def _event_op(store: Store, event: records.Event, stamps: _Stamps) -> Any:
+def _event_op(event: records.Event, stamps: _Stamps) -> Op:
     key = keys.event(stamps.next(), event.node or "operator")
-    return store.tx.put(keys.b(key), event.encode())
+    return Op.put(key, event.encode())
 
 
 async def emit_event(store: Store, event: records.Event) -> None:
@@ -60,10 +60,7 @@ async def emit_event(store: Store, event: records.Event) -> None:
 async def prune_events(store: Store, older_than_s: float) -> int:
     """Delete events older than ``older_than_s``; their keys sort by time, so one range."""
     cutoff = keys.event(time.time_ns() - int(older_than_s * 1e9), "")
-    deleted = await store.call(
-        lambda: store.client.delete_range(keys.b(keys.EVENTS_PREFIX), keys.b(cutoff))
-    )
-    return int(deleted.deleted)
+    return await store.delete_range(keys.EVENTS_PREFIX, cutoff)
 
 
 async def load_view(store: Store) -> SiteView:
@@ -105,9 +102,7 @@ async def apply_topology(store: Store, site: Site, by: str) -> records.TopologyD
         reason=f"site {site.site} applied by {by}",
         details={"site": site.site, "by": by, "pairs": [p.name for p in site.pairs()]},
     )
-    await store.txn(
-        [], [store.tx.put(keys.b(keys.TOPOLOGY), doc.encode()), _event_op(store, event, _Stamps())]
-    )
+    await store.txn([], [Op.put(keys.TOPOLOGY, doc.encode()), _event_op(event, _Stamps())])
     return doc
 
 
@@ -125,7 +120,7 @@ async def read_topology(store: Store) -> tuple[records.TopologyDoc, Site]:
 # ---- switchover -------------------------------------------------------------------
 
 
-def _switchover_guards(store: Store, view: SiteView, pair: Pair, to: str | None) -> list[Any]:
+def _switchover_guards(view: SiteView, pair: Pair, to: str | None) -> list[Compare]:
     """Validate a switchover of ``pair``; the compares that keep that judgement true."""
     leader = view.leaders.get(pair.name)
     if leader is None:
@@ -149,20 +144,19 @@ def _switchover_guards(store: Store, view: SiteView, pair: Pair, to: str | None)
             f"a switchover of pair {pair.name} is already pending "
             f"(request {pending.id} by {pending.by}); wait for it to finish"
         )
-    tx, sw = store.tx, keys.b(keys.switchover(pair.name))
     guards = [
-        tx.create(keys.b(keys.leader(pair.name))) == leader.epoch,
-        tx.version(keys.b(keys.paused(pair.name))) == 0,
-        tx.mod(sw) == _mod(view, keys.switchover(pair.name)),
+        Compare.created(keys.leader(pair.name), leader.epoch),
+        Compare.absent(keys.paused(pair.name)),
+        Compare.modified(keys.switchover(pair.name), _mod(view, keys.switchover(pair.name))),
     ]
     if to is not None:
-        guards.append(tx.version(keys.b(keys.drained(to))) == 0)
+        guards.append(Compare.absent(keys.drained(to)))
     return guards
 
 
 def _switchover_ops(
-    store: Store, view: SiteView, pair: Pair, request: records.Switchover, stamps: _Stamps
-) -> list[Any]:
+    view: SiteView, pair: Pair, request: records.Switchover, stamps: _Stamps
+) -> list[Op]:
     leader = view.leaders[pair.name]
     event = records.Event(
         kind="switchover_requested",
@@ -173,14 +167,14 @@ def _switchover_ops(
         details={"request": request.id, "to": request.to, "by": request.by},
     )
     return [
-        store.tx.put(keys.b(keys.switchover(pair.name)), request.encode()),
-        _event_op(store, event, stamps),
+        Op.put(keys.switchover(pair.name), request.encode()),
+        _event_op(event, stamps),
     ]
 
 
-async def _commit(store: Store, guards: list[Any], ops: list[Any], what: str) -> None:
-    ok, _ = await store.txn(guards, ops)
-    if not ok:
+async def _commit(store: Store, guards: list[Compare], ops: list[Op], what: str) -> None:
+    result = await store.txn(guards, ops)
+    if not result.succeeded:
         raise AdminError(
             f"{what} changed while the request was written; nothing was changed, try again"
         )
@@ -191,12 +185,12 @@ async def request_switchover(
 ) -> records.Switchover:
     view = await load_view(store)
     found = _pair(view, pair)
-    guards = _switchover_guards(store, view, found, to)
+    guards = _switchover_guards(view, found, to)
     request = records.Switchover(to=to, by=by, reason=reason)
     await _commit(
         store,
         guards,
-        _switchover_ops(store, view, found, request, _Stamps()),
+        _switchover_ops(view, found, request, _Stamps()),
         f"the state of pair {pair}",
     )
     return request
@@ -273,9 +267,11 @@ async def takeover_risk(store: Store, pair: str, node: str) -> TakeoverRisk:
     return risk
 
 
-async def _takeover_checked(store: Store, pair: str, node: str) -> tuple[list[Any], TakeoverRisk]:
+async def _takeover_checked(
+    store: Store, pair: str, node: str
+) -> tuple[list[Compare], TakeoverRisk]:
     view = await load_view(store)
-    guards = _takeover_guards(store, view, _pair(view, pair), node)
+    guards = _takeover_guards(view, _pair(view, pair), node)
     kv = await store.get(keys.sync_standby(pair))
     sync = None
     if kv is not None:
@@ -284,7 +280,7 @@ async def _takeover_checked(store: Store, pair: str, node: str) -> tuple[list[An
         except records.RecordError as err:
             raise AdminError(f"the sync record of pair {pair} is unreadable: {err}") from None
     # The warning is the one for this sync record: refuse if it changes meanwhile.
-    guards.append(store.tx.mod(keys.b(keys.sync_standby(pair))) == (kv.mod_revision if kv else 0))
+    guards.append(Compare.modified(keys.sync_standby(pair), kv.mod_revision if kv else 0))
     kv = await store.get(keys.members(pair))
     members = None
     if kv is not None:
@@ -294,11 +290,11 @@ async def _takeover_checked(store: Store, pair: str, node: str) -> tuple[list[An
             found = []  # unreadable: it acknowledges nobody (as the agents read it)
         members = frozenset(found)
     # And for this member set.
-    guards.append(store.tx.mod(keys.b(keys.members(pair))) == (kv.mod_revision if kv else 0))
+    guards.append(Compare.modified(keys.members(pair), kv.mod_revision if kv else 0))
     return guards, TakeoverRisk(pair, node, sync, members)
 
 
-def _takeover_guards(store: Store, view: SiteView, pair: Pair, node: str) -> list[Any]:
+def _takeover_guards(view: SiteView, pair: Pair, node: str) -> list[Compare]:
     leader = view.leaders.get(pair.name)
     if leader is not None:
         raise AdminError(
@@ -310,11 +306,10 @@ def _takeover_guards(store: Store, view: SiteView, pair: Pair, node: str) -> lis
     why = view.cannot_take_over(pair, node)
     if why is not None:
         raise AdminError(f"cannot force {node} to take pair {pair.name} over: {why}")
-    tx = store.tx
     return [
-        tx.version(keys.b(keys.leader(pair.name))) == 0,
-        tx.version(keys.b(keys.paused(pair.name))) == 0,
-        tx.version(keys.b(keys.drained(node))) == 0,
+        Compare.absent(keys.leader(pair.name)),
+        Compare.absent(keys.paused(pair.name)),
+        Compare.absent(keys.drained(node)),
     ]
 
 
@@ -337,8 +332,8 @@ async def force_takeover(
         store,
         guards,
         [
-            store.tx.put(keys.b(keys.takeover(pair)), request.encode(), lease=lease),
-            _event_op(store, event, _Stamps()),
+            Op.put(keys.takeover(pair), request.encode(), lease=lease),
+            _event_op(event, _Stamps()),
         ],
         f"the state of pair {pair}",
     )
@@ -356,11 +351,11 @@ async def pause(store: Store, pair: str, by: str, reason: str = "") -> records.P
         raise AdminError(f"pair {pair} is already paused (by {current.by})")
     flag = records.Paused(by=by, reason=reason)
     event = records.Event(kind="paused", pair=pair, reason=reason, details={"by": by})
-    key = keys.b(keys.paused(pair))
+    key = keys.paused(pair)
     await _commit(
         store,
-        [store.tx.mod(key) == _mod(view, keys.paused(pair))],
-        [store.tx.put(key, flag.encode()), _event_op(store, event, _Stamps())],
+        [Compare.modified(key, _mod(view, key))],
+        [Op.put(key, flag.encode()), _event_op(event, _Stamps())],
         f"the pause flag of pair {pair}",
     )
     return flag
@@ -375,11 +370,11 @@ async def resume(store: Store, pair: str, by: str) -> records.Paused:
             _pair(view, pair)
         raise AdminError(f"pair {pair} is not paused")
     event = records.Event(kind="resumed", pair=pair, details={"by": by})
-    key = keys.b(keys.paused(pair))
+    key = keys.paused(pair)
     await _commit(
         store,
-        [store.tx.mod(key) == _mod(view, keys.paused(pair))],
-        [store.tx.delete(key), _event_op(store, event, _Stamps())],
+        [Compare.modified(key, _mod(view, key))],
+        [Op.delete(key), _event_op(event, _Stamps())],
         f"the pause flag of pair {pair}",
     )
     return current
@@ -424,11 +419,11 @@ async def ack(store: Store, pair: str, epoch: int | None, by: str) -> records.Re
         reason=f"acknowledged by {by}",
         details={"by": by, "held": current.held},
     )
-    key = keys.b(keys.recovery(pair))
+    key = keys.recovery(pair)
     await _commit(
         store,
-        [store.tx.mod(key) == _mod(view, keys.recovery(pair))],
-        [store.tx.put(key, done.encode()), _event_op(store, event, _Stamps())],
+        [Compare.modified(key, _mod(view, key))],
+        [Op.put(key, done.encode()), _event_op(event, _Stamps())],
         f"the recovery of pair {pair}",
     )
     return done
@@ -449,12 +444,11 @@ async def drain(store: Store, node: str, by: str, reason: str = "") -> DrainResu
         raise AdminError(f"node {node} is already drained (by {current.by})")
     flag = records.Drained(by=by, reason=reason)
     stamps = _Stamps()
-    key = keys.b(keys.drained(node))
-    guards = [store.tx.version(key) == 0]
+    key = keys.drained(node)
+    guards = [Compare.absent(key)]
     ops = [
-        store.tx.put(key, flag.encode()),
+        Op.put(key, flag.encode()),
         _event_op(
-            store,
             records.Event(
                 kind="drained", pair=pair.name, node=node, reason=reason, details={"by": by}
             ),
@@ -465,13 +459,13 @@ async def drain(store: Store, node: str, by: str, reason: str = "") -> DrainResu
     leader = view.leaders.get(pair.name)
     if leader is not None and leader.node == node:
         try:
-            guards += _switchover_guards(store, view, pair, None)
+            guards += _switchover_guards(view, pair, None)
         except AdminError as err:
             raise AdminError(
                 f"cannot drain {node}: it is active in pair {pair.name} and cannot hand over: {err}"
             ) from None
         request, epoch = records.Switchover(by=by, reason="drain"), leader.epoch
-        ops += _switchover_ops(store, view, pair, request, stamps)
+        ops += _switchover_ops(view, pair, request, stamps)
     await _commit(store, guards, ops, f"the state of pair {pair.name}")
     return DrainResult(drained=flag, pair=pair.name, switchover=request, epoch=epoch)
 
@@ -487,11 +481,11 @@ async def undrain(store: Store, node: str, by: str) -> records.Drained:
     event = records.Event(
         kind="undrained", pair=pair.name if pair else None, node=node, details={"by": by}
     )
-    key = keys.b(keys.drained(node))
+    key = keys.drained(node)
     await _commit(
         store,
-        [store.tx.mod(key) == _mod(view, keys.drained(node))],
-        [store.tx.delete(key), _event_op(store, event, _Stamps())],
+        [Compare.modified(key, _mod(view, key))],
+        [Op.delete(key), _event_op(event, _Stamps())],
         f"the drain flag of node {node}",
     )
     return current

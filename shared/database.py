@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from shared.model import StrictModel
 from shared.validation import TopologyError, expand, format_errors, placeholders_in
 
 DATA_DIR_PLACEHOLDERS = frozenset({"pair.name", "node.name", "node.address"})
@@ -61,17 +62,13 @@ MANAGED = frozenset(
 SYNC_COMMIT_OK = frozenset({"on", "remote_apply"})
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 def _absolute(value: str) -> str:
     if not value.startswith("/"):
         raise ValueError(f"must be an absolute path, got {value!r}")
     return value
 
 
-class Auth(_Model):
+class Auth(StrictModel):
     superuser: RoleName = "postgres"
     superuser_password_file: str
     replication_user: RoleName = "replicator"
@@ -86,7 +83,7 @@ class Auth(_Model):
         return self
 
 
-class DatabaseSpec(_Model):
+class DatabaseSpec(StrictModel):
     name: DbName
     owner: RoleName
     password_file: str
@@ -94,7 +91,7 @@ class DatabaseSpec(_Model):
     _path = field_validator("password_file")(_absolute)
 
 
-class DatabaseConfig(_Model):
+class DatabaseConfig(StrictModel):
     engine: Literal["postgresql"] = "postgresql"
     port: int = Field(5432, ge=1, le=65535)
     data_dir: str

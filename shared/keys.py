@@ -2,7 +2,7 @@
 
 Every key hapair reads or writes lives under ``/hapair/v1``; the functions below are
 the only place that spells a key, so a reader can see the whole layout at a glance.
-Keys and values are bytes on the wire (aetcd refuses ``str``).
+Keys are ``str`` here; the store (and :mod:`shared.txn`) encode them for the wire.
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ def event(stamp_ns: int, node: str) -> str:
 
 
 def b(key: str) -> bytes:
+    """The wire form of ``key``, for a call the store does not wrap."""
     return key.encode()
 
 

@@ -9,7 +9,9 @@ import re
 from dataclasses import dataclass
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator
+
+from shared.model import StrictModel
 
 # Probe intervals without an answer before a peer is "not visible" or a target "lost":
 # one lost datagram is noise, three in a row are a fault.
@@ -58,10 +60,8 @@ def _normalized_target(text: str) -> str:
     return str(parse_target(text))
 
 
-class Network(BaseModel):
+class Network(StrictModel):
     """``network:`` of a pair: what a healthy node of that workshop must reach."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     probe_targets: tuple[Annotated[str, AfterValidator(_normalized_target)], ...] = Field(
         default=(), max_length=32

@@ -16,14 +16,14 @@ from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Discriminator,
     Field,
     Tag,
     field_validator,
     model_validator,
 )
+
+from shared.model import LenientModel, StrictModel
 
 # The site's name rule (shared.topology.NAME_PATTERN; repeated here because the site
 # models import this module). PLC names make up node ids ``{plc}.{tag}``, so they
@@ -45,10 +45,6 @@ _ADDRESS = re.compile(r"^(C|DI|IR|HR)(\d{1,5})$")
 MAX_REGISTERS = 125  # per read request, Modbus application protocol 6.3 / 6.4
 MAX_BITS = 2000  # per read request, 6.1 / 6.2
 _NODE_ID = re.compile(r"(?:ns=(\d+);)?([isgb])=(.+)", re.DOTALL)
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def canonical_type(value: object) -> object:
@@ -81,7 +77,7 @@ def node_id_problem(text: str) -> str | None:
     return None
 
 
-class ModbusPath(_Model):
+class ModbusPath(StrictModel):
     host: str = Field(min_length=1)
     port: int = Field(502, ge=1, le=65535)
 
@@ -89,7 +85,7 @@ class ModbusPath(_Model):
         return f"{self.host}:{self.port}"
 
 
-class OpcUaPath(_Model):
+class OpcUaPath(StrictModel):
     url: str
 
     @field_validator("url")
@@ -103,7 +99,7 @@ class OpcUaPath(_Model):
         return self.url
 
 
-class _Tag(_Model):
+class _Tag(StrictModel):
     name: TagName
     type: ValueType
     writable: bool = False
@@ -192,7 +188,7 @@ class OpcUaTag(_Tag):
         return value
 
 
-class _Plc(_Model):
+class _Plc(StrictModel):
     name: PlcName
     poll_interval_s: float = Field(1.0, ge=0.01, le=3600.0)
     timeout_s: float | None = Field(
@@ -298,12 +294,7 @@ def duplicate_names(plcs: Sequence[ModbusPlc | OpcUaPlc]) -> list[str]:
 # ---- health, as the comm server reports it ----------------------------------------------
 
 
-class _Reported(BaseModel):
-    # Read back from etcd: fields of later versions are ignored, not refused.
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-
-class PathHealth(_Reported):
+class PathHealth(LenientModel):
     """One network path to a PLC, as the reporting node sees it."""
 
     endpoint: str
@@ -313,7 +304,7 @@ class PathHealth(_Reported):
     last_error: str | None = None
 
 
-class PlcHealth(_Reported):
+class PlcHealth(LenientModel):
     """One PLC as the reporting node's comm server sees it.
 
     ``state`` is ``ok``, ``degraded`` (reachable, a path down), ``down`` or
@@ -327,7 +318,7 @@ class PlcHealth(_Reported):
     critical: bool = False
 
 
-class PlcReports(_Reported):
+class PlcReports(LenientModel):
     """The ``plcs`` part of a service's report (``/nodes/{node}/reports/{service}``);
     a report without it (another kind of service) has none."""
 

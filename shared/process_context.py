@@ -48,9 +48,10 @@ import psycopg
 from psycopg import pq
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from shared.client.pg import PgAdapter
+from shared.model import LenientModel
 
 if TYPE_CHECKING:
     from psycopg.abc import Params, QueryNoTemplate
@@ -159,10 +160,8 @@ class StepOutOfOrder(ProcessContextError):
         )
 
 
-class Resume(BaseModel):
+class Resume(LenientModel):
     """What the process would go on from: its committed context, read back."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore")
 
     process: str
     step: int

@@ -13,8 +13,9 @@ import time
 import uuid
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
+from shared.model import LenientModel
 from shared.topology import Name, format_errors
 
 Role = Literal["active", "standby", "starting", "stopping", "fenced", "idle"]
@@ -30,9 +31,7 @@ class RecordError(ValueError):
         super().__init__(f"invalid value at {key}: " + "; ".join(problems))
 
 
-class Record(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
+class Record(LenientModel):
     def encode(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
 
@@ -58,7 +57,11 @@ class Leader(Record):
     since: float = Field(default_factory=now_wall)
 
 
-class Endpoint(Record):
+class EndpointRecord(Record):
+    """``/endpoints/{service}``: where the active of ``epoch`` serves ``service``, bound
+    to its lease (the site file's declaration is :class:`shared.topology.EndpointSpec`,
+    a client's view :class:`shared.client.Endpoint`)."""
+
     service: str
     pair: Name
     node: Name
@@ -112,8 +115,9 @@ class Resource(Record):
     detail: str = ""
 
 
-class ServiceReport(Record):
-    """``/nodes/{node}/reports/{service}``, bound to the reporting service's own lease.
+class ResourceReport(Record):
+    """What a service reports of the resources it needs (PLCs, database):
+    ``/nodes/{node}/reports/{service}``, bound to the reporting service's own lease.
 
     This is how an application forces a switch: a critical resource lost on the active
     while a standby still reaches it moves the pair to that standby."""
@@ -157,7 +161,7 @@ class Takeover(Record):
     reason: str = ""
 
 
-class Handover(Record):
+class HandoverRecord(Record):
     """Written by the active as it steps down: only ``to`` may campaign for a while."""
 
     from_node: Name
@@ -268,3 +272,8 @@ def decode(model: type[R], raw: bytes, key: str) -> R:
         return model.model_validate(data)
     except ValidationError as err:
         raise RecordError(key, format_errors(err)) from None
+
+
+# The names these records had before, for importers not renamed yet (the agent's loop).
+Endpoint = EndpointRecord
+ServiceReport = ResourceReport

@@ -9,16 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
+from shared.model import LenientModel
 from shared.plcs import PathHealth
 
 
-class _Report(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-
-class Note(_Report):
+class Note(LenientModel):
     """Who set a flag (pause, drain), when and why."""
 
     by: str
@@ -26,7 +21,7 @@ class Note(_Report):
     reason: str = ""
 
 
-class PendingSwitchover(_Report):
+class PendingSwitchover(LenientModel):
     id: str
     to: str | None = None
     by: str
@@ -34,7 +29,7 @@ class PendingSwitchover(_Report):
     reason: str = ""
 
 
-class ContextReport(_Report):
+class ContextReport(LenientModel):
     """Where a held service's process would resume (its committed process context);
     ``step`` None with no ``error``: it never committed a step."""
 
@@ -50,7 +45,7 @@ class ContextReport(_Report):
     error: str | None = None
 
 
-class RecoveryReport(_Report):
+class RecoveryReport(LenientModel):
     """A recovery after an unplanned failover: held services await an operator's ack."""
 
     epoch: int
@@ -66,7 +61,7 @@ class RecoveryReport(_Report):
     """Per held service, once the active has read them from its database."""
 
 
-class ServiceReport(_Report):
+class ServiceReport(LenientModel):
     name: str
     state: str
     restarts: int = 0
@@ -74,7 +69,7 @@ class ServiceReport(_Report):
     detail: str | None = None
 
 
-class DatabaseReport(_Report):
+class DatabaseReport(LenientModel):
     """What a node's PostgreSQL reports: role, timeline, lag, sync state of its replicas."""
 
     role: str
@@ -85,7 +80,7 @@ class DatabaseReport(_Report):
     synchronous: list[str] = []
 
 
-class NodeReport(_Report):
+class NodeReport(LenientModel):
     name: str
     address: str
     up: bool
@@ -99,7 +94,7 @@ class NodeReport(_Report):
     database: DatabaseReport | None = None
 
 
-class EndpointReport(_Report):
+class EndpointReport(LenientModel):
     """A service's lookup answer: ``status`` 200 with the address, or the reason why not."""
 
     service: str
@@ -112,7 +107,7 @@ class EndpointReport(_Report):
     error: str | None = None
 
 
-class PlcReport(_Report):
+class PlcReport(LenientModel):
     """One PLC as one node's comm server reports it (``node`` None: a PLC of the pair's
     topology that no comm server reports). ``path`` is the index in ``paths`` of the
     path in use, 0 being the primary."""
@@ -128,7 +123,7 @@ class PlcReport(_Report):
     tags: dict[str, int] = {}
 
 
-class PairReport(_Report):
+class PairReport(LenientModel):
     name: str
     active: str | None = None
     epoch: int | None = None
@@ -142,12 +137,12 @@ class PairReport(_Report):
     """PLC by PLC, each as every reporting node sees it (nodes in the pair's order)."""
 
 
-class WorkshopReport(_Report):
+class WorkshopReport(LenientModel):
     name: str
     pairs: list[PairReport] = []
 
 
-class EventReport(_Report):
+class EventReport(LenientModel):
     kind: str
     at: float
     pair: str | None = None
@@ -157,18 +152,18 @@ class EventReport(_Report):
     details: dict[str, Any] = {}
 
 
-class ProblemReport(_Report):
+class ProblemReport(LenientModel):
     key: str
     problem: str
 
 
-class TopologyInfo(_Report):
+class TopologyInfo(LenientModel):
     site: str
     applied_by: str
     applied_at: float
 
 
-class SiteReport(_Report):
+class SiteReport(LenientModel):
     site: str | None = None
     revision: int = 0
     warning: str | None = None

@@ -24,6 +24,7 @@ import aetcd
 from aetcd import exceptions, rpc, watcher
 
 from shared.log import EventLog
+from shared.txn import Compare, Op, TxnResult, txn_request
 
 log = EventLog("hapair.store")
 T = TypeVar("T")
@@ -171,6 +172,15 @@ class _MemberClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
             exceptions._handle_exception(err)
         return None
 
+    async def txn(self, request: object) -> Any:
+        """etcd's answer to a ``TxnRequest`` (aetcd's own call drops its header, and with
+        it the revision the transaction wrote at)."""
+        await self.connect()
+        try:
+            return await self.kvstub.Txn(request, timeout=self._timeout, metadata=self.metadata)
+        except rpc.AioRpcError as err:
+            exceptions._handle_exception(err)
+
     async def range_page(self, start: bytes, end: bytes, revision: int, limit: int) -> Any:
         """One page of ``[start, end)`` at ``revision`` (0: now); aetcd's own range
         calls take neither a revision nor a limit."""
@@ -232,7 +242,6 @@ class Store:
         self.timeout = timeout
         self._index = random.randrange(len(self.endpoints))
         self.client = self._open(self._index)
-        self.tx = self.client.transactions
         self._trouble: str | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -356,11 +365,18 @@ class Store:
         result = await self.call(lambda: self.client.delete(key.encode()))
         return bool(result.deleted)
 
+    async def delete_range(self, start: str, end: str) -> int:
+        """Delete every key in ``[start, end)``; how many there were."""
+        result = await self.call(lambda: self.client.delete_range(start.encode(), end.encode()))
+        return int(result.deleted)
+
     async def txn(
-        self, compare: list[Any], success: list[Any], failure: list[Any] | None = None
-    ) -> tuple[bool, list[Any]]:
-        ok, resp = await self.call(lambda: self.client.transaction(compare, success, failure or []))
-        return bool(ok), list(resp)
+        self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
+    ) -> TxnResult:
+        """Apply ``success`` if every compare holds, ``failure`` otherwise, atomically."""
+        message = txn_request(compare, success, failure)
+        reply = await self.call(lambda: self.client.txn(message))
+        return TxnResult(bool(reply.succeeded), int(reply.header.revision))
 
     # -- leases ---------------------------------------------------------------------
     async def grant(self, ttl: float) -> int:

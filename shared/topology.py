@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -23,6 +21,7 @@ from pydantic import (
 )
 
 from shared.database import DatabaseConfig
+from shared.model import StrictModel
 from shared.network import Network
 from shared.plcs import Plc, plain_path
 
@@ -37,10 +36,6 @@ from shared.vip import Vip
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 PLACEHOLDERS = frozenset({"node.name", "node.address", "pair.name", "epoch"})
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _check_placeholders(texts: Iterator[str], allowed: frozenset[str]) -> None:
@@ -59,7 +54,7 @@ def _check_placeholders(texts: Iterator[str], allowed: frozenset[str]) -> None:
             )
 
 
-class Node(_Model):
+class Node(StrictModel):
     name: Name
     address: str
     no_failover: bool = False
@@ -78,7 +73,7 @@ class Node(_Model):
             raise ValueError(f"{value!r} is neither an IP address nor a host name") from None
 
 
-class Failover(_Model):
+class Failover(StrictModel):
     lease_ttl_s: float = Field(2.0, ge=2.0, le=60.0)
     fence_margin_s: float = Field(0.5, gt=0.0)
     failback: Literal["manual", "auto"] = "manual"
@@ -106,13 +101,13 @@ class Failover(_Model):
         return self.lease_ttl_s - self.fence_margin_s
 
 
-class Restart(_Model):
+class Restart(StrictModel):
     max_restarts: int = Field(3, ge=0)
     window_s: float = Field(60.0, gt=0.0)
     backoff_s: float = Field(0.2, ge=0.0)
 
 
-class Health(_Model):
+class Health(StrictModel):
     tcp: str | None = None
     http: str | None = None
     command: list[str] | None = None
@@ -151,13 +146,15 @@ def _host_port(text: str) -> bool:
     return match is not None and (not match.group(1).isdigit() or 1 <= int(match.group(1)) <= 65535)
 
 
-class Endpoint(_Model):
+class EndpointSpec(StrictModel):
+    """``endpoint:`` of a service in the site file: what its active node publishes."""
+
     port: int = Field(ge=1, le=65535)
     protocol: Annotated[str, Field(pattern=r"^[a-z][a-z0-9+.-]{0,31}$")] = "tcp"
     host: str | None = Field(None, description="defaults to the node's address")
 
 
-class Service(_Model):
+class Service(StrictModel):
     name: Name
     command: list[str] = Field(min_length=1)
     env: dict[str, str] = Field(default_factory=dict)
@@ -166,7 +163,7 @@ class Service(_Model):
     critical: bool = False
     restart: Restart = Field(default_factory=Restart)
     health: Health | None = None
-    endpoint: Endpoint | None = None
+    endpoint: EndpointSpec | None = None
     stop_grace_s: float = Field(5.0, ge=0.0, le=300.0)
     hold_until_ack: bool = False
     auto_ack_after_s: float | None = Field(None, gt=0.0)
@@ -200,7 +197,7 @@ class Service(_Model):
         return self
 
 
-class Pair(_Model):
+class Pair(StrictModel):
     name: Name
     nodes: list[Node] = Field(min_length=2)
     failover: Failover = Field(default_factory=Failover)
@@ -260,12 +257,12 @@ class Pair(_Model):
         return next(i for i, n in enumerate(self.nodes) if n.name == name)
 
 
-class Workshop(_Model):
+class Workshop(StrictModel):
     name: Name
     pairs: list[Pair] = Field(default_factory=list)
 
 
-class Site(_Model):
+class Site(StrictModel):
     site: Name
     workshops: list[Workshop] = Field(min_length=1)
 

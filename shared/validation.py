@@ -53,10 +53,11 @@ YamlLoader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 
-Problem = Callable[[str, list[str]], Exception]
+ErrorFor = Callable[[str, list[str]], Exception]
+"""Builds the caller's error from a source (file, key) and its problems."""
 
 
-def parse_yaml(text: str, source: str, error: Problem) -> object:
+def parse_yaml(text: str, source: str, error: ErrorFor) -> object:
     """The document in ``text``; ``error(source, problems)`` is raised for bad YAML."""
     try:
         return yaml.load(text, Loader=YamlLoader)
@@ -67,7 +68,7 @@ def parse_yaml(text: str, source: str, error: Problem) -> object:
         raise error(source, [f"{where}YAML syntax error: {problem}"]) from None
 
 
-def read_file(path: str | Path, error: Problem) -> str:
+def read_file(path: str | Path, error: ErrorFor) -> str:
     """A UTF-8 text file; ``error(path, problems)`` when it cannot be read."""
     p = Path(path)
     try:

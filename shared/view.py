@@ -47,8 +47,9 @@ class Problem:
 
 
 @dataclass(frozen=True, slots=True)
-class LeaderView:
-    """The active node of a pair; ``epoch`` is the leader key's create_revision."""
+class ActiveTerm:
+    """The active node of a pair and its term, from the leader key: ``epoch`` is the
+    key's create_revision, ``lease`` the lease it is bound to."""
 
     node: str
     epoch: int
@@ -109,7 +110,7 @@ _MODELS: dict[str, type[records.Record]] = {
     "recovery": records.Recovery,
     "status": records.NodeStatus,
     "drained": records.Drained,
-    "endpoint": records.Endpoint,
+    "endpoint": records.EndpointRecord,
     "event": records.Event,
 }
 
@@ -133,7 +134,7 @@ def _parse(kind: str, name: str, kv: Kv) -> _Parsed:
         problem = f"{owner}: {getattr(record, owner)!r} does not match the key"
         return _Parsed(kv.mod_revision, None, (Problem(kv.key, problem),))
     if isinstance(record, records.Leader):
-        leader = LeaderView(record.node, kv.create_revision, record.since, kv.lease)
+        leader = ActiveTerm(record.node, kv.create_revision, record.since, kv.lease)
         return _Parsed(kv.mod_revision, leader)
     return _Parsed(kv.mod_revision, record)
 
@@ -150,8 +151,8 @@ class SiteView:
 
     site: Site | None = None
     topology: records.TopologyDoc | None = None
-    leaders: Mapping[str, LeaderView] = field(default_factory=dict)
-    endpoints: Mapping[str, records.Endpoint] = field(default_factory=dict)
+    leaders: Mapping[str, ActiveTerm] = field(default_factory=dict)
+    endpoints: Mapping[str, records.EndpointRecord] = field(default_factory=dict)
     statuses: Mapping[str, records.NodeStatus] = field(default_factory=dict)
     paused: Mapping[str, records.Paused] = field(default_factory=dict)
     drained: Mapping[str, records.Drained] = field(default_factory=dict)

@@ -14,18 +14,18 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from shared.model import StrictModel
 
 # Linux interface names: at most 15 bytes (IFNAMSIZ - 1), no slash, no blank, no colon
 # (``eth0:1`` is an address label, not an interface).
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
 
-class Vip(BaseModel):
+class Vip(StrictModel):
     """A virtual IPv4 address held by the active node of a pair, announced by
     gratuitous ARP when it moves."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     address: str = Field(description="ADDRESS/PREFIX, for example 10.0.0.100/24")
     interface: str = Field(description="the network interface, the same name on every node")

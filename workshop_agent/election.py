@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from shared import keys
-from shared.records import Handover, Leader, Members
+from shared.records import HandoverRecord, Leader, Members
 from shared.store import Store
+from shared.txn import Compare, Op
 
 
 class Election:
@@ -22,11 +23,11 @@ class Election:
         self.store = store
         self.pair = pair
         self.node = node
-        self.key = keys.b(keys.leader(pair))
-        self.handover_key = keys.b(keys.handover(pair))
-        self.switchover_key = keys.b(keys.switchover(pair))
-        self.takeover_key = keys.b(keys.takeover(pair))
-        self.members_key = keys.b(keys.members(pair))
+        self.key = keys.leader(pair)
+        self.handover_key = keys.handover(pair)
+        self.switchover_key = keys.switchover(pair)
+        self.takeover_key = keys.takeover(pair)
+        self.members_key = keys.members(pair)
 
     async def campaign(
         self,
@@ -44,35 +45,33 @@ class Election:
         ``members`` (this node's topology) becomes the new term's member set with it
         (the agent always gives it; without, the member set is left as it is).
         """
-        tx = self.store.tx
-        compare = [tx.create(self.key) == 0]
+        compare = [Compare.absent(self.key)]
         writes = []
         if members is not None:
-            compare.append(tx.mod(self.members_key) == members_revision)
-            writes.append(tx.put(self.members_key, Members(nodes=sorted(members)).encode()))
+            compare.append(Compare.modified(self.members_key, members_revision))
+            writes.append(Op.put(self.members_key, Members(nodes=sorted(members)).encode()))
         if not target:
             compare.append(
-                tx.mod(self.handover_key) == handover_revision
+                Compare.modified(self.handover_key, handover_revision)
                 if handover_revision is not None
-                else tx.version(self.handover_key) == 0
+                else Compare.absent(self.handover_key)
             )
-        ok, resp = await self.store.txn(
+        result = await self.store.txn(
             compare,
             [
-                tx.put(self.key, Leader(node=self.node).encode(), lease=lease),
-                tx.delete(self.handover_key),
+                Op.put(self.key, Leader(node=self.node).encode(), lease=lease),
+                Op.delete(self.handover_key),
                 # A forced takeover is for this election only, whoever wins it.
-                tx.delete(self.takeover_key),
+                Op.delete(self.takeover_key),
                 *writes,
             ],
         )
-        return int(resp[0].response_put.header.revision) if ok else None
+        return result.revision if result.succeeded else None
 
     async def resign(self, epoch: int) -> int | None:
         """Delete our leader key; the revision of the delete, or None if it was not ours."""
-        tx = self.store.tx
-        ok, resp = await self.store.txn([tx.create(self.key) == epoch], [tx.delete(self.key)])
-        return int(resp[0].response_delete_range.header.revision) if ok else None
+        result = await self.store.txn([Compare.created(self.key, epoch)], [Op.delete(self.key)])
+        return result.revision if result.succeeded else None
 
     async def handover(
         self,
@@ -83,26 +82,22 @@ class Election:
         lsn: int | None = None,
     ) -> int | None:
         """Step down in favour of ``to``: only it may campaign until the record is stale."""
-        tx = self.store.tx
-        record = Handover(
+        record = HandoverRecord(
             from_node=self.node, to=to, epoch=epoch, request=request, planned=planned, lsn=lsn
         )
-        ok, resp = await self.store.txn(
-            [tx.create(self.key) == epoch],
+        result = await self.store.txn(
+            [Compare.created(self.key, epoch)],
             [
-                tx.delete(self.key),
-                tx.delete(self.switchover_key),
-                tx.put(self.handover_key, record.encode()),
+                Op.delete(self.key),
+                Op.delete(self.switchover_key),
+                Op.put(self.handover_key, record.encode()),
             ],
         )
-        return int(resp[0].response_delete_range.header.revision) if ok else None
+        return result.revision if result.succeeded else None
 
     async def drop_switchover(self, raw: bytes) -> None:
         """Delete a switchover request, only if it is still the one we judged."""
-        tx = self.store.tx
-        await self.store.txn(
-            [tx.value(self.switchover_key) == raw], [tx.delete(self.switchover_key)]
-        )
+        await self.delete_if(self.switchover_key, raw)
 
     async def reclaim(self, epoch: int, lease: int) -> int | None:
         """Take back a leader key left by an earlier run of this node.
@@ -110,35 +105,32 @@ class Election:
         The key is deleted together with a handover to ourselves, so the standbys wait
         while we campaign again; the old lease (with the old status and endpoints) goes.
         """
-        tx = self.store.tx
-        record = Handover(
+        record = HandoverRecord(
             from_node=self.node, to=self.node, epoch=epoch, request="reclaim", planned=False
         )
-        ok, resp = await self.store.txn(
-            [tx.create(self.key) == epoch],
-            [tx.delete(self.key), tx.put(self.handover_key, record.encode())],
+        result = await self.store.txn(
+            [Compare.created(self.key, epoch)],
+            [Op.delete(self.key), Op.put(self.handover_key, record.encode())],
         )
         await self.store.revoke(lease)
-        return int(resp[0].response_delete_range.header.revision) if ok else None
+        return result.revision if result.succeeded else None
 
     async def put_guarded(self, epoch: int, key: str, value: bytes, lease: int | None) -> bool:
         """Write ``key`` only while ``epoch`` is still the current term."""
-        tx = self.store.tx
-        ok, _ = await self.store.txn(
-            [tx.create(self.key) == epoch], [tx.put(keys.b(key), value, lease=lease)]
+        result = await self.store.txn(
+            [Compare.created(self.key, epoch)], [Op.put(key, value, lease=lease)]
         )
-        return ok
+        return result.succeeded
 
     async def write_members(self, epoch: int, members: Collection[str]) -> tuple[bytes, int] | None:
         """Acknowledge ``members`` as the pair's nodes while ``epoch`` is the current term:
         the value and revision written, or None if the term is over."""
-        tx = self.store.tx
         value = Members(nodes=sorted(members), epoch=epoch).encode()
-        ok, resp = await self.store.txn(
-            [tx.create(self.key) == epoch], [tx.put(self.members_key, value)]
+        result = await self.store.txn(
+            [Compare.created(self.key, epoch)], [Op.put(self.members_key, value)]
         )
-        return (value, int(resp[0].response_put.header.revision)) if ok else None
+        return (value, result.revision) if result.succeeded else None
 
     async def delete_if(self, key: str, value: bytes) -> None:
-        tx = self.store.tx
-        await self.store.txn([tx.value(keys.b(key)) == value], [tx.delete(keys.b(key))])
+        """Delete ``key`` only if it still holds ``value``."""
+        await self.store.txn([Compare.value(key, value)], [Op.delete(key)])

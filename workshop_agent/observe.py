@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from shared import keys
 from shared.log import EventLog
 from shared.records import (
-    Handover,
+    HandoverRecord,
     Leader,
     Members,
     NodeStatus,
     R,
     RecordError,
-    ServiceReport,
+    ResourceReport,
     Switchover,
     Takeover,
     decode,
@@ -135,10 +135,10 @@ class PairObserver:
         record = self._decode(Takeover, kv) if kv is not None else None
         return record.to if record is not None else None
 
-    def _reports(self, node: str, nodes: Mapping[str, Kv]) -> list[ServiceReport]:
+    def _reports(self, node: str, nodes: Mapping[str, Kv]) -> list[ResourceReport]:
         prefix = keys.reports_prefix(node)
         found = (
-            self._decode(ServiceReport, kv) for key, kv in nodes.items() if key.startswith(prefix)
+            self._decode(ResourceReport, kv) for key, kv in nodes.items() if key.startswith(prefix)
         )
         return [r for r in found if r is not None]
 
@@ -175,7 +175,7 @@ class PairObserver:
             return None
         if self._handover_seen is None or self._handover_seen[0] != kv.mod_revision:
             self._handover_seen = (kv.mod_revision, now)
-        record = self._decode(Handover, kv)
+        record = self._decode(HandoverRecord, kv)
         to = record.to if record is not None else INVALID
         from_node = record.from_node if record is not None else INVALID
         planned = record.planned if record is not None else False

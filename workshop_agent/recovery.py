@@ -21,6 +21,7 @@ from shared.process_context import Resume, read_context
 from shared.records import HeldContext, RecordError, Recovery, decode
 from shared.store import Store
 from shared.topology import Pair
+from shared.txn import Compare, Op
 from workshop_agent.pg import query as q
 from workshop_agent.pg.errors import PgError
 from workshop_agent.pg.manager import PgManager
@@ -128,7 +129,7 @@ async def publish_contexts(
     current term. Compare-and-set on the record: an operator's ack written meanwhile is
     kept, not overwritten. False if the record is gone, of another term, or kept
     changing."""
-    key, tx = keys.recovery(pair), store.tx
+    key = keys.recovery(pair)
     for _ in range(tries):
         kv = await store.get(key)
         if kv is None:
@@ -140,13 +141,10 @@ async def publish_contexts(
         if current.epoch != epoch:
             return False
         done = current.model_copy(update={"contexts": dict(contexts)})
-        ok, _ = await store.txn(
-            [
-                tx.create(keys.b(keys.leader(pair))) == epoch,
-                tx.mod(keys.b(key)) == kv.mod_revision,
-            ],
-            [tx.put(keys.b(key), done.encode())],
+        result = await store.txn(
+            [Compare.created(keys.leader(pair), epoch), Compare.modified(key, kv.mod_revision)],
+            [Op.put(key, done.encode())],
         )
-        if ok:
+        if result.succeeded:
             return True
     return False

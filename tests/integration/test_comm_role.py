@@ -21,9 +21,10 @@ from comm_server.role import CommReport, PairRole
 from shared import keys
 from shared.clock import boottime
 from shared.log import EventLog
-from shared.records import Leader, ServiceReport, TopologyDoc, decode
+from shared.records import Leader, ResourceReport, TopologyDoc, decode
 from shared.store import Change, Kv, Store
 from shared.topology import parse_site
+from shared.txn import Compare, Op
 from tests.support.cluster import until
 from tests.support.harness import Etcd, free_port
 from tests.support.plc_sim import CommUnderTest, ModbusPlc, running_comm
@@ -85,12 +86,12 @@ async def comm_node(
 async def elect(store: Store, node: str) -> tuple[int, int]:
     """Take the pair's leader key for ``node`` as an agent does; (lease, epoch)."""
     lease = await store.grant(30)
-    tx, key = store.tx, keys.b(keys.leader("p"))
-    ok, resp = await store.txn(
-        [tx.create(key) == 0], [tx.put(key, Leader(node=node).encode(), lease=lease)]
+    key = keys.leader("p")
+    result = await store.txn(
+        [Compare.absent(key)], [Op.put(key, Leader(node=node).encode(), lease=lease)]
     )
-    assert ok, "the leader key was taken"
-    return lease, int(resp[0].response_put.header.revision)
+    assert result.succeeded, "the leader key was taken"
+    return lease, result.revision
 
 
 async def level(comm: CommUnderTest, low: int, high: int) -> bool:
@@ -101,7 +102,7 @@ async def report(store: Store, node: str) -> CommReport | None:
     kv = await store.get(keys.report(node, "comm"))
     if kv is None:
         return None
-    decode(ServiceReport, kv.value, kv.key)  # what the agent reads
+    decode(ResourceReport, kv.value, kv.key)  # what the agent reads
     return decode(CommReport, kv.value, kv.key)
 
 

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from shared import keys
-from shared.records import Resource, ServiceReport, SyncState, decode
+from shared.records import Resource, ResourceReport, SyncState, decode
 from tests.support.cluster import Cluster, recording_service, until
 from tests.support.harness import Etcd, free_port
 from tests.support.pg_harness import (
@@ -648,7 +648,7 @@ async def report(c: Cluster, node: str, ok: bool) -> None:
     resources = {"plc:press-1": Resource(ok=ok, critical=True, grace_s=0.5)}
     await c.store.put(
         keys.report(node, "comm"),
-        ServiceReport(service="comm", resources=resources).encode(),
+        ResourceReport(service="comm", resources=resources).encode(),
         lease=lease,
     )
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from shared import keys
-from shared.records import Drained, Paused, Resource, ServiceReport, Switchover, TopologyDoc
+from shared.records import Drained, Paused, Resource, ResourceReport, Switchover, TopologyDoc
 from tests.support.cluster import Cluster, holds, pid_alive, recording_service, until
 from tests.support.harness import Etcd, free_port
 
@@ -354,7 +354,7 @@ async def report(c: Cluster, node: str, ok: bool) -> None:
     lease = await c.store.grant(30)
     await c.store.put(
         keys.report(node, "comm"),
-        ServiceReport(
+        ResourceReport(
             service="comm", resources={"plc:press-1": Resource(ok=ok, critical=True, grace_s=0.5)}
         ).encode(),
         lease=lease,

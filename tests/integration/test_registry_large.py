@@ -13,6 +13,7 @@ from registry.app import create_app
 from registry.appkeys import CACHE, STORE
 from shared import keys, records
 from shared.store import Store
+from shared.txn import Op
 from shared.view import RECENT_EVENTS
 from tests.integration.test_registry import until
 from tests.support.site_records import FakeAgent, apply_site
@@ -25,14 +26,14 @@ LOAD_WITHIN_S = 60.0  # a generous liveness deadline on a loaded machine
 
 async def fill(store: Store, count: int) -> int:
     """``count`` audit events, a hundred per transaction; their total size in bytes."""
-    tx, size, start = store.tx, 0, time.time_ns() - count * 1000
+    size, start = 0, time.time_ns() - count * 1000
     for first in range(0, count, 100):
         puts = []
         for i in range(first, min(first + 100, count)):
             key = keys.event(start + i * 1000, "asm-a")
             value = records.Event(kind="switchover", pair="asm", reason=REASON).encode()
             size += len(key) + len(value)
-            puts.append(tx.put(keys.b(key), value))
+            puts.append(Op.put(key, value))
         await store.txn([], puts)
     return size
 

@@ -20,7 +20,7 @@ import yaml
 from registry.console.drill_faults import descendants
 from shared import keys
 from shared.clock import boottime
-from shared.records import Endpoint, Leader, NodeStatus, TopologyDoc, decode
+from shared.records import EndpointRecord, Leader, NodeStatus, TopologyDoc, decode
 from shared.store import Store
 from shared.topology import parse_site
 from tests.support.harness import PYTHON, ROOT, Etcd, stop_pid
@@ -216,9 +216,9 @@ class Cluster:
         kv = await self.store.get(keys.node_status(node))
         return None if kv is None else decode(NodeStatus, kv.value, kv.key)
 
-    async def endpoint(self, service: str) -> Endpoint | None:
+    async def endpoint(self, service: str) -> EndpointRecord | None:
         kv = await self.store.get(keys.endpoint(service))
-        return None if kv is None else decode(Endpoint, kv.value, kv.key)
+        return None if kv is None else decode(EndpointRecord, kv.value, kv.key)
 
     async def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         kvs, _ = await self.store.get_prefix(keys.EVENTS_PREFIX)

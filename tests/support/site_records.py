@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 from comm_server.role import CommReport
 from shared import keys, records, topology
 from shared.plcs import PlcHealth
-from shared.records import Endpoint as EndpointRecord
-from shared.records import decode
+from shared.records import EndpointRecord, decode
 from shared.store import Store, StoreError
+from shared.txn import Compare, Op
 
 SITE_YAML = """\
 site: plant-1
@@ -92,13 +92,12 @@ class FakeAgent:
         return self
 
     async def become_active(self) -> int:
-        tx = self.store.tx
-        key = keys.b(keys.leader(self.pair))
-        ok, _ = await self.store.txn(
-            [tx.create(key) == 0],
-            [tx.put(key, records.Leader(node=self.node).encode(), lease=self.lease)],
+        key = keys.leader(self.pair)
+        result = await self.store.txn(
+            [Compare.absent(key)],
+            [Op.put(key, records.Leader(node=self.node).encode(), lease=self.lease)],
         )
-        assert ok, f"{self.pair} already has a leader"
+        assert result.succeeded, f"{self.pair} already has a leader"
         kv = await self.store.get(keys.leader(self.pair))
         assert kv is not None
         self.epoch = kv.create_revision
@@ -107,7 +106,7 @@ class FakeAgent:
 
     async def publish(self, service: str, port: int, protocol: str = "http") -> None:
         assert self.epoch is not None
-        record = records.Endpoint(
+        record = records.EndpointRecord(
             service=service,
             pair=self.pair,
             node=self.node,

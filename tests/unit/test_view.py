@@ -47,7 +47,7 @@ def leader(pair: str, node: str, epoch: int) -> Kv:
 def endpoint(service: str, node: str, epoch: int, pair: str = "asm") -> Kv:
     return kv(
         keys.endpoint(service),
-        records.Endpoint(
+        records.EndpointRecord(
             service=service,
             pair=pair,
             node=node,
@@ -121,7 +121,7 @@ def test_garbage_is_reported_by_key_and_field_and_treated_as_absent() -> None:
             kv(keys.node_status("asm-b"), bad_status.encode()),
             kv(
                 keys.endpoint("scada"),
-                records.Endpoint(
+                records.EndpointRecord(
                     service="other",
                     pair="pnt",
                     node="pnt-a",

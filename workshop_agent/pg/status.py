@@ -6,7 +6,9 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer
+from pydantic import BeforeValidator, PlainSerializer
+
+from shared.model import StrictModel
 
 _LSN = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
 
@@ -91,11 +93,7 @@ def needs_rewind(
     return True
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Replica(_Model):
+class Replica(StrictModel):
     """A standby as its primary sees it (``pg_stat_replication``)."""
 
     name: str
@@ -109,7 +107,7 @@ class Replica(_Model):
     sync_state: SyncState
 
 
-class PgStatus(_Model):
+class PgStatus(StrictModel):
     """What a node's database reports for ``hapair status`` and the decision loop."""
 
     role: Role
