@@ -10,7 +10,7 @@ import pytest
 
 from shared import keys
 from shared.store import Store
-from tests.support.cluster import Cluster
+from tests.support.cluster import Cluster, until
 from tests.support.harness import Etcd, running_etcd
 
 
@@ -25,7 +25,14 @@ def etcd() -> Iterator[Etcd]:
 async def store(etcd: Etcd) -> AsyncIterator[Store]:
     """A connection to the session's etcd with nothing under ``/hapair/v1``."""
     s = Store(etcd.url, timeout=2.0)
-    await s.call(lambda: s.client.delete_prefix(keys.b(keys.PREFIX + "/")))
+
+    async def cleared() -> bool:
+        await s.call(lambda: s.client.delete_prefix(keys.b(keys.PREFIX + "/")))
+        return True
+
+    # On a loaded machine gRPC's first connection may time out: the set-up waits for it
+    # (a test that means to see etcd unavailable does so itself).
+    await until(cleared, 30, "the session's etcd cleared for this test")
     try:
         yield s
     finally:
