@@ -14,17 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from functools import partial
-from pathlib import Path
-from typing import Any
 
 from shared import keys
-from shared.agent_process import runs_here
 from shared.clock import boottime
 from shared.lease import Session
 from shared.log import EventLog
@@ -32,16 +26,13 @@ from shared.records import (
     Event,
     Leader,
     Members,
-    NodeStatus,
-    RecordError,
     Recovery,
-    TopologyDoc,
-    decode,
 )
 from shared.store import Kv, Mirror, Store, StoreError
-from shared.topology import Failover, Node, Pair, Site, TopologyError, parse_site
+from shared.topology import Failover, Node, Pair
 from workshop_agent import database_care, recovery
 from workshop_agent import decide as d
+from workshop_agent.claim import AgentError, NodeClaim, lock_state_dir
 from workshop_agent.database import Database
 from workshop_agent.database_care import DatabaseCare
 from workshop_agent.election import Election
@@ -50,25 +41,22 @@ from workshop_agent.hold import Ledger, Promise
 from workshop_agent.holding import Holding
 from workshop_agent.members import MemberSets
 from workshop_agent.netwatch import NetWatch
-from workshop_agent.node_lock import NodeLocked, lock_node, machine_lock, unlock
+from workshop_agent.node_lock import unlock
 from workshop_agent.observe import PairObserver, PairState
 from workshop_agent.publisher import Publisher
 from workshop_agent.recovery_steps import RecoverySteps
 from workshop_agent.settings import AgentSettings
+from workshop_agent.step_down import StepDowns
 from workshop_agent.supervisor import Supervisor
+from workshop_agent.tasks import Tasks
+from workshop_agent.topology_view import TopologyView
 from workshop_agent.vip import VipKeeper
 from workshop_agent.watchdog import WatchdogLink
 
+__all__ = ["Agent", "AgentError"]  # AgentError: what main reports of a refused run
+
 TICK_S = 0.1
-REFUSED_S = 30.0  # a standby that did not confirm a handover is not chosen again meanwhile
 SHUTDOWN_TASKS_S = 2.0
-
-
-StepDown = Callable[[], Awaitable[int | None]]  # a resign or handover transaction
-
-
-class AgentError(Exception):
-    """The agent cannot run at all (for example another agent holds this node)."""
 
 
 class Agent:
@@ -82,6 +70,7 @@ class Agent:
         self._wake = asyncio.Event()
         self._dirty = asyncio.Event()
         self._stopping = asyncio.Event()
+        self.tasks = Tasks(self.log, self._stopping)
         # A test's fault only: the views of the nodes and of the topology lag the view of
         # the pairs.
         nodes_lag = float(os.environ.get("HAPAIR_TEST_NODES_LAG_S", "0"))
@@ -89,35 +78,25 @@ class Agent:
         self.topology = Mirror(
             self.store, keys.PREFIX + "/topology/", self._changed, lag_s=topology_lag
         )
+        self.topology_view = TopologyView(self.topology, self.store.describe, self.me, self.log)
         self.pairs = Mirror(self.store, keys.PAIRS_PREFIX, self._changed)
         self.nodes = Mirror(self.store, keys.NODES_PREFIX, self._changed, lag_s=nodes_lag)
         self.observer = PairObserver(self.me, self.log)
         self.netwatch = NetWatch(self.log, self._changed)
         self.members = MemberSets(
-            self.observer, self.pairs, self.log, moved=self._lease_changed, spawn=self._spawn
+            self.observer, self.pairs, self.log, moved=self._lease_changed, spawn=self.tasks.spawn
         )
-        self._claimed_at = 0.0  # when this run took the node's machine lock
-        self._machine_lock: tuple[int, Path] | None = None
-        self._previous_run: tuple[int, NodeStatus] | None = None  # lease, status at start
-        self._last_refused_reclaim: int | None = None  # for logging changes only
-        self._left_term: int | None = None  # the newest term given up by a step-down
-        self._unanswered: StepDown | None = None  # that step-down, if etcd did not answer
+        self.claim = NodeClaim(self.store, self.me, self.log, self.clock)
         self._newest_epoch: int | None = None
         self._held_by: str | None = None  # for logging changes only
         self._promised_to: str | None = None  # the node this one promised not to campaign against
-        self.site: Site | None = None
         self.pair: Pair | None = None
         self.node: Node | None = None
-        self._topology_rev = -1
         self.term: int | None = None
-        self.holdoff_until = 0.0
         self.last_leader: str | None = None
         self._last_reason = ""
-        self._view_lags: str | None = None  # the switchover waiting for a current view
         self._state: PairState | None = None
         self._held_pending: frozenset[str] = frozenset()
-        self._refused: dict[str, float] = {}  # handover targets that did not confirm, until
-        self._tasks: set[asyncio.Task[None]] = set()
         self.session: Session | None = None
         self.election: Election | None = None
         self.supervisor: Supervisor | None = None
@@ -129,26 +108,12 @@ class Agent:
         self.db_care: DatabaseCare | None = None
         self.recovery: RecoverySteps | None = None
         self.publisher: Publisher | None = None
+        self.steps: StepDowns | None = None
 
     # -- plumbing ---------------------------------------------------------------------
     def _changed(self, _: object = None) -> None:
         self._wake.set()
         self._dirty.set()
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if self._stopping.is_set():
-            return
-        if task.cancelled():
-            # Only a stop cancels the agent's tasks: anything else is a bug to see.
-            self.log.error("internal task cancelled", task=task.get_name())
-        elif (err := task.exception()) is not None:
-            self.log.exception("internal task failed", err, task=task.get_name())
 
     def event(self, kind: str, reason: str = "", **details: object) -> None:
         pair = self.pair.name if self.pair else None
@@ -160,22 +125,17 @@ class Agent:
             with contextlib.suppress(StoreError):
                 await self.store.put(keys.event(time.time_ns(), self.me), record.encode())
 
-        self._spawn(write(), f"event-{kind}")
+        self.tasks.spawn(write(), f"event-{kind}")
 
     # -- run --------------------------------------------------------------------------
     async def run(self) -> None:
-        try:
-            lock_fd = lock_node(self.settings.state_dir, self.me, self.me)
-        except NodeLocked as err:
-            raise AgentError(str(err)) from None
-        except OSError as err:
-            raise AgentError(f"cannot lock node {self.me} in its state directory: {err}") from None
+        lock_fd = lock_state_dir(self.settings.state_dir, self.me)
         self.watchdog = WatchdogLink(keep_fds=(lock_fd,))
         self.watchdog.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
-        loop.add_signal_handler(signal.SIGUSR2, self._dump_tasks)
+        loop.add_signal_handler(signal.SIGUSR2, self.tasks.dump)
         self.log.info(
             "agent starting",
             etcd=self.store.describe,
@@ -184,92 +144,25 @@ class Agent:
         )
         try:
             # First, before anything watches etcd: a refused agent leaves at once.
-            await self._until_stopped(self._claim_node())
+            await self.tasks.until_stopped(self.claim.claim())
             if not self._stopping.is_set():
                 for mirror, name in (
                     (self.topology, "topology"),
                     (self.pairs, "pairs"),
                     (self.nodes, "nodes"),
                 ):
-                    self._spawn(mirror.run(), f"mirror-{name}")
-                await self._until_stopped(self._wait_for_topology())
+                    self.tasks.spawn(mirror.run(), f"mirror-{name}")
+                await self.tasks.until_stopped(self._wait_for_topology())
             if not self._stopping.is_set():
                 self._begin()
                 assert self.publisher is not None
-                self._spawn(self.publisher.run(), "publisher")
-                await self._until_stopped(self._loop())
+                self.tasks.spawn(self.publisher.run(), "publisher")
+                await self.tasks.until_stopped(self._loop())
         finally:
             await self._shutdown()
             self.watchdog.close()
-            if self._machine_lock is not None:
-                unlock(*self._machine_lock)
+            self.claim.release()
             unlock(lock_fd)
-
-    async def _claim_node(self) -> None:
-        """Refuse to run next to another agent of this node, whatever its state directory:
-        the machine's lock of this node, and the node's live status in etcd."""
-        key = keys.b(keys.node_status(self.me))
-        said = ""
-        while True:
-            try:
-                got = await self.store.call(lambda: self.store.client.get_prefix(key))
-                break
-            except StoreError as err:
-                if str(err) != said:
-                    self.log.warning(f"waiting for etcd at {self.store.describe}: {err}")
-                    said = str(err)
-                await asyncio.sleep(0.5)
-        try:
-            machine = machine_lock(int(got.header.cluster_id), self.me)
-        except NodeLocked as err:
-            raise AgentError(str(err)) from None
-        except OSError as err:
-            raise AgentError(f"cannot lock node {self.me} on this machine: {err}") from None
-        # The previous run of this agent held that lock until it died: a promise it gave
-        # over the peer path ran out one lease TTL after, at the latest.
-        self._claimed_at = self.clock()
-        for kv in got.kvs:
-            with contextlib.suppress(RecordError):
-                status = decode(NodeStatus, bytes(kv.value), keys.node_status(self.me))
-                if bytes(kv.key) != key or status.pid == os.getpid():
-                    continue
-                if runs_here(status).runs:
-                    unlock(*machine)
-                    raise AgentError(
-                        f"another hapair-agent runs for node {self.me} (pid {status.pid}, "
-                        "named by its live status in etcd)"
-                    )
-                self._previous_run = (int(kv.lease), status)
-        self._machine_lock = machine
-
-    def _previous_run_gone(self, lease: int) -> str | None:
-        """Why the run of this node that holds ``lease`` may still be alive (None: gone)."""
-        if self._previous_run is None or self._previous_run[0] != lease:
-            return "its status was not in etcd when this agent started"
-        verdict = runs_here(self._previous_run[1])
-        return None if verdict.runs is False else verdict.why
-
-    def _dump_tasks(self) -> None:
-        """SIGUSR2: where every task of the agent is waiting, one event per task (for an
-        agent that seems stuck; the loop itself answers, or this would not run)."""
-        for task in asyncio.all_tasks():
-            out = io.StringIO()
-            task.print_stack(limit=12, file=out)
-            self.log.warning(
-                "task", task=task.get_name(), stack=out.getvalue().replace("\n", " | ")
-            )
-
-    async def _until_stopped(self, coro: Coroutine[Any, Any, None]) -> None:
-        work = asyncio.ensure_future(coro)
-        stop = asyncio.ensure_future(self._stopping.wait())
-        await asyncio.wait([work, stop], return_when=asyncio.FIRST_COMPLETED)
-        for t in (work, stop):
-            if not t.done():
-                t.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
-        if work.done() and not work.cancelled():
-            work.result()
 
     async def _wait_for_topology(self) -> None:
         said = ""
@@ -277,14 +170,7 @@ class Agent:
             self._load_topology()
             if self.pair is not None:
                 break
-            if self.topology.error is not None:
-                why = f"waiting for etcd at {self.store.describe}: {self.topology.error}"
-            elif not self.topology.synced.is_set():
-                why = "connecting to etcd"
-            elif self.site is None:
-                why = "waiting for a valid topology (apply one with: hapair topology apply)"
-            else:
-                why = f"node {self.me} is not in the applied topology; waiting"
+            why = self.topology_view.why_waiting()
             if why != said:
                 self.log.warning(why)
                 said = why
@@ -293,24 +179,10 @@ class Agent:
             self._wake.clear()
 
     def _load_topology(self) -> None:
-        """Parse the topology key when it changed; an invalid one is reported and ignored."""
-        kv = self.topology.items.get(keys.TOPOLOGY)
-        rev = kv.mod_revision if kv else 0
-        if rev == self._topology_rev:
+        """Take up a newly applied topology: this node's pair and node in it."""
+        site = self.topology_view.load()
+        if site is None:
             return
-        self._topology_rev = rev
-        if kv is None:
-            return
-        try:
-            doc = decode(TopologyDoc, kv.value, kv.key)
-            site = parse_site(doc.site, keys.TOPOLOGY)
-        except (TopologyError, ValueError) as err:
-            self.log.error(
-                "invalid topology in etcd; keeping the last valid one",
-                problem=str(err).replace("\n", " "),
-            )
-            return
-        self.site = site
         pair = site.pair_of_node(self.me)
         if pair is None:
             if self.pair is not None:
@@ -321,8 +193,8 @@ class Agent:
         assert node is not None
         if self.supervisor is not None and (pair != self.pair or node != self.node):
             self.log.info("topology changed; reconciling services")
-            self._spawn(self.supervisor.update(pair, node), "reconcile")
-            self._spawn(self.netwatch.update(pair, node), "network-probes")
+            self.tasks.spawn(self.supervisor.update(pair, node), "reconcile")
+            self.tasks.spawn(self.netwatch.update(pair, node), "network-probes")
             assert self.session is not None
             self.session.retune(pair.failover.lease_ttl_s, pair.failover.fence_after_s)
         self.pair, self.node = pair, node
@@ -408,7 +280,7 @@ class Agent:
                 held=lambda: self._held_pending,
                 changed=self._changed,
                 dirty=self._dirty.set,
-                spawn=self._spawn,
+                spawn=self.tasks.spawn,
             )
             self.db_care.start()
         self.recovery = RecoverySteps(
@@ -422,7 +294,7 @@ class Agent:
             pair=lambda: self.pair,
             term=lambda: self.term,
             event=self.event,
-            spawn=self._spawn,
+            spawn=self.tasks.spawn,
         )
         self.publisher = Publisher(
             self.store,
@@ -437,13 +309,31 @@ class Agent:
             self._dirty,
             place=lambda: (self.pair, self.node),
             term=lambda: self.term,
-            holdoff_until=lambda: self.holdoff_until,
+            holdoff_until=lambda: self.steps.holdoff_until if self.steps else 0.0,
             lost=lambda: self._state.lost if self._state is not None else (),
             held_by=lambda: self._promised_to,
         )
-        self._spawn(self.session.run(), "session")
-        self._spawn(self.holding.run(), "hold")
-        self._spawn(self.netwatch.update(self.pair, self.node), "network-probes")
+        self.steps = StepDowns(
+            self.store,
+            self.election,
+            self.pairs,
+            self.supervisor,
+            self.vip,
+            self.database,
+            self.db_care,
+            self.publisher,
+            self.clock,
+            self.log,
+            pair=lambda: self.pair,
+            term=lambda: self.term,
+            end_term=self._end_term,
+            state=lambda: self._state,
+            event=self.event,
+            changed=self._changed,
+        )
+        self.tasks.spawn(self.session.run(), "session")
+        self.tasks.spawn(self.holding.run(), "hold")
+        self.tasks.spawn(self.netwatch.update(self.pair, self.node), "network-probes")
 
     # -- what the parts ask of the agent ----------------------------------------------
     def _pair_state_paused(self) -> bool:
@@ -542,6 +432,7 @@ class Agent:
 
     def _observe(self) -> d.Observation:
         assert self.pair is not None and self.session is not None and self.supervisor
+        assert self.steps is not None
         now = self.clock()
         st = self.observer.observe(self.pair, self.pairs.items, self.nodes.items, now)
         if st.leader is not None:
@@ -573,7 +464,7 @@ class Agent:
             db_sync=database_care.db_sync(self.pair, self.me, self.pairs.items),
             forced=st.forced,
             healthy=healthy,
-            holdoff_until=self.holdoff_until,
+            holdoff_until=self.steps.holdoff_until,
             started_at=self.started_at,
             peers=st.peers,
             paused=st.paused,
@@ -583,14 +474,14 @@ class Agent:
                 self.pair, self.me, self.pairs.items, self.nodes.items, self.database
             ),
             held_by=held_by,
-            left_term=self._left_term,
+            left_term=self.steps.left_term,
             forgotten_promises_until=(
-                self._claimed_at + self.pair.failover.lease_ttl_s
+                self.claim.claimed_at + self.pair.failover.lease_ttl_s
                 if self.pair.network is not None
                 else -float("inf")
             ),
-            step_down_unanswered=self._unanswered is not None,
-            refused=frozenset(n for n, until in self._refused.items() if until > now),
+            step_down_unanswered=self.steps.unanswered,
+            refused=self.steps.refused(now),
             members=st.members,
             members_revision=st.members_revision,
             switchover=st.switchover,
@@ -601,7 +492,7 @@ class Agent:
     async def _act(self, action: d.Action) -> None:
         assert self.session is not None and self.election is not None
         assert self.supervisor is not None and self.pair is not None
-        assert self.fencing is not None
+        assert self.fencing is not None and self.steps is not None
         match action:
             case d.Fence(reason):
                 self.fencing.fence(reason)
@@ -613,57 +504,17 @@ class Agent:
             case d.Adopt(epoch):
                 self._take_term(epoch, "took up its own leader key")
             case d.Reclaim(epoch, lease):
-                alive = self._previous_run_gone(lease)
-                if alive is not None:
-                    if self._last_refused_reclaim != epoch:
-                        self.log.error(
-                            "not taking back the leader key of this node: the run that holds "
-                            "it may be alive; waiting for its lease to lapse",
-                            why=alive,
-                            old_epoch=epoch,
-                        )
-                        self._last_refused_reclaim = epoch
-                    return
-                self.log.warning(
-                    "taking back the leader key of this node's previous run",
-                    old_epoch=epoch,
-                    lease=f"{lease:x}",
+                await self.claim.reclaim(
+                    self.election, self.pairs, self.pair.name, epoch, lease, self.event
                 )
-                revision = await self.election.reclaim(epoch, lease)
-                if revision is not None:
-                    self.pairs.apply_local(keys.leader(self.pair.name), None, revision)
-                    self.event("reclaim", "agent restarted on the active node", old_epoch=epoch)
             case d.SettleStepDown():
-                if self._unanswered is not None:
-                    await self._send_step_down(self._unanswered)
+                await self.steps.settle()
             case d.Resign(reason):
-                await self._step_down(reason, None, None)
+                await self.steps.step_down(reason, None, None)
             case d.Handover(to, request, reason, planned, db_lost):
-                await self._step_down(reason, to, request, planned, db_lost)
+                await self.steps.step_down(reason, to, request, planned, db_lost)
             case d.RejectSwitchover(request, reason, target):
-                if target is not None and await self._ready_in_etcd(target):
-                    if self._view_lags != request:
-                        self._view_lags = request
-                        self.log.info("switchover target ready in etcd; waiting for this view")
-                    return  # decided again once this node's view of the target catches up
-                raw = self._state.switchover_raw if self._state else None
-                if raw is not None:
-                    await self.election.drop_switchover(raw)
-                self.log.warning("switchover refused", request=request, reason=reason)
-                self.event("switchover_rejected", reason, request=request)
-
-    async def _ready_in_etcd(self, node: str) -> bool:
-        """Is ``node`` a healthy, undrained standby by a fresh (linearizable) read?"""
-        kvs, _ = await self.store.get_prefix(f"{keys.NODES_PREFIX}{node}/")
-        found = {kv.key: kv for kv in kvs}
-        kv = found.get(keys.node_status(node))
-        if kv is None or keys.drained(node) in found:
-            return False
-        try:
-            status = decode(NodeStatus, kv.value, kv.key)
-        except RecordError:
-            return False
-        return status.healthy and status.role == "standby"
+                await self.steps.reject_switchover(request, reason, target)
 
     async def _campaign(self, stale: int | None, members_revision: int) -> None:
         assert self.session is not None and self.election is not None
@@ -730,147 +581,26 @@ class Agent:
         self._changed()
 
     # -- stepping down ----------------------------------------------------------------
-    async def _step_down(
-        self,
-        reason: str,
-        to: str | None,
-        request: str | None,
-        planned: bool = True,
-        db_lost: bool = False,
-    ) -> None:
-        """Stop services first, then give the key away: never two actives."""
-        assert self.supervisor is not None and self.election is not None
-        assert self.pair is not None and self.publisher is not None
-        epoch = self.term
-        if epoch is None:
-            return
-        started = self.clock()
-        if self.vip is not None:
-            await self.vip.release()
-        await self.supervisor.deactivate()
-        lsn = None
-        try:
-            if self.database is not None and self.db_care is not None:
-                self.db_care.stop_loop()
-                # A handover hands the database over cleanly, or not at all; a resignation
-                # (or a database that cannot run) stops it before another node may
-                # promote. The watchdog guards it until it has stopped.
-                target = self.pair.node(to) if to is not None else None
-                if target is not None and not db_lost:
-                    lsn = await self.database.hand_over(target)
-                    if lsn is None:
-                        await self._handover_aborted(reason, target.name, request)
-                        return
-                else:
-                    await self.database.demote()
-            await self.publisher.withdraw_endpoints()
-            if self.term != epoch:
-                return  # fenced while stopping
-            await self._give_away(epoch, reason, to, request, planned, lsn, started)
-        finally:
-            # Whatever ended the step-down, the database is cared for again.
-            if self.db_care is not None:
-                self.db_care.ensure_loop()
-
-    async def _give_away(
-        self,
-        epoch: int,
-        reason: str,
-        to: str | None,
-        request: str | None,
-        planned: bool,
-        lsn: int | None,
-        started: float,
-    ) -> None:
-        """The step-down's etcd half: the key given away, once the services stopped."""
-        assert self.election is not None and self.pair is not None
-        kind = "resign" if to is None else "switchover"
-        send: StepDown = (
-            partial(self.election.resign, epoch)
-            if to is None
-            else partial(self.election.handover, epoch, to, request, planned, lsn)
-        )
-        # Sent, the term is over whatever etcd answers (see decide's left_term).
-        self._left_term = epoch
-        outcome = await self._send_step_down(send)
-        self.term = None
-        self.log.bind(epoch=None)
-        if to is None or not planned:
-            # After a failure, give the others the first chance to take over.
-            self.holdoff_until = self.clock() + self.pair.failover.lease_ttl_s
-        stopped_ms = round((self.clock() - started) * 1000)
-        self.log.info(
-            "stepped down", reason=reason, to=to, outcome=outcome, stop_ms=stopped_ms, epoch=epoch
-        )
-        if self.db_care is not None:
-            self.db_care.restart_loop()
-        self.event(kind, reason, to=to, request=request, epoch=epoch)
-        self._changed()
-
-    async def _send_step_down(self, send: StepDown) -> str:
-        """Send a step-down transaction. Unanswered, it is kept to be sent again (the
-        decision asks for that while the old key shows): never an error that would
-        leave the term running on a view of etcd that may lag."""
-        assert self.pair is not None
-        try:
-            revision = await send()
-        except StoreError as err:
-            if self._unanswered is None:
-                self.log.warning(
-                    "etcd did not answer the step-down: the term is over anyway; "
-                    "sending it again until etcd answers",
-                    error=str(err),
-                )
-            self._unanswered = send
-            return "unanswered"
-        self._unanswered = None
-        if revision is None:
-            return "key no longer ours"
-        self.pairs.apply_local(keys.leader(self.pair.name), None, revision)
-        return "done"
-
-    async def _handover_aborted(self, reason: str, to: str, request: str | None) -> None:
-        """The target did not receive the final position: the key stays, the database
-        loop starts the primary again, then the services start again."""
-        assert self.election is not None
-        self._refused[to] = self.clock() + REFUSED_S
-        why = f"the database's final position could not be handed to {to}"
-        self.log.error("handover aborted: keeping the pair", to=to, reason=reason, why=why)
-        if self.db_care is not None:
-            self.db_care.restart_loop()  # first: an etcd error below must not leave it uncared for
-        self.event("handover_aborted", why, to=to, cause=reason)
-        self._changed()
-        raw = self._state.switchover_raw if self._state else None
-        if request is not None and raw is not None:
-            self.event("switchover_rejected", why, request=request)
-            await self.election.drop_switchover(raw)
-
     async def _leave_pair(self) -> None:
         if self.term is not None:
-            await self._step_down("node removed from the topology", None, None)
+            assert self.steps is not None
+            await self.steps.step_down("node removed from the topology", None, None)
         if self.supervisor is not None and self.supervisor.active_up():
             await self.supervisor.deactivate()
 
     # -- shutdown ---------------------------------------------------------------------
     async def _shutdown(self) -> None:
         self.log.info("agent stopping")
-        if self.term is not None:
+        if self.term is not None and self.steps is not None:
             # Bounded: with etcd gone the lease lapses anyway, and the services are stopped
             # first in any case.
             with contextlib.suppress(StoreError, TimeoutError):
-                await asyncio.wait_for(self._step_down("agent shutting down", None, None), 10)
+                await asyncio.wait_for(self.steps.step_down("agent shutting down", None, None), 10)
         if self.supervisor is not None:
             await self.supervisor.stop_all()
         if self.fencing is not None:
             self.fencing.cancel()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            # Bounded: a task stuck in a library that swallows its cancellation must not
-            # keep the agent from stopping (its services are already stopped).
-            _, stuck = await asyncio.wait(set(self._tasks), timeout=SHUTDOWN_TASKS_S)
-            if stuck:
-                self.log.warning("tasks did not stop", tasks=",".join(t.get_name() for t in stuck))
+        await self.tasks.cancel_all(SHUTDOWN_TASKS_S)
         await self.netwatch.close()
         if self.database is not None:
             if self.db_care is not None:
