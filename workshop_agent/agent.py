@@ -4,10 +4,12 @@ Everything that can stall (etcd calls, stopping services) happens here, outside 
 pure decision. The fence timer and the watchdog do not depend on this loop making
 progress: they stop the services at the fence point whatever the loop is doing.
 
-The parts it wires together: ``fencing.py`` (the fence point and timer), ``holding.py``
-(riding out an etcd loss on the peers' promises), ``members.py`` (the pair's member
-set), ``database_care.py`` (the database's loop and guard), ``recovery_steps.py``
-(assisted recovery) and ``publisher.py`` (the node's records in etcd).
+The parts it wires together, each told what it needs (callbacks, not this class):
+``fencing.py`` (the fence point and timer), ``holding.py`` (riding out an etcd loss on
+the peers' promises), ``members.py`` (the pair's member sets), ``database_care.py`` (the
+database's loop and guard), ``recovery_steps.py`` (assisted recovery), ``step_down.py``
+(resigning and handing over), ``publisher.py`` (the node's records in etcd),
+``claim.py`` (one run per node), ``topology_view.py`` and ``tasks.py``.
 """
 
 from __future__ import annotations
@@ -22,22 +24,17 @@ from shared import keys
 from shared.clock import boottime
 from shared.lease import Session
 from shared.log import EventLog
-from shared.records import (
-    Event,
-    Leader,
-    Members,
-    Recovery,
-)
+from shared.records import Event, Leader, Members
 from shared.store import Kv, Mirror, Store, StoreError
 from shared.topology import Failover, Node, Pair
-from workshop_agent import database_care, recovery
+from workshop_agent import database_care
 from workshop_agent import decide as d
 from workshop_agent.claim import AgentError, NodeClaim, lock_state_dir
 from workshop_agent.database import Database
 from workshop_agent.database_care import DatabaseCare
 from workshop_agent.election import Election
 from workshop_agent.fencing import Fencing
-from workshop_agent.hold import Ledger, Promise
+from workshop_agent.hold import Ledger
 from workshop_agent.holding import Holding
 from workshop_agent.members import MemberSets
 from workshop_agent.netwatch import NetWatch
@@ -88,8 +85,6 @@ class Agent:
         )
         self.claim = NodeClaim(self.store, self.me, self.log, self.clock)
         self._newest_epoch: int | None = None
-        self._held_by: str | None = None  # for logging changes only
-        self._promised_to: str | None = None  # the node this one promised not to campaign against
         self.pair: Pair | None = None
         self.node: Node | None = None
         self.term: int | None = None
@@ -237,6 +232,7 @@ class Agent:
             newest_epoch=lambda: self._newest_epoch,
             lease_ttl=lambda: self._failover().lease_ttl_s,
             wake=self._wake.set,
+            dirty=self._dirty.set,
         )
         self.netwatch.on_hold, self.netwatch.on_hold_reply = (
             self.holding.on_hold,
@@ -311,7 +307,7 @@ class Agent:
             term=lambda: self.term,
             holdoff_until=lambda: self.steps.holdoff_until if self.steps else 0.0,
             lost=lambda: self._state.lost if self._state is not None else (),
-            held_by=lambda: self._promised_to,
+            held_by=lambda: self.holding.promised_to if self.holding else None,
         )
         self.steps = StepDowns(
             self.store,
@@ -385,10 +381,6 @@ class Agent:
             and (care is None or care.stopped())
         )
 
-    def _binding_promise(self, now: float) -> Promise | None:
-        assert self.holding is not None
-        return self.holding.binding(now, self._state.handover if self._state else None)
-
     def _db_ready(self) -> bool:
         return self.db_care is None or self.db_care.ready(self.term)
 
@@ -432,20 +424,13 @@ class Agent:
 
     def _observe(self) -> d.Observation:
         assert self.pair is not None and self.session is not None and self.supervisor
-        assert self.steps is not None
+        assert self.steps is not None and self.holding is not None
         now = self.clock()
         st = self.observer.observe(self.pair, self.pairs.items, self.nodes.items, now)
         if st.leader is not None:
             self.last_leader = st.leader.node
             self._newest_epoch = max(self._newest_epoch or 0, st.leader.epoch)
-        promise = self._binding_promise(now)
-        held_by = None if promise is None else f"{promise.node} (epoch {promise.epoch})"
-        if held_by != self._held_by:
-            if held_by is not None:
-                self.log.warning("not campaigning: a peer holds the pair", holder=held_by)
-            self._held_by = held_by
-            self._promised_to = None if promise is None else promise.node
-            self._dirty.set()  # the status names the holder: nodes it does not know wait
+        held_by = self.holding.held_by(now, self._state.handover if self._state else None)
         self._state = st
         healthy, _ = self.supervisor.healthy()
         return d.Observation(
@@ -475,11 +460,7 @@ class Agent:
             ),
             held_by=held_by,
             left_term=self.steps.left_term,
-            forgotten_promises_until=(
-                self.claim.claimed_at + self.pair.failover.lease_ttl_s
-                if self.pair.network is not None
-                else -float("inf")
-            ),
+            forgotten_promises_until=self.claim.forgotten_promises_until(self.pair),
             step_down_unanswered=self.steps.unanswered,
             refused=self.steps.refused(now),
             members=st.members,
@@ -526,7 +507,7 @@ class Agent:
         target = handover is not None and handover.to == self.me
         # Checked again here, not only in the decision: a promise may have been given
         # since. While the campaign is in flight no promise is given (see holding.py).
-        if self._binding_promise(self.clock()) is not None:
+        if self.holding.binding(self.clock(), handover) is not None:
             return
         with self.holding.campaigning():
             assert self.pair is not None
@@ -547,20 +528,10 @@ class Agent:
             self.db_care.catch_up_lsn = handover.lsn if target and handover is not None else None
         forced = self._state.forced if self._state is not None else None
         cause = d.takeover_cause(self.me, previous, handover, forced)
-        # After an unplanned failover the process functions marked hold_until_ack wait
-        # for an operator; so they do if an earlier recovery was still awaiting one.
-        awaiting = self.recovery.record()
-        hold = (not planned and previous is not None) or (
-            awaiting is not None and awaiting.state == "awaiting"
-        )
-        held = recovery.held_services(self.pair, hold)
+        held = self.recovery.held_after_election(planned, previous)
         self._take_term(epoch, cause, held)
         self.event("election", cause, previous=previous, planned=planned)
-        if held:
-            record = Recovery(
-                epoch=epoch, cause=cause, from_node=previous, to_node=self.me, held=sorted(held)
-            )
-            self.recovery.write(epoch, record)
+        self.recovery.await_operator(epoch, cause, previous, self.me, held)
 
     def _take_term(self, epoch: int, cause: str, held: frozenset[str] = frozenset()) -> None:
         assert self.session is not None and self.supervisor is not None

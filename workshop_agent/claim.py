@@ -19,6 +19,7 @@ from shared.clock import Clock
 from shared.log import EventLog
 from shared.records import NodeStatus, RecordError, decode
 from shared.store import Mirror, Store, StoreError
+from shared.topology import Pair
 from workshop_agent.election import Election
 from workshop_agent.node_lock import NodeLocked, lock_node, machine_lock, unlock
 
@@ -86,6 +87,13 @@ class NodeClaim:
                     )
                 self._previous_run = (int(kv.lease), status)
         self._machine_lock = machine
+
+    def forgotten_promises_until(self, pair: Pair) -> float:
+        """Until when a promise the previous run gave over the peer path may still bind
+        (``-inf`` without a peer path: no promise was given)."""
+        if pair.network is None:
+            return -float("inf")
+        return self.claimed_at + pair.failover.lease_ttl_s
 
     def release(self) -> None:
         if self._machine_lock is not None:

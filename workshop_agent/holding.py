@@ -42,6 +42,7 @@ class Holding:
         newest_epoch: Callable[[], int | None],
         lease_ttl: Callable[[], float],
         wake: Callable[[], None],
+        dirty: Callable[[], None],
     ) -> None:
         self.session = session
         self.ledger = ledger  # as the active: the peers' promises during an etcd loss
@@ -56,8 +57,11 @@ class Holding:
         self._newest_epoch = newest_epoch
         self._lease_ttl = lease_ttl
         self._wake = wake
+        self._dirty = dirty
         self._campaigning = False
         self._holding = False  # for logging changes only
+        self._held_by: str | None = None  # for logging changes only
+        self.promised_to: str | None = None  # the node this one promised not to campaign against
 
     @contextlib.contextmanager
     def campaigning(self) -> Iterator[None]:
@@ -144,3 +148,16 @@ class Holding:
         the node promised to ends that promise)."""
         released = [(handover.from_node, handover.epoch)] if handover is not None else []
         return self.promises.binding(now, released)
+
+    def held_by(self, now: float, handover: HandoverView | None) -> str | None:
+        """The peer that holds the pair on this node's promise, as the decision names it
+        (``None``: none does, this node may campaign)."""
+        promise = self.binding(now, handover)
+        held_by = None if promise is None else f"{promise.node} (epoch {promise.epoch})"
+        if held_by != self._held_by:
+            if held_by is not None:
+                self.log.warning("not campaigning: a peer holds the pair", holder=held_by)
+            self._held_by = held_by
+            self.promised_to = None if promise is None else promise.node
+            self._dirty()  # the status names the holder: nodes it does not know wait
+        return held_by

@@ -75,6 +75,28 @@ class RecoverySteps:
         except RecordError:
             return None
 
+    def held_after_election(self, planned: bool, previous: str | None) -> frozenset[str]:
+        """The services a term just won holds for an operator."""
+        pair = self._pair()
+        assert pair is not None
+        # After an unplanned failover the process functions marked hold_until_ack wait
+        # for an operator; so they do if an earlier recovery was still awaiting one.
+        awaiting = self.record()
+        hold = (not planned and previous is not None) or (
+            awaiting is not None and awaiting.state == "awaiting"
+        )
+        return recovery.held_services(pair, hold)
+
+    def await_operator(
+        self, epoch: int, cause: str, previous: str | None, me: str, held: frozenset[str]
+    ) -> None:
+        """Record that the services ``held`` by the term ``epoch`` await an operator."""
+        if held:
+            record = Recovery(
+                epoch=epoch, cause=cause, from_node=previous, to_node=me, held=sorted(held)
+            )
+            self.write(epoch, record)
+
     def write(self, epoch: int, record: Recovery, name: str = "recovery") -> None:
         self._spawn(self._write(epoch, record), name)
 
