@@ -544,3 +544,27 @@ def _campaign(o: Observation) -> Decision:
     if o.now - absent_since < delay:
         return Decision(f"no active node; {ahead} preferred node(s) may campaign first")
     return Decision("no active node: campaigning", (Campaign(stale, o.members_revision),))
+
+
+# ---- what a won campaign is called ------------------------------------------------
+
+
+def takeover_cause(
+    me: str, previous: str | None, handover: HandoverView | None, forced: str | None
+) -> str:
+    """Why this node became active, in the words of its log and its election event.
+
+    ``previous``: the last active this node saw; ``handover``: the live handover record
+    when it campaigned; ``forced``: the node an operator forces to take over, if any."""
+    target = handover is not None and handover.to == me
+    if target and handover is not None and handover.from_node == me:
+        return "took its pair back after an agent restart"
+    if target and handover is not None and handover.planned:
+        return "planned switchover"
+    if forced == me:
+        return f"takeover forced by an operator (failover from {previous})"
+    if target and handover is not None:
+        return f"switch forced by {handover.from_node}"
+    if previous is not None and previous != me:
+        return f"failover from {previous}"
+    return "election"

@@ -1,0 +1,115 @@
+"""The agent's side of holds, without sockets or etcd: when this node promises, what
+binds it, and the fence point a peer's promise moves (on a fake clock)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+from test_fencing import FENCE_AFTER, FakeLease
+
+from shared.log import EventLog
+from workshop_agent.decide import HandoverView
+from workshop_agent.fencing import Fencing
+from workshop_agent.hold import Ledger
+from workshop_agent.holding import Holding
+from workshop_agent.peer_wire import Hold, HoldReply, Release
+
+TTL = 2.0
+
+
+@dataclass
+class Node:
+    term: int | None = None
+    active: bool = False
+    newest_epoch: int | None = 5
+    wakes: int = 0
+    dirty: int = 0
+    moved: list[float] = field(default_factory=list)
+
+
+def holding(node: Node, lease: FakeLease | None = None) -> tuple[Holding, Fencing]:
+    lease = lease or FakeLease()
+    ledger = Ledger()
+    log = EventLog("test")
+    fencing = Fencing(
+        lease,
+        ledger,
+        lambda: 100.0,
+        log,
+        term=lambda: node.term,
+        end_term=lambda: node.term,
+        hold_peers=lambda: {"b"},
+        fence_margin=lambda: 0.5,
+        watchdog_deadline=node.moved.append,
+        active_up=lambda: node.active,
+        stop_active=lambda: None,
+        event=lambda *a, **k: None,
+        changed=lambda: None,
+    )
+    h = Holding(
+        lease,  # type: ignore[arg-type]
+        ledger,
+        fencing,
+        None,  # type: ignore[arg-type]  # no peer path: these tests send nothing
+        lambda: 100.0,
+        log,
+        term=lambda: node.term,
+        active=lambda: node.term is not None or node.active,
+        stopped=lambda: False,
+        newest_epoch=lambda: node.newest_epoch,
+        lease_ttl=lambda: TTL,
+        wake=lambda: setattr(node, "wakes", node.wakes + 1),
+        dirty=lambda: setattr(node, "dirty", node.dirty + 1),
+    )
+    return h, fencing
+
+
+def test_a_standby_promises_and_is_then_bound_for_the_ttl() -> None:
+    node = Node()
+    h, _ = holding(node)
+    assert h.on_hold(Hold("b", 1, 5, TTL), 100.0) == (True, "")
+    assert node.wakes == 1
+    assert h.held_by(101.0, None) == "b (epoch 5)"
+    assert h.promised_to == "b" and node.dirty == 1
+    assert h.held_by(101.5, None) == "b (epoch 5)" and node.dirty == 1  # no change
+    assert h.held_by(100.0 + TTL, None) is None
+    assert h.promised_to is None and node.dirty == 2
+
+
+def test_no_promise_while_active_campaigning_or_for_a_stale_term() -> None:
+    node = Node(term=6)
+    h, _ = holding(node)
+    assert h.on_hold(Hold("b", 1, 6, TTL), 100.0) == (False, "this node is active")
+    node.term, node.active = None, True
+    assert h.on_hold(Hold("b", 1, 6, TTL), 100.0) == (False, "this node is active")
+    node.active = False
+    with h.campaigning():
+        assert h.on_hold(Hold("b", 1, 6, TTL), 100.0) == (False, "this node is campaigning")
+    promised, why = h.on_hold(Hold("b", 1, 4, TTL), 100.0)
+    assert not promised and "stale" in why
+    assert h.held_by(100.0, None) is None and node.wakes == 0
+
+
+def test_a_release_or_the_holders_handover_record_ends_the_promise() -> None:
+    node = Node()
+    h, _ = holding(node)
+    h.on_hold(Hold("b", 1, 5, TTL), 100.0)
+    assert h.binding(100.5, HandoverView("a", "b", 40, 100.2, epoch=5)) is None
+    h.on_hold(Hold("b", 2, 5, TTL), 100.0)
+    h.on_release(Release("b", 3, 5))
+    assert h.binding(100.5, None) is None
+
+
+async def test_a_peers_promise_moves_the_fence_point_of_the_active() -> None:
+    node = Node(term=5)
+    lease = FakeLease()
+    h, fencing = holding(node, lease)
+    h.ledger.sent(5, 1, 101.0)
+    assert fencing.point() == pytest.approx(100.0 + FENCE_AFTER)
+    h.on_hold_reply(HoldReply("b", "a", 1, 5, True), 101.1)
+    assert fencing.point() == pytest.approx(101.0 + FENCE_AFTER)
+    assert node.moved[-1] == pytest.approx(101.0 + FENCE_AFTER + 0.25)  # the watchdog's
+    h.on_hold_reply(HoldReply("b", "a", 1, 4, True), 101.2)  # another term's: ignored
+    assert fencing.point() == pytest.approx(101.0 + FENCE_AFTER)
+    fencing.cancel()

@@ -1,0 +1,136 @@
+"""Fencing: until when this node may act as active, and the timer that stops it then.
+
+The fence point is the lease session's (``shared/lease.py``), pushed later only by the
+peers' promises while etcd cannot be reached (``hold.py``). A timer fires at that point
+and fences unless the point moved meanwhile; the watchdog gets the point plus half the
+fence margin, should this process freeze. Everything is read on one injected clock, so
+the rule can be checked on a fake one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from shared.clock import Clock
+from shared.log import EventLog
+from workshop_agent.hold import Ledger
+
+
+class Lease(Protocol):
+    """What fencing reads of the lease session."""
+
+    @property
+    def lease(self) -> int | None: ...
+
+    @property
+    def fence_deadline(self) -> float: ...
+
+    @property
+    def fence_after(self) -> float: ...
+
+
+class Fencing:
+    """The fence point, the fence timer and the fence itself.
+
+    ``term`` gives the term this node holds now; ``end_term`` ends it and returns the
+    term it ended; ``stop_active`` stops at once whatever serves as active (address,
+    services, database); ``active_up`` says whether an active-only service still runs;
+    ``hold_peers`` names the nodes whose promises a hold needs."""
+
+    def __init__(
+        self,
+        lease: Lease,
+        ledger: Ledger,
+        clock: Clock,
+        log: EventLog,
+        *,
+        term: Callable[[], int | None],
+        end_term: Callable[[], int | None],
+        hold_peers: Callable[[], Iterable[str]],
+        fence_margin: Callable[[], float],
+        watchdog_deadline: Callable[[float], None],
+        active_up: Callable[[], bool],
+        stop_active: Callable[[], None],
+        event: Callable[..., None],
+        changed: Callable[[], None],
+    ) -> None:
+        self.lease = lease
+        self.ledger = ledger
+        self.clock = clock
+        self.log = log
+        self._term = term
+        self._end_term = end_term
+        self._hold_peers = hold_peers
+        self._fence_margin = fence_margin
+        self._watchdog_deadline = watchdog_deadline
+        self._active_up = active_up
+        self._stop_active = stop_active
+        self._event = event
+        self._changed = changed
+        self._timer: asyncio.TimerHandle | None = None
+        self.fencing = False  # the services of a fence are still dying
+
+    def point(self) -> float:
+        """When this node must have stopped acting as active (``-inf``: it may not)."""
+        s = self.lease
+        point = s.fence_deadline
+        term = self._term()
+        if s.lease is not None and term is not None and self.ledger.epoch == term:
+            point = max(point, self.ledger.deadline(self._hold_peers(), s.fence_after))
+        return point
+
+    def valid(self, now: float) -> bool:
+        """May this node act as active now: its lease confirmed, or, while etcd cannot
+        be reached, every peer's promise not to campaign (``hold.py``)."""
+        return self.lease.lease is not None and now < self.point()
+
+    def may_run(self) -> bool:
+        """Checked right before any active-only service is spawned."""
+        return self._term() is not None and self.valid(self.clock())
+
+    def run_until(self) -> float:
+        """The fence point while this node holds its term and lease, else ``-inf``: an
+        active-only service forked now must not start its program after it."""
+        held = self._term() is not None and self.lease.lease is not None
+        return self.point() if held else -float("inf")
+
+    def lease_changed(self) -> None:
+        """The fence point may have moved: set the timer and the watchdog to it."""
+        deadline = self.point()
+        self.cancel()
+        self._watchdog_deadline(deadline + self._fence_margin() / 2)
+        if deadline > -float("inf"):
+            self._timer = asyncio.get_running_loop().call_later(
+                max(0.0, deadline - self.clock()), self.due
+            )
+        if self.lease.lease is None:
+            self.due()
+        self._changed()
+
+    def due(self) -> None:
+        if self.valid(self.clock()):
+            return
+        if self._term() is not None or self._active_up():
+            self.fence("lease not confirmed before the fence point")
+
+    def fence(self, reason: str) -> None:
+        was = self._end_term()
+        if was is None and self.fencing:
+            return  # the services of this fence are still dying: once is enough
+        self.fencing = True
+        self._stop_active()
+        self.log.warning("fenced", reason=reason, epoch=was)
+        self.log.bind(epoch=None)
+        self._event("fence", reason, epoch=was)
+        self._changed()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def settled(self) -> None:
+        """No active-only service runs any more: a later fence is one of its own."""
+        self.fencing = False

@@ -1,0 +1,163 @@
+"""The agent's side of holds (``hold.py``): asking the peers while etcd does not confirm
+the lease, taking in their promises, and giving its own.
+
+The bookkeeping is ``hold.py``'s, the datagrams the peer path's (``netwatch.py``); this
+module carries them between the two, and moves the fence point when a promise does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
+
+from shared.clock import Clock
+from shared.lease import Session
+from shared.log import EventLog
+from workshop_agent.decide import HandoverView
+from workshop_agent.fencing import Fencing
+from workshop_agent.hold import Ledger, Promise, Promises
+from workshop_agent.netwatch import NetWatch
+from workshop_agent.peer_wire import Hold, HoldReply, Release
+
+
+class Holding:
+    """``term`` gives the term this node holds now; ``active`` whether it acts as active
+    (a term, or an active-only service still up); ``stopped`` whether it is out of the
+    active role with every service and the database stopped; ``newest_epoch`` the newest
+    term seen in etcd; ``lease_ttl`` the pair's lease TTL; ``wake`` wakes the loop."""
+
+    def __init__(
+        self,
+        session: Session,
+        ledger: Ledger,
+        fencing: Fencing,
+        netwatch: NetWatch,
+        clock: Clock,
+        log: EventLog,
+        *,
+        term: Callable[[], int | None],
+        active: Callable[[], bool],
+        stopped: Callable[[], bool],
+        newest_epoch: Callable[[], int | None],
+        lease_ttl: Callable[[], float],
+        wake: Callable[[], None],
+        dirty: Callable[[], None],
+    ) -> None:
+        self.session = session
+        self.ledger = ledger  # as the active: the peers' promises during an etcd loss
+        self.promises = Promises()  # as a standby: those this node gave
+        self.fencing = fencing
+        self.netwatch = netwatch
+        self.clock = clock
+        self.log = log
+        self._term = term
+        self._active = active
+        self._stopped = stopped
+        self._newest_epoch = newest_epoch
+        self._lease_ttl = lease_ttl
+        self._wake = wake
+        self._dirty = dirty
+        self._campaigning = False
+        self._holding = False  # for logging changes only
+        self._held_by: str | None = None  # for logging changes only
+        self.promised_to: str | None = None  # the node this one promised not to campaign against
+
+    @contextlib.contextmanager
+    def campaigning(self) -> Iterator[None]:
+        """While a campaign is in flight, this node promises nothing."""
+        self._campaigning = True
+        try:
+            yield
+        finally:
+            self._campaigning = False
+
+    async def run(self) -> None:
+        """As the active, while etcd does not confirm the lease, ask the peers to hold."""
+        session = self.session
+        asking = False
+        asked_for: int | None = None  # the term the peers were asked to hold for
+        while True:
+            now = self.clock()
+            late = session.acked_send is not None and now - session.acked_send > 1.5 * (
+                session.interval
+            )
+            if asked_for is not None and self._stopped():
+                # Out of the active role with every service stopped: the peers need not
+                # wait out their promises before they may take over.
+                self.netwatch.send_release(asked_for)
+                self.log.info("peers released from their promises", epoch=asked_for)
+                asked_for = None
+            term = self._term()
+            if late and term is not None and session.lease is not None:
+                asked_for = term
+                sent = self.netwatch.send_hold(term, session.ttl)
+                if sent is not None:
+                    self.ledger.sent(term, *sent)
+                if not asking:
+                    self.log.warning(
+                        "etcd does not confirm the lease: asking the peers to hold",
+                        peer_path=sent is not None,
+                    )
+                asking = True
+            elif asking:
+                asking = False
+                self.ledger.clear()
+                self._holding = False
+                self.log.info(
+                    "etcd confirms the lease again: no longer asking the peers"
+                    if self._term() is not None
+                    else "no longer active: no longer asking the peers to hold"
+                )
+                self.fencing.lease_changed()
+            await asyncio.sleep(session.interval / 2)
+
+    def on_hold_reply(self, reply: HoldReply, now: float) -> None:
+        if self.ledger.answer(reply):
+            point = self.fencing.point()
+            holding = point > self.session.fence_deadline
+            if holding and not self._holding:
+                self.log.warning(
+                    "holding the pair on the peers' promises while etcd is unreachable",
+                    until_s=round(point - now, 3),
+                )
+            self._holding = holding
+            self.fencing.lease_changed()
+        elif not reply.promised:
+            self.log.warning("peer refused to hold", peer=reply.sender, reason=reply.reason)
+
+    def on_hold(self, hold: Hold, now: float) -> tuple[bool, str]:
+        busy = None
+        if self._active():
+            busy = "this node is active"
+        elif self._campaigning:
+            busy = "this node is campaigning"
+        promised, reason = self.promises.answer(
+            hold, now, ttl=self._lease_ttl(), busy=busy, newest_epoch=self._newest_epoch()
+        )
+        if promised:
+            self._wake()
+        return promised, reason
+
+    def on_release(self, release: Release) -> None:
+        self.promises.release(release.sender, release.epoch)
+        self._wake()
+
+    def binding(self, now: float, handover: HandoverView | None) -> Promise | None:
+        """The promise that forbids campaigning now, if any (a live handover record of
+        the node promised to ends that promise)."""
+        released = [(handover.from_node, handover.epoch)] if handover is not None else []
+        return self.promises.binding(now, released)
+
+    def held_by(self, now: float, handover: HandoverView | None) -> str | None:
+        """The peer that holds the pair on this node's promise, as the decision names it
+        (``None``: none does, this node may campaign)."""
+        promise = self.binding(now, handover)
+        held_by = None if promise is None else f"{promise.node} (epoch {promise.epoch})"
+        if held_by != self._held_by:
+            if held_by is not None:
+                self.log.warning("not campaigning: a peer holds the pair", holder=held_by)
+            self._held_by = held_by
+            self.promised_to = None if promise is None else promise.node
+            self._dirty()  # the status names the holder: nodes it does not know wait
+        return held_by
