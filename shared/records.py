@@ -272,8 +272,3 @@ def decode(model: type[R], raw: bytes, key: str) -> R:
         return model.model_validate(data)
     except ValidationError as err:
         raise RecordError(key, format_errors(err)) from None
-
-
-# The names these records had before, for importers not renamed yet (the agent's loop).
-Endpoint = EndpointRecord
-ServiceReport = ResourceReport

@@ -13,7 +13,7 @@ from shared.agent_process import local_pid_ns, start_ticks
 from shared.clock import Clock
 from shared.lease import Session
 from shared.log import EventLog
-from shared.records import Endpoint, NodeStatus, Role, ServiceReport, local_boot_id
+from shared.records import EndpointRecord, NodeStatus, ResourceReport, Role, local_boot_id
 from shared.store import Store, StoreError
 from shared.topology import Node, Pair
 from workshop_agent.database import Database
@@ -152,7 +152,7 @@ class Publisher:
         if state is None or pair is None or pair.network is None:
             return
         iso = pair.network.isolation_after_s
-        report = ServiceReport(
+        report = ResourceReport(
             service=AGENT_REPORT,
             resources={RESOURCE: state.resource(self._term() is not None, iso)},
         )
@@ -167,7 +167,7 @@ class Publisher:
         if epoch is not None:
             for spec in self.supervisor.running_with_endpoint():
                 assert spec.endpoint is not None
-                wanted[keys.endpoint(spec.name)] = Endpoint(
+                wanted[keys.endpoint(spec.name)] = EndpointRecord(
                     service=spec.name,
                     pair=pair.name,
                     node=self.me,
@@ -178,7 +178,7 @@ class Publisher:
                 ).encode()
         db = self.database
         if epoch is not None and db is not None and db.primary_epoch == epoch:
-            wanted[keys.endpoint(db.endpoint_name)] = Endpoint(
+            wanted[keys.endpoint(db.endpoint_name)] = EndpointRecord(
                 service=db.endpoint_name,
                 pair=pair.name,
                 node=self.me,

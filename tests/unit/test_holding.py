@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
-from test_fencing import FENCE_AFTER, FakeLease
 
 from shared.log import EventLog
+from tests.unit.test_fencing import FENCE_AFTER, FakeLease
 from workshop_agent.decide import HandoverView
 from workshop_agent.fencing import Fencing
 from workshop_agent.hold import Ledger
