@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,11 +292,20 @@ class Testbed:
         with contextlib.suppress(ProcessLookupError):
             self.cluster.signal(node, sig)
 
-    async def service_pid(self, pair: str, node: str) -> int | None:
-        st = await self.cluster.status(node)
-        svc = next((s for s in st.services if s.name == f"{pair}-svc"), None) if st else None
-        pid = svc.pid if svc is not None and svc.state == "running" else None
-        return pid if pid is not None and pid in self.lab[node].pids() else None
+    async def service_pid(self, pair: str, node: str, wait: float = 3.0) -> int | None:
+        """The PID of ``pair``'s service running on ``node``, by its status; the status
+        may name a run that just ended for a publish round, so it is read again for
+        ``wait`` seconds before None."""
+        deadline = time.monotonic() + wait
+        while True:
+            st = await self.cluster.status(node)
+            svc = next((s for s in st.services if s.name == f"{pair}-svc"), None) if st else None
+            pid = svc.pid if svc is not None and svc.state == "running" else None
+            if pid is not None and pid in self.lab[node].pids():
+                return pid
+            if time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(0.1)
 
     def postmaster_pid(self, pair: str, node: str) -> int | None:
         path = self.root / pair / node / "pg" / "postmaster.pid"
