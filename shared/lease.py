@@ -111,6 +111,12 @@ class Session:
                 if failing != str(err):
                     self.log.warning(f"{self.name} keepalive failed", error=str(err))
                 failing = str(err)
+            except Exception as err:
+                # Whatever went wrong, the lease must be renewed again next round: a
+                # session that ended would leave its holder fenced, and its keys gone,
+                # for good. Unconfirmed meanwhile, the fence point holds as always.
+                self.log.exception(f"{self.name} keepalive failed unexpectedly", err)
+                failing = repr(err)
             await asyncio.sleep(max(0.0, sent + self.interval - self.clock()))
 
     def _acked(self, sent: float) -> None:

@@ -114,3 +114,27 @@ async def test_a_lost_or_unanswered_lease_is_never_valid() -> None:
     assert s.valid(clock.now)
     await s.close()
     assert not s.valid(clock.now)
+
+
+class BrokenOnceStore(SlowStore):
+    """Its first keepalive fails with an error the store does not translate (a closed
+    gRPC channel, a library bug): the session must go on renewing, not end."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock, 0.01)
+        self.broken = True
+
+    async def keepalive(self, lease: int) -> float:
+        if self.broken:
+            self.broken = False
+            raise RuntimeError("channel closed under the call")
+        return await super().keepalive(lease)
+
+
+async def test_an_unexpected_error_does_not_end_the_lease_session() -> None:
+    clock = Clock(0.0)
+    store = BrokenOnceStore(clock)
+    s = session(clock, store)
+    await confirmed(s, times=2)  # granted, then confirmed again after the failure
+    assert not store.broken and len(store.sends) >= 2
+    assert s.acked_send == store.sends[-1]
