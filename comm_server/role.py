@@ -101,7 +101,7 @@ class PairRole:
         self.clock = clock  # of the fence: it must count a suspend (see shared/clock.py)
         self.pair, self.node, self.service = pair, node, service
         self.log = log
-        self.ttl, self.margin, self.refresh_s = ttl, margin, refresh_s
+        self.refresh_s = refresh_s
         self._parts = parts
         self._on_change = on_change
         self.leader_key = keys.leader(pair)
