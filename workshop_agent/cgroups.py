@@ -64,9 +64,14 @@ def populated(cgroup: Path) -> bool:
     return "populated 1" in text
 
 
-def signal_all(cgroup: Path, sig: int) -> None:
+def signal_all(cgroup: Path, sig: int, signalled_group: int | None = None) -> None:
+    """Send ``sig`` to every process in ``cgroup`` except the members of the process
+    group ``signalled_group`` (already signalled as a group): a second SIGTERM landing in
+    a service's handler for the first can hang it until the SIGKILL."""
     for pid in procs(cgroup):
         with contextlib.suppress(ProcessLookupError, PermissionError):
+            if signalled_group is not None and os.getpgid(pid) == signalled_group:
+                continue
             os.kill(pid, sig)
 
 

@@ -294,14 +294,16 @@ class Supervisor:
                 continue
             if r.task is not None:
                 r.task.cancel()
-            proc = r.proc
-            if proc is not None and proc.returncode is None:
-                _killpg(proc.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
-                loop.call_later(grace, _killpg, proc.pid, signal.SIGKILL)
+            signalled = None
+            if r.proc is not None and r.proc.returncode is None:
+                signalled = r.proc
+                _killpg(signalled.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
+                loop.call_later(grace, _killpg, signalled.pid, signal.SIGKILL)
             if r.cgroup is not None:
-                cgroups.signal_all(r.cgroup, signal.SIGTERM)
+                group = signalled.pid if signalled is not None else None
+                cgroups.signal_all(r.cgroup, signal.SIGTERM, signalled_group=group)
                 loop.call_later(grace, cgroups.kill, r.cgroup)
-            cleanup = asyncio.create_task(self._stop(r, grace))
+            cleanup = asyncio.create_task(self._stop(r, grace, signalled))
             self._cleanups.add(cleanup)
             cleanup.add_done_callback(self._cleanups.discard)
         for r in self.runners.values():
@@ -325,26 +327,33 @@ class Supervisor:
                 await self._activation
             self._activation = None
 
-    async def _stop(self, r: Runner, grace: float) -> None:
+    async def _stop(
+        self, r: Runner, grace: float, signalled: asyncio.subprocess.Process | None = None
+    ) -> None:
         if r.task is not None:
             r.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await r.task
             r.task = None
-        await self._terminate(r, grace)
+        await self._terminate(r, grace, signalled)
         r.state, r.detail = "stopped", None
         r.ready.set()
 
-    async def _terminate(self, r: Runner, grace: float) -> None:
+    async def _terminate(
+        self, r: Runner, grace: float, signalled: asyncio.subprocess.Process | None = None
+    ) -> None:
+        """Stop the run: SIGTERM (unless the fence already sent it to this very
+        process), SIGKILL after ``grace``, then whatever is left in its group and cgroup."""
         if r.spawning is not None:
             # A fork in flight finishes first, so its process is known and stopped too.
             await asyncio.wait([r.spawning])
             r.spawning = None
         proc, cgroup = r.proc, r.cgroup
         if proc is not None and proc.returncode is None:
-            _killpg(proc.pid, signal.SIGTERM)
-            if cgroup is not None:
-                cgroups.signal_all(cgroup, signal.SIGTERM)
+            if proc is not signalled:
+                _killpg(proc.pid, signal.SIGTERM)
+                if cgroup is not None:
+                    cgroups.signal_all(cgroup, signal.SIGTERM, signalled_group=proc.pid)
             try:
                 await asyncio.wait_for(asyncio.shield(proc.wait()), grace)
             except TimeoutError:

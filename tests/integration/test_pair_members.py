@@ -137,7 +137,7 @@ async def test_an_active_cut_off_before_etcd_has_its_new_member_set_needs_the_ol
     holder: c may campaign, so a must not hold the pair on b's promise alone. It fences
     at its lease's fence point, before its key can expire (the overlap check at the end
     proves no two runs met)."""
-    relay, spec, epoch = await a_behind_a_relay(cluster, ["a", "b", "c"], 55)
+    relay, spec, _ = await a_behind_a_relay(cluster, ["a", "b", "c"], 55)
     start_lagging(cluster, monkeypatch, "c", *STALE)
     await cluster.standby("c", timeout=20)
     relay.cut_at(keys.b(keys.members("p")))
@@ -154,7 +154,9 @@ async def test_an_active_cut_off_before_etcd_has_its_new_member_set_needs_the_ol
     await until(a_fenced, 10, "a fenced: c, still a member in etcd, never promised")
     assert "holding the pair on the peers' promises" not in cluster.log("a")
     await relay.heal()
-    await cluster.active("p", not_epoch=epoch, timeout=30)
+    # Healed before its lease expired, a may take its own key up again at the same
+    # epoch; otherwise b or c is elected. Either way the pair has one active again.
+    await cluster.active("p", timeout=30)
     await relay.cut()
 
 

@@ -209,3 +209,62 @@ async def test_without_cgroups_fencing_falls_back_to_the_process_group(
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(grandchild, signal.SIGKILL)
+
+
+def signals_reaching(monkeypatch: pytest.MonkeyPatch, cgroup: Path) -> list[int]:
+    """Record, for every SIGTERM sent, each process of ``cgroup`` it reached (a process
+    group's signal reaches every member of the group), then send it."""
+    reached: list[int] = []
+    kill, killpg = os.kill, os.killpg
+
+    def members(pgid: int) -> list[int]:
+        out = []
+        for pid in cgroups.procs(cgroup):
+            with contextlib.suppress(ProcessLookupError):
+                if os.getpgid(pid) == pgid:
+                    out.append(pid)
+        return out
+
+    def record_kill(pid: int, sig: int) -> None:
+        if sig == signal.SIGTERM:
+            reached.append(pid)
+        kill(pid, sig)
+
+    def record_killpg(pgid: int, sig: int) -> None:
+        if sig == signal.SIGTERM:
+            reached.extend(members(pgid))
+        killpg(pgid, sig)
+
+    monkeypatch.setattr(os, "kill", record_kill)
+    monkeypatch.setattr(os, "killpg", record_killpg)
+    return reached
+
+
+@pytest.mark.parametrize("stop", ["planned", "fence"])
+async def test_each_process_of_a_service_gets_one_sigterm(
+    supervisor: Supervisor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: str
+) -> None:
+    """A second SIGTERM can land while the service's handler for the first runs: a
+    handler that takes a lock (or is not reentrant) then hangs until the SIGKILL, and
+    the stop takes the whole grace. The process group's signal and the cgroup's reach
+    each process once between them."""
+    if supervisor.cgroups is None:
+        pytest.skip("no cgroup v2 here")
+    supervisor.activate(EPOCH)
+    grandchild = await escaped(tmp_path / "escaped.pid")
+    runner = supervisor.runners["esc"]
+    assert runner.proc is not None and runner.cgroup is not None
+    leader = runner.proc.pid
+    reached = signals_reaching(monkeypatch, runner.cgroup)
+    try:
+        if stop == "planned":
+            await supervisor.deactivate()
+        else:
+            supervisor.kill_active(5)
+            await until(lambda: gone(leader), 5, "the service ended on its SIGTERM")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(grandchild, signal.SIGKILL)
+    assert leader in reached and grandchild in reached
+    twice = sorted({pid for pid in reached if reached.count(pid) > 1})
+    assert not twice, f"sent SIGTERM more than once: {twice} (all: {reached})"
