@@ -35,9 +35,9 @@ from typing import Any
 
 from aiohttp import web
 
-from shared import keys
-from shared.records import Switchover
-from shared.store import Store
+from hapair.shared import keys
+from hapair.shared.records import Switchover
+from hapair.shared.store import Store
 from tests.support.cluster import Cluster, recording_service, until
 from tests.support.harness import PYTHON, Etcd, free_port, stop_pid
 from tests.support.site_records import FakeAgent, apply_site, publications
@@ -78,7 +78,7 @@ def start_registry(etcd_url: str, log: Path) -> tuple[subprocess.Popen[bytes], s
     out = log.open("wb")
     proc = subprocess.Popen(
         [
-            *(PYTHON, "-m", "registry.main", "--etcd", etcd_url),
+            *(PYTHON, "-m", "hapair.registry.main", "--etcd", etcd_url),
             *("--listen", f"127.0.0.1:{port}", "--log-level", "warning"),
         ],
         cwd=ROOT,

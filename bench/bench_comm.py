@@ -32,11 +32,11 @@ from typing import Any
 
 import yaml
 
-from comm_server.app import CommServer, Listen
-from comm_server.config import parse_config
-from comm_server.poller import PollStats
-from comm_server.role import StaticRole
-from shared.log import EventLog
+from hapair.comm_server.app import CommServer, Listen
+from hapair.comm_server.config import parse_config
+from hapair.comm_server.poller import PollStats
+from hapair.comm_server.role import StaticRole
+from hapair.shared.log import EventLog
 from tests.support.harness import PYTHON, free_port
 from tests.support.plc_sim import ModbusPlc
 
@@ -287,7 +287,7 @@ def startup_once(config: Path, i: int) -> float:
     """One start of a hapair-comm process: spawn -> a client reads the last tag."""
     port = free_port()
     url = f"opc.tcp://127.0.0.1:{port}/"
-    cmd = [PYTHON, "-m", "comm_server.main", "--config", str(config), "--standalone"]
+    cmd = [PYTHON, "-m", "hapair.comm_server.main", "--config", str(config), "--standalone"]
     started = time.monotonic()
     proc = subprocess.Popen(
         [*cmd, "--listen", f"127.0.0.1:{port}"],

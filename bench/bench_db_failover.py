@@ -21,8 +21,8 @@ from pathlib import Path
 
 import psycopg
 
-from shared import keys
-from shared.records import Switchover, SyncState, decode
+from hapair.shared import keys
+from hapair.shared.records import Switchover, SyncState, decode
 from tests.support.cluster import Cluster, until
 from tests.support.harness import Etcd
 from tests.support.pg_harness import (

@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from shared import keys
-from shared.records import Switchover
+from hapair.shared import keys
+from hapair.shared.records import Switchover
 from tests.support.cluster import Cluster, recording_service, until
 from tests.support.harness import Etcd, free_port
 

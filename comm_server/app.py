@@ -9,20 +9,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from comm_server.codec import Value
-from comm_server.config import CommConfig
-from comm_server.driver import Driver, WriteError
-from comm_server.level import service_level
-from comm_server.modbus import ModbusDriver
-from comm_server.opcua_plc import OpcUaDriver, OutOfRange, convert
-from comm_server.poller import PlcPoller, PollStats
-from comm_server.role import ReportParts
-from comm_server.space import OpcUaSpace, TagSpec, variant_type
-from comm_server.tags import TagState, TagTable
-from comm_server.uatypes import S
-from shared.log import EventLog
-from shared.plcs import ModbusPlc, ModbusTag
-from shared.records import Resource
+from hapair.comm_server.codec import Value
+from hapair.comm_server.config import CommConfig
+from hapair.comm_server.driver import Driver, WriteError
+from hapair.comm_server.level import service_level
+from hapair.comm_server.modbus import ModbusDriver
+from hapair.comm_server.opcua_plc import OpcUaDriver, OutOfRange, convert
+from hapair.comm_server.poller import PlcPoller, PollStats
+from hapair.comm_server.role import ReportParts
+from hapair.comm_server.space import OpcUaSpace, TagSpec, variant_type
+from hapair.comm_server.tags import TagState, TagTable
+from hapair.comm_server.uatypes import S
+from hapair.shared.log import EventLog
+from hapair.shared.plcs import ModbusPlc, ModbusTag
+from hapair.shared.records import Resource
 
 
 class Role(Protocol):

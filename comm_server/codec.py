@@ -13,7 +13,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from shared.plcs import ModbusTag
+from hapair.shared.plcs import ModbusTag
 
 _FORMAT = {
     "int16": "h",

@@ -1,7 +1,7 @@
 """The comm server's PLC list: the ``plcs:`` section, validated at the boundary.
 
 The list comes from the pair's topology or from a file given with ``--config``, which
-holds ``plcs:`` and nothing else; both use the models of :mod:`shared.plcs`. Every
+holds ``plcs:`` and nothing else; both use the models of :mod:`hapair.shared.plcs`. Every
 mistake is reported with its field path (``plcs[0].tags[3].address: ...``), the way
 the site file is, and an invalid file starts nothing.
 """
@@ -12,9 +12,9 @@ from pathlib import Path
 
 from pydantic import Field, ValidationError, model_validator
 
-from shared.model import StrictModel
-from shared.plcs import Plc, duplicate_names, plain_path
-from shared.validation import format_errors, parse_yaml, read_file
+from hapair.shared.model import StrictModel
+from hapair.shared.plcs import Plc, duplicate_names, plain_path
+from hapair.shared.validation import format_errors, parse_yaml, read_file
 
 
 class ConfigError(ValueError):

@@ -17,9 +17,9 @@ import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-from comm_server.codec import Value
-from comm_server.role import FENCE_MARGIN_S
-from comm_server.tags import TagTable
+from hapair.comm_server.codec import Value
+from hapair.comm_server.role import FENCE_MARGIN_S
+from hapair.comm_server.tags import TagTable
 
 UNACKED_LIMIT_S = FENCE_MARGIN_S / 2
 

@@ -23,14 +23,14 @@ import sys
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from comm_server.app import CommServer, Listen
-from comm_server.config import CommConfig, ConfigError, load
-from comm_server.role import PairRole, StaticRole
-from comm_server.source import PlcListError, TopologyPlcs, plcs_of
-from shared import keys
-from shared import log as logs
-from shared.log import EventLog
-from shared.store import Store, StoreError, parse_endpoints
+from hapair.comm_server.app import CommServer, Listen
+from hapair.comm_server.config import CommConfig, ConfigError, load
+from hapair.comm_server.role import PairRole, StaticRole
+from hapair.comm_server.source import PlcListError, TopologyPlcs, plcs_of
+from hapair.shared import keys
+from hapair.shared import log as logs
+from hapair.shared.log import EventLog
+from hapair.shared.store import Store, StoreError, parse_endpoints
 
 T = TypeVar("T")
 

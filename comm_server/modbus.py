@@ -31,7 +31,7 @@ from typing import Any
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException
 
-from comm_server.codec import (
+from hapair.comm_server.codec import (
     Block,
     EncodeError,
     Value,
@@ -41,10 +41,10 @@ from comm_server.codec import (
     registers_bytes,
     split_block,
 )
-from comm_server.driver import Driver, PathError, WriteError, bound_unacked
-from comm_server.tags import TagTable
-from comm_server.uatypes import S
-from shared.plcs import ModbusPlc
+from hapair.comm_server.driver import Driver, PathError, WriteError, bound_unacked
+from hapair.comm_server.tags import TagTable
+from hapair.comm_server.uatypes import S
+from hapair.shared.plcs import ModbusPlc
 
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # we log path changes ourselves
 
@@ -126,7 +126,7 @@ class ModbusDriver(Driver):
 
     def _connected(self, path: int, up: bool) -> None:
         """pymodbus's ``trace_connect``, called as the connection is made, before any
-        request can use it: bound its unacknowledged bytes (see ``comm_server.driver``);
+        request can use it: bound its unacknowledged bytes (see ``hapair.comm_server.driver``);
         a connection that cannot be bounded is dropped unused."""
         transport = self.clients[path].ctx.transport
         if not up:

@@ -15,7 +15,7 @@ from typing import Any
 
 from asyncua.server.address_space import AttributeValue, NodeData
 
-from comm_server.uatypes import ua
+from hapair.comm_server.uatypes import ua
 
 A = ua.AttributeIds
 V = ua.VariantType

@@ -21,11 +21,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from comm_server.codec import INTEGER_RANGE, Value
-from comm_server.driver import Driver, PathError, WriteError, bound_unacked
-from comm_server.tags import TagTable
-from comm_server.uatypes import Client, S, struct_from_binary, ua
-from shared.plcs import OpcUaPlc
+from hapair.comm_server.codec import INTEGER_RANGE, Value
+from hapair.comm_server.driver import Driver, PathError, WriteError, bound_unacked
+from hapair.comm_server.tags import TagTable
+from hapair.comm_server.uatypes import Client, S, struct_from_binary, ua
+from hapair.shared.plcs import OpcUaPlc
 
 VARIANT = {
     "bool": ua.VariantType.Boolean,

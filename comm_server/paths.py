@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from shared.plcs import PathHealth
+from hapair.shared.plcs import PathHealth
 
 
 @dataclass

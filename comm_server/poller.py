@@ -16,13 +16,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from comm_server.codec import Value
-from comm_server.driver import Driver, PathError, WriteError
-from comm_server.paths import PathSwitch
-from comm_server.tags import TagTable
-from comm_server.uatypes import S
-from shared.log import EventLog
-from shared.plcs import ModbusPlc, OpcUaPlc, PlcHealth
+from hapair.comm_server.codec import Value
+from hapair.comm_server.driver import Driver, PathError, WriteError
+from hapair.comm_server.paths import PathSwitch
+from hapair.comm_server.tags import TagTable
+from hapair.comm_server.uatypes import S
+from hapair.shared.log import EventLog
+from hapair.shared.plcs import ModbusPlc, OpcUaPlc, PlcHealth
 
 PlcConfig = ModbusPlc | OpcUaPlc
 

@@ -26,7 +26,7 @@ only if ``serving`` holds in the instant its request is handed to the socket (se
 drivers), so the margin covers nothing but the request's way through the network.
 
 The report (``/nodes/{node}/reports/{service}``, bound to the comm server's own lease)
-is a :class:`shared.records.ResourceReport` with one resource per PLC
+is a :class:`hapair.shared.records.ResourceReport` with one resource per PLC
 (``plc:{name}``: ``ok`` when this node reaches it) plus the comm server's own fields:
 role, serving, epoch and every PLC's path health.
 """
@@ -40,15 +40,15 @@ from collections.abc import Callable
 
 from pydantic import Field
 
-from comm_server.source import PairError, stored_pair
-from shared import keys
-from shared.clock import Clock, boottime
-from shared.lease import Session
-from shared.log import EventLog
-from shared.plcs import PlcHealth
-from shared.records import Leader, RecordError, Resource, ResourceReport, decode
-from shared.store import LeaseNotFound, Mirror, Store, StoreError
-from shared.txn import Compare, Op
+from hapair.comm_server.source import PairError, stored_pair
+from hapair.shared import keys
+from hapair.shared.clock import Clock, boottime
+from hapair.shared.lease import Session
+from hapair.shared.log import EventLog
+from hapair.shared.plcs import PlcHealth
+from hapair.shared.records import Leader, RecordError, Resource, ResourceReport, decode
+from hapair.shared.store import LeaseNotFound, Mirror, Store, StoreError
+from hapair.shared.txn import Compare, Op
 
 ReportParts = tuple[dict[str, Resource], dict[str, PlcHealth]]
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from comm_server.config import CommConfig
-from shared import keys
-from shared.log import EventLog
-from shared.records import RecordError, TopologyDoc, decode
-from shared.store import Change, Mirror, Store
-from shared.topology import Pair, TopologyError, parse_site
+from hapair.comm_server.config import CommConfig
+from hapair.shared import keys
+from hapair.shared.log import EventLog
+from hapair.shared.records import RecordError, TopologyDoc, decode
+from hapair.shared.store import Change, Mirror, Store
+from hapair.shared.topology import Pair, TopologyError, parse_site
 
 WAIT_WARNING_S = 2.0
 

@@ -26,11 +26,11 @@ from typing import Any
 from asyncua.server.address_space import AttributeService
 from asyncua.ua.uatypes import DataValue
 
-from comm_server.nodes import NodeBuilder
-from comm_server.opcua_plc import VARIANT
-from comm_server.tags import Quality, TagState
-from comm_server.uatypes import Server, ua
-from shared.log import EventLog
+from hapair.comm_server.nodes import NodeBuilder
+from hapair.comm_server.opcua_plc import VARIANT
+from hapair.comm_server.tags import Quality, TagState
+from hapair.comm_server.uatypes import Server, ua
+from hapair.shared.log import EventLog
 
 NAMESPACE = "urn:hapair:comm"
 SERVICE_LEVEL = ua.NodeId(ua.ObjectIds.Server_ServiceLevel)

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from enum import StrEnum
 
-from comm_server.codec import Value
-from comm_server.uatypes import S
+from hapair.comm_server.codec import Value
+from hapair.comm_server.uatypes import S
 
 STALE_STATUS = S.UncertainNoCommunicationLastUsableValue
 

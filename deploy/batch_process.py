@@ -3,7 +3,7 @@
 Each batch runs ``--steps`` steps. Step *n* sets the setpoint of a temperature loop in
 a PLC (a simulated one here), waits for the measured value to settle, and commits, in
 one transaction of the pair's PostgreSQL, a row in its own table ``batch_step`` with
-the step's result and the marker of the next step (:mod:`shared.process_context`).
+the step's result and the marker of the next step (:mod:`hapair.shared.process_context`).
 Started again anywhere (after a crash, on the new active after the operator's ack), it
 goes on at the step after the last committed one. Run it as a pair service with
 ``hold_until_ack: true``::
@@ -38,10 +38,10 @@ from typing import Any, Protocol
 
 import psycopg
 
-from shared import log as logsetup
-from shared.client import ClientError, PgAdapter, Resolver
-from shared.log import EventLog
-from shared.process_context import ProcessContext, StaleEpoch, StepOutOfOrder
+from hapair.shared import log as logsetup
+from hapair.shared.client import ClientError, PgAdapter, Resolver
+from hapair.shared.log import EventLog
+from hapair.shared.process_context import ProcessContext, StaleEpoch, StepOutOfOrder
 
 EXIT_STALE = 3
 SETPOINT, MEASURED = "TIC101.SP", "TIC101.PV"

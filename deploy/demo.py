@@ -409,8 +409,8 @@ class Demo:
         import yaml
         from demo_scenario import localise
 
-        from shared.topology import TopologyError, parse_site
-        from shared.validation import parse_yaml
+        from hapair.shared.topology import TopologyError, parse_site
+        from hapair.shared.validation import parse_yaml
 
         path = self.tmp / "site.yaml"
         try:
@@ -666,7 +666,7 @@ class Demo:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from shared.topology import TopologyError, load
+    from hapair.shared.topology import TopologyError, load
 
     class QuietOnClose(Console):
         """The reader of our output is gone (``make demo | tee``, then Ctrl-C): stop

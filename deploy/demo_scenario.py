@@ -30,8 +30,8 @@ import psycopg
 from demo_view import State
 from psycopg.conninfo import make_conninfo
 
-from shared.process_context import Resume, read_context
-from shared.topology import Pair, Service, Site
+from hapair.shared.process_context import Resume, read_context
+from hapair.shared.topology import Pair, Service, Site
 
 Say = Callable[[str], None]
 
@@ -41,8 +41,8 @@ Say = Callable[[str], None]
 
 def postgres_problem(os_user: str) -> str | None:
     """Why this machine cannot run the demo's PostgreSQL, or None."""
-    from workshop_agent.pg.errors import PgError
-    from workshop_agent.pg.proc import find_bin_dir
+    from hapair.workshop_agent.pg.errors import PgError
+    from hapair.workshop_agent.pg.proc import find_bin_dir
 
     try:
         find_bin_dir()

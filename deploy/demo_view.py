@@ -101,7 +101,7 @@ def probe(record: dict[str, Any]) -> str | None:
 
 
 def read_state(etcd_url: str, registry_url: str, services: list[str]) -> State:
-    from shared import keys
+    from hapair.shared import keys
 
     state = State()
     try:

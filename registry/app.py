@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from registry.appkeys import CACHE, CONFIG, READERS, STORE, Readers, RegistryConfig
-from registry.cache import SiteCache
-from registry.errors import domain_errors
-from registry.routes import routes
-from registry.stream import events
-from shared.admin import prune_events
-from shared.store import Store, StoreError, bounded
+from hapair.registry.appkeys import CACHE, CONFIG, READERS, STORE, Readers, RegistryConfig
+from hapair.registry.cache import SiteCache
+from hapair.registry.errors import domain_errors
+from hapair.registry.routes import routes
+from hapair.registry.stream import events
+from hapair.shared.admin import prune_events
+from hapair.shared.store import Store, StoreError, bounded
 
 
 def create_app(

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from registry.cache import SiteCache
-from shared.store import Store
+from hapair.registry.cache import SiteCache
+from hapair.shared.store import Store
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,10 +25,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from shared import keys
-from shared.log import EventLog
-from shared.store import Change, Mirror, Store, StoreError
-from shared.view import RECENT_EVENTS, Lookup, SiteView
+from hapair.shared import keys
+from hapair.shared.log import EventLog
+from hapair.shared.store import Change, Mirror, Store, StoreError
+from hapair.shared.view import RECENT_EVENTS, Lookup, SiteView
 
 STREAM_BACKLOG = 1024
 """Messages a slow event-stream client may have queued before it is cut off."""

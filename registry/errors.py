@@ -8,10 +8,10 @@ from typing import TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from shared.admin import AdminError
-from shared.log import EventLog
-from shared.store import StoreError
-from shared.topology import format_errors
+from hapair.shared.admin import AdminError
+from hapair.shared.log import EventLog
+from hapair.shared.store import StoreError
+from hapair.shared.topology import format_errors
 
 log = EventLog("hapair.registry")
 

@@ -12,11 +12,11 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from registry.app import create_app
-from registry.appkeys import RegistryConfig
-from registry.settings import RegistrySettings
-from shared import log as logs
-from shared.topology import format_errors
+from hapair.registry.app import create_app
+from hapair.registry.appkeys import RegistryConfig
+from hapair.registry.settings import RegistrySettings
+from hapair.shared import log as logs
+from hapair.shared.topology import format_errors
 
 log = logs.EventLog("hapair.registry")
 

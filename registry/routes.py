@@ -1,4 +1,4 @@
-"""HTTP routes: thin handlers over the cache (reads) and shared.admin (writes)."""
+"""HTTP routes: thin handlers over the cache (reads) and hapair.shared.admin (writes)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from registry.appkeys import CACHE, CONFIG, STORE
-from registry.cache import encode
-from registry.errors import BadRequest, Unauthorized, validate
-from registry.stream import busy, reader_slot
-from shared import admin
-from shared.topology import Name
+from hapair.registry.appkeys import CACHE, CONFIG, STORE
+from hapair.registry.cache import encode
+from hapair.registry.errors import BadRequest, Unauthorized, validate
+from hapair.registry.stream import busy, reader_slot
+from hapair.shared import admin
+from hapair.shared.topology import Name
 
 MAX_WAIT_S = 300.0
 JSON = "application/json"

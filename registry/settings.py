@@ -7,7 +7,7 @@ import re
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.store import parse_endpoints
+from hapair.shared.store import parse_endpoints
 
 
 class RegistrySettings(BaseSettings):

@@ -29,9 +29,9 @@ from typing import Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from registry.appkeys import CACHE, CONFIG, READERS
-from registry.errors import error, validate
-from shared.log import EventLog
+from hapair.registry.appkeys import CACHE, CONFIG, READERS
+from hapair.registry.errors import error, validate
+from hapair.shared.log import EventLog
 
 RETRY_AFTER_S = 2
 """What a refused reader is told to wait before it asks again (here or elsewhere)."""

@@ -13,11 +13,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from shared import keys, records
-from shared.store import Store
-from shared.topology import Pair, Site
-from shared.txn import Compare, Op
-from shared.view import SiteView
+from hapair.shared import keys, records
+from hapair.shared.store import Store
+from hapair.shared.topology import Pair, Site
+from hapair.shared.txn import Compare, Op
+from hapair.shared.view import SiteView
 
 # A request the active never consumed (it died first) must not block the next one.
 PENDING_STALE_S = 30.0

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.records import NodeStatus, local_boot_id
+from hapair.shared.records import NodeStatus, local_boot_id
 
 
 def _cmdline(pid: int) -> list[str]:

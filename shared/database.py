@@ -28,8 +28,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from shared.model import StrictModel
-from shared.validation import TopologyError, expand, format_errors, placeholders_in
+from hapair.shared.model import StrictModel
+from hapair.shared.validation import TopologyError, expand, format_errors, placeholders_in
 
 DATA_DIR_PLACEHOLDERS = frozenset({"pair.name", "node.name", "node.address"})
 RoleName = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]{0,62}$")]

@@ -2,7 +2,7 @@
 
 Every key hapair reads or writes lives under ``/hapair/v1``; the functions below are
 the only place that spells a key, so a reader can see the whole layout at a glance.
-Keys are ``str`` here; the store (and :mod:`shared.txn`) encode them for the wire.
+Keys are ``str`` here; the store (and :mod:`hapair.shared.txn`) encode them for the wire.
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from shared.clock import Clock, boottime
-from shared.log import EventLog
-from shared.store import Store, StoreError
+from hapair.shared.clock import Clock, boottime
+from hapair.shared.log import EventLog
+from hapair.shared.store import Store, StoreError
 
 
 class Session:

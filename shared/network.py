@@ -1,6 +1,6 @@
 """The ``network:`` section of a pair: what a healthy node of that workshop must reach.
 
-Used by the site file (``shared.topology``) and by the agent's probes."""
+Used by the site file (``hapair.shared.topology``) and by the agent's probes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
-from shared.model import StrictModel
+from hapair.shared.model import StrictModel
 
 # Probe intervals without an answer before a peer is "not visible" or a target "lost":
 # one lost datagram is noise, three in a row are a fault.

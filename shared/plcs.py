@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from shared.model import LenientModel, StrictModel
+from hapair.shared.model import LenientModel, StrictModel
 
 # The site's name rule (shared.topology.NAME_PATTERN; repeated here because the site
 # models import this module). PLC names make up node ids ``{plc}.{tag}``, so they
@@ -276,7 +276,7 @@ _UNION_TAG = re.compile(r"(plcs\[\d+\])\.(?:modbus|opcua)(?=[.\[]|$)")
 
 def plain_path(problem: str) -> str:
     """``...plcs[0].modbus.tags[1]: msg`` -> ``...plcs[0].tags[1]: msg`` (a problem
-    line of :func:`shared.validation.format_errors`; the message is left alone)."""
+    line of :func:`hapair.shared.validation.format_errors`; the message is left alone)."""
     path, sep, message = problem.partition(": ")
     return _UNION_TAG.sub(r"\1", path) + sep + message
 

@@ -50,8 +50,8 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from pydantic import Field
 
-from shared.client.pg import PgAdapter
-from shared.model import LenientModel
+from hapair.shared.client.pg import PgAdapter
+from hapair.shared.model import LenientModel
 
 if TYPE_CHECKING:
     from psycopg.abc import Params, QueryNoTemplate

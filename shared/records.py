@@ -15,8 +15,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import Field, ValidationError
 
-from shared.model import LenientModel
-from shared.topology import Name, format_errors
+from hapair.shared.model import LenientModel
+from hapair.shared.topology import Name, format_errors
 
 Role = Literal["active", "standby", "starting", "stopping", "fenced", "idle"]
 ServiceState = Literal[
@@ -59,8 +59,8 @@ class Leader(Record):
 
 class EndpointRecord(Record):
     """``/endpoints/{service}``: where the active of ``epoch`` serves ``service``, bound
-    to its lease (the site file's declaration is :class:`shared.topology.EndpointSpec`,
-    a client's view :class:`shared.client.Endpoint`)."""
+    to its lease (the site file's declaration is :class:`hapair.shared.topology.EndpointSpec`,
+    a client's view :class:`hapair.shared.client.Endpoint`)."""
 
     service: str
     pair: Name
@@ -207,7 +207,7 @@ class SyncState(Record):
 
 class HeldContext(Record):
     """Where a held service's process would resume: its committed context
-    (``shared.process_context``) as the new active read it from its own primary.
+    (``hapair.shared.process_context``) as the new active read it from its own primary.
     ``step`` None with no ``error``: the process never committed a step."""
 
     process: str

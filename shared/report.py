@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.model import LenientModel
-from shared.plcs import PathHealth
+from hapair.shared.model import LenientModel
+from hapair.shared.plcs import PathHealth
 
 
 class Note(LenientModel):

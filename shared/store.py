@@ -23,8 +23,8 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import aetcd
 from aetcd import exceptions, rpc, watcher
 
-from shared.log import EventLog
-from shared.txn import Compare, Op, TxnResult, txn_request
+from hapair.shared.log import EventLog
+from hapair.shared.txn import Compare, Op, TxnResult, txn_request
 
 log = EventLog("hapair.store")
 T = TypeVar("T")

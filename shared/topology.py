@@ -20,18 +20,18 @@ from pydantic import (
     model_validator,
 )
 
-from shared.database import DatabaseConfig
-from shared.model import StrictModel
-from shared.network import Network
-from shared.plcs import Plc, plain_path
+from hapair.shared.database import DatabaseConfig
+from hapair.shared.model import StrictModel
+from hapair.shared.network import Network
+from hapair.shared.plcs import Plc, plain_path
 
 # Re-exported: the site file's callers find them here.
-from shared.validation import TopologyError as TopologyError
-from shared.validation import expand as expand
-from shared.validation import format_errors as format_errors
-from shared.validation import parse_yaml, read_file
-from shared.validation import placeholders_in as placeholders_in
-from shared.vip import Vip
+from hapair.shared.validation import TopologyError as TopologyError
+from hapair.shared.validation import expand as expand
+from hapair.shared.validation import format_errors as format_errors
+from hapair.shared.validation import parse_yaml, read_file
+from hapair.shared.validation import placeholders_in as placeholders_in
+from hapair.shared.vip import Vip
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -168,7 +168,7 @@ class Service(StrictModel):
     hold_until_ack: bool = False
     auto_ack_after_s: float | None = Field(None, gt=0.0)
     process: Name | None = None
-    """The process context (``shared.process_context``) the service drives, shown to the
+    """The process context (``hapair.shared.process_context``) the service drives, shown to the
     operator while it is held; None: the service's name."""
 
     @model_validator(mode="after")

@@ -2,7 +2,7 @@
 
 A transaction applies its ``success`` operations if every :class:`Compare` holds, its
 ``failure`` operations otherwise, all at one revision. Keys are the ``str`` that
-:mod:`shared.keys` spells and values are bytes; only :func:`txn_request` turns them into
+:mod:`hapair.shared.keys` spells and values are bytes; only :func:`txn_request` turns them into
 etcd's messages, so no caller handles the wire form.
 
 In etcd a key that does not exist has create, mod revision and version 0, and its value

@@ -16,9 +16,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from shared import keys, records
-from shared.plcs import PlcReports
-from shared.report import (
+from hapair.shared import keys, records
+from hapair.shared.plcs import PlcReports
+from hapair.shared.report import (
     DatabaseReport,
     EndpointReport,
     EventReport,
@@ -34,8 +34,8 @@ from shared.report import (
     TopologyInfo,
     WorkshopReport,
 )
-from shared.store import Kv
-from shared.topology import Node, Pair, Site, TopologyError, format_errors, parse_site
+from hapair.shared.store import Kv
+from hapair.shared.topology import Node, Pair, Site, TopologyError, format_errors, parse_site
 
 RECENT_EVENTS = 50
 

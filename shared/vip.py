@@ -6,7 +6,7 @@ Shape in the site file::
       address: 10.0.0.100/24     # IPv4 address with its prefix length
       interface: eth0            # the interface it is added to on every node of the pair
 
-Used by the site file (``shared.topology``) and by the agent (``workshop_agent.vip``).
+Used by the site file (``hapair.shared.topology``) and by the agent (``hapair.workshop_agent.vip``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import re
 
 from pydantic import Field, field_validator
 
-from shared.model import StrictModel
+from hapair.shared.model import StrictModel
 
 # Linux interface names: at most 15 bytes (IFNAMSIZ - 1), no slash, no blank, no colon
 # (``eth0:1`` is an address label, not an interface).

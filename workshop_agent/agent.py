@@ -20,35 +20,35 @@ import os
 import signal
 import time
 
-from shared import keys
-from shared.clock import boottime
-from shared.lease import Session
-from shared.log import EventLog
-from shared.records import Event, Leader, Members
-from shared.store import Kv, Mirror, Store, StoreError
-from shared.topology import Failover, Node, Pair
-from workshop_agent import database_care
-from workshop_agent import decide as d
-from workshop_agent.claim import AgentError, NodeClaim, lock_state_dir
-from workshop_agent.database import Database
-from workshop_agent.database_care import DatabaseCare
-from workshop_agent.election import Election
-from workshop_agent.fencing import Fencing
-from workshop_agent.hold import Ledger
-from workshop_agent.holding import Holding
-from workshop_agent.members import MemberSets
-from workshop_agent.netwatch import NetWatch
-from workshop_agent.node_lock import unlock
-from workshop_agent.observe import PairObserver, PairState
-from workshop_agent.publisher import Publisher
-from workshop_agent.recovery_steps import RecoverySteps
-from workshop_agent.settings import AgentSettings
-from workshop_agent.step_down import StepDowns
-from workshop_agent.supervisor import Supervisor
-from workshop_agent.tasks import Tasks
-from workshop_agent.topology_view import TopologyView
-from workshop_agent.vip import VipKeeper
-from workshop_agent.watchdog import WatchdogLink
+from hapair.shared import keys
+from hapair.shared.clock import boottime
+from hapair.shared.lease import Session
+from hapair.shared.log import EventLog
+from hapair.shared.records import Event, Leader, Members
+from hapair.shared.store import Kv, Mirror, Store, StoreError
+from hapair.shared.topology import Failover, Node, Pair
+from hapair.workshop_agent import database_care
+from hapair.workshop_agent import decide as d
+from hapair.workshop_agent.claim import AgentError, NodeClaim, lock_state_dir
+from hapair.workshop_agent.database import Database
+from hapair.workshop_agent.database_care import DatabaseCare
+from hapair.workshop_agent.election import Election
+from hapair.workshop_agent.fencing import Fencing
+from hapair.workshop_agent.hold import Ledger
+from hapair.workshop_agent.holding import Holding
+from hapair.workshop_agent.members import MemberSets
+from hapair.workshop_agent.netwatch import NetWatch
+from hapair.workshop_agent.node_lock import unlock
+from hapair.workshop_agent.observe import PairObserver, PairState
+from hapair.workshop_agent.publisher import Publisher
+from hapair.workshop_agent.recovery_steps import RecoverySteps
+from hapair.workshop_agent.settings import AgentSettings
+from hapair.workshop_agent.step_down import StepDowns
+from hapair.workshop_agent.supervisor import Supervisor
+from hapair.workshop_agent.tasks import Tasks
+from hapair.workshop_agent.topology_view import TopologyView
+from hapair.workshop_agent.vip import VipKeeper
+from hapair.workshop_agent.watchdog import WatchdogLink
 
 __all__ = ["Agent", "AgentError"]  # AgentError: what main reports of a refused run
 

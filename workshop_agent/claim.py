@@ -13,15 +13,15 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from shared import keys
-from shared.agent_process import runs_here
-from shared.clock import Clock
-from shared.log import EventLog
-from shared.records import NodeStatus, RecordError, decode
-from shared.store import Mirror, Store, StoreError
-from shared.topology import Pair
-from workshop_agent.election import Election
-from workshop_agent.node_lock import NodeLocked, lock_node, machine_lock, unlock
+from hapair.shared import keys
+from hapair.shared.agent_process import runs_here
+from hapair.shared.clock import Clock
+from hapair.shared.log import EventLog
+from hapair.shared.records import NodeStatus, RecordError, decode
+from hapair.shared.store import Mirror, Store, StoreError
+from hapair.shared.topology import Pair
+from hapair.workshop_agent.election import Election
+from hapair.workshop_agent.node_lock import NodeLocked, lock_node, machine_lock, unlock
 
 ETCD_RETRY_S = 0.5
 

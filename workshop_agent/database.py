@@ -25,17 +25,17 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 
-from shared import keys
-from shared.database import DatabaseConfig
-from shared.log import EventLog
-from shared.records import SyncState
-from shared.store import StoreError
-from shared.topology import Node, Pair
-from workshop_agent.election import Election
-from workshop_agent.pg import hooks
-from workshop_agent.pg.errors import PgError, SecretError
-from workshop_agent.pg.manager import PgManager
-from workshop_agent.pg.status import PgStatus
+from hapair.shared import keys
+from hapair.shared.database import DatabaseConfig
+from hapair.shared.log import EventLog
+from hapair.shared.records import SyncState
+from hapair.shared.store import StoreError
+from hapair.shared.topology import Node, Pair
+from hapair.workshop_agent.election import Election
+from hapair.workshop_agent.pg import hooks
+from hapair.workshop_agent.pg.errors import PgError, SecretError
+from hapair.workshop_agent.pg.manager import PgManager
+from hapair.workshop_agent.pg.status import PgStatus
 
 FAILURES_BEFORE_RESIGN = 3
 # Test hook, off unless set in the agent's environment: the agent stops itself (SIGSTOP)

@@ -14,17 +14,17 @@ import contextlib
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
-from shared import keys
-from shared.log import EventLog
-from shared.records import NodeStatus, RecordError, SyncState, decode
-from shared.store import Kv, StoreError
-from shared.topology import Pair
-from workshop_agent.database import Database, eligible
-from workshop_agent.observe import PairState
-from workshop_agent.pg.errors import PgError
-from workshop_agent.pg.status import parse_lsn
-from workshop_agent.supervisor import Supervisor
-from workshop_agent.watchdog import WatchdogLink
+from hapair.shared import keys
+from hapair.shared.log import EventLog
+from hapair.shared.records import NodeStatus, RecordError, SyncState, decode
+from hapair.shared.store import Kv, StoreError
+from hapair.shared.topology import Pair
+from hapair.workshop_agent.database import Database, eligible
+from hapair.workshop_agent.observe import PairState
+from hapair.workshop_agent.pg.errors import PgError
+from hapair.workshop_agent.pg.status import parse_lsn
+from hapair.workshop_agent.supervisor import Supervisor
+from hapair.workshop_agent.watchdog import WatchdogLink
 
 ROUND_S = 0.5
 

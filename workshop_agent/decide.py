@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from shared.topology import Pair
+from hapair.shared.topology import Pair
 
 # ---- what the agent observes ------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """The pair election, shaped like etcd's own concurrency API (the lease it rides on is
-:class:`shared.lease.Session`).
+:class:`hapair.shared.lease.Session`).
 
 :class:`Election` holds every write that changes who is active. Each is one etcd
 transaction guarded by the leader key's create_revision (the epoch), so a stale agent
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from shared import keys
-from shared.records import HandoverRecord, Leader, Members
-from shared.store import Store
-from shared.txn import Compare, Op
+from hapair.shared import keys
+from hapair.shared.records import HandoverRecord, Leader, Members
+from hapair.shared.store import Store
+from hapair.shared.txn import Compare, Op
 
 
 class Election:

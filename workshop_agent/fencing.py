@@ -13,9 +13,9 @@ import asyncio
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from shared.clock import Clock
-from shared.log import EventLog
-from workshop_agent.hold import Ledger
+from hapair.shared.clock import Clock
+from hapair.shared.log import EventLog
+from hapair.workshop_agent.hold import Ledger
 
 
 class Lease(Protocol):

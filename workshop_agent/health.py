@@ -10,7 +10,7 @@ import contextlib
 
 import aiohttp
 
-from shared.topology import Health, expand
+from hapair.shared.topology import Health, expand
 
 
 async def probe(

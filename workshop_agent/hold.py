@@ -45,7 +45,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from workshop_agent.peer_wire import Hold, HoldReply
+from hapair.workshop_agent.peer_wire import Hold, HoldReply
 
 KEEP_SENT = 64  # the holds whose promise may still arrive (a few TTLs' worth)
 

@@ -11,14 +11,14 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Iterator
 
-from shared.clock import Clock
-from shared.lease import Session
-from shared.log import EventLog
-from workshop_agent.decide import HandoverView
-from workshop_agent.fencing import Fencing
-from workshop_agent.hold import Ledger, Promise, Promises
-from workshop_agent.netwatch import NetWatch
-from workshop_agent.peer_wire import Hold, HoldReply, Release
+from hapair.shared.clock import Clock
+from hapair.shared.lease import Session
+from hapair.shared.log import EventLog
+from hapair.workshop_agent.decide import HandoverView
+from hapair.workshop_agent.fencing import Fencing
+from hapair.workshop_agent.hold import Ledger, Promise, Promises
+from hapair.workshop_agent.netwatch import NetWatch
+from hapair.workshop_agent.peer_wire import Hold, HoldReply, Release
 
 
 class Holding:

@@ -8,10 +8,10 @@ import sys
 
 from pydantic import ValidationError
 
-from shared.log import setup
-from shared.topology import format_errors
-from workshop_agent.agent import Agent, AgentError
-from workshop_agent.settings import AgentSettings
+from hapair.shared.log import setup
+from hapair.shared.topology import format_errors
+from hapair.workshop_agent.agent import Agent, AgentError
+from hapair.workshop_agent.settings import AgentSettings
 
 
 def parse_args(argv: list[str] | None) -> dict[str, str]:

@@ -11,12 +11,12 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from shared import keys
-from shared.log import EventLog
-from shared.store import Kv, Mirror, StoreError
-from shared.topology import Pair
-from workshop_agent.election import Election
-from workshop_agent.observe import PairObserver
+from hapair.shared import keys
+from hapair.shared.log import EventLog
+from hapair.shared.store import Kv, Mirror, StoreError
+from hapair.shared.topology import Pair
+from hapair.workshop_agent.election import Election
+from hapair.workshop_agent.observe import PairObserver
 
 RETRY_S = 0.1  # after a failed write, before the next round may send it again
 

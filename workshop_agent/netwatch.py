@@ -13,11 +13,11 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shared.log import EventLog
-from shared.records import Resource
-from shared.topology import Node, Pair
-from workshop_agent.peer_wire import Hold, HoldReply, Release
-from workshop_agent.probes import NetworkProbes, NetworkSummary, ProbeError
+from hapair.shared.log import EventLog
+from hapair.shared.records import Resource
+from hapair.shared.topology import Node, Pair
+from hapair.workshop_agent.peer_wire import Hold, HoldReply, Release
+from hapair.workshop_agent.probes import NetworkProbes, NetworkSummary, ProbeError
 
 RESOURCE = "network"
 

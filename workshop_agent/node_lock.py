@@ -5,7 +5,7 @@ waits while a previous run's watchdog still kills its services), and a lock in a
 directory of the machine named after the etcd cluster and the node, so that a second
 agent with another state directory (a hand start next to the systemd unit) is refused
 too. Beyond the machine's locks, the node's live status in etcd names its agent's boot,
-PID namespace, PID and start time (``shared.agent_process``): the agent checks it at
+PID namespace, PID and start time (``hapair.shared.agent_process``): the agent checks it at
 start and before taking back a leader key of this node.
 """
 
@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from workshop_agent.settings import default_state_dir
+from hapair.workshop_agent.settings import default_state_dir
 
 WAIT_S = 5.0  # a previous run's watchdog may still be killing its services
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from shared import keys
-from shared.log import EventLog
-from shared.records import (
+from hapair.shared import keys
+from hapair.shared.log import EventLog
+from hapair.shared.records import (
     HandoverRecord,
     Leader,
     Members,
@@ -24,9 +24,9 @@ from shared.records import (
     Takeover,
     decode,
 )
-from shared.store import Kv
-from shared.topology import Pair
-from workshop_agent.decide import HandoverView, LeaderView, Lost, PeerView, SwitchoverView
+from hapair.shared.store import Kv
+from hapair.shared.topology import Pair
+from hapair.workshop_agent.decide import HandoverView, LeaderView, Lost, PeerView, SwitchoverView
 
 INVALID = "<invalid value>"
 

@@ -29,9 +29,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from shared.clock import boottime
-from shared.network import MAX_TIMEOUT_S, Network, Target
-from workshop_agent.peer_wire import (
+from hapair.shared.clock import boottime
+from hapair.shared.network import MAX_TIMEOUT_S, Network, Target
+from hapair.workshop_agent.peer_wire import (
     Hold,
     HoldReply,
     Message,

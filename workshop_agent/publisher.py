@@ -8,18 +8,18 @@ import contextlib
 import os
 from collections.abc import Callable, Iterable
 
-from shared import keys
-from shared.agent_process import local_pid_ns, start_ticks
-from shared.clock import Clock
-from shared.lease import Session
-from shared.log import EventLog
-from shared.records import EndpointRecord, NodeStatus, ResourceReport, Role, local_boot_id
-from shared.store import Store, StoreError
-from shared.topology import Node, Pair
-from workshop_agent.database import Database
-from workshop_agent.election import Election
-from workshop_agent.netwatch import RESOURCE, NetWatch
-from workshop_agent.supervisor import Supervisor
+from hapair.shared import keys
+from hapair.shared.agent_process import local_pid_ns, start_ticks
+from hapair.shared.clock import Clock
+from hapair.shared.lease import Session
+from hapair.shared.log import EventLog
+from hapair.shared.records import EndpointRecord, NodeStatus, ResourceReport, Role, local_boot_id
+from hapair.shared.store import Store, StoreError
+from hapair.shared.topology import Node, Pair
+from hapair.workshop_agent.database import Database
+from hapair.workshop_agent.election import Election
+from hapair.workshop_agent.netwatch import RESOURCE, NetWatch
+from hapair.workshop_agent.supervisor import Supervisor
 
 RETRY_S = 0.1
 AGENT_REPORT = "hapair-agent"

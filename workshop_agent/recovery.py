@@ -16,15 +16,15 @@ from collections.abc import Iterable, Mapping
 
 import psycopg
 
-from shared import keys
-from shared.process_context import Resume, read_context
-from shared.records import HeldContext, RecordError, Recovery, decode
-from shared.store import Store
-from shared.topology import Pair
-from shared.txn import Compare, Op
-from workshop_agent.pg import query as q
-from workshop_agent.pg.errors import PgError
-from workshop_agent.pg.manager import PgManager
+from hapair.shared import keys
+from hapair.shared.process_context import Resume, read_context
+from hapair.shared.records import HeldContext, RecordError, Recovery, decode
+from hapair.shared.store import Store
+from hapair.shared.topology import Pair
+from hapair.shared.txn import Compare, Op
+from hapair.workshop_agent.pg import query as q
+from hapair.workshop_agent.pg.errors import PgError
+from hapair.workshop_agent.pg.manager import PgManager
 
 
 def held_services(pair: Pair, hold: bool) -> frozenset[str]:

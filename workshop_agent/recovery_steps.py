@@ -11,17 +11,17 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from shared import keys
-from shared.clock import Clock
-from shared.log import EventLog
-from shared.records import RecordError, Recovery, decode
-from shared.store import Mirror, Store, StoreError
-from shared.topology import Pair
-from workshop_agent import recovery
-from workshop_agent.database import Database
-from workshop_agent.election import Election
-from workshop_agent.pg.manager import PgManager
-from workshop_agent.supervisor import Supervisor
+from hapair.shared import keys
+from hapair.shared.clock import Clock
+from hapair.shared.log import EventLog
+from hapair.shared.records import RecordError, Recovery, decode
+from hapair.shared.store import Mirror, Store, StoreError
+from hapair.shared.topology import Pair
+from hapair.workshop_agent import recovery
+from hapair.workshop_agent.database import Database
+from hapair.workshop_agent.election import Election
+from hapair.workshop_agent.pg.manager import PgManager
+from hapair.workshop_agent.supervisor import Supervisor
 
 WRITE_TRIES = 50  # etcd may be slow to answer right after a failover
 WRITE_RETRY_S = 0.2

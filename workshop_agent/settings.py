@@ -9,8 +9,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.store import parse_endpoints
-from shared.topology import NAME_PATTERN
+from hapair.shared.store import parse_endpoints
+from hapair.shared.topology import NAME_PATTERN
 
 
 def default_state_dir() -> Path:

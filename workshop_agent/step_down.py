@@ -8,19 +8,19 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from functools import partial
 
-from shared import keys
-from shared.clock import Clock
-from shared.log import EventLog
-from shared.records import NodeStatus, RecordError, decode
-from shared.store import Mirror, Store, StoreError
-from shared.topology import Pair
-from workshop_agent.database import Database
-from workshop_agent.database_care import DatabaseCare
-from workshop_agent.election import Election
-from workshop_agent.observe import PairState
-from workshop_agent.publisher import Publisher
-from workshop_agent.supervisor import Supervisor
-from workshop_agent.vip import VipKeeper
+from hapair.shared import keys
+from hapair.shared.clock import Clock
+from hapair.shared.log import EventLog
+from hapair.shared.records import NodeStatus, RecordError, decode
+from hapair.shared.store import Mirror, Store, StoreError
+from hapair.shared.topology import Pair
+from hapair.workshop_agent.database import Database
+from hapair.workshop_agent.database_care import DatabaseCare
+from hapair.workshop_agent.election import Election
+from hapair.workshop_agent.observe import PairState
+from hapair.workshop_agent.publisher import Publisher
+from hapair.workshop_agent.supervisor import Supervisor
+from hapair.workshop_agent.vip import VipKeeper
 
 REFUSED_S = 30.0  # a standby that did not confirm a handover is not chosen again meanwhile
 

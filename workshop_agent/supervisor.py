@@ -28,15 +28,15 @@ from pathlib import Path
 
 import aiohttp
 
-from shared.clock import boottime
-from shared.log import EventLog
-from shared.records import ServiceState, ServiceStatus
-from shared.topology import Health, Node, Pair, Service, expand, placeholder_values
-from workshop_agent import cgroups
-from workshop_agent.cgroups import CgroupTree
-from workshop_agent.exec_guard import REFUSED
-from workshop_agent.health import probe
-from workshop_agent.watchdog import WatchdogLink
+from hapair.shared.clock import boottime
+from hapair.shared.log import EventLog
+from hapair.shared.records import ServiceState, ServiceStatus
+from hapair.shared.topology import Health, Node, Pair, Service, expand, placeholder_values
+from hapair.workshop_agent import cgroups
+from hapair.workshop_agent.cgroups import CgroupTree
+from hapair.workshop_agent.exec_guard import REFUSED
+from hapair.workshop_agent.health import probe
+from hapair.workshop_agent.watchdog import WatchdogLink
 
 SETPRIV = shutil.which("setpriv")
 READY_POLL_S = 0.02

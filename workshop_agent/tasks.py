@@ -9,7 +9,7 @@ import io
 from collections.abc import Coroutine
 from typing import Any
 
-from shared.log import EventLog
+from hapair.shared.log import EventLog
 
 
 class Tasks:

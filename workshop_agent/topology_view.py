@@ -3,11 +3,11 @@ an invalid one reported and ignored (the last valid one stays)."""
 
 from __future__ import annotations
 
-from shared import keys
-from shared.log import EventLog
-from shared.records import TopologyDoc, decode
-from shared.store import Mirror
-from shared.topology import Site, TopologyError, parse_site
+from hapair.shared import keys
+from hapair.shared.log import EventLog
+from hapair.shared.records import TopologyDoc, decode
+from hapair.shared.store import Mirror
+from hapair.shared.topology import Site, TopologyError, parse_site
 
 
 class TopologyView:

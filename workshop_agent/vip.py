@@ -20,9 +20,9 @@ import subprocess
 import time
 from collections.abc import Callable
 
-from shared.log import EventLog
-from shared.vip import Vip
-from workshop_agent.watchdog import WatchdogLink
+from hapair.shared.log import EventLog
+from hapair.shared.vip import Vip
+from hapair.workshop_agent.watchdog import WatchdogLink
 
 COMMAND_TIMEOUT_S = 2.0
 RETRY_S = 2.0

@@ -52,8 +52,8 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import quote, unquote
 
-from shared.clock import Clock, boottime
-from workshop_agent import cgroups
+from hapair.shared.clock import Clock, boottime
+from hapair.workshop_agent import cgroups
 
 # How long one wait lasts at most: the bound on acting late after a suspend.
 SLICE_S = 0.1
@@ -86,7 +86,7 @@ def serving_postmaster(data_dir: Path) -> int | None:
     """The postmaster serving ``data_dir`` now: the PID its ``postmaster.pid`` names, if
     that is a postgres working in that directory (else the file is stale).
 
-    Not ``workshop_agent.pg``'s own check: that package loads pydantic, seconds on a
+    Not ``hapair.workshop_agent.pg``'s own check: that package loads pydantic, seconds on a
     busy machine, and this process must start at once."""
     try:
         pid = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
@@ -335,7 +335,7 @@ class WatchdogLink:
 
     def start(self) -> None:
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "workshop_agent.watchdog"],
+            [sys.executable, "-m", "hapair.workshop_agent.watchdog"],
             stdin=subprocess.PIPE,
             pass_fds=self._keep_fds,
             start_new_session=True,
@@ -371,7 +371,7 @@ class WatchdogLink:
             self.start()
 
     def deadline(self, at: float) -> None:
-        """``at`` on ``CLOCK_BOOTTIME`` (``shared.clock.boottime``)."""
+        """``at`` on ``CLOCK_BOOTTIME`` (``hapair.shared.clock.boottime``)."""
         self._deadline = at
         self._send(f"deadline {at!r}")
 

@@ -24,15 +24,15 @@ import yaml
 from rich.console import Console
 from rich.live import Live
 
-from registry.console.confirm import typed_name
-from registry.console.outcome import Before, await_switchover, leader_before
-from registry.console.sources import EtcdSource, RegistrySource, Source, SourceError
-from registry.console.status import render
-from shared import admin, keys, records
-from shared.admin import AdminError
-from shared.client import command as client_command
-from shared.store import Store, StoreError
-from shared.topology import Site, TopologyError, load
+from hapair.registry.console.confirm import typed_name
+from hapair.registry.console.outcome import Before, await_switchover, leader_before
+from hapair.registry.console.sources import EtcdSource, RegistrySource, Source, SourceError
+from hapair.registry.console.status import render
+from hapair.shared import admin, keys, records
+from hapair.shared.admin import AdminError
+from hapair.shared.client import command as client_command
+from hapair.shared.store import Store, StoreError
+from hapair.shared.topology import Site, TopologyError, load
 
 OK, REFUSED, USAGE, UNREACHABLE = 0, 1, 2, 3
 ETCD_TIMEOUT_S = 2.0
@@ -179,8 +179,8 @@ async def _show(source: Source, console: Console, watch: bool) -> int:
 
 
 async def top(args: argparse.Namespace) -> int:
-    from registry.console.top.feed import split_urls
-    from registry.console.top.terminal import run
+    from hapair.registry.console.top.feed import split_urls
+    from hapair.registry.console.top.terminal import run
 
     urls = split_urls(args.registry or "")
     if not urls:
@@ -330,7 +330,7 @@ async def undrain(args: argparse.Namespace) -> int:
 
 
 async def drill(args: argparse.Namespace) -> int:
-    from registry.console import drill as drills
+    from hapair.registry.console import drill as drills
 
     async with connected(args) as store:
         try:

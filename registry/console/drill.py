@@ -22,14 +22,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from registry.console import drill_faults as faults
-from registry.console.confirm import typed_name
-from registry.console.drill_measure import Figures, Probe, Writer, figures
-from shared import admin, keys
-from shared.client.resolver import Resolver, parse_registries
-from shared.records import Leader, NodeStatus, RecordError, ServiceStatus, decode
-from shared.store import Store, parse_endpoints
-from shared.topology import Pair
+from hapair.registry.console import drill_faults as faults
+from hapair.registry.console.confirm import typed_name
+from hapair.registry.console.drill_measure import Figures, Probe, Writer, figures
+from hapair.shared import admin, keys
+from hapair.shared.client.resolver import Resolver, parse_registries
+from hapair.shared.records import Leader, NodeStatus, RecordError, ServiceStatus, decode
+from hapair.shared.store import Store, parse_endpoints
+from hapair.shared.topology import Pair
 
 FAULTS = ("crash", "freeze", "service", "partition", "switchover")
 BASELINE_S = 10.0

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.agent_process import agent_node, alive
-from shared.records import NodeStatus, local_boot_id
+from hapair.shared.agent_process import agent_node, alive
+from hapair.shared.records import NodeStatus, local_boot_id
 
 NFT_TABLE = "hapair_drill"
 # Probe traffic carries this mark so the partition lets it through: the drill watches

@@ -22,9 +22,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from registry.console.drill_faults import mark
-from shared.client.errors import ClientError
-from shared.client.resolver import Resolver
+from hapair.registry.console.drill_faults import mark
+from hapair.shared.client.errors import ClientError
+from hapair.shared.client.resolver import Resolver
 
 PROBE_S = 0.02
 CONNECT_TIMEOUT_S = 0.25

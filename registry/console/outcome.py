@@ -13,8 +13,8 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
-from shared import keys, records
-from shared.store import Change, Store
+from hapair.shared import keys, records
+from hapair.shared.store import Change, Store
 
 
 @dataclass(frozen=True, slots=True)

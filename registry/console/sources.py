@@ -15,10 +15,10 @@ from typing import Protocol
 import aiohttp
 from pydantic import ValidationError
 
-from shared import keys
-from shared.report import SiteReport
-from shared.store import Change, Mirror, Store
-from shared.view import SiteView
+from hapair.shared import keys
+from hapair.shared.report import SiteReport
+from hapair.shared.store import Change, Mirror, Store
+from hapair.shared.view import SiteView
 
 
 class SourceError(Exception):

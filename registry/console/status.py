@@ -13,7 +13,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from shared.report import (
+from hapair.shared.report import (
     ContextReport,
     EventReport,
     NodeReport,

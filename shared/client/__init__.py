@@ -9,13 +9,13 @@
   :class:`OpcUaAdapter` (asyncua, keeping its subscriptions across a move). Each one
   moves its connection to the new endpoint by itself, retries with bounded exponential
   back-off and jitter, and raises :class:`DeadlineExceeded` instead of hanging.
-- ``hapair-proxy`` (:mod:`shared.client.proxy`) for clients that cannot be changed.
+- ``hapair-proxy`` (:mod:`hapair.shared.client.proxy`) for clients that cannot be changed.
 """
 
 from typing import TYPE_CHECKING
 
-from shared.client.backoff import Backoff
-from shared.client.errors import (
+from hapair.shared.client.backoff import Backoff
+from hapair.shared.client.errors import (
     ClientError,
     DeadlineExceeded,
     EndpointChanged,
@@ -24,14 +24,14 @@ from shared.client.errors import (
     ServiceUnavailable,
     UnknownService,
 )
-from shared.client.http import HttpAdapter
-from shared.client.models import Endpoint
-from shared.client.pg import PgAdapter
-from shared.client.resolver import Resolver, ServiceState
-from shared.client.tcp import Connection, TcpAdapter
+from hapair.shared.client.http import HttpAdapter
+from hapair.shared.client.models import Endpoint
+from hapair.shared.client.pg import PgAdapter
+from hapair.shared.client.resolver import Resolver, ServiceState
+from hapair.shared.client.tcp import Connection, TcpAdapter
 
 if TYPE_CHECKING:
-    from shared.client.opcua import DataChange, OpcUaAdapter, Subscription, tag
+    from hapair.shared.client.opcua import DataChange, OpcUaAdapter, Subscription, tag
 
 # asyncua would add about 0.2 s to every import of this package, the operator CLI's
 # among them: the OPC UA names load on first use.
@@ -40,7 +40,7 @@ _OPCUA = ("DataChange", "OpcUaAdapter", "Subscription", "tag")
 
 def __getattr__(name: str) -> object:
     if name in _OPCUA:
-        from shared.client import opcua
+        from hapair.shared.client import opcua
 
         return getattr(opcua, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

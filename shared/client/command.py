@@ -14,10 +14,10 @@ import os
 import sys
 from dataclasses import asdict
 
-from shared.client.errors import RegistryUnavailable, ServiceUnavailable, UnknownService
-from shared.client.models import Endpoint
-from shared.client.resolver import Resolver
-from shared.log import LogfmtFormatter
+from hapair.shared.client.errors import RegistryUnavailable, ServiceUnavailable, UnknownService
+from hapair.shared.client.models import Endpoint
+from hapair.shared.client.resolver import Resolver
+from hapair.shared.log import LogfmtFormatter
 
 REFUSED, USAGE, UNREACHABLE = 1, 2, 3
 FORMATS = ("addr", "url", "json")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.client.models import Endpoint
+from hapair.shared.client.models import Endpoint
 
 
 class ClientError(Exception):

@@ -11,12 +11,12 @@ from typing import Any
 
 import aiohttp
 
-from shared.client.backoff import Backoff
-from shared.client.errors import EndpointChanged
-from shared.client.models import Endpoint
-from shared.client.reconnect import Following, reach
-from shared.client.resolver import Resolver
-from shared.log import EventLog
+from hapair.shared.client.backoff import Backoff
+from hapair.shared.client.errors import EndpointChanged
+from hapair.shared.client.models import Endpoint
+from hapair.shared.client.reconnect import Following, reach
+from hapair.shared.client.resolver import Resolver
+from hapair.shared.log import EventLog
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 

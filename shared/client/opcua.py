@@ -26,13 +26,13 @@ import asyncua.ua as _ua
 from asyncua.client.client import Client as _Client
 from asyncua.client.ua_client import UaClientState as _State
 
-from shared.client.backoff import Backoff
-from shared.client.errors import ClientError, EndpointChanged, OutcomeUnknown
-from shared.client.models import Endpoint
-from shared.client.reconnect import Reconnecting
-from shared.client.resolver import Resolver
-from shared.log import EventLog
-from shared.plcs import node_id_problem
+from hapair.shared.client.backoff import Backoff
+from hapair.shared.client.errors import ClientError, EndpointChanged, OutcomeUnknown
+from hapair.shared.client.models import Endpoint
+from hapair.shared.client.reconnect import Reconnecting
+from hapair.shared.client.resolver import Resolver
+from hapair.shared.log import EventLog
+from hapair.shared.plcs import node_id_problem
 
 # asyncua's names are typed, but most count as not re-exported under mypy --strict.
 ua: Any = _ua

@@ -10,11 +10,11 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from shared.client.backoff import Backoff
-from shared.client.errors import EndpointChanged
-from shared.client.models import Endpoint
-from shared.client.reconnect import Reconnecting
-from shared.client.resolver import Resolver
+from hapair.shared.client.backoff import Backoff
+from hapair.shared.client.errors import EndpointChanged
+from hapair.shared.client.models import Endpoint
+from hapair.shared.client.reconnect import Reconnecting
+from hapair.shared.client.resolver import Resolver
 
 KEEPALIVES = {
     "keepalives": 1,

@@ -29,12 +29,12 @@ import sys
 from collections.abc import Coroutine
 from typing import Any, cast
 
-from shared import log as logs
-from shared.client.backoff import Backoff
-from shared.client.errors import ClientError
-from shared.client.models import Endpoint
-from shared.client.reconnect import follow_moves, reach
-from shared.client.resolver import Resolver, parse_registries
+from hapair.shared import log as logs
+from hapair.shared.client.backoff import Backoff
+from hapair.shared.client.errors import ClientError
+from hapair.shared.client.models import Endpoint
+from hapair.shared.client.reconnect import follow_moves, reach
+from hapair.shared.client.resolver import Resolver, parse_registries
 
 log = logs.EventLog("hapair.proxy")
 

@@ -24,8 +24,8 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Generic, Self, TypeVar
 
-from shared.client.backoff import Backoff
-from shared.client.errors import (
+from hapair.shared.client.backoff import Backoff
+from hapair.shared.client.errors import (
     DeadlineExceeded,
     EndpointChanged,
     OutcomeUnknown,
@@ -34,9 +34,9 @@ from shared.client.errors import (
     UnknownService,
     describe_error,
 )
-from shared.client.models import Endpoint
-from shared.client.resolver import Resolver
-from shared.log import EventLog
+from hapair.shared.client.models import Endpoint
+from hapair.shared.client.resolver import Resolver
+from hapair.shared.log import EventLog
 
 T = TypeVar("T")
 C = TypeVar("C")

@@ -38,22 +38,22 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 from pydantic import ValidationError
 
-from shared.client.backoff import Backoff
-from shared.client.errors import (
+from hapair.shared.client.backoff import Backoff
+from hapair.shared.client.errors import (
     RegistryUnavailable,
     ServiceUnavailable,
     UnknownService,
     describe_error,
 )
-from shared.client.models import (
+from hapair.shared.client.models import (
     STALE_HEADER,
     Endpoint,
     EndpointAnswer,
     ErrorAnswer,
     StreamedAnswer,
 )
-from shared.client.sse import SseError, SseParser
-from shared.log import EventLog
+from hapair.shared.client.sse import SseError, SseParser
+from hapair.shared.log import EventLog
 
 Transport = Literal["auto", "sse", "poll"]
 MAX_ANSWER_BYTES = 64 * 1024

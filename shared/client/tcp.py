@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from shared.client.errors import EndpointChanged
-from shared.client.models import Endpoint
-from shared.client.reconnect import Reconnecting
+from hapair.shared.client.errors import EndpointChanged
+from hapair.shared.client.models import Endpoint
+from hapair.shared.client.reconnect import Reconnecting
 
 
 @dataclass(frozen=True, slots=True)

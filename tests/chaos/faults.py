@@ -14,8 +14,8 @@ import contextlib
 import os
 import signal
 
-from shared.admin import AdminError, request_switchover
-from shared.store import StoreError
+from hapair.shared.admin import AdminError, request_switchover
+from hapair.shared.store import StoreError
 from tests.chaos.schedule import ETCD_KINDS, Fault
 from tests.chaos.testbed import DB_PAIR, ETCD, LEASE_TTL_S, OBSERVER, Testbed
 

@@ -21,9 +21,9 @@ from typing import Any
 
 import psycopg
 
-from shared import keys
-from shared.records import SyncState, decode
-from shared.store import StoreError
+from hapair.shared import keys
+from hapair.shared.records import SyncState, decode
+from hapair.shared.store import StoreError
 from tests.chaos.etcd_members import EtcdMembers
 from tests.support.cluster import Cluster, pid_alive, recording_service, until
 from tests.support.netns import Lab

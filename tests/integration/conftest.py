@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from shared import keys
-from shared.store import Store
+from hapair.shared import keys
+from hapair.shared.store import Store
 from tests.support.cluster import Cluster, until
 from tests.support.harness import Etcd, running_etcd
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from shared import admin, keys, records
-from shared.admin import AdminError
-from shared.store import Store
+from hapair.shared import admin, keys, records
+from hapair.shared.admin import AdminError
+from hapair.shared.store import Store
 from tests.support.site_records import FakeAgent, apply_site, site
 
 

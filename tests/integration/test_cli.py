@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from registry.app import create_app
-from shared import keys, records
-from shared.plcs import PathHealth, PlcHealth
-from shared.store import Store
+from hapair.registry.app import create_app
+from hapair.shared import keys, records
+from hapair.shared.plcs import PathHealth, PlcHealth
+from hapair.shared.store import Store
 from tests.integration.test_failover import two_nodes
 from tests.support.cluster import Cluster, holds
 from tests.support.harness import free_port

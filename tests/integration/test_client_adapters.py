@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
-from shared.client import (
+from hapair.shared.client import (
     Backoff,
     Connection,
     DeadlineExceeded,
@@ -24,7 +24,7 @@ from shared.client import (
     TcpAdapter,
     UnknownService,
 )
-from shared.store import Store
+from hapair.shared.store import Store
 from tests.support.client_lab import NodeHttp, NodeServer, node_servers, registry_in_process, until
 from tests.support.harness import Etcd, free_port
 from tests.support.site_records import FakeAgent, apply_site

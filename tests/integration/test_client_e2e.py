@@ -24,9 +24,9 @@ from typing import Any
 if __name__ != "__main__":
     import pytest
 
-    from shared import keys
-    from shared.records import Switchover
-    from shared.store import Store
+    from hapair.shared import keys
+    from hapair.shared.records import Switchover
+    from hapair.shared.store import Store
     from tests.support.client_lab import RegistryProcess
     from tests.support.cluster import Cluster, recording_service, until
     from tests.support.harness import PYTHON, ROOT, Etcd, free_port
@@ -39,8 +39,8 @@ if __name__ != "__main__":
 
 
 async def client(registry: str, service: str, out: Path) -> None:
-    from shared.client import Backoff, HttpAdapter, Resolver
-    from shared.client.errors import describe_error
+    from hapair.shared.client import Backoff, HttpAdapter, Resolver
+    from hapair.shared.client.errors import describe_error
 
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

@@ -13,8 +13,8 @@ from typing import Any
 
 from aiohttp import ClientSession
 
-from shared.client import Backoff, Connection, TcpAdapter
-from shared.store import Store
+from hapair.shared.client import Backoff, Connection, TcpAdapter
+from hapair.shared.store import Store
 from tests.integration.test_client_resolver import active_pair
 from tests.support.client_lab import (
     FreezableRelay,

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from asyncua import Server, ua
 
-from shared import keys, records, topology
-from shared.client import (
+from hapair.shared import keys, records, topology
+from hapair.shared.client import (
     Backoff,
     DataChange,
     DeadlineExceeded,
@@ -27,8 +27,8 @@ from shared.client import (
     Resolver,
     tag,
 )
-from shared.client.opcua import NodeNotFound
-from shared.store import Store
+from hapair.shared.client.opcua import NodeNotFound
+from hapair.shared.store import Store
 from tests.support.client_lab import registry_in_process, until
 from tests.support.harness import Etcd, free_port
 from tests.support.plc_sim import CommUnderTest, ModbusPlc, running_comm

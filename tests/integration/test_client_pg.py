@@ -23,8 +23,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from shared.client import Backoff, DeadlineExceeded, OutcomeUnknown, PgAdapter, Resolver
-from shared.store import Store
+from hapair.shared.client import Backoff, DeadlineExceeded, OutcomeUnknown, PgAdapter, Resolver
+from hapair.shared.store import Store
 from tests.support.client_lab import registry_in_process, until
 from tests.support.harness import Etcd, wait_for
 from tests.support.site_records import FakeAgent, apply_site

@@ -20,9 +20,17 @@ from typing import Any
 import pytest
 from asyncua import Client, ua
 
-from shared.client import Backoff, DataChange, OpcUaAdapter, PgAdapter, Resolver, TcpAdapter, tag
-from shared.client.tcp import Connection
-from shared.store import Store
+from hapair.shared.client import (
+    Backoff,
+    DataChange,
+    OpcUaAdapter,
+    PgAdapter,
+    Resolver,
+    TcpAdapter,
+    tag,
+)
+from hapair.shared.client.tcp import Connection
+from hapair.shared.store import Store
 from tests.integration.test_database_failover import db_cluster, ready, rows_on
 from tests.integration.test_proxy import ProxyProcess
 from tests.support.client_lab import RegistryProcess
@@ -191,7 +199,7 @@ async def test_opcua_adapter_follows_real_comm_servers_through_a_real_crash(
     comm = {
         "name": "comm",
         "command": [
-            PYTHON, "-m", "comm_server.main", "--config", str(tmp_path / "comm.json"),
+            PYTHON, "-m", "hapair.comm_server.main", "--config", str(tmp_path / "comm.json"),
             "--listen", f"{{node.address}}:{opc_port}",
         ],
         "placement": "all",

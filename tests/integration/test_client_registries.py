@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession
 
-from shared.client import RegistryUnavailable, Resolver
-from shared.client.models import STALE_HEADER
-from shared.store import Store
+from hapair.shared.client import RegistryUnavailable, Resolver
+from hapair.shared.client.models import STALE_HEADER
+from hapair.shared.store import Store
 from tests.integration.test_client_resolver import active_pair, move
 from tests.support.client_lab import BIN, next_of, registry_in_process, registry_processes, until
 from tests.support.harness import Etcd, free_port

@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from shared import keys
-from shared.client import (
+from hapair.shared import keys
+from hapair.shared.client import (
     Endpoint,
     RegistryUnavailable,
     ServiceUnavailable,
     UnknownService,
 )
-from shared.store import Store
+from hapair.shared.store import Store
 from tests.support.client_lab import (
     FakeRegistry,
     fast,
@@ -147,8 +147,8 @@ async def test_last_endpoint_kept_stale_while_no_registry_answers(
 @contextlib.asynccontextmanager
 async def _registry_on(etcd_url: str, port: int) -> AsyncIterator[None]:
     """An in-process registry on a given port (to bring "the same" registry back)."""
-    from registry.app import create_app
-    from registry.appkeys import RegistryConfig
+    from hapair.registry.app import create_app
+    from hapair.registry.appkeys import RegistryConfig
 
     runner = web.AppRunner(create_app(etcd_url, RegistryConfig(heartbeat_s=0.5)))
     await runner.setup()

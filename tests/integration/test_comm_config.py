@@ -15,7 +15,7 @@ def test_check_flag_validates_without_starting(tmp_path: Path) -> None:
     bad.write_text(
         "plcs: [{name: p, paths: [{host: h}], tags: [{name: t, address: Q1, type: int16}]}]"
     )
-    cmd = [PYTHON, "-m", "comm_server.main", "--check", "--config"]
+    cmd = [PYTHON, "-m", "hapair.comm_server.main", "--check", "--config"]
     ok = subprocess.run([*cmd, str(good)], capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert ok.returncode == 0, ok.stderr
     assert "valid, 2 PLCs, 5 tags" in ok.stdout

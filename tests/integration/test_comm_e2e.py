@@ -77,7 +77,7 @@ async def test_pair_moves_when_the_active_loses_every_path_to_a_critical_plc(
         "command": [
             PYTHON,
             "-m",
-            "comm_server.main",
+            "hapair.comm_server.main",
             "--config",
             str(tmp_path / "comm-{node.name}.json"),
             "--listen",

@@ -30,8 +30,8 @@ STALLS = 4
 # hapair-comm runs on uvloop when it is installed, else on asyncio's own loop; the two
 # order timers and socket events differently after a stall, so both are tried.
 LOOPS = {
-    "uvloop": "from comm_server.main import main",
-    "asyncio": "import sys; sys.modules['uvloop'] = None; from comm_server.main import main",
+    "uvloop": "from hapair.comm_server.main import main",
+    "asyncio": "import sys; sys.modules['uvloop'] = None; from hapair.comm_server.main import main",
 }
 
 

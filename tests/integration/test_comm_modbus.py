@@ -21,11 +21,11 @@ import pytest
 from asyncua import ua
 from pymodbus.constants import ExcCodes
 
-from comm_server.codec import Value
-from comm_server.driver import Driver, PathError, WriteError
-from comm_server.modbus import ModbusDriver
-from comm_server.role import FENCE_MARGIN_S
-from shared.plcs import ModbusPlc as ModbusPlcConfig
+from hapair.comm_server.codec import Value
+from hapair.comm_server.driver import Driver, PathError, WriteError
+from hapair.comm_server.modbus import ModbusDriver
+from hapair.comm_server.role import FENCE_MARGIN_S
+from hapair.shared.plcs import ModbusPlc as ModbusPlcConfig
 from tests.support.cluster import until
 from tests.support.harness import free_port
 from tests.support.netns import CLONE_NEWNET

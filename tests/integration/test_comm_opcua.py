@@ -8,8 +8,8 @@ import json
 import pytest
 from asyncua import ua
 
-from comm_server.opcua_plc import OpcUaDriver
-from shared.plcs import OpcUaPlc as OpcUaPlcConfig
+from hapair.comm_server.opcua_plc import OpcUaDriver
+from hapair.shared.plcs import OpcUaPlc as OpcUaPlcConfig
 from tests.integration.test_comm_modbus import NO_PRIVATE_NETWORK, blackholed_write, in_own_network
 from tests.support.cluster import until
 from tests.support.harness import free_port

@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 from asyncua import ua
 
-from comm_server.role import CommReport, PairRole
-from shared import keys
-from shared.clock import boottime
-from shared.log import EventLog
-from shared.records import Leader, ResourceReport, TopologyDoc, decode
-from shared.store import Change, Kv, Store
-from shared.topology import parse_site
-from shared.txn import Compare, Op
+from hapair.comm_server.role import CommReport, PairRole
+from hapair.shared import keys
+from hapair.shared.clock import boottime
+from hapair.shared.log import EventLog
+from hapair.shared.records import Leader, ResourceReport, TopologyDoc, decode
+from hapair.shared.store import Change, Kv, Store
+from hapair.shared.topology import parse_site
+from hapair.shared.txn import Compare, Op
 from tests.support.cluster import until
 from tests.support.harness import Etcd, free_port
 from tests.support.plc_sim import CommUnderTest, ModbusPlc, running_comm

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from asyncua import Client
 
-from shared import keys, records, topology
-from shared.store import Store
+from hapair.shared import keys, records, topology
+from hapair.shared.store import Store
 from tests.support.cluster import until
 from tests.support.harness import PYTHON, ROOT, Etcd, free_port, stop_pid
 from tests.support.plc_sim import ModbusPlc
@@ -79,7 +79,7 @@ async def plc() -> AsyncIterator[ModbusPlc]:
 def comm(etcd: Etcd, tmp_path: Path, port: int, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
     log = (tmp_path / "comm.log").open("ab")
     proc = subprocess.Popen(
-        [PYTHON, "-m", "comm_server.main", "--listen", f"{NODE}:{port}", *extra],
+        [PYTHON, "-m", "hapair.comm_server.main", "--listen", f"{NODE}:{port}", *extra],
         cwd=ROOT,
         stdout=log,
         stderr=log,
@@ -159,7 +159,7 @@ async def test_check_reads_the_topology_and_standalone_needs_a_file(
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [PYTHON, "-m", "comm_server.main", *args],
+            [PYTHON, "-m", "hapair.comm_server.main", *args],
             capture_output=True,
             text=True,
             cwd=ROOT,

@@ -19,8 +19,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from shared import keys
-from shared.records import Resource, ResourceReport, SyncState, decode
+from hapair.shared import keys
+from hapair.shared.records import Resource, ResourceReport, SyncState, decode
 from tests.support.cluster import Cluster, recording_service, until
 from tests.support.harness import Etcd, free_port
 from tests.support.pg_harness import (
@@ -156,7 +156,7 @@ async def test_crash_of_the_active_loses_no_acknowledged_commit(
 async def test_planned_switchover_loses_nothing_and_the_old_primary_follows(
     db_cluster: tuple[Cluster, int],
 ) -> None:
-    from shared.records import Switchover
+    from hapair.shared.records import Switchover
 
     c, port = db_cluster
     _, epoch = await ready(c, port)
@@ -557,7 +557,7 @@ async def test_an_operator_forces_a_standby_that_may_lack_commits_with_a_warning
     recorded as holding every commit, so it never takes over by itself. An operator
     forces it, warned that a's last commits are missing there."""
 
-    from shared import admin
+    from hapair.shared import admin
     from tests.support.cluster import holds
 
     c, port = db_cluster
@@ -757,7 +757,7 @@ async def test_a_switchover_to_a_standby_that_cannot_receive_the_final_position_
     healthy, its database not running. A switchover to b is accepted, a stops its
     services and its database, but b cannot receive a's final position: a must keep the
     pair (same epoch), run its database and take writes again, and reject the request."""
-    from shared.records import Switchover
+    from hapair.shared.records import Switchover
     from tests.support.cluster import holds
 
     c, port = db_cluster
@@ -793,8 +793,8 @@ async def test_a_second_failover_while_a_recovery_awaits_its_ack_holds_again(
     """a crashes: b holds the batch service for the operator. Before anyone acknowledges,
     b crashes too (a, back as its synchronous standby, takes over): a holds the batch
     again, under its own epoch, and an ack for b's epoch is refused."""
-    from shared import admin
-    from shared.records import Recovery
+    from hapair.shared import admin
+    from hapair.shared.records import Recovery
     from tests.support.cluster import holds
 
     c, port = db_cluster_held
@@ -844,7 +844,7 @@ async def test_a_new_active_that_cannot_promote_hands_the_pair_back_to_the_old_p
     """A switchover to b, whose promotion fails (a test hook): the record still names a
     as holding every commit, so b hands the pair back to it once its repair budget is
     spent, rather than keep a pair without a primary."""
-    from shared.records import Switchover
+    from hapair.shared.records import Switchover
 
     c, port = db_cluster
     epoch, writer = await b_unable_to_promote(c, port, monkeypatch)

@@ -1,5 +1,5 @@
 """The sync record, the primary's own setting and the process fences, kept in order by
-the agent's database care (``workshop_agent.database.Database``): real PostgreSQL, real
+the agent's database care (``hapair.workshop_agent.database.Database``): real PostgreSQL, real
 etcd, the rounds of the active's database loop called one by one so each step can be
 placed exactly.
 
@@ -18,11 +18,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from shared import keys
-from shared.log import EventLog
-from shared.process_context import ProcessContext, StaleEpoch
-from shared.records import SyncState, decode
-from shared.store import Store
+from hapair.shared import keys
+from hapair.shared.log import EventLog
+from hapair.shared.process_context import ProcessContext, StaleEpoch
+from hapair.shared.records import SyncState, decode
+from hapair.shared.store import Store
+from hapair.workshop_agent.database import Database, eligible
+from hapair.workshop_agent.election import Election
+from hapair.workshop_agent.pg import query as q
+from hapair.workshop_agent.pg.proc import children
 from tests.support.harness import Etcd
 from tests.support.pg_harness import (
     PgCluster,
@@ -33,10 +37,6 @@ from tests.support.pg_harness import (
     stalled_walsender,
 )
 from tests.support.pg_harness import until as pg_until
-from workshop_agent.database import Database, eligible
-from workshop_agent.election import Election
-from workshop_agent.pg import query as q
-from workshop_agent.pg.proc import children
 
 pytestmark = needs_postgres
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from registry.console import drill
-from registry.console.drill_faults import NFT_TABLE, nft_missing
-from shared import keys
-from shared.records import SyncState, decode
+from hapair.registry.console import drill
+from hapair.registry.console.drill_faults import NFT_TABLE, nft_missing
+from hapair.shared import keys
+from hapair.shared.records import SyncState, decode
 from tests.support.client_lab import BIN, RegistryProcess
 from tests.support.cluster import Cluster, recording_service, until
 from tests.support.harness import ROOT, free_port

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from shared import keys
-from shared.records import Switchover
+from hapair.shared import keys
+from hapair.shared.records import Switchover
 from tests.integration.test_failover import pair
 from tests.support.cluster import Cluster, descendants, holds, pid_alive, until
 from tests.support.etcd_relay import EtcdRelay

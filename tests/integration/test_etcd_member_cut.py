@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession
 
-from shared.store import Store, StoreError
+from hapair.shared.store import Store, StoreError
 from tests.integration.test_etcd_loss import only, started
 from tests.support import netns
 from tests.support.cluster import Cluster, holds, until

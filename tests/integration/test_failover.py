@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from shared import keys
-from shared.records import Drained, Paused, Resource, ResourceReport, Switchover, TopologyDoc
+from hapair.shared import keys
+from hapair.shared.records import Drained, Paused, Resource, ResourceReport, Switchover, TopologyDoc
 from tests.support.cluster import Cluster, holds, pid_alive, recording_service, until
 from tests.support.harness import Etcd, free_port
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from shared.clock import boottime
+from hapair.shared.clock import boottime
 from tests.support.cluster import Cluster, holds, pid_alive, until
 
 pytestmark = pytest.mark.e2e

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from shared import keys
-from shared.records import Leader, NodeStatus
+from hapair.shared import keys
+from hapair.shared.records import Leader, NodeStatus
 from tests.integration.test_etcd_loss import service_pids
 from tests.integration.test_failover import pair, two_nodes
 from tests.support.cluster import AGENT, ROOT, Cluster, holds, pid_alive, until

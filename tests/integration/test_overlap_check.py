@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.clock import boottime
+from hapair.shared.clock import boottime
 from tests.support.cluster import Cluster
 from tests.support.harness import Etcd
 

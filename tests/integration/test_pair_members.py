@@ -13,9 +13,10 @@ import asyncio
 
 import pytest
 
-from shared import keys
-from shared.records import Members, decode
-from shared.store import Store
+from hapair.shared import keys
+from hapair.shared.records import Members, decode
+from hapair.shared.store import Store
+from hapair.workshop_agent.election import Election
 from tests.integration.test_etcd_loss import (
     a_behind_a_relay,
     a_keeps_the_pair_until_healed,
@@ -24,7 +25,6 @@ from tests.integration.test_etcd_loss import (
 from tests.integration.test_failover import pair
 from tests.support.cluster import Cluster, until
 from tests.support.etcd_relay import EtcdRelay
-from workshop_agent.election import Election
 
 pytestmark = pytest.mark.e2e
 

@@ -16,6 +16,10 @@ from collections.abc import AsyncIterator
 import psycopg
 import pytest
 
+from hapair.workshop_agent.pg import query as q
+from hapair.workshop_agent.pg.errors import PgError, SecretError
+from hapair.workshop_agent.pg.manager import PgManager, Timeouts
+from hapair.workshop_agent.pg.proc import children, process_state
 from tests.support.pg_harness import (
     PASSWORDS,
     PgCluster,
@@ -28,10 +32,6 @@ from tests.support.pg_harness import (
     streaming,
     until,
 )
-from workshop_agent.pg import query as q
-from workshop_agent.pg.errors import PgError, SecretError
-from workshop_agent.pg.manager import PgManager, Timeouts
-from workshop_agent.pg.proc import children, process_state
 
 pytestmark = needs_postgres
 

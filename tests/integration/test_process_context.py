@@ -24,8 +24,8 @@ import psycopg
 import pytest
 import pytest_asyncio
 
-from shared import keys
-from shared.process_context import (
+from hapair.shared import keys
+from hapair.shared.process_context import (
     STALE_EPOCH_SQLSTATE,
     ProcessContext,
     ProcessContextError,
@@ -35,8 +35,9 @@ from shared.process_context import (
     fence_all,
     read_context,
 )
-from shared.records import HeldContext, Recovery, SyncState, decode
-from shared.report import SiteReport
+from hapair.shared.records import HeldContext, Recovery, SyncState, decode
+from hapair.shared.report import SiteReport
+from hapair.workshop_agent import recovery
 from tests.support.client_lab import registry_in_process
 from tests.support.cluster import Cluster, holds, until
 from tests.support.harness import PYTHON, ROOT, Etcd
@@ -49,7 +50,6 @@ from tests.support.pg_harness import (
     running_cluster,
     write_secrets,
 )
-from workshop_agent import recovery
 
 pytestmark = needs_postgres
 MODULE = pytest.mark.asyncio(loop_scope="module")

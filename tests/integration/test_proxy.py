@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.store import Store
+from hapair.shared.store import Store
 from tests.integration.test_client_resolver import active_pair
 from tests.support.client_lab import BIN, NodeServer, node_servers, registry_in_process, until
 from tests.support.harness import ROOT, Etcd, free_port, port_open, stop_process

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from shared import keys
-from shared.records import HeldContext, Leader, Recovery, Switchover, decode
-from shared.store import Store
+from hapair.shared import keys
+from hapair.shared.records import HeldContext, Leader, Recovery, Switchover, decode
+from hapair.shared.store import Store
+from hapair.workshop_agent import recovery as rec_mod
 from tests.support.cluster import Cluster, holds, recording_service, until
 from tests.support.harness import free_port
-from workshop_agent import recovery as rec_mod
 
 pytestmark = pytest.mark.e2e
 HAPAIR = str(Path(sys.executable).parent / "hapair")

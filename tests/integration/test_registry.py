@@ -19,10 +19,10 @@ import pytest
 from aiohttp import ClientResponse, ClientSession
 from aiohttp.test_utils import TestClient, TestServer
 
-from registry.app import create_app
-from registry.appkeys import READERS, RegistryConfig
-from shared import keys, records
-from shared.store import Store
+from hapair.registry.app import create_app
+from hapair.registry.appkeys import READERS, RegistryConfig
+from hapair.shared import keys, records
+from hapair.shared.store import Store
 from tests.support import site_records
 from tests.support.harness import free_port
 from tests.support.site_records import FakeAgent, apply_site

@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from registry.app import create_app
-from registry.appkeys import CACHE, STORE
-from shared import keys, records
-from shared.store import Store
-from shared.txn import Op
-from shared.view import RECENT_EVENTS
+from hapair.registry.app import create_app
+from hapair.registry.appkeys import CACHE, STORE
+from hapair.shared import keys, records
+from hapair.shared.store import Store
+from hapair.shared.txn import Op
+from hapair.shared.view import RECENT_EVENTS
 from tests.integration.test_registry import until
 from tests.support.site_records import FakeAgent, apply_site
 from tests.unit.test_registry import get

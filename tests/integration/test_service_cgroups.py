@@ -20,17 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from shared.clock import boottime
-from shared.log import EventLog
-from shared.topology import parse_site
+from hapair.shared.clock import boottime
+from hapair.shared.log import EventLog
+from hapair.shared.topology import parse_site
+from hapair.workshop_agent import cgroups
+from hapair.workshop_agent.cgroups import CgroupTree
+from hapair.workshop_agent.exec_guard import REFUSED
+from hapair.workshop_agent.supervisor import EXEC_GUARD, Supervisor
+from hapair.workshop_agent.watchdog import WatchdogLink
 from tests.integration.test_fence_services import escaped, escaping_service
 from tests.support.cluster import pid_alive, until
 from tests.support.harness import ROOT
-from workshop_agent import cgroups
-from workshop_agent.cgroups import CgroupTree
-from workshop_agent.exec_guard import REFUSED
-from workshop_agent.supervisor import EXEC_GUARD, Supervisor
-from workshop_agent.watchdog import WatchdogLink
 
 EPOCH = 9
 
@@ -159,7 +159,7 @@ async def running(tmp_path: Path) -> AsyncIterator[Supervisor]:
 
 @pytest.fixture
 async def supervisor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Supervisor]:
-    monkeypatch.chdir(ROOT)  # the watchdog runs as ``python -m workshop_agent.watchdog``
+    monkeypatch.chdir(ROOT)  # the watchdog runs as ``python -m hapair.workshop_agent.watchdog``
     async with running(tmp_path) as sup:
         yield sup
 

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from shared import keys
-from shared.records import Switchover
+from hapair.shared import keys
+from hapair.shared.records import Switchover
 from tests.integration.test_etcd_loss import service_pids
 from tests.integration.test_failover import pair
 from tests.support.cluster import Cluster, holds, until

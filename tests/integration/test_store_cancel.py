@@ -14,7 +14,7 @@ import asyncio
 import aetcd
 import pytest
 
-from shared.store import Store
+from hapair.shared.store import Store
 
 
 async def test_a_call_cancelled_as_the_library_fails_it_ends_cancelled(store: Store) -> None:
@@ -33,7 +33,7 @@ async def test_a_call_that_fails_by_itself_is_a_store_error(store: Store) -> Non
     async def fails() -> None:
         raise aetcd.ClientError("refused")
 
-    from shared.store import StoreError
+    from hapair.shared.store import StoreError
 
     with pytest.raises(StoreError, match="refused"):
         await store.call(fails)
@@ -41,7 +41,7 @@ async def test_a_call_that_fails_by_itself_is_a_store_error(store: Store) -> Non
 
 async def test_a_call_cancelled_under_its_caller_is_a_store_error(store: Store) -> None:
     """As when the store closes the channel of a member it left: the caller goes on."""
-    from shared.store import StoreError
+    from hapair.shared.store import StoreError
 
     answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     call = asyncio.create_task(store.call(lambda: answer, limit=30))

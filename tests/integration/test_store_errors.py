@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from shared import keys
-from shared.store import LeaseNotFound, Store, Timeout
+from hapair.shared import keys
+from hapair.shared.store import LeaseNotFound, Store, Timeout
 
 
 async def test_a_key_on_a_lease_etcd_does_not_know_is_lease_not_found(store: Store) -> None:

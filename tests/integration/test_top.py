@@ -17,15 +17,15 @@ import pytest
 from aiohttp import web
 from rich.console import Console
 
-from registry.app import create_app
-from registry.appkeys import CACHE, RegistryConfig
-from registry.console import cli
-from registry.console.top.control import Top
-from registry.console.top.feed import Request, SiteFeed
-from registry.console.top.state import Connection
-from shared import keys, records
-from shared.report import SiteReport
-from shared.store import Store
+from hapair.registry.app import create_app
+from hapair.registry.appkeys import CACHE, RegistryConfig
+from hapair.registry.console import cli
+from hapair.registry.console.top.control import Top
+from hapair.registry.console.top.feed import Request, SiteFeed
+from hapair.registry.console.top.state import Connection
+from hapair.shared import keys, records
+from hapair.shared.report import SiteReport
+from hapair.shared.store import Store
 from tests.support.cluster import until
 from tests.support.harness import Etcd, free_port, stop_pid
 from tests.support.site_records import FakeAgent, apply_site

@@ -1,4 +1,4 @@
-"""The transaction words of :mod:`shared.txn`, against a real etcd: each compare when it
+"""The transaction words of :mod:`hapair.shared.txn`, against a real etcd: each compare when it
 holds and when it does not, puts (with and without a lease), deletes, and the revision
 a transaction reports."""
 
@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from shared import keys
-from shared.store import Store
-from shared.txn import Compare, Op
+from hapair.shared import keys
+from hapair.shared.store import Store
+from hapair.shared.txn import Compare, Op
 
 KEY = keys.leader("p")
 OTHER = keys.paused("p")

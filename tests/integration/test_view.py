@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from shared import keys
-from shared.store import Store
-from shared.view import SiteView
+from hapair.shared import keys
+from hapair.shared.store import Store
+from hapair.shared.view import SiteView
 from tests.support.site_records import FakeAgent, apply_site
 
 

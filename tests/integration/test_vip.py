@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from shared import keys
-from shared.records import Switchover
+from hapair.shared import keys
+from hapair.shared.records import Switchover
 from tests.support.cluster import until
 from tests.support.harness import PYTHON, ROOT, free_port
 from tests.support.netns import IFNAME, Lab, unavailable
@@ -45,7 +45,7 @@ def test_watchdog_removes_the_vip_at_the_deadline_and_when_the_agent_is_gone() -
         for when in ("deadline", "eof"):
             host.ip("addr", "add", VIP, "dev", IFNAME)
             dog = lab.spawn(
-                host, PYTHON, "-m", "workshop_agent.watchdog",
+                host, PYTHON, "-m", "hapair.workshop_agent.watchdog",
                 stdin=subprocess.PIPE, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
             )  # fmt: skip
             assert dog.stdin is not None

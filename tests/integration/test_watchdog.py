@@ -1,6 +1,6 @@
 """The watchdog process: real processes, real deadlines on the shared clock (BOOTTIME).
 
-Each test starts ``python -m workshop_agent.watchdog`` through ``WatchdogLink`` and
+Each test starts ``python -m hapair.workshop_agent.watchdog`` through ``WatchdogLink`` and
 ``sleep 60`` services in their own sessions (process group id = pid), then watches
 what the watchdog does to them. Every process is stopped by its pid in a finally.
 """
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.clock import boottime
+from hapair.shared.clock import boottime
+from hapair.workshop_agent.watchdog import WatchdogLink, start_time
 from tests.support.harness import ROOT, wait_for
-from workshop_agent.watchdog import WatchdogLink, start_time
 
 Spawn = Callable[[], subprocess.Popen[bytes]]
 
@@ -86,7 +86,7 @@ def spawn() -> Iterator[Spawn]:
 
 @pytest.fixture
 def link(monkeypatch: pytest.MonkeyPatch) -> Iterator[WatchdogLink]:
-    monkeypatch.chdir(ROOT)  # the watchdog runs as ``python -m workshop_agent.watchdog``
+    monkeypatch.chdir(ROOT)  # the watchdog runs as ``python -m hapair.workshop_agent.watchdog``
     wd = WatchdogLink()
     wd.start()
     try:
@@ -203,7 +203,7 @@ def test_a_killed_agent_closes_the_pipe_and_its_services_die(spawn: Spawn) -> No
             sys.executable,
             "-c",
             "import time\n"
-            "from workshop_agent.watchdog import WatchdogLink\n"
+            "from hapair.workshop_agent.watchdog import WatchdogLink\n"
             "link = WatchdogLink()\n"
             f"link.add({service.pid})\n"
             "link.deadline(time.clock_gettime(time.CLOCK_BOOTTIME) + 60)\n"
@@ -449,7 +449,7 @@ def test_a_deadline_is_read_on_boottime_as_after_a_suspend(spawn: Spawn) -> None
         pytest.skip(f"cannot make a time namespace here: {probe.stderr.decode().strip()}")
     service = spawn()
     watchdog = subprocess.Popen(
-        [*in_namespace, sys.executable, "-m", "workshop_agent.watchdog"],
+        [*in_namespace, sys.executable, "-m", "hapair.workshop_agent.watchdog"],
         stdin=subprocess.PIPE,
         cwd=ROOT,
         start_new_session=True,

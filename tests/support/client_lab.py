@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 import pytest
 from aiohttp import ClientSession, web
 
-from registry.app import create_app
-from registry.appkeys import RegistryConfig
-from shared.client import (
+from hapair.registry.app import create_app
+from hapair.registry.appkeys import RegistryConfig
+from hapair.shared.client import (
     Endpoint,
     Resolver,
 )

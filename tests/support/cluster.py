@@ -17,12 +17,12 @@ from typing import Any, TypeVar
 
 import yaml
 
-from registry.console.drill_faults import descendants
-from shared import keys
-from shared.clock import boottime
-from shared.records import EndpointRecord, Leader, NodeStatus, TopologyDoc, decode
-from shared.store import Store
-from shared.topology import parse_site
+from hapair.registry.console.drill_faults import descendants
+from hapair.shared import keys
+from hapair.shared.clock import boottime
+from hapair.shared.records import EndpointRecord, Leader, NodeStatus, TopologyDoc, decode
+from hapair.shared.store import Store
+from hapair.shared.topology import parse_site
 from tests.support.harness import PYTHON, ROOT, Etcd, stop_pid
 
 T = TypeVar("T")
@@ -35,7 +35,7 @@ RUN_EVENTS = {
     'event="cgroup emptied"': "ended",
 }
 FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
-AGENT = [PYTHON, "-m", "workshop_agent.main"]
+AGENT = [PYTHON, "-m", "hapair.workshop_agent.main"]
 
 
 def _cgroup(path: str) -> str:

@@ -21,11 +21,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from shared.topology import Node, Pair
-from workshop_agent.pg.config import DatabaseConfig, parse_database
-from workshop_agent.pg.errors import PgError
-from workshop_agent.pg.manager import PgManager, Timeouts
-from workshop_agent.pg.proc import find_bin_dir, process_state
+from hapair.shared.topology import Node, Pair
+from hapair.workshop_agent.pg.config import DatabaseConfig, parse_database
+from hapair.workshop_agent.pg.errors import PgError
+from hapair.workshop_agent.pg.manager import PgManager, Timeouts
+from hapair.workshop_agent.pg.proc import find_bin_dir, process_state
 
 ADDRESSES = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 NAMES = ("a", "b", "c")

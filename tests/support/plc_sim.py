@@ -380,10 +380,10 @@ async def running_comm(
     ``role(parts, on_change)`` makes its role; without one it is the active, alone."""
     from asyncua import Client
 
-    from comm_server.app import CommServer, Listen
-    from comm_server.config import loads
-    from comm_server.role import StaticRole
-    from shared.log import EventLog
+    from hapair.comm_server.app import CommServer, Listen
+    from hapair.comm_server.config import loads
+    from hapair.comm_server.role import StaticRole
+    from hapair.shared.log import EventLog
     from tests.support.harness import free_port
 
     listen = Listen(host, free_port(host))

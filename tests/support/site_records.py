@@ -8,12 +8,12 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from comm_server.role import CommReport
-from shared import keys, records, topology
-from shared.plcs import PlcHealth
-from shared.records import EndpointRecord, decode
-from shared.store import Store, StoreError
-from shared.txn import Compare, Op
+from hapair.comm_server.role import CommReport
+from hapair.shared import keys, records, topology
+from hapair.shared.plcs import PlcHealth
+from hapair.shared.records import EndpointRecord, decode
+from hapair.shared.store import Store, StoreError
+from hapair.shared.txn import Compare, Op
 
 SITE_YAML = """\
 site: plant-1

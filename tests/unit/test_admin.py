@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared import admin, records
+from hapair.shared import admin, records
 
 
 def test_forcing_one_of_several_quorum_standbys_warns_that_the_others_may_hold_more() -> None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from shared.client.models import STALE_HEADER
+from hapair.shared.client.models import STALE_HEADER
 
 
 def test_stale_header_name_is_the_registrys() -> None:
-    from registry.routes import STALE_HEADER as registry_header
+    from hapair.registry.routes import STALE_HEADER as registry_header
 
     assert registry_header == STALE_HEADER

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from shared.client import Endpoint
+from hapair.shared.client import Endpoint
 from tests.support.client_lab import FakeRegistry, fast, next_of, until, warnings_of
 
 

@@ -11,11 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from shared.client import Backoff, Endpoint
-from shared.client.errors import DeadlineExceeded
-from shared.client.models import EndpointAnswer
-from shared.client.resolver import parse_registries
-from shared.client.sse import SseError, SseEvent, SseParser
+from hapair.shared.client import Backoff, Endpoint
+from hapair.shared.client.errors import DeadlineExceeded
+from hapair.shared.client.models import EndpointAnswer
+from hapair.shared.client.resolver import parse_registries
+from hapair.shared.client.sse import SseError, SseEvent, SseParser
 
 
 def test_backoff_grows_to_its_cap_with_jitter_below_each_step() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from comm_server.config import ConfigError, loads
-from shared.plcs import ModbusPlc, OpcUaPlc
+from hapair.comm_server.config import ConfigError, loads
+from hapair.shared.plcs import ModbusPlc, OpcUaPlc
 
 EXAMPLE = """
 plcs:

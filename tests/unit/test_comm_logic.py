@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from comm_server.codec import (
+from hapair.comm_server.codec import (
     EncodeError,
     encode_registers,
     plan_reads,
@@ -18,11 +18,11 @@ from comm_server.codec import (
     registers_bytes,
     split_block,
 )
-from comm_server.level import service_level
-from comm_server.paths import PathSwitch
-from comm_server.tags import Quality, TagState, TagTable
-from comm_server.uatypes import S
-from shared.plcs import ModbusTag
+from hapair.comm_server.level import service_level
+from hapair.comm_server.paths import PathSwitch
+from hapair.comm_server.tags import Quality, TagState, TagTable
+from hapair.comm_server.uatypes import S
+from hapair.shared.plcs import ModbusTag
 from tests.support.plc_sim import to_registers
 
 RANGES = {

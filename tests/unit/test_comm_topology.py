@@ -13,11 +13,11 @@ import pytest
 import yaml
 from asyncua import ua
 
-from comm_server.config import loads as load_plcs
-from comm_server.source import PlcListError, plcs_of
-from shared import records, topology
-from shared.plcs import PLC_NAME_PATTERN, OpcUaPlc, node_id_problem
-from shared.plcs import ModbusPlc as ModbusPlcConfig
+from hapair.comm_server.config import loads as load_plcs
+from hapair.comm_server.source import PlcListError, plcs_of
+from hapair.shared import records, topology
+from hapair.shared.plcs import PLC_NAME_PATTERN, OpcUaPlc, node_id_problem
+from hapair.shared.plcs import ModbusPlc as ModbusPlcConfig
 from tests.support.harness import free_port
 from tests.unit.test_comm_config import EXAMPLE
 

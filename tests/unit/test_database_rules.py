@@ -6,14 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from shared.database import DatabaseConfig
-from shared.log import EventLog
-from shared.records import SyncState
-from shared.topology import Node, Pair
+from hapair.shared.database import DatabaseConfig
+from hapair.shared.log import EventLog
+from hapair.shared.records import SyncState
+from hapair.shared.topology import Node, Pair
+from hapair.workshop_agent.database import Database, eligible, named_standbys
+from hapair.workshop_agent.pg.files import sync_names
+from hapair.workshop_agent.pg.status import PgStatus, Replica
 from tests.support.pg_harness import database_section
-from workshop_agent.database import Database, eligible, named_standbys
-from workshop_agent.pg.files import sync_names
-from workshop_agent.pg.status import PgStatus, Replica
 
 SYNC = DatabaseConfig.model_validate(database_section(Path("/srv"), 5432, synchronous=True))
 ASYNC = DatabaseConfig.model_validate(database_section(Path("/srv"), 5432, synchronous=False))

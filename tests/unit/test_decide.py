@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.database import DatabaseConfig
-from shared.topology import Pair
-from workshop_agent.decide import (
+from hapair.shared.database import DatabaseConfig
+from hapair.shared.topology import Pair
+from hapair.workshop_agent.decide import (
     Adopt,
     Campaign,
     Decision,

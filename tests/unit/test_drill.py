@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from registry.console.drill_faults import FaultError, local_agent
-from registry.console.drill_measure import Sample, figures
-from shared.records import NodeStatus, local_boot_id
+from hapair.registry.console.drill_faults import FaultError, local_agent
+from hapair.registry.console.drill_measure import Sample, figures
+from hapair.shared.records import NodeStatus, local_boot_id
 
 
 def _s(at: float, ok: bool, epoch: int = 5) -> Sample:

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from shared.log import EventLog
-from workshop_agent.fencing import Fencing
-from workshop_agent.hold import Ledger
-from workshop_agent.peer_wire import HoldReply
+from hapair.shared.log import EventLog
+from hapair.workshop_agent.fencing import Fencing
+from hapair.workshop_agent.hold import Ledger
+from hapair.workshop_agent.peer_wire import HoldReply
 
 FENCE_AFTER = 1.5
 MARGIN = 0.5

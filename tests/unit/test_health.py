@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from shared.topology import Health
+from hapair.shared.topology import Health
+from hapair.workshop_agent.health import probe
 from tests.support.harness import free_port
-from workshop_agent.health import probe
 
 VALUES = {"node.name": "asm-a", "node.address": "127.0.0.1", "pair.name": "asm", "epoch": "7"}
 RELEASE = web.AppKey("release", asyncio.Event)

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from hapair.workshop_agent.decide import Campaign, HandoverView, decide
+from hapair.workshop_agent.hold import Ledger, Promises
+from hapair.workshop_agent.peer_wire import Hold, HoldReply, Release, decode, encode
 from tests.unit.test_decide import obs
-from workshop_agent.decide import Campaign, HandoverView, decide
-from workshop_agent.hold import Ledger, Promises
-from workshop_agent.peer_wire import Hold, HoldReply, Release, decode, encode
 
 FENCE_AFTER = 1.5
 

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from shared.log import EventLog, LogfmtFormatter
+from hapair.shared.log import EventLog, LogfmtFormatter
 
 
 def _boom() -> None:

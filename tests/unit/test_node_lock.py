@@ -7,9 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from shared.agent_process import Here, Seen, judge, local_pid_ns, look, runs_here, start_ticks
-from shared.records import NodeStatus, local_boot_id
-from workshop_agent.node_lock import NodeLocked, lock_node, unlock
+from hapair.shared.agent_process import (
+    Here,
+    Seen,
+    judge,
+    local_pid_ns,
+    look,
+    runs_here,
+    start_ticks,
+)
+from hapair.shared.records import NodeStatus, local_boot_id
+from hapair.workshop_agent.node_lock import NodeLocked, lock_node, unlock
 
 HERE = Here(boot_id="boot-1", pid_ns=4026531836)
 

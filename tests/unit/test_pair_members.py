@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared import records
-from shared.admin import TakeoverRisk
+from hapair.shared import records
+from hapair.shared.admin import TakeoverRisk
 
 pytestmark = pytest.mark.e2e
 

@@ -9,13 +9,13 @@ import pytest
 import yaml
 from psycopg import pq
 
-from shared.topology import TopologyError
-from workshop_agent.pg import files
-from workshop_agent.pg.config import Layout, parse_database
-from workshop_agent.pg.errors import PgError, SecretError
-from workshop_agent.pg.query import scram_matches
-from workshop_agent.pg.secrets import load_secrets, read_password
-from workshop_agent.pg.status import (
+from hapair.shared.topology import TopologyError
+from hapair.workshop_agent.pg import files
+from hapair.workshop_agent.pg.config import Layout, parse_database
+from hapair.workshop_agent.pg.errors import PgError, SecretError
+from hapair.workshop_agent.pg.query import scram_matches
+from hapair.workshop_agent.pg.secrets import load_secrets, read_password
+from hapair.workshop_agent.pg.status import (
     LocalPosition,
     TimelineSwitch,
     format_lsn,

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from shared.topology import format_errors
-from workshop_agent.peer_wire import Ping, Pong, decode, encode
-from workshop_agent.probes import (
+from hapair.shared.topology import format_errors
+from hapair.workshop_agent.peer_wire import Ping, Pong, decode, encode
+from hapair.workshop_agent.probes import (
     Network,
     NetworkProbes,
     PeerPath,
@@ -320,7 +320,7 @@ async def test_icmp_target_on_loopback() -> None:
 # One node's probing, run inside a namespace; prints its summary as JSON every 50 ms.
 NODE = """
 import asyncio, json, sys
-from workshop_agent.probes import Network, NetworkProbes
+from hapair.workshop_agent.probes import Network, NetworkProbes
 
 async def main():
     cfg = json.loads(sys.argv[1])

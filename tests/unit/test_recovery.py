@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from shared.topology import Pair, TopologyError, parse_site
+from hapair.shared.topology import Pair, TopologyError, parse_site
+from hapair.workshop_agent import recovery as rec_mod
 from tests.support.cluster import Cluster
-from workshop_agent import recovery as rec_mod
 
 pytestmark = pytest.mark.e2e
 

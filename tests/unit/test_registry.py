@@ -6,8 +6,8 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from registry.app import create_app
-from registry.routes import PollQuery
+from hapair.registry.app import create_app
+from hapair.registry.routes import PollQuery
 
 
 async def get(c: TestClient[Any, Any], path: str) -> tuple[int, Any]:
@@ -16,7 +16,7 @@ async def get(c: TestClient[Any, Any], path: str) -> tuple[int, Any]:
 
 
 def test_wait_s_is_capped() -> None:
-    from registry.routes import MAX_WAIT_S
+    from hapair.registry.routes import MAX_WAIT_S
 
     assert min(PollQuery.model_validate({"wait_s": "100000"}).wait_s, MAX_WAIT_S) == 300
 

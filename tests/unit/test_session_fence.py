@@ -11,9 +11,9 @@ import asyncio
 
 import pytest
 
-from shared.lease import Session
-from shared.log import EventLog
-from shared.topology import Failover
+from hapair.shared.lease import Session
+from hapair.shared.log import EventLog
+from hapair.shared.topology import Failover
 
 TTL, FENCE_AFTER = 2.0, 1.5
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared import keys
-from shared.store import LeaseNotFound, Store, StoreError, Timeout, Unavailable
+from hapair.shared import keys
+from hapair.shared.store import LeaseNotFound, Store, StoreError, Timeout, Unavailable
 from tests.support.harness import free_port
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workshop_agent.decide import HandoverView, takeover_cause
+from hapair.workshop_agent.decide import HandoverView, takeover_cause
 
 
 def handover(to: str, from_node: str, planned: bool = True) -> HandoverView:

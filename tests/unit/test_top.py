@@ -16,13 +16,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from registry.console.status import ago
-from registry.console.top.control import handle, parse_keys
-from registry.console.top.feed import Request, outcome, split_urls
-from registry.console.top.state import NOTICE_S, Connection, Notice, Selection, pairs_of
-from registry.console.top.view import clock, render
-from shared.plcs import PathHealth
-from shared.report import (
+from hapair.registry.console.status import ago
+from hapair.registry.console.top.control import handle, parse_keys
+from hapair.registry.console.top.feed import Request, outcome, split_urls
+from hapair.registry.console.top.state import NOTICE_S, Connection, Notice, Selection, pairs_of
+from hapair.registry.console.top.view import clock, render
+from hapair.shared.plcs import PathHealth
+from hapair.shared.report import (
     ContextReport,
     DatabaseReport,
     EventReport,

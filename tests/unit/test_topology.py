@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from shared import topology
-from shared.topology import (
+from hapair.shared import topology
+from hapair.shared.topology import (
     NAME_PATTERN,
     Failover,
     Health,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from shared import keys, records
-from shared.store import Kv
-from shared.view import SiteView
+from hapair.shared import keys, records
+from hapair.shared.store import Kv
+from hapair.shared.view import SiteView
 from tests.support.site_records import site
 
 _rev = iter(range(100, 10_000))

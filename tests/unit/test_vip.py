@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from shared.topology import TopologyError, parse_site
+from hapair.shared.topology import TopologyError, parse_site
 
 
 def _site(vip: dict[str, Any] | None) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from shared.clock import boottime
+from hapair.shared.clock import boottime
 
 
 def test_the_deadline_protocol_is_on_boottime() -> None:
@@ -14,10 +14,10 @@ def test_the_deadline_protocol_is_on_boottime() -> None:
     checks that every fence deadline is read from CLOCK_BOOTTIME.)"""
     import inspect
 
-    from shared import lease
-    from workshop_agent import probes, supervisor, watchdog
-    from workshop_agent.agent import Agent
-    from workshop_agent.settings import AgentSettings
+    from hapair.shared import lease
+    from hapair.workshop_agent import probes, supervisor, watchdog
+    from hapair.workshop_agent.agent import Agent
+    from hapair.workshop_agent.settings import AgentSettings
 
     assert abs(boottime() - time.clock_gettime(time.CLOCK_BOOTTIME)) < 0.01
     assert inspect.signature(watchdog.serve).parameters["clock"].default is boottime

@@ -7,10 +7,10 @@ and ``standby`` (one node's plumbing, following a primary), ``manager`` (what th
 agent calls). Every failure is a ``PgError`` naming its step.
 """
 
-from workshop_agent.pg.config import DatabaseConfig, parse_database
-from workshop_agent.pg.errors import PgError, SecretError
-from workshop_agent.pg.manager import PgManager, PgResult, Timeouts
-from workshop_agent.pg.status import PgStatus, Replica
+from hapair.workshop_agent.pg.config import DatabaseConfig, parse_database
+from hapair.workshop_agent.pg.errors import PgError, SecretError
+from hapair.workshop_agent.pg.manager import PgManager, PgResult, Timeouts
+from hapair.workshop_agent.pg.status import PgStatus, Replica
 
 __all__ = [
     "DatabaseConfig",

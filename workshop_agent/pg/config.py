@@ -1,5 +1,5 @@
 """The ``database:`` section lives with the site file models; re-exported here."""
 
-from shared.database import DatabaseConfig as DatabaseConfig
-from shared.database import Layout as Layout
-from shared.database import parse_database as parse_database
+from hapair.shared.database import DatabaseConfig as DatabaseConfig
+from hapair.shared.database import Layout as Layout
+from hapair.shared.database import parse_database as parse_database

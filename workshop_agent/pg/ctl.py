@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from workshop_agent.pg import files
-from workshop_agent.pg.config import Layout
-from workshop_agent.pg.errors import PgError, tail
-from workshop_agent.pg.proc import (
+from hapair.workshop_agent.pg import files
+from hapair.workshop_agent.pg.config import Layout
+from hapair.workshop_agent.pg.errors import PgError, tail
+from hapair.workshop_agent.pg.proc import (
     POLL_S,
     Runner,
     children,
@@ -28,8 +28,8 @@ from workshop_agent.pg.proc import (
     signal_pid,
     wait_gone,
 )
-from workshop_agent.pg.secrets import Secret
-from workshop_agent.pg.status import format_lsn, parse_lsn
+from hapair.workshop_agent.pg.secrets import Secret
+from hapair.workshop_agent.pg.status import format_lsn, parse_lsn
 
 LOG_ROTATE_BYTES = 16 * 1024 * 1024
 _WALDUMP_END = re.compile(

@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from workshop_agent.pg.config import DatabaseConfig, Layout
+from hapair.workshop_agent.pg.config import DatabaseConfig, Layout
 
 BASE_CONF = "postgresql.base.conf"
 AUTO_CONF = "postgresql.auto.conf"

@@ -24,17 +24,17 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from shared.process_context import fence_all
-from shared.topology import Node, Pair
-from workshop_agent.pg import ctl, files, hooks
-from workshop_agent.pg import query as q
-from workshop_agent.pg.config import DatabaseConfig, Layout
-from workshop_agent.pg.errors import PgError
-from workshop_agent.pg.node import PgNode, Timeouts
-from workshop_agent.pg.proc import Runner, read_pid_file
-from workshop_agent.pg.secrets import Secrets, load_secrets
-from workshop_agent.pg.standby import become_standby
-from workshop_agent.pg.status import PgStatus
+from hapair.shared.process_context import fence_all
+from hapair.shared.topology import Node, Pair
+from hapair.workshop_agent.pg import ctl, files, hooks
+from hapair.workshop_agent.pg import query as q
+from hapair.workshop_agent.pg.config import DatabaseConfig, Layout
+from hapair.workshop_agent.pg.errors import PgError
+from hapair.workshop_agent.pg.node import PgNode, Timeouts
+from hapair.workshop_agent.pg.proc import Runner, read_pid_file
+from hapair.workshop_agent.pg.secrets import Secrets, load_secrets
+from hapair.workshop_agent.pg.standby import become_standby
+from hapair.workshop_agent.pg.status import PgStatus
 
 Action = Literal[
     "none", "initialised", "started", "promoted", "cloned", "rewound", "recloned",

@@ -8,13 +8,13 @@ import contextlib
 import time
 from dataclasses import dataclass
 
-from shared.topology import Node, Pair, placeholder_values
-from workshop_agent.pg import ctl, files
-from workshop_agent.pg import query as q
-from workshop_agent.pg.config import DatabaseConfig
-from workshop_agent.pg.errors import PgError
-from workshop_agent.pg.proc import Runner, running_pid
-from workshop_agent.pg.secrets import Secrets
+from hapair.shared.topology import Node, Pair, placeholder_values
+from hapair.workshop_agent.pg import ctl, files
+from hapair.workshop_agent.pg import query as q
+from hapair.workshop_agent.pg.config import DatabaseConfig
+from hapair.workshop_agent.pg.errors import PgError
+from hapair.workshop_agent.pg.proc import Runner, running_pid
+from hapair.workshop_agent.pg.secrets import Secrets
 
 
 @dataclass(frozen=True)

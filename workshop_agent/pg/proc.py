@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from workshop_agent.pg.errors import PgError
+from hapair.workshop_agent.pg.errors import PgError
 
 POLL_S = 0.005
 PG_ROOT = Path("/usr/lib/postgresql")

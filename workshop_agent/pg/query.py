@@ -24,9 +24,9 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql
 
-from workshop_agent.pg.errors import PgError
-from workshop_agent.pg.secrets import Secret
-from workshop_agent.pg.status import Replica, TimelineSwitch, parse_history, parse_lsn
+from hapair.workshop_agent.pg.errors import PgError
+from hapair.workshop_agent.pg.secrets import Secret
+from hapair.workshop_agent.pg.status import Replica, TimelineSwitch, parse_history, parse_lsn
 
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 T = TypeVar("T")

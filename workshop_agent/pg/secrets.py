@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workshop_agent.pg.config import DatabaseConfig
-from workshop_agent.pg.errors import SecretError
+from hapair.workshop_agent.pg.config import DatabaseConfig
+from hapair.workshop_agent.pg.errors import SecretError
 
 MAX_BYTES = 1024
 

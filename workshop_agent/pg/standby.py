@@ -14,11 +14,11 @@ import os
 import shutil
 from typing import Literal
 
-from workshop_agent.pg import ctl
-from workshop_agent.pg import query as q
-from workshop_agent.pg.errors import PgError
-from workshop_agent.pg.node import PgNode
-from workshop_agent.pg.status import LocalPosition, needs_rewind
+from hapair.workshop_agent.pg import ctl
+from hapair.workshop_agent.pg import query as q
+from hapair.workshop_agent.pg.errors import PgError
+from hapair.workshop_agent.pg.node import PgNode
+from hapair.workshop_agent.pg.status import LocalPosition, needs_rewind
 
 StandbyAction = Literal["none", "repointed", "started", "cloned", "rewound", "recloned"]
 

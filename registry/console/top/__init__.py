@@ -1,12 +1,12 @@
 """``hapair top``: a live site dashboard for a terminal, fed by a registry's event stream.
 
-- :mod:`registry.console.top.state`: what is known besides the site report (the connection,
+- :mod:`hapair.registry.console.top.state`: what is known besides the site report (the connection,
   the operator's selection, the question asked);
-- :mod:`registry.console.top.view`: the screen as a pure function of what is known
+- :mod:`hapair.registry.console.top.view`: the screen as a pure function of what is known
   (site report, connection state, clock, selection);
-- :mod:`registry.console.top.control`: keys to selections, confirmations and admin requests,
+- :mod:`hapair.registry.console.top.control`: keys to selections, confirmations and admin requests,
   also pure, and the :class:`~registry.console.top.control.Top` controller that holds the state;
-- :mod:`registry.console.top.feed`: the site from the first registry that answers, switching
+- :mod:`hapair.registry.console.top.feed`: the site from the first registry that answers, switching
   to another when it goes away, and the admin requests;
-- :mod:`registry.console.top.terminal`: the terminal itself (raw keys, full-screen frames).
+- :mod:`hapair.registry.console.top.terminal`: the terminal itself (raw keys, full-screen frames).
 """

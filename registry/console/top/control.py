@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Literal
 
-from registry.console.top.feed import Request, SiteFeed
-from registry.console.top.state import (
+from hapair.registry.console.top.feed import Request, SiteFeed
+from hapair.registry.console.top.state import (
     Connection,
     Notice,
     Prompt,
@@ -28,8 +28,8 @@ from registry.console.top.state import (
     ready_standbys,
     selected_pair,
 )
-from registry.console.top.view import Dashboard, render
-from shared.report import PairReport, SiteReport
+from hapair.registry.console.top.view import Dashboard, render
+from hapair.shared.report import PairReport, SiteReport
 
 Effect = Request | Literal["quit"] | None
 

@@ -1,8 +1,8 @@
 """The site for ``hapair top``, from the first registry that answers, and its admin routes.
 
 :class:`SiteFeed` follows one registry at a time with
-:meth:`registry.console.sources.RegistrySource.follow`: the site is read again on every event of
-the registry's stream (and every ``tick_s``, for what the stream does not carry, such
+:meth:`hapair.registry.console.sources.RegistrySource.follow`: the site is read again on
+every event of the registry's stream (and every ``tick_s``, for what the stream does not carry, such
 as restart counts). A report with a warning, or no report, means that registry can no
 longer vouch for the present (it went away, or it lost etcd): the feed then says so at
 once, keeping the last current report and when it was read, and moves on to the next
@@ -21,9 +21,9 @@ from typing import Any, Literal, cast
 
 import aiohttp
 
-from registry.console.sources import RegistrySource, SourceError
-from registry.console.top.state import Connection
-from shared.report import SiteReport
+from hapair.registry.console.sources import RegistrySource, SourceError
+from hapair.registry.console.top.state import Connection
+from hapair.shared.report import SiteReport
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from shared.report import DatabaseReport, NodeReport, PairReport, RecoveryReport, SiteReport
+from hapair.shared.report import DatabaseReport, NodeReport, PairReport, RecoveryReport, SiteReport
 
 NOTICE_S = 30.0
 """How long the outcome of a request stays on screen."""

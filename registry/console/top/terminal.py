@@ -21,8 +21,8 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 
-from registry.console.top.control import Top, parse_keys
-from registry.console.top.feed import SiteFeed
+from hapair.registry.console.top.control import Top, parse_keys
+from hapair.registry.console.top.feed import SiteFeed
 
 SEND_GRACE_S = 5.0
 

@@ -26,7 +26,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 from rich.text import Text
 
-from registry.console.status import (
+from hapair.registry.console.status import (
     PLC_STYLES,
     ROLE_STYLES,
     STATE_STYLES,
@@ -39,7 +39,7 @@ from registry.console.status import (
     context_text,
     path_name,
 )
-from registry.console.top.state import (
+from hapair.registry.console.top.state import (
     NOTICE_S,
     Connection,
     PairDatabase,
@@ -51,7 +51,7 @@ from registry.console.top.state import (
     ready_standbys,
     selected_pair,
 )
-from shared.report import DatabaseReport, NodeReport, PairReport, PlcReport, SiteReport
+from hapair.shared.report import DatabaseReport, NodeReport, PairReport, PlcReport, SiteReport
 
 ALARM = "bold white on red"
 AWAIT = "bold black on yellow"
