@@ -11,6 +11,8 @@ Nothing is started unless ``may_run()`` says the lease and the term are still go
 the check is made again in the very step that forks; the child itself (``exec_guard.py``)
 refuses to run the service's program once the fence point it was given has passed, so
 a freeze anywhere between the decision and the ``exec`` cannot start a service late.
+The processes of one run are forked and stopped by ``service_process.py``; this module
+decides when, and watches them.
 """
 
 from __future__ import annotations
@@ -20,10 +22,7 @@ import contextlib
 import os
 import shutil
 import signal
-import sys
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -32,62 +31,14 @@ from hapair.shared.clock import boottime
 from hapair.shared.log import EventLog
 from hapair.shared.records import ServiceState, ServiceStatus
 from hapair.shared.topology import Health, Node, Pair, Service, expand, placeholder_values
-from hapair.workshop_agent import cgroups
 from hapair.workshop_agent.cgroups import CgroupTree
 from hapair.workshop_agent.exec_guard import REFUSED
 from hapair.workshop_agent.health import probe
+from hapair.workshop_agent.restart_budget import RestartBudget
+from hapair.workshop_agent.service_process import Runner, ServiceProcesses
 from hapair.workshop_agent.watchdog import WatchdogLink
 
-SETPRIV = shutil.which("setpriv")
 READY_POLL_S = 0.02
-EXEC_GUARD = str(Path(__file__).with_name("exec_guard.py"))
-CGROUP_EMPTY_S = 2.0  # bound on waiting for a killed cgroup to empty before removing it
-# Test hooks, off unless set in the agent's environment: the agent stops itself (SIGSTOP)
-# once, in the step that forks this active-only service, after it decided to start it
-# (before the fork) or right after the fork (before anything else knows the process).
-STOP_AT = {
-    "before fork": os.environ.get("HAPAIR_TEST_STOP_BEFORE_FORK"),
-    "after fork": os.environ.get("HAPAIR_TEST_STOP_AFTER_FORK"),
-}
-
-
-class RestartBudget:
-    """At most ``max_restarts`` restarts in any ``window_s`` seconds."""
-
-    def __init__(self, max_restarts: int, window_s: float) -> None:
-        self.max_restarts = max_restarts
-        self.window_s = window_s
-        self.times: deque[float] = deque()
-
-    def allow(self, now: float) -> bool:
-        while self.times and now - self.times[0] >= self.window_s:
-            self.times.popleft()
-        if len(self.times) >= self.max_restarts:
-            return False
-        self.times.append(now)
-        return True
-
-
-@dataclass(eq=False)
-class Runner:
-    spec: Service
-    budget: RestartBudget
-    state: ServiceState = "stopped"
-    restarts: int = 0
-    detail: str | None = None
-    proc: asyncio.subprocess.Process | None = None
-    cgroup: Path | None = None
-    task: asyncio.Task[None] | None = None
-    spawning: asyncio.Task[float | None] | None = None
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def active_only(self) -> bool:
-        return self.spec.placement == "active"
-
-    def alive(self) -> bool:
-        task_alive = any(t is not None and not t.done() for t in (self.task, self.spawning))
-        return task_alive or (self.proc is not None and self.proc.returncode is None)
 
 
 def _describe_exit(code: int) -> str:
@@ -95,11 +46,6 @@ def _describe_exit(code: int) -> str:
         with contextlib.suppress(ValueError):
             return f"killed by {signal.Signals(-code).name}"
     return f"exited with code {code}"
-
-
-def _killpg(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
 
 
 class Supervisor:
@@ -127,19 +73,7 @@ class Supervisor:
         self.on_change = on_change
         self.env = env
         self.clock = clock
-        self.run_until = run_until
-        self.cgroups, why = CgroupTree.create(node.name)
-        if self.cgroups is not None:
-            watchdog.add_tree(self.cgroups.root)
-        else:
-            self.log.warning(
-                "services fenced by process group only: a service that leaves its group "
-                "survives a fence",
-                reason=why,
-            )
-        self._stopped_at: set[str] = set()  # the test hooks that have fired
-        self.log_dir = state_dir / "logs"
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.processes = ServiceProcesses(node.name, log, watchdog, state_dir, clock, run_until)
         self.epoch: int | None = None
         self.failure: str | None = None
         self.runners: dict[str, Runner] = {}
@@ -149,6 +83,11 @@ class Supervisor:
         self._http: aiohttp.ClientSession | None = None
         self._cleanups: set[asyncio.Task[None]] = set()
         self._sync_runners(pair)
+
+    @property
+    def cgroups(self) -> CgroupTree | None:
+        """The services' cgroup tree; None where cgroup v2 cannot be used."""
+        return self.processes.cgroups
 
     # -- views ------------------------------------------------------------------------
     def active_up(self) -> bool:
@@ -288,21 +227,12 @@ class Supervisor:
         self.failure = None  # as in deactivate: it belonged to the term now fenced
         if self._activation is not None:
             self._activation.cancel()
-        loop = asyncio.get_running_loop()
         for r in self.runners.values():
             if not r.active_only or not r.alive():
                 continue
             if r.task is not None:
                 r.task.cancel()
-            signalled = None
-            if r.proc is not None and r.proc.returncode is None:
-                signalled = r.proc
-                _killpg(signalled.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
-                loop.call_later(grace, _killpg, signalled.pid, signal.SIGKILL)
-            if r.cgroup is not None:
-                group = signalled.pid if signalled is not None else None
-                cgroups.signal_all(r.cgroup, signal.SIGTERM, signalled_group=group)
-                loop.call_later(grace, cgroups.kill, r.cgroup)
+            signalled = self.processes.fence(r, grace)
             cleanup = asyncio.create_task(self._stop(r, grace, signalled))
             self._cleanups.add(cleanup)
             cleanup.add_done_callback(self._cleanups.discard)
@@ -317,8 +247,7 @@ class Supervisor:
             await self._stop(r, r.spec.stop_grace_s)
         if self._http is not None:
             await self._http.close()
-        if self.cgroups is not None:
-            self.cgroups.close()
+        self.processes.close()
 
     async def _cancel_activation(self) -> None:
         if self._activation is not None:
@@ -335,65 +264,9 @@ class Supervisor:
             with contextlib.suppress(asyncio.CancelledError):
                 await r.task
             r.task = None
-        await self._terminate(r, grace, signalled)
+        await self.processes.terminate(r, grace, signalled)
         r.state, r.detail = "stopped", None
         r.ready.set()
-
-    async def _terminate(
-        self, r: Runner, grace: float, signalled: asyncio.subprocess.Process | None = None
-    ) -> None:
-        """Stop the run: SIGTERM (unless the fence already sent it to this very
-        process), SIGKILL after ``grace``, then whatever is left in its group and cgroup."""
-        if r.spawning is not None:
-            # A fork in flight finishes first, so its process is known and stopped too.
-            await asyncio.wait([r.spawning])
-            r.spawning = None
-        proc, cgroup = r.proc, r.cgroup
-        if proc is not None and proc.returncode is None:
-            if proc is not signalled:
-                _killpg(proc.pid, signal.SIGTERM)
-                if cgroup is not None:
-                    cgroups.signal_all(cgroup, signal.SIGTERM, signalled_group=proc.pid)
-            try:
-                await asyncio.wait_for(asyncio.shield(proc.wait()), grace)
-            except TimeoutError:
-                _killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
-        # The leader of the group is gone; nothing it started may outlive it.
-        if proc is not None:
-            _killpg(proc.pid, signal.SIGKILL)
-            if r.active_only:
-                self.watchdog.remove(proc.pid)
-            r.proc = None
-        emptied = None
-        if cgroup is not None:
-            cgroups.kill(cgroup)
-            if await self._remove_cgroup(cgroup):
-                emptied = cgroup
-                if r.active_only:
-                    self.watchdog.remove_cgroup(cgroup)
-            r.cgroup = None
-        if proc is not None:
-            # The record of when this run was over: its leader reaped, and its cgroup
-            # (named only if it was seen empty) with everything the service started.
-            self.log.info(
-                "service ended",
-                service=r.spec.name,
-                pid=proc.pid,
-                at=repr(self.clock()),
-                cgroup=emptied,
-            )
-
-    async def _remove_cgroup(self, cgroup: Path) -> bool:
-        """Remove a killed run's cgroup once its processes are gone (bounded)."""
-        deadline = self.clock() + CGROUP_EMPTY_S
-        # The kernel tells no one when a cgroup empties but through cgroup.events: poll.
-        while cgroups.populated(cgroup) and self.clock() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-        if cgroups.remove(cgroup):
-            return True
-        self.log.warning("service cgroup not empty after a kill", cgroup=str(cgroup))
-        return False
 
     # -- one service ------------------------------------------------------------------
     async def _run(self, r: Runner, epoch: int | None) -> None:
@@ -406,7 +279,7 @@ class Supervisor:
             r.state = "starting"
             self.on_change()
             outcome = await self._spawn_and_watch(r, epoch)
-            await self._terminate(r, min(r.spec.stop_grace_s, 2.0))
+            await self.processes.terminate(r, min(r.spec.stop_grace_s, 2.0))
             if outcome is None:
                 self.log.warning("service not started: its term ended", service=r.spec.name)
                 r.state = "stopped"
@@ -460,8 +333,11 @@ class Supervisor:
         }
         cwd = expand(r.spec.cwd, values) if r.spec.cwd else None
         # A task of its own, shielded: a cancel (fence, stop) must never lose the handle
-        # of a process already forked; _terminate waits for it.
-        r.spawning = asyncio.create_task(self._fork(r, [exe, *argv[1:]], env, cwd, epoch))
+        # of a process already forked; terminate waits for it.
+        forking = self.processes.fork(
+            r, [exe, *argv[1:]], env, cwd, in_term=lambda: self.epoch == epoch
+        )
+        r.spawning = asyncio.create_task(forking)
         try:
             until = await asyncio.shield(r.spawning)
         except OSError as err:
@@ -474,81 +350,6 @@ class Supervisor:
         if proc.returncode == REFUSED and not self.clock() < until:
             return None  # the guard refused: the fence point passed before the exec
         return outcome
-
-    async def _fork(
-        self, r: Runner, argv: list[str], env: dict[str, str], cwd: str | None, epoch: int | None
-    ) -> float | None:
-        """Fork the service; the fence point its program must start before, or None if
-        the term has ended (nothing forked, or the child told never to run its program)."""
-        self._stop_for_test(r, "before fork")
-        # Checked again in the step that forks: the check that led here may be old.
-        until = float("inf")
-        if r.active_only:
-            until = self.run_until()
-            if self.epoch != epoch or not self.clock() < until:
-                return None
-        r.cgroup = self.cgroups.new_run(r.spec.name) if self.cgroups is not None else None
-        if r.cgroup is not None and r.active_only:
-            self.watchdog.add_cgroup(r.cgroup)  # before anything can run in it
-        prefix = [SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV else []
-        # The child waits on this pipe before its program runs, until the watchdog knows
-        # its process group; end of file (this agent died, or the term ended) and it never
-        # runs. Frozen right after the fork, this agent leaves no service the watchdog
-        # cannot kill.
-        go_read, go = os.pipe()
-        forked = False
-        try:
-            guard = [
-                *(sys.executable, "-I", "-S", EXEC_GUARD, repr(until)),
-                *(str(r.cgroup or "-"), str(go_read), "--"),
-            ]
-            forked_at = self.clock()  # no process of this run can exist before
-            with (self.log_dir / f"{r.spec.name}.log").open("ab") as logfile:
-                r.proc = await asyncio.create_subprocess_exec(
-                    *prefix,
-                    *guard,
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=logfile,
-                    stderr=asyncio.subprocess.STDOUT,
-                    env=env,
-                    cwd=cwd,
-                    start_new_session=True,
-                    pass_fds=(go_read,),
-                )
-            forked = True
-            os.close(go_read)
-            # Logged in the step that forks (a cancel cannot come between): the record of
-            # every process this node ever started for a service, and from when.
-            self.log.info(
-                "service started",
-                service=r.spec.name,
-                pid=r.proc.pid,
-                at=repr(forked_at),
-                cgroup=r.cgroup,
-            )
-            self._stop_for_test(r, "after fork")
-            if r.active_only:
-                # Written into the watchdog's pipe before the child may go on: the
-                # watchdog reads it whatever this agent does next, and kills the group
-                # at once if its deadline has passed meanwhile.
-                self.watchdog.add(r.proc.pid)
-                # Checked again: a freeze since the check above may have ended the term.
-                if self.epoch != epoch or not self.clock() < until:
-                    return None
-            with contextlib.suppress(BrokenPipeError):  # the child is gone already
-                os.write(go, b"\1")
-        finally:
-            if not forked:
-                os.close(go_read)
-            os.close(go)
-        return until
-
-    def _stop_for_test(self, r: Runner, point: str) -> None:
-        """The test hooks above (``STOP_AT``): stop this agent at ``point``, once."""
-        if r.active_only and STOP_AT[point] == r.spec.name and point not in self._stopped_at:
-            self._stopped_at.add(point)
-            os.kill(os.getpid(), signal.SIGSTOP)
 
     async def _watch(
         self, r: Runner, proc: asyncio.subprocess.Process, values: dict[str, str]

@@ -26,7 +26,8 @@ from hapair.shared.topology import parse_site
 from hapair.workshop_agent import cgroups
 from hapair.workshop_agent.cgroups import CgroupTree
 from hapair.workshop_agent.exec_guard import REFUSED
-from hapair.workshop_agent.supervisor import EXEC_GUARD, Supervisor
+from hapair.workshop_agent.service_process import EXEC_GUARD
+from hapair.workshop_agent.supervisor import Supervisor
 from hapair.workshop_agent.watchdog import WatchdogLink
 from tests.integration.test_fence_services import escaped, escaping_service
 from tests.support.cluster import pid_alive, until

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hapair.workshop_agent.supervisor import RestartBudget
+from hapair.workshop_agent.restart_budget import RestartBudget
 
 
 @pytest.mark.parametrize(
