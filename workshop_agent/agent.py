@@ -29,6 +29,7 @@ from hapair.shared.store import Kv, Mirror, Store, StoreError
 from hapair.shared.topology import Failover, Node, Pair
 from hapair.workshop_agent import database_care
 from hapair.workshop_agent import decide as d
+from hapair.workshop_agent.candidates import hold_peers
 from hapair.workshop_agent.claim import AgentError, NodeClaim, lock_state_dir
 from hapair.workshop_agent.database import Database
 from hapair.workshop_agent.database_care import DatabaseCare
@@ -39,6 +40,7 @@ from hapair.workshop_agent.holding import Holding
 from hapair.workshop_agent.members import MemberSets
 from hapair.workshop_agent.netwatch import NetWatch
 from hapair.workshop_agent.node_lock import unlock
+from hapair.workshop_agent.observation import Observation
 from hapair.workshop_agent.observe import PairObserver, PairState
 from hapair.workshop_agent.publisher import Publisher
 from hapair.workshop_agent.recovery_steps import RecoverySteps
@@ -351,7 +353,7 @@ class Agent:
 
     def _hold_peers(self) -> frozenset[str]:
         assert self.pair is not None
-        return d.hold_peers(self.pair, self.me, self.members.acknowledged(self.pair))
+        return hold_peers(self.pair, self.me, self.members.acknowledged(self.pair))
 
     def _end_term(self) -> int | None:
         was, self.term = self.term, None
@@ -422,7 +424,7 @@ class Agent:
             if self.netwatch.tick() and self.netwatch.state is not None:
                 self.event("network", "; ".join(self.netwatch.state.problems()) or "all clear")
 
-    def _observe(self) -> d.Observation:
+    def _observe(self) -> Observation:
         assert self.pair is not None and self.session is not None and self.supervisor
         assert self.steps is not None and self.holding is not None
         now = self.clock()
@@ -433,7 +435,7 @@ class Agent:
         held_by = self.holding.held_by(now, self._state.handover if self._state else None)
         self._state = st
         healthy, _ = self.supervisor.healthy()
-        return d.Observation(
+        return Observation(
             now=now,
             me=self.me,
             pair=self.pair,

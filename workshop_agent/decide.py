@@ -1,9 +1,10 @@
 """The HA decision: a pure function from what the agent observes to what it must do.
 
 No I/O, no awaiting, no clock reads: the loop in ``agent.py`` gathers an
-:class:`Observation`, calls :func:`decide`, logs the decision's reason and carries out
-its actions. Safety rules live here, where tables of cases and property tests can
-reach them:
+:class:`Observation` (``observation.py``), calls :func:`decide`, logs the decision's
+reason and carries out its actions. Which nodes may take the pair over is
+``candidates.py``'s rule. Safety rules live here, where tables of cases and property
+tests can reach them:
 
 - services are started only with a live lease and a leader key that is ours;
 - an active that cannot prove its lease, or sees the leader key name anyone else,
@@ -14,119 +15,15 @@ reach them:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from hapair.shared.topology import Pair
-
-# ---- what the agent observes ------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class LeaderView:
-    node: str
-    epoch: int
-    lease: int
-
-
-@dataclass(frozen=True, slots=True)
-class PeerView:
-    """Another node of the pair, from its status record (absent = agent down)."""
-
-    role: str
-    healthy: bool
-    healthy_since: float | None = None
-    reaches: frozenset[str] = frozenset()
-    held_by: str | None = None
-    """The active this peer promised not to campaign against (see ``hold.py``)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Lost:
-    """A critical resource (a PLC, the database) this node's services cannot reach."""
-
-    since: float
-    grace_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class SwitchoverView:
-    request: str
-    to: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class HandoverView:
-    to: str
-    from_node: str
-    revision: int
-    seen_at: float
-    planned: bool = True
-    lsn: int | None = None
-    epoch: int = 0  # the term its writer stepped down from
-
-
-@dataclass(frozen=True, slots=True)
-class Observation:
-    now: float
-    me: str
-    pair: Pair
-    synced: bool
-    lease: int | None
-    lease_ok: bool
-    leader: LeaderView | None
-    leader_absent_since: float | None
-    term: int | None
-    services_up: bool
-    failure: str | None
-    healthy: bool
-    holdoff_until: float
-    started_at: float
-    peers: Mapping[str, PeerView] = field(default_factory=dict)
-    paused: bool = False
-    drained: frozenset[str] = frozenset()
-    switchover: SwitchoverView | None = None
-    handover: HandoverView | None = None
-    lost: Mapping[str, Lost] = field(default_factory=dict)
-    db_eligible: bool = True
-    """Without a database, or holding every acknowledged commit (the recorded primary or
-    synchronous standby): only then may this node take over automatically."""
-    seen_leader: bool = False
-    """This agent has seen an active node since it started (so this is no cold start)."""
-    db_failure: str | None = None
-    """The active's database cannot be kept running (its repair budget is spent)."""
-    db_sync: frozenset[str] = frozenset()
-    """The other nodes recorded as holding every acknowledged commit (the synchronous
-    standbys; the recorded primary too, while this node has not recorded itself)."""
-    forced: str | None = None
-    """An operator forces this node to take the pair over though it may lack commits."""
-    held_by: str | None = None
-    """An active that cannot reach etcd holds the pair over the peer path, and this node
-    promised it not to campaign meanwhile (see ``hold.py``)."""
-    left_term: int | None = None
-    """The newest term this node gave up with a step-down transaction. A leader key of
-    that term (or older) naming this node is a lagging view or a step-down etcd has not
-    answered: it is never taken up again."""
-    step_down_unanswered: bool = False
-    """etcd did not answer that step-down: whether it was applied is unknown."""
-    forgotten_promises_until: float = -float("inf")
-    """A promise not to campaign that an earlier run of this agent gave over the peer
-    path is forgotten at a restart; it has run out by then."""
-    refused: frozenset[str] = frozenset()
-    """Standbys that lately did not confirm a handover (they did not reach the old
-    primary's final position): not chosen again for an automatic one for a while."""
-    members: frozenset[str] | None = None
-    """The nodes of the pair its last active acknowledged (``keys.members``), read from
-    the same watch as the leader key. Only they may campaign: an active cut off from
-    etcd holds the pair on their promises alone. None: no member set was ever written
-    (a pair elected before there was one), every node may campaign."""
-    members_revision: int = 0
-    """The mod revision of that member set (0: none); a campaign loses if it changed."""
-
-    @property
-    def lease_ttl(self) -> float:
-        return self.pair.failover.lease_ttl_s
-
+from hapair.workshop_agent.candidates import (
+    best_standby,
+    eligible_peer,
+    is_member,
+    unplanned_target,
+)
+from hapair.workshop_agent.observation import HandoverView, Observation, SwitchoverView
 
 # ---- what it must do --------------------------------------------------------------
 
@@ -302,51 +199,6 @@ def _reject(cmd: SwitchoverView, reason: str, target: str | None = None) -> Deci
     )
 
 
-def _eligible_peer(o: Observation, name: str) -> bool:
-    """A standby that could take over. A peer still reporting itself active is the one
-    stepping down (its status lags its leader key): it is never waited for."""
-    peer = o.peers.get(name)
-    node = o.pair.node(name)
-    return (
-        peer is not None
-        and node is not None
-        and peer.healthy
-        and peer.role == "standby"
-        and not node.no_failover
-        and name not in o.drained
-    )
-
-
-def best_standby(o: Observation, refused: frozenset[str] = frozenset()) -> str | None:
-    """The first node in priority order that could take over now."""
-    return next(
-        (
-            n.name
-            for n in o.pair.nodes
-            if n.name != o.me and n.name not in refused and _eligible_peer(o, n.name)
-        ),
-        None,
-    )
-
-
-def _holds_every_commit(o: Observation, name: str) -> bool:
-    """May ``name`` receive an unplanned handover? On a pair with a synchronous database,
-    only a recorded synchronous standby holds every acknowledged commit; the old
-    primary's final position is handed over too, but a standby that has not caught up
-    may never reach it (and the active would stop for nothing)."""
-    db = o.pair.database
-    return db is None or not db.synchronous or name in o.db_sync
-
-
-def _unplanned_target(o: Observation, name: str) -> bool:
-    return (
-        name != o.me
-        and name not in o.refused
-        and _eligible_peer(o, name)
-        and _holds_every_commit(o, name)
-    )
-
-
 def _forced_switch(o: Observation) -> Decision | None:
     """The application forces the switch: a critical resource lost here for its grace
     time moves the pair to the first standby that still reaches it. If none does, the
@@ -360,7 +212,7 @@ def _forced_switch(o: Observation) -> Decision | None:
             (
                 n.name
                 for n in o.pair.nodes
-                if _unplanned_target(o, n.name) and name in o.peers[n.name].reaches
+                if unplanned_target(o, n.name) and name in o.peers[n.name].reaches
             ),
             None,
         )
@@ -377,7 +229,7 @@ def _database_switch(o: Observation, failure: str) -> Decision | None:
     recorded synchronous: any other would lose commits, and leaving would leave nothing.
     Its final position cannot be read, so none is handed over."""
     target = next(
-        (n.name for n in o.pair.nodes if n.name in o.db_sync and _unplanned_target(o, n.name)),
+        (n.name for n in o.pair.nodes if n.name in o.db_sync and unplanned_target(o, n.name)),
         None,
     )
     if target is None:
@@ -393,7 +245,7 @@ def _failback_target(o: Observation) -> str | None:
     if policy.failback != "auto" or o.paused:
         return None
     main = o.pair.nodes[0].name
-    if main == o.me or main in o.refused or not _eligible_peer(o, main):
+    if main == o.me or main in o.refused or not eligible_peer(o, main):
         return None
     since = o.peers[main].healthy_since
     if since is None or o.now - since < policy.failback_after_s:
@@ -430,24 +282,6 @@ def _as_standby(o: Observation) -> Decision:
             )
         return Decision(f"standby, {leader.node} active at epoch {leader.epoch}")
     return _campaign(o)
-
-
-def is_member(o: Observation, name: str) -> bool:
-    """Has the pair's last active acknowledged ``name`` as a member (or none was ever
-    recorded)?"""
-    return o.members is None or name in o.members
-
-
-def hold_peers(
-    pair: Pair, me: str, acknowledged: Iterable[frozenset[str] | None]
-) -> frozenset[str]:
-    """The nodes an active cut off from etcd must have the promise of: every node of
-    its topology, and every node of a member set it may have left in etcd (one it wrote,
-    or is writing, for a topology that no longer lists them: they may still campaign)."""
-    nodes = {n.name for n in pair.nodes}
-    for members in acknowledged:
-        nodes |= members or set()
-    return frozenset(nodes - {me})
 
 
 def _campaign(o: Observation) -> Decision:
@@ -536,9 +370,7 @@ def _campaign(o: Observation) -> Decision:
     rank = o.pair.rank(o.me)
     if rank > 0 and not o.seen_leader and o.now - o.started_at < 2 * o.lease_ttl:
         return Decision("no active node; giving the main server time to start")
-    ahead = sum(
-        1 for n in o.pair.nodes[:rank] if _eligible_peer(o, n.name) and is_member(o, n.name)
-    )
+    ahead = sum(1 for n in o.pair.nodes[:rank] if eligible_peer(o, n.name) and is_member(o, n.name))
     delay = ahead * o.pair.failover.campaign_delay_s
     absent_since = o.leader_absent_since if o.leader_absent_since is not None else o.now
     if o.now - absent_since < delay:

@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterator
 from hapair.shared.clock import Clock
 from hapair.shared.lease import Session
 from hapair.shared.log import EventLog
-from hapair.workshop_agent.decide import HandoverView
 from hapair.workshop_agent.fencing import Fencing
 from hapair.workshop_agent.hold import Ledger, Promise, Promises
 from hapair.workshop_agent.netwatch import NetWatch
+from hapair.workshop_agent.observation import HandoverView
 from hapair.workshop_agent.peer_wire import Hold, HoldReply, Release
 
 

@@ -2,7 +2,7 @@
 
 A node the active lists may campaign only then; one it dropped no longer may. Until etcd
 answers a write of the set, that set may or may not be in etcd: a hold must then have
-the promises of its nodes too (``decide.hold_peers``).
+the promises of its nodes too (``candidates.hold_peers``).
 """
 
 from __future__ import annotations

@@ -26,7 +26,13 @@ from hapair.shared.records import (
 )
 from hapair.shared.store import Kv
 from hapair.shared.topology import Pair
-from hapair.workshop_agent.decide import HandoverView, LeaderView, Lost, PeerView, SwitchoverView
+from hapair.workshop_agent.observation import (
+    HandoverView,
+    LeaderView,
+    Lost,
+    PeerView,
+    SwitchoverView,
+)
 
 INVALID = "<invalid value>"
 

@@ -11,25 +11,27 @@ from hypothesis import strategies as st
 
 from hapair.shared.database import DatabaseConfig
 from hapair.shared.topology import Pair
+from hapair.workshop_agent.candidates import hold_peers
 from hapair.workshop_agent.decide import (
     Adopt,
     Campaign,
     Decision,
     Fence,
     Handover,
-    HandoverView,
-    LeaderView,
-    Lost,
-    Observation,
-    PeerView,
     Reclaim,
     RejectSwitchover,
     Resign,
     SettleStepDown,
     StartServices,
-    SwitchoverView,
     decide,
-    hold_peers,
+)
+from hapair.workshop_agent.observation import (
+    HandoverView,
+    LeaderView,
+    Lost,
+    Observation,
+    PeerView,
+    SwitchoverView,
 )
 
 PAIR = Pair.model_validate(

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from hapair.workshop_agent.decide import Campaign, HandoverView, decide
+from hapair.workshop_agent.decide import Campaign, decide
 from hapair.workshop_agent.hold import Ledger, Promises
+from hapair.workshop_agent.observation import HandoverView
 from hapair.workshop_agent.peer_wire import Hold, HoldReply, Release, decode, encode
 from tests.unit.test_decide import obs
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 import pytest
 
 from hapair.shared.log import EventLog
-from hapair.workshop_agent.decide import HandoverView
 from hapair.workshop_agent.fencing import Fencing
 from hapair.workshop_agent.hold import Ledger
 from hapair.workshop_agent.holding import Holding
+from hapair.workshop_agent.observation import HandoverView
 from hapair.workshop_agent.peer_wire import Hold, HoldReply, Release
 from tests.unit.test_fencing import FENCE_AFTER, FakeLease
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hapair.workshop_agent.decide import HandoverView, takeover_cause
+from hapair.workshop_agent.decide import takeover_cause
+from hapair.workshop_agent.observation import HandoverView
 
 
 def handover(to: str, from_node: str, planned: bool = True) -> HandoverView:
