@@ -17,7 +17,8 @@ from hapair.shared.log import EventLog
 from hapair.shared.records import Resource
 from hapair.shared.topology import Node, Pair
 from hapair.workshop_agent.peer_wire import Hold, HoldReply, Release
-from hapair.workshop_agent.probes import NetworkProbes, NetworkSummary, ProbeError
+from hapair.workshop_agent.probe_results import NetworkSummary, ProbeError
+from hapair.workshop_agent.probes import NetworkProbes
 
 RESOURCE = "network"
 

@@ -1,6 +1,6 @@
 """The messages of the peer path, and their encoding on the wire (no sockets here).
 
-Agents of a pair exchange small UDP datagrams (``workshop_agent/probes.py`` sends and
+Agents of a pair exchange small UDP datagrams (``workshop_agent/peer_path.py`` sends and
 receives them): pings and their answers, and the hold protocol of an active that cannot
 reach etcd (``workshop_agent/hold.py``). Decoding never raises: anything malformed,
 too big or of an unknown kind is dropped as ``None``.

@@ -14,14 +14,10 @@ import pytest
 from pydantic import ValidationError
 
 from hapair.shared.topology import format_errors
+from hapair.workshop_agent.peer_path import PeerPath
 from hapair.workshop_agent.peer_wire import Ping, Pong, decode, encode
-from hapair.workshop_agent.probes import (
-    Network,
-    NetworkProbes,
-    PeerPath,
-    ProbeResult,
-    summarize,
-)
+from hapair.workshop_agent.probe_results import ProbeResult, summarize
+from hapair.workshop_agent.probes import Network, NetworkProbes
 
 FAST = {"probe_interval_s": 0.1, "isolation_after_s": 0.6}
 A, B = "127.0.0.11", "127.0.0.12"
