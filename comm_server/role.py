@@ -45,9 +45,10 @@ from hapair.shared import keys
 from hapair.shared.clock import Clock, boottime
 from hapair.shared.lease import Session
 from hapair.shared.log import EventLog
+from hapair.shared.mirror import Mirror
 from hapair.shared.plcs import PlcHealth
 from hapair.shared.records import Leader, RecordError, Resource, ResourceReport, decode
-from hapair.shared.store import LeaseNotFound, Mirror, Store, StoreError
+from hapair.shared.store import LeaseNotFound, Store, StoreError
 from hapair.shared.txn import Compare, Op
 
 ReportParts = tuple[dict[str, Resource], dict[str, PlcHealth]]

@@ -16,8 +16,9 @@ import contextlib
 from hapair.comm_server.config import CommConfig
 from hapair.shared import keys
 from hapair.shared.log import EventLog
+from hapair.shared.mirror import Mirror
 from hapair.shared.records import RecordError, TopologyDoc, decode
-from hapair.shared.store import Change, Mirror, Store
+from hapair.shared.store import Change, Store
 from hapair.shared.topology import Pair, TopologyError, parse_site
 
 WAIT_WARNING_S = 2.0

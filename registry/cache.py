@@ -1,6 +1,6 @@
 """The registry's memory: the site as etcd has it, and every lookup answer pre-encoded.
 
-A :class:`~shared.store.Mirror` of the whole ``/hapair/v1`` prefix feeds a
+A :class:`~shared.mirror.Mirror` of the whole ``/hapair/v1`` prefix feeds a
 :class:`~shared.view.SiteView`. After each batch of changes the view is rebuilt once
 (only changed keys are parsed again), every lookup answer is compared with the one
 cached, and only answers that changed are encoded again, woken in long-polls and sent
@@ -27,7 +27,8 @@ from typing import Any
 
 from hapair.shared import keys
 from hapair.shared.log import EventLog
-from hapair.shared.store import Change, Mirror, Store, StoreError
+from hapair.shared.mirror import Mirror
+from hapair.shared.store import Change, Store, StoreError
 from hapair.shared.view import RECENT_EVENTS, Lookup, SiteView
 
 STREAM_BACKLOG = 1024

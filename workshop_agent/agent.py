@@ -24,8 +24,9 @@ from hapair.shared import keys
 from hapair.shared.clock import boottime
 from hapair.shared.lease import Session
 from hapair.shared.log import EventLog
+from hapair.shared.mirror import Mirror
 from hapair.shared.records import Event, Leader, Members
-from hapair.shared.store import Kv, Mirror, Store, StoreError
+from hapair.shared.store import Kv, Store, StoreError
 from hapair.shared.topology import Failover, Node, Pair
 from hapair.workshop_agent import database_care
 from hapair.workshop_agent import decide as d

@@ -17,8 +17,9 @@ from hapair.shared import keys
 from hapair.shared.agent_process import runs_here
 from hapair.shared.clock import Clock
 from hapair.shared.log import EventLog
+from hapair.shared.mirror import Mirror
 from hapair.shared.records import NodeStatus, RecordError, decode
-from hapair.shared.store import Mirror, Store, StoreError
+from hapair.shared.store import Store, StoreError
 from hapair.shared.topology import Pair
 from hapair.workshop_agent.election import Election
 from hapair.workshop_agent.node_lock import NodeLocked, lock_node, machine_lock, unlock

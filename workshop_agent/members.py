@@ -13,7 +13,8 @@ from typing import Any
 
 from hapair.shared import keys
 from hapair.shared.log import EventLog
-from hapair.shared.store import Kv, Mirror, StoreError
+from hapair.shared.mirror import Mirror
+from hapair.shared.store import Kv, StoreError
 from hapair.shared.topology import Pair
 from hapair.workshop_agent.election import Election
 from hapair.workshop_agent.observe import PairObserver

@@ -14,8 +14,9 @@ from typing import Any
 from hapair.shared import keys
 from hapair.shared.clock import Clock
 from hapair.shared.log import EventLog
+from hapair.shared.mirror import Mirror
 from hapair.shared.records import RecordError, Recovery, decode
-from hapair.shared.store import Mirror, Store, StoreError
+from hapair.shared.store import Store, StoreError
 from hapair.shared.topology import Pair
 from hapair.workshop_agent import recovery
 from hapair.workshop_agent.database import Database

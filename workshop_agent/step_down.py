@@ -11,8 +11,9 @@ from functools import partial
 from hapair.shared import keys
 from hapair.shared.clock import Clock
 from hapair.shared.log import EventLog
+from hapair.shared.mirror import Mirror
 from hapair.shared.records import NodeStatus, RecordError, decode
-from hapair.shared.store import Mirror, Store, StoreError
+from hapair.shared.store import Store, StoreError
 from hapair.shared.topology import Pair
 from hapair.workshop_agent.database import Database
 from hapair.workshop_agent.database_care import DatabaseCare

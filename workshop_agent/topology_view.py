@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from hapair.shared import keys
 from hapair.shared.log import EventLog
+from hapair.shared.mirror import Mirror
 from hapair.shared.records import TopologyDoc, decode
-from hapair.shared.store import Mirror
 from hapair.shared.topology import Site, TopologyError, parse_site
 
 

@@ -16,8 +16,9 @@ import aiohttp
 from pydantic import ValidationError
 
 from hapair.shared import keys
+from hapair.shared.mirror import Mirror
 from hapair.shared.report import SiteReport
-from hapair.shared.store import Change, Mirror, Store
+from hapair.shared.store import Change, Store
 from hapair.shared.view import SiteView
 
 
