@@ -25,8 +25,8 @@ from hapair.shared.clock import boottime
 from hapair.shared.lease import Session
 from hapair.shared.log import EventLog
 from hapair.shared.mirror import Mirror
-from hapair.shared.records import Event, Leader, Members
-from hapair.shared.store import Kv, Store, StoreError
+from hapair.shared.records import Event
+from hapair.shared.store import Store, StoreError
 from hapair.shared.topology import Failover, Node, Pair
 from hapair.workshop_agent import database_care
 from hapair.workshop_agent import decide as d
@@ -48,6 +48,7 @@ from hapair.workshop_agent.recovery_steps import RecoverySteps
 from hapair.workshop_agent.settings import AgentSettings
 from hapair.workshop_agent.step_down import StepDowns
 from hapair.workshop_agent.supervisor import Supervisor
+from hapair.workshop_agent.take_over import TakeOvers
 from hapair.workshop_agent.tasks import Tasks
 from hapair.workshop_agent.topology_view import TopologyView
 from hapair.workshop_agent.vip import VipKeeper
@@ -107,6 +108,7 @@ class Agent:
         self.recovery: RecoverySteps | None = None
         self.publisher: Publisher | None = None
         self.steps: StepDowns | None = None
+        self.take_overs: TakeOvers | None = None
 
     # -- plumbing ---------------------------------------------------------------------
     def _changed(self, _: object = None) -> None:
@@ -330,6 +332,26 @@ class Agent:
             event=self.event,
             changed=self._changed,
         )
+        self.take_overs = TakeOvers(
+            self.session,
+            self.election,
+            self.pairs,
+            self.holding,
+            self.recovery,
+            self.supervisor,
+            self.db_care,
+            self.members,
+            self.clock,
+            self.log,
+            self.me,
+            pair=lambda: self.pair,
+            state=lambda: self._state,
+            last_leader=lambda: self.last_leader,
+            begin_term=self._begin_term,
+            db_ready=self._db_ready,
+            event=self.event,
+            changed=self._changed,
+        )
         self.tasks.spawn(self.session.run(), "session")
         self.tasks.spawn(self.holding.run(), "hold")
         self.tasks.spawn(self.netwatch.update(self.pair, self.node), "network-probes")
@@ -477,6 +499,7 @@ class Agent:
         assert self.session is not None and self.election is not None
         assert self.supervisor is not None and self.pair is not None
         assert self.fencing is not None and self.steps is not None
+        assert self.take_overs is not None
         match action:
             case d.Fence(reason):
                 self.fencing.fence(reason)
@@ -484,9 +507,9 @@ class Agent:
                 if self.term == epoch and self._valid(self.clock()) and self._db_ready():
                     self.supervisor.activate(epoch)
             case d.Campaign(stale, members_revision):
-                await self._campaign(stale, members_revision)
+                await self.take_overs.campaign(stale, members_revision)
             case d.Adopt(epoch):
-                self._take_term(epoch, "took up its own leader key")
+                self.take_overs.take_term(epoch, "took up its own leader key")
             case d.Reclaim(epoch, lease):
                 await self.claim.reclaim(
                     self.election, self.pairs, self.pair.name, epoch, lease, self.event
@@ -500,59 +523,10 @@ class Agent:
             case d.RejectSwitchover(request, reason, target):
                 await self.steps.reject_switchover(request, reason, target)
 
-    async def _campaign(self, stale: int | None, members_revision: int) -> None:
-        assert self.session is not None and self.election is not None
-        assert self.holding is not None and self.recovery is not None
-        lease = self.session.lease
-        if lease is None:
-            return
-        handover = self._state.handover if self._state else None
-        target = handover is not None and handover.to == self.me
-        # Checked again here, not only in the decision: a promise may have been given
-        # since. While the campaign is in flight no promise is given (see holding.py).
-        if self.holding.binding(self.clock(), handover) is not None:
-            return
-        with self.holding.campaigning():
-            assert self.pair is not None
-            members = [n.name for n in self.pair.nodes]
-            epoch = await self.election.campaign(lease, stale, target, members, members_revision)
-        if epoch is None:
-            return
-        key = keys.leader(self.pair.name)
-        self.pairs.apply_local(
-            key, Kv(key, Leader(node=self.me).encode(), epoch, epoch, lease), epoch
-        )
-        key = keys.members(self.pair.name)
-        value = Members(nodes=sorted(members)).encode()
-        self.pairs.apply_local(key, Kv(key, value, epoch, epoch, 0), epoch)
-        previous = self.last_leader
-        planned = target and handover is not None and handover.planned
-        if self.db_care is not None:
-            self.db_care.catch_up_lsn = handover.lsn if target and handover is not None else None
-        forced = self._state.forced if self._state is not None else None
-        cause = d.takeover_cause(self.me, previous, handover, forced)
-        held = self.recovery.held_after_election(planned, previous)
-        self._take_term(epoch, cause, held)
-        self.event("election", cause, previous=previous, planned=planned)
-        self.recovery.await_operator(epoch, cause, previous, self.me, held)
-
-    def _take_term(self, epoch: int, cause: str, held: frozenset[str] = frozenset()) -> None:
-        assert self.session is not None and self.supervisor is not None
-        assert self.recovery is not None
-        if not self.session.valid(self.clock()):
-            return
+    def _begin_term(self, epoch: int, held: frozenset[str]) -> None:
         self.term = epoch
-        self.members.new_term()
         self._newest_epoch = max(self._newest_epoch or 0, epoch)
-        self.recovery.began(self.clock())
-        self.log.bind(epoch=epoch)
-        self.log.info("became active", cause=cause, held=",".join(sorted(held)) or None)
         self._held_pending = held
-        if self._db_ready():
-            self.supervisor.activate(epoch, held)
-        elif self.db_care is not None:
-            self.db_care.wake()  # services start once the database is primary
-        self._changed()
 
     # -- stepping down ----------------------------------------------------------------
     async def _leave_pair(self) -> None:

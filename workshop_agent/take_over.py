@@ -1,0 +1,131 @@
+"""Taking over: campaigning for the leader key, and taking up the term won (or found
+ours on our live lease). The counterpart of ``step_down.py``.
+
+A campaign is checked against the promises this node gave the peers in the very step
+that sends it (a promise may have come since the decision), and the won key and member
+set are applied to the local copy at once, so the next round sees its own term. The
+term's services start only once its database is primary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from hapair.shared import keys
+from hapair.shared.clock import Clock
+from hapair.shared.lease import Session
+from hapair.shared.log import EventLog
+from hapair.shared.mirror import Mirror
+from hapair.shared.records import Leader, Members
+from hapair.shared.store import Kv
+from hapair.shared.topology import Pair
+from hapair.workshop_agent.database_care import DatabaseCare
+from hapair.workshop_agent.decide import takeover_cause
+from hapair.workshop_agent.election import Election
+from hapair.workshop_agent.holding import Holding
+from hapair.workshop_agent.members import MemberSets
+from hapair.workshop_agent.observe import PairState
+from hapair.workshop_agent.recovery_steps import RecoverySteps
+from hapair.workshop_agent.supervisor import Supervisor
+
+
+class TakeOvers:
+    """``pair`` and ``state`` give the pair and the pair as last observed;
+    ``last_leader`` the last active this node saw; ``begin_term(epoch, held)`` makes
+    ``epoch`` the agent's term, with the services ``held`` for an operator;
+    ``db_ready`` says whether the term's database lets its services start; ``event``
+    records an event of the pair; ``changed`` wakes the loop and the publisher."""
+
+    def __init__(
+        self,
+        session: Session,
+        election: Election,
+        pairs: Mirror,
+        holding: Holding,
+        recovery: RecoverySteps,
+        supervisor: Supervisor,
+        db_care: DatabaseCare | None,
+        members: MemberSets,
+        clock: Clock,
+        log: EventLog,
+        me: str,
+        *,
+        pair: Callable[[], Pair | None],
+        state: Callable[[], PairState | None],
+        last_leader: Callable[[], str | None],
+        begin_term: Callable[[int, frozenset[str]], None],
+        db_ready: Callable[[], bool],
+        event: Callable[..., None],
+        changed: Callable[[], None],
+    ) -> None:
+        self.session = session
+        self.election = election
+        self.pairs = pairs
+        self.holding = holding
+        self.recovery = recovery
+        self.supervisor = supervisor
+        self.db_care = db_care
+        self.members = members
+        self.clock = clock
+        self.log = log
+        self.me = me
+        self._pair = pair
+        self._state = state
+        self._last_leader = last_leader
+        self._begin_term = begin_term
+        self._db_ready = db_ready
+        self._event = event
+        self._changed = changed
+
+    async def campaign(self, stale: int | None, members_revision: int) -> None:
+        lease = self.session.lease
+        if lease is None:
+            return
+        state = self._state()
+        handover = state.handover if state else None
+        target = handover is not None and handover.to == self.me
+        # Checked again here, not only in the decision: a promise may have been given
+        # since. While the campaign is in flight no promise is given (see holding.py).
+        if self.holding.binding(self.clock(), handover) is not None:
+            return
+        with self.holding.campaigning():
+            pair = self._pair()
+            assert pair is not None
+            members = [n.name for n in pair.nodes]
+            epoch = await self.election.campaign(lease, stale, target, members, members_revision)
+        if epoch is None:
+            return
+        pair = self._pair()
+        assert pair is not None
+        key = keys.leader(pair.name)
+        self.pairs.apply_local(
+            key, Kv(key, Leader(node=self.me).encode(), epoch, epoch, lease), epoch
+        )
+        key = keys.members(pair.name)
+        value = Members(nodes=sorted(members)).encode()
+        self.pairs.apply_local(key, Kv(key, value, epoch, epoch, 0), epoch)
+        previous = self._last_leader()
+        planned = target and handover is not None and handover.planned
+        if self.db_care is not None:
+            self.db_care.catch_up_lsn = handover.lsn if target and handover is not None else None
+        state = self._state()
+        forced = state.forced if state is not None else None
+        cause = takeover_cause(self.me, previous, handover, forced)
+        held = self.recovery.held_after_election(planned, previous)
+        self.take_term(epoch, cause, held)
+        self._event("election", cause, previous=previous, planned=planned)
+        self.recovery.await_operator(epoch, cause, previous, self.me, held)
+
+    def take_term(self, epoch: int, cause: str, held: frozenset[str] = frozenset()) -> None:
+        if not self.session.valid(self.clock()):
+            return
+        self._begin_term(epoch, held)
+        self.members.new_term()
+        self.recovery.began(self.clock())
+        self.log.bind(epoch=epoch)
+        self.log.info("became active", cause=cause, held=",".join(sorted(held)) or None)
+        if self._db_ready():
+            self.supervisor.activate(epoch, held)
+        elif self.db_care is not None:
+            self.db_care.wake()  # services start once the database is primary
+        self._changed()
