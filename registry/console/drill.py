@@ -26,7 +26,8 @@ from hapair.registry.console import drill_faults as faults
 from hapair.registry.console.confirm import typed_name
 from hapair.registry.console.drill_measure import Figures, Probe, Writer, figures
 from hapair.shared import admin, keys
-from hapair.shared.client.resolver import Resolver, parse_registries
+from hapair.shared.client.registries import parse_registries
+from hapair.shared.client.resolver import Resolver
 from hapair.shared.records import Leader, NodeStatus, RecordError, ServiceStatus, decode
 from hapair.shared.store import Store, parse_endpoints
 from hapair.shared.topology import Pair

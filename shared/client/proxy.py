@@ -34,7 +34,8 @@ from hapair.shared.client.backoff import Backoff
 from hapair.shared.client.errors import ClientError
 from hapair.shared.client.models import Endpoint
 from hapair.shared.client.reconnect import follow_moves, reach
-from hapair.shared.client.resolver import Resolver, parse_registries
+from hapair.shared.client.registries import parse_registries
+from hapair.shared.client.resolver import Resolver
 
 log = logs.EventLog("hapair.proxy")
 

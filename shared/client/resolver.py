@@ -19,6 +19,9 @@ Whatever the registries send, three rules hold:
   with a warning and the next registry is tried; it never reaches the caller;
 - while no registry answers, the last endpoint is kept and handed out marked
   ``stale``.
+
+How an answer is read and judged is ``answers.py``'s; the order in which the registries
+are asked, ``registries.py``'s.
 """
 
 from __future__ import annotations
@@ -29,74 +32,40 @@ import json
 import math
 import random
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import aiohttp
-from pydantic import ValidationError
 
+from hapair.shared.client.answers import (
+    Behind,
+    Entry,
+    Garbage,
+    RegistryDown,
+    accept,
+    describe_problem,
+    error_reason,
+    poll_after,
+    read_body,
+)
 from hapair.shared.client.backoff import Backoff
-from hapair.shared.client.errors import (
-    RegistryUnavailable,
-    ServiceUnavailable,
-    UnknownService,
-    describe_error,
-)
-from hapair.shared.client.models import (
-    STALE_HEADER,
-    Endpoint,
-    EndpointAnswer,
-    ErrorAnswer,
-    StreamedAnswer,
-)
+from hapair.shared.client.errors import RegistryUnavailable, ServiceUnavailable, UnknownService
+from hapair.shared.client.models import STALE_HEADER, Endpoint, StreamedAnswer
+from hapair.shared.client.registries import Registries
 from hapair.shared.client.sse import SseError, SseParser
 from hapair.shared.log import EventLog
 
 Transport = Literal["auto", "sse", "poll"]
-MAX_ANSWER_BYTES = 64 * 1024
 NETWORK_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
 
 log = EventLog("hapair.client")
 
 
-class _Garbage(Exception):
-    """A registry answered something that is not a valid answer."""
-
-
-class _RegistryDown(Exception):
-    """A registry answered, but says it cannot vouch for what it knows (lost etcd)."""
-
-
 class _NoStream(Exception):
     """A registry without an event stream: long-poll it instead."""
-
-
-class _Behind(Exception):
-    """A registry answered something older than what is known: it lags behind etcd."""
-
-
-def parse_registries(registries: str | Sequence[str]) -> list[str]:
-    """``http://r1:8700,r2:8700`` -> ``["http://r1:8700", "http://r2:8700"]``."""
-    items = registries.split(",") if isinstance(registries, str) else list(registries)
-    urls: list[str] = []
-    for item in (i.strip() for i in items):
-        if not item:
-            continue
-        url = item if "//" in item else f"http://{item}"
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"bad registry URL {item!r}: expected http://HOST:PORT")
-        try:
-            parts.port  # noqa: B018 (validates the port)
-        except ValueError:
-            raise ValueError(f"bad registry URL {item!r}: port is not a number") from None
-        urls.append(url.rstrip("/"))
-    if not urls:
-        raise ValueError("no registry URL given")
-    return urls
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,33 +78,6 @@ class ServiceState:
     status: int | None
     reason: str
     stale: bool
-
-
-class _Entry:
-    """One service's knowledge; ``changed`` is set (and replaced) on every change."""
-
-    __slots__ = ("changed", "down_as_of", "endpoint", "reason", "stale", "status", "unconfirmed")
-
-    def __init__(self) -> None:
-        self.endpoint: Endpoint | None = None
-        self.status: int | None = None
-        self.reason = ""
-        self.stale = False
-        self.down_as_of = 0
-        """With status 503: the etcd revision as of which there was no valid endpoint."""
-        self.unconfirmed = False
-        """Learnt from another registry than the one followed, which has not said it."""
-        self.changed = asyncio.Event()
-
-    def notify(self) -> None:
-        self.changed.set()
-        self.changed = asyncio.Event()
-
-    def update(self, status: int, reason: str) -> bool:
-        if (self.status, self.reason, self.stale) == (status, reason, False):
-            return False
-        self.status, self.reason, self.stale = status, reason, False
-        return True
 
 
 class Resolver:
@@ -160,7 +102,7 @@ class Resolver:
         rng: random.Random | None = None,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
-        self.urls = parse_registries(registries)
+        self.registries = Registries(registries)
         self.request_timeout_s = request_timeout_s
         self.poll_wait_s = poll_wait_s
         self.stream_idle_s = stream_idle_s
@@ -169,19 +111,21 @@ class Resolver:
         self.rng = rng or random.Random()
         self._session = session
         self._own_session = session is None
-        self._first = 0  # index of the registry to ask first
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, Entry] = {}
         self._interest: Counter[str] = Counter()
         self._interest_changed = asyncio.Event()
         self._follower: asyncio.Task[None] | None = None
         self._pokes: dict[str, asyncio.Task[None]] = {}
         self._no_stream: set[str] = set()
-        self._problems: dict[str, str] = {}
-        self._serving_since: float | None = None  # when the followed registry answered
         self._followed: str | None = None  # the registry whose stream is read now
         self._leave = asyncio.Event()  # set: the followed registry is behind another
         self._confirming: asyncio.Task[None] | None = None
         self._closed = False
+
+    @property
+    def urls(self) -> list[str]:
+        """The registry URLs it was given."""
+        return self.registries.urls
 
     async def __aenter__(self) -> Self:
         return self
@@ -232,15 +176,15 @@ class Resolver:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         problems: list[str] = []
-        for url in self._order(avoid):
+        for url in self.registries.order(avoid):
             try:
                 await self._ask(url, service, None, 0.0)
                 while entry.status == 503 and (left := deadline - loop.time()) > 0:
-                    await self._ask(url, service, _after(entry), left)
-            except (_Garbage, _RegistryDown, _Behind, *NETWORK_ERRORS) as err:
-                problems.append(f"{url}: {self._failed(url, err)}")
+                    await self._ask(url, service, poll_after(entry), left)
+            except (Garbage, RegistryDown, Behind, *NETWORK_ERRORS) as err:
+                problems.append(f"{url}: {self.registries.failed(url, err)}")
                 continue
-            self._answered(url)
+            self.registries.answered(url)
             if entry.status == 404:
                 raise UnknownService(service, entry.reason)
             if entry.status == 503 or entry.endpoint is None:
@@ -330,36 +274,36 @@ class Resolver:
         delays = self.backoff.delays(self.rng)
         failures = 0
         while True:
-            url = self.urls[self._first]
-            self._serving_since = None
+            url = self.registries.urls[self.registries.first]
+            self.registries.serving_since = None
             try:
                 if self.transport == "poll" or url in self._no_stream:
                     await self._unless_behind(url, self._poll(url))
                 else:
                     await self._unless_behind(url, self._stream(url))
-                problem: BaseException = _RegistryDown("the event stream ended")
+                problem: BaseException = RegistryDown("the event stream ended")
             except _NoStream as err:
                 log.info("registry has no event stream; long-polling it", registry=url, why=err)
                 self._no_stream.add(url)
                 continue
-            except (_Garbage, _RegistryDown, _Behind, SseError, *NETWORK_ERRORS) as err:
+            except (Garbage, RegistryDown, Behind, SseError, *NETWORK_ERRORS) as err:
                 problem = err
             finally:
                 self._followed = None
-            served = self._serving_since
+            served = self.registries.serving_since
             if served is not None and loop.time() - served >= 1.0:
                 # It served well for a while before going: try the others at once.
                 failures, delays = 0, self.backoff.delays(self.rng)
-            self._failed(url, problem)
+            self.registries.failed(url, problem)
             failures += 1
-            if failures >= len(self.urls):
+            if failures >= len(self.registries.urls):
                 failures = 0
                 self._mark_stale(list(self._entries))
                 await asyncio.sleep(next(delays))
 
     async def _unless_behind(self, url: str, following: Coroutine[Any, Any, None]) -> None:
         """Follow ``url`` until that fails, or until it is found to be behind another
-        registry (:class:`_Behind`)."""
+        registry (:class:`Behind`)."""
         self._leave.clear()
         self._followed = url
         task = asyncio.ensure_future(following)
@@ -369,7 +313,7 @@ class Resolver:
         finally:
             await _cancel([leave] if task.done() else [task, leave])
         if not task.done() or task.cancelled():
-            raise _Behind("it has not told news another registry told")
+            raise Behind("it has not told news another registry told")
         task.result()
 
     async def _stream(self, url: str) -> None:
@@ -389,10 +333,10 @@ class Resolver:
             if no_stream and self.transport == "auto":
                 raise _NoStream(f"HTTP {resp.status} {resp.content_type} on /v1/events")
             if resp.status == 503:
-                raise _RegistryDown(await _reason(resp))
+                raise RegistryDown(await error_reason(resp))
             if resp.status != 200 or no_stream:
-                raise _Garbage(f"HTTP {resp.status} {resp.content_type} on /v1/events")
-            self._serving(url)
+                raise Garbage(f"HTTP {resp.status} {resp.content_type} on /v1/events")
+            self.registries.serving(url)
             parser = SseParser()
             async for chunk in resp.content.iter_any():
                 for event in parser.feed(chunk):
@@ -404,8 +348,10 @@ class Resolver:
             payload = json.loads(data)
             head = StreamedAnswer.model_validate(payload)
             self._accept(head.service, head.status, payload, url)
-        except (ValueError, _Garbage) as err:  # JSONDecodeError, ValidationError
-            log.warning("ignoring an event from a registry", registry=url, problem=_short(err))
+        except (ValueError, Garbage) as err:  # JSONDecodeError, ValidationError
+            log.warning(
+                "ignoring an event from a registry", registry=url, problem=describe_problem(err)
+            )
 
     async def _poll(self, url: str) -> None:
         """Long-poll every followed service at ``url`` until one poll fails; start
@@ -431,8 +377,8 @@ class Resolver:
         delays = self.backoff.delays(self.rng)
         while True:
             started, before = loop.time(), entry.changed
-            await self._ask(url, service, _after(entry), self.poll_wait_s)
-            self._serving(url)
+            await self._ask(url, service, poll_after(entry), self.poll_wait_s)
+            self.registries.serving(url)
             if entry.status == 404:
                 await asyncio.sleep(min(self.poll_wait_s, 5.0))  # answered at once: pace it
             elif not before.is_set() and loop.time() - started < self.poll_wait_s / 2:
@@ -449,76 +395,26 @@ class Resolver:
         path = f"{url}/v1/endpoints/{quote(service, safe='')}"
         async with self._http().get(path, params=params, timeout=timeout) as resp:
             if resp.headers.get(STALE_HEADER):
-                raise _RegistryDown(f"registry lost etcd: {resp.headers[STALE_HEADER]}")
+                raise RegistryDown(f"registry lost etcd: {resp.headers[STALE_HEADER]}")
             if resp.status == 503 and "Retry-After" in resp.headers:
                 # Busy (too many readers): it says nothing of the service.
-                raise _RegistryDown(await _reason(resp))
-            body = await _read(resp)
+                raise RegistryDown(await error_reason(resp))
+            body = await read_body(resp)
             status = resp.status
         try:
             payload = json.loads(body)
         except ValueError:
-            raise _Garbage(f"HTTP {status} with a body that is not JSON") from None
+            raise Garbage(f"HTTP {status} with a body that is not JSON") from None
         self._accept(service, status, payload, url)
 
     def _accept(self, service: str, status: int, payload: Any, url: str) -> None:
-        """Take ``url``'s answer for ``service`` into its entry, or raise (and change
-        nothing): :class:`_Garbage`, :class:`_Behind` for an answer older than what is
-        known, :class:`_RegistryDown` for one its registry marks stale."""
+        """Take ``url``'s answer for ``service`` into its entry (see ``answers.accept``),
+        and note whether the registry followed has said it too."""
         entry = self._entry(service)
-        if status == 200:
-            try:
-                answer = EndpointAnswer.model_validate(payload)
-            except ValidationError as err:
-                raise _Garbage(f"invalid endpoint: {_short(err)}") from None
-            new = answer.endpoint()
-            if new.service != service:
-                raise _Garbage(f"asked for {service!r}, got an endpoint of {new.service!r}")
-            if answer.stale:
-                raise _RegistryDown("the registry says its answers may be behind etcd")
-            old = entry.endpoint
-            if old is not None and old.newer_than(new):
-                raise _Behind(f"{service}: {_position(new)} is older than {_position(old)}")
-            if entry.status == 503 and new.revision < entry.down_as_of:
-                raise _Behind(
-                    f"{service}: {_position(new)} is older than its end, seen as of "
-                    f"revision {entry.down_as_of}"
-                )
-            moved = new.newer_than(old)
-            if moved:
-                entry.endpoint = new
-                log.info(
-                    "endpoint", service=service, node=new.node, at=new.address, epoch=new.epoch
-                )
-            entry.down_as_of = 0
-            news = entry.update(200, "") or moved
-        elif status in (404, 503):
-            try:
-                error = ErrorAnswer.model_validate(payload)
-            except ValidationError as err:
-                raise _Garbage(f"HTTP {status} without a reason: {_short(err)}") from None
-            if error.stale:
-                raise _RegistryDown("the registry says its answers may be behind etcd")
-            old = entry.endpoint
-            if status == 503 and old is not None and error.revision < old.revision:
-                raise _Behind(
-                    f"{service}: no endpoint as of revision {error.revision}, older than "
-                    f"{_position(old)}"
-                )
-            if status == 503:
-                entry.down_as_of = max(entry.down_as_of, error.revision)
-            news = entry.status != status
-            if entry.update(status, error.error):
-                if status == 404:
-                    log.warning("the registry does not know this service", service=service)
-                entry.notify()
-        else:
-            raise _Garbage(f"HTTP {status}")
-        if status == 200 and news:
-            entry.notify()
+        news = accept(entry, service, status, payload)
         self._confirm(url, entry, news)
 
-    def _confirm(self, url: str, entry: _Entry, news: bool) -> None:
+    def _confirm(self, url: str, entry: Entry, news: bool) -> None:
         """Track whether the registry followed has said what is known: news told by
         another one must come through the stream too, soon, or the registry followed
         is behind (its watch of etcd stalled, while it still sends heartbeats)."""
@@ -542,41 +438,8 @@ class Resolver:
                 ahead=better,
                 services=",".join(behind),
             )
-            self._first = self.urls.index(better)
+            self.registries.first = self.registries.urls.index(better)
             self._leave.set()
-
-    # ---- registries: order, failures, staleness --------------------------------------
-
-    def _order(self, avoid: str | None = None) -> Iterator[str]:
-        first = self._first
-        urls = [self.urls[(first + i) % len(self.urls)] for i in range(len(self.urls))]
-        if avoid in urls:
-            urls.remove(avoid)
-            urls.append(avoid)
-        yield from urls
-
-    def _answered(self, url: str) -> None:
-        if self._problems.pop(url, None) is not None:
-            log.info("registry answers again", registry=url)
-
-    def _serving(self, url: str) -> None:
-        self._answered(url)
-        if self._serving_since is None:
-            self._serving_since = asyncio.get_running_loop().time()
-
-    def _failed(self, url: str, err: BaseException) -> str:
-        """Move on from ``url``; warn once per new problem. Returns the problem."""
-        problem = _short(err)
-        if self.urls[self._first] == url:
-            self._first = (self._first + 1) % len(self.urls)
-        if isinstance(err, _Garbage):
-            log.warning("ignoring a registry answer", registry=url, problem=problem)
-        elif isinstance(err, _Behind):
-            log.warning("registry behind; asking another", registry=url, problem=problem)
-        elif self._problems.get(url) != problem:
-            log.warning("registry unavailable", registry=url, problem=problem)
-        self._problems[url] = problem
-        return problem
 
     def _mark_stale(self, services: list[str]) -> None:
         for service in services:
@@ -591,10 +454,10 @@ class Resolver:
                 )
                 entry.notify()
 
-    def _entry(self, service: str) -> _Entry:
+    def _entry(self, service: str) -> Entry:
         entry = self._entries.get(service)
         if entry is None:
-            entry = self._entries[service] = _Entry()
+            entry = self._entries[service] = Entry()
         return entry
 
     def _http(self) -> aiohttp.ClientSession:
@@ -602,44 +465,6 @@ class Resolver:
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
             self._own_session = True
         return self._session
-
-
-def _position(endpoint: Endpoint) -> str:
-    return f"epoch {endpoint.epoch} (revision {endpoint.revision})"
-
-
-def _after(entry: _Entry) -> int:
-    """The epoch to long-poll after: the one in use, or one less while the service is
-    down, so that its return under the same epoch (a restart in place) also answers."""
-    epoch = entry.endpoint.epoch if entry.endpoint is not None else 0
-    return epoch if entry.status == 200 else max(epoch - 1, 0)
-
-
-async def _read(resp: aiohttp.ClientResponse) -> bytes:
-    body = bytearray()
-    async for chunk in resp.content.iter_chunked(16384):
-        body += chunk
-        if len(body) > MAX_ANSWER_BYTES:
-            raise _Garbage(f"answer larger than {MAX_ANSWER_BYTES} bytes")
-    return bytes(body)
-
-
-async def _reason(resp: aiohttp.ClientResponse) -> str:
-    with contextlib.suppress(_Garbage, ValueError, ValidationError):
-        return ErrorAnswer.model_validate(json.loads(await _read(resp))).error
-    return f"HTTP {resp.status}"
-
-
-def _short(err: BaseException) -> str:
-    if isinstance(err, ValidationError):
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        return f"{where}: {first['msg']}"
-    if isinstance(err, TimeoutError):
-        return "timed out"
-    if isinstance(err, (_Garbage, _RegistryDown, _Behind)):
-        return str(err)
-    return describe_error(err)
 
 
 async def _cancel(tasks: Sequence[asyncio.Task[Any]]) -> None:

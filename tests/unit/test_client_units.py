@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from hapair.shared.client import Backoff, Endpoint
 from hapair.shared.client.errors import DeadlineExceeded
 from hapair.shared.client.models import EndpointAnswer
-from hapair.shared.client.resolver import parse_registries
+from hapair.shared.client.registries import parse_registries
 from hapair.shared.client.sse import SseError, SseEvent, SseParser
 
 
