@@ -10,73 +10,45 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import getpass
 import logging
 import os
-import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
-from datetime import datetime
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import yaml
 from rich.console import Console
 from rich.live import Live
 
-from hapair.registry.console.confirm import typed_name
-from hapair.registry.console.outcome import Before, await_switchover, leader_before
+from hapair.registry.console.command import (
+    OK,
+    REFUSED,
+    UNREACHABLE,
+    USAGE,
+    Failed,
+    connected,
+    operator,
+    say,
+    when,
+)
+from hapair.registry.console.pair_cmd import (
+    ack,
+    drain,
+    pause,
+    resume,
+    switchover,
+    takeover,
+    undrain,
+)
 from hapair.registry.console.sources import EtcdSource, RegistrySource, Source, SourceError
 from hapair.registry.console.status import render
-from hapair.shared import admin, keys, records
+from hapair.shared import admin
 from hapair.shared.admin import AdminError
 from hapair.shared.client import command as client_command
-from hapair.shared.store import Store, StoreError
+from hapair.shared.store import StoreError
 from hapair.shared.topology import Site, TopologyError, load
 
-OK, REFUSED, USAGE, UNREACHABLE = 0, 1, 2, 3
-ETCD_TIMEOUT_S = 2.0
 DEFAULT_WAIT_S = 15.0
-
-
-class Failed(Exception):
-    def __init__(self, code: int, message: str, details: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.details = details or []
-
-
-def say(message: str) -> None:
-    print(message, flush=True)
-
-
-def operator() -> str:
-    """Who the events and flags name: ``HAPAIR_OPERATOR``, else user@host."""
-    if os.environ.get("HAPAIR_OPERATOR"):
-        return os.environ["HAPAIR_OPERATOR"]
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "operator"
-    return f"{user}@{socket.gethostname()}"
-
-
-def _when(stamp: float) -> str:
-    return datetime.fromtimestamp(stamp).isoformat(sep=" ", timespec="seconds")
-
-
-@contextlib.asynccontextmanager
-async def connected(args: argparse.Namespace) -> AsyncIterator[Store]:
-    if not args.etcd:
-        raise Failed(USAGE, "no etcd given: use --etcd URL or set HAPAIR_ETCD")
-    try:
-        store = Store(args.etcd, timeout=ETCD_TIMEOUT_S)
-    except ValueError as err:
-        raise Failed(USAGE, str(err)) from None
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 def _load(path: str) -> Site:
@@ -140,7 +112,7 @@ async def topology_apply(args: argparse.Namespace) -> int:
 async def topology_show(args: argparse.Namespace) -> int:
     async with connected(args) as store:
         doc, site = await admin.read_topology(store)
-    say(f"# applied by {doc.applied_by} at {_when(doc.applied_at)}")
+    say(f"# applied by {doc.applied_by} at {when(doc.applied_at)}")
     data = site.model_dump(mode="json", exclude_defaults=not args.full)
     sys.stdout.write(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
     return OK
@@ -198,132 +170,6 @@ async def resolve(args: argparse.Namespace) -> int:
         return await client_command.resolve(args)
     except client_command.CommandError as err:
         raise Failed(err.code, str(err)) from None
-
-
-# ---- switchover, pause, drain -----------------------------------------------------
-
-
-async def _follow(
-    store: Store, pair: str, request: records.Switchover, before: Before, wait_s: float
-) -> int:
-    if wait_s <= 0:
-        return OK
-    say(f"waiting up to {wait_s:g} s for the outcome...")
-    outcome = await await_switchover(
-        store, pair, request, before, wait_s, lambda line: say(f"  {line}")
-    )
-    if not outcome.ok:
-        raise Failed(REFUSED, outcome.message)
-    say(outcome.message)
-    return OK
-
-
-async def switchover(args: argparse.Namespace) -> int:
-    async with connected(args) as store:
-        before = await leader_before(store, args.pair)
-        request = await admin.request_switchover(store, args.pair, args.to, operator(), args.reason)
-        target = args.to or "the first ready standby"
-        say(
-            f"switchover of pair {args.pair} requested (request {request.id}): "
-            f"{before.node} -> {target}"
-        )
-        return await _follow(store, args.pair, request, before, args.wait)
-
-
-async def pause(args: argparse.Namespace) -> int:
-    async with connected(args) as store:
-        await admin.pause(store, args.pair, operator(), args.reason)
-    say(
-        f"pair {args.pair} paused: no automatic failover until `hapair resume {args.pair}`; "
-        "its services keep running"
-    )
-    return OK
-
-
-async def ack(args: argparse.Namespace) -> int:
-    async with connected(args) as store:
-        done = await admin.ack(store, args.pair, args.epoch, operator())
-    say(
-        f"recovery of pair {args.pair} at epoch {done.epoch} acknowledged: "
-        f"{', '.join(done.held) or 'no service'} starting on {done.to_node} "
-        f"(cause: {done.cause})"
-    )
-    return OK
-
-
-async def takeover(args: argparse.Namespace) -> int:
-    async with connected(args) as store:
-        risk = await admin.takeover_risk(store, args.pair, args.node)
-        warning = risk.warning()
-        if warning is not None:
-            say(f"WARNING: {warning}")
-        if not args.yes:
-            confirmed = await typed_name(args.pair, f"force {args.node} to take it over")
-            if confirmed is None:
-                raise Failed(USAGE, "no terminal to confirm on: add --yes to force the takeover")
-            if not confirmed:
-                raise Failed(REFUSED, "takeover cancelled: nothing was changed")
-        request = await admin.force_takeover(store, args.pair, args.node, operator(), args.reason)
-        say(
-            f"takeover of pair {args.pair} by {args.node} forced (request {request.id}); "
-            f"it lapses unused after {admin.TAKEOVER_VALID_S} s"
-        )
-        if args.wait <= 0:
-            return OK
-
-        async def taken() -> bool:
-            kv = await store.get(keys.leader(args.pair))
-            leader = records.decode(records.Leader, kv.value, kv.key) if kv else None
-            return leader is not None and leader.node == args.node
-
-        deadline = asyncio.get_running_loop().time() + args.wait
-        while not await taken():
-            if asyncio.get_running_loop().time() > deadline:
-                raise Failed(
-                    REFUSED,
-                    f"{args.node} did not take pair {args.pair} over within {args.wait:g} s; "
-                    "see hapair status",
-                )
-            await asyncio.sleep(0.1)
-        say(f"{args.node} is active in pair {args.pair}")
-        return OK
-
-
-async def resume(args: argparse.Namespace) -> int:
-    async with connected(args) as store:
-        was = await admin.resume(store, args.pair, operator())
-    say(
-        f"pair {args.pair} resumed: automatic failover is on again "
-        f"(it was paused by {was.by} at {_when(was.at)})"
-    )
-    return OK
-
-
-async def drain(args: argparse.Namespace) -> int:
-    async with connected(args) as store:
-        # Any read gives the revision to watch from: the outcome may come within
-        # milliseconds of the request, before a read after it.
-        _, revision = await store.get_prefix(keys.drained(args.node))
-        result = await admin.drain(store, args.node, operator(), args.reason)
-        say(f"node {args.node} drained: it will not become active")
-        if result.switchover is None or result.pair is None:
-            return OK
-        say(
-            f"{args.node} is active in pair {result.pair}: switchover requested "
-            f"(request {result.switchover.id})"
-        )
-        before = Before(args.node, result.epoch, revision)
-        return await _follow(store, result.pair, result.switchover, before, args.wait)
-
-
-async def undrain(args: argparse.Namespace) -> int:
-    async with connected(args) as store:
-        was = await admin.undrain(store, args.node, operator())
-    say(
-        f"node {args.node} undrained: eligible again (it was drained by {was.by} "
-        f"at {_when(was.at)})"
-    )
-    return OK
 
 
 # ---- drill ------------------------------------------------------------------------

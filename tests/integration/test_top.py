@@ -19,7 +19,7 @@ from rich.console import Console
 
 from hapair.registry.app import create_app
 from hapair.registry.appkeys import CACHE, RegistryConfig
-from hapair.registry.console import cli
+from hapair.registry.console import command
 from hapair.registry.console.top.control import Top
 from hapair.registry.console.top.feed import Request, SiteFeed
 from hapair.registry.console.top.state import Connection
@@ -215,10 +215,10 @@ def test_top_needs_a_registry_and_a_terminal() -> None:
         )
 
     done = top()
-    assert done.returncode == cli.USAGE
+    assert done.returncode == command.USAGE
     assert "no registry given: use --registry URL[,URL...] or set HAPAIR_REGISTRY" in done.stderr
     done = top("--registry", "http://127.0.0.1:1")
-    assert done.returncode == cli.USAGE
+    assert done.returncode == command.USAGE
     assert "hapair top needs a terminal" in done.stderr
 
 
