@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from hapair.shared import pki
 
@@ -58,43 +60,45 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=pki_peer_key)
 
 
-def _refused(err: Exception) -> int:
-    print(f"hapair: {err}", file=sys.stderr)
-    if isinstance(err, pki.Exists | OSError):
-        return REFUSED
-    return USAGE
+Action = Callable[[argparse.Namespace], list[str]]
 
 
-def _wrote(*paths: Path) -> None:
-    for path in paths:
-        print(f"wrote {path}", flush=True)
+def _command(action: Action) -> Callable[[argparse.Namespace], Coroutine[Any, Any, int]]:
+    """A ``hapair`` command that prints the lines of ``action``, or its one-line refusal."""
+
+    async def run(args: argparse.Namespace) -> int:
+        try:
+            lines = action(args)
+        except (pki.PkiError, OSError) as err:
+            print(f"hapair: {err}", file=sys.stderr)
+            return REFUSED if isinstance(err, pki.Exists | OSError) else USAGE
+        for line in lines:
+            print(line, flush=True)
+        return OK
+
+    return run
 
 
-async def pki_init(args: argparse.Namespace) -> int:
-    try:
-        issued = pki.init(args.dir, args.site)
-    except (pki.PkiError, OSError) as err:
-        return _refused(err)
-    _wrote(issued.cert, issued.key)
-    return OK
+def _wrote(issued: pki.Issued) -> list[str]:
+    return [f"wrote {issued.cert}", f"wrote {issued.key}"]
 
 
-async def pki_issue(args: argparse.Namespace) -> int:
-    try:
-        issued = pki.issue(
-            args.dir, args.kind, args.name, args.ip, args.dns, uri=args.uri, force=args.force
-        )
-    except (pki.PkiError, OSError) as err:
-        return _refused(err)
-    _wrote(issued.cert, issued.key)
-    return OK
+@_command
+def pki_init(args: argparse.Namespace) -> list[str]:
+    return _wrote(pki.init(args.dir, args.site))
 
 
-async def pki_peer_key(args: argparse.Namespace) -> int:
-    try:
-        path = pki.peer_key(args.dir, args.pair, force=args.force)
-    except (pki.PkiError, OSError) as err:
-        return _refused(err)
-    _wrote(path)
-    print(f"copy it to both nodes of {args.pair} (mode 0600), never into etcd", flush=True)
-    return OK
+@_command
+def pki_issue(args: argparse.Namespace) -> list[str]:
+    return _wrote(
+        pki.issue(args.dir, args.kind, args.name, args.ip, args.dns, uri=args.uri, force=args.force)
+    )
+
+
+@_command
+def pki_peer_key(args: argparse.Namespace) -> list[str]:
+    path = pki.peer_key(args.dir, args.pair, force=args.force)
+    return [
+        f"wrote {path}",
+        f"copy it to both nodes of {args.pair} (mode 0600), never into etcd",
+    ]

@@ -5,103 +5,42 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from hapair.shared import pki
-from tests.support.harness import ETCD, free_port, port_open, stop_pid, wait_for
+from tests.support.harness import Etcd
 
 
-@dataclass
-class TlsEtcd:
-    """etcd on 127.0.0.1 with the ``etcd``-kind certificate ``name`` of ``pki_dir`` for
-    both ports (its SANs must list 127.0.0.1); every client must show a certificate of
-    the same CA."""
+class TlsEtcd(Etcd):
+    """etcd on 127.0.0.1 with the ``etcd``-kind certificate ``name`` of ``pki_dir`` on
+    both ports (its SANs must list 127.0.0.1); every client, and every peer, must show a
+    certificate of the same CA. Ready once it answers ``admin``'s certificate."""
 
-    pki_dir: Path
-    name: str = "etcd-1"
-    host: str = "127.0.0.1"
-    client_port: int = field(default_factory=free_port)
-    peer_port: int = field(default_factory=free_port)
-    data_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="hapair-etcd-tls-"))
-    proc: subprocess.Popen[bytes] | None = None
+    def __init__(self, pki_dir: Path, admin: str, name: str = "etcd-1") -> None:
+        files = pki.TlsFiles.issued(pki_dir, name)
+        tls = ["--cert-file", str(files.cert), "--key-file", str(files.key)]
+        tls += ["--trusted-ca-file", str(files.ca), "--client-cert-auth"]
+        peer = ["--peer-cert-file", str(files.cert), "--peer-key-file", str(files.key)]
+        peer += ["--peer-trusted-ca-file", str(files.ca), "--peer-client-cert-auth"]
+        super().__init__(name=name, scheme="https", extra_args=tls + peer)
+        self.pki_dir = pki_dir
+        self.admin = admin
 
-    @property
-    def url(self) -> str:
-        return f"https://{self.host}:{self.client_port}"
-
-    @property
-    def peer_url(self) -> str:
-        return f"https://{self.host}:{self.peer_port}"
-
-    def start(self, admin: str) -> TlsEtcd:
-        """Start the member and wait until it answers ``admin`` (a client certificate)."""
-        files = pki.TlsFiles.issued(self.pki_dir, self.name)
-        self.proc = subprocess.Popen(
-            [
-                ETCD,
-                "--name",
-                self.name,
-                "--data-dir",
-                self.data_dir,
-                "--logger",
-                "zap",
-                "--log-level",
-                "error",
-                "--listen-client-urls",
-                self.url,
-                "--advertise-client-urls",
-                self.url,
-                "--listen-peer-urls",
-                self.peer_url,
-                "--initial-advertise-peer-urls",
-                self.peer_url,
-                "--initial-cluster",
-                f"{self.name}={self.peer_url}",
-                "--initial-cluster-state",
-                "new",
-                "--cert-file",
-                str(files.cert),
-                "--key-file",
-                str(files.key),
-                "--trusted-ca-file",
-                str(files.ca),
-                "--client-cert-auth",
-                "--peer-cert-file",
-                str(files.cert),
-                "--peer-key-file",
-                str(files.key),
-                "--peer-trusted-ca-file",
-                str(files.ca),
-                "--peer-client-cert-auth",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for(lambda: port_open(self.host, self.client_port), 10, f"etcd on {self.url}")
-        wait_for(
-            lambda: self.etcdctl("endpoint", "health", identity=admin).returncode == 0,
-            10,
-            f"etcd on {self.url} answering {admin}",
-        )
-        return self
+    def _ready(self) -> bool:
+        return self.etcdctl("endpoint", "health", identity=self.admin).returncode == 0
 
     def etcdctl(
-        self, *args: str, identity: str | None, ca: Path | None = None, pki_dir: Path | None = None
+        self, *args: str, identity: str | None, pki_dir: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
         """``etcdctl`` showing ``identity``'s certificate of ``pki_dir`` (default: this
-        member's), none when ``identity`` is None; the server checked against ``ca``."""
-        directory = pki_dir or self.pki_dir
-        tls = [f"--cacert={ca or self.pki_dir / pki.CA_CERT}"]
+        member's), none when ``identity`` is None; the member checked against its CA."""
+        tls = [f"--cacert={self.pki_dir / pki.CA_CERT}"]
         if identity is not None:
-            tls += [
-                f"--cert={directory / f'{identity}.crt'}",
-                f"--key={directory / f'{identity}.key'}",
-            ]
+            directory = pki_dir or self.pki_dir
+            cert, key = directory / f"{identity}.crt", directory / f"{identity}.key"
+            tls += [f"--cert={cert}", f"--key={key}"]
         return subprocess.run(
             ["etcdctl", f"--endpoints={self.url}", "--dial-timeout=2s", *tls, *args],
             capture_output=True,
@@ -110,17 +49,12 @@ class TlsEtcd:
             timeout=15,
         )
 
-    def cleanup(self) -> None:
-        if self.proc is not None:
-            stop_pid(self.proc)
-            self.proc = None
-        shutil.rmtree(self.data_dir, ignore_errors=True)
-
 
 @contextlib.contextmanager
 def running_tls_etcd(pki_dir: Path, admin: str, name: str = "etcd-1") -> Iterator[TlsEtcd]:
-    etcd = TlsEtcd(pki_dir, name)
+    etcd = TlsEtcd(pki_dir, admin, name)
     try:
-        yield etcd.start(admin)
+        etcd.start()
+        yield etcd
     finally:
         etcd.cleanup()
