@@ -3,8 +3,9 @@
 A small certificate authority for sites without a PKI of their own, in one directory:
 ``ca.crt``/``ca.key`` (the site CA, ECDSA P-256), ``NAME.crt``/``NAME.key`` for each
 component, ``peer-PAIR.key`` for each pair's peer path. A certificate's common name is
-the identity etcd (``--client-cert-auth``: CN = user) and the registry see. A site with
-its own PKI uses its own files: everything that reads them takes paths.
+the identity its holder shows (etcd with ``--client-cert-auth`` and auth on takes the CN
+as the user). A site with its own PKI uses its own files: everything that reads them
+takes paths.
 
 Private keys are written 0600 and read only when no one but their owner, the user
 reading them, can read or change them (:func:`check_private`).
@@ -266,8 +267,8 @@ def init(directory: Path | str, site: str, *, now: datetime.datetime | None = No
     """Create the site CA in ``directory`` (made 0700 if missing); never replaces one."""
     directory = Path(directory)
     site = site.strip()
-    if not site or any(not c.isprintable() for c in site):
-        raise PkiError(f"site {site!r}: an empty or unprintable name")
+    if not site or len(site) > 64 or any(not c.isprintable() for c in site):
+        raise PkiError(f"site {site!r}: give a printable name of 1 to 64 characters")
     cert_path, key_path = directory / CA_CERT, directory / CA_KEY
     _ensure_dir(directory)
     # Replacing it would orphan every certificate it signed.
@@ -277,7 +278,7 @@ def init(directory: Path | str, site: str, *, now: datetime.datetime | None = No
     subject = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, site),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"hapair CA {site}"[:64]),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"hapair CA {site}"[:64]),  # X.509's bound
         ]
     )
     certificate = (

@@ -114,8 +114,9 @@ def test_init_never_replaces_a_ca(site: Path) -> None:
 
 
 def test_a_site_name_is_required(tmp_path: Path) -> None:
-    with pytest.raises(pki.PkiError, match="site"):
-        pki.init(tmp_path, "  ")
+    for bad in ("  ", "x" * 65, "plant\nA"):
+        with pytest.raises(pki.PkiError, match=r"site .*: give a printable name"):
+            pki.init(tmp_path, bad)
     assert not (tmp_path / "ca.key").exists()
 
 
