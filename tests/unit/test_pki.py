@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import os
 import re
 import ssl
@@ -365,8 +366,15 @@ def test_tls_contexts_verify_the_other_end_with_tls_1_2_at_least(site: Path) -> 
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as done:
-        cli.main(["pki", *argv])
+    # main() quiets the "hapair" logger for its own process; this one goes on to other
+    # tests that capture its records.
+    logger = logging.getLogger("hapair")
+    handlers, propagate = list(logger.handlers), logger.propagate
+    try:
+        with pytest.raises(SystemExit) as done:
+            cli.main(["pki", *argv])
+    finally:
+        logger.handlers[:], logger.propagate = handlers, propagate
     out, err = capsys.readouterr()
     return int(done.value.code or 0), out, err
 
