@@ -24,6 +24,7 @@ import yaml
 from rich.console import Console
 from rich.live import Live
 
+from hapair.registry.console import pki_cmd
 from hapair.registry.console.confirm import typed_name
 from hapair.registry.console.outcome import Before, await_switchover, leader_before
 from hapair.registry.console.sources import EtcdSource, RegistrySource, Source, SourceError
@@ -498,6 +499,8 @@ def parser() -> argparse.ArgumentParser:
     )
     _etcd(p)
     p.set_defaults(func=drill)
+
+    pki_cmd.add_parser(sub)
     return root
 
 
