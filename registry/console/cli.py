@@ -20,6 +20,7 @@ import yaml
 from rich.console import Console
 from rich.live import Live
 
+from hapair.registry.console import pki_cmd
 from hapair.registry.console.command import (
     OK,
     REFUSED,
@@ -344,6 +345,8 @@ def parser() -> argparse.ArgumentParser:
     )
     _etcd(p)
     p.set_defaults(func=drill)
+
+    pki_cmd.add_parser(sub)
     return root
 
 

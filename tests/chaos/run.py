@@ -155,6 +155,16 @@ async def repair(bed: Testbed, pairs: Sequence[str]) -> None:
             bed.cluster.start(node)
 
 
+async def dump_tasks(bed: Testbed, pairs: Sequence[str]) -> None:
+    """Before a repair wipes the evidence: every agent of ``pairs`` logs where each of
+    its tasks waits (SIGUSR2), for the kept run's logs."""
+    for pair in pairs:
+        for node in bed.pairs[pair]:
+            with contextlib.suppress(KeyError, ProcessLookupError):
+                bed.cluster.signal(node, signal.SIGUSR2)
+    await asyncio.sleep(1.0)  # the dump is written by the agents' own loops
+
+
 async def settle_or_repair(bed: Testbed, report: Report, before: str) -> bool:
     """Wait for the site to settle; if it does not, count it, repair, wait again.
     False when even a repaired site does not settle."""
@@ -164,7 +174,9 @@ async def settle_or_repair(bed: Testbed, report: Report, before: str) -> bool:
         return True
     report.unsettled.append(f"not settled {timeout:.0f}s {before}: {why}")
     say(f"  not settled {timeout:.0f}s {before}: {why}; restarting what is not")
-    await repair(bed, [p for p in bed.pairs if await bed.pair_unsettled(p) is not None])
+    unsettled = [p for p in bed.pairs if await bed.pair_unsettled(p) is not None]
+    await dump_tasks(bed, unsettled)
+    await repair(bed, unsettled)
     why = await wait_settled(bed, timeout)
     if why is not None:
         report.aborted = f"not settled even after restarting what was not, {before}: {why}"

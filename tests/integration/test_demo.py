@@ -11,6 +11,8 @@ process it started is gone, with its temporary directory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
 import signal
 import subprocess
@@ -147,11 +149,17 @@ async def test_the_demo_story_and_ctrl_c(tmp_path: Path) -> None:
         code = await asyncio.wait_for(proc.wait(), 60)
     finally:
         if proc.returncode is None:
+            started.update(tree(proc.pid))
             proc.kill()
             await proc.wait()
+        # Counted before anything is cleaned up here; then, whatever the outcome (a demo
+        # killed above stops nothing it started), nothing of it is left on the machine.
+        left = {pid: start for pid, start in started.items() if _start_time(pid) == start}
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert code == 0, output()
     assert "stopped; logs kept in" in output()
     assert tmp is not None and not tmp.exists()
     assert len(started) > 20  # agents, etcd, the registry, services, PostgreSQL...
-    left = {pid: start for pid, start in started.items() if _start_time(pid) == start}
     assert not left, f"left running: {left}"

@@ -87,14 +87,16 @@ class Etcd:
     proc: subprocess.Popen[bytes] | None = None
     name: str = "n1"
     initial_cluster: str = ""  # name=peer-url,...; empty: a cluster of this member alone
+    scheme: str = "http"
+    extra_args: list[str] = field(default_factory=list)  # TLS: tls_etcd.TlsEtcd
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        return f"{self.scheme}://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://{self.host}:{self.peer_port}"
+        return f"{self.scheme}://{self.host}:{self.peer_port}"
 
     def start(self, wait: bool = True) -> Etcd:
         peer = self.peer_url
@@ -122,6 +124,7 @@ class Etcd:
                 "--initial-cluster-state",
                 "new",
                 "--pre-vote",  # off by default in etcd 3.4: see the README's "etcd in a plant"
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
