@@ -524,6 +524,7 @@ class Agent:
                 await self.steps.reject_switchover(request, reason, target)
 
     def _begin_term(self, epoch: int, held: frozenset[str]) -> None:
+        """A term won or taken up (``take_over.py``) is this agent's from now on."""
         self.term = epoch
         self._newest_epoch = max(self._newest_epoch or 0, epoch)
         self._held_pending = held
