@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from hapair.shared.clock import Clock
 from hapair.shared.network import Network
 from hapair.workshop_agent.peer_wire import (
     Hold,
@@ -28,7 +29,7 @@ from hapair.workshop_agent.peer_wire import (
     decode,
     encode,
 )
-from hapair.workshop_agent.probe_results import Clock, ProbeError, ProbeResult
+from hapair.workshop_agent.probe_results import ProbeError, ProbeResult
 
 
 @dataclass(slots=True)

@@ -7,12 +7,10 @@ A :class:`ProbeResult` is kept per peer (``peer_path.py``) and per probe target
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from hapair.shared.network import Network
-
-Clock = Callable[[], float]
 
 
 class ProbeError(Exception):

@@ -15,8 +15,9 @@ import struct
 import time
 from collections.abc import Iterable
 
+from hapair.shared.clock import Clock
 from hapair.shared.network import Target
-from hapair.workshop_agent.probe_results import Clock, ProbeError, ProbeResult
+from hapair.workshop_agent.probe_results import ProbeError, ProbeResult
 
 
 async def tcp_probe(host: str, port: int, source: str | None, timeout: float) -> None:

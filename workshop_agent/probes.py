@@ -20,11 +20,10 @@ import logging
 import socket
 from collections.abc import Mapping
 
-from hapair.shared.clock import boottime
+from hapair.shared.clock import Clock, boottime
 from hapair.shared.network import MAX_TIMEOUT_S, Network
 from hapair.workshop_agent.peer_path import PeerPath
 from hapair.workshop_agent.probe_results import (
-    Clock,
     NetworkSummary,
     ProbeError,
     ProbeResult,

@@ -12,9 +12,8 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from hapair.registry.console.command import OK, REFUSED, USAGE
 from hapair.shared import pki
-
-OK, REFUSED, USAGE = 0, 1, 2  # as the rest of the command line
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

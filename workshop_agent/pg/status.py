@@ -33,8 +33,8 @@ def _lsn_in(value: object) -> object:
 Lsn = Annotated[
     int, BeforeValidator(_lsn_in), PlainSerializer(format_lsn, return_type=str, when_used="json")
 ]
-Role = Literal["primary", "standby", "starting", "stopped", "unreachable"]
-SyncState = Literal["sync", "quorum", "potential", "async"]
+PgRole = Literal["primary", "standby", "starting", "stopped", "unreachable"]
+PgSyncState = Literal["sync", "quorum", "potential", "async"]
 
 
 @dataclass(frozen=True)
@@ -104,13 +104,13 @@ class Replica(StrictModel):
     replay_lsn: Lsn | None
     lag_bytes: int | None
     lag_s: float | None
-    sync_state: SyncState
+    sync_state: PgSyncState
 
 
 class PgStatus(StrictModel):
     """What a node's database reports for ``hapair status`` and the decision loop."""
 
-    role: Role
+    role: PgRole
     pid: int | None = None
     timeline: int | None = None
     lsn: Lsn | None = None

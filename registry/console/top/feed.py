@@ -23,9 +23,9 @@ import aiohttp
 
 from hapair.registry.console.sources import RegistrySource, SourceError
 from hapair.registry.console.top.state import Connection
+from hapair.shared.clock import Clock
 from hapair.shared.report import SiteReport
 
-Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 
