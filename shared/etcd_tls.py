@@ -15,12 +15,12 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 import grpc
 from cryptography.hazmat.primitives import serialization
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, field_validator, model_validator
 
 from hapair.shared import pki
 from hapair.shared.log import EventLog
@@ -184,6 +184,13 @@ class EtcdTlsSettings(BaseModel):
     @property
     def etcd_tls(self) -> TlsFiles | None:
         return files(self.etcd_ca, self.etcd_cert, self.etcd_key)
+
+    @model_validator(mode="after")
+    def _usable(self) -> Self:
+        # Every file read and checked with the endpoints (the settings' ``etcd``): a
+        # wrong one is a start-up error that names it.
+        prepare(str(getattr(self, "etcd", "")), self.etcd_tls)
+        return self
 
 
 def service_env(tls: TlsFiles | None) -> dict[str, str]:

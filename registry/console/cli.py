@@ -29,7 +29,7 @@ from hapair.registry.console.confirm import typed_name
 from hapair.registry.console.outcome import Before, await_switchover, leader_before
 from hapair.registry.console.sources import EtcdSource, RegistrySource, Source, SourceError
 from hapair.registry.console.status import render
-from hapair.shared import admin, keys, records
+from hapair.shared import admin, etcd_tls, keys, records
 from hapair.shared.admin import AdminError
 from hapair.shared.client import command as client_command
 from hapair.shared.store import Store, StoreError
@@ -71,7 +71,7 @@ async def connected(args: argparse.Namespace) -> AsyncIterator[Store]:
     if not args.etcd:
         raise Failed(USAGE, "no etcd given: use --etcd URL or set HAPAIR_ETCD")
     try:
-        store = Store(args.etcd, timeout=ETCD_TIMEOUT_S)
+        store = Store(args.etcd, timeout=ETCD_TIMEOUT_S, tls=etcd_tls.from_args(args))
     except ValueError as err:
         raise Failed(USAGE, str(err)) from None
     try:
@@ -360,6 +360,7 @@ def _etcd(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("HAPAIR_ETCD"),
         help="etcd endpoints URL[,URL...] (default: $HAPAIR_ETCD)",
     )
+    etcd_tls.add_options(p)
 
 
 def _wait(p: argparse.ArgumentParser) -> None:
@@ -405,6 +406,7 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="read a registry, http://HOST:PORT (default: $HAPAIR_REGISTRY when no etcd is given)",
     )
+    etcd_tls.add_options(p)
     p.add_argument("--watch", action="store_true", help="keep the view current until Ctrl-C")
     p.set_defaults(func=status)
 

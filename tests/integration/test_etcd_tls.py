@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,3 +114,28 @@ def test_a_key_others_may_read_is_refused_before_any_connection(
         Store(etcd.url, tls=files)
     with pytest.raises(EtcdTlsError, match="not the key of"):
         Store(etcd.url, tls=pki.TlsFiles(files.ca, site.pki / "root.crt", site.pki / "n1.key"))
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["hapair", "status"],
+        ["hapair-agent", "--node", "n1"],
+        ["hapair-registry"],
+        ["hapair-comm", "--node", "n1", "--pair", "p"],
+    ],
+)
+def test_every_component_refuses_https_without_a_ca(command: list[str], etcd: TlsEtcd) -> None:
+    """Each component that talks to etcd takes the TLS options, and none falls back to
+    plain when they are missing: it exits 2 before connecting, naming the option."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAPAIR_")}
+    exe = str(Path(sys.executable).parent / command[0])
+    run = subprocess.run(
+        [exe, *command[1:], "--etcd", etcd.url], capture_output=True, text=True, env=env, timeout=30
+    )
+    assert run.returncode == 2, run
+    assert "--etcd-ca (or HAPAIR_ETCD_CA)" in run.stderr and "Traceback" not in run.stderr
+    # "hapair" has its options on each command, the daemons on their own.
+    help_args = command[1:2] if command[0] == "hapair" else []
+    help_text = subprocess.run([exe, *help_args, "--help"], capture_output=True, text=True)
+    assert "--etcd-cert" in help_text.stdout and "--etcd-key" in help_text.stdout
