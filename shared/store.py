@@ -48,6 +48,10 @@ class LeaseNotFound(StoreError):
     """etcd does not know the lease (expired or revoked)."""
 
 
+class PermissionDenied(StoreError):
+    """etcd's auth refused the request to the user this client is (its certificate's CN)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Kv:
     key: str
@@ -199,6 +203,16 @@ class _MemberClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
         except rpc.AioRpcError as err:
             exceptions._handle_exception(err)
 
+    async def auth(self, method: str, request: object) -> Any:
+        """One call of etcd's Auth service (``UserAdd``, ``RoleGrantPermission``...)."""
+        await self.connect()
+        try:
+            return await getattr(rpc.AuthStub(self.channel), method)(
+                request, timeout=self._timeout, metadata=self.metadata
+            )
+        except rpc.AioRpcError as err:
+            exceptions._handle_exception(err)
+
     async def range_page(self, start: bytes, end: bytes, revision: int, limit: int) -> Any:
         """One page of ``[start, end)`` at ``revision`` (0: now); aetcd's own range
         calls take neither a revision nor a limit."""
@@ -228,6 +242,8 @@ def _typed(err: aetcd.ClientError, text: str) -> StoreError:
         return Compacted(text)
     if "lease not found" in lowered:
         return LeaseNotFound(text)
+    if "permission denied" in lowered or "user name not found" in lowered:
+        return PermissionDenied(text)
     if isinstance(err, (exceptions.ConnectionTimeoutError, exceptions.WatchTimeoutError)):
         return Timeout(text)
     if _member_trouble(err):
@@ -401,6 +417,10 @@ class Store:
         message = txn_request(compare, success, failure)
         reply = await self.call(lambda: self.client.txn(message))
         return TxnResult(bool(reply.succeeded), int(reply.header.revision))
+
+    async def auth(self, method: str, request: object) -> Any:
+        """etcd's answer to one Auth service call (users, roles, enabling auth)."""
+        return await self.call(lambda: self.client.auth(method, request))
 
     # -- leases ---------------------------------------------------------------------
     async def grant(self, ttl: float) -> int:

@@ -24,7 +24,7 @@ import yaml
 from rich.console import Console
 from rich.live import Live
 
-from hapair.registry.console import pki_cmd
+from hapair.registry.console import etcd_auth_cmd, pki_cmd
 from hapair.registry.console.confirm import typed_name
 from hapair.registry.console.outcome import Before, await_switchover, leader_before
 from hapair.registry.console.sources import EtcdSource, RegistrySource, Source, SourceError
@@ -32,7 +32,7 @@ from hapair.registry.console.status import render
 from hapair.shared import admin, etcd_tls, keys, records
 from hapair.shared.admin import AdminError
 from hapair.shared.client import command as client_command
-from hapair.shared.store import Store, StoreError
+from hapair.shared.store import PermissionDenied, Store, StoreError
 from hapair.shared.topology import Site, TopologyError, load
 
 OK, REFUSED, USAGE, UNREACHABLE = 0, 1, 2, 3
@@ -341,6 +341,20 @@ async def drill(args: argparse.Namespace) -> int:
     return OK if ok else REFUSED
 
 
+# ---- etcd-auth --------------------------------------------------------------------
+
+
+async def etcd_auth(args: argparse.Namespace) -> int:
+    async with connected(args) as store:
+        try:
+            lines = await etcd_auth_cmd.run(args, store)
+        except etcd_auth_cmd.UsageError as err:
+            raise Failed(USAGE, str(err)) from None
+    for line in lines:
+        say(line)
+    return OK
+
+
 # ---- the command line -------------------------------------------------------------
 
 
@@ -503,6 +517,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=drill)
 
     pki_cmd.add_parser(sub)
+    etcd_auth_cmd.add_parser(sub, etcd_auth, _etcd)
     return root
 
 
@@ -532,6 +547,13 @@ def main(argv: list[str] | None = None) -> None:
         code = err.code
     except AdminError as err:
         print(f"hapair: {err}", file=sys.stderr)
+        code = REFUSED
+    except PermissionDenied as err:
+        print(
+            f"hapair: {err}: etcd's auth refused this certificate's user "
+            "(the roles are set by hapair etcd-auth apply)",
+            file=sys.stderr,
+        )
         code = REFUSED
     except (StoreError, SourceError) as err:
         print(f"hapair: {err}", file=sys.stderr)
