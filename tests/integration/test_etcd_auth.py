@@ -5,6 +5,7 @@ and real agents with their own certificates run their pair end to end."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -15,8 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hapair.comm_server.role import CommReport, PairRole
 from hapair.shared import keys, pki
-from hapair.shared.records import Leader
+from hapair.shared.log import EventLog
+from hapair.shared.records import Leader, decode
 from hapair.shared.store import PermissionDenied, Store
 from hapair.shared.txn import Compare, Op
 from tests.integration.test_failover import pair
@@ -53,8 +56,9 @@ def hapair(etcd: TlsEtcd, who: str | None, *args: str) -> subprocess.CompletedPr
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
-    """A TLS etcd holding the site (pairs p: a, b and q: c, d), auth on with the roles
-    ``hapair etcd-auth apply`` made; ``alice`` is an operator, ``root`` the admin."""
+    """A TLS etcd holding the site (pairs p: a, b and q: c, d with a comm server), auth
+    on with the roles ``hapair etcd-auth apply`` made; ``alice`` is an operator,
+    ``root`` the admin, ``comm@c`` the comm server of q on c."""
     root = tmp_path_factory.mktemp("auth")
     d = root / "pki"
     pki.init(d, "Plant A")
@@ -63,12 +67,14 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     pki.issue(d, "operator", "alice")
     for node in "abcd":
         pki.issue(d, "agent", node)
+    pki.issue(d, "comm", "comm@c", ["127.0.0.1"])
     record = root / "record"
     record.mkdir()
     site = Cluster.site(
         [
             pair("p", ["a", "b"], NET, free_port(), record, lease_ttl_s=2.0),
-            pair("q", ["c", "d"], NET + 1, free_port(), record),
+            # Nobody runs q's agents: its comm server's role is run here.
+            pair("q", ["c", "d"], NET + 1, 0, record, [{"name": "comm", "command": ["true"]}]),
         ]
     )
     site_file = root / "site.yaml"
@@ -162,3 +168,41 @@ async def test_agents_with_their_own_certificates_run_their_pair(
     cluster.assert_no_overlap()
     # Nothing an agent did, up to revoking its lease at the end, was refused.
     assert "permission denied" not in cluster.log("a") + cluster.log("b")
+
+
+async def test_a_comm_server_with_its_own_certificate_follows_its_pair(secured: Secured) -> None:
+    """The comm server's role (user ``comm@c``) reads the topology, its pair's leader
+    and its peers' reports, and files its own report on its own lease; it may not
+    file another node's."""
+    files = pki.TlsFiles.issued(secured.pki, "comm@c")
+    comm = Store(secured.etcd.url, timeout=5.0, tls=files)
+    admin = Store(secured.etcd.url, timeout=5.0, tls=pki.TlsFiles.issued(secured.pki, "root"))
+    log = EventLog("hapair.comm", node="c", pair="q")
+    role = PairRole(comm, "q", "c", "comm", lambda: ({}, {}), lambda: None, log, refresh_s=0.5)
+    task = asyncio.create_task(role.run())
+    try:
+        async with asyncio.timeout(DEADLINE_S):
+            lease = await admin.grant(30)
+            elected = await admin.txn(
+                [Compare.absent(keys.leader("q"))],
+                [Op.put(keys.leader("q"), Leader(node="c").encode(), lease=lease)],
+            )
+            assert elected.succeeded
+
+            async def serving() -> CommReport | None:
+                kv = await admin.get(keys.report("c", "comm"))
+                report = decode(CommReport, kv.value, kv.key) if kv is not None else None
+                return report if report is not None and report.serving else None
+
+            report = await until(serving, DEADLINE_S, "comm@c serving and reporting")
+            assert report.epoch == elected.revision
+            with pytest.raises(PermissionDenied):
+                await comm.put(keys.report("d", "comm"), b"{}")
+            await admin.revoke(lease)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await role.close()
+        await comm.close()
+        await admin.close()
