@@ -15,12 +15,12 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
 from cryptography.hazmat.primitives import serialization
-from pydantic import BaseModel, field_validator, model_validator
+from pydantic import BaseModel, ValidationInfo, field_validator
 
 from hapair.shared import pki
 from hapair.shared.log import EventLog
@@ -185,12 +185,14 @@ class EtcdTlsSettings(BaseModel):
     def etcd_tls(self) -> TlsFiles | None:
         return files(self.etcd_ca, self.etcd_cert, self.etcd_key)
 
-    @model_validator(mode="after")
-    def _usable(self) -> Self:
-        # Every file read and checked with the endpoints (the settings' ``etcd``): a
-        # wrong one is a start-up error that names it.
-        prepare(str(getattr(self, "etcd", "")), self.etcd_tls)
-        return self
+    @field_validator("etcd", check_fields=False)
+    @classmethod
+    def _usable(cls, value: str, info: ValidationInfo) -> str:
+        # The settings' ``etcd``, checked with the TLS files (validated before it): every
+        # file read and checked now, a wrong one a start-up error naming it.
+        given = (info.data.get(f"etcd_{name}") for name in OPTION)
+        prepare(value, files(*given))
+        return value
 
 
 def service_env(tls: TlsFiles | None) -> dict[str, str]:
