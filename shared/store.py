@@ -49,7 +49,8 @@ class LeaseNotFound(StoreError):
 
 
 class PermissionDenied(StoreError):
-    """etcd's auth refused the request to the user this client is (its certificate's CN)."""
+    """etcd's auth refused the request to the user this client is (its certificate's CN;
+    a CN that names no user gets the same answer)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +243,7 @@ def _typed(err: aetcd.ClientError, text: str) -> StoreError:
         return Compacted(text)
     if "lease not found" in lowered:
         return LeaseNotFound(text)
-    if "permission denied" in lowered or "user name not found" in lowered:
+    if "permission denied" in lowered:
         return PermissionDenied(text)
     if isinstance(err, (exceptions.ConnectionTimeoutError, exceptions.WatchTimeoutError)):
         return Timeout(text)
