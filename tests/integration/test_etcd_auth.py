@@ -15,12 +15,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from aiohttp.test_utils import TestClient, TestServer
 
 from hapair.comm_server.role import CommReport, PairRole
+from hapair.registry.app import create_app
+from hapair.registry.appkeys import STORE, RegistryConfig
 from hapair.shared import keys, pki
 from hapair.shared.log import EventLog
 from hapair.shared.records import Leader, decode
-from hapair.shared.store import PermissionDenied, Store
+from hapair.shared.store import Kv, PermissionDenied, Store
 from hapair.shared.txn import Compare, Op
 from tests.integration.test_failover import pair
 from tests.support.cluster import Cluster, until
@@ -30,6 +33,7 @@ from tests.support.tls_etcd import TlsEtcd, running_tls_etcd
 HAPAIR = str(Path(sys.executable).parent / "hapair")
 DEADLINE_S = 30.0
 NET = 173  # 127.0.173.x: the agents' addresses
+PEOPLE = ("--operator", "alice", "--registry", "reg-1")
 
 
 @dataclass
@@ -58,7 +62,7 @@ def hapair(etcd: TlsEtcd, who: str | None, *args: str) -> subprocess.CompletedPr
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     """A TLS etcd holding the site (pairs p: a, b and q: c, d with a comm server), auth
     on with the roles ``hapair etcd-auth apply`` made; ``alice`` is an operator,
-    ``root`` the admin, ``comm@c`` the comm server of q on c."""
+    ``reg-1`` a registry, ``root`` the admin, ``comm@c`` the comm server of q on c."""
     root = tmp_path_factory.mktemp("auth")
     d = root / "pki"
     pki.init(d, "Plant A")
@@ -68,6 +72,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     for node in "abcd":
         pki.issue(d, "agent", node)
     pki.issue(d, "comm", "comm@c", ["127.0.0.1"])
+    pki.issue(d, "registry", "reg-1", ["127.0.0.1"])
     record = root / "record"
     record.mkdir()
     site = Cluster.site(
@@ -82,7 +87,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     with running_tls_etcd(d, admin="root") as etcd:
         applied = hapair(etcd, "root", "topology", "apply", str(site_file))
         assert applied.returncode == 0, applied
-        auth = hapair(etcd, "root", "etcd-auth", "apply", "--operator", "alice")
+        auth = hapair(etcd, "root", "etcd-auth", "apply", *PEOPLE)
         assert auth.returncode == 0, auth
         assert "user a added" in auth.stdout and "etcd auth on" in auth.stdout
         yield Secured(etcd, d, site_file, record)
@@ -106,7 +111,7 @@ async def test_only_an_admin_applies_the_topology(secured: Secured) -> None:
 
     assert hapair(etcd, "root", "topology", "apply", site).returncode == 0
     # A second etcd-auth apply converges: nothing left to change.
-    again = hapair(etcd, "root", "etcd-auth", "apply", "--operator", "alice")
+    again = hapair(etcd, "root", "etcd-auth", "apply", *PEOPLE)
     assert again.returncode == 0 and "already as planned" in again.stdout, again
 
 
@@ -205,4 +210,35 @@ async def test_a_comm_server_with_its_own_certificate_follows_its_pair(secured: 
             await task
         await role.close()
         await comm.close()
+        await admin.close()
+
+
+async def test_a_registry_with_its_own_certificate_serves_and_relays_admin_requests(
+    secured: Secured,
+) -> None:
+    """The registry (user ``reg-1``) mirrors the site, writes its heartbeats and, for
+    its admin routes, the operator's keys; never the topology."""
+    files = pki.TlsFiles.issued(secured.pki, "reg-1")
+    app = create_app(secured.etcd.url, RegistryConfig(heartbeat_s=0.2), tls=files)
+    admin = Store(secured.etcd.url, timeout=5.0, tls=pki.TlsFiles.issued(secured.pki, "root"))
+    try:
+        async with asyncio.timeout(DEADLINE_S), TestClient(TestServer(app)) as client:
+
+            async def answers(method: str, path: str, status: int) -> bool:
+                async with client.request(method, path, json={}) as resp:
+                    return resp.status == status
+
+            await until(lambda: answers("GET", "/healthz", 200), DEADLINE_S, "registry synced")
+
+            async def heartbeats() -> list[Kv]:
+                return (await admin.get_prefix(keys.REGISTRIES_PREFIX))[0]
+
+            await until(heartbeats, DEADLINE_S, "the registry's heartbeat in etcd")
+            assert await answers("POST", "/v1/pairs/q/pause", 200)
+            assert await admin.get(keys.paused("q")) is not None
+            assert await answers("POST", "/v1/pairs/q/resume", 200)
+            assert await admin.get(keys.paused("q")) is None
+            with pytest.raises(PermissionDenied):
+                await app[STORE].put(keys.TOPOLOGY, b"{}")
+    finally:
         await admin.close()
