@@ -15,7 +15,7 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
 import grpc
@@ -27,8 +27,8 @@ from hapair.shared.log import EventLog
 from hapair.shared.pki import TlsFiles
 
 ENV = {"ca": "HAPAIR_ETCD_CA", "cert": "HAPAIR_ETCD_CERT", "key": "HAPAIR_ETCD_KEY"}
-Credentials = grpc.ChannelCredentials
 OPTION = {"ca": "--etcd-ca", "cert": "--etcd-cert", "key": "--etcd-key"}
+Credentials: TypeAlias = grpc.ChannelCredentials  # what the store's connections are opened with
 
 
 class EtcdTlsError(ValueError):
@@ -74,7 +74,7 @@ def check(urls: str | Sequence[str], tls: TlsFiles | None) -> bool:
     return secure
 
 
-def credentials(tls: TlsFiles) -> grpc.ChannelCredentials:
+def credentials(tls: TlsFiles) -> Credentials:
     """gRPC channel credentials from ``tls``, every file read and checked now: the CA
     is a certificate, the key is private to this user and is the certificate's."""
     ca = pki.load_certificate(tls.ca)
@@ -101,7 +101,7 @@ def credentials(tls: TlsFiles) -> grpc.ChannelCredentials:
     )
 
 
-def prepare(urls: str | Sequence[str], tls: TlsFiles | None) -> grpc.ChannelCredentials | None:
+def prepare(urls: str | Sequence[str], tls: TlsFiles | None) -> Credentials | None:
     """What the store connects with: credentials for ``https://`` endpoints, None for
     the lab mode; :class:`EtcdTlsError` naming the option to fix otherwise."""
     if not check(urls, tls) or tls is None:
@@ -112,9 +112,7 @@ def prepare(urls: str | Sequence[str], tls: TlsFiles | None) -> grpc.ChannelCred
         raise EtcdTlsError(f"etcd TLS: {err}") from None
 
 
-def secure_channel(
-    target: str, creds: grpc.ChannelCredentials, options: Mapping[str, Any]
-) -> grpc.aio.Channel:
+def secure_channel(target: str, creds: Credentials, options: Mapping[str, Any]) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(target, creds, options=list(options.items()))
 
 
