@@ -27,7 +27,7 @@ from hapair.comm_server.app import CommServer, Listen
 from hapair.comm_server.config import CommConfig, ConfigError, load
 from hapair.comm_server.role import PairRole, StaticRole
 from hapair.comm_server.source import PlcListError, TopologyPlcs, plcs_of
-from hapair.shared import keys
+from hapair.shared import etcd_tls, keys
 from hapair.shared import log as logs
 from hapair.shared.log import EventLog
 from hapair.shared.store import Store, StoreError, parse_endpoints
@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="HOST:PORT of the OPC UA server (default 0.0.0.0:4840, or $HAPAIR_COMM_LISTEN)",
     )
     p.add_argument("--etcd", default=env("HAPAIR_ETCD"), help="etcd URL(s) (default $HAPAIR_ETCD)")
+    etcd_tls.add_options(p)
     p.add_argument("--node", default=env("HAPAIR_NODE"), help="this node (default $HAPAIR_NODE)")
     p.add_argument("--pair", default=env("HAPAIR_PAIR"), help="its pair (default $HAPAIR_PAIR)")
     p.add_argument(
@@ -99,6 +100,10 @@ def _usage_error(args: argparse.Namespace) -> str | None:
         parse_endpoints(args.etcd)
     except ValueError as err:
         return f"--etcd: {err}"
+    try:
+        etcd_tls.prepare(args.etcd, etcd_tls.from_args(args))
+    except etcd_tls.EtcdTlsError as err:
+        return str(err)
     return None
 
 
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _check_topology(args: argparse.Namespace) -> int:
-    store = Store(args.etcd, timeout=2.0)
+    store = Store(args.etcd, timeout=2.0, tls=etcd_tls.from_args(args))
     where = f"pair {args.pair} in the topology at {store.describe}"
     try:
         kv = await store.get(keys.TOPOLOGY)
@@ -160,7 +165,10 @@ async def _run(args: argparse.Namespace, config: CommConfig | None) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    store = None if args.standalone else Store(args.etcd, timeout=1.0)
+    store = None
+    if not args.standalone:
+        store = Store(args.etcd, timeout=1.0, tls=etcd_tls.from_args(args))
+        etcd_tls.warn_if_plain(store.secure, log, args.etcd)
     source = None if config is not None or store is None else TopologyPlcs(store, args.pair, log)
     try:
         if source is not None:

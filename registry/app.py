@@ -14,14 +14,18 @@ from hapair.registry.errors import domain_errors
 from hapair.registry.routes import routes
 from hapair.registry.stream import events
 from hapair.shared.admin import prune_events
+from hapair.shared.pki import TlsFiles
 from hapair.shared.store import Store, StoreError, bounded
 
 
 def create_app(
-    etcd: str, config: RegistryConfig | None = None, etcd_timeout_s: float = 1.0
+    etcd: str,
+    config: RegistryConfig | None = None,
+    etcd_timeout_s: float = 1.0,
+    tls: TlsFiles | None = None,
 ) -> web.Application:
     """The app for etcd at ``etcd`` (``URL[,URL...]``); nothing connects until startup."""
-    store = Store(etcd, timeout=etcd_timeout_s)
+    store = Store(etcd, timeout=etcd_timeout_s, tls=tls)
     app = web.Application(middlewares=[domain_errors])
     app[STORE] = store
     app[CACHE] = SiteCache(store)

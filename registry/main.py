@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from hapair.registry.app import create_app
 from hapair.registry.appkeys import RegistryConfig
 from hapair.registry.settings import RegistrySettings
+from hapair.shared import etcd_tls
 from hapair.shared import log as logs
 from hapair.shared.topology import format_errors
 
@@ -24,6 +25,7 @@ log = logs.EventLog("hapair.registry")
 def _args(argv: list[str] | None) -> dict[str, str]:
     p = argparse.ArgumentParser(prog="hapair-registry", description=__doc__)
     p.add_argument("--etcd", help="etcd endpoints URL[,URL...] (env HAPAIR_ETCD)")
+    etcd_tls.add_options(p)
     p.add_argument("--listen", help="HOST:PORT (env HAPAIR_LISTEN, default 0.0.0.0:8700)")
     p.add_argument("--log-level", help="debug, info, warning or error (env HAPAIR_LOG_LEVEL)")
     return {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
@@ -40,7 +42,9 @@ async def serve(settings: RegistrySettings) -> None:
         RegistryConfig(
             admin_token_hashes=settings.token_hashes, events_keep_days=settings.events_keep_days
         ),
+        tls=settings.etcd_tls,
     )
+    etcd_tls.warn_if_plain(settings.etcd_tls is not None, log, settings.etcd)
     # Access logs cost more than a lookup itself; failures are logged where they happen.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()

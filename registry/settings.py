@@ -7,10 +7,11 @@ import re
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from hapair.shared.etcd_tls import EtcdTlsSettings
 from hapair.shared.store import parse_endpoints
 
 
-class RegistrySettings(BaseSettings):
+class RegistrySettings(BaseSettings, EtcdTlsSettings):
     model_config = SettingsConfigDict(env_prefix="HAPAIR_", extra="ignore", frozen=True)
 
     etcd: str = Field(description="etcd endpoints, URL[,URL...]")

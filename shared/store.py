@@ -23,7 +23,9 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import aetcd
 from aetcd import exceptions, rpc, watcher
 
+from hapair.shared import etcd_tls
 from hapair.shared.log import EventLog
+from hapair.shared.pki import TlsFiles
 from hapair.shared.txn import Compare, Op, TxnResult, txn_request
 
 log = EventLog("hapair.store")
@@ -44,6 +46,11 @@ class Unavailable(StoreError):
 
 class LeaseNotFound(StoreError):
     """etcd does not know the lease (expired or revoked)."""
+
+
+class PermissionDenied(StoreError):
+    """etcd's auth refused the request to the user this client is (its certificate's CN;
+    a CN that names no user gets the same answer)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,9 +142,12 @@ _MEMBER_TROUBLE = ("no leader", "leader changed", "timed out", "too many request
 class _MemberClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
     """aetcd's client for one member, whose watches and lease keepalives require a leader."""
 
-    def __init__(self, host: str, port: int, timeout: float) -> None:
+    def __init__(
+        self, host: str, port: int, timeout: float, tls: etcd_tls.Credentials | None = None
+    ) -> None:
         super().__init__(host, port, timeout=timeout, options=CHANNEL_OPTIONS)
         self.name = f"{host}:{port}"
+        self._tls = tls
 
     closed = False
 
@@ -148,12 +158,25 @@ class _MemberClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
             # The store has moved on: a late call must not open this member again, on a
             # connection nobody would close.
             raise exceptions.ConnectionFailedError(f"connection to {self.name} closed")
-        await super().connect()
+        if self._tls is None:
+            await super().connect()
+        else:
+            self._connect_tls(self._tls)
         # The base class builds its watcher without metadata; replaced before anything
         # could use it (no await in between), so every watch stream carries it.
         self._watcher = watcher.Watcher(
             rpc.WatchStub(self.channel), timeout=self._timeout, metadata=REQUIRE_LEADER
         )
+
+    def _connect_tls(self, creds: etcd_tls.Credentials) -> None:
+        """The base class's connect on a TLS channel (it opens only plain ones): the
+        same stubs, no password token (the client certificate is the identity)."""
+        self.channel = etcd_tls.secure_channel(self.name, creds, CHANNEL_OPTIONS)
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._connected.set()
 
     async def close(self) -> None:
         self.closed = True
@@ -178,6 +201,16 @@ class _MemberClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
         await self.connect()
         try:
             return await self.kvstub.Txn(request, timeout=self._timeout, metadata=self.metadata)
+        except rpc.AioRpcError as err:
+            exceptions._handle_exception(err)
+
+    async def auth(self, method: str, request: object) -> Any:
+        """One call of etcd's Auth service (``UserAdd``, ``RoleGrantPermission``...)."""
+        await self.connect()
+        try:
+            return await getattr(rpc.AuthStub(self.channel), method)(
+                request, timeout=self._timeout, metadata=self.metadata
+            )
         except rpc.AioRpcError as err:
             exceptions._handle_exception(err)
 
@@ -210,6 +243,8 @@ def _typed(err: aetcd.ClientError, text: str) -> StoreError:
         return Compacted(text)
     if "lease not found" in lowered:
         return LeaseNotFound(text)
+    if "permission denied" in lowered:
+        return PermissionDenied(text)
     if isinstance(err, (exceptions.ConnectionTimeoutError, exceptions.WatchTimeoutError)):
         return Timeout(text)
     if _member_trouble(err):
@@ -237,8 +272,14 @@ class Store:
     accepts connections, so only these answers, never the connection state, can show it.
     """
 
-    def __init__(self, urls: str | Sequence[str], timeout: float = 1.0) -> None:
+    def __init__(
+        self, urls: str | Sequence[str], timeout: float = 1.0, tls: TlsFiles | None = None
+    ) -> None:
         self.endpoints = parse_endpoints(urls)
+        # Read and checked now: a missing or unsafe file is a start-up error, not a
+        # connection that keeps failing.
+        self._credentials = etcd_tls.prepare(urls, tls)
+        self.secure = self._credentials is not None
         self.timeout = timeout
         self._index = random.randrange(len(self.endpoints))
         self.client = self._open(self._index)
@@ -247,7 +288,7 @@ class Store:
 
     def _open(self, index: int) -> _MemberClient:
         host, port = self.endpoints[index]
-        return _MemberClient(host, port, self.timeout)
+        return _MemberClient(host, port, self.timeout, self._credentials)
 
     @property
     def describe(self) -> str:
@@ -377,6 +418,10 @@ class Store:
         message = txn_request(compare, success, failure)
         reply = await self.call(lambda: self.client.txn(message))
         return TxnResult(bool(reply.succeeded), int(reply.header.revision))
+
+    async def auth(self, method: str, request: object) -> Any:
+        """etcd's answer to one Auth service call (users, roles, enabling auth)."""
+        return await self.call(lambda: self.client.auth(method, request))
 
     # -- leases ---------------------------------------------------------------------
     async def grant(self, ttl: float) -> int:

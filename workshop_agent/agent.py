@@ -20,7 +20,7 @@ import os
 import signal
 import time
 
-from hapair.shared import keys
+from hapair.shared import etcd_tls, keys
 from hapair.shared.clock import boottime
 from hapair.shared.lease import Session
 from hapair.shared.log import EventLog
@@ -65,7 +65,7 @@ class Agent:
         self.settings = settings
         self.me = settings.node
         self.log = EventLog("hapair.agent", node=self.me)
-        self.store = Store(settings.etcd, timeout=settings.etcd_timeout_s)
+        self.store = Store(settings.etcd, timeout=settings.etcd_timeout_s, tls=settings.etcd_tls)
         self.clock = boottime  # every fence deadline, and the watchdog's, on one clock
         self.started_at = self.clock()
         self._wake = asyncio.Event()
@@ -248,6 +248,7 @@ class Agent:
             "HAPAIR_NODE": self.me,
             "HAPAIR_PAIR": self.pair.name,
             "HAPAIR_ETCD": self.settings.etcd,
+            **etcd_tls.service_env(self.settings.etcd_tls),
         }
         self.supervisor = Supervisor(
             self.pair,

@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from hapair.shared.etcd_tls import EtcdTlsSettings
 from hapair.shared.store import parse_endpoints
 from hapair.shared.topology import NAME_PATTERN
 
@@ -20,7 +21,7 @@ def default_state_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"hapair-{os.geteuid()}"
 
 
-class AgentSettings(BaseSettings):
+class AgentSettings(BaseSettings, EtcdTlsSettings):
     model_config = SettingsConfigDict(env_prefix="HAPAIR_", extra="ignore")
 
     node: str = Field(pattern=NAME_PATTERN, description="this server's node name")

@@ -20,7 +20,7 @@ import yaml
 from rich.console import Console
 from rich.live import Live
 
-from hapair.registry.console import pki_cmd
+from hapair.registry.console import etcd_auth_cmd, pki_cmd
 from hapair.registry.console.command import (
     OK,
     REFUSED,
@@ -43,10 +43,10 @@ from hapair.registry.console.pair_cmd import (
 )
 from hapair.registry.console.sources import EtcdSource, RegistrySource, Source, SourceError
 from hapair.registry.console.status import render
-from hapair.shared import admin
+from hapair.shared import admin, etcd_tls
 from hapair.shared.admin import AdminError
 from hapair.shared.client import command as client_command
-from hapair.shared.store import StoreError
+from hapair.shared.store import PermissionDenied, StoreError
 from hapair.shared.topology import Site, TopologyError, load
 
 DEFAULT_WAIT_S = 15.0
@@ -187,6 +187,20 @@ async def drill(args: argparse.Namespace) -> int:
     return OK if ok else REFUSED
 
 
+# ---- etcd-auth --------------------------------------------------------------------
+
+
+async def etcd_auth(args: argparse.Namespace) -> int:
+    async with connected(args) as store:
+        try:
+            lines = await etcd_auth_cmd.run(args, store)
+        except etcd_auth_cmd.UsageError as err:
+            raise Failed(USAGE, str(err)) from None
+    for line in lines:
+        say(line)
+    return OK
+
+
 # ---- the command line -------------------------------------------------------------
 
 
@@ -206,6 +220,7 @@ def _etcd(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("HAPAIR_ETCD"),
         help="etcd endpoints URL[,URL...] (default: $HAPAIR_ETCD)",
     )
+    etcd_tls.add_options(p)
 
 
 def _wait(p: argparse.ArgumentParser) -> None:
@@ -251,6 +266,7 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="read a registry, http://HOST:PORT (default: $HAPAIR_REGISTRY when no etcd is given)",
     )
+    etcd_tls.add_options(p)
     p.add_argument("--watch", action="store_true", help="keep the view current until Ctrl-C")
     p.set_defaults(func=status)
 
@@ -347,6 +363,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=drill)
 
     pki_cmd.add_parser(sub)
+    etcd_auth_cmd.add_parser(sub, etcd_auth, _etcd)
     return root
 
 
@@ -376,6 +393,13 @@ def main(argv: list[str] | None = None) -> None:
         code = err.code
     except AdminError as err:
         print(f"hapair: {err}", file=sys.stderr)
+        code = REFUSED
+    except PermissionDenied as err:
+        print(
+            f"hapair: {err}: etcd's auth refused this certificate's user "
+            "(the roles are set by hapair etcd-auth apply)",
+            file=sys.stderr,
+        )
         code = REFUSED
     except (StoreError, SourceError) as err:
         print(f"hapair: {err}", file=sys.stderr)

@@ -15,6 +15,7 @@ import socket
 from collections.abc import AsyncIterator
 from datetime import datetime
 
+from hapair.shared import etcd_tls
 from hapair.shared.store import Store
 
 OK, REFUSED, USAGE, UNREACHABLE = 0, 1, 2, 3
@@ -56,7 +57,7 @@ async def connected(args: argparse.Namespace) -> AsyncIterator[Store]:
     if not args.etcd:
         raise Failed(USAGE, "no etcd given: use --etcd URL or set HAPAIR_ETCD")
     try:
-        store = Store(args.etcd, timeout=ETCD_TIMEOUT_S)
+        store = Store(args.etcd, timeout=ETCD_TIMEOUT_S, tls=etcd_tls.from_args(args))
     except ValueError as err:
         raise Failed(USAGE, str(err)) from None
     try:

@@ -20,6 +20,7 @@ import yaml
 from hapair.registry.console.drill_faults import descendants
 from hapair.shared import keys
 from hapair.shared.clock import boottime
+from hapair.shared.pki import TlsFiles
 from hapair.shared.records import EndpointRecord, Leader, NodeStatus, TopologyDoc, decode
 from hapair.shared.store import Store
 from hapair.shared.topology import parse_site
@@ -120,9 +121,14 @@ class Cluster:
     store: Store = field(init=False)
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     record: Path = field(init=False)
+    # etcd over TLS: the test's store shows ``admin``'s certificate of ``pki_dir``, each
+    # agent its node's.
+    pki_dir: Path | None = None
+    admin: str = "root"
 
     def __post_init__(self) -> None:
-        self.store = Store(self.etcd.url, timeout=2.0)
+        tls = None if self.pki_dir is None else TlsFiles.issued(self.pki_dir, self.admin)
+        self.store = Store(self.etcd.url, timeout=2.0, tls=tls)
         self.record = self.tmp / "record"
         self.record.mkdir(exist_ok=True)
 
@@ -147,7 +153,12 @@ class Cluster:
         log = (self.tmp / f"agent-{node}.log").open("ab")
         state = str(self.tmp / f"state-{node}")
         # A later --etcd in ``extra`` wins: a test may route one agent another way.
-        argv = [*AGENT, "--node", node, "--etcd", self.agent_etcd, "--state-dir", state, *extra]
+        argv = [*AGENT, "--node", node, "--etcd", self.agent_etcd, "--state-dir", state]
+        if self.pki_dir is not None:
+            own = TlsFiles.issued(self.pki_dir, node)
+            argv += ["--etcd-ca", str(own.ca), "--etcd-cert", str(own.cert)]
+            argv += ["--etcd-key", str(own.key)]
+        argv += extra
         proc = self.spawn(
             node,
             argv,

@@ -1,0 +1,203 @@
+"""etcd over TLS: the files a component shows etcd, checked once at start, and the
+secure gRPC channel the store opens with them.
+
+aetcd opens only plain channels; the store's member client opens one of these instead
+when it is given credentials. ``https://`` endpoints need the CA (never silently plain);
+``http://`` endpoints are the lab mode, in clear and unauthenticated, and the daemons
+say so at start. Every component takes ``--etcd-ca``, ``--etcd-cert`` and ``--etcd-key``
+(env ``HAPAIR_ETCD_CA``, ``HAPAIR_ETCD_CERT``, ``HAPAIR_ETCD_KEY``) from
+:func:`add_options`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeAlias
+from urllib.parse import urlsplit
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from pydantic import BaseModel, ValidationInfo, field_validator
+
+from hapair.shared import pki
+from hapair.shared.log import EventLog
+from hapair.shared.pki import TlsFiles
+
+ENV = {"ca": "HAPAIR_ETCD_CA", "cert": "HAPAIR_ETCD_CERT", "key": "HAPAIR_ETCD_KEY"}
+OPTION = {"ca": "--etcd-ca", "cert": "--etcd-cert", "key": "--etcd-key"}
+Credentials: TypeAlias = grpc.ChannelCredentials  # what the store's connections are opened with
+
+
+class EtcdTlsError(ValueError):
+    """The etcd URLs and TLS files do not make a usable connection; the message names
+    the option to fix. A ValueError, as a bad ``--etcd`` is."""
+
+
+def _given(option: str) -> str:
+    return f"{OPTION[option]} (or {ENV[option]})"
+
+
+def scheme(urls: str | Sequence[str]) -> str:
+    """``http`` or ``https``: the one scheme of every endpoint (bare ``HOST:PORT`` is
+    ``http``). Mixed schemes are refused: half the members in clear is no TLS."""
+    items = urls.split(",") if isinstance(urls, str) else list(urls)
+    schemes = {
+        urlsplit(item).scheme if "//" in item else "http"
+        for item in (i.strip() for i in items)
+        if item
+    }
+    if len(schemes) > 1:
+        raise EtcdTlsError(
+            f"etcd endpoints {','.join(i.strip() for i in items)!r} mix http:// and https://: "
+            "give every member with the same scheme"
+        )
+    return schemes.pop() if schemes else "http"
+
+
+def check(urls: str | Sequence[str], tls: TlsFiles | None) -> bool:
+    """Whether the endpoints are to be reached over TLS; refuses ``https://`` without a
+    CA and TLS files with ``http://`` endpoints (either would not be what was meant)."""
+    secure = scheme(urls) == "https"
+    if secure and tls is None:
+        raise EtcdTlsError(
+            f"etcd endpoints are https:// but no CA is given: give {_given('ca')}, the CA "
+            "that signed etcd's certificate (never silently plain)"
+        )
+    if not secure and tls is not None:
+        raise EtcdTlsError(
+            f"{_given('ca')} given but the etcd endpoints are http://: use https:// URLs "
+            "(or drop the TLS options for the lab mode)"
+        )
+    return secure
+
+
+def credentials(tls: TlsFiles) -> Credentials:
+    """gRPC channel credentials from ``tls``, every file read and checked now: the CA
+    is a certificate, the key is private to this user and is the certificate's."""
+    ca = pki.load_certificate(tls.ca)
+    chain: bytes | None = None
+    key: bytes | None = None
+    if (tls.cert is None) != (tls.key is None):
+        missing = "key" if tls.key is None else "cert"
+        raise EtcdTlsError(f"{_given(missing)} missing: a client certificate needs its key")
+    if tls.cert is not None and tls.key is not None:
+        certificate = pki.load_certificate(tls.cert)
+        private = pki.load_private_key(tls.key)  # refused unless private (check_private)
+        if private.public_key() != certificate.public_key():
+            raise EtcdTlsError(f"{tls.key}: not the key of {tls.cert}")
+        chain = tls.cert.read_bytes()
+        key = private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca.public_bytes(serialization.Encoding.PEM),
+        private_key=key,
+        certificate_chain=chain,
+    )
+
+
+def prepare(urls: str | Sequence[str], tls: TlsFiles | None) -> Credentials | None:
+    """What the store connects with: credentials for ``https://`` endpoints, None for
+    the lab mode; :class:`EtcdTlsError` naming the option to fix otherwise."""
+    if not check(urls, tls) or tls is None:
+        return None
+    try:
+        return credentials(tls)
+    except pki.PkiError as err:
+        raise EtcdTlsError(f"etcd TLS: {err}") from None
+
+
+def secure_channel(target: str, creds: Credentials, options: Mapping[str, Any]) -> grpc.aio.Channel:
+    return grpc.aio.secure_channel(target, creds, options=list(options.items()))
+
+
+def warn_if_plain(secure: bool, log: EventLog, etcd: str) -> None:
+    """The lab mode's warning, once at a daemon's start."""
+    if not secure:
+        log.warning(
+            "etcd in lab mode: its traffic is in clear and unauthenticated; "
+            "use https:// endpoints with --etcd-ca, --etcd-cert and --etcd-key",
+            etcd=etcd,
+        )
+
+
+# ---- options ----------------------------------------------------------------------
+
+
+def files(
+    ca: str | Path | None, cert: str | Path | None, key: str | Path | None
+) -> TlsFiles | None:
+    """The TLS files given (empty counts as not given), None when no CA is.
+
+    A certificate or key without the CA is refused: it would not be used."""
+    ca, cert, key = (Path(v) if v else None for v in (ca, cert, key))
+    if ca is None:
+        if cert is not None or key is not None:
+            raise EtcdTlsError(
+                f"{_given('cert' if cert is not None else 'key')} given without "
+                f"{_given('ca')}: TLS to etcd needs the CA that signed its certificate"
+            )
+        return None
+    return TlsFiles(ca, cert, key)
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """``--etcd-ca``, ``--etcd-cert`` and ``--etcd-key``, defaulting to the environment."""
+    helps = {
+        "ca": "the CA that signed etcd's certificate; needed for https:// endpoints",
+        "cert": "this component's certificate for etcd (its CN is the etcd user)",
+        "key": "the key of --etcd-cert (mode 0600, owned by this user)",
+    }
+    for name, option in OPTION.items():
+        parser.add_argument(
+            option,
+            metavar="FILE",
+            dest=f"etcd_{name}",
+            default=os.environ.get(ENV[name]) or None,
+            help=f"{helps[name]} (default: ${ENV[name]})",
+        )
+
+
+def from_args(args: argparse.Namespace) -> TlsFiles | None:
+    return files(args.etcd_ca, args.etcd_cert, args.etcd_key)
+
+
+class EtcdTlsSettings(BaseModel):
+    """The same three settings in a daemon's pydantic settings (``HAPAIR_ETCD_CA``...)."""
+
+    etcd_ca: Path | None = None
+    etcd_cert: Path | None = None
+    etcd_key: Path | None = None
+
+    @field_validator("etcd_ca", "etcd_cert", "etcd_key", mode="before")
+    @classmethod
+    def _empty(cls, value: object) -> object:
+        return None if value == "" else value  # an empty variable: not given
+
+    @property
+    def etcd_tls(self) -> TlsFiles | None:
+        return files(self.etcd_ca, self.etcd_cert, self.etcd_key)
+
+    @field_validator("etcd", check_fields=False)
+    @classmethod
+    def _usable(cls, value: str, info: ValidationInfo) -> str:
+        # The settings' ``etcd``, checked with the TLS files (validated before it): every
+        # file read and checked now, a wrong one a start-up error naming it.
+        given = (info.data.get(f"etcd_{name}") for name in OPTION)
+        prepare(value, files(*given))
+        return value
+
+
+def service_env(tls: TlsFiles | None) -> dict[str, str]:
+    """What the agent passes on to the services it runs: the CA, never its own
+    certificate (a service shows etcd its own, from its ``env:`` in the site file)."""
+    return {
+        ENV["ca"]: str(tls.ca) if tls is not None else "",
+        ENV["cert"]: "",
+        ENV["key"]: "",
+    }
