@@ -7,6 +7,7 @@ the new primary.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
@@ -21,6 +22,7 @@ import pytest
 
 from hapair.shared import keys
 from hapair.shared.records import Resource, ResourceReport, SyncState, decode
+from hapair.workshop_agent.step_down import REFUSED_S
 from tests.support.cluster import Cluster, recording_service, until
 from tests.support.harness import Etcd, free_port
 from tests.support.pg_harness import (
@@ -838,23 +840,44 @@ async def test_a_second_failover_while_a_recovery_awaits_its_ack_holds_again(
     await until(batch_running_on_a, 30, "the batch running on a once acknowledged")
 
 
+async def switch_over_to(c: Cluster, node: str, tries: int = 2) -> int:
+    """Ask for a switchover of p to ``node`` until ``node`` holds the pair; the epoch it
+    took. The active may refuse one, or abort it (its target's view or the final position
+    not confirmed in time on a loaded machine): safe, and not what the callers test. It
+    then refuses that target for ``REFUSED_S``, so the request is made again after it."""
+    from hapair.shared.records import Switchover
+
+    refusals: list[str] = []
+    for _ in range(tries):
+        request = Switchover(to=node)
+        await c.store.put(keys.switchover("p"), request.encode())
+
+        async def outcome(request: Switchover = request) -> tuple[int | None, str] | None:
+            lead = await c.leader("p")
+            if lead is not None and lead[0] == node:
+                return lead[1], ""
+            for e in await c.events("switchover_rejected"):
+                if e["details"].get("request") == request.id:
+                    return None, str(e["reason"])
+            return None
+
+        epoch, why = await until(outcome, 30, f"{node} holding p, or the switchover refused")
+        if epoch is not None:
+            return epoch
+        refusals.append(why)
+        await asyncio.sleep(REFUSED_S + 1)  # the refusal of this target lapses on a timer
+    raise AssertionError(f"the switchover to {node} was refused {tries} times: {refusals}")
+
+
 async def test_a_new_active_that_cannot_promote_hands_the_pair_back_to_the_old_primary(
     db_cluster: tuple[Cluster, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A switchover to b, whose promotion fails (a test hook): the record still names a
     as holding every commit, so b hands the pair back to it once its repair budget is
     spent, rather than keep a pair without a primary."""
-    from hapair.shared.records import Switchover
-
     c, port = db_cluster
     epoch, writer = await b_unable_to_promote(c, port, monkeypatch)
-    await c.store.put(keys.switchover("p"), Switchover(to="b").encode())
-
-    async def b_holds_the_key() -> int | None:
-        lead = await c.leader("p")
-        return lead[1] if lead is not None and lead[0] == "b" else None
-
-    epoch_b = await until(b_holds_the_key, 30, "b holding the pair")
+    epoch_b = await switch_over_to(c, "b")
     assert epoch_b > epoch
     await c.active("p", not_epoch=epoch_b, node="a", timeout=60)
     await endpoint_on(c, "a", epoch_b)
