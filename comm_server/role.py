@@ -54,6 +54,7 @@ from hapair.shared.txn import Compare, Op
 ReportParts = tuple[dict[str, Resource], dict[str, PlcHealth]]
 
 FENCE_MARGIN_S = 0.5
+STOP_TASKS_S = 2.0  # how long a stop waits for the role's watches and lease to end
 
 
 class CommReport(ResourceReport):
@@ -168,9 +169,12 @@ class PairRole:
         finally:
             for task in self._tasks:
                 task.cancel()
-            for task in self._tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            # Bounded: a watch stuck in a library that swallows its cancellation (gRPC
+            # and aetcd have such code) must not keep the comm server from stopping.
+            done, _ = await asyncio.wait(self._tasks, timeout=STOP_TASKS_S)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # retrieved: its end is expected here, not an error
 
     async def close(self) -> None:
         """Stop serving and take the report away, so a peer may rise at once."""

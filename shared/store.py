@@ -488,18 +488,24 @@ async def _uncancelled(work: Awaitable[T], seconds: float) -> T:
     store moving to another member) cancels the calls still on it: the caller, not
     cancelled itself, must get an error it handles, not a cancellation that would end
     its task for good (the publisher of an agent died that way, silently)."""
+    task = asyncio.current_task()
+    before = task.cancelling() if task is not None else 0
     try:
-        return await asyncio.wait_for(work, seconds)
+        result = await asyncio.wait_for(work, seconds)
     except asyncio.CancelledError:
-        task = asyncio.current_task()
         if task is not None and task.cancelling():
             raise
         raise ConnectionError("call cancelled under it: its connection was closed") from None
     except Exception:
-        task = asyncio.current_task()
         if task is not None and task.cancelling():
             raise asyncio.CancelledError from None
         raise
+    if task is not None and task.cancelling() > before:
+        # Python 3.11's wait_for returns the answer when the caller is cancelled as the
+        # call completes, swallowing the cancellation: a loop around this call would
+        # never end. The caller gets it back.
+        raise asyncio.CancelledError
+    return result
 
 
 async def bounded(work: Awaitable[Any], seconds: float) -> None:

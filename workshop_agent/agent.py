@@ -28,6 +28,7 @@ from hapair.shared.mirror import Mirror
 from hapair.shared.records import Event
 from hapair.shared.store import Store, StoreError
 from hapair.shared.topology import Failover, Node, Pair
+from hapair.shared.waits import wait_event
 from hapair.workshop_agent import database_care
 from hapair.workshop_agent import decide as d
 from hapair.workshop_agent.candidates import hold_peers
@@ -174,8 +175,7 @@ class Agent:
             if why != said:
                 self.log.warning(why)
                 said = why
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), 1.0)
+            await wait_event(self._wake, 1.0)
             self._wake.clear()
 
     def _load_topology(self) -> None:
@@ -420,8 +420,7 @@ class Agent:
     async def _loop(self) -> None:
         assert self.fencing is not None and self.recovery is not None
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), TICK_S)
+            await wait_event(self._wake, TICK_S)
             self._wake.clear()
             self._load_topology()
             self._vip_step()

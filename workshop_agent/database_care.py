@@ -19,6 +19,7 @@ from hapair.shared.log import EventLog
 from hapair.shared.records import NodeStatus, RecordError, SyncState, decode
 from hapair.shared.store import Kv, StoreError
 from hapair.shared.topology import Pair
+from hapair.shared.waits import wait_event
 from hapair.workshop_agent.database import Database, eligible
 from hapair.workshop_agent.observe import PairState
 from hapair.workshop_agent.pg.errors import PgError
@@ -147,8 +148,7 @@ class DatabaseCare:
             except Exception as err:  # a bug must not end the database's care for good
                 self.log.exception("database round failed", err)
             self._dirty()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), ROUND_S)
+            await wait_event(self._wake, ROUND_S)
             self._wake.clear()
 
     async def _round(self) -> None:

@@ -31,6 +31,7 @@ from hapair.shared.clock import boottime
 from hapair.shared.log import EventLog
 from hapair.shared.records import ServiceState, ServiceStatus
 from hapair.shared.topology import Health, Node, Pair, Service, expand, placeholder_values
+from hapair.shared.waits import wait_event
 from hapair.workshop_agent.cgroups import CgroupTree
 from hapair.workshop_agent.exec_guard import REFUSED
 from hapair.workshop_agent.health import probe
@@ -203,8 +204,7 @@ class Supervisor:
             r.budget.times.clear()
             r.task = asyncio.create_task(self._run(r, epoch))
             limit = r.spec.health.start_period_s if r.spec.health else 5.0
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(r.ready.wait(), limit)
+            await wait_event(r.ready, limit)
 
     async def deactivate(self) -> None:
         """Planned stop of the active-only services, last started first."""

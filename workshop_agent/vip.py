@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from hapair.shared.log import EventLog
 from hapair.shared.vip import Vip
+from hapair.shared.waits import wait_event
 from hapair.workshop_agent.watchdog import WatchdogLink
 
 COMMAND_TIMEOUT_S = 2.0
@@ -174,8 +175,7 @@ class VipKeeper:
                 self._settled.set()
                 await self._kick.wait()
             elif not done:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._kick.wait(), RETRY_S)
+                await wait_event(self._kick, RETRY_S)
 
     async def _step(self) -> bool:
         """One command towards what is wanted; False when it failed (retry later)."""
