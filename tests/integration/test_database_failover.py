@@ -158,12 +158,10 @@ async def test_crash_of_the_active_loses_no_acknowledged_commit(
 async def test_planned_switchover_loses_nothing_and_the_old_primary_follows(
     db_cluster: tuple[Cluster, int],
 ) -> None:
-    from hapair.shared.records import Switchover
-
     c, port = db_cluster
     _, epoch = await ready(c, port)
     writer = await steady_writer(port, 200)
-    await c.store.put(keys.switchover("p"), Switchover(to="b").encode())
+    await switch_over_to(c, "b")
     await c.active("p", not_epoch=epoch, node="b", timeout=30)
     await endpoint_on(c, "b", epoch)
 
