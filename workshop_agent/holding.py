@@ -15,7 +15,7 @@ from hapair.shared.clock import Clock
 from hapair.shared.lease import Session
 from hapair.shared.log import EventLog
 from hapair.workshop_agent.fencing import Fencing
-from hapair.workshop_agent.hold import Ledger, Promise, Promises
+from hapair.workshop_agent.hold import Answer, Ledger, Promise, Promises
 from hapair.workshop_agent.netwatch import NetWatch
 from hapair.workshop_agent.observation import HandoverView
 from hapair.workshop_agent.peer_wire import Hold, HoldReply, Release
@@ -93,7 +93,7 @@ class Holding:
                 asked_for = term
                 sent = self.netwatch.send_hold(term, session.ttl)
                 if sent is not None:
-                    self.ledger.sent(term, *sent)
+                    self.ledger.sent(term, *sent, session.ttl)
                 if not asking:
                     self.log.warning(
                         "etcd does not confirm the lease: asking the peers to hold",
@@ -126,18 +126,18 @@ class Holding:
         elif not reply.promised:
             self.log.warning("peer refused to hold", peer=reply.sender, reason=reply.reason)
 
-    def on_hold(self, hold: Hold, now: float) -> tuple[bool, str]:
+    def on_hold(self, hold: Hold, now: float) -> Answer:
         busy = None
         if self._active():
             busy = "this node is active"
         elif self._campaigning:
             busy = "this node is campaigning"
-        promised, reason = self.promises.answer(
+        answer = self.promises.answer(
             hold, now, ttl=self._lease_ttl(), busy=busy, newest_epoch=self._newest_epoch()
         )
-        if promised:
+        if answer.promised:
             self._wake()
-        return promised, reason
+        return answer
 
     def on_release(self, release: Release) -> None:
         self.promises.release(release.sender, release.epoch)
