@@ -5,7 +5,7 @@ receives them): pings and their answers, and the hold protocol of an active that
 reach etcd (``workshop_agent/hold.py``). Anyone on a plant network can send a datagram
 with any source address, so every datagram is sealed: 64 hex digits of HMAC-SHA256,
 under the pair's key, over the JSON body that follows them, which names the sender's
-run (a random nonce and when the run started, chosen when its peer path opens) and the
+run (a random nonce and when the run started, chosen when the agent starts) and the
 number of the datagram in that run. A receiver (:class:`PeerAuth`) drops a datagram
 whose MAC is wrong, a replay (a number not above the last it took from that run), and
 any datagram of a sender's run older than the newest it has seen; in the lab mode (no
