@@ -27,11 +27,11 @@ real time t_k and a peer P receive it at r_k ≥ t_k.
   margin later: both before P may campaign.
 - Every other node must have promised: a node that did not (down, cut off, or never
   asked) is free to campaign once etcd lets it, and the lease rule covers that case.
-- A promise is given only for A's current term (an epoch at least the newest P has
-  seen in etcd, and at most one above it: P has seen a term in etcd, and a hold for a
-  term far ahead of it is no term P knows) and only by a node that holds no term and
-  runs no active service, so a stale active is refused and fences at its lease's fence
-  point.
+- A promise is given only for A's current term (an epoch at least the newest term P
+  has seen in etcd, and at most one above the newest revision P has read there: an
+  epoch is the revision that created the leader key, so anything above is no term etcd
+  gave) and only by a node that holds no term and runs no active service, so a stale
+  active is refused and fences at its lease's fence point.
 
 Only A can ask: the peer path authenticates every datagram with the pair's key and
 drops replays (``peer_wire.py``), so nobody else can make P promise, release P, or
@@ -141,20 +141,27 @@ class Promises:
         ttl: float,
         busy: str | None,
         newest_epoch: int | None,
+        seen_revision: int,
     ) -> Answer:
         """Promise ``hold.sender`` not to campaign for the TTL, or say why not.
 
         ``busy`` names why this node may not promise (it is active, starts services, or
-        has a campaign in flight); ``newest_epoch`` is the newest term it saw in etcd."""
+        has a campaign in flight); ``newest_epoch`` is the newest term it saw in etcd,
+        ``seen_revision`` the newest revision it read of the pairs' keys there."""
         if busy is not None:
             return Answer(False, busy, 0.0)
-        if newest_epoch is None:
-            return Answer(False, "this node has seen no term in etcd yet", 0.0)
-        if hold.epoch < newest_epoch:
+        if newest_epoch is not None and hold.epoch < newest_epoch:
             why = f"epoch {hold.epoch} is stale: epoch {newest_epoch} was elected since"
             return Answer(False, why, 0.0)
-        if hold.epoch > newest_epoch + 1:
-            why = f"epoch {hold.epoch} is not in etcd: the newest seen is {newest_epoch}"
+        # An epoch is the revision that created its leader key: a term elected before
+        # this node last read etcd is at most the newest it has seen there. One further
+        # is the only term that may be newer; anything above is no term etcd gave.
+        newest = max(newest_epoch or 0, seen_revision)
+        if hold.epoch > newest + 1:
+            why = (
+                f"epoch {hold.epoch} is ahead of etcd as this node saw it "
+                f"(newest term {newest_epoch}, revision {seen_revision})"
+            )
             return Answer(False, why, 0.0)
         # Never longer than this node's own TTL, whatever the hold asks: the reply says
         # how long, and the sender counts only that.

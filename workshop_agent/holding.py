@@ -25,7 +25,8 @@ class Holding:
     """``term`` gives the term this node holds now; ``active`` whether it acts as active
     (a term, or an active-only service still up); ``stopped`` whether it is out of the
     active role with every service and the database stopped; ``newest_epoch`` the newest
-    term seen in etcd; ``lease_ttl`` the pair's lease TTL; ``wake`` wakes the loop."""
+    term seen in etcd; ``seen_revision`` the newest revision read of the pairs' keys;
+    ``lease_ttl`` the pair's lease TTL; ``wake`` wakes the loop."""
 
     def __init__(
         self,
@@ -40,6 +41,7 @@ class Holding:
         active: Callable[[], bool],
         stopped: Callable[[], bool],
         newest_epoch: Callable[[], int | None],
+        seen_revision: Callable[[], int],
         lease_ttl: Callable[[], float],
         wake: Callable[[], None],
         dirty: Callable[[], None],
@@ -55,6 +57,7 @@ class Holding:
         self._active = active
         self._stopped = stopped
         self._newest_epoch = newest_epoch
+        self._seen_revision = seen_revision
         self._lease_ttl = lease_ttl
         self._wake = wake
         self._dirty = dirty
@@ -133,7 +136,12 @@ class Holding:
         elif self._campaigning:
             busy = "this node is campaigning"
         answer = self.promises.answer(
-            hold, now, ttl=self._lease_ttl(), busy=busy, newest_epoch=self._newest_epoch()
+            hold,
+            now,
+            ttl=self._lease_ttl(),
+            busy=busy,
+            newest_epoch=self._newest_epoch(),
+            seen_revision=self._seen_revision(),
         )
         if answer.promised:
             self._wake()

@@ -77,12 +77,16 @@ def test_a_new_term_forgets_the_old_promises() -> None:
 
 def test_a_standby_promises_for_the_shorter_ttl_and_keeps_it() -> None:
     promises = Promises()
-    ok = promises.answer(Hold("a", 1, 5, 3.0), 100.0, ttl=2.0, busy=None, newest_epoch=5)
+    ok = promises.answer(
+        Hold("a", 1, 5, 3.0), 100.0, ttl=2.0, busy=None, newest_epoch=5, seen_revision=5
+    )
     assert ok == (True, "", 2.0)
     binding = promises.binding(101.9)
     assert binding is not None and (binding.node, binding.epoch) == ("a", 5)
     assert promises.binding(102.0) is None, "heard nothing for its own TTL: free again"
-    ok = promises.answer(Hold("a", 2, 5, 1.0), 102.0, ttl=2.0, busy=None, newest_epoch=5)
+    ok = promises.answer(
+        Hold("a", 2, 5, 1.0), 102.0, ttl=2.0, busy=None, newest_epoch=5, seen_revision=5
+    )
     assert ok == (True, "", 1.0), "a shorter hold asked: promised for that"
 
 
@@ -98,21 +102,32 @@ def test_a_standby_refuses_when_it_cannot_keep_the_promise(
     busy: str | None, newest: int, why: str
 ) -> None:
     promises = Promises()
-    answer = promises.answer(Hold("a", 1, 5, 2.0), 100.0, ttl=2.0, busy=busy, newest_epoch=newest)
+    answer = promises.answer(
+        Hold("a", 1, 5, 2.0),
+        100.0,
+        ttl=2.0,
+        busy=busy,
+        newest_epoch=newest,
+        seen_revision=newest or 0,
+    )
     assert answer == (False, why, 0.0)
     assert promises.binding(100.1) is None
 
 
 def test_a_handover_of_that_term_releases_the_promise() -> None:
     promises = Promises()
-    promises.answer(Hold("a", 1, 5, 2.0), 100.0, ttl=2.0, busy=None, newest_epoch=5)
+    promises.answer(
+        Hold("a", 1, 5, 2.0), 100.0, ttl=2.0, busy=None, newest_epoch=5, seen_revision=5
+    )
     assert promises.binding(100.5, released=[("a", 4)]) is not None, "an older term's record"
     assert promises.binding(100.5, released=[("a", 5)]) is None
 
 
 def test_a_release_from_the_former_holder_ends_the_promise() -> None:
     promises = Promises()
-    promises.answer(Hold("a", 1, 5, 2.0), 100.0, ttl=2.0, busy=None, newest_epoch=5)
+    promises.answer(
+        Hold("a", 1, 5, 2.0), 100.0, ttl=2.0, busy=None, newest_epoch=5, seen_revision=5
+    )
     promises.release("b", 5)
     promises.release("a", 4)
     assert promises.binding(100.5) is not None, "another node's or an older term's release"

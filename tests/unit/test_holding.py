@@ -23,6 +23,7 @@ class Node:
     term: int | None = None
     active: bool = False
     newest_epoch: int | None = 5
+    revision: int = 5
     wakes: int = 0
     dirty: int = 0
     moved: list[float] = field(default_factory=list)
@@ -58,6 +59,7 @@ def holding(node: Node, lease: FakeLease | None = None) -> tuple[Holding, Fencin
         active=lambda: node.term is not None or node.active,
         stopped=lambda: False,
         newest_epoch=lambda: node.newest_epoch,
+        seen_revision=lambda: node.revision,
         lease_ttl=lambda: TTL,
         wake=lambda: setattr(node, "wakes", node.wakes + 1),
         dirty=lambda: setattr(node, "dirty", node.dirty + 1),

@@ -120,7 +120,7 @@ def test_garbage_never_raises() -> None:
 def test_a_huge_ttl_is_capped_at_the_receivers_own() -> None:
     promises = Promises()
     promised, _, _ = promises.answer(
-        Hold("a", 1, 5, 3600.0), 100.0, ttl=2.0, busy=None, newest_epoch=5
+        Hold("a", 1, 5, 3600.0), 100.0, ttl=2.0, busy=None, newest_epoch=5, seen_revision=5
     )
     assert promised
     assert promises.binding(101.9) is not None
@@ -137,15 +137,30 @@ def test_the_active_counts_a_shorter_promise_as_ending_earlier() -> None:
 
 
 @pytest.mark.parametrize(
-    ("epoch", "newest", "promised"),
-    [(5, 5, True), (6, 5, True), (7, 5, False), (2**40, 5, False), (5, None, False)],
+    ("epoch", "newest", "revision", "promised"),
+    [
+        (5, 5, 5, True),
+        (6, 5, 5, True),
+        (7, 5, 5, False),
+        (2**40, 5, 5, False),
+        (2**40, 5, 90, False),
+        (5, None, 0, False),  # read nothing from etcd yet
+        (40, 5, 42, True),  # elected before this node's last read, not yet seen
+        (40, None, 42, True),  # a new run: no term seen yet (the key expired)
+        (44, None, 42, False),
+    ],
 )
 def test_an_epoch_far_ahead_of_etcd_is_refused(
-    epoch: int, newest: int | None, promised: bool
+    epoch: int, newest: int | None, revision: int, promised: bool
 ) -> None:
     promises = Promises()
     answer = promises.answer(
-        Hold("a", 1, epoch, 2.0), 100.0, ttl=2.0, busy=None, newest_epoch=newest
+        Hold("a", 1, epoch, 2.0),
+        100.0,
+        ttl=2.0,
+        busy=None,
+        newest_epoch=newest,
+        seen_revision=revision,
     )
     assert bool(answer[0]) is promised, answer
     assert (promises.binding(100.1) is not None) is promised
