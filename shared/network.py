@@ -69,6 +69,25 @@ class Network(StrictModel):
     probe_interval_s: float = Field(1.0, ge=0.05, le=60.0)
     isolation_after_s: float = Field(5.0, gt=0.0, le=3600.0)
     peer_port: int = Field(7400, ge=1, le=65535)
+    # The pair's key for the peer path: a file on each node (``hapair pki peer-key``),
+    # never the key itself, which must not be in the site file nor in etcd. Unset: the
+    # lab mode, where anyone on the network can speak for a peer.
+    peer_key_file: str | None = Field(None, min_length=2, max_length=4096)
+
+    @field_validator("peer_key_file")
+    @classmethod
+    def _a_path(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if re.fullmatch(r"[0-9A-Fa-f]{32,}", value.strip()):
+            raise ValueError(
+                "this is a key, not the path of its file: the key must never be in the "
+                "site file (write it with hapair pki peer-key DIR PAIR, copy it to each "
+                "node, and name the file here)"
+            )
+        if not value.startswith("/"):
+            raise ValueError(f"{value!r} is not an absolute path")
+        return value
 
     @field_validator("probe_targets")
     @classmethod

@@ -235,6 +235,7 @@ class Agent:
             active=self._acts_as_active,
             stopped=self._stopped,
             newest_epoch=lambda: self._newest_epoch,
+            seen_revision=lambda: self.pairs.revision,
             lease_ttl=lambda: self._failover().lease_ttl_s,
             wake=self._wake.set,
             dirty=self._dirty.set,

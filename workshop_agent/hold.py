@@ -16,17 +16,26 @@ leaves room for d = 0.06), the same assumption the lease's own fence point rests
 a datagram is never received before it was sent. Let the active A send hold *k* at
 real time t_k and a peer P receive it at r_k ≥ t_k.
 
-- P promises at r_k not to campaign before it has heard nothing from A for TTL on its
-  own clock, so not before real time r_k + TTL·(1-d) ≥ t_k + TTL·(1-d). A campaign
-  P already had in flight when the hold arrived makes P refuse the promise instead.
-- A counts P's promise for hold *k* only when the reply names *k*. Its fence timer
-  stops its services at t_k + (TTL - fence_margin_s)·(1+d), and its watchdog, should
-  the agent freeze, half a margin later: both before P may campaign.
+- P promises at r_k not to campaign before it has heard nothing from A for G on its
+  own clock, where G is the shorter of A's TTL and P's own (a datagram never makes P
+  wait longer than its own lease would), so not before real time r_k + G·(1-d) ≥
+  t_k + G·(1-d); its reply says G. A campaign P already had in flight when the hold
+  arrived makes P refuse the promise instead.
+- A counts P's promise for hold *k* only when the reply names *k*, and as ending
+  TTL - G earlier than one for its whole TTL. Its fence timer stops its services at
+  t_k + (G - fence_margin_s)·(1+d), and its watchdog, should the agent freeze, half a
+  margin later: both before P may campaign.
 - Every other node must have promised: a node that did not (down, cut off, or never
   asked) is free to campaign once etcd lets it, and the lease rule covers that case.
-- A promise is given only for A's current term (an epoch at least the newest P has
-  seen in etcd) and only by a node that holds no term and runs no active service, so a
-  stale active is refused and fences at its lease's fence point.
+- A promise is given only for A's current term (an epoch at least the newest term P
+  has seen in etcd, and at most one above the newest revision P has read there: an
+  epoch is the revision that created the leader key, so anything above is no term etcd
+  gave) and only by a node that holds no term and runs no active service, so a stale
+  active is refused and fences at its lease's fence point.
+
+Only A can ask: the peer path authenticates every datagram with the pair's key and
+drops replays (``peer_wire.py``), so nobody else can make P promise, release P, or
+promise A anything.
 - If etcd reports A's lease lost (not merely unreachable), A fences at once: it may
   then campaign like anyone else, and so may P once its promise has run out.
 
@@ -44,6 +53,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from hapair.workshop_agent.peer_wire import Hold, HoldReply
 
@@ -55,28 +65,32 @@ class Ledger:
 
     def __init__(self) -> None:
         self.epoch: int | None = None
-        self._sent: dict[int, float] = {}
+        self._sent: dict[int, tuple[float, float]] = {}  # seq: (sent at, TTL asked)
         self._confirmed: dict[str, float] = {}
         self.refusals: dict[str, str] = {}
 
-    def sent(self, epoch: int, seq: int, at: float) -> None:
+    def sent(self, epoch: int, seq: int, at: float, ttl: float) -> None:
         if epoch != self.epoch:
             self.clear()
             self.epoch = epoch
-        self._sent[seq] = at
+        self._sent[seq] = (at, ttl)
         if len(self._sent) > KEEP_SENT:
             del self._sent[min(self._sent, key=self._sent.__getitem__)]
 
     def answer(self, reply: HoldReply) -> bool:
         """Take in a peer's answer; True when it extends that peer's promise."""
-        at = self._sent.get(reply.seq)
-        if reply.epoch != self.epoch or at is None:
+        hold = self._sent.get(reply.seq)
+        if reply.epoch != self.epoch or hold is None:
             return False  # not one of the holds of this term
-        if not reply.promised:
+        if not reply.promised or reply.ttl <= 0:
             self.refusals[reply.sender] = reply.reason
             self._confirmed.pop(reply.sender, None)
             return False
         self.refusals.pop(reply.sender, None)
+        # A promise shorter than asked counts as one for the whole TTL sent that much
+        # earlier: the fence point moves with what the peer granted, never further.
+        at, asked = hold
+        at -= max(0.0, asked - reply.ttl)
         if at <= self._confirmed.get(reply.sender, -float("inf")):
             return False
         self._confirmed[reply.sender] = at
@@ -96,6 +110,14 @@ class Ledger:
         self._sent.clear()
         self._confirmed.clear()
         self.refusals.clear()
+
+
+class Answer(NamedTuple):
+    """A standby's answer to a hold: the promise's length on its clock, or why not."""
+
+    promised: bool
+    reason: str
+    ttl: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,21 +141,36 @@ class Promises:
         ttl: float,
         busy: str | None,
         newest_epoch: int | None,
-    ) -> tuple[bool, str]:
+        seen_revision: int,
+    ) -> Answer:
         """Promise ``hold.sender`` not to campaign for the TTL, or say why not.
 
         ``busy`` names why this node may not promise (it is active, starts services, or
-        has a campaign in flight); ``newest_epoch`` is the newest term it saw in etcd."""
+        has a campaign in flight); ``newest_epoch`` is the newest term it saw in etcd,
+        ``seen_revision`` the newest revision it read of the pairs' keys there."""
         if busy is not None:
-            return False, busy
+            return Answer(False, busy, 0.0)
         if newest_epoch is not None and hold.epoch < newest_epoch:
-            return False, f"epoch {hold.epoch} is stale: epoch {newest_epoch} was elected since"
-        # The longer of the two TTLs: the sender's topology may not be this node's yet.
-        until = now + max(ttl, hold.ttl)
+            why = f"epoch {hold.epoch} is stale: epoch {newest_epoch} was elected since"
+            return Answer(False, why, 0.0)
+        # An epoch is the revision that created its leader key: a term elected before
+        # this node last read etcd is at most the newest it has seen there. One further
+        # is the only term that may be newer; anything above is no term etcd gave.
+        newest = max(newest_epoch or 0, seen_revision)
+        if hold.epoch > newest + 1:
+            why = (
+                f"epoch {hold.epoch} is ahead of etcd as this node saw it "
+                f"(newest term {newest_epoch}, revision {seen_revision})"
+            )
+            return Answer(False, why, 0.0)
+        # Never longer than this node's own TTL, whatever the hold asks: the reply says
+        # how long, and the sender counts only that.
+        granted = min(ttl, hold.ttl)
+        until = now + granted
         given = self._given.get(hold.sender)
         if given is None or until > given.until or hold.epoch > given.epoch:
             self._given[hold.sender] = Promise(hold.sender, hold.epoch, until)
-        return True, ""
+        return Answer(True, "", granted)
 
     def release(self, node: str, epoch: int) -> None:
         """``node`` left the active role of ``epoch`` with its services stopped."""

@@ -15,7 +15,7 @@ from hapair.shared.clock import Clock
 from hapair.shared.lease import Session
 from hapair.shared.log import EventLog
 from hapair.workshop_agent.fencing import Fencing
-from hapair.workshop_agent.hold import Ledger, Promise, Promises
+from hapair.workshop_agent.hold import Answer, Ledger, Promise, Promises
 from hapair.workshop_agent.netwatch import NetWatch
 from hapair.workshop_agent.observation import HandoverView
 from hapair.workshop_agent.peer_wire import Hold, HoldReply, Release
@@ -25,7 +25,8 @@ class Holding:
     """``term`` gives the term this node holds now; ``active`` whether it acts as active
     (a term, or an active-only service still up); ``stopped`` whether it is out of the
     active role with every service and the database stopped; ``newest_epoch`` the newest
-    term seen in etcd; ``lease_ttl`` the pair's lease TTL; ``wake`` wakes the loop."""
+    term seen in etcd; ``seen_revision`` the newest revision read of the pairs' keys;
+    ``lease_ttl`` the pair's lease TTL; ``wake`` wakes the loop."""
 
     def __init__(
         self,
@@ -40,6 +41,7 @@ class Holding:
         active: Callable[[], bool],
         stopped: Callable[[], bool],
         newest_epoch: Callable[[], int | None],
+        seen_revision: Callable[[], int],
         lease_ttl: Callable[[], float],
         wake: Callable[[], None],
         dirty: Callable[[], None],
@@ -55,6 +57,7 @@ class Holding:
         self._active = active
         self._stopped = stopped
         self._newest_epoch = newest_epoch
+        self._seen_revision = seen_revision
         self._lease_ttl = lease_ttl
         self._wake = wake
         self._dirty = dirty
@@ -93,7 +96,7 @@ class Holding:
                 asked_for = term
                 sent = self.netwatch.send_hold(term, session.ttl)
                 if sent is not None:
-                    self.ledger.sent(term, *sent)
+                    self.ledger.sent(term, *sent, session.ttl)
                 if not asking:
                     self.log.warning(
                         "etcd does not confirm the lease: asking the peers to hold",
@@ -126,18 +129,23 @@ class Holding:
         elif not reply.promised:
             self.log.warning("peer refused to hold", peer=reply.sender, reason=reply.reason)
 
-    def on_hold(self, hold: Hold, now: float) -> tuple[bool, str]:
+    def on_hold(self, hold: Hold, now: float) -> Answer:
         busy = None
         if self._active():
             busy = "this node is active"
         elif self._campaigning:
             busy = "this node is campaigning"
-        promised, reason = self.promises.answer(
-            hold, now, ttl=self._lease_ttl(), busy=busy, newest_epoch=self._newest_epoch()
+        answer = self.promises.answer(
+            hold,
+            now,
+            ttl=self._lease_ttl(),
+            busy=busy,
+            newest_epoch=self._newest_epoch(),
+            seen_revision=self._seen_revision(),
         )
-        if promised:
+        if answer.promised:
             self._wake()
-        return promised, reason
+        return answer
 
     def on_release(self, release: Release) -> None:
         self.promises.release(release.sender, release.epoch)

@@ -14,9 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hapair.shared.log import EventLog
+from hapair.shared.network import Network
+from hapair.shared.pki import PkiError, load_peer_key
 from hapair.shared.records import Resource
 from hapair.shared.topology import Node, Pair
-from hapair.workshop_agent.peer_wire import Hold, HoldReply, Release
+from hapair.workshop_agent.hold import Answer
+from hapair.workshop_agent.peer_path import DROPS_REPORTED_EVERY_S
+from hapair.workshop_agent.peer_wire import Hold, HoldReply, PeerAuth, Release
 from hapair.workshop_agent.probe_results import NetworkSummary, ProbeError
 from hapair.workshop_agent.probes import NetworkProbes
 
@@ -72,8 +76,11 @@ class NetWatch:
         self._key: tuple[object, ...] | None = None
         self._has_targets = False
         self.state: NetworkState | None = None  # None: the pair has no network section
+        # This run's nonce and count, and what it took from each peer, kept across peer
+        # paths: a datagram captured before a topology change cannot be replayed after.
+        self.auth = PeerAuth(None)
         # The holds of workshop_agent/hold.py ride on the peer path.
-        self.on_hold: Callable[[Hold, float], tuple[bool, str]] | None = None
+        self.on_hold: Callable[[Hold, float], Answer] | None = None
         self.on_hold_reply: Callable[[HoldReply, float], None] | None = None
         self.on_release: Callable[[Release], None] | None = None
 
@@ -91,8 +98,9 @@ class NetWatch:
         if pair.network is None:
             self.state = None
             return
-        probes = NetworkProbes(node.name, node.address, peers, pair.network)
         try:
+            self.auth.key = self._peer_key(pair.network)
+            probes = NetworkProbes(node.name, node.address, peers, pair.network, self.auth)
             await probes.start()
         except ProbeError as err:
             self.log.error("network probes cannot start", error=str(err))
@@ -102,9 +110,40 @@ class NetWatch:
         probes.peer_path.on_hold = self.on_hold
         probes.peer_path.on_hold_reply = self.on_hold_reply
         probes.peer_path.on_release = self.on_release
+        probes.peer_path.on_dropped = self._dropped
         self.probes = probes
         self._has_targets = bool(pair.network.probe_targets)
         self.state = NetworkState()
+
+    def _peer_key(self, network: Network) -> bytes | None:
+        """The pair's peer key from its file, or None in the lab mode (said loudly)."""
+        if network.peer_key_file is None:
+            self.log.warning(
+                "peer path in the LAB MODE, NOT AUTHENTICATED: the pair's network section "
+                "names no peer_key_file, so anyone on the network can send holds, "
+                "releases and answers as a node of this pair (stop a failover or a "
+                "switchover, or free a standby while the active still holds: two "
+                "actives); write a key with hapair pki peer-key DIR PAIR, copy it to "
+                "every node of the pair (mode 0600) and name it in "
+                "network.peer_key_file",
+                peer_port=network.peer_port,
+            )
+            return None
+        try:
+            return load_peer_key(network.peer_key_file)
+        except (PkiError, OSError) as err:
+            # Without its key the node cannot speak for itself on the peer path: no peer
+            # path at all, so no promise is given or counted (the lease alone decides).
+            raise ProbeError(f"peer key refused: {err}") from err
+
+    def _dropped(self, source: str, address: str, counts: dict[str, int]) -> None:
+        self.log.warning(
+            "peer path: datagrams dropped",
+            source=source,
+            address=address,
+            dropped=", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items())),
+            reported_every_s=DROPS_REPORTED_EVERY_S,
+        )
 
     def send_hold(self, epoch: int, ttl: float) -> tuple[int, float] | None:
         """Ask the peers to hold; (seq, sent at), or None without a peer path."""

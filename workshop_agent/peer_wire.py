@@ -1,19 +1,35 @@
-"""The messages of the peer path, and their encoding on the wire (no sockets here).
+"""The messages of the peer path, and their authenticated encoding (no sockets here).
 
 Agents of a pair exchange small UDP datagrams (``workshop_agent/peer_path.py`` sends and
 receives them): pings and their answers, and the hold protocol of an active that cannot
-reach etcd (``workshop_agent/hold.py``). Decoding never raises: anything malformed,
-too big or of an unknown kind is dropped as ``None``.
+reach etcd (``workshop_agent/hold.py``). Anyone on a plant network can send a datagram
+with any source address, so every datagram is sealed: 64 hex digits of HMAC-SHA256,
+under the pair's key, over the JSON body that follows them, which names the sender's
+run (a random nonce and when the run started, chosen when the agent starts) and the
+number of the datagram in that run. A receiver (:class:`PeerAuth`) drops a datagram
+whose MAC is wrong, a replay (a number not above the last it took from that run), and
+any datagram of a sender's run older than the newest it has seen; in the lab mode (no
+key file) the MAC is computed with an empty key, which authenticates nothing. Opening a
+datagram never raises: anything malformed, too big, of an unknown kind or not sealed is
+dropped with the reason.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import os
 import re
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-MAX_DATAGRAM = 512
+MAX_DATAGRAM = 1024
+MAC_HEX = 64  # HMAC-SHA256 in hex: a body that is still plain JSON for a capture to read
+LAB_KEY = b""  # the lab mode: anyone can seal, the replay and run checks still hold
+MAX_TTL = 3600.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
 
@@ -51,6 +67,7 @@ class HoldReply:
     epoch: int
     promised: bool
     reason: str = ""
+    ttl: float = 0.0  # how long the promise lasts on the peer's clock (0: no promise)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +83,106 @@ Message = Ping | Pong | Hold | HoldReply | Release
 MAX_REASON = 200
 
 
-def encode(msg: Message) -> bytes:
-    body: dict[str, Any] = {"v": 1, "from": msg.sender, "seq": msg.seq}
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One run of a sender's peer path: a later run has a later ``born``."""
+
+    born: int  # wall clock at its start, in ns: orders the runs of a sender
+    nonce: str  # 16 random hex digits: two runs never share a name
+
+    @classmethod
+    def new(cls) -> Run:
+        return cls(time.time_ns(), os.urandom(8).hex())
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """Why a datagram was dropped; ``sender`` as it claims to be, once its MAC is good."""
+
+    reason: str
+    sender: str | None = None
+
+
+class PeerAuth:
+    """Seals this run's datagrams and opens the peers' with the pair's ``key``
+    (None: the lab mode); ``peers`` are the other nodes of the pair.
+
+    One lives as long as the agent: a peer path opened again (a new topology, a new key)
+    keeps the run, its count and what it took from each peer, so nothing captured
+    before can be replayed to it."""
+
+    def __init__(
+        self, key: bytes | None, peers: Iterable[str] = (), run: Run | None = None
+    ) -> None:
+        self.key = key
+        self.peers = frozenset(peers)
+        self.run = run or Run.new()
+        self._sent = 0
+        self._seen: dict[str, tuple[Run, int]] = {}  # per peer: its newest run, last number
+
+    @property
+    def key(self) -> bytes:
+        return self._key
+
+    @key.setter
+    def key(self, key: bytes | None) -> None:
+        self._key = LAB_KEY if key is None else key
+
+    def seal(self, msg: Message) -> bytes:
+        self._sent += 1
+        fields = {**_body(msg), "run": self.run.nonce, "born": self.run.born, "n": self._sent}
+        body = json.dumps(fields, separators=(",", ":")).encode()
+        return _mac(self._key, body) + body
+
+    def open(self, data: bytes) -> Message | Dropped:
+        """The message, if it is sealed with the key, from a peer, and new."""
+        if len(data) > MAX_DATAGRAM:
+            return Dropped("too big")
+        body = data[MAC_HEX:]
+        if not hmac.compare_digest(data[:MAC_HEX], _mac(self._key, body)):
+            return Dropped("bad MAC")
+        fields = _json(body)
+        msg = _message(fields) if fields is not None else None
+        if fields is None or msg is None:
+            return Dropped("malformed")
+        run, n = _run(fields), fields.get("n")
+        if run is None or type(n) is not int or n <= 0:
+            return Dropped("malformed", msg.sender)
+        if msg.sender not in self.peers:
+            return Dropped("not a peer", msg.sender)
+        seen = self._seen.get(msg.sender)
+        if seen is not None:
+            if run == seen[0] and n <= seen[1]:
+                return Dropped("replayed", msg.sender)
+            if run != seen[0] and run.born <= seen[0].born:
+                return Dropped("older run", msg.sender)
+        self._seen[msg.sender] = (run, n)
+        return msg
+
+
+def _mac(key: bytes, body: bytes) -> bytes:
+    return hmac.new(key, body, hashlib.sha256).hexdigest().encode()
+
+
+def _json(data: bytes) -> dict[str, Any] | None:
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _run(fields: dict[str, Any]) -> Run | None:
+    nonce, born = fields.get("run"), fields.get("born")
+    if not isinstance(nonce, str) or not re.fullmatch(r"[0-9a-f]{16}", nonce):
+        return None
+    if type(born) is not int or born < 0:
+        return None
+    return Run(born, nonce)
+
+
+def _body(msg: Message) -> dict[str, Any]:
+    body: dict[str, Any] = {"v": 2, "from": msg.sender, "seq": msg.seq}
     match msg:
         case Ping():
             body["t"] = "ping"
@@ -77,26 +192,33 @@ def encode(msg: Message) -> bytes:
             body.update(t="hold", epoch=msg.epoch, ttl=msg.ttl)
         case HoldReply():
             body.update(
-                t="held", to=msg.to, epoch=msg.epoch, promised=msg.promised, reason=msg.reason
+                t="held",
+                to=msg.to,
+                epoch=msg.epoch,
+                promised=msg.promised,
+                reason=msg.reason[:MAX_REASON],
+                ttl=msg.ttl,
             )
         case Release():
             body.update(t="release", epoch=msg.epoch)
-    return json.dumps(body, separators=(",", ":")).encode()
+    return body
 
 
 def _name(value: object) -> str | None:
     return value if isinstance(value, str) and _NAME.match(value) else None
 
 
-def decode(data: bytes) -> Message | None:
+def _seconds(value: object) -> float | None:
+    """A TTL on the wire: a number of seconds from 0 to ``MAX_TTL``."""
+    # bool is an int in Python: refuse it explicitly.
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    return float(value) if 0 <= value <= MAX_TTL else None
+
+
+def _message(body: dict[str, Any]) -> Message | None:
     """A well-formed message, or None for anything else (never raises)."""
-    if len(data) > MAX_DATAGRAM:
-        return None
-    try:
-        body = json.loads(data)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(body, dict) or body.get("v") != 1:
+    if body.get("v") != 2:
         return None
     sender, seq = _name(body.get("from")), body.get("seq")
     # bool is an int in Python: refuse it explicitly.
@@ -114,15 +236,13 @@ def decode(data: bytes) -> Message | None:
     if type(epoch) is not int or epoch <= 0:
         return None
     if kind == "hold":
-        ttl = body.get("ttl")
-        if not isinstance(ttl, int | float) or isinstance(ttl, bool) or not 0 < ttl <= 3600:
-            return None
-        return Hold(sender, seq, epoch, float(ttl))
+        ttl = _seconds(body.get("ttl"))
+        return Hold(sender, seq, epoch, ttl) if ttl else None
     if kind == "release":
         return Release(sender, seq, epoch)
     if kind == "held":
-        promised, reason = body.get("promised"), body.get("reason")
-        if to is None or type(promised) is not bool or not isinstance(reason, str):
+        promised, reason, ttl = body.get("promised"), body.get("reason"), _seconds(body.get("ttl"))
+        if to is None or type(promised) is not bool or not isinstance(reason, str) or ttl is None:
             return None
-        return HoldReply(sender, to, seq, epoch, promised, reason[:MAX_REASON])
+        return HoldReply(sender, to, seq, epoch, promised, reason[:MAX_REASON], ttl)
     return None

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from hapair.shared.clock import Clock, boottime
 from hapair.shared.network import MAX_TIMEOUT_S, Network
 from hapair.workshop_agent.peer_path import PeerPath
+from hapair.workshop_agent.peer_wire import PeerAuth
 from hapair.workshop_agent.probe_results import (
     NetworkSummary,
     ProbeError,
@@ -46,12 +47,15 @@ class NetworkProbes:
         address: str,
         peers: Mapping[str, str],
         network: Network,
+        auth: PeerAuth,
         clock: Clock = boottime,  # hold promises count against the agent's fence point
     ) -> None:
+        """``auth`` seals and opens the peer path's datagrams (``peer_wire.py``)."""
         self.me = me
         self.address = address
         self.network = network
         self.clock = clock
+        self.auth = auth
         self._peer_addresses = dict(peers)
         self.peer_path: PeerPath | None = None
         self.targets: TargetProber | None = None
@@ -61,7 +65,7 @@ class NetworkProbes:
         """Bind the peer path and the ICMP socket, then probe every interval."""
         source = await _resolve(self.address)
         peers = {n: await _resolve_or_none(a) for n, a in self._peer_addresses.items()}
-        self.peer_path = PeerPath(self.me, peers, self.network, self.clock)
+        self.peer_path = PeerPath(self.me, peers, self.network, self.auth, self.clock)
         await self.peer_path.open(source)
         self.targets = TargetProber(
             source, self.network.targets(), self.network.timeout_s, self.clock

@@ -46,11 +46,13 @@ async def c3(etcd3: EtcdCluster, tmp_path: Path) -> AsyncIterator[Cluster]:
     c.assert_no_overlap()
 
 
-def with_peer_path(spec: dict[str, Any], net: int) -> dict[str, Any]:
+def with_peer_path(spec: dict[str, Any], net: int, key: Path | None = None) -> dict[str, Any]:
+    """The pair's nodes talk over a peer path, authenticated with ``key`` if given."""
     spec["network"] = {
         "probe_interval_s": 0.2,
         "isolation_after_s": 1.0,
         "peer_port": free_port(f"127.0.{net}.1"),
+        **({"peer_key_file": str(key)} if key is not None else {}),
     }
     return spec
 
@@ -80,13 +82,14 @@ async def started(c: Cluster, nodes: list[str], net: int, peer_path: bool = True
 
 
 async def a_behind_a_relay(
-    c: Cluster, nodes: list[str], net: int, b_too: bool = False
+    c: Cluster, nodes: list[str], net: int, b_too: bool = False, key: Path | None = None
 ) -> tuple[EtcdRelay, dict[str, Any], int]:
-    """Pair p with a peer path: a active, reaching etcd through a relay the test may cut
-    (b too with ``b_too``), and b a standby. The relay, the pair's spec and a's epoch."""
+    """Pair p with a peer path (authenticated with ``key`` if given): a active, reaching
+    etcd through a relay the test may cut (b too with ``b_too``), and b a standby. The
+    relay, the pair's spec and a's epoch."""
     relay = EtcdRelay(c.etcd.url)
     await relay.heal()
-    spec = with_peer_path(pair("p", nodes, net, free_port(), c.record), net)
+    spec = with_peer_path(pair("p", nodes, net, free_port(), c.record), net, key)
     await c.apply(c.site([spec]))
     c.start("a", "--etcd", relay.url)
     _, epoch = await c.active("p", node="a", timeout=20)

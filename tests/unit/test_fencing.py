@@ -72,8 +72,9 @@ def fencing(node: Node, lease: FakeLease, ledger: Ledger | None = None) -> Fenci
 
 
 def promised(ledger: Ledger, sender: str, seq: int, at: float, epoch: int = TERM) -> None:
-    ledger.sent(epoch, seq, at)
-    assert ledger.answer(HoldReply(sender=sender, to="a", seq=seq, epoch=epoch, promised=True))
+    ledger.sent(epoch, seq, at, 2.0)
+    reply = HoldReply(sender=sender, to="a", seq=seq, epoch=epoch, promised=True, ttl=2.0)
+    assert ledger.answer(reply)
 
 
 def test_without_holds_the_point_is_the_leases() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 
 import pytest
@@ -9,19 +11,30 @@ import pytest
 from hapair.workshop_agent.decide import Campaign, decide
 from hapair.workshop_agent.hold import Ledger, Promises
 from hapair.workshop_agent.observation import HandoverView
-from hapair.workshop_agent.peer_wire import Hold, HoldReply, Release, decode, encode
+from hapair.workshop_agent.peer_wire import (
+    Dropped,
+    Hold,
+    HoldReply,
+    Message,
+    PeerAuth,
+    Release,
+)
 from tests.unit.test_decide import obs
 
 FENCE_AFTER = 1.5
+TTL = 2.0
+KEY = b"k" * 32
 
 
 def reply(sender: str, seq: int, epoch: int = 5, promised: bool = True) -> HoldReply:
-    return HoldReply(sender, "a", seq, epoch, promised, "" if promised else "busy")
+    if promised:
+        return HoldReply(sender, "a", seq, epoch, True, ttl=TTL)
+    return HoldReply(sender, "a", seq, epoch, False, "busy")
 
 
 def test_no_promise_from_every_peer_gives_no_time() -> None:
     ledger = Ledger()
-    ledger.sent(5, 1, 10.0)
+    ledger.sent(5, 1, 10.0, TTL)
     assert ledger.deadline(["b", "c"], FENCE_AFTER) == -float("inf")
     assert ledger.answer(reply("b", 1))
     assert ledger.deadline(["b", "c"], FENCE_AFTER) == -float("inf"), "c never promised"
@@ -32,8 +45,8 @@ def test_no_promise_from_every_peer_gives_no_time() -> None:
 
 def test_the_oldest_latest_promise_counts_from_its_send() -> None:
     ledger = Ledger()
-    ledger.sent(5, 1, 10.0)
-    ledger.sent(5, 2, 10.5)
+    ledger.sent(5, 1, 10.0, TTL)
+    ledger.sent(5, 2, 10.5, TTL)
     ledger.answer(reply("b", 2))
     ledger.answer(reply("c", 1))
     assert ledger.deadline(["b", "c"], FENCE_AFTER) == 10.0 + FENCE_AFTER
@@ -44,7 +57,7 @@ def test_the_oldest_latest_promise_counts_from_its_send() -> None:
 
 def test_refusals_and_strangers_give_nothing() -> None:
     ledger = Ledger()
-    ledger.sent(5, 1, 10.0)
+    ledger.sent(5, 1, 10.0, TTL)
     assert not ledger.answer(reply("b", 9)), "a hold never sent"
     assert not ledger.answer(reply("b", 1, epoch=4)), "another term's answer"
     assert ledger.answer(reply("b", 1))
@@ -55,20 +68,26 @@ def test_refusals_and_strangers_give_nothing() -> None:
 
 def test_a_new_term_forgets_the_old_promises() -> None:
     ledger = Ledger()
-    ledger.sent(5, 1, 10.0)
+    ledger.sent(5, 1, 10.0, TTL)
     ledger.answer(reply("b", 1))
-    ledger.sent(6, 2, 11.0)
+    ledger.sent(6, 2, 11.0, TTL)
     assert ledger.deadline(["b"], FENCE_AFTER) == -float("inf")
     assert not ledger.answer(reply("b", 1, epoch=5))
 
 
-def test_a_standby_promises_for_the_longer_ttl_and_keeps_it() -> None:
+def test_a_standby_promises_for_the_shorter_ttl_and_keeps_it() -> None:
     promises = Promises()
-    ok = promises.answer(Hold("a", 1, 5, 3.0), 100.0, ttl=2.0, busy=None, newest_epoch=5)
-    assert ok == (True, "")
-    binding = promises.binding(102.9)
+    ok = promises.answer(
+        Hold("a", 1, 5, 3.0), 100.0, ttl=2.0, busy=None, newest_epoch=5, seen_revision=5
+    )
+    assert ok == (True, "", 2.0)
+    binding = promises.binding(101.9)
     assert binding is not None and (binding.node, binding.epoch) == ("a", 5)
-    assert promises.binding(103.0) is None, "heard nothing for the TTL: free again"
+    assert promises.binding(102.0) is None, "heard nothing for its own TTL: free again"
+    ok = promises.answer(
+        Hold("a", 2, 5, 1.0), 102.0, ttl=2.0, busy=None, newest_epoch=5, seen_revision=5
+    )
+    assert ok == (True, "", 1.0), "a shorter hold asked: promised for that"
 
 
 @pytest.mark.parametrize(
@@ -83,21 +102,32 @@ def test_a_standby_refuses_when_it_cannot_keep_the_promise(
     busy: str | None, newest: int, why: str
 ) -> None:
     promises = Promises()
-    answer = promises.answer(Hold("a", 1, 5, 2.0), 100.0, ttl=2.0, busy=busy, newest_epoch=newest)
-    assert answer == (False, why)
+    answer = promises.answer(
+        Hold("a", 1, 5, 2.0),
+        100.0,
+        ttl=2.0,
+        busy=busy,
+        newest_epoch=newest,
+        seen_revision=newest or 0,
+    )
+    assert answer == (False, why, 0.0)
     assert promises.binding(100.1) is None
 
 
 def test_a_handover_of_that_term_releases_the_promise() -> None:
     promises = Promises()
-    promises.answer(Hold("a", 1, 5, 2.0), 100.0, ttl=2.0, busy=None, newest_epoch=None)
+    promises.answer(
+        Hold("a", 1, 5, 2.0), 100.0, ttl=2.0, busy=None, newest_epoch=5, seen_revision=5
+    )
     assert promises.binding(100.5, released=[("a", 4)]) is not None, "an older term's record"
     assert promises.binding(100.5, released=[("a", 5)]) is None
 
 
 def test_a_release_from_the_former_holder_ends_the_promise() -> None:
     promises = Promises()
-    promises.answer(Hold("a", 1, 5, 2.0), 100.0, ttl=2.0, busy=None, newest_epoch=None)
+    promises.answer(
+        Hold("a", 1, 5, 2.0), 100.0, ttl=2.0, busy=None, newest_epoch=5, seen_revision=5
+    )
     promises.release("b", 5)
     promises.release("a", 4)
     assert promises.binding(100.5) is not None, "another node's or an older term's release"
@@ -105,17 +135,24 @@ def test_a_release_from_the_former_holder_ends_the_promise() -> None:
     assert promises.binding(100.5) is None
 
 
+def sealed(body: dict[str, object]) -> bytes:
+    """``body`` as a peer with the key would send it, whatever it holds."""
+    data = json.dumps({**body, "run": "0" * 16, "born": 1, "n": 1}).encode()
+    return hmac.new(KEY, data, hashlib.sha256).hexdigest().encode() + data
+
+
+def opened(data: bytes) -> Message | Dropped:
+    return PeerAuth(KEY, ["a", "b"]).open(data)
+
+
 def test_wire_format_round_trip_and_garbage() -> None:
     hold = Hold("a", 7, 12, 2.0)
     answer = HoldReply("b", "a", 7, 12, False, "this node is active")
-    assert decode(encode(hold)) == hold
-    assert decode(encode(answer)) == answer
-    assert decode(encode(Release("a", 8, 12))) == Release("a", 8, 12)
-    assert (
-        decode(json.dumps({**json.loads(encode(Release("a", 8, 12))), "epoch": -1}).encode())
-        is None
-    )
-    good = json.loads(encode(hold))
+    for msg in (hold, answer, Release("a", 8, 12)):
+        assert opened(PeerAuth(KEY, []).seal(msg)) == msg
+    good = {"v": 2, "from": "a", "seq": 7, "t": "hold", "epoch": 12, "ttl": 2.0}
+    assert opened(sealed(good)) == hold
+    assert isinstance(opened(sealed({**good, "t": "release", "epoch": -1})), Dropped)
     for bad in (
         {"epoch": True},
         {"epoch": 0},
@@ -124,11 +161,19 @@ def test_wire_format_round_trip_and_garbage() -> None:
         {"ttl": True},
         {"ttl": 1e9},
         {"t": "hold?"},
+        {"v": 1},
     ):
-        assert decode(json.dumps({**good, **bad}).encode()) is None, bad
-    held = json.loads(encode(answer))
-    for bad in ({"promised": 1}, {"reason": None}, {"to": "not a name!"}):
-        assert decode(json.dumps({**held, **bad}).encode()) is None, bad
+        assert isinstance(opened(sealed({**good, **bad})), Dropped), bad
+    held = {**good, "t": "held", "to": "a", "from": "b", "promised": True, "reason": ""}
+    assert opened(sealed(held)) == HoldReply("b", "a", 7, 12, True, "", 2.0)
+    for bad in (
+        {"promised": 1},
+        {"reason": None},
+        {"to": "not a name!"},
+        {"ttl": -1},
+        {"ttl": None},
+    ):
+        assert isinstance(opened(sealed({**held, **bad})), Dropped), bad
 
 
 def test_a_node_that_promised_does_not_campaign() -> None:

@@ -23,6 +23,7 @@ class Node:
     term: int | None = None
     active: bool = False
     newest_epoch: int | None = 5
+    revision: int = 5
     wakes: int = 0
     dirty: int = 0
     moved: list[float] = field(default_factory=list)
@@ -58,6 +59,7 @@ def holding(node: Node, lease: FakeLease | None = None) -> tuple[Holding, Fencin
         active=lambda: node.term is not None or node.active,
         stopped=lambda: False,
         newest_epoch=lambda: node.newest_epoch,
+        seen_revision=lambda: node.revision,
         lease_ttl=lambda: TTL,
         wake=lambda: setattr(node, "wakes", node.wakes + 1),
         dirty=lambda: setattr(node, "dirty", node.dirty + 1),
@@ -68,7 +70,7 @@ def holding(node: Node, lease: FakeLease | None = None) -> tuple[Holding, Fencin
 def test_a_standby_promises_and_is_then_bound_for_the_ttl() -> None:
     node = Node()
     h, _ = holding(node)
-    assert h.on_hold(Hold("b", 1, 5, TTL), 100.0) == (True, "")
+    assert h.on_hold(Hold("b", 1, 5, TTL), 100.0) == (True, "", TTL)
     assert node.wakes == 1
     assert h.held_by(101.0, None) == "b (epoch 5)"
     assert h.promised_to == "b" and node.dirty == 1
@@ -80,13 +82,13 @@ def test_a_standby_promises_and_is_then_bound_for_the_ttl() -> None:
 def test_no_promise_while_active_campaigning_or_for_a_stale_term() -> None:
     node = Node(term=6)
     h, _ = holding(node)
-    assert h.on_hold(Hold("b", 1, 6, TTL), 100.0) == (False, "this node is active")
+    assert h.on_hold(Hold("b", 1, 6, TTL), 100.0) == (False, "this node is active", 0.0)
     node.term, node.active = None, True
-    assert h.on_hold(Hold("b", 1, 6, TTL), 100.0) == (False, "this node is active")
+    assert h.on_hold(Hold("b", 1, 6, TTL), 100.0) == (False, "this node is active", 0.0)
     node.active = False
     with h.campaigning():
-        assert h.on_hold(Hold("b", 1, 6, TTL), 100.0) == (False, "this node is campaigning")
-    promised, why = h.on_hold(Hold("b", 1, 4, TTL), 100.0)
+        assert h.on_hold(Hold("b", 1, 6, TTL), 100.0) == (False, "this node is campaigning", 0.0)
+    promised, why, _ = h.on_hold(Hold("b", 1, 4, TTL), 100.0)
     assert not promised and "stale" in why
     assert h.held_by(100.0, None) is None and node.wakes == 0
 
@@ -105,11 +107,11 @@ async def test_a_peers_promise_moves_the_fence_point_of_the_active() -> None:
     node = Node(term=5)
     lease = FakeLease()
     h, fencing = holding(node, lease)
-    h.ledger.sent(5, 1, 101.0)
+    h.ledger.sent(5, 1, 101.0, TTL)
     assert fencing.point() == pytest.approx(100.0 + FENCE_AFTER)
-    h.on_hold_reply(HoldReply("b", "a", 1, 5, True), 101.1)
+    h.on_hold_reply(HoldReply("b", "a", 1, 5, True, ttl=TTL), 101.1)
     assert fencing.point() == pytest.approx(101.0 + FENCE_AFTER)
     assert node.moved[-1] == pytest.approx(101.0 + FENCE_AFTER + 0.25)  # the watchdog's
-    h.on_hold_reply(HoldReply("b", "a", 1, 4, True), 101.2)  # another term's: ignored
+    h.on_hold_reply(HoldReply("b", "a", 1, 4, True, ttl=TTL), 101.2)  # another term's: ignored
     assert fencing.point() == pytest.approx(101.0 + FENCE_AFTER)
     fencing.cancel()

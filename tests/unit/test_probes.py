@@ -15,12 +15,13 @@ from pydantic import ValidationError
 
 from hapair.shared.topology import format_errors
 from hapair.workshop_agent.peer_path import PeerPath
-from hapair.workshop_agent.peer_wire import Ping, Pong, decode, encode
+from hapair.workshop_agent.peer_wire import Dropped, PeerAuth, Ping, Pong
 from hapair.workshop_agent.probe_results import ProbeResult, summarize
 from hapair.workshop_agent.probes import Network, NetworkProbes
 
 FAST = {"probe_interval_s": 0.1, "isolation_after_s": 0.6}
 A, B = "127.0.0.11", "127.0.0.12"
+KEY = bytes(range(32))
 
 
 def free_udp_port() -> int:
@@ -54,6 +55,7 @@ def test_network_defaults() -> None:
         "probe_interval_s": 1.0,
         "isolation_after_s": 5.0,
         "peer_port": 7400,
+        "peer_key_file": None,
     }
     assert (n.timeout_s, n.visible_within_s) == (1.0, 3.0)
     assert Network(probe_targets=["10.0.0.1", "10.0.0.2:502", "[fd00::1]:4840"]).probe_targets == (
@@ -138,23 +140,20 @@ def test_network_ok_flips_after_isolation() -> None:
 
 
 def test_wire_format_round_trip_and_garbage() -> None:
-    for msg in (Ping("asm-a", 7), Pong("asm-b", "asm-a", 7, True), Pong("b", "a", 0, None)):
-        assert decode(encode(msg)) == msg
+    a, b = PeerAuth(KEY, ["b"]), PeerAuth(KEY, ["asm-b", "a"])
+    for msg in (Ping("asm-b", 7), Pong("asm-b", "asm-a", 7, True), Pong("a", "b", 0, None)):
+        assert b.open(PeerAuth(KEY, []).seal(msg)) == msg
     garbage = [
         b"",
         b"\xff\xfe\x00",
         b"[1, 2]",
         b'{"v": 1}',
         b'{"v": 2, "t": "ping", "from": "a", "seq": 1}',
-        b'{"v": 1, "t": "ping", "from": "a", "seq": true}',
-        b'{"v": 1, "t": "ping", "from": "a", "seq": -1}',
-        b'{"v": 1, "t": "ping", "from": "a b", "seq": 1}',
-        b'{"v": 1, "t": "pong", "from": "a", "to": "b", "seq": 1, "sees": "yes"}',
-        b'{"v": 1, "t": "pong", "from": "a", "seq": 1, "sees": true}',
+        b'{"v": 1, "t": "ping", "from": "a", "seq": 1}',
         b"[" * 100_000,
-        b'{"v": 1, "t": "ping", "from": "a", "seq": 1, "pad": "' + b"x" * 600 + b'"}',
+        b"0" * 64 + b'{"v": 2, "t": "ping", "from": "a", "seq": 1, "run": "0", "born": 1, "n": 1}',
     ]
-    assert [decode(g) for g in garbage] == [None] * len(garbage)
+    assert all(isinstance(a.open(g), Dropped) for g in garbage)
 
 
 # ---- the peer path on loopback ----------------------------------------------------------
@@ -167,7 +166,7 @@ async def nodes(
     started: list[NetworkProbes] = []
     try:
         for me, address, peers, network in specs:
-            probes = NetworkProbes(me, address, peers, network)
+            probes = NetworkProbes(me, address, peers, network, PeerAuth(KEY))
             await probes.start()
             started.append(probes)
         yield started
@@ -228,28 +227,36 @@ async def test_garbage_datagrams_are_ignored() -> None:
     async with nodes(("asm-a", A, peers_a, net), ("asm-b", B, {"asm-a": A}, net)) as (a, _):
         await eventually(lambda: visible(a, "asm-b"), 2.0, "asm-b visible")
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            # asm-c's own address and port, guessing sequence numbers: forged pongs.
+            # asm-c's own address and port, guessing sequence numbers, without the key:
+            # forged pongs.
             s.bind(("127.0.0.13", port))
-            forged = [encode(Pong("asm-c", "asm-a", seq, True)) for seq in range(0, 2**32, 2**26)]
+            forger = PeerAuth(bytes(32), [])
+            pongs = [Pong("asm-c", "asm-a", seq, True) for seq in range(0, 2**32, 2**26)]
+            forged = [forger.seal(p) for p in pongs]
             for payload in [b"", b"\x00" * 9000, b"{", b'{"v":1,"t":"pong"}', *forged]:
                 s.sendto(payload, (A, port))
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            # A well-formed ping from a stranger gets an honest answer: not seen.
+            # Pings get no answer without the key, nor from a node not of the pair.
             s.bind(("127.0.0.14", 0))
-            s.settimeout(1.0)
-            s.sendto(encode(Ping("stranger", 42)), (A, port))
+            s.settimeout(0.5)
+            s.sendto(PeerAuth(bytes(32), []).seal(Ping("asm-b", 42)), (A, port))
+            s.sendto(PeerAuth(KEY, []).seal(Ping("stranger", 43)), (A, port))
             # Received off the loop: the responder answers on this test's own loop.
-            answer = await asyncio.to_thread(s.recv, 512)
-            assert decode(answer) == Pong("asm-a", "stranger", 42, False)
+            with pytest.raises(TimeoutError):
+                await asyncio.to_thread(s.recv, 512)
         await asyncio.sleep(0.4)
         assert visible(a, "asm-b") and not visible(a, "asm-c")
+        assert a.peer_path is not None
+        assert a.peer_path.dropped["bad MAC"] >= len(forged) + 1
+        assert a.peer_path.dropped["not a peer"] == 1
         assert a.peers()["asm-c"].last_ok is None
 
 
 async def test_only_the_waiting_ping_is_answered() -> None:
     clock = [100.0]  # moved by hand: a pong later than the timeout is no answer
     net = fast(free_udp_port())
-    path = PeerPath("asm-a", {"asm-b": B}, net, clock=lambda: clock[0])
+    path = PeerPath("asm-a", {"asm-b": B}, net, PeerAuth(KEY), clock=lambda: clock[0])
+    as_b = PeerAuth(KEY, ["asm-a"])
     with (
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b,
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other,
@@ -259,7 +266,7 @@ async def test_only_the_waiting_ping_is_answered() -> None:
         await path.open(A)
         try:
             path.probe()
-            ping = decode(await asyncio.to_thread(b.recv, 512))
+            ping = as_b.open(await asyncio.to_thread(b.recv, 512))
             assert isinstance(ping, Ping) and ping.sender == "asm-a"
             wrong = [
                 (b, Pong("asm-b", "asm-a", (ping.seq + 1) % 2**32, True)),  # not the ping sent
@@ -267,17 +274,18 @@ async def test_only_the_waiting_ping_is_answered() -> None:
                 (other, Pong("asm-b", "asm-a", ping.seq, True)),  # from the wrong address
             ]
             for sock, pong in wrong:
-                sock.sendto(encode(pong), (A, net.peer_port))
+                sock.sendto(as_b.seal(pong), (A, net.peer_port))
             await asyncio.sleep(0.1)
             clock[0] += net.timeout_s + 0.01
-            b.sendto(encode(Pong("asm-b", "asm-a", ping.seq, True)), (A, net.peer_port))  # late
+            late = as_b.seal(Pong("asm-b", "asm-a", ping.seq, True))
+            b.sendto(late, (A, net.peer_port))
             await asyncio.sleep(0.1)
             assert path.results()["asm-b"].last_ok is None
             path.probe()
             assert path.results()["asm-b"].misses == 1
-            ping = decode(await asyncio.to_thread(b.recv, 512))
+            ping = as_b.open(await asyncio.to_thread(b.recv, 512))
             assert isinstance(ping, Ping)
-            b.sendto(encode(Pong("asm-b", "asm-a", ping.seq, False)), (A, net.peer_port))
+            b.sendto(as_b.seal(Pong("asm-b", "asm-a", ping.seq, False)), (A, net.peer_port))
             await eventually(lambda: path.results()["asm-b"].ok, 1.0, "the right pong counted")
             assert path.results()["asm-b"].sees_me is False
         finally:
@@ -316,12 +324,14 @@ async def test_icmp_target_on_loopback() -> None:
 # One node's probing, run inside a namespace; prints its summary as JSON every 50 ms.
 NODE = """
 import asyncio, json, sys
+from hapair.workshop_agent.peer_wire import PeerAuth
 from hapair.workshop_agent.probes import Network, NetworkProbes
 
 async def main():
     cfg = json.loads(sys.argv[1])
     net = Network.model_validate(cfg["network"])
-    async with NetworkProbes(cfg["me"], cfg["address"], cfg["peers"], net) as probes:
+    auth = PeerAuth(bytes(range(32)))
+    async with NetworkProbes(cfg["me"], cfg["address"], cfg["peers"], net, auth) as probes:
         while True:
             s = probes.summary()
             details = {t: r.detail for t, r in probes.target_results().items()}
