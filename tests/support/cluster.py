@@ -125,6 +125,10 @@ class Cluster:
     # agent its node's.
     pki_dir: Path | None = None
     admin: str = "root"
+    # The tests' services run as root (the test's own user, with files in its temporary
+    # directory): every agent of a test cluster is told so explicitly, with the option a
+    # server needs for it (--allow-root-services), unless a test turns it off.
+    allow_root_services: bool = True
 
     def __post_init__(self) -> None:
         tls = None if self.pki_dir is None else TlsFiles.issued(self.pki_dir, self.admin)
@@ -158,6 +162,8 @@ class Cluster:
             own = TlsFiles.issued(self.pki_dir, node)
             argv += ["--etcd-ca", str(own.ca), "--etcd-cert", str(own.cert)]
             argv += ["--etcd-key", str(own.key)]
+        if self.allow_root_services:
+            argv.append("--allow-root-services")
         argv += extra
         proc = self.spawn(
             node,
