@@ -66,12 +66,17 @@ class ServiceUsers:
                 f"file or this node a --service-user (HAPAIR_SERVICE_USER), or allow root "
                 f"services on this node with {ALLOW_ROOT}"
             )
-        if run.groups is not None and os.geteuid() not in (0, run.uid):
+        if run.groups is None or os.geteuid() == 0:
+            return run
+        # Only root may change ids, even to its own groups: an agent of another user runs
+        # services as itself, no switch, or not at all.
+        if (run.uid, run.gid) != (os.geteuid(), os.getegid()):
             raise ServiceRefused(
-                f"service {spec.name} not started: the agent runs as uid {os.geteuid()} and "
-                f"cannot switch to user {run.name!r}; run the agent as root"
+                f"service {spec.name} not started: the agent runs as uid {os.geteuid()} "
+                f"(gid {os.getegid()}) and cannot switch to user {run.name!r} (uid "
+                f"{run.uid}, gid {run.gid}); run the agent as root"
             )
-        return run
+        return RunAs(run.uid, run.gid, None, run.name, run.home)
 
 
 NO_ROOT = ServiceUsers()  # a node's rules when its settings say nothing

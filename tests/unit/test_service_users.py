@@ -14,10 +14,12 @@ from typing import Any
 import pytest
 
 from hapair.shared.topology import TopologyError, loads, parse_site
+from hapair.workshop_agent.main import parse_args
 from hapair.workshop_agent.pg.config import parse_database
 from hapair.workshop_agent.pg.errors import SecretError
 from hapair.workshop_agent.pg.secrets import read_password
 from hapair.workshop_agent.run_as import RunAs, ServiceRefused, ServiceUsers, service_env
+from hapair.workshop_agent.settings import AgentSettings
 
 NOBODY = pwd.getpwnam("nobody")
 AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="the agent's own user must be root")
@@ -206,3 +208,30 @@ def test_a_password_file_of_another_user_is_refused(tmp_path: Path) -> None:
     os.chown(path, NOBODY.pw_uid, NOBODY.pw_gid)
     with pytest.raises(SecretError, match=f"owned by uid {NOBODY.pw_uid}.*chown"):
         read_password(str(path), "database.auth.superuser_password_file")
+
+
+def test_an_agent_that_is_not_root_runs_services_as_itself_or_refuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: NOBODY.pw_uid)
+    monkeypatch.setattr(os, "getegid", lambda: NOBODY.pw_gid)
+    itself = ServiceUsers().resolve(spec(user="nobody"))
+    assert (itself.uid, itself.groups, itself.guard_arg()) == (NOBODY.pw_uid, None, "-")
+    with pytest.raises(
+        ServiceRefused, match=r"cannot switch to user 'daemon'.*run the agent as root"
+    ):
+        ServiceUsers().resolve(spec(user="daemon"))
+
+
+def test_the_node_settings_come_from_its_flags_or_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HAPAIR_SERVICE_USER", "nobody")
+    monkeypatch.setenv("HAPAIR_ALLOW_ROOT_SERVICES", "1")
+    settings = AgentSettings(**parse_args(["--node", "a", "--service-group", "nogroup"]))
+    assert (settings.service_user, settings.service_group) == ("nobody", "nogroup")
+    assert settings.allow_root_services
+    monkeypatch.delenv("HAPAIR_ALLOW_ROOT_SERVICES")
+    assert not AgentSettings(**parse_args(["--node", "a"])).allow_root_services
+    flag = parse_args(["--node", "a", "--allow-root-services"])
+    assert AgentSettings(**flag).allow_root_services
