@@ -1,5 +1,6 @@
 """The processes of one service run: forked behind the exec guard into a cgroup and a
-process group of their own, and stopped with everything they started.
+process group of their own, as the service's user, and stopped with everything they
+started.
 
 The supervisor decides when a service runs; this module holds what must be exact about
 its processes whatever was decided: the last checks of the term in the step that forks,

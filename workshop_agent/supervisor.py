@@ -3,9 +3,11 @@
 Each service runs in its own cgroup where cgroup v2 can be used (``cgroups.py``: a
 stop or a fence reaches every process it started, even one that left its process group)
 and in its own process group, under ``setpriv --pdeathsig KILL`` (so it dies with the
-agent); active-only services are registered with the watchdog. A service is restarted
-in place within its budget; a critical one, or one whose budget is spent, becomes the
-node's ``failure``, which the decision turns into a resignation.
+agent); active-only services are registered with the watchdog. Each runs as the user
+the site file or the node names, never as root unless the node allows it, with an
+environment of its own (``run_as.py``); one refused is not started. A service is
+restarted in place within its budget; a critical one, or one whose budget is spent,
+becomes the node's ``failure``, which the decision turns into a resignation.
 
 Nothing is started unless ``may_run()`` says the lease and the term are still good, and
 the check is made again in the very step that forks; the child itself (``exec_guard.py``)

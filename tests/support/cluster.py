@@ -37,6 +37,9 @@ RUN_EVENTS = {
 }
 FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
 AGENT = [PYTHON, "-m", "hapair.workshop_agent.main"]
+# A service gets nothing of its agent's environment: one that imports this tree's code
+# (not the one installed in the environment) declares where it is, as a site file would.
+THIS_TREE = {"PYTHONPATH": str(ROOT)}
 
 
 def _cgroup(path: str) -> str:
