@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -150,6 +151,19 @@ async def test_tcp_ipv6_literal_in_brackets(session: aiohttp.ClientSession) -> N
     async with listener:
         port = listener.sockets[0].getsockname()[1]
         assert await probe(Health(tcp=f"[::1]:{port}"), VALUES, session, AGENTS_OWN, ENV) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may run a check as another user")
+async def test_a_command_runs_as_the_services_user_with_its_environment(
+    session: aiohttp.ClientSession,
+) -> None:
+    nobody = pwd.getpwnam("nobody")
+    run_as = RunAs(nobody.pw_uid, nobody.pw_gid, (nobody.pw_gid,), "nobody", "/")
+    check = f'test "$(id -u):$(id -g):$(id -G)" = {nobody.pw_uid}:{nobody.pw_gid}:{nobody.pw_gid}'
+    env = {**ENV, "ONLY": "this"}
+    health = Health(command=["sh", "-c", check + ' -a "$ONLY" = this -a -z "$HOME"'])
+    assert await probe(health, VALUES, session, run_as, env) is None
+    assert await probe(health, VALUES, session, AGENTS_OWN, env) is not None
 
 
 async def test_command_true_is_healthy(session: aiohttp.ClientSession) -> None:
