@@ -495,6 +495,11 @@ class Demo:
         _wait("hapair-registry", lambda: http("GET", healthz)[0] == 200, registry, 20)
         self.say(f"registry  {self.registry_url}  (pid {registry.pid})")
 
+        # The demo's services name no user: they run as whoever runs the demo. As root,
+        # each agent is told it may run them so (a server would name users instead).
+        root_services = ["--allow-root-services"] if os.geteuid() == 0 else []
+        if root_services:
+            self.say("services run as root: the demo's agents allow it (--allow-root-services)")
         for pair in self.site.pairs():
             for node in pair.nodes:
                 home = self.tmp / "nodes" / node.name
@@ -512,6 +517,7 @@ class Demo:
                             node.name,
                             "--etcd",
                             self.etcd_url,
+                            *root_services,
                         ],
                         logs / f"{node.name}.log",
                         env=self.env(HAPAIR_STATE_DIR=str(home / "state")),

@@ -59,6 +59,30 @@ MANAGED = frozenset(
         "password_encryption",
     }
 )
+# Settings that run a command or load code as the database's user: whoever writes the
+# site file must not run programs on the servers through them. Set where the server is
+# (``postgresql.base.conf`` in the data directory), not in the site file.
+RUNS_CODE = frozenset(
+    {
+        "archive_command",
+        "archive_library",
+        "restore_command",
+        "archive_cleanup_command",
+        "recovery_end_command",
+        "ssl_passphrase_command",
+        "shared_preload_libraries",
+        "session_preload_libraries",
+        "local_preload_libraries",
+        "dynamic_library_path",
+        "jit_provider",
+        # Directives, not settings: they would read any file as configuration.
+        "include",
+        "include_dir",
+        "include_if_exists",
+    }
+)
+# Settings of procedural languages that run code of that language when it loads.
+RUNS_CODE_PREFIXES = ("plperl.on_", "plv8.start_proc", "pltcl.start_proc", "pltclu.start_proc")
 SYNC_COMMIT_OK = frozenset({"on", "remote_apply"})
 
 
@@ -137,6 +161,13 @@ class DatabaseConfig(StrictModel):
         owned = sorted(MANAGED & value.keys())
         if owned:
             raise ValueError(f"{', '.join(owned)} is set by the agent and may not be given here")
+        code = sorted(k for k in value if k in RUNS_CODE or k.startswith(RUNS_CODE_PREFIXES))
+        if code:
+            raise ValueError(
+                f"{', '.join(code)} would run a command or load code on the servers and may "
+                "not be set from the site file; set it on each server, in the data "
+                "directory's postgresql.base.conf"
+            )
         sync_commit = value.get("synchronous_commit")
         if sync_commit is not None and sync_commit not in SYNC_COMMIT_OK:
             raise ValueError(

@@ -196,8 +196,4 @@ class EtcdTlsSettings(BaseModel):
 def service_env(tls: TlsFiles | None) -> dict[str, str]:
     """What the agent passes on to the services it runs: the CA, never its own
     certificate (a service shows etcd its own, from its ``env:`` in the site file)."""
-    return {
-        ENV["ca"]: str(tls.ca) if tls is not None else "",
-        ENV["cert"]: "",
-        ENV["key"]: "",
-    }
+    return {} if tls is None else {ENV["ca"]: str(tls.ca)}

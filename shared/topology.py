@@ -36,6 +36,9 @@ from hapair.shared.vip import Vip
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 PLACEHOLDERS = frozenset({"node.name", "node.address", "pair.name", "epoch"})
+# A user or group of the node: a name as useradd accepts it, or a number.
+ACCOUNT_PATTERN = r"^([a-z_][a-z0-9_-]{0,30}\$?|[0-9]{1,10})$"
+Account = Annotated[str, Field(pattern=ACCOUNT_PATTERN)]
 
 
 def _check_placeholders(texts: Iterator[str], allowed: frozenset[str]) -> None:
@@ -159,6 +162,11 @@ class Service(StrictModel):
     command: list[str] = Field(min_length=1)
     env: dict[str, str] = Field(default_factory=dict)
     cwd: str | None = None
+    user: Account | None = None
+    """Who the service and its health command run as; None: the node's default
+    (``--service-user``). Root only where the node itself allows it."""
+    group: Account | None = None
+    """Its group; None: the node's default group, or else the user's own."""
     placement: Literal["active", "all"] = "active"
     critical: bool = False
     restart: Restart = Field(default_factory=Restart)

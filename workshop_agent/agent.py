@@ -46,6 +46,7 @@ from hapair.workshop_agent.observation import Observation
 from hapair.workshop_agent.observe import PairObserver, PairState
 from hapair.workshop_agent.publisher import Publisher
 from hapair.workshop_agent.recovery_steps import RecoverySteps
+from hapair.workshop_agent.run_as import ServiceUsers
 from hapair.workshop_agent.settings import AgentSettings
 from hapair.workshop_agent.step_down import StepDowns
 from hapair.workshop_agent.supervisor import Supervisor
@@ -263,6 +264,12 @@ class Agent:
             env,
             self.clock,
             self.fencing.run_until,
+            users=ServiceUsers(
+                self.settings.service_user,
+                self.settings.service_group,
+                self.settings.allow_root_services,
+            ),
+            event=self.event,
         )
         self.supervisor.start_shared()
         self.vip = VipKeeper(self.log, self.watchdog)

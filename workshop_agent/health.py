@@ -11,12 +11,18 @@ import contextlib
 import aiohttp
 
 from hapair.shared.topology import Health, expand
+from hapair.workshop_agent.run_as import RunAs
 
 
 async def probe(
-    health: Health, values: dict[str, str], session: aiohttp.ClientSession
+    health: Health,
+    values: dict[str, str],
+    session: aiohttp.ClientSession,
+    run_as: RunAs,
+    env: dict[str, str],
 ) -> str | None:
-    """Run the check once, placeholders filled from ``values``."""
+    """Run the check once, placeholders filled from ``values``; a command runs as the
+    service does, ``run_as`` with ``env``."""
     try:
         async with asyncio.timeout(health.timeout_s):
             if health.tcp is not None:
@@ -24,7 +30,7 @@ async def probe(
             if health.http is not None:
                 return await _http(session, expand(health.http, values))
             if health.command is not None:
-                return await _command([expand(a, values) for a in health.command])
+                return await _command([expand(a, values) for a in health.command], run_as, env)
     except TimeoutError:
         return f"no answer within {health.timeout_s}s"
     return None
@@ -52,7 +58,7 @@ async def _http(session: aiohttp.ClientSession, url: str) -> str | None:
         return f"http {url}: {err}"
 
 
-async def _command(argv: list[str]) -> str | None:
+async def _command(argv: list[str], run_as: RunAs, env: dict[str, str]) -> str | None:
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -60,6 +66,10 @@ async def _command(argv: list[str]) -> str | None:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
             start_new_session=True,
+            env=env,
+            user=None if run_as.groups is None else run_as.uid,
+            group=None if run_as.groups is None else run_as.gid,
+            extra_groups=run_as.groups,
         )
     except OSError as err:
         return f"command {argv[0]}: {err.strerror or err}"

@@ -20,13 +20,22 @@ def parse_args(argv: list[str] | None) -> dict[str, str]:
         prog="hapair-agent",
         description="Run the hapair agent of one server: pair election, self-fencing and "
         "service supervision. Flags override HAPAIR_NODE, HAPAIR_ETCD, HAPAIR_ETCD_CA, "
-        "HAPAIR_ETCD_CERT, HAPAIR_ETCD_KEY, HAPAIR_STATE_DIR and HAPAIR_LOG_LEVEL.",
+        "HAPAIR_ETCD_CERT, HAPAIR_ETCD_KEY, HAPAIR_STATE_DIR, HAPAIR_LOG_LEVEL, "
+        "HAPAIR_SERVICE_USER, HAPAIR_SERVICE_GROUP and HAPAIR_ALLOW_ROOT_SERVICES.",
     )
     p.add_argument("--node", help="this server's node name, as in the site file")
     p.add_argument("--etcd", help="etcd URLs, comma-separated (https://HOST:PORT,...)")
     etcd_tls.add_options(p)
     p.add_argument("--state-dir", help="where the node lock and service logs live")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--service-user", help="user a service runs as when it names none")
+    p.add_argument("--service-group", help="its group, when it names none")
+    p.add_argument(
+        "--allow-root-services",
+        action="store_const",
+        const="1",
+        help="let services run as root on this server (refused otherwise)",
+    )
     args = vars(p.parse_args(argv))
     return {k: v for k, v in args.items() if v is not None}
 
@@ -42,9 +51,13 @@ def main(argv: list[str] | None = None) -> None:
             print("hapair-agent: give --node NAME or set HAPAIR_NODE", file=sys.stderr)
         sys.exit(2)
     setup(settings.log_level)
-    etcd_tls.warn_if_plain(
-        settings.etcd_tls is not None, EventLog("hapair.agent", node=settings.node), settings.etcd
-    )
+    log = EventLog("hapair.agent", node=settings.node)
+    etcd_tls.warn_if_plain(settings.etcd_tls is not None, log, settings.etcd)
+    if settings.allow_root_services:
+        log.warning(
+            "services may run as root on this node (--allow-root-services): whoever can "
+            "write the site file can run commands as root here"
+        )
     try:
         asyncio.run(Agent(settings).run())
     except AgentError as err:

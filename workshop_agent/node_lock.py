@@ -27,11 +27,12 @@ class NodeLocked(Exception):
 
 def lock_node(directory: Path, name: str, node: str, wait: float = WAIT_S) -> int:
     """Hold ``{directory}/{name}.lock``; the file names the holder's PID."""
-    directory.mkdir(parents=True, exist_ok=True)
+    # The state directory: the agent's user and group only (the umask may narrow it).
+    directory.mkdir(mode=0o750, parents=True, exist_ok=True)
     path = directory / f"{name}.lock"
     deadline = time.monotonic() + wait
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

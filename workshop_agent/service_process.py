@@ -1,5 +1,6 @@
 """The processes of one service run: forked behind the exec guard into a cgroup and a
-process group of their own, and stopped with everything they started.
+process group of their own, as the service's user, and stopped with everything they
+started.
 
 The supervisor decides when a service runs; this module holds what must be exact about
 its processes whatever was decided: the last checks of the term in the step that forks,
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import shutil
 import signal
@@ -25,10 +27,12 @@ from hapair.shared.topology import Service
 from hapair.workshop_agent import cgroups
 from hapair.workshop_agent.cgroups import CgroupTree
 from hapair.workshop_agent.restart_budget import RestartBudget
+from hapair.workshop_agent.run_as import RunAs
 from hapair.workshop_agent.watchdog import WatchdogLink
 
 SETPRIV = shutil.which("setpriv")
 EXEC_GUARD = str(Path(__file__).with_name("exec_guard.py"))
+LOG_DIR_MODE, LOG_MODE = 0o750, 0o640  # the services' output: for the agent's user and group
 CGROUP_EMPTY_S = 2.0  # bound on waiting for a killed cgroup to empty before removing it
 # Test hooks, off unless set in the agent's environment: the agent stops itself (SIGSTOP)
 # once, in the step that forks this active-only service, after it decided to start it
@@ -54,6 +58,9 @@ class Runner:
     task: asyncio.Task[None] | None = None
     spawning: asyncio.Task[float | None] | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # Who the current run and its health checks run as, and with what environment.
+    run_as: RunAs | None = None
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def active_only(self) -> bool:
@@ -96,7 +103,8 @@ class ServiceProcesses:
             )
         self._stopped_at: set[str] = set()  # the test hooks that have fired
         self.log_dir = state_dir / "logs"
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(mode=LOG_DIR_MODE, parents=True, exist_ok=True)
+        os.chmod(self.log_dir, LOG_DIR_MODE)  # the umask aside, and an older one too
 
     def close(self) -> None:
         if self.cgroups is not None:
@@ -106,13 +114,15 @@ class ServiceProcesses:
         self,
         r: Runner,
         argv: list[str],
+        run_as: RunAs,
         env: dict[str, str],
         cwd: str | None,
         in_term: Callable[[], bool],
     ) -> float | None:
         """Fork the service; the fence point its program must start before, or None if
         the term has ended (``in_term()`` false or the fence point passed: nothing forked,
-        or the child told never to run its program)."""
+        or the child told never to run its program). The child becomes ``run_as`` after
+        it joined the cgroup, with ``env`` as its whole environment."""
         self._stop_for_test(r, "before fork")
         # Checked again in the step that forks: the check that led here may be old.
         until = float("inf")
@@ -133,10 +143,10 @@ class ServiceProcesses:
         try:
             guard = [
                 *(sys.executable, "-I", "-S", EXEC_GUARD, repr(until)),
-                *(str(r.cgroup or "-"), str(go_read), "--"),
+                *(str(r.cgroup or "-"), str(go_read), run_as.guard_arg(), "--"),
             ]
             forked_at = self.clock()  # no process of this run can exist before
-            with (self.log_dir / f"{r.spec.name}.log").open("ab") as logfile:
+            with self._open_log(r.spec.name) as logfile:
                 r.proc = await asyncio.create_subprocess_exec(
                     *prefix,
                     *guard,
@@ -157,6 +167,7 @@ class ServiceProcesses:
                 "service started",
                 service=r.spec.name,
                 pid=r.proc.pid,
+                user=run_as.name,
                 at=repr(forked_at),
                 cgroup=r.cgroup,
             )
@@ -176,6 +187,18 @@ class ServiceProcesses:
                 os.close(go_read)
             os.close(go)
         return until
+
+    def _open_log(self, service: str) -> io.BufferedWriter:
+        """The service's log, appended to, readable by the agent's user and group only."""
+        fd = os.open(
+            self.log_dir / f"{service}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, LOG_MODE
+        )
+        try:
+            os.fchmod(fd, LOG_MODE)  # the umask aside, and a file from before too
+        except OSError:
+            os.close(fd)
+            raise
+        return os.fdopen(fd, "ab")
 
     def _stop_for_test(self, r: Runner, point: str) -> None:
         """The test hooks above (``STOP_AT``): stop this agent at ``point``, once."""

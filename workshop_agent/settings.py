@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hapair.shared.etcd_tls import EtcdTlsSettings
 from hapair.shared.store import parse_endpoints
-from hapair.shared.topology import NAME_PATTERN
+from hapair.shared.topology import ACCOUNT_PATTERN, NAME_PATTERN
 
 
 def default_state_dir() -> Path:
@@ -29,6 +29,15 @@ class AgentSettings(BaseSettings, EtcdTlsSettings):
     state_dir: Path = Field(default_factory=default_state_dir)
     log_level: str = "info"
     etcd_timeout_s: float = Field(0.5, gt=0.0, le=5.0)
+    # Whom services run as is this server's own decision: these come from its command
+    # line or environment only, never from the site file in etcd.
+    service_user: str | None = Field(
+        None, pattern=ACCOUNT_PATTERN, description="user of a service that names none"
+    )
+    service_group: str | None = Field(
+        None, pattern=ACCOUNT_PATTERN, description="group of a service that names none"
+    )
+    allow_root_services: bool = Field(False, description="may a service run as root here")
 
     @field_validator("etcd")
     @classmethod

@@ -3,9 +3,11 @@
 Each service runs in its own cgroup where cgroup v2 can be used (``cgroups.py``: a
 stop or a fence reaches every process it started, even one that left its process group)
 and in its own process group, under ``setpriv --pdeathsig KILL`` (so it dies with the
-agent); active-only services are registered with the watchdog. A service is restarted
-in place within its budget; a critical one, or one whose budget is spent, becomes the
-node's ``failure``, which the decision turns into a resignation.
+agent); active-only services are registered with the watchdog. Each runs as the user
+the site file or the node names, never as root unless the node allows it, with an
+environment of its own (``run_as.py``); one refused is not started. A service is
+restarted in place within its budget; a critical one, or one whose budget is spent,
+becomes the node's ``failure``, which the decision turns into a resignation.
 
 Nothing is started unless ``may_run()`` says the lease and the term are still good, and
 the check is made again in the very step that forks; the child itself (``exec_guard.py``)
@@ -36,6 +38,12 @@ from hapair.workshop_agent.cgroups import CgroupTree
 from hapair.workshop_agent.exec_guard import REFUSED
 from hapair.workshop_agent.health import probe
 from hapair.workshop_agent.restart_budget import RestartBudget
+from hapair.workshop_agent.run_as import (
+    NO_ROOT,
+    ServiceRefused,
+    ServiceUsers,
+    service_env,
+)
 from hapair.workshop_agent.service_process import Runner, ServiceProcesses
 from hapair.workshop_agent.watchdog import WatchdogLink
 
@@ -63,9 +71,13 @@ class Supervisor:
         env: dict[str, str],
         clock: Callable[[], float] = boottime,
         run_until: Callable[[], float] = lambda: float("inf"),
+        users: ServiceUsers = NO_ROOT,
+        event: Callable[..., None] = lambda kind, reason, **details: None,
     ) -> None:
         """``run_until()``: the fence point (on ``clock``) before which an active-only
-        service may start its program; a past time when it may not start now."""
+        service may start its program; a past time when it may not start now. ``env``:
+        the ``HAPAIR_*`` variables every service gets; ``users``: this node's rules on
+        whom services run as; ``event(kind, reason, **details)`` files an event."""
         self.pair, self.node = pair, node
         self.log = log
         self.watchdog = watchdog
@@ -73,6 +85,8 @@ class Supervisor:
         self.paused = paused
         self.on_change = on_change
         self.env = env
+        self.users = users
+        self.event = event
         self.clock = clock
         self.processes = ServiceProcesses(node.name, log, watchdog, state_dir, clock, run_until)
         self.epoch: int | None = None
@@ -276,6 +290,11 @@ class Supervisor:
                 r.ready.set()
                 self.on_change()
                 return
+            try:
+                r.run_as = self.users.resolve(r.spec)
+            except ServiceRefused as refused:
+                self._refuse(r, str(refused))
+                return
             r.state = "starting"
             self.on_change()
             outcome = await self._spawn_and_watch(r, epoch)
@@ -304,6 +323,16 @@ class Supervisor:
             self.on_change()
             await asyncio.sleep(backoff)
 
+    def _refuse(self, r: Runner, reason: str) -> None:
+        """Not started, nor tried again: only this node's settings or the site file can
+        change who it would run as. Not the node's failure either: no other node is
+        asked to run it as someone this one refused."""
+        self.log.warning("service refused", service=r.spec.name, reason=reason)
+        self.event("service refused", reason, service=r.spec.name)
+        r.state, r.detail = "failed", reason
+        r.ready.set()
+        self.on_change()
+
     def _restart_backoff(self, r: Runner) -> float | None:
         """Seconds to wait before a restart, or None: this failure moves the pair."""
         base = r.spec.restart.backoff_s
@@ -321,21 +350,24 @@ class Supervisor:
         """How the run ended; None if it did not start because its term had ended."""
         values = placeholder_values(self.pair, self.node, epoch)
         argv = [expand(a, values) for a in r.spec.command]
-        exe = argv[0] if "/" in argv[0] else shutil.which(argv[0])
-        if exe is None or not os.access(exe, os.X_OK):
-            return f"could not start: command not found: {argv[0]}"
-        env = {
-            **os.environ,
+        run_as = r.run_as
+        assert run_as is not None  # resolved by _run before every start
+        hapair = {
             **self.env,
             "HAPAIR_SERVICE": r.spec.name,
             "HAPAIR_EPOCH": "" if epoch is None else str(epoch),
-            **{k: expand(v, values) for k, v in r.spec.env.items()},
         }
+        declared = {k: expand(v, values) for k, v in r.spec.env.items()}
+        r.env = env = service_env(run_as, hapair, declared)
+        # Found on the service's own PATH, as its shell would.
+        exe = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env.get("PATH"))
+        if exe is None or not os.access(exe, os.X_OK):
+            return f"could not start: command not found: {argv[0]}"
         cwd = expand(r.spec.cwd, values) if r.spec.cwd else None
         # A task of its own, shielded: a cancel (fence, stop) must never lose the handle
         # of a process already forked; terminate waits for it.
         forking = self.processes.fork(
-            r, [exe, *argv[1:]], env, cwd, in_term=lambda: self.epoch == epoch
+            r, [exe, *argv[1:]], run_as, env, cwd, in_term=lambda: self.epoch == epoch
         )
         r.spawning = asyncio.create_task(forking)
         try:
@@ -361,7 +393,7 @@ class Supervisor:
             return _describe_exit(await exited)
         deadline = self.clock() + health.start_period_s
         while True:
-            problem = await self._race(exited, self._probe(health, values))
+            problem = await self._race(exited, self._probe(r, health, values))
             if exited.done():
                 return _describe_exit(exited.result())
             if problem is None:
@@ -375,7 +407,7 @@ class Supervisor:
             await asyncio.wait([exited], timeout=health.interval_s)
             if exited.done():
                 return _describe_exit(exited.result())
-            problem = await self._race(exited, self._probe(health, values))
+            problem = await self._race(exited, self._probe(r, health, values))
             if exited.done():
                 return _describe_exit(exited.result())
             if problem is None:
@@ -399,13 +431,14 @@ class Supervisor:
             return "process exited"
         return task.result()
 
-    async def _probe(self, health: Health, values: dict[str, str]) -> str | None:
+    async def _probe(self, r: Runner, health: Health, values: dict[str, str]) -> str | None:
         if self._http is None:
             self._http = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None),
                 connector=aiohttp.TCPConnector(force_close=True),
             )
-        return await probe(health, values, self._http)
+        assert r.run_as is not None  # resolved before the run started
+        return await probe(health, values, self._http, r.run_as, r.env)
 
     def _set_state(self, r: Runner, state: ServiceState, detail: str | None) -> None:
         if r.state != state:

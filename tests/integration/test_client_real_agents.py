@@ -34,7 +34,7 @@ from hapair.shared.store import Store
 from tests.integration.test_database_failover import db_cluster, ready, rows_on
 from tests.integration.test_proxy import ProxyProcess
 from tests.support.client_lab import RegistryProcess
-from tests.support.cluster import Cluster, recording_service, until
+from tests.support.cluster import THIS_TREE, Cluster, recording_service, until
 from tests.support.harness import PYTHON, Etcd, free_port
 from tests.support.pg_harness import PASSWORDS, needs_postgres
 from tests.support.plc_sim import ModbusPlc
@@ -202,6 +202,7 @@ async def test_opcua_adapter_follows_real_comm_servers_through_a_real_crash(
             PYTHON, "-m", "hapair.comm_server.main", "--config", str(tmp_path / "comm.json"),
             "--listen", f"{{node.address}}:{opc_port}",
         ],
+        "env": THIS_TREE,
         "placement": "all",
         "endpoint": {"port": opc_port, "protocol": "opcua"},
     }  # fmt: skip

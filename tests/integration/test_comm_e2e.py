@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from asyncua import Client
 
-from tests.support.cluster import Cluster, until
+from tests.support.cluster import THIS_TREE, Cluster, until
 from tests.support.harness import PYTHON, Etcd, free_port
 from tests.support.plc_sim import ModbusPlc
 
@@ -83,6 +83,7 @@ async def test_pair_moves_when_the_active_loses_every_path_to_a_critical_plc(
             "--listen",
             f"{{node.address}}:{opc_port}",
         ],
+        "env": THIS_TREE,
         "placement": "all",
         "endpoint": {"port": opc_port, "protocol": "opcua"},
     }

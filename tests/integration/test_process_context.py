@@ -39,7 +39,7 @@ from hapair.shared.records import HeldContext, Recovery, SyncState, decode
 from hapair.shared.report import SiteReport
 from hapair.workshop_agent import recovery
 from tests.support.client_lab import registry_in_process
-from tests.support.cluster import Cluster, holds, until
+from tests.support.cluster import THIS_TREE, Cluster, holds, until
 from tests.support.harness import PYTHON, ROOT, Etcd
 from tests.support.pg_harness import (
     PASSWORDS,
@@ -389,7 +389,7 @@ async def site(etcd: Etcd, store: object) -> AsyncIterator[tuple[Cluster, int, s
                     "--password-file", str(root / "secrets" / "mes.pw"),
                     "--steps", str(STEPS), "--step-s", "0.2", "--pause-s", "0",
                 ],
-                "env": {"HAPAIR_REGISTRY": registry},  # it follows p.db through it
+                "env": {"HAPAIR_REGISTRY": registry, **THIS_TREE},  # it follows p.db there
                 "hold_until_ack": True,
                 "stop_grace_s": 1,
             }  # fmt: skip

@@ -26,6 +26,7 @@ from hapair.shared.topology import parse_site
 from hapair.workshop_agent import cgroups
 from hapair.workshop_agent.cgroups import CgroupTree
 from hapair.workshop_agent.exec_guard import REFUSED
+from hapair.workshop_agent.run_as import ServiceUsers
 from hapair.workshop_agent.service_process import EXEC_GUARD
 from hapair.workshop_agent.supervisor import Supervisor
 from hapair.workshop_agent.watchdog import WatchdogLink
@@ -38,7 +39,7 @@ EPOCH = 9
 
 def guard(until: float, cgroup: str, *argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-I", "-S", EXEC_GUARD, repr(until), cgroup, "-", "--", *argv],
+        [sys.executable, "-I", "-S", EXEC_GUARD, repr(until), cgroup, "-", "-", "--", *argv],
         capture_output=True,
         text=True,
         timeout=10,
@@ -53,7 +54,7 @@ def test_the_guard_waits_for_its_release_and_refuses_without_it(tmp_path: Path) 
         go_read, go = os.pipe()
         argv = [sys.executable, "-I", "-S", EXEC_GUARD, repr(boottime() + 30), "-", str(go_read)]
         child = subprocess.Popen(
-            [*argv, "--", "/usr/bin/touch", str(ran)],
+            [*argv, "-", "--", "/usr/bin/touch", str(ran)],
             pass_fds=(go_read,),
             stderr=subprocess.PIPE,
             text=True,
@@ -150,6 +151,8 @@ async def running(tmp_path: Path) -> AsyncIterator[Supervisor]:
         on_change=lambda: None,
         state_dir=tmp_path / "state",
         env={},
+        # Its services run as this test's user, root: allowed here in so many words.
+        users=ServiceUsers(allow_root=True),
     )
     try:
         yield sup

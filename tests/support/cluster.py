@@ -37,6 +37,9 @@ RUN_EVENTS = {
 }
 FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
 AGENT = [PYTHON, "-m", "hapair.workshop_agent.main"]
+# A service gets nothing of its agent's environment: one that imports this tree's code
+# (not the one installed in the environment) declares where it is, as a site file would.
+THIS_TREE = {"PYTHONPATH": str(ROOT)}
 
 
 def _cgroup(path: str) -> str:
@@ -125,6 +128,10 @@ class Cluster:
     # agent its node's.
     pki_dir: Path | None = None
     admin: str = "root"
+    # The tests' services run as root (the test's own user, with files in its temporary
+    # directory): every agent of a test cluster is told so explicitly, with the option a
+    # server needs for it (--allow-root-services), unless a test turns it off.
+    allow_root_services: bool = True
 
     def __post_init__(self) -> None:
         tls = None if self.pki_dir is None else TlsFiles.issued(self.pki_dir, self.admin)
@@ -158,6 +165,8 @@ class Cluster:
             own = TlsFiles.issued(self.pki_dir, node)
             argv += ["--etcd-ca", str(own.ca), "--etcd-cert", str(own.cert)]
             argv += ["--etcd-key", str(own.key)]
+        if self.allow_root_services:
+            argv.append("--allow-root-services")
         argv += extra
         proc = self.spawn(
             node,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import pwd
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,9 +16,13 @@ from aiohttp import web
 
 from hapair.shared.topology import Health
 from hapair.workshop_agent.health import probe
+from hapair.workshop_agent.run_as import DEFAULT_PATH, RunAs
 from tests.support.harness import free_port
 
 VALUES = {"node.name": "asm-a", "node.address": "127.0.0.1", "pair.name": "asm", "epoch": "7"}
+# A command runs as the service does: here as this test's own user, no switch.
+AGENTS_OWN = RunAs(os.geteuid(), os.getegid(), None, "test", "/")
+ENV = {"PATH": DEFAULT_PATH}
 RELEASE = web.AppKey("release", asyncio.Event)
 
 
@@ -78,23 +84,25 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 async def test_http_200_is_healthy(server: Server, session: aiohttp.ClientSession) -> None:
-    assert await probe(Health(http=server.url("/ok")), VALUES, session) is None
+    assert await probe(Health(http=server.url("/ok")), VALUES, session, AGENTS_OWN, ENV) is None
 
 
 async def test_http_redirect_is_healthy(server: Server, session: aiohttp.ClientSession) -> None:
     # A redirect proves the server answers; it is not followed.
-    assert await probe(Health(http=server.url("/redirect")), VALUES, session) is None
+    assert (
+        await probe(Health(http=server.url("/redirect")), VALUES, session, AGENTS_OWN, ENV) is None
+    )
 
 
 async def test_http_500_names_url_and_status(
     server: Server, session: aiohttp.ClientSession
 ) -> None:
-    message = await probe(Health(http=server.url("/fail")), VALUES, session)
+    message = await probe(Health(http=server.url("/fail")), VALUES, session, AGENTS_OWN, ENV)
     assert message == f"http http://127.0.0.1:{server.port}/fail: status 500"
 
 
 async def test_http_404_is_unhealthy(server: Server, session: aiohttp.ClientSession) -> None:
-    message = await probe(Health(http=server.url("/missing")), VALUES, session)
+    message = await probe(Health(http=server.url("/missing")), VALUES, session, AGENTS_OWN, ENV)
     assert message == f"http http://127.0.0.1:{server.port}/missing: status 404"
 
 
@@ -102,7 +110,9 @@ async def test_http_without_answer_times_out(
     server: Server, session: aiohttp.ClientSession
 ) -> None:
     started = time.monotonic()
-    message = await probe(Health(http=server.url("/hang"), timeout_s=0.3), VALUES, session)
+    message = await probe(
+        Health(http=server.url("/hang"), timeout_s=0.3), VALUES, session, AGENTS_OWN, ENV
+    )
     elapsed = time.monotonic() - started
     assert message == "no answer within 0.3s"
     assert 0.25 <= elapsed < 3.0
@@ -110,19 +120,21 @@ async def test_http_without_answer_times_out(
 
 async def test_http_refused_names_the_url(session: aiohttp.ClientSession) -> None:
     port = free_port()  # nothing listens there
-    message = await probe(Health(http=f"http://127.0.0.1:{port}/"), VALUES, session)
+    message = await probe(
+        Health(http=f"http://127.0.0.1:{port}/"), VALUES, session, AGENTS_OWN, ENV
+    )
     assert message is not None
     assert message.startswith(f"http http://127.0.0.1:{port}/: ")
 
 
 async def test_tcp_open_port_is_healthy(server: Server, session: aiohttp.ClientSession) -> None:
     health = Health(tcp=f"{{node.address}}:{server.port}")
-    assert await probe(health, VALUES, session) is None
+    assert await probe(health, VALUES, session, AGENTS_OWN, ENV) is None
 
 
 async def test_tcp_closed_port_names_the_target(session: aiohttp.ClientSession) -> None:
     port = free_port()
-    message = await probe(Health(tcp=f"{{node.address}}:{port}"), VALUES, session)
+    message = await probe(Health(tcp=f"{{node.address}}:{port}"), VALUES, session, AGENTS_OWN, ENV)
     assert message is not None
     assert message.startswith(f"tcp 127.0.0.1:{port}: ")
 
@@ -138,24 +150,42 @@ async def test_tcp_ipv6_literal_in_brackets(session: aiohttp.ClientSession) -> N
         pytest.skip("no IPv6 loopback here")
     async with listener:
         port = listener.sockets[0].getsockname()[1]
-        assert await probe(Health(tcp=f"[::1]:{port}"), VALUES, session) is None
+        assert await probe(Health(tcp=f"[::1]:{port}"), VALUES, session, AGENTS_OWN, ENV) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may run a check as another user")
+async def test_a_command_runs_as_the_services_user_with_its_environment(
+    session: aiohttp.ClientSession,
+) -> None:
+    nobody = pwd.getpwnam("nobody")
+    run_as = RunAs(nobody.pw_uid, nobody.pw_gid, (nobody.pw_gid,), "nobody", "/")
+    check = f'test "$(id -u):$(id -g):$(id -G)" = {nobody.pw_uid}:{nobody.pw_gid}:{nobody.pw_gid}'
+    env = {**ENV, "ONLY": "this"}
+    health = Health(command=["sh", "-c", check + ' -a "$ONLY" = this -a -z "$HOME"'])
+    assert await probe(health, VALUES, session, run_as, env) is None
+    assert await probe(health, VALUES, session, AGENTS_OWN, env) is not None
 
 
 async def test_command_true_is_healthy(session: aiohttp.ClientSession) -> None:
-    assert await probe(Health(command=["true"]), VALUES, session) is None
+    assert await probe(Health(command=["true"]), VALUES, session, AGENTS_OWN, ENV) is None
 
 
 async def test_command_false_names_command_and_code(session: aiohttp.ClientSession) -> None:
-    assert await probe(Health(command=["false"]), VALUES, session) == "command false exited with 1"
+    assert (
+        await probe(Health(command=["false"]), VALUES, session, AGENTS_OWN, ENV)
+        == "command false exited with 1"
+    )
 
 
 async def test_command_exit_code_is_reported(session: aiohttp.ClientSession) -> None:
-    message = await probe(Health(command=["sh", "-c", "exit 3"]), VALUES, session)
+    message = await probe(Health(command=["sh", "-c", "exit 3"]), VALUES, session, AGENTS_OWN, ENV)
     assert message == "command sh exited with 3"
 
 
 async def test_missing_command_names_it(session: aiohttp.ClientSession) -> None:
-    message = await probe(Health(command=["/nonexistent/hapair-check"]), VALUES, session)
+    message = await probe(
+        Health(command=["/nonexistent/hapair-check"]), VALUES, session, AGENTS_OWN, ENV
+    )
     assert message == "command /nonexistent/hapair-check: No such file or directory"
 
 
@@ -164,7 +194,7 @@ async def test_command_placeholders_are_expanded(session: aiohttp.ClientSession)
     health = Health(
         command=["sh", "-c", check, "{node.name}", "{node.address}", "{pair.name}", "{epoch}"]
     )
-    assert await probe(health, VALUES, session) is None
+    assert await probe(health, VALUES, session, AGENTS_OWN, ENV) is None
 
 
 async def test_slow_command_times_out_and_is_killed(
@@ -173,7 +203,7 @@ async def test_slow_command_times_out_and_is_killed(
     pid_file = tmp_path / "pid"
     health = Health(command=["sh", "-c", f"echo $$ > {pid_file}; exec sleep 60"], timeout_s=0.3)
     started = time.monotonic()
-    message = await probe(health, VALUES, session)
+    message = await probe(health, VALUES, session, AGENTS_OWN, ENV)
     assert message == "no answer within 0.3s"
     assert time.monotonic() - started < 1.5
     # probe() killed and reaped it: the pid no longer exists (not even as a zombie).
@@ -181,4 +211,4 @@ async def test_slow_command_times_out_and_is_killed(
 
 
 async def test_process_only_health_is_always_healthy(session: aiohttp.ClientSession) -> None:
-    assert await probe(Health(), VALUES, session) is None
+    assert await probe(Health(), VALUES, session, AGENTS_OWN, ENV) is None

@@ -149,6 +149,7 @@ def config_with_files(tmp_path: Path, **texts: str | None) -> Any:
         text = texts.get(name, f"{name}-pw\n")
         if text is not None:
             path.write_text(text)
+            path.chmod(0o600)
         paths[name] = str(path)
     return parse_database(
         example(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hapair.shared.pki import PkiError, check_private
 from hapair.workshop_agent.pg.config import DatabaseConfig
 from hapair.workshop_agent.pg.errors import SecretError
 
@@ -40,7 +41,8 @@ class Secrets:
 
 
 def read_password(path: str, field_name: str) -> Secret:
-    """One password: the file's text without its final line break."""
+    """One password: the file's text without its final line break, from a file only its
+    owner, this agent's user, can read."""
     try:
         raw = Path(path).read_bytes()[: MAX_BYTES + 1]
     except FileNotFoundError:
@@ -49,6 +51,11 @@ def read_password(path: str, field_name: str) -> Secret:
         raise SecretError(field_name, path, "is a directory, not a file") from None
     except OSError as err:
         raise SecretError(field_name, path, f"cannot read it: {err.strerror}") from None
+    try:
+        # As libpq for .pgpass: a password others can read may be theirs already.
+        check_private(Path(path))
+    except PkiError as err:
+        raise SecretError(field_name, path, str(err).removeprefix(f"{path}: ")) from None
     if len(raw) > MAX_BYTES:
         raise SecretError(field_name, path, f"longer than {MAX_BYTES} bytes: not a password")
     try:
