@@ -22,7 +22,7 @@ from hapair.shared import keys
 from hapair.shared.clock import boottime
 from hapair.shared.pki import TlsFiles
 from hapair.shared.records import EndpointRecord, Leader, NodeStatus, TopologyDoc, decode
-from hapair.shared.store import Store
+from hapair.shared.store import Kv, Store, Timeout, Unavailable
 from hapair.shared.topology import parse_site
 from tests.support.harness import PYTHON, ROOT, Etcd, stop_pid
 
@@ -64,6 +64,23 @@ async def until(
             last = err
         await asyncio.sleep(step)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+OBSERVER_RETRY_S = 10.0
+
+
+async def _observed(read: Callable[[], Awaitable[T]]) -> T:
+    """A test's own read of etcd, retried while etcd cannot serve it (a member elects a
+    leader after a restart, or was just cut off): the agents are what a test checks, not
+    the reader's luck with the member it asked. A refused or malformed answer fails."""
+    deadline = time.monotonic() + OBSERVER_RETRY_S
+    while True:
+        try:
+            return await read()
+        except (Unavailable, Timeout):
+            if time.monotonic() >= deadline:
+                raise
+        await asyncio.sleep(0.1)
 
 
 async def holds(cond: Callable[[], Awaitable[bool]], seconds: float, what: str) -> None:
@@ -226,22 +243,25 @@ class Cluster:
         await self.store.close()
 
     # -- etcd views -------------------------------------------------------------------
+    async def _get(self, key: str) -> Kv | None:
+        return await _observed(lambda: self.store.get(key))
+
     async def leader(self, pair: str) -> tuple[str, int] | None:
-        kv = await self.store.get(keys.leader(pair))
+        kv = await self._get(keys.leader(pair))
         if kv is None:
             return None
         return decode(Leader, kv.value, kv.key).node, kv.create_revision
 
     async def status(self, node: str) -> NodeStatus | None:
-        kv = await self.store.get(keys.node_status(node))
+        kv = await self._get(keys.node_status(node))
         return None if kv is None else decode(NodeStatus, kv.value, kv.key)
 
     async def endpoint(self, service: str) -> EndpointRecord | None:
-        kv = await self.store.get(keys.endpoint(service))
+        kv = await self._get(keys.endpoint(service))
         return None if kv is None else decode(EndpointRecord, kv.value, kv.key)
 
     async def events(self, kind: str | None = None) -> list[dict[str, Any]]:
-        kvs, _ = await self.store.get_prefix(keys.EVENTS_PREFIX)
+        kvs, _ = await _observed(lambda: self.store.get_prefix(keys.EVENTS_PREFIX))
         out = [json.loads(kv.value) for kv in kvs]
         return [e for e in out if kind is None or e["kind"] == kind]
 
