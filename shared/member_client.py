@@ -124,11 +124,15 @@ class MemberClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
         except rpc.AioRpcError as err:
             exceptions._handle_exception(err)
 
-    async def range_page(self, start: bytes, end: bytes, revision: int, limit: int) -> Any:
+    async def range_page(
+        self, start: bytes, end: bytes, revision: int, limit: int, keys_only: bool = False
+    ) -> Any:
         """One page of ``[start, end)`` at ``revision`` (0: now); aetcd's own range
         calls take neither a revision nor a limit."""
         await self.connect()
-        request = rpc.RangeRequest(key=start, range_end=end, revision=revision, limit=limit)
+        request = rpc.RangeRequest(
+            key=start, range_end=end, revision=revision, limit=limit, keys_only=keys_only
+        )
         try:
             return await self.kvstub.Range(request, timeout=self._timeout, metadata=self.metadata)
         except rpc.AioRpcError as err:

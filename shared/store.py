@@ -163,6 +163,8 @@ class Store:
         # connection that keeps failing.
         self._credentials = etcd_tls.prepare(urls, tls)
         self.secure = self._credentials is not None
+        # The etcd user this client is (its certificate's CN), None in the lab mode.
+        self.identity = etcd_tls.identity(tls) if self.secure else None
         self.timeout = timeout
         self._index = random.randrange(len(self.endpoints))
         self.client = self._open(self._index)
@@ -259,11 +261,14 @@ class Store:
             else Kv(key, bytes(got.value), got.create_revision, got.mod_revision, got.lease)
         )
 
-    async def get_prefix(self, prefix: str) -> tuple[list[Kv], int]:
-        """Every key under ``prefix`` and the store revision they were read at."""
-        return await self.get_range(prefix, _prefix_end(prefix).decode())
+    async def get_prefix(self, prefix: str, keys_only: bool = False) -> tuple[list[Kv], int]:
+        """Every key under ``prefix`` and the store revision they were read at (with
+        ``keys_only``, every value empty)."""
+        return await self.get_range(prefix, _prefix_end(prefix).decode(), keys_only)
 
-    async def get_range(self, start: str, end: str) -> tuple[list[Kv], int]:
+    async def get_range(
+        self, start: str, end: str, keys_only: bool = False
+    ) -> tuple[list[Kv], int]:
         """Every key in ``[start, end)`` and the store revision they were read at.
 
         Read in pages, all at the revision of the first, so that no answer grows with
@@ -273,7 +278,7 @@ class Store:
         key, stop, revision = start.encode(), end.encode(), 0
         while True:
             page = await self.call(
-                lambda: self.client.range_page(key, stop, revision, PAGE_KEYS)  # noqa: B023
+                lambda: self.client.range_page(key, stop, revision, PAGE_KEYS, keys_only)  # noqa: B023
             )
             revision = revision or int(page.header.revision)
             kvs.extend(Kv.from_aetcd(kv) for kv in page.kvs)

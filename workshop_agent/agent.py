@@ -79,6 +79,8 @@ class Agent:
             self.observer, self.pairs, self.log, moved=self.lease_changed, spawn=self.tasks.spawn
         )
         self.claim = NodeClaim(self.store, self.me, self.log, self.clock)
+        # Events are filed under this agent's etcd user (its node name, in its certificate).
+        self.writer = self.store.identity or self.me
         self.newest_epoch: int | None = None
         self.pair: Pair | None = None
         self.node: Node | None = None
@@ -103,7 +105,7 @@ class Agent:
 
         async def write() -> None:
             with contextlib.suppress(StoreError):
-                await self.store.put(keys.event(time.time_ns(), self.me), record.encode())
+                await self.store.put(keys.event(time.time_ns(), self.writer), record.encode())
 
         self.tasks.spawn(write(), f"event-{kind}")
 
