@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
 import os
 import random
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
-import termios
 import time
 import urllib.request
 from pathlib import Path
@@ -40,6 +37,7 @@ from hapair.shared.store import Store
 from hapair.shared.topology import parse_site
 from tests.support.cluster import until
 from tests.support.harness import Etcd, free_port, stop_pid
+from tests.support.pty_run import spawn_in_pty
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -144,21 +142,8 @@ class Terminal:
     """``hapair top`` in a pseudo-terminal; what it writes is read as it comes."""
 
     def __init__(self, registry: str) -> None:
-        self.master, slave = os.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLS, 0, 0))
-        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-        env.update(TERM="xterm-256color", HAPAIR_REGISTRY=registry, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen(
-            [HAPAIR, "top"],
-            stdin=slave,
-            stdout=slave,
-            stderr=slave,
-            env=env,
-            cwd=ROOT,
-            start_new_session=True,
-        )
-        os.close(slave)
-        os.set_blocking(self.master, False)
+        env = {"HAPAIR_REGISTRY": registry, "PYTHONPATH": str(ROOT)}
+        self.proc, self.master = spawn_in_pty([HAPAIR, "top"], env, ROWS, COLS, cwd=ROOT)
         self.tail = b""
         self.waiting: tuple[bytes, asyncio.Future[float]] | None = None
         asyncio.get_running_loop().add_reader(self.master, self._read)

@@ -27,7 +27,7 @@ from hapair.comm_server.app import CommServer, Listen
 from hapair.comm_server.config import CommConfig, ConfigError, load
 from hapair.comm_server.role import PairRole, StaticRole
 from hapair.comm_server.source import PlcListError, TopologyPlcs, plcs_of
-from hapair.shared import etcd_tls, keys
+from hapair.shared import etcd_tls, event_loop, keys
 from hapair.shared import log as logs
 from hapair.shared.log import EventLog
 from hapair.shared.store import Store, StoreError, parse_endpoints
@@ -131,12 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: {_summary(config)}")
         return 0
     logs.setup(args.log_level)
-    try:
-        import uvloop
-
-        return uvloop.run(_run(args, config))
-    except ImportError:
-        return asyncio.run(_run(args, config))
+    return event_loop.run(_run(args, config))
 
 
 async def _check_topology(args: argparse.Namespace) -> int:

@@ -46,7 +46,7 @@ def etcd_range(url: str, prefix: str, limit: int = 0, newest_first: bool = False
     if limit:
         body["limit"] = limit
     if newest_first:
-        body.update(sort_order="DESCEND", sort_target="KEY")
+        body.update(sort_order="DESCEND", sort_target="CREATE")
     status, reply = http("POST", f"{url}/v3/kv/range", body)
     if status != 200 or not isinstance(reply, dict):
         raise OSError(f"etcd did not answer ({reply})")

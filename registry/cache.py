@@ -95,11 +95,14 @@ class SiteCache:
         self.mirror = Mirror(store, keys.PREFIX + "/", on_change=self._changed)
         self.stale: str | None = None
         """Why the watch is not known to be current, while it is not."""
-        self._heartbeat_key = keys.registry_heartbeat(uuid.uuid4().hex[:12])
+        self._heartbeat_key = keys.registry_heartbeat(
+            store.identity or "registry", uuid.uuid4().hex[:12]
+        )
         self._heartbeat_s = heartbeat_s
         self._fresh_within_s = fresh_within_s
-        self._event_keys: list[str] = []
-        """The event keys the mirror keeps, sorted (by time stamp): the newest only."""
+        self._event_keys: list[tuple[int, str]] = []
+        """The event keys the mirror keeps (:func:`keys.event_order`), in time order: the
+        newest only."""
         self.view = SiteView()
         self.answers: dict[str, Answer] = {}
         self._roles: dict[str, dict[str, Any]] = {}
@@ -253,13 +256,13 @@ class SiteCache:
     def _keep_recent_events(self) -> None:
         """After a (re)load: every event key is in the mirror; keep the newest."""
         items = self.mirror.items
-        found = sorted(k for k in items if k.startswith(keys.EVENTS_PREFIX))
-        for key in found[:-RECENT_EVENTS]:
+        found = sorted(keys.event_order(k) for k in items if k.startswith(keys.EVENTS_PREFIX))
+        for _, key in found[:-RECENT_EVENTS]:
             del items[key]
         self._event_keys = found[-RECENT_EVENTS:]
 
     def _event_changed(self, change: Change) -> None:
-        key = change.kv.key
+        key = keys.event_order(change.kv.key)
         at = bisect.bisect_left(self._event_keys, key)
         present = at < len(self._event_keys) and self._event_keys[at] == key
         if change.deleted:
@@ -268,7 +271,7 @@ class SiteCache:
         elif not present:
             self._event_keys.insert(at, key)
             if len(self._event_keys) > RECENT_EVENTS:
-                self.mirror.items.pop(self._event_keys.pop(0), None)
+                self.mirror.items.pop(self._event_keys.pop(0)[1], None)
 
     def _lost_etcd(self) -> None:
         """Send followers to another registry: this one can only show the past now."""

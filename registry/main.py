@@ -6,8 +6,6 @@ import argparse
 import asyncio
 import signal
 import sys
-from collections.abc import Coroutine
-from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -15,7 +13,7 @@ from pydantic import ValidationError
 from hapair.registry.app import create_app
 from hapair.registry.appkeys import RegistryConfig
 from hapair.registry.settings import RegistrySettings
-from hapair.shared import etcd_tls
+from hapair.shared import etcd_tls, event_loop
 from hapair.shared import log as logs
 from hapair.shared.topology import format_errors
 
@@ -61,15 +59,6 @@ async def serve(settings: RegistrySettings) -> None:
         await runner.cleanup()
 
 
-def _run(main: Coroutine[Any, Any, None]) -> None:
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
-
-
 def main(argv: list[str] | None = None) -> None:
     given = _args(argv)
     try:
@@ -83,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     logs.setup(settings.log_level)
     try:
-        _run(serve(settings))
+        event_loop.run(serve(settings))
     except OSError as err:
         sys.exit(f"hapair-registry: cannot listen on {settings.listen}: {err.strerror or err}")
 

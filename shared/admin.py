@@ -36,31 +36,40 @@ class DrainResult:
     """The epoch of the node's term when it was drained while active."""
 
 
-class _Stamps:
-    """Event keys that stay distinct and ordered within one transaction."""
+def writer(store: Store) -> str:
+    """Whom this client's events are filed under: its etcd user (its certificate's CN),
+    the only one etcd's roles let it write; ``operator`` in the lab mode."""
+    return store.identity or "operator"
 
-    def __init__(self) -> None:
+
+class _Stamps:
+    """Event keys of one writer that stay distinct and ordered within one transaction."""
+
+    def __init__(self, store: Store) -> None:
+        self._writer = writer(store)
         self._last = 0
 
-    def next(self) -> int:
+    def op(self, event: records.Event) -> Op:
         self._last = max(time.time_ns(), self._last + 1)
-        return self._last
-
-
-def _event_op(event: records.Event, stamps: _Stamps) -> Op:
-    key = keys.event(stamps.next(), event.node or "operator")
-    return Op.put(key, event.encode())
+        return Op.put(keys.event(self._last, self._writer), event.encode())
 
 
 async def emit_event(store: Store, event: records.Event) -> None:
-    key = keys.event(time.time_ns(), event.node or "operator")
-    await store.put(key, event.encode())
+    await store.put(keys.event(time.time_ns(), writer(store)), event.encode())
 
 
 async def prune_events(store: Store, older_than_s: float) -> int:
-    """Delete events older than ``older_than_s``; their keys sort by time, so one range."""
-    cutoff = keys.event(time.time_ns() - int(older_than_s * 1e9), "")
-    return await store.delete_range(keys.EVENTS_PREFIX, cutoff)
+    """Delete events older than ``older_than_s``: within each writer's keys they sort by
+    time, so one range per writer (and one for keys of the earlier layout)."""
+    cutoff_ns = time.time_ns() - int(older_than_s * 1e9)
+    kvs, _ = await store.get_prefix(keys.EVENTS_PREFIX, keys_only=True)
+    writers = {kv.key[len(keys.EVENTS_PREFIX) :].rpartition("/")[0] for kv in kvs}
+    deleted = 0
+    for name in sorted(writers):
+        start = keys.events_of(name) if name else keys.EVENTS_PREFIX
+        end = keys.event(cutoff_ns, name) if name else keys.EVENTS_PREFIX + f"{cutoff_ns:020d}"
+        deleted += await store.delete_range(start, end)
+    return deleted
 
 
 async def load_view(store: Store) -> SiteView:
@@ -102,7 +111,7 @@ async def apply_topology(store: Store, site: Site, by: str) -> records.TopologyD
         reason=f"site {site.site} applied by {by}",
         details={"site": site.site, "by": by, "pairs": [p.name for p in site.pairs()]},
     )
-    await store.txn([], [Op.put(keys.TOPOLOGY, doc.encode()), _event_op(event, _Stamps())])
+    await store.txn([], [Op.put(keys.TOPOLOGY, doc.encode()), _Stamps(store).op(event)])
     return doc
 
 
@@ -168,7 +177,7 @@ def _switchover_ops(
     )
     return [
         Op.put(keys.switchover(pair.name), request.encode()),
-        _event_op(event, stamps),
+        stamps.op(event),
     ]
 
 
@@ -190,7 +199,7 @@ async def request_switchover(
     await _commit(
         store,
         guards,
-        _switchover_ops(view, found, request, _Stamps()),
+        _switchover_ops(view, found, request, _Stamps(store)),
         f"the state of pair {pair}",
     )
     return request
@@ -333,7 +342,7 @@ async def force_takeover(
         guards,
         [
             Op.put(keys.takeover(pair), request.encode(), lease=lease),
-            _event_op(event, _Stamps()),
+            _Stamps(store).op(event),
         ],
         f"the state of pair {pair}",
     )
@@ -355,7 +364,7 @@ async def pause(store: Store, pair: str, by: str, reason: str = "") -> records.P
     await _commit(
         store,
         [Compare.modified(key, _mod(view, key))],
-        [Op.put(key, flag.encode()), _event_op(event, _Stamps())],
+        [Op.put(key, flag.encode()), _Stamps(store).op(event)],
         f"the pause flag of pair {pair}",
     )
     return flag
@@ -374,7 +383,7 @@ async def resume(store: Store, pair: str, by: str) -> records.Paused:
     await _commit(
         store,
         [Compare.modified(key, _mod(view, key))],
-        [Op.delete(key), _event_op(event, _Stamps())],
+        [Op.delete(key), _Stamps(store).op(event)],
         f"the pause flag of pair {pair}",
     )
     return current
@@ -423,7 +432,7 @@ async def ack(store: Store, pair: str, epoch: int | None, by: str) -> records.Re
     await _commit(
         store,
         [Compare.modified(key, _mod(view, key))],
-        [Op.put(key, done.encode()), _event_op(event, _Stamps())],
+        [Op.put(key, done.encode()), _Stamps(store).op(event)],
         f"the recovery of pair {pair}",
     )
     return done
@@ -443,16 +452,15 @@ async def drain(store: Store, node: str, by: str, reason: str = "") -> DrainResu
     if current is not None:
         raise AdminError(f"node {node} is already drained (by {current.by})")
     flag = records.Drained(by=by, reason=reason)
-    stamps = _Stamps()
+    stamps = _Stamps(store)
     key = keys.drained(node)
     guards = [Compare.absent(key)]
     ops = [
         Op.put(key, flag.encode()),
-        _event_op(
+        stamps.op(
             records.Event(
                 kind="drained", pair=pair.name, node=node, reason=reason, details={"by": by}
-            ),
-            stamps,
+            )
         ),
     ]
     request, epoch = None, None
@@ -485,7 +493,7 @@ async def undrain(store: Store, node: str, by: str) -> records.Drained:
     await _commit(
         store,
         [Compare.modified(key, _mod(view, key))],
-        [Op.delete(key), _event_op(event, _Stamps())],
+        [Op.delete(key), _Stamps(store).op(event)],
         f"the drain flag of node {node}",
     )
     return current

@@ -112,6 +112,17 @@ def prepare(urls: str | Sequence[str], tls: TlsFiles | None) -> Credentials | No
         raise EtcdTlsError(f"etcd TLS: {err}") from None
 
 
+def identity(tls: TlsFiles | None) -> str | None:
+    """The etcd user a client certificate makes of its holder (its CN), or None without
+    one: the name its events and records are filed under, as etcd's roles expect."""
+    if tls is None or tls.cert is None:
+        return None
+    try:
+        return pki.common_name(pki.load_certificate(tls.cert)) or None
+    except pki.PkiError as err:
+        raise EtcdTlsError(f"etcd TLS: {err}") from None
+
+
 def secure_channel(target: str, creds: Credentials, options: Mapping[str, Any]) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(target, creds, options=list(options.items()))
 

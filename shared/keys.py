@@ -74,14 +74,40 @@ def endpoint(service: str) -> str:
     return f"{ENDPOINTS_PREFIX}{service}"
 
 
-def registry_heartbeat(registry: str) -> str:
-    """Written by a registry that checks its watch brings its own writes back in time."""
-    return f"{REGISTRIES_PREFIX}{registry}/heartbeat"
+def registries_of(identity: str) -> str:
+    """A registry's keys, under its etcd user, so that etcd's roles let it write only
+    its own."""
+    return f"{REGISTRIES_PREFIX}{identity}/"
 
 
-def event(stamp_ns: int, node: str) -> str:
-    """Events sort by wall-clock stamp; the node name keeps concurrent writers apart."""
-    return f"{EVENTS_PREFIX}{stamp_ns:020d}-{node}"
+def registry_heartbeat(identity: str, run: str) -> str:
+    """Written by a registry that checks its watch brings its own writes back in time;
+    ``run`` keeps registries that share a certificate apart."""
+    return f"{registries_of(identity)}{run}/heartbeat"
+
+
+def events_of(writer: str) -> str:
+    """The events one writer (a node's agent, an operator, a registry) files: its etcd
+    user's, so that etcd's roles let each write only its own."""
+    return f"{EVENTS_PREFIX}{writer}/"
+
+
+def event(stamp_ns: int, writer: str) -> str:
+    """Events sort by wall-clock stamp (:func:`event_order`), within a writer by key."""
+    return f"{events_of(writer)}{stamp_ns:020d}"
+
+
+def event_order(key: str) -> tuple[int, str]:
+    """An event key's place in time: its stamp, then the key to keep ties apart.
+
+    Also reads the earlier layout, ``EVENTS_PREFIX/STAMP-WRITER``, which nodes not yet
+    upgraded still write; a key of neither form sorts first.
+    """
+    rest = key[len(EVENTS_PREFIX) :] if key.startswith(EVENTS_PREFIX) else ""
+    _, slash, stamp = rest.rpartition("/")
+    if not slash:
+        stamp = rest.partition("-")[0]
+    return (int(stamp), key) if stamp.isdigit() else (0, key)
 
 
 def b(key: str) -> bytes:

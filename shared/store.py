@@ -21,10 +21,11 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import aetcd
-from aetcd import exceptions, rpc, watcher
+from aetcd import exceptions
 
 from hapair.shared import etcd_tls
 from hapair.shared.log import EventLog
+from hapair.shared.member_client import MemberClient
 from hapair.shared.pki import TlsFiles
 from hapair.shared.txn import Compare, Op, TxnResult, txn_request
 
@@ -100,129 +101,11 @@ def parse_endpoints(urls: str | Sequence[str]) -> list[tuple[str, int]]:
     return result
 
 
-# gRPC waits up to 120 s between reconnection attempts by default, growing from 1 s: an
-# agent would see etcd seconds after it came back. Its lease fences it within 1.5 s, so
-# the channel retries every 100 to 250 ms instead.
-#
-# HTTP/2 keepalive finds a connection whose far end went silent (a frozen member, a cut
-# cable) under a quiet watch, which would otherwise wait forever: a ping unanswered
-# within 2 s closes the connection and ends its calls (recent gRPC cores time pings out
-# by ``ping_timeout_ms``, older ones by ``keepalive_timeout_ms``: both are set). etcd
-# refuses pings more often than its --grpc-keepalive-min-time (5 s by default), and
-# pings on a connection without calls unless --grpc-keepalive-permit-without-stream is
-# set: either way it closes the connection (too_many_pings), and gRPC then doubles its
-# ping period. So pings go every 5 s and only while calls are open (a watch always is);
-# an idle connection has nothing to lose, and each call has its own deadline.
-# ``max_pings_without_data`` = 0 keeps pinging a watch on which nothing changes.
-MAX_MESSAGE = 64 * 1024 * 1024
-CHANNEL_OPTIONS: dict[str, int] = {
-    "grpc.initial_reconnect_backoff_ms": 100,
-    "grpc.min_reconnect_backoff_ms": 100,
-    "grpc.max_reconnect_backoff_ms": 250,
-    "grpc.keepalive_time_ms": 5000,
-    "grpc.keepalive_timeout_ms": 2000,
-    "grpc.http2.ping_timeout_ms": 2000,
-    "grpc.keepalive_permit_without_calls": 0,
-    "grpc.http2.max_pings_without_data": 0,
-    # Above gRPC's 4 MiB default: one answer may carry many keys (reads are paged anyway).
-    "grpc.max_receive_message_length": MAX_MESSAGE,
-}
-
-# What etcd's Go client sends with WithRequireLeader: a member without a leader (cut off
-# from its quorum) answers such a stream with an error instead of leaving it silent.
-REQUIRE_LEADER = (("hasleader", "true"),)
-
 PAGE_KEYS = 1000
 """Keys per range response when a prefix is read: one answer stays far below any limit."""
 
 # Errors that say "this member cannot serve now", as opposed to a refused request.
 _MEMBER_TROUBLE = ("no leader", "leader changed", "timed out", "too many requests", "stopped")
-
-
-class _MemberClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
-    """aetcd's client for one member, whose watches and lease keepalives require a leader."""
-
-    def __init__(
-        self, host: str, port: int, timeout: float, tls: etcd_tls.Credentials | None = None
-    ) -> None:
-        super().__init__(host, port, timeout=timeout, options=CHANNEL_OPTIONS)
-        self.name = f"{host}:{port}"
-        self._tls = tls
-
-    closed = False
-
-    async def connect(self) -> None:
-        if self._connected.is_set():
-            return
-        if self.closed:
-            # The store has moved on: a late call must not open this member again, on a
-            # connection nobody would close.
-            raise exceptions.ConnectionFailedError(f"connection to {self.name} closed")
-        if self._tls is None:
-            await super().connect()
-        else:
-            self._connect_tls(self._tls)
-        # The base class builds its watcher without metadata; replaced before anything
-        # could use it (no await in between), so every watch stream carries it.
-        self._watcher = watcher.Watcher(
-            rpc.WatchStub(self.channel), timeout=self._timeout, metadata=REQUIRE_LEADER
-        )
-
-    def _connect_tls(self, creds: etcd_tls.Credentials) -> None:
-        """The base class's connect on a TLS channel (it opens only plain ones): the
-        same stubs, no password token (the client certificate is the identity)."""
-        self.channel = etcd_tls.secure_channel(self.name, creds, CHANNEL_OPTIONS)
-        self.kvstub = rpc.KVStub(self.channel)
-        self.clusterstub = rpc.ClusterStub(self.channel)
-        self.leasestub = rpc.LeaseStub(self.channel)
-        self.maintenancestub = rpc.MaintenanceStub(self.channel)
-        self._connected.set()
-
-    async def close(self) -> None:
-        self.closed = True
-        await super().close()
-
-    async def refresh_lease(self, lease_id: int) -> Any:
-        await self.connect()
-        try:
-            async for reply in self.leasestub.LeaseKeepAlive(
-                [rpc.LeaseKeepAliveRequest(ID=lease_id)],
-                timeout=self._timeout,
-                metadata=REQUIRE_LEADER,
-            ):
-                return reply
-        except rpc.AioRpcError as err:
-            exceptions._handle_exception(err)
-        return None
-
-    async def txn(self, request: object) -> Any:
-        """etcd's answer to a ``TxnRequest`` (aetcd's own call drops its header, and with
-        it the revision the transaction wrote at)."""
-        await self.connect()
-        try:
-            return await self.kvstub.Txn(request, timeout=self._timeout, metadata=self.metadata)
-        except rpc.AioRpcError as err:
-            exceptions._handle_exception(err)
-
-    async def auth(self, method: str, request: object) -> Any:
-        """One call of etcd's Auth service (``UserAdd``, ``RoleGrantPermission``...)."""
-        await self.connect()
-        try:
-            return await getattr(rpc.AuthStub(self.channel), method)(
-                request, timeout=self._timeout, metadata=self.metadata
-            )
-        except rpc.AioRpcError as err:
-            exceptions._handle_exception(err)
-
-    async def range_page(self, start: bytes, end: bytes, revision: int, limit: int) -> Any:
-        """One page of ``[start, end)`` at ``revision`` (0: now); aetcd's own range
-        calls take neither a revision nor a limit."""
-        await self.connect()
-        request = rpc.RangeRequest(key=start, range_end=end, revision=revision, limit=limit)
-        try:
-            return await self.kvstub.Range(request, timeout=self._timeout, metadata=self.metadata)
-        except rpc.AioRpcError as err:
-            exceptions._handle_exception(err)
 
 
 def _member_trouble(err: BaseException) -> bool:
@@ -280,15 +163,17 @@ class Store:
         # connection that keeps failing.
         self._credentials = etcd_tls.prepare(urls, tls)
         self.secure = self._credentials is not None
+        # The etcd user this client is (its certificate's CN), None in the lab mode.
+        self.identity = etcd_tls.identity(tls) if self.secure else None
         self.timeout = timeout
         self._index = random.randrange(len(self.endpoints))
         self.client = self._open(self._index)
         self._trouble: str | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
-    def _open(self, index: int) -> _MemberClient:
+    def _open(self, index: int) -> MemberClient:
         host, port = self.endpoints[index]
-        return _MemberClient(host, port, self.timeout, self._credentials)
+        return MemberClient(host, port, self.timeout, self._credentials)
 
     @property
     def describe(self) -> str:
@@ -376,11 +261,14 @@ class Store:
             else Kv(key, bytes(got.value), got.create_revision, got.mod_revision, got.lease)
         )
 
-    async def get_prefix(self, prefix: str) -> tuple[list[Kv], int]:
-        """Every key under ``prefix`` and the store revision they were read at."""
-        return await self.get_range(prefix, _prefix_end(prefix).decode())
+    async def get_prefix(self, prefix: str, keys_only: bool = False) -> tuple[list[Kv], int]:
+        """Every key under ``prefix`` and the store revision they were read at (with
+        ``keys_only``, every value empty)."""
+        return await self.get_range(prefix, _prefix_end(prefix).decode(), keys_only)
 
-    async def get_range(self, start: str, end: str) -> tuple[list[Kv], int]:
+    async def get_range(
+        self, start: str, end: str, keys_only: bool = False
+    ) -> tuple[list[Kv], int]:
         """Every key in ``[start, end)`` and the store revision they were read at.
 
         Read in pages, all at the revision of the first, so that no answer grows with
@@ -390,7 +278,7 @@ class Store:
         key, stop, revision = start.encode(), end.encode(), 0
         while True:
             page = await self.call(
-                lambda: self.client.range_page(key, stop, revision, PAGE_KEYS)  # noqa: B023
+                lambda: self.client.range_page(key, stop, revision, PAGE_KEYS, keys_only)  # noqa: B023
             )
             revision = revision or int(page.header.revision)
             kvs.extend(Kv.from_aetcd(kv) for kv in page.kvs)
@@ -445,7 +333,7 @@ class Store:
         stream breaks (etcd down, the store moved to another member) and
         :class:`Compacted` when ``start_revision`` is gone: the caller resumes or reloads.
         ``opened`` is called once etcd has accepted the watch."""
-        used: list[_MemberClient] = []
+        used: list[MemberClient] = []
 
         async def open_watch() -> Any:
             used.append(self.client)  # a retry after a failed connection uses the next member

@@ -194,8 +194,9 @@ class SiteView:
             memo[kv.key] = parsed
             if parsed.value is not None:
                 found[kind][name or kv.key] = parsed.value
-        # Event keys sort by time stamp; oldest first, as they happened.
-        for kv in reversed(heapq.nlargest(recent_events, event_kvs, key=lambda kv: kv.key)):
+        # Oldest first, as they happened.
+        newest = heapq.nlargest(recent_events, event_kvs, key=lambda kv: keys.event_order(kv.key))
+        for kv in reversed(newest):
             parsed = old.get(kv.key)
             if parsed is None or parsed.mod_revision != kv.mod_revision:
                 parsed = _parse("event", "", kv)

@@ -104,7 +104,7 @@ async def topology_apply(args: argparse.Namespace) -> int:
             _, previous = await admin.read_topology(store)
         except AdminError:
             previous = None
-        await admin.apply_topology(store, site, operator())
+        await admin.apply_topology(store, site, operator(store))
         say(f"applied {args.file} to etcd at {store.describe}: {_summary(site)}")
         say(f"  {_changes(previous, site)}")
     return OK
@@ -181,7 +181,7 @@ async def drill(args: argparse.Namespace) -> int:
 
     async with connected(args) as store:
         try:
-            ok = await drills.command(args, store, say, operator())
+            ok = await drills.command(args, store, say, operator(store))
         except drills.DrillError as err:
             raise Failed(USAGE if err.usage else REFUSED, str(err)) from None
     return OK if ok else REFUSED

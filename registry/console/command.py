@@ -36,10 +36,15 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-def operator() -> str:
-    """Who the events and flags name: ``HAPAIR_OPERATOR``, else user@host."""
-    if os.environ.get("HAPAIR_OPERATOR"):
-        return os.environ["HAPAIR_OPERATOR"]
+def operator(store: Store) -> str:
+    """Who the events and flags name. With a client certificate, its CN, which etcd
+    checked (``HAPAIR_OPERATOR``, if set, follows in brackets: a name declared, not
+    proven); in the lab mode ``HAPAIR_OPERATOR``, else user@host."""
+    declared = os.environ.get("HAPAIR_OPERATOR", "")
+    if store.identity is not None:
+        return f"{store.identity} ({declared})" if declared else store.identity
+    if declared:
+        return declared
     try:
         user = getpass.getuser()
     except (KeyError, OSError):

@@ -92,15 +92,10 @@ def service_user(service: str, node: str) -> str:
 
 
 NOTES = (
-    f"events: keys are {keys.EVENTS_PREFIX}STAMP-NODE, the node last, so no prefix is "
-    "one node's: every agent, operator and registry may write any event key "
-    f"(a layout of {keys.EVENTS_PREFIX}NODE/STAMP would let each write only its own)",
-    f"registries: heartbeats are {keys.REGISTRIES_PREFIX}RANDOM/heartbeat, so a registry "
-    f"may write any registry's ({keys.REGISTRIES_PREFIX}CN/ would bind them to the "
-    "certificate)",
+    "registries may write and delete any event (they delete old ones), and hold the "
+    "operator's rights (they serve the operator's admin routes)",
     "agents read every pair's and node's keys (they watch the whole /pairs/ and /nodes/ "
     "prefixes): reading is not confined to their own pair",
-    "registries serve the operator's admin routes, so they hold the operator's rights",
 )
 
 
@@ -112,7 +107,7 @@ def _agent_role(pair: Pair, node: str) -> Role:
         under(keys.node_status(node), Perm.READWRITE),
         # Its own report, as any service files its own (the agent's is its network).
         under(keys.reports_prefix(node) + "hapair-agent", Perm.READWRITE),
-        under(keys.EVENTS_PREFIX, Perm.WRITE),
+        under(keys.events_of(node), Perm.WRITE),
     }
     # The pair's election and records; ``paused`` stays the operator's. The agent
     # consumes switchover and takeover requests and writes handovers: all commands.
@@ -136,8 +131,13 @@ def _service_role(pair: Pair, service: str, node: str) -> Role:
     return Role(f"{ROLE_PREFIX}service-{service_user(service, node)}", frozenset(grants))
 
 
+def _own_role(user: str, prefix: str, perm: Perm) -> Role:
+    """A user's own keys: its events, a registry's heartbeats."""
+    return Role(f"{ROLE_PREFIX}own-{user}", frozenset({under(prefix, perm)}))
+
+
 def _operator_role(site: Site) -> Role:
-    grants = {under(keys.EVENTS_PREFIX, Perm.WRITE)}
+    grants: set[Grant] = set()
     for pair in site.pairs():
         for key in (keys.switchover, keys.takeover, keys.paused, keys.recovery):
             grants.add(Grant(key(pair.name), "", Perm.READWRITE))
@@ -158,16 +158,16 @@ def plan(
         Role(
             REGISTRY,
             frozenset(
-                {
-                    under(keys.REGISTRIES_PREFIX, Perm.READWRITE),
-                    under(keys.EVENTS_PREFIX, Perm.READWRITE),  # it prunes old events
-                }
+                {under(keys.EVENTS_PREFIX, Perm.READWRITE)}  # it deletes old events
             ),
         ),
     ]
     users: dict[str, tuple[str, ...]] = {}
 
     def add(user: str, *names: str) -> None:
+        if not user or "/" in user:
+            # Its own keys are a prefix named after it: a slash would reach another's.
+            raise ValueError(f"{user!r}: an etcd user name is not empty and has no '/'")
         if user in users and users[user] != names:
             raise ValueError(f"{user!r} named twice, for different rights: one name, one role")
         users[user] = names
@@ -184,9 +184,13 @@ def plan(
                 roles.append(role)
                 add(service_user(service.name, node.name), role.name)
     for name in operators:
-        add(name, READER, OPERATOR)
+        own = _own_role(name, keys.events_of(name), Perm.WRITE)
+        roles.append(own)
+        add(name, READER, OPERATOR, own.name)
     for name in registries:
-        add(name, READER, OPERATOR, REGISTRY)
+        own = _own_role(name, keys.registries_of(name), Perm.READWRITE)
+        roles.append(own)
+        add(name, READER, OPERATOR, REGISTRY, own.name)
     return Plan(tuple(roles), dict(sorted(users.items())), NOTES)
 
 

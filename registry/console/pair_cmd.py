@@ -43,7 +43,9 @@ async def _follow(
 async def switchover(args: argparse.Namespace) -> int:
     async with connected(args) as store:
         before = await leader_before(store, args.pair)
-        request = await admin.request_switchover(store, args.pair, args.to, operator(), args.reason)
+        request = await admin.request_switchover(
+            store, args.pair, args.to, operator(store), args.reason
+        )
         target = args.to or "the first ready standby"
         say(
             f"switchover of pair {args.pair} requested (request {request.id}): "
@@ -54,7 +56,7 @@ async def switchover(args: argparse.Namespace) -> int:
 
 async def pause(args: argparse.Namespace) -> int:
     async with connected(args) as store:
-        await admin.pause(store, args.pair, operator(), args.reason)
+        await admin.pause(store, args.pair, operator(store), args.reason)
     say(
         f"pair {args.pair} paused: no automatic failover until `hapair resume {args.pair}`; "
         "its services keep running"
@@ -64,7 +66,7 @@ async def pause(args: argparse.Namespace) -> int:
 
 async def ack(args: argparse.Namespace) -> int:
     async with connected(args) as store:
-        done = await admin.ack(store, args.pair, args.epoch, operator())
+        done = await admin.ack(store, args.pair, args.epoch, operator(store))
     say(
         f"recovery of pair {args.pair} at epoch {done.epoch} acknowledged: "
         f"{', '.join(done.held) or 'no service'} starting on {done.to_node} "
@@ -85,7 +87,9 @@ async def takeover(args: argparse.Namespace) -> int:
                 raise Failed(USAGE, "no terminal to confirm on: add --yes to force the takeover")
             if not confirmed:
                 raise Failed(REFUSED, "takeover cancelled: nothing was changed")
-        request = await admin.force_takeover(store, args.pair, args.node, operator(), args.reason)
+        request = await admin.force_takeover(
+            store, args.pair, args.node, operator(store), args.reason
+        )
         say(
             f"takeover of pair {args.pair} by {args.node} forced (request {request.id}); "
             f"it lapses unused after {admin.TAKEOVER_VALID_S} s"
@@ -113,7 +117,7 @@ async def takeover(args: argparse.Namespace) -> int:
 
 async def resume(args: argparse.Namespace) -> int:
     async with connected(args) as store:
-        was = await admin.resume(store, args.pair, operator())
+        was = await admin.resume(store, args.pair, operator(store))
     say(
         f"pair {args.pair} resumed: automatic failover is on again "
         f"(it was paused by {was.by} at {when(was.at)})"
@@ -126,7 +130,7 @@ async def drain(args: argparse.Namespace) -> int:
         # Any read gives the revision to watch from: the outcome may come within
         # milliseconds of the request, before a read after it.
         _, revision = await store.get_prefix(keys.drained(args.node))
-        result = await admin.drain(store, args.node, operator(), args.reason)
+        result = await admin.drain(store, args.node, operator(store), args.reason)
         say(f"node {args.node} drained: it will not become active")
         if result.switchover is None or result.pair is None:
             return OK
@@ -140,7 +144,7 @@ async def drain(args: argparse.Namespace) -> int:
 
 async def undrain(args: argparse.Namespace) -> int:
     async with connected(args) as store:
-        was = await admin.undrain(store, args.node, operator())
+        was = await admin.undrain(store, args.node, operator(store))
     say(
         f"node {args.node} undrained: eligible again (it was drained by {was.by} at {when(was.at)})"
     )

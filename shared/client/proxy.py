@@ -26,9 +26,9 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Coroutine
-from typing import Any, cast
+from typing import cast
 
+from hapair.shared import event_loop
 from hapair.shared import log as logs
 from hapair.shared.client.backoff import Backoff
 from hapair.shared.client.errors import ClientError
@@ -352,15 +352,6 @@ async def serve(args: argparse.Namespace, host: str, port: int) -> None:
             await proxy.close()
 
 
-def _run(main: Coroutine[Any, Any, None]) -> None:
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if not args.registry:
@@ -375,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     logs.setup(args.log_level)
     host, port = args.listen
     try:
-        _run(serve(args, host, port))
+        event_loop.run(serve(args, host, port))
     except OSError as err:
         sys.exit(f"hapair-proxy: cannot listen on {host}:{port}: {err.strerror or err}")
     except KeyboardInterrupt:

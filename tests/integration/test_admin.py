@@ -12,6 +12,7 @@ from tests.support.site_records import FakeAgent, apply_site, site
 
 async def events(store: Store) -> list[records.Event]:
     kvs, _ = await store.get_prefix(keys.EVENTS_PREFIX)
+    kvs.sort(key=lambda kv: keys.event_order(kv.key))
     return [records.decode(records.Event, kv.value, kv.key) for kv in kvs]
 
 
@@ -188,13 +189,18 @@ async def test_drain_the_active_with_nowhere_to_go_is_refused(store: Store) -> N
 
 
 async def test_prune_events_deletes_only_old_ones(store: Store) -> None:
+    """Of every writer's events, and of events in the earlier layout (STAMP-WRITER)
+    that nodes not yet upgraded write, only the old ones go."""
     import time
 
     now = time.time_ns()
-    old = keys.event(now - 3 * 86400 * 10**9, "a")
-    recent = keys.event(now - 3600 * 10**9, "b")
-    for key in (old, recent):
+    old_ns, recent_ns = now - 3 * 86400 * 10**9, now - 3600 * 10**9
+    old = [keys.event(old_ns, w) for w in ("asm-a", "operator", "zz")]
+    old.append(f"{keys.EVENTS_PREFIX}{old_ns:020d}-asm-b")
+    recent = [keys.event(recent_ns, w) for w in ("asm-a", "b", "operator")]
+    recent.append(f"{keys.EVENTS_PREFIX}{recent_ns:020d}-asm-b")
+    for key in old + recent:
         await store.put(key, records.Event(kind="election").encode())
-    assert await admin.prune_events(store, older_than_s=86400) == 1
+    assert await admin.prune_events(store, older_than_s=86400) == len(old)
     remaining = [kv.key for kv in (await store.get_prefix(keys.EVENTS_PREFIX))[0]]
-    assert remaining == [recent]
+    assert sorted(remaining) == sorted(recent)

@@ -22,7 +22,7 @@ from hapair.registry.app import create_app
 from hapair.registry.appkeys import STORE, RegistryConfig
 from hapair.shared import keys, pki
 from hapair.shared.log import EventLog
-from hapair.shared.records import Leader, decode
+from hapair.shared.records import Event, Leader, Paused, decode
 from hapair.shared.store import Kv, PermissionDenied, Store
 from hapair.shared.txn import Compare, Op
 from tests.integration.test_failover import pair
@@ -44,9 +44,14 @@ class Secured:
     record: Path
 
 
-def hapair(etcd: TlsEtcd, who: str | None, *args: str) -> subprocess.CompletedProcess[str]:
-    """The ``hapair`` command showing ``who``'s certificate (only the CA when None)."""
+def hapair(
+    etcd: TlsEtcd, who: str | None, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The ``hapair`` command showing ``who``'s certificate (only the CA when None), with
+    none of this process's HAPAIR_* variables (``env``'s instead)."""
+    given = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAPAIR_")}
+    env.update(given)
     env.update(HAPAIR_ETCD=etcd.url, HAPAIR_ETCD_CA=str(etcd.pki_dir / pki.CA_CERT))
     if who is not None:
         files = pki.TlsFiles.issued(etcd.pki_dir, who)
@@ -137,6 +142,12 @@ async def test_an_agent_cannot_write_another_nodes_status_or_another_pairs_leade
             )
         with pytest.raises(PermissionDenied, match="permission denied"):
             await agent_a.put(keys.paused("p"), b"{}")  # an operator's
+        # Events: its own only, never filed as another node's or an operator's.
+        for writer in ("b", "alice"):
+            with pytest.raises(PermissionDenied, match="permission denied"):
+                await agent_a.put(keys.event(1, writer), b"{}")
+        await agent_a.put(keys.event(1, "a"), b"{}")
+        await agent_a.delete(keys.event(1, "a"))
         # Its own pair's leader key, guarded as an election is: allowed (then undone).
         lease = await agent_a.grant(2)
         result = await agent_a.txn(
@@ -233,7 +244,10 @@ async def test_a_registry_with_its_own_certificate_serves_and_relays_admin_reque
             async def heartbeats() -> list[Kv]:
                 return (await admin.get_prefix(keys.REGISTRIES_PREFIX))[0]
 
-            await until(heartbeats, DEADLINE_S, "the registry's heartbeat in etcd")
+            beats = await until(heartbeats, DEADLINE_S, "the registry's heartbeat in etcd")
+            assert all(kv.key.startswith(keys.registries_of("reg-1")) for kv in beats), beats
+            with pytest.raises(PermissionDenied):  # another registry's
+                await app[STORE].put(keys.registry_heartbeat("reg-2", "x"), b"{}")
             assert await answers("POST", "/v1/pairs/q/pause", 200)
             assert await admin.get(keys.paused("q")) is not None
             assert await answers("POST", "/v1/pairs/q/resume", 200)
@@ -241,4 +255,26 @@ async def test_a_registry_with_its_own_certificate_serves_and_relays_admin_reque
             with pytest.raises(PermissionDenied):
                 await app[STORE].put(keys.TOPOLOGY, b"{}")
     finally:
+        await admin.close()
+
+
+async def test_an_operator_is_named_by_its_certificate_and_files_its_own_events(
+    secured: Secured,
+) -> None:
+    """``hapair pause`` with alice's certificate: the flag and the event say alice (a
+    name the shell declares follows in brackets, never replaces it), and the event is
+    filed under alice's own events."""
+    declared = {"HAPAIR_OPERATOR": "night shift"}
+    paused = hapair(secured.etcd, "alice", "pause", "q", "--reason", "filter", env=declared)
+    assert paused.returncode == 0, paused
+    admin = Store(secured.etcd.url, timeout=5.0, tls=pki.TlsFiles.issued(secured.pki, "root"))
+    try:
+        flag = await admin.get(keys.paused("q"))
+        assert flag is not None
+        assert decode(Paused, flag.value, flag.key).by == "alice (night shift)"
+        mine, _ = await admin.get_prefix(keys.events_of("alice"))
+        kinds = [decode(Event, kv.value, kv.key).kind for kv in mine]
+        assert "paused" in kinds, kinds
+    finally:
+        assert hapair(secured.etcd, "alice", "resume", "q").returncode == 0
         await admin.close()

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import io
 import os
-import struct
 import subprocess
-import termios
 import time
 from collections.abc import AsyncIterator
 
@@ -28,6 +25,7 @@ from hapair.shared.report import SiteReport
 from hapair.shared.store import Store
 from tests.support.cluster import until
 from tests.support.harness import Etcd, free_port, stop_pid
+from tests.support.pty_run import spawn_in_pty
 from tests.support.site_records import FakeAgent, apply_site
 from tests.unit.test_top import HAPAIR, Follow, screen
 
@@ -226,23 +224,9 @@ class PtyTop:
     """``hapair top`` in an 80x24 pseudo-terminal; its output is read as it comes."""
 
     def __init__(self, url: str) -> None:
-        master, slave = os.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-        env.update(TERM="xterm-256color", HAPAIR_REGISTRY=url)
-        self.proc = subprocess.Popen(
-            [HAPAIR, "top"],
-            stdin=slave,
-            stdout=slave,
-            stderr=slave,
-            env=env,
-            start_new_session=True,
-        )
-        os.close(slave)
-        self.master = master
+        self.proc, self.master = spawn_in_pty([HAPAIR, "top"], {"HAPAIR_REGISTRY": url}, 24, 80)
         self.out = b""
-        os.set_blocking(master, False)
-        asyncio.get_running_loop().add_reader(master, self._read)
+        asyncio.get_running_loop().add_reader(self.master, self._read)
 
     def _read(self) -> None:
         with contextlib.suppress(BlockingIOError):

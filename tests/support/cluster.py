@@ -262,6 +262,7 @@ class Cluster:
 
     async def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         kvs, _ = await _observed(lambda: self.store.get_prefix(keys.EVENTS_PREFIX))
+        kvs.sort(key=lambda kv: keys.event_order(kv.key))  # as they happened
         out = [json.loads(kv.value) for kv in kvs]
         return [e for e in out if kind is None or e["kind"] == kind]
 

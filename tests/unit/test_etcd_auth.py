@@ -52,7 +52,7 @@ SITE: Site = parse_site(
 
 @pytest.fixture
 def p() -> Plan:
-    return plan(SITE, operators=["alice"], registries=["reg-1"], admins=["bob"])
+    return plan(SITE, operators=["alice", "carol"], registries=["reg-1", "reg-2"], admins=["bob"])
 
 
 def test_an_agent_writes_its_own_node_and_its_own_pair_only(p: Plan) -> None:
@@ -79,6 +79,9 @@ def test_an_agent_writes_its_own_node_and_its_own_pair_only(p: Plan) -> None:
         keys.TOPOLOGY,
         keys.endpoint("other"),
         keys.report("asm-a", "mes-api"),  # the service's own
+        keys.event(1, "asm-b"),  # another node's events
+        keys.event(1, "alice"),  # an operator's
+        f"{keys.EVENTS_PREFIX}{1:020d}-asm-a",  # the earlier layout: no writer's own
     ):
         assert not p.allows("asm-a", key, W), key
     # It reads what it watches: the topology, every pair's and node's keys.
@@ -107,7 +110,7 @@ def test_an_operator_writes_commands_pause_drain_and_ack_never_the_topology(p: P
         keys.paused("asm"),
         keys.recovery("pkgg"),
         keys.drained("asm-b"),
-        keys.event(1, "operator"),
+        keys.event(1, "alice"),
     ):
         assert p.allows("alice", key, W), key
     for key in (
@@ -116,6 +119,8 @@ def test_an_operator_writes_commands_pause_drain_and_ack_never_the_topology(p: P
         keys.handover("asm"),
         keys.node_status("asm-a"),
         keys.endpoint("mes-api"),
+        keys.event(1, "asm-a"),  # a node's events
+        keys.event(1, "carol"),  # another operator's
     ):
         assert not p.allows("alice", key, W), key
     assert p.allows("alice", keys.node_status("asm-a"), R)
@@ -128,7 +133,8 @@ def test_only_admins_apply_the_topology(p: Plan) -> None:
 
 
 def test_a_registry_reads_everything_and_writes_its_heartbeats_and_admin_routes(p: Plan) -> None:
-    assert p.allows("reg-1", keys.registry_heartbeat("x1"), W)
+    assert p.allows("reg-1", keys.registry_heartbeat("reg-1", "x1"), W)
+    assert not p.allows("reg-1", keys.registry_heartbeat("reg-2", "x1"), W)
     assert p.allows("reg-1", keys.paused("asm"), W)  # its admin routes
     assert p.allows("reg-1", keys.event(1, "x"), W)  # retention deletes old events
     assert not p.allows("reg-1", keys.TOPOLOGY, W)
@@ -137,8 +143,8 @@ def test_a_registry_reads_everything_and_writes_its_heartbeats_and_admin_routes(
 
 
 def test_the_plan_is_a_function_of_its_input_and_says_where_it_is_broad(p: Plan) -> None:
-    assert plan(SITE, ["alice"], ["reg-1"], ["bob"]) == p
-    assert any("events" in note and "any event key" in note for note in p.notes)
+    assert plan(SITE, ["alice", "carol"], ["reg-1", "reg-2"], ["bob"]) == p
+    assert any("registries" in note and "any event" in note for note in p.notes)
     # A name used for two kinds of rights is refused, not merged.
     with pytest.raises(ValueError, match="named twice"):
         plan(SITE, operators=["asm-a"])

@@ -19,30 +19,30 @@ cells are reused here, values from the registry go into Text, never into markup.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 
 from rich.cells import cell_len, set_cell_size
 from rich.console import Console, ConsoleOptions, RenderResult
-from rich.table import Table
 from rich.text import Text
 
 from hapair.registry.console.status import (
-    PLC_STYLES,
     ROLE_STYLES,
     STATE_STYLES,
-    _endpoints_cell,
     _event_line,
-    _health_cell,
-    _role_cell,
-    _services_cell,
     ago,
-    context_text,
-    path_name,
 )
+from hapair.registry.console.top.cells import (
+    ALARM,
+    AWAIT,
+    clock,
+    fit,
+    plc_flags,
+    rule,
+    spread,
+)
+from hapair.registry.console.top.detail import pair_detail
 from hapair.registry.console.top.state import (
     NOTICE_S,
     Connection,
-    PairDatabase,
     Selection,
     as_shown,
     awaiting,
@@ -51,10 +51,8 @@ from hapair.registry.console.top.state import (
     ready_standbys,
     selected_pair,
 )
-from hapair.shared.report import DatabaseReport, NodeReport, PairReport, PlcReport, SiteReport
+from hapair.shared.report import PairReport, SiteReport
 
-ALARM = "bold white on red"
-AWAIT = "bold black on yellow"
 ROLE_SHORT = {
     "active": "act",
     "standby": "stby",
@@ -77,44 +75,6 @@ def render(
 ) -> Dashboard:
     """The whole screen; it is laid out when printed, for the console's size."""
     return Dashboard(report, as_shown(connection, now), now, selection)
-
-
-# ---- small helpers ------------------------------------------------------------------
-
-
-def clock(stamp: float) -> str:
-    return datetime.fromtimestamp(stamp).strftime("%H:%M:%S")
-
-
-def _fit(text: Text | str, width: int, right: bool = False) -> Text:
-    """``text`` cut (with an ellipsis) or padded to exactly ``width`` cells."""
-    out = Text(text) if isinstance(text, str) else text.copy()
-    out.truncate(max(0, width), overflow="ellipsis")
-    pad = width - out.cell_len
-    if pad > 0:
-        if right:
-            out.pad_left(pad)
-        else:
-            out.pad_right(pad)
-    return out
-
-
-def _spread(left: Text, right: Text | str, width: int) -> Text:
-    """``left`` and ``right`` on one line, ``right`` flush with the right edge."""
-    right = Text(right) if isinstance(right, str) else right
-    return Text.assemble(_fit(left, width - right.cell_len - 1), " ", right)
-
-
-def _flat(cell: Text, sep: str = " · ") -> Text:
-    """A multi-line cell of ``hapair status`` on one line."""
-    return Text(sep, style="dim").join(line for line in cell.split("\n") if line.plain)
-
-
-def _rule(head: Text, width: int) -> Text:
-    line = Text("─ ", style="dim") + head + Text(" ")
-    line.append("─" * max(0, width - line.cell_len), style="dim")
-    line.truncate(width)
-    return line
 
 
 # ---- the pair list --------------------------------------------------------------------
@@ -173,51 +133,10 @@ def _flags(pair: PairReport) -> Text:
     db = pair_database(pair)
     if db is not None and db.no_sync:
         flags.append(("db async", "bold yellow"))
-    flags.extend(_plc_flags(pair))
+    flags.extend(plc_flags(pair))
     if not flags:
         return Text("ok", style="green")
     return Text(" ").join(Text(label, style=style) for label, style in flags)
-
-
-def _plcs_seen(pair: PairReport) -> tuple[str | None, list[PlcReport]]:
-    """The PLCs as the active node sees them (else the first node reporting any),
-    and that node; PLCs no comm server reports are listed too."""
-    nodes = [p.node for p in pair.plcs if p.node is not None]
-    node = pair.active if pair.active in nodes else next(iter(nodes), None)
-    return node, [p for p in pair.plcs if p.node == node or p.node is None]
-
-
-# The worst first: on one line cut at the screen's edge, trouble stays in view.
-_PLC_ORDER = {"down": 0, "unreported": 1, "degraded": 2, "starting": 3}
-
-
-def _plc_flags(pair: PairReport) -> list[tuple[str, str]]:
-    _, plcs = _plcs_seen(pair)
-    states = {p.state for p in plcs}
-    if "down" in states:
-        critical = any(p.critical for p in plcs if p.state == "down")
-        return [("PLC DOWN", "bold red" if critical else "yellow")]
-    if "unreported" in states:
-        return [("PLC no report", "yellow")]
-    if "degraded" in states:
-        return [("PLC path", "yellow")]
-    return []
-
-
-def _plc_line(pair: PairReport) -> Text:
-    """Every PLC on one line, the worst first: ``PLCs on a: press-1* degraded,
-    backup · oven-1 ok`` (``*`` critical); the line is cut at the screen's edge."""
-    node, plcs = _plcs_seen(pair)
-    text = Text(f"PLCs on {node}: " if node else "PLCs: ", style="dim")
-    for i, plc in enumerate(sorted(plcs, key=lambda p: _PLC_ORDER.get(p.state, 9))):
-        if i:
-            text.append(" · ", style="dim")
-        text.append(plc.name + ("*" if plc.critical else ""), style="bold" if plc.critical else "")
-        state = "no report" if plc.state == "unreported" else plc.state
-        text.append(f" {state}", style=PLC_STYLES.get(plc.state, ""))
-        if plc.path and plc.state != "down":
-            text.append(f", {path_name(plc.path)}", style="yellow")
-    return text
 
 
 def nodes_width(width: int, pairs: list[PairReport]) -> int:
@@ -229,18 +148,18 @@ def nodes_width(width: int, pairs: list[PairReport]) -> int:
 def _pair_row(pair: PairReport, as_of: float, w_nodes: int, selected: bool) -> Text:
     since = ago(as_of - pair.since) if pair.since is not None else "-"
     row = Text.assemble(
-        _fit(">" if selected else "", W_MARK),
-        _fit(Text(pair.name, style="bold"), W_PAIR),
+        fit(">" if selected else "", W_MARK),
+        fit(Text(pair.name, style="bold"), W_PAIR),
         " ",
-        _fit(_active(pair), W_ACTIVE),
+        fit(_active(pair), W_ACTIVE),
         " ",
-        _fit(str(pair.epoch) if pair.epoch is not None else "-", W_EPOCH, right=True),
+        fit(str(pair.epoch) if pair.epoch is not None else "-", W_EPOCH, right=True),
         " ",
-        _fit(since, W_FOR, right=True),
+        fit(since, W_FOR, right=True),
         " ",
-        _fit(_others(pair), w_nodes),
+        fit(_others(pair), w_nodes),
         " ",
-        _fit(_services_summary(pair), W_SVC),
+        fit(_services_summary(pair), W_SVC),
         " ",
         _flags(pair),
     )
@@ -251,18 +170,18 @@ def _pair_row(pair: PairReport, as_of: float, w_nodes: int, selected: bool) -> T
 
 def _header_row(w_nodes: int) -> Text:
     return Text.assemble(
-        _fit("", W_MARK),
-        _fit("PAIR", W_PAIR),
+        fit("", W_MARK),
+        fit("PAIR", W_PAIR),
         " ",
-        _fit("ACTIVE", W_ACTIVE),
+        fit("ACTIVE", W_ACTIVE),
         " ",
-        _fit("EPOCH", W_EPOCH, right=True),
+        fit("EPOCH", W_EPOCH, right=True),
         " ",
-        _fit("FOR", W_FOR, right=True),
+        fit("FOR", W_FOR, right=True),
         " ",
-        _fit("OTHER NODES", w_nodes),
+        fit("OTHER NODES", w_nodes),
         " ",
-        _fit("SVC", W_SVC),
+        fit("SVC", W_SVC),
         " ",
         "STATE",
         style="bold",
@@ -305,152 +224,6 @@ def _row_line(row: _Row, as_of: float, w_nodes: int, selected: str | None) -> Te
     return _pair_row(row.pair, as_of, w_nodes, row.pair.name == selected)
 
 
-# ---- the selected pair --------------------------------------------------------------
-
-
-def _recovery_lines(pair: PairReport, as_of: float) -> list[Text]:
-    rec = pair.recovery
-    if rec is None or rec.epoch != pair.epoch:
-        return []
-    if rec.state != "awaiting":
-        when = f", {ago(as_of - rec.acked_at)} ago" if rec.acked_at is not None else ""
-        return [
-            Text(
-                f"recovery at epoch {rec.epoch} acknowledged by {rec.acked_by or '?'}{when}",
-                style="dim",
-            )
-        ]
-    text = Text(" AWAITING OPERATOR ", style=AWAIT)
-    text.append(
-        f" {rec.cause}, {ago(as_of - rec.at)} ago: {rec.from_node or '?'} -> {rec.to_node};"
-        f" held: {', '.join(rec.held) or 'nothing'}; press a to acknowledge epoch {rec.epoch}",
-        style="yellow",
-    )
-    lines = [text]
-    for service, ctx in sorted((rec.contexts or {}).items()):
-        # One line each, cut if need be: the step to resume from comes first.
-        line = Text("  ") + context_text(service, ctx, " · ")
-        line.no_wrap, line.overflow = True, "ellipsis"
-        lines.append(line)
-    return lines
-
-
-def _pair_notes(pair: PairReport, as_of: float) -> list[Text]:
-    notes = _recovery_lines(pair, as_of)
-    if pair.paused is not None:
-        text = Text(" PAUSED ", style=ALARM)
-        text.append(f" by {pair.paused.by} {ago(as_of - pair.paused.at)} ago", style="red")
-        if pair.paused.reason:
-            text.append(f": {pair.paused.reason}", style="red")
-        text.append("; no automatic failover", style="red")
-        notes.append(text)
-    db = pair_database(pair)
-    if db is not None and db.no_sync:
-        notes.append(
-            Text(
-                f"database: no synchronous standby: a commit may be on {db.primary} only",
-                style="bold yellow",
-            )
-        )
-    if pair.switchover is not None:
-        req = pair.switchover
-        notes.append(
-            Text(
-                f"switchover to {req.to or 'the first ready standby'} requested by {req.by} "
-                f"{ago(as_of - req.at)} ago",
-                style="yellow",
-            )
-        )
-    return notes
-
-
-def size(n: int) -> str:
-    """Bytes, short: ``0 B``, ``12 kB``, ``3.4 MB``."""
-    value = float(n)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" or value >= 10 else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-def _database_cell(name: str, db: DatabaseReport | None, pair_db: PairDatabase | None) -> Text:
-    """A node's PostgreSQL on one short line: role, and for a standby whether commits
-    wait for it (``sync``) and how far behind it is."""
-    if db is None or pair_db is None:
-        return Text("")
-    if db.role == "primary":
-        text = Text("db primary", style="green")
-        if name == pair_db.primary and pair_db.no_sync:
-            text.append(" ASYNC", style="bold yellow")
-        return text
-    if db.role != "standby":
-        return Text(f"db {db.role}", style="yellow" if db.role == "starting" else "bold red")
-    sync = name in pair_db.sync
-    text = Text("db sync" if sync else "db standby", style="cyan")
-    if not db.streaming:
-        return text.append(" NOT STREAMING", style="bold red")
-    if db.lag_bytes is not None:
-        text.append(f" lag {size(db.lag_bytes)}")
-    if db.lag_s is not None:
-        text.append(f" {db.lag_s:.1f}s")
-    return text
-
-
-def _services_only(node: NodeReport) -> Text:
-    # The database has a column of its own here.
-    return _services_cell(node.model_copy(update={"database": None}))
-
-
-def _nodes_grid(pair: PairReport) -> Table:
-    pair_db = pair_database(pair)
-    grid = Table.grid(padding=(0, 1))
-    grid.add_column(no_wrap=True)
-    grid.add_column(no_wrap=True)
-    grid.add_column(max_width=30)
-    if pair_db is not None:
-        grid.add_column(no_wrap=True)
-    grid.add_column(ratio=1)
-    for node in pair.nodes:
-        db = [_database_cell(node.name, node.database, pair_db)] if pair_db is not None else []
-        grid.add_row(
-            Text(node.name, style="bold" if node.name == pair.active else ""),
-            _flat(_role_cell(node)),
-            _flat(_health_cell(node)),
-            *db,
-            _flat(_services_only(node)),
-        )
-    return grid
-
-
-def _detail(
-    console: Console,
-    options: ConsoleOptions,
-    workshop: str,
-    pair: PairReport,
-    as_of: float,
-    width: int,
-) -> list[Text]:
-    head = Text(pair.name, style="bold")
-    head.append(f"  workshop {workshop}", style="dim")
-    if pair.active is None:
-        head.append("  no active node", style="bold red")
-    else:
-        head.append(f"  active {pair.active} epoch {pair.epoch}")
-        if pair.since is not None:
-            head.append(f" for {ago(as_of - pair.since)}")
-    lines = [_rule(head, width)]
-    for note in _pair_notes(pair, as_of):
-        lines.extend(note.wrap(console, width))
-    rendered = console.render_lines(_nodes_grid(pair), options.update(width=width, height=None))
-    lines.extend(Text.assemble(*((s.text, s.style or "") for s in line)) for line in rendered)
-    if pair.endpoints:
-        lines.append(Text("endpoints: ", style="dim") + _flat(_endpoints_cell(pair)))
-    if pair.plcs:
-        lines.append(_plc_line(pair))
-    return lines
-
-
 # ---- title, alarms, events, footer ----------------------------------------------------
 
 
@@ -465,10 +238,10 @@ def _title(report: SiteReport | None, conn: Connection, now: float, width: int) 
         left.append(f" {conn.url}", style="dim")
         revision = f"rev {report.revision}  " if report is not None else ""
         second = _alarms(report) if report is not None else Text("")
-        return [_spread(left, f"{revision}{clock(now)}", width), second]
+        return [spread(left, f"{revision}{clock(now)}", width), second]
     if conn.since is None:
         left.append(f"  connecting to {conn.url or 'a registry'}...", style="yellow")
-        return [_spread(left, clock(now), width), Text("")]
+        return [spread(left, clock(now), width), Text("")]
     left.append("  ")
     left.append(" DISCONNECTED ", style=ALARM)
     left.append(f" since {clock(conn.since)} ({ago(now - conn.since)} ago)", style="bold red")
@@ -479,7 +252,7 @@ def _title(report: SiteReport | None, conn: Connection, now: float, width: int) 
             style="bold red",
         )
     second.append(conn.error or "no registry answers", style="red")
-    return [_spread(left, clock(now), width), second]
+    return [spread(left, clock(now), width), second]
 
 
 def _alarms(report: SiteReport) -> Text:
@@ -507,7 +280,7 @@ def _alarms(report: SiteReport) -> Text:
 def _event_lines(report: SiteReport, width: int, room: int) -> list[Text]:
     if room < 2 or not report.events:
         return []
-    lines = [_rule(Text("recent events, newest first", style="bold"), width)]
+    lines = [rule(Text("recent events, newest first", style="bold"), width)]
     lines.extend(_event_line(e) for e in reversed(report.events[-(room - 1) :]))
     return lines
 
@@ -524,7 +297,7 @@ def _footer(sel: Selection, width: int, pages: str) -> Text:
         return Text(f" {what}? [y/N] ", style=AWAIT) + hint
     if sel.sending is not None:
         return Text(f"sending: {sel.sending}...", style="bold yellow")
-    return _spread(Text(KEYS_HELP, style="dim"), Text(pages, style="dim"), width)
+    return spread(Text(KEYS_HELP, style="dim"), Text(pages, style="dim"), width)
 
 
 def _notice(console: Console, sel: Selection, now: float, width: int) -> list[Text]:
@@ -595,7 +368,7 @@ class Dashboard:
         w_nodes = nodes_width(width, [r.pair for r in pages[number] if r.pair is not None])
         table = [_header_row(w_nodes)]
         table += [_row_line(r, as_of, w_nodes, pair.name) for r in pages[number]]
-        detail = _detail(console, options, ws, pair, as_of, width)[:n_detail]
+        detail = pair_detail(console, options, ws, pair, as_of, width)[:n_detail]
         events = _event_lines(report, width, room - taken - len(table) - len(detail))
         body = table + detail + events
         if not conn.live:

@@ -1,0 +1,139 @@
+"""aetcd's client for one etcd member, as the store needs it.
+
+What aetcd lacks and the store relies on: TLS channels, watches and lease keepalives that
+require a leader (a member cut off from its quorum answers with an error instead of
+silence), channel options that reconnect within the fence margin, and the raw
+transaction, auth and paged range calls. Imported through ``store.py``, which sets
+gRPC's environment before gRPC loads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aetcd
+from aetcd import exceptions, rpc, watcher
+
+from hapair.shared import etcd_tls
+
+# gRPC waits up to 120 s between reconnection attempts by default, growing from 1 s: an
+# agent would see etcd seconds after it came back. Its lease fences it within 1.5 s, so
+# the channel retries every 100 to 250 ms instead.
+#
+# HTTP/2 keepalive finds a connection whose far end went silent (a frozen member, a cut
+# cable) under a quiet watch, which would otherwise wait forever: a ping unanswered
+# within 2 s closes the connection and ends its calls (recent gRPC cores time pings out
+# by ``ping_timeout_ms``, older ones by ``keepalive_timeout_ms``: both are set). etcd
+# refuses pings more often than its --grpc-keepalive-min-time (5 s by default), and
+# pings on a connection without calls unless --grpc-keepalive-permit-without-stream is
+# set: either way it closes the connection (too_many_pings), and gRPC then doubles its
+# ping period. So pings go every 5 s and only while calls are open (a watch always is);
+# an idle connection has nothing to lose, and each call has its own deadline.
+# ``max_pings_without_data`` = 0 keeps pinging a watch on which nothing changes.
+MAX_MESSAGE = 64 * 1024 * 1024
+CHANNEL_OPTIONS: dict[str, int] = {
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.min_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 250,
+    "grpc.keepalive_time_ms": 5000,
+    "grpc.keepalive_timeout_ms": 2000,
+    "grpc.http2.ping_timeout_ms": 2000,
+    "grpc.keepalive_permit_without_calls": 0,
+    "grpc.http2.max_pings_without_data": 0,
+    # Above gRPC's 4 MiB default: one answer may carry many keys (reads are paged anyway).
+    "grpc.max_receive_message_length": MAX_MESSAGE,
+}
+
+# What etcd's Go client sends with WithRequireLeader: a member without a leader (cut off
+# from its quorum) answers such a stream with an error instead of leaving it silent.
+REQUIRE_LEADER = (("hasleader", "true"),)
+
+
+class MemberClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
+    """aetcd's client for one member, whose watches and lease keepalives require a leader."""
+
+    def __init__(
+        self, host: str, port: int, timeout: float, tls: etcd_tls.Credentials | None = None
+    ) -> None:
+        super().__init__(host, port, timeout=timeout, options=CHANNEL_OPTIONS)
+        self.name = f"{host}:{port}"
+        self._tls = tls
+
+    closed = False
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self.closed:
+            # The store has moved on: a late call must not open this member again, on a
+            # connection nobody would close.
+            raise exceptions.ConnectionFailedError(f"connection to {self.name} closed")
+        if self._tls is None:
+            await super().connect()
+        else:
+            self._connect_tls(self._tls)
+        # The base class builds its watcher without metadata; replaced before anything
+        # could use it (no await in between), so every watch stream carries it.
+        self._watcher = watcher.Watcher(
+            rpc.WatchStub(self.channel), timeout=self._timeout, metadata=REQUIRE_LEADER
+        )
+
+    def _connect_tls(self, creds: etcd_tls.Credentials) -> None:
+        """The base class's connect on a TLS channel (it opens only plain ones): the
+        same stubs, no password token (the client certificate is the identity)."""
+        self.channel = etcd_tls.secure_channel(self.name, creds, CHANNEL_OPTIONS)
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._connected.set()
+
+    async def close(self) -> None:
+        self.closed = True
+        await super().close()
+
+    async def refresh_lease(self, lease_id: int) -> Any:
+        await self.connect()
+        try:
+            async for reply in self.leasestub.LeaseKeepAlive(
+                [rpc.LeaseKeepAliveRequest(ID=lease_id)],
+                timeout=self._timeout,
+                metadata=REQUIRE_LEADER,
+            ):
+                return reply
+        except rpc.AioRpcError as err:
+            exceptions._handle_exception(err)
+        return None
+
+    async def txn(self, request: object) -> Any:
+        """etcd's answer to a ``TxnRequest`` (aetcd's own call drops its header, and with
+        it the revision the transaction wrote at)."""
+        await self.connect()
+        try:
+            return await self.kvstub.Txn(request, timeout=self._timeout, metadata=self.metadata)
+        except rpc.AioRpcError as err:
+            exceptions._handle_exception(err)
+
+    async def auth(self, method: str, request: object) -> Any:
+        """One call of etcd's Auth service (``UserAdd``, ``RoleGrantPermission``...)."""
+        await self.connect()
+        try:
+            return await getattr(rpc.AuthStub(self.channel), method)(
+                request, timeout=self._timeout, metadata=self.metadata
+            )
+        except rpc.AioRpcError as err:
+            exceptions._handle_exception(err)
+
+    async def range_page(
+        self, start: bytes, end: bytes, revision: int, limit: int, keys_only: bool = False
+    ) -> Any:
+        """One page of ``[start, end)`` at ``revision`` (0: now); aetcd's own range
+        calls take neither a revision nor a limit."""
+        await self.connect()
+        request = rpc.RangeRequest(
+            key=start, range_end=end, revision=revision, limit=limit, keys_only=keys_only
+        )
+        try:
+            return await self.kvstub.Range(request, timeout=self._timeout, metadata=self.metadata)
+        except rpc.AioRpcError as err:
+            exceptions._handle_exception(err)
