@@ -58,55 +58,63 @@ async def ready_standby(c: Cluster, node: str) -> None:
     await until(ok, 15, f"{node} healthy standby")
 
 
+def pair_spec(port: int, record: Path, **extra: object) -> dict[str, object]:
+    svc = recording_service("bench-svc", port, record, critical=True)
+    return {
+        "name": "p",
+        "nodes": [{"name": n, "address": a} for n, a in ADDRESS.items()],
+        "services": [svc],
+        **extra,
+    }
+
+
+async def measure(
+    c: Cluster, port: int, runs: int, kinds: tuple[str, ...] = ("switchover", "critical", "crash")
+) -> dict[str, list[float]]:
+    """``runs`` of each of ``kinds`` on a started pair whose active is a: from the fault
+    to the service answering on the other node."""
+    results: dict[str, list[float]] = {k: [] for k in kinds}
+    active, _ = await c.active("p", node="a", timeout=20)
+    await ready_standby(c, "b")
+    for kind in kinds:
+        for _ in range(runs):
+            standby = "b" if active == "a" else "a"
+            await until_answers(ADDRESS[active], port)
+            _, epoch = await c.active("p", node=active)
+            if kind == "crash":
+                t0 = time.monotonic()
+                c.crash(active)
+            elif kind == "critical":
+                st = await c.status(active)
+                assert st is not None
+                pid = st.services[0].pid
+                assert pid is not None
+                t0 = time.monotonic()
+                c.kill_service(pid)
+            else:
+                t0 = time.monotonic()
+                await c.store.put(keys.switchover("p"), Switchover(to=standby).encode())
+            t1 = await until_answers(ADDRESS[standby], port)
+            results[kind].append(t1 - t0)
+            print(f"  {kind:<10} {active} -> {standby}: {t1 - t0:.3f} s", flush=True)
+            await c.active("p", not_epoch=epoch, node=standby)
+            if kind == "crash":
+                c.start(active)
+            await ready_standby(c, active)
+            active = standby
+    return results
+
+
 async def main(runs: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="hapair-bench-"))
     etcd = Etcd().start()
     c = Cluster(etcd, tmp)
     port = free_port()
-    svc = recording_service("bench-svc", port, c.record, critical=True)
-    await c.apply(
-        c.site(
-            [
-                {
-                    "name": "p",
-                    "nodes": [{"name": n, "address": a} for n, a in ADDRESS.items()],
-                    "services": [svc],
-                }
-            ]
-        )
-    )
-    results: dict[str, list[float]] = {k: [] for k in TARGETS}
+    await c.apply(c.site([pair_spec(port, c.record)]))
     try:
         c.start("a")
         c.start("b")
-        active, _ = await c.active("p", node="a", timeout=20)
-        await ready_standby(c, "b")
-        for kind in ("switchover", "critical", "crash"):
-            for _ in range(runs):
-                standby = "b" if active == "a" else "a"
-                await until_answers(ADDRESS[active], port)
-                _, epoch = await c.active("p", node=active)
-                if kind == "crash":
-                    t0 = time.monotonic()
-                    c.crash(active)
-                elif kind == "critical":
-                    st = await c.status(active)
-                    assert st is not None
-                    pid = st.services[0].pid
-                    assert pid is not None
-                    t0 = time.monotonic()
-                    c.kill_service(pid)
-                else:
-                    t0 = time.monotonic()
-                    await c.store.put(keys.switchover("p"), Switchover(to=standby).encode())
-                t1 = await until_answers(ADDRESS[standby], port)
-                results[kind].append(t1 - t0)
-                print(f"  {kind:<10} {active} -> {standby}: {t1 - t0:.3f} s", flush=True)
-                await c.active("p", not_epoch=epoch, node=standby)
-                if kind == "crash":
-                    c.start(active)
-                await ready_standby(c, active)
-                active = standby
+        results = await measure(c, port, runs)
     finally:
         await c.stop_all()
         etcd.cleanup()

@@ -50,11 +50,14 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from pydantic import Field
 
-from hapair.shared.client.pg import PgAdapter
 from hapair.shared.model import LenientModel
 
 if TYPE_CHECKING:
     from psycopg.abc import Params, QueryNoTemplate
+
+    # Only named: the agent fences through this module and has no use for the client
+    # library (and aiohttp, which it loads).
+    from hapair.shared.client.pg import PgAdapter
 
 FLOOR_LOCK = 1751216226
 """Advisory lock: a claim holds it shared for its step, ``fence_all`` exclusively while
@@ -271,7 +274,8 @@ class ProcessContext:
             )  # fmt: skip
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
-        conn = await self.db.connection() if isinstance(self.db, PgAdapter) else self.db
+        db = self.db
+        conn = db if isinstance(db, psycopg.AsyncConnection) else await db.connection()
         if conn.info.transaction_status != pq.TransactionStatus.IDLE:
             # A step inside someone else's transaction would commit when they do, not
             # at the end of the step.
