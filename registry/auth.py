@@ -88,9 +88,12 @@ def operator(request: web.Request) -> str:
         header = request.headers.get("Authorization")
         if header is not None:
             return _token_name(header, config.admin_tokens)
-        if config.client_certs:
-            return _certificate_name(request)
-        raise Unauthorized("admin routes need a bearer token (Authorization: Bearer TOKEN)")
+        name = _certificate_name(request) if config.client_certs else None
+        if name is None:
+            wanted = ["a bearer token (Authorization: Bearer TOKEN)"] if config.admin_tokens else []
+            wanted += ["an operator's client certificate"] if config.client_certs else []
+            raise Unauthorized("admin routes need " + " or ".join(wanted))
+        return name
     if config.open_admin:
         return f"http from {request.remote}"
     raise Forbidden(CLOSED)
@@ -106,11 +109,12 @@ def _token_name(header: str, tokens: Mapping[str, str]) -> str:
     return name
 
 
-def _certificate_name(request: web.Request) -> str:
+def _certificate_name(request: web.Request) -> str | None:
+    """The operator the client certificate shown names; None when none was shown."""
     shown = request.transport.get_extra_info("ssl_object") if request.transport else None
     der = shown.getpeercert(binary_form=True) if isinstance(shown, ssl.SSLObject) else None
     if not der:
-        raise Unauthorized("admin routes need an operator's client certificate or a bearer token")
+        return None
     # The TLS handshake verified it against the client CA; what is left is whose it is.
     certificate = x509.load_der_x509_certificate(der)
     name = pki.common_name(certificate)

@@ -8,7 +8,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from hapair.registry.appkeys import CACHE, STORE
-from hapair.registry.auth import json_body, operator
+from hapair.registry.auth import JSON, json_body, operator
 from hapair.registry.cache import encode
 from hapair.registry.errors import validate
 from hapair.registry.stream import busy, reader_slot
@@ -18,7 +18,6 @@ from hapair.shared.topology import Name
 MAX_WAIT_S = 60.0
 """The longest a long-poll waits: a client asks again after it (its socket and handler
 are held meanwhile)."""
-JSON = "application/json"
 STALE_HEADER = "X-Hapair-Stale"
 """On lookups answered while the registry is out of touch with etcd: why. The answer
 is the last state seen; a client with other registries should ask them instead."""
