@@ -55,6 +55,12 @@ def _args(argv: list[str] | None) -> dict[str, object]:
         "open (env HAPAIR_HEADER_TIMEOUT_S, default 10)",
     )
     p.add_argument(
+        "--max-per-client",
+        metavar="N",
+        help="event streams and long-polls waiting at once from one client address "
+        "(env HAPAIR_MAX_PER_CLIENT, default 50)",
+    )
+    p.add_argument(
         "--open-admin",
         action="store_true",
         default=None,
@@ -71,6 +77,7 @@ def _config(settings: RegistrySettings) -> RegistryConfig:
         open_admin=settings.open_admin,
         events_keep_days=settings.events_keep_days,
         header_timeout_s=settings.header_timeout_s,
+        max_per_client=settings.max_per_client,
     )
 
 

@@ -34,6 +34,9 @@ class RegistrySettings(BaseSettings, EtcdTlsSettings):
     client_ca: Path | None = Field(
         None, description="accept operators' client certificates signed by this CA as admins"
     )
+    max_per_client: int = Field(
+        50, ge=1, description="event streams and long-polls waiting at once per client address"
+    )
     header_timeout_s: float = Field(
         10.0, gt=0, le=300, description="seconds a connection has to send a request's headers"
     )

@@ -53,9 +53,7 @@ def site_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-async def secure(
-    etcd: Etcd, store: Store, site_pki: Path, tmp_path: Path
-) -> AsyncIterator[Secure]:
+async def secure(etcd: Etcd, store: Store, site_pki: Path, tmp_path: Path) -> AsyncIterator[Secure]:
     """A registry serving HTTPS with the site's registry certificate, taking operators'
     certificates (and no token) on its admin routes."""
     port = free_port()
