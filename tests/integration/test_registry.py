@@ -378,6 +378,10 @@ async def test_hapair_registry_serves_until_sigterm(etcd: Any, store: Store) -> 
 
             body = await until(answer, "hapair-registry to answer a lookup")
             assert body["node"] == "asm-a"
+            # Given no credential to take, its admin routes are closed.
+            async with session.post("/v1/pairs/asm/pause", json={}) as resp:
+                assert resp.status == 403 and "--open-admin" in (await resp.json())["error"]
+            assert await store.get(keys.paused("asm")) is None
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -389,6 +393,8 @@ async def test_hapair_registry_serves_until_sigterm(etcd: Any, store: Store) -> 
             raise
     assert proc.returncode == 0, err.decode()
     assert b"event=listening" in err and b"Traceback" not in err
+    assert b"admin routes are closed on this registry" in err
+    assert b"registry in lab mode: lookups and admin requests travel in clear" in err
 
 
 async def test_hapair_registry_refuses_bad_settings() -> None:
