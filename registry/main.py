@@ -9,7 +9,6 @@ import ssl
 import sys
 from typing import NoReturn
 
-from aiohttp import web
 from pydantic import ValidationError
 
 from hapair.registry.app import create_app, runner
@@ -108,9 +107,21 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # The listening socket is opened here rather than by aiohttp's TCPSite, which cannot
+    # bound the TLS handshake: a connection that never ends its handshake is closed
+    # after the header timeout, as one that never ends its headers is.
+    assert run.server is not None  # set up above
+    server: asyncio.Server | None = None
     try:
-        site = web.TCPSite(run, settings.host, settings.port, backlog=1024, ssl_context=tls)
-        await site.start()
+        server = await loop.create_server(
+            run.server,
+            settings.host,
+            settings.port,
+            ssl=tls,
+            backlog=1024,
+            reuse_address=True,
+            ssl_handshake_timeout=config.header_timeout_s if tls else None,
+        )
         log.info(
             "listening",
             listen=settings.listen,
@@ -122,6 +133,8 @@ async def serve(
         await stop.wait()
         log.info("stopping")
     finally:
+        if server is not None:
+            server.close()
         await run.cleanup()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
@@ -155,3 +156,60 @@ async def test_hapair_proxy_follows_an_https_registry(
         conn = await proxy.connect()
         assert await ask(conn) == "asm-a ping"
         conn[1].close()
+
+
+async def test_connections_that_never_finish_the_tls_handshake_are_closed(
+    etcd: Etcd, store: Store, site_pki: Path
+) -> None:
+    """Over HTTPS, a connection that never ends its TLS handshake is closed after the
+    header timeout too, however many; lookups answer meanwhile."""
+    await active_pair(store)
+    port = free_port()
+    secure = Secure(f"https://127.0.0.1:{port}", site_pki)
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "hapair-registry"),
+        *("--etcd", etcd.url, "--listen", f"127.0.0.1:{port}", "--header-timeout", "1"),
+        *("--tls-cert", str(site_pki / "reg-1.crt"), "--tls-key", str(site_pki / "reg-1.key")),
+        cwd=ROOT,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    held: list[socket.socket] = []
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def lookup() -> bool:
+                try:
+                    async with session.get(
+                        f"{secure.url}/v1/endpoints/mes-api", ssl=secure.ssl()
+                    ) as resp:
+                        return resp.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await until(lookup, "hapair-registry to answer a lookup over HTTPS", 15)
+            for i in range(40):
+                sock = socket.create_connection(("127.0.0.1", port))
+                # Half of them start a TLS record (a ClientHello's first bytes) and stop.
+                sock.sendall(b"\x16\x03\x01\x02\x00" if i % 2 else b"")
+                sock.setblocking(False)
+                held.append(sock)
+
+            async def all_closed() -> bool:
+                assert await lookup(), "a lookup failed while the handshakes were held"
+                await asyncio.sleep(0.2)
+                return all(_closed(s) for s in held)
+
+            await until(all_closed, "the registry to close every unfinished handshake", 15)
+    finally:
+        for sock in held:
+            sock.close()
+        await stop_process(proc)
+
+
+def _closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(4096) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # reset
