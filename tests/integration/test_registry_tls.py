@@ -83,7 +83,7 @@ async def secure(etcd: Etcd, store: Store, site_pki: Path, tmp_path: Path) -> As
             return False
 
     try:
-        await until(healthy, f"the registry on {secure.url}", 15)
+        await until(healthy, f"the registry on {secure.url}", 20)
         yield secure
     finally:
         await stop_process(proc)
@@ -186,7 +186,7 @@ async def test_connections_that_never_finish_the_tls_handshake_are_closed(
                 except aiohttp.ClientError:
                     return False
 
-            await until(lookup, "hapair-registry to answer a lookup over HTTPS", 15)
+            await until(lookup, "hapair-registry to answer a lookup over HTTPS", 20)
             for i in range(40):
                 sock = socket.create_connection(("127.0.0.1", port))
                 # Half of them start a TLS record (a ClientHello's first bytes) and stop.
