@@ -528,7 +528,8 @@ def _partial_request(port: int) -> socket.socket:
     return sock
 
 
-def _closed(sock: socket.socket) -> bool:
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the other end closed or reset ``sock`` (non-blocking)."""
     try:
         return sock.recv(4096) == b""
     except BlockingIOError:
@@ -570,13 +571,13 @@ async def test_connections_that_never_finish_their_headers_are_closed(
 
             async def all_closed() -> bool:
                 for i, sock in enumerate(socks):
-                    if not _closed(sock):
+                    if not closed_by_peer(sock):
                         # Still trickling: a header line that never ends the headers.
                         with contextlib.suppress(OSError):
                             sock.send(f"X-Slow-{i}: 1\r\n".encode())
                 assert await lookup(), "a lookup failed while the connections were held"
                 await asyncio.sleep(0.2)
-                return all(_closed(s) or s.fileno() == -1 for s in socks)
+                return all(closed_by_peer(s) or s.fileno() == -1 for s in socks)
 
             await until(all_closed, "the registry to close every unfinished request", 15)
     finally:

@@ -22,6 +22,7 @@ from hapair.shared.client.registries import registry_ssl
 from hapair.shared.store import Store
 from tests.integration.test_client_resolver import active_pair
 from tests.integration.test_proxy import ProxyProcess, ask
+from tests.integration.test_registry import closed_by_peer
 from tests.support.client_lab import BIN, node_servers, until
 from tests.support.harness import ROOT, Etcd, free_port, stop_process
 
@@ -197,19 +198,10 @@ async def test_connections_that_never_finish_the_tls_handshake_are_closed(
             async def all_closed() -> bool:
                 assert await lookup(), "a lookup failed while the handshakes were held"
                 await asyncio.sleep(0.2)
-                return all(_closed(s) for s in held)
+                return all(closed_by_peer(s) for s in held)
 
             await until(all_closed, "the registry to close every unfinished handshake", 15)
     finally:
         for sock in held:
             sock.close()
         await stop_process(proc)
-
-
-def _closed(sock: socket.socket) -> bool:
-    try:
-        return sock.recv(4096) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True  # reset
