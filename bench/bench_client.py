@@ -323,9 +323,14 @@ async def bench_fanout(runs: int, tmp: Path, subscribers: int = 1000) -> list[fl
         arrivals: list[float] = []
         marker = [b""]
         port = int(url.rsplit(":", 1)[1])
-        for _ in range(subscribers):
+        for i in range(subscribers):
+            # Subscribers are clients: 40 to an address, within the registry's share
+            # of streams per client address.
             connected, _ = await loop.create_connection(
-                lambda: Subscriber(arrivals, marker), "127.0.0.1", port
+                lambda: Subscriber(arrivals, marker),
+                "127.0.0.1",
+                port,
+                local_addr=(f"127.0.1.{i // 40 + 1}", 0),
             )
             transports.append(connected)
         await asyncio.sleep(1.0)  # every snapshot sent

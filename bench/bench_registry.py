@@ -3,7 +3,9 @@
 One registry process against a real etcd holding a published endpoint; wrk (one
 thread, 50 connections) asks GET /v1/endpoints/{service} for 8 s, several times.
 Target on this 2-core machine: >= 15,000 lookups/s with p99 <= 5 ms (medians).
-Usage: python -m bench.bench_registry [--runs 5] [--seconds 8] [--connections 50]
+With ``--https`` a second registry serves HTTPS (a ``hapair pki`` certificate) and the
+two are measured in turn, run by run, over kept-alive connections.
+Usage: python -m bench.bench_registry [--runs 5] [--seconds 8] [--connections 50] [--https]
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import os
 import re
 import shutil
+import ssl
 import statistics
 import subprocess
 import sys
@@ -20,7 +23,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from hapair.shared import keys
+from hapair.shared import keys, pki
 from hapair.shared.records import EndpointRecord, Leader
 from tests.support.cluster import Cluster, until
 from tests.support.harness import Etcd, free_port, stop_pid
@@ -76,6 +79,46 @@ async def seed(c: Cluster) -> None:
     )
 
 
+def start_registry(etcd: Etcd, port: int, log: Path, *tls: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hapair.registry.main",
+            "--etcd",
+            etcd.url,
+            "--listen",
+            f"127.0.0.1:{port}",
+            *tls,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def https_files(tmp: Path) -> tuple[list[str], ssl.SSLContext]:
+    """The registry's options for HTTPS with a certificate from ``hapair pki``, and a
+    client context trusting its CA."""
+    directory = tmp / "pki"
+    pki.init(directory, "bench")
+    issued = pki.issue(directory, "registry", "reg-bench", ips=["127.0.0.1"])
+    context = ssl.create_default_context(cafile=str(directory / pki.CA_CERT))
+    return ["--tls-cert", str(issued.cert), "--tls-key", str(issued.key)], context
+
+
+def summary(name: str, results: list[tuple[float, float]]) -> None:
+    rps_all = [r for r, _ in results]
+    p99_all = [p for _, p in results]
+    print(
+        f"{name:5}  lookups/s median {statistics.median(rps_all):,.0f} "
+        f"(min {min(rps_all):,.0f}, max {max(rps_all):,.0f}; target >= 15,000)   "
+        f"p99 ms median {statistics.median(p99_all):.2f} "
+        f"(min {min(p99_all):.2f}, max {max(p99_all):.2f}; target <= 5)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -83,6 +126,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument(
+        "--https",
+        action="store_true",
+        help="also a registry over HTTPS, measured in turn with the HTTP one",
+    )
     args = parser.parse_args()
     wrk = shutil.which("wrk")
     if wrk is None:
@@ -90,63 +138,52 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="hapair-bench-"))
     etcd = Etcd().start()
     c = Cluster(etcd, tmp)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/v1/endpoints/{SERVICE}"
-    registry = None
+    registries: list[subprocess.Popen[bytes]] = []
+    results: dict[str, list[tuple[float, float]]] = {}
     try:
         asyncio.run(seed(c))
-        registry = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "hapair.registry.main",
-                "--etcd",
-                etcd.url,
-                "--listen",
-                f"127.0.0.1:{port}",
-            ],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=(tmp / "registry.log").open("w"),
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
+        urls: dict[str, tuple[str, ssl.SSLContext | None]] = {}
+        port = free_port()
+        registries.append(start_registry(etcd, port, tmp / "registry.log"))
+        urls["http"] = (f"http://127.0.0.1:{port}/v1/endpoints/{SERVICE}", None)
+        if args.https:
+            tls, trust = https_files(tmp)
+            port = free_port()
+            registries.append(start_registry(etcd, port, tmp / "registry-https.log", *tls))
+            urls["https"] = (f"https://127.0.0.1:{port}/v1/endpoints/{SERVICE}", trust)
 
-        async def answers() -> bool:
-            def get() -> bool:
-                with urllib.request.urlopen(url, timeout=1) as r:
-                    return r.status == 200
+        for url, context in urls.values():
 
-            return await asyncio.to_thread(get)
+            async def answers(url: str = url, context: ssl.SSLContext | None = context) -> bool:
+                def get() -> bool:
+                    with urllib.request.urlopen(url, timeout=1, context=context) as r:
+                        return bool(r.status == 200)
 
-        asyncio.run(until(answers, 15, "the registry answering the lookup"))
-        subprocess.run([wrk, "-t1", "-c10", "-d2s", url], capture_output=True, check=True)
-        results = []
+                return await asyncio.to_thread(get)
+
+            asyncio.run(until(answers, 15, f"the registry answering {url}"))
+            subprocess.run([wrk, "-t1", "-c10", "-d2s", url], capture_output=True, check=True)
+        # In turn, run by run: a load that comes and goes on the machine falls on both.
         for i in range(args.runs):
-            out = subprocess.run(
-                [wrk, "-t1", f"-c{args.connections}", f"-d{args.seconds}s", "--latency", url],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            rps, p99 = parse_wrk(out)
-            results.append((rps, p99))
-            print(f"  run {i + 1}: {rps:,.0f} lookups/s, p99 {p99:.2f} ms", flush=True)
+            for name, (url, _) in urls.items():
+                out = subprocess.run(
+                    [wrk, "-t1", f"-c{args.connections}", f"-d{args.seconds}s", "--latency", url],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+                rps, p99 = parse_wrk(out)
+                results.setdefault(name, []).append((rps, p99))
+                print(f"  run {i + 1} {name:5}: {rps:,.0f} lookups/s, p99 {p99:.2f} ms", flush=True)
     finally:
-        if registry is not None:
+        for registry in registries:
             stop_pid(registry)
         asyncio.run(c.stop_all())
         etcd.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
-    rps_all = [r for r, _ in results]
-    p99_all = [p for _, p in results]
-    print(
-        f"\nlookups/s  median {statistics.median(rps_all):,.0f}  "
-        f"min {min(rps_all):,.0f}  max {max(rps_all):,.0f}   target >= 15,000"
-    )
-    print(
-        f"p99 (ms)   median {statistics.median(p99_all):.2f}  "
-        f"min {min(p99_all):.2f}  max {max(p99_all):.2f}   target <= 5"
-    )
+    print()
+    for name, measured in results.items():
+        summary(name, measured)
 
 
 if __name__ == "__main__":

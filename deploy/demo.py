@@ -364,7 +364,8 @@ Ask the registry as a client would ({registry}):
   curl -s $HAPAIR_REGISTRY/v1/endpoints/{service}
   curl -s "$HAPAIR_REGISTRY/v1/endpoints/{service}?after_epoch=0&wait_s=30"
   curl -sN $HAPAIR_REGISTRY/v1/events
-  curl -s -X POST $HAPAIR_REGISTRY/v1/pairs/{pair.name}/switchover
+  curl -s -X POST -H 'Content-Type: application/json' \\
+       $HAPAIR_REGISTRY/v1/pairs/{pair.name}/switchover
 Watch the site as an operator would (acknowledge a recovery with a, switch over with s):
   hapair top
 Crashed agents, the registry and etcd come back after a few seconds, as under systemd.
@@ -486,6 +487,8 @@ class Demo:
                     self.etcd_url,
                     "--listen",
                     f"{host}:{port}",
+                    # On 127.0.0.1, for the tour's curl and hapair top: a lab's open admin.
+                    "--open-admin",
                 ],
                 logs / "registry.log",
                 env=self.env(),

@@ -39,6 +39,21 @@ def create_app(
     return app
 
 
+def runner(app: web.Application) -> web.AppRunner:
+    """The runner ``hapair-registry`` serves ``app`` with."""
+    return web.AppRunner(
+        app,
+        # Access logs cost more than a lookup itself; failures are logged where they happen.
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=2.0,
+        # aiohttp closes a connection whose request has not arrived whole this long after
+        # it opened or after its previous answer: a client that opens connections and
+        # never finishes its headers holds none for long.
+        keepalive_timeout=app[CONFIG].header_timeout_s,
+    )
+
+
 async def _watch(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(app[CACHE].run(), name="etcd-mirror")
     yield

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -14,16 +16,26 @@ from hapair.shared.store import Store
 class RegistryConfig:
     heartbeat_s: float = 15.0
     """Comment lines on idle event streams keep proxies and clients from timing out."""
-    admin_token_hashes: frozenset[str] = field(default_factory=frozenset)
-    """SHA-256 hex digests of the bearer tokens the admin routes accept; none = open."""
+    admin_tokens: Mapping[str, str] = field(default_factory=dict)
+    """The bearer tokens the admin routes accept: {SHA-256 hex digest: operator name}."""
+    client_certs: bool = False
+    """Operators' client certificates (verified by the TLS handshake) are accepted."""
+    open_admin: bool = False
+    """With neither tokens nor certificates, the admin routes are open to anyone (labs);
+    without this, closed."""
     events_keep_days: float = 90.0
     """Events older than this are deleted (every registry does it; deleting is idempotent)."""
     max_streams: int = 2000
     """Event streams open at once; a new one beyond is refused (503, Retry-After)."""
     max_polls: int = 2000
     """Long-polls waiting at once; a new one beyond is refused (503, Retry-After)."""
+    max_per_client: int = 50
+    """Streams and long-polls waiting at once from one client address, together."""
     write_timeout_s: float = 5.0
     """An event stream whose reader takes longer than this to take a message is cut off."""
+    header_timeout_s: float = 10.0
+    """A connection must send a request's headers within this time of opening, or of
+    its previous answer; an idle connection is closed after it."""
 
 
 @dataclass(slots=True)
@@ -32,6 +44,8 @@ class Readers:
 
     streams: int = 0
     polls: int = 0
+    by_client: Counter[str] = field(default_factory=Counter)
+    """Streams and long-polls held per client address."""
 
 
 CACHE = web.AppKey("cache", SiteCache)

@@ -28,7 +28,15 @@ class BadRequest(Exception):
 
 
 class Unauthorized(Exception):
-    pass
+    """No credential, or one that does not hold (401)."""
+
+
+class Forbidden(Exception):
+    """The admin routes are closed, or the credential is not an operator's (403)."""
+
+
+class UnsupportedMediaType(Exception):
+    """An admin request that is not ``application/json`` (415)."""
 
 
 def validate(model: type[M], data: object, where: str) -> M:
@@ -52,6 +60,10 @@ async def domain_errors(request: web.Request, handler: Handler) -> web.StreamRes
         return error(400, str(err), problems=err.problems)
     except Unauthorized as err:
         return error(401, str(err))
+    except Forbidden as err:
+        return error(403, str(err))
+    except UnsupportedMediaType as err:
+        return error(415, str(err))
     except AdminError as err:
         return error(409, str(err))
     except StoreError as err:

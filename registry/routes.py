@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from hapair.registry.appkeys import CACHE, CONFIG, STORE
+from hapair.registry.appkeys import CACHE, STORE
+from hapair.registry.auth import JSON, json_body, operator
 from hapair.registry.cache import encode
-from hapair.registry.errors import BadRequest, Unauthorized, validate
+from hapair.registry.errors import validate
 from hapair.registry.stream import busy, reader_slot
 from hapair.shared import admin
 from hapair.shared.topology import Name
 
-MAX_WAIT_S = 300.0
-JSON = "application/json"
+MAX_WAIT_S = 60.0
+"""The longest a long-poll waits: a client asks again after it (its socket and handler
+are held meanwhile)."""
 STALE_HEADER = "X-Hapair-Stale"
 """On lookups answered while the registry is out of touch with etcd: why. The answer
 is the last state seen; a client with other registries should ask them instead."""
@@ -31,6 +31,10 @@ class PollQuery(BaseModel):
 
     after_epoch: int = Field(0, ge=0)
     wait_s: float = Field(30.0, ge=0, allow_inf_nan=False)
+
+    @property
+    def capped_wait_s(self) -> float:
+        return min(self.wait_s, MAX_WAIT_S)
 
 
 class EmptyBody(BaseModel):
@@ -62,11 +66,10 @@ async def lookup(request: web.Request) -> web.Response:
     service = request.match_info["service"]
     if request.query_string:
         poll = validate(PollQuery, dict(request.query), "query parameter")
-        with reader_slot(request, "polls") as placed:
-            if not placed:
-                return busy("long-polls", request.app[CONFIG].max_polls)
-            wait_s = min(poll.wait_s, MAX_WAIT_S)
-            answer = await cache.wait_for_epoch(service, poll.after_epoch, wait_s)
+        with reader_slot(request, "polls") as full:
+            if full is not None:
+                return busy(full)
+            answer = await cache.wait_for_epoch(service, poll.after_epoch, poll.capped_wait_s)
     else:
         answer = cache.answer(service)
     headers = None if cache.synced else {STALE_HEADER: cache.problem}
@@ -96,30 +99,13 @@ async def healthz(request: web.Request) -> web.Response:
 # ---- admin ------------------------------------------------------------------------
 
 
-def _operator(request: web.Request) -> str:
-    hashes = request.app[CONFIG].admin_token_hashes
-    if hashes:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        digest = hashlib.sha256(token.strip().encode()).hexdigest()
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(digest, h) for h in hashes):
-            raise Unauthorized("admin routes need a valid bearer token")
-        return f"token {digest[:8]} from {request.remote}"
-    return f"http from {request.remote}"
-
-
 async def _body(request: web.Request, model: type[B]) -> B:
-    data: object = {}
-    if request.body_exists:
-        try:
-            data = await request.json()
-        except ValueError:
-            raise BadRequest("invalid body: not JSON", ["(body): not JSON"]) from None
-    return validate(model, data, "body")
+    return validate(model, await json_body(request), "body")
 
 
 @routes.post("/v1/pairs/{pair}/switchover")
 async def switchover(request: web.Request) -> web.Response:
-    by = _operator(request)
+    by = operator(request)
     body = await _body(request, SwitchoverBody)
     pair = request.match_info["pair"]
     req = await admin.request_switchover(request.app[STORE], pair, body.to, by, body.reason)
@@ -128,7 +114,7 @@ async def switchover(request: web.Request) -> web.Response:
 
 @routes.post("/v1/pairs/{pair}/pause")
 async def pause(request: web.Request) -> web.Response:
-    by = _operator(request)
+    by = operator(request)
     body = await _body(request, ReasonBody)
     flag = await admin.pause(request.app[STORE], request.match_info["pair"], by, body.reason)
     return _json({"pair": request.match_info["pair"], "paused": flag.model_dump(mode="json")})
@@ -136,7 +122,7 @@ async def pause(request: web.Request) -> web.Response:
 
 @routes.post("/v1/pairs/{pair}/ack")
 async def ack(request: web.Request) -> web.Response:
-    by = _operator(request)
+    by = operator(request)
     body = await _body(request, AckBody)
     done = await admin.ack(request.app[STORE], request.match_info["pair"], body.epoch, by)
     return _json({"pair": request.match_info["pair"], "recovery": done.model_dump(mode="json")})
@@ -144,7 +130,7 @@ async def ack(request: web.Request) -> web.Response:
 
 @routes.post("/v1/pairs/{pair}/resume")
 async def resume(request: web.Request) -> web.Response:
-    by = _operator(request)
+    by = operator(request)
     await _body(request, EmptyBody)
     was = await admin.resume(request.app[STORE], request.match_info["pair"], by)
     return _json({"pair": request.match_info["pair"], "was_paused": was.model_dump(mode="json")})
@@ -152,7 +138,7 @@ async def resume(request: web.Request) -> web.Response:
 
 @routes.post("/v1/nodes/{node}/drain")
 async def drain(request: web.Request) -> web.Response:
-    by = _operator(request)
+    by = operator(request)
     body = await _body(request, ReasonBody)
     result = await admin.drain(request.app[STORE], request.match_info["node"], by, body.reason)
     request_id = result.switchover.id if result.switchover else None
@@ -168,7 +154,7 @@ async def drain(request: web.Request) -> web.Response:
 
 @routes.post("/v1/nodes/{node}/undrain")
 async def undrain(request: web.Request) -> web.Response:
-    by = _operator(request)
+    by = operator(request)
     await _body(request, EmptyBody)
     was = await admin.undrain(request.app[STORE], request.match_info["node"], by)
     return _json({"node": request.match_info["node"], "was_drained": was.model_dump(mode="json")})

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from hapair.registry.auth import parse_tokens, token_file_entries
 from hapair.shared.etcd_tls import EtcdTlsSettings
 from hapair.shared.store import parse_endpoints
 
@@ -19,8 +22,29 @@ class RegistrySettings(BaseSettings, EtcdTlsSettings):
     log_level: str = Field("info", pattern=r"^(?i:debug|info|warning|error)$")
     events_keep_days: float = Field(90.0, gt=0, description="age at which events are deleted")
     admin_tokens: str = Field(
-        "", description="comma-separated SHA-256 hex digests of accepted admin bearer tokens"
+        "",
+        description="comma-separated NAME:SHA256 (or bare SHA-256) of accepted admin tokens",
     )
+    admin_tokens_file: Path | None = Field(
+        None, description="a file of NAME:SHA256 lines, the admin bearer tokens accepted"
+    )
+    open_admin: bool = Field(False, description="admin routes open to anyone (labs)")
+    tls_cert: Path | None = Field(None, description="serve HTTPS with this certificate")
+    tls_key: Path | None = Field(None, description="the certificate's key (0600)")
+    client_ca: Path | None = Field(
+        None, description="accept operators' client certificates signed by this CA as admins"
+    )
+    max_per_client: int = Field(
+        50, ge=1, description="event streams and long-polls waiting at once per client address"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="seconds a connection has to send a request's headers"
+    )
+
+    @field_validator("admin_tokens_file", "tls_cert", "tls_key", "client_ca", mode="before")
+    @classmethod
+    def _empty(cls, value: object) -> object:
+        return None if value == "" else value  # an empty variable: not given
 
     @field_validator("etcd")
     @classmethod
@@ -39,10 +63,30 @@ class RegistrySettings(BaseSettings, EtcdTlsSettings):
     @field_validator("admin_tokens")
     @classmethod
     def _tokens(cls, value: str) -> str:
-        for digest in filter(None, (d.strip() for d in value.split(","))):
-            if not re.fullmatch(r"[0-9a-f]{64}", digest):
-                raise ValueError("each admin token must be given as a SHA-256 hex digest")
+        parse_tokens(_env_entries(value))
         return value
+
+    @model_validator(mode="after")
+    def _together(self) -> Self:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given, missing = ("--tls-cert", "--tls-key")[:: 1 if self.tls_key is None else -1]
+            raise ValueError(f"{given} given without {missing}: HTTPS needs both")
+        if self.client_ca is not None and self.tls_cert is None:
+            raise ValueError("--client-ca needs --tls-cert and --tls-key: certificates need HTTPS")
+        if self.open_admin and (self.admin_tokens or self.admin_tokens_file or self.client_ca):
+            raise ValueError(
+                "--open-admin with admin tokens or --client-ca: the admin routes are either "
+                "open or need a credential"
+            )
+        return self
+
+    def admin_tokens_by_digest(self) -> dict[str, str]:
+        """{SHA-256 digest: operator name} of every token given, the file read now;
+        ValueError naming the entry that is wrong."""
+        entries = list(_env_entries(self.admin_tokens))
+        if self.admin_tokens_file is not None:
+            entries += token_file_entries(self.admin_tokens_file)
+        return parse_tokens(entries)
 
     @property
     def host(self) -> str:
@@ -52,6 +96,6 @@ class RegistrySettings(BaseSettings, EtcdTlsSettings):
     def port(self) -> int:
         return int(self.listen.rpartition(":")[2])
 
-    @property
-    def token_hashes(self) -> frozenset[str]:
-        return frozenset(d.strip() for d in self.admin_tokens.split(",") if d.strip())
+
+def _env_entries(value: str) -> list[tuple[str, str]]:
+    return [("HAPAIR_ADMIN_TOKENS", e) for e in value.split(",") if e.strip()]

@@ -12,8 +12,9 @@ with ``503`` and ends the open ones (see ``SiteCache``), so that clients follow 
 registry.
 
 Readers that wait (streams, long-polls) each hold a handler and a socket: beyond
-``max_streams`` (``max_polls``) a new one is refused at once with ``503`` and
-``Retry-After``, and a stream whose reader does not take a message within
+``max_streams`` (``max_polls``) on the registry, or ``max_per_client`` of both from one
+client address, a new one is refused at once with ``503`` and ``Retry-After`` (plain
+lookups never are), and a stream whose reader does not take a message within
 ``write_timeout_s`` (its buffers full: it stopped reading) is cut off.
 """
 
@@ -52,25 +53,36 @@ class StreamQuery(BaseModel):
 
 
 @contextlib.contextmanager
-def reader_slot(request: web.Request, kind: Literal["streams", "polls"]) -> Iterator[bool]:
-    """Hold one of the app's places for a waiting reader of ``kind`` while inside;
-    False (and nothing held) when all are taken."""
+def reader_slot(request: web.Request, kind: Literal["streams", "polls"]) -> Iterator[str | None]:
+    """Hold one of the app's places for a waiting reader of ``kind`` while inside.
+    Yields None when placed, else what is full (the answer's ``error``, nothing held):
+    the registry's places for ``kind``, or those of the client's address."""
     readers, config = request.app[READERS], request.app[CONFIG]
     cap = config.max_streams if kind == "streams" else config.max_polls
+    client = request.remote or ""
+    what = "event streams" if kind == "streams" else "long-polls"
     if getattr(readers, kind) >= cap:
-        yield False
+        yield f"too many {what} open on this registry ({cap}); ask another or try again later"
+        return
+    if readers.by_client[client] >= config.max_per_client:
+        yield (
+            f"too many event streams and long-polls open from {client} on this registry "
+            f"({config.max_per_client}); close some or try again later"
+        )
         return
     setattr(readers, kind, getattr(readers, kind) + 1)
+    readers.by_client[client] += 1
     try:
-        yield True
+        yield None
     finally:
         setattr(readers, kind, getattr(readers, kind) - 1)
+        readers.by_client[client] -= 1
+        if not readers.by_client[client]:
+            del readers.by_client[client]  # a client gone leaves nothing behind
 
 
-def busy(what: str, cap: int) -> web.Response:
-    response = error(
-        503, f"too many {what} open on this registry ({cap}); ask another or try again later"
-    )
+def busy(message: str) -> web.Response:
+    response = error(503, message)
     response.headers["Retry-After"] = str(RETRY_AFTER_S)
     return response
 
@@ -83,9 +95,9 @@ async def events(request: web.Request) -> web.StreamResponse:
         return error(
             503, f"registry is not in touch with etcd ({cache.mirror.error or 'starting'})"
         )
-    with reader_slot(request, "streams") as placed:
-        if not placed:
-            return busy("event streams", config.max_streams)
+    with reader_slot(request, "streams") as full:
+        if full is not None:
+            return busy(full)
         response = web.StreamResponse(headers=HEADERS)
         await response.prepare(request)
         try:

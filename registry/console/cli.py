@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import os
+import ssl
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -125,7 +126,8 @@ async def topology_show(args: argparse.Namespace) -> int:
 async def status(args: argparse.Namespace) -> int:
     console = Console()
     if args.registry:
-        return await _show(RegistrySource(args.registry), console, args.watch)
+        source = RegistrySource(args.registry, ssl=_registry_ssl(args))
+        return await _show(source, console, args.watch)
     async with connected(args) as store:
         return await _show(EtcdSource(store), console, args.watch)
 
@@ -160,7 +162,15 @@ async def top(args: argparse.Namespace) -> int:
         raise Failed(USAGE, "no registry given: use --registry URL[,URL...] or set HAPAIR_REGISTRY")
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise Failed(USAGE, "hapair top needs a terminal; for a log, use hapair status --watch")
-    return await run(urls, token=os.environ.get("HAPAIR_ADMIN_TOKEN") or None)
+    token = os.environ.get("HAPAIR_ADMIN_TOKEN") or None
+    return await run(urls, token=token, ssl=_registry_ssl(args))
+
+
+def _registry_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
+    try:
+        return client_command.ssl_of(args)
+    except client_command.CommandError as err:
+        raise Failed(err.code, str(err)) from None
 
 
 # ---- resolve ----------------------------------------------------------------------
@@ -267,6 +277,7 @@ def parser() -> argparse.ArgumentParser:
         help="read a registry, http://HOST:PORT (default: $HAPAIR_REGISTRY when no etcd is given)",
     )
     etcd_tls.add_options(p)
+    client_command.add_registry_ca(p)
     p.add_argument("--watch", action="store_true", help="keep the view current until Ctrl-C")
     p.set_defaults(func=status)
 
@@ -281,6 +292,8 @@ def parser() -> argparse.ArgumentParser:
         help="registries URL[,URL...], the next used when one goes away "
         "(default: $HAPAIR_REGISTRY)",
     )
+    client_command.add_registry_ca(p)
+    client_command.add_registry_cert(p)
     p.set_defaults(func=top)
 
     p = sub.add_parser("switchover", help="move a pair to another node, planned")
@@ -359,6 +372,7 @@ def parser() -> argparse.ArgumentParser:
         default=os.environ.get("HAPAIR_REGISTRY"),
         help="registries URL[,URL...] to measure through (default: $HAPAIR_REGISTRY)",
     )
+    client_command.add_registry_ca(p)
     _etcd(p)
     p.set_defaults(func=drill)
 

@@ -236,9 +236,10 @@ async def execute(
     operator: str = "drill",
     timeout_s: float = 30.0,
     say: Callable[[str], None] = lambda _: None,
+    registry_ca: str | None = None,
 ) -> Result:
     result = Result(plan)
-    async with Resolver(parse_registries(registries)) as resolver:
+    async with Resolver(parse_registries(registries), registry_ca=registry_ca) as resolver:
         probe = Probe(resolver, plan.watch)
         writer = _writer(plan, resolver)
         tasks = [asyncio.create_task(probe.run(), name="drill-probe")]
@@ -444,7 +445,13 @@ async def command(
         if not confirmed:
             raise DrillError("drill cancelled: nothing was done")
     result = await execute(
-        plan, store, registries, operator=operator, timeout_s=args.timeout, say=say
+        plan,
+        store,
+        registries,
+        operator=operator,
+        timeout_s=args.timeout,
+        say=say,
+        registry_ca=args.registry_ca,
     )
     for line in report(result):
         say(line)

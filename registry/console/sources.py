@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from ssl import SSLContext
 from typing import Protocol
 
 import aiohttp
@@ -78,13 +79,16 @@ class EtcdSource:
 
 
 class RegistrySource:
-    def __init__(self, url: str, timeout_s: float = 3.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 3.0, *, ssl: SSLContext | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.ssl: SSLContext | bool = ssl or True  # True: the system's CAs
 
     async def _get(self, session: aiohttp.ClientSession) -> SiteReport:
         try:
-            async with session.get(f"{self.url}/v1/site", timeout=self.timeout) as resp:
+            async with session.get(
+                f"{self.url}/v1/site", timeout=self.timeout, ssl=self.ssl
+            ) as resp:
                 if resp.status != 200:
                     raise SourceError(f"registry at {self.url} answered HTTP {resp.status}")
                 return SiteReport.model_validate_json(await resp.read())
@@ -127,7 +131,9 @@ class RegistrySource:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=3, sock_read=60)
         while True:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with session.get(f"{self.url}/v1/events", timeout=timeout) as resp:
+                async with session.get(
+                    f"{self.url}/v1/events", timeout=timeout, ssl=self.ssl
+                ) as resp:
                     async for line in resp.content:
                         if line.startswith(b"event:"):
                             changed.set()

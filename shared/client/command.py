@@ -11,11 +11,13 @@ import argparse
 import json
 import logging
 import os
+import ssl
 import sys
 from dataclasses import asdict
 
 from hapair.shared.client.errors import RegistryUnavailable, ServiceUnavailable, UnknownService
 from hapair.shared.client.models import Endpoint
+from hapair.shared.client.registries import registry_ssl
 from hapair.shared.client.resolver import Resolver
 from hapair.shared.log import LogfmtFormatter
 
@@ -31,6 +33,44 @@ class CommandError(Exception):
         self.code = code
 
 
+def add_registry_ca(p: argparse.ArgumentParser) -> None:
+    """``--registry-ca FILE`` (``$HAPAIR_REGISTRY_CA``): the CA https:// registries are
+    checked against (default: the system's)."""
+    p.add_argument(
+        "--registry-ca",
+        default=os.environ.get("HAPAIR_REGISTRY_CA") or None,
+        metavar="FILE",
+        help="the CA of the registries' certificates, for https:// URLs "
+        "(default: $HAPAIR_REGISTRY_CA, else the system's CAs)",
+    )
+
+
+def add_registry_cert(p: argparse.ArgumentParser) -> None:
+    """``--registry-cert FILE --registry-key FILE``: an operator's client certificate
+    for a registry's admin routes (``$HAPAIR_REGISTRY_CERT``, ``$HAPAIR_REGISTRY_KEY``)."""
+    for name, what in (("cert", "an operator's client certificate"), ("key", "its key")):
+        p.add_argument(
+            f"--registry-{name}",
+            default=os.environ.get(f"HAPAIR_REGISTRY_{name.upper()}") or None,
+            metavar="FILE",
+            help=f"{what} for the registry's admin routes "
+            f"(default: $HAPAIR_REGISTRY_{name.upper()})",
+        )
+
+
+def ssl_of(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The TLS context of the registry options in ``args``; CommandError (2) naming the
+    file that cannot be used."""
+    try:
+        return registry_ssl(
+            args.registry_ca,
+            getattr(args, "registry_cert", None),
+            getattr(args, "registry_key", None),
+        )
+    except ValueError as err:
+        raise CommandError(USAGE, str(err)) from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("service", help="the service's name in the site file")
     p.add_argument(
@@ -38,6 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("HAPAIR_REGISTRY"),
         help="registries URL[,URL...], the next used when one fails (default: $HAPAIR_REGISTRY)",
     )
+    add_registry_ca(p)
     p.add_argument("--watch", action="store_true", help="print one more line each time it moves")
     p.add_argument(
         "--format",
@@ -78,7 +119,7 @@ async def resolve(args: argparse.Namespace) -> int:
             USAGE, "no registry given: use --registry URL[,URL...] or set HAPAIR_REGISTRY"
         )
     try:
-        resolver = Resolver(args.registry)
+        resolver = Resolver(args.registry, registry_ca=args.registry_ca)
     except ValueError as err:
         raise CommandError(USAGE, str(err)) from None
     _warnings_to_stderr()

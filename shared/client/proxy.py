@@ -31,10 +31,11 @@ from typing import cast
 from hapair.shared import event_loop
 from hapair.shared import log as logs
 from hapair.shared.client.backoff import Backoff
+from hapair.shared.client.command import add_registry_ca
 from hapair.shared.client.errors import ClientError
 from hapair.shared.client.models import Endpoint
 from hapair.shared.client.reconnect import follow_moves, reach
-from hapair.shared.client.registries import parse_registries
+from hapair.shared.client.registries import parse_registries, registry_ssl
 from hapair.shared.client.resolver import Resolver
 
 log = logs.EventLog("hapair.proxy")
@@ -302,6 +303,7 @@ def parser() -> argparse.ArgumentParser:
         default=os.environ.get("HAPAIR_REGISTRY"),
         help="registries URL[,URL...] (default: $HAPAIR_REGISTRY)",
     )
+    add_registry_ca(p)
     p.add_argument(
         "--deadline",
         type=_seconds,
@@ -331,7 +333,7 @@ async def serve(args: argparse.Namespace, host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with Resolver(args.registry) as resolver:
+    async with Resolver(args.registry, registry_ca=args.registry_ca) as resolver:
         proxy = Proxy(
             resolver,
             args.service,
@@ -360,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     try:
         parse_registries(args.registry)
+        registry_ssl(args.registry_ca)
     except ValueError as err:
         print(f"hapair-proxy: {err}", file=sys.stderr)
         sys.exit(2)

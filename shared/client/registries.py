@@ -5,7 +5,9 @@ their problems reported once each.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from hapair.shared.client.answers import Behind, Garbage, describe_problem
@@ -33,6 +35,27 @@ def parse_registries(registries: str | Sequence[str]) -> list[str]:
     if not urls:
         raise ValueError("no registry URL given")
     return urls
+
+
+def registry_ssl(
+    ca: str | Path | None, cert: str | Path | None = None, key: str | Path | None = None
+) -> ssl.SSLContext | None:
+    """How to check ``https://`` registries: against ``ca`` (the site CA, say), showing
+    ``cert`` (an operator's, for the admin routes) when given; None: the system's CAs.
+    Raises ValueError naming the file that cannot be used."""
+    if ca is None:
+        if cert is not None:
+            raise ValueError("a registry client certificate needs the registry's CA as well")
+        return None
+    # Imported here: the PKI's cryptography costs every client's import otherwise.
+    from hapair.shared.pki import PkiError, TlsFiles
+
+    try:
+        return TlsFiles(
+            Path(ca), Path(cert) if cert else None, Path(key) if key else None
+        ).client_context()
+    except PkiError as err:
+        raise ValueError(f"registry TLS: {err}") from None
 
 
 class Registries:

@@ -34,6 +34,7 @@ import random
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
 from urllib.parse import quote
@@ -54,7 +55,7 @@ from hapair.shared.client.answers import (
 from hapair.shared.client.backoff import Backoff
 from hapair.shared.client.errors import RegistryUnavailable, ServiceUnavailable, UnknownService
 from hapair.shared.client.models import STALE_HEADER, Endpoint, StreamedAnswer
-from hapair.shared.client.registries import Registries
+from hapair.shared.client.registries import Registries, registry_ssl
 from hapair.shared.client.sse import SseError, SseParser
 from hapair.shared.log import EventLog
 
@@ -87,6 +88,8 @@ class Resolver:
     waits for news; a stream silent for ``stream_idle_s`` (the registry sends comments
     more often than that) counts as lost. ``transport`` forces the event stream
     (``"sse"``) or long-polls (``"poll"``); ``"auto"`` streams where it can.
+    ``https://`` registries are checked against ``registry_ca`` (a CA file) when given,
+    else against the system's CAs.
     Use it as ``async with Resolver(urls) as resolver:``, or call :meth:`close`.
     """
 
@@ -101,8 +104,10 @@ class Resolver:
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
         session: aiohttp.ClientSession | None = None,
+        registry_ca: str | Path | None = None,
     ) -> None:
         self.registries = Registries(registries)
+        self._ssl = registry_ssl(registry_ca)
         self.request_timeout_s = request_timeout_s
         self.poll_wait_s = poll_wait_s
         self.stream_idle_s = stream_idle_s
@@ -462,7 +467,9 @@ class Resolver:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ssl=self._ssl or True)
+            )
             self._own_session = True
         return self._session
 

@@ -203,9 +203,14 @@ async def test_a_change_reaches_1000_subscribers(etcd: Etcd, store: Store) -> No
         marker = b'"port": 8099'
         transports = []
         try:
-            for _ in range(1000):
+            for i in range(1000):
+                # A thousand clients, on 25 addresses: 40 streams each, within the
+                # registry's share per client address.
                 transport, _ = await loop.create_connection(
-                    lambda: _Subscriber(marker, arrived), "127.0.0.1", registry.port
+                    lambda: _Subscriber(marker, arrived),
+                    "127.0.0.1",
+                    registry.port,
+                    local_addr=(f"127.0.1.{i % 25 + 1}", 0),
                 )
                 transports.append(transport)
             await asyncio.sleep(0.5)

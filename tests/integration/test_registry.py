@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import ClientResponse, ClientSession
+from aiohttp import ClientResponse, ClientSession, TCPConnector
 from aiohttp.test_utils import TestClient, TestServer
 
 from hapair.registry.app import create_app
@@ -29,6 +29,8 @@ from tests.support.site_records import FakeAgent, apply_site
 from tests.unit.test_registry import get
 
 DEADLINE_S = 5.0
+START_S = 20.0
+"""How long a registry process may take to start and read etcd (a loaded machine)."""
 
 
 async def until(
@@ -48,7 +50,8 @@ async def until(
 
 @pytest.fixture
 async def client(store: Store, etcd: Any) -> AsyncIterator[TestClient[Any, Any]]:
-    app = create_app(etcd.url, RegistryConfig(heartbeat_s=0.2))
+    # Admin routes open: these tests are about what they do, not who may use them.
+    app = create_app(etcd.url, RegistryConfig(heartbeat_s=0.2, open_admin=True))
     async with TestClient(TestServer(app)) as c:
         await until(lambda: _ok(c, "/healthz"), "the registry to sync with etcd")
         yield c
@@ -322,31 +325,40 @@ async def test_admin_routes(client: TestClient[Any, Any], store: Store) -> None:
 
     async with client.post("/v1/pairs/asm/pause", json={"reason": "window"}) as resp:
         assert resp.status == 200 and (await resp.json())["paused"]["reason"] == "window"
-    async with client.post("/v1/pairs/asm/switchover") as resp:
+    async with client.post("/v1/pairs/asm/switchover", json={}) as resp:
         assert resp.status == 409 and "resume it first" in (await resp.json())["error"]
-    async with client.post("/v1/pairs/asm/resume") as resp:
+    async with client.post("/v1/pairs/asm/resume", json={}) as resp:
         assert resp.status == 200
     async with client.post("/v1/nodes/asm-b/drain", json={"reason": "disk"}) as resp:
         body = await resp.json()
         assert resp.status == 200 and body["switchover_request"] is None
-    async with client.post("/v1/nodes/asm-b/undrain") as resp:
+    async with client.post("/v1/nodes/asm-b/undrain", json={}) as resp:
         assert resp.status == 200
-    async with client.post("/v1/nodes/asm-b/undrain") as resp:
+    async with client.post("/v1/nodes/asm-b/undrain", json={}) as resp:
         assert resp.status == 409 and (await resp.json())["error"] == "node asm-b is not drained"
 
 
-async def test_admin_routes_need_the_token_when_one_is_set(etcd: Any, store: Store) -> None:
+async def test_a_named_tokens_pause_names_it(etcd: Any, store: Store) -> None:
+    """A token's name is the operator the flag and the event show; a missing or
+    unknown token changes nothing."""
     await active_pair(store)
-    digest = hashlib.sha256(b"s3cret").hexdigest()
-    app = create_app(etcd.url, RegistryConfig(admin_token_hashes=frozenset({digest})))
+    tokens = {hashlib.sha256(b"s3cret").hexdigest(): "alice"}
+    app = create_app(etcd.url, RegistryConfig(admin_tokens=tokens))
     async with TestClient(TestServer(app)) as c:
-        async with c.post("/v1/pairs/asm/pause") as resp:
+        async with c.post("/v1/pairs/asm/pause", json={}) as resp:
             assert resp.status == 401
-        async with c.post("/v1/pairs/asm/pause", headers={"Authorization": "Bearer nope"}) as r:
-            assert r.status == 401
-        async with c.post("/v1/pairs/asm/pause", headers={"Authorization": "Bearer s3cret"}) as r:
-            assert r.status == 200
-    assert await store.get(keys.paused("asm")) is not None
+        nope = {"Authorization": "Bearer nope"}
+        async with c.post("/v1/pairs/asm/pause", json={}, headers=nope) as resp:
+            assert resp.status == 401
+        assert await store.get(keys.paused("asm")) is None
+        alice = {"Authorization": "Bearer s3cret"}
+        async with c.post("/v1/pairs/asm/pause", json={"reason": "x"}, headers=alice) as resp:
+            assert resp.status == 200 and (await resp.json())["paused"]["by"] == "alice"
+    kv = await store.get(keys.paused("asm"))
+    assert kv is not None and records.decode(records.Paused, kv.value, kv.key).by == "alice"
+    kvs, _ = await store.get_prefix(keys.EVENTS_PREFIX)
+    paused = [records.decode(records.Event, kv.value, kv.key) for kv in kvs]
+    assert [e.details["by"] for e in paused if e.kind == "paused"] == ["alice"]
 
 
 async def test_hapair_registry_serves_until_sigterm(etcd: Any, store: Store) -> None:
@@ -366,8 +378,13 @@ async def test_hapair_registry_serves_until_sigterm(etcd: Any, store: Store) -> 
                     async with session.get("/v1/endpoints/mes-api") as resp:
                         return await resp.json() if resp.status == 200 else None
 
-            body = await until(answer, "hapair-registry to answer a lookup")
+            # A process's start: slow on a loaded machine, and not what is tested.
+            body = await until(answer, "hapair-registry to answer a lookup", START_S)
             assert body["node"] == "asm-a"
+            # Given no credential to take, its admin routes are closed.
+            async with session.post("/v1/pairs/asm/pause", json={}) as resp:
+                assert resp.status == 403 and "--open-admin" in (await resp.json())["error"]
+            assert await store.get(keys.paused("asm")) is None
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -379,6 +396,8 @@ async def test_hapair_registry_serves_until_sigterm(etcd: Any, store: Store) -> 
             raise
     assert proc.returncode == 0, err.decode()
     assert b"event=listening" in err and b"Traceback" not in err
+    assert b"admin routes are closed on this registry" in err
+    assert b"registry in lab mode: lookups and admin requests travel in clear" in err
 
 
 async def test_hapair_registry_refuses_bad_settings() -> None:
@@ -470,3 +489,104 @@ async def test_streams_and_long_polls_are_capped(etcd: Any, store: Store) -> Non
                 return again.status == 200
 
         await until(stream_again, "a stream accepted again")
+
+
+async def test_one_client_address_holds_few_waiting_readers_and_lookups_go_on(
+    etcd: Any, store: Store
+) -> None:
+    """A client address that holds its share of streams and long-polls is refused a
+    new one (503, Retry-After) while other addresses still get theirs, and lookups from
+    it still answer."""
+    await active_pair(store)
+    config = RegistryConfig(heartbeat_s=0.2, max_per_client=2, max_streams=100, max_polls=100)
+    app = create_app(etcd.url, config)
+    async with (
+        TestClient(TestServer(app, host="127.0.0.1")) as c,
+        ClientSession(connector=TCPConnector(local_addr=("127.0.0.2", 0))) as other,
+    ):
+        body = await status_becomes(c, "/v1/endpoints/mes-api", 200)
+        poll = f"/v1/endpoints/mes-api?after_epoch={body['epoch']}&wait_s=30"
+        async with c.get("/v1/events") as s1, c.get("/v1/events") as s2:
+            assert s1.status == s2.status == 200
+            for path, what in (("/v1/events", "stream"), (poll, "long-poll")):
+                async with c.get(path) as refused:
+                    assert refused.status == 503 and refused.headers["Retry-After"], what
+                    error = (await refused.json())["error"]
+                    assert "open from 127.0.0.1" in error, error
+            assert (await get(c, "/v1/endpoints/mes-api"))[0] == 200
+            async with other.get(f"{c.make_url('/v1/events')}") as s3:
+                assert s3.status == 200
+                assert app[READERS].by_client == {"127.0.0.1": 2, "127.0.0.2": 1}
+        # Closed streams free their client's places, and leave no trace of it.
+        await until(lambda: asyncio.sleep(0, not app[READERS].by_client), "every place given back")
+
+
+def _partial_request(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"GET /v1/site HTTP/1.1\r\nHost: registry\r\n")
+    sock.setblocking(False)
+    return sock
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the other end closed or reset ``sock`` (non-blocking)."""
+    try:
+        return sock.recv(4096) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # reset
+
+
+async def test_connections_that_never_finish_their_headers_are_closed(
+    etcd: Any, store: Store
+) -> None:
+    """Connections that open and trickle header lines without ever ending them are
+    closed after the header timeout, however many; lookups answer meanwhile."""
+    await active_pair(store)
+    port = free_port()
+    env = {
+        **os.environ,
+        "HAPAIR_ETCD": etcd.url,
+        "HAPAIR_LISTEN": f"127.0.0.1:{port}",
+        "HAPAIR_HEADER_TIMEOUT_S": "1",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "hapair-registry"),
+        env=env,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    socks: list[socket.socket] = []
+    try:
+        async with ClientSession(f"http://127.0.0.1:{port}") as session:
+
+            async def lookup() -> bool:
+                with contextlib.suppress(OSError):
+                    async with session.get("/v1/endpoints/mes-api") as resp:
+                        return resp.status == 200
+                return False
+
+            await until(lookup, "hapair-registry to answer a lookup", START_S)
+            socks = [_partial_request(port) for _ in range(50)]
+
+            async def all_closed() -> bool:
+                for i, sock in enumerate(socks):
+                    if not closed_by_peer(sock):
+                        # Still trickling: a header line that never ends the headers.
+                        with contextlib.suppress(OSError):
+                            sock.send(f"X-Slow-{i}: 1\r\n".encode())
+                assert await lookup(), "a lookup failed while the connections were held"
+                await asyncio.sleep(0.2)
+                return all(closed_by_peer(s) or s.fileno() == -1 for s in socks)
+
+            await until(all_closed, "the registry to close every unfinished request", 15)
+    finally:
+        for sock in socks:
+            sock.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(DEADLINE_S):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
 import os
 import subprocess
@@ -29,12 +30,16 @@ from tests.support.pty_run import spawn_in_pty
 from tests.support.site_records import FakeAgent, apply_site
 from tests.unit.test_top import HAPAIR, Follow, screen
 
+# The operator top sends admin requests as: the registries accept its token by name.
+TOKEN, OPERATOR = "top-secret", "ops-1"
+
 
 class Registry:
     """A registry in this process on a free port, started and stopped at will."""
 
     def __init__(self, etcd_url: str) -> None:
-        self.app = create_app(etcd_url, RegistryConfig(heartbeat_s=0.5))
+        tokens = {hashlib.sha256(TOKEN.encode()).hexdigest(): OPERATOR}
+        self.app = create_app(etcd_url, RegistryConfig(heartbeat_s=0.5, admin_tokens=tokens))
         self.runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=1.0)
         self.url = f"http://127.0.0.1:{free_port()}"
         self.running = False
@@ -115,7 +120,7 @@ async def test_ack_from_the_keys_through_a_real_registry(
 ) -> None:
     epoch = await recovering_pair(store)
     url = (await start_registry(registries, etcd.url)).url
-    async with following(Top(SiteFeed([url], tick_s=0.2))) as top:
+    async with following(Top(SiteFeed([url], tick_s=0.2, token=TOKEN))) as top:
 
         async def shown() -> bool:
             rep = top.report
@@ -134,7 +139,7 @@ async def test_ack_from_the_keys_through_a_real_registry(
         kv = await store.get(keys.recovery("asm"))
         assert kv is not None
         done = records.decode(records.Recovery, kv.value, kv.key)
-        assert done.state == "acknowledged" and done.acked_by == "http from 127.0.0.1"
+        assert done.state == "acknowledged" and done.acked_by == OPERATOR
 
         async def acknowledged() -> bool:
             rep = top.report
@@ -145,7 +150,7 @@ async def test_ack_from_the_keys_through_a_real_registry(
         text = text_of(top)
         assert f"recovery of asm at epoch {epoch} acknowledged: worker starting on asm-b" in text
         assert "AWAITING OPERATOR" not in text
-        assert f"ack pair=asm epoch={epoch} acknowledged by http from 127.0.0.1" in text
+        assert f"ack pair=asm epoch={epoch} acknowledged by {OPERATOR}" in text
 
         # A second ack is not even offered; an ack for another epoch is refused.
         top.press("a")
@@ -224,7 +229,8 @@ class PtyTop:
     """``hapair top`` in an 80x24 pseudo-terminal; its output is read as it comes."""
 
     def __init__(self, url: str) -> None:
-        self.proc, self.master = spawn_in_pty([HAPAIR, "top"], {"HAPAIR_REGISTRY": url}, 24, 80)
+        env = {"HAPAIR_REGISTRY": url, "HAPAIR_ADMIN_TOKEN": TOKEN}
+        self.proc, self.master = spawn_in_pty([HAPAIR, "top"], env, 24, 80)
         self.out = b""
         asyncio.get_running_loop().add_reader(self.master, self._read)
 

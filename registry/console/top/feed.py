@@ -17,6 +17,7 @@ import json
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
+from ssl import SSLContext
 from typing import Any, Literal, cast
 
 import aiohttp
@@ -58,6 +59,7 @@ class SiteFeed:
         timeout_s: float = 2.0,
         retry_s: float = 1.0,
         token: str | None = None,
+        ssl: SSLContext | None = None,
         clock: Clock = time.time,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
@@ -68,6 +70,8 @@ class SiteFeed:
         self.timeout_s = timeout_s
         self.retry_s = retry_s
         self.token = token
+        self.ssl = ssl
+        """How https:// registries are checked, and the operator's certificate shown."""
         self.clock = clock
         self.sleep = sleep
         self.index = 0
@@ -87,7 +91,7 @@ class SiteFeed:
             url = self.url
             problem = ""
             try:
-                source = RegistrySource(url, self.timeout_s)
+                source = RegistrySource(url, self.timeout_s, ssl=self.ssl)
                 # follow() is an async generator: close it (and its stream) on leaving.
                 follow = cast(AsyncGenerator[SiteReport, None], source.follow(self.tick_s))
                 async with contextlib.aclosing(follow) as reports:
@@ -125,7 +129,9 @@ class SiteFeed:
         async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
             for url in order:
                 try:
-                    async with session.post(url + request.path, json=request.body) as resp:
+                    async with session.post(
+                        url + request.path, json=request.body, ssl=self.ssl or True
+                    ) as resp:
                         status, raw = resp.status, await resp.read()
                 except (aiohttp.ClientError, TimeoutError) as err:
                     errors.append(f"{url}: {err or type(err).__name__}")

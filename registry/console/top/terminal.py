@@ -16,6 +16,7 @@ import termios
 import time
 import tty
 from collections.abc import Coroutine, Iterator
+from ssl import SSLContext
 from typing import Any
 
 from rich.console import Console
@@ -48,12 +49,13 @@ async def run(
     urls: list[str],
     *,
     token: str | None = None,
+    ssl: SSLContext | None = None,
     console: Console | None = None,
     tick_s: float = 1.0,
 ) -> int:
     """Show the dashboard until the operator quits (q, Ctrl-C) or the input ends."""
     console = console or Console()
-    top = Top(SiteFeed(urls, token=token, tick_s=tick_s))
+    top = Top(SiteFeed(urls, token=token, ssl=ssl, tick_s=tick_s))
     loop = asyncio.get_running_loop()
     fd = sys.stdin.fileno()
     quitting = False
