@@ -92,6 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ):
         opcua.add_argument(
             f"--opcua-{flag}",
+            metavar="FILE",
             default=env(f"HAPAIR_OPCUA_{flag.upper()}"),
             help=f"{what} (default $HAPAIR_OPCUA_{flag.upper()})",
         )

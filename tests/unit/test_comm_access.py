@@ -200,3 +200,18 @@ def test_password_checks_are_rationed_so_a_flood_cannot_stall_the_loop() -> None
     now[0] += 0.5  # one check's worth
     user = m.get_user(None, "alice", "a", channel)
     assert user is not None and user.name == "alice"
+
+
+def test_hapair_comm_refuses_to_serve_without_its_security_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "plcs.yaml"
+    config.write_text(
+        "plcs: [{name: p, paths: [{host: 127.0.0.1}],"
+        " tags: [{name: t, address: HR1, type: int16}]}]"
+    )
+    args = ["--standalone", "--config", str(config), "--listen", "127.0.0.1:1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--opcua-cert, --opcua-key, --opcua-users missing" in err
+    assert "opcua: {security: none}" in err
