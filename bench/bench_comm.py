@@ -178,8 +178,9 @@ def child_run(*args: str) -> dict[str, float]:
         capture_output=True,
         text=True,
         cwd=ROOT,
-        check=True,
     )
+    if out.returncode != 0:  # say why: a run that failed measured nothing
+        raise RuntimeError(f"{' '.join(args)} failed:\n{out.stderr[-2000:]}")
     figures: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     return figures
 
