@@ -4,11 +4,14 @@
             of start and of completion, after the cycle's slot), CPU and memory of the
             comm server (this process, pinned to one core; the PLCs on the other)
   changes   value changes/s reaching an OPC UA subscriber in another process
+  changes-secure   the same, the subscriber a user over Basic256Sha256 SignAndEncrypt
   startup   a comm server process with 10,000 tags: spawn -> OPC UA client reads a tag
+  startup-secure   the same with its security on (the client over SignAndEncrypt)
   switch    primary path cut (listener stopped) -> a value read over the backup
 
 Prints the median (and spread) over several runs of each. Usage:
-  python -m bench.bench_comm [poll changes startup switch] [--runs 5]
+  python -m bench.bench_comm [poll changes changes-secure startup startup-secure switch]
+      [--runs 5]
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from hapair.comm_server.app import CommServer, Listen
 from hapair.comm_server.config import parse_config
 from hapair.comm_server.poller import PollStats
 from hapair.comm_server.role import StaticRole
+from hapair.shared import pki
 from hapair.shared.log import EventLog
+from hapair.shared.topology import OpcUaSecurity
 from tests.support.harness import PYTHON, free_port
 from tests.support.plc_sim import ModbusPlc
 
@@ -65,6 +70,7 @@ def pct(values: list[float], q: float) -> float:
 
 def plc_config(plcs: int, tags: int, port: int, interval: float, **extra: Any) -> dict[str, Any]:
     return {
+        "opcua": {"security": "none"},
         "plcs": [
             {
                 "name": f"plc-{i}",
@@ -78,7 +84,7 @@ def plc_config(plcs: int, tags: int, port: int, interval: float, **extra: Any) -
                 ],
             }
             for i in range(plcs)
-        ]
+        ],
     }
 
 
@@ -119,6 +125,52 @@ def run_delay(pid: int | str = "self") -> float:
     return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
 
 
+BENCH_USER, BENCH_PASSWORD = "bench", "bench-password"
+
+
+def bench_pki(directory: Path) -> Path:
+    """A site PKI: the comm server's certificate ``comm-bench``, the subscriber's
+    ``bench-client``, and a users file with the writer ``bench``."""
+    from hapair.comm_server.access import hash_password
+
+    pki.init(directory, "bench")
+    for name in ("comm-bench", "bench-client"):
+        pki.issue(directory, "comm", name, ["127.0.0.1"])
+    users = directory / "users.yaml"
+    entry = {"role": "writer", "password": hash_password(BENCH_PASSWORD)}
+    users.write_text(json.dumps({"users": {BENCH_USER: entry}}))
+    users.chmod(0o600)
+    return directory
+
+
+def server_flags(directory: Path) -> list[str]:
+    return [
+        *("--opcua-cert", str(directory / "comm-bench.crt")),
+        *("--opcua-key", str(directory / "comm-bench.key")),
+        *("--opcua-ca", str(directory / "ca.crt")),
+        *("--opcua-users", str(directory / "users.yaml")),
+    ]
+
+
+async def bench_client(url: str, directory: Path | None, timeout: float) -> Any:
+    """An asyncua client, over SignAndEncrypt as the user ``bench`` when ``directory``
+    holds the bench's PKI; not connected."""
+    from asyncua import Client
+
+    from hapair.shared.opcua_security import ClientSecurity
+
+    client = Client(url, timeout=timeout)
+    if directory is not None:
+        client.set_user(BENCH_USER)
+        client.set_password(BENCH_PASSWORD)
+        own = directory / "bench-client"
+        security = ClientSecurity(
+            own.with_suffix(".crt"), own.with_suffix(".key"), directory / "ca.crt"
+        )
+        await security.apply(client)
+    return client
+
+
 def child_run(*args: str) -> dict[str, float]:
     """One measured run in a fresh process; its figures, the last line it printed."""
     out = subprocess.run(
@@ -126,8 +178,9 @@ def child_run(*args: str) -> dict[str, float]:
         capture_output=True,
         text=True,
         cwd=ROOT,
-        check=True,
     )
+    if out.returncode != 0:  # say why: a run that failed measured nothing
+        raise RuntimeError(f"{' '.join(args)} failed:\n{out.stderr[-2000:]}")
     figures: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     return figures
 
@@ -252,13 +305,13 @@ def run_loop(coro: Any) -> Any:
 
 
 # -- startup ---------------------------------------------------------------------------
-async def _read_when_serving(url: str, node: str, limit: float) -> float:
-    from asyncua import Client
-
+async def _read_when_serving(
+    url: str, node: str, limit: float, directory: Path | None = None
+) -> float:
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         try:
-            async with Client(url, timeout=1) as client:
+            async with await bench_client(url, directory, 1) as client:
                 ns = await client.get_namespace_index("urn:hapair:comm")
                 await client.get_node(f"ns={ns};s={node}").read_data_value(
                     raise_on_bad_status=False
@@ -269,13 +322,18 @@ async def _read_when_serving(url: str, node: str, limit: float) -> float:
     raise RuntimeError(f"{url} did not serve {node} within {limit} s")
 
 
-def bench_startup(runs: int) -> None:
-    print("startup: hapair-comm process with 100 PLCs x 100 tags (10,000 tags)", flush=True)
+def bench_startup(runs: int, secure: bool = False) -> None:
+    on = ", its OPC UA security on" if secure else ""
+    print(f"startup: hapair-comm process with 100 PLCs x 100 tags (10,000 tags){on}", flush=True)
     with tempfile.TemporaryDirectory(prefix="hapair-bench-comm-") as tmp:
         config = Path(tmp) / "plcs.yaml"
-        text = yaml.safe_dump(plc_config(100, 100, 31000, 1.0), default_flow_style=None)
+        data = plc_config(100, 100, 31000, 1.0)
+        if secure:
+            del data["opcua"]  # on, the default
+        text = yaml.safe_dump(data, default_flow_style=None)
         config.write_text(text)  # one line per tag, as people write it
-        times = [startup_once(config, i) for i in range(runs)]
+        directory = bench_pki(Path(tmp) / "pki") if secure else None
+        times = [startup_once(config, i, directory) for i in range(runs)]
     took = statistics.median(times)
     print(
         f"  start-up (s)             {summary(times)}  "
@@ -283,11 +341,12 @@ def bench_startup(runs: int) -> None:
     )
 
 
-def startup_once(config: Path, i: int) -> float:
+def startup_once(config: Path, i: int, directory: Path | None = None) -> float:
     """One start of a hapair-comm process: spawn -> a client reads the last tag."""
     port = free_port()
     url = f"opc.tcp://127.0.0.1:{port}/"
     cmd = [PYTHON, "-m", "hapair.comm_server.main", "--config", str(config), "--standalone"]
+    cmd += server_flags(directory) if directory is not None else []
     started = time.monotonic()
     proc = subprocess.Popen(
         [*cmd, "--listen", f"127.0.0.1:{port}"],
@@ -297,7 +356,7 @@ def startup_once(config: Path, i: int) -> float:
     )
     try:
         os.sched_setaffinity(proc.pid, {COMM_CORE})
-        ready = run_loop(_read_when_serving(url, "plc-99.t99", 30))
+        ready = run_loop(_read_when_serving(url, "plc-99.t99", 30, directory))
         rss = rss_mb(proc.pid)
     finally:
         proc.terminate()
@@ -312,10 +371,10 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def count_notifications(url: str, keys: list[str], seconds: float) -> dict[str, float]:
+async def count_notifications(
+    url: str, keys: list[str], seconds: float, directory: Path | None = None
+) -> dict[str, float]:
     """Subscribe to every key; notifications per second once the first values are in."""
-    from asyncua import Client
-
     count = not_good = 0
 
     class Handler:
@@ -325,7 +384,7 @@ async def count_notifications(url: str, keys: list[str], seconds: float) -> dict
             if not data.monitored_item.Value.StatusCode.is_good():
                 not_good += 1
 
-    async with Client(url, timeout=10) as client:
+    async with await bench_client(url, directory, 10) as client:
         ns = await client.get_namespace_index("urn:hapair:comm")
         sub = await client.create_subscription(100, Handler())
         nodes = [client.get_node(f"ns={ns};s={k}") for k in keys]
@@ -343,17 +402,22 @@ async def count_notifications(url: str, keys: list[str], seconds: float) -> dict
 CHANGES = {"plcs": 20, "tags": 100, "rate": 20_000, "port": 32000}
 
 
-def bench_changes(runs: int) -> None:
+def bench_changes(runs: int, secure: bool = False) -> None:
     plcs, tags, rate, port = CHANGES["plcs"], CHANGES["tags"], CHANGES["rate"], CHANGES["port"]
+    how = " (a user over Basic256Sha256 SignAndEncrypt)" if secure else ""
     print(
         f"changes: {plcs} PLCs x {tags} tags every 100 ms, the PLCs changing {rate:,} values/s;"
-        " one OPC UA subscriber (another process) on every tag",
+        f" one OPC UA subscriber{how} (another process) on every tag",
         flush=True,
     )
     results: list[dict[str, float]] = []
-    with farm(plcs, 2 * tags, port, change_rate=rate):
+    with (
+        farm(plcs, 2 * tags, port, change_rate=rate),
+        tempfile.TemporaryDirectory(prefix="hapair-bench-comm-") as tmp,
+    ):
+        extra = ["--pki", str(bench_pki(Path(tmp)))] if secure else []
         for i in range(runs):
-            r = child_run("_changes-run")
+            r = child_run("_changes-run", *extra)
             results.append(r)
             print(
                 f"  run {i + 1}: {r['good_s']:,.0f} changes/s received ({r['not_good_s']:.0f}/s "
@@ -374,18 +438,24 @@ def bench_changes(runs: int) -> None:
     print(f"  comm server CPU (%)        {summary(col('cpu_pct'))} (polling and serving)")
 
 
-def changes_run() -> None:
+def changes_run(directory: Path | None) -> None:
     """One measurement: the comm server here, its subscriber in another process."""
     os.sched_setaffinity(0, {COMM_CORE})
-    print(json.dumps(run_loop(_changes_once())))
+    print(json.dumps(run_loop(_changes_once(directory))))
 
 
-async def _changes_once() -> dict[str, float]:
+async def _changes_once(directory: Path | None) -> dict[str, float]:
+    from hapair.comm_server.access import server_security
+
     plcs, tags, port = CHANGES["plcs"], CHANGES["tags"], CHANGES["port"]
     config = parse_config(plc_config(plcs, tags, port, 0.1), "bench")
     stats = PollStats()
     listen = Listen("127.0.0.1", free_port())
-    server = CommServer(config, listen, EventLog("hapair.comm"), stats=stats)
+    security = None
+    if directory is not None:
+        files = [directory / f for f in ("comm-bench.crt", "comm-bench.key", "ca.crt")]
+        security = server_security(OpcUaSecurity(), *files, directory / "users.yaml")
+    server = CommServer(config, listen, EventLog("hapair.comm"), stats=stats, security=security)
     await server.start(lambda parts, changed: StaticRole())
     gc.collect()
     gc.freeze()
@@ -397,6 +467,7 @@ async def _changes_once() -> dict[str, float]:
             "_subscribe",
             "--url",
             listen.url,
+            *(["--pki", str(directory)] if directory is not None else []),
             stdout=subprocess.PIPE,
             cwd=ROOT,
         )
@@ -423,9 +494,9 @@ async def _changes_once() -> dict[str, float]:
         await server.stop()
 
 
-def subscribe(url: str) -> None:
+def subscribe(url: str, directory: Path | None) -> None:
     keys = [f"plc-{p}.t{t}" for p in range(CHANGES["plcs"]) for t in range(CHANGES["tags"])]
-    print(json.dumps(run_loop(count_notifications(url, keys, 8.0))))
+    print(json.dumps(run_loop(count_notifications(url, keys, 8.0, directory))))
 
 
 # -- switch ------------------------------------------------------------------------------
@@ -477,7 +548,8 @@ async def switch_runs(runs: int, silent: bool) -> list[float]:
                     "failback_after_s": 0.3,
                     "tags": [{"name": "v", "address": "HR0", "type": "uint16"}],
                 }
-            ]
+            ],
+            "opcua": {"security": "none"},
         },
         "bench",
     )
@@ -549,20 +621,23 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=31000, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--farm-pid", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--pki", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.which == ["_poll-run"]:
         poll_run(args.port, args.farm_pid)
         return 0
     if args.which == ["_changes-run"]:
-        changes_run()
+        changes_run(args.pki)
         return 0
     if args.which == ["_subscribe"]:
-        subscribe(args.url)
+        subscribe(args.url, args.pki)
         return 0
     benches: dict[str, Callable[[int], None]] = {
         "poll": bench_poll,
         "changes": bench_changes,
+        "changes-secure": lambda runs: bench_changes(runs, secure=True),
         "startup": bench_startup,
+        "startup-secure": lambda runs: bench_startup(runs, secure=True),
         "switch": bench_switch,
     }
     for name in args.which:

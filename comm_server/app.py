@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from hapair.comm_server.access import AccessError, ServerSecurity
 from hapair.comm_server.codec import Value
 from hapair.comm_server.config import CommConfig
 from hapair.comm_server.driver import Driver, WriteError
@@ -22,6 +23,7 @@ from hapair.comm_server.tags import TagState, TagTable
 from hapair.comm_server.uatypes import S
 from hapair.shared.log import EventLog
 from hapair.shared.plcs import ModbusPlc, ModbusTag
+from hapair.shared.plcs import OpcUaPlc as OpcUaPlcConfig
 from hapair.shared.records import Resource
 
 
@@ -74,11 +76,24 @@ class CommServer:
         name: str = "hapair comm server",
         redundancy: str = "hot",
         stats: PollStats | None = None,
+        security: ServerSecurity | None = None,
     ) -> None:
+        """``security`` may be left out only when the configuration turns it off."""
         self.config = config
         self.log = log
         self.stats = stats or PollStats()
-        self.space = OpcUaSpace(listen.url, app_uri, name, redundancy, log)
+        if security is None:
+            if config.opcua.security != "none":
+                raise ValueError("OPC UA security is on: the server's security is needed")
+            security = ServerSecurity.lab()
+        for i, plc in enumerate(config.plcs):
+            if isinstance(plc, OpcUaPlcConfig) and plc.security and security.identity is None:
+                raise AccessError(
+                    f"plcs[{i}].security",
+                    ["the comm server's certificate and key are needed: --opcua-cert, --opcua-key"],
+                )
+        self.identity = security.identity
+        self.space = OpcUaSpace(listen.url, app_uri, name, redundancy, log, security)
         self.role: Role | None = None
         self.pollers: list[PlcPoller] = []
         self._bindings: dict[str, _Binding] = {}
@@ -94,7 +109,9 @@ class CommServer:
         specs: list[tuple[str, list[TagSpec]]] = []
         for i, plc in enumerate(plcs):
             table = TagTable(plc.name, [t.name for t in plc.tags], self.space.dirty)
-            driver: Driver = ModbusDriver(plc) if isinstance(plc, ModbusPlc) else OpcUaDriver(plc)
+            driver: Driver = (
+                ModbusDriver(plc) if isinstance(plc, ModbusPlc) else OpcUaDriver(plc, self.identity)
+            )
             # Spread the PLCs over the interval: never all of them on one tick.
             phase = plc.poll_interval_s * i / len(plcs)
             poller = PlcPoller(plc, driver, table, phase, self.log, self._changed.set, self.stats)

@@ -1,7 +1,8 @@
 """The comm server's PLC list: the ``plcs:`` section, validated at the boundary.
 
 The list comes from the pair's topology or from a file given with ``--config``, which
-holds ``plcs:`` and nothing else; both use the models of :mod:`hapair.shared.plcs`. Every
+holds ``plcs:`` (and ``opcua:``, as a pair does); both use the models of
+:mod:`hapair.shared.plcs`. Every
 mistake is reported with its field path (``plcs[0].tags[3].address: ...``), the way
 the site file is, and an invalid file starts nothing.
 """
@@ -14,6 +15,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from hapair.shared.model import StrictModel
 from hapair.shared.plcs import Plc, duplicate_names, plain_path
+from hapair.shared.topology import OpcUaSecurity
 from hapair.shared.validation import format_errors, parse_yaml, read_file
 
 
@@ -32,6 +34,7 @@ class CommConfig(StrictModel):
     """The PLC list the comm server runs with, from a file or from its pair's topology."""
 
     plcs: list[Plc] = Field(min_length=1)
+    opcua: OpcUaSecurity = Field(default_factory=OpcUaSecurity)
 
     @model_validator(mode="after")
     def _unique(self) -> CommConfig:

@@ -23,6 +23,7 @@ import sys
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+from hapair.comm_server.access import AccessError, hash_password, server_security
 from hapair.comm_server.app import CommServer, Listen
 from hapair.comm_server.config import CommConfig, ConfigError, load
 from hapair.comm_server.role import PairRole, StaticRole
@@ -76,6 +77,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--standalone", action="store_true", help="no etcd, no pair: always serve as the active"
     )
+    opcua = p.add_argument_group(
+        "OPC UA security (on unless the pair's opcua: says security: none)"
+    )
+    for flag, what in (
+        (
+            "cert",
+            "the server's certificate (hapair pki issue DIR comm NAME); its URI is the "
+            "server's application URI",
+        ),
+        ("key", "its private key (RSA, mode 600)"),
+        ("ca", "the site CA: client certificates it issued are trusted, their CN a user"),
+        ("users", "the users file (role and password hash of each user; mode 600)"),
+    ):
+        opcua.add_argument(
+            f"--opcua-{flag}",
+            metavar="FILE",
+            default=env(f"HAPAIR_OPCUA_{flag.upper()}"),
+            help=f"{what} (default $HAPAIR_OPCUA_{flag.upper()})",
+        )
+    opcua.add_argument(
+        "--hash-password",
+        action="store_true",
+        help="print the hash of a password read from standard input, for the users file",
+    )
     p.add_argument("--check", action="store_true", help="validate the PLC list and exit")
     p.add_argument("--log-level", default=env("HAPAIR_LOG_LEVEL", "info"))
     return p.parse_args(argv)
@@ -114,6 +139,13 @@ def _summary(config: CommConfig) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.hash_password:
+        password = sys.stdin.readline().rstrip("\n")
+        if not password:
+            print("hapair-comm: no password on standard input", file=sys.stderr)
+            return 2
+        print(hash_password(password))
+        return 0
     problem = _usage_error(args)
     if problem is not None:
         print(f"hapair-comm: {problem}", file=sys.stderr)
@@ -175,7 +207,12 @@ async def _run(args: argparse.Namespace, config: CommConfig | None) -> int:
                 print(f"hapair-comm: {err}", file=sys.stderr)
                 return 2
         while config is not None:
-            config = await _serve(args, config, store, source, stop, log)
+            try:
+                config = await _serve(args, config, store, source, stop, log)
+            except AccessError as err:
+                log.error("opcua security refused", problem=str(err))
+                print(f"hapair-comm: {err}", file=sys.stderr)
+                return 2
             if config is not None:
                 log.info("restarting with the PLC list of the topology", plcs=len(config.plcs))
         return 0
@@ -196,6 +233,9 @@ async def _serve(
 ) -> CommConfig | None:
     """Serve ``config`` until a signal (None), or a new PLC list in the topology (it)."""
     who = f"{args.pair}:{args.node}" if not args.standalone else socket.gethostname()
+    security = server_security(
+        config.opcua, args.opcua_cert, args.opcua_key, args.opcua_ca, args.opcua_users
+    )
     server = CommServer(
         config,
         args.listen,
@@ -203,6 +243,7 @@ async def _serve(
         app_uri=f"urn:hapair:comm:{who}",
         name=f"hapair comm server {who}",
         redundancy=args.redundancy,
+        security=security,
     )
 
     def role(parts: Any, on_change: Any) -> StaticRole | PairRole:

@@ -19,12 +19,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from hapair.comm_server.codec import INTEGER_RANGE, Value
 from hapair.comm_server.driver import Driver, PathError, WriteError, bound_unacked
 from hapair.comm_server.tags import TagTable
 from hapair.comm_server.uatypes import Client, S, struct_from_binary, ua
+from hapair.shared.opcua_security import ClientSecurity
 from hapair.shared.plcs import OpcUaPlc
 
 VARIANT = {
@@ -86,8 +88,23 @@ def convert(type_: str, variant: Any) -> Value:
 
 
 class OpcUaDriver(Driver):
-    def __init__(self, plc: OpcUaPlc) -> None:
+    def __init__(self, plc: OpcUaPlc, identity: tuple[Path, Path] | None = None) -> None:
+        """``identity``: the comm server's certificate and key, shown to a PLC whose
+        ``security`` is set (required then)."""
         self.plc = plc
+        self.security = (
+            None
+            if plc.security is None or identity is None
+            else ClientSecurity(
+                identity[0],
+                identity[1],
+                Path(plc.security.trust),
+                plc.security.policy,
+                plc.security.mode,
+            )
+        )
+        if plc.security is not None and self.security is None:
+            raise ValueError(f"PLC {plc.name}: security needs the comm server's certificate")
         self.tags = plc.tags
         self.endpoints = [p.url for p in plc.paths]
         self.timeout = plc.timeout
@@ -112,6 +129,8 @@ class OpcUaDriver(Driver):
         try:
             # A session takes a few round trips; allow at least a second for them.
             async with asyncio.timeout(max(1.0, self.timeout)):
+                if self.security is not None:  # asks the PLC for its certificate first
+                    await self.security.apply(client)
                 await client.connect()
             # Before the session is handed to any write (see comm_server.driver).
             protocol = client.uaclient.protocol

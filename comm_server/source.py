@@ -63,7 +63,7 @@ def plcs_of(raw: bytes | None, pair: str) -> CommConfig:
             f"pair {pair!r} has no plcs: section in the topology: add the PLC list to the "
             "pair in the site file and apply it, or give it with --config FILE"
         )
-    return CommConfig(plcs=found.plcs)
+    return CommConfig(plcs=found.plcs, opcua=found.opcua)
 
 
 class TopologyPlcs:

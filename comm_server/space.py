@@ -12,7 +12,14 @@ moment instead, its freshness checked then: after a stall of the process, the st
 marking and its publication may not have run yet when the queued reads are answered.
 Clients' writes to tag variables are taken out of asyncua's write service and handed
 to the comm server, which sends them to the PLC (or refuses them) and answers with the
-outcome.
+outcome; only a writer's (access.py) get that far. No client may write anything else:
+not ServiceLevel, the redundancy nodes, the role and diagnostic variables, nor any
+attribute but a tag's value.
+
+Its endpoints: with security on (the default) Basic256Sha256 and Aes256_Sha256_RsaPss,
+each with Sign and with SignAndEncrypt, under the server's certificate, whose
+application URI is the server's; with ``opcua: {security: none}`` (labs) NoSecurity and
+anonymous clients only.
 """
 
 from __future__ import annotations
@@ -23,14 +30,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from asyncua.crypto.permission_rules import UserRole
 from asyncua.server.address_space import AttributeService
 from asyncua.ua.uatypes import DataValue
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from hapair.comm_server.access import CommUser, ServerSecurity, UserManager
 from hapair.comm_server.nodes import NodeBuilder
 from hapair.comm_server.opcua_plc import VARIANT
 from hapair.comm_server.tags import Quality, TagState
 from hapair.comm_server.uatypes import Server, ua
 from hapair.shared.log import EventLog
+from hapair.shared.opcua_security import SERVER_POLICIES, validator
 
 NAMESPACE = "urn:hapair:comm"
 SERVICE_LEVEL = ua.NodeId(ua.ObjectIds.Server_ServiceLevel)
@@ -93,8 +104,12 @@ class _TagService(AttributeService):
         writer: Writer,
         reader: Reader,
         answer: Callable[[TagState], ua.DataValue],
+        may_write: Callable[[Any], bool],
+        log: EventLog,
     ):
         super().__init__(base._aspace)
+        self._may_write = may_write
+        self._log = log
         self._tags = tags
         self._writer = writer
         self._reader = reader
@@ -111,35 +126,46 @@ class _TagService(AttributeService):
         return results
 
     async def write(self, params: ua.WriteParameters, user: Any = None) -> list[ua.StatusCode]:
-        items = params.NodesToWrite
-        ours = [
-            i
-            for i, item in enumerate(items)
-            if item.AttributeId == ua.AttributeIds.Value and item.NodeId in self._tags
-        ]
-        results: list[ua.StatusCode | None] = [None] * len(items)
-        if len(ours) < len(items):
-            mine = set(ours)
-            rest = [i for i in range(len(items)) if i not in mine]
-            kwargs = {} if user is None else {"user": user}
-            request = ua.WriteParameters(NodesToWrite=[items[i] for i in rest])
-            for i, answer in zip(rest, await super().write(request, **kwargs), strict=True):
-                results[i] = answer
-        for i in ours:  # in order, one at a time: a PLC sees them as the client sent them
-            item = items[i]
-            if item.IndexRange:
+        # asyncua's own writes come as its internal administrator; a client's session
+        # always holds one of our users (access.py), never an administrator.
+        if isinstance(user, CommUser) or user is None or user.role != UserRole.Admin:
+            return await self._client_write(params.NodesToWrite, user)
+        return await super().write(params, user=user)
+
+    async def _client_write(self, items: list[Any], user: Any) -> list[ua.StatusCode]:
+        """A client's writes: tag values only, by a writer only, each sent in order."""
+        results: list[ua.StatusCode] = []
+        for item in items:
+            key = self._tags.get(item.NodeId)
+            who = getattr(user, "name", None) or "anonymous"
+            if key is None or item.AttributeId != ua.AttributeIds.Value:
+                self._log.warning("write refused", node=item.NodeId.to_string(), user=who)
+                code = ua.StatusCodes.BadUserAccessDenied
+            elif not self._may_write(user):
+                self._log.warning("write refused", tag=key, user=who, reason="not a writer")
+                code = ua.StatusCodes.BadUserAccessDenied
+            elif item.IndexRange:
                 code = ua.StatusCodes.BadWriteNotSupported
             else:
                 variant = item.Value.Value if item.Value is not None else None
-                code = await self._writer(self._tags[item.NodeId], variant)
-            results[i] = ua.StatusCode(code)
-        return [r if r is not None else ua.StatusCode() for r in results]
+                code = await self._writer(key, variant)
+            results.append(ua.StatusCode(code))
+        return results
 
 
 class OpcUaSpace:
-    def __init__(self, url: str, app_uri: str, name: str, redundancy: str, log: EventLog) -> None:
+    def __init__(
+        self,
+        url: str,
+        app_uri: str,
+        name: str,
+        redundancy: str,
+        log: EventLog,
+        security: ServerSecurity,
+    ) -> None:
         self.url = url
-        self.app_uri = app_uri
+        self.security = security
+        self.app_uri = security.uri or app_uri
         self.name = name
         self.redundancy = redundancy
         self.log = log
@@ -164,7 +190,7 @@ class OpcUaSpace:
         server.set_endpoint(self.url)
         server.set_server_name(self.name)
         await server.set_application_uri(self.app_uri)
-        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        await self._secure(server)
         self.ns = await server.register_namespace(NAMESPACE)
         build = NodeBuilder(server.iserver.aspace, self.ns)
         objects = ua.NodeId(ua.ObjectIds.ObjectsFolder)
@@ -189,7 +215,13 @@ class OpcUaSpace:
                 tag_nodes[node] = key
         # Every tag value goes through the comm server, writable or not: it answers.
         server.iserver.attribute_service = _TagService(
-            server.iserver.attribute_service, tag_nodes, writer, reader, self._datavalue
+            server.iserver.attribute_service,
+            tag_nodes,
+            writer,
+            reader,
+            self._datavalue,
+            self.security.access.may_write,
+            self.log,
         )
         await self._write(
             REDUNDANCY_SUPPORT,
@@ -197,6 +229,34 @@ class OpcUaSpace:
         )
         await self.set_service_level(0)
         return len(self._vtypes)
+
+    async def _secure(self, server: Any) -> None:
+        """Endpoints, certificates and users (see the module's docstring)."""
+        security = self.security
+        server.allow_remote_admin(False)
+        server.iserver.set_user_manager(UserManager(security.access, self.log))
+        if security.certificate is None or security.key is None:
+            server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+            server.set_identity_tokens([ua.AnonymousIdentityToken])
+            self.log.warning(
+                "opcua security off",
+                reason="opcua: {security: none} for the pair: NoSecurity, "
+                "anonymous clients may read and write every writable tag",
+            )
+            return
+        # PEM files whatever their names (asyncua takes all but *.pem for DER)
+        await server.load_certificate(str(security.certificate), format="pem")
+        await server.load_private_key(str(security.key), format="pem")
+        server.set_security_policy(SERVER_POLICIES)
+        tokens = [ua.UserNameIdentityToken]
+        if security.access.ca is not None:
+            tokens.append(ua.X509IdentityToken)
+            server.set_certificate_validator(
+                validator(security.access.ca, ExtendedKeyUsageOID.CLIENT_AUTH)
+            )
+        if security.access.anonymous is not None:
+            tokens.append(ua.AnonymousIdentityToken)
+        server.set_identity_tokens(tokens)
 
     async def start(self) -> None:
         await self.server.start()

@@ -244,10 +244,25 @@ class ModbusPlc(_Plc):
         return self.tags
 
 
+class OpcUaPlcSecurity(StrictModel):
+    """A PLC's OPC UA server reached over a secure channel; the comm server shows its
+    own certificate (--opcua-cert), which the PLC must trust."""
+
+    policy: Literal["Basic256Sha256", "Aes256_Sha256_RsaPss"] = "Basic256Sha256"
+    mode: Literal["Sign", "SignAndEncrypt"] = "SignAndEncrypt"
+    trust: str = Field(
+        min_length=1,
+        description="a PEM file on each node: the PLC's certificate or the CA that issued it",
+    )
+
+
 class OpcUaPlc(_Plc):
     protocol: Literal["opcua"]
     paths: list[OpcUaPath] = Field(min_length=1, max_length=2)
     tags: list[OpcUaTag] = Field(min_length=1)
+    security: OpcUaPlcSecurity | None = Field(
+        None, description="none: NoSecurity, the PLC's server open to its network"
+    )
 
     def tag_list(self) -> list[OpcUaTag]:
         return self.tags

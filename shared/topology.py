@@ -205,6 +205,19 @@ class Service(StrictModel):
         return self
 
 
+class OpcUaSecurity(StrictModel):
+    """How the pair's comm server guards its OPC UA server (hapair-comm)."""
+
+    security: Literal["on", "none"] = Field(
+        "on",
+        description="on: signed and encrypted endpoints only, users from the comm server's "
+        "users file; none (labs): NoSecurity, anyone may read and write",
+    )
+    anonymous: Literal["refused", "read"] = Field(
+        "refused", description="read: clients without a user may read and subscribe"
+    )
+
+
 class Pair(StrictModel):
     name: Name
     nodes: list[Node] = Field(min_length=2)
@@ -216,6 +229,7 @@ class Pair(StrictModel):
     plcs: list[Plc] = Field(
         default_factory=list, description="what the pair's comm server (hapair-comm) polls"
     )
+    opcua: OpcUaSecurity = Field(default_factory=OpcUaSecurity)
 
     @model_validator(mode="after")
     def _unique(self) -> Pair:

@@ -31,11 +31,17 @@ from hapair.shared.client.resolver import Resolver, ServiceState
 from hapair.shared.client.tcp import Connection, TcpAdapter
 
 if TYPE_CHECKING:
-    from hapair.shared.client.opcua import DataChange, OpcUaAdapter, Subscription, tag
+    from hapair.shared.client.opcua import (
+        ClientSecurity,
+        DataChange,
+        OpcUaAdapter,
+        Subscription,
+        tag,
+    )
 
 # asyncua would add about 0.2 s to every import of this package, the operator CLI's
 # among them: the OPC UA names load on first use.
-_OPCUA = ("DataChange", "OpcUaAdapter", "Subscription", "tag")
+_OPCUA = ("ClientSecurity", "DataChange", "OpcUaAdapter", "Subscription", "tag")
 
 
 def __getattr__(name: str) -> object:
@@ -49,6 +55,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "Backoff",
     "ClientError",
+    "ClientSecurity",
     "Connection",
     "DataChange",
     "DeadlineExceeded",

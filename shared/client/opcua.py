@@ -32,6 +32,7 @@ from hapair.shared.client.models import Endpoint
 from hapair.shared.client.reconnect import Reconnecting
 from hapair.shared.client.resolver import Resolver
 from hapair.shared.log import EventLog
+from hapair.shared.opcua_security import ClientSecurity as ClientSecurity
 from hapair.shared.plcs import node_id_problem
 
 # asyncua's names are typed, but most count as not re-exported under mypy --strict.
@@ -231,6 +232,11 @@ class OpcUaAdapter(Reconnecting[OpcUaConnection]):
     is lost or a newer endpoint is published, and creates them again on the new
     server; ``subscription_error`` says why they are not delivered, while they are
     not.
+
+    A comm server with its security on (the default) takes sessions over a signed
+    channel only: give ``security`` (this client's certificate and key, the CA that
+    issued the servers' certificates, the policy and mode) and a ``user`` with its
+    ``password``, or a certificate whose CN is a user of the server's users file.
     """
 
     def __init__(
@@ -245,7 +251,15 @@ class OpcUaAdapter(Reconnecting[OpcUaConnection]):
         watchdog_s: float = 0.5,
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
+        security: ClientSecurity | None = None,
+        user: str | None = None,
+        password: str | None = None,
     ) -> None:
+        if security is not None:
+            security.check()  # a wrong file is the caller's mistake: said now, once
+        self.security = security
+        self.user = user
+        self.password = password
         super().__init__(
             resolver,
             service,
@@ -359,6 +373,9 @@ class OpcUaAdapter(Reconnecting[OpcUaConnection]):
             timeout=self.request_timeout_s,
             watchdog_intervall=self.watchdog_s,
         )
+        if self.user is not None:
+            client.set_user(self.user)
+            client.set_password(self.password or "")
         conn = OpcUaConnection(client, endpoint)
 
         async def lost(err: Exception) -> None:
@@ -366,6 +383,8 @@ class OpcUaAdapter(Reconnecting[OpcUaConnection]):
 
         client.connection_lost_callback = lost
         try:
+            if self.security is not None:  # asks the server for its certificate first
+                await self.security.apply(client)
             await client.connect()
             conn.namespaces = list(await client.get_namespace_array())
             for sub in list(self._subs.values()):

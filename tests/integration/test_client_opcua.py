@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from asyncua import Server, ua
 from hapair.shared import keys, records, topology
 from hapair.shared.client import (
     Backoff,
+    ClientSecurity,
     DataChange,
     DeadlineExceeded,
     OpcUaAdapter,
@@ -29,6 +31,7 @@ from hapair.shared.client import (
 )
 from hapair.shared.client.opcua import NodeNotFound
 from hapair.shared.store import Store
+from tests.integration.test_comm_security import PASSWORDS, as_alice, make_site
 from tests.support.client_lab import registry_in_process, until
 from tests.support.harness import Etcd, free_port
 from tests.support.plc_sim import CommUnderTest, ModbusPlc, running_comm
@@ -430,3 +433,53 @@ async def test_subscriptions_follow_a_move_of_a_service_unknown_at_start(
         moved_at = len(changes.seen)
         await s.move(node_b.port)
         await until(lambda: changes.got("asm-b", 7, moved_at), "the current value from asm-b")
+
+
+async def test_the_adapter_writes_as_a_user_over_sign_and_encrypt(
+    etcd: Etcd, store: Store, plc: ModbusPlc, tmp_path: Path
+) -> None:
+    """A comm server with its security on: the adapter, given its certificate, the
+    site CA and alice's password, reads and writes through it and subscribes; without
+    them it gets no session, and the PLC sees nothing from it; a server whose
+    certificate the CA did not issue is not trusted."""
+    pki_site = make_site(tmp_path)
+    own = ClientSecurity(
+        pki_site.file("alice-app", "crt"),
+        pki_site.file("alice-app", "key"),
+        pki_site.file("ca", "crt"),
+    )
+    config = comm_config("127.0.36.1", plc.port)
+    async with (
+        running_comm(
+            config,
+            lambda *_: Switch(True),
+            HOSTS["asm-a"],
+            security=pki_site.security(),
+            client_setup=as_alice(pki_site),
+        ) as comm,
+        site(etcd, store, comm.port) as s,
+    ):
+        async with OpcUaAdapter(
+            s.resolver,
+            "comm",
+            deadline_s=3,
+            backoff=FAST_BACKOFF,
+            security=own,
+            user="alice",
+            password=PASSWORDS["alice"],
+        ) as opc:
+            await opc.write(SPEED, 11, ua.VariantType.Int16)
+            assert [w.values for w in plc.writes] == [[11]]
+            changes: list[DataChange] = []
+            await opc.subscribe([SPEED], changes.append, period_ms=100)
+            await until(lambda: asyncio.sleep(0, any(c.value == 11 for c in changes)), "11 seen")
+        # No certificate and no user: no session, so no write. Another CA: the comm
+        # server's certificate is not trusted, so no session either.
+        stranger = ClientSecurity(own.certificate, own.key, pki_site.other / "ca.crt")
+        for how in ({}, {"security": stranger, "user": "alice", "password": PASSWORDS["alice"]}):
+            async with OpcUaAdapter(
+                s.resolver, "comm", deadline_s=1, backoff=FAST_BACKOFF, **how
+            ) as refused:
+                with pytest.raises(DeadlineExceeded):
+                    await refused.write(SPEED, 12, ua.VariantType.Int16)
+        assert [w.values for w in plc.writes] == [[11]]

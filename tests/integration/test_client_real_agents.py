@@ -192,7 +192,8 @@ async def test_opcua_adapter_follows_real_comm_servers_through_a_real_crash(
                             {"name": "speed", "address": "HR0", "type": "int16", "writable": True}
                         ],
                     }
-                ]
+                ],
+                "opcua": {"security": "none"},
             }
         )
     )

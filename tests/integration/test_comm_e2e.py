@@ -68,7 +68,8 @@ async def test_pair_moves_when_the_active_loses_every_path_to_a_critical_plc(
                             "switch_after_s": 0.5,
                             "tags": [{"name": "speed", "address": "HR0", "type": "int16"}],
                         }
-                    ]
+                    ],
+                    "opcua": {"security": "none"},
                 }
             )
         )

@@ -51,7 +51,8 @@ def standalone_comm(
                         "timeout_s": TIMEOUT,
                         "tags": [{"name": "count", "address": "HR0", "type": "uint16"}],
                     }
-                ]
+                ],
+                "opcua": {"security": "none"},
             }
         )
     )

@@ -3,14 +3,19 @@ server, read by an independent asyncua client."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
 
 import pytest
 from asyncua import ua
 
+from hapair.comm_server.access import ServerSecurity
 from hapair.comm_server.opcua_plc import OpcUaDriver
+from hapair.shared import pki
 from hapair.shared.plcs import OpcUaPlc as OpcUaPlcConfig
 from tests.integration.test_comm_modbus import NO_PRIVATE_NETWORK, blackholed_write, in_own_network
+from tests.integration.test_comm_security import make_site
 from tests.support.cluster import until
 from tests.support.harness import free_port
 from tests.support.plc_sim import CommUnderTest, OpcUaPlc, running_comm
@@ -180,3 +185,57 @@ def test_a_write_the_opcua_plc_has_not_acknowledged_within_the_fence_margin_neve
             await plc.stop()
 
     in_own_network(scenario)
+
+
+async def test_a_plc_with_security_is_read_and_written_over_sign_and_encrypt(
+    tmp_path: Path,
+) -> None:
+    """The PLC's OPC UA server offers SignAndEncrypt only and lets in clients whose
+    certificate the site CA issued: the comm server shows its own, checks the PLC's
+    against the CA named in ``trust``, reads and writes; without ``security`` the PLC
+    is unreachable (no endpoint it could use), and a PLC whose certificate the CA did
+    not issue is refused."""
+    site = make_site(tmp_path)
+    url = f"opc.tcp://127.0.0.1:{free_port()}/"
+    plc = OpcUaPlc(
+        [url],
+        {"Oven.Temp": (V.Double, 180.5), "Oven.Setpoint": (V.Float, 175.0)},
+        secure=(str(site.file("plc-oven", "crt")), str(site.file("plc-oven", "key"))),
+        trusted=pki.load_certificate(site.file("ca", "crt")),
+    )
+    await plc.start()
+    tags = [
+        {"name": "temp", "node": "ns=2;s=Oven.Temp", "type": "double"},
+        {"name": "sp", "node": "ns=2;s=Oven.Setpoint", "type": "float", "writable": True},
+    ]
+    secured = {"trust": str(site.file("ca", "crt")), "policy": "Aes256_Sha256_RsaPss"}
+    identity = (site.file("comm-a", "crt"), site.file("comm-a", "key"))
+    try:
+        async with running_comm(
+            oven([url], tags, security=secured), security=ServerSecurity.lab(identity)
+        ) as comm:
+            await until(lambda: read_is(comm, "oven-1.temp", good(180.5)), 5, "temp read")
+            assert (await comm.write("oven-1.sp", 190.0, V.Float)).is_good()
+            assert plc.writes == [("Oven.Setpoint", 190.0)]
+            assert set(plc.sessions) == {"urn:hapair:comm:comm-a"}
+        # Without security: the PLC offers nothing the comm server may use.
+        async with running_comm(oven([url], tags)) as comm:
+            await until(
+                lambda: read_is(comm, "oven-1.temp", lambda dv: not dv.StatusCode.is_good()),
+                3,
+                "temp bad",
+            )
+            await asyncio.sleep(1.0)  # polls go on: none may get through
+            assert not (await comm.read("oven-1.temp")).StatusCode.is_good()
+        # A CA that did not issue the PLC's certificate: the PLC is not trusted.
+        elsewhere = {"trust": str(site.other / "ca.crt")}
+        async with running_comm(
+            oven([url], tags, security=elsewhere), security=ServerSecurity.lab(identity)
+        ) as comm:
+            await asyncio.sleep(1.5)  # several polls and reconnects
+            assert not (await comm.read("oven-1.temp")).StatusCode.is_good()
+            reason = comm.server.pollers[0].describe()
+            assert "untrusted" in reason.lower() or "cannot connect" in reason, reason
+        assert plc.writes == [("Oven.Setpoint", 190.0)]
+    finally:
+        await plc.stop()

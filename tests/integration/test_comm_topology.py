@@ -60,6 +60,8 @@ def plc_list(*tags: tuple[str, str]) -> list[dict[str, Any]]:
 
 
 async def apply(store: Store, data: dict[str, Any]) -> None:
+    """Apply ``data`` with line-1's OPC UA server open, as in a lab."""
+    data["workshops"][0]["pairs"][1]["opcua"] = {"security": "none"}
     parsed = topology.parse_site(data, "test site")
     await store.put(
         keys.TOPOLOGY, records.TopologyDoc(site=parsed.model_dump(mode="json")).encode()

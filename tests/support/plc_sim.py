@@ -224,6 +224,11 @@ class OpcUaPlc:
     variables: dict[str, tuple[ua.VariantType, Any]]
     servers: list[Server | None] = field(default_factory=list)
     writes: list[tuple[str, Any]] = field(default_factory=list)
+    # (certificate, key) files: SignAndEncrypt endpoints only, clients with a
+    # certificate ``trusted`` issued (None: any), as a PLC set up for security is
+    secure: tuple[str, str] | None = None
+    trusted: Any = None  # an x509.Certificate
+    sessions: list[str] = field(default_factory=list)  # the client URIs it let in
 
     async def start(self) -> OpcUaPlc:
         self.servers = [None] * len(self.urls)
@@ -235,7 +240,18 @@ class OpcUaPlc:
         server = Server()
         await server.init()
         server.set_endpoint(self.urls[i])
-        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        if self.secure is None:
+            server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        else:
+            await server.load_certificate(self.secure[0], format="pem")
+            await server.load_private_key(self.secure[1], format="pem")
+            server.set_security_policy(
+                [
+                    ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
+                    ua.SecurityPolicyType.Aes256Sha256RsaPss_SignAndEncrypt,
+                ]
+            )
+            server.set_certificate_validator(self._validate)
         ns = await server.register_namespace("urn:plc-sim")
         assert ns == 2
         folder = await server.nodes.objects.add_folder(ns, "plc")
@@ -245,6 +261,11 @@ class OpcUaPlc:
         server.subscribe_server_callback(CallbackType.PostWrite, self._written)
         await server.start()
         self.servers[i] = server
+
+    async def _validate(self, certificate: Any, description: Any) -> None:
+        if self.trusted is not None:
+            certificate.verify_directly_issued_by(self.trusted)  # raises: refused
+        self.sessions.append(description.ApplicationUri)
 
     def _written(self, event: Any, dispatcher: Any) -> None:
         for item, status in zip(
@@ -373,24 +394,37 @@ class CommUnderTest:
 
 @contextlib.asynccontextmanager
 async def running_comm(
-    config: str, role: Callable[..., Any] | None = None, host: str = "127.0.0.1"
+    config: str,
+    role: Callable[..., Any] | None = None,
+    host: str = "127.0.0.1",
+    security: Any = None,
+    client_setup: Callable[[Any], Any] | None = None,
 ) -> Any:
     """Start a comm server for ``config`` (YAML) in this process; stop it afterwards.
 
-    ``role(parts, on_change)`` makes its role; without one it is the active, alone."""
+    ``role(parts, on_change)`` makes its role; without one it is the active, alone.
+    Without ``security`` (a ``ServerSecurity``) it serves as a lab does, without
+    security, unless ``config`` says otherwise; ``client_setup(client)`` prepares the
+    test's own client (its user, its certificate) before it connects."""
     from asyncua import Client
 
     from hapair.comm_server.app import CommServer, Listen
     from hapair.comm_server.config import loads
     from hapair.comm_server.role import StaticRole
     from hapair.shared.log import EventLog
+    from hapair.shared.topology import OpcUaSecurity
     from tests.support.harness import free_port
 
     listen = Listen(host, free_port(host))
-    server = CommServer(loads(config), listen, EventLog("hapair.comm"))
+    parsed = loads(config)
+    if security is None and "opcua" not in parsed.model_fields_set:
+        parsed = parsed.model_copy(update={"opcua": OpcUaSecurity(security="none")})
+    server = CommServer(parsed, listen, EventLog("hapair.comm"), security=security)
     await server.start(role or (lambda parts, on_change: StaticRole()))
     client = Client(listen.url, timeout=5)
     try:
+        if client_setup is not None:
+            await client_setup(client)
         await client.connect()
         ns = await client.get_namespace_index("urn:hapair:comm")
         yield CommUnderTest(server, client, ns, listen.port)
