@@ -48,7 +48,7 @@ async def until(
 
 @pytest.fixture
 async def client(store: Store, etcd: Any) -> AsyncIterator[TestClient[Any, Any]]:
-    app = create_app(etcd.url, RegistryConfig(heartbeat_s=0.2))
+    app = create_app(etcd.url, RegistryConfig(heartbeat_s=0.2), tls=etcd.tls)
     async with TestClient(TestServer(app)) as c:
         await until(lambda: _ok(c, "/healthz"), "the registry to sync with etcd")
         yield c
@@ -338,7 +338,7 @@ async def test_admin_routes(client: TestClient[Any, Any], store: Store) -> None:
 async def test_admin_routes_need_the_token_when_one_is_set(etcd: Any, store: Store) -> None:
     await active_pair(store)
     digest = hashlib.sha256(b"s3cret").hexdigest()
-    app = create_app(etcd.url, RegistryConfig(admin_token_hashes=frozenset({digest})))
+    app = create_app(etcd.url, RegistryConfig(admin_token_hashes=frozenset({digest})), tls=etcd.tls)
     async with TestClient(TestServer(app)) as c:
         async with c.post("/v1/pairs/asm/pause") as resp:
             assert resp.status == 401
@@ -352,7 +352,7 @@ async def test_admin_routes_need_the_token_when_one_is_set(etcd: Any, store: Sto
 async def test_hapair_registry_serves_until_sigterm(etcd: Any, store: Store) -> None:
     await active_pair(store)
     port = free_port()
-    env = {**os.environ, "HAPAIR_ETCD": etcd.url, "HAPAIR_LISTEN": f"127.0.0.1:{port}"}
+    env = {**os.environ, **etcd.client_env(), "HAPAIR_LISTEN": f"127.0.0.1:{port}"}
     proc = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).parent / "hapair-registry"),
         env=env,
@@ -445,7 +445,9 @@ async def test_streams_and_long_polls_are_capped(etcd: Any, store: Store) -> Non
     """Beyond the configured number of open streams (long-polls), a new one is refused
     at once with 503 and Retry-After: a client goes to another registry."""
     await active_pair(store)
-    app = create_app(etcd.url, RegistryConfig(heartbeat_s=0.2, max_streams=2, max_polls=2))
+    app = create_app(
+        etcd.url, RegistryConfig(heartbeat_s=0.2, max_streams=2, max_polls=2), tls=etcd.tls
+    )
     async with TestClient(TestServer(app)) as c:
         body = await status_becomes(c, "/v1/endpoints/mes-api", 200)
         poll = f"/v1/endpoints/mes-api?after_epoch={body['epoch']}&wait_s=30"
