@@ -110,15 +110,17 @@ def recording_service(
     }
 
 
-def with_peer_keys(site: dict[str, Any], pki: TestPki) -> dict[str, Any]:
-    """``site`` with each pair that names no ``network.peer_key_file`` given its key of
-    ``pki`` (the secure default; a test that names one, or none on purpose, keeps it)."""
+def with_peer_keys(site: dict[str, Any], test_pki: TestPki) -> dict[str, Any]:
+    """``site`` with each pair that has a peer path (a ``network:`` section) but names no
+    ``peer_key_file`` given its key of ``test_pki``: the secure default. A pair without
+    a peer path has nothing to authenticate; one that names a key, or none on purpose
+    (``peer_key_file: None``), keeps it."""
     site = copy.deepcopy(site)
     for workshop in site.get("workshops", []):
         for pair in workshop.get("pairs", []):
-            network = pair.setdefault("network", {})
-            if "peer_key_file" not in network:
-                network["peer_key_file"] = str(pki.peer_key(pair["name"]))
+            network = pair.get("network")
+            if network is not None and "peer_key_file" not in network:
+                network["peer_key_file"] = str(test_pki.peer_key(pair["name"]))
     return site
 
 
@@ -138,8 +140,8 @@ class Cluster:
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     record: Path = field(init=False)
     # etcd over TLS (a TlsEtcd, the tests' default): the test's store shows the admin's
-    # certificate, each agent its node's, and each pair the site applies without a peer
-    # key gets one of the test's PKI. A test that asks for the lab mode gets neither.
+    # certificate, each agent its node's, and each pair with a peer path that the site
+    # applies without a key gets one of the test's PKI. The lab mode gets neither.
     peer_keys: bool = True
     # The tests' services run as root (the test's own user, with files in its temporary
     # directory): every agent of a test cluster is told so explicitly, with the option a
