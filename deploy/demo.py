@@ -574,7 +574,10 @@ class Demo:
         if not self.lab:
             people = ("--operator", OPERATOR, "--registry", REGISTRY)
             roles = self.hapair("etcd-auth apply", "etcd-auth", "apply", *people)
-            self.say(f"etcd-auth apply {' '.join(people)} (as {ADMIN}): {roles}")
+            # Its last line sums up what it made (every user and role is in the log).
+            (self.run_dir / "logs" / "etcd-auth.log").write_text(roles + "\n")
+            summary = roles.rsplit("\n", 1)[-1].strip()
+            self.say(f"etcd-auth apply {' '.join(people)} (as {ADMIN}): {summary}")
 
         registry = self.spawn(
             Proc(
