@@ -55,9 +55,9 @@ PR_SET_CHILD_SUBREAPER = 36
 # The demo's etcd users: its certificates' names.
 ETCD_NAME, ADMIN, OPERATOR, REGISTRY = "etcd-1", "root", "demo", "reg-1"
 LAB_WARNING = (
-    "LAB MODE (--lab): etcd in clear on http:// without client certificates, and the "
-    "pairs' peer paths unauthenticated: anyone who reaches this machine can rewrite the "
-    "site and run commands as the agents' user. Without --lab the demo runs secure."
+    "LAB MODE (--lab): etcd in clear on http://, without client certificates or roles, "
+    "and no authenticated peer paths: anyone who reaches this machine can rewrite the site "
+    "and run commands as the agents' user. Without --lab the demo runs secure."
 )
 
 
