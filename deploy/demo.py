@@ -33,6 +33,7 @@ import contextlib
 import ctypes
 import fcntl
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -44,10 +45,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from demo_view import State, changes, http, read_state, render
+from demo_view import EtcdReader, State, changes, http, read_state, render
+
+from hapair.shared import keys, pki
+from hapair.shared.pki import TlsFiles
 
 ROOT = Path(__file__).resolve().parent.parent
 PR_SET_CHILD_SUBREAPER = 36
+# The demo's etcd users: its certificates' names.
+ETCD_NAME, ADMIN, OPERATOR, REGISTRY = "etcd-1", "root", "demo", "reg-1"
+LAB_WARNING = (
+    "LAB MODE (--lab): etcd in clear on http://, without client certificates or roles, "
+    "and no authenticated peer paths: anyone who reaches this machine can rewrite the site "
+    "and run commands as the agents' user. Without --lab the demo runs secure."
+)
 
 
 class Stop(Exception):
@@ -336,16 +347,22 @@ def _wait(what: str, ready: Any, proc: Proc, timeout: float) -> None:
     raise DemoError(f"{what} not ready after {timeout:.0f} s; its log:\n{proc.log_tail()}")
 
 
-def _help(site: Any, run_dir: Path, bin_dir: Path, registry: str) -> str:
+def _help(site: Any, run_dir: Path, bin_dir: Path, registry: str, lab: bool) -> str:
     pair = next(site.pairs())
     main_node, other = pair.nodes[0].name, pair.nodes[1].name
     service = next((s.name for p in site.pairs() for s in p.services if s.endpoint), "SERVICE")
     pids = _rel(run_dir / "pids")
     demo = _rel(Path(__file__))
+    who = (
+        f"{LAB_WARNING}\n"
+        if lab
+        else f"  (and $HAPAIR_ETCD_CA, _CERT, _KEY: the operator {OPERATOR}'s certificate in "
+        f"{_rel(run_dir / 'pki')}/; etcd refuses a client without one)\n"
+    )
     return f"""
 In another terminal, in {Path.cwd()}:
   source {_rel(run_dir / "env")}   # {_rel(bin_dir)} on PATH; $HAPAIR_ETCD, $HAPAIR_REGISTRY
-
+{who}
 Crash the active node of {pair.name} (the view shows which node is active):
   python {demo} crash {main_node}            # kill -9 its agent; its services die with it
   python {demo} crash {main_node} --server   # the agent and every process it started, at once
@@ -387,6 +404,49 @@ class Demo:
     etcd_url: str = ""
     registry_url: str = ""
     scenario: Any = None
+    reader: EtcdReader | None = None
+
+    @property
+    def lab(self) -> bool:
+        """The lab mode (--lab): etcd in clear without certificates, no peer keys."""
+        return bool(self.args.lab)
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.run_dir / "pki"
+
+    def etcd_env(self, identity: str) -> dict[str, str]:
+        """``HAPAIR_ETCD*`` for a process that shows etcd ``identity``'s certificate
+        (only the URL in the lab mode)."""
+        env = {"HAPAIR_ETCD": self.etcd_url}
+        if not self.lab:
+            files = TlsFiles.issued(self.pki_dir, identity)
+            env.update(
+                HAPAIR_ETCD_CA=str(files.ca),
+                HAPAIR_ETCD_CERT=str(files.cert),
+                HAPAIR_ETCD_KEY=str(files.key),
+            )
+        return env
+
+    def make_pki(self) -> None:
+        """The demo's own site CA and a certificate for each of its parts, as
+        ``hapair pki`` makes them, in the run directory: etcd's, the admin's (root), the
+        operator's, the registry's and one per node; a peer key per pair."""
+        d = self.pki_dir
+        shutil.rmtree(d, ignore_errors=True)
+        pki.init(d, self.site.site)
+        pki.issue(d, pki.Kind.ETCD, ETCD_NAME, ["127.0.0.1"])
+        pki.issue(d, pki.Kind.ADMIN, ADMIN)
+        pki.issue(d, pki.Kind.OPERATOR, OPERATOR)
+        pki.issue(d, pki.Kind.REGISTRY, REGISTRY, ["127.0.0.1"])
+        for pair in self.site.pairs():
+            pki.peer_key(d, pair.name)
+            for node in pair.nodes:
+                pki.issue(d, pki.Kind.AGENT, node.name)
+        self.say(
+            f"pki       {_rel(d)}/: a CA of its own; certificates for etcd, {ADMIN} (admin), "
+            f"{OPERATOR} (operator), {REGISTRY} (registry) and each node; a peer key per pair"
+        )
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HAPAIR_")}
@@ -418,17 +478,57 @@ class Demo:
             doc = parse_yaml(Path(self.args.site).read_text(), str(self.args.site), TopologyError)
             assert isinstance(doc, dict)  # the file was validated at start
             doc = localise(doc, self.tmp, sys.executable, ROOT, self.registry_url, self.say)
+            if not self.lab:  # each pair's peer path authenticated with its key
+                for workshop in doc["workshops"]:
+                    for pair in workshop["pairs"]:
+                        key = self.pki_dir / f"peer-{pair['name']}.key"
+                        pair.setdefault("network", {})["peer_key_file"] = str(key)
             path.write_text(yaml.safe_dump(doc, sort_keys=False))
             self.site = parse_site(doc, str(path))
         except (TopologyError, OSError) as err:
             raise DemoError(f"cannot make the site local to the demo: {err}") from None
         return path
 
+    def etcd_tls_args(self) -> list[str]:
+        """etcd's TLS, as deploy/etcd/etcd.conf.yml sets it: its certificate on both
+        ports, and every client and peer must show one of the demo's CA."""
+        if self.lab:
+            return []
+        files = TlsFiles.issued(self.pki_dir, ETCD_NAME)
+        cert, key, ca = str(files.cert), str(files.key), str(files.ca)
+        return [
+            *("--cert-file", cert, "--key-file", key, "--trusted-ca-file", ca),
+            "--client-cert-auth",
+            *("--peer-cert-file", cert, "--peer-key-file", key, "--peer-trusted-ca-file", ca),
+            "--peer-client-cert-auth",
+        ]
+
+    def hapair(self, what: str, *argv: str) -> str:
+        """Run ``hapair ARGV`` as the admin; its output, or DemoError saying ``what``."""
+        done = subprocess.run(
+            [str(self.bin_dir / "hapair"), *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=self.env(**self.etcd_env(ADMIN)),
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+        output = (done.stdout + done.stderr).strip()
+        if done.returncode != 0:
+            raise DemoError(f"`hapair {what}` failed ({done.returncode}):\n{output}")
+        return output.replace("\n", "\n    ")
+
     def start(self) -> None:
         logs = self.run_dir / "logs"
         host = "127.0.0.1"
         client, peer = free_port(host), free_port(host)
-        self.etcd_url = f"http://{host}:{client}"
+        scheme = "http" if self.lab else "https"
+        self.etcd_url = f"{scheme}://{host}:{client}"
+        if self.lab:
+            self.say(LAB_WARNING)
+        else:
+            self.make_pki()
         etcd = self.spawn(
             Proc(
                 "etcd",
@@ -438,19 +538,27 @@ class Demo:
                     *("--logger", "zap", "--log-level", "warn"),
                     *("--listen-client-urls", self.etcd_url),
                     *("--advertise-client-urls", self.etcd_url),
-                    *("--listen-peer-urls", f"http://{host}:{peer}"),
-                    *("--initial-advertise-peer-urls", f"http://{host}:{peer}"),
-                    *("--initial-cluster", f"demo=http://{host}:{peer}"),
+                    *("--listen-peer-urls", f"{scheme}://{host}:{peer}"),
+                    *("--initial-advertise-peer-urls", f"{scheme}://{host}:{peer}"),
+                    *("--initial-cluster", f"demo={scheme}://{host}:{peer}"),
                     *("--initial-cluster-state", "new"),
                     "--pre-vote",  # as in deploy/etcd/etcd.conf.yml (off by default in 3.4)
+                    *self.etcd_tls_args(),
                 ],
                 logs / "etcd.log",
                 env=self.env(),
             )
         )
-        health = f"{self.etcd_url}/health"
-        _wait("etcd", lambda: http("GET", health)[1] == {"health": "true"}, etcd, 20)
-        self.say(f"etcd      {self.etcd_url}  (pid {etcd.pid})")
+        # The view reads etcd as the operator (who may read everything, write little).
+        tls = None if self.lab else TlsFiles.issued(self.pki_dir, OPERATOR)
+        reader = self.reader = EtcdReader(self.etcd_url, tls)
+        _wait("etcd", lambda: reader.prefix(keys.TOPOLOGY) is not None, etcd, 20)
+        how = (
+            "LAB MODE: plain http, no client certificates"
+            if self.lab
+            else ("TLS, client certificates required")
+        )
+        self.say(f"etcd      {self.etcd_url}  (pid {etcd.pid}; {how})")
 
         # The registry's address goes into the site (a service follows the database
         # through it), so it is chosen first.
@@ -462,36 +570,28 @@ class Demo:
         self.registry_url = f"http://{host}:{port}"
 
         site_file = self.local_site()
-        cli = [str(self.bin_dir / "hapair"), "topology", "apply", str(site_file)]
-        done = subprocess.run(
-            [*cli, "--etcd", self.etcd_url],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=self.env(),
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
-        output = (done.stdout + done.stderr).strip()
-        if done.returncode != 0:
-            raise DemoError(f"`hapair topology apply` failed ({done.returncode}):\n{output}")
-        applied = output.replace("\n", "\n    ")
+        applied = self.hapair("topology apply", "topology", "apply", str(site_file))
         self.say(f"topology  {_rel(Path(self.args.site))} (made local) applied: {applied}")
+        if not self.lab:
+            people = ("--operator", OPERATOR, "--registry", REGISTRY)
+            roles = self.hapair("etcd-auth apply", "etcd-auth", "apply", *people)
+            # Its last line sums up what it made (every user and role is in the log).
+            (self.run_dir / "logs" / "etcd-auth.log").write_text(roles + "\n")
+            summary = roles.rsplit("\n", 1)[-1].strip()
+            self.say(f"etcd-auth apply {' '.join(people)} (as {ADMIN}): {summary}")
 
         registry = self.spawn(
             Proc(
                 "registry",
                 [
                     str(self.bin_dir / "hapair-registry"),
-                    "--etcd",
-                    self.etcd_url,
                     "--listen",
                     f"{host}:{port}",
                     # On 127.0.0.1, for the tour's curl and hapair top: a lab's open admin.
                     "--open-admin",
                 ],
                 logs / "registry.log",
-                env=self.env(),
+                env=self.env(**self.etcd_env(REGISTRY)),
             )
         )
         healthz = f"{self.registry_url}/healthz"
@@ -514,27 +614,23 @@ class Demo:
                 agent = self.spawn(
                     Proc(
                         node.name,
-                        [
-                            str(self.bin_dir / "hapair-agent"),
-                            "--node",
-                            node.name,
-                            "--etcd",
-                            self.etcd_url,
-                            *root_services,
-                        ],
+                        [str(self.bin_dir / "hapair-agent"), "--node", node.name, *root_services],
                         logs / f"{node.name}.log",
-                        env=self.env(HAPAIR_STATE_DIR=str(home / "state")),
+                        env=self.env(
+                            HAPAIR_STATE_DIR=str(home / "state"), **self.etcd_env(node.name)
+                        ),
                         cwd=home,
                     )
                 )
                 self.agents[node.name] = agent
                 self.say(f"agent     {node.name:<10} {node.address:<12} (pid {agent.pid})")
 
+        exports = {**self.etcd_env(OPERATOR), "HAPAIR_REGISTRY": self.registry_url}
         (self.run_dir / "env").write_text(
-            "# source this file to drive the running demo from another shell\n"
-            f'export PATH="{self.bin_dir}:$PATH"\n'
-            f"export HAPAIR_ETCD={self.etcd_url}\n"
-            f"export HAPAIR_REGISTRY={self.registry_url}\n"
+            "# source this file to drive the running demo from another shell"
+            + ("" if self.lab else f", as the operator {OPERATOR} (its certificate)")
+            + f'\nexport PATH="{self.bin_dir}:$PATH"\n'
+            + "".join(f"export {k}={shlex.quote(v)}\n" for k, v in exports.items())
         )
 
     def supervise(self) -> None:
@@ -577,8 +673,9 @@ class Demo:
 
         services = [s.name for p in self.site.pairs() for s in p.services if s.endpoint]
         services += [f"{p.name}.db" for p in self.site.pairs() if p.database is not None]
+        mode = "LAB MODE (no TLS, no peer keys)" if self.lab else "TLS"
         header = (
-            f"site {self.site.site}   etcd {self.etcd_url}   "
+            f"site {self.site.site}   {mode}   etcd {self.etcd_url}   "
             f"registry {self.registry_url}   logs {_rel(self.run_dir / 'logs')}/"
         )
         seen_events: set[str] = set()
@@ -592,7 +689,8 @@ class Demo:
         with live or contextlib.nullcontext():
             while end is None or time.monotonic() < end:
                 self.supervise()
-                state = read_state(self.etcd_url, self.registry_url, services)
+                assert self.reader is not None
+                state = read_state(self.reader, self.registry_url, services)
                 for line in changes(old, state, seen_events):
                     self.say(line)
                 old = state
@@ -627,7 +725,10 @@ class Demo:
             service,
             hapair=str(self.bin_dir / "hapair"),
             etcd_url=self.etcd_url,
-            env=self.env(HAPAIR_OPERATOR="demo"),
+            # The operator acknowledges: over TLS its certificate names it.
+            env=self.env(
+                **self.etcd_env(OPERATOR), **({"HAPAIR_OPERATOR": OPERATOR} if self.lab else {})
+            ),
             crash=self.crash_node,
             ack_after=self.args.ack_after,
             say=self.say,
@@ -670,6 +771,8 @@ class Demo:
                 self.say(f"stopping {what} (SIGTERM, SIGKILL after {wait:g} s)")
             stop_procs(live, wait, hurry, self.say)
         kill_leftovers(self.seen, self.say)
+        if self.reader is not None:
+            self.reader.close()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -723,7 +826,7 @@ def run(args: argparse.Namespace) -> int:
         say(str(err))
         return 1
     _forget_stale_tmp(run_dir)
-    for old in ("logs", "pids", "env"):
+    for old in ("logs", "pids", "env", "pki"):
         shutil.rmtree(run_dir / old, ignore_errors=True)
         with contextlib.suppress(OSError):
             (run_dir / old).unlink()
@@ -752,7 +855,7 @@ def run(args: argparse.Namespace) -> int:
         )
         demo.start()
         console.print(
-            _help(demo.site, run_dir, bin_dir, demo.registry_url),
+            _help(demo.site, run_dir, bin_dir, demo.registry_url, demo.lab),
             markup=False,
             highlight=False,
             soft_wrap=True,
@@ -773,7 +876,7 @@ def run(args: argparse.Namespace) -> int:
         say("stopping everything the demo started (Ctrl-C again: at once)")
         demo.stop(hurry)
         shutil.rmtree(tmp, ignore_errors=True)
-        for name in ("pids", "env", "tmpdir"):
+        for name in ("pids", "env", "tmpdir", "pki"):
             shutil.rmtree(run_dir / name, ignore_errors=True)
             with contextlib.suppress(OSError):
                 (run_dir / name).unlink()
@@ -848,6 +951,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         type=float,
         default=5.0,
         help="seconds before a dead process is started again (default 5)",
+    )
+    p.add_argument(
+        "--lab",
+        action="store_true",
+        help="the lab mode: etcd over plain http:// without certificates, no peer keys "
+        "(anyone on the machine can take the site over); default: TLS, its own PKI",
     )
     p.add_argument("--no-restart", action="store_true", help="do not restart dead processes")
     p.add_argument(

@@ -1,9 +1,10 @@
 """What the demo shows: the site's state read from etcd and the registry, as lines of
-change and as a live table. Read-only; standard library and rich only."""
+change and as a live table. Read-only: etcd through the project's client, the registry
+and the services over HTTP."""
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import contextlib
 import json
 import re
@@ -14,6 +15,10 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from hapair.shared import keys
+from hapair.shared.pki import TlsFiles
+from hapair.shared.store import Kv, Store, StoreError
 
 # --- reading etcd and the registry ---------------------------------------------------------------
 
@@ -35,27 +40,35 @@ def http(method: str, url: str, body: Any = None, timeout: float = 0.5) -> tuple
         return status, raw.decode(errors="replace")
 
 
-def _b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
+class EtcdReader:
+    """Reads etcd through the project's own client, on an event loop of its own so that
+    the demo's synchronous loop can call it. Over TLS it shows the certificate it is
+    given: etcd's JSON gateway cannot carry a client certificate's name once auth is on
+    (it refuses a certificate with a CN there), so the view does not read through it."""
 
+    def __init__(self, url: str, tls: TlsFiles | None, timeout: float = 1.0) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.timeout = timeout
 
-def etcd_range(url: str, prefix: str, limit: int = 0, newest_first: bool = False) -> list[Any]:
-    """Keys under ``prefix`` through etcd's JSON gateway: ``[(key, value, create_rev)]``."""
-    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-    body: dict[str, Any] = {"key": _b64(prefix), "range_end": _b64(end)}
-    if limit:
-        body["limit"] = limit
-    if newest_first:
-        body.update(sort_order="DESCEND", sort_target="CREATE")
-    status, reply = http("POST", f"{url}/v3/kv/range", body)
-    if status != 200 or not isinstance(reply, dict):
-        raise OSError(f"etcd did not answer ({reply})")
-    out = []
-    for kv in reply.get("kvs", []):
-        key = base64.b64decode(kv["key"]).decode()
-        value = base64.b64decode(kv.get("value", "")).decode(errors="replace")
-        out.append((key, value, int(kv.get("create_revision", 0))))
-    return out
+        async def open_store() -> Store:  # its channel belongs to the loop it runs on
+            return Store(url, timeout=timeout, tls=tls)
+
+        self.store = self.loop.run_until_complete(open_store())
+
+    def prefix(self, prefix: str) -> list[Kv]:
+        """Every key under ``prefix``; OSError when etcd does not answer in time."""
+        try:
+            kvs, _ = self.loop.run_until_complete(
+                asyncio.wait_for(self.store.get_prefix(prefix), self.timeout * 2)
+            )
+        except (StoreError, TimeoutError) as err:
+            raise OSError(str(err) or type(err).__name__) from None
+        return kvs
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.loop.run_until_complete(asyncio.wait_for(self.store.close(), 3))
+        self.loop.close()
 
 
 def _json(text: str) -> dict[str, Any]:
@@ -100,12 +113,11 @@ def probe(record: dict[str, Any]) -> str | None:
     return None
 
 
-def read_state(etcd_url: str, registry_url: str, services: list[str]) -> State:
-    from hapair.shared import keys
-
+def read_state(etcd: EtcdReader, registry_url: str, services: list[str]) -> State:
     state = State()
     try:
-        for key, value, created in etcd_range(etcd_url, keys.PAIRS_PREFIX):
+        for kv in etcd.prefix(keys.PAIRS_PREFIX):
+            key, value, created = kv.key, kv.value.decode(errors="replace"), kv.create_revision
             parts = keys.split(key)
             if parts[-1] == "leader" and len(parts) == 3:
                 state.leaders[parts[1]] = (str(_json(value).get("node", "?")), created)
@@ -115,14 +127,15 @@ def read_state(etcd_url: str, registry_url: str, services: list[str]) -> State:
                 state.recovery[parts[1]] = _json(value)
             elif parts[-1] == "sync_standby" and len(parts) == 3:
                 state.sync[parts[1]] = _json(value)
-        for key, value, _ in etcd_range(etcd_url, keys.NODES_PREFIX):
+        for kv in etcd.prefix(keys.NODES_PREFIX):
+            key, value = kv.key, kv.value.decode(errors="replace")
             parts = keys.split(key)
             if parts[-1] == "status" and len(parts) == 3:
                 state.status[parts[1]] = _json(value)
             elif parts[-1] == "drained" and len(parts) == 3:
                 state.drained[parts[1]] = _json(value)
-        newest = etcd_range(etcd_url, keys.EVENTS_PREFIX, limit=8, newest_first=True)
-        state.events = [(key, _json(value)) for key, value, _ in reversed(newest)]
+        events = sorted(etcd.prefix(keys.EVENTS_PREFIX), key=lambda kv: keys.event_order(kv.key))
+        state.events = [(kv.key, _json(kv.value.decode(errors="replace"))) for kv in events[-8:]]
     except OSError as err:
         state.error = f"etcd: {err}"
     for service in services:

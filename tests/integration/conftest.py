@@ -1,5 +1,11 @@
 """Fixtures of the integration tests: one etcd for the session, a clean prefix per test,
-agents as real processes."""
+agents as real processes.
+
+etcd runs with TLS and client-certificate authentication, and every agent shows its own
+certificate and gets its pair's peer key, as on a plant; a test marked ``lab`` gets the
+lab mode instead (an ``http://`` etcd, no certificates, no peer key). The PKI is made
+once per test process: one CA, each certificate issued the first time a name needs it.
+"""
 
 from __future__ import annotations
 
@@ -12,19 +18,51 @@ from hapair.shared import keys
 from hapair.shared.store import Store
 from tests.support.cluster import Cluster, until
 from tests.support.harness import Etcd, running_etcd
+from tests.support.tls_etcd import ADMIN, TestPki, TlsEtcd, running_tls_etcd
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "lab: the lab mode (http:// etcd, no certificates, no peer keys)"
+    )
 
 
 @pytest.fixture(scope="session")
-def etcd() -> Iterator[Etcd]:
-    """A real etcd on free ports, shared by the session; use ``store`` for a clean prefix."""
+def test_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    """The session's CA, etcd's and the admin's certificates (per test process)."""
+    return TestPki.create(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def secure_etcd(test_pki: TestPki) -> Iterator[TlsEtcd]:
+    """The session's etcd: TLS and client certificates on both ports."""
+    with running_tls_etcd(test_pki.dir, admin=ADMIN) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def lab_etcd() -> Iterator[Etcd]:
+    """The session's lab-mode etcd (plain ``http://``), started for the first test that
+    asks for the lab mode."""
     with running_etcd() as server:
         yield server
 
 
 @pytest.fixture
+def etcd(request: pytest.FixtureRequest) -> Etcd:
+    """A real etcd on free ports, shared by the session; use ``store`` for a clean prefix.
+    TLS with client certificates, unless the test is marked ``lab``."""
+    if request.node.get_closest_marker("lab") is not None:
+        lab: Etcd = request.getfixturevalue("lab_etcd")
+        return lab
+    secure: TlsEtcd = request.getfixturevalue("secure_etcd")
+    return secure
+
+
+@pytest.fixture
 async def store(etcd: Etcd) -> AsyncIterator[Store]:
-    """A connection to the session's etcd with nothing under ``/hapair/v1``."""
-    s = Store(etcd.url, timeout=2.0)
+    """A connection to the session's etcd (as its admin) with nothing under ``/hapair/v1``."""
+    s = Store(etcd.url, timeout=2.0, tls=etcd.tls)
 
     async def cleared() -> bool:
         await s.call(lambda: s.client.delete_prefix(keys.b(keys.PREFIX + "/")))

@@ -15,17 +15,18 @@ import pytest
 from aiohttp import web
 
 from hapair.registry.app import create_app
-from hapair.shared import keys, records
+from hapair.shared import keys, pki, records
 from hapair.shared.plcs import PathHealth, PlcHealth
 from hapair.shared.store import Store
 from tests.integration.test_failover import two_nodes
 from tests.support.cluster import Cluster, holds
-from tests.support.harness import free_port
+from tests.support.harness import Etcd, free_port
 from tests.support.site_records import SITE_YAML, FakeAgent, apply_site
 
 HAPAIR = str(Path(sys.executable).parent / "hapair")
 DEADLINE_S = 10.0
 LEASE_TTL_S = 2.0  # the default of a pair
+OPERATOR = "tester"
 
 
 @dataclass
@@ -35,15 +36,21 @@ class Run:
     err: str
 
 
-def _env(etcd: str | None) -> dict[str, str]:
+def _env(etcd: Etcd | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAPAIR_")}
-    env.update(COLUMNS="200", HAPAIR_OPERATOR="tester")
-    if etcd:
-        env["HAPAIR_ETCD"] = etcd
+    env.update(COLUMNS="200", HAPAIR_OPERATOR=OPERATOR)
+    if etcd is not None:  # over TLS, the operator's certificate names them
+        env.pop("HAPAIR_OPERATOR")
+        env.update(etcd.operator_env(OPERATOR))
     return env
 
 
-async def hapair(*args: str, etcd: str | None = None) -> Run:
+def _etcd_args(etcd: Etcd) -> list[str]:
+    """``--etcd URL`` and, over TLS, the operator's certificate, as options."""
+    return etcd.client_args(OPERATOR, pki.Kind.OPERATOR)
+
+
+async def hapair(*args: str, etcd: Etcd | None = None) -> Run:
     proc = await asyncio.create_subprocess_exec(
         HAPAIR,
         *args,
@@ -132,21 +139,21 @@ async def test_topology_validate(site_file: Path, tmp_path: Path) -> None:
 async def test_invalid_topology_is_not_applied(store: Store, etcd: Any, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("site: plant-1\nworkshops: [{name: a, pairs: [{name: p, nodes: []}]}]\n")
-    run = await hapair("topology", "apply", str(bad), "--etcd", etcd.url)
+    run = await hapair("topology", "apply", str(bad), *_etcd_args(etcd))
     assert run.code == 2
     assert "workshops[0].pairs[0].nodes: List should have at least 2 items" in run.err
     assert await everything(store) == {}
 
 
 async def test_topology_apply_then_show(store: Store, etcd: Any, site_file: Path) -> None:
-    run = await hapair("topology", "apply", str(site_file), etcd=etcd.url)
+    run = await hapair("topology", "apply", str(site_file), etcd=etcd)
     assert run.code == 0, run.err
     assert run.out.splitlines() == [
-        f"applied {site_file} to etcd at {etcd.url.removeprefix('http://')}: site plant-1: "
+        f"applied {site_file} to etcd at {etcd.url.split('://')[1]}: site plant-1: "
         "2 workshop(s), 2 pair(s), 5 node(s), 3 service(s)",
         "  first topology of this site",
     ]
-    show = await hapair("topology", "show", etcd=etcd.url)
+    show = await hapair("topology", "show", etcd=etcd)
     assert show.code == 0
     assert show.out.startswith("# applied by tester at ")
     assert "- name: asm-b\n      address: 127.0.0.12\n" in show.out
@@ -189,14 +196,14 @@ def assert_degraded_status(out: str, epoch: int) -> None:
 
 async def test_status_from_etcd(store: Store, etcd: Any) -> None:
     epoch = await degraded_site(store)
-    run = await hapair("status", "--etcd", etcd.url)
+    run = await hapair("status", *_etcd_args(etcd))
     assert run.code == 0, run.err
     assert_degraded_status(run.out, epoch)
 
 
 @pytest.fixture
 async def registry_url(etcd: Any) -> AsyncIterator[str]:
-    runner = web.AppRunner(create_app(etcd.url), access_log=None)
+    runner = web.AppRunner(create_app(etcd.url, tls=etcd.tls), access_log=None)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -255,7 +262,7 @@ async def test_status_shows_every_plc_as_each_node_sees_it(store: Store, etcd: A
     )
     garbage = keys.report("asm-c", "comm")
     await store.put(garbage, b'{"service": "comm", "plcs": {"press-1": {"state": 3}}}')
-    run = await hapair("status", "--etcd", etcd.url)
+    run = await hapair("status", *_etcd_args(etcd))
     assert run.code == 0, run.err
     assert f"{garbage}: plcs.press-1.state: Input should be a valid string" in run.out
     rows = [
@@ -302,7 +309,7 @@ async def test_status_watch_redraws_on_change_and_stops_on_ctrl_c(store: Store, 
         HAPAIR,
         "status",
         "--watch",
-        env=_env(etcd.url),
+        env=_env(etcd),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -336,7 +343,7 @@ async def test_switchover_waits_for_the_new_active(store: Store, etcd: Any) -> N
     agents = await active_pair(store)
     old_epoch = agents["asm-a"].epoch
     responder = asyncio.create_task(act_as_active(store, agents))
-    run = await hapair("switchover", "asm", "--to", "asm-c", etcd=etcd.url)
+    run = await hapair("switchover", "asm", "--to", "asm-c", etcd=etcd)
     await responder
     assert run.code == 0, run.err
     lines = run.out.splitlines()
@@ -352,7 +359,7 @@ async def test_switchover_waits_for_the_new_active(store: Store, etcd: Any) -> N
 async def test_rejected_switchover_exits_1_with_the_reason(store: Store, etcd: Any) -> None:
     agents = await active_pair(store)
     responder = asyncio.create_task(act_as_active(store, agents, reject="asm-b lags behind"))
-    run = await hapair("switchover", "asm", etcd=etcd.url)
+    run = await hapair("switchover", "asm", etcd=etcd)
     await responder
     assert run.code == 1
     assert run.err.strip() == (
@@ -362,7 +369,7 @@ async def test_rejected_switchover_exits_1_with_the_reason(store: Store, etcd: A
 
 async def test_unanswered_switchover_times_out(store: Store, etcd: Any) -> None:
     await active_pair(store)
-    run = await hapair("switchover", "asm", "--wait", "0.3", etcd=etcd.url)
+    run = await hapair("switchover", "asm", "--wait", "0.3", etcd=etcd)
     assert run.code == 1
     assert run.err.strip() == (
         "hapair: no outcome for switchover of pair asm after 0.3 s: the request is still "
@@ -372,17 +379,17 @@ async def test_unanswered_switchover_times_out(store: Store, etcd: Any) -> None:
 
 async def test_pause_blocks_switchover_until_resume(store: Store, etcd: Any) -> None:
     await active_pair(store)
-    run = await hapair("pause", "asm", "--reason", "maintenance", etcd=etcd.url)
+    run = await hapair("pause", "asm", "--reason", "maintenance", etcd=etcd)
     assert (run.code, run.out.strip()) == (
         0,
         "pair asm paused: no automatic failover until "
         "`hapair resume asm`; its services keep running",
     )
-    run = await hapair("switchover", "asm", "--to", "asm-b", etcd=etcd.url)
+    run = await hapair("switchover", "asm", "--to", "asm-b", etcd=etcd)
     assert (run.code, run.err.strip()) == (1, "hapair: pair asm is paused; resume it first")
-    run = await hapair("resume", "asm", etcd=etcd.url)
+    run = await hapair("resume", "asm", etcd=etcd)
     assert run.code == 0 and run.out.startswith("pair asm resumed: automatic failover is on")
-    run = await hapair("resume", "asm", etcd=etcd.url)
+    run = await hapair("resume", "asm", etcd=etcd)
     assert (run.code, run.err.strip()) == (1, "hapair: pair asm is not paused")
     assert await store.get(keys.switchover("asm")) is None
 
@@ -390,21 +397,21 @@ async def test_pause_blocks_switchover_until_resume(store: Store, etcd: Any) -> 
 async def test_drain_the_active_moves_the_pair_then_undrain(store: Store, etcd: Any) -> None:
     agents = await active_pair(store)
     responder = asyncio.create_task(act_as_active(store, agents))
-    run = await hapair("drain", "asm-a", "--reason", "disk swap", etcd=etcd.url)
+    run = await hapair("drain", "asm-a", "--reason", "disk swap", etcd=etcd)
     await responder
     assert run.code == 0, run.err
     lines = run.out.splitlines()
     assert lines[0] == "node asm-a drained: it will not become active"
     assert lines[1].startswith("asm-a is active in pair asm: switchover requested (request ")
     assert lines[-1].startswith("pair asm: asm-b is active now")
-    run = await hapair("undrain", "asm-a", etcd=etcd.url)
+    run = await hapair("undrain", "asm-a", etcd=etcd)
     assert run.code == 0 and run.out.startswith("node asm-a undrained: eligible again")
     assert await store.get(keys.drained("asm-a")) is None
 
 
 async def test_unknown_node_and_pair_are_refused(store: Store, etcd: Any) -> None:
     await apply_site(store)
-    run = await hapair("drain", "zz", etcd=etcd.url)
+    run = await hapair("drain", "zz", etcd=etcd)
     assert (run.code, run.err.strip()) == (1, "hapair: no node named 'zz' in the topology")
 
 
@@ -439,7 +446,7 @@ async def test_takeover_warns_then_forces_only_a_pair_without_an_active(
     store: Store, etcd: Any
 ) -> None:
     agents = await active_pair(store)
-    refused = await hapair("takeover", "asm", "asm-b", "--yes", etcd=etcd.url)
+    refused = await hapair("takeover", "asm", "asm-b", "--yes", etcd=etcd)
     assert refused.code == 1
     assert "pair asm has an active node (asm-a" in refused.err
     await store.put(
@@ -448,10 +455,10 @@ async def test_takeover_warns_then_forces_only_a_pair_without_an_active(
     )
     await agents["asm-a"].resign()
     before = await everything(store)
-    no_terminal = await hapair("takeover", "asm", "asm-b", etcd=etcd.url)
+    no_terminal = await hapair("takeover", "asm", "asm-b", etcd=etcd)
     assert no_terminal.code == 2 and "add --yes" in no_terminal.err
     assert await everything(store) == before, "a takeover not confirmed changed something"
-    run = await hapair("takeover", "asm", "asm-b", "--yes", "--wait", "0", etcd=etcd.url)
+    run = await hapair("takeover", "asm", "asm-b", "--yes", "--wait", "0", etcd=etcd)
     assert run.code == 0, run.err
     assert run.out.startswith(
         "WARNING: asm-b is not recorded as holding every acknowledged commit of pair asm"
@@ -460,7 +467,7 @@ async def test_takeover_warns_then_forces_only_a_pair_without_an_active(
     kv = await store.get(keys.takeover("asm"))
     assert kv is not None and records.decode(records.Takeover, kv.value, kv.key).to == "asm-b"
     assert kv.lease, "the request must lapse by itself"
-    down = await hapair("takeover", "asm", "asm-x", "--yes", etcd=etcd.url)
+    down = await hapair("takeover", "asm", "asm-x", "--yes", etcd=etcd)
     assert down.code == 1 and "asm-x is not a node of pair asm" in down.err
 
 
@@ -469,7 +476,7 @@ async def test_takeover_warns_then_forces_only_a_pair_without_an_active(
 
 async def test_switchover_through_the_command_line_with_real_agents(cluster: Cluster) -> None:
     _, epoch = await two_nodes(cluster, 64)
-    run = await hapair("switchover", "p", "--to", "b", etcd=cluster.etcd.url)
+    run = await hapair("switchover", "p", "--to", "b", etcd=cluster.etcd)
     assert run.code == 0, run.err
     lines = run.out.splitlines()
     assert lines[0].endswith("): a -> b")
@@ -479,14 +486,14 @@ async def test_switchover_through_the_command_line_with_real_agents(cluster: Clu
     await cluster.active("p", node="b", not_epoch=epoch)
     # Back to a, now that it is the standby.
     await cluster.standby("a")
-    run = await hapair("switchover", "p", etcd=cluster.etcd.url)
+    run = await hapair("switchover", "p", etcd=cluster.etcd)
     assert run.code == 0, run.err
     assert (await cluster.leader("p") or ("",))[0] == "a"
 
 
 async def test_drain_through_the_command_line_with_real_agents(cluster: Cluster) -> None:
     _, epoch = await two_nodes(cluster, 65)
-    run = await hapair("drain", "a", "--reason", "disk swap", etcd=cluster.etcd.url)
+    run = await hapair("drain", "a", "--reason", "disk swap", etcd=cluster.etcd)
     assert run.code == 0, run.err
     lines = run.out.splitlines()
     assert lines[0] == "node a drained: it will not become active"
@@ -496,7 +503,7 @@ async def test_drain_through_the_command_line_with_real_agents(cluster: Cluster)
     cluster.signal("b", signal.SIGTERM)
     cluster.agents["b"].wait(15)
     await holds(lambda: _leaderless(cluster), 2 * LEASE_TTL_S, "a drained node took over")
-    run = await hapair("undrain", "a", etcd=cluster.etcd.url)
+    run = await hapair("undrain", "a", etcd=cluster.etcd)
     assert run.code == 0 and run.out.startswith("node a undrained: eligible again")
     await cluster.active("p", node="a", not_epoch=epoch_b)
 

@@ -55,7 +55,7 @@ async def site(etcd: Etcd, store: Store, port: int) -> AsyncIterator[Site]:
     await a.become_active()
     await a.publish("mes-api", port)
     async with (
-        registry_in_process(etcd.url) as url,
+        registry_in_process(etcd) as url,
         Resolver(url, request_timeout_s=0.5, stream_idle_s=2.0) as resolver,
     ):
         yield Site(resolver, a, b, port)
@@ -191,7 +191,7 @@ async def test_deadline_gives_a_clear_error_with_bounded_backoff(etcd: Etcd, sto
 async def test_no_endpoint_and_unknown_service(etcd: Etcd, store: Store) -> None:
     await apply_site(store)  # mes-api is declared, nobody is active
     async with (
-        registry_in_process(etcd.url) as url,
+        registry_in_process(etcd) as url,
         Resolver(url, request_timeout_s=0.5) as resolver,
     ):
         started = time.monotonic()

@@ -124,7 +124,7 @@ async def test_client_follows_crash_critical_exit_and_switchover(
     await c.apply(c.site([{"name": "p", "nodes": nodes, "services": [service]}]))
     out = tmp_path / "client.jsonl"
     log = ClientLog(out)
-    registry = RegistryProcess(etcd.url)
+    registry = RegistryProcess(etcd)
     proc: asyncio.subprocess.Process | None = None
     try:
         c.start("a")

@@ -38,7 +38,7 @@ async def good_and_lagging(
 ) -> AsyncIterator[tuple[RegistryProcess, RegistryProcess, FreezableRelay]]:
     """Two registry processes; the second reaches etcd through a relay to be frozen."""
     async with FreezableRelay(etcd.url) as relay:
-        good, lagging = RegistryProcess(etcd.url), RegistryProcess(relay.url)
+        good, lagging = RegistryProcess(etcd), RegistryProcess(etcd, relay.url)
         try:
             await asyncio.gather(good.start(), lagging.start())
             yield good, lagging, relay

@@ -83,7 +83,7 @@ async def site(etcd: Etcd, store: Store, port: int) -> AsyncIterator[Site]:
     await a.become_active()
     await a.publish("comm", port, "opcua")
     async with (
-        registry_in_process(etcd.url) as url,
+        registry_in_process(etcd) as url,
         Resolver(url, request_timeout_s=0.5, stream_idle_s=2.0) as resolver,
     ):
         yield Site(resolver, a, b)
@@ -414,7 +414,7 @@ async def test_subscriptions_follow_a_move_of_a_service_unknown_at_start(
     node_a, node_b = ua_nodes
     changes = Changes()
     async with (
-        registry_in_process(etcd.url) as url,
+        registry_in_process(etcd) as url,
         Resolver(url, request_timeout_s=0.5, stream_idle_s=2.0) as resolver,
         OpcUaAdapter(resolver, "comm", deadline_s=3, backoff=FAST_BACKOFF) as opc,
     ):

@@ -121,7 +121,7 @@ async def database(etcd: Etcd, store: Store, port: int) -> AsyncIterator[Any]:
     await a.become_active()
     await a.publish(SERVICE, port, "postgresql")
     async with (
-        registry_in_process(etcd.url) as url,
+        registry_in_process(etcd) as url,
         Resolver(url, request_timeout_s=0.5) as resolver,
         adapter(resolver) as pg,
     ):
@@ -212,7 +212,7 @@ async def test_pg_deadline_when_the_database_is_not_there(etcd: Etcd, store: Sto
     await a.become_active()
     await a.publish(SERVICE, port_free_on_both(), "postgresql")
     async with (
-        registry_in_process(etcd.url) as url,
+        registry_in_process(etcd) as url,
         Resolver(url) as resolver,
         PgAdapter(resolver, SERVICE, user="postgres", deadline_s=0.5) as pg,
     ):
@@ -302,7 +302,7 @@ async def test_a_lost_commit_is_run_again_by_run_and_never_by_run_once(
         async with contextlib.AsyncExitStack() as stack:
             cutter = await stack.enter_async_context(CommitCutter("127.0.0.13", postgres))
             await c.publish(SERVICE, cutter.port, "postgresql")
-            url = await stack.enter_async_context(registry_in_process(etcd.url))
+            url = await stack.enter_async_context(registry_in_process(etcd))
             resolver = await stack.enter_async_context(Resolver(url, request_timeout_s=0.5))
             pg = await stack.enter_async_context(adapter(resolver))
             await pg.run(insert("run"))

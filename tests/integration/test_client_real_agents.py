@@ -80,7 +80,7 @@ async def test_tcp_adapter_resolver_and_proxy_ride_through_a_real_crash(
     service = recording_service(SERVICE, port, c.record, critical=True)
     nodes = [{"name": "a", "address": "127.0.63.1"}, {"name": "b", "address": "127.0.63.2"}]
     await c.apply(c.site([{"name": "p", "nodes": nodes, "services": [service]}]))
-    registry = RegistryProcess(etcd.url)
+    registry = RegistryProcess(etcd)
     try:
         epoch = await _pair_up(c, registry)
         async with (
@@ -129,7 +129,7 @@ async def test_pg_adapter_rides_through_a_real_crash_and_loses_no_commit(
 ) -> None:
     c, port = db_cluster
     _, epoch = await ready(c, port)
-    registry = RegistryProcess(c.etcd.url)
+    registry = RegistryProcess(c.etcd)
     acked: list[int] = []
     try:
         await registry.start()
@@ -208,9 +208,10 @@ async def test_opcua_adapter_follows_real_comm_servers_through_a_real_crash(
         "endpoint": {"port": opc_port, "protocol": "opcua"},
     }  # fmt: skip
     c = Cluster(etcd, tmp_path)
+    comm["env"] = {**THIS_TREE, **c.service_env("comm", list(hosts))}
     nodes = [{"name": n, "address": a} for n, a in hosts.items()]
     await c.apply(c.site([{"name": "p", "nodes": nodes, "services": [comm]}]))
-    registry = RegistryProcess(etcd.url)
+    registry = RegistryProcess(etcd)
     seen: list[DataChange] = []
     speed = tag("press-1.speed")
     try:

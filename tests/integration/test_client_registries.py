@@ -27,7 +27,7 @@ async def test_client_goes_on_through_the_other_registry(
     etcd: Etcd, store: Store, transport: Any
 ) -> None:
     a, b = await active_pair(store)
-    async with registry_processes(etcd.url, 2) as (first, second):
+    async with registry_processes(etcd, 2) as (first, second):
         # Both registries answer the same.
         async with ClientSession() as http:
             answers = []
@@ -118,7 +118,7 @@ async def hapair(*args: str, env: dict[str, str] | None = None) -> tuple[int, st
 
 async def test_hapair_resolve(etcd: Etcd, store: Store) -> None:
     a, b = await active_pair(store)
-    async with registry_in_process(etcd.url) as url:
+    async with registry_in_process(etcd) as url:
         assert await hapair("resolve", "mes-api", "--registry", url) == (
             0,
             "127.0.0.11:8080\n",
@@ -167,7 +167,7 @@ async def test_hapair_resolve(etcd: Etcd, store: Store) -> None:
 
 async def test_heartbeat_period_is_the_clients_choice(etcd: Etcd, store: Store) -> None:
     await active_pair(store)
-    async with registry_in_process(etcd.url, heartbeat_s=60) as url, ClientSession() as http:
+    async with registry_in_process(etcd, heartbeat_s=60) as url, ClientSession() as http:
         async with http.get(f"{url}/v1/events?heartbeat_s=0.1") as resp:
             assert resp.status == 400
             assert (await resp.json())["error"].startswith("invalid query parameter: heartbeat_s")
@@ -197,7 +197,7 @@ class _Subscriber(asyncio.Protocol):
 
 async def test_a_change_reaches_1000_subscribers(etcd: Etcd, store: Store) -> None:
     a, b = await active_pair(store)
-    async with registry_processes(etcd.url, 1) as (registry,):
+    async with registry_processes(etcd, 1) as (registry,):
         loop = asyncio.get_running_loop()
         arrived: list[float] = []
         marker = b'"port": 8099'

@@ -51,7 +51,7 @@ async def move(a: FakeAgent, b: FakeAgent, port: int = 8080) -> int:
 
 async def test_resolve_answers_200_503_404(etcd: Etcd, store: Store) -> None:
     await apply_site(store)
-    async with registry_in_process(etcd.url) as url, fast(url) as resolver:
+    async with registry_in_process(etcd) as url, fast(url) as resolver:
         with pytest.raises(ServiceUnavailable, match="pair asm has no active node"):
             await resolver.resolve("mes-api")
         with pytest.raises(UnknownService, match="unknown service 'nope'"):
@@ -83,7 +83,7 @@ async def test_watch_yields_each_new_endpoint_at_once(
 ) -> None:
     a, b = await active_pair(store)
     async with (
-        registry_in_process(etcd.url) as url,
+        registry_in_process(etcd) as url,
         fast(url, transport=transport) as resolver,
     ):
         async with contextlib.aclosing(resolver.watch("mes-api")) as endpoints:
@@ -109,7 +109,7 @@ async def test_watch_yields_each_new_endpoint_at_once(
 
 async def test_unknown_service_fails_watch_at_once(etcd: Etcd, store: Store) -> None:
     await active_pair(store)
-    async with registry_in_process(etcd.url) as url, fast(url) as resolver:
+    async with registry_in_process(etcd) as url, fast(url) as resolver:
         with pytest.raises(UnknownService):
             await next_of(resolver.watch("nope"))
 
@@ -122,7 +122,7 @@ async def test_last_endpoint_kept_stale_while_no_registry_answers(
     url = f"http://127.0.0.1:{port}"
     resolver = fast(url)
     try:
-        async with _registry_on(etcd.url, port):
+        async with _registry_on(etcd, port):
             seen = await resolver.resolve("mes-api")
         with pytest.raises(RegistryUnavailable, match="no registry answered"):
             await resolver.resolve("scada")  # never seen: nothing to fall back on
@@ -133,7 +133,7 @@ async def test_last_endpoint_kept_stale_while_no_registry_answers(
         assert "keeping the last endpoint, marked stale" in caplog.text
 
         # While following, the stale mark comes and goes with the registries.
-        async with resolver.following("mes-api"), _registry_on(etcd.url, port):
+        async with resolver.following("mes-api"), _registry_on(etcd, port):
             await until(
                 lambda: asyncio.sleep(0, not resolver.state("mes-api").stale), "fresh again"
             )
@@ -145,12 +145,12 @@ async def test_last_endpoint_kept_stale_while_no_registry_answers(
 
 
 @contextlib.asynccontextmanager
-async def _registry_on(etcd_url: str, port: int) -> AsyncIterator[None]:
+async def _registry_on(etcd: Etcd, port: int) -> AsyncIterator[None]:
     """An in-process registry on a given port (to bring "the same" registry back)."""
     from hapair.registry.app import create_app
     from hapair.registry.appkeys import RegistryConfig
 
-    runner = web.AppRunner(create_app(etcd_url, RegistryConfig(heartbeat_s=0.5)))
+    runner = web.AppRunner(create_app(etcd.url, RegistryConfig(heartbeat_s=0.5), tls=etcd.tls))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
     try:
@@ -177,7 +177,7 @@ async def test_garbage_goes_to_the_next_registry(
     await active_pair(store)
     async with (
         FakeRegistry() as fake,
-        registry_in_process(etcd.url) as good,
+        registry_in_process(etcd) as good,
         fast([fake.url, good]) as resolver,
     ):
         fake.answer(500, b"<html>Internal Server Error</html>")

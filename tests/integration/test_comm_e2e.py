@@ -84,7 +84,7 @@ async def test_pair_moves_when_the_active_loses_every_path_to_a_critical_plc(
             "--listen",
             f"{{node.address}}:{opc_port}",
         ],
-        "env": THIS_TREE,
+        "env": {**THIS_TREE, **cluster.service_env("comm", list(NODES))},
         "placement": "all",
         "endpoint": {"port": opc_port, "protocol": "opcua"},
     }

@@ -26,7 +26,7 @@ from hapair.shared.store import Change, Kv, Store
 from hapair.shared.topology import parse_site
 from hapair.shared.txn import Compare, Op
 from tests.support.cluster import until
-from tests.support.harness import Etcd, free_port
+from tests.support.harness import Etcd, etcd_client, free_port
 from tests.support.plc_sim import CommUnderTest, ModbusPlc, running_comm
 
 S = ua.StatusCodes
@@ -57,7 +57,7 @@ def config(node: str, port: int, **opts: Any) -> str:
 
 @contextlib.asynccontextmanager
 async def comm_node(
-    etcd_url: str,
+    etcd: Etcd | str,
     node: str,
     port: int,
     store: Store | None = None,
@@ -67,7 +67,8 @@ async def comm_node(
 ) -> AsyncIterator[CommUnderTest]:
     """``store``: the role's connection to etcd (a fresh one by default); ``roles``
     receives the role made."""
-    store = store or Store(etcd_url, timeout=2.0)
+    url, tls = etcd_client(etcd)
+    store = store or Store(url, timeout=2.0, tls=tls)
 
     def role(parts: Any, on_change: Any) -> PairRole:
         log = EventLog("hapair.comm", node=node, pair="p")
@@ -172,8 +173,8 @@ async def test_role_moves_with_the_leader_key_and_old_drops_before_new_rises(
     etcd: Any, store: Store, plc: ModbusPlc
 ) -> None:
     async with (
-        comm_node(etcd.url, "a", plc.port) as a,
-        comm_node(etcd.url, "b", plc.port) as b,
+        comm_node(etcd, "a", plc.port) as a,
+        comm_node(etcd, "b", plc.port) as b,
     ):
         # nobody is active: both read the PLC, both standby
         await until(lambda: level(a, 50, 50), 5, "a at standby level with data")
@@ -239,7 +240,7 @@ async def test_a_new_active_rises_only_once_the_old_one_stopped_serving(
     old = await store.grant(30)
     claim = CommReport(service="comm", node="a", role="active", serving=True, epoch=1)
     await store.put(keys.report("a", "comm"), claim.encode(), lease=old)
-    async with comm_node(etcd.url, "b", plc.port) as b:
+    async with comm_node(etcd, "b", plc.port) as b:
         await until(lambda: level(b, 50, 50), 5, "b at standby level with data")
         await elect(store, "b")
         await until(lambda: _role(b, "waiting"), 3, "b waiting for a")
@@ -258,8 +259,8 @@ async def test_reports_say_which_node_reaches_a_critical_plc(
     etcd: Any, store: Store, plc: ModbusPlc
 ) -> None:
     async with (
-        comm_node(etcd.url, "a", plc.port) as a,
-        comm_node(etcd.url, "b", plc.port),
+        comm_node(etcd, "a", plc.port) as a,
+        comm_node(etcd, "b", plc.port),
     ):
         await elect(store, "a")
         await until(lambda: level(a, 255, 255), 5, "a serving")
@@ -333,9 +334,7 @@ async def test_a_suspend_past_the_fence_point_ends_the_role_at_once(
     CLOCK_BOOTTIME does across a suspend while the event loop's own clock does not."""
     jump = [0.0]
     roles: list[PairRole] = []
-    async with comm_node(
-        etcd.url, "a", plc.port, clock=lambda: boottime() + jump[0], roles=roles
-    ) as a:
+    async with comm_node(etcd, "a", plc.port, clock=lambda: boottime() + jump[0], roles=roles) as a:
         await elect(store, "a")
         await until(lambda: level(a, 255, 255), 3, "a serving")
         [role] = roles
@@ -356,7 +355,7 @@ async def test_a_write_queued_behind_a_poll_is_not_sent_once_the_role_is_lost(
     # The read is held until the test lets it go: its timeout only has to outlast the
     # steps below, generously.
     slow = {"poll_interval_s": 4.0, "timeout_s": 4.0, **one_path}
-    async with comm_node(etcd.url, "a", plc.port, **slow) as a:
+    async with comm_node(etcd, "a", plc.port, **slow) as a:
         lease, _ = await elect(store, "a")
         await until(lambda: level(a, 255, 255), 8, "a serving")
         plc.hold_reads = asyncio.Event()
@@ -399,8 +398,8 @@ class HeldReports(Store):
     member or a lagging watch would: their first read waits for ``load``, and their
     watched changes for ``watch``. Every other key flows as usual."""
 
-    def __init__(self, url: str) -> None:
-        super().__init__(url, timeout=2.0)
+    def __init__(self, etcd: Etcd) -> None:
+        super().__init__(etcd.url, timeout=2.0, tls=etcd.tls)
         self.load, self.loaded, self.watch = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     async def get_prefix(self, prefix: str) -> tuple[list[Kv], int]:
@@ -438,9 +437,9 @@ async def test_the_new_active_reads_every_report_before_it_claims(
     """a's comm server still serves; b becomes the leader while its read of the nodes'
     reports is held back: b must not claim on the leader key alone."""
     await serving_claim(store, "a")
-    held = HeldReports(etcd.url)
+    held = HeldReports(etcd)
     held.watch.set()
-    async with comm_node(etcd.url, "b", plc.port, store=held) as b:
+    async with comm_node(etcd, "b", plc.port, store=held) as b:
         await elect(store, "b")
         role = b.server.role
         assert isinstance(role, PairRole)
@@ -463,9 +462,9 @@ async def test_the_claim_is_refused_while_a_report_it_has_not_seen_exists(
     absent is there. A serving report of the same service in another pair never
     holds b up."""
     await serving_claim(store, "q1")
-    held = HeldReports(etcd.url)
+    held = HeldReports(etcd)
     held.load.set()
-    async with comm_node(etcd.url, "b", plc.port, store=held) as b:
+    async with comm_node(etcd, "b", plc.port, store=held) as b:
         await asyncio.wait_for(held.loaded.wait(), 5)
         lease_a = await serving_claim(store, "a")  # b does not see it: its watch is held
         await elect(store, "b")

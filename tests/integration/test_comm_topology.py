@@ -88,7 +88,7 @@ def comm(etcd: Etcd, tmp_path: Path, port: int, *extra: str) -> Iterator[subproc
         env={
             **{k: v for k, v in os.environ.items() if not k.startswith("HAPAIR_")},
             "PYTHONPATH": str(ROOT),
-            "HAPAIR_ETCD": etcd.url,
+            **etcd.client_env(),
             "HAPAIR_PAIR": "line-1",
             "HAPAIR_NODE": "l1-a",
         },
@@ -169,14 +169,12 @@ async def test_check_reads_the_topology_and_standalone_needs_a_file(
             env={**env, "PYTHONPATH": str(ROOT)},
         )
 
-    ok = await asyncio.to_thread(run, "--check", "--etcd", etcd.url, "--pair", "line-1")
+    ok = await asyncio.to_thread(run, "--check", *etcd.client_args(), "--pair", "line-1")
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.strip().endswith(
-        "pair line-1 in the topology at "
-        + etcd.url.removeprefix("http://")
-        + ": valid, 1 PLCs, 2 tags"
+        "pair line-1 in the topology at " + etcd.url.split("://")[1] + ": valid, 1 PLCs, 2 tags"
     )
-    ko = await asyncio.to_thread(run, "--check", "--etcd", etcd.url, "--pair", "other")
+    ko = await asyncio.to_thread(run, "--check", *etcd.client_args(), "--pair", "other")
     assert ko.returncode == 2 and "pair 'other' has no plcs: section" in ko.stderr
     alone = await asyncio.to_thread(run, "--standalone")
     assert alone.returncode == 2

@@ -376,8 +376,7 @@ async def test_status_shows_each_database_role_and_sync_state(
         proc = await asyncio.create_subprocess_exec(
             str(Path(sys.executable).parent / "hapair"),
             "status",
-            "--etcd",
-            c.etcd.url,
+            *c.etcd.client_args(),
             stdout=asyncio.subprocess.PIPE,
             env={**os.environ, "COLUMNS": "200"},
         )

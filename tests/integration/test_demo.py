@@ -68,6 +68,20 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def tour_command(env_file: Path, command: str) -> subprocess.CompletedProcess[str]:
+    """A command of the tour in a shell that sourced the demo's env file, with none of
+    this process's HAPAIR_* variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAPAIR_")}
+    return subprocess.run(
+        ["bash", "-c", f"source {env_file} && {command}"],
+        capture_output=True,
+        text=True,
+        env={**env, "COLUMNS": "200"},
+        timeout=60,
+        check=False,
+    )
+
+
 def database_of(site: dict[str, Any], pair: str) -> tuple[int, str]:
     """The port and the ``mes`` password of the pair's database, as the demo made them."""
     found = next(p for w in site["workshops"] for p in w["pairs"] if p["name"] == pair)
@@ -143,6 +157,19 @@ async def test_the_demo_story_and_ctrl_c(tmp_path: Path) -> None:
         new = {(e, n) for s, e, n in rows if s >= first_new}
         assert len(old) == 1 and next(iter(old))[1] == "cell-a"
         assert new == {(new_epoch, "cell-b")} and next(iter(old))[0] < new_epoch
+
+        # Secure by default: `source demo-run/env` drives the demo as its operator, and
+        # etcd refuses a client without a certificate.
+        env_file = tmp_path / "run" / "env"
+        assert "export HAPAIR_ETCD=https://" in env_file.read_text()
+        tour = await asyncio.to_thread(tour_command, env_file, "hapair status")
+        assert tour.returncode == 0, tour.stderr
+        assert "site plant-demo" in tour.stdout and "workshop assembly" in tour.stdout
+        anonymous = await asyncio.to_thread(
+            tour_command, env_file, "unset HAPAIR_ETCD_CERT HAPAIR_ETCD_KEY; hapair status"
+        )
+        assert anonymous.returncode == 3, anonymous
+        assert "permission denied" not in anonymous.stderr, anonymous.stderr
 
         started.update(tree(proc.pid))
         proc.send_signal(signal.SIGINT)

@@ -65,7 +65,7 @@ async def _drill(c: Cluster, registry: str, fault: str, **kw: Any) -> drill.Resu
 
 @pytest.fixture
 async def registry(etcd: Any) -> Any:
-    proc = await RegistryProcess(etcd.url).start()
+    proc = await RegistryProcess(etcd).start()
     try:
         yield proc.url
     finally:
@@ -112,7 +112,7 @@ async def test_drill_switchover_from_the_command_line(cluster: Cluster, registry
     out = await asyncio.to_thread(
         subprocess.run,
         [str(BIN / "hapair"), "drill", "p", "--fault", "switchover", "--yes"],
-        env={**os.environ, "HAPAIR_ETCD": cluster.etcd.url, "HAPAIR_REGISTRY": registry},
+        env={**os.environ, **cluster.etcd.client_env(), "HAPAIR_REGISTRY": registry},
         capture_output=True,
         text=True,
         timeout=60,
@@ -127,7 +127,7 @@ async def test_drill_switchover_from_the_command_line(cluster: Cluster, registry
     again = await asyncio.to_thread(
         subprocess.run,
         [str(BIN / "hapair"), "drill", "p", "--fault", "switchover"],
-        env={**os.environ, "HAPAIR_ETCD": cluster.etcd.url, "HAPAIR_REGISTRY": registry},
+        env={**os.environ, **cluster.etcd.client_env(), "HAPAIR_REGISTRY": registry},
         capture_output=True,
         text=True,
         timeout=60,

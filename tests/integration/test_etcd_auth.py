@@ -164,7 +164,7 @@ async def test_agents_with_their_own_certificates_run_their_pair(
 ) -> None:
     """Real agents against the auth-enabled etcd: a becomes active and publishes its
     endpoint, b standby; an operator's switchover moves the pair to b."""
-    cluster = Cluster(secured.etcd, tmp_path, pki_dir=secured.pki)
+    cluster = Cluster(secured.etcd, tmp_path)
     cluster.record = secured.record
     try:
         cluster.start("a")

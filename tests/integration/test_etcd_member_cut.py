@@ -281,7 +281,7 @@ async def test_a_member_cut_off_and_back_does_not_unseat_the_leader(etcd_lab: Et
 async def test_a_watch_on_a_frozen_member_ends(etcd: Etcd) -> None:
     """Nothing changes under the prefix, so only HTTP/2 pings can find that the member
     stopped answering; without them the watch waits forever."""
-    alone = Store(etcd.url, timeout=1.0)
+    alone = Store(etcd.url, timeout=1.0, tls=etcd.tls)
     try:
         assert etcd.proc is not None
         opened = asyncio.Event()
@@ -311,7 +311,7 @@ async def test_a_watch_confirmed_late_is_not_taken_for_the_next_one(etcd: Etcd) 
     """etcd confirms a watch after the client gave up waiting for it (the member was
     frozen for a moment); the next watch asked for on the same connection must still
     follow its own keys, not the abandoned watch's."""
-    alone = Store(etcd.url, timeout=1.0)
+    alone = Store(etcd.url, timeout=1.0, tls=etcd.tls)
     assert etcd.proc is not None
     seen: list[str] = []
     try:

@@ -73,6 +73,7 @@ async def test_main_wins_when_both_start_together(cluster: Cluster) -> None:
     assert [e["node"] for e in elections] == ["a"]
 
 
+@pytest.mark.lab  # the lab mode kept working end to end
 async def test_agent_kill9_kills_its_services_and_standby_takes_over(cluster: Cluster) -> None:
     _, epoch = await two_nodes(cluster, 11)
     svc = await service_pid(cluster, "a")
@@ -152,6 +153,7 @@ async def test_non_critical_service_restarts_in_place_then_moves(cluster: Cluste
     assert "service p-svc" in resign[0]["reason"]
 
 
+@pytest.mark.lab  # the lab mode kept working end to end
 async def test_planned_switchover(cluster: Cluster) -> None:
     _, epoch = await two_nodes(cluster, 16)
     request = Switchover(by="test")

@@ -27,10 +27,11 @@ NO_LAB = unavailable()
 
 
 async def second_agent(
-    etcd: str, state_dir: Path, where: Callable[..., list[str]] = lambda *argv: list(argv)
+    etcd: list[str], state_dir: Path, where: Callable[..., list[str]] = lambda *argv: list(argv)
 ) -> str:
-    """Start another agent for node a; it must exit non-zero. What it said on stderr."""
-    argv = [*AGENT, "--node", "a", "--etcd", etcd, "--state-dir", str(state_dir)]
+    """Start another agent for node a, reaching etcd with the options ``etcd``; it must
+    exit non-zero. What it said on stderr."""
+    argv = [*AGENT, "--node", "a", *etcd, "--state-dir", str(state_dir)]
     second = await asyncio.to_thread(
         subprocess.run,
         where(*argv),
@@ -51,7 +52,7 @@ async def test_a_second_agent_for_a_node_is_refused_whatever_its_state_dir(
     _, epoch = await two_nodes(cluster, 61)
     pids = service_pids(cluster, "a")
     other = cluster.tmp / "another-state-dir"
-    refused = await second_agent(cluster.etcd.url, other)
+    refused = await second_agent(cluster.etcd.client_args("a"), other)
     assert f"another hapair-agent runs for node a (pid {cluster.agents['a'].pid}" in refused
     assert await cluster.leader("p") == ("a", epoch), "the first agent lost its term"
     assert service_pids(cluster, "a") == pids, "the first agent's service was restarted"
@@ -73,7 +74,7 @@ async def test_a_second_agent_with_another_machine_lock_is_refused_by_the_live_s
         await c.apply(c.site([spec]))
         c.start("a")
         _, epoch = await c.active("p", node="a", timeout=20)
-        refused = await second_agent(c.etcd_url, tmp_path / "x", site["client"].argv)
+        refused = await second_agent(["--etcd", c.etcd_url], tmp_path / "x", site["client"].argv)
         pid = c.agents["a"].pid
         assert (
             f"another hapair-agent runs for node a (pid {pid}, named by its live status in etcd)"
@@ -148,7 +149,7 @@ async def test_an_agent_in_another_pid_namespace_does_not_take_the_live_runs_key
     _, epoch = await two_nodes(cluster, 63)
     pids = service_pids(cluster, "a")
     log = (cluster.tmp / "agent-a-container.log").open("ab")
-    argv = [*AGENT, "--node", "a", "--etcd", cluster.etcd.url]
+    argv = [*AGENT, "--node", "a", *cluster.etcd.client_args("a")]
     argv += ["--state-dir", str(cluster.tmp / "container-state")]
     second = cluster.spawn(
         "a",

@@ -128,6 +128,8 @@ async def test_a_node_added_while_the_active_and_its_peer_are_cut_off_does_not_c
     await a_keeps_the_pair_until_healed(cluster, relay, pids, epoch, CAMPAIGNED, WAITED)
 
 
+# The lab mode: the relay finds the member set's key in the bytes gRPC sends.
+@pytest.mark.lab
 async def test_an_active_cut_off_before_etcd_has_its_new_member_set_needs_the_old_members(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:

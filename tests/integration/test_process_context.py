@@ -381,7 +381,7 @@ async def site(etcd: Etcd, store: object) -> AsyncIterator[tuple[Cluster, int, s
     port = common_free_port(ADDRESSES)
     c = Cluster(etcd, root)
     try:
-        async with registry_in_process(etcd.url) as registry:
+        async with registry_in_process(etcd) as registry:
             batch = {
                 "name": "p-batch",
                 "command": [
@@ -426,14 +426,14 @@ async def hapair(c: Cluster, *args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         HAPAIR, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "HAPAIR_OPERATOR": "tester", "COLUMNS": "200"},
+        env={**os.environ, **c.etcd.operator_env("tester"), "COLUMNS": "200"},
     )  # fmt: skip
     out, _ = await asyncio.wait_for(proc.communicate(), 20)
     return proc.returncode or 0, out.decode()
 
 
 async def ack(c: Cluster, *args: str) -> tuple[int, str]:
-    return await hapair(c, "ack", "p", *args, "--etcd", c.etcd.url)
+    return await hapair(c, "ack", "p", *args)
 
 
 @pytest.mark.e2e
@@ -490,7 +490,7 @@ async def test_a_batch_goes_on_after_a_crash_and_an_ack_with_no_step_twice_or_sk
     )  # fmt: skip
     assert shown.epoch == epoch and shown.committed_at == at_crash.committed_at.timestamp()
 
-    code, out = await hapair(c, "status", "--etcd", c.etcd.url)
+    code, out = await hapair(c, "status")
     assert code == 0, out
     assert "AWAITING OPERATOR: p" in out and f"p-batch resumes at step {at_crash.step}" in out
     assert f"last: step {at_crash.last_step}, epoch {epoch}" in out

@@ -68,7 +68,7 @@ async def world(
     a, b = await active_pair(store, port)
     async with (
         node_servers(port) as (server_a, _),
-        registry_in_process(etcd.url) as url,
+        registry_in_process(etcd) as url,
         ProxyProcess(url, tmp_path / "proxy.log", *extra) as proxy,
     ):
         yield proxy, a, b, server_a, port
@@ -165,7 +165,7 @@ async def test_proxy_follows_a_service_that_was_unknown_when_it_started(
     log = tmp_path / "proxy.log"
     async with (
         node_servers(port),
-        registry_in_process(etcd.url) as url,
+        registry_in_process(etcd) as url,
         ProxyProcess(url, log) as proxy,
     ):
         await until(
@@ -207,7 +207,7 @@ async def test_proxy_passes_on_what_the_server_says_first(
     server = await asyncio.start_server(greet, "127.0.0.11", port)
     try:
         async with (
-            registry_in_process(etcd.url) as url,
+            registry_in_process(etcd) as url,
             ProxyProcess(url, tmp_path / "proxy.log") as proxy,
         ):
             clients = [await proxy.connect() for _ in range(10)]

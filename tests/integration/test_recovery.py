@@ -48,11 +48,9 @@ async def hapair(c: Cluster, *args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         HAPAIR,
         *args,
-        "--etcd",
-        c.etcd.url,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "HAPAIR_OPERATOR": "tester", "COLUMNS": "200"},
+        env={**os.environ, **c.etcd.operator_env("tester"), "COLUMNS": "200"},
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 20)
     return proc.returncode or 0, out.decode()

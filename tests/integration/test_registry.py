@@ -51,7 +51,8 @@ async def until(
 @pytest.fixture
 async def client(store: Store, etcd: Any) -> AsyncIterator[TestClient[Any, Any]]:
     # Admin routes open: these tests are about what they do, not who may use them.
-    app = create_app(etcd.url, RegistryConfig(heartbeat_s=0.2, open_admin=True))
+    config = RegistryConfig(heartbeat_s=0.2, open_admin=True)
+    app = create_app(etcd.url, config, tls=etcd.tls)
     async with TestClient(TestServer(app)) as c:
         await until(lambda: _ok(c, "/healthz"), "the registry to sync with etcd")
         yield c
@@ -343,7 +344,7 @@ async def test_a_named_tokens_pause_names_it(etcd: Any, store: Store) -> None:
     unknown token changes nothing."""
     await active_pair(store)
     tokens = {hashlib.sha256(b"s3cret").hexdigest(): "alice"}
-    app = create_app(etcd.url, RegistryConfig(admin_tokens=tokens))
+    app = create_app(etcd.url, RegistryConfig(admin_tokens=tokens), tls=etcd.tls)
     async with TestClient(TestServer(app)) as c:
         async with c.post("/v1/pairs/asm/pause", json={}) as resp:
             assert resp.status == 401
@@ -364,7 +365,7 @@ async def test_a_named_tokens_pause_names_it(etcd: Any, store: Store) -> None:
 async def test_hapair_registry_serves_until_sigterm(etcd: Any, store: Store) -> None:
     await active_pair(store)
     port = free_port()
-    env = {**os.environ, "HAPAIR_ETCD": etcd.url, "HAPAIR_LISTEN": f"127.0.0.1:{port}"}
+    env = {**os.environ, **etcd.client_env(), "HAPAIR_LISTEN": f"127.0.0.1:{port}"}
     proc = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).parent / "hapair-registry"),
         env=env,
@@ -464,7 +465,9 @@ async def test_streams_and_long_polls_are_capped(etcd: Any, store: Store) -> Non
     """Beyond the configured number of open streams (long-polls), a new one is refused
     at once with 503 and Retry-After: a client goes to another registry."""
     await active_pair(store)
-    app = create_app(etcd.url, RegistryConfig(heartbeat_s=0.2, max_streams=2, max_polls=2))
+    app = create_app(
+        etcd.url, RegistryConfig(heartbeat_s=0.2, max_streams=2, max_polls=2), tls=etcd.tls
+    )
     async with TestClient(TestServer(app)) as c:
         body = await status_becomes(c, "/v1/endpoints/mes-api", 200)
         poll = f"/v1/endpoints/mes-api?after_epoch={body['epoch']}&wait_s=30"
@@ -499,7 +502,7 @@ async def test_one_client_address_holds_few_waiting_readers_and_lookups_go_on(
     it still answer."""
     await active_pair(store)
     config = RegistryConfig(heartbeat_s=0.2, max_per_client=2, max_streams=100, max_polls=100)
-    app = create_app(etcd.url, config)
+    app = create_app(etcd.url, config, tls=etcd.tls)
     async with (
         TestClient(TestServer(app, host="127.0.0.1")) as c,
         ClientSession(connector=TCPConnector(local_addr=("127.0.0.2", 0))) as other,
@@ -547,7 +550,7 @@ async def test_connections_that_never_finish_their_headers_are_closed(
     port = free_port()
     env = {
         **os.environ,
-        "HAPAIR_ETCD": etcd.url,
+        **etcd.client_env(),
         "HAPAIR_LISTEN": f"127.0.0.1:{port}",
         "HAPAIR_HEADER_TIMEOUT_S": "1",
     }

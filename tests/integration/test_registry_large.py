@@ -59,7 +59,7 @@ async def big(store: Store) -> AsyncIterator[FakeAgent]:
 async def test_registry_loads_and_follows_a_prefix_over_4_mib(
     etcd: Any, store: Store, big: FakeAgent
 ) -> None:
-    app = create_app(etcd.url)
+    app = create_app(etcd.url, tls=etcd.tls)
     async with TestClient(TestServer(app)) as c:
         await answers(c, "/healthz", lambda body: body["status"] == "ok")
         assert (await get(c, "/v1/endpoints/mes-api"))[1]["epoch"] == big.epoch

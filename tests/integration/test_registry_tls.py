@@ -63,7 +63,8 @@ async def secure(etcd: Etcd, store: Store, site_pki: Path, tmp_path: Path) -> As
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
             str(BIN / "hapair-registry"),
-            *("--etcd", etcd.url, "--listen", f"127.0.0.1:{port}"),
+            *etcd.client_args("reg-1", "registry"),
+            *("--listen", f"127.0.0.1:{port}"),
             *("--tls-cert", str(site_pki / "reg-1.crt"), "--tls-key", str(site_pki / "reg-1.key")),
             *("--client-ca", str(site_pki / pki.CA_CERT)),
             cwd=ROOT,
@@ -169,7 +170,8 @@ async def test_connections_that_never_finish_the_tls_handshake_are_closed(
     secure = Secure(f"https://127.0.0.1:{port}", site_pki)
     proc = await asyncio.create_subprocess_exec(
         str(BIN / "hapair-registry"),
-        *("--etcd", etcd.url, "--listen", f"127.0.0.1:{port}", "--header-timeout", "1"),
+        *etcd.client_args("reg-1", "registry"),
+        *("--listen", f"127.0.0.1:{port}", "--header-timeout", "1"),
         *("--tls-cert", str(site_pki / "reg-1.crt"), "--tls-key", str(site_pki / "reg-1.key")),
         cwd=ROOT,
         stderr=asyncio.subprocess.DEVNULL,

@@ -25,7 +25,7 @@ from hapair.shared import keys, records
 from hapair.shared.report import SiteReport
 from hapair.shared.store import Store
 from tests.support.cluster import until
-from tests.support.harness import Etcd, free_port, stop_pid
+from tests.support.harness import Etcd, etcd_client, free_port, stop_pid
 from tests.support.pty_run import spawn_in_pty
 from tests.support.site_records import FakeAgent, apply_site
 from tests.unit.test_top import HAPAIR, Follow, screen
@@ -37,9 +37,11 @@ TOKEN, OPERATOR = "top-secret", "ops-1"
 class Registry:
     """A registry in this process on a free port, started and stopped at will."""
 
-    def __init__(self, etcd_url: str) -> None:
+    def __init__(self, etcd: Etcd | str) -> None:
+        url, tls = etcd_client(etcd)
         tokens = {hashlib.sha256(TOKEN.encode()).hexdigest(): OPERATOR}
-        self.app = create_app(etcd_url, RegistryConfig(heartbeat_s=0.5, admin_tokens=tokens))
+        config = RegistryConfig(heartbeat_s=0.5, admin_tokens=tokens)
+        self.app = create_app(url, config, tls=tls)
         self.runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=1.0)
         self.url = f"http://127.0.0.1:{free_port()}"
         self.running = False
@@ -73,9 +75,9 @@ async def registries(etcd: Etcd) -> AsyncIterator[list[Registry]]:
 
 
 async def start_registry(
-    registries: list[Registry], etcd_url: str, wait_synced: bool = True
+    registries: list[Registry], etcd: Etcd | str, wait_synced: bool = True
 ) -> Registry:
-    r = Registry(etcd_url)
+    r = Registry(etcd)
     registries.append(r)
     await r.start(wait_synced)
     return r
@@ -119,7 +121,7 @@ async def test_ack_from_the_keys_through_a_real_registry(
     store: Store, etcd: Etcd, registries: list[Registry]
 ) -> None:
     epoch = await recovering_pair(store)
-    url = (await start_registry(registries, etcd.url)).url
+    url = (await start_registry(registries, etcd)).url
     async with following(Top(SiteFeed([url], tick_s=0.2, token=TOKEN))) as top:
 
         async def shown() -> bool:
@@ -179,7 +181,7 @@ async def test_follows_the_next_registry_and_says_when_none_answers(
     await recovering_pair(store)
     dead = f"http://127.0.0.1:{free_port()}"
     no_etcd = await start_registry(registries, f"http://127.0.0.1:{free_port()}", False)
-    second = await start_registry(registries, etcd.url)
+    second = await start_registry(registries, etcd)
     feed = SiteFeed([dead, no_etcd.url, second.url], tick_s=0.2, timeout_s=1.0, retry_s=0.2)
     async with contextlib.aclosing(feed.follow()) as follow:
         tried: list[Connection] = []
@@ -190,7 +192,7 @@ async def test_follows_the_next_registry_and_says_when_none_answers(
         assert "not in touch with etcd" in tried[1].error
         assert report is not None and conn.url == second.url
 
-        third = await start_registry(registries, etcd.url)
+        third = await start_registry(registries, etcd)
         feed.urls.append(third.url)
         lost_at = time.time()
         await second.stop()
@@ -263,7 +265,7 @@ async def test_hapair_top_in_a_terminal_acknowledges_a_recovery(
     store: Store, etcd: Etcd, registries: list[Registry]
 ) -> None:
     epoch = await recovering_pair(store)
-    url = (await start_registry(registries, etcd.url)).url
+    url = (await start_registry(registries, etcd)).url
     top = PtyTop(url)
     try:
         await top.shows("LIVE", "AWAITING OPERATOR")

@@ -24,11 +24,15 @@ from aiohttp import ClientSession, web
 
 from hapair.registry.app import create_app
 from hapair.registry.appkeys import RegistryConfig
+from hapair.shared import pki
 from hapair.shared.client import (
     Endpoint,
     Resolver,
 )
-from tests.support.harness import ROOT, free_port, stop_process
+from tests.support.harness import ROOT, Etcd, etcd_client, free_port, stop_process
+from tests.support.tls_etcd import TlsEtcd
+
+REGISTRY = "reg-1"  # the etcd user of a registry process over TLS
 
 
 def fast(registries: str | list[str], **options: Any) -> Resolver:
@@ -133,10 +137,12 @@ async def _healthy(url: str) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def registry_in_process(etcd_url: str, heartbeat_s: float = 0.5) -> AsyncIterator[str]:
-    """A registry app on a free port in this process; yields its URL once in sync."""
+async def registry_in_process(etcd: Etcd | str, heartbeat_s: float = 0.5) -> AsyncIterator[str]:
+    """A registry app on a free port in this process, on ``etcd`` (over TLS with the
+    admin's certificate; a URL: the lab mode); yields its URL once in sync."""
+    url, tls = etcd_client(etcd)
     runner = web.AppRunner(
-        create_app(etcd_url, RegistryConfig(heartbeat_s=heartbeat_s)),
+        create_app(url, RegistryConfig(heartbeat_s=heartbeat_s), tls=tls),
         access_log=None,
         shutdown_timeout=0.5,
     )
@@ -159,11 +165,12 @@ class FreezableRelay:
     no news, as one whose watch stalled would, and answers from an ever older memory."""
 
     def __init__(self, target_url: str) -> None:
-        target = target_url.removeprefix("http://").split(",")[0]
+        # Over TLS the bytes pass as they are: the client's handshake is with etcd.
+        scheme, _, target = target_url.split(",")[0].rpartition("://")
         self.target_host, _, port = target.rpartition(":")
         self.target_port = int(port)
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.flowing = asyncio.Event()
         self.flowing.set()
         self.server: asyncio.Server | None = None
@@ -224,8 +231,11 @@ class FreezableRelay:
 class RegistryProcess:
     """``hapair-registry`` as a process of its own, to be killed like a real one."""
 
-    def __init__(self, etcd_url: str) -> None:
-        self.etcd_url = etcd_url
+    def __init__(self, etcd: Etcd, url: str | None = None) -> None:
+        """A registry of ``etcd`` (its own certificate over TLS), reaching it at ``url``
+        (default: its own; a relay's, say)."""
+        self.etcd = etcd
+        self.etcd_url = url or etcd.url
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: asyncio.subprocess.Process | None = None
@@ -233,7 +243,8 @@ class RegistryProcess:
     async def start(self) -> RegistryProcess:
         self.proc = await asyncio.create_subprocess_exec(
             str(BIN / "hapair-registry"),
-            "--etcd",
+            *self.etcd.client_args(self.identity()),
+            "--etcd",  # wins over the one above
             self.etcd_url,
             "--listen",
             f"127.0.0.1:{self.port}",
@@ -245,6 +256,13 @@ class RegistryProcess:
         )
         await until(lambda: _healthy(self.url), f"registry on {self.url}", 15)
         return self
+
+    def identity(self) -> str | None:
+        """The registry's etcd user over TLS (issued once), None in the lab mode."""
+        if not isinstance(self.etcd, TlsEtcd):
+            return None
+        self.etcd.pki.files(REGISTRY, pki.Kind.REGISTRY)
+        return REGISTRY
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -258,8 +276,8 @@ class RegistryProcess:
 
 
 @contextlib.asynccontextmanager
-async def registry_processes(etcd_url: str, count: int) -> AsyncIterator[list[RegistryProcess]]:
-    procs = [RegistryProcess(etcd_url) for _ in range(count)]
+async def registry_processes(etcd: Etcd, count: int) -> AsyncIterator[list[RegistryProcess]]:
+    procs = [RegistryProcess(etcd) for _ in range(count)]
     try:
         await asyncio.gather(*(p.start() for p in procs))
         yield procs

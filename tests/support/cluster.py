@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import re
@@ -18,13 +19,13 @@ from typing import Any, TypeVar
 import yaml
 
 from hapair.registry.console.drill_faults import descendants
-from hapair.shared import keys
+from hapair.shared import keys, pki
 from hapair.shared.clock import boottime
-from hapair.shared.pki import TlsFiles
 from hapair.shared.records import EndpointRecord, Leader, NodeStatus, TopologyDoc, decode
 from hapair.shared.store import Kv, Store, Timeout, Unavailable
 from hapair.shared.topology import parse_site
 from tests.support.harness import PYTHON, ROOT, Etcd, stop_pid
+from tests.support.tls_etcd import TestPki, TlsEtcd
 
 T = TypeVar("T")
 SVC = str(ROOT / "tests" / "support" / "svc.py")
@@ -126,6 +127,20 @@ def recording_service(
     }
 
 
+def with_peer_keys(site: dict[str, Any], test_pki: TestPki) -> dict[str, Any]:
+    """``site`` with each pair that has a peer path (a ``network:`` section) but names no
+    ``peer_key_file`` given its key of ``test_pki``: the secure default. A pair without
+    a peer path has nothing to authenticate; one that names a key, or none on purpose
+    (``peer_key_file: None``), keeps it."""
+    site = copy.deepcopy(site)
+    for workshop in site.get("workshops", []):
+        for pair in workshop.get("pairs", []):
+            network = pair.get("network")
+            if network is not None and "peer_key_file" not in network:
+                network["peer_key_file"] = str(test_pki.peer_key(pair["name"]))
+    return site
+
+
 def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -141,27 +156,40 @@ class Cluster:
     store: Store = field(init=False)
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     record: Path = field(init=False)
-    # etcd over TLS: the test's store shows ``admin``'s certificate of ``pki_dir``, each
-    # agent its node's.
-    pki_dir: Path | None = None
-    admin: str = "root"
+    # etcd over TLS (a TlsEtcd, the tests' default): the test's store shows the admin's
+    # certificate, each agent its node's, and each pair with a peer path that the site
+    # applies without a key gets one of the test's PKI. The lab mode gets neither.
+    peer_keys: bool = True
     # The tests' services run as root (the test's own user, with files in its temporary
     # directory): every agent of a test cluster is told so explicitly, with the option a
     # server needs for it (--allow-root-services), unless a test turns it off.
     allow_root_services: bool = True
 
     def __post_init__(self) -> None:
-        tls = None if self.pki_dir is None else TlsFiles.issued(self.pki_dir, self.admin)
+        # Some tests hand in an etcd cluster of their own (the lab mode): only its URL.
+        tls = self.etcd.tls if isinstance(self.etcd, Etcd) else None
         self.store = Store(self.etcd.url, timeout=2.0, tls=tls)
         self.record = self.tmp / "record"
         self.record.mkdir(exist_ok=True)
 
     # -- topology ---------------------------------------------------------------------
     async def apply(self, site: dict[str, Any]) -> None:
+        if self.peer_keys and isinstance(self.etcd, TlsEtcd):
+            site = with_peer_keys(site, self.etcd.pki)
         parsed = parse_site(site, "test site")
         await self.store.put(
             keys.TOPOLOGY, TopologyDoc(site=parsed.model_dump(mode="json")).encode()
         )
+
+    def service_env(self, service: str, nodes: list[str]) -> dict[str, str]:
+        """The ``env:`` a service that talks to etcd needs besides what its agent gives it
+        (the CA): over TLS its own certificate, ``SERVICE@NODE`` on each node."""
+        if not isinstance(self.etcd, TlsEtcd):
+            return {}
+        for node in nodes:
+            self.etcd.pki.files(f"{service}@{node}", pki.Kind.COMM)
+        own = self.etcd.pki.dir / f"{service}@{{node.name}}"
+        return {"HAPAIR_ETCD_CERT": f"{own}.crt", "HAPAIR_ETCD_KEY": f"{own}.key"}
 
     @staticmethod
     def site(pairs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -178,10 +206,8 @@ class Cluster:
         state = str(self.tmp / f"state-{node}")
         # A later --etcd in ``extra`` wins: a test may route one agent another way.
         argv = [*AGENT, "--node", node, "--etcd", self.agent_etcd, "--state-dir", state]
-        if self.pki_dir is not None:
-            own = TlsFiles.issued(self.pki_dir, node)
-            argv += ["--etcd-ca", str(own.ca), "--etcd-cert", str(own.cert)]
-            argv += ["--etcd-key", str(own.key)]
+        if isinstance(self.etcd, TlsEtcd):
+            argv += self.etcd.client_args(node)[2:]  # its own certificate; --etcd above
         if self.allow_root_services:
             argv.append("--allow-root-services")
         argv += extra

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hapair.shared.pki import TlsFiles
+
 ROOT = Path(__file__).resolve().parents[2]
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
@@ -98,6 +100,26 @@ class Etcd:
     def peer_url(self) -> str:
         return f"{self.scheme}://{self.host}:{self.peer_port}"
 
+    @property
+    def tls(self) -> TlsFiles | None:
+        """What a test's own client shows etcd: nothing in the lab mode (``http://``)."""
+        return None
+
+    def client_env(self, identity: str | None = None, kind: str = "agent") -> dict[str, str]:
+        """``HAPAIR_ETCD*`` for a command or daemon that talks to this etcd as
+        ``identity``, a certificate of ``kind`` (the admin when None; only over TLS does
+        it matter)."""
+        return {"HAPAIR_ETCD": self.url}
+
+    def client_args(self, identity: str | None = None, kind: str = "agent") -> list[str]:
+        """The same as command line options: ``--etcd URL`` and the TLS files."""
+        return ["--etcd", self.url]
+
+    def operator_env(self, name: str) -> dict[str, str]:
+        """``hapair``'s environment for the operator ``name``: over TLS their
+        certificate, whose CN names them; in the lab mode ``HAPAIR_OPERATOR``."""
+        return {**self.client_env(), "HAPAIR_OPERATOR": name}
+
     def start(self, wait: bool = True) -> Etcd:
         peer = self.peer_url
         self.proc = subprocess.Popen(
@@ -155,6 +177,12 @@ class Etcd:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def etcd_client(etcd: Etcd | str) -> tuple[str, TlsFiles | None]:
+    """The URL and TLS files a test's own client connects with: the admin's of a
+    session etcd, none for a bare URL (an etcd in the lab mode, or none at all)."""
+    return (etcd, None) if isinstance(etcd, str) else (etcd.url, etcd.tls)
 
 
 class EtcdCluster:

@@ -1,16 +1,61 @@
 """One etcd member with TLS and client-certificate authentication on its client and peer
-ports, from certificates ``hapair pki`` issued, and ``etcdctl`` with a given identity."""
+ports, from certificates ``hapair pki`` issued, and ``etcdctl`` with a given identity.
+
+:class:`TestPki` is a test process's PKI: one CA, a certificate issued the first time a
+name asks for one and a pair's peer key likewise, so that a whole session pays for its
+keys once."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from hapair.shared import pki
 from tests.support.harness import Etcd
+
+ETCD_NAME = "etcd-1"
+ADMIN = "root"
+# Kinds whose certificates also serve (they need the address clients connect to).
+SERVING = {pki.Kind.ETCD, pki.Kind.REGISTRY, pki.Kind.COMM}
+
+
+class TestPki:
+    """The CA of ``directory`` and what it issued; :meth:`create` makes a new one."""
+
+    __test__ = False  # not a test class, whatever its name
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create(cls, directory: Path, site: str = "tests") -> TestPki:
+        """A new CA in ``directory``, with etcd's certificate and the admin's."""
+        made = cls(directory)
+        pki.init(directory, site)
+        made.files(ETCD_NAME, pki.Kind.ETCD)
+        made.files(ADMIN, pki.Kind.ADMIN)
+        return made
+
+    def files(self, name: str, kind: pki.Kind = pki.Kind.AGENT) -> pki.TlsFiles:
+        """``name``'s CA, certificate and key, issued as ``kind`` unless it already was."""
+        with self._lock:
+            if not (self.dir / f"{name}.crt").exists():
+                ips = ["127.0.0.1"] if kind in SERVING else []
+                pki.issue(self.dir, kind, name, ips)
+        return pki.TlsFiles.issued(self.dir, name)
+
+    def peer_key(self, pair: str) -> Path:
+        """The pair's peer key file (0600), made the first time it is asked for."""
+        path = self.dir / f"peer-{pair}.key"
+        with self._lock:
+            if not path.exists():
+                pki.peer_key(self.dir, pair)
+        return path
 
 
 class TlsEtcd(Etcd):
@@ -18,7 +63,7 @@ class TlsEtcd(Etcd):
     both ports (its SANs must list 127.0.0.1); every client, and every peer, must show a
     certificate of the same CA. Ready once it answers ``admin``'s certificate."""
 
-    def __init__(self, pki_dir: Path, admin: str, name: str = "etcd-1") -> None:
+    def __init__(self, pki_dir: Path, admin: str, name: str = ETCD_NAME) -> None:
         files = pki.TlsFiles.issued(pki_dir, name)
         tls = ["--cert-file", str(files.cert), "--key-file", str(files.key)]
         tls += ["--trusted-ca-file", str(files.ca), "--client-cert-auth"]
@@ -27,6 +72,35 @@ class TlsEtcd(Etcd):
         super().__init__(name=name, scheme="https", extra_args=tls + peer)
         self.pki_dir = pki_dir
         self.admin = admin
+        self.pki = TestPki(pki_dir)
+
+    @property
+    def tls(self) -> pki.TlsFiles:
+        return self.pki.files(self.admin, pki.Kind.ADMIN)
+
+    def identity(self, name: str | None, kind: str = pki.Kind.AGENT) -> pki.TlsFiles:
+        """``name``'s files (a certificate of ``kind``, issued on first use), the
+        admin's when None."""
+        return self.tls if name is None else self.pki.files(name, pki.Kind(kind))
+
+    def client_env(self, identity: str | None = None, kind: str = pki.Kind.AGENT) -> dict[str, str]:
+        files = self.identity(identity, kind)
+        return {
+            "HAPAIR_ETCD": self.url,
+            "HAPAIR_ETCD_CA": str(files.ca),
+            "HAPAIR_ETCD_CERT": str(files.cert),
+            "HAPAIR_ETCD_KEY": str(files.key),
+        }
+
+    def client_args(self, identity: str | None = None, kind: str = pki.Kind.AGENT) -> list[str]:
+        files = self.identity(identity, kind)
+        return [
+            *("--etcd", self.url, "--etcd-ca", str(files.ca)),
+            *("--etcd-cert", str(files.cert), "--etcd-key", str(files.key)),
+        ]
+
+    def operator_env(self, name: str) -> dict[str, str]:
+        return self.client_env(name, pki.Kind.OPERATOR)
 
     def _ready(self) -> bool:
         return self.etcdctl("endpoint", "health", identity=self.admin).returncode == 0
@@ -51,7 +125,7 @@ class TlsEtcd(Etcd):
 
 
 @contextlib.contextmanager
-def running_tls_etcd(pki_dir: Path, admin: str, name: str = "etcd-1") -> Iterator[TlsEtcd]:
+def running_tls_etcd(pki_dir: Path, admin: str, name: str = ETCD_NAME) -> Iterator[TlsEtcd]:
     etcd = TlsEtcd(pki_dir, admin, name)
     try:
         etcd.start()
