@@ -20,11 +20,10 @@ from pathlib import Path
 
 from bench.bench_failover import ADDRESS, measure, pair_spec
 from hapair.registry.console import etcd_auth_cmd
-from hapair.shared import pki
 from hapair.shared.topology import parse_site
 from tests.support.cluster import Cluster
 from tests.support.harness import Etcd, free_port
-from tests.support.tls_etcd import TlsEtcd
+from tests.support.tls_etcd import ADMIN, TestPki, TlsEtcd
 
 MODES = ("lab", "secure")
 KINDS = ("switchover", "critical", "crash")
@@ -40,18 +39,11 @@ async def one_round(mode: str, runs: int) -> tuple[dict[str, list[float]], int]:
     }
     etcd: Etcd
     if mode == "secure":
-        d = tmp / "pki"
-        pki.init(d, "bench")
-        pki.issue(d, "etcd", "etcd-1", ["127.0.0.1"])
-        pki.issue(d, "admin", "root")
-        for node in ADDRESS:
-            pki.issue(d, "agent", node)
-        network["peer_key_file"] = str(pki.peer_key(d, "p"))
-        etcd = TlsEtcd(d, "root").start()
-        c = Cluster(etcd, tmp, pki_dir=d, admin="root")
+        # The cluster issues each agent's certificate and the pair's peer key.
+        etcd = TlsEtcd(TestPki.create(tmp / "pki").dir, ADMIN).start()
     else:
         etcd = Etcd().start()
-        c = Cluster(etcd, tmp)
+    c = Cluster(etcd, tmp)
     port = free_port()
     site = c.site([pair_spec(port, c.record, network=network)])
     await c.apply(site)
