@@ -48,10 +48,10 @@ async def one_round(mode: str, runs: int) -> tuple[dict[str, list[float]], int]:
     c = Cluster(etcd, tmp)
     port = free_port()
     site = c.site([pair_spec(port, c.record, network=network)])
-    await c.apply(site)
-    if mode == "secure":
-        await etcd_auth_cmd.apply(c.store, etcd_auth_cmd.plan(parse_site(site, "bench")))
-    try:
+    try:  # from here on, etcd is stopped whatever fails
+        await c.apply(site)
+        if mode == "secure":
+            await etcd_auth_cmd.apply(c.store, etcd_auth_cmd.plan(parse_site(site, "bench")))
         c.start("a")
         c.start("b")
         results = await measure(c, port, runs, KINDS)
