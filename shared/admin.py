@@ -63,12 +63,9 @@ async def prune_events(store: Store, older_than_s: float) -> int:
     time, so one range per writer (and one for keys of the earlier layout)."""
     cutoff_ns = time.time_ns() - int(older_than_s * 1e9)
     kvs, _ = await store.get_prefix(keys.EVENTS_PREFIX, keys_only=True)
-    writers = {kv.key[len(keys.EVENTS_PREFIX) :].rpartition("/")[0] for kv in kvs}
     deleted = 0
-    for name in sorted(writers):
-        start = keys.events_of(name) if name else keys.EVENTS_PREFIX
-        end = keys.event(cutoff_ns, name) if name else keys.EVENTS_PREFIX + f"{cutoff_ns:020d}"
-        deleted += await store.delete_range(start, end)
+    for name in sorted({keys.event_writer(kv.key) for kv in kvs}):
+        deleted += await store.delete_range(*keys.events_before(name, cutoff_ns))
     return deleted
 
 

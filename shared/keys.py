@@ -97,6 +97,19 @@ def event(stamp_ns: int, writer: str) -> str:
     return f"{events_of(writer)}{stamp_ns:020d}"
 
 
+def event_writer(key: str) -> str:
+    """Whose event ``key`` is; ``""`` for a key of the earlier layout (below)."""
+    return key[len(EVENTS_PREFIX) :].rpartition("/")[0]
+
+
+def events_before(writer: str, stamp_ns: int) -> tuple[str, str]:
+    """The range of ``writer``'s events older than ``stamp_ns``; with ``writer`` ``""``,
+    of the earlier layout's, whose keys sort by stamp below the prefix itself."""
+    if writer:
+        return events_of(writer), event(stamp_ns, writer)
+    return EVENTS_PREFIX, f"{EVENTS_PREFIX}{stamp_ns:020d}"
+
+
 def event_order(key: str) -> tuple[int, str]:
     """An event key's place in time: its stamp, then the key to keep ties apart.
 
