@@ -73,7 +73,10 @@ def header() -> str:
 # ---- the processes ----------------------------------------------------------------------
 
 
-def start_registry(etcd_url: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_registry(
+    etcd_url: str, log: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A registry on a free port; ``env`` adds its etcd credentials where etcd wants them."""
     port = free_port()
     out = log.open("wb")
     proc = subprocess.Popen(
@@ -82,6 +85,7 @@ def start_registry(etcd_url: str, log: Path) -> tuple[subprocess.Popen[bytes], s
             *("--listen", f"127.0.0.1:{port}", "--log-level", "warning"),
         ],
         cwd=ROOT,
+        env={**os.environ, **(env or {})},
         stdout=out,
         stderr=out,
     )
