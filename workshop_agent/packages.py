@@ -227,13 +227,16 @@ class Packages:
         self._changed()
         try:
             await self._steps(name, package)
-        except PackageError as err:
+        except Exception as err:
+            if not isinstance(err, PackageError):  # a bug: seen, and tried again later
+                self.log.exception("package install failed unexpectedly", err, **log)
+            reason = str(err) if isinstance(err, PackageError) else f"internal error: {err!r}"
             previous = self._failed.get(name)
             failures = previous.failures + 1 if previous is not None else 1
             wait = min(RETRY_S * 2 ** (failures - 1), RETRY_MAX_S)
-            self._failed[name] = _Failure(package.dir_name, str(err), self.clock() + wait, failures)
-            self.log.warning("package failed", reason=str(err), retry_after_s=wait, **log)
-            self._event("package failed", str(err), **log)
+            self._failed[name] = _Failure(package.dir_name, reason, self.clock() + wait, failures)
+            self.log.warning("package failed", reason=reason, retry_after_s=wait, **log)
+            self._event("package failed", reason, **log)
         else:
             self._failed.pop(name, None)
             self.log.info("package installed", **log)
