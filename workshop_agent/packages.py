@@ -254,8 +254,10 @@ class Packages:
         part = self.root / DOWNLOADS / f"{name}-{package.dir_name}.part"
         tmp = top.with_name(f"{TEMP}{package.dir_name}-{secrets.token_hex(4)}")
         spec = self._spec(name)
+        if spec is None:
+            raise PackageError("the service is no longer in this node's pair")
         try:
-            run_as = self.users.resolve(spec) if spec is not None else None
+            run_as = self.users.resolve(spec)
         except ServiceRefused as refused:
             raise PackageError(str(refused)) from None
         try:
@@ -292,7 +294,7 @@ class Packages:
         except OSError as err:
             raise PackageError(f"unpack: {_os_reason(err)}") from None
         owner, group = os.geteuid(), os.getegid()
-        if run_as is not None and run_as.groups is not None:
+        if run_as.groups is not None:
             group = run_as.gid
         try:
             if package.install is None:
@@ -313,13 +315,13 @@ class Packages:
         package: Package,
         tmp: Path,
         top: Path,
-        run_as: RunAs | None,
+        run_as: RunAs,
         owner: int,
         group: int,
     ) -> None:
         """Move the unpacked tree into place and run ``install:`` there; on a failure the
         tree goes away whole (it was never marked, so never used)."""
-        assert package.install is not None and run_as is not None
+        assert package.install is not None
         switch = run_as.groups is not None
         await self._thread(archive.settle, tmp, run_as.uid if switch else owner, group, True)
         await self._thread(os.rename, tmp, top)
