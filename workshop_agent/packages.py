@@ -31,7 +31,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import ssl
 import threading
 import time
@@ -48,11 +47,11 @@ from hapair.shared.waits import wait_event
 from hapair.workshop_agent import package_archive as archive
 from hapair.workshop_agent.package_archive import MARKER, Aborted, ArchiveError, Held
 from hapair.workshop_agent.package_fetch import Fetcher, FetchError, Limits
+from hapair.workshop_agent.package_install import PackageError, run_install
 from hapair.workshop_agent.run_as import (
     RunAs,
     ServiceRefused,
     ServiceUsers,
-    process_ids,
     service_env,
 )
 
@@ -62,11 +61,6 @@ RECONCILE_S = 1.0
 RETRY_S, RETRY_MAX_S = 30.0, 600.0
 DOWNLOADS = ".downloads"
 TEMP = ".tmp-"
-LOG_MODE = 0o640
-
-
-class PackageError(Exception):
-    """This version could not be installed; the message says at which step and why."""
 
 
 @dataclass
@@ -351,45 +345,8 @@ class Packages:
             "HAPAIR_PACKAGE_VERSION": package.version,
         }
         env = service_env(run_as, hapair, {k: expand(v, values) for k, v in spec.env.items()})
-        out_path = self.state_dir / "logs" / f"{name}.install.log"
-        out_path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-        fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, LOG_MODE)
-        timeout = package.install.timeout_s
-        try:
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=fd,
-                    stderr=fd,
-                    cwd=top,
-                    env=env,
-                    start_new_session=True,
-                    **process_ids(run_as),
-                )
-            except OSError as err:
-                raise PackageError(
-                    f"install: cannot run {argv[0]}: {err.strerror or err}"
-                ) from None
-        finally:
-            os.close(fd)
-        try:
-            async with asyncio.timeout(timeout):
-                code = await proc.wait()
-        except (TimeoutError, asyncio.CancelledError) as err:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-            if isinstance(err, TimeoutError):
-                raise PackageError(f"install: not done within {timeout:g}s") from None
-            raise
-        if code != 0:
-            tail = await self._thread(_last_line, out_path)
-            raise PackageError(
-                f"install: {argv[0]} exited with code {code}"
-                + (f": {tail}" if tail else "")
-                + f" (output in {out_path})"
-            )
+        log = self.state_dir / "logs" / f"{name}.install.log"
+        await run_install(argv, top, run_as, env, log, package.install.timeout_s)
 
     # -- helpers ----------------------------------------------------------------------
     def _spec(self, name: str) -> Service | None:
@@ -456,11 +413,3 @@ def _os_reason(err: OSError) -> str:
     if archive.no_space(err):
         return f"no space left on device ({err.filename or 'the packages directory'})"
     return f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
-
-
-def _last_line(path: Path) -> str:
-    with contextlib.suppress(OSError), path.open("rb") as f:
-        f.seek(max(0, f.seek(0, os.SEEK_END) - 400))
-        lines = [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
-        return lines[-1].strip()[:200] if lines else ""
-    return ""
