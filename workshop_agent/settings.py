@@ -66,6 +66,8 @@ class AgentSettings(BaseSettings, EtcdTlsSettings):
 
 
 def ca_context(ca: Path) -> ssl.SSLContext:
+    """A client's context trusting ``ca`` alone, names checked; ValueError naming the
+    file when it is not a CA certificate."""
     try:
         return ssl.create_default_context(cafile=str(ca))
     except (OSError, ssl.SSLError) as err:
