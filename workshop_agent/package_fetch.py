@@ -184,20 +184,25 @@ class Fetcher:
         except OSError as err:
             raise _local(err, dest) from None
         got = have
+        buffer = bytearray()
         try:
-            buffer = bytearray()
-            async for chunk in resp.content.iter_chunked(READ):
-                got += len(chunk)
-                if got > self.limits.max_bytes:
-                    raise FetchError(
-                        f"more than the limit of {self.limits.max_bytes} bytes", transient=False
-                    )
-                buffer += chunk
-                if len(buffer) >= READ:
+            try:
+                async for chunk in resp.content.iter_chunked(READ):
+                    got += len(chunk)
+                    if got > self.limits.max_bytes:
+                        raise FetchError(
+                            f"more than the limit of {self.limits.max_bytes} bytes",
+                            transient=False,
+                        )
+                    buffer += chunk
+                    if len(buffer) >= READ:
+                        await asyncio.to_thread(out.write, bytes(buffer))
+                        buffer.clear()
+            finally:
+                # What arrived before a transfer was cut short is kept: the next try
+                # resumes after it.
+                if buffer:
                     await asyncio.to_thread(out.write, bytes(buffer))
-                    buffer.clear()
-            if buffer:
-                await asyncio.to_thread(out.write, bytes(buffer))
             await asyncio.to_thread(out.close)  # a full disk may show only here
         except OSError as err:
             raise _local(err, dest) from None
