@@ -12,6 +12,7 @@ import asyncio
 import os
 import pwd
 import shutil
+import ssl
 import stat
 import tempfile
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from hapair.shared import pki
 from hapair.shared.log import EventLog
 from hapair.shared.records import PackageStatus
 from hapair.shared.topology import Node, Pair, Site, parse_site
@@ -27,8 +29,10 @@ from hapair.workshop_agent.package_archive import MARKER
 from hapair.workshop_agent.package_fetch import Limits
 from hapair.workshop_agent.packages import Packages
 from hapair.workshop_agent.run_as import ServiceUsers
+from hapair.workshop_agent.settings import ca_context
 from tests.support.cluster import until
 from tests.support.package_lab import build, package, serving, small_disk
+from tests.support.tls_etcd import TestPki
 
 NOBODY = pwd.getpwnam("nobody")
 FAST = Limits(attempts=3, backoff_s=0.1, backoff_max_s=0.2, read_s=5.0)
@@ -37,7 +41,10 @@ FAST = Limits(attempts=3, backoff_s=0.1, backoff_max_s=0.2, read_s=5.0)
 class Lab:
     """One node's packages, driven by site files the test gives it."""
 
-    def __init__(self, tmp: Path, state: Path | None = None) -> None:
+    def __init__(
+        self, tmp: Path, state: Path | None = None, ssl: ssl.SSLContext | None = None
+    ) -> None:
+        tmp.mkdir(exist_ok=True)
         self.tmp = tmp
         self.files = tmp / "files"
         self.files.mkdir(exist_ok=True)
@@ -52,6 +59,7 @@ class Lab:
             place=self.place,
             event=lambda kind, reason="", **details: self.events.append((kind, reason, details)),
             changed=lambda: None,
+            ssl=ssl,
             limits=FAST,
         )
 
@@ -167,6 +175,29 @@ async def test_an_http_package_downloads_and_a_cut_transfer_resumes(lab: Lab) ->
     assert len(status.installed) == 1
     ranges = [r for name, r in server.requests if name == archive.name]
     assert ranges[0] is None and ranges[1] == "bytes=50000-"  # resumed, not started over
+
+
+async def test_https_is_checked_against_the_site_ca(tmp_path: Path, test_pki: TestPki) -> None:
+    """A server whose certificate the site CA signed is trusted; one of another CA is not."""
+    archive = build(tmp_path, "app", "1.0")
+    other = tmp_path / "other-ca"
+    pki.init(other, "elsewhere")
+    pki.issue(other, pki.Kind.REGISTRY, "files", ["127.0.0.1"])
+    for ca, server_files, state in [
+        (test_pki.dir, test_pki.files("files", pki.Kind.REGISTRY), "installed"),
+        (test_pki.dir, pki.TlsFiles.issued(other, "files"), "failed"),
+    ]:
+        lab = Lab(tmp_path / state, ssl=ca_context(ca / pki.CA_CERT))
+        task = asyncio.create_task(lab.packages.run())
+        try:
+            async with serving(archive.parent, server_files) as server:
+                lab.apply([service(package(archive, f"{server.url}/{archive.name}", "1.0"))])
+                status = await lab.settled("app", "1.0", state)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if state == "failed":
+            assert status.detail is not None and "certificate verify failed" in status.detail
 
 
 async def test_a_bad_hash_leaves_the_old_version_and_says_why(lab: Lab) -> None:

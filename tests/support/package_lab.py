@@ -17,6 +17,9 @@ from typing import Any
 
 from aiohttp import web
 
+from hapair.shared.pki import TlsFiles
+
+CUT_AFTER_S = 0.2
 APP = """#!/bin/sh
 # The test's packaged program: says which version it is, then waits.
 echo "{version}" > "$HAPAIR_RECORD_DIR/$HAPAIR_NODE.running"
@@ -24,14 +27,16 @@ exec sleep 600
 """
 
 
-def build(directory: Path, name: str, version: str, files: dict[str, str] | None = None) -> Path:
+def build(
+    directory: Path, name: str, version: str, files: dict[str, str | bytes] | None = None
+) -> Path:
     """``name-version.tar.gz`` holding ``bin/app`` (the program above), ``VERSION`` and
     ``files``."""
     path = directory / f"{name}-{version}.tar.gz"
     members = {"bin/app": APP.format(version=version), "VERSION": version, **(files or {})}
-    with tarfile.open(path, "w:gz") as tar:
-        for member, text in members.items():
-            data = text.encode()
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+        for member, content in members.items():
+            data = content.encode() if isinstance(content, str) else content
             info = tarfile.TarInfo(member)
             info.size = len(data)
             info.mode = 0o755 if member.startswith("bin/") or member.endswith(".sh") else 0o644
@@ -62,10 +67,11 @@ class FileServer:
     running: int = 0
     most_at_once: int = 0
     port: int = 0
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
@@ -95,7 +101,9 @@ class FileServer:
                 await resp.write_eof()
                 return resp
             await resp.write(body[:limit])
-            # Cut short: the connection closed with the body unfinished.
+            # Cut short: the connection closed with the body unfinished, a moment after
+            # (as a link that drops mid-transfer: what came before it was read).
+            await asyncio.sleep(CUT_AFTER_S)
             assert request.transport is not None
             request.transport.close()
             return resp
@@ -104,13 +112,16 @@ class FileServer:
 
 
 @contextlib.asynccontextmanager
-async def serving(root: Path) -> AsyncIterator[FileServer]:
-    server = FileServer(root)
+async def serving(root: Path, tls: TlsFiles | None = None) -> AsyncIterator[FileServer]:
+    """``root`` served on 127.0.0.1; over HTTPS with ``tls`` (a certificate for
+    127.0.0.1 and its key), clients not asked for one."""
+    server = FileServer(root, scheme="https" if tls else "http")
     app = web.Application()
     app.router.add_get("/{name}", server._serve)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    context = tls.server_context(require_client_cert=False) if tls else None
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
     await site.start()
     server.port = runner.addresses[0][1]
     try:
