@@ -169,11 +169,19 @@ class Fetcher:
                         f"{expected} bytes, more than the limit of {self.limits.max_bytes}",
                         transient=False,
                     )
-                got = await self._write(resp, dest, have)
+                try:
+                    got = await self._write(resp, dest, have)
+                except aiohttp.ClientPayloadError:
+                    if expected is None:
+                        raise
+                    got = await asyncio.to_thread(_size, dest)
                 if expected is not None and got < expected:
-                    raise FetchError(f"incomplete: {got} of {expected} bytes", transient=True)
-        except aiohttp.ClientPayloadError as err:
-            raise FetchError(f"incomplete: the server closed the transfer ({err})", True) from None
+                    raise FetchError(
+                        f"incomplete: the transfer ended after {got} of {expected} bytes",
+                        transient=True,
+                    )
+        except aiohttp.ClientPayloadError as err:  # no length said: only the server knows
+            raise FetchError(f"incomplete: the transfer was cut short ({err})", True) from None
         except (aiohttp.ClientError, TimeoutError) as err:
             raise FetchError(str(err) or type(err).__name__, transient=True) from None
 
