@@ -1,6 +1,6 @@
 """A package's ``install:``: one process (and whatever it starts) run as the service's
-user inside the version's directory, its output appended to a log, killed whole at its
-timeout or when the install is abandoned."""
+user inside the version's directory, its output appended to a log (beside the services'
+own), killed whole at its timeout, when the install is abandoned, or with the agent."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import signal
 from pathlib import Path
 
 from hapair.workshop_agent.run_as import RunAs, process_ids
-
-LOG_MODE = 0o640  # as the services' own logs
+from hapair.workshop_agent.service_process import LOG_DIR_MODE, LOG_MODE, SETPRIV
 
 
 class PackageError(Exception):
@@ -27,7 +26,11 @@ async def run_install(
     fd = await asyncio.to_thread(_open_log, log)
     try:
         try:
+            # Dies with the agent: a next run removes the unfinished directory, and no
+            # orphan may write into it while it does.
+            prefix = [SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV else []
             proc = await asyncio.create_subprocess_exec(
+                *prefix,
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=fd,
@@ -61,7 +64,7 @@ async def run_install(
 
 
 def _open_log(path: Path) -> int:
-    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    path.parent.mkdir(mode=LOG_DIR_MODE, parents=True, exist_ok=True)
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, LOG_MODE)
 
 

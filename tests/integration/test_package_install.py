@@ -12,8 +12,10 @@ import asyncio
 import os
 import pwd
 import shutil
+import signal
 import ssl
 import stat
+import sys
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,7 +32,8 @@ from hapair.workshop_agent.package_fetch import Limits
 from hapair.workshop_agent.packages import Packages
 from hapair.workshop_agent.run_as import ServiceUsers
 from hapair.workshop_agent.settings import ca_context
-from tests.support.cluster import until
+from tests.support.cluster import pid_alive, until
+from tests.support.harness import ROOT
 from tests.support.package_lab import build, package, serving, small_disk
 from tests.support.tls_etcd import TestPki
 
@@ -303,3 +306,59 @@ async def test_a_full_disk_leaves_the_old_version_and_says_so(tmp_path: Path) ->
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+RUNNER = """
+import asyncio, sys
+from pathlib import Path
+from tests.integration.test_package_install import Lab, service
+from tests.support.package_lab import package
+
+async def main() -> None:
+    lab = Lab(Path(sys.argv[1]))
+    archive = Path(sys.argv[2])
+    pkg = package(archive, archive.as_uri(), "1", install={"command": ["./setup.sh"]})
+    lab.apply([service(pkg, env={"PIDFILE": sys.argv[3]})])
+    await lab.packages.run()
+
+asyncio.run(main())
+"""
+
+
+async def test_an_install_dies_with_its_agent(tmp_path: Path) -> None:
+    """An agent killed mid-install leaves no install process behind to write into the
+    directory its next run removes."""
+    archive = build(
+        tmp_path, "app", "1", {"setup.sh": '#!/bin/sh\necho $$ > "$PIDFILE"\nexec sleep 600\n'}
+    )
+    pidfile = tmp_path / "install.pid"
+    agent = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        RUNNER,
+        str(tmp_path / "agent"),
+        str(archive),
+        str(pidfile),
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+
+        async def started() -> int | None:
+            text = pidfile.read_text().strip() if pidfile.exists() else ""
+            return int(text) if text else None
+
+        pid = await until(started, 30, "the install running")
+        assert pid_alive(pid)
+    finally:
+        agent.kill()
+        await agent.wait()
+
+    async def gone() -> bool:
+        return not pid_alive(pid)
+
+    try:
+        await until(gone, 10, "the install process gone with its agent")
+    finally:
+        if pid_alive(pid):  # the test failed: nothing of it is left running
+            os.kill(pid, signal.SIGKILL)
