@@ -13,15 +13,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from hapair.shared import pki
 from hapair.shared.records import PackageStatus
+from tests.integration.test_cli import hapair
 from tests.support.cluster import Cluster, until
 from tests.support.harness import stop_pid
-from tests.support.package_lab import build, package, serving, small_disk
+from tests.support.package_lab import build, package, serving, sha256, small_disk
 from tests.support.tls_etcd import TlsEtcd
 
 pytestmark = pytest.mark.e2e
@@ -190,3 +193,40 @@ async def test_a_full_disk_on_one_node_leaves_its_old_version_and_says_so(
         finally:
             for agent in cluster.agents.values():  # before the tmpfs under node b goes
                 await asyncio.to_thread(stop_pid, agent, signal.SIGTERM, 10.0)
+
+
+async def test_package_hash_prints_a_block_validate_accepts_and_bad_ones_are_named(
+    tmp_path: Path,
+) -> None:
+    archive = build(tmp_path, "mes-api", "2.4.1")
+    url = f"https://files.plant.example/mes/{archive.name}"
+    printed = await hapair("package", "hash", str(archive), "--url", url)
+    assert printed.code == 0, printed.err
+    block = yaml.safe_load(printed.out)["package"]
+    assert block == {"version": "2.4.1", "url": url, "sha256": sha256(archive)}
+
+    def site_with(pkg: dict[str, Any]) -> Path:
+        nodes = [{"name": "a", "address": "127.0.0.1"}, {"name": "b", "address": "127.0.0.2"}]
+        svc = {"name": "mes-api", "command": ["{package.dir}/bin/app"], "package": pkg}
+        path = tmp_path / "site.yaml"
+        path.write_text(
+            yaml.safe_dump(Cluster.site([{"name": "p", "nodes": nodes, "services": [svc]}]))
+        )
+        return path
+
+    ok = await hapair("topology", "validate", str(site_with(block)))
+    assert ok.code == 0, ok.err
+    bad = await hapair(
+        "topology",
+        "validate",
+        str(site_with({**block, "url": "ftp://files/x.tgz", "sha256": "9f2c..."})),
+    )
+    assert bad.code == 2
+    field = "  workshops[0].pairs[0].services[0].package"
+    lines = bad.err.splitlines()
+    assert any(
+        line.startswith(f"{field}.url: url 'ftp://files/x.tgz': scheme 'ftp'") for line in lines
+    )
+    assert any(
+        line.startswith(f"{field}.sha256: sha256 '9f2c...': 64 hexadecimal") for line in lines
+    )
