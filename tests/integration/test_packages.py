@@ -65,6 +65,13 @@ async def package_on(
     return await until(published, timeout, f"{service} {version} {state} on {node}")
 
 
+def files_of(c: Cluster) -> Path:
+    """Where the test's package files are made (and served from)."""
+    files = c.tmp / "files"
+    files.mkdir(exist_ok=True)
+    return files
+
+
 def running(c: Cluster, node: str) -> str | None:
     """The version of the packaged program that last started on ``node``."""
     path = c.tmp / "ran" / f"{node}.running"
@@ -89,8 +96,7 @@ async def events(c: Cluster, kind: str, version: str) -> set[tuple[str, str]]:
 async def test_both_nodes_install_from_https_and_file_urls_and_run_from_the_package(
     cluster: Cluster,
 ) -> None:
-    files = cluster.tmp / "files"
-    files.mkdir()
+    files = files_of(cluster)
     # Large enough that hashing and unpacking take a while: the active keeps its lease.
     v1 = build(files, "app", "1.0", {"data": os.urandom(40 << 20)})
     tool = files / "tool"
@@ -130,7 +136,7 @@ async def test_both_nodes_install_from_https_and_file_urls_and_run_from_the_pack
 
 async def with_v1(c: Cluster) -> dict[str, list[str]]:
     """Both agents started with app 1.0 (file://) installed and running: what each holds."""
-    v1 = build(c.tmp / "files", "app", "1.0")
+    v1 = build(files_of(c), "app", "1.0")
     await c.apply(site(c, [app(c, package(v1, v1.as_uri(), "1.0"))]))
     for node in NODES:
         c.start(node)
@@ -144,8 +150,7 @@ async def with_v1(c: Cluster) -> dict[str, list[str]]:
 async def test_a_bad_hash_a_404_and_a_cut_transfer_leave_the_old_version_running(
     cluster: Cluster,
 ) -> None:
-    files = cluster.tmp / "files"
-    files.mkdir()
+    files = files_of(cluster)
     v2 = build(files, "app", "2.0", {"noise": os.urandom(200_000).hex()})
     async with serving(files) as server:
         old = await with_v1(cluster)
@@ -176,8 +181,7 @@ async def test_a_bad_hash_a_404_and_a_cut_transfer_leave_the_old_version_running
 async def test_a_full_disk_on_one_node_leaves_its_old_version_and_says_so(
     cluster: Cluster,
 ) -> None:
-    files = cluster.tmp / "files"
-    files.mkdir()
+    files = files_of(cluster)
     big = build(files, "app", "2.0", {"noise": os.urandom(3_000_000).hex()})
     with small_disk(cluster.tmp / "state-b", "2m") as mounted:
         if not mounted:
