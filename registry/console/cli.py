@@ -21,7 +21,7 @@ import yaml
 from rich.console import Console
 from rich.live import Live
 
-from hapair.registry.console import etcd_auth_cmd, pki_cmd
+from hapair.registry.console import etcd_auth_cmd, package_cmd, pki_cmd
 from hapair.registry.console.command import (
     OK,
     REFUSED,
@@ -377,6 +377,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=drill)
 
     pki_cmd.add_parser(sub)
+    package_cmd.add_parser(sub)
     etcd_auth_cmd.add_parser(sub, etcd_auth, _etcd)
     return root
 
