@@ -303,6 +303,36 @@ async def test_status_shows_every_plc_as_each_node_sees_it(store: Store, etcd: A
     assert "PLCs of workshop paint" not in run.out  # no PLC there
 
 
+# Raises KeyboardInterrupt, as a Ctrl-C would, in the middle of the command's imports
+# (rich.live loads after etcd's and the registry's clients), then runs the command.
+_CTRL_C_WHILE_LOADING = f"""
+import runpy, sys
+
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == "rich.live":
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["hapair", "status", "--watch", "--etcd", "http://127.0.0.1:9"]
+runpy.run_path({HAPAIR!r}, run_name="__main__")
+"""
+
+
+async def test_ctrl_c_while_the_command_loads_exits_130_quietly() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _CTRL_C_WHILE_LOADING,
+        env=_env(None),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(DEADLINE_S * 2):
+        out, err = await proc.communicate()
+    assert (proc.returncode, out, err) == (130, b"", b"")
+
+
 class Watch:
     """``hapair status --watch`` as an operator runs it in a terminal, left with Ctrl-C."""
 
