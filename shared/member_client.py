@@ -20,6 +20,19 @@ from hapair.shared import etcd_tls
 # agent would see etcd seconds after it came back. Its lease fences it within 1.5 s, so
 # the channel retries every 100 to 250 ms instead.
 #
+# Despite its name, ``min_reconnect_backoff_ms`` is no back-off: it is the least time gRPC
+# gives one connection attempt (TCP, the TLS handshake, etcd's first HTTP/2 SETTINGS)
+# before it drops it and starts over; an attempt gets the longer of it and the back-off.
+# Left at 100 ms, each attempt had 100-250 ms. A TLS handshake needs two of etcd's
+# flights before the connection is up where plain gRPC needs one: when etcd answered
+# slowly (just restarted on a loaded machine, a slow link) every attempt was dropped and
+# the next started from nothing, so agents over TLS reached a restarted etcd seconds
+# after the lab mode did, past their leases. An attempt that makes progress now gets
+# CONNECT_TIMEOUT_MS; one that makes none (a frozen member, a lost SYN, which the kernel
+# resends after 1 s anyway) is still dropped and tried again within it. A call still
+# waits no longer than its own deadline; the attempt goes on past it, and the next call
+# finds the connection made.
+#
 # HTTP/2 keepalive finds a connection whose far end went silent (a frozen member, a cut
 # cable) under a quiet watch, which would otherwise wait forever: a ping unanswered
 # within 2 s closes the connection and ends its calls (recent gRPC cores time pings out
@@ -31,10 +44,11 @@ from hapair.shared import etcd_tls
 # an idle connection has nothing to lose, and each call has its own deadline.
 # ``max_pings_without_data`` = 0 keeps pinging a watch on which nothing changes.
 MAX_MESSAGE = 64 * 1024 * 1024
+CONNECT_TIMEOUT_MS = 2000
 CHANNEL_OPTIONS: dict[str, int] = {
     "grpc.initial_reconnect_backoff_ms": 100,
-    "grpc.min_reconnect_backoff_ms": 100,
     "grpc.max_reconnect_backoff_ms": 250,
+    "grpc.min_reconnect_backoff_ms": CONNECT_TIMEOUT_MS,
     "grpc.keepalive_time_ms": 5000,
     "grpc.keepalive_timeout_ms": 2000,
     "grpc.http2.ping_timeout_ms": 2000,

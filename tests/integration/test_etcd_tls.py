@@ -17,6 +17,8 @@ import pytest
 from hapair.shared import keys, pki
 from hapair.shared.etcd_tls import EtcdTlsError
 from hapair.shared.store import Store, StoreError
+from tests.support.cluster import until
+from tests.support.etcd_relay import EtcdRelay
 from tests.support.tls_etcd import TlsEtcd, running_tls_etcd
 
 DEADLINE_S = 20.0
@@ -73,6 +75,27 @@ async def test_the_store_works_over_tls_with_an_agent_certificate(
             assert await store.get(key) is None
     finally:
         await store.close()
+
+
+async def test_the_store_reaches_etcd_over_a_slow_handshake(site: Site, etcd: TlsEtcd) -> None:
+    """etcd's bytes arrive 150 ms late (a loaded etcd, a slow link): a TLS handshake, two
+    of etcd's flights before the connection is up, takes ~0.3 s. The store's connection
+    attempts must be given that long: given 100-250 ms each and started over from
+    nothing, none completed, and no call was ever answered."""
+    relay = EtcdRelay(etcd.url)
+    await relay.heal()
+    relay.slow(0.15)
+    store = Store(relay.url, timeout=2.0, tls=pki.TlsFiles.issued(site.pki, "n1"))
+
+    async def answered() -> bool:
+        await store.get(keys.TOPOLOGY)
+        return True
+
+    try:
+        await until(answered, DEADLINE_S, "an answer from etcd through the slow relay")
+    finally:
+        await store.close()
+        await relay.cut()
 
 
 def test_https_without_a_ca_is_refused_naming_the_option(etcd: TlsEtcd) -> None:
