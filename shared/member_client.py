@@ -74,6 +74,7 @@ class MemberClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
         self._tls = tls
 
     closed = False
+    _handed_on = False  # its connection is its successor's now
 
     async def connect(self) -> None:
         if self._connected.is_set():
@@ -84,26 +85,43 @@ class MemberClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
             raise exceptions.ConnectionFailedError(f"connection to {self.name} closed")
         if self._tls is None:
             await super().connect()
+            self._attach(self.channel)
         else:
-            self._connect_tls(self._tls)
-        # The base class builds its watcher without metadata; replaced before anything
-        # could use it (no await in between), so every watch stream carries it.
-        self._watcher = watcher.Watcher(
-            rpc.WatchStub(self.channel), timeout=self._timeout, metadata=REQUIRE_LEADER
-        )
+            self._attach(etcd_tls.secure_channel(self.name, self._tls, CHANNEL_OPTIONS))
 
-    def _connect_tls(self, creds: etcd_tls.Credentials) -> None:
-        """The base class's connect on a TLS channel (it opens only plain ones): the
-        same stubs, no password token (the client certificate is the identity)."""
-        self.channel = etcd_tls.secure_channel(self.name, creds, CHANNEL_OPTIONS)
-        self.kvstub = rpc.KVStub(self.channel)
-        self.clusterstub = rpc.ClusterStub(self.channel)
-        self.leasestub = rpc.LeaseStub(self.channel)
-        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+    def _attach(self, channel: Any) -> None:
+        """The base class's stubs on ``channel`` (it opens only plain ones; no password
+        token: over TLS the client certificate is the identity) and a watch stream of
+        this client's own. The base class builds its watcher without metadata; this one,
+        in place before anything could use it (no await in between), carries it."""
+        self.channel = channel
+        self.kvstub = rpc.KVStub(channel)
+        self.clusterstub = rpc.ClusterStub(channel)
+        self.leasestub = rpc.LeaseStub(channel)
+        self.maintenancestub = rpc.MaintenanceStub(channel)
+        self._watcher = watcher.Watcher(
+            rpc.WatchStub(channel), timeout=self._timeout, metadata=REQUIRE_LEADER
+        )
         self._connected.set()
+
+    def successor(self) -> MemberClient:
+        """A client of the same member that takes this one's connection over, with a watch
+        stream of its own. A new connection to the member would gain nothing, and one
+        still being made (a TLS handshake etcd answers late) would start over; what this
+        client's watches leave behind (etcd's late confirmation of a watch given up,
+        which aetcd hands to the next watch asked for on the stream) stays on this
+        client's stream, which :meth:`close` ends."""
+        new = MemberClient(self._host, self._port, self._timeout, self._tls)
+        if self._connected.is_set():
+            new._attach(self.channel)
+            self._handed_on = True
+        return new
 
     async def close(self) -> None:
         self.closed = True
+        if self._handed_on:
+            await self._watcher.shutdown()  # the connection goes on, its successor's
+            return
         await super().close()
 
     async def refresh_lease(self, lease_id: int) -> Any:
