@@ -11,8 +11,8 @@ from aiohttp import web
 from hapair.registry.appkeys import CACHE, CONFIG, READERS, STORE, Readers, RegistryConfig
 from hapair.registry.cache import SiteCache
 from hapair.registry.errors import domain_errors
-from hapair.registry.routes import routes
-from hapair.registry.stream import events
+from hapair.registry.openapi import add_routes
+from hapair.registry.routes import ROUTES
 from hapair.shared.admin import prune_events
 from hapair.shared.pki import TlsFiles
 from hapair.shared.store import Store, StoreError, bounded
@@ -31,8 +31,7 @@ def create_app(
     app[CACHE] = SiteCache(store)
     app[CONFIG] = config or RegistryConfig()
     app[READERS] = Readers()
-    app.add_routes(routes)
-    app.router.add_get("/v1/events", events)
+    add_routes(app, ROUTES)
     app.cleanup_ctx.append(_watch)
     app.cleanup_ctx.append(_retention)
     app.on_shutdown.append(_end_streams)
