@@ -14,7 +14,7 @@ from hapair.registry.appkeys import CACHE, STORE
 from hapair.registry.auth import JSON, json_body, operator
 from hapair.registry.cache import encode
 from hapair.registry.errors import validate
-from hapair.registry.openapi import EVENT_STREAM, Header, Reply, Route, document
+from hapair.registry.openapi import EVENT_STREAM, Handler, Header, Reply, Route, document
 from hapair.registry.stream import StreamQuery, busy, events, reader_slot
 from hapair.shared import admin
 from hapair.shared.report import SiteReport
@@ -197,7 +197,21 @@ NO_ENDPOINT = Reply(
     headers=(STALE, RETRY_AFTER),
 )
 READS = ("reads",)
-ADMIN = ("admin",)
+
+
+def admin_route(
+    path: str,
+    handler: Handler,
+    body: type[BaseModel],
+    summary: str,
+    done: Reply,
+    status: int = 200,
+) -> Route:
+    """A POST that needs a credential, with its body and what it answers once done."""
+    return Route(
+        "POST", path, handler, summary, {status: done}, body=body, admin=True, tags=("admin",)
+    )
+
 
 ROUTES: tuple[Route, ...] = (
     Route(
@@ -256,64 +270,47 @@ ROUTES: tuple[Route, ...] = (
         {200: Reply("the registry's OpenAPI document", a.ApiDocument)},
         tags=READS,
     ),
-    Route(
-        "POST",
+    admin_route(
         "/v1/pairs/{pair}/switchover",
         switchover,
+        SwitchoverBody,
         "Ask for a planned switchover (the active carries it out)",
-        {202: Reply("stored", a.SwitchoverRequested)},
-        body=SwitchoverBody,
-        admin=True,
-        tags=ADMIN,
+        Reply("stored", a.SwitchoverRequested),
+        status=202,
     ),
-    Route(
-        "POST",
+    admin_route(
         "/v1/pairs/{pair}/pause",
         pause,
+        ReasonBody,
         "Pause automatic failover",
-        {200: Reply("paused", a.PairPaused)},
-        body=ReasonBody,
-        admin=True,
-        tags=ADMIN,
+        Reply("paused", a.PairPaused),
     ),
-    Route(
-        "POST",
+    admin_route(
         "/v1/pairs/{pair}/resume",
         resume,
+        EmptyBody,
         "Resume automatic failover",
-        {200: Reply("resumed; the pause it ended", a.PairResumed)},
-        body=EmptyBody,
-        admin=True,
-        tags=ADMIN,
+        Reply("resumed; the pause it ended", a.PairResumed),
     ),
-    Route(
-        "POST",
+    admin_route(
         "/v1/pairs/{pair}/ack",
         ack,
+        AckBody,
         "Acknowledge a recovery: the held services start",
-        {200: Reply("acknowledged", a.RecoveryAcknowledged)},
-        body=AckBody,
-        admin=True,
-        tags=ADMIN,
+        Reply("acknowledged", a.RecoveryAcknowledged),
     ),
-    Route(
-        "POST",
+    admin_route(
         "/v1/nodes/{node}/drain",
         drain,
+        ReasonBody,
         "Make a node ineligible (and move its pair off it when it is active)",
-        {200: Reply("drained", a.NodeDrained)},
-        body=ReasonBody,
-        admin=True,
-        tags=ADMIN,
+        Reply("drained", a.NodeDrained),
     ),
-    Route(
-        "POST",
+    admin_route(
         "/v1/nodes/{node}/undrain",
         undrain,
+        EmptyBody,
         "Make a drained node eligible again",
-        {200: Reply("undrained; the drain it ended", a.NodeUndrained)},
-        body=EmptyBody,
-        admin=True,
-        tags=ADMIN,
+        Reply("undrained; the drain it ended", a.NodeUndrained),
     ),
 )
