@@ -51,15 +51,17 @@ class PollQuery(BaseModel):
 
 
 class EmptyBody(BaseModel):
+    """No field: an empty body, or {}."""
+
     model_config = ConfigDict(extra="forbid")
 
 
 class ReasonBody(EmptyBody):
-    reason: str = Field("", max_length=500)
+    reason: str = Field("", max_length=500, description="why: the flag and the event say it")
 
 
 class SwitchoverBody(ReasonBody):
-    to: Name | None = None
+    to: Name | None = Field(None, description="the node to hand over to (default: the best)")
 
 
 class AckBody(EmptyBody):
