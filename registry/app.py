@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from hapair.registry.appkeys import CACHE, CONFIG, READERS, STORE, Readers, RegistryConfig
 from hapair.registry.cache import SiteCache
-from hapair.registry.errors import domain_errors
+from hapair.registry.errors import domain_errors, log
 from hapair.registry.openapi import add_routes
 from hapair.registry.routes import ROUTES
 from hapair.shared.admin import prune_events
@@ -38,8 +40,24 @@ def create_app(
     return app
 
 
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a request its HTTP parser refused (and answered 400) as an error with
+    a traceback, which reads as the registry's bug; it is the client's: one warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        refused = record.exc_info[1] if record.exc_info else None
+        if not isinstance(refused, HttpProcessingError):
+            return True
+        peer = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        log.warning("malformed request refused", peer=peer, error=" ".join(refused.message.split()))
+        return False
+
+
 def runner(app: web.Application) -> web.AppRunner:
     """The runner ``hapair-registry`` serves ``app`` with."""
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _MalformedRequests) for f in server_log.filters):
+        server_log.addFilter(_MalformedRequests())
     return web.AppRunner(
         app,
         # Access logs cost more than a lookup itself; failures are logged where they happen.
