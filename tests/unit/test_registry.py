@@ -100,6 +100,24 @@ async def test_a_malformed_or_deeply_nested_body_is_400_with_the_reason(
                 assert reason in (await resp.json())["error"]
 
 
+async def test_an_unknown_path_or_method_is_answered_in_json_too() -> None:
+    """Every answer is JSON with an ``error``, the router's own refusals as well; a
+    405 still says which methods the path takes."""
+    app = create_app(NO_ETCD, etcd_timeout_s=0.3)
+    async with TestClient(TestServer(app)) as c:
+        for method, path, status in [
+            ("GET", "/v1/nope", 404),
+            ("GET", "/v1/endpoints/", 404),
+            ("PUT", "/v1/site", 405),
+            ("DELETE", "/v1/pairs/asm/pause", 405),
+        ]:
+            async with c.request(method, path) as resp:
+                assert (resp.status, resp.content_type) == (status, "application/json"), path
+                assert path in (await resp.json())["error"]
+                if status == 405:
+                    assert resp.headers["Allow"]
+
+
 async def test_a_malformed_http_request_is_one_warning_line_not_an_error_traceback(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
