@@ -68,6 +68,11 @@ def runner(app: web.Application) -> web.AppRunner:
         # it opened or after its previous answer: a client that opens connections and
         # never finishes its headers holds none for long.
         keepalive_timeout=app[CONFIG].header_timeout_s,
+        # A client that leaves ends its handler: an event stream or a long-poll gives
+        # its place back then, not when the registry next writes to it (a heartbeat up
+        # to 300 s away, a poll's wait_s). An admin request cut off this way may have
+        # been carried out or not, as its client, gone, already cannot know.
+        handler_cancellation=True,
     )
 
 
