@@ -261,7 +261,11 @@ class RegistryProcess:
                 stdout=out,
                 stderr=out,
             )
-        await until(lambda: _healthy(self.url), f"registry on {self.url}", 15)
+        try:
+            await until(lambda: _healthy(self.url), f"registry on {self.url}", 15)
+        except BaseException:
+            await self.stop()  # it is not left running when it never came up
+            raise
         return self
 
     def identity(self) -> str | None:
