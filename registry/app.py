@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from hapair.registry.appkeys import CACHE, CONFIG, READERS, STORE, Readers, RegistryConfig
 from hapair.registry.cache import SiteCache
-from hapair.registry.errors import domain_errors
-from hapair.registry.routes import routes
-from hapair.registry.stream import events
+from hapair.registry.errors import domain_errors, log
+from hapair.registry.openapi import add_routes
+from hapair.registry.routes import ROUTES
 from hapair.shared.admin import prune_events
 from hapair.shared.pki import TlsFiles
 from hapair.shared.store import Store, StoreError, bounded
@@ -31,16 +33,31 @@ def create_app(
     app[CACHE] = SiteCache(store)
     app[CONFIG] = config or RegistryConfig()
     app[READERS] = Readers()
-    app.add_routes(routes)
-    app.router.add_get("/v1/events", events)
+    add_routes(app, ROUTES)
     app.cleanup_ctx.append(_watch)
     app.cleanup_ctx.append(_retention)
     app.on_shutdown.append(_end_streams)
     return app
 
 
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a request its HTTP parser refused (and answered 400) as an error with
+    a traceback, which reads as the registry's bug; it is the client's: one warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        refused = record.exc_info[1] if record.exc_info else None
+        if not isinstance(refused, HttpProcessingError):
+            return True
+        peer = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        log.warning("malformed request refused", peer=peer, error=" ".join(refused.message.split()))
+        return False
+
+
 def runner(app: web.Application) -> web.AppRunner:
     """The runner ``hapair-registry`` serves ``app`` with."""
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _MalformedRequests) for f in server_log.filters):
+        server_log.addFilter(_MalformedRequests())
     return web.AppRunner(
         app,
         # Access logs cost more than a lookup itself; failures are logged where they happen.
@@ -51,6 +68,11 @@ def runner(app: web.Application) -> web.AppRunner:
         # it opened or after its previous answer: a client that opens connections and
         # never finishes its headers holds none for long.
         keepalive_timeout=app[CONFIG].header_timeout_s,
+        # A client that leaves ends its handler: an event stream or a long-poll gives
+        # its place back then, not when the registry next writes to it (a heartbeat up
+        # to 300 s away, a poll's wait_s). An admin request cut off this way may have
+        # been carried out or not, as its client, gone, already cannot know.
+        handler_cancellation=True,
     )
 
 

@@ -1,4 +1,5 @@
-"""Domain errors to HTTP, in one place: every error answer is ``{"error": message}``."""
+"""Domain errors to HTTP, in one place: every error answer is ``{"error": message}``,
+aiohttp's own (404, 405, 413) too."""
 
 from __future__ import annotations
 
@@ -69,3 +70,12 @@ async def domain_errors(request: web.Request, handler: Handler) -> web.StreamRes
     except StoreError as err:
         log.warning("etcd request failed", path=request.path, error=str(err))
         return error(503, f"etcd unavailable: {err}")
+    except web.HTTPException as err:
+        if err.status < 400:
+            raise
+        # aiohttp's own refusals (no such path, another method, a body too large): in
+        # JSON like every other answer, keeping what they say (Allow on a 405).
+        refused = error(err.status, f"{err.reason.lower()}: {request.method} {request.path}")
+        if "Allow" in err.headers:
+            refused.headers["Allow"] = err.headers["Allow"]
+        return refused

@@ -1,18 +1,23 @@
-"""HTTP routes: thin handlers over the cache (reads) and hapair.shared.admin (writes)."""
+"""HTTP routes: thin handlers over the cache (reads) and hapair.shared.admin (writes),
+and :data:`ROUTES`, the one table the router and the OpenAPI document come from."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from hapair.registry import answers as a
 from hapair.registry.appkeys import CACHE, STORE
 from hapair.registry.auth import JSON, json_body, operator
 from hapair.registry.cache import encode
 from hapair.registry.errors import validate
-from hapair.registry.stream import busy, reader_slot
+from hapair.registry.openapi import EVENT_STREAM, Handler, Header, Reply, Route, document
+from hapair.registry.stream import StreamQuery, busy, events, reader_slot
 from hapair.shared import admin
+from hapair.shared.report import SiteReport
 from hapair.shared.topology import Name
 
 MAX_WAIT_S = 60.0
@@ -22,15 +27,23 @@ STALE_HEADER = "X-Hapair-Stale"
 """On lookups answered while the registry is out of touch with etcd: why. The answer
 is the last state seen; a client with other registries should ask them instead."""
 
-routes = web.RouteTableDef()
 B = TypeVar("B", bound=BaseModel)
 
 
 class PollQuery(BaseModel):
+    """Either parameter makes the lookup a long-poll."""
+
     model_config = ConfigDict(extra="forbid")
 
-    after_epoch: int = Field(0, ge=0)
-    wait_s: float = Field(30.0, ge=0, allow_inf_nan=False)
+    after_epoch: int = Field(
+        0, ge=0, description="answer as soon as the answer's epoch is above this one"
+    )
+    wait_s: float = Field(
+        30.0,
+        ge=0,
+        allow_inf_nan=False,
+        description=f"or after this many seconds (at most {MAX_WAIT_S:g}) with the answer then",
+    )
 
     @property
     def capped_wait_s(self) -> float:
@@ -38,15 +51,17 @@ class PollQuery(BaseModel):
 
 
 class EmptyBody(BaseModel):
+    """No field: an empty body, or {}."""
+
     model_config = ConfigDict(extra="forbid")
 
 
 class ReasonBody(EmptyBody):
-    reason: str = Field("", max_length=500)
+    reason: str = Field("", max_length=500, description="why: the flag and the event say it")
 
 
 class SwitchoverBody(ReasonBody):
-    to: Name | None = None
+    to: Name | None = Field(None, description="the node to hand over to (default: the best)")
 
 
 class AckBody(EmptyBody):
@@ -57,10 +72,13 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=encode(data), status=status, content_type=JSON)
 
 
+def _answer(answer: a.Answer, status: int = 200) -> web.Response:
+    return _json(answer.json_data(), status)
+
+
 # ---- reads ------------------------------------------------------------------------
 
 
-@routes.get("/v1/endpoints/{service}")
 async def lookup(request: web.Request) -> web.Response:
     cache = request.app[CACHE]
     service = request.match_info["service"]
@@ -76,7 +94,6 @@ async def lookup(request: web.Request) -> web.Response:
     return web.Response(body=answer.body, status=answer.status, content_type=JSON, headers=headers)
 
 
-@routes.get("/v1/site")
 async def site(request: web.Request) -> web.Response:
     cache = request.app[CACHE]
     doc = cache.site()
@@ -88,12 +105,20 @@ async def site(request: web.Request) -> web.Response:
     return _json(doc)
 
 
-@routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
     cache = request.app[CACHE]
     if not cache.synced:
-        return _json({"error": cache.problem}, 503)
-    return _json({"status": "ok", "revision": cache.view.revision})
+        return _answer(a.ErrorBody(error=cache.problem), 503)
+    return _answer(a.Health(status="ok", revision=cache.view.revision))
+
+
+@functools.cache
+def _document() -> bytes:
+    return encode(document(ROUTES))
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=_document(), content_type=JSON)
 
 
 # ---- admin ------------------------------------------------------------------------
@@ -103,58 +128,191 @@ async def _body(request: web.Request, model: type[B]) -> B:
     return validate(model, await json_body(request), "body")
 
 
-@routes.post("/v1/pairs/{pair}/switchover")
 async def switchover(request: web.Request) -> web.Response:
     by = operator(request)
     body = await _body(request, SwitchoverBody)
     pair = request.match_info["pair"]
     req = await admin.request_switchover(request.app[STORE], pair, body.to, by, body.reason)
-    return _json({"pair": pair, "request": req.id, "to": req.to, "by": by}, 202)
+    return _answer(a.SwitchoverRequested(pair=pair, request=req.id, to=req.to, by=by), 202)
 
 
-@routes.post("/v1/pairs/{pair}/pause")
 async def pause(request: web.Request) -> web.Response:
     by = operator(request)
     body = await _body(request, ReasonBody)
     flag = await admin.pause(request.app[STORE], request.match_info["pair"], by, body.reason)
-    return _json({"pair": request.match_info["pair"], "paused": flag.model_dump(mode="json")})
+    return _answer(a.PairPaused(pair=request.match_info["pair"], paused=flag))
 
 
-@routes.post("/v1/pairs/{pair}/ack")
 async def ack(request: web.Request) -> web.Response:
     by = operator(request)
     body = await _body(request, AckBody)
     done = await admin.ack(request.app[STORE], request.match_info["pair"], body.epoch, by)
-    return _json({"pair": request.match_info["pair"], "recovery": done.model_dump(mode="json")})
+    return _answer(a.RecoveryAcknowledged(pair=request.match_info["pair"], recovery=done))
 
 
-@routes.post("/v1/pairs/{pair}/resume")
 async def resume(request: web.Request) -> web.Response:
     by = operator(request)
     await _body(request, EmptyBody)
     was = await admin.resume(request.app[STORE], request.match_info["pair"], by)
-    return _json({"pair": request.match_info["pair"], "was_paused": was.model_dump(mode="json")})
+    return _answer(a.PairResumed(pair=request.match_info["pair"], was_paused=was))
 
 
-@routes.post("/v1/nodes/{node}/drain")
 async def drain(request: web.Request) -> web.Response:
     by = operator(request)
     body = await _body(request, ReasonBody)
     result = await admin.drain(request.app[STORE], request.match_info["node"], by, body.reason)
-    request_id = result.switchover.id if result.switchover else None
-    return _json(
-        {
-            "node": request.match_info["node"],
-            "pair": result.pair,
-            "drained": result.drained.model_dump(mode="json"),
-            "switchover_request": request_id,
-        }
+    return _answer(
+        a.NodeDrained(
+            node=request.match_info["node"],
+            pair=result.pair,
+            drained=result.drained,
+            switchover_request=result.switchover.id if result.switchover else None,
+        )
     )
 
 
-@routes.post("/v1/nodes/{node}/undrain")
 async def undrain(request: web.Request) -> web.Response:
     by = operator(request)
     await _body(request, EmptyBody)
     was = await admin.undrain(request.app[STORE], request.match_info["node"], by)
-    return _json({"node": request.match_info["node"], "was_drained": was.model_dump(mode="json")})
+    return _answer(a.NodeUndrained(node=request.match_info["node"], was_drained=was))
+
+
+# ---- the table --------------------------------------------------------------------
+
+STALE = Header(
+    STALE_HEADER,
+    "the registry is out of touch with etcd: why (the answer is the last state seen; "
+    "ask another registry)",
+    {"type": "string"},
+)
+RETRY_AFTER = Header(
+    "Retry-After",
+    "when refused for want of room for another waiting reader: seconds to wait",
+    {"type": "integer", "minimum": 0},
+)
+UNKNOWN = Reply("no such service in the site, or it declares no endpoint", headers=(STALE,))
+NO_ENDPOINT = Reply(
+    "known, but no valid endpoint now (no active node, or not yet published); or, "
+    "with Retry-After, too many long-polls held",
+    a.NoEndpoint,
+    headers=(STALE, RETRY_AFTER),
+)
+READS = ("reads",)
+
+
+def admin_route(
+    path: str,
+    handler: Handler,
+    body: type[BaseModel],
+    summary: str,
+    done: Reply,
+    status: int = 200,
+) -> Route:
+    """A POST that needs a credential, with its body and what it answers once done."""
+    return Route(
+        "POST", path, handler, summary, {status: done}, body=body, admin=True, tags=("admin",)
+    )
+
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "GET",
+        "/v1/endpoints/{service}",
+        lookup,
+        "Where a service answers now; with a query, a long-poll",
+        {
+            200: Reply("its endpoint", a.EndpointFound, headers=(STALE,)),
+            404: UNKNOWN,
+            503: NO_ENDPOINT,
+        },
+        query=PollQuery,
+        tags=READS,
+    ),
+    Route(
+        "GET",
+        "/v1/events",
+        events,
+        "Server-sent events: the current state, then every change",
+        {
+            200: Reply(
+                "a stream of events, each as the schema says, and comment lines on idle",
+                a.StreamEvent,
+                media=EVENT_STREAM,
+            ),
+            503: Reply(
+                "out of touch with etcd; or, with Retry-After, too many streams held",
+                headers=(RETRY_AFTER,),
+            ),
+        },
+        query=StreamQuery,
+        tags=READS,
+    ),
+    Route(
+        "GET",
+        "/v1/site",
+        site,
+        "The whole site's state",
+        {200: Reply("it", SiteReport)},
+        tags=READS,
+    ),
+    Route(
+        "GET",
+        "/healthz",
+        healthz,
+        "Whether the registry is in step with etcd",
+        {200: Reply("in step", a.Health), 503: Reply("not, or not sure to be: why")},
+        tags=READS,
+    ),
+    Route(
+        "GET",
+        "/v1/openapi.json",
+        openapi,
+        "This document",
+        {200: Reply("the registry's OpenAPI document", a.ApiDocument)},
+        tags=READS,
+    ),
+    admin_route(
+        "/v1/pairs/{pair}/switchover",
+        switchover,
+        SwitchoverBody,
+        "Ask for a planned switchover (the active carries it out)",
+        Reply("stored", a.SwitchoverRequested),
+        status=202,
+    ),
+    admin_route(
+        "/v1/pairs/{pair}/pause",
+        pause,
+        ReasonBody,
+        "Pause automatic failover",
+        Reply("paused", a.PairPaused),
+    ),
+    admin_route(
+        "/v1/pairs/{pair}/resume",
+        resume,
+        EmptyBody,
+        "Resume automatic failover",
+        Reply("resumed; the pause it ended", a.PairResumed),
+    ),
+    admin_route(
+        "/v1/pairs/{pair}/ack",
+        ack,
+        AckBody,
+        "Acknowledge a recovery: the held services start",
+        Reply("acknowledged", a.RecoveryAcknowledged),
+    ),
+    admin_route(
+        "/v1/nodes/{node}/drain",
+        drain,
+        ReasonBody,
+        "Make a node ineligible (and move its pair off it when it is active)",
+        Reply("drained", a.NodeDrained),
+    ),
+    admin_route(
+        "/v1/nodes/{node}/undrain",
+        undrain,
+        EmptyBody,
+        "Make a drained node eligible again",
+        Reply("undrained; the drain it ended", a.NodeUndrained),
+    ),
+)

@@ -49,7 +49,13 @@ HEADERS = {
 class StreamQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    heartbeat_s: float | None = Field(None, ge=0.5, le=300, allow_inf_nan=False)
+    heartbeat_s: float | None = Field(
+        None,
+        ge=0.5,
+        le=300,
+        allow_inf_nan=False,
+        description="seconds between comment lines on an idle stream (default the registry's)",
+    )
 
 
 @contextlib.contextmanager

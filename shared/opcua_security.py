@@ -3,7 +3,8 @@ and a client's secure channel (the OPC UA client adapter, the comm server's PLC 
 
 Certificates for OPC UA carry RSA keys (its policies sign and encrypt with RSA) and the
 application's URI in their subjectAltName; ``hapair pki issue DIR comm NAME`` issues
-such a certificate. A peer's certificate is trusted when the CA file given issued it and
+such a certificate for a comm server, ``hapair pki issue DIR opcua-client NAME`` for a
+client application. A peer's certificate is trusted when the CA file given issued it and
 it is valid now: the comm server checks its clients' this way, a client its server's.
 """
 
@@ -104,7 +105,9 @@ class ClientSecurity:
     def check(self) -> None:
         """PkiError naming what is wrong with the files (read before connecting)."""
         if not isinstance(load_private_key(self.key), rsa.RSAPrivateKey):
-            raise PkiError(f"{self.key}: OPC UA needs an RSA key (hapair pki issue DIR comm NAME)")
+            raise PkiError(
+                f"{self.key}: OPC UA needs an RSA key (hapair pki issue DIR opcua-client NAME)"
+            )
         load_certificate(self.certificate)
         load_certificate(self.ca)
 

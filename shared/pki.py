@@ -39,6 +39,9 @@ LEAF_YEARS = 3
 # certificate would otherwise refuse it as not yet valid.
 BACKDATE = datetime.timedelta(hours=1)
 PEER_KEY_BYTES = 32
+# RSA key sizes for OPC UA: both its policies here take 2048 to 4096 bits; 2048 is the
+# default (each handshake signs and decrypts with it), 3072 for sites that ask for it.
+RSA_BITS = (2048, 3072)
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 
 # What a certificate's file name may be: it is also its CN, so an etcd user name and a
@@ -61,6 +64,7 @@ class Kind(enum.StrEnum):
     AGENT = "agent"
     REGISTRY = "registry"
     COMM = "comm"
+    OPCUA_CLIENT = "opcua-client"
     OPERATOR = "operator"
     ADMIN = "admin"
 
@@ -75,6 +79,9 @@ class Profile:
     # OPC UA's Basic256Sha256 (asyncua's strongest RSA policy) needs an RSA key and an
     # application URI; ECDSA P-256 everywhere else.
     opc_ua: bool = False
+    # A client that may still name its host (--ip, --dns): OPC UA application
+    # certificates may, though servers do not check a client's.
+    names_allowed: bool = False
 
 
 PROFILES: dict[Kind, Profile] = {
@@ -88,6 +95,14 @@ PROFILES: dict[Kind, Profile] = {
         server=True,
         client=True,
         opc_ua=True,
+    ),
+    Kind.OPCUA_CLIENT: Profile(
+        "an OPC UA client application (SCADA, the client library's OPC UA adapter): RSA, "
+        "not a client of etcd",
+        server=False,
+        client=True,
+        opc_ua=True,
+        names_allowed=True,
     ),
     Kind.OPERATOR: Profile("an operator: the hapair command line", server=False, client=True),
     Kind.ADMIN: Profile(
@@ -341,14 +356,16 @@ def issue(
     dns: Sequence[str] = (),
     *,
     uri: str | None = None,
+    rsa_bits: int | None = None,
     force: bool = False,
     now: datetime.datetime | None = None,
 ) -> Issued:
     """Issue ``NAME.crt``/``NAME.key`` in ``directory``, signed by its site CA.
 
     ``ips``/``dns`` are the names clients check the server by (required for the kinds
-    that serve); ``uri`` is a comm server's OPC UA application URI (default
-    ``urn:hapair:comm:NAME``): the server's own must be the same."""
+    that serve); ``uri`` is an OPC UA application's URI (default
+    ``urn:hapair:KIND:NAME``): the application must announce the same one; ``rsa_bits``
+    the size of an OPC UA certificate's RSA key (:data:`RSA_BITS`, default 2048)."""
     directory = Path(directory)
     try:
         kind = Kind(kind)
@@ -361,12 +378,20 @@ def issue(
     addresses = _addresses(ips, dns)
     if profile.server and not addresses:
         raise PkiError(f"{kind} certificate {name!r}: give its address (--ip or --dns)")
-    if not profile.server and addresses:
+    if not (profile.server or profile.names_allowed) and addresses:
         raise PkiError(f"{kind} certificate {name!r}: a client's certificate has no --ip or --dns")
+    opc_ua_kinds = ", ".join(k.value for k, p in PROFILES.items() if p.opc_ua)
     if uri is not None and not profile.opc_ua:
-        raise PkiError(f"{kind} certificate {name!r}: --uri is for comm certificates")
+        raise PkiError(f"{kind} certificate {name!r}: --uri is for OPC UA kinds ({opc_ua_kinds})")
+    if rsa_bits is not None and not profile.opc_ua:
+        raise PkiError(
+            f"{kind} certificate {name!r}: --rsa-bits is for OPC UA kinds ({opc_ua_kinds}); "
+            "the others are ECDSA P-256"
+        )
+    if rsa_bits is not None and rsa_bits not in RSA_BITS:
+        raise PkiError(f"--rsa-bits {rsa_bits}: {' or '.join(map(str, RSA_BITS))}")
     if profile.opc_ua:
-        uri = uri or f"urn:hapair:comm:{name}"
+        uri = uri or f"urn:hapair:{kind.value}:{name}"
         if not URI.match(uri):
             raise PkiError(f"--uri {uri!r}: not a URI (urn:...)")
         addresses.insert(0, x509.UniformResourceIdentifier(uri))
@@ -377,7 +402,7 @@ def issue(
 
     now = now or datetime.datetime.now(datetime.UTC)
     key: PrivateKey = (
-        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        rsa.generate_private_key(public_exponent=65537, key_size=rsa_bits or RSA_BITS[0])
         if profile.opc_ua
         else ec.generate_private_key(ec.SECP256R1())
     )

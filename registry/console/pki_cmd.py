@@ -45,7 +45,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--uri",
         metavar="URI",
-        help="comm only: the OPC UA application URI (default urn:hapair:comm:NAME)",
+        help="comm and opcua-client only: the OPC UA application URI "
+        "(default urn:hapair:KIND:NAME)",
+    )
+    p.add_argument(
+        "--rsa-bits",
+        type=int,
+        metavar="BITS",
+        help="comm and opcua-client only: the RSA key's size, "
+        f"{' or '.join(map(str, pki.RSA_BITS))} (default {pki.RSA_BITS[0]})",
     )
     p.add_argument("--force", action="store_true", help="replace NAME.crt and NAME.key")
     p.set_defaults(func=pki_issue)
@@ -90,7 +98,16 @@ def pki_init(args: argparse.Namespace) -> list[str]:
 @_command
 def pki_issue(args: argparse.Namespace) -> list[str]:
     return _wrote(
-        pki.issue(args.dir, args.kind, args.name, args.ip, args.dns, uri=args.uri, force=args.force)
+        pki.issue(
+            args.dir,
+            args.kind,
+            args.name,
+            args.ip,
+            args.dns,
+            uri=args.uri,
+            rsa_bits=args.rsa_bits,
+            force=args.force,
+        )
     )
 
 

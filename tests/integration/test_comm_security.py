@@ -7,9 +7,11 @@ a node deleted; and what must still work: a writer's write over SignAndEncrypt."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +23,9 @@ from asyncua.crypto import security_policies
 
 from hapair.comm_server.access import ServerSecurity, hash_password, server_security
 from hapair.shared import pki
-from hapair.shared.opcua_security import pem
+from hapair.shared.opcua_security import ClientSecurity, application_uri, pem
 from hapair.shared.topology import OpcUaSecurity
+from tests.support.client_lab import BIN
 from tests.support.harness import free_port
 from tests.support.plc_sim import CommUnderTest, ModbusPlc, running_comm
 
@@ -68,10 +71,11 @@ def make_site(tmp_path: Path) -> Site:
     own, other = tmp_path / "pki", tmp_path / "other"
     pki.init(own, "plant")
     pki.issue(own, "comm", "comm-a", ["127.0.0.1"])
-    for name in ("scada", "alice-app", "plc-oven"):
-        pki.issue(own, "comm", name, ["127.0.0.1"])
+    for name in ("scada", "alice-app"):
+        pki.issue(own, "opcua-client", name)
+    pki.issue(own, "comm", "plc-oven", ["127.0.0.1"])  # a PLC's OPC UA server
     pki.init(other, "elsewhere")
-    pki.issue(other, "comm", "scada", ["127.0.0.1"])  # the same CN, another CA
+    pki.issue(other, "opcua-client", "scada")  # the same CN, another CA
     users = tmp_path / "opcua-users.yaml"
     users.write_text(
         json.dumps(
@@ -80,6 +84,7 @@ def make_site(tmp_path: Path) -> Site:
                     "alice": {"role": "writer", "password": hash_password(PASSWORDS["alice"])},
                     "bob": {"role": "reader", "password": hash_password(PASSWORDS["bob"])},
                     "scada": {"role": "writer"},
+                    "hmi-7": {"role": "writer"},
                 }
             }
         )
@@ -354,3 +359,36 @@ async def test_a_writers_write_reaches_the_plc_over_sign_and_encrypt(
         outcome = await attempt(url, intruder, write(TAG, 45, V.Int16))
         assert outcome.startswith("session refused")
         assert [w.values for w in sim.writes] == [[42], [43]]
+
+
+async def test_an_opcua_client_certificate_from_hapair_pki_is_let_in_over_sign_and_encrypt(
+    site: Site, sim: ModbusPlc
+) -> None:
+    """``hapair pki issue DIR opcua-client NAME`` (RSA 3072 here): a client showing it,
+    set up as the client library sets up its own (its certificate's application URI
+    announced, the server's checked against the site CA), opens a SignAndEncrypt
+    channel; the comm server, trusting the site CA (``--opcua-ca``), takes the
+    certificate as the user its CN names, and that writer's write reaches the PLC."""
+    bits = ("--rsa-bits", "3072")
+    issued = await asyncio.to_thread(
+        subprocess.run,
+        [str(BIN / "hapair"), "pki", "issue", str(site.pki), "opcua-client", "hmi-7", *bits],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert issued.returncode == 0, issued.stderr
+    cert, key = site.file("hmi-7", "crt"), site.file("hmi-7", "key")
+    assert application_uri(pki.load_certificate(cert)) == "urn:hapair:opcua-client:hmi-7"
+    async with secured_comm(site, sim) as comm:
+        client = Client(comm.server.space.url, timeout=5)
+        await ClientSecurity(cert, key, site.file("ca", "crt")).apply(client)
+        assert client.application_uri == "urn:hapair:opcua-client:hmi-7"
+        # The certificate is also the user's identity (no user name, no password).
+        await client.load_client_certificate(str(cert), "pem")
+        await client.load_private_key(key, extension="pem")
+        async with client:
+            assert client.security_policy.Mode == ua.MessageSecurityMode.SignAndEncrypt
+            ns = await client.get_namespace_index("urn:hapair:comm")
+            assert await write(TAG, 47, V.Int16)(client, ns) == "Good"
+        assert [w.values for w in sim.writes] == [[47]]

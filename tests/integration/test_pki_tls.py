@@ -204,15 +204,15 @@ def test_etcd_takes_the_certificate_cn_as_its_user(site: Site, etcd: TlsEtcd) ->
 
 async def test_opc_ua_sign_and_encrypt_with_comm_certificates(site: Site, tmp_path: Path) -> None:
     """A comm certificate serves OPC UA's Basic256Sha256 (RSA) with asyncua: a client
-    with a certificate of the site CA reads signed and encrypted; the server, trusting
+    with an opcua-client certificate of the site CA reads signed and encrypted; the server, trusting
     the site CA alone, refuses a client whose certificate another CA signed."""
     host = "127.0.0.1"
     port = free_port(host)
     url = f"opc.tcp://{host}:{port}/hapair/"
     server_uri, client_uri = "urn:hapair:comm:line1:n1", "urn:plant:hmi-1"
     pki.issue(site.pki, "comm", "comm-1", [host], uri=server_uri)
-    pki.issue(site.pki, "comm", "hmi-1", [host], uri=client_uri)
-    pki.issue(site.other, "comm", "hmi-1", [host], uri=client_uri)
+    pki.issue(site.pki, "opcua-client", "hmi-1", uri=client_uri)
+    pki.issue(site.other, "opcua-client", "hmi-1", uri=client_uri)
     trusted = tmp_path / "trusted"
     trusted.mkdir()
     # asyncua's trust store reads *.pem and *.der files only.

@@ -24,6 +24,7 @@ from hapair.registry.appkeys import READERS, RegistryConfig
 from hapair.shared import keys, records
 from hapair.shared.store import Store
 from tests.support import site_records
+from tests.support.client_lab import RegistryProcess
 from tests.support.harness import free_port
 from tests.support.site_records import FakeAgent, apply_site
 from tests.unit.test_registry import get
@@ -593,3 +594,52 @@ async def test_connections_that_never_finish_their_headers_are_closed(
         except TimeoutError:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_reader_that_leaves_gives_its_place_back_at_once(etcd: Any, store: Store) -> None:
+    """A client that closes its event stream or its long-poll gives its place back as
+    it leaves, not when the registry next writes to it (the stream's heartbeat, up to
+    300 s away when the client asked for that; the poll's wait_s, up to 60 s): with a
+    share of one per address, the client opens another at once."""
+    await active_pair(store)
+    registry = await RegistryProcess(etcd, args=("--max-per-client", "1")).start()
+    try:
+        async with ClientSession() as s, s.get(f"{registry.url}/v1/endpoints/mes-api") as resp:
+            epoch = (await resp.json())["epoch"]
+        stream = f"{registry.url}/v1/events?heartbeat_s=300"
+        poll = f"{registry.url}/v1/endpoints/mes-api?after_epoch={epoch}&wait_s=60"
+        # A long-poll that answers at once: 503 when the address's place is taken.
+        probe = f"{registry.url}/v1/endpoints/mes-api?after_epoch={epoch}&wait_s=0"
+
+        async def status(url: str) -> int:
+            async with ClientSession() as other, other.get(url) as resp:
+                return resp.status
+
+        for leaving in (stream, poll):
+            async with ClientSession() as reader:
+                request = asyncio.create_task(reader.get(leaving))
+
+                async def held(url: str = leaving) -> bool:
+                    nonlocal request
+                    if request.done():
+                        response = request.result()
+                        if response.status == 200 and url == stream:
+                            return True  # its stream is open
+                        # Refused while a probe held the place for an instant: again.
+                        response.close()
+                        request = asyncio.create_task(reader.get(url))
+                        return False
+                    return await status(probe) == 503 and not request.done()
+
+                await until(held, "the reader's place taken", START_S)
+                request.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    (await request).close()
+            # The reader has left: its connection is closed.
+
+            async def free() -> bool:
+                return await status(stream) == 200
+
+            await until(free, "a stream accepted after the reader left", 10.0)
+    finally:
+        await registry.stop()

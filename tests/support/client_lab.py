@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -231,30 +231,41 @@ class FreezableRelay:
 class RegistryProcess:
     """``hapair-registry`` as a process of its own, to be killed like a real one."""
 
-    def __init__(self, etcd: Etcd, url: str | None = None) -> None:
+    def __init__(
+        self, etcd: Etcd, url: str | None = None, args: Sequence[str] = (), log: Path | None = None
+    ) -> None:
         """A registry of ``etcd`` (its own certificate over TLS), reaching it at ``url``
-        (default: its own; a relay's, say)."""
+        (default: its own; a relay's, say), with more options ``args``, its output
+        written to ``log`` (default: nowhere)."""
         self.etcd = etcd
         self.etcd_url = url or etcd.url
+        self.args = args
+        self.log = log
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> RegistryProcess:
-        self.proc = await asyncio.create_subprocess_exec(
-            str(BIN / "hapair-registry"),
-            *self.etcd.client_args(self.identity()),
-            "--etcd",  # wins over the one above
-            self.etcd_url,
-            "--listen",
-            f"127.0.0.1:{self.port}",
-            "--log-level",
-            "warning",
-            cwd=ROOT,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        await until(lambda: _healthy(self.url), f"registry on {self.url}", 15)
+        with (self.log or Path(os.devnull)).open("ab") as out:
+            self.proc = await asyncio.create_subprocess_exec(
+                str(BIN / "hapair-registry"),
+                *self.etcd.client_args(self.identity()),
+                "--etcd",  # wins over the one above
+                self.etcd_url,
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--log-level",
+                "warning",
+                *self.args,
+                cwd=ROOT,
+                stdout=out,
+                stderr=out,
+            )
+        try:
+            await until(lambda: _healthy(self.url), f"registry on {self.url}", 15)
+        except BaseException:
+            await self.stop()  # it is not left running when it never came up
+            raise
         return self
 
     def identity(self) -> str | None:

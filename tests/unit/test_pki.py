@@ -128,6 +128,7 @@ KINDS = [
     ("etcd", {"ips": ["127.0.0.1", "::1"], "dns": ["etcd-1.plant"]}, {SERVER, CLIENT}, False),
     ("registry", {"dns": ["registry.plant"]}, {SERVER, CLIENT}, False),
     ("comm", {"ips": ["10.0.0.5"]}, {SERVER, CLIENT}, True),
+    ("opcua-client", {}, {CLIENT}, True),
     ("agent", {}, {CLIENT}, False),
     ("operator", {}, {CLIENT}, False),
     ("admin", {}, {CLIENT}, False),
@@ -177,10 +178,13 @@ def test_each_kind_carries_its_identity_usages_and_key(
     assert pki.load_private_key(issued.key).public_key() == key
 
     ips = [ipaddress.ip_address(a) for a in names.get("ips", [])]
-    if SERVER in usages:
+    if SERVER in usages or is_rsa:
         sans = ext(cert, x509.SubjectAlternativeName).value
         assert sans.get_values_for_type(x509.IPAddress) == ips
         assert sans.get_values_for_type(x509.DNSName) == names.get("dns", [])
+        # An OPC UA application's certificate names its application URI.
+        uris = [f"urn:hapair:{kind}:{kind}-1"] if is_rsa else []
+        assert sans.get_values_for_type(x509.UniformResourceIdentifier) == uris
     else:
         with pytest.raises(x509.ExtensionNotFound):
             ext(cert, x509.SubjectAlternativeName)
@@ -206,29 +210,60 @@ def test_serials_are_random_and_another_ca_does_not_verify(site: Path, tmp_path:
         verifying(ca_of(other)).build_client_verifier().verify(a, [])
 
 
+async def asyncua_refusal(cert: x509.Certificate, uri: str, as_server: bool) -> int | None:
+    """What asyncua's own checks of a peer's certificate (usages, URI, validity) say
+    of ``cert`` shown by the application ``uri``, a server's or a client's: None when
+    they take it, else the status code."""
+    options = CertificateValidatorOptions.EXT_VALIDATION
+    options |= (
+        CertificateValidatorOptions.PEER_SERVER
+        if as_server
+        else CertificateValidatorOptions.PEER_CLIENT
+    )
+    peer = ua.ApplicationDescription()
+    peer.ApplicationUri = uri
+    peer.ApplicationType = ua.ApplicationType.Server if as_server else ua.ApplicationType.Client
+    try:
+        await CertificateValidator(options).validate(cert, peer)
+    except ServiceError as err:
+        return int(err.code)
+    return None
+
+
 async def test_a_comm_certificate_is_what_asyncua_checks_for_an_opc_ua_server(site: Path) -> None:
     cert = pki.issue(site, "comm", "comm-1", ["10.0.0.5"]).certificate
     custom = pki.issue(site, "comm", "comm-2", dns=["comm2"], uri="urn:hapair:comm:line1:n2")
     uris = ext(custom.certificate, x509.SubjectAlternativeName).value
     assert uris.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:hapair:comm:line1:n2"]
 
-    validator = CertificateValidator(
-        CertificateValidatorOptions.EXT_VALIDATION | CertificateValidatorOptions.PEER_SERVER
-    )
-    server = ua.ApplicationDescription()
-    server.ApplicationUri = "urn:hapair:comm:comm-1"
-    server.ApplicationType = ua.ApplicationType.Server
-    await validator.validate(cert, server)  # raises on a wrong URI, usage or time
-    server.ApplicationUri = "urn:hapair:comm:other"
-    with pytest.raises(ServiceError) as err:
-        await validator.validate(cert, server)
-    assert err.value.code == StatusCodes.BadCertificateUriInvalid
+    assert await asyncua_refusal(cert, "urn:hapair:comm:comm-1", as_server=True) is None
+    other = await asyncua_refusal(cert, "urn:hapair:comm:other", as_server=True)
+    assert other == StatusCodes.BadCertificateUriInvalid
     # An ECDSA certificate lacks what OPC UA's RSA policies need.
     etcd = pki.issue(site, "etcd", "e1", ["10.0.0.5"]).certificate
-    server.ApplicationUri = "urn:hapair:comm:comm-1"
-    with pytest.raises(ServiceError) as err:
-        await validator.validate(etcd, server)
-    assert err.value.code == StatusCodes.BadCertificateUriInvalid
+    refused = await asyncua_refusal(etcd, "urn:hapair:comm:comm-1", as_server=True)
+    assert refused == StatusCodes.BadCertificateUriInvalid
+
+
+async def test_an_opcua_client_certificate_is_what_asyncua_checks_for_an_opc_ua_client(
+    site: Path,
+) -> None:
+    """RSA (2048, or 3072 when asked), client use only, its application URI in the SAN
+    (``--uri`` for a SCADA client's own), its host's name when given."""
+    scada = pki.issue(site, "opcua-client", "scada", dns=["scada-1.plant"], rsa_bits=3072)
+    own = pki.issue(site, "opcua-client", "hmi", uri="urn:vendor:hmi:line1").certificate
+    key = scada.certificate.public_key()
+    assert isinstance(key, rsa.RSAPublicKey) and key.key_size == 3072
+    assert set(ext(scada.certificate, x509.ExtendedKeyUsage).value) == {CLIENT}
+    sans = ext(own, x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:vendor:hmi:line1"]
+
+    uri = "urn:hapair:opcua-client:scada"
+    assert await asyncua_refusal(scada.certificate, uri, as_server=False) is None
+    assert await asyncua_refusal(own, "urn:vendor:hmi:line1", as_server=False) is None
+    # Not a server's: an OPC UA client checking its server refuses it.
+    as_server = await asyncua_refusal(scada.certificate, uri, as_server=True)
+    assert as_server == StatusCodes.BadCertificateUseNotAllowed
 
 
 # ---- refusals ---------------------------------------------------------------------
@@ -252,7 +287,11 @@ async def test_a_comm_certificate_is_what_asyncua_checks_for_an_opc_ua_server(si
         ("admin", "x" * 65, {}, "at most 64"),
         ("admin", "ca", {}, "kept for the CA"),
         ("agent", "peer-line1", {}, "kept for the CA's and the peer keys'"),
-        ("etcd", "e1", {"ips": ["10.0.0.1"], "uri": "urn:x"}, "--uri is for comm"),
+        ("etcd", "e1", {"ips": ["10.0.0.1"], "uri": "urn:x"}, "--uri is for OPC UA kinds"),
+        ("agent", "n1", {"uri": "urn:x"}, "--uri is for OPC UA kinds (comm, opcua-client)"),
+        ("agent", "n1", {"rsa_bits": 3072}, "--rsa-bits is for OPC UA kinds"),
+        ("opcua-client", "s1", {"rsa_bits": 1024}, "--rsa-bits 1024: 2048 or 3072"),
+        ("opcua-client", "s1", {"uri": "no uri"}, "--uri 'no uri': not a URI"),
         ("comm", "c1", {"ips": ["10.0.0.1"], "uri": "no uri"}, "--uri 'no uri': not a URI"),
     ],
 )
@@ -401,6 +440,7 @@ def test_the_command_line_prints_what_it_wrote_and_one_line_when_it_refuses(
         (("issue", d, "bogus", "x"), 2, "kind 'bogus'"),
         (("issue", d, "etcd", "e2", "--ip", "nope"), 2, "--ip 'nope'"),
         (("issue", d, "admin", "../x"), 2, "a path separator"),
+        (("issue", d, "opcua-client", "s2", "--rsa-bits", "512"), 2, "--rsa-bits 512"),
         (("issue", str(tmp_path), "admin", "a"), 2, "no site CA here"),
         (("peer-key", d, "a/b"), 2, "a path separator"),
     ]

@@ -3,15 +3,18 @@ may use the admin routes and what a request to them must look like."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from pydantic import ValidationError
 
-from hapair.registry.app import create_app
+from hapair.registry.app import create_app, runner
 from hapair.registry.appkeys import RegistryConfig
 from hapair.registry.routes import PollQuery
 from hapair.registry.settings import RegistrySettings
@@ -95,6 +98,48 @@ async def test_a_malformed_or_deeply_nested_body_is_400_with_the_reason(
             ) as resp:
                 assert resp.status == 400, path
                 assert reason in (await resp.json())["error"]
+
+
+async def test_an_unknown_path_or_method_is_answered_in_json_too() -> None:
+    """Every answer is JSON with an ``error``, the router's own refusals as well; a
+    405 still says which methods the path takes."""
+    app = create_app(NO_ETCD, etcd_timeout_s=0.3)
+    async with TestClient(TestServer(app)) as c:
+        for method, path, status in [
+            ("GET", "/v1/nope", 404),
+            ("GET", "/v1/endpoints/", 404),
+            ("PUT", "/v1/site", 405),
+            ("DELETE", "/v1/pairs/asm/pause", 405),
+        ]:
+            async with c.request(method, path) as resp:
+                assert (resp.status, resp.content_type) == (status, "application/json"), path
+                assert path in (await resp.json())["error"]
+                if status == 405:
+                    assert resp.headers["Allow"]
+
+
+async def test_a_malformed_http_request_is_one_warning_line_not_an_error_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client's request that aiohttp's parser refuses (a NUL in a header, as a fuzzer
+    or a scanner sends) is answered 400 and logged as what it is: one warning naming
+    the client and why. An error with a traceback would read as the registry's bug."""
+    run = runner(create_app(NO_ETCD, etcd_timeout_s=0.3))
+    await run.setup()
+    site = web.TCPSite(run, "127.0.0.1", 0)
+    await site.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", run.addresses[0][1])
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: r\r\nX-Probe: \x00\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    finally:
+        await run.cleanup()
+    assert answer.split(b" ", 2)[1] == b"400"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    [warned] = [r for r in caplog.records if r.getMessage() == "malformed request refused"]
+    assert warned.levelno == logging.WARNING
+    assert warned.fields["peer"] == "127.0.0.1" and "header" in warned.fields["error"]
 
 
 # ---- settings ----------------------------------------------------------------------
