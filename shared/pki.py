@@ -61,6 +61,7 @@ class Kind(enum.StrEnum):
     AGENT = "agent"
     REGISTRY = "registry"
     COMM = "comm"
+    POSTGRES = "postgres"
     OPERATOR = "operator"
     ADMIN = "admin"
 
@@ -88,6 +89,13 @@ PROFILES: dict[Kind, Profile] = {
         server=True,
         client=True,
         opc_ua=True,
+    ),
+    # Server only: the agents and replication authenticate to it with passwords (scram),
+    # and check its name against the address they connect to.
+    Kind.POSTGRES: Profile(
+        "a node's PostgreSQL server: its port, for replication, the agents and clients",
+        server=True,
+        client=False,
     ),
     Kind.OPERATOR: Profile("an operator: the hapair command line", server=False, client=True),
     Kind.ADMIN: Profile(
