@@ -208,8 +208,8 @@ async def db_pair(etcd: Etcd, **database: Any) -> AsyncIterator[tuple[Cluster, i
     c = Cluster(etcd, root)
     nodes = [{"name": n, "address": a} for n, a in zip("ab", ADDRESSES, strict=True)]
     section = {**database_section(root, port, synchronous=True), **database}
-    await c.apply(c.site([{"name": "p", "nodes": nodes, "database": section}]))
     try:
+        await c.apply(c.site([{"name": "p", "nodes": nodes, "database": section}]))
         yield c, port, root
     finally:
         await c.stop_all()
