@@ -4,8 +4,11 @@ Real etcd, real agents, real PostgreSQL 15 (two nodes, synchronous replication):
   crash       the active node dies (agent, watchdog and PostgreSQL frozen, then killed)
               -> first commit acknowledged by the new primary
   switchover  a planned switchover -> first commit acknowledged by the new primary
-and the acknowledged commits lost (must be 0). Medians over several runs.
-Usage: python -m bench.bench_db_failover [--runs 5]
+and the acknowledged commits lost (must be 0). Medians over several runs. etcd runs in
+the lab mode; the database in clear (``security: none``) unless ``--db-tls``, which gives
+each node a certificate and runs replication and the agents' connections over TLS with
+``sslmode=verify-full``.
+Usage: python -m bench.bench_db_failover [--runs 5] [--db-tls]
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import psycopg
 
-from hapair.shared import keys
+from hapair.shared import keys, pki
 from hapair.shared.records import Switchover, SyncState, decode
 from tests.support.cluster import Cluster, until
 from tests.support.harness import Etcd
@@ -30,8 +33,10 @@ from tests.support.pg_harness import (
     Writer,
     common_free_port,
     database_section,
+    with_tls,
     write_secrets,
 )
+from tests.support.tls_etcd import TestPki
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +52,7 @@ async def synced(c: Cluster, primary: str, standby: str) -> None:
     await until(ok, 90, f"{standby} synchronous standby of {primary}")
 
 
-async def main(runs: int) -> None:
+async def main(runs: int, db_tls: bool) -> None:
     root = Path(tempfile.mkdtemp(prefix="hapair-benchdb-"))
     os.chmod(root, 0o755)
     write_secrets(root)
@@ -56,6 +61,10 @@ async def main(runs: int) -> None:
     c = Cluster(etcd, root)
     nodes = [{"name": n, "address": a} for n, a in ADDRESS.items()]
     database = database_section(root, port, synchronous=True)
+    if db_tls:
+        pki.init(root / "pki", "bench")
+        database = with_tls(database, TestPki(root / "pki"), ADDRESS.values())
+    print(f"database over TLS: {'yes (verify-full)' if db_tls else 'no (security: none)'}")
     await c.apply(c.site([{"name": "p", "nodes": nodes, "database": database}]))
     conninfo = (
         f"host={','.join(ADDRESS.values())} port={port} dbname=mes user=mes "
@@ -130,4 +139,6 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runs", type=int, default=5)
-    asyncio.run(main(parser.parse_args().runs))
+    parser.add_argument("--db-tls", action="store_true", help="the database over TLS")
+    args = parser.parse_args()
+    asyncio.run(main(args.runs, args.db_tls))

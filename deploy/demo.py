@@ -443,9 +443,12 @@ class Demo:
             pki.peer_key(d, pair.name)
             for node in pair.nodes:
                 pki.issue(d, pki.Kind.AGENT, node.name)
+                if pair.database is not None:  # its PostgreSQL server, by its address
+                    pki.issue(d, pki.Kind.POSTGRES, f"postgres@{node.name}", [node.address])
         self.say(
             f"pki       {_rel(d)}/: a CA of its own; certificates for etcd, {ADMIN} (admin), "
-            f"{OPERATOR} (operator), {REGISTRY} (registry) and each node; a peer key per pair"
+            f"{OPERATOR} (operator), {REGISTRY} (registry), each node and each node's "
+            "PostgreSQL; a peer key per pair"
         )
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -478,11 +481,22 @@ class Demo:
             doc = parse_yaml(Path(self.args.site).read_text(), str(self.args.site), TopologyError)
             assert isinstance(doc, dict)  # the file was validated at start
             doc = localise(doc, self.tmp, sys.executable, ROOT, self.registry_url, self.say)
-            if not self.lab:  # each pair's peer path authenticated with its key
-                for workshop in doc["workshops"]:
-                    for pair in workshop["pairs"]:
-                        key = self.pki_dir / f"peer-{pair['name']}.key"
-                        pair.setdefault("network", {})["peer_key_file"] = str(key)
+            for workshop in doc["workshops"]:
+                for pair in workshop["pairs"]:
+                    db = pair.get("database")
+                    if self.lab:  # no TLS for the database either, said by name
+                        if db is not None:
+                            db["security"] = "none"
+                        continue
+                    # each pair's peer path authenticated with its key
+                    key = self.pki_dir / f"peer-{pair['name']}.key"
+                    pair.setdefault("network", {})["peer_key_file"] = str(key)
+                    if db is not None:  # its database over TLS with the demo's PKI
+                        db["tls"] = {
+                            "ca_file": str(self.pki_dir / pki.CA_CERT),
+                            "cert_file": f"{self.pki_dir}/postgres@{{node.name}}.crt",
+                            "key_file": f"{self.pki_dir}/postgres@{{node.name}}.key",
+                        }
             path.write_text(yaml.safe_dump(doc, sort_keys=False))
             self.site = parse_site(doc, str(path))
         except (TopologyError, OSError) as err:

@@ -37,7 +37,14 @@ CLOSED = (
 # Certificates hapair pki issues name their kind (OU): these are components', not an
 # operator's, even though the site CA signed them.
 NOT_OPERATORS = frozenset(
-    {pki.Kind.ETCD, pki.Kind.AGENT, pki.Kind.REGISTRY, pki.Kind.COMM, pki.Kind.OPCUA_CLIENT}
+    {
+        pki.Kind.ETCD,
+        pki.Kind.AGENT,
+        pki.Kind.REGISTRY,
+        pki.Kind.COMM,
+        pki.Kind.OPCUA_CLIENT,
+        pki.Kind.POSTGRES,
+    }
 )
 
 

@@ -14,6 +14,10 @@ The shape is the one of the site file::
              replication_user: replicator, replication_password_file: /etc/hapair/pg-repl.pw}
       clients: [127.0.0.0/8]
       databases: [{name: mes, owner: mes, password_file: /etc/hapair/pg-mes.pw}]
+      tls: {ca_file: /etc/hapair/pki/ca.crt,                      # these are the defaults
+            cert_file: /etc/hapair/pki/postgres@{node.name}.crt,
+            key_file: /etc/hapair/pki/postgres@{node.name}.key}
+      # security: none                     # the lab mode: no TLS (a warning at start)
 
 Errors name the field (``database.data_dir: unknown placeholder {pair.nam} ...``).
 """
@@ -57,6 +61,9 @@ MANAGED = frozenset(
         "primary_slot_name",
         "synchronous_standby_names",
         "password_encryption",
+        "ssl",
+        "ssl_cert_file",
+        "ssl_key_file",
     }
 )
 # Settings that run a command or load code as the database's user: whoever writes the
@@ -107,6 +114,31 @@ class Auth(StrictModel):
         return self
 
 
+def _file_with_placeholders(value: str) -> str:
+    _absolute(value)
+    unknown = placeholders_in(value) - DATA_DIR_PLACEHOLDERS
+    if unknown:
+        names = ", ".join("{" + u + "}" for u in sorted(unknown))
+        known = ", ".join("{" + p + "}" for p in sorted(DATA_DIR_PLACEHOLDERS))
+        raise ValueError(f"unknown placeholder {names} in {value!r}; known: {known}")
+    return value
+
+
+PKI_DIR = "/etc/hapair/pki"
+
+
+class Tls(StrictModel):
+    """Where each node finds its PostgreSQL server's certificate and key, and the CA the
+    agents and the standbys check it against: files on the node, never in etcd
+    (``hapair pki issue DIR postgres postgres@NODE --ip ADDRESS``)."""
+
+    ca_file: str = f"{PKI_DIR}/ca.crt"
+    cert_file: str = f"{PKI_DIR}/postgres@{{node.name}}.crt"
+    key_file: str = f"{PKI_DIR}/postgres@{{node.name}}.key"
+
+    _paths = field_validator("ca_file", "cert_file", "key_file")(_file_with_placeholders)
+
+
 class DatabaseSpec(StrictModel):
     name: DbName
     owner: RoleName
@@ -126,16 +158,17 @@ class DatabaseConfig(StrictModel):
     auth: Auth
     clients: list[str] = Field(default_factory=list)
     databases: list[DatabaseSpec] = Field(default_factory=list)
+    security: Literal["on", "none"] = Field(
+        "on",
+        description="on: TLS, replication and the superuser over TLS only; none (labs): "
+        "no TLS, everything in clear",
+    )
+    tls: Tls | None = Field(None, description="the TLS files; unset: the defaults of Tls")
 
     @field_validator("data_dir")
     @classmethod
     def _data_dir(cls, value: str) -> str:
-        _absolute(value)
-        unknown = placeholders_in(value) - DATA_DIR_PLACEHOLDERS
-        if unknown:
-            names = ", ".join("{" + u + "}" for u in sorted(unknown))
-            known = ", ".join("{" + p + "}" for p in sorted(DATA_DIR_PLACEHOLDERS))
-            raise ValueError(f"unknown placeholder {names} in {value!r}; known: {known}")
+        _file_with_placeholders(value)
         if value.rstrip("/") in ("", "/"):
             raise ValueError("must not be the root directory")
         return value
@@ -210,6 +243,22 @@ class DatabaseConfig(StrictModel):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _tls(self) -> DatabaseConfig:
+        if self.security == "none" and self.tls is not None:
+            raise ValueError(
+                "tls is given but security is none: drop tls for the lab mode, or security: "
+                "none to use it (never silently in clear)"
+            )
+        return self
+
+    @property
+    def tls_files(self) -> Tls | None:
+        """The TLS files (the defaults unless ``tls`` names others); None in the lab mode."""
+        if self.security == "none":
+            return None
+        return self.tls or Tls()
+
     def layout(self, values: Mapping[str, str]) -> Layout:
         """Where this node keeps its files, placeholders expanded."""
         return Layout.beside(Path(expand(self.data_dir, values)))
@@ -227,7 +276,7 @@ def _setting_text(value: object) -> object:
 class Layout:
     """A node's paths: the data dir and, beside it (never inside it, or ``pg_basebackup``
     would copy the socket lock), a run dir for the socket, the password file for
-    replication connections and the server log."""
+    replication connections, the TLS files and the server log."""
 
     data_dir: Path
     run_dir: Path
@@ -239,6 +288,21 @@ class Layout:
     @property
     def passfile(self) -> Path:
         return self.run_dir / "pgpass"
+
+    @property
+    def tls_cert(self) -> Path:
+        """The server's certificate, copied here for the database's user to read."""
+        return self.run_dir / "server.crt"
+
+    @property
+    def tls_key(self) -> Path:
+        return self.run_dir / "server.key"
+
+    @property
+    def tls_ca(self) -> Path:
+        """The CA that the standby's connections (walreceiver, pg_basebackup, pg_rewind),
+        which run as the database's user, check the primary against."""
+        return self.run_dir / "ca.crt"
 
     @property
     def log_file(self) -> Path:

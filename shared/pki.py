@@ -65,6 +65,7 @@ class Kind(enum.StrEnum):
     REGISTRY = "registry"
     COMM = "comm"
     OPCUA_CLIENT = "opcua-client"
+    POSTGRES = "postgres"
     OPERATOR = "operator"
     ADMIN = "admin"
 
@@ -103,6 +104,13 @@ PROFILES: dict[Kind, Profile] = {
         client=True,
         opc_ua=True,
         names_allowed=True,
+    ),
+    # Server only: the agents and replication authenticate to it with passwords (scram),
+    # and check its name against the address they connect to.
+    Kind.POSTGRES: Profile(
+        "a node's PostgreSQL server: its port, for replication, the agents and clients",
+        server=True,
+        client=False,
     ),
     Kind.OPERATOR: Profile("an operator: the hapair command line", server=False, client=True),
     Kind.ADMIN: Profile(

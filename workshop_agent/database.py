@@ -138,6 +138,14 @@ class Database:
         self.on_postmaster(pid)
 
     def open(self) -> None:
+        if self.config.security == "none":
+            self.log.warning(
+                "database in the LAB MODE, NO TLS: the pair's database says security: none, "
+                "so replication, the superuser's and the clients' connections go in clear "
+                "and nobody checks whom they reach; issue each node a certificate (hapair "
+                "pki issue DIR postgres postgres@NODE --ip ADDRESS) and drop security: none",
+                port=self.config.port,
+            )
         try:
             self.manager = PgManager.open(self.config, self.pair, self.node)
         except (SecretError, PgError) as err:

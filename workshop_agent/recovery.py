@@ -22,7 +22,6 @@ from hapair.shared.records import HeldContext, RecordError, Recovery, decode
 from hapair.shared.store import Store
 from hapair.shared.topology import Pair
 from hapair.shared.txn import Compare, Op
-from hapair.workshop_agent.pg import query as q
 from hapair.workshop_agent.pg.errors import PgError
 from hapair.workshop_agent.pg.manager import PgManager
 
@@ -94,14 +93,7 @@ async def read_contexts(manager: PgManager, names: Mapping[str, str]) -> dict[st
         if not missing:
             break
         try:
-            conn = await q.connect(
-                pg.node.address,
-                config.port,
-                config.auth.superuser,
-                pg.secrets.superuser,
-                dbname=db.name,
-                timeout=manager.timeouts.query_s,
-            )
+            conn = await pg.connect(pg.node.address, dbname=db.name)
         except PgError as err:
             errors.update(dict.fromkeys(missing, f"database {db.name}: {err}"))
             continue

@@ -25,6 +25,7 @@ from hapair.shared.records import EndpointRecord, Leader, NodeStatus, TopologyDo
 from hapair.shared.store import Kv, Store, Timeout, Unavailable
 from hapair.shared.topology import parse_site
 from tests.support.harness import PYTHON, ROOT, Etcd, stop_pid
+from tests.support.pg_harness import with_tls
 from tests.support.tls_etcd import TestPki, TlsEtcd
 
 T = TypeVar("T")
@@ -141,6 +142,24 @@ def with_peer_keys(site: dict[str, Any], test_pki: TestPki) -> dict[str, Any]:
     return site
 
 
+def with_database_tls(site: dict[str, Any], test_pki: TestPki | None) -> dict[str, Any]:
+    """``site`` with each database that names neither TLS files nor ``security`` given
+    certificates of ``test_pki`` for its nodes' addresses: the secure default; with no
+    PKI (the lab mode) it says ``security: none``."""
+    site = copy.deepcopy(site)
+    for workshop in site.get("workshops", []):
+        for pair in workshop.get("pairs", []):
+            db = pair.get("database")
+            if db is None or "tls" in db or "security" in db:
+                continue
+            if test_pki is None:
+                db["security"] = "none"
+            else:
+                addresses = [n["address"] for n in pair.get("nodes", [])]
+                pair["database"] = with_tls(db, test_pki, addresses)
+    return site
+
+
 def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -176,6 +195,7 @@ class Cluster:
     async def apply(self, site: dict[str, Any]) -> None:
         if self.peer_keys and isinstance(self.etcd, TlsEtcd):
             site = with_peer_keys(site, self.etcd.pki)
+        site = with_database_tls(site, self.etcd.pki if isinstance(self.etcd, TlsEtcd) else None)
         parsed = parse_site(site, "test site")
         await self.store.put(
             keys.TOPOLOGY, TopologyDoc(site=parsed.model_dump(mode="json")).encode()

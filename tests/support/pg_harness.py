@@ -13,7 +13,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +21,13 @@ from typing import Any
 import psycopg
 import pytest
 
+from hapair.shared import pki
 from hapair.shared.topology import Node, Pair
 from hapair.workshop_agent.pg.config import DatabaseConfig, parse_database
 from hapair.workshop_agent.pg.errors import PgError
 from hapair.workshop_agent.pg.manager import PgManager, Timeouts
 from hapair.workshop_agent.pg.proc import find_bin_dir, process_state
+from tests.support.tls_etcd import TestPki
 
 ADDRESSES = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 NAMES = ("a", "b", "c")
@@ -90,6 +92,25 @@ def database_section(root: Path, port: int, synchronous: bool = True) -> dict[st
         "clients": ["127.0.0.0/8"],
         "databases": [{"name": "mes", "owner": "mes", "password_file": str(pw / "mes.pw")}],
     }
+
+
+def with_tls(
+    section: dict[str, Any], test_pki: TestPki, addresses: Iterable[str]
+) -> dict[str, Any]:
+    """``section`` with TLS files of ``test_pki`` for servers on ``addresses`` (each
+    certificate named after its address, issued on first use), unless it names its own
+    or the lab mode: the secure default."""
+    if "tls" in section or "security" in section:
+        return section
+    for address in addresses:
+        test_pki.postgres(address)
+    d = test_pki.dir
+    tls = {
+        "ca_file": str(d / pki.CA_CERT),
+        "cert_file": f"{d}/postgres@{{node.address}}.crt",
+        "key_file": f"{d}/postgres@{{node.address}}.key",
+    }
+    return {**section, "tls": tls}
 
 
 def write_secrets(root: Path) -> None:
@@ -178,9 +199,11 @@ def make_cluster(
     root = Path(tempfile.mkdtemp(prefix="hapair-pg-"))
     root.chmod(0o755)  # the postgres user must reach the data dirs below
     write_secrets(root)
-    config = parse_database(
-        database_section(root, common_free_port(ADDRESSES[:nodes]), synchronous)
-    )
+    # The site's PKI directory as hapair pki makes it (0700): the database's user cannot
+    # read it, the agent copies what the server needs.
+    pki.init(root / "pki", "tests")
+    section = database_section(root, common_free_port(ADDRESSES[:nodes]), synchronous)
+    config = parse_database(with_tls(section, TestPki(root / "pki"), ADDRESSES[:nodes]))
     pair = Pair(
         name="line1",
         nodes=[Node(name=n, address=a) for n, a in zip(NAMES[:nodes], ADDRESSES, strict=False)],

@@ -49,6 +49,15 @@ class TestPki:
                 pki.issue(self.dir, kind, name, ips)
         return pki.TlsFiles.issued(self.dir, name)
 
+    def postgres(self, address: str) -> pki.TlsFiles:
+        """The certificate of a PostgreSQL server on ``address`` (named after it: a test's
+        node names come with other addresses in other tests), issued on first use."""
+        name = f"postgres@{address}"
+        with self._lock:
+            if not (self.dir / f"{name}.crt").exists():
+                pki.issue(self.dir, pki.Kind.POSTGRES, name, [address])
+        return pki.TlsFiles.issued(self.dir, name)
+
     def peer_key(self, pair: str) -> Path:
         """The pair's peer key file (0600), made the first time it is asked for."""
         path = self.dir / f"peer-{pair}.key"

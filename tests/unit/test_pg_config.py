@@ -9,8 +9,9 @@ import pytest
 import yaml
 from psycopg import pq
 
+from hapair.shared.database import Tls
 from hapair.shared.topology import TopologyError
-from hapair.workshop_agent.pg import files
+from hapair.workshop_agent.pg import files, tls
 from hapair.workshop_agent.pg.config import Layout, parse_database
 from hapair.workshop_agent.pg.errors import PgError, SecretError
 from hapair.workshop_agent.pg.query import scram_matches
@@ -75,6 +76,27 @@ def test_the_issue_example_parses_and_expands() -> None:
     assert layout.passfile.parent == layout.run_dir != layout.data_dir
 
 
+def test_tls_is_on_by_default_with_the_files_hapair_pki_names() -> None:
+    config = parse_database(example())
+    assert config.security == "on" and config.tls_files == Tls(
+        ca_file="/etc/hapair/pki/ca.crt",
+        cert_file="/etc/hapair/pki/postgres@{node.name}.crt",
+        key_file="/etc/hapair/pki/postgres@{node.name}.key",
+    )
+    values = {"node.name": "a1", "node.address": "10.0.0.1", "pair.name": "p"}
+    source = tls.TlsSource.of(config, values)
+    assert source == tls.TlsSource(
+        Path("/etc/hapair/pki/ca.crt"),
+        Path("/etc/hapair/pki/postgres@a1.crt"),
+        Path("/etc/hapair/pki/postgres@a1.key"),
+    )
+    named = parse_database(example(tls={"cert_file": "/srv/{pair.name}/{node.address}.pem"}))
+    assert tls.TlsSource.of(named, values) == tls.TlsSource(
+        Path("/etc/hapair/pki/ca.crt"), Path("/srv/p/10.0.0.1.pem"), source.key
+    )
+    assert tls.TlsSource.of(parse_database(example(security="none")), values) is None
+
+
 def test_numbers_and_booleans_in_parameters_become_settings_text() -> None:
     config = parse_database(example(parameters={"max_connections": 200, "jit": False}))
     assert config.parameters == {"max_connections": "200", "jit": "off"}
@@ -132,6 +154,22 @@ def test_numbers_and_booleans_in_parameters_become_settings_text() -> None:
         (
             {"databases": [{"name": "Mes", "owner": "mes", "password_file": "/a"}]},
             "database.databases[0].name",
+        ),
+        ({"security": "off"}, "database.security: Input should be 'on' or 'none'"),
+        (
+            {"security": "none", "tls": {"ca_file": "/etc/ca.crt"}},
+            "database: tls is given but security is none",
+        ),
+        ({"tls": {"cert_file": "pg.crt"}}, "database.tls.cert_file: must be an absolute path"),
+        (
+            {"tls": {"key_file": "/pki/{node.nam}.key"}},
+            "database.tls.key_file: unknown placeholder {node.nam}",
+        ),
+        ({"tls": {"cert": "/a"}}, "database.tls.cert: Extra inputs are not permitted"),
+        ({"parameters": {"ssl": "off"}}, "database.parameters: ssl is set by the agent"),
+        (
+            {"parameters": {"ssl_key_file": "/k"}},
+            "database.parameters: ssl_key_file is set by the agent",
         ),
     ],
 )
@@ -196,20 +234,26 @@ def test_a_directory_is_not_a_password_file(tmp_path: Path) -> None:
 # --- generated files ------------------------------------------------------------------
 
 
-def test_pg_hba_allows_node_replication_clients_and_the_os_user_socket_only() -> None:
+def test_pg_hba_lets_the_superuser_and_replication_in_from_the_nodes_over_tls_only() -> None:
     config = parse_database(example(clients=["10.1.0.0/16", "fd00::/8"]))
     text = files.pg_hba_conf(config, ["10.0.0.1", "10.0.0.2", "fd00::2"])
     rows = [line.split() for line in text.splitlines() if line and not line.startswith("#")]
+    # The first line that matches decides: the two users are rejected from any address
+    # that is not a node's (or from a node without TLS) before the clients' networks,
+    # which may hold the nodes' addresses too, are reached.
     assert rows == [
         ["local", "all", "all", "peer", "map=hapair"],
-        ["host", "replication", "replicator", "10.0.0.1/32", "scram-sha-256"],
-        ["host", "all", "postgres", "10.0.0.1/32", "scram-sha-256"],
-        ["host", "replication", "replicator", "10.0.0.2/32", "scram-sha-256"],
-        ["host", "all", "postgres", "10.0.0.2/32", "scram-sha-256"],
-        ["host", "replication", "replicator", "fd00::2/128", "scram-sha-256"],
-        ["host", "all", "postgres", "fd00::2/128", "scram-sha-256"],
-        ["host", "all", "all", "10.1.0.0/16", "scram-sha-256"],
-        ["host", "all", "all", "fd00::/8", "scram-sha-256"],
+        ["hostssl", "replication", "replicator", "10.0.0.1/32", "scram-sha-256"],
+        ["hostssl", "all", "postgres", "10.0.0.1/32", "scram-sha-256"],
+        ["hostssl", "replication", "replicator", "10.0.0.2/32", "scram-sha-256"],
+        ["hostssl", "all", "postgres", "10.0.0.2/32", "scram-sha-256"],
+        ["hostssl", "replication", "replicator", "fd00::2/128", "scram-sha-256"],
+        ["hostssl", "all", "postgres", "fd00::2/128", "scram-sha-256"],
+        ["host", "replication", "all", "all", "reject"],
+        ["host", "all", "postgres", "all", "reject"],
+        ["host", "all", "replicator", "all", "reject"],
+        ["hostssl", "all", "all", "10.1.0.0/16", "scram-sha-256"],
+        ["hostssl", "all", "all", "fd00::/8", "scram-sha-256"],
     ]
     ident = [
         line.split()
@@ -217,6 +261,23 @@ def test_pg_hba_allows_node_replication_clients_and_the_os_user_socket_only() ->
         if not line.startswith("#")
     ]
     assert ident == [["hapair", "postgres", "postgres"]]
+
+
+def test_pg_hba_in_the_lab_mode_has_the_same_rules_without_tls() -> None:
+    config = parse_database(example(security="none"))
+    text = files.pg_hba_conf(config, ["10.0.0.1", "10.0.0.2"])
+    rows = [line.split() for line in text.splitlines() if line and not line.startswith("#")]
+    assert rows == [
+        ["local", "all", "all", "peer", "map=hapair"],
+        ["host", "replication", "replicator", "10.0.0.1/32", "scram-sha-256"],
+        ["host", "all", "postgres", "10.0.0.1/32", "scram-sha-256"],
+        ["host", "replication", "replicator", "10.0.0.2/32", "scram-sha-256"],
+        ["host", "all", "postgres", "10.0.0.2/32", "scram-sha-256"],
+        ["host", "replication", "all", "all", "reject"],
+        ["host", "all", "postgres", "all", "reject"],
+        ["host", "all", "replicator", "all", "reject"],
+        ["host", "all", "all", "127.0.0.0/8", "scram-sha-256"],
+    ]
 
 
 def test_postgresql_conf_sets_replication_and_then_the_site_parameters() -> None:
@@ -235,6 +296,12 @@ def test_postgresql_conf_sets_replication_and_then_the_site_parameters() -> None
     ):
         assert setting in lines
     assert "synchronous_standby_names" not in text and "primary_conninfo" not in text
+    # The server's certificate and key are the copies in the run dir (see tls.py).
+    assert "ssl = on" in lines
+    assert "ssl_cert_file = '/srv/p/pg.run/server.crt'" in lines
+    assert "ssl_key_file = '/srv/p/pg.run/server.key'" in lines
+    lab = files.postgresql_conf(parse_database(example(security="none")), layout, "10.0.0.1", "p")
+    assert "ssl = off" in lab.splitlines() and "ssl_cert_file" not in lab
 
 
 @pytest.mark.parametrize(
@@ -264,6 +331,11 @@ def test_auto_conf_replaces_the_role_settings_and_keeps_the_rest() -> None:
 def test_conninfo_and_pgpass_quoting() -> None:
     info = files.primary_conninfo("10.0.0.1", 5432, "replicator", Path("/srv/my dir/pgpass"), "b")
     assert "host=10.0.0.1 port=5432 user=replicator passfile='/srv/my dir/pgpass'" in info
+    assert "ssl" not in info  # the lab mode: libpq's default
+    secure = files.primary_conninfo(
+        "10.0.0.1", 5432, "r", Path("/p"), "b", tls.client_params(Path("/srv/p.run/ca.crt"))
+    )
+    assert secure.endswith(" sslmode=verify-full sslrootcert=/srv/p.run/ca.crt")
     assert files.pgpass(5432, {"replicator": "a:b\\c"}) == "*:5432:*:replicator:a\\:b\\\\c\n"
 
 

@@ -129,6 +129,7 @@ KINDS = [
     ("registry", {"dns": ["registry.plant"]}, {SERVER, CLIENT}, False),
     ("comm", {"ips": ["10.0.0.5"]}, {SERVER, CLIENT}, True),
     ("opcua-client", {}, {CLIENT}, True),
+    ("postgres", {"ips": ["10.0.0.7"], "dns": ["srv-a1.plant"]}, {SERVER}, False),
     ("agent", {}, {CLIENT}, False),
     ("operator", {}, {CLIENT}, False),
     ("admin", {}, {CLIENT}, False),
@@ -189,10 +190,14 @@ def test_each_kind_carries_its_identity_usages_and_key(
         with pytest.raises(x509.ExtensionNotFound):
             ext(cert, x509.SubjectAlternativeName)
 
-    # The chain verifies against the CA: as a client's for every kind, and as a server's
-    # by each of its names for the kinds that serve.
-    verified = verifying(ca).build_client_verifier().verify(cert, [])
-    assert verified.chain == [cert, ca]
+    # The chain verifies against the CA: as a client's for the kinds that are clients,
+    # and as a server's by each of its names for the kinds that serve.
+    if CLIENT in usages:
+        verified = verifying(ca).build_client_verifier().verify(cert, [])
+        assert verified.chain == [cert, ca]
+    else:
+        with pytest.raises(VerificationError):
+            verifying(ca).build_client_verifier().verify(cert, [])
     server = PolicyBuilder().store(Store([ca]))
     subjects: list[x509.verification.Subject] = [x509.IPAddress(a) for a in ips]
     subjects += [x509.DNSName(d) for d in names.get("dns", [])]
@@ -278,6 +283,7 @@ async def test_an_opcua_client_certificate_is_what_asyncua_checks_for_an_opc_ua_
         ("etcd", "e1", {"dns": ["bad_host!"]}, "--dns 'bad_host!': not a host name"),
         ("etcd", "e1", {}, "etcd certificate 'e1': give its address"),
         ("registry", "r1", {}, "give its address"),
+        ("postgres", "postgres@a", {}, "postgres certificate 'postgres@a': give its address"),
         ("agent", "n1", {"ips": ["10.0.0.1"]}, "a client's certificate has no --ip"),
         ("admin", "", {}, "name: an empty name"),
         ("admin", "../root", {}, "'../root': a path separator"),

@@ -36,3 +36,13 @@ class SecretError(PgError):
         self.field = field
         self.path = path
         super().__init__("read secrets", f"password file {path} ({field}): {problem}")
+
+
+class TlsError(PgError):
+    """A TLS file of the server is missing, unreadable or unusable; names the file, the
+    field that locates it, and the fix."""
+
+    def __init__(self, field: str, path: object, problem: str) -> None:
+        self.field = field
+        self.path = str(path)
+        super().__init__("read TLS files", f"{self.path} ({field}): {problem}")

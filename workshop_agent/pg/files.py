@@ -2,11 +2,13 @@
 
 ``postgresql.conf`` is rewritten before every start: our settings, then the site
 file's ``parameters``, after an include of what ``initdb`` wrote. ``pg_hba.conf``
-allows exactly: replication and the superuser from the pair's node addresses, the
-``clients`` networks, all with scram-sha-256, and the local socket for ``os_user``.
-``postgresql.auto.conf`` keeps whatever ALTER SYSTEM put there, except the two settings
-the role decides (``primary_conninfo``, ``synchronous_standby_names``), which are
-replaced: a clone or a rewind copies the primary's, and a stale one is a trap.
+(:func:`pg_hba_conf`) lets the superuser and the replication user in only from the
+pair's node addresses, over TLS, and rejects them from anywhere else; the ``clients``
+networks may log in as any other user, over TLS; the local socket admits ``os_user``.
+All with scram-sha-256. ``postgresql.auto.conf`` keeps whatever ALTER SYSTEM put
+there, except the two settings the role decides (``primary_conninfo``,
+``synchronous_standby_names``), which are replaced: a clone or a rewind copies the
+primary's, and a stale one is a trap.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ HOLD_WRITES = sync_names(["hapair promotion"])
 
 
 def postgresql_conf(config: DatabaseConfig, layout: Layout, address: str, cluster: str) -> str:
+    tls = config.tls_files is not None
     settings: dict[str, str] = {
         "listen_addresses": quote_setting(address),
         "port": str(config.port),
@@ -68,7 +71,11 @@ def postgresql_conf(config: DatabaseConfig, layout: Layout, address: str, cluste
         # it finishes recovery: the default 5 s stalls a promotion.
         "wal_retrieve_retry_interval": quote_setting("100ms"),
         "password_encryption": quote_setting("scram-sha-256"),
+        "ssl": "on" if tls else "off",
     }
+    if tls:  # the copies in the run dir (see tls.py)
+        settings["ssl_cert_file"] = quote_setting(str(layout.tls_cert))
+        settings["ssl_key_file"] = quote_setting(str(layout.tls_key))
     settings.update({k: quote_setting(v) for k, v in config.parameters.items()})
     lines = [HEADER, f"include_if_exists {quote_setting(BASE_CONF)}\n"]
     lines += [f"{k} = {v}\n" for k, v in settings.items()]
@@ -84,12 +91,25 @@ def _host(address: str) -> str:
 
 
 def pg_hba_conf(config: DatabaseConfig, node_addresses: Iterable[str]) -> str:
+    """The first line that matches a connection decides. The superuser and the
+    replication user come only from the nodes (``hostssl``: never in clear, so a
+    replication connection without TLS is refused) or the local socket; from any other
+    address they are rejected before the client rule, whose networks may well hold the
+    nodes' addresses too. Clients must use TLS as well: libpq's default (``sslmode=
+    prefer``) takes it unasked, and ``verify-full`` with the site CA checks the server.
+    In the lab mode (``security: none``) the same lines say ``host``: no TLS."""
     auth = config.auth
+    ssl = "hostssl" if config.tls_files is not None else "host"
     rows = [("local", "all", "all", "", "peer map=hapair")]
     for address in node_addresses:
-        rows.append(("host", "replication", auth.replication_user, _host(address), "scram-sha-256"))
-        rows.append(("host", "all", auth.superuser, _host(address), "scram-sha-256"))
-    rows += [("host", "all", "all", net, "scram-sha-256") for net in config.clients]
+        rows.append((ssl, "replication", auth.replication_user, _host(address), "scram-sha-256"))
+        rows.append((ssl, "all", auth.superuser, _host(address), "scram-sha-256"))
+    rows += [
+        ("host", "replication", "all", "all", "reject"),
+        ("host", "all", auth.superuser, "all", "reject"),
+        ("host", "all", auth.replication_user, "all", "reject"),
+    ]
+    rows += [(ssl, "all", "all", net, "scram-sha-256") for net in config.clients]
     return HEADER + "".join(
         f"{kind:<7} {db:<12} {user:<16} {addr:<24} {method}".rstrip() + "\n"
         for kind, db, user, addr, method in rows
@@ -101,7 +121,15 @@ def pg_ident_conf(config: DatabaseConfig) -> str:
     return HEADER + f"hapair  {config.os_user}  {config.auth.superuser}\n"
 
 
-def primary_conninfo(host: str, port: int, user: str, passfile: Path, application_name: str) -> str:
+def primary_conninfo(
+    host: str,
+    port: int,
+    user: str,
+    passfile: Path,
+    application_name: str,
+    tls: Mapping[str, str] | None = None,
+) -> str:
+    """A standby's connection to its primary (``tls``: libpq's TLS settings)."""
     parts = {
         "host": host,
         "port": str(port),
@@ -112,6 +140,7 @@ def primary_conninfo(host: str, port: int, user: str, passfile: Path, applicatio
         "keepalives_idle": "5",
         "keepalives_interval": "2",
         "keepalives_count": "3",
+        **(tls or {}),
     }
     return " ".join(f"{k}={quote_conninfo(v)}" for k, v in parts.items())
 

@@ -83,9 +83,12 @@ class PgManager:
     def open(
         cls, config: DatabaseConfig, pair: Pair, node: Node, timeouts: Timeouts | None = None
     ) -> PgManager:
-        """Check the password files, the OS user and the binaries before anything starts."""
+        """Check the password files, the TLS files, the OS user and the binaries before
+        anything starts."""
         runner = Runner.for_user(config.os_user)
-        return cls(config, pair, node, load_secrets(config), runner, timeouts)
+        manager = cls(config, pair, node, load_secrets(config), runner, timeouts)
+        manager.pg.check_tls()
+        return manager
 
     @property
     def layout(self) -> Layout:
@@ -182,11 +185,7 @@ class PgManager:
         at ``lsn`` (its shutdown checkpoint), waiting up to ``timeout_s``. A clean shutdown
         waits until every connected standby flushed it; one that was not connected never
         gets it, and must not take over."""
-        auth = self.config.auth
-        conn = await q.connect(
-            host, self.config.port, auth.superuser, self.pg.secrets.superuser,
-            timeout=self.timeouts.query_s,
-        )  # fmt: skip
+        conn = await self.pg.connect(host)
         deadline = time.monotonic() + timeout_s
         try:
             while True:
@@ -256,14 +255,7 @@ class PgManager:
         operator. PgError when a database could not be fenced: call it again."""
         moved = 0
         for db in self.config.databases:
-            conn = await q.connect(
-                self.pg.node.address,
-                self.config.port,
-                self.config.auth.superuser,
-                self.pg.secrets.superuser,
-                dbname=db.name,
-                timeout=self.timeouts.query_s,
-            )
+            conn = await self.pg.connect(self.pg.node.address, dbname=db.name)
             try:  # fence_all waits for locks at most the query budget, then raises
                 work = fence_all(conn, epoch, lock_timeout_s=self.timeouts.query_s)
                 step = f"fence processes in {db.name}"

@@ -1,5 +1,9 @@
 """One node's PostgreSQL plumbing shared by the primary and standby paths: its paths,
-its programs, the agent's connection to its server, and a start with fresh files."""
+its programs, the agent's connection to its server, and a start with fresh files.
+
+Every connection to a server (the agent's, the standby's, a clone's, a rewind's)
+checks its certificate and name (``sslmode=verify-full``) unless the pair runs in the
+lab mode."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from hapair.shared.topology import Node, Pair, placeholder_values
-from hapair.workshop_agent.pg import ctl, files
+from hapair.workshop_agent.pg import ctl, files, tls
 from hapair.workshop_agent.pg import query as q
 from hapair.workshop_agent.pg.config import DatabaseConfig
 from hapair.workshop_agent.pg.errors import PgError
@@ -50,7 +54,9 @@ class PgNode:
         self.secrets = secrets
         self.runner = runner
         self.timeouts = timeouts
-        self.layout = config.layout(placeholder_values(pair, node, None))
+        values = placeholder_values(pair, node, None)
+        self.layout = config.layout(values)
+        self.tls = tls.TlsSource.of(config, values)
         self._conn: q.Conn | None = None
 
     @property
@@ -77,12 +83,30 @@ class PgNode:
                     raise
                 await asyncio.sleep(0.01)
 
-    async def connect(self, host: str) -> q.Conn:
-        """A superuser connection to ``host`` (this node or the primary to follow)."""
+    async def connect(self, host: str, dbname: str = "postgres") -> q.Conn:
+        """A superuser connection to ``host`` (this node or the primary to follow), its
+        certificate checked against the CA file the agent reads."""
         auth, timeout = self.config.auth, self.timeouts.query_s
         return await q.connect(
-            host, self.config.port, auth.superuser, self.secrets.superuser, timeout=timeout
+            host,
+            self.config.port,
+            auth.superuser,
+            self.secrets.superuser,
+            dbname=dbname,
+            timeout=timeout,
+            tls=tls.client_params(self.tls.ca if self.tls else None),
         )
+
+    def check_tls(self) -> None:
+        """TlsError unless this node's TLS files are usable (none in the lab mode)."""
+        if self.tls is not None:
+            tls.load(self.tls, self.node.address, self.runner.uid)
+
+    @property
+    def run_tls(self) -> dict[str, str]:
+        """libpq's TLS settings for the programs run as the database's user: the CA's
+        copy in the run dir, which that user may read."""
+        return tls.client_params(self.layout.tls_ca if self.tls else None)
 
     def drop(self) -> None:
         """Forget the connection (the server is going away or it broke)."""
@@ -121,7 +145,7 @@ class PgNode:
             role["synchronous_standby_names"] = (
                 files.auto_conf_value(auto, "synchronous_standby_names") or ""
             )
-        self.write_pgpass()
+        self.write_run_files()
         files.write_config(
             self.config,
             self.layout,
@@ -136,15 +160,19 @@ class PgNode:
         timeout = self.timeouts.standby_start_s if upstream else self.timeouts.start_s
         await ctl.start(self.runner, self.layout, timeout)
 
-    def write_pgpass(self) -> None:
-        """The password file of replication, clone and rewind connections."""
+    def write_run_files(self) -> None:
+        """The password file of replication, clone and rewind connections, and the TLS
+        files read afresh (a renewed certificate is served from this start on)."""
         auth, secrets = self.config.auth, self.secrets
         entries = {
             auth.replication_user: secrets.replication.reveal(),
             auth.superuser: secrets.superuser.reveal(),
         }
         text = files.pgpass(self.config.port, entries)
-        files.write_file(self.layout.passfile, text, self.runner.uid, self.runner.gid)
+        uid, gid = self.runner.uid, self.runner.gid
+        files.write_file(self.layout.passfile, text, uid, gid)
+        if self.tls is not None:
+            tls.install(tls.load(self.tls, self.node.address, uid), self.layout, uid, gid)
 
     def conninfo(self, host: str, clone: bool = False) -> str:
         """``primary_conninfo`` for following ``host``, or the clone's. A clone streams
@@ -153,10 +181,12 @@ class PgNode:
         auth = self.config.auth
         name = f"{self.node.name}-clone" if clone else self.node.name
         return files.primary_conninfo(
-            host, self.config.port, auth.replication_user, self.layout.passfile, name
+            host, self.config.port, auth.replication_user, self.layout.passfile, name, self.run_tls
         )
 
     def rewind_source(self, host: str) -> str:
         """pg_rewind's source: the primary, as superuser, password from the pgpass file."""
         user = self.config.auth.superuser
-        return f"host={host} port={self.config.port} user={user} dbname=postgres connect_timeout=5"
+        parts = {"host": host, "port": str(self.config.port), "user": user}
+        parts |= {"dbname": "postgres", "connect_timeout": "5", **self.run_tls}
+        return " ".join(f"{k}={files.quote_conninfo(v)}" for k, v in parts.items())

@@ -17,12 +17,13 @@ import os
 import socket
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from hapair.workshop_agent.pg.errors import PgError
 from hapair.workshop_agent.pg.secrets import Secret
@@ -50,12 +51,15 @@ async def connect(
     *,
     dbname: str = "postgres",
     timeout: float = QUERY_S,
+    tls: Mapping[str, str] | None = None,
 ) -> Conn:
     """An autocommit connection whose round trips are bounded by ``timeout`` as its
-    making is; PgError naming the server when it cannot be made."""
+    making is; PgError naming the server when it cannot be made. ``tls``: libpq's TLS
+    settings (``sslmode``, ``sslrootcert``)."""
     try:
         async with asyncio.timeout(timeout):
             conn = await psycopg.AsyncConnection.connect(
+                make_conninfo("", **(tls or {})),
                 host=host,
                 port=port,
                 user=user,

@@ -36,7 +36,7 @@ async def become_standby(node: PgNode, primary_host: str) -> StandbyAction:
     # A primary here is a stale one (the agent says another node is active): stop it.
     await ctl.stop(node.layout, fast_s=node.timeouts.demote_fast_s, step="ensure_standby")
     ctl.prepare_dirs(node.layout, node.runner)
-    node.write_pgpass()
+    node.write_run_files()
     if ctl.is_empty(data):
         with contextlib.suppress(FileNotFoundError):
             data.rmdir()
