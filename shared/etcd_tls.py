@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit
@@ -74,51 +75,53 @@ def check(urls: str | Sequence[str], tls: TlsFiles | None) -> bool:
     return secure
 
 
-def credentials(tls: TlsFiles) -> Credentials:
+@dataclass(frozen=True)
+class Prepared:
+    """What a client connects with, from one reading of its files: the channel's
+    credentials, and the etcd user its certificate makes of it (its CN; None without one)."""
+
+    credentials: Credentials
+    identity: str | None
+
+
+def credentials(tls: TlsFiles) -> Prepared:
     """gRPC channel credentials from ``tls``, every file read and checked now: the CA
     is a certificate, the key is private to this user and is the certificate's."""
     ca = pki.load_certificate(tls.ca)
     chain: bytes | None = None
     key: bytes | None = None
+    identity: str | None = None
     if (tls.cert is None) != (tls.key is None):
         missing = "key" if tls.key is None else "cert"
         raise EtcdTlsError(f"{_given(missing)} missing: a client certificate needs its key")
     if tls.cert is not None and tls.key is not None:
-        certificate = pki.load_certificate(tls.cert)
+        # The identity, the chain and the key check all come from one reading of the file.
+        certificate, chain = pki.read_certificate(tls.cert)
         private = pki.load_private_key(tls.key)  # refused unless private (check_private)
         if private.public_key() != certificate.public_key():
             raise EtcdTlsError(f"{tls.key}: not the key of {tls.cert}")
-        chain = tls.cert.read_bytes()
         key = private.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-    return grpc.ssl_channel_credentials(
+        identity = pki.common_name(certificate) or None
+    creds = grpc.ssl_channel_credentials(
         root_certificates=ca.public_bytes(serialization.Encoding.PEM),
         private_key=key,
         certificate_chain=chain,
     )
+    return Prepared(creds, identity)
 
 
-def prepare(urls: str | Sequence[str], tls: TlsFiles | None) -> Credentials | None:
-    """What the store connects with: credentials for ``https://`` endpoints, None for
-    the lab mode; :class:`EtcdTlsError` naming the option to fix otherwise."""
+def prepare(urls: str | Sequence[str], tls: TlsFiles | None) -> Prepared | None:
+    """What the store connects with: credentials (and the identity) for ``https://``
+    endpoints, None for the lab mode; :class:`EtcdTlsError` naming the option to fix
+    otherwise."""
     if not check(urls, tls) or tls is None:
         return None
     try:
         return credentials(tls)
-    except pki.PkiError as err:
-        raise EtcdTlsError(f"etcd TLS: {err}") from None
-
-
-def identity(tls: TlsFiles | None) -> str | None:
-    """The etcd user a client certificate makes of its holder (its CN), or None without
-    one: the name its events and records are filed under, as etcd's roles expect."""
-    if tls is None or tls.cert is None:
-        return None
-    try:
-        return pki.common_name(pki.load_certificate(tls.cert)) or None
     except pki.PkiError as err:
         raise EtcdTlsError(f"etcd TLS: {err}") from None
 

@@ -218,8 +218,14 @@ def _pair(pair: str) -> str:
 
 
 def load_certificate(path: Path) -> x509.Certificate:
+    return read_certificate(path)[0]
+
+
+def read_certificate(path: Path) -> tuple[x509.Certificate, bytes]:
+    """The file's first certificate, and the file's bytes (the whole chain it holds)."""
     try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
+        data = path.read_bytes()
+        return x509.load_pem_x509_certificate(data), data
     except FileNotFoundError:
         raise PkiError(f"{path}: no such file") from None
     except ValueError as err:

@@ -161,10 +161,11 @@ class Store:
         self.endpoints = parse_endpoints(urls)
         # Read and checked now: a missing or unsafe file is a start-up error, not a
         # connection that keeps failing.
-        self._credentials = etcd_tls.prepare(urls, tls)
-        self.secure = self._credentials is not None
+        prepared = etcd_tls.prepare(urls, tls)
+        self._credentials = None if prepared is None else prepared.credentials
+        self.secure = prepared is not None
         # The etcd user this client is (its certificate's CN), None in the lab mode.
-        self.identity = etcd_tls.identity(tls) if self.secure else None
+        self.identity = None if prepared is None else prepared.identity
         self.timeout = timeout
         self._index = random.randrange(len(self.endpoints))
         self.client = self._open(self._index)
