@@ -5,7 +5,8 @@ Real etcd, real agents, real PostgreSQL 15 (two nodes, synchronous replication):
               -> first commit acknowledged by the new primary
   switchover  a planned switchover -> first commit acknowledged by the new primary
 and the acknowledged commits lost (must be 0). Medians over several runs.
-Usage: python -m bench.bench_db_failover [--runs 5]
+etcd runs over TLS with client certificates unless ``--lab`` asks for the lab mode.
+Usage: python -m bench.bench_db_failover [--runs 5] [--lab]
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import psycopg
 from hapair.shared import keys
 from hapair.shared.records import Switchover, SyncState, decode
 from tests.support.cluster import Cluster, until
-from tests.support.harness import Etcd
 from tests.support.pg_harness import (
     PASSWORDS,
     Writer,
@@ -32,6 +32,7 @@ from tests.support.pg_harness import (
     database_section,
     write_secrets,
 )
+from tests.support.tls_etcd import LAB_HELP, etcd_mode, own_etcd
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,12 +48,13 @@ async def synced(c: Cluster, primary: str, standby: str) -> None:
     await until(ok, 90, f"{standby} synchronous standby of {primary}")
 
 
-async def main(runs: int) -> None:
+async def main(runs: int, lab: bool = False) -> None:
     root = Path(tempfile.mkdtemp(prefix="hapair-benchdb-"))
     os.chmod(root, 0o755)
     write_secrets(root)
     port = common_free_port(tuple(ADDRESS.values()))
-    etcd = Etcd().start()
+    etcd = own_etcd(root / "pki", lab)
+    print(f"etcd: {etcd_mode(lab)}", flush=True)
     c = Cluster(etcd, root)
     nodes = [{"name": n, "address": a} for n, a in ADDRESS.items()]
     database = database_section(root, port, synchronous=True)
@@ -130,4 +132,6 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runs", type=int, default=5)
-    asyncio.run(main(parser.parse_args().runs))
+    parser.add_argument("--lab", action="store_true", help=LAB_HELP)
+    args = parser.parse_args()
+    asyncio.run(main(args.runs, args.lab))

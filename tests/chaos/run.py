@@ -43,6 +43,7 @@ from tests.chaos.testbed import DB_PAIR, OBSERVER, PAIRS, Testbed, hosts
 from tests.support import netns
 from tests.support.harness import ETCD, ROOT
 from tests.support.pg_harness import postgres_available
+from tests.support.tls_etcd import LAB_HELP
 
 RUN_PREFIX = "hapair-chaos-"
 SETTLE_S = 30.0
@@ -62,12 +63,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="auto",
         help="add the PostgreSQL pair q (auto: when PostgreSQL can run here)",
     )
-    p.add_argument(
-        "--lab",
-        action="store_true",
-        help="the lab mode: etcd over plain http, no certificates, no peer keys "
-        "(default: TLS with client certificates and a peer key per pair)",
-    )
+    p.add_argument("--lab", action="store_true", help=LAB_HELP)
     p.add_argument("--json", type=Path, help="also write the figures there as JSON")
     p.add_argument("--keep", action="store_true", help="keep the run's directory (logs)")
     args = p.parse_args(argv)

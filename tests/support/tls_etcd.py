@@ -98,3 +98,25 @@ def running_tls_etcd(pki_dir: Path, admin: str, name: str = ETCD_NAME) -> Iterat
         yield etcd
     finally:
         etcd.cleanup()
+
+
+LAB_HELP = (
+    "the lab mode: etcd over plain http, no certificates, no peer keys "
+    "(default: etcd over TLS with client certificates, a certificate per agent and a "
+    "peer key per pair)"
+)
+
+
+def own_etcd(directory: Path, lab: bool = False) -> Etcd:
+    """An etcd of its own, started (a benchmark's): TLS with client certificates from a
+    new PKI in ``directory``, the secure default; plain ``http://`` with ``lab``."""
+    if lab:
+        return Etcd().start()
+    return TlsEtcd(TestPki.create(directory).dir, ADMIN).start()
+
+
+def etcd_mode(lab: bool) -> str:
+    """What a benchmark prints of the mode it measures."""
+    if lab:
+        return "the lab mode (plain http etcd, no certificates, no peer keys)"
+    return "secure (etcd over TLS, client certificates, peer keys)"
