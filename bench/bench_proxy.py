@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import socket
 import statistics
 import subprocess
@@ -218,6 +219,7 @@ async def main(runs: int, round_trips: int, megabytes: int) -> None:
             stop_pid(proc)
         await store.close()
         etcd.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)  # its logs, and now the keys of its PKI
 
 
 if __name__ == "__main__":
