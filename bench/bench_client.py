@@ -77,21 +77,29 @@ def header() -> str:
 # ---- the processes ----------------------------------------------------------------------
 
 
-def start_registry(etcd: Etcd, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_registry(
+    etcd_url: str, log: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A registry on a free port; ``env`` adds its etcd credentials where etcd wants them."""
     port = free_port()
     out = log.open("wb")
     proc = subprocess.Popen(
         [
-            *(PYTHON, "-m", "hapair.registry.main"),
-            *etcd.client_args(REGISTRY, pki.Kind.REGISTRY),
+            *(PYTHON, "-m", "hapair.registry.main", "--etcd", etcd_url),
             *("--listen", f"127.0.0.1:{port}", "--log-level", "warning"),
         ],
         cwd=ROOT,
+        env={**os.environ, **(env or {})},
         stdout=out,
         stderr=out,
     )
     out.close()
     return proc, f"http://127.0.0.1:{port}"
+
+
+def registry_env(etcd: Etcd) -> dict[str, str]:
+    """The registry's etcd credentials: over TLS, its own certificate."""
+    return etcd.client_env(REGISTRY, pki.Kind.REGISTRY)
 
 
 async def registry_ready(url: str) -> None:
@@ -163,7 +171,7 @@ class ClientLog:
 async def bench_publish(runs: int, tmp: Path, lab: bool) -> list[float]:
     etcd = own_etcd(tmp / "pki-publish", lab)
     store = Store(etcd.url, timeout=2.0, tls=etcd.tls)
-    registry, url = start_registry(etcd, tmp / "registry-publish.log")
+    registry, url = start_registry(etcd.url, tmp / "registry-publish.log", registry_env(etcd))
     epochs = {"asm-a": 0, "asm-b": 0}
     runners: list[web.AppRunner] = []
     client: subprocess.Popen[bytes] | None = None
@@ -235,7 +243,7 @@ async def bench_outage(runs: int, tmp: Path, lab: bool) -> dict[str, list[float]
             ]
         )
     )
-    registry, url = start_registry(etcd, tmp / "registry-outage.log")
+    registry, url = start_registry(etcd.url, tmp / "registry-outage.log", registry_env(etcd))
     client: subprocess.Popen[bytes] | None = None
     results: dict[str, list[float]] = {}
     out = tmp / "client-outage.jsonl"
@@ -316,7 +324,7 @@ class Subscriber(asyncio.Protocol):
 async def bench_fanout(runs: int, tmp: Path, lab: bool, subscribers: int = 1000) -> list[float]:
     etcd = own_etcd(tmp / "pki-fanout", lab)
     store = Store(etcd.url, timeout=2.0, tls=etcd.tls)
-    registry, url = start_registry(etcd, tmp / "registry-fanout.log")
+    registry, url = start_registry(etcd.url, tmp / "registry-fanout.log", registry_env(etcd))
     transports: list[asyncio.BaseTransport] = []
     try:
         await apply_site(store)

@@ -19,6 +19,7 @@ import socket
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from hapair.shared import keys
@@ -70,11 +71,20 @@ def pair_spec(port: int, record: Path, **extra: object) -> dict[str, object]:
     }
 
 
+# Told of each move once the new active holds the role: (kind, old, new, fault time).
+Moved = Callable[[str, str, str, float], Awaitable[None]]
+
+
 async def measure(
-    c: Cluster, port: int, runs: int, kinds: tuple[str, ...] = ("switchover", "critical", "crash")
+    c: Cluster,
+    port: int,
+    runs: int,
+    kinds: tuple[str, ...] = ("switchover", "critical", "crash"),
+    moved: Moved | None = None,
 ) -> dict[str, list[float]]:
     """``runs`` of each of ``kinds`` on a started pair whose active is a: from the fault
-    to the service answering on the other node."""
+    to the service answering on the other node. ``moved`` may measure more of each move
+    (what a client saw) before the next one starts."""
     results: dict[str, list[float]] = {k: [] for k in kinds}
     active, _ = await c.active("p", node="a", timeout=20)
     await ready_standby(c, "b")
@@ -100,6 +110,8 @@ async def measure(
             results[kind].append(t1 - t0)
             print(f"  {kind:<10} {active} -> {standby}: {t1 - t0:.3f} s", flush=True)
             await c.active("p", not_epoch=epoch, node=standby)
+            if moved is not None:
+                await moved(kind, active, standby, t0)
             if kind == "crash":
                 c.start(active)
             await ready_standby(c, active)

@@ -20,6 +20,19 @@ from hapair.shared import etcd_tls
 # agent would see etcd seconds after it came back. Its lease fences it within 1.5 s, so
 # the channel retries every 100 to 250 ms instead.
 #
+# Despite its name, ``min_reconnect_backoff_ms`` is no back-off: it is the least time gRPC
+# gives one connection attempt (TCP, the TLS handshake, etcd's first HTTP/2 SETTINGS)
+# before it drops it and starts over; an attempt gets the longer of it and the back-off.
+# Left at 100 ms, each attempt had 100-250 ms. A TLS handshake needs two of etcd's
+# flights before the connection is up where plain gRPC needs one: when etcd answered
+# slowly (just restarted on a loaded machine, a slow link) every attempt was dropped and
+# the next started from nothing, so agents over TLS reached a restarted etcd seconds
+# after the lab mode did, past their leases. An attempt that makes progress now gets
+# CONNECT_TIMEOUT_MS; one that makes none (a frozen member, a lost SYN, which the kernel
+# resends after 1 s anyway) is still dropped and tried again within it. A call still
+# waits no longer than its own deadline; the attempt goes on past it, and the next call
+# finds the connection made.
+#
 # HTTP/2 keepalive finds a connection whose far end went silent (a frozen member, a cut
 # cable) under a quiet watch, which would otherwise wait forever: a ping unanswered
 # within 2 s closes the connection and ends its calls (recent gRPC cores time pings out
@@ -31,10 +44,11 @@ from hapair.shared import etcd_tls
 # an idle connection has nothing to lose, and each call has its own deadline.
 # ``max_pings_without_data`` = 0 keeps pinging a watch on which nothing changes.
 MAX_MESSAGE = 64 * 1024 * 1024
+CONNECT_TIMEOUT_MS = 2000
 CHANNEL_OPTIONS: dict[str, int] = {
     "grpc.initial_reconnect_backoff_ms": 100,
-    "grpc.min_reconnect_backoff_ms": 100,
     "grpc.max_reconnect_backoff_ms": 250,
+    "grpc.min_reconnect_backoff_ms": CONNECT_TIMEOUT_MS,
     "grpc.keepalive_time_ms": 5000,
     "grpc.keepalive_timeout_ms": 2000,
     "grpc.http2.ping_timeout_ms": 2000,
@@ -60,6 +74,7 @@ class MemberClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
         self._tls = tls
 
     closed = False
+    _handed_on = False  # its connection is its successor's now
 
     async def connect(self) -> None:
         if self._connected.is_set():
@@ -70,26 +85,43 @@ class MemberClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
             raise exceptions.ConnectionFailedError(f"connection to {self.name} closed")
         if self._tls is None:
             await super().connect()
+            self._attach(self.channel)
         else:
-            self._connect_tls(self._tls)
-        # The base class builds its watcher without metadata; replaced before anything
-        # could use it (no await in between), so every watch stream carries it.
-        self._watcher = watcher.Watcher(
-            rpc.WatchStub(self.channel), timeout=self._timeout, metadata=REQUIRE_LEADER
-        )
+            self._attach(etcd_tls.secure_channel(self.name, self._tls, CHANNEL_OPTIONS))
 
-    def _connect_tls(self, creds: etcd_tls.Credentials) -> None:
-        """The base class's connect on a TLS channel (it opens only plain ones): the
-        same stubs, no password token (the client certificate is the identity)."""
-        self.channel = etcd_tls.secure_channel(self.name, creds, CHANNEL_OPTIONS)
-        self.kvstub = rpc.KVStub(self.channel)
-        self.clusterstub = rpc.ClusterStub(self.channel)
-        self.leasestub = rpc.LeaseStub(self.channel)
-        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+    def _attach(self, channel: Any) -> None:
+        """The base class's stubs on ``channel`` (it opens only plain ones; no password
+        token: over TLS the client certificate is the identity) and a watch stream of
+        this client's own. The base class builds its watcher without metadata; this one,
+        in place before anything could use it (no await in between), carries it."""
+        self.channel = channel
+        self.kvstub = rpc.KVStub(channel)
+        self.clusterstub = rpc.ClusterStub(channel)
+        self.leasestub = rpc.LeaseStub(channel)
+        self.maintenancestub = rpc.MaintenanceStub(channel)
+        self._watcher = watcher.Watcher(
+            rpc.WatchStub(channel), timeout=self._timeout, metadata=REQUIRE_LEADER
+        )
         self._connected.set()
+
+    def successor(self) -> MemberClient:
+        """A client of the same member that takes this one's connection over, with a watch
+        stream of its own. A new connection to the member would gain nothing, and one
+        still being made (a TLS handshake etcd answers late) would start over; what this
+        client's watches leave behind (etcd's late confirmation of a watch given up,
+        which aetcd hands to the next watch asked for on the stream) stays on this
+        client's stream, which :meth:`close` ends."""
+        new = MemberClient(self._host, self._port, self._timeout, self._tls)
+        if self._connected.is_set():
+            new._attach(self.channel)
+            self._handed_on = True
+        return new
 
     async def close(self) -> None:
         self.closed = True
+        if self._handed_on:
+            await self._watcher.shutdown()  # the connection goes on, its successor's
+            return
         await super().close()
 
     async def refresh_lease(self, lease_id: int) -> Any:

@@ -80,6 +80,23 @@ class ServiceStatus(Record):
     detail: str | None = None
 
 
+PackageState = Literal["installing", "installed", "failed"]
+
+
+class PackageStatus(Record):
+    """What this node holds of a service's ``package:``: the version the site names,
+    whether it is installed here, what else is on disk, and why it is not when it failed."""
+
+    service: Name
+    version: str
+    """The version the site file names."""
+    state: PackageState
+    installed: list[str] = Field(default_factory=list)
+    """The versions this node holds, newest first (``{version}-{sha256[:12]}``)."""
+    detail: str | None = None
+    """Why the named version is not installed (the last attempt's failure)."""
+
+
 class NodeStatus(Record):
     node: Name
     pair: Name
@@ -89,6 +106,7 @@ class NodeStatus(Record):
     healthy: bool = True
     problems: list[str] = Field(default_factory=list)
     services: list[ServiceStatus] = Field(default_factory=list)
+    packages: list[PackageStatus] = Field(default_factory=list)
     database: dict[str, Any] | None = None
     pid: int = 0
     boot_id: str | None = None

@@ -186,13 +186,15 @@ class Store:
 
     def failover(self, reason: str, client: aetcd.Client | None = None) -> None:
         """Leave the member in use (only if it is still ``client``, when given) for the
-        next one; alone, reconnect to the same one. Ends every watch on the old one."""
+        next one; alone, go on with it on the same connection. Ends every watch on the
+        old one."""
         old = self.client
         if client is not None and client is not old:
             return  # another call already moved on
         before = self.member
         self._index = (self._index + 1) % len(self.endpoints)
-        self.client = self._open(self._index)
+        alone = len(self.endpoints) == 1
+        self.client = old.successor() if alone else self._open(self._index)
         # One warning per spell of trouble: with etcd down, every call moves on.
         if self._trouble is None:
             log.warning(
@@ -347,8 +349,9 @@ class Store:
             raise  # a refusal, confirmed in time
         except StoreError as err:
             # aetcd would hand etcd's late confirmation of this watch to the next one asked
-            # for on the same connection, which would then follow the wrong keys: that
-            # connection is done with, even to a member that is alone.
+            # for on the same watch stream, which would then follow the wrong keys: that
+            # stream is done with, even for a member that is alone (which keeps its
+            # connection).
             if used:
                 self.failover(str(err), used[-1])
             raise

@@ -23,6 +23,8 @@ from pydantic import (
 from hapair.shared.database import DatabaseConfig
 from hapair.shared.model import StrictModel
 from hapair.shared.network import Network
+from hapair.shared.package import PLACEHOLDER as PACKAGE_DIR
+from hapair.shared.package import Package
 from hapair.shared.plcs import Plc, plain_path
 
 # Re-exported: the site file's callers find them here.
@@ -41,13 +43,17 @@ ACCOUNT_PATTERN = r"^([a-z_][a-z0-9_-]{0,30}\$?|[0-9]{1,10})$"
 Account = Annotated[str, Field(pattern=ACCOUNT_PATTERN)]
 
 
-def _check_placeholders(texts: Iterator[str], allowed: frozenset[str]) -> None:
+NO_EPOCH = "placement: all (such a service starts before any term exists)"
+
+
+def _check_placeholders(
+    texts: Iterator[str], allowed: frozenset[str], no_epoch: str = NO_EPOCH
+) -> None:
     for text in texts:
         if "epoch" in placeholders_in(text) and "epoch" not in allowed:
-            raise ValueError(
-                f"{{epoch}} in {text!r} is not available for placement: all "
-                "(such a service starts before any term exists)"
-            )
+            raise ValueError(f"{{epoch}} in {text!r} is not available for {no_epoch}")
+        if PACKAGE_DIR in placeholders_in(text) and PACKAGE_DIR not in allowed:
+            raise ValueError(f"{{{PACKAGE_DIR}}} in {text!r} needs a package: for the service")
         unknown = placeholders_in(text) - allowed
         if unknown:
             names = ", ".join("{" + u + "}" for u in sorted(unknown))
@@ -178,6 +184,8 @@ class Service(StrictModel):
     process: Name | None = None
     """The process context (``hapair.shared.process_context``) the service drives, shown to the
     operator while it is held; None: the service's name."""
+    package: Package | None = None
+    """The software every node of the pair holds for it (``{package.dir}``)."""
 
     @model_validator(mode="after")
     def _hold(self) -> Service:
@@ -198,10 +206,19 @@ class Service(StrictModel):
     def _placeholders(self) -> Service:
         # A service on every node starts before any epoch exists, so {epoch} means nothing.
         allowed = PLACEHOLDERS if self.placement == "active" else PLACEHOLDERS - {"epoch"}
+        if self.package is not None:
+            allowed |= {PACKAGE_DIR}
         texts = [*self.command, *self.env.values(), *(self.health.texts() if self.health else [])]
         if self.cwd:
             texts.append(self.cwd)
         _check_placeholders(iter(texts), allowed)
+        if self.package is not None and self.package.install is not None:
+            # Run once per node and version, outside any term.
+            _check_placeholders(
+                iter(self.package.install.command),
+                allowed - {"epoch"},
+                "package.install (run once per node and version, outside any term)",
+            )
         return self
 
 

@@ -29,6 +29,7 @@ from hapair.workshop_agent.holding import Holding
 from hapair.workshop_agent.members import MemberSets
 from hapair.workshop_agent.netwatch import NetWatch
 from hapair.workshop_agent.observe import PairState
+from hapair.workshop_agent.packages import Packages
 from hapair.workshop_agent.publisher import Publisher
 from hapair.workshop_agent.recovery_steps import RecoverySteps
 from hapair.workshop_agent.run_as import ServiceUsers
@@ -91,6 +92,7 @@ class Parts:
     publisher: Publisher
     steps: StepDowns
     take_overs: TakeOvers
+    packages: Packages
 
 
 def _failover(core: Core) -> Failover:
@@ -149,6 +151,18 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         **etcd_tls.service_env(core.settings.etcd_tls),
     }
     settings = core.settings
+    users = ServiceUsers(
+        settings.service_user, settings.service_group, settings.allow_root_services
+    )
+    packages = Packages(
+        settings.state_dir,
+        users,
+        core.log,
+        place=lambda: (core.pair, core.node),
+        event=core.event,
+        changed=core.changed,
+        ssl=settings.package_ssl,
+    )
     supervisor = Supervisor(
         pair,
         node,
@@ -161,10 +175,9 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         env,
         core.clock,
         fencing.run_until,
-        users=ServiceUsers(
-            settings.service_user, settings.service_group, settings.allow_root_services
-        ),
+        users=users,
         event=core.event,
+        package_dir=packages.ready_dir,
     )
     vip = VipKeeper(core.log, watchdog)
     database: Database | None = None
@@ -216,6 +229,7 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         holdoff_until=lambda: steps.holdoff_until if steps is not None else 0.0,
         lost=lambda: core.state.lost if core.state is not None else (),
         held_by=lambda: holding.promised_to,
+        packages=packages.statuses,
     )
     steps = StepDowns(
         core.store,
@@ -268,6 +282,7 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         publisher,
         steps,
         take_overs,
+        packages,
     )
 
 
@@ -275,7 +290,8 @@ def start(
     parts: Parts, spawn: Callable[..., object], pair: Pair, node: Node, netwatch: NetWatch
 ) -> None:
     """Start what runs on its own: the shared services, the database's care, the lease
-    session, the hold protocol, the network probes and the publisher."""
+    session, the hold protocol, the network probes, the publisher and the packages, which
+    every node installs in the background."""
     parts.supervisor.start_shared()
     if parts.db_care is not None:
         parts.db_care.start()
@@ -283,3 +299,4 @@ def start(
     spawn(parts.holding.run(), "hold")
     spawn(netwatch.update(pair, node), "network-probes")
     spawn(parts.publisher.run(), "publisher")
+    spawn(parts.packages.run(), "packages")

@@ -11,7 +11,7 @@ import contextlib
 import aiohttp
 
 from hapair.shared.topology import Health, expand
-from hapair.workshop_agent.run_as import RunAs
+from hapair.workshop_agent.run_as import RunAs, process_ids
 
 
 async def probe(
@@ -67,9 +67,7 @@ async def _command(argv: list[str], run_as: RunAs, env: dict[str, str]) -> str |
             stderr=asyncio.subprocess.DEVNULL,
             start_new_session=True,
             env=env,
-            user=None if run_as.groups is None else run_as.uid,
-            group=None if run_as.groups is None else run_as.gid,
-            extra_groups=run_as.groups,
+            **process_ids(run_as),
         )
     except OSError as err:
         return f"command {argv[0]}: {err.strerror or err}"

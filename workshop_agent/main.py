@@ -21,7 +21,8 @@ def parse_args(argv: list[str] | None) -> dict[str, str]:
         description="Run the hapair agent of one server: pair election, self-fencing and "
         "service supervision. Flags override HAPAIR_NODE, HAPAIR_ETCD, HAPAIR_ETCD_CA, "
         "HAPAIR_ETCD_CERT, HAPAIR_ETCD_KEY, HAPAIR_STATE_DIR, HAPAIR_LOG_LEVEL, "
-        "HAPAIR_SERVICE_USER, HAPAIR_SERVICE_GROUP and HAPAIR_ALLOW_ROOT_SERVICES.",
+        "HAPAIR_SERVICE_USER, HAPAIR_SERVICE_GROUP, HAPAIR_ALLOW_ROOT_SERVICES and "
+        "HAPAIR_PACKAGE_CA.",
     )
     p.add_argument("--node", help="this server's node name, as in the site file")
     p.add_argument("--etcd", help="etcd URLs, comma-separated (https://HOST:PORT,...)")
@@ -35,6 +36,10 @@ def parse_args(argv: list[str] | None) -> dict[str, str]:
         action="store_const",
         const="1",
         help="let services run as root on this server (refused otherwise)",
+    )
+    p.add_argument(
+        "--package-ca",
+        help="CA of the https:// servers packages come from (default: the etcd CA)",
     )
     args = vars(p.parse_args(argv))
     return {k: v for k, v in args.items() if v is not None}

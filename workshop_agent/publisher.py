@@ -13,7 +13,14 @@ from hapair.shared.agent_process import local_pid_ns, start_ticks
 from hapair.shared.clock import Clock
 from hapair.shared.lease import Session
 from hapair.shared.log import EventLog
-from hapair.shared.records import EndpointRecord, NodeStatus, ResourceReport, Role, local_boot_id
+from hapair.shared.records import (
+    EndpointRecord,
+    NodeStatus,
+    PackageStatus,
+    ResourceReport,
+    Role,
+    local_boot_id,
+)
 from hapair.shared.store import Store, StoreError
 from hapair.shared.topology import Node, Pair
 from hapair.workshop_agent.database import Database
@@ -29,7 +36,8 @@ class Publisher:
     """``place`` gives this node's pair and node in the topology now; ``term`` the term
     it holds; ``holdoff_until`` until when it holds off after a failure; ``lost`` the
     critical resources the pair lost; ``held_by`` the node it promised not to campaign
-    against. ``dirty`` is set by the agent whenever any of it may have changed."""
+    against; ``packages`` what it holds of the services' packages. ``dirty`` is set
+    by the agent whenever any of it may have changed."""
 
     def __init__(
         self,
@@ -49,6 +57,7 @@ class Publisher:
         holdoff_until: Callable[[], float],
         lost: Callable[[], Iterable[str]],
         held_by: Callable[[], str | None],
+        packages: Callable[[], list[PackageStatus]] = list,
     ) -> None:
         self.store = store
         self.election = election
@@ -65,6 +74,7 @@ class Publisher:
         self._holdoff_until = holdoff_until
         self._lost = lost
         self._held_by = held_by
+        self._packages = packages
         self._published: dict[str, bytes] = {}
         self._last_status: tuple[int, bytes] = (0, b"")
         self._last_report: tuple[int, bytes] = (0, b"")
@@ -127,6 +137,7 @@ class Publisher:
             healthy=healthy,
             problems=problems,
             services=sup.statuses(),
+            packages=self._packages(),
             database=(
                 self.database.status.model_dump(mode="json")
                 if self.database is not None and self.database.status is not None

@@ -16,6 +16,7 @@ import grp
 import os
 import pwd
 from dataclasses import dataclass
+from typing import Any
 
 from hapair.shared.topology import Service
 from hapair.workshop_agent.exec_guard import encode_ids
@@ -77,6 +78,14 @@ class ServiceUsers:
                 f"{run.uid}, gid {run.gid}); run the agent as root"
             )
         return RunAs(run.uid, run.gid, None, run.name, run.home)
+
+
+def process_ids(run: RunAs) -> dict[str, Any]:
+    """What ``asyncio.create_subprocess_exec`` is given to run a command as ``run``: a
+    service's health command, a package's ``install:`` (none for no switch)."""
+    if run.groups is None:
+        return {}
+    return {"user": run.uid, "group": run.gid, "extra_groups": list(run.groups)}
 
 
 NO_ROOT = ServiceUsers()  # a node's rules when its settings say nothing

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 import tempfile
 from pathlib import Path
 
@@ -38,9 +39,36 @@ class AgentSettings(BaseSettings, EtcdTlsSettings):
         None, pattern=ACCOUNT_PATTERN, description="group of a service that names none"
     )
     allow_root_services: bool = Field(False, description="may a service run as root here")
+    package_ca: Path | None = Field(
+        None,
+        description="the CA of the https:// servers packages come from; default: the etcd "
+        "CA (the site CA), or the system's CAs without one",
+    )
+
+    @field_validator("package_ca")
+    @classmethod
+    def _package_ca(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            ca_context(value)  # read and checked at start, not at the first download
+        return value
+
+    @property
+    def package_ssl(self) -> ssl.SSLContext | None:
+        """How package servers' certificates are checked; None: the system's CAs."""
+        ca = self.package_ca or self.etcd_ca
+        return None if ca is None else ca_context(ca)
 
     @field_validator("etcd")
     @classmethod
     def _etcd(cls, value: str) -> str:
         parse_endpoints(value)
         return value
+
+
+def ca_context(ca: Path) -> ssl.SSLContext:
+    """A client's context trusting ``ca`` alone, names checked; ValueError naming the
+    file when it is not a CA certificate."""
+    try:
+        return ssl.create_default_context(cafile=str(ca))
+    except (OSError, ssl.SSLError) as err:
+        raise ValueError(f"{ca}: cannot be read as a CA certificate ({err})") from None

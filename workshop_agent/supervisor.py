@@ -31,6 +31,7 @@ import aiohttp
 
 from hapair.shared.clock import boottime
 from hapair.shared.log import EventLog
+from hapair.shared.package import PLACEHOLDER as PACKAGE_DIR
 from hapair.shared.records import ServiceState, ServiceStatus
 from hapair.shared.topology import Health, Node, Pair, Service, expand, placeholder_values
 from hapair.shared.waits import wait_event
@@ -48,6 +49,7 @@ from hapair.workshop_agent.service_process import Runner, ServiceProcesses
 from hapair.workshop_agent.watchdog import WatchdogLink
 
 READY_POLL_S = 0.02
+PACKAGE_POLL_S = 0.5
 
 
 def _describe_exit(code: int) -> str:
@@ -73,11 +75,13 @@ class Supervisor:
         run_until: Callable[[], float] = lambda: float("inf"),
         users: ServiceUsers = NO_ROOT,
         event: Callable[..., None] = lambda kind, reason, **details: None,
+        package_dir: Callable[[Service], Path | None] = lambda spec: None,
     ) -> None:
         """``run_until()``: the fence point (on ``clock``) before which an active-only
         service may start its program; a past time when it may not start now. ``env``:
         the ``HAPAIR_*`` variables every service gets; ``users``: this node's rules on
-        whom services run as; ``event(kind, reason, **details)`` files an event."""
+        whom services run as; ``event(kind, reason, **details)`` files an event;
+        ``package_dir(spec)`` the installed directory of the package ``spec`` names."""
         self.pair, self.node = pair, node
         self.log = log
         self.watchdog = watchdog
@@ -87,6 +91,7 @@ class Supervisor:
         self.env = env
         self.users = users
         self.event = event
+        self.package_dir = package_dir
         self.clock = clock
         self.processes = ServiceProcesses(node.name, log, watchdog, state_dir, clock, run_until)
         self.epoch: int | None = None
@@ -290,6 +295,12 @@ class Supervisor:
                 r.ready.set()
                 self.on_change()
                 return
+            if r.spec.package is not None and self.package_dir(r.spec) is None:
+                # The first version is on its way (packages.py): nothing to run yet, and
+                # no failure either.
+                self._set_state(r, "starting", "waiting for its package to be installed")
+                await asyncio.sleep(PACKAGE_POLL_S)
+                continue
             try:
                 r.run_as = self.users.resolve(r.spec)
             except ServiceRefused as refused:
@@ -349,6 +360,11 @@ class Supervisor:
     async def _spawn_and_watch(self, r: Runner, epoch: int | None) -> str | None:
         """How the run ended; None if it did not start because its term had ended."""
         values = placeholder_values(self.pair, self.node, epoch)
+        if r.spec.package is not None:
+            installed = self.package_dir(r.spec)
+            if installed is None:
+                return "could not start: no version of its package installed here yet"
+            values[PACKAGE_DIR] = str(installed)
         argv = [expand(a, values) for a in r.spec.command]
         run_as = r.run_as
         assert run_as is not None  # resolved by _run before every start

@@ -8,47 +8,53 @@ registry cannot be reached.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import logging
-import os
-import ssl
 import sys
-from collections.abc import Callable, Coroutine
-from typing import Any
 
-import yaml
-from rich.console import Console
-from rich.live import Live
+# A Ctrl-C while these load (a second or more on a busy machine) ends the command quietly
+# with 130, as one while it runs does, not with the traceback of an import.
+try:
+    import argparse
+    import asyncio
+    import logging
+    import os
+    import ssl
+    from collections.abc import Callable, Coroutine
+    from typing import Any
 
-from hapair.registry.console import etcd_auth_cmd, pki_cmd
-from hapair.registry.console.command import (
-    OK,
-    REFUSED,
-    UNREACHABLE,
-    USAGE,
-    Failed,
-    connected,
-    operator,
-    say,
-    when,
-)
-from hapair.registry.console.pair_cmd import (
-    ack,
-    drain,
-    pause,
-    resume,
-    switchover,
-    takeover,
-    undrain,
-)
-from hapair.registry.console.sources import EtcdSource, RegistrySource, Source, SourceError
-from hapair.registry.console.status import render
-from hapair.shared import admin, etcd_tls
-from hapair.shared.admin import AdminError
-from hapair.shared.client import command as client_command
-from hapair.shared.store import PermissionDenied, StoreError
-from hapair.shared.topology import Site, TopologyError, load
+    import yaml
+    from rich.console import Console
+    from rich.live import Live
+
+    from hapair.registry.console import etcd_auth_cmd, package_cmd, pki_cmd
+    from hapair.registry.console.command import (
+        OK,
+        REFUSED,
+        UNREACHABLE,
+        USAGE,
+        Failed,
+        connected,
+        operator,
+        say,
+        when,
+    )
+    from hapair.registry.console.pair_cmd import (
+        ack,
+        drain,
+        pause,
+        resume,
+        switchover,
+        takeover,
+        undrain,
+    )
+    from hapair.registry.console.sources import EtcdSource, RegistrySource, Source, SourceError
+    from hapair.registry.console.status import render
+    from hapair.shared import admin, etcd_tls
+    from hapair.shared.admin import AdminError
+    from hapair.shared.client import command as client_command
+    from hapair.shared.store import PermissionDenied, StoreError
+    from hapair.shared.topology import Site, TopologyError, load
+except KeyboardInterrupt:
+    sys.exit(130)
 
 DEFAULT_WAIT_S = 15.0
 
@@ -377,6 +383,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=drill)
 
     pki_cmd.add_parser(sub)
+    package_cmd.add_parser(sub)
     etcd_auth_cmd.add_parser(sub, etcd_auth, _etcd)
     return root
 
@@ -391,6 +398,14 @@ def _run(command: Command, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        code = _main(argv)
+    except KeyboardInterrupt:  # before the command ran (Ctrl-C while parsing its options)
+        code = 130
+    sys.exit(code)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     # Library warnings (a lost watch, retried) would interleave with the output; the
     # command reports failures itself.
@@ -428,4 +443,4 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         code = REFUSED
-    sys.exit(code)
+    return code

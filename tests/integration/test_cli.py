@@ -20,7 +20,7 @@ from hapair.shared.plcs import PathHealth, PlcHealth
 from hapair.shared.store import Store
 from tests.integration.test_failover import two_nodes
 from tests.support.cluster import Cluster, holds
-from tests.support.harness import Etcd, free_port
+from tests.support.harness import Etcd, default_sigint, free_port
 from tests.support.site_records import SITE_YAML, FakeAgent, apply_site
 
 HAPAIR = str(Path(sys.executable).parent / "hapair")
@@ -303,37 +303,104 @@ async def test_status_shows_every_plc_as_each_node_sees_it(store: Store, etcd: A
     assert "PLCs of workshop paint" not in run.out  # no PLC there
 
 
-async def test_status_watch_redraws_on_change_and_stops_on_ctrl_c(store: Store, etcd: Any) -> None:
-    await active_pair(store)
+# Raises KeyboardInterrupt, as a Ctrl-C would, in the middle of the command's imports
+# (rich.live loads after etcd's and the registry's clients), then runs the command.
+_CTRL_C_WHILE_LOADING = f"""
+import runpy, sys
+
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == "rich.live":
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["hapair", "status", "--watch", "--etcd", "http://127.0.0.1:9"]
+runpy.run_path({HAPAIR!r}, run_name="__main__")
+"""
+
+
+async def test_ctrl_c_while_the_command_loads_exits_130_quietly() -> None:
     proc = await asyncio.create_subprocess_exec(
-        HAPAIR,
-        "status",
-        "--watch",
-        env=_env(etcd),
+        sys.executable,
+        "-c",
+        _CTRL_C_WHILE_LOADING,
+        env=_env(None),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    assert proc.stdout is not None
-    seen = ""
+    async with asyncio.timeout(DEADLINE_S * 2):
+        out, err = await proc.communicate()
+    assert (proc.returncode, out, err) == (130, b"", b"")
 
-    async def read_until(text: str) -> None:
-        nonlocal seen
-        assert proc.stdout is not None
+
+class Watch:
+    """``hapair status --watch`` as an operator runs it in a terminal, left with Ctrl-C."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.seen = ""
+
+    @classmethod
+    async def start(cls, etcd: Etcd) -> Watch:
+        proc = await asyncio.create_subprocess_exec(
+            HAPAIR,
+            "status",
+            "--watch",
+            env=_env(etcd),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            preexec_fn=default_sigint,
+        )
+        return cls(proc)
+
+    async def read_until(self, text: str) -> None:
+        assert self.proc.stdout is not None
         async with asyncio.timeout(DEADLINE_S):
-            while text not in seen:
-                seen += (await proc.stdout.readline()).decode()
+            while text not in self.seen:
+                self.seen += (await self.proc.stdout.readline()).decode()
 
+    async def ctrl_c(self) -> str:
+        """Its stderr once it has ended after a SIGINT; killed if it does not end."""
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            async with asyncio.timeout(DEADLINE_S):
+                _, err = await self.proc.communicate()
+        finally:
+            if self.proc.returncode is None:
+                self.proc.kill()
+                await self.proc.wait()
+        return err.decode()
+
+
+async def test_status_watch_redraws_on_change_and_stops_on_ctrl_c(store: Store, etcd: Any) -> None:
+    await active_pair(store)
+    watch = await Watch.start(etcd)
     try:
-        await read_until("workshop paint")
-        assert "PAUSED" not in seen
+        await watch.read_until("workshop paint")
+        assert "PAUSED" not in watch.seen
         await store.put(keys.paused("asm"), records.Paused(by="op").encode())
-        await read_until("PAUSED: asm")
+        await watch.read_until("PAUSED: asm")
     finally:
-        proc.send_signal(signal.SIGINT)
-        async with asyncio.timeout(DEADLINE_S):
-            _, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    assert b"Traceback" not in err
+        err = await watch.ctrl_c()
+    assert watch.proc.returncode == 0, err
+    assert "Traceback" not in err
+
+
+async def test_status_watch_stops_on_ctrl_c_while_etcd_is_frozen(store: Store, etcd: Any) -> None:
+    """A frozen etcd neither answers nor closes the connection: closing it must not hold
+    up the operator's Ctrl-C."""
+    await active_pair(store)
+    watch = await Watch.start(etcd)
+    try:
+        await watch.read_until("workshop paint")
+        etcd.proc.send_signal(signal.SIGSTOP)
+    finally:
+        try:
+            err = await watch.ctrl_c()
+        finally:
+            etcd.proc.send_signal(signal.SIGCONT)
+    assert watch.proc.returncode == 0, err
+    assert "Traceback" not in err
 
 
 # ---- switchover, pause, drain -----------------------------------------------------

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from tests.support.cluster import until
-from tests.support.harness import PYTHON, ROOT
+from tests.support.harness import PYTHON, ROOT, default_sigint
 from tests.support.pg_harness import needs_postgres
 
 pytestmark = [pytest.mark.e2e, needs_postgres]
@@ -60,12 +60,6 @@ def tree(root: int) -> dict[int, int]:
                 found[child] = start
                 todo.append(child)
     return found
-
-
-def default_sigint() -> None:
-    # A shell without job control starts background jobs with SIGINT ignored; the demo
-    # must get it as a terminal's Ctrl-C would give it.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def tour_command(env_file: Path, command: str) -> subprocess.CompletedProcess[str]:

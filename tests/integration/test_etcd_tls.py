@@ -17,6 +17,8 @@ import pytest
 from hapair.shared import keys, pki
 from hapair.shared.etcd_tls import EtcdTlsError
 from hapair.shared.store import Store, StoreError
+from tests.support.cluster import until
+from tests.support.etcd_relay import EtcdRelay
 from tests.support.tls_etcd import TlsEtcd, running_tls_etcd
 
 DEADLINE_S = 20.0
@@ -73,6 +75,62 @@ async def test_the_store_works_over_tls_with_an_agent_certificate(
             assert await store.get(key) is None
     finally:
         await store.close()
+
+
+async def test_the_store_reaches_etcd_over_a_slow_handshake(site: Site, etcd: TlsEtcd) -> None:
+    """etcd's bytes arrive 150 ms late (a loaded etcd, a slow link): a TLS handshake, two
+    of etcd's flights before the connection is up, takes ~0.3 s. The store's connection
+    attempts must be given that long: given 100-250 ms each and started over from
+    nothing, none completed, and no call was ever answered."""
+    relay = EtcdRelay(etcd.url)
+    await relay.heal()
+    relay.slow(0.15)
+    store = Store(relay.url, timeout=2.0, tls=pki.TlsFiles.issued(site.pki, "n1"))
+
+    async def answered() -> bool:
+        await store.get(keys.TOPOLOGY)
+        return True
+
+    try:
+        await until(answered, DEADLINE_S, "an answer from etcd through the slow relay")
+    finally:
+        await store.close()
+        await relay.cut()
+
+
+async def test_a_watch_given_up_during_a_slow_handshake_leaves_the_connection_be(
+    site: Site, etcd: TlsEtcd
+) -> None:
+    """etcd's bytes arrive 0.3 s late: the connection is up after ~0.6 s, longer than the
+    store waits for a watch to open (0.5 s). A watch asked for meanwhile times out; the
+    connection being made must go on, so that a watch asked for again finds it up. Thrown
+    away with each watch given up and started over, it was never up in time for one."""
+    relay = EtcdRelay(etcd.url)
+    await relay.heal()
+    relay.slow(0.3)
+    store = Store(relay.url, timeout=0.5, tls=pki.TlsFiles.issued(site.pki, "n1"))
+
+    async def a_watch_opens() -> bool:
+        opened = asyncio.Event()
+        changes = store.watch_prefix(keys.PREFIX + "/tls-slow/", 0, opened.set)
+        first = asyncio.ensure_future(anext(changes))
+        seen = asyncio.ensure_future(opened.wait())
+        try:
+            await asyncio.wait({first, seen}, return_when=asyncio.FIRST_COMPLETED)
+            if first.done():
+                first.result()  # the store's error: asked again
+            return opened.is_set()
+        finally:
+            for task in (first, seen):
+                task.cancel()
+            await asyncio.wait({first, seen})
+            await changes.aclose()
+
+    try:
+        await until(a_watch_opens, DEADLINE_S, "a watch opened through the slow relay")
+    finally:
+        await store.close()
+        await relay.cut()
 
 
 def test_https_without_a_ca_is_refused_naming_the_option(etcd: TlsEtcd) -> None:

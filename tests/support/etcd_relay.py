@@ -7,7 +7,9 @@ uncompressed), every byte etcd sends back on any connection is held until ``seco
 after that request passed, then delivered in order. etcd has applied the request by
 then; the agent saw its own call time out, and its watches lag. ``cut_at(marker)``
 cuts the link as soon as a request carrying ``marker`` reaches the relay, before etcd
-gets it: the agent sent that request, and etcd never applies it.
+gets it: the agent sent that request, and etcd never applies it. ``slow(seconds)``
+delivers every byte etcd sends ``seconds`` after it came, in order, as a slow link or a
+loaded etcd would: a TLS handshake, two of etcd's flights, then takes twice that.
 
 Over TLS the relay passes the bytes as they are (the agent's handshake is with etcd),
 unless given ``tls``: then it ends the agent's TLS with a certificate of the site's CA
@@ -53,6 +55,7 @@ class EtcdRelay:
         self.triggered = asyncio.Event()
         self._cut_marker = b""
         self.cut_done = asyncio.Event()
+        self._latency = 0.0
 
     @property
     def url(self) -> str:
@@ -76,6 +79,10 @@ class EtcdRelay:
         self._readable()
         self._marker, self._hold_s = marker, seconds
         self.triggered.clear()
+
+    def slow(self, seconds: float) -> None:
+        """Deliver etcd's bytes ``seconds`` late from now on (0: at once again)."""
+        self._latency = seconds
 
     def cut_at(self, marker: bytes) -> None:
         """Cut the link at the first request carrying ``marker``, which etcd never gets."""
@@ -122,16 +129,27 @@ class EtcdRelay:
                     await up_writer.drain()
             up_writer.transport.abort()
 
+        # etcd's bytes, each with when it came; b"" once etcd closed the connection.
+        came: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
         async def answers() -> None:
             with contextlib.suppress(OSError):
                 while data := await up_reader.read(65536):
+                    came.put_nowait((loop.time(), data))
+            came.put_nowait((loop.time(), b""))
+
+        async def deliver() -> None:
+            with contextlib.suppress(OSError):
+                while (item := await came.get())[1]:
                     # Read first, then wait: the bytes keep their order on the connection.
-                    await asyncio.sleep(max(0.0, self._held_until - loop.time()))
+                    at, data = item
+                    due = max(at + self._latency, self._held_until)
+                    await asyncio.sleep(max(0.0, due - loop.time()))
                     writer.write(data)
                     await writer.drain()
             writer.transport.abort()
 
-        await asyncio.gather(requests(), answers())
+        await asyncio.gather(requests(), answers(), deliver())
         self.writers -= {writer, up_writer}
 
 

@@ -71,6 +71,14 @@ def stop_pid(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: fl
         proc.wait(5)
 
 
+def default_sigint() -> None:
+    """``preexec_fn`` for a process a test stops with SIGINT: it gets SIGINT as a
+    terminal's Ctrl-C would give it. A shell without job control starts background jobs
+    (a test run among them) with SIGINT ignored, and a child keeps an ignored signal
+    ignored: Python then installs no handler for it and the process never sees it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def stop_process(proc: asyncio.subprocess.Process, grace: float = 5.0) -> None:
     """SIGTERM, then SIGKILL after ``grace`` seconds: :func:`stop_pid` for a process
     started with asyncio."""

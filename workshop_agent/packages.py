@@ -1,0 +1,415 @@
+"""The pair's software on this node: every service's ``package:`` fetched, checked,
+unpacked and installed in the background, on standbys as on the active.
+
+A version lives in ``{state_dir}/packages/{service}/{version}-{sha256[:12]}/``. It gets
+there in steps, each of which leaves nothing half installed behind:
+
+1. downloaded into ``packages/.downloads/`` (``package_fetch.py``: bounded, resumed,
+   tried again, one download per origin at a time);
+2. its sha256 checked against the site file before anything is unpacked;
+3. unpacked into a temporary directory beside its final place, every member judged
+   first (``package_archive.py``);
+4. moved into place by one rename; then its ``install:``, if any, runs there as the
+   service's user with its timeout (a virtual environment must be made where it will
+   be used);
+5. given to the agent's user, read-only for the service's group, and marked installed.
+
+Only a marked directory is ever used (:meth:`Packages.ready_dir`): a failure at any step
+removes what that step made, keeps the versions installed before, and is published in
+the node's status and as an event with its reason. It is tried again later, with a
+growing back-off. The last two installed versions of each service are kept.
+
+Hashing and unpacking run in threads, downloads as asyncio I/O: the agent's loop and its
+keepalives never wait for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hapair.shared.log import EventLog
+from hapair.shared.package import PLACEHOLDER, Package, file_name
+from hapair.shared.records import PackageStatus
+from hapair.shared.topology import Node, Pair, Service, expand, placeholder_values
+from hapair.shared.waits import wait_event
+from hapair.workshop_agent import package_archive as archive
+from hapair.workshop_agent.package_archive import MARKER, Aborted, ArchiveError, Held
+from hapair.workshop_agent.package_fetch import Fetcher, FetchError, Limits
+from hapair.workshop_agent.package_install import PackageError, run_install
+from hapair.workshop_agent.run_as import (
+    RunAs,
+    ServiceRefused,
+    ServiceUsers,
+    service_env,
+)
+
+T = TypeVar("T")
+LIMITS = Limits()
+RECONCILE_S = 1.0
+RETRY_S, RETRY_MAX_S = 30.0, 600.0
+DOWNLOADS = ".downloads"
+TEMP = ".tmp-"
+
+
+@dataclass
+class _Failure:
+    dir_name: str
+    reason: str
+    retry_at: float
+    failures: int
+
+
+class Packages:
+    """``place()`` gives this node's pair and node now; ``event(kind, reason, **details)``
+    files an event; ``changed()`` tells the publisher the status changed."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        users: ServiceUsers,
+        log: EventLog,
+        *,
+        place: Callable[[], tuple[Pair | None, Node | None]],
+        event: Callable[..., None],
+        changed: Callable[[], None],
+        ssl: ssl.SSLContext | None = None,
+        limits: Limits = LIMITS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.state_dir = state_dir
+        self.root = state_dir / "packages"
+        self.users = users
+        self.log = log
+        self.limits = limits
+        self.fetcher = Fetcher(log, ssl, limits)
+        self.clock = clock
+        self._place = place
+        self._event = event
+        self._changed = changed
+        self._wanted: dict[str, Package] = {}
+        self._tasks: dict[str, tuple[str, asyncio.Task[None]]] = {}
+        self._failed: dict[str, _Failure] = {}
+        self._abort = threading.Event()
+        self._fallback: dict[str, str] = {}  # service: the older version it was given
+        self.wake = asyncio.Event()
+
+    # -- views ------------------------------------------------------------------------
+    def version_dir(self, service: str, package: Package) -> Path:
+        return self.root / service / package.dir_name
+
+    def ready_dir(self, spec: Service) -> Path | None:
+        """Where ``spec``'s program is: the version the site names once installed here;
+        until then the newest version this node holds (what it has, and says so); None
+        when it holds none."""
+        if spec.package is None:
+            return None
+        top = self.version_dir(spec.name, spec.package)
+        if (top / MARKER).is_file():
+            return top
+        held = [h for h in sorted(self._held(spec.name), key=_newest) if h.installed_at]
+        if not held:
+            return None
+        if self._fallback.get(spec.name) != held[0].name:
+            self._fallback[spec.name] = held[0].name
+            self.log.warning(
+                "service runs an older package version: the one the site names is not "
+                "installed here",
+                service=spec.name,
+                declared=spec.package.dir_name,
+                using=held[0].name,
+            )
+        return self.root / spec.name / held[0].name
+
+    def statuses(self) -> list[PackageStatus]:
+        out = []
+        for name, package in sorted(self._wanted.items()):
+            held = self._held(name)
+            installed = [h.name for h in sorted(held, key=_newest) if h.installed_at is not None]
+            failure = self._failed.get(name)
+            if package.dir_name in installed:
+                state, detail = "installed", None
+            elif failure is not None and failure.dir_name == package.dir_name:
+                state, detail = "failed", failure.reason
+            else:
+                state, detail = "installing", None
+            out.append(
+                PackageStatus(
+                    service=name,
+                    version=package.version,
+                    state=state,
+                    installed=installed,
+                    detail=detail,
+                )
+            )
+        return out
+
+    # -- the background task ----------------------------------------------------------
+    async def run(self) -> None:
+        """Keep this node's packages in line with the site, until cancelled."""
+        await asyncio.to_thread(self._prepare)
+        try:
+            while True:
+                self._reconcile()
+                await wait_event(self.wake, RECONCILE_S)
+                self.wake.clear()
+        finally:
+            self._abort.set()  # any thread still unpacking stops at its next member
+            for _, task in list(self._tasks.values()):
+                task.cancel()
+            await asyncio.gather(*(t for _, t in self._tasks.values()), return_exceptions=True)
+            await self.fetcher.close()
+
+    def _prepare(self) -> None:
+        """No leftover of a run that stopped half way through an unpack."""
+        if self.root.is_dir():
+            for service in self.root.iterdir():
+                if service.name != DOWNLOADS and service.is_dir():
+                    for leftover in service.glob(TEMP + "*"):
+                        shutil.rmtree(leftover, ignore_errors=True)
+
+    def _make_root(self, name: str) -> None:
+        """The packages' directories, reachable by the services' users: the state
+        directory gets o+x (not o+r: its other entries stay private), ``packages/`` and
+        each service's directory 0755, the downloads 0700."""
+        self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        mode = self.state_dir.stat().st_mode & 0o7777
+        if not mode & 0o001:
+            self.state_dir.chmod(mode | 0o001)
+        (self.root / DOWNLOADS).mkdir(mode=0o700, exist_ok=True)
+        (self.root / name).mkdir(mode=0o755, exist_ok=True)
+
+    def _reconcile(self) -> None:
+        pair, _ = self._place()
+        wanted = {s.name: s.package for s in pair.services if s.package} if pair else {}
+        if wanted != self._wanted:
+            self._wanted = wanted
+            self._changed()
+        for name, (dir_name, task) in list(self._tasks.items()):
+            package = wanted.get(name)
+            if package is None or package.dir_name != dir_name:
+                task.cancel()  # no longer what the site names; its own cleanup runs
+        now = self.clock()
+        for name, package in wanted.items():
+            if name in self._tasks:
+                continue
+            failure = self._failed.get(name)
+            if failure is not None and failure.dir_name != package.dir_name:
+                del self._failed[name]  # another version now: its own tries
+                failure = None
+            if failure is not None and now < failure.retry_at:
+                continue
+            if (self.version_dir(name, package) / MARKER).is_file():
+                continue
+            task = asyncio.create_task(self._install(name, package), name=f"package-{name}")
+            self._tasks[name] = (package.dir_name, task)
+
+    async def _install(self, name: str, package: Package) -> None:
+        log = dict(service=name, version=package.version, sha256=package.sha256[:12])
+        self.log.info("package installing", url=package.url, **log)
+        self._changed()
+        try:
+            await self._steps(name, package)
+        except Exception as err:
+            if not isinstance(err, PackageError):  # a bug: seen, and tried again later
+                self.log.exception("package install failed unexpectedly", err, **log)
+            reason = str(err) if isinstance(err, PackageError) else f"internal error: {err!r}"
+            previous = self._failed.get(name)
+            failures = previous.failures + 1 if previous is not None else 1
+            wait = min(RETRY_S * 2 ** (failures - 1), RETRY_MAX_S)
+            self._failed[name] = _Failure(package.dir_name, reason, self.clock() + wait, failures)
+            self.log.warning("package failed", reason=reason, retry_after_s=wait, **log)
+            self._event("package failed", reason, **log)
+        else:
+            self._failed.pop(name, None)
+            self.log.info("package installed", **log)
+            self._event("package installed", "", **log)
+            await self._thread(self._retain, name, package)
+        finally:
+            current = self._tasks.get(name)
+            if current is not None and current[1] is asyncio.current_task():
+                del self._tasks[name]
+            self._changed()
+            self.wake.set()
+
+    async def _steps(self, name: str, package: Package) -> None:
+        top = self.version_dir(name, package)
+        part = self.root / DOWNLOADS / f"{name}-{package.dir_name}.part"
+        tmp = top.with_name(f"{TEMP}{package.dir_name}-{secrets.token_hex(4)}")
+        spec = self._spec(name)
+        if spec is None:
+            raise PackageError("the service is no longer in this node's pair")
+        try:
+            run_as = self.users.resolve(spec)
+        except ServiceRefused as refused:
+            raise PackageError(str(refused)) from None
+        try:
+            await self._thread(self._make_root, name)
+            await self._thread(self._clear, top)
+        except OSError as err:
+            raise PackageError(f"prepare {self.root}: {_os_reason(err)}") from None
+        try:
+            await self.fetcher.fetch(package.url, part)
+        except FetchError as err:
+            if not err.transient:
+                part.unlink(missing_ok=True)
+            raise PackageError(f"download from {package.url}: {err}") from None
+        digest = await self._thread(archive.sha256_of, part, self._abort)
+        if digest != package.sha256:
+            part.unlink(missing_ok=True)
+            raise PackageError(
+                f"sha256 mismatch: the file at {package.url} has {digest}, "
+                f"the site file names {package.sha256}; nothing was unpacked"
+            )
+        try:
+            await self._thread(
+                archive.unpack,
+                part,
+                package.kind,
+                file_name(package.url),
+                tmp,
+                self.limits.max_bytes,
+                self._abort,
+            )
+        except ArchiveError as err:
+            part.unlink(missing_ok=True)  # it will not unpack any better next time
+            raise PackageError(f"unpack: {err}") from None
+        except OSError as err:
+            raise PackageError(f"unpack: {_os_reason(err)}") from None
+        owner, group = os.geteuid(), os.getegid()
+        if run_as.groups is not None:
+            group = run_as.gid
+        try:
+            if package.install is None:
+                await self._thread(archive.settle, tmp, owner, group, False)
+                await self._thread(archive.mark, tmp, _marker(package))
+                await self._thread(os.rename, tmp, top)
+            else:
+                await self._installed_in_place(name, package, tmp, top, run_as, owner, group)
+        except OSError as err:
+            raise PackageError(f"install: {_os_reason(err)}") from None
+        finally:
+            await self._thread(shutil.rmtree, tmp, True)
+        part.unlink(missing_ok=True)
+
+    async def _installed_in_place(
+        self,
+        name: str,
+        package: Package,
+        tmp: Path,
+        top: Path,
+        run_as: RunAs,
+        owner: int,
+        group: int,
+    ) -> None:
+        """Move the unpacked tree into place and run ``install:`` there; on a failure the
+        tree goes away whole (it was never marked, so never used)."""
+        assert package.install is not None
+        switch = run_as.groups is not None
+        await self._thread(archive.settle, tmp, run_as.uid if switch else owner, group, True)
+        await self._thread(os.rename, tmp, top)
+        try:
+            await self._run_install(name, package, top, run_as)
+            await self._thread(archive.settle, top, owner, group, False)
+            await self._thread(archive.mark, top, _marker(package))
+        except BaseException:
+            # Renamed aside first, so the half-installed tree is never seen at its name.
+            with contextlib.suppress(OSError):
+                await self._thread(os.rename, top, tmp)
+            raise
+
+    async def _run_install(self, name: str, package: Package, top: Path, run_as: RunAs) -> None:
+        assert package.install is not None
+        pair, node = self._place()
+        spec = self._spec(name)
+        if pair is None or node is None or spec is None:
+            raise PackageError("install: the service left this node's pair")
+        values = {**placeholder_values(pair, node, None), PLACEHOLDER: str(top)}
+        argv = [expand(a, values) for a in package.install.command]
+        hapair = {
+            "HAPAIR_SERVICE": name,
+            "HAPAIR_NODE": node.name,
+            "HAPAIR_PAIR": pair.name,
+            "HAPAIR_PACKAGE_DIR": str(top),
+            "HAPAIR_PACKAGE_VERSION": package.version,
+        }
+        env = service_env(run_as, hapair, {k: expand(v, values) for k, v in spec.env.items()})
+        log = self.state_dir / "logs" / f"{name}.install.log"
+        await run_install(argv, top, run_as, env, log, package.install.timeout_s)
+
+    # -- helpers ----------------------------------------------------------------------
+    def _spec(self, name: str) -> Service | None:
+        pair, _ = self._place()
+        return next((s for s in pair.services if s.name == name), None) if pair else None
+
+    async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn`` in a thread; a cancel waits for it to end first (it checks ``abort``
+        where it can), so cleaning up never races with it."""
+        future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await future
+            raise
+        except Aborted:
+            raise asyncio.CancelledError from None
+
+    def _held(self, name: str) -> list[Held]:
+        service = self.root / name
+        if not service.is_dir():
+            return []
+        held = []
+        for d in service.iterdir():
+            if d.name.startswith(TEMP) or not d.is_dir():
+                continue
+            with contextlib.suppress(OSError):
+                marker = d / MARKER
+                held.append(Held(d.name, marker.stat().st_mtime if marker.exists() else None))
+        return held
+
+    def _clear(self, top: Path) -> None:
+        """A directory at the version's name that was never marked: an earlier run
+        stopped half way through its install."""
+        if top.exists() and not (top / MARKER).exists():
+            shutil.rmtree(top, ignore_errors=True)
+
+    def _retain(self, name: str, package: Package) -> None:
+        for old in archive.to_remove(self._held(name), package.dir_name):
+            self.log.info("package version removed", service=name, version_dir=old)
+            shutil.rmtree(self.root / name / old, ignore_errors=True)
+        for part in (self.root / DOWNLOADS).glob(f"{name}-*.part"):
+            if part.name != f"{name}-{package.dir_name}.part":
+                part.unlink(missing_ok=True)
+
+
+def _newest(h: Held) -> float:
+    return -(h.installed_at or 0.0)
+
+
+def _marker(package: Package) -> str:
+    return json.dumps(
+        {
+            "version": package.version,
+            "sha256": package.sha256,
+            "url": package.url,
+            "at": time.time(),
+        }
+    )
+
+
+def _os_reason(err: OSError) -> str:
+    if archive.no_space(err):
+        return f"no space left on device ({err.filename or 'the packages directory'})"
+    return f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
