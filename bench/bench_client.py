@@ -13,8 +13,10 @@
             publication until the last subscriber has it. Target: <= 200 ms.
 
 Every client is a process of its own (tests/integration/test_client_e2e.py's client: the HTTP
-adapter, one request every ~2 ms); the registry is a real ``hapair-registry``.
-Usage: python -m bench.bench_client [--runs 7] [--only publish,outage,fanout]
+adapter, one request every ~2 ms); the registry is a real ``hapair-registry``. etcd runs
+over TLS with client certificates (the registry's and each agent's own) unless ``--lab``
+asks for the lab mode.
+Usage: python -m bench.bench_client [--runs 7] [--only publish,outage,fanout] [--lab]
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ from typing import Any
 
 from aiohttp import web
 
-from hapair.shared import keys
+from hapair.shared import keys, pki
 from hapair.shared.records import Switchover
 from hapair.shared.store import Store
+from tests.support.client_lab import REGISTRY
 from tests.support.cluster import Cluster, recording_service, until
 from tests.support.harness import PYTHON, Etcd, free_port, stop_pid
 from tests.support.site_records import FakeAgent, apply_site, publications
+from tests.support.tls_etcd import LAB_HELP, etcd_mode, own_etcd
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,6 +95,11 @@ def start_registry(
     )
     out.close()
     return proc, f"http://127.0.0.1:{port}"
+
+
+def registry_env(etcd: Etcd) -> dict[str, str]:
+    """The registry's etcd credentials: over TLS, its own certificate."""
+    return etcd.client_env(REGISTRY, pki.Kind.REGISTRY)
 
 
 async def registry_ready(url: str) -> None:
@@ -159,10 +168,10 @@ class ClientLog:
 # ---- publish: the client's own reaction ---------------------------------------------------
 
 
-async def bench_publish(runs: int, tmp: Path) -> list[float]:
-    etcd = Etcd().start()
-    store = Store(etcd.url, timeout=2.0)
-    registry, url = start_registry(etcd.url, tmp / "registry-publish.log")
+async def bench_publish(runs: int, tmp: Path, lab: bool) -> list[float]:
+    etcd = own_etcd(tmp / "pki-publish", lab)
+    store = Store(etcd.url, timeout=2.0, tls=etcd.tls)
+    registry, url = start_registry(etcd.url, tmp / "registry-publish.log", registry_env(etcd))
     epochs = {"asm-a": 0, "asm-b": 0}
     runners: list[web.AppRunner] = []
     client: subprocess.Popen[bytes] | None = None
@@ -217,8 +226,8 @@ async def bench_publish(runs: int, tmp: Path) -> list[float]:
 # ---- outage: real agents ------------------------------------------------------------------
 
 
-async def bench_outage(runs: int, tmp: Path) -> dict[str, list[float]]:
-    etcd = Etcd().start()
+async def bench_outage(runs: int, tmp: Path, lab: bool) -> dict[str, list[float]]:
+    etcd = own_etcd(tmp / "pki-outage", lab)
     c = Cluster(etcd, tmp)
     port = free_port()
     svc = recording_service("bench-svc", port, c.record, critical=True)
@@ -234,7 +243,7 @@ async def bench_outage(runs: int, tmp: Path) -> dict[str, list[float]]:
             ]
         )
     )
-    registry, url = start_registry(etcd.url, tmp / "registry-outage.log")
+    registry, url = start_registry(etcd.url, tmp / "registry-outage.log", registry_env(etcd))
     client: subprocess.Popen[bytes] | None = None
     results: dict[str, list[float]] = {}
     out = tmp / "client-outage.jsonl"
@@ -312,10 +321,10 @@ class Subscriber(asyncio.Protocol):
             self.tail = text[-200:]
 
 
-async def bench_fanout(runs: int, tmp: Path, subscribers: int = 1000) -> list[float]:
-    etcd = Etcd().start()
-    store = Store(etcd.url, timeout=2.0)
-    registry, url = start_registry(etcd.url, tmp / "registry-fanout.log")
+async def bench_fanout(runs: int, tmp: Path, lab: bool, subscribers: int = 1000) -> list[float]:
+    etcd = own_etcd(tmp / "pki-fanout", lab)
+    store = Store(etcd.url, timeout=2.0, tls=etcd.tls)
+    registry, url = start_registry(etcd.url, tmp / "registry-fanout.log", registry_env(etcd))
     transports: list[asyncio.BaseTransport] = []
     try:
         await apply_site(store)
@@ -366,20 +375,22 @@ async def bench_fanout(runs: int, tmp: Path, subscribers: int = 1000) -> list[fl
         etcd.cleanup()
 
 
-async def main(runs: int, only: set[str]) -> int:
+async def main(runs: int, only: set[str], lab: bool = False) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="hapair-bench-client-"))
+    print(f"etcd: {etcd_mode(lab)}", flush=True)
     rows: list[str] = []
     if "publish" in only:
-        rows.append(line("publish -> new node", await bench_publish(max(runs, 15), tmp), 0.1, "ms"))
+        published = await bench_publish(max(runs, 15), tmp, lab)
+        rows.append(line("publish -> new node", published, 0.1, "ms"))
     if "outage" in only:
-        outages = await bench_outage(runs, tmp)
+        outages = await bench_outage(runs, tmp, lab)
         for kind in ("crash", "critical", "switchover"):
             rows.append(line(f"outage: {kind}", outages[kind], TARGETS[kind]))
         for kind in ("crash", "critical", "switchover"):
             name = f"{kind}: publication->answer"
             rows.append(line(f"  {kind}: pub -> answer", outages[name], None, "ms"))
     if "fanout" in only:
-        rows.append(line("fanout to 1,000: last", await bench_fanout(runs, tmp), 0.2, "ms"))
+        rows.append(line("fanout to 1,000: last", await bench_fanout(runs, tmp, lab), 0.2, "ms"))
     print()
     print(header())
     print("\n".join(rows))
@@ -393,5 +404,6 @@ if __name__ == "__main__":
     )
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--only", default="publish,outage,fanout")
+    parser.add_argument("--lab", action="store_true", help=LAB_HELP)
     args = parser.parse_args()
-    sys.exit(asyncio.run(main(args.runs, set(args.only.split(",")))))
+    sys.exit(asyncio.run(main(args.runs, set(args.only.split(",")), args.lab)))

@@ -4,11 +4,12 @@ Real etcd, real agents, real PostgreSQL 15 (two nodes, synchronous replication):
   crash       the active node dies (agent, watchdog and PostgreSQL frozen, then killed)
               -> first commit acknowledged by the new primary
   switchover  a planned switchover -> first commit acknowledged by the new primary
-and the acknowledged commits lost (must be 0). Medians over several runs. etcd runs in
-the lab mode; the database in clear (``security: none``) unless ``--db-tls``, which gives
-each node a certificate and runs replication and the agents' connections over TLS with
-``sslmode=verify-full``.
-Usage: python -m bench.bench_db_failover [--runs 5] [--db-tls]
+and the acknowledged commits lost (must be 0). Medians over several runs.
+etcd runs over TLS with client certificates and the database with TLS (each node's
+certificate; replication and the agents' connections with ``sslmode=verify-full``)
+unless ``--lab`` asks for the lab mode of both; ``--db-plain`` keeps etcd secure and
+runs only the database in clear (``security: none``), to tell the database's TLS cost.
+Usage: python -m bench.bench_db_failover [--runs 5] [--lab | --db-plain]
 """
 
 from __future__ import annotations
@@ -24,19 +25,17 @@ from pathlib import Path
 
 import psycopg
 
-from hapair.shared import keys, pki
+from hapair.shared import keys
 from hapair.shared.records import Switchover, SyncState, decode
 from tests.support.cluster import Cluster, until
-from tests.support.harness import Etcd
 from tests.support.pg_harness import (
     PASSWORDS,
     Writer,
     common_free_port,
     database_section,
-    with_tls,
     write_secrets,
 )
-from tests.support.tls_etcd import TestPki
+from tests.support.tls_etcd import LAB_HELP, etcd_mode, own_etcd
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,18 +51,20 @@ async def synced(c: Cluster, primary: str, standby: str) -> None:
     await until(ok, 90, f"{standby} synchronous standby of {primary}")
 
 
-async def main(runs: int, db_tls: bool) -> None:
+async def main(runs: int, lab: bool = False, db_plain: bool = False) -> None:
     root = Path(tempfile.mkdtemp(prefix="hapair-benchdb-"))
     os.chmod(root, 0o755)
     write_secrets(root)
     port = common_free_port(tuple(ADDRESS.values()))
-    etcd = Etcd().start()
+    etcd = own_etcd(root / "pki", lab)
+    print(f"etcd: {etcd_mode(lab)}", flush=True)
     c = Cluster(etcd, root)
     nodes = [{"name": n, "address": a} for n, a in ADDRESS.items()]
     database = database_section(root, port, synchronous=True)
-    if db_tls:
-        pki.init(root / "pki", "bench")
-        database = with_tls(database, TestPki(root / "pki"), ADDRESS.values())
+    if db_plain:
+        database["security"] = "none"
+    # Otherwise the cluster gives the database its certificates when etcd has a PKI.
+    db_tls = not (lab or db_plain)
     print(f"database over TLS: {'yes (verify-full)' if db_tls else 'no (security: none)'}")
     await c.apply(c.site([{"name": "p", "nodes": nodes, "database": database}]))
     conninfo = (
@@ -139,6 +140,9 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--db-tls", action="store_true", help="the database over TLS")
+    parser.add_argument("--lab", action="store_true", help=LAB_HELP)
+    parser.add_argument(
+        "--db-plain", action="store_true", help="etcd secure, the database in clear"
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.runs, args.db_tls))
+    asyncio.run(main(args.runs, args.lab, args.db_plain))

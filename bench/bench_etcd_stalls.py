@@ -11,7 +11,10 @@ promise over the peer path when a stall outlasts its fence point; ``--lease-only
 measures the lease alone (a stall just under 1 s that starts late in a keepalive
 interval then reaches the 1.5 s fence point and restarts the services, same epoch).
 
-Usage: python -m bench.bench_etcd_stalls [--stalls 200] [--seed N] [--lease-only]
+etcd runs over TLS with client certificates and the peer path has its key, unless
+``--lab`` asks for the lab mode.
+
+Usage: python -m bench.bench_etcd_stalls [--stalls 200] [--seed N] [--lease-only] [--lab]
 """
 
 from __future__ import annotations
@@ -29,19 +32,21 @@ import time
 from pathlib import Path
 
 from tests.support.cluster import Cluster, recording_service, until
-from tests.support.harness import Etcd, free_port
+from tests.support.harness import free_port
+from tests.support.tls_etcd import LAB_HELP, etcd_mode, own_etcd
 
 ROOT = Path(__file__).resolve().parent.parent
 
 ADDRESS = {"a": "127.0.81.1", "b": "127.0.81.2"}
 
 
-async def main(stalls: int, seed: int, peer_path: bool) -> int:
+async def main(stalls: int, seed: int, peer_path: bool, lab: bool = False) -> int:
     rng = random.Random(seed)
     mode = "lease and peer path" if peer_path else "lease only"
     print(f"seed {seed}, {stalls} stalls of 0.5-1.0 s, {mode}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="hapair-bench-stalls-"))
-    etcd = Etcd().start()
+    etcd = own_etcd(tmp / "pki", lab)
+    print(f"etcd: {etcd_mode(lab)}", flush=True)
     assert etcd.proc is not None
     c = Cluster(etcd, tmp)
     svc = recording_service("stall-svc", free_port(), c.record, critical=True)
@@ -101,6 +106,7 @@ if __name__ == "__main__":
     parser.add_argument("--stalls", type=int, default=200)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--lease-only", action="store_true", help="no network: section")
+    parser.add_argument("--lab", action="store_true", help=LAB_HELP)
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
-    sys.exit(asyncio.run(main(args.stalls, seed, not args.lease_only)))
+    sys.exit(asyncio.run(main(args.stalls, seed, not args.lease_only, args.lab)))

@@ -5,8 +5,9 @@ Measured from the fault to the service answering HTTP on the other node:
   critical    the critical service on the active exits (SIGKILL)
   switchover  an operator asks for a planned switchover
 
-Prints median, min, max over several runs of each. Usage:
-  python -m bench.bench_failover [--runs 7]
+Prints median, min, max over several runs of each. etcd runs over TLS with client
+certificates, each agent showing its own, unless ``--lab`` asks for the lab mode. Usage:
+  python -m bench.bench_failover [--runs 7] [--lab]
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from pathlib import Path
 from hapair.shared import keys
 from hapair.shared.records import Switchover
 from tests.support.cluster import Cluster, recording_service, until
-from tests.support.harness import Etcd, free_port
+from tests.support.harness import free_port
+from tests.support.tls_etcd import LAB_HELP, etcd_mode, own_etcd
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,9 +119,10 @@ async def measure(
     return results
 
 
-async def main(runs: int) -> None:
+async def main(runs: int, lab: bool = False) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="hapair-bench-"))
-    etcd = Etcd().start()
+    etcd = own_etcd(tmp / "pki", lab)
+    print(f"etcd: {etcd_mode(lab)}", flush=True)
     c = Cluster(etcd, tmp)
     port = free_port()
     await c.apply(c.site([pair_spec(port, c.record)]))
@@ -150,4 +153,6 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runs", type=int, default=7)
-    asyncio.run(main(parser.parse_args().runs))
+    parser.add_argument("--lab", action="store_true", help=LAB_HELP)
+    args = parser.parse_args()
+    asyncio.run(main(args.runs, args.lab))

@@ -8,9 +8,10 @@ clock:
   started    the other node's service process started (its own record)
   published  the other node's endpoint (newer epoch) seen in etcd
 Target: started <= TTL + 0.5 s = 2.5 s. The cable goes back in after each run and the
-old active rejoins as standby; runs alternate between the nodes.
+old active rejoins as standby; runs alternate between the nodes. etcd runs over TLS with
+client certificates, each agent showing its own, unless ``--lab`` asks for the lab mode.
 
-Usage: python -m bench.bench_partition [--runs 7]
+Usage: python -m bench.bench_partition [--runs 7] [--lab]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from tests.support.cluster import until
 from tests.support.harness import free_port
 from tests.support.netns import unavailable
+from tests.support.tls_etcd import LAB_HELP, etcd_mode
 from tests.support.vip_lab import LabSite, service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,15 +40,16 @@ def _runs_since(site: LabSite, t: float) -> list[dict[str, object]]:
     return [r for r in site.cluster.intervals() if float(str(r["start"])) > t]
 
 
-async def main(runs: int) -> int:
+async def main(runs: int, lab: bool = False) -> int:
     why = unavailable()
     if why is not None:
         print(f"skipped: network namespaces unavailable here ({why})")
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="hapair-bench-partition-"))
     results: dict[str, list[float]] = {"fenced": [], "started": [], "published": []}
+    print(f"etcd: {etcd_mode(lab)}", flush=True)
     try:
-        async with LabSite(tmp, ["a", "b"]) as site:
+        async with LabSite(tmp, ["a", "b"], secure=not lab) as site:
             c = site.cluster
             port = free_port()
             nodes = [site.node_entry("a"), site.node_entry("b")]
@@ -102,4 +105,6 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runs", type=int, default=7)
-    sys.exit(asyncio.run(main(parser.parse_args().runs)))
+    parser.add_argument("--lab", action="store_true", help=LAB_HELP)
+    args = parser.parse_args()
+    sys.exit(asyncio.run(main(args.runs, args.lab)))

@@ -16,7 +16,12 @@ runs for hapair (as a subprocess) and one table compares the medians: hapair / P
 Targets (issue 4): hapair crash <= 2.5 s, switchover <= 0.3 s, each at most 1/8 of
 Patroni's; no acknowledged commit lost by hapair.
 
-Usage: python -m bench.bench_patroni [--runs 5] [--skip-hapair]
+hapair runs secure (etcd over TLS with client certificates, as ``bench_db_failover.py``
+does by default; ``--lab`` passes its lab mode on). Patroni's etcd stays plain http, as
+in Patroni's sample configurations: whatever TLS costs falls on hapair's side of the
+comparison only.
+
+Usage: python -m bench.bench_patroni [--runs 5] [--skip-hapair] [--lab]
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from bench.patroni_support import (
 from tests.support.cluster import descendants, until
 from tests.support.harness import Etcd
 from tests.support.pg_harness import Writer, postgres_available
+from tests.support.tls_etcd import LAB_HELP
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -161,7 +167,7 @@ RUN_LINE = re.compile(r"^\s+(crash|switchover)\s+\S+ -> \S+: ([\d.]+) s, (\d+) a
 LOST_LINE = re.compile(r"^acknowledged commits lost: (\d+) of (\d+)")
 
 
-async def bench_hapair(runs: int) -> Figures:
+async def bench_hapair(runs: int, lab: bool = False) -> Figures:
     """Run ``bench_db_failover.py`` as a subprocess (its own event loop, its own cleanup),
     echo its output and read its per-run lines and its lost-commit line."""
     figures = Figures()
@@ -173,6 +179,7 @@ async def bench_hapair(runs: int) -> Figures:
         "bench.bench_db_failover",
         "--runs",
         str(runs),
+        *(["--lab"] if lab else []),
         cwd=ROOT,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
@@ -276,7 +283,7 @@ def report(patroni: Figures, hapair: Figures | None) -> bool:
     return ok
 
 
-async def main(runs: int, version: str, skip_hapair: bool) -> int:
+async def main(runs: int, version: str, skip_hapair: bool, lab: bool = False) -> int:
     # SIGTERM or SIGINT cancel the run, so that every ``finally`` stops what it started.
     # A handler (not SIG_IGN, as in a background job) also lets the hapair subprocess
     # take SIGINT as KeyboardInterrupt and clean up after itself.
@@ -297,9 +304,12 @@ async def main(runs: int, version: str, skip_hapair: bool) -> int:
     if skip_hapair:
         report(patroni, None)
         return 0
-    print(f"\n== hapair: python -m bench.bench_db_failover --runs {runs} ==", flush=True)
+    lab_option = " --lab" if lab else ""
+    print(
+        f"\n== hapair: python -m bench.bench_db_failover --runs {runs}{lab_option} ==", flush=True
+    )
     try:
-        hapair = await bench_hapair(runs)
+        hapair = await bench_hapair(runs, lab)
     except Exception as err:
         print(f"hapair benchmark failed: {err}", file=sys.stderr)
         report(patroni, None)
@@ -316,9 +326,10 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=5, help="runs of each event (default 5)")
     parser.add_argument("--patroni-version", default=PATRONI_VERSION)
     parser.add_argument("--skip-hapair", action="store_true", help="measure Patroni only")
+    parser.add_argument("--lab", action="store_true", help=f"hapair in {LAB_HELP}")
     args = parser.parse_args()
     try:
-        sys.exit(asyncio.run(main(args.runs, args.patroni_version, args.skip_hapair)))
+        sys.exit(asyncio.run(main(args.runs, args.patroni_version, args.skip_hapair, args.lab)))
     except asyncio.CancelledError:
         print("interrupted: every process stopped, temp dirs removed", file=sys.stderr)
         sys.exit(130)

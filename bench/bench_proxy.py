@@ -10,7 +10,8 @@ forwards to it. From the bench process (blocking sockets, nothing else running i
               connects upstream for each one)
 
 each direct and through the proxy, several runs alternated. On 2 cores the proxy, the
-server and the client share the machine, which is the worst case for the proxy.
+server and the client share the machine, which is the worst case for the proxy. etcd
+runs over TLS with client certificates, as on a plant; it carries only the endpoint here.
 Usage: python -m bench.bench_proxy [--runs 5] [--round-trips 5000] [--megabytes 256]
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import socket
 import statistics
 import subprocess
@@ -25,10 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from hapair.shared import pki
 from hapair.shared.store import Store
+from tests.support.client_lab import REGISTRY
 from tests.support.cluster import until
-from tests.support.harness import PYTHON, Etcd, free_port, port_open, stop_pid
+from tests.support.harness import PYTHON, free_port, port_open, stop_pid
 from tests.support.site_records import FakeAgent, apply_site
+from tests.support.tls_etcd import own_etcd
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,8 +129,8 @@ def p99(values: list[float]) -> float:
 
 async def main(runs: int, round_trips: int, megabytes: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="hapair-bench-proxy-"))
-    etcd = Etcd().start()
-    store = Store(etcd.url, timeout=2.0)
+    etcd = own_etcd(tmp / "pki")
+    store = Store(etcd.url, timeout=2.0, tls=etcd.tls)
     host, port = "127.0.0.11", free_port()
     procs: list[subprocess.Popen[bytes]] = []
 
@@ -145,7 +150,8 @@ async def main(runs: int, round_trips: int, megabytes: int) -> None:
         registry_port, proxy_port = free_port(), free_port()
         registry = f"http://127.0.0.1:{registry_port}"
         spawn(
-            *(PYTHON, "-m", "hapair.registry.main", "--etcd", etcd.url),
+            *(PYTHON, "-m", "hapair.registry.main"),
+            *etcd.client_args(REGISTRY, pki.Kind.REGISTRY),
             *("--listen", f"127.0.0.1:{registry_port}", "--log-level", "warning"),
             log="registry.log",
         )
@@ -213,6 +219,7 @@ async def main(runs: int, round_trips: int, megabytes: int) -> None:
             stop_pid(proc)
         await store.close()
         etcd.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)  # its logs, and now the keys of its PKI
 
 
 if __name__ == "__main__":

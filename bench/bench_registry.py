@@ -4,7 +4,8 @@ One registry process against a real etcd holding a published endpoint; wrk (one
 thread, 50 connections) asks GET /v1/endpoints/{service} for 8 s, several times.
 Target on this 2-core machine: >= 15,000 lookups/s with p99 <= 5 ms (medians).
 With ``--https`` a second registry serves HTTPS (a ``hapair pki`` certificate) and the
-two are measured in turn, run by run, over kept-alive connections.
+two are measured in turn, run by run, over kept-alive connections. etcd runs over TLS
+with client certificates, the registry showing its own, as on a plant.
 Usage: python -m bench.bench_registry [--runs 5] [--seconds 8] [--connections 50] [--https]
 """
 
@@ -25,8 +26,10 @@ from pathlib import Path
 
 from hapair.shared import keys, pki
 from hapair.shared.records import EndpointRecord, Leader
+from tests.support.client_lab import REGISTRY
 from tests.support.cluster import Cluster, until
 from tests.support.harness import Etcd, free_port, stop_pid
+from tests.support.tls_etcd import own_etcd
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,8 +88,7 @@ def start_registry(etcd: Etcd, port: int, log: Path, *tls: str) -> subprocess.Po
             sys.executable,
             "-m",
             "hapair.registry.main",
-            "--etcd",
-            etcd.url,
+            *etcd.client_args(REGISTRY, pki.Kind.REGISTRY),
             "--listen",
             f"127.0.0.1:{port}",
             *tls,
@@ -136,7 +138,7 @@ def main() -> None:
     if wrk is None:
         sys.exit("wrk is missing: apt-get install wrk (make bench installs it)")
     tmp = Path(tempfile.mkdtemp(prefix="hapair-bench-"))
-    etcd = Etcd().start()
+    etcd = own_etcd(tmp / "etcd-pki")
     c = Cluster(etcd, tmp)
     registries: list[subprocess.Popen[bytes]] = []
     results: dict[str, list[tuple[float, float]]] = {}

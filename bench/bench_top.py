@@ -12,7 +12,8 @@ process of its own.
            unchanged, the dashboard still redrawing its clock every second), from
            /proc/PID/stat, as a share of one core. Target <= 2 %.
 
-Prints median, min and max of each. Usage:
+etcd runs over TLS with client certificates, the registry showing its own, as on a
+plant. Prints median, min and max of each. Usage:
   python -m bench.bench_top [--runs 15] [--idle-s 20] [--idle-runs 3]
 """
 
@@ -32,12 +33,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from hapair.shared import keys, records
+from hapair.shared import keys, pki, records
 from hapair.shared.store import Store
 from hapair.shared.topology import parse_site
 from tests.support.cluster import until
 from tests.support.harness import Etcd, free_port, stop_pid
 from tests.support.pty_run import spawn_in_pty
+from tests.support.tls_etcd import own_etcd
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,6 +47,7 @@ WORKSHOPS, PAIRS_PER_WORKSHOP = 4, 5
 ROWS, COLS = 24, 80
 HAPAIR = str(Path(sys.executable).parent / "hapair")
 REGISTRY = [sys.executable, "-m", "hapair.registry.main"]
+REGISTRY_USER = "reg-1"  # its etcd user
 TARGET_LATENCY_MS, TARGET_CPU_PCT = 200.0, 2.0
 
 
@@ -231,7 +234,7 @@ async def healthy(url: str) -> bool:
 
 
 async def bench(args: argparse.Namespace, etcd: Etcd, url: str) -> None:
-    store = Store(etcd.url, timeout=2.0)
+    store = Store(etcd.url, timeout=2.0, tls=etcd.tls)
     try:
         await seed(store)
         await until(lambda: healthy(url), 15, "the registry in step with etcd")
@@ -249,13 +252,17 @@ def main() -> None:
     parser.add_argument("--idle-runs", type=int, default=3)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="hapair-bench-top-"))
-    etcd = Etcd().start()
+    etcd = own_etcd(tmp / "pki")
     port = free_port()
     registry = None
     try:
         with (tmp / "registry.log").open("w") as log:
             registry = subprocess.Popen(
-                [*REGISTRY, "--etcd", etcd.url, "--listen", f"127.0.0.1:{port}"],
+                [
+                    *REGISTRY,
+                    *etcd.client_args(REGISTRY_USER, pki.Kind.REGISTRY),
+                    *("--listen", f"127.0.0.1:{port}"),
+                ],
                 cwd=ROOT,
                 stdout=subprocess.DEVNULL,
                 stderr=log,

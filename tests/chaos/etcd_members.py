@@ -10,8 +10,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.support.harness import ETCD, Etcd, stop_pid
+from hapair.shared.pki import Kind
+from tests.support.harness import ETCD, Etcd, server_tls, stop_pid
 from tests.support.netns import Lab, sh
+from tests.support.tls_etcd import TestPki
 
 CLIENT_PORT = 2379
 PEER_PORT = 2380
@@ -23,14 +25,20 @@ class EtcdMembers(Etcd):
 
     Members keep their data directories, so a killed member restarts with its data and
     rejoins, as after a power cut. The caller must be able to reach the hosts (it runs
-    inside the lab)."""
+    inside the lab). With ``pki``, TLS and client certificates on both ports, as in a
+    plant: each member shows its own certificate, issued for its address (and for
+    127.0.0.1, where :class:`etcd_lab.EtcdLab` forwards clients to it); without, the lab
+    mode."""
 
-    def __init__(self, lab: Lab, names: tuple[str, ...], root: Path) -> None:
+    def __init__(
+        self, lab: Lab, names: tuple[str, ...], root: Path, pki: TestPki | None = None
+    ) -> None:
         super().__init__(
             host=lab[names[0]].address,
             client_port=CLIENT_PORT,
             peer_port=PEER_PORT,
             data_dir=str(root),
+            pki=pki,
         )
         self.lab = lab
         self.names = names
@@ -42,14 +50,21 @@ class EtcdMembers(Etcd):
         return ",".join(self.member_url(n) for n in self.names)
 
     def member_url(self, name: str) -> str:
-        return f"http://{self.lab[name].address}:{CLIENT_PORT}"
+        return f"{self.scheme}://{self.lab[name].address}:{CLIENT_PORT}"
 
     def client_url(self, name: str) -> str:
         """Where this process reaches ``name`` to look at it (``etcdctl``)."""
         return self.member_url(name)
 
     def _peer_url(self, name: str) -> str:
-        return f"http://{self.lab[name].address}:{PEER_PORT}"
+        return f"{self.scheme}://{self.lab[name].address}:{PEER_PORT}"
+
+    def member_tls(self, name: str) -> list[str]:
+        """``name``'s TLS options (none in the lab mode)."""
+        if self.pki is None:
+            return []
+        address = self.lab[name].address
+        return server_tls(self.pki.files(f"etcd-{name}", Kind.ETCD, [address, "127.0.0.1"]))
 
     def start(self, wait: bool = True) -> EtcdMembers:
         for name in self.names:  # together: a member is ready only once a quorum is up
@@ -80,6 +95,7 @@ class EtcdMembers(Etcd):
             "--initial-cluster-token", "hapair-chaos",
             "--initial-cluster-state", "new",  # ignored once the data dir exists
             "--pre-vote",  # off by default in etcd 3.4: see the README's "etcd in a plant"
+            *self.member_tls(name),
             stdout=log,
             stderr=log,
         )  # fmt: skip
@@ -102,6 +118,7 @@ class EtcdMembers(Etcd):
             "etcdctl",
             "--dial-timeout=1s",
             "--command-timeout=1s",
+            *self.ctl_tls(),
             *args,
             timeout=CTL_TIMEOUT_S,
             check=False,

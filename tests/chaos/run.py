@@ -43,6 +43,7 @@ from tests.chaos.testbed import DB_PAIR, OBSERVER, PAIRS, Testbed, hosts
 from tests.support import netns
 from tests.support.harness import ETCD, ROOT
 from tests.support.pg_harness import postgres_available
+from tests.support.tls_etcd import LAB_HELP
 
 RUN_PREFIX = "hapair-chaos-"
 SETTLE_S = 30.0
@@ -62,6 +63,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="auto",
         help="add the PostgreSQL pair q (auto: when PostgreSQL can run here)",
     )
+    p.add_argument("--lab", action="store_true", help=LAB_HELP)
     p.add_argument("--json", type=Path, help="also write the figures there as JSON")
     p.add_argument("--keep", action="store_true", help="keep the run's directory (logs)")
     args = p.parse_args(argv)
@@ -308,12 +310,14 @@ def _run(args: argparse.Namespace, database: bool) -> int:
                 for p, n in PAIRS.items()
                 if database or p != DB_PAIR
             )
-            say(f"site: {sites}; etcd e1, e2, e3; lab {lab.tag}, each host its own namespace")
+            mode = "the lab mode" if args.lab else "TLS, client certificates, peer keys"
+            say(f"site: {sites}; etcd e1, e2, e3 ({mode})")
+            say(f"lab {lab.tag}, each host its own namespace")
             faults = _schedule(args, lab, database, report)
             for note in report.skipped:
                 say(f"note: {note}")
             lab.enter(lab[OBSERVER])
-            bed = Testbed(lab, root, database)
+            bed = Testbed(lab, root, database, secure=not args.lab)
             try:
                 asyncio.run(conduct(bed, faults, report))
             except (KeyboardInterrupt, asyncio.CancelledError):

@@ -3,7 +3,9 @@
 Pair ``p`` (nodes ``a``, ``b``) runs one recording service; with a database, pair ``q``
 (nodes ``c``, ``d``) runs PostgreSQL too, and a writer commits numbered rows to it. The
 driving process sits in the host ``obs``, which is also the pairs' probe target (the
-gateway of the workshop).
+gateway of the workshop). Secure as a plant runs: etcd with TLS and client certificates
+(a PKI made in the run's directory), each agent its node's certificate, each pair its
+peer key; ``secure=False`` runs the lab mode.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tests.chaos.etcd_members import EtcdMembers
 from tests.support.cluster import Cluster, pid_alive, recording_service, until
 from tests.support.netns import Lab
 from tests.support.pg_harness import PASSWORDS, Writer, database_section, write_secrets
+from tests.support.tls_etcd import TestPki
 
 ETCD = ("e1", "e2", "e3")
 OBSERVER = "obs"
@@ -82,6 +85,7 @@ class Testbed:
     lab: Lab
     root: Path
     database: bool
+    secure: bool = True
     members: EtcdMembers = field(init=False)
     cluster: NetCluster = field(init=False)
     writer: Writer | None = None
@@ -91,7 +95,8 @@ class Testbed:
         self.pairs = {p: ns for p, ns in PAIRS.items() if self.database or p != DB_PAIR}
         etcd_dir = self.root / "etcd"
         etcd_dir.mkdir()
-        self.members = EtcdMembers(self.lab, ETCD, etcd_dir)
+        pki = TestPki.create(self.root / "pki") if self.secure else None
+        self.members = EtcdMembers(self.lab, ETCD, etcd_dir, pki)
         self.cluster = NetCluster(self.members, self.root, lab=self.lab)
 
     # -- the site -------------------------------------------------------------------

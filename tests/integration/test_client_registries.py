@@ -20,6 +20,7 @@ from tests.integration.test_client_resolver import active_pair, move
 from tests.support.client_lab import BIN, next_of, registry_in_process, registry_processes, until
 from tests.support.harness import Etcd, free_port
 from tests.support.site_records import FakeAgent, apply_site
+from tests.support.tls_etcd import ADMIN, TestPki, TlsEtcd
 
 
 @pytest.mark.parametrize("transport", ["sse", "poll"])
@@ -59,16 +60,16 @@ async def test_client_goes_on_through_the_other_registry(
 
 
 async def test_registry_that_lost_etcd_sends_followers_elsewhere(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, test_pki: TestPki
 ) -> None:
-    own = Etcd().start()  # an etcd of its own, to be stopped
-    store = Store(own.url, timeout=2.0)
+    own = TlsEtcd(test_pki.dir, ADMIN).start()  # an etcd of its own, to be stopped
+    store = Store(own.url, timeout=2.0, tls=own.tls)
     try:
         await apply_site(store)
         a = await FakeAgent(store, "asm-a", "asm").up()
         await a.become_active()
         await a.publish("mes-api", 8080)
-        async with registry_in_process(own.url) as url, ClientSession() as http:
+        async with registry_in_process(own) as url, ClientSession() as http:
             async with http.get(f"{url}/v1/events") as stream:
                 assert stream.status == 200
                 await stream.content.readuntil(b"event: endpoint")

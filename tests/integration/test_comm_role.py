@@ -28,6 +28,7 @@ from hapair.shared.txn import Compare, Op
 from tests.support.cluster import until
 from tests.support.harness import Etcd, etcd_client, free_port
 from tests.support.plc_sim import CommUnderTest, ModbusPlc, running_comm
+from tests.support.tls_etcd import ADMIN, TestPki, TlsEtcd
 
 S = ua.StatusCodes
 HOSTS = {"a": ["127.0.33.1", "127.0.33.2"], "b": ["127.0.33.3", "127.0.33.4"]}
@@ -297,16 +298,16 @@ async def test_without_etcd_it_serves_data_as_a_standby_and_refuses_writes(
 
 
 async def test_an_active_cut_off_from_etcd_stops_serving_before_its_lease_can_lapse(
-    plc: ModbusPlc,
+    plc: ModbusPlc, test_pki: TestPki
 ) -> None:
     """etcd hangs (SIGSTOP): the comm server cannot know whether its node is still the
     active, so it stops serving ttl - margin (1.5 s) after its last acknowledged
     keepalive, before etcd could let another node's comm server rise."""
-    private = Etcd().start()
-    store = Store(private.url, timeout=2.0)
+    private = TlsEtcd(test_pki.dir, ADMIN).start()  # an etcd of its own, to be stopped
+    store = Store(private.url, timeout=2.0, tls=private.tls)
     try:
         await apply_site(store, ["a", "b"])
-        async with comm_node(private.url, "a", plc.port) as a:
+        async with comm_node(private, "a", plc.port) as a:
             await elect(store, "a")
             await until(lambda: level(a, 255, 255), 5, "a serving")
             assert private.proc is not None

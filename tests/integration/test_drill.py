@@ -18,8 +18,9 @@ import pytest
 from hapair.registry.console import drill
 from hapair.registry.console.drill_faults import NFT_TABLE, nft_missing
 from hapair.shared import keys
+from hapair.shared.pki import Kind
 from hapair.shared.records import SyncState, decode
-from tests.support.client_lab import BIN, RegistryProcess
+from tests.support.client_lab import BIN, REGISTRY, RegistryProcess
 from tests.support.cluster import Cluster, recording_service, until
 from tests.support.harness import ROOT, free_port
 from tests.support.netns import unavailable
@@ -168,7 +169,7 @@ async def test_drill_partition_inside_a_namespace(tmp_path: Path) -> None:
         etcd = site.etcd_host
         registry_url = f"http://{etcd.address}:8700"
         site.lab.spawn(
-            etcd, str(BIN / "hapair-registry"), "--etcd", c.etcd_url,
+            etcd, str(BIN / "hapair-registry"), *c.etcd_args(REGISTRY, Kind.REGISTRY),
             "--listen", f"{etcd.address}:8700", "--log-level", "warning",
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -182,7 +183,7 @@ async def test_drill_partition_inside_a_namespace(tmp_path: Path) -> None:
 
         await until(registry_up, 20, "the registry in the lab")
         argv = [str(BIN / "hapair"), "drill", "p", "--fault", "partition", "--yes"]
-        argv += ["--duration", "5", "--etcd", c.etcd_url, "--registry", registry_url]
+        argv += ["--duration", "5", *c.etcd_args(), "--registry", registry_url]
         out = await asyncio.to_thread(site["a"].run, *argv, timeout=90, check=False)
         print(out.stdout, out.stderr, file=sys.stderr)
         assert out.returncode == 0, out.stderr

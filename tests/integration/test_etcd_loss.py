@@ -19,8 +19,9 @@ from hapair.shared import keys
 from hapair.shared.records import Switchover
 from tests.integration.test_failover import pair
 from tests.support.cluster import Cluster, descendants, holds, pid_alive, until
-from tests.support.etcd_relay import EtcdRelay
+from tests.support.etcd_relay import EtcdRelay, reading_relay
 from tests.support.harness import EtcdCluster, free_port
+from tests.support.tls_etcd import TestPki
 
 pytestmark = pytest.mark.e2e
 
@@ -28,8 +29,9 @@ LOST_S = 6.0  # etcd gone for three lease TTLs: far past every fence point
 
 
 @pytest.fixture
-def etcd3() -> Iterator[EtcdCluster]:
-    members = EtcdCluster().start()
+def etcd3(test_pki: TestPki) -> Iterator[EtcdCluster]:
+    """Three members over TLS with client certificates, from the session's PKI."""
+    members = EtcdCluster(pki=test_pki).start()
     try:
         yield members
     finally:
@@ -38,7 +40,8 @@ def etcd3() -> Iterator[EtcdCluster]:
 
 @pytest.fixture
 async def c3(etcd3: EtcdCluster, tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = Cluster(etcd3, tmp_path)  # type: ignore[arg-type]  # Cluster uses only its url
+    # Cluster uses its url, tls, pki and client_args, which an EtcdCluster has.
+    c = Cluster(etcd3, tmp_path)  # type: ignore[arg-type]
     try:
         yield c
     finally:
@@ -82,12 +85,18 @@ async def started(c: Cluster, nodes: list[str], net: int, peer_path: bool = True
 
 
 async def a_behind_a_relay(
-    c: Cluster, nodes: list[str], net: int, b_too: bool = False, key: Path | None = None
+    c: Cluster,
+    nodes: list[str],
+    net: int,
+    b_too: bool = False,
+    key: Path | None = None,
+    reading: bool = False,
 ) -> tuple[EtcdRelay, dict[str, Any], int]:
     """Pair p with a peer path (authenticated with ``key`` if given): a active, reaching
     etcd through a relay the test may cut (b too with ``b_too``), and b a standby. The
-    relay, the pair's spec and a's epoch."""
-    relay = EtcdRelay(c.etcd.url)
+    relay (one that reads the gRPC frames with ``reading``), the pair's spec and a's
+    epoch."""
+    relay = reading_relay(c.etcd) if reading else EtcdRelay(c.etcd.url)
     await relay.heal()
     spec = with_peer_path(pair("p", nodes, net, free_port(), c.record), net, key)
     await c.apply(c.site([spec]))

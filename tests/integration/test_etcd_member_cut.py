@@ -21,9 +21,11 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession
 
+from hapair.shared import pki
 from hapair.shared.store import Store, StoreError
 from tests.integration.test_etcd_loss import only, started
 from tests.support import netns
+from tests.support.client_lab import REGISTRY
 from tests.support.cluster import Cluster, holds, until
 from tests.support.etcd_lab import EtcdLab, connected_members
 from tests.support.harness import Etcd, free_port
@@ -74,13 +76,14 @@ async def test_active_keeps_its_lease_through_the_other_members(
 ) -> None:
     """No peer path: the lease is the active's only way to keep its services, so a fence
     here would mean the agent stayed on the bad member."""
-    c = Cluster(etcd_lab, tmp_path)  # type: ignore[arg-type]  # Cluster uses only its url
+    c = Cluster(etcd_lab, tmp_path)
     try:
         pids = await started(c, ["a", "b"], 47, peer_path=False)
         lead = await c.leader("p")
         member = await attached(etcd_lab, c.agents["a"].pid)
         await asyncio.to_thread(etcd_lab.make_follower, member)
-        c.store = Store(others(etcd_lab, member), timeout=2.0)  # the test's own view
+        # The test's own view, through the other members.
+        c.store = Store(others(etcd_lab, member), timeout=2.0, tls=etcd_lab.tls)
         go_bad, heal = bad_member(etcd_lab, fault)
         go_bad(member)
         try:
@@ -98,10 +101,12 @@ async def test_active_keeps_its_lease_through_the_other_members(
 
 
 @contextlib.asynccontextmanager
-async def registry(etcd_url: str) -> AsyncIterator[tuple[ClientSession, int]]:
-    """``hapair-registry`` as its own process (so its etcd connections are its own)."""
+async def registry(etcd: EtcdLab, etcd_url: str) -> AsyncIterator[tuple[ClientSession, int]]:
+    """``hapair-registry`` as its own process (so its etcd connections are its own), on
+    ``etcd_url`` with the registry's certificate of ``etcd``'s PKI."""
     port = free_port()
-    env = {**os.environ, "HAPAIR_ETCD": etcd_url, "HAPAIR_LISTEN": f"127.0.0.1:{port}"}
+    env = {**os.environ, **etcd.client_env(REGISTRY, pki.Kind.REGISTRY)}
+    env.update(HAPAIR_ETCD=etcd_url, HAPAIR_LISTEN=f"127.0.0.1:{port}")
     proc = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).parent / "hapair-registry"), env=env
     )
@@ -138,10 +143,10 @@ async def serving(session: ClientSession, epoch: int) -> bool:
 async def test_registry_serves_the_new_epoch_through_the_other_members(
     etcd_lab: EtcdLab, fault: str
 ) -> None:
-    async with registry(etcd_lab.url) as (session, pid):
+    async with registry(etcd_lab, etcd_lab.url) as (session, pid):
         member = await attached(etcd_lab, pid)
         await asyncio.to_thread(etcd_lab.make_follower, member)
-        store = Store(others(etcd_lab, member), timeout=2.0)
+        store = Store(others(etcd_lab, member), timeout=2.0, tls=etcd_lab.tls)
         try:
             await apply_site(store)
             a = await FakeAgent(store, "asm-a", "asm").up()
@@ -171,13 +176,13 @@ async def test_registry_on_one_bad_member_says_it_is_stale(etcd_lab: EtcdLab, fa
     """Given only the bad member, the registry cannot get news: it must say so."""
     member = etcd_lab.names[0]
     await asyncio.to_thread(etcd_lab.make_follower, member)
-    store = Store(others(etcd_lab, member), timeout=2.0)
+    store = Store(others(etcd_lab, member), timeout=2.0, tls=etcd_lab.tls)
     try:
         await apply_site(store)
         a = await FakeAgent(store, "asm-a", "asm").up()
         epoch = await a.become_active()
         await a.publish("mes-api", 8080)
-        async with registry(etcd_lab.client_url(member)) as (session, _):
+        async with registry(etcd_lab, etcd_lab.client_url(member)) as (session, _):
             await until(lambda: serving(session, epoch), 20, "the registry to serve")
             go_bad, heal = bad_member(etcd_lab, fault)
             go_bad(member)
@@ -208,7 +213,7 @@ async def test_a_member_cut_from_its_quorum_says_so_to_keepalives_and_watches(
     deadline, a watch forever. With it, both end with etcd's "no leader" error."""
     member = etcd_lab.names[0]
     await asyncio.to_thread(etcd_lab.make_follower, member)
-    alone = Store(etcd_lab.client_url(member), timeout=1.0)
+    alone = Store(etcd_lab.client_url(member), timeout=1.0, tls=etcd_lab.tls)
     try:
         lease = await alone.grant(30)
         assert await alone.keepalive(lease) > 0

@@ -17,7 +17,8 @@ import pytest
 from hapair.shared import keys
 from hapair.shared.records import Drained, Paused, Resource, ResourceReport, Switchover, TopologyDoc
 from tests.support.cluster import Cluster, holds, pid_alive, recording_service, until
-from tests.support.harness import Etcd, free_port
+from tests.support.harness import free_port
+from tests.support.tls_etcd import ADMIN, TestPki, TlsEtcd
 
 pytestmark = pytest.mark.e2e
 
@@ -262,8 +263,8 @@ async def test_invalid_topology_in_etcd_changes_nothing(cluster: Cluster) -> Non
     assert st is not None and st.role == "active"
 
 
-async def test_agent_waits_for_etcd_at_start(tmp_path: Path) -> None:
-    etcd = Etcd()  # not started yet
+async def test_agent_waits_for_etcd_at_start(tmp_path: Path, test_pki: TestPki) -> None:
+    etcd = TlsEtcd(test_pki.dir, ADMIN)  # not started yet
     c = Cluster(etcd, tmp_path)
     try:
         c.start("a")

@@ -35,7 +35,7 @@ async def says(cluster: Cluster, node: str, text: str) -> None:
     await until(lambda: asyncio.sleep(0, text in cluster.log(node)), DEADLINE_S, f"{node}: {text}")
 
 
-@pytest.mark.lab
+@pytest.mark.lab  # the lab mode itself is what this test checks
 async def test_the_lab_mode_runs_a_pair_and_says_so_at_start(cluster: Cluster) -> None:
     """http:// etcd and a peer path without a key: the pair runs, and each agent warns
     of both."""

@@ -74,7 +74,7 @@ async def test_a_second_agent_with_another_machine_lock_is_refused_by_the_live_s
         await c.apply(c.site([spec]))
         c.start("a")
         _, epoch = await c.active("p", node="a", timeout=20)
-        refused = await second_agent(["--etcd", c.etcd_url], tmp_path / "x", site["client"].argv)
+        refused = await second_agent(c.etcd_args("a"), tmp_path / "x", site["client"].argv)
         pid = c.agents["a"].pid
         assert (
             f"another hapair-agent runs for node a (pid {pid}, named by its live status in etcd)"

@@ -18,12 +18,10 @@ from hapair.shared.records import Switchover
 from tests.integration.test_etcd_loss import service_pids
 from tests.integration.test_failover import pair
 from tests.support.cluster import Cluster, holds, until
-from tests.support.etcd_relay import EtcdRelay
+from tests.support.etcd_relay import EtcdRelay, reading_relay
 from tests.support.harness import free_port
 
-# The lab mode: the relay finds the leader and handover keys in the bytes gRPC sends,
-# which TLS would hide.
-pytestmark = [pytest.mark.e2e, pytest.mark.lab]
+pytestmark = pytest.mark.e2e
 
 # Long enough that the old active's lease stays confirmed for seconds after its last
 # answered keepalive: a wrong restart is then not hidden by its own fence.
@@ -34,8 +32,9 @@ HOLD_S = 2.5  # etcd's answers held this long: far past the agent's 0.5 s call t
 @pytest.fixture
 async def relay(cluster: Cluster) -> AsyncIterator[tuple[EtcdRelay, int]]:
     """a reaches etcd through the relay, b directly; a active (at the epoch given with
-    the relay), b a healthy standby."""
-    r = EtcdRelay(cluster.etcd.url)
+    the relay), b a healthy standby. The relay finds the leader and handover keys in the
+    gRPC frames a sends: over TLS it ends a's TLS and opens its own to etcd."""
+    r = reading_relay(cluster.etcd)
     await r.heal()
     spec = pair("p", ["a", "b"], 60, free_port(), cluster.record, lease_ttl_s=LEASE_TTL_S)
     await cluster.apply(cluster.site([spec]))

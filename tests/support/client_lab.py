@@ -30,7 +30,6 @@ from hapair.shared.client import (
     Resolver,
 )
 from tests.support.harness import ROOT, Etcd, etcd_client, free_port, stop_process
-from tests.support.tls_etcd import TlsEtcd
 
 REGISTRY = "reg-1"  # the etcd user of a registry process over TLS
 
@@ -270,7 +269,7 @@ class RegistryProcess:
 
     def identity(self) -> str | None:
         """The registry's etcd user over TLS (issued once), None in the lab mode."""
-        if not isinstance(self.etcd, TlsEtcd):
+        if self.etcd.pki is None:
             return None
         self.etcd.pki.files(REGISTRY, pki.Kind.REGISTRY)
         return REGISTRY

@@ -26,7 +26,7 @@ from hapair.shared.store import Kv, Store, Timeout, Unavailable
 from hapair.shared.topology import parse_site
 from tests.support.harness import PYTHON, ROOT, Etcd, stop_pid
 from tests.support.pg_harness import with_tls
-from tests.support.tls_etcd import TestPki, TlsEtcd
+from tests.support.tls_etcd import TestPki
 
 T = TypeVar("T")
 SVC = str(ROOT / "tests" / "support" / "svc.py")
@@ -175,9 +175,9 @@ class Cluster:
     store: Store = field(init=False)
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     record: Path = field(init=False)
-    # etcd over TLS (a TlsEtcd, the tests' default): the test's store shows the admin's
-    # certificate, each agent its node's, and each pair with a peer path that the site
-    # applies without a key gets one of the test's PKI. The lab mode gets neither.
+    # etcd over TLS (one given a PKI, the tests' default): the test's store shows the
+    # admin's certificate, each agent its node's, and each pair with a peer path that the
+    # site applies without a key gets one of the test's PKI. The lab mode gets neither.
     peer_keys: bool = True
     # The tests' services run as root (the test's own user, with files in its temporary
     # directory): every agent of a test cluster is told so explicitly, with the option a
@@ -185,17 +185,17 @@ class Cluster:
     allow_root_services: bool = True
 
     def __post_init__(self) -> None:
-        # Some tests hand in an etcd cluster of their own (the lab mode): only its URL.
-        tls = self.etcd.tls if isinstance(self.etcd, Etcd) else None
-        self.store = Store(self.etcd.url, timeout=2.0, tls=tls)
+        # Some tests hand in an etcd cluster of their own (harness.EtcdCluster): its URL
+        # lists every member, its TLS files are one member's.
+        self.store = Store(self.etcd.url, timeout=2.0, tls=self.etcd.tls)
         self.record = self.tmp / "record"
         self.record.mkdir(exist_ok=True)
 
     # -- topology ---------------------------------------------------------------------
     async def apply(self, site: dict[str, Any]) -> None:
-        if self.peer_keys and isinstance(self.etcd, TlsEtcd):
+        if self.peer_keys and self.etcd.pki is not None:
             site = with_peer_keys(site, self.etcd.pki)
-        site = with_database_tls(site, self.etcd.pki if isinstance(self.etcd, TlsEtcd) else None)
+        site = with_database_tls(site, self.etcd.pki)
         parsed = parse_site(site, "test site")
         await self.store.put(
             keys.TOPOLOGY, TopologyDoc(site=parsed.model_dump(mode="json")).encode()
@@ -204,7 +204,7 @@ class Cluster:
     def service_env(self, service: str, nodes: list[str]) -> dict[str, str]:
         """The ``env:`` a service that talks to etcd needs besides what its agent gives it
         (the CA): over TLS its own certificate, ``SERVICE@NODE`` on each node."""
-        if not isinstance(self.etcd, TlsEtcd):
+        if self.etcd.pki is None:
             return {}
         for node in nodes:
             self.etcd.pki.files(f"{service}@{node}", pki.Kind.COMM)
@@ -226,7 +226,7 @@ class Cluster:
         state = str(self.tmp / f"state-{node}")
         # A later --etcd in ``extra`` wins: a test may route one agent another way.
         argv = [*AGENT, "--node", node, "--etcd", self.agent_etcd, "--state-dir", state]
-        if isinstance(self.etcd, TlsEtcd):
+        if self.etcd.pki is not None:
             argv += self.etcd.client_args(node)[2:]  # its own certificate; --etcd above
         if self.allow_root_services:
             argv.append("--allow-root-services")

@@ -8,6 +8,10 @@ over the host's own interface, never through the switch. Partitioning a member f
 two peers at the switch therefore leaves it answering clients, as a member cut from its
 quorum by a broken link between sites does, while SIGSTOP freezes a member whose socket
 still accepts connections.
+
+The members run with TLS and client certificates, each with a certificate of its own
+from a PKI made in the lab's directory (one for 127.0.0.1 too: clients reach a member
+through its forwarder there); ``secure=False`` gives the lab mode.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from types import TracebackType
 from tests.chaos.etcd_members import CLIENT_PORT, EtcdMembers
 from tests.support.harness import PYTHON, ROOT, stop_pid
 from tests.support.netns import Lab
+from tests.support.tls_etcd import TestPki
 
 FORWARDER = ["-m", "tests.support.vip_lab"]
 
@@ -31,8 +36,11 @@ FORWARDER = ["-m", "tests.support.vip_lab"]
 class EtcdLab(EtcdMembers):
     """``with EtcdLab(tmp) as etcd``: three members up, ``etcd.url`` for clients."""
 
-    def __init__(self, root: Path, names: tuple[str, ...] = ("e0", "e1", "e2")) -> None:
-        super().__init__(Lab(list(names)), names, root)
+    def __init__(
+        self, root: Path, names: tuple[str, ...] = ("e0", "e1", "e2"), secure: bool = True
+    ) -> None:
+        pki = TestPki.create(root / "pki") if secure else None
+        super().__init__(Lab(list(names)), names, root, pki)
         self.forwarders: dict[str, subprocess.Popen[bytes]] = {}
         self.ports: dict[str, int] = {}
 
@@ -61,7 +69,7 @@ class EtcdLab(EtcdMembers):
 
     def client_url(self, name: str) -> str:
         """``name`` as clients reach it: its forwarder on 127.0.0.1."""
-        return f"http://127.0.0.1:{self.ports[name]}"
+        return f"{self.scheme}://127.0.0.1:{self.ports[name]}"
 
     def member_of_port(self, port: int) -> str | None:
         return next((n for n, p in self.ports.items() if p == port), None)

@@ -10,22 +10,42 @@ cuts the link as soon as a request carrying ``marker`` reaches the relay, before
 gets it: the agent sent that request, and etcd never applies it. ``slow(seconds)``
 delivers every byte etcd sends ``seconds`` after it came, in order, as a slow link or a
 loaded etcd would: a TLS handshake, two of etcd's flights, then takes twice that.
+
+Over TLS the relay passes the bytes as they are (the agent's handshake is with etcd),
+unless given ``tls``: then it ends the agent's TLS with a certificate of the site's CA
+for its own address and opens its own to etcd, showing that certificate, so that it
+sees the gRPC frames in clear and the markers work as in the lab mode.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 
-from tests.support.harness import free_port
+from hapair.shared.pki import Kind, TlsFiles
+from tests.support.harness import Etcd, free_port
+
+# gRPC runs over HTTP/2, which a TLS endpoint agrees to by ALPN.
+ALPN = ["h2"]
 
 
 class EtcdRelay:
-    def __init__(self, upstream: str) -> None:
-        # Over TLS the bytes pass as they are: the agent's handshake is with etcd.
+    def __init__(self, upstream: str, tls: TlsFiles | None = None) -> None:
+        """A relay to ``upstream``; ``tls``: the relay's own certificate (the ``etcd``
+        kind serves and is a client too, issued for 127.0.0.1), to read the frames."""
         self.scheme, _, address = upstream.rpartition("://")
         host, port = address.rsplit(":", 1)
         self.upstream = (host, int(port))
+        self._serve: ssl.SSLContext | None = None
+        self._dial: ssl.SSLContext | None = None
+        if tls is not None:
+            assert self.scheme == "https", "a relay ends TLS only in front of etcd over TLS"
+            # The agent shows its certificate as etcd asks; the relay shows its own to etcd.
+            self._serve = tls.server_context(require_client_cert=True)
+            self._dial = tls.client_context()
+            for context in (self._serve, self._dial):
+                context.set_alpn_protocols(ALPN)
         self.port = free_port()
         self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
@@ -42,7 +62,9 @@ class EtcdRelay:
         return f"{self.scheme}://127.0.0.1:{self.port}"
 
     async def heal(self) -> None:
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.server = await asyncio.start_server(
+            self._relay, "127.0.0.1", self.port, ssl=self._serve
+        )
 
     async def cut(self) -> None:
         if self.server is not None:
@@ -69,9 +91,9 @@ class EtcdRelay:
         self.cut_done.clear()
 
     def _readable(self) -> None:
-        """A marker is found in the bytes gRPC sends: never in a TLS stream."""
-        if self.scheme != "http":
-            raise AssertionError("the relay cannot see etcd keys over TLS: mark the test lab")
+        """A marker is found in the bytes gRPC sends: never in a TLS stream it passes on."""
+        if self.scheme != "http" and self._serve is None:
+            raise AssertionError("the relay cannot see etcd keys in TLS it does not end")
 
     def _saw(self, window: bytes) -> None:
         if self._marker and self._marker in window:
@@ -81,7 +103,11 @@ class EtcdRelay:
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+            up_reader, up_writer = await asyncio.open_connection(
+                *self.upstream,
+                ssl=self._dial,
+                server_hostname=self.upstream[0] if self._dial else None,
+            )
         except OSError:
             writer.transport.abort()
             return
@@ -125,3 +151,13 @@ class EtcdRelay:
 
         await asyncio.gather(requests(), answers(), deliver())
         self.writers -= {writer, up_writer}
+
+
+RELAY = "etcd-relay"  # the relay's certificate, over TLS
+
+
+def reading_relay(etcd: Etcd) -> EtcdRelay:
+    """A relay to ``etcd`` that sees the gRPC frames, for ``hold_after`` and ``cut_at``:
+    over TLS it ends the agent's TLS and opens its own with its certificate."""
+    tls = None if etcd.pki is None else etcd.pki.files(RELAY, Kind.ETCD)
+    return EtcdRelay(etcd.url, tls)

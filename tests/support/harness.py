@@ -16,8 +16,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from hapair.shared.pki import TlsFiles
+from hapair.shared.pki import Kind, TlsFiles
+
+if TYPE_CHECKING:
+    from tests.support.tls_etcd import TestPki
 
 ROOT = Path(__file__).resolve().parents[2]
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
@@ -88,8 +92,23 @@ async def stop_process(proc: asyncio.subprocess.Process, grace: float = 5.0) -> 
         await proc.wait()
 
 
+def server_tls(files: TlsFiles) -> list[str]:
+    """An etcd member's TLS options: its certificate on both ports, every client and
+    every peer checked against the CA."""
+    own = ["--cert-file", str(files.cert), "--key-file", str(files.key)]
+    own += ["--trusted-ca-file", str(files.ca), "--client-cert-auth"]
+    peer = ["--peer-cert-file", str(files.cert), "--peer-key-file", str(files.key)]
+    peer += ["--peer-trusted-ca-file", str(files.ca), "--peer-client-cert-auth"]
+    return own + peer
+
+
 @dataclass
 class Etcd:
+    """One etcd member, in the lab mode (plain ``http://``) unless given ``pki``: then TLS
+    with client certificates on both ports, its own certificate ``cert`` of that PKI (whose
+    SANs must list the addresses it is reached at), every client and peer showing one of
+    the same CA (:mod:`tls_etcd`)."""
+
     host: str = "127.0.0.1"
     client_port: int = field(default_factory=free_port)
     peer_port: int = field(default_factory=free_port)
@@ -97,8 +116,14 @@ class Etcd:
     proc: subprocess.Popen[bytes] | None = None
     name: str = "n1"
     initial_cluster: str = ""  # name=peer-url,...; empty: a cluster of this member alone
-    scheme: str = "http"
-    extra_args: list[str] = field(default_factory=list)  # TLS: tls_etcd.TlsEtcd
+    extra_args: list[str] = field(default_factory=list)
+    pki: TestPki | None = None
+    cert: str = "etcd-1"  # this member's certificate in ``pki``
+    admin: str = "root"  # the identity a test's own client shows
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.pki is None else "https"
 
     @property
     def url(self) -> str:
@@ -110,23 +135,61 @@ class Etcd:
 
     @property
     def tls(self) -> TlsFiles | None:
-        """What a test's own client shows etcd: nothing in the lab mode (``http://``)."""
-        return None
+        """What a test's own client shows etcd: the admin's certificate, nothing in the
+        lab mode (``http://``)."""
+        return None if self.pki is None else self.identity(None)
 
-    def client_env(self, identity: str | None = None, kind: str = "agent") -> dict[str, str]:
+    def identity(self, name: str | None, kind: str = Kind.AGENT) -> TlsFiles:
+        """``name``'s files (a certificate of ``kind``, issued on first use), the
+        admin's when None."""
+        assert self.pki is not None, "the lab mode has no certificates"
+        if name is None:
+            return self.pki.files(self.admin, Kind.ADMIN)
+        return self.pki.files(name, Kind(kind))
+
+    def client_env(self, identity: str | None = None, kind: str = Kind.AGENT) -> dict[str, str]:
         """``HAPAIR_ETCD*`` for a command or daemon that talks to this etcd as
         ``identity``, a certificate of ``kind`` (the admin when None; only over TLS does
         it matter)."""
-        return {"HAPAIR_ETCD": self.url}
+        if self.pki is None:
+            return {"HAPAIR_ETCD": self.url}
+        files = self.identity(identity, kind)
+        return {
+            "HAPAIR_ETCD": self.url,
+            "HAPAIR_ETCD_CA": str(files.ca),
+            "HAPAIR_ETCD_CERT": str(files.cert),
+            "HAPAIR_ETCD_KEY": str(files.key),
+        }
 
-    def client_args(self, identity: str | None = None, kind: str = "agent") -> list[str]:
+    def client_args(self, identity: str | None = None, kind: str = Kind.AGENT) -> list[str]:
         """The same as command line options: ``--etcd URL`` and the TLS files."""
-        return ["--etcd", self.url]
+        if self.pki is None:
+            return ["--etcd", self.url]
+        files = self.identity(identity, kind)
+        return [
+            *("--etcd", self.url, "--etcd-ca", str(files.ca)),
+            *("--etcd-cert", str(files.cert), "--etcd-key", str(files.key)),
+        ]
 
     def operator_env(self, name: str) -> dict[str, str]:
         """``hapair``'s environment for the operator ``name``: over TLS their
         certificate, whose CN names them; in the lab mode ``HAPAIR_OPERATOR``."""
-        return {**self.client_env(), "HAPAIR_OPERATOR": name}
+        if self.pki is None:
+            return {**self.client_env(), "HAPAIR_OPERATOR": name}
+        return self.client_env(name, Kind.OPERATOR)
+
+    def ctl_tls(self, identity: str | None = None) -> list[str]:
+        """``etcdctl``'s options to show ``identity``'s certificate (the admin's when
+        None) and check the member against the CA; none in the lab mode."""
+        if self.pki is None:
+            return []
+        files = self.identity(identity)
+        return [f"--cacert={files.ca}", f"--cert={files.cert}", f"--key={files.key}"]
+
+    def server_args(self) -> list[str]:
+        """The member's TLS options: its certificate on both ports, every client and
+        every peer checked against the CA. None in the lab mode."""
+        return [] if self.pki is None else server_tls(self.pki.files(self.cert, Kind.ETCD))
 
     def start(self, wait: bool = True) -> Etcd:
         peer = self.peer_url
@@ -154,6 +217,7 @@ class Etcd:
                 "--initial-cluster-state",
                 "new",
                 "--pre-vote",  # off by default in etcd 3.4: see the README's "etcd in a plant"
+                *self.server_args(),
                 *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
@@ -170,7 +234,7 @@ class Etcd:
 
     def _ready(self) -> bool:
         out = subprocess.run(
-            ["etcdctl", f"--endpoints={self.url}", "endpoint", "health"],
+            ["etcdctl", f"--endpoints={self.url}", *self.ctl_tls(), "endpoint", "health"],
             capture_output=True,
             env={**os.environ, "ETCDCTL_API": "3"},
             timeout=5,
@@ -194,19 +258,30 @@ def etcd_client(etcd: Etcd | str) -> tuple[str, TlsFiles | None]:
 
 
 class EtcdCluster:
-    """Three (or ``size``) etcd members on one address, each stopped and started alone.
+    """Three (or ``size``) etcd members on one address, each stopped and started alone:
+    over TLS with ``pki`` (every member shows its certificate ``etcd-1``, issued for
+    127.0.0.1), in the lab mode without.
 
     A member started again keeps its data directory, so it rejoins as the same member."""
 
-    def __init__(self, size: int = 3, host: str = "127.0.0.1") -> None:
-        self.members = [Etcd(host=host, name=f"m{i}") for i in range(size)]
+    def __init__(self, size: int = 3, host: str = "127.0.0.1", pki: TestPki | None = None) -> None:
+        self.members = [Etcd(host=host, name=f"m{i}", pki=pki) for i in range(size)]
         cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         for m in self.members:
             m.initial_cluster = cluster
+        self.pki = pki
 
     @property
     def url(self) -> str:
         return ",".join(m.url for m in self.members)
+
+    # What a client is given: every member, with one member's TLS files.
+    @property
+    def tls(self) -> TlsFiles | None:
+        return self.members[0].tls
+
+    def client_args(self, identity: str | None = None, kind: str = Kind.AGENT) -> list[str]:
+        return ["--etcd", self.url, *self.members[0].client_args(identity, kind)[2:]]
 
     def start(self) -> EtcdCluster:
         for m in self.members:  # together: a member is ready only once a quorum is up
@@ -218,10 +293,11 @@ class EtcdCluster:
     def leader(self) -> int:
         """The index of the member that leads the cluster now."""
         urls = [m.url for m in self.members]
+        ctl = ["etcdctl", f"--endpoints={self.url}", *self.members[0].ctl_tls()]
 
         def find() -> int | None:
             out = subprocess.run(
-                ["etcdctl", f"--endpoints={self.url}", "endpoint", "status", "-w", "json"],
+                [*ctl, "endpoint", "status", "-w", "json"],
                 capture_output=True,
                 env={**os.environ, "ETCDCTL_API": "3"},
                 timeout=5,

@@ -11,8 +11,9 @@ import contextlib
 import os
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from hapair.shared import pki
 from tests.support.harness import Etcd
@@ -41,12 +42,14 @@ class TestPki:
         made.files(ADMIN, pki.Kind.ADMIN)
         return made
 
-    def files(self, name: str, kind: pki.Kind = pki.Kind.AGENT) -> pki.TlsFiles:
-        """``name``'s CA, certificate and key, issued as ``kind`` unless it already was."""
+    def files(
+        self, name: str, kind: pki.Kind = pki.Kind.AGENT, ips: Sequence[str] = ("127.0.0.1",)
+    ) -> pki.TlsFiles:
+        """``name``'s CA, certificate and key, issued as ``kind`` unless it already was
+        (one that serves, for ``ips``)."""
         with self._lock:
             if not (self.dir / f"{name}.crt").exists():
-                ips = ["127.0.0.1"] if kind in SERVING else []
-                pki.issue(self.dir, kind, name, ips)
+                pki.issue(self.dir, kind, name, ips if kind in SERVING else [])
         return pki.TlsFiles.issued(self.dir, name)
 
     def postgres(self, address: str) -> pki.TlsFiles:
@@ -70,49 +73,12 @@ class TestPki:
 class TlsEtcd(Etcd):
     """etcd on 127.0.0.1 with the ``etcd``-kind certificate ``name`` of ``pki_dir`` on
     both ports (its SANs must list 127.0.0.1); every client, and every peer, must show a
-    certificate of the same CA. Ready once it answers ``admin``'s certificate."""
+    certificate of the same CA. Ready once it answers ``admin``'s certificate. ``where``:
+    the other fields of :class:`Etcd` (host, ports, data directory)."""
 
-    def __init__(self, pki_dir: Path, admin: str, name: str = ETCD_NAME) -> None:
-        files = pki.TlsFiles.issued(pki_dir, name)
-        tls = ["--cert-file", str(files.cert), "--key-file", str(files.key)]
-        tls += ["--trusted-ca-file", str(files.ca), "--client-cert-auth"]
-        peer = ["--peer-cert-file", str(files.cert), "--peer-key-file", str(files.key)]
-        peer += ["--peer-trusted-ca-file", str(files.ca), "--peer-client-cert-auth"]
-        super().__init__(name=name, scheme="https", extra_args=tls + peer)
+    def __init__(self, pki_dir: Path, admin: str, name: str = ETCD_NAME, **where: Any) -> None:
+        super().__init__(name=name, pki=TestPki(pki_dir), cert=name, admin=admin, **where)
         self.pki_dir = pki_dir
-        self.admin = admin
-        self.pki = TestPki(pki_dir)
-
-    @property
-    def tls(self) -> pki.TlsFiles:
-        return self.pki.files(self.admin, pki.Kind.ADMIN)
-
-    def identity(self, name: str | None, kind: str = pki.Kind.AGENT) -> pki.TlsFiles:
-        """``name``'s files (a certificate of ``kind``, issued on first use), the
-        admin's when None."""
-        return self.tls if name is None else self.pki.files(name, pki.Kind(kind))
-
-    def client_env(self, identity: str | None = None, kind: str = pki.Kind.AGENT) -> dict[str, str]:
-        files = self.identity(identity, kind)
-        return {
-            "HAPAIR_ETCD": self.url,
-            "HAPAIR_ETCD_CA": str(files.ca),
-            "HAPAIR_ETCD_CERT": str(files.cert),
-            "HAPAIR_ETCD_KEY": str(files.key),
-        }
-
-    def client_args(self, identity: str | None = None, kind: str = pki.Kind.AGENT) -> list[str]:
-        files = self.identity(identity, kind)
-        return [
-            *("--etcd", self.url, "--etcd-ca", str(files.ca)),
-            *("--etcd-cert", str(files.cert), "--etcd-key", str(files.key)),
-        ]
-
-    def operator_env(self, name: str) -> dict[str, str]:
-        return self.client_env(name, pki.Kind.OPERATOR)
-
-    def _ready(self) -> bool:
-        return self.etcdctl("endpoint", "health", identity=self.admin).returncode == 0
 
     def etcdctl(
         self, *args: str, identity: str | None, pki_dir: Path | None = None
@@ -141,3 +107,25 @@ def running_tls_etcd(pki_dir: Path, admin: str, name: str = ETCD_NAME) -> Iterat
         yield etcd
     finally:
         etcd.cleanup()
+
+
+LAB_HELP = (
+    "the lab mode: etcd over plain http, no certificates, no peer keys "
+    "(default: etcd over TLS with client certificates, a certificate per agent and a "
+    "peer key per pair)"
+)
+
+
+def own_etcd(directory: Path, lab: bool = False) -> Etcd:
+    """An etcd of its own, started (a benchmark's): TLS with client certificates from a
+    new PKI in ``directory``, the secure default; plain ``http://`` with ``lab``."""
+    if lab:
+        return Etcd().start()
+    return TlsEtcd(TestPki.create(directory).dir, ADMIN).start()
+
+
+def etcd_mode(lab: bool) -> str:
+    """What a benchmark prints of the mode it measures."""
+    if lab:
+        return "the lab mode (plain http etcd, no certificates, no peer keys)"
+    return "secure (etcd over TLS, client certificates, peer keys)"

@@ -9,6 +9,11 @@ ever added to the machine's own interfaces.
 
 Run as a script, this module is that forwarder:
 ``python -m tests.support.vip_lab forward NETNS HOST PORT`` prints the local port, then serves.
+
+etcd runs with TLS and client certificates from a PKI made in the site's directory (its
+certificate names its lab address and 127.0.0.1, where the forwarder is), each agent
+shows its node's certificate, and each pair with a peer path gets a peer key; a site
+made with ``secure=False`` runs the lab mode.
 """
 
 from __future__ import annotations
@@ -28,11 +33,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hapair.shared.pki import Kind
 from tests.support.cluster import Cluster, recording_service, until
-from tests.support.harness import ETCD, PYTHON, ROOT, Etcd
+from tests.support.harness import ETCD, PYTHON, ROOT, Etcd, server_tls
 from tests.support.netns import IFNAME, Host, Lab
+from tests.support.tls_etcd import TestPki
 
 ETCD_PORT = 2379
+ETCD_CERT = "etcd-lab"  # etcd's certificate in a secure site
 CLONE_NEWNET = 0x40000000
 
 _FETCH = (
@@ -102,6 +110,11 @@ class LabCluster(Cluster):
     def agent_etcd(self) -> str:
         return self.etcd_url
 
+    def etcd_args(self, identity: str | None = None, kind: str = Kind.AGENT) -> list[str]:
+        """The options of a command run inside the lab that talks to etcd as ``identity``
+        (the admin when None): etcd's URL in the lab and, over TLS, the files."""
+        return ["--etcd", self.etcd_url, *self.etcd.client_args(identity, kind)[2:]]
+
     def spawn(self, node: str, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
         # `ip netns exec` execs the agent: the PID is the agent's own.
         return subprocess.Popen(self.lab[node].argv(*argv), **kw)
@@ -111,8 +124,15 @@ class LabSite:
     """``async with LabSite(tmp, ["a", "b"]) as site``: hosts ``etcd``, the nodes and
     ``client`` on one switch, etcd running, ``site.cluster`` ready for agents."""
 
-    def __init__(self, tmp: Path, nodes: Sequence[str], clients: Sequence[str] = ("client",)):
+    def __init__(
+        self,
+        tmp: Path,
+        nodes: Sequence[str],
+        clients: Sequence[str] = ("client",),
+        secure: bool = True,
+    ):
         self.tmp = tmp
+        self.pki = TestPki.create(tmp / "pki") if secure else None
         self.nodes = list(nodes)
         self.lab = Lab(["etcd", *self.nodes, *clients])
         self._forwarder: subprocess.Popen[bytes] | None = None
@@ -140,8 +160,12 @@ class LabSite:
 
     async def _start(self) -> None:
         host = self.etcd_host
-        url = f"http://{host.address}:{ETCD_PORT}"
-        peer = f"http://{host.address}:{ETCD_PORT + 1}"
+        scheme, tls = "http", []
+        if self.pki is not None:
+            scheme = "https"
+            tls = server_tls(self.pki.files(ETCD_CERT, Kind.ETCD, [host.address, "127.0.0.1"]))
+        url = f"{scheme}://{host.address}:{ETCD_PORT}"
+        peer = f"{scheme}://{host.address}:{ETCD_PORT + 1}"
         data = self.tmp / "etcd-data"
         self.etcd_proc = self.lab.spawn(
             host,
@@ -149,14 +173,20 @@ class LabSite:
             "--log-level", "error", "--listen-client-urls", url,
             "--advertise-client-urls", url, "--listen-peer-urls", peer,
             "--initial-advertise-peer-urls", peer, "--initial-cluster", f"n1={peer}",
-            "--initial-cluster-state", "new",
+            "--initial-cluster-state", "new", *tls,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         forwarder = self._forward(host)
         assert forwarder.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(forwarder.stdout.readline), 10)
         local_port = int(line)
-        etcd = Etcd(host="127.0.0.1", client_port=local_port, data_dir=str(data))
+        etcd = Etcd(
+            host="127.0.0.1",
+            client_port=local_port,
+            data_dir=str(data),
+            pki=self.pki,
+            cert=ETCD_CERT,
+        )
         self.cluster = LabCluster(etcd, self.tmp)
         self.cluster.lab = self.lab
         self.cluster.etcd_url = url
