@@ -190,6 +190,17 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def core_busy(core: int) -> tuple[int, int]:
+    """(busy, total) jiffies of ``core`` since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{core} "):
+                ticks = [int(x) for x in line.split()[1:]]
+                idle = ticks[3] + ticks[4]  # idle and iowait
+                return sum(ticks) - idle, sum(ticks)
+    raise RuntimeError(f"cpu{core} not in /proc/stat")
+
+
 def rss_mb(pid: int | str = "self") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -391,12 +402,18 @@ async def count_notifications(
         for i in range(0, len(nodes), 500):
             await sub.subscribe_data_change(nodes[i : i + 500], queuesize=10)
         await asyncio.sleep(2.0)  # the first values, and the stream settling
-        start, bad0, t0 = count, not_good, time.monotonic()
+        start, bad0, t0, cpu0 = count, not_good, time.monotonic(), cpu_seconds()
         await asyncio.sleep(seconds)
         took = time.monotonic() - t0
+        cpu = cpu_seconds() - cpu0
         await sub.delete()
     good = (count - start) - (not_good - bad0)
-    return {"good_s": good / took, "not_good_s": (not_good - bad0) / took}
+    # The subscriber's own CPU: near 100 % says the figure is the subscriber's limit.
+    return {
+        "good_s": good / took,
+        "not_good_s": (not_good - bad0) / took,
+        "sub_cpu_pct": cpu / took * 100,
+    }
 
 
 CHANGES = {"plcs": 20, "tags": 100, "rate": 20_000, "port": 32000}
@@ -423,7 +440,9 @@ def bench_changes(runs: int, secure: bool = False) -> None:
                 f"  run {i + 1}: {r['good_s']:,.0f} changes/s received ({r['not_good_s']:.0f}/s "
                 f"not good), written {r['written_s']:,.0f}/s, poll lateness p99 start "
                 f"{r['late_p99_ms']:.1f} ms done {r['done_p99_ms']:.1f} ms, overruns "
-                f"{r['overruns']:.0f}, comm server CPU {r['cpu_pct']:.0f} %",
+                f"{r['overruns']:.0f}, comm server CPU {r['cpu_pct']:.0f} %, subscriber CPU "
+                f"{r['sub_cpu_pct']:.0f} %, its core (with the PLCs) busy "
+                f"{r['load_core_pct']:.0f} %",
                 flush=True,
             )
 
@@ -480,8 +499,10 @@ async def _changes_once(directory: Path | None) -> dict[str, float]:
             cpu_seconds(),
             time.monotonic(),
         )
+        load0 = core_busy(LOAD_CORE)
         out, _ = await sub.communicate()
         took = time.monotonic() - t0
+        load1 = core_busy(LOAD_CORE)
         result: dict[str, float] = json.loads(out.decode().strip().splitlines()[-1])
         return result | {
             "written_s": (server.space.changes - changes0) / took,
@@ -489,6 +510,8 @@ async def _changes_once(directory: Path | None) -> dict[str, float]:
             "done_p99_ms": pct(stats.duration, 0.99) * 1000,
             "overruns": stats.overruns - overruns0,
             "cpu_pct": (cpu_seconds() - cpu0) / took * 100,
+            # The PLC simulators and the subscriber share this core.
+            "load_core_pct": (load1[0] - load0[0]) / max(1, load1[1] - load0[1]) * 100,
         }
     finally:
         await server.stop()
