@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import statistics
 import tempfile
 import time
@@ -30,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from bench.bench_client import ClientLog, registry_ready, start_client, start_registry
-from bench.bench_failover import ADDRESS, measure, pair_spec
+from bench.bench_failover import ADDRESS, checked_and_removed, measure, pair_spec
 from hapair.registry.console import etcd_auth_cmd
 from hapair.shared import keys, pki
 from hapair.shared.store import Store
@@ -122,11 +121,7 @@ async def one_round(mode: str, runs: int, trips: int) -> tuple[dict[str, list[fl
             stop_pid(registry)
         await c.stop_all()
         etcd.cleanup()
-    try:
-        checked = c.assert_no_overlap()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return results, checked
+    return results, checked_and_removed(c, tmp)
 
 
 def table(
