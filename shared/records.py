@@ -78,6 +78,9 @@ class ServiceStatus(Record):
     restarts: int = 0
     pid: int | None = None
     detail: str | None = None
+    package: str | None = None
+    """The package version its process runs (``{version}-{sha256[:12]}``), when it
+    comes from a ``package:`` and runs."""
 
 
 PackageState = Literal["installing", "installed", "failed"]
