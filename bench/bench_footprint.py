@@ -1,7 +1,8 @@
 """An idle agent's footprint: CPU and memory of the active's and the standby's agent.
 
 Real etcd and a pair of two real agents with the pair defaults (lease TTL 2 s), one
-supervised service, nothing happening. Once the standby is healthy and the pair has
+supervised service with an HTTP health check at the default interval (1 s), nothing
+happening. Once the standby is healthy and the pair has
 settled, the CPU time of each agent process (all its threads, from /proc/PID/stat) is
 read over several quiet windows, as a share of one core; the resident memory (VmRSS)
 of each agent and of its watchdog is read at the end of each window. Targets: <= 1 %
@@ -21,13 +22,24 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.bench_failover import checked_and_removed, pair_spec, ready_standby
+from bench.bench_failover import ADDRESS, checked_and_removed, ready_standby
 from bench.procstat import proc_cpu_seconds, rss_mb
-from tests.support.cluster import Cluster, until
+from tests.support.cluster import Cluster, recording_service, until
 from tests.support.harness import free_port
 from tests.support.tls_etcd import LAB_HELP, etcd_mode, own_etcd
 
 TARGETS = {"cpu_pct": 1.0, "agent_mib": 60.0, "watchdog_mib": 15.0}
+
+
+def pair_spec(port: int, record: Path) -> dict[str, object]:
+    """Two nodes, one critical service checked over HTTP with the default interval."""
+    service = recording_service("bench-svc", port, record, critical=True)
+    service["health"] = {"http": service["health"]["http"]}
+    return {
+        "name": "p",
+        "nodes": [{"name": n, "address": a} for n, a in ADDRESS.items()],
+        "services": [service],
+    }
 
 
 def watchdog_pid(agent: int) -> int:
