@@ -20,6 +20,7 @@ import pytest
 from hapair.shared import pki
 from tests.support.cluster import until
 from tests.support.harness import PYTHON, ROOT, free_port, stop_pid
+from tests.support.metrics import Sample, samples, scrape, value
 from tests.support.plc_sim import ModbusPlc
 
 HOST = "127.0.39.1"
@@ -70,35 +71,6 @@ def ca(tmp_path: Path) -> Path:
     pki.issue(directory, "metrics", "comm-a", ips=[HOST])
     pki.issue(directory, "prometheus", "prom")
     return directory
-
-
-def scrape(url: str, context: ssl.SSLContext | None) -> str:
-    with urllib.request.urlopen(url, timeout=2, context=context) as answer:
-        assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        return str(answer.read().decode())
-
-
-Sample = tuple[str, frozenset[tuple[str, str]]]
-
-
-def samples(text: str) -> dict[Sample, float]:
-    """{(name, labels): value} of an exposition (labels without quotes in values)."""
-    out: dict[Sample, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        series, value = line.rsplit(" ", 1)
-        name, _, labels = series.partition("{")
-        pairs = (p.split("=", 1) for p in labels.rstrip("}").split(",") if p)
-        out[name, frozenset((k, v.strip('"')) for k, v in pairs)] = float(value)
-    return out
-
-
-def value(found: dict[Sample, float], name: str, **labels: str) -> float | None:
-    """The one sample of ``name`` whose labels include ``labels``."""
-    matches = [v for (n, ls), v in found.items() if n == name and set(labels.items()) <= ls]
-    assert len(matches) <= 1, f"{name} {labels}: {len(matches)} samples"
-    return matches[0] if matches else None
 
 
 async def test_metrics_over_https_to_the_site_ca_only(tmp_path: Path, ca: Path) -> None:
