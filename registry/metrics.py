@@ -41,7 +41,15 @@ class RegistryCollector:
         synced.add_metric([], 1.0 if self.cache.synced else 0.0)
         revision = metrics.gauge("hapair_registry_etcd_revision", "the etcd revision it has seen")
         revision.add_metric([], float(self.cache.view.revision))
-        yield from (lookups, streams, polls, synced, revision)
+        events = metrics.counter(
+            "hapair_events",
+            "events written to the audit trail since this registry started, by kind "
+            "(fence, election, switchover_rejected, ...)",
+            ["kind"],
+        )
+        for kind, count in sorted(self.cache.events_seen.items()):
+            events.add_metric([kind], float(count))
+        yield from (lookups, streams, polls, synced, revision, events)
 
     def _site(self, site: dict[str, Any]) -> Iterator[Any]:
         has_active = metrics.gauge(

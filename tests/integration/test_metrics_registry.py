@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from hapair.shared import pki
+from hapair.shared import keys, pki, records
 from hapair.shared.store import Store
 from tests.integration.test_client_resolver import active_pair
 from tests.support.client_lab import BIN, until
@@ -75,3 +75,16 @@ async def test_the_site_and_the_lookups_in_the_metrics(
     found = samples(await asyncio.to_thread(scrape, metrics_url, prometheus))
     assert value(found, "hapair_registry_lookups_total", status="200") == 2.0
     assert value(found, "hapair_registry_lookups_total", status="404") == 1.0
+
+    # Events written from now on are counted by kind; a kind that is no kind is "other".
+    for n, kind in enumerate(("fence", "fence", 'x"} 1\nhapair_pair_has_active{pair="asm"} 0')):
+        event = records.Event(kind=kind, pair="asm", node="asm-a", reason="test")
+        await store.put(keys.event(1000 + n, "asm-a"), event.encode())
+
+    async def counted() -> dict[Sample, float] | None:
+        found = samples(await asyncio.to_thread(scrape, metrics_url, prometheus))
+        return found if value(found, "hapair_events_total", kind="other") == 1.0 else None
+
+    found = await until(counted, "the events counted", 10)
+    assert value(found, "hapair_events_total", kind="fence") == 2.0
+    assert value(found, "hapair_pair_has_active", pair="asm") == 1.0
