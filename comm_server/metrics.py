@@ -3,12 +3,10 @@ and how late polls start. Read from the server's state at each scrape."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hapair.comm_server.poller import LATE_BUCKETS_S
 from hapair.comm_server.tags import Quality
 from hapair.shared import metrics
 
@@ -82,16 +80,10 @@ class CommCollector:
         )
         overruns.add_metric(values, float(stats.overruns))
         yield from (cycles, overruns)
-        from prometheus_client.core import HistogramMetricFamily
-
-        late = HistogramMetricFamily(
+        late = metrics.histogram(
             "hapair_comm_poll_lateness_seconds",
             "how long after its slot each poll cycle began",
-            labels=names,
+            names,
         )
-        bounds = [*(f"{b:g}" for b in LATE_BUCKETS_S), "+Inf"]
-        cumulative = list(itertools.accumulate(stats.late_counts))
-        late.add_metric(
-            values, list(zip(bounds, map(float, cumulative), strict=True)), stats.late_sum_s
-        )
+        late.add_metric(values, stats.late.cumulative(), stats.late.total)
         yield late

@@ -12,7 +12,6 @@ process, the timer's turn may come after the reads queued meanwhile).
 from __future__ import annotations
 
 import asyncio
-import bisect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from hapair.comm_server.driver import Driver, PathError, WriteError
 from hapair.comm_server.paths import PathSwitch
 from hapair.comm_server.tags import TagTable
 from hapair.comm_server.uatypes import S
+from hapair.shared.histogram import Histogram
 from hapair.shared.log import EventLog
 from hapair.shared.plcs import ModbusPlc, OpcUaPlc, PlcHealth
 
@@ -42,9 +42,8 @@ class PollStats:
     record: bool = False
     lateness: list[float] = field(default_factory=list)  # start, after its slot (s)
     duration: list[float] = field(default_factory=list)  # slot to end of cycle (s)
-    # Every cycle's lateness, counted by bucket (cumulative counts at scrape time).
-    late_counts: list[int] = field(default_factory=lambda: [0] * (len(LATE_BUCKETS_S) + 1))
-    late_sum_s: float = 0.0
+    late: Histogram = field(default_factory=lambda: Histogram(LATE_BUCKETS_S))
+    """Every cycle's lateness, for the metrics."""
 
 
 class PlcPoller:
@@ -117,8 +116,7 @@ class PlcPoller:
     def _record(self, late: float, took: float) -> None:
         stats = self.stats
         stats.cycles += 1
-        stats.late_counts[bisect.bisect_left(LATE_BUCKETS_S, late)] += 1
-        stats.late_sum_s += late
+        stats.late.observe(late)
         if self.reachable:  # read in this cycle
             stats.tags += len(self.table.tags)
         if stats.record:

@@ -14,8 +14,11 @@ import asyncio
 from collections.abc import Callable
 
 from hapair.shared.clock import Clock, boottime
+from hapair.shared.histogram import Histogram
 from hapair.shared.log import EventLog
 from hapair.shared.store import Store, StoreError
+
+ROUND_TRIP_BOUNDS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 
 
 class Session:
@@ -44,6 +47,8 @@ class Session:
         self.lease: int | None = None
         self.acked_send: float | None = None
         self.renewed = asyncio.Event()
+        self.round_trips = Histogram(ROUND_TRIP_BOUNDS_S)
+        """From sending each grant or keepalive to its answer, for the metrics."""
 
     @property
     def interval(self) -> float:
@@ -120,6 +125,7 @@ class Session:
             await asyncio.sleep(max(0.0, sent + self.interval - self.clock()))
 
     def _acked(self, sent: float) -> None:
+        self.round_trips.observe(self.clock() - sent)
         if self.acked_send is None or sent > self.acked_send:
             self.acked_send = sent
             self.log.debug(f"{self.name} confirmed", sent=repr(sent))

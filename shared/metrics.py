@@ -187,6 +187,13 @@ def gauge(name: str, doc: str, labels: Iterable[str] = ()) -> Any:
     return GaugeMetricFamily(name, doc, labels=list(labels))
 
 
+def histogram(name: str, doc: str, labels: Iterable[str] = ()) -> Any:
+    """A histogram family to fill at collect time (from a :class:`Histogram`)."""
+    from prometheus_client.core import HistogramMetricFamily
+
+    return HistogramMetricFamily(name, doc, labels=list(labels))
+
+
 def counter(name: str, doc: str, labels: Iterable[str] = ()) -> Any:
     """A counter family to fill at collect time (``name`` without ``_total``)."""
     from prometheus_client.core import CounterMetricFamily

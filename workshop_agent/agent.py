@@ -22,9 +22,10 @@ import os
 import signal
 import time
 
-from hapair.shared import keys
+from hapair.shared import keys, metrics
 from hapair.shared.clock import boottime
 from hapair.shared.log import EventLog
+from hapair.shared.metrics import MetricsOptions
 from hapair.shared.mirror import Mirror
 from hapair.shared.records import Event
 from hapair.shared.store import Store, StoreError
@@ -36,6 +37,7 @@ from hapair.workshop_agent.assembly import Parts, assemble, start
 from hapair.workshop_agent.candidates import hold_peers
 from hapair.workshop_agent.claim import AgentError, NodeClaim, lock_state_dir
 from hapair.workshop_agent.members import MemberSets
+from hapair.workshop_agent.metrics import AgentCollector
 from hapair.workshop_agent.netwatch import NetWatch
 from hapair.workshop_agent.node_lock import unlock
 from hapair.workshop_agent.observation import Observation
@@ -52,8 +54,9 @@ SHUTDOWN_TASKS_S = 2.0
 
 
 class Agent:
-    def __init__(self, settings: AgentSettings) -> None:
+    def __init__(self, settings: AgentSettings, scraping: MetricsOptions | None = None) -> None:
         self.settings = settings
+        self.scraping = scraping  # --metrics-listen and its TLS files, when given
         self.me = settings.node
         self.log = EventLog("hapair.agent", node=self.me)
         self.store = Store(settings.etcd, timeout=settings.etcd_timeout_s, tls=settings.etcd_tls)
@@ -124,6 +127,7 @@ class Agent:
             pid=os.getpid(),
             state_dir=str(self.settings.state_dir),
         )
+        scraped: asyncio.Server | None = None
         try:
             # First, before anything watches etcd: a refused agent leaves at once.
             await self.tasks.until_stopped(self.claim.claim())
@@ -137,8 +141,13 @@ class Agent:
                 await self.tasks.until_stopped(self._wait_for_topology())
             if not self._stopping.is_set():
                 self._begin()
+                if self.scraping is not None:
+                    reg = metrics.registry(AgentCollector(self))
+                    scraped = await metrics.serve(self.scraping, reg, self.log)
                 await self.tasks.until_stopped(self._loop())
         finally:
+            if scraped is not None:
+                scraped.close()
             await self._shutdown()
             self.watchdog.close()
             self.claim.release()

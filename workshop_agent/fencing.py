@@ -71,6 +71,7 @@ class Fencing:
         self._changed = changed
         self._timer: asyncio.TimerHandle | None = None
         self.fencing = False  # the services of a fence are still dying
+        self.fences = 0  # since the agent started, for the metrics
 
     def point(self) -> float:
         """When this node must have stopped acting as active (``-inf``: it may not)."""
@@ -120,6 +121,7 @@ class Fencing:
         if was is None and self.fencing:
             return  # the services of this fence are still dying: once is enough
         self.fencing = True
+        self.fences += 1
         self._stop_active()
         self.log.warning("fenced", reason=reason, epoch=was)
         self.log.bind(epoch=None)

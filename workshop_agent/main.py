@@ -8,7 +8,7 @@ import sys
 
 from pydantic import ValidationError
 
-from hapair.shared import etcd_tls
+from hapair.shared import etcd_tls, metrics
 from hapair.shared.entry import add_version
 from hapair.shared.log import EventLog, setup
 from hapair.shared.topology import format_errors
@@ -17,6 +17,15 @@ from hapair.workshop_agent.settings import AgentSettings
 
 
 def parse_args(argv: list[str] | None) -> dict[str, str]:
+    """The settings given on the command line (the rest come from the environment)."""
+    return _settings_given(_parser().parse_args(argv))
+
+
+def _settings_given(args: argparse.Namespace) -> dict[str, str]:
+    return {k: v for k, v in vars(args).items() if v is not None and not k.startswith("metrics_")}
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hapair-agent",
         description="Run the hapair agent of one server: pair election, self-fencing and "
@@ -43,12 +52,18 @@ def parse_args(argv: list[str] | None) -> dict[str, str]:
         "--package-ca",
         help="CA of the https:// servers packages come from (default: the etcd CA)",
     )
-    args = vars(p.parse_args(argv))
-    return {k: v for k, v in args.items() if v is not None}
+    metrics.add_options(p)
+    return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    overrides = parse_args(argv)
+    args = _parser().parse_args(argv)
+    overrides = _settings_given(args)
+    try:
+        scraping = metrics.from_args(args)
+    except metrics.MetricsError as err:
+        print(f"hapair-agent: {err}", file=sys.stderr)
+        sys.exit(2)
     try:
         settings = AgentSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as err:
@@ -66,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             "write the site file can run commands as root here"
         )
     try:
-        asyncio.run(Agent(settings).run())
+        asyncio.run(Agent(settings, scraping).run())
     except AgentError as err:
         print(f"hapair-agent: {err}", file=sys.stderr)
         sys.exit(1)

@@ -16,7 +16,11 @@ from tests.support.harness import ROOT
 
 RULES = ROOT / "deploy/prometheus/hapair-rules.yml"
 DASHBOARD = ROOT / "deploy/grafana/hapair-site.json"
-COLLECTORS = [ROOT / "registry/metrics.py", ROOT / "comm_server/metrics.py"]
+COLLECTORS = [
+    ROOT / "registry/metrics.py",
+    ROOT / "comm_server/metrics.py",
+    ROOT / "workshop_agent/metrics.py",
+]
 PROMTOOL = shutil.which("promtool")
 NEEDS_PROMTOOL = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool missing: apt-get install prometheus (make test does)"
@@ -29,13 +33,15 @@ def defined() -> set[str]:
     names: set[str] = set()
     for source in COLLECTORS:
         text = source.read_text()
-        for kind, name in re.findall(r'(gauge|counter|MetricFamily)\(\s*"(hapair_\w+)"', text):
+        for kind, name in re.findall(r'(gauge|counter|histogram)\(\s*"(hapair_\w+)"', text):
             if kind == "counter":
                 names.add(f"{name}_total")
-            elif kind == "MetricFamily":
+            elif kind == "histogram":
                 names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
             else:
                 names.add(name)
+        # Gauges filled from a table: ("hapair_...", "what it is", value).
+        names |= set(re.findall(r'\(\s*"(hapair_\w+)",\s*\n?\s*"', text))
     return names
 
 
