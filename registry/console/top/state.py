@@ -116,6 +116,11 @@ def ready_standbys(pair: PairReport) -> list[NodeReport]:
     ]
 
 
+def drifted(pair: PairReport) -> list[str]:
+    """The nodes of ``pair`` that are up and lack a declared package version."""
+    return [n.name for n in pair.nodes if n.up and n.drift]
+
+
 @dataclass(frozen=True, slots=True)
 class PairDatabase:
     """A pair's PostgreSQL as its nodes report it."""
