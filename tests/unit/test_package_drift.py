@@ -22,7 +22,7 @@ from hapair.shared import admin, drift, keys, records
 from hapair.shared.log import EventLog
 from hapair.shared.records import NodeStatus, PackageStatus, ServiceStatus
 from hapair.shared.store import Kv
-from hapair.shared.topology import Pair
+from hapair.shared.topology import Service
 from hapair.shared.view import SiteView
 from hapair.workshop_agent.decide import Campaign, Decision, Handover, RejectSwitchover, decide
 from hapair.workshop_agent.observation import (
@@ -36,26 +36,25 @@ from hapair.workshop_agent.observe import PairObserver
 from hapair.workshop_agent.package_archive import MARKER, Held, to_remove
 from hapair.workshop_agent.packages import Packages
 from hapair.workshop_agent.run_as import ServiceUsers
+from tests.unit.test_decide import PAIR as DECIDE_PAIR
+from tests.unit.test_decide import obs as decide_obs
 
 SHA = "ab" * 32
 V2 = f"2.0-{SHA[:12]}"
 V1 = f"1.0-{'cd' * 6}"
-PAIR = Pair.model_validate(
-    {
-        "name": "p",
-        "nodes": [
-            {"name": "a", "address": "127.0.0.1"},
-            {"name": "b", "address": "127.0.0.2"},
-            {"name": "c", "address": "127.0.0.3"},
-        ],
+# The decision's tests' pair of three, with a service from a package and one without.
+PAIR = DECIDE_PAIR.model_copy(
+    update={
         "services": [
-            {
-                "name": "app",
-                "command": ["{package.dir}/bin/app"],
-                "package": {"version": "2.0", "url": "file:///m/app-2.0.tgz", "sha256": SHA},
-            },
-            {"name": "plain", "command": ["sleep", "9"]},
-        ],
+            Service.model_validate(
+                {
+                    "name": "app",
+                    "command": ["{package.dir}/bin/app"],
+                    "package": {"version": "2.0", "url": "file:///m/app.tgz", "sha256": SHA},
+                }
+            ),
+            Service(name="plain", command=["sleep", "9"]),
+        ]
     }
 )
 TTL = PAIR.failover.lease_ttl_s
@@ -66,24 +65,8 @@ DRIFTED = PeerView("standby", True, lacks=("app",))
 
 
 def obs(me: str = "a", **kw: Any) -> Observation:
-    base = Observation(
-        now=100.0,
-        me=me,
-        pair=PAIR,
-        synced=True,
-        lease=7,
-        lease_ok=True,
-        leader=None,
-        leader_absent_since=100.0,
-        term=None,
-        services_up=False,
-        failure=None,
-        healthy=True,
-        holdoff_until=0.0,
-        started_at=0.0,
-        seen_leader=True,
-    )
-    return replace(base, **kw)
+    """As the decision's own tests build one, for the pair above."""
+    return replace(decide_obs(me, pair=PAIR, seen_leader=True), **kw)
 
 
 def handover_to(d: Decision) -> str | None:
