@@ -16,6 +16,7 @@ import pytest
 from rich.console import Console
 
 from hapair.registry.console.status import render as render_status
+from hapair.registry.console.top.control import handle
 from hapair.registry.console.top.state import Connection, Selection
 from hapair.registry.console.top.view import render as render_top
 from hapair.shared import admin, drift, keys, records
@@ -398,3 +399,17 @@ def test_this_node_lacks_what_is_not_marked_installed(tmp_path: Path) -> None:
     assert packages.lacking(PAIR) == ("app",)
     (tmp_path / "packages" / "app" / V2 / MARKER).write_text("{}")
     assert packages.lacking(PAIR) == ()
+
+
+def test_top_offers_a_standby_holding_the_version_first_and_names_what_one_lacks() -> None:
+    report = view_of({"a": False, "b": True, "c": False}).report()
+    live = Connection(url="http://r", live=True, since=900.0, read_at=999.5)
+    sel, _ = handle(Selection(pair="p"), "s", report, live, 1000.0)
+    assert sel.prompt is not None and sel.prompt.targets == ("c", "b")
+    assert sel.prompt.what == "Switch p over from a to c"
+    other, _ = handle(sel, "t", report, live, 1000.0)
+    assert other.prompt is not None
+    assert (
+        other.prompt.what
+        == "Switch p over from a to b (b lacks the declared package version of app)"
+    )
