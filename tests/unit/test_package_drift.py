@@ -413,3 +413,21 @@ def test_top_offers_a_standby_holding_the_version_first_and_names_what_one_lacks
         other.prompt.what
         == "Switch p over from a to b (b lacks the declared package version of app)"
     )
+
+
+def test_the_drift_alarm_files_an_event_as_it_starts_and_as_it_ends(tmp_path: Path) -> None:
+    filed: list[tuple[str, str]] = []
+    packages = Packages(
+        tmp_path,
+        ServiceUsers(allow_root=True),
+        EventLog("test"),
+        place=lambda: (PAIR, PAIR.nodes[0]),
+        event=lambda kind, reason="", **details: filed.append((kind, reason)),
+        changed=lambda: None,
+    )
+    packages._drift_step(PAIR)
+    packages._drift_step(PAIR)  # still drifted: nothing more
+    assert filed == [("package drift", "app 2.0 not installed on this node")]
+    version(tmp_path, "app", V2, 20.0)
+    packages._drift_step(PAIR)
+    assert filed[1:] == [("package drift cleared", "holds every package version the site names")]
