@@ -118,6 +118,7 @@ class Packages:
         self._fallback: dict[str, str] = {}  # service: the older version it was given
         self._handed: dict[str, str] = {}  # service: the version last given to start it
         self._drift: tuple[str, ...] = ()  # the services whose declared version is missing
+        self._lacking: tuple[tuple[tuple[str, str], ...], tuple[str, ...]] | None = None
         self._sweep_at: float | None = 0.0  # when to look for versions to remove (None: never)
         self._sweeping: asyncio.Task[bool] | None = None
         self.wake = asyncio.Event()
@@ -153,7 +154,12 @@ class Packages:
 
     def lacking(self, pair: Pair) -> tuple[str, ...]:
         """The services of ``pair`` whose declared version this node does not hold (its
-        directory marked installed), sorted; one that cannot be looked at is not held."""
+        directory marked installed), sorted; one that cannot be looked at is not held.
+        The decision asks on every round: the disk is looked at again once a second
+        (:meth:`_reconcile`, at once after an install) or when the site names others."""
+        wanted = tuple(sorted((n, p.dir_name) for n, p in drift.declared(pair).items()))
+        if self._lacking is not None and self._lacking[0] == wanted:
+            return self._lacking[1]
         holds: dict[str, set[str]] = {}
         for name, package in drift.declared(pair).items():
             try:
@@ -161,7 +167,9 @@ class Packages:
                     holds[name] = {package.dir_name}
             except OSError:
                 pass
-        return drift.lacking(pair, holds)
+        found = drift.lacking(pair, holds)
+        self._lacking = (wanted, found)
+        return found
 
     def busy(self, name: str) -> set[str] | None:
         """The versions of service ``name`` a process may run from now: the one each of its
@@ -272,6 +280,7 @@ class Packages:
 
     def _drift_step(self, pair: Pair) -> None:
         """The alarm ``package drift``: an event as it starts and as it ends."""
+        self._lacking = None  # looked at again
         missing = self.lacking(pair)
         if missing == self._drift:
             return
