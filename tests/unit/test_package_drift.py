@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from rich.console import Console
 
 from hapair.registry.console.status import render as render_status
@@ -437,3 +439,26 @@ def test_the_drift_alarm_files_an_event_as_it_starts_and_as_it_ends(tmp_path: Pa
     version(tmp_path, "app", V2, 20.0)
     packages._drift_step(PAIR)
     assert filed[1:] == [("package drift cleared", "holds every package version the site names")]
+
+
+@given(
+    me=st.sampled_from(["a", "b", "c"]),
+    me_lacks=st.booleans(),
+    peers=st.dictionaries(
+        st.sampled_from(["a", "b", "c"]),
+        st.tuples(st.booleans(), st.booleans(), st.sampled_from(["standby", "active"])),
+    ),
+)
+def test_a_free_eligible_node_campaigns_in_the_end_whatever_the_others_hold(
+    me: str, me_lacks: bool, peers: dict[str, tuple[bool, bool, str]]
+) -> None:
+    """Liveness: drift only orders the candidates. Once every node ahead of this one had
+    its turn and a lease more, it campaigns, holding the version or not."""
+    views = {
+        name: PeerView(role, healthy, lacks=("app",) if lacks else ())
+        for name, (healthy, lacks, role) in peers.items()
+        if name != me
+    }
+    late = 100.0 + len(PAIR.nodes) * DELAY + TTL
+    o = obs(me, peers=views, lacks=("app",) if me_lacks else (), now=late)
+    assert campaigns(decide(o))
