@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
+from hapair.shared import keys
 from hapair.shared.admin import AdminError, request_switchover
+from hapair.shared.records import Switchover
 from tests.integration.test_cli import hapair
 from tests.integration.test_packages import files_of, package_on, running, runs
 from tests.support.cluster import Cluster, until
@@ -135,6 +137,15 @@ async def test_the_drift_alarm_is_shown_refuses_a_switchover_and_clears_after_in
     for to in ("b", None):
         with pytest.raises(AdminError, match="b does not hold the package version"):
             await request_switchover(cluster.store, "p", to, "tester")
+    # Written past hapair's check, the request is refused by the active itself.
+    request = Switchover(to="b")
+    await cluster.store.put(keys.switchover("p"), request.encode())
+    refused = await until(
+        lambda: cluster.events("switchover_rejected"), 30, "the active refusing the switchover"
+    )
+    assert refused[0]["details"]["request"] == request.id
+    assert "b does not hold the package version the site names (app 2.0)" in refused[0]["reason"]
+    assert (await cluster.leader("p") or ("",))[0] == "a"
     assert running(cluster, "a") is not None
 
     # The media is back, at another place the site file now names: b installs at once.
