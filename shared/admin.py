@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from hapair.shared import keys, records
+from hapair.shared import drift, keys, records
 from hapair.shared.store import Store
 from hapair.shared.topology import Pair, Site
 from hapair.shared.txn import Compare, Op
@@ -133,17 +133,27 @@ def _switchover_guards(view: SiteView, pair: Pair, to: str | None) -> list[Compa
         raise AdminError(f"pair {pair.name} has no active node to switch over from")
     if pair.name in view.paused:
         raise AdminError(f"pair {pair.name} is paused; resume it first")
+    ready = [n.name for n in view.eligible_standbys(pair)]
     if to is not None:
-        why = view.cannot_take_over(pair, to)
+        why = view.cannot_take_over(pair, to) or _drift_refusal(view, pair, leader.node, to)
         if why is not None:
             raise AdminError(f"cannot switch pair {pair.name} over to {to}: {why}")
-    elif not view.eligible_standbys(pair):
+    elif not ready:
         reasons = "; ".join(
             view.cannot_take_over(pair, n.name) or f"{n.name} is no_failover"
             for n in pair.nodes
             if n.name != leader.node
         )
         raise AdminError(f"pair {pair.name} has no standby ready to take over ({reasons})")
+    else:
+        # The agent picks a standby that holds every declared package version first.
+        best = min(ready, key=lambda n: bool(view.lacks(pair, n)))
+        why = _drift_refusal(view, pair, leader.node, best)
+        if why is not None:
+            raise AdminError(
+                f"pair {pair.name} has no standby that holds every package version the "
+                f"site names: {why}"
+            )
     pending = view.switchovers.get(pair.name)
     if pending is not None and time.time() - pending.at < PENDING_STALE_S:
         raise AdminError(
@@ -158,6 +168,14 @@ def _switchover_guards(view: SiteView, pair: Pair, to: str | None) -> list[Compa
     if to is not None:
         guards.append(Compare.absent(keys.drained(to)))
     return guards
+
+
+def _drift_refusal(view: SiteView, pair: Pair, active: str, target: str) -> str | None:
+    """Why the planned move from ``active`` to ``target`` is refused for its packages
+    (the rule the active applies, ``workshop_agent/candidates.py``)."""
+    others = [active, *(n.name for n in view.eligible_standbys(pair))]
+    lacks = {n: view.lacks(pair, n) for n in {target, *others}}
+    return drift.planned_refusal(pair, target, lacks, others)
 
 
 def _switchover_ops(

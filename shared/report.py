@@ -69,6 +69,23 @@ class ServiceReport(LenientModel):
     detail: str | None = None
 
 
+class PackageReport(LenientModel):
+    """A service's package on one node: the version the site names, whether the node
+    holds it, the versions it holds and the one its process runs."""
+
+    service: str
+    declared: str
+    """The version the site file names."""
+    state: str
+    """``installed``, ``installing``, ``failed`` or ``not reported``."""
+    detail: str | None = None
+    """Why it is not installed (the last attempt's failure)."""
+    held: list[str] = []
+    """The versions the node holds, newest first (``{version}-{sha256[:12]}``)."""
+    running: str | None = None
+    """The version its process runs, when it runs and says so."""
+
+
 class DatabaseReport(LenientModel):
     """What a node's PostgreSQL reports: role, timeline, lag, sync state of its replicas."""
 
@@ -92,6 +109,10 @@ class NodeReport(LenientModel):
     epoch: int | None = None
     updated: float | None = None
     database: DatabaseReport | None = None
+    packages: list[PackageReport] = []
+    drift: list[str] = []
+    """The services whose declared package version the node does not hold (the alarm
+    ``package drift``): it becomes active only if no node holding them can."""
 
 
 class EndpointReport(LenientModel):

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from hapair.shared import keys, records
+from hapair.shared import drift, keys, records
 from hapair.shared.plcs import PlcReports
 from hapair.shared.report import (
     DatabaseReport,
@@ -24,6 +24,7 @@ from hapair.shared.report import (
     EventReport,
     NodeReport,
     Note,
+    PackageReport,
     PairReport,
     PendingSwitchover,
     PlcReport,
@@ -352,7 +353,7 @@ class SiteView:
     def to_json(self) -> dict[str, Any]:
         return self.report().model_dump(mode="json")
 
-    def node_report(self, node: Node) -> NodeReport:
+    def node_report(self, node: Node, pair: Pair | None = None) -> NodeReport:
         status = self.statuses.get(node.name)
         drained = _note(self.drained.get(node.name))
         if status is None:
@@ -381,7 +382,15 @@ class SiteView:
             epoch=status.epoch,
             updated=status.updated,
             database=_database_report(status.database),
+            packages=_package_reports(pair, status) if pair is not None else [],
+            drift=list(drift.lacking(pair, drift.held(status.packages))) if pair else [],
         )
+
+    def lacks(self, pair: Pair, node: str) -> tuple[str, ...]:
+        """The services of ``pair`` whose declared package version ``node`` does not hold,
+        by its status (none: it holds none)."""
+        status = self.statuses.get(node)
+        return drift.lacking(pair, drift.held(status.packages if status is not None else []))
 
     def endpoint_report(self, service: str) -> EndpointReport:
         answer = self.lookup(service)
@@ -414,7 +423,7 @@ class SiteView:
                 if (rec := self.recoveries.get(pair.name)) is None
                 else RecoveryReport.model_validate(rec.model_dump())
             ),
-            nodes=[self.node_report(n) for n in pair.nodes],
+            nodes=[self.node_report(n, pair) for n in pair.nodes],
             endpoints=endpoints,
             plcs=self.plc_reports(pair),
         )
@@ -438,6 +447,33 @@ class SiteView:
                     PlcReport(name=plc.name, state="unreported", critical=plc.critical)
                 ]
         return [r for reports in found.values() for r in reports]
+
+
+def _package_reports(pair: Pair, status: records.NodeStatus) -> list[PackageReport]:
+    """Each declared package of ``pair`` on the node ``status`` describes."""
+    held = drift.held(status.packages)
+    runs = {s.name: s.package for s in status.services}
+    out = []
+    for name, package in sorted(drift.declared(pair).items()):
+        reported = next((p for p in status.packages if p.service == name), None)
+        state, detail = "not reported", None
+        if package.dir_name in held.get(name, ()):
+            state = "installed"
+        elif reported is not None and reported.version == package.version:
+            state, detail = reported.state, reported.detail
+        elif reported is not None:
+            state = "installing"  # the node has not taken up this site file yet
+        out.append(
+            PackageReport(
+                service=name,
+                declared=package.version,
+                state=state,
+                detail=detail,
+                held=list(reported.installed) if reported is not None else [],
+                running=runs.get(name),
+            )
+        )
+    return out
 
 
 def _database_report(db: Mapping[str, Any] | None) -> DatabaseReport | None:

@@ -329,6 +329,7 @@ class Agent:
             refused=p.steps.refused(now),
             members=st.members,
             members_revision=st.members_revision,
+            lacks=p.packages.lacking(self.pair),
             switchover=st.switchover,
             handover=st.handover,
             lost=st.lost,

@@ -161,6 +161,7 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         place=lambda: (core.pair, core.node),
         event=core.event,
         changed=core.changed,
+        in_use=lambda: supervisor.statuses() if supervisor is not None else (),
         ssl=settings.package_ssl,
     )
     supervisor = Supervisor(
@@ -268,6 +269,7 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         db_ready=core.db_ready,
         event=core.event,
         changed=core.changed,
+        lacks=lambda: packages.lacking(core.pair) if core.pair is not None else (),
     )
     return Parts(
         session,

@@ -4,13 +4,17 @@ Pure rules over an :class:`Observation`, shared by the decision's branches (a
 switchover, a drain, a lost resource, a failed database, a failback, a campaign): a
 standby must be up, healthy, not drained and not tagged ``no_failover``; an unplanned
 handover goes only to a node holding every acknowledged commit; only an acknowledged
-member may campaign.
+member may campaign. Among those, a node that lacks a package version the site names
+(drifted, ``shared/drift.py``) comes after every node that holds them all: it is chosen
+only when none of those can take over, and a planned move never goes to it from a
+node that holds them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+from hapair.shared import drift
 from hapair.shared.topology import Pair
 from hapair.workshop_agent.observation import Observation
 
@@ -30,15 +34,40 @@ def eligible_peer(o: Observation, name: str) -> bool:
     )
 
 
+def lacks(o: Observation, name: str) -> tuple[str, ...]:
+    """The services whose declared package version ``name`` does not hold: this node's
+    from its own disk, a peer's from its status (no status: it holds none)."""
+    if name == o.me:
+        return o.lacks
+    peer = o.peers.get(name)
+    return peer.lacks if peer is not None else tuple(sorted(drift.declared(o.pair)))
+
+
+def holders_first(o: Observation, names: Iterable[str]) -> list[str]:
+    """``names`` in their order, with the nodes that hold every declared package version
+    before those that lack one."""
+    ordered = list(names)
+    return [n for n in ordered if not lacks(o, n)] + [n for n in ordered if lacks(o, n)]
+
+
 def best_standby(o: Observation, refused: frozenset[str] = frozenset()) -> str | None:
-    """The first node in priority order that could take over now."""
-    return next(
-        (
-            n.name
-            for n in o.pair.nodes
-            if n.name != o.me and n.name not in refused and eligible_peer(o, n.name)
-        ),
-        None,
+    """The first node in priority order that could take over now, holding every declared
+    package version if any such node can."""
+    ready = (
+        n.name
+        for n in o.pair.nodes
+        if n.name != o.me and n.name not in refused and eligible_peer(o, n.name)
+    )
+    return next(iter(holders_first(o, ready)), None)
+
+
+def drift_refusal(o: Observation, target: str) -> str | None:
+    """Why this active may not hand the pair to ``target`` in a planned move (a
+    switchover, a drain, a failback): it lacks a declared package version while this
+    node or another standby that could take over holds every one."""
+    others = [o.me, *(n.name for n in o.pair.nodes if n.name != o.me and eligible_peer(o, n.name))]
+    return drift.planned_refusal(
+        o.pair, target, {n: lacks(o, n) for n in {target, *others}}, others
     )
 
 
@@ -60,6 +89,12 @@ def unplanned_target(o: Observation, name: str) -> bool:
         and eligible_peer(o, name)
         and holds_every_commit(o, name)
     )
+
+
+def first_unplanned_target(o: Observation, names: Iterable[str]) -> str | None:
+    """The first of ``names`` that may take an unplanned handover, holding every
+    declared package version if any of them does."""
+    return next(iter(holders_first(o, (n for n in names if unplanned_target(o, n)))), None)
 
 
 def is_member(o: Observation, name: str) -> bool:

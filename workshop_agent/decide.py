@@ -19,9 +19,12 @@ from dataclasses import dataclass
 
 from hapair.workshop_agent.candidates import (
     best_standby,
+    drift_refusal,
     eligible_peer,
+    first_unplanned_target,
+    holders_first,
     is_member,
-    unplanned_target,
+    lacks,
 )
 from hapair.workshop_agent.observation import HandoverView, Observation, SwitchoverView
 
@@ -156,7 +159,7 @@ def _as_active(o: Observation, term: int) -> Decision:
         return _switchover(o, o.switchover)
     if o.me in o.drained and not o.paused:
         target = best_standby(o, o.refused)
-        if target is not None:
+        if target is not None and drift_refusal(o, target) is None:
             return Decision(
                 f"node drained: handing over to {target}", (Handover(target, None, "node drained"),)
             )
@@ -178,6 +181,9 @@ def _switchover(o: Observation, cmd: SwitchoverView) -> Decision:
         target = best_standby(o)
         if target is None:
             return _reject(cmd, "no standby is up, healthy and not drained")
+        why = drift_refusal(o, target)
+        if why is not None:
+            return _reject(cmd, f"no standby holds every package version the site names: {why}")
         return Decision(f"switchover to {target}", (Handover(target, cmd.request, "switchover"),))
     if o.pair.node(cmd.to) is None:
         return _reject(cmd, f"{cmd.to} is not a node of pair {o.pair.name}")
@@ -190,6 +196,9 @@ def _switchover(o: Observation, cmd: SwitchoverView) -> Decision:
         return _reject(cmd, f"{cmd.to} is down (no agent status)", cmd.to)
     if not peer.healthy:
         return _reject(cmd, f"{cmd.to} is not healthy", cmd.to)
+    why = drift_refusal(o, cmd.to)
+    if why is not None:
+        return _reject(cmd, why, cmd.to)
     return Decision(f"switchover to {cmd.to}", (Handover(cmd.to, cmd.request, "switchover"),))
 
 
@@ -208,13 +217,9 @@ def _forced_switch(o: Observation) -> Decision | None:
     for name, lost in sorted(o.lost.items()):
         if o.now - lost.since < lost.grace_s:
             continue
-        target = next(
-            (
-                n.name
-                for n in o.pair.nodes
-                if unplanned_target(o, n.name) and name in o.peers[n.name].reaches
-            ),
-            None,
+        target = first_unplanned_target(
+            o,
+            (n.name for n in o.pair.nodes if name in _reaches(o, n.name)),
         )
         if target is not None:
             return Decision(
@@ -228,10 +233,7 @@ def _database_switch(o: Observation, failure: str) -> Decision | None:
     """A database that cannot be repaired here moves the pair only to a healthy standby
     recorded synchronous: any other would lose commits, and leaving would leave nothing.
     Its final position cannot be read, so none is handed over."""
-    target = next(
-        (n.name for n in o.pair.nodes if n.name in o.db_sync and unplanned_target(o, n.name)),
-        None,
-    )
+    target = first_unplanned_target(o, (n.name for n in o.pair.nodes if n.name in o.db_sync))
     if target is None:
         return None
     return Decision(
@@ -240,12 +242,19 @@ def _database_switch(o: Observation, failure: str) -> Decision | None:
     )
 
 
+def _reaches(o: Observation, name: str) -> frozenset[str]:
+    peer = o.peers.get(name)
+    return peer.reaches if peer is not None else frozenset()
+
+
 def _failback_target(o: Observation) -> str | None:
     policy = o.pair.failover
     if policy.failback != "auto" or o.paused:
         return None
     main = o.pair.nodes[0].name
     if main == o.me or main in o.refused or not eligible_peer(o, main):
+        return None
+    if drift_refusal(o, main) is not None:
         return None
     since = o.peers[main].healthy_since
     if since is None or o.now - since < policy.failback_after_s:
@@ -370,11 +379,30 @@ def _campaign(o: Observation) -> Decision:
     rank = o.pair.rank(o.me)
     if rank > 0 and not o.seen_leader and o.now - o.started_at < 2 * o.lease_ttl:
         return Decision("no active node; giving the main server time to start")
-    ahead = sum(1 for n in o.pair.nodes[:rank] if eligible_peer(o, n.name) and is_member(o, n.name))
-    delay = ahead * o.pair.failover.campaign_delay_s
+    # Priority order, with the nodes holding every declared package version first.
+    order = holders_first(o, (n.name for n in o.pair.nodes))
+    ahead = [n for n in order[: order.index(o.me)] if eligible_peer(o, n) and is_member(o, n)]
+    delay = len(ahead) * o.pair.failover.campaign_delay_s
+    holders = [n for n in ahead if not lacks(o, n)] if o.lacks else []
+    if holders:
+        # A node that holds them gets a whole lease more to take over: this one only
+        # steps in if none of them does (one that cannot campaign for a reason this view
+        # does not show must not leave the pair without an active).
+        delay += o.lease_ttl
     absent_since = o.leader_absent_since if o.leader_absent_since is not None else o.now
     if o.now - absent_since < delay:
-        return Decision(f"no active node; {ahead} preferred node(s) may campaign first")
+        if holders:
+            return Decision(
+                f"no active node; this node lacks the package version the site names of "
+                f"{', '.join(o.lacks)}: {', '.join(holders)} may take over first"
+            )
+        return Decision(f"no active node; {len(ahead)} preferred node(s) may campaign first")
+    if o.lacks:
+        return Decision(
+            "no active node, and no node holding every package version the site names "
+            f"took over: campaigning without the version of {', '.join(o.lacks)}",
+            (Campaign(stale, o.members_revision),),
+        )
     return Decision("no active node: campaigning", (Campaign(stale, o.members_revision),))
 
 

@@ -29,6 +29,9 @@ class PeerView:
     reaches: frozenset[str] = frozenset()
     held_by: str | None = None
     """The active this peer promised not to campaign against (see ``hold.py``)."""
+    lacks: tuple[str, ...] = ()
+    """The services whose declared package version it does not hold, by its status
+    (``shared/drift.py``): it takes the pair over only when no node holding them can."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +115,9 @@ class Observation:
     (a pair elected before there was one), every node may campaign."""
     members_revision: int = 0
     """The mod revision of that member set (0: none); a campaign loses if it changed."""
+    lacks: tuple[str, ...] = ()
+    """The services whose declared package version this node does not hold (its own
+    disk): it is chosen only when no node holding every one can take over."""
 
     @property
     def lease_ttl(self) -> float:

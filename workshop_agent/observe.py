@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from hapair.shared import keys
+from hapair.shared import drift, keys
 from hapair.shared.log import EventLog
 from hapair.shared.records import (
     HandoverRecord,
@@ -105,6 +105,9 @@ class PairObserver:
                 self._healthy_since.get(n.name),
                 reaches,
                 status.held_by,
+                # Only what its status says it holds: an older agent that publishes no
+                # packages holds none of them.
+                drift.lacking(pair, drift.held(status.packages)),
             )
         drained = frozenset(n.name for n in pair.nodes if keys.drained(n.name) in nodes)
         switchover, raw = self._switchover(pairs.get(keys.switchover(pair.name)))

@@ -93,9 +93,12 @@ class Held:
     """When it was installed (its marker's time); None: never completed."""
 
 
-def to_remove(held: Iterable[Held], declared: str, keep: int = 2) -> list[str]:
+def to_remove(
+    held: Iterable[Held], declared: str, keep: int = 2, busy: Iterable[str] = ()
+) -> list[str]:
     """The directories to delete: every incomplete one, and all but the ``keep`` most
-    recently installed, the declared version always among those kept."""
+    recently installed, the declared version always among those kept. Those in ``busy``
+    (a process may run from them) are kept too, whatever their age."""
     complete = sorted(
         (h for h in held if h.installed_at is not None and h.name != declared),
         key=lambda h: h.installed_at or 0.0,
@@ -103,7 +106,8 @@ def to_remove(held: Iterable[Held], declared: str, keep: int = 2) -> list[str]:
     )
     others = keep - 1 if any(h.name == declared and h.installed_at for h in held) else keep
     kept = {declared, *(h.name for h in complete[: max(others, 0)])}
-    return sorted(h.name for h in held if h.name not in kept or h.installed_at is None)
+    gone = (h.name for h in held if h.name not in kept or h.installed_at is None)
+    return sorted(set(gone) - set(busy))
 
 
 # ---- blocking file work (run in a thread) -----------------------------------------

@@ -17,7 +17,14 @@ there in steps, each of which leaves nothing half installed behind:
 Only a marked directory is ever used (:meth:`Packages.ready_dir`): a failure at any step
 removes what that step made, keeps the versions installed before, and is published in
 the node's status and as an event with its reason. It is tried again later, with a
-growing back-off. The last two installed versions of each service are kept.
+growing back-off, or at once when the site file names another URL for it. The last two
+installed versions of each service are kept, and every version a process may run from
+(:meth:`Packages.busy`); a service gone from the site file loses its versions once its
+process is stopped.
+
+A node that does not hold a version the site names is *drifted* (``shared/drift.py``):
+the alarm ``package drift`` is in its status while it lasts, and an event marks its
+start and its end.
 
 Hashing and unpacking run in threads, downloads as asyncio I/O: the agent's loop and its
 keepalives never wait for them.
@@ -34,14 +41,15 @@ import shutil
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hapair.shared import drift
 from hapair.shared.log import EventLog
 from hapair.shared.package import PLACEHOLDER, Package, file_name
-from hapair.shared.records import PackageStatus
+from hapair.shared.records import PackageStatus, ServiceStatus
 from hapair.shared.topology import Node, Pair, Service, expand, placeholder_values
 from hapair.shared.waits import wait_event
 from hapair.workshop_agent import package_archive as archive
@@ -59,6 +67,7 @@ T = TypeVar("T")
 LIMITS = Limits()
 RECONCILE_S = 1.0
 RETRY_S, RETRY_MAX_S = 30.0, 600.0
+SWEEP_AGAIN_S = 30.0  # a version kept because a process may use it is looked at again
 DOWNLOADS = ".downloads"
 TEMP = ".tmp-"
 
@@ -66,6 +75,7 @@ TEMP = ".tmp-"
 @dataclass
 class _Failure:
     dir_name: str
+    url: str
     reason: str
     retry_at: float
     failures: int
@@ -73,7 +83,8 @@ class _Failure:
 
 class Packages:
     """``place()`` gives this node's pair and node now; ``event(kind, reason, **details)``
-    files an event; ``changed()`` tells the publisher the status changed."""
+    files an event; ``changed()`` tells the publisher the status changed; ``in_use()``
+    gives the services' statuses (their processes, and the version each runs)."""
 
     def __init__(
         self,
@@ -84,6 +95,7 @@ class Packages:
         place: Callable[[], tuple[Pair | None, Node | None]],
         event: Callable[..., None],
         changed: Callable[[], None],
+        in_use: Callable[[], Iterable[ServiceStatus]] = tuple,
         ssl: ssl.SSLContext | None = None,
         limits: Limits = LIMITS,
         clock: Callable[[], float] = time.monotonic,
@@ -98,11 +110,17 @@ class Packages:
         self._place = place
         self._event = event
         self._changed = changed
+        self._in_use = in_use
         self._wanted: dict[str, Package] = {}
         self._tasks: dict[str, tuple[str, asyncio.Task[None]]] = {}
         self._failed: dict[str, _Failure] = {}
         self._abort = threading.Event()
         self._fallback: dict[str, str] = {}  # service: the older version it was given
+        self._handed: dict[str, str] = {}  # service: the version last given to start it
+        self._drift: tuple[str, ...] = ()  # the services whose declared version is missing
+        self._lacking: tuple[tuple[tuple[str, str], ...], tuple[str, ...]] | None = None
+        self._sweep_at: float | None = 0.0  # when to look for versions to remove (None: never)
+        self._sweeping: asyncio.Task[bool] | None = None
         self.wake = asyncio.Event()
 
     # -- views ------------------------------------------------------------------------
@@ -117,10 +135,12 @@ class Packages:
             return None
         top = self.version_dir(spec.name, spec.package)
         if (top / MARKER).is_file():
+            self._handed[spec.name] = top.name
             return top
         held = [h for h in sorted(self._held(spec.name), key=_newest) if h.installed_at]
         if not held:
             return None
+        self._handed[spec.name] = held[0].name
         if self._fallback.get(spec.name) != held[0].name:
             self._fallback[spec.name] = held[0].name
             self.log.warning(
@@ -131,6 +151,39 @@ class Packages:
                 using=held[0].name,
             )
         return self.root / spec.name / held[0].name
+
+    def lacking(self, pair: Pair) -> tuple[str, ...]:
+        """The services of ``pair`` whose declared version this node does not hold (its
+        directory marked installed), sorted; one that cannot be looked at is not held.
+        The decision asks on every round: the disk is looked at again once a second
+        (:meth:`_reconcile`, at once after an install) or when the site names others."""
+        wanted = tuple(sorted((n, p.dir_name) for n, p in drift.declared(pair).items()))
+        if self._lacking is not None and self._lacking[0] == wanted:
+            return self._lacking[1]
+        holds: dict[str, set[str]] = {}
+        for name, package in drift.declared(pair).items():
+            try:
+                if (self.version_dir(name, package) / MARKER).is_file():
+                    holds[name] = {package.dir_name}
+            except OSError:
+                pass
+        found = drift.lacking(pair, holds)
+        self._lacking = (wanted, found)
+        return found
+
+    def busy(self, name: str) -> set[str] | None:
+        """The versions of service ``name`` a process may run from now: the one each of its
+        processes runs, and the one last given to start it (a start may be under way).
+        None when a process of it runs a version not known: then every one may be."""
+        busy = {self._handed[name]} if name in self._handed else set()
+        for status in self._in_use():
+            if status.name != name or status.pid is None:
+                continue
+            if status.package is not None:
+                busy.add(status.package)
+            elif name not in self._handed:
+                return None
+        return busy
 
     def statuses(self) -> list[PackageStatus]:
         out = []
@@ -166,9 +219,12 @@ class Packages:
                 self.wake.clear()
         finally:
             self._abort.set()  # any thread still unpacking stops at its next member
-            for _, task in list(self._tasks.values()):
+            tasks: list[asyncio.Task[Any]] = [t for _, t in self._tasks.values()]
+            if self._sweeping is not None:
+                tasks.append(self._sweeping)
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*(t for _, t in self._tasks.values()), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self.fetcher.close()
 
     def _prepare(self) -> None:
@@ -195,6 +251,7 @@ class Packages:
         wanted = {s.name: s.package for s in pair.services if s.package} if pair else {}
         if wanted != self._wanted:
             self._wanted = wanted
+            self._sweep_at = 0.0
             self._changed()
         for name, (dir_name, task) in list(self._tasks.items()):
             package = wanted.get(name)
@@ -205,8 +262,11 @@ class Packages:
             if name in self._tasks:
                 continue
             failure = self._failed.get(name)
-            if failure is not None and failure.dir_name != package.dir_name:
-                del self._failed[name]  # another version now: its own tries
+            if failure is not None and (failure.dir_name, failure.url) != (
+                package.dir_name,
+                package.url,
+            ):
+                del self._failed[name]  # another version, or another place: its own tries
                 failure = None
             if failure is not None and now < failure.retry_at:
                 continue
@@ -214,6 +274,53 @@ class Packages:
                 continue
             task = asyncio.create_task(self._install(name, package), name=f"package-{name}")
             self._tasks[name] = (package.dir_name, task)
+        if pair is not None:
+            self._drift_step(pair)
+            self._sweep_step(pair, now)
+
+    def _drift_step(self, pair: Pair) -> None:
+        """The alarm ``package drift``: an event as it starts and as it ends."""
+        self._lacking = None  # looked at again
+        missing = self.lacking(pair)
+        if missing == self._drift:
+            return
+        was, self._drift = self._drift, missing
+        self._changed()
+        if missing:
+            reason = f"{drift.versions(pair, missing)} not installed on this node"
+            self.log.warning(drift.ALARM, services=",".join(missing), reason=reason)
+            if not was:
+                self._event(drift.ALARM, reason, services=list(missing))
+        else:
+            self.log.info("package drift cleared")
+            self._event(f"{drift.ALARM} cleared", "holds every package version the site names")
+
+    def _sweep_step(self, pair: Pair, now: float) -> None:
+        """Now and then, in a thread: remove the versions no longer kept, and those of a
+        service gone from the site file once no process of it runs."""
+        task = self._sweeping
+        if task is not None and task.done():
+            self._sweeping = None
+            again = True  # a sweep that did not finish: look again later
+            if not task.cancelled() and task.exception() is None:
+                again = task.result()
+            elif not task.cancelled():
+                self.log.warning("package sweep failed", error=repr(task.exception()))
+            if again and self._sweep_at is None:
+                self._sweep_at = now + SWEEP_AGAIN_S
+        if self._sweeping is not None or self._sweep_at is None or now < self._sweep_at:
+            return
+        self._sweep_at = None
+        supervised = {s.name for s in self._in_use()}
+        for name in set(self._handed) - supervised - set(self._wanted):
+            del self._handed[name]  # no process of a service the supervisor no longer has
+        plan: dict[str, tuple[Package | None, set[str] | None]] = {
+            name: (self._wanted.get(name), self.busy(name)) for name in {*self._wanted, *supervised}
+        }
+        for name in supervised - set(self._wanted):
+            plan[name] = (None, None)  # gone from the site, not stopped yet: keep it all
+        skip = frozenset(self._tasks)  # an install under way owns its service's directory
+        self._sweeping = asyncio.create_task(self._thread(self._sweep, plan, skip))
 
     async def _install(self, name: str, package: Package) -> None:
         log = dict(service=name, version=package.version, sha256=package.sha256[:12])
@@ -228,14 +335,19 @@ class Packages:
             previous = self._failed.get(name)
             failures = previous.failures + 1 if previous is not None else 1
             wait = min(RETRY_S * 2 ** (failures - 1), RETRY_MAX_S)
-            self._failed[name] = _Failure(package.dir_name, reason, self.clock() + wait, failures)
+            self._failed[name] = _Failure(
+                package.dir_name, package.url, reason, self.clock() + wait, failures
+            )
             self.log.warning("package failed", reason=reason, retry_after_s=wait, **log)
             self._event("package failed", reason, **log)
         else:
             self._failed.pop(name, None)
             self.log.info("package installed", **log)
             self._event("package installed", "", **log)
-            await self._thread(self._retain, name, package)
+            busy = self.busy(name)
+            kept = busy is None or await self._thread(self._retain, name, package, busy)
+            if kept and self._sweep_at is None:
+                self._sweep_at = self.clock() + SWEEP_AGAIN_S
         finally:
             current = self._tasks.get(name)
             if current is not None and current[1] is asyncio.current_task():
@@ -385,13 +497,60 @@ class Packages:
         if top.exists() and not (top / MARKER).exists():
             shutil.rmtree(top, ignore_errors=True)
 
-    def _retain(self, name: str, package: Package) -> None:
-        for old in archive.to_remove(self._held(name), package.dir_name):
+    def _retain(self, name: str, package: Package, busy: set[str]) -> bool:
+        """Remove the versions of ``name`` no longer kept and its other downloads; True
+        if one was kept only because a process may run from it."""
+        held = self._held(name)
+        gone = archive.to_remove(held, package.dir_name, busy=busy)
+        for old in gone:
             self.log.info("package version removed", service=name, version_dir=old)
             shutil.rmtree(self.root / name / old, ignore_errors=True)
-        for part in (self.root / DOWNLOADS).glob(f"{name}-*.part"):
+        for part in self._parts_of(name):
             if part.name != f"{name}-{package.dir_name}.part":
                 part.unlink(missing_ok=True)
+        return set(archive.to_remove(held, package.dir_name)) != set(gone)
+
+    def _sweep(
+        self, plan: dict[str, tuple[Package | None, set[str] | None]], skip: frozenset[str]
+    ) -> bool:
+        """Remove what ``plan`` (per service: its declared version, the versions a process
+        may run from) no longer keeps; True if something was kept only because a process
+        may still use it. A service directory not in ``plan`` has no process: it is gone
+        from the site file, and goes."""
+        if not self.root.is_dir():
+            return False
+        again = False
+        for service in sorted(self.root.iterdir()):
+            name = service.name
+            if name == DOWNLOADS or name in skip or not service.is_dir():
+                continue
+            declared, busy = plan.get(name, (None, set()))
+            if busy is None:
+                again = True
+            elif declared is not None:
+                again |= self._retain(name, declared, busy)
+            elif busy:
+                again = True
+            else:
+                self.log.info("package removed: its service is no longer in the site", service=name)
+                shutil.rmtree(service, ignore_errors=True)
+                for part in self._parts_of(name):
+                    part.unlink(missing_ok=True)
+        return again
+
+    def _parts_of(self, name: str) -> list[Path]:
+        """The downloads of service ``name`` (``{name}-{version}-{sha}.part``), not those
+        of a service whose own name starts with ``{name}-``."""
+        longer = {
+            d.name
+            for d in self.root.iterdir()
+            if d.name.startswith(f"{name}-") and d.name != DOWNLOADS
+        } | {w for w in self._wanted if w.startswith(f"{name}-")}
+        return [
+            part
+            for part in (self.root / DOWNLOADS).glob(f"{name}-*.part")
+            if not any(part.name.startswith(f"{other}-") for other in longer)
+        ]
 
 
 def _newest(h: Held) -> float:

@@ -8,7 +8,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterable
 
-from hapair.shared import keys
+from hapair.shared import drift, keys
 from hapair.shared.agent_process import local_pid_ns, own_start_ticks
 from hapair.shared.clock import Clock
 from hapair.shared.lease import Session
@@ -121,6 +121,8 @@ class Publisher:
         problems += [f"critical resource {name} lost" for name in sorted(self._lost())]
         if self.netwatch.state is not None:
             problems += self.netwatch.state.problems()
+        packages = self._packages()
+        problems += drift.problems(pair, packages)
         role: Role = "standby"
         term = self._term()
         if term is not None:
@@ -137,7 +139,7 @@ class Publisher:
             healthy=healthy,
             problems=problems,
             services=sup.statuses(),
-            packages=self._packages(),
+            packages=packages,
             database=(
                 self.database.status.model_dump(mode="json")
                 if self.database is not None and self.database.status is not None

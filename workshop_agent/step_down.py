@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from functools import partial
 
-from hapair.shared import keys
+from hapair.shared import drift, keys
 from hapair.shared.clock import Clock
 from hapair.shared.log import EventLog
 from hapair.shared.mirror import Mirror
@@ -227,4 +227,11 @@ class StepDowns:
             status = decode(NodeStatus, kv.value, kv.key)
         except RecordError:
             return False
-        return status.healthy and status.role == "standby"
+        pair = self._pair()
+        # A target that lacks a declared package version was refused for it, or may be.
+        held = drift.held(status.packages)
+        return (
+            status.healthy
+            and status.role == "standby"
+            and (pair is None or not drift.lacking(pair, held))
+        )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from hapair.shared import keys
+from hapair.shared import drift, keys
 from hapair.shared.clock import Clock
 from hapair.shared.lease import Session
 from hapair.shared.log import EventLog
@@ -34,7 +34,8 @@ class TakeOvers:
     ``last_leader`` the last active this node saw; ``begin_term(epoch, held)`` makes
     ``epoch`` the agent's term, with the services ``held`` for an operator;
     ``db_ready`` says whether the term's database lets its services start; ``event``
-    records an event of the pair; ``changed`` wakes the loop and the publisher."""
+    records an event of the pair; ``changed`` wakes the loop and the publisher;
+    ``lacks`` names the services whose declared package version this node lacks."""
 
     def __init__(
         self,
@@ -57,6 +58,7 @@ class TakeOvers:
         db_ready: Callable[[], bool],
         event: Callable[..., None],
         changed: Callable[[], None],
+        lacks: Callable[[], tuple[str, ...]] = tuple,
     ) -> None:
         self.session = session
         self.election = election
@@ -76,6 +78,7 @@ class TakeOvers:
         self._db_ready = db_ready
         self._event = event
         self._changed = changed
+        self._lacks = lacks
 
     async def campaign(self, stale: int | None, members_revision: int) -> None:
         lease = self.session.lease
@@ -114,6 +117,14 @@ class TakeOvers:
         held = self.recovery.held_after_election(planned, previous)
         self.take_term(epoch, cause, held)
         self._event("election", cause, previous=previous, planned=planned)
+        missing = self._lacks()
+        if missing:
+            # Chosen because no node holding every declared version could take over.
+            reason = "took over without the declared package version: " + drift.versions(
+                pair, missing
+            )
+            self.log.warning(reason, services=",".join(missing))
+            self._event("drifted takeover", reason, services=list(missing))
         self.recovery.await_operator(epoch, cause, previous, self.me, held)
 
     def take_term(self, epoch: int, cause: str, held: frozenset[str] = frozenset()) -> None:

@@ -17,6 +17,7 @@ from hapair.shared.report import (
     ContextReport,
     EventReport,
     NodeReport,
+    PackageReport,
     PairReport,
     PlcReport,
     SiteReport,
@@ -121,8 +122,36 @@ def _health_cell(node: NodeReport) -> Text:
     if not node.up:
         return Text("-", style="dim")
     if node.healthy:
-        return Text("healthy", style="green")
-    return Text("UNHEALTHY" + "".join(f"\n{p}" for p in node.problems), style="bold red")
+        text = Text("healthy", style="green")
+    else:
+        text = Text("UNHEALTHY" + "".join(f"\n{p}" for p in node.problems), style="bold red")
+    if node.drift:
+        # Not a health problem: the node may run what it holds, but is chosen last.
+        text.append(f"\npackage drift: {', '.join(node.drift)}", style="bold yellow")
+    return text
+
+
+def short_version(dir_name: str) -> str:
+    """``2.4.1`` of a version's directory ``2.4.1-9f2c0a1b3c4d``."""
+    return dir_name.rsplit("-", 1)[0]
+
+
+def package_line(p: PackageReport) -> Text:
+    """``app 2.0 installed, holds 2.0 1.0, runs 1.0``; a version not installed in red
+    (failed, with why) or yellow (on its way)."""
+    text = Text(f"{p.service} {p.declared} ")
+    style = {"installed": "green", "installing": "yellow"}.get(p.state, "bold red")
+    text.append(p.state + (f": {p.detail}" if p.detail else ""), style=style)
+    held = " ".join(short_version(h) for h in p.held) or "nothing"
+    text.append(f", holds {held}", style="" if p.held else "bold red")
+    if p.running is not None:
+        declared = p.state == "installed" and short_version(p.running) == p.declared
+        text.append(f", runs {short_version(p.running)}", style="" if declared else "yellow")
+    return text
+
+
+def _packages_cell(node: NodeReport) -> Text:
+    return Text("\n").join(package_line(p) for p in node.packages)
 
 
 def _services_cell(node: NodeReport) -> Text:
@@ -163,8 +192,12 @@ def _endpoints_cell(pair: PairReport) -> Text:
 
 def _workshop_table(name: str, pairs: list[PairReport], now: float) -> Table:
     table = Table(title=f"workshop {name}", title_justify="left", show_lines=True, expand=False)
-    for column in ("pair", "active", "node", "role", "health", "services", "endpoints"):
-        table.add_column(column)
+    # Per node, each service's package (declared, held, running): where any has one.
+    packages = any(n.packages for p in pairs for n in p.nodes)
+    columns = ("pair", "active", "node", "role", "health", "services", "packages", "endpoints")
+    for column in columns:
+        if column != "packages" or packages:
+            table.add_column(column)
     for pair in pairs:
         for i, node in enumerate(pair.nodes):
             first = i == 0
@@ -175,6 +208,7 @@ def _workshop_table(name: str, pairs: list[PairReport], now: float) -> Table:
                 _role_cell(node),
                 _health_cell(node),
                 _services_cell(node),
+                *([_packages_cell(node)] if packages else []),
                 _endpoints_cell(pair) if first else Text(""),
             )
     return table

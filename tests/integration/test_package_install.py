@@ -25,14 +25,14 @@ import pytest
 
 from hapair.shared import pki
 from hapair.shared.log import EventLog
-from hapair.shared.records import PackageStatus
+from hapair.shared.records import PackageStatus, ServiceStatus
 from hapair.shared.topology import Node, Pair, Site, parse_site
 from hapair.workshop_agent.package_archive import MARKER
 from hapair.workshop_agent.package_fetch import Limits
-from hapair.workshop_agent.packages import Packages
+from hapair.workshop_agent.packages import RECONCILE_S, Packages
 from hapair.workshop_agent.run_as import ServiceUsers
 from hapair.workshop_agent.settings import ca_context
-from tests.support.cluster import pid_alive, until
+from tests.support.cluster import holds, pid_alive, until
 from tests.support.harness import ROOT
 from tests.support.package_lab import build, package, serving, small_disk
 from tests.support.tls_etcd import TestPki
@@ -55,6 +55,7 @@ class Lab:
         self.state.mkdir(mode=0o750, parents=True, exist_ok=True)
         self.site: Site | None = None
         self.events: list[tuple[str, str, dict[str, Any]]] = []
+        self.running: list[ServiceStatus] = []  # what the supervisor would say runs
         self.packages = Packages(
             self.state,
             ServiceUsers(allow_root=True),
@@ -62,6 +63,7 @@ class Lab:
             place=self.place,
             event=lambda kind, reason="", **details: self.events.append((kind, reason, details)),
             changed=lambda: None,
+            in_use=lambda: self.running,
             ssl=ssl,
             limits=FAST,
         )
@@ -165,7 +167,12 @@ async def test_a_file_url_package_is_installed_read_only_and_runs_install_as_the
     assert lab.state.stat().st_mode & stat.S_IXOTH
     assert not lab.state.stat().st_mode & stat.S_IROTH
     assert lab.downloads() == []
-    assert [e[0] for e in lab.events] == ["package installed"]
+    # Lacking the version the site names until then, the node was drifted meanwhile.
+    assert [e[0] for e in lab.events] == [
+        "package drift",
+        "package installed",
+        "package drift cleared",
+    ]
 
 
 async def test_an_http_package_downloads_and_a_cut_transfer_resumes(lab: Lab) -> None:
@@ -267,6 +274,45 @@ async def test_the_last_two_versions_are_kept(lab: Lab) -> None:
         names.append(f"{version}-{pkg['sha256'][:12]}")
     assert lab.dirs("app") == names[1:]
     assert lab.status("app").installed == [names[2], names[1]]  # type: ignore[union-attr]
+
+
+async def test_a_version_a_process_runs_is_kept_and_a_removed_service_goes_once_stopped(
+    lab: Lab,
+) -> None:
+    names = []
+    for version in ("1", "2"):
+        archive = build(lab.files, "app", version)
+        pkg = package(archive, archive.as_uri(), version)
+        lab.apply([service(pkg), {"name": "tool", "command": ["x"], "package": pkg}])
+        await lab.settled("app", version, "installed")
+        await lab.settled("tool", version, "installed")
+        names.append(f"{version}-{pkg['sha256'][:12]}")
+    # app's process still runs version 1 when 3 comes: 1 stays beside 2 and 3.
+    lab.running = [
+        ServiceStatus(name="app", placement="active", state="running", pid=1, package=names[0])
+    ]
+    archive = build(lab.files, "app", "3")
+    pkg = package(archive, archive.as_uri(), "3")
+    lab.apply([service(pkg), {"name": "tool", "command": ["x"], "package": pkg}])
+    await lab.settled("app", "3", "installed")
+    names.append(f"3-{pkg['sha256'][:12]}")
+    assert lab.dirs("app") == names
+    assert lab.dirs("tool") == names[1:]
+    # tool leaves the site while its process still runs: kept until it has stopped.
+    lab.running.append(ServiceStatus(name="tool", placement="active", state="running", pid=2))
+    lab.apply([service(pkg)])
+    await holds(
+        lambda: asyncio.sleep(0, lab.dirs("tool") == names[1:]),
+        3 * RECONCILE_S,
+        "tool's versions kept while its process runs",
+    )
+    lab.running = lab.running[:1]
+    lab.packages._sweep_at = 0.0  # as at its next look (every 30 s while one is kept)
+    await until(lambda: asyncio.sleep(0, lab.dirs("tool") == []), 10, "tool's versions removed")
+    assert lab.dirs("app") == names  # app's process still runs 1
+    lab.running = []
+    lab.packages._sweep_at = 0.0
+    await until(lambda: asyncio.sleep(0, lab.dirs("app") == names[1:]), 10, "app's 1 removed")
 
 
 async def test_one_download_at_a_time_from_one_origin(lab: Lab) -> None:

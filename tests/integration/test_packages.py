@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import yaml
 from hapair.shared import pki
 from hapair.shared.records import PackageStatus
 from tests.integration.test_cli import hapair
-from tests.support.cluster import Cluster, until
+from tests.support.cluster import Cluster, pid_alive, until
 from tests.support.harness import stop_pid
 from tests.support.package_lab import build, package, serving, sha256, small_disk
 from tests.support.tls_etcd import TlsEtcd
@@ -234,3 +235,44 @@ async def test_package_hash_prints_a_block_validate_accepts_and_bad_ones_are_nam
     assert any(
         line.startswith(f"{field}.sha256: sha256 '9f2c...': 64 hexadecimal") for line in lines
     )
+
+
+async def test_a_service_removed_from_the_site_is_stopped_then_loses_its_versions(
+    cluster: Cluster,
+) -> None:
+    files = files_of(cluster)
+    v1 = build(files, "app", "1.0")
+    tool = files / "tool"
+    tool.write_text("#!/bin/sh\nexec sleep 600\n")
+    tool_service = {
+        "name": "tool",
+        "placement": "all",
+        "command": ["{package.dir}/tool"],
+        "package": package(tool, tool.as_uri(), "7"),
+    }
+    app_service = app(cluster, package(v1, v1.as_uri(), "1.0"))
+    await cluster.apply(site(cluster, [app_service, tool_service]))
+    for node in NODES:
+        cluster.start(node)
+
+    async def tool_pid(node: str) -> int | None:
+        status = await cluster.status(node)
+        found = [s for s in (status.services if status else []) if s.name == "tool"]
+        return found[0].pid if found and found[0].state == "running" else None
+
+    pids = {}
+    for node in NODES:
+        pids[node] = await until(partial(tool_pid, node), 60, f"tool running on {node}")
+    await cluster.apply(site(cluster, [app_service]))
+
+    async def removed(where: Path) -> bool:
+        return not await asyncio.to_thread(where.exists)
+
+    for node in NODES:
+        state = cluster.tmp / f"state-{node}" / "packages"
+        await until(partial(removed, state / "tool"), 30, f"tool's versions removed on {node}")
+        # Its process was stopped first: it is gone by the time its directory is.
+        assert not pid_alive(pids[node])
+        assert (state / "app").is_dir()
+    for node in NODES:
+        await runs(cluster, node, "1.0")

@@ -135,6 +135,9 @@ def _switchover_prompt(sel: Selection, pair: PairReport, to: str | None, now: fl
     what = f"Switch {pair.name} over from {pair.active} to {to}"
     if to not in ready:
         what += f" ({to} is not a ready standby)"
+    lacks = next((n.drift for n in pair.nodes if n.name == to), [])
+    if lacks:
+        what += f" ({to} lacks the declared package version of {', '.join(lacks)})"
     prompt = Prompt("switchover", pair.name, what, to=to, targets=targets)
     return replace(sel, pair=pair.name, prompt=prompt)
 

@@ -104,8 +104,9 @@ def selected_pair(report: SiteReport, name: str | None) -> tuple[str, PairReport
 
 
 def ready_standbys(pair: PairReport) -> list[NodeReport]:
-    """Nodes that could take the pair over now, in priority order."""
-    return [
+    """Nodes that could take the pair over now, in priority order, those that hold every
+    declared package version first (as the agents choose)."""
+    ready = [
         n
         for n in pair.nodes
         if n.name != pair.active
@@ -114,6 +115,12 @@ def ready_standbys(pair: PairReport) -> list[NodeReport]:
         and n.role == "standby"
         and n.drained is None
     ]
+    return sorted(ready, key=lambda n: bool(n.drift))
+
+
+def drifted(pair: PairReport) -> list[str]:
+    """The nodes of ``pair`` that are up and lack a declared package version."""
+    return [n.name for n in pair.nodes if n.up and n.drift]
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,7 @@ from hapair.registry.console.top.state import (
     Selection,
     as_shown,
     awaiting,
+    drifted,
     pair_database,
     pairs_of,
     ready_standbys,
@@ -133,6 +134,8 @@ def _flags(pair: PairReport) -> Text:
     db = pair_database(pair)
     if db is not None and db.no_sync:
         flags.append(("db async", "bold yellow"))
+    if drifted(pair):
+        flags.append(("drift", "bold yellow"))
     flags.extend(plc_flags(pair))
     if not flags:
         return Text("ok", style="green")
@@ -266,6 +269,7 @@ def _alarms(report: SiteReport) -> Text:
         ("AWAITING OPERATOR", AWAIT, [p.name for _, p in entries if awaiting(p) is not None]),
         ("PAUSED", ALARM, [p.name for _, p in entries if p.paused is not None]),
         ("NO ACTIVE", ALARM, [p.name for _, p in entries if p.active is None]),
+        ("PACKAGE DRIFT", AWAIT, [p.name for _, p in entries if drifted(p)]),
     )
     text = Text()
     for label, style, names in groups:
