@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import shutil
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -22,6 +23,9 @@ from hapair.shared.log import EventLog
 from hapair.workshop_agent.package_archive import no_space
 
 READ = 1 << 20
+# Given the DER certificate the server showed (None: none), a reason to refuse it, or
+# None to go on; asked before a byte of the body is read.
+Accept = Callable[[bytes | None], str | None]
 TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
@@ -79,8 +83,9 @@ class Fetcher:
             await self._http.close()
             self._http = None
 
-    async def fetch(self, url: str, dest: Path) -> None:
-        """``url`` into ``dest`` (resumed if it holds a part); FetchError says why not."""
+    async def fetch(self, url: str, dest: Path, accept: Accept | None = None) -> None:
+        """``url`` into ``dest`` (resumed if it holds a part); FetchError says why not.
+        ``accept`` judges the server by its certificate, when its context does not."""
         lock = self._origins.setdefault(origin(url), asyncio.Lock())
         limits = self.limits
         try:
@@ -89,7 +94,7 @@ class Fetcher:
                 attempt = 1
                 while True:
                     try:
-                        await self._once(url, dest)
+                        await self._once(url, dest, accept)
                         return
                     except FetchError as err:
                         if not err.transient or attempt >= limits.attempts:
@@ -107,11 +112,11 @@ class Fetcher:
         except TimeoutError:
             raise FetchError(f"not done within {limits.total_s:g}s", transient=True) from None
 
-    async def _once(self, url: str, dest: Path) -> None:
+    async def _once(self, url: str, dest: Path, accept: Accept | None) -> None:
         if urlsplit(url).scheme == "file":
             await asyncio.to_thread(self._copy, Path(unquote(urlsplit(url).path)), dest)
         else:
-            await self._http_get(url, dest)
+            await self._http_get(url, dest, accept)
 
     def _copy(self, source: Path, dest: Path) -> None:
         """A local (or mounted) file, copied whole: the copy is what gets checked."""
@@ -145,11 +150,15 @@ class Fetcher:
             )
         return self._http
 
-    async def _http_get(self, url: str, dest: Path) -> None:
+    async def _http_get(self, url: str, dest: Path, accept: Accept | None) -> None:
         have = await asyncio.to_thread(_size, dest)
         headers = {"Range": f"bytes={have}-", "Accept-Encoding": "identity"} if have else {}
         try:
             async with self._session().get(url, headers=headers) as resp:
+                if accept is not None:
+                    refused = accept(_server_certificate(resp))
+                    if refused is not None:
+                        raise FetchError(f"server refused: {refused}", transient=False)
                 if resp.status == 416 and have:
                     return  # nothing left to fetch: the hash tells whether it is whole
                 if resp.status == 206 and have:
@@ -219,6 +228,16 @@ class Fetcher:
                 with contextlib.suppress(OSError):
                     await asyncio.to_thread(out.close)
         return got
+
+
+def _server_certificate(resp: aiohttp.ClientResponse) -> bytes | None:
+    """The certificate the server showed on this response's connection (None: none)."""
+    connection = resp.connection
+    transport = connection.transport if connection is not None else None
+    tls = transport.get_extra_info("ssl_object") if transport is not None else None
+    if not isinstance(tls, ssl.SSLObject):
+        return None
+    return tls.getpeercert(binary_form=True)
 
 
 def _size(path: Path) -> int:

@@ -1,0 +1,351 @@
+"""Packages shared between the nodes of a pair (``packages: {from_peers: true}``).
+
+Each agent serves the archives it installed and verified, read-only, on
+``{node.address}:{packages.peer_port}`` (TCP), at ``/v1/packages/{service}/{version_dir}``
+and nowhere else: the version the site names now, once installed here; no listing, 404
+for anything else. Only the pair's other nodes may read:
+
+- over TLS (the secure default: the agent's etcd runs over TLS), each end shows its
+  agent certificate of the site CA, the one it shows etcd, and checks the other's: the
+  server requires a client certificate of the CA whose CN is one of its peers' names;
+  the client checks that the server's certificate is the agent certificate of the node
+  it asked (the CA, the CN, and clientAuth: an agent's certificate is a client's, so
+  OpenSSL's own server check, which wants serverAuth, is replaced by this one);
+- in the lab mode (the agent's etcd in clear), in clear to the peers' addresses alone,
+  which anyone on the network can spoof: said in a warning at start.
+
+A peer is never trusted for content: the fetching node checks the sha256 the site file
+names (``packages.py``) and falls back to the origin on any failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
+
+from hapair.shared import keys, pki
+from hapair.shared.log import EventLog
+from hapair.shared.pki import PkiError, TlsFiles
+from hapair.shared.records import NodeStatus, RecordError, decode
+from hapair.shared.store import Kv
+from hapair.shared.topology import Node, Pair
+from hapair.shared.waits import wait_event
+from hapair.workshop_agent.package_fetch import Fetcher, Limits
+
+ROUTE = "/v1/packages/{service}/{version}"
+# A peer is on the pair's own network: a silent one is given up soon, for the origin.
+LIMITS = Limits(read_s=10.0, attempts=2, backoff_s=0.5, backoff_max_s=2.0)
+TRANSFERS = 4  # served at once; more are answered 503 (the asker tries again, or the origin)
+RECONCILE_S = 1.0
+SharedFile = Callable[[str, str], Path | None]
+
+
+# ---- who may read, and whom a node reads from (pure) ----------------------------------
+
+
+def peers_of(pair: Pair, me: str) -> list[Node]:
+    return [n for n in pair.nodes if n.name != me]
+
+
+def admitted(
+    pair: Pair, me: str, identity: str | None, address: str | None, tls: bool
+) -> str | None:
+    """Why a request is refused (None: a peer's, served). Over TLS ``identity`` is the
+    agent name the client's verified certificate gives; in the lab mode only the source
+    ``address`` can be checked."""
+    if tls:
+        if identity is None:
+            return "no agent certificate of the site CA"
+        if identity not in {n.name for n in peers_of(pair, me)}:
+            return f"{identity!r} is not a node of pair {pair.name} besides this one"
+        return None
+    if address not in {n.address for n in peers_of(pair, me)}:
+        return f"{address} is not the address of a node of pair {pair.name} besides this one"
+    return None
+
+
+def holders(
+    pair: Pair, me: str, statuses: Mapping[str, Kv], service: str, version_dir: str
+) -> list[Node]:
+    """The peers whose published status says they hold ``service``'s ``version_dir``,
+    in the pair's order; a status that does not decode counts as none."""
+    found = []
+    for node in peers_of(pair, me):
+        kv = statuses.get(keys.node_status(node.name))
+        if kv is None:
+            continue
+        try:
+            status = decode(NodeStatus, kv.value, kv.key)
+        except RecordError:
+            continue
+        if any(p.service == service and version_dir in p.installed for p in status.packages):
+            found.append(node)
+    return found
+
+
+def url(node: Node, port: int, service: str, version_dir: str, tls: bool) -> str:
+    host = f"[{node.address}]" if ":" in node.address else node.address
+    path = ROUTE.format(service=service, version=version_dir)
+    return f"{'https' if tls else 'http'}://{host}:{port}{path}"
+
+
+def agent_name(certificate: x509.Certificate) -> str | None:
+    """The node a certificate names: its CN, unless ``hapair pki`` issued it to another
+    kind of component (its OU names the kind), which never speaks for a node."""
+    kinds = certificate.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    if any(str(k.value) in set(pki.Kind) - {pki.Kind.AGENT} for k in kinds):
+        return None
+    return pki.common_name(certificate) or None
+
+
+def server_refusal(der: bytes | None, node: str, anchors: list[x509.Certificate]) -> str | None:
+    """Why the certificate a peer's server showed is not ``node``'s agent certificate of
+    the site CA (None: it is)."""
+    if der is None:
+        return "it showed no certificate"
+    try:
+        certificate = x509.load_der_x509_certificate(der)
+    except ValueError as err:
+        return f"its certificate does not parse ({err})"
+    # An agent's certificate names no address (its CN is its identity, as etcd reads it).
+    leaf = ExtensionPolicy.webpki_defaults_ee().may_be_present(
+        x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
+    )
+    verifier = (
+        PolicyBuilder()
+        .store(Store(anchors))
+        .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=leaf)
+        .build_client_verifier()
+    )
+    try:
+        verifier.verify(certificate, [])
+    except VerificationError as err:
+        return f"its certificate is not an agent certificate of the site CA ({err})"
+    name = agent_name(certificate)
+    if name != node:
+        return f"its certificate names {name or 'no agent'!r}, not {node!r}"
+    return None
+
+
+# ---- TLS ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerTls:
+    """This agent's certificate and key, and the site CA: what both ends show and check."""
+
+    files: TlsFiles
+    anchors: list[x509.Certificate]
+
+    @classmethod
+    def of(cls, files: TlsFiles) -> PeerTls:
+        """PkiError when there is no certificate to show (the CA alone)."""
+        if files.cert is None or files.key is None:
+            raise PkiError(f"{files.ca}: no agent certificate and key are given")
+        files.server_context()  # every file read and checked now
+        return cls(files, _certificates(files.ca))
+
+    def server_context(self) -> ssl.SSLContext:
+        return self.files.server_context(require_client_cert=True)
+
+    def client_context(self) -> ssl.SSLContext:
+        """Shows this agent's certificate; the server's is checked by
+        :func:`server_refusal` once connected, before a byte of the body is read."""
+        context = self.files.client_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+
+
+def _certificates(path: Path) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise PkiError(f"{path}: cannot be read as CA certificates ({err})") from None
+
+
+# ---- the agent's side ---------------------------------------------------------------
+
+
+class PeerPackages:
+    """Serves this node's verified archives to its pair's peers (:meth:`run`) and fetches
+    from them (:meth:`fetch`). ``tls`` None: the lab mode. ``place()`` gives the pair
+    and node now; ``shared_file(service, version_dir)`` the archive this node may serve;
+    ``statuses()`` the nodes' published statuses, by key."""
+
+    def __init__(
+        self,
+        log: EventLog,
+        tls: PeerTls | None,
+        *,
+        place: Callable[[], tuple[Pair | None, Node | None]],
+        statuses: Callable[[], Mapping[str, Kv]],
+        limits: Limits = LIMITS,
+    ) -> None:
+        self.log = log
+        self.tls = tls
+        self._place = place
+        self._statuses = statuses
+        self.fetcher = Fetcher(log, tls.client_context() if tls is not None else None, limits)
+        self.shared_file: SharedFile = lambda service, version_dir: None
+        self._busy = asyncio.Semaphore(TRANSFERS)
+        self._warned = False
+
+    @classmethod
+    def create(
+        cls,
+        log: EventLog,
+        files: TlsFiles | None,
+        *,
+        place: Callable[[], tuple[Pair | None, Node | None]],
+        statuses: Callable[[], Mapping[str, Kv]],
+    ) -> PeerPackages | None:
+        """Over TLS with this agent's files, in the lab mode without them; None (and
+        said) when they hold no certificate of this agent's to show its peers."""
+        tls = None
+        if files is not None:
+            try:
+                tls = PeerTls.of(files)
+            except PkiError as err:
+                log.warning(
+                    "packages are neither served to nor fetched from the pair's peers: "
+                    "this agent has no certificate to show them",
+                    reason=str(err),
+                )
+                return None
+        return cls(log, tls, place=place, statuses=statuses)
+
+    # -- fetching ---------------------------------------------------------------------
+    def sources(self, service: str, version_dir: str) -> list[tuple[str, str]]:
+        """``(peer, url)`` to ask for ``service``'s ``version_dir`` first, in the pair's
+        order: none unless the pair fetches from peers."""
+        pair, node = self._place()
+        if pair is None or node is None or not pair.packages.from_peers:
+            return []
+        port, tls = pair.packages.peer_port, self.tls is not None
+        found = holders(pair, node.name, self._statuses(), service, version_dir)
+        return [(n.name, url(n, port, service, version_dir, tls)) for n in found]
+
+    async def fetch(self, peer: str, source: str, dest: Path) -> None:
+        """``source`` (a URL of :meth:`sources`) into ``dest``: FetchError says why not."""
+        tls = self.tls
+        accept = None if tls is None else (lambda der: server_refusal(der, peer, tls.anchors))
+        await self.fetcher.fetch(source, dest, accept)
+
+    # -- serving ----------------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve while the pair fetches from peers, on its port at this node's address,
+        until cancelled."""
+        runner: web.AppRunner | None = None
+        serving: tuple[str, int] | None = None
+        wake = asyncio.Event()  # never set: the loop looks again every RECONCILE_S
+        try:
+            while True:
+                pair, node = self._place()
+                want = (
+                    (node.address, pair.packages.peer_port)
+                    if pair is not None and node is not None and pair.packages.from_peers
+                    else None
+                )
+                if want != serving and runner is not None:
+                    await runner.cleanup()
+                    runner, serving = None, None
+                    self.log.info("packages no longer served to the pair's peers")
+                if want is not None and runner is None:
+                    runner = await self._start(*want)
+                    serving = want if runner is not None else None
+                await wait_event(wake, RECONCILE_S)
+        finally:
+            if runner is not None:
+                await runner.cleanup()
+            await self.fetcher.close()
+
+    async def _start(self, address: str, port: int) -> web.AppRunner | None:
+        app = web.Application(middlewares=[self._only_peers])
+        app.router.add_get(ROUTE, self._serve)  # and HEAD; 405 for other methods
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        context = self.tls.server_context() if self.tls is not None else None
+        site = web.TCPSite(runner, address, port, ssl_context=context, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as err:
+            await runner.cleanup()
+            if not self._warned:  # said once; tried again every round
+                self.log.warning(
+                    "cannot serve packages to the pair's peers",
+                    address=address,
+                    port=port,
+                    error=str(err),
+                )
+            self._warned = True
+            return None
+        self._warned = False
+        if self.tls is None:
+            self.log.warning(
+                "packages served to the pair's peers in clear (lab mode): anyone who can "
+                "send from a peer's address can read them; run etcd over TLS with agent "
+                "certificates for the secure default",
+                address=address,
+                port=port,
+            )
+        else:
+            self.log.info(
+                "packages served to the pair's peers over TLS", address=address, port=port
+            )
+        return runner
+
+    @web.middleware
+    async def _only_peers(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Before anything else, even a 404: a request that is not a peer's gets 403."""
+        pair, node = self._place()
+        identity = None
+        tls = request.transport.get_extra_info("ssl_object") if request.transport else None
+        if isinstance(tls, ssl.SSLObject):
+            der = tls.getpeercert(binary_form=True)
+            identity = agent_name(x509.load_der_x509_certificate(der)) if der else None
+        refused = (
+            "this node is in no pair"
+            if pair is None or node is None
+            else admitted(pair, node.name, identity, request.remote, self.tls is not None)
+        )
+        if refused is not None:
+            self.log.warning(
+                "package request refused", source=request.remote, path=request.path, reason=refused
+            )
+            raise web.HTTPForbidden(text=f"refused: {refused}\n")
+        return await handler(request)
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        service, version_dir = request.match_info["service"], request.match_info["version"]
+        path = self.shared_file(service, version_dir)
+        if path is None:
+            raise web.HTTPNotFound(text="not held here\n")
+        if self._busy.locked():
+            raise web.HTTPServiceUnavailable(text="busy: try again\n")
+        async with self._busy:
+            self.log.info(
+                "package served to a peer",
+                source=request.remote,
+                service=service,
+                version_dir=version_dir,
+                range=request.headers.get("Range"),
+            )
+            response = web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+            await response.prepare(request)
+            return response
