@@ -69,12 +69,20 @@ def _local(err: OSError, where: Path) -> FetchError:
 
 
 class Fetcher:
-    """``ssl``: the context for ``https://`` (None: the system's CAs)."""
+    """``ssl``: the context for ``https://`` (None: the system's CAs); ``local_host``:
+    the address connections are made from (None: the system's choice)."""
 
-    def __init__(self, log: EventLog, ssl: ssl.SSLContext | None, limits: Limits) -> None:
+    def __init__(
+        self,
+        log: EventLog,
+        ssl: ssl.SSLContext | None,
+        limits: Limits,
+        local_host: str | None = None,
+    ) -> None:
         self.log = log
         self.ssl = ssl
         self.limits = limits
+        self.local_host = local_host
         self._origins: dict[str, asyncio.Lock] = {}
         self._http: aiohttp.ClientSession | None = None
 
@@ -145,7 +153,10 @@ class Fetcher:
                     total=None, sock_connect=self.limits.read_s, sock_read=self.limits.read_s
                 ),
                 # Every server's certificate checked against the site CA (or the system's).
-                connector=aiohttp.TCPConnector(ssl=self.ssl if self.ssl is not None else True),
+                connector=aiohttp.TCPConnector(
+                    ssl=self.ssl if self.ssl is not None else True,
+                    local_addr=None if self.local_host is None else (self.local_host, 0),
+                ),
                 auto_decompress=False,
             )
         return self._http

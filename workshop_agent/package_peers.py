@@ -201,10 +201,12 @@ class PeerPackages:
         self.tls = tls
         self._place = place
         self._statuses = statuses
-        self.fetcher = Fetcher(log, tls.client_context() if tls is not None else None, limits)
+        self.limits = limits
+        self.fetcher: Fetcher | None = None  # made from the node's address, when it asks
         self.shared_file: SharedFile = lambda service, version_dir: None
         self._busy = asyncio.Semaphore(TRANSFERS)
         self._warned = False
+        self._closing: set[asyncio.Task[None]] = set()
 
     @classmethod
     def create(
@@ -245,7 +247,19 @@ class PeerPackages:
         """``source`` (a URL of :meth:`sources`) into ``dest``: FetchError says why not."""
         tls = self.tls
         accept = None if tls is None else (lambda der: server_refusal(der, peer, tls.anchors))
-        await self.fetcher.fetch(source, dest, accept)
+        await self._fetcher().fetch(source, dest, accept)
+
+    def _fetcher(self) -> Fetcher:
+        """In the lab mode, connections from this node's address: the one its peers
+        know it by (over TLS its certificate says who it is, from any address)."""
+        _, node = self._place()
+        address = node.address if node is not None and self.tls is None else None
+        if self.fetcher is None or self.fetcher.local_host != address:
+            if self.fetcher is not None:  # the node's address changed: its last transfer is over
+                self._closing.add(asyncio.create_task(self.fetcher.close()))
+            context = self.tls.client_context() if self.tls is not None else None
+            self.fetcher = Fetcher(self.log, context, self.limits, address)
+        return self.fetcher
 
     # -- serving ----------------------------------------------------------------------
     async def run(self) -> None:
@@ -273,7 +287,9 @@ class PeerPackages:
         finally:
             if runner is not None:
                 await runner.cleanup()
-            await self.fetcher.close()
+            if self.fetcher is not None:
+                await self.fetcher.close()
+            await asyncio.gather(*self._closing)
 
     async def _start(self, address: str, port: int) -> web.AppRunner | None:
         app = web.Application(middlewares=[self._only_peers])
