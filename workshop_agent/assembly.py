@@ -162,7 +162,7 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         core.log,
         settings.etcd_tls,
         place=lambda: (core.pair, core.node),
-        statuses=lambda: core.nodes.items,
+        nodes=core.nodes,
     )
     packages = Packages(
         settings.state_dir,

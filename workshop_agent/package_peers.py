@@ -40,6 +40,7 @@ from cryptography.x509.verification import (
 
 from hapair.shared import keys, pki
 from hapair.shared.log import EventLog
+from hapair.shared.mirror import Mirror
 from hapair.shared.pki import PkiError, TlsFiles
 from hapair.shared.records import NodeStatus, RecordError, decode
 from hapair.shared.store import Kv
@@ -52,6 +53,9 @@ ROUTE = "/v1/packages/{service}/{version}"
 LIMITS = Limits(read_s=10.0, attempts=2, backoff_s=0.5, backoff_max_s=2.0)
 TRANSFERS = 4  # served at once; more are answered 503 (the asker tries again, or the origin)
 RECONCILE_S = 1.0
+# Whom to ask comes from the peers' statuses: just after the agent starts, they are
+# awaited that long (then the origin is asked).
+STATUSES_S = 5.0
 SharedFile = Callable[[str, str], Path | None]
 
 
@@ -186,7 +190,7 @@ class PeerPackages:
     """Serves this node's verified archives to its pair's peers (:meth:`run`) and fetches
     from them (:meth:`fetch`). ``tls`` None: the lab mode. ``place()`` gives the pair
     and node now; ``shared_file(service, version_dir)`` the archive this node may serve;
-    ``statuses()`` the nodes' published statuses, by key."""
+    ``nodes`` mirrors the nodes' published statuses."""
 
     def __init__(
         self,
@@ -194,13 +198,13 @@ class PeerPackages:
         tls: PeerTls | None,
         *,
         place: Callable[[], tuple[Pair | None, Node | None]],
-        statuses: Callable[[], Mapping[str, Kv]],
+        nodes: Mirror,
         limits: Limits = LIMITS,
     ) -> None:
         self.log = log
         self.tls = tls
         self._place = place
-        self._statuses = statuses
+        self._nodes = nodes
         self.limits = limits
         self.fetcher: Fetcher | None = None  # made from the node's address, when it asks
         self.shared_file: SharedFile = lambda service, version_dir: None
@@ -215,7 +219,7 @@ class PeerPackages:
         files: TlsFiles | None,
         *,
         place: Callable[[], tuple[Pair | None, Node | None]],
-        statuses: Callable[[], Mapping[str, Kv]],
+        nodes: Mirror,
     ) -> PeerPackages | None:
         """Over TLS with this agent's files, in the lab mode without them; None (and
         said) when they hold no certificate of this agent's to show its peers."""
@@ -230,17 +234,18 @@ class PeerPackages:
                     reason=str(err),
                 )
                 return None
-        return cls(log, tls, place=place, statuses=statuses)
+        return cls(log, tls, place=place, nodes=nodes)
 
     # -- fetching ---------------------------------------------------------------------
-    def sources(self, service: str, version_dir: str) -> list[tuple[str, str]]:
+    async def sources(self, service: str, version_dir: str) -> list[tuple[str, str]]:
         """``(peer, url)`` to ask for ``service``'s ``version_dir`` first, in the pair's
         order: none unless the pair fetches from peers."""
         pair, node = self._place()
         if pair is None or node is None or not pair.packages.from_peers:
             return []
+        await wait_event(self._nodes.synced, STATUSES_S)
         port, tls = pair.packages.peer_port, self.tls is not None
-        found = holders(pair, node.name, self._statuses(), service, version_dir)
+        found = holders(pair, node.name, self._nodes.items, service, version_dir)
         return [(n.name, url(n, port, service, version_dir, tls)) for n in found]
 
     async def fetch(self, peer: str, source: str, dest: Path) -> None:

@@ -325,8 +325,9 @@ class Packages:
         """The package's file into ``part``, its sha256 checked: from the first peer
         that holds it and serves it whole and right, else from the origin; where it
         came from."""
-        for peer, source in self.peers.sources(name, package.dir_name) if self.peers else []:
-            if await self._from_peer(peer, source, package, part):
+        peers = await self.peers.sources(name, package.dir_name) if self.peers else []
+        for peer, source in peers:
+            if await self._from_peer(name, peer, source, package, part):
                 return peer
         try:
             await self.fetcher.fetch(package.url, part)
@@ -343,12 +344,15 @@ class Packages:
             )
         return ORIGIN
 
-    async def _from_peer(self, peer: str, source: str, package: Package, part: Path) -> bool:
+    async def _from_peer(
+        self, name: str, peer: str, source: str, package: Package, part: Path
+    ) -> bool:
         """``source`` (a peer's) into ``part`` if it comes whole with the sha256 the site
         file names; whatever it gave is thrown away otherwise (never resumed from)."""
         assert self.peers is not None
         got = part.with_name(part.name.removesuffix(".part") + ".peer")
-        log = dict(peer=peer, url=source, version=package.version, sha256=package.sha256[:12])
+        log = dict(service=name, version=package.version, sha256=package.sha256[:12])
+        log.update(peer=peer, url=source)
         await self._thread(got.unlink, True)
         try:
             await self.peers.fetch(peer, source, got)
