@@ -10,6 +10,7 @@ is refused, and nothing but the version the site names is served."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import ssl
 from pathlib import Path
@@ -59,14 +60,19 @@ def shared_file(c: Cluster, node: str, pkg: dict[str, Any]) -> Path:
     return c.tmp / f"state-{node}" / "packages" / ".shared" / "app" / f"1.0-{pkg['sha256'][:12]}"
 
 
+async def a_holds(c: Cluster, pkg: dict[str, Any]) -> None:
+    """The site applied with ``pkg``; a started, once it holds it."""
+    await c.apply(site(c, pkg))
+    c.start("a")
+    await package_on(c, "a", "app", "1.0", "installed")
+
+
 async def test_b_fetches_from_a_while_the_origin_is_gone(cluster: Cluster) -> None:
     files = files_of(cluster)
     v1 = build(files, "app", "1.0", {"data": os.urandom(3 << 20)})
     async with serving(files) as origin:
         pkg = package(v1, f"{origin.url}/{v1.name}", "1.0")
-        await cluster.apply(site(cluster, pkg))
-        cluster.start("a")
-        await package_on(cluster, "a", "app", "1.0", "installed")
+        await a_holds(cluster, pkg)
     # The origin is stopped: whatever b gets, it gets from a.
     assert [r for n, r in origin.requests if n == v1.name] == [None]
     assert sha256(shared_file(cluster, "a", pkg)) == pkg["sha256"]
@@ -86,14 +92,12 @@ async def test_a_peer_that_serves_wrong_bytes_is_refused_and_the_origin_used(
     v1 = build(files, "app", "1.0", {"data": os.urandom(1 << 20)})
     async with serving(files) as origin:
         pkg = package(v1, f"{origin.url}/{v1.name}", "1.0")
-        await cluster.apply(site(cluster, pkg))
-        cluster.start("a")
-        await package_on(cluster, "a", "app", "1.0", "installed")
+        await a_holds(cluster, pkg)
         # a's kept archive damaged on its disk: same size, other bytes.
         kept = shared_file(cluster, "a", pkg)
-        data = bytearray(kept.read_bytes())
+        data = bytearray(await asyncio.to_thread(kept.read_bytes))
         data[len(data) // 2] ^= 0xFF
-        kept.write_bytes(bytes(data))
+        await asyncio.to_thread(kept.write_bytes, bytes(data))
         cluster.start("b")
         await package_on(cluster, "b", "app", "1.0", "installed")
         # b asked a first (its status says it holds the version), then the origin.
@@ -133,9 +137,7 @@ async def test_only_the_pairs_peers_may_read_and_only_what_the_site_names(
 ) -> None:
     v1 = build(files_of(cluster), "app", "1.0", {"data": os.urandom(100_000)})
     pkg = package(v1, v1.as_uri(), "1.0")
-    await cluster.apply(site(cluster, pkg))
-    cluster.start("a")
-    await package_on(cluster, "a", "app", "1.0", "installed")
+    await a_holds(cluster, pkg)
     test_pki = cluster.etcd.pki
     assert test_pki is not None
     path = f"/v1/packages/app/1.0-{pkg['sha256'][:12]}"
@@ -191,9 +193,7 @@ async def test_in_the_lab_mode_peers_fetch_in_clear_from_their_addresses_alone(
 ) -> None:
     v1 = build(files_of(cluster), "app", "1.0")
     pkg = package(v1, v1.as_uri(), "1.0")
-    await cluster.apply(site(cluster, pkg))
-    cluster.start("a")
-    await package_on(cluster, "a", "app", "1.0", "installed")
+    await a_holds(cluster, pkg)
     v1.unlink()  # the origin gone: its file removed
     cluster.start("b")
     await package_on(cluster, "b", "app", "1.0", "installed")
