@@ -299,7 +299,10 @@ class PeerPackages:
     async def _start(self, address: str, port: int) -> web.AppRunner | None:
         app = web.Application(middlewares=[self._only_peers])
         app.router.add_get(ROUTE, self._serve)  # and HEAD; 405 for other methods
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # A transfer under way when serving ends (the agent stops, the option is turned
+        # off) is cut short soon: the peer turns to the origin, and the agent's stop waits
+        # for nothing.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await runner.setup()
         context = self.tls.server_context() if self.tls is not None else None
         site = web.TCPSite(runner, address, port, ssl_context=context, reuse_address=True)
