@@ -474,8 +474,13 @@ class Packages:
         for kept in shared.iterdir() if shared.is_dir() else []:
             if not (self.root / name / kept.name / MARKER).is_file():
                 kept.unlink(missing_ok=True)
+        # A download's name is SERVICE-VERSION-HASH: one of service "app-x" also starts
+        # with "app-", and is that service's.
+        others = tuple(f"{o}-" for o in self._wanted if o.startswith(f"{name}-"))
         for part in (self.root / DOWNLOADS).glob(f"{name}-*"):
-            if part.suffix in (".part", ".peer") and part.stem != f"{name}-{package.dir_name}":
+            if part.suffix not in (".part", ".peer") or part.name.startswith(others):
+                continue
+            if part.stem != f"{name}-{package.dir_name}":
                 part.unlink(missing_ok=True)
 
 

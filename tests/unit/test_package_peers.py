@@ -12,11 +12,15 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from hapair.shared import keys, pki
-from hapair.shared.package import PEER_PORT
+from hapair.shared.log import EventLog
+from hapair.shared.mirror import Mirror
+from hapair.shared.package import PEER_PORT, Package
 from hapair.shared.records import NodeStatus, PackageStatus
 from hapair.shared.store import Kv
 from hapair.shared.topology import Pair, TopologyError, parse_site
+from hapair.workshop_agent.package_archive import MARKER
 from hapair.workshop_agent.package_peers import (
+    PeerPackages,
     PeerTls,
     admitted,
     agent_name,
@@ -24,7 +28,10 @@ from hapair.workshop_agent.package_peers import (
     server_refusal,
     url,
 )
+from hapair.workshop_agent.packages import DOWNLOADS, SHARED, Packages
+from hapair.workshop_agent.run_as import ServiceUsers
 
+MIRROR = Mirror(None, keys.NODES_PREFIX, lambda _: None)  # type: ignore[arg-type]  # never run
 NODES = [
     {"name": "a", "address": "127.0.0.1"},
     {"name": "b", "address": "127.0.0.2"},
@@ -201,3 +208,50 @@ def test_peer_tls_needs_this_agents_certificate_and_checks_the_server_itself(
     # server_refusal judges it instead, before a byte of the body is read.
     assert client.verify_mode == ssl.CERT_NONE and not client.check_hostname
     assert client.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+# ---- what a node keeps ------------------------------------------------------------
+
+
+def test_retention_removes_a_services_old_downloads_and_kept_archives_alone(
+    tmp_path: Path,
+) -> None:
+    def pkg(version: str, digit: str) -> Package:
+        return Package(version=version, url="file:///m/app.tar.gz", sha256=digit * 64)
+
+    v1, v2 = pkg("1.0", "a"), pkg("2.0", "b")
+    pair_ = pair(packages={"from_peers": True})
+    node = pair_.nodes[0]
+    packages = Packages(
+        tmp_path,
+        ServiceUsers(),
+        EventLog("test"),
+        place=lambda: (pair_, node),
+        event=lambda *a, **k: None,
+        changed=lambda: None,
+        peers=PeerPackages(EventLog("test"), None, place=lambda: (pair_, node), nodes=MIRROR),
+    )
+    packages._wanted = {"app": v2, "app-x": pkg("1.0", "c")}
+    root = tmp_path / "packages"
+    for version in (v1, v2):
+        (root / "app" / version.dir_name).mkdir(parents=True)
+        (root / "app" / version.dir_name / MARKER).write_text("{}")
+    shared, downloads = root / SHARED / "app", root / DOWNLOADS
+    shared.mkdir(parents=True)
+    downloads.mkdir()
+    for name in ("0.9-000000000000", v1.dir_name, v2.dir_name):
+        (shared / name).write_bytes(b"archive")
+    for name in ("app-0.9-x.part", "app-0.9-x.peer", "app-x-1.0-cccccccccccc.part"):
+        (downloads / name).write_bytes(b"part")
+    (downloads / f"app-{v2.dir_name}.peer").write_bytes(b"part")
+
+    packages._retain("app", v2)
+    # Its last two versions, and their archives for the peers, are kept; another
+    # service's download whose name starts the same is left alone.
+    assert sorted(p.name for p in shared.iterdir()) == sorted([v1.dir_name, v2.dir_name])
+    assert sorted(p.name for p in downloads.iterdir()) == sorted(
+        ["app-x-1.0-cccccccccccc.part", f"app-{v2.dir_name}.peer"]
+    )
+    assert packages.shared_file("app", v2.dir_name) == shared / v2.dir_name
+    assert packages.shared_file("app", v1.dir_name) is None  # not the version named now
+    assert packages.shared_file("app-x", "1.0-cccccccccccc") is None  # not installed
