@@ -338,15 +338,10 @@ class PeerPackages:
     async def _only_peers(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Before anything else, even a 404: a request that is not a peer's gets 403."""
         pair, node = self._place()
-        identity = None
-        tls = request.transport.get_extra_info("ssl_object") if request.transport else None
-        if isinstance(tls, ssl.SSLObject):
-            der = tls.getpeercert(binary_form=True)
-            identity = agent_name(x509.load_der_x509_certificate(der)) if der else None
         refused = (
             "this node is in no pair"
             if pair is None or node is None
-            else admitted(pair, node.name, identity, request.remote, self.tls is not None)
+            else admitted(pair, node.name, _identity(request), request.remote, self.tls is not None)
         )
         if refused is not None:
             self.log.warning(
@@ -365,6 +360,7 @@ class PeerPackages:
         async with self._busy:
             self.log.info(
                 "package served to a peer",
+                peer=_identity(request),
                 source=request.remote,
                 service=service,
                 version_dir=version_dir,
@@ -373,3 +369,12 @@ class PeerPackages:
             response = web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
             await response.prepare(request)
             return response
+
+
+def _identity(request: web.Request) -> str | None:
+    """The agent a request's verified client certificate names (None: none, or clear)."""
+    tls = request.transport.get_extra_info("ssl_object") if request.transport else None
+    if not isinstance(tls, ssl.SSLObject):
+        return None
+    der = tls.getpeercert(binary_form=True)
+    return agent_name(x509.load_der_x509_certificate(der)) if der else None
