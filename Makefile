@@ -91,7 +91,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	@echo "==> installing hapair and its development tools into $(VENV)"
-	$(BIN)/python -m pip install $(PIP_FLAGS) -e '.[dev]'
+	$(BIN)/python -m pip install $(PIP_FLAGS) -e '.[server,dev]'
 	@touch $@
 
 venv: $(STAMP)

@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from bench.procstat import core_busy, rss_mb, run_delay
 from hapair.comm_server.app import CommServer, Listen
 from hapair.comm_server.config import parse_config
 from hapair.comm_server.poller import PollStats
@@ -119,12 +120,6 @@ def farm(plcs: int, registers: int, port: int, change_rate: float = 0.0) -> Iter
         proc.wait(10)
 
 
-def run_delay(pid: int | str = "self") -> float:
-    """Seconds this process has waited for a CPU while runnable (/proc schedstat): how
-    much other work on the machine got in its way."""
-    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
-
-
 BENCH_USER, BENCH_PASSWORD = "bench", "bench-password"
 
 
@@ -188,24 +183,6 @@ def child_run(*args: str) -> dict[str, float]:
 def cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def core_busy(core: int) -> tuple[int, int]:
-    """(busy, total) jiffies of ``core`` since boot, from /proc/stat."""
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith(f"cpu{core} "):
-                ticks = [int(x) for x in line.split()[1:]]
-                idle = ticks[3] + ticks[4]  # idle and iowait
-                return sum(ticks) - idle, sum(ticks)
-    raise RuntimeError(f"cpu{core} not in /proc/stat")
-
-
-def rss_mb(pid: int | str = "self") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 # -- poll ------------------------------------------------------------------------------
@@ -377,11 +354,6 @@ def startup_once(config: Path, i: int, directory: Path | None = None) -> float:
 
 
 # -- changes -----------------------------------------------------------------------------
-def proc_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def count_notifications(
     url: str, keys: list[str], seconds: float, directory: Path | None = None
 ) -> dict[str, float]:

@@ -30,6 +30,7 @@ from hapair.comm_server.role import PairRole, StaticRole
 from hapair.comm_server.source import PlcListError, TopologyPlcs, plcs_of
 from hapair.shared import etcd_tls, event_loop, keys
 from hapair.shared import log as logs
+from hapair.shared.entry import add_version
 from hapair.shared.log import EventLog
 from hapair.shared.store import Store, StoreError, parse_endpoints
 
@@ -49,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="hapair-comm",
         description="Redundant PLC communications (Modbus TCP, OPC UA) served over OPC UA.",
     )
+    add_version(p)
     p.add_argument(
         "--config",
         help="the PLC list (YAML with plcs:); default: the plcs: of the pair in the topology",

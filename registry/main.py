@@ -18,6 +18,7 @@ from hapair.registry.settings import RegistrySettings
 from hapair.registry.tls import server_context
 from hapair.shared import etcd_tls, event_loop
 from hapair.shared import log as logs
+from hapair.shared.entry import add_version
 from hapair.shared.pki import PkiError
 from hapair.shared.topology import format_errors
 
@@ -26,6 +27,7 @@ log = logs.EventLog("hapair.registry")
 
 def _args(argv: list[str] | None) -> dict[str, object]:
     p = argparse.ArgumentParser(prog="hapair-registry", description=__doc__)
+    add_version(p)
     p.add_argument("--etcd", help="etcd endpoints URL[,URL...] (env HAPAIR_ETCD)")
     etcd_tls.add_options(p)
     p.add_argument("--listen", help="HOST:PORT (env HAPAIR_LISTEN, default 0.0.0.0:8700)")

@@ -8,6 +8,7 @@ PID may be reused by any other process once the agent is gone.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,14 @@ def start_ticks(pid: int | str = "self") -> int | None:
     return int(fields[19]) if fields is not None and len(fields) > 19 else None
 
 
+@functools.cache
+def own_start_ticks() -> int | None:
+    """:func:`start_ticks` of this process, read once: it never changes, and the agent
+    publishes it with every status."""
+    return start_ticks("self")
+
+
+@functools.cache
 def local_pid_ns() -> int | None:
     """The inode of this process's PID namespace."""
     try:

@@ -11,7 +11,7 @@ import functools
 import json
 import time
 import uuid
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from pydantic import Field, ValidationError
 
@@ -293,3 +293,17 @@ def decode(model: type[R], raw: bytes, key: str) -> R:
         return model.model_validate(data)
     except ValidationError as err:
         raise RecordError(key, format_errors(err)) from None
+
+
+def decode_shared(model: type[R], raw: bytes, key: str) -> R:
+    """:func:`decode`, remembered while the value is unchanged: an agent reads the same
+    keys of its pair ten times a second, and decoding them again was most of its idle
+    work. The record returned is shared by every caller: read it, never change it."""
+    return cast(R, _remembered(model, raw, key))
+
+
+@functools.lru_cache(maxsize=1024)
+def _remembered(model: type[Record], raw: bytes, key: str) -> Record:
+    # A value that does not decode raises, and is not remembered: rare, and each
+    # caller logs it once per revision.
+    return decode(model, raw, key)

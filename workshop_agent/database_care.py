@@ -16,7 +16,7 @@ from typing import Any
 
 from hapair.shared import keys
 from hapair.shared.log import EventLog
-from hapair.shared.records import NodeStatus, RecordError, SyncState, decode
+from hapair.shared.records import NodeStatus, RecordError, SyncState, decode_shared
 from hapair.shared.store import Kv, StoreError
 from hapair.shared.topology import Pair
 from hapair.shared.waits import wait_event
@@ -182,7 +182,7 @@ def sync_record(pair: Pair, pairs: Mapping[str, Kv]) -> SyncState | None:
     kv = pairs.get(keys.sync_standby(pair.name))
     if kv is not None:
         with contextlib.suppress(RecordError):
-            return decode(SyncState, kv.value, kv.key)
+            return decode_shared(SyncState, kv.value, kv.key)
     return None
 
 
@@ -223,7 +223,7 @@ def received(
     for n in pair.nodes:
         kv = nodes.get(keys.node_status(n.name))
         try:
-            status = decode(NodeStatus, kv.value, kv.key) if kv is not None else None
+            status = decode_shared(NodeStatus, kv.value, kv.key) if kv is not None else None
             db = (status.database or {}) if status else {}
             lsn = None if db.get("streaming") else db.get("receive_lsn")
             out[n.name] = parse_lsn(lsn) if isinstance(lsn, str) else None

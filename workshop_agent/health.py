@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-
-import aiohttp
+import functools
+import re
+import ssl
+from urllib.parse import urlsplit
 
 from hapair.shared.topology import Health, expand
 from hapair.workshop_agent.run_as import RunAs, process_ids
@@ -17,7 +19,6 @@ from hapair.workshop_agent.run_as import RunAs, process_ids
 async def probe(
     health: Health,
     values: dict[str, str],
-    session: aiohttp.ClientSession,
     run_as: RunAs,
     env: dict[str, str],
 ) -> str | None:
@@ -28,7 +29,7 @@ async def probe(
             if health.tcp is not None:
                 return await _tcp(expand(health.tcp, values))
             if health.http is not None:
-                return await _http(session, expand(health.http, values))
+                return await _http(expand(health.http, values))
             if health.command is not None:
                 return await _command([expand(a, values) for a in health.command], run_as, env)
     except TimeoutError:
@@ -48,14 +49,46 @@ async def _tcp(target: str) -> str | None:
     return None
 
 
-async def _http(session: aiohttp.ClientSession, url: str) -> str | None:
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])[ \r\n]")
+
+
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """https checks trust the system's CAs and check the host name, as a browser would."""
+    return ssl.create_default_context()
+
+
+async def _http(url: str) -> str | None:
+    """One GET on a new connection, healthy on a 2xx or 3xx status (a redirect proves
+    the server answers; it is not followed). Only the status line is read: a probe a
+    second must cost the agent next to nothing."""
+    parts = urlsplit(url)
+    tls = parts.scheme == "https"
+    host = parts.netloc.rpartition("@")[2]
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
-        async with session.get(url, allow_redirects=False) as resp:
-            if 200 <= resp.status < 400:
-                return None
-            return f"http {url}: status {resp.status}"
-    except aiohttp.ClientError as err:
-        return f"http {url}: {err}"
+        reader, writer = await asyncio.open_connection(
+            parts.hostname, parts.port or (443 if tls else 80), ssl=_tls() if tls else None
+        )
+    except (OSError, ValueError) as err:
+        return f"http {url}: {getattr(err, 'strerror', None) or err}"
+    try:
+        writer.write(
+            f"GET {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: hapair-agent\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        line = await reader.readline()
+    except (OSError, ValueError) as err:
+        return f"http {url}: {getattr(err, 'strerror', None) or err}"
+    finally:
+        # Not awaited: the answer is in, and a TLS peer slow to close must not turn it
+        # into a timeout.
+        writer.close()
+    found = _STATUS_LINE.match(line)
+    if found is None:
+        return f"http {url}: not an HTTP answer ({line[:40]!r})"
+    status = int(found.group(1))
+    return None if 200 <= status < 400 else f"http {url}: status {status}"
 
 
 async def _command(argv: list[str], run_as: RunAs, env: dict[str, str]) -> str | None:

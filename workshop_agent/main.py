@@ -9,6 +9,7 @@ import sys
 from pydantic import ValidationError
 
 from hapair.shared import etcd_tls
+from hapair.shared.entry import add_version
 from hapair.shared.log import EventLog, setup
 from hapair.shared.topology import format_errors
 from hapair.workshop_agent.agent import Agent, AgentError
@@ -24,6 +25,7 @@ def parse_args(argv: list[str] | None) -> dict[str, str]:
         "HAPAIR_SERVICE_USER, HAPAIR_SERVICE_GROUP, HAPAIR_ALLOW_ROOT_SERVICES and "
         "HAPAIR_PACKAGE_CA.",
     )
+    add_version(p)
     p.add_argument("--node", help="this server's node name, as in the site file")
     p.add_argument("--etcd", help="etcd URLs, comma-separated (https://HOST:PORT,...)")
     etcd_tls.add_options(p)

@@ -22,7 +22,7 @@ from hapair.shared.records import (
     ResourceReport,
     Switchover,
     Takeover,
-    decode,
+    decode_shared,
 )
 from hapair.shared.store import Kv
 from hapair.shared.topology import Pair
@@ -65,7 +65,7 @@ class PairObserver:
 
     def _decode(self, model: type[R], kv: Kv) -> R | None:
         try:
-            return decode(model, kv.value, kv.key)
+            return decode_shared(model, kv.value, kv.key)
         except RecordError as err:
             if (kv.key, kv.mod_revision) not in self._warned:
                 self._warned.add((kv.key, kv.mod_revision))

@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable, Iterable
 
 from hapair.shared import keys
-from hapair.shared.agent_process import local_pid_ns, start_ticks
+from hapair.shared.agent_process import local_pid_ns, own_start_ticks
 from hapair.shared.clock import Clock
 from hapair.shared.lease import Session
 from hapair.shared.log import EventLog
@@ -146,7 +146,7 @@ class Publisher:
             pid=os.getpid(),
             boot_id=local_boot_id(),
             pid_ns=local_pid_ns(),
-            pid_start=start_ticks(),
+            pid_start=own_start_ticks(),
             held_by=self._held_by(),
         )
         raw = status.model_copy(update={"updated": 0.0}).encode()

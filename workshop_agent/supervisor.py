@@ -27,8 +27,6 @@ import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import aiohttp
-
 from hapair.shared.clock import boottime
 from hapair.shared.log import EventLog
 from hapair.shared.package import PLACEHOLDER as PACKAGE_DIR
@@ -100,7 +98,6 @@ class Supervisor:
         self.held: set[str] = set()
         self._updating = False
         self._activation: asyncio.Task[None] | None = None
-        self._http: aiohttp.ClientSession | None = None
         self._cleanups: set[asyncio.Task[None]] = set()
         self._sync_runners(pair)
 
@@ -264,8 +261,6 @@ class Supervisor:
         await self.deactivate()
         for r in self.runners.values():
             await self._stop(r, r.spec.stop_grace_s)
-        if self._http is not None:
-            await self._http.close()
         self.processes.close()
 
     async def _cancel_activation(self) -> None:
@@ -448,13 +443,8 @@ class Supervisor:
         return task.result()
 
     async def _probe(self, r: Runner, health: Health, values: dict[str, str]) -> str | None:
-        if self._http is None:
-            self._http = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None),
-                connector=aiohttp.TCPConnector(force_close=True),
-            )
         assert r.run_as is not None  # resolved before the run started
-        return await probe(health, values, self._http, r.run_as, r.env)
+        return await probe(health, values, r.run_as, r.env)
 
     def _set_state(self, r: Runner, state: ServiceState, detail: str | None) -> None:
         if r.state != state:

@@ -51,6 +51,7 @@ try:
     from hapair.shared import admin, etcd_tls
     from hapair.shared.admin import AdminError
     from hapair.shared.client import command as client_command
+    from hapair.shared.entry import add_version
     from hapair.shared.store import PermissionDenied, StoreError
     from hapair.shared.topology import Site, TopologyError, load
 except KeyboardInterrupt:
@@ -254,6 +255,7 @@ Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="hapair", description="Operate a hapair site.")
+    add_version(root)
     sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     topo = sub.add_parser("topology", help="validate, apply or show the site file")

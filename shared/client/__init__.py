@@ -26,7 +26,6 @@ from hapair.shared.client.errors import (
 )
 from hapair.shared.client.http import HttpAdapter
 from hapair.shared.client.models import Endpoint
-from hapair.shared.client.pg import PgAdapter
 from hapair.shared.client.resolver import Resolver, ServiceState
 from hapair.shared.client.tcp import Connection, TcpAdapter
 
@@ -38,17 +37,24 @@ if TYPE_CHECKING:
         Subscription,
         tag,
     )
+    from hapair.shared.client.pg import PgAdapter
 
-# asyncua would add about 0.2 s to every import of this package, the operator CLI's
-# among them: the OPC UA names load on first use.
-_OPCUA = ("ClientSecurity", "DataChange", "OpcUaAdapter", "Subscription", "tag")
+# Loaded on first use: asyncua would add about 0.2 s to every import of this package,
+# the operator CLI's among them, and a client without the `pg` or `opcua` extra has
+# neither psycopg nor asyncua.
+_LAZY = {
+    "PgAdapter": "pg",
+    **dict.fromkeys(
+        ("ClientSecurity", "DataChange", "OpcUaAdapter", "Subscription", "tag"), "opcua"
+    ),
+}
 
 
 def __getattr__(name: str) -> object:
-    if name in _OPCUA:
-        from hapair.shared.client import opcua
+    if name in _LAZY:
+        import importlib
 
-        return getattr(opcua, name)
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

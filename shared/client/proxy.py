@@ -37,6 +37,7 @@ from hapair.shared.client.models import Endpoint
 from hapair.shared.client.reconnect import follow_moves, reach
 from hapair.shared.client.registries import parse_registries, registry_ssl
 from hapair.shared.client.resolver import Resolver
+from hapair.shared.entry import add_version
 
 log = logs.EventLog("hapair.proxy")
 
@@ -296,6 +297,7 @@ def parser() -> argparse.ArgumentParser:
         prog="hapair-proxy",
         description="Forward TCP connections to the valid server of a hapair service.",
     )
+    add_version(p)
     p.add_argument("--service", required=True, help="the service's name in the site file")
     p.add_argument("--listen", required=True, type=_listen, help="HOST:PORT to accept on")
     p.add_argument(

@@ -1,0 +1,36 @@
+"""What the kernel says about a benchmark's processes: CPU time, waiting for a CPU,
+resident memory, a core's busy time."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def run_delay(pid: int | str = "self") -> float:
+    """Seconds this process has waited for a CPU while runnable (/proc schedstat): how
+    much other work on the machine got in its way."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def core_busy(core: int) -> tuple[int, int]:
+    """(busy, total) jiffies of ``core`` since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{core} "):
+                ticks = [int(x) for x in line.split()[1:]]
+                idle = ticks[3] + ticks[4]  # idle and iowait
+                return sum(ticks) - idle, sum(ticks)
+    raise RuntimeError(f"cpu{core} not in /proc/stat")
+
+
+def rss_mb(pid: int | str = "self") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
