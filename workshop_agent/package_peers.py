@@ -42,7 +42,7 @@ from hapair.shared import keys, pki
 from hapair.shared.log import EventLog
 from hapair.shared.mirror import Mirror
 from hapair.shared.pki import PkiError, TlsFiles
-from hapair.shared.records import NodeStatus, RecordError, decode
+from hapair.shared.records import NodeStatus, RecordError, decode_shared
 from hapair.shared.store import Kv
 from hapair.shared.topology import Node, Pair
 from hapair.shared.waits import wait_event
@@ -94,7 +94,7 @@ def holders(
         if kv is None:
             continue
         try:
-            status = decode(NodeStatus, kv.value, kv.key)
+            status = decode_shared(NodeStatus, kv.value, kv.key)
         except RecordError:
             continue
         if any(p.service == service and version_dir in p.installed for p in status.packages):
