@@ -14,6 +14,13 @@ for anything else. Only the pair's other nodes may read:
 - in the lab mode (the agent's etcd in clear), in clear to the peers' addresses alone,
   which anyone on the network can spoof: said in a warning at start.
 
+A node asks the peers whose status says they hold the version. When none does yet but
+a node before it in the pair's order is fetching that version itself, it waits for that
+node (the origin's link then carries each version once): as long as that node's status
+says it is installing the version (its own download is bounded), or, while its status
+does not name the version yet (its view of the site lags), for ``CATCH_UP_S``. A node
+that is down, or whose install failed, is not waited for.
+
 A peer is never trusted for content: the fetching node checks the sha256 the site file
 names (``packages.py``) and falls back to the origin on any failure.
 """
@@ -41,6 +48,7 @@ from cryptography.x509.verification import (
 from hapair.shared import keys, pki
 from hapair.shared.log import EventLog
 from hapair.shared.mirror import Mirror
+from hapair.shared.package import Package
 from hapair.shared.pki import PkiError, TlsFiles
 from hapair.shared.records import NodeStatus, RecordError, decode_shared
 from hapair.shared.store import Kv
@@ -56,6 +64,9 @@ RECONCILE_S = 1.0
 # Whom to ask comes from the peers' statuses: just after the agent starts, they are
 # awaited that long (then the origin is asked).
 STATUSES_S = 5.0
+CATCH_UP_S = 10.0  # an earlier node whose status does not name the version yet
+WAIT_S = Limits().total_s  # an earlier node installing it: as long as its download may take
+POLL_S = 1.0
 SharedFile = Callable[[str, str], Path | None]
 
 
@@ -83,23 +94,60 @@ def admitted(
     return None
 
 
+def _status(statuses: Mapping[str, Kv], node: str) -> NodeStatus | None:
+    """A node's published status; one that does not decode counts as none."""
+    kv = statuses.get(keys.node_status(node))
+    if kv is None:
+        return None
+    try:
+        return decode_shared(NodeStatus, kv.value, kv.key)
+    except RecordError:
+        return None
+
+
 def holders(
     pair: Pair, me: str, statuses: Mapping[str, Kv], service: str, version_dir: str
 ) -> list[Node]:
     """The peers whose published status says they hold ``service``'s ``version_dir``,
-    in the pair's order; a status that does not decode counts as none."""
+    in the pair's order."""
     found = []
     for node in peers_of(pair, me):
-        kv = statuses.get(keys.node_status(node.name))
-        if kv is None:
-            continue
-        try:
-            status = decode_shared(NodeStatus, kv.value, kv.key)
-        except RecordError:
-            continue
-        if any(p.service == service and version_dir in p.installed for p in status.packages):
+        status = _status(statuses, node.name)
+        packages = status.packages if status is not None else []
+        if any(p.service == service and version_dir in p.installed for p in packages):
             found.append(node)
     return found
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Whom a node asks for a version: ``ask``, the peers that hold it, in the pair's
+    order; or none yet, ``wait_for`` naming a node before it that fetches the version
+    itself (``catching_up``: its status does not name the version yet)."""
+
+    ask: list[Node]
+    wait_for: str | None = None
+    catching_up: bool = False
+
+
+def choose(
+    pair: Pair, me: str, statuses: Mapping[str, Kv], service: str, package: Package
+) -> Choice:
+    found = holders(pair, me, statuses, service, package.dir_name)
+    if found:
+        return Choice(found)
+    for node in pair.nodes:
+        if node.name == me:
+            break  # only a node before this one is waited for: nobody waits in a circle
+        status = _status(statuses, node.name)
+        if status is None:
+            continue  # down, or not started: not waited for
+        named = next((p for p in status.packages if p.service == service), None)
+        if named is None or named.version != package.version:
+            return Choice([], node.name, catching_up=True)
+        if named.state == "installing":
+            return Choice([], node.name)
+    return Choice([])
 
 
 def url(node: Node, port: int, service: str, version_dir: str, tls: bool) -> str:
@@ -237,16 +285,40 @@ class PeerPackages:
         return cls(log, tls, place=place, nodes=nodes)
 
     # -- fetching ---------------------------------------------------------------------
-    async def sources(self, service: str, version_dir: str) -> list[tuple[str, str]]:
-        """``(peer, url)`` to ask for ``service``'s ``version_dir`` first, in the pair's
-        order: none unless the pair fetches from peers."""
-        pair, node = self._place()
-        if pair is None or node is None or not pair.packages.from_peers:
-            return []
-        await wait_event(self._nodes.synced, STATUSES_S)
+    async def sources(self, service: str, package: Package) -> list[tuple[str, str]]:
+        """``(peer, url)`` to ask for ``service``'s ``package`` first, in the pair's
+        order, once no node before this one is still fetching it (:func:`choose`);
+        none unless the pair fetches from peers."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        said: Choice | None = None
+        log = dict(service=service, version=package.version, sha256=package.sha256[:12])
+        while True:
+            pair, node = self._place()
+            if pair is None or node is None or not pair.packages.from_peers:
+                return []
+            if not self._nodes.synced.is_set():
+                await wait_event(self._nodes.synced, STATUSES_S)
+            choice = choose(pair, node.name, self._nodes.items, service, package)
+            if choice.wait_for is None:
+                break
+            if loop.time() - start >= (CATCH_UP_S if choice.catching_up else WAIT_S):
+                self.log.info("package: no longer waiting for a peer", peer=choice.wait_for, **log)
+                break
+            if said is None or (said.wait_for, said.catching_up) != (
+                choice.wait_for,
+                choice.catching_up,
+            ):
+                self.log.info(
+                    "package: waiting for a peer that fetches it first",
+                    peer=choice.wait_for,
+                    its_status_names_it=not choice.catching_up,
+                    **log,
+                )
+            said = choice
+            await asyncio.sleep(POLL_S)
         port, tls = pair.packages.peer_port, self.tls is not None
-        found = holders(pair, node.name, self._nodes.items, service, version_dir)
-        return [(n.name, url(n, port, service, version_dir, tls)) for n in found]
+        return [(n.name, url(n, port, service, package.dir_name, tls)) for n in choice.ask]
 
     async def fetch(self, peer: str, source: str, dest: Path) -> None:
         """``source`` (a URL of :meth:`sources`) into ``dest``: FetchError says why not."""

@@ -325,7 +325,7 @@ class Packages:
         """The package's file into ``part``, its sha256 checked: from the first peer
         that holds it and serves it whole and right, else from the origin; where it
         came from."""
-        peers = await self.peers.sources(name, package.dir_name) if self.peers else []
+        peers = await self.peers.sources(name, package) if self.peers else []
         for peer, source in peers:
             if await self._from_peer(name, peer, source, package, part):
                 return peer

@@ -85,6 +85,26 @@ async def test_b_fetches_from_a_while_the_origin_is_gone(cluster: Cluster) -> No
     assert "package served to a peer" in cluster.log("a")
 
 
+async def test_a_new_version_crosses_the_origins_link_once(cluster: Cluster) -> None:
+    files = files_of(cluster)
+    v1 = build(files, "app", "1.0")
+    await cluster.apply(site(cluster, package(v1, v1.as_uri(), "1.0")))
+    for node in NODES:
+        cluster.start(node)
+    for node in NODES:
+        await package_on(cluster, node, "app", "1.0", "installed")
+    v2 = build(files, "app", "2.0", {"data": os.urandom(1 << 20)})
+    async with serving(files) as origin:
+        origin.delay_s = 1.0  # a's download takes a while: b sees it under way
+        await cluster.apply(site(cluster, package(v2, f"{origin.url}/{v2.name}", "2.0")))
+        for node in NODES:
+            await package_on(cluster, node, "app", "2.0", "installed")
+    # a, first in the pair, fetched it; b waited for a and took it from there.
+    assert [r for n, r in origin.requests if n == v2.name] == [None]
+    assert await sources(cluster, "2.0") == {"a": "origin", "b": "a"}
+    assert "package: waiting for a peer that fetches it first" in cluster.log("b")
+
+
 async def test_a_peer_that_serves_wrong_bytes_is_refused_and_the_origin_used(
     cluster: Cluster,
 ) -> None:

@@ -20,10 +20,12 @@ from hapair.shared.store import Kv
 from hapair.shared.topology import Pair, TopologyError, parse_site
 from hapair.workshop_agent.package_archive import MARKER
 from hapair.workshop_agent.package_peers import (
+    Choice,
     PeerPackages,
     PeerTls,
     admitted,
     agent_name,
+    choose,
     holders,
     server_refusal,
     url,
@@ -143,6 +145,55 @@ def test_a_node_asks_the_peers_whose_status_says_they_hold_the_version_in_pair_o
     statuses[keys.node_status("c")] = status_kv("c", [], raw=b"{not json")
     assert holders(pair(), "a", statuses, "app", "2-abc") == []
     assert [n.name for n in holders(pair(), "a", statuses, "app", "1-d")] == ["b"]
+
+
+V2 = Package(version="2", url="file:///m/app.tar.gz", sha256="c" * 64)
+
+
+def app_status(node: str, version: str, state: str, installed: list[str]) -> Kv:
+    named = PackageStatus(service="app", version=version, state=state, installed=installed)
+    return status_kv(node, [named])
+
+
+@pytest.mark.parametrize(
+    ("statuses", "me", "ask", "wait_for", "catching_up"),
+    [
+        # b holds it: asked, whoever else is still at it.
+        (
+            {"a": ("2", "installing", []), "b": ("2", "installed", [V2.dir_name])},
+            "c",
+            ["b"],
+            None,
+            False,
+        ),
+        # a, before c, fetches it itself: c waits for it, and b never is.
+        ({"a": ("2", "installing", []), "b": ("2", "installing", [])}, "c", [], "a", False),
+        ({"a": ("2", "installing", []), "b": ("2", "installing", [])}, "b", [], "a", False),
+        # a's status does not name the version yet (its view of the site lags).
+        ({"a": ("1", "installed", ["1-x"])}, "b", [], "a", True),
+        # Nobody waits for a node after it (a is first), a node down or one that failed.
+        ({"b": ("2", "installing", []), "c": ("2", "installing", [])}, "a", [], None, False),
+        ({"b": ("2", "installing", [])}, "c", [], "b", False),  # a down: b is waited for
+        ({"a": ("2", "failed", []), "b": ("2", "failed", ["1-x"])}, "c", [], None, False),
+        ({}, "b", [], None, False),
+    ],
+)
+def test_a_node_waits_for_a_node_before_it_that_fetches_the_version_itself(
+    statuses: dict[str, tuple[str, str, list[str]]],
+    me: str,
+    ask: list[str],
+    wait_for: str | None,
+    catching_up: bool,
+) -> None:
+    kvs = {keys.node_status(n): app_status(n, *st) for n, st in statuses.items()}
+    choice = choose(pair(), me, kvs, "app", V2)
+    assert [n.name for n in choice.ask] == ask
+    assert (choice.wait_for, choice.catching_up) == (wait_for, catching_up)
+
+
+def test_a_node_without_an_entry_for_the_service_is_still_catching_up() -> None:
+    kvs = {keys.node_status("a"): status_kv("a", [])}
+    assert choose(pair(), "b", kvs, "app", V2) == Choice([], "a", catching_up=True)
 
 
 def test_a_peers_url_names_the_service_and_version_directory_only() -> None:
