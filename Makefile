@@ -31,7 +31,7 @@ export PYTHONUNBUFFERED := 1
 
 # Commands the targets need, each with the Debian package that brings it.
 #   command:package
-TEST_TOOLS := etcd:etcd-server etcdctl:etcd-client setpriv:util-linux arping:iputils-arping nft:nftables ip:iproute2 tc:iproute2
+TEST_TOOLS := etcd:etcd-server etcdctl:etcd-client setpriv:util-linux arping:iputils-arping nft:nftables ip:iproute2 tc:iproute2 promtool:prometheus
 BENCH_TOOLS := $(TEST_TOOLS) wrk:wrk
 
 .PHONY: help test unit lint fmt typecheck pytest demo bench clean venv sysdeps bench-sysdeps chaos

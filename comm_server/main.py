@@ -26,9 +26,10 @@ from typing import Any, TypeVar
 from hapair.comm_server.access import AccessError, hash_password, server_security
 from hapair.comm_server.app import CommServer, Listen
 from hapair.comm_server.config import CommConfig, ConfigError, load
+from hapair.comm_server.metrics import CommCollector, Shown
 from hapair.comm_server.role import PairRole, StaticRole
 from hapair.comm_server.source import PlcListError, TopologyPlcs, plcs_of
-from hapair.shared import etcd_tls, event_loop, keys
+from hapair.shared import etcd_tls, event_loop, keys, metrics
 from hapair.shared import log as logs
 from hapair.shared.entry import add_version
 from hapair.shared.log import EventLog
@@ -63,6 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--etcd", default=env("HAPAIR_ETCD"), help="etcd URL(s) (default $HAPAIR_ETCD)")
     etcd_tls.add_options(p)
+    metrics.add_options(p)
     p.add_argument("--node", default=env("HAPAIR_NODE"), help="this node (default $HAPAIR_NODE)")
     p.add_argument("--pair", default=env("HAPAIR_PAIR"), help="its pair (default $HAPAIR_PAIR)")
     p.add_argument(
@@ -152,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         print(f"hapair-comm: {problem}", file=sys.stderr)
         return 2
+    try:
+        args.metrics = metrics.from_args(args)
+    except metrics.MetricsError as err:
+        print(f"hapair-comm: {err}", file=sys.stderr)
+        return 2
     config: CommConfig | None = None
     if args.config:
         try:
@@ -199,7 +206,13 @@ async def _run(args: argparse.Namespace, config: CommConfig | None) -> int:
         store = Store(args.etcd, timeout=1.0, tls=etcd_tls.from_args(args))
         etcd_tls.warn_if_plain(store.secure, log, args.etcd)
     source = None if config is not None or store is None else TopologyPlcs(store, args.pair, log)
+    shown = Shown()
+    scraped = None
     try:
+        if args.metrics is not None:
+            who = (args.pair or "", args.node or socket.gethostname())
+            reg = metrics.registry(CommCollector(shown, *who))
+            scraped = await metrics.serve(args.metrics, reg, log)
         if source is not None:
             source.start()
             try:
@@ -210,7 +223,7 @@ async def _run(args: argparse.Namespace, config: CommConfig | None) -> int:
                 return 2
         while config is not None:
             try:
-                config = await _serve(args, config, store, source, stop, log)
+                config = await _serve(args, config, store, source, stop, log, shown)
             except AccessError as err:
                 log.error("opcua security refused", problem=str(err))
                 print(f"hapair-comm: {err}", file=sys.stderr)
@@ -219,6 +232,8 @@ async def _run(args: argparse.Namespace, config: CommConfig | None) -> int:
                 log.info("restarting with the PLC list of the topology", plcs=len(config.plcs))
         return 0
     finally:
+        if scraped is not None:
+            scraped.close()
         if source is not None:
             await source.close()
         if store is not None:
@@ -232,6 +247,7 @@ async def _serve(
     source: TopologyPlcs | None,
     stop: asyncio.Event,
     log: EventLog,
+    shown: Shown,
 ) -> CommConfig | None:
     """Serve ``config`` until a signal (None), or a new PLC list in the topology (it)."""
     who = f"{args.pair}:{args.node}" if not args.standalone else socket.gethostname()
@@ -254,6 +270,7 @@ async def _serve(
         return PairRole(store, args.pair, args.node, args.service, parts, on_change, log)
 
     await server.start(role)
+    shown.server = server
     # The address space is a few million long-lived objects; a full collection walking
     # them stalls the loop for tens of milliseconds, a whole poll's budget. Set them
     # aside from the collector while this server runs.
@@ -276,6 +293,7 @@ async def _serve(
     for task in tasks:
         task.cancel()
     gc.unfreeze()  # the old address space must be collectable once stopped
+    shown.server = None
     await server.stop()
     if crashed:
         ended.result()

@@ -12,6 +12,7 @@ process, the timer's turn may come after the reads queued meanwhile).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,10 @@ from hapair.shared.plcs import ModbusPlc, OpcUaPlc, PlcHealth
 PlcConfig = ModbusPlc | OpcUaPlc
 
 
+LATE_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+"""Upper bounds of the poll lateness histogram (seconds after its slot a cycle began)."""
+
+
 @dataclass
 class PollStats:
     """Shared by every poller; the benchmarks read it."""
@@ -37,6 +42,9 @@ class PollStats:
     record: bool = False
     lateness: list[float] = field(default_factory=list)  # start, after its slot (s)
     duration: list[float] = field(default_factory=list)  # slot to end of cycle (s)
+    # Every cycle's lateness, counted by bucket (cumulative counts at scrape time).
+    late_counts: list[int] = field(default_factory=lambda: [0] * (len(LATE_BUCKETS_S) + 1))
+    late_sum_s: float = 0.0
 
 
 class PlcPoller:
@@ -109,6 +117,8 @@ class PlcPoller:
     def _record(self, late: float, took: float) -> None:
         stats = self.stats
         stats.cycles += 1
+        stats.late_counts[bisect.bisect_left(LATE_BUCKETS_S, late)] += 1
+        stats.late_sum_s += late
         if self.reachable:  # read in this cycle
             stats.tags += len(self.table.tags)
         if stats.record:

@@ -10,7 +10,16 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from hapair.registry.appkeys import CACHE, CONFIG, READERS, STORE, Readers, RegistryConfig
+from hapair.registry.appkeys import (
+    CACHE,
+    CONFIG,
+    READERS,
+    SERVED,
+    STORE,
+    Readers,
+    RegistryConfig,
+    Served,
+)
 from hapair.registry.cache import SiteCache
 from hapair.registry.errors import domain_errors, log
 from hapair.registry.openapi import add_routes
@@ -33,6 +42,7 @@ def create_app(
     app[CACHE] = SiteCache(store)
     app[CONFIG] = config or RegistryConfig()
     app[READERS] = Readers()
+    app[SERVED] = Served()
     add_routes(app, ROUTES)
     app.cleanup_ctx.append(_watch)
     app.cleanup_ctx.append(_retention)

@@ -48,7 +48,16 @@ class Readers:
     """Streams and long-polls held per client address."""
 
 
+@dataclass(slots=True)
+class Served:
+    """What the registry answered, counted for its metrics."""
+
+    lookups: Counter[int] = field(default_factory=Counter)
+    """Endpoint lookups by the HTTP status of their answer."""
+
+
 CACHE = web.AppKey("cache", SiteCache)
 STORE = web.AppKey("store", Store)
 CONFIG = web.AppKey("config", RegistryConfig)
 READERS = web.AppKey("readers", Readers)
+SERVED = web.AppKey("served", Served)

@@ -34,18 +34,9 @@ CLOSED = (
     "(or HAPAIR_ADMIN_TOKENS) to accept named bearer tokens, with --client-ca FILE to "
     "accept operators' client certificates, or with --open-admin in a lab"
 )
-# Certificates hapair pki issues name their kind (OU): these are components', not an
-# operator's, even though the site CA signed them.
-NOT_OPERATORS = frozenset(
-    {
-        pki.Kind.ETCD,
-        pki.Kind.AGENT,
-        pki.Kind.REGISTRY,
-        pki.Kind.COMM,
-        pki.Kind.OPCUA_CLIENT,
-        pki.Kind.POSTGRES,
-    }
-)
+# Certificates hapair pki issues name their kind (OU): every kind but these two is a
+# component's (or a scraper's), not an operator's, even though the site CA signed it.
+NOT_OPERATORS = frozenset(pki.Kind) - {pki.Kind.OPERATOR, pki.Kind.ADMIN}
 
 
 # ---- tokens -----------------------------------------------------------------------

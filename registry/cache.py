@@ -20,7 +20,9 @@ import asyncio
 import bisect
 import contextlib
 import json
+import re
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +66,11 @@ class Answer:
 NOT_LOADED = Answer.of(Lookup(503, {"error": "the registry has not read the site from etcd yet"}))
 
 
+EVENT_KINDS = 64
+"""Distinct event kinds counted by name; more are counted as ``other``."""
+_KIND = re.compile(r"[a-z][a-z_ ]{0,39}")
+
+
 def sse(kind: str, data: Any, revision: int) -> bytes:
     return f"event: {kind}\nid: {revision}\ndata: {json.dumps(data)}\n\n".encode()
 
@@ -104,6 +111,8 @@ class SiteCache:
         """The event keys the mirror keeps (:func:`keys.event_order`), in time order: the
         newest only."""
         self.view = SiteView()
+        self.events_seen: Counter[str] = Counter()
+        """New events by kind since this registry started (for its metrics)."""
         self.answers: dict[str, Answer] = {}
         self._roles: dict[str, dict[str, Any]] = {}
         self._nodes: dict[str, dict[str, Any]] = {}
@@ -302,6 +311,14 @@ class SiteCache:
         for key, event in new.events.items():
             if key not in old.events and old.revision:
                 self._publish(sse("event", event.model_dump(mode="json"), rev))
+                self.events_seen[self._kind_label(event.kind)] += 1
+
+    def _kind_label(self, kind: str) -> str:
+        """An event's kind as a metric label. Anyone who may write events chooses it: a
+        kind that does not look like one, or one beyond the first few dozen, is counted
+        as ``other`` so that no writer can grow the label set."""
+        known = kind in self.events_seen or len(self.events_seen) < EVENT_KINDS
+        return kind if known and _KIND.fullmatch(kind) else "other"
 
     def _update_topology(self, view: SiteView, rev: int) -> None:
         data: dict[str, Any] | None = None

@@ -12,11 +12,12 @@ from typing import NoReturn
 from pydantic import ValidationError
 
 from hapair.registry.app import create_app, runner
-from hapair.registry.appkeys import RegistryConfig
+from hapair.registry.appkeys import CACHE, READERS, SERVED, RegistryConfig
 from hapair.registry.auth import CLOSED
+from hapair.registry.metrics import RegistryCollector
 from hapair.registry.settings import RegistrySettings
 from hapair.registry.tls import server_context
-from hapair.shared import etcd_tls, event_loop
+from hapair.shared import etcd_tls, event_loop, metrics
 from hapair.shared import log as logs
 from hapair.shared.entry import add_version
 from hapair.shared.pki import PkiError
@@ -25,7 +26,7 @@ from hapair.shared.topology import format_errors
 log = logs.EventLog("hapair.registry")
 
 
-def _args(argv: list[str] | None) -> dict[str, object]:
+def _args(argv: list[str] | None) -> tuple[dict[str, object], argparse.Namespace]:
     p = argparse.ArgumentParser(prog="hapair-registry", description=__doc__)
     add_version(p)
     p.add_argument("--etcd", help="etcd endpoints URL[,URL...] (env HAPAIR_ETCD)")
@@ -68,7 +69,10 @@ def _args(argv: list[str] | None) -> dict[str, object]:
         help="admin routes open to anyone who can reach the registry, for labs "
         "(env HAPAIR_OPEN_ADMIN=1)",
     )
-    return {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    metrics.add_options(p)
+    args = p.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None and not k.startswith("metrics_")}
+    return given, args
 
 
 def _config(settings: RegistrySettings) -> RegistryConfig:
@@ -98,7 +102,10 @@ def _warn(settings: RegistrySettings, config: RegistryConfig) -> None:
 
 
 async def serve(
-    settings: RegistrySettings, config: RegistryConfig, tls: ssl.SSLContext | None
+    settings: RegistrySettings,
+    config: RegistryConfig,
+    tls: ssl.SSLContext | None,
+    scraping: metrics.MetricsOptions | None = None,
 ) -> None:
     app = create_app(settings.etcd, config, tls=settings.etcd_tls)
     _warn(settings, config)
@@ -114,6 +121,7 @@ async def serve(
     # after the header timeout, as one that never ends its headers is.
     assert run.server is not None  # set up above
     server: asyncio.Server | None = None
+    scraped: asyncio.Server | None = None
     try:
         server = await loop.create_server(
             run.server,
@@ -132,9 +140,14 @@ async def serve(
             admins=len(config.admin_tokens),
             client_certs=config.client_certs,
         )
+        if scraping is not None:
+            collector = RegistryCollector(app[CACHE], app[READERS], app[SERVED])
+            scraped = await metrics.serve(scraping, metrics.registry(collector), log)
         await stop.wait()
         log.info("stopping")
     finally:
+        if scraped is not None:
+            scraped.close()
         if server is not None:
             server.close()
         await run.cleanup()
@@ -146,7 +159,7 @@ def _fail(problems: list[str]) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> None:
-    given = _args(argv)
+    given, args = _args(argv)
     try:
         settings = RegistrySettings(**given)  # type: ignore[arg-type]
     except ValidationError as err:
@@ -165,11 +178,12 @@ def main(argv: list[str] | None = None) -> None:
             if settings.tls_cert is not None and settings.tls_key is not None
             else None
         )
+        scraping = metrics.from_args(args)
     except (ValueError, PkiError) as err:
         _fail([str(err)])
     logs.setup(settings.log_level)
     try:
-        event_loop.run(serve(settings, config, tls))
+        event_loop.run(serve(settings, config, tls, scraping))
     except OSError as err:
         sys.exit(f"hapair-registry: cannot listen on {settings.listen}: {err.strerror or err}")
 

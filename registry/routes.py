@@ -10,7 +10,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from hapair.registry import answers as a
-from hapair.registry.appkeys import CACHE, STORE
+from hapair.registry.appkeys import CACHE, SERVED, STORE
 from hapair.registry.auth import JSON, json_body, operator
 from hapair.registry.cache import encode
 from hapair.registry.errors import validate
@@ -91,6 +91,7 @@ async def lookup(request: web.Request) -> web.Response:
     else:
         answer = cache.answer(service)
     headers = None if cache.synced else {STALE_HEADER: cache.problem}
+    request.app[SERVED].lookups[answer.status] += 1
     return web.Response(body=answer.body, status=answer.status, content_type=JSON, headers=headers)
 
 

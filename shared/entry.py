@@ -18,6 +18,7 @@ SERVER_MODULES = (
     "aetcd",
     "asyncua",
     "cryptography",
+    "prometheus_client",
     "psycopg",
     "pymodbus",
     "pydantic_settings",

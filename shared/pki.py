@@ -68,6 +68,8 @@ class Kind(enum.StrEnum):
     POSTGRES = "postgres"
     OPERATOR = "operator"
     ADMIN = "admin"
+    METRICS = "metrics"
+    PROMETHEUS = "prometheus"
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,16 @@ PROFILES: dict[Kind, Profile] = {
     Kind.OPERATOR: Profile("an operator: the hapair command line", server=False, client=True),
     Kind.ADMIN: Profile(
         "an administrator: applies the topology and the etcd roles", server=False, client=True
+    ),
+    Kind.METRICS: Profile(
+        "a daemon's metrics port (--metrics-listen), scraped over HTTPS",
+        server=True,
+        client=False,
+    ),
+    Kind.PROMETHEUS: Profile(
+        "a Prometheus server: the client certificate it scrapes metrics ports with",
+        server=False,
+        client=True,
     ),
 }
 

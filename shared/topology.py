@@ -11,7 +11,7 @@ import ipaddress
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     Field,
@@ -401,6 +401,17 @@ def _check_unique(groups: list[tuple[str, list[tuple[str, str]]]]) -> None:
         ]
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def site_schema() -> dict[str, Any]:
+    """The site file's JSON Schema, from the models that read it: editors validate and
+    complete site files with it (for YAML: ``# yaml-language-server: $schema=FILE``)."""
+    schema = Site.model_json_schema()
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "hapair site file",
+        **{k: v for k, v in schema.items() if k != "title"},
+    }
 
 
 def parse_site(data: object, source: str) -> Site:

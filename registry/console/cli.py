@@ -15,6 +15,7 @@ import sys
 try:
     import argparse
     import asyncio
+    import json
     import logging
     import os
     import ssl
@@ -53,7 +54,7 @@ try:
     from hapair.shared.client import command as client_command
     from hapair.shared.entry import add_version
     from hapair.shared.store import PermissionDenied, StoreError
-    from hapair.shared.topology import Site, TopologyError, load
+    from hapair.shared.topology import Site, TopologyError, load, site_schema
 except KeyboardInterrupt:
     sys.exit(130)
 
@@ -103,6 +104,11 @@ def _changes(old: Site | None, new: Site) -> str:
         if names
     ]
     return "; ".join(parts) or "no change to any pair"
+
+
+async def topology_schema(args: argparse.Namespace) -> int:
+    sys.stdout.write(json.dumps(site_schema(), indent=2) + "\n")
+    return OK
 
 
 async def topology_apply(args: argparse.Namespace) -> int:
@@ -267,6 +273,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     _etcd(p)
     p.set_defaults(func=topology_apply)
+    p = tsub.add_parser(
+        "schema", help="print the site file's JSON Schema, for editors; changes nothing"
+    )
+    p.set_defaults(func=topology_schema)
     p = tsub.add_parser("show", help="print the topology stored in etcd")
     p.add_argument("--full", action="store_true", help="include every default value")
     _etcd(p)

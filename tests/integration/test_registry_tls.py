@@ -51,6 +51,7 @@ def site_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pki.issue(directory, "registry", "reg-1", ips=["127.0.0.1"])
     pki.issue(directory, "operator", "alice")
     pki.issue(directory, "agent", "asm-a")
+    pki.issue(directory, "prometheus", "prom")
     return directory
 
 
@@ -122,8 +123,10 @@ async def test_an_operators_client_certificate_is_an_admin_credential(
     async with aiohttp.ClientSession() as session:
         async with session.post(pause, json={}, ssl=secure.ssl()) as resp:
             assert resp.status == 401, await resp.text()
-        async with session.post(pause, json={}, ssl=secure.ssl("asm-a")) as resp:
-            assert resp.status == 403 and "not an operator's" in (await resp.json())["error"]
+        for component in ("asm-a", "prom"):  # an agent's, a scraper's
+            async with session.post(pause, json={}, ssl=secure.ssl(component)) as resp:
+                assert resp.status == 403, component
+                assert "not an operator's" in (await resp.json())["error"]
         # A browser carries the certificate to any page's form: a form is refused.
         form = {"Content-Type": "application/x-www-form-urlencoded"}
         async with session.post(pause, data=b"a=b", headers=form, ssl=secure.ssl("alice")) as r:

@@ -13,7 +13,11 @@ import pytest
 from hapair.shared import entry
 from tests.support.harness import ROOT
 
-IMPORT_NAME = {"pydantic-settings": "pydantic_settings", "PyYAML": "yaml"}
+IMPORT_NAME = {
+    "prometheus-client": "prometheus_client",
+    "pydantic-settings": "pydantic_settings",
+    "PyYAML": "yaml",
+}
 """Distributions whose import name differs from their name."""
 
 
