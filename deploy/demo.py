@@ -499,7 +499,7 @@ class Demo:
                         }
             path.write_text(yaml.safe_dump(doc, sort_keys=False))
             self.site = parse_site(doc, str(path))
-        except (TopologyError, OSError) as err:
+        except (OSError, ValueError) as err:  # a TopologyError is a ValueError
             raise DemoError(f"cannot make the site local to the demo: {err}") from None
         return path
 

@@ -1,8 +1,9 @@
 """The demo's pair with a database: its site made local, and the story told on it.
 
-:func:`localise` turns the database sections and the process commands of the site
-file into what runs on this machine (data dirs and fresh password files under the
-demo's temporary directory, a free port, the demo's own Python, absolute paths).
+:func:`localise` turns the database sections, the packages and the process commands
+of the site file into what runs on this machine (data dirs and fresh password files
+under the demo's temporary directory, a free port, the archives the demo builds and
+their hashes, the demo's own Python, absolute paths).
 
 :class:`BatchScenario` tells the assisted-recovery story on the first pair that runs
 a held service on a database: the batch process runs; its main node crashes in the
@@ -21,6 +22,7 @@ import pwd
 import secrets
 import shlex
 import subprocess
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +32,17 @@ import psycopg
 from demo_view import State
 from psycopg.conninfo import make_conninfo
 
+from hapair.shared.package import file_name, sha256_file
 from hapair.shared.process_context import Resume, read_context
 from hapair.shared.topology import Pair, Service, Site
 
 Say = Callable[[str], None]
+# The archives the demo builds, by the file name a site's package url ends with, and the
+# files of this repository each holds (at its top).
+PACKAGES = {
+    "demo-web-1.0.tar.gz": ("deploy/demo_web.py",),
+    "batch-1.0.tar.gz": ("deploy/batch_process.py",),
+}
 
 
 # --- the site, made local -------------------------------------------------------------------
@@ -100,6 +109,7 @@ def localise(
             kept.append(pair)
         workshop["pairs"] = kept
     doc["workshops"] = [w for w in doc.get("workshops", []) if w["pairs"]]
+    build_packages(doc, tmp / "packages", root)
     for workshop in doc["workshops"]:
         for pair in workshop["pairs"]:
             for service in pair.get("services", []):
@@ -111,6 +121,33 @@ def localise(
                 for key, value in env.items():
                     env[key] = registry_url if key == "HAPAIR_REGISTRY" else moved.get(value, value)
     return doc
+
+
+def build_packages(doc: dict[str, Any], directory: Path, root: Path) -> None:
+    """Build each archive the site's packages name (:data:`PACKAGES`) into ``directory``
+    and point them at it: a ``file://`` URL and its sha256. ValueError for an archive
+    the demo does not know how to build."""
+    built: dict[str, tuple[str, str]] = {}
+    for workshop in doc["workshops"]:
+        for pair in workshop["pairs"]:
+            for service in pair.get("services", []):
+                package = service.get("package")
+                if package is None:
+                    continue
+                name = file_name(str(package["url"]))
+                if name not in built:
+                    if name not in PACKAGES:
+                        raise ValueError(
+                            f"service {service['name']}: the demo builds no {name} "
+                            f"(it builds {', '.join(PACKAGES)})"
+                        )
+                    directory.mkdir(mode=0o755, exist_ok=True)
+                    path = directory / name
+                    with tarfile.open(path, "w:gz") as tar:
+                        for member in PACKAGES[name]:
+                            tar.add(root / member, arcname=Path(member).name)
+                    built[name] = (path.as_uri(), sha256_file(path))
+                package["url"], package["sha256"] = built[name]
 
 
 def _local_arg(i: int, arg: str, python: str, root: Path, moved: dict[str, str]) -> str:

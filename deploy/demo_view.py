@@ -199,6 +199,9 @@ def changes(old: State | None, new: State, seen_events: set[str]) -> Iterator[st
     for node in sorted(set(new.drained) | set(old.drained if old else {})):
         if (node in new.drained) != (old is not None and node in old.drained):
             yield f"{node}: drained" if node in new.drained else f"{node}: undrained"
+    for node, status in sorted(new.status.items()):
+        before = old.status.get(node, {}) if old is not None else {}
+        yield from (f"{node}: {line}" for line in package_changes(before, status))
     for service, reply in new.endpoints.items():
         text = endpoint_text(reply)
         if old is None or endpoint_text(old.endpoints.get(service, (None, ""))) != text:
@@ -218,6 +221,21 @@ def changes(old: State | None, new: State, seen_events: set[str]) -> Iterator[st
                     for k in ("kind", "pair", "node", "epoch", "reason")
                     if event.get(k) not in (None, "")
                 )
+
+
+def package_changes(old: dict[str, Any], new: dict[str, Any]) -> Iterator[str]:
+    """A node's packages that became installed or failed since its last status."""
+
+    def states(status: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+        packages = status.get("packages") or []
+        return {(str(p.get("service")), str(p.get("version"))): p for p in packages}
+
+    was = states(old)
+    for key, package in sorted(states(new).items()):
+        state = package.get("state")
+        if state in ("installed", "failed") and was.get(key, {}).get("state") != state:
+            why = f": {package.get('detail')}" if state == "failed" else ""
+            yield f"package {key[0]} {key[1]} {state}{why}"
 
 
 def context_text(service: str, ctx: dict[str, Any]) -> str:

@@ -28,6 +28,7 @@ from pydantic import Field, field_validator
 from hapair.shared.model import StrictModel
 
 SCHEMES = ("https", "http", "file")
+PEER_PORT = 7401  # TCP; the peer path's UDP port is 7400 (``network.peer_port``)
 VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}")
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 PLACEHOLDER = "package.dir"
@@ -152,3 +153,19 @@ class Package(StrictModel):
     @property
     def kind(self) -> ArchiveKind:
         return archive_kind(self.url)
+
+
+class Sharing(StrictModel):
+    """``packages:`` of a pair: whether its nodes fetch the packages its services name
+    from each other first, before the origin (a remote workshop whose link to the
+    origin is slow, metered or down).
+
+    With ``from_peers: true`` every node keeps the archive of each version it installed
+    and verified, and serves it read-only on ``{node.address}:peer_port`` (TCP) to the
+    other nodes of its pair alone: over TLS, each end showing its agent certificate of
+    the site CA (in the lab mode, in clear to the peers' addresses, with a warning).
+    A node asks a peer that says (in its status) it holds the version, checks the
+    sha256 itself, and falls back to the origin."""
+
+    from_peers: bool = False
+    peer_port: int = Field(PEER_PORT, ge=1, le=65535)

@@ -24,7 +24,7 @@ from hapair.shared.database import DatabaseConfig
 from hapair.shared.model import StrictModel
 from hapair.shared.network import Network
 from hapair.shared.package import PLACEHOLDER as PACKAGE_DIR
-from hapair.shared.package import Package
+from hapair.shared.package import Package, Sharing
 from hapair.shared.plcs import Plc, plain_path
 
 # Re-exported: the site file's callers find them here.
@@ -247,6 +247,9 @@ class Pair(StrictModel):
         default_factory=list, description="what the pair's comm server (hapair-comm) polls"
     )
     opcua: OpcUaSecurity = Field(default_factory=OpcUaSecurity)
+    packages: Sharing = Field(
+        default_factory=Sharing, description="where the nodes fetch their packages from"
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> Pair:
@@ -268,7 +271,12 @@ class Pair(StrictModel):
                         for i, s in enumerate(self.services)
                         if s.endpoint and not s.endpoint.host
                     ]
-                    + ([(str(self.database.port), "database.port")] if self.database else []),
+                    + ([(str(self.database.port), "database.port")] if self.database else [])
+                    + (
+                        [(str(self.packages.peer_port), "packages.peer_port")]
+                        if self.packages.from_peers
+                        else []
+                    ),
                 ),
                 ("PLC name", [(p.name, f"plcs[{i}].name") for i, p in enumerate(self.plcs)]),
             ]

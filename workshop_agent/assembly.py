@@ -29,6 +29,7 @@ from hapair.workshop_agent.holding import Holding
 from hapair.workshop_agent.members import MemberSets
 from hapair.workshop_agent.netwatch import NetWatch
 from hapair.workshop_agent.observe import PairState
+from hapair.workshop_agent.package_peers import PeerPackages
 from hapair.workshop_agent.packages import Packages
 from hapair.workshop_agent.publisher import Publisher
 from hapair.workshop_agent.recovery_steps import RecoverySteps
@@ -52,6 +53,7 @@ class Core(Protocol):
     log: EventLog
     tasks: Tasks
     pairs: Mirror
+    nodes: Mirror
     netwatch: NetWatch
     members: MemberSets
     claim: NodeClaim
@@ -93,6 +95,7 @@ class Parts:
     steps: StepDowns
     take_overs: TakeOvers
     packages: Packages
+    peer_packages: PeerPackages | None
 
 
 def _failover(core: Core) -> Failover:
@@ -154,6 +157,13 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
     users = ServiceUsers(
         settings.service_user, settings.service_group, settings.allow_root_services
     )
+    # The pair's peers see this agent by the certificate it shows etcd.
+    peer_packages = PeerPackages.create(
+        core.log,
+        settings.etcd_tls,
+        place=lambda: (core.pair, core.node),
+        nodes=core.nodes,
+    )
     packages = Packages(
         settings.state_dir,
         users,
@@ -163,6 +173,7 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         changed=core.changed,
         in_use=lambda: supervisor.statuses() if supervisor is not None else (),
         ssl=settings.package_ssl,
+        peers=peer_packages,
     )
     supervisor = Supervisor(
         pair,
@@ -285,6 +296,7 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         steps,
         take_overs,
         packages,
+        peer_packages,
     )
 
 
@@ -293,7 +305,7 @@ def start(
 ) -> None:
     """Start what runs on its own: the shared services, the database's care, the lease
     session, the hold protocol, the network probes, the publisher and the packages, which
-    every node installs in the background."""
+    every node installs in the background (and serves its peers, when its pair says so)."""
     parts.supervisor.start_shared()
     if parts.db_care is not None:
         parts.db_care.start()
@@ -302,3 +314,5 @@ def start(
     spawn(netwatch.update(pair, node), "network-probes")
     spawn(parts.publisher.run(), "publisher")
     spawn(parts.packages.run(), "packages")
+    if parts.peer_packages is not None:
+        spawn(parts.peer_packages.run(), "packages-to-peers")

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import shutil
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -22,6 +23,9 @@ from hapair.shared.log import EventLog
 from hapair.workshop_agent.package_archive import no_space
 
 READ = 1 << 20
+# Given the DER certificate the server showed (None: none), a reason to refuse it, or
+# None to go on; asked before a byte of the body is read.
+Accept = Callable[[bytes | None], str | None]
 TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
@@ -65,12 +69,20 @@ def _local(err: OSError, where: Path) -> FetchError:
 
 
 class Fetcher:
-    """``ssl``: the context for ``https://`` (None: the system's CAs)."""
+    """``ssl``: the context for ``https://`` (None: the system's CAs); ``local_host``:
+    the address connections are made from (None: the system's choice)."""
 
-    def __init__(self, log: EventLog, ssl: ssl.SSLContext | None, limits: Limits) -> None:
+    def __init__(
+        self,
+        log: EventLog,
+        ssl: ssl.SSLContext | None,
+        limits: Limits,
+        local_host: str | None = None,
+    ) -> None:
         self.log = log
         self.ssl = ssl
         self.limits = limits
+        self.local_host = local_host
         self._origins: dict[str, asyncio.Lock] = {}
         self._http: aiohttp.ClientSession | None = None
 
@@ -79,8 +91,9 @@ class Fetcher:
             await self._http.close()
             self._http = None
 
-    async def fetch(self, url: str, dest: Path) -> None:
-        """``url`` into ``dest`` (resumed if it holds a part); FetchError says why not."""
+    async def fetch(self, url: str, dest: Path, accept: Accept | None = None) -> None:
+        """``url`` into ``dest`` (resumed if it holds a part); FetchError says why not.
+        ``accept`` judges the server by its certificate, when its context does not."""
         lock = self._origins.setdefault(origin(url), asyncio.Lock())
         limits = self.limits
         try:
@@ -89,7 +102,7 @@ class Fetcher:
                 attempt = 1
                 while True:
                     try:
-                        await self._once(url, dest)
+                        await self._once(url, dest, accept)
                         return
                     except FetchError as err:
                         if not err.transient or attempt >= limits.attempts:
@@ -107,11 +120,11 @@ class Fetcher:
         except TimeoutError:
             raise FetchError(f"not done within {limits.total_s:g}s", transient=True) from None
 
-    async def _once(self, url: str, dest: Path) -> None:
+    async def _once(self, url: str, dest: Path, accept: Accept | None) -> None:
         if urlsplit(url).scheme == "file":
             await asyncio.to_thread(self._copy, Path(unquote(urlsplit(url).path)), dest)
         else:
-            await self._http_get(url, dest)
+            await self._http_get(url, dest, accept)
 
     def _copy(self, source: Path, dest: Path) -> None:
         """A local (or mounted) file, copied whole: the copy is what gets checked."""
@@ -140,16 +153,23 @@ class Fetcher:
                     total=None, sock_connect=self.limits.read_s, sock_read=self.limits.read_s
                 ),
                 # Every server's certificate checked against the site CA (or the system's).
-                connector=aiohttp.TCPConnector(ssl=self.ssl if self.ssl is not None else True),
+                connector=aiohttp.TCPConnector(
+                    ssl=self.ssl if self.ssl is not None else True,
+                    local_addr=None if self.local_host is None else (self.local_host, 0),
+                ),
                 auto_decompress=False,
             )
         return self._http
 
-    async def _http_get(self, url: str, dest: Path) -> None:
+    async def _http_get(self, url: str, dest: Path, accept: Accept | None) -> None:
         have = await asyncio.to_thread(_size, dest)
         headers = {"Range": f"bytes={have}-", "Accept-Encoding": "identity"} if have else {}
         try:
             async with self._session().get(url, headers=headers) as resp:
+                if accept is not None:
+                    refused = accept(_server_certificate(resp))
+                    if refused is not None:
+                        raise FetchError(f"server refused: {refused}", transient=False)
                 if resp.status == 416 and have:
                     return  # nothing left to fetch: the hash tells whether it is whole
                 if resp.status == 206 and have:
@@ -219,6 +239,16 @@ class Fetcher:
                 with contextlib.suppress(OSError):
                     await asyncio.to_thread(out.close)
         return got
+
+
+def _server_certificate(resp: aiohttp.ClientResponse) -> bytes | None:
+    """The certificate the server showed on this response's connection (None: none)."""
+    connection = resp.connection
+    transport = connection.transport if connection is not None else None
+    tls = transport.get_extra_info("ssl_object") if transport is not None else None
+    if not isinstance(tls, ssl.SSLObject):
+        return None
+    return tls.getpeercert(binary_form=True)
 
 
 def _size(path: Path) -> int:

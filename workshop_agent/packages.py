@@ -5,14 +5,19 @@ A version lives in ``{state_dir}/packages/{service}/{version}-{sha256[:12]}/``. 
 there in steps, each of which leaves nothing half installed behind:
 
 1. downloaded into ``packages/.downloads/`` (``package_fetch.py``: bounded, resumed,
-   tried again, one download per origin at a time);
-2. its sha256 checked against the site file before anything is unpacked;
+   tried again, one download per origin at a time), from a peer of the pair that holds
+   it first when the pair says ``packages: {from_peers: true}`` (``package_peers.py``),
+   else (or when that fails) from the origin the site file names;
+2. its sha256 checked against the site file before anything is unpacked (a peer's file
+   too: a peer is never trusted for content);
 3. unpacked into a temporary directory beside its final place, every member judged
    first (``package_archive.py``);
 4. moved into place by one rename; then its ``install:``, if any, runs there as the
    service's user with its timeout (a virtual environment must be made where it will
    be used);
-5. given to the agent's user, read-only for the service's group, and marked installed.
+5. given to the agent's user, read-only for the service's group, and marked installed;
+   when the pair fetches from peers, the verified archive is kept in
+   ``packages/.shared/{service}/`` (0700) for them.
 
 Only a marked directory is ever used (:meth:`Packages.ready_dir`): a failure at any step
 removes what that step made, keeps the versions installed before, and is published in
@@ -56,6 +61,7 @@ from hapair.workshop_agent import package_archive as archive
 from hapair.workshop_agent.package_archive import MARKER, Aborted, ArchiveError, Held
 from hapair.workshop_agent.package_fetch import Fetcher, FetchError, Limits
 from hapair.workshop_agent.package_install import PackageError, run_install
+from hapair.workshop_agent.package_peers import PeerPackages
 from hapair.workshop_agent.run_as import (
     RunAs,
     ServiceRefused,
@@ -69,6 +75,8 @@ RECONCILE_S = 1.0
 RETRY_S, RETRY_MAX_S = 30.0, 600.0
 SWEEP_AGAIN_S = 30.0  # a version kept because a process may use it is looked at again
 DOWNLOADS = ".downloads"
+SHARED = ".shared"  # the verified archives a node serves its peers
+ORIGIN = "origin"
 TEMP = ".tmp-"
 
 
@@ -99,6 +107,7 @@ class Packages:
         ssl: ssl.SSLContext | None = None,
         limits: Limits = LIMITS,
         clock: Callable[[], float] = time.monotonic,
+        peers: PeerPackages | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.root = state_dir / "packages"
@@ -122,6 +131,9 @@ class Packages:
         self._sweep_at: float | None = 0.0  # when to look for versions to remove (None: never)
         self._sweeping: asyncio.Task[bool] | None = None
         self.wake = asyncio.Event()
+        self.peers = peers
+        if peers is not None:
+            peers.shared_file = self.shared_file
 
     # -- views ------------------------------------------------------------------------
     def version_dir(self, service: str, package: Package) -> Path:
@@ -185,6 +197,17 @@ class Packages:
                 return None
         return busy
 
+    def shared_file(self, service: str, version_dir: str) -> Path | None:
+        """The verified archive of ``service``'s ``version_dir`` this node may serve its
+        peers: the version the site names now, installed here; None otherwise."""
+        package = self._wanted.get(service)
+        if package is None or package.dir_name != version_dir or not self._sharing():
+            return None
+        if not (self.version_dir(service, package) / MARKER).is_file():
+            return None
+        path = self.root / SHARED / service / version_dir
+        return path if path.is_file() else None
+
     def statuses(self) -> list[PackageStatus]:
         out = []
         for name, package in sorted(self._wanted.items()):
@@ -215,6 +238,8 @@ class Packages:
         try:
             while True:
                 self._reconcile()
+                if not self._sharing() and (self.root / SHARED).exists():
+                    await asyncio.to_thread(shutil.rmtree, self.root / SHARED, True)
                 await wait_event(self.wake, RECONCILE_S)
                 self.wake.clear()
         finally:
@@ -231,7 +256,7 @@ class Packages:
         """No leftover of a run that stopped half way through an unpack."""
         if self.root.is_dir():
             for service in self.root.iterdir():
-                if service.name != DOWNLOADS and service.is_dir():
+                if service.name not in (DOWNLOADS, SHARED) and service.is_dir():
                     for leftover in service.glob(TEMP + "*"):
                         shutil.rmtree(leftover, ignore_errors=True)
 
@@ -327,7 +352,7 @@ class Packages:
         self.log.info("package installing", url=package.url, **log)
         self._changed()
         try:
-            await self._steps(name, package)
+            source = await self._steps(name, package)
         except Exception as err:
             if not isinstance(err, PackageError):  # a bug: seen, and tried again later
                 self.log.exception("package install failed unexpectedly", err, **log)
@@ -342,8 +367,8 @@ class Packages:
             self._event("package failed", reason, **log)
         else:
             self._failed.pop(name, None)
-            self.log.info("package installed", **log)
-            self._event("package installed", "", **log)
+            self.log.info("package installed", source=source, **log)
+            self._event("package installed", "", source=source, **log)
             busy = self.busy(name)
             kept = busy is None or await self._thread(self._retain, name, package, busy)
             if kept and self._sweep_at is None:
@@ -355,7 +380,8 @@ class Packages:
             self._changed()
             self.wake.set()
 
-    async def _steps(self, name: str, package: Package) -> None:
+    async def _steps(self, name: str, package: Package) -> str:
+        """Install ``package``; where its file came from (a peer's name, or ORIGIN)."""
         top = self.version_dir(name, package)
         part = self.root / DOWNLOADS / f"{name}-{package.dir_name}.part"
         tmp = top.with_name(f"{TEMP}{package.dir_name}-{secrets.token_hex(4)}")
@@ -371,19 +397,7 @@ class Packages:
             await self._thread(self._clear, top)
         except OSError as err:
             raise PackageError(f"prepare {self.root}: {_os_reason(err)}") from None
-        try:
-            await self.fetcher.fetch(package.url, part)
-        except FetchError as err:
-            if not err.transient:
-                part.unlink(missing_ok=True)
-            raise PackageError(f"download from {package.url}: {err}") from None
-        digest = await self._thread(archive.sha256_of, part, self._abort)
-        if digest != package.sha256:
-            part.unlink(missing_ok=True)
-            raise PackageError(
-                f"sha256 mismatch: the file at {package.url} has {digest}, "
-                f"the site file names {package.sha256}; nothing was unpacked"
-            )
+        source = await self._download(name, package, part)
         try:
             await self._thread(
                 archive.unpack,
@@ -413,7 +427,62 @@ class Packages:
             raise PackageError(f"install: {_os_reason(err)}") from None
         finally:
             await self._thread(shutil.rmtree, tmp, True)
-        part.unlink(missing_ok=True)
+        if self._sharing():
+            await self._thread(self._keep, name, package, part)
+        else:
+            part.unlink(missing_ok=True)
+        return source
+
+    async def _download(self, name: str, package: Package, part: Path) -> str:
+        """The package's file into ``part``, its sha256 checked: from the first peer
+        that holds it and serves it whole and right, else from the origin; where it
+        came from."""
+        peers = await self.peers.sources(name, package) if self.peers else []
+        for peer, source in peers:
+            if await self._from_peer(name, peer, source, package, part):
+                return peer
+        try:
+            await self.fetcher.fetch(package.url, part)
+        except FetchError as err:
+            if not err.transient:
+                await self._thread(part.unlink, True)
+            raise PackageError(f"download from {package.url}: {err}") from None
+        digest = await self._thread(archive.sha256_of, part, self._abort)
+        if digest != package.sha256:
+            await self._thread(part.unlink, True)
+            raise PackageError(
+                f"sha256 mismatch: the file at {package.url} has {digest}, "
+                f"the site file names {package.sha256}; nothing was unpacked"
+            )
+        return ORIGIN
+
+    async def _from_peer(
+        self, name: str, peer: str, source: str, package: Package, part: Path
+    ) -> bool:
+        """``source`` (a peer's) into ``part`` if it comes whole with the sha256 the site
+        file names; whatever it gave is thrown away otherwise (never resumed from)."""
+        assert self.peers is not None
+        got = part.with_name(part.name.removesuffix(".part") + ".peer")
+        log = dict(service=name, version=package.version, sha256=package.sha256[:12])
+        log.update(peer=peer, url=source)
+        await self._thread(got.unlink, True)
+        try:
+            await self.peers.fetch(peer, source, got)
+            digest = await self._thread(archive.sha256_of, got, self._abort)
+        except FetchError as err:
+            self.log.info("package not fetched from a peer", reason=str(err), **log)
+            await self._thread(got.unlink, True)
+            return False
+        if digest != package.sha256:
+            self.log.warning(
+                "package from a peer refused: its sha256 is not the one the site file names",
+                got=digest,
+                **log,
+            )
+            await self._thread(got.unlink, True)
+            return False
+        await self._thread(os.replace, got, part)
+        return True
 
     async def _installed_in_place(
         self,
@@ -497,16 +566,33 @@ class Packages:
         if top.exists() and not (top / MARKER).exists():
             shutil.rmtree(top, ignore_errors=True)
 
+    def _sharing(self) -> bool:
+        """Whether this node keeps its verified archives for its pair's peers."""
+        pair, _ = self._place()
+        return self.peers is not None and pair is not None and pair.packages.from_peers
+
+    def _keep(self, name: str, package: Package, part: Path) -> None:
+        (self.root / SHARED).mkdir(mode=0o700, exist_ok=True)
+        shared = self.root / SHARED / name
+        shared.mkdir(mode=0o700, exist_ok=True)
+        part.chmod(0o600)
+        os.replace(part, shared / package.dir_name)
+
     def _retain(self, name: str, package: Package, busy: set[str]) -> bool:
-        """Remove the versions of ``name`` no longer kept and its other downloads; True
-        if one was kept only because a process may run from it."""
+        """Remove the versions of ``name`` no longer kept, the archives kept for the
+        peers of versions gone, and its other downloads; True if a version was kept only
+        because a process may run from it."""
         held = self._held(name)
         gone = archive.to_remove(held, package.dir_name, busy=busy)
         for old in gone:
             self.log.info("package version removed", service=name, version_dir=old)
             shutil.rmtree(self.root / name / old, ignore_errors=True)
+        shared = self.root / SHARED / name
+        for kept in shared.iterdir() if shared.is_dir() else []:
+            if not (self.root / name / kept.name / MARKER).is_file():
+                kept.unlink(missing_ok=True)
         for part in self._parts_of(name):
-            if part.name != f"{name}-{package.dir_name}.part":
+            if part.stem != f"{name}-{package.dir_name}":
                 part.unlink(missing_ok=True)
         return set(archive.to_remove(held, package.dir_name)) != set(gone)
 
@@ -522,7 +608,7 @@ class Packages:
         again = False
         for service in sorted(self.root.iterdir()):
             name = service.name
-            if name == DOWNLOADS or name in skip or not service.is_dir():
+            if name in (DOWNLOADS, SHARED) or name in skip or not service.is_dir():
                 continue
             declared, busy = plan.get(name, (None, set()))
             if busy is None:
@@ -534,22 +620,25 @@ class Packages:
             else:
                 self.log.info("package removed: its service is no longer in the site", service=name)
                 shutil.rmtree(service, ignore_errors=True)
+                shutil.rmtree(self.root / SHARED / name, ignore_errors=True)
                 for part in self._parts_of(name):
                     part.unlink(missing_ok=True)
         return again
 
     def _parts_of(self, name: str) -> list[Path]:
-        """The downloads of service ``name`` (``{name}-{version}-{sha}.part``), not those
-        of a service whose own name starts with ``{name}-``."""
+        """The downloads of service ``name`` (``{name}-{version}-{sha}.part``, or
+        ``.peer`` from a peer), not those of a service whose own name starts with
+        ``{name}-``."""
         longer = {
             d.name
             for d in self.root.iterdir()
-            if d.name.startswith(f"{name}-") and d.name != DOWNLOADS
+            if d.name.startswith(f"{name}-") and d.name not in (DOWNLOADS, SHARED)
         } | {w for w in self._wanted if w.startswith(f"{name}-")}
         return [
             part
-            for part in (self.root / DOWNLOADS).glob(f"{name}-*.part")
-            if not any(part.name.startswith(f"{other}-") for other in longer)
+            for part in (self.root / DOWNLOADS).glob(f"{name}-*")
+            if part.suffix in (".part", ".peer")
+            and not any(part.name.startswith(f"{other}-") for other in longer)
         ]
 
 

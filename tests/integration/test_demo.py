@@ -2,22 +2,25 @@
 then Ctrl-C.
 
 The demo runs as a user would run it (real etcd, registry, agents, PostgreSQL, the
-batch process). Its story crashes the batch pair's main node in the middle of a batch
-and acknowledges the recovery after a second. The test reads the batch's table itself
-while the demo still runs, then stops the demo with SIGINT and checks that every
-process it started is gone, with its temporary directory.
+batch process), every service from a package the demo builds. Its story crashes the
+batch pair's main node in the middle of a batch and acknowledges the recovery after a
+second. The test reads the batch's table itself while the demo still runs, then stops
+the demo with SIGINT and checks that every process it started is gone, with its
+temporary directory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import re
 import signal
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import psycopg
 import pytest
@@ -116,7 +119,25 @@ async def test_the_demo_story_and_ctrl_c(tmp_path: Path) -> None:
         assert "FAILED" not in text, text
         assert "every step of batch 1 ran exactly once, none was skipped: OK" in text, text
         tmp = Path((tmp_path / "run" / "tmpdir").read_text().strip())
-        port, password = database_of(yaml.safe_load((tmp / "site.yaml").read_text()), "cell")
+        site = yaml.safe_load((tmp / "site.yaml").read_text())
+        port, password = database_of(site, "cell")
+
+        # Every service comes from an archive the demo built, named with its sha256, and
+        # both nodes of each pair installed it.
+        services = {
+            s["name"]: (p["nodes"], s["package"])
+            for w in site["workshops"]
+            for p in w["pairs"]
+            for s in p["services"]
+        }
+        assert set(services) == {"mes-api", "line-hmi", "batch"}
+        for service, (nodes, package) in services.items():
+            archive = Path(unquote(urlsplit(package["url"]).path))
+            assert package["url"].startswith("file://") and archive.parent == tmp / "packages"
+            data = await asyncio.to_thread(archive.read_bytes)
+            assert hashlib.sha256(data).hexdigest() == package["sha256"]
+            for node in nodes:
+                assert f"{node['name']}: package {service} 1.0 installed" in text, text
 
         # What the story told, in order.
         crashed = re.search(r"crashing cell-a in the middle of batch 1 \(steps 1-(\d+) ", text)

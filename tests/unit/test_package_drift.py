@@ -37,7 +37,7 @@ from hapair.workshop_agent.observation import (
 )
 from hapair.workshop_agent.observe import PairObserver
 from hapair.workshop_agent.package_archive import MARKER, Held, to_remove
-from hapair.workshop_agent.packages import Packages
+from hapair.workshop_agent.packages import SHARED, Packages
 from hapair.workshop_agent.run_as import ServiceUsers
 from tests.unit.test_decide import PAIR as DECIDE_PAIR
 from tests.unit.test_decide import obs as decide_obs
@@ -390,6 +390,23 @@ def test_a_removed_service_loses_its_versions_once_its_process_is_gone(tmp_path:
     assert packages._sweep(plan, frozenset()) is False
     assert sorted(p.name for p in root.iterdir()) == ["app"]
     assert sorted(p.name for p in (root / "app").iterdir()) == [V1, V2]
+
+
+def test_the_sweep_keeps_the_peers_archives_of_the_services_it_keeps(tmp_path: Path) -> None:
+    """The directory of the archives kept for the peers is no service: only a removed
+    service's archives go with it."""
+    version(tmp_path, "app", V2, 20.0)
+    version(tmp_path, "gone", V1, 10.0)
+    root = tmp_path / "packages"
+    for service in ("app", "gone"):
+        (root / SHARED / service).mkdir(parents=True)
+        (root / SHARED / service / "archive").write_bytes(b"kept")
+    package = PAIR.services[0].package
+    assert package is not None
+    packages = packages_in(tmp_path, [])
+    assert packages._sweep({"app": (package, set())}, frozenset()) is False
+    assert sorted(p.name for p in root.iterdir()) == [SHARED, "app"]
+    assert [p.name for p in (root / SHARED).iterdir()] == ["app"]
 
 
 def test_this_node_lacks_what_is_not_marked_installed(tmp_path: Path) -> None:
