@@ -24,6 +24,7 @@ import re
 import signal
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from hapair.shared import keys
 from hapair.shared.database import DatabaseConfig
@@ -34,8 +35,10 @@ from hapair.shared.topology import Node, Pair
 from hapair.workshop_agent.election import Election
 from hapair.workshop_agent.pg import hooks
 from hapair.workshop_agent.pg.errors import PgError, SecretError
-from hapair.workshop_agent.pg.manager import PgManager
 from hapair.workshop_agent.pg.status import PgStatus
+
+if TYPE_CHECKING:
+    from hapair.workshop_agent.pg.manager import PgManager
 
 FAILURES_BEFORE_RESIGN = 3
 # Test hook, off unless set in the agent's environment: the agent stops itself (SIGSTOP)
@@ -147,6 +150,8 @@ class Database:
                 port=self.config.port,
             )
         try:
+            from hapair.workshop_agent.pg.manager import PgManager
+
             self.manager = PgManager.open(self.config, self.pair, self.node)
         except (SecretError, PgError) as err:
             self.error = str(err)

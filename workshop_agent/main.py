@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"hapair-agent: {err}", file=sys.stderr)
         sys.exit(2)
     try:
-        settings = AgentSettings(**overrides)  # type: ignore[arg-type]
+        settings = AgentSettings(**overrides)
     except ValidationError as err:
         for problem in format_errors(err):
             print(f"hapair-agent: setting {problem}", file=sys.stderr)

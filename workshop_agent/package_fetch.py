@@ -15,12 +15,16 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
-
-import aiohttp
 
 from hapair.shared.log import EventLog
 from hapair.workshop_agent.package_archive import no_space
+
+if TYPE_CHECKING:
+    # Loaded on the first http(s) download: an agent whose packages come from file://
+    # (or that has none) has no use for aiohttp (about 11 MiB of its memory).
+    import aiohttp
 
 READ = 1 << 20
 # Given the DER certificate the server showed (None: none), a reason to refuse it, or
@@ -147,6 +151,8 @@ class Fetcher:
                 raise _local(err, dest) from None
 
     def _session(self) -> aiohttp.ClientSession:
+        import aiohttp
+
         if self._http is None:
             self._http = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(
@@ -162,6 +168,8 @@ class Fetcher:
         return self._http
 
     async def _http_get(self, url: str, dest: Path, accept: Accept | None) -> None:
+        import aiohttp
+
         have = await asyncio.to_thread(_size, dest)
         headers = {"Range": f"bytes={have}-", "Accept-Encoding": "identity"} if have else {}
         try:

@@ -32,9 +32,8 @@ import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from aiohttp import web
-from aiohttp.typedefs import Handler
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import (
@@ -54,6 +53,12 @@ from hapair.shared.records import NodeStatus, RecordError, decode_shared
 from hapair.shared.store import Kv
 from hapair.shared.topology import Node, Pair
 from hapair.shared.waits import wait_event
+
+if TYPE_CHECKING:
+    # Loaded when a pair serves its peers: an agent that never does has no use for
+    # aiohttp (about 11 MiB of its memory).
+    from aiohttp import web
+    from aiohttp.typedefs import Handler
 from hapair.workshop_agent.package_fetch import Fetcher, Limits
 
 ROUTE = "/v1/packages/{service}/{version}"
@@ -369,7 +374,13 @@ class PeerPackages:
             await asyncio.gather(*self._closing)
 
     async def _start(self, address: str, port: int) -> web.AppRunner | None:
-        app = web.Application(middlewares=[self._only_peers])
+        from aiohttp import web
+
+        @web.middleware
+        async def only_peers(request: web.Request, handler: Handler) -> web.StreamResponse:
+            return await self._only_peers(request, handler)
+
+        app = web.Application(middlewares=[only_peers])
         app.router.add_get(ROUTE, self._serve)  # and HEAD; 405 for other methods
         # A transfer under way when serving ends (the agent stops, the option is turned
         # off) is cut short soon: the peer turns to the origin, and the agent's stop waits
@@ -406,9 +417,10 @@ class PeerPackages:
             )
         return runner
 
-    @web.middleware
     async def _only_peers(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Before anything else, even a 404: a request that is not a peer's gets 403."""
+        from aiohttp import web
+
         pair, node = self._place()
         refused = (
             "this node is in no pair"
@@ -423,6 +435,8 @@ class PeerPackages:
         return await handler(request)
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
+        from aiohttp import web
+
         service, version_dir = request.match_info["service"], request.match_info["version"]
         path = self.shared_file(service, version_dir)
         if path is None:

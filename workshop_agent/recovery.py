@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Mapping
-
-import psycopg
+from typing import TYPE_CHECKING
 
 from hapair.shared import keys
-from hapair.shared.process_context import Resume, read_context
 from hapair.shared.records import HeldContext, RecordError, Recovery, decode
 from hapair.shared.store import Store
 from hapair.shared.topology import Pair
 from hapair.shared.txn import Compare, Op
 from hapair.workshop_agent.pg.errors import PgError
-from hapair.workshop_agent.pg.manager import PgManager
+
+if TYPE_CHECKING:
+    # Only pairs with a database read contexts: the others never load psycopg.
+    from hapair.shared.process_context import Resume
+    from hapair.workshop_agent.pg.manager import PgManager
 
 
 def held_services(pair: Pair, hold: bool) -> frozenset[str]:
@@ -85,6 +87,10 @@ async def read_contexts(manager: PgManager, names: Mapping[str, str]) -> dict[st
     node's server (the new primary) in each of the pair's databases, first found wins;
     a process found nowhere is reported without a step, or with the error that may
     have hidden it."""
+    import psycopg
+
+    from hapair.shared.process_context import read_context
+
     config, pg = manager.config, manager.pg
     found: dict[str, HeldContext] = {}
     errors: dict[str, str] = {}

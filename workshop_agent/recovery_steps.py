@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hapair.shared import keys
 from hapair.shared.clock import Clock
@@ -21,8 +21,10 @@ from hapair.shared.topology import Pair
 from hapair.workshop_agent import recovery
 from hapair.workshop_agent.database import Database
 from hapair.workshop_agent.election import Election
-from hapair.workshop_agent.pg.manager import PgManager
 from hapair.workshop_agent.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from hapair.workshop_agent.pg.manager import PgManager
 
 WRITE_TRIES = 50  # etcd may be slow to answer right after a failover
 WRITE_RETRY_S = 0.2

@@ -5,21 +5,7 @@ Layers, bottom up: ``config`` (the site file's ``database:`` section), ``secrets
 ``ctl`` (programs and the postmaster, bounded in time), ``query`` (SQL), ``node``
 and ``standby`` (one node's plumbing, following a primary), ``manager`` (what the
 agent calls). Every failure is a ``PgError`` naming its step.
+
+Nothing is imported here: the agent of a pair without a database never loads psycopg
+(about 10 MiB of its memory), and ``config``, ``errors`` and ``status`` need none.
 """
-
-from hapair.workshop_agent.pg.config import DatabaseConfig, parse_database
-from hapair.workshop_agent.pg.errors import PgError, SecretError
-from hapair.workshop_agent.pg.manager import PgManager, PgResult, Timeouts
-from hapair.workshop_agent.pg.status import PgStatus, Replica
-
-__all__ = [
-    "DatabaseConfig",
-    "PgError",
-    "PgManager",
-    "PgResult",
-    "PgStatus",
-    "Replica",
-    "SecretError",
-    "Timeouts",
-    "parse_database",
-]
