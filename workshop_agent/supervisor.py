@@ -50,6 +50,15 @@ READY_POLL_S = 0.02
 PACKAGE_POLL_S = 0.5
 
 
+def restarts_for(old: Service, new: Service | None) -> bool:
+    """Whether a topology change stops a running copy of ``old``: it left, or changed in
+    anything but its ``package:``. A new version is only installed beside the running
+    one; the copy moves to it when it next starts (a rollout restarts it)."""
+    return new is None or old.model_copy(update={"package": None}) != new.model_copy(
+        update={"package": None}
+    )
+
+
 def _describe_exit(code: int) -> str:
     if code < 0:
         with contextlib.suppress(ValueError):
@@ -145,6 +154,7 @@ class Supervisor:
                 restarts=r.restarts,
                 pid=r.proc.pid if r.proc else None,
                 detail=r.detail,
+                package=r.version,
             )
             for r in self.runners.values()
         ]
@@ -167,7 +177,9 @@ class Supervisor:
         """Reconcile with a new topology: stop removed or changed services, start the rest."""
         new = {s.name: s for s in pair.services}
         changed = [
-            r for name, r in self.runners.items() if new.get(name) != r.spec or node != self.node
+            r
+            for name, r in self.runners.items()
+            if restarts_for(r.spec, new.get(name)) or node != self.node
         ]
         # No start while the specs change: a start now would use the old spec.
         self._updating = True
@@ -279,7 +291,7 @@ class Supervisor:
                 await r.task
             r.task = None
         await self.processes.terminate(r, grace, signalled)
-        r.state, r.detail = "stopped", None
+        r.state, r.detail, r.version = "stopped", None, None
         r.ready.set()
 
     # -- one service ------------------------------------------------------------------
@@ -305,6 +317,7 @@ class Supervisor:
             self.on_change()
             outcome = await self._spawn_and_watch(r, epoch)
             await self.processes.terminate(r, min(r.spec.stop_grace_s, 2.0))
+            r.version = None
             if outcome is None:
                 self.log.warning("service not started: its term ended", service=r.spec.name)
                 r.state = "stopped"
@@ -360,6 +373,7 @@ class Supervisor:
             if installed is None:
                 return "could not start: no version of its package installed here yet"
             values[PACKAGE_DIR] = str(installed)
+            r.version = installed.name
         argv = [expand(a, values) for a in r.spec.command]
         run_as = r.run_as
         assert run_as is not None  # resolved by _run before every start
