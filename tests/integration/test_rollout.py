@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 
 from hapair.shared import keys
-from hapair.shared.records import NodeStatus, ServiceStatus
+from hapair.shared.records import NodeStatus, RestartRequest, ServiceStatus
 from tests.integration.test_cli import HAPAIR, Run, _env
 from tests.integration.test_client_e2e import ClientLog, outages
 from tests.support.client_lab import RegistryProcess
@@ -321,6 +321,27 @@ async def test_dry_run_prints_the_plan_and_a_paused_pair_is_refused_changing_not
     assert after == pids
     assert await rollout_keys(cluster) == before == []
     assert [e for e in await cluster.events() if e["kind"].startswith("rollout_")] == []
+
+    # A restart request judged in another term is stale: the node says so, restarts nothing.
+    leader = await cluster.leader("p")
+    assert leader is not None
+    stale = RestartRequest(
+        rollout="r0", node="b", epoch=leader[1] - 1, versions={"warm": v2}, restart=["warm"]
+    )
+    lease = await cluster.store.grant(60)
+    await cluster.store.put(keys.restart("p", "b"), stale.encode(), lease=lease)
+
+    async def refused() -> list[dict[str, Any]]:
+        return [
+            e
+            for e in await cluster.events("rollout_restart_refused")
+            if e["details"]["request"] == stale.id
+        ]
+
+    answer = (await until(refused, 20, "b's answer to a stale restart request"))[0]
+    assert answer["node"] == "b" and answer["reason"].startswith("stale: judged at epoch")
+    assert await cluster.events("rollout_restart") == []
+    assert await two_nodes_pids(cluster) == pids
 
 
 async def two_nodes_pids(c: Cluster) -> tuple[int | None, ...]:
