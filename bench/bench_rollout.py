@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.procstat import proc_cpu_seconds
 from hapair.shared import rollout
 from tests.integration.test_client_e2e import ClientLog, outages
 from tests.support.client_lab import RegistryProcess
@@ -81,13 +82,6 @@ class Bench:
         plan = await rollout.prepare(self.c.store, "p")
         started = await rollout.begin(self.c.store, plan, "bench")
         return await started.run(lambda line: print(f"    {line}", flush=True), 600)
-
-
-def cpu_s(pid: int) -> float:
-    """A process's CPU time so far (user + system, its threads included)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(") ", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def margins(c: Cluster, node: str, between: tuple[float, float] | None = None) -> list[float]:
@@ -159,12 +153,12 @@ async def main(runs: int, mb: int, lab: bool) -> None:
             print(f"size ({mb} MB package):", flush=True)
             big = b.build(str(runs + 2), os.urandom(mb << 20))
             agents = {n: c.agents[n].pid for n in ADDRESS}
-            cpu0 = {n: cpu_s(pid) for n, pid in agents.items()}
+            cpu0 = {n: proc_cpu_seconds(pid) for n, pid in agents.items()}
             wall0, t0 = time.time(), time.monotonic()
             v = await b.apply(big, str(runs + 2))
             await b.installed(v)
             t1, wall1 = time.monotonic(), time.time()
-            cpu1 = {n: cpu_s(pid) for n, pid in agents.items()}
+            cpu1 = {n: proc_cpu_seconds(pid) for n, pid in agents.items()}
             done = await b.roll_out()
             assert done.ok, done.message
             t2 = time.monotonic()
