@@ -49,13 +49,13 @@ class Pair:
         self.c = c
         self.web_port, self.warm_port = free_port(), free_port()
 
-    def site(self, pkg: dict[str, Any]) -> dict[str, Any]:
+    def site(self, pkg: dict[str, Any], web_pkg: dict[str, Any] | None = None) -> dict[str, Any]:
         # The cluster checks from web's records that no two nodes ever ran it at once;
         # warm's are apart: it runs on both nodes at once, by design.
         web = served(
             "web",
             self.web_port,
-            pkg,
+            web_pkg or pkg,
             self.c.record,
             endpoint={"port": self.web_port, "protocol": "http"},
         )
@@ -63,10 +63,12 @@ class Pair:
         nodes = [{"name": n, "address": a} for n, a in NODES.items()]
         return self.c.site([{"name": "p", "nodes": nodes, "services": [web, warm]}])
 
-    async def apply(self, archive: Path, version: str) -> str:
-        """Apply the site with ``archive`` as version ``version``; its directory name."""
+    async def apply(self, archive: Path, version: str, web: Path | None = None) -> str:
+        """Apply the site with ``archive`` as version ``version`` (web's from ``web``, if
+        given); its directory name."""
         pkg = package(archive, archive.as_uri(), version)
-        await self.c.apply(self.site(pkg))
+        web_pkg = package(web, web.as_uri(), version) if web is not None else None
+        await self.c.apply(self.site(pkg, web_pkg))
         return f"{version}-{pkg['sha256'][:12]}"
 
 
@@ -271,6 +273,29 @@ async def test_a_version_that_fails_its_health_check_is_rolled_back_and_the_old_
     moved = await hapair_long(cluster, "switchover", "p", "--to", "b", timeout=60)
     assert moved.code == 0, moved.err
     await runs_on(cluster, "b", "web", v1)
+
+
+async def test_a_new_active_failing_on_the_new_version_hands_the_pair_back_to_the_old_one(
+    cluster: Cluster,
+) -> None:
+    """warm's new version is healthy, web's fails its health check: the switchover
+    happens, web fails on b, and the pair goes back to a, whose web starts on the old
+    version (pinned there first), and b's warm goes back to it too."""
+    files, p = files_of(cluster), Pair(cluster)
+    v1 = await p.apply(build_server(files, "app", "1.0"), "1.0")
+    _, warm_a, _ = await two_nodes_on(cluster, p, v1)
+    await p.apply(build_server(files, "app", "2.0"), "2.0", build_server(files, "web", "2.0", True))
+    done = await hapair_long(cluster, "rollout", "p", "--yes")
+    assert done.code == 1, done.out + done.err
+    assert "the services on b failed" in done.err, done.err
+    assert "pair p is back on a with its old versions; rolled back on b" in done.err, done.err
+    assert [e["node"] for e in await cluster.events("election")] == ["a", "b", "a"]
+    await runs_on(cluster, "a", "web", v1)
+    s = await service(cluster, "a", "warm")
+    assert s is not None and (s.pid, s.package) == (warm_a, v1), s
+    await runs_on(cluster, "b", "warm", v1)
+    kinds = [e["kind"] for e in await cluster.events() if e["kind"].startswith("rollout_")]
+    assert kinds[-1] == "rollout_rolled_back"
 
 
 async def test_dry_run_prints_the_plan_and_a_paused_pair_is_refused_changing_nothing(
