@@ -51,6 +51,8 @@ EVENT_SKEW_S = 300.0
 """Agents stamp their events with their own clock: read theirs from this far back."""
 DEFAULT_TIMEOUT_S = 1800.0
 ROLLBACK_S = 300.0
+END_S = 3.0
+"""An interrupted rollout has this long to file its end and free its key."""
 """A rollback has this long of its own, even once the rollout's time is up."""
 
 
@@ -159,10 +161,22 @@ class Rollout:
             outcome = await self._run()
         except StoreError as err:
             outcome = Outcome(False, f"etcd failed during the rollout: {err}")
+        except asyncio.CancelledError:
+            # Stopped from outside (Ctrl-C, a registry shutting down): said, and the key
+            # freed, so that neither the events nor hapair top show it under way.
+            stopped = Outcome(False, f"interrupted at step {self._step}: run it again")
+            with contextlib.suppress(StoreError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._end(stopped)), END_S)
+            raise
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError, StoreError):
                 await keeper
+        await self._end(outcome)
+        return outcome
+
+    async def _end(self, outcome: Outcome) -> None:
+        """File the rollout's last event and free its key."""
         kind = (
             "rollout_done"
             if outcome.ok
@@ -174,7 +188,6 @@ class Rollout:
             await self._event(kind, outcome.message)
         with contextlib.suppress(StoreError):
             await self.store.revoke(self.lease)  # the key goes with it
-        return outcome
 
     async def _run(self) -> Outcome:
         p = self.plan

@@ -298,6 +298,42 @@ async def test_a_new_active_failing_on_the_new_version_hands_the_pair_back_to_th
     assert kinds[-1] == "rollout_rolled_back"
 
 
+async def test_an_interrupted_rollout_says_so_and_frees_its_key(cluster: Cluster) -> None:
+    """Ctrl-C while a step runs: the command ends (130), its last event says it was
+    interrupted (so no view shows it under way), and its key is free for the next."""
+    files, p = files_of(cluster), Pair(cluster)
+    v1 = await p.apply(build_server(files, "app", "1.0"), "1.0")
+    await two_nodes_on(cluster, p, v1)
+    # A version that fails its health check: the standby's restart takes its start period.
+    await p.apply(build_server(files, "app", "2.0", sick=True), "2.0")
+    proc = await asyncio.create_subprocess_exec(
+        HAPAIR,
+        *("rollout", "p", "--yes"),
+        env=_env(cluster.etcd),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+
+        async def restarting() -> bool:
+            steps = await cluster.events("rollout_step")
+            return any(e["reason"] == "restart warm on standby b" for e in steps)
+
+        await until(restarting, 30, "the rollout restarting warm on b")
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(30):
+            await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 130
+    ended = [e for e in await cluster.events() if e["kind"].startswith("rollout_")][-1]
+    assert ended["kind"] == "rollout_failed", ended
+    assert ended["reason"].startswith("interrupted at step 2"), ended
+    assert await cluster.store.get(keys.rollout("p")) is None
+
+
 async def test_dry_run_prints_the_plan_and_a_paused_pair_is_refused_changing_nothing(
     cluster: Cluster,
 ) -> None:
