@@ -85,11 +85,15 @@ class Bench:
         return await started.run(lambda line: print(f"    {line}", flush=True), 600)
 
 
-async def seen(c: Cluster, log: ClientLog, since: float) -> list[float]:
-    """The client's interruptions since ``since``, once it is served by the active."""
+async def seen(c: Cluster, log: ClientLog, since: float, label: str) -> list[float]:
+    """The client's interruptions since ``since``, once it is served by the active;
+    printed after ``label``."""
     active, _ = await c.active("p", timeout=30)
     await until(lambda: log.served_by(active, since, 3), 30, f"the client served by {active}")
-    return outages([r for r in log.read() if r["done"] >= since])
+    moved = outages([r for r in log.read() if r["done"] >= since])
+    shown = ", ".join(f"{g:.3f} s" for g in moved) or "none seen"
+    print(f"  {label} client interruption {shown}", flush=True)
+    return moved
 
 
 def margins(c: Cluster, node: str, between: tuple[float, float] | None = None) -> list[float]:
@@ -151,13 +155,7 @@ async def main(runs: int, mb: int, lab: bool) -> None:
                 done = await b.roll_out()
                 assert done.ok, done.message
                 took = time.monotonic() - t0
-                moved = await seen(c, log, t0)
-                gaps += moved
-                print(
-                    f"  run {run + 1}: rollout {took:.2f} s, client interruption "
-                    f"{', '.join(f'{g:.3f} s' for g in moved) or 'none seen'}",
-                    flush=True,
-                )
+                gaps += await seen(c, log, t0, f"run {run + 1}: rollout {took:.2f} s,")
             print("a planned switchover alone, the same pair, for comparison:", flush=True)
             for run in range(runs):
                 active, epoch = await c.active("p", timeout=30)
@@ -166,13 +164,7 @@ async def main(runs: int, mb: int, lab: bool) -> None:
                 t0 = time.monotonic()
                 await admin.request_switchover(c.store, "p", standby, "bench")
                 await c.active("p", not_epoch=epoch, node=standby, timeout=30)
-                moved = await seen(c, log, t0)
-                plain += moved
-                print(
-                    f"  run {run + 1}: client interruption "
-                    f"{', '.join(f'{g:.3f} s' for g in moved) or 'none seen'}",
-                    flush=True,
-                )
+                plain += await seen(c, log, t0, f"run {run + 1}:")
             print(f"size ({mb} MB package):", flush=True)
             big = b.build(str(runs + 2), os.urandom(mb << 20))
             agents = {n: c.agents[n].pid for n in ADDRESS}
