@@ -89,6 +89,17 @@ class SwitchoverRequested(Answer):
     by: str = Field(description="the operator")
 
 
+class RolloutAccepted(Answer):
+    pair: str
+    rollout: str | None = Field(
+        description="the rollout's id, its events name it; None for a dry run"
+    )
+    active: str
+    target: str = Field(description="the standby the pair switches over to")
+    steps: list[str] = Field(description="the plan, one line per step")
+    by: str = Field(description="the operator")
+
+
 class PairPaused(Answer):
     pair: str
     paused: records.Paused

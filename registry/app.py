@@ -11,11 +11,13 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from hapair.registry.appkeys import (
+    BACKGROUND,
     CACHE,
     CONFIG,
     READERS,
     SERVED,
     STORE,
+    Background,
     Readers,
     RegistryConfig,
     Served,
@@ -43,9 +45,11 @@ def create_app(
     app[CONFIG] = config or RegistryConfig()
     app[READERS] = Readers()
     app[SERVED] = Served()
+    app[BACKGROUND] = Background()
     add_routes(app, ROUTES)
     app.cleanup_ctx.append(_watch)
     app.cleanup_ctx.append(_retention)
+    app.cleanup_ctx.append(_background)
     app.on_shutdown.append(_end_streams)
     return app
 
@@ -108,6 +112,17 @@ async def _retention(app: web.Application) -> AsyncIterator[None]:
     yield
     task.cancel()
     await bounded(task, 1.0)
+
+
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    """Work still running at shutdown (a rollout) is cancelled: its etcd key lapses with
+    its lease, and the pair stays as the steps done so far left it."""
+    yield
+    tasks = set(app[BACKGROUND].tasks)
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        await bounded(task, 2.0)
 
 
 async def _end_streams(app: web.Application) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -56,8 +58,21 @@ class Served:
     """Endpoint lookups by the HTTP status of their answer."""
 
 
+@dataclass(slots=True)
+class Background:
+    """Work a request started that outlives it (a rollout): cancelled at shutdown."""
+
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def start(self, work: Coroutine[Any, Any, Any], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
 CACHE = web.AppKey("cache", SiteCache)
 STORE = web.AppKey("store", Store)
 CONFIG = web.AppKey("config", RegistryConfig)
 READERS = web.AppKey("readers", Readers)
 SERVED = web.AppKey("served", Served)
+BACKGROUND = web.AppKey("background", Background)

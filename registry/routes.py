@@ -10,13 +10,14 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from hapair.registry import answers as a
-from hapair.registry.appkeys import CACHE, SERVED, STORE
+from hapair.registry.appkeys import BACKGROUND, CACHE, SERVED, STORE
 from hapair.registry.auth import JSON, json_body, operator
 from hapair.registry.cache import encode
-from hapair.registry.errors import validate
+from hapair.registry.errors import log, validate
 from hapair.registry.openapi import EVENT_STREAM, Handler, Header, Reply, Route, document
 from hapair.registry.stream import StreamQuery, busy, events, reader_slot
 from hapair.shared import admin
+from hapair.shared import rollout as rollouts
 from hapair.shared.report import SiteReport
 from hapair.shared.topology import Name
 
@@ -66,6 +67,17 @@ class SwitchoverBody(ReasonBody):
 
 class AckBody(EmptyBody):
     epoch: int | None = Field(None, ge=1, description="the epoch the acknowledgement is for")
+
+
+class RolloutBody(EmptyBody):
+    dry_run: bool = Field(False, description="answer the plan; change nothing")
+    timeout_s: float = Field(
+        rollouts.DEFAULT_TIMEOUT_S,
+        gt=0,
+        le=86400,
+        allow_inf_nan=False,
+        description="give up (and roll back) after this many seconds",
+    )
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -135,6 +147,34 @@ async def switchover(request: web.Request) -> web.Response:
     pair = request.match_info["pair"]
     req = await admin.request_switchover(request.app[STORE], pair, body.to, by, body.reason)
     return _answer(a.SwitchoverRequested(pair=pair, request=req.id, to=req.to, by=by), 202)
+
+
+async def rollout(request: web.Request) -> web.Response:
+    by = operator(request)
+    body = await _body(request, RolloutBody)
+    pair, store = request.match_info["pair"], request.app[STORE]
+    plan = await rollouts.prepare(store, pair)
+    started = None
+    if not body.dry_run and not plan.up_to_date:
+        started = await rollouts.begin(store, plan, by)
+
+        def progress(line: str) -> None:
+            log.info("rollout", pair=pair, step=line)
+
+        request.app[BACKGROUND].start(
+            started.run(progress, body.timeout_s), f"rollout-{pair}-{started.id}"
+        )
+    return _answer(
+        a.RolloutAccepted(
+            pair=pair,
+            rollout=started.id if started else None,
+            active=plan.active,
+            target=plan.target,
+            steps=plan.steps(),
+            by=by,
+        ),
+        202,
+    )
 
 
 async def pause(request: web.Request) -> web.Response:
@@ -279,6 +319,15 @@ ROUTES: tuple[Route, ...] = (
         SwitchoverBody,
         "Ask for a planned switchover (the active carries it out)",
         Reply("stored", a.SwitchoverRequested),
+        status=202,
+    ),
+    admin_route(
+        "/v1/pairs/{pair}/rollout",
+        rollout,
+        RolloutBody,
+        "Roll a pair out onto the package versions the site names: its steps and outcome "
+        "follow as events (rollout_step, rollout_done, rollout_rolled_back, rollout_failed)",
+        Reply("started (or, for a dry run, planned)", a.RolloutAccepted),
         status=202,
     ),
     admin_route(

@@ -85,6 +85,16 @@ def _site(view: SiteView) -> Site:
     raise AdminError("the topology stored in etcd is invalid: apply a valid site file")
 
 
+def pair_of(view: SiteView, name: str) -> Pair:
+    """``name``'s pair in the site; :class:`AdminError` naming the pairs if none."""
+    return _pair(view, name)
+
+
+def stamped(store: Store, event: records.Event) -> Op:
+    """The op that files ``event`` under this client's events, for a transaction."""
+    return _Stamps(store).op(event)
+
+
 def _pair(view: SiteView, name: str) -> Pair:
     pair = _site(view).pair(name)
     if pair is None:

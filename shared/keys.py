@@ -49,6 +49,17 @@ def handover(pair: str) -> str:
     return f"{PAIRS_PREFIX}{pair}/commands/handover"
 
 
+def restart(pair: str, node: str) -> str:
+    """A rollout asks ``node`` to run its copies of the pair's services on named package
+    versions (``records.RestartRequest``), on a short lease: it lapses unused."""
+    return f"{PAIRS_PREFIX}{pair}/commands/restart/{node}"
+
+
+def rollout(pair: str) -> str:
+    """Held by the one rollout of ``pair`` under way, on its orchestrator's lease."""
+    return f"{PAIRS_PREFIX}{pair}/commands/rollout"
+
+
 def recovery(pair: str) -> str:
     return f"{PAIRS_PREFIX}{pair}/recovery"
 
@@ -121,6 +132,11 @@ def event_order(key: str) -> tuple[int, str]:
     if not slash:
         stamp = rest.partition("-")[0]
     return (int(stamp), key) if stamp.isdigit() else (0, key)
+
+
+def prefix_end(prefix: str) -> str:
+    """The end of the range of every key that starts with ``prefix``."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 def b(key: str) -> bytes:

@@ -127,8 +127,15 @@ class Session:
     def _acked(self, sent: float) -> None:
         self.round_trips.observe(self.clock() - sent)
         if self.acked_send is None or sent > self.acked_send:
+            # How far the fence point still was when this confirmation moved it: what a
+            # busy loop (a download, an unpack) left of the fence margin.
+            left = self.fence_deadline - self.clock()
             self.acked_send = sent
-            self.log.debug(f"{self.name} confirmed", sent=repr(sent))
+            self.log.debug(
+                f"{self.name} confirmed",
+                sent=repr(sent),
+                left=None if left == -float("inf") else f"{left:.3f}",
+            )
         self.renewed.set()
         self.on_change()
 

@@ -182,6 +182,32 @@ class Takeover(Record):
     reason: str = ""
 
 
+class RestartRequest(Record):
+    """``/pairs/{pair}/commands/restart/{node}``: a rollout asks ``node`` to run its
+    copies of ``versions``' services on those package versions (``{version}-{sha12}``)
+    from now on, and to restart the ``placement: all`` ones in ``restart`` that run
+    another. Judged in the pair's term ``epoch``: a node sees it stale once the pair has
+    another leader. Written on a short lease, so one never taken up lapses."""
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+    rollout: str
+    node: Name
+    epoch: int = Field(ge=1)
+    versions: dict[str, str] = Field(default_factory=dict)
+    restart: list[str] = Field(default_factory=list)
+    by: str = "operator"
+    at: float = Field(default_factory=now_wall)
+
+
+class RolloutLock(Record):
+    """``/pairs/{pair}/commands/rollout``: the rollout under way, on its orchestrator's
+    lease (gone with it)."""
+
+    id: str
+    by: str
+    at: float = Field(default_factory=now_wall)
+
+
 class HandoverRecord(Record):
     """Written by the active as it steps down: only ``to`` may campaign for a while."""
 

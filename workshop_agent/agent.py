@@ -283,6 +283,7 @@ class Agent:
                     )
                     break
             p.recovery.step()
+            p.restarts.step()
             self.members.step(self.pair, self.term, p.election)
             if self.netwatch.tick() and self.netwatch.state is not None:
                 self.event("network", "; ".join(self.netwatch.state.problems()) or "all clear")

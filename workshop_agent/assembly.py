@@ -33,6 +33,7 @@ from hapair.workshop_agent.package_peers import PeerPackages
 from hapair.workshop_agent.packages import Packages
 from hapair.workshop_agent.publisher import Publisher
 from hapair.workshop_agent.recovery_steps import RecoverySteps
+from hapair.workshop_agent.rollout import RestartRequests
 from hapair.workshop_agent.run_as import ServiceUsers
 from hapair.workshop_agent.settings import AgentSettings
 from hapair.workshop_agent.step_down import StepDowns
@@ -96,6 +97,7 @@ class Parts:
     take_overs: TakeOvers
     packages: Packages
     peer_packages: PeerPackages | None
+    restarts: RestartRequests
 
 
 def _failover(core: Core) -> Failover:
@@ -190,6 +192,7 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         users=users,
         event=core.event,
         package_dir=packages.ready_dir,
+        installed_dir=packages.installed_dir,
     )
     vip = VipKeeper(core.log, watchdog)
     database: Database | None = None
@@ -282,6 +285,16 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         changed=core.changed,
         lacks=lambda: packages.lacking(core.pair) if core.pair is not None else (),
     )
+    restarts = RestartRequests(
+        core.me,
+        core.pairs,
+        supervisor,
+        core.log,
+        pair=lambda: core.pair,
+        term=lambda: core.term,
+        event=core.event,
+        spawn=core.tasks.spawn,
+    )
     return Parts(
         session,
         election,
@@ -297,6 +310,7 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         take_overs,
         packages,
         peer_packages,
+        restarts,
     )
 
 

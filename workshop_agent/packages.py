@@ -208,6 +208,14 @@ class Packages:
         path = self.root / SHARED / service / version_dir
         return path if path.is_file() else None
 
+    def installed_dir(self, service: str, version: str) -> Path | None:
+        """The directory of ``service``'s package version ``version``
+        (``{version}-{sha256[:12]}``) if it is installed here."""
+        top = self.root / service / version
+        if version.startswith(TEMP) or "/" in version or not (top / MARKER).is_file():
+            return None
+        return top
+
     def statuses(self) -> list[PackageStatus]:
         out = []
         for name, package in sorted(self._wanted.items()):

@@ -61,6 +61,8 @@ class Runner:
     # Who the current run and its health checks run as, and with what environment.
     run_as: RunAs | None = None
     env: dict[str, str] = field(default_factory=dict)
+    # The package version (``{version}-{sha256[:12]}``) the current run's program is from.
+    version: str | None = None
 
     @property
     def active_only(self) -> bool:

@@ -24,7 +24,7 @@ import contextlib
 import os
 import shutil
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 
 from hapair.shared.clock import boottime
@@ -48,6 +48,20 @@ from hapair.workshop_agent.watchdog import WatchdogLink
 
 READY_POLL_S = 0.02
 PACKAGE_POLL_S = 0.5
+STEADY_S = 1.0
+"""A copy restarted on another package version counts as up once it has run (healthy,
+where it has a health check) this long: a program that exits at once is not up."""
+RESTART_LIMIT_S = 10.0
+"""Beyond its health check's start period, how long a restarted copy has to be up."""
+
+
+def restarts_for(old: Service, new: Service | None) -> bool:
+    """Whether a topology change stops a running copy of ``old``: it left, or changed in
+    anything but its ``package:``. A new version is only installed beside the running
+    one; the copy moves to it when it next starts (a rollout restarts it)."""
+    return new is None or old.model_copy(update={"package": None}) != new.model_copy(
+        update={"package": None}
+    )
 
 
 def _describe_exit(code: int) -> str:
@@ -74,12 +88,15 @@ class Supervisor:
         users: ServiceUsers = NO_ROOT,
         event: Callable[..., None] = lambda kind, reason, **details: None,
         package_dir: Callable[[Service], Path | None] = lambda spec: None,
+        installed_dir: Callable[[str, str], Path | None] = lambda service, version: None,
     ) -> None:
         """``run_until()``: the fence point (on ``clock``) before which an active-only
         service may start its program; a past time when it may not start now. ``env``:
         the ``HAPAIR_*`` variables every service gets; ``users``: this node's rules on
         whom services run as; ``event(kind, reason, **details)`` files an event;
-        ``package_dir(spec)`` the installed directory of the package ``spec`` names."""
+        ``package_dir(spec)`` the installed directory of the package ``spec`` names (or
+        the newest held); ``installed_dir(service, version)`` the directory of one
+        installed version of a service's package, None if it is not installed here."""
         self.pair, self.node = pair, node
         self.log = log
         self.watchdog = watchdog
@@ -90,6 +107,11 @@ class Supervisor:
         self.users = users
         self.event = event
         self.package_dir = package_dir
+        self.installed_dir = installed_dir
+        # service: (the version it runs from its next start on, the version the site
+        # named when that was asked); ended once the site names another version.
+        self.pins: dict[str, tuple[str, str]] = {}
+        self._restarting: set[str] = set()
         self.clock = clock
         self.processes = ServiceProcesses(node.name, log, watchdog, state_dir, clock, run_until)
         self.epoch: int | None = None
@@ -145,6 +167,7 @@ class Supervisor:
                 restarts=r.restarts,
                 pid=r.proc.pid if r.proc else None,
                 detail=r.detail,
+                package=r.version,
             )
             for r in self.runners.values()
         ]
@@ -167,7 +190,9 @@ class Supervisor:
         """Reconcile with a new topology: stop removed or changed services, start the rest."""
         new = {s.name: s for s in pair.services}
         changed = [
-            r for name, r in self.runners.items() if new.get(name) != r.spec or node != self.node
+            r
+            for name, r in self.runners.items()
+            if restarts_for(r.spec, new.get(name)) or node != self.node
         ]
         # No start while the specs change: a start now would use the old spec.
         self._updating = True
@@ -186,7 +211,7 @@ class Supervisor:
 
     def start_shared(self) -> None:
         for r in self.runners.values():
-            if not r.active_only and not r.alive():
+            if not r.active_only and not r.alive() and r.spec.name not in self._restarting:
                 r.task = asyncio.create_task(self._run(r, None))
 
     def activate(self, epoch: int, held: frozenset[str] = frozenset()) -> None:
@@ -279,8 +304,80 @@ class Supervisor:
                 await r.task
             r.task = None
         await self.processes.terminate(r, grace, signalled)
-        r.state, r.detail = "stopped", None
+        r.state, r.detail, r.version = "stopped", None, None
         r.ready.set()
+
+    # -- package versions -------------------------------------------------------------
+    def version_dir(self, spec: Service) -> Path | None:
+        """Where a start of ``spec`` takes its program from: the version it was pinned
+        to (a rollout's, or the one a rollout rolled back to) while the site names the
+        version it named then; else the declared version once installed (the newest
+        held until then)."""
+        pin = self.pins.get(spec.name)
+        if pin is not None and spec.package is not None and pin[1] == spec.package.dir_name:
+            pinned = self.installed_dir(spec.name, pin[0])
+            if pinned is not None:
+                return pinned
+        return self.package_dir(spec)
+
+    def pin(self, versions: Mapping[str, str]) -> None:
+        """Run these services on these versions from their next start on."""
+        for name, version in versions.items():
+            r = self.runners.get(name)
+            if r is not None and r.spec.package is not None:
+                self.pins[name] = (version, r.spec.package.dir_name)
+
+    async def restart_copies(self, names: Iterable[str]) -> dict[str, str | None]:
+        """Restart, one after the other, the ``placement: all`` copies among ``names``
+        whose run is not from the version :meth:`version_dir` gives; each must be up
+        (:data:`STEADY_S`) before the next. Per service: None once up on it, else why
+        not. Active-only services are never restarted here: they start on that version
+        when this node next becomes active."""
+        outcomes: dict[str, str | None] = {}
+        for name in names:
+            r = self.runners.get(name)
+            want = self.version_dir(r.spec) if r is not None else None
+            if r is None or r.active_only or r.spec.package is None:
+                outcomes[name] = "not a placement: all service from a package here"
+            elif want is None:
+                outcomes[name] = "no version of its package is installed here"
+            elif r.version == want.name and r.state == "running":
+                outcomes[name] = None
+            else:
+                outcomes[name] = await self._restart_on(r, want.name)
+        return outcomes
+
+    async def _restart_on(self, r: Runner, version: str) -> str | None:
+        self.log.info(
+            "service restarting on another package version",
+            service=r.spec.name,
+            version=version,
+            was=r.version,
+        )
+        self._restarting.add(r.spec.name)
+        try:
+            await self._stop(r, r.spec.stop_grace_s)
+            r.budget.times.clear()
+            self._set_state(r, "starting", None)
+            r.task = asyncio.create_task(self._run(r, None))
+        finally:
+            self._restarting.discard(r.spec.name)
+        self.on_change()
+        start = r.spec.health.start_period_s if r.spec.health else 0.0
+        limit = start + RESTART_LIMIT_S
+        deadline = self.clock() + limit
+        up_since: float | None = None
+        while self.clock() < deadline:
+            if r.state in ("restarting", "failed", "stopped"):
+                return r.detail or r.state
+            if r.state == "running" and r.version == version:
+                up_since = self.clock() if up_since is None else up_since
+                if self.clock() - up_since >= STEADY_S:
+                    return None
+            else:
+                up_since = None
+            await asyncio.sleep(READY_POLL_S)
+        return f"not up on {version} within {limit:g} s ({r.state}: {r.detail or 'no detail'})"
 
     # -- one service ------------------------------------------------------------------
     async def _run(self, r: Runner, epoch: int | None) -> None:
@@ -290,7 +387,7 @@ class Supervisor:
                 r.ready.set()
                 self.on_change()
                 return
-            if r.spec.package is not None and self.package_dir(r.spec) is None:
+            if r.spec.package is not None and self.version_dir(r.spec) is None:
                 # The first version is on its way (packages.py): nothing to run yet, and
                 # no failure either.
                 self._set_state(r, "starting", "waiting for its package to be installed")
@@ -305,6 +402,7 @@ class Supervisor:
             self.on_change()
             outcome = await self._spawn_and_watch(r, epoch)
             await self.processes.terminate(r, min(r.spec.stop_grace_s, 2.0))
+            r.version = None
             if outcome is None:
                 self.log.warning("service not started: its term ended", service=r.spec.name)
                 r.state = "stopped"
@@ -356,10 +454,11 @@ class Supervisor:
         """How the run ended; None if it did not start because its term had ended."""
         values = placeholder_values(self.pair, self.node, epoch)
         if r.spec.package is not None:
-            installed = self.package_dir(r.spec)
+            installed = self.version_dir(r.spec)
             if installed is None:
                 return "could not start: no version of its package installed here yet"
             values[PACKAGE_DIR] = str(installed)
+            r.version = installed.name
         argv = [expand(a, values) for a in r.spec.command]
         run_as = r.run_as
         assert run_as is not None  # resolved by _run before every start

@@ -26,7 +26,7 @@ try:
     from rich.console import Console
     from rich.live import Live
 
-    from hapair.registry.console import etcd_auth_cmd, package_cmd, pki_cmd
+    from hapair.registry.console import etcd_auth_cmd, package_cmd, pki_cmd, rollout_cmd
     from hapair.registry.console.command import (
         OK,
         REFUSED,
@@ -394,6 +394,7 @@ def parser() -> argparse.ArgumentParser:
     _etcd(p)
     p.set_defaults(func=drill)
 
+    rollout_cmd.add_parser(sub, _etcd, _seconds)
     pki_cmd.add_parser(sub)
     package_cmd.add_parser(sub)
     etcd_auth_cmd.add_parser(sub, etcd_auth, _etcd)

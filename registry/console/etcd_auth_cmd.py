@@ -139,9 +139,11 @@ def _own_role(user: str, prefix: str, perm: Perm) -> Role:
 def _operator_role(site: Site) -> Role:
     grants: set[Grant] = set()
     for pair in site.pairs():
-        for key in (keys.switchover, keys.takeover, keys.paused, keys.recovery):
+        for key in (keys.switchover, keys.takeover, keys.paused, keys.recovery, keys.rollout):
             grants.add(Grant(key(pair.name), "", Perm.READWRITE))
         grants |= {Grant(keys.drained(n.name), "", Perm.READWRITE) for n in pair.nodes}
+        # A rollout's restart requests, one per node of the pair.
+        grants |= {Grant(keys.restart(pair.name, n.name), "", Perm.READWRITE) for n in pair.nodes}
     return Role(OPERATOR, frozenset(grants))
 
 

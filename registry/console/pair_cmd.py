@@ -12,14 +12,13 @@ import asyncio
 from hapair.registry.console.command import (
     OK,
     REFUSED,
-    USAGE,
     Failed,
     connected,
     operator,
     say,
     when,
 )
-from hapair.registry.console.confirm import typed_name
+from hapair.registry.console.confirm import confirmed
 from hapair.registry.console.outcome import Before, await_switchover, leader_before
 from hapair.shared import admin, keys, records
 from hapair.shared.store import Store
@@ -82,11 +81,12 @@ async def takeover(args: argparse.Namespace) -> int:
         if warning is not None:
             say(f"WARNING: {warning}")
         if not args.yes:
-            confirmed = await typed_name(args.pair, f"force {args.node} to take it over")
-            if confirmed is None:
-                raise Failed(USAGE, "no terminal to confirm on: add --yes to force the takeover")
-            if not confirmed:
-                raise Failed(REFUSED, "takeover cancelled: nothing was changed")
+            await confirmed(
+                args.pair,
+                f"force {args.node} to take it over",
+                "force the takeover",
+                "takeover cancelled",
+            )
         request = await admin.force_takeover(
             store, args.pair, args.node, operator(store), args.reason
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import os
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from hapair.shared.txn import Compare, Op
 from tests.integration.test_failover import pair
 from tests.support.cluster import Cluster, until
 from tests.support.harness import free_port
+from tests.support.package_lab import build_server, package, served
 from tests.support.tls_etcd import TlsEtcd, running_tls_etcd
 
 HAPAIR = str(Path(sys.executable).parent / "hapair")
@@ -45,7 +47,11 @@ class Secured:
 
 
 def hapair(
-    etcd: TlsEtcd, who: str | None, *args: str, env: dict[str, str] | None = None
+    etcd: TlsEtcd,
+    who: str | None,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = DEADLINE_S,
 ) -> subprocess.CompletedProcess[str]:
     """The ``hapair`` command showing ``who``'s certificate (only the CA when None), with
     none of this process's HAPAIR_* variables (``env``'s instead)."""
@@ -56,9 +62,7 @@ def hapair(
     if who is not None:
         files = pki.TlsFiles.issued(etcd.pki_dir, who)
         env.update(HAPAIR_ETCD_CERT=str(files.cert), HAPAIR_ETCD_KEY=str(files.key))
-    run = subprocess.run(
-        [HAPAIR, *args], capture_output=True, text=True, env=env, timeout=DEADLINE_S
-    )
+    run = subprocess.run([HAPAIR, *args], capture_output=True, text=True, env=env, timeout=timeout)
     assert "Traceback" not in run.stderr, run.stderr
     return run
 
@@ -279,3 +283,57 @@ async def test_an_operator_is_named_by_its_certificate_and_files_its_own_events(
     finally:
         assert hapair(secured.etcd, "alice", "resume", "q").returncode == 0
         await admin.close()
+
+
+async def test_an_operator_rolls_a_pair_out_with_the_rights_etcd_auth_gave_it(
+    secured: Secured, tmp_path: Path
+) -> None:
+    """``hapair rollout`` with alice's certificate: the rollout's key, its restart
+    requests (answered by the agents, with theirs) and its events are within an
+    operator's rights; the pair ends on the new version, b active."""
+    site = yaml.safe_load(secured.site_file.read_text())
+    files = tmp_path / "files"
+    files.mkdir()
+
+    def with_warm(version: str) -> tuple[Path, str]:
+        """The site with warm on ``version``, and that version's directory name."""
+        archive = build_server(files, "warm", version)
+        pkg = package(archive, archive.as_uri(), version)
+        warm = served("warm", free_port(), pkg, tmp_path / "record-warm", placement="all")
+        changed = copy.deepcopy(site)
+        changed["workshops"][0]["pairs"][0]["services"].append(warm)
+        path = tmp_path / f"site-{version}.yaml"
+        path.write_text(yaml.safe_dump(changed))
+        return path, f"{version}-{pkg['sha256'][:12]}"
+
+    cluster = Cluster(secured.etcd, tmp_path)
+    cluster.record = secured.record
+
+    async def warm_on(node: str, version: str) -> bool:
+        status = await cluster.status(node)
+        found = [s for s in (status.services if status else []) if s.name == "warm"]
+        return bool(found) and found[0].state == "running" and found[0].package == version
+
+    applied = hapair(secured.etcd, "root", "topology", "apply", str(with_warm("1.0")[0]))
+    assert applied.returncode == 0, applied
+    try:
+        cluster.start("a")
+        _, epoch = await cluster.active("p", node="a", timeout=DEADLINE_S)
+        cluster.start("b")
+        await cluster.standby("b", timeout=DEADLINE_S)
+        v2, version = with_warm("2.0")
+        applied = hapair(secured.etcd, "root", "topology", "apply", str(v2))
+        assert applied.returncode == 0, applied
+        done = await asyncio.to_thread(
+            hapair, secured.etcd, "alice", "rollout", "p", "--yes", timeout=120
+        )
+        assert done.returncode == 0, done
+        await cluster.active("p", not_epoch=epoch, node="b", timeout=DEADLINE_S)
+        for node in ("a", "b"):
+            await until(lambda n=node: warm_on(n, version), DEADLINE_S, f"warm 2.0 on {node}")
+    finally:
+        await cluster.stop_all()
+        restored = hapair(secured.etcd, "root", "topology", "apply", str(secured.site_file))
+        assert restored.returncode == 0, restored
+    cluster.assert_no_overlap()
+    assert "permission denied" not in cluster.log("a") + cluster.log("b")

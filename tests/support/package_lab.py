@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from hapair.shared.pki import TlsFiles
+from tests.support.harness import PYTHON, ROOT
 
 CUT_AFTER_S = 0.2
 APP = """#!/bin/sh
@@ -146,3 +147,52 @@ def small_disk(path: Path, size: str) -> Iterator[bool]:
         yield True
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+SERVE = """#!/bin/sh
+# The test's packaged server (tests/support/svc.py): answers its health check with 500
+# when its version ships a SICK file.
+exec {python} {svc} --sick-flag "$(dirname "$0")/../SICK" "$@"
+"""
+
+
+def build_server(
+    directory: Path,
+    name: str,
+    version: str,
+    sick: bool = False,
+    files: dict[str, str | bytes] | None = None,
+) -> Path:
+    """``name-version.tar.gz`` holding ``bin/serve``, the recording test server, which
+    fails its health check in a version built ``sick``, and ``files``."""
+    svc = ROOT / "tests" / "support" / "svc.py"
+    files = {**(files or {}), "bin/serve": SERVE.format(python=PYTHON, svc=svc)}
+    if sick:
+        files["SICK"] = "this version fails its health check\n"
+    return build(directory, name, version, files)
+
+
+def served(name: str, port: int, pkg: dict[str, Any], record: Path, **extra: Any) -> dict[str, Any]:
+    """The packaged test server as service ``name`` on ``port`` of each node's address,
+    recording its runs in ``record``."""
+    record.mkdir(exist_ok=True)
+    # An active-only service answers with its term's epoch; one on every node has none.
+    epoch = ["--epoch", "{epoch}"] if extra.get("placement", "active") == "active" else []
+    return {
+        "name": name,
+        "command": [
+            "{package.dir}/bin/serve",
+            *("--service", name, "--pair", "{pair.name}", "--node", "{node.name}"),
+            *epoch,
+            *("--bind", "{node.address}", "--port", str(port), "--record", str(record)),
+        ],
+        "health": {
+            "http": f"http://{{node.address}}:{port}/",
+            "interval_s": 0.2,
+            "timeout_s": 1.0,
+            "failures": 2,
+            "start_period_s": 5.0,
+        },
+        "package": pkg,
+        **extra,
+    }

@@ -111,6 +111,8 @@ def test_an_operator_writes_commands_pause_drain_and_ack_never_the_topology(p: P
         keys.recovery("pkgg"),
         keys.drained("asm-b"),
         keys.event(1, "alice"),
+        keys.rollout("asm"),  # the rollout under way
+        keys.restart("asm", "asm-a"),  # its restart request to a node of the pair
     ):
         assert p.allows("alice", key, W), key
     for key in (
@@ -121,6 +123,7 @@ def test_an_operator_writes_commands_pause_drain_and_ack_never_the_topology(p: P
         keys.endpoint("mes-api"),
         keys.event(1, "asm-a"),  # a node's events
         keys.event(1, "carol"),  # another operator's
+        keys.restart("asm", "pkgg-a"),  # a node of another pair
     ):
         assert not p.allows("alice", key, W), key
     assert p.allows("alice", keys.node_status("asm-a"), R)

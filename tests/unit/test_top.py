@@ -632,3 +632,20 @@ Follow = AsyncGenerator[tuple[SiteReport | None, Connection], None]
 
 
 # ---- the command --------------------------------------------------------------------------
+
+
+def test_a_rollout_under_way_has_a_line_of_its_own_until_it_ends() -> None:
+    def rollout_event(kind: str, at: float, reason: str = "", **details: object) -> EventReport:
+        return EventReport(
+            kind=kind, at=at, pair="p02", reason=reason, details={"rollout": "r1", **details}
+        )
+
+    started = rollout_event("rollout_started", NOW - 40, "rollout of pair p02 by op", of=4)
+    step = rollout_event("rollout_step", NOW - 12, "restart mes on standby p02-b", step=2, of=4)
+    site = site20()
+    running = site.model_copy(update={"events": [*site.events, started, step]})
+    line = line_with(screen(running), "ROLLOUT p02")
+    assert "step 2/4: restart mes on standby p02-b (for 12s)" in line
+    done = rollout_event("rollout_done", NOW - 1, "pair p02 runs the declared versions")
+    ended = site.model_copy(update={"events": [*site.events, started, step, done]})
+    assert not any("ROLLOUT" in line for line in screen(ended))

@@ -6,7 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from hapair.shared.report import DatabaseReport, NodeReport, PairReport, RecoveryReport, SiteReport
+from hapair.shared.report import (
+    DatabaseReport,
+    EventReport,
+    NodeReport,
+    PairReport,
+    RecoveryReport,
+    SiteReport,
+)
 
 NOTICE_S = 30.0
 """How long the outcome of a request stays on screen."""
@@ -153,3 +160,47 @@ def pair_database(pair: PairReport) -> PairDatabase | None:
         primaries[0] if primaries else (None, None),
     )
     return PairDatabase(name, tuple(db.synchronous) if db is not None else (), nodes)
+
+
+ROLLOUT_ENDS = frozenset({"rollout_done", "rollout_rolled_back", "rollout_failed"})
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutView:
+    """A rollout under way, as its last event tells it."""
+
+    pair: str
+    rollout: str
+    what: str
+    """Its step now (or that it started)."""
+    at: float
+    """When that step began."""
+    step: int | None = None
+    of: int | None = None
+
+
+def rollouts(report: SiteReport) -> list[RolloutView]:
+    """The rollouts under way: those whose last event among the recent ones is not
+    their end, in the order they began."""
+    last: dict[str, EventReport] = {}
+    for e in report.events:
+        rollout = e.details.get("rollout")
+        if e.kind.startswith("rollout_") and e.pair and isinstance(rollout, str):
+            last.pop(rollout, None)  # re-inserted: the order is the latest's
+            last[rollout] = e
+    out = []
+    for rollout, e in last.items():
+        if e.kind in ROLLOUT_ENDS or e.pair is None:
+            continue
+        step, of = e.details.get("step"), e.details.get("of")
+        out.append(
+            RolloutView(
+                pair=e.pair,
+                rollout=rollout,
+                what=e.reason if e.kind == "rollout_step" else "started",
+                at=e.at,
+                step=step if isinstance(step, int) else None,
+                of=of if isinstance(of, int) else None,
+            )
+        )
+    return out

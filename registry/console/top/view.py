@@ -50,6 +50,7 @@ from hapair.registry.console.top.state import (
     pair_database,
     pairs_of,
     ready_standbys,
+    rollouts,
     selected_pair,
 )
 from hapair.shared.report import PairReport, SiteReport
@@ -281,6 +282,17 @@ def _alarms(report: SiteReport) -> Text:
     return text
 
 
+def _rollout_lines(report: SiteReport, now: float) -> list[Text]:
+    """One line per rollout under way: its pair, its step and for how long."""
+    lines = []
+    for r in rollouts(report):
+        line = Text(f" ROLLOUT {r.pair} ", style=AWAIT)
+        count = f"step {r.step}/{r.of}: " if r.step is not None and r.of else ""
+        line.append(f" {count}{r.what} (for {ago(max(0.0, now - r.at))})", style="bold yellow")
+        lines.append(line)
+    return lines
+
+
 def _event_lines(report: SiteReport, width: int, room: int) -> list[Text]:
     if room < 2 or not report.events:
         return []
@@ -344,6 +356,8 @@ class Dashboard:
     ) -> list[Text]:
         sel = self.selection
         top = _title(self.report, self.connection, self.now, width)
+        if self.report is not None:
+            top += _rollout_lines(self.report, self.now)
         notice = _notice(console, sel, self.now, width)
         room = max(0, height - len(top) - 1)
         body, pages = self._body(console, options, width, room, len(notice))
