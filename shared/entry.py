@@ -12,7 +12,6 @@ import argparse
 import importlib
 import importlib.util
 import sys
-from importlib import metadata
 
 SERVER_MODULES = (
     "aetcd",
@@ -30,6 +29,8 @@ pyproject.toml)."""
 
 
 def version() -> str:
+    from importlib import metadata  # not at import: it loads a dozen modules
+
     try:
         return metadata.version("hapair")
     except metadata.PackageNotFoundError:

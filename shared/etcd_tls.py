@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +21,9 @@ from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
 import grpc
-from cryptography.hazmat.primitives import serialization
 from pydantic import BaseModel, ValidationInfo, field_validator
 
-from hapair.shared import pki
+from hapair.shared import der, pki
 from hapair.shared.log import EventLog
 from hapair.shared.pki import TlsFiles
 
@@ -86,8 +86,11 @@ class Prepared:
 
 def credentials(tls: TlsFiles) -> Prepared:
     """gRPC channel credentials from ``tls``, every file read and checked now: the CA
-    is a certificate, the key is private to this user and is the certificate's."""
-    ca = pki.load_certificate(tls.ca)
+    is a certificate, the key is private to this user and is the certificate's.
+
+    The checks are OpenSSL's (through :mod:`ssl`) and the certificate's CN is read from
+    its DER (:mod:`der`): an agent does not load ``cryptography`` for them."""
+    ca, _ = _first_certificate(tls.ca)
     chain: bytes | None = None
     key: bytes | None = None
     identity: str | None = None
@@ -96,22 +99,55 @@ def credentials(tls: TlsFiles) -> Prepared:
         raise EtcdTlsError(f"{_given(missing)} missing: a client certificate needs its key")
     if tls.cert is not None and tls.key is not None:
         # The identity, the chain and the key check all come from one reading of the file.
-        certificate, chain = pki.read_certificate(tls.cert)
-        private = pki.load_private_key(tls.key)  # refused unless private (check_private)
-        if private.public_key() != certificate.public_key():
-            raise EtcdTlsError(f"{tls.key}: not the key of {tls.cert}")
-        key = private.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        identity = pki.common_name(certificate) or None
+        first, chain = _first_certificate(tls.cert)
+        pki.check_private(tls.key)
+        key = _read(tls.key)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            # A password callback that gives none: an encrypted key is refused, never
+            # asked for on a terminal.
+            context.load_cert_chain(tls.cert, tls.key, password=lambda: b"")
+        except ssl.SSLError as err:
+            if err.reason == "KEY_VALUES_MISMATCH":
+                raise EtcdTlsError(f"{tls.key}: not the key of {tls.cert}") from None
+            raise pki.PkiError(
+                f"{tls.key}: not an unencrypted PEM private key ({err.reason or err})"
+            ) from None
+        try:
+            identity = der.common_name(first) or None
+        except ValueError as err:
+            raise pki.PkiError(f"{tls.cert}: not a PEM certificate ({err})") from None
     creds = grpc.ssl_channel_credentials(
-        root_certificates=ca.public_bytes(serialization.Encoding.PEM),
+        root_certificates=ssl.DER_cert_to_PEM_cert(ca).encode(),
         private_key=key,
         certificate_chain=chain,
     )
     return Prepared(creds, identity)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise pki.PkiError(f"{path}: no such file") from None
+    except OSError as err:
+        raise pki.PkiError(f"{path}: {err.strerror or err}") from None
+
+
+def _first_certificate(path: Path) -> tuple[bytes, bytes]:
+    """The DER of the file's first certificate, checked by OpenSSL, and the file's
+    bytes (the whole chain it holds)."""
+    data = _read(path)
+    try:
+        found = der.certificates(data)
+        if not found:
+            raise ValueError("no CERTIFICATE block")
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(
+            cadata=ssl.DER_cert_to_PEM_cert(found[0])
+        )
+    except (ValueError, ssl.SSLError) as err:
+        raise pki.PkiError(f"{path}: not a PEM certificate ({err})") from None
+    return found[0], data
 
 
 def prepare(urls: str | Sequence[str], tls: TlsFiles | None) -> Prepared | None:

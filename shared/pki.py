@@ -24,12 +24,26 @@ import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hapair.shared.lazy import LazyModule
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509 import oid
+
+    PrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+else:
+    # Loaded when a certificate is made or read: the agent does neither (its own etcd
+    # certificate is checked by OpenSSL, etcd_tls.py), and saves about 9 MiB.
+    x509 = LazyModule("cryptography.x509")
+    hashes = LazyModule("cryptography.hazmat.primitives.hashes")
+    serialization = LazyModule("cryptography.hazmat.primitives.serialization")
+    ec = LazyModule("cryptography.hazmat.primitives.asymmetric.ec")
+    rsa = LazyModule("cryptography.hazmat.primitives.asymmetric.rsa")
+    oid = LazyModule("cryptography.x509.oid")
 
 from hapair.shared.topology import NAME_PATTERN
 
@@ -244,9 +258,6 @@ def read_certificate(path: Path) -> tuple[x509.Certificate, bytes]:
         raise PkiError(f"{path}: not a PEM certificate ({err})") from None
 
 
-PrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-
-
 def load_private_key(path: Path) -> PrivateKey:
     check_private(path)
     try:
@@ -265,7 +276,7 @@ class Ca:
 
     @property
     def site(self) -> str:
-        names = self.certificate.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+        names = self.certificate.subject.get_attributes_for_oid(oid.NameOID.ORGANIZATION_NAME)
         return str(names[0].value) if names else ""
 
 
@@ -281,7 +292,7 @@ def load_ca(directory: Path) -> Ca:
 
 
 def common_name(certificate: x509.Certificate) -> str:
-    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    names = certificate.subject.get_attributes_for_oid(oid.NameOID.COMMON_NAME)
     return str(names[0].value) if names else ""
 
 
@@ -318,8 +329,8 @@ def init(directory: Path | str, site: str, *, now: datetime.datetime | None = No
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name(
         [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, site),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"hapair CA {site}"[:64]),  # X.509's bound
+            x509.NameAttribute(oid.NameOID.ORGANIZATION_NAME, site),
+            x509.NameAttribute(oid.NameOID.COMMON_NAME, f"hapair CA {site}"[:64]),  # X.509's bound
         ]
     )
     certificate = (
@@ -432,12 +443,12 @@ def issue(
         if profile.opc_ua
         else ec.generate_private_key(ec.SECP256R1())
     )
-    usages = [ExtendedKeyUsageOID.SERVER_AUTH] if profile.server else []
-    usages += [ExtendedKeyUsageOID.CLIENT_AUTH] if profile.client else []
-    subject = [x509.NameAttribute(NameOID.COMMON_NAME, name)]
+    usages = [oid.ExtendedKeyUsageOID.SERVER_AUTH] if profile.server else []
+    usages += [oid.ExtendedKeyUsageOID.CLIENT_AUTH] if profile.client else []
+    subject = [x509.NameAttribute(oid.NameOID.COMMON_NAME, name)]
     if ca.site:
-        subject.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, ca.site))
-    subject.insert(-1, x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, kind.value))
+        subject.insert(0, x509.NameAttribute(oid.NameOID.ORGANIZATION_NAME, ca.site))
+    subject.insert(-1, x509.NameAttribute(oid.NameOID.ORGANIZATIONAL_UNIT_NAME, kind.value))
     ca_ski = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     builder = (
         x509.CertificateBuilder()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
@@ -42,16 +43,22 @@ def format_errors(err: ValidationError) -> list[str]:
     return problems
 
 
-# libyaml's parser when PyYAML has it (10,000 PLC tags load in ~0.7 s instead of ~2.5 s),
-# without the date type: a hapair file has no dates, only strings.
-class YamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
-    pass
+@functools.cache
+def _loader() -> Any:
+    """libyaml's parser when PyYAML has it (10,000 PLC tags load in ~0.7 s instead of
+    ~2.5 s), without the date type: a hapair file has no dates, only strings. Made on
+    first use: an agent reads its site from etcd as JSON, and never loads PyYAML."""
+    import yaml
 
+    class YamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+        pass
 
-YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
+    YamlLoader.yaml_implicit_resolvers = {
+        first: [(t, regexp) for t, regexp in resolvers if t != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    return YamlLoader
+
 
 ErrorFor = Callable[[str, list[str]], Exception]
 """Builds the caller's error from a source (file, key) and its problems."""
@@ -59,8 +66,10 @@ ErrorFor = Callable[[str, list[str]], Exception]
 
 def parse_yaml(text: str, source: str, error: ErrorFor) -> object:
     """The document in ``text``; ``error(source, problems)`` is raised for bad YAML."""
+    import yaml
+
     try:
-        return yaml.load(text, Loader=YamlLoader)
+        return yaml.load(text, Loader=_loader())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""

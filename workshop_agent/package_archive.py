@@ -14,15 +14,22 @@ import errno
 import os
 import shutil
 import stat
-import tarfile
 import threading
-import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+from hapair.shared.lazy import LazyModule
 from hapair.shared.package import ArchiveKind, sha256_file
+
+if TYPE_CHECKING:
+    import tarfile
+    import zipfile
+else:
+    # Loaded when an archive is unpacked, not by every agent.
+    tarfile = LazyModule("tarfile")
+    zipfile = LazyModule("zipfile")
 
 MARKER = ".hapair-installed"
 """Written in a version's directory once it is wholly unpacked and installed: a

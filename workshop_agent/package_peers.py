@@ -28,23 +28,15 @@ names (``packages.py``) and falls back to the origin on any failure.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
-from cryptography.x509.verification import (
-    Criticality,
-    ExtensionPolicy,
-    PolicyBuilder,
-    Store,
-    VerificationError,
-)
-
 from hapair.shared import keys, pki
+from hapair.shared.lazy import LazyModule
 from hapair.shared.log import EventLog
 from hapair.shared.mirror import Mirror
 from hapair.shared.package import Package
@@ -56,9 +48,15 @@ from hapair.shared.waits import wait_event
 
 if TYPE_CHECKING:
     # Loaded when a pair serves its peers: an agent that never does has no use for
-    # aiohttp (about 11 MiB of its memory).
+    # aiohttp (about 11 MiB of its memory) nor cryptography (about 9).
     from aiohttp import web
     from aiohttp.typedefs import Handler
+    from cryptography import x509
+    from cryptography.x509 import oid, verification
+else:
+    x509 = LazyModule("cryptography.x509")
+    oid = LazyModule("cryptography.x509.oid")
+    verification = LazyModule("cryptography.x509.verification")
 from hapair.workshop_agent.package_fetch import Fetcher, Limits
 
 ROUTE = "/v1/packages/{service}/{version}"
@@ -164,7 +162,7 @@ def url(node: Node, port: int, service: str, version_dir: str, tls: bool) -> str
 def agent_name(certificate: x509.Certificate) -> str | None:
     """The node a certificate names: its CN, unless ``hapair pki`` issued it to another
     kind of component (its OU names the kind), which never speaks for a node."""
-    kinds = certificate.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    kinds = certificate.subject.get_attributes_for_oid(oid.NameOID.ORGANIZATIONAL_UNIT_NAME)
     if any(str(k.value) in set(pki.Kind) - {pki.Kind.AGENT} for k in kinds):
         return None
     return pki.common_name(certificate) or None
@@ -180,18 +178,20 @@ def server_refusal(der: bytes | None, node: str, anchors: list[x509.Certificate]
     except ValueError as err:
         return f"its certificate does not parse ({err})"
     # An agent's certificate names no address (its CN is its identity, as etcd reads it).
-    leaf = ExtensionPolicy.webpki_defaults_ee().may_be_present(
-        x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
+    leaf = verification.ExtensionPolicy.webpki_defaults_ee().may_be_present(
+        x509.SubjectAlternativeName, verification.Criticality.AGNOSTIC, None
     )
     verifier = (
-        PolicyBuilder()
-        .store(Store(anchors))
-        .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=leaf)
+        verification.PolicyBuilder()
+        .store(verification.Store(anchors))
+        .extension_policies(
+            ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(), ee_policy=leaf
+        )
         .build_client_verifier()
     )
     try:
         verifier.verify(certificate, [])
-    except VerificationError as err:
+    except verification.VerificationError as err:
         return f"its certificate is not an agent certificate of the site CA ({err})"
     name = agent_name(certificate)
     if name != node:
@@ -207,15 +207,20 @@ class PeerTls:
     """This agent's certificate and key, and the site CA: what both ends show and check."""
 
     files: TlsFiles
-    anchors: list[x509.Certificate]
 
     @classmethod
     def of(cls, files: TlsFiles) -> PeerTls:
         """PkiError when there is no certificate to show (the CA alone)."""
         if files.cert is None or files.key is None:
             raise PkiError(f"{files.ca}: no agent certificate and key are given")
-        files.server_context()  # every file read and checked now
-        return cls(files, _certificates(files.ca))
+        files.server_context()  # every file read and checked now (by OpenSSL)
+        return cls(files)
+
+    @functools.cached_property
+    def anchors(self) -> list[x509.Certificate]:
+        """The site CA, read on the first fetch from a peer: an agent that never fetches
+        from one does not load cryptography."""
+        return _certificates(self.files.ca)
 
     def server_context(self) -> ssl.SSLContext:
         return self.files.server_context(require_client_cert=True)
