@@ -173,6 +173,22 @@ def test_a_drifted_active_may_hand_over_to_a_drifted_node() -> None:
     assert handover_to(decide(o)) == "b"
 
 
+def test_only_a_refusal_for_the_targets_packages_asks_etcd_what_it_holds() -> None:
+    """The active confirms a refusal that names its target against etcd before dropping
+    the request. Seen down by a view that lags, the target is confirmed by being up,
+    whatever it holds: the current view decides, and where every node lacks the version
+    the move goes ahead. Refused for lacking one, it is confirmed by holding them all."""
+    active = obs(term=5, leader=MINE, services_up=True, lacks=("app",), peers={"b": DRIFTED})
+    down = decide(replace(active, switchover=SwitchoverView("r1", "c")))
+    assert down.actions == (RejectSwitchover("r1", "c is down (no agent status)", "c"),)
+    caught_up = replace(active, peers={"b": DRIFTED, "c": DRIFTED})
+    assert handover_to(decide(replace(caught_up, switchover=SwitchoverView("r1", "c")))) == "c"
+    holding = decide(replace(caught_up, lacks=(), switchover=SwitchoverView("r1", "c")))
+    [refusal] = holding.actions
+    assert isinstance(refusal, RejectSwitchover)
+    assert (refusal.target, refusal.lacks) == ("c", True)
+
+
 def test_an_unplanned_move_prefers_a_holder_and_else_takes_a_drifted_node() -> None:
     lost = {"plc-1": Lost(since=0.0, grace_s=1.0)}
     reaching = {
