@@ -474,6 +474,70 @@ def test_the_drift_alarm_files_an_event_as_it_starts_and_as_it_ends(tmp_path: Pa
     assert filed[1:] == [("package drift cleared", "holds every package version the site names")]
 
 
+@pytest.mark.parametrize(
+    "hidden",
+    [
+        {"db_eligible": False},  # not a recorded synchronous standby
+        {"members": frozenset({"a", "b"})},  # its view: not acknowledged as a member
+        {"holdoff_until": 200.0},  # its status still says healthy in b's view
+        {"forgotten_promises_until": 200.0},
+        {"held_by": "a"},  # a promise to an active cut off from etcd, b not asked
+        {"synced": False},
+    ],
+)
+def test_a_holder_that_cannot_campaign_for_a_reason_b_cannot_see_delays_b_a_lease_only(
+    hidden: dict[str, Any],
+) -> None:
+    """a is gone; c holds app 2.0 and looks eligible to b, but does not campaign for a
+    reason of its own. b, lacking app 2.0, steps in once c had its turn and a lease more:
+    the pair is left without an active for that long, not for good."""
+    c = obs("c", peers={"b": DRIFTED}, **hidden)
+    for now in (100.0, 100.0 + DELAY + TTL):
+        assert not campaigns(decide(replace(c, now=now)))
+    b = obs("b", peers={"c": HOLDS}, lacks=("app",))
+    assert not campaigns(decide(replace(b, now=100.0 + DELAY + TTL - 0.01)))
+    assert campaigns(decide(replace(b, now=100.0 + DELAY + TTL)))
+
+
+@given(
+    me=st.sampled_from(["a", "b", "c"]),
+    with_packages=st.booleans(),
+    peers=st.dictionaries(
+        st.sampled_from(["a", "b", "c"]),
+        st.tuples(st.booleans(), st.sampled_from(["standby", "active", "starting"])),
+    ),
+    drained=st.frozensets(st.sampled_from(["a", "b", "c"])),
+    members=st.one_of(st.none(), st.frozensets(st.sampled_from(["a", "b", "c"]))),
+    waited=st.floats(0.0, 3 * DELAY + TTL),
+)
+def test_when_every_node_holds_its_versions_or_none_are_named_priority_alone_decides(
+    me: str,
+    with_packages: bool,
+    peers: dict[str, tuple[bool, str]],
+    drained: frozenset[str],
+    members: frozenset[str] | None,
+    waited: float,
+) -> None:
+    """As before packages: a node campaigns once each eligible member before it in
+    priority had its campaign delay, and no later."""
+    pair = PAIR if with_packages else DECIDE_PAIR
+    views = {n: PeerView(role, healthy) for n, (healthy, role) in peers.items() if n != me}
+    members = None if members is None else members | {me}
+    o = obs(me, pair=pair, peers=views, drained=drained - {me}, members=members)
+    before = pair.nodes[: pair.rank(me)]
+    ahead = sum(
+        1
+        for n in before
+        if n.name in views
+        and views[n.name].healthy
+        and views[n.name].role == "standby"
+        and n.name not in drained
+        and (members is None or n.name in members)
+    )
+    d = decide(replace(o, now=100.0 + waited))
+    assert campaigns(d) == (waited >= ahead * DELAY), d.reason
+
+
 @given(
     me=st.sampled_from(["a", "b", "c"]),
     me_lacks=st.booleans(),
