@@ -100,6 +100,19 @@ def test_after_a_crash_the_node_holding_the_version_campaigns_first() -> None:
     assert campaigns(late) and "campaigning without the version of app" in late.reason
 
 
+def test_at_a_cold_start_a_node_holding_the_version_still_gives_the_main_time_to_start() -> None:
+    """A main server lacking the declared version as it starts is most often installing
+    it (every node is at a pair's first start): a secondary that holds it still gives it
+    the cold start's two lease TTLs, so the main wins when both start together. A main
+    that stays drifted may so win a cold start, after its own wait for b."""
+    cold = {"seen_leader": False, "started_at": 100.0}
+    b = obs("b", peers={"a": DRIFTED}, **cold)
+    assert decide(b).reason == "no active node; giving the main server time to start"
+    assert campaigns(decide(replace(b, now=100.0 + 2 * TTL)))
+    a = obs("a", peers={"b": HOLDS}, lacks=("app",), **cold)
+    assert campaigns(decide(replace(a, now=100.0 + DELAY + TTL)))
+
+
 def test_with_every_standby_drifted_priority_decides_and_nobody_waits_longer() -> None:
     b = obs("b", peers={"c": DRIFTED}, lacks=("app",))
     assert campaigns(decide(b))
