@@ -358,8 +358,8 @@ class Agent:
                 await p.steps.step_down(reason, None, None)
             case d.Handover(to, request, reason, planned, db_lost):
                 await p.steps.step_down(reason, to, request, planned, db_lost)
-            case d.RejectSwitchover(request, reason, target):
-                await p.steps.reject_switchover(request, reason, target)
+            case d.RejectSwitchover(request, reason, target, lacks):
+                await p.steps.reject_switchover(request, reason, target, lacks)
 
     # -- stepping down ----------------------------------------------------------------
     async def _leave_pair(self) -> None:

@@ -97,12 +97,14 @@ class Handover:
 @dataclass(frozen=True, slots=True)
 class RejectSwitchover:
     """Refuse a switchover. With ``target``, the refusal rests on what this node's view
-    says of that node (down, unhealthy, drained): that view comes from another watch
-    than the request's and may lag it, so the agent confirms it against etcd first."""
+    says of that node (down, unhealthy, drained; with ``lacks``, a declared package
+    version it does not hold): that view comes from another watch than the request's
+    and may lag it, so the agent confirms it against etcd first."""
 
     request: str
     reason: str
     target: str | None = None
+    lacks: bool = False
 
 
 Action = (
@@ -198,13 +200,15 @@ def _switchover(o: Observation, cmd: SwitchoverView) -> Decision:
         return _reject(cmd, f"{cmd.to} is not healthy", cmd.to)
     why = drift_refusal(o, cmd.to)
     if why is not None:
-        return _reject(cmd, why, cmd.to)
+        return _reject(cmd, why, cmd.to, lacks=True)
     return Decision(f"switchover to {cmd.to}", (Handover(cmd.to, cmd.request, "switchover"),))
 
 
-def _reject(cmd: SwitchoverView, reason: str, target: str | None = None) -> Decision:
+def _reject(
+    cmd: SwitchoverView, reason: str, target: str | None = None, lacks: bool = False
+) -> Decision:
     return Decision(
-        f"switchover refused: {reason}", (RejectSwitchover(cmd.request, reason, target),)
+        f"switchover refused: {reason}", (RejectSwitchover(cmd.request, reason, target, lacks),)
     )
 
 

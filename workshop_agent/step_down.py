@@ -203,8 +203,10 @@ class StepDowns:
             self._event("switchover_rejected", why, request=request)
             await self.election.drop_switchover(raw)
 
-    async def reject_switchover(self, request: str, reason: str, target: str | None) -> None:
-        if target is not None and await self._ready_in_etcd(target):
+    async def reject_switchover(
+        self, request: str, reason: str, target: str | None, lacks: bool = False
+    ) -> None:
+        if target is not None and await self._ready_in_etcd(target, lacks):
             if self._view_lags != request:
                 self._view_lags = request
                 self.log.info("switchover target ready in etcd; waiting for this view")
@@ -216,8 +218,11 @@ class StepDowns:
         self.log.warning("switchover refused", request=request, reason=reason)
         self._event("switchover_rejected", reason, request=request)
 
-    async def _ready_in_etcd(self, node: str) -> bool:
-        """Is ``node`` a healthy, undrained standby by a fresh (linearizable) read?"""
+    async def _ready_in_etcd(self, node: str, lacks: bool) -> bool:
+        """Is ``node`` a healthy, undrained standby by a fresh (linearizable) read, and,
+        when it was refused for ``lacks``, does it now hold every declared package
+        version? Whether a node lacking one may take over depends on what the others
+        hold: for any other refusal that is decided again on a current view."""
         kvs, _ = await self.store.get_prefix(f"{keys.NODES_PREFIX}{node}/")
         found = {kv.key: kv for kv in kvs}
         kv = found.get(keys.node_status(node))
@@ -227,11 +232,7 @@ class StepDowns:
             status = decode(NodeStatus, kv.value, kv.key)
         except RecordError:
             return False
+        if not status.healthy or status.role != "standby":
+            return False
         pair = self._pair()
-        # A target that lacks a declared package version was refused for it, or may be.
-        held = drift.held(status.packages)
-        return (
-            status.healthy
-            and status.role == "standby"
-            and (pair is None or not drift.lacking(pair, held))
-        )
+        return not lacks or pair is None or not drift.lacking(pair, drift.held(status.packages))

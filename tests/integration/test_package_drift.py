@@ -161,6 +161,40 @@ async def test_the_drift_alarm_is_shown_refuses_a_switchover_and_clears_after_in
     assert cleared[-1]["reason"] == "holds every package version the site names"
 
 
+async def test_a_switchover_where_every_node_lacks_the_version_waits_for_a_lagging_view(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """app 2.0's media is gone before any node fetched it: every node lacks it, so a
+    switchover to c moves the pair to no worse a node. c has just come back, and the
+    active's view of the nodes lags its view of the commands: it first sees c down. It
+    waits for a view that has seen c, as without packages, then hands over."""
+    nodes = ("a", "b", "c")
+    v1 = build(files_of(cluster), "app", "1.0")
+    await cluster.apply(site(cluster, nodes, 84, v1, "1.0"))
+    monkeypatch.setenv("HAPAIR_TEST_NODES_LAG_S", "1.0")
+    cluster.start("a")
+    monkeypatch.delenv("HAPAIR_TEST_NODES_LAG_S")
+    for node in nodes[1:]:
+        cluster.start(node)
+    _, epoch = await cluster.active("p", node="a", timeout=60)
+    for node in nodes:
+        await package_on(cluster, node, "app", "1.0", "installed")
+    await asyncio.to_thread(stop_pid, cluster.agents["c"], signal.SIGTERM, 10.0)
+    v2 = build(files_of(cluster), "app", "2.0")
+    declared = site(cluster, nodes, 84, v2, "2.0")
+    v2.unlink()
+    await cluster.apply(declared)
+    for node in nodes[:2]:
+        await package_on(cluster, node, "app", "2.0", "failed", timeout=90)
+    cluster.start("c")
+    await cluster.standby("c", timeout=30)  # in etcd; the active's view of c lags
+    await cluster.store.put(keys.switchover("p"), Switchover(to="c").encode())
+    node, _ = await cluster.active("p", not_epoch=epoch, timeout=30)
+    assert node == "c"
+    assert await cluster.events("switchover_rejected") == []
+    await runs(cluster, "c", "1.0")
+
+
 async def _none(found: Any) -> bool:
     return not await found
 

@@ -100,6 +100,19 @@ def test_after_a_crash_the_node_holding_the_version_campaigns_first() -> None:
     assert campaigns(late) and "campaigning without the version of app" in late.reason
 
 
+def test_at_a_cold_start_a_node_holding_the_version_still_gives_the_main_time_to_start() -> None:
+    """A main server lacking the declared version as it starts is most often installing
+    it (every node is at a pair's first start): a secondary that holds it still gives it
+    the cold start's two lease TTLs, so the main wins when both start together. A main
+    that stays drifted may so win a cold start, after its own wait for b."""
+    cold = {"seen_leader": False, "started_at": 100.0}
+    b = obs("b", peers={"a": DRIFTED}, **cold)
+    assert decide(b).reason == "no active node; giving the main server time to start"
+    assert campaigns(decide(replace(b, now=100.0 + 2 * TTL)))
+    a = obs("a", peers={"b": HOLDS}, lacks=("app",), **cold)
+    assert campaigns(decide(replace(a, now=100.0 + DELAY + TTL)))
+
+
 def test_with_every_standby_drifted_priority_decides_and_nobody_waits_longer() -> None:
     b = obs("b", peers={"c": DRIFTED}, lacks=("app",))
     assert campaigns(decide(b))
@@ -171,6 +184,22 @@ def test_a_drifted_active_may_hand_over_to_a_drifted_node() -> None:
         switchover=SwitchoverView("r1", "b"),
     )
     assert handover_to(decide(o)) == "b"
+
+
+def test_only_a_refusal_for_the_targets_packages_asks_etcd_what_it_holds() -> None:
+    """The active confirms a refusal that names its target against etcd before dropping
+    the request. Seen down by a view that lags, the target is confirmed by being up,
+    whatever it holds: the current view decides, and where every node lacks the version
+    the move goes ahead. Refused for lacking one, it is confirmed by holding them all."""
+    active = obs(term=5, leader=MINE, services_up=True, lacks=("app",), peers={"b": DRIFTED})
+    down = decide(replace(active, switchover=SwitchoverView("r1", "c")))
+    assert down.actions == (RejectSwitchover("r1", "c is down (no agent status)", "c"),)
+    caught_up = replace(active, peers={"b": DRIFTED, "c": DRIFTED})
+    assert handover_to(decide(replace(caught_up, switchover=SwitchoverView("r1", "c")))) == "c"
+    holding = decide(replace(caught_up, lacks=(), switchover=SwitchoverView("r1", "c")))
+    [refusal] = holding.actions
+    assert isinstance(refusal, RejectSwitchover)
+    assert (refusal.target, refusal.lacks) == ("c", True)
 
 
 def test_an_unplanned_move_prefers_a_holder_and_else_takes_a_drifted_node() -> None:
@@ -456,6 +485,70 @@ def test_the_drift_alarm_files_an_event_as_it_starts_and_as_it_ends(tmp_path: Pa
     version(tmp_path, "app", V2, 20.0)
     packages._drift_step(PAIR)
     assert filed[1:] == [("package drift cleared", "holds every package version the site names")]
+
+
+@pytest.mark.parametrize(
+    "hidden",
+    [
+        {"db_eligible": False},  # not a recorded synchronous standby
+        {"members": frozenset({"a", "b"})},  # its view: not acknowledged as a member
+        {"holdoff_until": 200.0},  # its status still says healthy in b's view
+        {"forgotten_promises_until": 200.0},
+        {"held_by": "a"},  # a promise to an active cut off from etcd, b not asked
+        {"synced": False},
+    ],
+)
+def test_a_holder_that_cannot_campaign_for_a_reason_b_cannot_see_delays_b_a_lease_only(
+    hidden: dict[str, Any],
+) -> None:
+    """a is gone; c holds app 2.0 and looks eligible to b, but does not campaign for a
+    reason of its own. b, lacking app 2.0, steps in once c had its turn and a lease more:
+    the pair is left without an active for that long, not for good."""
+    c = obs("c", peers={"b": DRIFTED}, **hidden)
+    for now in (100.0, 100.0 + DELAY + TTL):
+        assert not campaigns(decide(replace(c, now=now)))
+    b = obs("b", peers={"c": HOLDS}, lacks=("app",))
+    assert not campaigns(decide(replace(b, now=100.0 + DELAY + TTL - 0.01)))
+    assert campaigns(decide(replace(b, now=100.0 + DELAY + TTL)))
+
+
+@given(
+    me=st.sampled_from(["a", "b", "c"]),
+    with_packages=st.booleans(),
+    peers=st.dictionaries(
+        st.sampled_from(["a", "b", "c"]),
+        st.tuples(st.booleans(), st.sampled_from(["standby", "active", "starting"])),
+    ),
+    drained=st.frozensets(st.sampled_from(["a", "b", "c"])),
+    members=st.one_of(st.none(), st.frozensets(st.sampled_from(["a", "b", "c"]))),
+    waited=st.floats(0.0, 3 * DELAY + TTL),
+)
+def test_when_every_node_holds_its_versions_or_none_are_named_priority_alone_decides(
+    me: str,
+    with_packages: bool,
+    peers: dict[str, tuple[bool, str]],
+    drained: frozenset[str],
+    members: frozenset[str] | None,
+    waited: float,
+) -> None:
+    """As before packages: a node campaigns once each eligible member before it in
+    priority had its campaign delay, and no later."""
+    pair = PAIR if with_packages else DECIDE_PAIR
+    views = {n: PeerView(role, healthy) for n, (healthy, role) in peers.items() if n != me}
+    members = None if members is None else members | {me}
+    o = obs(me, pair=pair, peers=views, drained=drained - {me}, members=members)
+    before = pair.nodes[: pair.rank(me)]
+    ahead = sum(
+        1
+        for n in before
+        if n.name in views
+        and views[n.name].healthy
+        and views[n.name].role == "standby"
+        and n.name not in drained
+        and (members is None or n.name in members)
+    )
+    d = decide(replace(o, now=100.0 + waited))
+    assert campaigns(d) == (waited >= ahead * DELAY), d.reason
 
 
 @given(
