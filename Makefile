@@ -132,7 +132,7 @@ test: venv sysdeps
 # --strict: a broken link, a missing anchor or a page left out of the nav fails the build.
 export NO_MKDOCS_2_WARNING := 1
 docs: venv
-	$(BIN)/mkdocs build --strict --quiet
+	$(BIN)/mkdocs build --strict
 
 # The chaos suite (tests/chaos; a five-fault smoke of it runs in make test). The schedule
 # comes from SEED alone and is printed; ONLY=3,7-9 runs just those faults of it, to replay
