@@ -9,9 +9,11 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from markdown.extensions.toc import slugify  # installed with mkdocs (the dev extra)
 
+from hapair.shared.topology import site_schema
 from tests.support.harness import ROOT
 
 README_LIMIT = 15_000
@@ -66,3 +68,27 @@ def test_readme_is_short_and_its_links_lead_somewhere() -> None:
         assert (ROOT / path).exists(), target
         if anchor:
             assert anchor in _anchors((ROOT / path).read_text()), target
+
+
+SITE_FILE_PAGES = ("site-file.md", "database.md", "operations.md", "plc.md", "security.md")
+"""Where the site file's fields are explained in prose (the reference gives their types
+and defaults, from the models)."""
+
+
+def _fields(schema: dict[str, Any]) -> set[str]:
+    models = [schema, *schema.get("$defs", {}).values()]
+    return {name for model in models for name in model.get("properties", {})}
+
+
+def test_every_site_file_field_is_explained() -> None:
+    prose = "\n".join((ROOT / "docs" / page).read_text() for page in SITE_FILE_PAGES)
+    unexplained = sorted(
+        name
+        for name in _fields(site_schema())
+        # named in a table or the text (`name`, `parent.name`), or as a key of an example
+        # (a YAML line or an inline {key: value, ...})
+        if not re.search(
+            rf"`(?:[\w.]+\.)?{name}`|^\s*(?:- )?{name}:|[{{,] ?{name}:", prose, re.MULTILINE
+        )
+    )
+    assert unexplained == []
