@@ -31,8 +31,10 @@ Schema = Mapping[str, Any]
 
 
 def _cell(text: str) -> str:
-    """Text for a table cell: one line, its pipes escaped."""
-    return " ".join(text.split()).replace("|", "\\|")
+    """Text for a table cell: one line, its pipes escaped outside code spans (inside
+    one, a pipe is no column separator and a backslash would be shown)."""
+    parts = " ".join(text.split()).split("`")
+    return "`".join(p if i % 2 else p.replace("|", "\\|") for i, p in enumerate(parts))
 
 
 def _code(value: object) -> str:
