@@ -94,7 +94,7 @@ class EtcdMembers(Etcd):
             "--initial-cluster", cluster,
             "--initial-cluster-token", "hapair-chaos",
             "--initial-cluster-state", "new",  # ignored once the data dir exists
-            "--pre-vote",  # off by default in etcd 3.4: see the README's "etcd in a plant"
+            "--pre-vote",  # off by default in etcd 3.4: docs/operations.md, "etcd in a plant"
             *self.member_tls(name),
             stdout=log,
             stderr=log,

@@ -216,7 +216,7 @@ class Etcd:
                 self.initial_cluster or f"{self.name}={peer}",
                 "--initial-cluster-state",
                 "new",
-                "--pre-vote",  # off by default in etcd 3.4: see the README's "etcd in a plant"
+                "--pre-vote",  # off by default in etcd 3.4: docs/operations.md, "etcd in a plant"
                 *self.server_args(),
                 *self.extra_args,
             ],

@@ -1,0 +1,94 @@
+"""The documentation: it builds with ``mkdocs build --strict`` (every link and anchor
+found, every page in the nav, the reference pages made from the code), and the README
+stays a short first read whose links all lead somewhere."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from markdown.extensions.toc import slugify  # installed with mkdocs (the dev extra)
+
+from hapair.shared.topology import site_schema
+from tests.support.harness import ROOT
+
+README_LIMIT = 15_000
+"""Bytes: what a newcomer reads in the first hour; the rest is in docs/."""
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+HEADING = re.compile(r"^#{1,6} (.+?)(?: \{#([\w-]+)\})?$")
+
+
+def test_docs_build_strict(tmp_path: Path) -> None:
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    for page in ("reference/site-file", "reference/http-api", "reference/cli", "concepts"):
+        assert (tmp_path / page / "index.html").is_file(), page
+    # The generated pages carry what they are made from.
+    site_ref = (tmp_path / "reference/site-file/index.html").read_text()
+    assert "lease_ttl_s" in site_ref and "fence_margin_s" in site_ref
+    api_ref = (tmp_path / "reference/http-api/index.html").read_text()
+    assert "/v1/endpoints/{service}" in api_ref
+    cli_ref = (tmp_path / "reference/cli/index.html").read_text()
+    assert "hapair switchover" in cli_ref and "hapair-agent" in cli_ref
+
+
+def _anchors(markdown: str) -> set[str]:
+    """The ids mkdocs gives a page's headings (an explicit ``{#id}`` or the slug)."""
+    found, fenced = set(), False
+    for line in markdown.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        match = None if fenced else HEADING.match(line)
+        if match:
+            found.add(match.group(2) or slugify(match.group(1).replace("`", ""), "-"))
+    return found
+
+
+def test_readme_is_short_and_its_links_lead_somewhere() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.encode()) < README_LIMIT
+    targets = [t for t in LINK.findall(readme) if not t.startswith(("http://", "https://"))]
+    assert any(t.startswith("docs/") for t in targets)
+    for target in targets:
+        path, _, anchor = target.partition("#")
+        path = path or "README.md"
+        assert (ROOT / path).exists(), target
+        if anchor:
+            assert anchor in _anchors((ROOT / path).read_text()), target
+
+
+SITE_FILE_PAGES = ("site-file.md", "database.md", "operations.md", "plc.md", "security.md")
+"""Where the site file's fields are explained in prose (the reference gives their types
+and defaults, from the models)."""
+
+
+def _fields(schema: dict[str, Any]) -> set[str]:
+    models = [schema, *schema.get("$defs", {}).values()]
+    return {name for model in models for name in model.get("properties", {})}
+
+
+def test_every_site_file_field_is_explained() -> None:
+    prose = "\n".join((ROOT / "docs" / page).read_text() for page in SITE_FILE_PAGES)
+    unexplained = sorted(
+        name
+        for name in _fields(site_schema())
+        # named in a table or the text (`name`, `parent.name`), or as a key of an example
+        # (a YAML line or an inline {key: value, ...})
+        if not re.search(
+            rf"`(?:[\w.]+\.)?{name}`|^\s*(?:- )?{name}:|[{{,] ?{name}:", prose, re.MULTILINE
+        )
+    )
+    assert unexplained == []
