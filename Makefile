@@ -113,7 +113,9 @@ typecheck: venv
 # measured at 5 % less time and made timing more fragile: two it is. The slowest tests
 # are listed at the end of each run, to keep the whole run short.
 PYTEST_WORKERS ?= 2
-PYTEST := $(BIN)/pytest -q -n $(PYTEST_WORKERS) --durations=25 --durations-min=5
+# worksteal: a worker that runs out of tests takes some of the other's queue, so a run
+# does not end on one worker still going through its share of long tests.
+PYTEST := $(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist worksteal --durations=25 --durations-min=5
 
 pytest: venv sysdeps
 	$(PYTEST) $(PYTEST_ARGS)
