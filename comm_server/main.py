@@ -33,16 +33,17 @@ from hapair.shared import etcd_tls, event_loop, keys, metrics
 from hapair.shared import log as logs
 from hapair.shared.entry import add_version
 from hapair.shared.log import EventLog
+from hapair.shared.network import listen_address
 from hapair.shared.store import Store, StoreError, parse_endpoints
 
 T = TypeVar("T")
 
 
 def _listen(text: str) -> Listen:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return Listen(host.strip("[]"), int(port))
+    try:
+        return Listen(*listen_address(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hapair.shared.log import EventLog
+from hapair.shared.network import listen_address
 from hapair.shared.pki import PkiError, TlsFiles
 
 if TYPE_CHECKING:
@@ -81,15 +82,16 @@ def from_args(args: argparse.Namespace) -> MetricsOptions | None:
     """The options given, checked (files read now), or None when metrics are off."""
     if not args.metrics_listen:
         return None
-    host, sep, port = str(args.metrics_listen).rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise MetricsError(f"--metrics-listen: expected HOST:PORT, got {args.metrics_listen!r}")
+    try:
+        host, port = listen_address(str(args.metrics_listen))
+    except ValueError as err:
+        raise MetricsError(f"--metrics-listen: {err}") from None
     files = {f: getattr(args, f"metrics_{f}") for f in ("cert", "key", "ca")}
     if args.metrics_plain:
         given = [f"--metrics-{f}" for f, v in files.items() if v]
         if given:
             raise MetricsError(f"--metrics-plain serves no TLS: drop {', '.join(given)}")
-        return MetricsOptions(host.strip("[]"), int(port), None)
+        return MetricsOptions(host, port, None)
     missing = [f"--metrics-{f}" for f, v in files.items() if not v]
     if missing:
         raise MetricsError(
@@ -101,7 +103,7 @@ def from_args(args: argparse.Namespace) -> MetricsOptions | None:
         tls.server_context()
     except PkiError as err:
         raise MetricsError(f"metrics: {err}") from None
-    return MetricsOptions(host.strip("[]"), int(port), tls)
+    return MetricsOptions(host, port, tls)
 
 
 def registry(*collectors: Collector) -> CollectorRegistry:

@@ -35,6 +35,15 @@ class Target:
         return f"{host}:{self.port}"
 
 
+def listen_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[IPV6]:PORT``) a daemon listens on, the port from 1 to 65535;
+    ValueError otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
 def parse_target(text: str) -> Target:
     """``10.0.0.1`` (ICMP), ``10.0.0.1:502`` or ``[fd00::1]:502`` (TCP connect).
 
