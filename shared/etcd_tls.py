@@ -98,7 +98,8 @@ def credentials(tls: TlsFiles) -> Prepared:
         missing = "key" if tls.key is None else "cert"
         raise EtcdTlsError(f"{_given(missing)} missing: a client certificate needs its key")
     if tls.cert is not None and tls.key is not None:
-        # The identity, the chain and the key check all come from one reading of the file.
+        # The identity and the chain gRPC shows come from one reading of the file; the
+        # key check is OpenSSL's, which reads the two files again (ssl takes only paths).
         first, chain = _first_certificate(tls.cert)
         pki.check_private(tls.key)
         key = _read(tls.key)
