@@ -21,10 +21,12 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from bench.bench_failover import ADDRESS, checked_and_removed, ready_standby
+from bench.bench_failover import checked_and_removed, ready_standby
+from bench.bench_failover import pair_spec as failover_pair
 from bench.procstat import proc_cpu_seconds, rss_mb
-from tests.support.cluster import Cluster, recording_service, until
+from tests.support.cluster import Cluster, until
 from tests.support.harness import free_port
 from tests.support.tls_etcd import LAB_HELP, etcd_mode, own_etcd
 
@@ -32,14 +34,11 @@ TARGETS = {"cpu_pct": 1.0, "agent_mib": 60.0, "watchdog_mib": 15.0}
 
 
 def pair_spec(port: int, record: Path) -> dict[str, object]:
-    """Two nodes, one critical service checked over HTTP with the default interval."""
-    service = recording_service("bench-svc", port, record, critical=True)
-    service["health"] = {"http": service["health"]["http"]}
-    return {
-        "name": "p",
-        "nodes": [{"name": n, "address": a} for n, a in ADDRESS.items()],
-        "services": [service],
-    }
+    """bench_failover's pair, its service checked over HTTP at the default interval."""
+    spec = failover_pair(port, record)
+    services: list[dict[str, Any]] = spec["services"]  # type: ignore[assignment]
+    services[0]["health"] = {"http": services[0]["health"]["http"]}
+    return spec
 
 
 def watchdog_pid(agent: int) -> int:
