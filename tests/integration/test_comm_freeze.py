@@ -18,7 +18,7 @@ import pytest
 from asyncua import Client
 
 from tests.support.cluster import until
-from tests.support.harness import PYTHON, ROOT, free_port, stop_pid
+from tests.support.harness import comm_process, free_port
 from tests.support.plc_sim import ModbusPlc
 
 HOST = "127.0.38.1"
@@ -56,23 +56,10 @@ def standalone_comm(
             }
         )
     )
-    log = (tmp_path / "comm.log").open("ab")
     run = f"{LOOPS[loop]}; raise SystemExit(main())"
-    proc = subprocess.Popen(
-        [PYTHON, "-c", run, "--standalone", "--config", str(config), "--listen", f"{HOST}:{port}"],
-        cwd=ROOT,
-        stdout=log,
-        stderr=log,
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith("HAPAIR_")},
-            "PYTHONPATH": str(ROOT),
-        },
-    )
-    log.close()
-    try:
+    args = ["--standalone", "--config", str(config), "--listen", f"{HOST}:{port}"]
+    with comm_process(tmp_path / "comm.log", args, run=run) as proc:
         yield proc
-    finally:
-        stop_pid(proc)
 
 
 @pytest.mark.parametrize("loop", list(LOOPS))

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from asyncua import Client
 from hapair.shared import keys, records, topology
 from hapair.shared.store import Store
 from tests.support.cluster import until
-from tests.support.harness import PYTHON, ROOT, Etcd, free_port, stop_pid
+from tests.support.harness import PYTHON, ROOT, Etcd, comm_process, free_port
 from tests.support.plc_sim import ModbusPlc
 from tests.unit.test_comm_topology import HAPAIR, NODE, PLC_HOSTS, PLC_PORT, example_plcs, site
 
@@ -77,27 +77,11 @@ async def plc() -> AsyncIterator[ModbusPlc]:
         await sim.stop()
 
 
-@contextlib.contextmanager
-def comm(etcd: Etcd, tmp_path: Path, port: int, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
-    log = (tmp_path / "comm.log").open("ab")
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "hapair.comm_server.main", "--listen", f"{NODE}:{port}", *extra],
-        cwd=ROOT,
-        stdout=log,
-        stderr=log,
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith("HAPAIR_")},
-            "PYTHONPATH": str(ROOT),
-            **etcd.client_env(),
-            "HAPAIR_PAIR": "line-1",
-            "HAPAIR_NODE": "l1-a",
-        },
-    )
-    log.close()
-    try:
-        yield proc
-    finally:
-        stop_pid(proc)
+def comm(
+    etcd: Etcd, tmp_path: Path, port: int, *extra: str
+) -> AbstractContextManager[subprocess.Popen[bytes]]:
+    env = {**etcd.client_env(), "HAPAIR_PAIR": "line-1", "HAPAIR_NODE": "l1-a"}
+    return comm_process(tmp_path / "comm.log", ["--listen", f"{NODE}:{port}", *extra], env)
 
 
 async def tag_value(url: str, key: str) -> Any:

@@ -11,15 +11,14 @@ import ssl
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
 from hapair.shared import pki
 from tests.support.cluster import until
-from tests.support.harness import PYTHON, ROOT, free_port, stop_pid
+from tests.support.harness import PYTHON, ROOT, comm_process, free_port
 from tests.support.metrics import Sample, samples, scrape, value
 from tests.support.plc_sim import ModbusPlc
 
@@ -42,26 +41,12 @@ def config(tmp_path: Path, plc_port: int) -> Path:
     return path
 
 
-@contextmanager
-def comm(tmp_path: Path, plc_port: int, *metrics: str) -> Iterator[subprocess.Popen[bytes]]:
-    log = (tmp_path / "comm.log").open("ab")
-    argv = [PYTHON, "-m", "hapair.comm_server.main", "--standalone"]
-    argv += ["--config", str(config(tmp_path, plc_port)), "--listen", f"{HOST}:{free_port(HOST)}"]
-    proc = subprocess.Popen(
-        [*argv, *metrics],
-        cwd=ROOT,
-        stdout=log,
-        stderr=log,
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith("HAPAIR_")},
-            "PYTHONPATH": str(ROOT),
-        },
-    )
-    log.close()
-    try:
-        yield proc
-    finally:
-        stop_pid(proc)
+def comm(
+    tmp_path: Path, plc_port: int, *metrics: str
+) -> AbstractContextManager[subprocess.Popen[bytes]]:
+    args = ["--standalone", "--config", str(config(tmp_path, plc_port))]
+    args += ["--listen", f"{HOST}:{free_port(HOST)}", *metrics]
+    return comm_process(tmp_path / "comm.log", args)
 
 
 @pytest.fixture

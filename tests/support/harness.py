@@ -71,6 +71,32 @@ def stop_pid(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: fl
         proc.wait(5)
 
 
+@contextlib.contextmanager
+def comm_process(
+    log: Path, args: list[str], env: dict[str, str] | None = None, run: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``hapair-comm`` with ``args``, its output appended to ``log``, none of this
+    process's ``HAPAIR_*`` settings but ``env``'s; stopped by PID on leaving.
+    ``run``: Python code that starts it instead of ``-m hapair.comm_server.main``."""
+    start = ["-c", run] if run is not None else ["-m", "hapair.comm_server.main"]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [PYTHON, *start, *args],
+            cwd=ROOT,
+            stdout=out,
+            stderr=out,
+            env={
+                **{k: v for k, v in os.environ.items() if not k.startswith("HAPAIR_")},
+                "PYTHONPATH": str(ROOT),
+                **(env or {}),
+            },
+        )
+    try:
+        yield proc
+    finally:
+        stop_pid(proc)
+
+
 def default_sigint() -> None:
     """``preexec_fn`` for a process a test stops with SIGINT: it gets SIGINT as a
     terminal's Ctrl-C would give it. A shell without job control starts background jobs
