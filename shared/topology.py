@@ -83,7 +83,7 @@ class Node(StrictModel):
 
 
 class Failover(StrictModel):
-    lease_ttl_s: float = Field(2.0, ge=2.0, le=60.0)
+    lease_ttl_s: float = Field(2.0, ge=1.0, le=60.0)
     fence_margin_s: float = Field(0.5, gt=0.0)
     failback: Literal["manual", "auto"] = "manual"
     failback_after_s: float = Field(60.0, gt=0.0)
