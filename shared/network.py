@@ -73,15 +73,43 @@ class Network(StrictModel):
     """``network:`` of a pair: what a healthy node of that workshop must reach."""
 
     probe_targets: tuple[Annotated[str, AfterValidator(_normalized_target)], ...] = Field(
-        default=(), max_length=32
+        default=(),
+        max_length=32,
+        description="IP addresses a healthy node of the workshop reaches: ADDRESS probed with "
+        "ICMP echo, ADDRESS:PORT with a TCP connect",
     )
-    probe_interval_s: float = Field(1.0, ge=0.05, le=60.0)
-    isolation_after_s: float = Field(5.0, gt=0.0, le=3600.0)
-    peer_port: int = Field(7400, ge=1, le=65535)
+    probe_interval_s: float = Field(
+        1.0,
+        ge=0.05,
+        le=60.0,
+        description="seconds between two probes of each peer and target; three unanswered: "
+        "not visible, or lost",
+    )
+    isolation_after_s: float = Field(
+        5.0,
+        gt=0.0,
+        le=3600.0,
+        description="seconds an active may reach none of its probe targets before it is "
+        "isolated and hands the pair to a standby that reaches them; at least twice "
+        "probe_interval_s",
+    )
+    peer_port: int = Field(
+        7400,
+        ge=1,
+        le=65535,
+        description="the UDP port of the peer path between the pair's agents (pings, holds "
+        "and promises)",
+    )
     # The pair's key for the peer path: a file on each node (``hapair pki peer-key``),
     # never the key itself, which must not be in the site file nor in etcd. Unset: the
     # lab mode, where anyone on the network can speak for a peer.
-    peer_key_file: str | None = Field(None, min_length=2, max_length=4096)
+    peer_key_file: str | None = Field(
+        None,
+        min_length=2,
+        max_length=4096,
+        description="absolute path on each node of the pair's peer key (hapair pki peer-key), "
+        "never the key itself; unset: the lab mode, unauthenticated",
+    )
 
     @field_validator("peer_key_file")
     @classmethod

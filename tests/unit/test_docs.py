@@ -143,3 +143,17 @@ def test_every_site_file_field_is_explained() -> None:
         )
     )
     assert unexplained == []
+
+
+def test_every_site_file_field_has_a_description() -> None:
+    # The site-file reference and `hapair topology schema` (which editors show beside
+    # each field) are made from these descriptions.
+    schema = site_schema()
+    models = {"Site": schema, **schema.get("$defs", {})}
+    undescribed = sorted(
+        f"{model}.{name}"
+        for model, body in models.items()
+        for name, field in body.get("properties", {}).items()
+        if not field.get("description", "").strip()
+    )
+    assert undescribed == []
