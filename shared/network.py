@@ -35,13 +35,42 @@ class Target:
         return f"{host}:{self.port}"
 
 
+_LISTEN = re.compile(r"(?:\[(?P<v6>[^\[\]]*)\]|(?P<host>[^\[\]]*)):(?P<port>\d{1,5})", re.ASCII)
+
+
 def listen_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[IPV6]:PORT``) a daemon listens on, the port from 1 to 65535;
-    ValueError otherwise."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
+    """``HOST:PORT`` a daemon listens on: a host name or IPv4 address, an IPv6 address in
+    brackets (``[::1]:8700``), or no host for every IPv4 address (``:8700``); the port
+    from 1 to 65535. ValueError saying what is wrong otherwise."""
+    value = text.strip()
+    match = _LISTEN.fullmatch(value)
+    if match is None:
+        host, sep, _ = value.rpartition(":")
+        if not sep:
+            why = "no port"
+        elif "[" in host or "]" in host:
+            why = "an IPv6 address goes in brackets, then the port: [::1]:8700"
+        elif ":" in host:
+            why = f"an IPv6 address goes in brackets: [{host}]:PORT"
+        else:
+            why = "the port must be a number"
+        raise ValueError(f"expected HOST:PORT, got {text!r}: {why}")
+    port = int(match["port"])
+    if not 0 < port < 65536:
+        raise ValueError(f"expected HOST:PORT, got {text!r}: the port must be from 1 to 65535")
+    if match["v6"] is not None:
+        try:
+            return str(ipaddress.IPv6Address(match["v6"])), port
+        except ValueError:
+            raise ValueError(
+                f"expected HOST:PORT, got {text!r}: {match['v6']!r} in brackets is no IPv6 address"
+            ) from None
+    host = match["host"]
+    if ":" in host:
+        raise ValueError(f"expected HOST:PORT, got {text!r}: an IPv6 address goes in brackets")
+    if any(c.isspace() or c == "/" for c in host):
+        raise ValueError(f"expected HOST:PORT, got {text!r}: {host!r} is no host name or address")
+    return host or "0.0.0.0", port
 
 
 def parse_target(text: str) -> Target:
