@@ -154,13 +154,13 @@ def page(run: Run, tree: str, facts: Sequence[tuple[str, str]], note: str = "") 
     fence = "````" if "```" in run.output else "```"
     return "\n".join(
         [
-            f"# {run.script}: results",
+            f"# {Path(run.script).stem}: results",
             "",
             f"Written by `python -m bench.run_all --write` from what `bench/{run.script}` "
             "printed; the next successful run replaces it. What the figures measure and "
             "their targets: [Benchmarks](../benchmarks.md).",
             "",
-            "| | |",
+            "| the run | |",
             "|---|---|",
             *(f"| {what} | {_cell(value)} |" for what, value in rows),
             "",

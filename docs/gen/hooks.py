@@ -48,5 +48,5 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
         name = run_all.result_name(script)
         path = f"{run_all.RESULTS.name}/{name}.md"
         if files.get_file_from_path(path) is None:
-            files.append(File.generated(config, path, content=no_results_page(script.name, name)))
+            files.append(File.generated(config, path, content=no_results_page(script.stem, name)))
     return files

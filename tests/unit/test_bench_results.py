@@ -45,7 +45,7 @@ def test_a_successful_run_is_written_and_a_failed_one_keeps_the_last_good_result
     assert code == 1  # one benchmark failed
     assert (results / "fails.md").read_text() == "the last good result\n"
     written = (results / "ok.md").read_text()
-    assert written.startswith("# bench_ok.py: results\n")
+    assert written.startswith("# bench_ok: results\n")
     assert "figure 1.5 s\nargs --runs 2\n" in written  # what it printed, as printed
     assert "| command | `python -m benches.bench_ok --runs 2` |" in written
     for row in ("date", "commit", "took", "CPU", "cores", "memory", "kernel", "Python"):
