@@ -153,8 +153,8 @@ class Tls(StrictModel):
     )
     cert_file: str = Field(
         f"{PKI_DIR}/postgres@{{node.name}}.crt",
-        description="absolute path on each node: its server's certificate, issued by the CA "
-        "and naming the node's address",
+        description="absolute path on each node: the node's PostgreSQL certificate, issued by "
+        "the CA and naming the node's address; {node.name} expanded",
     )
     key_file: str = Field(
         f"{PKI_DIR}/postgres@{{node.name}}.key",
