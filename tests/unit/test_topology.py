@@ -833,3 +833,17 @@ def test_topology_error_is_a_value_error() -> None:
     assert isinstance(err, ValueError)
     assert err.problems == ["a: b"]
     assert str(err) == "s: invalid topology\n  a: b"
+
+
+def test_a_short_lease_without_a_peer_path_is_valid_but_cautioned() -> None:
+    d = site_data()
+    _failover(d)["lease_ttl_s"] = 1
+    site = topology.parse_site(d, "x")
+    [caution] = site.cautions()
+    assert caution.startswith("pair asm: lease_ttl_s 1 without a network: section")
+    assert "0.5 s late" in caution
+    pair_of(d)["network"] = {"peer_port": 7400}
+    assert topology.parse_site(d, "x").cautions() == []
+    _failover(d)["lease_ttl_s"] = 2
+    del pair_of(d)["network"]
+    assert topology.parse_site(d, "x").cautions() == []
