@@ -89,13 +89,18 @@ class Node(StrictModel):
             raise ValueError(f"{value!r} is neither an IP address nor a host name") from None
 
 
+# Below this TTL a pair rides out etcd's hiccups only on its peer path (Pair.cautions).
+SHORT_LEASE_S = 2.0
+
+
 class Failover(StrictModel):
     lease_ttl_s: float = Field(
         2.0,
-        ge=2.0,
+        ge=1.0,
         le=60.0,
         description="seconds: TTL of each agent's etcd lease, kept alive every lease_ttl_s / 4; "
-        "a crashed active is replaced once its lease expires",
+        "a crashed active is replaced once its lease expires. etcd grants no lease under 1.5 "
+        "of its election timeouts (2 s with its defaults, 1 s with deploy/etcd's timing)",
     )
     fence_margin_s: float = Field(
         0.5,
@@ -412,6 +417,18 @@ class Pair(StrictModel):
         )
         return self
 
+    def cautions(self) -> list[str]:
+        """Valid choices with a cost worth saying (see Site.cautions)."""
+        said = []
+        f = self.failover
+        if f.lease_ttl_s < SHORT_LEASE_S and self.network is None:
+            said.append(
+                f"lease_ttl_s {f.lease_ttl_s:g} without a network: section: the active fences "
+                f"itself whenever etcd answers {f.fence_after_s:g} s late (a leader "
+                "election, a slow disk), as no peer path can hold the pair meanwhile"
+            )
+        return said
+
     @model_validator(mode="after")
     def _vip_apart(self) -> Pair:
         # Fencing removes the virtual address: were it a node's own, fencing would cut
@@ -492,6 +509,10 @@ class Site(StrictModel):
     def pairs(self) -> Iterator[Pair]:
         for w in self.workshops:
             yield from w.pairs
+
+    def cautions(self) -> list[str]:
+        """Choices that are valid but that a plant should make knowingly, one line each."""
+        return [f"pair {p.name}: {c}" for p in self.pairs() for c in p.cautions()]
 
     def pair(self, name: str) -> Pair | None:
         return next((p for p in self.pairs() if p.name == name), None)
