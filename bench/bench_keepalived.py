@@ -5,8 +5,9 @@ nodes a and b (a pair with ``vip:`` 10.99.0.100 and a peer path, lease TTL 2 s),
 keepalived's nodes ka and kb (Debian's keepalived, VRRP, virtual address 10.99.0.101,
 ``tests/support/keepalived_lab.py``) and one client host. Both pairs share the topology,
 the client and the way faults are made (at the switch), so the figures differ by what
-each does only; each phase runs alone, the other pair idle. Each node serves the test
-service (``tests/support/svc.py``), which answers HTTP with its node's name.
+each does only. The phases run one after the other: hapair's agents idle during
+keepalived's, keepalived stopped during hapair's. Each node serves the test service
+(``tests/support/svc.py``), which answers HTTP with its node's name.
 
   crash  the active's server crashes: hapair as bench_failover's crash (agent, watchdog
          and services frozen, then killed), keepalived's MASTER the same way (every
