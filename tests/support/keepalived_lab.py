@@ -92,10 +92,14 @@ def crash_host(lab: Lab, host: Host) -> list[int]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGSTOP)
     lab.cut(host)
+    kill(pids)
+    return pids
+
+
+def kill(pids: list[int]) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    return pids
 
 
 def wait_gone(pids: list[int], timeout: float = 5.0) -> None:
@@ -161,8 +165,8 @@ class KeepalivedPair:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def start(self, host: Host) -> None:
-        """keepalived and the test service on ``host``; the first node has the higher
-        priority, which only matters when both start at once."""
+        """keepalived and the test service on ``host``. The first node has the higher
+        priority: it stays master when both are (started at once, or a cut link healed)."""
         priority = 150 if host == self.hosts[0] else 100
         conf = self.dir / f"keepalived-{host.name}.conf"
         conf.write_text(config(host, self.vip, priority, self.vrrp, self.router_id))
@@ -199,8 +203,8 @@ class KeepalivedPair:
         return first
 
     async def backup(self, host: Host, since: int) -> None:
-        """Wait until keepalived on ``host`` has said, after byte ``since`` of its log,
-        that it is in BACKUP state, the other node still holding the address."""
+        """Wait until keepalived on ``host`` has said, past the first ``since`` characters
+        of its log, that it is in BACKUP state, the other node still holding the address."""
 
         async def ready() -> bool:
             return BACKUP_LOG in self.log(host)[since:]
@@ -229,9 +233,7 @@ class KeepalivedPair:
         to wait for), the address removed from both: the hosts as before :meth:`start`."""
         for host in self.hosts:
             pids = host.pids()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            kill(pids)
             for proc in self.procs.pop(host.name, []):
                 proc.wait(5)
             wait_gone(pids)
