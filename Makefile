@@ -7,9 +7,9 @@
 #   make bench   run the benchmarks in bench/ and write their results into docs/benchmarks/
 #
 # On a fresh Debian machine, run as root or with sudo: missing system packages (etcd,
-# util-linux, python3-venv, wrk for the benchmarks) are installed with apt-get, and a
-# virtual environment .venv is made with the project and its development tools. It is
-# set up again only when pyproject.toml changes.
+# util-linux, python3-venv, wrk and keepalived for the benchmarks) are installed with
+# apt-get, and a virtual environment .venv is made with the project and its development
+# tools. It is set up again only when pyproject.toml changes.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -32,7 +32,7 @@ export PYTHONUNBUFFERED := 1
 # Commands the targets need, each with the Debian package that brings it.
 #   command:package
 TEST_TOOLS := etcd:etcd-server etcdctl:etcd-client setpriv:util-linux arping:iputils-arping nft:nftables ip:iproute2 tc:iproute2 promtool:prometheus
-BENCH_TOOLS := $(TEST_TOOLS) wrk:wrk
+BENCH_TOOLS := $(TEST_TOOLS) wrk:wrk keepalived:keepalived
 
 .PHONY: help test unit lint fmt typecheck pytest demo bench clean venv sysdeps bench-sysdeps chaos docs
 
