@@ -17,7 +17,7 @@ from hapair.shared.topology import Pair
 from hapair.workshop_agent import recovery
 from hapair.workshop_agent.decide import Campaign, Decision, Fence, Handover, decide, due
 from hapair.workshop_agent.observation import HandoverView, LeaderView, Lost, Observation, PeerView
-from tests.unit.test_decide import LEASE, PAIR, obs
+from tests.unit.test_decide import LEASE, PAIR, obs, peer_views
 
 MINE = LeaderView("a", 5, LEASE)
 AUTO = PAIR.model_copy(
@@ -160,17 +160,11 @@ def test_held_services_are_released_when_the_first_auto_ack_is_up() -> None:
 # of the clock would be lost in a sum with it (1.0 + 1e-193 == 1.0).
 instants = st.integers(0, 200_000).map(lambda ms: ms / 1000)
 durations = st.integers(0, 20_000).map(lambda ms: ms / 1000)
-peer_views = st.dictionaries(
-    st.sampled_from(["a", "b", "c"]),
-    st.builds(
-        PeerView,
-        st.sampled_from(["active", "standby"]),
-        st.booleans(),
-        healthy_since=st.one_of(st.none(), instants),
-        reaches=st.frozensets(st.sampled_from(["plc", "db"])),
-        held_by=st.sampled_from([None, None, None, "a"]),
-        lacks=st.sampled_from([(), ("svc",)]),
-    ),
+peers_in_play = peer_views(
+    healthy_since=st.one_of(st.none(), instants),
+    reaches=st.frozensets(st.sampled_from(["plc", "db"])),
+    held_by=st.sampled_from([None, None, None, "a"]),
+    lacks=st.sampled_from([(), ("svc",)]),
 )
 # A standby with no active node in etcd: every delay of a campaign in play.
 standbys = st.builds(
@@ -184,7 +178,7 @@ standbys = st.builds(
     forgotten_promises_until=instants,
     seen_leader=st.booleans(),
     lacks=st.sampled_from([(), ("svc",)]),
-    peers=peer_views,
+    peers=peers_in_play,
     handover=st.one_of(
         st.none(),
         st.builds(
@@ -204,7 +198,7 @@ actives = st.builds(
     pair=st.sampled_from([PAIR, AUTO]),
     term=st.just(5),
     services_up=st.booleans(),
-    peers=peer_views,
+    peers=peers_in_play,
     lost=st.dictionaries(st.sampled_from(["plc", "db"]), st.builds(Lost, instants, durations)),
 ).map(lambda o: replace(o, leader=LeaderView(o.me, 5, LEASE)))
 
