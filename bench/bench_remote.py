@@ -20,7 +20,7 @@ For each lease TTL (2 s and 1 s, fence margin 0.5 s; etcd with the raft timing o
 
 etcd runs over TLS with client certificates (the relays pass it through), unless ``--lab``.
 Usage: python -m bench.bench_remote [--runs 5] [--stalls 200] [--lease-ttl 2 1]
-       [--delay-ms 50] [--jitter-ms 10] [--seed N] [--idle-s 30] [--lab]
+       [--delay-ms 50] [--jitter-ms 10] [--seed N] [--idle-s 30] [--lab] [--keep]
 """
 
 from __future__ import annotations
@@ -149,9 +149,9 @@ async def one_lease(ttl: float, args: argparse.Namespace, seed: int) -> list[str
         registry, reg_url = start_registry_process(
             relays["registry"][1], tmp / "registry.log", registry_env(etcd)
         )
-        c.start("a")
-        c.start("b")
+        c.start("a")  # a first: the measure starts from a active
         await c.active("p", node="a", timeout=30)
+        c.start("b")
         await registry_ready(reg_url)
         out = tmp / "client.jsonl"
         client = start_client(reg_url, "bench-svc", out)
@@ -199,7 +199,10 @@ async def one_lease(ttl: float, args: argparse.Namespace, seed: int) -> list[str
         c.assert_no_overlap()
         restarts = sum(r["begin"] > stalls_from for r in c.intervals())
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if args.keep:
+            print(f"the run's logs and records: {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     head = f"lease {ttl:g} s, fence margin {FENCE_MARGIN_S:g} s"
     lines += [f"{head}: no overlap; client: {len(failed)} requests failed, never restarted"]
@@ -243,6 +246,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--idle-s", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--lab", action="store_true", help=LAB_HELP)
+    parser.add_argument("--keep", action="store_true", help="keep each run's logs")
     return parser.parse_args(argv)
 
 
