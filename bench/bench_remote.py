@@ -200,7 +200,7 @@ async def one_lease(ttl: float, args: argparse.Namespace, seed: int) -> list[str
         restarts = sum(r["begin"] > stalls_from for r in c.intervals())
     finally:
         if args.keep:
-            print(f"the run's logs and records: {tmp}")
+            print(f"the run's logs and records: {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
