@@ -227,10 +227,9 @@ async def main(args: argparse.Namespace, seed: int) -> int:
         f"each way (a relay process each); peer path, registry and client local; seed {seed}",
         flush=True,
     )
-    summary: list[str] = []
     for ttl in args.lease_ttl:
-        summary += ["", *await one_lease(ttl, args, seed)]
-    print("\n".join(summary))
+        # Each lease's figures as soon as they are measured: a later one may fail.
+        print("\n" + "\n".join(await one_lease(ttl, args, seed)), flush=True)
     return 0
 
 
