@@ -325,7 +325,7 @@ class Agent:
         if st.leader is not None:
             self.last_leader = st.leader.node
             self.newest_epoch = max(self.newest_epoch or 0, st.leader.epoch)
-        held_by = p.holding.held_by(now, self.state.handover if self.state else None)
+        held_by = p.holding.held_by(now, st.handover)
         self.state = st
         healthy, _ = p.supervisor.healthy()
         return Observation(
