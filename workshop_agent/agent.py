@@ -309,14 +309,18 @@ class Agent:
 
     def _until_due(self, p: Parts, o: Observation) -> float:
         """How long the next round may wait for news: until the decision or a held
-        service's release is due, at most ``IDLE_S``; the network probes' state, read
-        from their results and the clock, at their interval."""
+        service's release is due, or the network probes' verdict changes by silence
+        alone, at most ``IDLE_S``; an answer that changes the verdict is read at the
+        probes' interval."""
         assert self.pair is not None
         longest = IDLE_S
         if self.pair.network is not None:
             longest = min(longest, self.pair.network.probe_interval_s)
-        due = min(d.due(o), p.recovery.due())
-        return min(max(due - self.clock(), 0.0) + DUE_SLACK_S, longest)
+        wait = min(d.due(o), p.recovery.due()) - self.clock()
+        verdict = self.netwatch.due_in()
+        if verdict is not None:
+            wait = min(wait, verdict)
+        return min(max(wait, 0.0) + DUE_SLACK_S, longest)
 
     def _observe(self, p: Parts) -> Observation:
         assert self.pair is not None
