@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,10 +25,25 @@ _IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 _SKIPPED = "hapair_skipped"  # a report's property: it travels from xdist's workers
 
 
+# Every PostgreSQL cluster the run makes (in a test process or by an agent it starts) is
+# a copy of the run's first initdb (HAPAIR_TEST_INITDB_TEMPLATES, workshop_agent/pg/ctl.py):
+# made by this process, inherited by xdist's workers, removed at the end.
+_TEMPLATES = "HAPAIR_TEST_INITDB_TEMPLATES"
+_own_templates: list[str] = []
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "may_skip: a skip of this test weakens no safety claim (allowed under CI)"
     )
+    if _TEMPLATES not in os.environ:
+        _own_templates.append(tempfile.mkdtemp(prefix="hapair-initdb-"))
+        os.environ[_TEMPLATES] = _own_templates[0]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for directory in _own_templates:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -70,7 +70,9 @@ from hapair.workshop_agent.run_as import (
 )
 
 T = TypeVar("T")
-LIMITS = Limits()
+# A test hook, off by default: the first wait between two tries of a download, for the
+# tests whose subject is what follows a failed download, not the back-off before it.
+LIMITS = Limits(backoff_s=float(os.environ.get("HAPAIR_TEST_FETCH_BACKOFF_S", Limits.backoff_s)))
 RECONCILE_S = 1.0
 RETRY_S, RETRY_MAX_S = 30.0, 600.0
 SWEEP_AGAIN_S = 30.0  # a version kept because a process may use it is looked at again

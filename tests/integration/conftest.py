@@ -88,3 +88,11 @@ async def cluster(etcd: Etcd, store: Store, tmp_path: Path) -> AsyncIterator[Clu
         await c.stop_all()
     # Checked after every agent stopped, so the last runs are complete too.
     c.assert_no_overlap()
+
+
+@pytest.fixture
+def quick_download_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agents started by the test wait 0.1 s, not 1 s, before their second try of a
+    package download, and double that each time as they would (five tries: 1.5 s, not
+    15 s, until a download fails): for tests whose subject is what follows a failure."""
+    monkeypatch.setenv("HAPAIR_TEST_FETCH_BACKOFF_S", "0.1")

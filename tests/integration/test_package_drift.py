@@ -25,7 +25,7 @@ from tests.support.cluster import Cluster, until
 from tests.support.harness import stop_pid
 from tests.support.package_lab import build, package
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("quick_download_retries")]
 
 
 def site(

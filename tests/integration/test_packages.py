@@ -28,7 +28,7 @@ from tests.support.harness import stop_pid
 from tests.support.package_lab import build, package, serving, sha256, small_disk
 from tests.support.tls_etcd import TlsEtcd
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("quick_download_retries")]
 
 NODES = ("a", "b")
 

@@ -25,6 +25,7 @@ from hapair.shared.records import EndpointRecord, Leader, NodeStatus, TopologyDo
 from hapair.shared.store import Kv, Store, Timeout, Unavailable
 from hapair.shared.topology import parse_site
 from tests.support.harness import PYTHON, ROOT, Etcd, stop_pid
+from tests.support.harness import until as until  # re-exported: the tests wait with it
 from tests.support.pg_harness import with_tls
 from tests.support.tls_etcd import TestPki
 
@@ -48,24 +49,6 @@ def _cgroup(path: str) -> str:
     """A cgroup as both sides name it: the agent logs its full path, a process reads
     its path below the hierarchy's mount; the run's own directory names are unique."""
     return "/".join(path.rstrip("/").split("/")[-2:])
-
-
-async def until(
-    cond: Callable[[], Awaitable[T | None]], timeout: float, what: str, step: float = 0.02
-) -> T:
-    """Await ``cond`` until it returns something truthy; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            value = await cond()
-            if value:
-                return value
-            last = value
-        except Exception as err:  # a server may be starting
-            last = err
-        await asyncio.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 OBSERVER_RETRY_S = 10.0

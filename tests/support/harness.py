@@ -13,10 +13,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from hapair.shared.pki import Kind, TlsFiles
 
@@ -25,6 +25,12 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[2]
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
+T = TypeVar("T")
+# A condition is polled every FIRST_STEP_S at first, then less and less often, down to
+# every LAST_STEP_S: most conditions hold within a few polls, and the long waits (a
+# lease to expire, a database to clone) poll etcd or PostgreSQL, whose CPU the other
+# tests running at the same time need.
+FIRST_STEP_S, LAST_STEP_S = 0.01, 0.1
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -49,6 +55,32 @@ def wait_for(cond: Callable[[], object], timeout: float, what: str, step: float 
         f"timed out after {timeout}s waiting for {what}"
         + (f" (last error: {last_err})" if last_err else "")
     )
+
+
+async def until(
+    cond: Callable[[], Awaitable[T | None]],
+    timeout: float,
+    what: str,
+    step: float | None = None,
+) -> T:
+    """Await ``cond`` until it returns something truthy; fail naming ``what`` after
+    ``timeout`` seconds. Polled every ``step`` seconds when given (a test that times
+    what it waits for), else every FIRST_STEP_S at first, slowing to LAST_STEP_S."""
+    deadline = time.monotonic() + timeout
+    wait = FIRST_STEP_S if step is None else step
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            value = await cond()
+            if value:
+                return value
+            last = value
+        except Exception as err:  # a server may be starting, or restarting
+            last = err
+        await asyncio.sleep(wait)
+        if step is None:
+            wait = min(wait * 1.5, LAST_STEP_S)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def port_open(host: str, port: int) -> bool:

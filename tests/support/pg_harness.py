@@ -13,7 +13,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from hapair.workshop_agent.pg.config import DatabaseConfig, parse_database
 from hapair.workshop_agent.pg.errors import PgError
 from hapair.workshop_agent.pg.manager import PgManager, Timeouts
 from hapair.workshop_agent.pg.proc import find_bin_dir, process_state
+from tests.support.harness import until as until  # re-exported: the tests wait with it
 from tests.support.tls_etcd import TestPki
 
 ADDRESSES = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
@@ -240,23 +241,6 @@ async def primary_with_standbys(cluster: PgCluster, epoch: int = 1) -> None:
 async def streaming(cluster: PgCluster, name: str) -> bool:
     st = await cluster.mgr[name].status()
     return st.role == "standby" and st.streaming
-
-
-async def until(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            value = await cond()
-            if value:
-                return value
-        except Exception as err:  # a server may be restarting
-            last = err
-        await asyncio.sleep(step)
-    raise AssertionError(
-        f"timed out after {timeout}s waiting for {what}"
-        + (f" (last error: {last})" if last else "")
-    )
 
 
 class Writer:

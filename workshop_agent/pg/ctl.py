@@ -7,6 +7,7 @@ and polled here: ``pg_ctl -w`` polls every 100 ms, which would double a switchov
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import re
 import shutil
@@ -68,28 +69,69 @@ async def initdb(
         os.chmod(layout.data_dir, 0o700)
     else:
         make_empty_dir(layout.data_dir, runner)
-    pwfile = layout.run_dir / "initdb.pw"
-    files.write_file(pwfile, password.reveal() + "\n", runner.uid, runner.gid)
-    try:
-        await run(
-            runner,
-            "initdb",
-            "initdb",
-            "-D",
-            str(layout.data_dir),
-            "--data-checksums",
-            "--encoding=UTF8",
-            "--locale=C",
-            f"--username={superuser}",
-            f"--pwfile={pwfile}",
-            "--auth-local=peer",
-            "--auth-host=scram-sha-256",
-            timeout=timeout,
-        )
-    finally:
-        pwfile.unlink(missing_ok=True)
+    template = _template(superuser, password)
+    if template is not None and template.is_dir():
+        await asyncio.to_thread(_copy_tree, template, layout.data_dir, runner)
+    else:
+        pwfile = layout.run_dir / "initdb.pw"
+        files.write_file(pwfile, password.reveal() + "\n", runner.uid, runner.gid)
+        try:
+            await run(
+                runner,
+                "initdb",
+                "initdb",
+                "-D",
+                str(layout.data_dir),
+                "--data-checksums",
+                "--encoding=UTF8",
+                "--locale=C",
+                f"--username={superuser}",
+                f"--pwfile={pwfile}",
+                "--auth-local=peer",
+                "--auth-host=scram-sha-256",
+                timeout=timeout,
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        if template is not None:
+            await asyncio.to_thread(_keep_template, layout.data_dir, template, runner)
     # Our postgresql.conf includes initdb's (locale, time zone...) under another name.
     os.replace(layout.data_dir / "postgresql.conf", layout.data_dir / files.BASE_CONF)
+
+
+def _template(superuser: str, password: Secret) -> Path | None:
+    """A test hook, off by default: HAPAIR_TEST_INITDB_TEMPLATES names a directory where
+    the first initdb of each superuser and password is kept, to be copied instead of run
+    again (an initdb spends seconds waiting for its files to reach the disk, and a test
+    suite makes hundreds of clusters). The copies share one system identifier."""
+    templates = os.environ.get("HAPAIR_TEST_INITDB_TEMPLATES")
+    if not templates:
+        return None
+    key = hashlib.sha256(f"{superuser}\0{password.reveal()}".encode()).hexdigest()[:16]
+    return Path(templates) / key
+
+
+def _copy_tree(source: Path, dest: Path, runner: Runner) -> None:
+    """``source``'s files into the directory ``dest``, owned by the runner."""
+    shutil.copytree(source, dest, symlinks=True, dirs_exist_ok=True)
+    for root, dirs, names in os.walk(dest):
+        for name in [*dirs, *names]:
+            os.chown(os.path.join(root, name), runner.uid, runner.gid, follow_symlinks=False)
+
+
+def _keep_template(data_dir: Path, template: Path, runner: Runner) -> None:
+    """A copy of a fresh initdb's ``data_dir`` as ``template``, whole or not at all: it is
+    copied beside it and renamed, and another process's copy, made at the same time, wins
+    if it was renamed first."""
+    template.parent.mkdir(parents=True, exist_ok=True)
+    staging = template.with_name(f"{template.name}.{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(mode=0o700)
+    _copy_tree(data_dir, staging, runner)
+    try:
+        os.rename(staging, template)
+    except OSError:  # already there
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @dataclass(frozen=True)
