@@ -83,7 +83,13 @@ def database_section(root: Path, port: int, synchronous: bool = True) -> dict[st
         "os_user": OS_USER,
         "synchronous": synchronous,
         "degrade_after_s": 1,
-        "parameters": {"max_connections": "50", "shared_buffers": "32MB"},
+        "parameters": {
+            "max_connections": "50",
+            "shared_buffers": "32MB",
+            # A postmaster the tests SIGKILL leaves its POSIX segments in /dev/shm, in
+            # memory, for good; mmap keeps them in the data directory, removed with it.
+            "dynamic_shared_memory_type": "mmap",
+        },
         "auth": {
             "superuser": "postgres",
             "superuser_password_file": str(pw / "superuser.pw"),
