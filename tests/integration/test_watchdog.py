@@ -140,6 +140,27 @@ def test_the_whole_group_is_killed_not_only_its_leader(link: WatchdogLink, spawn
             service.stdout.close()
 
 
+def test_each_missed_deadline_is_reported_to_the_link_once(
+    link: WatchdogLink, spawn: Spawn, tmp_path: Path
+) -> None:
+    """What the agent counts once it runs again (``hapair_agent_watchdog_firings``): one
+    report per deadline missed, although a registered data directory makes the watchdog
+    act again on every command that comes while the deadline has passed."""
+    link.add_data_dir(tmp_path)
+    for n in (1, 2):
+        service = spawn()
+        link.add(service.pid)
+        link.deadline(boottime() + 0.1)
+        wait_for(lambda: dead(service), 2.0, "service killed")  # noqa: B023
+        link.remove_data_dir(tmp_path)
+        link.add_data_dir(tmp_path)  # two more commands past the deadline
+        wait_for(lambda: link.read_reports() or link.firings >= n, 2.0, "the firing reported")  # noqa: B023
+        time.sleep(0.2)
+        link.read_reports()
+        assert link.firings == n
+    assert link.read_reports() == 0
+
+
 def test_extending_the_deadline_in_time_keeps_the_service(link: WatchdogLink, spawn: Spawn) -> None:
     service = spawn()
     link.add(service.pid)
