@@ -258,27 +258,54 @@ def _connect(target: Target, host: str, port: int, timeout: float) -> socket.soc
     return tls
 
 
+Opened = tuple[str, int, socket.socket]  # a member's host and port, a connection to it
+
+
+def connect_first(target: Target, timeout: float = 1.0) -> Opened:
+    """A connection to the first member that takes one, made ahead of a call."""
+    why = "no etcd member"
+    for host, port in target.endpoints:
+        try:
+            return host, port, _connect(target, host, port, timeout)
+        except (OSError, RevokeError) as err:
+            why = f"{host}:{port}: {err}"
+    raise RevokeError(why)
+
+
 def call(
-    target: Target, host: str, port: int, path: str, message: bytes, timeout: float
+    target: Target,
+    host: str,
+    port: int,
+    path: str,
+    message: bytes,
+    timeout: float,
+    sock: socket.socket | None = None,
 ) -> bytes | None:
-    """One unary call to one member: its answer, None if refused."""
-    with contextlib.closing(_connect(target, host, port, timeout)) as sock:
-        sock.settimeout(timeout)
-        sock.sendall(request(f"{host}:{port}", target.secure, path, message))
-        return response(sock)
+    """One unary call to one member (on ``sock``, a new connection to it, if given):
+    its answer, None if refused."""
+    with contextlib.closing(sock or _connect(target, host, port, timeout)) as conn:
+        conn.settimeout(timeout)
+        conn.sendall(request(f"{host}:{port}", target.secure, path, message))
+        return response(conn)
 
 
-def revoke(target: Target, lease: int, timeout: float = 1.0) -> str:
-    """Revoke ``lease`` on the first member that answers: ``revoked``, or ``gone`` (etcd
-    refused because it had no such lease any more); :class:`RevokeError` otherwise.
+def revoke(target: Target, lease: int, timeout: float = 1.0, opened: Opened | None = None) -> str:
+    """Revoke ``lease`` on the first member that answers (the one ``opened`` reaches
+    first, if given): ``revoked``, or ``gone`` (etcd refused because it had no such
+    lease any more); :class:`RevokeError` otherwise.
 
     Members are tried in turn; each connect, read and write waits ``timeout`` seconds at
     most (a stalled member costs about that, then the next is tried)."""
     why = "no etcd member"
     message = lease_request(lease)
-    for host, port in target.endpoints:
+    endpoints = list(target.endpoints)
+    if opened is not None:
+        endpoints.remove((opened[0], opened[1]))
+        endpoints.insert(0, (opened[0], opened[1]))
+    for host, port in endpoints:
+        sock = opened[2] if opened is not None and (host, port) == opened[:2] else None
         try:
-            if call(target, host, port, REVOKE, message, timeout) is not None:
+            if call(target, host, port, REVOKE, message, timeout, sock) is not None:
                 return "revoked"
             answer = call(target, host, port, TIME_TO_LIVE, message, timeout)
         except (OSError, RevokeError) as err:  # ssl.SSLError is an OSError

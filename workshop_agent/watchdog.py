@@ -63,6 +63,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISFIFO
@@ -195,8 +196,11 @@ class Registered:
             old.close()
 
 
-def _kill_all(reg: Registered, why: str, clock: Clock) -> bool:
-    """Kill everything registered; True once all of it is confirmed gone."""
+def _kill_all(
+    reg: Registered, why: str, clock: Clock, meanwhile: Callable[[], None] = lambda: None
+) -> bool:
+    """Kill everything registered; True once all of it is confirmed gone. ``meanwhile``
+    runs once the signals are sent, while the processes die."""
     for path in sorted(reg.cgroups):
         cgroups.kill(Path(path))
     leaders = list(reg.groups.values())
@@ -208,6 +212,7 @@ def _kill_all(reg: Registered, why: str, clock: Clock) -> bool:
     killed = [leader for leader in leaders if leader.kill_group()]
     if reg.groups or reg.cgroups or killed:
         _log(f"killed {len(reg.cgroups)} service cgroup(s) and {len(killed)} group(s): {why}")
+    meanwhile()
     gone = _await_gone(killed, sorted(reg.cgroups), clock)
     for leader in leaders:
         leader.close()
@@ -322,28 +327,60 @@ def _vip_gone(vip: Vip, proc: subprocess.Popen[bytes] | None) -> bool:
     return shown is not None and f" {address} " not in shown.decode(errors="replace")
 
 
-def _stop_everything(reg: Registered, why: str, clock: Clock) -> bool:
+def _stop_everything(
+    reg: Registered, why: str, clock: Clock, meanwhile: Callable[[], None] = lambda: None
+) -> bool:
     """Remove the addresses, kill the services; True once all of it is confirmed."""
     procs = _drop_vips(reg.vips)
-    killed = _kill_all(reg, why, clock)
+    killed = _kill_all(reg, why, clock, meanwhile)
     removed = [_vip_gone(vip, proc) for vip, proc in procs.items()]
     return killed and all(removed)
 
 
-def _end_term(reg: Registered, etcd: lease_revoke.Target | None, clock: Clock) -> None:
-    """Revoke the gone agent's lease: its term, endpoints and status end at once."""
-    if reg.lease is None or etcd is None:
-        return
+def _agent_gone(reg: Registered, etcd: lease_revoke.Target | None, clock: Clock) -> None:
+    """Stop everything; once all of it is confirmed, revoke the agent's lease (its term,
+    endpoints and status end at once); then remove the agent's cgroup tree, which holds
+    no active-only service any more (the services run on every node may outlive the
+    term: they run on the other nodes as well).
+
+    The connection to etcd is opened while the killed processes die (loading OpenSSL
+    and the handshake take longer than most deaths); the revoke is sent only after."""
+    revoking = reg.lease is not None and etcd is not None
+    opened: list[lease_revoke.Opened] = []
+
+    def connect() -> None:
+        if revoking and etcd is not None:
+            with contextlib.suppress(lease_revoke.RevokeError):  # tried again to revoke
+                opened.append(lease_revoke.connect_first(etcd))
+
+    stopped = _stop_everything(reg, "agent gone", clock, connect)
+    if stopped and revoking and etcd is not None and reg.lease is not None:
+        _end_term(reg.lease, etcd, opened[0] if opened else None, clock)
+    else:
+        for _, _, sock in opened:
+            sock.close()
+        if revoking:
+            _log("not all the agent ran is confirmed gone: its lease will expire")
+    for tree in reg.trees:
+        cgroups.CgroupTree(Path(tree)).close()
+
+
+def _end_term(
+    lease: int, etcd: lease_revoke.Target, opened: lease_revoke.Opened | None, clock: Clock
+) -> None:
     if BEFORE_REVOKE in ("stop", "kill"):
         _log("test fault: stopping before the revoke", fault=BEFORE_REVOKE)
         os.kill(os.getpid(), signal.SIGSTOP if BEFORE_REVOKE == "stop" else signal.SIGKILL)
-    lease = f"{reg.lease:x}"
     try:
-        outcome = lease_revoke.revoke(etcd, reg.lease)
+        outcome = lease_revoke.revoke(etcd, lease, opened=opened)
     except lease_revoke.RevokeError as err:
-        _log("could not revoke the agent's lease: it will expire", lease=lease, error=f'"{err}"')
+        _log(
+            "could not revoke the agent's lease: it will expire",
+            lease=f"{lease:x}",
+            error=f'"{err}"',
+        )
         return
-    _log(f"agent gone: its lease {outcome}, its term ended", lease=lease, at=repr(clock()))
+    _log(f"agent gone: its lease {outcome}, its term ended", lease=f"{lease:x}", at=repr(clock()))
 
 
 def serve(
@@ -368,13 +405,7 @@ def serve(
             except BlockingIOError:
                 continue
             if not chunk:
-                stopped = _stop_everything(reg, "agent gone", clock)
-                for tree in reg.trees:
-                    cgroups.CgroupTree(Path(tree)).close()
-                if stopped:
-                    _end_term(reg, etcd, clock)
-                elif reg.lease is not None:
-                    _log("not all the agent ran is confirmed gone: its lease will expire")
+                _agent_gone(reg, etcd, clock)
                 return
             buffer += chunk
             *lines, buffer = buffer.split(b"\n")
