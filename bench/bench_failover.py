@@ -2,12 +2,14 @@
 
 Measured from the fault to the service answering HTTP on the other node:
   crash       the active server dies (agent, watchdog and services frozen then killed)
+  agent-kill  the active's agent alone is killed (SIGKILL) and not restarted until the
+              other node serves: its watchdog kills the services and revokes its lease
   critical    the critical service on the active exits (SIGKILL)
   switchover  an operator asks for a planned switchover
 
 Prints median, min, max over several runs of each. etcd runs over TLS with client
 certificates, each agent showing its own, unless ``--lab`` asks for the lab mode. Usage:
-  python -m bench.bench_failover [--runs 7] [--lab]
+  python -m bench.bench_failover [--runs 7] [--lab] [--kinds agent-kill,crash]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import signal
 import socket
 import statistics
 import tempfile
@@ -30,7 +33,13 @@ from tests.support.tls_etcd import LAB_HELP, etcd_mode, own_etcd
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TARGETS = {"crash": (2.2, 2.8), "critical": (0.2, None), "switchover": (0.2, None)}
+TARGETS = {
+    "crash": (2.2, 2.8),
+    "agent-kill": (0.3, None),
+    "critical": (0.2, None),
+    "switchover": (0.2, None),
+}
+KINDS = ("switchover", "critical", "agent-kill", "crash")
 ADDRESS = {"a": "127.0.80.1", "b": "127.0.80.2"}
 
 
@@ -96,6 +105,9 @@ async def measure(
             if kind == "crash":
                 t0 = time.monotonic()
                 c.crash(active)
+            elif kind == "agent-kill":
+                t0 = time.monotonic()
+                c.signal(active, signal.SIGKILL)
             elif kind == "critical":
                 st = await c.status(active)
                 assert st is not None
@@ -112,7 +124,8 @@ async def measure(
             await c.active("p", not_epoch=epoch, node=standby)
             if moved is not None:
                 await moved(kind, active, standby, t0)
-            if kind == "crash":
+            if kind in ("crash", "agent-kill"):
+                c.agents[active].wait(5)
                 c.start(active)
             await ready_standby(c, active)
             active = standby
@@ -128,7 +141,7 @@ def checked_and_removed(c: Cluster, tmp: Path) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-async def main(runs: int, lab: bool = False) -> None:
+async def main(runs: int, lab: bool = False, kinds: tuple[str, ...] = KINDS) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="hapair-bench-"))
     etcd = own_etcd(tmp / "pki", lab)
     print(f"etcd: {etcd_mode(lab)}", flush=True)
@@ -138,7 +151,7 @@ async def main(runs: int, lab: bool = False) -> None:
     try:
         c.start("a")
         c.start("b")
-        results = await measure(c, port, runs)
+        results = await measure(c, port, runs, kinds)
     finally:
         await c.stop_all()
         etcd.cleanup()
@@ -160,5 +173,16 @@ if __name__ == "__main__":
     )
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--lab", action="store_true", help=LAB_HELP)
+    parser.add_argument(
+        "--kinds",
+        default=",".join(KINDS),
+        help=f"the faults to measure, comma-separated (default: {','.join(KINDS)})",
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.runs, args.lab))
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    unknown = set(kinds) - set(TARGETS)
+    if unknown:
+        parser.error(
+            f"unknown --kinds {', '.join(sorted(unknown))}: choose from {', '.join(KINDS)}"
+        )
+    asyncio.run(main(args.runs, args.lab, kinds))
