@@ -519,6 +519,9 @@ class WatchdogLink:
         if old is not None and old.stdout is not None:
             self._drain(old)  # what a watchdog that exited still had to say
             old.stdout.close()
+        if old is not None and old.stdin is not None:
+            with contextlib.suppress(OSError):  # its pipe is broken: it has exited
+                old.stdin.close()
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "hapair.workshop_agent.watchdog", *self._etcd_args],
             stdin=subprocess.PIPE,
