@@ -340,8 +340,8 @@ def _stop_everything(
 def _agent_gone(reg: Registered, etcd: lease_revoke.Target | None, clock: Clock) -> None:
     """Stop everything; once all of it is confirmed, revoke the agent's lease (its term,
     endpoints and status end at once); then remove the agent's cgroup tree, which holds
-    no active-only service any more (the services run on every node may outlive the
-    term: they run on the other nodes as well).
+    no active-only service any more (the services that run on every node may outlive
+    the term: they run on the other nodes as well).
 
     The connection to etcd is opened while the killed processes die (loading OpenSSL
     and the handshake take longer than most deaths); the revoke is sent only after."""
