@@ -4,12 +4,12 @@
 #   make unit    the unit tests alone: pure logic, in seconds, with the venv only
 #   make test    lint, type-check and run the test suite (unit and integration)
 #   make chaos   hundreds of random faults against a site in network namespaces
-#   make bench   run the benchmarks in bench/
+#   make bench   run the benchmarks in bench/ and write their results into docs/benchmarks/
 #
 # On a fresh Debian machine, run as root or with sudo: missing system packages (etcd,
-# util-linux, python3-venv, wrk for the benchmarks) are installed with apt-get, and a
-# virtual environment .venv is made with the project and its development tools. It is
-# set up again only when pyproject.toml changes.
+# util-linux, python3-venv, wrk and keepalived for the benchmarks) are installed with
+# apt-get, and a virtual environment .venv is made with the project and its development
+# tools. It is set up again only when pyproject.toml changes.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -32,7 +32,7 @@ export PYTHONUNBUFFERED := 1
 # Commands the targets need, each with the Debian package that brings it.
 #   command:package
 TEST_TOOLS := etcd:etcd-server etcdctl:etcd-client setpriv:util-linux arping:iputils-arping nft:nftables ip:iproute2 tc:iproute2 promtool:prometheus
-BENCH_TOOLS := $(TEST_TOOLS) wrk:wrk
+BENCH_TOOLS := $(TEST_TOOLS) wrk:wrk keepalived:keepalived
 
 .PHONY: help test unit lint fmt typecheck pytest demo bench clean venv sysdeps bench-sysdeps chaos docs
 
@@ -41,7 +41,7 @@ help:
 	@echo "make unit    the unit tests (tests/unit): no etcd, PostgreSQL or root needed"
 	@echo "make test    ruff, ruff format --check, mypy and pytest (tests/unit and tests/integration)"
 	@echo "make chaos   200 random faults against a site in network namespaces (SEED=, FAULTS=, ONLY=)"
-	@echo "make bench   run the benchmarks in bench/"
+	@echo "make bench   run the benchmarks in bench/, their results into docs/benchmarks/ (BENCH=, NOTE=, BENCH_ARGS=)"
 	@echo "make lint    ruff and mypy only"
 	@echo "make fmt     format the code and apply ruff's safe fixes"
 	@echo "make clean   remove .venv, caches and demo logs"
@@ -155,9 +155,12 @@ fmt: venv
 demo: venv sysdeps
 	$(BIN)/python deploy/demo.py $(DEMO_ARGS)
 
-# BENCH=name runs only the benchmarks whose file name contains it.
+# BENCH=name runs only the benchmarks whose file name contains it; each one that succeeds
+# writes its results page, docs/benchmarks/NAME.md (a failed one leaves it as it was).
+# NOTE="..." adds a line to those pages (what else ran); BENCH_ARGS go to each benchmark.
 bench: venv sysdeps bench-sysdeps
-	$(BIN)/python -m bench.run_all $(BENCH)
+	$(BIN)/python -m bench.run_all --write $(if $(NOTE),--note "$(NOTE)") $(BENCH) \
+	  $(if $(BENCH_ARGS),-- $(BENCH_ARGS))
 
 # --- cleaning ------------------------------------------------------------------------------
 

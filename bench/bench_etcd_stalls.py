@@ -14,7 +14,11 @@ interval then reaches the 1.5 s fence point and restarts the services, same epoc
 etcd runs over TLS with client certificates and the peer path has its key, unless
 ``--lab`` asks for the lab mode.
 
+``--lease-ttl 1`` runs the pair on a 1 s lease (fence point 0.5 s), on an etcd with the
+raft timing of ``deploy/etcd/etcd.conf.yml``; ``--stall-s 0.3 0.6`` sets the stalls' range.
+
 Usage: python -m bench.bench_etcd_stalls [--stalls 200] [--seed N] [--lease-only] [--lab]
+       [--lease-ttl 2] [--stall-s 0.5 1.0]
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import time
 from pathlib import Path
 
 from tests.support.cluster import Cluster, recording_service, until
-from tests.support.harness import free_port
+from tests.support.harness import free_port, plant_raft_timing
 from tests.support.tls_etcd import LAB_HELP, etcd_mode, own_etcd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,18 +44,34 @@ ROOT = Path(__file__).resolve().parent.parent
 ADDRESS = {"a": "127.0.81.1", "b": "127.0.81.2"}
 
 
-async def main(stalls: int, seed: int, peer_path: bool, lab: bool = False) -> int:
+async def main(
+    stalls: int,
+    seed: int,
+    peer_path: bool,
+    lab: bool = False,
+    lease_ttl: float = 2.0,
+    stall_s: tuple[float, float] = (0.5, 1.0),
+) -> int:
     rng = random.Random(seed)
     mode = "lease and peer path" if peer_path else "lease only"
-    print(f"seed {seed}, {stalls} stalls of 0.5-1.0 s, {mode}", flush=True)
+    print(
+        f"seed {seed}, {stalls} stalls of {stall_s[0]:g}-{stall_s[1]:g} s, {mode}, "
+        f"lease {lease_ttl:g} s",
+        flush=True,
+    )
     tmp = Path(tempfile.mkdtemp(prefix="hapair-bench-stalls-"))
-    etcd = own_etcd(tmp / "pki", lab)
+    etcd = own_etcd(tmp / "pki", lab, plant_raft_timing() if lease_ttl < 2.0 else ())
     print(f"etcd: {etcd_mode(lab)}", flush=True)
     assert etcd.proc is not None
     c = Cluster(etcd, tmp)
     svc = recording_service("stall-svc", free_port(), c.record, critical=True)
     nodes = [{"name": n, "address": a} for n, a in ADDRESS.items()]
-    pair: dict[str, object] = {"name": "p", "nodes": nodes, "services": [svc]}
+    pair: dict[str, object] = {
+        "name": "p",
+        "nodes": nodes,
+        "services": [svc],
+        "failover": {"lease_ttl_s": lease_ttl},
+    }
     if peer_path:
         port = free_port(ADDRESS["a"])
         pair["network"] = {"peer_port": port, "probe_interval_s": 0.2, "isolation_after_s": 1.0}
@@ -65,7 +85,7 @@ async def main(stalls: int, seed: int, peer_path: bool, lab: bool = False) -> in
         await c.standby("b", timeout=20)
         epochs.append(first)
         for i in range(stalls):
-            length = rng.uniform(0.5, 1.0)
+            length = rng.uniform(*stall_s)
             os.kill(etcd.proc.pid, signal.SIGSTOP)
             stopped = time.monotonic()
             try:
@@ -107,6 +127,13 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--lease-only", action="store_true", help="no network: section")
     parser.add_argument("--lab", action="store_true", help=LAB_HELP)
+    parser.add_argument("--lease-ttl", type=float, default=2.0, help="lease_ttl_s (default 2)")
+    parser.add_argument(
+        "--stall-s", type=float, nargs=2, default=(0.5, 1.0), metavar=("MIN", "MAX")
+    )
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
-    sys.exit(asyncio.run(main(args.stalls, seed, not args.lease_only, args.lab)))
+    stall_s = (args.stall_s[0], args.stall_s[1])
+    sys.exit(
+        asyncio.run(main(args.stalls, seed, not args.lease_only, args.lab, args.lease_ttl, stall_s))
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Self
 
@@ -11,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hapair.registry.auth import parse_tokens, token_file_entries
 from hapair.shared.etcd_tls import EtcdTlsSettings
+from hapair.shared.network import listen_address
 from hapair.shared.store import parse_endpoints
 
 
@@ -55,9 +55,7 @@ class RegistrySettings(BaseSettings, EtcdTlsSettings):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        match = re.fullmatch(r"\[?([^\[\]]*)\]?:(\d{1,5})", value.strip())
-        if match is None or not 0 <= int(match.group(2)) <= 65535:
-            raise ValueError(f"expected HOST:PORT, got {value!r}")
+        listen_address(value)
         return value.strip()
 
     @field_validator("admin_tokens")
@@ -90,11 +88,11 @@ class RegistrySettings(BaseSettings, EtcdTlsSettings):
 
     @property
     def host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]")
+        return listen_address(self.listen)[0]
 
     @property
     def port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
+        return listen_address(self.listen)[1]
 
 
 def _env_entries(value: str) -> list[tuple[str, str]]:

@@ -100,10 +100,24 @@ def _absolute(value: str) -> str:
 
 
 class Auth(StrictModel):
-    superuser: RoleName = "postgres"
-    superuser_password_file: str
-    replication_user: RoleName = "replicator"
-    replication_password_file: str
+    superuser: RoleName = Field(
+        "postgres",
+        description="PostgreSQL's superuser role, the agents' own (local socket and the "
+        "pair's node addresses only)",
+    )
+    superuser_password_file: str = Field(
+        description="absolute path on each node of the file holding the superuser's password "
+        "(mode 600, owned by the agent's user; never in etcd)"
+    )
+    replication_user: RoleName = Field(
+        "replicator",
+        description="the role the standbys replicate as (from the pair's node addresses "
+        "only); not the superuser",
+    )
+    replication_password_file: str = Field(
+        description="absolute path on each node of the file holding the replication role's "
+        "password (mode 600, owned by the agent's user; never in etcd)"
+    )
 
     _paths = field_validator("superuser_password_file", "replication_password_file")(_absolute)
 
@@ -132,32 +146,81 @@ class Tls(StrictModel):
     agents and the standbys check it against: files on the node, never in etcd
     (``hapair pki issue DIR postgres postgres@NODE --ip ADDRESS``)."""
 
-    ca_file: str = f"{PKI_DIR}/ca.crt"
-    cert_file: str = f"{PKI_DIR}/postgres@{{node.name}}.crt"
-    key_file: str = f"{PKI_DIR}/postgres@{{node.name}}.key"
+    ca_file: str = Field(
+        f"{PKI_DIR}/ca.crt",
+        description="absolute path on each node: the site CA the agents and the standbys "
+        "check the servers against",
+    )
+    cert_file: str = Field(
+        f"{PKI_DIR}/postgres@{{node.name}}.crt",
+        description="absolute path on each node: the node's PostgreSQL certificate, issued by "
+        "the CA and naming the node's address; {node.name} expanded",
+    )
+    key_file: str = Field(
+        f"{PKI_DIR}/postgres@{{node.name}}.key",
+        description="absolute path on each node: that certificate's key, with no access for "
+        "group or others",
+    )
 
     _paths = field_validator("ca_file", "cert_file", "key_file")(_file_with_placeholders)
 
 
 class DatabaseSpec(StrictModel):
-    name: DbName
-    owner: RoleName
-    password_file: str
+    name: DbName = Field(description="the database, created on the primary if missing")
+    owner: RoleName = Field(
+        description="the role that owns it, created with the password below: clients log in as it"
+    )
+    password_file: str = Field(
+        description="absolute path on each node of the file holding the owner's password "
+        "(mode 600, never in etcd)"
+    )
 
     _path = field_validator("password_file")(_absolute)
 
 
 class DatabaseConfig(StrictModel):
-    engine: Literal["postgresql"] = "postgresql"
-    port: int = Field(5432, ge=1, le=65535)
-    data_dir: str
-    os_user: OsUser = "postgres"
-    synchronous: bool = True
-    degrade_after_s: float = Field(5.0, gt=0.0, le=3600.0)
-    parameters: dict[ParamName, str] = Field(default_factory=dict)
-    auth: Auth
-    clients: list[str] = Field(default_factory=list)
-    databases: list[DatabaseSpec] = Field(default_factory=list)
+    engine: Literal["postgresql"] = Field("postgresql", description="PostgreSQL only")
+    port: int = Field(
+        5432,
+        ge=1,
+        le=65535,
+        description="the TCP port PostgreSQL listens on, on every node; the active publishes "
+        "it as the endpoint {pair}.db",
+    )
+    data_dir: str = Field(
+        description="absolute path of the data directory on each node; {pair.name}, "
+        "{node.name} and {node.address} expanded"
+    )
+    os_user: OsUser = Field(
+        "postgres", description="the system user PostgreSQL runs as (it refuses root)"
+    )
+    synchronous: bool = Field(
+        True,
+        description="true: a commit is acknowledged once the synchronous standby has it too; "
+        "false: asynchronous replication",
+    )
+    degrade_after_s: float = Field(
+        5.0,
+        gt=0.0,
+        le=3600.0,
+        description="seconds the synchronous standby may be gone before the primary stops "
+        "waiting for it (writes go on, asynchronous)",
+    )
+    parameters: dict[ParamName, str] = Field(
+        default_factory=dict,
+        description="postgresql.conf settings, name to value; none the agent sets itself, "
+        "none that runs a command or loads code",
+    )
+    auth: Auth = Field(description="the superuser's and the replication role's names and passwords")
+    clients: list[str] = Field(
+        default_factory=list,
+        description="networks (CIDR) whose clients may connect to the databases, over TLS "
+        "with scram-sha-256",
+    )
+    databases: list[DatabaseSpec] = Field(
+        default_factory=list,
+        description="the databases and their owners, created on the primary",
+    )
     security: Literal["on", "none"] = Field(
         "on",
         description="on: TLS, replication and the superuser over TLS only; none (labs): "

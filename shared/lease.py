@@ -45,6 +45,7 @@ class Session:
         self.on_change = on_change
         self.name = name  # in log events: which of its daemon's leases
         self.lease: int | None = None
+        self.granted_ttl: int | None = None  # what etcd granted for the last lease
         self.acked_send: float | None = None
         self.renewed = asyncio.Event()
         self.round_trips = Histogram(ROUND_TRIP_BOUNDS_S)
@@ -98,9 +99,10 @@ class Session:
                 await self._regrant_if_retuned()
                 if self.lease is None:
                     self.ttl, self.fence_after = self.wanted_ttl, self.wanted_fence_after
-                    self.lease = await self.store.grant(self.ttl)
+                    self.lease, granted = await self.store.grant_lease(self.ttl)
                     self._acked(sent)
-                    self.log.info(f"{self.name} granted", lease=f"{self.lease:x}", ttl=self.ttl)
+                    self.log.info(f"{self.name} granted", lease=f"{self.lease:x}", ttl=granted)
+                    self._check_granted(granted)
                 else:
                     lease = self.lease
                     granted = await self.store.keepalive(lease)
@@ -123,6 +125,22 @@ class Session:
                 self.log.exception(f"{self.name} keepalive failed unexpectedly", err)
                 failing = repr(err)
             await asyncio.sleep(max(0.0, sent + self.interval - self.clock()))
+
+    def _check_granted(self, granted: int) -> None:
+        """Say once when etcd keeps the lease longer than asked.
+
+        The fence point still counts from the TTL asked, so this is safe; but a crashed
+        holder is only taken over when etcd drops its lease, so takeovers take the longer
+        time."""
+        if granted > self.ttl and self.granted_ttl != granted:
+            self.log.warning(
+                f"etcd grants a longer {self.name} than asked: takeovers after a crash take "
+                "as long; its raft timing sets the shortest lease it grants (1.5 election "
+                "timeouts, rounded up to a second), see deploy/etcd/etcd.conf.yml",
+                asked=self.ttl,
+                granted=granted,
+            )
+        self.granted_ttl = granted
 
     def _acked(self, sent: float) -> None:
         self.round_trips.observe(self.clock() - sent)

@@ -35,13 +35,42 @@ class Target:
         return f"{host}:{self.port}"
 
 
+_LISTEN = re.compile(r"(?:\[(?P<v6>[^\[\]]*)\]|(?P<host>[^\[\]]*)):(?P<port>\d{1,5})", re.ASCII)
+
+
 def listen_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[IPV6]:PORT``) a daemon listens on, the port from 1 to 65535;
-    ValueError otherwise."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
+    """``HOST:PORT`` a daemon listens on: a host name or IPv4 address, an IPv6 address in
+    brackets (``[::1]:8700``), or no host for every IPv4 address (``:8700``); the port
+    from 1 to 65535. ValueError saying what is wrong otherwise."""
+    value = text.strip()
+    match = _LISTEN.fullmatch(value)
+    if match is None:
+        host, sep, _ = value.rpartition(":")
+        if not sep:
+            why = "no port"
+        elif "[" in host or "]" in host:
+            why = "an IPv6 address goes in brackets, then the port: [::1]:8700"
+        elif ":" in host:
+            why = f"an IPv6 address goes in brackets: [{host}]:PORT"
+        else:
+            why = "the port must be a number"
+        raise ValueError(f"expected HOST:PORT, got {text!r}: {why}")
+    port = int(match["port"])
+    if not 0 < port < 65536:
+        raise ValueError(f"expected HOST:PORT, got {text!r}: the port must be from 1 to 65535")
+    if match["v6"] is not None:
+        try:
+            return str(ipaddress.IPv6Address(match["v6"])), port
+        except ValueError:
+            raise ValueError(
+                f"expected HOST:PORT, got {text!r}: {match['v6']!r} in brackets is no IPv6 address"
+            ) from None
+    host = match["host"]
+    if ":" in host:
+        raise ValueError(f"expected HOST:PORT, got {text!r}: an IPv6 address goes in brackets")
+    if any(c.isspace() or c == "/" for c in host):
+        raise ValueError(f"expected HOST:PORT, got {text!r}: {host!r} is no host name or address")
+    return host or "0.0.0.0", port
 
 
 def parse_target(text: str) -> Target:
@@ -73,15 +102,43 @@ class Network(StrictModel):
     """``network:`` of a pair: what a healthy node of that workshop must reach."""
 
     probe_targets: tuple[Annotated[str, AfterValidator(_normalized_target)], ...] = Field(
-        default=(), max_length=32
+        default=(),
+        max_length=32,
+        description="IP addresses a healthy node of the workshop reaches: ADDRESS probed with "
+        "ICMP echo, ADDRESS:PORT with a TCP connect",
     )
-    probe_interval_s: float = Field(1.0, ge=0.05, le=60.0)
-    isolation_after_s: float = Field(5.0, gt=0.0, le=3600.0)
-    peer_port: int = Field(7400, ge=1, le=65535)
+    probe_interval_s: float = Field(
+        1.0,
+        ge=0.05,
+        le=60.0,
+        description="seconds between two probes of each peer and target; three unanswered: "
+        "not visible, or lost",
+    )
+    isolation_after_s: float = Field(
+        5.0,
+        gt=0.0,
+        le=3600.0,
+        description="seconds an active may reach none of its probe targets before it is "
+        "isolated and hands the pair to a standby that reaches them; at least twice "
+        "probe_interval_s",
+    )
+    peer_port: int = Field(
+        7400,
+        ge=1,
+        le=65535,
+        description="the UDP port of the peer path between the pair's agents (pings, holds "
+        "and promises)",
+    )
     # The pair's key for the peer path: a file on each node (``hapair pki peer-key``),
     # never the key itself, which must not be in the site file nor in etcd. Unset: the
     # lab mode, where anyone on the network can speak for a peer.
-    peer_key_file: str | None = Field(None, min_length=2, max_length=4096)
+    peer_key_file: str | None = Field(
+        None,
+        min_length=2,
+        max_length=4096,
+        description="absolute path on each node of the pair's peer key (hapair pki peer-key), "
+        "never the key itself; unset: the lab mode, unauthenticated",
+    )
 
     @field_validator("peer_key_file")
     @classmethod

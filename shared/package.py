@@ -108,15 +108,36 @@ class Install(StrictModel):
     """``package.install``: run once per node and version inside the unpacked directory,
     as the service's user, before the version counts as installed."""
 
-    command: list[str] = Field(min_length=1)
-    timeout_s: float = Field(300.0, gt=0.0, le=86400.0)
+    command: list[str] = Field(
+        min_length=1,
+        description="argv, run in the unpacked directory as the service's user, with its env, "
+        "HAPAIR_PACKAGE_DIR and HAPAIR_PACKAGE_VERSION",
+    )
+    timeout_s: float = Field(
+        300.0,
+        gt=0.0,
+        le=86400.0,
+        description="seconds: the install, with all it started, is killed and has failed "
+        "after this long",
+    )
 
 
 class Package(StrictModel):
-    version: str
-    url: str
-    sha256: str
-    install: Install | None = None
+    version: str = Field(
+        description="the version; with the hash, it names its directory on each node"
+    )
+    url: str = Field(
+        description="https:// (its certificate checked against the site CA), http://, or "
+        "file:///PATH on the node itself; no credentials"
+    )
+    sha256: str = Field(
+        description="the file's sha256, 64 hex digits: nothing is unpacked before it matches"
+    )
+    install: Install | None = Field(
+        None,
+        description="run once per node and version before the version counts as installed; "
+        "unset: nothing to run",
+    )
 
     @field_validator("version")
     @classmethod
@@ -167,5 +188,15 @@ class Sharing(StrictModel):
     A node asks a peer that says (in its status) it holds the version, checks the
     sha256 itself, and falls back to the origin."""
 
-    from_peers: bool = False
-    peer_port: int = Field(PEER_PORT, ge=1, le=65535)
+    from_peers: bool = Field(
+        False,
+        description="true: each node asks the peers that hold a version before the origin, "
+        "and serves the archives it holds to them",
+    )
+    peer_port: int = Field(
+        PEER_PORT,
+        ge=1,
+        le=65535,
+        description="the TCP port each node serves its archives on, to the other nodes of "
+        "its pair alone; not a service's endpoint port",
+    )

@@ -78,15 +78,15 @@ def node_id_problem(text: str) -> str | None:
 
 
 class ModbusPath(StrictModel):
-    host: str = Field(min_length=1)
-    port: int = Field(502, ge=1, le=65535)
+    host: str = Field(min_length=1, description="the PLC's host name or IP address on this path")
+    port: int = Field(502, ge=1, le=65535, description="its Modbus TCP port")
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
 
 
 class OpcUaPath(StrictModel):
-    url: str
+    url: str = Field(description="the PLC's OPC UA server on this path: opc.tcp://HOST:PORT[/PATH]")
 
     @field_validator("url")
     @classmethod
@@ -100,9 +100,19 @@ class OpcUaPath(StrictModel):
 
 
 class _Tag(StrictModel):
-    name: TagName
-    type: ValueType
-    writable: bool = False
+    name: TagName = Field(
+        description="the tag's name, unique in its PLC; {plc}.{tag} in the comm server's "
+        "OPC UA server"
+    )
+    type: ValueType = Field(
+        description="bool, int16, uint16, int32, uint32, int64, uint64, float32, float64 or "
+        "string (OPC UA only)"
+    )
+    writable: bool = Field(
+        False,
+        description="clients may write it, through the active's comm server (Modbus: coils "
+        "and holding registers only)",
+    )
 
     @field_validator("type", mode="before")
     @classmethod
@@ -112,10 +122,18 @@ class _Tag(StrictModel):
 
 class ModbusTag(_Tag):
     address: str = Field(description="C, DI, IR or HR and a zero-based number: HR100")
-    word_order: Literal["big", "little"] = "big"
-    byte_order: Literal["big", "little"] = "big"
-    scale: float = 1.0
-    offset: float = 0.0
+    word_order: Literal["big", "little"] = Field(
+        "big",
+        description="which register of a 32- or 64-bit value comes first: big, the most "
+        "significant",
+    )
+    byte_order: Literal["big", "little"] = Field(
+        "big", description="little: the device swaps the two bytes of every register"
+    )
+    scale: float = Field(
+        1.0, description="served value = raw * scale + offset (then a Double); not 0"
+    )
+    offset: float = Field(0.0, description="added after scale: raw * scale + offset")
 
     @field_validator("address")
     @classmethod
@@ -189,20 +207,38 @@ class OpcUaTag(_Tag):
 
 
 class _Plc(StrictModel):
-    name: PlcName
-    poll_interval_s: float = Field(1.0, ge=0.01, le=3600.0)
-    timeout_s: float | None = Field(
-        None, gt=0.0, description="per request; default the smaller of 1 s and the interval"
+    name: PlcName = Field(
+        description="the PLC's name, unique in the pair (or the file); no dot: node ids are "
+        "{plc}.{tag}"
     )
-    critical: bool = False
+    poll_interval_s: float = Field(1.0, ge=0.01, le=3600.0, description="seconds between two polls")
+    timeout_s: float | None = Field(
+        None,
+        gt=0.0,
+        description="seconds per request, at most poll_interval_s; unset: the smaller of 1 s "
+        "and the interval",
+    )
+    critical: bool = Field(
+        False,
+        description="true: every path to it lost on the active for switch_after_s, while a "
+        "standby reaches it: the pair moves",
+    )
     switch_after_s: float = Field(
-        5.0, ge=0.0, description="every path lost this long on the active: the pair moves"
+        5.0,
+        ge=0.0,
+        description="seconds a critical PLC may be lost on the active before the pair moves",
     )
     failback_after_s: float = Field(
-        10.0, ge=0.0, description="primary healthy this long: back from the backup"
+        10.0,
+        ge=0.0,
+        description="seconds the primary path must answer before polling goes back to it",
     )
-    probe_interval_s: float = Field(1.0, gt=0.0, description="checks of the path not in use")
-    bad_after_s: float = Field(10.0, ge=0.0, description="no answer this long: stale -> bad")
+    probe_interval_s: float = Field(
+        1.0, gt=0.0, description="seconds between two checks of the path not in use"
+    )
+    bad_after_s: float = Field(
+        10.0, ge=0.0, description="seconds without an answer before stale values turn bad"
+    )
 
     @model_validator(mode="after")
     def _timing(self) -> _Plc:
@@ -232,13 +268,28 @@ class _Plc(StrictModel):
 
 
 class ModbusPlc(_Plc):
-    protocol: Literal["modbus"] = "modbus"
-    paths: list[ModbusPath] = Field(min_length=1, max_length=2)
-    unit: int = Field(1, ge=0, le=255)
-    max_gap: int = Field(16, ge=0, description="unused registers/bits a grouped read may span")
-    max_registers: int = Field(MAX_REGISTERS, ge=1, le=MAX_REGISTERS)
-    max_bits: int = Field(MAX_BITS, ge=1, le=MAX_BITS)
-    tags: list[ModbusTag] = Field(min_length=1)
+    protocol: Literal["modbus"] = Field("modbus", description="Modbus TCP (the default)")
+    paths: list[ModbusPath] = Field(
+        min_length=1, max_length=2, description="one or two paths: the first is the primary"
+    )
+    unit: int = Field(1, ge=0, le=255, description="the Modbus unit (slave) id")
+    max_gap: int = Field(
+        16, ge=0, description="unused registers (or bits) one grouped read may span"
+    )
+    max_registers: int = Field(
+        MAX_REGISTERS,
+        ge=1,
+        le=MAX_REGISTERS,
+        description="registers one request reads at most, for a device that takes fewer "
+        "than the protocol allows",
+    )
+    max_bits: int = Field(
+        MAX_BITS,
+        ge=1,
+        le=MAX_BITS,
+        description="coils or discrete inputs one request reads at most, likewise",
+    )
+    tags: list[ModbusTag] = Field(min_length=1, description="the values polled from it")
 
     def tag_list(self) -> list[ModbusTag]:
         return self.tags
@@ -248,8 +299,12 @@ class OpcUaPlcSecurity(StrictModel):
     """A PLC's OPC UA server reached over a secure channel; the comm server shows its
     own certificate (--opcua-cert), which the PLC must trust."""
 
-    policy: Literal["Basic256Sha256", "Aes256_Sha256_RsaPss"] = "Basic256Sha256"
-    mode: Literal["Sign", "SignAndEncrypt"] = "SignAndEncrypt"
+    policy: Literal["Basic256Sha256", "Aes256_Sha256_RsaPss"] = Field(
+        "Basic256Sha256", description="the channel's security policy"
+    )
+    mode: Literal["Sign", "SignAndEncrypt"] = Field(
+        "SignAndEncrypt", description="Sign: messages signed; SignAndEncrypt: also encrypted"
+    )
     trust: str = Field(
         min_length=1,
         description="a PEM file on each node: the PLC's certificate or the CA that issued it",
@@ -257,11 +312,15 @@ class OpcUaPlcSecurity(StrictModel):
 
 
 class OpcUaPlc(_Plc):
-    protocol: Literal["opcua"]
-    paths: list[OpcUaPath] = Field(min_length=1, max_length=2)
-    tags: list[OpcUaTag] = Field(min_length=1)
+    protocol: Literal["opcua"] = Field(description="OPC UA, the PLC being a server")
+    paths: list[OpcUaPath] = Field(
+        min_length=1, max_length=2, description="one or two servers: the first is the primary"
+    )
+    tags: list[OpcUaTag] = Field(min_length=1, description="the values read from it")
     security: OpcUaPlcSecurity | None = Field(
-        None, description="none: NoSecurity, the PLC's server open to its network"
+        None,
+        description="a secure channel to the PLC, the comm server showing its --opcua-cert; "
+        "unset: NoSecurity, the PLC's server open to its network",
     )
 
     def tag_list(self) -> list[OpcUaTag]:

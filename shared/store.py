@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -316,8 +317,16 @@ class Store:
 
     # -- leases ---------------------------------------------------------------------
     async def grant(self, ttl: float) -> int:
-        lease = await self.call(lambda: self.client.lease(max(2, int(-(-ttl // 1)))))
-        return int(lease.id)
+        return (await self.grant_lease(ttl))[0]
+
+    async def grant_lease(self, ttl: float) -> tuple[int, int]:
+        """A new lease of at least ``ttl`` seconds: its id and the TTL etcd granted.
+
+        etcd grants whole seconds, and never less than its raft timing allows (1.5
+        election timeouts, rounded up: 2 s with its defaults), so the TTL granted may be
+        longer than the one asked."""
+        lease = await self.call(lambda: self.client.lease(max(1, math.ceil(ttl))))
+        return int(lease.id), int(lease.ttl)
 
     async def keepalive(self, lease_id: int) -> int:
         """Send one keepalive; the TTL etcd granted back, 0 once the lease is gone."""

@@ -64,9 +64,16 @@ def _check_placeholders(
 
 
 class Node(StrictModel):
-    name: Name
-    address: str
-    no_failover: bool = False
+    name: Name = Field(
+        description="the node's name, unique in the site; its agent runs with --node NAME"
+    )
+    address: str = Field(
+        description="the server's IP address or host name: {node.address} in commands, "
+        "the default host of its endpoints"
+    )
+    no_failover: bool = Field(
+        False, description="true: this node never campaigns, so never takes the pair over itself"
+    )
 
     @field_validator("address")
     @classmethod
@@ -82,12 +89,43 @@ class Node(StrictModel):
             raise ValueError(f"{value!r} is neither an IP address nor a host name") from None
 
 
+# Below this TTL a pair rides out etcd's hiccups only on its peer path (Pair.cautions).
+SHORT_LEASE_S = 2.0
+
+
 class Failover(StrictModel):
-    lease_ttl_s: float = Field(2.0, ge=2.0, le=60.0)
-    fence_margin_s: float = Field(0.5, gt=0.0)
-    failback: Literal["manual", "auto"] = "manual"
-    failback_after_s: float = Field(60.0, gt=0.0)
-    campaign_delay_s: float = Field(0.2, ge=0.0, le=10.0)
+    lease_ttl_s: float = Field(
+        2.0,
+        ge=1.0,
+        le=60.0,
+        description="seconds: TTL of each agent's etcd lease, kept alive every lease_ttl_s / 4; "
+        "a crashed active is replaced once its lease expires. etcd grants no lease under 1.5 "
+        "of its election timeouts (2 s with its defaults, 1 s with deploy/etcd's timing)",
+    )
+    fence_margin_s: float = Field(
+        0.5,
+        gt=0.0,
+        description="seconds: the active fences itself lease_ttl_s - fence_margin_s after "
+        "sending its last acknowledged keepalive; at most lease_ttl_s / 2",
+    )
+    failback: Literal["manual", "auto"] = Field(
+        "manual",
+        description="manual: a recovered main server rejoins as standby and stays so; auto: "
+        "the pair goes back to it once it has been a healthy standby for failback_after_s",
+    )
+    failback_after_s: float = Field(
+        60.0,
+        gt=0.0,
+        description="seconds the recovered main server must be a healthy standby before an "
+        "automatic failback",
+    )
+    campaign_delay_s: float = Field(
+        0.2,
+        ge=0.0,
+        le=10.0,
+        description="seconds a secondary waits for each more preferred node ready to "
+        "campaign, so that the preferred node wins",
+    )
 
     @model_validator(mode="after")
     def _timing(self) -> Failover:
@@ -111,19 +149,38 @@ class Failover(StrictModel):
 
 
 class Restart(StrictModel):
-    max_restarts: int = Field(3, ge=0)
-    window_s: float = Field(60.0, gt=0.0)
-    backoff_s: float = Field(0.2, ge=0.0)
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        description="restarts allowed within window_s; one more failure: the active resigns",
+    )
+    window_s: float = Field(60.0, gt=0.0, description="seconds: the budget's sliding window")
+    backoff_s: float = Field(0.2, ge=0.0, description="seconds waited before each restart")
 
 
 class Health(StrictModel):
-    tcp: str | None = None
-    http: str | None = None
-    command: list[str] | None = None
-    interval_s: float = Field(1.0, gt=0.0)
-    timeout_s: float = Field(1.0, gt=0.0)
-    failures: int = Field(3, ge=1, description="consecutive failed checks before unhealthy")
-    start_period_s: float = Field(30.0, gt=0.0, description="time allowed to become ready")
+    tcp: str | None = Field(None, description="HOST:PORT: healthy when it accepts a connection")
+    http: str | None = Field(
+        None,
+        description="an http:// or https:// URL: healthy when it answers with a status from "
+        "200 to 399 (redirects not followed)",
+    )
+    command: list[str] | None = Field(
+        None,
+        description="argv: healthy when it exits with status 0; run as the service's user, "
+        "with its environment",
+    )
+    interval_s: float = Field(1.0, gt=0.0, description="seconds between two checks")
+    timeout_s: float = Field(1.0, gt=0.0, description="seconds: a slower check has failed")
+    failures: int = Field(
+        3, ge=1, description="consecutive failed checks before the service counts as failed"
+    )
+    start_period_s: float = Field(
+        30.0,
+        gt=0.0,
+        description="seconds the service has after its start to pass a first check; "
+        "failing that, it has failed",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> Health:
@@ -158,34 +215,91 @@ def _host_port(text: str) -> bool:
 class EndpointSpec(StrictModel):
     """``endpoint:`` of a service in the site file: what its active node publishes."""
 
-    port: int = Field(ge=1, le=65535)
-    protocol: Annotated[str, Field(pattern=r"^[a-z][a-z0-9+.-]{0,31}$")] = "tcp"
-    host: str | None = Field(None, description="defaults to the node's address")
+    port: int = Field(ge=1, le=65535, description="the port published to clients")
+    protocol: Annotated[str, Field(pattern=r"^[a-z][a-z0-9+.-]{0,31}$")] = Field(
+        "tcp", description="free text for clients: http, opc.tcp, postgresql, ..."
+    )
+    host: str | None = Field(
+        None,
+        description="the published host, for a service reached under another name; "
+        "unset: the node's address",
+    )
 
 
 class Service(StrictModel):
-    name: Name
-    command: list[str] = Field(min_length=1)
-    env: dict[str, str] = Field(default_factory=dict)
-    cwd: str | None = None
-    user: Account | None = None
-    """Who the service and its health command run as; None: the node's default
-    (``--service-user``). Root only where the node itself allows it."""
-    group: Account | None = None
-    """Its group; None: the node's default group, or else the user's own."""
-    placement: Literal["active", "all"] = "active"
-    critical: bool = False
-    restart: Restart = Field(default_factory=Restart)
-    health: Health | None = None
-    endpoint: EndpointSpec | None = None
-    stop_grace_s: float = Field(5.0, ge=0.0, le=300.0)
-    hold_until_ack: bool = False
-    auto_ack_after_s: float | None = Field(None, gt=0.0)
-    process: Name | None = None
-    """The process context (``hapair.shared.process_context``) the service drives, shown to the
-    operator while it is held; None: the service's name."""
-    package: Package | None = None
-    """The software every node of the pair holds for it (``{package.dir}``)."""
+    name: Name = Field(
+        description="the service's name, unique in the site: clients look it up by it"
+    )
+    command: list[str] = Field(
+        min_length=1,
+        description="argv, never a shell string: the first item a path or a program on the "
+        "service's PATH; placeholders expanded",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="the service's own environment variables, after those hapair sets "
+        "(placeholders expanded); they may set PATH",
+    )
+    cwd: str | None = Field(None, description="working directory; unset: the agent's")
+    user: Account | None = Field(
+        None,
+        description="who the service and its health command run as, a name or a uid; unset: "
+        "the node's --service-user, else the agent's own user; root only where the node "
+        "allows it",
+    )
+    group: Account | None = Field(
+        None,
+        description="its group, a name or a gid; unset: the node's --service-group, else the "
+        "user's own group",
+    )
+    placement: Literal["active", "all"] = Field(
+        "active",
+        description="active: runs on the active node only; all: on every node of the pair, "
+        "never stopped by a failover",
+    )
+    critical: bool = Field(
+        False,
+        description="true: its exit or failed health check on the active makes the active "
+        "resign at once; false: restarted in place within the restart budget first",
+    )
+    restart: Restart = Field(
+        default_factory=Restart,
+        description="the restart budget: past it, a failure makes the active resign",
+    )
+    health: Health | None = Field(
+        None, description="the health check; unset: healthy while its process lives"
+    )
+    endpoint: EndpointSpec | None = Field(
+        None,
+        description="what the active node publishes for clients; unset: supervised, not published",
+    )
+    stop_grace_s: float = Field(
+        5.0,
+        ge=0.0,
+        le=300.0,
+        description="seconds between SIGTERM and SIGKILL when the service is stopped",
+    )
+    hold_until_ack: bool = Field(
+        False,
+        description="true (placement: active only): after an unplanned failover the new "
+        "active starts it only once an operator acknowledges the recovery (hapair ack)",
+    )
+    auto_ack_after_s: float | None = Field(
+        None,
+        gt=0.0,
+        description="with hold_until_ack: seconds after which a held service starts without "
+        "an acknowledgement; unset: never",
+    )
+    process: Name | None = Field(
+        None,
+        description="with hold_until_ack: the process context (hapair.shared.process_context) "
+        "the service drives, shown to the operator while it is held; unset: the service's name",
+    )
+    package: Package | None = Field(
+        None,
+        description="the software every node of the pair fetches, checks and installs for "
+        "it, in {package.dir}",
+    )
 
     @model_validator(mode="after")
     def _hold(self) -> Service:
@@ -236,19 +350,39 @@ class OpcUaSecurity(StrictModel):
 
 
 class Pair(StrictModel):
-    name: Name
-    nodes: list[Node] = Field(min_length=2)
-    failover: Failover = Field(default_factory=Failover)
-    services: list[Service] = Field(default_factory=list)
-    network: Network | None = None
-    database: DatabaseConfig | None = None
+    name: Name = Field(description="the pair's name, unique in the site")
+    nodes: list[Node] = Field(
+        min_length=2,
+        description="the pair's servers in priority order: the first is the main server, "
+        "the others secondaries by preference",
+    )
+    failover: Failover = Field(
+        default_factory=Failover, description="the lease's timing and the failback policy"
+    )
+    services: list[Service] = Field(
+        default_factory=list,
+        description="started in this order (on the active node, or on every node), stopped "
+        "in reverse order",
+    )
+    network: Network | None = Field(
+        None,
+        description="the peer path between the agents and the probes that detect network "
+        "faults; unset: neither",
+    )
+    database: DatabaseConfig | None = Field(
+        None, description="the pair's PostgreSQL, replicated by the agents; unset: none"
+    )
     vip: Vip | None = Field(None, description="a virtual IP address held by the active node")
     plcs: list[Plc] = Field(
         default_factory=list, description="what the pair's comm server (hapair-comm) polls"
     )
-    opcua: OpcUaSecurity = Field(default_factory=OpcUaSecurity)
+    opcua: OpcUaSecurity = Field(
+        default_factory=OpcUaSecurity,
+        description="how the pair's comm server guards its OPC UA server",
+    )
     packages: Sharing = Field(
-        default_factory=Sharing, description="where the nodes fetch their packages from"
+        default_factory=Sharing,
+        description="whether the nodes fetch the services' packages from each other first",
     )
 
     @model_validator(mode="after")
@@ -283,6 +417,18 @@ class Pair(StrictModel):
         )
         return self
 
+    def cautions(self) -> list[str]:
+        """Valid choices with a cost worth saying (see Site.cautions)."""
+        said = []
+        f = self.failover
+        if f.lease_ttl_s < SHORT_LEASE_S and self.network is None:
+            said.append(
+                f"lease_ttl_s {f.lease_ttl_s:g} without a network: section: the active fences "
+                f"itself whenever etcd answers {f.fence_after_s:g} s late (a leader "
+                "election, a slow disk), as no peer path can hold the pair meanwhile"
+            )
+        return said
+
     @model_validator(mode="after")
     def _vip_apart(self) -> Pair:
         # Fencing removes the virtual address: were it a node's own, fencing would cut
@@ -305,13 +451,13 @@ class Pair(StrictModel):
 
 
 class Workshop(StrictModel):
-    name: Name
-    pairs: list[Pair] = Field(default_factory=list)
+    name: Name = Field(description="the workshop's name, unique in the site")
+    pairs: list[Pair] = Field(default_factory=list, description="the workshop's pairs")
 
 
 class Site(StrictModel):
-    site: Name
-    workshops: list[Workshop] = Field(min_length=1)
+    site: Name = Field(description="the site's name")
+    workshops: list[Workshop] = Field(min_length=1, description="the site's workshops")
 
     @model_validator(mode="after")
     def _unique(self) -> Site:
@@ -363,6 +509,10 @@ class Site(StrictModel):
     def pairs(self) -> Iterator[Pair]:
         for w in self.workshops:
             yield from w.pairs
+
+    def cautions(self) -> list[str]:
+        """Choices that are valid but that a plant should make knowingly, one line each."""
+        return [f"pair {p.name}: {c}" for p in self.pairs() for c in p.cautions()]
 
     def pair(self, name: str) -> Pair | None:
         return next((p for p in self.pairs() if p.name == name), None)

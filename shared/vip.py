@@ -27,7 +27,10 @@ class Vip(StrictModel):
     """A virtual IPv4 address held by the active node of a pair, announced by
     gratuitous ARP when it moves."""
 
-    address: str = Field(description="ADDRESS/PREFIX, for example 10.0.0.100/24")
+    address: str = Field(
+        description="the IPv4 address and its prefix length, 10.0.0.100/24: a host address "
+        "of its subnet that no node owns"
+    )
     interface: str = Field(description="the network interface, the same name on every node")
     arp_count: int = Field(3, ge=1, le=10, description="gratuitous ARP packets sent on takeover")
 

@@ -185,8 +185,12 @@ class Agent:
             self.tasks.spawn(self.parts.supervisor.update(pair, node), "reconcile")
             self.tasks.spawn(self.netwatch.update(pair, node), "network-probes")
             self.parts.session.retune(pair.failover.lease_ttl_s, pair.failover.fence_after_s)
+        said = [] if self.pair is None else self.pair.cautions()
         self.pair, self.node = pair, node
         self.log.bind(pair=pair.name)
+        if pair.cautions() != said:
+            for caution in pair.cautions():
+                self.log.warning("the pair's settings have a cost", caution=caution)
 
     def _begin(self) -> None:
         assert self.pair is not None and self.node is not None and self.watchdog is not None

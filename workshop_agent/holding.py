@@ -20,6 +20,30 @@ from hapair.workshop_agent.netwatch import NetWatch
 from hapair.workshop_agent.observation import HandoverView
 from hapair.workshop_agent.peer_wire import Hold, HoldReply, Release
 
+# When the peers are asked to hold: this many keepalive intervals after the send of the
+# last acknowledged one (etcd answers a keepalive in milliseconds when it is well).
+LATE_AFTER = 1.5
+# How far past that instant the loop wakes: the clock must have passed it.
+LATE_SLACK_S = 0.001
+
+
+def keepalive_late(now: float, acked_send: float | None, interval: float) -> bool:
+    """Whether the peers must be asked to hold: the keepalive after ``acked_send`` is
+    half an interval overdue."""
+    return acked_send is not None and now > acked_send + LATE_AFTER * interval
+
+
+def next_check(now: float, acked_send: float | None, interval: float) -> float:
+    """How long the hold loop waits: half an interval (the pace of holds while etcd is
+    late), but never past the instant a keepalive becomes late. With a 1 s lease
+    (keepalives every 0.25 s, fence point 0.5 s after the last acknowledged send) only
+    0.125 s separate that instant from the fence point: a hold sent at the next tick
+    instead could come too late for any promise to count."""
+    pause = interval / 2
+    if acked_send is not None and not keepalive_late(now, acked_send, interval):
+        pause = min(pause, acked_send + LATE_AFTER * interval - now + LATE_SLACK_S)
+    return max(0.0, pause)
+
 
 class Holding:
     """``term`` gives the term this node holds now; ``active`` whether it acts as active
@@ -82,9 +106,7 @@ class Holding:
         asked_for: int | None = None  # the term the peers were asked to hold for
         while True:
             now = self.clock()
-            late = session.acked_send is not None and now - session.acked_send > 1.5 * (
-                session.interval
-            )
+            late = keepalive_late(now, session.acked_send, session.interval)
             if asked_for is not None and self._stopped():
                 # Out of the active role with every service stopped: the peers need not
                 # wait out their promises before they may take over.
@@ -113,7 +135,7 @@ class Holding:
                     else "no longer active: no longer asking the peers to hold"
                 )
                 self.fencing.lease_changed()
-            await asyncio.sleep(session.interval / 2)
+            await asyncio.sleep(next_check(self.clock(), session.acked_send, session.interval))
 
     def on_hold_reply(self, reply: HoldReply, now: float) -> None:
         if self.ledger.answer(reply):

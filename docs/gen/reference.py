@@ -17,6 +17,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -35,6 +36,19 @@ def _cell(text: str) -> str:
     one, a pipe is no column separator and a backslash would be shown)."""
     parts = " ".join(text.split()).split("`")
     return "`".join(p if i % 2 else p.replace("|", "\\|") for i, p in enumerate(parts))
+
+
+# A placeholder of the site file, with what is glued to it: {node.name}, {plc}.{tag}, {pair}.db
+PLACEHOLDER = re.compile(r"\{[\w.]+\}(?:\.?(?:\{[\w.]+\}|\w+))*")
+
+
+def _prose(text: str) -> str:
+    """A description in Markdown: its placeholders in code spans (at the end of a table
+    cell, attr_list would take ``{package.dir}`` for attributes and drop it)."""
+    parts = text.split("`")
+    return "`".join(
+        p if i % 2 else PLACEHOLDER.sub(lambda m: f"`{m.group(0)}`", p) for i, p in enumerate(parts)
+    )
 
 
 def _code(value: object) -> str:
@@ -112,7 +126,7 @@ def model_table(schema: Schema) -> list[str]:
     required = set(schema.get("required", []))
     lines = ["| field | type | default | description |", "|---|---|---|---|"]
     for name, field in schema.get("properties", {}).items():
-        words = [field.get("description", ""), *constraints(field)]
+        words = [_prose(field.get("description", "")), *constraints(field)]
         text = "; ".join(w for w in words if w)
         lines.append(
             f"| `{name}` | {_cell(type_of(field))} | {_cell(default_of(name, field, required))} "

@@ -86,7 +86,13 @@ def _summary(site: Site) -> str:
 async def topology_validate(args: argparse.Namespace) -> int:
     site = _load(args.file)
     say(f"{args.file}: valid: {_summary(site)}")
+    _say_cautions(site)
     return OK
+
+
+def _say_cautions(site: Site) -> None:
+    for caution in site.cautions():
+        say(f"  caution: {caution}")
 
 
 def _changes(old: Site | None, new: Site) -> str:
@@ -121,6 +127,7 @@ async def topology_apply(args: argparse.Namespace) -> int:
         await admin.apply_topology(store, site, operator(store))
         say(f"applied {args.file} to etcd at {store.describe}: {_summary(site)}")
         say(f"  {_changes(previous, site)}")
+        _say_cautions(site)
     return OK
 
 

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import re
 import signal
 import socket
 import sys
@@ -38,6 +37,7 @@ from hapair.shared.client.reconnect import follow_moves, reach
 from hapair.shared.client.registries import parse_registries, registry_ssl
 from hapair.shared.client.resolver import Resolver
 from hapair.shared.entry import add_version
+from hapair.shared.network import listen_address
 
 log = logs.EventLog("hapair.proxy")
 
@@ -276,10 +276,10 @@ def _pair(client: _Side, server: _Side) -> None:
 
 
 def _listen(value: str) -> tuple[str, int]:
-    match = re.fullmatch(r"\[?([^\[\]]*)\]?:(\d{1,5})", value.strip())
-    if match is None or not 0 <= int(match.group(2)) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    return match.group(1) or "0.0.0.0", int(match.group(2))
+    try:
+        return listen_address(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _seconds(value: str) -> float:

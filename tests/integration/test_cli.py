@@ -121,7 +121,7 @@ async def test_topology_validate(site_file: Path, tmp_path: Path) -> None:
         f"{site_file}: valid: site plant-1: 2 workshop(s), 2 pair(s), 5 node(s), 3 service(s)"
     )
     bad = tmp_path / "bad.yaml"
-    failover = "name: pnt\n        failover: {lease_ttl_s: 1}\n"
+    failover = "name: pnt\n        failover: {lease_ttl_s: 0.5}\n"
     bad.write_text(
         SITE_YAML.replace("127.0.0.12", "not an address!").replace("name: pnt\n", failover)
     )
@@ -134,6 +134,14 @@ async def test_topology_validate(site_file: Path, tmp_path: Path) -> None:
         "address nor a host name" in lines
     )
     assert any(line.startswith("  workshops[1].pairs[0].failover.lease_ttl_s:") for line in lines)
+    # Valid, but costly: said, and still valid.
+    short = tmp_path / "short.yaml"
+    short.write_text(
+        SITE_YAML.replace("name: pnt\n", "name: pnt\n        failover: {lease_ttl_s: 1}\n")
+    )
+    run = await hapair("topology", "validate", str(short))
+    assert run.code == 0, run.err
+    assert "  caution: pair pnt: lease_ttl_s 1 without a network: section" in run.out
 
 
 async def test_invalid_topology_is_not_applied(store: Store, etcd: Any, tmp_path: Path) -> None:

@@ -12,8 +12,8 @@ import pytest
 from hapair.shared import keys, pki, records
 from hapair.shared.store import Store
 from tests.integration.test_client_resolver import active_pair
-from tests.support.client_lab import BIN, until
-from tests.support.harness import ROOT, Etcd, free_port, stop_process
+from tests.support.client_lab import RegistryProcess, until
+from tests.support.harness import Etcd, free_port
 from tests.support.metrics import Sample, samples, scrape, value
 
 
@@ -25,26 +25,20 @@ async def registry(etcd: Etcd, tmp_path: Path) -> AsyncIterator[tuple[str, str, 
     pki.init(directory, "test")
     pki.issue(directory, "metrics", "reg-1", ips=["127.0.0.1"])
     pki.issue(directory, "prometheus", "prom")
-    port, metrics_port = free_port(), free_port()
-    log = tmp_path / "registry.log"
-    with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            str(BIN / "hapair-registry"),
-            *etcd.client_args("reg-1", "registry"),
-            *("--listen", f"127.0.0.1:{port}"),
-            *("--metrics-listen", f"127.0.0.1:{metrics_port}"),
-            *("--metrics-cert", str(directory / "reg-1.crt")),
-            *("--metrics-key", str(directory / "reg-1.key")),
-            *("--metrics-ca", str(directory / pki.CA_CERT)),
-            cwd=ROOT,
-            stdout=out,
-            stderr=out,
-        )
+    metrics_port = free_port()
+    metrics = (
+        *("--metrics-listen", f"127.0.0.1:{metrics_port}"),
+        *("--metrics-cert", str(directory / "reg-1.crt")),
+        *("--metrics-key", str(directory / "reg-1.key")),
+        *("--metrics-ca", str(directory / pki.CA_CERT)),
+    )
+    process = RegistryProcess(etcd, args=metrics, log=tmp_path / "registry.log")
+    await process.start()
     try:
-        yield f"http://127.0.0.1:{port}", f"https://127.0.0.1:{metrics_port}/metrics", directory
+        yield process.url, f"https://127.0.0.1:{metrics_port}/metrics", directory
     finally:
-        await stop_process(proc)
-        assert "Traceback" not in log.read_text(), log.read_text()
+        await process.stop()
+        process.assert_no_traceback()
 
 
 async def test_the_site_and_the_lookups_in_the_metrics(

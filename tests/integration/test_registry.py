@@ -416,7 +416,7 @@ async def test_hapair_registry_refuses_bad_settings() -> None:
     assert proc.returncode == 2
     assert err.decode().strip() == (
         "hapair-registry: etcd: give --etcd URL or set HAPAIR_ETCD; "
-        "listen: expected HOST:PORT, got 'nowhere'"
+        "listen: expected HOST:PORT, got 'nowhere': no port"
     )
 
 

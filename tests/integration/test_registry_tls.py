@@ -23,8 +23,8 @@ from hapair.shared.store import Store
 from tests.integration.test_client_resolver import active_pair
 from tests.integration.test_proxy import ProxyProcess, ask
 from tests.integration.test_registry import closed_by_peer
-from tests.support.client_lab import BIN, node_servers, until
-from tests.support.harness import ROOT, Etcd, free_port, stop_process
+from tests.support.client_lab import BIN, RegistryProcess, node_servers, until
+from tests.support.harness import Etcd, free_port
 
 
 @dataclass
@@ -55,42 +55,33 @@ def site_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+def _https(site_pki: Path, *more: str) -> tuple[str, ...]:
+    """A registry's options to serve HTTPS with the site's registry certificate."""
+    return (
+        *("--tls-cert", str(site_pki / "reg-1.crt"), "--tls-key", str(site_pki / "reg-1.key")),
+        *more,
+    )
+
+
+def _registry(
+    etcd: Etcd, site_pki: Path, args: tuple[str, ...], log: Path | None = None
+) -> RegistryProcess:
+    """A registry process serving HTTPS, its health asked by a client trusting the CA."""
+    return RegistryProcess(etcd, args=args, log=log, https=Secure("", site_pki).ssl())
+
+
 @pytest.fixture
 async def secure(etcd: Etcd, store: Store, site_pki: Path, tmp_path: Path) -> AsyncIterator[Secure]:
     """A registry serving HTTPS with the site's registry certificate, taking operators'
     certificates (and no token) on its admin routes."""
-    port = free_port()
-    log = tmp_path / "registry.log"
-    with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            str(BIN / "hapair-registry"),
-            *etcd.client_args("reg-1", "registry"),
-            *("--listen", f"127.0.0.1:{port}"),
-            *("--tls-cert", str(site_pki / "reg-1.crt"), "--tls-key", str(site_pki / "reg-1.key")),
-            *("--client-ca", str(site_pki / pki.CA_CERT)),
-            cwd=ROOT,
-            stdout=out,
-            stderr=out,
-        )
-    secure = Secure(f"https://127.0.0.1:{port}", site_pki)
-    context = secure.ssl()
-
-    async def healthy() -> bool:
-        try:
-            async with (
-                aiohttp.ClientSession() as s,
-                s.get(f"{secure.url}/healthz", ssl=context) as resp,
-            ):
-                return resp.status == 200
-        except aiohttp.ClientError:
-            return False
-
+    args = _https(site_pki, "--client-ca", str(site_pki / pki.CA_CERT))
+    process = _registry(etcd, site_pki, args, tmp_path / "registry.log")
+    await process.start()
     try:
-        await until(healthy, f"the registry on {secure.url}", 20)
-        yield secure
+        yield Secure(process.url, site_pki)
     finally:
-        await stop_process(proc)
-        assert "Traceback" not in log.read_text(), log.read_text()
+        await process.stop()
+        process.assert_no_traceback()
 
 
 async def test_lookups_over_https_for_clients_given_the_ca(secure: Secure, store: Store) -> None:
@@ -169,16 +160,9 @@ async def test_connections_that_never_finish_the_tls_handshake_are_closed(
     """Over HTTPS, a connection that never ends its TLS handshake is closed after the
     header timeout too, however many; lookups answer meanwhile."""
     await active_pair(store)
-    port = free_port()
-    secure = Secure(f"https://127.0.0.1:{port}", site_pki)
-    proc = await asyncio.create_subprocess_exec(
-        str(BIN / "hapair-registry"),
-        *etcd.client_args("reg-1", "registry"),
-        *("--listen", f"127.0.0.1:{port}", "--header-timeout", "1"),
-        *("--tls-cert", str(site_pki / "reg-1.crt"), "--tls-key", str(site_pki / "reg-1.key")),
-        cwd=ROOT,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    process = _registry(etcd, site_pki, _https(site_pki, "--header-timeout", "1"))
+    await process.start()
+    secure, port = Secure(process.url, site_pki), process.port
     held: list[socket.socket] = []
     try:
         async with aiohttp.ClientSession() as session:
@@ -209,4 +193,4 @@ async def test_connections_that_never_finish_the_tls_handshake_are_closed(
     finally:
         for sock in held:
             sock.close()
-        await stop_process(proc)
+        await process.stop()

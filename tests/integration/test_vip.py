@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ import pytest
 
 from hapair.shared import keys
 from hapair.shared.records import Switchover
-from tests.support.cluster import until
+from hapair.shared.topology import Failover
+from tests.support.cluster import holds, until
 from tests.support.harness import PYTHON, ROOT, free_port
 from tests.support.netns import IFNAME, Lab, unavailable
 from tests.support.vip_lab import LabSite, VipWatch, afetch, has, mac, neighbour, service, until_has
@@ -229,6 +231,21 @@ async def test_switchover_and_resignation_move_the_vip_never_on_both(tmp_path: P
     site.cluster.assert_no_overlap()
 
 
+async def _start_probing_pair(site: LabSite) -> tuple[int, int]:
+    """The pair with a peer path and the client host as its probe target, a active and
+    holding the address: its service's port and a's epoch."""
+    network = {
+        "probe_targets": [site["client"].address],
+        "probe_interval_s": 0.2,
+        "isolation_after_s": 1.0,
+        "peer_port": 7400,
+    }
+    port = await _start_pair(site, network=network)
+    await until_has(site["a"], VIP)
+    _, epoch = await site.cluster.active("p", node="a")
+    return port, epoch
+
+
 @needs_lab
 @pytest.mark.e2e
 async def test_an_isolated_active_hands_over_and_the_vip_follows(tmp_path: Path) -> None:
@@ -236,16 +253,8 @@ async def test_an_isolated_active_hands_over_and_the_vip_follows(tmp_path: Path)
     reaches etcd and b: it hands the pair over to b, which still reaches it."""
     async with LabSite(tmp_path, ["a", "b"]) as site:
         a, b, client = site["a"], site["b"], site["client"]
-        network = {
-            "probe_targets": [client.address],
-            "probe_interval_s": 0.2,
-            "isolation_after_s": 1.0,
-            "peer_port": 7400,
-        }
-        port = await _start_pair(site, network=network)
+        port, epoch = await _start_probing_pair(site)
         c = site.cluster
-        await until_has(a, VIP)
-        _, epoch = await c.active("p", node="a")
         async with VipWatch(a, b, VIP) as watch:
             site.lab.partition(a, client)
             await _moved(site, "b", epoch)
@@ -258,4 +267,52 @@ async def test_an_isolated_active_hands_over_and_the_vip_follows(tmp_path: Path)
         ]
         await _served_by(site, port, "b")
         site.lab.heal(a, client)
+    site.cluster.assert_no_overlap()
+
+
+async def _network(site: LabSite, node: str) -> str | None:
+    """What ``node`` last said of its network (its latest ``network`` event)."""
+    said = [e["reason"] for e in await site.cluster.events("network") if e["node"] == node]
+    return said[-1] if said else None
+
+
+@needs_lab
+@pytest.mark.e2e
+async def test_link_between_the_nodes_cut_leaves_the_vip_on_the_active_alone(
+    tmp_path: Path,
+) -> None:
+    """The two nodes no longer reach each other (peer path and probes cut at the switch)
+    while both still reach etcd and the client: each sees its peer gone, but the active's
+    lease lives, so the term stays where it is and the address with it, on one node.
+    (keepalived, in the same cut, puts the address on both: bench/bench_keepalived.py.)"""
+    async with LabSite(tmp_path, ["a", "b"]) as site:
+        a, b = site["a"], site["b"]
+        port, epoch = await _start_probing_pair(site)
+        c = site.cluster
+
+        async def said(node: str, what: str) -> bool:
+            return what in (await _network(site, node) or "")
+
+        for me in ("a", "b"):
+            await until(partial(said, me, "all clear"), 10, f"{me} seeing its peer")
+
+        async def still_a() -> bool:
+            return await c.leader("p") == ("a", epoch)
+
+        async with VipWatch(a, b, VIP) as watch:
+            site.lab.partition(a, b)
+            for me, peer in (("a", "b"), ("b", "a")):
+                lost = f"peer {peer} not visible"
+                await until(partial(said, me, lost), 10, f"{me}: {lost}")
+            # A lease TTL and more after both saw the cut: a standby that took its peer's
+            # silence for a crash would have taken over by then.
+            await holds(still_a, 2 * Failover().lease_ttl_s, "a kept its term")
+            await _served_by(site, port, "a")
+        assert not watch.overlaps, f"on both nodes at once: {watch.overlaps[:1]}"
+        assert not watch.held("b"), "the address was on b while the nodes were cut apart"
+        assert all(on for host, on, _ in watch.samples if host == "a"), "it left a"
+        site.lab.heal(a, b)
+        await until(partial(said, "b", "all clear"), 10, "b seeing a again")
+        assert await c.leader("p") == ("a", epoch)
+        assert has(a, VIP) and not has(b, VIP)
     site.cluster.assert_no_overlap()

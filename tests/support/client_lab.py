@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -130,8 +131,8 @@ async def until(
         ) from None
 
 
-async def _healthy(url: str) -> bool:
-    async with ClientSession() as s, s.get(f"{url}/healthz") as resp:
+async def _healthy(url: str, context: ssl.SSLContext | None = None) -> bool:
+    async with ClientSession() as s, s.get(f"{url}/healthz", ssl=context or True) as resp:
         return resp.status == 200
 
 
@@ -231,17 +232,24 @@ class RegistryProcess:
     """``hapair-registry`` as a process of its own, to be killed like a real one."""
 
     def __init__(
-        self, etcd: Etcd, url: str | None = None, args: Sequence[str] = (), log: Path | None = None
+        self,
+        etcd: Etcd,
+        url: str | None = None,
+        args: Sequence[str] = (),
+        log: Path | None = None,
+        https: ssl.SSLContext | None = None,
     ) -> None:
         """A registry of ``etcd`` (its own certificate over TLS), reaching it at ``url``
         (default: its own; a relay's, say), with more options ``args``, its output
-        written to ``log`` (default: nowhere)."""
+        written to ``log`` (default: nowhere). ``https``: it serves HTTPS (``args`` give
+        its --tls-cert and --tls-key), and its health is asked with this client context."""
         self.etcd = etcd
         self.etcd_url = url or etcd.url
         self.args = args
         self.log = log
+        self.https = https
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if https else 'http'}://127.0.0.1:{self.port}"
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> RegistryProcess:
@@ -261,7 +269,7 @@ class RegistryProcess:
                 stderr=out,
             )
         try:
-            await until(lambda: _healthy(self.url), f"registry on {self.url}", 15)
+            await until(lambda: _healthy(self.url, self.https), f"registry on {self.url}", 15)
         except BaseException:
             await self.stop()  # it is not left running when it never came up
             raise
@@ -283,6 +291,11 @@ class RegistryProcess:
             return
         await stop_process(self.proc)
         self.proc = None
+
+    def assert_no_traceback(self) -> None:
+        """Its log (given one) holds no traceback: nothing failed unhandled in it."""
+        text = self.log.read_text() if self.log is not None and self.log.exists() else ""
+        assert "Traceback" not in text, text
 
 
 @contextlib.asynccontextmanager

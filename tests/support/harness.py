@@ -277,6 +277,18 @@ class Etcd:
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
+def plant_raft_timing() -> list[str]:
+    """etcd's options for the raft timing of ``deploy/etcd/etcd.conf.yml``, the one
+    shipped for a plant (with it etcd grants leases down to 1 s; with its defaults, 2 s)."""
+    import yaml
+
+    conf = yaml.safe_load((ROOT / "deploy" / "etcd" / "etcd.conf.yml").read_text())
+    return [
+        *("--heartbeat-interval", str(conf["heartbeat-interval"])),
+        *("--election-timeout", str(conf["election-timeout"])),
+    ]
+
+
 def etcd_client(etcd: Etcd | str) -> tuple[str, TlsFiles | None]:
     """The URL and TLS files a test's own client connects with: the admin's of a
     session etcd, none for a bare URL (an etcd in the lab mode, or none at all)."""

@@ -116,12 +116,13 @@ LAB_HELP = (
 )
 
 
-def own_etcd(directory: Path, lab: bool = False) -> Etcd:
+def own_etcd(directory: Path, lab: bool = False, extra_args: Sequence[str] = ()) -> Etcd:
     """An etcd of its own, started (a benchmark's): TLS with client certificates from a
-    new PKI in ``directory``, the secure default; plain ``http://`` with ``lab``."""
+    new PKI in ``directory``, the secure default; plain ``http://`` with ``lab``.
+    ``extra_args``: more of etcd's options (its raft timing, say)."""
     if lab:
-        return Etcd().start()
-    return TlsEtcd(TestPki.create(directory).dir, ADMIN).start()
+        return Etcd(extra_args=list(extra_args)).start()
+    return TlsEtcd(TestPki.create(directory).dir, ADMIN, extra_args=list(extra_args)).start()
 
 
 def etcd_mode(lab: bool) -> str:

@@ -10,7 +10,7 @@ import pytest
 from hapair.shared.log import EventLog
 from hapair.workshop_agent.fencing import Fencing
 from hapair.workshop_agent.hold import Ledger
-from hapair.workshop_agent.holding import Holding
+from hapair.workshop_agent.holding import Holding, keepalive_late, next_check
 from hapair.workshop_agent.observation import HandoverView
 from hapair.workshop_agent.peer_wire import Hold, HoldReply, Release
 from tests.unit.test_fencing import FENCE_AFTER, FakeLease
@@ -116,3 +116,18 @@ async def test_a_peers_promise_moves_the_fence_point_of_the_active() -> None:
     h.on_hold_reply(HoldReply("b", "a", 1, 4, True, ttl=TTL), 101.2)  # another term's: ignored
     assert fencing.point() == pytest.approx(101.0 + FENCE_AFTER)
     fencing.cancel()
+
+
+def test_the_hold_loop_wakes_when_a_keepalive_becomes_late_not_at_its_next_tick() -> None:
+    # A 1 s lease: keepalives every 0.25 s, late 0.375 s after the last acknowledged send.
+    interval, acked = 0.25, 100.0
+    assert not keepalive_late(100.375, acked, interval)
+    assert keepalive_late(100.376, acked, interval)
+    assert not keepalive_late(100.0, None, interval)
+    # Just after a confirmation: half an interval (0.125 s) is sooner than lateness.
+    assert next_check(100.0, acked, interval) == pytest.approx(0.125)
+    # 0.3 s after it: a tick of 0.125 s would ask the peers at 0.425 s, 50 ms late.
+    assert next_check(100.3, acked, interval) == pytest.approx(0.076)
+    # Late already: holds go out every half interval.
+    assert next_check(100.4, acked, interval) == pytest.approx(0.125)
+    assert next_check(100.4, None, interval) == pytest.approx(0.125)

@@ -8,6 +8,8 @@ the fence point must count from the send, and come before etcd can expire the le
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 
 import pytest
 
@@ -33,10 +35,10 @@ class SlowStore:
         self.clock, self.rtt, self.ttl = clock, rtt, ttl
         self.sends: list[float] = []
 
-    async def grant(self, ttl: float) -> int:
+    async def grant_lease(self, ttl: float) -> tuple[int, int]:
         self.sends.append(self.clock.now)
         self.clock.now += self.rtt
-        return 7
+        return 7, max(int(self.ttl), math.ceil(ttl))
 
     async def keepalive(self, lease: int) -> float:
         self.sends.append(self.clock.now)
@@ -138,3 +140,31 @@ async def test_an_unexpected_error_does_not_end_the_lease_session() -> None:
     await confirmed(s, times=2)  # granted, then confirmed again after the failure
     assert not store.broken and len(store.sends) >= 2
     assert s.acked_send == store.sends[-1]
+
+
+async def test_a_lease_granted_longer_than_asked_is_said_once_and_keeps_the_asked_fence(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """etcd with its default raft timing grants 2 s for a 1 s lease: the holder fences
+    from the TTL it asked (earlier than etcd drops the lease: safe) and says why
+    takeovers after a crash take longer."""
+    clock = Clock(100.0)
+    store = SlowStore(clock, rtt=0.01, ttl=2.0)
+    s = Session(store, 1.0, 0.5, EventLog("test"), clock)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING):
+        await confirmed(s, times=3)
+    assert s.granted_ttl == 2 and s.ttl == 1.0
+    assert s.fence_deadline == pytest.approx(s.acked_send + 0.5)  # type: ignore[operator]
+    warned = [r for r in caplog.records if "longer lease than asked" in r.getMessage()]
+    assert len(warned) == 1
+    assert warned[0].fields["asked"] == 1.0 and warned[0].fields["granted"] == 2  # type: ignore[attr-defined]
+
+
+async def test_a_lease_granted_as_asked_is_not_warned_of(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock(100.0)
+    store = SlowStore(clock, rtt=0.01, ttl=1.0)
+    s = Session(store, 1.0, 0.5, EventLog("test"), clock)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING):
+        await confirmed(s)
+    assert s.granted_ttl == 1
+    assert not [r for r in caplog.records if "longer lease" in r.getMessage()]

@@ -362,9 +362,9 @@ ERRORS: list[tuple[str, Edit, str]] = [
         f"{PAIR}.nodes: List should have at least 2 items after validation, not 1",
     ),
     (
-        "ttl-below-2",
-        _set(_failover, lease_ttl_s=1.99),
-        f"{PAIR}.failover.lease_ttl_s: Input should be greater than or equal to 2",
+        "ttl-below-1",
+        _set(_failover, lease_ttl_s=0.99),
+        f"{PAIR}.failover.lease_ttl_s: Input should be greater than or equal to 1",
     ),
     (
         "fence-margin-over-half",
@@ -532,7 +532,7 @@ def test_the_valid_site_passes_the_error_tables_base() -> None:
 def test_all_problems_are_listed_and_the_message_names_the_source() -> None:
     d = site_data()
     _node1(d)["address"] = "not an address"
-    _failover(d)["lease_ttl_s"] = 1
+    _failover(d)["lease_ttl_s"] = 0.5
     service_of(d)["critcal"] = True
     d["workshops"].append({"name": "paint", "pairs": [{"name": "p", "nodes": []}]})
     with pytest.raises(TopologyError) as info:
@@ -833,3 +833,17 @@ def test_topology_error_is_a_value_error() -> None:
     assert isinstance(err, ValueError)
     assert err.problems == ["a: b"]
     assert str(err) == "s: invalid topology\n  a: b"
+
+
+def test_a_short_lease_without_a_peer_path_is_valid_but_cautioned() -> None:
+    d = site_data()
+    _failover(d)["lease_ttl_s"] = 1
+    site = topology.parse_site(d, "x")
+    [caution] = site.cautions()
+    assert caution.startswith("pair asm: lease_ttl_s 1 without a network: section")
+    assert "0.5 s late" in caution
+    pair_of(d)["network"] = {"peer_port": 7400}
+    assert topology.parse_site(d, "x").cautions() == []
+    _failover(d)["lease_ttl_s"] = 2
+    del pair_of(d)["network"]
+    assert topology.parse_site(d, "x").cautions() == []
