@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,10 +262,18 @@ def _connect(target: Target, host: str, port: int, timeout: float) -> socket.soc
 Opened = tuple[str, int, socket.socket]  # a member's host and port, a connection to it
 
 
-def connect_first(target: Target, timeout: float = 1.0) -> Opened:
+BUDGET_S = 2.0
+"""No further member is tried once this is spent: the lease expires on its own anyway,
+and a restarted agent waits for this process's end (the node lock)."""
+
+
+def connect_first(target: Target, timeout: float = 1.0, budget: float = BUDGET_S) -> Opened:
     """A connection to the first member that takes one, made ahead of a call."""
     why = "no etcd member"
+    until = time.monotonic() + budget
     for host, port in target.endpoints:
+        if time.monotonic() >= until:
+            break
         try:
             return host, port, _connect(target, host, port, timeout)
         except (OSError, RevokeError) as err:
@@ -289,14 +298,22 @@ def call(
         return response(conn)
 
 
-def revoke(target: Target, lease: int, timeout: float = 1.0, opened: Opened | None = None) -> str:
+def revoke(
+    target: Target,
+    lease: int,
+    timeout: float = 1.0,
+    opened: Opened | None = None,
+    budget: float = BUDGET_S,
+) -> str:
     """Revoke ``lease`` on the first member that answers (the one ``opened`` reaches
     first, if given): ``revoked``, or ``gone`` (etcd refused because it had no such
     lease any more); :class:`RevokeError` otherwise.
 
-    Members are tried in turn; each connect, read and write waits ``timeout`` seconds at
-    most (a stalled member costs about that, then the next is tried)."""
+    Members are tried in turn while ``budget`` lasts; each connect, read and write waits
+    ``timeout`` seconds at most (a stalled member costs about that, then the next is
+    tried)."""
     why = "no etcd member"
+    until = time.monotonic() + budget
     message = lease_request(lease)
     endpoints = list(target.endpoints)
     if opened is not None:
@@ -304,6 +321,9 @@ def revoke(target: Target, lease: int, timeout: float = 1.0, opened: Opened | No
         endpoints.insert(0, (opened[0], opened[1]))
     for host, port in endpoints:
         sock = opened[2] if opened is not None and (host, port) == opened[:2] else None
+        if sock is None and time.monotonic() >= until:
+            why += f"; gave up after {budget:g} s"
+            break
         try:
             if call(target, host, port, REVOKE, message, timeout, sock) is not None:
                 return "revoked"

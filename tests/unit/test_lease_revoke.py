@@ -178,3 +178,22 @@ def test_no_member_answering_is_an_error_naming_the_last() -> None:
         port = s.getsockname()[1]  # closed once left: nothing listens there
     with pytest.raises(lr.RevokeError, match=f"127.0.0.1:{port}"):
         lr.revoke(lr.Target.parse(f"127.0.0.1:{port}"), 1, timeout=0.5)
+
+
+def test_a_stalled_member_costs_its_timeout_and_the_budget_bounds_the_rest() -> None:
+    """Members that take the connection and never answer (a frozen etcd): the first is
+    given its timeout, the next is not tried once the budget is spent."""
+    stalled = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    try:
+        ports = [s.getsockname()[1] for s in stalled]
+        target = lr.Target.parse(",".join(f"127.0.0.1:{p}" for p in ports))
+        with pytest.raises(lr.RevokeError, match=f"127.0.0.1:{ports[0]}: .*gave up after 0.1 s"):
+            lr.revoke(target, 1, timeout=0.3, budget=0.1)
+        stalled[0].setblocking(False)
+        stalled[1].setblocking(False)
+        stalled[0].accept()[0].close()  # the first was connected to
+        with pytest.raises(BlockingIOError):
+            stalled[1].accept()  # the second never was
+    finally:
+        for s in stalled:
+            s.close()
