@@ -34,11 +34,17 @@ from tests.integration.test_database_failover import (
 )
 from tests.integration.test_etcd_loss import service_pids
 from tests.integration.test_failover import pair
-from tests.integration.test_vip import VIP, _served_by, _start_pair, needs_lab
+from tests.integration.test_vip import (
+    VIP,
+    _a_active_with_the_address,
+    _moved,
+    _served_by,
+    needs_lab,
+)
 from tests.support.cluster import Cluster, pid_alive, until
 from tests.support.harness import Etcd, free_port
 from tests.support.pg_harness import needs_postgres
-from tests.support.vip_lab import LabSite, VipWatch, until_has
+from tests.support.vip_lab import LabSite, VipWatch
 
 pytestmark = pytest.mark.e2e
 
@@ -207,16 +213,12 @@ async def test_a_killed_agent_s_address_is_off_its_node_before_the_standby_takes
     its watchdog removes the address and confirms it gone before the revoke; watched on
     both nodes at once, it is never on both."""
     async with LabSite(tmp_path, ["a", "b"]) as site:
-        port = await _start_pair(site)
+        port, epoch = await _a_active_with_the_address(site)
         c = site.cluster
-        a, b = site["a"], site["b"]
-        await until_has(a, VIP)
-        _, epoch = await c.active("p", node="a")
-        async with VipWatch(a, b, VIP) as watch:
+        async with VipWatch(site["a"], site["b"], VIP) as watch:
             c.signal("a", signal.SIGKILL)
             c.agents["a"].wait(5)
-            await c.active("p", not_epoch=epoch, node="b", timeout=10)
-            await until_has(b, VIP, timeout=10)
+            await _moved(site, "b", epoch)
         assert watch.held("a") and watch.held("b")
         assert not watch.overlaps, f"on both nodes at once: {watch.overlaps[:1]}"
         assert "its lease revoked, its term ended" in c.log("a")
