@@ -2,8 +2,9 @@
 
 The watchdog ends the term of its dead agent by revoking the agent's lease, but it must
 stay small and start at once: no grpc, no aetcd, no pydantic. etcd's JSON gateway does
-not authenticate by the client certificate's CN (etcd refuses gateway requests from a
-certificate that has one), so the watchdog speaks gRPC itself: TLS with the agent's
+not authenticate by the client certificate's CN (with auth on, etcd 3.4 answers a gateway
+request from a certificate that has one with 400, "CommonName of client sending a request
+against gateway will be ignored"), so the watchdog speaks gRPC itself: TLS with the agent's
 certificate (ALPN ``h2``), or plain HTTP/2 in the lab mode, one stream, one unary call.
 etcd then runs the call as the agent's own etcd user, with the agent's role.
 
