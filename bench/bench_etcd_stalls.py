@@ -84,22 +84,7 @@ async def main(
         c.start("b")
         await c.standby("b", timeout=20)
         epochs.append(first)
-        for i in range(stalls):
-            length = rng.uniform(*stall_s)
-            os.kill(etcd.proc.pid, signal.SIGSTOP)
-            stopped = time.monotonic()
-            try:
-                await asyncio.sleep(length)
-            finally:
-                os.kill(etcd.proc.pid, signal.SIGCONT)
-            lengths.append(time.monotonic() - stopped)
-            await asyncio.sleep(rng.uniform(1.0, 1.5))
-            lead = await until(lambda: c.leader("p"), 10, "a leader after the stall")
-            if lead != epochs[-1]:
-                print(f"  stall {i + 1}: epoch change {epochs[-1]} -> {lead}", flush=True)
-                epochs.append(lead)
-            if (i + 1) % 50 == 0:
-                print(f"  {i + 1} stalls, {len(epochs) - 1} epoch changes so far", flush=True)
+        await stall_etcd(c, etcd.proc.pid, rng, stalls, stall_s, epochs, lengths)
         fences = await c.events("fence")
         elections = await c.events("election")
     finally:
@@ -110,13 +95,51 @@ async def main(
     c.assert_no_overlap()
     shutil.rmtree(tmp, ignore_errors=True)
     print()
+    print_stalls(lengths, epochs, len(elections), len(fences), len(runs))
+    return 0
+
+
+async def stall_etcd(
+    c: Cluster,
+    etcd_pid: int,
+    rng: random.Random,
+    stalls: int,
+    stall_s: tuple[float, float],
+    epochs: list[tuple[str, int]],
+    lengths: list[float],
+) -> None:
+    """``stalls`` times: etcd stopped (SIGSTOP) for a random length in ``stall_s``, then
+    resumed and left alone 1.0-1.5 s; each stall's length goes to ``lengths``, and pair
+    p's term, when another than the last of ``epochs``, to ``epochs``."""
+    for i in range(stalls):
+        length = rng.uniform(*stall_s)
+        os.kill(etcd_pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            await asyncio.sleep(length)
+        finally:
+            os.kill(etcd_pid, signal.SIGCONT)
+        lengths.append(time.monotonic() - stopped)
+        await asyncio.sleep(rng.uniform(1.0, 1.5))
+        lead = await until(lambda: c.leader("p"), 10, "a leader after the stall")
+        if lead != epochs[-1]:
+            print(f"  stall {i + 1}: epoch change {epochs[-1]} -> {lead}", flush=True)
+            epochs.append(lead)
+        if (i + 1) % 50 == 0:
+            print(f"  {i + 1} stalls, {len(epochs) - 1} epoch changes so far", flush=True)
+
+
+def print_stalls(
+    lengths: list[float], epochs: list[tuple[str, int]], elections: int, fences: int, runs: int
+) -> None:
+    """What the stalls did: their lengths, changes of term, elections, fences and runs of
+    the active service."""
     print(f"stalls                 {len(lengths)} (median {statistics.median(lengths):.3f} s, "
           f"min {min(lengths):.3f} s, max {max(lengths):.3f} s)")  # fmt: skip
     print(f"epoch changes          {len(epochs) - 1}   (target 0)")
-    print(f"elections              {len(elections)} (1 is the first election)")
-    print(f"fences                 {len(fences)}")
-    print(f"runs of the service    {len(runs)} (1: it never stopped)")
-    return 0
+    print(f"elections              {elections} (1 is the first election)")
+    print(f"fences                 {fences}")
+    print(f"runs of the service    {runs} (1: it never stopped)")
 
 
 if __name__ == "__main__":

@@ -37,10 +37,26 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+class _Version(argparse.Action):
+    """``--version``, the version looked up only when asked: ``importlib.metadata``
+    weighs 2 MiB in a daemon that never answers it."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        print(f"{parser.prog} {version()}")
+        parser.exit()
+
+
 def add_version(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--version", action="version", version=f"%(prog)s {version()}", help="print it and exit"
-    )
+    parser.add_argument("--version", action=_Version, help="print it and exit")
 
 
 def missing(modules: tuple[str, ...]) -> list[str]:

@@ -49,7 +49,16 @@ from hapair.workshop_agent.watchdog import WatchdogLink
 
 __all__ = ["Agent", "AgentError"]  # AgentError: what main reports of a refused run
 
-TICK_S = 0.1
+IDLE_S = 1.0
+"""The longest the loop waits for news with no decision due. What changes with no news
+and has no instant of its own (a member-set write retried, a restart request carried
+out) is looked at again by then."""
+RETRY_S = 0.1
+"""A round that acted runs again this soon: an action that changed nothing yet (etcd
+did not answer, the database is not ready) is tried again at once."""
+DUE_SLACK_S = 0.001
+"""A round due at an instant runs this much after it, so that its clock reads the
+instant as passed."""
 SHUTDOWN_TASKS_S = 2.0
 
 
@@ -263,10 +272,15 @@ class Agent:
 
     # -- the loop ---------------------------------------------------------------------
     async def _loop(self) -> None:
+        """A round on any news (a watch event, a health result, a command, a peer's
+        message, the lease confirmed), else when a time-driven decision is due
+        (``decide.due``), at the latest after ``IDLE_S``."""
         p = self._parts()
+        wait = 0.0
         while True:
-            await wait_event(self.wake, TICK_S)
+            await wait_event(self.wake, wait)
             self.wake.clear()
+            wait = IDLE_S
             self._load_topology()
             self._vip_step()
             if self.pair is None:
@@ -292,6 +306,22 @@ class Agent:
             self.members.step(self.pair, self.term, p.election)
             if self.netwatch.tick() and self.netwatch.state is not None:
                 self.event("network", "; ".join(self.netwatch.state.problems()) or "all clear")
+            wait = RETRY_S if decision.actions else self._until_due(p, observation)
+
+    def _until_due(self, p: Parts, o: Observation) -> float:
+        """How long the next round may wait for news: until the decision or a held
+        service's release is due, or the network probes' verdict changes by silence
+        alone, at most ``IDLE_S``; an answer that changes the verdict is read at the
+        probes' interval."""
+        assert self.pair is not None
+        longest = IDLE_S
+        if self.pair.network is not None:
+            longest = min(longest, self.pair.network.probe_interval_s)
+        wait = min(d.due(o), p.recovery.due()) - self.clock()
+        verdict = self.netwatch.due_in()
+        if verdict is not None:
+            wait = min(wait, verdict)
+        return min(max(wait, 0.0) + DUE_SLACK_S, longest)
 
     def _observe(self, p: Parts) -> Observation:
         assert self.pair is not None
@@ -300,7 +330,7 @@ class Agent:
         if st.leader is not None:
             self.last_leader = st.leader.node
             self.newest_epoch = max(self.newest_epoch or 0, st.leader.epoch)
-        held_by = p.holding.held_by(now, self.state.handover if self.state else None)
+        held_by = p.holding.held_by(now, st.handover)
         self.state = st
         healthy, _ = p.supervisor.healthy()
         return Observation(
@@ -333,6 +363,8 @@ class Agent:
             forgotten_promises_until=self.claim.forgotten_promises_until(self.pair),
             step_down_unanswered=p.steps.unanswered,
             refused=p.steps.refused(now),
+            lease_ok_until=p.fencing.point(),
+            view_expires_at=min(p.steps.refused_until(now), p.holding.held_until),
             members=st.members,
             members_revision=st.members_revision,
             lacks=p.packages.lacking(self.pair),

@@ -156,6 +156,24 @@ class DatabaseCare:
         assert pair is not None
         term = self._term()
         st = self._state()
+        failure = db.failure
+        try:
+            await self._care(db, sup, pair, term, st)
+        finally:
+            # A failure declared or cleared is news for the decision (``db_failure``: the
+            # active hands the pair to the synchronous standby), which has no instant of
+            # its own to wake on.
+            if db.failure != failure:
+                self._changed()
+
+    async def _care(
+        self,
+        db: Database,
+        sup: Supervisor,
+        pair: Pair,
+        term: int | None,
+        st: PairState | None,
+    ) -> None:
         if term is not None and db.primary_epoch != term:
             promoted = await db.become_primary(term, self.catch_up_lsn)
             if promoted:

@@ -15,6 +15,7 @@ tests can reach them:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from hapair.workshop_agent.candidates import (
@@ -383,16 +384,7 @@ def _campaign(o: Observation) -> Decision:
     rank = o.pair.rank(o.me)
     if rank > 0 and not o.seen_leader and o.now - o.started_at < 2 * o.lease_ttl:
         return Decision("no active node; giving the main server time to start")
-    # Priority order, with the nodes holding every declared package version first.
-    order = holders_first(o, (n.name for n in o.pair.nodes))
-    ahead = [n for n in order[: order.index(o.me)] if eligible_peer(o, n) and is_member(o, n)]
-    delay = len(ahead) * o.pair.failover.campaign_delay_s
-    holders = [n for n in ahead if not lacks(o, n)] if o.lacks else []
-    if holders:
-        # A node that holds them gets a whole lease more to take over: this one only
-        # steps in if none of them does (one that cannot campaign for a reason this view
-        # does not show must not leave the pair without an active).
-        delay += o.lease_ttl
+    ahead, holders, delay = _preferred(o)
     absent_since = o.leader_absent_since if o.leader_absent_since is not None else o.now
     if o.now - absent_since < delay:
         if holders:
@@ -408,6 +400,57 @@ def _campaign(o: Observation) -> Decision:
             (Campaign(stale, o.members_revision),),
         )
     return Decision("no active node: campaigning", (Campaign(stale, o.members_revision),))
+
+
+def _preferred(o: Observation) -> tuple[list[str], list[str], float]:
+    """The nodes that may campaign before this one, those of them holding every declared
+    package version when this node lacks one, and how long after the leader key went
+    away this node leaves them."""
+    # Priority order, with the nodes holding every declared package version first.
+    order = holders_first(o, (n.name for n in o.pair.nodes))
+    ahead = [n for n in order[: order.index(o.me)] if eligible_peer(o, n) and is_member(o, n)]
+    delay = len(ahead) * o.pair.failover.campaign_delay_s
+    holders = [n for n in ahead if not lacks(o, n)] if o.lacks else []
+    if holders:
+        # A node that holds them gets a whole lease more to take over: this one only
+        # steps in if none of them does (one that cannot campaign for a reason this view
+        # does not show must not leave the pair without an active).
+        delay += o.lease_ttl
+    return ahead, holders, delay
+
+
+# ---- when the decision is due again ------------------------------------------------
+
+
+def due(o: Observation) -> float:
+    """The first instant after ``o.now`` at which :func:`decide` may decide otherwise on
+    the facts of ``o`` with no news (``inf``: none): the loop runs its next round by then,
+    and at once on any news (a watch event, a health result, a command, a peer's message).
+
+    Every comparison of the decision with ``o.now`` has its instant here; one more is
+    harmless (a round that decides the same), one missing would delay that decision to
+    the loop's longest wait. The fence point is among them, but the fence itself never
+    waits for a round: its own timer fences (``fencing.py``)."""
+    f = o.pair.failover
+    instants = [
+        o.lease_ok_until,
+        o.view_expires_at,
+        o.holdoff_until,
+        o.forgotten_promises_until,
+        o.started_at + 2 * o.lease_ttl,  # the main server's time to start
+    ]
+    if o.handover is not None:
+        instants.append(o.handover.seen_at + o.lease_ttl)  # the handover record goes stale
+    instants += [lost.since + lost.grace_s for lost in o.lost.values()]
+    if f.failback == "auto":
+        instants += [
+            p.healthy_since + f.failback_after_s
+            for p in o.peers.values()
+            if p.healthy_since is not None
+        ]
+    if o.leader is None and o.leader_absent_since is not None and o.pair.node(o.me) is not None:
+        instants.append(o.leader_absent_since + _preferred(o)[2])  # the preferred nodes' turn
+    return min((t for t in instants if t > o.now), default=math.inf)
 
 
 # ---- what a won campaign is called ------------------------------------------------

@@ -89,6 +89,7 @@ class Holding:
         self._holding = False  # for logging changes only
         self._held_by: str | None = None  # for logging changes only
         self.promised_to: str | None = None  # the node this one promised not to campaign against
+        self.held_until = float("inf")  # when that promise runs out (inf: none binds)
 
     @contextlib.contextmanager
     def campaigning(self) -> Iterator[None]:
@@ -184,6 +185,7 @@ class Holding:
         (``None``: none does, this node may campaign)."""
         promise = self.binding(now, handover)
         held_by = None if promise is None else f"{promise.node} (epoch {promise.epoch})"
+        self.held_until = float("inf") if promise is None else promise.until
         if held_by != self._held_by:
             if held_by is not None:
                 self.log.warning("not campaigning: a peer holds the pair", holder=held_by)

@@ -6,6 +6,10 @@ import argparse
 import asyncio
 import sys
 
+# isort: off
+from hapair.workshop_agent import no_plugins  # noqa: F401  (before any model is built)
+
+# isort: on
 from pydantic import ValidationError
 
 from hapair.shared import etcd_tls, metrics

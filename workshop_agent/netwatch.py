@@ -154,6 +154,10 @@ class NetWatch:
         if self.probes is not None and self.probes.peer_path is not None:
             self.probes.peer_path.send_release(epoch)
 
+    def due_in(self) -> float | None:
+        """Seconds until the probes' verdict changes by silence alone (None: never)."""
+        return None if self.probes is None else self.probes.verdict_due_in()
+
     def tick(self) -> bool:
         """Read the probes; True when the state changed (logged; the caller records it)."""
         if self.probes is None:

@@ -92,3 +92,23 @@ def summarize(
         targets_reached=frozenset(reached),
         targets_lost=frozenset(lost),
     )
+
+
+def next_verdict_change(
+    network: Network,
+    peers: Mapping[str, ProbeResult],
+    targets: Mapping[str, ProbeResult],
+    now: float,
+) -> float | None:
+    """The first instant after ``now`` at which :func:`summarize` would say otherwise
+    with no new answer: a peer or target falling silent for the visibility window, the
+    last target for the isolation time (None: no such instant)."""
+    window, isolation = network.visible_within_s, network.isolation_after_s
+    instants = [
+        (r.last_ok if r.last_ok is not None else r.since) + limit
+        for results, limits in ((peers, (window,)), (targets, (window, isolation)))
+        for r in results.values()
+        for limit in limits
+    ]
+    later = [t for t in instants if t > now]
+    return min(later, default=None)

@@ -28,6 +28,7 @@ from hapair.workshop_agent.probe_results import (
     NetworkSummary,
     ProbeError,
     ProbeResult,
+    next_verdict_change,
     summarize,
 )
 from hapair.workshop_agent.probe_targets import TargetProber, why_failed
@@ -103,6 +104,12 @@ class NetworkProbes:
 
     def summary(self) -> NetworkSummary:
         return summarize(self.network, self.peers(), self.target_results(), self.clock())
+
+    def verdict_due_in(self) -> float | None:
+        """Seconds until silence alone changes the summary (None: it cannot)."""
+        now = self.clock()
+        at = next_verdict_change(self.network, self.peers(), self.target_results(), now)
+        return None if at is None else at - now
 
     async def _run(self) -> None:
         interval = self.network.probe_interval_s

@@ -50,6 +50,20 @@ def release_due(
     )
 
 
+def release_at(pair: Pair, held: Iterable[str], held_since: float) -> float:
+    """When the first of the held services' ``auto_ack_after_s`` is up (inf: none has
+    one): with no acknowledgement, :func:`release_due` releases it then."""
+    wanted = set(held)
+    return held_since + min(
+        (
+            s.auto_ack_after_s
+            for s in pair.services
+            if s.name in wanted and s.auto_ack_after_s is not None
+        ),
+        default=float("inf"),
+    )
+
+
 # ---- where the held services would resume ---------------------------------------------
 
 

@@ -160,6 +160,13 @@ class RecoverySteps:
                 contexts="; ".join(recovery.describe(c) for c in contexts.values()),
             )
 
+    def due(self) -> float:
+        """When the next held service's ``auto_ack_after_s`` is up (inf: none waits for it)."""
+        pair = self._pair()
+        if pair is None or self._term() is None or not self.supervisor.held:
+            return float("inf")
+        return recovery.release_at(pair, self.supervisor.held, self._held_since)
+
     def step(self) -> None:
         """Start held services once acknowledged, or when their auto_ack_after_s is up."""
         sup, pair, term = self.supervisor, self._pair(), self._term()

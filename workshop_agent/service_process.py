@@ -41,6 +41,9 @@ STOP_AT = {
     "before fork": os.environ.get("HAPAIR_TEST_STOP_BEFORE_FORK"),
     "after fork": os.environ.get("HAPAIR_TEST_STOP_AFTER_FORK"),
 }
+# Test hook, off unless set: the forked child of this active-only service is stopped
+# (SIGSTOP), once, before its exec guard checks the fence point it was given.
+STOP_GUARD = os.environ.get("HAPAIR_TEST_STOP_GUARD")
 
 
 @dataclass(eq=False)
@@ -174,6 +177,9 @@ class ServiceProcesses:
                 cgroup=r.cgroup,
             )
             self._stop_for_test(r, "after fork")
+            if r.active_only and r.spec.name == STOP_GUARD and "guard" not in self._stopped_at:
+                self._stopped_at.add("guard")
+                os.kill(r.proc.pid, signal.SIGSTOP)
             if r.active_only:
                 # Written into the watchdog's pipe before the child may go on: the
                 # watchdog reads it whatever this agent does next, and kills the group

@@ -82,6 +82,10 @@ class StepDowns:
     def refused(self, now: float) -> frozenset[str]:
         return frozenset(n for n, until in self._refused.items() if until > now)
 
+    def refused_until(self, now: float) -> float:
+        """When the next of those refusals is forgiven (inf: none is held against)."""
+        return min((until for until in self._refused.values() if until > now), default=float("inf"))
+
     async def settle(self) -> None:
         """Send again a step-down etcd did not answer."""
         if self._unanswered is not None:

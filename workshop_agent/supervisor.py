@@ -404,7 +404,16 @@ class Supervisor:
             await self.processes.terminate(r, min(r.spec.stop_grace_s, 2.0))
             r.version = None
             if outcome is None:
-                self.log.warning("service not started: its term ended", service=r.spec.name)
+                # The fence point the fork was given passed before the program could
+                # start (a slow exec, a late keepalive answer), but the lease may have
+                # been confirmed since: the loop's first check tells whether the term
+                # goes on, and starts the service again in it if so.
+                self.log.warning(
+                    "service not started before the fence point it was forked with",
+                    service=r.spec.name,
+                )
+                if r.active_only:
+                    continue
                 r.state = "stopped"
                 r.ready.set()
                 self.on_change()

@@ -251,7 +251,7 @@ async def test_invalid_topology_in_etcd_changes_nothing(cluster: Cluster) -> Non
     assert kv is not None
     doc = TopologyDoc.model_validate_json(kv.value)
     bad = dict(doc.site)
-    bad["workshops"][0]["pairs"][0]["failover"]["lease_ttl_s"] = 1
+    bad["workshops"][0]["pairs"][0]["failover"]["lease_ttl_s"] = 0.5
     await cluster.store.put(keys.TOPOLOGY, TopologyDoc(site=bad).encode())
     await until(
         lambda: asyncio.sleep(0, "failover.lease_ttl_s" in cluster.log("a")),

@@ -10,6 +10,10 @@ cuts the link as soon as a request carrying ``marker`` reaches the relay, before
 gets it: the agent sent that request, and etcd never applies it. ``slow(seconds)``
 delivers every byte etcd sends ``seconds`` after it came, in order, as a slow link or a
 loaded etcd would: a TLS handshake, two of etcd's flights, then takes twice that.
+``delay(one_way_s, jitter_s, seed)`` makes the link a long one, both ways: every chunk
+read on either side is delivered ``one_way_s`` plus a uniform jitter in
+``±jitter_s`` after it came, never before the chunk read before it on the same
+connection and direction (TCP keeps its order; ``Lag`` is that rule).
 
 Over TLS the relay passes the bytes as they are (the agent's handshake is with etcd),
 unless given ``tls``: then it ends the agent's TLS with a certificate of the site's CA
@@ -21,13 +25,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from hapair.shared.pki import Kind, TlsFiles
 from tests.support.harness import Etcd, free_port
 
 # gRPC runs over HTTP/2, which a TLS endpoint agrees to by ALPN.
 ALPN = ["h2"]
+
+
+@dataclass
+class Lag:
+    """A long link's delay, both ways: a chunk that came at ``arrival`` is due at
+    ``arrival + one_way_s + uniform(-jitter_s, jitter_s)``, but never before the chunk
+    before it on the same connection and direction (``previous``): a byte stream keeps
+    its order whatever the jitter drew. With ``one_way_s`` 0, no delay at all."""
+
+    one_way_s: float = 0.0
+    jitter_s: float = 0.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def __post_init__(self) -> None:
+        assert 0.0 <= self.jitter_s <= self.one_way_s, "jitter cannot deliver before arrival"
+
+    def due(self, previous: float, arrival: float) -> float:
+        if self.one_way_s == 0.0:
+            return max(previous, arrival)
+        drawn = self.rng.uniform(-self.jitter_s, self.jitter_s)
+        return max(previous, arrival + self.one_way_s + drawn)
 
 
 class EtcdRelay:
@@ -56,6 +84,7 @@ class EtcdRelay:
         self._cut_marker = b""
         self.cut_done = asyncio.Event()
         self._latency = 0.0
+        self.lag = Lag()
 
     @property
     def url(self) -> str:
@@ -83,6 +112,11 @@ class EtcdRelay:
     def slow(self, seconds: float) -> None:
         """Deliver etcd's bytes ``seconds`` late from now on (0: at once again)."""
         self._latency = seconds
+
+    def delay(self, one_way_s: float, jitter_s: float = 0.0, seed: int | None = None) -> None:
+        """From now on, delay every chunk either way by ``one_way_s`` ± ``jitter_s``
+        (``seed``: the jitter's draws, for a run that can be repeated; 0: no delay)."""
+        self.lag = Lag(one_way_s, jitter_s, random.Random(seed))
 
     def cut_at(self, marker: bytes) -> None:
         """Cut the link at the first request carrying ``marker``, which etcd never gets."""
@@ -114,23 +148,24 @@ class EtcdRelay:
         self.writers |= {writer, up_writer}
         loop = asyncio.get_running_loop()
 
+        # The bytes read on each side, each with when it came; b"" once that side closed.
+        asked: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+        came: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
         async def requests() -> None:
             tail = b""  # a marker may straddle two reads
             with contextlib.suppress(OSError):
                 while data := await reader.read(65536):
+                    # Markers act as the request reaches the relay, before any delay.
                     if self._cut_marker and self._cut_marker in tail + data:
                         self._cut_marker = b""
                         await self.cut()
                         self.cut_done.set()
-                        return
+                        break
                     self._saw(tail + data)
                     tail = data[-max(len(self._marker), len(self._cut_marker)) :]
-                    up_writer.write(data)
-                    await up_writer.drain()
-            up_writer.transport.abort()
-
-        # etcd's bytes, each with when it came; b"" once etcd closed the connection.
-        came: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+                    asked.put_nowait((loop.time(), data))
+            asked.put_nowait((loop.time(), b""))
 
         async def answers() -> None:
             with contextlib.suppress(OSError):
@@ -138,18 +173,31 @@ class EtcdRelay:
                     came.put_nowait((loop.time(), data))
             came.put_nowait((loop.time(), b""))
 
-        async def deliver() -> None:
+        async def forward(
+            chunks: asyncio.Queue[tuple[float, bytes]],
+            to: asyncio.StreamWriter,
+            extra: Callable[[float], float],
+        ) -> None:
+            due = 0.0
             with contextlib.suppress(OSError):
-                while (item := await came.get())[1]:
+                while (item := await chunks.get())[1]:
                     # Read first, then wait: the bytes keep their order on the connection.
                     at, data = item
-                    due = max(at + self._latency, self._held_until)
+                    due = max(self.lag.due(due, at), extra(at))
                     await asyncio.sleep(max(0.0, due - loop.time()))
-                    writer.write(data)
-                    await writer.drain()
-            writer.transport.abort()
+                    to.write(data)
+                    await to.drain()
+            to.transport.abort()
 
-        await asyncio.gather(requests(), answers(), deliver())
+        def answer_due(at: float) -> float:
+            return max(at + self._latency, self._held_until)
+
+        await asyncio.gather(
+            requests(),
+            answers(),
+            forward(asked, up_writer, lambda at: at),
+            forward(came, writer, answer_due),
+        )
         self.writers -= {writer, up_writer}
 
 
@@ -161,3 +209,35 @@ def reading_relay(etcd: Etcd) -> EtcdRelay:
     over TLS it ends the agent's TLS and opens its own with its certificate."""
     tls = None if etcd.pki is None else etcd.pki.files(RELAY, Kind.ETCD)
     return EtcdRelay(etcd.url, tls)
+
+
+async def _serve(
+    upstream: str, port: int, one_way_s: float, jitter_s: float, seed: int | None
+) -> None:
+    relay = EtcdRelay(upstream)
+    relay.port = port
+    relay.delay(one_way_s, jitter_s, seed)
+    await relay.heal()
+    print(f"relaying {relay.url} -> {upstream}", flush=True)
+    await asyncio.Event().wait()
+
+
+def main() -> None:
+    """A long link in a process of its own, so that its timing does not share an event
+    loop with what measures through it: ``python -m tests.support.etcd_relay UPSTREAM
+    PORT --delay ONE_WAY_S --jitter JITTER_S --seed N`` (TLS passed through as it is)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("upstream")
+    parser.add_argument("port", type=int)
+    parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--jitter", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(args.upstream, args.port, args.delay, args.jitter, args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -300,6 +300,16 @@ leaders = st.one_of(
         st.sampled_from([LEASE, 3, 99]),
     ),
 )
+
+
+def peer_views(**fields: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, PeerView]]:
+    """Other nodes of the pair, each up or not, with ``fields`` of their views drawn too."""
+    return st.dictionaries(
+        st.sampled_from(["a", "b", "c"]),
+        st.builds(PeerView, st.sampled_from(["active", "standby"]), st.booleans(), **fields),
+    )
+
+
 observations = st.builds(
     obs,
     me=st.sampled_from(["a", "b", "c"]),
@@ -314,15 +324,7 @@ observations = st.builds(
     healthy=st.booleans(),
     paused=st.booleans(),
     drained=st.frozensets(st.sampled_from(["a", "b", "c"])),
-    peers=st.dictionaries(
-        st.sampled_from(["a", "b", "c"]),
-        st.builds(
-            PeerView,
-            st.sampled_from(["active", "standby"]),
-            st.booleans(),
-            held_by=st.sampled_from([None, "a", "b", "c"]),
-        ),
-    ),
+    peers=peer_views(held_by=st.sampled_from([None, "a", "b", "c"])),
     switchover=st.one_of(
         st.none(),
         st.builds(SwitchoverView, st.just("r"), st.sampled_from([None, "a", "b", "c", "z"])),

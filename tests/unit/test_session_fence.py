@@ -96,7 +96,15 @@ async def test_the_fence_point_and_the_watchdog_come_before_the_lease_can_expire
     """etcd expires the lease ``ttl`` after it *received* the keepalive, which is after
     it was sent: both the agent (fence point) and its watchdog (half the margin later)
     act before send + ttl, for every accepted timing."""
-    for ttl, margin in [(2.0, 0.5), (2.0, 1.0), (2.0, 0.01), (10.0, 3.0), (60.0, 0.5)]:
+    for ttl, margin in [
+        (1.0, 0.5),
+        (1.0, 0.1),
+        (2.0, 0.5),
+        (2.0, 1.0),
+        (2.0, 0.01),
+        (10.0, 3.0),
+        (60.0, 0.5),
+    ]:
         f = Failover(lease_ttl_s=ttl, fence_margin_s=margin)
         clock = Clock(10.0)
         s = Session(SlowStore(clock, 0.05, ttl), ttl, f.fence_after_s, EventLog("t"), clock)  # type: ignore[arg-type]
