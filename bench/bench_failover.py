@@ -2,6 +2,8 @@
 
 Measured from the fault to the service answering HTTP on the other node:
   crash       the active server dies (agent, watchdog and services frozen then killed)
+  agent-kill  the active's agent alone is killed (SIGKILL) and not restarted until the
+              other node serves: its watchdog kills the services and revokes its lease
   critical    the critical service on the active exits (SIGKILL)
   switchover  an operator asks for a planned switchover
 
@@ -9,7 +11,7 @@ Prints median, min, max over several runs of each. etcd runs over TLS with clien
 certificates, each agent showing its own, unless ``--lab`` asks for the lab mode.
 ``--lease-ttl 1`` measures a pair with a 1 s lease, on an etcd with the raft timing of
 ``deploy/etcd/etcd.conf.yml`` (etcd's defaults grant no lease under 2 s). Usage:
-  python -m bench.bench_failover [--runs 7] [--lab] [--lease-ttl 2]
+  python -m bench.bench_failover [--runs 7] [--lab] [--lease-ttl 2] [--kinds agent-kill,crash]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import signal
 import socket
 import statistics
 import tempfile
@@ -32,7 +35,13 @@ from tests.support.tls_etcd import LAB_HELP, etcd_mode, own_etcd
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TARGETS = {"crash": (2.2, 2.8), "critical": (0.2, None), "switchover": (0.2, None)}
+TARGETS = {
+    "crash": (2.2, 2.8),
+    "agent-kill": (0.3, None),
+    "critical": (0.2, None),
+    "switchover": (0.2, None),
+}
+KINDS = ("switchover", "critical", "agent-kill", "crash")
 # A crash waits for the lease: with a 1 s lease, the first step towards the
 # sub-second takeover.
 SHORT_LEASE_CRASH = (1.4, 2.0)
@@ -101,6 +110,9 @@ async def measure(
             if kind == "crash":
                 t0 = time.monotonic()
                 c.crash(active)
+            elif kind == "agent-kill":
+                t0 = time.monotonic()
+                c.signal(active, signal.SIGKILL)
             elif kind == "critical":
                 st = await c.status(active)
                 assert st is not None
@@ -117,7 +129,8 @@ async def measure(
             await c.active("p", not_epoch=epoch, node=standby)
             if moved is not None:
                 await moved(kind, active, standby, t0)
-            if kind == "crash":
+            if kind in ("crash", "agent-kill"):
+                c.agents[active].wait(5)
                 c.start(active)
             await ready_standby(c, active)
             active = standby
@@ -133,7 +146,9 @@ def checked_and_removed(c: Cluster, tmp: Path) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-async def main(runs: int, lab: bool = False, lease_ttl: float = 2.0) -> None:
+async def main(
+    runs: int, lab: bool = False, lease_ttl: float = 2.0, kinds: tuple[str, ...] = KINDS
+) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="hapair-bench-"))
     short = lease_ttl < 2.0
     etcd = own_etcd(tmp / "pki", lab, plant_raft_timing() if short else ())
@@ -150,7 +165,7 @@ async def main(runs: int, lab: bool = False, lease_ttl: float = 2.0) -> None:
     try:
         c.start("a")
         c.start("b")
-        results = await measure(c, port, runs)
+        results = await measure(c, port, runs, kinds)
     finally:
         await c.stop_all()
         etcd.cleanup()
@@ -177,5 +192,16 @@ if __name__ == "__main__":
     parser.add_argument(
         "--lease-ttl", type=float, default=2.0, help="the pair's lease_ttl_s (default 2)"
     )
+    parser.add_argument(
+        "--kinds",
+        default=",".join(KINDS),
+        help=f"the faults to measure, comma-separated (default: {','.join(KINDS)})",
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.runs, args.lab, args.lease_ttl))
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    unknown = set(kinds) - set(TARGETS)
+    if unknown:
+        parser.error(
+            f"unknown --kinds {', '.join(sorted(unknown))}: choose from {', '.join(KINDS)}"
+        )
+    asyncio.run(main(args.runs, args.lab, args.lease_ttl, kinds))

@@ -124,7 +124,8 @@ class Agent:
     # -- run --------------------------------------------------------------------------
     async def run(self) -> None:
         lock_fd = lock_state_dir(self.settings.state_dir, self.me)
-        self.watchdog = WatchdogLink(keep_fds=(lock_fd,))
+        settings = self.settings
+        self.watchdog = WatchdogLink((lock_fd,), settings.etcd, settings.etcd_tls)
         self.watchdog.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

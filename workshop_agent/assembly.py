@@ -125,6 +125,7 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         hold_peers=core.hold_peers,
         fence_margin=lambda: _failover(core).fence_margin_s,
         watchdog_deadline=watchdog.deadline,
+        watchdog_lease=watchdog.lease,
         active_up=lambda: supervisor is not None and supervisor.active_up(),
         stop_active=core.stop_active,
         event=core.event,

@@ -51,6 +51,7 @@ class Fencing:
         hold_peers: Callable[[], Iterable[str]],
         fence_margin: Callable[[], float],
         watchdog_deadline: Callable[[float], None],
+        watchdog_lease: Callable[[int | None], None],
         active_up: Callable[[], bool],
         stop_active: Callable[[], None],
         event: Callable[..., None],
@@ -65,6 +66,7 @@ class Fencing:
         self._hold_peers = hold_peers
         self._fence_margin = fence_margin
         self._watchdog_deadline = watchdog_deadline
+        self._watchdog_lease = watchdog_lease
         self._active_up = active_up
         self._stop_active = stop_active
         self._event = event
@@ -98,9 +100,11 @@ class Fencing:
         return self.point() if held else -float("inf")
 
     def lease_changed(self) -> None:
-        """The fence point may have moved: set the timer and the watchdog to it."""
+        """The fence point may have moved: set the timer and the watchdog to it. The
+        watchdog learns the lease too, which it revokes once this agent is gone."""
         deadline = self.point()
         self.cancel()
+        self._watchdog_lease(self.lease.lease)
         self._watchdog_deadline(deadline + self._fence_margin() / 2)
         if deadline > -float("inf"):
             self._timer = asyncio.get_running_loop().call_later(

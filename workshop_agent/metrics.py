@@ -52,6 +52,15 @@ class AgentCollector:
             "hapair_agent_fences", "times it stopped its services at its fence point", names
         )
         fences.add_metric(values, float(p.fencing.fences))
+        firings = metrics.counter(
+            "hapair_agent_watchdog_firings",
+            "times its watchdog killed the active's services at a deadline this agent had "
+            "not extended (frozen or hung), counted once the agent runs again",
+            names,
+        )
+        if a.watchdog is not None:
+            a.watchdog.read_reports()
+        firings.add_metric(values, float(a.watchdog.firings if a.watchdog else 0))
         trips = metrics.histogram(
             "hapair_agent_keepalive_seconds",
             "from sending each lease keepalive (or grant) to etcd's answer",
@@ -59,7 +68,7 @@ class AgentCollector:
         )
         rt = p.session.round_trips
         trips.add_metric(values, rt.cumulative(), rt.total)
-        yield from (fences, trips)
+        yield from (fences, firings, trips)
         state = a.state
         yield one(
             "hapair_agent_paused",

@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import http.client
+import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -26,6 +29,7 @@ from hapair.shared.log import EventLog
 from hapair.shared.records import Event, Leader, Paused, decode
 from hapair.shared.store import Kv, PermissionDenied, Store
 from hapair.shared.txn import Compare, Op
+from hapair.workshop_agent import lease_revoke
 from tests.integration.test_failover import pair
 from tests.support.cluster import Cluster, until
 from tests.support.harness import free_port
@@ -188,6 +192,58 @@ async def test_agents_with_their_own_certificates_run_their_pair(
     cluster.assert_no_overlap()
     # Nothing an agent did, up to revoking its lease at the end, was refused.
     assert "permission denied" not in cluster.log("a") + cluster.log("b")
+
+
+async def test_a_dead_agent_s_watchdog_revokes_its_lease_as_the_agent(
+    secured: Secured, tmp_path: Path
+) -> None:
+    """The watchdog of a killed agent revokes its lease as the agent's etcd user, which
+    may revoke its own lease (its leader key, status and endpoints) and no lease that
+    holds another node's key. etcd's JSON gateway, which would have spared the watchdog
+    its own gRPC call, does not take the agent's certificate as the agent."""
+    cluster = Cluster(secured.etcd, tmp_path)
+    cluster.record = secured.record
+    try:
+        cluster.start("a")
+        _, epoch = await cluster.active("p", node="a", timeout=DEADLINE_S)
+        cluster.start("b")
+        await cluster.standby("b", timeout=DEADLINE_S)
+        cluster.signal("a", signal.SIGKILL)
+        cluster.agents["a"].wait(5)
+        await cluster.active("p", not_epoch=epoch, node="b", timeout=DEADLINE_S)
+        await until(
+            lambda: asyncio.sleep(0, "its lease revoked, its term ended" in cluster.log("a")),
+            5,
+            "a's watchdog revoked a's lease",
+        )
+    finally:
+        await cluster.stop_all()
+    cluster.assert_no_overlap()
+    assert "permission denied" not in cluster.log("a") + cluster.log("b")
+
+    files = pki.TlsFiles.issued(secured.pki, "a")
+    as_a = lease_revoke.Target.parse(
+        secured.etcd.url, str(files.ca), str(files.cert), str(files.key)
+    )
+    admin = Store(secured.etcd.url, timeout=5.0, tls=pki.TlsFiles.issued(secured.pki, "root"))
+    try:
+        lease = await admin.grant(30)
+        await admin.put(keys.node_status("b"), b"{}", lease=lease)  # b's key on it
+        with pytest.raises(lease_revoke.RevokeError, match="lease that lives on"):
+            await asyncio.to_thread(lease_revoke.revoke, as_a, lease)
+        host, port = secured.etcd.url.removeprefix("https://").split(":")
+        context = files.client_context()
+        gateway = http.client.HTTPSConnection(host, int(port), context=context, timeout=5)
+        body = json.dumps({"ID": str(lease)})
+        await asyncio.to_thread(gateway.request, "POST", "/v3/lease/revoke", body)
+        answer = await asyncio.to_thread(gateway.getresponse)
+        said = answer.read().decode()
+        gateway.close()
+        assert answer.status == 400 and "CommonName" in said, said
+        assert await admin.get(keys.node_status("b")) is not None, "the lease was revoked"
+        await admin.revoke(lease)
+    finally:
+        await admin.close()
 
 
 async def test_a_comm_server_with_its_own_certificate_follows_its_pair(secured: Secured) -> None:

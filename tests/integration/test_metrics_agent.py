@@ -4,6 +4,7 @@ services, over HTTPS to a client certificate of the site CA."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 
 from hapair.shared import pki
@@ -66,3 +67,39 @@ async def test_the_active_and_the_standby_in_their_metrics(
     assert value(b, "hapair_agent_active", pair="p", node="b") == 0.0
     assert value(b, "hapair_agent_epoch") == 0.0
     assert value(b, "hapair_agent_lease_held") == 1.0
+
+
+async def test_a_watchdog_firing_is_counted_once_its_frozen_agent_runs_again(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Frozen (SIGSTOP), the active cannot count what its watchdog does at the missed
+    deadline; the watchdog's report waits in a pipe, and the agent counts it once
+    resumed."""
+    c = cluster
+    directory = tmp_path / "metrics-pki"
+    pki.init(directory, "metrics")
+    pki.issue(directory, "prometheus", "prom")
+    prometheus = pki.TlsFiles.issued(directory, "prom").client_context()
+    port = free_port()
+    await c.apply(c.site([pair("p", ["a", "b"], NET, free_port(), c.record)]))
+    c.start("a", *metrics_flags(directory, "a", port))
+    _, epoch = await c.active("p", node="a")
+    c.start("b")
+    await c.standby("b")
+    url = f"https://127.0.{NET}.1:{port}/metrics"
+    before = samples(await asyncio.to_thread(scrape, url, prometheus))
+    assert value(before, "hapair_agent_watchdog_firings_total") == 0.0
+    c.signal("a", signal.SIGSTOP)
+    try:
+        await c.active("p", not_epoch=epoch, node="b")
+    finally:
+        c.signal("a", signal.SIGCONT)
+
+    async def counted() -> float | None:
+        try:
+            found = samples(await asyncio.to_thread(scrape, url, prometheus))
+        except OSError:
+            return None
+        return value(found, "hapair_agent_watchdog_firings_total")
+
+    assert await until(counted, 10, "a's metrics counting the firing") == 1.0

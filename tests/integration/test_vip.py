@@ -92,6 +92,15 @@ async def _start_pair(site: LabSite, **extra: Any) -> int:
     return port
 
 
+async def _a_active_with_the_address(site: LabSite, **extra: Any) -> tuple[int, int]:
+    """The pair started (``_start_pair``), a active and holding the address: the
+    service's port and a's epoch."""
+    port = await _start_pair(site, **extra)
+    await until_has(site["a"], VIP)
+    _, epoch = await site.cluster.active("p", node="a")
+    return port, epoch
+
+
 async def _served_by(site: LabSite, port: int, node: str, timeout: float = 10.0) -> None:
     client = site["client"]
 
@@ -148,11 +157,9 @@ async def test_vip_follows_the_active_through_a_crash(tmp_path: Path) -> None:
 @pytest.mark.e2e
 async def test_fenced_and_frozen_nodes_remove_the_vip(tmp_path: Path) -> None:
     async with LabSite(tmp_path, ["a", "b"]) as site:
-        port = await _start_pair(site)
+        port, epoch = await _a_active_with_the_address(site)
         c = site.cluster
         a, b, etcd = site["a"], site["b"], site.etcd_host
-        await until_has(a, VIP)
-        _, epoch = await c.active("p", node="a")
 
         # a cut off from etcd and from b (the client still reaches it): a fences itself
         # before its lease can expire, and removes the address as it does.
@@ -202,11 +209,9 @@ async def _moved(site: LabSite, new: str, epoch: int) -> int:
 @pytest.mark.e2e
 async def test_switchover_and_resignation_move_the_vip_never_on_both(tmp_path: Path) -> None:
     async with LabSite(tmp_path, ["a", "b"]) as site:
-        port = await _start_pair(site)
+        port, epoch = await _a_active_with_the_address(site)
         c = site.cluster
         a, b = site["a"], site["b"]
-        await until_has(a, VIP)
-        _, epoch = await c.active("p", node="a")
 
         async with VipWatch(a, b, VIP) as watch:
             await c.store.put(keys.switchover("p"), Switchover(to="b").encode())

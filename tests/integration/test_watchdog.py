@@ -7,6 +7,7 @@ what the watchdog does to them. Every process is stopped by its pid in a finally
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -20,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from hapair.shared.clock import boottime
+from hapair.shared.store import Store
 from hapair.workshop_agent.watchdog import WatchdogLink, start_time
-from tests.support.harness import ROOT, wait_for
+from tests.support.harness import ROOT, Etcd, wait_for
 
 Spawn = Callable[[], subprocess.Popen[bytes]]
 
@@ -138,6 +140,27 @@ def test_the_whole_group_is_killed_not_only_its_leader(link: WatchdogLink, spawn
         service.wait(5)
         if service.stdout is not None:
             service.stdout.close()
+
+
+def test_each_missed_deadline_is_reported_to_the_link_once(
+    link: WatchdogLink, spawn: Spawn, tmp_path: Path
+) -> None:
+    """What the agent counts once it runs again (``hapair_agent_watchdog_firings``): one
+    report per deadline missed, although a registered data directory makes the watchdog
+    act again on every command that comes while the deadline has passed."""
+    link.add_data_dir(tmp_path)
+    for n in (1, 2):
+        service = spawn()
+        link.add(service.pid)
+        link.deadline(boottime() + 0.1)
+        wait_for(lambda: dead(service), 2.0, "service killed")  # noqa: B023
+        link.remove_data_dir(tmp_path)
+        link.add_data_dir(tmp_path)  # two more commands past the deadline
+        wait_for(lambda: link.read_reports() or link.firings >= n, 2.0, "the firing reported")  # noqa: B023
+        time.sleep(0.2)
+        link.read_reports()
+        assert link.firings == n
+    assert link.read_reports() == 0
 
 
 def test_extending_the_deadline_in_time_keeps_the_service(link: WatchdogLink, spawn: Spawn) -> None:
@@ -469,3 +492,39 @@ def test_a_deadline_is_read_on_boottime_as_after_a_suspend(spawn: Spawn) -> None
     finally:
         watchdog.stdin.close()
         watchdog.wait(5)
+
+
+@pytest.mark.parametrize("unconfirmed", [False, True], ids=["confirmed", "vip-unconfirmed"])
+async def test_the_lease_is_revoked_on_end_of_file_only_once_everything_is_confirmed(
+    etcd: Etcd, store: Store, spawn: Spawn, monkeypatch: pytest.MonkeyPatch, unconfirmed: bool
+) -> None:
+    """Real etcd, the lease of a key: the watchdog revokes it once its agent's pipe has
+    closed and the killed service is seen dead. A virtual address it cannot confirm off
+    its interface (an interface that ``ip`` does not know) leaves the lease alone: it
+    will expire."""
+    monkeypatch.chdir(ROOT)
+    lease = await store.grant(30)
+    await store.put("/hapair/v1/test/held", b"x", lease=lease)
+    link = WatchdogLink((), etcd.url, etcd.tls)
+    service = spawn()
+    link.add(service.pid)
+    if unconfirmed:
+        link.add_vip("10.255.255.1/32", "hp-no-such-if")
+    link.lease(lease)
+    link.deadline(boottime() + 60)
+    proc = watchdog_proc(link)
+    link._send("lease -")  # what close() would send: the agent revoked its lease itself
+    link._send(f"lease {lease:x}")  # here it did not: it died
+    assert proc.stdin is not None
+    proc.stdin.close()  # end of file, as when the agent dies
+    try:
+        await asyncio.to_thread(wait_for, lambda: dead(proc), 5.0, "watchdog exited")
+    finally:
+        link.close()
+    assert dead(service)
+    held = await store.get("/hapair/v1/test/held")
+    if unconfirmed:
+        assert held is not None, "revoked although the address was not confirmed removed"
+        await store.revoke(lease)
+    else:
+        assert held is None, "the lease was not revoked"

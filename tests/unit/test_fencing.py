@@ -38,6 +38,7 @@ class Node:
     up: bool = True
     peers: frozenset[str] = frozenset({"b", "c"})
     watchdog: list[float] = field(default_factory=list)
+    leases: list[int | None] = field(default_factory=list)  # as told to the watchdog
     stops: int = 0
     events: list[tuple[str, str]] = field(default_factory=list)
 
@@ -64,6 +65,7 @@ def fencing(node: Node, lease: FakeLease, ledger: Ledger | None = None) -> Fenci
         hold_peers=lambda: node.peers,
         fence_margin=lambda: MARGIN,
         watchdog_deadline=node.watchdog.append,
+        watchdog_lease=node.leases.append,
         active_up=lambda: node.up,
         stop_active=node.stop,
         event=node.event,
@@ -176,6 +178,19 @@ def test_a_lost_lease_fences_at_once() -> None:
     f.lease_changed()
     assert node.stops == 1 and node.term is None
     assert node.watchdog == [-float("inf")]
+    assert node.leases == [None]
+
+
+async def test_the_watchdog_is_told_each_lease_it_would_revoke() -> None:
+    """Told with every change of the fence point, before its new deadline: a watchdog
+    whose agent dies right after a new grant revokes the new lease, not the old."""
+    node, lease = Node(term=None, up=False), FakeLease(lease=0x1A)
+    f = fencing(node, lease)
+    f.lease_changed()
+    lease.lease = 0x2B
+    f.lease_changed()
+    f.cancel()
+    assert node.leases == [0x1A, 0x2B]
 
 
 def test_no_term_and_nothing_up_is_no_fence() -> None:

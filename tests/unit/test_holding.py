@@ -43,6 +43,7 @@ def holding(node: Node, lease: FakeLease | None = None) -> tuple[Holding, Fencin
         hold_peers=lambda: {"b"},
         fence_margin=lambda: 0.5,
         watchdog_deadline=node.moved.append,
+        watchdog_lease=lambda _: None,
         active_up=lambda: node.active,
         stop_active=lambda: None,
         event=lambda *a, **k: None,
