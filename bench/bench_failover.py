@@ -58,12 +58,12 @@ async def until_answers(host: str, port: int, limit: float = 10.0) -> float:
     raise RuntimeError(f"{host}:{port} did not answer within {limit}s")
 
 
-async def ready_standby(c: Cluster, node: str) -> None:
+async def ready_standby(c: Cluster, node: str, timeout: float = 15.0) -> None:
     async def ok() -> bool:
         st = await c.status(node)
         return st is not None and st.role == "standby" and st.healthy
 
-    await until(ok, 15, f"{node} healthy standby")
+    await until(ok, timeout, f"{node} healthy standby")
 
 
 def pair_spec(
@@ -97,15 +97,17 @@ async def measure(
     moved: Moved | None = None,
     pair: str = "p",
     address: dict[str, str] = ADDRESS,
+    ready_s: float = 15.0,
 ) -> dict[str, list[float]]:
     """``runs`` of each of ``kinds`` on the started pair ``pair`` whose nodes are
     ``address``'s (the first of them active): from the fault to the service answering
     on the other node. ``moved`` may measure more of each move (what a client saw)
-    before the next one starts."""
+    before the next one starts; ``ready_s`` bounds the wait for the old active to be a
+    ready standby again."""
     results: dict[str, list[float]] = {k: [] for k in kinds}
     first, second = address
     active, _ = await c.active(pair, node=first, timeout=20)
-    await ready_standby(c, second)
+    await ready_standby(c, second, ready_s)
     for kind in kinds:
         for _ in range(runs):
             standby = second if active == first else first
@@ -132,7 +134,7 @@ async def measure(
                 await moved(kind, active, standby, t0)
             if kind == "crash":
                 c.start(active)
-            await ready_standby(c, active)
+            await ready_standby(c, active, ready_s)
             active = standby
     return results
 

