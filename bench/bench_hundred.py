@@ -121,7 +121,11 @@ def etcd_requests(url: str) -> dict[str, float]:
     """etcd's count of requests by method since it started: unary calls handled, and
     the messages received on streams (each keepalive, each watch request)."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
+        return requests_of(resp.read().decode())
+
+
+def requests_of(text: str) -> dict[str, float]:
+    """Requests by method in etcd's metrics ``text`` (see :func:`etcd_requests`)."""
     out: dict[str, float] = {}
     for line in text.splitlines():
         m = METRIC.match(line)
