@@ -160,7 +160,10 @@ async def main(args: argparse.Namespace, rates: dict[str, dict[str, float]]) -> 
     for name in args.pairs.split(","):
         index = int(name.lstrip("s"))
         for side, active in (("a", True), ("b", False)):
-            store = Store(args.etcd, timeout=2.0, tls=tls)  # each node its own connection
+            # Each node its own connection. A longer bound than an agent's: on a busy
+            # machine this one process plays 90 nodes, and a call it could not read the
+            # answer of in time would move every node on to another member, again and again.
+            store = Store(args.etcd, timeout=5.0, tls=tls)
             nodes.append(Node(store, name, f"{name}-{side}", address(index, side == "b"), active))
     # Not all at once: a plant's agents do not start in the same instant either.
     for i in range(0, len(nodes), 5):
