@@ -67,19 +67,28 @@ async def until_answers(host: str, port: int, limit: float = 10.0) -> float:
     raise RuntimeError(f"{host}:{port} did not answer within {limit}s")
 
 
-async def ready_standby(c: Cluster, node: str) -> None:
+async def ready_standby(c: Cluster, node: str, timeout: float = 15.0) -> None:
     async def ok() -> bool:
         st = await c.status(node)
         return st is not None and st.role == "standby" and st.healthy
 
-    await until(ok, 15, f"{node} healthy standby")
+    await until(ok, timeout, f"{node} healthy standby")
 
 
-def pair_spec(port: int, record: Path, **extra: object) -> dict[str, object]:
-    svc = recording_service("bench-svc", port, record, critical=True)
+def pair_spec(
+    port: int,
+    record: Path,
+    name: str = "p",
+    address: dict[str, str] = ADDRESS,
+    service: str = "bench-svc",
+    **extra: object,
+) -> dict[str, object]:
+    """The pair ``name`` of nodes ``address`` running the critical recording service
+    ``service`` on ``port``; ``extra``: more of the pair's settings."""
+    svc = recording_service(service, port, record, critical=True)
     return {
-        "name": "p",
-        "nodes": [{"name": n, "address": a} for n, a in ADDRESS.items()],
+        "name": name,
+        "nodes": [{"name": n, "address": a} for n, a in address.items()],
         "services": [svc],
         **extra,
     }
@@ -95,18 +104,24 @@ async def measure(
     runs: int,
     kinds: tuple[str, ...] = ("switchover", "critical", "crash"),
     moved: Moved | None = None,
+    pair: str = "p",
+    address: dict[str, str] = ADDRESS,
+    ready_s: float = 15.0,
 ) -> dict[str, list[float]]:
-    """``runs`` of each of ``kinds`` on a started pair whose active is a: from the fault
-    to the service answering on the other node. ``moved`` may measure more of each move
-    (what a client saw) before the next one starts."""
+    """``runs`` of each of ``kinds`` on the started pair ``pair`` whose nodes are
+    ``address``'s (the first of them active): from the fault to the service answering
+    on the other node. ``moved`` may measure more of each move (what a client saw)
+    before the next one starts; ``ready_s`` bounds the wait for the old active to be a
+    ready standby again."""
     results: dict[str, list[float]] = {k: [] for k in kinds}
-    active, _ = await c.active("p", node="a", timeout=20)
-    await ready_standby(c, "b")
+    first, second = address
+    active, _ = await c.active(pair, node=first, timeout=20)
+    await ready_standby(c, second, ready_s)
     for kind in kinds:
         for _ in range(runs):
-            standby = "b" if active == "a" else "a"
-            await until_answers(ADDRESS[active], port)
-            _, epoch = await c.active("p", node=active)
+            standby = second if active == first else first
+            await until_answers(address[active], port)
+            _, epoch = await c.active(pair, node=active)
             if kind == "crash":
                 t0 = time.monotonic()
                 c.crash(active)
@@ -122,17 +137,17 @@ async def measure(
                 c.kill_service(pid)
             else:
                 t0 = time.monotonic()
-                await c.store.put(keys.switchover("p"), Switchover(to=standby).encode())
-            t1 = await until_answers(ADDRESS[standby], port)
+                await c.store.put(keys.switchover(pair), Switchover(to=standby).encode())
+            t1 = await until_answers(address[standby], port)
             results[kind].append(t1 - t0)
             print(f"  {kind:<10} {active} -> {standby}: {t1 - t0:.3f} s", flush=True)
-            await c.active("p", not_epoch=epoch, node=standby)
+            await c.active(pair, not_epoch=epoch, node=standby)
             if moved is not None:
                 await moved(kind, active, standby, t0)
             if kind in ("crash", "agent-kill"):
                 c.agents[active].wait(5)
                 c.start(active)
-            await ready_standby(c, active)
+            await ready_standby(c, active, ready_s)
             active = standby
     return results
 
