@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import time
@@ -44,6 +45,12 @@ class EtcdMembers(Etcd):
         self.names = names
         self.root = root
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        # The cluster's ID derives from the members' peer URLs and this token. The peer
+        # URLs are the same in every lab (its own namespaces, its own addresses), and the
+        # agents' node locks are per cluster ID and node: two labs at once (two test
+        # workers) must not share one, or an agent of one refuses to start beside the
+        # other's ("another hapair-agent runs for node a").
+        self.token = f"hapair-{os.getpid()}-{secrets.token_hex(4)}"
 
     @property
     def url(self) -> str:
@@ -92,7 +99,7 @@ class EtcdMembers(Etcd):
             "--listen-peer-urls", self._peer_url(name),
             "--initial-advertise-peer-urls", self._peer_url(name),
             "--initial-cluster", cluster,
-            "--initial-cluster-token", "hapair-chaos",
+            "--initial-cluster-token", self.token,
             "--initial-cluster-state", "new",  # ignored once the data dir exists
             "--pre-vote",  # off by default in etcd 3.4: docs/operations.md, "etcd in a plant"
             *self.member_tls(name),
