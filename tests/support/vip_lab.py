@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -174,6 +175,9 @@ class LabSite:
             "--advertise-client-urls", url, "--listen-peer-urls", peer,
             "--initial-advertise-peer-urls", peer, "--initial-cluster", f"n1={peer}",
             "--initial-cluster-state", "new", *tls,
+            # Its own cluster ID: labs share addresses, the agents' node locks are per
+            # cluster ID (tests/chaos/etcd_members.py says why).
+            "--initial-cluster-token", f"hapair-{os.getpid()}-{secrets.token_hex(4)}",
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         forwarder = self._forward(host)
