@@ -14,6 +14,10 @@ from collections.abc import Callable
 
 Clock = Callable[[], float]
 
+PAST_DUE_S = 0.001
+"""How far past a due instant a wait ends, so that the clock then reads past it (a
+timer may fire a hair early)."""
+
 
 def boottime() -> float:
     """Seconds since boot, suspended time included."""

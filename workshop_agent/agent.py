@@ -23,7 +23,7 @@ import signal
 import time
 
 from hapair.shared import keys, metrics
-from hapair.shared.clock import boottime
+from hapair.shared.clock import PAST_DUE_S, boottime
 from hapair.shared.log import EventLog
 from hapair.shared.metrics import MetricsOptions
 from hapair.shared.mirror import Mirror
@@ -56,9 +56,6 @@ out) is looked at again by then."""
 RETRY_S = 0.1
 """A round that acted runs again this soon: an action that changed nothing yet (etcd
 did not answer, the database is not ready) is tried again at once."""
-DUE_SLACK_S = 0.001
-"""A round due at an instant runs this much after it, so that its clock reads the
-instant as passed."""
 SHUTDOWN_TASKS_S = 2.0
 
 
@@ -321,7 +318,7 @@ class Agent:
         verdict = self.netwatch.due_in()
         if verdict is not None:
             wait = min(wait, verdict)
-        return min(max(wait, 0.0) + DUE_SLACK_S, longest)
+        return min(max(wait, 0.0) + PAST_DUE_S, longest)
 
     def _observe(self, p: Parts) -> Observation:
         assert self.pair is not None

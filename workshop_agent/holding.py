@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Iterator
 
-from hapair.shared.clock import Clock
+from hapair.shared.clock import PAST_DUE_S, Clock
 from hapair.shared.lease import Session
 from hapair.shared.log import EventLog
 from hapair.workshop_agent.fencing import Fencing
@@ -23,8 +23,6 @@ from hapair.workshop_agent.peer_wire import Hold, HoldReply, Release
 # When the peers are asked to hold: this many keepalive intervals after the send of the
 # last acknowledged one (etcd answers a keepalive in milliseconds when it is well).
 LATE_AFTER = 1.5
-# How far past that instant the loop wakes: the clock must have passed it.
-LATE_SLACK_S = 0.001
 
 
 def keepalive_late(now: float, acked_send: float | None, interval: float) -> bool:
@@ -41,7 +39,7 @@ def next_check(now: float, acked_send: float | None, interval: float) -> float:
     instead could come too late for any promise to count."""
     pause = interval / 2
     if acked_send is not None and not keepalive_late(now, acked_send, interval):
-        pause = min(pause, acked_send + LATE_AFTER * interval - now + LATE_SLACK_S)
+        pause = min(pause, acked_send + LATE_AFTER * interval - now + PAST_DUE_S)
     return max(0.0, pause)
 
 
