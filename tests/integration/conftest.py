@@ -16,7 +16,7 @@ import pytest
 
 from hapair.shared import keys
 from hapair.shared.store import Store
-from tests.support.cluster import Cluster, until
+from tests.support.cluster import Cluster, checked_cluster, until
 from tests.support.harness import Etcd, running_etcd
 from tests.support.tls_etcd import ADMIN, TestPki, TlsEtcd, running_tls_etcd
 
@@ -81,13 +81,8 @@ async def store(etcd: Etcd) -> AsyncIterator[Store]:
 async def cluster(etcd: Etcd, store: Store, tmp_path: Path) -> AsyncIterator[Cluster]:
     """Agents as real processes against the session's etcd; at the end, every test
     proves from the services' own records that no two nodes ran a service at once."""
-    c = Cluster(etcd, tmp_path)
-    try:
+    async with checked_cluster(etcd, tmp_path) as c:
         yield c
-    finally:
-        await c.stop_all()
-    # Checked after every agent stopped, so the last runs are complete too.
-    c.assert_no_overlap()
 
 
 @pytest.fixture

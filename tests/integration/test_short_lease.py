@@ -17,7 +17,7 @@ import pytest
 from hapair.shared import keys
 from hapair.shared.store import Store
 from tests.integration.test_failover import pair
-from tests.support.cluster import Cluster, pid_alive, until
+from tests.support.cluster import Cluster, checked_cluster, pid_alive, until
 from tests.support.harness import free_port, plant_raft_timing
 from tests.support.tls_etcd import ADMIN, TestPki, TlsEtcd
 
@@ -36,12 +36,8 @@ def plant_etcd(test_pki: TestPki) -> Iterator[TlsEtcd]:
 
 @pytest.fixture
 async def plant_cluster(plant_etcd: TlsEtcd, tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = Cluster(plant_etcd, tmp_path)
-    try:
+    async with checked_cluster(plant_etcd, tmp_path) as c:
         yield c
-    finally:
-        await c.stop_all()
-    c.assert_no_overlap()
 
 
 async def granted_ttl(store: Store, key: str) -> int | None:

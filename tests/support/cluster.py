@@ -11,7 +11,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -395,3 +395,16 @@ class Cluster:
                 if a["begin"] < b["end"] and b["begin"] < a["end"]:
                     raise AssertionError(f"two runs of {a['service']} overlapped: {a} and {b}")
         return len(runs)
+
+
+@contextlib.asynccontextmanager
+async def checked_cluster(etcd: Etcd, tmp: Path) -> AsyncIterator[Cluster]:
+    """Agents as real processes against ``etcd``; at the end, once every agent stopped
+    (so the last runs are complete too), the services' own records prove that no two
+    nodes ran a service at once."""
+    c = Cluster(etcd, tmp)
+    try:
+        yield c
+    finally:
+        await c.stop_all()
+    c.assert_no_overlap()
