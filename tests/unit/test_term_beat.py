@@ -12,6 +12,9 @@ import pytest
 from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 
+from hapair.shared import keys
+from hapair.shared.topology import Failover, TermBeat, TopologyError, parse_site
+from hapair.workshop_agent.beat_election import beat_record, beat_timing
 from hapair.workshop_agent.hold import Ledger, Promises
 from hapair.workshop_agent.peer_wire import Hold, HoldReply
 from hapair.workshop_agent.term_beat import (
@@ -372,3 +375,63 @@ def test_the_property_fails_with_the_fence_point_one_margin_late() -> None:
         settings=settings(max_examples=5000, deadline=None, database=None),
     )
     assert run(found).overlap is False, "the rule as written holds on that very schedule"
+
+
+# ---- the site file's option and the beat record ----------------------------------------
+
+
+def beat_site(term_beat: object, network: bool = True, **failover: object) -> dict[str, object]:
+    pair: dict[str, object] = {
+        "name": "asm",
+        "nodes": [
+            {"name": "asm-a", "address": "127.0.0.11"},
+            {"name": "asm-b", "address": "127.0.0.12"},
+        ],
+        "failover": {"term_beat": term_beat, **failover},
+    }
+    if network:
+        pair["network"] = {}
+    return {"site": "s", "workshops": [{"name": "w", "pairs": [pair]}]}
+
+
+def test_the_beat_is_off_unless_the_site_sets_it() -> None:
+    assert Failover().term_beat is None
+    site = parse_site(beat_site({}), "site.yaml")
+    beat = site.workshops[0].pairs[0].failover.term_beat
+    assert beat == TermBeat(interval_ms=50, fence_ms=150, margin_ms=150)
+
+
+@pytest.mark.parametrize(
+    ("term_beat", "network", "failover", "problem"),
+    [
+        ({"interval_ms": 100}, True, {}, "fence_ms (150) must be at least three beats"),
+        ({"fence_ms": 1000, "margin_ms": 500}, True, {}, "must be below the lease's fence point"),
+        (
+            {"fence_ms": 600, "margin_ms": 400},
+            True,
+            {"fence_margin_s": 1.0},
+            "takes a pair over 1 s after the last beat (fence_ms + margin_ms), which must be "
+            "below the lease's fence point (1 s, lease_ttl_s - fence_margin_s)",
+        ),
+        ({}, False, {}, "failover.term_beat needs the pair's network section"),
+        ({"interval_ms": 5}, True, {}, "interval_ms"),
+        ({"margin_ms": 10}, True, {}, "margin_ms"),
+    ],
+)
+def test_beat_timings_that_cannot_be_safe_or_useful_are_refused(
+    term_beat: dict[str, int], network: bool, failover: dict[str, float], problem: str
+) -> None:
+    with pytest.raises(TopologyError) as info:
+        parse_site(beat_site(term_beat, network, **failover), "site.yaml")
+    assert any(problem in p for p in info.value.problems), info.value.problems
+
+
+def test_the_beat_record_carries_the_terms_timings() -> None:
+    value = beat_record("asm-a", TIMING)
+    assert beat_timing(keys.beat("asm"), value) == TIMING
+    assert beat_timing(keys.beat("asm"), b"garbage") is None, "no beat: the lease decides"
+
+
+def test_no_mirror_of_the_layout_receives_the_beats() -> None:
+    assert not keys.beat("asm").startswith(keys.PREFIX + "/")
+    assert not keys.PREFIX + "/" <= keys.beat("asm") < keys.PREFIX + "0"
