@@ -32,6 +32,7 @@ from hapair.shared import keys
 from hapair.shared.records import HandoverRecord, RecordError, TermBeatRecord, decode_shared
 from hapair.shared.store import Store
 from hapair.shared.txn import Compare, Op
+from hapair.workshop_agent.election import Election
 from hapair.workshop_agent.term_beat import BeatTiming, TakeoverGuard
 
 TAKEOVER_REQUEST = "beat"
@@ -68,6 +69,7 @@ class TermBeats:
         self.node = node
         self.key = keys.beat(pair)
         self.leader_key = keys.leader(pair)
+        self.election = Election(store, pair, node)
 
     def first_beat(self, lease: int, timing: BeatTiming) -> Op:
         """The write a campaign adds for its term's first beat."""
@@ -76,10 +78,7 @@ class TermBeats:
     async def beat(self, epoch: int, lease: int, value: bytes) -> bool:
         """Beat for the term ``epoch``: whether etcd applied it (False: the leader key no
         longer has that epoch, the term is over)."""
-        result = await self.store.txn(
-            [Compare.created(self.leader_key, epoch)], [Op.put(self.key, value, lease=lease)]
-        )
-        return result.succeeded
+        return await self.election.put_guarded(epoch, self.key, value, lease)
 
     async def take_over(self, guard: TakeoverGuard) -> int | None:
         """End the term ``guard.epoch``, whose beats stopped, for this node to campaign;
