@@ -9,15 +9,16 @@ Three writes, each one transaction:
   its epoch; refused, the term is over in etcd.
 - :meth:`TermBeats.take_over`: a standby's takeover of a term whose beats stopped,
   applied only if the leader key still has that epoch, the beat key the mod revision of
-  the beat the standby measured from (no later beat was applied), and the member set and
-  synchronous standby record the revisions its decision read. It deletes the leader key
-  and writes a handover to the taker itself, so that no other node campaigns before it;
-  the taker then campaigns as that handover's target (``Election.campaign(...,
-  target=True)``), which creates the new term's leader key on its own lease. etcd
-  refuses a transaction that deletes and puts one key, and a put on the existing key
-  would keep its ``create_revision``, the epoch: hence two steps. The handover names the
-  taker as ``from_node``, never the old active: a handover of the old active's term
-  ends the promises given to it (``hold.py``), which only the old active may do.
+  the beat the standby measured from (no later beat was applied), and the member set,
+  the synchronous standby record and the pause the revisions its decision read. It
+  deletes the leader key and writes a handover to the taker itself, so that no other
+  node campaigns before it; the taker then campaigns as that handover's target
+  (``Election.campaign(..., target=True)``), which creates the new term's leader key on
+  its own lease. etcd refuses a transaction that deletes and puts one key, and a put on
+  the existing key would keep its ``create_revision``, the epoch: hence two steps. The
+  handover names the taker as ``from_node``, never the old active: a handover of the
+  old active's term ends the promises given to it (``hold.py``), which only the old
+  active may do.
 
 The beat key is bound to the active's lease, so it goes with the lease; after a takeover
 the old active's beat stays until the new active's first beat rebinds the key, and a
@@ -96,6 +97,7 @@ class TermBeats:
                 Compare.modified(self.key, guard.beat_revision),
                 Compare.modified(keys.members(self.pair), guard.members_revision),
                 Compare.modified(keys.sync_standby(self.pair), guard.sync_revision),
+                Compare.modified(keys.paused(self.pair), guard.paused_revision),
             ],
             [Op.delete(self.leader_key), Op.put(keys.handover(self.pair), record.encode())],
         )

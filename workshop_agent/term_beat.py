@@ -229,9 +229,14 @@ def takeover_due(
 class TakeoverGuard:
     """What a takeover by beat compares: the term's epoch (the leader key's
     ``create_revision``), the mod revision of the beat it measured from, and those of the
-    member set and the synchronous standby record its decision read (0: absent)."""
+    member set, the synchronous standby record and the pause its decision read (0:
+    absent). A campaign needs no such compares: it decides on the view of the pair's
+    keys that showed the leader key gone, a watch that delivers in revision order. The
+    beat comes from a watch of its own, so the view the takeover decided on may be older
+    than the beat it measured from."""
 
     epoch: int
     beat_revision: int
     members_revision: int = 0
     sync_revision: int = 0
+    paused_revision: int = 0

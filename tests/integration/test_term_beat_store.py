@@ -128,7 +128,7 @@ async def test_a_takeover_on_a_beat_no_longer_the_last_changes_nothing(beats: St
     assert await a.beat(epoch, lease, beat_record("asm-a", TIMING)), "A's term goes on"
 
 
-@pytest.mark.parametrize("changed", ["members", "sync record"])
+@pytest.mark.parametrize("changed", ["members", "sync record", "paused"])
 async def test_a_takeover_fails_when_what_its_decision_read_changed(
     beats: Store, changed: str
 ) -> None:
@@ -141,6 +141,8 @@ async def test_a_takeover_fails_when_what_its_decision_read_changed(
     recorded = await mod_revision(beats, keys.sync_standby(PAIR))
     if changed == "members":
         assert await election.write_members(epoch, ["asm-a", "asm-c"]) is not None
+    elif changed == "paused":
+        await beats.put(keys.paused(PAIR), b"{}")  # an operator's: no failover now
     else:
         # The primary gave its standby up (to go asynchronous) before it stopped.
         degraded = SyncState(primary="asm-a", sync=[], degraded=True, epoch=epoch).encode()

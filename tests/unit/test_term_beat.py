@@ -319,7 +319,7 @@ def schedules(draw: st.DrawFn, peer_path: bool = False, stall: bool = False) -> 
     )
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(schedules())
 def test_never_two_actives(s: Schedule) -> None:
     outcome = run(s)
