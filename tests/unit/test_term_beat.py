@@ -319,14 +319,14 @@ def schedules(draw: st.DrawFn, peer_path: bool = False, stall: bool = False) -> 
     )
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(schedules())
 def test_never_two_actives(s: Schedule) -> None:
     outcome = run(s)
     assert not outcome.overlap, outcome
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(schedules(stall=True))
 def test_an_etcd_stall_with_the_peer_path_moves_nothing(s: Schedule) -> None:
     outcome = run(s)
