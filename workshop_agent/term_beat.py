@@ -21,8 +21,9 @@ The rules, each a pure function or a small class below:
   (:func:`takeover_due`), with a transaction guarded on that beat's mod revision and the
   leader key's epoch (:class:`TakeoverGuard`), which deletes the leader key and writes a
   handover to itself; it then campaigns as the handover's target.
-- A beat acknowledged late (two intervals after its send) makes the active ask its
-  peers to hold (:meth:`Heartbeat.hold_due`), as a late keepalive does (``hold.py``).
+- Two intervals after the send of its last acknowledged beat (one beat missing) the
+  active asks its peers to hold (:meth:`Heartbeat.hold_due`), as a late keepalive makes
+  it do (``hold.py``).
 
 Why this never gives two actives. Assumptions: each node measures time on its own
 ``CLOCK_BOOTTIME``, whose rate is within a drift d of real time, with
