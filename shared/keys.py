@@ -1,7 +1,8 @@
 """The etcd key layout, in one place.
 
-Every key hapair reads or writes lives under ``/hapair/v1``; the functions below are
-the only place that spells a key, so a reader can see the whole layout at a glance.
+Every key hapair reads or writes lives under ``/hapair/v1``, but the term beats (under
+``/hapair/beats/v1``, below); the functions below are the only place that spells a key,
+so a reader can see the whole layout at a glance.
 Keys are ``str`` here; the store (and :mod:`hapair.shared.txn`) encode them for the wire.
 """
 
