@@ -1,7 +1,8 @@
 """The etcd key layout, in one place.
 
-Every key hapair reads or writes lives under ``/hapair/v1``; the functions below are
-the only place that spells a key, so a reader can see the whole layout at a glance.
+Every key hapair reads or writes lives under ``/hapair/v1``, but the term beats (under
+``/hapair/beats/v1``, below); the functions below are the only place that spells a key,
+so a reader can see the whole layout at a glance.
 Keys are ``str`` here; the store (and :mod:`hapair.shared.txn`) encode them for the wire.
 """
 
@@ -15,10 +16,20 @@ ENDPOINTS_PREFIX = f"{PREFIX}/endpoints/"
 NODES_PREFIX = f"{PREFIX}/nodes/"
 PAIRS_PREFIX = f"{PREFIX}/pairs/"
 REGISTRIES_PREFIX = f"{PREFIX}/registries/"
+# Outside PREFIX on purpose: an active beats 20 times a second, and no mirror of the
+# whole layout (a registry's, an agent's watch of every pair) should receive that; only
+# the pair's own nodes watch its beat key.
+BEATS_PREFIX = "/hapair/beats/v1/"
 
 
 def leader(pair: str) -> str:
     return f"{PAIRS_PREFIX}{pair}/leader"
+
+
+def beat(pair: str) -> str:
+    """The pair's term beat, written by its active while the leader key has its epoch
+    (``workshop_agent/term_beat.py``)."""
+    return f"{BEATS_PREFIX}{pair}"
 
 
 def sync_standby(pair: str) -> str:

@@ -220,6 +220,18 @@ class HandoverRecord(Record):
     at: float = Field(default_factory=now_wall)
 
 
+class TermBeatRecord(Record):
+    """``/hapair/beats/v1/{pair}``: the active's term beat, written every ``interval_ms``
+    while the leader key has its epoch. Its mod revision is what a standby's takeover
+    compares; the value, the same all term long, carries the term's timings, so that a
+    standby waits the writer's, not those of its own (possibly older) site file."""
+
+    node: Name
+    interval_ms: int = Field(gt=0)
+    fence_ms: int = Field(gt=0)
+    margin_ms: int = Field(gt=0)
+
+
 class Members(Record):
     """``/pairs/{pair}/members``: the nodes of the pair its active acknowledged, written
     with the leader key by the campaign that won (``epoch`` None: the key's mod revision

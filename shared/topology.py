@@ -93,6 +93,46 @@ class Node(StrictModel):
 SHORT_LEASE_S = 2.0
 
 
+class TermBeat(StrictModel):
+    """``failover.term_beat``: the active renews its term in etcd every ``interval_ms``,
+    and a standby takes a crashed active's pair over ``fence_ms + margin_ms`` after the
+    last beat it saw (``workshop_agent/term_beat.py``)."""
+
+    interval_ms: int = Field(
+        50, ge=10, le=1000, description="milliseconds between two beats of the active"
+    )
+    fence_ms: int = Field(
+        150,
+        ge=30,
+        le=10000,
+        description="milliseconds: the active fences this long after sending its last "
+        "acknowledged beat; at least three beats",
+    )
+    margin_ms: int = Field(
+        150,
+        ge=20,
+        le=10000,
+        description="milliseconds a standby waits beyond fence_ms after the last beat it "
+        "saw: room for the watchdog's kill and the clocks' drift",
+    )
+
+    @model_validator(mode="after")
+    def _timing(self) -> TermBeat:
+        # The active asks its peers to hold once one beat is missing, and needs their
+        # promise before its fence point: a third beat's time.
+        if self.fence_ms < 3 * self.interval_ms:
+            raise ValueError(
+                f"fence_ms ({self.fence_ms}) must be at least three beats "
+                f"(3 x interval_ms = {3 * self.interval_ms}): otherwise one late beat "
+                "fences a healthy active before its peers can hold"
+            )
+        return self
+
+    @property
+    def takeover_after_s(self) -> float:
+        return (self.fence_ms + self.margin_ms) / 1000
+
+
 class Failover(StrictModel):
     lease_ttl_s: float = Field(
         2.0,
@@ -126,6 +166,11 @@ class Failover(StrictModel):
         description="seconds a secondary waits for each more preferred node ready to "
         "campaign, so that the preferred node wins",
     )
+    term_beat: TermBeat | None = Field(
+        None,
+        description="a finer guard of the term than the lease (not yet run by the agent); "
+        "needs the pair's network section",
+    )
 
     @model_validator(mode="after")
     def _timing(self) -> Failover:
@@ -135,6 +180,14 @@ class Failover(StrictModel):
             raise ValueError(
                 f"fence_margin_s ({self.fence_margin_s}) must be at most half of "
                 f"lease_ttl_s ({self.lease_ttl_s})"
+            )
+        beat = self.term_beat
+        if beat is not None and beat.takeover_after_s >= self.fence_after_s:
+            raise ValueError(
+                f"term_beat takes a pair over {beat.takeover_after_s:g} s after the last "
+                f"beat (fence_ms + margin_ms), which must be below the lease's fence point "
+                f"({self.fence_after_s:g} s, lease_ttl_s - fence_margin_s): the lease alone "
+                "is as fast, without the beat's writes"
             )
         return self
 
@@ -428,6 +481,18 @@ class Pair(StrictModel):
                 "election, a slow disk), as no peer path can hold the pair meanwhile"
             )
         return said
+
+    @model_validator(mode="after")
+    def _beat_held(self) -> Pair:
+        # Only the peers' promises keep an active whose beats an etcd stall holds up:
+        # without them every stall longer than fence_ms would move the pair.
+        if self.failover.term_beat is not None and self.network is None:
+            raise ValueError(
+                "failover.term_beat needs the pair's network section (its peer path): "
+                "without it an etcd stall longer than fence_ms fences the active and "
+                "moves the pair"
+            )
+        return self
 
     @model_validator(mode="after")
     def _vip_apart(self) -> Pair:

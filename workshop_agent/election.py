@@ -8,7 +8,7 @@ can never move the pair.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 from hapair.shared import keys
 from hapair.shared.records import HandoverRecord, Leader, Members
@@ -36,6 +36,7 @@ class Election:
         target: bool = False,
         members: Collection[str] | None = None,
         members_revision: int = 0,
+        also: Sequence[Op] = (),
     ) -> int | None:
         """Take the leader key if nobody holds it; the new epoch, or None if we lost.
 
@@ -43,7 +44,8 @@ class Election:
         the campaign; a stale one (seen at ``handover_revision``) does not. The member
         set the decision read (at ``members_revision``, 0: none) must be unchanged, and
         ``members`` (this node's topology) becomes the new term's member set with it
-        (the agent always gives it; without, the member set is left as it is).
+        (the agent always gives it; without, the member set is left as it is). ``also``:
+        further writes of the term's first revision (its first beat).
         """
         compare = [Compare.absent(self.key)]
         writes = []
@@ -64,6 +66,7 @@ class Election:
                 # A forced takeover is for this election only, whoever wins it.
                 Op.delete(self.takeover_key),
                 *writes,
+                *also,
             ],
         )
         return result.revision if result.succeeded else None
