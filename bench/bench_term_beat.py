@@ -83,7 +83,7 @@ async def active(store: Store, pair: str, stop: asyncio.Event, trips: list[float
 
 
 async def standby(store: Store, pair: str, stop: asyncio.Event, seen: list[int]) -> None:
-    async for _ in store.watch_prefix(keys.beat(pair), 0):
+    async for _ in store.watch_prefix(keys.beats_of(pair), 0):
         seen[0] += 1
         if stop.is_set():
             return
@@ -157,7 +157,7 @@ async def takeover_once(store: Store, n: int, rng: random.Random) -> tuple[float
     heart, view = Heartbeat(epoch, TIMING, started), BeatView()
 
     async def watch() -> None:
-        async for change in store.watch_prefix(keys.beat(pair), epoch):
+        async for change in store.watch_prefix(keys.beats_of(pair), epoch):
             timing = beat_timing(change.kv.key, change.kv.value)
             if change.deleted or timing is None:
                 view.deleted()

@@ -26,10 +26,16 @@ def leader(pair: str) -> str:
     return f"{PAIRS_PREFIX}{pair}/leader"
 
 
+def beats_of(pair: str) -> str:
+    """Everything of the pair's term beat: its nodes watch this prefix, and only theirs
+    (a pair's name may begin another's: the slash keeps them apart)."""
+    return f"{BEATS_PREFIX}{pair}/"
+
+
 def beat(pair: str) -> str:
     """The pair's term beat, written by its active while the leader key has its epoch
     (``workshop_agent/term_beat.py``)."""
-    return f"{BEATS_PREFIX}{pair}"
+    return f"{beats_of(pair)}term"
 
 
 def sync_standby(pair: str) -> str:

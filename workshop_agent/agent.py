@@ -44,6 +44,7 @@ from hapair.workshop_agent.observation import Observation
 from hapair.workshop_agent.observe import PairObserver, PairState
 from hapair.workshop_agent.settings import AgentSettings
 from hapair.workshop_agent.tasks import Tasks
+from hapair.workshop_agent.term_beat import NONE, TakeoverGuard
 from hapair.workshop_agent.topology_view import TopologyView
 from hapair.workshop_agent.watchdog import WatchdogLink
 
@@ -191,6 +192,7 @@ class Agent:
             self.tasks.spawn(self.parts.supervisor.update(pair, node), "reconcile")
             self.tasks.spawn(self.netwatch.update(pair, node), "network-probes")
             self.parts.session.retune(pair.failover.lease_ttl_s, pair.failover.fence_after_s)
+            self.parts.beating.watch(self.tasks.spawn)
         said = [] if self.pair is None else self.pair.cautions()
         self.pair, self.node = pair, node
         self.log.bind(pair=pair.name)
@@ -329,6 +331,7 @@ class Agent:
             self.newest_epoch = max(self.newest_epoch or 0, st.leader.epoch)
         held_by = p.holding.held_by(now, st.handover)
         self.state = st
+        beat_at, beat_guard = self._beat_takeover(p, st, now)
         healthy, _ = p.supervisor.healthy()
         return Observation(
             now=now,
@@ -368,7 +371,36 @@ class Agent:
             switchover=st.switchover,
             handover=st.handover,
             lost=st.lost,
+            beat_takeover_at=beat_at,
+            beat_guard=beat_guard,
         )
+
+    def _beat_takeover(
+        self, p: Parts, st: PairState, now: float
+    ) -> tuple[float, TakeoverGuard | None]:
+        """When this standby may end the active's term by its stopped beats, and the
+        guard of that takeover, read from the same view of the pair's keys."""
+        assert self.pair is not None
+        leader = st.leader
+        if leader is None or leader.node == self.me or self.term is not None:
+            return float("inf"), None
+        promise = p.holding.binding(now, st.handover)
+        at = p.beating.due(leader.epoch, NONE if promise is None else promise.until)
+        if at == float("inf"):
+            return at, None
+        items, name = self.pairs.items, self.pair.name
+
+        def revision(key: str) -> int:
+            kv = items.get(key)
+            return 0 if kv is None else kv.mod_revision
+
+        guard = p.beating.guard(
+            leader.epoch,
+            st.members_revision,
+            revision(keys.sync_standby(name)),
+            revision(keys.paused(name)),
+        )
+        return at, guard
 
     async def _act(self, p: Parts, action: d.Action) -> None:
         assert self.pair is not None
@@ -378,10 +410,10 @@ class Agent:
             case d.StartServices(epoch):
                 if self.term == epoch and p.fencing.valid(self.clock()) and self.db_ready():
                     p.supervisor.activate(epoch)
-            case d.Campaign(stale, members_revision):
-                await p.take_overs.campaign(stale, members_revision)
+            case d.Campaign(stale, members_revision, beat):
+                await p.take_overs.campaign(stale, members_revision, beat)
             case d.Adopt(epoch):
-                p.take_overs.take_term(epoch, "took up its own leader key")
+                await p.take_overs.adopt(epoch, "took up its own leader key")
             case d.Reclaim(epoch, lease):
                 await self.claim.reclaim(
                     p.election, self.pairs, self.pair.name, epoch, lease, self.event

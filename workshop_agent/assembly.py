@@ -19,6 +19,7 @@ from hapair.shared.log import EventLog
 from hapair.shared.mirror import Mirror
 from hapair.shared.store import Store
 from hapair.shared.topology import Failover, Node, Pair
+from hapair.workshop_agent.beating import Beating, timing_of
 from hapair.workshop_agent.claim import NodeClaim
 from hapair.workshop_agent.database import Database
 from hapair.workshop_agent.database_care import DatabaseCare
@@ -85,6 +86,7 @@ class Core(Protocol):
 class Parts:
     session: Session
     election: Election
+    beating: Beating
     fencing: Fencing
     holding: Holding
     supervisor: Supervisor
@@ -131,6 +133,21 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         event=core.event,
         changed=core.changed,
     )
+    beating = Beating(
+        core.store,
+        pair.name,
+        core.me,
+        session,
+        core.clock,
+        core.log,
+        timing=lambda: timing_of(_failover(core).term_beat),
+        term=lambda: core.term,
+        epoch=lambda: core.newest_epoch,
+        moved=fencing.moved,
+        refused=fencing.due,
+        wake=core.wake.set,
+    )
+    fencing.beat = beating
     holding = Holding(
         session,
         ledger,
@@ -146,6 +163,7 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         lease_ttl=lambda: _failover(core).lease_ttl_s,
         wake=core.wake.set,
         dirty=core.dirty.set,
+        beat_late_at=beating.hold_instant,
     )
     core.netwatch.on_hold = holding.on_hold
     core.netwatch.on_hold_reply = holding.on_hold_reply
@@ -274,6 +292,7 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         supervisor,
         db_care,
         core.members,
+        beating,
         core.clock,
         core.log,
         core.me,
@@ -299,6 +318,7 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
     return Parts(
         session,
         election,
+        beating,
         fencing,
         holding,
         supervisor,
@@ -326,6 +346,8 @@ def start(
         parts.db_care.start()
     spawn(parts.session.run(), "session")
     spawn(parts.holding.run(), "hold")
+    spawn(parts.beating.run(), "beat")
+    parts.beating.watch(spawn)
     spawn(netwatch.update(pair, node), "network-probes")
     spawn(parts.publisher.run(), "publisher")
     spawn(parts.packages.run(), "packages")

@@ -28,6 +28,7 @@ from hapair.workshop_agent.candidates import (
     lacks,
 )
 from hapair.workshop_agent.observation import HandoverView, Observation, SwitchoverView
+from hapair.workshop_agent.term_beat import TakeoverGuard
 
 # ---- what it must do --------------------------------------------------------------
 
@@ -52,6 +53,9 @@ class Campaign:
     handover_revision: int | None = None
     members_revision: int = 0
     """The member set decided on: the campaign loses if it changed since."""
+    beat: TakeoverGuard | None = None
+    """First end the active's term, whose beats stopped, with this guard
+    (``beat_election.py``); the campaign then follows as the handover's target."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,11 +298,28 @@ def _as_standby(o: Observation) -> Decision:
                 "leader key left by an earlier run of this node: reclaiming",
                 (Reclaim(leader.epoch, leader.lease),),
             )
+        beat = o.beat_guard
+        if beat is not None and beat.epoch == leader.epoch and o.now >= o.beat_takeover_at:
+            return _beat_takeover(o, leader.node, beat)
         return Decision(f"standby, {leader.node} active at epoch {leader.epoch}")
     return _campaign(o)
 
 
-def _campaign(o: Observation) -> Decision:
+def _beat_takeover(o: Observation, active: str, beat: TakeoverGuard) -> Decision:
+    """The active's term beats stopped (``term_beat.py``): its leader key stands until
+    its lease runs out, but it has fenced, so the pair is taken over by the rules of a
+    campaign, as if the key were gone since the takeover became due."""
+    decision = _campaign(o, o.beat_takeover_at, beat)
+    said = f"{active}'s term beats stopped (epoch {beat.epoch})"
+    return Decision(decision.reason.replace(NO_ACTIVE, said, 1), decision.actions)
+
+
+NO_ACTIVE = "no active node"
+
+
+def _campaign(
+    o: Observation, absent_since: float | None = None, beat: TakeoverGuard | None = None
+) -> Decision:
     if not o.synced:
         return Decision("no active node, but the view of etcd is not current: waiting")
     if o.held_by is not None:
@@ -325,7 +346,8 @@ def _campaign(o: Observation) -> Decision:
         # The active that named this node stopped its services first: none holds the
         # pair, so this node needs no acknowledgement as a member.
         return Decision(
-            "handover to this node: campaigning", (Campaign(members_revision=o.members_revision),)
+            "handover to this node: campaigning",
+            (Campaign(members_revision=o.members_revision, beat=beat),),
         )
     # An active cut off from etcd holds the pair on the promises of the nodes it knows;
     # one added to the pair since then it never asks, so that node waits while any node
@@ -366,7 +388,7 @@ def _campaign(o: Observation) -> Decision:
         return Decision(
             "no active node; an operator forces this node to take over, accepting that "
             f"it may lack committed data{unacknowledged}: campaigning",
-            (Campaign(stale, o.members_revision),),
+            (Campaign(stale, o.members_revision, beat),),
         )
     if not member:
         # The last active may be cut off from etcd and hold the pair on the promises of
@@ -385,7 +407,8 @@ def _campaign(o: Observation) -> Decision:
     if rank > 0 and not o.seen_leader and o.now - o.started_at < 2 * o.lease_ttl:
         return Decision("no active node; giving the main server time to start")
     ahead, holders, delay = _preferred(o)
-    absent_since = o.leader_absent_since if o.leader_absent_since is not None else o.now
+    if absent_since is None:
+        absent_since = o.leader_absent_since if o.leader_absent_since is not None else o.now
     if o.now - absent_since < delay:
         if holders:
             return Decision(
@@ -397,9 +420,9 @@ def _campaign(o: Observation) -> Decision:
         return Decision(
             "no active node, and no node holding every package version the site names "
             f"took over: campaigning without the version of {', '.join(o.lacks)}",
-            (Campaign(stale, o.members_revision),),
+            (Campaign(stale, o.members_revision, beat),),
         )
-    return Decision("no active node: campaigning", (Campaign(stale, o.members_revision),))
+    return Decision("no active node: campaigning", (Campaign(stale, o.members_revision, beat),))
 
 
 def _preferred(o: Observation) -> tuple[list[str], list[str], float]:
@@ -450,6 +473,9 @@ def due(o: Observation) -> float:
         ]
     if o.leader is None and o.leader_absent_since is not None and o.pair.node(o.me) is not None:
         instants.append(o.leader_absent_since + _preferred(o)[2])  # the preferred nodes' turn
+    if o.beat_guard is not None and o.pair.node(o.me) is not None:
+        instants.append(o.beat_takeover_at)  # the active's beats stopped
+        instants.append(o.beat_takeover_at + _preferred(o)[2])
     return min((t for t in instants if t > o.now), default=math.inf)
 
 

@@ -1,9 +1,10 @@
 """Fencing: until when this node may act as active, and the timer that stops it then.
 
-The fence point is the lease session's (``shared/lease.py``), pushed later only by the
-peers' promises while etcd cannot be reached (``hold.py``). A timer fires at that point
-and fences unless the point moved meanwhile; the watchdog gets the point plus half the
-fence margin, should this process freeze. Everything is read on one injected clock, so
+The fence point is the lease session's (``shared/lease.py``), or the term beat's if
+earlier (``term_beat.py``, when the pair beats), pushed later only by the peers' promises
+while etcd cannot be reached (``hold.py``). A timer fires at that point and fences unless
+the point moved meanwhile; the watchdog gets the point plus half the margin of the rule
+that set it, should this process freeze. Everything is read on one injected clock, so
 the rule can be checked on a fake one.
 """
 
@@ -16,6 +17,7 @@ from typing import Protocol
 from hapair.shared.clock import Clock
 from hapair.shared.log import EventLog
 from hapair.workshop_agent.hold import Ledger
+from hapair.workshop_agent.term_beat import BeatTiming, term_fence_point, watchdog_deadline
 
 
 class Lease(Protocol):
@@ -29,6 +31,24 @@ class Lease(Protocol):
 
     @property
     def fence_after(self) -> float: ...
+
+
+class Beat(Protocol):
+    """What fencing reads of the term's beats (``beating.py``)."""
+
+    def fence_point(self, term: int | None) -> float: ...
+
+    def timing(self, term: int | None) -> BeatTiming | None: ...
+
+
+class NoBeat:
+    """A pair that does not beat: only the lease and the holds set the point."""
+
+    def fence_point(self, term: int | None) -> float:
+        return float("inf")
+
+    def timing(self, term: int | None) -> BeatTiming | None:
+        return None
 
 
 class Fencing:
@@ -72,17 +92,29 @@ class Fencing:
         self._event = event
         self._changed = changed
         self._timer: asyncio.TimerHandle | None = None
+        self.beat: Beat = NoBeat()
         self.fencing = False  # the services of a fence are still dying
         self.fences = 0  # since the agent started, for the metrics
 
     def point(self) -> float:
         """When this node must have stopped acting as active (``-inf``: it may not)."""
+        return self._watched()[0]
+
+    def _watched(self) -> tuple[float, float]:
+        """The fence point and the watchdog's deadline: each rule's point plus half of
+        its own margin (the beat's for the beat, the pair's for the lease and the hold),
+        combined as the point combines them."""
         s = self.lease
-        point = s.fence_deadline
         term = self._term()
+        hold = -float("inf")
         if s.lease is not None and term is not None and self.ledger.epoch == term:
-            point = max(point, self.ledger.deadline(self._hold_peers(), s.fence_after))
-        return point
+            hold = self.ledger.deadline(self._hold_peers(), s.fence_after)
+        beat = self.beat.fence_point(term)
+        timing = self.beat.timing(term)
+        point = term_fence_point(s.fence_deadline, beat, hold)
+        if timing is None:
+            return point, point + self._fence_margin() / 2
+        return point, watchdog_deadline(s.fence_deadline, beat, hold, timing, self._fence_margin())
 
     def valid(self, now: float) -> bool:
         """May this node act as active now: its lease confirmed, or, while etcd cannot
@@ -102,17 +134,22 @@ class Fencing:
     def lease_changed(self) -> None:
         """The fence point may have moved: set the timer and the watchdog to it. The
         watchdog learns the lease too, which it revokes once this agent is gone."""
-        deadline = self.point()
-        self.cancel()
         self._watchdog_lease(self.lease.lease)
-        self._watchdog_deadline(deadline + self._fence_margin() / 2)
+        self.moved()
+        if self.lease.lease is None:
+            self.due()
+        self._changed()
+
+    def moved(self) -> None:
+        """The fence point moved with nothing else to tell (a term beat acknowledged):
+        only the timer and the watchdog follow it, twenty times a second."""
+        deadline, watchdog = self._watched()
+        self.cancel()
+        self._watchdog_deadline(watchdog)
         if deadline > -float("inf"):
             self._timer = asyncio.get_running_loop().call_later(
                 max(0.0, deadline - self.clock()), self.due
             )
-        if self.lease.lease is None:
-            self.due()
-        self._changed()
 
     def due(self) -> None:
         if self.valid(self.clock()):

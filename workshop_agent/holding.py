@@ -31,7 +31,9 @@ def keepalive_late(now: float, acked_send: float | None, interval: float) -> boo
     return acked_send is not None and now > acked_send + LATE_AFTER * interval
 
 
-def next_check(now: float, acked_send: float | None, interval: float) -> float:
+def next_check(
+    now: float, acked_send: float | None, interval: float, beat_late_at: float = float("inf")
+) -> float:
     """How long the hold loop waits: half an interval (the pace of holds while etcd is
     late), but never past the instant a keepalive becomes late. With a 1 s lease
     (keepalives every 0.25 s, fence point 0.5 s after the last acknowledged send) only
@@ -40,6 +42,9 @@ def next_check(now: float, acked_send: float | None, interval: float) -> float:
     pause = interval / 2
     if acked_send is not None and not keepalive_late(now, acked_send, interval):
         pause = min(pause, acked_send + LATE_AFTER * interval - now + PAST_DUE_S)
+    if now < beat_late_at:
+        # The term beat's own instant (``term_beat.Heartbeat.hold_due``): one beat late.
+        pause = min(pause, beat_late_at - now + PAST_DUE_S)
     return max(0.0, pause)
 
 
@@ -48,7 +53,9 @@ class Holding:
     (a term, or an active-only service still up); ``stopped`` whether it is out of the
     active role with every service and the database stopped; ``newest_epoch`` the newest
     term seen in etcd; ``seen_revision`` the newest revision read of the pairs' keys;
-    ``lease_ttl`` the pair's lease TTL; ``wake`` wakes the loop."""
+    ``lease_ttl`` the pair's lease TTL; ``beat_late_at`` when the term's beats are late
+    enough to ask the peers to hold (``inf``: it does not beat); ``wake`` wakes the
+    loop."""
 
     def __init__(
         self,
@@ -67,6 +74,7 @@ class Holding:
         lease_ttl: Callable[[], float],
         wake: Callable[[], None],
         dirty: Callable[[], None],
+        beat_late_at: Callable[[int | None], float] = lambda term: float("inf"),
     ) -> None:
         self.session = session
         self.ledger = ledger  # as the active: the peers' promises during an etcd loss
@@ -83,6 +91,7 @@ class Holding:
         self._lease_ttl = lease_ttl
         self._wake = wake
         self._dirty = dirty
+        self._beat_late_at = beat_late_at
         self._campaigning = False
         self._holding = False  # for logging changes only
         self._held_by: str | None = None  # for logging changes only
@@ -113,6 +122,7 @@ class Holding:
                 self.log.info("peers released from their promises", epoch=asked_for)
                 asked_for = None
             term = self._term()
+            late = late or now >= self._beat_late_at(term)
             if late and term is not None and session.lease is not None:
                 asked_for = term
                 sent = self.netwatch.send_hold(term, session.ttl)
@@ -134,7 +144,9 @@ class Holding:
                     else "no longer active: no longer asking the peers to hold"
                 )
                 self.fencing.lease_changed()
-            await asyncio.sleep(next_check(self.clock(), session.acked_send, session.interval))
+            now = self.clock()
+            beat_late_at = self._beat_late_at(self._term())
+            await asyncio.sleep(next_check(now, session.acked_send, session.interval, beat_late_at))
 
     def on_hold_reply(self, reply: HoldReply, now: float) -> None:
         if self.ledger.answer(reply):

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from hapair.shared.topology import Pair
+from hapair.workshop_agent.term_beat import TakeoverGuard
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +125,13 @@ class Observation:
     """The first instant at which a part of this view that the agent reckons from its
     clock runs out with no news: a target's refusal forgiven (``refused``), a promise run
     out (``held_by``)."""
+
+    beat_takeover_at: float = float("inf")
+    """When this standby may end the active's term because its term beats stopped
+    (``term_beat.py``; ``inf``: not by beats), a promise not to take over included."""
+    beat_guard: TakeoverGuard | None = None
+    """What that takeover compares: the term, the beat measured from, and the member
+    set, synchronous standby record and pause this view read."""
 
     @property
     def lease_ttl(self) -> float:

@@ -5,6 +5,10 @@ A campaign is checked against the promises this node gave the peers in the very 
 that sends it (a promise may have come since the decision), and the won key and member
 set are applied to the local copy at once, so the next round sees its own term. The
 term's services start only once its database is primary.
+
+A pair that beats (``term_beat.py``) writes its term's first beat with the campaign, and
+a standby whose active's beats stopped first ends that term (``beat_election.py``), in
+the same step, under the same promise check, then campaigns as the handover's target.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from hapair.shared.mirror import Mirror
 from hapair.shared.records import Leader, Members
 from hapair.shared.store import Kv
 from hapair.shared.topology import Pair
+from hapair.workshop_agent.beating import Beating
 from hapair.workshop_agent.database_care import DatabaseCare
 from hapair.workshop_agent.decide import takeover_cause
 from hapair.workshop_agent.election import Election
@@ -27,6 +32,7 @@ from hapair.workshop_agent.members import MemberSets
 from hapair.workshop_agent.observe import PairState
 from hapair.workshop_agent.recovery_steps import RecoverySteps
 from hapair.workshop_agent.supervisor import Supervisor
+from hapair.workshop_agent.term_beat import TakeoverGuard
 
 
 class TakeOvers:
@@ -47,6 +53,7 @@ class TakeOvers:
         supervisor: Supervisor,
         db_care: DatabaseCare | None,
         members: MemberSets,
+        beating: Beating,
         clock: Clock,
         log: EventLog,
         me: str,
@@ -68,6 +75,7 @@ class TakeOvers:
         self.supervisor = supervisor
         self.db_care = db_care
         self.members = members
+        self.beating = beating
         self.clock = clock
         self.log = log
         self.me = me
@@ -80,7 +88,9 @@ class TakeOvers:
         self._changed = changed
         self._lacks = lacks
 
-    async def campaign(self, stale: int | None, members_revision: int) -> None:
+    async def campaign(
+        self, stale: int | None, members_revision: int, beat: TakeoverGuard | None = None
+    ) -> None:
         lease = self.session.lease
         if lease is None:
             return
@@ -94,8 +104,17 @@ class TakeOvers:
         with self.holding.campaigning():
             pair = self._pair()
             assert pair is not None
+            if beat is not None:
+                if await self.beating.beats.take_over(beat) is None:
+                    self.log.info("term beat takeover lost: the term moved on", epoch=beat.epoch)
+                    return
+                self.log.warning("ended a term whose beats stopped", ended=beat.epoch)
+                target, stale = True, None
             members = [n.name for n in pair.nodes]
-            epoch = await self.election.campaign(lease, stale, target, members, members_revision)
+            sent = self.clock()
+            epoch = await self.election.campaign(
+                lease, stale, target, members, members_revision, self.beating.first_beat(lease)
+            )
         if epoch is None:
             return
         pair = self._pair()
@@ -108,14 +127,16 @@ class TakeOvers:
         value = Members(nodes=sorted(members)).encode()
         self.pairs.apply_local(key, Kv(key, value, epoch, epoch, 0), epoch)
         previous = self._last_leader()
-        planned = target and handover is not None and handover.planned
+        planned = beat is None and target and handover is not None and handover.planned
         if self.db_care is not None:
             self.db_care.catch_up_lsn = handover.lsn if target and handover is not None else None
         state = self._state()
         forced = state.forced if state is not None else None
         cause = takeover_cause(self.me, previous, handover, forced)
+        if beat is not None:
+            cause = f"failover from {previous} (its term beats stopped)"
         held = self.recovery.held_after_election(planned, previous)
-        self.take_term(epoch, cause, held)
+        self.take_term(epoch, cause, held, sent)
         self._event("election", cause, previous=previous, planned=planned)
         missing = self._lacks()
         if missing:
@@ -127,9 +148,27 @@ class TakeOvers:
             self._event("drifted takeover", reason, services=list(missing))
         self.recovery.await_operator(epoch, cause, previous, self.me, held)
 
-    def take_term(self, epoch: int, cause: str, held: frozenset[str] = frozenset()) -> None:
+    async def adopt(self, epoch: int, cause: str) -> None:
+        """Take up a term found ours on our live lease; one that beats, only once a beat
+        of it is applied (its fence point counts from that beat's send)."""
+        started = None
+        if self.beating.beats_term():
+            started = await self.beating.beat_once(epoch)
+            if started is None:
+                return
+        self.take_term(epoch, cause, started=started)
+
+    def take_term(
+        self,
+        epoch: int,
+        cause: str,
+        held: frozenset[str] = frozenset(),
+        started: float | None = None,
+    ) -> None:
+        """``started``: the send of the write that put this term's latest beat."""
         if not self.session.valid(self.clock()):
             return
+        self.beating.begin(epoch, started)
         self._begin_term(epoch, held)
         self.members.new_term()
         self.recovery.began(self.clock())

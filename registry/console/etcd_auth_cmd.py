@@ -114,6 +114,7 @@ def _agent_role(pair: Pair, node: str) -> Role:
     for key in (keys.leader, keys.members, keys.sync_standby, keys.recovery):
         grants.add(under(key(pair.name), Perm.READWRITE))
     grants.add(under(f"{keys.PAIRS_PREFIX}{pair.name}/commands/", Perm.READWRITE))
+    grants.add(under(keys.beats_of(pair.name), Perm.READWRITE))  # its term beat
     endpoints = [s.name for s in pair.services if s.endpoint is not None]
     if pair.database is not None:
         endpoints.append(f"{pair.name}.db")

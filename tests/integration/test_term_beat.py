@@ -1,0 +1,141 @@
+"""The term beat in running agents: a crashed or frozen active is taken over by its
+stopped beats long before its lease could run out, and an etcd stall moves nothing.
+
+The pairs here run on a 5 s lease: with keepalives every 1.25 s it cannot run out before
+3.75 s after the active's last one, so a takeover sooner than that is the beat's. The
+rules and their argument: ``workshop_agent/term_beat.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hapair.shared import keys
+from tests.integration.test_etcd_loss import with_peer_path
+from tests.integration.test_failover import pair, service_pid
+from tests.support.cluster import Cluster, checked_cluster, descendants, pid_alive, until
+from tests.support.harness import free_port
+from tests.support.tls_etcd import ADMIN, TestPki, TlsEtcd
+
+pytestmark = pytest.mark.e2e
+
+LEASE_S = 5.0
+BEFORE_EXPIRY_S = 3.75  # the lease cannot run out sooner after the active's last keepalive
+BEAT = {"interval_ms": 50, "fence_ms": 150, "margin_ms": 150}
+
+
+@pytest.fixture
+def own_etcd(test_pki: TestPki) -> Iterator[TlsEtcd]:
+    """An etcd of its own: the stall test stops it."""
+    etcd = TlsEtcd(test_pki.dir, ADMIN)
+    try:
+        yield etcd.start()
+    finally:
+        os.kill(etcd.proc.pid, signal.SIGCONT)
+        etcd.cleanup()
+
+
+@pytest.fixture
+async def beat_cluster(own_etcd: TlsEtcd, tmp_path: Path) -> AsyncIterator[Cluster]:
+    async with checked_cluster(own_etcd, tmp_path) as c:
+        yield c
+
+
+async def beating_pair(c: Cluster, net: int, **failover: Any) -> int:
+    spec = pair(
+        "p", ["a", "b"], net, free_port(), c.record, lease_ttl_s=LEASE_S, term_beat=BEAT, **failover
+    )
+    await c.apply(c.site([with_peer_path(spec, net)]))
+    # Started together: a run on a pair with a peer path waits a lease TTL after its
+    # start (for promises an earlier run may have given, hold.py) before it campaigns or
+    # takes over, and the main server wins.
+    c.start("a")
+    c.start("b")
+    _, epoch = await c.active("p", node="a", timeout=LEASE_S + 10)
+    await c.standby("b")
+    # The standby has seen a beat of this term once its view shows one newer than the
+    # campaign's: it measures from there.
+    first = await c.store.get(keys.beat("p"))
+    assert first is not None and first.mod_revision >= epoch, "the campaign wrote a beat"
+    await beats_again(c)
+    return epoch
+
+
+async def beats_again(c: Cluster) -> None:
+    """Return once etcd applied a beat newer than the one it holds now."""
+    seen = await c.store.get(keys.beat("p"))
+    assert seen is not None
+    await until(lambda: newer_beat(c, seen.mod_revision), 5, "the active beating")
+
+
+async def newer_beat(c: Cluster, than: int) -> bool:
+    kv = await c.store.get(keys.beat("p"))
+    return kv is not None and kv.mod_revision > than
+
+
+async def test_a_crashed_active_is_taken_over_by_its_stopped_beats(cluster: Cluster) -> None:
+    epoch = await beating_pair(cluster, 241)
+    crashed_at = time.monotonic()
+    for pid in cluster.crash("a"):
+        assert not pid_alive(pid)
+    node, new_epoch = await cluster.active("p", not_epoch=epoch, timeout=BEFORE_EXPIRY_S)
+    assert node == "b" and new_epoch > epoch
+    assert time.monotonic() - crashed_at < BEFORE_EXPIRY_S, "taken over by the lease, not the beat"
+    assert "ended a term whose beats stopped" in cluster.log("b")
+    endpoint = await until(lambda: cluster.endpoint("p-svc"), 5, "endpoint of b")
+    assert endpoint.epoch == new_epoch
+    (election,) = [e for e in await cluster.events("election") if e["epoch"] == new_epoch]
+    assert "term beats stopped" in election["reason"], election
+
+
+async def test_a_frozen_active_agent_is_fenced_by_its_watchdog_and_taken_over(
+    cluster: Cluster,
+) -> None:
+    """The agent frozen at any step (here: between two beats) beats no more: its watchdog
+    kills the service half a margin after the beat's fence point, before the standby's
+    takeover is due; resumed, the agent finds its term over and starts nothing."""
+    epoch = await beating_pair(cluster, 242)
+    svc = await service_pid(cluster, "a")
+    cluster.signal("a", signal.SIGSTOP)
+    try:
+        node, new_epoch = await cluster.active("p", not_epoch=epoch, timeout=BEFORE_EXPIRY_S)
+        assert node == "b"
+        assert not pid_alive(svc), "the frozen active's service outlived its term"
+    finally:
+        cluster.signal("a", signal.SIGCONT)
+    await cluster.standby("a")
+    assert "ended a term whose beats stopped" in cluster.log("b")
+    leader = await cluster.store.get(keys.leader("p"))
+    assert leader is not None and leader.create_revision == new_epoch
+
+
+async def test_etcd_stalls_move_nothing_while_the_peer_holds(beat_cluster: Cluster) -> None:
+    """etcd stopped for longer than the beat's fence point and takeover time (0.15 and
+    0.3 s), shorter than the lease's: the active asks its peer to hold once a beat is
+    late, and keeps its term and services; the standby, bound by its promise, never takes
+    over by beat."""
+    c = beat_cluster
+    epoch = await beating_pair(c, 243)
+    svc = await service_pid(c, "a")
+    etcd = c.etcd.proc.pid  # type: ignore[attr-defined]
+    for length in (0.5, 0.6, 0.45, 0.6, 0.5):
+        os.kill(etcd, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(length)
+        finally:
+            os.kill(etcd, signal.SIGCONT)
+        # Beats applied again before the next stall.
+        await beats_again(c)
+    leader = await c.store.get(keys.leader("p"))
+    assert leader is not None and leader.create_revision == epoch, "the pair moved"
+    assert pid_alive(svc) and svc in descendants(c.agents["a"].pid), "the active's service"
+    assert "fenced" not in c.log("a")
+    assert "asking the peers to hold" in c.log("a"), "no stall outlasted a beat"

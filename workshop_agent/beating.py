@@ -1,0 +1,226 @@
+"""The term beat in the agent: the active's beats, and a standby's view of them.
+
+The rules and why they never give two actives are ``term_beat.py``'s, the transactions
+``beat_election.py``'s; this module carries them: a loop that beats every interval while
+this node holds a term that beats (each beat sent on time, whatever the answers of the
+earlier ones, so that an etcd stall delays answers, not sends), and a copy of the pair's
+beat key kept by a watch of its own, outside the pairs' keys (``keys.beats_of``).
+
+An acknowledged beat moves the fence point (``fencing.py``) without waking the decision
+loop: only the fence timer and the watchdog need each one. A beat refused ends the term
+at once. A standby's view wakes the loop only when a beat of a newer term arrives (from
+then on the decision's own ``due`` instant follows the beats).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from hapair.shared import keys
+from hapair.shared.clock import Clock
+from hapair.shared.lease import Session
+from hapair.shared.log import EventLog
+from hapair.shared.mirror import Mirror
+from hapair.shared.store import Change, Store, StoreError
+from hapair.shared.topology import TermBeat
+from hapair.shared.txn import Op
+from hapair.workshop_agent.beat_election import TermBeats, beat_record, beat_timing
+from hapair.workshop_agent.term_beat import (
+    BeatTiming,
+    BeatView,
+    Heartbeat,
+    TakeoverGuard,
+    takeover_due,
+)
+
+
+def timing_of(spec: TermBeat | None) -> BeatTiming | None:
+    """A site file's ``failover.term_beat`` as the rules' timings (None: no beats)."""
+    if spec is None:
+        return None
+    return BeatTiming(spec.interval_ms / 1000, spec.fence_ms / 1000, spec.margin_ms / 1000)
+
+
+class Beating:
+    """One node's beats and view of its pair's beats.
+
+    ``timing`` gives the pair's beat timings now (None: the pair does not beat);
+    ``term`` the term this node holds; ``epoch`` the newest term its view of the pair
+    shows; ``moved`` re-arms the fence timer and the watchdog on a new fence point;
+    ``refused`` fences (the term is over in etcd); ``wake`` wakes the decision loop."""
+
+    def __init__(
+        self,
+        store: Store,
+        pair: str,
+        me: str,
+        session: Session,
+        clock: Clock,
+        log: EventLog,
+        *,
+        timing: Callable[[], BeatTiming | None],
+        term: Callable[[], int | None],
+        epoch: Callable[[], int | None],
+        moved: Callable[[], None],
+        refused: Callable[[], None],
+        wake: Callable[[], None],
+    ) -> None:
+        self.beats = TermBeats(store, pair, me)
+        self.session = session
+        self.clock = clock
+        self.log = log
+        self.me = me
+        self._timing = timing
+        self._term = term
+        self._epoch = epoch
+        self._moved = moved
+        self._refused = refused
+        self._wake = wake
+        self.heartbeat: Heartbeat | None = None  # the beats of the term this node holds
+        self.view = BeatView()
+        self.mirror = Mirror(store, keys.beats_of(pair), self._seen)
+        self._begun = asyncio.Event()
+        self._watching = False
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._decoded: tuple[bytes, BeatTiming | None] = (b"", None)
+        self.beats_sent = 0  # since the agent started, for the metrics
+        self.beats_refused = 0
+
+    # -- the active -------------------------------------------------------------------
+    def first_beat(self, lease: int) -> list[Op]:
+        """The writes a campaign adds so that its term beats from its first revision."""
+        timing = self._timing()
+        return [] if timing is None else [self.beats.first_beat(lease, timing)]
+
+    def begin(self, epoch: int, started: float | None) -> None:
+        """This node holds ``epoch`` from now on; ``started``: the send of the write
+        that gave it the term with a beat in it (its campaign, or the first beat of a
+        term taken up), None when the pair does not beat."""
+        timing = self._timing()
+        if timing is None or started is None:
+            self.heartbeat = None
+            return
+        self.heartbeat = Heartbeat(epoch, timing, started)
+        self._begun.set()
+
+    def beats_term(self) -> bool:
+        """Does the term taken up now need its first beat before it may act?"""
+        return self._timing() is not None
+
+    async def beat_once(self, epoch: int) -> float | None:
+        """One beat for ``epoch`` outside the loop (a term taken up rather than won):
+        its send time if etcd applied it, else None."""
+        timing, lease = self._timing(), self.session.lease
+        if timing is None or lease is None:
+            return None
+        sent = self.clock()
+        with contextlib.suppress(StoreError):
+            if await self.beats.beat(epoch, lease, beat_record(self.me, timing)):
+                return sent
+        return None
+
+    def fence_point(self, term: int | None) -> float:
+        """The beat's fence point for ``term`` (``inf``: the term does not beat)."""
+        hb = self.heartbeat
+        if hb is None or term is None or hb.epoch != term:
+            return float("inf")
+        return hb.fence_point
+
+    def timing(self, term: int | None) -> BeatTiming | None:
+        """The beat's timings for ``term`` (None: the term does not beat)."""
+        hb = self.heartbeat
+        return hb.timing if hb is not None and hb.epoch == term else None
+
+    def hold_instant(self, term: int | None) -> float:
+        """When the peers must be asked to hold for ``term``'s beats (``inf``: never)."""
+        hb = self.heartbeat
+        if hb is None or hb.epoch != term or hb.acked_send is None:
+            return float("inf")
+        return hb.acked_send + hb.timing.hold_after
+
+    async def run(self) -> None:
+        """Beat every interval while this node holds a term that beats."""
+        while True:
+            hb = self.heartbeat
+            lease = self.session.lease
+            if hb is None or hb.refused or self._term() != hb.epoch or lease is None:
+                # Until the next term begins (a term never outlives its lease).
+                self._begun.clear()
+                await self._begun.wait()
+                continue
+            sent = self.clock()
+            # In flight at most as many as fit in a fence: more would answer nothing new.
+            if len(self._in_flight) <= hb.timing.takeover_after / hb.timing.interval:
+                task = asyncio.get_running_loop().create_task(self._beat(hb, lease, sent))
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
+            await asyncio.sleep(max(0.0, sent + hb.timing.interval - self.clock()))
+
+    async def _beat(self, hb: Heartbeat, lease: int, sent: float) -> None:
+        self.beats_sent += 1
+        try:
+            applied = await self.beats.beat(hb.epoch, lease, beat_record(self.me, hb.timing))
+        except StoreError:
+            return  # unanswered: it counts for nothing, the next one may
+        hb.answered(sent, applied)
+        if self.heartbeat is not hb or self._term() != hb.epoch:
+            return
+        if applied:
+            self._moved()
+        else:
+            self.beats_refused += 1
+            self.log.warning("term beat refused: the term is over in etcd", epoch=hb.epoch)
+            self._refused()
+
+    def stop(self) -> None:
+        for task in list(self._in_flight):
+            task.cancel()
+
+    def watch(self, spawn: Callable[..., object]) -> None:
+        """Follow the pair's beats, once the pair beats (its nodes' etcd roles grant
+        them its beat key, and no other pair's)."""
+        if not self._watching and self._timing() is not None:
+            self._watching = True
+            spawn(self.mirror.run(), "term-beats")
+
+    # -- a standby --------------------------------------------------------------------
+    def _seen(self, change: Change | None) -> None:
+        now = self.clock()
+        kv = self.mirror.items.get(self.beats.key)
+        if kv is None:
+            self.view.deleted()
+            return
+        if change is not None and change.kv.key != self.beats.key:
+            return
+        timing = self._decode(kv.value)
+        if timing is None:
+            return  # no beat record: the lease alone decides
+        before = self.view.seen
+        self.view.delivered(kv.mod_revision, timing, now)
+        epoch, seen = self._epoch(), self.view.seen
+        first = before is None or epoch is None or before.revision < epoch
+        if epoch is not None and seen is not None and seen.revision >= epoch and first:
+            self._wake()  # the first beat of this term: the decision's due moves
+
+    def _decode(self, value: bytes) -> BeatTiming | None:
+        # A term's beats all carry one value: decode it once.
+        if value != self._decoded[0]:
+            self._decoded = (value, beat_timing(self.beats.key, value))
+        return self._decoded[1]
+
+    def due(self, epoch: int | None, promised_until: float) -> float:
+        """When this node may take ``epoch`` over by its beats (``inf``: not by beats,
+        or not yet: the view is not current, or saw no beat of that term)."""
+        if not self.mirror.synced.is_set():
+            return float("inf")
+        return takeover_due(self.view.seen, epoch, promised_until, self._timing())
+
+    def guard(
+        self, epoch: int, members_revision: int, sync_revision: int, paused_revision: int
+    ) -> TakeoverGuard | None:
+        seen = self.view.seen
+        if seen is None:
+            return None
+        return TakeoverGuard(epoch, seen.revision, members_revision, sync_revision, paused_revision)
