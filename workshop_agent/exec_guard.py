@@ -7,8 +7,9 @@ service after another node may have taken over. So the child itself checks, as i
 last step, that the fence point the agent passed (``until``, on ``CLOCK_BOOTTIME``, the
 clock of every fence deadline) has not passed, and refuses with ``REFUSED`` otherwise.
 Before that it moves into the run's own cgroup (``-``: none), so that everything the
-service will ever fork is in it from the start, then waits for one byte on ``go-fd``
-(``-``: no wait), which the agent writes once its watchdog knows this process's group:
+service will ever fork is in it from the start, then waits for the agent's word on ``go-fd``
+(``-``: no wait), which it writes once its watchdog knows this process's group: its
+fence point then, newer than ``until`` (a single byte keeps ``until``);
 a service the watchdog does not know would survive the agent frozen. End of file
 instead (the agent died, or decided the service must not start) and it refuses.
 Then it becomes the service's user (``ids``: ``UID:GID:GROUP,...``; ``-``: stays who it
@@ -69,12 +70,14 @@ def main(args: list[str]) -> int:
             procs.write(str(os.getpid()))
     if go != "-":
         try:
-            released = os.read(int(go), 1)
+            released = os.read(int(go), 64)  # one write, well under PIPE_BUF: whole
         finally:
             os.close(int(go))  # the program does not inherit it
         if not released:
             print("not started: the agent did not release it", file=sys.stderr)
             return REFUSED
+        if released != b"\1":
+            until = float(released)  # the agent's fence point when it released it
     if ids != "-":
         try:
             become(ids)

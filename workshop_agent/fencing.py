@@ -155,7 +155,9 @@ class Fencing:
         if self.valid(self.clock()):
             return
         if self._term() is not None or self._active_up():
-            self.fence("lease not confirmed before the fence point")
+            late = self.beat.fence_point(self._term()) < self.lease.fence_deadline
+            what = "term beat" if late else "lease"
+            self.fence(f"{what} not confirmed before the fence point")
 
     def fence(self, reason: str) -> None:
         was = self._end_term()

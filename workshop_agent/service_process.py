@@ -186,10 +186,14 @@ class ServiceProcesses:
                 # at once if its deadline has passed meanwhile.
                 self.watchdog.add(r.proc.pid)
                 # Checked again: a freeze since the check above may have ended the term.
+                # The point may have moved on meanwhile (a term beat moves it every few
+                # tens of milliseconds): the child checks against the newest one, which
+                # it reads from this pipe.
+                until = self.run_until()
                 if not in_term() or not self.clock() < until:
                     return None
             with contextlib.suppress(BrokenPipeError):  # the child is gone already
-                os.write(go, b"\1")
+                os.write(go, repr(until).encode())
         finally:
             if not forked:
                 os.close(go_read)

@@ -73,6 +73,35 @@ def test_the_guard_waits_for_its_release_and_refuses_without_it(tmp_path: Path) 
             assert "did not release it" in err
 
 
+def released_with(until: float, word: bytes, ran: Path) -> tuple[int, str]:
+    """The guard given ``until``, released with ``word``: its exit code and stderr."""
+    go_read, go = os.pipe()
+    argv = [sys.executable, "-I", "-S", EXEC_GUARD, repr(until), "-", str(go_read), "-"]
+    child = subprocess.Popen(
+        [*argv, "--", "/usr/bin/touch", str(ran)],
+        pass_fds=(go_read,),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(go_read)
+    os.write(go, word)
+    os.close(go)
+    _, err = child.communicate(timeout=10)
+    return child.returncode, err
+
+
+def test_the_guard_checks_the_fence_point_its_release_carries(tmp_path: Path) -> None:
+    """A term beat moves the fence point on every few tens of milliseconds: the agent
+    releases the child with its point then, and that one counts, either way."""
+    ran = tmp_path / "ran"
+    code, err = released_with(boottime() - 0.001, repr(boottime() + 30).encode(), ran)
+    assert code == 0 and ran.exists(), err
+    ran.unlink()
+    code, err = released_with(boottime() + 30, repr(boottime() - 0.001).encode(), ran)
+    assert code == REFUSED and "fence point has passed" in err
+    assert not ran.exists()
+
+
 def test_the_guard_refuses_to_run_a_program_past_the_fence_point(tmp_path: Path) -> None:
     ran = tmp_path / "ran"
     done = guard(boottime() - 0.001, "-", "/usr/bin/touch", str(ran))
