@@ -168,7 +168,8 @@ class Failover(StrictModel):
     )
     term_beat: TermBeat | None = Field(
         None,
-        description="a finer guard of the term than the lease (not yet run by the agent); "
+        description="a finer guard of the term than the lease: a crashed active taken "
+        "over in tenths of a second; "
         "needs the pair's network section",
     )
 
