@@ -143,7 +143,7 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         timing=lambda: timing_of(_failover(core).term_beat),
         term=lambda: core.term,
         epoch=lambda: core.newest_epoch,
-        moved=fencing.moved,
+        moved=lambda: beat_acked(),
         refused=fencing.due,
         wake=core.wake.set,
     )
@@ -165,6 +165,11 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         dirty=core.dirty.set,
         beat_late_at=beating.hold_instant,
     )
+
+    def beat_acked() -> None:
+        fencing.moved()
+        holding.confirmed()
+
     core.netwatch.on_hold = holding.on_hold
     core.netwatch.on_hold_reply = holding.on_hold_reply
     core.netwatch.on_release = holding.on_release

@@ -43,7 +43,14 @@ promise A anything.
   then campaign like anyone else, and so may P once its promise has run out.
 
 A handover record that A itself wrote for that term, or a release A sends over the peer
-path, ends P's promise at once: A sends either only once its services have stopped.
+path, ends P's promise at once. A writes the record only once its services have
+stopped; it sends a release then too, or once etcd confirms its lease (and its term
+beat) again and its fence point counts no promise any more: the fence timer and the
+watchdog's deadline are moved back to the point without the promises before the release
+leaves (the watchdog takes a deadline in as promptly as it kills: within a quarter of
+the margin), so from then on the rules without holds keep A apart from P. A release
+never overtakes a later hold: the peer path drops a datagram numbered below the last it
+took from that run of A.
 
 A promise lives in memory only. P's agent restarted forgets it, so a new run does not
 campaign (outside a handover to it) until the lease TTL after it took its node's lock,

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from hapair.shared.clock import PAST_DUE_S, Clock
 from hapair.shared.lease import Session
 from hapair.shared.log import EventLog
+from hapair.shared.waits import wait_event
 from hapair.workshop_agent.fencing import Fencing
 from hapair.workshop_agent.hold import Answer, Ledger, Promise, Promises
 from hapair.workshop_agent.netwatch import NetWatch
@@ -93,6 +94,8 @@ class Holding:
         self._dirty = dirty
         self._beat_late_at = beat_late_at
         self._campaigning = False
+        self._asking = False  # the peers are being asked to hold
+        self._confirmed = asyncio.Event()  # wakes the loop while they are
         self._holding = False  # for logging changes only
         self._held_by: str | None = None  # for logging changes only
         self.promised_to: str | None = None  # the node this one promised not to campaign against
@@ -143,10 +146,27 @@ class Holding:
                     if self._term() is not None
                     else "no longer active: no longer asking the peers to hold"
                 )
+                # The fence point counts no promise any more; the timer and the watchdog
+                # have it before the release below leaves.
                 self.fencing.lease_changed()
+                if term is not None and term == asked_for:
+                    # The peers need not wait out their promises to take over by the
+                    # usual rules, which no longer count on them here.
+                    self.netwatch.send_release(term)
+                    self.log.info("peers released from their promises", epoch=term)
+                    asked_for = None
             now = self.clock()
             beat_late_at = self._beat_late_at(self._term())
-            await asyncio.sleep(next_check(now, session.acked_send, session.interval, beat_late_at))
+            pause = next_check(now, session.acked_send, session.interval, beat_late_at)
+            self._asking = asking
+            self._confirmed.clear()
+            await wait_event(self._confirmed, pause)
+
+    def confirmed(self) -> None:
+        """etcd acknowledged a beat: while the peers are asked to hold, look at once
+        whether they still need to (a beat's time, not half a keepalive interval)."""
+        if self._asking:
+            self._confirmed.set()
 
     def on_hold_reply(self, reply: HoldReply, now: float) -> None:
         if self.ledger.answer(reply):

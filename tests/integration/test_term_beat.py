@@ -139,3 +139,30 @@ async def test_etcd_stalls_move_nothing_while_the_peer_holds(beat_cluster: Clust
     assert pid_alive(svc) and svc in descendants(c.agents["a"].pid), "the active's service"
     assert "fenced" not in c.log("a")
     assert "asking the peers to hold" in c.log("a"), "no stall outlasted a beat"
+
+
+async def test_a_crash_right_after_an_etcd_stall_is_taken_over_by_beat(
+    beat_cluster: Cluster,
+) -> None:
+    """Through the stall the standby promised not to take over, for a lease TTL from the
+    last hold; once the active's beats are acknowledged again it releases that promise,
+    so its crash right after is taken over by beat, not when the promise runs out."""
+    c = beat_cluster
+    epoch = await beating_pair(c, 244)
+    etcd = c.etcd.proc.pid  # type: ignore[attr-defined]
+    os.kill(etcd, signal.SIGSTOP)
+    try:
+        await until(lambda: asyncio.sleep(0, "holding the pair" in c.log("a")), 5, "a hold")
+        await asyncio.sleep(0.3)  # holds go on for a while: the last one is what binds
+    finally:
+        os.kill(etcd, signal.SIGCONT)
+    await beats_again(c)
+    await until(lambda: asyncio.sleep(0, "released" in c.log("a")), 5, "the peers released")
+    crashed_at = time.monotonic()
+    c.crash("a")
+    node, new_epoch = await c.active("p", not_epoch=epoch, timeout=BEFORE_EXPIRY_S)
+    assert node == "b" and new_epoch > epoch
+    # Bound by its promise, b could not have taken over before a lease TTL after the
+    # last hold, well past this; nor by the lease (BEFORE_EXPIRY_S).
+    assert time.monotonic() - crashed_at < BEFORE_EXPIRY_S
+    assert "ended a term whose beats stopped" in c.log("b")
