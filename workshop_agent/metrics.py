@@ -68,7 +68,19 @@ class AgentCollector:
         )
         rt = p.session.round_trips
         trips.add_metric(values, rt.cumulative(), rt.total)
-        yield from (fences, firings, trips)
+        beats = metrics.counter(
+            "hapair_agent_term_beats",
+            "term beats it sent as the active of a pair with failover.term_beat",
+            names,
+        )
+        beats.add_metric(values, float(p.beating.beats_sent))
+        refused = metrics.counter(
+            "hapair_agent_term_beats_refused",
+            "term beats etcd refused (its term had ended there): each one fenced it",
+            names,
+        )
+        refused.add_metric(values, float(p.beating.beats_refused))
+        yield from (fences, firings, trips, beats, refused)
         state = a.state
         yield one(
             "hapair_agent_paused",
