@@ -9,8 +9,11 @@ of each agent and of its watchdog is read at the end of each window. Targets: <=
 of a core and <= 60 MiB for an agent, active or standby; <= 15 MiB for a watchdog.
 
 etcd runs over TLS with client certificates, each agent showing its own, unless
-``--lab`` asks for the lab mode. Usage:
+``--lab`` asks for the lab mode. ``--term-beat`` measures a pair whose active beats its
+term (``failover.term_beat`` at 50/150/150 ms, with the peer path it needs): what the
+finer guard costs each agent (the targets are those of the defaults). Usage:
   python -m bench.bench_footprint [--windows 5] [--seconds 20] [--settle 10] [--lab]
+                                  [--term-beat]
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.bench_failover import checked_and_removed, ready_standby
+from bench.bench_failover import TERM_BEAT, checked_and_removed, ready_standby
 from bench.bench_failover import pair_spec as failover_pair
 from bench.procstat import proc_cpu_seconds, rss_mb
 from tests.support.cluster import Cluster, until
@@ -33,9 +36,16 @@ from tests.support.tls_etcd import LAB_HELP, etcd_mode, own_etcd
 TARGETS = {"cpu_pct": 1.0, "agent_mib": 60.0, "watchdog_mib": 15.0}
 
 
-def pair_spec(port: int, record: Path) -> dict[str, object]:
-    """bench_failover's pair, its service checked over HTTP at the default interval."""
-    spec = failover_pair(port, record)
+def pair_spec(port: int, record: Path, term_beat: bool = False) -> dict[str, object]:
+    """bench_failover's pair, its service checked over HTTP at the default interval;
+    with ``term_beat``, beating its term over its peer path."""
+    extra: dict[str, object] = {}
+    if term_beat:
+        extra = {
+            "failover": {"term_beat": TERM_BEAT},
+            "network": {"peer_port": free_port("127.0.80.1")},
+        }
+    spec = failover_pair(port, record, **extra)
     services: list[dict[str, Any]] = spec["services"]  # type: ignore[assignment]
     services[0]["health"] = {"http": services[0]["health"]["http"]}
     return spec
@@ -86,13 +96,17 @@ def target(name: str) -> str:
     return f"<= {TARGETS['watchdog_mib' if 'watchdog' in name else 'agent_mib']:g} MiB"
 
 
-async def main(windows: int, seconds: float, settle: float, lab: bool) -> None:
+async def main(
+    windows: int, seconds: float, settle: float, lab: bool, term_beat: bool = False
+) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="hapair-bench-"))
     etcd = own_etcd(tmp / "pki", lab)
     print(f"etcd: {etcd_mode(lab)}", flush=True)
+    if term_beat:
+        print(f"term beat: {TERM_BEAT} with the peer path", flush=True)
     c = Cluster(etcd, tmp)
     port = free_port()
-    await c.apply(c.site([pair_spec(port, c.record)]))
+    await c.apply(c.site([pair_spec(port, c.record, term_beat)]))
     try:
         c.start("a")
         c.start("b")
@@ -118,5 +132,8 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--settle", type=float, default=10.0)
     parser.add_argument("--lab", action="store_true", help=LAB_HELP)
+    parser.add_argument(
+        "--term-beat", action="store_true", help="the pair beats its term (50/150/150 ms)"
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.windows, args.seconds, args.settle, args.lab))
+    asyncio.run(main(args.windows, args.seconds, args.settle, args.lab, args.term_beat))

@@ -363,7 +363,7 @@ class Agent:
             forgotten_promises_until=self.claim.forgotten_promises_until(self.pair),
             step_down_unanswered=p.steps.unanswered,
             refused=p.steps.refused(now),
-            lease_ok_until=p.fencing.point(),
+            lease_ok_until=p.fencing.loop_point(),
             view_expires_at=min(p.steps.refused_until(now), p.holding.held_until),
             members=st.members,
             members_revision=st.members_revision,

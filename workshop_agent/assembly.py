@@ -146,6 +146,7 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         moved=lambda: beat_acked(),
         refused=fencing.due,
         wake=core.wake.set,
+        late=lambda: holding.beat_late(),
     )
     fencing.beat = beating
     holding = Holding(

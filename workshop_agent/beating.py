@@ -49,7 +49,8 @@ class Beating:
     ``timing`` gives the pair's beat timings now (None: the pair does not beat);
     ``term`` the term this node holds; ``epoch`` the newest term its view of the pair
     shows; ``moved`` re-arms the fence timer and the watchdog on a new fence point;
-    ``refused`` fences (the term is over in etcd); ``wake`` wakes the decision loop."""
+    ``refused`` fences (the term is over in etcd); ``wake`` wakes the decision loop;
+    ``late`` wakes the hold loop (a beat late enough to ask the peers to hold)."""
 
     def __init__(
         self,
@@ -66,6 +67,7 @@ class Beating:
         moved: Callable[[], None],
         refused: Callable[[], None],
         wake: Callable[[], None],
+        late: Callable[[], None] = lambda: None,
     ) -> None:
         self.beats = TermBeats(store, pair, me)
         self.session = session
@@ -78,6 +80,8 @@ class Beating:
         self._moved = moved
         self._refused = refused
         self._wake = wake
+        self._late = late
+        self._late_after: float | None = None
         self.heartbeat: Heartbeat | None = None  # the beats of the term this node holds
         self.view = BeatView()
         self.mirror = Mirror(store, keys.beats_of(pair), self._seen)
@@ -151,6 +155,12 @@ class Beating:
                 await self._begun.wait()
                 continue
             sent = self.clock()
+            # Beats are sent at steps of one interval from a send, never earlier, so the
+            # instant to ask for holds (whole intervals after an acknowledged send) is
+            # one of these steps.
+            if sent >= self.hold_instant(hb.epoch) and self._late_after != hb.acked_send:
+                self._late_after = hb.acked_send  # once per late beat: the loop paces holds
+                self._late()
             # In flight at most as many as fit in a fence: more would answer nothing new.
             if len(self._in_flight) <= hb.timing.takeover_after / hb.timing.interval:
                 task = asyncio.get_running_loop().create_task(self._beat(hb, lease, sent))

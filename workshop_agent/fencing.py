@@ -92,6 +92,7 @@ class Fencing:
         self._event = event
         self._changed = changed
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = -float("inf")
         self.beat: Beat = NoBeat()
         self.fencing = False  # the services of a fence are still dying
         self.fences = 0  # since the agent started, for the metrics
@@ -100,15 +101,26 @@ class Fencing:
         """When this node must have stopped acting as active (``-inf``: it may not)."""
         return self._watched()[0]
 
+    def loop_point(self) -> float:
+        """The fence point the decision loop wakes for: the lease's and the holds'. The
+        beat's would wake it at every beat for nothing; when it passes, the fence timer
+        fences, which wakes the loop."""
+        return max(self.lease.fence_deadline, self._hold_point(self._term()))
+
+    def _hold_point(self, term: int | None) -> float:
+        """Until when the peers' promises let this node act (``-inf``: they do not)."""
+        s = self.lease
+        if s.lease is not None and term is not None and self.ledger.epoch == term:
+            return self.ledger.deadline(self._hold_peers(), s.fence_after)
+        return -float("inf")
+
     def _watched(self) -> tuple[float, float]:
         """The fence point and the watchdog's deadline: each rule's point plus half of
         its own margin (the beat's for the beat, the pair's for the lease and the hold),
         combined as the point combines them."""
         s = self.lease
         term = self._term()
-        hold = -float("inf")
-        if s.lease is not None and term is not None and self.ledger.epoch == term:
-            hold = self.ledger.deadline(self._hold_peers(), s.fence_after)
+        hold = self._hold_point(term)
         beat = self.beat.fence_point(term)
         timing = self.beat.timing(term)
         point = term_fence_point(s.fence_deadline, beat, hold)
@@ -135,24 +147,36 @@ class Fencing:
         """The fence point may have moved: set the timer and the watchdog to it. The
         watchdog learns the lease too, which it revokes once this agent is gone."""
         self._watchdog_lease(self.lease.lease)
-        self.moved()
+        deadline, watchdog = self._watched()
+        self._watchdog_deadline(watchdog)
+        self._arm(deadline)
         if self.lease.lease is None:
             self.due()
         self._changed()
 
     def moved(self) -> None:
         """The fence point moved with nothing else to tell (a term beat acknowledged):
-        only the timer and the watchdog follow it, twenty times a second."""
+        only the watchdog and the timer follow it, twenty times a second. A timer set
+        for an earlier instant stays: when it fires on a point that has moved on, it is
+        set again (:meth:`due`), once per fence rather than once per beat."""
         deadline, watchdog = self._watched()
-        self.cancel()
         self._watchdog_deadline(watchdog)
+        if self._timer is not None and self._timer_at <= deadline:
+            return
+        self._arm(deadline)
+
+    def _arm(self, deadline: float) -> None:
+        self.cancel()
         if deadline > -float("inf"):
+            self._timer_at = deadline
             self._timer = asyncio.get_running_loop().call_later(
                 max(0.0, deadline - self.clock()), self.due
             )
 
     def due(self) -> None:
+        self.cancel()
         if self.valid(self.clock()):
+            self._arm(self.point())  # the point moved on since the timer was set
             return
         if self._term() is not None or self._active_up():
             late = self.beat.fence_point(self._term()) < self.lease.fence_deadline

@@ -32,9 +32,7 @@ def keepalive_late(now: float, acked_send: float | None, interval: float) -> boo
     return acked_send is not None and now > acked_send + LATE_AFTER * interval
 
 
-def next_check(
-    now: float, acked_send: float | None, interval: float, beat_late_at: float = float("inf")
-) -> float:
+def next_check(now: float, acked_send: float | None, interval: float) -> float:
     """How long the hold loop waits: half an interval (the pace of holds while etcd is
     late), but never past the instant a keepalive becomes late. With a 1 s lease
     (keepalives every 0.25 s, fence point 0.5 s after the last acknowledged send) only
@@ -43,9 +41,6 @@ def next_check(
     pause = interval / 2
     if acked_send is not None and not keepalive_late(now, acked_send, interval):
         pause = min(pause, acked_send + LATE_AFTER * interval - now + PAST_DUE_S)
-    if now < beat_late_at:
-        # The term beat's own instant (``term_beat.Heartbeat.hold_due``): one beat late.
-        pause = min(pause, beat_late_at - now + PAST_DUE_S)
     return max(0.0, pause)
 
 
@@ -95,7 +90,7 @@ class Holding:
         self._beat_late_at = beat_late_at
         self._campaigning = False
         self._asking = False  # the peers are being asked to hold
-        self._confirmed = asyncio.Event()  # wakes the loop while they are
+        self._news = asyncio.Event()  # a beat late, or one acknowledged while asking
         self._holding = False  # for logging changes only
         self._held_by: str | None = None  # for logging changes only
         self.promised_to: str | None = None  # the node this one promised not to campaign against
@@ -155,18 +150,21 @@ class Holding:
                     self.netwatch.send_release(term)
                     self.log.info("peers released from their promises", epoch=term)
                     asked_for = None
-            now = self.clock()
-            beat_late_at = self._beat_late_at(self._term())
-            pause = next_check(now, session.acked_send, session.interval, beat_late_at)
+            pause = next_check(self.clock(), session.acked_send, session.interval)
             self._asking = asking
-            self._confirmed.clear()
-            await wait_event(self._confirmed, pause)
+            self._news.clear()
+            await wait_event(self._news, pause)
 
     def confirmed(self) -> None:
         """etcd acknowledged a beat: while the peers are asked to hold, look at once
         whether they still need to (a beat's time, not half a keepalive interval)."""
         if self._asking:
-            self._confirmed.set()
+            self._news.set()
+
+    def beat_late(self) -> None:
+        """A beat is late enough to ask the peers to hold (``beating.py`` sees it at the
+        beat it sends at that instant): ask now."""
+        self._news.set()
 
     def on_hold_reply(self, reply: HoldReply, now: float) -> None:
         if self.ledger.answer(reply):

@@ -120,7 +120,9 @@ class Observation:
     """The services whose declared package version this node does not hold (its own
     disk): it is chosen only when no node holding every one can take over."""
     lease_ok_until: float = float("inf")
-    """When ``lease_ok`` turns false with no news: the fence point."""
+    """When ``lease_ok`` turns false with no news: the fence point (the lease's and the
+    holds'; a term beat's, which moves on twenty times a second, wakes the loop through
+    the fence timer when it passes)."""
     view_expires_at: float = float("inf")
     """The first instant at which a part of this view that the agent reckons from its
     clock runs out with no news: a target's refusal forgiven (``refused``), a promise run

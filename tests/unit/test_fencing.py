@@ -12,6 +12,7 @@ from hapair.shared.log import EventLog
 from hapair.workshop_agent.fencing import Fencing
 from hapair.workshop_agent.hold import Ledger
 from hapair.workshop_agent.peer_wire import HoldReply
+from hapair.workshop_agent.term_beat import BeatTiming
 
 FENCE_AFTER = 1.5
 MARGIN = 0.5
@@ -140,12 +141,78 @@ def test_a_fence_due_exactly_at_the_point_fences_once() -> None:
     assert node.stops == 2
 
 
-def test_a_fence_due_before_the_point_does_nothing() -> None:
+async def test_a_fence_due_before_the_point_does_nothing() -> None:
     node, lease = Node(), FakeLease()
     f = fencing(node, lease)
     node.now = f.point() - 0.001
     f.due()
     assert node.term == TERM and node.stops == 0
+    f.cancel()
+
+
+BEAT = BeatTiming(0.05, 0.15, 0.15)
+
+
+@dataclass
+class FakeBeat:
+    """A term that beats: its fence point 150 ms after the last acknowledged send."""
+
+    acked_send: float = 100.0
+
+    def fence_point(self, term: int | None) -> float:
+        return self.acked_send + BEAT.fence_after if term == TERM else float("inf")
+
+    def timing(self, term: int | None) -> BeatTiming | None:
+        return BEAT if term == TERM else None
+
+
+async def test_a_beating_term_fences_at_the_earlier_point_its_watchdog_soon_after() -> None:
+    node, lease, beat = Node(), FakeLease(), FakeBeat(acked_send=100.2)
+    f = fencing(node, lease)
+    f.beat = beat
+    assert f.point() == pytest.approx(100.35)  # the beat's, well before the lease's
+    assert f.loop_point() == pytest.approx(100.0 + FENCE_AFTER)  # the loop's: the lease's
+    f.moved()
+    assert node.watchdog == [pytest.approx(100.35 + 0.15 / 2)]
+    f.cancel()
+    node.term = None
+    assert f.run_until() == -float("inf")
+
+
+async def test_beats_move_the_point_without_setting_the_timer_again_at_each_one() -> None:
+    """The timer set for an earlier point stays; firing on a point that moved on, it is
+    set again, and once the beats stop it fences at the last beat's point. (The timer's
+    delay is reckoned on the fake clock when it is set, then runs in real time.)"""
+    node, lease, beat = Node(), FakeLease(), FakeBeat()
+    f = fencing(node, lease)
+    f.beat = beat
+    node.now = 100.149
+    f.moved()  # set for the first point, 1 ms away
+    timer = f._timer
+    node.now = 100.15  # it fires at that point
+    for _ in range(3):  # three beats acknowledged, 10 ms apart
+        beat.acked_send += 0.01
+        f.moved()
+        assert f._timer is timer
+    await asyncio.sleep(0.02)
+    assert node.stops == 0 and node.term == TERM, "fenced on a point that had moved on"
+    assert f._timer is not None and f._timer is not timer, "not set again"
+    node.now = 100.181  # past the last beat's point, when that timer fires
+    await asyncio.sleep(0.1)
+    assert node.stops == 1 and node.term is None
+    assert node.events == [("fence", "term beat not confirmed before the fence point")]
+
+
+async def test_a_beat_point_earlier_than_the_timer_sets_the_timer_again() -> None:
+    node, lease, beat = Node(), FakeLease(), FakeBeat()
+    f = fencing(node, lease)
+    node.now = 100.1
+    f.lease_changed()  # no beat yet: the timer is for the lease's point
+    f.beat = beat
+    f.moved()
+    node.now = 100.15
+    await asyncio.sleep(0.1)
+    assert node.stops == 1, "the beat's point passed while the timer waited for the lease's"
 
 
 async def test_the_timer_fires_at_the_point_and_the_watchdog_half_a_margin_later() -> None:
