@@ -16,9 +16,12 @@ etcd runs over TLS with client certificates and the peer path has its key, unles
 
 ``--lease-ttl 1`` runs the pair on a 1 s lease (fence point 0.5 s), on an etcd with the
 raft timing of ``deploy/etcd/etcd.conf.yml``; ``--stall-s 0.3 0.6`` sets the stalls' range.
+``--term-beat`` has the active beat its term (``failover.term_beat`` at 50/150/150 ms):
+every stall then outlasts the beat's fence point and takeover time, and only the peers'
+promises keep the pair where it is.
 
 Usage: python -m bench.bench_etcd_stalls [--stalls 200] [--seed N] [--lease-only] [--lab]
-       [--lease-ttl 2] [--stall-s 0.5 1.0]
+       [--lease-ttl 2] [--stall-s 0.5 1.0] [--term-beat]
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.bench_failover import TERM_BEAT
 from tests.support.cluster import Cluster, recording_service, until
 from tests.support.harness import free_port, plant_raft_timing
 from tests.support.tls_etcd import LAB_HELP, etcd_mode, own_etcd
@@ -51,9 +55,12 @@ async def main(
     lab: bool = False,
     lease_ttl: float = 2.0,
     stall_s: tuple[float, float] = (0.5, 1.0),
+    term_beat: bool = False,
 ) -> int:
     rng = random.Random(seed)
     mode = "lease and peer path" if peer_path else "lease only"
+    if term_beat:
+        mode += f", term beat {TERM_BEAT}"
     print(
         f"seed {seed}, {stalls} stalls of {stall_s[0]:g}-{stall_s[1]:g} s, {mode}, "
         f"lease {lease_ttl:g} s",
@@ -70,7 +77,7 @@ async def main(
         "name": "p",
         "nodes": nodes,
         "services": [svc],
-        "failover": {"lease_ttl_s": lease_ttl},
+        "failover": {"lease_ttl_s": lease_ttl, **({"term_beat": TERM_BEAT} if term_beat else {})},
     }
     if peer_path:
         port = free_port(ADDRESS["a"])
@@ -154,9 +161,24 @@ if __name__ == "__main__":
     parser.add_argument(
         "--stall-s", type=float, nargs=2, default=(0.5, 1.0), metavar=("MIN", "MAX")
     )
+    parser.add_argument(
+        "--term-beat", action="store_true", help="the pair beats its term (50/150/150 ms)"
+    )
     args = parser.parse_args()
+    if args.term_beat and args.lease_only:
+        parser.error("--term-beat needs the peer path: drop --lease-only")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
     stall_s = (args.stall_s[0], args.stall_s[1])
     sys.exit(
-        asyncio.run(main(args.stalls, seed, not args.lease_only, args.lab, args.lease_ttl, stall_s))
+        asyncio.run(
+            main(
+                args.stalls,
+                seed,
+                not args.lease_only,
+                args.lab,
+                args.lease_ttl,
+                stall_s,
+                args.term_beat,
+            )
+        )
     )
