@@ -44,8 +44,9 @@ promise A anything.
 
 A handover record that A itself wrote for that term, or a release A sends over the peer
 path, ends P's promise at once. A writes the record only once its services have
-stopped; it sends a release then too, or once etcd confirms its lease (and its term
-beat) again and its fence point counts no promise any more: the fence timer and the
+stopped; it sends a release then too, or once etcd has confirmed its lease (and its
+term beat) on time again for half a TTL (a store back from a stall answers late for a
+while) and its fence point counts no promise any more: the fence timer and the
 watchdog's deadline are moved back to the point without the promises before the release
 leaves (the watchdog takes a deadline in as promptly as it kills: within a quarter of
 the margin), so from then on the rules without holds keep A apart from P. A release

@@ -110,6 +110,7 @@ class Holding:
         session = self.session
         asking = False
         asked_for: int | None = None  # the term the peers were asked to hold for
+        calm_since: float | None = None  # etcd on time again since, while still asking
         while True:
             now = self.clock()
             late = keepalive_late(now, session.acked_send, session.interval)
@@ -131,9 +132,15 @@ class Holding:
                         "etcd does not confirm the lease: asking the peers to hold",
                         peer_path=sent is not None,
                     )
-                asking = True
+                asking, calm_since = True, None
+            elif asking and term is not None and now < (calm_since or now) + self._settle():
+                # etcd answers again, but a store just back from a stall answers late
+                # for a while: the promises keep the pair until it has been on time for
+                # a while, else a late answer now would fence this node, and the peers,
+                # released, could take over.
+                calm_since = calm_since or now
             elif asking:
-                asking = False
+                asking, calm_since = False, None
                 self.ledger.clear()
                 self._holding = False
                 self.log.info(
@@ -151,9 +158,16 @@ class Holding:
                     self.log.info("peers released from their promises", epoch=term)
                     asked_for = None
             pause = next_check(self.clock(), session.acked_send, session.interval)
+            if calm_since is not None:
+                pause = min(pause, max(0.0, calm_since + self._settle() - self.clock()))
             self._asking = asking
             self._news.clear()
             await wait_event(self._news, pause)
+
+    def _settle(self) -> float:
+        """How long etcd must have been on time before the peers are released: half the
+        lease TTL (an etcd stall's aftermath, well within the promises' TTL)."""
+        return self._lease_ttl() / 2
 
     def confirmed(self) -> None:
         """etcd acknowledged a beat: while the peers are asked to hold, look at once

@@ -61,8 +61,9 @@ async def db_cluster_held(etcd: Etcd, store: object) -> AsyncIterator[tuple[Clus
 
 
 async def _db_cluster(
-    etcd: Etcd, addresses: tuple[str, ...], held: bool = False
+    etcd: Etcd, addresses: tuple[str, ...], held: bool = False, **pair: Any
 ) -> AsyncIterator[tuple[Cluster, int]]:
+    """``pair``: more of the pair's settings (a failover section, a network section)."""
     root = Path(tempfile.mkdtemp(prefix="hapair-dbtest-"))
     os.chmod(root, 0o755)  # PostgreSQL runs as its own user below this directory
     write_pg_secrets(root)
@@ -81,6 +82,7 @@ async def _db_cluster(
                     if held
                     else []
                 ),
+                **pair,
             }
         ]
     )
