@@ -26,7 +26,7 @@ from aetcd import exceptions
 
 from hapair.shared import etcd_tls
 from hapair.shared.log import EventLog
-from hapair.shared.member_client import MemberClient
+from hapair.shared.member_client import MemberClient, StreamCounts
 from hapair.shared.pki import TlsFiles
 from hapair.shared.txn import Compare, Op, TxnResult, txn_request
 
@@ -169,13 +169,15 @@ class Store:
         self.identity = None if prepared is None else prepared.identity
         self.timeout = timeout
         self._index = random.randrange(len(self.endpoints))
+        self.streams = StreamCounts()
+        """Streams opened, on every member this store has used."""
         self.client = self._open(self._index)
         self._trouble: str | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
     def _open(self, index: int) -> MemberClient:
         host, port = self.endpoints[index]
-        return MemberClient(host, port, self.timeout, self._credentials)
+        return MemberClient(host, port, self.timeout, self._credentials, self.streams)
 
     @property
     def describe(self) -> str:
@@ -329,13 +331,19 @@ class Store:
         return int(lease.id), int(lease.ttl)
 
     async def keepalive(self, lease_id: int) -> int:
-        """Send one keepalive; the TTL etcd granted back, 0 once the lease is gone."""
+        """Send one keepalive; the TTL etcd granted back, 0 once the lease is gone.
+
+        Sent on the lease's keepalive stream with the member in use, opened again when
+        it broke. An answer that does not come within ``timeout`` is a :class:`Timeout`,
+        the keepalive unconfirmed, and its stream is dropped, so that it is never taken
+        for the answer to a later keepalive."""
         reply = await self.call(lambda: self.client.refresh_lease(lease_id))
-        return 0 if reply is None else int(reply.TTL)
+        return int(reply.TTL)
 
     async def revoke(self, lease_id: int) -> None:
         with contextlib.suppress(LeaseNotFound):  # gone already
             await self.call(lambda: self.client.revoke_lease(lease_id))
+        self.client.lease_gone(lease_id)
 
     # -- watching -------------------------------------------------------------------
     async def watch_prefix(
