@@ -182,6 +182,11 @@ class MemberClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
                 # sending, which this one never does: nothing says the lease is gone.
                 self._drop_keepalive(lease_id)
                 raise exceptions.ConnectionFailedError(f"{self.name} ended the keepalive stream")
+            if lease_id != reply.ID:  # etcd answers with the request's ID: never seen
+                self._drop_keepalive(lease_id)
+                raise exceptions.ConnectionFailedError(
+                    f"{self.name} answered a keepalive of {lease_id:x} for {reply.ID:x}"
+                )
             if reply.TTL <= 0:
                 self.lease_gone(lease_id)  # nothing more to send on its stream
             return reply

@@ -12,7 +12,7 @@ import contextlib
 import math
 import os
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -293,7 +293,8 @@ class Store:
             key = bytes(page.kvs[-1].key) + b"\0"
 
     async def put(self, key: str, value: bytes, lease: int | None = None) -> int:
-        result = await self.call(lambda: self.client.put(key.encode(), value, lease=lease))
+        with self._lease_gone_if_refused([lease]):
+            result = await self.call(lambda: self.client.put(key.encode(), value, lease=lease))
         return int(result.header.revision)
 
     async def delete(self, key: str) -> bool:
@@ -310,8 +311,23 @@ class Store:
     ) -> TxnResult:
         """Apply ``success`` if every compare holds, ``failure`` otherwise, atomically."""
         message = txn_request(compare, success, failure)
-        reply = await self.call(lambda: self.client.txn(message))
+        with self._lease_gone_if_refused([op.lease for op in (*success, *failure)]):
+            reply = await self.call(lambda: self.client.txn(message))
         return TxnResult(bool(reply.succeeded), int(reply.header.revision))
+
+    @contextlib.contextmanager
+    def _lease_gone_if_refused(self, leases: Sequence[int | None]) -> Iterator[None]:
+        """A write refused because its lease is gone ends that lease's keepalive stream,
+        which its holder, taking a new lease, would otherwise leave open for good. (With
+        several leases in the write, each one's: a live lease's next keepalive only
+        opens a new stream.)"""
+        try:
+            yield
+        except LeaseNotFound:
+            for lease in leases:
+                if lease:
+                    self.client.lease_gone(lease)
+            raise
 
     async def auth(self, method: str, request: object) -> Any:
         """etcd's answer to one Auth service call (users, roles, enabling auth)."""

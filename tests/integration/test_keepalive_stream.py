@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from hapair.shared import keys
-from hapair.shared.store import Store, StoreError, Timeout
+from hapair.shared.store import LeaseNotFound, Store, StoreError, Timeout
 from tests.support.cluster import until
 from tests.support.etcd_relay import EtcdRelay
 from tests.support.harness import Etcd
@@ -29,8 +29,14 @@ TTL_S = 10  # far longer than any test step: the lease lives unless revoked
 TIMEOUT_S = 0.5  # the store's deadline for each call in these tests
 LATE_S = 3 * TIMEOUT_S  # an answer this late is past the deadline by far
 BACK_WITHIN_S = 30.0  # generous: etcd restarts and is reached again in a few seconds
-KEEPALIVE_STARTED = re.compile(
-    r'^grpc_server_started_total\{grpc_method="LeaseKeepAlive",[^}]*\} (\d+)', re.MULTILINE
+CLOSED_WITHIN_S = 10.0  # generous: etcd counts a stream ended as soon as it sees the end
+# etcd's own count of the keepalive streams it accepted, and of those that ended (one
+# line per status code).
+STARTED = re.compile(
+    r'^grpc_server_started_total\{grpc_method="LeaseKeepAlive",[^}]*\} (\d+)', re.M
+)
+ENDED = re.compile(
+    r'^grpc_server_handled_total\{[^}]*grpc_method="LeaseKeepAlive",[^}]*\} (\d+)', re.M
 )
 
 
@@ -53,25 +59,42 @@ async def store(own_etcd: Etcd) -> AsyncIterator[Store]:
         await s.close()
 
 
-def streams_etcd_started(etcd: Etcd) -> int:
-    """How many keepalive streams etcd has accepted since it started (its own count)."""
+def etcd_counts(etcd: Etcd) -> tuple[int, int]:
+    """How many keepalive streams etcd has accepted since it started, and how many of
+    them have ended (its own counts)."""
     assert etcd.tls is not None
     with urllib.request.urlopen(
         f"{etcd.url}/metrics", context=etcd.tls.client_context(), timeout=5
     ) as answer:
-        found = KEEPALIVE_STARTED.search(answer.read().decode())
-    return 0 if found is None else int(found.group(1))
+        text = answer.read().decode()
+    return sum(map(int, STARTED.findall(text))), sum(map(int, ENDED.findall(text)))
+
+
+async def streams_started(etcd: Etcd) -> int:
+    return (await asyncio.to_thread(etcd_counts, etcd))[0]
+
+
+async def streams_open(etcd: Etcd) -> int:
+    started, ended = await asyncio.to_thread(etcd_counts, etcd)
+    return started - ended
+
+
+async def all_closed(etcd: Etcd, what: str) -> None:
+    async def none() -> bool:
+        return await streams_open(etcd) == 0
+
+    await until(none, CLOSED_WITHIN_S, f"no keepalive stream left open at etcd: {what}")
 
 
 async def test_many_keepalives_use_one_stream(own_etcd: Etcd, store: Store) -> None:
     lease = await store.grant(TTL_S)
-    before = await asyncio.to_thread(streams_etcd_started, own_etcd)
+    before = await streams_started(own_etcd)
     for _ in range(20):
         assert await store.keepalive(lease) > 0
-    after = await asyncio.to_thread(streams_etcd_started, own_etcd)
-    assert after - before == 1, "etcd saw one keepalive stream for twenty keepalives"
+    assert await streams_started(own_etcd) - before == 1, "one stream for twenty keepalives"
     assert store.streams.keepalive_opened == 1
     await store.revoke(lease)
+    await all_closed(own_etcd, "the lease revoked")
 
 
 async def test_each_lease_has_a_stream_of_its_own(store: Store) -> None:
@@ -98,7 +121,26 @@ async def test_a_lease_revoked_elsewhere_gets_0_on_its_open_stream(
         await other.close()
     assert await store.keepalive(lease) == 0, "etcd answers a lease it does not know with TTL 0"
     assert store.streams.keepalive_opened == 1, "the answer came on the open stream"
+    await all_closed(own_etcd, "the lease gone")
     assert await store.keepalive(lease) == 0, "and again on a new one: still gone"
+
+
+async def test_a_write_refused_for_a_lease_gone_ends_its_stream(
+    own_etcd: Etcd, store: Store
+) -> None:
+    """Its holder takes a new lease and never sends the old one a keepalive again: the
+    old lease's stream must not stay open for good."""
+    lease = await store.grant(TTL_S)
+    assert await store.keepalive(lease) > 0
+    other = Store(own_etcd.url, timeout=2.0, tls=own_etcd.tls)
+    try:
+        await other.revoke(lease)
+    finally:
+        await other.close()
+    assert await streams_open(own_etcd) == 1
+    with pytest.raises(LeaseNotFound):
+        await store.put(keys.PREFIX + "/keepalive/on-a-lease-gone", b"x", lease=lease)
+    await all_closed(own_etcd, "a write on the lease refused")
 
 
 async def test_a_lease_revoked_by_its_store_gets_0(store: Store) -> None:
