@@ -109,16 +109,22 @@ async def test_each_lease_has_a_stream_of_its_own(store: Store) -> None:
     await store.revoke(second)
 
 
-async def test_a_lease_revoked_elsewhere_gets_0_on_its_open_stream(
-    own_etcd: Etcd, store: Store
-) -> None:
+async def kept_alive_then_revoked_elsewhere(etcd: Etcd, store: Store) -> int:
+    """A lease whose stream ``store`` has opened, revoked by another client."""
     lease = await store.grant(TTL_S)
     assert await store.keepalive(lease) > 0
-    other = Store(own_etcd.url, timeout=2.0, tls=own_etcd.tls)
+    other = Store(etcd.url, timeout=2.0, tls=etcd.tls)
     try:
         await other.revoke(lease)
     finally:
         await other.close()
+    return lease
+
+
+async def test_a_lease_revoked_elsewhere_gets_0_on_its_open_stream(
+    own_etcd: Etcd, store: Store
+) -> None:
+    lease = await kept_alive_then_revoked_elsewhere(own_etcd, store)
     assert await store.keepalive(lease) == 0, "etcd answers a lease it does not know with TTL 0"
     assert store.streams.keepalive_opened == 1, "the answer came on the open stream"
     await all_closed(own_etcd, "the lease gone")
@@ -130,13 +136,7 @@ async def test_a_write_refused_for_a_lease_gone_ends_its_stream(
 ) -> None:
     """Its holder takes a new lease and never sends the old one a keepalive again: the
     old lease's stream must not stay open for good."""
-    lease = await store.grant(TTL_S)
-    assert await store.keepalive(lease) > 0
-    other = Store(own_etcd.url, timeout=2.0, tls=own_etcd.tls)
-    try:
-        await other.revoke(lease)
-    finally:
-        await other.close()
+    lease = await kept_alive_then_revoked_elsewhere(own_etcd, store)
     assert await streams_open(own_etcd) == 1
     with pytest.raises(LeaseNotFound):
         await store.put(keys.PREFIX + "/keepalive/on-a-lease-gone", b"x", lease=lease)
