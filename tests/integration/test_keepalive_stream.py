@@ -5,7 +5,8 @@ is opened again, and one whose answer did not come in time is dropped, so that a
 is only ever read as the answer to the request it belongs to. Streams are counted twice:
 by the store (``Store.streams``) and by etcd itself (its ``grpc_server_started_total``).
 
-The tests run an etcd of their own: one of them restarts it.
+The tests run an etcd of their own: one of them restarts it; two run three members and
+kill one.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from hapair.shared import keys
 from hapair.shared.store import LeaseNotFound, Store, StoreError, Timeout
 from tests.support.cluster import until
 from tests.support.etcd_relay import EtcdRelay
-from tests.support.harness import Etcd
+from tests.support.harness import Etcd, EtcdCluster
 from tests.support.tls_etcd import ADMIN, TestPki, TlsEtcd
 
 TTL_S = 10  # far longer than any test step: the lease lives unless revoked
@@ -213,3 +214,36 @@ async def test_an_answer_that_comes_late_is_never_taken_for_a_later_one(
     finally:
         await slow.close()
         await relay.cut()
+
+
+@pytest.mark.parametrize("killed", ["the member in use", "the leader"])
+async def test_keepalives_resume_when_a_member_of_three_dies(
+    test_pki: TestPki, killed: str
+) -> None:
+    """The member the store uses dies: the store moves on and opens a stream on the next.
+    The leader dies: the members elect another, and the keepalives go on (on a new stream
+    if their member ended the old one while it had no leader)."""
+    members = EtcdCluster(pki=test_pki).start()
+    store = Store(members.url, timeout=2.0, tls=members.tls)
+    try:
+        lease = await store.grant(TTL_S)
+        assert await store.keepalive(lease) > 0
+        in_use = [m.url for m in members.members].index(f"https://{store.member}")
+        members.stop(in_use if killed == "the member in use" else members.leader())
+
+        async def renewed() -> bool:
+            try:
+                return await store.keepalive(lease) > 0
+            except StoreError:
+                return False
+
+        await until(renewed, BACK_WITHIN_S, f"a keepalive confirmed once {killed} died")
+        opened = store.streams.keepalive_opened
+        for _ in range(5):
+            assert await store.keepalive(lease) > 0
+        assert store.streams.keepalive_opened == opened, "the keepalives stay on one stream"
+        if killed == "the member in use":
+            assert opened >= 2
+    finally:
+        await store.close()
+        members.cleanup()
