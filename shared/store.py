@@ -357,9 +357,12 @@ class Store:
         return int(reply.TTL)
 
     async def revoke(self, lease_id: int) -> None:
-        with contextlib.suppress(LeaseNotFound):  # gone already
-            await self.call(lambda: self.client.revoke_lease(lease_id))
-        self.client.lease_gone(lease_id)
+        # Revoked or not, its holder sends it no keepalive any more: its stream ends.
+        try:
+            with contextlib.suppress(LeaseNotFound):  # gone already
+                await self.call(lambda: self.client.revoke_lease(lease_id))
+        finally:
+            self.client.lease_gone(lease_id)
 
     # -- watching -------------------------------------------------------------------
     async def watch_prefix(
