@@ -358,8 +358,10 @@ def _agent_gone(reg: Registered, etcd: Target | None, clock: Clock) -> None:
         if revoking and etcd is not None:
             # Loaded now, while the killed processes die, not at start: an idle
             # watchdog does not carry it.
-            from hapair.workshop_agent import lease_revoke
-
+            try:
+                from hapair.workshop_agent import lease_revoke
+            except ImportError:
+                return  # tried again, and said, as the revoke is
             with contextlib.suppress(lease_revoke.RevokeError):  # tried again to revoke
                 opened.append(lease_revoke.connect_first(etcd))
 
@@ -376,8 +378,13 @@ def _agent_gone(reg: Registered, etcd: Target | None, clock: Clock) -> None:
 
 
 def _end_term(lease: int, etcd: Target, opened: lease_revoke.Opened | None, clock: Clock) -> None:
-    from hapair.workshop_agent import lease_revoke  # loaded already by the connect
-
+    try:
+        from hapair.workshop_agent import lease_revoke  # loaded already by the connect
+    except ImportError as err:
+        # A package replaced under this long-lived process, say: its work is done all
+        # the same (everything killed, the cgroup tree removed); the lease expires.
+        _log("cannot load the lease revoke: the agent's lease will expire", error=f'"{err}"')
+        return
     if BEFORE_REVOKE in ("stop", "kill"):
         _log("test fault: stopping before the revoke", fault=BEFORE_REVOKE)
         os.kill(os.getpid(), signal.SIGSTOP if BEFORE_REVOKE == "stop" else signal.SIGKILL)

@@ -63,3 +63,25 @@ def test_at_the_agent_s_death_the_watchdog_loads_the_revoke_and_tries_it() -> No
     )
     assert "could not revoke the agent's lease: it will expire" in out.stderr
     assert f"127.0.0.1:{port}" in out.stderr
+
+
+def test_a_revoke_that_cannot_be_loaded_leaves_the_lease_to_expire() -> None:
+    """Loaded late, ``lease_revoke`` may fail to load (its package replaced under the
+    long-lived watchdog): the watchdog says so and ends as it would have, not with a
+    traceback halfway through its work."""
+    script = (
+        "import sys\n"
+        "sys.modules['hapair.workshop_agent.lease_revoke'] = None  # any import of it fails\n"
+        "from hapair.workshop_agent import watchdog\n"
+        "watchdog.main()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, "--etcd", f"http://127.0.0.1:{free_port()}"],
+        input="lease 1f\n",
+        capture_output=True,
+        text=True,
+        timeout=EXITS_WITHIN_S,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "cannot load the lease revoke: the agent's lease will expire" in out.stderr
+    assert "Traceback" not in out.stderr
