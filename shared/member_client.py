@@ -9,9 +9,12 @@ gRPC's environment before gRPC loads.
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 import aetcd
+import grpc
 from aetcd import exceptions, rpc, watcher
 
 from hapair.shared import etcd_tls
@@ -63,15 +66,33 @@ CHANNEL_OPTIONS: dict[str, int] = {
 REQUIRE_LEADER = (("hasleader", "true"),)
 
 
+@dataclass
+class StreamCounts:
+    """Streams opened, over every client of one store (a store replaces its client when
+    it moves to another member)."""
+
+    keepalive_opened: int = 0
+
+
 class MemberClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
     """aetcd's client for one member, whose watches and lease keepalives require a leader."""
 
     def __init__(
-        self, host: str, port: int, timeout: float, tls: etcd_tls.Credentials | None = None
+        self,
+        host: str,
+        port: int,
+        timeout: float,
+        tls: etcd_tls.Credentials | None = None,
+        streams: StreamCounts | None = None,
     ) -> None:
         super().__init__(host, port, timeout=timeout, options=CHANNEL_OPTIONS)
         self.name = f"{host}:{port}"
         self._tls = tls
+        self.streams = StreamCounts() if streams is None else streams
+        # One keepalive stream per lease, and the lock that keeps one request in flight
+        # on it at a time.
+        self._keepalives: dict[int, Any] = {}
+        self._keepalive_locks: dict[int, asyncio.Lock] = {}
 
     closed = False
     _handed_on = False  # its connection is its successor's now
@@ -111,7 +132,7 @@ class MemberClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
         client's watches leave behind (etcd's late confirmation of a watch given up,
         which aetcd hands to the next watch asked for on the stream) stays on this
         client's stream, which :meth:`close` ends."""
-        new = MemberClient(self._host, self._port, self._timeout, self._tls)
+        new = MemberClient(self._host, self._port, self._timeout, self._tls, self.streams)
         if self._connected.is_set():
             new._attach(self.channel)
             self._handed_on = True
@@ -119,23 +140,74 @@ class MemberClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
 
     async def close(self) -> None:
         self.closed = True
+        self._end_keepalives()  # a successor opens its own, on the channel it takes over
         if self._handed_on:
             await self._watcher.shutdown()  # the connection goes on, its successor's
             return
         await super().close()
 
     async def refresh_lease(self, lease_id: int) -> Any:
+        """etcd's answer to one keepalive of ``lease_id`` (``TTL`` 0: the lease is gone),
+        sent on the lease's stream, opened on first use and again after it broke.
+
+        Each keepalive used to open a stream of its own, which cost an idle agent more
+        than all else it does. On one stream the answers come in the order of the
+        requests: etcd's server reads one request, renews, sends its answer and only
+        then reads the next (``leaseKeepAlive`` in etcd's
+        ``server/etcdserver/api/v3rpc/lease.go``, ``Recv`` → ``LeaseRenew`` → ``Send``
+        in one loop per stream). With one request in flight at a time (the lock), the
+        answer read is the one to the request just written. A call given up before its
+        answer came (the store's deadline cancels it here, or the stream fails) drops
+        the stream: that answer may still come, and must never be read as the answer to
+        a later request, whose send time would then move the fence point on a renewal
+        that answer does not confirm."""
         await self.connect()
-        try:
-            async for reply in self.leasestub.LeaseKeepAlive(
-                [rpc.LeaseKeepAliveRequest(ID=lease_id)],
-                timeout=self._timeout,
-                metadata=REQUIRE_LEADER,
-            ):
-                return reply
-        except rpc.AioRpcError as err:
-            exceptions._handle_exception(err)
-        return None
+        lock = self._keepalive_locks.setdefault(lease_id, asyncio.Lock())
+        async with lock:
+            stream = self._keepalives.get(lease_id)
+            if stream is None or stream.done():
+                stream = self.leasestub.LeaseKeepAlive(metadata=REQUIRE_LEADER)
+                self._keepalives[lease_id] = stream
+                self.streams.keepalive_opened += 1
+            try:
+                await stream.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
+                reply = await stream.read()
+            except BaseException as err:
+                self._drop_keepalive(lease_id)
+                if isinstance(err, rpc.AioRpcError):
+                    exceptions._handle_exception(err)
+                raise
+            if reply is grpc.aio.EOF:
+                # etcd ends a stream without an error only when the client stops
+                # sending, which this one never does: nothing says the lease is gone.
+                self._drop_keepalive(lease_id)
+                raise exceptions.ConnectionFailedError(f"{self.name} ended the keepalive stream")
+            if lease_id != reply.ID:  # etcd answers with the request's ID: never seen
+                self._drop_keepalive(lease_id)
+                raise exceptions.ConnectionFailedError(
+                    f"{self.name} answered a keepalive of {lease_id:x} for {reply.ID:x}"
+                )
+            if reply.TTL <= 0:
+                self.lease_gone(lease_id)  # nothing more to send on its stream
+            return reply
+
+    def lease_gone(self, lease_id: int) -> None:
+        """``lease_id`` is revoked or expired: end its keepalive stream and forget it."""
+        self._drop_keepalive(lease_id)
+        # A keepalive still waiting for the lock keeps it; one sent later gets a new
+        # lock, and with it a stream of its own. Either way each hears "gone".
+        self._keepalive_locks.pop(lease_id, None)
+
+    def _drop_keepalive(self, lease_id: int) -> None:
+        """End ``lease_id``'s keepalive stream, if it has one; the next keepalive opens
+        a new one."""
+        stream = self._keepalives.pop(lease_id, None)
+        if stream is not None:
+            stream.cancel()
+
+    def _end_keepalives(self) -> None:
+        for lease_id in list(self._keepalives):
+            self._drop_keepalive(lease_id)
 
     async def txn(self, request: object) -> Any:
         """etcd's answer to a ``TxnRequest`` (aetcd's own call drops its header, and with

@@ -12,7 +12,7 @@ import contextlib
 import math
 import os
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -26,7 +26,7 @@ from aetcd import exceptions
 
 from hapair.shared import etcd_tls
 from hapair.shared.log import EventLog
-from hapair.shared.member_client import MemberClient
+from hapair.shared.member_client import MemberClient, StreamCounts
 from hapair.shared.pki import TlsFiles
 from hapair.shared.txn import Compare, Op, TxnResult, txn_request
 
@@ -169,13 +169,15 @@ class Store:
         self.identity = None if prepared is None else prepared.identity
         self.timeout = timeout
         self._index = random.randrange(len(self.endpoints))
+        self.streams = StreamCounts()
+        """Streams opened, on every member this store has used."""
         self.client = self._open(self._index)
         self._trouble: str | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
     def _open(self, index: int) -> MemberClient:
         host, port = self.endpoints[index]
-        return MemberClient(host, port, self.timeout, self._credentials)
+        return MemberClient(host, port, self.timeout, self._credentials, self.streams)
 
     @property
     def describe(self) -> str:
@@ -291,7 +293,8 @@ class Store:
             key = bytes(page.kvs[-1].key) + b"\0"
 
     async def put(self, key: str, value: bytes, lease: int | None = None) -> int:
-        result = await self.call(lambda: self.client.put(key.encode(), value, lease=lease))
+        with self._lease_gone_if_refused([lease]):
+            result = await self.call(lambda: self.client.put(key.encode(), value, lease=lease))
         return int(result.header.revision)
 
     async def delete(self, key: str) -> bool:
@@ -308,8 +311,23 @@ class Store:
     ) -> TxnResult:
         """Apply ``success`` if every compare holds, ``failure`` otherwise, atomically."""
         message = txn_request(compare, success, failure)
-        reply = await self.call(lambda: self.client.txn(message))
+        with self._lease_gone_if_refused([op.lease for op in (*success, *failure)]):
+            reply = await self.call(lambda: self.client.txn(message))
         return TxnResult(bool(reply.succeeded), int(reply.header.revision))
+
+    @contextlib.contextmanager
+    def _lease_gone_if_refused(self, leases: Sequence[int | None]) -> Iterator[None]:
+        """A write refused because its lease is gone ends that lease's keepalive stream,
+        which its holder, taking a new lease, would otherwise leave open for good. (With
+        several leases in the write, each one's: a live lease's next keepalive only
+        opens a new stream.)"""
+        try:
+            yield
+        except LeaseNotFound:
+            for lease in leases:
+                if lease:
+                    self.client.lease_gone(lease)
+            raise
 
     async def auth(self, method: str, request: object) -> Any:
         """etcd's answer to one Auth service call (users, roles, enabling auth)."""
@@ -329,13 +347,22 @@ class Store:
         return int(lease.id), int(lease.ttl)
 
     async def keepalive(self, lease_id: int) -> int:
-        """Send one keepalive; the TTL etcd granted back, 0 once the lease is gone."""
+        """Send one keepalive; the TTL etcd granted back, 0 once the lease is gone.
+
+        Sent on the lease's keepalive stream with the member in use, opened again when
+        it broke. An answer that does not come within ``timeout`` is a :class:`Timeout`,
+        the keepalive unconfirmed, and its stream is dropped, so that it is never taken
+        for the answer to a later keepalive."""
         reply = await self.call(lambda: self.client.refresh_lease(lease_id))
-        return 0 if reply is None else int(reply.TTL)
+        return int(reply.TTL)
 
     async def revoke(self, lease_id: int) -> None:
-        with contextlib.suppress(LeaseNotFound):  # gone already
-            await self.call(lambda: self.client.revoke_lease(lease_id))
+        # Revoked or not, its holder sends it no keepalive any more: its stream ends.
+        try:
+            with contextlib.suppress(LeaseNotFound):  # gone already
+                await self.call(lambda: self.client.revoke_lease(lease_id))
+        finally:
+            self.client.lease_gone(lease_id)
 
     # -- watching -------------------------------------------------------------------
     async def watch_prefix(

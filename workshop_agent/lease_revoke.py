@@ -24,10 +24,9 @@ import socket
 import struct
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+
+from hapair.workshop_agent.etcd_target import Target
 
 if TYPE_CHECKING:
     import ssl
@@ -42,40 +41,6 @@ TIME_TO_LIVE = "/etcdserverpb.Lease/LeaseTimeToLive"
 
 class RevokeError(Exception):
     """The lease could not be revoked (and is not known to be gone)."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where and how to reach etcd: its members, and the TLS files (None: lab mode)."""
-
-    endpoints: tuple[tuple[str, int], ...]
-    secure: bool
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-
-    @classmethod
-    def parse(
-        cls, urls: str, ca: str | None = None, cert: str | None = None, key: str | None = None
-    ) -> Target:
-        """``https://h:p,...`` (with ``ca``) or ``http://h:p,...``/``h:p,...`` (lab)."""
-        endpoints = []
-        schemes = set()
-        for item in (i.strip() for i in urls.split(",")):
-            if not item:
-                continue
-            parsed = urlsplit(item if "//" in item else f"http://{item}")
-            if parsed.scheme not in ("http", "https") or not parsed.hostname:
-                raise ValueError(f"bad etcd endpoint {item!r}")
-            schemes.add(parsed.scheme)
-            endpoints.append((parsed.hostname, parsed.port or 2379))
-        if not endpoints or len(schemes) != 1:
-            raise ValueError(f"bad etcd endpoints {urls!r}")
-        secure = schemes == {"https"}
-        if secure and not ca:
-            raise ValueError("https:// etcd endpoints need the CA")
-        paths = (Path(p) if p else None for p in (ca, cert, key))
-        return cls(tuple(endpoints), secure, *paths)
 
 
 # ---- protobuf: the few fields these calls carry -------------------------------------

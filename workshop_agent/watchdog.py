@@ -64,17 +64,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISFIFO
 from typing import IO, TYPE_CHECKING
 from urllib.parse import quote, unquote
 
 from hapair.shared.clock import Clock, boottime
-from hapair.workshop_agent import cgroups, lease_revoke
+from hapair.workshop_agent import cgroups
+from hapair.workshop_agent.etcd_target import Target
 
-if TYPE_CHECKING:  # not loaded here: it brings pydantic, and this process starts at once
+if TYPE_CHECKING:
+    # Not loaded here: pki brings pydantic, and this process starts at once; lease_revoke
+    # (sockets, HTTP/2) is needed only at the agent's death, and loaded then.
     from hapair.shared.pki import TlsFiles
+    from hapair.workshop_agent import lease_revoke
 
 # A test's fault only, off unless set in the agent's environment: the watchdog stops
 # itself (``stop``: SIGSTOP) or dies (``kill``: SIGKILL) right before it would revoke
@@ -174,14 +177,17 @@ class Leader:
             self.pidfd = None
 
 
-@dataclass
 class Registered:
-    groups: dict[int, Leader] = field(default_factory=dict)
-    cgroups: set[str] = field(default_factory=set)
-    vips: set[tuple[str, str]] = field(default_factory=set)
-    trees: set[str] = field(default_factory=set)  # removed when the agent is gone
-    data_dirs: set[str] = field(default_factory=set)  # of a primary: kill its postmaster
-    lease: int | None = None  # the agent's: revoked once the agent is gone
+    """What the agent registered. A plain class: ``dataclasses`` alone would add a
+    megabyte and a half to this process (``inspect`` and the parser's modules)."""
+
+    def __init__(self) -> None:
+        self.groups: dict[int, Leader] = {}
+        self.cgroups: set[str] = set()
+        self.vips: set[tuple[str, str]] = set()
+        self.trees: set[str] = set()  # removed when the agent is gone
+        self.data_dirs: set[str] = set()  # of a primary: kill its postmaster
+        self.lease: int | None = None  # the agent's: revoked once the agent is gone
 
     def __bool__(self) -> bool:
         return bool(self.groups or self.cgroups or self.vips or self.data_dirs)
@@ -337,7 +343,7 @@ def _stop_everything(
     return killed and all(removed)
 
 
-def _agent_gone(reg: Registered, etcd: lease_revoke.Target | None, clock: Clock) -> None:
+def _agent_gone(reg: Registered, etcd: Target | None, clock: Clock) -> None:
     """Stop everything; once all of it is confirmed, revoke the agent's lease (its term,
     endpoints and status end at once); then remove the agent's cgroup tree, which holds
     no active-only service any more (the services that run on every node may outlive
@@ -350,6 +356,12 @@ def _agent_gone(reg: Registered, etcd: lease_revoke.Target | None, clock: Clock)
 
     def connect() -> None:
         if revoking and etcd is not None:
+            # Loaded now, while the killed processes die, not at start: an idle
+            # watchdog does not carry it.
+            try:
+                from hapair.workshop_agent import lease_revoke
+            except ImportError:
+                return  # tried again, and said, as the revoke is
             with contextlib.suppress(lease_revoke.RevokeError):  # tried again to revoke
                 opened.append(lease_revoke.connect_first(etcd))
 
@@ -365,9 +377,14 @@ def _agent_gone(reg: Registered, etcd: lease_revoke.Target | None, clock: Clock)
         cgroups.CgroupTree(Path(tree)).close()
 
 
-def _end_term(
-    lease: int, etcd: lease_revoke.Target, opened: lease_revoke.Opened | None, clock: Clock
-) -> None:
+def _end_term(lease: int, etcd: Target, opened: lease_revoke.Opened | None, clock: Clock) -> None:
+    try:
+        from hapair.workshop_agent import lease_revoke  # loaded already by the connect
+    except ImportError as err:
+        # A package replaced under this long-lived process, say: its work is done all
+        # the same (everything killed, the cgroup tree removed); the lease expires.
+        _log("cannot load the lease revoke: the agent's lease will expire", error=f'"{err}"')
+        return
     if BEFORE_REVOKE in ("stop", "kill"):
         _log("test fault: stopping before the revoke", fault=BEFORE_REVOKE)
         os.kill(os.getpid(), signal.SIGSTOP if BEFORE_REVOKE == "stop" else signal.SIGKILL)
@@ -383,9 +400,7 @@ def _end_term(
     _log(f"agent gone: its lease {outcome}, its term ended", lease=f"{lease:x}", at=repr(clock()))
 
 
-def serve(
-    stream: IO[bytes], clock: Clock = boottime, etcd: lease_revoke.Target | None = None
-) -> None:
+def serve(stream: IO[bytes], clock: Clock = boottime, etcd: Target | None = None) -> None:
     """Read commands until end of file; kill on deadline and on exit; once the agent is
     gone and all it ran is confirmed dead, revoke its lease on ``etcd``."""
     deadline = reported = float("inf")
@@ -474,14 +489,15 @@ def main() -> None:
     serve(sys.stdin.buffer, etcd=_target(sys.argv[1:]))
 
 
-def _target(argv: list[str]) -> lease_revoke.Target | None:
-    """Where the agent's etcd is, from ``--etcd URLS`` and the TLS file options."""
+def _target(argv: list[str]) -> Target | None:
+    """Where the agent's etcd is, from ``--etcd URLS`` and the TLS file options; checked
+    here, at start, though only the agent's death needs it: a bad one is said at once."""
     given = dict(zip(argv[::2], argv[1::2], strict=False))
     urls = given.get("--etcd")
     if urls is None:
         return None
     try:
-        return lease_revoke.Target.parse(
+        return Target.parse(
             urls, given.get("--etcd-ca"), given.get("--etcd-cert"), given.get("--etcd-key")
         )
     except ValueError as err:
