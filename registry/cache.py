@@ -23,7 +23,7 @@ import json
 import re
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,14 +75,39 @@ def sse(kind: str, data: Any, revision: int) -> bytes:
     return f"event: {kind}\nid: {revision}\ndata: {json.dumps(data)}\n\n".encode()
 
 
+Send = Callable[[bytes, bytes], bool]
+"""Writes a message (as is, and framed as an HTTP chunk) straight to a stream's socket,
+or returns False when it cannot without waiting."""
+
+
+def chunk(message: bytes) -> bytes:
+    """``message`` as one chunk of a chunked HTTP body, framed once for every stream."""
+    return b"%x\r\n%s\r\n" % (len(message), message)
+
+
 class Subscriber:
-    """One event stream's queue; ``None`` in the queue ends the stream."""
+    """One event stream's queue; ``None`` in the queue ends the stream.
+
+    While nothing is queued or being written, the stream sets ``send``: a change then
+    goes to its socket at once, from the publisher's loop over every stream, with no
+    task to wake (what a fan-out to a thousand streams costs is their sockets' writes).
+    The queue takes what cannot be sent so: the current state a new stream starts
+    with, and news for a reader whose socket has not taken the previous message yet.
+    """
 
     def __init__(self, backlog: int = STREAM_BACKLOG) -> None:
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(backlog)
         self.lagged = False
+        self.send: Send | None = None
 
-    def offer(self, message: bytes | None) -> None:
+    def offer(self, message: bytes | None, framed: bytes | None = None) -> None:
+        if (
+            message is not None
+            and self.send is not None
+            and self.queue.empty()
+            and self.send(message, framed if framed is not None else chunk(message))
+        ):
+            return
         try:
             self.queue.put_nowait(message)
         except asyncio.QueueFull:
@@ -120,6 +145,7 @@ class SiteCache:
         self._waiters: dict[str, asyncio.Event] = {}
         self._subscribers: set[Subscriber] = set()
         self._scheduled = False
+        self._snapshot: bytes | None = None
         self._site: tuple[SiteView, dict[str, Any]] | None = None
         self._log = EventLog("hapair.registry")
 
@@ -215,30 +241,38 @@ class SiteCache:
     def subscribe(self) -> Iterator[Subscriber]:
         """A stream that starts with the current state (topology, roles, nodes, endpoint
         answers), then carries every change."""
-        revision = self.view.revision
-        snapshot = [sse("topology", self._topology, revision)] if self._topology else []
-        snapshot += [sse("role", role, revision) for role in self._roles.values()]
-        snapshot += [sse("node", node, revision) for node in self._nodes.values()]
-        snapshot += [
-            sse("endpoint", _endpoint_data(service, answer), revision)
-            for service, answer in sorted(self.answers.items())
-        ]
-        sub = Subscriber(len(snapshot) + STREAM_BACKLOG)
-        for message in snapshot:
-            sub.offer(message)
+        sub = Subscriber(STREAM_BACKLOG + 1)
+        sub.offer(self._current_state())
         self._subscribers.add(sub)
         try:
             yield sub
         finally:
             self._subscribers.discard(sub)
 
+    def _current_state(self) -> bytes:
+        """The messages a new stream starts with, as one write: encoded once per state,
+        so that a thousand streams opening at once (all sent here by another registry)
+        cost one encoding, not a thousand."""
+        if self._snapshot is None:
+            revision = self.view.revision
+            snapshot = [sse("topology", self._topology, revision)] if self._topology else []
+            snapshot += [sse("role", role, revision) for role in self._roles.values()]
+            snapshot += [sse("node", node, revision) for node in self._nodes.values()]
+            snapshot += [
+                sse("endpoint", _endpoint_data(service, answer), revision)
+                for service, answer in sorted(self.answers.items())
+            ]
+            self._snapshot = b"".join(snapshot)
+        return self._snapshot
+
     def close_streams(self) -> None:
         for sub in list(self._subscribers):
             sub.offer(None)
 
     def _publish(self, message: bytes) -> None:
+        framed = chunk(message)
         for sub in list(self._subscribers):
-            sub.offer(message)
+            sub.offer(message, framed)
             if sub.lagged:
                 self._subscribers.discard(sub)
                 self._log.warning("event stream cut off: client too slow")
@@ -297,6 +331,7 @@ class SiteCache:
 
     def _rebuild(self) -> None:
         self._scheduled = False
+        self._snapshot = None  # a new revision at least
         old = self.view
         new = SiteView.from_kvs(self.mirror.items.values(), self.mirror.revision, previous=old)
         self.view = new
