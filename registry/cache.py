@@ -142,7 +142,8 @@ class SiteCache:
         self._roles: dict[str, dict[str, Any]] = {}
         self._nodes: dict[str, dict[str, Any]] = {}
         self._topology: dict[str, Any] | None = None
-        self._waiters: dict[str, asyncio.Event] = {}
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        """Long-polls waiting for a service's answer to change."""
         self._subscribers: set[Subscriber] = set()
         self._scheduled = False
         self._snapshot: bytes | None = None
@@ -227,13 +228,27 @@ class SiteCache:
             answer = self.answer(service)
             if answer.status == 404 or (answer.epoch or 0) > after_epoch or not self.synced:
                 return answer
-            remaining = deadline - loop.time()
-            if remaining <= 0:
+            if loop.time() >= deadline:
                 return answer
-            changed = self._waiters.setdefault(service, asyncio.Event())
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
-                    await changed.wait()
+            # A future and a timer each, rather than an event and a timeout: the least a
+            # long-poll costs, and a change wakes hundreds of them at once.
+            woken: asyncio.Future[None] = loop.create_future()
+            waiters = self._waiters.setdefault(service, set())
+            waiters.add(woken)
+            timer = loop.call_at(deadline, _wake, woken)
+            try:
+                await woken
+            finally:
+                timer.cancel()
+                waiters.discard(woken)
+                if not waiters and self._waiters.get(service) is waiters:
+                    del self._waiters[service]
+
+    def _wake_waiters(self, service: str | None = None) -> None:
+        """Wake the long-polls of ``service`` (of every service when None)."""
+        for name in [service] if service is not None else list(self._waiters):
+            for woken in self._waiters.pop(name, ()):
+                _wake(woken)
 
     # ---- event streams ------------------------------------------------------------
 
@@ -325,9 +340,7 @@ class SiteCache:
                 error=self.problem,
             )
             self.close_streams()
-        for waiters in self._waiters.values():
-            waiters.set()
-        self._waiters.clear()
+        self._wake_waiters()
 
     def _rebuild(self) -> None:
         self._scheduled = False
@@ -402,9 +415,7 @@ class SiteCache:
             else:
                 self.answers.pop(service, None)
             self._publish(sse("endpoint", _endpoint_data(service, answer), rev))
-            waiters = self._waiters.pop(service, None)
-            if waiters is not None:
-                waiters.set()
+            self._wake_waiters(service)
 
     def _update_nodes(self, old: SiteView, new: SiteView, rev: int) -> None:
         names = {*old.statuses, *new.statuses, *old.drained, *new.drained}
@@ -453,6 +464,11 @@ def lookup(view: SiteView, service: str) -> Lookup:
             },
         )
     return found
+
+
+def _wake(woken: asyncio.Future[None]) -> None:
+    if not woken.done():
+        woken.set_result(None)
 
 
 def _endpoint_data(service: str, answer: Answer) -> dict[str, Any]:
