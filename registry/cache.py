@@ -41,6 +41,9 @@ FRESH_WITHIN_S = 3.0
 """A heartbeat not seen back through the watch within this bound makes the registry stale."""
 HEARTBEAT_TTL_S = 10
 """The heartbeat key's lease: gone soon after its registry."""
+STALE_STREAMS_S = 5.0
+"""How long a registry out of touch with etcd keeps its event streams open, told that
+its view is not current, before it ends them."""
 
 
 def encode(data: Any) -> bytes:
@@ -121,7 +124,11 @@ class Subscriber:
 
 class SiteCache:
     def __init__(
-        self, store: Store, heartbeat_s: float = HEARTBEAT_S, fresh_within_s: float = FRESH_WITHIN_S
+        self,
+        store: Store,
+        heartbeat_s: float = HEARTBEAT_S,
+        fresh_within_s: float = FRESH_WITHIN_S,
+        stale_streams_s: float = STALE_STREAMS_S,
     ) -> None:
         self.store = store
         self.mirror = Mirror(store, keys.PREFIX + "/", on_change=self._changed)
@@ -132,6 +139,12 @@ class SiteCache:
         )
         self._heartbeat_s = heartbeat_s
         self._fresh_within_s = fresh_within_s
+        self._stale_streams_s = stale_streams_s
+        self._stale_message: bytes | None = None
+        """What the event streams were told when the registry lost touch with etcd,
+        until they are told that it is back."""
+        self._ending: asyncio.TimerHandle | None = None
+        """Ends the event streams if the registry stays out of touch."""
         self._event_keys: list[tuple[int, str]] = []
         """The event keys the mirror keeps (:func:`keys.event_order`), in time order: the
         newest only."""
@@ -256,8 +269,10 @@ class SiteCache:
     def subscribe(self) -> Iterator[Subscriber]:
         """A stream that starts with the current state (topology, roles, nodes, endpoint
         answers), then carries every change."""
-        sub = Subscriber(STREAM_BACKLOG + 1)
+        sub = Subscriber(STREAM_BACKLOG + 2)
         sub.offer(self._current_state())
+        if self._stale_message is not None:
+            sub.offer(self._stale_message)  # lost in the moment it took to open this one
         self._subscribers.add(sub)
         try:
             yield sub
@@ -332,15 +347,45 @@ class SiteCache:
                 self.mirror.items.pop(self._event_keys.pop(0)[1], None)
 
     def _lost_etcd(self) -> None:
-        """Send followers to another registry: this one can only show the past now."""
-        if self._subscribers:
+        """Out of touch with etcd, the registry can only show the past: its long-polls
+        answer now, its event streams are told at once, and ended if it lasts (their
+        clients then follow another registry). A short stall ends none: a thousand
+        clients reconnecting at once are a load of their own."""
+        revision = self.view.revision
+        if self._stale_message is None:
             self._log.warning(
-                "lost etcd; ending event streams",
+                "lost touch with etcd; telling event streams",
                 streams=len(self._subscribers),
                 error=self.problem,
             )
-            self.close_streams()
+            data = {"stale": True, "error": self.problem, "revision": revision}
+            self._stale_message = sse("stale", data, revision)
+            self._publish(self._stale_message)
+        if self._ending is None:
+            loop = asyncio.get_running_loop()
+            self._ending = loop.call_later(self._stale_streams_s, self._lost_for_long)
         self._wake_waiters()
+
+    def _lost_for_long(self) -> None:
+        self._ending = None
+        if self._subscribers and not self.synced:
+            self._log.warning(
+                "out of touch with etcd for long; ending event streams",
+                streams=len(self._subscribers),
+                after_s=self._stale_streams_s,
+                error=self.problem,
+            )
+            self.close_streams()
+
+    def _in_touch_again(self) -> None:
+        """After the rebuild that published what changed meanwhile: the view is current."""
+        if self._ending is not None:
+            self._ending.cancel()
+            self._ending = None
+        if self._stale_message is not None:
+            self._stale_message = None
+            revision = self.view.revision
+            self._publish(sse("stale", {"stale": False, "revision": revision}, revision))
 
     def _rebuild(self) -> None:
         self._scheduled = False
@@ -355,6 +400,8 @@ class SiteCache:
         self._update_roles(new, rev)
         self._update_answers(new, rev)
         self._update_nodes(old, new, rev)
+        if self.synced and (self._stale_message is not None or self._ending is not None):
+            self._in_touch_again()
         # The first build after start only shows the past; streams get news.
         for key, event in new.events.items():
             if key not in old.events and old.revision:
