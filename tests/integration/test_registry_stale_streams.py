@@ -13,8 +13,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from aiohttp import ClientSession, ClientTimeout, TCPConnector
 
+from hapair.shared.client import Resolver
 from hapair.shared.client.sse import SseParser
 from hapair.shared.store import Store
 from tests.integration.test_client_resolver import active_pair, move
@@ -132,5 +134,43 @@ async def test_a_long_stall_ends_the_streams(etcd: Etcd, store: Store) -> None:
                     assert await new_stream_refused(registry.url)
                 finally:
                     relay.thaw()
+        finally:
+            await registry.stop()
+
+
+async def test_the_client_library_marks_its_endpoint_stale_meanwhile_and_stays(
+    etcd: Etcd, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    await active_pair(store)
+    async with FreezableRelay(etcd.url) as relay:
+        registry = await RegistryProcess(etcd, relay.url, args=["--stale-streams", "60"]).start()
+        try:
+            async with (
+                Resolver(registry.url, request_timeout_s=0.5, transport="sse") as resolver,
+                resolver.following("mes-api"),
+            ):
+
+                def stale() -> bool | None:
+                    state = resolver.state("mes-api")
+                    return None if state.endpoint is None else state.stale
+
+                await until(lambda: asyncio.sleep(0, stale() is False), "the endpoint followed")
+                relay.freeze()
+                try:
+                    await until(
+                        lambda: asyncio.sleep(0, stale() is True),
+                        "the endpoint marked stale, as the registry says",
+                        STALE_WITHIN_S,
+                    )
+                finally:
+                    relay.thaw()
+                await until(
+                    lambda: asyncio.sleep(0, stale() is False),
+                    "the endpoint current again, as the registry says",
+                    STALE_WITHIN_S,
+                )
+                assert resolver.state("mes-api").endpoint is not None
+            # It stayed on its stream all along: it never found the registry unavailable.
+            assert "registry unavailable" not in caplog.text
         finally:
             await registry.stop()
