@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import heapq
+import itertools
 import json
 import re
 import uuid
@@ -122,6 +124,54 @@ class Subscriber:
             self.queue.put_nowait(None)
 
 
+COMPACT_EVERY = 4096
+"""Long-polls between two sweeps of those woken already off the deadlines' heap."""
+
+
+class Deadlines:
+    """Wakes each long-poll at its deadline, from one timer for them all.
+
+    A timer each costs more than the rest of a long-poll's wait (an event loop handle
+    made, then cancelled when news wakes it first, as it does for hundreds at once).
+    Here a deadline is a push on a heap; the one timer is set for the earliest, and a
+    long-poll woken first is left on the heap until its deadline comes by.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._count = itertools.count()  # ties in time: no futures compared
+
+    def add(self, deadline: float, woken: asyncio.Future[None]) -> None:
+        count = next(self._count)
+        if count % COMPACT_EVERY == COMPACT_EVERY - 1:
+            # Those woken already, by news or by a client gone, leave the heap now and
+            # then, rather than only at their deadline: it stays the size of the polls.
+            self._heap = [entry for entry in self._heap if not entry[2].done()]
+            heapq.heapify(self._heap)
+        heapq.heappush(self._heap, (deadline, count, woken))
+        if self._heap[0][2] is woken:
+            self._arm()
+
+    def __len__(self) -> int:
+        """Deadlines held, of long-polls woken already too."""
+        return len(self._heap)
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        if self._heap:
+            self._timer = asyncio.get_running_loop().call_at(self._heap[0][0], self._due)
+
+    def _due(self) -> None:
+        now = asyncio.get_running_loop().time()
+        while self._heap and self._heap[0][0] <= now:
+            _wake(heapq.heappop(self._heap)[2])
+        self._timer = None
+        self._arm()
+
+
 class SiteCache:
     def __init__(
         self,
@@ -157,6 +207,7 @@ class SiteCache:
         self._topology: dict[str, Any] | None = None
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         """Long-polls waiting for a service's answer to change."""
+        self._deadlines = Deadlines()
         self._subscribers: set[Subscriber] = set()
         self._scheduled = False
         self._snapshot: bytes | None = None
@@ -243,16 +294,13 @@ class SiteCache:
                 return answer
             if loop.time() >= deadline:
                 return answer
-            # A future and a timer each, rather than an event and a timeout: the least a
-            # long-poll costs, and a change wakes hundreds of them at once.
             woken: asyncio.Future[None] = loop.create_future()
             waiters = self._waiters.setdefault(service, set())
             waiters.add(woken)
-            timer = loop.call_at(deadline, _wake, woken)
+            self._deadlines.add(deadline, woken)
             try:
                 await woken
             finally:
-                timer.cancel()
                 waiters.discard(woken)
                 if not waiters and self._waiters.get(service) is waiters:
                     del self._waiters[service]
