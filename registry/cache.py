@@ -10,8 +10,9 @@ A watch can stall without an error (its etcd member frozen, or cut from its quor
 still accepting connections), and etcd sends nothing on a quiet watch that aetcd passes
 on. So the registry writes a heartbeat key every second and must see it come back
 through its own watch within ``fresh_within_s``; when it does not, the registry says it
-is stale (lookups carry ``X-Hapair-Stale``, ``/healthz`` answers 503, event streams end)
-and resumes its watch on another member until a heartbeat comes back.
+is stale (lookups carry ``X-Hapair-Stale``, ``/healthz`` answers 503, event streams are
+told, and end if it lasts ``stale_streams_s``) and resumes its watch on another member
+until a heartbeat comes back.
 """
 
 from __future__ import annotations

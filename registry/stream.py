@@ -8,8 +8,9 @@ resumes from the current state. Idle streams get a comment line every ``heartbea
 from a dead one sooner).
 
 A registry out of touch with etcd could only stream old news: it refuses new streams
-with ``503`` and ends the open ones (see ``SiteCache``), so that clients follow another
-registry.
+with ``503``, tells the open ones at once (a ``stale`` event, and another once it is
+current again) and ends them if that lasts (see ``SiteCache``), so that their clients
+follow another registry; a short stall sends no client back to reconnect.
 
 Readers that wait (streams, long-polls) each hold a handler and a socket: beyond
 ``max_streams`` (``max_polls``) on the registry, or ``max_per_client`` of both from one
