@@ -31,8 +31,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
+from bench.bench_hundred import played_pair
 from bench.bench_registry import start_registry
 from bench.procstat import sched_seconds
 from hapair.shared import keys
@@ -42,29 +42,9 @@ from tests.support.harness import free_port, stop_pid
 from tests.support.tls_etcd import own_etcd
 
 ROOT = Path(__file__).resolve().parent.parent
-FOLLOWED = "p0"
+FOLLOWED = "s0"
 SERVICE = f"svc-{FOLLOWED}"
 TARGET_MS = 200.0
-
-
-def site_pairs(pairs: int) -> list[dict[str, Any]]:
-    return [
-        {
-            "name": f"p{i}",
-            "nodes": [
-                {"name": f"p{i}-a", "address": f"127.0.{10 + i // 100}.{2 * (i % 100) + 1}"},
-                {"name": f"p{i}-b", "address": f"127.0.{10 + i // 100}.{2 * (i % 100) + 2}"},
-            ],
-            "services": [
-                {
-                    "name": f"svc-p{i}",
-                    "command": ["true"],
-                    "endpoint": {"port": 8080, "protocol": "http"},
-                }
-            ],
-        }
-        for i in range(pairs)
-    ]
 
 
 async def publish(c: Cluster, pair: str, node: str, lease: int, first: bool = False) -> int:
@@ -135,11 +115,11 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
     c = Cluster(etcd, tmp)
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        await c.apply(c.site(site_pairs(args.pairs)))
+        await c.apply(c.site([played_pair(i) for i in range(args.pairs)]))
         lease = await c.store.grant(600)
         for i in range(args.pairs):
-            epoch = await publish(c, f"p{i}", f"p{i}-a", lease, first=True)
-            await c.store.put(keys.endpoint(f"svc-p{i}"), endpoint(f"p{i}", f"p{i}-a", epoch))
+            epoch = await publish(c, f"s{i}", f"s{i}-a", lease, first=True)
+            await c.store.put(keys.endpoint(f"svc-s{i}"), endpoint(f"s{i}", f"s{i}-a", epoch))
         port = free_port()
         registry = start_registry(etcd, port, tmp / "registry.log")
         procs.append(registry)

@@ -73,6 +73,30 @@ async def streams(url: str) -> AsyncIterator[list[Follower]]:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
+@contextlib.asynccontextmanager
+async def registry_behind_relay(
+    etcd: Etcd, stale_streams_s: float
+) -> AsyncIterator[tuple[RegistryProcess, FreezableRelay]]:
+    """A registry process reaching etcd through a relay that can be frozen."""
+    async with FreezableRelay(etcd.url) as relay:
+        args = ["--stale-streams", f"{stale_streams_s:g}"]
+        registry = await RegistryProcess(etcd, relay.url, args=args).start()
+        try:
+            yield registry, relay
+        finally:
+            await registry.stop()
+
+
+@contextlib.asynccontextmanager
+async def stalled(relay: FreezableRelay) -> AsyncIterator[None]:
+    """etcd's answers held back while inside."""
+    relay.freeze()
+    try:
+        yield
+    finally:
+        relay.thaw()
+
+
 async def new_stream_refused(url: str) -> bool:
     async with ClientSession() as session, session.get(f"{url}/v1/events") as resp:
         return resp.status == 503
@@ -82,95 +106,75 @@ async def test_a_short_stall_marks_the_streams_stale_and_current_again_and_ends_
     etcd: Etcd, store: Store
 ) -> None:
     a, b = await active_pair(store)
-    async with FreezableRelay(etcd.url) as relay:
-        registry = await RegistryProcess(etcd, relay.url, args=["--stale-streams", "60"]).start()
-        try:
-            async with streams(registry.url) as followers:
-                relay.freeze()
-                try:
-                    await until(
-                        lambda: asyncio.sleep(0, all(f.stale_marks() for f in followers)),
-                        "every stream told that the registry is not current",
-                        STALE_WITHIN_S,
-                    )
-                    assert await new_stream_refused(registry.url)
-                finally:
-                    relay.thaw()
-                await until(
-                    lambda: asyncio.sleep(
-                        0, all(f.stale_marks()[-1:] == [False] for f in followers)
-                    ),
-                    "every stream told that the registry is current again",
-                    STALE_WITHIN_S,
-                )
-                assert not any(f.ended for f in followers)
-                # The streams go on carrying news.
-                epoch = await move(a, b)
-                await until(
-                    lambda: asyncio.sleep(0, all(epoch in f.epochs() for f in followers)),
-                    "every stream told of the new epoch",
-                )
-                assert not any(f.ended for f in followers)
-                assert all(f.stale_marks() == [True, False] for f in followers)
-        finally:
-            await registry.stop()
+    async with (
+        registry_behind_relay(etcd, stale_streams_s=60) as (registry, relay),
+        streams(registry.url) as followers,
+    ):
+        async with stalled(relay):
+            await until(
+                lambda: asyncio.sleep(0, all(f.stale_marks() for f in followers)),
+                "every stream told that the registry is not current",
+                STALE_WITHIN_S,
+            )
+            assert await new_stream_refused(registry.url)
+        await until(
+            lambda: asyncio.sleep(0, all(f.stale_marks()[-1:] == [False] for f in followers)),
+            "every stream told that the registry is current again",
+            STALE_WITHIN_S,
+        )
+        assert not any(f.ended for f in followers)
+        # The streams go on carrying news.
+        epoch = await move(a, b)
+        await until(
+            lambda: asyncio.sleep(0, all(epoch in f.epochs() for f in followers)),
+            "every stream told of the new epoch",
+        )
+        assert not any(f.ended for f in followers)
+        assert all(f.stale_marks() == [True, False] for f in followers)
 
 
 async def test_a_long_stall_ends_the_streams(etcd: Etcd, store: Store) -> None:
     await active_pair(store)
-    async with FreezableRelay(etcd.url) as relay:
-        registry = await RegistryProcess(etcd, relay.url, args=["--stale-streams", "1"]).start()
-        try:
-            async with streams(registry.url) as followers:
-                relay.freeze()
-                try:
-                    await until(
-                        lambda: asyncio.sleep(0, all(f.ended for f in followers)),
-                        "every stream ended",
-                        STALE_WITHIN_S,
-                    )
-                    # Each was told why before it ended.
-                    assert all(f.stale_marks() == [True] for f in followers)
-                    assert await new_stream_refused(registry.url)
-                finally:
-                    relay.thaw()
-        finally:
-            await registry.stop()
+    async with (
+        registry_behind_relay(etcd, stale_streams_s=1) as (registry, relay),
+        streams(registry.url) as followers,
+        stalled(relay),
+    ):
+        await until(
+            lambda: asyncio.sleep(0, all(f.ended for f in followers)),
+            "every stream ended",
+            STALE_WITHIN_S,
+        )
+        # Each was told why before it ended.
+        assert all(f.stale_marks() == [True] for f in followers)
+        assert await new_stream_refused(registry.url)
 
 
 async def test_the_client_library_marks_its_endpoint_stale_meanwhile_and_stays(
     etcd: Etcd, store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     await active_pair(store)
-    async with FreezableRelay(etcd.url) as relay:
-        registry = await RegistryProcess(etcd, relay.url, args=["--stale-streams", "60"]).start()
-        try:
-            async with (
-                Resolver(registry.url, request_timeout_s=0.5, transport="sse") as resolver,
-                resolver.following("mes-api"),
-            ):
+    async with (
+        registry_behind_relay(etcd, stale_streams_s=60) as (registry, relay),
+        Resolver(registry.url, request_timeout_s=0.5, transport="sse") as resolver,
+        resolver.following("mes-api"),
+    ):
 
-                def stale() -> bool | None:
-                    state = resolver.state("mes-api")
-                    return None if state.endpoint is None else state.stale
+        def stale() -> bool | None:
+            state = resolver.state("mes-api")
+            return None if state.endpoint is None else state.stale
 
-                await until(lambda: asyncio.sleep(0, stale() is False), "the endpoint followed")
-                relay.freeze()
-                try:
-                    await until(
-                        lambda: asyncio.sleep(0, stale() is True),
-                        "the endpoint marked stale, as the registry says",
-                        STALE_WITHIN_S,
-                    )
-                finally:
-                    relay.thaw()
-                await until(
-                    lambda: asyncio.sleep(0, stale() is False),
-                    "the endpoint current again, as the registry says",
-                    STALE_WITHIN_S,
-                )
-                assert resolver.state("mes-api").endpoint is not None
-            # It stayed on its stream all along: it never found the registry unavailable.
-            assert "registry unavailable" not in caplog.text
-        finally:
-            await registry.stop()
+        await until(lambda: asyncio.sleep(0, stale() is False), "the endpoint followed")
+        async with stalled(relay):
+            await until(
+                lambda: asyncio.sleep(0, stale() is True),
+                "the endpoint marked stale, as the registry says",
+                STALE_WITHIN_S,
+            )
+        await until(
+            lambda: asyncio.sleep(0, stale() is False),
+            "the endpoint current again, as the registry says",
+            STALE_WITHIN_S,
+        )
+    # It stayed on its stream all along: it never found the registry unavailable.
+    assert "registry unavailable" not in caplog.text
