@@ -157,7 +157,11 @@ async def _stream(
         """Straight to the socket, when that cannot wait: as aiohttp would frame it."""
         if transport is None or transport.is_closing() or transport.get_write_buffer_size():
             return False
-        transport.write(framed if response.chunked else message)
+        try:
+            transport.write(framed if response.chunked else message)
+        except (OSError, RuntimeError):
+            # Never raised into the loop over every stream: this one's task finds out.
+            return False
         return True
 
     # The headers go out with this first write, through aiohttp; after it, the body is
