@@ -7,7 +7,8 @@ prints ``ready`` once every client knows the service's endpoint, then appends to
 one JSON line per new epoch of the service: when each client was told (monotonic clock,
 the same for every process of the machine) and which client it was, written once all of
 them were, or after ``--give-up-s`` with those that were. Client ``i`` long-polls when
-``i`` is even, streams when odd, and asks registry ``(i // 2) % len(registries)``.
+``i`` is even, streams when odd (``--kind poll`` or ``stream``: all of them do that),
+and asks registry ``(i // 2) % len(registries)``.
 """
 
 from __future__ import annotations
@@ -115,7 +116,9 @@ async def main(args: argparse.Namespace) -> None:
     tasks = []
     for i in range(args.clients):
         host, port = registries[(i // 2) % len(registries)]
-        kind = long_poll if i % 2 == 0 else stream
+        kind = {"both": long_poll if i % 2 == 0 else stream, "poll": long_poll}.get(
+            args.kind, stream
+        )
         tasks.append(asyncio.create_task(kind(i, host, int(port), args.service, told)))
         if i % 50 == 49:
             await asyncio.sleep(0.05)  # not a thousand handshakes at once
@@ -135,4 +138,7 @@ if __name__ == "__main__":
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--out", required=True)
     parser.add_argument("--give-up-s", type=float, default=10.0)
+    parser.add_argument(
+        "--kind", choices=["both", "poll", "stream"], default="both", help="of every client"
+    )
     asyncio.run(main(parser.parse_args()))

@@ -72,9 +72,12 @@ class StreamEvent(Answer):
     """One server-sent event. ``data`` is a JSON object: for ``endpoint`` a lookup
     answer with its ``service`` and ``status``; ``role`` ``{pair, active, epoch, since,
     paused}``; ``node`` ``{node, pair, up, role, healthy, problems, drained}``;
-    ``topology`` ``{site, applied_by, applied_at}``; ``event`` an audit-trail entry."""
+    ``topology`` ``{site, applied_by, applied_at}``; ``event`` an audit-trail entry;
+    ``stale`` ``{stale: true, error, revision}`` when the registry loses touch with etcd
+    (what it streams may be the past; the stream ends if that lasts) and ``{stale:
+    false, revision}`` once it is current again."""
 
-    event: Literal["topology", "role", "node", "endpoint", "event"]
+    event: Literal["topology", "role", "node", "endpoint", "event", "stale"]
     data: str = Field(json_schema_extra={"contentMediaType": "application/json"})
     id: str = Field(pattern=r"^[0-9]+$", description="the etcd revision of the change")
 

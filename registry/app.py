@@ -41,8 +41,8 @@ def create_app(
     store = Store(etcd, timeout=etcd_timeout_s, tls=tls)
     app = web.Application(middlewares=[domain_errors])
     app[STORE] = store
-    app[CACHE] = SiteCache(store)
-    app[CONFIG] = config or RegistryConfig()
+    app[CONFIG] = config = config or RegistryConfig()
+    app[CACHE] = SiteCache(store, stale_streams_s=config.stale_streams_s)
     app[READERS] = Readers()
     app[SERVED] = Served()
     app[BACKGROUND] = Background()

@@ -33,6 +33,9 @@ class RegistryConfig:
     """Long-polls waiting at once; a new one beyond is refused (503, Retry-After)."""
     max_per_client: int = 50
     """Streams and long-polls waiting at once from one client address, together."""
+    stale_streams_s: float = 5.0
+    """Out of touch with etcd this long, the registry ends its event streams (they were
+    told at once that its view is not current)."""
     write_timeout_s: float = 5.0
     """An event stream whose reader takes longer than this to take a message is cut off."""
     header_timeout_s: float = 10.0

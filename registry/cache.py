@@ -10,8 +10,9 @@ A watch can stall without an error (its etcd member frozen, or cut from its quor
 still accepting connections), and etcd sends nothing on a quiet watch that aetcd passes
 on. So the registry writes a heartbeat key every second and must see it come back
 through its own watch within ``fresh_within_s``; when it does not, the registry says it
-is stale (lookups carry ``X-Hapair-Stale``, ``/healthz`` answers 503, event streams end)
-and resumes its watch on another member until a heartbeat comes back.
+is stale (lookups carry ``X-Hapair-Stale``, ``/healthz`` answers 503, event streams are
+told, and end if it lasts ``stale_streams_s``) and resumes its watch on another member
+until a heartbeat comes back.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import heapq
+import itertools
 import json
 import re
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +44,9 @@ FRESH_WITHIN_S = 3.0
 """A heartbeat not seen back through the watch within this bound makes the registry stale."""
 HEARTBEAT_TTL_S = 10
 """The heartbeat key's lease: gone soon after its registry."""
+STALE_STREAMS_S = 5.0
+"""How long a registry out of touch with etcd keeps its event streams open, told that
+its view is not current, before it ends them."""
 
 
 def encode(data: Any) -> bytes:
@@ -75,14 +81,39 @@ def sse(kind: str, data: Any, revision: int) -> bytes:
     return f"event: {kind}\nid: {revision}\ndata: {json.dumps(data)}\n\n".encode()
 
 
+Send = Callable[[bytes, bytes], bool]
+"""Writes a message (as is, and framed as an HTTP chunk) straight to a stream's socket,
+or returns False when it cannot without waiting."""
+
+
+def chunk(message: bytes) -> bytes:
+    """``message`` as one chunk of a chunked HTTP body, framed once for every stream."""
+    return b"%x\r\n%s\r\n" % (len(message), message)
+
+
 class Subscriber:
-    """One event stream's queue; ``None`` in the queue ends the stream."""
+    """One event stream's queue; ``None`` in the queue ends the stream.
+
+    While nothing is queued or being written, the stream sets ``send``: a change then
+    goes to its socket at once, from the publisher's loop over every stream, with no
+    task to wake (what a fan-out to a thousand streams costs is their sockets' writes).
+    The queue takes what cannot be sent so: the current state a new stream starts
+    with, and news for a reader whose socket has not taken the previous message yet.
+    """
 
     def __init__(self, backlog: int = STREAM_BACKLOG) -> None:
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(backlog)
         self.lagged = False
+        self.send: Send | None = None
 
-    def offer(self, message: bytes | None) -> None:
+    def offer(self, message: bytes | None, framed: bytes | None = None) -> None:
+        if (
+            message is not None
+            and self.send is not None
+            and self.queue.empty()
+            and self.send(message, framed if framed is not None else chunk(message))
+        ):
+            return
         try:
             self.queue.put_nowait(message)
         except asyncio.QueueFull:
@@ -94,9 +125,61 @@ class Subscriber:
             self.queue.put_nowait(None)
 
 
+COMPACT_EVERY = 4096
+"""Long-polls between two sweeps of those woken already off the deadlines' heap."""
+
+
+class Deadlines:
+    """Wakes each long-poll at its deadline, from one timer for them all.
+
+    A timer each costs more than the rest of a long-poll's wait (an event loop handle
+    made, then cancelled when news wakes it first, as it does for hundreds at once).
+    Here a deadline is a push on a heap; the one timer is set for the earliest, and a
+    long-poll woken first is left on the heap until its deadline comes by.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._count = itertools.count()  # ties in time: no futures compared
+
+    def add(self, deadline: float, woken: asyncio.Future[None]) -> None:
+        count = next(self._count)
+        if count % COMPACT_EVERY == COMPACT_EVERY - 1:
+            # Those woken already, by news or by a client gone, leave the heap now and
+            # then, rather than only at their deadline: it stays the size of the polls.
+            self._heap = [entry for entry in self._heap if not entry[2].done()]
+            heapq.heapify(self._heap)
+        heapq.heappush(self._heap, (deadline, count, woken))
+        if self._heap[0][2] is woken:
+            self._arm()
+
+    def __len__(self) -> int:
+        """Deadlines held, of long-polls woken already too."""
+        return len(self._heap)
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        if self._heap:
+            self._timer = asyncio.get_running_loop().call_at(self._heap[0][0], self._due)
+
+    def _due(self) -> None:
+        now = asyncio.get_running_loop().time()
+        while self._heap and self._heap[0][0] <= now:
+            _wake(heapq.heappop(self._heap)[2])
+        self._timer = None
+        self._arm()
+
+
 class SiteCache:
     def __init__(
-        self, store: Store, heartbeat_s: float = HEARTBEAT_S, fresh_within_s: float = FRESH_WITHIN_S
+        self,
+        store: Store,
+        heartbeat_s: float = HEARTBEAT_S,
+        fresh_within_s: float = FRESH_WITHIN_S,
+        stale_streams_s: float = STALE_STREAMS_S,
     ) -> None:
         self.store = store
         self.mirror = Mirror(store, keys.PREFIX + "/", on_change=self._changed)
@@ -107,6 +190,12 @@ class SiteCache:
         )
         self._heartbeat_s = heartbeat_s
         self._fresh_within_s = fresh_within_s
+        self._stale_streams_s = stale_streams_s
+        self._stale_message: bytes | None = None
+        """What the event streams were told when the registry lost touch with etcd,
+        until they are told that it is back."""
+        self._ending: asyncio.TimerHandle | None = None
+        """Ends the event streams if the registry stays out of touch."""
         self._event_keys: list[tuple[int, str]] = []
         """The event keys the mirror keeps (:func:`keys.event_order`), in time order: the
         newest only."""
@@ -117,9 +206,12 @@ class SiteCache:
         self._roles: dict[str, dict[str, Any]] = {}
         self._nodes: dict[str, dict[str, Any]] = {}
         self._topology: dict[str, Any] | None = None
-        self._waiters: dict[str, asyncio.Event] = {}
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        """Long-polls waiting for a service's answer to change."""
+        self._deadlines = Deadlines()
         self._subscribers: set[Subscriber] = set()
         self._scheduled = False
+        self._snapshot: bytes | None = None
         self._site: tuple[SiteView, dict[str, Any]] | None = None
         self._log = EventLog("hapair.registry")
 
@@ -201,13 +293,24 @@ class SiteCache:
             answer = self.answer(service)
             if answer.status == 404 or (answer.epoch or 0) > after_epoch or not self.synced:
                 return answer
-            remaining = deadline - loop.time()
-            if remaining <= 0:
+            if loop.time() >= deadline:
                 return answer
-            changed = self._waiters.setdefault(service, asyncio.Event())
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
-                    await changed.wait()
+            woken: asyncio.Future[None] = loop.create_future()
+            waiters = self._waiters.setdefault(service, set())
+            waiters.add(woken)
+            self._deadlines.add(deadline, woken)
+            try:
+                await woken
+            finally:
+                waiters.discard(woken)
+                if not waiters and self._waiters.get(service) is waiters:
+                    del self._waiters[service]
+
+    def _wake_waiters(self, service: str | None = None) -> None:
+        """Wake the long-polls of ``service`` (of every service when None)."""
+        for name in [service] if service is not None else list(self._waiters):
+            for woken in self._waiters.pop(name, ()):
+                _wake(woken)
 
     # ---- event streams ------------------------------------------------------------
 
@@ -215,30 +318,40 @@ class SiteCache:
     def subscribe(self) -> Iterator[Subscriber]:
         """A stream that starts with the current state (topology, roles, nodes, endpoint
         answers), then carries every change."""
-        revision = self.view.revision
-        snapshot = [sse("topology", self._topology, revision)] if self._topology else []
-        snapshot += [sse("role", role, revision) for role in self._roles.values()]
-        snapshot += [sse("node", node, revision) for node in self._nodes.values()]
-        snapshot += [
-            sse("endpoint", _endpoint_data(service, answer), revision)
-            for service, answer in sorted(self.answers.items())
-        ]
-        sub = Subscriber(len(snapshot) + STREAM_BACKLOG)
-        for message in snapshot:
-            sub.offer(message)
+        sub = Subscriber(STREAM_BACKLOG + 2)
+        sub.offer(self._current_state())
+        if self._stale_message is not None:
+            sub.offer(self._stale_message)  # lost in the moment it took to open this one
         self._subscribers.add(sub)
         try:
             yield sub
         finally:
             self._subscribers.discard(sub)
 
+    def _current_state(self) -> bytes:
+        """The messages a new stream starts with, as one write: encoded once per state,
+        so that a thousand streams opening at once (all sent here by another registry)
+        cost one encoding, not a thousand."""
+        if self._snapshot is None:
+            revision = self.view.revision
+            snapshot = [sse("topology", self._topology, revision)] if self._topology else []
+            snapshot += [sse("role", role, revision) for role in self._roles.values()]
+            snapshot += [sse("node", node, revision) for node in self._nodes.values()]
+            snapshot += [
+                sse("endpoint", _endpoint_data(service, answer), revision)
+                for service, answer in sorted(self.answers.items())
+            ]
+            self._snapshot = b"".join(snapshot)
+        return self._snapshot
+
     def close_streams(self) -> None:
         for sub in list(self._subscribers):
             sub.offer(None)
 
     def _publish(self, message: bytes) -> None:
+        framed = chunk(message)
         for sub in list(self._subscribers):
-            sub.offer(message)
+            sub.offer(message, framed)
             if sub.lagged:
                 self._subscribers.discard(sub)
                 self._log.warning("event stream cut off: client too slow")
@@ -283,20 +396,49 @@ class SiteCache:
                 self.mirror.items.pop(self._event_keys.pop(0)[1], None)
 
     def _lost_etcd(self) -> None:
-        """Send followers to another registry: this one can only show the past now."""
-        if self._subscribers:
+        """Out of touch with etcd, the registry can only show the past: its long-polls
+        answer now, its event streams are told at once, and ended if it lasts (their
+        clients then follow another registry). A short stall ends none: a thousand
+        clients reconnecting at once are a load of their own."""
+        revision = self.view.revision
+        if self._stale_message is None:
             self._log.warning(
-                "lost etcd; ending event streams",
+                "lost touch with etcd; telling event streams",
                 streams=len(self._subscribers),
                 error=self.problem,
             )
+            data = {"stale": True, "error": self.problem, "revision": revision}
+            self._stale_message = sse("stale", data, revision)
+            self._publish(self._stale_message)
+        if self._ending is None:
+            loop = asyncio.get_running_loop()
+            self._ending = loop.call_later(self._stale_streams_s, self._lost_for_long)
+        self._wake_waiters()
+
+    def _lost_for_long(self) -> None:
+        self._ending = None
+        if self._subscribers and not self.synced:
+            self._log.warning(
+                "out of touch with etcd for long; ending event streams",
+                streams=len(self._subscribers),
+                after_s=self._stale_streams_s,
+                error=self.problem,
+            )
             self.close_streams()
-        for waiters in self._waiters.values():
-            waiters.set()
-        self._waiters.clear()
+
+    def _in_touch_again(self) -> None:
+        """After the rebuild that published what changed meanwhile: the view is current."""
+        if self._ending is not None:
+            self._ending.cancel()
+            self._ending = None
+        if self._stale_message is not None:
+            self._stale_message = None
+            revision = self.view.revision
+            self._publish(sse("stale", {"stale": False, "revision": revision}, revision))
 
     def _rebuild(self) -> None:
         self._scheduled = False
+        self._snapshot = None  # a new revision at least
         old = self.view
         new = SiteView.from_kvs(self.mirror.items.values(), self.mirror.revision, previous=old)
         self.view = new
@@ -307,6 +449,8 @@ class SiteCache:
         self._update_roles(new, rev)
         self._update_answers(new, rev)
         self._update_nodes(old, new, rev)
+        if self.synced and (self._stale_message is not None or self._ending is not None):
+            self._in_touch_again()
         # The first build after start only shows the past; streams get news.
         for key, event in new.events.items():
             if key not in old.events and old.revision:
@@ -367,9 +511,7 @@ class SiteCache:
             else:
                 self.answers.pop(service, None)
             self._publish(sse("endpoint", _endpoint_data(service, answer), rev))
-            waiters = self._waiters.pop(service, None)
-            if waiters is not None:
-                waiters.set()
+            self._wake_waiters(service)
 
     def _update_nodes(self, old: SiteView, new: SiteView, rev: int) -> None:
         names = {*old.statuses, *new.statuses, *old.drained, *new.drained}
@@ -418,6 +560,11 @@ def lookup(view: SiteView, service: str) -> Lookup:
             },
         )
     return found
+
+
+def _wake(woken: asyncio.Future[None]) -> None:
+    if not woken.done():
+        woken.set_result(None)
 
 
 def _endpoint_data(service: str, answer: Answer) -> dict[str, Any]:

@@ -57,6 +57,14 @@ def _args(argv: list[str] | None) -> tuple[dict[str, object], argparse.Namespace
         "open (env HAPAIR_HEADER_TIMEOUT_S, default 10)",
     )
     p.add_argument(
+        "--stale-streams",
+        dest="stale_streams_s",
+        metavar="S",
+        help="seconds the registry, out of touch with etcd, keeps its event streams open "
+        "(told at once that its view is not current) before it ends them "
+        "(env HAPAIR_STALE_STREAMS_S, default 5)",
+    )
+    p.add_argument(
         "--max-per-client",
         metavar="N",
         help="event streams and long-polls waiting at once from one client address "
@@ -83,6 +91,7 @@ def _config(settings: RegistrySettings) -> RegistryConfig:
         events_keep_days=settings.events_keep_days,
         header_timeout_s=settings.header_timeout_s,
         max_per_client=settings.max_per_client,
+        stale_streams_s=settings.stale_streams_s,
     )
 
 

@@ -34,7 +34,7 @@ B = TypeVar("B", bound=BaseModel)
 class PollQuery(BaseModel):
     """Either parameter makes the lookup a long-poll."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     after_epoch: int = Field(
         0, ge=0, description="answer as soon as the answer's epoch is above this one"
@@ -95,7 +95,7 @@ async def lookup(request: web.Request) -> web.Response:
     cache = request.app[CACHE]
     service = request.match_info["service"]
     if request.query_string:
-        poll = validate(PollQuery, dict(request.query), "query parameter")
+        poll = _poll_query(request)
         with reader_slot(request, "polls") as full:
             if full is not None:
                 return busy(full)
@@ -105,6 +105,23 @@ async def lookup(request: web.Request) -> web.Response:
     headers = None if cache.synced else {STALE_HEADER: cache.problem}
     request.app[SERVED].lookups[answer.status] += 1
     return web.Response(body=answer.body, status=answer.status, content_type=JSON, headers=headers)
+
+
+POLL_QUERIES = 1024
+"""Distinct long-poll queries remembered parsed."""
+_polls: dict[str, PollQuery] = {}
+
+
+def _poll_query(request: web.Request) -> PollQuery:
+    """A long-poll's query, parsed once per distinct query string: a thousand clients
+    following one service ask the same few, again after each change."""
+    poll = _polls.get(request.query_string)
+    if poll is None:
+        poll = validate(PollQuery, dict(request.query), "query parameter")
+        if len(_polls) >= POLL_QUERIES:
+            _polls.clear()  # any client may ask new ones: the memory stays bounded
+        _polls[request.query_string] = poll
+    return poll
 
 
 async def site(request: web.Request) -> web.Response:

@@ -37,6 +37,12 @@ class RegistrySettings(BaseSettings, EtcdTlsSettings):
     max_per_client: int = Field(
         50, ge=1, description="event streams and long-polls waiting at once per client address"
     )
+    stale_streams_s: float = Field(
+        5.0,
+        ge=0,
+        le=3600,
+        description="seconds out of touch with etcd before the event streams end",
+    )
     header_timeout_s: float = Field(
         10.0, gt=0, le=300, description="seconds a connection has to send a request's headers"
     )

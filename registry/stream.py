@@ -8,8 +8,9 @@ resumes from the current state. Idle streams get a comment line every ``heartbea
 from a dead one sooner).
 
 A registry out of touch with etcd could only stream old news: it refuses new streams
-with ``503`` and ends the open ones (see ``SiteCache``), so that clients follow another
-registry.
+with ``503``, tells the open ones at once (a ``stale`` event, and another once it is
+current again) and ends them if that lasts (see ``SiteCache``), so that their clients
+follow another registry; a short stall sends no client back to reconnect.
 
 Readers that wait (streams, long-polls) each hold a handler and a socket: beyond
 ``max_streams`` (``max_polls``) on the registry, or ``max_per_client`` of both from one
@@ -27,7 +28,7 @@ import struct
 from collections.abc import Iterator
 from typing import Literal
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from pydantic import BaseModel, ConfigDict, Field
 
 from hapair.registry.appkeys import CACHE, CONFIG, READERS
@@ -105,6 +106,10 @@ async def events(request: web.Request) -> web.StreamResponse:
         if full is not None:
             return busy(full)
         response = web.StreamResponse(headers=HEADERS)
+        if request.version >= HttpVersion11:
+            # Said here, not left to aiohttp, so that ``response.chunked`` tells how the
+            # body is framed (news bypasses the response object, see ``_stream``).
+            response.enable_chunked_encoding()
         await response.prepare(request)
         try:
             await _stream(request, response, heartbeat_s, config.write_timeout_s)
@@ -148,15 +153,32 @@ async def _stream(
         async with asyncio.timeout(write_s):
             await response.write(data)
 
+    def send(message: bytes, framed: bytes) -> bool:
+        """Straight to the socket, when that cannot wait: as aiohttp would frame it."""
+        if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+            return False
+        try:
+            transport.write(framed if response.chunked else message)
+        except (OSError, RuntimeError):
+            # Never raised into the loop over every stream: this one's task finds out.
+            return False
+        return True
+
+    # The headers go out with this first write, through aiohttp; after it, the body is
+    # the stream's alone (no compression), so news may bypass the response object.
     await write(b"retry: 1000\n\n")
+    direct = send if request.method == "GET" and not response.compression else None
     with request.app[CACHE].subscribe() as sub:
         while True:
+            if sub.queue.empty():
+                sub.send = direct
             try:
                 async with asyncio.timeout(heartbeat_s):
                     message = await sub.queue.get()
             except TimeoutError:
-                await write(b": heartbeat\n\n")
-                continue
+                message = b": heartbeat\n\n"
+            # Nothing overtakes what this task writes: news waits in the queue meanwhile.
+            sub.send = None
             if message is None:
                 return
             await write(message)

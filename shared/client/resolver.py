@@ -347,6 +347,8 @@ class Resolver:
                 for event in parser.feed(chunk):
                     if event.event == "endpoint":
                         self._streamed(url, event.data)
+                    elif event.event == "stale":
+                        self._registry_stale(url, event.data)
 
     def _streamed(self, url: str, data: str) -> None:
         try:
@@ -357,6 +359,22 @@ class Resolver:
             log.warning(
                 "ignoring an event from a registry", registry=url, problem=describe_problem(err)
             )
+
+    def _registry_stale(self, url: str, data: str) -> None:
+        """The registry followed lost touch with etcd (``stale: true``: what it streams
+        may be the past; it ends the stream if that lasts), or is current again: the
+        endpoints known are marked stale meanwhile, as the registry says."""
+        try:
+            stale = json.loads(data)["stale"] is True
+        except (ValueError, TypeError, KeyError):
+            log.warning("ignoring an event from a registry", registry=url, problem="bad stale")
+            return
+        if stale:
+            log.warning("the registry followed is out of touch with etcd", registry=url)
+        for entry in self._entries.values():
+            if entry.endpoint is not None and entry.stale != stale:
+                entry.stale = stale
+                entry.notify()
 
     async def _poll(self, url: str) -> None:
         """Long-poll every followed service at ``url`` until one poll fails; start

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession
 
+from hapair.registry.appkeys import RegistryConfig
 from hapair.shared.client import RegistryUnavailable, Resolver
 from hapair.shared.client.models import STALE_HEADER
 from hapair.shared.store import Store
@@ -74,8 +75,11 @@ async def test_registry_that_lost_etcd_sends_followers_elsewhere(
                 assert stream.status == 200
                 await stream.content.readuntil(b"event: endpoint")
                 own.stop()
-                # The open stream ends: its followers go to another registry.
+                # The open stream is told at once that the view is not current, then
+                # ends (the registry's stale_streams_s): its followers go elsewhere.
                 async with asyncio.timeout(5):
+                    await stream.content.readuntil(b"event: stale")
+                async with asyncio.timeout(5 + RegistryConfig().stale_streams_s):
                     while await stream.content.readany():
                         pass
 

@@ -20,10 +20,10 @@ from hapair.shared import keys, pki, records
 from hapair.shared.client import RegistryUnavailable, Resolver
 from hapair.shared.client.registries import registry_ssl
 from hapair.shared.store import Store
-from tests.integration.test_client_resolver import active_pair
+from tests.integration.test_client_resolver import active_pair, move
 from tests.integration.test_proxy import ProxyProcess, ask
 from tests.integration.test_registry import closed_by_peer
-from tests.support.client_lab import BIN, RegistryProcess, node_servers, until
+from tests.support.client_lab import BIN, RegistryProcess, next_of, node_servers, until
 from tests.support.harness import Etcd, free_port
 
 
@@ -152,6 +152,17 @@ async def test_hapair_proxy_follows_an_https_registry(
         conn = await proxy.connect()
         assert await ask(conn) == "asm-a ping"
         conn[1].close()
+
+
+async def test_news_reaches_an_event_stream_over_https(secure: Secure, store: Store) -> None:
+    a, b = await active_pair(store)
+    async with Resolver(secure.url, registry_ca=secure.ca, transport="sse") as resolver:
+        endpoints = resolver.watch("mes-api")
+        first = await next_of(endpoints, 10)
+        epoch = await move(a, b)
+        moved = await next_of(endpoints, 10)
+        assert (first.node, moved.node, moved.epoch) == ("asm-a", "asm-b", epoch)
+        await endpoints.aclose()
 
 
 async def test_connections_that_never_finish_the_tls_handshake_are_closed(
