@@ -298,8 +298,9 @@ class Store:
         return int(result.header.revision)
 
     async def delete(self, key: str) -> bool:
+        """Delete ``key``; whether it was there (aetcd answers None when it was not)."""
         result = await self.call(lambda: self.client.delete(key.encode()))
-        return bool(result.deleted)
+        return result is not None and bool(result.deleted)
 
     async def delete_range(self, start: str, end: str) -> int:
         """Delete every key in ``[start, end)``; how many there were."""

@@ -108,3 +108,10 @@ async def test_mismatched_compare_is_refused_before_sending(store: Store, compar
     with pytest.raises(TypeError):
         await store.txn([compare], [Op.put(OTHER, b"x")])
     assert await store.get(OTHER) is None
+
+
+async def test_delete_says_whether_the_key_was_there(store: Store) -> None:
+    """etcd's answer to deleting a missing key carries no deleted count at all here."""
+    await store.put("/t/del", b"x")
+    assert await store.delete("/t/del") is True
+    assert await store.delete("/t/del") is False
