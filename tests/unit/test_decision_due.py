@@ -17,6 +17,7 @@ from hapair.shared.topology import Pair
 from hapair.workshop_agent import recovery
 from hapair.workshop_agent.decide import Campaign, Decision, Fence, Handover, decide, due
 from hapair.workshop_agent.observation import HandoverView, LeaderView, Lost, Observation, PeerView
+from hapair.workshop_agent.term_beat import TakeoverGuard
 from tests.unit.test_decide import LEASE, PAIR, obs, peer_views
 
 MINE = LeaderView("a", 5, LEASE)
@@ -50,6 +51,52 @@ def test_a_node_behind_a_preferred_one_campaigns_when_its_delay_is_up() -> None:
     o = obs(me="b", peers=UP, leader_absent_since=99.9)
     assert due(o) == pytest.approx(99.9 + PAIR.failover.campaign_delay_s)
     assert waits_then_acts(o).actions == (Campaign(None, 0),)
+
+
+def test_a_standby_takes_over_by_beat_when_the_active_s_beats_are_overdue() -> None:
+    guard = TakeoverGuard(5, 40, 3, 4, 0)
+    o = obs(
+        me="b",
+        leader=LeaderView("a", 5, LEASE),
+        leader_absent_since=None,
+        seen_leader=True,
+        beat_takeover_at=100.3,
+        beat_guard=guard,
+    )
+    assert decide(o).reason == "standby, a active at epoch 5"
+    assert due(o) == pytest.approx(100.3)
+    later = waits_then_acts(o)
+    assert later.actions == (Campaign(None, 0, guard),)
+    assert later.reason.startswith("a's term beats stopped (epoch 5)")
+
+
+def test_a_beat_of_another_term_or_a_binding_promise_takes_nothing_over() -> None:
+    old = obs(
+        me="b",
+        now=101.0,
+        leader=LeaderView("a", 6, LEASE),
+        leader_absent_since=None,
+        beat_takeover_at=100.3,
+        beat_guard=TakeoverGuard(5, 40),
+    )
+    assert decide(old).actions == ()
+    held = replace(old, leader=LeaderView("a", 5, LEASE), held_by="a (epoch 5)")
+    assert decide(held).actions == ()
+
+
+def test_a_node_behind_a_preferred_one_takes_over_by_beat_after_its_delay() -> None:
+    o = obs(
+        me="c",
+        # The crashed active's status still says it is active (its lease lives on).
+        peers={"a": PeerView("active", True), "b": PeerView("standby", True)},
+        leader=LeaderView("a", 5, LEASE),
+        leader_absent_since=None,
+        seen_leader=True,
+        beat_takeover_at=99.9,
+        beat_guard=TakeoverGuard(5, 40),
+    )
+    assert due(o) == pytest.approx(99.9 + PAIR.failover.campaign_delay_s)
+    assert [type(a) for a in waits_then_acts(o).actions] == [Campaign]
 
 
 def test_a_drifted_node_campaigns_a_lease_after_a_preferred_holder() -> None:
@@ -203,8 +250,27 @@ actives = st.builds(
 ).map(lambda o: replace(o, leader=LeaderView(o.me, 5, LEASE)))
 
 
+# A standby with an active in etcd whose term beats it watches: the takeover by beat due
+# at some instant, behind the preferred nodes' turn.
+beat_standbys = st.builds(
+    obs,
+    me=st.sampled_from(["b", "c"]),
+    now=instants,
+    pair=st.sampled_from([PAIR, AUTO]),
+    leader=st.just(LeaderView("a", 5, LEASE)),
+    leader_absent_since=st.none(),
+    started_at=instants,
+    holdoff_until=instants,
+    forgotten_promises_until=instants,
+    seen_leader=st.just(True),
+    peers=peers_in_play,
+    beat_takeover_at=instants,
+    beat_guard=st.just(TakeoverGuard(5, 40)),
+)
+
+
 @given(
-    st.one_of(standbys, actives),
+    st.one_of(standbys, actives, beat_standbys),
     st.lists(st.floats(0, 1, exclude_max=True), min_size=1, max_size=8),
 )
 @settings(max_examples=3000)
