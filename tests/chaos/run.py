@@ -64,6 +64,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="add the PostgreSQL pair q (auto: when PostgreSQL can run here)",
     )
     p.add_argument("--lab", action="store_true", help=LAB_HELP)
+    p.add_argument(
+        "--term-beat",
+        action="store_true",
+        help="the pairs beat their term (failover.term_beat at 50/150/150 ms)",
+    )
     p.add_argument("--json", type=Path, help="also write the figures there as JSON")
     p.add_argument("--keep", action="store_true", help="keep the run's directory (logs)")
     args = p.parse_args(argv)
@@ -311,13 +316,14 @@ def _run(args: argparse.Namespace, database: bool) -> int:
                 if database or p != DB_PAIR
             )
             mode = "the lab mode" if args.lab else "TLS, client certificates, peer keys"
-            say(f"site: {sites}; etcd e1, e2, e3 ({mode})")
+            beat = "; the pairs beat their term" if args.term_beat else ""
+            say(f"site: {sites}; etcd e1, e2, e3 ({mode}){beat}")
             say(f"lab {lab.tag}, each host its own namespace")
             faults = _schedule(args, lab, database, report)
             for note in report.skipped:
                 say(f"note: {note}")
             lab.enter(lab[OBSERVER])
-            bed = Testbed(lab, root, database, secure=not args.lab)
+            bed = Testbed(lab, root, database, secure=not args.lab, term_beat=args.term_beat)
             try:
                 asyncio.run(conduct(bed, faults, report))
             except (KeyboardInterrupt, asyncio.CancelledError):

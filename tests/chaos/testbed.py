@@ -40,6 +40,7 @@ SERVICE_PORT = {"p": 8080, "q": 8081}
 PEER_PORT = 7400
 DB_PORT = 5432
 LEASE_TTL_S = 2.0
+TERM_BEAT = {"interval_ms": 50, "fence_ms": 150, "margin_ms": 150}
 FENCE_MARGIN_S = 0.5
 HTTP_TIMEOUT_S = 0.5
 
@@ -86,6 +87,7 @@ class Testbed:
     root: Path
     database: bool
     secure: bool = True
+    term_beat: bool = False
     members: EtcdMembers = field(init=False)
     cluster: NetCluster = field(init=False)
     writer: Writer | None = None
@@ -120,6 +122,8 @@ class Testbed:
                 "peer_port": PEER_PORT,
             },
         }
+        if self.term_beat:
+            spec["failover"]["term_beat"] = TERM_BEAT
         if pair == DB_PAIR:
             db = database_section(self.root, DB_PORT, synchronous=True)
             db["clients"] = [f"{self.address(OBSERVER)}/32"]  # the writer
