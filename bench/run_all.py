@@ -1,6 +1,7 @@
 """Run the benchmarks in bench/ in turn, and write what each printed into the docs.
 
-    python -m bench.run_all [--write] [--note TEXT] [NAME-FILTER ...] [-- BENCH-ARGS ...]
+    python -m bench.run_all [--write] [--page NAME] [--note TEXT] [NAME-FILTER ...]
+                            [-- BENCH-ARGS ...]
 
 Each ``bench/bench_*.py`` is a script of its own that prints its figures; this driver
 runs them one after another with the same Python (never two at once: they measure
@@ -12,7 +13,9 @@ With ``--write``, a benchmark that succeeded has its printed figures written int
 results page, ``docs/benchmarks/NAME.md`` (``bench_failover.py``: ``failover.md``), with
 the date, the commit, the machine (CPU, cores, memory, kernel, Python, etcd and
 PostgreSQL versions, load average) and the command. A benchmark that failed or was
-interrupted writes nothing: its page keeps the last good result.
+interrupted writes nothing: its page keeps the last good result. ``--page NAME`` writes
+the one benchmark selected into ``docs/benchmarks/NAME.md`` instead: a variant run
+(``bench_failover --term-beat``: ``--page failover-term-beat``) beside the default one.
 """
 
 from __future__ import annotations
@@ -225,7 +228,12 @@ def main(
     parser.add_argument(
         "--note", default="", help="a line for the results pages (what else ran, ...)"
     )
+    parser.add_argument(
+        "--page", default="", help="the results page's name, for one benchmark's variant run"
+    )
     args = parser.parse_args(argv)
+    if args.page and not re.fullmatch(r"[a-z0-9_-]+", args.page):
+        parser.error(f"--page {args.page!r}: a page name is lowercase letters, digits, - and _")
 
     scripts = benchmarks(directory)
     if args.filters:
@@ -234,6 +242,9 @@ def main(
         what = f" matching {' '.join(args.filters)}" if args.filters else ""
         echo(f"no benchmark{what} in {directory} (bench_*.py)\n")
         return 0
+    if args.page and len(scripts) != 1:
+        names = ", ".join(s.name for s in scripts)
+        parser.error(f"--page names one results page: select one benchmark (these match: {names})")
 
     facts = machine() if args.write else []
     tree = commit(directory.parent) if args.write else ""
@@ -253,7 +264,7 @@ def main(
         if args.write and code == 0:
             shown = " ".join(["python", "-m", f"{directory.name}.{script.stem}", *bench_args])
             run = Run(script.name, shown, started, took, load_before, load_average(), output)
-            target = results / f"{result_name(script)}.md"
+            target = results / f"{args.page or result_name(script)}.md"
             write_page(target, page(run, tree, facts, args.note))
             echo(f"written: {target}\n")
         elif args.write:

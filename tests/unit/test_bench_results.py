@@ -7,6 +7,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.run_all import main
 
 OK = """import sys
@@ -68,3 +70,24 @@ def test_a_filter_matching_nothing_runs_nothing(tmp_path: Path) -> None:
     echoed: list[str] = []
     assert main(["--write", "nothing"], _benches(tmp_path), tmp_path / "r", echoed.append) == 0
     assert echoed == [f"no benchmark matching nothing in {tmp_path / 'benches'} (bench_*.py)\n"]
+
+
+def test_a_variant_run_is_written_to_the_page_it_names(tmp_path: Path) -> None:
+    directory, results = _benches(tmp_path), tmp_path / "results"
+    results.mkdir()
+    (results / "ok.md").write_text("the default run\n")
+    code = main(
+        ["--write", "--page", "ok-variant", "ok", "--", "--fast"], directory, results, print
+    )
+    assert code == 0
+    assert (results / "ok.md").read_text() == "the default run\n"
+    assert "args --fast\n" in (results / "ok-variant.md").read_text()
+
+
+def test_a_page_for_more_than_one_benchmark_is_refused(tmp_path: Path) -> None:
+    directory, results = _benches(tmp_path), tmp_path / "results"
+    with pytest.raises(SystemExit):
+        main(["--write", "--page", "both"], directory, results, print)
+    with pytest.raises(SystemExit):
+        main(["--write", "--page", "../escape", "ok"], directory, results, print)
+    assert not results.exists()
