@@ -176,8 +176,8 @@ class TakeOvers:
         carried ``timing`` (None: the term does not beat)."""
         if not self.session.valid(self.clock()):
             return
-        self.beating.begin(epoch, started, timing)
         self._begin_term(epoch, held)
+        self.beating.begin(epoch, started, timing)
         self.members.new_term()
         self.recovery.began(self.clock())
         self.log.bind(epoch=epoch)
