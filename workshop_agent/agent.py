@@ -192,7 +192,7 @@ class Agent:
             self.tasks.spawn(self.parts.supervisor.update(pair, node), "reconcile")
             self.tasks.spawn(self.netwatch.update(pair, node), "network-probes")
             self.parts.session.retune(pair.failover.lease_ttl_s, pair.failover.fence_after_s)
-            self.parts.beating.watch(self.tasks.spawn)
+            self.parts.beating.watch(self.tasks.spawn, pair)
         said = [] if self.pair is None else self.pair.cautions()
         self.pair, self.node = pair, node
         self.log.bind(pair=pair.name)

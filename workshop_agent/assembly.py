@@ -353,7 +353,7 @@ def start(
     spawn(parts.session.run(), "session")
     spawn(parts.holding.run(), "hold")
     spawn(parts.beating.run(), "beat")
-    parts.beating.watch(spawn)
+    parts.beating.watch(spawn, pair)
     spawn(netwatch.update(pair, node), "network-probes")
     spawn(parts.publisher.run(), "publisher")
     spawn(parts.packages.run(), "packages")

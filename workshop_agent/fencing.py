@@ -95,6 +95,10 @@ class Fencing:
         self._timer_at = -float("inf")
         self.beat: Beat = NoBeat()
         self.fencing = False  # the services of a fence are still dying
+        # The watchdog's deadline when the term was fenced: until its services are gone
+        # it never moves later (its kill grace, half the lease's margin, may outlast the
+        # beat's margin, within which the standby takes over).
+        self._dying_deadline = float("inf")
         self.fences = 0  # since the agent started, for the metrics
 
     def point(self) -> float:
@@ -125,8 +129,12 @@ class Fencing:
         timing = self.beat.timing(term)
         point = term_fence_point(s.fence_deadline, beat, hold)
         if timing is None:
-            return point, point + self._fence_margin() / 2
-        return point, watchdog_deadline(s.fence_deadline, beat, hold, timing, self._fence_margin())
+            watchdog = point + self._fence_margin() / 2
+        else:
+            watchdog = watchdog_deadline(s.fence_deadline, beat, hold, timing, self._fence_margin())
+        if term is None and self.fencing:
+            watchdog = min(watchdog, self._dying_deadline)
+        return point, watchdog
 
     def valid(self, now: float) -> bool:
         """May this node act as active now: its lease confirmed, or, while etcd cannot
@@ -184,10 +192,11 @@ class Fencing:
             self.fence(f"{what} not confirmed before the fence point")
 
     def fence(self, reason: str) -> None:
+        dying = self._watched()[1]
         was = self._end_term()
         if was is None and self.fencing:
             return  # the services of this fence are still dying: once is enough
-        self.fencing = True
+        self.fencing, self._dying_deadline = True, dying
         self.fences += 1
         self._stop_active()
         self.log.warning("fenced", reason=reason, epoch=was)
@@ -202,4 +211,4 @@ class Fencing:
 
     def settled(self) -> None:
         """No active-only service runs any more: a later fence is one of its own."""
-        self.fencing = False
+        self.fencing, self._dying_deadline = False, float("inf")

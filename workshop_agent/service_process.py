@@ -36,10 +36,12 @@ LOG_DIR_MODE, LOG_MODE = 0o750, 0o640  # the services' output: for the agent's u
 CGROUP_EMPTY_S = 2.0  # bound on waiting for a killed cgroup to empty before removing it
 # Test hooks, off unless set in the agent's environment: the agent stops itself (SIGSTOP)
 # once, in the step that forks this active-only service, after it decided to start it
-# (before the fork) or right after the fork (before anything else knows the process).
+# (before the fork), right after the fork (before anything else knows the process) or
+# once it let the program run (the watchdog alone stops it then).
 STOP_AT = {
     "before fork": os.environ.get("HAPAIR_TEST_STOP_BEFORE_FORK"),
     "after fork": os.environ.get("HAPAIR_TEST_STOP_AFTER_FORK"),
+    "after start": os.environ.get("HAPAIR_TEST_STOP_AFTER_START"),
 }
 # Test hook, off unless set: the forked child of this active-only service is stopped
 # (SIGSTOP), once, before its exec guard checks the fence point it was given.
@@ -194,6 +196,7 @@ class ServiceProcesses:
                     return None
             with contextlib.suppress(BrokenPipeError):  # the child is gone already
                 os.write(go, repr(until).encode())
+            self._stop_for_test(r, "after start")
         finally:
             if not forked:
                 os.close(go_read)

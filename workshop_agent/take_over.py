@@ -21,7 +21,7 @@ from hapair.shared.lease import Session
 from hapair.shared.log import EventLog
 from hapair.shared.mirror import Mirror
 from hapair.shared.records import Leader, Members
-from hapair.shared.store import Kv
+from hapair.shared.store import Kv, StoreError
 from hapair.shared.topology import Pair
 from hapair.workshop_agent.beating import Beating
 from hapair.workshop_agent.database_care import DatabaseCare
@@ -32,7 +32,7 @@ from hapair.workshop_agent.members import MemberSets
 from hapair.workshop_agent.observe import PairState
 from hapair.workshop_agent.recovery_steps import RecoverySteps
 from hapair.workshop_agent.supervisor import Supervisor
-from hapair.workshop_agent.term_beat import TakeoverGuard
+from hapair.workshop_agent.term_beat import BeatTiming, TakeoverGuard
 
 
 class TakeOvers:
@@ -111,9 +111,11 @@ class TakeOvers:
                 self.log.warning("ended a term whose beats stopped", ended=beat.epoch)
                 target, stale = True, None
             members = [n.name for n in pair.nodes]
+            timing = self.beating.pair_timing()
+            first_beat = self.beating.first_beat(lease, timing)
             sent = self.clock()
             epoch = await self.election.campaign(
-                lease, stale, target, members, members_revision, self.beating.first_beat(lease)
+                lease, stale, target, members, members_revision, first_beat
             )
         if epoch is None:
             return
@@ -136,7 +138,7 @@ class TakeOvers:
         if beat is not None:
             cause = f"failover from {previous} (its term beats stopped)"
         held = self.recovery.held_after_election(planned, previous)
-        self.take_term(epoch, cause, held, sent)
+        self.take_term(epoch, cause, held, sent, timing)
         self._event("election", cause, previous=previous, planned=planned)
         missing = self._lacks()
         if missing:
@@ -151,12 +153,16 @@ class TakeOvers:
     async def adopt(self, epoch: int, cause: str) -> None:
         """Take up a term found ours on our live lease; one that beats, only once a beat
         of it is applied (its fence point counts from that beat's send)."""
+        try:
+            timing = await self.beating.term_timing(epoch)
+        except StoreError:
+            return  # taken up once etcd tells whether the term beats
         started = None
-        if self.beating.beats_term():
-            started = await self.beating.beat_once(epoch)
+        if timing is not None:
+            started = await self.beating.beat_once(epoch, timing)
             if started is None:
                 return
-        self.take_term(epoch, cause, started=started)
+        self.take_term(epoch, cause, started=started, timing=timing)
 
     def take_term(
         self,
@@ -164,12 +170,14 @@ class TakeOvers:
         cause: str,
         held: frozenset[str] = frozenset(),
         started: float | None = None,
+        timing: BeatTiming | None = None,
     ) -> None:
-        """``started``: the send of the write that put this term's latest beat."""
+        """``started``: the send of the write that put this term's latest beat, which
+        carried ``timing`` (None: the term does not beat)."""
         if not self.session.valid(self.clock()):
             return
-        self.beating.begin(epoch, started)
         self._begin_term(epoch, held)
+        self.beating.begin(epoch, started, timing)
         self.members.new_term()
         self.recovery.began(self.clock())
         self.log.bind(epoch=epoch)
