@@ -16,6 +16,7 @@ import pytest
 from tests.support.harness import ROOT
 
 COMMANDS = ("hapair", "hapair-agent", "hapair-registry", "hapair-comm", "hapair-proxy")
+pytestmark = pytest.mark.long  # a wheel built and installed twice
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 
