@@ -114,7 +114,8 @@ typecheck: venv
 # are listed at the end of each run, to keep the whole run short.
 PYTEST_WORKERS ?= 2
 # worksteal: a worker that runs out of tests takes some of the other's queue, so a run
-# does not end on one worker still going through its share of long tests.
+# does not end on one worker still going through its share of long tests; the tests
+# marked long run first (tests/conftest.py), so that none of them is the last one left.
 PYTEST := $(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist worksteal --durations=25 --durations-min=5
 
 pytest: venv sysdeps

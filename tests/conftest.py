@@ -36,9 +36,21 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "may_skip: a skip of this test weakens no safety claim (allowed under CI)"
     )
+    config.addinivalue_line("markers", f"long: {LONG_HELP}")
     if _TEMPLATES not in os.environ:
         _own_templates.append(tempfile.mkdtemp(prefix="hapair-initdb-"))
         os.environ[_TEMPLATES] = _own_templates[0]
+
+
+# A run on two workers ends when the later one does: a test of a minute started last
+# keeps the other worker idle for that minute. The tests marked ``long`` (15 s or more
+# on a loaded machine) run first, the rest keep their order; xdist's work stealing then
+# evens out the short ones at the end.
+LONG_HELP = "a test of 15 s or more: run before the others, so that no run ends on one"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -37,6 +37,7 @@ TIMEOUT_S = 240.0
 
 @pytest.mark.e2e
 @pytest.mark.skipif(CANNOT_RUN is not None, reason=f"chaos suite cannot run: {CANNOT_RUN}")
+@pytest.mark.long
 def test_chaos_smoke(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     argv = [

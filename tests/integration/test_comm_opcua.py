@@ -187,6 +187,7 @@ def test_a_write_the_opcua_plc_has_not_acknowledged_within_the_fence_margin_neve
     in_own_network(scenario)
 
 
+@pytest.mark.long
 async def test_a_plc_with_security_is_read_and_written_over_sign_and_encrypt(
     tmp_path: Path,
 ) -> None:

@@ -345,6 +345,7 @@ async def test_a_suspend_past_the_fence_point_ends_the_role_at_once(
         assert not role.serving, "a write would still leave after the suspend"
 
 
+@pytest.mark.long
 async def test_a_write_queued_behind_a_poll_is_not_sent_once_the_role_is_lost(
     etcd: Any, store: Store, plc: ModbusPlc
 ) -> None:

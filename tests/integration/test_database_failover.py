@@ -284,6 +284,7 @@ class DirectWriter:
                 await asyncio.sleep(0.005)
 
 
+@pytest.mark.long
 async def test_a_frozen_primary_accepts_no_write_once_the_standby_took_over(
     db_cluster: tuple[Cluster, int],
 ) -> None:
@@ -331,6 +332,7 @@ async def test_a_frozen_primary_accepts_no_write_once_the_standby_took_over(
     await until(a_follows, 60, "the old primary rejoined as a streaming standby")
 
 
+@pytest.mark.long
 async def test_standby_gone_degrades_to_async_after_its_delay_then_recovers(
     db_cluster: tuple[Cluster, int],
 ) -> None:
@@ -365,6 +367,7 @@ async def test_standby_gone_degrades_to_async_after_its_delay_then_recovers(
     assert not set(writer.acked) - await rows_on(port, "127.0.0.1")
 
 
+@pytest.mark.long
 async def test_status_shows_each_database_role_and_sync_state(
     db_cluster: tuple[Cluster, int],
 ) -> None:
@@ -439,6 +442,7 @@ async def test_three_nodes_quorum_commit_and_the_most_advanced_standby_takes_ove
     await until(other_follows, 60, f"{other} following the new primary")
 
 
+@pytest.mark.long
 async def test_three_nodes_a_standby_named_before_it_is_recorded_never_costs_a_commit(
     db_cluster3: tuple[Cluster, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -491,6 +495,7 @@ async def test_three_nodes_a_standby_named_before_it_is_recorded_never_costs_a_c
     assert endpoint.node == "c", f"{endpoint.node} took over"
 
 
+@pytest.mark.long
 async def test_three_nodes_the_survivor_waits_when_a_dead_standby_may_hold_more(
     db_cluster3: tuple[Cluster, int],
 ) -> None:
@@ -614,6 +619,7 @@ async def test_a_database_that_cannot_restart_moves_the_pair_to_its_sync_standby
             data.chmod(0o700)
 
 
+@pytest.mark.long
 async def test_a_database_that_cannot_restart_stays_without_a_sync_standby(
     db_cluster: tuple[Cluster, int],
 ) -> None:
@@ -673,6 +679,7 @@ async def b_back_but_held(
     return epoch, writer, gate
 
 
+@pytest.mark.long
 async def test_a_critical_resource_lost_while_the_standby_catches_up_loses_no_commit(
     db_cluster: tuple[Cluster, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -788,6 +795,7 @@ async def test_a_switchover_to_a_standby_that_cannot_receive_the_final_position_
     assert st is not None and (st.database or {}).get("role") != "primary"
 
 
+@pytest.mark.long
 async def test_a_second_failover_while_a_recovery_awaits_its_ack_holds_again(
     db_cluster_held: tuple[Cluster, int],
 ) -> None:

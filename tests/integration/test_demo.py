@@ -30,7 +30,7 @@ from tests.support.cluster import until
 from tests.support.harness import PYTHON, ROOT, default_sigint
 from tests.support.pg_harness import needs_postgres
 
-pytestmark = [pytest.mark.e2e, needs_postgres]
+pytestmark = [pytest.mark.e2e, pytest.mark.long, needs_postgres]
 DEMO = ROOT / "deploy" / "demo.py"
 
 

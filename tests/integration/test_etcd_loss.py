@@ -230,6 +230,7 @@ async def test_active_cut_from_etcd_holds_while_its_peer_hears_it(cluster: Clust
     )
 
 
+@pytest.mark.long
 async def test_a_restarted_standby_keeps_the_promise_its_earlier_run_gave(
     cluster: Cluster,
 ) -> None:

@@ -117,6 +117,7 @@ async def test_a_forged_hold_does_not_block_a_failover(cluster: Cluster, tmp_pat
     assert took < 8.0, took
 
 
+@pytest.mark.long
 async def test_a_replayed_or_forged_release_does_not_free_a_promise(
     cluster: Cluster, tmp_path: Path
 ) -> None:

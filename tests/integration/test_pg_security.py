@@ -223,6 +223,7 @@ async def streaming_from(port: int, primary: str, standby: str) -> tuple[str, bo
 
 
 @pytest.mark.e2e
+@pytest.mark.long
 async def test_a_database_pair_fails_over_with_replication_over_verified_tls(
     etcd: Etcd, store: object
 ) -> None:

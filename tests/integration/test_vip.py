@@ -283,6 +283,7 @@ async def _network(site: LabSite, node: str) -> str | None:
 
 @needs_lab
 @pytest.mark.e2e
+@pytest.mark.long
 async def test_link_between_the_nodes_cut_leaves_the_vip_on_the_active_alone(
     tmp_path: Path,
 ) -> None:

@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import pytest
 from tests.support.harness import ROOT
 
 COMMANDS = ("hapair", "hapair-agent", "hapair-registry", "hapair-comm", "hapair-proxy")
+pytestmark = pytest.mark.long  # a wheel built and installed twice
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 
@@ -37,6 +40,21 @@ def ok(*argv: str | Path) -> str:
     done = run(*argv)
     assert done.returncode == 0, f"{argv}: {done.returncode}\n{done.stdout}\n{done.stderr}"
     return done.stdout
+
+
+def runs(*argvs: Iterable[str | Path]) -> list[subprocess.CompletedProcess[str]]:
+    """Each command line, run side by side (each is a Python start that mostly waits
+    for the disk and a CPU), in the order given."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda argv: run(*argv), argvs))
+
+
+def each_ok(*argvs: Iterable[str | Path]) -> list[str]:
+    """The output of each command line, run side by side; each must succeed."""
+    done = runs(*argvs)
+    for argv, d in zip(argvs, done, strict=True):
+        assert d.returncode == 0, f"{argv}: {d.returncode}\n{d.stdout}\n{d.stderr}"
+    return [d.stdout for d in done]
 
 
 @pytest.fixture(scope="module")
@@ -70,23 +88,34 @@ def venv(where: Path, requirement: str) -> Path:
 
 def test_with_the_server_extra_every_command_starts(wheel: Path, tmp_path: Path) -> None:
     bin_dir = venv(tmp_path / "server", f"hapair[server] @ {wheel.as_uri()}")
-    for command in COMMANDS:
-        assert ok(bin_dir / command, "--version") == f"{command} {VERSION}\n"
-        assert f"usage: {command}" in ok(bin_dir / command, "--help")
+    *outputs, where = each_ok(
+        *((bin_dir / command, opt) for command in COMMANDS for opt in ("--version", "--help")),
+        [bin_dir / "python", "-c", "import hapair.shared; print(hapair.shared.__file__)"],
+    )
+    for command, version, usage in zip(COMMANDS, outputs[::2], outputs[1::2], strict=True):
+        assert version == f"{command} {VERSION}\n"
+        assert f"usage: {command}" in usage
     # The installed copy answers, not the checkout.
-    where = ok(bin_dir / "python", "-c", "import hapair.shared; print(hapair.shared.__file__)")
     assert str(tmp_path / "server") in where
 
 
 def test_the_client_library_alone(wheel: Path, tmp_path: Path) -> None:
     bin_dir = venv(tmp_path / "client", str(wheel))
-    ok(bin_dir / "python", "-c", "from hapair.shared.client import Resolver, TcpAdapter")
-    assert "usage: hapair-proxy" in ok(bin_dir / "hapair-proxy", "--help")
-    no_psycopg = run(bin_dir / "python", "-c", "import psycopg")
+    daemons = ("hapair", "hapair-agent", "hapair-registry", "hapair-comm")
+    _, usage, *versions = each_ok(
+        [bin_dir / "python", "-c", "from hapair.shared.client import Resolver, TcpAdapter"],
+        [bin_dir / "hapair-proxy", "--help"],
+        *((bin_dir / command, "--version") for command in daemons),
+    )
+    assert "usage: hapair-proxy" in usage
+    for command, version in zip(daemons, versions, strict=True):
+        assert version == f"{command} {VERSION}\n"
+    no_psycopg, *refusals = runs(
+        [bin_dir / "python", "-c", "import psycopg"],
+        *((bin_dir / command, "--help") for command in daemons),
+    )
     assert no_psycopg.returncode != 0, "psycopg came with the client library"
-    for command in ("hapair", "hapair-agent", "hapair-registry", "hapair-comm"):
-        assert ok(bin_dir / command, "--version") == f"{command} {VERSION}\n"
-        refused = run(bin_dir / command, "--help")
+    for command, refused in zip(daemons, refusals, strict=True):
         assert refused.returncode == 1
         assert f"{command}: this installation lacks" in refused.stderr
         assert "pip install 'hapair[server]'" in refused.stderr

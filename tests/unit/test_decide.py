@@ -413,6 +413,7 @@ SAFETY_PROPERTIES = (
 )
 
 
+@pytest.mark.long
 @given(observations)
 @settings(max_examples=3000)
 def test_every_decision_keeps_the_safety_properties(o: Observation) -> None:

@@ -269,6 +269,7 @@ beat_standbys = st.builds(
 )
 
 
+@pytest.mark.long
 @given(
     st.one_of(standbys, actives, beat_standbys),
     st.lists(st.floats(0, 1, exclude_max=True), min_size=1, max_size=8),

@@ -319,6 +319,7 @@ def schedules(draw: st.DrawFn, peer_path: bool = False, stall: bool = False) -> 
     )
 
 
+@pytest.mark.long
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(schedules())
 def test_never_two_actives(s: Schedule) -> None:
