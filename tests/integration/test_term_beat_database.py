@@ -32,7 +32,7 @@ from tests.support.cluster import Cluster, until
 from tests.support.harness import Etcd
 from tests.support.pg_harness import common_free_port, needs_postgres
 
-pytestmark = [pytest.mark.e2e, needs_postgres]
+pytestmark = [pytest.mark.e2e, needs_postgres, pytest.mark.long]
 
 LEASE_S = 5.0
 BEFORE_EXPIRY_S = 3.75
