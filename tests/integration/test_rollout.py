@@ -322,12 +322,12 @@ async def test_an_interrupted_rollout_says_so_and_frees_its_key(cluster: Cluster
         await until(restarting, 30, "the rollout restarting warm on b")
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(30):
-            await proc.communicate()
+            out, err = await proc.communicate()
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-    assert proc.returncode == 130
+    assert proc.returncode == 130, (out.decode(), err.decode())
     ended = [e for e in await cluster.events() if e["kind"].startswith("rollout_")][-1]
     assert ended["kind"] == "rollout_failed", ended
     assert ended["reason"].startswith("interrupted at step 2"), ended
