@@ -49,6 +49,21 @@ def benchmarks(directory: Path = HERE) -> list[Path]:
     return sorted(directory.glob("bench_*.py"))
 
 
+VARIANTS = {
+    "failover-term-beat": ("bench_failover.py", "--term-beat --runs 7"),
+    "footprint-term-beat": ("bench_footprint.py", "--term-beat"),
+    "etcd_stalls-term-beat": ("bench_etcd_stalls.py", "--term-beat --stall-s 0.3 0.6"),
+}
+"""The results pages of variant runs (``--page``): page name -> (benchmark, its arguments)."""
+
+
+def variant_command(page: str) -> str:
+    """How the variant run ``page`` is made and written."""
+    script, args = VARIANTS[page]
+    stem = script.removesuffix(".py")
+    return f"python -m bench.run_all --write --page {page} {stem} -- {args}"
+
+
 # --- the machine and the tree a run measured ---------------------------------------------
 
 

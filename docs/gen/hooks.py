@@ -26,13 +26,18 @@ def _load(path: Path, name: str) -> ModuleType:
     return module
 
 
-def no_results_page(script: str, name: str) -> str:
+def no_results_page(script: str, name: str, command: str | None = None) -> str:
+    how = (
+        f"`{command}` writes this page."
+        if command is not None
+        else f"`python -m bench.run_all --write {name}` (or\n`make bench BENCH={name}`) "
+        "writes this page."
+    )
     return "\n".join(
         [
             f"# {script}: results",
             "",
-            f"No results yet: `python -m bench.run_all --write {name}` (or",
-            f"`make bench BENCH={name}`) writes this page. What the benchmark measures and",
+            f"No results yet: {how} What the benchmark measures and",
             "its targets: [Benchmarks](../benchmarks.md).",
             "",
         ]
@@ -49,4 +54,10 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
         path = f"{run_all.RESULTS.name}/{name}.md"
         if files.get_file_from_path(path) is None:
             files.append(File.generated(config, path, content=no_results_page(script.stem, name)))
+    for name, (script_name, _) in run_all.VARIANTS.items():
+        path = f"{run_all.RESULTS.name}/{name}.md"
+        if files.get_file_from_path(path) is None:
+            command = run_all.variant_command(name)
+            text = no_results_page(script_name.removesuffix(".py"), name, command)
+            files.append(File.generated(config, path, content=text))
     return files

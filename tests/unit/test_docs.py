@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from markdown.extensions.toc import slugify  # installed with mkdocs (the dev extra)
 
-from bench.run_all import RESULTS, Run, benchmarks, machine, page, result_name
+from bench.run_all import RESULTS, VARIANTS, Run, benchmarks, machine, page, result_name
 from hapair.shared.topology import site_schema
 from tests.support.harness import ROOT
 
@@ -92,8 +92,9 @@ def test_every_benchmark_has_its_results_page_in_the_nav() -> None:
     section = next(item["Benchmarks"] for item in nav if "Benchmarks" in item)
     results = next(item["Results"] for item in section if isinstance(item, dict))
     listed = sorted(path for entry in results for path in entry.values())
-    names = sorted(f"{RESULTS.name}/{result_name(s)}.md" for s in benchmarks(ROOT / "bench"))
-    assert listed == names
+    names = [f"{RESULTS.name}/{result_name(s)}.md" for s in benchmarks(ROOT / "bench")]
+    names += [f"{RESULTS.name}/{page}.md" for page in VARIANTS]
+    assert listed == sorted(names)
 
 
 def _anchors(markdown: str) -> set[str]:
