@@ -147,6 +147,12 @@ async def test_crash_of_the_active_loses_no_acknowledged_commit(
     writer = await steady_writer(port, 200)
     c.crash("a")  # the agent, its watchdog and PostgreSQL die at the same instant
     await c.active("p", not_epoch=epoch, node="b", timeout=30)
+    await b_primary_with_every_commit(c, port, epoch, writer)
+
+
+async def b_primary_with_every_commit(c: Cluster, port: int, epoch: int, writer: Writer) -> None:
+    """After a's crash: b publishes the database and takes commits, every commit a
+    acknowledged is on b, and b is the recorded primary."""
     endpoint = await endpoint_on(c, "b", epoch)
     assert (endpoint.host, endpoint.port, endpoint.protocol) == ("127.0.0.2", port, "postgresql")
     await more_commits(writer, 50, 30, "commits on b")

@@ -21,12 +21,11 @@ from tests.integration.test_database_failover import (
     ADDRESSES,
     DirectWriter,
     _db_cluster,
+    b_primary_with_every_commit,
     endpoint_on,
-    more_commits,
     ready,
     rows_on,
     steady_writer,
-    sync_state,
 )
 from tests.support.cluster import Cluster, until
 from tests.support.harness import Etcd
@@ -76,13 +75,7 @@ async def test_a_crashed_primary_is_taken_over_by_beat_without_losing_a_commit(
     await c.active("p", not_epoch=epoch, node="b", timeout=30)
     assert time.monotonic() - crashed_at < BEFORE_EXPIRY_S, "taken over by the lease"
     assert "ended a term whose beats stopped" in c.log("b")
-    await endpoint_on(c, "b", epoch)
-    await more_commits(writer, 50, 30, "commits on b")
-    await writer.stop()
-    lost = set(writer.acked) - await rows_on(port, "127.0.0.2")
-    assert not lost, f"{len(lost)} acknowledged commits lost"
-    st = await sync_state(c)
-    assert st is not None and st.primary == "b"
+    await b_primary_with_every_commit(c, port, epoch, writer)
 
 
 async def test_a_frozen_primary_taken_over_by_beat_acknowledges_nothing_after(
