@@ -210,10 +210,6 @@ class Beating:
             self.log.warning("term beat refused: the term is over in etcd", epoch=hb.epoch)
             self._refused()
 
-    def stop(self) -> None:
-        for task in list(self._in_flight):
-            task.cancel()
-
     def watch(self, spawn: Callable[..., object], pair: Pair) -> None:
         """Follow the pair's beats once ``pair`` (the pair as this node now runs it)
         beats: its nodes' etcd roles grant them its beat key, and no other pair's."""
