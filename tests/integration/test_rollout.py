@@ -45,8 +45,9 @@ class Pair:
     """A pair of two agents whose services come from one package: ``web`` on the
     active (with an endpoint the client follows), ``warm`` on every node."""
 
-    def __init__(self, c: Cluster) -> None:
+    def __init__(self, c: Cluster, start_period_s: float = 5.0) -> None:
         self.c = c
+        self.start_period_s = start_period_s
         self.web_port, self.warm_port = free_port(), free_port()
 
     def site(self, pkg: dict[str, Any], web_pkg: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -57,9 +58,17 @@ class Pair:
             self.web_port,
             web_pkg or pkg,
             self.c.record,
+            self.start_period_s,
             endpoint={"port": self.web_port, "protocol": "http"},
         )
-        warm = served("warm", self.warm_port, pkg, self.c.tmp / "record-warm", placement="all")
+        warm = served(
+            "warm",
+            self.warm_port,
+            pkg,
+            self.c.tmp / "record-warm",
+            self.start_period_s,
+            placement="all",
+        )
         nodes = [{"name": n, "address": a} for n, a in NODES.items()]
         return self.c.site([{"name": "p", "nodes": nodes, "services": [web, warm]}])
 
@@ -301,10 +310,12 @@ async def test_a_new_active_failing_on_the_new_version_hands_the_pair_back_to_th
 async def test_an_interrupted_rollout_says_so_and_frees_its_key(cluster: Cluster) -> None:
     """Ctrl-C while a step runs: the command ends (130), its last event says it was
     interrupted (so no view shows it under way), and its key is free for the next."""
-    files, p = files_of(cluster), Pair(cluster)
+    # The sick version's restart waits out its start period: a long one keeps the step
+    # running when the Ctrl-C comes, however late a loaded machine lets the test see it.
+    files, p = files_of(cluster), Pair(cluster, start_period_s=120.0)
     v1 = await p.apply(build_server(files, "app", "1.0"), "1.0")
     await two_nodes_on(cluster, p, v1)
-    # A version that fails its health check: the standby's restart takes its start period.
+    # A version that fails its health check: the standby's restart waits its start period.
     await p.apply(build_server(files, "app", "2.0", sick=True), "2.0")
     proc = await asyncio.create_subprocess_exec(
         HAPAIR,

@@ -24,7 +24,7 @@ from hapair.shared.clock import boottime
 from hapair.shared.records import EndpointRecord, Leader, NodeStatus, TopologyDoc, decode
 from hapair.shared.store import Kv, Store, Timeout, Unavailable
 from hapair.shared.topology import parse_site
-from tests.support.harness import PYTHON, ROOT, Etcd, stop_pid
+from tests.support.harness import PYTHON, ROOT, Etcd, stop_pid, wait_for
 from tests.support.harness import until as until  # re-exported: the tests wait with it
 from tests.support.pg_harness import with_tls
 from tests.support.tls_etcd import TestPki
@@ -252,6 +252,9 @@ class Cluster:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.agents[node].wait(5)
+        # A killed process runs until the kernel schedules its exit, which a loaded
+        # machine may delay: the crash is over when none of them runs any more.
+        wait_for(lambda: not any(map(pid_alive, pids)), 5, f"{node}'s processes killed")
         return pids
 
     def kill_service(self, pid: int) -> None:

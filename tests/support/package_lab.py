@@ -172,9 +172,16 @@ def build_server(
     return build(directory, name, version, files)
 
 
-def served(name: str, port: int, pkg: dict[str, Any], record: Path, **extra: Any) -> dict[str, Any]:
+def served(
+    name: str,
+    port: int,
+    pkg: dict[str, Any],
+    record: Path,
+    start_period_s: float = 5.0,
+    **extra: Any,
+) -> dict[str, Any]:
     """The packaged test server as service ``name`` on ``port`` of each node's address,
-    recording its runs in ``record``."""
+    recording its runs in ``record``, given ``start_period_s`` to answer its check."""
     record.mkdir(exist_ok=True)
     # An active-only service answers with its term's epoch; one on every node has none.
     epoch = ["--epoch", "{epoch}"] if extra.get("placement", "active") == "active" else []
@@ -191,7 +198,7 @@ def served(name: str, port: int, pkg: dict[str, Any], record: Path, **extra: Any
             "interval_s": 0.2,
             "timeout_s": 1.0,
             "failures": 2,
-            "start_period_s": 5.0,
+            "start_period_s": start_period_s,
         },
         "package": pkg,
         **extra,
