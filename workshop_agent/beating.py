@@ -6,6 +6,11 @@ this node holds a term that beats (each beat sent on time, whatever the answers 
 earlier ones, so that an etcd stall delays answers, not sends), and a copy of the pair's
 beat key kept by a watch of its own, outside the pairs' keys (``keys.beats_of``).
 
+The copy is kept only while this node does not beat a term itself: its own beats are
+news to nobody, and delivering them cost the active about a third of what beating costs
+it. Once its term ends (or stops beating) it reads the key afresh and follows it again,
+and until that copy is current it takes no term over by beat.
+
 An acknowledged beat moves the fence point (``fencing.py``) without waking the decision
 loop: only the fence timer and the watchdog need each one. A beat refused ends the term
 at once. A standby's view wakes the loop only when a beat of a newer term arrives (from
@@ -23,7 +28,7 @@ from hapair.shared.clock import Clock
 from hapair.shared.lease import Session
 from hapair.shared.log import EventLog
 from hapair.shared.mirror import Mirror
-from hapair.shared.store import Change, Store, StoreError
+from hapair.shared.store import Change, Store, StoreError, bounded
 from hapair.shared.topology import Pair, TermBeat
 from hapair.shared.txn import Op
 from hapair.workshop_agent.beat_election import TermBeats, beat_record, beat_timing
@@ -85,8 +90,11 @@ class Beating:
         self._late_after: float | None = None
         self.heartbeat: Heartbeat | None = None  # the beats of the term this node holds
         self.view = BeatView()
-        self.mirror = Mirror(store, keys.beats_of(pair), self._seen)
+        self.mirror = self._new_mirror()
         self._begun = asyncio.Event()
+        self._mine = asyncio.Event()  # this node beats a term: nothing to follow
+        self._others = asyncio.Event()  # it does not: follow the pair's beats
+        self._others.set()
         self._watching = False
         self._in_flight: set[asyncio.Task[None]] = set()
         self._decoded: tuple[bytes, BeatTiming | None] = (b"", None)
@@ -116,10 +124,20 @@ class Beating:
         would leave its services running past the standby's takeover."""
         if timing is None or started is None:
             self.heartbeat = None
+            self._beats_mine(False)
         else:
             self.heartbeat = Heartbeat(epoch, timing, started)
+            self._beats_mine(True)
             self._begun.set()
         self._moved()
+
+    def _beats_mine(self, mine: bool) -> None:
+        if mine:
+            self._others.clear()
+            self._mine.set()
+        else:
+            self._mine.clear()
+            self._others.set()
 
     async def term_timing(self, epoch: int) -> BeatTiming | None:
         """The timings a term of this node's lease taken up again beats with: those of
@@ -175,6 +193,7 @@ class Beating:
             lease = self.session.lease
             if hb is None or hb.refused or self._term() != hb.epoch or lease is None:
                 # Until the next term begins (a term never outlives its lease).
+                self._beats_mine(False)
                 self._begun.clear()
                 await self._begun.wait()
                 continue
@@ -215,7 +234,23 @@ class Beating:
         beats: its nodes' etcd roles grant them its beat key, and no other pair's."""
         if not self._watching and timing_of(pair.failover.term_beat) is not None:
             self._watching = True
-            spawn(self.mirror.run(), "term-beats")
+            spawn(self._follow(), "term-beats")
+
+    async def _follow(self) -> None:
+        """Keep the copy of the beat key while this node does not beat a term."""
+        while True:
+            await self._others.wait()
+            mirror = self.mirror = self._new_mirror()
+            task = asyncio.get_running_loop().create_task(mirror.run())
+            try:
+                await self._mine.wait()
+            finally:
+                task.cancel()
+                await bounded(task, 1.0)
+                mirror.synced.clear()  # no longer current: no takeover measured from it
+
+    def _new_mirror(self) -> Mirror:
+        return Mirror(self.beats.store, keys.beats_of(self.beats.pair), self._seen)
 
     # -- a standby --------------------------------------------------------------------
     def _seen(self, change: Change | None) -> None:

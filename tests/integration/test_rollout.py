@@ -26,7 +26,7 @@ from tests.integration.test_cli import HAPAIR, Run, _env
 from tests.integration.test_client_e2e import ClientLog, outages
 from tests.support.client_lab import RegistryProcess
 from tests.support.cluster import PYTHON, Cluster, until
-from tests.support.harness import ROOT, free_port
+from tests.support.harness import ROOT, default_sigint, free_port, signal_state
 from tests.support.package_lab import build_server, package, served
 
 pytestmark = pytest.mark.e2e
@@ -323,6 +323,7 @@ async def test_an_interrupted_rollout_says_so_and_frees_its_key(cluster: Cluster
         env=_env(cluster.etcd),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        preexec_fn=default_sigint,
     )
     try:
 
@@ -332,8 +333,16 @@ async def test_an_interrupted_rollout_says_so_and_frees_its_key(cluster: Cluster
 
         await until(restarting, 30, "the rollout restarting warm on b")
         proc.send_signal(signal.SIGINT)
-        async with asyncio.timeout(30):
+        try:
+            async with asyncio.timeout(30):
+                out, err = await proc.communicate()
+        except TimeoutError:
+            state = signal_state(proc.pid)
+            proc.kill()
             out, err = await proc.communicate()
+            raise AssertionError(
+                f"the rollout went on after SIGINT ({state}): {out.decode()} {err.decode()}"
+            ) from None
     finally:
         if proc.returncode is None:
             proc.kill()

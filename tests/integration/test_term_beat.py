@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from hapair.shared import keys
+from hapair.shared.records import Switchover
 from tests.integration.test_etcd_loss import with_peer_path
 from tests.integration.test_failover import pair, service_pid
 from tests.support.cluster import Cluster, checked_cluster, descendants, pid_alive, until
@@ -103,6 +104,23 @@ async def test_a_crashed_active_is_taken_over_by_its_stopped_beats(cluster: Clus
     assert "ended a term whose beats stopped" in cluster.log("b")
     endpoint = await until(lambda: cluster.endpoint("p-svc"), 5, "endpoint of b")
     assert endpoint.epoch == new_epoch
+    (election,) = [e for e in await cluster.events("election") if e["epoch"] == new_epoch]
+    assert "term beats stopped" in election["reason"], election
+
+
+async def test_a_former_active_takes_over_by_beat_after_a_switchover(cluster: Cluster) -> None:
+    """An active does not follow its own beats; once its term is over it follows its
+    pair's again, and takes the next active's term over when those beats stop."""
+    epoch = await beating_pair(cluster, 245)
+    await cluster.store.put(keys.switchover("p"), Switchover(by="test").encode())
+    _, b_epoch = await cluster.active("p", not_epoch=epoch, node="b")
+    await cluster.standby("a")
+    await beats_again(cluster)
+    crashed_at = time.monotonic()
+    cluster.crash("b")
+    node, new_epoch = await cluster.active("p", not_epoch=b_epoch, timeout=BEFORE_EXPIRY_S)
+    assert node == "a" and new_epoch > b_epoch
+    assert time.monotonic() - crashed_at < BEFORE_EXPIRY_S, "taken over by the lease, not the beat"
     (election,) = [e for e in await cluster.events("election") if e["epoch"] == new_epoch]
     assert "term beats stopped" in election["reason"], election
 

@@ -133,8 +133,20 @@ def default_sigint() -> None:
     """``preexec_fn`` for a process a test stops with SIGINT: it gets SIGINT as a
     terminal's Ctrl-C would give it. A shell without job control starts background jobs
     (a test run among them) with SIGINT ignored, and a child keeps an ignored signal
-    ignored: Python then installs no handler for it and the process never sees it."""
+    ignored: Python then installs no handler for it and the process never sees it. A
+    child also keeps the signal mask of the thread that forked it."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def signal_state(pid: int) -> str:
+    """How process ``pid`` takes signals (its masks, from /proc), for a test's message
+    when one seems lost."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError as err:
+        return f"pid {pid}: {err}"
+    return " ".join(line.replace("\t", "") for line in status.splitlines() if line[:3] == "Sig")
 
 
 async def stop_process(proc: asyncio.subprocess.Process, grace: float = 5.0) -> None:
