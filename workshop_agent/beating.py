@@ -238,19 +238,30 @@ class Beating:
 
     async def _follow(self) -> None:
         """Keep the copy of the beat key while this node does not beat a term."""
+        loop = asyncio.get_running_loop()
         while True:
             await self._others.wait()
             mirror = self.mirror = self._new_mirror()
-            task = asyncio.get_running_loop().create_task(mirror.run())
+            task = loop.create_task(mirror.run(), name="term-beats-mirror")
+            mine = loop.create_task(self._mine.wait())
             try:
-                await self._mine.wait()
+                await asyncio.wait({task, mine}, return_when=asyncio.FIRST_COMPLETED)
             finally:
+                ended = task.done()  # by itself: a mirror runs until cancelled
+                mine.cancel()
                 task.cancel()
-                await bounded(task, 1.0)
                 mirror.synced.clear()  # no longer current: no takeover measured from it
+                await bounded(task, 1.0)
+            if ended:
+                task.result()  # its fault, raised for the task's runner to log
 
     def _new_mirror(self) -> Mirror:
-        return Mirror(self.beats.store, keys.beats_of(self.beats.pair), self._seen)
+        def seen(change: Change | None) -> None:
+            if self.mirror is mirror:  # a copy given up has nothing more to say
+                self._seen(change)
+
+        mirror = Mirror(self.beats.store, keys.beats_of(self.beats.pair), seen)
+        return mirror
 
     # -- a standby --------------------------------------------------------------------
     def _seen(self, change: Change | None) -> None:
