@@ -26,13 +26,7 @@ what the registries, the clients and etcd each spent on a CPU and waited for one
 meanwhile: where the time of a slow fan-out went. Medians with min and max; a target
 missed is marked MISSED (the run still succeeds: its figures are the result). The
 machine may be shared: the load average and this process's wait for a CPU are printed.
-
-With ``--pin`` the site (etcd, the real pairs' agents, the registries and this process)
-runs on CPU 1 alone, and the played nodes and the clients on CPU 0: in a plant these
-run on machines of their own, and here they would otherwise take the site's CPU during
-its moves. Both phases, alone and with the load, then give the site the same one core.
-
-Usage: python -m bench.bench_hundred [--runs 5] [--window-s 20] [--clients 1000] [--pin]
+Usage: python -m bench.bench_hundred [--runs 5] [--window-s 20] [--clients 1000]
 """
 
 from __future__ import annotations
@@ -391,17 +385,7 @@ def fenced(c: Cluster) -> int:
     return sum(c.log(f"p{i}-{s}").count("event=fenced") for i in range(REAL_PAIRS) for s in "ab")
 
 
-SITE_CPU, PLAYERS_CPU = 1, 0
-
-
-def players(argv: list[str], pin: bool) -> list[str]:
-    """``argv`` of a process that plays what is not the site (nodes, clients)."""
-    return ["taskset", "-c", str(PLAYERS_CPU), *argv] if pin else argv
-
-
-async def main(runs: int, window_s: float, clients: int, pin: bool = False) -> int:
-    if pin:
-        os.sched_setaffinity(0, {SITE_CPU})  # everything the site starts inherits it
+async def main(runs: int, window_s: float, clients: int) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="hapair-bench-hundred-"))
     test_pki = TestPki.create(tmp / "pki")
     etcd = EtcdCluster(3, pki=test_pki)
@@ -412,8 +396,6 @@ async def main(runs: int, window_s: float, clients: int, pin: bool = False) -> i
         metrics.append(f"http://127.0.0.1:{port}")
     etcd.start()
     print("etcd: 3 members, secure (TLS, client certificates), raft timing of deploy/etcd")
-    if pin:
-        print(f"pinned: the site on CPU {SITE_CPU}, the played nodes and clients on {PLAYERS_CPU}")
     print(machine_line("start"), flush=True)
     c = CountedCluster(etcd, tmp)  # type: ignore[arg-type]
     port = free_port()
@@ -437,7 +419,7 @@ async def main(runs: int, window_s: float, clients: int, pin: bool = False) -> i
                     c.start(f"p{i}-b")
                 await settled(c)
                 result = await phases(
-                    c, etcd, metrics, registries, port, runs, window_s, clients, helpers, tmp, pin
+                    c, etcd, metrics, registries, port, runs, window_s, clients, helpers, tmp
                 )
             finally:
                 await c.stop_all()  # first: the agents must not see the others go
@@ -468,7 +450,6 @@ async def phases(
     clients: int,
     helpers: list[asyncio.subprocess.Process],
     tmp: Path,
-    pin: bool = False,
 ) -> int:
     actives = [c.counts(f"p{i}-a") for i in range(REAL_PAIRS)]
     standbys = [c.counts(f"p{i}-b") for i in range(REAL_PAIRS)]
@@ -513,15 +494,10 @@ async def phases(
     played = [f"s{i}" for i in range(REAL_PAIRS, PAIRS)]
     for g in range(GENERATORS):
         proc = await asyncio.create_subprocess_exec(
-            *players(
-                [
-                    PYTHON,
-                    *("-m", "bench.hundred_load", "--etcd", etcd.url, "--rates", str(rates_file)),
-                    *("--ca", str(tls.ca), "--cert", str(tls.cert), "--key", str(tls.key)),
-                    *("--pairs", ",".join(played[g::GENERATORS])),
-                ],
-                pin,
-            ),
+            PYTHON,
+            *("-m", "bench.hundred_load", "--etcd", etcd.url, "--rates", str(rates_file)),
+            *("--ca", str(tls.ca), "--cert", str(tls.cert), "--key", str(tls.key)),
+            *("--pairs", ",".join(played[g::GENERATORS])),
             cwd=ROOT,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -531,15 +507,9 @@ async def phases(
     print(f"\nload: {len(played) * 2} nodes played by {GENERATORS} processes", flush=True)
     told = tmp / "told.jsonl"
     client_proc = await asyncio.create_subprocess_exec(
-        *players(
-            [
-                PYTHON,
-                *("-m", "bench.hundred_clients", "--clients", str(clients), "--out", str(told)),
-                *("--registries", ",".join(u for _, u in registries)),
-                *("--service", f"svc-{FOLLOWED}"),
-            ],
-            pin,
-        ),
+        PYTHON,
+        *("-m", "bench.hundred_clients", "--clients", str(clients), "--out", str(told)),
+        *("--registries", ",".join(u for _, u in registries), "--service", f"svc-{FOLLOWED}"),
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
     )
@@ -692,12 +662,5 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--window-s", type=float, default=20.0)
     parser.add_argument("--clients", type=int, default=1000)
-    parser.add_argument(
-        "--pin",
-        action="store_true",
-        help=f"the site on CPU {SITE_CPU}, the played nodes and clients on CPU {PLAYERS_CPU}",
-    )
     args = parser.parse_args()
-    if args.pin and (os.cpu_count() or 1) < 2:
-        parser.error("--pin needs two CPUs")
-    sys.exit(asyncio.run(main(args.runs, args.window_s, args.clients, args.pin)))
+    sys.exit(asyncio.run(main(args.runs, args.window_s, args.clients)))

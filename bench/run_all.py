@@ -54,7 +54,6 @@ VARIANTS = {
     "footprint-term-beat": ("bench_footprint.py", "--term-beat"),
     "etcd_stalls-term-beat": ("bench_etcd_stalls.py", "--term-beat --stall-s 0.3 0.6"),
     "term_beat-100ms": ("bench_term_beat.py", "--interval-ms 100"),
-    "hundred-pinned": ("bench_hundred.py", "--pin"),
 }
 """The results pages of variant runs (``--page``): page name -> (benchmark, its arguments)."""
 
