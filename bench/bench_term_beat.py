@@ -81,12 +81,10 @@ def _status(etcd: Etcd) -> dict[str, Any]:
     return status
 
 
-def db_size(etcd: Etcd) -> int:
-    return int(_status(etcd)["dbSize"])
-
-
-def revision(etcd: Etcd) -> int:
-    return int(_status(etcd)["header"]["revision"])
+def revision_and_size(etcd: Etcd) -> tuple[int, int]:
+    """etcd's revision and database size, from one status call."""
+    status = _status(etcd)
+    return int(status["header"]["revision"]), int(status["dbSize"])
 
 
 @dataclass
@@ -183,9 +181,9 @@ def run(
         proc.stdin.close()
     assert etcd.proc is not None
     time.sleep(max(0.0, start - time.time()))
-    rev0, size0, etcd0 = revision(etcd), db_size(etcd), proc_cpu_seconds(etcd.proc.pid)
+    (rev0, size0), etcd0 = revision_and_size(etcd), proc_cpu_seconds(etcd.proc.pid)
     time.sleep(max(0.0, end - time.time()))
-    etcd1, rev1, size1 = proc_cpu_seconds(etcd.proc.pid), revision(etcd), db_size(etcd)
+    etcd1, (rev1, size1) = proc_cpu_seconds(etcd.proc.pid), revision_and_size(etcd)
     results = []
     for proc in workers:
         assert proc.stdout is not None

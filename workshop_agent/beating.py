@@ -91,8 +91,7 @@ class Beating:
         self.heartbeat: Heartbeat | None = None  # the beats of the term this node holds
         self.view = BeatView()
         self.mirror = self._new_mirror()
-        self._begun = asyncio.Event()
-        self._mine = asyncio.Event()  # this node beats a term: nothing to follow
+        self._begun = asyncio.Event()  # this node beats a term: nothing to follow
         self._others = asyncio.Event()  # it does not: follow the pair's beats
         self._others.set()
         self._watching = False
@@ -128,15 +127,14 @@ class Beating:
         else:
             self.heartbeat = Heartbeat(epoch, timing, started)
             self._beats_mine(True)
-            self._begun.set()
         self._moved()
 
     def _beats_mine(self, mine: bool) -> None:
         if mine:
             self._others.clear()
-            self._mine.set()
+            self._begun.set()
         else:
-            self._mine.clear()
+            self._begun.clear()
             self._others.set()
 
     async def term_timing(self, epoch: int) -> BeatTiming | None:
@@ -194,7 +192,6 @@ class Beating:
             if hb is None or hb.refused or self._term() != hb.epoch or lease is None:
                 # Until the next term begins (a term never outlives its lease).
                 self._beats_mine(False)
-                self._begun.clear()
                 await self._begun.wait()
                 continue
             sent = self.clock()
@@ -243,7 +240,7 @@ class Beating:
             await self._others.wait()
             mirror = self.mirror = self._new_mirror()
             task = loop.create_task(mirror.run(), name="term-beats-mirror")
-            mine = loop.create_task(self._mine.wait())
+            mine = loop.create_task(self._begun.wait())
             try:
                 await asyncio.wait({task, mine}, return_when=asyncio.FIRST_COMPLETED)
             finally:
