@@ -147,6 +147,9 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         refused=fencing.due,
         wake=core.wake.set,
         late=lambda: holding.beat_late(),
+        peers=core.hold_peers,
+        ask=core.netwatch.send_hold,
+        asking=lambda: holding.asking,
     )
     fencing.beat = beating
     holding = Holding(
@@ -165,6 +168,8 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         wake=core.wake.set,
         dirty=core.dirty.set,
         beat_late_at=beating.hold_instant,
+        beat_reply=beating.promise,
+        forget_beat_promises=beating.forget_promises,
     )
 
     def beat_acked() -> None:

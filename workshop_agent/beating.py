@@ -11,8 +11,12 @@ news to nobody, and delivering them cost the active about a third of what beatin
 it. Once its term ends (or stops beating) it reads the key afresh and follows it again,
 and until that copy is current it takes no term over by beat.
 
-An acknowledged beat moves the fence point (``fencing.py``) without waking the decision
-loop: only the fence timer and the watchdog need each one. A beat refused ends the term
+Every interval the active also asks its peers, over the peer path, for a promise not to
+take its term over for one takeover time (``fence_after + margin``), and sends the beat to
+etcd only when their promises do not stand in for it (:func:`term_beat.beat_needed`):
+with the peer path up, a beating term writes nothing to etcd after its first beat. A
+promise or an acknowledged beat moves the fence point (``fencing.py``) without waking the
+decision loop: only the fence timer and the watchdog need each one. A beat refused ends the term
 at once. A standby's view wakes the loop only when a beat of a newer term arrives (from
 then on the decision's own ``due`` instant follows the beats).
 """
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from hapair.shared import keys
 from hapair.shared.clock import Clock
@@ -32,12 +36,17 @@ from hapair.shared.store import Change, Store, StoreError, bounded
 from hapair.shared.topology import Pair, TermBeat
 from hapair.shared.txn import Op
 from hapair.workshop_agent.beat_election import TermBeats, beat_record, beat_timing
+from hapair.workshop_agent.hold import Ledger
+from hapair.workshop_agent.peer_wire import HoldReply
 from hapair.workshop_agent.pg import hooks
 from hapair.workshop_agent.term_beat import (
+    NONE,
     BeatTiming,
     BeatView,
     Heartbeat,
     TakeoverGuard,
+    beat_needed,
+    guard_point,
     takeover_due,
 )
 
@@ -56,7 +65,11 @@ class Beating:
     ``term`` the term this node holds; ``epoch`` the newest term its view of the pair
     shows; ``moved`` re-arms the fence timer and the watchdog on a new fence point;
     ``refused`` fences (the term is over in etcd); ``wake`` wakes the decision loop;
-    ``late`` wakes the hold loop (a beat late enough to ask the peers to hold)."""
+    ``late`` wakes the hold loop (a beat late enough to ask the peers to hold); ``peers``
+    names the nodes whose promises stand in for a beat (all of them, as for a hold);
+    ``ask`` sends them a hold of a given length for a term, returning its (seq, sent
+    at), None without a peer path; ``asking`` says whether the hold loop asks them to
+    hold for the lease meanwhile (then the beats go to etcd whatever the promises)."""
 
     def __init__(
         self,
@@ -74,6 +87,9 @@ class Beating:
         refused: Callable[[], None],
         wake: Callable[[], None],
         late: Callable[[], None] = lambda: None,
+        peers: Callable[[], Iterable[str]] = frozenset,
+        ask: Callable[[int, float], tuple[int, float] | None] = lambda epoch, ttl: None,
+        asking: Callable[[], bool] = lambda: False,
     ) -> None:
         self.beats = TermBeats(store, pair, me)
         self.session = session
@@ -87,8 +103,13 @@ class Beating:
         self._refused = refused
         self._wake = wake
         self._late = late
-        self._late_after: float | None = None
+        self._peers = peers
+        self._ask = ask
+        self._asking = asking
+        self._late_at: float | None = None
         self.heartbeat: Heartbeat | None = None  # the beats of the term this node holds
+        self.promised = Ledger()  # the peers' promises that stand in for its beats
+        self._refusals: dict[str, str] = {}  # for logging changes only
         self.view = BeatView()
         self.mirror = self._new_mirror()
         self._begun = asyncio.Event()  # this node beats a term: nothing to follow
@@ -99,6 +120,7 @@ class Beating:
         self._decoded: tuple[bytes, BeatTiming | None] = (b"", None)
         self.beats_sent = 0  # since the agent started, for the metrics
         self.beats_refused = 0
+        self.beats_promised = 0  # beats the peers' promises stood in for
 
     # -- the active -------------------------------------------------------------------
     def pair_timing(self) -> BeatTiming | None:
@@ -157,7 +179,7 @@ class Beating:
         """One beat for ``epoch`` outside the loop (a term taken up rather than won):
         its send time if etcd applied it, else None."""
         lease = self.session.lease
-        if lease is None:
+        if lease is None or hooks.held("beat"):
             return None
         sent = self.clock()
         with contextlib.suppress(StoreError):
@@ -166,11 +188,44 @@ class Beating:
         return None
 
     def fence_point(self, term: int | None) -> float:
-        """The beat's fence point for ``term`` (``inf``: the term does not beat)."""
+        """The beat's fence point for ``term`` (``inf``: the term does not beat): its last
+        acknowledged beat's, or its peers' promises' if later; ``-inf`` once a beat was
+        refused (the term is over in etcd, whatever they promised)."""
         hb = self.heartbeat
         if hb is None or term is None or hb.epoch != term:
             return float("inf")
-        return hb.fence_point
+        if hb.refused:
+            return NONE
+        return guard_point(hb.fence_point, self._promised_point(hb))
+
+    def _promised_point(self, hb: Heartbeat) -> float:
+        if self.promised.epoch != hb.epoch:
+            return NONE
+        return self.promised.deadline(self._peers(), hb.timing.fence_after)
+
+    def promise(self, reply: HoldReply) -> bool:
+        """A peer's answer to a hold: True when it answers one asked for the beats (the
+        hold loop takes the others)."""
+        if not self.promised.asked(reply.seq):
+            return False
+        if self.promised.answer(reply):
+            self._moved()
+        said = self.promised.refusals.get(reply.sender)
+        if said != self._refusals.get(reply.sender):
+            if said is not None:
+                self.log.warning(
+                    "peer refused to promise for the term beat: beating in etcd",
+                    peer=reply.sender,
+                    reason=said,
+                )
+            self._refusals = dict(self.promised.refusals)
+        return True
+
+    def forget_promises(self) -> None:
+        """The peers are released from their promises (``holding.py``): none counts any
+        more, and the beats go to etcd until they promise anew."""
+        self.promised.clear()
+        self._refusals.clear()
 
     def timing(self, term: int | None) -> BeatTiming | None:
         """The beat's timings for ``term`` (None: the term does not beat)."""
@@ -178,11 +233,16 @@ class Beating:
         return hb.timing if hb is not None and hb.epoch == term else None
 
     def hold_instant(self, term: int | None) -> float:
-        """When the peers must be asked to hold for ``term``'s beats (``inf``: never)."""
+        """When the peers must be asked to hold for ``term``'s beats (``inf``: never):
+        two intervals after the send of its last acknowledged beat, or of the last hold
+        its peers promised on if later. While they are asked to hold, only the beats
+        count: the peers are released only once etcd took them on time for a while,
+        and the release ends the promises too."""
         hb = self.heartbeat
         if hb is None or hb.epoch != term or hb.acked_send is None:
             return float("inf")
-        return hb.acked_send + hb.timing.hold_after
+        point = hb.fence_point if self._asking() else self.fence_point(term)
+        return point - hb.timing.fence_after + hb.timing.hold_after
 
     async def run(self) -> None:
         """Beat every interval while this node holds a term that beats."""
@@ -198,13 +258,20 @@ class Beating:
             # Beats are sent at steps of one interval from a send, never earlier, so the
             # instant to ask for holds (whole intervals after an acknowledged send) is
             # one of these steps.
-            if sent >= self.hold_instant(hb.epoch) and self._late_after != hb.acked_send:
-                self._late_after = hb.acked_send  # once per late beat: the loop paces holds
+            late_at = self.hold_instant(hb.epoch)
+            if sent >= late_at and self._late_at != late_at:
+                self._late_at = late_at  # once per late beat: the hold loop paces holds
                 self._late()
+            needed = self._asking() or beat_needed(sent, self._promised_point(hb), hb.timing)
+            asked = self._ask(hb.epoch, hb.timing.takeover_after)
+            if asked is not None:
+                self.promised.sent(hb.epoch, *asked, hb.timing.takeover_after)
             # In flight at most as many as fit in a fence: more would answer nothing new.
             # A test's fault only (``HAPAIR_TEST_BEAT_GATE``): every beat lost on its way.
             fits = len(self._in_flight) <= hb.timing.takeover_after / hb.timing.interval
-            if fits and not hooks.held("beat"):
+            if not needed:
+                self.beats_promised += 1
+            elif fits and not hooks.held("beat"):
                 task = asyncio.get_running_loop().create_task(self._beat(hb, lease, sent))
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)

@@ -88,6 +88,10 @@ class Ledger:
         if len(self._sent) > KEEP_SENT:
             del self._sent[min(self._sent, key=self._sent.__getitem__)]
 
+    def asked(self, seq: int) -> bool:
+        """Is ``seq`` one of the holds this ledger sent (and still keeps)?"""
+        return seq in self._sent
+
     def answer(self, reply: HoldReply) -> bool:
         """Take in a peer's answer; True when it extends that peer's promise."""
         hold = self._sent.get(reply.seq)
@@ -136,6 +140,7 @@ class Promise:
     node: str
     epoch: int
     until: float
+    for_lease: bool = True  # False: shorter than this node's lease, for a term's beats
 
 
 class Promises:
@@ -180,8 +185,13 @@ class Promises:
         until = now + granted
         given = self._given.get(hold.sender)
         if given is None or until > given.until or hold.epoch > given.epoch:
-            self._given[hold.sender] = Promise(hold.sender, hold.epoch, until)
+            self._given[hold.sender] = Promise(hold.sender, hold.epoch, until, granted >= ttl)
         return Answer(True, "", granted)
+
+    def binds(self, node: str, epoch: int, now: float) -> bool:
+        """Does a promise to ``node`` for ``epoch`` (or a later term) bind now?"""
+        given = self._given.get(node)
+        return given is not None and given.epoch >= epoch and now < given.until
 
     def release(self, node: str, epoch: int) -> None:
         """``node`` left the active role of ``epoch`` with its services stopped."""
@@ -189,8 +199,12 @@ class Promises:
         if given is not None and given.epoch <= epoch:
             del self._given[node]
 
-    def binding(self, now: float, released: Iterable[tuple[str, int]] = ()) -> Promise | None:
-        """The promise that forbids campaigning now, if any.
+    def binding(
+        self, now: float, released: Iterable[tuple[str, int]] = (), for_lease: bool = False
+    ) -> Promise | None:
+        """The promise that forbids campaigning now, if any (``for_lease``: only one
+        given on a hold for the lease, as the status names it: those that stand in for
+        the beats of a healthy pair are no news).
 
         ``released``: (node, epoch) of live handover records, each written by that node
         after it stopped the services of that term."""
@@ -198,4 +212,5 @@ class Promises:
         for node, promise in list(self._given.items()):
             if now >= promise.until or (node, promise.epoch) in done:
                 del self._given[node]
-        return max(self._given.values(), key=lambda p: p.until, default=None)
+        given = [p for p in self._given.values() if p.for_lease or not for_lease]
+        return max(given, key=lambda p: p.until, default=None)

@@ -50,8 +50,10 @@ class Holding:
     active role with every service and the database stopped; ``newest_epoch`` the newest
     term seen in etcd; ``seen_revision`` the newest revision read of the pairs' keys;
     ``lease_ttl`` the pair's lease TTL; ``beat_late_at`` when the term's beats are late
-    enough to ask the peers to hold (``inf``: it does not beat); ``wake`` wakes the
-    loop."""
+    enough to ask the peers to hold (``inf``: it does not beat); ``beat_reply`` takes
+    the answers to the holds the beats asked (True: it was one, ``beating.py``);
+    ``forget_beat_promises`` drops those answers when the peers are released; ``wake``
+    wakes the loop."""
 
     def __init__(
         self,
@@ -71,6 +73,8 @@ class Holding:
         wake: Callable[[], None],
         dirty: Callable[[], None],
         beat_late_at: Callable[[int | None], float] = lambda term: float("inf"),
+        beat_reply: Callable[[HoldReply], bool] = lambda reply: False,
+        forget_beat_promises: Callable[[], None] = lambda: None,
     ) -> None:
         self.session = session
         self.ledger = ledger  # as the active: the peers' promises during an etcd loss
@@ -88,6 +92,8 @@ class Holding:
         self._wake = wake
         self._dirty = dirty
         self._beat_late_at = beat_late_at
+        self._beat_reply = beat_reply
+        self._forget_beat_promises = forget_beat_promises
         self._campaigning = False
         self._asking = False  # the peers are being asked to hold
         self._news = asyncio.Event()  # a beat late, or one acknowledged while asking
@@ -142,6 +148,9 @@ class Holding:
             elif asking:
                 asking, calm_since = False, None
                 self.ledger.clear()
+                # A release ends every promise the peers gave, those that stood in for
+                # beats too: the beats, in etcd while the peers were asked, carry on.
+                self._forget_beat_promises()
                 self._holding = False
                 self.log.info(
                     "etcd confirms the lease again: no longer asking the peers"
@@ -169,6 +178,11 @@ class Holding:
         lease TTL (an etcd stall's aftermath, well within the promises' TTL)."""
         return self._lease_ttl() / 2
 
+    @property
+    def asking(self) -> bool:
+        """Are the peers asked to hold for the lease (not only for the beats)?"""
+        return self._asking
+
     def confirmed(self) -> None:
         """etcd acknowledged a beat: while the peers are asked to hold, look at once
         whether they still need to (a beat's time, not half a keepalive interval)."""
@@ -181,6 +195,8 @@ class Holding:
         self._news.set()
 
     def on_hold_reply(self, reply: HoldReply, now: float) -> None:
+        if self._beat_reply(reply):
+            return
         if self.ledger.answer(reply):
             point = self.fencing.point()
             holding = point > self.session.fence_deadline
@@ -200,6 +216,7 @@ class Holding:
             busy = "this node is active"
         elif self._campaigning:
             busy = "this node is campaigning"
+        bound = self.promises.binds(hold.sender, hold.epoch, now)
         answer = self.promises.answer(
             hold,
             now,
@@ -208,7 +225,10 @@ class Holding:
             newest_epoch=self._newest_epoch(),
             seen_revision=self._seen_revision(),
         )
-        if answer.promised:
+        if answer.promised and not bound:
+            # A promise renewed only moves the instant this node may take over later:
+            # the loop, woken then, finds the new one. Beats' promises come every
+            # interval; waking for each would cost a round each.
             self._wake()
         return answer
 
@@ -223,11 +243,14 @@ class Holding:
         return self.promises.binding(now, released)
 
     def held_by(self, now: float, handover: HandoverView | None) -> str | None:
-        """The peer that holds the pair on this node's promise, as the decision names it
-        (``None``: none does, this node may campaign)."""
-        promise = self.binding(now, handover)
+        """The peer that holds the pair on this node's promise for its lease, as the
+        decision and the status name it (``None``: none does). Whatever promise binds,
+        one for beats included, ``held_until`` says until when."""
+        released = [(handover.from_node, handover.epoch)] if handover is not None else []
+        binding = self.promises.binding(now, released)
+        self.held_until = float("inf") if binding is None else binding.until
+        promise = self.promises.binding(now, released, for_lease=True)
         held_by = None if promise is None else f"{promise.node} (epoch {promise.epoch})"
-        self.held_until = float("inf") if promise is None else promise.until
         if held_by != self._held_by:
             if held_by is not None:
                 self.log.warning("not campaigning: a peer holds the pair", holder=held_by)

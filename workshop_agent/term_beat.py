@@ -150,6 +150,21 @@ class Heartbeat:
         return self.acked_send is not None and now >= self.acked_send + self.timing.hold_after
 
 
+def beat_needed(now: float, promised_point: float, timing: BeatTiming) -> bool:
+    """Must the beat sent at ``now`` go to etcd? Not while the peers' promises stand in
+    for it: every peer promised on a hold sent less than one and a half intervals ago
+    (``promised_point`` is ``fence_after`` from the send of the oldest of their latest
+    promised holds, ``-inf`` without one). One promise missing, and the beat goes, with
+    the two intervals before the promise point ends that it then still has."""
+    return promised_point < now + timing.fence_after - 1.5 * timing.interval
+
+
+def guard_point(beat_point: float, promised_point: float) -> float:
+    """The term's guard beyond the lease: its last acknowledged beat's point, or its
+    peers' promises' point if later (either keeps every standby from taking over)."""
+    return max(beat_point, promised_point)
+
+
 def beat_fence_point(acked_send: float | None, timing: BeatTiming) -> float:
     """``fence_after`` from the send of the last beat acknowledged as applied."""
     return NONE if acked_send is None else acked_send + timing.fence_after

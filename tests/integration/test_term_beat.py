@@ -1,5 +1,8 @@
 """The term beat in running agents: a crashed or frozen active is taken over by its
 stopped beats long before its lease could run out, and an etcd stall moves nothing.
+With the peer path up, the standby's promises stand in for the beats and nothing is
+written to etcd; cut, the beats go there again, and an active that can reach neither is
+fenced before its standby takes over.
 
 The pairs here run on a 5 s lease: with keepalives every 1.25 s it cannot run out before
 3.75 s after the active's last one, so a takeover sooner than that is the beat's. The
@@ -9,8 +12,10 @@ rules and their argument: ``workshop_agent/term_beat.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,6 +27,7 @@ from hapair.shared import keys
 from hapair.shared.records import Switchover
 from tests.integration.test_etcd_loss import with_peer_path
 from tests.integration.test_failover import pair, service_pid
+from tests.support.etcd_relay import EtcdRelay
 from tests.support.cluster import Cluster, checked_cluster, descendants, pid_alive, until
 from tests.support.harness import free_port
 from tests.support.tls_etcd import ADMIN, TestPki, TlsEtcd
@@ -50,15 +56,16 @@ async def beat_cluster(own_etcd: TlsEtcd, tmp_path: Path) -> AsyncIterator[Clust
         yield c
 
 
-async def beating_pair(c: Cluster, net: int, **failover: Any) -> int:
+async def beating_pair(c: Cluster, net: int, *a_extra: str, **failover: Any) -> int:
     spec = pair(
         "p", ["a", "b"], net, free_port(), c.record, lease_ttl_s=LEASE_S, term_beat=BEAT, **failover
     )
     await c.apply(c.site([with_peer_path(spec, net)]))
+    c.peer_port = spec["network"]["peer_port"]  # type: ignore[attr-defined]
     # Started together: a run on a pair with a peer path waits a lease TTL after its
     # start (for promises an earlier run may have given, hold.py) before it campaigns or
     # takes over, and the main server wins.
-    c.start("a")
+    c.start("a", *a_extra)
     c.start("b")
     _, epoch = await c.active("p", node="a", timeout=LEASE_S + 10)
     await c.standby("b")
@@ -66,7 +73,6 @@ async def beating_pair(c: Cluster, net: int, **failover: Any) -> int:
     # campaign's: it measures from there.
     first = await c.store.get(keys.beat("p"))
     assert first is not None and first.mod_revision >= epoch, "the campaign wrote a beat"
-    await beats_again(c)
     # A beat late under load (the term's first ones come while its service starts) has
     # a ask b to hold, and b's promise then rightly keeps it from taking over until a
     # releases it: the faults below are meant for a b that is free.
@@ -86,6 +92,49 @@ def released_last(c: Cluster, or_never_held: bool = False) -> bool:
     if not said:
         return or_never_held
     return "peers released" in said[-1]
+
+
+NFT_TABLE = "hapair_test_peer_cut"
+
+
+@contextlib.contextmanager
+def peer_path_cut(c: Cluster) -> Iterator[None]:
+    """Every datagram of the pair's peer path dropped (both nodes use its port), etcd
+    and the clients untouched; healed on the way out."""
+    port = c.peer_port  # type: ignore[attr-defined]
+    rules = "\n".join(
+        [
+            f"table inet {NFT_TABLE} {{",
+            "  chain in {",
+            "    type filter hook input priority -10; policy accept;",
+            f"    udp dport {port} drop",
+            "  }",
+            "}",
+        ]
+    )
+    subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True, timeout=10)
+    try:
+        yield
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], check=False, timeout=10)
+
+
+async def beats_quiet(c: Cluster, for_s: float = 1.0, timeout: float = 15.0) -> int:
+    """Return the beat key's mod revision once etcd applied no beat for ``for_s`` (20
+    intervals): the standby's promises stand in for them."""
+    deadline = time.monotonic() + timeout
+    kv = await c.store.get(keys.beat("p"))
+    assert kv is not None
+    last, since = kv.mod_revision, time.monotonic()
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        kv = await c.store.get(keys.beat("p"))
+        assert kv is not None, "the beat key is gone"
+        if kv.mod_revision != last:
+            last, since = kv.mod_revision, time.monotonic()
+        elif time.monotonic() - since >= for_s:
+            return last
+    raise AssertionError(f"beats still written to etcd after {timeout}s (last {last})")
 
 
 async def beats_again(c: Cluster) -> None:
@@ -122,7 +171,7 @@ async def test_a_former_active_takes_over_by_beat_after_a_switchover(cluster: Cl
     await cluster.store.put(keys.switchover("p"), Switchover(by="test").encode())
     _, b_epoch = await cluster.active("p", not_epoch=epoch, node="b")
     await cluster.standby("a")
-    await beats_again(cluster)
+    await beats_quiet(cluster)  # b beats on a's promises: a follows b's term
     crashed_at = time.monotonic()
     cluster.crash("b")
     node, new_epoch = await cluster.active("p", not_epoch=b_epoch, timeout=BEFORE_EXPIRY_S)
@@ -155,8 +204,8 @@ async def test_a_frozen_active_agent_is_fenced_by_its_watchdog_and_taken_over(
 
 async def test_etcd_stalls_move_nothing_while_the_peer_holds(beat_cluster: Cluster) -> None:
     """etcd stopped for longer than the beat's fence point and takeover time (0.15 and
-    0.3 s), shorter than the lease's: the active asks its peer to hold once a beat is
-    late, and keeps its term and services; the standby, bound by its promise, never takes
+    0.3 s), shorter than the lease's: the standby's promises stand in for the beats, so
+    the active keeps its term and services, and the standby, bound by them, never takes
     over by beat."""
     c = beat_cluster
     epoch = await beating_pair(c, 243)
@@ -168,13 +217,13 @@ async def test_etcd_stalls_move_nothing_while_the_peer_holds(beat_cluster: Clust
             await asyncio.sleep(length)
         finally:
             os.kill(etcd, signal.SIGCONT)
-        # Beats applied again before the next stall.
-        await beats_again(c)
+        # etcd answers again before the next stall.
+        await until(lambda: c.store.get(keys.leader("p")), 5, "etcd back")
     leader = await c.store.get(keys.leader("p"))
     assert leader is not None and leader.create_revision == epoch, "the pair moved"
     assert pid_alive(svc) and svc in descendants(c.agents["a"].pid), "the active's service"
     assert "fenced" not in c.log("a")
-    assert "asking the peers to hold" in c.log("a"), "no stall outlasted a beat"
+    assert "ended a term" not in c.log("b")
 
 
 async def test_a_crash_right_after_an_etcd_stall_is_taken_over_by_beat(
@@ -204,3 +253,55 @@ async def test_a_crash_right_after_an_etcd_stall_is_taken_over_by_beat(
     # last hold, well past this; nor by the lease (BEFORE_EXPIRY_S).
     assert time.monotonic() - crashed_at < BEFORE_EXPIRY_S
     assert "ended a term whose beats stopped" in c.log("b")
+
+
+async def test_promises_stand_in_for_the_beats_and_a_cut_peer_path_brings_them_back(
+    cluster: Cluster,
+) -> None:
+    """With the peer path up, the active writes no beat to etcd: its standby's promises
+    stand in for them. The peer path cut, the beats go to etcd within a few intervals
+    and the pair stays put; healed, they stop again."""
+    c = cluster
+    epoch = await beating_pair(c, 246)
+    svc = await service_pid(c, "a")
+    quiet = await beats_quiet(c)
+    with peer_path_cut(c):
+        await until(lambda: newer_beat(c, quiet), 5, "beats in etcd again")
+        cut_at = time.monotonic()
+        # Beating in etcd, every interval: each beat newer than the last seen.
+        for _ in range(5):
+            kv = await c.store.get(keys.beat("p"))
+            assert kv is not None
+            await until(lambda rev=kv.mod_revision: newer_beat(c, rev), 2, "the next beat")
+        await asyncio.sleep(max(0.0, cut_at + 2.0 - time.monotonic()))  # 40 intervals cut
+    leader = await c.store.get(keys.leader("p"))
+    assert leader is not None and leader.create_revision == epoch, "the pair moved"
+    assert pid_alive(svc) and svc in descendants(c.agents["a"].pid), "the active's service"
+    assert "fenced" not in c.log("a")
+    assert "ended a term" not in c.log("b")
+    await beats_quiet(c)
+
+
+async def test_an_active_cut_from_its_peer_and_etcd_at_once_is_fenced_before_the_takeover(
+    cluster: Cluster,
+) -> None:
+    """The worst instant for promises that stand in for beats: the active loses its peer
+    path and etcd together, so it can neither beat nor learn that its term ended. The
+    standby's last promise runs out and it takes the term over on the old beat; the
+    active, left with that promise's point, has stopped its service before."""
+    c = cluster
+    relay = EtcdRelay(c.etcd.url)
+    await relay.heal()
+    epoch = await beating_pair(c, 247, "--etcd", relay.url)
+    svc = await service_pid(c, "a")
+    await beats_quiet(c)
+    with peer_path_cut(c):
+        await relay.cut()
+        cut_at = time.monotonic()
+        node, new_epoch = await c.active("p", not_epoch=epoch, timeout=BEFORE_EXPIRY_S)
+        assert node == "b" and new_epoch > epoch
+        assert time.monotonic() - cut_at < BEFORE_EXPIRY_S, "taken over by the lease"
+        assert not pid_alive(svc), "the cut-off active's service outlived its term"
+        c.assert_no_overlap()  # a's run ended before b's began
+    assert "ended a term whose beats stopped" in c.log("b")
+    assert "term beat not confirmed before the fence point" in c.log("a")

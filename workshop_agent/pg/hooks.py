@@ -1,8 +1,8 @@
 """Fault injection for tests, off unless the environment names a file.
 
 ``HAPAIR_TEST_<STEP>_GATE=<path>`` holds back ``step`` (``follow``: a standby does not
-follow; ``promote``: a promotion fails; ``beat``: the active's term beats are not sent,
-``beating.py``) while that file exists.
+follow; ``promote``: a promotion fails; ``beat``: no term beat is sent to etcd, the
+first of a term taken up included, ``beating.py``) while that file exists.
 ``HAPAIR_TEST_STOP_<POINT>=<path>``: the process stops itself (SIGSTOP) at ``point``
 while that file exists, as an agent frozen at exactly that step would (``after_sync_names``:
 the primary's ``synchronous_standby_names`` just changed, the sync record not yet).
