@@ -27,8 +27,8 @@ from hapair.shared import keys
 from hapair.shared.records import Switchover
 from tests.integration.test_etcd_loss import with_peer_path
 from tests.integration.test_failover import pair, service_pid
-from tests.support.etcd_relay import EtcdRelay
 from tests.support.cluster import Cluster, checked_cluster, descendants, pid_alive, until
+from tests.support.etcd_relay import EtcdRelay
 from tests.support.harness import free_port
 from tests.support.tls_etcd import ADMIN, TestPki, TlsEtcd
 
