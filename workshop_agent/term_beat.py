@@ -21,9 +21,21 @@ The rules, each a pure function or a small class below:
   (:func:`takeover_due`), with a transaction guarded on that beat's mod revision and the
   leader key's epoch (:class:`TakeoverGuard`), which deletes the leader key and writes a
   handover to itself; it then campaigns as the handover's target.
-- Two intervals after the send of its last acknowledged beat (one beat missing) the
-  active asks its peers to hold (:meth:`Heartbeat.hold_due`), as a late keepalive makes
-  it do (``hold.py``).
+- Every interval the active also asks each peer, over the peer path, for a short
+  promise: not to take its term over (nor campaign) for ``fence_after + margin`` (D + M)
+  on the peer's clock. Counted like a hold's (``hold.py``: the oldest of the peers'
+  latest promised holds, from its send), these promises give a *promised point* D after
+  that send; the beat's guard is the later of it and the last acknowledged beat's
+  (:func:`guard_point`). The active sends the interval's beat to etcd only when the
+  promises do not stand in for it (:func:`beat_needed`: no promise on the hold of the
+  last interval and a half) or while it asks its peers to hold for the lease. With the
+  peer path up, a term writes its first beat and nothing more.
+- Two intervals after the send of its last acknowledged beat, or of the last hold every
+  peer promised on (one of each missing), the active asks its peers to hold for the
+  lease (``Beating.hold_instant``), as a late keepalive makes it do (``hold.py``).
+  While it asks, only the beats count for that instant, and it beats in etcd: a release
+  ends every promise the peers gave, the short ones too, and is sent only once etcd has
+  taken the beats on time for a while, so the fence point it falls back to is fresh.
 
 Why this never gives two actives. Assumptions: each node measures time on its own
 ``CLOCK_BOOTTIME``, whose rate is within a drift d of real time, with
@@ -50,12 +62,20 @@ real time τ ≥ R + (D + M)/(1+d).
    landed M/4 later. With d ≤ 1/2, 1/(1-d) ≤ 1 + 2d, so A has stopped by
    R + (D + M/2)(1 + 2d) + M/4, and P sends no earlier than R + (D + M)(1 - d). The
    first is below the second when d·(12·D + 8·M) ≤ M, which ``12·d·(D + M) ≤ M`` gives.
-4. Holds: P refuses to take over in any way while a promise binds it, and refuses to
+4. Promises: P refuses to take over in any way while a promise binds it, and refuses to
    promise while its takeover is in flight (or once it won), so every promise P gave A
-   ended before τ. A's point beyond its beat's is the hold's, whose argument (``hold.py``,
-   with the lease's margin and its own drift assumption ``4·d·TTL < fence_margin``)
-   says A has stopped before any promise P gave on it ran out. A node that did not
-   promise is free, and the beat rule above covers it.
+   ended before τ. A's point beyond its beat's is a promise's: a short one's (P bound
+   until r + G on its clock, r ≥ t the hold's arrival, G ≤ D + M granted; A fences at
+   t + (G - M), its watchdog M/2 later, both on A's clock, the kill M/4 after: the
+   argument of ``hold.py`` with M in place of the lease's margin, which needs
+   ``8·d·(D + M) ≤ M``, given above) or a hold's for the lease (``hold.py``, with the
+   lease's margin and its own drift assumption ``4·d·TTL < fence_margin``). Either way
+   A has stopped before any promise P gave on it ran out. A node that did not promise
+   is free, and the beat rule above covers it: A counts a promise only when every node
+   that may take over gave one (the pair's members, ``candidates.hold_peers``; a node
+   the active has not acknowledged as a member neither campaigns nor takes over).
+   Nothing here depends on when A wrote its beats: the promises that stood in for them
+   bound P for as long as A counted them, and every beat A counted bounds it by 1-3.
 5. Two standbys racing: both transactions compare the same leader key's epoch; the first
    applied deletes it, and the other fails.
 
@@ -75,6 +95,12 @@ The database: only the recorded synchronous standby takes over (the campaign's r
 and the takeover also compares the synchronous standby record's mod revision with the one
 its decision read, so a primary that unrecorded its standby before it stopped is never
 taken over by that standby on a view that missed the change.
+
+Why beats sent only when a promise is missing keep a live active. The promise on the
+hold of interval k runs until D + M after it reached P; a promise missing at interval
+k + 2 has the beat go then, 1.5 intervals before the point of the promise k counts
+for: etcd has that long (less the peer path's delay) to apply it before P may take
+over, and P's takeover, guarded on the beat it saw, fails once it did.
 
 This module is pure: the clock, etcd and the peer path are the caller's.
 """
