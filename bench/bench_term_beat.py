@@ -1,41 +1,81 @@
-"""The etcd cost of the term beat: PAIRS pairs, each an active beating every 50 ms with
-its guarded transaction (``workshop_agent/beat_election.py``) and a standby watching its
-pair's beat key, against one real etcd.
+"""The etcd cost of the term beat with its promises: PAIRS pairs, each an active that
+every 50 ms asks its standby for a promise over the peer path and writes its guarded beat
+(``workshop_agent/beat_election.py``) to etcd only when a promise is missing, against one
+real etcd.
 
-First, crash takeovers: an active beats, stops at once (its lease lives on), and its
-standby takes the pair over by the rules (``term_beat.py``) and campaigns: the time from
-the crash to the new epoch, and how long before the standby's takeover the crashed
-active's watchdog deadline had passed (as its acknowledged beats set it).
+Each pair plays the agent's protocol (``workshop_agent/beating.py``, the rules of
+``term_beat.py``) with the production pieces: every interval the active sends its
+standby a sealed hold (``peer_wire.py``, a random key per pair) on the agent's own peer
+path socket (``peer_path.py``, real UDP, each node on a loopback address of its own);
+the standby answers with ``Promises.answer`` (a promise of ``fence_after + margin``), the
+active takes the replies into a ``Ledger`` and sends the interval's beat to etcd only when
+``beat_needed`` says so. As the agent, it sends each beat on time whatever the answers of
+the earlier ones (at most a takeover time's worth in flight), and a beat or promise late
+enough that the agent would ask its peers to hold for the lease has it beat in etcd until
+etcd has been on time for half the default lease TTL (then the release ends every promise).
 
-Then, per run: the beats etcd applied per second (against the 20 per pair asked), each
-beat's round trip (median, p99, and the share later than one interval: those a loaded
-etcd would turn into holds), etcd's CPU (in all and per beat), the CPU of the client
-processes and how long they waited for a CPU, the revisions and the growth of etcd's
-database per second, and the watch deliveries per second. ``--procs`` processes play the
-pairs, each pair's active and standby on a connection of its own, as two servers would
-be. No agent runs: this is the store's load alone, as the agents would put it on etcd.
+First, crash takeovers: an active campaigns and beats with its promises, stops at once
+(its lease lives on), and its standby takes the pair over as the agent does: once no
+promise binds it (its promise ends ``fence_after + margin`` after the last hold it
+received) and the last beat its watch delivered is that old, with a transaction guarded
+on that beat (the campaign's, or the few the active wrote before its first promise);
+then it campaigns. Printed: the time from the crash to the new epoch, how long before
+the standby's takeover the crashed active's watchdog deadline had passed (as its
+acknowledged beats and its peer's promises set it: below 0 would be an overlap), how
+many takeovers waited for a promise rather than for a beat, and how many beats each
+active wrote to etcd after its campaign.
 
-The last run (the ceiling) plays the most pairs with every active beating again as soon
-as its last beat is answered: what this etcd applies at most while the clients share
-its machine (a lower bound of what it serves alone).
+Then, per run: the beats sent to etcd and applied per second (against the 20 per pair of
+a beat every interval: ``intervals_per_s``), and of those sent, the ones sent while their
+active would ask its peers to hold for the lease; each beat's round trip (median, p99,
+and the share later than one interval), the beats not sent because too many were in
+flight; the times an active would have asked its peers to hold for the lease (a promise
+or a beat answered later than about an interval), the times an active's guard passed (it
+would have fenced) and the times a standby was free to take a live active's pair over
+(both should be 0); the holds and promises per second on the peer path (datagrams: holds
+and replies), a hold's round trip to its promise, the datagrams dropped; etcd's CPU (in
+all and per beat), the CPU of the client processes and how long they waited for a CPU,
+the revisions and the growth of etcd's database per second, and the watch deliveries
+per second. ``--procs`` processes play the pairs, each pair's active and standby on an
+etcd connection and a socket of their own, as two servers would be. No agent runs: this
+is the load of the store and the peer path alone, as the agents would put it there.
 
-etcd runs over TLS with client certificates unless ``--lab``. Usage:
+The runs: ``--pairs`` with the peer path up (with every promise on time, etcd sees each
+term's first beats and nothing more); then the most pairs with the peer path down for
+``--cut-fraction`` of them (their holds dropped before they are sent: those pairs beat
+in etcd every interval); ``--no-promises`` plays the design without promises instead
+(every beat to etcd, no peer path; no cut run). The last run (the ceiling) plays the
+most pairs with every active beating in etcd again as soon as its last beat is answered:
+what this etcd applies at most while the clients share its machine (a lower bound of
+what it serves alone).
+
+The clients of every pair share etcd's machine here, where each agent would have a
+server of its own: a client process starved of CPU (``clients_wait_for_cpu_pct``)
+answers and takes in promises late, and by the rules above its pairs then beat in etcd.
+Read the etcd figures of a run together with that one.
+
+etcd runs over TLS with client certificates, and the peer path with a key per pair,
+unless ``--lab``. Usage:
   python -m bench.bench_term_beat [--takeovers 20] [--pairs 10 50 100] [--seconds 20]
-      [--procs 2] [--interval-ms 50] [--no-ceiling] [--lab]
+      [--procs 2] [--interval-ms 50] [--cut-fraction 0.25] [--no-promises]
+      [--no-ceiling] [--lab]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,21 +83,33 @@ from typing import Any
 from bench.procstat import proc_cpu_seconds, run_delay
 from hapair.shared import keys
 from hapair.shared.clock import boottime
-from hapair.shared.pki import TlsFiles
-from hapair.shared.store import Store
+from hapair.shared.network import Network
+from hapair.shared.pki import PEER_KEY_BYTES, TlsFiles
+from hapair.shared.store import Store, StoreError
+from hapair.shared.topology import Failover
 from hapair.workshop_agent.beat_election import TermBeats, beat_record, beat_timing
 from hapair.workshop_agent.election import Election
+from hapair.workshop_agent.hold import Answer, Ledger, Promises
+from hapair.workshop_agent.peer_path import PeerPath
+from hapair.workshop_agent.peer_wire import Hold, HoldReply, PeerAuth, Release
 from hapair.workshop_agent.term_beat import (
+    NONE,
     BeatTiming,
     BeatView,
     Heartbeat,
     TakeoverGuard,
+    beat_needed,
+    guard_point,
     takeover_due,
 )
 from tests.support.harness import Etcd
 from tests.support.tls_etcd import LAB_HELP, etcd_mode, own_etcd
 
-WARM_UP_S = 3.0  # every pair campaigned and beating before the window opens
+WARM_UP_S = 3.0  # every pair campaigned and promised before the window opens
+LEASE_S = 60  # the bench's etcd leases: none expires during a run
+AGENT_TTL_S = Failover().lease_ttl_s  # the default lease of an agent: a promise is never longer
+SETTLE_S = AGENT_TTL_S / 2  # etcd on time that long before the peers are released (holding.py)
+PEER_NET = "127.81"  # the peer paths' loopback addresses: 127.81.x.y
 
 
 def timing(interval_ms: int) -> BeatTiming:
@@ -67,6 +119,19 @@ def timing(interval_ms: int) -> BeatTiming:
 
 
 TIMING = timing(50)
+
+
+def peer_address(pair: int, node: int) -> str:
+    """Node ``node`` (0: the active, 1: the standby) of pair number ``pair``: a loopback
+    address of its own (Linux routes all of 127/8 to lo), as the agent's peer path binds
+    one port on its node's address and takes a peer's datagrams only from that port."""
+    return f"{PEER_NET}.{pair // 120}.{2 * (pair % 120) + 1 + node}"
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("0.0.0.0", 0))
+        return int(s.getsockname()[1])
 
 
 def _status(etcd: Etcd) -> dict[str, Any]:
@@ -93,76 +158,402 @@ class Window:
 
     start: float
     end: float
-    trips: list[float] = field(default_factory=list)
-    delivered: int = 0
+    trips: list[float] = field(default_factory=list)  # beats etcd applied: round trips
+    sent: int = 0  # beats sent to etcd
+    sent_asking: int = 0  # of which while asking the peers to hold for the lease
+    unanswered: int = 0  # beats etcd did not answer within the store's timeout
+    not_sent: int = 0  # beats needed but not sent: too many in flight
+    asked_for_lease: int = 0  # times an active would have asked its peers to hold for the lease
+    fences: int = 0  # times an active's guard passed: it would have fenced
+    free: int = 0  # times a standby was free to take over a live active's pair
+    holds: int = 0  # holds sent on the peer path
+    holds_cut: int = 0  # holds dropped before they were sent (the peer path down)
+    replies: int = 0  # standbys' answers sent
+    promises: int = 0  # answers that extended a peer's promise, taken in by the actives
+    hold_trips: list[float] = field(default_factory=list)  # hold sent to its promise taken in
+    delivered: int = 0  # watch deliveries of the beat keys
 
     def open(self) -> bool:
         return self.start <= time.time() < self.end
 
 
-async def active(store: Store, pair: str, stop: asyncio.Event, w: Window, closed: bool) -> None:
-    """One pair's active: its campaign with the first beat, then a beat every interval
-    from the send of the previous one (as the agent sends them), or, ``closed``, the
-    next one as soon as the last is answered (to find what etcd serves at most)."""
-    lease = await store.grant(60)
-    beats = TermBeats(store, pair, f"{pair}-a")
-    epoch = await Election(store, pair, f"{pair}-a").campaign(
-        lease, members=[f"{pair}-a", f"{pair}-b"], also=[beats.first_beat(lease, TIMING)]
-    )
-    assert epoch is not None
-    value = beat_record(f"{pair}-a", TIMING)
-    loop = asyncio.get_running_loop()
+class Active:
+    """One pair's active as ``Beating.run`` beats: every interval a hold to its peer
+    (``ask``: its (seq, sent at), None without promises) and the beat in etcd only when
+    their promises do not stand in for it, or while it would ask its peers to hold for
+    the lease (``Holding.run``: from the instant a beat or a promise is late until etcd
+    has been on time for ``SETTLE_S``; the release then ends every promise)."""
+
+    def __init__(self, store: Store, pair: str, me: str, peer: str, w: Window) -> None:
+        self.beats = TermBeats(store, pair, me)
+        self.election = Election(store, pair, me)
+        self.me, self.peer, self.w = me, peer, w
+        self.value = beat_record(me, TIMING)
+        self.heartbeat: Heartbeat | None = None
+        self.ledger = Ledger()
+        self.ask: Callable[[int, float], tuple[int, float] | None] = lambda epoch, ttl: None
+        self.release: Callable[[int], None] = lambda epoch: None
+        self.asking = False  # it would ask its peers to hold for the lease
+        self._calm_since: float | None = None
+        self._late_at: float | None = None
+        self._lapsed_at: float | None = None
+        self._holds_sent: dict[int, float] = {}  # seq: sent at, for the hold's round trip
+        self.in_flight: set[asyncio.Task[None]] = set()
+        self.written = 0  # beats sent to etcd after the campaign
+
+    async def campaign(self, lease: int) -> int:
+        started = boottime()
+        epoch = await self.election.campaign(
+            lease,
+            members=[self.me, self.peer],
+            also=[self.beats.first_beat(lease, TIMING)],
+        )
+        assert epoch is not None
+        self.heartbeat = Heartbeat(epoch, TIMING, started)
+        return epoch
+
+    def promised_point(self) -> float:
+        hb = self.heartbeat
+        if hb is None or self.ledger.epoch != hb.epoch:
+            return NONE
+        return self.ledger.deadline([self.peer], hb.timing.fence_after)
+
+    def guard(self) -> float:
+        """The term's guard beyond the lease: its fence point by beats and promises."""
+        assert self.heartbeat is not None
+        return guard_point(self.heartbeat.fence_point, self.promised_point())
+
+    def watchdog_deadline(self) -> float:
+        return self.guard() + TIMING.margin / 2
+
+    def _hold_instant(self) -> float:
+        """``Beating.hold_instant``: while asking, only the beats count."""
+        hb = self.heartbeat
+        assert hb is not None and hb.acked_send is not None
+        point = hb.fence_point if self.asking else self.guard()
+        return point - hb.timing.fence_after + hb.timing.hold_after
+
+    def _check(self, now: float) -> None:
+        """Count the guard passed before it moves (the agent's fence timer fires then)."""
+        guard = self.guard()
+        if now >= guard and self._lapsed_at != guard:
+            self._lapsed_at = guard
+            if self.w.open():
+                self.w.fences += 1
+
+    def replied(self, reply: HoldReply, now: float) -> None:
+        """The peer path's ``on_hold_reply``: ``Beating.promise``."""
+        if not self.ledger.asked(reply.seq):
+            return
+        self._check(now)
+        if self.ledger.answer(reply) and self.w.open():
+            self.w.promises += 1
+            sent = self._holds_sent.get(reply.seq)
+            if sent is not None:
+                self.w.hold_trips.append(now - sent)
+
+    def _asking_step(self, now: float) -> None:
+        """``Holding.run``, reduced to what decides the beats: asking from a late beat or
+        promise on, until etcd has been on time for ``SETTLE_S``."""
+        late_at = self._hold_instant()
+        if now >= late_at:
+            if self._late_at != late_at and self.w.open():
+                self.w.asked_for_lease += 1
+            self._late_at = late_at
+            self.asking, self._calm_since = True, None
+        elif self.asking:
+            self._calm_since = self._calm_since or now
+            if now >= self._calm_since + SETTLE_S:
+                self.asking, self._calm_since = False, None
+                self.ledger.clear()  # the release ends every promise
+                assert self.heartbeat is not None
+                self.release(self.heartbeat.epoch)
+
+    async def run(self, stop: asyncio.Event, lease: int, promises: bool) -> None:
+        """Every interval, from the send of the previous one (``Beating.run``)."""
+        hb = self.heartbeat
+        assert hb is not None
+        loop = asyncio.get_running_loop()
+        fits = hb.timing.takeover_after / hb.timing.interval
+        while not stop.is_set():
+            sent = boottime()
+            self._check(sent)
+            if promises:
+                self._asking_step(sent)
+            needed = (
+                not promises or self.asking or beat_needed(sent, self.promised_point(), hb.timing)
+            )
+            asked = self.ask(hb.epoch, hb.timing.takeover_after) if promises else None
+            if asked is not None:
+                self.ledger.sent(hb.epoch, *asked, hb.timing.takeover_after)
+                self._holds_sent[asked[0]] = asked[1]
+                self._holds_sent.pop(asked[0] - 64, None)
+            if needed and len(self.in_flight) <= fits:
+                task = loop.create_task(self._beat(hb, lease, sent))
+                self.in_flight.add(task)
+                task.add_done_callback(self.in_flight.discard)
+            elif needed and self.w.open():
+                self.w.not_sent += 1
+            await asyncio.sleep(max(0.0, sent + hb.timing.interval - boottime()))
+
+    async def _beat(self, hb: Heartbeat, lease: int, sent: float) -> None:
+        self.written += 1
+        counted = self.w.open()
+        if counted:
+            self.w.sent += 1
+            self.w.sent_asking += self.asking
+        try:
+            applied = await self.beats.beat(hb.epoch, lease, self.value)
+        except StoreError:
+            if counted:
+                self.w.unanswered += 1
+            return
+        now = boottime()
+        self._check(now)
+        assert applied, "a beat refused: the bench's terms never end"
+        hb.answered(sent, applied)
+        if self.w.open():
+            self.w.trips.append(now - sent)
+
+    async def stop(self) -> None:
+        tasks = list(self.in_flight)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Standby:
+    """One pair's standby: its view of the beat key (a watch of its own, from what it
+    read), the promises it gives (``Holding.on_hold``) and when it may take over."""
+
+    def __init__(self, store: Store, pair: str, me: str, w: Window) -> None:
+        self.store, self.pair, self.me, self.w = store, pair, me, w
+        self.beats = TermBeats(store, pair, me)
+        self.promises = Promises()
+        self.view = BeatView()
+        self.epoch: int | None = None  # the term it saw in etcd (the leader key's)
+        self.revision = 0  # the newest revision it read of the pair's keys
+        self.busy: str | None = None
+        self.promised_until = NONE  # the end of the last promise it gave
+        self.ready = asyncio.Event()
+        self._free_at: float | None = None
+
+    def due(self, now: float) -> float:
+        """When it may take the term over (``Beating.due`` with the binding promise)."""
+        binding = self.promises.binding(now)
+        until = NONE if binding is None else binding.until
+        return takeover_due(self.view.seen, self.epoch, until, TIMING)
+
+    def _check(self, now: float) -> None:
+        """Count the instants it was free to take a live active's pair over."""
+        due = self.due(now)
+        if now >= due and self._free_at != due:
+            self._free_at = due
+            if self.w.open():
+                self.w.free += 1
+
+    def on_hold(self, hold: Hold, now: float) -> Answer:
+        self._check(now)
+        if self.w.open():
+            self.w.replies += 1
+        answer = self.promises.answer(
+            hold,
+            now,
+            ttl=AGENT_TTL_S,
+            busy=self.busy,
+            newest_epoch=self.epoch,
+            seen_revision=self.revision,
+        )
+        if answer.promised:
+            self.promised_until = max(self.promised_until, now + answer.ttl)
+        return answer
+
+    def on_release(self, release: Release) -> None:
+        self.promises.release(release.sender, release.epoch)
+
+    def _deliver(self, revision: int, key: str, value: bytes | None) -> None:
+        now = boottime()
+        if self.ready.is_set():
+            self._check(now)
+        self.revision = max(self.revision, revision)
+        found = None if value is None else beat_timing(key, value)
+        if found is None:
+            self.view.deleted()
+        else:
+            self.view.delivered(revision, found, now)
+
+    async def follow(self) -> None:
+        """The term from the leader key, then the beat key read and watched from there."""
+        leader = await self.store.get(keys.leader(self.pair))
+        assert leader is not None
+        self.epoch = leader.create_revision
+        kvs, revision = await self.store.get_prefix(keys.beats_of(self.pair))
+        self.revision = max(revision, leader.mod_revision)
+        for kv in kvs:
+            self._deliver(kv.mod_revision, kv.key, kv.value)
+        self.ready.set()
+        async for change in self.store.watch_prefix(keys.beats_of(self.pair), revision + 1):
+            if self.w.open():
+                self.w.delivered += 1
+            kv = change.kv
+            self._deliver(kv.mod_revision, kv.key, None if change.deleted else kv.value)
+
+
+class Link:
+    """A pair's peer path: the agent's socket on each node, sealed with the pair's key."""
+
+    def __init__(self, number: int, a: str, b: str, port: int, key: bytes | None) -> None:
+        network = Network(peer_port=port)
+        self.addresses = peer_address(number, 0), peer_address(number, 1)
+        self.a = PeerPath(a, {b: self.addresses[1]}, network, PeerAuth(key), boottime)
+        self.b = PeerPath(b, {a: self.addresses[0]}, network, PeerAuth(key), boottime)
+
+    async def open(self, active: Active, standby: Standby, cut: bool) -> None:
+        """Hook both ends to the pair; ``cut``: every hold dropped before it is sent."""
+        self.a.on_hold_reply = active.replied
+        self.b.on_hold = standby.on_hold
+        self.b.on_release = standby.on_release
+        await self.a.open(self.addresses[0])
+        await self.b.open(self.addresses[1])
+        seq = 0
+        w = active.w
+
+        def lost(epoch: int, ttl: float) -> tuple[int, float]:
+            nonlocal seq
+            seq += 1
+            if w.open():
+                w.holds_cut += 1
+            return seq, boottime()
+
+        def sent(epoch: int, ttl: float) -> tuple[int, float]:
+            if w.open():
+                w.holds += 1
+            return self.a.send_hold(epoch, ttl)
+
+        active.ask = lost if cut else sent
+        if not cut:
+            active.release = self.a.send_release
+
+    def dropped(self) -> int:
+        return sum(self.a.dropped.values()) + sum(self.b.dropped.values())
+
+    def close(self) -> None:
+        self.a.close()
+        self.b.close()
+
+
+async def flat_out(active: Active, stop: asyncio.Event, lease: int) -> None:
+    """The ceiling: every beat in etcd, the next one as soon as the last is answered."""
+    hb = active.heartbeat
+    assert hb is not None
     while not stop.is_set():
-        sent = loop.time()
-        assert await beats.beat(epoch, lease, value)
-        if w.open():
-            w.trips.append(loop.time() - sent)
-        if not closed:
-            await asyncio.sleep(max(0.0, sent + TIMING.interval - loop.time()))
+        sent = boottime()
+        if active.w.open():
+            active.w.sent += 1
+        assert await active.beats.beat(hb.epoch, lease, active.value)
+        if active.w.open():
+            active.w.trips.append(boottime() - sent)
 
 
-async def standby(store: Store, pair: str, w: Window) -> None:
-    async for _ in store.watch_prefix(keys.beats_of(pair), 0):
-        if w.open():
-            w.delivered += 1
+async def play_pair(
+    stores: tuple[Store, Store],
+    number: int,
+    spec: dict[str, Any],
+    w: Window,
+    stop: asyncio.Event,
+    links: list[Link],
+) -> None:
+    """One pair: its active campaigns with the first beat, its standby reads the term and
+    follows the beat key, and (with promises) the two speak over their peer path."""
+    pair = f"p{number:03d}"
+    a, b = f"{pair}-a", f"{pair}-b"
+    active, standby = Active(stores[0], pair, a, b, w), Standby(stores[1], pair, b, w)
+    promises = spec["mode"] == "promises"
+    if promises:
+        key = None if spec["lab"] else os.urandom(PEER_KEY_BYTES)
+        link = Link(number, a, b, spec["peer_port"], key)
+        links.append(link)
+        await link.open(active, standby, number in spec["cut"])
+    lease = await stores[0].grant(LEASE_S)
+    await active.campaign(lease)
+    follower = asyncio.create_task(standby.follow())
+    try:
+        if spec["mode"] == "closed":
+            await flat_out(active, stop, lease)
+        else:
+            await active.run(stop, lease, promises)
+        await active.stop()
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
 
 
 async def worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Play ``spec["pairs"]``: each pair's active and standby with a connection of its
-    own, as two servers would have; count what falls in the window."""
+    """Play ``spec["pairs"]``: each pair's active and standby with a connection and a
+    socket of their own, as two servers would have; count what falls in the window."""
     tls = TlsFiles(**{k: Path(v) for k, v in spec["tls"].items()}) if spec["tls"] else None
     w = Window(spec["start"], spec["end"])
-    names: list[str] = spec["pairs"]
-    stores = [Store(spec["url"], timeout=5.0, tls=tls) for _ in range(2 * len(names))]
+    numbers: list[int] = spec["pairs"]
+    stores = [Store(spec["url"], timeout=5.0, tls=tls) for _ in range(2 * len(numbers))]
     stop = asyncio.Event()
-    watchers = [asyncio.create_task(standby(stores[2 * i + 1], n, w)) for i, n in enumerate(names)]
-    actives = [
-        asyncio.create_task(active(stores[2 * i], n, stop, w, spec["closed"]))
-        for i, n in enumerate(names)
+    links: list[Link] = []
+    pairs = [
+        asyncio.create_task(play_pair((stores[2 * i], stores[2 * i + 1]), n, spec, w, stop, links))
+        for i, n in enumerate(numbers)
     ]
     await asyncio.sleep(max(0.0, w.start - time.time()))
     cpu0, wait0 = time.process_time(), run_delay()
     await asyncio.sleep(max(0.0, w.end - time.time()))
     cpu1, wait1 = time.process_time(), run_delay()
     stop.set()
-    await asyncio.gather(*actives)
-    for t in watchers:
-        t.cancel()
-    await asyncio.gather(*watchers, return_exceptions=True)
+    await asyncio.gather(*pairs)
+    dropped = sum(link.dropped() for link in links)
+    for link in links:
+        link.close()
     await asyncio.gather(*(s.close() for s in stores))
-    return {"trips": w.trips, "delivered": w.delivered, "cpu": cpu1 - cpu0, "wait": wait1 - wait0}
+    counts = {k: v for k, v in vars(w).items() if k not in ("start", "end")}
+    return {**counts, "dropped": dropped, "cpu": cpu1 - cpu0, "wait": wait1 - wait0}
+
+
+def cut_pairs(pairs: int, fraction: float) -> list[int]:
+    """The pairs whose peer path is down: ``fraction`` of them, spread over all."""
+    return [i for i in range(pairs) if int((i + 1) * fraction) > int(i * fraction)]
+
+
+def _ms(values: list[float], q: float) -> float | None:
+    return 1000 * values[int(q * (len(values) - 1))] if values else None
 
 
 def run(
-    etcd: Etcd, pairs: int, seconds: float, procs: int, closed: bool, interval_ms: int
+    etcd: Etcd,
+    pairs: int,
+    seconds: float,
+    procs: int,
+    mode: str,
+    interval_ms: int,
+    cut_fraction: float = 0.0,
+    lab: bool = False,
 ) -> dict[str, Any]:
     """``pairs`` pairs played by ``procs`` worker processes against ``etcd``, measured
-    over ``seconds`` once every pair beats."""
-    names = [f"p{i:03d}" for i in range(pairs)]
+    over ``seconds`` once every pair beats. ``mode``: "promises" (the peer path, down for
+    ``cut_fraction`` of the pairs), "every beat" (no promises: every beat to etcd) or
+    "closed" (the ceiling)."""
     tls = etcd.tls
     files = None if tls is None else {k: str(v) for k, v in vars(tls).items() if v is not None}
     start = time.time() + WARM_UP_S + pairs * 0.02
     end = start + seconds
+    cut = cut_pairs(pairs, cut_fraction) if mode == "promises" else []
+    common = {
+        "url": etcd.url,
+        "tls": files,
+        "start": start,
+        "end": end,
+        "mode": mode,
+        "interval_ms": interval_ms,
+        "cut": cut,
+        "lab": lab,
+        "peer_port": free_udp_port(),
+    }
     workers = [
         subprocess.Popen(
             [sys.executable, "-m", "bench.bench_term_beat", "--worker"],
@@ -173,11 +564,8 @@ def run(
         for _ in range(procs)
     ]
     for n, proc in enumerate(workers):
-        spec = {"url": etcd.url, "tls": files, "pairs": names[n::procs], "start": start}
         assert proc.stdin is not None
-        proc.stdin.write(
-            json.dumps({**spec, "end": end, "closed": closed, "interval_ms": interval_ms})
-        )
+        proc.stdin.write(json.dumps({**common, "pairs": list(range(pairs))[n::procs]}))
         proc.stdin.close()
     assert etcd.proc is not None
     time.sleep(max(0.0, start - time.time()))
@@ -192,106 +580,133 @@ def run(
         if proc.returncode != 0:
             raise RuntimeError(f"a worker failed (exit {proc.returncode})")
         results.append(json.loads(out))
+
+    def total(name: str) -> int:
+        return sum(int(r[name]) for r in results)
+
     trips = sorted(t for r in results for t in r["trips"])
+    hold_trips = sorted(t for r in results for t in r["hold_trips"])
     cpu, wait = sum(r["cpu"] for r in results), sum(r["wait"] for r in results)
-    beats = len(trips) / seconds
+    etcd_cpu = etcd1 - etcd0
     return {
         "pairs": pairs,
-        "mode": "closed" if closed else "paced",
+        "mode": mode,
+        "cut_pairs": len(cut),
         "client_processes": procs,
-        "beats_per_s": beats,
-        "asked_per_s": None if closed else pairs / TIMING.interval,
-        "round_trip_median_ms": 1000 * statistics.median(trips),
-        "round_trip_p99_ms": 1000 * trips[int(0.99 * (len(trips) - 1))],
-        "late_pct": 100 * sum(t > TIMING.interval for t in trips) / len(trips),
-        "etcd_cpu_pct": 100 * (etcd1 - etcd0) / seconds,
-        "etcd_cpu_us_per_beat": 1e6 * (etcd1 - etcd0) / len(trips),
+        "intervals_per_s": None if mode == "closed" else pairs / TIMING.interval,
+        "beats_sent_per_s": total("sent") / seconds,
+        "beats_per_s": len(trips) / seconds,
+        "beats_asking_per_s": total("sent_asking") / seconds,
+        "round_trip_median_ms": 1000 * statistics.median(trips) if trips else None,
+        "round_trip_p99_ms": _ms(trips, 0.99),
+        "late_pct": 100 * sum(t > TIMING.interval for t in trips) / len(trips) if trips else None,
+        "beats_unanswered": total("unanswered"),
+        "beats_not_sent_in_flight": total("not_sent"),
+        "asked_to_hold_for_lease": total("asked_for_lease"),
+        "active_fenced": total("fences"),
+        "standby_free_to_take_over": total("free"),
+        "holds_per_s": total("holds") / seconds,
+        "holds_cut_per_s": total("holds_cut") / seconds,
+        "promises_per_s": total("promises") / seconds,
+        "datagrams_per_s": (total("holds") + total("replies")) / seconds,
+        "hold_to_promise_median_ms": _ms(hold_trips, 0.5),
+        "hold_to_promise_p99_ms": _ms(hold_trips, 0.99),
+        "datagrams_dropped": total("dropped"),
+        "etcd_cpu_pct": 100 * etcd_cpu / seconds,
+        "etcd_cpu_us_per_beat": 1e6 * etcd_cpu / len(trips) if trips else None,
         "clients_cpu_pct": 100 * cpu / seconds,
         "clients_wait_for_cpu_pct": 100 * wait / seconds,
         "revisions_per_s": (rev1 - rev0) / seconds,
         "db_growth_kib_per_s": (size1 - size0) / 1024 / seconds,
-        "deliveries_per_s": sum(r["delivered"] for r in results) / seconds,
+        "deliveries_per_s": total("delivered") / seconds,
         "load_avg_1m": os.getloadavg()[0],
     }
 
 
-async def takeover_once(store: Store, n: int, rng: random.Random) -> tuple[float, float]:
-    """An active beats, then stops at once (its server crashed; its lease lives on); its
-    standby takes the pair over by the rules and campaigns. (Crash to the standby's new
-    epoch, seconds; the time from the crashed active's watchdog deadline, as its own
-    acknowledged beats set it, to the standby's takeover send: below 0 would be an
-    overlap.)"""
+@dataclass
+class Takeover:
+    took: float  # crash to the standby's new epoch
+    room: float  # the crashed active's watchdog deadline to the standby's takeover send
+    on_promise: bool  # the standby waited for its promise to end, not for a beat
+    written: int  # beats the active wrote to etcd after its campaign
+
+
+async def takeover_once(
+    store: Store, n: int, rng: random.Random, port: int, key: bytes | None
+) -> Takeover:
+    """An active campaigns and beats with its promises, then stops at once (its server
+    crashed; its lease lives on); its standby takes the pair over once no promise binds
+    it and its last beat is old enough, guarded on that beat, and campaigns."""
     pair, a, b = f"t{n:03d}", f"t{n:03d}-a", f"t{n:03d}-b"
-    beats_a, beats_b = TermBeats(store, pair, a), TermBeats(store, pair, b)
+    w = Window(0.0, 0.0)
+    active, standby = Active(store, pair, a, b, w), Standby(store, pair, b, w)
+    link = Link(n, a, b, port, key)
+    await link.open(active, standby, cut=False)
     lease_a, lease_b = await store.grant(30), await store.grant(30)
-    started = boottime()
-    epoch = await Election(store, pair, a).campaign(
-        lease_a, members=[a, b], also=[beats_a.first_beat(lease_a, TIMING)]
-    )
-    assert epoch is not None
-    heart, view = Heartbeat(epoch, TIMING, started), BeatView()
-
-    async def watch() -> None:
-        async for change in store.watch_prefix(keys.beats_of(pair), epoch):
-            timing = beat_timing(change.kv.key, change.kv.value)
-            if change.deleted or timing is None:
-                view.deleted()
-            else:
-                view.delivered(change.kv.mod_revision, timing, boottime())
-
-    async def beat() -> None:
-        value = beat_record(a, TIMING)
-        while True:
-            sent = boottime()
-            heart.answered(sent, await beats_a.beat(epoch, lease_a, value))
-            await asyncio.sleep(max(0.0, sent + TIMING.interval - boottime()))
-
-    watcher = asyncio.create_task(watch())
-    beater = asyncio.create_task(beat())
+    epoch = await active.campaign(lease_a)
+    follower = asyncio.create_task(standby.follow())
+    await standby.ready.wait()
+    stop = asyncio.Event()
+    beater = asyncio.create_task(active.run(stop, lease_a, promises=True))
     await asyncio.sleep(rng.uniform(1.0, 1.5))
-    beater.cancel()  # a beat in flight may still be applied, unanswered: as in a crash
+    # The server dies: no more holds nor beats, and no answer reaches it. A beat in
+    # flight may still be applied, unanswered: as in a crash.
+    beater.cancel()
+    link.a.close()
     crash = boottime()
-    watchdog_at = heart.fence_point + TIMING.margin / 2
+    await active.stop()
+    watchdog_at = active.watchdog_deadline()
     members = await store.get(keys.members(pair))
     assert members is not None
     while True:
-        due = takeover_due(view.seen, epoch)
-        if due > boottime():
-            await asyncio.sleep(min(0.005, due - boottime()))
+        now = boottime()
+        due = standby.due(now)
+        if due > now:
+            await asyncio.sleep(min(0.005, due - now))
             continue
-        assert view.seen is not None
+        assert standby.view.seen is not None
+        on_promise = standby.promised_until > standby.view.seen.received + TIMING.takeover_after
+        standby.busy = "this node is campaigning"  # no promise while in flight
         sent = boottime()
-        guard = TakeoverGuard(epoch, view.seen.revision, members.mod_revision)
-        if await beats_b.take_over(guard) is not None:
+        guard = TakeoverGuard(epoch, standby.view.seen.revision, members.mod_revision)
+        if await standby.beats.take_over(guard) is not None:
             break
+        standby.busy = None
     new_epoch = await Election(store, pair, b).campaign(
         lease_b,
         target=True,
         members=[a, b],
         members_revision=members.mod_revision,
-        also=[beats_b.first_beat(lease_b, TIMING)],
+        also=[standby.beats.first_beat(lease_b, TIMING)],
     )
     assert new_epoch is not None and new_epoch > epoch
     done = boottime()
-    watcher.cancel()
-    await asyncio.gather(beater, watcher, return_exceptions=True)
+    follower.cancel()
+    await asyncio.gather(beater, follower, return_exceptions=True)
+    link.close()
     await store.revoke(lease_a)
     await store.revoke(lease_b)
-    return done - crash, sent - watchdog_at
+    return Takeover(done - crash, sent - watchdog_at, on_promise, active.written)
 
 
-async def takeovers(etcd: Etcd, runs: int) -> dict[str, float]:
+async def takeovers(etcd: Etcd, runs: int, lab: bool) -> dict[str, Any]:
     store = Store(etcd.url, timeout=5.0, tls=etcd.tls)
     rng = random.Random(runs)
-    results = [await takeover_once(store, n, rng) for n in range(runs)]
+    port = free_udp_port()
+    key = None if lab else os.urandom(PEER_KEY_BYTES)
+    results = [await takeover_once(store, n, rng, port, key) for n in range(runs)]
     await store.close()
-    took, room = sorted(r[0] for r in results), sorted(r[1] for r in results)
+    took, room = sorted(r.took for r in results), sorted(r.room for r in results)
+    written = sorted(r.written for r in results)
     return {
         "runs": runs,
         "crash_to_new_epoch_median_ms": 1000 * statistics.median(took),
         "crash_to_new_epoch_min_ms": 1000 * took[0],
         "crash_to_new_epoch_max_ms": 1000 * took[-1],
         "watchdog_before_takeover_min_ms": 1000 * room[0],
+        "waited_for_the_promise": sum(r.on_promise for r in results),
+        "beats_after_campaign_median": statistics.median(written),
+        "beats_after_campaign_max": written[-1],
         "load_avg_1m": os.getloadavg()[0],
     }
 
@@ -313,6 +728,19 @@ def main() -> None:
         "--interval-ms", type=int, default=50, help="the beat's interval (fence and margin: 3x)"
     )
     parser.add_argument(
+        "--cut-fraction",
+        type=float,
+        default=0.25,
+        help="a run of the most pairs with the peer path down for this share of them "
+        "(0: no such run)",
+    )
+    parser.add_argument(
+        "--no-promises",
+        dest="promises",
+        action="store_false",
+        help="the pairs' runs without promises: every beat to etcd, no peer path",
+    )
+    parser.add_argument(
         "--no-ceiling",
         dest="ceiling",
         action="store_false",
@@ -326,30 +754,41 @@ def main() -> None:
         TIMING = timing(spec["interval_ms"])
         print(json.dumps(asyncio.run(worker(spec))))
         return
+    if not 0 <= args.cut_fraction <= 1:
+        parser.error("--cut-fraction: a share from 0 to 1")
     TIMING = timing(args.interval_ms)
-    print(f"etcd: {etcd_mode(args.lab)}; {os.cpu_count()} cores; beat every {args.interval_ms} ms")
+    design = "promises on the peer path" if args.promises else "no promises: every beat to etcd"
+    print(
+        f"etcd: {etcd_mode(args.lab)}; {os.cpu_count()} cores; beat every "
+        f"{args.interval_ms} ms; {design}",
+        flush=True,
+    )
     if args.takeovers:
         with tempfile.TemporaryDirectory(prefix="hapair-beat-") as tmp:
             etcd = own_etcd(Path(tmp), args.lab)
             try:
-                result = asyncio.run(takeovers(etcd, args.takeovers))
+                result = asyncio.run(takeovers(etcd, args.takeovers, args.lab))
             finally:
                 etcd.cleanup()
-        print(json.dumps(rounded(result)))
-    runs = [(pairs, False) for pairs in args.pairs]
+        print(json.dumps(rounded(result)), flush=True)
+    mode = "promises" if args.promises else "every beat"
+    runs = [(pairs, mode, 0.0) for pairs in args.pairs]
+    if args.promises and args.cut_fraction and args.pairs:
+        runs.append((max(args.pairs), mode, args.cut_fraction))
     if args.ceiling and args.pairs:
-        runs.append((max(args.pairs), True))
-    for pairs, closed in runs:
+        runs.append((max(args.pairs), "closed", 0.0))
+    for pairs, mode, cut in runs:
         with tempfile.TemporaryDirectory(prefix="hapair-beat-") as tmp:
             etcd = own_etcd(Path(tmp), args.lab)
             try:
-                result = run(etcd, pairs, args.seconds, args.procs, closed, args.interval_ms)
+                result = run(
+                    etcd, pairs, args.seconds, args.procs, mode, args.interval_ms, cut, args.lab
+                )
             finally:
                 etcd.cleanup()
-        print(
-            json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()})
-        )
+        print(json.dumps(rounded(result)), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
