@@ -10,9 +10,9 @@ path socket (``peer_path.py``, real UDP, each node on a loopback address of its 
 the standby answers with ``Promises.answer`` (a promise of ``fence_after + margin``), the
 active takes the replies into a ``Ledger`` and sends the interval's beat to etcd only when
 ``beat_needed`` says so. As the agent, it sends each beat on time whatever the answers of
-the earlier ones (at most a takeover time's worth in flight), and a beat or promise late
-enough that the agent would ask its peers to hold for the lease has it beat in etcd until
-etcd has been on time for half the default lease TTL (then the release ends every promise).
+the earlier ones (at most a takeover time's worth in flight). The bench's leases never
+come near their end, so no active asks its peers to hold for the lease (only a late
+keepalive starts that, which would have it beat in etcd meanwhile).
 
 First, crash takeovers: an active campaigns and beats with its promises, stops at once
 (its lease lives on), and its standby takes the pair over as the agent does: once no
@@ -26,11 +26,9 @@ many takeovers waited for a promise rather than for a beat, and how many beats e
 active wrote to etcd after its campaign.
 
 Then, per run: the beats sent to etcd and applied per second (against the 20 per pair of
-a beat every interval: ``intervals_per_s``), and of those sent, the ones sent while their
-active would ask its peers to hold for the lease; each beat's round trip (median, p99,
+a beat every interval: ``intervals_per_s``); each beat's round trip (median, p99,
 and the share later than one interval), the beats not sent because too many were in
-flight; the times an active would have asked its peers to hold for the lease (a promise
-or a beat answered later than about an interval), the times an active's guard passed (it
+flight; the times an active's guard passed (it
 would have fenced) and the times a standby was free to take a live active's pair over
 (both should be 0); the holds and promises per second on the peer path (datagrams: holds
 and replies), a hold's round trip to its promise, the datagrams dropped; etcd's CPU (in
@@ -108,7 +106,6 @@ from tests.support.tls_etcd import LAB_HELP, etcd_mode, own_etcd
 WARM_UP_S = 3.0  # every pair campaigned and promised before the window opens
 LEASE_S = 60  # the bench's etcd leases: none expires during a run
 AGENT_TTL_S = Failover().lease_ttl_s  # the default lease of an agent: a promise is never longer
-SETTLE_S = AGENT_TTL_S / 2  # etcd on time that long before the peers are released (holding.py)
 PEER_NET = "127.81"  # the peer paths' loopback addresses: 127.81.x.y
 
 
@@ -160,10 +157,8 @@ class Window:
     end: float
     trips: list[float] = field(default_factory=list)  # beats etcd applied: round trips
     sent: int = 0  # beats sent to etcd
-    sent_asking: int = 0  # of which while asking the peers to hold for the lease
     unanswered: int = 0  # beats etcd did not answer within the store's timeout
     not_sent: int = 0  # beats needed but not sent: too many in flight
-    asked_for_lease: int = 0  # times an active would have asked its peers to hold for the lease
     fences: int = 0  # times an active's guard passed: it would have fenced
     free: int = 0  # times a standby was free to take over a live active's pair
     holds: int = 0  # holds sent on the peer path
@@ -180,9 +175,7 @@ class Window:
 class Active:
     """One pair's active as ``Beating.run`` beats: every interval a hold to its peer
     (``ask``: its (seq, sent at), None without promises) and the beat in etcd only when
-    their promises do not stand in for it, or while it would ask its peers to hold for
-    the lease (``Holding.run``: from the instant a beat or a promise is late until etcd
-    has been on time for ``SETTLE_S``; the release then ends every promise)."""
+    their promises do not stand in for it."""
 
     def __init__(self, store: Store, pair: str, me: str, peer: str, w: Window) -> None:
         self.beats = TermBeats(store, pair, me)
@@ -192,10 +185,6 @@ class Active:
         self.heartbeat: Heartbeat | None = None
         self.ledger = Ledger()
         self.ask: Callable[[int, float], tuple[int, float] | None] = lambda epoch, ttl: None
-        self.release: Callable[[int], None] = lambda epoch: None
-        self.asking = False  # it would ask its peers to hold for the lease
-        self._calm_since: float | None = None
-        self._late_at: float | None = None
         self._lapsed_at: float | None = None
         self._holds_sent: dict[int, float] = {}  # seq: sent at, for the hold's round trip
         self.in_flight: set[asyncio.Task[None]] = set()
@@ -226,13 +215,6 @@ class Active:
     def watchdog_deadline(self) -> float:
         return self.guard() + TIMING.margin / 2
 
-    def _hold_instant(self) -> float:
-        """``Beating.hold_instant``: while asking, only the beats count."""
-        hb = self.heartbeat
-        assert hb is not None and hb.acked_send is not None
-        point = hb.fence_point if self.asking else self.guard()
-        return point - hb.timing.fence_after + hb.timing.hold_after
-
     def _check(self, now: float) -> None:
         """Count the guard passed before it moves (the agent's fence timer fires then)."""
         guard = self.guard()
@@ -252,23 +234,6 @@ class Active:
             if sent is not None:
                 self.w.hold_trips.append(now - sent)
 
-    def _asking_step(self, now: float) -> None:
-        """``Holding.run``, reduced to what decides the beats: asking from a late beat or
-        promise on, until etcd has been on time for ``SETTLE_S``."""
-        late_at = self._hold_instant()
-        if now >= late_at:
-            if self._late_at != late_at and self.w.open():
-                self.w.asked_for_lease += 1
-            self._late_at = late_at
-            self.asking, self._calm_since = True, None
-        elif self.asking:
-            self._calm_since = self._calm_since or now
-            if now >= self._calm_since + SETTLE_S:
-                self.asking, self._calm_since = False, None
-                self.ledger.clear()  # the release ends every promise
-                assert self.heartbeat is not None
-                self.release(self.heartbeat.epoch)
-
     async def run(self, stop: asyncio.Event, lease: int, promises: bool) -> None:
         """Every interval, from the send of the previous one (``Beating.run``)."""
         hb = self.heartbeat
@@ -278,11 +243,7 @@ class Active:
         while not stop.is_set():
             sent = boottime()
             self._check(sent)
-            if promises:
-                self._asking_step(sent)
-            needed = (
-                not promises or self.asking or beat_needed(sent, self.promised_point(), hb.timing)
-            )
+            needed = not promises or beat_needed(sent, self.promised_point(), hb.timing)
             asked = self.ask(hb.epoch, hb.timing.takeover_after) if promises else None
             if asked is not None:
                 self.ledger.sent(hb.epoch, *asked, hb.timing.takeover_after)
@@ -301,7 +262,6 @@ class Active:
         counted = self.w.open()
         if counted:
             self.w.sent += 1
-            self.w.sent_asking += self.asking
         try:
             applied = await self.beats.beat(hb.epoch, lease, self.value)
         except StoreError:
@@ -431,8 +391,6 @@ class Link:
             return self.a.send_hold(epoch, ttl)
 
         active.ask = lost if cut else sent
-        if not cut:
-            active.release = self.a.send_release
 
     def dropped(self) -> int:
         return sum(self.a.dropped.values()) + sum(self.b.dropped.values())
@@ -596,13 +554,11 @@ def run(
         "intervals_per_s": None if mode == "closed" else pairs / TIMING.interval,
         "beats_sent_per_s": total("sent") / seconds,
         "beats_per_s": len(trips) / seconds,
-        "beats_asking_per_s": total("sent_asking") / seconds,
         "round_trip_median_ms": 1000 * statistics.median(trips) if trips else None,
         "round_trip_p99_ms": _ms(trips, 0.99),
         "late_pct": 100 * sum(t > TIMING.interval for t in trips) / len(trips) if trips else None,
         "beats_unanswered": total("unanswered"),
         "beats_not_sent_in_flight": total("not_sent"),
-        "asked_to_hold_for_lease": total("asked_for_lease"),
         "active_fenced": total("fences"),
         "standby_free_to_take_over": total("free"),
         "holds_per_s": total("holds") / seconds,
