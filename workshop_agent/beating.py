@@ -41,6 +41,7 @@ from hapair.workshop_agent.peer_wire import HoldReply
 from hapair.workshop_agent.pg import hooks
 from hapair.workshop_agent.term_beat import (
     NONE,
+    PROMISE_WAIT,
     BeatTiming,
     BeatView,
     Heartbeat,
@@ -110,6 +111,8 @@ class Beating:
         self.heartbeat: Heartbeat | None = None  # the beats of the term this node holds
         self.promised = Ledger()  # the peers' promises that stand in for its beats
         self._refusals: dict[str, str] = {}  # for logging changes only
+        self._awaited: asyncio.TimerHandle | None = None  # the check for a promise due
+        self._awaited_point = NONE
         self.view = BeatView()
         self.mirror = self._new_mirror()
         self._begun = asyncio.Event()  # this node beats a term: nothing to follow
@@ -210,6 +213,15 @@ class Beating:
             return False
         if self.promised.answer(reply):
             self._moved()
+            hb = self.heartbeat
+            waiting = self._awaited
+            if (
+                waiting is not None
+                and hb is not None
+                and self._promised_point(hb) >= self._awaited_point
+            ):
+                waiting.cancel()
+                self._awaited = None
         said = self.promised.refusals.get(reply.sender)
         if said != self._refusals.get(reply.sender):
             if said is not None:
@@ -268,16 +280,42 @@ class Beating:
             asked = self._ask(hb.epoch, hb.timing.takeover_after)
             if asked is not None:
                 self.promised.sent(hb.epoch, *asked, hb.timing.takeover_after)
-            # In flight at most as many as fit in a fence: more would answer nothing new.
-            # A test's fault only (``HAPAIR_TEST_BEAT_GATE``): every beat lost on its way.
-            fits = len(self._in_flight) <= hb.timing.takeover_after / hb.timing.interval
-            if not needed:
+            if needed:
+                self._send(hb, lease, sent)
+            elif asked is not None:
                 self.beats_promised += 1
-            elif fits and not hooks.held("beat"):
-                task = asyncio.get_running_loop().create_task(self._beat(hb, lease, sent))
-                self._in_flight.add(task)
-                task.add_done_callback(self._in_flight.discard)
+                self._await_promise(hb, lease, asked[1])
             await asyncio.sleep(max(0.0, sent + hb.timing.interval - self.clock()))
+
+    def _send(self, hb: Heartbeat, lease: int, sent: float) -> None:
+        # In flight at most as many as fit in a fence: more would answer nothing new.
+        # A test's fault only (``HAPAIR_TEST_BEAT_GATE``): every beat lost on its way.
+        fits = len(self._in_flight) <= hb.timing.takeover_after / hb.timing.interval
+        if fits and not hooks.held("beat"):
+            task = asyncio.get_running_loop().create_task(self._beat(hb, lease, sent))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    def _await_promise(self, hb: Heartbeat, lease: int, asked_at: float) -> None:
+        """The beat stays out of etcd on the promise for the hold just sent: if that
+        promise has not come a moment later, send the beat then rather than at the
+        next interval, which would leave etcd one interval less to answer it before
+        the promised point runs out. The promise cancels the check as it comes."""
+        covered = asked_at + hb.timing.fence_after  # the promised point once it comes
+
+        def check() -> None:
+            self._awaited = None
+            current = self.heartbeat is hb and self._term() == hb.epoch and not hb.refused
+            if current and self._promised_point(hb) < covered:
+                self.beats_promised -= 1
+                self._send(hb, lease, self.clock())
+
+        if self._awaited is not None:
+            self._awaited.cancel()
+        self._awaited_point = covered
+        self._awaited = asyncio.get_running_loop().call_later(
+            PROMISE_WAIT * hb.timing.interval, check
+        )
 
     async def _beat(self, hb: Heartbeat, lease: int, sent: float) -> None:
         self.beats_sent += 1

@@ -97,11 +97,13 @@ and the takeover also compares the synchronous standby record's mod revision wit
 its decision read, so a primary that unrecorded its standby before it stopped is never
 taken over by that standby on a view that missed the change.
 
-Why beats sent only when a promise is missing keep a live active. The promise on the
-hold of interval k runs until D + M after it reached P; a promise missing at interval
-k + 2 has the beat go then, 1.5 intervals before the point of the promise k counts
-for: etcd has that long (less the peer path's delay) to apply it before P may take
-over, and P's takeover, guarded on the beat it saw, fails once it did.
+Why beats sent only when a promise is missing keep a live active. The active waits
+for the promise on each hold it sends ``PROMISE_WAIT`` of an interval; missing, the
+beat goes then, and at every interval after until the promises come back
+(:func:`beat_needed`). etcd then has ``D - (1 + PROMISE_WAIT)·interval`` to apply it
+before the point of the last promise runs out, and far longer before P may take over:
+P waits M more, and its takeover, guarded on the beat it saw, fails once a later one
+was applied.
 
 This module is pure: the clock, etcd and the peer path are the caller's.
 """
@@ -175,6 +177,14 @@ class Heartbeat:
     def hold_due(self, now: float) -> bool:
         """Is a beat late enough that the peers must be asked to hold?"""
         return self.acked_send is not None and now >= self.acked_send + self.timing.hold_after
+
+
+PROMISE_WAIT = 0.2
+"""How long, in intervals, the active waits for the promise on the hold it just sent
+before it beats in etcd after all (10 ms at 50 ms): the peer path answers in well under a
+millisecond on a plant network, and etcd then has the rest of an interval and its
+fence: ``fence_after - interval - PROMISE_WAIT·interval`` (90 ms at 50/150 ms) to apply
+the beat before the point of the promise before runs out."""
 
 
 def beat_needed(now: float, promised_point: float, timing: BeatTiming) -> bool:
