@@ -245,18 +245,20 @@ class Beating:
         return hb.timing if hb is not None and hb.epoch == term else None
 
     def hold_instant(self, term: int | None) -> float:
-        """Until when ``term``'s beats keep the peers asked to hold for the lease
-        (``inf``: they do not): two intervals after the send of its last acknowledged
-        beat. Only while they are asked already (a keepalive was late): the release
-        ends the short promises too, so it waits until etcd has taken the beats on time
-        for a while. The beats never start the asking themselves: the short promises
-        and the beats stand in for each other, and a hold for the lease, asked on the
-        same peer path as the short promises, would add nothing while they come, and
-        would keep the beats in etcd for half a TTL after a single late promise."""
+        """When the peers must be asked to hold for ``term``'s beats (``inf``: never):
+        two intervals after the send of its last acknowledged beat, or of the last hold
+        its peers promised on if later: both the promises and the beats that stand in
+        for them late (a single late promise has the beat go a fifth of an interval
+        later, which etcd answers in milliseconds). A hold for the lease then keeps the
+        pair through an etcd stall with a starved or lossy peer path, one promise for a
+        whole TTL. While the peers are asked, only the beats count: the release ends the
+        short promises too, so it waits until etcd has taken the beats on time for a
+        while."""
         hb = self.heartbeat
-        if hb is None or hb.epoch != term or hb.acked_send is None or not self._asking():
+        if hb is None or hb.epoch != term or hb.acked_send is None:
             return float("inf")
-        return hb.acked_send + hb.timing.hold_after
+        point = hb.fence_point if self._asking() else self.fence_point(term)
+        return point - hb.timing.fence_after + hb.timing.hold_after
 
     async def run(self) -> None:
         """Beat every interval while this node holds a term that beats."""

@@ -49,8 +49,9 @@ class Holding:
     (a term, or an active-only service still up); ``stopped`` whether it is out of the
     active role with every service and the database stopped; ``newest_epoch`` the newest
     term seen in etcd; ``seen_revision`` the newest revision read of the pairs' keys;
-    ``lease_ttl`` the pair's lease TTL; ``beat_late_at`` until when the term's beats
-    keep the peers asked to hold once they are (``inf``: they do not); ``beat_reply`` takes
+    ``lease_ttl`` the pair's lease TTL; ``beat_late_at`` when the term's beats (and the
+    promises that stand in for them) are late enough to ask the peers to hold
+    (``inf``: it does not beat); ``beat_reply`` takes
     the answers to the holds the beats asked (True: it was one, ``beating.py``);
     ``forget_beat_promises`` drops those answers when the peers are released; ``wake``
     wakes the loop."""

@@ -30,13 +30,14 @@ The rules, each a pure function or a small class below:
   promises do not stand in for it (:func:`beat_needed`: no promise on the hold of the
   last interval and a half) or while it asks its peers to hold for the lease. With the
   peer path up, a term writes its first beat and nothing more.
-- A late keepalive has the active ask its peers to hold for the lease (``hold.py``).
-  While it asks, it beats in etcd whatever the promises, and a beat two intervals late
-  keeps it asking (``Beating.hold_instant``): the release that ends the holds ends every
-  promise the peers gave, the short ones too, and is sent only once etcd has taken the
-  keepalives and the beats on time for a while, so the beat's fence point it then falls
-  back to is fresh. The beats never start the asking: the short promises and the beats
-  stand in for each other.
+- Two intervals after the send of its last acknowledged beat, or of the last hold every
+  peer promised on if later (the promises late, and the beats that stand in for them
+  too), the active asks its peers to hold for the lease (``Beating.hold_instant``), as
+  a late keepalive makes it do (``hold.py``). While it asks, it beats in etcd whatever
+  the promises, and only the beats count for that instant: the release that ends the
+  holds ends every promise the peers gave, the short ones too, and is sent only once
+  etcd has taken the keepalives and the beats on time for a while, so the beat's fence
+  point it then falls back to is fresh.
 
 Why this never gives two actives. Assumptions: each node measures time on its own
 ``CLOCK_BOOTTIME``, whose rate is within a drift d of real time, with
