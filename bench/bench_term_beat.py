@@ -3,16 +3,19 @@ every 50 ms asks its standby for a promise over the peer path and writes its gua
 (``workshop_agent/beat_election.py``) to etcd only when a promise is missing, against one
 real etcd.
 
-Each pair plays the agent's protocol (``workshop_agent/beating.py``, the rules of
-``term_beat.py``) with the production pieces: every interval the active sends its
-standby a sealed hold (``peer_wire.py``, a random key per pair) on the agent's own peer
-path socket (``peer_path.py``, real UDP, each node on a loopback address of its own);
-the standby answers with ``Promises.answer`` (a promise of ``fence_after + margin``), the
-active takes the replies into a ``Ledger`` and sends the interval's beat to etcd only when
-``beat_needed`` says so. As the agent, it sends each beat on time whatever the answers of
-the earlier ones (at most a takeover time's worth in flight). The bench's leases never
-come near their end, so no active asks its peers to hold for the lease (only a late
-keepalive starts that, which would have it beat in etcd meanwhile).
+Each pair's active is the agent's own ``Beating`` (``workshop_agent/beating.py``, the
+rules of ``term_beat.py``) on the bench's lease: every interval it sends its standby a
+sealed hold (``peer_wire.py``, a random key per pair) on the agent's own peer path socket
+(``peer_path.py``, real UDP, each node on a loopback address of its own); the standby
+answers with ``Promises.answer`` (a promise of ``fence_after + margin``), the active takes
+the replies in (``Beating.promise``) and beats in etcd only when they do not stand in for
+the beat, or when the promise on the hold it just sent has not come a fifth of an
+interval later. It sends each beat on time whatever the answers of the earlier ones (at
+most a takeover time's worth in flight). Once its beats and promises are both late
+(``Beating.hold_instant``), the agent asks its peers to hold for the lease and beats in
+etcd meanwhile: the bench plays that part of ``holding.py`` alone (every beat to etcd
+until etcd has been on time for half the default lease TTL, then a release that ends
+every promise), without the holds for the lease, which change no beat.
 
 First, crash takeovers: an active campaigns and beats with its promises, stops at once
 (its lease lives on), and its standby takes the pair over as the agent does: once no
@@ -26,17 +29,19 @@ many takeovers waited for a promise rather than for a beat, and how many beats e
 active wrote to etcd after its campaign.
 
 Then, per run: the beats sent to etcd and applied per second (against the 20 per pair of
-a beat every interval: ``intervals_per_s``); each beat's round trip (median, p99,
+a beat every interval: ``intervals_per_s``), and of those sent, the ones sent while their
+active would ask its peers to hold for the lease; each beat's round trip (median, p99,
 and the share later than one interval), the beats not sent because too many were in
-flight; the times an active's guard passed (it
-would have fenced) and the times a standby was free to take a live active's pair over
-(both should be 0); the holds and promises per second on the peer path (datagrams: holds
-and replies), a hold's round trip to its promise, the datagrams dropped; etcd's CPU (in
-all and per beat), the CPU of the client processes and how long they waited for a CPU,
-the revisions and the growth of etcd's database per second, and the watch deliveries
-per second. ``--procs`` processes play the pairs, each pair's active and standby on an
-etcd connection and a socket of their own, as two servers would be. No agent runs: this
-is the load of the store and the peer path alone, as the agents would put it there.
+flight; the times an active would have asked its peers to hold for the lease, the times
+its guard passed (``Beating.fence_point``: it would have fenced) and the times a standby
+was free to take a live active's pair over (both should be 0); the holds and promises
+per second on the peer path (datagrams: holds and replies), a hold's round trip to its
+promise, the datagrams dropped; etcd's CPU (in all and per beat), the CPU of the client
+processes and how long they waited for a CPU, the revisions and the growth of etcd's
+database per second, and the watch deliveries per second. ``--procs`` processes play the
+pairs, each pair's active and standby on an etcd connection and a socket of their own,
+as two servers would be. No whole agent runs: this is the load of the store and the peer
+path alone, as the agents would put it there.
 
 The runs: ``--pairs`` with the peer path up (with every promise on time, etcd sees each
 term's first beats and nothing more); then the most pairs with the peer path down for
@@ -65,6 +70,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import random
 import socket
@@ -76,36 +82,32 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from bench.procstat import proc_cpu_seconds, run_delay
 from hapair.shared import keys
 from hapair.shared.clock import boottime
+from hapair.shared.lease import Session
+from hapair.shared.log import EventLog
 from hapair.shared.network import Network
 from hapair.shared.pki import PEER_KEY_BYTES, TlsFiles
 from hapair.shared.store import Store, StoreError
 from hapair.shared.topology import Failover
 from hapair.workshop_agent.beat_election import TermBeats, beat_record, beat_timing
+from hapair.workshop_agent.beating import Beating
 from hapair.workshop_agent.election import Election
-from hapair.workshop_agent.hold import Answer, Ledger, Promises
+from hapair.workshop_agent.hold import Answer, Promises
 from hapair.workshop_agent.peer_path import PeerPath
 from hapair.workshop_agent.peer_wire import Hold, HoldReply, PeerAuth, Release
-from hapair.workshop_agent.term_beat import (
-    NONE,
-    BeatTiming,
-    BeatView,
-    Heartbeat,
-    TakeoverGuard,
-    beat_needed,
-    guard_point,
-    takeover_due,
-)
+from hapair.workshop_agent.term_beat import NONE, BeatTiming, BeatView, TakeoverGuard, takeover_due
 from tests.support.harness import Etcd
 from tests.support.tls_etcd import LAB_HELP, etcd_mode, own_etcd
 
 WARM_UP_S = 3.0  # every pair campaigned and promised before the window opens
 LEASE_S = 60  # the bench's etcd leases: none expires during a run
 AGENT_TTL_S = Failover().lease_ttl_s  # the default lease of an agent: a promise is never longer
+SETTLE_S = AGENT_TTL_S / 2  # etcd on time that long before the peers are released (holding.py)
+QUIET_LOG = "hapair.bench.term_beat"  # the played agents' log: to nowhere
 PEER_NET = "127.81"  # the peer paths' loopback addresses: 127.81.x.y
 
 
@@ -157,8 +159,10 @@ class Window:
     end: float
     trips: list[float] = field(default_factory=list)  # beats etcd applied: round trips
     sent: int = 0  # beats sent to etcd
+    sent_asking: int = 0  # of which while the active would ask its peers to hold for the lease
     unanswered: int = 0  # beats etcd did not answer within the store's timeout
     not_sent: int = 0  # beats needed but not sent: too many in flight
+    asked_for_lease: int = 0  # times an active would have asked its peers to hold for the lease
     fences: int = 0  # times an active's guard passed: it would have fenced
     free: int = 0  # times a standby was free to take over a live active's pair
     holds: int = 0  # holds sent on the peer path
@@ -172,114 +176,231 @@ class Window:
         return self.start <= time.time() < self.end
 
 
+@dataclass
+class Lease:
+    """What ``Beating`` reads of the agent's ``Session``: the lease its beats are bound to."""
+
+    lease: int | None = None
+
+
+def quiet_log(node: str) -> EventLog:
+    """A played agent's log: to nowhere (the figures say what happened)."""
+    logger = logging.getLogger(QUIET_LOG)
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+        logger.propagate = False
+    return EventLog(QUIET_LOG, node=node)
+
+
+class CountedBeats(TermBeats):
+    """The active's beat writes, which ``Beating`` sends through ``beat``: counted and
+    timed in the window."""
+
+    def __init__(
+        self, store: Store, pair: str, me: str, w: Window, asking: Callable[[], bool]
+    ) -> None:
+        super().__init__(store, pair, me)
+        self.w = w
+        self._asking = asking
+        self.in_flight = 0
+        self.idle = asyncio.Event()  # no beat in flight
+        self.idle.set()
+
+    async def beat(self, epoch: int, lease: int, value: bytes) -> bool:
+        counted = self.w.open()
+        if counted:
+            self.w.sent += 1
+            self.w.sent_asking += self._asking()
+        self.in_flight += 1
+        self.idle.clear()
+        sent = boottime()
+        try:
+            applied = await super().beat(epoch, lease, value)
+        except StoreError:
+            if counted:
+                self.w.unanswered += 1
+            raise
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self.idle.set()
+        if self.w.open():
+            self.w.trips.append(boottime() - sent)
+        return applied
+
+
 class Active:
-    """One pair's active as ``Beating.run`` beats: every interval a hold to its peer
-    (``ask``: its (seq, sent at), None without promises) and the beat in etcd only when
-    their promises do not stand in for it."""
+    """One pair's active: the agent's ``Beating`` on the bench's lease, asking its peer
+    (``ask``: its (seq, sent at), None without promises) every interval and beating in
+    etcd only when their promises do not stand in for it."""
 
     def __init__(self, store: Store, pair: str, me: str, peer: str, w: Window) -> None:
-        self.beats = TermBeats(store, pair, me)
         self.election = Election(store, pair, me)
         self.me, self.peer, self.w = me, peer, w
-        self.value = beat_record(me, TIMING)
-        self.heartbeat: Heartbeat | None = None
-        self.ledger = Ledger()
+        self.session = Lease()
+        self.epoch: int | None = None  # the term it won
+        self.term: int | None = None  # the term it holds: None once stopped
         self.ask: Callable[[int, float], tuple[int, float] | None] = lambda epoch, ttl: None
+        self.release: Callable[[int], None] = lambda epoch: None
+        self.asking = False  # the agent would ask its peers to hold for the lease
+        self._calm_since: float | None = None
+        self.beating = Beating(
+            store,
+            pair,
+            me,
+            cast(Session, self.session),
+            boottime,
+            quiet_log(me),
+            timing=lambda: TIMING,
+            term=lambda: self.term,
+            epoch=lambda: self.epoch,
+            moved=self._moved,
+            refused=lambda: None,  # counted by Beating: the bench's terms never end
+            wake=lambda: None,
+            late=self._late,
+            peers=lambda: (peer,),
+            ask=self._ask,
+            asking=lambda: self.asking,
+        )
+        # Beating sends every beat through its ``beats``: these count them.
+        self.beats = self.beating.beats = CountedBeats(store, pair, me, w, lambda: self.asking)
+        self.runner: asyncio.Task[None] | None = None
+        self.intervals = 0  # Beating's intervals: it asks for a hold in each
+        self.missed = 0  # beats it needed but did not send: too many in flight
+        self.moves = 0  # the times its fence point moved
+        self._guard = float("inf")  # its fence point as last moved
         self._lapsed_at: float | None = None
+        self._fence_timer: asyncio.TimerHandle | None = None
         self._holds_sent: dict[int, float] = {}  # seq: sent at, for the hold's round trip
-        self.in_flight: set[asyncio.Task[None]] = set()
-        self.written = 0  # beats sent to etcd after the campaign
 
     async def campaign(self, lease: int) -> int:
+        """Win the pair with the term's first beat, and begin beating it (``take_over.py``)."""
+        self.session.lease = lease
+        timing = self.beating.pair_timing()
         started = boottime()
         epoch = await self.election.campaign(
             lease,
             members=[self.me, self.peer],
-            also=[self.beats.first_beat(lease, TIMING)],
+            also=self.beating.first_beat(lease, timing),
         )
         assert epoch is not None
-        self.heartbeat = Heartbeat(epoch, TIMING, started)
+        self.epoch = self.term = epoch
+        self.beating.begin(epoch, started, timing)
         return epoch
 
-    def promised_point(self) -> float:
-        hb = self.heartbeat
-        if hb is None or self.ledger.epoch != hb.epoch:
-            return NONE
-        return self.ledger.deadline([self.peer], hb.timing.fence_after)
+    def run(self) -> None:
+        self.runner = asyncio.get_running_loop().create_task(self.beating.run())
 
-    def guard(self) -> float:
-        """The term's guard beyond the lease: its fence point by beats and promises."""
-        assert self.heartbeat is not None
-        return guard_point(self.heartbeat.fence_point, self.promised_point())
+    def halt(self) -> None:
+        """Nothing more leaves this node: no hold nor beat (the check for a promise due
+        sends none once the term is not its own)."""
+        self.term = None
+        if self.runner is not None:
+            self.runner.cancel()
+        if self._fence_timer is not None:
+            self._fence_timer.cancel()
+
+    async def stop(self) -> None:
+        """Halt, and wait for the beats in flight to be answered."""
+        self.halt()
+        if self.runner is not None:
+            await asyncio.gather(self.runner, return_exceptions=True)
+        await self.beats.idle.wait()
 
     def watchdog_deadline(self) -> float:
-        return self.guard() + TIMING.margin / 2
+        return self.beating.fence_point(self.epoch) + TIMING.margin / 2
 
-    def _check(self, now: float) -> None:
-        """Count the guard passed before it moves (the agent's fence timer fires then)."""
-        guard = self.guard()
-        if now >= guard and self._lapsed_at != guard:
-            self._lapsed_at = guard
-            if self.w.open():
-                self.w.fences += 1
+    def _ask(self, epoch: int, ttl: float) -> tuple[int, float] | None:
+        """``Beating``'s ask, once an interval, before it decides the interval's beat."""
+        loop = asyncio.get_running_loop()
+        loop.call_soon(self._tally, self.intervals, self.beating.beats_promised)
+        self.intervals += 1
+        asked = self.ask(epoch, ttl)
+        if asked is not None:
+            self._holds_sent[asked[0]] = asked[1]
+            self._holds_sent.pop(asked[0] - 64, None)
+        return asked
+
+    def _tally(self, intervals: int, promised: int) -> None:
+        """The beats missed in the ``intervals`` before this one: those ``Beating``
+        counted neither as sent nor as promised. Run just after this interval's decision,
+        when every beat of the ones before has started (``beats_sent`` counts a beat as
+        it starts) and this one's not yet; ``promised`` was read before the decision."""
+        missed = intervals - self.beating.beats_sent - promised
+        if self.w.open():
+            self.w.not_sent += missed - self.missed
+        self.missed = missed
 
     def replied(self, reply: HoldReply, now: float) -> None:
         """The peer path's ``on_hold_reply``: ``Beating.promise``."""
-        if not self.ledger.asked(reply.seq):
-            return
-        self._check(now)
-        if self.ledger.answer(reply) and self.w.open():
+        moves = self.moves
+        if self.beating.promise(reply) and self.moves > moves and self.w.open():
             self.w.promises += 1
             sent = self._holds_sent.get(reply.seq)
             if sent is not None:
                 self.w.hold_trips.append(now - sent)
 
-    async def run(self, stop: asyncio.Event, lease: int, promises: bool) -> None:
-        """Every interval, from the send of the previous one (``Beating.run``)."""
-        hb = self.heartbeat
-        assert hb is not None
-        loop = asyncio.get_running_loop()
-        fits = hb.timing.takeover_after / hb.timing.interval
-        while not stop.is_set():
-            sent = boottime()
-            self._check(sent)
-            needed = not promises or beat_needed(sent, self.promised_point(), hb.timing)
-            asked = self.ask(hb.epoch, hb.timing.takeover_after) if promises else None
-            if asked is not None:
-                self.ledger.sent(hb.epoch, *asked, hb.timing.takeover_after)
-                self._holds_sent[asked[0]] = asked[1]
-                self._holds_sent.pop(asked[0] - 64, None)
-            if needed and len(self.in_flight) <= fits:
-                task = loop.create_task(self._beat(hb, lease, sent))
-                self.in_flight.add(task)
-                task.add_done_callback(self.in_flight.discard)
-            elif needed and self.w.open():
-                self.w.not_sent += 1
-            await asyncio.sleep(max(0.0, sent + hb.timing.interval - boottime()))
+    # -- the fence timer, counting the guard passed ---------------------------------------
+    def _moved(self) -> None:
+        """The fence point moved (a beat acknowledged, a promise taken in): the one before
+        counts if it passed meanwhile; the timer follows the new one, as the agent's
+        fencing does."""
+        self.moves += 1
+        if boottime() >= self._guard:
+            self._lapsed(self._guard)
+        self._guard = self.beating.fence_point(self.epoch)
+        self._arm()
+        if self.asking:
+            asyncio.get_running_loop().call_soon(self._holding_round)  # ``confirmed``
 
-    async def _beat(self, hb: Heartbeat, lease: int, sent: float) -> None:
-        self.written += 1
-        counted = self.w.open()
-        if counted:
-            self.w.sent += 1
-        try:
-            applied = await self.beats.beat(hb.epoch, lease, self.value)
-        except StoreError:
-            if counted:
-                self.w.unanswered += 1
+    def _arm(self) -> None:
+        if self._fence_timer is not None:
+            self._fence_timer.cancel()
+        if self._guard != float("inf") and self.term is not None:
+            delay = max(0.0, self._guard - boottime())
+            self._fence_timer = asyncio.get_running_loop().call_later(delay, self._due)
+
+    def _due(self) -> None:
+        self._fence_timer = None
+        if boottime() < self._guard:
+            self._arm()  # a timer may fire a hair early
+        else:
+            self._lapsed(self._guard)
+
+    def _lapsed(self, guard: float) -> None:
+        """The guard passed: the agent would have fenced."""
+        if self._lapsed_at != guard:
+            self._lapsed_at = guard
+            if self.w.open():
+                self.w.fences += 1
+
+    # -- holding.py's rule, reduced to what decides the beats ----------------------------
+    # A late beat or promise (Beating's ``late``) has the agent ask its peers to hold for
+    # the lease; while it asks, every beat goes to etcd, and only the beats count for
+    # the instant it is late again. Once etcd has been on time for SETTLE_S it releases
+    # the peers, which ends every promise they gave. The holds for the lease themselves
+    # are not sent here: they change no beat.
+    def _late(self) -> None:
+        if self.w.open():
+            self.w.asked_for_lease += 1
+        self.asking, self._calm_since = True, None
+
+    def _holding_round(self) -> None:
+        """A round of ``Holding.run`` while asking, as a beat or promise taken in wakes it."""
+        term = self.term
+        if not self.asking or term is None:
             return
         now = boottime()
-        self._check(now)
-        assert applied, "a beat refused: the bench's terms never end"
-        hb.answered(sent, applied)
-        if self.w.open():
-            self.w.trips.append(now - sent)
-
-    async def stop(self) -> None:
-        tasks = list(self.in_flight)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if now >= self.beating.hold_instant(term):
+            self._calm_since = None
+        elif self._calm_since is None:
+            self._calm_since = now
+        elif now >= self._calm_since + SETTLE_S:
+            self.asking, self._calm_since = False, None
+            self.beating.forget_promises()
+            self._guard = self.beating.fence_point(term)  # the promises no longer count
+            self._arm()
+            self.release(term)
 
 
 class Standby:
@@ -391,6 +512,8 @@ class Link:
             return self.a.send_hold(epoch, ttl)
 
         active.ask = lost if cut else sent
+        if not cut:
+            active.release = self.a.send_release
 
     def dropped(self) -> int:
         return sum(self.a.dropped.values()) + sum(self.b.dropped.values())
@@ -402,15 +525,11 @@ class Link:
 
 async def flat_out(active: Active, stop: asyncio.Event, lease: int) -> None:
     """The ceiling: every beat in etcd, the next one as soon as the last is answered."""
-    hb = active.heartbeat
-    assert hb is not None
+    epoch = active.epoch
+    assert epoch is not None
+    value = beat_record(active.me, TIMING)
     while not stop.is_set():
-        sent = boottime()
-        if active.w.open():
-            active.w.sent += 1
-        assert await active.beats.beat(hb.epoch, lease, active.value)
-        if active.w.open():
-            active.w.trips.append(boottime() - sent)
+        assert await active.beats.beat(epoch, lease, value)
 
 
 async def play_pair(
@@ -426,8 +545,7 @@ async def play_pair(
     pair = f"p{number:03d}"
     a, b = f"{pair}-a", f"{pair}-b"
     active, standby = Active(stores[0], pair, a, b, w), Standby(stores[1], pair, b, w)
-    promises = spec["mode"] == "promises"
-    if promises:
+    if spec["mode"] == "promises":
         key = None if spec["lab"] else os.urandom(PEER_KEY_BYTES)
         link = Link(number, a, b, spec["peer_port"], key)
         links.append(link)
@@ -439,8 +557,10 @@ async def play_pair(
         if spec["mode"] == "closed":
             await flat_out(active, stop, lease)
         else:
-            await active.run(stop, lease, promises)
+            active.run()
+            await stop.wait()
         await active.stop()
+        assert not active.beating.beats_refused, "a beat refused: the bench's terms never end"
     finally:
         follower.cancel()
         await asyncio.gather(follower, return_exceptions=True)
@@ -554,11 +674,13 @@ def run(
         "intervals_per_s": None if mode == "closed" else pairs / TIMING.interval,
         "beats_sent_per_s": total("sent") / seconds,
         "beats_per_s": len(trips) / seconds,
+        "beats_sent_while_asking_per_s": total("sent_asking") / seconds,
         "round_trip_median_ms": 1000 * statistics.median(trips) if trips else None,
         "round_trip_p99_ms": _ms(trips, 0.99),
         "late_pct": 100 * sum(t > TIMING.interval for t in trips) / len(trips) if trips else None,
         "beats_unanswered": total("unanswered"),
         "beats_not_sent_in_flight": total("not_sent"),
+        "asked_for_lease_holds": total("asked_for_lease"),
         "active_fenced": total("fences"),
         "standby_free_to_take_over": total("free"),
         "holds_per_s": total("holds") / seconds,
@@ -602,16 +724,15 @@ async def takeover_once(
     epoch = await active.campaign(lease_a)
     follower = asyncio.create_task(standby.follow())
     await standby.ready.wait()
-    stop = asyncio.Event()
-    beater = asyncio.create_task(active.run(stop, lease_a, promises=True))
+    active.run()
     await asyncio.sleep(rng.uniform(1.0, 1.5))
     # The server dies: no more holds nor beats, and no answer reaches it. A beat in
     # flight may still be applied, unanswered: as in a crash.
-    beater.cancel()
+    active.halt()
     link.a.close()
     crash = boottime()
-    await active.stop()
     watchdog_at = active.watchdog_deadline()
+    await active.stop()
     members = await store.get(keys.members(pair))
     assert members is not None
     while True:
@@ -638,11 +759,11 @@ async def takeover_once(
     assert new_epoch is not None and new_epoch > epoch
     done = boottime()
     follower.cancel()
-    await asyncio.gather(beater, follower, return_exceptions=True)
+    await asyncio.gather(follower, return_exceptions=True)
     link.close()
     await store.revoke(lease_a)
     await store.revoke(lease_b)
-    return Takeover(done - crash, sent - watchdog_at, on_promise, active.written)
+    return Takeover(done - crash, sent - watchdog_at, on_promise, active.beating.beats_sent)
 
 
 async def takeovers(etcd: Etcd, runs: int, lab: bool) -> dict[str, Any]:
