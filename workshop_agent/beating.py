@@ -45,6 +45,7 @@ from hapair.workshop_agent.term_beat import (
     BeatView,
     Heartbeat,
     TakeoverGuard,
+    answered,
     beat_needed,
     guard_point,
     takeover_due,
@@ -266,16 +267,32 @@ class Beating:
             asked = self._ask(hb.epoch, hb.timing.takeover_after)
             if asked is not None:
                 self.promised.sent(hb.epoch, *asked, hb.timing.takeover_after)
-            # In flight at most as many as fit in a fence: more would answer nothing new.
-            # A test's fault only (``HAPAIR_TEST_BEAT_GATE``): every beat lost on its way.
-            fits = len(self._in_flight) <= hb.timing.takeover_after / hb.timing.interval
             if not needed:
-                self.beats_promised += 1
-            elif fits and not hooks.held("beat"):
-                task = asyncio.get_running_loop().create_task(self._beat(hb, lease, sent))
-                self._in_flight.add(task)
-                task.add_done_callback(self._in_flight.discard)
+                # The peers promise on this hold within milliseconds. A promise still
+                # missing a moment later sends the beat now rather than at the next
+                # interval: a peer gone quiet (its server dead, its agent restarting)
+                # leaves etcd nearly two intervals to answer the beat before the last
+                # promises' point, as beats sent every interval did, not one.
+                await asyncio.sleep(max(0.0, sent + hb.timing.answer_within - self.clock()))
+                current = self.heartbeat is hb and self._term() == hb.epoch and not hb.refused
+                if not current or self.session.lease != lease:
+                    continue
+                promised = self._promised_point(hb)
+                needed = asked is None or not answered(asked[1], promised, hb.timing)
+                if not needed:
+                    self.beats_promised += 1
+            if needed:
+                self._send(hb, lease, self.clock())
             await asyncio.sleep(max(0.0, sent + hb.timing.interval - self.clock()))
+
+    def _send(self, hb: Heartbeat, lease: int, sent: float) -> None:
+        # In flight at most as many as fit in a fence: more would answer nothing new.
+        # A test's fault only (``HAPAIR_TEST_BEAT_GATE``): every beat lost on its way.
+        fits = len(self._in_flight) <= hb.timing.takeover_after / hb.timing.interval
+        if fits and not hooks.held("beat"):
+            task = asyncio.get_running_loop().create_task(self._beat(hb, lease, sent))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
 
     async def _beat(self, hb: Heartbeat, lease: int, sent: float) -> None:
         self.beats_sent += 1

@@ -107,6 +107,13 @@ class BeatTiming:
         return self.fence_after + self.margin / 2
 
     @property
+    def answer_within(self) -> float:
+        """How long, from a hold sent with a beat the peers' promises stand in for, the
+        active waits for every promise on it before it sends that beat to etcd after
+        all: a fifth of an interval (the peer path answers in milliseconds)."""
+        return self.interval / 5
+
+    @property
     def hold_after(self) -> float:
         """From the send of the last acknowledged beat to asking the peers to hold: one
         beat missing, while two more still fit before the fence point."""
@@ -151,12 +158,21 @@ class Heartbeat:
 
 
 def beat_needed(now: float, promised_point: float, timing: BeatTiming) -> bool:
-    """Must the beat sent at ``now`` go to etcd? Not while the peers' promises stand in
-    for it: every peer promised on a hold sent less than one and a half intervals ago
-    (``promised_point`` is ``fence_after`` from the send of the oldest of their latest
-    promised holds, ``-inf`` without one). One promise missing, and the beat goes, with
-    the two intervals before the promise point ends that it then still has."""
+    """Must the beat sent at ``now`` go to etcd at once? Not while the peers' promises
+    may stand in for it: every peer promised on a hold sent less than one and a half
+    intervals ago (``promised_point`` is ``fence_after`` from the send of the oldest of
+    their latest promised holds, ``-inf`` without one). Else the active waits
+    ``answer_within`` for their promises on the hold it sends with the beat
+    (:func:`answered`), and beats in etcd if one is missing then: one interval and that
+    wait after the last hold they all promised on, which leaves etcd ``fence_after``
+    less those to answer it (two intervals less a fifth with the fewest beats a fence
+    allows), where a beat sent every interval left it ``fence_after`` less one."""
     return promised_point < now + timing.fence_after - 1.5 * timing.interval
+
+
+def answered(hold_sent: float, promised_point: float, timing: BeatTiming) -> bool:
+    """Has every peer promised on the hold sent at ``hold_sent`` (or a later one)?"""
+    return promised_point >= hold_sent + timing.fence_after
 
 
 def guard_point(beat_point: float, promised_point: float) -> float:

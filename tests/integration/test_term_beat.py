@@ -305,3 +305,26 @@ async def test_an_active_cut_from_its_peer_and_etcd_at_once_is_fenced_before_the
         c.assert_no_overlap()  # a's run ended before b's began
     assert "ended a term whose beats stopped" in c.log("b")
     assert "term beat not confirmed before the fence point" in c.log("a")
+
+
+async def test_a_standby_lost_while_etcd_answers_within_two_beats_moves_nothing(
+    cluster: Cluster,
+) -> None:
+    """etcd answers the active in 60 ms, well within the 100 ms (fence point less one
+    interval) that beats sent every interval tolerate. The standby's promises stand in
+    for the beats; then the standby's server dies. The active must carry on, beating in
+    etcd again: losing a standby never stops the active's services."""
+    c = cluster
+    relay = EtcdRelay(c.etcd.url)
+    await relay.heal()
+    epoch = await beating_pair(c, 249, "--etcd", relay.url)
+    svc = await service_pid(c, "a")
+    await beats_quiet(c)
+    relay.delay(0.03)  # 60 ms round trips from now on
+    await asyncio.sleep(1.0)  # the keepalives and the watches settle on the slow link
+    c.crash("b")
+    await asyncio.sleep(2.0)
+    leader = await c.store.get(keys.leader("p"))
+    assert leader is not None and leader.create_revision == epoch, "the pair moved"
+    assert "fenced" not in c.log("a")
+    assert pid_alive(svc) and svc in descendants(c.agents["a"].pid), "the active's service"

@@ -1,0 +1,106 @@
+"""The active's beats while its peers' promises stand in for them (``beating.py``), on
+real time with a fake etcd and a fake peer path: when they go quiet, a beat reaches etcd
+early enough that an etcd answering within the fence point less one interval and a
+little keeps the term, as beats sent every interval did."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from hapair.shared.clock import boottime
+from hapair.shared.log import EventLog
+from hapair.workshop_agent.beating import Beating
+from hapair.workshop_agent.peer_wire import HoldReply
+from hapair.workshop_agent.term_beat import BeatTiming
+
+TERM = 7
+TIMING = BeatTiming(interval=0.05, fence_after=0.15, margin=0.15)
+
+
+@dataclass
+class FakeSession:
+    lease: int | None = 1
+
+
+@dataclass
+class World:
+    """The peers that answer holds, and every beat sent to etcd (its send time)."""
+
+    answering: set[str] = field(default_factory=lambda: {"b"})
+    beats: list[float] = field(default_factory=list)
+    beaten: asyncio.Event = field(default_factory=asyncio.Event)
+    seq: int = 0
+
+    async def beat_after(self, t: float) -> float:
+        """The send of the first beat to etcd at or after ``t``."""
+
+        async def first() -> float:
+            while not self.beats or self.beats[-1] < t:
+                self.beaten.clear()
+                await self.beaten.wait()
+            return next(x for x in self.beats if x >= t)
+
+        return await asyncio.wait_for(first(), 1.0)
+
+
+def beating(world: World, peers: set[str] | None = None, asked: set[str] | None = None) -> Beating:
+    peers = {"b"} if peers is None else peers
+    loop = asyncio.get_running_loop()
+    b: Beating
+
+    def ask(epoch: int, ttl: float) -> tuple[int, float]:
+        world.seq += 1
+        seq, now = world.seq, boottime()
+        for peer in world.answering:
+            reply = HoldReply(peer, "a", seq, epoch, True, ttl=ttl)
+            loop.call_later(0.002, b.promise, reply)
+        return seq, now
+
+    b = Beating(
+        None,  # type: ignore[arg-type]  # etcd: the beat itself is faked below
+        "p",
+        "a",
+        FakeSession(),  # type: ignore[arg-type]
+        boottime,
+        EventLog("test"),
+        timing=lambda: TIMING,
+        term=lambda: TERM,
+        epoch=lambda: TERM,
+        moved=lambda: None,
+        refused=lambda: None,
+        wake=lambda: None,
+        peers=lambda: peers,
+        ask=ask,
+    )
+
+    async def beat(epoch: int, lease: int, value: bytes) -> bool:
+        world.beats.append(boottime())
+        world.beaten.set()
+        await asyncio.sleep(0.001)
+        return True
+
+    b.beats.beat = beat  # type: ignore[method-assign]
+    return b
+
+
+async def test_a_standby_gone_quiet_has_the_beat_in_etcd_two_intervals_early() -> None:
+    world = World()
+    b = beating(world)
+    b.begin(TERM, boottime(), TIMING)
+    task = asyncio.create_task(b.run())
+    try:
+        await asyncio.sleep(0.5)
+        quiet = len(world.beats)
+        await asyncio.sleep(0.3)
+        assert len(world.beats) == quiet, "the promises stand in for the beats"
+        guard = b.fence_point(TERM)
+        world.answering.clear()  # the standby's server dies
+        beat = await world.beat_after(boottime())
+        # etcd has from this beat's send to the end of the promises' guard to answer it:
+        # nearly the two intervals that a beat sent every interval had (less the wait
+        # for the answers, and a loaded machine's lateness), not one.
+        left = guard - beat
+        assert left >= TIMING.fence_after - TIMING.interval - 3 * TIMING.answer_within, left
+    finally:
+        task.cancel()
