@@ -67,10 +67,13 @@ class Beating:
     shows; ``moved`` re-arms the fence timer and the watchdog on a new fence point;
     ``refused`` fences (the term is over in etcd); ``wake`` wakes the decision loop;
     ``late`` wakes the hold loop (a beat late enough to ask the peers to hold); ``peers``
-    names the nodes whose promises stand in for a beat (all of them, as for a hold);
-    ``ask`` sends them a hold of a given length for a term, returning its (seq, sent
-    at), None without a peer path; ``asking`` says whether the hold loop asks them to
-    hold for the lease meanwhile (then the beats go to etcd whatever the promises)."""
+    names the nodes whose promises the term's guard needs (those that may take it over
+    by beat, ``candidates.beat_peers``); ``asked`` those whose promises must all stand
+    in for a beat before it stays out of etcd (every node a hold needs, ``peers`` by
+    default); ``ask`` sends them a hold of a given length for a term, returning its
+    (seq, sent at), None without a peer path; ``asking`` says whether the hold loop asks
+    them to hold for the lease meanwhile (then the beats go to etcd whatever the
+    promises)."""
 
     def __init__(
         self,
@@ -89,6 +92,7 @@ class Beating:
         wake: Callable[[], None],
         late: Callable[[], None] = lambda: None,
         peers: Callable[[], Iterable[str]] = frozenset,
+        asked: Callable[[], Iterable[str]] | None = None,
         ask: Callable[[int, float], tuple[int, float] | None] = lambda epoch, ttl: None,
         asking: Callable[[], bool] = lambda: False,
     ) -> None:
@@ -105,6 +109,7 @@ class Beating:
         self._wake = wake
         self._late = late
         self._peers = peers
+        self._asked = asked or peers
         self._ask = ask
         self._asking = asking
         self._late_at: float | None = None
@@ -199,10 +204,28 @@ class Beating:
             return NONE
         return guard_point(hb.fence_point, self._promised_point(hb))
 
-    def _promised_point(self, hb: Heartbeat) -> float:
+    def _promised_point(self, hb: Heartbeat, peers: Iterable[str] | None = None) -> float:
+        """``fence_after`` from the oldest of the latest holds every one of ``peers``
+        (those the guard needs by default) promised on."""
         if self.promised.epoch != hb.epoch:
             return NONE
-        return self.promised.deadline(self._peers(), hb.timing.fence_after)
+        peers = self._peers() if peers is None else peers
+        return self.promised.deadline(peers, hb.timing.fence_after)
+
+    def covers(self, nodes: Iterable[str]) -> bool:
+        """Would the guard of the term this node beats stand, on time, with the promises
+        of ``nodes`` needed too? A member set that adds a node lets it take the term
+        over by beat: the active writes it only once the beats in etcd, or that node's
+        promises, keep the term (no beat late, ``Heartbeat.hold_due``)."""
+        hb = self.heartbeat
+        if hb is None or hb.refused or hb.epoch != self._term():
+            return True
+        peers = set(self._peers())
+        new = set(nodes) - peers - {self.me}
+        if not new:
+            return True
+        point = guard_point(hb.fence_point, self._promised_point(hb, peers | new))
+        return self.clock() < point - hb.timing.fence_after + hb.timing.hold_after
 
     def promise(self, reply: HoldReply) -> bool:
         """A peer's answer to a hold: True when it answers one asked for the beats (the
@@ -263,7 +286,9 @@ class Beating:
             if sent >= late_at and self._late_at != late_at:
                 self._late_at = late_at  # once per late beat: the hold loop paces holds
                 self._late()
-            needed = self._asking() or beat_needed(sent, self._promised_point(hb), hb.timing)
+            asked_peers = set(self._asked())
+            promised = self._promised_point(hb, asked_peers)
+            needed = self._asking() or beat_needed(sent, promised, hb.timing)
             asked = self._ask(hb.epoch, hb.timing.takeover_after)
             if asked is not None:
                 self.promised.sent(hb.epoch, *asked, hb.timing.takeover_after)
@@ -277,7 +302,7 @@ class Beating:
                 current = self.heartbeat is hb and self._term() == hb.epoch and not hb.refused
                 if not current or self.session.lease != lease:
                     continue
-                promised = self._promised_point(hb)
+                promised = self._promised_point(hb, asked_peers)
                 needed = asked is None or not answered(asked[1], promised, hb.timing)
                 if not needed:
                     self.beats_promised += 1

@@ -55,7 +55,14 @@ real time τ ≥ R + (D + M)/(1+d).
    ended before τ. A's point beyond its beat's is the hold's, whose argument (``hold.py``,
    with the lease's margin and its own drift assumption ``4·d·TTL < fence_margin``)
    says A has stopped before any promise P gave on it ran out. A node that did not
-   promise is free, and the beat rule above covers it.
+   promise is free, and the beat rule above covers it. The promises that stand in for
+   the beats (``beating.py``) last ``D + M`` from P's receipt of the hold and count
+   ``D`` from A's send of it: 3 with the hold's send for the beat's and its receipt for
+   R. They stand in only while every node that may take the term over by beat
+   promised: every node of a member set etcd may hold for the term, for a node A has
+   not acknowledged takes no term over by beat (forced or not, ``decide.py``), and A
+   writes a set that adds a node only once the term stands without that node's
+   promise (``members.py``).
 5. Two standbys racing: both transactions compare the same leader key's epoch; the first
    applied deletes it, and the other fails.
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from hapair.shared import keys
-from hapair.shared.records import Switchover
+from hapair.shared.records import Members, Switchover, decode
 from tests.integration.test_etcd_loss import with_peer_path
 from tests.integration.test_failover import pair, service_pid
 from tests.support.cluster import Cluster, checked_cluster, descendants, pid_alive, until
@@ -62,6 +62,7 @@ async def beating_pair(c: Cluster, net: int, *a_extra: str, **failover: Any) -> 
     )
     await c.apply(c.site([with_peer_path(spec, net)]))
     c.peer_port = spec["network"]["peer_port"]  # type: ignore[attr-defined]
+    c.spec = spec  # type: ignore[attr-defined]
     # Started together: a run on a pair with a peer path waits a lease TTL after its
     # start (for promises an earlier run may have given, hold.py) before it campaigns or
     # takes over, and the main server wins.
@@ -305,6 +306,37 @@ async def test_an_active_cut_from_its_peer_and_etcd_at_once_is_fenced_before_the
         c.assert_no_overlap()  # a's run ended before b's began
     assert "ended a term whose beats stopped" in c.log("b")
     assert "term beat not confirmed before the fence point" in c.log("a")
+
+
+async def test_a_node_added_to_a_pair_whose_peer_stands_in_for_the_beats_moves_nothing(
+    cluster: Cluster,
+) -> None:
+    """The active writes no beat while b's promises stand in for them. A node added to
+    the pair has promised nothing yet: the active beats in etcd again before it counts
+    on that node (and before it acknowledges it as a member, from which on it may take
+    the term over by beat), not fence because its last beat in etcd is long past; once
+    that node promises too, the beats stay out of etcd again."""
+    c = cluster
+    epoch = await beating_pair(c, 248)
+    svc = await service_pid(c, "a")
+    await beats_quiet(c)
+    spec = c.spec  # type: ignore[attr-defined]
+    grown = pair("p", ["a", "b", "c"], 248, 0, c.record)
+    await c.apply(c.site([{**spec, "nodes": grown["nodes"]}]))
+    await until(lambda: asyncio.sleep(0, "topology changed" in c.log("a")), 10, "a took it in")
+
+    async def c_acknowledged() -> bool:
+        kv = await c.store.get(keys.members("p"))
+        return kv is not None and "c" in decode(Members, kv.value, kv.key).nodes
+
+    await until(c_acknowledged, 10, "c acknowledged as a member")
+    c.start("c")
+    await c.standby("c", timeout=20)
+    await beats_quiet(c)  # b's and c's promises stand in for the beats
+    leader = await c.store.get(keys.leader("p"))
+    assert leader is not None and leader.create_revision == epoch, "the pair moved"
+    assert "fenced" not in c.log("a")
+    assert pid_alive(svc) and svc in descendants(c.agents["a"].pid), "the active's service"
 
 
 async def test_a_standby_lost_while_etcd_answers_within_two_beats_moves_nothing(

@@ -71,6 +71,7 @@ def beating(world: World, peers: set[str] | None = None, asked: set[str] | None 
         refused=lambda: None,
         wake=lambda: None,
         peers=lambda: peers,
+        asked=None if asked is None else (lambda: asked),
         ask=ask,
     )
 
@@ -102,5 +103,40 @@ async def test_a_standby_gone_quiet_has_the_beat_in_etcd_two_intervals_early() -
         # for the answers, and a loaded machine's lateness), not one.
         left = guard - beat
         assert left >= TIMING.fence_after - TIMING.interval - 3 * TIMING.answer_within, left
+    finally:
+        task.cancel()
+
+
+async def test_a_node_added_to_the_topology_is_counted_on_only_once_etcd_has_a_beat() -> None:
+    """c joins the topology: it is asked to hold, and until it promises the beats go to
+    etcd, but the term's guard does not count on it before a member set lists it (it
+    may not take the term over by beat before). That set is written only once the
+    guard stands without c's promise: the beats in etcd keep the term."""
+    world = World()
+    members, topology = {"b"}, {"b"}
+    b = beating(world, peers=members, asked=topology)
+    b.begin(TERM, boottime(), TIMING)
+    task = asyncio.create_task(b.run())
+    try:
+        await asyncio.sleep(0.5)
+        quiet = len(world.beats)
+        await asyncio.sleep(0.2)
+        assert len(world.beats) == quiet, "b's promises stand in for the beats"
+        assert b.covers({"a", "b"}), "nobody new"
+        topology.add("c")  # c's agent does not answer yet
+        now = boottime()
+        assert b.fence_point(TERM) > now + TIMING.interval, "c counts for nothing yet"
+        assert not b.covers({"a", "b", "c"}), "the last beat in etcd is long past"
+        await world.beat_after(now)
+        await asyncio.sleep(0.01)
+        assert b.covers({"a", "b", "c"}), "the beats in etcd keep the term without c"
+        members.add("c")  # the set that lists c is written
+        await asyncio.sleep(0.3)
+        assert b.fence_point(TERM) > boottime(), "beating in etcd for c"
+        world.answering.add("c")
+        await asyncio.sleep(0.2)
+        quiet = len(world.beats)
+        await asyncio.sleep(0.2)
+        assert len(world.beats) == quiet, "b's and c's promises stand in for the beats"
     finally:
         task.cancel()
