@@ -150,7 +150,7 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         late=lambda: holding.beat_late(),
         peers=core.beat_peers,
         asked=core.hold_peers,
-        ask=core.netwatch.send_hold,
+        ask=lambda epoch, ttl: core.netwatch.send_hold(epoch, ttl, beat=True),
         asking=lambda: holding.asking,
     )
     fencing.beat = beating
