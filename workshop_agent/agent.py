@@ -34,7 +34,7 @@ from hapair.shared.waits import wait_event
 from hapair.workshop_agent import database_care
 from hapair.workshop_agent import decide as d
 from hapair.workshop_agent.assembly import Parts, assemble, start
-from hapair.workshop_agent.candidates import hold_peers
+from hapair.workshop_agent.candidates import beat_peers, hold_peers
 from hapair.workshop_agent.claim import AgentError, NodeClaim, lock_state_dir
 from hapair.workshop_agent.members import MemberSets
 from hapair.workshop_agent.metrics import AgentCollector
@@ -86,7 +86,12 @@ class Agent:
         self.observer = PairObserver(self.me, self.log)
         self.netwatch = NetWatch(self.log, self.changed)
         self.members = MemberSets(
-            self.observer, self.pairs, self.log, moved=self.lease_changed, spawn=self.tasks.spawn
+            self.observer,
+            self.pairs,
+            self.log,
+            moved=self.lease_changed,
+            spawn=self.tasks.spawn,
+            ready=lambda nodes: self.parts is None or self.parts.beating.covers(nodes),
         )
         self.claim = NodeClaim(self.store, self.me, self.log, self.clock)
         # Events are filed under this agent's etcd user (its node name, in its certificate).
@@ -219,6 +224,10 @@ class Agent:
     def hold_peers(self) -> frozenset[str]:
         assert self.pair is not None
         return hold_peers(self.pair, self.me, self.members.acknowledged(self.pair))
+
+    def beat_peers(self) -> frozenset[str]:
+        assert self.pair is not None
+        return beat_peers(self.pair, self.me, self.members.acknowledged(self.pair))
 
     def begin_term(self, epoch: int, held: frozenset[str]) -> None:
         """A term won or taken up (``take_over.py``) is this agent's from now on."""

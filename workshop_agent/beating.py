@@ -41,11 +41,11 @@ from hapair.workshop_agent.peer_wire import HoldReply
 from hapair.workshop_agent.pg import hooks
 from hapair.workshop_agent.term_beat import (
     NONE,
-    PROMISE_WAIT,
     BeatTiming,
     BeatView,
     Heartbeat,
     TakeoverGuard,
+    answered,
     beat_needed,
     guard_point,
     takeover_due,
@@ -67,10 +67,13 @@ class Beating:
     shows; ``moved`` re-arms the fence timer and the watchdog on a new fence point;
     ``refused`` fences (the term is over in etcd); ``wake`` wakes the decision loop;
     ``late`` wakes the hold loop (a beat late enough to ask the peers to hold); ``peers``
-    names the nodes whose promises stand in for a beat (all of them, as for a hold);
-    ``ask`` sends them a hold of a given length for a term, returning its (seq, sent
-    at), None without a peer path; ``asking`` says whether the hold loop asks them to
-    hold for the lease meanwhile (then the beats go to etcd whatever the promises)."""
+    names the nodes whose promises the term's guard needs (those that may take it over
+    by beat, ``candidates.beat_peers``); ``asked`` those whose promises must all stand
+    in for a beat before it stays out of etcd (every node a hold needs, ``peers`` by
+    default); ``ask`` sends them a hold of a given length for a term, returning its
+    (seq, sent at), None without a peer path; ``asking`` says whether the hold loop asks
+    them to hold for the lease meanwhile (then the beats go to etcd whatever the
+    promises)."""
 
     def __init__(
         self,
@@ -89,6 +92,7 @@ class Beating:
         wake: Callable[[], None],
         late: Callable[[], None] = lambda: None,
         peers: Callable[[], Iterable[str]] = frozenset,
+        asked: Callable[[], Iterable[str]] | None = None,
         ask: Callable[[int, float], tuple[int, float] | None] = lambda epoch, ttl: None,
         asking: Callable[[], bool] = lambda: False,
     ) -> None:
@@ -105,14 +109,15 @@ class Beating:
         self._wake = wake
         self._late = late
         self._peers = peers
+        self._asked = asked or peers
         self._ask = ask
         self._asking = asking
         self._late_at: float | None = None
         self.heartbeat: Heartbeat | None = None  # the beats of the term this node holds
         self.promised = Ledger()  # the peers' promises that stand in for its beats
         self._refusals: dict[str, str] = {}  # for logging changes only
-        self._awaited: asyncio.TimerHandle | None = None  # the check for a promise due
-        self._awaited_point = NONE
+        self._awaited: asyncio.TimerHandle | None = None  # the check for the promises due
+        self._awaited_for: tuple[Heartbeat, float, frozenset[str]] | None = None
         self.view = BeatView()
         self.mirror = self._new_mirror()
         self._begun = asyncio.Event()  # this node beats a term: nothing to follow
@@ -201,10 +206,28 @@ class Beating:
             return NONE
         return guard_point(hb.fence_point, self._promised_point(hb))
 
-    def _promised_point(self, hb: Heartbeat) -> float:
+    def _promised_point(self, hb: Heartbeat, peers: Iterable[str] | None = None) -> float:
+        """``fence_after`` from the oldest of the latest holds every one of ``peers``
+        (those the guard needs by default) promised on."""
         if self.promised.epoch != hb.epoch:
             return NONE
-        return self.promised.deadline(self._peers(), hb.timing.fence_after)
+        peers = self._peers() if peers is None else peers
+        return self.promised.deadline(peers, hb.timing.fence_after)
+
+    def covers(self, nodes: Iterable[str]) -> bool:
+        """Would the guard of the term this node beats stand, on time, with the promises
+        of ``nodes`` needed too? A member set that adds a node lets it take the term
+        over by beat: the active writes it only once the beats in etcd, or that node's
+        promises, keep the term (no beat late, ``Heartbeat.hold_due``)."""
+        hb = self.heartbeat
+        if hb is None or hb.refused or hb.epoch != self._term():
+            return True
+        peers = set(self._peers())
+        new = set(nodes) - peers - {self.me}
+        if not new:
+            return True
+        point = guard_point(hb.fence_point, self._promised_point(hb, peers | new))
+        return self.clock() < point - hb.timing.fence_after + hb.timing.hold_after
 
     def promise(self, reply: HoldReply) -> bool:
         """A peer's answer to a hold: True when it answers one asked for the beats (the
@@ -213,15 +236,12 @@ class Beating:
             return False
         if self.promised.answer(reply):
             self._moved()
-            hb = self.heartbeat
-            waiting = self._awaited
-            if (
-                waiting is not None
-                and hb is not None
-                and self._promised_point(hb) >= self._awaited_point
-            ):
-                waiting.cancel()
-                self._awaited = None
+            waiting, awaited = self._awaited, self._awaited_for
+            if waiting is not None and awaited is not None:
+                hb, asked_at, asked = awaited
+                if answered(asked_at, self._promised_point(hb, asked), hb.timing):
+                    waiting.cancel()
+                    self._awaited = None
         said = self.promised.refusals.get(reply.sender)
         if said != self._refusals.get(reply.sender):
             if said is not None:
@@ -278,7 +298,9 @@ class Beating:
             if sent >= late_at and self._late_at != late_at:
                 self._late_at = late_at  # once per late beat: the hold loop paces holds
                 self._late()
-            needed = self._asking() or beat_needed(sent, self._promised_point(hb), hb.timing)
+            asked_peers = frozenset(self._asked())
+            promised = self._promised_point(hb, asked_peers)
+            needed = self._asking() or beat_needed(sent, promised, hb.timing)
             asked = self._ask(hb.epoch, hb.timing.takeover_after)
             if asked is not None:
                 self.promised.sent(hb.epoch, *asked, hb.timing.takeover_after)
@@ -286,7 +308,7 @@ class Beating:
                 self._send(hb, lease, sent)
             elif asked is not None:
                 self.beats_promised += 1
-                self._await_promise(hb, lease, asked[1])
+                self._await_promise(hb, lease, asked[1], asked_peers)
             await asyncio.sleep(max(0.0, sent + hb.timing.interval - self.clock()))
 
     def _send(self, hb: Heartbeat, lease: int, sent: float) -> None:
@@ -298,26 +320,33 @@ class Beating:
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
-    def _await_promise(self, hb: Heartbeat, lease: int, asked_at: float) -> None:
-        """The beat stays out of etcd on the promise for the hold just sent: if that
-        promise has not come a moment later, send the beat then rather than at the
-        next interval, which would leave etcd one interval less to answer it before
-        the promised point runs out. The promise cancels the check as it comes."""
-        covered = asked_at + hb.timing.fence_after  # the promised point once it comes
+    def _await_promise(
+        self, hb: Heartbeat, lease: int, asked_at: float, asked: frozenset[str]
+    ) -> None:
+        """The beat stays out of etcd on the promises for the hold just sent, which the
+        peers give within milliseconds. One still missing ``answer_within`` later sends
+        the beat then rather than at the next interval: a peer gone quiet (its server
+        dead, its agent restarting, the peer path cut) leaves etcd nearly two intervals
+        to answer the beat before the last promises' point, as beats sent every
+        interval did, not one. The promises cancel the check as they come, so a healthy
+        pair's active wakes once an interval."""
 
         def check() -> None:
             self._awaited = None
             current = self.heartbeat is hb and self._term() == hb.epoch and not hb.refused
-            if current and self._promised_point(hb) < covered:
+            promised = self._promised_point(hb, asked)
+            if (
+                current
+                and self.session.lease == lease
+                and not answered(asked_at, promised, hb.timing)
+            ):
                 self.beats_promised -= 1
                 self._send(hb, lease, self.clock())
 
         if self._awaited is not None:
             self._awaited.cancel()
-        self._awaited_point = covered
-        self._awaited = asyncio.get_running_loop().call_later(
-            PROMISE_WAIT * hb.timing.interval, check
-        )
+        self._awaited_for = (hb, asked_at, asked)
+        self._awaited = asyncio.get_running_loop().call_later(hb.timing.answer_within, check)
 
     async def _beat(self, hb: Heartbeat, lease: int, sent: float) -> None:
         self.beats_sent += 1

@@ -113,3 +113,17 @@ def hold_peers(
     for members in acknowledged:
         nodes |= members or set()
     return frozenset(nodes - {me})
+
+
+def beat_peers(
+    pair: Pair, me: str, acknowledged: Iterable[frozenset[str] | None]
+) -> frozenset[str]:
+    """The nodes whose promises a term's guard needs when they stand in for its beats:
+    those that may take the term over by beat, the nodes of every member set etcd may
+    hold (the one shown, or one written and unanswered); with no member set, every node
+    of the topology. A node of the topology not yet acknowledged may not (``decide.py``):
+    the active beats in etcd before it writes a set that adds it (``members.py``)."""
+    nodes: set[str] = set()
+    for members in acknowledged:
+        nodes |= {n.name for n in pair.nodes} if members is None else members
+    return frozenset(nodes - {me})

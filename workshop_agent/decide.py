@@ -378,7 +378,7 @@ def _campaign(
         return Decision("no active node; holding off after stepping down")
     stale = handover.revision if handover is not None else None
     member = is_member(o, o.me)
-    if o.forced == o.me:
+    if o.forced == o.me and (member or beat is None):
         unacknowledged = (
             ""
             if member
@@ -392,7 +392,9 @@ def _campaign(
         )
     if not member:
         # The last active may be cut off from etcd and hold the pair on the promises of
-        # the members it knows; it never asked this node.
+        # the members it knows; it never asked this node. Nor does a term's guard count
+        # on this node's promises while its beats stay out of etcd (``beating.py``):
+        # not even a forced node takes such a term over by beat.
         return Decision(
             "no active node; this node is not yet acknowledged as a member of the pair by "
             "its active (it may hold the pair cut off from etcd): not campaigning"

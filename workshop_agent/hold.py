@@ -140,7 +140,7 @@ class Promise:
     node: str
     epoch: int
     until: float
-    for_lease: bool = True  # False: shorter than this node's lease, for a term's beats
+    for_lease: bool = True  # False: asked in place of a term's beats (``Hold.beat``)
 
 
 class Promises:
@@ -185,7 +185,7 @@ class Promises:
         until = now + granted
         given = self._given.get(hold.sender)
         if given is None or until > given.until or hold.epoch > given.epoch:
-            self._given[hold.sender] = Promise(hold.sender, hold.epoch, until, granted >= ttl)
+            self._given[hold.sender] = Promise(hold.sender, hold.epoch, until, not hold.beat)
         return Answer(True, "", granted)
 
     def binds(self, node: str, epoch: int, now: float) -> bool:

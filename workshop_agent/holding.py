@@ -226,10 +226,11 @@ class Holding:
             newest_epoch=self._newest_epoch(),
             seen_revision=self._seen_revision(),
         )
-        if answer.promised and not bound:
-            # A promise renewed only moves the instant this node may take over later:
-            # the loop, woken then, finds the new one. Beats' promises come every
-            # interval; waking for each would cost a round each.
+        if answer.promised and (not bound or not hold.beat):
+            # A promise renewed for the beats only moves the instant this node may take
+            # over later: the loop, woken then, finds the new one (they come every
+            # interval; waking for each would cost a round each). One for the lease is
+            # news: the status names the holder.
             self._wake()
         return answer
 

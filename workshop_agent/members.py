@@ -2,7 +2,10 @@
 
 A node the active lists may campaign only then; one it dropped no longer may. Until etcd
 answers a write of the set, that set may or may not be in etcd: a hold must then have
-the promises of its nodes too (``candidates.hold_peers``).
+the promises of its nodes too (``candidates.hold_peers``). A set that adds a node waits
+until the term's guard stands without counting on that node's promises (its beats in
+etcd, or the node's own promise): from its write on, the node may take the term over by
+beat (``candidates.beat_peers``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ RETRY_S = 0.1  # after a failed write, before the next round may send it again
 
 class MemberSets:
     """``moved`` is called whenever the sets a hold needs may have changed (the fence
-    point moves); ``spawn`` runs a write as a task of the agent."""
+    point moves); ``spawn`` runs a write as a task of the agent; ``ready`` says whether
+    a set of nodes may be written now (``Beating.covers``)."""
 
     def __init__(
         self,
@@ -34,12 +38,14 @@ class MemberSets:
         *,
         moved: Callable[[], None],
         spawn: Callable[[Coroutine[Any, Any, None], str], None],
+        ready: Callable[[frozenset[str]], bool] = lambda nodes: True,
     ) -> None:
         self.observer = observer
         self.pairs = pairs
         self.log = log
         self._moved = moved
         self._spawn = spawn
+        self._ready = ready
         # Member sets this term sent to etcd whose outcome is unknown, and one in flight.
         self._unsure: set[frozenset[str]] = set()
         self._writing = False
@@ -62,6 +68,8 @@ class MemberSets:
         nodes = frozenset(n.name for n in pair.nodes)
         if self.observer.members(pair.name, self.pairs.items)[0] == nodes:
             return
+        if not self._ready(nodes):
+            return  # a later round writes it, once the term's guard allows
         self._writing = True
         self._unsure.add(nodes)
         self._moved()  # a hold may need more promises now: the fence point moves

@@ -145,10 +145,11 @@ class NetWatch:
             reported_every_s=DROPS_REPORTED_EVERY_S,
         )
 
-    def send_hold(self, epoch: int, ttl: float) -> tuple[int, float] | None:
-        """Ask the peers to hold; (seq, sent at), or None without a peer path."""
+    def send_hold(self, epoch: int, ttl: float, beat: bool = False) -> tuple[int, float] | None:
+        """Ask the peers to hold (``beat``: in place of a beat of the term); (seq, sent
+        at), or None without a peer path."""
         path = self.probes.peer_path if self.probes is not None else None
-        return path.send_hold(epoch, ttl) if path is not None else None
+        return path.send_hold(epoch, ttl, beat) if path is not None else None
 
     def send_release(self, epoch: int) -> None:
         if self.probes is not None and self.probes.peer_path is not None:

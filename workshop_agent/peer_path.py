@@ -112,9 +112,10 @@ class PeerPath(asyncio.DatagramProtocol):
             peer.pending = (self._seq, now)
             self._send(Ping(self.me, self._seq), peer.address)
 
-    def send_hold(self, epoch: int, ttl: float) -> tuple[int, float]:
-        """Ask every peer not to campaign while it hears us; (seq, sent at)."""
-        return self._to_peers(lambda seq: Hold(self.me, seq, epoch, ttl))
+    def send_hold(self, epoch: int, ttl: float, beat: bool = False) -> tuple[int, float]:
+        """Ask every peer not to campaign while it hears us (``beat``: in place of a
+        beat of the term); (seq, sent at)."""
+        return self._to_peers(lambda seq: Hold(self.me, seq, epoch, ttl, beat))
 
     def send_release(self, epoch: int) -> None:
         """Tell every peer that the promises for ``epoch`` are no longer needed."""

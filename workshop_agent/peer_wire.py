@@ -49,12 +49,15 @@ class Pong:
 
 @dataclass(frozen=True, slots=True)
 class Hold:
-    """The active, late with etcd: "do not campaign while you hear me" (term ``epoch``)."""
+    """The active, late with etcd: "do not campaign while you hear me" (term ``epoch``);
+    ``beat``: a hold that stands in for a beat of its term (``beating.py``), not one for
+    its lease (sent only when set: a peer that does not know it reads a hold)."""
 
     sender: str
     seq: int
     epoch: int
     ttl: float
+    beat: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +193,8 @@ def _body(msg: Message) -> dict[str, Any]:
             body.update(t="pong", to=msg.to, sees=msg.sees)
         case Hold():
             body.update(t="hold", epoch=msg.epoch, ttl=msg.ttl)
+            if msg.beat:
+                body["beat"] = True
         case HoldReply():
             body.update(
                 t="held",
@@ -236,8 +241,8 @@ def _message(body: dict[str, Any]) -> Message | None:
     if type(epoch) is not int or epoch <= 0:
         return None
     if kind == "hold":
-        ttl = _seconds(body.get("ttl"))
-        return Hold(sender, seq, epoch, ttl) if ttl else None
+        ttl, beat = _seconds(body.get("ttl")), body.get("beat", False)
+        return Hold(sender, seq, epoch, ttl, beat) if ttl and type(beat) is bool else None
     if kind == "release":
         return Release(sender, seq, epoch)
     if kind == "held":

@@ -70,14 +70,17 @@ real time τ ≥ R + (D + M)/(1+d).
    until r + G on its clock, r ≥ t the hold's arrival, G ≤ D + M granted; A fences at
    t + (G - M), its watchdog M/2 later, both on A's clock, the kill M/4 after: the
    argument of ``hold.py`` with M in place of the lease's margin, which needs
-   ``8·d·(D + M) ≤ M``, given above) or a hold's for the lease (``hold.py``, with the
-   lease's margin and its own drift assumption ``4·d·TTL < fence_margin``). Either way
-   A has stopped before any promise P gave on it ran out. A node that did not promise
-   is free, and the beat rule above covers it: A counts a promise only when every node
-   that may take over gave one (the pair's members, ``candidates.hold_peers``; a node
-   the active has not acknowledged as a member neither campaigns nor takes over).
-   Nothing here depends on when A wrote its beats: the promises that stood in for them
-   bound P for as long as A counted them, and every beat A counted bounds it by 1-3.
+   ``8·d·(D + M) ≤ M``, given above; it is 3 with the hold's send for the beat's and its
+   receipt for R) or a hold's for the lease (``hold.py``, with the lease's margin and
+   its own drift assumption ``4·d·TTL < fence_margin``). Either way A has stopped
+   before any promise P gave on it ran out. A node that did not promise is free, and
+   the beat rule above covers it: the short promises stand in only while every node
+   that may take the term over by beat promised: every node of a member set etcd may
+   hold for the term, for a node A has not acknowledged takes no term over by beat
+   (forced or not, ``decide.py``), and A writes a set that adds a node only once the
+   term stands without that node's promise (``members.py``). Nothing here depends on
+   when A wrote its beats: the promises that stood in for them bound P for as long as
+   A counted them, and every beat A counted bounds it by 1-3.
 5. Two standbys racing: both transactions compare the same leader key's epoch; the first
    applied deletes it, and the other fails.
 
@@ -99,9 +102,9 @@ its decision read, so a primary that unrecorded its standby before it stopped is
 taken over by that standby on a view that missed the change.
 
 Why beats sent only when a promise is missing keep a live active. The active waits
-for the promise on each hold it sends ``PROMISE_WAIT`` of an interval; missing, the
+for the promise on each hold it sends ``answer_within`` (a fifth of an interval); missing, the
 beat goes then, and at every interval after until the promises come back
-(:func:`beat_needed`). etcd then has ``D - (1 + PROMISE_WAIT)·interval`` to apply it
+(:func:`beat_needed`, :func:`answered`). etcd then has ``D - 1.2·interval`` to apply it
 before the point of the last promise runs out, and far longer before P may take over:
 P waits M more, and its takeover, guarded on the beat it saw, fails once a later one
 was applied.
@@ -135,6 +138,13 @@ class BeatTiming:
     def watchdog_after(self) -> float:
         """From the send of the last acknowledged beat to the watchdog's deadline."""
         return self.fence_after + self.margin / 2
+
+    @property
+    def answer_within(self) -> float:
+        """How long, from a hold sent with a beat the peers' promises stand in for, the
+        active waits for every promise on it before it sends that beat to etcd after
+        all: a fifth of an interval (the peer path answers in milliseconds)."""
+        return self.interval / 5
 
     @property
     def hold_after(self) -> float:
@@ -180,21 +190,22 @@ class Heartbeat:
         return self.acked_send is not None and now >= self.acked_send + self.timing.hold_after
 
 
-PROMISE_WAIT = 0.2
-"""How long, in intervals, the active waits for the promise on the hold it just sent
-before it beats in etcd after all (10 ms at 50 ms): the peer path answers in well under a
-millisecond on a plant network, and etcd then has the rest of an interval and its
-fence: ``fence_after - interval - PROMISE_WAIT·interval`` (90 ms at 50/150 ms) to apply
-the beat before the point of the promise before runs out."""
-
-
 def beat_needed(now: float, promised_point: float, timing: BeatTiming) -> bool:
-    """Must the beat sent at ``now`` go to etcd? Not while the peers' promises stand in
-    for it: every peer promised on a hold sent less than one and a half intervals ago
-    (``promised_point`` is ``fence_after`` from the send of the oldest of their latest
-    promised holds, ``-inf`` without one). One promise missing, and the beat goes, with
-    the two intervals before the promise point ends that it then still has."""
+    """Must the beat sent at ``now`` go to etcd at once? Not while the peers' promises
+    may stand in for it: every peer promised on a hold sent less than one and a half
+    intervals ago (``promised_point`` is ``fence_after`` from the send of the oldest of
+    their latest promised holds, ``-inf`` without one). Else the active waits
+    ``answer_within`` for their promises on the hold it sends with the beat
+    (:func:`answered`), and beats in etcd if one is missing then: one interval and that
+    wait after the last hold they all promised on, which leaves etcd ``fence_after``
+    less those to answer it (two intervals less a fifth with the fewest beats a fence
+    allows), where a beat sent every interval left it ``fence_after`` less one."""
     return promised_point < now + timing.fence_after - 1.5 * timing.interval
+
+
+def answered(hold_sent: float, promised_point: float, timing: BeatTiming) -> bool:
+    """Has every peer promised on the hold sent at ``hold_sent`` (or a later one)?"""
+    return promised_point >= hold_sent + timing.fence_after
 
 
 def guard_point(beat_point: float, promised_point: float) -> float:

@@ -18,13 +18,14 @@ import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from hapair.shared import keys
-from hapair.shared.records import Switchover
+from hapair.shared.records import Members, Switchover, decode
 from tests.integration.test_etcd_loss import with_peer_path
 from tests.integration.test_failover import pair, service_pid
 from tests.support.cluster import Cluster, checked_cluster, descendants, pid_alive, until
@@ -62,6 +63,7 @@ async def beating_pair(c: Cluster, net: int, *a_extra: str, **failover: Any) -> 
     )
     await c.apply(c.site([with_peer_path(spec, net)]))
     c.peer_port = spec["network"]["peer_port"]  # type: ignore[attr-defined]
+    c.spec = spec  # type: ignore[attr-defined]
     # Started together: a run on a pair with a peer path waits a lease TTL after its
     # start (for promises an earlier run may have given, hold.py) before it campaigns or
     # takes over, and the main server wins.
@@ -305,3 +307,74 @@ async def test_an_active_cut_from_its_peer_and_etcd_at_once_is_fenced_before_the
         c.assert_no_overlap()  # a's run ended before b's began
     assert "ended a term whose beats stopped" in c.log("b")
     assert "term beat not confirmed before the fence point" in c.log("a")
+
+
+async def test_a_node_added_to_a_pair_whose_peer_stands_in_for_the_beats_moves_nothing(
+    cluster: Cluster,
+) -> None:
+    """The active writes no beat while b's promises stand in for them. A node added to
+    the pair has promised nothing yet: the active beats in etcd again before it counts
+    on that node (and before it acknowledges it as a member, from which on it may take
+    the term over by beat), not fence because its last beat in etcd is long past; once
+    that node promises too, the beats stay out of etcd again."""
+    c = cluster
+    epoch = await beating_pair(c, 248)
+    svc = await service_pid(c, "a")
+    await beats_quiet(c)
+    spec = c.spec  # type: ignore[attr-defined]
+    grown = pair("p", ["a", "b", "c"], 248, 0, c.record)
+    await c.apply(c.site([{**spec, "nodes": grown["nodes"]}]))
+    await until(lambda: asyncio.sleep(0, "topology changed" in c.log("a")), 10, "a took it in")
+
+    async def c_acknowledged() -> bool:
+        kv = await c.store.get(keys.members("p"))
+        return kv is not None and "c" in decode(Members, kv.value, kv.key).nodes
+
+    await until(c_acknowledged, 10, "c acknowledged as a member")
+    c.start("c")
+    await c.standby("c", timeout=20)
+    await beats_quiet(c)  # b's and c's promises stand in for the beats
+    leader = await c.store.get(keys.leader("p"))
+    assert leader is not None and leader.create_revision == epoch, "the pair moved"
+    assert "fenced" not in c.log("a")
+    assert pid_alive(svc) and svc in descendants(c.agents["a"].pid), "the active's service"
+
+
+async def test_a_standby_lost_while_etcd_answers_within_two_beats_moves_nothing(
+    cluster: Cluster,
+) -> None:
+    """etcd answers the active in a little over 50 ms, well within the 100 ms (fence
+    point less one interval) that beats sent every interval tolerate. The standby's
+    promises stand in for the beats; then the standby's server dies. The active must
+    carry on, beating in etcd again: losing a standby never stops the active's
+    services."""
+    c = cluster
+    relay = EtcdRelay(c.etcd.url)
+    await relay.heal()
+    epoch = await beating_pair(c, 249, "--etcd", relay.url)
+    svc = await service_pid(c, "a")
+    await beats_quiet(c)
+    relay.delay(0.025)  # 50 ms round trips from now on
+    await asyncio.sleep(1.0)  # the keepalives and the watches settle on the slow link
+    crashed_at = time.time()
+    c.crash("b")
+    await asyncio.sleep(1.0)
+    leader = await c.store.get(keys.leader("p"))
+    assert leader is not None and leader.create_revision == epoch, "the pair moved"
+    # A loaded machine may delay one of a's beats past its fence point whenever: only
+    # the standby's loss is under test here.
+    assert not logged_since(c.log("a"), "event=fenced", crashed_at, 1.0), c.log("a")
+    assert pid_alive(svc) and svc in descendants(c.agents["a"].pid), "the active's service"
+
+
+def logged_since(log: str, what: str, since: float, within: float) -> list[str]:
+    """The lines of ``log`` with ``what`` logged from ``since`` (a wall clock time) on,
+    for ``within`` seconds."""
+    out = []
+    for line in log.splitlines():
+        if what in line and line.startswith("ts="):
+            stamp = line.split()[0].removeprefix("ts=")
+            at = datetime.fromisoformat(stamp).replace(tzinfo=UTC).timestamp()
+            if since <= at < since + within:
+                out.append(line)
+    return out

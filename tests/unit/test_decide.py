@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from hapair.shared.database import DatabaseConfig
 from hapair.shared.topology import Pair
-from hapair.workshop_agent.candidates import hold_peers
+from hapair.workshop_agent.candidates import beat_peers, hold_peers
 from hapair.workshop_agent.decide import (
     Adopt,
     Campaign,
@@ -33,6 +33,7 @@ from hapair.workshop_agent.observation import (
     PeerView,
     SwitchoverView,
 )
+from hapair.workshop_agent.term_beat import TakeoverGuard
 
 PAIR = Pair.model_validate(
     {
@@ -521,6 +522,42 @@ def test_an_active_cut_off_needs_the_promise_of_every_node_it_may_have_acknowled
     # d was dropped from the topology, but etcd may still list it: it may campaign.
     assert hold_peers(PAIR, "a", [frozenset("abd"), frozenset()]) == {"b", "c", "d"}
     assert hold_peers(PAIR, "a", [frozenset("abc"), frozenset("ae")]) == {"b", "c", "e"}
+
+
+def test_a_terms_guard_needs_the_promise_of_every_node_that_may_take_it_over_by_beat() -> None:
+    """Those of every member set etcd may hold; a node of the topology only once a set
+    lists it (or while none is recorded: then every node may campaign)."""
+    assert beat_peers(PAIR, "a", [None]) == {"b", "c"}
+    assert beat_peers(PAIR, "a", [NOT_C]) == {"b"}, "c is not acknowledged yet"
+    assert beat_peers(PAIR, "a", [NOT_C, frozenset("abc")]) == {"b", "c"}, "being written"
+    assert beat_peers(PAIR, "a", [frozenset("abd")]) == {"b", "d"}
+    assert beat_peers(PAIR, "a", [frozenset()]) == set()
+
+
+def test_a_forced_node_not_acknowledged_as_a_member_takes_no_term_over_by_beat() -> None:
+    """The active counts only its members' promises while they stand in for its beats:
+    a node it never acknowledged may be free of any, and the active alive."""
+    guard = TakeoverGuard(5, 40, 12)
+    beat = obs(
+        "c",
+        members=NOT_C,
+        members_revision=12,
+        forced="c",
+        leader=LeaderView("a", 5, LEASE),
+        leader_absent_since=None,
+        seen_leader=True,
+        beat_takeover_at=99.0,
+        beat_guard=guard,
+    )
+    waits = decide(beat)
+    assert waits.actions == ()
+    assert "not yet acknowledged as a member" in waits.reason
+    # A member takes it over, forced or not; and the forced one campaigns once the key
+    # is gone (the lease's rule).
+    member = replace(beat, members=frozenset("abc"))
+    assert decide(member).actions == (Campaign(None, 12, guard),)
+    gone = obs("c", members=NOT_C, members_revision=12, forced="c")
+    assert decide(gone).actions == (Campaign(None, 12),)
 
 
 def test_a_refusal_that_rests_on_the_view_of_the_target_names_it() -> None:

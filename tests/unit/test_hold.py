@@ -90,6 +90,25 @@ def test_a_standby_promises_for_the_shorter_ttl_and_keeps_it() -> None:
     assert ok == (True, "", 1.0), "a shorter hold asked: promised for that"
 
 
+def test_a_promise_for_the_lease_is_one_whatever_its_length() -> None:
+    """The active asks its peers to hold for the lease its term runs on, granted with the
+    TTL it had then; a new TTL that the site gave the pair since, longer, applies to
+    this node at once. A hold for the lease is one still, and one that stands in for a
+    term's beats (``beating.py``) says so, whatever its length."""
+    promises = Promises()
+    promises.answer(
+        Hold("a", 1, 5, 2.0), 100.0, ttl=3.0, busy=None, newest_epoch=5, seen_revision=5
+    )
+    lease = promises.binding(100.5, for_lease=True)
+    assert lease is not None and lease.node == "a", "a promise for the lease"
+    promises = Promises()
+    promises.answer(
+        Hold("a", 1, 5, 0.3, beat=True), 100.0, ttl=3.0, busy=None, newest_epoch=5, seen_revision=5
+    )
+    assert promises.binding(100.1, for_lease=True) is None, "one for the beats"
+    assert promises.binding(100.1) is not None, "which binds all the same"
+
+
 @pytest.mark.parametrize(
     ("busy", "newest", "why"),
     [
@@ -152,6 +171,13 @@ def test_wire_format_round_trip_and_garbage() -> None:
         assert opened(PeerAuth(KEY, []).seal(msg)) == msg
     good = {"v": 2, "from": "a", "seq": 7, "t": "hold", "epoch": 12, "ttl": 2.0}
     assert opened(sealed(good)) == hold
+    # A hold for a term's beats says so; one for the lease is encoded as it always was,
+    # and a peer that knows no such field reads it as a hold like any other.
+    assert b'"beat"' not in PeerAuth(KEY, []).seal(hold)
+    beat = Hold("a", 7, 12, 0.3, beat=True)
+    assert opened(PeerAuth(KEY, []).seal(beat)) == beat
+    assert opened(sealed({**good, "beat": True})) == Hold("a", 7, 12, 2.0, beat=True)
+    assert isinstance(opened(sealed({**good, "beat": 1})), Dropped)
     assert isinstance(opened(sealed({**good, "t": "release", "epoch": -1})), Dropped)
     for bad in (
         {"epoch": True},

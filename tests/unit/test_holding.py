@@ -80,6 +80,22 @@ def test_a_standby_promises_and_is_then_bound_for_the_ttl() -> None:
     assert h.promised_to is None and node.dirty == 2
 
 
+def test_a_promise_renewed_for_the_beats_wakes_nothing_one_for_the_lease_does() -> None:
+    """The beats' holds come every interval: each promise renewed only moves the
+    instant this node may take over, found when the loop wakes then. A hold for the
+    lease while one binds is news: the status names the holder from then on."""
+    node = Node()
+    h, _ = holding(node)
+    h.on_hold(Hold("b", 1, 5, 0.3, beat=True), 100.0)
+    assert node.wakes == 1
+    h.on_hold(Hold("b", 2, 5, 0.3, beat=True), 100.05)
+    assert node.wakes == 1, "renewed"
+    assert h.held_by(100.1, None) is None, "no promise for the lease"
+    h.on_hold(Hold("b", 3, 5, TTL), 100.1)
+    assert node.wakes == 2, "a hold for the lease"
+    assert h.held_by(100.1, None) == "b (epoch 5)"
+
+
 def test_no_promise_while_active_campaigning_or_for_a_stale_term() -> None:
     node = Node(term=6)
     h, _ = holding(node)
