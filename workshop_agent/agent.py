@@ -222,11 +222,15 @@ class Agent:
         return self.parts is not None and self.parts.fencing.may_run()
 
     def hold_peers(self) -> frozenset[str]:
-        assert self.pair is not None
+        # A node taken out of the topology counts on nobody's promise: its fence point
+        # is then the lease's and the beats' alone, never later.
+        if self.pair is None:
+            return frozenset()
         return hold_peers(self.pair, self.me, self.members.acknowledged(self.pair))
 
     def beat_peers(self) -> frozenset[str]:
-        assert self.pair is not None
+        if self.pair is None:
+            return frozenset()
         return beat_peers(self.pair, self.me, self.members.acknowledged(self.pair))
 
     def begin_term(self, epoch: int, held: frozenset[str]) -> None:
