@@ -238,11 +238,17 @@ class Holding:
         self.promises.release(release.sender, release.epoch)
         self._wake()
 
-    def binding(self, now: float, handover: HandoverView | None) -> Promise | None:
-        """The promise that forbids campaigning now, if any (a live handover record of
-        the node promised to ends that promise)."""
+    def binding(
+        self, now: float, handover: HandoverView | None, by_beat: bool = True
+    ) -> Promise | None:
+        """The promise that forbids taking the pair over now, if any (a live handover
+        record of the node promised to ends that promise). A campaign (``by_beat``
+        False) is bound only by a promise for the lease: one for the beats lifts the
+        active's beat guard, never its fence point past its lease's, so once the leader
+        key is gone (its lease ended, or the active stepped down with its services
+        stopped) it keeps nothing running that a campaign could overlap."""
         released = [(handover.from_node, handover.epoch)] if handover is not None else []
-        return self.promises.binding(now, released)
+        return self.promises.binding(now, released, for_lease=not by_beat)
 
     def held_by(self, now: float, handover: HandoverView | None) -> str | None:
         """The peer that holds the pair on this node's promise for its lease, as the

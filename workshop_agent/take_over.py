@@ -99,7 +99,7 @@ class TakeOvers:
         target = handover is not None and handover.to == self.me
         # Checked again here, not only in the decision: a promise may have been given
         # since. While the campaign is in flight no promise is given (see holding.py).
-        if self.holding.binding(self.clock(), handover) is not None:
+        if self.holding.binding(self.clock(), handover, by_beat=beat is not None) is not None:
             return
         with self.holding.campaigning():
             pair = self._pair()

@@ -64,9 +64,13 @@ real time τ ≥ R + (D + M)/(1+d).
    landed M/4 later. With d ≤ 1/2, 1/(1-d) ≤ 1 + 2d, so A has stopped by
    R + (D + M/2)(1 + 2d) + M/4, and P sends no earlier than R + (D + M)(1 - d). The
    first is below the second when d·(12·D + 8·M) ≤ M, which ``12·d·(D + M) ≤ M`` gives.
-4. Promises: P refuses to take over in any way while a promise binds it, and refuses to
-   promise while its takeover is in flight (or once it won), so every promise P gave A
-   ended before τ. A's point beyond its beat's is a promise's: a short one's (P bound
+4. Promises: P refuses to take over by beat while any promise binds it (and to
+   campaign while one for the lease does), and refuses to promise while its takeover
+   is in flight (or once it won), so every promise P gave A ended before τ. A promise
+   for the beats need not bind a campaign: it lifts only A's beat guard, which the
+   lease caps (:func:`term_fence_point`), and a campaign needs the leader key gone: A's
+   lease ended (A stopped by its lease's fence point, by the lease's argument) or A
+   stepped down with its services stopped. A's point beyond its beat's is a promise's: a short one's (P bound
    until r + G on its clock, r ≥ t the hold's arrival, G ≤ D + M granted; A fences at
    t + (G - M), its watchdog M/2 later, both on A's clock, the kill M/4 after: the
    argument of ``hold.py`` with M in place of the lease's margin, which needs
