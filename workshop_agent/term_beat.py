@@ -70,10 +70,10 @@ real time τ ≥ R + (D + M)/(1+d).
    for the beats need not bind a campaign: it lifts only A's beat guard, which the
    lease caps (:func:`term_fence_point`), and a campaign needs the leader key gone: A's
    lease ended (A stopped by its lease's fence point, by the lease's argument) or A
-   stepped down with its services stopped. A's point beyond its beat's is a promise's: a short one's (P bound
-   until r + G on its clock, r ≥ t the hold's arrival, G ≤ D + M granted; A fences at
-   t + (G - M), its watchdog M/2 later, both on A's clock, the kill M/4 after: the
-   argument of ``hold.py`` with M in place of the lease's margin, which needs
+   stepped down with its services stopped. A's point beyond its beat's is a promise's:
+   a short one's (P bound until r + G on its clock, r ≥ t the hold's arrival, G ≤ D + M
+   granted; A fences at t + (G - M), its watchdog M/2 later, both on A's clock, the
+   kill M/4 after: the argument of ``hold.py`` with M in place of the lease's margin, which needs
    ``8·d·(D + M) ≤ M``, given above; it is 3 with the hold's send for the beat's and its
    receipt for R) or a hold's for the lease (``hold.py``, with the lease's margin and
    its own drift assumption ``4·d·TTL < fence_margin``). Either way A has stopped

@@ -96,6 +96,21 @@ def test_a_promise_renewed_for_the_beats_wakes_nothing_one_for_the_lease_does() 
     assert h.held_by(100.1, None) == "b (epoch 5)"
 
 
+def test_a_promise_for_the_beats_binds_a_takeover_by_beat_not_a_campaign() -> None:
+    """A promise for the beats lifts the active's beat guard, never its fence point past
+    its lease's: once the leader key is gone a campaign need not wait for it (a killed
+    agent's pair is campaigned for as soon as its watchdog revokes the lease). One for
+    the lease binds both."""
+    node = Node()
+    h, _ = holding(node)
+    h.on_hold(Hold("b", 1, 5, 0.3, beat=True), 100.0)
+    assert h.binding(100.1, None, by_beat=True) is not None
+    assert h.binding(100.1, None, by_beat=False) is None
+    h.on_hold(Hold("b", 2, 5, TTL), 100.1)
+    assert h.binding(100.2, None, by_beat=False) is not None
+    assert h.binding(100.2, None, by_beat=True) is not None
+
+
 def test_no_promise_while_active_campaigning_or_for_a_stale_term() -> None:
     node = Node(term=6)
     h, _ = holding(node)
