@@ -59,6 +59,12 @@ def timing_of(spec: TermBeat | None) -> BeatTiming | None:
     return BeatTiming(spec.interval_ms / 1000, spec.fence_ms / 1000, spec.margin_ms / 1000)
 
 
+def late_instant(point: float, timing: BeatTiming) -> float:
+    """When a guard whose fence point is ``point`` is late: two intervals after the send
+    that set it (one beat, or one promised hold, missing)."""
+    return point - timing.fence_after + timing.hold_after
+
+
 class Beating:
     """One node's beats and view of its pair's beats.
 
@@ -116,8 +122,9 @@ class Beating:
         self.heartbeat: Heartbeat | None = None  # the beats of the term this node holds
         self.promised = Ledger()  # the peers' promises that stand in for its beats
         self._refusals: dict[str, str] = {}  # for logging changes only
-        self._awaited: asyncio.TimerHandle | None = None  # the check for the promises due
-        self._awaited_for: tuple[Heartbeat, float, frozenset[str]] | None = None
+        # The check for the promises due on the hold just sent: (timer, term's beats,
+        # hold sent at, nodes asked).
+        self._awaited: tuple[asyncio.TimerHandle, Heartbeat, float, frozenset[str]] | None = None
         self.view = BeatView()
         self.mirror = self._new_mirror()
         self._begun = asyncio.Event()  # this node beats a term: nothing to follow
@@ -227,7 +234,7 @@ class Beating:
         if not new:
             return True
         point = guard_point(hb.fence_point, self._promised_point(hb, peers | new))
-        return self.clock() < point - hb.timing.fence_after + hb.timing.hold_after
+        return self.clock() < late_instant(point, hb.timing)
 
     def promise(self, reply: HoldReply) -> bool:
         """A peer's answer to a hold: True when it answers one asked for the beats (the
@@ -236,11 +243,10 @@ class Beating:
             return False
         if self.promised.answer(reply):
             self._moved()
-            waiting, awaited = self._awaited, self._awaited_for
-            if waiting is not None and awaited is not None:
-                hb, asked_at, asked = awaited
+            if self._awaited is not None:
+                timer, hb, asked_at, asked = self._awaited
                 if answered(asked_at, self._promised_point(hb, asked), hb.timing):
-                    waiting.cancel()
+                    timer.cancel()
                     self._awaited = None
         said = self.promised.refusals.get(reply.sender)
         if said != self._refusals.get(reply.sender):
@@ -277,8 +283,7 @@ class Beating:
         hb = self.heartbeat
         if hb is None or hb.epoch != term or hb.acked_send is None:
             return float("inf")
-        point = hb.fence_point if self._asking() else self.fence_point(term)
-        return point - hb.timing.fence_after + hb.timing.hold_after
+        return late_instant(hb.fence_point if self._asking() else self.fence_point(term), hb.timing)
 
     async def run(self) -> None:
         """Beat every interval while this node holds a term that beats."""
@@ -344,9 +349,9 @@ class Beating:
                 self._send(hb, lease, self.clock())
 
         if self._awaited is not None:
-            self._awaited.cancel()
-        self._awaited_for = (hb, asked_at, asked)
-        self._awaited = asyncio.get_running_loop().call_later(hb.timing.answer_within, check)
+            self._awaited[0].cancel()
+        timer = asyncio.get_running_loop().call_later(hb.timing.answer_within, check)
+        self._awaited = (timer, hb, asked_at, asked)
 
     async def _beat(self, hb: Heartbeat, lease: int, sent: float) -> None:
         self.beats_sent += 1

@@ -202,9 +202,9 @@ class Promises:
     def binding(
         self, now: float, released: Iterable[tuple[str, int]] = (), for_lease: bool = False
     ) -> Promise | None:
-        """The promise that forbids campaigning now, if any (``for_lease``: only one
-        given on a hold for the lease, as the status names it: those that stand in for
-        the beats of a healthy pair are no news).
+        """The promise that binds this node now, if any: every one forbids a takeover
+        by beat; with ``for_lease``, only one given on a hold for the lease, the kind
+        that also forbids campaigning and that the status names.
 
         ``released``: (node, epoch) of live handover records, each written by that node
         after it stopped the services of that term."""

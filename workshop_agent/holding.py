@@ -254,10 +254,9 @@ class Holding:
         """The peer that holds the pair on this node's promise for its lease, as the
         decision and the status name it (``None``: none does). Whatever promise binds,
         one for beats included, ``held_until`` says until when."""
-        released = [(handover.from_node, handover.epoch)] if handover is not None else []
-        binding = self.promises.binding(now, released)
+        binding = self.binding(now, handover)
         self.held_until = float("inf") if binding is None else binding.until
-        promise = self.promises.binding(now, released, for_lease=True)
+        promise = self.binding(now, handover, by_beat=False)
         held_by = None if promise is None else f"{promise.node} (epoch {promise.epoch})"
         if held_by != self._held_by:
             if held_by is not None:

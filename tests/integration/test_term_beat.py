@@ -139,6 +139,17 @@ async def beats_quiet(c: Cluster, for_s: float = 1.0, timeout: float = 15.0) -> 
     raise AssertionError(f"beats still written to etcd after {timeout}s (last {last})")
 
 
+async def relayed_quiet_pair(c: Cluster, net: int) -> tuple[EtcdRelay, int, int]:
+    """A beating pair whose active reaches etcd through a relay of its own, once b's
+    promises stand in for the beats: the relay, the term's epoch, a's service."""
+    relay = EtcdRelay(c.etcd.url)
+    await relay.heal()
+    epoch = await beating_pair(c, net, "--etcd", relay.url)
+    svc = await service_pid(c, "a")
+    await beats_quiet(c)
+    return relay, epoch, svc
+
+
 async def beats_again(c: Cluster) -> None:
     """Return once etcd applied a beat newer than the one it holds now."""
     seen = await c.store.get(keys.beat("p"))
@@ -292,11 +303,7 @@ async def test_an_active_cut_from_its_peer_and_etcd_at_once_is_fenced_before_the
     standby's last promise runs out and it takes the term over on the old beat; the
     active, left with that promise's point, has stopped its service before."""
     c = cluster
-    relay = EtcdRelay(c.etcd.url)
-    await relay.heal()
-    epoch = await beating_pair(c, 247, "--etcd", relay.url)
-    svc = await service_pid(c, "a")
-    await beats_quiet(c)
+    relay, epoch, svc = await relayed_quiet_pair(c, 247)
     with peer_path_cut(c):
         await relay.cut()
         cut_at = time.monotonic()
@@ -349,11 +356,7 @@ async def test_a_standby_lost_while_etcd_answers_within_two_beats_moves_nothing(
     carry on, beating in etcd again: losing a standby never stops the active's
     services."""
     c = cluster
-    relay = EtcdRelay(c.etcd.url)
-    await relay.heal()
-    epoch = await beating_pair(c, 249, "--etcd", relay.url)
-    svc = await service_pid(c, "a")
-    await beats_quiet(c)
+    relay, epoch, svc = await relayed_quiet_pair(c, 249)
     relay.delay(0.025)  # 50 ms round trips from now on
     await asyncio.sleep(1.0)  # the keepalives and the watches settle on the slow link
     crashed_at = time.time()
