@@ -3,9 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import faulthandler
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,6 +57,76 @@ LONG_HELP = "a test of 15 s or more: run before the others, so that no run ends 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
+# A test that hangs (pyproject's ``timeout``) fails with the stack of every asyncio task
+# it left waiting, so the report names the await that never ended; the event loop's own
+# frame (all a plain stack dump shows) says nothing. A teardown that hangs as well ends
+# the worker a minute later, and xdist reports it and goes on with the others.
+TEARDOWN_GRACE_S = float(os.environ.get("HAPAIR_TEST_GRACE", "60"))
+
+
+def _awaiting(coro: Any) -> list[str]:
+    """Where a suspended coroutine waits, down its chain of awaits (a task's own stack
+    stops at its outermost frame)."""
+    lines: list[str] = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is not None:
+            lines += traceback.format_stack(frame, limit=1)
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+    return lines
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
+    if settings.method != "signal":
+        return None
+
+    def last_resort(signum: int, frame: Any) -> None:
+        faulthandler.dump_traceback(all_threads=True)
+        os._exit(3)
+
+    def timed_out(signum: int, frame: Any) -> None:
+        __tracebackhide__ = True
+        try:
+            tasks = asyncio.all_tasks(asyncio.get_running_loop())
+        except RuntimeError:
+            tasks = set()
+        print(f"+++ timeout: {len(tasks)} asyncio task(s) pending", file=sys.stderr)
+        for task in tasks:
+            print(f"+++ {task!r}", file=sys.stderr)
+            print("".join(_awaiting(task.get_coro())), file=sys.stderr)
+        for ident, stack in sys._current_frames().items():
+            if ident != threading.main_thread().ident:
+                print(f"+++ thread {ident}", file=sys.stderr)
+                traceback.print_stack(stack, file=sys.stderr)
+        signal.signal(signal.SIGALRM, last_resort)
+        signal.setitimer(signal.ITIMER_REAL, TEARDOWN_GRACE_S)
+        pytest.fail(f"Timeout >{settings.timeout}s")
+
+    def cancel() -> None:
+        # pytest-timeout cancels when the failure is reported, before the teardown that
+        # the last resort is for: only the end of the test (below) disarms that one.
+        if signal.getsignal(signal.SIGALRM) is timed_out:
+            _disarm()
+
+    item.cancel_timeout = cancel  # type: ignore[attr-defined]
+    signal.signal(signal.SIGALRM, timed_out)
+    signal.setitimer(signal.ITIMER_REAL, settings.timeout)
+    return True
+
+
+def _disarm() -> None:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    yield
+    if threading.current_thread() is threading.main_thread():
+        _disarm()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
