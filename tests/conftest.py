@@ -35,7 +35,7 @@ _SKIPPED = "hapair_skipped"  # a report's property: it travels from xdist's work
 # a copy of the run's first initdb (HAPAIR_TEST_INITDB_TEMPLATES, workshop_agent/pg/ctl.py):
 # made by this process, inherited by xdist's workers, removed at the end.
 _TEMPLATES = "HAPAIR_TEST_INITDB_TEMPLATES"
-_own_templates: list[str] = []
+_own_dirs: list[str] = []
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -44,8 +44,11 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line("markers", f"long: {LONG_HELP}")
     if _TEMPLATES not in os.environ:
-        _own_templates.append(tempfile.mkdtemp(prefix="hapair-initdb-"))
-        os.environ[_TEMPLATES] = _own_templates[0]
+        _own_dirs.append(tempfile.mkdtemp(prefix="hapair-initdb-"))
+        os.environ[_TEMPLATES] = _own_dirs[-1]
+    if _HUNG not in os.environ:  # where a worker ended by the last resort leaves its stacks
+        _own_dirs.append(tempfile.mkdtemp(prefix="hapair-hung-"))
+        os.environ[_HUNG] = _own_dirs[-1]
 
 
 # A run on two workers ends when the later one does: a test of a minute started last
@@ -61,9 +64,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 # A test that hangs (pyproject's ``timeout``) fails with the stack of every asyncio task
 # it left waiting, so the report names the await that never ended; the event loop's own
-# frame (all a plain stack dump shows) says nothing. A teardown that hangs as well ends
-# the worker a minute later, and xdist reports it and goes on with the others.
-TEARDOWN_GRACE_S = float(os.environ.get("HAPAIR_TEST_GRACE", "60"))
+# frame (all a plain stack dump shows) says nothing. A teardown that hangs as well, or a
+# worker stuck where no signal handler runs, is ended a minute later from a thread of its
+# own with every thread's stack; xdist reports it and goes on with the others.
+LAST_RESORT_S = float(os.environ.get("HAPAIR_TEST_LAST_RESORT_S", "60"))
+_HUNG = "HAPAIR_TEST_HUNG"
 
 
 def _awaiting(coro: Any) -> list[str]:
@@ -80,12 +85,8 @@ def _awaiting(coro: Any) -> list[str]:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
-    if settings.method != "signal":
+    if settings.method != "signal" or threading.current_thread() is not threading.main_thread():
         return None
-
-    def last_resort(signum: int, frame: Any) -> None:
-        faulthandler.dump_traceback(all_threads=True)
-        os._exit(3)
 
     def timed_out(signum: int, frame: Any) -> None:
         __tracebackhide__ = True
@@ -97,40 +98,51 @@ def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
         for task in tasks:
             print(f"+++ {task!r}", file=sys.stderr)
             print("".join(_awaiting(task.get_coro())), file=sys.stderr)
-        for ident, stack in sys._current_frames().items():
-            if ident != threading.main_thread().ident:
-                print(f"+++ thread {ident}", file=sys.stderr)
+        for thread in threading.enumerate():
+            stack = sys._current_frames().get(thread.ident or 0)
+            if thread not in (threading.main_thread(), last_resort) and stack is not None:
+                print(f"+++ thread {thread.name}", file=sys.stderr)
                 traceback.print_stack(stack, file=sys.stderr)
-        signal.signal(signal.SIGALRM, last_resort)
-        signal.setitimer(signal.ITIMER_REAL, TEARDOWN_GRACE_S)
         pytest.fail(f"Timeout >{settings.timeout}s")
 
     def cancel() -> None:
-        # pytest-timeout cancels when the failure is reported, before the teardown that
-        # the last resort is for: only the end of the test (below) disarms that one.
-        if signal.getsignal(signal.SIGALRM) is timed_out:
-            _disarm()
+        # Called as the failure is reported too, before the teardown: the last resort
+        # stays armed until the end of the test (below).
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
 
     item.cancel_timeout = cancel  # type: ignore[attr-defined]
     signal.signal(signal.SIGALRM, timed_out)
     signal.setitimer(signal.ITIMER_REAL, settings.timeout)
+    last_resort = threading.Timer(settings.timeout + LAST_RESORT_S, _end_worker, (item.nodeid,))
+    last_resort.daemon = True
+    last_resort.start()
+    item.stash[_LAST_RESORT] = last_resort
     return True
 
 
-def _disarm() -> None:
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+def _end_worker(nodeid: str) -> None:
+    # A worker's own output is not shown: the run's end prints this file.
+    path = os.path.join(os.environ[_HUNG], f"{os.getpid()}.txt")
+    with open(path, "w") as out:
+        out.write(f"{nodeid} and its teardown hung; every thread of its worker:\n")
+        out.flush()
+        faulthandler.dump_traceback(file=out, all_threads=True)
+    os._exit(3)
+
+
+_LAST_RESORT = pytest.StashKey[threading.Timer]()
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
     yield
-    if threading.current_thread() is threading.main_thread():
-        _disarm()
+    if (last_resort := item.stash.get(_LAST_RESORT, None)) is not None:
+        last_resort.cancel()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    for directory in _own_templates:
+    for directory in _own_dirs:
         shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -148,6 +160,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    hung = os.environ.get(_HUNG, "")
+    for name in sorted(os.listdir(hung)) if os.path.isdir(hung) else []:
+        terminalreporter.section("A WORKER ENDED BY THE LAST RESORT", sep="!", red=True)
+        with open(os.path.join(hung, name)) as dump:
+            terminalreporter.write(dump.read())
     skipped = [
         (report.nodeid, value)
         for reports in terminalreporter.stats.values()
