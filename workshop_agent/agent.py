@@ -97,8 +97,11 @@ class Agent:
         # Events are filed under this agent's etcd user (its node name, in its certificate).
         self.writer = self.store.identity or self.me
         self.newest_epoch: int | None = None
+        # The pair and node this agent's parts serve: the topology's, and once this node
+        # is taken out of it, still the last ones (the term it may hold is that pair's).
         self.pair: Pair | None = None
         self.node: Node | None = None
+        self.in_topology = False  # whether the applied topology names this node
         self.term: int | None = None
         self.last_leader: str | None = None
         self._last_reason = ""
@@ -168,9 +171,9 @@ class Agent:
 
     async def _wait_for_topology(self) -> None:
         said = ""
-        while self.pair is None:
+        while not self.in_topology:
             self._load_topology()
-            if self.pair is not None:
+            if self.in_topology:
                 break
             why = self.topology_view.why_waiting()
             if why != said:
@@ -186,10 +189,13 @@ class Agent:
             return
         pair = site.pair_of_node(self.me)
         if pair is None:
-            if self.pair is not None:
+            if self.in_topology:
                 self.log.warning("node removed from the topology")
-            self.pair, self.node = None, None
+            self.in_topology = False
             return
+        if not self.in_topology and self.parts is not None:
+            self.log.info("node back in the topology")
+        self.in_topology = True
         node = pair.node(self.me)
         assert node is not None
         if self.parts is not None and (pair != self.pair or node != self.node):
@@ -224,13 +230,15 @@ class Agent:
     def hold_peers(self) -> frozenset[str]:
         # A node taken out of the topology counts on nobody's promise: its fence point
         # is then the lease's and the beats' alone, never later.
-        if self.pair is None:
+        if not self.in_topology:
             return frozenset()
+        assert self.pair is not None
         return hold_peers(self.pair, self.me, self.members.acknowledged(self.pair))
 
     def beat_peers(self) -> frozenset[str]:
-        if self.pair is None:
+        if not self.in_topology:
             return frozenset()
+        assert self.pair is not None
         return beat_peers(self.pair, self.me, self.members.acknowledged(self.pair))
 
     def begin_term(self, epoch: int, held: frozenset[str]) -> None:
@@ -279,7 +287,7 @@ class Agent:
     def _vip_step(self) -> None:
         """The pair's virtual address is held exactly while the active services may run."""
         if self.parts is not None:
-            spec = self.pair.vip if self.pair is not None else None
+            spec = self.pair.vip if self.pair is not None and self.in_topology else None
             self.parts.vip.update(spec, self._may_run() and self.db_ready())
 
     # -- the loop ---------------------------------------------------------------------
@@ -295,7 +303,7 @@ class Agent:
             wait = IDLE_S
             self._load_topology()
             self._vip_step()
-            if self.pair is None:
+            if not self.in_topology:
                 await self._leave_pair()
                 continue
             observation = self._observe(p)
@@ -442,9 +450,13 @@ class Agent:
 
     # -- stepping down ----------------------------------------------------------------
     async def _leave_pair(self) -> None:
+        """Out of the topology, this node holds no term and runs nothing: it steps down
+        as on any other reason, and waits to be named again."""
         p = self._parts()
         if self.term is not None:
             await p.steps.step_down("node removed from the topology", None, None)
+        elif p.steps.unanswered:
+            await p.steps.settle()
         if p.supervisor.active_up():
             await p.supervisor.deactivate()
 

@@ -63,6 +63,7 @@ class Core(Protocol):
     dirty: asyncio.Event
     pair: Pair | None
     node: Node | None
+    in_topology: bool
     term: int | None
     state: PairState | None
     last_leader: str | None
@@ -101,6 +102,12 @@ class Parts:
     packages: Packages
     peer_packages: PeerPackages | None
     restarts: RestartRequests
+
+
+def _placed(core: Core) -> tuple[Pair | None, Node | None]:
+    """This node's pair and node while the topology names it; nothing once it is out
+    (its packages are then not the pair's business)."""
+    return (core.pair, core.node) if core.in_topology else (None, None)
 
 
 def _failover(core: Core) -> Failover:
@@ -195,14 +202,14 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
     peer_packages = PeerPackages.create(
         core.log,
         settings.etcd_tls,
-        place=lambda: (core.pair, core.node),
+        place=lambda: _placed(core),
         nodes=core.nodes,
     )
     packages = Packages(
         settings.state_dir,
         users,
         core.log,
-        place=lambda: (core.pair, core.node),
+        place=lambda: _placed(core),
         event=core.event,
         changed=core.changed,
         in_use=lambda: supervisor.statuses() if supervisor is not None else (),
@@ -272,6 +279,7 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         core.me,
         core.dirty,
         place=lambda: (core.pair, core.node),
+        in_topology=lambda: core.in_topology,
         term=lambda: core.term,
         holdoff_until=lambda: steps.holdoff_until if steps is not None else 0.0,
         lost=lambda: core.state.lost if core.state is not None else (),

@@ -53,6 +53,7 @@ class Publisher:
         dirty: asyncio.Event,
         *,
         place: Callable[[], tuple[Pair | None, Node | None]],
+        in_topology: Callable[[], bool],
         term: Callable[[], int | None],
         holdoff_until: Callable[[], float],
         lost: Callable[[], Iterable[str]],
@@ -70,6 +71,7 @@ class Publisher:
         self.me = me
         self.dirty = dirty
         self._place = place
+        self._in_topology = in_topology
         self._term = term
         self._holdoff_until = holdoff_until
         self._lost = lost
@@ -118,6 +120,9 @@ class Publisher:
         if self.clock() < self._holdoff_until():
             healthy = False
             problems = [*problems, "stepped down after a failure; holding off"]
+        if not self._in_topology():
+            healthy = False
+            problems = [*problems, "not in the applied topology"]
         problems += [f"critical resource {name} lost" for name in sorted(self._lost())]
         if self.netwatch.state is not None:
             problems += self.netwatch.state.problems()
