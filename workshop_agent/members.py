@@ -48,6 +48,7 @@ class MemberSets:
         self._ready = ready
         # Member sets this term sent to etcd whose outcome is unknown, and one in flight.
         self._unsure: set[frozenset[str]] = set()
+        self._unsure_epoch: int | None = None  # the term they were sent in
         self._writing = False
         self._error: str | None = None  # for logging changes only
 
@@ -57,8 +58,12 @@ class MemberSets:
         shown, _ = self.observer.members(pair.name, self.pairs.items)
         return [shown, *self._unsure]
 
-    def new_term(self) -> None:
-        self._unsure.clear()  # sets sent in an earlier term: overwritten since
+    def new_term(self, epoch: int) -> None:
+        # A write guarded by an earlier epoch can no longer be applied. One sent in a
+        # term taken up again at the same epoch (its own key, after a fence) still can.
+        if epoch != self._unsure_epoch:
+            self._unsure.clear()
+            self._unsure_epoch = epoch
 
     def step(self, pair: Pair | None, term: int | None, election: Election | None) -> None:
         """As the active, acknowledge the nodes of the topology it runs as the pair's
@@ -71,6 +76,7 @@ class MemberSets:
         if not self._ready(nodes):
             return  # a later round writes it, once the term's guard allows
         self._writing = True
+        self.new_term(term)  # the loop's term is the one the write is guarded by
         self._unsure.add(nodes)
         self._moved()  # a hold may need more promises now: the fence point moves
         self._spawn(self._write(election, pair.name, term, nodes), "members")

@@ -178,7 +178,7 @@ class TakeOvers:
             return
         self._begin_term(epoch, held)
         self.beating.begin(epoch, started, timing)
-        self.members.new_term()
+        self.members.new_term(epoch)
         self.recovery.began(self.clock())
         self.log.bind(epoch=epoch)
         self.log.info("became active", cause=cause, held=",".join(sorted(held)) or None)
