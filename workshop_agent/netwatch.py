@@ -20,7 +20,7 @@ from hapair.shared.records import Resource
 from hapair.shared.topology import Node, Pair
 from hapair.workshop_agent.hold import Answer
 from hapair.workshop_agent.peer_path import DROPS_REPORTED_EVERY_S
-from hapair.workshop_agent.peer_wire import Hold, HoldReply, PeerAuth, Release
+from hapair.workshop_agent.peer_wire import LAB_KEY, Hold, HoldReply, PeerAuth, Release
 from hapair.workshop_agent.probe_results import NetworkSummary, ProbeError
 from hapair.workshop_agent.probes import NetworkProbes
 
@@ -149,7 +149,12 @@ class NetWatch:
         """Ask the peers to hold (``beat``: in place of a beat of the term); (seq, sent
         at), or None without a peer path."""
         path = self.probes.peer_path if self.probes is not None else None
-        return path.send_hold(epoch, ttl, beat) if path is not None else None
+        if path is None or (beat and path.auth.key == LAB_KEY):
+            # In the lab mode anyone may answer as a peer: a forged promise would keep
+            # the beats out of etcd while the real standby, cut off from the holds,
+            # waits for them. The term beats in etcd instead (term_beat.py).
+            return None
+        return path.send_hold(epoch, ttl, beat)
 
     def send_release(self, epoch: int) -> None:
         if self.probes is not None and self.probes.peer_path is not None:

@@ -29,7 +29,9 @@ The rules, each a pure function or a small class below:
   (:func:`guard_point`). The active sends the interval's beat to etcd only when the
   promises do not stand in for it (:func:`beat_needed`: no promise on the hold of the
   last interval and a half) or while it asks its peers to hold for the lease. With the
-  peer path up, a term writes its first beat and nothing more.
+  peer path up, a term writes its first beat and nothing more. A peer path in the lab
+  mode asks for no such promise (anyone could answer for a peer): the term beats in
+  etcd every interval.
 - Two intervals after the send of its last acknowledged beat, or of the last hold every
   peer promised on if later (the promises late, and the beats that stand in for them
   too), the active asks its peers to hold for the lease (``Beating.hold_instant``), as

@@ -57,11 +57,17 @@ async def beat_cluster(own_etcd: TlsEtcd, tmp_path: Path) -> AsyncIterator[Clust
         yield c
 
 
-async def beating_pair(c: Cluster, net: int, *a_extra: str, **failover: Any) -> int:
+async def beating_pair(
+    c: Cluster, net: int, *a_extra: str, lab: bool = False, **failover: Any
+) -> int:
+    """``lab``: the peer path in the lab mode (no peer key)."""
     spec = pair(
         "p", ["a", "b"], net, free_port(), c.record, lease_ttl_s=LEASE_S, term_beat=BEAT, **failover
     )
-    await c.apply(c.site([with_peer_path(spec, net)]))
+    with_peer_path(spec, net)
+    if lab:
+        spec["network"]["peer_key_file"] = None
+    await c.apply(c.site([spec]))
     c.peer_port = spec["network"]["peer_port"]  # type: ignore[attr-defined]
     c.spec = spec  # type: ignore[attr-defined]
     # Started together: a run on a pair with a peer path waits a lease TTL after its
@@ -293,6 +299,20 @@ async def test_promises_stand_in_for_the_beats_and_a_cut_peer_path_brings_them_b
     assert "fenced" not in c.log("a")
     assert "ended a term" not in c.log("b")
     await beats_quiet(c)
+
+
+async def test_in_the_lab_mode_no_promise_stands_in_for_the_beats(cluster: Cluster) -> None:
+    """Without a peer key anyone on the network may answer a hold as the standby: a
+    forged promise would keep the beats out of etcd while the real standby, cut off from
+    the holds, waits for them. The term beats in etcd every interval."""
+    c = cluster
+    await beating_pair(c, 233, lab=True)
+    assert "peer path in the LAB MODE" in c.log("a")
+    # More beats in a row than beats_quiet ever lets pass.
+    for _ in range(int(1.5 / (BEAT["interval_ms"] / 1000))):
+        kv = await c.store.get(keys.beat("p"))
+        assert kv is not None
+        await until(lambda rev=kv.mod_revision: newer_beat(c, rev), 2, "the next beat")
 
 
 async def test_an_active_cut_from_its_peer_and_etcd_at_once_is_fenced_before_the_takeover(
