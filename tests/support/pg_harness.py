@@ -249,6 +249,14 @@ async def streaming(cluster: PgCluster, name: str) -> bool:
     return st.role == "standby" and st.streaming
 
 
+# A writer's connection to a server that died without a word (its host frozen or cut
+# off, the connection left established) is given up, as a client's driver would, instead
+# of waiting on it for good: the write after a few seconds, the idle socket by TCP.
+WRITE_S = 5.0
+KEEPALIVES: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 1, "keepalives_interval": 1,
+              "keepalives_count": 3, "tcp_user_timeout": 5000}  # fmt: skip
+
+
 class Writer:
     """Commits numbered rows as fast as it can, reconnecting through the libpq multi-host
     string with ``target_session_attrs=read-write`` as a real client would; remembers
@@ -289,12 +297,19 @@ class Writer:
             while True:
                 try:
                     if conn is None:
-                        conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+                        conn = await psycopg.AsyncConnection.connect(
+                            self.conninfo, autocommit=True, **KEEPALIVES
+                        )
                     n, self.next_id = self.next_id, self.next_id + 1
-                    await conn.execute("INSERT INTO ticks (id) VALUES (%s)", (n,))
+                    # Given up on the client's side, not with statement_timeout: a
+                    # server cancelling a commit's wait for its standby reports it
+                    # committed. A commit given up on is not counted as acknowledged,
+                    # whatever became of it.
+                    async with asyncio.timeout(WRITE_S):
+                        await conn.execute("INSERT INTO ticks (id) VALUES (%s)", (n,))
                     self.acked_at.append((time.monotonic(), conn.info.host))
                     self.acked.append(n)
-                except psycopg.Error as err:
+                except (psycopg.Error, TimeoutError) as err:
                     kind = type(err).__name__
                     self.errors[kind] = self.errors.get(kind, 0) + 1
                     if conn is not None:
