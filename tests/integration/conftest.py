@@ -16,6 +16,7 @@ import pytest
 
 from hapair.shared import keys
 from hapair.shared.store import Store
+from tests.support import cluster as clusters
 from tests.support.cluster import Cluster, checked_cluster, until
 from tests.support.harness import Etcd, running_etcd
 from tests.support.tls_etcd import ADMIN, TestPki, TlsEtcd, running_tls_etcd
@@ -25,6 +26,26 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "lab: the lab mode (http:// etcd, no certificates, no peer keys)"
     )
+
+
+LOG_TAIL = 60  # lines of each agent's log in a failure report
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    clusters.MADE.clear()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A test that failed shows the end of each of its agents' logs: a failure seen only
+    under CI's load is then read from its report."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if report.failed and report.when in ("setup", "call"):
+        for c in clusters.MADE:
+            for node, tail in c.log_tails(LOG_TAIL):
+                report.sections.append((f"agent {node}: the end of its log", tail))
 
 
 @pytest.fixture(scope="session")

@@ -153,6 +153,9 @@ def pid_alive(pid: int) -> bool:
 
 @dataclass
 class Cluster:
+    """Agents as real processes against ``etcd``; each one made is in ``MADE`` until the
+    next test starts, so a failure report can show what its agents logged."""
+
     etcd: Etcd
     tmp: Path
     store: Store = field(init=False)
@@ -173,6 +176,18 @@ class Cluster:
         self.store = Store(self.etcd.url, timeout=2.0, tls=self.etcd.tls)
         self.record = self.tmp / "record"
         self.record.mkdir(exist_ok=True)
+        MADE.append(self)
+
+    def log_tails(self, lines: int) -> list[tuple[str, str]]:
+        """(agent, its last ``lines`` lines above debug) for each agent started."""
+        tails = []
+        for node in self.agents:
+            try:
+                said = [ln for ln in self.log(node).splitlines() if "level=debug" not in ln]
+            except OSError as err:
+                said = [f"(no log: {err})"]
+            tails.append((node, "\n".join(said[-lines:])))
+        return tails
 
     # -- topology ---------------------------------------------------------------------
     async def apply(self, site: dict[str, Any]) -> None:
@@ -398,6 +413,9 @@ class Cluster:
                 if a["begin"] < b["end"] and b["begin"] < a["end"]:
                     raise AssertionError(f"two runs of {a['service']} overlapped: {a} and {b}")
         return len(runs)
+
+
+MADE: list[Cluster] = []  # since the current test started (tests/integration/conftest.py)
 
 
 @contextlib.asynccontextmanager
