@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import signal
 import socket
@@ -166,11 +167,15 @@ async def measure(
 
 def checked_and_removed(c: Cluster, tmp: Path) -> int:
     """Once every agent has stopped: the service runs checked for overlaps (their count),
-    then the run's directory removed, whatever the check found."""
+    then the run's directory removed, whatever the check found (kept, with the agents'
+    logs, when HAPAIR_BENCH_KEEP is set)."""
     try:
         return c.assert_no_overlap()
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if os.environ.get("HAPAIR_BENCH_KEEP"):
+            print(f"kept: {tmp}", flush=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def main(
