@@ -34,6 +34,7 @@ from hapair.shared.client.resolver import Resolver
 from hapair.shared.log import EventLog
 from hapair.shared.opcua_security import ClientSecurity as ClientSecurity
 from hapair.shared.plcs import node_id_problem
+from hapair.shared.waits import cancelled
 
 # asyncua's names are typed, but most count as not re-exported under mypy --strict.
 ua: Any = _ua
@@ -408,9 +409,7 @@ class OpcUaAdapter(Reconnecting[OpcUaConnection]):
 
     async def _release(self) -> None:
         if self._keeper is not None:
-            self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._keeper
+            await cancelled(self._keeper)
             self._keeper = None
         await super()._release()
         for task in list(self._closing):

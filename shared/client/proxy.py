@@ -38,6 +38,7 @@ from hapair.shared.client.registries import parse_registries, registry_ssl
 from hapair.shared.client.resolver import Resolver
 from hapair.shared.entry import add_version
 from hapair.shared.network import listen_address
+from hapair.shared.waits import cancelled
 
 log = logs.EventLog("hapair.proxy")
 
@@ -175,9 +176,7 @@ class Proxy:
         for link in list(self.links):
             link.close(abort=True)
         if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ClientError):
-                await self._watcher
+            await cancelled(self._watcher)
         if self.server is not None:
             await self.server.wait_closed()
         await self._stack.aclose()

@@ -37,6 +37,7 @@ from hapair.shared.client.errors import (
 from hapair.shared.client.models import Endpoint
 from hapair.shared.client.resolver import Resolver
 from hapair.shared.log import EventLog
+from hapair.shared.waits import cancelled
 
 T = TypeVar("T")
 C = TypeVar("C")
@@ -64,9 +65,7 @@ async def race_change(
         await _abandon(task, discard)
         raise
     finally:
-        change.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await change
+        await cancelled(change)
     if task.done():
         return task.result()
     await _abandon(task, discard)
@@ -229,9 +228,7 @@ class Following(abc.ABC):
 
     async def close(self) -> None:
         if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._watcher
+            await cancelled(self._watcher)
             self._watcher = None
         await self._release()
         await self._stack.aclose()

@@ -58,6 +58,7 @@ from hapair.shared.client.models import STALE_HEADER, Endpoint, StreamedAnswer
 from hapair.shared.client.registries import Registries, registry_ssl
 from hapair.shared.client.sse import SseError, SseParser
 from hapair.shared.log import EventLog
+from hapair.shared.waits import cancelled
 
 Transport = Literal["auto", "sse", "poll"]
 NETWORK_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
@@ -494,8 +495,4 @@ class Resolver:
 
 async def _cancel(tasks: Sequence[asyncio.Task[Any]]) -> None:
     """Cancel ``tasks`` and wait until they have ended."""
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+    await cancelled(*tasks)

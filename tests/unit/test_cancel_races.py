@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 
 import pytest
 
+from hapair.shared.client.reconnect import race_change
 from hapair.shared.store import _uncancelled
-from hapair.shared.waits import wait_event
+from hapair.shared.waits import cancelled, wait_event
 
 
 async def test_a_cancel_racing_a_finished_call_still_cancels_the_caller() -> None:
@@ -73,3 +75,62 @@ async def test_wait_event_says_whether_the_event_came() -> None:
     assert await wait_event(event, 0.01) is False
     event.set()
     assert await wait_event(event, 5.0) is True
+
+
+class SlowToLetGo:
+    """A resolver whose wait for a newer endpoint takes a moment to end once cancelled."""
+
+    def __init__(self) -> None:
+        self.letting_go = asyncio.Event()
+
+    async def newer(self, service: str, than: object, timeout: float) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.letting_go.set()
+            await asyncio.sleep(0.05)
+            raise
+
+    def current(self, service: str) -> None:
+        return None
+
+
+async def test_a_caller_cancelled_as_race_change_lets_its_watch_go_is_cancelled() -> None:
+    """The work done, the race cancels its watch for a move and waits for it to end;
+    the caller cancelled meanwhile (an adapter closed) must end, not run on: a keeper
+    that ran on waited for good on a connection that nobody kept any more."""
+    resolver = SlowToLetGo()
+
+    async def work() -> int:
+        return 1
+
+    async def caller() -> None:
+        endpoint = SimpleNamespace(service="svc")
+        await race_change(resolver, endpoint, work(), 5.0)  # type: ignore[arg-type]
+        await asyncio.Event().wait()  # where a swallowed cancellation leaves it
+
+    task = asyncio.create_task(caller())
+    await resolver.letting_go.wait()
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=5.0)
+    assert task in done and task.cancelled()
+
+
+async def test_cancelled_ends_the_tasks_and_still_cancels_its_caller() -> None:
+    resolver = SlowToLetGo()
+    child = asyncio.create_task(resolver.newer("svc", None, 5.0))
+    failed = asyncio.create_task(asyncio.sleep(0, result=None))
+    await asyncio.sleep(0)
+
+    async def caller() -> None:
+        await cancelled(child, failed)
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(caller())
+    await resolver.letting_go.wait()
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=5.0)
+    assert task in done and task.cancelled()
+    await asyncio.wait({child})
+    assert child.cancelled()
+    await cancelled(child)  # ended already: nothing to wait for
