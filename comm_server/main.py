@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import os
 import signal
@@ -35,6 +34,7 @@ from hapair.shared.entry import add_version
 from hapair.shared.log import EventLog
 from hapair.shared.network import listen_address
 from hapair.shared.store import Store, StoreError, parse_endpoints
+from hapair.shared.waits import cancelled
 
 T = TypeVar("T")
 
@@ -310,9 +310,7 @@ async def _unless(stop: asyncio.Event, work: Awaitable[T]) -> T | None:
     finally:
         stopping.cancel()
         if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancelled(task)
     return task.result() if not task.cancelled() else None
 
 

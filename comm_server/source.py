@@ -11,7 +11,6 @@ the agent keeps the last valid topology.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from hapair.comm_server.config import CommConfig
 from hapair.shared import keys
@@ -20,6 +19,7 @@ from hapair.shared.mirror import Mirror
 from hapair.shared.records import RecordError, TopologyDoc, decode
 from hapair.shared.store import Change, Store
 from hapair.shared.topology import Pair, TopologyError, parse_site
+from hapair.shared.waits import cancelled
 
 WAIT_WARNING_S = 2.0
 
@@ -83,11 +83,8 @@ class TopologyPlcs:
             self._task = asyncio.create_task(self._mirror.run(), name="topology watch")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        await cancelled(self._task)  # its errors were told as they came: it retries
+        self._task = None
 
     async def first(self) -> CommConfig:
         """The list as it is in etcd now; waits for etcd (warning once), PlcListError

@@ -39,6 +39,7 @@ from hapair.shared.rollout_plan import (
 from hapair.shared.store import Store, StoreError
 from hapair.shared.txn import Compare, Op
 from hapair.shared.view import SiteView
+from hapair.shared.waits import cancelled
 
 T = TypeVar("T")
 POLL_S = 0.1
@@ -169,9 +170,8 @@ class Rollout:
                 await asyncio.wait_for(asyncio.shield(self._end(stopped)), END_S)
             raise
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StoreError):
-                await keeper
+            for bug in await cancelled(keeper):
+                raise bug  # a bug: it takes etcd's errors in its stride
         await self._end(outcome)
         return outcome
 

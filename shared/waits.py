@@ -21,15 +21,16 @@ async def wait_event(event: asyncio.Event, seconds: float) -> bool:
     return event.is_set()
 
 
-async def cancelled(*tasks: asyncio.Future[Any]) -> None:
-    """Cancel ``tasks`` and wait until they have ended, whatever they end with (an error
-    of theirs is dropped). ``suppress(CancelledError): await task`` would swallow a
-    cancellation of the caller itself that lands meanwhile, and the caller would run on
-    (a client's keeper then waited for good): here it propagates."""
-    for task in tasks:
+async def cancelled(*tasks: asyncio.Future[Any] | None) -> list[BaseException]:
+    """Cancel ``tasks`` (``None``: none there) and wait until they have ended; the errors
+    of those that failed instead, for the caller to report. ``suppress(CancelledError):
+    await task`` would swallow a cancellation of the caller itself that lands meanwhile,
+    and the caller would run on (a client's keeper then waited for good), or raise a
+    task's own error in the middle of the caller's cleanup: here the one propagates and
+    the other is returned."""
+    there = [task for task in tasks if task is not None]
+    for task in there:
         task.cancel()
-    if tasks:
-        await asyncio.wait(tasks)
-    for task in tasks:
-        if not task.cancelled():
-            task.exception()  # retrieved: not reported as never retrieved
+    if there:
+        await asyncio.wait(there)
+    return [err for task in there if not task.cancelled() and (err := task.exception())]

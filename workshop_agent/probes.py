@@ -22,6 +22,7 @@ from collections.abc import Mapping
 
 from hapair.shared.clock import Clock, boottime
 from hapair.shared.network import MAX_TIMEOUT_S, Network
+from hapair.shared.waits import cancelled
 from hapair.workshop_agent.peer_path import PeerPath
 from hapair.workshop_agent.peer_wire import PeerAuth
 from hapair.workshop_agent.probe_results import (
@@ -79,11 +80,9 @@ class NetworkProbes:
         self._task = asyncio.create_task(self._run(), name=f"probes-{self.me}")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for err in await cancelled(self._task):
+            log.error("network probes failed: %s", err)
+        self._task = None
         if self.peer_path is not None:
             self.peer_path.close()
         if self.targets is not None:

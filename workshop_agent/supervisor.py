@@ -32,7 +32,7 @@ from hapair.shared.log import EventLog
 from hapair.shared.package import PLACEHOLDER as PACKAGE_DIR
 from hapair.shared.records import ServiceState, ServiceStatus
 from hapair.shared.topology import Health, Node, Pair, Service, expand, placeholder_values
-from hapair.shared.waits import wait_event
+from hapair.shared.waits import cancelled, wait_event
 from hapair.workshop_agent.cgroups import CgroupTree
 from hapair.workshop_agent.exec_guard import REFUSED
 from hapair.workshop_agent.health import probe
@@ -289,20 +289,16 @@ class Supervisor:
         self.processes.close()
 
     async def _cancel_activation(self) -> None:
-        if self._activation is not None:
-            self._activation.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._activation
-            self._activation = None
+        for err in await cancelled(self._activation):
+            self.log.exception("starting the active services failed", err)
+        self._activation = None
 
     async def _stop(
         self, r: Runner, grace: float, signalled: asyncio.subprocess.Process | None = None
     ) -> None:
-        if r.task is not None:
-            r.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await r.task
-            r.task = None
+        for err in await cancelled(r.task):
+            self.log.exception("service runner failed", err, service=r.spec.name)
+        r.task = None
         await self.processes.terminate(r, grace, signalled)
         r.state, r.detail, r.version = "stopped", None, None
         r.ready.set()
@@ -544,9 +540,7 @@ class Supervisor:
         task = asyncio.ensure_future(check)
         await asyncio.wait([exited, task], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
         if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancelled(task)  # the exit says it all, whatever the probe was at
             return "process exited"
         return task.result()
 

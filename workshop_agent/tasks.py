@@ -4,12 +4,12 @@ stop, all of them ended at the stop, and where each waits when the agent seems s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 from collections.abc import Coroutine
 from typing import Any
 
 from hapair.shared.log import EventLog
+from hapair.shared.waits import cancelled
 
 
 class Tasks:
@@ -39,13 +39,11 @@ class Tasks:
         """Run ``coro`` until it ends or the agent stops, whichever comes first."""
         work = asyncio.ensure_future(coro)
         stop = asyncio.ensure_future(self.stopping.wait())
-        await asyncio.wait([work, stop], return_when=asyncio.FIRST_COMPLETED)
-        for t in (work, stop):
-            if not t.done():
-                t.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
-        if work.done() and not work.cancelled():
+        try:
+            await asyncio.wait([work, stop], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await cancelled(*(t for t in (work, stop) if not t.done()))
+        if not work.cancelled():
             work.result()
 
     async def cancel_all(self, timeout: float) -> None:

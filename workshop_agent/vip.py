@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from hapair.shared.log import EventLog
 from hapair.shared.vip import Vip
-from hapair.shared.waits import wait_event
+from hapair.shared.waits import cancelled, wait_event
 from hapair.workshop_agent.watchdog import WatchdogLink
 
 COMMAND_TIMEOUT_S = 2.0
@@ -150,11 +150,8 @@ class VipKeeper:
     async def close(self) -> None:
         if self.have is not None or self.doubtful:
             await self.release()
-        for task in (self._worker, self._announce):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        for err in await cancelled(self._worker, self._announce):
+            self.log.exception("virtual address task failed", err)
 
     # -- the worker -------------------------------------------------------------------
     def _wake(self) -> None:

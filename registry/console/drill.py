@@ -31,6 +31,7 @@ from hapair.shared.client.resolver import Resolver
 from hapair.shared.records import Leader, NodeStatus, RecordError, ServiceStatus, decode
 from hapair.shared.store import Store, parse_endpoints
 from hapair.shared.topology import Pair
+from hapair.shared.waits import cancelled
 
 FAULTS = ("crash", "freeze", "service", "partition", "switchover")
 BASELINE_S = 10.0
@@ -257,11 +258,7 @@ async def execute(
             if writer is not None and result.figures.recovered is not None:
                 await _writes_after(writer, result.figures.recovered.at, t0 + timeout_s)
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancelled(*tasks)
         if writer is not None:
             result.acked = len(writer.acked)
             result.lost = await writer.lost()

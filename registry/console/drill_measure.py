@@ -156,7 +156,7 @@ class Writer:
         import psycopg
 
         conn: Any = None
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             while True:
                 try:
                     async with asyncio.timeout(SQL_TIMEOUT_S):
@@ -175,8 +175,9 @@ class Writer:
                         conn.pgconn.finish()  # never wait on a dead server to close
                     conn = None
                     await asyncio.sleep(0.01)
-        if conn is not None:
-            conn.pgconn.finish()
+        finally:
+            if conn is not None:
+                conn.pgconn.finish()
 
     async def lost(self, timeout: float = 30.0) -> list[int]:
         """Acknowledged rows missing on the primary now; then this run's rows deleted."""

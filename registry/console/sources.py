@@ -21,6 +21,7 @@ from hapair.shared.mirror import Mirror
 from hapair.shared.report import SiteReport
 from hapair.shared.store import Change, Store
 from hapair.shared.view import SiteView
+from hapair.shared.waits import cancelled
 
 
 class SourceError(Exception):
@@ -73,9 +74,7 @@ class EtcdSource:
                 await _wait(changed, tick_s)
                 changed.clear()
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancelled(task)
 
 
 class RegistrySource:
@@ -122,9 +121,7 @@ class RegistrySource:
                     await _wait(changed, tick_s)
                     changed.clear()
             finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancelled(task)
 
     async def _stream(self, session: aiohttp.ClientSession, changed: asyncio.Event) -> None:
         """Follow the registry's event stream; any event means: read the site again."""

@@ -16,8 +16,10 @@ from types import SimpleNamespace
 import pytest
 
 from hapair.shared.client.reconnect import race_change
+from hapair.shared.log import EventLog
 from hapair.shared.store import _uncancelled
 from hapair.shared.waits import cancelled, wait_event
+from hapair.workshop_agent.tasks import Tasks
 
 
 async def test_a_cancel_racing_a_finished_call_still_cancels_the_caller() -> None:
@@ -134,3 +136,39 @@ async def test_cancelled_ends_the_tasks_and_still_cancels_its_caller() -> None:
     await asyncio.wait({child})
     assert child.cancelled()
     await cancelled(child)  # ended already: nothing to wait for
+
+
+async def test_cancelled_gives_the_errors_of_tasks_that_failed_and_cancels_the_rest() -> None:
+    """A runner that failed must not break off its caller's cleanup (a service left
+    running by a stop): its error comes back to be reported."""
+
+    async def fails() -> None:
+        raise ValueError("broken runner")
+
+    failed = asyncio.create_task(fails())
+    running = asyncio.create_task(asyncio.Event().wait())
+    await asyncio.sleep(0)
+    errors = await cancelled(failed, None, running)
+    assert [str(err) for err in errors] == ["broken runner"]
+    assert running.cancelled()
+
+
+async def test_an_agent_loop_cancelled_while_it_waits_on_its_work_ends_that_work() -> None:
+    """``until_stopped`` cancelled (the agent's main loop torn down) takes its work down
+    with it: left running, the work would act for a loop that no longer follows it."""
+    tasks = Tasks(EventLog("test"), asyncio.Event())
+    started, ended = asyncio.Event(), asyncio.Event()
+
+    async def work() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            ended.set()
+
+    caller = asyncio.create_task(tasks.until_stopped(work()))
+    await started.wait()
+    caller.cancel()
+    done, _ = await asyncio.wait({caller}, timeout=5.0)
+    assert caller in done and caller.cancelled()
+    assert ended.is_set(), "the work outlived its loop"

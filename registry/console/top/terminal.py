@@ -24,6 +24,7 @@ from rich.live import Live
 
 from hapair.registry.console.top.control import Top, parse_keys
 from hapair.registry.console.top.feed import SiteFeed
+from hapair.shared.waits import cancelled
 
 SEND_GRACE_S = 5.0
 
@@ -114,9 +115,5 @@ async def run(
                 loop.remove_signal_handler(sig)
             if sends:  # a confirmed request still under way is let finish
                 await asyncio.wait(set(sends), timeout=SEND_GRACE_S)
-            for task in [*background, *sends]:
-                task.cancel()
-            for task in [*background, *sends]:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancelled(*background, *sends)
     return 0
