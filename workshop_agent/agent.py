@@ -131,8 +131,16 @@ class Agent:
     async def run(self) -> None:
         lock_fd = lock_state_dir(self.settings.state_dir, self.me)
         settings = self.settings
-        self.watchdog = WatchdogLink((lock_fd,), settings.etcd, settings.etcd_tls)
+        # The watchdog one priority above the agent: it must kill even an agent that spins.
+        realtime = settings.realtime_priority and settings.realtime_priority + 1
+        self.watchdog = WatchdogLink((lock_fd,), settings.etcd, settings.etcd_tls, realtime)
         self.watchdog.start()
+        if self.watchdog.realtime_refused is not None:
+            self.log.warning(
+                "real-time scheduling of the watchdog refused: a busy server may delay "
+                "its kill past the deadline",
+                reason=self.watchdog.realtime_refused,
+            )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)

@@ -16,6 +16,7 @@ from hapair.shared import etcd_tls, metrics
 from hapair.shared.entry import add_version
 from hapair.shared.log import EventLog, setup
 from hapair.shared.topology import format_errors
+from hapair.workshop_agent import priority
 from hapair.workshop_agent.agent import Agent, AgentError
 from hapair.workshop_agent.settings import AgentSettings
 
@@ -35,8 +36,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the hapair agent of one server: pair election, self-fencing and "
         "service supervision. Flags override HAPAIR_NODE, HAPAIR_ETCD, HAPAIR_ETCD_CA, "
         "HAPAIR_ETCD_CERT, HAPAIR_ETCD_KEY, HAPAIR_STATE_DIR, HAPAIR_LOG_LEVEL, "
-        "HAPAIR_SERVICE_USER, HAPAIR_SERVICE_GROUP, HAPAIR_ALLOW_ROOT_SERVICES and "
-        "HAPAIR_PACKAGE_CA.",
+        "HAPAIR_SERVICE_USER, HAPAIR_SERVICE_GROUP, HAPAIR_ALLOW_ROOT_SERVICES, "
+        "HAPAIR_REALTIME_PRIORITY and HAPAIR_PACKAGE_CA.",
     )
     add_version(p)
     p.add_argument("--node", help="this server's node name, as in the site file")
@@ -51,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_const",
         const="1",
         help="let services run as root on this server (refused otherwise)",
+    )
+    p.add_argument(
+        "--realtime-priority",
+        help=f"SCHED_RR priority of the agent, its watchdog one above (default "
+        f"{priority.DEFAULT}; 0: ordinary scheduling, which a busy server may delay "
+        "past the fence point)",
     )
     p.add_argument(
         "--package-ca",
@@ -84,11 +91,32 @@ def main(argv: list[str] | None = None) -> None:
             "services may run as root on this node (--allow-root-services): whoever can "
             "write the site file can run commands as root here"
         )
+    realtime(settings.realtime_priority, log)
     try:
         asyncio.run(Agent(settings, scraping).run())
     except AgentError as err:
         print(f"hapair-agent: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+def realtime(level: int, log: EventLog) -> None:
+    """Put this thread, the event loop's, under real-time scheduling (``priority.py``)."""
+    if level == 0:
+        log.warning(
+            "real-time scheduling off (--realtime-priority 0): a busy server may keep "
+            "this agent from its fence timing, and fence its services for nothing"
+        )
+        return
+    refused = priority.take(level)
+    if refused is None:
+        log.info("real-time scheduling", policy="SCHED_RR", priority=level)
+    else:
+        log.warning(
+            "real-time scheduling refused: the agent runs as an ordinary process, which "
+            "a busy server may keep from its fence timing",
+            reason=refused,
+            priority=level,
+        )
 
 
 if __name__ == "__main__":

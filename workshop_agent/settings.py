@@ -16,6 +16,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from hapair.shared.etcd_tls import EtcdTlsSettings
 from hapair.shared.store import parse_endpoints
 from hapair.shared.topology import ACCOUNT_PATTERN, NAME_PATTERN
+from hapair.workshop_agent import priority
 
 
 def default_state_dir() -> Path:
@@ -47,6 +48,13 @@ class AgentSettings(EtcdTlsSettings):
         None, pattern=ACCOUNT_PATTERN, description="group of a service that names none"
     )
     allow_root_services: bool = Field(False, description="may a service run as root here")
+    realtime_priority: int = Field(
+        priority.DEFAULT,
+        ge=0,
+        le=98,
+        description="SCHED_RR priority of the agent, its watchdog's one above (0: the "
+        "ordinary scheduling, which a busy server may delay into a fence)",
+    )
     package_ca: Path | None = Field(
         None,
         description="the CA of the https:// servers packages come from; default: the etcd "

@@ -70,7 +70,7 @@ from typing import IO, TYPE_CHECKING
 from urllib.parse import quote, unquote
 
 from hapair.shared.clock import Clock, boottime
-from hapair.workshop_agent import cgroups
+from hapair.workshop_agent import cgroups, priority
 from hapair.workshop_agent.etcd_target import Target
 
 if TYPE_CHECKING:
@@ -509,9 +509,16 @@ class WatchdogLink:
     """The agent's end: starts the watchdog and feeds it (non-blocking, tiny writes)."""
 
     def __init__(
-        self, keep_fds: tuple[int, ...] = (), etcd: str | None = None, tls: TlsFiles | None = None
+        self,
+        keep_fds: tuple[int, ...] = (),
+        etcd: str | None = None,
+        tls: TlsFiles | None = None,
+        realtime: int = 0,
     ) -> None:
+        """``realtime``: the watchdog's ``SCHED_RR`` priority (0: ordinary)."""
         self._keep_fds = keep_fds
+        self._realtime = realtime
+        self.realtime_refused: str | None = None  # why the kernel refused it, if it did
         # Where the watchdog revokes the agent's lease once the agent is gone.
         self._etcd_args: list[str] = []
         if etcd is not None:
@@ -545,6 +552,8 @@ class WatchdogLink:
             pass_fds=self._keep_fds,
             start_new_session=True,
         )
+        if self._realtime:
+            self.realtime_refused = priority.take(self._realtime, self._proc.pid)
         for pgid, start in self._groups.items():
             self._send(f"add {pgid} {start}")
         for path in self._cgroups:
