@@ -376,10 +376,10 @@ class Active:
 
     # -- holding.py's rule, reduced to what decides the beats ----------------------------
     # A late beat or promise (Beating's ``late``) has the agent ask its peers to hold for
-    # the lease; while it asks, every beat goes to etcd, and only the beats count for
-    # the instant it is late again. Once etcd has been on time for SETTLE_S it releases
-    # the peers, which ends every promise they gave. The holds for the lease themselves
-    # are not sent here: they change no beat.
+    # the lease; while it asks, every beat goes to etcd. Once the beats or the promises
+    # have been on time for SETTLE_S it releases the peers, which ends their promises
+    # for the lease only. The holds for the lease themselves are not sent here: they
+    # change no beat.
     def _late(self) -> None:
         if self.w.open():
             self.w.asked_for_lease += 1
@@ -397,9 +397,6 @@ class Active:
             self._calm_since = now
         elif now >= self._calm_since + SETTLE_S:
             self.asking, self._calm_since = False, None
-            self.beating.forget_promises()
-            self._guard = self.beating.fence_point(term)  # the promises no longer count
-            self._arm()
             self.release(term)
 
 

@@ -178,7 +178,6 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         dirty=core.dirty.set,
         beat_late_at=beating.hold_instant,
         beat_reply=beating.promise,
-        forget_beat_promises=beating.forget_promises,
     )
 
     def beat_acked() -> None:

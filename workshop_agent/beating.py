@@ -259,12 +259,6 @@ class Beating:
             self._refusals = dict(self.promised.refusals)
         return True
 
-    def forget_promises(self) -> None:
-        """The peers are released from their promises (``holding.py``): none counts any
-        more, and the beats go to etcd until they promise anew."""
-        self.promised.clear()
-        self._refusals.clear()
-
     def timing(self, term: int | None) -> BeatTiming | None:
         """The beat's timings for ``term`` (None: the term does not beat)."""
         hb = self.heartbeat
@@ -277,13 +271,14 @@ class Beating:
         for them late (a single late promise has the beat go a fifth of an interval
         later, which etcd answers in milliseconds). A hold for the lease then keeps the
         pair through an etcd stall with a starved or lossy peer path, one promise for a
-        whole TTL. While the peers are asked, only the beats count: the release ends the
-        short promises too, so it waits until etcd has taken the beats on time for a
-        while."""
+        whole TTL. The promises count while the peers are asked too: a release leaves
+        them standing (``hold.py``), so the term's guard need not wait for etcd to take
+        the beats within two intervals, which an etcd far away or slowed by a busy
+        server may never do."""
         hb = self.heartbeat
         if hb is None or hb.epoch != term or hb.acked_send is None:
             return float("inf")
-        return late_instant(hb.fence_point if self._asking() else self.fence_point(term), hb.timing)
+        return late_instant(self.fence_point(term), hb.timing)
 
     async def run(self) -> None:
         """Beat every interval while this node holds a term that beats."""

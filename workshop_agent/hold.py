@@ -147,7 +147,10 @@ class Promises:
     """A standby's side: the promises it gave, and whether it may campaign."""
 
     def __init__(self) -> None:
+        # One promise for the lease and one in place of beats per node, apart: a release
+        # ends the first only, and neither may shorten the other.
         self._given: dict[str, Promise] = {}
+        self._short: dict[str, Promise] = {}
 
     def answer(
         self,
@@ -183,18 +186,24 @@ class Promises:
         # how long, and the sender counts only that.
         granted = min(ttl, hold.ttl)
         until = now + granted
-        given = self._given.get(hold.sender)
+        kept = self._short if hold.beat else self._given
+        given = kept.get(hold.sender)
         if given is None or until > given.until or hold.epoch > given.epoch:
-            self._given[hold.sender] = Promise(hold.sender, hold.epoch, until, not hold.beat)
+            kept[hold.sender] = Promise(hold.sender, hold.epoch, until, not hold.beat)
         return Answer(True, "", granted)
 
     def binds(self, node: str, epoch: int, now: float) -> bool:
         """Does a promise to ``node`` for ``epoch`` (or a later term) bind now?"""
-        given = self._given.get(node)
-        return given is not None and given.epoch >= epoch and now < given.until
+        return any(
+            given is not None and given.epoch >= epoch and now < given.until
+            for given in (self._given.get(node), self._short.get(node))
+        )
 
     def release(self, node: str, epoch: int) -> None:
-        """``node`` left the active role of ``epoch`` with its services stopped."""
+        """``node`` no longer needs the promise for the lease it had for ``epoch`` (its
+        services stopped, or etcd confirms its lease on time again). One given in place
+        of a beat runs its course, a takeover time at most: the active may count it
+        still, and its fence point then rests on it rather than on its last beat alone."""
         given = self._given.get(node)
         if given is not None and given.epoch <= epoch:
             del self._given[node]
@@ -209,8 +218,9 @@ class Promises:
         ``released``: (node, epoch) of live handover records, each written by that node
         after it stopped the services of that term."""
         done = set(released)
-        for node, promise in list(self._given.items()):
-            if now >= promise.until or (node, promise.epoch) in done:
-                del self._given[node]
-        given = [p for p in self._given.values() if p.for_lease or not for_lease]
+        for kept in (self._given, self._short):
+            for node, promise in list(kept.items()):
+                if now >= promise.until or (node, promise.epoch) in done:
+                    del kept[node]
+        given = [*self._given.values(), *([] if for_lease else self._short.values())]
         return max(given, key=lambda p: p.until, default=None)

@@ -52,8 +52,7 @@ class Holding:
     ``lease_ttl`` the pair's lease TTL; ``beat_late_at`` when the term's beats (and the
     promises that stand in for them) are late enough to ask the peers to hold
     (``inf``: it does not beat); ``beat_reply`` takes
-    the answers to the holds the beats asked (True: it was one, ``beating.py``);
-    ``forget_beat_promises`` drops those answers when the peers are released; ``wake``
+    the answers to the holds the beats asked (True: it was one, ``beating.py``); ``wake``
     wakes the loop."""
 
     def __init__(
@@ -75,7 +74,6 @@ class Holding:
         dirty: Callable[[], None],
         beat_late_at: Callable[[int | None], float] = lambda term: float("inf"),
         beat_reply: Callable[[HoldReply], bool] = lambda reply: False,
-        forget_beat_promises: Callable[[], None] = lambda: None,
     ) -> None:
         self.session = session
         self.ledger = ledger  # as the active: the peers' promises during an etcd loss
@@ -94,7 +92,6 @@ class Holding:
         self._dirty = dirty
         self._beat_late_at = beat_late_at
         self._beat_reply = beat_reply
-        self._forget_beat_promises = forget_beat_promises
         self._campaigning = False
         self._asking = False  # the peers are being asked to hold
         self._news = asyncio.Event()  # a beat late, or one acknowledged while asking
@@ -148,10 +145,9 @@ class Holding:
                 calm_since = calm_since or now
             elif asking:
                 asking, calm_since = False, None
+                # A release ends the peers' promises for the lease; those in place of
+                # beats run their course, and the term's guard goes on counting them.
                 self.ledger.clear()
-                # A release ends every promise the peers gave, those that stood in for
-                # beats too: the beats, in etcd while the peers were asked, carry on.
-                self._forget_beat_promises()
                 self._holding = False
                 self.log.info(
                     "etcd confirms the lease again: no longer asking the peers"

@@ -407,3 +407,32 @@ def logged_since(log: str, what: str, since: float, within: float) -> list[str]:
             if since <= at < since + within:
                 out.append(line)
     return out
+
+
+async def test_a_hold_is_released_while_etcd_answers_the_active_later_than_two_beats(
+    cluster: Cluster,
+) -> None:
+    """etcd answers the active in 250 ms: within its 400 ms fence point, but after two
+    intervals, so every beat in etcd comes late by the rule that asks the peers to hold
+    (a remote workshop, or an etcd slowed by a busy server). An etcd stall has the
+    active ask its standby to hold for the lease; the standby's promises on every
+    interval keep the term on time whatever etcd's pace, so once etcd confirms the lease
+    on time again the active releases the hold, keeps its service, and a crash after it
+    is taken over by beat, not a lease TTL after the last hold."""
+    c = cluster
+    relay, epoch, svc = await relayed_quiet_pair(c, 253)
+    relay.delay(0.125)
+    relay.slow(2.5)  # the keepalives late: a asks b to hold for the lease
+    await until(lambda: asyncio.sleep(0, "asking the peers" in c.log("a")), 10, "a hold")
+    relay.slow(0)
+    await until(lambda: asyncio.sleep(0, released_last(c)), 15, "the peers released")
+    leader = await c.store.get(keys.leader("p"))
+    assert leader is not None and leader.create_revision == epoch, "the pair moved"
+    assert "fenced" not in c.log("a")
+    assert pid_alive(svc) and svc in descendants(c.agents["a"].pid), "the active's service"
+    crashed_at = time.monotonic()
+    c.crash("a")
+    node, new_epoch = await c.active("p", not_epoch=epoch, timeout=BEFORE_EXPIRY_S)
+    assert node == "b" and new_epoch > epoch
+    assert time.monotonic() - crashed_at < BEFORE_EXPIRY_S, "held until the promise ran out"
+    assert "ended a term whose beats stopped" in c.log("b")

@@ -154,6 +154,37 @@ def test_a_release_from_the_former_holder_ends_the_promise() -> None:
     assert promises.binding(100.5) is None
 
 
+def test_a_release_leaves_a_promise_given_in_place_of_a_beat_to_run_its_course() -> None:
+    """The active may still count that promise after its release: its fence point rests
+    on it, not on its last beat in etcd alone. A handover record ends it: its services
+    are stopped."""
+    promises = Promises()
+    for hold, at in ((Hold("a", 1, 5, 2.0), 100.0), (Hold("a", 2, 5, 0.3, beat=True), 100.5)):
+        promises.answer(hold, at, ttl=2.0, busy=None, newest_epoch=5, seen_revision=5)
+    promises.release("a", 5)
+    assert promises.binding(100.6, for_lease=True) is None, "the promise for the lease"
+    short = promises.binding(100.6)
+    assert short is not None and not short.for_lease and short.until == 100.8
+    assert promises.binds("a", 5, 100.6)
+    assert promises.binding(100.8) is None, "run out"
+    promises.answer(
+        Hold("a", 3, 5, 0.3, beat=True), 101.0, ttl=2.0, busy=None, newest_epoch=5, seen_revision=5
+    )
+    assert promises.binding(101.1, released=[("a", 5)]) is None, "a handover record"
+
+
+def test_a_promise_in_place_of_a_beat_never_shortens_one_for_the_lease() -> None:
+    promises = Promises()
+    promises.answer(
+        Hold("a", 1, 5, 2.0), 100.0, ttl=2.0, busy=None, newest_epoch=5, seen_revision=5
+    )
+    promises.answer(
+        Hold("a", 2, 5, 0.3, beat=True), 101.9, ttl=2.0, busy=None, newest_epoch=5, seen_revision=5
+    )
+    lease = promises.binding(101.95, for_lease=True)
+    assert lease is not None and lease.until == 102.0
+
+
 def sealed(body: dict[str, object]) -> bytes:
     """``body`` as a peer with the key would send it, whatever it holds."""
     data = json.dumps({**body, "run": "0" * 16, "born": 1, "n": 1}).encode()
