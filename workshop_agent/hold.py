@@ -42,13 +42,15 @@ promise A anything.
 - If etcd reports A's lease lost (not merely unreachable), A fences at once: it may
   then campaign like anyone else, and so may P once its promise has run out.
 
-A handover record that A itself wrote for that term, or a release A sends over the peer
-path, ends P's promise at once. A writes the record only once its services have
+A handover record that A itself wrote for that term ends P's promises at once; a
+release A sends over the peer path ends its promise for the lease, and leaves one given
+in place of a beat (``term_beat.py``, a takeover time long at most) to run its course,
+for A may still count that one. A writes the record only once its services have
 stopped; it sends a release then too, or once etcd has confirmed its lease (and its
-term beat) on time again for half a TTL (a store back from a stall answers late for a
-while) and its fence point counts no promise any more: the fence timer and the
-watchdog's deadline are moved back to the point without the promises before the release
-leaves (the watchdog takes a deadline in as promptly as it kills: within a quarter of
+term beat, or the promises in its place) on time again for half a TTL (a store back
+from a stall answers late for a while) and its fence point counts no hold for the lease
+any more: the fence timer and the watchdog's deadline are moved back to the point
+without those promises before the release leaves (the watchdog takes a deadline in as promptly as it kills: within a quarter of
 the margin), so from then on the rules without holds keep A apart from P. A release
 never overtakes a later hold: the peer path drops a datagram numbered below the last it
 took from that run of A.

@@ -36,10 +36,11 @@ The rules, each a pure function or a small class below:
   peer promised on if later (the promises late, and the beats that stand in for them
   too), the active asks its peers to hold for the lease (``Beating.hold_instant``), as
   a late keepalive makes it do (``hold.py``). While it asks, it beats in etcd whatever
-  the promises, and only the beats count for that instant: the release that ends the
-  holds ends every promise the peers gave, the short ones too, and is sent only once
-  etcd has taken the keepalives and the beats on time for a while, so the beat's fence
-  point it then falls back to is fresh.
+  the promises, and the promises count for that instant as before. The release that
+  ends the holds, sent once the keepalives and the term's guard have been on time for
+  a while, ends the peers' promises for the lease only: a short promise runs its
+  course (``Promises.release``), so the guard goes on counting it and never falls back
+  at the release to a last beat in etcd that may be nearly a fence old.
 
 Why this never gives two actives. Assumptions: each node measures time on its own
 ``CLOCK_BOOTTIME``, whose rate is within a drift d of real time, with
