@@ -14,8 +14,9 @@ interval later. It sends each beat on time whatever the answers of the earlier o
 most a takeover time's worth in flight). Once its beats and promises are both late
 (``Beating.hold_instant``), the agent asks its peers to hold for the lease and beats in
 etcd meanwhile: the bench plays that part of ``holding.py`` alone (every beat to etcd
-until etcd has been on time for half the default lease TTL, then a release that ends
-every promise), without the holds for the lease, which change no beat.
+until the beats or the promises have been on time for half the default lease TTL, then
+a release that ends the promises for the lease only), without the holds for the lease,
+which change no beat.
 
 First, crash takeovers: an active campaigns and beats with its promises, stops at once
 (its lease lives on), and its standby takes the pair over as the agent does: once no

@@ -178,6 +178,7 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         dirty=core.dirty.set,
         beat_late_at=beating.hold_instant,
         beat_reply=beating.promise,
+        released=beating.released,
     )
 
     def beat_acked() -> None:

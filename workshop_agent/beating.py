@@ -259,6 +259,12 @@ class Beating:
             self._refusals = dict(self.promised.refusals)
         return True
 
+    def released(self) -> None:
+        """The peers are released from their promises for the lease (``holding.py``):
+        those in place of beats run their course, except an older agent's, which
+        ended with the release, and no longer count."""
+        self.promised.released()
+
     def timing(self, term: int | None) -> BeatTiming | None:
         """The beat's timings for ``term`` (None: the term does not beat)."""
         hb = self.heartbeat

@@ -50,8 +50,11 @@ stopped; it sends a release then too, or once etcd has confirmed its lease (and 
 term beat, or the promises in its place) on time again for half a TTL (a store back
 from a stall answers late for a while) and its fence point counts no hold for the lease
 any more: the fence timer and the watchdog's deadline are moved back to the point
-without those promises before the release leaves (the watchdog takes a deadline in as promptly as it kills: within a quarter of
-the margin), so from then on the rules without holds keep A apart from P. A release
+without those promises before the release leaves (the watchdog takes a deadline in as
+promptly as it kills: within a quarter of the margin), so from then on the rules without
+holds keep A apart from P. A peer of an older version ended its short promises too at
+a release, and its replies do not say they are kept (``HoldReply.kept``): A forgets
+its short promises, and the answers to holds sent before, at the release. A release
 never overtakes a later hold: the peer path drops a datagram numbered below the last it
 took from that run of A.
 
@@ -80,6 +83,7 @@ class Ledger:
         self.epoch: int | None = None
         self._sent: dict[int, tuple[float, float]] = {}  # seq: (sent at, TTL asked)
         self._confirmed: dict[str, float] = {}
+        self._kept: dict[str, bool] = {}  # does the peer's promise outlive a release?
         self.refusals: dict[str, str] = {}
 
     def sent(self, epoch: int, seq: int, at: float, ttl: float) -> None:
@@ -104,6 +108,7 @@ class Ledger:
             self._confirmed.pop(reply.sender, None)
             return False
         self.refusals.pop(reply.sender, None)
+        self._kept[reply.sender] = reply.kept
         # A promise shorter than asked counts as one for the whole TTL sent that much
         # earlier: the fence point moves with what the peer granted, never further.
         at, asked = hold
@@ -122,10 +127,21 @@ class Ledger:
             return -float("inf")
         return min(s for s in sends if s is not None) + fence_after
 
+    def released(self) -> None:
+        """The peers were released: forget the promises of those whose last one ended
+        with the release (an agent of an older version), and, if any did, the holds sent
+        so far, whose answers may still come but bind such a peer no more."""
+        ended = [peer for peer, kept in self._kept.items() if not kept]
+        for peer in ended:
+            self._confirmed.pop(peer, None)
+        if ended:
+            self._sent.clear()
+
     def clear(self) -> None:
         self.epoch = None
         self._sent.clear()
         self._confirmed.clear()
+        self._kept.clear()
         self.refusals.clear()
 
 

@@ -52,8 +52,8 @@ class Holding:
     ``lease_ttl`` the pair's lease TTL; ``beat_late_at`` when the term's beats (and the
     promises that stand in for them) are late enough to ask the peers to hold
     (``inf``: it does not beat); ``beat_reply`` takes
-    the answers to the holds the beats asked (True: it was one, ``beating.py``); ``wake``
-    wakes the loop."""
+    the answers to the holds the beats asked (True: it was one, ``beating.py``);
+    ``released`` tells them the peers are released; ``wake`` wakes the loop."""
 
     def __init__(
         self,
@@ -74,6 +74,7 @@ class Holding:
         dirty: Callable[[], None],
         beat_late_at: Callable[[int | None], float] = lambda term: float("inf"),
         beat_reply: Callable[[HoldReply], bool] = lambda reply: False,
+        released: Callable[[], None] = lambda: None,
     ) -> None:
         self.session = session
         self.ledger = ledger  # as the active: the peers' promises during an etcd loss
@@ -92,6 +93,7 @@ class Holding:
         self._dirty = dirty
         self._beat_late_at = beat_late_at
         self._beat_reply = beat_reply
+        self._released = released
         self._campaigning = False
         self._asking = False  # the peers are being asked to hold
         self._news = asyncio.Event()  # a beat late, or one acknowledged while asking
@@ -146,20 +148,22 @@ class Holding:
             elif asking:
                 asking, calm_since = False, None
                 # A release ends the peers' promises for the lease; those in place of
-                # beats run their course, and the term's guard goes on counting them.
+                # beats run their course, and the term's guard goes on counting them
+                # (not an older agent's, which ended too).
                 self.ledger.clear()
+                self._released()
                 self._holding = False
                 self.log.info(
                     "etcd confirms the lease again: no longer asking the peers"
                     if self._term() is not None
                     else "no longer active: no longer asking the peers to hold"
                 )
-                # The fence point counts no promise any more; the timer and the watchdog
-                # have it before the release below leaves.
+                # The fence point counts no promise for the lease any more; the timer
+                # and the watchdog have it before the release below leaves.
                 self.fencing.lease_changed()
                 if term is not None and term == asked_for:
-                    # The peers need not wait out their promises to take over by the
-                    # usual rules, which no longer count on them here.
+                    # The peers need not wait out their promises for the lease to take
+                    # over by the usual rules, which no longer count on them here.
                     self.netwatch.send_release(term)
                     self.log.info("peers released from their promises", epoch=term)
                     asked_for = None

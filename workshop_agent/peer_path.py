@@ -163,14 +163,8 @@ class PeerPath(asyncio.DatagramProtocol):
                 self._answered(msg)
             case Hold() if self.on_hold is not None:
                 answer = self.on_hold(msg, self.clock())
-                reply = HoldReply(
-                    self.me,
-                    msg.sender,
-                    msg.seq,
-                    msg.epoch,
-                    answer.promised,
-                    answer.reason,
-                    answer.ttl,
+                reply = HoldReply.answering(
+                    msg, self.me, answer.promised, answer.reason, answer.ttl
                 )
                 self._send(reply, addr[0], addr[1])
             case Release() if self.on_release is not None:

@@ -71,6 +71,16 @@ class HoldReply:
     promised: bool
     reason: str = ""
     ttl: float = 0.0  # how long the promise lasts on the peer's clock (0: no promise)
+    # A promise in place of a beat that outlives a release (``hold.py``); an older
+    # peer's ended at a release, and says nothing (sent only when set).
+    kept: bool = False
+
+    @classmethod
+    def answering(cls, hold: Hold, me: str, promised: bool, reason: str, ttl: float) -> HoldReply:
+        """This node's answer to ``hold``: a promise in place of a beat is kept past a
+        release (``hold.py``), and says so."""
+        kept = promised and hold.beat
+        return cls(me, hold.sender, hold.seq, hold.epoch, promised, reason, ttl, kept)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +214,8 @@ def _body(msg: Message) -> dict[str, Any]:
                 reason=msg.reason[:MAX_REASON],
                 ttl=msg.ttl,
             )
+            if msg.kept:
+                body["kept"] = True
         case Release():
             body.update(t="release", epoch=msg.epoch)
     return body
@@ -247,7 +259,10 @@ def _message(body: dict[str, Any]) -> Message | None:
         return Release(sender, seq, epoch)
     if kind == "held":
         promised, reason, ttl = body.get("promised"), body.get("reason"), _seconds(body.get("ttl"))
+        kept = body.get("kept", False)
         if to is None or type(promised) is not bool or not isinstance(reason, str) or ttl is None:
             return None
-        return HoldReply(sender, to, seq, epoch, promised, reason[:MAX_REASON], ttl)
+        if type(kept) is not bool:
+            return None
+        return HoldReply(sender, to, seq, epoch, promised, reason[:MAX_REASON], ttl, kept)
     return None

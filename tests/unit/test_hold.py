@@ -185,6 +185,34 @@ def test_a_promise_in_place_of_a_beat_never_shortens_one_for_the_lease() -> None
     assert lease is not None and lease.until == 102.0
 
 
+def test_at_a_release_the_active_forgets_the_short_promises_a_peer_does_not_keep() -> None:
+    """An agent of the version before ended its short promises at a release too: the
+    active stops counting them, and the answers to the holds it sent before the release,
+    which may still come. A peer that keeps them goes on counting."""
+    ledger = Ledger()
+    for seq in (1, 2):
+        ledger.sent(5, seq, 100.0 + seq / 10, 0.3)
+    ledger.answer(HoldReply("b", "a", 1, 5, True, ttl=0.3, kept=True))
+    ledger.answer(HoldReply("c", "a", 1, 5, True, ttl=0.3))
+    assert ledger.deadline(["b"], 0.15) == 100.25
+    ledger.released()
+    assert ledger.deadline(["b"], 0.15) == 100.25, "b keeps its promise"
+    assert ledger.deadline(["c"], 0.15) == -float("inf"), "c's ended with the release"
+    assert not ledger.asked(2), "an answer to a hold sent before binds c no more"
+    ledger.sent(5, 3, 100.5, 0.3)
+    ledger.answer(HoldReply("c", "a", 3, 5, True, ttl=0.3))
+    assert ledger.deadline(["b", "c"], 0.15) == 100.25
+
+
+def test_a_promise_in_place_of_a_beat_says_it_is_kept_past_a_release() -> None:
+    beat, lease = Hold("a", 1, 5, 0.3, beat=True), Hold("a", 2, 5, 2.0)
+    assert HoldReply.answering(beat, "b", True, "", 0.3) == HoldReply(
+        "b", "a", 1, 5, True, "", 0.3, True
+    )
+    assert not HoldReply.answering(lease, "b", True, "", 2.0).kept, "a release ends it"
+    assert not HoldReply.answering(beat, "b", False, "this node is active", 0.0).kept
+
+
 def sealed(body: dict[str, object]) -> bytes:
     """``body`` as a peer with the key would send it, whatever it holds."""
     data = json.dumps({**body, "run": "0" * 16, "born": 1, "n": 1}).encode()
@@ -223,7 +251,15 @@ def test_wire_format_round_trip_and_garbage() -> None:
         assert isinstance(opened(sealed({**good, **bad})), Dropped), bad
     held = {**good, "t": "held", "to": "a", "from": "b", "promised": True, "reason": ""}
     assert opened(sealed(held)) == HoldReply("b", "a", 7, 12, True, "", 2.0)
+    # A promise kept past a release says so; an older peer's reply, without the field,
+    # reads as one that is not.
+    kept = HoldReply("b", "a", 7, 12, True, "", 0.3, kept=True)
+    assert opened(PeerAuth(KEY, []).seal(kept)) == kept
+    assert b'"kept"' not in PeerAuth(KEY, []).seal(HoldReply("b", "a", 7, 12, True, "", 0.3))
+    assert opened(sealed({**held, "kept": True})) == HoldReply("b", "a", 7, 12, True, "", 2.0, True)
     for bad in (
+        {"kept": 1},
+        {"kept": None},
         {"promised": 1},
         {"reason": None},
         {"to": "not a name!"},

@@ -270,7 +270,9 @@ def run(
         if stop is None:
             fire = deadline() / s.rate_a + s.kill
             if fire <= when or when >= end_a:
-                stop = min(s.crash, fire)
+                # A refusal may move the deadline into the past: A stops from now on,
+                # not at that past instant, which would hide an overlap.
+                stop = min(s.crash, fire if fire >= now else now + s.kill)
         # P takes over as soon as the rules let it, one takeover at a time.
         seen = view.seen
         if not won and in_flight is None and seen is not None and seen.revision not in tried:
