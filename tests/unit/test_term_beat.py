@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import pytest
@@ -180,7 +180,7 @@ class Outcome:
 
 # What happens, in the order of its instant; at one instant, in this order. A takeover
 # applied at the instant a beat is applied comes first (the beat is refused).
-TXN, APPLY, DELIVER, HOLD, ACK, REPLY, TICK = range(7)
+TXN, APPLY, DELIVER, HOLD, ACK, REPLY, TICK, RELEASE = range(8)
 
 
 class Event(NamedTuple):
@@ -192,11 +192,36 @@ class Event(NamedTuple):
     reply: HoldReply | None = None  # REPLY
 
 
+class OlderPromises(Promises):
+    """A standby of the version before: a release ended its short promises too."""
+
+    def release(self, node: str, epoch: int) -> None:
+        super().release(node, epoch)
+        given = self._short.get(node)
+        if given is not None and given.epoch <= epoch:
+            del self._short[node]
+
+
+RELEASES = 10**6  # the ids of releases start here, above every hold's
+
+
 def run(
-    s: Schedule, rule: FenceRule = beat_fence_point, promised: PromiseRule = promised_point
+    s: Schedule,
+    rule: FenceRule = beat_fence_point,
+    promised: PromiseRule = promised_point,
+    *,
+    stats: dict[str, int] | None = None,
+    keepalives: bool = False,
+    older_standby: bool = False,
+    forget: bool = True,
 ) -> Outcome:
     """Play ``s`` out in real time. ``rule`` and ``promised`` give A's beat point and its
-    promised point (production's by default; the falsification tests move them)."""
+    promised point (production's by default; the falsification tests move them).
+    ``stats`` counts releases; ``keepalives``: a keepalive is late 50 ms into a stall,
+    and A asks for holds for the lease then too; ``older_standby``: P of the version
+    before, whose release
+    ended its short promises too; ``forget``: A forgets, at the release, the short
+    promises of a peer that does not keep them (False shows what that prevents)."""
     t, epoch = s.timing, 1
     end_a = min(s.crash, s.freeze)  # A's agent sends and hears nothing from then on
     queue: list[Event] = []
@@ -205,15 +230,24 @@ def run(
     def at(when: float, kind: int, k: int = 0, ok: bool = True, r: HoldReply | None = None) -> None:
         heapq.heappush(queue, Event(when, kind, next(made), k, ok, r))
 
+    def count(what: str) -> None:
+        if stats is not None:
+            stats[what] = stats.get(what, 0) + 1
+
     # A: its beats, the promises of its short holds and of its long ones. Hold 2k is
     # tick k's short hold, 2k + 1 its long one.
     beats = Heartbeat(epoch, t, started=0.0)
     short, long = Ledger(), Ledger()
-    asking = False
+    asking, calm_since = False, None
     written = [0]
     beat_sent = {0: 0.0}  # tick: the send of its beat, on A's clock
     hold_sent: dict[int, float] = {}  # hold: its send, in real time
     stop: float | None = None  # when A's services are gone for sure, once known
+    # The peer path numbers A's datagrams; P drops one below the last it took.
+    datagram = itertools.count(1)
+    number: dict[int, int] = {}  # hold or release: its datagram's number
+    last_taken = 0
+    releases = itertools.count(RELEASES)
 
     def guard() -> float:
         return guard_point(rule(beats.acked_send, t), promised(short, t))
@@ -228,26 +262,40 @@ def run(
     newest, revisions, delivered = 0, itertools.count(epoch), 0.0
     won = False
     # P: the newest beat its watch delivered, the promises it gave, its takeovers.
-    view, promises = BeatView(), Promises()
+    view = BeatView()
+    promises = OlderPromises() if older_standby else Promises()
     tried: set[int] = set()  # the beat revisions P tried a takeover on, once each
     in_flight: tuple[float, int] | None = None  # (sent, revision guarded on)
     takeover = INF
 
+    def send(n: int, when: float, lost: bool, delay: float) -> None:
+        number[n] = next(datagram)
+        if not lost and when < s.peer_cut:
+            at(when + delay / 2, RELEASE if n >= RELEASES else HOLD, n)
+
     def tick(k: int, now: float) -> None:
-        nonlocal asking
+        nonlocal asking, calm_since
         now_a = now * s.rate_a
         point = promised(short, t)
-        beat = False
+        beat = release = False
         if k > 0:  # the campaign's beat stands for the loop's first
-            # Beating.hold_instant: two intervals after the guard's send, only the beats'
-            # while asking.
-            late = rule(beats.acked_send, t) if asking else guard()
-            if now_a >= late - t.fence_after + t.hold_after:
-                asking = True
+            # Beating.hold_instant: two intervals after the guard's send; or a keepalive
+            # late (etcd stalled), as the lease's own rule asks.
+            late = now_a >= guard() - t.fence_after + t.hold_after
+            stalled = keepalives and any(a + 0.05 <= now < b + 0.05 for a, b in s.stalls)
+            if late or stalled:
+                asking, calm_since = True, None
                 long.sent(epoch, 2 * k + 1, now_a, s.ttl)
                 hold_sent[2 * k + 1] = now
-                if not s.long_lost[k] and now < s.peer_cut:
-                    at(now + s.long_delay[k] / 2, HOLD, 2 * k + 1)
+                send(2 * k + 1, now, s.long_lost[k], s.long_delay[k])
+            elif asking:
+                calm_since = now_a if calm_since is None else calm_since
+                if now_a >= calm_since + s.ttl / 2:  # Holding.run: released
+                    asking, calm_since, release = False, None, True
+                    long.clear()  # the watchdog has the point without it first
+                    if forget:
+                        short.released()
+                    count("released")
             beat = asking or beat_needed(now_a, point, t)
         if beat:
             written.append(k)
@@ -256,8 +304,9 @@ def run(
                 at(s.stalled(now + s.apply_delay[k]), APPLY, k)
         short.sent(epoch, 2 * k, now_a, t.takeover_after)
         hold_sent[2 * k] = now
-        if not s.hold_lost[k] and now < s.peer_cut:
-            at(now + s.peer_delay[k] / 2, HOLD, 2 * k)
+        send(2 * k, now, s.hold_lost[k], s.peer_delay[k])
+        if release:  # after the tick's hold: the hold loop runs apart from the beats
+            send(next(releases), now + 1e-4, s.long_lost[k], s.long_delay[k])
         if k + 1 < s.beats:
             at((k + 1) * t.interval / s.rate_a, TICK, k + 1)
 
@@ -303,10 +352,19 @@ def run(
                 at(back, ACK, ev.k, ok=not won)
         elif ev.kind == DELIVER:
             view.delivered(ev.k, t, now * s.rate_p)
+        elif ev.kind == RELEASE:
+            if number[ev.k] > last_taken:
+                last_taken = number[ev.k]
+                promises.release("a", epoch)
+                count("release_taken")
         elif ev.kind == HOLD:
+            if number[ev.k] <= last_taken:
+                continue  # PeerAuth: below the last taken from that run
+            last_taken = number[ev.k]
             k, is_long = divmod(ev.k, 2)
+            hold = Hold("a", ev.k, epoch, s.ttl if is_long else t.takeover_after, not is_long)
             answer = promises.answer(
-                Hold("a", ev.k, epoch, s.ttl if is_long else t.takeover_after),
+                hold,
                 now * s.rate_p,
                 ttl=s.ttl,
                 busy=None if in_flight is None and not won else "a takeover in flight",
@@ -316,7 +374,9 @@ def run(
             lost = s.long_reply_lost[k] if is_long else s.reply_lost[k]
             if not lost and now < s.peer_cut:
                 trip = s.long_delay[k] if is_long else s.peer_delay[k]
-                reply = HoldReply("p", "a", ev.k, epoch, *answer)
+                reply = HoldReply.answering(hold, "p", *answer)
+                if older_standby:
+                    reply = replace(reply, kept=False)
                 at(hold_sent[ev.k] + trip, REPLY, r=reply)
         elif stop is not None:
             continue  # A's services are gone, or its agent hears nothing any more
