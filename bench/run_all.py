@@ -54,6 +54,7 @@ VARIANTS = {
     "footprint-term-beat": ("bench_footprint.py", "--term-beat"),
     "etcd_stalls-term-beat": ("bench_etcd_stalls.py", "--term-beat --stall-s 0.3 0.6"),
     "term_beat-100ms": ("bench_term_beat.py", "--interval-ms 100"),
+    "remote-term-beat": ("bench_remote.py", "--term-beat 100/400/400 --lease-ttl 2"),
 }
 """The results pages of variant runs (``--page``): page name -> (benchmark, its arguments)."""
 
