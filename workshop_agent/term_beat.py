@@ -36,7 +36,8 @@ The rules, each a pure function or a small class below:
   peer promised on if later (the promises late, and the beats that stand in for them
   too), the active asks its peers to hold for the lease (``Beating.hold_instant``), as
   a late keepalive makes it do (``hold.py``). While it asks, it beats in etcd whatever
-  the promises, and the promises count for that instant as before. The release that
+  the promises, and the promises count for that instant as when it does not ask
+  (:func:`guard_point`). The release that
   ends the holds, sent once the keepalives and the term's guard have been on time for
   a while, ends the peers' promises for the lease only: a short promise runs its
   course (``Promises.release``), so the guard goes on counting it and never falls back
