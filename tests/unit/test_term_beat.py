@@ -12,7 +12,7 @@ import heapq
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 from hypothesis import HealthCheck, find, given, settings
@@ -521,8 +521,9 @@ def test_with_the_peer_path_cut_the_active_beats_in_etcd_in_time(s: Schedule) ->
     assert any(k * s.timing.interval / s.rate_a >= s.peer_cut for k in outcome.written)
 
 
-def test_a_crash_is_taken_over_after_fence_and_margin() -> None:
-    n = 40
+def steady(n: int = 40, **changes: Any) -> Schedule:
+    """``n`` ticks of a well pair: etcd answers in 2 ms, the peer path in 1 ms, nothing
+    lost, nothing stalled, no crash; ``changes`` replace any of it."""
     s = Schedule(
         timing=TIMING,
         ttl=2.0,
@@ -531,7 +532,7 @@ def test_a_crash_is_taken_over_after_fence_and_margin() -> None:
         rate_p=1.0,
         kill=0.0,
         beats=n,
-        crash=1.0,
+        crash=INF,
         freeze=INF,
         stalls=(),
         apply_delay=(0.002,) * n,
@@ -548,6 +549,11 @@ def test_a_crash_is_taken_over_after_fence_and_margin() -> None:
         peer_cut=INF,
         txn_delay=0.002,
     )
+    return replace(s, **changes)
+
+
+def test_a_crash_is_taken_over_after_fence_and_margin() -> None:
+    s = steady(crash=1.0)
     outcome = run(s)
     # Every promise is back within a millisecond, so etcd has only the campaign's beat
     # (delivered at 0.004): P waits for the end of its promise on the last hold it got,

@@ -14,7 +14,7 @@ import dataclasses
 
 from hypothesis import HealthCheck, given, settings
 
-from tests.unit.test_term_beat import INF, TIMING, Schedule, run, schedules
+from tests.unit.test_term_beat import Schedule, run, schedules, steady
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -35,31 +35,11 @@ def older_standby_schedule() -> Schedule:
     """etcd stalls from 0.2 to 0.5 s and applies no beat after the fourth while the
     keepalives flow: the active asks for holds, counts its peer's promises, and releases
     it at about 1.05 s; its peer's beat view is then long past."""
-    n = 40
-    return Schedule(
-        timing=TIMING,
+    return steady(
         ttl=1.0,
-        fence_margin=0.5,
-        rate_a=1.0,
-        rate_p=1.0,
-        kill=0.0,
-        beats=n,
-        crash=INF,
         freeze=1.8,
         stalls=((0.2, 0.5),),
-        apply_delay=(0.002,) * n,
-        lost=tuple(k >= 4 for k in range(n)),
-        ack_delay=(0.002,) * n,
-        ack_lost=(False,) * n,
-        watch_delay=(0.002,) * n,
-        peer_delay=(0.001,) * n,
-        hold_lost=(False,) * n,
-        reply_lost=(False,) * n,
-        long_delay=(0.001,) * n,
-        long_lost=(False,) * n,
-        long_reply_lost=(False,) * n,
-        peer_cut=INF,
-        txn_delay=0.002,
+        lost=tuple(k >= 4 for k in range(40)),
     )
 
 
