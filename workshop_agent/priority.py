@@ -34,8 +34,3 @@ def take(priority: int, pid: int = 0) -> str | None:
     except OSError as err:
         return err.strerror or str(err)
     return None
-
-
-def ordinary(pid: int = 0) -> None:
-    """Back to the ordinary policy (a test, or a process that must not keep it)."""
-    os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))

@@ -42,7 +42,7 @@ class Tasks:
         try:
             await asyncio.wait([work, stop], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await cancelled(*(t for t in (work, stop) if not t.done()))
+            await cancelled(work, stop)  # one that ended is left as it ended
         if not work.cancelled():
             work.result()
 
