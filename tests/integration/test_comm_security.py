@@ -200,13 +200,15 @@ def as_alice(site: Site) -> Callable[[Any], Awaitable[None]]:
 
 
 async def speed_read(comm: CommUnderTest) -> None:
-    """Wait until the poller has read the tag: the server is serving the PLC."""
+    """Wait until the poller has read the tag and both paths have answered (a first
+    good value may come before the backup's probe): the server serves the PLC in full."""
     from tests.support.cluster import until
 
     async def good() -> bool:
-        return bool((await comm.read("press-1.speed")).StatusCode.is_good())
+        read = (await comm.read("press-1.speed")).StatusCode.is_good()
+        return bool(read) and await comm.service_level() == 255
 
-    await until(good, 5, "press-1.speed read")
+    await until(good, 5, "press-1.speed read, ServiceLevel 255")
 
 
 @contextlib.asynccontextmanager

@@ -186,7 +186,7 @@ async def test_a_forged_hold_reply_does_not_keep_an_active_cut_from_etcd(
     relay, spec, _ = await a_behind_a_relay(cluster, ["a", "b"], 133, key=key)
     a, b = addresses(133, spec)
     pids = service_pids(cluster, "a")
-    cluster.crash("b")
+    await cluster.crashed("b")
     answered = [0]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as as_b:
         as_b.bind(b)  # b's agent is gone: its port is free

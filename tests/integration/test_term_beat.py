@@ -29,8 +29,8 @@ from hapair.shared.records import Members, Switchover, decode
 from tests.integration.test_etcd_loss import with_peer_path
 from tests.integration.test_failover import pair, service_pid
 from tests.support.cluster import Cluster, checked_cluster, descendants, pid_alive, until
-from tests.support.etcd_relay import EtcdRelay
-from tests.support.harness import free_port
+from tests.support.etcd_relay import RelayThread
+from tests.support.harness import Etcd, free_port
 from tests.support.tls_etcd import ADMIN, TestPki, TlsEtcd
 
 pytestmark = pytest.mark.e2e
@@ -150,15 +150,25 @@ async def beats_quiet(c: Cluster, for_s: float = 20 * INTERVAL_S, timeout: float
     raise AssertionError(f"beats still written to etcd after {timeout}s (last {last})")
 
 
-async def relayed_quiet_pair(c: Cluster, net: int) -> tuple[EtcdRelay, int, int]:
-    """A beating pair whose active reaches etcd through a relay of its own, once b's
-    promises stand in for the beats: the relay, the term's epoch, a's service."""
-    relay = EtcdRelay(c.etcd.url)
-    await relay.heal()
-    epoch = await beating_pair(c, net, "--etcd", relay.url)
+@pytest.fixture
+async def link(etcd: Etcd) -> AsyncIterator[RelayThread]:
+    """The active's link to etcd, a relay on a thread of its own (asked for before
+    ``cluster``, it outlives the agents, which resign through it)."""
+    relay = RelayThread(etcd.url)
+    await relay.start()
+    try:
+        yield relay
+    finally:
+        await relay.close()
+
+
+async def relayed_quiet_pair(c: Cluster, link: RelayThread, net: int) -> tuple[int, int]:
+    """A beating pair whose active reaches etcd through ``link``, once b's promises
+    stand in for the beats: the term's epoch, a's service."""
+    epoch = await beating_pair(c, net, "--etcd", link.url)
     svc = await service_pid(c, "a")
     await beats_quiet(c)
-    return relay, epoch, svc
+    return epoch, svc
 
 
 async def beats_again(c: Cluster) -> None:
@@ -322,16 +332,16 @@ async def test_in_the_lab_mode_no_promise_stands_in_for_the_beats(cluster: Clust
 
 
 async def test_an_active_cut_from_its_peer_and_etcd_at_once_is_fenced_before_the_takeover(
-    cluster: Cluster,
+    link: RelayThread, cluster: Cluster
 ) -> None:
     """The worst instant for promises that stand in for beats: the active loses its peer
     path and etcd together, so it can neither beat nor learn that its term ended. The
     standby's last promise runs out and it takes the term over on the old beat; the
     active, left with that promise's point, has stopped its service before."""
     c = cluster
-    relay, epoch, svc = await relayed_quiet_pair(c, 247)
+    epoch, svc = await relayed_quiet_pair(c, link, 247)
     with peer_path_cut(c):
-        await relay.cut()
+        await link.cut()
         cut_at = time.monotonic()
         node, new_epoch = await c.active("p", not_epoch=epoch, timeout=BEFORE_EXPIRY_S)
         assert node == "b" and new_epoch > epoch
@@ -374,7 +384,7 @@ async def test_a_node_added_to_a_pair_whose_peer_stands_in_for_the_beats_moves_n
 
 
 async def test_a_standby_lost_while_etcd_answers_within_two_beats_moves_nothing(
-    cluster: Cluster,
+    link: RelayThread, cluster: Cluster
 ) -> None:
     """etcd answers the active in a little over 120 ms, well within the 300 ms (fence
     point less one interval) that beats sent every interval tolerate. The standby's
@@ -382,11 +392,11 @@ async def test_a_standby_lost_while_etcd_answers_within_two_beats_moves_nothing(
     carry on, beating in etcd again: losing a standby never stops the active's
     services."""
     c = cluster
-    relay, epoch, svc = await relayed_quiet_pair(c, 249)
-    relay.delay(0.06)  # 120 ms round trips from now on
+    epoch, svc = await relayed_quiet_pair(c, link, 249)
+    link.delay(0.06)  # 120 ms round trips from now on
     await asyncio.sleep(1.0)  # the keepalives and the watches settle on the slow link
     crashed_at = time.time()
-    c.crash("b")
+    await c.crashed("b")
     await asyncio.sleep(1.0)
     leader = await c.store.get(keys.leader("p"))
     assert leader is not None and leader.create_revision == epoch, "the pair moved"
@@ -410,7 +420,7 @@ def logged_since(log: str, what: str, since: float, within: float) -> list[str]:
 
 
 async def test_a_hold_is_released_while_etcd_answers_the_active_later_than_two_beats(
-    cluster: Cluster,
+    link: RelayThread, cluster: Cluster
 ) -> None:
     """etcd answers the active in 250 ms: within its 400 ms fence point, but after two
     intervals, so every beat in etcd comes late by the rule that asks the peers to hold
@@ -420,11 +430,11 @@ async def test_a_hold_is_released_while_etcd_answers_the_active_later_than_two_b
     on time again the active releases the hold, keeps its service, and a crash after it
     is taken over by beat, not a lease TTL after the last hold."""
     c = cluster
-    relay, epoch, svc = await relayed_quiet_pair(c, 253)
-    relay.delay(0.125)
-    relay.slow(2.5)  # the keepalives late: a asks b to hold for the lease
+    epoch, svc = await relayed_quiet_pair(c, link, 253)
+    link.delay(0.125)
+    link.slow(2.5)  # the keepalives late: a asks b to hold for the lease
     await until(lambda: asyncio.sleep(0, "asking the peers" in c.log("a")), 10, "a hold")
-    relay.slow(0)
+    link.slow(0)
     await until(lambda: asyncio.sleep(0, released_last(c)), 15, "the peers released")
     leader = await c.store.get(keys.leader("p"))
     assert leader is not None and leader.create_revision == epoch, "the pair moved"

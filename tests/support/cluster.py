@@ -272,6 +272,12 @@ class Cluster:
         wait_for(lambda: not any(map(pid_alive, pids)), 5, f"{node}'s processes killed")
         return pids
 
+    async def crashed(self, node: str) -> list[int]:
+        """``crash``, off this event loop: a relay this loop serves goes on carrying the
+        other agents' etcd traffic while the kernel reaps the killed processes, as a
+        network would (a loaded machine may take a few hundred ms over it)."""
+        return await asyncio.to_thread(self.crash, node)
+
     def kill_service(self, pid: int) -> None:
         """SIGKILL a service and note when: a killed run's record has no end of its own."""
         os.kill(pid, signal.SIGKILL)

@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import ssl
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from hapair.shared.pki import Kind, TlsFiles
 from tests.support.harness import Etcd, free_port
@@ -199,6 +202,56 @@ class EtcdRelay:
             forward(came, writer, answer_due),
         )
         self.writers -= {writer, up_writer}
+
+
+class RelayThread:
+    """An ``EtcdRelay`` on an event loop and a thread of its own, at real-time priority
+    when the kernel allows it (``SCHED_RR`` applies to the calling thread alone): a link
+    whose timing is the test's, not the test process's. In the test's own loop, a relay
+    waits whenever that loop does (a crash being reaped, a log read) and whenever a
+    loaded machine gives the test process no CPU, which a link timed to a tenth of a
+    second feels. ``cut``, ``delay`` and ``slow`` as the relay's; ``close`` ends it."""
+
+    PRIORITY = 5  # below the agents' (10): the link never takes their CPU
+
+    def __init__(self, upstream: str) -> None:
+        self.relay = EtcdRelay(upstream)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="etcd-relay", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return self.relay.url
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError):  # not permitted: an ordinary thread still works
+            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(self.PRIORITY))
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+        self._loop.close()
+
+    async def _on_loop(self, work: Coroutine[Any, Any, None]) -> None:
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, self._loop))
+
+    async def start(self) -> None:
+        self._thread.start()
+        await self._on_loop(self.relay.heal())
+
+    async def cut(self) -> None:
+        await self._on_loop(self.relay.cut())
+
+    def delay(self, one_way_s: float, jitter_s: float = 0.0, seed: int | None = None) -> None:
+        self._loop.call_soon_threadsafe(self.relay.delay, one_way_s, jitter_s, seed)
+
+    def slow(self, seconds: float) -> None:
+        self._loop.call_soon_threadsafe(self.relay.slow, seconds)
+
+    async def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+        await self.cut()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        await asyncio.to_thread(self._thread.join, 10)
 
 
 RELAY = "etcd-relay"  # the relay's certificate, over TLS
