@@ -16,6 +16,7 @@ from collections.abc import Callable
 from hapair.shared.clock import Clock, boottime
 from hapair.shared.histogram import Histogram
 from hapair.shared.log import EventLog
+from hapair.shared.slowest import Slowest, late_wake
 from hapair.shared.store import Store, StoreError
 
 ROUND_TRIP_BOUNDS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
@@ -50,6 +51,9 @@ class Session:
         self.renewed = asyncio.Event()
         self.round_trips = Histogram(ROUND_TRIP_BOUNDS_S)
         """From sending each grant or keepalive to its answer, for the metrics."""
+        self.slowest = Slowest()  # the same, the slowest lately
+        self.lag = Slowest()
+        """How late the loop that sends the keepalives woke up, lately."""
 
     @property
     def interval(self) -> float:
@@ -124,7 +128,7 @@ class Session:
                 # for good. Unconfirmed meanwhile, the fence point holds as always.
                 self.log.exception(f"{self.name} keepalive failed unexpectedly", err)
                 failing = repr(err)
-            await asyncio.sleep(max(0.0, sent + self.interval - self.clock()))
+            await late_wake(sent + self.interval, self.clock, self.lag)
 
     def _check_granted(self, granted: int) -> None:
         """Say once when etcd keeps the lease longer than asked.
@@ -143,7 +147,9 @@ class Session:
         self.granted_ttl = granted
 
     def _acked(self, sent: float) -> None:
-        self.round_trips.observe(self.clock() - sent)
+        now = self.clock()
+        self.round_trips.observe(now - sent)
+        self.slowest.note(now, now - sent)
         if self.acked_send is None or sent > self.acked_send:
             # How far the fence point still was when this confirmation moved it: what a
             # busy loop (a download, an unpack) left of the fence margin.

@@ -19,11 +19,13 @@ from hapair.shared.log import EventLog
 from hapair.shared.mirror import Mirror
 from hapair.shared.store import Store
 from hapair.shared.topology import Failover, Node, Pair
+from hapair.workshop_agent import priority
 from hapair.workshop_agent.beating import Beating, timing_of
 from hapair.workshop_agent.claim import NodeClaim
 from hapair.workshop_agent.database import Database
 from hapair.workshop_agent.database_care import DatabaseCare
 from hapair.workshop_agent.election import Election
+from hapair.workshop_agent.fence_loop import FenceLoop, Figures, Lateness
 from hapair.workshop_agent.fencing import Fencing
 from hapair.workshop_agent.hold import Ledger
 from hapair.workshop_agent.holding import Holding
@@ -90,6 +92,7 @@ class Parts:
     election: Election
     beating: Beating
     fencing: Fencing
+    fence_loop: FenceLoop
     holding: Holding
     supervisor: Supervisor
     vip: VipKeeper
@@ -125,6 +128,27 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
     election = Election(core.store, pair.name, core.me)
     ledger = Ledger()  # as the active: the peers' promises during an etcd loss
     supervisor: Supervisor | None = None
+
+    def figures(kind: Lateness) -> Figures:
+        now = core.clock()
+        timing = beating.heartbeat.timing if beating.heartbeat else beating.pair_timing()
+        if kind == "lease" or timing is None:
+            s = session
+            return Figures(kind, s.fence_after, s.interval, s.slowest.worst(now), s.lag.worst(now))
+        b = beating
+        return Figures(
+            kind, timing.fence_after, timing.interval, b.round_trips.worst(now), b.lag.worst(now)
+        )
+
+    fence_loop = FenceLoop(
+        core.clock,
+        core.log,
+        figures=figures,
+        settings=lambda: (_failover(core), core.pair is not None and core.pair.network is not None),
+        realtime=priority.realtime,
+        event=core.event,
+        dirty=core.dirty.set,
+    )
     fencing = Fencing(
         session,
         ledger,
@@ -140,6 +164,7 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         stop_active=core.stop_active,
         event=core.event,
         changed=core.changed,
+        late=fence_loop.late,
     )
     beating = Beating(
         core.store,
@@ -285,6 +310,7 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         lost=lambda: core.state.lost if core.state is not None else (),
         held_by=lambda: holding.promised_to,
         packages=packages.statuses,
+        fence_loop=fence_loop.problem,
     )
     steps = StepDowns(
         core.store,
@@ -341,6 +367,7 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
         election,
         beating,
         fencing,
+        fence_loop,
         holding,
         supervisor,
         vip,

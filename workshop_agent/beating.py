@@ -32,6 +32,7 @@ from hapair.shared.clock import Clock
 from hapair.shared.lease import Session
 from hapair.shared.log import EventLog
 from hapair.shared.mirror import Mirror
+from hapair.shared.slowest import Slowest, late_wake
 from hapair.shared.store import Change, Store, StoreError, bounded
 from hapair.shared.topology import Pair, TermBeat
 from hapair.shared.txn import Op
@@ -136,6 +137,8 @@ class Beating:
         self.beats_sent = 0  # since the agent started, for the metrics
         self.beats_refused = 0
         self.beats_promised = 0  # beats the peers' promises stood in for
+        self.round_trips = Slowest()  # from each beat's send to etcd's answer, lately
+        self.lag = Slowest()  # how late the beat loop woke up, lately
 
     # -- the active -------------------------------------------------------------------
     def pair_timing(self) -> BeatTiming | None:
@@ -315,7 +318,7 @@ class Beating:
             elif asked is not None:
                 self.beats_promised += 1
                 self._await_promise(hb, lease, asked[1], asked_peers)
-            await asyncio.sleep(max(0.0, sent + hb.timing.interval - self.clock()))
+            await late_wake(sent + hb.timing.interval, self.clock, self.lag)
 
     def _send(self, hb: Heartbeat, lease: int, sent: float) -> None:
         # In flight at most as many as fit in a fence: more would answer nothing new.
@@ -360,6 +363,8 @@ class Beating:
             applied = await self.beats.beat(hb.epoch, lease, beat_record(self.me, hb.timing))
         except StoreError:
             return  # unanswered: it counts for nothing, the next one may
+        now = self.clock()
+        self.round_trips.note(now, now - sent)
         hb.answered(sent, applied)
         if self.heartbeat is not hb or self._term() != hb.epoch:
             return

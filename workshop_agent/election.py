@@ -108,14 +108,21 @@ class Election:
         The key is deleted together with a handover to ourselves, so the standbys wait
         while we campaign again; the old lease (with the old status and endpoints) goes.
         """
+        revision = await self.to_self(epoch, "reclaim")
+        await self.store.revoke(lease)
+        return revision
+
+    async def to_self(self, epoch: int, request: str) -> int | None:
+        """Give term ``epoch``, this node's, up to this node: its leader key deleted with
+        a handover to it, so the standbys wait while it campaigns for a new term. None:
+        ``epoch`` is no longer the term in etcd."""
         record = HandoverRecord(
-            from_node=self.node, to=self.node, epoch=epoch, request="reclaim", planned=False
+            from_node=self.node, to=self.node, epoch=epoch, request=request, planned=False
         )
         result = await self.store.txn(
             [Compare.created(self.key, epoch)],
             [Op.delete(self.key), Op.put(self.handover_key, record.encode())],
         )
-        await self.store.revoke(lease)
         return result.revision if result.succeeded else None
 
     async def put_guarded(self, epoch: int, key: str, value: bytes, lease: int | None) -> bool:

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from hapair.shared.clock import Clock
 from hapair.shared.log import EventLog
+from hapair.workshop_agent.fence_loop import Lateness
 from hapair.workshop_agent.hold import Ledger
 from hapair.workshop_agent.term_beat import BeatTiming, term_fence_point, watchdog_deadline
 
@@ -57,7 +58,8 @@ class Fencing:
     ``term`` gives the term this node holds now; ``end_term`` ends it and returns the
     term it ended; ``stop_active`` stops at once whatever serves as active (address,
     services, database); ``active_up`` says whether an active-only service still runs;
-    ``hold_peers`` names the nodes whose promises a hold needs."""
+    ``hold_peers`` names the nodes whose promises a hold needs; ``late`` is told of each
+    fence for lateness, and of what was late (``fence_loop.py``)."""
 
     def __init__(
         self,
@@ -76,6 +78,7 @@ class Fencing:
         stop_active: Callable[[], None],
         event: Callable[..., None],
         changed: Callable[[], None],
+        late: Callable[[Lateness], None] = lambda what: None,
     ) -> None:
         self.lease = lease
         self.ledger = ledger
@@ -91,6 +94,7 @@ class Fencing:
         self._stop_active = stop_active
         self._event = event
         self._changed = changed
+        self._late = late
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = -float("inf")
         self.beat: Beat = NoBeat()
@@ -187,15 +191,17 @@ class Fencing:
             self._arm(self.point())  # the point moved on since the timer was set
             return
         if self._term() is not None or self._active_up():
-            late = self.beat.fence_point(self._term()) < self.lease.fence_deadline
-            what = "term beat" if late else "lease"
-            self.fence(f"{what} not confirmed before the fence point")
+            beat = self.beat.fence_point(self._term()) < self.lease.fence_deadline
+            what: Lateness = "term beat" if beat else "lease"
+            if self.fence(f"{what} not confirmed before the fence point"):
+                self._late(what)
 
-    def fence(self, reason: str) -> None:
+    def fence(self, reason: str) -> bool:
+        """Fence now; False if this fence's services are still dying (nothing done)."""
         dying = self._watched()[1]
         was = self._end_term()
         if was is None and self.fencing:
-            return  # the services of this fence are still dying: once is enough
+            return False  # the services of this fence are still dying: once is enough
         self.fencing, self._dying_deadline = True, dying
         self.fences += 1
         self._stop_active()
@@ -203,6 +209,7 @@ class Fencing:
         self.log.bind(epoch=None)
         self._event("fence", reason, epoch=was)
         self._changed()
+        return True
 
     def cancel(self) -> None:
         if self._timer is not None:

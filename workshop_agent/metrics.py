@@ -81,6 +81,12 @@ class AgentCollector:
         )
         refused.add_metric(values, float(p.beating.beats_refused))
         yield from (fences, firings, trips, beats, refused)
+        yield one(
+            "hapair_agent_fence_loop",
+            "1 while it fences itself in a loop (three fences for lateness within ten "
+            "minutes): its status says which setting fits",
+            p.fence_loop.looping,
+        )
         state = a.state
         yield one(
             "hapair_agent_paused",

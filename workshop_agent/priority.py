@@ -34,3 +34,8 @@ def take(priority: int, pid: int = 0) -> str | None:
     except OSError as err:
         return err.strerror or str(err)
     return None
+
+
+def realtime() -> bool:
+    """Whether the calling thread runs under a real-time policy now."""
+    return os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK in (os.SCHED_RR, os.SCHED_FIFO)

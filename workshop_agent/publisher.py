@@ -59,6 +59,7 @@ class Publisher:
         lost: Callable[[], Iterable[str]],
         held_by: Callable[[], str | None],
         packages: Callable[[], list[PackageStatus]] = list,
+        fence_loop: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.store = store
         self.election = election
@@ -77,6 +78,7 @@ class Publisher:
         self._lost = lost
         self._held_by = held_by
         self._packages = packages
+        self._fence_loop = fence_loop
         self._published: dict[str, bytes] = {}
         self._last_status: tuple[int, bytes] = (0, b"")
         self._last_report: tuple[int, bytes] = (0, b"")
@@ -128,6 +130,8 @@ class Publisher:
             problems += self.netwatch.state.problems()
         packages = self._packages()
         problems += drift.problems(pair, packages)
+        if (looping := self._fence_loop()) is not None:
+            problems = [*problems, looping]
         role: Role = "standby"
         term = self._term()
         if term is not None:

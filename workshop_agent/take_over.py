@@ -152,11 +152,31 @@ class TakeOvers:
 
     async def adopt(self, epoch: int, cause: str) -> None:
         """Take up a term found ours on our live lease; one that beats, only once a beat
-        of it is applied (its fence point counts from that beat's send)."""
+        of it is applied (its fence point counts from that beat's send). A term whose
+        beat timings are no longer the pair's is given up to this node instead: they are
+        the term's for good (its standbys wait by them), and a node that fences itself
+        in a loop on timings too short for its distance to etcd would take them up for
+        ever after the site file changed them."""
         try:
             timing = await self.beating.term_timing(epoch)
         except StoreError:
             return  # taken up once etcd tells whether the term beats
+        wanted = self.beating.pair_timing()
+        pair = self._pair()
+        if timing != wanted and pair is not None:
+            self.log.info(
+                "the pair's term beat changed: campaigning for a new term that beats by it",
+                old_epoch=epoch,
+                was=_timing_text(timing),
+                now=_timing_text(wanted),
+            )
+            try:
+                revision = await self.election.to_self(epoch, "new term beat")
+            except StoreError:
+                return  # looked at again on the next round
+            if revision is not None:
+                self.pairs.apply_local(keys.leader(pair.name), None, revision)
+            return
         started = None
         if timing is not None:
             started = await self.beating.beat_once(epoch, timing)
@@ -187,3 +207,11 @@ class TakeOvers:
         elif self.db_care is not None:
             self.db_care.wake()  # services start once the database is primary
         self._changed()
+
+
+def _timing_text(timing: BeatTiming | None) -> str:
+    """``interval/fence/margin`` in ms, as the site file gives them; ``off``."""
+    if timing is None:
+        return "off"
+    ms = (round(t * 1000) for t in (timing.interval, timing.fence_after, timing.margin))
+    return "/".join(map(str, ms))

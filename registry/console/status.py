@@ -123,6 +123,9 @@ def _health_cell(node: NodeReport) -> Text:
         return Text("-", style="dim")
     if node.healthy:
         text = Text("healthy", style="green")
+        # Healthy, yet something to fix (a peer path down, a node fencing itself in a loop).
+        for problem in node.problems:
+            text.append(f"\n{problem}", style="yellow")
     else:
         text = Text("UNHEALTHY" + "".join(f"\n{p}" for p in node.problems), style="bold red")
     if node.drift:

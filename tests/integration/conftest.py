@@ -18,6 +18,7 @@ from hapair.shared import keys
 from hapair.shared.store import Store
 from tests.support import cluster as clusters
 from tests.support.cluster import Cluster, checked_cluster, until
+from tests.support.etcd_relay import RelayThread
 from tests.support.harness import Etcd, running_etcd
 from tests.support.tls_etcd import ADMIN, TestPki, TlsEtcd, running_tls_etcd
 
@@ -96,6 +97,18 @@ async def store(etcd: Etcd) -> AsyncIterator[Store]:
         yield s
     finally:
         await s.close()
+
+
+@pytest.fixture
+async def link(etcd: Etcd) -> AsyncIterator[RelayThread]:
+    """An agent's link to the session's etcd, a relay on a thread of its own, to slow or
+    cut (asked for before ``cluster``, it outlives the agents, which resign through it)."""
+    relay = RelayThread(etcd.url)
+    await relay.start()
+    try:
+        yield relay
+    finally:
+        await relay.close()
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from tests.integration.test_etcd_loss import with_peer_path
 from tests.integration.test_failover import pair, service_pid
 from tests.support.cluster import Cluster, checked_cluster, descendants, pid_alive, until
 from tests.support.etcd_relay import RelayThread
-from tests.support.harness import Etcd, free_port
+from tests.support.harness import free_port
 from tests.support.tls_etcd import ADMIN, TestPki, TlsEtcd
 
 pytestmark = pytest.mark.e2e
@@ -148,18 +148,6 @@ async def beats_quiet(c: Cluster, for_s: float = 20 * INTERVAL_S, timeout: float
         elif time.monotonic() - since >= for_s:
             return last
     raise AssertionError(f"beats still written to etcd after {timeout}s (last {last})")
-
-
-@pytest.fixture
-async def link(etcd: Etcd) -> AsyncIterator[RelayThread]:
-    """The active's link to etcd, a relay on a thread of its own (asked for before
-    ``cluster``, it outlives the agents, which resign through it)."""
-    relay = RelayThread(etcd.url)
-    await relay.start()
-    try:
-        yield relay
-    finally:
-        await relay.close()
 
 
 async def relayed_quiet_pair(c: Cluster, link: RelayThread, net: int) -> tuple[int, int]:

@@ -79,7 +79,8 @@ def pair(i: int) -> PairReport:
 
 def site20() -> SiteReport:
     """Four workshops of five pairs; p03 awaits an operator, p05 is paused, p07 has no
-    active (one node down, the other unhealthy), p09 has three nodes."""
+    active (one node down, the other unhealthy), p09 has three nodes (one unhealthy, one
+    healthy with a problem)."""
     pairs = [pair(i) for i in range(20)]
     pairs[3] = pairs[3].model_copy(
         update={
@@ -118,7 +119,7 @@ def site20() -> SiteReport:
             "nodes": [
                 *pairs[9].nodes[:1],
                 node("p09-b", healthy=False, problems=("disk full",)),
-                node("p09-c"),
+                node("p09-c", problems=("peer b not visible",)),
             ]
         }
     )
@@ -211,7 +212,8 @@ def test_nodes_health_roles_services_and_restart_counts() -> None:
     lines = screen(site20(), sel=Selection(pair="p09"))
     assert line_with(lines, "> p09", "p09-b:stby! p09-c:stby ")  # ! = unhealthy
     assert line_with(lines, "p09-b", "standby", "UNHEALTHY · disk full")
-    assert line_with(lines, "p09-c", "standby", "healthy")
+    # Healthy, with something to fix all the same.
+    assert line_with(lines, "p09-c", "standby", "healthy · peer b not visible")
 
 
 def test_paused_pair_in_detail() -> None:
