@@ -441,8 +441,8 @@ class Agent:
                     p.supervisor.activate(epoch)
             case d.Campaign(stale, members_revision, beat):
                 await p.take_overs.campaign(stale, members_revision, beat)
-            case d.Adopt(epoch):
-                await p.take_overs.adopt(epoch, "took up its own leader key")
+            case d.Adopt(epoch, renewable):
+                await p.take_overs.adopt(epoch, "took up its own leader key", renewable)
             case d.Reclaim(epoch, lease):
                 await self.claim.reclaim(
                     p.election, self.pairs, self.pair.name, epoch, lease, self.event

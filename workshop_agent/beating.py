@@ -181,7 +181,8 @@ class Beating:
         """The timings a term of this node's lease taken up again beats with: those of
         its beats if it beats already (fixed for the term: a standby that saw one may
         take the term over once they stop, beats turned off since or not), else the
-        pair's now. Raises StoreError if etcd does not say."""
+        pair's now. Differing from the pair's, the term is renewed instead when it can
+        be (``take_over.py``). Raises StoreError if etcd does not say."""
         hb = self.heartbeat
         if hb is not None and hb.epoch == epoch:
             return hb.timing

@@ -60,9 +60,13 @@ class Campaign:
 
 @dataclass(frozen=True, slots=True)
 class Adopt:
-    """The leader key is ours on our live lease but we hold no term: take it up."""
+    """The leader key is ours on our live lease but we hold no term: take it up.
+    ``renewable``: this node would win a new term at once in its place (its view
+    current, healthy, holding every commit, bound by no promise), which a term whose
+    beat the site changed needs (``take_over.py``)."""
 
     epoch: int
+    renewable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,8 +294,10 @@ def _as_standby(o: Observation) -> Decision:
                 )
             return Decision(f"stepped down from epoch {leader.epoch}; waiting for etcd to show it")
         if leader.node == o.me and leader.lease == o.lease:
+            renewable = o.synced and o.healthy and o.db_eligible and o.held_by is None
             return Decision(
-                f"leader key is ours (epoch {leader.epoch}): taking it up", (Adopt(leader.epoch),)
+                f"leader key is ours (epoch {leader.epoch}): taking it up",
+                (Adopt(leader.epoch, renewable),),
             )
         if leader.node == o.me:
             return Decision(
@@ -315,6 +321,7 @@ def _beat_takeover(o: Observation, active: str, beat: TakeoverGuard) -> Decision
 
 
 NO_ACTIVE = "no active node"
+NEW_TERM_BEAT = "new term beat"  # a handover's request: a node renews its term (take_over.py)
 
 
 def _campaign(
@@ -493,6 +500,8 @@ def takeover_cause(
     when it campaigned; ``forced``: the node an operator forces to take over, if any."""
     target = handover is not None and handover.to == me
     if target and handover is not None and handover.from_node == me:
+        if handover.request == NEW_TERM_BEAT:
+            return "a new term for the pair's new term beat"
         return "took its pair back after an agent restart"
     if target and handover is not None and handover.planned:
         return "planned switchover"

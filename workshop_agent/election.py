@@ -108,16 +108,17 @@ class Election:
         The key is deleted together with a handover to ourselves, so the standbys wait
         while we campaign again; the old lease (with the old status and endpoints) goes.
         """
-        revision = await self.to_self(epoch, "reclaim")
+        revision = await self.to_self(epoch, "reclaim", planned=False)
         await self.store.revoke(lease)
         return revision
 
-    async def to_self(self, epoch: int, request: str) -> int | None:
+    async def to_self(self, epoch: int, request: str, planned: bool) -> int | None:
         """Give term ``epoch``, this node's, up to this node: its leader key deleted with
         a handover to it, so the standbys wait while it campaigns for a new term. None:
-        ``epoch`` is no longer the term in etcd."""
+        ``epoch`` is no longer the term in etcd. ``planned``: the new term holds no
+        service for an operator (an agent's restart does: it may have been a crash)."""
         record = HandoverRecord(
-            from_node=self.node, to=self.node, epoch=epoch, request=request, planned=False
+            from_node=self.node, to=self.node, epoch=epoch, request=request, planned=planned
         )
         result = await self.store.txn(
             [Compare.created(self.key, epoch)],

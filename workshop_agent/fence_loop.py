@@ -37,6 +37,7 @@ from hapair.shared.topology import Failover, TermBeat
 LOOP = 3
 WINDOW_S = 600.0
 LONGEST_TTL_S = 60  # failover.lease_ttl_s's bound
+LONGEST_FENCE_MS = 10000  # failover.term_beat.fence_ms's
 HEADROOM = 2.0  # the slowest answer of a minute, times this, within the budget
 
 Lateness = Literal["lease", "term beat"]
@@ -98,7 +99,7 @@ def _fitting(kind: Lateness, round_trip_s: float, failover: Failover) -> str:
         fitting = 50 * math.ceil(HEADROOM * round_trip_s * 1000 * 4 / 3 / 50)
         fence_ms = max(fitting, now.fence_ms + 50)
         interval_ms = 10 * math.ceil(fence_ms / 4 / 10)
-        if 2 * fence_ms / 1000 >= failover.fence_after_s:
+        if 2 * fence_ms / 1000 >= failover.fence_after_s or fence_ms > LONGEST_FENCE_MS:
             return (
                 "no term beat fits at this distance below the lease's own fence point: "
                 "leave failover.term_beat out, the lease alone is as fast"

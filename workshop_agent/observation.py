@@ -58,6 +58,7 @@ class HandoverView:
     planned: bool = True
     lsn: int | None = None
     epoch: int = 0  # the term its writer stepped down from
+    request: str | None = None  # why (``reclaim``, ``new term beat``, a switchover's id)
 
 
 @dataclass(frozen=True, slots=True)

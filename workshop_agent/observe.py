@@ -190,6 +190,7 @@ class PairObserver:
         planned = record.planned if record is not None else False
         lsn = record.lsn if record is not None else None
         epoch = record.epoch if record is not None else 0
+        request = record.request if record is not None else None
         return HandoverView(
-            to, from_node, kv.mod_revision, self._handover_seen[1], planned, lsn, epoch
+            to, from_node, kv.mod_revision, self._handover_seen[1], planned, lsn, epoch, request
         )

@@ -25,7 +25,7 @@ from hapair.shared.store import Kv, StoreError
 from hapair.shared.topology import Pair
 from hapair.workshop_agent.beating import Beating
 from hapair.workshop_agent.database_care import DatabaseCare
-from hapair.workshop_agent.decide import takeover_cause
+from hapair.workshop_agent.decide import NEW_TERM_BEAT, takeover_cause
 from hapair.workshop_agent.election import Election
 from hapair.workshop_agent.holding import Holding
 from hapair.workshop_agent.members import MemberSets
@@ -150,20 +150,25 @@ class TakeOvers:
             self._event("drifted takeover", reason, services=list(missing))
         self.recovery.await_operator(epoch, cause, previous, self.me, held)
 
-    async def adopt(self, epoch: int, cause: str) -> None:
+    async def adopt(self, epoch: int, cause: str, renewable: bool = False) -> None:
         """Take up a term found ours on our live lease; one that beats, only once a beat
-        of it is applied (its fence point counts from that beat's send). A term whose
-        beat timings are no longer the pair's is given up to this node instead: they are
-        the term's for good (its standbys wait by them), and a node that fences itself
-        in a loop on timings too short for its distance to etcd would take them up for
-        ever after the site file changed them."""
+        of it is applied (its fence point counts from that beat's send).
+
+        A term whose beat timings are no longer the pair's is given up to this node
+        instead, when it is ``renewable`` (``decide.Adopt``) and its database has
+        stopped: the timings are the term's for good (its standbys wait by them), and a
+        node that fences itself in a loop on timings too short for its distance to etcd
+        would take them up for ever after the site file changed them. Not renewable, it
+        takes the term up as it is (a new term would wait, the pair without an active)."""
         try:
             timing = await self.beating.term_timing(epoch)
         except StoreError:
             return  # taken up once etcd tells whether the term beats
         wanted = self.beating.pair_timing()
         pair = self._pair()
-        if timing != wanted and pair is not None:
+        if timing != wanted and renewable and pair is not None:
+            if self.db_care is not None and not self.db_care.stopped():
+                return  # its fence's demotion is still running: the next round
             self.log.info(
                 "the pair's term beat changed: campaigning for a new term that beats by it",
                 old_epoch=epoch,
@@ -171,7 +176,7 @@ class TakeOvers:
                 now=_timing_text(wanted),
             )
             try:
-                revision = await self.election.to_self(epoch, "new term beat")
+                revision = await self.election.to_self(epoch, NEW_TERM_BEAT, planned=True)
             except StoreError:
                 return  # looked at again on the next round
             if revision is not None:

@@ -35,6 +35,8 @@ async def test_an_active_too_far_from_etcd_for_its_beat_is_told_the_beat_that_fi
     and its status carries it; applied, that beat ends the loop."""
     c = cluster
     spec = pair("p", ["a", "b"], 254, free_port(), c.record, term_beat={})
+    # Neither the loop nor the new term is a failover: nothing waits for an operator.
+    spec["services"][0]["hold_until_ack"] = True
     with_peer_path(spec, 254)
     await c.apply(c.site([spec]))
     link.delay(0.06)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -33,10 +35,36 @@ T = TypeVar("T")
 FIRST_STEP_S, LAST_STEP_S = 0.01, 0.1
 
 
+# Ports handed out below the kernel's ephemeral range (32768 and up): a port the kernel
+# picked for a socket bound to port 0 was free when asked, and the kernel may hand it to
+# any process a moment later (a service then failed with EADDRINUSE for good, a CI
+# run). Each test process (pytest-xdist worker) has a block of its own, so two workers
+# never hand out the same port; within it, ports go round from a random start.
+PORTS_FROM, PORTS_PER_WORKER = 20000, 1500
+_ports = itertools.count(random.randrange(PORTS_PER_WORKER))
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port nobody uses on any address, TCP or UDP, from this process's block
+    (``host``: where it will be used; it is free there too)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    base = PORTS_FROM + (int(worker) if worker.isdigit() else 0) % 8 * PORTS_PER_WORKER
+    for _ in range(PORTS_PER_WORKER):
+        port = base + next(_ports) % PORTS_PER_WORKER
+        if _unused(port) and _unused(port, host):
+            return port
+    raise AssertionError(f"no free port from {base} to {base + PORTS_PER_WORKER - 1}")
+
+
+def _unused(port: int, host: str = "0.0.0.0") -> bool:
+    """Bound on the wildcard address, a port clashes with any other binding of it."""
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
 
 
 def wait_for(cond: Callable[[], object], timeout: float, what: str, step: float = 0.02) -> object:

@@ -10,7 +10,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -27,6 +26,7 @@ from hapair.workshop_agent.pg.config import DatabaseConfig, parse_database
 from hapair.workshop_agent.pg.errors import PgError
 from hapair.workshop_agent.pg.manager import PgManager, Timeouts
 from hapair.workshop_agent.pg.proc import find_bin_dir, process_state
+from tests.support.harness import free_port
 from tests.support.harness import until as until  # re-exported: the tests wait with it
 from tests.support.tls_etcd import TestPki
 
@@ -59,19 +59,9 @@ needs_postgres = pytest.mark.skipif(
 
 
 def common_free_port(addresses: tuple[str, ...] = ADDRESSES) -> int:
-    """A port free on every address (each node binds its own address, same port)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind((addresses[0], 0))
-            port = int(s.getsockname()[1])
-        try:
-            for address in addresses:
-                with socket.socket() as s:
-                    s.bind((address, port))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no port free on every test address")
+    """A port free on every address (each node binds its own address, same port):
+    ``free_port`` finds one free on every address."""
+    return free_port(addresses[0])
 
 
 def database_section(root: Path, port: int, synchronous: bool = True) -> dict[str, Any]:

@@ -128,9 +128,12 @@ async def test_a_node_added_to_the_topology_is_counted_on_only_once_etcd_has_a_b
         await asyncio.sleep(0.5)
         await quiet(world, b, 0.3)  # b's promises stand in for the beats
         assert b.covers({"a", "b"}), "nobody new"
+        guard = b.fence_point(TERM)
         topology.add("c")  # c's agent does not answer yet
         now = boottime()
-        assert b.fence_point(TERM) > now + TIMING.interval, "c counts for nothing yet"
+        # Not lowered by c, which it does not count on (a loaded machine may have left
+        # b's last promise a little older than usual: the point is not the test).
+        assert b.fence_point(TERM) == guard, "c counts for nothing yet"
         assert not b.covers({"a", "b", "c"}), "the last beat in etcd is long past"
         await world.beat_after(now)
         await asyncio.sleep(0.01)

@@ -641,3 +641,22 @@ def test_a_target_that_refused_a_handover_is_not_chosen_again_for_a_while() -> N
     refused = replace(drained, refused=frozenset({"b"}))
     assert decide(refused).actions == (Handover("c", None, "node drained"),)
     assert decide(replace(drained, refused=frozenset({"b", "c"}))).actions == ()
+
+
+@pytest.mark.parametrize(
+    ("case", "changes", "renewable"),
+    [
+        ("current, healthy, every commit, bound by nobody", {}, True),
+        ("a view that lags etcd", {"synced": False}, False),
+        ("unhealthy", {"healthy": False}, False),
+        ("may lack committed data", {"db_eligible": False}, False),
+        ("promised a peer not to campaign", {"held_by": "b"}, False),
+    ],
+)
+def test_its_own_key_is_renewable_only_by_a_node_that_would_win_the_new_term_at_once(
+    case: str, changes: dict[str, Any], renewable: bool
+) -> None:
+    """A node whose term's beat the site changed gives the term up to itself only if its
+    campaign would follow at once: otherwise the pair would wait without an active."""
+    d = decide(obs(leader=MINE, **changes))
+    assert d.actions == (Adopt(MINE.epoch, renewable),), case

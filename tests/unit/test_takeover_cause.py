@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hapair.workshop_agent.decide import takeover_cause
+from hapair.workshop_agent.decide import NEW_TERM_BEAT, takeover_cause
 from hapair.workshop_agent.observation import HandoverView
 
 
@@ -32,6 +32,13 @@ def handover(to: str, from_node: str, planned: bool = True) -> HandoverView:
             handover("a", "a"),
             None,
             "took its pair back after an agent restart",
+        ),
+        (
+            "its own handover record, for the pair's new term beat",
+            "a",
+            HandoverView("a", "a", 40, 99.0, request=NEW_TERM_BEAT),
+            None,
+            "a new term for the pair's new term beat",
         ),
         (
             "forced by an operator",
