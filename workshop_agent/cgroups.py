@@ -150,6 +150,15 @@ class CgroupTree:
         remove(self.root)
 
 
+def clear_stale(node: str) -> None:
+    """Remove the empty subtrees that agents of ``node`` now gone left below this
+    process's own cgroup: what a program that ran such agents as its children (a
+    test) leaves behind once it killed them."""
+    mount, own = _mount_point(), _own_path()
+    if mount is not None and own is not None:
+        _remove_stale(mount / own.lstrip("/"), node)
+
+
 def _remove_stale(parent: Path, node: str) -> None:
     """Empty subtrees of earlier runs of this node's agent (killed before it could clean)."""
     with contextlib.suppress(OSError):

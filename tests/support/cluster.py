@@ -24,6 +24,7 @@ from hapair.shared.clock import boottime
 from hapair.shared.records import EndpointRecord, Leader, NodeStatus, TopologyDoc, decode
 from hapair.shared.store import Kv, Store, Timeout, Unavailable
 from hapair.shared.topology import parse_site
+from hapair.workshop_agent import cgroups
 from tests.support.harness import PYTHON, ROOT, Etcd, stop_pid, wait_for
 from tests.support.harness import until as until  # re-exported: the tests wait with it
 from tests.support.pg_harness import with_tls
@@ -293,6 +294,8 @@ class Cluster:
         await asyncio.gather(
             *(asyncio.to_thread(stop_pid, p, signal.SIGTERM, 10.0) for p in self.agents.values())
         )
+        for node in self.agents:  # a crashed agent's cgroup tree stays behind it
+            cgroups.clear_stale(node)
         await self.store.close()
 
     # -- etcd views -------------------------------------------------------------------
