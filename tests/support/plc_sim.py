@@ -421,7 +421,11 @@ async def running_comm(
         parsed = parsed.model_copy(update={"opcua": OpcUaSecurity(security="none")})
     server = CommServer(parsed, listen, EventLog("hapair.comm"), security=security)
     await server.start(role or (lambda parts, on_change: StaticRole()))
-    client = Client(listen.url, timeout=5)
+    # The client's watchdog reads the server's state every watchdog_intervall and
+    # drops the connection for good if an answer takes longer: the server runs on this
+    # test's own loop, which a second server starting (its address space is built in
+    # one go) or a loaded machine can hold for a second.
+    client = Client(listen.url, timeout=5, watchdog_intervall=5.0)
     try:
         if client_setup is not None:
             await client_setup(client)
