@@ -134,7 +134,10 @@ async def test_a_node_added_to_the_topology_is_counted_on_only_once_etcd_has_a_b
         # Not lowered by c, which it does not count on (a loaded machine may have left
         # b's last promise a little older than usual: the point is not the test).
         assert b.fence_point(TERM) == guard, "c counts for nothing yet"
-        assert not b.covers({"a", "b", "c"}), "the last beat in etcd is long past"
+        # A loaded machine may run a tick late, and its beat then goes to etcd: only a
+        # last beat in etcd older than the instant a hold is due cannot keep the term.
+        if not world.beats or boottime() - world.beats[-1] >= TIMING.hold_after:
+            assert not b.covers({"a", "b", "c"}), "the last beat in etcd is long past"
         await world.beat_after(now)
         await asyncio.sleep(0.01)
         assert b.covers({"a", "b", "c"}), "the beats in etcd keep the term without c"
