@@ -132,13 +132,11 @@ def assemble(core: Core, pair: Pair, node: Node, watchdog: WatchdogLink) -> Part
     def figures(kind: Lateness) -> Figures:
         now = core.clock()
         timing = beating.heartbeat.timing if beating.heartbeat else beating.pair_timing()
-        if kind == "lease" or timing is None:
-            s = session
-            return Figures(kind, s.fence_after, s.interval, s.slowest.worst(now), s.lag.worst(now))
-        b = beating
-        return Figures(
-            kind, timing.fence_after, timing.interval, b.round_trips.worst(now), b.lag.worst(now)
-        )
+        source: Session | Beating = session
+        fence, interval = session.fence_after, session.interval
+        if kind == "term beat" and timing is not None:
+            source, fence, interval = beating, timing.fence_after, timing.interval
+        return Figures(kind, fence, interval, source.slowest.worst(now), source.lag.worst(now))
 
     fence_loop = FenceLoop(
         core.clock,

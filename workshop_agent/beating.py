@@ -137,7 +137,7 @@ class Beating:
         self.beats_sent = 0  # since the agent started, for the metrics
         self.beats_refused = 0
         self.beats_promised = 0  # beats the peers' promises stood in for
-        self.round_trips = Slowest()  # from each beat's send to etcd's answer, lately
+        self.slowest = Slowest()  # from each beat's send to etcd's answer, lately
         self.lag = Slowest()  # how late the beat loop woke up, lately
 
     # -- the active -------------------------------------------------------------------
@@ -365,7 +365,7 @@ class Beating:
         except StoreError:
             return  # unanswered: it counts for nothing, the next one may
         now = self.clock()
-        self.round_trips.note(now, now - sent)
+        self.slowest.note(now, now - sent)
         hb.answered(sent, applied)
         if self.heartbeat is not hb or self._term() != hb.epoch:
             return
