@@ -1,5 +1,5 @@
 """What the kernel says about a benchmark's processes: CPU time, waiting for a CPU,
-resident memory, a core's busy time."""
+resident memory, a core's busy time; and which cores a process may run on."""
 
 from __future__ import annotations
 
@@ -10,14 +10,33 @@ from pathlib import Path
 def run_delay(pid: int | str = "self") -> float:
     """Seconds this process has waited for a CPU while runnable (/proc schedstat): how
     much other work on the machine got in its way."""
-    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    return sched_seconds(pid)[1]
 
 
 def sched_seconds(pid: int | str = "self") -> tuple[float, float]:
-    """(on a CPU, waiting for one while runnable) in seconds since the process started,
-    from /proc schedstat: precise to the nanosecond, unlike the stat file's ticks."""
-    fields = Path(f"/proc/{pid}/schedstat").read_text().split()
-    return int(fields[0]) / 1e9, int(fields[1]) / 1e9
+    """(on a CPU, waiting for one while runnable) in seconds, summed over the threads
+    the process has now (``/proc/PID/schedstat`` is its first thread's alone: a Go
+    program such as etcd works on others), precise to the nanosecond, unlike the stat
+    file's ticks."""
+    on, waiting = 0, 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "schedstat").read_text().split()
+        except FileNotFoundError:
+            continue  # the thread ended meanwhile
+        on, waiting = on + int(fields[0]), waiting + int(fields[1])
+    return on / 1e9, waiting / 1e9
+
+
+def pin(pid: int | str, cpus: set[int]) -> None:
+    """Let every thread of ``pid`` run on ``cpus`` only; threads it starts later inherit
+    that from the thread that starts them (``sched_setaffinity`` of a PID moves that
+    one thread alone)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except ProcessLookupError:
+            continue
 
 
 def proc_cpu_seconds(pid: int) -> float:
