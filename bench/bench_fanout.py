@@ -2,6 +2,10 @@
 
 One etcd (TLS, client certificates), one registry process, and 1,000 clients in a
 process of their own (bench/hundred_clients.py: half long-poll, half event stream).
+Each stream asks, as the client library does, for the followed service's endpoint
+answers alone (``?kinds=endpoint&services=svc-s0``): the other pairs' messages and the
+followed pair's roles and nodes are never written to it, so the figures are those of
+the fan-out of what a client follows.
 Each change moves the followed service's pair to its other node as a failover does: a
 new leader key (a new epoch), then the endpoint record under it. Measured from just
 before the endpoint record is sent to etcd to the last client told (so etcd's commit

@@ -1,6 +1,8 @@
 """Many registry clients in one process, each a raw asyncio connection, following one
 service: half long-poll ``GET /v1/endpoints/SERVICE?after_epoch=E``, half hold
-``GET /v1/events`` open, spread over the registries given.
+``GET /v1/events?kinds=endpoint&services=SERVICE`` open (asking, as the client library
+does, for the endpoint answers of the service followed alone), spread over the
+registries given.
 
 ``python -m bench.hundred_clients --registries URL,URL --service S --clients 1000 --out F``
 prints ``ready`` once every client knows the service's endpoint, then appends to ``F``
@@ -89,13 +91,20 @@ async def long_poll(i: int, host: str, port: int, service: str, told: Told) -> N
             await asyncio.sleep(0.5)
 
 
+def stream_request(service: str) -> bytes:
+    """An event stream's request, asking for what the client library asks for when it
+    follows ``service`` alone."""
+    path = f"/v1/events?kinds=endpoint&services={service}"
+    return f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+
+
 async def stream(i: int, host: str, port: int, service: str, told: Told) -> None:
     local = (f"127.0.2.{i // PER_ADDRESS + 1}", 0)
     wanted = f'"service": "{service}"'
     while True:
         try:
             reader, writer = await asyncio.open_connection(host, port, local_addr=local)
-            writer.write(b"GET /v1/events HTTP/1.1\r\nHost: bench\r\n\r\n")
+            writer.write(stream_request(service))
             await reader.readuntil(b"\r\n\r\n")
             while True:
                 block = (await reader.readuntil(b"\n\n")).decode(errors="replace")

@@ -4,7 +4,8 @@ A :class:`~shared.mirror.Mirror` of the whole ``/hapair/v1`` prefix feeds a
 :class:`~shared.view.SiteView`. After each batch of changes the view is rebuilt once
 (only changed keys are parsed again), every lookup answer is compared with the one
 cached, and only answers that changed are encoded again, woken in long-polls and sent
-to the event streams. A lookup is then a dict read and a bytes copy.
+to the event streams that take them (``stream_filter.py``). A lookup is then a dict
+read and a bytes copy.
 
 A watch can stall without an error (its etcd member frozen, or cut from its quorum while
 still accepting connections), and etcd sends nothing on a quiet watch that aetcd passes
@@ -30,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from hapair.registry.stream_filter import SNAPSHOTS, STALE, StreamFilter, Streams
 from hapair.shared import keys
 from hapair.shared.log import EventLog
 from hapair.shared.mirror import Mirror
@@ -209,9 +211,12 @@ class SiteCache:
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         """Long-polls waiting for a service's answer to change."""
         self._deadlines = Deadlines()
-        self._subscribers: set[Subscriber] = set()
+        self._streams: Streams[Subscriber] = Streams()
         self._scheduled = False
-        self._snapshot: bytes | None = None
+        self._state: list[tuple[str, str | None, bytes]] | None = None
+        """The current state's messages, each encoded once: (kind, service, message)."""
+        self._snapshots: dict[StreamFilter | None, bytes] = {}
+        """The state a stream starts with, per filter asked since the state changed."""
         self._site: tuple[SiteView, dict[str, Any]] | None = None
         self._log = EventLog("hapair.registry")
 
@@ -315,45 +320,72 @@ class SiteCache:
     # ---- event streams ------------------------------------------------------------
 
     @contextlib.contextmanager
-    def subscribe(self) -> Iterator[Subscriber]:
+    def subscribe(self, wanted: StreamFilter | None = None) -> Iterator[Subscriber]:
         """A stream that starts with the current state (topology, roles, nodes, endpoint
-        answers), then carries every change."""
+        answers), then carries every change; of those, what ``wanted`` takes (None:
+        all). ``stale`` messages reach it whatever it wants."""
         sub = Subscriber(STREAM_BACKLOG + 2)
-        sub.offer(self._current_state())
+        state = self._current_state(wanted)
+        if state:
+            sub.offer(state)
         if self._stale_message is not None:
             sub.offer(self._stale_message)  # lost in the moment it took to open this one
-        self._subscribers.add(sub)
+        self._streams.add(sub, wanted)
         try:
             yield sub
         finally:
-            self._subscribers.discard(sub)
+            self._streams.discard(sub)
 
-    def _current_state(self) -> bytes:
-        """The messages a new stream starts with, as one write: encoded once per state,
-        so that a thousand streams opening at once (all sent here by another registry)
-        cost one encoding, not a thousand."""
-        if self._snapshot is None:
+    def _current_state(self, wanted: StreamFilter | None = None) -> bytes:
+        """The messages a new stream starts with, as one write: encoded once per state
+        and filter, so that a thousand streams opening at once (all sent here by another
+        registry) cost one encoding, not a thousand."""
+        snapshot = self._snapshots.get(wanted)
+        if snapshot is None:
+            if len(self._snapshots) >= SNAPSHOTS:
+                self._snapshots.clear()  # any client may ask new ones: the memory stays bounded
+            state = self._state_messages()
+            snapshot = b"".join(
+                message
+                for kind, service, message in state
+                if wanted is None or wanted.takes(kind, service)
+            )
+            self._snapshots[wanted] = snapshot
+        return snapshot
+
+    def _state_messages(self) -> list[tuple[str, str | None, bytes]]:
+        if self._state is None:
             revision = self.view.revision
-            snapshot = [sse("topology", self._topology, revision)] if self._topology else []
-            snapshot += [sse("role", role, revision) for role in self._roles.values()]
-            snapshot += [sse("node", node, revision) for node in self._nodes.values()]
-            snapshot += [
-                sse("endpoint", _endpoint_data(service, answer), revision)
+            state: list[tuple[str, str | None, Any]] = []
+            if self._topology:
+                state.append(("topology", None, self._topology))
+            state += [("role", None, role) for role in self._roles.values()]
+            state += [("node", None, node) for node in self._nodes.values()]
+            state += [
+                ("endpoint", service, _endpoint_data(service, answer))
                 for service, answer in sorted(self.answers.items())
             ]
-            self._snapshot = b"".join(snapshot)
-        return self._snapshot
+            self._state = [
+                (kind, service, sse(kind, data, revision)) for kind, service, data in state
+            ]
+        return self._state
 
     def close_streams(self) -> None:
-        for sub in list(self._subscribers):
+        for sub in list(self._streams):
             sub.offer(None)
 
-    def _publish(self, message: bytes) -> None:
+    def _publish(self, kind: str, data: Any, revision: int, service: str | None = None) -> None:
+        """News to the streams that take it: encoded only when one does."""
+        streams = self._streams.taking(kind, service)
+        if streams:
+            self._send(streams, sse(kind, data, revision))
+
+    def _send(self, streams: list[Subscriber], message: bytes) -> None:
         framed = chunk(message)
-        for sub in list(self._subscribers):
+        for sub in streams:
             sub.offer(message, framed)
             if sub.lagged:
-                self._subscribers.discard(sub)
+                self._streams.discard(sub)
                 self._log.warning("event stream cut off: client too slow")
 
     # ---- rebuilding after changes -------------------------------------------------
@@ -404,12 +436,12 @@ class SiteCache:
         if self._stale_message is None:
             self._log.warning(
                 "lost touch with etcd; telling event streams",
-                streams=len(self._subscribers),
+                streams=len(self._streams),
                 error=self.problem,
             )
             data = {"stale": True, "error": self.problem, "revision": revision}
-            self._stale_message = sse("stale", data, revision)
-            self._publish(self._stale_message)
+            self._stale_message = sse(STALE, data, revision)
+            self._send(self._streams.taking(STALE), self._stale_message)
         if self._ending is None:
             loop = asyncio.get_running_loop()
             self._ending = loop.call_later(self._stale_streams_s, self._lost_for_long)
@@ -417,10 +449,10 @@ class SiteCache:
 
     def _lost_for_long(self) -> None:
         self._ending = None
-        if self._subscribers and not self.synced:
+        if self._streams and not self.synced:
             self._log.warning(
                 "out of touch with etcd for long; ending event streams",
-                streams=len(self._subscribers),
+                streams=len(self._streams),
                 after_s=self._stale_streams_s,
                 error=self.problem,
             )
@@ -434,11 +466,12 @@ class SiteCache:
         if self._stale_message is not None:
             self._stale_message = None
             revision = self.view.revision
-            self._publish(sse("stale", {"stale": False, "revision": revision}, revision))
+            self._publish(STALE, {"stale": False, "revision": revision}, revision)
 
     def _rebuild(self) -> None:
         self._scheduled = False
-        self._snapshot = None  # a new revision at least
+        self._state = None  # a new revision at least
+        self._snapshots.clear()
         old = self.view
         new = SiteView.from_kvs(self.mirror.items.values(), self.mirror.revision, previous=old)
         self.view = new
@@ -454,7 +487,7 @@ class SiteCache:
         # The first build after start only shows the past; streams get news.
         for key, event in new.events.items():
             if key not in old.events and old.revision:
-                self._publish(sse("event", event.model_dump(mode="json"), rev))
+                self._publish("event", event.model_dump(mode="json"), rev)
                 self.events_seen[self._kind_label(event.kind)] += 1
 
     def _kind_label(self, kind: str) -> str:
@@ -476,7 +509,7 @@ class SiteCache:
             data = {"site": None, "error": "the topology in etcd is invalid"}
         if data != self._topology:
             self._topology = data
-            self._publish(sse("topology", data or {"site": None}, rev))
+            self._publish("topology", data or {"site": None}, rev)
 
     def _update_roles(self, view: SiteView, rev: int) -> None:
         pairs = {p.name for p in view.site.pairs()} if view.site is not None else set()
@@ -494,7 +527,7 @@ class SiteCache:
                 self._roles.pop(name, None)
             elif self._roles.get(name) != role:
                 self._roles[name] = role
-                self._publish(sse("role", role, rev))
+                self._publish("role", role, rev)
 
     def _update_answers(self, view: SiteView, rev: int) -> None:
         services = view.services()
@@ -510,7 +543,7 @@ class SiteCache:
                 self.answers[service] = answer
             else:
                 self.answers.pop(service, None)
-            self._publish(sse("endpoint", _endpoint_data(service, answer), rev))
+            self._publish("endpoint", _endpoint_data(service, answer), rev, service)
             self._wake_waiters(service)
 
     def _update_nodes(self, old: SiteView, new: SiteView, rev: int) -> None:
@@ -538,7 +571,7 @@ class SiteCache:
             }
             if self._nodes.get(name) != data:
                 self._nodes[name] = data
-                self._publish(sse("node", data, rev))
+                self._publish("node", data, rev)
 
 
 def unreadable_topology(view: SiteView) -> bool:

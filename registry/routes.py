@@ -291,7 +291,7 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         "/v1/events",
         events,
-        "Server-sent events: the current state, then every change",
+        "Server-sent events: the current state, then every change (or what is asked for)",
         {
             200: Reply(
                 "a stream of events, each as the schema says, and comment lines on idle",
@@ -304,6 +304,10 @@ ROUTES: tuple[Route, ...] = (
             ),
         },
         query=StreamQuery,
+        description="`kinds` and `services` ask for less than everything, in the state the "
+        "stream starts with and after: `?kinds=endpoint&services=mes-api` is what a client "
+        "of mes-api needs. `stale` events reach every stream, whatever it asked for. A "
+        "registry older than these parameters refuses them (400).",
         tags=READS,
     ),
     Route(

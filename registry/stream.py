@@ -3,9 +3,11 @@
 A stream starts with the current state (topology, every pair's role, every endpoint
 answer), so a client that subscribes first needs no separate lookup, then carries each
 change as it is seen. A client that reconnects, here or to another registry, thus
-resumes from the current state. Idle streams get a comment line every ``heartbeat_s``
-(``?heartbeat_s=S`` asks for another period, so a client can tell a silent registry
-from a dead one sooner).
+resumes from the current state. ``?kinds=endpoint&services=mes-api`` asks for less:
+those kinds of messages, and the endpoint answers of those services, in the state it
+starts with and after (see ``stream_filter.py``). Idle streams get a comment line every
+``heartbeat_s`` (``?heartbeat_s=S`` asks for another period, so a client can tell a
+silent registry from a dead one sooner).
 
 A registry out of touch with etcd could only stream old news: it refuses new streams
 with ``503``, tells the open ones at once (a ``stale`` event, and another once it is
@@ -33,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hapair.registry.appkeys import CACHE, CONFIG, READERS
 from hapair.registry.errors import error, validate
+from hapair.registry.stream_filter import KINDS, MAX_SERVICES, Kinds, Services, StreamFilter
 from hapair.shared.log import EventLog
 
 RETRY_AFTER_S = 2
@@ -57,6 +60,21 @@ class StreamQuery(BaseModel):
         allow_inf_nan=False,
         description="seconds between comment lines on an idle stream (default the registry's)",
     )
+    kinds: Kinds = Field(
+        None,
+        description=f"the kinds of messages to send, comma-separated, of {', '.join(KINDS)} "
+        "(default all; stale events are sent to every stream)",
+    )
+    services: Services = Field(
+        None,
+        description=f"the services whose endpoint answers to send, comma-separated, at most "
+        f"{MAX_SERVICES} (default every service's); other kinds are not restricted",
+    )
+
+    def stream_filter(self) -> StreamFilter | None:
+        """What the stream takes; None: everything, as a stream that asks nothing."""
+        asked = StreamFilter(self.kinds or StreamFilter().kinds, self.services)
+        return None if asked == StreamFilter() else asked
 
 
 @contextlib.contextmanager
@@ -98,6 +116,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     cache, config = request.app[CACHE], request.app[CONFIG]
     query = validate(StreamQuery, dict(request.query), "query parameter")
     heartbeat_s = query.heartbeat_s or config.heartbeat_s
+    wanted = query.stream_filter()
     if not cache.synced:
         return error(
             503, f"registry is not in touch with etcd ({cache.mirror.error or 'starting'})"
@@ -112,7 +131,7 @@ async def events(request: web.Request) -> web.StreamResponse:
             response.enable_chunked_encoding()
         await response.prepare(request)
         try:
-            await _stream(request, response, heartbeat_s, config.write_timeout_s)
+            await _stream(request, response, wanted, heartbeat_s, config.write_timeout_s)
         except ConnectionResetError:
             pass  # the client went away; its subscription is gone with it
         except TimeoutError:
@@ -136,7 +155,11 @@ def _reset(transport: asyncio.Transport | None) -> None:
 
 
 async def _stream(
-    request: web.Request, response: web.StreamResponse, heartbeat_s: float, write_s: float
+    request: web.Request,
+    response: web.StreamResponse,
+    wanted: StreamFilter | None,
+    heartbeat_s: float,
+    write_s: float,
 ) -> None:
     transport = request.transport
 
@@ -168,7 +191,7 @@ async def _stream(
     # the stream's alone (no compression), so news may bypass the response object.
     await write(b"retry: 1000\n\n")
     direct = send if request.method == "GET" and not response.compression else None
-    with request.app[CACHE].subscribe() as sub:
+    with request.app[CACHE].subscribe(wanted) as sub:
         while True:
             if sub.queue.empty():
                 sub.send = direct

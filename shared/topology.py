@@ -37,6 +37,8 @@ from hapair.shared.vip import Vip
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+ENDPOINT_NAME_PATTERN = NAME_PATTERN.removesuffix("$") + r"(\.db)?$"
+"""What may have an endpoint: a service's name, or a pair's database (``PAIR.db``)."""
 PLACEHOLDERS = frozenset({"node.name", "node.address", "pair.name", "epoch"})
 # A user or group of the node: a name as useradd accepts it, or a number.
 ACCOUNT_PATTERN = r"^([a-z_][a-z0-9_-]{0,30}\$?|[0-9]{1,10})$"

@@ -5,7 +5,9 @@ the same etcd. :meth:`Resolver.resolve` asks one (the next one on failure).
 :meth:`Resolver.watch` follows the registry's event stream (SSE), or long-polls a
 registry that has no stream, and yields every newer endpoint the moment it is
 published; when the registry it follows goes away it goes on through the next URL and,
-since a stream starts with the current state, resumes from the last epoch it saw.
+since a stream starts with the current state, resumes from the last epoch it saw. The
+stream asks for the endpoint answers of the services followed alone (``interest.py``);
+one more followed, it is opened again, asking for that one too.
 
 Whatever the registries send, three rules hold:
 
@@ -54,6 +56,7 @@ from hapair.shared.client.answers import (
 )
 from hapair.shared.client.backoff import Backoff
 from hapair.shared.client.errors import RegistryUnavailable, ServiceUnavailable, UnknownService
+from hapair.shared.client.interest import StreamAsk
 from hapair.shared.client.models import STALE_HEADER, Endpoint, StreamedAnswer
 from hapair.shared.client.registries import Registries, registry_ssl
 from hapair.shared.client.sse import SseError, SseParser
@@ -68,6 +71,15 @@ log = EventLog("hapair.client")
 
 class _NoStream(Exception):
     """A registry without an event stream: long-poll it instead."""
+
+
+class _NoFilter(Exception):
+    """A registry that refuses a stream's filter (older than filters): ask it for all."""
+
+
+class _Widen(Exception):
+    """A service the stream does not carry is followed: open one that asks for it too.
+    Nothing failed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +135,9 @@ class Resolver:
         self._follower: asyncio.Task[None] | None = None
         self._pokes: dict[str, asyncio.Task[None]] = {}
         self._no_stream: set[str] = set()
+        self._unfiltered: set[str] = set()  # registries that take no stream filter
         self._followed: str | None = None  # the registry whose stream is read now
+        self._told: StreamAsk | None = None  # which services the followed one tells of
         self._leave = asyncio.Event()  # set: the followed registry is behind another
         self._confirming: asyncio.Task[None] | None = None
         self._closed = False
@@ -292,10 +306,22 @@ class Resolver:
                 log.info("registry has no event stream; long-polling it", registry=url, why=err)
                 self._no_stream.add(url)
                 continue
+            except _NoFilter as err:
+                log.info(
+                    "registry takes no stream filter (an older version); following it unfiltered",
+                    registry=url,
+                    why=err,
+                )
+                self._unfiltered.add(url)
+                continue
+            except _Widen:
+                continue
             except (Garbage, RegistryDown, Behind, SseError, *NETWORK_ERRORS) as err:
                 problem = err
             finally:
-                self._followed = None
+                self._followed, self._told = None, None
+            # Restarted, it may be of a newer version: it is asked for a filter again.
+            self._unfiltered.discard(url)
             served = self.registries.serving_since
             if served is not None and loop.time() - served >= 1.0:
                 # It served well for a while before going: try the others at once.
@@ -323,10 +349,15 @@ class Resolver:
         task.result()
 
     async def _stream(self, url: str) -> None:
+        if url in self._unfiltered:
+            ask = StreamAsk.everything()
+        else:
+            ask = StreamAsk.endpoints_of(self._interest)
+        self._told = ask
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.request_timeout_s, sock_read=self.stream_idle_s
         )
-        params = {"heartbeat_s": f"{max(self.stream_idle_s / 3, 0.5):g}"}
+        params = {"heartbeat_s": f"{max(self.stream_idle_s / 3, 0.5):g}", **ask.params()}
         async with self._http().get(
             f"{url}/v1/events",
             params=params,
@@ -340,16 +371,38 @@ class Resolver:
                 raise _NoStream(f"HTTP {resp.status} {resp.content_type} on /v1/events")
             if resp.status == 503:
                 raise RegistryDown(await error_reason(resp))
+            if resp.status == 400 and ask.filtered:
+                # An older registry's query model forbids any parameter it does not know.
+                raise _NoFilter(await error_reason(resp))
             if resp.status != 200 or no_stream:
                 raise Garbage(f"HTTP {resp.status} {resp.content_type} on /v1/events")
             self.registries.serving(url)
-            parser = SseParser()
-            async for chunk in resp.content.iter_any():
-                for event in parser.feed(chunk):
-                    if event.event == "endpoint":
-                        self._streamed(url, event.data)
-                    elif event.event == "stale":
-                        self._registry_stale(url, event.data)
+            await self._read_stream(url, resp, ask)
+
+    async def _read_stream(self, url: str, resp: aiohttp.ClientResponse, ask: StreamAsk) -> None:
+        """Take the stream's events until it ends or fails, or until a service it does
+        not carry is followed (:class:`_Widen`)."""
+        reading = asyncio.create_task(self._events(url, resp))
+        changed: asyncio.Task[Any] | None = None
+        try:
+            while not reading.done():
+                self._interest_changed.clear()
+                if ask.lacks(self._interest):
+                    raise _Widen()
+                changed = asyncio.create_task(self._interest_changed.wait())
+                await asyncio.wait({reading, changed}, return_when=asyncio.FIRST_COMPLETED)
+            reading.result()
+        finally:
+            await _cancel([t for t in (reading, changed) if t is not None])
+
+    async def _events(self, url: str, resp: aiohttp.ClientResponse) -> None:
+        parser = SseParser()
+        async for chunk in resp.content.iter_any():
+            for event in parser.feed(chunk):
+                if event.event == "endpoint":
+                    self._streamed(url, event.data)
+                elif event.event == "stale":
+                    self._registry_stale(url, event.data)
 
     def _streamed(self, url: str, data: str) -> None:
         try:
@@ -382,6 +435,7 @@ class Resolver:
         again when the set of followed services changes."""
         while True:
             self._interest_changed.clear()
+            self._told = StreamAsk(frozenset(self._interest))  # its polls tell of these
             tasks: list[asyncio.Task[Any]] = [
                 asyncio.create_task(self._poll_one(url, s)) for s in list(self._interest)
             ]
@@ -436,15 +490,16 @@ class Resolver:
         and note whether the registry followed has said it too."""
         entry = self._entry(service)
         news = accept(entry, service, status, payload)
-        self._confirm(url, entry, news)
+        self._confirm(url, service, entry, news)
 
-    def _confirm(self, url: str, entry: Entry, news: bool) -> None:
+    def _confirm(self, url: str, service: str, entry: Entry, news: bool) -> None:
         """Track whether the registry followed has said what is known: news told by
         another one must come through the stream too, soon, or the registry followed
-        is behind (its watch of etcd stalled, while it still sends heartbeats)."""
+        is behind (its watch of etcd stalled, while it still sends heartbeats). Only
+        of a service its stream carries: of another, it says nothing."""
         if url == self._followed:
             entry.unconfirmed = False
-        elif news and self._followed is not None:
+        elif news and self._followed is not None and self._carried(service):
             entry.unconfirmed = True
             if self._confirming is None or self._confirming.done():
                 self._confirming = asyncio.create_task(self._check_confirmed(url))
@@ -454,7 +509,7 @@ class Resolver:
         await asyncio.sleep(self.request_timeout_s)
         if followed is None or followed != self._followed:
             return
-        behind = sorted(s for s, e in self._entries.items() if e.unconfirmed)
+        behind = sorted(s for s, e in self._entries.items() if e.unconfirmed and self._carried(s))
         if behind:
             log.warning(
                 "the registry followed is behind another; leaving it",
@@ -464,6 +519,10 @@ class Resolver:
             )
             self.registries.first = self.registries.urls.index(better)
             self._leave.set()
+
+    def _carried(self, service: str) -> bool:
+        """Whether the registry followed tells news of ``service``."""
+        return self._told is not None and self._told.carries(service)
 
     def _mark_stale(self, services: list[str]) -> None:
         for service in services:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import pytest
 from aiohttp import ClientSession, web
+from yarl import URL
 
 from hapair.registry.app import create_app
 from hapair.registry.appkeys import RegistryConfig
@@ -46,12 +47,17 @@ async def next_of(endpoints: AsyncIterator[Endpoint], deadline_s: float = 3.0) -
 
 
 class FakeRegistry:
-    """Answers lookups from a script (the last entry repeats) and streams given chunks."""
+    """Answers lookups from a script (the last entry repeats) and streams given chunks.
+    ``filters=False``: it refuses a stream's filter as a registry older than filters
+    does (400: its query model takes no other parameter). The queries of its streams
+    are kept in ``stream_queries``."""
 
-    def __init__(self, stream: bool = True) -> None:
+    def __init__(self, stream: bool = True, filters: bool = True) -> None:
         self.has_stream = stream
+        self.filters = filters
         self.answers: list[tuple[int, bytes]] = []
         self.stream: list[bytes] = []
+        self.stream_queries: list[dict[str, str]] = []
         self.lookups = 0
         self.retry_after = False
         self.url = ""
@@ -70,6 +76,15 @@ class FakeRegistry:
         )
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
+        query = dict(request.query)
+        self.stream_queries.append(query)
+        unknown = sorted(set(query) - {"heartbeat_s"})
+        if unknown and not self.filters:
+            problems = [f"{name}: Extra inputs are not permitted" for name in unknown]
+            return web.json_response(
+                {"error": "invalid query parameter: " + "; ".join(problems), "problems": problems},
+                status=400,
+            )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         for chunk in self.stream:
@@ -137,15 +152,22 @@ async def _healthy(url: str, context: ssl.SSLContext | None = None) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def registry_in_process(etcd: Etcd | str, heartbeat_s: float = 0.5) -> AsyncIterator[str]:
+async def registry_in_process(
+    etcd: Etcd | str, heartbeat_s: float = 0.5, asked: list[tuple[URL, int]] | None = None
+) -> AsyncIterator[str]:
     """A registry app on a free port in this process, on ``etcd`` (over TLS with the
-    admin's certificate; a URL: the lab mode); yields its URL once in sync."""
+    admin's certificate; a URL: the lab mode); yields its URL once in sync. Each
+    request it answers, with its status, is added to ``asked`` when given."""
     url, tls = etcd_client(etcd)
-    runner = web.AppRunner(
-        create_app(url, RegistryConfig(heartbeat_s=heartbeat_s), tls=tls),
-        access_log=None,
-        shutdown_timeout=0.5,
-    )
+    app = create_app(url, RegistryConfig(heartbeat_s=heartbeat_s), tls=tls)
+    if asked is not None:
+
+        async def note(request: web.Request, response: web.StreamResponse) -> None:
+            if request.path != "/healthz":  # its own start-up probes
+                asked.append((request.rel_url, response.status))
+
+        app.on_response_prepare.append(note)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()

@@ -31,3 +31,12 @@ def test_the_registry_ca_option_is_checked_when_given(tmp_path: Path) -> None:
     context = registry_ssl(tmp_path / pki.CA_CERT, tmp_path / "alice.crt", tmp_path / "alice.key")
     assert context is not None and context.verify_mode == ssl.CERT_REQUIRED
     assert context.check_hostname
+
+
+def test_the_stream_filter_limits_are_the_registrys() -> None:
+    from hapair.registry.stream_filter import MAX_SERVICES
+    from hapair.shared.client import interest
+    from hapair.shared.topology import ENDPOINT_NAME_PATTERN
+
+    assert interest.MAX_SERVICES == MAX_SERVICES
+    assert interest.SERVICE_NAME_PATTERN == ENDPOINT_NAME_PATTERN

@@ -155,3 +155,39 @@ async def test_a_busy_registry_is_not_taken_for_the_service(
         got = await r.resolve("mes-api")
         assert got.epoch == 10 and r.state("mes-api").status == 200
         assert any("too many long-polls" in w for w in warnings_of(caplog))
+
+
+async def test_a_registry_that_takes_no_filter_is_followed_unfiltered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A registry older than stream filters refuses them (400): the resolver follows it
+    unfiltered, remembers so, and says it once, at info: it is neither down nor garbage."""
+    caplog.set_level(logging.INFO, "hapair.client")
+    async with FakeRegistry(filters=False) as old, fast(old.url) as resolver:
+        old.answer(200, endpoint_json(10))
+        old.stream = [
+            sse({"pair": "asm", "active": "asm-a"}, kind="role"),
+            sse({**endpoint_json(10), "status": 200}),
+            sse({**endpoint_json(11, port=8081), "status": 200}),
+        ]
+        async with contextlib.aclosing(resolver.watch("mes-api")) as endpoints:
+            assert (await next_of(endpoints)).epoch == 10
+            assert (await next_of(endpoints)).epoch == 11
+            async with resolver.following("scada"):  # carried already: no new stream
+                await asyncio.sleep(0.3)
+        asked = [{k: v for k, v in q.items() if k != "heartbeat_s"} for q in old.stream_queries]
+        assert asked == [{"kinds": "endpoint", "services": "mes-api"}, {}]
+        assert warnings_of(caplog) == []
+        told = [r for r in caplog.records if "takes no stream filter" in r.getMessage()]
+        assert len(told) == 1 and told[0].levelno == logging.INFO
+
+
+async def test_the_stream_asks_for_the_services_followed() -> None:
+    async with FakeRegistry() as fake, fast(fake.url) as resolver:
+        fake.answer(200, endpoint_json(10))
+        fake.stream = [sse({**endpoint_json(10), "status": 200})]
+        async with resolver.following("scada"), resolver.following("mes-api"):
+            await until(lambda: asyncio.sleep(0, resolver.current("mes-api")), "followed")
+        queries = {q["services"] for q in fake.stream_queries}
+        assert queries <= {"scada", "mes-api,scada"} and "mes-api,scada" in queries
+        assert all(q["kinds"] == "endpoint" for q in fake.stream_queries)

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from hapair.shared.client import Backoff, Endpoint
 from hapair.shared.client.errors import DeadlineExceeded
+from hapair.shared.client.interest import MAX_SERVICES, StreamAsk
 from hapair.shared.client.models import EndpointAnswer
 from hapair.shared.client.registries import parse_registries
 from hapair.shared.client.sse import SseError, SseEvent, SseParser
@@ -135,3 +136,34 @@ def test_deadline_message_says_what_was_tried() -> None:
     assert (
         str(none) == "svc: not reached within 1.5 s: no endpoint known (pair p has no active node)"
     )
+
+
+# ---- what a stream asks for ---------------------------------------------------------
+
+
+def test_a_stream_asks_for_the_endpoints_of_the_services_followed_sorted() -> None:
+    ask = StreamAsk.endpoints_of(["scada", "mes-api", "asm.db"])
+    assert ask.params() == {"kinds": "endpoint", "services": "asm.db,mes-api,scada"}
+    assert ask.carries("scada") and not ask.carries("worker")
+    assert not ask.lacks(["scada", "mes-api"]) and not ask.lacks([])
+    assert ask.lacks(["mes-api", "worker"])  # one more followed: a wider stream is needed
+
+
+def test_a_name_that_no_registry_can_carry_is_not_asked_for_nor_waited_for() -> None:
+    ask = StreamAsk.endpoints_of(["mes-api", "bad name!", "x" * 64])
+    assert ask.params() == {"kinds": "endpoint", "services": "mes-api"}
+    assert not ask.lacks(["mes-api", "bad name!"])  # no stream could carry it: no restart
+
+
+def test_beyond_what_a_registry_takes_a_stream_asks_for_every_endpoint() -> None:
+    ask = StreamAsk.endpoints_of(f"s{i}" for i in range(MAX_SERVICES + 1))
+    assert ask.params() == {"kinds": "endpoint"}
+    assert ask.carries("anything") and not ask.lacks(["anything"])
+    assert StreamAsk.endpoints_of(f"s{i}" for i in range(MAX_SERVICES)).services is not None
+    # Nothing it could ask for by name: every endpoint, never an empty filter.
+    assert StreamAsk.endpoints_of(["bad name!"]).params() == {"kinds": "endpoint"}
+
+
+def test_a_registry_that_takes_no_filter_is_asked_for_everything() -> None:
+    ask = StreamAsk.everything()
+    assert ask.params() == {} and ask.carries("scada") and not ask.lacks(["scada"])

@@ -16,6 +16,7 @@ from hapair.registry.app import create_app
 from hapair.registry.cache import Answer
 from hapair.registry.openapi import document
 from hapair.registry.routes import ROUTES
+from hapair.registry.stream_filter import KINDS_PATTERN, SERVICES_PATTERN
 from hapair.shared.view import SiteView
 from tests.unit.test_view import endpoint, leader, status, topo
 
@@ -65,6 +66,12 @@ def test_admin_routes_say_how_they_are_refused_and_need_a_credential() -> None:
     events = doc["paths"]["/v1/events"]["get"]["responses"]
     assert "Retry-After" in events["503"]["headers"]
     assert "text/event-stream" in events["200"]["content"]
+    assert "400" in events
+    stream = {p["name"]: p for p in doc["paths"]["/v1/events"]["get"]["parameters"]}
+    assert set(stream) == {"heartbeat_s", "kinds", "services"}
+    for name, pattern in (("kinds", KINDS_PATTERN), ("services", SERVICES_PATTERN)):
+        assert stream[name]["schema"]["anyOf"][0] == {"type": "string", "pattern": pattern}
+    assert not stream["kinds"]["required"] and "stale" in stream["kinds"]["description"]
 
 
 async def test_the_registry_serves_its_document() -> None:
