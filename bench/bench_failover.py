@@ -100,8 +100,9 @@ def pair_spec(
     }
 
 
-# Told of each move once the new active holds the role: (kind, old, new, fault time).
-Moved = Callable[[str, str, str, float], Awaitable[None]]
+# Told of each move once the new active holds the role: (kind, old, new, the fault's
+# time, the service's first answer's), on the monotonic clock.
+Moved = Callable[[str, str, str, float, float], Awaitable[None]]
 
 
 async def measure(
@@ -152,7 +153,7 @@ async def measure(
             print(f"  {kind:<10} {active} -> {standby}: {t1 - t0:.3f} s", flush=True)
             await c.active(pair, not_epoch=epoch, node=standby)
             if moved is not None:
-                await moved(kind, active, standby, t0)
+                await moved(kind, active, standby, t0, t1)
             if kind in ("crash", "agent-kill"):
                 c.agents[active].wait(5)
                 c.start(active)

@@ -26,7 +26,12 @@ what the registries, the clients and etcd each spent on a CPU and waited for one
 meanwhile: where the time of a slow fan-out went. Medians with min and max; a target
 missed is marked MISSED (the run still succeeds: its figures are the result). The
 machine may be shared: the load average and this process's wait for a CPU are printed.
+
+etcd runs at the nice level the plant's etcd gets from ``deploy/etcd/hapair-priority.conf``
+(``Nice=``), ahead of the services, the registries and the clients, as it would be on a
+host it shares with them; ``--etcd-nice 0`` runs it as an ordinary process.
 Usage: python -m bench.bench_hundred [--runs 5] [--window-s 20] [--clients 1000]
+                                     [--etcd-nice N]
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from typing import Any
 from bench import etcd_rates
 from bench.bench_failover import Moved, checked_and_removed, measure, pair_spec
 from bench.hundred_load import address as played_address
-from bench.procstat import proc_cpu_seconds, rss_mb, run_delay, sched_seconds
+from bench.procstat import proc_cpu_seconds, renice, rss_mb, run_delay, sched_seconds
 from hapair.shared import pki
 from tests.support.client_lab import REGISTRY
 from tests.support.cluster import FIELD, Cluster, until
@@ -75,6 +80,17 @@ TARGET_FANOUT_S = 0.200
 KINDS = ("switchover", "crash")
 # A liveness deadline for 20 agents starting (Python's start-up on a busy machine).
 START_S = 300
+
+
+ETCD_PRIORITY = ROOT / "deploy" / "etcd" / "hapair-priority.conf"
+
+
+def deployed_etcd_nice() -> int:
+    """The ``Nice=`` of the drop-in a plant's etcd is given."""
+    for line in ETCD_PRIORITY.read_text().splitlines():
+        if line.startswith("Nice="):
+            return int(line.removeprefix("Nice="))
+    raise RuntimeError(f"no Nice= in {ETCD_PRIORITY}")
 
 
 def real_address(pair: int) -> dict[str, str]:
@@ -238,6 +254,29 @@ def stopping(procs: list[subprocess.Popen[bytes]]) -> Iterator[None]:
             stop_pid(p)
 
 
+def started_at(log: str, service: str, epoch: int) -> float | None:
+    """When the agent forked ``service``'s run at ``epoch`` (this process's monotonic
+    clock; the agent logs it on ``CLOCK_BOOTTIME``, the clock of its deadlines)."""
+    offset = time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic()
+    for line in log.splitlines():
+        if 'event="service started"' not in line:
+            continue
+        fields = dict(FIELD.findall(line))
+        if fields.get("service") == service and fields.get("epoch") == str(epoch):
+            return float(fields["at"]) - offset
+    return None
+
+
+def stop_s(log: str) -> float | None:
+    """How long the last step down in an agent's log took to stop its services: the
+    old service's own exit, on SIGTERM, for the most part."""
+    for line in reversed(log.splitlines()):
+        if 'event="stepped down"' in line:
+            ms = dict(FIELD.findall(line)).get("stop_ms")
+            return None if ms is None else int(ms) / 1000
+    return None
+
+
 def published_at(log: str, service: str, epoch: int) -> float | None:
     """When the agent's write of ``service``'s endpoint at ``epoch`` was acknowledged
     (this process's monotonic clock; its log stamps local time to the millisecond)."""
@@ -350,15 +389,51 @@ def ordered(pair: int, active: str) -> dict[str, str]:
     return {active: nodes[active], **{n: a for n, a in nodes.items() if n != active}}
 
 
-async def moves(
-    c: Cluster, port: int, runs: int, moved: Moved | None = None
-) -> tuple[dict[str, list[float]], int]:
+@dataclass
+class Moves:
+    """Each kind's moves: from the fault to the service answering (``took``), and that
+    time in two: to the new active's agent forking the service (``hapair``), and from
+    there to its first answer (``service``: the service's own start, a Python program
+    here, which hapair does not make faster or slower); of a switchover's first part,
+    how long the old active took to stop its service (``stop``: the old service's own
+    exit on SIGTERM, for the most part); ``spoiled`` moves not measured."""
+
+    took: dict[str, list[float]]
+    hapair: dict[str, list[float]]
+    service: dict[str, list[float]]
+    stop: dict[str, list[float]]
+    spoiled: int = 0
+
+
+async def moves(c: Cluster, port: int, runs: int, moved: Moved | None = None) -> Moves:
     """``runs`` of each kind of move of the followed pair, one ``measure`` each: a move
     that the machine spoils (the pair moving again on its own before the move is
     complete, on a machine too busy for etcd to answer keepalives in time) is counted,
     not measured, and the next one starts from wherever the pair is."""
-    results: dict[str, list[float]] = {k: [] for k in KINDS}
-    spoiled = 0
+    found = Moves(*({k: [] for k in KINDS} for _ in range(4)))
+    service = f"svc-{FOLLOWED}"
+
+    async def halves(kind: str, old: str, new: str, t0: float, t1: float) -> None:
+        _, epoch = await c.active(FOLLOWED, node=new)
+        forked = await until(
+            lambda: asyncio.sleep(0, started_at(c.log(new), service, epoch)),
+            10,
+            "the service's start in the new active's log",
+        )
+        found.hapair[kind].append(forked - t0)
+        found.service[kind].append(t1 - forked)
+        stopped = stop_s(c.log(old)) if kind == "switchover" else None
+        if stopped is not None:
+            found.stop[kind].append(stopped)
+        print(
+            f"    service forked after {forked - t0:.3f} s"
+            + ("" if stopped is None else f" (the old one stopped in {stopped:.3f} s)")
+            + f", answering {t1 - forked:.3f} s later",
+            flush=True,
+        )
+        if moved is not None:
+            await moved(kind, old, new, t0, t1)
+
     nodes = real_address(0)
     for kind in KINDS:
         for _ in range(runs):
@@ -369,14 +444,14 @@ async def moves(
             await c.standby(next(n for n in nodes if n != active), timeout=START_S)
             try:
                 got = await measure(
-                    c, port, 1, (kind,), moved, FOLLOWED, ordered(0, active), START_S
+                    c, port, 1, (kind,), halves, FOLLOWED, ordered(0, active), START_S
                 )
             except AssertionError as err:
-                spoiled += 1
+                found.spoiled += 1
                 print(f"  {kind}: spoiled, not measured ({err})", flush=True)
                 continue
-            results[kind] += got[kind]
-    return results, spoiled
+            found.took[kind] += got[kind]
+    return found
 
 
 def fenced(c: Cluster) -> int:
@@ -385,7 +460,7 @@ def fenced(c: Cluster) -> int:
     return sum(c.log(f"p{i}-{s}").count("event=fenced") for i in range(REAL_PAIRS) for s in "ab")
 
 
-async def main(runs: int, window_s: float, clients: int) -> int:
+async def main(runs: int, window_s: float, clients: int, etcd_nice: int) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="hapair-bench-hundred-"))
     test_pki = TestPki.create(tmp / "pki")
     etcd = EtcdCluster(3, pki=test_pki)
@@ -395,7 +470,13 @@ async def main(runs: int, window_s: float, clients: int) -> int:
         m.extra_args = [*plant_raft_timing(), "--listen-metrics-urls", f"http://127.0.0.1:{port}"]
         metrics.append(f"http://127.0.0.1:{port}")
     etcd.start()
-    print("etcd: 3 members, secure (TLS, client certificates), raft timing of deploy/etcd")
+    for m in etcd.members:
+        assert m.proc is not None
+        renice(m.proc.pid, etcd_nice)
+    print(
+        "etcd: 3 members, secure (TLS, client certificates), raft timing of deploy/etcd, "
+        f"nice {etcd_nice}"
+    )
     print(machine_line("start"), flush=True)
     c = CountedCluster(etcd, tmp)  # type: ignore[arg-type]
     port = free_port()
@@ -485,7 +566,7 @@ async def phases(
 
     # -- alone: the real pair's moves with nothing else -----------------------------------
     print(f"\nalone: {runs} of each move of {FOLLOWED}", flush=True)
-    alone, spoiled_alone = await moves(c, port, runs)
+    alone = await moves(c, port, runs)
     fenced_alone = fenced(c) - fenced_at_start
 
     # -- the load -------------------------------------------------------------------------
@@ -553,7 +634,7 @@ async def phases(
     fanout: list[float] = []
     short: list[int] = []
 
-    async def moved(kind: str, old: str, new: str, t0: float) -> None:
+    async def moved(kind: str, old: str, new: str, t0: float, _: float) -> None:
         _, epoch = await c.active(FOLLOWED, node=new)
         acked = await until(
             lambda: asyncio.sleep(0, published_at(c.log(new), f"svc-{FOLLOWED}", epoch)),
@@ -592,7 +673,7 @@ async def phases(
     sampler.start()
     moves_from = time.monotonic()
     async with publications(c.store, f"svc-{FOLLOWED}") as published:
-        loaded, spoiled_load = await moves(c, port, runs, moved)
+        loaded = await moves(c, port, runs, moved)
     sampler.stop()
     span = time.monotonic() - moves_from
     print(
@@ -608,23 +689,34 @@ async def phases(
     print(f"\n{'':<34} {'runs':>4} {'median':>9} {'min':>9} {'max':>9}")
     missed = False
     for kind in KINDS:
-        if not alone[kind] or not loaded[kind]:
+        if not alone.took[kind] or not loaded.took[kind]:
             print(f"{kind}: no move measured alone or with the load")
             missed = True
             continue
-        drift = statistics.median(loaded[kind]) / statistics.median(alone[kind]) - 1
+        drift = statistics.median(loaded.took[kind]) / statistics.median(alone.took[kind]) - 1
         ok = drift <= TARGET_DRIFT
         missed |= not ok
-        print(summary(f"{kind}: alone", alone[kind]))
+        print(summary(f"{kind}: alone", alone.took[kind]))
         print(
             summary(
                 f"{kind}: 100 pairs",
-                loaded[kind],
+                loaded.took[kind],
                 target=f"{drift:+.1%} (target <= +{TARGET_DRIFT:.0%}) {'ok' if ok else 'MISSED'}",
             )
         )
-    if spoiled_alone or spoiled_load:
-        print(f"moves spoiled, not measured: {spoiled_alone} alone, {spoiled_load} with the load")
+        for part, what in (
+            ("hapair", "to the service forked"),
+            ("stop", "the old one's stop"),
+            ("service", "its own start"),
+        ):
+            before, after = getattr(alone, part)[kind], getattr(loaded, part)[kind]
+            if not before or not after:
+                continue
+            change = statistics.median(after) / statistics.median(before) - 1
+            print(summary(f"  {what}: alone", before))
+            print(summary(f"  {what}: 100 pairs", after, target=f"{change:+.1%}"))
+    if alone.spoiled or loaded.spoiled:
+        print(f"moves spoiled, not measured: {alone.spoiled} alone, {loaded.spoiled} with the load")
     if not fanout:
         print("no fan-out measured")
         return 0
@@ -662,5 +754,6 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--window-s", type=float, default=20.0)
     parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--etcd-nice", type=int, default=deployed_etcd_nice())
     args = parser.parse_args()
-    sys.exit(asyncio.run(main(args.runs, args.window_s, args.clients)))
+    sys.exit(asyncio.run(main(args.runs, args.window_s, args.clients, args.etcd_nice)))

@@ -60,3 +60,13 @@ def rss_mb(pid: int | str = "self") -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def renice(pid: int | str, nice: int) -> None:
+    """Give every thread of ``pid`` the nice level ``nice`` (on Linux a nice level is
+    a thread's: the threads it starts later inherit it from the one that starts them)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(task.name), nice)
+        except ProcessLookupError:
+            continue

@@ -8,7 +8,15 @@ import time
 from pathlib import Path
 
 from bench import etcd_rates
-from bench.bench_hundred import published_at, requests_of, split, told_of
+from bench.bench_hundred import (
+    deployed_etcd_nice,
+    published_at,
+    requests_of,
+    split,
+    started_at,
+    stop_s,
+    told_of,
+)
 
 KV = 'grpc_service="etcdserverpb.KV",grpc_type="unary"'
 LEASE = 'grpc_method="LeaseKeepAlive",grpc_service="etcdserverpb.Lease",grpc_type="bidi_stream"'
@@ -52,6 +60,41 @@ def test_the_publication_is_the_agents_line_for_that_service_and_epoch() -> None
     at = published_at(log, "svc-p0", 9)
     assert at is not None and abs(at - time.monotonic()) < 2.0
     assert published_at(log, "svc-p0", 8) is None
+
+
+def test_a_service_fork_is_read_on_the_benchs_clock() -> None:
+    boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+    line = (
+        'ts=2026-12-07T23:50:04.312 level=info logger=hapair.agent event="service started" '
+        "node=p0-b pair=p0 epoch={epoch} service={service} pid=1 user=root at={at!r} "
+        "cgroup=/sys/fs/cgroup/x"
+    )
+    log = "\n".join(
+        [
+            line.format(epoch=9, service="svc-p1", at=boot - 5),
+            line.format(epoch=8, service="svc-p0", at=boot - 4),
+            line.format(epoch=9, service="svc-p0", at=boot - 3),
+        ]
+    )
+    at = started_at(log, "svc-p0", 9)
+    assert at is not None and abs(at - (time.monotonic() - 3)) < 0.5
+    assert started_at(log, "svc-p0", 10) is None
+
+
+def test_a_step_downs_stop_is_the_last_one_logged() -> None:
+    line = (
+        'ts=2026-12-07T23:50:04.251 level=info logger=hapair.agent event="stepped down" '
+        "node=p0-a pair=p0 epoch=284 reason=switchover to=p0-b outcome=done stop_ms={ms}"
+    )
+    assert stop_s("") is None
+    assert (
+        stop_s("\n".join([line.format(ms=211), 'event="became active"', line.format(ms=73)]))
+        == 0.073
+    )
+
+
+def test_etcd_runs_at_the_nice_level_its_drop_in_gives_it() -> None:
+    assert deployed_etcd_nice() < 0
 
 
 def test_each_kind_of_client_is_told_apart(tmp_path: Path) -> None:
