@@ -254,14 +254,18 @@ def stopping(procs: list[subprocess.Popen[bytes]]) -> Iterator[None]:
             stop_pid(p)
 
 
+def logged(log: str, event: str) -> Iterator[dict[str, str]]:
+    """The fields of each line of an agent's ``log`` that says ``event``, in order."""
+    for line in log.splitlines():
+        if f'event="{event}"' in line:
+            yield dict(FIELD.findall(line))
+
+
 def started_at(log: str, service: str, epoch: int) -> float | None:
     """When the agent forked ``service``'s run at ``epoch`` (this process's monotonic
     clock; the agent logs it on ``CLOCK_BOOTTIME``, the clock of its deadlines)."""
     offset = time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic()
-    for line in log.splitlines():
-        if 'event="service started"' not in line:
-            continue
-        fields = dict(FIELD.findall(line))
+    for fields in logged(log, "service started"):
         if fields.get("service") == service and fields.get("epoch") == str(epoch):
             return float(fields["at"]) - offset
     return None
@@ -270,21 +274,18 @@ def started_at(log: str, service: str, epoch: int) -> float | None:
 def stop_s(log: str) -> float | None:
     """How long the last step down in an agent's log took to stop its services: the
     old service's own exit, on SIGTERM, for the most part."""
-    for line in reversed(log.splitlines()):
-        if 'event="stepped down"' in line:
-            ms = dict(FIELD.findall(line)).get("stop_ms")
-            return None if ms is None else int(ms) / 1000
-    return None
+    last = None
+    for fields in logged(log, "stepped down"):
+        last = fields
+    ms = None if last is None else last.get("stop_ms")
+    return None if ms is None else int(ms) / 1000
 
 
 def published_at(log: str, service: str, epoch: int) -> float | None:
     """When the agent's write of ``service``'s endpoint at ``epoch`` was acknowledged
     (this process's monotonic clock; its log stamps local time to the millisecond)."""
     offset = time.time() - time.monotonic()
-    for line in log.splitlines():
-        if 'event="endpoint published"' not in line:
-            continue
-        fields = dict(FIELD.findall(line))
+    for fields in logged(log, "endpoint published"):
         if fields.get("endpoint") != service or fields.get("epoch") != str(epoch):
             continue
         stamp, _, ms = fields["ts"].partition(".")

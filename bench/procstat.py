@@ -1,5 +1,5 @@
 """What the kernel says about a benchmark's processes: CPU time, waiting for a CPU,
-resident memory, a core's busy time; and which cores a process may run on."""
+resident memory, a core's busy time; and a process's nice level set."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def sched_seconds(pid: int | str = "self") -> tuple[float, float]:
     program such as etcd works on others), precise to the nanosecond, unlike the stat
     file's ticks."""
     on, waiting = 0, 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    for task in _threads(pid):
         try:
             fields = (task / "schedstat").read_text().split()
         except FileNotFoundError:
@@ -28,15 +28,9 @@ def sched_seconds(pid: int | str = "self") -> tuple[float, float]:
     return on / 1e9, waiting / 1e9
 
 
-def pin(pid: int | str, cpus: set[int]) -> None:
-    """Let every thread of ``pid`` run on ``cpus`` only; threads it starts later inherit
-    that from the thread that starts them (``sched_setaffinity`` of a PID moves that
-    one thread alone)."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            os.sched_setaffinity(int(task.name), cpus)
-        except ProcessLookupError:
-            continue
+def _threads(pid: int | str) -> list[Path]:
+    """The ``/proc`` directory of each thread ``pid`` has now."""
+    return list(Path(f"/proc/{pid}/task").iterdir())
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -65,7 +59,7 @@ def rss_mb(pid: int | str = "self") -> float:
 def renice(pid: int | str, nice: int) -> None:
     """Give every thread of ``pid`` the nice level ``nice`` (on Linux a nice level is
     a thread's: the threads it starts later inherit it from the one that starts them)."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    for task in _threads(pid):
         try:
             os.setpriority(os.PRIO_PROCESS, int(task.name), nice)
         except ProcessLookupError:
