@@ -40,6 +40,7 @@ from tests.support.site_records import SITE_YAML, FakeAgent
 FAST_BACKOFF = Backoff(initial_s=0.02, max_s=0.2)
 HOSTS = {"asm-a": "127.0.0.11", "asm-b": "127.0.0.12"}
 SPEED = tag("press-1.speed")
+LIVENESS_S = 10.0  # a deadline that only a hung test reaches, not a figure
 
 
 @dataclass
@@ -337,8 +338,10 @@ async def test_writes_across_a_failover_are_never_doubled(
         role_a.set(False)
         role_b.set(True)
         await s.move(b.port)
+        # The adapter gives the write up at its request timeout (2 s from the send); the
+        # test's deadline is for liveness alone, well past that.
         with pytest.raises(OutcomeUnknown, match="may or may not have been applied"):
-            async with asyncio.timeout(2):
+            async with asyncio.timeout(LIVENESS_S):
                 await pending
         plc.hold.set()
         plc.hold = None
@@ -353,7 +356,7 @@ async def test_writes_across_a_failover_are_never_doubled(
         assert not write.done()
         role_a.set(True)
         await s.move(a.port, back=True)
-        async with asyncio.timeout(3):
+        async with asyncio.timeout(LIVENESS_S):  # the adapter's own deadline is 5 s
             await write
         assert [w.values for w in plc.writes] == [[1], [2], [3]]
 
